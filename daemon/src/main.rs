@@ -1,0 +1,6 @@
+//! `addcow`: NBD daemon and image tools for add-cow overlays.
+
+fn main() {
+    eprintln!("addcow: not yet implemented");
+    std::process::exit(1);
+}

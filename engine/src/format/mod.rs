@@ -1,0 +1,23 @@
+//! The add-cow version 1 on-disk format (see `docs/FORMAT.md`).
+//!
+//! * [`header`]: the 2560-byte header: parse and encode, byte for byte.
+//! * [`paths`]: path rules (relative to the overlay's directory, protocol prefixes refused).
+//! * [`overlay`]: [`Overlay::open`] validates everything and loads the bitmap; [`create`] makes one.
+//! * [`check`]: the consistency report behind `addcow check`.
+//! * [`map`]: allocation runs in the shape of `qemu-img map --output=json`.
+//!
+//! OWNER: issue #2. The engine (issue #3) depends on the items re-exported here; their
+//! signatures are the contract between the two.
+
+pub mod check;
+pub mod header;
+pub mod map;
+pub mod overlay;
+pub mod paths;
+
+pub use check::{check, CheckReport, Finding, Severity};
+pub use header::{
+    bitmap_len, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, PATH_FIELD_LEN, SECTOR_SIZE, VERSION,
+};
+pub use map::{map_runs, MapRun};
+pub use overlay::{create, CreateOptions, OpenOptions, Overlay};

@@ -1,0 +1,22 @@
+//! # addcow-engine
+//!
+//! The add-cow copy-on-write disk format (version 1) and a thread-per-core io_uring engine that
+//! serves reads, writes and flushes on add-cow overlays.
+//!
+//! * [`format`]: the on-disk format: header, path rules, validation on open, `create`, `check`, `map`.
+//! * [`bitmap`]: the in-memory allocation bitmap (atomic, sparse) and the dirty marks of the
+//!   bitmap blocks used by group commit.
+//! * [`io`]: the engine: core threads, io_uring rings, aligned buffers, requests and completions.
+//!
+//! Errors are one type, [`Error`]: a matchable [`ErrorKind`] plus context (path, offset, operation).
+
+pub mod bitmap;
+pub mod error;
+pub mod format;
+pub mod io;
+
+pub use error::{Error, ErrorKind, Result};
+pub use io::{
+    CacheMode, Completion, Disk, DiskOptions, Done, Engine, EngineConfig, Extent, ExtentKind,
+    IoBuf, Request, RequestError,
+};

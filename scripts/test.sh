@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test of addcow on a fresh Debian machine: installs what the suite needs when it is
+# missing (apt-get, as root), then formatting, lints, the whole test suite and the benchmark smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
+command -v fio >/dev/null || need_pkgs+=(fio)
+command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
+command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "== installing ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
+
+echo "== tests"
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --workspace --no-fail-fast
+  cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
+else
+  cargo test --workspace --no-fail-fast
+  cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
+fi
+cargo test --workspace --doc
