@@ -1,6 +1,44 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
+//!
+//! Subcommands live in their own modules: `serve` (issue #4) in [`serve`], the image tools
+//! `create`/`info`/`check`/`map` (issue #2) in [`tools`].
 
-fn main() {
-    eprintln!("addcow: not yet implemented");
-    std::process::exit(1);
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod serve;
+mod tools;
+
+/// addcow: serve add-cow copy-on-write overlays over NBD, and manage them.
+#[derive(Parser, Debug)]
+#[command(name = "addcow", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve overlays over NBD on a Unix socket (with no overlay: a built-in demo).
+    Serve(serve::ServeArgs),
+    /// Create an overlay on a base image.
+    Create(tools::create::CreateArgs),
+    /// Show an overlay's sizes, files and allocation.
+    Info(tools::info::InfoArgs),
+    /// Check an overlay for corruption (exit 0 clean, 2 corruption, 3 warnings only).
+    Check(tools::check::CheckArgs),
+    /// Print the allocation as runs, in the shape of `qemu-img map`.
+    Map(tools::map::MapArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Create(args) => tools::create::run(args),
+        Command::Info(args) => tools::info::run(args),
+        Command::Check(args) => tools::check::run(args),
+        Command::Map(args) => tools::map::run(args),
+    }
 }

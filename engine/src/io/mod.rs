@@ -4,6 +4,8 @@
 //! (issue #5); the engine's internals live in submodules. See `docs/ARCHITECTURE.md`.
 
 mod buf;
+#[cfg(feature = "crash-recorder")]
+pub mod recorder;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -40,6 +42,9 @@ pub struct EngineConfig {
     /// Delay after the first unflushed write before a background commit; `None` = only on
     /// FLUSH/FUA/close.
     pub commit_delay: Option<Duration>,
+    /// Test-only: where to log every write and sync issued (see [`recorder`]).
+    #[cfg(feature = "crash-recorder")]
+    pub recorder: Option<Arc<recorder::Recorder>>,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +58,8 @@ impl Default for EngineConfig {
             image_cache: CacheMode::Direct,
             base_cache: CacheMode::Direct,
             commit_delay: Some(Duration::from_secs(1)),
+            #[cfg(feature = "crash-recorder")]
+            recorder: None,
         }
     }
 }
