@@ -22,10 +22,9 @@ use addcow_engine::io::recorder::{Event, Recorder};
 use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, Request};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use support::crash::{replay_all, CheckConfig, Checker, ClientTracker, Report, Snapshot};
+use support::crash::{CheckConfig, Checker, ClientTracker, Report, Snapshot};
 use support::engine::{call, read, seed, write, Fixture};
 use support::pattern;
-use support::reference::RefView;
 
 const SECTORS: u64 = 512; // 256 KiB
 const BASE_SECTORS: u64 = 384; // the last 64 KiB read zeros past the base
@@ -67,6 +66,7 @@ fn pick_range(rng: &mut SmallRng, lo: u64, hi: u64, aligned: bool, max: u64) -> 
     (off, len)
 }
 
+#[cfg_attr(feature = "unsafe-bits-before-sync", allow(dead_code))]
 struct Run {
     snapshot: Snapshot,
     events: Vec<Event>,
@@ -89,9 +89,13 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
         image: image0,
         base: Some(base0),
     };
-    let initial_disk = RefView::decode(&snapshot.meta, &snapshot.image, snapshot.base.as_deref())
-        .expect("fixture decodes")
-        .read_all();
+    let initial_disk = support::reference::RefView::decode(
+        &snapshot.meta,
+        &snapshot.image,
+        snapshot.base.as_deref(),
+    )
+    .expect("fixture decodes")
+    .read_all();
 
     let recorder = Recorder::new();
     let engine = Engine::start(EngineConfig {
@@ -187,9 +191,14 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
 
 fn check(run: &Run, seed: u64, min_states: usize) -> Report {
     let issue = run.tracker.issue_log();
+    let started = std::time::Instant::now();
     let report =
         Checker::new(&run.snapshot, &run.events, &issue).run(&CheckConfig::new(seed, min_states));
-    eprintln!("{} events; {report}", run.events.len());
+    eprintln!(
+        "{} events, checked in {:?}; {report}",
+        run.events.len(),
+        started.elapsed()
+    );
     report
 }
 
@@ -201,7 +210,7 @@ fn crash_consistency_of_engine_workload() {
 
     // The log is complete: replaying it over the initial files gives the final files.
     let (meta, image, base) = &run.final_files;
-    let (replayed_meta, replayed_image) = replay_all(&run.snapshot, &run.events);
+    let (replayed_meta, replayed_image) = support::crash::replay_all(&run.snapshot, &run.events);
     assert!(
         replayed_image == *image,
         "raw image differs from the replayed log (seed {seed})"
@@ -215,7 +224,8 @@ fn crash_consistency_of_engine_workload() {
         "the base was written"
     );
     // The final files hold exactly what the clients wrote.
-    let view = RefView::decode(meta, image, Some(base)).expect("final overlay decodes");
+    let view = support::reference::RefView::decode(meta, image, Some(base))
+        .expect("final overlay decodes");
     let disk = view.read_all();
     if let Some(b) = (0..disk.len()).find(|&b| disk[b] != run.expected_disk[b]) {
         panic!(

@@ -144,10 +144,18 @@ fn initial_disk(fx: &Fixture) -> Vec<u8> {
 
 /// Reopens the overlay on a fresh engine and returns (engine's view, reference reader's view),
 /// after checking the engine's allocation map against the reference reader's bits.
+///
+/// The files are reopened from a copy in a fresh directory: an engine's io_uring rings release
+/// their registered files asynchronously after shutdown, so the first engine's OFD lock may
+/// linger for a moment (reported to the engine's owner; see `reopen_after_shutdown_*`).
 fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
+    let copy = tempfile::tempdir().expect("tempdir");
+    for name in ["disk.add-cow", "disk.raw", "base.img"] {
+        std::fs::copy(fx.dir.path().join(name), copy.path().join(name)).expect("copy overlay");
+    }
     let engine = Engine::start(engine_config()).expect("engine starts");
     let disk = engine
-        .open(&fx.meta, DiskOptions::default())
+        .open(&copy.path().join("disk.add-cow"), DiskOptions::default())
         .expect("reopen");
     let size = disk.size();
     let mut through_engine = Vec::with_capacity(size as usize);
@@ -163,6 +171,7 @@ fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
 
     let (meta, image, base) = fx.files();
     let view = RefView::decode(&meta, &image, Some(&base)).expect("overlay decodes after close");
+    drop(copy);
     let mut pos = 0;
     for e in &extents {
         assert_eq!(
@@ -293,6 +302,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
     }
     disk.close().expect("close");
     engine.shutdown().expect("shutdown");
+    drop((disk, engine));
     if let Some(f) = failure {
         return Err(TestCaseError::fail(f));
     }
@@ -354,6 +364,7 @@ fn run_overlapping(threads: Vec<Vec<(u16, u16, bool)>>) -> Result<(), TestCaseEr
     }
     disk.close().expect("close");
     engine.shutdown().expect("shutdown");
+    drop((disk, engine));
     if let Some(f) = failure {
         return Err(TestCaseError::fail(f));
     }
@@ -452,4 +463,24 @@ fn differential_single_thread_sanity() {
         },
     ];
     run_disjoint(vec![ops]).unwrap();
+}
+
+/// BUG (engine, reported): `Disk::close` + `Engine::shutdown` return while the io_uring rings
+/// still hold the overlay's files (ring teardown releases registered files asynchronously), so
+/// reopening the overlay right away in the same process can fail with `Locked`. With a small
+/// arena (fast engine start) it fails almost every time. Fix: unregister the files from each
+/// ring (synchronously) before the core thread drops it / before close returns.
+#[test]
+#[ignore = "engine bug: files stay locked for a moment after shutdown (see doc comment)"]
+fn reopen_after_shutdown_is_not_locked() {
+    let fx = new_fixture();
+    for round in 0..20 {
+        let engine = Engine::start(engine_config()).expect("engine starts");
+        let disk = engine
+            .open(&fx.meta, DiskOptions::default())
+            .unwrap_or_else(|e| panic!("round {round}: reopen after shutdown: {e}"));
+        write(&engine, &disk, 0, 512 * round, &[7u8; 512], false).expect("write");
+        disk.close().expect("close");
+        engine.shutdown().expect("shutdown");
+    }
 }
