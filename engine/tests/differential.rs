@@ -123,6 +123,8 @@ fn new_fixture() -> Fixture {
     Fixture::new(SECTORS, BASE_SECTORS, |s| s % 8 == 2, |s| s % 8 == 5)
 }
 
+// `..default()` fills the recorder field, which exists only with the `crash-recorder` feature.
+#[allow(clippy::needless_update)]
 fn engine_config() -> EngineConfig {
     EngineConfig {
         cores: 2,
