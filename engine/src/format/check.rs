@@ -106,22 +106,41 @@ pub fn try_check(path: &Path) -> Result<CheckReport> {
     let mut h = vec![0u8; HEADER_SIZE];
     meta.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io("read header", e).with_path(path))?;
+    let soft_done = check_header_and_files(&mut r, path, &meta, meta_len, &h)?;
+    if !soft_done && h[RESERVED_OFFSET..].iter().any(|&b| b != 0) {
+        r.warn(format!(
+            "{}: reserved header bytes {RESERVED_OFFSET}..{HEADER_SIZE} are not all zero",
+            path.display()
+        ));
+    }
+    Ok(r)
+}
+
+/// Checks the header `h` and the files it names. Returns whether the soft findings (reserved
+/// bytes, bits past the end) were collected, which needs a readable header and raw image.
+fn check_header_and_files(
+    r: &mut CheckReport,
+    path: &Path,
+    meta: &File,
+    meta_len: u64,
+    h: &[u8],
+) -> Result<bool> {
     let at = |kind: ErrorKind, off: usize| {
         Error::new(kind)
             .with_path(path)
             .with_offset(off as u64)
             .to_string()
     };
-    if h[..8] != MAGIC {
+    if h.get(..8) != Some(&MAGIC[..]) {
         r.corrupt(at(ErrorKind::BadMagic, 0));
-        return Ok(r);
+        return Ok(false);
     }
     let mut v = [0u8; 4];
     v.copy_from_slice(&h[VERSION_OFFSET..VERSION_OFFSET + 4]);
     let version = u32::from_be_bytes(v);
     if version != VERSION {
         r.corrupt(at(ErrorKind::UnsupportedVersion(version), VERSION_OFFSET));
-        return Ok(r);
+        return Ok(false);
     }
     let mut fields_ok = true;
     for (name, off) in [
@@ -140,24 +159,14 @@ pub fn try_check(path: &Path) -> Result<CheckReport> {
             Some(_) => {}
         }
     }
-    if h[RESERVED_OFFSET..].iter().any(|&b| b != 0) {
-        // Reported again below via soft_findings when the rest is readable; report here only if
-        // the check stops early.
-        if !fields_ok {
-            r.warn(format!(
-                "{}: reserved header bytes {RESERVED_OFFSET}..{HEADER_SIZE} are not all zero",
-                path.display()
-            ));
-        }
-    }
     if !fields_ok {
-        return Ok(r);
+        return Ok(false);
     }
-    let header = match Header::parse(&h) {
+    let header = match Header::parse(h) {
         Ok(hd) => hd,
         Err(e) => {
             r.corrupt(e.with_path(path).to_string());
-            return Ok(r);
+            return Ok(false);
         }
     };
 
@@ -186,13 +195,7 @@ pub fn try_check(path: &Path) -> Result<CheckReport> {
         }
     }
     let Some(virtual_size) = virtual_size else {
-        if header.reserved_nonzero {
-            r.warn(format!(
-                "{}: reserved header bytes {RESERVED_OFFSET}..{HEADER_SIZE} are not all zero",
-                path.display()
-            ));
-        }
-        return Ok(r);
+        return Ok(false);
     };
     let need = bitmap_len(virtual_size);
     let have = meta_len - HEADER_SIZE as u64;
@@ -202,16 +205,10 @@ pub fn try_check(path: &Path) -> Result<CheckReport> {
                 .with_path(path)
                 .to_string(),
         );
-        if header.reserved_nonzero {
-            r.warn(format!(
-                "{}: reserved header bytes {RESERVED_OFFSET}..{HEADER_SIZE} are not all zero",
-                path.display()
-            ));
-        }
-        return Ok(r);
+        return Ok(false);
     }
-    for w in soft_findings(&header, &meta, path, meta_len, virtual_size)? {
+    for w in soft_findings(&header, meta, path, meta_len, virtual_size)? {
         r.warn(format!("{}: {w}", path.display()));
     }
-    Ok(r)
+    Ok(true)
 }
