@@ -1,14 +1,74 @@
 //! `addcow create`. OWNER: issue #2.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use addcow_engine::format::{create, CreateOptions, OpenOptions, Overlay};
+
+use super::{fail, human_size, parse_size};
+
 /// Arguments of `addcow create`.
+///
+/// Writes the 2560-byte header and an all-clear bitmap. Paths given relative to the working
+/// directory are stored relative to the overlay's directory (so the overlay keeps working when
+/// its folder is moved); absolute paths are stored as given.
 #[derive(clap::Args, Debug)]
-pub struct CreateArgs {}
+#[command(
+    after_help = "Examples:\n  addcow create -b ubuntu.img vm1.add-cow          # vm1.raw, same size as ubuntu.img\n  addcow create -b ubuntu.img -i /data/vm1.raw --size 20G vm1.add-cow\n  addcow create --size 10G scratch.add-cow         # no base: unwritten sectors read as zeros"
+)]
+pub struct CreateArgs {
+    /// Base image the overlay reads unwritten sectors from (opened read-only, never written).
+    /// Without it, unwritten sectors read as zeros and --size is required.
+    #[arg(short = 'b', long = "base", value_name = "BASE")]
+    pub base: Option<PathBuf>,
+    /// Raw image that receives the writes [default: OVERLAY with its extension replaced by
+    /// `.raw`]. Created sparse if it does not exist; if it exists, its size is the disk's size.
+    #[arg(short = 'i', long = "image", value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Size of a new raw image, in bytes or with a K/M/G/T suffix (binary: 1G = 2^30); a multiple
+    /// of 512 [default: the base's size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Overwrite an existing overlay (still refused while another process has it open).
+    #[arg(long)]
+    pub force: bool,
+    /// The `.add-cow` metadata file to create.
+    #[arg(value_name = "OVERLAY")]
+    pub overlay: PathBuf,
+}
 
 /// Runs `addcow create`.
 pub fn run(args: CreateArgs) -> ExitCode {
-    let _ = args;
-    eprintln!("addcow create: not yet implemented");
-    ExitCode::from(1)
+    let opts = CreateOptions {
+        overlay: args.overlay.clone(),
+        base: args.base,
+        image: args.image,
+        size: args.size,
+        force: args.force,
+    };
+    if let Err(e) = create(&opts) {
+        return fail("create", e);
+    }
+    // Report what was made, from the file itself.
+    let ro = OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    match Overlay::open(&args.overlay, &ro) {
+        Ok(o) => {
+            println!(
+                "Created {}: virtual size {} ({} bytes), raw image {}, base {}",
+                args.overlay.display(),
+                human_size(o.virtual_size),
+                o.virtual_size,
+                o.image_path.display(),
+                o.base_path
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string()),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("create", format!("created, but reopening failed: {e}")),
+    }
 }

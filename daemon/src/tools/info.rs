@@ -1,14 +1,147 @@
 //! `addcow info`. OWNER: issue #2.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use addcow_engine::format::{bitmap_len, OpenOptions, Overlay, SECTOR_SIZE, VERSION};
+
+use super::{fail, human_size, print_json};
 
 /// Arguments of `addcow info`.
 #[derive(clap::Args, Debug)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// Print JSON (exact byte counts) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The `.add-cow` file to describe (opened read-only, without a lock, like `qemu-img info -U`).
+    #[arg(value_name = "OVERLAY")]
+    pub overlay: PathBuf,
+}
+
+/// What `addcow info --json` prints.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Info {
+    /// The overlay as given.
+    pub overlay: String,
+    /// Always "add-cow".
+    pub format: String,
+    /// Format version (1).
+    pub version: u32,
+    /// Bytes the guest sees (the raw image's size).
+    pub virtual_size: u64,
+    /// The base path as stored in the header (`null` = no base).
+    pub backing_file: Option<String>,
+    /// The base path as resolved against the overlay's directory (canonical).
+    pub backing_file_resolved: Option<String>,
+    /// The base's size in bytes.
+    pub backing_size: Option<u64>,
+    /// The raw image path as stored in the header.
+    pub image_file: String,
+    /// The raw image path as resolved against the overlay's directory (canonical).
+    pub image_file_resolved: String,
+    /// Bytes of bitmap (one bit per 512-byte sector).
+    pub bitmap_bytes: u64,
+    /// Bytes whose sectors live in the raw image.
+    pub allocated_bytes: u64,
+    /// `allocated_bytes` as a percentage of `virtual_size`.
+    pub allocated_percent: f64,
+    /// Every bit set: the raw image is now a standalone disk.
+    pub complete: bool,
+    /// Non-fatal findings (see `addcow check`).
+    pub warnings: Vec<String>,
+}
+
+/// `p` made absolute and free of `..` (canonical) when possible, else as it is.
+fn absolute(p: &std::path::Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Gathers [`Info`] from an open overlay.
+pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
+    let allocated = o.bitmap.count_set() * SECTOR_SIZE;
+    let percent = if o.virtual_size == 0 {
+        100.0
+    } else {
+        allocated as f64 * 100.0 / o.virtual_size as f64
+    };
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Info {
+        overlay: overlay.display().to_string(),
+        format: "add-cow".into(),
+        version: VERSION,
+        virtual_size: o.virtual_size,
+        backing_file: (!o.header.backing_file.is_empty()).then(|| lossy(&o.header.backing_file)),
+        backing_file_resolved: o.base_path.as_deref().map(absolute),
+        backing_size: o.base_size,
+        image_file: lossy(&o.header.image_file),
+        image_file_resolved: absolute(&o.image_path),
+        bitmap_bytes: bitmap_len(o.virtual_size),
+        allocated_bytes: allocated,
+        allocated_percent: percent,
+        complete: o.bitmap.is_full(),
+        warnings: o.warnings.clone(),
+    }
+}
 
 /// Runs `addcow info`.
 pub fn run(args: InfoArgs) -> ExitCode {
-    let _ = args;
-    eprintln!("addcow info: not yet implemented");
-    ExitCode::from(1)
+    let ro = OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    let o = match Overlay::open(&args.overlay, &ro) {
+        Ok(o) => o,
+        Err(e) => return fail("info", e),
+    };
+    let info = gather(&args.overlay, &o);
+    if args.json {
+        return print_json("info", &info);
+    }
+    println!("overlay:        {}", info.overlay);
+    println!("format:         add-cow version {}", info.version);
+    println!(
+        "virtual size:   {} ({} bytes)",
+        human_size(info.virtual_size),
+        info.virtual_size
+    );
+    match (&info.backing_file, &info.backing_file_resolved) {
+        (Some(stored), Some(resolved)) => {
+            println!("base:           {resolved} (stored as {stored:?})");
+            if let Some(s) = info.backing_size {
+                println!("base size:      {} ({s} bytes)", human_size(s));
+            }
+        }
+        _ => println!("base:           none (unwritten sectors read as zeros)"),
+    }
+    println!(
+        "raw image:      {} (stored as {:?})",
+        info.image_file_resolved, info.image_file
+    );
+    println!(
+        "bitmap:         {} ({} bytes)",
+        human_size(info.bitmap_bytes),
+        info.bitmap_bytes
+    );
+    println!(
+        "allocated:      {} ({} bytes), {:.2}% of the disk",
+        human_size(info.allocated_bytes),
+        info.allocated_bytes,
+        info.allocated_percent
+    );
+    println!(
+        "complete:       {}",
+        if info.complete {
+            "yes (the raw image is a standalone disk)"
+        } else {
+            "no"
+        }
+    );
+    for w in &info.warnings {
+        println!("warning:        {w}");
+    }
+    ExitCode::SUCCESS
 }

@@ -11,4 +11,4 @@ mod dirty;
 mod sparse;
 
 pub use dirty::DirtyBlocks;
-pub use sparse::SparseBitmap;
+pub use sparse::{SparseBitmap, CHUNK_BITS, CHUNK_BYTES};

@@ -1,7 +1,23 @@
 //! Allocation runs in the shape of `qemu-img map --output=json`. OWNER: issue #2.
+//!
+//! Runs, in order, cover the whole disk:
+//! * bit set: the raw image holds the bytes: `depth 0, present, data, offset = start`;
+//! * bit clear, inside the base: the base holds them: `depth 1, present, offset = start`, with
+//!   `data`/`zero` from the base's own data and holes (`SEEK_DATA`/`SEEK_HOLE`);
+//! * bit clear, no base or past the base's end: reads as zeros:
+//!   `depth 0, present false, zero, no offset` (what `qemu-img map` prints for a qcow2 overlay
+//!   past its backing file's end).
+//!
+//! Adjacent runs with the same attributes and contiguous offsets are merged, as qemu does.
+
+use std::fs::File;
+
+use crate::error::{Error, Result};
+use crate::format::overlay::{next_data, next_hole};
+use crate::format::{Overlay, SECTOR_SIZE};
 
 /// One run of `qemu-img map --output=json` shape.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapRun {
     /// First byte of the run.
     pub start: u64,
@@ -15,10 +31,208 @@ pub struct MapRun {
     pub zero: bool,
     /// Whether the run has data.
     pub data: bool,
+    /// Always false (qemu prints it; add-cow never compresses).
+    #[serde(default)]
+    pub compressed: bool,
     /// Offset in the file that holds the data, where it applies.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub offset: Option<u64>,
 }
 
-/// Placeholder so the module compiles; issue #2 defines the real signature.
-pub fn map_runs() {}
+impl MapRun {
+    fn raw(start: u64, length: u64) -> MapRun {
+        MapRun {
+            start,
+            length,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: Some(start),
+        }
+    }
+
+    fn base(start: u64, length: u64, data: bool) -> MapRun {
+        MapRun {
+            start,
+            length,
+            depth: 1,
+            present: true,
+            zero: !data,
+            data,
+            compressed: false,
+            offset: Some(start),
+        }
+    }
+
+    fn absent(start: u64, length: u64) -> MapRun {
+        MapRun {
+            start,
+            length,
+            depth: 0,
+            present: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            offset: None,
+        }
+    }
+
+    /// Whether `next` continues this run (same attributes, contiguous offsets).
+    fn joins(&self, next: &MapRun) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+fn push(runs: &mut Vec<MapRun>, run: MapRun) {
+    if run.length == 0 {
+        return;
+    }
+    if let Some(last) = runs.last_mut() {
+        if last.joins(&run) {
+            last.length += run.length;
+            return;
+        }
+    }
+    runs.push(run);
+}
+
+/// Pushes the runs of `[start, end)` read from the base (data or hole), clipped to `base_len`,
+/// and an absent run past the base's end.
+fn push_base(
+    runs: &mut Vec<MapRun>,
+    base: Option<(&File, u64)>,
+    start: u64,
+    end: u64,
+) -> std::io::Result<()> {
+    let (file, base_len) = match base {
+        Some(b) => b,
+        None => {
+            push(runs, MapRun::absent(start, end - start));
+            return Ok(());
+        }
+    };
+    let limit = end.min(base_len);
+    let mut p = start;
+    while p < limit {
+        match next_data(file, p)? {
+            None => {
+                push(runs, MapRun::base(p, limit - p, false));
+                p = limit;
+            }
+            Some(d) if d > p => {
+                let stop = d.min(limit);
+                push(runs, MapRun::base(p, stop - p, false));
+                p = stop;
+            }
+            Some(_) => {
+                let h = next_hole(file, p, base_len)?.max(p + 1);
+                let stop = h.min(limit);
+                push(runs, MapRun::base(p, stop - p, true));
+                p = stop;
+            }
+        }
+    }
+    if p < end {
+        push(runs, MapRun::absent(p.max(start), end - p.max(start)));
+    }
+    Ok(())
+}
+
+/// The allocation of the whole overlay as runs, in the order and shape `qemu-img map
+/// --output=json` prints them. From the in-memory bitmap and, for clear sectors, the base's
+/// data/hole layout.
+pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
+    let mut runs = Vec::new();
+    let sectors = overlay.virtual_size / SECTOR_SIZE;
+    let base = overlay.base.as_ref().zip(overlay.base_size);
+    let mut s = 0u64;
+    while s < sectors {
+        let (set, n) = overlay.bitmap.run_from(s, u64::MAX);
+        if n == 0 {
+            break;
+        }
+        let (start, end) = (s * SECTOR_SIZE, (s + n) * SECTOR_SIZE);
+        if set {
+            push(&mut runs, MapRun::raw(start, end - start));
+        } else {
+            push_base(&mut runs, base, start, end).map_err(|e| {
+                let mut err = Error::io("map base", e).with_offset(start);
+                if let Some(p) = &overlay.base_path {
+                    err = err.with_path(p);
+                }
+                err
+            })?;
+        }
+        s += n;
+    }
+    Ok(runs)
+}
+
+/// The runs as `qemu-img map --output=json` prints them, byte for byte: one object per line,
+/// `[` before the first and `]` after the last, a newline at the end.
+pub fn map_json(runs: &[MapRun]) -> String {
+    let mut out = String::from("[");
+    for (i, r) in runs.iter().enumerate() {
+        if i > 0 {
+            out.push_str(",\n");
+        }
+        out.push_str(&format!(
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            r.start, r.length, r.depth, r.present, r.zero, r.data, r.compressed
+        ));
+        if let Some(o) = r.offset {
+            out.push_str(&format!(", \"offset\": {o}"));
+        }
+        out.push('}');
+    }
+    out.push_str("]\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_matches_qemu_layout() {
+        let runs = vec![MapRun::base(0, 65536, false), MapRun::absent(65536, 512)];
+        assert_eq!(
+            map_json(&runs),
+            "[{ \"start\": 0, \"length\": 65536, \"depth\": 1, \"present\": true, \"zero\": true, \"data\": false, \"compressed\": false, \"offset\": 0},\n\
+             { \"start\": 65536, \"length\": 512, \"depth\": 0, \"present\": false, \"zero\": true, \"data\": false, \"compressed\": false}]\n"
+        );
+        let back: Vec<MapRun> = serde_json::from_str(&map_json(&runs)).unwrap();
+        assert_eq!(back, runs);
+        assert_eq!(map_json(&[]), "[]\n");
+    }
+
+    #[test]
+    fn adjacent_runs_merge() {
+        let mut runs = Vec::new();
+        push(&mut runs, MapRun::raw(0, 512));
+        push(&mut runs, MapRun::raw(512, 512));
+        push(&mut runs, MapRun::base(1024, 512, true));
+        push(&mut runs, MapRun::absent(1536, 512));
+        push(&mut runs, MapRun::absent(2048, 0));
+        push(&mut runs, MapRun::absent(2048, 512));
+        assert_eq!(
+            runs,
+            vec![
+                MapRun::raw(0, 1024),
+                MapRun::base(1024, 512, true),
+                MapRun::absent(1536, 1024)
+            ]
+        );
+    }
+}

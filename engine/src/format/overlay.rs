@@ -1,28 +1,42 @@
 //! Opening (with full validation) and creating overlays. OWNER: issue #2.
 
 use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::bitmap::SparseBitmap;
-use crate::error::Result;
+use crate::bitmap::{SparseBitmap, CHUNK_BYTES};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::header::{bitmap_len, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE};
+use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
 use crate::format::Header;
+
+/// Bytes read at a time while loading the bitmap (a multiple of the bitmap's chunk size, so
+/// all-clear and all-set chunks are recognised and cost no memory).
+const LOAD_BUF: usize = 256 * CHUNK_BYTES as usize;
 
 /// How to open an overlay's files.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Open the raw image and metadata read-only (no lock for writing is taken).
+    /// Open the raw image and metadata read-only (no lock for writing is taken; a shared lock is).
     pub read_only: bool,
     /// Open the raw image with `O_DIRECT`.
     pub direct_image: bool,
     /// Open the base with `O_DIRECT`.
     pub direct_base: bool,
+    /// Take no lock at all (inspection tools, like `qemu-img -U`): the bitmap may be changing
+    /// under a serving process. Only sensible together with `read_only`.
+    pub no_lock: bool,
 }
 
 /// An open, validated overlay: its three files, resolved paths, sizes and the loaded bitmap.
 ///
 /// Invariants: `virtual_size` is the raw image's size and a multiple of 512; the metadata file
 /// holds at least `HEADER_SIZE + bitmap_len(virtual_size)` bytes; the base (if any) is open
-/// read-only; a writable overlay holds an exclusive OFD lock on its metadata file.
+/// read-only; a writable overlay holds an exclusive OFD lock on its metadata file (a read-only
+/// one a shared lock, unless `no_lock`). The lock lives as long as `meta`.
 #[derive(Debug)]
 pub struct Overlay {
     /// The `.add-cow` file as given to `open`.
@@ -49,11 +63,268 @@ pub struct Overlay {
     pub warnings: Vec<String>,
 }
 
+/// Takes an OFD lock on the whole of `file`: exclusive (write) or shared (read), without
+/// waiting. A lock held by someone else gives [`ErrorKind::Locked`].
+pub(crate) fn ofd_lock(file: &File, exclusive: bool) -> Result<()> {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive {
+        libc::F_WRLCK as libc::c_short
+    } else {
+        libc::F_RDLCK as libc::c_short
+    };
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // whole file
+    fl.l_pid = 0; // required for OFD locks
+                  // SAFETY: the fd is open for the life of `file`; `fl` is a valid, initialised flock that
+                  // outlives the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => {
+            Err(Error::new(ErrorKind::Locked).with_op(if exclusive {
+                "lock for writing"
+            } else {
+                "lock for reading"
+            }))
+        }
+        _ => Err(Error::io("lock", err)),
+    }
+}
+
+/// The next offset at or after `from` that holds data (`SEEK_DATA`), or `None` if only a hole
+/// follows. File systems without `SEEK_DATA` report everything as data.
+pub(crate) fn next_data(file: &File, from: u64) -> std::io::Result<Option<u64>> {
+    let Ok(off) = libc::off_t::try_from(from) else {
+        return Ok(None);
+    };
+    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(from)),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// The next hole at or after `from` (`SEEK_HOLE`); the end of the file when there is none.
+pub(crate) fn next_hole(file: &File, from: u64, file_len: u64) -> std::io::Result<u64> {
+    let Ok(off) = libc::off_t::try_from(from) else {
+        return Ok(file_len);
+    };
+    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(file_len),
+            _ => Err(e),
+        };
+    }
+    Ok(r as u64)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, with the path/offset/op in the error.
+fn read_exact_at(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+    op: &'static str,
+) -> Result<()> {
+    file.read_exact_at(buf, offset)
+        .map_err(|e| Error::io(op, e).with_path(path).with_offset(offset))
+}
+
+/// Opens a file for the overlay with the given access, mapping errors with path and op.
+fn open_file(path: &Path, write: bool, direct: bool, op: &'static str) -> Result<File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(write);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path).map_err(|e| Error::io(op, e).with_path(path))
+}
+
+fn file_len(file: &File, path: &Path, op: &'static str) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| Error::io(op, e).with_path(path))
+}
+
+/// Streams the bitmap of `sectors` bits from `meta` (starting at [`BITMAP_OFFSET`]) through a
+/// small buffer, skipping holes with `SEEK_DATA`. Never holds more than one buffer of file bytes.
+pub(crate) fn load_bitmap(meta: &File, meta_path: &Path, sectors: u64) -> Result<SparseBitmap> {
+    let mut bitmap = SparseBitmap::new(sectors);
+    let total = sectors.div_ceil(8);
+    let mut buf = vec![0u8; LOAD_BUF.min(total as usize)];
+    let mut pos = 0u64; // bitmap byte offset
+    while pos < total {
+        let data = next_data(meta, BITMAP_OFFSET + pos)
+            .map_err(|e| Error::io("seek data in bitmap", e).with_path(meta_path))?;
+        let Some(data) = data else { break };
+        // Start at the chunk holding the data, so whole chunks are loaded at once.
+        let data_pos = data.saturating_sub(BITMAP_OFFSET).max(pos);
+        let start = (data_pos / CHUNK_BYTES * CHUNK_BYTES).max(pos);
+        if start >= total {
+            break;
+        }
+        let n = ((total - start) as usize).min(buf.len());
+        let chunk = &mut buf[..n];
+        read_exact_at(meta, chunk, BITMAP_OFFSET + start, meta_path, "read bitmap")?;
+        bitmap.load_bytes(start, chunk);
+        pos = start + n as u64;
+    }
+    Ok(bitmap)
+}
+
+/// Findings that do not stop an overlay from being served: reserved bytes, bits past the end of
+/// the disk in the last bitmap byte or in bytes after the bitmap.
+pub(crate) fn soft_findings(
+    header: &Header,
+    meta: &File,
+    meta_path: &Path,
+    meta_len: u64,
+    virtual_size: u64,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if header.reserved_nonzero {
+        out.push(format!(
+            "reserved header bytes {}..{} are not all zero",
+            crate::format::header::RESERVED_OFFSET,
+            HEADER_SIZE
+        ));
+    }
+    let sectors = virtual_size / SECTOR_SIZE;
+    let need = bitmap_len(virtual_size);
+    if sectors % 8 != 0 && need > 0 {
+        let mut last = [0u8; 1];
+        let off = BITMAP_OFFSET + need - 1;
+        read_exact_at(meta, &mut last, off, meta_path, "read bitmap")?;
+        let used = (1u8 << (sectors % 8)) - 1;
+        if last[0] & !used != 0 {
+            out.push(format!(
+                "bits set past the end of the disk in the last bitmap byte (offset {off}, value {:#04x}, {} sectors)",
+                last[0], sectors
+            ));
+        }
+    }
+    // Bytes after the bitmap: any set bit there is past the end of the disk.
+    let mut pos = BITMAP_OFFSET + need;
+    let mut buf = vec![0u8; 64 * 1024];
+    while pos < meta_len {
+        let Some(data) = next_data(meta, pos)
+            .map_err(|e| Error::io("seek data after bitmap", e).with_path(meta_path))?
+        else {
+            break;
+        };
+        if data >= meta_len {
+            break;
+        }
+        let n = ((meta_len - data) as usize).min(buf.len());
+        read_exact_at(meta, &mut buf[..n], data, meta_path, "read after bitmap")?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            out.push(format!(
+                "bits set past the end of the disk: {} bytes follow the {}-byte bitmap and byte at offset {} is not zero",
+                meta_len - BITMAP_OFFSET - need,
+                need,
+                data + i as u64
+            ));
+            break;
+        }
+        pos = data + n as u64;
+    }
+    Ok(out)
+}
+
 impl Overlay {
-    /// Opens and validates `path`. Every failure is a typed [`crate::Error`] with the path in it.
+    /// Opens and validates `path`. Every failure is a typed [`crate::Error`] with the path in it:
+    /// the metadata file missing or unreadable, locked by another process
+    /// ([`ErrorKind::Locked`]), shorter than the header, with a bad magic, version, path field,
+    /// empty or protocol `image_file`; the raw image or base missing or unreadable; a raw image
+    /// size that is not a multiple of 512; a bitmap shorter than the raw image needs.
+    ///
+    /// Non-zero reserved bytes and set bits past the end are collected in `warnings`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
-        let _ = (path, opts);
-        unimplemented!("issue #2")
+        let meta = open_file(path, !opts.read_only, false, "open overlay")?;
+        if !opts.no_lock {
+            ofd_lock(&meta, !opts.read_only).map_err(|e| e.with_path(path))?;
+        }
+        let meta_len = file_len(&meta, path, "stat overlay")?;
+        if meta_len < HEADER_SIZE as u64 {
+            return Err(Error::new(ErrorKind::ShortHeader {
+                need: HEADER_SIZE as u64,
+                have: meta_len,
+            })
+            .with_path(path)
+            .with_op("read header"));
+        }
+        let mut hbuf = vec![0u8; HEADER_SIZE];
+        read_exact_at(&meta, &mut hbuf, 0, path, "read header")?;
+        let header = Header::parse(&hbuf).map_err(|e| e.with_path(path).with_op("read header"))?;
+
+        let image_path = resolve(path, "image_file", &header.image_file)
+            .map_err(|e| e.with_path(path).with_op("resolve image_file"))?;
+        let image = open_file(
+            &image_path,
+            !opts.read_only,
+            opts.direct_image,
+            "open raw image",
+        )?;
+        let virtual_size = file_len(&image, &image_path, "stat raw image")?;
+        if virtual_size % SECTOR_SIZE != 0 {
+            return Err(
+                Error::new(ErrorKind::UnalignedImageSize { size: virtual_size })
+                    .with_path(&image_path)
+                    .with_op("open raw image"),
+            );
+        }
+
+        let (base_path, base, base_size) = if header.backing_file.is_empty() {
+            (None, None, None)
+        } else {
+            let bp = resolve(path, "backing_file", &header.backing_file)
+                .map_err(|e| e.with_path(path).with_op("resolve backing_file"))?;
+            let bf = open_file(&bp, false, opts.direct_base, "open base")?;
+            let bs = file_len(&bf, &bp, "stat base")?;
+            (Some(bp), Some(bf), Some(bs))
+        };
+
+        let need = bitmap_len(virtual_size);
+        let have = meta_len - HEADER_SIZE as u64;
+        if have < need {
+            return Err(Error::new(ErrorKind::BitmapTruncated { need, have })
+                .with_path(path)
+                .with_op("open"));
+        }
+        let bitmap = load_bitmap(&meta, path, virtual_size / SECTOR_SIZE)?;
+        let warnings = soft_findings(&header, &meta, path, meta_len, virtual_size)?;
+        Ok(Overlay {
+            meta_path: path.to_path_buf(),
+            header,
+            image_path,
+            base_path,
+            virtual_size,
+            base_size,
+            meta,
+            image,
+            base,
+            bitmap,
+            warnings,
+        })
+    }
+
+    /// Sectors (bits) covered by the bitmap.
+    pub fn sectors(&self) -> u64 {
+        self.virtual_size / SECTOR_SIZE
     }
 }
 
@@ -72,8 +343,178 @@ pub struct CreateOptions {
     pub force: bool,
 }
 
+/// The raw image path `create` uses when none is given: the overlay's name with `.raw`.
+pub fn default_image_path(overlay: &Path) -> PathBuf {
+    overlay.with_extension("raw")
+}
+
 /// Creates an overlay: header plus an all-clear bitmap, and a sparse raw image if it is missing.
+///
+/// * The base, if given, must exist; the raw image's size is its size when the raw image exists,
+///   otherwise `size`, otherwise the base's size; it must be a multiple of 512.
+/// * Relative paths (relative to the working directory) are stored relative to the overlay's
+///   directory; absolute ones as given. Paths of 1024 bytes or more are refused.
+/// * An existing overlay is refused ([`ErrorKind::AlreadyExists`]) unless `force`; with `force`
+///   an overlay locked by another process is still refused ([`ErrorKind::Locked`]).
+/// * The written files are fsynced, and so is the overlay's directory.
 pub fn create(opts: &CreateOptions) -> Result<()> {
-    let _ = opts;
-    unimplemented!("issue #2")
+    let overlay = &opts.overlay;
+    let image = opts
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image_path(overlay));
+    if image == *overlay {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "the raw image and the overlay are the same file: {}",
+            image.display()
+        ))));
+    }
+    if !opts.force && overlay.symlink_metadata().is_ok() {
+        return Err(Error::new(ErrorKind::AlreadyExists)
+            .with_path(overlay)
+            .with_op("create overlay (use --force to overwrite)"));
+    }
+
+    // What to store, checked before anything is written.
+    let stored_base = match &opts.base {
+        None => Vec::new(),
+        Some(b) => {
+            refuse_protocol("backing_file", b.as_os_str().as_bytes())?;
+            let s = storage_path(overlay, b)?;
+            check_storable("backing_file", s.as_os_str().as_bytes())?;
+            s.as_os_str().as_bytes().to_vec()
+        }
+    };
+    refuse_protocol("image_file", image.as_os_str().as_bytes())?;
+    // The default image sits next to the overlay: store its bare name.
+    let stored_image = match (&opts.image, image.file_name()) {
+        (None, Some(name)) => PathBuf::from(name),
+        _ => storage_path(overlay, &image)?,
+    };
+    check_storable("image_file", stored_image.as_os_str().as_bytes())?;
+    let header = Header {
+        backing_file: stored_base,
+        image_file: stored_image.as_os_str().as_bytes().to_vec(),
+        reserved_nonzero: false,
+    };
+    let hbytes = header.encode()?;
+
+    let base_size = match &opts.base {
+        None => None,
+        Some(b) => {
+            let f = open_file(b, false, false, "open base")?;
+            Some(file_len(&f, b, "stat base")?)
+        }
+    };
+
+    // The raw image: use it if it exists, else create it sparse.
+    let virtual_size = match std::fs::metadata(&image) {
+        Ok(m) => {
+            let len = m.len();
+            if let Some(s) = opts.size {
+                if s != len {
+                    return Err(Error::new(ErrorKind::InvalidArgument(format!(
+                        "raw image {} exists with size {len}, but a size of {s} was asked for",
+                        image.display()
+                    ))));
+                }
+            }
+            if len % SECTOR_SIZE != 0 {
+                return Err(Error::new(ErrorKind::UnalignedImageSize { size: len })
+                    .with_path(&image)
+                    .with_op("create"));
+            }
+            len
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let size = opts.size.or(base_size).ok_or_else(|| {
+                Error::new(ErrorKind::InvalidArgument(
+                    "no base and no size: give a size for the new raw image".into(),
+                ))
+            })?;
+            if size % SECTOR_SIZE != 0 {
+                return Err(Error::new(ErrorKind::InvalidArgument(format!(
+                    "size {size} is not a multiple of 512"
+                ))));
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&image)
+                .map_err(|e| Error::io("create raw image", e).with_path(&image))?;
+            f.set_len(size)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| Error::io("size raw image", e).with_path(&image))?;
+            size
+        }
+        Err(e) => return Err(Error::io("stat raw image", e).with_path(&image)),
+    };
+
+    // The overlay: header + all-clear (sparse) bitmap.
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true);
+    if opts.force {
+        o.create(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o.open(overlay).map_err(|e| {
+        let err = Error::io("create overlay", e).with_path(overlay);
+        if err.raw_os_error() == Some(libc::EEXIST) {
+            Error::new(ErrorKind::AlreadyExists)
+                .with_path(overlay)
+                .with_op("create overlay (use --force to overwrite)")
+        } else {
+            err
+        }
+    })?;
+    ofd_lock(&f, true).map_err(|e| e.with_path(overlay))?;
+    let len = BITMAP_OFFSET + bitmap_len(virtual_size);
+    let write = |f: &mut File| -> std::io::Result<()> {
+        f.set_len(0)?;
+        f.write_all(&hbytes)?;
+        f.set_len(len)?;
+        f.sync_all()
+    };
+    write(&mut f).map_err(|e| Error::io("write overlay", e).with_path(overlay))?;
+    let dir = match overlay.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", e).with_path(dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_image_name() {
+        assert_eq!(
+            default_image_path(Path::new("/a/vm.add-cow")),
+            Path::new("/a/vm.raw")
+        );
+        assert_eq!(default_image_path(Path::new("vm")), Path::new("vm.raw"));
+    }
+
+    #[test]
+    fn ofd_locks_conflict_between_open_file_descriptions() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let a = File::open(&p).unwrap();
+        let b = File::open(&p).unwrap();
+        ofd_lock(&a, false).unwrap();
+        ofd_lock(&b, false).unwrap();
+        let c = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        assert_eq!(ofd_lock(&c, true).unwrap_err().kind(), &ErrorKind::Locked);
+        drop(a);
+        drop(b);
+        ofd_lock(&c, true).unwrap();
+        let d = File::open(&p).unwrap();
+        assert_eq!(ofd_lock(&d, false).unwrap_err().kind(), &ErrorKind::Locked);
+    }
 }

@@ -1,2 +1,242 @@
 //! Path rules: stored paths are relative to the `.add-cow` file's directory; protocol prefixes
 //! are refused for now. OWNER: issue #2.
+//!
+//! * A stored path that is absolute is used as is.
+//! * A stored relative path is relative to the directory holding the `.add-cow` file, not to the
+//!   process's working directory, so an overlay keeps working when its folder is moved.
+//! * A path that starts with a protocol prefix (`nbd:`, `nbd+unix://`, `http:`, ...; the rule is
+//!   qemu's: the text before the first `:` contains no `/`) is refused with
+//!   [`ErrorKind::UnsupportedProtocol`].
+//! * [`storage_path`] turns a path as a user typed it (relative to the working directory) into the
+//!   path to store (relative to the overlay's directory).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::header::PATH_FIELD_LEN;
+
+/// Whether `path` starts with a protocol prefix such as `nbd:` or `http://`: some bytes, none of
+/// them `/`, then `:`. (The same test as qemu's `path_has_protocol`.)
+pub fn has_protocol(path: &[u8]) -> bool {
+    match path.iter().position(|&b| b == b':' || b == b'/') {
+        Some(i) => path.get(i) == Some(&b':') && i > 0,
+        None => false,
+    }
+}
+
+/// Refuses a path that names a protocol. `field` is `"backing_file"` or `"image_file"`.
+pub fn refuse_protocol(field: &'static str, path: &[u8]) -> Result<()> {
+    if has_protocol(path) {
+        return Err(Error::new(ErrorKind::UnsupportedProtocol {
+            field,
+            path: String::from_utf8_lossy(path).into_owned(),
+        }));
+    }
+    Ok(())
+}
+
+/// Resolves a stored path against the overlay at `meta_path`: absolute paths as they are,
+/// relative ones joined to `meta_path`'s directory. Refuses protocol prefixes.
+pub fn resolve(meta_path: &Path, field: &'static str, stored: &[u8]) -> Result<PathBuf> {
+    refuse_protocol(field, stored)?;
+    let stored = Path::new(OsStr::from_bytes(stored));
+    if stored.is_absolute() {
+        return Ok(stored.to_path_buf());
+    }
+    let dir = meta_path.parent().unwrap_or(Path::new(""));
+    Ok(dir.join(stored))
+}
+
+/// Refuses a path that does not fit a 1024-byte NUL-padded field (1024 bytes or more), or that
+/// holds a NUL byte.
+pub fn check_storable(field: &'static str, path: &[u8]) -> Result<()> {
+    if path.len() >= PATH_FIELD_LEN {
+        return Err(Error::new(ErrorKind::PathTooLong {
+            field,
+            len: path.len(),
+        }));
+    }
+    if path.contains(&0) {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "{field} path contains a NUL byte"
+        ))));
+    }
+    Ok(())
+}
+
+/// The path to store in the header for `target`, a path as the user gave it (relative to the
+/// working directory), for an overlay at `overlay` (also as given).
+///
+/// An absolute `target` is stored as given. A relative one is stored relative to the overlay's
+/// directory: both directories are made canonical (they must exist) and the stored path climbs
+/// out of the overlay's directory with `..` as needed.
+pub fn storage_path(overlay: &Path, target: &Path) -> Result<PathBuf> {
+    if target.is_absolute() {
+        return Ok(target.to_path_buf());
+    }
+    let overlay_dir = canonical_dir(overlay)?;
+    let target_dir = canonical_dir(target)?;
+    let name = target.file_name().ok_or_else(|| {
+        Error::new(ErrorKind::InvalidArgument(format!(
+            "{} does not name a file",
+            target.display()
+        )))
+    })?;
+    let mut rel = relative_dir(&overlay_dir, &target_dir);
+    rel.push(name);
+    Ok(rel)
+}
+
+/// The canonical form of the directory that holds `file`.
+fn canonical_dir(file: &Path) -> Result<PathBuf> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    dir.canonicalize()
+        .map_err(|e| Error::io("resolve directory", e).with_path(dir.to_path_buf()))
+}
+
+/// The relative path that leads from directory `from` to directory `to` (both canonical).
+fn relative_dir(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component<'_>> = from.components().collect();
+    let to: Vec<Component<'_>> = to.components().collect();
+    let common = from
+        .iter()
+        .zip(to.iter())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel = PathBuf::new();
+    for _ in common..from.len() {
+        rel.push("..");
+    }
+    for c in to.iter().skip(common) {
+        rel.push(c.as_os_str());
+    }
+    rel
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_prefixes_are_detected() {
+        for p in [
+            &b"nbd:localhost:10809"[..],
+            b"nbd+unix:///?socket=/s",
+            b"http://x/y.img",
+            b"https://x",
+            b"file:foo.img",
+        ] {
+            assert!(has_protocol(p), "{}", String::from_utf8_lossy(p));
+        }
+        for p in [
+            &b"base.img"[..],
+            b"/abs/base.img",
+            b"./a:b.img",
+            b"dir/x:y",
+            b":leading",
+            b"",
+        ] {
+            assert!(!has_protocol(p), "{}", String::from_utf8_lossy(p));
+        }
+    }
+
+    #[test]
+    fn refuse_protocol_gives_kind() {
+        let e = refuse_protocol("backing_file", b"nbd:host:1").unwrap_err();
+        assert_eq!(
+            e.kind(),
+            &ErrorKind::UnsupportedProtocol {
+                field: "backing_file",
+                path: "nbd:host:1".into()
+            }
+        );
+        assert!(e.to_string().contains("unsupported protocol"));
+    }
+
+    #[test]
+    fn resolve_relative_to_overlay_dir() {
+        let meta = Path::new("/vms/a/disk.add-cow");
+        assert_eq!(
+            resolve(meta, "image_file", b"disk.raw").unwrap(),
+            Path::new("/vms/a/disk.raw")
+        );
+        assert_eq!(
+            resolve(meta, "backing_file", b"../base/u.img").unwrap(),
+            Path::new("/vms/a/../base/u.img")
+        );
+        assert_eq!(
+            resolve(meta, "backing_file", b"/abs/u.img").unwrap(),
+            Path::new("/abs/u.img")
+        );
+        // An overlay named without a directory resolves against the working directory.
+        assert_eq!(
+            resolve(Path::new("disk.add-cow"), "image_file", b"disk.raw").unwrap(),
+            Path::new("disk.raw")
+        );
+        assert!(resolve(meta, "image_file", b"http://x").is_err());
+    }
+
+    #[test]
+    fn storable_limits() {
+        assert!(check_storable("image_file", &[b'a'; 1023]).is_ok());
+        let e = check_storable("image_file", &[b'a'; 1024]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            &ErrorKind::PathTooLong {
+                field: "image_file",
+                len: 1024
+            }
+        );
+        assert!(check_storable("image_file", b"a\0b").is_err());
+    }
+
+    #[test]
+    fn relative_dir_climbs() {
+        assert_eq!(
+            relative_dir(Path::new("/a/b/c"), Path::new("/a/d")),
+            Path::new("../../d")
+        );
+        assert_eq!(
+            relative_dir(Path::new("/a"), Path::new("/a")),
+            Path::new("")
+        );
+        assert_eq!(
+            relative_dir(Path::new("/a"), Path::new("/a/x/y")),
+            Path::new("x/y")
+        );
+    }
+
+    #[test]
+    fn storage_path_relative_to_overlay_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("vms/a")).unwrap();
+        std::fs::create_dir_all(root.join("base")).unwrap();
+        let overlay = root.join("vms/a/x.add-cow");
+        // Absolute stays absolute.
+        let abs = root.join("base/u.img");
+        assert_eq!(storage_path(&overlay, &abs).unwrap(), abs);
+        // Relative (to the working directory) becomes relative to the overlay's directory. Use
+        // paths relative to `root` by going through a relative path from the cwd.
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        let rel_base = relative_dir(&cwd, &root.join("base")).join("u.img");
+        let rel_overlay = relative_dir(&cwd, &root.join("vms/a")).join("x.add-cow");
+        assert_eq!(
+            storage_path(&rel_overlay, &rel_base).unwrap(),
+            Path::new("../../base/u.img")
+        );
+        let rel_img = relative_dir(&cwd, &root.join("vms/a")).join("x.raw");
+        assert_eq!(
+            storage_path(&rel_overlay, &rel_img).unwrap(),
+            Path::new("x.raw")
+        );
+        // A directory that does not exist is an error with the path in it.
+        let e = storage_path(&overlay, Path::new("no/such/dir/f")).unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::NotFound);
+    }
+}

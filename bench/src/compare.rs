@@ -1,0 +1,304 @@
+//! `compare`: every profile against every server, interleaved over rounds.
+//!
+//! Order: for each round, for each profile, for each server (A B C … A B C …), so drift over the
+//! run hits every server alike. Each run starts its server, runs fio, and stops it again. Before a
+//! run the served files are put back in their prepared state when an earlier run wrote to them
+//! ([`crate::prepare::Prepared::restore_addcow`] / `restore_qcow2`), and the first-write profile
+//! gets a freshly created overlay (add-cow / qcow2 / sparse raw file; nbdkit's cow layer starts
+//! empty with every start).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::CompareArgs;
+use crate::error::{io_err, BenchError, Result};
+use crate::fio::{self, Target};
+use crate::prepare::{self, Prepared};
+use crate::profiles::{self, Effect, Profile};
+use crate::report::{self, Meta, RunRecord};
+use crate::servers::{self, Server};
+use crate::sysinfo;
+
+/// Settings of one compare run after defaults are applied.
+#[derive(Debug, Clone)]
+struct Settings {
+    size: u64,
+    runtime_s: u64,
+    rounds: u32,
+}
+
+fn settings(args: &CompareArgs) -> Settings {
+    let (size, runtime, rounds) = if args.quick {
+        (64 << 20, 2, 1)
+    } else {
+        (4 << 30, 20, 3)
+    };
+    Settings {
+        size: args.size.unwrap_or(size),
+        runtime_s: args.runtime.unwrap_or(runtime).max(1),
+        rounds: args.rounds.unwrap_or(rounds).max(1),
+    }
+}
+
+/// The `addcow` binary: `--addcow`, or `addcow` next to this runner, built with cargo (same
+/// profile) when this runner was started by cargo.
+pub fn addcow_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let exe = std::env::current_exe().map_err(io_err("locate", Path::new("current exe")))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let bin = dir.join("addcow");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "addcow-daemon", "--bin", "addcow"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        eprintln!("building addcow ({})", dir.display());
+        prepare::run_cmd(&mut cmd)?;
+    }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(BenchError::Missing(format!(
+            "{} not found: build it with `cargo build --release -p addcow-daemon` or pass --addcow",
+            bin.display()
+        )))
+    }
+}
+
+/// Runs the comparison and writes the report.
+pub fn run(args: &CompareArgs) -> Result<()> {
+    let st = settings(args);
+    let profiles = profiles::select(&args.profiles).map_err(BenchError::Usage)?;
+    let wanted: Vec<Server> = if args.servers.is_empty() {
+        Server::ALL.to_vec()
+    } else {
+        args.servers
+            .iter()
+            .map(|id| {
+                Server::from_id(id)
+                    .ok_or_else(|| BenchError::Usage(format!("unknown server {id:?}")))
+            })
+            .collect::<Result<_>>()?
+    };
+    let (servers, missing) = servers::check_tools(&wanted)?;
+    for m in &missing {
+        eprintln!("warning: {m}");
+    }
+    let addcow_bin = if servers.contains(&Server::Addcow) {
+        addcow_binary(args.addcow.as_deref())?
+    } else {
+        PathBuf::from("addcow")
+    };
+    let needs_qcow2 = servers.contains(&Server::QemuNbdQcow2);
+    if needs_qcow2 && !servers::on_path("qemu-img") {
+        return Err(BenchError::Missing(
+            "qemu-img (apt-get install qemu-utils)".to_owned(),
+        ));
+    }
+
+    let tmp;
+    let work = match &args.work {
+        Some(w) => w.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("addcow-bench-")
+                .tempdir()
+                .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
+            tmp.path().to_owned()
+        }
+    };
+    eprintln!(
+        "preparing {} MiB of data in {} (base, raw copy, add-cow{} overlays)",
+        st.size >> 20,
+        work.display(),
+        if needs_qcow2 { " and qcow2" } else { "" }
+    );
+    let prep = prepare::prepare(&work.join("data"), st.size, 0xADDC0, needs_qcow2)?;
+    let jobs_dir = profiles::configs_dir();
+
+    let total_runs = st.rounds as u64 * profiles.len() as u64 * servers.len() as u64;
+    let bar = progress(total_runs * st.runtime_s);
+    let started = sysinfo::utc_stamp();
+    let mut state = DirtyState::default();
+    let mut records = Vec::new();
+    for round in 1..=st.rounds {
+        for p in &profiles {
+            for &s in &servers {
+                bar.set_message(format!(
+                    "round {round}/{} · {} · {}",
+                    st.rounds,
+                    p.id,
+                    s.id()
+                ));
+                if bar.is_hidden() {
+                    eprintln!("round {round}/{}: {} on {}", st.rounds, p.id, s.id());
+                }
+                let res = one_run(&prep, &mut state, p, s, &addcow_bin, &jobs_dir, &work, &st);
+                if let Err(e) = &res {
+                    bar.suspend(|| eprintln!("{} on {} (round {round}) failed: {e}", p.id, s.id()));
+                }
+                records.push(RunRecord {
+                    round,
+                    profile: p.id.to_owned(),
+                    server: s.id().to_owned(),
+                    result: res.as_ref().ok().cloned(),
+                    error: res.err().map(|e| e.to_string()),
+                });
+                bar.inc(st.runtime_s);
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    let out = args.out.clone().unwrap_or_else(|| {
+        profiles::configs_dir()
+            .join("../bench/results")
+            .join(&started)
+    });
+    let meta = Meta {
+        date: started,
+        cpus: sysinfo::cpus(),
+        kernel: sysinfo::kernel(),
+        size: st.size,
+        runtime_s: st.runtime_s,
+        rounds: st.rounds,
+        quick: args.quick,
+        fio_version: tool_version("fio", "--version"),
+        qemu_nbd_version: tool_version("qemu-nbd", "--version"),
+        nbdkit_version: tool_version("nbdkit", "--version"),
+        missing,
+    };
+    let results = report::build(meta, &profiles, &servers, records);
+    report::write(&out, &results)?;
+    print!("{}", report::summary_text(&results));
+    eprintln!("report: {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// Which prepared overlays were written since they were last restored.
+#[derive(Debug, Default)]
+struct DirtyState {
+    addcow: bool,
+    qcow2: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    prep: &Prepared,
+    dirty: &mut DirtyState,
+    p: &Profile,
+    s: Server,
+    addcow_bin: &Path,
+    jobs_dir: &Path,
+    work: &Path,
+    st: &Settings,
+) -> Result<fio::FioResult> {
+    let fresh = p.effect == Effect::FreshOverlay;
+    let image: PathBuf = match (s, fresh) {
+        (Server::Addcow, true) => prep.fresh_addcow()?,
+        (Server::QemuNbdQcow2, true) => prep.fresh_qcow2()?,
+        (Server::QemuNbdRaw | Server::FioRaw, true) => prep.fresh_raw()?,
+        (Server::Addcow, false) => {
+            if dirty.addcow {
+                prep.restore_addcow()?;
+                dirty.addcow = false;
+            }
+            prep.addcow.clone()
+        }
+        (Server::QemuNbdQcow2, false) => {
+            if dirty.qcow2 {
+                prep.restore_qcow2()?;
+                dirty.qcow2 = false;
+            }
+            prep.qcow2.clone().unwrap_or_default()
+        }
+        (Server::NbdkitCow, _) | (Server::QemuNbdRaw | Server::FioRaw, false) => {
+            prep.disk_raw.clone()
+        }
+    };
+    if p.effect == Effect::Writes {
+        match s {
+            Server::Addcow => dirty.addcow = true,
+            Server::QemuNbdQcow2 => dirty.qcow2 = true,
+            _ => {}
+        }
+    }
+    let job = jobs_dir.join(p.job);
+    let result = if s == Server::FioRaw {
+        fio::run(&job, &Target::File(&image), prep.size, st.runtime_s)
+    } else {
+        let sock = work.join("nbd.sock");
+        let log = work.join(format!("{}.log", s.id()));
+        let mut server = servers::start(s, addcow_bin, &image, &sock, &log)?;
+        let r = fio::run(&job, &Target::Nbd(&sock), prep.size, st.runtime_s);
+        server.stop();
+        r
+    };
+    if fresh {
+        prep.remove_fresh();
+    }
+    let r = result?;
+    if r.errors != 0 {
+        return Err(BenchError::FioOutput(format!(
+            "fio reported error {}",
+            r.errors
+        )));
+    }
+    Ok(r)
+}
+
+fn progress(total_s: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_s);
+    let style = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {msg} · ~{eta} left")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+fn tool_version(tool: &str, flag: &str) -> Option<String> {
+    let out = std::process::Command::new(tool).arg(flag).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(quick: bool) -> CompareArgs {
+        CompareArgs {
+            quick,
+            size: None,
+            runtime: None,
+            rounds: None,
+            out: None,
+            work: None,
+            profiles: vec![],
+            servers: vec![],
+            addcow: None,
+        }
+    }
+
+    #[test]
+    fn defaults_full_and_quick() {
+        let s = settings(&args(false));
+        assert_eq!((s.size, s.runtime_s, s.rounds), (4 << 30, 20, 3));
+        let q = settings(&args(true));
+        assert_eq!((q.size, q.runtime_s, q.rounds), (64 << 20, 2, 1));
+        let mut a = args(true);
+        a.rounds = Some(3);
+        a.runtime = Some(0);
+        let s = settings(&a);
+        assert_eq!((s.rounds, s.runtime_s), (3, 1));
+    }
+}

@@ -1,0 +1,404 @@
+//! `embedded`: the engine driven in-process (no socket) against fio's io_uring engine with
+//! O_DIRECT on the raw copy of the same data, same profiles, same run (issue #3, "Speed").
+//!
+//! Profiles: 4 KiB random read QD32 on the 50%-allocated overlay, 1 MiB sequential read QD8,
+//! 4 KiB random write QD32. The engine side keeps `qd` requests in flight from one thread
+//! (requests spread round-robin over the engine's cores); completions come back over a channel,
+//! and latency (submit to completion seen by the caller) goes into an hdrhistogram. Targets:
+//! random read ≥ 0.9× fio's IOPS, sequential read ≥ 0.95× fio's bandwidth.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use addcow_engine::{Disk, DiskOptions, Done, Engine, EngineConfig, IoBuf, Request, RequestError};
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Serialize;
+
+use crate::cli::EmbeddedArgs;
+use crate::error::{io_err, BenchError, Result};
+use crate::fio::{self, Target};
+use crate::prepare;
+use crate::profiles;
+use crate::stats::{median, ratio};
+
+/// Access pattern of an embedded profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Pattern {
+    RandRead,
+    SeqRead,
+    RandWrite,
+}
+
+/// One embedded profile and its fio twin.
+#[derive(Debug, Clone, Serialize)]
+struct EmbProfile {
+    id: &'static str,
+    job: &'static str,
+    pattern: Pattern,
+    bs: u64,
+    qd: usize,
+    /// Target ratio engine / fio and whether it is judged on IOPS (else bandwidth).
+    target: Option<(f64, bool)>,
+}
+
+fn emb_profiles() -> [EmbProfile; 3] {
+    [
+        EmbProfile {
+            id: "randread",
+            job: "randread-4k-qd32.fio",
+            pattern: Pattern::RandRead,
+            bs: 4096,
+            qd: 32,
+            target: Some((0.9, true)),
+        },
+        EmbProfile {
+            id: "seqread",
+            job: "seqread-1m-qd8.fio",
+            pattern: Pattern::SeqRead,
+            bs: 1 << 20,
+            qd: 8,
+            target: Some((0.95, false)),
+        },
+        EmbProfile {
+            id: "randwrite",
+            job: "randwrite-4k-qd32.fio",
+            pattern: Pattern::RandWrite,
+            bs: 4096,
+            qd: 32,
+            target: None,
+        },
+    ]
+}
+
+/// Numbers of one run (engine or fio).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Numbers {
+    /// Operations per second.
+    pub iops: f64,
+    /// Bytes per second.
+    pub bw_bytes: f64,
+    /// Completion latency percentiles, ns.
+    pub p50_ns: f64,
+    /// 99th.
+    pub p99_ns: f64,
+    /// 99.9th.
+    pub p999_ns: f64,
+}
+
+impl From<&fio::FioResult> for Numbers {
+    fn from(r: &fio::FioResult) -> Numbers {
+        let l = r.latency();
+        Numbers {
+            iops: r.iops,
+            bw_bytes: r.bw_bytes,
+            p50_ns: l.p50_ns,
+            p99_ns: l.p99_ns,
+            p999_ns: l.p999_ns,
+        }
+    }
+}
+
+/// Per-profile medians and the verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbSummary {
+    /// Profile id.
+    pub profile: String,
+    /// Engine medians.
+    pub engine: Numbers,
+    /// fio medians.
+    pub fio: Numbers,
+    /// engine / fio IOPS.
+    pub iops_ratio: Option<f64>,
+    /// engine / fio bandwidth.
+    pub bw_ratio: Option<f64>,
+    /// The target ratio, if any.
+    pub target: Option<f64>,
+    /// Whether it was met.
+    pub met: Option<bool>,
+}
+
+fn med_numbers(v: &[Numbers]) -> Numbers {
+    let m =
+        |f: fn(&Numbers) -> f64| median(&v.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN);
+    Numbers {
+        iops: m(|n| n.iops),
+        bw_bytes: m(|n| n.bw_bytes),
+        p50_ns: m(|n| n.p50_ns),
+        p99_ns: m(|n| n.p99_ns),
+        p999_ns: m(|n| n.p999_ns),
+    }
+}
+
+/// Runs the embedded benchmark.
+pub fn run(args: &EmbeddedArgs) -> Result<()> {
+    let (size, runtime, rounds) = if args.quick {
+        (256 << 20, 2, 1)
+    } else {
+        (4 << 30, 10, 3)
+    };
+    let size: u64 = args.size.unwrap_or(size);
+    let runtime = Duration::from_secs(args.runtime.unwrap_or(runtime).max(1));
+    let rounds = args.rounds.unwrap_or(rounds).max(1);
+    if !crate::servers::on_path("fio") {
+        return Err(BenchError::Missing(
+            "fio (Debian: apt-get install fio)".to_owned(),
+        ));
+    }
+    let tmp;
+    let work = match &args.work {
+        Some(w) => w.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("addcow-embedded-")
+                .tempdir()
+                .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
+            tmp.path().to_owned()
+        }
+    };
+    eprintln!("preparing {} MiB in {}", size >> 20, work.display());
+    let prep = prepare::prepare(&work.join("data"), size, 0xe3bed, false)?;
+    let mut config = EngineConfig::default();
+    if let Some(c) = args.cores {
+        config.cores = c.max(1);
+    }
+    let cores = config.cores;
+    let engine = Engine::start(config)?;
+    let jobs = profiles::configs_dir();
+    let list = emb_profiles();
+    let mut eng_runs: Vec<Vec<Numbers>> = vec![Vec::new(); list.len()];
+    let mut fio_runs: Vec<Vec<Numbers>> = vec![Vec::new(); list.len()];
+    let mut dirty = false;
+    for round in 1..=rounds {
+        for (i, p) in list.iter().enumerate() {
+            if dirty {
+                prep.restore_addcow()?;
+                dirty = false;
+            }
+            eprintln!(
+                "round {round}/{rounds}: {} engine ({cores} cores) then fio",
+                p.id
+            );
+            let disk = engine.open(&prep.addcow, DiskOptions::default())?;
+            let r = drive(&engine, &disk, cores, p, size, runtime);
+            let closed = disk.close();
+            let n = r?;
+            closed?;
+            if p.pattern == Pattern::RandWrite {
+                dirty = true;
+            }
+            if let Some(v) = eng_runs.get_mut(i) {
+                v.push(n);
+            }
+            let f = fio::run(
+                &jobs.join(p.job),
+                &Target::File(&prep.disk_raw),
+                size,
+                runtime.as_secs(),
+            )?;
+            if let Some(v) = fio_runs.get_mut(i) {
+                v.push(Numbers::from(&f));
+            }
+        }
+    }
+    let _ = engine.shutdown();
+    let mut out = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let e = med_numbers(eng_runs.get(i).map_or(&[][..], |v| v.as_slice()));
+        let f = med_numbers(fio_runs.get(i).map_or(&[][..], |v| v.as_slice()));
+        let iops_ratio = ratio(e.iops, f.iops);
+        let bw_ratio = ratio(e.bw_bytes, f.bw_bytes);
+        let met = p
+            .target
+            .and_then(|(t, by_iops)| if by_iops { iops_ratio } else { bw_ratio }.map(|r| r >= t));
+        out.push(EmbSummary {
+            profile: p.id.to_owned(),
+            engine: e,
+            fio: f,
+            iops_ratio,
+            bw_ratio,
+            target: p.target.map(|t| t.0),
+            met,
+        });
+    }
+    print!("{}", table(&out, size, runtime.as_secs(), rounds, cores));
+    if let Some(j) = &args.json {
+        let text = serde_json::to_string_pretty(&out).unwrap_or_default();
+        std::fs::write(j, text).map_err(io_err("write", j))?;
+    }
+    Ok(())
+}
+
+fn table(rows: &[EmbSummary], size: u64, runtime_s: u64, rounds: u32, cores: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "embedded engine ({cores} cores) vs fio io_uring --direct=1 on the raw copy; {} MiB, {runtime_s} s x {rounds} rounds, medians", size >> 20);
+    let _ = writeln!(
+        s,
+        "{:<10} {:>11} {:>11} {:>7} {:>10} {:>10} {:>7}  {:>22}  {:>22}  target",
+        "profile",
+        "engine IOPS",
+        "fio IOPS",
+        "ratio",
+        "eng MiB/s",
+        "fio MiB/s",
+        "ratio",
+        "engine p50/p99/p99.9 us",
+        "fio p50/p99/p99.9 us"
+    );
+    for r in rows {
+        let us = |n: &Numbers| {
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                n.p50_ns / 1e3,
+                n.p99_ns / 1e3,
+                n.p999_ns / 1e3
+            )
+        };
+        let rat = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}x"));
+        let verdict = match (r.target, r.met) {
+            (Some(t), Some(true)) => format!(">= {t}x met"),
+            (Some(t), _) => format!(">= {t}x MISSED"),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<10} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>10.1} {:>7}  {:>22}  {:>22}  {verdict}",
+            r.profile,
+            r.engine.iops,
+            r.fio.iops,
+            rat(r.iops_ratio),
+            r.engine.bw_bytes / 1048576.0,
+            r.fio.bw_bytes / 1048576.0,
+            rat(r.bw_ratio),
+            us(&r.engine),
+            us(&r.fio)
+        );
+    }
+    s
+}
+
+/// Keeps `p.qd` requests in flight on `disk` for `runtime`; returns throughput and latency.
+fn drive(
+    engine: &Engine,
+    disk: &Disk,
+    cores: usize,
+    p: &EmbProfile,
+    size: u64,
+    runtime: Duration,
+) -> Result<Numbers> {
+    type Msg = (Instant, std::result::Result<Done, RequestError>);
+    let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
+    let blocks = (size / p.bs).max(1);
+    let mut rng = SmallRng::seed_from_u64(0x5eed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|e| BenchError::Usage(format!("histogram: {e}")))?;
+    let mut spare: Vec<IoBuf> = Vec::new();
+    if p.pattern == Pattern::RandWrite {
+        for _ in 0..p.qd {
+            let mut b = engine.alloc_buf(p.bs as usize);
+            rng.fill_bytes(&mut b);
+            spare.push(b);
+        }
+    }
+    let (mut next_seq, mut turn, mut inflight, mut ops, mut bytes) =
+        (0u64, 0usize, 0usize, 0u64, 0u64);
+    let start = Instant::now();
+    let end = start + runtime;
+    loop {
+        while inflight < p.qd && Instant::now() < end {
+            let block = match p.pattern {
+                Pattern::SeqRead => {
+                    let b = next_seq;
+                    next_seq = (next_seq + 1) % blocks;
+                    b
+                }
+                _ => rng.gen_range(0..blocks),
+            };
+            let offset = block * p.bs;
+            let req = match p.pattern {
+                Pattern::RandWrite => {
+                    let data = spare
+                        .pop()
+                        .unwrap_or_else(|| engine.alloc_buf(p.bs as usize));
+                    Request::Write {
+                        offset,
+                        data,
+                        fua: false,
+                    }
+                }
+                _ => Request::Read {
+                    offset,
+                    len: p.bs as u32,
+                },
+            };
+            let tx = tx.clone();
+            let t0 = Instant::now();
+            disk.submit(
+                turn % cores,
+                req,
+                Box::new(move |r| {
+                    let _ = tx.send((t0, r));
+                }),
+            );
+            turn = turn.wrapping_add(1);
+            inflight += 1;
+        }
+        if inflight == 0 {
+            break;
+        }
+        let (t0, r) = rx
+            .recv()
+            .map_err(|_| BenchError::Usage("engine dropped a completion".to_owned()))?;
+        inflight -= 1;
+        let lat = u64::try_from(t0.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let _ = hist.record(lat);
+        ops += 1;
+        match r? {
+            Done::Read(b) => bytes += b.len() as u64,
+            Done::Written(b) => {
+                bytes += b.len() as u64;
+                spare.push(b);
+            }
+            Done::Ok => {}
+        }
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    Ok(Numbers {
+        iops: ops as f64 / secs,
+        bw_bytes: bytes as f64 / secs,
+        p50_ns: hist.value_at_quantile(0.5) as f64,
+        p99_ns: hist.value_at_quantile(0.99) as f64,
+        p999_ns: hist.value_at_quantile(0.999) as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_numbers() {
+        let n = |x: f64| Numbers {
+            iops: x,
+            bw_bytes: x * 2.0,
+            p50_ns: x,
+            p99_ns: x,
+            p999_ns: x,
+        };
+        let m = med_numbers(&[n(1.0), n(3.0), n(2.0)]);
+        assert_eq!((m.iops, m.bw_bytes), (2.0, 4.0));
+        assert!(med_numbers(&[]).iops.is_nan());
+    }
+
+    #[test]
+    fn profiles_match_job_files() {
+        let all = profiles::all();
+        for p in emb_profiles() {
+            assert!(all.iter().any(|q| q.job == p.job), "{}", p.job);
+        }
+    }
+}

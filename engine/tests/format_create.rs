@@ -1,0 +1,243 @@
+//! `create` writes exactly the spec's bytes; created overlays open, and bits set through the
+//! library survive a reopen.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use addcow_engine::format::{
+    create, map_runs, CreateOptions, Header, OpenOptions, Overlay, BITMAP_OFFSET,
+};
+use addcow_engine::ErrorKind;
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    (t, root)
+}
+
+#[test]
+fn create_output_byte_for_byte() {
+    let (_t, root) = setup();
+    let base = root.join("base.img");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let overlay = root.join("vm.add-cow");
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let bytes = std::fs::read(&overlay).unwrap();
+    // 1 MiB = 2048 sectors = 256 bitmap bytes.
+    let mut want = vec![0u8; 2560 + 256];
+    want[..8].copy_from_slice(b"ADD_COW\xff");
+    want[8..12].copy_from_slice(&[0, 0, 0, 1]);
+    let b = base.to_str().unwrap().as_bytes(); // absolute stays absolute
+    want[12..12 + b.len()].copy_from_slice(b);
+    want[1036..1036 + 6].copy_from_slice(b"vm.raw"); // default image, stored relative
+    assert!(bytes == want, "create's bytes differ from the spec's");
+    let raw = root.join("vm.raw");
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 20);
+
+    // Refuses to overwrite without force; force works.
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base.clone()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::AlreadyExists);
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base.clone()),
+        force: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(std::fs::read(&overlay).unwrap() == want);
+}
+
+#[test]
+fn create_sizes_and_refusals() {
+    let (_t, root) = setup();
+    let overlay = root.join("a.add-cow");
+    // No base and no size.
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidArgument(_)), "{e}");
+    // Unaligned size.
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        size: Some(1000),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidArgument(_)), "{e}");
+    // Missing base.
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(root.join("missing.img")),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::NotFound);
+    // Protocol base.
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some("nbd://host/x".into()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::UnsupportedProtocol { .. }),
+        "{e}"
+    );
+    // Path of 1024 bytes.
+    let long = PathBuf::from(format!("/{}", "x".repeat(1023)));
+    let e = create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(long),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::PathTooLong { .. }), "{e}");
+    assert!(!overlay.exists());
+
+    // --size with no base, and an existing image keeps its size.
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        size: Some(3 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    let o = Overlay::open(&overlay, &OpenOptions::default()).unwrap();
+    assert_eq!(o.virtual_size, 3 << 20);
+    assert!(o.base.is_none());
+    drop(o);
+    let img = root.join("given.raw");
+    std::fs::File::create(&img).unwrap().set_len(8192).unwrap();
+    let o2 = root.join("b.add-cow");
+    create(&CreateOptions {
+        overlay: o2.clone(),
+        image: Some(img.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let o = Overlay::open(&o2, &OpenOptions::default()).unwrap();
+    assert_eq!(o.virtual_size, 8192);
+    // A locked overlay is not overwritten even with force.
+    let e = create(&CreateOptions {
+        overlay: o2.clone(),
+        image: Some(img),
+        force: true,
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Locked);
+}
+
+#[test]
+fn set_bits_reopen_same_map() {
+    let (_t, root) = setup();
+    let base = root.join("base.img");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+    let overlay = root.join("rt.add-cow");
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base),
+        size: Some(8 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    let o = Overlay::open(&overlay, &OpenOptions::default()).unwrap();
+    let before = map_runs(&o).unwrap();
+    // Set sectors through the library and persist the bitmap bytes it reports.
+    for (s, n) in [(0u64, 8u64), (4096, 2048), (16383, 1)] {
+        let (a, b) = o.bitmap.set_range(s, n).unwrap();
+        let mut buf = vec![0u8; (b - a + 1) as usize];
+        o.bitmap.copy_bytes(a, &mut buf);
+        o.meta.write_all_at(&buf, BITMAP_OFFSET + a).unwrap();
+    }
+    let after = map_runs(&o).unwrap();
+    assert_ne!(before, after);
+    drop(o);
+    let o = Overlay::open(&overlay, &OpenOptions::default()).unwrap();
+    assert_eq!(map_runs(&o).unwrap(), after);
+    assert_eq!(o.bitmap.count_set(), 8 + 2048 + 1);
+    let raw: Vec<_> = after.iter().filter(|r| r.depth == 0 && r.present).collect();
+    assert_eq!(raw.len(), 3);
+    assert_eq!((raw[1].start, raw[1].length), (4096 * 512, 2048 * 512));
+    // Header untouched.
+    let h = std::fs::read(&overlay).unwrap();
+    let parsed = Header::parse(&h).unwrap();
+    assert_eq!(parsed.image_file, b"rt.raw");
+    assert_eq!(
+        parsed.backing_file,
+        root.join("base.img").to_str().unwrap().as_bytes()
+    );
+}
+
+#[test]
+fn relative_paths_stored_relative_to_overlay_dir() {
+    let (_t, root) = setup();
+    std::fs::create_dir_all(root.join("bases")).unwrap();
+    std::fs::create_dir_all(root.join("vms/one")).unwrap();
+    std::fs::File::create(root.join("bases/u.img"))
+        .unwrap()
+        .set_len(65536)
+        .unwrap();
+    // Run from `root` as the working directory through a child process is overkill: paths
+    // relative to the cwd are built by going through the cwd's relation to `root`.
+    let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    let rel = |p: &str| pathdiff(&cwd, &root.join(p));
+    let overlay = rel("vms/one/d.add-cow");
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(rel("bases/u.img")),
+        ..Default::default()
+    })
+    .unwrap();
+    let h = Header::parse(&std::fs::read(&overlay).unwrap()).unwrap();
+    assert_eq!(h.backing_file, b"../../bases/u.img");
+    assert_eq!(h.image_file, b"d.raw");
+    std::fs::rename(root.join("vms"), root.join("bases/vms")).unwrap_or(());
+    // Moving the whole tree keeps it working.
+    let moved = root.parent().unwrap().join(format!(
+        "{}-moved",
+        root.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::rename(&root, &moved).unwrap();
+    let o = Overlay::open(
+        &moved.join("bases/vms/one/d.add-cow"),
+        &OpenOptions::default(),
+    );
+    // The vms folder moved into bases, so ../../bases/u.img no longer resolves: refused clearly.
+    assert_eq!(o.unwrap_err().kind(), &ErrorKind::NotFound);
+    std::fs::rename(moved.join("bases/vms"), moved.join("vms")).unwrap();
+    let o = Overlay::open(&moved.join("vms/one/d.add-cow"), &OpenOptions::default()).unwrap();
+    assert_eq!(o.virtual_size, 65536);
+    std::fs::rename(&moved, &root).unwrap();
+}
+
+/// A relative path from `from` (a directory) to `to`.
+fn pathdiff(from: &std::path::Path, to: &std::path::Path) -> PathBuf {
+    let f: Vec<_> = from.components().collect();
+    let t: Vec<_> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
