@@ -72,6 +72,10 @@ mod tests {
         let a = dio_align(&f, true);
         assert!(a.mem.is_power_of_two() && a.offset.is_power_of_two());
         assert!(a.fits(0, 0, a.offset));
-        assert!(!DioAlign { mem: 512, offset: 512 }.fits(0, 7, 512));
+        assert!(!DioAlign {
+            mem: 512,
+            offset: 512
+        }
+        .fits(0, 7, 512));
     }
 }

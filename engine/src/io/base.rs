@@ -89,7 +89,12 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                BaseRun::File { fd, offset: 900, len: 100, align: DioAlign::NONE },
+                BaseRun::File {
+                    fd,
+                    offset: 900,
+                    len: 100,
+                    align: DioAlign::NONE
+                },
                 BaseRun::Zero { len: 200 }
             ]
         );

@@ -50,10 +50,12 @@ impl std::fmt::Debug for IoBuf {
 fn heap_layout(cap: usize) -> Layout {
     // `cap` is non-zero and rounded to BUF_ALIGN by the callers; a layout error would mean a
     // size near usize::MAX, which the allocator could not give anyway.
-    Layout::from_size_align(cap, BUF_ALIGN).unwrap_or_else(|_| std::alloc::handle_alloc_error(
-        // A valid stand-in layout for the error report.
-        Layout::new::<[u8; BUF_ALIGN]>(),
-    ))
+    Layout::from_size_align(cap, BUF_ALIGN).unwrap_or_else(|_| {
+        std::alloc::handle_alloc_error(
+            // A valid stand-in layout for the error report.
+            Layout::new::<[u8; BUF_ALIGN]>(),
+        )
+    })
 }
 
 impl IoBuf {
@@ -250,7 +252,11 @@ impl Arena {
     fn slot_ptr(&self, class: &SizeClass, slot: u32) -> *mut u8 {
         let index = (slot - class.first_slot) as usize;
         // SAFETY: offset + index * slot_size + slot_size <= bytes by construction.
-        unsafe { self.base.as_ptr().add(class.offset + index * class.slot_size) }
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(class.offset + index * class.slot_size)
+        }
     }
 
     /// One iovec per slot, in slot order (index = slot number), for `register_buffers`.
@@ -277,8 +283,12 @@ impl Arena {
     /// A slot of at least `len` bytes with length `len`, or `None` when none is free. The
     /// contents are whatever the slot last held unless `zero`.
     pub(crate) fn alloc(self: &Arc<Self>, len: usize, zero: bool) -> Option<IoBuf> {
-        let class = self.classes.iter().find(|c| c.slot_size >= len.max(1))?;
-        let slot = class.free.lock().ok()?.pop()?;
+        // The smallest class that fits and has a free slot.
+        let (class, slot) = self
+            .classes
+            .iter()
+            .filter(|c| c.slot_size >= len.max(1))
+            .find_map(|c| Some((c, c.free.lock().ok()?.pop()?)))?;
         let ptr = NonNull::new(self.slot_ptr(class, slot))?;
         if zero {
             // SAFETY: the slot's slot_size bytes are reserved for us and len <= slot_size.
@@ -353,7 +363,9 @@ mod tests {
             .collect();
         assert!(arena.alloc(4096, true).is_none(), "every slot handed out");
         bufs[0][0] = 7;
-        assert!(bufs.iter().all(|b| b.is_registered() && b.as_ptr() as usize % BUF_ALIGN == 0));
+        assert!(bufs
+            .iter()
+            .all(|b| b.is_registered() && b.as_ptr() as usize % BUF_ALIGN == 0));
         let handle = std::thread::spawn(move || drop(bufs));
         handle.join().expect("thread");
         assert_eq!(arena.free_slots(), total);
@@ -371,6 +383,9 @@ mod tests {
         let v = &iov[slot as usize];
         assert_eq!(v.iov_base as usize, big.as_ptr() as usize);
         assert_eq!(v.iov_len, 1 << 20);
-        assert!(arena.alloc((1 << 20) + 1, false).is_none(), "too big for any class");
+        assert!(
+            arena.alloc((1 << 20) + 1, false).is_none(),
+            "too big for any class"
+        );
     }
 }

@@ -101,11 +101,20 @@ mod tests {
 
     #[test]
     fn spans_coalesce_and_clip() {
-        assert_eq!(pairs(&spans(&[0, 1, 2, 5], 4096, 1 << 30, 8)), vec![(0, 3 * 4096), (5 * 4096, 4096)]);
+        assert_eq!(
+            pairs(&spans(&[0, 1, 2, 5], 4096, 1 << 30, 8)),
+            vec![(0, 3 * 4096), (5 * 4096, 4096)]
+        );
         // The last block is clipped to the file length.
-        assert_eq!(pairs(&spans(&[2], 4096, 2 * 4096 + 100, 8)), vec![(2 * 4096, 100)]);
+        assert_eq!(
+            pairs(&spans(&[2], 4096, 2 * 4096 + 100, 8)),
+            vec![(2 * 4096, 100)]
+        );
         // Too many runs: the closest ones merge.
-        assert_eq!(pairs(&spans(&[0, 2, 10], 4096, 1 << 30, 2)), vec![(0, 3 * 4096), (10 * 4096, 4096)]);
+        assert_eq!(
+            pairs(&spans(&[0, 2, 10], 4096, 1 << 30, 2)),
+            vec![(0, 3 * 4096), (10 * 4096, 4096)]
+        );
         assert!(spans(&[], 4096, 100, 4).is_empty());
     }
 }

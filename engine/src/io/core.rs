@@ -302,7 +302,9 @@ impl Core {
         };
         tracing::debug!(core = id, mode, files_ok, bufs_ok, "core ring ready");
         let sq_entries = ring.params().sq_entries() as usize;
-        let cap = (ring.params().cq_entries() as usize).saturating_sub(1).max(1);
+        let cap = (ring.params().cq_entries() as usize)
+            .saturating_sub(1)
+            .max(1);
         let eventfd = shared.core(id).eventfd.as_raw_fd();
         Ok(Core {
             ring,
@@ -372,6 +374,11 @@ impl Core {
             self.cqes = cqes;
         }
         self.cancel_eventfd();
+        // Drop the ring's file references now (ring teardown would do it later, in a kernel
+        // worker), so a closed overlay's files are really closed when the engine has stopped.
+        if self.files_ok {
+            let _ = self.ring.submitter().unregister_files();
+        }
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -522,7 +529,10 @@ impl Core {
         let size = disk.size;
         match req {
             Request::Read { offset, len } => {
-                if offset.checked_add(u64::from(len)).is_none_or(|e| e > size) {
+                if offset
+                    .checked_add(u64::from(len))
+                    .map_or(true, |e| e > size)
+                {
                     done(Err(req_err(libc::EINVAL, "read past the end", offset)));
                     return;
                 }
@@ -540,7 +550,7 @@ impl Core {
                 self.start_commit(&disk, vec![waiter]);
             }
             Request::Cache { offset, len } => {
-                if offset.checked_add(len).is_none_or(|e| e > size) {
+                if offset.checked_add(len).map_or(true, |e| e > size) {
                     done(Err(req_err(libc::EINVAL, "cache past the end", offset)));
                 } else {
                     done(Ok(Done::Ok));
@@ -549,13 +559,16 @@ impl Core {
             req @ (Request::Write { .. } | Request::WriteZeroes { .. } | Request::Trim { .. }) => {
                 let (offset, len) = match &req {
                     Request::Write { offset, data, .. } => (*offset, data.len() as u64),
-                    Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
-                        (*offset, *len)
-                    }
+                    Request::WriteZeroes { offset, len, .. }
+                    | Request::Trim { offset, len, .. } => (*offset, *len),
                     _ => (0, 0),
                 };
                 if disk.read_only {
-                    done(Err(req_err(libc::EPERM, "write to a read-only disk", offset)));
+                    done(Err(req_err(
+                        libc::EPERM,
+                        "write to a read-only disk",
+                        offset,
+                    )));
                     return;
                 }
                 let end = match offset.checked_add(len) {
@@ -650,8 +663,16 @@ impl Core {
                     } else {
                         Target::Fd(fd)
                     };
-                    issued +=
-                        self.issue_file_read(task, t, Role::Base, align, p, dest_fixed, offset, seg.len);
+                    issued += self.issue_file_read(
+                        task,
+                        t,
+                        Role::Base,
+                        align,
+                        p,
+                        dest_fixed,
+                        offset,
+                        seg.len,
+                    );
                 }
             }
         }
@@ -693,7 +714,8 @@ impl Core {
             } else {
                 let a_off = round_down(o, align.offset);
                 let a_end = round_up(o + n, align.offset);
-                let mut bounce = buf::alloc(self.shared.arena.as_ref(), (a_end - a_off) as usize, false);
+                let mut bounce =
+                    buf::alloc(self.shared.arena.as_ref(), (a_end - a_off) as usize, false);
                 let fixed = self.fixed_index(&bounce);
                 let ptr = bounce.as_mut_ptr();
                 OpKind::Read(
@@ -720,7 +742,17 @@ impl Core {
         issued
     }
 
-    fn issue_write(&mut self, task: usize, target: Target, role: Role, ptr: *mut u8, len: u64, off: u64, fixed: Option<u16>) -> usize {
+    #[allow(clippy::too_many_arguments)]
+    fn issue_write(
+        &mut self,
+        task: usize,
+        target: Target,
+        role: Role,
+        ptr: *mut u8,
+        len: u64,
+        off: u64,
+        fixed: Option<u16>,
+    ) -> usize {
         let mut issued = 0;
         let mut done = 0;
         while done < len {
@@ -790,7 +822,15 @@ impl Core {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn start_write(&mut self, disk: Arc<DiskShared>, lock: (u64, u64), offset: u64, mut data: IoBuf, fua: bool, done: Completion) {
+    fn start_write(
+        &mut self,
+        disk: Arc<DiskShared>,
+        lock: (u64, u64),
+        offset: u64,
+        mut data: IoBuf,
+        fua: bool,
+        done: Completion,
+    ) {
         let len = data.len() as u64;
         let end = offset + len;
         let (a_start, a_end) = (lock.0 * SECTOR_SIZE, lock.1 * SECTOR_SIZE);
@@ -818,7 +858,11 @@ impl Core {
         }
         // Read-modify-write of whole units: fill the partial head and tail units with the
         // current bytes (raw image, base or zeros by their bits), then patch and write.
-        let mut bounce = buf::alloc(self.shared.arena.as_ref(), (a_end - a_start) as usize, false);
+        let mut bounce = buf::alloc(
+            self.shared.arena.as_ref(),
+            (a_end - a_start) as usize,
+            false,
+        );
         let fixed = self.fixed_index(&bounce);
         let ptr = bounce.as_mut_ptr();
         let key = self.tasks.insert(Task::Write(WriteTask {
@@ -857,7 +901,16 @@ impl Core {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn start_zero(&mut self, disk: Arc<DiskShared>, lock: (u64, u64), offset: u64, len: u64, punch: bool, fua: bool, done: Completion) {
+    fn start_zero(
+        &mut self,
+        disk: Arc<DiskShared>,
+        lock: (u64, u64),
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+        done: Completion,
+    ) {
         let end = offset + len;
         let (a_start, a_end) = (lock.0 * SECTOR_SIZE, lock.1 * SECTOR_SIZE);
         let unit = disk.unit;
@@ -866,7 +919,11 @@ impl Core {
         if head {
             let e_end = (a_start + unit).min(a_end);
             edges.push(Edge {
-                buf: buf::alloc(self.shared.arena.as_ref(), (e_end - a_start) as usize, false),
+                buf: buf::alloc(
+                    self.shared.arena.as_ref(),
+                    (e_end - a_start) as usize,
+                    false,
+                ),
                 file_off: a_start,
                 patch: Patch::Zero {
                     from: (offset - a_start) as usize,
@@ -951,7 +1008,9 @@ impl Core {
     /// fdatasync(raw) → write(bitmap spans) → fdatasync(meta).
     fn launch_commit(&mut self, disk: Arc<DiskShared>, waiters: Vec<Waiter>) {
         let blocks = disk.dirty.take();
-        let max_spans = MAX_COMMIT_SPANS.min(self.sq_entries.saturating_sub(2)).max(1);
+        let max_spans = MAX_COMMIT_SPANS
+            .min(self.sq_entries.saturating_sub(2))
+            .max(1);
         let spans = commit::spans(&blocks, META_BLOCK, disk.meta_len, max_spans);
         let mut bufs = Vec::with_capacity(spans.len());
         for s in &spans {
@@ -1086,7 +1145,8 @@ impl Core {
         if disk.read_only || disk.bg_armed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.timers.push((Instant::now() + delay, Arc::downgrade(disk)));
+        self.timers
+            .push((Instant::now() + delay, Arc::downgrade(disk)));
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1122,7 +1182,10 @@ impl Core {
     fn complete(&mut self, ud: u64, res: i32) {
         if ud == EVENTFD_UD {
             // Clear before the channel is drained (next turn), so no send goes unnoticed.
-            self.shared.core(self.id).notified.store(false, Ordering::SeqCst);
+            self.shared
+                .core(self.id)
+                .notified
+                .store(false, Ordering::SeqCst);
             self.arm_eventfd();
             return;
         }
@@ -1196,7 +1259,11 @@ impl Core {
         let is_commit = matches!(self.tasks.get(task), Some(Task::Commit(_)));
         if n < x.len {
             if n == 0 || is_commit {
-                self.fail(task, if n == 0 { libc::ENOSPC } else { libc::EIO }, op_name(x.role, true));
+                self.fail(
+                    task,
+                    if n == 0 { libc::ENOSPC } else { libc::EIO },
+                    op_name(x.role, true),
+                );
                 self.step(task);
             } else {
                 // Short write: submit the rest as a new op of the same task.
@@ -1264,7 +1331,8 @@ impl Core {
 
     /// A task's outstanding ops all completed: move it to its next stage or finish it.
     fn advance(&mut self, key: usize) {
-        let filling = matches!(self.tasks.get(key), Some(Task::Write(w)) if w.filling && w.err.is_none());
+        let filling =
+            matches!(self.tasks.get(key), Some(Task::Write(w)) if w.filling && w.err.is_none());
         if filling {
             self.write_fills_done(key);
             return;
@@ -1296,7 +1364,8 @@ impl Core {
                         Patch::Data { at } => {
                             if let (Some(data), Some(dst)) = (
                                 w.data.as_ref(),
-                                e.buf.get_mut(at..at + w.data.as_ref().map_or(0, |d| d.len())),
+                                e.buf
+                                    .get_mut(at..at + w.data.as_ref().map_or(0, |d| d.len())),
                             ) {
                                 dst.copy_from_slice(data);
                             }
@@ -1390,10 +1459,12 @@ fn build_entry(kind: &OpKind) -> squeue::Entry {
                 .offset(x.off)
                 .build()),
         },
-        OpKind::Punch { target, off, len } => with_target!(*target, |f| opcode::Fallocate::new(f, *len)
-            .offset(*off)
-            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-            .build()),
+        OpKind::Punch { target, off, len } => {
+            with_target!(*target, |f| opcode::Fallocate::new(f, *len)
+                .offset(*off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build())
+        }
         OpKind::Sync { target, .. } => with_target!(*target, |f| opcode::Fsync::new(f)
             .flags(types::FsyncFlags::DATASYNC)
             .build()),

@@ -70,6 +70,8 @@ pub(crate) struct DiskShared {
     /// Index `k` of this disk's registered-file slots `3k..3k+3` on every core, if one was free.
     pub slot_index: Option<u32>,
     pub closed: AtomicBool,
+    /// Requests submitted and not yet answered (close waits for it to reach zero).
+    pub active: Arc<AtomicUsize>,
     pub bg_armed: AtomicBool,
     pub next_core: AtomicUsize,
     pub sync_ids: AtomicU64,
@@ -99,6 +101,7 @@ fn open_overlay(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
                 read_only: opts.read_only,
                 direct_image: false,
                 direct_base: false,
+                no_lock: opts.no_lock,
             };
             Overlay::open(path, &buffered)
         }
@@ -123,6 +126,7 @@ impl DiskShared {
             read_only: opts.read_only,
             direct_image: engine.config.image_cache == CacheMode::Direct,
             direct_base: engine.config.base_cache == CacheMode::Direct,
+            no_lock: false,
         };
         let overlay = open_overlay(path, &open_opts)?;
         let Overlay {
@@ -139,8 +143,10 @@ impl DiskShared {
         std::os::unix::fs::FileExt::read_exact_at(&meta, &mut header, 0)
             .map_err(|e| Error::io("read header", e).with_path(&meta_path))?;
         if virtual_size % SECTOR_SIZE != 0 {
-            return Err(Error::new(ErrorKind::UnalignedImageSize { size: virtual_size })
-                .with_path(&meta_path));
+            return Err(
+                Error::new(ErrorKind::UnalignedImageSize { size: virtual_size })
+                    .with_path(&meta_path),
+            );
         }
         let image_align = dio_align(&image, is_direct(&image));
         let unit = image_align.offset.max(SECTOR_SIZE);
@@ -171,6 +177,7 @@ impl DiskShared {
             locks: RangeLock::default(),
             slot_index,
             closed: AtomicBool::new(false),
+            active: Arc::new(AtomicUsize::new(0)),
             bg_armed: AtomicBool::new(false),
             next_core: AtomicUsize::new(0),
             sync_ids: AtomicU64::new(1),
@@ -195,6 +202,21 @@ impl DiskShared {
         if let Some((first, last)) = self.bitmap.set_range(start, end - start) {
             self.dirty.mark_bitmap_bytes(first, last);
         }
+    }
+
+    /// After close: waits until every accepted request was answered, then drops the overlay's
+    /// OFD lock so the overlay can be opened again (by this process or another) even while
+    /// clones of the closed `Disk` still hold its file descriptors.
+    pub(crate) fn release(&self) {
+        while self.active.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // SAFETY: `flock` is plain old data; all-zero is valid.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_UNLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: the fd is open for the life of self.meta; fl is a valid flock.
+        let _ = unsafe { libc::fcntl(self.meta.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
     }
 
     /// The next id for a recorded fdatasync.

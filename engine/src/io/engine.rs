@@ -95,7 +95,11 @@ pub(crate) struct EngineShared {
 }
 
 impl EngineShared {
-    pub(crate) fn new(cores: Vec<CoreHandle>, arena: Option<Arc<Arena>>, config: EngineConfig) -> Self {
+    pub(crate) fn new(
+        cores: Vec<CoreHandle>,
+        arena: Option<Arc<Arena>>,
+        config: EngineConfig,
+    ) -> Self {
         EngineShared {
             cores,
             arena,

@@ -192,15 +192,21 @@ impl EngineInner {
         }
         let mut first_err = None;
         if !core::on_core_thread() {
-            let disks: Vec<_> = lock(&self.disks).drain(..).filter_map(|w| w.upgrade()).collect();
+            let disks: Vec<_> = lock(&self.disks)
+                .drain(..)
+                .filter_map(|w| w.upgrade())
+                .collect();
             for d in disks {
-                if d.read_only || d.closed.load(Ordering::Acquire) {
+                if d.closed.load(Ordering::Acquire) {
                     continue;
                 }
-                if let Err(e) = blocking_flush(&d) {
+                if let Err(e) = close_disk(&d) {
                     first_err.get_or_insert(
-                        Error::io("commit at shutdown", std::io::Error::from_raw_os_error(e.errno))
-                            .with_path(&d.meta_path),
+                        Error::io(
+                            "commit at shutdown",
+                            std::io::Error::from_raw_os_error(e.errno),
+                        )
+                        .with_path(&d.meta_path),
                     );
                 }
             }
@@ -246,7 +252,11 @@ impl Engine {
             receivers.push(rx);
         }
         let arena = buf::Arena::new(config.arena_bytes);
-        let shared = Arc::new(EngineShared::new(handles, arena, EngineConfig { cores, ..config }));
+        let shared = Arc::new(EngineShared::new(
+            handles,
+            arena,
+            EngineConfig { cores, ..config },
+        ));
         let inner = EngineInner {
             shared: Arc::clone(&shared),
             threads: Mutex::new(Vec::new()),
@@ -392,6 +402,19 @@ fn blocking<T: Send + 'static>(
     }))
 }
 
+/// Commits (unless read-only), stops accepting requests, waits for the accepted ones and
+/// releases the overlay's lock.
+fn close_disk(d: &Arc<DiskShared>) -> std::result::Result<(), RequestError> {
+    let res = if d.read_only {
+        Ok(())
+    } else {
+        blocking_flush(d)
+    };
+    d.closed.store(true, Ordering::SeqCst);
+    d.release();
+    res
+}
+
 fn blocking_flush(disk: &Arc<DiskShared>) -> std::result::Result<(), RequestError> {
     blocking(disk, Request::Flush, |_| ())
 }
@@ -402,6 +425,22 @@ fn submit(disk: &Arc<DiskShared>, core: usize, req: Request, done: Completion) {
         op: "engine shut down",
         offset: 0,
     };
+    // Counted until answered, so close can wait for every accepted request (SeqCst pairs the
+    // increment with close's store of `closed`: one of the two sides sees the other).
+    let active = Arc::clone(&disk.active);
+    active.fetch_add(1, Ordering::SeqCst);
+    if disk.closed.load(Ordering::SeqCst) {
+        active.fetch_sub(1, Ordering::SeqCst);
+        done(Err(RequestError {
+            op: "disk closed",
+            ..shut
+        }));
+        return;
+    }
+    let done: Completion = Box::new(move |r| {
+        done(r);
+        active.fetch_sub(1, Ordering::SeqCst);
+    });
     let msg = Msg::Submit {
         disk: Arc::clone(disk),
         req,
@@ -487,15 +526,12 @@ impl Disk {
         if d.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let res = if d.read_only {
-            Ok(())
-        } else {
-            blocking_flush(d)
-        };
-        d.closed.store(true, Ordering::Release);
-        res.map_err(|e| {
-            Error::io("commit on close", std::io::Error::from_raw_os_error(e.errno))
-                .with_path(&d.meta_path)
+        close_disk(d).map_err(|e| {
+            Error::io(
+                "commit on close",
+                std::io::Error::from_raw_os_error(e.errno),
+            )
+            .with_path(&d.meta_path)
         })
     }
 }

@@ -176,7 +176,7 @@ mod tests {
             vec![
                 (0, 1024, ExtentKind::Zero),
                 (1024, 1024, ExtentKind::Image),
-                (2048, 14 * 512, ExtentKind::Zero),
+                (2048, 12 * 512, ExtentKind::Zero),
             ]
         );
     }
