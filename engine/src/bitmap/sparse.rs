@@ -425,12 +425,21 @@ impl SparseBitmap {
             match self.chunk(c) {
                 None => dst.fill(0),
                 Some(chunk) => {
+                    // One atomic load per word, not per byte.
+                    let mut cached: Option<(usize, u64)> = None;
                     for (k, d) in dst.iter_mut().enumerate() {
                         let byte = b + k as u64;
                         let wi = ((byte % CHUNK_BYTES) / 8) as usize;
-                        let w = chunk.words[wi].load(Ordering::Acquire);
-                        let mask = self.valid_mask((byte & !7) * 8);
-                        *d = ((w & mask) >> (8 * (byte % 8))) as u8;
+                        let w = match cached {
+                            Some((i, w)) if i == wi => w,
+                            _ => {
+                                let w = chunk.words[wi].load(Ordering::Acquire)
+                                    & self.valid_mask((byte & !7) * 8);
+                                cached = Some((wi, w));
+                                w
+                            }
+                        };
+                        *d = (w >> (8 * (byte % 8))) as u8;
                     }
                 }
             }

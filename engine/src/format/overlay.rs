@@ -170,10 +170,21 @@ fn refuse_same(a: (&'static str, &File, &Path), b: (&'static str, &File, &Path))
     Ok(())
 }
 
-fn file_len(file: &File, path: &Path, op: &'static str) -> Result<u64> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(|e| Error::io(op, e).with_path(path))
+/// The size of a regular file or a block device (whose `st_size` is 0, so it is asked with
+/// `lseek(SEEK_END)`; callers use positioned I/O, so the file offset does not matter).
+pub(crate) fn file_len(file: &File, path: &Path, op: &'static str) -> Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let m = file
+        .metadata()
+        .map_err(|e| Error::io(op, e).with_path(path))?;
+    if m.file_type().is_block_device() {
+        let mut f: &File = file;
+        return f
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(op, e).with_path(path));
+    }
+    Ok(m.len())
 }
 
 /// Streams the bitmap of `sectors` bits from `meta` (starting at [`BITMAP_OFFSET`]) through a
