@@ -57,6 +57,10 @@ pub struct CompareArgs {
     /// The `addcow` binary. Default: built next to this runner with cargo.
     #[arg(long)]
     pub addcow: Option<PathBuf>,
+    /// Also count each server's system calls and context switches with `perf stat` (costs a
+    /// little per syscall; CPU time per request is always measured).
+    #[arg(long)]
+    pub perf: bool,
 }
 
 /// Arguments of `embedded`.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::CompareArgs;
+use crate::cost::{self, Cost, PerfStat};
 use crate::error::{io_err, BenchError, Result};
 use crate::fio::{self, Target};
 use crate::prepare::{self, Prepared};
@@ -28,6 +29,7 @@ struct Settings {
     size: u64,
     runtime_s: u64,
     rounds: u32,
+    perf: bool,
 }
 
 fn settings(args: &CompareArgs) -> Settings {
@@ -40,6 +42,7 @@ fn settings(args: &CompareArgs) -> Settings {
         size: args.size.unwrap_or(size),
         runtime_s: args.runtime.unwrap_or(runtime).max(1),
         rounds: args.rounds.unwrap_or(rounds).max(1),
+        perf: args.perf,
     }
 }
 
@@ -143,12 +146,17 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                 if let Err(e) = &res {
                     bar.suspend(|| eprintln!("{} on {} (round {round}) failed: {e}", p.id, s.id()));
                 }
+                let (result, cost, error) = match res {
+                    Ok((r, c)) => (Some(r), c, None),
+                    Err(e) => (None, Cost::default(), Some(e.to_string())),
+                };
                 records.push(RunRecord {
                     round,
                     profile: p.id.to_owned(),
                     server: s.id().to_owned(),
-                    result: res.as_ref().ok().cloned(),
-                    error: res.err().map(|e| e.to_string()),
+                    result,
+                    cost,
+                    error,
                 });
                 bar.inc(st.runtime_s);
             }
@@ -178,6 +186,13 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     report::write(&out, &results)?;
     print!("{}", report::summary_text(&results));
     eprintln!("report: {}", out.join("report.md").display());
+    let failed = results.runs.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        return Err(BenchError::Usage(format!(
+            "{failed} of {} runs failed (listed in the report)",
+            results.runs.len()
+        )));
+    }
     Ok(())
 }
 
@@ -198,7 +213,7 @@ fn one_run(
     jobs_dir: &Path,
     work: &Path,
     st: &Settings,
-) -> Result<fio::FioResult> {
+) -> Result<(fio::FioResult, Cost)> {
     let fresh = p.effect == Effect::FreshOverlay;
     let image: PathBuf = match (s, fresh) {
         (Server::Addcow, true) => prep.fresh_addcow()?,
@@ -230,13 +245,26 @@ fn one_run(
         }
     }
     let job = jobs_dir.join(p.job);
+    let mut cost = Cost::default();
     let result = if s == Server::FioRaw {
         fio::run(&job, &Target::File(&image), prep.size, st.runtime_s)
     } else {
         let sock = work.join("nbd.sock");
         let log = work.join(format!("{}.log", s.id()));
         let mut server = servers::start(s, addcow_bin, &image, &sock, &log)?;
+        let pid = server.pid();
+        let perf = if st.perf {
+            PerfStat::start(pid, &work.join("perf.csv"))
+        } else {
+            None
+        };
+        let cpu0 = cost::cpu_seconds(pid);
         let r = fio::run(&job, &Target::Nbd(&sock), prep.size, st.runtime_s);
+        let cpu1 = cost::cpu_seconds(pid);
+        if let Some(perf) = perf {
+            (cost.syscalls, cost.context_switches) = perf.stop();
+        }
+        cost.cpu_s = cpu0.zip(cpu1).map(|(a, b)| b - a);
         server.stop();
         r
     };
@@ -250,7 +278,7 @@ fn one_run(
             r.errors
         )));
     }
-    Ok(r)
+    Ok((r, cost))
 }
 
 fn progress(total_s: u64) -> ProgressBar {
@@ -286,6 +314,7 @@ mod tests {
             profiles: vec![],
             servers: vec![],
             addcow: None,
+            perf: false,
         }
     }
 

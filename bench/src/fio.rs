@@ -45,6 +45,9 @@ pub struct FioResult {
     pub write_lat: Option<Latency>,
     /// Errors fio counted (non-zero means the server failed requests).
     pub errors: u64,
+    /// Requests completed (reads + writes).
+    #[serde(default)]
+    pub total_ios: u64,
 }
 
 impl FioResult {
@@ -121,6 +124,7 @@ pub fn parse(text: &str) -> Result<FioResult> {
         if ios == 0 {
             continue;
         }
+        res.total_ios += ios;
         res.iops += d.get("iops").and_then(Value::as_f64).unwrap_or(0.0);
         res.bw_bytes += d.get("bw_bytes").and_then(Value::as_f64).unwrap_or(0.0);
         let pct = d.get("clat_ns").and_then(|c| c.get("percentile"));
@@ -169,6 +173,7 @@ fio: connected to NBD server
         let l = r.latency();
         assert_eq!((l.p50_ns, l.p99_ns, l.p999_ns), (900.0, 1600.0, 4000.0));
         assert_eq!(r.errors, 0);
+        assert_eq!(r.total_ios, 3001);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use clap::Parser;
 mod chart;
 mod cli;
 mod compare;
+mod cost;
 mod embedded;
 mod error;
 mod fio;

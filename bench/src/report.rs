@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cost::Cost;
 use crate::error::{io_err, Result};
 use crate::fio::FioResult;
 use crate::profiles::{Metric, Profile};
@@ -53,6 +54,9 @@ pub struct RunRecord {
     pub server: String,
     /// The numbers, when the run worked.
     pub result: Option<FioResult>,
+    /// What the server spent (not for `fio-raw`).
+    #[serde(default)]
+    pub cost: Cost,
     /// Why it failed, otherwise.
     pub error: Option<String>,
 }
@@ -76,6 +80,12 @@ pub struct Summary {
     pub p99_ns: f64,
     /// Median p99.9 (ns).
     pub p999_ns: f64,
+    /// Median server CPU microseconds per request.
+    pub cpu_us_per_op: Option<f64>,
+    /// Median server system calls per request (with `--perf`).
+    pub syscalls_per_op: Option<f64>,
+    /// Median server context switches per request (with `--perf`).
+    pub cswitches_per_op: Option<f64>,
 }
 
 /// addcow against one peer on one profile.
@@ -146,16 +156,23 @@ pub fn build(
     let mut summary = Vec::new();
     for p in profiles {
         for s in servers {
-            let ok: Vec<&FioResult> = runs
+            let ok: Vec<(&FioResult, &Cost)> = runs
                 .iter()
                 .filter(|r| r.profile == p.id && r.server == s.id())
-                .filter_map(|r| r.result.as_ref())
+                .filter_map(|r| r.result.as_ref().map(|x| (x, &r.cost)))
                 .collect();
             if ok.is_empty() {
                 continue;
             }
             let med = |f: &dyn Fn(&FioResult) -> f64| {
-                median(&ok.iter().map(|r| f(r)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+                median(&ok.iter().map(|(r, _)| f(r)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+            };
+            let per_op = |f: &dyn Fn(&Cost) -> Option<f64>| {
+                let v: Vec<f64> = ok
+                    .iter()
+                    .filter_map(|(r, c)| f(c).and_then(|x| ratio(x, r.total_ios as f64)))
+                    .collect();
+                median(&v)
             };
             summary.push(Summary {
                 profile: p.id.to_owned(),
@@ -166,6 +183,9 @@ pub fn build(
                 p50_ns: med(&|r| r.latency().p50_ns),
                 p99_ns: med(&|r| r.latency().p99_ns),
                 p999_ns: med(&|r| r.latency().p999_ns),
+                cpu_us_per_op: per_op(&|c| c.cpu_s.map(|x| x * 1e6)),
+                syscalls_per_op: per_op(&|c| c.syscalls.map(|x| x as f64)),
+                cswitches_per_op: per_op(&|c| c.context_switches.map(|x| x as f64)),
             });
         }
     }
@@ -332,6 +352,27 @@ pub fn markdown(r: &Results) -> String {
         }
         let _ = writeln!(s);
     }
+    let _ = writeln!(s, "## Server cost per request\n");
+    let _ = writeln!(s, "CPU time of the server process per request (all threads; `/proc/PID/stat`), and with `--perf` \
+        system calls and context switches per request (`perf stat -p`). Where a target is missed, this is where the time goes.\n");
+    let _ = writeln!(
+        s,
+        "| profile | server | CPU µs/req | syscalls/req | context switches/req |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|");
+    let opt = |x: Option<f64>, d: usize| x.map_or_else(|| "–".to_owned(), |v| format!("{v:.d$}"));
+    for x in r.summary.iter().filter(|x| x.server != "fio-raw") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            x.profile,
+            x.server,
+            opt(x.cpu_us_per_op, 1),
+            opt(x.syscalls_per_op, 2),
+            opt(x.cswitches_per_op, 2)
+        );
+    }
+    let _ = writeln!(s);
     let _ = writeln!(s, "## Servers\n");
     for (id, d) in &r.servers {
         let _ = writeln!(s, "- `{id}`: {d}");
@@ -448,7 +489,13 @@ mod tests {
                 read_lat: Some(lat),
                 write_lat: None,
                 errors: 0,
+                total_ios: 1000,
             }),
+            cost: Cost {
+                cpu_s: Some(0.5),
+                syscalls: Some(3000),
+                context_switches: None,
+            },
             error: None,
         }
     }
@@ -500,6 +547,9 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("boom"));
+        assert_eq!(a.cpu_us_per_op, Some(500.0));
+        assert_eq!(a.syscalls_per_op, Some(3.0));
+        assert_eq!(a.cswitches_per_op, None);
     }
 
     #[test]

@@ -218,6 +218,11 @@ pub fn start(
 }
 
 impl Running {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until the socket accepts a connection, the process exits (an error with its log), or
     /// `timeout` passes.
     fn wait_ready(&mut self, timeout: Duration) -> std::result::Result<(), String> {

@@ -1,14 +1,518 @@
 //! `addcow serve`: the NBD daemon. OWNER: issue #4.
+//!
+//! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
+//! per connection runs the [`handshake`], then [`connection`]'s reader parses and validates
+//! ([`wire`], [`command`]) and submits to the engine on the connection's core; completions go to
+//! the connection's writer thread, which frames them ([`reply`]) and sends them.
+//!
+//! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
+//! [`reply`] (framing and sending), [`budget`] (in-flight limit), [`connection`] (reader/writer),
+//! [`sock`], [`listener`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (the
+//! engine seam), [`demo`].
 
+pub mod budget;
+pub mod command;
+pub mod connection;
+pub mod demo;
+pub mod export;
+pub mod handshake;
+pub mod listener;
+pub mod reply;
+pub mod signals;
+pub mod sock;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig};
+
+use connection::ConnConfig;
+use export::{EngineDisk, Export, Exports};
+use listener::Listener;
+use sock::Sock;
 
 /// Arguments of `addcow serve`.
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// An export: NAME=OVERLAY (the .add-cow file). Repeatable; all share one engine.
+    #[arg(long = "export", value_name = "NAME=OVERLAY")]
+    pub exports: Vec<String>,
+    /// Serve every export read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Also listen on TCP (e.g. 127.0.0.1:10809). No TLS: keep it on loopback.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tcp: Option<String>,
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Write the daemon's pid here (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Most simultaneous connections; more are accepted and closed at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the handshake.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Seconds to wait on SIGTERM/SIGINT for clients to disconnect (their requests get
+    /// ESHUTDOWN meanwhile) before closing their connections.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub shutdown_grace: u64,
+    /// Engine core threads (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+    /// Cache mode of the raw images: direct (O_DIRECT) or buffered.
+    #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
+    pub cache: CacheMode,
+    /// The default export (empty name). With no overlay and no --export: the built-in demo.
+    #[arg(value_name = "OVERLAY")]
+    pub overlay: Option<PathBuf>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: mode has bits above 0777"));
+    }
+    Ok(m)
+}
+
+fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    match s {
+        "direct" | "none" => Ok(CacheMode::Direct),
+        "buffered" | "writeback" => Ok(CacheMode::Buffered),
+        _ => Err(format!("{s:?}: expected direct or buffered")),
+    }
+}
+
+/// Splits `NAME=OVERLAY`.
+fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--export {s:?}: expected NAME=OVERLAY"))?;
+    if name.len() > wire::MAX_STRING || name.contains('\0') {
+        return Err(format!("--export {s:?}: bad export name"));
+    }
+    if path.is_empty() {
+        return Err(format!("--export {s:?}: empty overlay path"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> ExitCode {
-    let _ = args;
-    eprintln!("addcow serve: not yet implemented");
-    ExitCode::from(1)
+    init_logging();
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("addcow serve: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ADDCOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Connections alive now: their sockets (to close them at the end of a shutdown) and a
+/// condition signalled whenever one ends.
+#[derive(Default)]
+struct Live {
+    socks: Mutex<HashMap<u64, Sock>>,
+    ended: Condvar,
+}
+
+impl Live {
+    fn count(&self) -> usize {
+        self.socks.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Waits until no connection is left or `deadline` passes; returns whether none is left.
+    fn wait_empty(&self, deadline: Option<Instant>) -> bool {
+        let mut m = self.socks.lock().unwrap_or_else(|p| p.into_inner());
+        while !m.is_empty() {
+            match deadline {
+                None => m = self.ended.wait(m).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    m = self
+                        .ended
+                        .wait_timeout(m, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    // Block the shutdown signals before any thread exists so every thread inherits the mask;
+    // one thread then waits for them synchronously.
+    let signals = signals::Signals::block().map_err(|e| format!("blocking signals: {e}"))?;
+
+    let demo = args.overlay.is_none() && args.exports.is_empty();
+    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    if demo {
+        let overlay = demo::prepare(Path::new(demo::DEMO_DIR))?;
+        named.push((String::new(), overlay));
+    } else {
+        if let Some(o) = &args.overlay {
+            named.push((String::new(), o.clone()));
+        }
+        for e in &args.exports {
+            named.push(parse_export(e)?);
+        }
+    }
+    for (i, (n, _)) in named.iter().enumerate() {
+        if named[..i].iter().any(|(m, _)| m == n) {
+            return Err(format!("export name {n:?} given twice"));
+        }
+    }
+
+    let mut listeners = Listener::from_systemd().unwrap_or_default();
+    let socket = match (&args.socket, demo) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) if listeners.is_empty() => Some(PathBuf::from(demo::DEMO_SOCKET)),
+        _ => None,
+    };
+    if socket.is_none() && listeners.is_empty() && args.tcp.is_none() {
+        return Err(
+            "nothing to listen on: give --socket PATH (or --tcp, or systemd sockets)".into(),
+        );
+    }
+
+    let mut config = EngineConfig {
+        image_cache: args.cache,
+        ..EngineConfig::default()
+    };
+    if let Some(c) = args.cores {
+        config.cores = c.max(1);
+    }
+    let engine = Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?;
+    let mut list = Vec::new();
+    for (name, path) in &named {
+        let disk = engine
+            .open(
+                path,
+                DiskOptions {
+                    read_only: args.read_only,
+                },
+            )
+            .map_err(|e| format!("opening export {name:?}: {e}"))?;
+        tracing::info!(export = %name, overlay = %path.display(), size = disk.size(), read_only = disk.read_only(), "export ready");
+        list.push(Export {
+            name: name.clone(),
+            backend: Arc::new(EngineDisk {
+                engine: engine.clone(),
+                disk,
+            }),
+        });
+    }
+
+    if let Some(p) = &socket {
+        listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
+    }
+    if let Some(addr) = &args.tcp {
+        listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
+    }
+    for l in &listeners {
+        l.set_nonblocking()
+            .map_err(|e| format!("{}: {e}", l.describe()))?;
+        tracing::info!(listen = %l.describe(), "listening");
+    }
+    if let Some(pf) = &args.pid_file {
+        std::fs::write(pf, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", pf.display()))?;
+    }
+    if demo {
+        let sock_abs = socket
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+            .unwrap_or_default();
+        let overlay = named.first().map(|n| n.1.clone()).unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(demo::banner(&overlay, &sock_abs).as_bytes());
+        let _ = out.flush();
+    }
+
+    let shutting = Arc::new(AtomicBool::new(false));
+    let waker = signals
+        .spawn_waiter(shutting.clone())
+        .map_err(|e| format!("signal thread: {e}"))?;
+    let cfg = Arc::new(ConnConfig {
+        exports: Exports::new(list),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        shutting_down: shutting.clone(),
+    });
+    let live = Arc::new(Live::default());
+    accept_loop(
+        &listeners,
+        &waker,
+        engine.cores(),
+        &cfg,
+        &live,
+        args.max_connections,
+    );
+
+    // Shutdown: stop accepting, let clients finish (their new requests get ESHUTDOWN), then
+    // close what is left; in-flight requests complete before a connection's threads end.
+    for l in &listeners {
+        l.remove_file();
+    }
+    drop(listeners);
+    let n = live.count();
+    tracing::info!(
+        connections = n,
+        "shutting down: not accepting; waiting for clients"
+    );
+    let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
+    if !live.wait_empty(Some(grace)) {
+        if let Ok(m) = live.socks.lock() {
+            tracing::info!(
+                connections = m.len(),
+                "grace period over; closing connections"
+            );
+            for s in m.values() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        live.wait_empty(None);
+    }
+    let result = engine
+        .shutdown()
+        .map_err(|e| format!("committing overlays: {e}"));
+    if let Some(pf) = &args.pid_file {
+        let _ = std::fs::remove_file(pf);
+    }
+    match &result {
+        Ok(()) => tracing::info!("all overlays committed; exiting"),
+        Err(e) => tracing::error!(error = %e, "shutdown failed"),
+    }
+    result
+}
+
+/// Accepts connections until the signal waiter wakes us; each connection gets a thread and the
+/// next engine core (round-robin).
+fn accept_loop(
+    listeners: &[Listener],
+    waker: &signals::Waker,
+    cores: usize,
+    cfg: &Arc<ConnConfig>,
+    live: &Arc<Live>,
+    max_connections: usize,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let cores = cores.max(1);
+    let mut next_id: u64 = 0;
+    loop {
+        let mut fds: Vec<PollFd<'_>> = listeners
+            .iter()
+            .map(|l| {
+                // SAFETY: the listener outlives this loop iteration's PollFd.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.as_raw_fd()) };
+                PollFd::new(fd, PollFlags::POLLIN)
+            })
+            .collect();
+        fds.push(PollFd::new(waker.fd().as_fd(), PollFlags::POLLIN));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "poll failed; stopping");
+                return;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        if ready.last().copied().unwrap_or(false) {
+            return;
+        }
+        for (l, _) in listeners.iter().zip(&ready).filter(|(_, r)| **r) {
+            let sock = match l.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::warn!(listen = %l.describe(), error = %e, "accept failed");
+                    continue;
+                }
+            };
+            if live.count() >= max_connections {
+                tracing::warn!(max_connections, "connection refused: too many connections");
+                let _ = sock.shutdown(Shutdown::Both);
+                continue;
+            }
+            let id = next_id;
+            next_id += 1;
+            let core = (id as usize) % cores;
+            if let Ok(clone) = sock.try_clone() {
+                if let Ok(mut m) = live.socks.lock() {
+                    m.insert(id, clone);
+                }
+            }
+            let (cfg, live2) = (cfg.clone(), live.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    connection::serve(sock, id, core, &cfg);
+                    if let Ok(mut m) = live2.socks.lock() {
+                        m.remove(&id);
+                    }
+                    live2.ended.notify_all();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a connection thread");
+                if let Ok(mut m) = live.socks.lock() {
+                    m.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::export::memory::MemDisk;
+    use super::*;
+
+    /// A server on in-memory disks ("" and read-only "ro", 8 MiB, base half 0xab) on a temp
+    /// socket, served by the real accept loop and connection code.
+    struct MemServer {
+        _dir: tempfile::TempDir,
+        sock: PathBuf,
+        wake: Option<std::os::fd::OwnedFd>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        live: Arc<Live>,
+    }
+
+    impl MemServer {
+        fn start() -> MemServer {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("s.sock");
+            let l = Listener::bind_unix(&sock, 0o600).unwrap();
+            l.set_nonblocking().unwrap();
+            let (waker, wake) = signals::Waker::pipe().unwrap();
+            let cfg = Arc::new(ConnConfig {
+                exports: Exports::new(vec![
+                    Export {
+                        name: String::new(),
+                        backend: MemDisk::new(8 << 20, false),
+                    },
+                    Export {
+                        name: "ro".into(),
+                        backend: MemDisk::new(8 << 20, true),
+                    },
+                ]),
+                handshake_timeout: Duration::from_secs(10),
+                shutting_down: Arc::new(AtomicBool::new(false)),
+            });
+            let live = Arc::new(Live::default());
+            let live2 = live.clone();
+            let thread = std::thread::spawn(move || {
+                accept_loop(&[l], &waker, 2, &cfg, &live2, 16);
+            });
+            MemServer {
+                _dir: dir,
+                sock,
+                wake: Some(wake),
+                thread: Some(thread),
+                live,
+            }
+        }
+    }
+
+    impl Drop for MemServer {
+        fn drop(&mut self) {
+            if let Some(w) = self.wake.take() {
+                let _ = nix::unistd::write(&w, &[1]);
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            self.live
+                .wait_empty(Some(Instant::now() + Duration::from_secs(30)));
+        }
+    }
+
+    fn run_tool(cmd: &mut Command) -> String {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?} (install it: scripts/test.sh): {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+        text
+    }
+
+    #[test]
+    fn real_clients_handshake_and_protocol_corners_on_memory_disks() {
+        let s = MemServer::start();
+        let sock = s.sock.display().to_string();
+        let list = run_tool(
+            Command::new("nbdinfo")
+                .arg("--list")
+                .arg(format!("nbd+unix:///?socket={sock}")),
+        );
+        assert!(
+            list.contains("export=\"ro\"") || list.contains("ro"),
+            "{list}"
+        );
+        assert!(list.contains("8388608"), "{list}");
+        let l = run_tool(Command::new("qemu-nbd").args(["-L", "-k", &sock]));
+        assert!(l.contains("base:allocation"), "{l}");
+        assert!(l.contains("qemu:allocation-depth"), "{l}");
+        assert!(l.contains("multi"), "{l}");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd_corners.py");
+        let out = run_tool(Command::new("/usr/bin/python3").arg(script).arg(&sock));
+        assert!(out.contains("checks passed"), "{out}");
+        eprintln!("{list}\n{l}\n{out}");
+    }
+
+    #[test]
+    fn cli_values_parse() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("1777").is_err());
+        assert_eq!(parse_cache("buffered"), Ok(CacheMode::Buffered));
+        assert!(parse_cache("x").is_err());
+        assert_eq!(
+            parse_export("vm1=/a/b.add-cow"),
+            Ok(("vm1".into(), PathBuf::from("/a/b.add-cow")))
+        );
+        assert_eq!(parse_export("=x"), Ok((String::new(), PathBuf::from("x"))));
+        assert!(parse_export("novalue").is_err());
+        assert!(parse_export("a=").is_err());
+    }
 }

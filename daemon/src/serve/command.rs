@@ -1,0 +1,330 @@
+//! Validation of transmission requests: a decoded header plus what the connection negotiated
+//! becomes either a [`Command`] to run or a [`Rejection`] with the spec's error.
+//!
+//! Pure functions, no I/O; the rules (in the order checked):
+//! 1. unknown command type → `EINVAL`;
+//! 2. flags not valid for the command (or `DF` without structured replies) → `EINVAL`;
+//! 3. a WRITE payload over the maximum block size closes the connection (it cannot be drained
+//!    cheaply); a READ over it → `EINVAL`;
+//! 4. writes of any kind on a read-only export → `EPERM`;
+//! 5. ranges past the end → `ENOSPC` for WRITE/WRITE_ZEROES, `EINVAL` otherwise;
+//! 6. BLOCK_STATUS without a negotiated meta context or with length 0 → `EINVAL`;
+//! 7. WRITE_ZEROES with `FAST_ZERO` that cannot be done by punching whole sectors → `ENOTSUP`.
+
+use super::handshake::MetaContexts;
+use super::wire::{self, RequestHeader};
+
+/// A request that passed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Read `len` bytes; `df`: send one data chunk, no holes.
+    Read { offset: u64, len: u32, df: bool },
+    /// Write the `len`-byte payload that follows the header.
+    Write { offset: u64, len: u32, fua: bool },
+    /// Finish outstanding requests and close.
+    Disc,
+    /// Make every answered write durable.
+    Flush,
+    /// Discard a range.
+    Trim { offset: u64, len: u32, fua: bool },
+    /// Prefetch hint.
+    Cache { offset: u64, len: u32 },
+    /// Zero a range; `punch`: may deallocate.
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        punch: bool,
+        fua: bool,
+    },
+    /// Report allocation; `req_one`: exactly one extent.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+}
+
+/// A request that gets an error reply (or closes the connection when `fatal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// NBD error value.
+    pub error: u32,
+    /// Why, for the error chunk and the log.
+    pub message: String,
+    /// Payload bytes that follow the header and must be read and discarded.
+    pub drain: u32,
+    /// The connection cannot go on (the stream can no longer be trusted).
+    pub fatal: bool,
+}
+
+/// What a connection negotiated that affects validation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Export is read-only.
+    pub read_only: bool,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// Selected meta contexts.
+    pub contexts: MetaContexts,
+}
+
+fn reject(error: u32, message: impl Into<String>, drain: u32) -> Rejection {
+    Rejection {
+        error,
+        message: message.into(),
+        drain,
+        fatal: false,
+    }
+}
+
+/// Validates `h` against `lim` (see the module docs for the rules).
+pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
+    let payload = if h.kind == wire::CMD_WRITE { h.len } else { 0 };
+    if h.kind == wire::CMD_WRITE && h.len > wire::MAX_PAYLOAD {
+        return Err(Rejection {
+            error: wire::NBD_EINVAL,
+            message: format!("write payload of {} bytes exceeds the maximum", h.len),
+            drain: 0,
+            fatal: true,
+        });
+    }
+    use wire::*;
+    let allowed = match h.kind {
+        CMD_READ => CMD_FLAG_FUA | if lim.structured { CMD_FLAG_DF } else { 0 },
+        CMD_WRITE | CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => {
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | if lim.read_only { 0 } else { CMD_FLAG_FAST_ZERO }
+        }
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_CACHE => CMD_FLAG_FUA,
+        CMD_DISC => u16::MAX,
+        other => {
+            return Err(reject(NBD_EINVAL, format!("unknown command {other}"), 0));
+        }
+    };
+    if h.flags & !allowed != 0 {
+        return Err(reject(
+            NBD_EINVAL,
+            format!("flags {:#x} not valid for command {}", h.flags, h.kind),
+            payload,
+        ));
+    }
+    let fua = h.flags & CMD_FLAG_FUA != 0;
+    let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && lim.read_only {
+        return Err(reject(NBD_EPERM, "export is read-only", payload));
+    }
+    let in_range = h
+        .offset
+        .checked_add(u64::from(h.len))
+        .is_some_and(|end| end <= lim.size);
+    if !in_range && !matches!(h.kind, CMD_DISC | CMD_FLUSH) {
+        let error = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            NBD_ENOSPC
+        } else {
+            NBD_EINVAL
+        };
+        return Err(reject(
+            error,
+            format!(
+                "range {}+{} is past the end of the {}-byte export",
+                h.offset, h.len, lim.size
+            ),
+            payload,
+        ));
+    }
+    let (offset, len) = (h.offset, h.len);
+    Ok(match h.kind {
+        CMD_READ => {
+            if len > MAX_PAYLOAD {
+                return Err(reject(
+                    NBD_EINVAL,
+                    format!("read of {len} bytes exceeds the maximum block size"),
+                    0,
+                ));
+            }
+            Command::Read {
+                offset,
+                len,
+                df: h.flags & CMD_FLAG_DF != 0,
+            }
+        }
+        CMD_WRITE => Command::Write { offset, len, fua },
+        CMD_DISC => Command::Disc,
+        CMD_FLUSH => Command::Flush,
+        CMD_TRIM => Command::Trim { offset, len, fua },
+        CMD_CACHE => Command::Cache { offset, len },
+        CMD_WRITE_ZEROES => {
+            let punch = h.flags & CMD_FLAG_NO_HOLE == 0;
+            if h.flags & CMD_FLAG_FAST_ZERO != 0
+                && !(punch && offset % 512 == 0 && u64::from(len) % 512 == 0)
+            {
+                return Err(reject(
+                    NBD_ENOTSUP,
+                    "fast zero needs whole sectors that may be punched",
+                    0,
+                ));
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                punch,
+                fua,
+            }
+        }
+        _ => {
+            if !lim.contexts.any() {
+                return Err(reject(NBD_EINVAL, "no meta context was negotiated", 0));
+            }
+            if len == 0 {
+                return Err(reject(NBD_EINVAL, "block status of length 0", 0));
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::*;
+
+    fn lim() -> Limits {
+        Limits {
+            size: 1 << 20,
+            read_only: false,
+            structured: true,
+            contexts: MetaContexts {
+                base_allocation: true,
+                allocation_depth: false,
+            },
+        }
+    }
+
+    fn h(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            kind,
+            cookie: 1,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn good_requests_pass() {
+        assert_eq!(
+            validate(&h(CMD_READ, CMD_FLAG_DF, 0, 4096), &lim()),
+            Ok(Command::Read {
+                offset: 0,
+                len: 4096,
+                df: true
+            })
+        );
+        assert_eq!(
+            validate(&h(CMD_WRITE, CMD_FLAG_FUA, 7, 100), &lim()),
+            Ok(Command::Write {
+                offset: 7,
+                len: 100,
+                fua: true
+            })
+        );
+        assert_eq!(
+            validate(&h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 512, 1024), &lim()),
+            Ok(Command::WriteZeroes {
+                offset: 512,
+                len: 1024,
+                punch: true,
+                fua: false
+            })
+        );
+        assert_eq!(validate(&h(CMD_FLUSH, 0, 0, 0), &lim()), Ok(Command::Flush));
+        assert_eq!(
+            validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20), &lim()),
+            Ok(Command::BlockStatus {
+                offset: 0,
+                len: 1 << 20,
+                req_one: true
+            })
+        );
+        // Zero-length requests are answered, not refused.
+        assert!(validate(&h(CMD_READ, 0, 1 << 20, 0), &lim()).is_ok());
+    }
+
+    #[test]
+    fn errors_follow_the_spec() {
+        let e = |r: Result<Command, Rejection>| r.unwrap_err();
+        assert_eq!(e(validate(&h(9, 0, 0, 0), &lim())).error, NBD_EINVAL);
+        let r = e(validate(&h(CMD_WRITE, CMD_FLAG_DF, 0, 512), &lim()));
+        assert_eq!((r.error, r.drain, r.fatal), (NBD_EINVAL, 512, false));
+        let r = e(validate(&h(CMD_WRITE, 0, (1 << 20) - 1, 2), &lim()));
+        assert_eq!((r.error, r.drain), (NBD_ENOSPC, 2));
+        assert_eq!(
+            e(validate(&h(CMD_READ, 0, 1 << 20, 1), &lim())).error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            e(validate(&h(CMD_READ, 0, u64::MAX, 10), &lim())).error,
+            NBD_EINVAL
+        );
+        let mut ro = lim();
+        ro.read_only = true;
+        let r = e(validate(&h(CMD_WRITE, 0, 0, 512), &ro));
+        assert_eq!((r.error, r.drain), (NBD_EPERM, 512));
+        assert_eq!(e(validate(&h(CMD_TRIM, 0, 0, 512), &ro)).error, NBD_EPERM);
+        let mut simple = lim();
+        simple.structured = false;
+        assert_eq!(
+            e(validate(&h(CMD_READ, CMD_FLAG_DF, 0, 512), &simple)).error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            e(validate(
+                &h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 1, 512),
+                &lim()
+            ))
+            .error,
+            NBD_ENOTSUP
+        );
+        assert_eq!(
+            e(validate(
+                &h(
+                    CMD_WRITE_ZEROES,
+                    CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+                    0,
+                    512
+                ),
+                &lim()
+            ))
+            .error,
+            NBD_ENOTSUP
+        );
+        let mut none = lim();
+        none.contexts = MetaContexts::default();
+        assert_eq!(
+            e(validate(&h(CMD_BLOCK_STATUS, 0, 0, 512), &none)).error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            e(validate(&h(CMD_BLOCK_STATUS, 0, 0, 0), &lim())).error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            e(validate(&h(CMD_CACHE, CMD_FLAG_NO_HOLE, 0, 512), &lim())).error,
+            NBD_EINVAL
+        );
+        let mut big = lim();
+        big.size = 1 << 40;
+        assert_eq!(
+            e(validate(&h(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &big)).error,
+            NBD_EINVAL
+        );
+        assert!(e(validate(&h(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &big)).fatal);
+    }
+}

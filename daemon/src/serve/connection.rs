@@ -1,0 +1,689 @@
+//! One client connection: handshake, then a reader (this thread) and a writer thread.
+//!
+//! The reader parses request headers, reads WRITE payloads straight into engine buffers,
+//! validates ([`super::command`]), takes a share of the in-flight [`Budget`] and submits to the
+//! engine on the connection's core. Each completion (on a core thread) sends a [`Reply`] over a
+//! channel to the writer, which frames and sends it (one `sendmsg`) and gives the budget back.
+//! Replies therefore go out in completion order; the socket has exactly one writer.
+//!
+//! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
+//! connection only; every request already submitted still completes before the sockets close.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use addcow_engine::{Done, Extent, ExtentKind, Request};
+use crossbeam_channel::{Receiver, Sender};
+
+use super::budget::Budget;
+use super::command::{self, Command, Limits};
+use super::export::{Backend, Exports};
+use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
+use super::reply::{self, Body, Reply};
+use super::sock::{Deadline, Sock};
+use super::wire::{self, RequestHeader};
+
+/// Requests in flight per connection.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Buffer bytes in flight per connection (one request larger than this still passes alone).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
+/// Most extents in one block-status chunk (the spec's SHOULD).
+const MAX_EXTENTS: usize = 1 << 20;
+
+/// Settings and shared state every connection sees.
+pub struct ConnConfig {
+    /// The exports.
+    pub exports: Exports,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Set when the daemon is shutting down: new requests get `ESHUTDOWN`.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// Totals of one connection, logged when it closes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Requests received (valid or not).
+    pub requests: u64,
+    /// Bytes written by the client.
+    pub bytes_written: u64,
+    /// Bytes sent back as READ data.
+    pub bytes_read: u64,
+    /// Error replies sent.
+    pub errors: u64,
+}
+
+/// A message to the writer: the reply and the budget it holds.
+type Outgoing = (Reply, u64);
+
+/// Serves one accepted connection to the end. `core`: the engine core its requests run on.
+pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
+    let peer = sock.peer();
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let shutting = cfg.shutting_down.clone();
+    let neg = {
+        let mut d = Deadline::new(&mut sock, deadline);
+        handshake::negotiate(&mut d, &cfg.exports, &|| shutting.load(Ordering::SeqCst))
+    };
+    let neg = match neg {
+        Ok(n) => n,
+        Err(HandshakeError::Ended) => {
+            tracing::info!(conn = id, %peer, "connection closed during handshake");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
+            let _ = sock.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
+        return;
+    }
+    tracing::info!(
+        conn = id,
+        %peer,
+        export = %neg.export.name,
+        core,
+        structured = neg.structured,
+        flags = format_args!("{:#06x}", neg.flags),
+        "connection open"
+    );
+    let t = transmission(sock, core, &neg, &cfg.shutting_down);
+    tracing::info!(
+        conn = id,
+        %peer,
+        export = %neg.export.name,
+        requests = t.requests,
+        bytes_written = t.bytes_written,
+        bytes_read = t.bytes_read,
+        errors = t.errors,
+        "connection closed"
+    );
+}
+
+/// The transmission phase: runs the reader here and the writer on its own thread; returns when
+/// both are done (every submitted request answered or dropped with the socket).
+fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool) -> Totals {
+    let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES));
+    let (tx, rx) = crossbeam_channel::unbounded::<Outgoing>();
+    let wsock = match sock.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot clone socket");
+            return Totals::default();
+        }
+    };
+    let structured = neg.structured;
+    let wbudget = budget.clone();
+    let writer = std::thread::Builder::new()
+        .name("nbd-writer".into())
+        .spawn(move || writer_loop(wsock, structured, rx, &wbudget));
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start writer thread");
+            return Totals::default();
+        }
+    };
+    let mut reader = Reader {
+        sock,
+        core,
+        backend: neg.export.backend.clone(),
+        limits: Limits {
+            size: neg.export.backend.size(),
+            read_only: neg.export.backend.read_only(),
+            structured,
+            contexts: neg.contexts,
+        },
+        tx,
+        budget,
+        totals: Totals::default(),
+    };
+    let end = reader.run(shutting);
+    if let Err(e) = &end {
+        tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error");
+    }
+    let mut totals = reader.totals;
+    let sock = reader.sock;
+    drop(reader.tx);
+    // The writer ends once every in-flight completion has been answered.
+    let (bytes_read, errors) = writer.join().unwrap_or_default();
+    totals.bytes_read = bytes_read;
+    totals.errors += errors;
+    let _ = sock.shutdown(Shutdown::Both);
+    totals
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("garbage from client: {0}")]
+    Frame(#[from] wire::FrameError),
+    #[error("{0}")]
+    Fatal(String),
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+struct Reader {
+    sock: Sock,
+    core: usize,
+    backend: Arc<dyn Backend>,
+    limits: Limits,
+    tx: Sender<Outgoing>,
+    budget: Arc<Budget>,
+    totals: Totals,
+}
+
+impl Reader {
+    /// Reads and dispatches requests until DISC, EOF or a fatal error.
+    fn run(&mut self, shutting: &AtomicBool) -> Result<(), ConnError> {
+        loop {
+            let mut hb = [0u8; wire::REQUEST_LEN];
+            match read_full(&mut self.sock, &mut hb)? {
+                Filled::Eof => return Ok(()),
+                Filled::Partial => return Err(ConnError::Fatal("truncated request header".into())),
+                Filled::Full => {}
+            }
+            let h = RequestHeader::parse(&hb)?;
+            self.totals.requests += 1;
+            if h.kind == wire::CMD_DISC {
+                return Ok(());
+            }
+            if shutting.load(Ordering::SeqCst) {
+                if h.kind == wire::CMD_WRITE {
+                    if h.len > wire::MAX_PAYLOAD {
+                        return Err(ConnError::Fatal("oversized write during shutdown".into()));
+                    }
+                    self.drain(h.len)?;
+                }
+                self.error(
+                    h.cookie,
+                    wire::NBD_ESHUTDOWN,
+                    "server is shutting down".into(),
+                );
+                continue;
+            }
+            match command::validate(&h, &self.limits) {
+                Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message)),
+                Err(rej) => {
+                    self.drain(rej.drain)?;
+                    tracing::debug!(cookie = h.cookie, error = rej.error, msg = %rej.message, "request refused");
+                    self.error(h.cookie, rej.error, rej.message);
+                }
+                Ok(Command::Disc) => return Ok(()),
+                Ok(cmd) => self.dispatch(h.cookie, cmd)?,
+            }
+        }
+    }
+
+    /// Reads and discards `n` payload bytes.
+    fn drain(&mut self, n: u32) -> Result<(), ConnError> {
+        let mut left = u64::from(n);
+        let mut scratch = [0u8; 64 << 10];
+        while left > 0 {
+            let k = left.min(scratch.len() as u64) as usize;
+            match read_full(&mut self.sock, &mut scratch[..k])? {
+                Filled::Full => left -= k as u64,
+                _ => return Err(ConnError::Fatal("client vanished inside a payload".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an error reply (it holds a budget share like any request).
+    fn error(&mut self, cookie: u64, error: u32, message: String) {
+        self.budget.acquire(0);
+        let _ = self.tx.send((
+            Reply {
+                cookie,
+                body: Body::Error { error, message },
+            },
+            0,
+        ));
+    }
+
+    /// Queues a reply that needed no engine request.
+    fn answer(&mut self, cookie: u64, body: Body, cost: u64) {
+        let _ = self.tx.send((Reply { cookie, body }, cost));
+    }
+
+    fn dispatch(&mut self, cookie: u64, cmd: Command) -> Result<(), ConnError> {
+        match cmd {
+            Command::Read { offset, len, df } => {
+                let cost = u64::from(len);
+                self.budget.acquire(cost);
+                let holes: Vec<(u64, u64)> = if len == 0 {
+                    Vec::new()
+                } else {
+                    self.backend
+                        .allocation(offset, u64::from(len))
+                        .into_iter()
+                        .filter(|e| e.kind == ExtentKind::Zero)
+                        .map(|e| (e.offset, e.len))
+                        .collect()
+                };
+                let all_hole =
+                    len == 0 || (holes.len() == 1 && holes[0] == (offset, u64::from(len)));
+                if all_hole {
+                    self.answer(cookie, Body::Zeros { offset, len, df }, cost);
+                    return Ok(());
+                }
+                let tx = self.tx.clone();
+                self.backend.submit(
+                    self.core,
+                    Request::Read { offset, len },
+                    Box::new(move |r| {
+                        let body = match r {
+                            Ok(Done::Read(data)) if data.len() == len as usize => Body::Read {
+                                offset,
+                                data,
+                                holes,
+                                df,
+                            },
+                            Ok(_) => Body::Error {
+                                error: wire::NBD_EIO,
+                                message: "engine returned a short read".into(),
+                            },
+                            Err(e) => engine_error(&e),
+                        };
+                        let _ = tx.send((Reply { cookie, body }, cost));
+                    }),
+                );
+            }
+            Command::Write { offset, len, fua } => {
+                let cost = u64::from(len);
+                self.budget.acquire(cost);
+                let mut data = self.backend.alloc_buf(len as usize);
+                match read_full(&mut self.sock, &mut data)? {
+                    Filled::Full => {}
+                    _ => {
+                        self.budget.release(cost);
+                        return Err(ConnError::Fatal("client vanished inside a write".into()));
+                    }
+                }
+                self.totals.bytes_written += cost;
+                self.submit(cookie, Request::Write { offset, data, fua }, cost);
+            }
+            Command::Flush => {
+                self.budget.acquire(0);
+                self.submit(cookie, Request::Flush, 0);
+            }
+            Command::Trim { offset, len, fua } => {
+                self.budget.acquire(0);
+                let len = u64::from(len);
+                self.submit(cookie, Request::Trim { offset, len, fua }, 0);
+            }
+            Command::Cache { offset, len } => {
+                self.budget.acquire(0);
+                let len = u64::from(len);
+                self.submit(cookie, Request::Cache { offset, len }, 0);
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                punch,
+                fua,
+            } => {
+                self.budget.acquire(0);
+                let len = u64::from(len);
+                let req = Request::WriteZeroes {
+                    offset,
+                    len,
+                    punch,
+                    fua,
+                };
+                self.submit(cookie, req, 0);
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
+                self.budget.acquire(0);
+                let extents = self.backend.allocation(offset, u64::from(len));
+                let contexts = block_status(&extents, self.limits.contexts, req_one, len);
+                self.answer(cookie, Body::BlockStatus { contexts }, 0);
+            }
+            Command::Disc => {}
+        }
+        Ok(())
+    }
+
+    /// Submits a request whose success is a plain OK.
+    fn submit(&mut self, cookie: u64, req: Request, cost: u64) {
+        let tx = self.tx.clone();
+        self.backend.submit(
+            self.core,
+            req,
+            Box::new(move |r| {
+                let body = match r {
+                    Ok(_) => Body::Ok,
+                    Err(e) => engine_error(&e),
+                };
+                let _ = tx.send((Reply { cookie, body }, cost));
+            }),
+        );
+    }
+}
+
+fn engine_error(e: &addcow_engine::RequestError) -> Body {
+    tracing::warn!(error = %e, "request failed in the engine");
+    Body::Error {
+        error: wire::nbd_error_from_errno(e.errno),
+        message: e.to_string(),
+    }
+}
+
+/// Block-status extents per selected context, from the disk's allocation.
+///
+/// `base:allocation`: raw-image and base runs are data (0); runs past the base read as zeros
+/// and are unallocated (`HOLE|ZERO`). `qemu:allocation-depth`: 1 = raw image, 2 = base,
+/// 0 = unallocated.
+pub fn block_status(
+    extents: &[Extent],
+    ctx: MetaContexts,
+    req_one: bool,
+    len: u32,
+) -> Vec<(u32, Vec<(u32, u32)>)> {
+    let mut out = Vec::new();
+    let mut one = |id: u32, status: fn(ExtentKind) -> u32| {
+        let mut v: Vec<(u32, u32)> = Vec::new();
+        for e in extents {
+            let flags = status(e.kind);
+            let l = u32::try_from(e.len).unwrap_or(u32::MAX);
+            match v.last_mut() {
+                Some(last) if last.1 == flags => last.0 = last.0.saturating_add(l),
+                _ => v.push((l, flags)),
+            }
+        }
+        if v.is_empty() {
+            v.push((len, 0));
+        }
+        if req_one {
+            v.truncate(1);
+            if let Some(first) = v.first_mut() {
+                first.0 = first.0.min(len);
+            }
+        }
+        v.truncate(MAX_EXTENTS);
+        out.push((id, v));
+    };
+    if ctx.base_allocation {
+        one(handshake::CTX_BASE_ALLOCATION, |k| match k {
+            ExtentKind::Zero => wire::STATE_HOLE | wire::STATE_ZERO,
+            _ => 0,
+        });
+    }
+    if ctx.allocation_depth {
+        one(handshake::CTX_ALLOCATION_DEPTH, |k| match k {
+            ExtentKind::Image => 1,
+            ExtentKind::Base => 2,
+            ExtentKind::Zero => 0,
+        });
+    }
+    out
+}
+
+/// Sends replies in the order they arrive until every sender is gone. After a send fails the
+/// remaining replies are dropped (the client is gone) but still give their budget back.
+/// Returns (READ bytes sent, error replies sent).
+fn writer_loop(
+    sock: Sock,
+    structured: bool,
+    rx: Receiver<Outgoing>,
+    budget: &Budget,
+) -> (u64, u64) {
+    let mut broken = false;
+    let (mut bytes, mut errors) = (0u64, 0u64);
+    for (reply, cost) in rx.iter() {
+        if !broken {
+            match &reply.body {
+                Body::Read { data, .. } => bytes += data.len() as u64,
+                Body::Zeros { len, .. } => bytes += u64::from(*len),
+                Body::Error { .. } => errors += 1,
+                _ => {}
+            }
+            if let Err(e) = reply::send(&sock, structured, &reply) {
+                tracing::debug!(error = %e, "reply not sent; client gone");
+                broken = true;
+                // Wake the reader if it is blocked reading from a dead peer.
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+        }
+        budget.release(cost);
+    }
+    (bytes, errors)
+}
+
+enum Filled {
+    Full,
+    Eof,
+    Partial,
+}
+
+/// Fills `buf`, telling a clean EOF before the first byte from one in the middle.
+fn read_full(sock: &mut Sock, buf: &mut [u8]) -> io::Result<Filled> {
+    let mut got = 0;
+    while got < buf.len() {
+        match sock.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Ok(if got == 0 {
+                    Filled::Eof
+                } else {
+                    Filled::Partial
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Ok(if got == 0 {
+                    Filled::Eof
+                } else {
+                    Filled::Partial
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Filled::Full)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::super::export::memory::MemDisk;
+    use super::super::export::Export;
+    use super::*;
+
+    fn start(size: usize) -> (UnixStream, std::thread::JoinHandle<()>, Arc<MemDisk>) {
+        let disk = MemDisk::new(size, false);
+        let (a, b) = UnixStream::pair().unwrap();
+        let cfg = ConnConfig {
+            exports: Exports::new(vec![Export {
+                name: String::new(),
+                backend: disk.clone(),
+            }]),
+            handshake_timeout: Duration::from_secs(10),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        };
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), 1, 0, &cfg));
+        (b, t, disk)
+    }
+
+    /// Client side of a handshake with structured replies and base:allocation.
+    fn handshake(c: &mut UnixStream) {
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&[0, 0, 0, 3]).unwrap();
+        let opt = |o: u32, d: &[u8]| {
+            let mut b = wire::IHAVEOPT.to_be_bytes().to_vec();
+            b.extend_from_slice(&o.to_be_bytes());
+            b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            b.extend_from_slice(d);
+            b
+        };
+        c.write_all(&opt(wire::OPT_STRUCTURED_REPLY, &[])).unwrap();
+        let mut meta = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15];
+        meta.extend_from_slice(b"base:allocation");
+        c.write_all(&opt(wire::OPT_SET_META_CONTEXT, &meta))
+            .unwrap();
+        c.write_all(&opt(wire::OPT_GO, &[0, 0, 0, 0, 0, 0]))
+            .unwrap();
+        // Replies: ACK(20), META(20+4+15), ACK(20), INFO_EXPORT(32), BLOCK_SIZE(34), ACK(20).
+        let mut r = vec![0u8; 20 + 39 + 20 + 32 + 34 + 20];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[r.len() - 8..r.len() - 4], &wire::REP_ACK.to_be_bytes());
+    }
+
+    fn req(c: &mut UnixStream, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+        let h = RequestHeader {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len,
+        };
+        c.write_all(&h.encode()).unwrap();
+    }
+
+    #[test]
+    fn write_read_status_and_errors_over_a_socket() {
+        let (mut c, t, disk) = start(1 << 20);
+        handshake(&mut c);
+        // WRITE 100 bytes at 7, FUA.
+        req(&mut c, wire::CMD_WRITE, wire::CMD_FLAG_FUA, 1, 7, 100);
+        c.write_all(&[0x5a; 100]).unwrap();
+        let mut r = [0u8; 16];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(r, wire::simple_reply(0, 1));
+        assert_eq!(disk.data.lock().unwrap()[7..107], [0x5a; 100]);
+
+        // Bad request with payload: drained, EINVAL error chunk, connection goes on.
+        req(&mut c, wire::CMD_WRITE, 0x100, 2, 0, 10);
+        c.write_all(&[1; 10]).unwrap();
+        let mut r = [0u8; 20];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[6..8], &wire::REPLY_TYPE_ERROR.to_be_bytes());
+        let l = u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize;
+        let mut p = vec![0u8; l];
+        c.read_exact(&mut p).unwrap();
+        assert_eq!(&p[..4], &wire::NBD_EINVAL.to_be_bytes());
+
+        // Read in the zero half: one hole chunk.
+        req(&mut c, wire::CMD_READ, 0, 3, 1 << 19, 4096);
+        let mut r = [0u8; 32];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[4..8], &[0, 1, 0, 2]);
+        assert_eq!(&r[28..32], &4096u32.to_be_bytes());
+
+        // Block status over the boundary: data, then hole|zero.
+        req(&mut c, wire::CMD_BLOCK_STATUS, 0, 4, (1 << 19) - 512, 1024);
+        let mut r = vec![0u8; 20 + 4 + 16];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[24..], &[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3]);
+
+        // Read past the end: EINVAL; then DISC closes.
+        req(&mut c, wire::CMD_READ, 0, 5, 1 << 20, 1);
+        let mut r = [0u8; 20];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[6..8], &wire::REPLY_TYPE_ERROR.to_be_bytes());
+        let mut p = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
+        c.read_exact(&mut p).unwrap();
+        req(&mut c, wire::CMD_DISC, 0, 6, 0, 0);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn garbage_and_truncation_close_only_this_connection() {
+        let (mut c, t, _) = start(1 << 16);
+        handshake(&mut c);
+        c.write_all(&[0xff; 28]).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        t.join().unwrap();
+
+        let (mut c, t, _) = start(1 << 16);
+        handshake(&mut c);
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 4096);
+        c.write_all(&[1; 100]).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        t.join().unwrap();
+
+        let (mut c, t, _) = start(1 << 16);
+        handshake(&mut c);
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, u32::MAX);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn many_pipelined_requests_all_answered() {
+        let (mut c, t, _) = start(1 << 20);
+        handshake(&mut c);
+        let mut c2 = c.try_clone().unwrap();
+        let n = 1000u64;
+        let w = std::thread::spawn(move || {
+            for i in 0..n {
+                req(&mut c2, wire::CMD_READ, 0, i, (i % 128) * 4096, 4096);
+            }
+            req(&mut c2, wire::CMD_DISC, 0, 0, 0, 0);
+        });
+        let mut seen = vec![false; n as usize];
+        for _ in 0..n {
+            let mut r = [0u8; 20];
+            c.read_exact(&mut r).unwrap();
+            let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+            let l = u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize;
+            let mut p = vec![0u8; l];
+            c.read_exact(&mut p).unwrap();
+            assert_eq!(&p[8..16], &[0xab; 8]);
+            seen[cookie as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+        w.join().unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn block_status_req_one_and_depth() {
+        let ex = [
+            Extent {
+                offset: 0,
+                len: 512,
+                kind: ExtentKind::Image,
+            },
+            Extent {
+                offset: 512,
+                len: 512,
+                kind: ExtentKind::Base,
+            },
+            Extent {
+                offset: 1024,
+                len: 512,
+                kind: ExtentKind::Zero,
+            },
+        ];
+        let both = MetaContexts {
+            base_allocation: true,
+            allocation_depth: true,
+        };
+        let s = block_status(&ex, both, false, 1536);
+        assert_eq!(s[0], (1, vec![(1024, 0), (512, 3)]));
+        assert_eq!(s[1], (2, vec![(512, 1), (512, 2), (512, 0)]));
+        let s = block_status(&ex, both, true, 1536);
+        assert_eq!(s[0], (1, vec![(1024, 0)]));
+        assert_eq!(s[1], (2, vec![(512, 1)]));
+    }
+}

@@ -1,0 +1,482 @@
+//! Replies: what a finished request answers ([`Reply`]) and how it is framed on the wire, as
+//! simple replies or structured chunks, and sent with one `sendmsg` per reply (`MSG_MORE` between
+//! the batches of a reply too long for one call).
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+
+use addcow_engine::IoBuf;
+
+use super::wire;
+
+/// 64 KiB of zeros, the source of hole bytes in simple replies and DF reads.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Most slices handed to one `sendmsg` (below Linux's `IOV_MAX` of 1024).
+const MAX_IOV: usize = 512;
+
+/// What a request is answered with.
+#[derive(Debug)]
+pub enum Body {
+    /// Success without payload.
+    Ok,
+    /// Failure: NBD error value and a message (sent in structured mode).
+    Error { error: u32, message: String },
+    /// A READ's data. `holes`: absolute `(offset, len)` ranges inside the request that read as
+    /// zeros without touching a disk, in order (sent as `OFFSET_HOLE` chunks unless `df`).
+    Read {
+        offset: u64,
+        data: IoBuf,
+        holes: Vec<(u64, u64)>,
+        df: bool,
+    },
+    /// A READ that is entirely a hole: no buffer was needed.
+    Zeros { offset: u64, len: u32, df: bool },
+    /// BLOCK_STATUS: per selected context, its id and `(length, flags)` extents.
+    BlockStatus {
+        contexts: Vec<(u32, Vec<(u32, u32)>)>,
+    },
+}
+
+/// A reply to the request with `cookie`.
+#[derive(Debug)]
+pub struct Reply {
+    /// The request's cookie.
+    pub cookie: u64,
+    /// The answer.
+    pub body: Body,
+}
+
+/// One piece of a framed reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg {
+    /// `headers[start..end]`.
+    Head(usize, usize),
+    /// `data[start..end]` of the READ buffer.
+    Data(usize, usize),
+    /// That many zero bytes.
+    Zeros(usize),
+}
+
+/// A reply framed as header bytes plus segments pointing into them and into the data.
+#[derive(Debug, Default)]
+struct Framed {
+    headers: Vec<u8>,
+    segs: Vec<Seg>,
+}
+
+impl Framed {
+    fn head(&mut self, bytes: &[u8]) {
+        let start = self.headers.len();
+        self.headers.extend_from_slice(bytes);
+        let end = self.headers.len();
+        match self.segs.last_mut() {
+            Some(Seg::Head(_, e)) if *e == start => *e = end,
+            _ => self.segs.push(Seg::Head(start, end)),
+        }
+    }
+}
+
+/// Frames `reply` for a connection that did (`structured`) or did not negotiate structured
+/// replies.
+fn frame(structured: bool, reply: &Reply) -> Framed {
+    let mut f = Framed::default();
+    let cookie = reply.cookie;
+    if !structured {
+        match &reply.body {
+            Body::Ok => f.head(&wire::simple_reply(0, cookie)),
+            Body::Error { error, .. } => f.head(&wire::simple_reply(*error, cookie)),
+            Body::Read { data, .. } => {
+                f.head(&wire::simple_reply(0, cookie));
+                f.segs.push(Seg::Data(0, data.len()));
+            }
+            Body::Zeros { len, .. } => {
+                f.head(&wire::simple_reply(0, cookie));
+                f.segs.push(Seg::Zeros(*len as usize));
+            }
+            // Unreachable by validation (needs structured replies); answer safely anyway.
+            Body::BlockStatus { .. } => f.head(&wire::simple_reply(wire::NBD_EINVAL, cookie)),
+        }
+        return f;
+    }
+    match &reply.body {
+        Body::Ok => f.head(&wire::simple_reply(0, cookie)),
+        Body::Error { error, message } => {
+            let msg = truncate(message, 1024);
+            f.head(&wire::chunk_header(
+                wire::REPLY_FLAG_DONE,
+                wire::REPLY_TYPE_ERROR,
+                cookie,
+                6 + msg.len() as u32,
+            ));
+            f.head(&error.to_be_bytes());
+            f.head(&(msg.len() as u16).to_be_bytes());
+            f.head(msg.as_bytes());
+        }
+        Body::Zeros { offset, len, df } => {
+            if *len == 0 {
+                f.head(&none_chunk(cookie));
+            } else if *df {
+                data_chunk(&mut f, cookie, *offset, *len as usize, true);
+                f.segs.push(Seg::Zeros(*len as usize));
+            } else {
+                hole_chunk(&mut f, cookie, *offset, u64::from(*len), true);
+            }
+        }
+        Body::Read {
+            offset,
+            data,
+            holes,
+            df,
+        } => {
+            if data.is_empty() {
+                f.head(&none_chunk(cookie));
+            } else if *df || holes.is_empty() {
+                data_chunk(&mut f, cookie, *offset, data.len(), true);
+                f.segs.push(Seg::Data(0, data.len()));
+            } else {
+                // Alternate data runs and holes; the last chunk carries DONE.
+                let end = offset + data.len() as u64;
+                let mut pos = *offset;
+                let mut holes = holes.iter().peekable();
+                while pos < end {
+                    match holes.peek() {
+                        Some(&&(h, hl)) if h <= pos => {
+                            holes.next();
+                            let hend = (h + hl).min(end);
+                            if hend > pos {
+                                hole_chunk(&mut f, cookie, pos, hend - pos, hend == end);
+                                pos = hend;
+                            }
+                        }
+                        next => {
+                            let dend = next.map_or(end, |&&(h, _)| h.min(end));
+                            let (a, b) = ((pos - offset) as usize, (dend - offset) as usize);
+                            data_chunk(&mut f, cookie, pos, b - a, dend == end);
+                            f.segs.push(Seg::Data(a, b));
+                            pos = dend;
+                        }
+                    }
+                }
+            }
+        }
+        Body::BlockStatus { contexts } => {
+            for (i, (id, extents)) in contexts.iter().enumerate() {
+                let last = i + 1 == contexts.len();
+                f.head(&wire::chunk_header(
+                    if last { wire::REPLY_FLAG_DONE } else { 0 },
+                    wire::REPLY_TYPE_BLOCK_STATUS,
+                    cookie,
+                    4 + 8 * extents.len() as u32,
+                ));
+                f.head(&id.to_be_bytes());
+                for (len, flags) in extents {
+                    f.head(&len.to_be_bytes());
+                    f.head(&flags.to_be_bytes());
+                }
+            }
+            if contexts.is_empty() {
+                f.head(&none_chunk(cookie));
+            }
+        }
+    }
+    f
+}
+
+fn none_chunk(cookie: u64) -> [u8; wire::CHUNK_HEADER_LEN] {
+    wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, cookie, 0)
+}
+
+fn data_chunk(f: &mut Framed, cookie: u64, offset: u64, len: usize, done: bool) {
+    let flags = if done { wire::REPLY_FLAG_DONE } else { 0 };
+    f.head(&wire::chunk_header(
+        flags,
+        wire::REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        8 + len as u32,
+    ));
+    f.head(&offset.to_be_bytes());
+}
+
+fn hole_chunk(f: &mut Framed, cookie: u64, offset: u64, len: u64, done: bool) {
+    let flags = if done { wire::REPLY_FLAG_DONE } else { 0 };
+    f.head(&wire::chunk_header(
+        flags,
+        wire::REPLY_TYPE_OFFSET_HOLE,
+        cookie,
+        12,
+    ));
+    f.head(&offset.to_be_bytes());
+    f.head(&(len as u32).to_be_bytes());
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The slices of a framed reply, in order.
+fn slices<'a>(f: &'a Framed, data: Option<&'a [u8]>) -> Vec<IoSlice<'a>> {
+    let mut out = Vec::with_capacity(f.segs.len() + 4);
+    for seg in &f.segs {
+        match *seg {
+            Seg::Head(a, b) => out.push(IoSlice::new(&f.headers[a..b])),
+            Seg::Data(a, b) => {
+                if let Some(d) = data.and_then(|d| d.get(a..b)) {
+                    out.push(IoSlice::new(d));
+                }
+            }
+            Seg::Zeros(mut n) => {
+                while n > 0 {
+                    let k = n.min(ZEROS.len());
+                    out.push(IoSlice::new(&ZEROS[..k]));
+                    n -= k;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn reply_data(reply: &Reply) -> Option<&[u8]> {
+    match &reply.body {
+        Body::Read { data, .. } => Some(data),
+        _ => None,
+    }
+}
+
+/// The reply's bytes in one vector (for tests).
+#[cfg(test)]
+pub fn encode(structured: bool, reply: &Reply) -> Vec<u8> {
+    let f = frame(structured, reply);
+    let mut v = Vec::new();
+    for s in slices(&f, reply_data(reply)) {
+        v.extend_from_slice(&s);
+    }
+    v
+}
+
+/// Sends `reply` on `sock` with as few `sendmsg` calls as possible (one, unless it has more than
+/// [`MAX_IOV`] pieces or the kernel takes it partially). `MSG_NOSIGNAL` always.
+pub fn send(sock: &impl AsRawFd, structured: bool, reply: &Reply) -> io::Result<()> {
+    let f = frame(structured, reply);
+    let all = slices(&f, reply_data(reply));
+    send_all(sock.as_raw_fd(), &all)
+}
+
+/// Writes every byte of `parts` to `fd`, resuming after partial writes.
+fn send_all(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<()> {
+    let mut idx = 0; // first slice not fully sent
+    let mut off = 0; // bytes of parts[idx] already sent
+    while idx < parts.len() {
+        let end = (idx + MAX_IOV).min(parts.len());
+        let mut batch: Vec<IoSlice<'_>> = Vec::with_capacity(end - idx);
+        batch.push(IoSlice::new(&parts[idx][off..]));
+        batch.extend(parts[idx + 1..end].iter().map(|s| IoSlice::new(s)));
+        let mut flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        if end < parts.len() {
+            flags |= nix::sys::socket::MsgFlags::from_bits_retain(libc::MSG_MORE);
+        }
+        let n = match nix::sys::socket::sendmsg::<()>(fd, &batch, &[], flags, None) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "socket took nothing",
+            ));
+        }
+        // Advance (idx, off) by n bytes.
+        let mut left = n;
+        while left > 0 && idx < parts.len() {
+            let rem = parts[idx].len() - off;
+            if left >= rem {
+                left -= rem;
+                idx += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
+        while idx < parts.len() && parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn buf(bytes: &[u8]) -> IoBuf {
+        let mut b = IoBuf::new_zeroed(bytes.len());
+        b.copy_from_slice(bytes);
+        b
+    }
+
+    #[test]
+    fn simple_read_is_header_then_data() {
+        let r = Reply {
+            cookie: 5,
+            body: Body::Read {
+                offset: 0,
+                data: buf(&[1, 2, 3]),
+                holes: vec![],
+                df: false,
+            },
+        };
+        let mut want = wire::simple_reply(0, 5).to_vec();
+        want.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(encode(false, &r), want);
+        let z = Reply {
+            cookie: 5,
+            body: Body::Zeros {
+                offset: 0,
+                len: 70_000,
+                df: false,
+            },
+        };
+        let e = encode(false, &z);
+        assert_eq!(e.len(), 16 + 70_000);
+        assert!(e[16..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn structured_read_splits_holes() {
+        // 3 KiB read at 1024: data [1024,2048), hole [2048,3072), data [3072,4096).
+        let mut data = vec![7u8; 3072];
+        data[1024..2048].fill(0);
+        let r = Reply {
+            cookie: 9,
+            body: Body::Read {
+                offset: 1024,
+                data: buf(&data),
+                holes: vec![(2048, 1024)],
+                df: false,
+            },
+        };
+        let e = encode(true, &r);
+        let mut want = Vec::new();
+        want.extend_from_slice(&wire::chunk_header(
+            0,
+            wire::REPLY_TYPE_OFFSET_DATA,
+            9,
+            8 + 1024,
+        ));
+        want.extend_from_slice(&1024u64.to_be_bytes());
+        want.extend_from_slice(&[7u8; 1024]);
+        want.extend_from_slice(&wire::chunk_header(0, wire::REPLY_TYPE_OFFSET_HOLE, 9, 12));
+        want.extend_from_slice(&2048u64.to_be_bytes());
+        want.extend_from_slice(&1024u32.to_be_bytes());
+        want.extend_from_slice(&wire::chunk_header(
+            wire::REPLY_FLAG_DONE,
+            wire::REPLY_TYPE_OFFSET_DATA,
+            9,
+            8 + 1024,
+        ));
+        want.extend_from_slice(&3072u64.to_be_bytes());
+        want.extend_from_slice(&[7u8; 1024]);
+        assert_eq!(e, want);
+
+        // With DF the same read is one data chunk.
+        let r = Reply {
+            cookie: 9,
+            body: Body::Read {
+                offset: 1024,
+                data: buf(&data),
+                holes: vec![(2048, 1024)],
+                df: true,
+            },
+        };
+        let e = encode(true, &r);
+        assert_eq!(e.len(), 20 + 8 + 3072);
+        assert_eq!(&e[4..6], &wire::REPLY_FLAG_DONE.to_be_bytes());
+    }
+
+    #[test]
+    fn structured_hole_at_the_end_carries_done() {
+        let r = Reply {
+            cookie: 1,
+            body: Body::Read {
+                offset: 0,
+                data: buf(&[0u8; 1024]),
+                holes: vec![(512, 4096)],
+                df: false,
+            },
+        };
+        let e = encode(true, &r);
+        assert_eq!(e.len(), 20 + 8 + 512 + 20 + 12);
+        let hole = &e[20 + 8 + 512..];
+        assert_eq!(&hole[4..8], &[0, 1, 0, 2]);
+        assert_eq!(&hole[28..32], &512u32.to_be_bytes());
+    }
+
+    #[test]
+    fn error_and_status_chunks() {
+        let r = Reply {
+            cookie: 3,
+            body: Body::Error {
+                error: wire::NBD_EINVAL,
+                message: "bad".into(),
+            },
+        };
+        let mut want =
+            wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, 3, 9).to_vec();
+        want.extend_from_slice(&[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
+        assert_eq!(encode(true, &r), want);
+        assert_eq!(encode(false, &r), wire::simple_reply(22, 3));
+
+        let r = Reply {
+            cookie: 3,
+            body: Body::BlockStatus {
+                contexts: vec![(1, vec![(512, 0), (1024, 3)]), (2, vec![(1536, 1)])],
+            },
+        };
+        let e = encode(true, &r);
+        assert_eq!(e.len(), 20 + 4 + 16 + 20 + 4 + 8);
+        assert_eq!(&e[4..6], &[0, 0]); // first chunk not DONE
+        assert_eq!(
+            &e[24..40],
+            &[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 3]
+        );
+        assert_eq!(&e[44..46], &[0, 1]); // last chunk DONE
+    }
+
+    #[test]
+    fn send_writes_everything_through_a_socket() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
+        let reply = Reply {
+            cookie: 77,
+            body: Body::Read {
+                offset: 0,
+                data: buf(&data),
+                holes: vec![],
+                df: false,
+            },
+        };
+        let want = encode(true, &reply);
+        let t = std::thread::spawn(move || {
+            send(&a, true, &reply).unwrap();
+        });
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).unwrap();
+        t.join().unwrap();
+        assert_eq!(got, want);
+    }
+}

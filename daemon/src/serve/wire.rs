@@ -1,0 +1,349 @@
+//! NBD wire format: the protocol's constants and the fixed-size frames (request headers, reply
+//! headers, option headers), encoded and decoded without any I/O.
+//!
+//! All integers are big-endian. Names follow the NBD specification (`doc/proto.md`) without the
+//! `NBD_` prefix.
+
+/// `NBDMAGIC`: first 8 bytes the server sends.
+pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: newstyle magic, also prefixes every option request.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// Magic of every option reply.
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Magic of a 28-byte request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a 16-byte simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a 20-byte structured reply chunk header.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Handshake flag: fixed newstyle.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// Handshake flag: no 124 zero bytes after `EXPORT_NAME`.
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flag: fixed newstyle.
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// Client flag: no zeroes.
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+/// Transmission flags.
+pub const FLAG_HAS_FLAGS: u16 = 0x0001;
+pub const FLAG_READ_ONLY: u16 = 0x0002;
+pub const FLAG_SEND_FLUSH: u16 = 0x0004;
+pub const FLAG_SEND_FUA: u16 = 0x0008;
+pub const FLAG_SEND_TRIM: u16 = 0x0020;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 0x0040;
+pub const FLAG_SEND_DF: u16 = 0x0080;
+pub const FLAG_CAN_MULTI_CONN: u16 = 0x0100;
+pub const FLAG_SEND_CACHE: u16 = 0x0400;
+pub const FLAG_SEND_FAST_ZERO: u16 = 0x0800;
+
+/// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+/// Option reply types.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
+
+/// Info types.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Commands.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+/// Structured reply flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = 0x8001;
+
+/// Error values on the wire (never raw errno of the host).
+pub const NBD_EPERM: u32 = 1;
+pub const NBD_EIO: u32 = 5;
+pub const NBD_ENOMEM: u32 = 12;
+pub const NBD_EINVAL: u32 = 22;
+pub const NBD_ENOSPC: u32 = 28;
+pub const NBD_EOVERFLOW: u32 = 75;
+pub const NBD_ENOTSUP: u32 = 95;
+pub const NBD_ESHUTDOWN: u32 = 108;
+
+/// `base:allocation` status bits.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// Longest string (export name, context name) the protocol allows.
+pub const MAX_STRING: usize = 4096;
+/// Largest READ/WRITE payload we accept (advertised as the maximum block size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Preferred block size we advertise.
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// Minimum block size we advertise: any byte offset works (the engine does read-modify-write).
+pub const MIN_BLOCK: u32 = 1;
+
+/// Size of a request header.
+pub const REQUEST_LEN: usize = 28;
+/// Size of a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Size of a structured chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+
+/// Maps a Linux errno (from the engine) to the NBD error the spec allows on the wire.
+pub fn nbd_error_from_errno(errno: i32) -> u32 {
+    match errno {
+        libc::EPERM | libc::EROFS | libc::EACCES => NBD_EPERM,
+        libc::ENOMEM => NBD_ENOMEM,
+        libc::EINVAL => NBD_EINVAL,
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NBD_ENOSPC,
+        libc::EOVERFLOW => NBD_EOVERFLOW,
+        libc::ENOTSUP => NBD_ENOTSUP,
+        libc::ESHUTDOWN => NBD_ESHUTDOWN,
+        _ => NBD_EIO,
+    }
+}
+
+/// A decoded 28-byte transmission request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Command flags (`CMD_FLAG_*`).
+    pub flags: u16,
+    /// Command type (`CMD_*`).
+    pub kind: u16,
+    /// Opaque cookie, echoed in the reply.
+    pub cookie: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length (payload length for WRITE).
+    pub len: u32,
+}
+
+/// Why a request header could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The magic is not `NBD_REQUEST_MAGIC`: the stream is out of sync or garbage.
+    #[error("bad request magic {0:#010x}")]
+    BadMagic(u32),
+}
+
+impl RequestHeader {
+    /// Decodes a request header.
+    pub fn parse(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, FrameError> {
+        let magic = be32(b, 0);
+        if magic != REQUEST_MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        Ok(RequestHeader {
+            flags: be16(b, 4),
+            kind: be16(b, 6),
+            cookie: be64(b, 8),
+            offset: be64(b, 16),
+            len: be32(b, 24),
+        })
+    }
+
+    /// Encodes the header (tests act as a client with it).
+    #[cfg(test)]
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+/// A simple reply header: magic, error, cookie.
+pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+/// A structured reply chunk header: magic, flags, type, cookie, payload length.
+pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut b = [0u8; CHUNK_HEADER_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// An option reply: magic, option echoed, reply type, payload length, then the payload.
+pub fn option_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + payload.len());
+    b.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&reply.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// Big-endian u16 at `at` of a buffer known to be long enough.
+fn be16(b: &[u8], at: usize) -> u16 {
+    let mut x = [0u8; 2];
+    x.copy_from_slice(&b[at..at + 2]);
+    u16::from_be_bytes(x)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_be_bytes(x)
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(x)
+}
+
+/// A cursor over an option's payload that fails (instead of panicking) when the client's
+/// lengths do not add up.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor at the start of `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        Cursor { rest: data }
+    }
+
+    /// The next `n` bytes, or `None` if fewer remain.
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.rest.len() < n {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+
+    /// The next big-endian u16.
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| be16(b, 0))
+    }
+
+    /// The next big-endian u32.
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| be32(b, 0))
+    }
+
+    /// Whether every byte was consumed.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_roundtrip_and_fixture() {
+        let fixture: [u8; 28] = [
+            0x25, 0x60, 0x95, 0x13, // magic
+            0x00, 0x01, // flags FUA
+            0x00, 0x01, // WRITE
+            1, 2, 3, 4, 5, 6, 7, 8, // cookie
+            0, 0, 0, 0, 0, 0, 0x10, 0, // offset 4096
+            0, 0, 2, 0, // len 512
+        ];
+        let h = RequestHeader::parse(&fixture).unwrap();
+        assert_eq!(
+            h,
+            RequestHeader {
+                flags: CMD_FLAG_FUA,
+                kind: CMD_WRITE,
+                cookie: 0x0102030405060708,
+                offset: 4096,
+                len: 512
+            }
+        );
+        assert_eq!(h.encode(), fixture);
+    }
+
+    #[test]
+    fn bad_magic_is_an_error() {
+        let mut b = [0u8; 28];
+        b[0] = 0xde;
+        assert_eq!(
+            RequestHeader::parse(&b),
+            Err(FrameError::BadMagic(0xde00_0000))
+        );
+    }
+
+    #[test]
+    fn reply_headers_encode_exactly() {
+        assert_eq!(
+            simple_reply(NBD_EINVAL, 7),
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        assert_eq!(
+            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 9, 12),
+            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 12]
+        );
+        let r = option_reply(OPT_GO, REP_ACK, &[]);
+        assert_eq!(
+            r,
+            [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn cursor_never_overruns() {
+        let mut c = Cursor::new(&[0, 0, 0, 5, 1]);
+        assert_eq!(c.u32(), Some(5));
+        assert_eq!(c.u16(), None);
+        assert_eq!(c.take(1), Some(&[1u8][..]));
+        assert!(c.is_empty());
+        assert_eq!(c.u32(), None);
+    }
+
+    #[test]
+    fn errno_mapping_stays_in_the_spec_set() {
+        assert_eq!(nbd_error_from_errno(libc::EDQUOT), NBD_ENOSPC);
+        assert_eq!(nbd_error_from_errno(libc::EROFS), NBD_EPERM);
+        assert_eq!(nbd_error_from_errno(libc::EBADF), NBD_EIO);
+        assert_eq!(nbd_error_from_errno(libc::ESHUTDOWN), NBD_ESHUTDOWN);
+    }
+}
