@@ -59,8 +59,37 @@ pub struct Totals {
 /// A message to the writer: the reply and the budget it holds.
 type Outgoing = (Reply, u64);
 
+/// How a connection ended, for the one log line written once its slot is free.
+pub enum Ended {
+    /// The client left (or was dropped) before transmission.
+    Handshake,
+    /// Transmission ran; its totals.
+    Transmission { export: String, totals: Totals },
+}
+
+impl Ended {
+    /// Writes the connection's closing log line.
+    pub fn log(&self, id: u64, peer: &str) {
+        match self {
+            Ended::Handshake => {
+                tracing::info!(conn = id, %peer, "connection closed during handshake")
+            }
+            Ended::Transmission { export, totals: t } => tracing::info!(
+                conn = id,
+                %peer,
+                export = %export,
+                requests = t.requests,
+                bytes_written = t.bytes_written,
+                bytes_read = t.bytes_read,
+                errors = t.errors,
+                "connection closed"
+            ),
+        }
+    }
+}
+
 /// Serves one accepted connection to the end. `core`: the engine core its requests run on.
-pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
+pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     let peer = sock.peer();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let shutting = cfg.shutting_down.clone();
@@ -70,18 +99,15 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
     };
     let neg = match neg {
         Ok(n) => n,
-        Err(HandshakeError::Ended) => {
-            tracing::info!(conn = id, %peer, "connection closed during handshake");
-            return;
-        }
+        Err(HandshakeError::Ended) => return Ended::Handshake,
         Err(e) => {
             tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
             let _ = sock.shutdown(Shutdown::Both);
-            return;
+            return Ended::Handshake;
         }
     };
     if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
-        return;
+        return Ended::Handshake;
     }
     tracing::info!(
         conn = id,
@@ -92,17 +118,11 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let t = transmission(sock, core, &neg, &cfg.shutting_down);
-    tracing::info!(
-        conn = id,
-        %peer,
-        export = %neg.export.name,
-        requests = t.requests,
-        bytes_written = t.bytes_written,
-        bytes_read = t.bytes_read,
-        errors = t.errors,
-        "connection closed"
-    );
+    let totals = transmission(sock, core, &neg, &cfg.shutting_down);
+    Ended::Transmission {
+        export: neg.export.name.clone(),
+        totals,
+    }
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
@@ -513,7 +533,9 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
-        let t = std::thread::spawn(move || serve(Sock::Unix(a), 1, 0, &cfg));
+        let t = std::thread::spawn(move || {
+            serve(Sock::Unix(a), 1, 0, &cfg);
+        });
         (b, t, disk)
     }
 

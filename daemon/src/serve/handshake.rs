@@ -78,7 +78,11 @@ pub fn negotiate<S: Read + Write>(
     stream.flush()?;
 
     let mut cf = [0u8; 4];
-    stream.read_exact(&mut cf)?;
+    match stream.read_exact(&mut cf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(HandshakeError::Ended),
+        Err(e) => return Err(e.into()),
+    }
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!(

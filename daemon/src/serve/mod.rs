@@ -131,6 +131,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -240,14 +241,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(addr) = &args.tcp {
         listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
     }
+    if let Some(pf) = &args.pid_file {
+        std::fs::write(pf, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", pf.display()))?;
+    }
     for l in &listeners {
         l.set_nonblocking()
             .map_err(|e| format!("{}: {e}", l.describe()))?;
         tracing::info!(listen = %l.describe(), "listening");
-    }
-    if let Some(pf) = &args.pid_file {
-        std::fs::write(pf, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("{}: {e}", pf.display()))?;
     }
     if demo {
         let sock_abs = socket
@@ -377,14 +378,17 @@ fn accept_loop(
                 }
             }
             let (cfg, live2) = (cfg.clone(), live.clone());
+            let peer = sock.peer();
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    connection::serve(sock, id, core, &cfg);
+                    let ended = connection::serve(sock, id, core, &cfg);
                     if let Ok(mut m) = live2.socks.lock() {
                         m.remove(&id);
                     }
                     live2.ended.notify_all();
+                    // Logged after the slot is free, so "closed" in the log means it is.
+                    ended.log(id, &peer);
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start a connection thread");
