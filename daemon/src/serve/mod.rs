@@ -500,7 +500,49 @@ mod tests {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd_corners.py");
         let out = run_tool(Command::new("/usr/bin/python3").arg(script).arg(&sock));
         assert!(out.contains("checks passed"), "{out}");
-        eprintln!("{list}\n{l}\n{out}");
+        drop(s);
+
+        // QEMU 10 negotiates extended headers: data, holes, zeroing, discard and block status.
+        let s = MemServer::start();
+        let sock = s.sock.display().to_string();
+        let uri = format!("nbd+unix:///?socket={sock}");
+        let io = run_tool(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "read -P 0 4M 64k",
+            "-c",
+            "read -P 0xab 4194300 4",
+            "-c",
+            "write -P 0x5a 5M 4k",
+            "-c",
+            "read -P 0x5a 5M 4k",
+            "-c",
+            "write -z 8k 8k",
+            "-c",
+            "read -P 0 8k 8k",
+            "-c",
+            "discard 64k 64k",
+            "-c",
+            "flush",
+            &uri,
+        ]));
+        assert!(!io.contains("failed"), "{io}");
+        let map =
+            run_tool(Command::new("qemu-img").args(["map", "-f", "raw", "--output=json", &uri]));
+        assert!(map.contains("\"start\": 4194304, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "{map}");
+        let ro = run_tool(Command::new("qemu-io").args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 4k",
+            &format!("nbd+unix:///ro?socket={sock}"),
+        ]));
+        assert!(!ro.contains("failed"), "{ro}");
+        eprintln!("{list}\n{l}\n{io}\n{map}");
     }
 
     #[test]
