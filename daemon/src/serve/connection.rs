@@ -299,6 +299,19 @@ impl Reader {
     }
 
     fn dispatch(&mut self, cookie: u64, req_offset: u64, cmd: Command) -> Result<(), ConnError> {
+        // Zero-length writes, trims, zeroes and cache hints change nothing: answered here.
+        let empty = match cmd {
+            Command::Write { len, .. } => len == 0,
+            Command::Trim { len, .. }
+            | Command::Cache { len, .. }
+            | Command::WriteZeroes { len, .. } => len == 0,
+            _ => false,
+        };
+        if empty {
+            self.budget.acquire(0);
+            self.answer(cookie, req_offset, Body::Ok, 0);
+            return Ok(());
+        }
         match cmd {
             Command::Read { offset, len, df } => {
                 let cost = u64::from(len);
