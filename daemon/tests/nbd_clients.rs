@@ -139,7 +139,7 @@ fn qemu_io_patterns_aligned_unaligned_aio_flush() {
             "write -P 0x33 4095k 3000",
             "read -P 0xab 4094k 1k",
             "read -P 0x33 4095k 3000",
-            "read -P 0 4194656 1024",
+            "read -P 0 4196280 1024",
             "aio_write -P 0x44 1M 128k",
             "aio_write -P 0x55 2M 128k",
             "aio_write -P 0x66 6M 1000",
