@@ -48,6 +48,10 @@ pub enum ErrorKind {
     /// Another process holds the overlay's lock.
     #[error("overlay is locked by another process")]
     Locked,
+    /// Two roles of an overlay name the same file (say the raw image is the base), which would
+    /// make serving write to a file that must not be written.
+    #[error("the {a} and the {b} are the same file")]
+    SameFile { a: &'static str, b: &'static str },
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

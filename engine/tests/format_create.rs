@@ -241,3 +241,29 @@ fn pathdiff(from: &std::path::Path, to: &std::path::Path) -> PathBuf {
     }
     out
 }
+
+#[test]
+fn create_refuses_to_overwrite_the_base() {
+    let (_t, root) = setup();
+    let base = root.join("base.img");
+    std::fs::write(&base, vec![9u8; 8192]).unwrap();
+    // Raw image = base.
+    let e = create(&CreateOptions {
+        overlay: root.join("o.add-cow"),
+        base: Some(base.clone()),
+        image: Some(base.clone()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::SameFile { .. }), "{e}");
+    // Overlay = base, even with --force.
+    let e = create(&CreateOptions {
+        overlay: base.clone(),
+        base: Some(base.clone()),
+        force: true,
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::SameFile { .. }), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), vec![9u8; 8192]);
+}

@@ -370,3 +370,39 @@ fn read_only_open_does_not_need_write_permission() {
     .unwrap();
     assert!(o.bitmap.get(0));
 }
+
+#[test]
+fn roles_sharing_a_file_are_refused() {
+    let d = Dir::new();
+    d.sparse("disk.raw", 4096);
+    // The base is the raw image itself: serving would write into the base.
+    let mut f = hand_header(b"disk.raw", b"disk.raw");
+    f.push(0);
+    let e = open_err(&d.file("s.add-cow", &f));
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::SameFile {
+            a: "raw image",
+            b: "base"
+        }
+    );
+    // Through a hard link, still the same file.
+    std::fs::hard_link(d.root.join("disk.raw"), d.root.join("link.raw")).unwrap();
+    let mut f = hand_header(b"link.raw", b"disk.raw");
+    f.push(0);
+    assert!(matches!(
+        open_err(&d.file("s.add-cow", &f)).kind(),
+        ErrorKind::SameFile { .. }
+    ));
+    // The raw image is the overlay file.
+    let mut f = hand_header(b"", b"self.add-cow");
+    f.resize(4096, 0);
+    let e = open_err(&d.file("self.add-cow", &f));
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::SameFile {
+            a: "overlay",
+            b: "raw image"
+        }
+    );
+}

@@ -219,10 +219,11 @@ impl SparseBitmap {
         }
         // SAFETY: as in `chunk`: published heap chunk, freed only on drop.
         let chunk = unsafe { &*p };
+        // `set` is incremented after the bits themselves, so a full count proves every bit is
+        // set; a zero count proves nothing (a setter may be between its two steps), so such a
+        // chunk is scanned word by word.
         let set = u64::from(chunk.set.load(Ordering::Acquire));
-        if set == 0 {
-            ChunkState::Uniform(false)
-        } else if set >= self.chunk_bits(c) {
+        if set >= self.chunk_bits(c) {
             ChunkState::Uniform(true)
         } else {
             ChunkState::Mixed(chunk)
@@ -339,8 +340,21 @@ impl SparseBitmap {
         if max == 0 || start >= self.sectors {
             return (false, 0);
         }
+        // A run is never empty: if bit `start` went 0→1 between reading it and scanning its chunk,
+        // the scan finds 0 bits equal to the old value; bits never go back, so one retry (which
+        // reads it as set) is enough.
+        loop {
+            let run = self.run_of(start, max, self.get(start));
+            if run.1 > 0 {
+                return run;
+            }
+        }
+    }
+
+    /// How many bits from `start` (valid, `max` non-zero) equal `value`, which the caller read
+    /// from bit `start` a moment ago (so the answer is 0 if that bit has since been set).
+    fn run_of(&self, start: u64, max: u64, value: bool) -> (bool, u64) {
         let end = start.saturating_add(max).min(self.sectors);
-        let value = self.get(start);
         let mut pos = start;
         'chunks: while pos < end {
             let c = (pos / CHUNK_BITS) as usize;
@@ -411,12 +425,21 @@ impl SparseBitmap {
             match self.chunk(c) {
                 None => dst.fill(0),
                 Some(chunk) => {
+                    // One atomic load per word, not per byte.
+                    let mut cached: Option<(usize, u64)> = None;
                     for (k, d) in dst.iter_mut().enumerate() {
                         let byte = b + k as u64;
                         let wi = ((byte % CHUNK_BYTES) / 8) as usize;
-                        let w = chunk.words[wi].load(Ordering::Acquire);
-                        let mask = self.valid_mask((byte & !7) * 8);
-                        *d = ((w & mask) >> (8 * (byte % 8))) as u8;
+                        let w = match cached {
+                            Some((i, w)) if i == wi => w,
+                            _ => {
+                                let w = chunk.words[wi].load(Ordering::Acquire)
+                                    & self.valid_mask((byte & !7) * 8);
+                                cached = Some((wi, w));
+                                w
+                            }
+                        };
+                        *d = (w >> (8 * (byte % 8))) as u8;
                     }
                 }
             }
@@ -669,6 +692,55 @@ mod tests {
         assert_eq!(b.count_set(), n);
         assert!(b.is_full());
         assert_eq!(b.run_from(0, u64::MAX), (true, n));
+    }
+
+    #[test]
+    fn a_bit_set_after_it_was_read_gives_an_empty_scan_which_run_from_retries() {
+        // The interleaving run_from must survive: bit `start` read as clear, then set (in a
+        // heap chunk, by a whole-chunk FULL swap, and with other bits around it), then scanned.
+        let b = SparseBitmap::new(3 * CHUNK_BITS);
+        b.set_range(5, 1);
+        b.set_range(CHUNK_BITS, CHUNK_BITS);
+        for start in [5, CHUNK_BITS, CHUNK_BITS + 77] {
+            assert_eq!(b.run_of(start, 100, false), (false, 0));
+            assert!(b.run_from(start, 100).1 > 0);
+        }
+        assert_eq!(b.run_from(5, 100), (true, 1));
+        assert_eq!(
+            b.run_from(CHUNK_BITS + 77, u64::MAX),
+            (true, CHUNK_BITS - 77)
+        );
+    }
+
+    #[test]
+    fn runs_are_never_empty_while_bits_are_being_set() {
+        // A reader racing setters must always get a non-empty run whose first bit matches a
+        // value the bit had (clear before its set, set after).
+        let n = 4 * CHUNK_BITS;
+        let b = SparseBitmap::new(n);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Whole chunks (null -> FULL) and single bits in fresh chunks (count 0 -> 1).
+                b.set_range(CHUNK_BITS, CHUNK_BITS);
+                for k in 0..CHUNK_BITS {
+                    b.set_range(k, 1);
+                    b.set_range(2 * CHUNK_BITS + (k * 7919) % CHUNK_BITS, 1);
+                }
+                b.set_range(3 * CHUNK_BITS, CHUNK_BITS);
+                stop.store(true, Ordering::Release);
+            });
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let start = (i * 104_729) % n;
+                    let (_, len) = b.run_from(start, u64::MAX);
+                    assert!(len > 0, "empty run at {start}");
+                    i += 1;
+                }
+            });
+        });
+        assert!(b.is_full());
     }
 
     #[test]

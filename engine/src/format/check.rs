@@ -15,7 +15,7 @@ use crate::format::header::{
     bitmap_len, split_path_field, BACKING_FILE_OFFSET, HEADER_SIZE, IMAGE_FILE_OFFSET, MAGIC,
     PATH_FIELD_LEN, RESERVED_OFFSET, SECTOR_SIZE, VERSION, VERSION_OFFSET,
 };
-use crate::format::overlay::soft_findings;
+use crate::format::overlay::{file_len, soft_findings};
 use crate::format::paths::resolve;
 use crate::format::Header;
 
@@ -174,14 +174,17 @@ fn check_header_and_files(
     let mut virtual_size = None;
     match resolve(path, "image_file", &header.image_file) {
         Err(e) => r.corrupt(e.with_path(path).to_string()),
-        Ok(ip) => match File::open(&ip).and_then(|f| f.metadata()) {
-            Err(e) => r.corrupt(Error::io("open raw image", e).with_path(&ip).to_string()),
-            Ok(m) if m.len() % SECTOR_SIZE != 0 => r.corrupt(
-                Error::new(ErrorKind::UnalignedImageSize { size: m.len() })
+        Ok(ip) => match File::open(&ip)
+            .map_err(|e| Error::io("open raw image", e).with_path(&ip))
+            .and_then(|f| file_len(&f, &ip, "stat raw image"))
+        {
+            Err(e) => r.corrupt(e.to_string()),
+            Ok(len) if len % SECTOR_SIZE != 0 => r.corrupt(
+                Error::new(ErrorKind::UnalignedImageSize { size: len })
                     .with_path(&ip)
                     .to_string(),
             ),
-            Ok(m) => virtual_size = Some(m.len()),
+            Ok(len) => virtual_size = Some(len),
         },
     }
     if !header.backing_file.is_empty() {

@@ -154,10 +154,37 @@ fn open_file(path: &Path, write: bool, direct: bool, op: &'static str) -> Result
     o.open(path).map_err(|e| Error::io(op, e).with_path(path))
 }
 
-fn file_len(file: &File, path: &Path, op: &'static str) -> Result<u64> {
+/// The (device, inode) of an open file, to tell whether two paths name one file.
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
     file.metadata()
-        .map(|m| m.len())
-        .map_err(|e| Error::io(op, e).with_path(path))
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| Error::io("stat", e).with_path(path))
+}
+
+/// Refuses `a` and `b` being one file.
+fn refuse_same(a: (&'static str, &File, &Path), b: (&'static str, &File, &Path)) -> Result<()> {
+    if file_id(a.1, a.2)? == file_id(b.1, b.2)? {
+        return Err(Error::new(ErrorKind::SameFile { a: a.0, b: b.0 }).with_path(b.2));
+    }
+    Ok(())
+}
+
+/// The size of a regular file or a block device (whose `st_size` is 0, so it is asked with
+/// `lseek(SEEK_END)`; callers use positioned I/O, so the file offset does not matter).
+pub(crate) fn file_len(file: &File, path: &Path, op: &'static str) -> Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let m = file
+        .metadata()
+        .map_err(|e| Error::io(op, e).with_path(path))?;
+    if m.file_type().is_block_device() {
+        let mut f: &File = file;
+        return f
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(op, e).with_path(path));
+    }
+    Ok(m.len())
 }
 
 /// Streams the bitmap of `sectors` bits from `meta` (starting at [`BITMAP_OFFSET`]) through a
@@ -298,6 +325,12 @@ impl Overlay {
             (Some(bp), Some(bf), Some(bs))
         };
 
+        refuse_same(("overlay", &meta, path), ("raw image", &image, &image_path))?;
+        if let (Some(bf), Some(bp)) = (&base, &base_path) {
+            refuse_same(("raw image", &image, &image_path), ("base", bf, bp))?;
+            refuse_same(("overlay", &meta, path), ("base", bf, bp))?;
+        }
+
         let need = bitmap_len(virtual_size);
         let have = meta_len - HEADER_SIZE as u64;
         if have < need {
@@ -399,13 +432,29 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
     };
     let hbytes = header.encode()?;
 
-    let base_size = match &opts.base {
+    let base_file = match &opts.base {
         None => None,
-        Some(b) => {
-            let f = open_file(b, false, false, "open base")?;
-            Some(file_len(&f, b, "stat base")?)
-        }
+        Some(b) => Some(open_file(b, false, false, "open base")?),
     };
+    let base_size = match (&base_file, &opts.base) {
+        (Some(f), Some(b)) => Some(file_len(f, b, "stat base")?),
+        _ => None,
+    };
+    // No two roles may share a file: overwriting the base (or the raw image) with an overlay
+    // header, or serving writes into the base, would destroy data.
+    let existing_image = File::open(&image).ok();
+    let existing_overlay = File::open(overlay).ok();
+    if let (Some(bf), Some(b)) = (&base_file, &opts.base) {
+        if let Some(i) = &existing_image {
+            refuse_same(("base", bf, b), ("raw image", i, &image))?;
+        }
+        if let Some(o) = &existing_overlay {
+            refuse_same(("base", bf, b), ("overlay", o, overlay))?;
+        }
+    }
+    if let (Some(i), Some(o)) = (&existing_image, &existing_overlay) {
+        refuse_same(("raw image", i, &image), ("overlay", o, overlay))?;
+    }
 
     // The raw image: use it if it exists, else create it sparse.
     let virtual_size = match std::fs::metadata(&image) {
