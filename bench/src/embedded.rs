@@ -164,7 +164,6 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
         config.cores = c.max(1);
     }
     let cores = config.cores;
-    let engine = Engine::start(config)?;
     let jobs = profiles::configs_dir();
     let list = emb_profiles();
     let mut eng_runs: Vec<Vec<Numbers>> = vec![Vec::new(); list.len()];
@@ -180,11 +179,17 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
                 "round {round}/{rounds}: {} engine ({cores} cores) then fio",
                 p.id
             );
+            // A fresh engine per run: shutting it down releases every file (and the overlay's
+            // lock), so the overlay can be restored and reopened for the next run.
+            let engine = Engine::start(config.clone())?;
             let disk = engine.open(&prep.addcow, DiskOptions::default())?;
             let r = drive(&engine, &disk, cores, p, size, runtime);
             let closed = disk.close();
+            drop(disk);
+            let stopped = engine.shutdown();
             let n = r?;
             closed?;
+            stopped?;
             if p.pattern == Pattern::RandWrite {
                 dirty = true;
             }
@@ -202,7 +207,6 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
             }
         }
     }
-    let _ = engine.shutdown();
     let mut out = Vec::new();
     for (i, p) in list.iter().enumerate() {
         let e = med_numbers(eng_runs.get(i).map_or(&[][..], |v| v.as_slice()));

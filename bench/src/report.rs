@@ -413,27 +413,31 @@ pub fn summary_text(r: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<11} {:<15} {:>10} {:>10} {:>10} {:>8}",
-        "profile", "peer", "addcow", "peer", "ratio", "target"
+        "{:<11} {:<15} {:>16} {:>16} {:>7}  target (vs {TARGET_PEER})",
+        "profile", "peer", "addcow", "peer", "ratio"
     );
+    let value = |m: Metric, v: f64| match m {
+        Metric::Iops => format!("{v:.0} IOPS"),
+        Metric::Bandwidth => format!("{:.0} MiB/s", v / 1048576.0),
+    };
     for c in &r.comparisons {
+        let verdict = match (c.target_met, c.p99_met) {
+            (Some(t), Some(p)) => format!(
+                "{} (p99 {})",
+                if t { "met" } else { "MISSED" },
+                if p { "ok" } else { "MISSED" }
+            ),
+            (None, Some(p)) => format!("p99 {}", if p { "ok" } else { "MISSED" }),
+            _ => String::new(),
+        };
         let _ = writeln!(
             s,
-            "{:<11} {:<15} {:>10.0} {:>10.0} {:>10} {:>8}",
+            "{:<11} {:<15} {:>16} {:>16} {:>7}  {verdict}",
             c.profile,
             c.peer,
-            c.addcow,
-            c.peer_value,
+            value(c.metric, c.addcow),
+            value(c.metric, c.peer_value),
             fmt_ratio(c.ratio),
-            match (c.target_met, c.p99_met) {
-                (Some(t), Some(p)) => format!(
-                    "{}{}",
-                    if t { "met" } else { "MISS" },
-                    if p { "" } else { "/p99" }
-                ),
-                (None, Some(p)) => (if p { "p99 ok" } else { "p99 MISS" }).to_owned(),
-                _ => String::new(),
-            }
         );
     }
     s

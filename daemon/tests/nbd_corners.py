@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """NBD protocol corners against `addcow serve`, through libnbd (nbdsh's Python module).
 
-Usage: nbd_corners.py SOCKET
+Usage: nbd_corners.py SOCKET [RO_SOCKET]
 
 Expects the daemon's layout used by the tests: export "" of size S (a multiple of 1 MiB) whose
 first S/2 bytes come from a base filled with 0xab and whose second half is past the base
 (unallocated, reads as zeros), nothing written yet; and a read-only export "ro" with the same
-layout. Exits non-zero (with a message) at the first failed check.
+layout on RO_SOCKET (default: SOCKET). Exits non-zero (with a message) at the first failed check.
 """
 import errno
 import sys
@@ -15,7 +15,7 @@ import nbd
 
 SOCK = sys.argv[1]
 URI = "nbd+unix:///?socket=" + SOCK
-RO_URI = "nbd+unix:///ro?socket=" + SOCK
+RO_URI = "nbd+unix:///ro?socket=" + (sys.argv[2] if len(sys.argv) > 2 else SOCK)
 checks = 0
 
 

@@ -26,20 +26,20 @@ pub enum Command {
     /// Make every answered write durable.
     Flush,
     /// Discard a range.
-    Trim { offset: u64, len: u32, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
     /// Prefetch hint.
-    Cache { offset: u64, len: u32 },
+    Cache { offset: u64, len: u64 },
     /// Zero a range; `punch`: may deallocate.
     WriteZeroes {
         offset: u64,
-        len: u32,
+        len: u64,
         punch: bool,
         fua: bool,
     },
     /// Report allocation; `req_one`: exactly one extent.
     BlockStatus {
         offset: u64,
-        len: u32,
+        len: u64,
         req_one: bool,
     },
 }
@@ -68,6 +68,8 @@ pub struct Limits {
     pub structured: bool,
     /// Selected meta contexts.
     pub contexts: MetaContexts,
+    /// Extended headers negotiated (64-bit lengths, `PAYLOAD_LEN` on WRITE).
+    pub extended: bool,
 }
 
 fn reject(error: u32, message: impl Into<String>, drain: u32) -> Rejection {
@@ -81,19 +83,28 @@ fn reject(error: u32, message: impl Into<String>, drain: u32) -> Rejection {
 
 /// Validates `h` against `lim` (see the module docs for the rules).
 pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
-    let payload = if h.kind == wire::CMD_WRITE { h.len } else { 0 };
-    if h.kind == wire::CMD_WRITE && h.len > wire::MAX_PAYLOAD {
+    let has_payload =
+        h.kind == wire::CMD_WRITE || (lim.extended && h.flags & wire::CMD_FLAG_PAYLOAD_LEN != 0);
+    if has_payload && h.len > u64::from(wire::MAX_PAYLOAD) {
         return Err(Rejection {
             error: wire::NBD_EINVAL,
-            message: format!("write payload of {} bytes exceeds the maximum", h.len),
+            message: format!("payload of {} bytes exceeds the maximum", h.len),
             drain: 0,
             fatal: true,
         });
     }
+    // Fits: checked against MAX_PAYLOAD just above.
+    let payload = if has_payload { h.len as u32 } else { 0 };
     use wire::*;
+    let ext_write = if lim.extended {
+        CMD_FLAG_PAYLOAD_LEN
+    } else {
+        0
+    };
     let allowed = match h.kind {
         CMD_READ => CMD_FLAG_FUA | if lim.structured { CMD_FLAG_DF } else { 0 },
-        CMD_WRITE | CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
+        CMD_WRITE => CMD_FLAG_FUA | ext_write,
+        CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => {
             CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | if lim.read_only { 0 } else { CMD_FLAG_FAST_ZERO }
         }
@@ -101,7 +112,11 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
         CMD_CACHE => CMD_FLAG_FUA,
         CMD_DISC => u16::MAX,
         other => {
-            return Err(reject(NBD_EINVAL, format!("unknown command {other}"), 0));
+            return Err(reject(
+                NBD_EINVAL,
+                format!("unknown command {other}"),
+                payload,
+            ));
         }
     };
     if h.flags & !allowed != 0 {
@@ -118,7 +133,7 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
     }
     let in_range = h
         .offset
-        .checked_add(u64::from(h.len))
+        .checked_add(h.len)
         .is_some_and(|end| end <= lim.size);
     if !in_range && !matches!(h.kind, CMD_DISC | CMD_FLUSH) {
         let error = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -138,7 +153,7 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
     let (offset, len) = (h.offset, h.len);
     Ok(match h.kind {
         CMD_READ => {
-            if len > MAX_PAYLOAD {
+            if len > u64::from(MAX_PAYLOAD) {
                 return Err(reject(
                     NBD_EINVAL,
                     format!("read of {len} bytes exceeds the maximum block size"),
@@ -147,19 +162,22 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
             }
             Command::Read {
                 offset,
-                len,
+                len: len as u32,
                 df: h.flags & CMD_FLAG_DF != 0,
             }
         }
-        CMD_WRITE => Command::Write { offset, len, fua },
+        CMD_WRITE => Command::Write {
+            offset,
+            len: payload,
+            fua,
+        },
         CMD_DISC => Command::Disc,
         CMD_FLUSH => Command::Flush,
         CMD_TRIM => Command::Trim { offset, len, fua },
         CMD_CACHE => Command::Cache { offset, len },
         CMD_WRITE_ZEROES => {
             let punch = h.flags & CMD_FLAG_NO_HOLE == 0;
-            if h.flags & CMD_FLAG_FAST_ZERO != 0
-                && !(punch && offset % 512 == 0 && u64::from(len) % 512 == 0)
+            if h.flags & CMD_FLAG_FAST_ZERO != 0 && !(punch && offset % 512 == 0 && len % 512 == 0)
             {
                 return Err(reject(
                     NBD_ENOTSUP,
@@ -204,10 +222,11 @@ mod tests {
                 base_allocation: true,
                 allocation_depth: false,
             },
+            extended: false,
         }
     }
 
-    fn h(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
+    fn h(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
         RequestHeader {
             flags,
             kind,
@@ -321,10 +340,48 @@ mod tests {
         );
         let mut big = lim();
         big.size = 1 << 40;
+        let over = u64::from(MAX_PAYLOAD) + 1;
         assert_eq!(
-            e(validate(&h(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &big)).error,
+            e(validate(&h(CMD_READ, 0, 0, over), &big)).error,
             NBD_EINVAL
         );
-        assert!(e(validate(&h(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &big)).fatal);
+        assert!(e(validate(&h(CMD_WRITE, 0, 0, over), &big)).fatal);
+        // PAYLOAD_LEN only means something with extended headers.
+        assert_eq!(
+            e(validate(
+                &h(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512),
+                &lim()
+            ))
+            .drain,
+            512
+        );
+    }
+
+    #[test]
+    fn extended_headers_allow_big_lengths_and_payload_flags() {
+        let mut x = lim();
+        x.extended = true;
+        x.size = 1 << 40;
+        assert_eq!(
+            validate(&h(CMD_TRIM, 0, 0, 8 << 30), &x),
+            Ok(Command::Trim {
+                offset: 0,
+                len: 8 << 30,
+                fua: false
+            })
+        );
+        assert_eq!(
+            validate(&h(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512), &x),
+            Ok(Command::Write {
+                offset: 0,
+                len: 512,
+                fua: false
+            })
+        );
+        // A payload on a command that takes none: refused, payload drained.
+        let r = validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 8), &x).unwrap_err();
+        assert_eq!((r.error, r.drain, r.fatal), (NBD_EINVAL, 8, false));
+        let r = validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 1 << 40), &x);
+        assert!(r.unwrap_err().fatal);
     }
 }

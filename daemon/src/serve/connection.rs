@@ -22,7 +22,7 @@ use super::budget::Budget;
 use super::command::{self, Command, Limits};
 use super::export::{Backend, Exports};
 use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
-use super::reply::{self, Body, Reply};
+use super::reply::{self, Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
 use super::wire::{self, RequestHeader};
 
@@ -59,8 +59,37 @@ pub struct Totals {
 /// A message to the writer: the reply and the budget it holds.
 type Outgoing = (Reply, u64);
 
+/// How a connection ended, for the one log line written once its slot is free.
+pub enum Ended {
+    /// The client left (or was dropped) before transmission.
+    Handshake,
+    /// Transmission ran; its totals.
+    Transmission { export: String, totals: Totals },
+}
+
+impl Ended {
+    /// Writes the connection's closing log line.
+    pub fn log(&self, id: u64, peer: &str) {
+        match self {
+            Ended::Handshake => {
+                tracing::info!(conn = id, %peer, "connection closed during handshake")
+            }
+            Ended::Transmission { export, totals: t } => tracing::info!(
+                conn = id,
+                %peer,
+                export = %export,
+                requests = t.requests,
+                bytes_written = t.bytes_written,
+                bytes_read = t.bytes_read,
+                errors = t.errors,
+                "connection closed"
+            ),
+        }
+    }
+}
+
 /// Serves one accepted connection to the end. `core`: the engine core its requests run on.
-pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
+pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     let peer = sock.peer();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let shutting = cfg.shutting_down.clone();
@@ -70,18 +99,15 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
     };
     let neg = match neg {
         Ok(n) => n,
-        Err(HandshakeError::Ended) => {
-            tracing::info!(conn = id, %peer, "connection closed during handshake");
-            return;
-        }
+        Err(HandshakeError::Ended) => return Ended::Handshake,
         Err(e) => {
             tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
             let _ = sock.shutdown(Shutdown::Both);
-            return;
+            return Ended::Handshake;
         }
     };
     if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
-        return;
+        return Ended::Handshake;
     }
     tracing::info!(
         conn = id,
@@ -92,17 +118,11 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) {
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let t = transmission(sock, core, &neg, &cfg.shutting_down);
-    tracing::info!(
-        conn = id,
-        %peer,
-        export = %neg.export.name,
-        requests = t.requests,
-        bytes_written = t.bytes_written,
-        bytes_read = t.bytes_read,
-        errors = t.errors,
-        "connection closed"
-    );
+    let totals = transmission(sock, core, &neg, &cfg.shutting_down);
+    Ended::Transmission {
+        export: neg.export.name.clone(),
+        totals,
+    }
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
@@ -118,10 +138,17 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
         }
     };
     let structured = neg.structured;
+    let framing = if neg.extended {
+        Framing::Extended
+    } else if structured {
+        Framing::Structured
+    } else {
+        Framing::Simple
+    };
     let wbudget = budget.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
-        .spawn(move || writer_loop(wsock, structured, rx, &wbudget));
+        .spawn(move || writer_loop(wsock, framing, rx, &wbudget));
     let writer = match writer {
         Ok(w) => w,
         Err(e) => {
@@ -138,6 +165,7 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
             read_only: neg.export.backend.read_only(),
             structured,
             contexts: neg.contexts,
+            extended: neg.extended,
         },
         tx,
         budget,
@@ -183,40 +211,49 @@ impl Reader {
     /// Reads and dispatches requests until DISC, EOF or a fatal error.
     fn run(&mut self, shutting: &AtomicBool) -> Result<(), ConnError> {
         loop {
-            let mut hb = [0u8; wire::REQUEST_LEN];
-            match read_full(&mut self.sock, &mut hb)? {
+            let mut hb = [0u8; wire::EXTENDED_REQUEST_LEN];
+            let hlen = if self.limits.extended {
+                wire::EXTENDED_REQUEST_LEN
+            } else {
+                wire::REQUEST_LEN
+            };
+            match read_full(&mut self.sock, &mut hb[..hlen])? {
                 Filled::Eof => return Ok(()),
                 Filled::Partial => return Err(ConnError::Fatal("truncated request header".into())),
                 Filled::Full => {}
             }
-            let h = RequestHeader::parse(&hb)?;
+            let h = if self.limits.extended {
+                RequestHeader::parse_extended(&hb)?
+            } else {
+                let mut compact = [0u8; wire::REQUEST_LEN];
+                compact.copy_from_slice(&hb[..wire::REQUEST_LEN]);
+                RequestHeader::parse(&compact)?
+            };
             self.totals.requests += 1;
             if h.kind == wire::CMD_DISC {
                 return Ok(());
             }
+            let validated = command::validate(&h, &self.limits);
             if shutting.load(Ordering::SeqCst) {
-                if h.kind == wire::CMD_WRITE {
-                    if h.len > wire::MAX_PAYLOAD {
-                        return Err(ConnError::Fatal("oversized write during shutdown".into()));
-                    }
-                    self.drain(h.len)?;
+                match &validated {
+                    Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message.clone())),
+                    Err(rej) => self.drain(rej.drain)?,
+                    Ok(Command::Write { len, .. }) => self.drain(*len)?,
+                    Ok(_) => {}
                 }
-                self.error(
-                    h.cookie,
-                    wire::NBD_ESHUTDOWN,
-                    "server is shutting down".into(),
-                );
+                let msg = "server is shutting down".to_string();
+                self.error(h.cookie, h.offset, wire::NBD_ESHUTDOWN, msg);
                 continue;
             }
-            match command::validate(&h, &self.limits) {
+            match validated {
                 Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message)),
                 Err(rej) => {
                     self.drain(rej.drain)?;
                     tracing::debug!(cookie = h.cookie, error = rej.error, msg = %rej.message, "request refused");
-                    self.error(h.cookie, rej.error, rej.message);
+                    self.error(h.cookie, h.offset, rej.error, rej.message);
                 }
                 Ok(Command::Disc) => return Ok(()),
-                Ok(cmd) => self.dispatch(h.cookie, cmd)?,
+                Ok(cmd) => self.dispatch(h.cookie, h.offset, cmd)?,
             }
         }
     }
@@ -236,23 +273,45 @@ impl Reader {
     }
 
     /// Queues an error reply (it holds a budget share like any request).
-    fn error(&mut self, cookie: u64, error: u32, message: String) {
+    fn error(&mut self, cookie: u64, offset: u64, error: u32, message: String) {
         self.budget.acquire(0);
+        let body = Body::Error { error, message };
         let _ = self.tx.send((
             Reply {
                 cookie,
-                body: Body::Error { error, message },
+                offset,
+                body,
             },
             0,
         ));
     }
 
     /// Queues a reply that needed no engine request.
-    fn answer(&mut self, cookie: u64, body: Body, cost: u64) {
-        let _ = self.tx.send((Reply { cookie, body }, cost));
+    fn answer(&mut self, cookie: u64, offset: u64, body: Body, cost: u64) {
+        let _ = self.tx.send((
+            Reply {
+                cookie,
+                offset,
+                body,
+            },
+            cost,
+        ));
     }
 
-    fn dispatch(&mut self, cookie: u64, cmd: Command) -> Result<(), ConnError> {
+    fn dispatch(&mut self, cookie: u64, req_offset: u64, cmd: Command) -> Result<(), ConnError> {
+        // Zero-length writes, trims, zeroes and cache hints change nothing: answered here.
+        let empty = match cmd {
+            Command::Write { len, .. } => len == 0,
+            Command::Trim { len, .. }
+            | Command::Cache { len, .. }
+            | Command::WriteZeroes { len, .. } => len == 0,
+            _ => false,
+        };
+        if empty {
+            self.budget.acquire(0);
+            self.answer(cookie, req_offset, Body::Ok, 0);
+            return Ok(());
+        }
         match cmd {
             Command::Read { offset, len, df } => {
                 let cost = u64::from(len);
@@ -270,7 +329,7 @@ impl Reader {
                 let all_hole =
                     len == 0 || (holes.len() == 1 && holes[0] == (offset, u64::from(len)));
                 if all_hole {
-                    self.answer(cookie, Body::Zeros { offset, len, df }, cost);
+                    self.answer(cookie, offset, Body::Zeros { offset, len, df }, cost);
                     return Ok(());
                 }
                 let tx = self.tx.clone();
@@ -291,7 +350,12 @@ impl Reader {
                             },
                             Err(e) => engine_error(&e),
                         };
-                        let _ = tx.send((Reply { cookie, body }, cost));
+                        let reply = Reply {
+                            cookie,
+                            offset,
+                            body,
+                        };
+                        let _ = tx.send((reply, cost));
                     }),
                 );
             }
@@ -307,21 +371,19 @@ impl Reader {
                     }
                 }
                 self.totals.bytes_written += cost;
-                self.submit(cookie, Request::Write { offset, data, fua }, cost);
+                self.submit(cookie, offset, Request::Write { offset, data, fua }, cost);
             }
             Command::Flush => {
                 self.budget.acquire(0);
-                self.submit(cookie, Request::Flush, 0);
+                self.submit(cookie, req_offset, Request::Flush, 0);
             }
             Command::Trim { offset, len, fua } => {
                 self.budget.acquire(0);
-                let len = u64::from(len);
-                self.submit(cookie, Request::Trim { offset, len, fua }, 0);
+                self.submit(cookie, offset, Request::Trim { offset, len, fua }, 0);
             }
             Command::Cache { offset, len } => {
                 self.budget.acquire(0);
-                let len = u64::from(len);
-                self.submit(cookie, Request::Cache { offset, len }, 0);
+                self.submit(cookie, offset, Request::Cache { offset, len }, 0);
             }
             Command::WriteZeroes {
                 offset,
@@ -330,14 +392,13 @@ impl Reader {
                 fua,
             } => {
                 self.budget.acquire(0);
-                let len = u64::from(len);
                 let req = Request::WriteZeroes {
                     offset,
                     len,
                     punch,
                     fua,
                 };
-                self.submit(cookie, req, 0);
+                self.submit(cookie, offset, req, 0);
             }
             Command::BlockStatus {
                 offset,
@@ -345,9 +406,9 @@ impl Reader {
                 req_one,
             } => {
                 self.budget.acquire(0);
-                let extents = self.backend.allocation(offset, u64::from(len));
+                let extents = self.backend.allocation(offset, len);
                 let contexts = block_status(&extents, self.limits.contexts, req_one, len);
-                self.answer(cookie, Body::BlockStatus { contexts }, 0);
+                self.answer(cookie, offset, Body::BlockStatus { contexts }, 0);
             }
             Command::Disc => {}
         }
@@ -355,7 +416,7 @@ impl Reader {
     }
 
     /// Submits a request whose success is a plain OK.
-    fn submit(&mut self, cookie: u64, req: Request, cost: u64) {
+    fn submit(&mut self, cookie: u64, offset: u64, req: Request, cost: u64) {
         let tx = self.tx.clone();
         self.backend.submit(
             self.core,
@@ -365,7 +426,12 @@ impl Reader {
                     Ok(_) => Body::Ok,
                     Err(e) => engine_error(&e),
                 };
-                let _ = tx.send((Reply { cookie, body }, cost));
+                let reply = Reply {
+                    cookie,
+                    offset,
+                    body,
+                };
+                let _ = tx.send((reply, cost));
             }),
         );
     }
@@ -388,17 +454,16 @@ pub fn block_status(
     extents: &[Extent],
     ctx: MetaContexts,
     req_one: bool,
-    len: u32,
-) -> Vec<(u32, Vec<(u32, u32)>)> {
+    len: u64,
+) -> Vec<(u32, Vec<(u64, u32)>)> {
     let mut out = Vec::new();
     let mut one = |id: u32, status: fn(ExtentKind) -> u32| {
-        let mut v: Vec<(u32, u32)> = Vec::new();
+        let mut v: Vec<(u64, u32)> = Vec::new();
         for e in extents {
             let flags = status(e.kind);
-            let l = u32::try_from(e.len).unwrap_or(u32::MAX);
             match v.last_mut() {
-                Some(last) if last.1 == flags => last.0 = last.0.saturating_add(l),
-                _ => v.push((l, flags)),
+                Some(last) if last.1 == flags => last.0 += e.len,
+                _ => v.push((e.len, flags)),
             }
         }
         if v.is_empty() {
@@ -434,7 +499,7 @@ pub fn block_status(
 /// Returns (READ bytes sent, error replies sent).
 fn writer_loop(
     sock: Sock,
-    structured: bool,
+    framing: Framing,
     rx: Receiver<Outgoing>,
     budget: &Budget,
 ) -> (u64, u64) {
@@ -448,7 +513,7 @@ fn writer_loop(
                 Body::Error { .. } => errors += 1,
                 _ => {}
             }
-            if let Err(e) = reply::send(&sock, structured, &reply) {
+            if let Err(e) = reply::send(&sock, framing, &reply) {
                 tracing::debug!(error = %e, "reply not sent; client gone");
                 broken = true;
                 // Wake the reader if it is blocked reading from a dead peer.
@@ -513,7 +578,9 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
-        let t = std::thread::spawn(move || serve(Sock::Unix(a), 1, 0, &cfg));
+        let t = std::thread::spawn(move || {
+            serve(Sock::Unix(a), 1, 0, &cfg);
+        });
         (b, t, disk)
     }
 
@@ -548,7 +615,7 @@ mod tests {
             kind,
             cookie,
             offset,
-            len,
+            len: u64::from(len),
         };
         c.write_all(&h.encode()).unwrap();
     }

@@ -2,7 +2,8 @@
 //! `EXPORT_NAME`. Works on any `Read + Write` stream, so it is tested against byte fixtures.
 //!
 //! Supported options: `EXPORT_NAME` (with `NO_ZEROES`), `ABORT`, `LIST`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`. Every other option is answered
+//! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`. Every other
+//! option is answered
 //! `ERR_UNSUP` and haggling continues.
 
 use std::io::{self, Read, Write};
@@ -39,8 +40,10 @@ impl MetaContexts {
 pub struct Negotiated {
     /// The export the client entered transmission on.
     pub export: Export,
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (implied by extended headers).
     pub structured: bool,
+    /// Extended headers were negotiated: 32-byte requests and replies.
+    pub extended: bool,
     /// The meta contexts selected for this export (empty unless structured).
     pub contexts: MetaContexts,
     /// Transmission flags sent to the client.
@@ -78,7 +81,11 @@ pub fn negotiate<S: Read + Write>(
     stream.flush()?;
 
     let mut cf = [0u8; 4];
-    stream.read_exact(&mut cf)?;
+    match stream.read_exact(&mut cf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(HandshakeError::Ended),
+        Err(e) => return Err(e.into()),
+    }
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!(
@@ -88,6 +95,7 @@ pub fn negotiate<S: Read + Write>(
     let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
 
     let mut structured = false;
+    let mut extended = false;
     // Last SET_META_CONTEXT: the export name it named and what it selected.
     let mut selected: Option<(String, MetaContexts)> = None;
 
@@ -138,6 +146,11 @@ pub fn negotiate<S: Read + Write>(
 
         match option {
             wire::OPT_EXPORT_NAME => {
+                if extended {
+                    return Err(HandshakeError::Protocol(
+                        "EXPORT_NAME after extended headers".into(),
+                    ));
+                }
                 let name = String::from_utf8(data)
                     .map_err(|_| HandshakeError::Protocol("export name is not UTF-8".into()))?;
                 let Some(export) = exports.find(&name) else {
@@ -158,6 +171,7 @@ pub fn negotiate<S: Read + Write>(
                 return Ok(Negotiated {
                     export: export.clone(),
                     structured,
+                    extended,
                     contexts,
                     flags,
                 });
@@ -185,6 +199,20 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 }
+                structured = true;
+                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
+            }
+            wire::OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_err(
+                        stream,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "EXTENDED_HEADERS takes no data",
+                    )?;
+                    continue;
+                }
+                extended = true;
                 structured = true;
                 stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
             }
@@ -227,6 +255,7 @@ pub fn negotiate<S: Read + Write>(
                     return Ok(Negotiated {
                         export: export.clone(),
                         structured,
+                        extended,
                         contexts,
                         flags,
                     });
@@ -612,6 +641,28 @@ mod tests {
         ctx.extend_from_slice(b"qemu:allocation-depth");
         assert_eq!(reps[6].2, ctx);
         assert_eq!(reps[7].1, wire::REP_ACK);
+    }
+
+    #[test]
+    fn extended_headers_imply_structured_and_forbid_export_name() {
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXTENDED_HEADERS, &[]));
+        c.extend(opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta("", &["base:allocation"]),
+        ));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let (r, out) = run(c);
+        let n = r.unwrap();
+        assert!(n.extended && n.structured && n.contexts.base_allocation);
+        assert_eq!(
+            replies(&out)[0],
+            (wire::OPT_EXTENDED_HEADERS, wire::REP_ACK, vec![])
+        );
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXTENDED_HEADERS, &[]));
+        c.extend(opt(wire::OPT_EXPORT_NAME, b""));
+        assert!(matches!(run(c).0, Err(HandshakeError::Protocol(_))));
     }
 
     #[test]

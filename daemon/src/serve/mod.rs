@@ -131,6 +131,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -240,14 +241,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(addr) = &args.tcp {
         listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
     }
+    if let Some(pf) = &args.pid_file {
+        std::fs::write(pf, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", pf.display()))?;
+    }
     for l in &listeners {
         l.set_nonblocking()
             .map_err(|e| format!("{}: {e}", l.describe()))?;
         tracing::info!(listen = %l.describe(), "listening");
-    }
-    if let Some(pf) = &args.pid_file {
-        std::fs::write(pf, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("{}: {e}", pf.display()))?;
     }
     if demo {
         let sock_abs = socket
@@ -377,14 +378,17 @@ fn accept_loop(
                 }
             }
             let (cfg, live2) = (cfg.clone(), live.clone());
+            let peer = sock.peer();
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    connection::serve(sock, id, core, &cfg);
+                    let ended = connection::serve(sock, id, core, &cfg);
                     if let Ok(mut m) = live2.socks.lock() {
                         m.remove(&id);
                     }
                     live2.ended.notify_all();
+                    // Logged after the slot is free, so "closed" in the log means it is.
+                    ended.log(id, &peer);
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start a connection thread");
@@ -496,7 +500,49 @@ mod tests {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd_corners.py");
         let out = run_tool(Command::new("/usr/bin/python3").arg(script).arg(&sock));
         assert!(out.contains("checks passed"), "{out}");
-        eprintln!("{list}\n{l}\n{out}");
+        drop(s);
+
+        // QEMU 10 negotiates extended headers: data, holes, zeroing, discard and block status.
+        let s = MemServer::start();
+        let sock = s.sock.display().to_string();
+        let uri = format!("nbd+unix:///?socket={sock}");
+        let io = run_tool(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "read -P 0 4M 64k",
+            "-c",
+            "read -P 0xab 4194300 4",
+            "-c",
+            "write -P 0x5a 5M 4k",
+            "-c",
+            "read -P 0x5a 5M 4k",
+            "-c",
+            "write -z 8k 8k",
+            "-c",
+            "read -P 0 8k 8k",
+            "-c",
+            "discard 64k 64k",
+            "-c",
+            "flush",
+            &uri,
+        ]));
+        assert!(!io.contains("failed"), "{io}");
+        let map =
+            run_tool(Command::new("qemu-img").args(["map", "-f", "raw", "--output=json", &uri]));
+        assert!(map.contains("\"start\": 4194304, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "{map}");
+        let ro = run_tool(Command::new("qemu-io").args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 4k",
+            &format!("nbd+unix:///ro?socket={sock}"),
+        ]));
+        assert!(!ro.contains("failed"), "{ro}");
+        eprintln!("{list}\n{l}\n{io}\n{map}");
     }
 
     #[test]

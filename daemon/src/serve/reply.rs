@@ -34,7 +34,7 @@ pub enum Body {
     Zeros { offset: u64, len: u32, df: bool },
     /// BLOCK_STATUS: per selected context, its id and `(length, flags)` extents.
     BlockStatus {
-        contexts: Vec<(u32, Vec<(u32, u32)>)>,
+        contexts: Vec<(u32, Vec<(u64, u32)>)>,
     },
 }
 
@@ -43,6 +43,8 @@ pub enum Body {
 pub struct Reply {
     /// The request's cookie.
     pub cookie: u64,
+    /// The request's offset (echoed in extended reply headers).
+    pub offset: u64,
     /// The answer.
     pub body: Body,
 }
@@ -77,12 +79,64 @@ impl Framed {
     }
 }
 
-/// Frames `reply` for a connection that did (`structured`) or did not negotiate structured
-/// replies.
-fn frame(structured: bool, reply: &Reply) -> Framed {
-    let mut f = Framed::default();
+/// How replies are framed on a connection, fixed by the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// 16-byte simple replies only.
+    Simple,
+    /// Structured replies: READ and BLOCK_STATUS as 20-byte-header chunks, the rest simple.
+    Structured,
+    /// Extended headers: every reply is 32-byte-header chunks.
+    Extended,
+}
+
+/// Builds the chunks of one reply.
+struct Framer {
+    f: Framed,
+    mode: Framing,
+    cookie: u64,
+    req_offset: u64,
+}
+
+impl Framer {
+    /// A chunk header (20 bytes, or 32 with extended headers).
+    fn chunk(&mut self, done: bool, kind: u16, len: u64) {
+        let flags = if done { wire::REPLY_FLAG_DONE } else { 0 };
+        if self.mode == Framing::Extended {
+            let h = wire::extended_header(flags, kind, self.cookie, self.req_offset, len);
+            self.f.head(&h);
+        } else {
+            let h = wire::chunk_header(flags, kind, self.cookie, len as u32);
+            self.f.head(&h);
+        }
+    }
+
+    fn data(&mut self, offset: u64, len: usize, done: bool) {
+        self.chunk(done, wire::REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
+        self.f.head(&offset.to_be_bytes());
+    }
+
+    fn hole(&mut self, offset: u64, len: u64, done: bool) {
+        self.chunk(done, wire::REPLY_TYPE_OFFSET_HOLE, 12);
+        self.f.head(&offset.to_be_bytes());
+        self.f.head(&(len as u32).to_be_bytes());
+    }
+
+    /// Success without payload: a simple reply, or a NONE chunk with extended headers.
+    fn ok(&mut self) {
+        if self.mode == Framing::Extended {
+            self.chunk(true, wire::REPLY_TYPE_NONE, 0);
+        } else {
+            self.f.head(&wire::simple_reply(0, self.cookie));
+        }
+    }
+}
+
+/// Frames `reply` for a connection with framing `mode`.
+fn frame(mode: Framing, reply: &Reply) -> Framed {
     let cookie = reply.cookie;
-    if !structured {
+    if mode == Framing::Simple {
+        let mut f = Framed::default();
         match &reply.body {
             Body::Ok => f.head(&wire::simple_reply(0, cookie)),
             Body::Error { error, .. } => f.head(&wire::simple_reply(*error, cookie)),
@@ -99,28 +153,29 @@ fn frame(structured: bool, reply: &Reply) -> Framed {
         }
         return f;
     }
+    let mut fr = Framer {
+        f: Framed::default(),
+        mode,
+        cookie,
+        req_offset: reply.offset,
+    };
     match &reply.body {
-        Body::Ok => f.head(&wire::simple_reply(0, cookie)),
+        Body::Ok => fr.ok(),
         Body::Error { error, message } => {
             let msg = truncate(message, 1024);
-            f.head(&wire::chunk_header(
-                wire::REPLY_FLAG_DONE,
-                wire::REPLY_TYPE_ERROR,
-                cookie,
-                6 + msg.len() as u32,
-            ));
-            f.head(&error.to_be_bytes());
-            f.head(&(msg.len() as u16).to_be_bytes());
-            f.head(msg.as_bytes());
+            fr.chunk(true, wire::REPLY_TYPE_ERROR, 6 + msg.len() as u64);
+            fr.f.head(&error.to_be_bytes());
+            fr.f.head(&(msg.len() as u16).to_be_bytes());
+            fr.f.head(msg.as_bytes());
         }
         Body::Zeros { offset, len, df } => {
             if *len == 0 {
-                f.head(&none_chunk(cookie));
+                fr.chunk(true, wire::REPLY_TYPE_NONE, 0);
             } else if *df {
-                data_chunk(&mut f, cookie, *offset, *len as usize, true);
-                f.segs.push(Seg::Zeros(*len as usize));
+                fr.data(*offset, *len as usize, true);
+                fr.f.segs.push(Seg::Zeros(*len as usize));
             } else {
-                hole_chunk(&mut f, cookie, *offset, u64::from(*len), true);
+                fr.hole(*offset, u64::from(*len), true);
             }
         }
         Body::Read {
@@ -130,10 +185,10 @@ fn frame(structured: bool, reply: &Reply) -> Framed {
             df,
         } => {
             if data.is_empty() {
-                f.head(&none_chunk(cookie));
+                fr.chunk(true, wire::REPLY_TYPE_NONE, 0);
             } else if *df || holes.is_empty() {
-                data_chunk(&mut f, cookie, *offset, data.len(), true);
-                f.segs.push(Seg::Data(0, data.len()));
+                fr.data(*offset, data.len(), true);
+                fr.f.segs.push(Seg::Data(0, data.len()));
             } else {
                 // Alternate data runs and holes; the last chunk carries DONE.
                 let end = offset + data.len() as u64;
@@ -145,15 +200,15 @@ fn frame(structured: bool, reply: &Reply) -> Framed {
                             holes.next();
                             let hend = (h + hl).min(end);
                             if hend > pos {
-                                hole_chunk(&mut f, cookie, pos, hend - pos, hend == end);
+                                fr.hole(pos, hend - pos, hend == end);
                                 pos = hend;
                             }
                         }
                         next => {
                             let dend = next.map_or(end, |&&(h, _)| h.min(end));
                             let (a, b) = ((pos - offset) as usize, (dend - offset) as usize);
-                            data_chunk(&mut f, cookie, pos, b - a, dend == end);
-                            f.segs.push(Seg::Data(a, b));
+                            fr.data(pos, b - a, dend == end);
+                            fr.f.segs.push(Seg::Data(a, b));
                             pos = dend;
                         }
                     }
@@ -163,51 +218,32 @@ fn frame(structured: bool, reply: &Reply) -> Framed {
         Body::BlockStatus { contexts } => {
             for (i, (id, extents)) in contexts.iter().enumerate() {
                 let last = i + 1 == contexts.len();
-                f.head(&wire::chunk_header(
-                    if last { wire::REPLY_FLAG_DONE } else { 0 },
-                    wire::REPLY_TYPE_BLOCK_STATUS,
-                    cookie,
-                    4 + 8 * extents.len() as u32,
-                ));
-                f.head(&id.to_be_bytes());
-                for (len, flags) in extents {
-                    f.head(&len.to_be_bytes());
-                    f.head(&flags.to_be_bytes());
+                let n = extents.len() as u64;
+                if mode == Framing::Extended {
+                    fr.chunk(last, wire::REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * n);
+                    fr.f.head(&id.to_be_bytes());
+                    fr.f.head(&(n as u32).to_be_bytes());
+                    for (len, flags) in extents {
+                        fr.f.head(&len.to_be_bytes());
+                        fr.f.head(&u64::from(*flags).to_be_bytes());
+                    }
+                } else {
+                    fr.chunk(last, wire::REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+                    fr.f.head(&id.to_be_bytes());
+                    for (len, flags) in extents {
+                        // Compact requests are under 4 GiB, so are their extents.
+                        let l = u32::try_from(*len).unwrap_or(u32::MAX);
+                        fr.f.head(&l.to_be_bytes());
+                        fr.f.head(&flags.to_be_bytes());
+                    }
                 }
             }
             if contexts.is_empty() {
-                f.head(&none_chunk(cookie));
+                fr.chunk(true, wire::REPLY_TYPE_NONE, 0);
             }
         }
     }
-    f
-}
-
-fn none_chunk(cookie: u64) -> [u8; wire::CHUNK_HEADER_LEN] {
-    wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, cookie, 0)
-}
-
-fn data_chunk(f: &mut Framed, cookie: u64, offset: u64, len: usize, done: bool) {
-    let flags = if done { wire::REPLY_FLAG_DONE } else { 0 };
-    f.head(&wire::chunk_header(
-        flags,
-        wire::REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        8 + len as u32,
-    ));
-    f.head(&offset.to_be_bytes());
-}
-
-fn hole_chunk(f: &mut Framed, cookie: u64, offset: u64, len: u64, done: bool) {
-    let flags = if done { wire::REPLY_FLAG_DONE } else { 0 };
-    f.head(&wire::chunk_header(
-        flags,
-        wire::REPLY_TYPE_OFFSET_HOLE,
-        cookie,
-        12,
-    ));
-    f.head(&offset.to_be_bytes());
-    f.head(&(len as u32).to_be_bytes());
+    fr.f
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.
@@ -254,8 +290,8 @@ fn reply_data(reply: &Reply) -> Option<&[u8]> {
 
 /// The reply's bytes in one vector (for tests).
 #[cfg(test)]
-pub fn encode(structured: bool, reply: &Reply) -> Vec<u8> {
-    let f = frame(structured, reply);
+pub fn encode(mode: Framing, reply: &Reply) -> Vec<u8> {
+    let f = frame(mode, reply);
     let mut v = Vec::new();
     for s in slices(&f, reply_data(reply)) {
         v.extend_from_slice(&s);
@@ -265,8 +301,8 @@ pub fn encode(structured: bool, reply: &Reply) -> Vec<u8> {
 
 /// Sends `reply` on `sock` with as few `sendmsg` calls as possible (one, unless it has more than
 /// [`MAX_IOV`] pieces or the kernel takes it partially). `MSG_NOSIGNAL` always.
-pub fn send(sock: &impl AsRawFd, structured: bool, reply: &Reply) -> io::Result<()> {
-    let f = frame(structured, reply);
+pub fn send(sock: &impl AsRawFd, mode: Framing, reply: &Reply) -> io::Result<()> {
+    let f = frame(mode, reply);
     let all = slices(&f, reply_data(reply));
     send_all(sock.as_raw_fd(), &all)
 }
@@ -332,6 +368,7 @@ mod tests {
     #[test]
     fn simple_read_is_header_then_data() {
         let r = Reply {
+            offset: 0,
             cookie: 5,
             body: Body::Read {
                 offset: 0,
@@ -342,8 +379,9 @@ mod tests {
         };
         let mut want = wire::simple_reply(0, 5).to_vec();
         want.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(encode(false, &r), want);
+        assert_eq!(encode(Framing::Simple, &r), want);
         let z = Reply {
+            offset: 0,
             cookie: 5,
             body: Body::Zeros {
                 offset: 0,
@@ -351,7 +389,7 @@ mod tests {
                 df: false,
             },
         };
-        let e = encode(false, &z);
+        let e = encode(Framing::Simple, &z);
         assert_eq!(e.len(), 16 + 70_000);
         assert!(e[16..].iter().all(|&b| b == 0));
     }
@@ -362,6 +400,7 @@ mod tests {
         let mut data = vec![7u8; 3072];
         data[1024..2048].fill(0);
         let r = Reply {
+            offset: 0,
             cookie: 9,
             body: Body::Read {
                 offset: 1024,
@@ -370,7 +409,7 @@ mod tests {
                 df: false,
             },
         };
-        let e = encode(true, &r);
+        let e = encode(Framing::Structured, &r);
         let mut want = Vec::new();
         want.extend_from_slice(&wire::chunk_header(
             0,
@@ -395,6 +434,7 @@ mod tests {
 
         // With DF the same read is one data chunk.
         let r = Reply {
+            offset: 0,
             cookie: 9,
             body: Body::Read {
                 offset: 1024,
@@ -403,7 +443,7 @@ mod tests {
                 df: true,
             },
         };
-        let e = encode(true, &r);
+        let e = encode(Framing::Structured, &r);
         assert_eq!(e.len(), 20 + 8 + 3072);
         assert_eq!(&e[4..6], &wire::REPLY_FLAG_DONE.to_be_bytes());
     }
@@ -411,6 +451,7 @@ mod tests {
     #[test]
     fn structured_hole_at_the_end_carries_done() {
         let r = Reply {
+            offset: 0,
             cookie: 1,
             body: Body::Read {
                 offset: 0,
@@ -419,7 +460,7 @@ mod tests {
                 df: false,
             },
         };
-        let e = encode(true, &r);
+        let e = encode(Framing::Structured, &r);
         assert_eq!(e.len(), 20 + 8 + 512 + 20 + 12);
         let hole = &e[20 + 8 + 512..];
         assert_eq!(&hole[4..8], &[0, 1, 0, 2]);
@@ -429,6 +470,7 @@ mod tests {
     #[test]
     fn error_and_status_chunks() {
         let r = Reply {
+            offset: 0,
             cookie: 3,
             body: Body::Error {
                 error: wire::NBD_EINVAL,
@@ -438,16 +480,17 @@ mod tests {
         let mut want =
             wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, 3, 9).to_vec();
         want.extend_from_slice(&[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
-        assert_eq!(encode(true, &r), want);
-        assert_eq!(encode(false, &r), wire::simple_reply(22, 3));
+        assert_eq!(encode(Framing::Structured, &r), want);
+        assert_eq!(encode(Framing::Simple, &r), wire::simple_reply(22, 3));
 
         let r = Reply {
+            offset: 0,
             cookie: 3,
             body: Body::BlockStatus {
                 contexts: vec![(1, vec![(512, 0), (1024, 3)]), (2, vec![(1536, 1)])],
             },
         };
-        let e = encode(true, &r);
+        let e = encode(Framing::Structured, &r);
         assert_eq!(e.len(), 20 + 4 + 16 + 20 + 4 + 8);
         assert_eq!(&e[4..6], &[0, 0]); // first chunk not DONE
         assert_eq!(
@@ -458,10 +501,49 @@ mod tests {
     }
 
     #[test]
+    fn extended_framing_uses_32_byte_headers_everywhere() {
+        let ok = Reply {
+            offset: 4096,
+            cookie: 8,
+            body: Body::Ok,
+        };
+        assert_eq!(
+            encode(Framing::Extended, &ok),
+            wire::extended_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, 8, 4096, 0)
+        );
+        let st = Reply {
+            offset: 0,
+            cookie: 8,
+            body: Body::BlockStatus {
+                contexts: vec![(1, vec![(5 << 30, 3)])],
+            },
+        };
+        let e = encode(Framing::Extended, &st);
+        assert_eq!(e.len(), 32 + 8 + 16);
+        assert_eq!(&e[6..8], &wire::REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
+        assert_eq!(&e[32..40], &[0, 0, 0, 1, 0, 0, 0, 1]);
+        assert_eq!(&e[40..48], &(5u64 << 30).to_be_bytes());
+        assert_eq!(&e[48..56], &3u64.to_be_bytes());
+        let rd = Reply {
+            offset: 512,
+            cookie: 8,
+            body: Body::Zeros {
+                offset: 512,
+                len: 1024,
+                df: false,
+            },
+        };
+        let e = encode(Framing::Extended, &rd);
+        assert_eq!(e.len(), 32 + 12);
+        assert_eq!(&e[24..32], &12u64.to_be_bytes());
+    }
+
+    #[test]
     fn send_writes_everything_through_a_socket() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
         let reply = Reply {
+            offset: 0,
             cookie: 77,
             body: Body::Read {
                 offset: 0,
@@ -470,9 +552,9 @@ mod tests {
                 df: false,
             },
         };
-        let want = encode(true, &reply);
+        let want = encode(Framing::Structured, &reply);
         let t = std::thread::spawn(move || {
-            send(&a, true, &reply).unwrap();
+            send(&a, Framing::Structured, &reply).unwrap();
         });
         let mut got = vec![0u8; want.len()];
         b.read_exact(&mut got).unwrap();

@@ -12,6 +12,10 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Magic of a 28-byte request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a 32-byte extended request.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of a 32-byte extended reply header.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 /// Magic of a 16-byte simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a 20-byte structured reply chunk header.
@@ -47,6 +51,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -79,6 +84,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the length field is the payload's length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Structured reply flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -86,6 +93,7 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = 0x8001;
 
 /// Error values on the wire (never raw errno of the host).
@@ -113,6 +121,10 @@ pub const MIN_BLOCK: u32 = 1;
 
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Size of an extended reply header.
+pub const EXTENDED_REPLY_LEN: usize = 32;
 /// Size of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured chunk header.
@@ -132,7 +144,7 @@ pub fn nbd_error_from_errno(errno: i32) -> u32 {
     }
 }
 
-/// A decoded 28-byte transmission request header.
+/// A decoded transmission request header (28-byte compact or 32-byte extended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
     /// Command flags (`CMD_FLAG_*`).
@@ -143,8 +155,8 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Byte offset.
     pub offset: u64,
-    /// Byte length (payload length for WRITE).
-    pub len: u32,
+    /// Byte length (payload length for WRITE); at most `u32::MAX` in compact headers.
+    pub len: u64,
 }
 
 /// Why a request header could not be decoded.
@@ -167,7 +179,22 @@ impl RequestHeader {
             kind: be16(b, 6),
             cookie: be64(b, 8),
             offset: be64(b, 16),
-            len: be32(b, 24),
+            len: u64::from(be32(b, 24)),
+        })
+    }
+
+    /// Decodes an extended request header.
+    pub fn parse_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<RequestHeader, FrameError> {
+        let magic = be32(b, 0);
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        Ok(RequestHeader {
+            flags: be16(b, 4),
+            kind: be16(b, 6),
+            cookie: be64(b, 8),
+            offset: be64(b, 16),
+            len: be64(b, 24),
         })
     }
 
@@ -180,7 +207,7 @@ impl RequestHeader {
         b[6..8].copy_from_slice(&self.kind.to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
         b
     }
 }
@@ -202,6 +229,24 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; CHUNK_
     b[6..8].copy_from_slice(&kind.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// An extended reply header: magic, flags, type, cookie, the request's offset, payload length.
+pub fn extended_header(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> [u8; EXTENDED_REPLY_LEN] {
+    let mut b = [0u8; EXTENDED_REPLY_LEN];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&len.to_be_bytes());
     b
 }
 
@@ -300,6 +345,26 @@ mod tests {
             }
         );
         assert_eq!(h.encode(), fixture);
+    }
+
+    #[test]
+    fn extended_request_fixture() {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&[0x21, 0xe4, 0x1c, 0x71]);
+        b[4..6].copy_from_slice(&CMD_FLAG_PAYLOAD_LEN.to_be_bytes());
+        b[6..8].copy_from_slice(&CMD_WRITE.to_be_bytes());
+        b[8..16].copy_from_slice(&9u64.to_be_bytes());
+        b[16..24].copy_from_slice(&512u64.to_be_bytes());
+        b[24..32].copy_from_slice(&(5u64 << 32).to_be_bytes());
+        let h = RequestHeader::parse_extended(&b).unwrap();
+        assert_eq!(
+            (h.kind, h.cookie, h.offset, h.len),
+            (CMD_WRITE, 9, 512, 5 << 32)
+        );
+        assert!(RequestHeader::parse(&b[..28].try_into().unwrap()).is_err());
+        let e = extended_header(1, 6, 2, 3, 4);
+        assert_eq!(&e[..8], &[0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 6]);
+        assert_eq!(&e[24..], &4u64.to_be_bytes());
     }
 
     #[test]

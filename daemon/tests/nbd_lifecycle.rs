@@ -1,0 +1,376 @@
+//! `addcow serve` as a process: hostile clients, SIGKILL + restart, SIGTERM shutdown, the demo,
+//! socket hygiene (mode, stale socket, pid file), `--max-connections`, TCP and systemd sockets.
+
+mod nbd_support;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nbd_support::{qemu_io, run, run_raw, Daemon, Fixture};
+
+const MIB: u64 = 1 << 20;
+
+/// Client half of a good handshake (fixed newstyle, no zeroes, GO to the default export).
+fn handshake(s: &mut UnixStream) {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    s.write_all(&[0, 0, 0, 3]).unwrap();
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&7u32.to_be_bytes());
+    o.extend_from_slice(&6u32.to_be_bytes());
+    o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    s.write_all(&o).unwrap();
+    // INFO_EXPORT (20+12), BLOCK_SIZE (20+14), ACK (20).
+    let mut r = [0u8; 86];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(&r[78..82], &1u32.to_be_bytes(), "GO acked");
+}
+
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Reads until EOF (the daemon closed the connection); bounded by a read timeout.
+fn read_to_close(s: &mut UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut v = Vec::new();
+    let _ = s.read_to_end(&mut v);
+    v
+}
+
+#[test]
+fn hostile_clients_do_not_disturb_a_good_one() {
+    let fx = Fixture::new(8 * MIB);
+    let d = Daemon::start(&fx.path("s.sock"), &[fx.overlay().to_str().unwrap()]);
+    let uri = d.uri();
+    // A good client keeps working in the background the whole time.
+    let good_uri = uri.clone();
+    let good = std::thread::spawn(move || {
+        for i in 0..20 {
+            let p = format!("0x{:x}", 0x10 + i);
+            qemu_io(
+                &good_uri,
+                &[
+                    &format!("aio_write -P {p} 1M 256k"),
+                    "aio_flush",
+                    &format!("read -P {p} 1M 256k"),
+                    "read -P 0xab 2M 64k",
+                ],
+            );
+        }
+    });
+
+    let sock = d.sock.clone();
+    let connect = || UnixStream::connect(&sock).unwrap();
+    // 1. Garbage instead of client flags / options.
+    let mut s = connect();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&[0xff; 64]).unwrap();
+    read_to_close(&mut s);
+    // 2. Option with a huge length.
+    let mut s = connect();
+    s.read_exact(&mut g).unwrap();
+    let mut o = vec![0, 0, 0, 3];
+    o.extend_from_slice(b"IHAVEOPT");
+    o.extend_from_slice(&7u32.to_be_bytes());
+    o.extend_from_slice(&u32::MAX.to_be_bytes());
+    s.write_all(&o).unwrap();
+    read_to_close(&mut s);
+    // 3. Vanish mid-option.
+    let mut s = connect();
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&[0, 0, 0, 3, b'I', b'H']).unwrap();
+    drop(s);
+    // 4. After a good handshake: unknown command gets EINVAL and the connection goes on.
+    let mut s = connect();
+    handshake(&mut s);
+    s.write_all(&request(99, 0, 1, 0, 0)).unwrap();
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(
+        &r[4..8],
+        &22u32.to_be_bytes(),
+        "EINVAL for an unknown command"
+    );
+    // Write past the end: ENOSPC, payload drained, next request fine.
+    s.write_all(&request(1, 0, 2, 8 * MIB, 512)).unwrap();
+    s.write_all(&[7u8; 512]).unwrap();
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(&r[4..8], &28u32.to_be_bytes(), "ENOSPC past the end");
+    s.write_all(&request(0, 0, 3, 0, 16)).unwrap();
+    let mut rr = [0u8; 32];
+    s.read_exact(&mut rr).unwrap();
+    assert_eq!(&rr[4..8], &[0, 0, 0, 0]);
+    assert_eq!(&rr[16..], &[0xab; 16]);
+    // Then garbage: the connection closes.
+    s.write_all(&[0x42; 28]).unwrap();
+    read_to_close(&mut s);
+    // 5. Oversized write length: closed, not allocated.
+    let mut s = connect();
+    handshake(&mut s);
+    s.write_all(&request(1, 0, 4, 0, u32::MAX)).unwrap();
+    read_to_close(&mut s);
+    // 6. Truncated header, then vanish; and vanish in the middle of a write payload.
+    let mut s = connect();
+    handshake(&mut s);
+    s.write_all(&request(0, 0, 5, 0, 512)[..10]).unwrap();
+    drop(s);
+    let mut s = connect();
+    handshake(&mut s);
+    s.write_all(&request(1, 0, 6, 0, 65536)).unwrap();
+    s.write_all(&[1u8; 1000]).unwrap();
+    drop(s);
+    // 7. Many requests, then vanish without reading replies.
+    let mut s = connect();
+    handshake(&mut s);
+    for i in 0..300 {
+        s.write_all(&request(0, 0, i, 0, 65536)).unwrap();
+    }
+    drop(s);
+
+    good.join()
+        .expect("good client failed while hostile clients ran");
+    // The half-written 64 KiB write never reached the disk.
+    qemu_io(&uri, &["read -P 0xab 0 1000"]);
+    run("nbdinfo", &[&uri]);
+    let log = d.stop();
+    assert!(log.contains("connection closed"), "{log}");
+}
+
+#[test]
+fn flushed_data_survives_sigkill_and_restart() {
+    let fx = Fixture::new(8 * MIB);
+    let sock = fx.path("s.sock");
+    let ov = fx.overlay();
+    let mut d = Daemon::start(&sock, &[ov.to_str().unwrap()]);
+    qemu_io(
+        &d.uri(),
+        &[
+            "write -P 0x77 512k 1M",
+            "write -P 0x78 5M 4097",
+            "write -P 0x79 3 5",
+            "flush",
+        ],
+    );
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    assert!(sock.exists(), "a killed daemon leaves its socket behind");
+    // The restart removes the stale socket, takes the lock again and sees the data.
+    let d = Daemon::start(&sock, &[ov.to_str().unwrap()]);
+    qemu_io(
+        &d.uri(),
+        &[
+            "read -P 0x77 512k 1M",
+            "read -P 0x78 5M 4097",
+            "read -P 0x79 3 5",
+            "read -P 0xab 0 3",
+            "read -P 0 7M 1M",
+        ],
+    );
+    d.stop();
+}
+
+#[test]
+fn sigterm_answers_eshutdown_commits_and_cleans_up() {
+    let fx = Fixture::new(8 * MIB);
+    let sock = fx.path("s.sock");
+    let pid = fx.path("addcow.pid");
+    let ov = fx.overlay();
+    let mut d = Daemon::start(
+        &sock,
+        &[
+            "--pid-file",
+            pid.to_str().unwrap(),
+            "--shutdown-grace",
+            "120",
+            ov.to_str().unwrap(),
+        ],
+    );
+    let pid_text = std::fs::read_to_string(&pid).expect("pid file");
+    assert_eq!(pid_text.trim(), d.pid().to_string());
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+
+    // Unflushed writes, then a client that stays connected through the SIGTERM.
+    qemu_io(&d.uri(), &["write -P 0x3c 1M 64k"]);
+    let script = r#"
+import errno, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x5b" * 4096, 2 << 20)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(512, 0)
+    print("no error")
+except nbd.Error as e:
+    print("errno", e.errnum)
+h.shutdown()
+"#;
+    let mut py = std::process::Command::new("timeout")
+        .args(["120", "/usr/bin/python3", "-c", script, &d.uri()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = py.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    out.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_log("shutting down");
+    assert!(!sock.exists(), "socket removed once accepting stopped");
+    py.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(py.wait().unwrap().success());
+    assert_eq!(rest.trim(), format!("errno {}", libc::ESHUTDOWN));
+    let st = d.wait_exit();
+    assert!(st.success(), "exit status {st}:\n{}", d.log());
+    assert!(!pid.exists(), "pid file removed");
+
+    // Everything written before the signal was committed.
+    let d = Daemon::start(&sock, &[ov.to_str().unwrap()]);
+    qemu_io(&d.uri(), &["read -P 0x3c 1M 64k", "read -P 0x5b 2M 4k"]);
+    d.stop();
+}
+
+#[test]
+fn demo_prints_commands_that_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_in(Some(dir.path()), None, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let banner = loop {
+        let s = d.stdout.lock().unwrap().clone();
+        if s.contains("Stop with") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no demo banner:\n{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(dir.path().join("addcow-demo/disk.add-cow").exists());
+    let cmds: Vec<&str> = banner
+        .lines()
+        .filter_map(|l| l.strip_prefix("  $ "))
+        .collect();
+    assert!(cmds.len() >= 5, "{banner}");
+    for c in &cmds {
+        let out = run_raw("sh", &["-c", c]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "printed command failed: {c}\n{text}");
+        assert!(!text.contains("Pattern verification failed"), "{c}\n{text}");
+    }
+    d.stop();
+    // Second start reuses the demo files.
+    let d = Daemon::start_in(Some(dir.path()), None, &[]);
+    qemu_io(&d.uri(), &["read -P 0x5a 1M 64k"]);
+    d.stop();
+}
+
+#[test]
+fn tcp_socket_mode_and_max_connections() {
+    let fx = Fixture::new(4 * MIB);
+    let sock = fx.path("s.sock");
+    // Pick a free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start(
+        &sock,
+        &[
+            "--socket-mode",
+            "0660",
+            "--tcp",
+            &format!("127.0.0.1:{port}"),
+            "--max-connections",
+            "1",
+            fx.overlay().to_str().unwrap(),
+        ],
+    );
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // One connection held open: a second one is refused (closed at once).
+    let mut held = UnixStream::connect(&sock).unwrap();
+    let mut g = [0u8; 18];
+    held.read_exact(&mut g).unwrap();
+    let mut second = UnixStream::connect(&sock).unwrap();
+    assert!(read_to_close(&mut second).is_empty());
+    d.wait_log("too many connections");
+    drop(held);
+    d.wait_log("connection closed during handshake");
+    qemu_io(&format!("nbd://127.0.0.1:{port}/"), &["read -P 0xab 0 64k"]);
+    d.wait_log("export=");
+    d.wait_log("requests=");
+    d.stop();
+}
+
+#[test]
+fn handshake_time_limit_drops_silent_clients() {
+    let fx = Fixture::new(4 * MIB);
+    let d = Daemon::start(
+        &fx.path("s.sock"),
+        &["--handshake-timeout", "1", fx.overlay().to_str().unwrap()],
+    );
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    // Say nothing: the daemon hangs up after the limit.
+    assert!(read_to_close(&mut s).is_empty());
+    d.wait_log("handshake failed");
+    d.stop();
+}
+
+#[test]
+fn systemd_socket_activation() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fx = Fixture::new(4 * MIB);
+    let sock = fx.path("sd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$1\"",
+        env!("CARGO_BIN_EXE_addcow"),
+        fx.overlay().to_str().unwrap(),
+    ]);
+    // SAFETY: dup2 is async-signal-safe; the child gets the listener as fd 3 (without
+    // close-on-exec) and nothing else changes.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    drop(listener);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = run("nbdinfo", &["--size", &uri]);
+    assert_eq!(out.trim(), (4 * MIB).to_string());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -1,0 +1,271 @@
+//! Shared helpers of the `nbd_*` end-to-end tests: a fixture overlay on disk, the built
+//! `addcow serve` on a temp socket, and real clients run with a time bound.
+//!
+//! Every external tool is required: a missing one fails the test loudly (scripts/test.sh
+//! installs them), it never passes silently.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bound on any single client command.
+pub const TOOL_TIMEOUT_SECS: u32 = 180;
+
+/// A temp dir with `base.raw` (first half of the disk, every byte 0xab) and `disk.add-cow` on it
+/// (virtual size `size`; the second half reads as zeros past the base).
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub size: u64,
+}
+
+impl Fixture {
+    pub fn new(size: u64) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Fixture { dir, size };
+        f.make_overlay("disk");
+        f
+    }
+
+    /// Creates another overlay `NAME.add-cow` (+ `NAME.raw`) on the same base.
+    pub fn make_overlay(&self, name: &str) -> PathBuf {
+        let base = self.path("base.raw");
+        if !base.exists() {
+            std::fs::write(&base, vec![0xab; (self.size / 2) as usize]).expect("write base");
+        }
+        let overlay = self.path(&format!("{name}.add-cow"));
+        addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+            overlay: overlay.clone(),
+            base: Some(base),
+            image: Some(self.path(&format!("{name}.raw"))),
+            size: Some(self.size),
+            force: false,
+        })
+        .expect("create overlay");
+        overlay
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn overlay(&self) -> PathBuf {
+        self.path("disk.add-cow")
+    }
+
+    /// The bytes the fresh disk reads as.
+    pub fn reference(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.size as usize];
+        v[..(self.size / 2) as usize].fill(0xab);
+        v
+    }
+}
+
+/// A running `addcow serve`.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    pub log: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `addcow serve --socket SOCK ARGS...` in `cwd` and waits until it accepts.
+    pub fn start(sock: &Path, args: &[&str]) -> Daemon {
+        Self::start_in(None, Some(sock), args)
+    }
+
+    /// Starts `addcow serve [--socket SOCK] ARGS...` in `cwd` (if given); `sock` is where it
+    /// will listen (waited for).
+    pub fn start_in(cwd: Option<&Path>, sock: Option<&Path>, args: &[&str]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_addcow"));
+        cmd.arg("serve");
+        if let Some(s) = sock {
+            cmd.arg("--socket").arg(s);
+        }
+        cmd.args(args)
+            .env("ADDCOW_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd.spawn().expect("spawn addcow serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        pump(child.stderr.take().expect("stderr"), log.clone(), true);
+        pump(child.stdout.take().expect("stdout"), stdout.clone(), false);
+        let sock = match (sock, cwd) {
+            (Some(s), _) => s.to_path_buf(),
+            (None, Some(d)) => d.join("addcow.sock"),
+            (None, None) => PathBuf::from("addcow.sock"),
+        };
+        let mut d = Daemon {
+            child: Some(child),
+            sock,
+            log,
+            stdout,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Ready once it logged that it listens (bound sockets queue connections); no probe
+        // connection, so connection counts and logs stay exact.
+        loop {
+            if self.log().contains(" listening") {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("addcow serve exited early ({st}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "addcow serve not ready within 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    pub fn uri_of(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Waits (bounded) for the daemon to exit; returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon already reaped");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("addcow serve did not exit:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(mut self) -> String {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let st = self.wait_exit();
+        let log = self.log();
+        assert!(st.success(), "addcow serve exit {st}:\n{log}");
+        log
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn pump(r: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("[addcow] {line}");
+            }
+            if let Ok(mut s) = into.lock() {
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
+}
+
+/// Runs `prog args...` under `timeout`, returns its output (not checked).
+pub fn run_raw(prog: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(TOOL_TIMEOUT_SECS.to_string())
+        .arg(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog} (scripts/test.sh installs it): {e}"))
+}
+
+/// Runs a client and asserts exit 0; returns stdout + stderr. A missing tool fails loudly.
+pub fn run(prog: &str, args: &[&str]) -> String {
+    let out = run_raw(prog, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.code() != Some(127),
+        "{prog} is not installed (scripts/test.sh installs it)"
+    );
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+/// Runs qemu-io commands against `uri`; asserts success and no pattern mismatch.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    out
+}
+
+/// Writes `data` to a new file.
+pub fn write_file(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(data).expect("write");
+}
