@@ -1,0 +1,488 @@
+//! Differential property tests: random sequences of reads, writes (aligned and not, FUA or not),
+//! write-zeroes (punching or not), trims and flushes from several threads against an in-memory
+//! model of the disk; then close, reopen on a fresh engine and compare every byte, both through
+//! the engine and by decoding the files with the independent reference reader.
+//!
+//! `PROPTEST_CASES` sets the number of cases (default 12 per property).
+
+mod support;
+
+use std::thread;
+use std::time::Duration;
+
+use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, ExtentKind, Request};
+use proptest::prelude::*;
+use support::engine::{call, read, write, Fixture};
+use support::pattern;
+use support::reference::RefView;
+
+const SECTORS: u64 = 256; // 128 KiB
+const BASE_SECTORS: u64 = 200;
+const CHUNK: u64 = 4096;
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// One operation; positions are fractions (per mille) of the range the thread picks.
+#[derive(Debug, Clone)]
+enum Op {
+    Read {
+        range: usize,
+        a: u16,
+        b: u16,
+    },
+    Write {
+        range: usize,
+        a: u16,
+        b: u16,
+        aligned: bool,
+        fua: bool,
+    },
+    Zeroes {
+        range: usize,
+        a: u16,
+        b: u16,
+        aligned: bool,
+        punch: bool,
+        fua: bool,
+    },
+    Trim {
+        range: usize,
+        a: u16,
+        b: u16,
+        aligned: bool,
+        fua: bool,
+    },
+    Flush,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let pos = || (any::<usize>(), 0u16..1000, 0u16..1000);
+    prop_oneof![
+        2 => pos().prop_map(|(range, a, b)| Op::Read { range, a, b }),
+        5 => (pos(), any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|((range, a, b), aligned, fua)| Op::Write { range, a, b, aligned, fua }),
+        1 => (pos(), any::<bool>(), any::<bool>(), prop::bool::weighted(0.2)).prop_map(
+            |((range, a, b), aligned, punch, fua)| Op::Zeroes { range, a, b, aligned, punch, fua }
+        ),
+        1 => (pos(), any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|((range, a, b), aligned, fua)| Op::Trim { range, a, b, aligned, fua }),
+        1 => Just(Op::Flush),
+    ]
+}
+
+/// Chunks of 4 KiB shifted by 300 bytes (so neighbours share sectors), dealt round-robin.
+fn owned(thread: usize, threads: usize) -> Vec<(u64, u64)> {
+    let size = SECTORS * 512;
+    let bound = |c: u64| {
+        if c == 0 {
+            0
+        } else {
+            (c * CHUNK + 300).min(size)
+        }
+    };
+    (0..size.div_ceil(CHUNK))
+        .filter(|c| *c as usize % threads == thread)
+        .map(|c| (bound(c), bound(c + 1)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// `[off, off + len)` inside `[lo, hi)` from two per-mille positions; sector-aligned if asked
+/// and possible. Never empty.
+fn place(lo: u64, hi: u64, a: u16, b: u16, aligned: bool) -> (u64, u64) {
+    let (a, b) = (u64::from(a.min(b)), u64::from(a.max(b)));
+    if aligned {
+        let (alo, ahi) = (lo.next_multiple_of(512), hi / 512 * 512);
+        if ahi > alo {
+            let n = (ahi - alo) / 512;
+            let first = (a * n / 1000).min(n - 1);
+            let last = (b * n / 1000).clamp(first, n - 1);
+            return (alo + first * 512, (last - first + 1) * 512);
+        }
+    }
+    let span = hi - lo;
+    let off = lo + (a * span / 1000).min(span - 1);
+    let end = (lo + b * span / 1000).clamp(off + 1, hi);
+    (off, end - off)
+}
+
+fn new_fixture() -> Fixture {
+    Fixture::new(SECTORS, BASE_SECTORS, |s| s % 8 == 2, |s| s % 8 == 5)
+}
+
+// `..default()` fills the recorder field, which exists only with the `crash-recorder` feature.
+#[allow(clippy::needless_update)]
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        cores: 2,
+        queue_depth: 32,
+        arena_bytes: 2 << 20,
+        image_cache: CacheMode::Direct,
+        base_cache: CacheMode::Buffered,
+        commit_delay: Some(Duration::from_millis(5)),
+        ..EngineConfig::default()
+    }
+}
+
+fn initial_disk(fx: &Fixture) -> Vec<u8> {
+    let (meta, image, base) = fx.files();
+    RefView::decode(&meta, &image, Some(&base))
+        .expect("fixture decodes")
+        .read_all()
+}
+
+/// Reopens the overlay on a fresh engine and returns (engine's view, reference reader's view),
+/// after checking the engine's allocation map against the reference reader's bits.
+///
+/// The files are reopened from a copy in a fresh directory: an engine's io_uring rings release
+/// their registered files asynchronously after shutdown, so the first engine's OFD lock may
+/// linger for a moment (reported to the engine's owner; see `reopen_after_shutdown_*`).
+fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
+    let copy = tempfile::tempdir().expect("tempdir");
+    for name in ["disk.add-cow", "disk.raw", "base.img"] {
+        std::fs::copy(fx.dir.path().join(name), copy.path().join(name)).expect("copy overlay");
+    }
+    let engine = Engine::start(engine_config()).expect("engine starts");
+    let disk = engine
+        .open(&copy.path().join("disk.add-cow"), DiskOptions::default())
+        .expect("reopen");
+    let size = disk.size();
+    let mut through_engine = Vec::with_capacity(size as usize);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(48 * 1024);
+        through_engine.extend(read(&disk, 1, off, n as u32).expect("read after reopen"));
+        off += n;
+    }
+    let extents = disk.allocation(0, size);
+    disk.close().expect("close");
+    engine.shutdown().expect("shutdown");
+
+    let (meta, image, base) = fx.files();
+    let view = RefView::decode(&meta, &image, Some(&base)).expect("overlay decodes after close");
+    drop(copy);
+    let mut pos = 0;
+    for e in &extents {
+        assert_eq!(
+            e.offset, pos,
+            "allocation extents are not consecutive: {extents:?}"
+        );
+        for s in e.offset / 512..(e.offset + e.len).div_ceil(512) {
+            let want = if view.bit(s) {
+                ExtentKind::Image
+            } else if s < BASE_SECTORS {
+                ExtentKind::Base
+            } else {
+                ExtentKind::Zero
+            };
+            assert_eq!(e.kind, want, "sector {s}: allocation says {:?}", e.kind);
+        }
+        pos += e.len;
+    }
+    assert_eq!(pos, size, "allocation extents do not cover the disk");
+    (through_engine, view.read_all())
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
+}
+
+/// Threads own disjoint byte ranges (sharing sectors): the model is exact.
+fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
+    let fx = new_fixture();
+    let initial = initial_disk(&fx);
+    let engine = Engine::start(engine_config()).expect("engine starts");
+    let disk = engine.open(&fx.meta, DiskOptions::default()).expect("open");
+    let n = threads.len();
+    let handles: Vec<_> = threads
+        .into_iter()
+        .enumerate()
+        .map(|(t, ops)| {
+            let (engine, disk) = (engine.clone(), disk.clone());
+            let mut model = initial.clone();
+            thread::spawn(move || -> Result<_, String> {
+                let ranges = owned(t, n);
+                for (i, op) in ops.iter().enumerate() {
+                    let core = t + i;
+                    let (lo, hi) = match op {
+                        Op::Flush => (0, 0),
+                        Op::Read { range, .. }
+                        | Op::Write { range, .. }
+                        | Op::Zeroes { range, .. }
+                        | Op::Trim { range, .. } => ranges[range % ranges.len()],
+                    };
+                    match *op {
+                        Op::Flush => call(&disk, core, Request::Flush)
+                            .map(|_| ())
+                            .map_err(|e| format!("flush: {e}"))?,
+                        Op::Read { a, b, .. } => {
+                            let (off, len) = place(lo, hi, a, b, false);
+                            let got = read(&disk, core, off, len as u32)
+                                .map_err(|e| format!("read {off}+{len}: {e}"))?;
+                            let want = &model[off as usize..(off + len) as usize];
+                            if let Some(d) = first_diff(&got, want) {
+                                return Err(format!(
+                                    "op {i}: read {off}+{len}: byte {} is {:#04x}, model {:#04x}",
+                                    off + d as u64,
+                                    got[d],
+                                    want[d]
+                                ));
+                            }
+                        }
+                        Op::Write {
+                            a, b, aligned, fua, ..
+                        } => {
+                            let (off, len) = place(lo, hi, a, b, aligned);
+                            let data =
+                                pattern::write_data((t * 1000 + i) as u64, off, len as usize);
+                            write(&engine, &disk, core, off, &data, fua)
+                                .map_err(|e| format!("write {off}+{len}: {e}"))?;
+                            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        }
+                        Op::Zeroes {
+                            a,
+                            b,
+                            aligned,
+                            punch,
+                            fua,
+                            ..
+                        } => {
+                            let (off, len) = place(lo, hi, a, b, aligned);
+                            let req = Request::WriteZeroes {
+                                offset: off,
+                                len,
+                                punch,
+                                fua,
+                            };
+                            call(&disk, core, req)
+                                .map_err(|e| format!("zeroes {off}+{len}: {e}"))?;
+                            model[off as usize..(off + len) as usize].fill(0);
+                        }
+                        Op::Trim {
+                            a, b, aligned, fua, ..
+                        } => {
+                            let (off, len) = place(lo, hi, a, b, aligned);
+                            let req = Request::Trim {
+                                offset: off,
+                                len,
+                                fua,
+                            };
+                            call(&disk, core, req).map_err(|e| format!("trim {off}+{len}: {e}"))?;
+                            model[off as usize..(off + len) as usize].fill(0);
+                        }
+                    }
+                }
+                Ok((ranges, model))
+            })
+        })
+        .collect();
+    let mut expected = initial;
+    let mut failure = None;
+    for (t, h) in handles.into_iter().enumerate() {
+        match h.join().expect("client thread panicked") {
+            Ok((ranges, model)) => {
+                for (lo, hi) in ranges {
+                    expected[lo as usize..hi as usize]
+                        .copy_from_slice(&model[lo as usize..hi as usize]);
+                }
+            }
+            Err(e) => failure = Some(format!("thread {t}: {e}")),
+        }
+    }
+    disk.close().expect("close");
+    engine.shutdown().expect("shutdown");
+    drop((disk, engine));
+    if let Some(f) = failure {
+        return Err(TestCaseError::fail(f));
+    }
+    let (through_engine, from_files) = reopen_and_read(&fx);
+    if let Some(d) = first_diff(&through_engine, &expected) {
+        return Err(TestCaseError::fail(format!(
+            "after reopen, engine reads byte {d} as {:#04x}, model {:#04x}",
+            through_engine[d], expected[d]
+        )));
+    }
+    if let Some(d) = first_diff(&from_files, &expected) {
+        return Err(TestCaseError::fail(format!(
+            "after close, the files decode byte {d} as {:#04x}, model {:#04x}",
+            from_files[d], expected[d]
+        )));
+    }
+    Ok(())
+}
+
+/// Threads write overlapping small ranges of the same few sectors (allocated, unallocated and
+/// past the base) at once. Order-independent model: each byte must end as the last value some
+/// thread wrote to it (or its initial value if nobody did); bytes outside a write's range are
+/// never lost to another write's read-modify-write.
+fn run_overlapping(threads: Vec<Vec<(u16, u16, bool)>>) -> Result<(), TestCaseError> {
+    // Hot area: sectors 1..4 (2 is pre-allocated), and 198..202 across the base's end.
+    const HOT: [(u64, u64); 2] = [(512, 4 * 512), (198 * 512, 202 * 512)];
+    let fx = new_fixture();
+    let initial = initial_disk(&fx);
+    let engine = Engine::start(engine_config()).expect("engine starts");
+    let disk = engine.open(&fx.meta, DiskOptions::default()).expect("open");
+    let handles: Vec<_> = threads
+        .into_iter()
+        .enumerate()
+        .map(|(t, ops)| {
+            let (engine, disk) = (engine.clone(), disk.clone());
+            thread::spawn(move || -> Result<Vec<Option<u8>>, String> {
+                let mut last = vec![None; (SECTORS * 512) as usize];
+                for (i, (a, b, high)) in ops.into_iter().enumerate() {
+                    let (lo, hi) = HOT[usize::from(high)];
+                    let (off, len) = place(lo, hi, a, b, false);
+                    let data = pattern::write_data((t * 1000 + i) as u64, off, len as usize);
+                    write(&engine, &disk, t + i, off, &data, false)
+                        .map_err(|e| format!("write {off}+{len}: {e}"))?;
+                    for (k, &byte) in data.iter().enumerate() {
+                        last[off as usize + k] = Some(byte);
+                    }
+                }
+                Ok(last)
+            })
+        })
+        .collect();
+    let mut lasts = Vec::new();
+    let mut failure = None;
+    for h in handles {
+        match h.join().expect("client thread panicked") {
+            Ok(l) => lasts.push(l),
+            Err(e) => failure = Some(e),
+        }
+    }
+    disk.close().expect("close");
+    engine.shutdown().expect("shutdown");
+    drop((disk, engine));
+    if let Some(f) = failure {
+        return Err(TestCaseError::fail(f));
+    }
+    let (through_engine, from_files) = reopen_and_read(&fx);
+    prop_assert!(
+        through_engine == from_files,
+        "engine and reference reader disagree"
+    );
+    for (b, &got) in through_engine.iter().enumerate() {
+        let candidates: Vec<u8> = lasts.iter().filter_map(|l| l[b]).collect();
+        let ok = if candidates.is_empty() {
+            got == initial[b]
+        } else {
+            candidates.contains(&got)
+        };
+        prop_assert!(
+            ok,
+            "byte {b} reads {got:#04x}; allowed {:?} (initial {:#04x})",
+            candidates,
+            initial[b]
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn differential_disjoint_threads(threads in prop::collection::vec(prop::collection::vec(op(), 0..30), 1..=3)) {
+        run_disjoint(threads)?;
+    }
+
+    #[test]
+    fn differential_overlapping_writes(
+        threads in prop::collection::vec(
+            prop::collection::vec((0u16..1000, 0u16..1000, any::<bool>()), 1..12),
+            2..=3,
+        )
+    ) {
+        run_overlapping(threads)?;
+    }
+}
+
+#[test]
+fn differential_single_thread_sanity() {
+    // A fixed sequence touching every request kind, as a quick smoke test with a clear failure.
+    let ops = vec![
+        Op::Write {
+            range: 0,
+            a: 10,
+            b: 900,
+            aligned: false,
+            fua: false,
+        },
+        Op::Read {
+            range: 0,
+            a: 0,
+            b: 999,
+        },
+        Op::Zeroes {
+            range: 1,
+            a: 100,
+            b: 600,
+            aligned: false,
+            punch: true,
+            fua: false,
+        },
+        Op::Trim {
+            range: 2,
+            a: 0,
+            b: 999,
+            aligned: true,
+            fua: true,
+        },
+        Op::Flush,
+        Op::Zeroes {
+            range: 3,
+            a: 5,
+            b: 50,
+            aligned: false,
+            punch: false,
+            fua: false,
+        },
+        Op::Write {
+            range: 4,
+            a: 0,
+            b: 999,
+            aligned: true,
+            fua: true,
+        },
+        Op::Read {
+            range: 1,
+            a: 0,
+            b: 999,
+        },
+    ];
+    run_disjoint(vec![ops]).unwrap();
+}
+
+/// BUG (engine, reported): `Disk::close` + `Engine::shutdown` return while the io_uring rings
+/// still hold the overlay's files (ring teardown releases registered files asynchronously), so
+/// reopening the overlay right away in the same process can fail with `Locked`. With a small
+/// arena (fast engine start) it fails almost every time. Fix: unregister the files from each
+/// ring (synchronously) before the core thread drops it / before close returns.
+#[test]
+#[ignore = "engine bug: files stay locked for a moment after shutdown (see doc comment)"]
+fn reopen_after_shutdown_is_not_locked() {
+    let fx = new_fixture();
+    for round in 0..20 {
+        let engine = Engine::start(engine_config()).expect("engine starts");
+        let disk = engine
+            .open(&fx.meta, DiskOptions::default())
+            .unwrap_or_else(|e| panic!("round {round}: reopen after shutdown: {e}"));
+        write(&engine, &disk, 0, 512 * round, &[7u8; 512], false).expect("write");
+        disk.close().expect("close");
+        engine.shutdown().expect("shutdown");
+    }
+}
