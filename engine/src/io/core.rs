@@ -39,7 +39,7 @@ use super::buf::{self, IoBuf};
 use super::commit::{self, Waiter};
 use super::disk::{DiskShared, Parked, Role, META_BLOCK, SLOTS_PER_DISK};
 use super::engine::{EngineShared, Msg, MAX_REGISTERED_DISKS};
-use super::split::{plan_read, Seg, Src};
+use super::split::{plan_read, Seg, SplitScratch, Src};
 use super::{Completion, Done, Request, RequestError};
 use crate::format::SECTOR_SIZE;
 
@@ -250,6 +250,7 @@ pub(crate) struct Core {
     stopping: bool,
     cqes: Vec<(u64, i32)>,
     segs: Vec<Seg>,
+    scratch: SplitScratch,
 }
 
 /// Builds a ring, trying the cheapest task-run mode the kernel accepts first.
@@ -327,6 +328,7 @@ impl Core {
             stopping: false,
             cqes: Vec::new(),
             segs: Vec::new(),
+            scratch: SplitScratch::default(),
         })
     }
 
@@ -499,7 +501,10 @@ impl Core {
 
     fn issue(&mut self, task: usize, kind: OpKind) {
         let e = self.add_op(task, kind);
-        self.push_group(vec![e]);
+        if self.backlog.is_empty() && self.try_push(std::slice::from_ref(&e)) {
+            return;
+        }
+        self.backlog.push_back(vec![e]);
     }
 
     fn target(&self, disk: &DiskShared, role: Role, fd: RawFd) -> Target {
@@ -633,7 +638,14 @@ impl Core {
     ) -> usize {
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
-        plan_read(&disk.bitmap, disk.base.as_deref(), offset, len, &mut segs);
+        plan_read(
+            &disk.bitmap,
+            disk.base.as_deref(),
+            offset,
+            len,
+            &mut self.scratch,
+            &mut segs,
+        );
         let mut issued = 0;
         let base_fd = disk.fd(Role::Base);
         for seg in &segs {
