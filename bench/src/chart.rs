@@ -26,12 +26,15 @@ fn draw(path: &Path, r: &Results) -> std::result::Result<(), Box<dyn std::error:
     let profiles: Vec<&str> = r.profiles.iter().map(|(id, _)| id.as_str()).collect();
     let group = servers.len() + 1;
     let slots = (profiles.len() * group).max(1) as u32;
-    let max = r
-        .summary
-        .iter()
-        .map(|s| s.iops)
-        .filter(|v| v.is_finite())
-        .fold(10.0_f64, f64::max);
+    let values = || {
+        r.summary
+            .iter()
+            .map(|s| s.iops)
+            .filter(|v| v.is_finite() && *v >= 1.0)
+    };
+    let max = values().fold(10.0_f64, f64::max);
+    // The axis starts a bit under the smallest bar so that the bars' differences stay visible.
+    let floor = values().fold(max, f64::min).max(1.0) / 2.0;
 
     let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -48,7 +51,7 @@ fn draw(path: &Path, r: &Results) -> std::result::Result<(), Box<dyn std::error:
         .y_label_area_size(70)
         .build_cartesian_2d(
             (0u32..slots).into_segmented(),
-            (1f64..max * 2.0).log_scale(),
+            (floor..max * 2.0).log_scale(),
         )?;
     let names = profiles.clone();
     let centre = (servers.len() / 2) as u32;

@@ -22,6 +22,8 @@ pub enum Command {
     Embedded(EmbeddedArgs),
     /// RSS cost of opening a fresh 1 TiB overlay (target: under 16 MiB).
     Memory(MemoryArgs),
+    /// Re-renders report.md and chart.svg of a compare run from its results.json.
+    Render(RenderArgs),
     /// Internal: one isolated measurement for `memory` (prints JSON).
     #[command(hide = true)]
     MemoryChild(MemoryChildArgs),
@@ -98,6 +100,13 @@ pub struct MemoryArgs {
     /// Where to create the sparse files. Default: a temp folder.
     #[arg(long)]
     pub work: Option<PathBuf>,
+}
+
+/// Arguments of `render`.
+#[derive(Args, Debug)]
+pub struct RenderArgs {
+    /// The folder holding results.json (report.md and chart.svg are rewritten there).
+    pub dir: PathBuf,
 }
 
 /// Arguments of the hidden `memory-child`.

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         cli::Command::Compare(args) => compare::run(&args),
         cli::Command::Embedded(args) => embedded::run(&args),
         cli::Command::Memory(args) => memory::run(&args),
+        cli::Command::Render(args) => report::render(&args.dir),
         cli::Command::MemoryChild(args) => memory::run_child(&args),
     };
     match result {

@@ -443,6 +443,17 @@ pub fn summary_text(r: &Results) -> String {
     s
 }
 
+/// Rewrites `report.md` and `chart.svg` in `dir` from its `results.json`.
+pub fn render(dir: &Path) -> Result<()> {
+    let jp = dir.join("results.json");
+    let text = std::fs::read(&jp).map_err(io_err("read", &jp))?;
+    let r: Results = serde_json::from_slice(&text)
+        .map_err(|e| crate::error::BenchError::Usage(format!("{}: {e}", jp.display())))?;
+    let mp = dir.join("report.md");
+    std::fs::write(&mp, markdown(&r)).map_err(io_err("write", &mp))?;
+    crate::chart::write_svg(&dir.join("chart.svg"), &r)
+}
+
 /// Writes `report.md`, `results.json` and `chart.svg` into `dir`.
 pub fn write(dir: &Path, r: &Results) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err("create folder", dir))?;
@@ -578,6 +589,10 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap())
                 .unwrap();
         assert_eq!(back.summary.len(), 2);
+        std::fs::remove_file(dir.path().join("report.md")).unwrap();
+        render(dir.path()).unwrap();
+        assert!(dir.path().join("report.md").exists());
+        assert!(render(&dir.path().join("nope")).is_err());
         let svg = std::fs::read_to_string(dir.path().join("chart.svg")).unwrap();
         assert!(svg.contains("randread") && svg.contains("qemu-nbd-qcow2"));
     }
