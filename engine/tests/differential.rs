@@ -3,7 +3,7 @@
 //! model of the disk; then close, reopen on a fresh engine and compare every byte, both through
 //! the engine and by decoding the files with the independent reference reader.
 //!
-//! `PROPTEST_CASES` sets the number of cases (default 12 per property).
+//! `PROPTEST_CASES` sets the number of cases (default 32 per property).
 
 mod support;
 
@@ -24,7 +24,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(12)
+        .unwrap_or(32)
 }
 
 fn config() -> ProptestConfig {
@@ -146,18 +146,10 @@ fn initial_disk(fx: &Fixture) -> Vec<u8> {
 
 /// Reopens the overlay on a fresh engine and returns (engine's view, reference reader's view),
 /// after checking the engine's allocation map against the reference reader's bits.
-///
-/// The files are reopened from a copy in a fresh directory: an engine's io_uring rings release
-/// their registered files asynchronously after shutdown, so the first engine's OFD lock may
-/// linger for a moment (reported to the engine's owner; see `reopen_after_shutdown_*`).
 fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
-    let copy = tempfile::tempdir().expect("tempdir");
-    for name in ["disk.add-cow", "disk.raw", "base.img"] {
-        std::fs::copy(fx.dir.path().join(name), copy.path().join(name)).expect("copy overlay");
-    }
     let engine = Engine::start(engine_config()).expect("engine starts");
     let disk = engine
-        .open(&copy.path().join("disk.add-cow"), DiskOptions::default())
+        .open(&fx.meta, DiskOptions::default())
         .expect("reopen");
     let size = disk.size();
     let mut through_engine = Vec::with_capacity(size as usize);
@@ -173,7 +165,6 @@ fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
 
     let (meta, image, base) = fx.files();
     let view = RefView::decode(&meta, &image, Some(&base)).expect("overlay decodes after close");
-    drop(copy);
     let mut pos = 0;
     for e in &extents {
         assert_eq!(
@@ -467,13 +458,11 @@ fn differential_single_thread_sanity() {
     run_disjoint(vec![ops]).unwrap();
 }
 
-/// BUG (engine, reported): `Disk::close` + `Engine::shutdown` return while the io_uring rings
-/// still hold the overlay's files (ring teardown releases registered files asynchronously), so
-/// reopening the overlay right away in the same process can fail with `Locked`. With a small
-/// arena (fast engine start) it fails almost every time. Fix: unregister the files from each
-/// ring (synchronously) before the core thread drops it / before close returns.
+/// `Disk::close` + `Engine::shutdown` release the overlay's files (and so its OFD lock) before
+/// returning: reopening right away works. (io_uring ring teardown releases registered files
+/// asynchronously, in a kernel worker; a small arena makes the next engine start fast enough to
+/// hit that window, so this failed before the engine unregistered its files on shutdown.)
 #[test]
-#[ignore = "engine bug: files stay locked for a moment after shutdown (see doc comment)"]
 fn reopen_after_shutdown_is_not_locked() {
     let fx = new_fixture();
     for round in 0..20 {
