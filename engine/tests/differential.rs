@@ -7,10 +7,12 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, ExtentKind, Request};
+use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig, ExtentKind, Request};
 use proptest::prelude::*;
 use support::engine::{call, read, write, Fixture};
 use support::pattern;
@@ -191,13 +193,76 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
 }
 
-/// Threads own disjoint byte ranges (sharing sectors): the model is exact.
+/// Reads a spy made: (offset, bytes).
+type Spied = Vec<(u64, Vec<u8>)>;
+
+/// A reader that, while the writers run, reads ranges anywhere on the disk (bytes other threads
+/// are writing). Returns what it read. How many reads it gets in varies; what it checks does not.
+fn spawn_spy(
+    disk: &Disk,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<Vec<(u64, Vec<u8>)>, String>> {
+    let disk = disk.clone();
+    thread::spawn(move || {
+        let size = disk.size();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut reads = Vec::new();
+        while !done.load(Ordering::SeqCst) && reads.len() < 400 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = x % size;
+            let len = (1 + (x >> 20) % 16384).min(size - off);
+            let got = read(&disk, reads.len(), off, len as u32)
+                .map_err(|e| format!("spy read {off}+{len}: {e}"))?;
+            reads.push((off, got));
+        }
+        Ok(reads)
+    })
+}
+
+/// Every byte a concurrent read returned must be the byte's initial value or a value some
+/// write put there (never stale raw-image bytes: DESIGN.md invariant 2).
+fn check_spied(
+    initial: &[u8],
+    written: &[(u64, Vec<u8>)],
+    spied: Result<Spied, String>,
+) -> Result<(), String> {
+    let spied = spied?;
+    let mut allowed = vec![[0u64; 4]; initial.len()];
+    let set = |a: &mut [u64; 4], v: u8| a[usize::from(v / 64)] |= 1 << (v % 64);
+    for (a, &v) in allowed.iter_mut().zip(initial) {
+        set(a, v);
+    }
+    for (off, data) in written {
+        for (i, &v) in data.iter().enumerate() {
+            set(&mut allowed[*off as usize + i], v);
+        }
+    }
+    for (off, got) in &spied {
+        for (i, &v) in got.iter().enumerate() {
+            let b = *off as usize + i;
+            if allowed[b][usize::from(v / 64)] & (1 << (v % 64)) == 0 {
+                return Err(format!(
+                    "concurrent read {off}+{}: byte {b} is {v:#04x}, neither its initial value {:#04x} nor written by anyone",
+                    got.len(),
+                    initial[b]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Threads own disjoint byte ranges (sharing sectors): the model is exact. A spy thread reads
+/// everywhere meanwhile (see [`check_spied`]).
 fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
     let fx = new_fixture();
     let initial = initial_disk(&fx);
     let engine = Engine::start(engine_config()).expect("engine starts");
     let disk = engine.open(&fx.meta, DiskOptions::default()).expect("open");
     let n = threads.len();
+    let done = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = threads
         .into_iter()
         .enumerate()
@@ -206,6 +271,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
             let mut model = initial.clone();
             thread::spawn(move || -> Result<_, String> {
                 let ranges = owned(t, n);
+                let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
                 for (i, op) in ops.iter().enumerate() {
                     let core = t + i;
                     let (lo, hi) = match op {
@@ -242,6 +308,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
                             write(&engine, &disk, core, off, &data, fua)
                                 .map_err(|e| format!("write {off}+{len}: {e}"))?;
                             model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                            written.push((off, data));
                         }
                         Op::Zeroes {
                             a,
@@ -261,6 +328,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
                             call(&disk, core, req)
                                 .map_err(|e| format!("zeroes {off}+{len}: {e}"))?;
                             model[off as usize..(off + len) as usize].fill(0);
+                            written.push((off, vec![0; len as usize]));
                         }
                         Op::Trim {
                             a, b, aligned, fua, ..
@@ -273,25 +341,34 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
                             };
                             call(&disk, core, req).map_err(|e| format!("trim {off}+{len}: {e}"))?;
                             model[off as usize..(off + len) as usize].fill(0);
+                            written.push((off, vec![0; len as usize]));
                         }
                     }
                 }
-                Ok((ranges, model))
+                Ok((ranges, model, written))
             })
         })
         .collect();
-    let mut expected = initial;
+    let spy = spawn_spy(&disk, done.clone());
+    let mut expected = initial.clone();
+    let mut all_written = Vec::new();
     let mut failure = None;
     for (t, h) in handles.into_iter().enumerate() {
         match h.join().expect("client thread panicked") {
-            Ok((ranges, model)) => {
+            Ok((ranges, model, written)) => {
                 for (lo, hi) in ranges {
                     expected[lo as usize..hi as usize]
                         .copy_from_slice(&model[lo as usize..hi as usize]);
                 }
+                all_written.extend(written);
             }
             Err(e) => failure = Some(format!("thread {t}: {e}")),
         }
+    }
+    done.store(true, Ordering::SeqCst);
+    let spied = spy.join().expect("spy thread panicked");
+    if failure.is_none() {
+        failure = check_spied(&initial, &all_written, spied).err();
     }
     disk.close().expect("close");
     engine.shutdown().expect("shutdown");
