@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig, ExtentKind, Request};
+use addcow_engine::{
+    CacheMode, Disk, DiskOptions, Done, Engine, EngineConfig, ExtentKind, Request,
+};
 use proptest::prelude::*;
-use support::engine::{call, read, write, Fixture};
+use support::engine::{read, submit_with, write, Fixture};
 use support::pattern;
 use support::reference::RefView;
 
@@ -193,15 +195,90 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
 }
 
+/// One op made concrete: its request, its byte range (none for FLUSH) and, for writes, the
+/// bytes the range holds afterwards.
+struct Planned {
+    req: Request,
+    range: Option<(u64, u64)>,
+    data: Option<Vec<u8>>,
+}
+
+fn planned(engine: &Engine, ranges: &[(u64, u64)], op: &Op, id: u64) -> Planned {
+    let (lo, hi) = match op {
+        Op::Flush => {
+            return Planned {
+                req: Request::Flush,
+                range: None,
+                data: None,
+            }
+        }
+        Op::Read { range, .. }
+        | Op::Write { range, .. }
+        | Op::Zeroes { range, .. }
+        | Op::Trim { range, .. } => ranges[range % ranges.len()],
+    };
+    let (req, (offset, len), data) = match *op {
+        Op::Read { a, b, .. } => {
+            let (offset, len) = place(lo, hi, a, b, false);
+            let req = Request::Read {
+                offset,
+                len: len as u32,
+            };
+            (req, (offset, len), None)
+        }
+        Op::Write {
+            a, b, aligned, fua, ..
+        } => {
+            let (offset, len) = place(lo, hi, a, b, aligned);
+            let data = pattern::write_data(id, offset, len as usize);
+            let mut buf = engine.alloc_buf(data.len());
+            buf.copy_from_slice(&data);
+            let req = Request::Write {
+                offset,
+                data: buf,
+                fua,
+            };
+            (req, (offset, len), Some(data))
+        }
+        Op::Zeroes {
+            a,
+            b,
+            aligned,
+            punch,
+            fua,
+            ..
+        } => {
+            let (offset, len) = place(lo, hi, a, b, aligned);
+            let req = Request::WriteZeroes {
+                offset,
+                len,
+                punch,
+                fua,
+            };
+            (req, (offset, len), Some(vec![0; len as usize]))
+        }
+        Op::Trim {
+            a, b, aligned, fua, ..
+        } => {
+            let (offset, len) = place(lo, hi, a, b, aligned);
+            let req = Request::Trim { offset, len, fua };
+            (req, (offset, len), Some(vec![0; len as usize]))
+        }
+        Op::Flush => unreachable!("handled above"),
+    };
+    Planned {
+        req,
+        range: Some((offset, len)),
+        data,
+    }
+}
+
 /// Reads a spy made: (offset, bytes).
 type Spied = Vec<(u64, Vec<u8>)>;
 
 /// A reader that, while the writers run, reads ranges anywhere on the disk (bytes other threads
 /// are writing). Returns what it read. How many reads it gets in varies; what it checks does not.
-fn spawn_spy(
-    disk: &Disk,
-    done: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<Vec<(u64, Vec<u8>)>, String>> {
+fn spawn_spy(disk: &Disk, done: Arc<AtomicBool>) -> thread::JoinHandle<Result<Spied, String>> {
     let disk = disk.clone();
     thread::spawn(move || {
         let size = disk.size();
@@ -272,77 +349,50 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
             thread::spawn(move || -> Result<_, String> {
                 let ranges = owned(t, n);
                 let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
-                for (i, op) in ops.iter().enumerate() {
-                    let core = t + i;
-                    let (lo, hi) = match op {
-                        Op::Flush => (0, 0),
-                        Op::Read { range, .. }
-                        | Op::Write { range, .. }
-                        | Op::Zeroes { range, .. }
-                        | Op::Trim { range, .. } => ranges[range % ranges.len()],
-                    };
-                    match *op {
-                        Op::Flush => call(&disk, core, Request::Flush)
-                            .map(|_| ())
-                            .map_err(|e| format!("flush: {e}"))?,
-                        Op::Read { a, b, .. } => {
-                            let (off, len) = place(lo, hi, a, b, false);
-                            let got = read(&disk, core, off, len as u32)
-                                .map_err(|e| format!("read {off}+{len}: {e}"))?;
-                            let want = &model[off as usize..(off + len) as usize];
-                            if let Some(d) = first_diff(&got, want) {
-                                return Err(format!(
-                                    "op {i}: read {off}+{len}: byte {} is {:#04x}, model {:#04x}",
-                                    off + d as u64,
-                                    got[d],
-                                    want[d]
-                                ));
+                let mut i = 0;
+                // Batches of up to 4 requests in flight at once, on both cores: consecutive
+                // ops on disjoint bytes (they may share sectors); an overlap ends the batch.
+                while i < ops.len() {
+                    let mut taken: Vec<(u64, u64)> = Vec::new();
+                    let mut inflight = Vec::new();
+                    while i < ops.len() && inflight.len() < 4 {
+                        let p = planned(&engine, &ranges, &ops[i], (t * 1000 + i) as u64);
+                        if let Some((off, len)) = p.range {
+                            if taken.iter().any(|&(o, l)| off < o + l && o < off + len) {
+                                break;
                             }
+                            taken.push((off, len));
                         }
-                        Op::Write {
-                            a, b, aligned, fua, ..
-                        } => {
-                            let (off, len) = place(lo, hi, a, b, aligned);
-                            let data =
-                                pattern::write_data((t * 1000 + i) as u64, off, len as usize);
-                            write(&engine, &disk, core, off, &data, fua)
-                                .map_err(|e| format!("write {off}+{len}: {e}"))?;
-                            model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                            written.push((off, data));
+                        let rx = submit_with(&disk, t + i, p.req, |_| {});
+                        inflight.push((i, p.range, p.data, rx));
+                        i += 1;
+                    }
+                    let mut landed = Vec::new();
+                    for (k, range, data, rx) in inflight {
+                        let result = rx.recv().map_err(|_| format!("op {k}: no completion"))?;
+                        let done = result.map_err(|e| format!("op {k} {range:?}: {e}"))?;
+                        match (range, data) {
+                            (Some((off, len)), None) => {
+                                let Done::Read(got) = done else {
+                                    return Err(format!("op {k}: read answered {done:?}"));
+                                };
+                                let want = &model[off as usize..(off + len) as usize];
+                                if let Some(d) = first_diff(&got, want) {
+                                    return Err(format!(
+                                        "op {k}: read {off}+{len}: byte {} is {:#04x}, model {:#04x}",
+                                        off + d as u64,
+                                        got[d],
+                                        want[d]
+                                    ));
+                                }
+                            }
+                            (Some((off, _)), Some(data)) => landed.push((off, data)),
+                            _ => {}
                         }
-                        Op::Zeroes {
-                            a,
-                            b,
-                            aligned,
-                            punch,
-                            fua,
-                            ..
-                        } => {
-                            let (off, len) = place(lo, hi, a, b, aligned);
-                            let req = Request::WriteZeroes {
-                                offset: off,
-                                len,
-                                punch,
-                                fua,
-                            };
-                            call(&disk, core, req)
-                                .map_err(|e| format!("zeroes {off}+{len}: {e}"))?;
-                            model[off as usize..(off + len) as usize].fill(0);
-                            written.push((off, vec![0; len as usize]));
-                        }
-                        Op::Trim {
-                            a, b, aligned, fua, ..
-                        } => {
-                            let (off, len) = place(lo, hi, a, b, aligned);
-                            let req = Request::Trim {
-                                offset: off,
-                                len,
-                                fua,
-                            };
-                            call(&disk, core, req).map_err(|e| format!("trim {off}+{len}: {e}"))?;
-                            model[off as usize..(off + len) as usize].fill(0);
-                            written.push((off, vec![0; len as usize]));
-                        }
+                    }
+                    for (off, data) in landed {
+                        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                        written.push((off, data));
                     }
                 }
                 Ok((ranges, model, written))
