@@ -211,6 +211,12 @@ impl DiskShared {
         while self.active.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        self.unlock();
+    }
+
+    /// Drops the OFD lock on the metadata file. The rings may still hold registered references
+    /// to the file for a moment; the lock must not wait for them.
+    fn unlock(&self) {
         // SAFETY: `flock` is plain old data; all-zero is valid.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_UNLCK as libc::c_short;
@@ -227,6 +233,8 @@ impl DiskShared {
 
 impl Drop for DiskShared {
     fn drop(&mut self) {
+        // Nothing can use the files any more (every task holds an Arc of this state).
+        self.unlock();
         if let Some(k) = self.slot_index {
             self.engine.release_disk_slot(k);
         }
