@@ -1,7 +1,8 @@
 //! Crash consistency of the real engine (DESIGN.md invariants 1-4).
 //!
 //! Several client threads run a mixed workload (aligned and unaligned writes, FUA, write-zeroes
-//! with and without holes, trims, flushes, reads checked on the fly) on a real engine with the
+//! with and without holes, trims, flushes, reads checked on the fly), each keeping up to four
+//! requests in flight on both cores, on a real engine with the
 //! crash recorder on, over a small overlay with a patterned base, pre-allocated sectors and stale
 //! garbage under clear bits. The harness logs what each client was answered into the same
 //! recorder. Then the crash checker (`support::crash`) builds crash states from the log and
@@ -14,16 +15,17 @@
 
 mod support;
 
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use addcow_engine::io::recorder::{Event, Recorder};
-use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, Request};
+use addcow_engine::{CacheMode, DiskOptions, Done, Engine, EngineConfig, Request, RequestError};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use support::crash::{CheckConfig, Checker, ClientTracker, Report, Snapshot};
-use support::engine::{call, read, seed, write, Fixture};
+use support::engine::{call, seed, submit_with, Fixture};
 use support::pattern;
 
 const SECTORS: u64 = 512; // 256 KiB
@@ -64,6 +66,21 @@ fn pick_range(rng: &mut SmallRng, lo: u64, hi: u64, aligned: bool, max: u64) -> 
     let off = rng.gen_range(lo..hi);
     let len = rng.gen_range(1..=(hi - off).min(max));
     (off, len)
+}
+
+/// A request of a batch, waiting for its completion.
+enum InFlight {
+    Flush(Receiver<Result<Done, RequestError>>),
+    Read {
+        off: u64,
+        len: u64,
+        rx: Receiver<Result<Done, RequestError>>,
+    },
+    Write {
+        off: u64,
+        data: Vec<u8>,
+        rx: Receiver<Result<Done, RequestError>>,
+    },
 }
 
 #[cfg_attr(feature = "unsafe-bits-before-sync", allow(dead_code))]
@@ -121,46 +138,92 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
             thread::spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(seed ^ (0x5151 * (t as u64 + 1)));
                 let ranges = owned(t);
-                let core = t;
-                for _ in 0..ops_per_thread {
-                    let (lo, hi) = ranges[rng.gen_range(0..ranges.len())];
-                    let fua = rng.gen_bool(0.15);
-                    let kind = rng.gen_range(0..100);
-                    if kind < 10 {
-                        let id = tracker.issue_flush();
-                        call(&disk, core, Request::Flush).expect("flush");
-                        tracker.answer_flush(id);
-                        continue;
-                    }
-                    if kind < 20 {
-                        let (off, len) = pick_range(&mut rng, lo, hi, false, 8192);
-                        let got = read(&disk, core, off, len as u32).expect("read");
-                        let want = &model[off as usize..(off + len) as usize];
-                        assert!(
-                            got == want,
-                            "thread {t}: read {off}+{len} differs from what this thread wrote (seed {seed})"
-                        );
-                        continue;
-                    }
-                    let aligned = rng.gen_bool(0.5);
-                    let (off, len) = pick_range(&mut rng, lo, hi, aligned, 6000);
-                    let id = tracker.issue_write(fua);
-                    let data = if kind < 80 {
-                        let data = pattern::write_data(id, off, len as usize);
-                        write(&engine, &disk, core, off, &data, fua)
-                            .unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
-                        data
-                    } else {
-                        let req = match kind {
-                            80..=86 => Request::WriteZeroes { offset: off, len, punch: true, fua },
-                            87..=92 => Request::WriteZeroes { offset: off, len, punch: false, fua },
-                            _ => Request::Trim { offset: off, len, fua },
+                let mut issued = 0;
+                // Batches of up to 4 requests in flight at once, on both cores, on disjoint
+                // bytes (possibly the same sectors); answers are logged from the completion.
+                while issued < ops_per_thread {
+                    let depth = rng.gen_range(1..=4);
+                    let mut taken: Vec<(u64, u64)> = Vec::new();
+                    let mut inflight = Vec::new();
+                    for j in 0..depth {
+                        issued += 1;
+                        let core = t + j;
+                        let (lo, hi) = ranges[rng.gen_range(0..ranges.len())];
+                        let fua = rng.gen_bool(0.15);
+                        let kind = rng.gen_range(0..100);
+                        if kind < 10 {
+                            let id = tracker.issue_flush();
+                            let tr = tracker.clone();
+                            let rx = submit_with(&disk, core, Request::Flush, move |r| {
+                                if r.is_ok() {
+                                    tr.answer_flush(id);
+                                }
+                            });
+                            inflight.push(InFlight::Flush(rx));
+                            continue;
+                        }
+                        let aligned = rng.gen_bool(0.5);
+                        let max = if kind < 20 { 8192 } else { 6000 };
+                        let (off, len) = pick_range(&mut rng, lo, hi, aligned && kind >= 20, max);
+                        if taken.iter().any(|&(o, l)| off < o + l && o < off + len) {
+                            continue;
+                        }
+                        taken.push((off, len));
+                        if kind < 20 {
+                            let rx = submit_with(&disk, core, Request::Read { offset: off, len: len as u32 }, |_| {});
+                            inflight.push(InFlight::Read { off, len, rx });
+                            continue;
+                        }
+                        let id = tracker.issue_write(fua);
+                        let (req, data) = if kind < 80 {
+                            let data = pattern::write_data(id, off, len as usize);
+                            let mut buf = engine.alloc_buf(data.len());
+                            buf.copy_from_slice(&data);
+                            (Request::Write { offset: off, data: buf, fua }, data)
+                        } else {
+                            let req = match kind {
+                                80..=86 => Request::WriteZeroes { offset: off, len, punch: true, fua },
+                                87..=92 => Request::WriteZeroes { offset: off, len, punch: false, fua },
+                                _ => Request::Trim { offset: off, len, fua },
+                            };
+                            (req, vec![0u8; len as usize])
                         };
-                        call(&disk, core, req).unwrap_or_else(|e| panic!("zero/trim {off}+{len}: {e}"));
-                        vec![0u8; len as usize]
-                    };
-                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                    tracker.answer_write(id, off, data);
+                        let (tr, answered) = (tracker.clone(), data.clone());
+                        let rx = submit_with(&disk, core, req, move |r| {
+                            if r.is_ok() {
+                                tr.answer_write(id, off, answered);
+                            }
+                        });
+                        inflight.push(InFlight::Write { off, data, rx });
+                    }
+                    let mut written = Vec::new();
+                    for f in inflight {
+                        match f {
+                            InFlight::Flush(rx) => {
+                                rx.recv().expect("completion").expect("flush");
+                            }
+                            InFlight::Read { off, len, rx } => {
+                                let got = match rx.recv().expect("completion") {
+                                    Ok(Done::Read(buf)) => buf.to_vec(),
+                                    other => panic!("read {off}+{len}: {other:?}"),
+                                };
+                                let want = &model[off as usize..(off + len) as usize];
+                                assert!(
+                                    got == want,
+                                    "thread {t}: read {off}+{len} differs from what this thread wrote (seed {seed})"
+                                );
+                            }
+                            InFlight::Write { off, data, rx } => {
+                                if let Err(e) = rx.recv().expect("completion") {
+                                    panic!("write/zero/trim {off}+{}: {e}", data.len());
+                                }
+                                written.push((off, data));
+                            }
+                        }
+                    }
+                    for (off, data) in written {
+                        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                    }
                 }
                 (ranges, model)
             })

@@ -131,3 +131,23 @@ pub fn seed(var: &str) -> u64 {
     eprintln!("seed {seed} (set {var}={seed} to replay)");
     seed
 }
+
+/// Submits `req` to `core`; `on_done` runs on the core thread with the result (e.g. to log the
+/// answer), then the result is sent to the returned receiver.
+pub fn submit_with(
+    disk: &Disk,
+    core: usize,
+    req: Request,
+    on_done: impl FnOnce(&Result<Done, RequestError>) + Send + 'static,
+) -> mpsc::Receiver<Result<Done, RequestError>> {
+    let (tx, rx) = mpsc::channel();
+    disk.submit(
+        core,
+        req,
+        Box::new(move |r| {
+            on_done(&r);
+            let _ = tx.send(r);
+        }),
+    );
+    rx
+}
