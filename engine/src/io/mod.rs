@@ -440,7 +440,10 @@ fn submit(disk: &Arc<DiskShared>, core: usize, req: Request, done: Completion) {
         return;
     }
     let done: Completion = Box::new(move |r| {
-        done(r);
+        // A panicking callback must not take the core thread (and every request on it) down.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r))).is_err() {
+            tracing::error!("a request's completion callback panicked");
+        }
         active.fetch_sub(1, Ordering::SeqCst);
     });
     let msg = Msg::Submit {
