@@ -31,4 +31,6 @@ else
   cargo test --workspace --no-fail-fast
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
 fi
+cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
 cargo test --workspace --doc
+echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick

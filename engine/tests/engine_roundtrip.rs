@@ -253,3 +253,26 @@ fn background_commit_persists_without_flush() {
     }
     d.close().expect("close");
 }
+
+#[test]
+fn a_panicking_completion_does_not_stop_the_core() {
+    let f = fixture(64 << 10, 0);
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    let (tx, rx) = std::sync::mpsc::channel();
+    d.submit(
+        0,
+        Request::Read {
+            offset: 0,
+            len: 512,
+        },
+        Box::new(move |_| {
+            let _ = tx.send(());
+            panic!("callback bug");
+        }),
+    );
+    rx.recv().expect("callback ran");
+    d.write_at(0, &[3; 512], false).expect("core still serves");
+    assert_eq!(d.read_at(0, 512).expect("read"), vec![3; 512]);
+    d.close().expect("close");
+}

@@ -211,6 +211,12 @@ impl DiskShared {
         while self.active.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        self.unlock();
+    }
+
+    /// Drops the OFD lock on the metadata file. The rings may still hold registered references
+    /// to the file for a moment; the lock must not wait for them.
+    fn unlock(&self) {
         // SAFETY: `flock` is plain old data; all-zero is valid.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_UNLCK as libc::c_short;
@@ -223,54 +229,12 @@ impl DiskShared {
     pub(crate) fn next_sync_id(&self) -> u64 {
         self.sync_ids.fetch_add(1, Ordering::Relaxed)
     }
-
-    /// Records a completed write (crash-recorder feature; no-op otherwise).
-    #[allow(unused_variables)]
-    pub(crate) fn rec_write(&self, role: Role, offset: u64, data: &[u8]) {
-        #[cfg(feature = "crash-recorder")]
-        if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
-            r.push(super::recorder::Event::Write {
-                file,
-                offset,
-                data: data.to_vec(),
-            });
-        }
-    }
-
-    /// Records a completed hole punch.
-    #[allow(unused_variables)]
-    pub(crate) fn rec_punch(&self, role: Role, offset: u64, len: u64) {
-        #[cfg(feature = "crash-recorder")]
-        if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
-            r.push(super::recorder::Event::Punch { file, offset, len });
-        }
-    }
-
-    /// Records the submission (`end == false`) or successful completion of an fdatasync.
-    #[allow(unused_variables)]
-    pub(crate) fn rec_sync(&self, role: Role, id: u64, end: bool) {
-        #[cfg(feature = "crash-recorder")]
-        if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
-            r.push(if end {
-                super::recorder::Event::SyncEnd { file, id }
-            } else {
-                super::recorder::Event::SyncBegin { file, id }
-            });
-        }
-    }
-}
-
-#[cfg(feature = "crash-recorder")]
-fn file_role(role: Role) -> Option<super::recorder::FileRole> {
-    match role {
-        Role::Image => Some(super::recorder::FileRole::Image),
-        Role::Meta => Some(super::recorder::FileRole::Meta),
-        Role::Base => None,
-    }
 }
 
 impl Drop for DiskShared {
     fn drop(&mut self) {
+        // Nothing can use the files any more (every task holds an Arc of this state).
+        self.unlock();
         if let Some(k) = self.slot_index {
             self.engine.release_disk_slot(k);
         }

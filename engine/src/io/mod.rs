@@ -6,9 +6,10 @@
 //! * `buf`: [`IoBuf`] and the registered arena of aligned buffers.
 //! * `engine`: what the threads share (core handles: channel + eventfd, arena, config).
 //! * `core`: one core thread: ring, slab of in-flight ops (the `user_data` contract), request
-//!   state machines (read splitting, write / read-modify-write, zeroes, commit chain).
-//! * `disk`: per-disk shared state (files, bitmap, dirty marks, commit state, range lock) and
-//!   the crash-recorder hooks.
+//!   state machines (`core/rw.rs`: read splitting, write / read-modify-write, zeroes;
+//!   `core/group_commit.rs`: the commit chain and background timers).
+//! * `disk`: per-disk shared state (files, bitmap, dirty marks, commit state, range lock);
+//!   `hooks`: the crash-recorder hooks.
 //! * `split`: read splitting by the bitmap; `base`: the base behind a small trait;
 //!   `range_lock`: the per-sector range lock; `commit`: commit state and block copy;
 //!   `align`: `STATX_DIOALIGN`.
@@ -20,6 +21,7 @@ mod commit;
 mod core;
 mod disk;
 mod engine;
+mod hooks;
 mod range_lock;
 #[cfg(feature = "crash-recorder")]
 pub mod recorder;
@@ -438,7 +440,10 @@ fn submit(disk: &Arc<DiskShared>, core: usize, req: Request, done: Completion) {
         return;
     }
     let done: Completion = Box::new(move |r| {
-        done(r);
+        // A panicking callback must not take the core thread (and every request on it) down.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r))).is_err() {
+            tracing::error!("a request's completion callback panicked");
+        }
         active.fetch_sub(1, Ordering::SeqCst);
     });
     let msg = Msg::Submit {

@@ -77,6 +77,13 @@ pub(crate) fn extents(
     }
 }
 
+/// Reusable vectors for [`plan_read`] (so the read path does not allocate per request).
+#[derive(Debug, Default)]
+pub(crate) struct SplitScratch {
+    ext: Vec<Extent>,
+    runs: Vec<BaseRun>,
+}
+
 /// Plans a read of `[offset, offset+len)`: appends segments whose `dest` is relative to
 /// `offset`, covering it exactly, in order.
 pub(crate) fn plan_read(
@@ -84,12 +91,13 @@ pub(crate) fn plan_read(
     base: Option<&dyn BaseSource>,
     offset: u64,
     len: u64,
+    scratch: &mut SplitScratch,
     out: &mut Vec<Seg>,
 ) {
-    let mut ext = Vec::new();
-    extents(bitmap, base.map(|b| b.size()), offset, len, &mut ext);
-    let mut runs = Vec::new();
-    for e in ext {
+    let SplitScratch { ext, runs } = scratch;
+    ext.clear();
+    extents(bitmap, base.map(|b| b.size()), offset, len, ext);
+    for e in ext.iter().copied() {
         let dest = e.offset - offset;
         match e.kind {
             ExtentKind::Image => out.push(Seg {
@@ -112,9 +120,9 @@ pub(crate) fn plan_read(
                     continue;
                 };
                 runs.clear();
-                base.map(e.offset, e.len, &mut runs);
+                base.map(e.offset, e.len, runs);
                 let mut d = dest;
-                for run in &runs {
+                for run in runs.iter() {
                     match *run {
                         BaseRun::File {
                             fd,
@@ -189,7 +197,14 @@ mod tests {
         let f = tempfile::tempfile().expect("tmp");
         let base = RawFileBase::new(f, 20 * 512, DioAlign::NONE);
         let mut segs = Vec::new();
-        plan_read(&bm, Some(&base), 300, 30 * 512, &mut segs);
+        plan_read(
+            &bm,
+            Some(&base),
+            300,
+            30 * 512,
+            &mut SplitScratch::default(),
+            &mut segs,
+        );
         let mut next = 0;
         for s in &segs {
             assert_eq!(s.dest, next, "{segs:?}");

@@ -4,6 +4,7 @@
 //! * [`reference`]: an independent add-cow v1 reader and writer built from `DESIGN.md`'s format
 //!   section (header, LSB-first bitmap at byte 2560, base fallthrough, zeros past the base's end),
 //!   deliberately not using the library, so it can judge the library and the engine.
+//! * [`engine`]: blocking calls into a real engine and overlay fixtures written from the spec.
 //! * [`pattern`]: recognizable byte patterns for bases, pre-allocated and stale sectors.
 //! * [`crash`]: the crash-state builder and checker over a recorder log (feature
 //!   `crash-recorder`).
@@ -11,5 +12,6 @@
 
 #[cfg(feature = "crash-recorder")]
 pub mod crash;
+pub mod engine;
 pub mod pattern;
 pub mod reference;

@@ -1,0 +1,114 @@
+//! Real kernel errors fail the request, never the engine: a file-size limit (`RLIMIT_FSIZE`,
+//! with `SIGXFSZ` ignored) makes the kernel answer writes past it with `EFBIG`. The limit is
+//! per process, so the test re-runs itself as a child process that sets it.
+//!
+//! In the child: (1) a write past the limit fails with EFBIG while writes below it and reads
+//! keep working; (2) a commit whose bitmap write lands past the limit fails the FLUSH with EFBIG,
+//! re-marks its blocks, and the next FLUSH (limit lifted) persists the bits.
+
+mod engine_common;
+
+use std::process::Command;
+
+use addcow_engine::ExtentKind;
+use engine_common::*;
+
+const CHILD_ENV: &str = "ADDCOW_ENGINE_EFBIG_CHILD";
+
+fn set_fsize_limit(limit: u64) -> std::io::Result<()> {
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &rl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn child() {
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // 64 MiB disk: its bitmap is 16 KiB, so the metadata file is 2560 + 16384 bytes.
+    let f = fixture(64 << 20, 0);
+    let e = engine(2);
+    let d = open(&e, &f.overlay);
+    // A write whose bit lives in metadata block 4 (file offset 16384..), made before the limit.
+    let high = 60u64 << 20;
+    d.write_at(high, &[7; 4096], false)
+        .expect("write before the limit");
+    if let Err(err) = set_fsize_limit(8192) {
+        println!("SKIP: cannot set RLIMIT_FSIZE: {err}");
+        return;
+    }
+    // (1) Past the limit: EFBIG for that request only.
+    let err = d
+        .write_at(1 << 20, &[1; 4096], false)
+        .expect_err("write past RLIMIT_FSIZE");
+    assert_eq!(err.errno, libc::EFBIG, "{err}");
+    let err = d
+        .write_at((1 << 20) + 3, &[1; 10], false)
+        .expect_err("RMW write past the limit");
+    assert_eq!(err.errno, libc::EFBIG, "{err}");
+    assert!(
+        d.allocation(1 << 20, 8192)
+            .iter()
+            .all(|x| x.kind != ExtentKind::Image),
+        "failed writes set no bits"
+    );
+    d.write_at(512, &[2; 1024], false)
+        .expect("write below the limit still works");
+    assert_eq!(d.read_at(512, 1024).expect("read"), vec![2; 1024]);
+    // (2) The commit's bitmap write at offset 16384 is past the limit: the FLUSH fails.
+    let err = d
+        .flush()
+        .expect_err("flush whose bitmap write hits the limit");
+    assert_eq!(err.errno, libc::EFBIG, "{err}");
+    set_fsize_limit(libc::RLIM_INFINITY).expect("lift the limit");
+    d.flush()
+        .expect("the next flush retries the re-marked blocks");
+    let meta = std::fs::read(&f.overlay).expect("read meta");
+    let sector = high / 512;
+    assert_eq!(
+        meta[2560 + (sector / 8) as usize],
+        0xff,
+        "bits of the early write persisted"
+    );
+    d.close().expect("close");
+    drop(e);
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    assert_eq!(d.read_at(high, 4096).expect("read"), vec![7; 4096]);
+    println!("CHILD-OK");
+}
+
+#[test]
+fn kernel_efbig_fails_the_request_not_the_engine() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        child();
+        return;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new(exe)
+        .args([
+            "--exact",
+            "kernel_efbig_fails_the_request_not_the_engine",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(line) = stdout.lines().find(|l| l.starts_with("SKIP:")) {
+        println!("skipped: {line}");
+        return;
+    }
+    assert!(
+        out.status.success() && stdout.contains("CHILD-OK"),
+        "child failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}
