@@ -255,8 +255,9 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
 fn check(run: &Run, seed: u64, min_states: usize) -> Report {
     let issue = run.tracker.issue_log();
     let started = std::time::Instant::now();
-    let report =
-        Checker::new(&run.snapshot, &run.events, &issue).run(&CheckConfig::new(seed, min_states));
+    let mut cfg = CheckConfig::new(seed, min_states);
+    cfg.samples = 100;
+    let report = Checker::new(&run.snapshot, &run.events, &issue).run(&cfg);
     eprintln!(
         "{} events, checked in {:?}; {report}",
         run.events.len(),
@@ -301,6 +302,61 @@ fn crash_consistency_of_engine_workload() {
     assert!(report.states >= 10_000, "{report}");
     assert!(report.flushes > 0 && report.client_writes > 0, "{report}");
     assert_eq!(report.violating_states, 0, "{report}");
+    engine_reads_crash_states(&run, &report.samples, seed);
+}
+
+/// Opens sampled crash states with the real engine (read-only) and checks that it accepts them
+/// and reads exactly what the reference reader reads.
+#[cfg(not(feature = "unsafe-bits-before-sync"))]
+fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u64) {
+    assert!(
+        samples.len() >= 50,
+        "only {} sampled crash states",
+        samples.len()
+    );
+    let base = run.snapshot.base.as_deref().expect("base");
+    let engine = Engine::start(EngineConfig {
+        cores: 1,
+        queue_depth: 32,
+        arena_bytes: 1 << 20,
+        image_cache: CacheMode::Buffered,
+        base_cache: CacheMode::Buffered,
+        commit_delay: None,
+        recorder: None,
+    })
+    .expect("engine starts");
+    for (k, (meta, image)) in samples.iter().enumerate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("base.img"), base).expect("write base");
+        std::fs::write(dir.path().join("disk.raw"), image).expect("write image");
+        std::fs::write(dir.path().join("disk.add-cow"), meta).expect("write meta");
+        let disk = engine
+            .open(
+                &dir.path().join("disk.add-cow"),
+                DiskOptions { read_only: true },
+            )
+            .unwrap_or_else(|e| panic!("crash state {k} does not open: {e} (seed {seed})"));
+        let mut got = Vec::new();
+        let size = disk.size();
+        while (got.len() as u64) < size {
+            let n = (size - got.len() as u64).min(64 << 10);
+            let chunk = support::engine::read(&disk, 0, got.len() as u64, n as u32)
+                .unwrap_or_else(|e| panic!("crash state {k}: read: {e}"));
+            got.extend(chunk);
+        }
+        disk.close().expect("close");
+        let want = support::reference::RefView::decode(meta, image, Some(base))
+            .expect("crash state decodes")
+            .read_all();
+        if let Some(b) = (0..want.len()).find(|&b| got.get(b) != want.get(b)) {
+            panic!(
+                "crash state {k}: engine reads byte {b} as {:?}, reference reader {:#04x} (seed {seed})",
+                got.get(b),
+                want[b]
+            );
+        }
+    }
+    engine.shutdown().expect("shutdown");
 }
 
 #[cfg(not(feature = "unsafe-bits-before-sync"))]
