@@ -30,12 +30,11 @@ use support::pattern;
 
 const SECTORS: u64 = 512; // 256 KiB
 const BASE_SECTORS: u64 = 384; // the last 64 KiB read zeros past the base
-const THREADS: usize = 4;
 const CHUNK: u64 = 8192;
 
-/// Byte ranges of the disk owned by `thread`: chunks of ~8 KiB, boundaries shifted by 300 bytes
+/// Byte ranges of the disk owned by `thread` of `threads`: chunks of ~8 KiB, boundaries shifted by 300 bytes
 /// so neighbours share a sector, dealt round-robin.
-fn owned(thread: usize) -> Vec<(u64, u64)> {
+fn owned(thread: usize, threads: usize) -> Vec<(u64, u64)> {
     let size = SECTORS * 512;
     let bound = |c: u64| {
         if c == 0 {
@@ -46,7 +45,7 @@ fn owned(thread: usize) -> Vec<(u64, u64)> {
     };
     let chunks = size.div_ceil(CHUNK);
     (0..chunks)
-        .filter(|c| *c as usize % THREADS == thread)
+        .filter(|c| *c as usize % threads == thread)
         .map(|c| (bound(c), bound(c + 1)))
         .filter(|(a, b)| a < b)
         .collect()
@@ -92,8 +91,25 @@ struct Run {
     expected_disk: Vec<u8>,
 }
 
+/// The shape of one workload run.
+#[derive(Clone, Copy)]
+struct Shape {
+    threads: usize,
+    ops_per_thread: usize,
+    cores: usize,
+    image_cache: CacheMode,
+    commit_delay: Option<Duration>,
+}
+
 /// Runs the workload once and returns the log.
-fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run {
+fn run_workload(seed: u64, shape: &Shape) -> Run {
+    let Shape {
+        threads,
+        ops_per_thread,
+        cores,
+        image_cache,
+        commit_delay,
+    } = *shape;
     let fx = Fixture::new(
         SECTORS,
         BASE_SECTORS,
@@ -116,12 +132,12 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
 
     let recorder = Recorder::new();
     let engine = Engine::start(EngineConfig {
-        cores: 2,
+        cores,
         queue_depth: 64,
         arena_bytes: 4 << 20,
         image_cache,
         base_cache: CacheMode::Buffered,
-        commit_delay: Some(Duration::from_millis(3)),
+        commit_delay,
         recorder: Some(recorder.clone()),
     })
     .expect("engine starts");
@@ -131,13 +147,13 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
     assert_eq!(disk.size(), SECTORS * 512);
     let tracker = Arc::new(ClientTracker::new(recorder.clone()));
 
-    let handles: Vec<_> = (0..THREADS)
+    let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (engine, disk, tracker) = (engine.clone(), disk.clone(), tracker.clone());
             let mut model = initial_disk.clone();
             thread::spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(seed ^ (0x5151 * (t as u64 + 1)));
-                let ranges = owned(t);
+                let ranges = owned(t, threads);
                 let mut issued = 0;
                 // Batches of up to 4 requests in flight at once, on both cores, on disjoint
                 // bytes (possibly the same sectors); answers are logged from the completion.
@@ -270,7 +286,16 @@ fn check(run: &Run, seed: u64, min_states: usize) -> Report {
 #[test]
 fn crash_consistency_of_engine_workload() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 150, CacheMode::Direct);
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 4,
+            ops_per_thread: 150,
+            cores: 2,
+            image_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_millis(3)),
+        },
+    );
 
     // The log is complete: replaying it over the initial files gives the final files.
     let (meta, image, base) = &run.final_files;
@@ -363,7 +388,17 @@ fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u6
 #[test]
 fn crash_consistency_of_engine_workload_buffered() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 60, CacheMode::Buffered);
+    // Buffered raw image, one core for six clients, commits only on FLUSH / FUA / close.
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 6,
+            ops_per_thread: 50,
+            cores: 1,
+            image_cache: CacheMode::Buffered,
+            commit_delay: None,
+        },
+    );
     let report = check(&run, seed, 2_000);
     assert_eq!(report.violating_states, 0, "{report}");
 }
@@ -374,7 +409,16 @@ fn crash_consistency_of_engine_workload_buffered() {
 #[test]
 fn crash_checker_detects_bits_before_sync() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 100, CacheMode::Direct);
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 4,
+            ops_per_thread: 100,
+            cores: 2,
+            image_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_millis(3)),
+        },
+    );
     let report = check(&run, seed, 4_000);
     assert!(
         report.violating_states > 0,
