@@ -229,6 +229,12 @@ fn out_of_range_requests_fail_and_the_engine_keeps_serving() {
         libc::ENOSPC
     );
     assert!(d.read_at(0, 0).expect("empty read").is_empty());
+    let big = fixture(512 << 20, 0);
+    let dbig = open(&e, &big.overlay);
+    let err = dbig
+        .read_at(0, addcow_engine::io::MAX_READ + 1)
+        .expect_err("too large");
+    assert_eq!(err.errno, libc::EINVAL);
     d.write_at(0, &[9; 10], true).expect("fua write");
     assert_eq!(d.read_at(0, 10).expect("read"), vec![9; 10]);
     d.close().expect("close");

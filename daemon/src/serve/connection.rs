@@ -30,6 +30,12 @@ use super::wire::{self, RequestHeader};
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Buffer bytes in flight per connection (one request larger than this still passes alone).
 pub const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
+/// Bytes of the reader's socket buffer (request headers and small payloads).
+const READ_BUFFER: usize = 64 << 10;
+/// Most replies the writer sends with one `sendmsg` batch.
+const WRITER_BATCH: usize = 64;
+/// Most READ bytes the writer batches before sending.
+const WRITER_BATCH_BYTES: u64 = 1 << 20;
 /// Most extents in one block-status chunk (the spec's SHOULD).
 const MAX_EXTENTS: usize = 1 << 20;
 
@@ -157,7 +163,7 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
         }
     };
     let mut reader = Reader {
-        sock,
+        sock: std::io::BufReader::with_capacity(READ_BUFFER, sock),
         core,
         backend: neg.export.backend.clone(),
         limits: Limits {
@@ -176,7 +182,7 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
         tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error");
     }
     let mut totals = reader.totals;
-    let sock = reader.sock;
+    let sock = reader.sock.into_inner();
     drop(reader.tx);
     // The writer ends once every in-flight completion has been answered.
     let (bytes_read, errors) = writer.join().unwrap_or_default();
@@ -198,7 +204,8 @@ enum ConnError {
 }
 
 struct Reader {
-    sock: Sock,
+    /// The socket, buffered: one `read` takes in every request the client has pipelined.
+    sock: std::io::BufReader<Sock>,
     core: usize,
     backend: Arc<dyn Backend>,
     limits: Limits,
@@ -505,22 +512,38 @@ fn writer_loop(
 ) -> (u64, u64) {
     let mut broken = false;
     let (mut bytes, mut errors) = (0u64, 0u64);
-    for (reply, cost) in rx.iter() {
-        if !broken {
+    let mut batch: Vec<Reply> = Vec::with_capacity(WRITER_BATCH);
+    let mut costs: Vec<u64> = Vec::with_capacity(WRITER_BATCH);
+    while let Ok(first) = rx.recv() {
+        // Take whatever else already completed: one sendmsg for the lot.
+        let mut next = Some(first);
+        let mut batch_bytes = 0u64;
+        while let Some((reply, cost)) = next.take() {
             match &reply.body {
-                Body::Read { data, .. } => bytes += data.len() as u64,
-                Body::Zeros { len, .. } => bytes += u64::from(*len),
+                Body::Read { data, .. } => batch_bytes += data.len() as u64,
+                Body::Zeros { len, .. } => batch_bytes += u64::from(*len),
                 Body::Error { .. } => errors += 1,
                 _ => {}
             }
-            if let Err(e) = reply::send(&sock, framing, &reply) {
+            batch.push(reply);
+            costs.push(cost);
+            if batch.len() < WRITER_BATCH && batch_bytes < WRITER_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !broken {
+            bytes += batch_bytes;
+            if let Err(e) = reply::send_many(&sock, framing, &batch) {
                 tracing::debug!(error = %e, "reply not sent; client gone");
                 broken = true;
                 // Wake the reader if it is blocked reading from a dead peer.
                 let _ = sock.shutdown(Shutdown::Both);
             }
         }
-        budget.release(cost);
+        batch.clear();
+        for cost in costs.drain(..) {
+            budget.release(cost);
+        }
     }
     (bytes, errors)
 }
@@ -532,7 +555,7 @@ enum Filled {
 }
 
 /// Fills `buf`, telling a clean EOF before the first byte from one in the middle.
-fn read_full(sock: &mut Sock, buf: &mut [u8]) -> io::Result<Filled> {
+fn read_full(sock: &mut impl Read, buf: &mut [u8]) -> io::Result<Filled> {
     let mut got = 0;
     while got < buf.len() {
         match sock.read(&mut buf[got..]) {

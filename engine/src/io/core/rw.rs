@@ -34,6 +34,14 @@ impl Core {
                     done(Err(req_err(libc::EINVAL, "read past the end", offset)));
                     return;
                 }
+                if len > super::super::MAX_READ {
+                    done(Err(req_err(
+                        libc::EINVAL,
+                        "read larger than MAX_READ",
+                        offset,
+                    )));
+                    return;
+                }
                 self.start_read(disk, offset, len, done);
             }
             Request::Flush => {
