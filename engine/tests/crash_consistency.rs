@@ -29,7 +29,8 @@ use support::engine::{call, seed, submit_with, Fixture};
 use support::pattern;
 
 const SECTORS: u64 = 512; // 256 KiB
-const BASE_SECTORS: u64 = 384; // the last 64 KiB read zeros past the base
+/// The base ends 300 bytes into sector 383: past it, clear sectors read zeros.
+const BASE_LEN: u64 = 384 * 512 - 300;
 const CHUNK: u64 = 8192;
 
 /// Byte ranges of the disk owned by `thread` of `threads`: chunks of ~8 KiB, boundaries shifted by 300 bytes
@@ -112,7 +113,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
     } = *shape;
     let fx = Fixture::new(
         SECTORS,
-        BASE_SECTORS,
+        BASE_LEN,
         |s| s % 16 == 3 || s % 16 == 4,
         |s| s % 16 == 9,
     );

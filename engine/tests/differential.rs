@@ -21,7 +21,8 @@ use support::pattern;
 use support::reference::RefView;
 
 const SECTORS: u64 = 256; // 128 KiB
-const BASE_SECTORS: u64 = 200;
+/// Ends 300 bytes into sector 199 (a base need not be a whole number of sectors).
+const BASE_LEN: u64 = 200 * 512 - 300;
 const CHUNK: u64 = 4096;
 
 fn cases() -> u32 {
@@ -124,7 +125,7 @@ fn place(lo: u64, hi: u64, a: u16, b: u16, aligned: bool) -> (u64, u64) {
 }
 
 fn new_fixture() -> Fixture {
-    Fixture::new(SECTORS, BASE_SECTORS, |s| s % 8 == 2, |s| s % 8 == 5)
+    Fixture::new(SECTORS, BASE_LEN, |s| s % 8 == 2, |s| s % 8 == 5)
 }
 
 // `..default()` fills the recorder field, which exists only with the `crash-recorder` feature.
@@ -150,7 +151,7 @@ fn initial_disk(fx: &Fixture) -> Vec<u8> {
 
 /// Reopens the overlay on a fresh engine and returns (engine's view, reference reader's view),
 /// after checking the engine's allocation map against the reference reader's bits.
-fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
+fn reopen_and_read(fx: &Fixture, base_len: u64) -> (Vec<u8>, Vec<u8>) {
     let engine = Engine::start(engine_config()).expect("engine starts");
     let disk = engine
         .open(&fx.meta, DiskOptions::default())
@@ -159,7 +160,7 @@ fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
     let mut through_engine = Vec::with_capacity(size as usize);
     let mut off = 0;
     while off < size {
-        let n = (size - off).min(48 * 1024);
+        let n = (size - off).min(1 << 20);
         through_engine.extend(read(&disk, 1, off, n as u32).expect("read after reopen"));
         off += n;
     }
@@ -175,15 +176,24 @@ fn reopen_and_read(fx: &Fixture) -> (Vec<u8>, Vec<u8>) {
             e.offset, pos,
             "allocation extents are not consecutive: {extents:?}"
         );
+        // Extents are byte-granular: a clear sector holding the base's end splits in two.
         for s in e.offset / 512..(e.offset + e.len).div_ceil(512) {
+            let from = (s * 512).max(e.offset);
+            let to = ((s + 1) * 512).min(e.offset + e.len);
             let want = if view.bit(s) {
                 ExtentKind::Image
-            } else if s < BASE_SECTORS {
+            } else if to <= base_len {
                 ExtentKind::Base
-            } else {
+            } else if from >= base_len {
                 ExtentKind::Zero
+            } else {
+                panic!("extent {e:?} spans the base's end at {base_len}");
             };
-            assert_eq!(e.kind, want, "sector {s}: allocation says {:?}", e.kind);
+            assert_eq!(
+                e.kind, want,
+                "bytes {from}..{to}: allocation says {:?}",
+                e.kind
+            );
         }
         pos += e.len;
     }
@@ -426,7 +436,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
     if let Some(f) = failure {
         return Err(TestCaseError::fail(f));
     }
-    let (through_engine, from_files) = reopen_and_read(&fx);
+    let (through_engine, from_files) = reopen_and_read(&fx, BASE_LEN);
     if let Some(d) = first_diff(&through_engine, &expected) {
         return Err(TestCaseError::fail(format!(
             "after reopen, engine reads byte {d} as {:#04x}, model {:#04x}",
@@ -488,7 +498,7 @@ fn run_overlapping(threads: Vec<Vec<(u16, u16, bool)>>) -> Result<(), TestCaseEr
     if let Some(f) = failure {
         return Err(TestCaseError::fail(f));
     }
-    let (through_engine, from_files) = reopen_and_read(&fx);
+    let (through_engine, from_files) = reopen_and_read(&fx, BASE_LEN);
     prop_assert!(
         through_engine == from_files,
         "engine and reference reader disagree"
@@ -600,5 +610,74 @@ fn reopen_after_shutdown_is_not_locked() {
         write(&engine, &disk, 0, 512 * round, &[7u8; 512], false).expect("write");
         disk.close().expect("close");
         engine.shutdown().expect("shutdown");
+    }
+}
+
+/// Across the sparse bitmap's chunks (32768 sectors = 16 MiB each): a trim of one whole chunk
+/// (which turns it "all set"), writes straddling both chunk boundaries, writes into the partial
+/// last chunk and past the base's end; then reopen and compare all 34 MiB.
+#[test]
+fn differential_across_bitmap_chunks() {
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 34 * MIB;
+    const BASE: u64 = 20 * MIB + 777;
+    let fx = Fixture::new(SIZE / 512, BASE, |s| s % 1000 == 7, |s| s % 1000 == 9);
+    let mut model = initial_disk(&fx);
+    let engine = Engine::start(engine_config()).expect("engine starts");
+    let disk = engine.open(&fx.meta, DiskOptions::default()).expect("open");
+    assert_eq!(disk.size(), SIZE);
+    let ops: [(u64, u64, Option<bool>); 9] = [
+        (16 * MIB, 16 * MIB, None),                 // trim chunk 1 whole
+        (16 * MIB - 700, 1500, Some(false)),        // straddles chunks 0 | 1
+        (32 * MIB - 4096, 8192, Some(true)),        // straddles chunks 1 | 2, aligned
+        (32 * MIB - 1, 2, Some(false)),             // two bytes across the boundary
+        (20 * MIB + 500, 600, Some(false)),         // over the base's end
+        (24 * MIB + 3, 70_000, Some(false)),        // inside the all-set chunk
+        (SIZE - 1000, 1000, Some(false)),           // the disk's last bytes
+        (SIZE - 8 * MIB, 3 * MIB + 5, Some(false)), // big unaligned in the last chunk
+        (16 * MIB - 64 * 1024, 128 * 1024, None),   // trim straddling 0 | 1
+    ];
+    for (i, &(off, len, write_kind)) in ops.iter().enumerate() {
+        let data = match write_kind {
+            Some(_) => pattern::write_data(i as u64, off, len as usize),
+            None => vec![0; len as usize],
+        };
+        match write_kind {
+            Some(fua) => write(&engine, &disk, i, off, &data, fua).expect("write"),
+            None => {
+                let req = Request::Trim {
+                    offset: off,
+                    len,
+                    fua: false,
+                };
+                support::engine::call(&disk, i, req).expect("trim");
+            }
+        }
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        // Read back around both chunk boundaries after every step.
+        for at in [16 * MIB - 100_000, 32 * MIB - 100_000] {
+            let got = read(&disk, i + 1, at, 200_000).expect("read");
+            if let Some(d) = first_diff(&got, &model[at as usize..at as usize + 200_000]) {
+                panic!("after op {i}: byte {} reads {:#04x}", at + d as u64, got[d]);
+            }
+        }
+    }
+    disk.close().expect("close");
+    engine.shutdown().expect("shutdown");
+    drop((disk, engine));
+    let (through_engine, from_files) = reopen_and_read(&fx, BASE);
+    if through_engine != model {
+        let d = first_diff(&through_engine, &model).unwrap_or(0);
+        panic!(
+            "after reopen, byte {d} reads {:#04x}, model {:#04x}",
+            through_engine[d], model[d]
+        );
+    }
+    if from_files != model {
+        let d = first_diff(&from_files, &model).unwrap_or(0);
+        panic!(
+            "the files decode byte {d} as {:#04x}, model {:#04x}",
+            from_files[d], model[d]
+        );
     }
 }
