@@ -106,7 +106,8 @@ pub(crate) struct Core {
 
 /// Builds a ring, trying the cheapest task-run mode the kernel accepts first.
 fn build_ring(entries: u32) -> std::io::Result<(IoUring, &'static str)> {
-    let entries = entries.clamp(2, 32768).next_power_of_two();
+    // At least 8 entries: a commit chain (fdatasync, spans, fdatasync) must fit one submission.
+    let entries = entries.clamp(8, 32768).next_power_of_two();
     let mut last = None;
     for mode in 0..4 {
         let mut b = IoUring::builder();
