@@ -409,7 +409,7 @@ impl Core {
         match op.kind {
             OpKind::Read(x, bounce) => self.read_done(task, x, bounce, res),
             OpKind::Write(x) => self.write_done(task, x, res),
-            OpKind::Punch { target, off, len } => self.punch_done(task, target, off, len, res),
+            OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
             OpKind::Sync { role, id, .. } => self.sync_done(task, role, id, res),
         }
     }
