@@ -1,7 +1,15 @@
 //! Differential property tests: random sequences of reads, writes (aligned and not, FUA or not),
 //! write-zeroes (punching or not), trims and flushes from several threads against an in-memory
 //! model of the disk; then close, reopen on a fresh engine and compare every byte, both through
-//! the engine and by decoding the files with the independent reference reader.
+//! the engine and by decoding the files with the independent reference reader, and check the
+//! allocation map against the bits.
+//!
+//! * `differential_disjoint_threads`: each thread owns byte ranges whose edges share sectors
+//!   with its neighbours and keeps up to 4 requests in flight on both cores; a spy thread reads
+//!   everywhere meanwhile and may only ever see initial or written bytes (invariant 2).
+//! * `differential_overlapping_writes`: threads write the same few sectors at once (invariant 4:
+//!   no read-modify-write loses another write's bytes).
+//! * `differential_across_bitmap_chunks`: a 34 MiB disk, ops around the sparse bitmap's chunks.
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 32 per property).
 

@@ -106,7 +106,8 @@ pub(crate) struct Core {
 
 /// Builds a ring, trying the cheapest task-run mode the kernel accepts first.
 fn build_ring(entries: u32) -> std::io::Result<(IoUring, &'static str)> {
-    let entries = entries.clamp(2, 32768).next_power_of_two();
+    // At least 8 entries: a commit chain (fdatasync, spans, fdatasync) must fit one submission.
+    let entries = entries.clamp(8, 32768).next_power_of_two();
     let mut last = None;
     for mode in 0..4 {
         let mut b = IoUring::builder();
@@ -408,7 +409,7 @@ impl Core {
         match op.kind {
             OpKind::Read(x, bounce) => self.read_done(task, x, bounce, res),
             OpKind::Write(x) => self.write_done(task, x, res),
-            OpKind::Punch { target, off, len } => self.punch_done(task, target, off, len, res),
+            OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
             OpKind::Sync { role, id, .. } => self.sync_done(task, role, id, res),
         }
     }
