@@ -410,6 +410,18 @@ fn a_locked_overlay_or_a_bad_command_line_is_a_clear_error() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("given twice"), "{err}");
+    // A pid file that cannot be written: error, and the socket it had bound is removed.
+    let bad_pid = fx.path("no/such/dir/pid");
+    let (code, err) = serve(&[
+        "--socket",
+        b.to_str().unwrap(),
+        "--pid-file",
+        bad_pid.to_str().unwrap(),
+        second.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no/such/dir/pid"), "{err}");
+    assert!(!b.exists(), "socket removed after a failed start");
     let (code, err) = serve(&["--socket", b.to_str().unwrap(), "--export", "novalue"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("NAME=OVERLAY"), "{err}");
