@@ -592,11 +592,48 @@ mod tests {
 
     fn start(size: usize) -> (UnixStream, std::thread::JoinHandle<()>, Arc<MemDisk>) {
         let disk = MemDisk::new(size, false);
+        let (c, t) = start_on(disk.clone());
+        (c, t, disk)
+    }
+
+    /// A backend whose WRITE completions wait until the test opens the gate.
+    struct GatedWrites {
+        inner: Arc<MemDisk>,
+        held: std::sync::Mutex<Vec<addcow_engine::Completion>>,
+    }
+
+    impl Backend for GatedWrites {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            if matches!(req, Request::Write { .. }) {
+                let inner = self.inner.clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                inner.submit(core, req, Box::new(move |r| tx.send(r).unwrap()));
+                let r = rx.recv().unwrap();
+                self.held.lock().unwrap().push(Box::new(move |_| done(r)));
+            } else {
+                self.inner.submit(core, req, done)
+            }
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, std::thread::JoinHandle<()>) {
         let (a, b) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
             exports: Exports::new(vec![Export {
                 name: String::new(),
-                backend: disk.clone(),
+                backend,
             }]),
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
@@ -604,7 +641,41 @@ mod tests {
         let t = std::thread::spawn(move || {
             serve(Sock::Unix(a), 1, 0, &cfg);
         });
-        (b, t, disk)
+        (b, t)
+    }
+
+    #[test]
+    fn replies_go_out_in_completion_order() {
+        let gated = Arc::new(GatedWrites {
+            inner: MemDisk::new(1 << 20, false),
+            held: Default::default(),
+        });
+        let (mut c, t) = start_on(gated.clone());
+        handshake(&mut c);
+        // A write whose completion is held, then a read: the read is answered first.
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 512);
+        c.write_all(&[9u8; 512]).unwrap();
+        req(&mut c, wire::CMD_READ, 0, 2, 4096, 512);
+        let mut r = [0u8; 20];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(
+            &r[8..16],
+            &2u64.to_be_bytes(),
+            "read answered while the write is held"
+        );
+        let mut p = vec![0u8; 8 + 512];
+        c.read_exact(&mut p).unwrap();
+        // Release the write: its reply follows.
+        let held: Vec<_> = gated.held.lock().unwrap().drain(..).collect();
+        assert_eq!(held.len(), 1);
+        for done in held {
+            done(Ok(Done::Ok));
+        }
+        let mut r = [0u8; 16];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(r, wire::simple_reply(0, 1));
+        req(&mut c, wire::CMD_DISC, 0, 3, 0, 0);
+        t.join().unwrap();
     }
 
     /// Client side of a handshake with structured replies and base:allocation.
