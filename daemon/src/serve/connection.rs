@@ -789,6 +789,108 @@ mod tests {
         t.join().unwrap();
     }
 
+    /// Invariant 6: no request stream makes the daemon panic. Random (mostly well-framed)
+    /// requests with random kinds, flags, offsets and lengths, then EOF: the connection must
+    /// answer or close and its thread must end normally.
+    #[test]
+    fn random_request_streams_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0xadd_c0);
+        for _ in 0..200 {
+            let (mut c, t, _) = start(64 << 10);
+            handshake(&mut c);
+            let mut stream = Vec::new();
+            for _ in 0..rng.gen_range(1..40) {
+                let kind = rng.gen_range(0..10u16);
+                let flags = if rng.gen_bool(0.7) { 0 } else { rng.gen() };
+                let offset = match rng.gen_range(0..4) {
+                    0 => 0,
+                    1 => rng.gen_range(0..(64u64 << 10)),
+                    2 => rng.gen_range(0..(128u64 << 10)),
+                    _ => rng.gen(),
+                };
+                let len: u32 = match rng.gen_range(0..4) {
+                    0 => 0,
+                    1 => rng.gen_range(0..8192),
+                    2 => rng.gen_range(0..(128 << 10)),
+                    _ => rng.gen(),
+                };
+                let h = RequestHeader {
+                    flags,
+                    kind,
+                    cookie: rng.gen(),
+                    offset,
+                    len: u64::from(len),
+                };
+                let mut b = h.encode().to_vec();
+                if rng.gen_bool(0.05) {
+                    b[rng.gen_range(0..28)] ^= 0xff; // corrupt a byte, magic included
+                }
+                stream.extend_from_slice(&b);
+                if kind == wire::CMD_WRITE {
+                    let n = (len as usize).min(rng.gen_range(0..20_000));
+                    stream.extend(std::iter::repeat_n(0x5a, n));
+                }
+            }
+            if rng.gen_bool(0.3) {
+                let cut = rng.gen_range(0..stream.len());
+                stream.truncate(cut);
+            }
+            let mut w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = w.write_all(&stream);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink);
+            writer.join().unwrap();
+            t.join().expect("connection thread panicked");
+        }
+    }
+
+    #[test]
+    fn random_handshakes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let exports = Exports::new(vec![Export {
+            name: String::new(),
+            backend: MemDisk::new(4096, false),
+        }]);
+        for _ in 0..2000 {
+            let mut input = vec![0, 0, 0, rng.gen_range(0..4u8)];
+            for _ in 0..rng.gen_range(0..6) {
+                input.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
+                input.extend_from_slice(&rng.gen_range(0..13u32).to_be_bytes());
+                let data: Vec<u8> = (0..rng.gen_range(0..40))
+                    .map(|_| rng.gen_range(0..8u8))
+                    .collect();
+                let len = if rng.gen_bool(0.9) {
+                    data.len() as u32
+                } else {
+                    rng.gen()
+                };
+                input.extend_from_slice(&len.to_be_bytes());
+                input.extend_from_slice(&data);
+            }
+            if rng.gen_bool(0.2) {
+                let at = rng.gen_range(0..input.len());
+                input[at] = rng.gen();
+            }
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = b.write_all(&input);
+                let _ = b.shutdown(Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = b.read_to_end(&mut sink);
+            });
+            let mut sock = Sock::Unix(a);
+            let r = handshake::negotiate(&mut sock, &exports, &|| false);
+            drop(r);
+            drop(sock);
+            writer.join().unwrap();
+        }
+    }
+
     #[test]
     fn many_pipelined_requests_all_answered() {
         let (mut c, t, _) = start(1 << 20);
