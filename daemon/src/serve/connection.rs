@@ -795,7 +795,7 @@ mod tests {
     #[test]
     fn random_request_streams_never_panic() {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0xadd_c0);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0xaddc0);
         for _ in 0..200 {
             let (mut c, t, _) = start(64 << 10);
             handshake(&mut c);
