@@ -327,6 +327,7 @@ fn fio_verify_four_jobs_qd32() {
             "--offset_increment=32M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--output-format=json",
         ],

@@ -374,3 +374,57 @@ fn systemd_socket_activation() {
     .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_locked_overlay_or_a_bad_command_line_is_a_clear_error() {
+    let fx = Fixture::new(4 * MIB);
+    let ov = fx.overlay();
+    let d = Daemon::start(&fx.path("a.sock"), &[ov.to_str().unwrap()]);
+    let serve = |args: &[&str]| {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        let out = run_raw(env!("CARGO_BIN_EXE_addcow"), &all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let b = fx.path("b.sock");
+    let (code, err) = serve(&["--socket", b.to_str().unwrap(), ov.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("locked"), "{err}");
+    assert!(!b.exists(), "no socket left behind by a failed start");
+    // The running daemon still owns its socket: a second daemon on it is refused.
+    let second = fx.make_overlay("second");
+    let a = fx.path("a.sock");
+    let (code, err) = serve(&["--socket", a.to_str().unwrap(), second.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another server is listening"), "{err}");
+    let (code, err) = serve(&[
+        "--socket",
+        b.to_str().unwrap(),
+        "--export",
+        &format!("x={}", second.display()),
+        "--export",
+        &format!("x={}", second.display()),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("given twice"), "{err}");
+    // A pid file that cannot be written: error, and the socket it had bound is removed.
+    let bad_pid = fx.path("no/such/dir/pid");
+    let (code, err) = serve(&[
+        "--socket",
+        b.to_str().unwrap(),
+        "--pid-file",
+        bad_pid.to_str().unwrap(),
+        second.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no/such/dir/pid"), "{err}");
+    assert!(!b.exists(), "socket removed after a failed start");
+    let (code, err) = serve(&["--socket", b.to_str().unwrap(), "--export", "novalue"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("NAME=OVERLAY"), "{err}");
+    qemu_io(&d.uri(), &["read -P 0xab 0 4k"]);
+    d.stop();
+}

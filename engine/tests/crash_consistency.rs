@@ -1,7 +1,8 @@
 //! Crash consistency of the real engine (DESIGN.md invariants 1-4).
 //!
 //! Several client threads run a mixed workload (aligned and unaligned writes, FUA, write-zeroes
-//! with and without holes, trims, flushes, reads checked on the fly) on a real engine with the
+//! with and without holes, trims, flushes, reads checked on the fly), each keeping up to four
+//! requests in flight on both cores, on a real engine with the
 //! crash recorder on, over a small overlay with a patterned base, pre-allocated sectors and stale
 //! garbage under clear bits. The harness logs what each client was answered into the same
 //! recorder. Then the crash checker (`support::crash`) builds crash states from the log and
@@ -14,26 +15,27 @@
 
 mod support;
 
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use addcow_engine::io::recorder::{Event, Recorder};
-use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, Request};
+use addcow_engine::{CacheMode, DiskOptions, Done, Engine, EngineConfig, Request, RequestError};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use support::crash::{CheckConfig, Checker, ClientTracker, Report, Snapshot};
-use support::engine::{call, read, seed, write, Fixture};
+use support::engine::{call, seed, submit_with, Fixture};
 use support::pattern;
 
 const SECTORS: u64 = 512; // 256 KiB
-const BASE_SECTORS: u64 = 384; // the last 64 KiB read zeros past the base
-const THREADS: usize = 4;
+/// The base ends 300 bytes into sector 383: past it, clear sectors read zeros.
+const BASE_LEN: u64 = 384 * 512 - 300;
 const CHUNK: u64 = 8192;
 
-/// Byte ranges of the disk owned by `thread`: chunks of ~8 KiB, boundaries shifted by 300 bytes
+/// Byte ranges of the disk owned by `thread` of `threads`: chunks of ~8 KiB, boundaries shifted by 300 bytes
 /// so neighbours share a sector, dealt round-robin.
-fn owned(thread: usize) -> Vec<(u64, u64)> {
+fn owned(thread: usize, threads: usize) -> Vec<(u64, u64)> {
     let size = SECTORS * 512;
     let bound = |c: u64| {
         if c == 0 {
@@ -44,7 +46,7 @@ fn owned(thread: usize) -> Vec<(u64, u64)> {
     };
     let chunks = size.div_ceil(CHUNK);
     (0..chunks)
-        .filter(|c| *c as usize % THREADS == thread)
+        .filter(|c| *c as usize % threads == thread)
         .map(|c| (bound(c), bound(c + 1)))
         .filter(|(a, b)| a < b)
         .collect()
@@ -66,6 +68,21 @@ fn pick_range(rng: &mut SmallRng, lo: u64, hi: u64, aligned: bool, max: u64) -> 
     (off, len)
 }
 
+/// A request of a batch, waiting for its completion.
+enum InFlight {
+    Flush(Receiver<Result<Done, RequestError>>),
+    Read {
+        off: u64,
+        len: u64,
+        rx: Receiver<Result<Done, RequestError>>,
+    },
+    Write {
+        off: u64,
+        data: Vec<u8>,
+        rx: Receiver<Result<Done, RequestError>>,
+    },
+}
+
 #[cfg_attr(feature = "unsafe-bits-before-sync", allow(dead_code))]
 struct Run {
     snapshot: Snapshot,
@@ -75,11 +92,28 @@ struct Run {
     expected_disk: Vec<u8>,
 }
 
+/// The shape of one workload run.
+#[derive(Clone, Copy)]
+struct Shape {
+    threads: usize,
+    ops_per_thread: usize,
+    cores: usize,
+    image_cache: CacheMode,
+    commit_delay: Option<Duration>,
+}
+
 /// Runs the workload once and returns the log.
-fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run {
+fn run_workload(seed: u64, shape: &Shape) -> Run {
+    let Shape {
+        threads,
+        ops_per_thread,
+        cores,
+        image_cache,
+        commit_delay,
+    } = *shape;
     let fx = Fixture::new(
         SECTORS,
-        BASE_SECTORS,
+        BASE_LEN,
         |s| s % 16 == 3 || s % 16 == 4,
         |s| s % 16 == 9,
     );
@@ -99,12 +133,12 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
 
     let recorder = Recorder::new();
     let engine = Engine::start(EngineConfig {
-        cores: 2,
+        cores,
         queue_depth: 64,
         arena_bytes: 4 << 20,
         image_cache,
         base_cache: CacheMode::Buffered,
-        commit_delay: Some(Duration::from_millis(3)),
+        commit_delay,
         recorder: Some(recorder.clone()),
     })
     .expect("engine starts");
@@ -114,53 +148,99 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
     assert_eq!(disk.size(), SECTORS * 512);
     let tracker = Arc::new(ClientTracker::new(recorder.clone()));
 
-    let handles: Vec<_> = (0..THREADS)
+    let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (engine, disk, tracker) = (engine.clone(), disk.clone(), tracker.clone());
             let mut model = initial_disk.clone();
             thread::spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(seed ^ (0x5151 * (t as u64 + 1)));
-                let ranges = owned(t);
-                let core = t;
-                for _ in 0..ops_per_thread {
-                    let (lo, hi) = ranges[rng.gen_range(0..ranges.len())];
-                    let fua = rng.gen_bool(0.15);
-                    let kind = rng.gen_range(0..100);
-                    if kind < 10 {
-                        let id = tracker.issue_flush();
-                        call(&disk, core, Request::Flush).expect("flush");
-                        tracker.answer_flush(id);
-                        continue;
-                    }
-                    if kind < 20 {
-                        let (off, len) = pick_range(&mut rng, lo, hi, false, 8192);
-                        let got = read(&disk, core, off, len as u32).expect("read");
-                        let want = &model[off as usize..(off + len) as usize];
-                        assert!(
-                            got == want,
-                            "thread {t}: read {off}+{len} differs from what this thread wrote (seed {seed})"
-                        );
-                        continue;
-                    }
-                    let aligned = rng.gen_bool(0.5);
-                    let (off, len) = pick_range(&mut rng, lo, hi, aligned, 6000);
-                    let id = tracker.issue_write(fua);
-                    let data = if kind < 80 {
-                        let data = pattern::write_data(id, off, len as usize);
-                        write(&engine, &disk, core, off, &data, fua)
-                            .unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
-                        data
-                    } else {
-                        let req = match kind {
-                            80..=86 => Request::WriteZeroes { offset: off, len, punch: true, fua },
-                            87..=92 => Request::WriteZeroes { offset: off, len, punch: false, fua },
-                            _ => Request::Trim { offset: off, len, fua },
+                let ranges = owned(t, threads);
+                let mut issued = 0;
+                // Batches of up to 4 requests in flight at once, on both cores, on disjoint
+                // bytes (possibly the same sectors); answers are logged from the completion.
+                while issued < ops_per_thread {
+                    let depth = rng.gen_range(1..=4);
+                    let mut taken: Vec<(u64, u64)> = Vec::new();
+                    let mut inflight = Vec::new();
+                    for j in 0..depth {
+                        issued += 1;
+                        let core = t + j;
+                        let (lo, hi) = ranges[rng.gen_range(0..ranges.len())];
+                        let fua = rng.gen_bool(0.15);
+                        let kind = rng.gen_range(0..100);
+                        if kind < 10 {
+                            let id = tracker.issue_flush();
+                            let tr = tracker.clone();
+                            let rx = submit_with(&disk, core, Request::Flush, move |r| {
+                                if r.is_ok() {
+                                    tr.answer_flush(id);
+                                }
+                            });
+                            inflight.push(InFlight::Flush(rx));
+                            continue;
+                        }
+                        let aligned = rng.gen_bool(0.5);
+                        let max = if kind < 20 { 8192 } else { 6000 };
+                        let (off, len) = pick_range(&mut rng, lo, hi, aligned && kind >= 20, max);
+                        if taken.iter().any(|&(o, l)| off < o + l && o < off + len) {
+                            continue;
+                        }
+                        taken.push((off, len));
+                        if kind < 20 {
+                            let rx = submit_with(&disk, core, Request::Read { offset: off, len: len as u32 }, |_| {});
+                            inflight.push(InFlight::Read { off, len, rx });
+                            continue;
+                        }
+                        let id = tracker.issue_write(fua);
+                        let (req, data) = if kind < 80 {
+                            let data = pattern::write_data(id, off, len as usize);
+                            let mut buf = engine.alloc_buf(data.len());
+                            buf.copy_from_slice(&data);
+                            (Request::Write { offset: off, data: buf, fua }, data)
+                        } else {
+                            let req = match kind {
+                                80..=86 => Request::WriteZeroes { offset: off, len, punch: true, fua },
+                                87..=92 => Request::WriteZeroes { offset: off, len, punch: false, fua },
+                                _ => Request::Trim { offset: off, len, fua },
+                            };
+                            (req, vec![0u8; len as usize])
                         };
-                        call(&disk, core, req).unwrap_or_else(|e| panic!("zero/trim {off}+{len}: {e}"));
-                        vec![0u8; len as usize]
-                    };
-                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                    tracker.answer_write(id, off, data);
+                        let (tr, answered) = (tracker.clone(), data.clone());
+                        let rx = submit_with(&disk, core, req, move |r| {
+                            if r.is_ok() {
+                                tr.answer_write(id, off, answered);
+                            }
+                        });
+                        inflight.push(InFlight::Write { off, data, rx });
+                    }
+                    let mut written = Vec::new();
+                    for f in inflight {
+                        match f {
+                            InFlight::Flush(rx) => {
+                                rx.recv().expect("completion").expect("flush");
+                            }
+                            InFlight::Read { off, len, rx } => {
+                                let got = match rx.recv().expect("completion") {
+                                    Ok(Done::Read(buf)) => buf.to_vec(),
+                                    other => panic!("read {off}+{len}: {other:?}"),
+                                };
+                                let want = &model[off as usize..(off + len) as usize];
+                                assert!(
+                                    got == want,
+                                    "thread {t}: read {off}+{len} differs from what this thread wrote (seed {seed})"
+                                );
+                            }
+                            InFlight::Write { off, data, rx } => {
+                                if let Err(e) = rx.recv().expect("completion") {
+                                    panic!("write/zero/trim {off}+{}: {e}", data.len());
+                                }
+                                written.push((off, data));
+                            }
+                        }
+                    }
+                    for (off, data) in written {
+                        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                    }
                 }
                 (ranges, model)
             })
@@ -192,8 +272,9 @@ fn run_workload(seed: u64, ops_per_thread: usize, image_cache: CacheMode) -> Run
 fn check(run: &Run, seed: u64, min_states: usize) -> Report {
     let issue = run.tracker.issue_log();
     let started = std::time::Instant::now();
-    let report =
-        Checker::new(&run.snapshot, &run.events, &issue).run(&CheckConfig::new(seed, min_states));
+    let mut cfg = CheckConfig::new(seed, min_states);
+    cfg.samples = 100;
+    let report = Checker::new(&run.snapshot, &run.events, &issue).run(&cfg);
     eprintln!(
         "{} events, checked in {:?}; {report}",
         run.events.len(),
@@ -206,7 +287,16 @@ fn check(run: &Run, seed: u64, min_states: usize) -> Report {
 #[test]
 fn crash_consistency_of_engine_workload() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 150, CacheMode::Direct);
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 4,
+            ops_per_thread: 150,
+            cores: 2,
+            image_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_millis(3)),
+        },
+    );
 
     // The log is complete: replaying it over the initial files gives the final files.
     let (meta, image, base) = &run.final_files;
@@ -238,13 +328,78 @@ fn crash_consistency_of_engine_workload() {
     assert!(report.states >= 10_000, "{report}");
     assert!(report.flushes > 0 && report.client_writes > 0, "{report}");
     assert_eq!(report.violating_states, 0, "{report}");
+    engine_reads_crash_states(&run, &report.samples, seed);
+}
+
+/// Opens sampled crash states with the real engine (read-only) and checks that it accepts them
+/// and reads exactly what the reference reader reads.
+#[cfg(not(feature = "unsafe-bits-before-sync"))]
+fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u64) {
+    assert!(
+        samples.len() >= 50,
+        "only {} sampled crash states",
+        samples.len()
+    );
+    let base = run.snapshot.base.as_deref().expect("base");
+    let engine = Engine::start(EngineConfig {
+        cores: 1,
+        queue_depth: 32,
+        arena_bytes: 1 << 20,
+        image_cache: CacheMode::Buffered,
+        base_cache: CacheMode::Buffered,
+        commit_delay: None,
+        recorder: None,
+    })
+    .expect("engine starts");
+    for (k, (meta, image)) in samples.iter().enumerate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("base.img"), base).expect("write base");
+        std::fs::write(dir.path().join("disk.raw"), image).expect("write image");
+        std::fs::write(dir.path().join("disk.add-cow"), meta).expect("write meta");
+        let disk = engine
+            .open(
+                &dir.path().join("disk.add-cow"),
+                DiskOptions { read_only: true },
+            )
+            .unwrap_or_else(|e| panic!("crash state {k} does not open: {e} (seed {seed})"));
+        let mut got = Vec::new();
+        let size = disk.size();
+        while (got.len() as u64) < size {
+            let n = (size - got.len() as u64).min(64 << 10);
+            let chunk = support::engine::read(&disk, 0, got.len() as u64, n as u32)
+                .unwrap_or_else(|e| panic!("crash state {k}: read: {e}"));
+            got.extend(chunk);
+        }
+        disk.close().expect("close");
+        let want = support::reference::RefView::decode(meta, image, Some(base))
+            .expect("crash state decodes")
+            .read_all();
+        if let Some(b) = (0..want.len()).find(|&b| got.get(b) != want.get(b)) {
+            panic!(
+                "crash state {k}: engine reads byte {b} as {:?}, reference reader {:#04x} (seed {seed})",
+                got.get(b),
+                want[b]
+            );
+        }
+    }
+    engine.shutdown().expect("shutdown");
 }
 
 #[cfg(not(feature = "unsafe-bits-before-sync"))]
 #[test]
 fn crash_consistency_of_engine_workload_buffered() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 60, CacheMode::Buffered);
+    // Buffered raw image, one core for six clients, commits only on FLUSH / FUA / close.
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 6,
+            ops_per_thread: 50,
+            cores: 1,
+            image_cache: CacheMode::Buffered,
+            commit_delay: None,
+        },
+    );
     let report = check(&run, seed, 2_000);
     assert_eq!(report.violating_states, 0, "{report}");
 }
@@ -255,7 +410,16 @@ fn crash_consistency_of_engine_workload_buffered() {
 #[test]
 fn crash_checker_detects_bits_before_sync() {
     let seed = seed("CRASH_SEED");
-    let run = run_workload(seed, 100, CacheMode::Direct);
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 4,
+            ops_per_thread: 100,
+            cores: 2,
+            image_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_millis(3)),
+        },
+    );
     let report = check(&run, seed, 4_000);
     assert!(
         report.violating_states > 0,

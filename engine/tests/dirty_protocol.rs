@@ -278,3 +278,27 @@ fn dirty_protocol_remark_after_failed_commit_keeps_blocks() {
         vec![5, (HEADER + 5000) / 512, (HEADER + 10_000) / 512]
     );
 }
+
+#[test]
+fn dirty_protocol_check_catches_mark_before_set() {
+    // The checks above can fail: a setter that marks its block *before* setting the bit
+    // (wrong order) loses the bit when a commit takes the mark in between. Scripted here.
+    let bitmap = Arc::new(SparseBitmap::new(SECTORS));
+    let dirty = Arc::new(DirtyBlocks::new(SECTORS.div_ceil(8), 512));
+    let mut c = Committer {
+        bitmap: bitmap.clone(),
+        dirty: dirty.clone(),
+        started: Arc::new(AtomicUsize::new(0)),
+        disk: vec![0u8; SECTORS.div_ceil(8) as usize],
+        history: Vec::new(),
+    };
+    dirty.mark_bitmap_bytes(10 / 8, 10 / 8); // wrong: mark first...
+    c.commit(); // ...a commit takes the mark and copies a clear bit...
+    assert!(bitmap.set_range(10, 1).is_some()); // ...then the bit is set, never re-marked.
+    c.commit(); // the final commit
+    let model = model_bytes(&[(10, 1)]);
+    assert_ne!(c.disk, model, "the lost bit went unnoticed");
+    let mut memory = vec![0u8; model.len()];
+    bitmap.copy_bytes(0, &mut memory);
+    assert_eq!(memory, model);
+}

@@ -4,6 +4,10 @@
 //! write (or punch) of that sector at position `w < m` must be covered by an image sync with
 //! `SyncBegin > w` and `SyncEnd < m`.
 //!
+//! And the FLUSH rule of invariant 3: a FLUSH is answered only by a commit that began after the
+//! writes answered before it, so their data and bits are durable when it is answered (checked
+//! with another thread keeping commits in flight, so FLUSHes must wait for the next one).
+//!
 //! With the test-only feature `unsafe-bits-before-sync` (which persists bitmap blocks before the
 //! data sync) this test must fail, and it is marked `should_panic` then.
 #![cfg(feature = "crash-recorder")]
@@ -12,7 +16,7 @@ mod engine_common;
 
 use std::collections::HashMap;
 
-use addcow_engine::io::recorder::{Event, FileRole, Recorder};
+use addcow_engine::io::recorder::{ClientEvent, Event, FileRole, Recorder};
 use addcow_engine::Request;
 use engine_common::*;
 
@@ -150,4 +154,107 @@ fn crash_order_bitmap_reaches_disk_only_after_the_data_sync() {
         checked > 100,
         "the log exercised the invariant ({checked} bits checked)"
     );
+}
+
+/// For a FLUSH answered at log position `p` and a write answered (by the same thread, before
+/// it sent the FLUSH) at `w`: some image fdatasync began after `w` and ended before `p`, and the
+/// write's (fresh) bit was written to the metadata file by a write that a metadata fdatasync
+/// (begun after that write, ended before `p`) made durable. (The bit's write may precede `w`: a
+/// concurrent commit can persist it between the bit being set and the answer being logged.)
+/// Returns the pairs checked.
+fn check_flush_covers_earlier_writes(events: &[Event]) -> usize {
+    let mut checked = 0;
+    let mut answered: Vec<(usize, u64, usize)> = Vec::new(); // (pos, offset, len)
+    let mut begins: HashMap<(bool, u64), usize> = HashMap::new();
+    let mut syncs: Vec<(bool, usize, usize)> = Vec::new(); // (is_meta, begin, end)
+    let mut meta_writes: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        match ev {
+            Event::SyncBegin { file, id } => {
+                begins.insert((*file == FileRole::Meta, *id), i);
+            }
+            Event::SyncEnd { file, id } => {
+                let meta = *file == FileRole::Meta;
+                let b = begins
+                    .get(&(meta, *id))
+                    .copied()
+                    .expect("SyncEnd without SyncBegin");
+                syncs.push((meta, b, i));
+            }
+            Event::Write {
+                file: FileRole::Meta,
+                offset,
+                data,
+            } => {
+                meta_writes.push((i, *offset, data.clone()));
+            }
+            Event::Client(ClientEvent::WriteAnswered { offset, data, .. }) => {
+                answered.push((i, *offset, data.len()));
+            }
+            Event::Client(ClientEvent::FlushAnswered { .. }) => {
+                for &(w, offset, len) in &answered {
+                    assert!(
+                        syncs.iter().any(|&(m, b, e)| !m && b > w && e < i),
+                        "FLUSH at {i} answered without a raw-image sync begun after write at {w}"
+                    );
+                    let sector = offset / 512;
+                    let (byte, bit) = (HEADER + sector / 8, sector % 8);
+                    let persisted = meta_writes.iter().any(|(mi, mo, md)| {
+                        byte >= *mo
+                            && byte < *mo + md.len() as u64
+                            && md[(byte - mo) as usize] & (1 << bit) != 0
+                            && syncs.iter().any(|&(m, b, e)| m && b > *mi && e < i)
+                    });
+                    assert!(persisted, "FLUSH at {i} answered before the bit of write at {w} ({len} bytes) was durable");
+                    checked += 1;
+                }
+                answered.clear();
+            }
+            _ => {}
+        }
+    }
+    checked
+}
+
+#[test]
+fn crash_order_flush_is_answered_by_a_commit_that_covers_earlier_writes() {
+    let f = fixture(8 << 20, 0);
+    let rec = Recorder::new();
+    let mut cfg = config(2);
+    cfg.recorder = Some(rec.clone());
+    let e = addcow_engine::Engine::start(cfg).expect("engine");
+    let d = open(&e, &f.overlay);
+    // A thread that keeps commits in flight, so the checked FLUSHes often arrive while one is
+    // running and must wait for (and join) the next one.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spammer = {
+        let (d, stop) = (d.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                d.write_at((4 << 20) + (n % 2048) * 512, &[1; 512], false)
+                    .expect("write");
+                d.flush().expect("flush");
+                n += 1;
+            }
+        })
+    };
+    for i in 0..60u64 {
+        // Fresh sectors each time, so every checked bit is new.
+        let offset = i * 8192 + (i % 3) * 512;
+        let data = payload(i, 512 + (i as usize % 2) * 512);
+        d.write_at(offset, &data, false).expect("write");
+        rec.push(Event::Client(ClientEvent::WriteAnswered {
+            id: i,
+            offset,
+            data,
+        }));
+        d.flush().expect("flush");
+        rec.push(Event::Client(ClientEvent::FlushAnswered { id: i }));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spammer.join().expect("spammer");
+    d.close().expect("close");
+    let checked = check_flush_covers_earlier_writes(&rec.snapshot());
+    assert_eq!(checked, 60);
 }

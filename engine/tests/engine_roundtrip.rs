@@ -229,6 +229,12 @@ fn out_of_range_requests_fail_and_the_engine_keeps_serving() {
         libc::ENOSPC
     );
     assert!(d.read_at(0, 0).expect("empty read").is_empty());
+    let big = fixture(512 << 20, 0);
+    let dbig = open(&e, &big.overlay);
+    let err = dbig
+        .read_at(0, addcow_engine::io::MAX_READ + 1)
+        .expect_err("too large");
+    assert_eq!(err.errno, libc::EINVAL);
     d.write_at(0, &[9; 10], true).expect("fua write");
     assert_eq!(d.read_at(0, 10).expect("read"), vec![9; 10]);
     d.close().expect("close");
@@ -251,5 +257,28 @@ fn background_commit_persists_without_flush() {
     while !meta_bit_set() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    d.close().expect("close");
+}
+
+#[test]
+fn a_panicking_completion_does_not_stop_the_core() {
+    let f = fixture(64 << 10, 0);
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    let (tx, rx) = std::sync::mpsc::channel();
+    d.submit(
+        0,
+        Request::Read {
+            offset: 0,
+            len: 512,
+        },
+        Box::new(move |_| {
+            let _ = tx.send(());
+            panic!("callback bug");
+        }),
+    );
+    rx.recv().expect("callback ran");
+    d.write_at(0, &[3; 512], false).expect("core still serves");
+    assert_eq!(d.read_at(0, 512).expect("read"), vec![3; 512]);
     d.close().expect("close");
 }

@@ -9,7 +9,9 @@ use std::sync::{Condvar, Mutex};
 /// See the module docs.
 #[derive(Debug)]
 pub struct Budget {
-    state: Mutex<(usize, u64)>,
+    /// (requests, bytes, whether the reader waits): the flag spares the writer a futex wake
+    /// per reply when nobody waits.
+    state: Mutex<(usize, u64, bool)>,
     freed: Condvar,
     max_requests: usize,
     max_bytes: u64,
@@ -20,7 +22,7 @@ impl Budget {
     /// when nothing is in flight, however large.
     pub fn new(max_requests: usize, max_bytes: u64) -> Self {
         Budget {
-            state: Mutex::new((0, 0)),
+            state: Mutex::new((0, 0, false)),
             freed: Condvar::new(),
             max_requests: max_requests.max(1),
             max_bytes,
@@ -31,6 +33,7 @@ impl Budget {
     pub fn acquire(&self, bytes: u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s.0 >= self.max_requests || (s.0 > 0 && s.1 + bytes > self.max_bytes) {
+            s.2 = true;
             s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.0 += 1;
@@ -42,8 +45,11 @@ impl Budget {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.0 = s.0.saturating_sub(1);
         s.1 = s.1.saturating_sub(bytes);
+        let waiting = std::mem::replace(&mut s.2, false);
         drop(s);
-        self.freed.notify_all();
+        if waiting {
+            self.freed.notify_all();
+        }
     }
 
     /// Requests in flight now.

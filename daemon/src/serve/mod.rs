@@ -235,19 +235,31 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         });
     }
 
-    if let Some(p) = &socket {
-        listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
-    }
-    if let Some(addr) = &args.tcp {
-        listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
-    }
-    if let Some(pf) = &args.pid_file {
-        std::fs::write(pf, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("{}: {e}", pf.display()))?;
+    // Bind, write the pid file, go non-blocking; on any failure remove what was created.
+    let setup = (|| -> Result<(), String> {
+        if let Some(p) = &socket {
+            listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
+        }
+        if let Some(addr) = &args.tcp {
+            listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
+        }
+        for l in &listeners {
+            l.set_nonblocking()
+                .map_err(|e| format!("{}: {e}", l.describe()))?;
+        }
+        if let Some(pf) = &args.pid_file {
+            std::fs::write(pf, format!("{}\n", std::process::id()))
+                .map_err(|e| format!("{}: {e}", pf.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        for l in &listeners {
+            l.remove_file();
+        }
+        return Err(e);
     }
     for l in &listeners {
-        l.set_nonblocking()
-            .map_err(|e| format!("{}: {e}", l.describe()))?;
         tracing::info!(listen = %l.describe(), "listening");
     }
     if demo {

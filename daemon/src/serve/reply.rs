@@ -1,6 +1,6 @@
-//! Replies: what a finished request answers ([`Reply`]) and how it is framed on the wire, as
-//! simple replies or structured chunks, and sent with one `sendmsg` per reply (`MSG_MORE` between
-//! the batches of a reply too long for one call).
+//! Replies: what a finished request answers ([`Reply`]), how it is framed on the wire (simple
+//! replies, structured chunks or extended-header chunks), and sending a batch of replies with as
+//! few `sendmsg` calls as the iovec limit allows (`MSG_MORE` between calls).
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
@@ -299,11 +299,14 @@ pub fn encode(mode: Framing, reply: &Reply) -> Vec<u8> {
     v
 }
 
-/// Sends `reply` on `sock` with as few `sendmsg` calls as possible (one, unless it has more than
-/// [`MAX_IOV`] pieces or the kernel takes it partially). `MSG_NOSIGNAL` always.
-pub fn send(sock: &impl AsRawFd, mode: Framing, reply: &Reply) -> io::Result<()> {
-    let f = frame(mode, reply);
-    let all = slices(&f, reply_data(reply));
+/// Sends several replies back to back in as few `sendmsg` calls as possible (the writer
+/// batches what completed while it was busy sending).
+pub fn send_many(sock: &impl AsRawFd, mode: Framing, replies: &[Reply]) -> io::Result<()> {
+    let framed: Vec<Framed> = replies.iter().map(|r| frame(mode, r)).collect();
+    let mut all = Vec::new();
+    for (f, r) in framed.iter().zip(replies) {
+        all.extend(slices(f, reply_data(r)));
+    }
     send_all(sock.as_raw_fd(), &all)
 }
 
@@ -539,6 +542,33 @@ mod tests {
     }
 
     #[test]
+    fn send_many_is_the_concatenation() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let replies: Vec<Reply> = (0..700)
+            .map(|i| Reply {
+                offset: 0,
+                cookie: i,
+                body: Body::Read {
+                    offset: 0,
+                    data: buf(&[i as u8; 100]),
+                    holes: vec![(50, 25)],
+                    df: false,
+                },
+            })
+            .collect();
+        let want: Vec<u8> = replies
+            .iter()
+            .flat_map(|r| encode(Framing::Structured, r))
+            .collect();
+        let n = want.len();
+        let t = std::thread::spawn(move || send_many(&a, Framing::Structured, &replies).unwrap());
+        let mut got = vec![0u8; n];
+        b.read_exact(&mut got).unwrap();
+        t.join().unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn send_writes_everything_through_a_socket() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
@@ -554,7 +584,7 @@ mod tests {
         };
         let want = encode(Framing::Structured, &reply);
         let t = std::thread::spawn(move || {
-            send(&a, Framing::Structured, &reply).unwrap();
+            send_many(&a, Framing::Structured, std::slice::from_ref(&reply)).unwrap();
         });
         let mut got = vec![0u8; want.len()];
         b.read_exact(&mut got).unwrap();

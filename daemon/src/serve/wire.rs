@@ -30,84 +30,135 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 /// Client flag: no zeroes.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-/// Transmission flags.
+/// Transmission flags: `NBD_FLAG_HAS_FLAGS`.
 pub const FLAG_HAS_FLAGS: u16 = 0x0001;
+/// Transmission flag `NBD_FLAG_READ_ONLY`.
 pub const FLAG_READ_ONLY: u16 = 0x0002;
+/// Transmission flag `NBD_FLAG_SEND_FLUSH`.
 pub const FLAG_SEND_FLUSH: u16 = 0x0004;
+/// Transmission flag `NBD_FLAG_SEND_FUA`.
 pub const FLAG_SEND_FUA: u16 = 0x0008;
+/// Transmission flag `NBD_FLAG_SEND_TRIM`.
 pub const FLAG_SEND_TRIM: u16 = 0x0020;
+/// Transmission flag `NBD_FLAG_SEND_WRITE_ZEROES`.
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 0x0040;
+/// Transmission flag `NBD_FLAG_SEND_DF`.
 pub const FLAG_SEND_DF: u16 = 0x0080;
+/// Transmission flag `NBD_FLAG_CAN_MULTI_CONN`.
 pub const FLAG_CAN_MULTI_CONN: u16 = 0x0100;
+/// Transmission flag `NBD_FLAG_SEND_CACHE`.
 pub const FLAG_SEND_CACHE: u16 = 0x0400;
+/// Transmission flag `NBD_FLAG_SEND_FAST_ZERO`.
 pub const FLAG_SEND_FAST_ZERO: u16 = 0x0800;
 
-/// Options.
+/// Options: `NBD_OPT_EXPORT_NAME`.
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// Option `NBD_OPT_ABORT`.
 pub const OPT_ABORT: u32 = 2;
+/// Option `NBD_OPT_LIST`.
 pub const OPT_LIST: u32 = 3;
+/// Option `NBD_OPT_INFO`.
 pub const OPT_INFO: u32 = 6;
+/// Option `NBD_OPT_GO`.
 pub const OPT_GO: u32 = 7;
+/// Option `NBD_OPT_STRUCTURED_REPLY`.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Option `NBD_OPT_LIST_META_CONTEXT`.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option `NBD_OPT_SET_META_CONTEXT`.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// Option `NBD_OPT_EXTENDED_HEADERS`.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
-/// Option reply types.
+/// Option reply types: `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
+/// Option reply type `NBD_REP_SERVER`.
 pub const REP_SERVER: u32 = 2;
+/// Option reply type `NBD_REP_INFO`.
 pub const REP_INFO: u32 = 3;
+/// Option reply type `NBD_REP_META_CONTEXT`.
 pub const REP_META_CONTEXT: u32 = 4;
+/// Option reply type `NBD_REP_ERR_UNSUP`.
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+/// Option reply type `NBD_REP_ERR_INVALID`.
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+/// Option reply type `NBD_REP_ERR_UNKNOWN`.
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+/// Option reply type `NBD_REP_ERR_SHUTDOWN`.
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 
-/// Info types.
+/// Info types: `NBD_INFO_EXPORT`.
 pub const INFO_EXPORT: u16 = 0;
+/// Info type `NBD_INFO_NAME`.
 pub const INFO_NAME: u16 = 1;
+/// Info type `NBD_INFO_BLOCK_SIZE`.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-/// Commands.
+/// Commands: `NBD_CMD_READ`.
 pub const CMD_READ: u16 = 0;
+/// Command `NBD_CMD_WRITE`.
 pub const CMD_WRITE: u16 = 1;
+/// Command `NBD_CMD_DISC`.
 pub const CMD_DISC: u16 = 2;
+/// Command `NBD_CMD_FLUSH`.
 pub const CMD_FLUSH: u16 = 3;
+/// Command `NBD_CMD_TRIM`.
 pub const CMD_TRIM: u16 = 4;
+/// Command `NBD_CMD_CACHE`.
 pub const CMD_CACHE: u16 = 5;
+/// Command `NBD_CMD_WRITE_ZEROES`.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Command `NBD_CMD_BLOCK_STATUS`.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
-/// Command flags.
+/// Command flags: `NBD_CMD_FLAG_FUA`.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag `NBD_CMD_FLAG_NO_HOLE`.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag `NBD_CMD_FLAG_DF`.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag `NBD_CMD_FLAG_REQ_ONE`.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Command flag `NBD_CMD_FLAG_FAST_ZERO`.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 /// Extended headers: the length field is the payload's length.
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
-/// Structured reply flags and types.
+/// Structured reply flag `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Structured reply chunk type `NBD_REPLY_TYPE_NONE`.
 pub const REPLY_TYPE_NONE: u16 = 0;
+/// Structured reply chunk type `NBD_REPLY_TYPE_OFFSET_DATA`.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured reply chunk type `NBD_REPLY_TYPE_OFFSET_HOLE`.
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Structured reply chunk type `NBD_REPLY_TYPE_BLOCK_STATUS`.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Structured reply chunk type `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`.
 pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// Structured reply chunk type `NBD_REPLY_TYPE_ERROR`.
 pub const REPLY_TYPE_ERROR: u16 = 0x8001;
 
-/// Error values on the wire (never raw errno of the host).
+/// Error values on the wire (never raw errno of the host): `NBD_EPERM`.
 pub const NBD_EPERM: u32 = 1;
+/// Error value `NBD_EIO`.
 pub const NBD_EIO: u32 = 5;
+/// Error value `NBD_ENOMEM`.
 pub const NBD_ENOMEM: u32 = 12;
+/// Error value `NBD_EINVAL`.
 pub const NBD_EINVAL: u32 = 22;
+/// Error value `NBD_ENOSPC`.
 pub const NBD_ENOSPC: u32 = 28;
+/// Error value `NBD_EOVERFLOW`.
 pub const NBD_EOVERFLOW: u32 = 75;
+/// Error value `NBD_ENOTSUP`.
 pub const NBD_ENOTSUP: u32 = 95;
+/// Error value `NBD_ESHUTDOWN`.
 pub const NBD_ESHUTDOWN: u32 = 108;
 
-/// `base:allocation` status bits.
+/// `base:allocation` status bits: `NBD_STATE_HOLE`.
 pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` status bit `NBD_STATE_ZERO`.
 pub const STATE_ZERO: u32 = 1 << 1;
 
 /// Longest string (export name, context name) the protocol allows.

@@ -98,10 +98,16 @@ impl IoBuf {
         self.cap
     }
 
-    /// Sets the length to `len`, which must be at most [`IoBuf::capacity`] (else it is clamped).
-    /// Bytes that become visible keep whatever they held.
+    /// Sets the length to `len`, at most [`IoBuf::capacity`] (larger values are clamped).
+    /// Bytes that become visible by growing are zeroed (an arena slot may have held another
+    /// request's data).
     pub fn set_len(&mut self, len: usize) {
-        self.len = len.min(self.cap);
+        let len = len.min(self.cap);
+        if len > self.len {
+            // SAFETY: [self.len, len) lies within the cap bytes this buffer owns.
+            unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(self.len), 0, len - self.len) };
+        }
+        self.len = len;
     }
 
     /// Whether this buffer is a slot of a registered arena.
@@ -371,6 +377,19 @@ mod tests {
         assert_eq!(arena.free_slots(), total);
         let again = arena.alloc(4096, true).expect("slot");
         assert!(again.iter().all(|&b| b == 0), "zeroed on request");
+    }
+
+    #[test]
+    fn growing_never_exposes_old_bytes() {
+        let arena = Arena::new(4 << 20).expect("arena");
+        let mut a = arena.alloc(4096, false).expect("slot");
+        a.fill(0xAA);
+        drop(a);
+        let mut b = arena.alloc(16, true).expect("same slot again");
+        b.set_len(4096);
+        assert!(b.iter().all(|&x| x == 0));
+        b.set_len(usize::MAX);
+        assert_eq!(b.len(), b.capacity());
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub(crate) struct DiskShared {
     /// Index `k` of this disk's registered-file slots `3k..3k+3` on every core, if one was free.
     pub slot_index: Option<u32>,
     pub closed: AtomicBool,
+    /// An fdatasync of the raw image failed. The kernel may have dropped the unsynced data and
+    /// a later fdatasync could still succeed, so no later commit can vouch for it: every FLUSH
+    /// and FUA now fails with EIO and no bit is persisted any more (reopen to recover).
+    pub sync_failed: AtomicBool,
     /// Requests submitted and not yet answered (close waits for it to reach zero).
     pub active: Arc<AtomicUsize>,
     pub bg_armed: AtomicBool,
@@ -177,6 +181,7 @@ impl DiskShared {
             locks: RangeLock::default(),
             slot_index,
             closed: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             bg_armed: AtomicBool::new(false),
             next_core: AtomicUsize::new(0),
@@ -211,6 +216,12 @@ impl DiskShared {
         while self.active.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        self.unlock();
+    }
+
+    /// Drops the OFD lock on the metadata file. The rings may still hold registered references
+    /// to the file for a moment; the lock must not wait for them.
+    fn unlock(&self) {
         // SAFETY: `flock` is plain old data; all-zero is valid.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_UNLCK as libc::c_short;
@@ -227,6 +238,8 @@ impl DiskShared {
 
 impl Drop for DiskShared {
     fn drop(&mut self) {
+        // Nothing can use the files any more (every task holds an Arc of this state).
+        self.unlock();
         if let Some(k) = self.slot_index {
             self.engine.release_disk_slot(k);
         }

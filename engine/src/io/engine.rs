@@ -40,9 +40,11 @@ pub(crate) enum Msg {
 pub(crate) struct CoreHandle {
     pub tx: Sender<Msg>,
     pub eventfd: OwnedFd,
-    /// Set by a sender that wrote the eventfd; cleared by the core when it sees the read
-    /// complete (before draining the channel), so most sends skip the eventfd write.
-    pub notified: AtomicBool,
+    /// True while the core is (about to be) blocked in `submit_and_wait` with an empty
+    /// channel. A sender that flips it back to false writes the eventfd; every other send costs
+    /// no syscall. Both sides use SeqCst, so either the core sees the message before it blocks
+    /// or the sender sees the flag and wakes it.
+    pub sleeping: AtomicBool,
 }
 
 impl CoreHandle {
@@ -58,14 +60,15 @@ impl CoreHandle {
         Ok(CoreHandle {
             tx,
             eventfd,
-            notified: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
         })
     }
 
     /// Sends `msg` and wakes the core if needed. Gives the message back if the core is gone.
     pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
         self.tx.send(msg).map_err(|e| e.0)?;
-        if !self.notified.swap(true, Ordering::SeqCst) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
             self.wake();
         }
         Ok(())

@@ -95,10 +95,15 @@ pub struct DiskOptions {
     pub read_only: bool,
 }
 
+/// Largest READ the engine serves (256 MiB); larger ones fail with `EINVAL` rather than
+/// allocate an unbounded buffer.
+pub const MAX_READ: u32 = 256 << 20;
+
 /// One request to a disk. Offsets and lengths are bytes; nothing needs to be aligned.
 #[derive(Debug)]
 pub enum Request {
-    /// Read `len` bytes at `offset`; the completion carries the filled buffer.
+    /// Read `len` bytes (at most [`MAX_READ`]) at `offset`; the completion carries the filled
+    /// buffer.
     Read { offset: u64, len: u32 },
     /// Write `data` at `offset`; with `fua`, answered only once data and bits are durable.
     Write { offset: u64, data: IoBuf, fua: bool },
@@ -440,7 +445,10 @@ fn submit(disk: &Arc<DiskShared>, core: usize, req: Request, done: Completion) {
         return;
     }
     let done: Completion = Box::new(move |r| {
-        done(r);
+        // A panicking callback must not take the core thread (and every request on it) down.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r))).is_err() {
+            tracing::error!("a request's completion callback panicked");
+        }
         active.fetch_sub(1, Ordering::SeqCst);
     });
     let msg = Msg::Submit {

@@ -24,6 +24,17 @@
 //! initial content when there is none. Byte `b` must read `G[b]` or the value of a write that
 //! may have been issued before `P` and is newer than `G[b]`'s write. Anything else (zeros the
 //! client never wrote, stale raw-image bytes, an older value) is a violation.
+//!
+//! # Crash states
+//! Crash points: every `SyncBegin` (just before and after), every `SyncEnd`, every FLUSH answer,
+//! every metadata write, the start and end of the log, plus random points. At each point the
+//! first four states are fixed (no volatile operation persisted; all of them; only the
+//! metadata file's; only the raw image's: the adversarial case for invariant 1), the rest
+//! random: per (operation, sector), per whole operation, or a per-file prefix in log order.
+//!
+//! Limits: an operation counts only once its completion is logged, so a write still in flight
+//! at the crash point is never partly persisted here; the recorder logs at completion, which
+//! is when the engine may rely on it anyway.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -155,6 +166,9 @@ pub struct CheckConfig {
     /// At least this many states per crash point (the first four are fixed: nothing volatile
     /// persisted, everything, only metadata, only data).
     pub min_states_per_point: usize,
+    /// Keep up to this many crash states (evenly spread) in [`Report::samples`], for opening
+    /// with the real engine.
+    pub samples: usize,
 }
 
 impl CheckConfig {
@@ -165,6 +179,7 @@ impl CheckConfig {
             min_states,
             random_points: 64,
             min_states_per_point: 6,
+            samples: 0,
         }
     }
 }
@@ -186,6 +201,8 @@ pub struct Report {
     pub client_writes: usize,
     /// Flushes answered.
     pub flushes: usize,
+    /// Sampled crash states: (`.add-cow` bytes, raw-image bytes).
+    pub samples: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Display for Report {
@@ -562,6 +579,12 @@ impl<'a> Checker<'a> {
                 build_state(&mut meta, &volatile_meta, strategy, true, &mut rng);
                 build_state(&mut image, &volatile_image, strategy, false, &mut rng);
                 report.states += 1;
+                if cfg.samples > 0
+                    && report.samples.len() < cfg.samples
+                    && report.states % (points.len() * per_point / cfg.samples).max(1) == 0
+                {
+                    report.samples.push((meta.clone(), image.clone()));
+                }
                 let found =
                     self.check_state(&meta, &image, &g, &g_seq, &pending, &versions, &mut allowed);
                 if let Some(msg) = found {

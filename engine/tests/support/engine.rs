@@ -67,13 +67,14 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// `sectors` sectors over a base of `base_sectors` sectors (`base_byte` pattern). Sectors
+    /// `sectors` sectors over a base of `base_len` bytes (`base_byte` pattern; need not be a
+    /// multiple of 512: the sector at its end reads partly base, partly zeros). Sectors
     /// with `prealloc(s)` are allocated with the `prealloc_byte` pattern; every other sector with
     /// `stale(s)` holds `stale_byte` garbage in the raw image under a clear bit; the rest of
     /// the raw image is a hole.
     pub fn new(
         sectors: u64,
-        base_sectors: u64,
+        base_len: u64,
         prealloc: impl Fn(u64) -> bool,
         stale: impl Fn(u64) -> bool,
     ) -> Fixture {
@@ -83,7 +84,7 @@ impl Fixture {
         let meta = dir.path().join("disk.add-cow");
         std::fs::write(
             &base,
-            pattern::fill(0, base_sectors as usize * SECTOR, pattern::base_byte),
+            pattern::fill(0, base_len as usize, pattern::base_byte),
         )
         .expect("write base");
         let meta_bytes = build_meta("base.img", "disk.raw", sectors, &prealloc);
@@ -130,4 +131,24 @@ pub fn seed(var: &str) -> u64 {
         });
     eprintln!("seed {seed} (set {var}={seed} to replay)");
     seed
+}
+
+/// Submits `req` to `core`; `on_done` runs on the core thread with the result (e.g. to log the
+/// answer), then the result is sent to the returned receiver.
+pub fn submit_with(
+    disk: &Disk,
+    core: usize,
+    req: Request,
+    on_done: impl FnOnce(&Result<Done, RequestError>) + Send + 'static,
+) -> mpsc::Receiver<Result<Done, RequestError>> {
+    let (tx, rx) = mpsc::channel();
+    disk.submit(
+        core,
+        req,
+        Box::new(move |r| {
+            on_done(&r);
+            let _ = tx.send(r);
+        }),
+    );
+    rx
 }

@@ -37,6 +37,10 @@ impl Core {
     /// DESIGN invariant 3: take the dirty marks, copy the blocks, then one linked chain
     /// fdatasync(raw) → write(bitmap spans) → fdatasync(meta).
     pub(super) fn launch_commit(&mut self, disk: Arc<DiskShared>, waiters: Vec<Waiter>) {
+        if disk.sync_failed.load(Ordering::Acquire) {
+            self.refuse_commits(&disk, waiters);
+            return;
+        }
         let blocks = disk.dirty.take();
         let max_spans = MAX_COMMIT_SPANS
             .min(self.sq_entries.saturating_sub(2))
@@ -206,10 +210,36 @@ impl Core {
             }
         }
     }
+    /// The raw image's durability is unknown since an fdatasync failed: fail `waiters` and
+    /// everything queued behind them with EIO, and leave no commit in flight.
+    fn refuse_commits(&mut self, disk: &Arc<DiskShared>, mut waiters: Vec<Waiter>) {
+        {
+            let mut st = match disk.commit.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            waiters.append(&mut st.next);
+            st.in_flight = false;
+        }
+        let err = RequestError {
+            errno: libc::EIO,
+            op: "commit refused: an earlier fdatasync of the raw image failed",
+            offset: 0,
+        };
+        for w in waiters {
+            self.answer_waiter(w, Err(err.clone()));
+        }
+    }
+
     pub(super) fn sync_done(&mut self, task: usize, role: Role, id: u64, res: i32) {
         let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
             return;
         };
+        if res < 0 && res != -libc::ECANCELED && role == Role::Image {
+            tracing::error!(path = %disk.meta_path.display(), errno = -res,
+                "fdatasync of the raw image failed; no further commits on this disk");
+            disk.sync_failed.store(true, Ordering::Release);
+        }
         if res < 0 {
             let op = match role {
                 Role::Image => "fdatasync raw image",

@@ -21,7 +21,9 @@
 //!
 //! Drain the channel (starting requests, which push SQEs), fire due background commits, move
 //! backlog into the SQ, then one `submit_and_wait(1)` (with a timeout when a background commit
-//! is due), then handle every CQE that arrived.
+//! is due), then handle every CQE that arrived. Before blocking the core sets its `sleeping`
+//! flag and checks the channel once more; only a sender that finds the flag set writes the
+//! eventfd, so a busy core is fed without any wakeup syscalls.
 
 mod group_commit;
 mod ops;
@@ -104,7 +106,8 @@ pub(crate) struct Core {
 
 /// Builds a ring, trying the cheapest task-run mode the kernel accepts first.
 fn build_ring(entries: u32) -> std::io::Result<(IoUring, &'static str)> {
-    let entries = entries.clamp(2, 32768).next_power_of_two();
+    // At least 8 entries: a commit chain (fdatasync, spans, fdatasync) must fit one submission.
+    let entries = entries.clamp(8, 32768).next_power_of_two();
     let mut last = None;
     for mode in 0..4 {
         let mut b = IoUring::builder();
@@ -198,7 +201,16 @@ impl Core {
             if self.stopping && self.tasks.is_empty() && self.backlog.is_empty() {
                 break;
             }
+            // Announce the sleep, then look at the channel once more (see CoreHandle::sleeping).
+            let handle = self.shared.core(self.id);
+            handle.sleeping.store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let idle = rx.is_empty();
             let res = match self.next_deadline() {
+                _ if !idle => {
+                    handle.sleeping.store(false, Ordering::SeqCst);
+                    self.ring.submit()
+                }
                 Some(deadline) => {
                     let wait = deadline.saturating_duration_since(Instant::now());
                     let ts = types::Timespec::new()
@@ -209,6 +221,10 @@ impl Core {
                 }
                 None => self.ring.submit_and_wait(1),
             };
+            self.shared
+                .core(self.id)
+                .sleeping
+                .store(false, Ordering::SeqCst);
             if let Err(e) = res {
                 match e.raw_os_error() {
                     Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN)
@@ -377,11 +393,7 @@ impl Core {
 
     fn complete(&mut self, ud: u64, res: i32) {
         if ud == EVENTFD_UD {
-            // Clear before the channel is drained (next turn), so no send goes unnoticed.
-            self.shared
-                .core(self.id)
-                .notified
-                .store(false, Ordering::SeqCst);
+            // The channel is drained at the top of the next turn.
             self.arm_eventfd();
             return;
         }
@@ -397,7 +409,7 @@ impl Core {
         match op.kind {
             OpKind::Read(x, bounce) => self.read_done(task, x, bounce, res),
             OpKind::Write(x) => self.write_done(task, x, res),
-            OpKind::Punch { target, off, len } => self.punch_done(task, target, off, len, res),
+            OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
             OpKind::Sync { role, id, .. } => self.sync_done(task, role, id, res),
         }
     }

@@ -34,6 +34,14 @@ impl Core {
                     done(Err(req_err(libc::EINVAL, "read past the end", offset)));
                     return;
                 }
+                if len > super::super::MAX_READ {
+                    done(Err(req_err(
+                        libc::EINVAL,
+                        "read larger than MAX_READ",
+                        offset,
+                    )));
+                    return;
+                }
                 self.start_read(disk, offset, len, done);
             }
             Request::Flush => {
@@ -570,11 +578,10 @@ impl Core {
         self.step(task);
     }
 
-    pub(super) fn punch_done(&mut self, task: usize, target: Target, off: u64, len: u64, res: i32) {
+    pub(super) fn punch_done(&mut self, task: usize, off: u64, len: u64, res: i32) {
         let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
             return;
         };
-        let _ = target;
         if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
             // No hole punching here: write real zeros instead.
             let n = self.issue_zero_writes(task, &disk, off, len);
