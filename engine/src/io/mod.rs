@@ -184,7 +184,9 @@ struct EngineInner {
     disks: Mutex<Vec<Weak<DiskShared>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, taking the data over from a thread that panicked while holding it (every value
+/// kept behind the engine's mutexes stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),

@@ -8,6 +8,8 @@
 
 use std::sync::Mutex;
 
+use super::lock;
+
 /// Held sector ranges `[start, end)` plus the requests waiting for them.
 #[derive(Debug)]
 pub(crate) struct RangeLock<W> {
@@ -40,10 +42,7 @@ impl<W> RangeLock<W> {
     /// waiter out of `waiter` into the lock, to be given back by the `unlock` of an overlapping
     /// range, and returns false.
     pub(crate) fn lock_or_park(&self, range: (u64, u64), waiter: &mut Option<W>) -> bool {
-        let mut inner = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut inner = lock(&self.inner);
         if inner.held.iter().any(|&h| overlaps(h, range)) {
             if let Some(w) = waiter.take() {
                 inner.waiting.push((range, w));
@@ -57,10 +56,7 @@ impl<W> RangeLock<W> {
     /// Releases `[start, end)` (which must be held) and returns the parked requests whose
     /// ranges overlap it, for resubmission.
     pub(crate) fn unlock(&self, range: (u64, u64)) -> Vec<W> {
-        let mut inner = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut inner = lock(&self.inner);
         if let Some(i) = inner.held.iter().position(|&h| h == range) {
             inner.held.swap_remove(i);
         }

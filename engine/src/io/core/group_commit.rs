@@ -11,6 +11,7 @@ use super::super::buf::IoBuf;
 use super::super::commit::{self, Waiter};
 use super::super::disk::{DiskShared, Role, META_BLOCK};
 use super::super::engine::Msg;
+use super::super::lock;
 use super::super::RequestError;
 use super::ops::{OpKind, Xfer};
 use super::tasks::{CommitTask, Task};
@@ -21,10 +22,7 @@ impl Core {
 
     pub(super) fn start_commit(&mut self, disk: &Arc<DiskShared>, waiters: Vec<Waiter>) {
         {
-            let mut st = match disk.commit.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = lock(&disk.commit);
             if st.in_flight {
                 st.next.extend(waiters);
                 return;
@@ -142,10 +140,7 @@ impl Core {
             self.answer_waiter(w, result.clone());
         }
         let next = {
-            let mut st = match disk.commit.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = lock(&disk.commit);
             if st.next.is_empty() {
                 st.in_flight = false;
                 None
@@ -214,10 +209,7 @@ impl Core {
     /// everything queued behind them with EIO, and leave no commit in flight.
     fn refuse_commits(&mut self, disk: &Arc<DiskShared>, mut waiters: Vec<Waiter>) {
         {
-            let mut st = match disk.commit.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = lock(&disk.commit);
             waiters.append(&mut st.next);
             st.in_flight = false;
         }
