@@ -381,8 +381,14 @@ impl Core {
         Target::Fd(fd)
     }
 
+    /// The registered-buffer index of `buf`, when it is an arena slot registered on this ring.
     fn fixed_index(&self, buf: &IoBuf) -> Option<u16> {
-        let (arena, slot) = buf.arena_slot()?;
+        self.fixed_slot(buf.arena_slot())
+    }
+
+    /// [`Core::fixed_index`] from a buffer's `arena_slot()`.
+    fn fixed_slot(&self, slot: Option<(u64, u32)>) -> Option<u16> {
+        let (arena, slot) = slot?;
         let ours = self.shared.arena.as_ref()?.id();
         (self.bufs_ok && arena == ours)
             .then(|| u16::try_from(slot).ok())

@@ -266,24 +266,15 @@ impl Core {
         off: u64,
         fixed: Option<u16>,
     ) -> usize {
-        let mut issued = 0;
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(SEG_MAX);
-            let xfer = Xfer {
-                target,
-                role,
-                // SAFETY: done < len: inside the source buffer.
-                ptr: unsafe { ptr.add(done as usize) },
-                len: n as u32,
-                off: off + done,
-                fixed,
-            };
-            self.issue(task, OpKind::Write(xfer));
-            issued += 1;
-            done += n;
-        }
-        issued
+        let first = Xfer {
+            target,
+            role,
+            ptr,
+            len: 0,
+            off,
+            fixed,
+        };
+        self.issue_write_pieces(task, first, len, SEG_MAX, true)
     }
 
     /// Real zeros over `[off, off+len)` of the raw image, from the core's zero buffer.
@@ -294,19 +285,44 @@ impl Core {
         off: u64,
         len: u64,
     ) -> usize {
-        let target = self.target(disk, Role::Image, disk.fd(Role::Image));
-        let ptr = self.zero.as_ptr() as *mut u8; // only ever read by the kernel (writes from it)
+        let first = Xfer {
+            target: self.target(disk, Role::Image, disk.fd(Role::Image)),
+            role: Role::Image,
+            ptr: self.zero.as_ptr() as *mut u8, // only ever read by the kernel (writes from it)
+            len: 0,
+            off,
+            fixed: None,
+        };
+        self.issue_write_pieces(task, first, len, ZERO_CHUNK, false)
+    }
+
+    /// Issues writes of `total` bytes at `first.off` in pieces of at most `piece` bytes (the
+    /// `len` of `first` is ignored). With `advance` each piece writes from its own part of the
+    /// source at `first.ptr`; without it every piece writes the same `piece`-byte source (the
+    /// zero buffer). Returns how many ops were issued.
+    fn issue_write_pieces(
+        &mut self,
+        task: usize,
+        first: Xfer,
+        total: u64,
+        piece: u64,
+        advance: bool,
+    ) -> usize {
         let mut issued = 0;
         let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK);
+        while done < total {
+            let n = (total - done).min(piece);
+            let ptr = if advance {
+                // SAFETY: done < total: inside the source buffer.
+                unsafe { first.ptr.add(done as usize) }
+            } else {
+                first.ptr
+            };
             let xfer = Xfer {
-                target,
-                role: Role::Image,
                 ptr,
                 len: n as u32,
-                off: off + done,
-                fixed: None,
+                off: first.off + done,
+                ..first
             };
             self.issue(task, OpKind::Write(xfer));
             issued += 1;
@@ -605,12 +621,10 @@ impl Core {
                 for e in &mut w.edges {
                     match e.patch {
                         Patch::Data { at } => {
-                            if let (Some(data), Some(dst)) = (
-                                w.data.as_ref(),
-                                e.buf
-                                    .get_mut(at..at + w.data.as_ref().map_or(0, |d| d.len())),
-                            ) {
-                                dst.copy_from_slice(data);
+                            if let Some(data) = w.data.as_ref() {
+                                if let Some(dst) = e.buf.get_mut(at..at + data.len()) {
+                                    dst.copy_from_slice(data);
+                                }
                             }
                         }
                         Patch::Zero { from, to } => {
@@ -629,10 +643,7 @@ impl Core {
         let target = self.target(&disk, Role::Image, disk.fd(Role::Image));
         let mut n = 0;
         for (ptr, len, off, slot) in writes {
-            let fixed = match (slot, &self.shared.arena) {
-                (Some((aid, s)), Some(a)) if self.bufs_ok && aid == a.id() => u16::try_from(s).ok(),
-                _ => None,
-            };
+            let fixed = self.fixed_slot(slot);
             n += self.issue_write(key, target, Role::Image, ptr, len, off, fixed);
         }
         self.set_pending(key, n);
