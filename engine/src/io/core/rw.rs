@@ -380,18 +380,15 @@ impl Core {
             // Aligned: straight from the caller's buffer to the raw image.
             let fixed = self.fixed_index(&data);
             let ptr = data.as_mut_ptr();
-            let key = self.tasks.insert(Task::Write(WriteTask {
-                disk: Arc::clone(&disk),
+            let key = self.tasks.insert(Task::Write(WriteTask::new(
+                Arc::clone(&disk),
                 offset,
                 lock,
-                pending: 0,
-                filling: false,
-                err: None,
-                data: Some(data),
-                edges: Vec::new(),
+                Some(data),
+                Vec::new(),
                 fua,
                 done,
-            }));
+            )));
             let target = self.target(&disk, Role::Image, disk.fd(Role::Image));
             let n = self.issue_write(key, target, Role::Image, ptr, len, offset, fixed);
             self.set_pending(key, n);
@@ -406,15 +403,12 @@ impl Core {
         );
         let fixed = self.fixed_index(&bounce);
         let ptr = bounce.as_mut_ptr();
-        let key = self.tasks.insert(Task::Write(WriteTask {
-            disk: Arc::clone(&disk),
+        let key = self.tasks.insert(Task::Write(WriteTask::new(
+            Arc::clone(&disk),
             offset,
             lock,
-            pending: 0,
-            filling: true,
-            err: None,
-            data: Some(data),
-            edges: vec![Edge {
+            Some(data),
+            vec![Edge {
                 buf: bounce,
                 file_off: a_start,
                 patch: Patch::Data {
@@ -423,7 +417,7 @@ impl Core {
             }],
             fua,
             done,
-        }));
+        )));
         let mut n = 0;
         let head = offset != a_start;
         if head {
@@ -493,18 +487,15 @@ impl Core {
             let fixed = self.fixed_index(&e.buf);
             fills.push((e.buf.as_mut_ptr(), fixed, e.file_off, e.buf.len() as u64));
         }
-        let key = self.tasks.insert(Task::Write(WriteTask {
-            disk: Arc::clone(&disk),
+        let key = self.tasks.insert(Task::Write(WriteTask::new(
+            Arc::clone(&disk),
             offset,
             lock,
-            pending: 0,
-            filling: true,
-            err: None,
-            data: None,
+            None,
             edges,
             fua,
             done,
-        }));
+        )));
         let mut n = 0;
         for (ptr, fixed, off, len) in fills {
             n += self.issue_read(key, &disk, ptr, fixed, off, len);

@@ -46,6 +46,33 @@ pub(super) struct WriteTask {
     pub(super) done: Completion,
 }
 
+impl WriteTask {
+    /// A write-like task over the locked sectors `lock`, with nothing in flight yet. It starts
+    /// by filling its `edges` (read-modify-write) when it has any.
+    pub(super) fn new(
+        disk: Arc<DiskShared>,
+        offset: u64,
+        lock: (u64, u64),
+        data: Option<IoBuf>,
+        edges: Vec<Edge>,
+        fua: bool,
+        done: Completion,
+    ) -> WriteTask {
+        WriteTask {
+            disk,
+            offset,
+            lock,
+            pending: 0,
+            filling: !edges.is_empty(),
+            err: None,
+            data,
+            edges,
+            fua,
+            done,
+        }
+    }
+}
+
 pub(super) struct CommitTask {
     pub(super) disk: Arc<DiskShared>,
     pub(super) waiters: Vec<Waiter>,
