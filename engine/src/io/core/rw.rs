@@ -538,7 +538,7 @@ impl Core {
     }
 
     pub(super) fn write_done(&mut self, task: usize, x: Xfer, res: i32) {
-        let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
+        let Some(t) = self.tasks.get(task) else {
             return;
         };
         if res < 0 {
@@ -550,9 +550,9 @@ impl Core {
         if n > 0 {
             // SAFETY: the kernel wrote n bytes from ptr; the region is owned by the task.
             let data = unsafe { std::slice::from_raw_parts(x.ptr, n as usize) };
-            disk.rec_write(x.role, x.off, data);
+            t.disk().rec_write(x.role, x.off, data);
         }
-        let is_commit = matches!(self.tasks.get(task), Some(Task::Commit(_)));
+        let is_commit = matches!(t, Task::Commit(_));
         if n < x.len {
             if n == 0 || is_commit {
                 self.fail(
@@ -579,7 +579,7 @@ impl Core {
             c.writes_left = c.writes_left.saturating_sub(1);
             if c.writes_left == 0 && c.err.is_none() {
                 // The linked fdatasync(meta) starts now that its last write completed.
-                disk.rec_sync(Role::Meta, c.meta_sync, false);
+                c.disk.rec_sync(Role::Meta, c.meta_sync, false);
             }
         }
         self.step(task);
