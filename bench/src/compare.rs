@@ -105,17 +105,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         ));
     }
 
-    let tmp;
-    let work = match &args.work {
-        Some(w) => w.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("addcow-bench-")
-                .tempdir()
-                .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = crate::prepare::work_dir(args.work.as_deref(), "addcow-bench-")?;
     eprintln!(
         "preparing {} MiB of data in {} (base, raw copy, add-cow{} overlays)",
         st.size >> 20,

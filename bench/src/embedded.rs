@@ -7,7 +7,6 @@
 //! and latency (submit to completion seen by the caller) goes into an hdrhistogram. Targets:
 //! random read ≥ 0.9× fio's IOPS, sequential read ≥ 0.95× fio's bandwidth.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use addcow_engine::{Disk, DiskOptions, Done, Engine, EngineConfig, IoBuf, Request, RequestError};
@@ -146,17 +145,7 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
             "fio (Debian: apt-get install fio)".to_owned(),
         ));
     }
-    let tmp;
-    let work = match &args.work {
-        Some(w) => w.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("addcow-embedded-")
-                .tempdir()
-                .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = crate::prepare::work_dir(args.work.as_deref(), "addcow-embedded-")?;
     eprintln!("preparing {} MiB in {}", size >> 20, work.display());
     let prep = prepare::prepare(&work.join("data"), size, 0xe3bed, false)?;
     let mut config = EngineConfig::default();

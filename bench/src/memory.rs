@@ -37,17 +37,7 @@ pub struct ChildReport {
 
 /// Creates the overlay and measures each way of opening it in a child.
 pub fn run(args: &MemoryArgs) -> Result<()> {
-    let tmp;
-    let work = match &args.work {
-        Some(w) => w.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("addcow-memory-")
-                .tempdir()
-                .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = crate::prepare::work_dir(args.work.as_deref(), "addcow-memory-")?;
     let overlay = work.join("big.add-cow");
     format::create(&CreateOptions {
         overlay: overlay.clone(),

@@ -294,6 +294,22 @@ impl Prepared {
     }
 }
 
+/// The folder to put disk images in: `given`, or a fresh temp folder named `prefix…`. Keep the
+/// returned guard alive while the folder is in use: dropping it deletes a temp folder.
+pub fn work_dir(
+    given: Option<&Path>,
+    prefix: &str,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if let Some(w) = given {
+        return Ok((w.to_owned(), None));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(io_err("create temp folder", Path::new("$TMPDIR")))?;
+    Ok((tmp.path().to_owned(), Some(tmp)))
+}
+
 /// Deallocates `[off, off+len)` of `file` keeping its size.
 fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
