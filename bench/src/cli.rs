@@ -29,27 +29,60 @@ pub enum Command {
     MemoryChild(MemoryChildArgs),
 }
 
+/// How big and how long a benchmark run is (shared by `compare` and `embedded`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Smoke run: 2 s per run, a small disk (compare 64 MiB, embedded 256 MiB), 1 round (unless
+    /// given explicitly).
+    #[arg(long)]
+    pub quick: bool,
+    /// Virtual disk size (K/M/G/T suffixes). Default 4G (quick: compare 64M, embedded 256M).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Seconds per run. Default: compare 20, embedded 10 (quick: 2).
+    #[arg(long)]
+    pub runtime: Option<u64>,
+    /// Rounds (compare: every profile × every server per round; embedded: engine and fio
+    /// alternate). Default 3 (quick: 1).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Where to put the disk images (compare needs about 3.5× --size free). Default: a temp folder.
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+}
+
+/// A run's size, seconds per run and rounds once defaults are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLength {
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Seconds per run (at least 1).
+    pub runtime_s: u64,
+    /// Rounds (at least 1).
+    pub rounds: u32,
+}
+
+impl RunArgs {
+    /// What was given, else the `quick` or `full` default; at least 1 s and 1 round.
+    pub fn length(&self, full: RunLength, quick: RunLength) -> RunLength {
+        let d = if self.quick { quick } else { full };
+        RunLength {
+            size: self.size.unwrap_or(d.size),
+            runtime_s: self.runtime.unwrap_or(d.runtime_s).max(1),
+            rounds: self.rounds.unwrap_or(d.rounds).max(1),
+        }
+    }
+}
+
 /// Arguments of `compare`.
 #[derive(Args, Debug)]
 pub struct CompareArgs {
-    /// Smoke run: 2 s per profile, a 64 MiB disk, 1 round (unless given explicitly).
-    #[arg(long)]
-    pub quick: bool,
-    /// Virtual disk size (K/M/G/T suffixes). Default 4G (quick: 64M).
-    #[arg(long, value_parser = parse_size)]
-    pub size: Option<u64>,
-    /// Seconds per run. Default 20 (quick: 2).
-    #[arg(long)]
-    pub runtime: Option<u64>,
-    /// Rounds (every profile × every server per round). Default 3 (quick: 1).
-    #[arg(long)]
-    pub rounds: Option<u32>,
+    /// Size, length, rounds and work folder.
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Report folder. Default bench/results/<UTC date>.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Where to put the disk images (needs about 3.5× --size free). Default: a temp folder.
-    #[arg(long)]
-    pub work: Option<PathBuf>,
     /// Only these profiles (comma separated ids, see fio-configs/).
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<String>,
@@ -68,24 +101,12 @@ pub struct CompareArgs {
 /// Arguments of `embedded`.
 #[derive(Args, Debug)]
 pub struct EmbeddedArgs {
-    /// Short run: 2 s per profile, 256 MiB disk, 1 round.
-    #[arg(long)]
-    pub quick: bool,
-    /// Virtual disk size. Default 4G (quick: 256M).
-    #[arg(long, value_parser = parse_size)]
-    pub size: Option<u64>,
-    /// Seconds per profile. Default 10 (quick: 2).
-    #[arg(long)]
-    pub runtime: Option<u64>,
-    /// Rounds (engine and fio alternate). Default 3 (quick: 1).
-    #[arg(long)]
-    pub rounds: Option<u32>,
+    /// Size, length, rounds and work folder.
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Engine core threads. Default: one per CPU.
     #[arg(long)]
     pub cores: Option<usize>,
-    /// Where to put the disk images. Default: a temp folder.
-    #[arg(long)]
-    pub work: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -181,8 +202,8 @@ mod tests {
         else {
             panic!("compare did not parse");
         };
-        assert!(args.quick);
-        assert_eq!(args.size, Some(1 << 30));
+        assert!(args.run.quick);
+        assert_eq!(args.run.size, Some(1 << 30));
         assert_eq!(args.servers, vec!["addcow", "fio-raw"]);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::CompareArgs;
+use crate::cli::{CompareArgs, RunLength};
 use crate::cost::{self, Cost, PerfStat};
 use crate::error::{io_err, BenchError, Result};
 use crate::fio::{self, Target};
@@ -33,15 +33,22 @@ struct Settings {
 }
 
 fn settings(args: &CompareArgs) -> Settings {
-    let (size, runtime, rounds) = if args.quick {
-        (64 << 20, 2, 1)
-    } else {
-        (4 << 30, 20, 3)
-    };
+    let len = args.run.length(
+        RunLength {
+            size: 4 << 30,
+            runtime_s: 20,
+            rounds: 3,
+        },
+        RunLength {
+            size: 64 << 20,
+            runtime_s: 2,
+            rounds: 1,
+        },
+    );
     Settings {
-        size: args.size.unwrap_or(size),
-        runtime_s: args.runtime.unwrap_or(runtime).max(1),
-        rounds: args.rounds.unwrap_or(rounds).max(1),
+        size: len.size,
+        runtime_s: len.runtime_s,
+        rounds: len.rounds,
         perf: args.perf,
     }
 }
@@ -105,7 +112,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         ));
     }
 
-    let (work, _tmp) = crate::prepare::work_dir(args.work.as_deref(), "addcow-bench-")?;
+    let (work, _tmp) = crate::prepare::work_dir(args.run.work.as_deref(), "addcow-bench-")?;
     eprintln!(
         "preparing {} MiB of data in {} (base, raw copy, add-cow{} overlays)",
         st.size >> 20,
@@ -166,7 +173,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         size: st.size,
         runtime_s: st.runtime_s,
         rounds: st.rounds,
-        quick: args.quick,
+        quick: args.run.quick,
         fio_version: tool_version("fio", "--version"),
         qemu_nbd_version: tool_version("qemu-nbd", "--version"),
         nbdkit_version: tool_version("nbdkit", "--version"),
@@ -292,15 +299,15 @@ fn tool_version(tool: &str, flag: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::RunArgs;
 
     fn args(quick: bool) -> CompareArgs {
         CompareArgs {
-            quick,
-            size: None,
-            runtime: None,
-            rounds: None,
+            run: RunArgs {
+                quick,
+                ..RunArgs::default()
+            },
             out: None,
-            work: None,
             profiles: vec![],
             servers: vec![],
             addcow: None,
@@ -315,8 +322,8 @@ mod tests {
         let q = settings(&args(true));
         assert_eq!((q.size, q.runtime_s, q.rounds), (64 << 20, 2, 1));
         let mut a = args(true);
-        a.rounds = Some(3);
-        a.runtime = Some(0);
+        a.run.rounds = Some(3);
+        a.run.runtime = Some(0);
         let s = settings(&a);
         assert_eq!((s.rounds, s.runtime_s), (3, 1));
     }

@@ -15,7 +15,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
-use crate::cli::EmbeddedArgs;
+use crate::cli::{EmbeddedArgs, RunLength};
 use crate::error::{io_err, BenchError, Result};
 use crate::fio::{self, Target};
 use crate::prepare;
@@ -132,20 +132,29 @@ fn med_numbers(v: &[Numbers]) -> Numbers {
 
 /// Runs the embedded benchmark.
 pub fn run(args: &EmbeddedArgs) -> Result<()> {
-    let (size, runtime, rounds) = if args.quick {
-        (256 << 20, 2, 1)
-    } else {
-        (4 << 30, 10, 3)
-    };
-    let size: u64 = args.size.unwrap_or(size);
-    let runtime = Duration::from_secs(args.runtime.unwrap_or(runtime).max(1));
-    let rounds = args.rounds.unwrap_or(rounds).max(1);
+    let RunLength {
+        size,
+        runtime_s,
+        rounds,
+    } = args.run.length(
+        RunLength {
+            size: 4 << 30,
+            runtime_s: 10,
+            rounds: 3,
+        },
+        RunLength {
+            size: 256 << 20,
+            runtime_s: 2,
+            rounds: 1,
+        },
+    );
+    let runtime = Duration::from_secs(runtime_s);
     if !crate::servers::on_path("fio") {
         return Err(BenchError::Missing(
             "fio (Debian: apt-get install fio)".to_owned(),
         ));
     }
-    let (work, _tmp) = crate::prepare::work_dir(args.work.as_deref(), "addcow-embedded-")?;
+    let (work, _tmp) = crate::prepare::work_dir(args.run.work.as_deref(), "addcow-embedded-")?;
     eprintln!("preparing {} MiB in {}", size >> 20, work.display());
     let prep = prepare::prepare(&work.join("data"), size, 0xe3bed, false)?;
     let mut config = EngineConfig::default();
