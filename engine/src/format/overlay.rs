@@ -76,9 +76,10 @@ pub(crate) fn ofd_lock(file: &File, exclusive: bool) -> Result<()> {
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     fl.l_len = 0; // whole file
-    fl.l_pid = 0; // required for OFD locks
-                  // SAFETY: the fd is open for the life of `file`; `fl` is a valid, initialised flock that
-                  // outlives the call.
+                  // l_pid must be 0 for OFD locks.
+    fl.l_pid = 0;
+    // SAFETY: the fd is open for the life of `file`; `fl` is a valid, initialised flock that
+    // outlives the call.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
     if rc == 0 {
         return Ok(());
@@ -94,6 +95,16 @@ pub(crate) fn ofd_lock(file: &File, exclusive: bool) -> Result<()> {
         }
         _ => Err(Error::io("lock", err)),
     }
+}
+
+/// Drops the OFD lock on the whole of `file` (a no-op when none is held).
+pub(crate) fn ofd_unlock(file: &File) {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the fd is open for the life of `file`; `fl` is a valid flock that outlives the call.
+    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
 }
 
 /// The next offset at or after `from` that holds data (`SEEK_DATA`), or `None` if only a hole

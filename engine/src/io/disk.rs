@@ -222,12 +222,7 @@ impl DiskShared {
     /// Drops the OFD lock on the metadata file. The rings may still hold registered references
     /// to the file for a moment; the lock must not wait for them.
     fn unlock(&self) {
-        // SAFETY: `flock` is plain old data; all-zero is valid.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_UNLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        // SAFETY: the fd is open for the life of self.meta; fl is a valid flock.
-        let _ = unsafe { libc::fcntl(self.meta.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+        crate::format::overlay::ofd_unlock(&self.meta);
     }
 
     /// The next id for a recorded fdatasync.
