@@ -107,23 +107,30 @@ pub(crate) fn ofd_unlock(file: &File) {
     let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
 }
 
+/// `lseek(file, off, whence)`: the offset it lands on, or the OS error.
+fn seek(file: &File, off: libc::off_t, whence: libc::c_int) -> std::io::Result<u64> {
+    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
 /// The next offset at or after `from` that holds data (`SEEK_DATA`), or `None` if only a hole
 /// follows. File systems without `SEEK_DATA` report everything as data.
 pub(crate) fn next_data(file: &File, from: u64) -> std::io::Result<Option<u64>> {
     let Ok(off) = libc::off_t::try_from(from) else {
         return Ok(None);
     };
-    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
+    match seek(file, off, libc::SEEK_DATA) {
+        Ok(at) => Ok(Some(at)),
+        Err(e) => match e.raw_os_error() {
             Some(libc::ENXIO) => Ok(None),
             Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(from)),
             _ => Err(e),
-        };
+        },
     }
-    Ok(Some(r as u64))
 }
 
 /// The next hole at or after `from` (`SEEK_HOLE`); the end of the file when there is none.
@@ -131,16 +138,13 @@ pub(crate) fn next_hole(file: &File, from: u64, file_len: u64) -> std::io::Resul
     let Ok(off) = libc::off_t::try_from(from) else {
         return Ok(file_len);
     };
-    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
+    match seek(file, off, libc::SEEK_HOLE) {
+        Ok(at) => Ok(at),
+        Err(e) => match e.raw_os_error() {
             Some(libc::ENXIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(file_len),
             _ => Err(e),
-        };
+        },
     }
-    Ok(r as u64)
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, with the path/offset/op in the error.
