@@ -58,11 +58,7 @@ fn overlapping_subsector_writes_keep_every_writers_bytes() {
         }
     }
     model.check(&d);
-    d.close().expect("close");
-    drop(e);
-    let e = engine(1);
-    let d = open(&e, &f.overlay);
-    model.check(&d);
+    model.check_after_reopen(d, e, &f.overlay);
 }
 
 #[test]

@@ -68,11 +68,7 @@ fn unaligned_writes_merge_with_base_bytes() {
         let got = d.read_at(off, len).expect("read");
         assert_eq!(got, &model.bytes[off as usize..off as usize + len as usize]);
     }
-    d.close().expect("close");
-    drop(e);
-    let e = engine(1);
-    let d = open(&e, &f.overlay);
-    model.check(&d);
+    model.check_after_reopen(d, e, &f.overlay);
 }
 
 #[test]
@@ -161,11 +157,7 @@ fn write_zeroes_and_trim_never_reexpose_base() {
             "zeroed range is allocated (bits set), op {i}"
         );
     }
-    d.close().expect("close");
-    drop(e);
-    let e = engine(1);
-    let d = open(&e, &f.overlay);
-    model.check(&d);
+    model.check_after_reopen(d, e, &f.overlay);
 }
 
 #[test]

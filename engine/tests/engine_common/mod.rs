@@ -96,6 +96,16 @@ impl Model {
     }
 
     /// Asserts every byte of the disk matches, reading in 256 KiB pieces.
+    /// Closes `disk`, stops `engine`, reopens the overlay on a fresh one-core engine and checks
+    /// it against the model (everything answered before the close must have persisted).
+    pub fn check_after_reopen(&self, disk: Disk, old: Engine, overlay: &Path) {
+        disk.close().expect("close");
+        drop(old);
+        let e = engine(1);
+        let d = open(&e, overlay);
+        self.check(&d);
+    }
+
     pub fn check(&self, disk: &Disk) {
         let mut off = 0u64;
         while off < self.bytes.len() as u64 {
