@@ -129,27 +129,7 @@ fn crash_checker_detects_bits_persisted_before_data() {
         })
         .unwrap();
     log.insert(img_sync, meta_ev);
-    // Swap the two syncs so the metadata is durable first.
-    let reordered: Vec<Event> = log
-        .iter()
-        .filter(|e| {
-            !matches!(
-                e,
-                Event::SyncBegin { .. }
-                    | Event::SyncEnd { .. }
-                    | Event::Client(ClientEvent::FlushAnswered { .. })
-            )
-        })
-        .cloned()
-        .chain(sync(FileRole::Meta, 2))
-        .chain(sync(FileRole::Image, 1))
-        .chain([flushed(2)])
-        .collect();
-    let report = check(&reordered, &IssueLog::default());
-    assert!(report.violating_states > 0, "{report}");
-    assert!(report.examples[0].contains("reads 0x00"), "{report}");
-
-    // Without any sync in between, the "metadata only" crash states still catch it.
+    // The log without its syncs and FLUSH answers.
     let unsynced: Vec<Event> = log
         .iter()
         .filter(|e| {
@@ -162,6 +142,19 @@ fn crash_checker_detects_bits_persisted_before_data() {
         })
         .cloned()
         .collect();
+    // Swap the two syncs so the metadata is durable first.
+    let reordered: Vec<Event> = unsynced
+        .iter()
+        .cloned()
+        .chain(sync(FileRole::Meta, 2))
+        .chain(sync(FileRole::Image, 1))
+        .chain([flushed(2)])
+        .collect();
+    let report = check(&reordered, &IssueLog::default());
+    assert!(report.violating_states > 0, "{report}");
+    assert!(report.examples[0].contains("reads 0x00"), "{report}");
+
+    // Without any sync in between, the "metadata only" crash states still catch it.
     let report = check(&unsynced, &IssueLog::default());
     assert!(report.violating_states > 0, "{report}");
 }
