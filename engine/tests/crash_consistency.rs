@@ -33,25 +33,6 @@ const SECTORS: u64 = 512; // 256 KiB
 const BASE_LEN: u64 = 384 * 512 - 300;
 const CHUNK: u64 = 8192;
 
-/// Byte ranges of the disk owned by `thread` of `threads`: chunks of ~8 KiB, boundaries shifted by 300 bytes
-/// so neighbours share a sector, dealt round-robin.
-fn owned(thread: usize, threads: usize) -> Vec<(u64, u64)> {
-    let size = SECTORS * 512;
-    let bound = |c: u64| {
-        if c == 0 {
-            0
-        } else {
-            (c * CHUNK + 300).min(size)
-        }
-    };
-    let chunks = size.div_ceil(CHUNK);
-    (0..chunks)
-        .filter(|c| *c as usize % threads == thread)
-        .map(|c| (bound(c), bound(c + 1)))
-        .filter(|(a, b)| a < b)
-        .collect()
-}
-
 /// A random sub-range of `[lo, hi)`, sector-aligned when `aligned` and possible.
 fn pick_range(rng: &mut SmallRng, lo: u64, hi: u64, aligned: bool, max: u64) -> (u64, u64) {
     if aligned {
@@ -154,7 +135,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
             let mut model = initial_disk.clone();
             thread::spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(seed ^ (0x5151 * (t as u64 + 1)));
-                let ranges = owned(t, threads);
+                let ranges = pattern::owned_ranges(t, threads, SECTORS * 512, CHUNK);
                 let mut issued = 0;
                 // Batches of up to 4 requests in flight at once, on both cores, on disjoint
                 // bytes (possibly the same sectors); answers are logged from the completion.

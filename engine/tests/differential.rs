@@ -96,23 +96,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Chunks of 4 KiB shifted by 300 bytes (so neighbours share sectors), dealt round-robin.
-fn owned(thread: usize, threads: usize) -> Vec<(u64, u64)> {
-    let size = SECTORS * 512;
-    let bound = |c: u64| {
-        if c == 0 {
-            0
-        } else {
-            (c * CHUNK + 300).min(size)
-        }
-    };
-    (0..size.div_ceil(CHUNK))
-        .filter(|c| *c as usize % threads == thread)
-        .map(|c| (bound(c), bound(c + 1)))
-        .filter(|(a, b)| a < b)
-        .collect()
-}
-
 /// `[off, off + len)` inside `[lo, hi)` from two per-mille positions; sector-aligned if asked
 /// and possible. Never empty.
 fn place(lo: u64, hi: u64, a: u16, b: u16, aligned: bool) -> (u64, u64) {
@@ -365,7 +348,7 @@ fn run_disjoint(threads: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
             let (engine, disk) = (engine.clone(), disk.clone());
             let mut model = initial.clone();
             thread::spawn(move || -> Result<_, String> {
-                let ranges = owned(t, n);
+                let ranges = pattern::owned_ranges(t, n, SECTORS * 512, CHUNK);
                 let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
                 let mut i = 0;
                 // Batches of up to 4 requests in flight at once, on both cores: consecutive

@@ -5,7 +5,8 @@
 //!   section (header, LSB-first bitmap at byte 2560, base fallthrough, zeros past the base's end),
 //!   deliberately not using the library, so it can judge the library and the engine.
 //! * [`engine`]: blocking calls into a real engine and overlay fixtures written from the spec.
-//! * [`pattern`]: recognizable byte patterns for bases, pre-allocated and stale sectors.
+//! * [`pattern`]: recognizable byte patterns for bases, pre-allocated and stale sectors, and the
+//!   round-robin split of a disk between writer threads.
 //! * [`crash`]: the crash-state builder and checker over a recorder log (feature
 //!   `crash-recorder`).
 #![allow(dead_code)]

@@ -35,3 +35,20 @@ pub fn write_data(id: u64, offset: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Byte ranges of a `size`-byte disk owned by `thread` of `threads`: chunks of `chunk` bytes
+/// whose boundaries are shifted by 300 bytes (so neighbours share a sector), dealt round-robin.
+pub fn owned_ranges(thread: usize, threads: usize, size: u64, chunk: u64) -> Vec<(u64, u64)> {
+    let bound = |c: u64| {
+        if c == 0 {
+            0
+        } else {
+            (c * chunk + 300).min(size)
+        }
+    };
+    (0..size.div_ceil(chunk))
+        .filter(|c| *c as usize % threads == thread)
+        .map(|c| (bound(c), bound(c + 1)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
