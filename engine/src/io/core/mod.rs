@@ -221,10 +221,7 @@ impl Core {
                 }
                 None => self.ring.submit_and_wait(1),
             };
-            self.shared
-                .core(self.id)
-                .sleeping
-                .store(false, Ordering::SeqCst);
+            handle.sleeping.store(false, Ordering::SeqCst);
             if let Err(e) = res {
                 match e.raw_os_error() {
                     Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN)
