@@ -112,3 +112,47 @@ fn kernel_efbig_fails_the_request_not_the_engine() {
         out.status
     );
 }
+
+/// A file that shrinks behind the engine's back (another process truncates the raw image or
+/// the base) must give EIO, never zeros the client did not write; the engine keeps serving.
+#[test]
+fn read_of_a_file_truncated_behind_the_engine_is_eio_not_zeros() {
+    let f = fixture(1 << 20, 1 << 20);
+    let e = engine(2);
+    let d = open(&e, &f.overlay);
+    d.write_at(0, &[9; 8192], false).expect("write");
+    d.flush().expect("flush");
+
+    let image_path = addcow_engine::format::Overlay::open(
+        &f.overlay,
+        &addcow_engine::format::OpenOptions {
+            read_only: true,
+            no_lock: true,
+            ..Default::default()
+        },
+    )
+    .expect("inspect overlay")
+    .image_path;
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image_path)
+        .expect("open raw image");
+    image.set_len(4096).expect("truncate raw image");
+    let err = d.read_at(0, 8192).expect_err("read across the truncation");
+    assert_eq!(err.errno, libc::EIO, "{err}");
+
+    let base = f.base.clone().expect("fixture has a base");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .and_then(|b| b.set_len(64 << 10))
+        .expect("truncate base");
+    let err = d
+        .read_at(512 << 10, 4096)
+        .expect_err("read of clear bits past the truncated base");
+    assert_eq!(err.errno, libc::EIO, "{err}");
+
+    // Still serving: the part of the raw image that is left reads back.
+    assert_eq!(d.read_at(0, 4096).expect("read"), vec![9; 4096]);
+    d.close().expect("close");
+}

@@ -190,6 +190,17 @@ impl DiskShared {
     }
 
     /// The raw fd of `role`'s file (-1 when the disk has no base).
+    /// Bytes in the file behind `role` as known at open: the virtual size for the raw image,
+    /// the base's size for the base (0 if none), the bitmap's end for the metadata file. A read
+    /// that ends short before this is an I/O error, not end of file.
+    pub(crate) fn file_len(&self, role: Role) -> u64 {
+        match role {
+            Role::Image => self.size,
+            Role::Meta => self.meta_len,
+            Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+        }
+    }
+
     pub(crate) fn fd(&self, role: Role) -> RawFd {
         match role {
             Role::Image => self.image.as_raw_fd(),

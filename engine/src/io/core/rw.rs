@@ -522,9 +522,14 @@ impl Core {
     pub(super) fn read_done(&mut self, task: usize, x: Xfer, bounce: Option<Bounce>, res: i32) {
         if res < 0 {
             self.fail(task, -res, op_name(x.role, false));
+        } else if self.short_inside_file(task, &x, res as u64) {
+            // The file ended before the size it had at open (truncated behind our back):
+            // answering zeros would silently return bytes nobody wrote.
+            self.fail(task, libc::EIO, op_name(x.role, false));
         } else {
             let n = (res as usize).min(x.len as usize);
-            // A short read means end of file: the rest reads as zeros.
+            // A short read at the file's end (e.g. an O_DIRECT read of a base whose size is
+            // not a multiple of the alignment): the rest reads as zeros.
             // SAFETY: ptr..ptr+len is this op's buffer region, owned by the task or bounce.
             unsafe { std::ptr::write_bytes(x.ptr.add(n), 0, x.len as usize - n) };
             if let Some(b) = bounce {
@@ -535,6 +540,17 @@ impl Core {
             }
         }
         self.step(task);
+    }
+
+    /// Whether a read of `x` that returned `got` bytes stopped before the end of its file as
+    /// known at open (only a read that reaches the file's end may come back short).
+    fn short_inside_file(&self, task: usize, x: &Xfer, got: u64) -> bool {
+        let Some(t) = self.tasks.get(task) else {
+            return false;
+        };
+        let want_end = x.off.saturating_add(u64::from(x.len));
+        let file_end = t.disk().file_len(x.role);
+        got < u64::from(x.len) && x.off.saturating_add(got) < want_end.min(file_end)
     }
 
     pub(super) fn write_done(&mut self, task: usize, x: Xfer, res: i32) {
