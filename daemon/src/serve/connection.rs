@@ -369,6 +369,8 @@ impl Reader {
             Command::Write { offset, len, fua } => {
                 let cost = u64::from(len);
                 self.budget.acquire(cost);
+                // Not zeroed: holds stale bytes until `read_full` overwrites all of it. On a
+                // short or failed read it is dropped here, never submitted.
                 let mut data = self.backend.alloc_buf(len as usize);
                 match read_full(&mut self.sock, &mut data)? {
                     Filled::Full => {}

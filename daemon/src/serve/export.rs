@@ -21,7 +21,9 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, core: usize, req: Request, done: Completion);
     /// Where the bytes of `[offset, offset+len)` come from (no I/O).
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
-    /// A buffer of `len` bytes to receive a WRITE payload into.
+    /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
+    /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
+    /// unsubmitted.
     fn alloc_buf(&self, len: usize) -> IoBuf;
 }
 
@@ -47,7 +49,9 @@ impl Backend for EngineDisk {
         self.disk.allocation(offset, len)
     }
     fn alloc_buf(&self, len: usize) -> IoBuf {
-        self.engine.alloc_buf(len)
+        // The reader overwrites the whole buffer with the payload (or drops it): zeroing it
+        // first would be wasted memset.
+        self.engine.alloc_buf_unzeroed(len)
     }
 }
 

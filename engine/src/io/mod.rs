@@ -362,6 +362,18 @@ impl Engine {
         buf::alloc(self.inner.shared.arena.as_ref(), len, true)
     }
 
+    /// Like [`Engine::alloc_buf`] but without zeroing an arena slot: for a buffer the caller
+    /// overwrites completely (e.g. a WRITE payload read straight from a socket).
+    ///
+    /// The contents are unspecified: an arena slot still holds whatever an earlier request left
+    /// in it (never uninitialised memory: the arena is zeroed when created, and the heap
+    /// fallback is zeroed). The caller must fill all `len` bytes before reading the buffer or
+    /// submitting it, and must drop it unsubmitted if it cannot (e.g. the socket read fails
+    /// midway), so no stale bytes reach a disk or a client.
+    pub fn alloc_buf_unzeroed(&self, len: usize) -> IoBuf {
+        buf::alloc(self.inner.shared.arena.as_ref(), len, false)
+    }
+
     /// Commits every open disk and stops the core threads. Requests submitted afterwards fail
     /// with `ESHUTDOWN`. Do not call it from a completion callback.
     pub fn shutdown(&self) -> Result<()> {
