@@ -1,10 +1,11 @@
 //! One client connection: handshake, then a reader (this thread) and a writer thread.
 //!
 //! The reader parses request headers, reads WRITE payloads straight into engine buffers,
-//! validates ([`super::command`]), takes a share of the in-flight [`Budget`] and submits to the
-//! engine on the connection's core. Each completion (on a core thread) sends a [`Reply`] over a
-//! channel to the writer, which frames and sends it (one `sendmsg`) and gives the budget back.
-//! Replies therefore go out in completion order; the socket has exactly one writer.
+//! validates ([`super::command`]), takes a [`Ticket`] (a share of the in-flight [`Budget`]) and
+//! submits to the engine on the connection's core. Each completion (on a core thread) sends its
+//! [`Reply`] through the connection's [`Outbox`]: straight onto the socket with one
+//! non-blocking `sendmsg` when the socket is idle, else queued for the writer thread. Replies go
+//! out in completion order, one at a time.
 //!
 //! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
 //! connection only; every request already submitted still completes before the sockets close.
@@ -16,13 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use addcow_engine::{Done, Extent, ExtentKind, Request};
-use crossbeam_channel::{Receiver, Sender};
 
 use super::budget::Budget;
 use super::command::{self, Command, Limits};
 use super::export::{Backend, Exports};
 use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
-use super::reply::{self, Body, Framing, Reply};
+use super::outbox::{Outbox, Ticket};
+use super::reply::{Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
 use super::wire::{self, RequestHeader};
 
@@ -32,10 +33,6 @@ pub const MAX_IN_FLIGHT: usize = 128;
 pub const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
 /// Bytes of the reader's socket buffer (request headers and small payloads).
 const READ_BUFFER: usize = 64 << 10;
-/// Most replies the writer sends with one `sendmsg` batch.
-const WRITER_BATCH: usize = 64;
-/// Most READ bytes the writer batches before sending.
-const WRITER_BATCH_BYTES: u64 = 1 << 20;
 /// Most extents in one block-status chunk (the spec's SHOULD).
 const MAX_EXTENTS: usize = 1 << 20;
 
@@ -61,9 +58,6 @@ pub struct Totals {
     /// Error replies sent.
     pub errors: u64,
 }
-
-/// A message to the writer: the reply and the budget it holds.
-type Outgoing = (Reply, u64);
 
 /// How a connection ended, for the one log line written once its slot is free.
 pub enum Ended {
@@ -135,7 +129,6 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
 /// both are done (every submitted request answered or dropped with the socket).
 fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool) -> Totals {
     let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES));
-    let (tx, rx) = crossbeam_channel::unbounded::<Outgoing>();
     let wsock = match sock.try_clone() {
         Ok(s) => s,
         Err(e) => {
@@ -151,10 +144,11 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
     } else {
         Framing::Simple
     };
-    let wbudget = budget.clone();
+    let outbox = Outbox::new(wsock, framing, budget);
+    let woutbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
-        .spawn(move || writer_loop(wsock, framing, rx, &wbudget));
+        .spawn(move || woutbox.run_writer());
     let writer = match writer {
         Ok(w) => w,
         Err(e) => {
@@ -173,8 +167,7 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
             contexts: neg.contexts,
             extended: neg.extended,
         },
-        tx,
-        budget,
+        outbox,
         totals: Totals::default(),
     };
     let end = reader.run(shutting);
@@ -183,7 +176,7 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
     }
     let mut totals = reader.totals;
     let sock = reader.sock.into_inner();
-    drop(reader.tx);
+    reader.outbox.close();
     // The writer ends once every in-flight completion has been answered.
     let (bytes_read, errors) = writer.join().unwrap_or_default();
     totals.bytes_read = bytes_read;
@@ -209,8 +202,7 @@ struct Reader {
     core: usize,
     backend: Arc<dyn Backend>,
     limits: Limits,
-    tx: Sender<Outgoing>,
-    budget: Arc<Budget>,
+    outbox: Arc<Outbox>,
     totals: Totals,
 }
 
@@ -279,30 +271,19 @@ impl Reader {
         Ok(())
     }
 
-    /// Queues an error reply (it holds a budget share like any request).
+    /// Sends an error reply (it holds a budget share like any request).
     fn error(&mut self, cookie: u64, offset: u64, error: u32, message: String) {
-        self.budget.acquire(0);
         let body = Body::Error { error, message };
-        let _ = self.tx.send((
-            Reply {
-                cookie,
-                offset,
-                body,
-            },
-            0,
-        ));
+        self.answer(self.outbox.ticket(0), cookie, offset, body);
     }
 
-    /// Queues a reply that needed no engine request.
-    fn answer(&mut self, cookie: u64, offset: u64, body: Body, cost: u64) {
-        let _ = self.tx.send((
-            Reply {
-                cookie,
-                offset,
-                body,
-            },
-            cost,
-        ));
+    /// Sends a reply that needed no engine request.
+    fn answer(&mut self, ticket: Ticket, cookie: u64, offset: u64, body: Body) {
+        ticket.send(Reply {
+            cookie,
+            offset,
+            body,
+        });
     }
 
     fn dispatch(&mut self, cookie: u64, req_offset: u64, cmd: Command) -> Result<(), ConnError> {
@@ -315,14 +296,13 @@ impl Reader {
             _ => false,
         };
         if empty {
-            self.budget.acquire(0);
-            self.answer(cookie, req_offset, Body::Ok, 0);
+            let ticket = self.outbox.ticket(0);
+            self.answer(ticket, cookie, req_offset, Body::Ok);
             return Ok(());
         }
         match cmd {
             Command::Read { offset, len, df } => {
-                let cost = u64::from(len);
-                self.budget.acquire(cost);
+                let ticket = self.outbox.ticket(u64::from(len));
                 let holes: Vec<(u64, u64)> = if len == 0 {
                     Vec::new()
                 } else {
@@ -336,10 +316,9 @@ impl Reader {
                 let all_hole =
                     len == 0 || (holes.len() == 1 && holes[0] == (offset, u64::from(len)));
                 if all_hole {
-                    self.answer(cookie, offset, Body::Zeros { offset, len, df }, cost);
+                    self.answer(ticket, cookie, offset, Body::Zeros { offset, len, df });
                     return Ok(());
                 }
-                let tx = self.tx.clone();
                 self.backend.submit(
                     self.core,
                     Request::Read { offset, len },
@@ -357,42 +336,41 @@ impl Reader {
                             },
                             Err(e) => engine_error(&e),
                         };
-                        let reply = Reply {
+                        ticket.send(Reply {
                             cookie,
                             offset,
                             body,
-                        };
-                        let _ = tx.send((reply, cost));
+                        });
                     }),
                 );
             }
             Command::Write { offset, len, fua } => {
                 let cost = u64::from(len);
-                self.budget.acquire(cost);
+                let ticket = self.outbox.ticket(cost);
                 // Not zeroed: holds stale bytes until `read_full` overwrites all of it. On a
                 // short or failed read it is dropped here, never submitted.
                 let mut data = self.backend.alloc_buf(len as usize);
                 match read_full(&mut self.sock, &mut data)? {
                     Filled::Full => {}
+                    // Dropping the ticket gives the budget back.
                     _ => {
-                        self.budget.release(cost);
                         return Err(ConnError::Fatal("client vanished inside a write".into()));
                     }
                 }
                 self.totals.bytes_written += cost;
-                self.submit(cookie, offset, Request::Write { offset, data, fua }, cost);
+                self.submit(ticket, cookie, offset, Request::Write { offset, data, fua });
             }
             Command::Flush => {
-                self.budget.acquire(0);
-                self.submit(cookie, req_offset, Request::Flush, 0);
+                let ticket = self.outbox.ticket(0);
+                self.submit(ticket, cookie, req_offset, Request::Flush);
             }
             Command::Trim { offset, len, fua } => {
-                self.budget.acquire(0);
-                self.submit(cookie, offset, Request::Trim { offset, len, fua }, 0);
+                let ticket = self.outbox.ticket(0);
+                self.submit(ticket, cookie, offset, Request::Trim { offset, len, fua });
             }
             Command::Cache { offset, len } => {
-                self.budget.acquire(0);
-                self.submit(cookie, offset, Request::Cache { offset, len }, 0);
+                let ticket = self.outbox.ticket(0);
+                self.submit(ticket, cookie, offset, Request::Cache { offset, len });
             }
             Command::WriteZeroes {
                 offset,
@@ -400,24 +378,24 @@ impl Reader {
                 punch,
                 fua,
             } => {
-                self.budget.acquire(0);
+                let ticket = self.outbox.ticket(0);
                 let req = Request::WriteZeroes {
                     offset,
                     len,
                     punch,
                     fua,
                 };
-                self.submit(cookie, offset, req, 0);
+                self.submit(ticket, cookie, offset, req);
             }
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
             } => {
-                self.budget.acquire(0);
+                let ticket = self.outbox.ticket(0);
                 let extents = self.backend.allocation(offset, len);
                 let contexts = block_status(&extents, self.limits.contexts, req_one, len);
-                self.answer(cookie, offset, Body::BlockStatus { contexts }, 0);
+                self.answer(ticket, cookie, offset, Body::BlockStatus { contexts });
             }
             Command::Disc => {}
         }
@@ -425,8 +403,7 @@ impl Reader {
     }
 
     /// Submits a request whose success is a plain OK.
-    fn submit(&mut self, cookie: u64, offset: u64, req: Request, cost: u64) {
-        let tx = self.tx.clone();
+    fn submit(&mut self, ticket: Ticket, cookie: u64, offset: u64, req: Request) {
         self.backend.submit(
             self.core,
             req,
@@ -435,12 +412,11 @@ impl Reader {
                     Ok(_) => Body::Ok,
                     Err(e) => engine_error(&e),
                 };
-                let reply = Reply {
+                ticket.send(Reply {
                     cookie,
                     offset,
                     body,
-                };
-                let _ = tx.send((reply, cost));
+                });
             }),
         );
     }
@@ -501,53 +477,6 @@ pub fn block_status(
         });
     }
     out
-}
-
-/// Sends replies in the order they arrive until every sender is gone. After a send fails the
-/// remaining replies are dropped (the client is gone) but still give their budget back.
-/// Returns (READ bytes sent, error replies sent).
-fn writer_loop(
-    sock: Sock,
-    framing: Framing,
-    rx: Receiver<Outgoing>,
-    budget: &Budget,
-) -> (u64, u64) {
-    let mut broken = false;
-    let (mut bytes, mut errors) = (0u64, 0u64);
-    let mut batch: Vec<Reply> = Vec::with_capacity(WRITER_BATCH);
-    let mut costs: Vec<u64> = Vec::with_capacity(WRITER_BATCH);
-    while let Ok(first) = rx.recv() {
-        // Take whatever else already completed: one sendmsg for the lot.
-        let mut next = Some(first);
-        let mut batch_bytes = 0u64;
-        while let Some((reply, cost)) = next.take() {
-            match &reply.body {
-                Body::Read { data, .. } => batch_bytes += data.len() as u64,
-                Body::Zeros { len, .. } => batch_bytes += u64::from(*len),
-                Body::Error { .. } => errors += 1,
-                _ => {}
-            }
-            batch.push(reply);
-            costs.push(cost);
-            if batch.len() < WRITER_BATCH && batch_bytes < WRITER_BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !broken {
-            bytes += batch_bytes;
-            if let Err(e) = reply::send_many(&sock, framing, &batch) {
-                tracing::debug!(error = %e, "reply not sent; client gone");
-                broken = true;
-                // Wake the reader if it is blocked reading from a dead peer.
-                let _ = sock.shutdown(Shutdown::Both);
-            }
-        }
-        batch.clear();
-        for cost in costs.drain(..) {
-            budget.release(cost);
-        }
-    }
-    (bytes, errors)
 }
 
 enum Filled {

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod export;
 pub mod handshake;
 pub mod listener;
+pub mod outbox;
 pub mod reply;
 pub mod signals;
 pub mod sock;
