@@ -162,8 +162,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let out = args.out.clone().unwrap_or_else(|| {
-        profiles::configs_dir()
-            .join("../bench/results")
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
             .join(&started)
     });
     let meta = Meta {

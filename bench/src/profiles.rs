@@ -125,7 +125,8 @@ pub fn all() -> Vec<Profile> {
 /// `fio-configs/` of this checkout (found from the crate's manifest directory at build time, or
 /// the current directory).
 pub fn configs_dir() -> PathBuf {
-    let from_manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fio-configs");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let from_manifest = manifest.parent().unwrap_or(manifest).join("fio-configs");
     if from_manifest.is_dir() {
         from_manifest
     } else {
