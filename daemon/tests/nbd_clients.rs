@@ -346,3 +346,45 @@ fn fio_verify_four_jobs_qd32() {
     }
     d.stop();
 }
+
+/// The load test as stated: fio's nbd engine, 4 jobs at queue depth 32 for 10 seconds of
+/// random 4 KiB writes, every written block read back and checked against its crc32c while the
+/// run goes on (`verify_backlog`: time-based runs have no separate verify phase), zero errors.
+#[test]
+fn fio_verify_ten_seconds_four_jobs_qd32() {
+    let fx = Fixture::new(128 * MIB);
+    let d = Daemon::start(&fx.path("s.sock"), &[fx.overlay().to_str().unwrap()]);
+    let out = run(
+        "fio",
+        &[
+            "--name=verify10s",
+            "--ioengine=nbd",
+            &format!("--uri={}", d.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--numjobs=4",
+            "--size=32M",
+            "--offset_increment=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_backlog=4096",
+            "--verify_state_save=0",
+            "--time_based",
+            "--runtime=10",
+            "--output-format=json",
+        ],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).expect("fio JSON");
+    let jobs = v["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 4, "{out}");
+    for j in jobs {
+        assert_eq!(j["error"].as_i64(), Some(0), "{j}");
+        assert!(j["job_runtime"].as_u64() >= Some(10_000), "ran 10 s: {j}");
+        let written = j["write"]["io_bytes"].as_u64().unwrap_or(0);
+        let verified = j["read"]["io_bytes"].as_u64().unwrap_or(0);
+        assert!(written > 0 && verified > 0, "wrote and verified: {j}");
+    }
+    d.stop();
+}
