@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::format::{create, CreateOptions, OpenOptions, Overlay};
+use addcow_engine::format::{create, CreateOptions};
 
 use super::{fail, human_size, parse_size};
 
@@ -50,12 +50,7 @@ pub fn run(args: CreateArgs) -> ExitCode {
         return fail("create", e);
     }
     // Report what was made, from the file itself.
-    let ro = OpenOptions {
-        read_only: true,
-        no_lock: true,
-        ..Default::default()
-    };
-    match Overlay::open(&args.overlay, &ro) {
+    match super::inspect(&args.overlay) {
         Ok(o) => {
             println!(
                 "Created {}: virtual size {} ({} bytes), raw image {}, base {}",

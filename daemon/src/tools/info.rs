@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::format::{bitmap_len, OpenOptions, Overlay, SECTOR_SIZE, VERSION};
+use addcow_engine::format::{bitmap_len, Overlay, SECTOR_SIZE, VERSION};
 
 use super::{fail, human_size, print_json};
 
@@ -88,12 +88,7 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
 
 /// Runs `addcow info`.
 pub fn run(args: InfoArgs) -> ExitCode {
-    let ro = OpenOptions {
-        read_only: true,
-        no_lock: true,
-        ..Default::default()
-    };
-    let o = match Overlay::open(&args.overlay, &ro) {
+    let o = match super::inspect(&args.overlay) {
         Ok(o) => o,
         Err(e) => return fail("info", e),
     };

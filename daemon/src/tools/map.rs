@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use addcow_engine::format::map::map_json;
-use addcow_engine::format::{map_runs, MapRun, OpenOptions, Overlay};
+use addcow_engine::format::{map_runs, MapRun, Overlay};
 
 use super::{fail, human_size};
 
@@ -46,12 +46,7 @@ fn source(r: &MapRun, o: &Overlay) -> String {
 
 /// Runs `addcow map`.
 pub fn run(args: MapArgs) -> ExitCode {
-    let ro = OpenOptions {
-        read_only: true,
-        no_lock: true,
-        ..Default::default()
-    };
-    let o = match Overlay::open(&args.overlay, &ro) {
+    let o = match super::inspect(&args.overlay) {
         Ok(o) => o,
         Err(e) => return fail("map", e),
     };

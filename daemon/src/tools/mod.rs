@@ -65,6 +65,17 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// Opens an overlay for inspection: read-only and without taking its lock (like `qemu-img -U`),
+/// so the tools work on an overlay a daemon is serving.
+pub fn inspect(path: &std::path::Path) -> addcow_engine::Result<addcow_engine::format::Overlay> {
+    let ro = addcow_engine::format::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    addcow_engine::format::Overlay::open(path, &ro)
+}
+
 /// Prints `addcow <tool>: <error>` on stderr and returns exit status 1.
 pub fn fail(tool: &str, err: impl std::fmt::Display) -> ExitCode {
     eprintln!("addcow {tool}: {err}");
