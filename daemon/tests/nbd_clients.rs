@@ -306,37 +306,45 @@ fn nbdsh_protocol_corners_and_multi_conn() {
     ro.stop();
 }
 
+/// Runs fio's nbd engine against `uri`: 4 jobs at queue depth 32, each writing random 4 KiB
+/// blocks with crc32c headers into its own 32 MiB region and verifying them (`verify_fatal`),
+/// plus `extra` options. Returns the per-job JSON objects.
+fn fio_verify(uri: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let uri = format!("--uri={uri}");
+    let mut args = vec![
+        "--name=verify",
+        "--ioengine=nbd",
+        uri.as_str(),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--numjobs=4",
+        "--size=32M",
+        "--offset_increment=32M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=json",
+    ];
+    args.extend_from_slice(extra);
+    let out = run("fio", &args);
+    let v: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).expect("fio JSON");
+    let jobs = v["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs.len(), 4, "{out}");
+    for j in &jobs {
+        assert_eq!(j["error"].as_i64(), Some(0), "{j}");
+    }
+    jobs
+}
+
 #[test]
 fn fio_verify_four_jobs_qd32() {
     let fx = Fixture::new(128 * MIB);
     let d = Daemon::start(&fx.path("s.sock"), &[fx.overlay().to_str().unwrap()]);
-    // Each job owns a 32 MiB region: random 4 KiB writes with crc32c headers, then reads back
-    // and verifies every block in a separate phase (the 10-second time-based run is below).
-    let out = run(
-        "fio",
-        &[
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", d.uri()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=32M",
-            "--offset_increment=32M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--output-format=json",
-        ],
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).expect("fio JSON");
-    let jobs = v["jobs"].as_array().expect("jobs");
-    assert_eq!(jobs.len(), 4, "{out}");
-    for j in jobs {
-        assert_eq!(j["error"].as_i64(), Some(0), "{j}");
+    // Every block written once, then read back and verified in a separate phase (the
+    // 10-second time-based run is below).
+    for j in fio_verify(&d.uri(), &["--do_verify=1"]) {
         assert_eq!(j["write"]["io_bytes"].as_u64(), Some(32 * MIB), "{j}");
         assert!(
             j["read"]["io_bytes"].as_u64() >= Some(32 * MIB),
@@ -353,33 +361,8 @@ fn fio_verify_four_jobs_qd32() {
 fn fio_verify_ten_seconds_four_jobs_qd32() {
     let fx = Fixture::new(128 * MIB);
     let d = Daemon::start(&fx.path("s.sock"), &[fx.overlay().to_str().unwrap()]);
-    let out = run(
-        "fio",
-        &[
-            "--name=verify10s",
-            "--ioengine=nbd",
-            &format!("--uri={}", d.uri()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=32M",
-            "--offset_increment=32M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_backlog=4096",
-            "--verify_state_save=0",
-            "--time_based",
-            "--runtime=10",
-            "--output-format=json",
-        ],
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).expect("fio JSON");
-    let jobs = v["jobs"].as_array().expect("jobs");
-    assert_eq!(jobs.len(), 4, "{out}");
-    for j in jobs {
-        assert_eq!(j["error"].as_i64(), Some(0), "{j}");
+    let extra = ["--verify_backlog=4096", "--time_based", "--runtime=10"];
+    for j in fio_verify(&d.uri(), &extra) {
         assert!(j["job_runtime"].as_u64() >= Some(10_000), "ran 10 s: {j}");
         let written = j["write"]["io_bytes"].as_u64().unwrap_or(0);
         let verified = j["read"]["io_bytes"].as_u64().unwrap_or(0);
