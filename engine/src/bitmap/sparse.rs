@@ -275,9 +275,16 @@ impl SparseBitmap {
     /// Sets bits `[start, start+count)` (clipped to the size) atomically; returns the inclusive
     /// range of bitmap *byte* indices whose value changed, or `None` if none changed.
     pub fn set_range(&self, start: u64, count: u64) -> Option<(u64, u64)> {
+        self.set_range_counted(start, count).0
+    }
+
+    /// [`SparseBitmap::set_range`], also returning how many bits went from 0 to 1.
+    pub fn set_range_counted(&self, start: u64, count: u64) -> (Option<(u64, u64)>, u64) {
         let end = start.saturating_add(count).min(self.sectors);
         let mut changed: Option<(u64, u64)> = None;
-        let mut note = |first: u64, last: u64| {
+        let mut newly = 0u64;
+        let mut note = |first: u64, last: u64, n: u64| {
+            newly += n;
             changed = Some(match changed {
                 None => (first, last),
                 Some((a, b)) => (a.min(first), b.max(last)),
@@ -300,7 +307,7 @@ impl SparseBitmap {
                     )
                     .is_ok()
                 {
-                    note(pos, seg_end - 1);
+                    note(pos, seg_end - 1, seg_end - pos);
                     pos = seg_end;
                     continue;
                 }
@@ -322,14 +329,14 @@ impl SparseBitmap {
                     if new != 0 {
                         let first = word_first + u64::from(new.trailing_zeros());
                         let last = word_first + 63 - u64::from(new.leading_zeros());
-                        note(first, last);
+                        note(first, last, u64::from(new.count_ones()));
                     }
                     p = stop;
                 }
             }
             pos = seg_end;
         }
-        changed.map(|(a, b)| (a / 8, b / 8))
+        (changed.map(|(a, b)| (a / 8, b / 8)), newly)
     }
 
     /// The value of bit `start` and how many consecutive bits from `start` share it, at most

@@ -19,6 +19,7 @@ use super::base::{BaseSource, RawFileBase};
 use super::commit::CommitState;
 use super::engine::EngineShared;
 use super::range_lock::RangeLock;
+use super::stats::DiskCounters;
 use super::{CacheMode, Completion, DiskOptions, Request};
 
 /// Block size of the metadata file for dirty marks and commit writes.
@@ -79,6 +80,8 @@ pub(crate) struct DiskShared {
     pub bg_armed: AtomicBool,
     pub next_core: AtomicUsize,
     pub sync_ids: AtomicU64,
+    /// What the engine did for this disk (read by `Disk::stats`).
+    pub counters: DiskCounters,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<super::recorder::Recorder>>,
 }
@@ -186,6 +189,7 @@ impl DiskShared {
             bg_armed: AtomicBool::new(false),
             next_core: AtomicUsize::new(0),
             sync_ids: AtomicU64::new(1),
+            counters: DiskCounters::default(),
         })
     }
 
@@ -215,9 +219,11 @@ impl DiskShared {
         if end <= start {
             return;
         }
-        if let Some((first, last)) = self.bitmap.set_range(start, end - start) {
+        let (changed, newly) = self.bitmap.set_range_counted(start, end - start);
+        if let Some((first, last)) = changed {
             self.dirty.mark_bitmap_bytes(first, last);
         }
+        self.counters.bits_set(newly);
     }
 
     /// After close: waits until every accepted request was answered, then drops the overlay's

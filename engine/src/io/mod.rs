@@ -26,6 +26,7 @@ mod range_lock;
 #[cfg(feature = "crash-recorder")]
 pub mod recorder;
 mod split;
+mod stats;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -34,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use buf::{IoBuf, BUF_ALIGN};
+pub use stats::DiskStats;
 
 use crate::error::{Error, ErrorKind, Result};
 use disk::DiskShared;
@@ -489,6 +491,22 @@ impl Disk {
     /// The `.add-cow` file this disk was opened from.
     pub fn path(&self) -> &Path {
         &self.inner.meta_path
+    }
+
+    /// What the engine did for this disk since it was opened: commits and their batch size,
+    /// bits set, bytes read from the base. Lock-free; cheap enough to poll.
+    pub fn stats(&self) -> DiskStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Bytes whose sectors are held by the raw image (bits set), from the in-memory bitmap.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.inner.bitmap.count_set() * crate::format::SECTOR_SIZE
+    }
+
+    /// Whether every sector is held by the raw image (it is then a complete standalone disk).
+    pub fn is_complete(&self) -> bool {
+        self.inner.bitmap.is_full()
     }
 
     /// Submits `req` to core `core % engine.cores()`; `done` is called on that core when it

@@ -71,7 +71,7 @@ impl Core {
             disk: Arc::clone(&disk),
             waiters,
             blocks,
-            _bufs: bufs,
+            bufs,
             pending: 0,
             writes_left: nwrites,
             image_sync,
@@ -125,9 +125,13 @@ impl Core {
             disk,
             waiters,
             blocks,
+            bufs,
             err,
             ..
         } = t;
+        let bitmap_bytes = bufs.iter().map(|b| b.len() as u64).sum();
+        disk.counters
+            .commit_done(err.is_none(), waiters.len(), bitmap_bytes);
         if let Some(e) = &err {
             tracing::warn!(path = %disk.meta_path.display(), error = %e, "commit failed");
             disk.dirty.remark(&blocks);

@@ -528,6 +528,11 @@ impl Core {
             self.fail(task, libc::EIO, op_name(x.role, false));
         } else {
             let n = (res as usize).min(x.len as usize);
+            if x.role == Role::Base {
+                if let Some(t) = self.tasks.get(task) {
+                    t.disk().counters.base_read(n as u64);
+                }
+            }
             // A short read at the file's end (e.g. an O_DIRECT read of a base whose size is
             // not a multiple of the alignment): the rest reads as zeros.
             // SAFETY: ptr..ptr+len is this op's buffer region, owned by the task or bounce.

@@ -77,7 +77,7 @@ pub(super) struct CommitTask {
     pub(super) disk: Arc<DiskShared>,
     pub(super) waiters: Vec<Waiter>,
     pub(super) blocks: Vec<u64>,
-    pub(super) _bufs: Vec<IoBuf>,
+    pub(super) bufs: Vec<IoBuf>,
     pub(super) pending: usize,
     pub(super) writes_left: usize,
     pub(super) image_sync: u64,
