@@ -1,5 +1,5 @@
 //! `embedded`: the engine driven in-process (no socket) against fio's io_uring engine with
-//! O_DIRECT on the raw copy of the same data, same profiles, same run (issue #3, "Speed").
+//! O_DIRECT on the raw copy of the same data, same profiles, same run.
 //!
 //! Profiles: 4 KiB random read QD32 on the 50%-allocated overlay, 1 MiB sequential read QD8,
 //! 4 KiB random write QD32. The engine side keeps `qd` requests in flight from one thread

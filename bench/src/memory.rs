@@ -1,5 +1,5 @@
-//! `memory`: what opening a fresh (all-clear) overlay costs in resident memory. Target (issue
-//! #2): a 1 TiB overlay under 16 MiB.
+//! `memory`: what opening a fresh (all-clear) overlay costs in resident memory. Target: a 1 TiB
+//! overlay under 16 MiB.
 //!
 //! Each measurement runs in a child process (`memory-child`) so allocator state of earlier work
 //! cannot hide or inflate it: the child reads `VmRSS` from `/proc/self/status`, opens the overlay

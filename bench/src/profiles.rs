@@ -1,5 +1,5 @@
 //! The benchmark profiles: one fio job file each (in `fio-configs/`), what is measured and the
-//! target of issue #5 against qemu-nbd serving the qcow2 overlay.
+//! target against qemu-nbd serving the qcow2 overlay.
 
 use std::path::{Path, PathBuf};
 
@@ -36,13 +36,13 @@ pub struct Profile {
     pub job: &'static str,
     /// What the profile is judged by.
     pub metric: Metric,
-    /// Target ratio addcow / qemu-nbd-qcow2 for `metric`, if issue #5 sets one.
+    /// Target ratio addcow / qemu-nbd-qcow2 for `metric`, if one is set.
     pub target: Option<f64>,
     /// What the profile does to the data.
     pub effect: Effect,
 }
 
-/// Every profile of issue #5, in run order.
+/// Every profile, in run order.
 pub fn all() -> Vec<Profile> {
     use Effect::*;
     use Metric::*;

@@ -1,5 +1,5 @@
 //! Results of a compare run: medians per (profile, server), ratios of addcow to each peer, the
-//! targets of issue #5, and the files `report.md`, `results.json` and `chart.svg`.
+//! targets, and the files `report.md`, `results.json` and `chart.svg`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -105,7 +105,7 @@ pub struct Comparison {
     pub ratio: Option<f64>,
     /// addcow p99 / peer p99 (lower is better).
     pub p99_ratio: Option<f64>,
-    /// Target ratio for `metric` (only against qemu-nbd-qcow2, only where issue #5 sets one).
+    /// Target ratio for `metric` (only against qemu-nbd-qcow2, only where one is set).
     pub target: Option<f64>,
     /// Whether `ratio >= target`.
     pub target_met: Option<bool>,

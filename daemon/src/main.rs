@@ -1,7 +1,7 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
 //!
-//! Subcommands live in their own modules: `serve` (issue #4) in [`serve`], the image tools
-//! `create`/`info`/`check`/`map` (issue #2) in [`tools`].
+//! Subcommands live in their own modules: `serve` in [`serve`], the image tools
+//! `create`/`info`/`check`/`map` in [`tools`].
 
 use std::process::ExitCode;
 

@@ -1,4 +1,4 @@
-//! `addcow serve`: the NBD daemon. OWNER: issue #4.
+//! `addcow serve`: the NBD daemon.
 //!
 //! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
 //! per connection runs the [`handshake`], then [`connection`]'s reader parses and validates

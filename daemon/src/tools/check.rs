@@ -1,4 +1,4 @@
-//! `addcow check`. OWNER: issue #2.
+//! `addcow check`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

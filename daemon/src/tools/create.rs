@@ -1,4 +1,4 @@
-//! `addcow create`. OWNER: issue #2.
+//! `addcow create`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

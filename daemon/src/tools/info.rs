@@ -1,4 +1,4 @@
-//! `addcow info`. OWNER: issue #2.
+//! `addcow info`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,4 +1,4 @@
-//! `addcow map`. OWNER: issue #2.
+//! `addcow map`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,4 +1,4 @@
-//! Image tools: `create`, `info`, `check`, `map`. OWNER: issue #2.
+//! Image tools: `create`, `info`, `check`, `map`.
 //!
 //! Shared here: size parsing (`--size 10G`), human-readable sizes for text output, and how an
 //! error is reported (one line on stderr, exit status 1).

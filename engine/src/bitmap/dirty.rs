@@ -1,4 +1,4 @@
-//! Dirty marks of metadata-file blocks. OWNER: issue #2 (used by the commit path of issue #3).
+//! Dirty marks of metadata-file blocks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

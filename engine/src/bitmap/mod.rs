@@ -5,7 +5,7 @@
 //!   *mixed* regions: a chunk whose bits are all clear or all set is a null/sentinel pointer.
 //! * [`DirtyBlocks`]: which metadata-file blocks hold bits set since the last commit.
 //!
-//! OWNER: issue #2 (data structure), used by issue #3 (engine). The signatures are the contract.
+//! The signatures are the contract.
 
 mod dirty;
 mod sparse;

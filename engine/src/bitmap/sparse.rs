@@ -1,4 +1,4 @@
-//! Sparse atomic bitmap. OWNER: issue #2.
+//! Sparse atomic bitmap.
 //!
 //! The bits are cut into chunks of [`CHUNK_BITS`] bits (4 KiB of bitmap, 16 MiB of disk). A
 //! directory holds one pointer per chunk:

@@ -1,4 +1,4 @@
-//! Consistency report behind `addcow check`. OWNER: issue #2.
+//! Consistency report behind `addcow check`.
 //!
 //! Corruption (the overlay cannot be served as it is): a header shorter than 2560 bytes, a wrong
 //! magic or version, a path field without NUL, an empty or protocol `image_file`, a missing or

@@ -1,4 +1,4 @@
-//! The 2560-byte add-cow header. OWNER: issue #2.
+//! The 2560-byte add-cow header.
 //!
 //! Layout (all numbers big-endian): bytes 0-7 magic `ADD_COW\xff`; 8-11 version (1);
 //! 12-1035 `backing_file` and 1036-2059 `image_file`, each a path NUL-padded to 1024 bytes

@@ -1,4 +1,4 @@
-//! Allocation runs in the shape of `qemu-img map --output=json`. OWNER: issue #2.
+//! Allocation runs in the shape of `qemu-img map --output=json`.
 //!
 //! Runs, in order, cover the whole disk:
 //! * bit set: the raw image holds the bytes: `depth 0, present, data, offset = start`;

@@ -6,8 +6,8 @@
 //! * [`check`]: the consistency report behind `addcow check`.
 //! * [`map`]: allocation runs in the shape of `qemu-img map --output=json`.
 //!
-//! OWNER: issue #2. The engine (issue #3) depends on the items re-exported here; their
-//! signatures are the contract between the two.
+//! The engine depends on the items re-exported here; their signatures are the contract between
+//! the format and the engine.
 
 pub mod check;
 pub mod header;

@@ -1,4 +1,4 @@
-//! Opening (with full validation) and creating overlays. OWNER: issue #2.
+//! Opening (with full validation) and creating overlays.
 
 use std::fs::File;
 use std::io::Write;

@@ -1,5 +1,5 @@
 //! Path rules: stored paths are relative to the `.add-cow` file's directory; protocol prefixes
-//! are refused for now. OWNER: issue #2.
+//! are refused for now.
 //!
 //! * A stored path that is absolute is used as is.
 //! * A stored relative path is relative to the directory holding the `.add-cow` file, not to the

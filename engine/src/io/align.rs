@@ -1,4 +1,4 @@
-//! `O_DIRECT` alignment of an open file, from `statx(STATX_DIOALIGN)`. OWNER: issue #3.
+//! `O_DIRECT` alignment of an open file, from `statx(STATX_DIOALIGN)`.
 
 use std::os::fd::AsRawFd;
 

@@ -1,4 +1,4 @@
-//! What sits under an overlay: the base image, behind a small trait. OWNER: issue #3.
+//! What sits under an overlay: the base image, behind a small trait.
 //!
 //! The engine asks a [`BaseSource`] to describe a byte range as runs that are either bytes of
 //! some file (which the engine reads through its ring) or zeros. A plain raw file is one run; a

@@ -1,4 +1,4 @@
-//! Aligned I/O buffers and the registered buffer arena. OWNER: issue #3.
+//! Aligned I/O buffers and the registered buffer arena.
 //!
 //! An [`IoBuf`] is 4096-byte aligned memory that is either a slot of the engine's [`Arena`]
 //! (registered with every core's ring, so reads and writes through it use

@@ -1,4 +1,4 @@
-//! Group commit state and the bitmap-block copy (DESIGN invariant 3). OWNER: issue #3.
+//! Group commit state and the bitmap-block copy (DESIGN invariant 3).
 //!
 //! The sequence one commit runs (submitted by the core that starts it, as one linked chain):
 //!

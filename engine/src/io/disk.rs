@@ -1,5 +1,5 @@
 //! Per-disk shared state: the files, the bitmap, the dirty marks, the commit state and the range
-//! lock. OWNER: issue #3.
+//! lock.
 //!
 //! This is all that the cores serving one disk share (DESIGN "shared per-disk state is small").
 //! Everything else (rings, in-flight operations, buffers in use) belongs to one core.

@@ -1,5 +1,5 @@
 //! What the engine's threads share: the core handles (channel + eventfd), the buffer arena, the
-//! configuration and the registered-file slot allocator. OWNER: issue #3.
+//! configuration and the registered-file slot allocator.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};

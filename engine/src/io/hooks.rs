@@ -1,4 +1,4 @@
-//! Crash-recorder hooks (feature `crash-recorder`; no-ops otherwise). OWNER: issue #3.
+//! Crash-recorder hooks (feature `crash-recorder`; no-ops otherwise).
 //!
 //! Where the engine calls them (the contract is in [`super::recorder`]):
 //! * `rec_write`: at the CQE of every successful write to the raw image or the metadata file,

@@ -1,7 +1,7 @@
-//! The thread-per-core io_uring engine. OWNER: issue #3.
+//! The thread-per-core io_uring engine.
 //!
-//! The public types below are the contract with the daemon (issue #4) and the benchmarks
-//! (issue #5); the engine's internals live in submodules. See `docs/ARCHITECTURE.md`.
+//! The public types below are the contract with the daemon and the benchmarks; the engine's
+//! internals live in submodules. See `docs/ARCHITECTURE.md`.
 //!
 //! * `buf`: [`IoBuf`] and the registered arena of aligned buffers.
 //! * `engine`: what the threads share (core handles: channel + eventfd, arena, config).

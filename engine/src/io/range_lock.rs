@@ -1,4 +1,4 @@
-//! Per-sector range lock for writes (DESIGN invariant 4). OWNER: issue #3.
+//! Per-sector range lock for writes (DESIGN invariant 4).
 //!
 //! Writes that touch overlapping sector ranges are serialized; writes to disjoint ranges never
 //! wait for each other. The lock never blocks a thread: a request that finds its range taken is

@@ -1,4 +1,4 @@
-//! Test-only crash recorder (feature `crash-recorder`). OWNER: issue #3.
+//! Test-only crash recorder (feature `crash-recorder`).
 //!
 //! The engine pushes one [`Event`] per write, hole punch and fdatasync it issues to an overlay's
 //! files: writes and punches when their completion arrives, syncs twice (when submitted and when

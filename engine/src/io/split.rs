@@ -1,4 +1,4 @@
-//! Read splitting: a byte range becomes runs of raw image, base and zeros. OWNER: issue #3.
+//! Read splitting: a byte range becomes runs of raw image, base and zeros.
 //!
 //! Pure functions over the bitmap and the base, so they are easy to test and to benchmark.
 

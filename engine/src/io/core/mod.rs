@@ -1,5 +1,5 @@
 //! One core thread: its io_uring, its in-flight operations and the request state machines.
-//! OWNER: issue #3.
+//!
 //!
 //! # The `user_data` contract
 //!
