@@ -440,11 +440,20 @@ fn handshake_time_limit_drops_silent_clients() {
         &fx.path("s.sock"),
         &["--handshake-timeout", "1", fx.overlay().to_str().unwrap()],
     );
+    let start = Instant::now();
     let mut s = UnixStream::connect(&d.sock).unwrap();
     let mut g = [0u8; 18];
     s.read_exact(&mut g).unwrap();
     // Say nothing: the daemon hangs up after the limit.
     assert!(read_to_close(&mut s).is_empty());
+    let waited = start.elapsed();
+    // The limit counts from the accept, which follows `start`: never sooner than 1 s. The
+    // upper bound is generous for a loaded machine yet far below the 10 s default, so a limit
+    // that is ignored (or a default that wins) fails here.
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
+        "a silent client was dropped after {waited:?} with --handshake-timeout 1"
+    );
     d.wait_log("handshake failed");
     d.stop();
 }
