@@ -22,14 +22,54 @@ pub enum Target<'a> {
 }
 
 /// Completion-latency percentiles of one direction, in nanoseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+///
+/// NaN means fio did not report that percentile: the value is *missing*, never zero, and every
+/// number derived from it (the worse of two directions, a median, a ratio) is missing too, so a
+/// comparison can never read a missing percentile as "no worse". `results.json` stores a
+/// missing value as `null`, which reads back as NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Latency {
     /// Median.
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50_ns: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_ns: f64,
     /// 99.9th percentile.
+    #[serde(deserialize_with = "nan_if_null")]
     pub p999_ns: f64,
+}
+
+impl Latency {
+    /// Every percentile missing.
+    pub const MISSING: Latency = Latency {
+        p50_ns: f64::NAN,
+        p99_ns: f64::NAN,
+        p999_ns: f64::NAN,
+    };
+
+    /// Per percentile, the worse (higher) of `self` and `other`; missing if either is missing.
+    pub fn worse(self, other: Latency) -> Latency {
+        let w = |a: f64, b: f64| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        };
+        Latency {
+            p50_ns: w(self.p50_ns, other.p50_ns),
+            p99_ns: w(self.p99_ns, other.p99_ns),
+            p999_ns: w(self.p999_ns, other.p999_ns),
+        }
+    }
+}
+
+/// Reads a number, or `null` (how serde_json writes NaN) as NaN: a missing value stays missing
+/// through a `results.json` round trip.
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The numbers of one fio run.
@@ -52,14 +92,14 @@ pub struct FioResult {
 
 impl FioResult {
     /// The worse (higher) of the read and write percentiles: the latency a profile is judged by.
+    /// A percentile missing in either direction that ran is missing here (NaN), not the other
+    /// direction's value and not zero.
     pub fn latency(&self) -> Latency {
-        let mut out = Latency::default();
-        for l in [self.read_lat, self.write_lat].into_iter().flatten() {
-            out.p50_ns = out.p50_ns.max(l.p50_ns);
-            out.p99_ns = out.p99_ns.max(l.p99_ns);
-            out.p999_ns = out.p999_ns.max(l.p999_ns);
+        let mut dirs = [self.read_lat, self.write_lat].into_iter().flatten();
+        match dirs.next() {
+            Some(first) => dirs.fold(first, Latency::worse),
+            None => Latency::MISSING,
         }
-        out
     }
 }
 
@@ -182,6 +222,40 @@ fio: connected to NBD server
         let r = parse(&text).unwrap();
         assert_eq!(r.iops, 1000.5);
         assert!(r.write_lat.is_none());
+    }
+
+    #[test]
+    fn a_missing_percentile_stays_missing() {
+        // The write direction ran but fio gave no 99th percentile for it: the profile's p99 is
+        // missing (not the read's 1600, not 0); the percentiles both directions have still count.
+        let text = SAMPLE.replace("\"99.000000\" : 1500, ", "");
+        let r = parse(&text).unwrap();
+        assert!(r.write_lat.unwrap().p99_ns.is_nan());
+        let l = r.latency();
+        assert!(
+            l.p99_ns.is_nan(),
+            "p99 of a run missing one direction's p99: {l:?}"
+        );
+        assert_eq!((l.p50_ns, l.p999_ns), (900.0, 4000.0));
+        // An idle write direction is not a missing one.
+        let text = text.replace("\"total_ios\" : 1000", "\"total_ios\" : 0");
+        assert_eq!(parse(&text).unwrap().latency().p99_ns, 1600.0);
+        // No direction at all: everything missing.
+        let none = FioResult::default().latency();
+        assert!(none.p50_ns.is_nan() && none.p99_ns.is_nan() && none.p999_ns.is_nan());
+    }
+
+    #[test]
+    fn missing_percentiles_survive_a_json_round_trip() {
+        let l = Latency {
+            p50_ns: 5.0,
+            ..Latency::MISSING
+        };
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(json, r#"{"p50_ns":5.0,"p99_ns":null,"p999_ns":null}"#);
+        let back: Latency = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.p50_ns, 5.0);
+        assert!(back.p99_ns.is_nan() && back.p999_ns.is_nan());
     }
 
     #[test]

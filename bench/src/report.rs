@@ -74,11 +74,15 @@ pub struct Summary {
     pub iops: f64,
     /// Median bytes per second.
     pub bw_bytes: f64,
-    /// Median of the runs' p50 completion latency (ns; worse of read/write).
+    /// Median of the runs' p50 completion latency (ns; worse of read/write). NaN (`null` in
+    /// `results.json`) when any run lacks it: missing, never zero.
+    #[serde(deserialize_with = "crate::fio::nan_if_null")]
     pub p50_ns: f64,
-    /// Median p99 (ns).
+    /// Median p99 (ns); NaN when missing.
+    #[serde(deserialize_with = "crate::fio::nan_if_null")]
     pub p99_ns: f64,
-    /// Median p99.9 (ns).
+    /// Median p99.9 (ns); NaN when missing.
+    #[serde(deserialize_with = "crate::fio::nan_if_null")]
     pub p999_ns: f64,
     /// Median server CPU microseconds per request.
     pub cpu_us_per_op: Option<f64>,
@@ -109,8 +113,13 @@ pub struct Comparison {
     pub target: Option<f64>,
     /// Whether `ratio >= target`.
     pub target_met: Option<bool>,
-    /// Whether addcow's p99 is no worse than the peer's (judged against qemu-nbd-qcow2 only).
+    /// Whether addcow's p99 is no worse than the peer's (judged against qemu-nbd-qcow2 only;
+    /// `None` when not judged or when a p99 is missing).
     pub p99_met: Option<bool>,
+    /// addcow's or the peer's p99 is missing (fio did not report it): no verdict, and the
+    /// report says so instead of showing a pass.
+    #[serde(default)]
+    pub p99_missing: bool,
 }
 
 /// Everything `results.json` holds.
@@ -220,6 +229,7 @@ pub fn build(
                 } else {
                     None
                 },
+                p99_missing: a.p99_ns.is_nan() || peer.p99_ns.is_nan(),
             });
         }
     }
@@ -241,7 +251,7 @@ pub fn build(
 
 fn fmt_ns(ns: f64) -> String {
     if !ns.is_finite() {
-        "–".to_owned()
+        "missing".to_owned()
     } else if ns >= 1e6 {
         format!("{:.2} ms", ns / 1e6)
     } else {
@@ -311,8 +321,16 @@ pub fn markdown(r: &Results) -> String {
             c.target
                 .map_or_else(|| "–".to_owned(), |t| format!("≥ {t}×")),
             fmt_met(c.target_met),
-            fmt_ratio(c.p99_ratio),
-            fmt_met(c.p99_met)
+            if c.p99_missing {
+                "missing".to_owned()
+            } else {
+                fmt_ratio(c.p99_ratio)
+            },
+            if c.p99_missing {
+                "**missing**"
+            } else {
+                fmt_met(c.p99_met)
+            }
         );
     }
     let _ = writeln!(s, "\n![IOPS per profile per server](chart.svg)\n");
@@ -420,15 +438,18 @@ pub fn summary_text(r: &Results) -> String {
         Metric::Iops => format!("{v:.0} IOPS"),
         Metric::Bandwidth => format!("{:.0} MiB/s", v / 1048576.0),
     };
+    let met = |t: bool| if t { "met" } else { "MISSED" };
     for c in &r.comparisons {
-        let verdict = match (c.target_met, c.p99_met) {
-            (Some(t), Some(p)) => format!(
-                "{} (p99 {})",
-                if t { "met" } else { "MISSED" },
-                if p { "ok" } else { "MISSED" }
-            ),
-            (None, Some(p)) => format!("p99 {}", if p { "ok" } else { "MISSED" }),
-            _ => String::new(),
+        let p99 = match (c.p99_met, c.p99_missing && c.peer == TARGET_PEER) {
+            (_, true) => Some("MISSING (no data)"),
+            (Some(p), false) => Some(if p { "ok" } else { "MISSED" }),
+            (None, false) => None,
+        };
+        let verdict = match (c.target_met, p99) {
+            (Some(t), Some(p)) => format!("{} (p99 {p})", met(t)),
+            (Some(t), None) => met(t).to_owned(),
+            (None, Some(p)) => format!("p99 {p}"),
+            (None, None) => String::new(),
         };
         let _ = writeln!(
             s,
@@ -565,6 +586,64 @@ mod tests {
         assert_eq!(a.cpu_us_per_op, Some(500.0));
         assert_eq!(a.syscalls_per_op, Some(3.0));
         assert_eq!(a.cswitches_per_op, None);
+    }
+
+    #[test]
+    fn a_missing_p99_is_reported_missing_never_met() {
+        // addcow's runs have no p99 (fio did not report it); the peer's do. Before, the missing
+        // value became 0 and "0 <= peer" read as "p99 no worse".
+        let ps: Vec<_> = profiles::all()
+            .into_iter()
+            .filter(|p| p.id == "randread")
+            .collect();
+        let servers = [Server::Addcow, Server::QemuNbdQcow2];
+        let no_p99 = |round| {
+            let mut r = rec(round, "addcow", 200.0, 10.0);
+            if let Some(x) = r.result.as_mut() {
+                x.read_lat = x.read_lat.map(|l| Latency {
+                    p99_ns: f64::NAN,
+                    ..l
+                });
+            }
+            r
+        };
+        let runs = vec![
+            no_p99(1),
+            rec(1, "qemu-nbd-qcow2", 100.0, 20.0),
+            rec(2, "addcow", 200.0, 10.0),
+            rec(2, "qemu-nbd-qcow2", 100.0, 20.0),
+        ];
+        let r = build(meta(), &ps, &servers, runs);
+        let a = r.get("randread", "addcow").unwrap();
+        assert!(
+            a.p99_ns.is_nan(),
+            "median over a run without p99: {}",
+            a.p99_ns
+        );
+        assert_eq!(a.p50_ns, 5.0);
+        let q = &r.comparisons[0];
+        assert_eq!((q.peer.as_str(), q.target_met), (TARGET_PEER, Some(true)));
+        assert_eq!(q.p99_ratio, None);
+        assert_eq!(q.p99_met, None, "a missing p99 is no verdict");
+        assert!(q.p99_missing);
+        let md = markdown(&r);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| randread | Iops"))
+            .unwrap();
+        assert!(row.ends_with("| met | missing | **missing** |"), "{row}");
+        assert!(
+            md.contains("| addcow | 2 | 200 | 0.8 | 0 µs | missing | 0 µs | – |"),
+            "{md}"
+        );
+        let text = summary_text(&r);
+        assert!(text.contains("met (p99 MISSING (no data))"), "{text}");
+        // The missing value survives results.json and re-renders as missing.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &r).unwrap();
+        render(dir.path()).unwrap();
+        let md2 = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md2.contains(row), "{md2}");
     }
 
     #[test]

@@ -161,10 +161,37 @@ fn qemu_io_patterns_aligned_unaligned_aio_flush() {
     d.stop();
 }
 
+/// The first three columns (offset, length, type) of each line of `nbdinfo --map`.
+fn map_rows(map: &str) -> Vec<[String; 3]> {
+    map.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 3, "map line {l:?} in:\n{map}");
+            [f[0].to_owned(), f[1].to_owned(), f[2].to_owned()]
+        })
+        .collect()
+}
+
+fn want_rows(want: &[(u64, u64, u32)]) -> Vec<[String; 3]> {
+    want.iter()
+        .map(|(o, l, t)| [o.to_string(), l.to_string(), t.to_string()])
+        .collect()
+}
+
 #[test]
 fn nbdinfo_list_map_depth_and_can() {
     let fx = Fixture::new(8 * MIB);
-    let second = fx.make_overlay("second");
+    // The second export: its own overlay (and raw image) on the same 4 MiB base, but 6 MiB
+    // where the first is 8, so its size, bytes and map tell it apart from the first.
+    let second = fx.path("second.add-cow");
+    addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+        overlay: second.clone(),
+        base: Some(fx.path("base.raw")),
+        image: Some(fx.path("second.raw")),
+        size: Some(6 * MIB),
+        force: false,
+    })
+    .expect("create the second overlay");
     let d = Daemon::start(
         &fx.path("s.sock"),
         &[
@@ -195,15 +222,51 @@ fn nbdinfo_list_map_depth_and_can() {
     assert_eq!(rows[0][..3], ["0", "65536", "1"], "{depth}");
     assert_eq!(rows[1][..3], ["65536", "4128768", "2"], "{depth}");
     assert_eq!(rows[2][..3], ["4194304", "4194304", "0"], "{depth}");
-    // The second export is untouched: base then zeros.
-    let depth2 = run(
-        "nbdinfo",
-        &["--map=qemu:allocation-depth", &d.uri_of("second")],
+    // The second export is the second overlay: its own size, untouched by the write above
+    // (base then zeros), and its writes land in its own raw image only.
+    let uri2 = d.uri_of("second");
+    assert_eq!(
+        run("nbdinfo", &["--size", &uri]).trim(),
+        (8 * MIB).to_string()
     );
-    assert!(
-        depth2.lines().next().unwrap_or("").contains("4194304"),
+    assert_eq!(
+        run("nbdinfo", &["--size", &uri2]).trim(),
+        (6 * MIB).to_string()
+    );
+    let depth2 = run("nbdinfo", &["--map=qemu:allocation-depth", &uri2]);
+    assert_eq!(
+        map_rows(&depth2),
+        want_rows(&[(0, 4 * MIB, 2), (4 * MIB, 2 * MIB, 0)]),
         "{depth2}"
     );
+    qemu_io(
+        &uri2,
+        &[
+            "read -P 0xab 0 4M",
+            "read -P 0 4M 2M",
+            "write -P 0x5e 1M 64k",
+            "read -P 0x5e 1M 64k",
+            "flush",
+        ],
+    );
+    let depth2 = run("nbdinfo", &["--map=qemu:allocation-depth", &uri2]);
+    assert_eq!(
+        map_rows(&depth2),
+        want_rows(&[
+            (0, MIB, 2),
+            (MIB, 64 << 10, 1),
+            (MIB + (64 << 10), 3 * MIB - (64 << 10), 2),
+            (4 * MIB, 2 * MIB, 0),
+        ]),
+        "{depth2}"
+    );
+    qemu_io(&uri, &["read -P 1 0 64k", "read -P 0xab 1M 64k"]);
+    let at_1m = |raw: &str| {
+        let bytes = std::fs::read(fx.path(raw)).expect("read raw image");
+        bytes[MIB as usize..(MIB + (64 << 10)) as usize].to_vec()
+    };
+    assert!(at_1m("second.raw").iter().all(|b| *b == 0x5e), "second.raw");
+    assert!(at_1m("disk.raw").iter().all(|b| *b == 0), "disk.raw");
 
     for can in [
         "multi-conn",

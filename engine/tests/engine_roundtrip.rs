@@ -241,12 +241,19 @@ fn background_commit_persists_without_flush() {
     let e = addcow_engine::Engine::start(cfg).expect("engine");
     let d = open(&e, &f.overlay);
     d.write_at(8192, &[5; 4096], false).expect("write");
-    // Wait (without a timed assertion) until the background commit wrote the bit.
+    // Wait until the background commit wrote the bit, without any FLUSH. The deadline is no
+    // speed target (the commit is due after 1 ms): it only turns a commit that never comes
+    // into a failure instead of a hang.
     let meta_bit_set = || {
         let m = std::fs::read(&f.overlay).expect("read meta");
         m[2560 + 2] & 1 != 0 // sector 16 = byte 2, bit 0
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !meta_bit_set() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background commit persisted the bit of an unflushed write within 30 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     d.close().expect("close");

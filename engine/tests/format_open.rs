@@ -1,7 +1,13 @@
 //! `Overlay::open` on files built byte by byte from the spec: every refusal has its typed error,
 //! and a hand-written overlay reads back with the right bits.
+//!
+//! The permission tests must check something when run as root (as CI does), for whom file modes
+//! do not apply: there the test binary re-runs that one test as an unprivileged user (see
+//! [`as_unprivileged`]).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use addcow_engine::format::{OpenOptions, Overlay};
 use addcow_engine::ErrorKind;
@@ -23,7 +29,7 @@ fn hand_header(backing: &[u8], image: &[u8]) -> Vec<u8> {
 }
 
 struct Dir {
-    _t: tempfile::TempDir,
+    _t: Option<tempfile::TempDir>,
     root: PathBuf,
 }
 
@@ -31,7 +37,14 @@ impl Dir {
     fn new() -> Dir {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().to_path_buf();
-        Dir { _t: t, root }
+        Dir { _t: Some(t), root }
+    }
+    /// Files in `root`, which someone else cleans up.
+    fn at(root: &Path) -> Dir {
+        Dir {
+            _t: None,
+            root: root.to_path_buf(),
+        }
     }
     fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.root.join(name);
@@ -47,6 +60,105 @@ impl Dir {
 
 fn open_err(p: &Path) -> addcow_engine::Error {
     Overlay::open(p, &OpenOptions::default()).unwrap_err()
+}
+
+/// Set in a child re-run by [`as_unprivileged`]: the directory it works in.
+const UNPRIVILEGED_DIR: &str = "ADDCOW_FORMAT_OPEN_UNPRIVILEGED_DIR";
+/// The user (and group) the permission checks run as under root: `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Serialises copying the test binary and spawning children: a child forked while another
+/// thread holds a freshly written executable open for writing would make `exec` of that copy
+/// fail with `ETXTBSY`.
+static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether the effective user is root.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether a user that is neither owner nor in the group can reach and execute `exe`.
+fn executable_by_others(exe: &Path) -> bool {
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    mode(exe) & 0o001 != 0 && exe.ancestors().skip(1).all(|d| mode(d) & 0o001 != 0)
+}
+
+/// Runs `check(dir)` (in a fresh, empty, writable `dir`) where file permissions apply.
+///
+/// As an ordinary user it runs here. As root, whom file modes do not stop, the test binary
+/// re-runs only `test` as uid/gid 65534 (`nobody`) with no supplementary groups (what
+/// `setpriv --reuid=65534 --regid=65534 --clear-groups` does), in a directory under `/tmp`
+/// that user owns; the child's failure is this test's failure. Either way `check` itself must
+/// first show that permissions are in force, so it can never pass vacuously.
+fn as_unprivileged(test: &str, check: impl FnOnce(&Path)) {
+    if let Some(dir) = std::env::var_os(UNPRIVILEGED_DIR) {
+        assert!(!is_root(), "the re-run child of {test} is still root");
+        check(Path::new(&dir));
+        println!("UNPRIVILEGED-CHECK-PASSED {test}");
+        return;
+    }
+    if !is_root() {
+        let t = tempfile::tempdir().unwrap();
+        check(t.path());
+        return;
+    }
+    let t = tempfile::Builder::new()
+        .prefix("addcow-format-open-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(NOBODY), Some(NOBODY)).unwrap();
+    // `tempdir` made the parent 0700 (root's): let others through to `work`.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let guard = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut exe = std::env::current_exe().unwrap();
+    if !executable_by_others(&exe) {
+        // The build tree is not reachable for `nobody` (a checkout under /root, say).
+        let copy = t.path().join("format_open");
+        std::fs::copy(&exe, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        exe = copy;
+    }
+    // `uid` as root also drops every supplementary group before `setuid`.
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(&exe)
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(UNPRIVILEGED_DIR, &work)
+            .env("TMPDIR", &work)
+            .current_dir(&work)
+            .gid(NOBODY)
+            .uid(NOBODY)
+            .output()
+            .unwrap_or_else(|e| panic!("re-run {test} as uid {NOBODY}: {e}"))
+    };
+    drop(guard);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("UNPRIVILEGED-CHECK-PASSED {test}")),
+        "{test} as uid {NOBODY} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that this process cannot open `path` with `write` access: file modes are in force
+/// here (not root), so a permission test run now checks something.
+fn assert_permissions_apply(path: &Path, write: bool) {
+    let e = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open(path)
+        .expect_err(
+            "permissions are not in force here (running as root?): the test would check nothing",
+        );
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
 }
 
 #[test]
@@ -239,23 +351,22 @@ fn missing_image_or_base() {
 
 #[test]
 fn unreadable_image() {
-    use std::os::unix::fs::PermissionsExt;
-    let d = Dir::new();
-    let img = d.sparse("i", 512);
-    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
-    if std::fs::File::open(&img).is_ok() {
-        // Running as root: permissions do not stop us; nothing to test.
-        return;
-    }
-    let mut f = hand_header(b"", b"i");
-    f.push(0);
-    let e = open_err(&d.file("r.add-cow", &f));
-    assert_eq!(e.kind(), &ErrorKind::Io);
-    assert_eq!(e.raw_os_error(), Some(libc_eacces()));
-}
-
-fn libc_eacces() -> i32 {
-    13
+    as_unprivileged("unreadable_image", |dir| {
+        let d = Dir::at(dir);
+        let img = d.sparse("i", 512);
+        std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
+        assert_permissions_apply(&img, false);
+        let mut f = hand_header(b"", b"i");
+        f.push(0);
+        let e = open_err(&d.file("r.add-cow", &f));
+        assert_eq!(e.kind(), &ErrorKind::Io, "{e}");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("open raw image") && text.contains(&*img.to_string_lossy()),
+            "{text}"
+        );
+    });
 }
 
 #[test]
@@ -352,23 +463,45 @@ fn locking() {
 
 #[test]
 fn read_only_open_does_not_need_write_permission() {
-    use std::os::unix::fs::PermissionsExt;
-    let d = Dir::new();
-    let img = d.sparse("i", 512);
-    let mut f = hand_header(b"", b"i");
-    f.push(1);
-    let p = d.file("ro.add-cow", &f);
-    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o444)).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let o = Overlay::open(
-        &p,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(o.bitmap.get(0));
+    as_unprivileged("read_only_open_does_not_need_write_permission", |dir| {
+        let ro = |p: &Path| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        };
+        let d = Dir::at(dir);
+        let img = d.sparse("i", 512);
+        let mut f = hand_header(b"", b"i");
+        f.push(1);
+        let p = d.file("ro.add-cow", &f);
+        ro(&img);
+        ro(&p);
+        assert_permissions_apply(&img, true);
+        assert_permissions_apply(&p, true);
+        let o = Overlay::open(
+            &p,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .expect("a read-only open needs only read permission");
+        assert!(o.bitmap.get(0));
+        drop(o);
+        // Opening it for writing is refused with a clear error.
+        let e = open_err(&p);
+        assert_eq!(e.kind(), &ErrorKind::Io, "{e}");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+
+        // The base is opened read-only even for a writable overlay (it is never written).
+        let base = d.file("base.img", &[5u8; 1024]);
+        ro(&base);
+        assert_permissions_apply(&base, true);
+        d.sparse("w.raw", 1024);
+        let mut f = hand_header(b"base.img", b"w.raw");
+        f.push(0);
+        let w = Overlay::open(&d.file("w.add-cow", &f), &OpenOptions::default())
+            .expect("a writable overlay over a read-only base");
+        assert_eq!(w.base_size, Some(1024));
+    });
 }
 
 #[test]

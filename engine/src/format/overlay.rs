@@ -295,6 +295,52 @@ impl Overlay {
     /// size that is not a multiple of 512; a bitmap shorter than the raw image needs.
     ///
     /// Non-zero reserved bytes and set bits past the end are collected in `warnings`.
+    ///
+    /// # Example
+    ///
+    /// Open a fresh overlay for writing, look at what it holds, and see its lock at work:
+    ///
+    /// ```
+    /// use addcow_engine::format::{create, CreateOptions, OpenOptions, Overlay};
+    /// use addcow_engine::ErrorKind;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let base = dir.path().join("base.img");
+    /// std::fs::write(&base, vec![0xab; 64 * 1024])?;
+    /// let path = dir.path().join("vm.add-cow");
+    /// create(&CreateOptions {
+    ///     overlay: path.clone(),
+    ///     base: Some(base.clone()),
+    ///     size: Some(1 << 20), // 1 MiB disk over a 64 KiB base: the rest reads as zeros
+    ///     ..CreateOptions::default()
+    /// })?;
+    ///
+    /// let o = Overlay::open(&path, &OpenOptions::default())?;
+    /// assert_eq!(o.virtual_size, 1 << 20);
+    /// assert_eq!(o.sectors(), 2048);
+    /// assert_eq!(o.base_path.as_deref(), Some(base.as_path()));
+    /// assert_eq!(o.base_size, Some(64 * 1024));
+    /// assert_eq!(o.image_path, dir.path().join("vm.raw"));
+    /// assert_eq!(o.bitmap.count_set(), 0); // nothing written yet: every sector is the base's
+    /// assert!(o.warnings.is_empty());
+    ///
+    /// // A writable overlay holds an exclusive lock: a second writer is refused...
+    /// let again = Overlay::open(&path, &OpenOptions::default()).unwrap_err();
+    /// assert_eq!(again.kind(), &ErrorKind::Locked);
+    /// // ...while an inspection tool can still read it without taking the lock.
+    /// let peek = OpenOptions {
+    ///     read_only: true,
+    ///     no_lock: true,
+    ///     ..OpenOptions::default()
+    /// };
+    /// assert_eq!(Overlay::open(&path, &peek)?.virtual_size, 1 << 20);
+    ///
+    /// // A file that is not an overlay: a typed error that names the file.
+    /// let e = Overlay::open(&base, &peek).unwrap_err();
+    /// assert_eq!(e.kind(), &ErrorKind::BadMagic);
+    /// assert!(e.to_string().contains("base.img"), "{e}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
         let meta = open_file(path, !opts.read_only, false, "open overlay")?;
         if !opts.no_lock {
@@ -405,6 +451,47 @@ pub fn default_image_path(overlay: &Path) -> PathBuf {
 /// * An existing overlay is refused ([`ErrorKind::AlreadyExists`]) unless `force`; with `force`
 ///   an overlay locked by another process is still refused ([`ErrorKind::Locked`]).
 /// * The written files are fsynced, and so is the overlay's directory.
+///
+/// # Example
+///
+/// An overlay over a base, with the raw image next to it (`vm.raw`, sparse, as large as the
+/// base), then the files it wrote:
+///
+/// ```
+/// use std::os::unix::ffi::OsStrExt;
+/// use std::os::unix::fs::MetadataExt;
+///
+/// use addcow_engine::format::{create, CreateOptions, Header, BITMAP_OFFSET};
+/// use addcow_engine::ErrorKind;
+///
+/// let dir = tempfile::tempdir()?;
+/// let base = dir.path().join("base.img");
+/// std::fs::write(&base, vec![0xab; 1 << 20])?;
+/// let overlay = dir.path().join("vm.add-cow");
+/// let opts = CreateOptions {
+///     overlay: overlay.clone(),
+///     base: Some(base.clone()),
+///     ..CreateOptions::default()
+/// };
+/// create(&opts)?;
+///
+/// // The raw image: as large as the base, and sparse (no block allocated yet).
+/// let raw = std::fs::metadata(dir.path().join("vm.raw"))?;
+/// assert_eq!(raw.len(), 1 << 20);
+/// assert_eq!(raw.blocks(), 0);
+/// // The metadata file: the 2560-byte header, then one clear bit per 512-byte sector.
+/// let meta = std::fs::read(&overlay)?;
+/// assert_eq!(meta.len() as u64, BITMAP_OFFSET + (1 << 20) / 512 / 8);
+/// assert!(meta[BITMAP_OFFSET as usize..].iter().all(|b| *b == 0));
+/// let header = Header::parse(&meta[..BITMAP_OFFSET as usize])?;
+/// assert_eq!(header.image_file, b"vm.raw"); // stored relative to the overlay
+/// assert_eq!(header.backing_file, base.as_os_str().as_bytes());
+///
+/// // An existing overlay is never overwritten unless asked to (`force`).
+/// assert_eq!(create(&opts).unwrap_err().kind(), &ErrorKind::AlreadyExists);
+/// create(&CreateOptions { force: true, ..opts })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn create(opts: &CreateOptions) -> Result<()> {
     let overlay = &opts.overlay;
     let image = opts
