@@ -9,10 +9,18 @@
 //!
 //! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
 //! connection only; every request already submitted still completes before the sockets close.
+//!
+//! From GO on, the connection is in its export's client table
+//! ([`super::export::Export::attach`]). An
+//! `export-del` stops its reader through the [`ClientHandle`]: no new request is read, the ones
+//! taken in are answered, then the socket closes; no request is failed because of the delete.
+//!
+//! A panic in the writer thread is caught: it is logged, counted in [`WRITER_PANICS`] and
+//! reported in the connection's [`Totals`]; the connection then ends as if the client had gone.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +28,16 @@ use addcow_engine::{Done, Extent, ExtentKind, Request};
 
 use super::budget::Budget;
 use super::command::{self, Command, Limits};
-use super::export::{Backend, Exports};
+use super::export::{Backend, ClientHandle, Exports};
 use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
 use super::outbox::{Outbox, Ticket};
 use super::reply::{Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
+use super::stats::{Op, Stamp};
 use super::wire::{self, RequestHeader};
+
+/// Writer threads that panicked since the daemon started (each one ended its connection).
+pub static WRITER_PANICS: AtomicU64 = AtomicU64::new(0);
 
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -39,7 +51,7 @@ const MAX_EXTENTS: usize = 1 << 20;
 /// Settings and shared state every connection sees.
 pub struct ConnConfig {
     /// The exports.
-    pub exports: Exports,
+    pub exports: Arc<Exports>,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
     /// Set when the daemon is shutting down: new requests get `ESHUTDOWN`.
@@ -57,12 +69,16 @@ pub struct Totals {
     pub bytes_read: u64,
     /// Error replies sent.
     pub errors: u64,
+    /// The writer thread panicked (the connection was ended).
+    pub writer_panicked: bool,
 }
 
 /// How a connection ended, for the one log line written once its slot is free.
 pub enum Ended {
     /// The client left (or was dropped) before transmission.
     Handshake,
+    /// The export the client chose began to be deleted before its connection could attach.
+    Deleted { export: String },
     /// Transmission ran; its totals.
     Transmission { export: String, totals: Totals },
 }
@@ -74,6 +90,12 @@ impl Ended {
             Ended::Handshake => {
                 tracing::info!(conn = id, %peer, "connection closed during handshake")
             }
+            Ended::Deleted { export } => tracing::info!(
+                conn = id,
+                %peer,
+                export = %export,
+                "connection closed after GO: the export is being deleted"
+            ),
             Ended::Transmission { export, totals: t } => tracing::info!(
                 conn = id,
                 %peer,
@@ -109,6 +131,19 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
         return Ended::Handshake;
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let Ok(handle_sock) = sock.try_clone() else {
+        return Ended::Handshake;
+    };
+    let Some(_attached) = neg
+        .export
+        .attach(id, ClientHandle::new(handle_sock, stop.clone()))
+    else {
+        let _ = sock.shutdown(Shutdown::Both);
+        return Ended::Deleted {
+            export: neg.export.name.clone(),
+        };
+    };
     tracing::info!(
         conn = id,
         %peer,
@@ -118,7 +153,7 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let totals = transmission(sock, core, &neg, &cfg.shutting_down);
+    let totals = transmission(sock, core, &neg, &cfg.shutting_down, &stop);
     Ended::Transmission {
         export: neg.export.name.clone(),
         totals,
@@ -126,8 +161,15 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
-/// both are done (every submitted request answered or dropped with the socket).
-fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool) -> Totals {
+/// both are done (every submitted request answered or dropped with the socket). `stop`: set
+/// when the export is being deleted (the reader then takes in no new request).
+fn transmission(
+    sock: Sock,
+    core: usize,
+    neg: &Negotiated,
+    shutting: &AtomicBool,
+    stop: &AtomicBool,
+) -> Totals {
     let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES));
     let wsock = match sock.try_clone() {
         Ok(s) => s,
@@ -144,11 +186,21 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
     } else {
         Framing::Simple
     };
-    let outbox = Outbox::new(wsock, framing, budget);
+    let outbox = Outbox::new(wsock, framing, budget, neg.export.stats.clone(), core);
     let woutbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
-        .spawn(move || woutbox.run_writer());
+        .spawn(move || {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| woutbox.run_writer())) {
+                Ok((bytes, errors)) => (bytes, errors, false),
+                Err(_) => {
+                    WRITER_PANICS.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("connection writer thread panicked; closing the connection");
+                    woutbox.writer_failed();
+                    (0, 0, true)
+                }
+            }
+        });
     let writer = match writer {
         Ok(w) => w,
         Err(e) => {
@@ -168,19 +220,32 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
             extended: neg.extended,
         },
         outbox,
+        stop,
+        stamp: Stamp::now(Op::Other, 0),
         totals: Totals::default(),
     };
     let end = reader.run(shutting);
-    if let Err(e) = &end {
-        tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error");
+    match &end {
+        Err(e) if stop.load(Ordering::SeqCst) => {
+            tracing::debug!(export = %neg.export.name, error = %e, "reader stopped mid-request (export deleted)")
+        }
+        Err(e) => {
+            tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error")
+        }
+        Ok(()) => {}
     }
     let mut totals = reader.totals;
     let sock = reader.sock.into_inner();
     reader.outbox.close();
-    // The writer ends once every in-flight completion has been answered.
-    let (bytes_read, errors) = writer.join().unwrap_or_default();
+    // The writer ends once every in-flight completion has been answered. It catches its own
+    // panics, so a failed join is one more panic (in the catch itself).
+    let (bytes_read, errors, panicked) = writer.join().unwrap_or_else(|_| {
+        WRITER_PANICS.fetch_add(1, Ordering::Relaxed);
+        (0, 0, true)
+    });
     totals.bytes_read = bytes_read;
     totals.errors += errors;
+    totals.writer_panicked = panicked;
     let _ = sock.shutdown(Shutdown::Both);
     totals
 }
@@ -196,20 +261,32 @@ enum ConnError {
     Io(#[from] io::Error),
 }
 
-struct Reader {
+struct Reader<'a> {
     /// The socket, buffered: one `read` takes in every request the client has pipelined.
     sock: std::io::BufReader<Sock>,
     core: usize,
     backend: Arc<dyn Backend>,
     limits: Limits,
     outbox: Arc<Outbox>,
+    /// Set to stop taking in requests (export deleted).
+    stop: &'a AtomicBool,
+    /// The request being handled.
+    stamp: Stamp,
     totals: Totals,
 }
 
-impl Reader {
-    /// Reads and dispatches requests until DISC, EOF or a fatal error.
+impl Reader<'_> {
+    /// Takes a ticket of `cost` for the request being handled.
+    fn ticket(&self, cost: u64) -> Ticket {
+        self.outbox.ticket(cost, self.stamp)
+    }
+
+    /// Reads and dispatches requests until DISC, EOF, a fatal error or `stop`.
     fn run(&mut self, shutting: &AtomicBool) -> Result<(), ConnError> {
         loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let mut hb = [0u8; wire::EXTENDED_REQUEST_LEN];
             let hlen = if self.limits.extended {
                 wire::EXTENDED_REQUEST_LEN
@@ -232,6 +309,12 @@ impl Reader {
             if h.kind == wire::CMD_DISC {
                 return Ok(());
             }
+            let op = Op::from_kind(h.kind);
+            let bytes = match op {
+                Op::Flush | Op::Other => 0,
+                _ => h.len,
+            };
+            self.stamp = Stamp::now(op, bytes);
             let validated = command::validate(&h, &self.limits);
             if shutting.load(Ordering::SeqCst) {
                 match &validated {
@@ -274,7 +357,7 @@ impl Reader {
     /// Sends an error reply (it holds a budget share like any request).
     fn error(&mut self, cookie: u64, offset: u64, error: u32, message: String) {
         let body = Body::Error { error, message };
-        self.answer(self.outbox.ticket(0), cookie, offset, body);
+        self.answer(self.ticket(0), cookie, offset, body);
     }
 
     /// Sends a reply that needed no engine request.
@@ -296,13 +379,13 @@ impl Reader {
             _ => false,
         };
         if empty {
-            let ticket = self.outbox.ticket(0);
+            let ticket = self.ticket(0);
             self.answer(ticket, cookie, req_offset, Body::Ok);
             return Ok(());
         }
         match cmd {
             Command::Read { offset, len, df } => {
-                let ticket = self.outbox.ticket(u64::from(len));
+                let ticket = self.ticket(u64::from(len));
                 let holes: Vec<(u64, u64)> = if len == 0 {
                     Vec::new()
                 } else {
@@ -346,7 +429,7 @@ impl Reader {
             }
             Command::Write { offset, len, fua } => {
                 let cost = u64::from(len);
-                let ticket = self.outbox.ticket(cost);
+                let ticket = self.ticket(cost);
                 // Not zeroed: holds stale bytes until `read_full` overwrites all of it. On a
                 // short or failed read it is dropped here, never submitted.
                 let mut data = self.backend.alloc_buf(len as usize);
@@ -361,15 +444,15 @@ impl Reader {
                 self.submit(ticket, cookie, offset, Request::Write { offset, data, fua });
             }
             Command::Flush => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, req_offset, Request::Flush);
             }
             Command::Trim { offset, len, fua } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, offset, Request::Trim { offset, len, fua });
             }
             Command::Cache { offset, len } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, offset, Request::Cache { offset, len });
             }
             Command::WriteZeroes {
@@ -378,7 +461,7 @@ impl Reader {
                 punch,
                 fua,
             } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 let req = Request::WriteZeroes {
                     offset,
                     len,
@@ -392,7 +475,7 @@ impl Reader {
                 len,
                 req_one,
             } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 let extents = self.backend.allocation(offset, len);
                 let contexts = block_status(&extents, self.limits.contexts, req_one, len);
                 self.answer(ticket, cookie, offset, Body::BlockStatus { contexts });
@@ -518,7 +601,6 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::super::export::memory::MemDisk;
-    use super::super::export::Export;
     use super::*;
 
     fn start(size: usize) -> (UnixStream, std::thread::JoinHandle<()>, Arc<MemDisk>) {
@@ -562,10 +644,7 @@ mod tests {
     fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, std::thread::JoinHandle<()>) {
         let (a, b) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
-            exports: Exports::new(vec![Export {
-                name: String::new(),
-                backend,
-            }]),
+            exports: Exports::new(vec![Export::new("", backend, 1)]),
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
@@ -783,10 +862,7 @@ mod tests {
     fn random_handshakes_never_panic() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-        let exports = Exports::new(vec![Export {
-            name: String::new(),
-            backend: MemDisk::new(4096, false),
-        }]);
+        let exports = Exports::new(vec![Export::new("", MemDisk::new(4096, false), 1)]);
         for _ in 0..2000 {
             let mut input = vec![0, 0, 0, rng.gen_range(0..4u8)];
             for _ in 0..rng.gen_range(0..6) {

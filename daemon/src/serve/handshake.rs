@@ -7,6 +7,7 @@
 //! `ERR_UNSUP` and haggling continues.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use super::export::{Export, Exports};
 use super::wire::{self, Cursor};
@@ -39,7 +40,7 @@ impl MetaContexts {
 /// What a successful handshake agreed on.
 pub struct Negotiated {
     /// The export the client entered transmission on.
-    pub export: Export,
+    pub export: Arc<Export>,
     /// Structured replies were negotiated (implied by extended headers).
     pub structured: bool,
     /// Extended headers were negotiated: 32-byte requests and replies.
@@ -181,7 +182,7 @@ pub fn negotiate<S: Read + Write>(
                     reply_err(stream, option, wire::REP_ERR_INVALID, "LIST takes no data")?;
                     continue;
                 }
-                for e in exports.iter() {
+                for e in exports.serving() {
                     let mut p = Vec::with_capacity(4 + e.name.len());
                     p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     p.extend_from_slice(e.name.as_bytes());
@@ -435,16 +436,10 @@ mod tests {
         b
     }
 
-    fn exports() -> Exports {
+    fn exports() -> Arc<Exports> {
         Exports::new(vec![
-            Export {
-                name: String::new(),
-                backend: MemDisk::new(1 << 20, false),
-            },
-            Export {
-                name: "ro".into(),
-                backend: MemDisk::new(4096, true),
-            },
+            Export::new("", MemDisk::new(1 << 20, false), 1),
+            Export::new("ro", MemDisk::new(4096, true), 1),
         ])
     }
 
