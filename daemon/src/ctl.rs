@@ -109,9 +109,9 @@ pub fn call(
     let mut buf = String::new();
     loop {
         buf.clear();
-        let n = r.read_line(&mut buf).map_err(|e| {
-            format!("{}: no answer within {timeout:?}: {e}", control.display())
-        })?;
+        let n = r
+            .read_line(&mut buf)
+            .map_err(|e| format!("{}: no answer within {timeout:?}: {e}", control.display()))?;
         if n == 0 {
             return Err(format!(
                 "{}: the daemon closed the connection without answering",
@@ -398,7 +398,11 @@ mod tests {
     #[test]
     fn help_names_every_method() {
         for m in methods::METHODS {
-            assert!(METHODS_HELP.contains(m.name), "{} missing from ctl --help", m.name);
+            assert!(
+                METHODS_HELP.contains(m.name),
+                "{} missing from ctl --help",
+                m.name
+            );
         }
     }
 
@@ -419,8 +423,14 @@ mod tests {
         assert!(t.contains("export \"vm1\": 1 client(s)"), "{t}");
         let read = t.lines().find(|l| l.starts_with("read")).unwrap();
         let cols: Vec<&str> = read.split_whitespace().collect();
-        assert_eq!(cols, ["read", "10", "40", "KiB", "0", "12.3", "100.0", "250.5"]);
-        assert!(t.lines().any(|l| l.starts_with("write") && l.contains('-')), "{t}");
+        assert_eq!(
+            cols,
+            ["read", "10", "40", "KiB", "0", "12.3", "100.0", "250.5"]
+        );
+        assert!(
+            t.lines().any(|l| l.starts_with("write") && l.contains('-')),
+            "{t}"
+        );
         assert!(t.contains("average batch 1.50"), "{t}");
     }
 }

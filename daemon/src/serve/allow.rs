@@ -210,7 +210,11 @@ mod tests {
     #[test]
     fn files_inside_pass_and_every_role_outside_is_refused() {
         let t = tempfile::tempdir().unwrap();
-        let (vms, images, other) = (t.path().join("vms"), t.path().join("img"), t.path().join("x"));
+        let (vms, images, other) = (
+            t.path().join("vms"),
+            t.path().join("img"),
+            t.path().join("x"),
+        );
         for d in [&vms, &images, &other] {
             std::fs::create_dir(d).unwrap();
         }
@@ -224,7 +228,16 @@ mod tests {
         // The overlay itself outside.
         let out = overlay_in(&other, "out", &base);
         let e = allow.check_before_open(&out).unwrap_err();
-        assert!(matches!(e, AllowError::Outside { role: "overlay", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "overlay",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // Inside, but its base is not.
         let other_base = other.join("b.raw");
         std::fs::write(&other_base, vec![0u8; 1 << 20]).unwrap();
@@ -236,7 +249,16 @@ mod tests {
         let link = vms.join("link.add-cow");
         std::os::unix::fs::symlink(&out, &link).unwrap();
         let e = allow.check_before_open(&link).unwrap_err();
-        assert!(matches!(e, AllowError::Outside { role: "overlay", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "overlay",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // `..` does not escape.
         let dotdot = vms.join("../x/out.add-cow");
         assert!(allow.check_before_open(&dotdot).is_err());

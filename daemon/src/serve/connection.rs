@@ -74,6 +74,7 @@ pub struct Totals {
 }
 
 /// How a connection ended, for the one log line written once its slot is free.
+#[derive(Debug)]
 pub enum Ended {
     /// The client left (or was dropped) before transmission.
     Handshake,
@@ -601,12 +602,26 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::super::export::memory::MemDisk;
+    use super::super::export::Export;
     use super::*;
 
-    fn start(size: usize) -> (UnixStream, std::thread::JoinHandle<()>, Arc<MemDisk>) {
+    type Conn = std::thread::JoinHandle<Ended>;
+
+    fn start(size: usize) -> (UnixStream, Conn, Arc<MemDisk>) {
         let disk = MemDisk::new(size, false);
         let (c, t) = start_on(disk.clone());
         (c, t, disk)
+    }
+
+    /// Asserts the connection thread ended normally, in transmission, with no writer panic.
+    fn ended_cleanly(t: Conn) -> Totals {
+        match t.join().expect("connection thread panicked") {
+            Ended::Transmission { totals, .. } => {
+                assert!(!totals.writer_panicked, "the writer thread panicked");
+                totals
+            }
+            other => panic!("connection ended before transmission: {other:?}"),
+        }
     }
 
     /// A backend whose WRITE completions wait until the test opens the gate.
@@ -641,16 +656,22 @@ mod tests {
         }
     }
 
-    fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, std::thread::JoinHandle<()>) {
+    fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, Conn) {
+        let exports = Exports::new(vec![Export::new("", backend, 1)]);
+        start_in(&exports)
+    }
+
+    /// A connection to the exports `exports`, served on its own thread.
+    fn start_in(exports: &Arc<Exports>) -> (UnixStream, Conn) {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (a, b) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
-            exports: Exports::new(vec![Export::new("", backend, 1)]),
+            exports: exports.clone(),
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
-        let t = std::thread::spawn(move || {
-            serve(Sock::Unix(a), 1, 0, &cfg);
-        });
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg));
         (b, t)
     }
 
@@ -685,7 +706,7 @@ mod tests {
         c.read_exact(&mut r).unwrap();
         assert_eq!(r, wire::simple_reply(0, 1));
         req(&mut c, wire::CMD_DISC, 0, 3, 0, 0);
-        t.join().unwrap();
+        ended_cleanly(t);
     }
 
     /// Client side of a handshake with structured replies and base:allocation.
@@ -771,32 +792,277 @@ mod tests {
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
-        t.join().unwrap();
+        ended_cleanly(t);
+    }
+
+    /// Reads until the server closes; fails (instead of hanging) if it does not within 10 s.
+    fn read_until_closed(c: &mut UnixStream) -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .expect("the server did not close the connection within 10 s");
+        rest
+    }
+
+    /// On connection `b`: FUA-writes `fill` over 0..512, reads it back, checks both replies.
+    fn roundtrip(b: &mut UnixStream, cookie: u64, fill: u8) {
+        req(b, wire::CMD_WRITE, wire::CMD_FLAG_FUA, cookie, 0, 512);
+        b.write_all(&[fill; 512]).unwrap();
+        let mut r = [0u8; 16];
+        b.read_exact(&mut r).unwrap();
+        assert_eq!(
+            r,
+            wire::simple_reply(0, cookie),
+            "write on the good connection"
+        );
+        req(b, wire::CMD_READ, 0, cookie + 1, 0, 512);
+        let mut r = vec![0u8; 20 + 8 + 512];
+        b.read_exact(&mut r).unwrap();
+        assert_eq!(&r[8..16], &(cookie + 1).to_be_bytes());
+        assert!(
+            r[28..].iter().all(|&x| x == fill),
+            "read back on the good connection"
+        );
     }
 
     #[test]
     fn garbage_and_truncation_close_only_this_connection() {
-        let (mut c, t, _) = start(1 << 16);
-        handshake(&mut c);
-        c.write_all(&[0xff; 28]).unwrap();
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-        t.join().unwrap();
+        // One export, a good connection `b` that stays open throughout, and three bad ones.
+        let disk = MemDisk::new(1 << 16, false);
+        let exports = Exports::new(vec![Export::new("", disk.clone(), 1)]);
+        let (mut b, tb) = start_in(&exports);
+        handshake(&mut b);
+        roundtrip(&mut b, 10, 0x77);
 
-        let (mut c, t, _) = start(1 << 16);
-        handshake(&mut c);
-        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 4096);
-        c.write_all(&[1; 100]).unwrap();
-        c.shutdown(Shutdown::Write).unwrap();
-        t.join().unwrap();
+        // Bad magic: closed at once, without a reply.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        a.write_all(&[0xff; 28]).unwrap();
+        assert!(read_until_closed(&mut a).is_empty());
+        ended_cleanly(ta);
+        roundtrip(&mut b, 20, 0x66);
 
-        let (mut c, t, _) = start(1 << 16);
+        // A WRITE cut short inside its payload: closed, and nothing of it reaches the disk.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_WRITE, 0, 1, 0, 4096);
+        a.write_all(&[1; 100]).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        assert!(read_until_closed(&mut a).is_empty());
+        let totals = ended_cleanly(ta);
+        assert_eq!(totals.bytes_written, 0);
+        assert!(disk.data.lock().unwrap()[..512].iter().all(|&x| x == 0x66));
+        roundtrip(&mut b, 30, 0x55);
+
+        // A WRITE announcing 4 GiB (over the 32 MiB limit): closed without reading the payload
+        // or answering, while the client still holds its socket open.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_WRITE, 0, 1, 0, u32::MAX);
+        assert!(read_until_closed(&mut a).is_empty(), "no reply expected");
+        ended_cleanly(ta);
+        roundtrip(&mut b, 40, 0x44);
+
+        req(&mut b, wire::CMD_DISC, 0, 99, 0, 0);
+        assert!(read_until_closed(&mut b).is_empty());
+        let totals = ended_cleanly(tb);
+        assert_eq!(
+            totals.requests, 9,
+            "4 write/read pairs and DISC on the good connection"
+        );
+    }
+
+    /// A backend whose READ completions are all held until the test releases them; it counts
+    /// submissions.
+    struct HeldReads {
+        inner: Arc<MemDisk>,
+        submitted: AtomicU64,
+        held: std::sync::Mutex<Vec<(Request, addcow_engine::Completion)>>,
+    }
+
+    impl HeldReads {
+        fn release_all(&self) {
+            let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
+            for (req, done) in held {
+                self.inner.submit(0, req, done);
+            }
+        }
+    }
+
+    impl Backend for HeldReads {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            self.submitted.fetch_add(1, Ordering::SeqCst);
+            if matches!(req, Request::Read { .. }) {
+                self.held.lock().unwrap().push((req, done));
+            } else {
+                self.inner.submit(core, req, done)
+            }
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// Counts complete replies (simple replies, and structured chunks flagged DONE) until EOF.
+    fn count_replies(mut c: UnixStream) -> u64 {
+        let mut n = 0;
+        let mut magic = [0u8; 4];
+        while c.read_exact(&mut magic).is_ok() {
+            match u32::from_be_bytes(magic) {
+                wire::SIMPLE_REPLY_MAGIC => {
+                    let mut rest = [0u8; 12];
+                    c.read_exact(&mut rest).unwrap();
+                    n += 1;
+                }
+                wire::STRUCTURED_REPLY_MAGIC => {
+                    let mut h = [0u8; 16];
+                    c.read_exact(&mut h).unwrap();
+                    let flags = u16::from_be_bytes([h[0], h[1]]);
+                    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                    std::io::copy(&mut (&mut c).take(u64::from(len)), &mut std::io::sink())
+                        .unwrap();
+                    if flags & wire::REPLY_FLAG_DONE != 0 {
+                        n += 1;
+                    }
+                }
+                m => panic!("bad reply magic {m:#x}"),
+            }
+        }
+        n
+    }
+
+    /// Backpressure: once MAX_IN_FLIGHT requests are in flight the reader takes no more, so it
+    /// stops reading the socket and the client's writes block; releasing the requests resumes it.
+    #[test]
+    fn reader_stops_reading_when_the_budget_is_spent() {
+        let backend = Arc::new(HeldReads {
+            inner: MemDisk::new(8 << 20, false),
+            submitted: AtomicU64::new(0),
+            held: Default::default(),
+        });
+        let (mut c, t) = start_on(backend.clone());
         handshake(&mut c);
-        req(&mut c, wire::CMD_WRITE, 0, 1, 0, u32::MAX);
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        t.join().unwrap();
+        let replies = {
+            let r = c.try_clone().unwrap();
+            std::thread::spawn(move || count_replies(r))
+        };
+        // MAX_IN_FLIGHT reads of the base half (they reach the backend and are held), then
+        // 256 writes of 64 KiB (16 MiB) from another thread, counting what the socket took.
+        let mut w = c.try_clone().unwrap();
+        for i in 0..MAX_IN_FLIGHT as u64 {
+            req(&mut w, wire::CMD_READ, 0, i, (i % 64) * 4096, 4096);
+        }
+        let sent = Arc::new(AtomicU64::new(0));
+        let sent2 = sent.clone();
+        let writer = std::thread::spawn(move || {
+            let payload = vec![0x3c; 64 << 10];
+            for i in 0..256u64 {
+                req(
+                    &mut w,
+                    wire::CMD_WRITE,
+                    0,
+                    1000 + i,
+                    (4 << 20) + i * 4096,
+                    64 << 10,
+                );
+                w.write_all(&payload).unwrap();
+                sent2.fetch_add(28 + (64 << 10), Ordering::SeqCst);
+            }
+            req(&mut w, wire::CMD_DISC, 0, 0, 0, 0);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backend.submitted.load(Ordering::SeqCst) < MAX_IN_FLIGHT as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the reads never reached the backend"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give a reader that does not stop every chance to run ahead.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            backend.submitted.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT as u64,
+            "the reader took in requests past its budget"
+        );
+        let taken = sent.load(Ordering::SeqCst);
+        assert!(
+            taken < 4 << 20,
+            "the client wrote {taken} bytes while the budget was spent: the reader kept reading"
+        );
+        backend.release_all();
+        writer.join().unwrap();
+        ended_cleanly(t);
+        assert_eq!(replies.join().unwrap(), MAX_IN_FLIGHT as u64 + 256);
+        assert_eq!(
+            backend.submitted.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT as u64 + 256
+        );
+    }
+
+    /// `export-del hard` on a connection: the reader takes in no new request, the request in
+    /// flight is answered, then the connection closes; no request is answered with an error.
+    #[test]
+    fn stopping_the_reader_answers_in_flight_requests_then_closes() {
+        let gated = Arc::new(GatedWrites {
+            inner: MemDisk::new(1 << 20, false),
+            held: Default::default(),
+        });
+        let export = Export::new("", gated.clone(), 1);
+        let exports = Exports::new(vec![export.clone()]);
+        let (mut c, t) = start_in(&exports);
+        handshake(&mut c);
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 512);
+        c.write_all(&[9u8; 512]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gated.held.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the write never reached the backend"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(export.client_count(), 1);
+        assert_eq!(export.begin_delete(false), Ok(1));
+        // A new connection can no longer attach; LIST/GO no longer see the export.
+        assert!(exports.find("").is_none());
+        // A request sent now is never taken in (the socket's read side is shut: it may even
+        // fail to send).
+        let h = RequestHeader {
+            flags: 0,
+            kind: wire::CMD_READ,
+            cookie: 2,
+            offset: 0,
+            len: 512,
+        };
+        let _ = c.write_all(&h.encode());
+        // The held write is still answered, then the connection closes.
+        assert!(!export.wait_clients_gone(Some(Instant::now() + Duration::from_millis(100))));
+        for done in gated.held.lock().unwrap().drain(..) {
+            done(Ok(Done::Ok));
+        }
+        let rest = read_until_closed(&mut c);
+        assert_eq!(
+            rest,
+            wire::simple_reply(0, 1),
+            "exactly the write's OK, nothing else"
+        );
+        assert!(export.wait_clients_gone(Some(Instant::now() + Duration::from_secs(10))));
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.errors, 0);
+        assert_eq!(
+            export.begin_delete(false),
+            Err(super::super::export::DeleteRefused::AlreadyDeleting)
+        );
     }
 
     /// Invariant 6: no request stream makes the daemon panic. Random (mostly well-framed)
@@ -854,7 +1120,7 @@ mod tests {
             let mut sink = Vec::new();
             let _ = c.read_to_end(&mut sink);
             writer.join().unwrap();
-            t.join().expect("connection thread panicked");
+            ended_cleanly(t);
         }
     }
 
@@ -923,7 +1189,7 @@ mod tests {
         }
         assert!(seen.iter().all(|&s| s));
         w.join().unwrap();
-        t.join().unwrap();
+        ended_cleanly(t);
     }
 
     #[test]

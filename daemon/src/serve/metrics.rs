@@ -203,12 +203,8 @@ impl Collector for DaemonCollector {
             |r| r.2.bits_set,
         )?;
         {
-            let m = e.encode_descriptor(
-                "addcow_exports",
-                "Exports served.",
-                None,
-                MetricType::Gauge,
-            )?;
+            let m =
+                e.encode_descriptor("addcow_exports", "Exports served.", None, MetricType::Gauge)?;
             let mut m = m;
             m.encode_gauge(&(exports.len() as u64))?;
         }

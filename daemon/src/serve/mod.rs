@@ -424,8 +424,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     // Shutdown: stop accepting, let clients finish (their new requests get ESHUTDOWN), then
     // close what is left; in-flight requests complete before a connection's threads end.
-    host.events
-        .emit(events::SHUTDOWN, serde_json::json!({"connections": live.count()}));
+    host.events.emit(
+        events::SHUTDOWN,
+        serde_json::json!({"connections": live.count()}),
+    );
     for l in &created.listeners {
         l.remove_file();
     }
@@ -552,6 +554,8 @@ fn accept_loop(
 mod tests {
     use std::process::Command;
 
+    use std::sync::atomic::AtomicBool;
+
     use super::export::memory::MemDisk;
     use super::export::Export;
     use super::*;
@@ -622,6 +626,31 @@ mod tests {
         text
     }
 
+    /// `nbdinfo --list` output as (export name, [(field, value)]) in the order listed.
+    fn parse_nbdinfo_list(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("export=\"") {
+                let name = rest.strip_suffix("\":").expect("export line ends with \":");
+                out.push((name.to_string(), Vec::new()));
+            } else if let (Some(body), Some(last)) = (line.strip_prefix('\t'), out.last_mut()) {
+                if let Some((k, v)) = body.split_once(": ") {
+                    last.1.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nbdinfo_list_parser_reads_blocks() {
+        let t = "export=\"\":\n\texport-size: 1\n\tis_read_only: false\nexport=\"a b\":\n\texport-size: 2\n";
+        let l = parse_nbdinfo_list(t);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].0, "a b");
+        assert_eq!(l[1].1, [("export-size".to_string(), "2".to_string())]);
+    }
+
     #[test]
     fn real_clients_handshake_and_protocol_corners_on_memory_disks() {
         let s = MemServer::start();
@@ -631,11 +660,20 @@ mod tests {
                 .arg("--list")
                 .arg(format!("nbd+unix:///?socket={sock}")),
         );
-        assert!(
-            list.contains("export=\"ro\"") || list.contains("ro"),
-            "{list}"
-        );
-        assert!(list.contains("8388608"), "{list}");
+        // Every export is listed with its own size and read-only flag, and nothing else is.
+        let listed = parse_nbdinfo_list(&list);
+        let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["", "ro"], "{list}");
+        for (name, fields) in &listed {
+            let field = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+            assert_eq!(
+                field("export-size"),
+                Some("8388608 (8M)"),
+                "{name:?}: {list}"
+            );
+            let ro = if name == "ro" { "true" } else { "false" };
+            assert_eq!(field("is_read_only"), Some(ro), "{name:?}: {list}");
+        }
         let l = run_tool(Command::new("qemu-nbd").args(["-L", "-k", &sock]));
         assert!(l.contains("base:allocation"), "{l}");
         assert!(l.contains("qemu:allocation-depth"), "{l}");

@@ -369,7 +369,9 @@ mod tests {
         let (outbox, budget, client, writer) = setup();
         drop(client);
         for cookie in 0..8 {
-            outbox.ticket(1 << 20, stamp()).send(read_reply(cookie, 1 << 20));
+            outbox
+                .ticket(1 << 20, stamp())
+                .send(read_reply(cookie, 1 << 20));
         }
         outbox.ticket(0, stamp()).send(Reply {
             cookie: 99,

@@ -124,7 +124,7 @@ impl From<HostError> for RpcError {
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
@@ -158,7 +158,7 @@ fn hello(_: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     }))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExportAdd {
     name: String,
@@ -179,7 +179,7 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     Ok(info)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExportDel {
     name: String,
@@ -202,7 +202,7 @@ fn query_exports(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> 
     Ok(serde_json::to_value(host.export_info()).unwrap_or_default())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct QueryStats {
     #[serde(default)]
@@ -262,12 +262,18 @@ mod tests {
         }
         // Wrong types and values say what is wrong.
         let e = params::<ExportAdd>(
-            json!({"name": 5, "overlay": "/x"}).as_object().unwrap().clone(),
+            json!({"name": 5, "overlay": "/x"})
+                .as_object()
+                .unwrap()
+                .clone(),
         )
         .unwrap_err();
         assert!(e.message.contains("invalid type"), "{}", e.message);
         let e = params::<ExportDel>(
-            json!({"name": "a", "mode": "soft"}).as_object().unwrap().clone(),
+            json!({"name": "a", "mode": "soft"})
+                .as_object()
+                .unwrap()
+                .clone(),
         )
         .unwrap_err();
         assert!(e.message.contains("soft"), "{}", e.message);

@@ -378,12 +378,17 @@ mod tests {
         let mut buf = Vec::new();
         assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Full(l) if l == b"{\"a\":1}"));
         assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Full(l) if l.is_empty()));
-        assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::TooLong));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).unwrap(),
+            Line::TooLong
+        ));
         // Exactly MAX_LINE bytes plus newline is fine.
         let mut exact = vec![b'y'; MAX_LINE];
         exact.push(b'\n');
         let mut r = Cursor::new(exact);
-        assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Full(l) if l.len() == MAX_LINE));
+        assert!(
+            matches!(read_line(&mut r, &mut buf).unwrap(), Line::Full(l) if l.len() == MAX_LINE)
+        );
         assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Eof));
     }
 
@@ -400,7 +405,10 @@ mod tests {
         let mut pushed = 0;
         while out.push(line.clone()) {
             pushed += 1;
-            assert!(pushed <= MAX_QUEUED / line.len(), "queue grew past its limit");
+            assert!(
+                pushed <= MAX_QUEUED / line.len(),
+                "queue grew past its limit"
+            );
         }
         assert_eq!(pushed, MAX_QUEUED / line.len());
         assert!(out.drained(), "a dead connection holds nothing");

@@ -70,8 +70,12 @@ pub struct Call {
 /// Parses one line. On failure returns the error and the id to answer with (`null` when the
 /// id could not be read; `None` when the request was a notification).
 pub fn parse(line: &[u8]) -> Result<Call, (Option<Value>, RpcError)> {
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| (Some(Value::Null), RpcError::new(PARSE_ERROR, format!("parse error: {e}"))))?;
+    let v: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Some(Value::Null),
+            RpcError::new(PARSE_ERROR, format!("parse error: {e}")),
+        )
+    })?;
     let Value::Object(mut obj) = v else {
         let msg = if v.is_array() {
             "batch requests are not supported: send one request object per line"
@@ -90,7 +94,12 @@ pub fn parse(line: &[u8]) -> Result<Call, (Option<Value>, RpcError)> {
             ))
         }
     };
-    let bad = |msg: &str| (Some(id.clone().unwrap_or(Value::Null)), RpcError::new(INVALID_REQUEST, msg));
+    let bad = |msg: &str| {
+        (
+            Some(id.clone().unwrap_or(Value::Null)),
+            RpcError::new(INVALID_REQUEST, msg),
+        )
+    };
     if obj.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return Err(bad("\"jsonrpc\" must be \"2.0\""));
     }
@@ -133,7 +142,10 @@ mod tests {
     #[test]
     fn requests_parse_and_bad_ones_get_the_right_codes() {
         let c = parse(br#"{"jsonrpc":"2.0","method":"hello","id":7}"#).unwrap();
-        assert_eq!((c.id, c.method.as_str(), c.params.len()), (Some(json!(7)), "hello", 0));
+        assert_eq!(
+            (c.id, c.method.as_str(), c.params.len()),
+            (Some(json!(7)), "hello", 0)
+        );
         let c = parse(br#"{"jsonrpc":"2.0","method":"x","params":{"a":1}}"#).unwrap();
         assert_eq!(c.id, None);
         assert_eq!(c.params["a"], 1);
@@ -143,12 +155,29 @@ mod tests {
         assert_eq!(code(b"[1,2]"), INVALID_REQUEST);
         assert_eq!(code(b"42"), INVALID_REQUEST);
         assert_eq!(code(br#"{"method":"hello","id":1}"#), INVALID_REQUEST);
-        assert_eq!(code(br#"{"jsonrpc":"2.0","method":5,"id":1}"#), INVALID_REQUEST);
-        assert_eq!(code(br#"{"jsonrpc":"2.0","method":"a","id":{}}"#), INVALID_REQUEST);
-        assert_eq!(code(br#"{"jsonrpc":"2.0","method":"a","id":1,"x":2}"#), INVALID_REQUEST);
-        assert_eq!(code(br#"{"jsonrpc":"2.0","method":"a","params":[1],"id":1}"#), INVALID_PARAMS);
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","method":5,"id":1}"#),
+            INVALID_REQUEST
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","method":"a","id":{}}"#),
+            INVALID_REQUEST
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","method":"a","id":1,"x":2}"#),
+            INVALID_REQUEST
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","method":"a","params":[1],"id":1}"#),
+            INVALID_PARAMS
+        );
         // The id is echoed when it could be read.
-        assert_eq!(parse(br#"{"jsonrpc":"1.0","method":"a","id":"k"}"#).unwrap_err().0, Some(json!("k")));
+        assert_eq!(
+            parse(br#"{"jsonrpc":"1.0","method":"a","id":"k"}"#)
+                .unwrap_err()
+                .0,
+            Some(json!("k"))
+        );
         // Deep nesting is an error, not a stack overflow.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(code(deep.as_bytes()), PARSE_ERROR);
