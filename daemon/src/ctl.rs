@@ -235,6 +235,18 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Operations in the order `query-stats` tables list them.
+const OP_ORDER: &[&str] = &[
+    "read",
+    "write",
+    "flush",
+    "trim",
+    "zeroes",
+    "block-status",
+    "cache",
+    "other",
+];
+
 fn us(v: &Value, key: &str) -> String {
     v.get(key)
         .and_then(Value::as_f64)
@@ -299,10 +311,22 @@ pub fn render(method: &str, result: &Value) -> String {
                 ));
                 let mut rows = Vec::new();
                 if let Some(ops) = e["ops"].as_object() {
-                    for (op, o) in ops {
+                    // The daemon's order (JSON objects have none), then any other.
+                    let mut names: Vec<&str> = OP_ORDER
+                        .iter()
+                        .copied()
+                        .filter(|n| ops.contains_key(*n))
+                        .collect();
+                    names.extend(
+                        ops.keys()
+                            .map(String::as_str)
+                            .filter(|k| !OP_ORDER.contains(k)),
+                    );
+                    for op in names {
+                        let o = &ops[op];
                         let lat = &o["latency_us"];
                         rows.push(vec![
-                            op.clone(),
+                            op.to_string(),
                             s(&o["requests"]),
                             size(&o["bytes"]),
                             s(&o["errors"]),
