@@ -235,18 +235,22 @@ pub fn render(host: &Arc<Host>) -> String {
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     describe: String,
+    /// The Unix socket file we created.
+    path: Option<std::path::PathBuf>,
 }
 
 impl MetricsServer {
     /// Binds `addr` (a path with `/`: a Unix socket, mode 0600, same stale/live rules as the NBD
     /// socket; else a TCP address) and starts serving.
     pub fn start(addr: &str, host: Arc<Host>) -> Result<MetricsServer, String> {
+        let mut path = None;
         let (listener, describe): (tiny_http::Listener, String) = if addr.contains('/') {
             let l = Listener::bind_unix(std::path::Path::new(addr), 0o600)
                 .map_err(|e| format!("--metrics {addr}: {e}"))?;
             let Listener::Unix { sock, .. } = l else {
                 return Err(format!("--metrics {addr}: not a Unix socket"));
             };
+            path = Some(std::path::PathBuf::from(addr));
             (sock.into(), addr.to_string())
         } else {
             let l = std::net::TcpListener::bind(addr)
@@ -267,7 +271,11 @@ impl MetricsServer {
             .name("metrics".into())
             .spawn(move || serve(&s, &host))
             .map_err(|e| format!("metrics thread: {e}"))?;
-        Ok(MetricsServer { server, describe })
+        Ok(MetricsServer {
+            server,
+            describe,
+            path,
+        })
     }
 
     /// Where it listens, for logs.
@@ -275,9 +283,14 @@ impl MetricsServer {
         &self.describe
     }
 
-    /// Stops the serving thread (the Unix socket file is removed when the server drops).
+    /// Stops the serving thread and removes the Unix socket file, if any.
     pub fn stop(&self) {
         self.server.unblock();
+        if let Some(p) = &self.path {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove metrics socket");
+            }
+        }
     }
 }
 

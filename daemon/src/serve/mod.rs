@@ -368,15 +368,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             control_listener = Some(sock);
         }
     }
-    let metrics = match &args.metrics {
-        Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
-        None => None,
-    };
     if let Some(pf) = &args.pid_file {
         std::fs::write(pf, format!("{}\n", std::process::id()))
             .map_err(|e| format!("{}: {e}", pf.display()))?;
         created.pid_file = Some(pf.clone());
     }
+    let metrics = match &args.metrics {
+        Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
+        None => None,
+    };
     let control = match control_listener {
         Some(l) => Some(
             control::ControlServer::start(l, host.clone())
