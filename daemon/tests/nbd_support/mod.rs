@@ -295,13 +295,15 @@ impl Control {
         }
     }
 
-    /// Reads one line as JSON (`None` at EOF).
+    /// Reads one line as JSON (`None` once the daemon closed the connection: EOF, or a reset
+    /// when it closed with our bytes unread).
     pub fn read_message(&mut self) -> Option<serde_json::Value> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .expect("read from control socket");
+        let n = match self.reader.read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("read from control socket: {e}"),
+        };
         if n == 0 {
             return None;
         }
