@@ -180,6 +180,17 @@ fn runtime_exports_stats_and_delete_end_to_end() {
         "a refused delete changes nothing"
     );
 
+    // A write that no FLUSH covered, just before the delete: the delete's commit makes it
+    // durable (the background commit would only come a second later).
+    run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+             h.pwrite(b'\\x33' * 65536, 5 << 20)\nh.shutdown()",
+            &d.uri_of("a"),
+        ],
+    );
     let deleted = c.ok("export-del", json!({"name": "a", "mode": "hard"}));
     assert_eq!(deleted["clients_disconnected"], 1, "{deleted}");
     assert_eq!(deleted["mode"], "hard");
@@ -206,6 +217,7 @@ fn runtime_exports_stats_and_delete_end_to_end() {
             "read -P 0x11 0 1M",
             "read -P 0x12 2M 64k",
             "read -P 0xab 3M 64k",
+            "read -P 0x33 5M 64k",
         ],
     );
     let log2 = d2.stop();
