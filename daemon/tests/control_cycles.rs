@@ -127,18 +127,24 @@ fn fifty_add_del_cycles_under_fio_load_leak_nothing() {
     .unwrap();
     let out = fio.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let json_start = text.find('{').unwrap_or_else(|| panic!("no fio JSON: {text}"));
+    let json_start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("no fio JSON: {text}"));
     let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("fio JSON");
     let job = &v["jobs"][0];
     assert_eq!(job["error"], 0, "fio saw an error: {job}");
-    let ios = job["read"]["total_ios"].as_u64().unwrap() + job["write"]["total_ios"].as_u64().unwrap();
+    let ios =
+        job["read"]["total_ios"].as_u64().unwrap() + job["write"]["total_ios"].as_u64().unwrap();
     eprintln!("fio: {ios} I/Os during the run, error 0");
     assert!(ios > 1000, "{job}");
     let s = c.ok("query-stats", json!({"name": "load"}));
     for (op, o) in s[0]["ops"].as_object().unwrap() {
         assert_eq!(o["errors"], 0, "{op}: {s}");
     }
-    assert_eq!(c.ok("query-exports", json!({})).as_array().unwrap().len(), 1);
+    assert_eq!(
+        c.ok("query-exports", json!({})).as_array().unwrap().len(),
+        1
+    );
     let log = d.stop();
     assert!(log.contains("all overlays committed"), "{log}");
 }

@@ -46,6 +46,9 @@ fn parse_value(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A label set without `le`, as sorted pairs.
+type LabelKey = Vec<(String, String)>;
+
 /// The family a sample belongs to, given the declared types.
 fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> Option<&'a str> {
     if types.contains_key(name) {
@@ -211,7 +214,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         let family = family_of(name, &exp.types)
             .ok_or_else(|| err(format!("sample of {name:?} without a TYPE before it")))?
             .to_string();
-        if exp.types[&family] == "counter" && !(value >= 0.0) {
+        if exp.types[&family] == "counter" && (value.is_nan() || value < 0.0) {
             return Err(err("negative or NaN counter".into()));
         }
         if !families_with_samples.contains(&family) {
@@ -233,7 +236,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         if ty != "histogram" {
             continue;
         }
-        let mut sets: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut sets: BTreeMap<LabelKey, Vec<(f64, f64)>> = BTreeMap::new();
         for s in exp
             .samples
             .iter()
@@ -255,7 +258,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         }
         for (key, buckets) in &sets {
             for w in buckets.windows(2) {
-                if !(w[0].0 < w[1].0) || w[1].1 < w[0].1 {
+                if w[0].0.partial_cmp(&w[1].0) != Some(std::cmp::Ordering::Less) || w[1].1 < w[0].1 {
                     return Err(format!("{family}{key:?}: buckets not ascending/cumulative"));
                 }
             }

@@ -60,7 +60,7 @@ pub enum HostError {
         /// The export name.
         name: String,
         /// The engine's error, as the command line prints it.
-        error: addcow_engine::Error,
+        error: Box<addcow_engine::Error>,
     },
     /// `safe` delete with clients connected.
     #[error("export {name:?} has {clients} client(s) connected; mode \"hard\" disconnects them")]
@@ -82,7 +82,7 @@ pub enum HostError {
         /// The export name.
         name: String,
         /// The engine's error.
-        error: addcow_engine::Error,
+        error: Box<addcow_engine::Error>,
     },
 }
 
@@ -244,7 +244,7 @@ impl Host {
             .open(overlay, DiskOptions { read_only })
             .map_err(|error| HostError::Open {
                 name: name.to_string(),
-                error,
+                error: Box::new(error),
             })?;
         if origin == Origin::Control {
             if let Err(e) = self.allowed.check_after_open(overlay) {
@@ -316,7 +316,7 @@ impl Host {
         self.events.emit(events::EXPORT_DELETED, params);
         closed.map_err(|error| HostError::Close {
             name: name.to_string(),
-            error,
+            error: Box::new(error),
         })?;
         Ok(deleted)
     }
