@@ -362,6 +362,32 @@ pub fn render(method: &str, result: &Value) -> String {
             }
             out
         }
+        "hello" => {
+            let list = |v: &Value| {
+                v.as_array()
+                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            };
+            format!(
+                "addcow {} ({})\nmethods: {}\nevents:  {}\n",
+                s(&result["version"]),
+                s(&result["protocol"]),
+                list(&result["features"]),
+                list(&result["events"]),
+            )
+        }
+        "export-add" => format!(
+            "added export {:?}: {} ({}, {}, {} allocated)\n",
+            s(&result["name"]),
+            s(&result["overlay"]),
+            size(&result["size"]),
+            if result["read_only"].as_bool() == Some(true) {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            size(&result["allocated_bytes"]),
+        ),
         "export-del" => format!(
             "deleted export {:?} ({} client(s) disconnected); overlay {} committed and unlocked\n",
             s(&result["name"]),

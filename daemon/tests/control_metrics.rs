@@ -258,7 +258,8 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         }
         for (key, buckets) in &sets {
             for w in buckets.windows(2) {
-                if w[0].0.partial_cmp(&w[1].0) != Some(std::cmp::Ordering::Less) || w[1].1 < w[0].1 {
+                if w[0].0.partial_cmp(&w[1].0) != Some(std::cmp::Ordering::Less) || w[1].1 < w[0].1
+                {
                     return Err(format!("{family}{key:?}: buckets not ascending/cumulative"));
                 }
             }
