@@ -385,6 +385,11 @@ fn metrics_over_tcp_follow_the_clients_and_the_exports() {
     );
     let mut c = Control::connect(&control);
     c.ok("export-add", serde_json::json!({"name": "b", "overlay": b}));
+    // qemu-io's connection ends a moment after it saw its last reply.
+    wait_until("qemu-io's connection accounted and gone", || {
+        let q = c.ok("query-stats", json!({"name": "vm \"1\""}));
+        q[0]["clients"] == 0 && q[0]["in_flight"] == 0
+    });
 
     let (text, content_type) = curl(&[&url]);
     assert!(
@@ -437,6 +442,9 @@ fn metrics_over_tcp_follow_the_clients_and_the_exports() {
 
     // A client connected shows; a deleted export's series are gone.
     let client = HoldingClient::start(&d.uri_of("b"));
+    wait_until("the client's first read", || {
+        c.ok("query-stats", json!({"name": "b"}))[0]["ops"]["read"]["requests"] != 0
+    });
     let (text, _) = curl(&[&url]);
     let exp = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(exp.get("addcow_clients", &[("export", "b")]), Some(1.0));

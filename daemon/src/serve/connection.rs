@@ -10,8 +10,8 @@
 //! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
 //! connection only; every request already submitted still completes before the sockets close.
 //!
-//! From GO on, the connection is in its export's client table
-//! ([`super::export::Export::attach`]). An
+//! From GO on (attached during the handshake, before GO is answered), the connection is in its
+//! export's client table ([`Export::attach`]). An
 //! `export-del` stops its reader through the [`ClientHandle`]: no new request is read, the ones
 //! taken in are answered, then the socket closes; no request is failed because of the delete.
 //!
@@ -28,7 +28,7 @@ use addcow_engine::{Done, Extent, ExtentKind, Request};
 
 use super::budget::Budget;
 use super::command::{self, Command, Limits};
-use super::export::{Backend, ClientHandle, Exports};
+use super::export::{Attached, Backend, ClientHandle, Export, Exports};
 use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
 use super::outbox::{Outbox, Ticket};
 use super::reply::{Body, Framing, Reply};
@@ -78,8 +78,7 @@ pub struct Totals {
 pub enum Ended {
     /// The client left (or was dropped) before transmission.
     Handshake,
-    /// The export the client chose began to be deleted before its connection could attach.
-    Deleted { export: String },
+
     /// Transmission ran; its totals.
     Transmission { export: String, totals: Totals },
 }
@@ -91,12 +90,7 @@ impl Ended {
             Ended::Handshake => {
                 tracing::info!(conn = id, %peer, "connection closed during handshake")
             }
-            Ended::Deleted { export } => tracing::info!(
-                conn = id,
-                %peer,
-                export = %export,
-                "connection closed after GO: the export is being deleted"
-            ),
+
             Ended::Transmission { export, totals: t } => tracing::info!(
                 conn = id,
                 %peer,
@@ -116,10 +110,26 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     let peer = sock.peer();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let shutting = cfg.shutting_down.clone();
+    // From GO on the connection is in its export's client table, through a handle that can stop
+    // its reader (export-del hard).
+    let stop = Arc::new(AtomicBool::new(false));
+    let Ok(handle_sock) = sock.try_clone() else {
+        return Ended::Handshake;
+    };
+    let attach = |e: &Arc<Export>| {
+        let s = handle_sock.try_clone().ok()?;
+        e.attach(id, ClientHandle::new(s, stop.clone()))
+    };
     let neg = {
         let mut d = Deadline::new(&mut sock, deadline);
-        handshake::negotiate(&mut d, &cfg.exports, &|| shutting.load(Ordering::SeqCst))
+        handshake::negotiate(
+            &mut d,
+            &cfg.exports,
+            &|| shutting.load(Ordering::SeqCst),
+            &attach,
+        )
     };
+    drop(handle_sock);
     let neg = match neg {
         Ok(n) => n,
         Err(HandshakeError::Ended) => return Ended::Handshake,
@@ -132,19 +142,7 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
         return Ended::Handshake;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let Ok(handle_sock) = sock.try_clone() else {
-        return Ended::Handshake;
-    };
-    let Some(_attached) = neg
-        .export
-        .attach(id, ClientHandle::new(handle_sock, stop.clone()))
-    else {
-        let _ = sock.shutdown(Shutdown::Both);
-        return Ended::Deleted {
-            export: neg.export.name.clone(),
-        };
-    };
+
     tracing::info!(
         conn = id,
         %peer,
@@ -155,8 +153,11 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
         "connection open"
     );
     let totals = transmission(sock, core, &neg, &cfg.shutting_down, &stop);
+    // Leave the export's client table only now: every request of this connection is answered.
+    let Negotiated { export, guard, .. } = neg;
+    drop(guard);
     Ended::Transmission {
-        export: neg.export.name.clone(),
+        export: export.name.clone(),
         totals,
     }
 }
@@ -167,7 +168,7 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
 fn transmission(
     sock: Sock,
     core: usize,
-    neg: &Negotiated,
+    neg: &Negotiated<Attached>,
     shutting: &AtomicBool,
     stop: &AtomicBool,
 ) -> Totals {
@@ -1157,7 +1158,7 @@ mod tests {
                 let _ = b.read_to_end(&mut sink);
             });
             let mut sock = Sock::Unix(a);
-            let r = handshake::negotiate(&mut sock, &exports, &|| false);
+            let r = handshake::negotiate(&mut sock, &exports, &|| false, &|_| Some(()));
             drop(r);
             drop(sock);
             writer.join().unwrap();

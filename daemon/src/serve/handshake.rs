@@ -37,8 +37,9 @@ impl MetaContexts {
     }
 }
 
-/// What a successful handshake agreed on.
-pub struct Negotiated {
+/// What a successful handshake agreed on. `G`: what the caller's `attach` returned for the
+/// export (the connection's membership of its client table).
+pub struct Negotiated<G = ()> {
     /// The export the client entered transmission on.
     pub export: Arc<Export>,
     /// Structured replies were negotiated (implied by extended headers).
@@ -49,6 +50,8 @@ pub struct Negotiated {
     pub contexts: MetaContexts,
     /// Transmission flags sent to the client.
     pub flags: u16,
+    /// The caller's `attach` result.
+    pub guard: G,
 }
 
 /// How a handshake ended without entering transmission, or failed.
@@ -69,11 +72,17 @@ pub enum HandshakeError {
 ///
 /// `shutting_down` is consulted before each option: once it returns true, options other than
 /// `ABORT` get `ERR_SHUTDOWN`.
-pub fn negotiate<S: Read + Write>(
+///
+/// `attach` is called on `GO`/`EXPORT_NAME` before anything is answered: the connection joins the
+/// export's client table, so from the client's first sight of success it counts as connected.
+/// `None` (the export began to be deleted) answers `GO` with `ERR_UNKNOWN` and haggling goes on
+/// (`EXPORT_NAME`, which has no error reply, drops the connection).
+pub fn negotiate<S: Read + Write, G>(
     stream: &mut S,
     exports: &Exports,
     shutting_down: &dyn Fn() -> bool,
-) -> Result<Negotiated, HandshakeError> {
+    attach: &dyn Fn(&Arc<Export>) -> Option<G>,
+) -> Result<Negotiated<G>, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&wire::NBD_MAGIC.to_be_bytes());
     greeting.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
@@ -159,6 +168,11 @@ pub fn negotiate<S: Read + Write>(
                         "EXPORT_NAME for unknown export {name:?}"
                     )));
                 };
+                let Some(guard) = attach(&export) else {
+                    return Err(HandshakeError::Protocol(format!(
+                        "EXPORT_NAME for export {name:?}, which is being deleted"
+                    )));
+                };
                 let flags = export.transmission_flags(structured);
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&export.backend.size().to_be_bytes());
@@ -170,11 +184,12 @@ pub fn negotiate<S: Read + Write>(
                 stream.flush()?;
                 let contexts = contexts_for(&selected, &name, structured);
                 return Ok(Negotiated {
-                    export: export.clone(),
+                    export,
                     structured,
                     extended,
                     contexts,
                     flags,
+                    guard,
                 });
             }
             wire::OPT_LIST => {
@@ -231,6 +246,20 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 };
+                let guard = if option == wire::OPT_GO {
+                    let Some(g) = attach(&export) else {
+                        reply_err(
+                            stream,
+                            option,
+                            wire::REP_ERR_UNKNOWN,
+                            &format!("export {name:?} is being deleted"),
+                        )?;
+                        continue;
+                    };
+                    Some(g)
+                } else {
+                    None
+                };
                 let flags = export.transmission_flags(structured);
                 let mut p = Vec::with_capacity(12);
                 p.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
@@ -250,15 +279,16 @@ pub fn negotiate<S: Read + Write>(
                 p.extend_from_slice(&wire::MAX_PAYLOAD.to_be_bytes());
                 stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
                 stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-                if option == wire::OPT_GO {
+                if let Some(guard) = guard {
                     stream.flush()?;
                     let contexts = contexts_for(&selected, &name, structured);
                     return Ok(Negotiated {
-                        export: export.clone(),
+                        export,
                         structured,
                         extended,
                         contexts,
                         flags,
+                        guard,
                     });
                 }
             }
@@ -448,7 +478,7 @@ mod tests {
             input: IoCursor::new(client),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, &exports(), &|| false);
+        let r = negotiate(&mut s, &exports(), &|| false, &|_| Some(()));
         (r, s.output)
     }
 
@@ -540,6 +570,43 @@ mod tests {
         assert_ne!(n.flags & wire::FLAG_READ_ONLY, 0);
         assert_eq!(n.flags & wire::FLAG_SEND_DF, 0);
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_UNKNOWN);
+    }
+
+    /// The connection joins the export's client table before GO is answered; an export being
+    /// deleted answers ERR_UNKNOWN and haggling goes on. INFO attaches nothing.
+    #[test]
+    fn go_attaches_before_answering_and_a_deleted_export_is_unknown() {
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_INFO, &go("ro", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        c.extend(opt(wire::OPT_GO, &go("ro", &[])));
+        let mut s = Script {
+            input: IoCursor::new(c),
+            output: Vec::new(),
+        };
+        let asked = std::cell::RefCell::new(Vec::new());
+        let attach = |e: &Arc<Export>| {
+            asked.borrow_mut().push(e.name.clone());
+            (e.name == "ro").then_some(7u8)
+        };
+        let n = negotiate(&mut s, &exports(), &|| false, &attach).unwrap();
+        assert_eq!((n.export.name.as_str(), n.guard), ("ro", 7));
+        assert_eq!(*asked.borrow(), ["", "ro"], "INFO must not attach");
+        let reps = replies(&s.output);
+        // INFO: INFO_EXPORT, BLOCK_SIZE, ACK; GO "": ERR_UNKNOWN; GO "ro": INFO, INFO, ACK.
+        let types: Vec<u32> = reps.iter().map(|r| r.1).collect();
+        assert_eq!(
+            types,
+            [
+                wire::REP_INFO,
+                wire::REP_INFO,
+                wire::REP_ACK,
+                wire::REP_ERR_UNKNOWN,
+                wire::REP_INFO,
+                wire::REP_INFO,
+                wire::REP_ACK
+            ]
+        );
     }
 
     #[test]
@@ -700,7 +767,7 @@ mod tests {
             }),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, &exports(), &|| true);
+        let r = negotiate(&mut s, &exports(), &|| true, &|_| Some(()));
         assert!(matches!(r, Err(HandshakeError::Ended)));
         assert_eq!(replies(&s.output)[0].1, wire::REP_ERR_SHUTDOWN);
     }

@@ -476,3 +476,13 @@ impl Drop for HoldingClient {
         let _ = self.child.wait();
     }
 }
+
+/// Polls `cond` every 10 ms until it holds; fails after 30 s naming `what` (counters of a
+/// connection that just ended settle a moment after the client saw its last reply).
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
