@@ -5,7 +5,8 @@
 //! core it was given, so the counters of different cores never share a cache line. Each counter
 //! is a relaxed atomic; latency goes into a log-linear bucket array of atomics (32 buckets per
 //! power of two of nanoseconds, so a bucket's midpoint is within 1.6 % of any value in it).
-//! Nothing on the request path takes a lock or allocates.
+//! Nothing on the request path takes a lock; the one allocation is a bucket array's, the first
+//! time its (shard, operation) records a latency.
 //!
 //! A query ([`ExportStats::snapshot`]) adds the shards up; percentiles come from an
 //! `hdrhistogram` built from the merged buckets, and the Prometheus histogram buckets are exact
@@ -15,6 +16,7 @@
 //! was handed to the kernel (`sendmsg` returned): what a client sees, minus the network.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use super::wire;
@@ -150,14 +152,16 @@ pub fn prometheus_bounds_ns() -> impl Iterator<Item = u64> {
     (10..=33).map(|k| 1u64 << k)
 }
 
-/// One operation's counters in one shard.
+/// One operation's counters in one shard. The 8 KiB bucket array is allocated by the first
+/// latency recorded (most exports use few operations on few cores); after that, reaching it is
+/// one atomic load.
 struct OpCell {
     started: AtomicU64,
     done: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
     latency_sum_ns: AtomicU64,
-    buckets: Box<[AtomicU64]>,
+    buckets: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl OpCell {
@@ -168,8 +172,13 @@ impl OpCell {
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency_sum_ns: AtomicU64::new(0),
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: OnceLock::new(),
         }
+    }
+
+    fn buckets(&self) -> &[AtomicU64] {
+        self.buckets
+            .get_or_init(|| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
     }
 }
 
@@ -222,7 +231,7 @@ impl ExportStats {
             c.errors.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(ns) = latency_ns {
-            c.buckets[bucket_index(ns)].fetch_add(1, Ordering::Relaxed);
+            c.buckets()[bucket_index(ns)].fetch_add(1, Ordering::Relaxed);
             c.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
         }
         // Last, so a reader that sees `done` also sees the rest (in-flight never goes negative
@@ -250,8 +259,10 @@ impl ExportStats {
                 s.bytes += c.bytes.load(Ordering::Relaxed);
                 s.errors += c.errors.load(Ordering::Relaxed);
                 s.latency_sum_ns += c.latency_sum_ns.load(Ordering::Relaxed);
-                for (sum, b) in s.buckets.iter_mut().zip(c.buckets.iter()) {
-                    *sum += b.load(Ordering::Relaxed);
+                if let Some(buckets) = c.buckets.get() {
+                    for (sum, b) in s.buckets.iter_mut().zip(buckets.iter()) {
+                        *sum += b.load(Ordering::Relaxed);
+                    }
                 }
             }
             s.in_flight = started - s.requests;
