@@ -84,6 +84,14 @@ fn fifty_add_del_cycles_under_fio_load_leak_nothing() {
             assert_eq!(del["clients_disconnected"], 1, "{del}");
             client.wait_for("ended:");
         } else {
+            // qemu-io's connection leaves a moment after its last reply; safe waits for that.
+            wait_until("qemu-io gone", || {
+                c.ok("query-exports", json!({}))
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|e| e["name"] != "cyc" || e["clients"] == 0)
+            });
             c.ok("export-del", json!({"name": "cyc", "mode": "safe"}));
         }
     };

@@ -196,6 +196,17 @@ fn runtime_exports_stats_and_delete_end_to_end() {
             &d.uri_of("a"),
         ],
     );
+    let clients_of = |c: &mut Control, name: &str| {
+        c.ok("query-exports", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["clients"].as_u64().unwrap())
+    };
+    wait_until("the writer gone, the holding client left", || {
+        clients_of(&mut c, "a") == Some(1)
+    });
     let deleted = c.ok("export-del", json!({"name": "a", "mode": "hard"}));
     assert_eq!(deleted["clients_disconnected"], 1, "{deleted}");
     assert_eq!(deleted["mode"], "hard");
@@ -229,6 +240,7 @@ fn runtime_exports_stats_and_delete_end_to_end() {
     assert!(log2.contains("all overlays committed"), "{log2}");
 
     // b (no client) goes with a safe delete, through addcow ctl.
+    wait_until("no client on b", || clients_of(&mut c, "b") == Some(0));
     let (code, outp, err) = ctl(&["--control", &ctl_path, "export-del", "name=b", "mode=safe"]);
     assert_eq!(code, 0, "{err}");
     assert!(outp.contains("deleted export \"b\""), "{outp}");
