@@ -320,10 +320,13 @@ fn export_add_refusals_read_like_the_command_line() {
     let missing = f.path("missing.add-cow");
     let corrupt = f.path("corrupt.add-cow");
     std::fs::write(&corrupt, vec![7u8; 4096]).unwrap();
+    // An overlay another process serves: locked.
+    let elsewhere = f.make_overlay("elsewhere");
+    let other = Daemon::start(&f.path("other.sock"), &[elsewhere.to_str().unwrap()]);
     for (path, class, needle) in [
         (&missing, "open-failed", "file not found"),
         (&corrupt, "open-failed", "bad magic"),
-        (&f.overlay(), "open-failed", "locked"),
+        (&elsewhere, "open-failed", "locked by another process"),
     ] {
         let e = c
             .call("export-add", json!({"name": "n", "overlay": path}))
@@ -335,6 +338,18 @@ fn export_add_refusals_read_like_the_command_line() {
             assert_eq!(msg, cli_error(path), "control and CLI word it differently");
         }
     }
+    drop(other);
+    // An overlay this daemon serves already (here through a symlink): said so.
+    let alias = f.path("alias.add-cow");
+    std::os::unix::fs::symlink(f.overlay(), &alias).unwrap();
+    let e = c
+        .call("export-add", json!({"name": "x2", "overlay": alias}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "already-served", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("as export \"x\""),
+        "{e}"
+    );
     // The name is taken; a relative path is refused; wrong types say what is wrong.
     let e = c
         .call(

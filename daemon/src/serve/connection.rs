@@ -11,9 +11,9 @@
 //! connection only; every request already submitted still completes before the sockets close.
 //!
 //! From GO on (attached during the handshake, before GO is answered), the connection is in its
-//! export's client table ([`Export::attach`]). An
-//! `export-del` stops its reader through the [`ClientHandle`]: no new request is read, the ones
-//! taken in are answered, then the socket closes; no request is failed because of the delete.
+//! export's client table ([`Export::attach`]). An `export-del` stops its reader through the
+//! [`ClientHandle`]: no new request is read, the ones taken in are answered, then the socket
+//! closes; no request is failed because of the delete.
 //!
 //! A panic in the writer thread is caught: it is logged, counted in [`WRITER_PANICS`] and
 //! reported in the connection's [`Totals`]; the connection then ends as if the client had gone.
@@ -78,7 +78,6 @@ pub struct Totals {
 pub enum Ended {
     /// The client left (or was dropped) before transmission.
     Handshake,
-
     /// Transmission ran; its totals.
     Transmission { export: String, totals: Totals },
 }
@@ -90,7 +89,6 @@ impl Ended {
             Ended::Handshake => {
                 tracing::info!(conn = id, %peer, "connection closed during handshake")
             }
-
             Ended::Transmission { export, totals: t } => tracing::info!(
                 conn = id,
                 %peer,
@@ -142,7 +140,6 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
         return Ended::Handshake;
     }
-
     tracing::info!(
         conn = id,
         %peer,

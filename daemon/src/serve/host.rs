@@ -48,6 +48,14 @@ pub enum HostError {
     /// Another export (or an add under way) has this name.
     #[error("export name {0:?} is already in use")]
     NameTaken(String),
+    /// This daemon already serves the overlay, under another name.
+    #[error("{}: already served by this daemon as export {export:?}", overlay.display())]
+    AlreadyServed {
+        /// The overlay as given.
+        overlay: PathBuf,
+        /// The export serving it.
+        export: String,
+    },
     /// No export has this name.
     #[error("no export named {0:?}")]
     NoSuchExport(String),
@@ -92,6 +100,7 @@ impl HostError {
         match self {
             HostError::BadName(_) => "invalid-name",
             HostError::NameTaken(_) => "name-taken",
+            HostError::AlreadyServed { .. } => "already-served",
             HostError::NoSuchExport(_) => "no-such-export",
             HostError::NotAllowed(_) => "not-allowed",
             HostError::Open { .. } => "open-failed",
@@ -240,6 +249,12 @@ impl Host {
         if origin == Origin::Control {
             self.allowed.check_before_open(overlay)?;
         }
+        if let Some(export) = self.serving_file(overlay) {
+            return Err(HostError::AlreadyServed {
+                overlay: overlay.to_path_buf(),
+                export,
+            });
+        }
         let disk = engine
             .open(overlay, DiskOptions { read_only })
             .map_err(|error| HostError::Open {
@@ -319,6 +334,17 @@ impl Host {
             error: Box::new(error),
         })?;
         Ok(deleted)
+    }
+
+    /// The export (if any) whose `.add-cow` file is the same file as `overlay`.
+    fn serving_file(&self, overlay: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let want = id(overlay)?;
+        self.exports.all().into_iter().find_map(|e| {
+            let path = e.backend.disk()?.path().to_path_buf();
+            (id(&path) == Some(want)).then(|| e.name.clone())
+        })
     }
 
     /// Every export (also those being deleted), as `query-exports` reports them.
