@@ -9,6 +9,7 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v fio >/dev/null || need_pkgs+=(fio)
 command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
+command -v curl >/dev/null || need_pkgs+=(curl)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing ${need_pkgs[*]}"

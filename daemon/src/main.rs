@@ -1,12 +1,13 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
 //!
-//! Subcommands live in their own modules: `serve` in [`serve`], the image tools
-//! `create`/`info`/`check`/`map` in [`tools`].
+//! Subcommands live in their own modules: `serve` in [`serve`], its control client `ctl` in
+//! [`ctl`], the image tools `create`/`info`/`check`/`map` in [`tools`].
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod ctl;
 mod serve;
 mod tools;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Serve overlays over NBD on a Unix socket (with no overlay: a built-in demo).
     Serve(serve::ServeArgs),
+    /// Drive a running daemon through its control socket (add/remove exports, stats, quit).
+    Ctl(ctl::CtlArgs),
     /// Create an overlay on a base image.
     Create(tools::create::CreateArgs),
     /// Show an overlay's sizes, files and allocation.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Ctl(args) => ctl::run(args),
         Command::Create(args) => tools::create::run(args),
         Command::Info(args) => tools::info::run(args),
         Command::Check(args) => tools::check::run(args),

@@ -57,32 +57,75 @@ impl Budget {
     pub fn in_flight(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).0
     }
+
+    /// Whether an acquirer is parked waiting for a release. The flag is set under the lock right
+    /// before the wait, which releases the lock atomically: once this reads true, the acquirer
+    /// is inside the wait (or re-checking after a spurious wake-up, and about to wait again).
+    #[cfg(test)]
+    pub fn has_waiter(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use super::*;
 
-    #[test]
-    fn blocks_when_full_and_resumes_on_release() {
-        let b = Arc::new(Budget::new(2, 1 << 20));
-        b.acquire(10);
-        b.acquire(10);
-        assert_eq!(b.in_flight(), 2);
+    /// Spins (bounded) until an acquirer of `b` is parked in its wait.
+    fn wait_parked(b: &Budget) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b.has_waiter() {
+            assert!(Instant::now() < deadline, "the acquirer never blocked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Starts `acquire(bytes)` on a thread; the receiver gets a message once it returned.
+    fn acquire_on_thread(
+        b: &Arc<Budget>,
+        bytes: u64,
+    ) -> (std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<()>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let b2 = b.clone();
         let t = std::thread::spawn(move || {
-            b2.acquire(10);
+            b2.acquire(bytes);
             tx.send(()).unwrap();
         });
-        // The third acquire cannot finish until a release: the channel stays empty until then.
-        assert!(rx.try_recv().is_err());
+        (rx, t)
+    }
+
+    #[test]
+    fn blocks_when_full_and_resumes_on_release() {
+        // Full by request count.
+        let b = Arc::new(Budget::new(2, 1 << 20));
+        b.acquire(10);
+        b.acquire(10);
+        let (rx, t) = acquire_on_thread(&b, 10);
+        wait_parked(&b);
+        // Parked, and it stays parked while nothing is released.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(b.in_flight(), 2);
         b.release(10);
-        rx.recv().unwrap();
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a release did not wake the acquirer");
         t.join().unwrap();
         assert_eq!(b.in_flight(), 2);
+
+        // Full by bytes: 60 + 60 > 100 waits even though requests are left.
+        let b = Arc::new(Budget::new(8, 100));
+        b.acquire(60);
+        let (rx, t) = acquire_on_thread(&b, 60);
+        wait_parked(&b);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(b.in_flight(), 1);
+        b.release(60);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a release did not wake the acquirer");
+        t.join().unwrap();
+        assert_eq!(b.in_flight(), 1);
     }
 
     #[test]

@@ -9,10 +9,18 @@
 //!
 //! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
 //! connection only; every request already submitted still completes before the sockets close.
+//!
+//! From GO on (attached during the handshake, before GO is answered), the connection is in its
+//! export's client table ([`Export::attach`]). An `export-del` stops its reader through the
+//! [`ClientHandle`]: no new request is read, the ones taken in are answered, then the socket
+//! closes; no request is failed because of the delete.
+//!
+//! A panic in the writer thread is caught: it is logged, counted in [`WRITER_PANICS`] and
+//! reported in the connection's [`Totals`]; the connection then ends as if the client had gone.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +28,16 @@ use addcow_engine::{Done, Extent, ExtentKind, Request};
 
 use super::budget::Budget;
 use super::command::{self, Command, Limits};
-use super::export::{Backend, Exports};
+use super::export::{Attached, Backend, ClientHandle, Export, Exports};
 use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
 use super::outbox::{Outbox, Ticket};
 use super::reply::{Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
+use super::stats::{Op, Stamp};
 use super::wire::{self, RequestHeader};
+
+/// Writer threads that panicked since the daemon started (each one ended its connection).
+pub static WRITER_PANICS: AtomicU64 = AtomicU64::new(0);
 
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -39,7 +51,7 @@ const MAX_EXTENTS: usize = 1 << 20;
 /// Settings and shared state every connection sees.
 pub struct ConnConfig {
     /// The exports.
-    pub exports: Exports,
+    pub exports: Arc<Exports>,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
     /// Set when the daemon is shutting down: new requests get `ESHUTDOWN`.
@@ -57,9 +69,12 @@ pub struct Totals {
     pub bytes_read: u64,
     /// Error replies sent.
     pub errors: u64,
+    /// The writer thread panicked (the connection was ended).
+    pub writer_panicked: bool,
 }
 
 /// How a connection ended, for the one log line written once its slot is free.
+#[derive(Debug)]
 pub enum Ended {
     /// The client left (or was dropped) before transmission.
     Handshake,
@@ -93,10 +108,26 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
     let peer = sock.peer();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let shutting = cfg.shutting_down.clone();
+    // From GO on the connection is in its export's client table, through a handle that can stop
+    // its reader (export-del hard).
+    let stop = Arc::new(AtomicBool::new(false));
+    let Ok(handle_sock) = sock.try_clone() else {
+        return Ended::Handshake;
+    };
+    let attach = |e: &Arc<Export>| {
+        let s = handle_sock.try_clone().ok()?;
+        e.attach(id, ClientHandle::new(s, stop.clone()))
+    };
     let neg = {
         let mut d = Deadline::new(&mut sock, deadline);
-        handshake::negotiate(&mut d, &cfg.exports, &|| shutting.load(Ordering::SeqCst))
+        handshake::negotiate(
+            &mut d,
+            &cfg.exports,
+            &|| shutting.load(Ordering::SeqCst),
+            &attach,
+        )
     };
+    drop(handle_sock);
     let neg = match neg {
         Ok(n) => n,
         Err(HandshakeError::Ended) => return Ended::Handshake,
@@ -118,16 +149,26 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let totals = transmission(sock, core, &neg, &cfg.shutting_down);
+    let totals = transmission(sock, core, &neg, &cfg.shutting_down, &stop);
+    // Leave the export's client table only now: every request of this connection is answered.
+    let Negotiated { export, guard, .. } = neg;
+    drop(guard);
     Ended::Transmission {
-        export: neg.export.name.clone(),
+        export: export.name.clone(),
         totals,
     }
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
-/// both are done (every submitted request answered or dropped with the socket).
-fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool) -> Totals {
+/// both are done (every submitted request answered or dropped with the socket). `stop`: set
+/// when the export is being deleted (the reader then takes in no new request).
+fn transmission(
+    sock: Sock,
+    core: usize,
+    neg: &Negotiated<Attached>,
+    shutting: &AtomicBool,
+    stop: &AtomicBool,
+) -> Totals {
     let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES));
     let wsock = match sock.try_clone() {
         Ok(s) => s,
@@ -144,11 +185,21 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
     } else {
         Framing::Simple
     };
-    let outbox = Outbox::new(wsock, framing, budget);
+    let outbox = Outbox::new(wsock, framing, budget, neg.export.stats.clone(), core);
     let woutbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
-        .spawn(move || woutbox.run_writer());
+        .spawn(move || {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| woutbox.run_writer())) {
+                Ok((bytes, errors)) => (bytes, errors, false),
+                Err(_) => {
+                    WRITER_PANICS.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("connection writer thread panicked; closing the connection");
+                    woutbox.writer_failed();
+                    (0, 0, true)
+                }
+            }
+        });
     let writer = match writer {
         Ok(w) => w,
         Err(e) => {
@@ -168,19 +219,32 @@ fn transmission(sock: Sock, core: usize, neg: &Negotiated, shutting: &AtomicBool
             extended: neg.extended,
         },
         outbox,
+        stop,
+        stamp: Stamp::now(Op::Other, 0),
         totals: Totals::default(),
     };
     let end = reader.run(shutting);
-    if let Err(e) = &end {
-        tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error");
+    match &end {
+        Err(e) if stop.load(Ordering::SeqCst) => {
+            tracing::debug!(export = %neg.export.name, error = %e, "reader stopped mid-request (export deleted)")
+        }
+        Err(e) => {
+            tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error")
+        }
+        Ok(()) => {}
     }
     let mut totals = reader.totals;
     let sock = reader.sock.into_inner();
     reader.outbox.close();
-    // The writer ends once every in-flight completion has been answered.
-    let (bytes_read, errors) = writer.join().unwrap_or_default();
+    // The writer ends once every in-flight completion has been answered. It catches its own
+    // panics, so a failed join is one more panic (in the catch itself).
+    let (bytes_read, errors, panicked) = writer.join().unwrap_or_else(|_| {
+        WRITER_PANICS.fetch_add(1, Ordering::Relaxed);
+        (0, 0, true)
+    });
     totals.bytes_read = bytes_read;
     totals.errors += errors;
+    totals.writer_panicked = panicked;
     let _ = sock.shutdown(Shutdown::Both);
     totals
 }
@@ -196,20 +260,32 @@ enum ConnError {
     Io(#[from] io::Error),
 }
 
-struct Reader {
+struct Reader<'a> {
     /// The socket, buffered: one `read` takes in every request the client has pipelined.
     sock: std::io::BufReader<Sock>,
     core: usize,
     backend: Arc<dyn Backend>,
     limits: Limits,
     outbox: Arc<Outbox>,
+    /// Set to stop taking in requests (export deleted).
+    stop: &'a AtomicBool,
+    /// The request being handled.
+    stamp: Stamp,
     totals: Totals,
 }
 
-impl Reader {
-    /// Reads and dispatches requests until DISC, EOF or a fatal error.
+impl Reader<'_> {
+    /// Takes a ticket of `cost` for the request being handled.
+    fn ticket(&self, cost: u64) -> Ticket {
+        self.outbox.ticket(cost, self.stamp)
+    }
+
+    /// Reads and dispatches requests until DISC, EOF, a fatal error or `stop`.
     fn run(&mut self, shutting: &AtomicBool) -> Result<(), ConnError> {
         loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let mut hb = [0u8; wire::EXTENDED_REQUEST_LEN];
             let hlen = if self.limits.extended {
                 wire::EXTENDED_REQUEST_LEN
@@ -232,6 +308,12 @@ impl Reader {
             if h.kind == wire::CMD_DISC {
                 return Ok(());
             }
+            let op = Op::from_kind(h.kind);
+            let bytes = match op {
+                Op::Flush | Op::Other => 0,
+                _ => h.len,
+            };
+            self.stamp = Stamp::now(op, bytes);
             let validated = command::validate(&h, &self.limits);
             if shutting.load(Ordering::SeqCst) {
                 match &validated {
@@ -274,7 +356,7 @@ impl Reader {
     /// Sends an error reply (it holds a budget share like any request).
     fn error(&mut self, cookie: u64, offset: u64, error: u32, message: String) {
         let body = Body::Error { error, message };
-        self.answer(self.outbox.ticket(0), cookie, offset, body);
+        self.answer(self.ticket(0), cookie, offset, body);
     }
 
     /// Sends a reply that needed no engine request.
@@ -296,13 +378,13 @@ impl Reader {
             _ => false,
         };
         if empty {
-            let ticket = self.outbox.ticket(0);
+            let ticket = self.ticket(0);
             self.answer(ticket, cookie, req_offset, Body::Ok);
             return Ok(());
         }
         match cmd {
             Command::Read { offset, len, df } => {
-                let ticket = self.outbox.ticket(u64::from(len));
+                let ticket = self.ticket(u64::from(len));
                 let holes: Vec<(u64, u64)> = if len == 0 {
                     Vec::new()
                 } else {
@@ -346,7 +428,7 @@ impl Reader {
             }
             Command::Write { offset, len, fua } => {
                 let cost = u64::from(len);
-                let ticket = self.outbox.ticket(cost);
+                let ticket = self.ticket(cost);
                 // Not zeroed: holds stale bytes until `read_full` overwrites all of it. On a
                 // short or failed read it is dropped here, never submitted.
                 let mut data = self.backend.alloc_buf(len as usize);
@@ -361,15 +443,15 @@ impl Reader {
                 self.submit(ticket, cookie, offset, Request::Write { offset, data, fua });
             }
             Command::Flush => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, req_offset, Request::Flush);
             }
             Command::Trim { offset, len, fua } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, offset, Request::Trim { offset, len, fua });
             }
             Command::Cache { offset, len } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 self.submit(ticket, cookie, offset, Request::Cache { offset, len });
             }
             Command::WriteZeroes {
@@ -378,7 +460,7 @@ impl Reader {
                 punch,
                 fua,
             } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 let req = Request::WriteZeroes {
                     offset,
                     len,
@@ -392,7 +474,7 @@ impl Reader {
                 len,
                 req_one,
             } => {
-                let ticket = self.outbox.ticket(0);
+                let ticket = self.ticket(0);
                 let extents = self.backend.allocation(offset, len);
                 let contexts = block_status(&extents, self.limits.contexts, req_one, len);
                 self.answer(ticket, cookie, offset, Body::BlockStatus { contexts });
@@ -521,10 +603,23 @@ mod tests {
     use super::super::export::Export;
     use super::*;
 
-    fn start(size: usize) -> (UnixStream, std::thread::JoinHandle<()>, Arc<MemDisk>) {
+    type Conn = std::thread::JoinHandle<Ended>;
+
+    fn start(size: usize) -> (UnixStream, Conn, Arc<MemDisk>) {
         let disk = MemDisk::new(size, false);
         let (c, t) = start_on(disk.clone());
         (c, t, disk)
+    }
+
+    /// Asserts the connection thread ended normally, in transmission, with no writer panic.
+    fn ended_cleanly(t: Conn) -> Totals {
+        match t.join().expect("connection thread panicked") {
+            Ended::Transmission { totals, .. } => {
+                assert!(!totals.writer_panicked, "the writer thread panicked");
+                totals
+            }
+            other => panic!("connection ended before transmission: {other:?}"),
+        }
     }
 
     /// A backend whose WRITE completions wait until the test opens the gate.
@@ -559,19 +654,22 @@ mod tests {
         }
     }
 
-    fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, std::thread::JoinHandle<()>) {
+    fn start_on(backend: Arc<dyn Backend>) -> (UnixStream, Conn) {
+        let exports = Exports::new(vec![Export::new("", backend, 1)]);
+        start_in(&exports)
+    }
+
+    /// A connection to the exports `exports`, served on its own thread.
+    fn start_in(exports: &Arc<Exports>) -> (UnixStream, Conn) {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (a, b) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
-            exports: Exports::new(vec![Export {
-                name: String::new(),
-                backend,
-            }]),
+            exports: exports.clone(),
             handshake_timeout: Duration::from_secs(10),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
-        let t = std::thread::spawn(move || {
-            serve(Sock::Unix(a), 1, 0, &cfg);
-        });
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg));
         (b, t)
     }
 
@@ -606,7 +704,7 @@ mod tests {
         c.read_exact(&mut r).unwrap();
         assert_eq!(r, wire::simple_reply(0, 1));
         req(&mut c, wire::CMD_DISC, 0, 3, 0, 0);
-        t.join().unwrap();
+        ended_cleanly(t);
     }
 
     /// Client side of a handshake with structured replies and base:allocation.
@@ -692,32 +790,277 @@ mod tests {
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
-        t.join().unwrap();
+        ended_cleanly(t);
+    }
+
+    /// Reads until the server closes; fails (instead of hanging) if it does not within 10 s.
+    fn read_until_closed(c: &mut UnixStream) -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .expect("the server did not close the connection within 10 s");
+        rest
+    }
+
+    /// On connection `b`: FUA-writes `fill` over 0..512, reads it back, checks both replies.
+    fn roundtrip(b: &mut UnixStream, cookie: u64, fill: u8) {
+        req(b, wire::CMD_WRITE, wire::CMD_FLAG_FUA, cookie, 0, 512);
+        b.write_all(&[fill; 512]).unwrap();
+        let mut r = [0u8; 16];
+        b.read_exact(&mut r).unwrap();
+        assert_eq!(
+            r,
+            wire::simple_reply(0, cookie),
+            "write on the good connection"
+        );
+        req(b, wire::CMD_READ, 0, cookie + 1, 0, 512);
+        let mut r = vec![0u8; 20 + 8 + 512];
+        b.read_exact(&mut r).unwrap();
+        assert_eq!(&r[8..16], &(cookie + 1).to_be_bytes());
+        assert!(
+            r[28..].iter().all(|&x| x == fill),
+            "read back on the good connection"
+        );
     }
 
     #[test]
     fn garbage_and_truncation_close_only_this_connection() {
-        let (mut c, t, _) = start(1 << 16);
-        handshake(&mut c);
-        c.write_all(&[0xff; 28]).unwrap();
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-        t.join().unwrap();
+        // One export, a good connection `b` that stays open throughout, and three bad ones.
+        let disk = MemDisk::new(1 << 16, false);
+        let exports = Exports::new(vec![Export::new("", disk.clone(), 1)]);
+        let (mut b, tb) = start_in(&exports);
+        handshake(&mut b);
+        roundtrip(&mut b, 10, 0x77);
 
-        let (mut c, t, _) = start(1 << 16);
-        handshake(&mut c);
-        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 4096);
-        c.write_all(&[1; 100]).unwrap();
-        c.shutdown(Shutdown::Write).unwrap();
-        t.join().unwrap();
+        // Bad magic: closed at once, without a reply.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        a.write_all(&[0xff; 28]).unwrap();
+        assert!(read_until_closed(&mut a).is_empty());
+        ended_cleanly(ta);
+        roundtrip(&mut b, 20, 0x66);
 
-        let (mut c, t, _) = start(1 << 16);
+        // A WRITE cut short inside its payload: closed, and nothing of it reaches the disk.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_WRITE, 0, 1, 0, 4096);
+        a.write_all(&[1; 100]).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        assert!(read_until_closed(&mut a).is_empty());
+        let totals = ended_cleanly(ta);
+        assert_eq!(totals.bytes_written, 0);
+        assert!(disk.data.lock().unwrap()[..512].iter().all(|&x| x == 0x66));
+        roundtrip(&mut b, 30, 0x55);
+
+        // A WRITE announcing 4 GiB (over the 32 MiB limit): closed without reading the payload
+        // or answering, while the client still holds its socket open.
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_WRITE, 0, 1, 0, u32::MAX);
+        assert!(read_until_closed(&mut a).is_empty(), "no reply expected");
+        ended_cleanly(ta);
+        roundtrip(&mut b, 40, 0x44);
+
+        req(&mut b, wire::CMD_DISC, 0, 99, 0, 0);
+        assert!(read_until_closed(&mut b).is_empty());
+        let totals = ended_cleanly(tb);
+        assert_eq!(
+            totals.requests, 9,
+            "4 write/read pairs and DISC on the good connection"
+        );
+    }
+
+    /// A backend whose READ completions are all held until the test releases them; it counts
+    /// submissions.
+    struct HeldReads {
+        inner: Arc<MemDisk>,
+        submitted: AtomicU64,
+        held: std::sync::Mutex<Vec<(Request, addcow_engine::Completion)>>,
+    }
+
+    impl HeldReads {
+        fn release_all(&self) {
+            let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
+            for (req, done) in held {
+                self.inner.submit(0, req, done);
+            }
+        }
+    }
+
+    impl Backend for HeldReads {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            self.submitted.fetch_add(1, Ordering::SeqCst);
+            if matches!(req, Request::Read { .. }) {
+                self.held.lock().unwrap().push((req, done));
+            } else {
+                self.inner.submit(core, req, done)
+            }
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// Counts complete replies (simple replies, and structured chunks flagged DONE) until EOF.
+    fn count_replies(mut c: UnixStream) -> u64 {
+        let mut n = 0;
+        let mut magic = [0u8; 4];
+        while c.read_exact(&mut magic).is_ok() {
+            match u32::from_be_bytes(magic) {
+                wire::SIMPLE_REPLY_MAGIC => {
+                    let mut rest = [0u8; 12];
+                    c.read_exact(&mut rest).unwrap();
+                    n += 1;
+                }
+                wire::STRUCTURED_REPLY_MAGIC => {
+                    let mut h = [0u8; 16];
+                    c.read_exact(&mut h).unwrap();
+                    let flags = u16::from_be_bytes([h[0], h[1]]);
+                    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                    std::io::copy(&mut (&mut c).take(u64::from(len)), &mut std::io::sink())
+                        .unwrap();
+                    if flags & wire::REPLY_FLAG_DONE != 0 {
+                        n += 1;
+                    }
+                }
+                m => panic!("bad reply magic {m:#x}"),
+            }
+        }
+        n
+    }
+
+    /// Backpressure: once MAX_IN_FLIGHT requests are in flight the reader takes no more, so it
+    /// stops reading the socket and the client's writes block; releasing the requests resumes it.
+    #[test]
+    fn reader_stops_reading_when_the_budget_is_spent() {
+        let backend = Arc::new(HeldReads {
+            inner: MemDisk::new(8 << 20, false),
+            submitted: AtomicU64::new(0),
+            held: Default::default(),
+        });
+        let (mut c, t) = start_on(backend.clone());
         handshake(&mut c);
-        req(&mut c, wire::CMD_WRITE, 0, 1, 0, u32::MAX);
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        t.join().unwrap();
+        let replies = {
+            let r = c.try_clone().unwrap();
+            std::thread::spawn(move || count_replies(r))
+        };
+        // MAX_IN_FLIGHT reads of the base half (they reach the backend and are held), then
+        // 256 writes of 64 KiB (16 MiB) from another thread, counting what the socket took.
+        let mut w = c.try_clone().unwrap();
+        for i in 0..MAX_IN_FLIGHT as u64 {
+            req(&mut w, wire::CMD_READ, 0, i, (i % 64) * 4096, 4096);
+        }
+        let sent = Arc::new(AtomicU64::new(0));
+        let sent2 = sent.clone();
+        let writer = std::thread::spawn(move || {
+            let payload = vec![0x3c; 64 << 10];
+            for i in 0..256u64 {
+                req(
+                    &mut w,
+                    wire::CMD_WRITE,
+                    0,
+                    1000 + i,
+                    (4 << 20) + i * 4096,
+                    64 << 10,
+                );
+                w.write_all(&payload).unwrap();
+                sent2.fetch_add(28 + (64 << 10), Ordering::SeqCst);
+            }
+            req(&mut w, wire::CMD_DISC, 0, 0, 0, 0);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backend.submitted.load(Ordering::SeqCst) < MAX_IN_FLIGHT as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the reads never reached the backend"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give a reader that does not stop every chance to run ahead.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            backend.submitted.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT as u64,
+            "the reader took in requests past its budget"
+        );
+        let taken = sent.load(Ordering::SeqCst);
+        assert!(
+            taken < 4 << 20,
+            "the client wrote {taken} bytes while the budget was spent: the reader kept reading"
+        );
+        backend.release_all();
+        writer.join().unwrap();
+        ended_cleanly(t);
+        assert_eq!(replies.join().unwrap(), MAX_IN_FLIGHT as u64 + 256);
+        assert_eq!(
+            backend.submitted.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT as u64 + 256
+        );
+    }
+
+    /// `export-del hard` on a connection: the reader takes in no new request, the request in
+    /// flight is answered, then the connection closes; no request is answered with an error.
+    #[test]
+    fn stopping_the_reader_answers_in_flight_requests_then_closes() {
+        let gated = Arc::new(GatedWrites {
+            inner: MemDisk::new(1 << 20, false),
+            held: Default::default(),
+        });
+        let export = Export::new("", gated.clone(), 1);
+        let exports = Exports::new(vec![export.clone()]);
+        let (mut c, t) = start_in(&exports);
+        handshake(&mut c);
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 512);
+        c.write_all(&[9u8; 512]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gated.held.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the write never reached the backend"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(export.client_count(), 1);
+        assert_eq!(export.begin_delete(false), Ok(1));
+        // A new connection can no longer attach; LIST/GO no longer see the export.
+        assert!(exports.find("").is_none());
+        // A request sent now is never taken in (the socket's read side is shut: it may even
+        // fail to send).
+        let h = RequestHeader {
+            flags: 0,
+            kind: wire::CMD_READ,
+            cookie: 2,
+            offset: 0,
+            len: 512,
+        };
+        let _ = c.write_all(&h.encode());
+        // The held write is still answered, then the connection closes.
+        assert!(!export.wait_clients_gone(Some(Instant::now() + Duration::from_millis(100))));
+        for done in gated.held.lock().unwrap().drain(..) {
+            done(Ok(Done::Ok));
+        }
+        let rest = read_until_closed(&mut c);
+        assert_eq!(
+            rest,
+            wire::simple_reply(0, 1),
+            "exactly the write's OK, nothing else"
+        );
+        assert!(export.wait_clients_gone(Some(Instant::now() + Duration::from_secs(10))));
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.errors, 0);
+        assert_eq!(
+            export.begin_delete(false),
+            Err(super::super::export::DeleteRefused::AlreadyDeleting)
+        );
     }
 
     /// Invariant 6: no request stream makes the daemon panic. Random (mostly well-framed)
@@ -775,7 +1118,7 @@ mod tests {
             let mut sink = Vec::new();
             let _ = c.read_to_end(&mut sink);
             writer.join().unwrap();
-            t.join().expect("connection thread panicked");
+            ended_cleanly(t);
         }
     }
 
@@ -783,10 +1126,7 @@ mod tests {
     fn random_handshakes_never_panic() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-        let exports = Exports::new(vec![Export {
-            name: String::new(),
-            backend: MemDisk::new(4096, false),
-        }]);
+        let exports = Exports::new(vec![Export::new("", MemDisk::new(4096, false), 1)]);
         for _ in 0..2000 {
             let mut input = vec![0, 0, 0, rng.gen_range(0..4u8)];
             for _ in 0..rng.gen_range(0..6) {
@@ -815,7 +1155,7 @@ mod tests {
                 let _ = b.read_to_end(&mut sink);
             });
             let mut sock = Sock::Unix(a);
-            let r = handshake::negotiate(&mut sock, &exports, &|| false);
+            let r = handshake::negotiate(&mut sock, &exports, &|| false, &|_| Some(()));
             drop(r);
             drop(sock);
             writer.join().unwrap();
@@ -847,7 +1187,7 @@ mod tests {
         }
         assert!(seen.iter().all(|&s| s));
         w.join().unwrap();
-        t.join().unwrap();
+        ended_cleanly(t);
     }
 
     #[test]

@@ -4,10 +4,16 @@
 //! The protocol layer talks to a `dyn Backend`; in the daemon that is an engine [`Disk`] (plus its
 //! [`Engine`] for buffers). Tests of the protocol layer use an in-memory backend.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
 
 use addcow_engine::{Completion, Disk, Engine, Extent, IoBuf, Request};
 
+use super::sock::Sock;
+use super::stats::ExportStats;
 use super::wire;
 
 /// What the protocol needs from a disk. Implementations are shared by every connection
@@ -25,6 +31,10 @@ pub trait Backend: Send + Sync + 'static {
     /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
     /// unsubmitted.
     fn alloc_buf(&self, len: usize) -> IoBuf;
+    /// The engine disk behind this backend, if it is one (for its path, counters and close).
+    fn disk(&self) -> Option<&Disk> {
+        None
+    }
 }
 
 /// An engine disk as a [`Backend`].
@@ -53,18 +63,117 @@ impl Backend for EngineDisk {
         // first would be wasted memset.
         self.engine.alloc_buf_unzeroed(len)
     }
+    fn disk(&self) -> Option<&Disk> {
+        Some(&self.disk)
+    }
 }
 
-/// One export: a name clients ask for and the disk behind it.
-#[derive(Clone)]
+/// How a connection is told to stop: a flag its reader checks before each request, and a
+/// handle on its socket to wake a reader blocked in `read` (shutting down the read side makes
+/// that read return end-of-file; requests already taken in are still answered).
+#[derive(Debug)]
+pub struct ClientHandle {
+    sock: Sock,
+    stop: Arc<AtomicBool>,
+}
+
+impl ClientHandle {
+    /// A handle on `sock` (a clone of the connection's socket) and its reader's `stop` flag.
+    pub fn new(sock: Sock, stop: Arc<AtomicBool>) -> ClientHandle {
+        ClientHandle { sock, stop }
+    }
+
+    /// Stops the reader: no new request is read; in-flight ones are answered, then the
+    /// connection closes. No request gets an error because of this.
+    pub fn stop_reading(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.sock.shutdown(Shutdown::Read);
+    }
+
+    /// Closes the socket both ways (a client that does not read its replies).
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+/// Whether an export takes new clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Serving,
+    /// `export-del` began: invisible to LIST/GO, no client may attach.
+    Deleting,
+}
+
+#[derive(Debug)]
+struct Clients {
+    state: State,
+    conns: HashMap<u64, ClientHandle>,
+}
+
+/// Why an export could not start being deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteRefused {
+    /// `safe` mode and clients are connected.
+    Busy(usize),
+    /// Another `export-del` of this export is under way.
+    AlreadyDeleting,
+}
+
+/// One export: a name clients ask for, the disk behind it, its request statistics and the
+/// connections in transmission on it.
 pub struct Export {
     /// The export name ("" = the default export).
     pub name: String,
     /// The disk.
     pub backend: Arc<dyn Backend>,
+    /// Request counters, one shard per engine core.
+    pub stats: Arc<ExportStats>,
+    clients: Mutex<Clients>,
+    left: Condvar,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export").field("name", &self.name).finish()
+    }
+}
+
+/// A connection's membership of an export's client table; leaving the table (and waking an
+/// `export-del` waiting for it) happens when this is dropped, also on unwinding.
+pub struct Attached {
+    export: Arc<Export>,
+    id: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut c = self.export.lock_clients();
+        c.conns.remove(&self.id);
+        drop(c);
+        self.export.left.notify_all();
+    }
 }
 
 impl Export {
+    /// An export of `backend` called `name`, counting on `shards` cores.
+    pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>, shards: usize) -> Arc<Export> {
+        Arc::new(Export {
+            name: name.into(),
+            backend,
+            stats: Arc::new(ExportStats::new(shards)),
+            clients: Mutex::new(Clients {
+                state: State::Serving,
+                conns: HashMap::new(),
+            }),
+            left: Condvar::new(),
+        })
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, Clients> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Transmission flags for this export. `structured`: whether structured replies were
     /// negotiated (DF is only advertised then).
     pub fn transmission_flags(&self, structured: bool) -> u16 {
@@ -84,28 +193,192 @@ impl Export {
         }
         flags
     }
+
+    /// Adds connection `id` to the client table, unless a delete has begun (then `None`: the
+    /// connection must close without serving).
+    pub fn attach(self: &Arc<Self>, id: u64, handle: ClientHandle) -> Option<Attached> {
+        let mut c = self.lock_clients();
+        if c.state != State::Serving {
+            return None;
+        }
+        c.conns.insert(id, handle);
+        Some(Attached {
+            export: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Connections in transmission on this export.
+    pub fn client_count(&self) -> usize {
+        self.lock_clients().conns.len()
+    }
+
+    /// Whether an `export-del` has begun.
+    pub fn is_deleting(&self) -> bool {
+        self.lock_clients().state == State::Deleting
+    }
+
+    /// Starts a delete: from now on no connection can attach. `safe`: refuse while clients are
+    /// connected (checked under the same lock as [`Export::attach`], so none can slip in).
+    /// Otherwise every client's reader is stopped: in-flight requests are answered, then the
+    /// connections close.
+    pub fn begin_delete(&self, safe: bool) -> Result<usize, DeleteRefused> {
+        let mut c = self.lock_clients();
+        if c.state == State::Deleting {
+            return Err(DeleteRefused::AlreadyDeleting);
+        }
+        if safe && !c.conns.is_empty() {
+            return Err(DeleteRefused::Busy(c.conns.len()));
+        }
+        c.state = State::Deleting;
+        for h in c.conns.values() {
+            h.stop_reading();
+        }
+        Ok(c.conns.len())
+    }
+
+    /// Waits until no client is left or `deadline` passes; returns whether none is left.
+    pub fn wait_clients_gone(&self, deadline: Option<Instant>) -> bool {
+        let mut c = self.lock_clients();
+        while !c.conns.is_empty() {
+            match deadline {
+                None => c = self.left.wait(c).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    c = self
+                        .left
+                        .wait_timeout(c, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+
+    /// Closes every remaining client's socket both ways.
+    pub fn close_clients(&self) {
+        for h in self.lock_clients().conns.values() {
+            h.close();
+        }
+    }
 }
 
-/// The exports of a daemon, looked up by name.
-#[derive(Clone, Default)]
+/// A claim on an export name while its overlay is being opened: no one else can take the name
+/// meanwhile. Dropped unused, it frees the name.
+pub struct NameClaim {
+    exports: Arc<Exports>,
+    name: String,
+    used: bool,
+}
+
+impl NameClaim {
+    /// The claimed name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Publishes `export` (named as claimed): LIST and GO see it from now on.
+    pub fn publish(mut self, export: Arc<Export>) {
+        let mut t = self.exports.write();
+        t.pending.retain(|n| n != &self.name);
+        t.list.push(export);
+        self.used = true;
+    }
+}
+
+impl Drop for NameClaim {
+    fn drop(&mut self) {
+        if !self.used {
+            self.exports.write().pending.retain(|n| n != &self.name);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    list: Vec<Arc<Export>>,
+    /// Names claimed by an `export-add` still opening its overlay.
+    pending: Vec<String>,
+}
+
+/// The exports of a daemon, looked up by name. Changed at runtime by `export-add` and
+/// `export-del`; read by the handshake (never on the request path: a connection holds its
+/// export from GO on).
+#[derive(Default)]
 pub struct Exports {
-    list: Vec<Export>,
+    table: RwLock<Table>,
 }
 
 impl Exports {
     /// A table of `list` (names are unique; the caller checks).
-    pub fn new(list: Vec<Export>) -> Self {
-        Exports { list }
+    pub fn new(list: Vec<Arc<Export>>) -> Arc<Self> {
+        Arc::new(Exports {
+            table: RwLock::new(Table {
+                list,
+                pending: Vec::new(),
+            }),
+        })
     }
 
-    /// The export called `name`.
-    pub fn find(&self, name: &str) -> Option<&Export> {
-        self.list.iter().find(|e| e.name == name)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every export, in the order given.
-    pub fn iter(&self) -> impl Iterator<Item = &Export> {
-        self.list.iter()
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The export called `name` that clients may use (not being deleted).
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.read()
+            .list
+            .iter()
+            .find(|e| e.name == name && !e.is_deleting())
+            .cloned()
+    }
+
+    /// The export called `name`, also while it is being deleted.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.read().list.iter().find(|e| e.name == name).cloned()
+    }
+
+    /// The exports clients may use, in the order they were added.
+    pub fn serving(&self) -> Vec<Arc<Export>> {
+        self.read()
+            .list
+            .iter()
+            .filter(|e| !e.is_deleting())
+            .cloned()
+            .collect()
+    }
+
+    /// Every export, also those being deleted, in the order they were added.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        self.read().list.clone()
+    }
+
+    /// Claims `name` for an export about to be added; `None` if it is taken (by an export,
+    /// one being deleted, or another add under way).
+    pub fn claim(self: &Arc<Self>, name: &str) -> Option<NameClaim> {
+        let mut t = self.write();
+        if t.list.iter().any(|e| e.name == name) || t.pending.iter().any(|n| n == name) {
+            return None;
+        }
+        t.pending.push(name.to_string());
+        Some(NameClaim {
+            exports: Arc::clone(self),
+            name: name.to_string(),
+            used: false,
+        })
+    }
+
+    /// Removes `export` from the table (its name is free again).
+    pub fn remove(&self, export: &Arc<Export>) {
+        self.write().list.retain(|e| !Arc::ptr_eq(e, export));
     }
 }
 
@@ -243,17 +516,11 @@ mod tests {
 
     #[test]
     fn flags_follow_read_only_and_structured() {
-        let rw = Export {
-            name: String::new(),
-            backend: memory::MemDisk::new(4096, false),
-        };
+        let rw = Export::new("", memory::MemDisk::new(4096, false), 1);
         let f = rw.transmission_flags(true);
         assert_eq!(f, 0x0ded);
         assert_eq!(rw.transmission_flags(false) & wire::FLAG_SEND_DF, 0);
-        let ro = Export {
-            name: "ro".into(),
-            backend: memory::MemDisk::new(4096, true),
-        };
+        let ro = Export::new("ro", memory::MemDisk::new(4096, true), 1);
         let f = ro.transmission_flags(true);
         assert_ne!(f & wire::FLAG_READ_ONLY, 0);
         assert_eq!(f & wire::FLAG_SEND_TRIM, 0);

@@ -7,6 +7,7 @@
 //! `ERR_UNSUP` and haggling continues.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use super::export::{Export, Exports};
 use super::wire::{self, Cursor};
@@ -36,10 +37,11 @@ impl MetaContexts {
     }
 }
 
-/// What a successful handshake agreed on.
-pub struct Negotiated {
+/// What a successful handshake agreed on. `G`: what the caller's `attach` returned for the
+/// export (the connection's membership of its client table).
+pub struct Negotiated<G = ()> {
     /// The export the client entered transmission on.
-    pub export: Export,
+    pub export: Arc<Export>,
     /// Structured replies were negotiated (implied by extended headers).
     pub structured: bool,
     /// Extended headers were negotiated: 32-byte requests and replies.
@@ -48,6 +50,8 @@ pub struct Negotiated {
     pub contexts: MetaContexts,
     /// Transmission flags sent to the client.
     pub flags: u16,
+    /// The caller's `attach` result.
+    pub guard: G,
 }
 
 /// How a handshake ended without entering transmission, or failed.
@@ -68,11 +72,17 @@ pub enum HandshakeError {
 ///
 /// `shutting_down` is consulted before each option: once it returns true, options other than
 /// `ABORT` get `ERR_SHUTDOWN`.
-pub fn negotiate<S: Read + Write>(
+///
+/// `attach` is called on `GO`/`EXPORT_NAME` before anything is answered: the connection joins the
+/// export's client table, so from the client's first sight of success it counts as connected.
+/// `None` (the export began to be deleted) answers `GO` with `ERR_UNKNOWN` and haggling goes on
+/// (`EXPORT_NAME`, which has no error reply, drops the connection).
+pub fn negotiate<S: Read + Write, G>(
     stream: &mut S,
     exports: &Exports,
     shutting_down: &dyn Fn() -> bool,
-) -> Result<Negotiated, HandshakeError> {
+    attach: &dyn Fn(&Arc<Export>) -> Option<G>,
+) -> Result<Negotiated<G>, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&wire::NBD_MAGIC.to_be_bytes());
     greeting.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
@@ -158,6 +168,11 @@ pub fn negotiate<S: Read + Write>(
                         "EXPORT_NAME for unknown export {name:?}"
                     )));
                 };
+                let Some(guard) = attach(&export) else {
+                    return Err(HandshakeError::Protocol(format!(
+                        "EXPORT_NAME for export {name:?}, which is being deleted"
+                    )));
+                };
                 let flags = export.transmission_flags(structured);
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&export.backend.size().to_be_bytes());
@@ -169,11 +184,12 @@ pub fn negotiate<S: Read + Write>(
                 stream.flush()?;
                 let contexts = contexts_for(&selected, &name, structured);
                 return Ok(Negotiated {
-                    export: export.clone(),
+                    export,
                     structured,
                     extended,
                     contexts,
                     flags,
+                    guard,
                 });
             }
             wire::OPT_LIST => {
@@ -181,7 +197,7 @@ pub fn negotiate<S: Read + Write>(
                     reply_err(stream, option, wire::REP_ERR_INVALID, "LIST takes no data")?;
                     continue;
                 }
-                for e in exports.iter() {
+                for e in exports.serving() {
                     let mut p = Vec::with_capacity(4 + e.name.len());
                     p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     p.extend_from_slice(e.name.as_bytes());
@@ -230,6 +246,20 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 };
+                let guard = if option == wire::OPT_GO {
+                    let Some(g) = attach(&export) else {
+                        reply_err(
+                            stream,
+                            option,
+                            wire::REP_ERR_UNKNOWN,
+                            &format!("export {name:?} is being deleted"),
+                        )?;
+                        continue;
+                    };
+                    Some(g)
+                } else {
+                    None
+                };
                 let flags = export.transmission_flags(structured);
                 let mut p = Vec::with_capacity(12);
                 p.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
@@ -249,15 +279,16 @@ pub fn negotiate<S: Read + Write>(
                 p.extend_from_slice(&wire::MAX_PAYLOAD.to_be_bytes());
                 stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
                 stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-                if option == wire::OPT_GO {
+                if let Some(guard) = guard {
                     stream.flush()?;
                     let contexts = contexts_for(&selected, &name, structured);
                     return Ok(Negotiated {
-                        export: export.clone(),
+                        export,
                         structured,
                         extended,
                         contexts,
                         flags,
+                        guard,
                     });
                 }
             }
@@ -435,16 +466,10 @@ mod tests {
         b
     }
 
-    fn exports() -> Exports {
+    fn exports() -> Arc<Exports> {
         Exports::new(vec![
-            Export {
-                name: String::new(),
-                backend: MemDisk::new(1 << 20, false),
-            },
-            Export {
-                name: "ro".into(),
-                backend: MemDisk::new(4096, true),
-            },
+            Export::new("", MemDisk::new(1 << 20, false), 1),
+            Export::new("ro", MemDisk::new(4096, true), 1),
         ])
     }
 
@@ -453,7 +478,7 @@ mod tests {
             input: IoCursor::new(client),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, &exports(), &|| false);
+        let r = negotiate(&mut s, &exports(), &|| false, &|_| Some(()));
         (r, s.output)
     }
 
@@ -545,6 +570,43 @@ mod tests {
         assert_ne!(n.flags & wire::FLAG_READ_ONLY, 0);
         assert_eq!(n.flags & wire::FLAG_SEND_DF, 0);
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_UNKNOWN);
+    }
+
+    /// The connection joins the export's client table before GO is answered; an export being
+    /// deleted answers ERR_UNKNOWN and haggling goes on. INFO attaches nothing.
+    #[test]
+    fn go_attaches_before_answering_and_a_deleted_export_is_unknown() {
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_INFO, &go("ro", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        c.extend(opt(wire::OPT_GO, &go("ro", &[])));
+        let mut s = Script {
+            input: IoCursor::new(c),
+            output: Vec::new(),
+        };
+        let asked = std::cell::RefCell::new(Vec::new());
+        let attach = |e: &Arc<Export>| {
+            asked.borrow_mut().push(e.name.clone());
+            (e.name == "ro").then_some(7u8)
+        };
+        let n = negotiate(&mut s, &exports(), &|| false, &attach).unwrap();
+        assert_eq!((n.export.name.as_str(), n.guard), ("ro", 7));
+        assert_eq!(*asked.borrow(), ["", "ro"], "INFO must not attach");
+        let reps = replies(&s.output);
+        // INFO: INFO_EXPORT, BLOCK_SIZE, ACK; GO "": ERR_UNKNOWN; GO "ro": INFO, INFO, ACK.
+        let types: Vec<u32> = reps.iter().map(|r| r.1).collect();
+        assert_eq!(
+            types,
+            [
+                wire::REP_INFO,
+                wire::REP_INFO,
+                wire::REP_ACK,
+                wire::REP_ERR_UNKNOWN,
+                wire::REP_INFO,
+                wire::REP_INFO,
+                wire::REP_ACK
+            ]
+        );
     }
 
     #[test]
@@ -705,7 +767,7 @@ mod tests {
             }),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, &exports(), &|| true);
+        let r = negotiate(&mut s, &exports(), &|| true, &|_| Some(()));
         assert!(matches!(r, Err(HandshakeError::Ended)));
         assert_eq!(replies(&s.output)[0].1, wire::REP_ERR_SHUTDOWN);
     }

@@ -5,22 +5,33 @@
 //! ([`wire`], [`command`]) and submits to the engine on the connection's core; completions go to
 //! the connection's writer thread, which frames them ([`reply`]) and sends them.
 //!
+//! Operating it: [`host`] holds the engine and the export table and adds/removes exports at
+//! runtime; [`control`] is the JSON-RPC control socket, [`events`] its notifications;
+//! [`metrics`] the Prometheus endpoint; [`stats`] the lock-free per-export counters behind
+//! both; [`allow`] the folders `export-add` may open.
+//!
 //! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
-//! [`reply`] (framing and sending), [`budget`] (in-flight limit), [`connection`] (reader/writer),
-//! [`sock`], [`listener`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (the
-//! engine seam), [`demo`].
+//! [`reply`] (framing and sending), [`budget`] (in-flight limit), [`outbox`] (reply queue and
+//! writer), [`connection`] (reader), [`sock`], [`listener`] (socket hygiene, systemd),
+//! [`signals`] (shutdown), [`export`] (exports and the engine seam), [`demo`].
 
+pub mod allow;
 pub mod budget;
 pub mod command;
 pub mod connection;
+pub mod control;
 pub mod demo;
+pub mod events;
 pub mod export;
 pub mod handshake;
+pub mod host;
 pub mod listener;
+pub mod metrics;
 pub mod outbox;
 pub mod reply;
 pub mod signals;
 pub mod sock;
+pub mod stats;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -29,14 +40,15 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig};
+use addcow_engine::{CacheMode, Engine, EngineConfig};
 
+use allow::{AllowedDirs, OverlayFiles};
 use connection::ConnConfig;
-use export::{EngineDisk, Export, Exports};
+use export::Exports;
+use host::{Host, Origin};
 use listener::Listener;
 use sock::Sock;
 
@@ -46,12 +58,26 @@ pub struct ServeArgs {
     /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// An export: NAME=OVERLAY (the .add-cow file). Repeatable; all share one engine.
-    #[arg(long = "export", value_name = "NAME=OVERLAY")]
+    /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only.
+    /// Repeatable; all share one engine.
+    #[arg(long = "export", value_name = "NAME=OVERLAY[:ro]")]
     pub exports: Vec<String>,
-    /// Serve every export read-only.
+    /// Serve every command-line export read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Control socket (JSON-RPC 2.0, one object per line; mode 0600): add and remove exports
+    /// at runtime, query them, quit. With it the daemon may start with no export.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// A folder export-add may open overlays, raw images and bases in (their real paths).
+    /// Repeatable. Default: the folders of the command-line overlays and of their raw images
+    /// and bases; with neither, export-add is refused.
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    pub allow_dirs: Vec<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics over HTTP on ADDR: a TCP address (keep it on
+    /// loopback, e.g. 127.0.0.1:9810) or a Unix socket path (anything with a '/').
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Also listen on TCP (e.g. 127.0.0.1:10809). No TLS: keep it on loopback.
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<String>,
@@ -67,8 +93,9 @@ pub struct ServeArgs {
     /// Seconds a client has to finish the handshake.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub handshake_timeout: u64,
-    /// Seconds to wait on SIGTERM/SIGINT for clients to disconnect (their requests get
-    /// ESHUTDOWN meanwhile) before closing their connections.
+    /// Seconds to wait on SIGTERM/SIGINT/quit for clients to disconnect (their requests get
+    /// ESHUTDOWN meanwhile) before closing their connections; also how long export-del hard
+    /// waits for in-flight requests before closing the sockets.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub shutdown_grace: u64,
     /// Engine core threads (default: one per CPU).
@@ -77,7 +104,8 @@ pub struct ServeArgs {
     /// Cache mode of the raw images: direct (O_DIRECT) or buffered.
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
     pub cache: CacheMode,
-    /// The default export (empty name). With no overlay and no --export: the built-in demo.
+    /// The default export (empty name). With no overlay, no --export and no --control: the
+    /// built-in demo.
     #[arg(value_name = "OVERLAY")]
     pub overlay: Option<PathBuf>,
 }
@@ -99,21 +127,40 @@ fn parse_cache(s: &str) -> Result<CacheMode, String> {
     }
 }
 
-/// Splits `NAME=OVERLAY`.
-fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
+/// One command-line export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CliExport {
+    name: String,
+    overlay: PathBuf,
+    read_only: bool,
+}
+
+/// Splits `NAME=OVERLAY`, `NAME=OVERLAY:ro` or `NAME=OVERLAY:rw`.
+fn parse_export(s: &str) -> Result<CliExport, String> {
     let (name, path) = s
         .split_once('=')
-        .ok_or_else(|| format!("--export {s:?}: expected NAME=OVERLAY"))?;
+        .ok_or_else(|| format!("--export {s:?}: expected NAME=OVERLAY[:ro]"))?;
     if name.len() > wire::MAX_STRING || name.contains('\0') {
         return Err(format!("--export {s:?}: bad export name"));
     }
+    let (path, read_only) = if let Some(p) = path.strip_suffix(":ro") {
+        (p, true)
+    } else if let Some(p) = path.strip_suffix(":rw") {
+        (p, false)
+    } else {
+        (path, false)
+    };
     if path.is_empty() {
         return Err(format!("--export {s:?}: empty overlay path"));
     }
-    Ok((name.to_string(), PathBuf::from(path)))
+    Ok(CliExport {
+        name: name.to_string(),
+        overlay: PathBuf::from(path),
+        read_only,
+    })
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// Runs the daemon until SIGTERM/SIGINT or `quit`.
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging();
     match serve(args) {
@@ -172,27 +219,81 @@ impl Live {
     }
 }
 
+/// Removes a connection from [`Live`] when dropped (also when its thread unwinds).
+struct LiveSlot {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.live.socks.lock() {
+            m.remove(&self.id);
+        }
+        self.live.ended.notify_all();
+    }
+}
+
+/// Socket files and the pid file this process created: removed when dropped, on every way out.
+#[derive(Default)]
+struct Created {
+    listeners: Vec<Listener>,
+    control: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+}
+
+impl Created {
+    fn remove_sockets(&mut self) {
+        for l in &self.listeners {
+            l.remove_file();
+        }
+        self.listeners.clear();
+        if let Some(c) = self.control.take() {
+            if let Err(e) = std::fs::remove_file(&c) {
+                tracing::warn!(path = %c.display(), error = %e, "cannot remove control socket");
+            }
+        }
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        self.remove_sockets();
+        if let Some(pf) = self.pid_file.take() {
+            let _ = std::fs::remove_file(pf);
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     // Block the shutdown signals before any thread exists so every thread inherits the mask;
     // one thread then waits for them synchronously.
     let signals = signals::Signals::block().map_err(|e| format!("blocking signals: {e}"))?;
 
-    let demo = args.overlay.is_none() && args.exports.is_empty();
-    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    let demo = args.overlay.is_none() && args.exports.is_empty() && args.control.is_none();
+    let mut named: Vec<CliExport> = Vec::new();
     if demo {
         let overlay = demo::prepare(Path::new(demo::DEMO_DIR))?;
-        named.push((String::new(), overlay));
+        named.push(CliExport {
+            name: String::new(),
+            overlay,
+            read_only: false,
+        });
     } else {
         if let Some(o) = &args.overlay {
-            named.push((String::new(), o.clone()));
+            named.push(CliExport {
+                name: String::new(),
+                overlay: o.clone(),
+                read_only: false,
+            });
         }
         for e in &args.exports {
             named.push(parse_export(e)?);
         }
     }
-    for (i, (n, _)) in named.iter().enumerate() {
-        if named[..i].iter().any(|(m, _)| m == n) {
-            return Err(format!("export name {n:?} given twice"));
+    for (i, e) in named.iter().enumerate() {
+        if named[..i].iter().any(|m| m.name == e.name) {
+            return Err(format!("export name {:?} given twice", e.name));
         }
     }
 
@@ -208,6 +309,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         );
     }
 
+    let allowed = if args.allow_dirs.is_empty() {
+        let files: Vec<OverlayFiles> = named
+            .iter()
+            .filter_map(|e| OverlayFiles::resolve(&e.overlay).ok())
+            .collect();
+        AllowedDirs::from_files(&files)
+    } else {
+        AllowedDirs::new(&args.allow_dirs)?
+    };
+
     let mut config = EngineConfig {
         image_cache: args.cache,
         ..EngineConfig::default()
@@ -216,51 +327,70 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         config.cores = c.max(1);
     }
     let engine = Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?;
-    let mut list = Vec::new();
-    for (name, path) in &named {
-        let disk = engine
-            .open(
-                path,
-                DiskOptions {
-                    read_only: args.read_only,
-                },
-            )
-            .map_err(|e| format!("opening export {name:?}: {e}"))?;
-        tracing::info!(export = %name, overlay = %path.display(), size = disk.size(), read_only = disk.read_only(), "export ready");
-        list.push(Export {
-            name: name.clone(),
-            backend: Arc::new(EngineDisk {
-                engine: engine.clone(),
-                disk,
-            }),
-        });
+    let (stop, waker) = signals::Stop::new().map_err(|e| format!("stop pipe: {e}"))?;
+    let host = Arc::new(Host::new(
+        Some(engine.clone()),
+        Exports::new(Vec::new()),
+        allowed,
+        stop.clone(),
+        Duration::from_secs(args.shutdown_grace),
+    ));
+    for e in &named {
+        host.add_export(
+            &e.name,
+            &e.overlay,
+            args.read_only || e.read_only,
+            Origin::CommandLine,
+        )
+        .map_err(|e| e.to_string())?;
     }
 
-    // Bind, write the pid file, go non-blocking; on any failure remove what was created.
-    let setup = (|| -> Result<(), String> {
-        if let Some(p) = &socket {
-            listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
-        }
-        if let Some(addr) = &args.tcp {
-            listeners.push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
-        }
-        for l in &listeners {
-            l.set_nonblocking()
-                .map_err(|e| format!("{}: {e}", l.describe()))?;
-        }
-        if let Some(pf) = &args.pid_file {
-            std::fs::write(pf, format!("{}\n", std::process::id()))
-                .map_err(|e| format!("{}: {e}", pf.display()))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = setup {
-        for l in &listeners {
-            l.remove_file();
-        }
-        return Err(e);
+    // Bind, write the pid file, go non-blocking; `created` removes what was made on any way out.
+    let mut created = Created::default();
+    let mut control_listener = None;
+    if let Some(p) = &socket {
+        listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
     }
-    for l in &listeners {
+    created.listeners = listeners;
+    if let Some(addr) = &args.tcp {
+        created
+            .listeners
+            .push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
+    }
+    for l in &created.listeners {
+        l.set_nonblocking()
+            .map_err(|e| format!("{}: {e}", l.describe()))?;
+    }
+    if let Some(c) = &args.control {
+        let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
+        created.control = Some(c.clone());
+        if let Listener::Unix { sock, .. } = l {
+            control_listener = Some(sock);
+        }
+    }
+    if let Some(pf) = &args.pid_file {
+        std::fs::write(pf, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", pf.display()))?;
+        created.pid_file = Some(pf.clone());
+    }
+    let metrics = match &args.metrics {
+        Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
+        None => None,
+    };
+    let control = match control_listener {
+        Some(l) => Some(
+            control::ControlServer::start(l, host.clone())
+                .map_err(|e| format!("control thread: {e}"))?,
+        ),
+        None => None,
+    };
+    if let (Some(c), Some(_)) = (&args.control, &control) {
+        tracing::info!(control = %c.display(), allow_dirs = ?host.allowed.dirs(), "control socket ready");
+    }
+    if let Some(m) = &metrics {
+        tracing::info!(metrics = %m.describe(), "serving metrics at /metrics");
+    }
+    for l in &created.listeners {
         tracing::info!(listen = %l.describe(), "listening");
     }
     if demo {
@@ -268,24 +398,23 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
             .unwrap_or_default();
-        let overlay = named.first().map(|n| n.1.clone()).unwrap_or_default();
+        let overlay = named.first().map(|n| n.overlay.clone()).unwrap_or_default();
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(demo::banner(&overlay, &sock_abs).as_bytes());
         let _ = out.flush();
     }
 
-    let shutting = Arc::new(AtomicBool::new(false));
-    let waker = signals
-        .spawn_waiter(shutting.clone())
+    signals
+        .spawn_waiter(stop.clone())
         .map_err(|e| format!("signal thread: {e}"))?;
     let cfg = Arc::new(ConnConfig {
-        exports: Exports::new(list),
+        exports: host.exports.clone(),
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        shutting_down: shutting.clone(),
+        shutting_down: stop.flag().clone(),
     });
     let live = Arc::new(Live::default());
     accept_loop(
-        &listeners,
+        &created.listeners,
         &waker,
         engine.cores(),
         &cfg,
@@ -295,10 +424,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     // Shutdown: stop accepting, let clients finish (their new requests get ESHUTDOWN), then
     // close what is left; in-flight requests complete before a connection's threads end.
-    for l in &listeners {
+    host.events.emit(
+        events::SHUTDOWN,
+        serde_json::json!({"connections": live.count()}),
+    );
+    for l in &created.listeners {
         l.remove_file();
     }
-    drop(listeners);
+    created.listeners.clear();
     let n = live.count();
     tracing::info!(
         connections = n,
@@ -320,9 +453,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let result = engine
         .shutdown()
         .map_err(|e| format!("committing overlays: {e}"));
-    if let Some(pf) = &args.pid_file {
-        let _ = std::fs::remove_file(pf);
+    if let Some(c) = &control {
+        c.stop_accepting();
+        // Let a `quit` (and the shutdown event) reach their clients before the process exits.
+        c.flush(Instant::now() + Duration::from_secs(2));
     }
+    if let Some(m) = &metrics {
+        m.stop();
+    }
+    drop(created);
     match &result {
         Ok(()) => tracing::info!("all overlays committed; exiting"),
         Err(e) => tracing::error!(error = %e, "shutdown failed"),
@@ -395,11 +534,9 @@ fn accept_loop(
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
+                    let slot = LiveSlot { live: live2, id };
                     let ended = connection::serve(sock, id, core, &cfg);
-                    if let Ok(mut m) = live2.socks.lock() {
-                        m.remove(&id);
-                    }
-                    live2.ended.notify_all();
+                    drop(slot);
                     // Logged after the slot is free, so "closed" in the log means it is.
                     ended.log(id, &peer);
                 });
@@ -417,7 +554,10 @@ fn accept_loop(
 mod tests {
     use std::process::Command;
 
+    use std::sync::atomic::AtomicBool;
+
     use super::export::memory::MemDisk;
+    use super::export::Export;
     use super::*;
 
     /// A server on in-memory disks ("" and read-only "ro", 8 MiB, base half 0xab) on a temp
@@ -439,14 +579,8 @@ mod tests {
             let (waker, wake) = signals::Waker::pipe().unwrap();
             let cfg = Arc::new(ConnConfig {
                 exports: Exports::new(vec![
-                    Export {
-                        name: String::new(),
-                        backend: MemDisk::new(8 << 20, false),
-                    },
-                    Export {
-                        name: "ro".into(),
-                        backend: MemDisk::new(8 << 20, true),
-                    },
+                    Export::new("", MemDisk::new(8 << 20, false), 2),
+                    Export::new("ro", MemDisk::new(8 << 20, true), 2),
                 ]),
                 handshake_timeout: Duration::from_secs(10),
                 shutting_down: Arc::new(AtomicBool::new(false)),
@@ -492,6 +626,31 @@ mod tests {
         text
     }
 
+    /// `nbdinfo --list` output as (export name, [(field, value)]) in the order listed.
+    fn parse_nbdinfo_list(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("export=\"") {
+                let name = rest.strip_suffix("\":").expect("export line ends with \":");
+                out.push((name.to_string(), Vec::new()));
+            } else if let (Some(body), Some(last)) = (line.strip_prefix('\t'), out.last_mut()) {
+                if let Some((k, v)) = body.split_once(": ") {
+                    last.1.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nbdinfo_list_parser_reads_blocks() {
+        let t = "export=\"\":\n\texport-size: 1\n\tis_read_only: false\nexport=\"a b\":\n\texport-size: 2\n";
+        let l = parse_nbdinfo_list(t);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].0, "a b");
+        assert_eq!(l[1].1, [("export-size".to_string(), "2".to_string())]);
+    }
+
     #[test]
     fn real_clients_handshake_and_protocol_corners_on_memory_disks() {
         let s = MemServer::start();
@@ -501,11 +660,20 @@ mod tests {
                 .arg("--list")
                 .arg(format!("nbd+unix:///?socket={sock}")),
         );
-        assert!(
-            list.contains("export=\"ro\"") || list.contains("ro"),
-            "{list}"
-        );
-        assert!(list.contains("8388608"), "{list}");
+        // Every export is listed with its own size and read-only flag, and nothing else is.
+        let listed = parse_nbdinfo_list(&list);
+        let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["", "ro"], "{list}");
+        for (name, fields) in &listed {
+            let field = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+            assert_eq!(
+                field("export-size"),
+                Some("8388608 (8M)"),
+                "{name:?}: {list}"
+            );
+            let ro = if name == "ro" { "true" } else { "false" };
+            assert_eq!(field("is_read_only"), Some(ro), "{name:?}: {list}");
+        }
         let l = run_tool(Command::new("qemu-nbd").args(["-L", "-k", &sock]));
         assert!(l.contains("base:allocation"), "{l}");
         assert!(l.contains("qemu:allocation-depth"), "{l}");
@@ -566,11 +734,19 @@ mod tests {
         assert!(parse_mode("1777").is_err());
         assert_eq!(parse_cache("buffered"), Ok(CacheMode::Buffered));
         assert!(parse_cache("x").is_err());
+        let e = |name: &str, p: &str, ro| CliExport {
+            name: name.into(),
+            overlay: PathBuf::from(p),
+            read_only: ro,
+        };
         assert_eq!(
             parse_export("vm1=/a/b.add-cow"),
-            Ok(("vm1".into(), PathBuf::from("/a/b.add-cow")))
+            Ok(e("vm1", "/a/b.add-cow", false))
         );
-        assert_eq!(parse_export("=x"), Ok((String::new(), PathBuf::from("x"))));
+        assert_eq!(parse_export("=x"), Ok(e("", "x", false)));
+        assert_eq!(parse_export("v=/a/b:ro"), Ok(e("v", "/a/b", true)));
+        assert_eq!(parse_export("v=/a/b:rw"), Ok(e("v", "/a/b", false)));
+        assert!(parse_export("v=:ro").is_err());
         assert!(parse_export("novalue").is_err());
         assert!(parse_export("a=").is_err());
     }

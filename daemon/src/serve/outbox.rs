@@ -10,6 +10,10 @@
 //! Each reply holds a share of the connection's [`Budget`], given back once it is sent (or
 //! dropped because the client is gone). The writer ends once the reader has closed the outbox
 //! and every ticket handed out has been sent or dropped.
+//!
+//! Each ticket also carries its request's [`Stamp`]: the writer records the request in the
+//! export's [`ExportStats`] (shard of the connection's core) once the reply is sent, with the
+//! latency from header parsed to reply handed to the kernel.
 
 use std::collections::VecDeque;
 use std::net::Shutdown;
@@ -18,14 +22,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use super::budget::Budget;
 use super::reply::{self, Body, Framing, Reply};
 use super::sock::Sock;
+use super::stats::{ExportStats, Stamp};
 
 /// Most replies the writer sends with one `sendmsg` batch.
 const WRITER_BATCH: usize = 64;
 /// Most READ bytes the writer batches before sending.
 const WRITER_BATCH_BYTES: u64 = 1 << 20;
 
-/// A reply waiting for the writer, with the budget bytes it holds.
-type Pending = (Reply, u64);
+/// A reply waiting for the writer, with the budget bytes it holds and its request's stamp.
+type Pending = (Reply, u64, Stamp);
 
 #[derive(Default)]
 struct State {
@@ -49,6 +54,8 @@ pub struct Outbox {
     sock: Sock,
     framing: Framing,
     budget: Arc<Budget>,
+    stats: Arc<ExportStats>,
+    shard: usize,
     state: Mutex<State>,
     ready: Condvar,
 }
@@ -58,6 +65,7 @@ pub struct Outbox {
 pub struct Ticket {
     outbox: Arc<Outbox>,
     cost: u64,
+    stamp: Stamp,
     used: bool,
 }
 
@@ -65,16 +73,20 @@ impl Ticket {
     /// Queues `reply` for the writer.
     pub fn send(mut self, reply: Reply) {
         self.used = true;
-        self.outbox.post(reply, self.cost);
+        self.outbox.post(reply, self.cost, self.stamp);
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.used {
-            self.outbox.abandon(self.cost);
+            self.outbox.abandon(self.cost, &self.stamp);
         }
     }
+}
+
+fn is_error(reply: &Reply) -> bool {
+    matches!(reply.body, Body::Error { .. })
 }
 
 fn payload_bytes(reply: &Reply) -> u64 {
@@ -86,12 +98,21 @@ fn payload_bytes(reply: &Reply) -> u64 {
 }
 
 impl Outbox {
-    /// An outbox sending on `sock` (a clone of the connection's socket).
-    pub fn new(sock: Sock, framing: Framing, budget: Arc<Budget>) -> Arc<Outbox> {
+    /// An outbox sending on `sock` (a clone of the connection's socket), recording requests in
+    /// `stats` shard `shard`.
+    pub fn new(
+        sock: Sock,
+        framing: Framing,
+        budget: Arc<Budget>,
+        stats: Arc<ExportStats>,
+        shard: usize,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             sock,
             framing,
             budget,
+            stats,
+            shard,
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
         })
@@ -102,13 +123,15 @@ impl Outbox {
     }
 
     /// Takes `cost` of the budget (blocking while it is spent: backpressure on the reader) and
-    /// returns the ticket for one reply.
-    pub fn ticket(self: &Arc<Self>, cost: u64) -> Ticket {
+    /// returns the ticket for the reply to the request `stamp` describes.
+    pub fn ticket(self: &Arc<Self>, cost: u64, stamp: Stamp) -> Ticket {
         self.budget.acquire(cost);
+        self.stats.started(self.shard, stamp.op);
         self.lock().outstanding += 1;
         Ticket {
             outbox: Arc::clone(self),
             cost,
+            stamp,
             used: false,
         }
     }
@@ -123,7 +146,8 @@ impl Outbox {
         }
     }
 
-    fn abandon(&self, cost: u64) {
+    fn abandon(&self, cost: u64, stamp: &Stamp) {
+        self.stats.finished(self.shard, stamp, None, false);
         let mut st = self.lock();
         st.outstanding = st.outstanding.saturating_sub(1);
         if std::mem::take(&mut st.writer_waiting) {
@@ -141,10 +165,11 @@ impl Outbox {
         let _ = self.sock.shutdown(Shutdown::Both);
     }
 
-    fn post(&self, reply: Reply, cost: u64) {
+    fn post(&self, reply: Reply, cost: u64, stamp: Stamp) {
         let mut st = self.lock();
         st.outstanding = st.outstanding.saturating_sub(1);
-        if matches!(reply.body, Body::Error { .. }) {
+        let error = is_error(&reply);
+        if error {
             st.errors += 1;
         }
         if st.broken {
@@ -152,14 +177,31 @@ impl Outbox {
                 self.ready.notify_one();
             }
             drop(st);
+            self.stats.finished(self.shard, &stamp, None, error);
             self.budget.release(cost);
             return;
         }
         st.bytes += payload_bytes(&reply);
-        st.queue.push_back((reply, cost));
+        st.queue.push_back((reply, cost, stamp));
         if std::mem::take(&mut st.writer_waiting) {
             // One wake-up per wait, however many replies arrive before the writer runs.
             self.ready.notify_one();
+        }
+    }
+
+    /// After the writer thread panicked: the client is treated as gone (socket shut down, so
+    /// the reader ends too), and every reply queued or posted from now on is dropped with its
+    /// budget share given back, so nothing waits for a writer that is no more.
+    pub fn writer_failed(&self) {
+        let mut st = self.lock();
+        st.broken = true;
+        let _ = self.sock.shutdown(Shutdown::Both);
+        let dropped: Vec<Pending> = st.queue.drain(..).collect();
+        drop(st);
+        for (reply, cost, stamp) in dropped {
+            self.stats
+                .finished(self.shard, &stamp, None, is_error(&reply));
+            self.budget.release(cost);
         }
     }
 
@@ -167,7 +209,7 @@ impl Outbox {
     /// done. Returns (READ bytes sent, error replies sent).
     pub fn run_writer(&self) -> (u64, u64) {
         let mut batch: Vec<Reply> = Vec::with_capacity(WRITER_BATCH);
-        let mut costs: Vec<u64> = Vec::with_capacity(WRITER_BATCH);
+        let mut metas: Vec<(u64, Stamp, bool)> = Vec::with_capacity(WRITER_BATCH);
         let mut st = self.lock();
         loop {
             while st.queue.is_empty() {
@@ -180,12 +222,12 @@ impl Outbox {
             }
             let mut batch_bytes = 0u64;
             while batch.len() < WRITER_BATCH && batch_bytes < WRITER_BATCH_BYTES {
-                let Some((reply, cost)) = st.queue.pop_front() else {
+                let Some((reply, cost, stamp)) = st.queue.pop_front() else {
                     break;
                 };
                 batch_bytes += payload_bytes(&reply);
+                metas.push((cost, stamp, is_error(&reply)));
                 batch.push(reply);
-                costs.push(cost);
             }
             let broken = st.broken;
             drop(st);
@@ -195,7 +237,15 @@ impl Outbox {
                 reply::send_many(&self.sock, self.framing, &batch)
             };
             batch.clear();
-            for cost in costs.drain(..) {
+            let sent_at = std::time::Instant::now();
+            for (cost, stamp, error) in metas.drain(..) {
+                let latency = match (&result, broken) {
+                    (Ok(()), false) => {
+                        Some(sent_at.saturating_duration_since(stamp.start).as_nanos() as u64)
+                    }
+                    _ => None,
+                };
+                self.stats.finished(self.shard, &stamp, latency, error);
                 self.budget.release(cost);
             }
             st = self.lock();
@@ -214,7 +264,12 @@ mod tests {
     use addcow_engine::IoBuf;
 
     use super::super::reply::encode;
+    use super::super::stats::Op;
     use super::*;
+
+    fn stamp() -> Stamp {
+        Stamp::now(Op::Read, 0)
+    }
 
     fn read_reply(cookie: u64, len: usize) -> Reply {
         let mut data = IoBuf::new_zeroed(len);
@@ -251,7 +306,8 @@ mod tests {
     fn setup() -> Setup {
         let (a, b) = UnixStream::pair().unwrap();
         let budget = Arc::new(Budget::new(16, 64 << 20));
-        let outbox = Outbox::new(Sock::Unix(a), Framing::Structured, budget.clone());
+        let stats = Arc::new(ExportStats::new(1));
+        let outbox = Outbox::new(Sock::Unix(a), Framing::Structured, budget.clone(), stats, 0);
         let w = outbox.clone();
         let writer = std::thread::spawn(move || w.run_writer());
         (outbox, budget, b, writer)
@@ -274,7 +330,7 @@ mod tests {
             .collect();
         for r in replies {
             let cost = payload_bytes(&r);
-            outbox.ticket(cost).send(r);
+            outbox.ticket(cost, stamp()).send(r);
         }
         outbox.close();
         let mut got = vec![0u8; want.len()];
@@ -295,8 +351,8 @@ mod tests {
     #[test]
     fn dropped_tickets_give_budget_back_and_the_writer_ends() {
         let (outbox, budget, mut client, writer) = setup();
-        let t = outbox.ticket(4096);
-        outbox.ticket(0).send(ok_reply(9));
+        let t = outbox.ticket(4096, stamp());
+        outbox.ticket(0, stamp()).send(ok_reply(9));
         assert!(budget.in_flight() >= 1, "the held ticket keeps its share");
         outbox.close();
         drop(t);
@@ -313,9 +369,11 @@ mod tests {
         let (outbox, budget, client, writer) = setup();
         drop(client);
         for cookie in 0..8 {
-            outbox.ticket(1 << 20).send(read_reply(cookie, 1 << 20));
+            outbox
+                .ticket(1 << 20, stamp())
+                .send(read_reply(cookie, 1 << 20));
         }
-        outbox.ticket(0).send(Reply {
+        outbox.ticket(0, stamp()).send(Reply {
             cookie: 99,
             offset: 0,
             body: Body::Error {

@@ -1,6 +1,7 @@
 //! SIGTERM/SIGINT handling without async-signal-safety worries: the signals are blocked in every
 //! thread (the mask is set before any thread starts and inherited), and one thread takes them
-//! with `sigwait`, sets the shutdown flag and wakes the accept loop through a pipe.
+//! with `sigwait` and pulls the daemon's [`Stop`] switch, which sets the shutdown flag and wakes
+//! the accept loop through a pipe. The control socket's `quit` pulls the same switch.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +33,46 @@ impl Waker {
     }
 }
 
+/// The daemon's stop switch: once pulled, the shutting-down flag is set (new NBD requests get
+/// `ESHUTDOWN`, new options `ERR_SHUTDOWN`) and the accept loop wakes and begins the shutdown.
+pub struct Stop {
+    flag: Arc<AtomicBool>,
+    write: OwnedFd,
+}
+
+impl Stop {
+    /// A switch and the [`Waker`] the accept loop polls.
+    pub fn new() -> std::io::Result<(Arc<Stop>, Waker)> {
+        let (read, write) = nix::unistd::pipe()?;
+        let stop = Stop {
+            flag: Arc::new(AtomicBool::new(false)),
+            write,
+        };
+        Ok((Arc::new(stop), Waker { read }))
+    }
+
+    /// Pulls the switch; `why` is logged. Returns false if it was already pulled.
+    pub fn request(&self, why: &str) -> bool {
+        if self.flag.swap(true, Ordering::SeqCst) {
+            tracing::info!(reason = why, "already shutting down");
+            return false;
+        }
+        tracing::info!(reason = why, "shutdown requested");
+        let _ = nix::unistd::write(&self.write, &[1]);
+        true
+    }
+
+    /// Whether the switch was pulled.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// The shutting-down flag connections consult.
+    pub fn flag(&self) -> &Arc<AtomicBool> {
+        &self.flag
+    }
+}
+
 impl Signals {
     /// Blocks SIGTERM and SIGINT in the calling thread (call before starting threads).
     pub fn block() -> nix::Result<Signals> {
@@ -42,21 +83,14 @@ impl Signals {
         Ok(Signals { set })
     }
 
-    /// Starts the thread that waits for the signals. On the first one it sets `flag` and makes
-    /// the returned [`Waker`] readable.
-    pub fn spawn_waiter(self, flag: Arc<AtomicBool>) -> std::io::Result<Waker> {
-        let (read, write) = nix::unistd::pipe()?;
+    /// Starts the thread that waits for the signals; each one pulls `stop`.
+    pub fn spawn_waiter(self, stop: Arc<Stop>) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
                 match self.set.wait() {
                     Ok(sig) => {
-                        if flag.swap(true, Ordering::SeqCst) {
-                            tracing::info!(signal = %sig, "already shutting down");
-                            continue;
-                        }
-                        tracing::info!(signal = %sig, "shutdown requested");
-                        let _ = nix::unistd::write(&write, &[1]);
+                        stop.request(sig.as_str());
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "sigwait failed");
@@ -64,6 +98,6 @@ impl Signals {
                     }
                 }
             })?;
-        Ok(Waker { read })
+        Ok(())
     }
 }

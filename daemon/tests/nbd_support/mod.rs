@@ -269,3 +269,220 @@ pub fn write_file(path: &Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).expect("create");
     f.write_all(data).expect("write");
 }
+
+/// A JSON-RPC client on a daemon's control socket (one request at a time; notifications that
+/// arrive meanwhile are kept in `notifications`).
+pub struct Control {
+    pub sock: std::os::unix::net::UnixStream,
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    next_id: u64,
+    pub notifications: Vec<serde_json::Value>,
+}
+
+impl Control {
+    /// Connects to `path`; every read waits at most 120 s.
+    pub fn connect(path: &Path) -> Control {
+        let sock = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        sock.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        let reader = BufReader::new(sock.try_clone().expect("clone"));
+        Control {
+            sock,
+            reader,
+            next_id: 1,
+            notifications: Vec::new(),
+        }
+    }
+
+    /// Reads one line as JSON (`None` once the daemon closed the connection: EOF, or a reset
+    /// when it closed with our bytes unread).
+    pub fn read_message(&mut self) -> Option<serde_json::Value> {
+        let mut line = String::new();
+        let n = match self.reader.read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("read from control socket: {e}"),
+        };
+        if n == 0 {
+            return None;
+        }
+        Some(serde_json::from_str(line.trim_end()).unwrap_or_else(|e| {
+            panic!("control socket sent a line that is not JSON ({e}): {line:?}")
+        }))
+    }
+
+    /// Sends `method` with `params`; returns the result, or the error object.
+    pub fn call(
+        &mut self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let mut line = req.to_string();
+        line.push('\n');
+        self.sock.write_all(line.as_bytes()).expect("send request");
+        self.response(id)
+    }
+
+    /// Waits for the response to request `id`, keeping notifications.
+    pub fn response(&mut self, id: u64) -> Result<serde_json::Value, serde_json::Value> {
+        loop {
+            let msg = self
+                .read_message()
+                .unwrap_or_else(|| panic!("control socket closed before answering {id}"));
+            assert_eq!(msg["jsonrpc"], "2.0", "{msg}");
+            if msg.get("id").is_none() {
+                self.notifications.push(msg);
+                continue;
+            }
+            assert_eq!(
+                msg["id"],
+                serde_json::json!(id),
+                "answer to another request: {msg}"
+            );
+            if let Some(e) = msg.get("error") {
+                return Err(e.clone());
+            }
+            return Ok(msg["result"].clone());
+        }
+    }
+
+    /// Calls and expects success.
+    pub fn ok(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.call(method, params.clone())
+            .unwrap_or_else(|e| panic!("{method} {params} failed: {e}"))
+    }
+
+    /// Waits for the notification `method` (already received or arriving).
+    pub fn notification(&mut self, method: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self
+                .notifications
+                .iter()
+                .position(|n| n["method"] == method)
+            {
+                return self.notifications.remove(i);
+            }
+            let msg = self
+                .read_message()
+                .unwrap_or_else(|| panic!("control socket closed before {method}"));
+            assert!(msg.get("id").is_none(), "unexpected answer {msg}");
+            self.notifications.push(msg);
+        }
+    }
+}
+
+/// Runs `addcow ctl ARGS...` (bounded); returns (exit code, stdout, stderr).
+pub fn ctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("timeout")
+        .arg(TOOL_TIMEOUT_SECS.to_string())
+        .arg(env!("CARGO_BIN_EXE_addcow"))
+        .arg("ctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run addcow ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Open file descriptors of process `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// Resident set size of process `pid`, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// A libnbd client (python3-libnbd) that connects to `uri`, prints "connected", then reads
+/// 4 KiB every 10 ms until the connection fails; it then prints "ended: ERRNO MESSAGE" and exits.
+pub struct HoldingClient {
+    pub child: Child,
+    pub out: Arc<Mutex<String>>,
+}
+
+const HOLDING_CLIENT_PY: &str = r#"
+import sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+n = 0
+try:
+    while True:
+        h.pread(4096, 0)
+        n += 1
+        time.sleep(0.01)
+except nbd.Error as e:
+    print(f"ended: errno={e.errno} after {n} reads: {e.string}", flush=True)
+"#;
+
+impl HoldingClient {
+    /// Starts the client and waits (bounded) until it is connected.
+    pub fn start(uri: &str) -> HoldingClient {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(HOLDING_CLIENT_PY)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 with python3-libnbd (scripts/test.sh installs it)");
+        let out = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().expect("stdout"), out.clone(), false);
+        pump(child.stderr.take().expect("stderr"), out.clone(), false);
+        let c = HoldingClient { child, out };
+        c.wait_for("connected");
+        c
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the output contains `needle`.
+    pub fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "client never printed {needle:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for HoldingClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; fails after 30 s naming `what` (counters of a
+/// connection that just ended settle a moment after the client saw its last reply).
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
