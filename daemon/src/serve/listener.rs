@@ -66,7 +66,7 @@ pub enum Listener {
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     /// Another server answers on the socket path.
-    #[error("{0}: another server is listening on this socket")]
+    #[error("{}: another server is listening on this socket", .0.display())]
     InUse(PathBuf),
     /// Connecting to the existing socket file failed in a way that does not prove it stale.
     #[error(
@@ -78,9 +78,12 @@ pub enum ListenError {
         /// Why connecting failed.
         source: io::Error,
     },
-    /// Another daemon is starting on, or serving, this socket path.
+    /// Another daemon is serving on this socket path, or starting on it (it holds the lock).
+    #[error("{}: another server is listening on this socket (or starting on it: its .lock file is held)", .0.display())]
+    Locked(PathBuf),
+    /// The lock file could not be taken.
     #[error("{0}")]
-    Locked(#[from] LockError),
+    Lock(LockError),
     /// The path exists and is not a socket.
     #[error("{0}: exists and is not a socket; not removing it")]
     NotASocket(PathBuf),
@@ -133,7 +136,10 @@ impl Listener {
             path: path.display().to_string(),
             source,
         };
-        let lock = LockedFile::acquire(&lock_path(path))?;
+        let lock = LockedFile::acquire(&lock_path(path)).map_err(|e| match e {
+            LockError::Held { .. } => ListenError::Locked(path.to_path_buf()),
+            other => ListenError::Lock(other),
+        })?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => match socket_in_use(path) {
                 Ok(true) => return Err(ListenError::InUse(path.to_path_buf())),

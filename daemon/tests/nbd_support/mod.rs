@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 /// Bound on any single client command.
 pub const TOOL_TIMEOUT_SECS: u32 = 180;
 
+/// The `addcow` binary under test: the one cargo built, or `ADDCOW_TEST_BIN` (to run a test
+/// against another build, e.g. to show that it fails on an older daemon).
+pub fn addcow_bin() -> PathBuf {
+    std::env::var_os("ADDCOW_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_addcow")))
+}
+
 /// A temp dir with `base.raw` (first half of the disk, every byte 0xab) and `disk.add-cow` on it
 /// (virtual size `size`; the second half reads as zeros past the base).
 pub struct Fixture {
@@ -80,7 +88,7 @@ impl Daemon {
     /// Starts `addcow serve [--socket SOCK] ARGS...` in `cwd` (if given); `sock` is where it
     /// will listen (waited for).
     pub fn start_in(cwd: Option<&Path>, sock: Option<&Path>, args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_addcow"));
+        let mut cmd = Command::new(addcow_bin());
         cmd.arg("serve");
         if let Some(s) = sock {
             cmd.arg("--socket").arg(s);
@@ -93,16 +101,22 @@ impl Daemon {
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().expect("spawn addcow serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        pump(child.stderr.take().expect("stderr"), log.clone(), true);
-        pump(child.stdout.take().expect("stdout"), stdout.clone(), false);
+        let child = cmd.spawn().expect("spawn addcow serve");
         let sock = match (sock, cwd) {
             (Some(s), _) => s.to_path_buf(),
             (None, Some(d)) => d.join("addcow.sock"),
             (None, None) => PathBuf::from("addcow.sock"),
         };
+        Daemon::from_child(child, sock)
+    }
+
+    /// Takes over a started `addcow serve` (stdout and stderr piped) that will listen on `sock`,
+    /// and waits until it is ready.
+    pub fn from_child(mut child: Child, sock: PathBuf) -> Daemon {
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        pump(child.stderr.take().expect("stderr"), log.clone(), true);
+        pump(child.stdout.take().expect("stdout"), stdout.clone(), false);
         let mut d = Daemon {
             child: Some(child),
             sock,
@@ -380,7 +394,7 @@ impl Control {
 pub fn ctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new("timeout")
         .arg(TOOL_TIMEOUT_SECS.to_string())
-        .arg(env!("CARGO_BIN_EXE_addcow"))
+        .arg(addcow_bin())
         .arg("ctl")
         .args(args)
         .stdin(Stdio::null())
