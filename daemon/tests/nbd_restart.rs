@@ -236,10 +236,14 @@ fn restarts_under_load(fx: &Fixture, start: &dyn Fn() -> Daemon) {
     for (i, how) in [StopBy::Sigterm, StopBy::Quit].into_iter().enumerate() {
         // Let the workload run against this daemon for a while; it must still be writing.
         std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            fio.try_wait().unwrap().is_none(),
-            "fio finished before restart {i}: the test would prove nothing"
-        );
+        if fio.try_wait().unwrap().is_some() {
+            let (ok, out) = fio_wait(fio);
+            panic!(
+                "fio ended before restart {i} (success: {ok}): an error across the previous \
+                 restart, or a workload too short to prove anything:\n{out}\n--- daemons:\n{}",
+                logs.join("\n---\n")
+            );
+        }
         logs.push(stop_daemon(d, how, &control));
         d = start();
     }
