@@ -53,7 +53,10 @@ fn start_activated(listener: &UnixListener, args: &[String]) -> Daemon {
             Ok(())
         });
     }
-    Daemon::from_child(cmd.spawn().expect("spawn addcow serve"), std::path::PathBuf::new())
+    Daemon::from_child(
+        cmd.spawn().expect("spawn addcow serve"),
+        std::path::PathBuf::new(),
+    )
 }
 
 /// qemu-storage-daemon: an NBD blockdev on `upstream` with `reconnect-delay=30`, exported as
@@ -194,7 +197,9 @@ fn fio_spawn(uri: &str, verify_only: bool) -> Child {
 
 /// fio's JSON report: the job's error and the I/O it did.
 fn fio_report(text: &str) -> serde_json::Value {
-    let start = text.find('{').unwrap_or_else(|| panic!("no JSON from fio:\n{text}"));
+    let start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from fio:\n{text}"));
     let mut de = serde_json::Deserializer::from_str(&text[start..]).into_iter();
     de.next()
         .and_then(Result::ok)

@@ -409,6 +409,11 @@ mod tests {
         let mut l = Listener::bind_unix(&p, 0o600).unwrap();
         // Staged: the path appears only when published.
         assert!(!p.exists(), "the path must not appear before publish");
+        // A second daemon starting meanwhile (it would see no socket at all) is refused.
+        assert!(matches!(
+            Listener::bind_unix(&p, 0o600),
+            Err(ListenError::Locked(_))
+        ));
         l.publish().unwrap();
         assert!(UnixStream::connect(&p).is_ok());
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;

@@ -594,7 +594,6 @@ fn accept_loop(
                     tracing::warn!(conn = id, %peer, error = %e, "connection refused: cannot set it up");
                     let _ = sock.shutdown(std::net::Shutdown::Both);
                     if out_of_resources(&e) {
-                        failures += 1;
                         resting = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                         break;
