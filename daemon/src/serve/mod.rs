@@ -27,6 +27,8 @@ pub mod demo;
 pub mod events;
 pub mod export;
 pub mod handshake;
+#[cfg(feature = "fuzzing")]
+pub mod harness;
 pub mod host;
 pub mod listener;
 pub mod lockfile;
