@@ -283,7 +283,10 @@ fn soak_256_connections_16_exports_verified_with_chaos_and_hostile_clients() {
         }
         c.disconnect();
     }
-    qemu_io(&d.uri_of("e3"), &["write -P 0x12 1M 64k", "read -P 0x12 1M 64k"]);
+    qemu_io(
+        &d.uri_of("e3"),
+        &["write -P 0x12 1M 64k", "read -P 0x12 1M 64k"],
+    );
 
     // Flat at the end: every connection gone, descriptors back, memory not grown.
     let deadline = Instant::now() + Duration::from_secs(60);
