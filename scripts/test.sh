@@ -47,12 +47,12 @@ cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test --workspace --doc
 
-echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC)"
+echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the ENOSPC test needs root (losetup, mount); run the suite as root" >&2
   exit 1
 fi
-cargo test -p addcow-daemon --test nbd_enospc -- --ignored
+cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
 
 echo "== fuzzing, bounded (${ADDCOW_FUZZ_SECS:-30}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
