@@ -145,7 +145,7 @@ fn daemons_starting_together_cannot_both_bind() {
             .collect();
         // The refused ones exit; give the rest time to settle.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut exited = vec![None; N];
+        let mut exited = [None; N];
         while Instant::now() < deadline {
             for (i, c) in children.iter_mut().enumerate() {
                 if exited[i].is_none() {

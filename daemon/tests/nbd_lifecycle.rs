@@ -360,7 +360,7 @@ fn sigterm_fails_no_request_answers_in_flight_commits_and_cleans_up() {
     let writer = std::thread::spawn(move || {
         for i in 0..N {
             let mut frame = request(1, 0, i, 2 * MIB + i * 4096, 4096);
-            frame.extend(std::iter::repeat_n((i % 250) as u8 + 1, 4096));
+            frame.extend_from_slice(&[(i % 250) as u8 + 1; 4096]);
             if c.write_all(&frame).is_err() {
                 return i;
             }

@@ -163,7 +163,7 @@ fn hostile_client(sock: &Path, rng: &mut impl Rng) {
             o.extend_from_slice(b"IHAVEOPT");
             o.extend_from_slice(&7u32.to_be_bytes());
             o.extend_from_slice(&(200_000u32).to_be_bytes());
-            o.extend(std::iter::repeat_n(0u8, 200_000));
+            o.extend_from_slice(&vec![0u8; 200_000]);
             let _ = s.write_all(&o);
             let mut r = [0u8; 20];
             let _ = s.read_exact(&mut r);

@@ -874,7 +874,7 @@ mod tests {
     /// that escapes to six times its length.
     #[test]
     fn error_messages_fit_the_string_limit() {
-        let name: String = std::iter::repeat_n('\u{1}', 4096).collect();
+        let name: String = "\u{1}".repeat(4096);
         let mut c = vec![0, 0, 0, 3];
         c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
         c.extend(opt(wire::OPT_GO, &go(&name, &[])));
