@@ -1130,6 +1130,57 @@ mod tests {
         );
     }
 
+    /// A backend that refuses every WRITE as a stopping engine does (ESHUTDOWN).
+    struct Stopping {
+        inner: Arc<MemDisk>,
+    }
+
+    impl Backend for Stopping {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            if matches!(req, Request::Write { .. }) {
+                done(Err(addcow_engine::RequestError {
+                    errno: libc::ESHUTDOWN,
+                    op: "engine shut down",
+                    offset: 0,
+                }))
+            } else {
+                self.inner.submit(core, req, done)
+            }
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// A request the engine refuses because it is stopping is never answered with an error:
+    /// the connection answers what else it has, stops and closes, so a reconnecting client
+    /// resends it.
+    #[test]
+    fn a_stopping_engine_leaves_the_request_unanswered_and_closes() {
+        let (mut c, t) = start_on(Arc::new(Stopping {
+            inner: MemDisk::new(1 << 20, false),
+        }));
+        handshake(&mut c);
+        req(&mut c, wire::CMD_READ, 0, 1, 0, 512);
+        let mut r = vec![0u8; 20 + 8 + 512];
+        c.read_exact(&mut r).unwrap();
+        req(&mut c, wire::CMD_WRITE, 0, 2, 0, 512);
+        c.write_all(&[1u8; 512]).unwrap();
+        let rest = read_until_closed(&mut c);
+        assert!(rest.is_empty(), "the refused write was answered: {rest:?}");
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.errors, 0);
+    }
+
     /// Invariant 6: no request stream makes the daemon panic. Random (mostly well-framed)
     /// requests with random kinds, flags, offsets and lengths, then EOF: the connection must
     /// answer or close and its thread must end normally.
