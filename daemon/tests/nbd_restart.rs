@@ -150,6 +150,7 @@ fn fio_args(uri: &str, verify_only: bool) -> Vec<String> {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--randseed=1234",
         "--output-format=json",
     ]

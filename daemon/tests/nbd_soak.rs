@@ -59,6 +59,7 @@ fn fio_round(sock: &Path, name: &str, seed: u64) -> Result<(), String> {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             &format!("--randseed={seed}"),
             "--group_reporting",
             "--output-format=terse",
