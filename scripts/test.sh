@@ -47,6 +47,10 @@ cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test --workspace --doc
 
+echo "== heavy tests, alone (buffer budget under a 32 MiB-write flood; soak: ${ADDCOW_SOAK_SECS:-45}s)"
+cargo test -p addcow-daemon --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
+  | grep -vE '^\[addcow\]'
+
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the ENOSPC test needs root (losetup, mount); run the suite as root" >&2
