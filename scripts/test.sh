@@ -47,9 +47,12 @@ cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test --workspace --doc
 
-echo "== heavy tests, alone (buffer budget under a 32 MiB-write flood; soak: ${ADDCOW_SOAK_SECS:-45}s)"
-cargo test -p addcow-daemon --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
-  | grep -vE '^\[addcow\]'
+echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
+echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
+echo "   soak for ${ADDCOW_SOAK_SECS:-45}s)"
+cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
+  --test nbd_hygiene --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
+  | grep -vE '^\[(addcow|qsd)\]'
 
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then

@@ -155,6 +155,7 @@ fn extents_stay_sector_aligned_with_an_odd_sized_base() {
 /// from each extent to the end of the disk; with a walk bounded by what is reported this is
 /// linear and finishes quickly, where walking the whole rest of the disk each time is quadratic.
 #[test]
+#[ignore = "heavy or timing-sensitive: run alone by scripts/test.sh"]
 fn mapping_a_fragmented_overlay_stays_linear() {
     let dir = tempfile::tempdir().unwrap();
     // No base: clear bits read as zeros (3), set bits as the raw image's data (0).
