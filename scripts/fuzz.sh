@@ -25,7 +25,7 @@ for t in "${targets[@]}"; do
   echo "== fuzz $t for ${secs}s"
   set +e
   cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
-    -max_total_time="$secs" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1
+    -max_total_time="$secs" -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
   runs=$(grep -oE '^Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' || true)

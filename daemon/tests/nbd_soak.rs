@@ -6,7 +6,8 @@
 //! after the first round.
 //!
 //! Bounded for the suite: `ADDCOW_SOAK_SECS` (default 45) seconds of load; set it higher for a
-//! long soak (`scripts/test.sh --soak`).
+//! long soak (e.g. `ADDCOW_SOAK_SECS=1800 scripts/test.sh`, or this test alone with
+//! `cargo test -p addcow-daemon --test nbd_soak -- --ignored --nocapture`).
 
 mod nbd_support;
 

@@ -27,7 +27,7 @@ pub mod demo;
 pub mod events;
 pub mod export;
 pub mod handshake;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 pub mod host;
 pub mod listener;
