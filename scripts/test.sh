@@ -3,7 +3,7 @@
 # missing (apt-get, as root; cargo-fuzz with cargo), then formatting, lints, the whole test suite,
 # the root-only tests (loop-mounted file systems), a bounded fuzz run and the benchmark smoke run.
 #
-# Longer runs: ADDCOW_SOAK_SECS (default 45) for the soak test, ADDCOW_FUZZ_SECS (default 30)
+# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 30)
 # per fuzz target; scripts/fuzz.sh alone for long fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ cargo test --workspace --doc
 
 echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
-echo "   soak for ${ADDCOW_SOAK_SECS:-45}s)"
+echo "   soak for ${ADDCOW_SOAK_SECS:-30}s)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'

@@ -5,7 +5,7 @@
 //! write there, the daemon serving, and its descriptor count and RSS back where they were
 //! after the first round.
 //!
-//! Bounded for the suite: `ADDCOW_SOAK_SECS` (default 45) seconds of load; set it higher for a
+//! Bounded for the suite: `ADDCOW_SOAK_SECS` (default 30) seconds of load; set it higher for a
 //! long soak (e.g. `ADDCOW_SOAK_SECS=1800 scripts/test.sh`, or this test alone with
 //! `cargo test -p addcow-daemon --test nbd_soak -- --ignored --nocapture`).
 
@@ -37,7 +37,7 @@ fn soak_secs() -> u64 {
     std::env::var("ADDCOW_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(45)
+        .unwrap_or(30)
 }
 
 /// One fio round on export `name`: 16 jobs (16 connections), each writing its own 2 MiB with
