@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of addcow on a fresh Debian machine: installs what the suite needs when it is
-# missing (apt-get, as root), then formatting, lints, the whole test suite and the benchmark smoke run.
+# missing (apt-get, as root; cargo-fuzz with cargo), then formatting, lints, the whole test suite,
+# the root-only tests (loop-mounted file systems), a bounded fuzz run and the benchmark smoke run.
+#
+# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 30)
+# per fuzz target; scripts/fuzz.sh alone for long fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +14,10 @@ command -v fio >/dev/null || need_pkgs+=(fio)
 command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v qemu-storage-daemon >/dev/null || need_pkgs+=(qemu-utils)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null || need_pkgs+=(mount)
+command -v prlimit >/dev/null || need_pkgs+=(util-linux)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing ${need_pkgs[*]}"
@@ -23,6 +31,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
+cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 
 echo "== tests"
 if command -v cargo-nextest >/dev/null; then
@@ -37,4 +46,23 @@ fi
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test --workspace --doc
+
+echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
+echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
+echo "   soak for ${ADDCOW_SOAK_SECS:-30}s)"
+cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
+  --test nbd_hygiene --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
+  | grep -vE '^\[(addcow|qsd)\]'
+
+echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: the ENOSPC test needs root (losetup, mount); run the suite as root" >&2
+  exit 1
+fi
+cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
+
+echo "== fuzzing, bounded (${ADDCOW_FUZZ_SECS:-30}s per target; scripts/fuzz.sh for long runs)"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-30}"
+
 echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick

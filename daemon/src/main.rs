@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use addcow_daemon::serve;
+
 mod ctl;
-mod serve;
 mod tools;
 
 /// addcow: serve add-cow copy-on-write overlays over NBD, and manage them.

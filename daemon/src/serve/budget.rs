@@ -1,52 +1,194 @@
-//! The in-flight budget of one connection: at most `max_requests` requests and about
-//! `max_bytes` of buffers between "header read" and "reply sent". The reader takes a share before
-//! it reads a payload or submits; the writer gives it back after the reply is sent. When the
-//! budget is spent the reader blocks, so it stops reading the socket: backpressure instead of
+//! In-flight limits: per connection at most `max_requests` requests between "header read" and
+//! "reply sent", and daemon-wide at most [`Pool::cap`] bytes of request buffers (WRITE payloads
+//! until the engine wrote them, READ data until it was sent, block-status replies until sent).
+//!
+//! The reader takes a share before it reads a payload or submits; it is given back when the
+//! reply is sent (a WRITE's bytes as soon as the engine is done with its buffer). When a share
+//! cannot be had the reader blocks, so it stops reading its socket: backpressure instead of
 //! unbounded buffering.
+//!
+//! **Fair sharing of the pool.** With `n` connections in transmission a connection may hold
+//! about `cap / n` bytes: one that holds more waits (however much of the pool is free) until its
+//! own replies have gone out; one that holds nothing may always take one request, however large,
+//! as soon as the pool has room for it. Connections that do wait for room are served in the
+//! order they asked (first come, first served), so a new client waits behind at most one request
+//! of each other connection, never behind a client that keeps pipelining.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// See the module docs.
+/// Smallest daemon-wide buffer budget: two requests of the largest size pass at once.
+pub const MIN_POOL: u64 = 64 << 20;
+
+/// The daemon-wide buffer budget shared by every connection. See the module docs.
+#[derive(Debug)]
+pub struct Pool {
+    cap: u64,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    /// Bytes held by every connection together.
+    used: u64,
+    /// Highest `used` seen (for tests and reports).
+    peak: u64,
+    /// Connections sharing the pool.
+    members: usize,
+    /// Next first-come-first-served number handed to a waiter.
+    next: u64,
+    /// The number whose turn it is.
+    serving: u64,
+    /// Whether anyone waits (spares the release path a futex wake when nobody does).
+    waiters: usize,
+}
+
+impl Pool {
+    /// A pool of `cap` bytes (at least [`MIN_POOL`]).
+    pub fn new(cap: u64) -> Arc<Pool> {
+        Arc::new(Pool {
+            cap: cap.max(MIN_POOL),
+            state: Mutex::new(PoolState::default()),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// The default size: an eighth of the machine's memory, between [`MIN_POOL`] and 16 GiB.
+    pub fn default_cap() -> u64 {
+        let ram = total_ram().unwrap_or(8 << 30);
+        (ram / 8).clamp(MIN_POOL, 16 << 30)
+    }
+
+    /// The budget in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.lock().used
+    }
+
+    /// Most bytes ever held at once.
+    pub fn peak(&self) -> u64 {
+        self.lock().peak
+    }
+
+    fn join(&self) {
+        self.lock().members += 1;
+        self.freed.notify_all();
+    }
+
+    fn leave(&self) {
+        let mut s = self.lock();
+        s.members = s.members.saturating_sub(1);
+        let wake = s.waiters > 0;
+        drop(s);
+        if wake {
+            // A smaller membership raises everyone's share.
+            self.freed.notify_all();
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.used = s.used.saturating_sub(bytes);
+        let wake = s.waiters > 0;
+        drop(s);
+        if wake {
+            self.freed.notify_all();
+        }
+    }
+}
+
+/// The machine's memory in bytes.
+fn total_ram() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The in-flight budget of one connection: its request count and its holding of the [`Pool`].
 #[derive(Debug)]
 pub struct Budget {
-    /// (requests, bytes, whether the reader waits): the flag spares the writer a futex wake
-    /// per reply when nobody waits.
+    /// (requests, bytes held, whether the reader waits): the flag spares the writer a futex
+    /// wake per reply when nobody waits.
     state: Mutex<(usize, u64, bool)>,
     freed: Condvar,
     max_requests: usize,
-    max_bytes: u64,
+    pool: Arc<Pool>,
 }
 
 impl Budget {
-    /// A budget of `max_requests` (at least 1) and `max_bytes`. One request is always let through
-    /// when nothing is in flight, however large.
-    pub fn new(max_requests: usize, max_bytes: u64) -> Self {
+    /// A budget of `max_requests` (at least 1) drawing bytes from `pool`; the connection is one
+    /// of the pool's members until the budget is dropped.
+    pub fn new(max_requests: usize, pool: Arc<Pool>) -> Self {
+        pool.join();
         Budget {
             state: Mutex::new((0, 0, false)),
             freed: Condvar::new(),
             max_requests: max_requests.max(1),
-            max_bytes,
+            pool,
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (usize, u64, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Blocks until one more request of `bytes` fits, then takes it.
     pub fn acquire(&self, bytes: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while s.0 >= self.max_requests || (s.0 > 0 && s.1 + bytes > self.max_bytes) {
+        let mut s = self.lock();
+        while s.0 >= self.max_requests {
             s.2 = true;
             s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.0 += 1;
-        s.1 += bytes;
+        drop(s);
+        if bytes > 0 {
+            self.pool.acquire_for(self, bytes);
+            self.lock().1 += bytes;
+        }
     }
 
-    /// Gives back a request of `bytes`.
+    /// Bytes this connection holds now.
+    fn held(&self) -> u64 {
+        self.lock().1
+    }
+
+    /// Gives back `bytes` of buffer early (the request itself is still in flight).
+    pub fn release_bytes(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.1 = s.1.saturating_sub(bytes);
+        drop(s);
+        self.pool.release(bytes);
+    }
+
+    /// Gives back a request and the `bytes` it still holds.
     pub fn release(&self, bytes: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.lock();
         s.0 = s.0.saturating_sub(1);
         s.1 = s.1.saturating_sub(bytes);
         let waiting = std::mem::replace(&mut s.2, false);
         drop(s);
+        self.pool.release(bytes);
         if waiting {
             self.freed.notify_all();
         }
@@ -55,15 +197,54 @@ impl Budget {
     /// Requests in flight now.
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.lock().0
     }
 
-    /// Whether an acquirer is parked waiting for a release. The flag is set under the lock right
-    /// before the wait, which releases the lock atomically: once this reads true, the acquirer
-    /// is inside the wait (or re-checking after a spurious wake-up, and about to wait again).
+    /// Whether an acquirer is parked waiting for a release of the request count. The flag is
+    /// set under the lock right before the wait, which releases the lock atomically: once this
+    /// reads true, the acquirer is inside the wait (or re-checking after a spurious wake-up,
+    /// and about to wait again).
     #[cfg(test)]
     pub fn has_waiter(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
+        self.lock().2
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.pool.leave();
+    }
+}
+
+impl Pool {
+    /// [`Pool::acquire`] for `member`, whose holding is read afresh at every check.
+    fn acquire_for(&self, member: &Budget, bytes: u64) {
+        let mut s = self.lock();
+        loop {
+            let share = self.cap / s.members.max(1) as u64;
+            let held = member.held();
+            if held == 0 || held + bytes <= share {
+                break;
+            }
+            s.waiters += 1;
+            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiters -= 1;
+        }
+        let me = s.next;
+        s.next += 1;
+        while s.serving != me || s.used + bytes > self.cap {
+            s.waiters += 1;
+            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiters -= 1;
+        }
+        s.serving += 1;
+        s.used += bytes;
+        s.peak = s.peak.max(s.used);
+        let wake = s.waiters > 0;
+        drop(s);
+        if wake {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -74,13 +255,19 @@ mod tests {
 
     use super::*;
 
-    /// Spins (bounded) until an acquirer of `b` is parked in its wait.
-    fn wait_parked(b: &Budget) {
+    const MIB: u64 = 1 << 20;
+
+    /// Spins (bounded) until `cond` holds.
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.has_waiter() {
-            assert!(Instant::now() < deadline, "the acquirer never blocked");
+        while !cond() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    fn pool_waiters(p: &Pool) -> usize {
+        p.lock().waiters
     }
 
     /// Starts `acquire(bytes)` on a thread; the receiver gets a message once it returned.
@@ -98,14 +285,12 @@ mod tests {
     }
 
     #[test]
-    fn blocks_when_full_and_resumes_on_release() {
-        // Full by request count.
-        let b = Arc::new(Budget::new(2, 1 << 20));
+    fn request_count_blocks_when_full_and_resumes_on_release() {
+        let b = Arc::new(Budget::new(2, Pool::new(MIN_POOL)));
         b.acquire(10);
         b.acquire(10);
         let (rx, t) = acquire_on_thread(&b, 10);
-        wait_parked(&b);
-        // Parked, and it stays parked while nothing is released.
+        wait_for("the acquirer parks", || b.has_waiter());
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         assert_eq!(b.in_flight(), 2);
         b.release(10);
@@ -113,27 +298,88 @@ mod tests {
             .expect("a release did not wake the acquirer");
         t.join().unwrap();
         assert_eq!(b.in_flight(), 2);
+    }
 
-        // Full by bytes: 60 + 60 > 100 waits even though requests are left.
-        let b = Arc::new(Budget::new(8, 100));
-        b.acquire(60);
-        let (rx, t) = acquire_on_thread(&b, 60);
-        wait_parked(&b);
+    /// The pool never lends more than its cap, whoever asks; a member with nothing held gets a
+    /// request larger than its share as soon as there is room.
+    #[test]
+    fn the_pool_cap_holds_across_connections() {
+        let pool = Pool::new(64 * MIB);
+        let a = Arc::new(Budget::new(128, pool.clone()));
+        let b = Arc::new(Budget::new(128, pool.clone()));
+        a.acquire(32 * MIB);
+        b.acquire(32 * MIB);
+        assert_eq!(pool.used(), 64 * MIB);
+        let c = Arc::new(Budget::new(128, pool.clone()));
+        let (rx, t) = acquire_on_thread(&c, 32 * MIB);
+        wait_for("c waits for room", || pool_waiters(&pool) == 1);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        assert_eq!(b.in_flight(), 1);
-        b.release(60);
+        // Early release of a WRITE's buffer frees room while its request is still in flight.
+        a.release_bytes(32 * MIB);
         rx.recv_timeout(Duration::from_secs(10))
-            .expect("a release did not wake the acquirer");
+            .expect("room did not wake the waiter");
         t.join().unwrap();
-        assert_eq!(b.in_flight(), 1);
+        assert_eq!(pool.used(), 64 * MIB);
+        assert_eq!(pool.peak(), 64 * MIB, "never above the cap");
+        a.release(0);
+        b.release(32 * MIB);
+        c.release(32 * MIB);
+        assert_eq!(pool.used(), 0);
+    }
+
+    /// A connection over its fair share waits even though the pool has room, until its own
+    /// replies go out; a new connection meanwhile is served at once.
+    #[test]
+    fn a_greedy_connection_is_held_to_its_share() {
+        let pool = Pool::new(64 * MIB);
+        let greedy = Arc::new(Budget::new(128, pool.clone()));
+        let other = Arc::new(Budget::new(128, pool.clone()));
+        // Two members: a share is 32 MiB.
+        greedy.acquire(30 * MIB);
+        let (rx, t) = acquire_on_thread(&greedy, 4 * MIB);
+        wait_for("greedy waits for its share", || pool_waiters(&pool) == 1);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        // The other connection is not stuck behind it.
+        other.acquire(16 * MIB);
+        assert_eq!(pool.used(), 46 * MIB);
+        // Greedy's own reply goes out: its holding drops and it proceeds.
+        greedy.release(30 * MIB);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("greedy never got its share back");
+        t.join().unwrap();
+        // Leaving the pool raises the share of those who stay.
+        drop(other);
+        assert_eq!(pool.lock().members, 1);
+    }
+
+    /// Waiters for room are served first come, first served: a connection that keeps asking
+    /// cannot overtake one that asked before it.
+    #[test]
+    fn waiters_are_served_in_order() {
+        let pool = Pool::new(64 * MIB);
+        let hog = Arc::new(Budget::new(128, pool.clone()));
+        hog.acquire(64 * MIB);
+        let first = Arc::new(Budget::new(128, pool.clone()));
+        let second = Arc::new(Budget::new(128, pool.clone()));
+        let (rx1, t1) = acquire_on_thread(&first, 40 * MIB);
+        wait_for("first waits", || pool_waiters(&pool) == 1);
+        let (rx2, t2) = acquire_on_thread(&second, 8 * MIB);
+        wait_for("second waits", || pool_waiters(&pool) == 2);
+        // Room for the second (8 MiB) but not the first (40 MiB): nobody passes the first.
+        hog.release_bytes(16 * MIB);
+        assert!(rx2.recv_timeout(Duration::from_millis(200)).is_err());
+        hog.release_bytes(48 * MIB);
+        rx1.recv_timeout(Duration::from_secs(10)).unwrap();
+        rx2.recv_timeout(Duration::from_secs(10)).unwrap();
+        t1.join().unwrap();
+        t2.join().unwrap();
+        assert_eq!(pool.used(), 48 * MIB);
     }
 
     #[test]
-    fn one_oversized_request_passes_when_idle() {
-        let b = Budget::new(4, 100);
-        b.acquire(1000);
-        assert_eq!(b.in_flight(), 1);
-        b.release(1000);
-        assert_eq!(b.in_flight(), 0);
+    fn default_cap_is_a_fraction_of_memory() {
+        let cap = Pool::default_cap();
+        assert!(cap >= MIN_POOL);
+        assert!(cap <= total_ram().unwrap() / 8 + MIN_POOL);
     }
 }

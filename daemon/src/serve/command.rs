@@ -9,7 +9,13 @@
 //! 4. writes of any kind on a read-only export → `EPERM`;
 //! 5. ranges past the end → `ENOSPC` for WRITE/WRITE_ZEROES, `EINVAL` otherwise;
 //! 6. BLOCK_STATUS without a negotiated meta context or with length 0 → `EINVAL`;
-//! 7. WRITE_ZEROES with `FAST_ZERO` that cannot be done by punching whole sectors → `ENOTSUP`.
+//! 7. WRITE_ZEROES with `FAST_ZERO` that cannot be done by punching holes alone (no hole
+//!    punching on the raw image, `NO_HOLE`, or a range not aligned to the unit the engine
+//!    zeroes in) → `ENOTSUP`, at once, with nothing changed.
+//!
+//! With extended headers a command other than WRITE that sets `PAYLOAD_LEN` has its payload
+//! drained and is refused; a WRITE carries its payload with or without the flag (QEMU 10 does
+//! not set it).
 
 use super::handshake::MetaContexts;
 use super::wire::{self, RequestHeader};
@@ -29,12 +35,13 @@ pub enum Command {
     Trim { offset: u64, len: u64, fua: bool },
     /// Prefetch hint.
     Cache { offset: u64, len: u64 },
-    /// Zero a range; `punch`: may deallocate.
+    /// Zero a range; `punch`: may deallocate; `fast`: the client asked for FAST_ZERO.
     WriteZeroes {
         offset: u64,
         len: u64,
         punch: bool,
         fua: bool,
+        fast: bool,
     },
     /// Report allocation; `req_one`: exactly one extent.
     BlockStatus {
@@ -70,6 +77,8 @@ pub struct Limits {
     pub contexts: MetaContexts,
     /// Extended headers negotiated (64-bit lengths, `PAYLOAD_LEN` on WRITE).
     pub extended: bool,
+    /// Alignment a FAST_ZERO needs (`None`: every FAST_ZERO is refused).
+    pub fast_zero_unit: Option<u64>,
 }
 
 fn reject(error: u32, message: impl Into<String>, drain: u32) -> Rejection {
@@ -83,6 +92,10 @@ fn reject(error: u32, message: impl Into<String>, drain: u32) -> Rejection {
 
 /// Validates `h` against `lim` (see the module docs for the rules).
 pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
+    // A WRITE always carries its payload. With extended headers the spec has the client set
+    // PAYLOAD_LEN on it, but QEMU 10 does not: its writes would be refused and the stream lost
+    // if a WRITE without the flag were taken to have none (QEMU's own server reads the payload
+    // of every WRITE too).
     let has_payload =
         h.kind == wire::CMD_WRITE || (lim.extended && h.flags & wire::CMD_FLAG_PAYLOAD_LEN != 0);
     if has_payload && h.len > u64::from(wire::MAX_PAYLOAD) {
@@ -177,19 +190,31 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
         CMD_CACHE => Command::Cache { offset, len },
         CMD_WRITE_ZEROES => {
             let punch = h.flags & CMD_FLAG_NO_HOLE == 0;
-            if h.flags & CMD_FLAG_FAST_ZERO != 0 && !(punch && offset % 512 == 0 && len % 512 == 0)
-            {
-                return Err(reject(
-                    NBD_ENOTSUP,
-                    "fast zero needs whole sectors that may be punched",
-                    0,
-                ));
+            let fast = h.flags & CMD_FLAG_FAST_ZERO != 0;
+            if fast {
+                let punchable = match lim.fast_zero_unit {
+                    Some(u) => punch && offset % u == 0 && len % u == 0,
+                    None => false,
+                };
+                if !punchable {
+                    let why = match lim.fast_zero_unit {
+                        None => "the raw image cannot punch holes".to_string(),
+                        Some(_) if !punch => "NO_HOLE".to_string(),
+                        Some(u) => format!("range not aligned to {u} bytes"),
+                    };
+                    return Err(reject(
+                        NBD_ENOTSUP,
+                        format!("fast zero would write zeros: {why}"),
+                        0,
+                    ));
+                }
             }
             Command::WriteZeroes {
                 offset,
                 len,
                 punch,
                 fua,
+                fast,
             }
         }
         _ => {
@@ -223,6 +248,7 @@ mod tests {
                 allocation_depth: false,
             },
             extended: false,
+            fast_zero_unit: Some(512),
         }
     }
 
@@ -260,7 +286,8 @@ mod tests {
                 offset: 512,
                 len: 1024,
                 punch: true,
-                fua: false
+                fua: false,
+                fast: true
             })
         );
         assert_eq!(validate(&h(CMD_FLUSH, 0, 0, 0), &lim()), Ok(Command::Flush));
@@ -324,6 +351,35 @@ mod tests {
             .error,
             NBD_ENOTSUP
         );
+        // A FAST_ZERO the engine would do by writing zeros: not aligned to its unit, or no
+        // hole punching at all.
+        let mut unit4k = lim();
+        unit4k.fast_zero_unit = Some(4096);
+        assert_eq!(
+            e(validate(
+                &h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 512, 4096),
+                &unit4k
+            ))
+            .error,
+            NBD_ENOTSUP
+        );
+        assert!(validate(
+            &h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 4096, 4096),
+            &unit4k
+        )
+        .is_ok());
+        let mut nopunch = lim();
+        nopunch.fast_zero_unit = None;
+        assert_eq!(
+            e(validate(
+                &h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096),
+                &nopunch
+            ))
+            .error,
+            NBD_ENOTSUP
+        );
+        // Without FAST_ZERO, zeroing is never refused for it.
+        assert!(validate(&h(CMD_WRITE_ZEROES, 0, 1, 100), &nopunch).is_ok());
         let mut none = lim();
         none.contexts = MetaContexts::default();
         assert_eq!(
@@ -372,6 +428,15 @@ mod tests {
         );
         assert_eq!(
             validate(&h(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512), &x),
+            Ok(Command::Write {
+                offset: 0,
+                len: 512,
+                fua: false
+            })
+        );
+        // A WRITE without PAYLOAD_LEN (as QEMU 10 sends it) still carries its payload.
+        assert_eq!(
+            validate(&h(CMD_WRITE, 0, 0, 512), &x),
             Ok(Command::Write {
                 offset: 0,
                 len: 512,

@@ -1,39 +1,42 @@
 //! One client connection: handshake, then a reader (this thread) and a writer thread.
 //!
 //! The reader parses request headers, reads WRITE payloads straight into engine buffers,
-//! validates ([`super::command`]), takes a [`Ticket`] (a share of the in-flight [`Budget`]) and
-//! submits to the engine on the connection's core. Each completion (on a core thread) sends its
-//! [`Reply`] through the connection's [`Outbox`]: straight onto the socket with one
-//! non-blocking `sendmsg` when the socket is idle, else queued for the writer thread. Replies go
-//! out in completion order, one at a time.
+//! validates ([`super::command`]), takes a [`Ticket`] (a share of the connection's request
+//! budget and of the daemon's buffer [`Pool`]) and submits to the engine on the connection's
+//! core. Each completion (on a core thread) sends its [`Reply`] through the connection's
+//! [`Outbox`] to the writer thread. Replies go out in completion order.
 //!
-//! Garbage (bad magic), oversized WRITE payloads, truncated frames and vanished clients end this
-//! connection only; every request already submitted still completes before the sockets close.
+//! Garbage (bad magic), oversized WRITE payloads, truncated frames, a frame that does not
+//! arrive within the payload timeout, an idle connection (with `--idle-timeout`) and vanished
+//! clients end this connection only; every request already submitted still completes before
+//! the sockets close.
 //!
-//! From GO on (attached during the handshake, before GO is answered), the connection is in its
-//! export's client table ([`Export::attach`]). An `export-del` stops its reader through the
-//! [`ClientHandle`]: no new request is read, the ones taken in are answered, then the socket
-//! closes; no request is failed because of the delete.
+//! Stopping ([`ClientHandle::stop_reading`], from an `export-del hard` or a daemon-wide stop):
+//! no new request is read, the ones taken in are answered, then the socket closes; no request
+//! is failed because of the stop. A request the engine refuses because it is shutting down is
+//! not answered either: the connection stops, and a reconnecting client resends it.
 //!
 //! A panic in the writer thread is caught: it is logged, counted in [`WRITER_PANICS`] and
 //! reported in the connection's [`Totals`]; the connection then ends as if the client had gone.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Done, Extent, ExtentKind, Request};
+use addcow_engine::{Done, ExtentKind, Request};
 
-use super::budget::Budget;
+use super::budget::{Budget, Pool};
 use super::command::{self, Command, Limits};
-use super::export::{Attached, Backend, ClientHandle, Export, Exports};
-use super::handshake::{self, HandshakeError, MetaContexts, Negotiated};
+use super::conns::ClientHandle;
+use super::export::{Attached, Backend, Export, Exports};
+use super::handshake::{self, HandshakeError, Negotiated};
 use super::outbox::{Outbox, Ticket};
 use super::reply::{Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
 use super::stats::{Op, Stamp};
+use super::status;
 use super::wire::{self, RequestHeader};
 
 /// Writer threads that panicked since the daemon started (each one ended its connection).
@@ -41,12 +44,8 @@ pub static WRITER_PANICS: AtomicU64 = AtomicU64::new(0);
 
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
-/// Buffer bytes in flight per connection (one request larger than this still passes alone).
-pub const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
 /// Bytes of the reader's socket buffer (request headers and small payloads).
 const READ_BUFFER: usize = 64 << 10;
-/// Most extents in one block-status chunk (the spec's SHOULD).
-const MAX_EXTENTS: usize = 1 << 20;
 
 /// Settings and shared state every connection sees.
 pub struct ConnConfig {
@@ -54,8 +53,28 @@ pub struct ConnConfig {
     pub exports: Arc<Exports>,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
-    /// Set when the daemon is shutting down: new requests get `ESHUTDOWN`.
-    pub shutting_down: Arc<AtomicBool>,
+    /// The daemon-wide buffer budget.
+    pub pool: Arc<Pool>,
+    /// Time allowed for a request frame (header and WRITE payload) once its first byte came.
+    pub payload_timeout: Duration,
+    /// Close a connection with nothing in flight that sent no request and took no reply for
+    /// this long (also: a client that takes no reply byte for this long is dropped).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnConfig {
+    /// Settings for tests: 10 s handshake, a 256 MiB pool, 30 s payload timeout, no idle
+    /// timeout.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn for_tests(exports: Arc<Exports>) -> ConnConfig {
+        ConnConfig {
+            exports,
+            handshake_timeout: Duration::from_secs(10),
+            pool: Pool::new(256 << 20),
+            payload_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+        }
+    }
 }
 
 /// Totals of one connection, logged when it closes.
@@ -103,41 +122,45 @@ impl Ended {
     }
 }
 
-/// Serves one accepted connection to the end. `core`: the engine core its requests run on.
-pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
+/// Serves one accepted connection to the end. `core`: the engine core its requests run on;
+/// `handle`: how the daemon stops it (already in the daemon's table of live connections).
+pub fn serve(
+    mut sock: Sock,
+    id: u64,
+    core: usize,
+    cfg: &ConnConfig,
+    handle: Arc<ClientHandle>,
+) -> Ended {
     let peer = sock.peer();
     let deadline = Instant::now() + cfg.handshake_timeout;
-    let shutting = cfg.shutting_down.clone();
-    // From GO on the connection is in its export's client table, through a handle that can stop
-    // its reader (export-del hard).
-    let stop = Arc::new(AtomicBool::new(false));
-    let Ok(handle_sock) = sock.try_clone() else {
-        return Ended::Handshake;
-    };
-    let attach = |e: &Arc<Export>| {
-        let s = handle_sock.try_clone().ok()?;
-        e.attach(id, ClientHandle::new(s, stop.clone()))
-    };
+    // From GO on the connection is also in its export's client table (export-del hard).
+    let attach = |e: &Arc<Export>| e.attach(id, handle.clone());
     let neg = {
         let mut d = Deadline::new(&mut sock, deadline);
-        handshake::negotiate(
-            &mut d,
-            &cfg.exports,
-            &|| shutting.load(Ordering::SeqCst),
-            &attach,
-        )
+        handshake::negotiate(&mut d, &cfg.exports, &|| handle.stopped(), &attach)
     };
-    drop(handle_sock);
     let neg = match neg {
         Ok(n) => n,
         Err(HandshakeError::Ended) => return Ended::Handshake,
+        Err(e) if handle.stopped() => {
+            tracing::debug!(conn = id, %peer, error = %e, "handshake ended by a stop");
+            return Ended::Handshake;
+        }
         Err(e) => {
             tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
             let _ = sock.shutdown(Shutdown::Both);
             return Ended::Handshake;
         }
     };
-    if sock.set_read_timeout(None).is_err() || sock.set_write_timeout(None).is_err() {
+    // Reads wake up at least this often to check the frame and idle deadlines; a client that
+    // takes no reply byte for the idle time is dropped.
+    let tick = cfg
+        .idle_timeout
+        .map_or(cfg.payload_timeout, |i| i.min(cfg.payload_timeout))
+        .max(Duration::from_millis(100));
+    if sock.set_read_timeout(Some(tick)).is_err()
+        || sock.set_write_timeout(cfg.idle_timeout).is_err()
+    {
         return Ended::Handshake;
     }
     tracing::info!(
@@ -149,7 +172,7 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let totals = transmission(sock, core, &neg, &cfg.shutting_down, &stop);
+    let totals = transmission(sock, core, &neg, cfg, &handle);
     // Leave the export's client table only now: every request of this connection is answered.
     let Negotiated { export, guard, .. } = neg;
     drop(guard);
@@ -160,16 +183,15 @@ pub fn serve(mut sock: Sock, id: u64, core: usize, cfg: &ConnConfig) -> Ended {
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
-/// both are done (every submitted request answered or dropped with the socket). `stop`: set
-/// when the export is being deleted (the reader then takes in no new request).
+/// both are done (every submitted request answered or dropped with the socket).
 fn transmission(
     sock: Sock,
     core: usize,
     neg: &Negotiated<Attached>,
-    shutting: &AtomicBool,
-    stop: &AtomicBool,
+    cfg: &ConnConfig,
+    handle: &Arc<ClientHandle>,
 ) -> Totals {
-    let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES));
+    let budget = Arc::new(Budget::new(MAX_IN_FLIGHT, cfg.pool.clone()));
     let wsock = match sock.try_clone() {
         Ok(s) => s,
         Err(e) => {
@@ -185,7 +207,14 @@ fn transmission(
     } else {
         Framing::Simple
     };
-    let outbox = Outbox::new(wsock, framing, budget, neg.export.stats.clone(), core);
+    let outbox = Outbox::new(
+        wsock,
+        framing,
+        budget,
+        neg.export.stats.clone(),
+        core,
+        handle.clone(),
+    );
     let woutbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
@@ -207,26 +236,34 @@ fn transmission(
             return Totals::default();
         }
     };
+    let backend = neg.export.backend.clone();
     let mut reader = Reader {
         sock: std::io::BufReader::with_capacity(READ_BUFFER, sock),
         core,
-        backend: neg.export.backend.clone(),
         limits: Limits {
-            size: neg.export.backend.size(),
-            read_only: neg.export.backend.read_only(),
+            size: backend.size(),
+            read_only: backend.read_only(),
             structured,
             contexts: neg.contexts,
             extended: neg.extended,
+            fast_zero_unit: backend.fast_zero_unit(),
         },
+        backend,
         outbox,
-        stop,
+        handle: handle.as_ref(),
         stamp: Stamp::now(Op::Other, 0),
         totals: Totals::default(),
+        payload_timeout: cfg.payload_timeout,
+        idle_timeout: cfg.idle_timeout,
+        last_request: Instant::now(),
     };
-    let end = reader.run(shutting);
+    let end = reader.run();
     match &end {
-        Err(e) if stop.load(Ordering::SeqCst) => {
-            tracing::debug!(export = %neg.export.name, error = %e, "reader stopped mid-request (export deleted)")
+        Err(e) if handle.stopped() => {
+            tracing::debug!(export = %neg.export.name, error = %e, "reader stopped mid-request (stop)")
+        }
+        Err(ConnError::Idle(_)) => {
+            tracing::info!(export = %neg.export.name, error = %end.as_ref().err().map(ToString::to_string).unwrap_or_default(), "closing idle connection")
         }
         Err(e) => {
             tracing::warn!(export = %neg.export.name, error = %e, "connection ended by protocol error")
@@ -256,6 +293,10 @@ enum ConnError {
     Frame(#[from] wire::FrameError),
     #[error("{0}")]
     Fatal(String),
+    #[error("request frame not received within {0:?} (payload timeout)")]
+    Timeout(Duration),
+    #[error("no request for {0:?} (idle timeout)")]
+    Idle(Duration),
     #[error("socket: {0}")]
     Io(#[from] io::Error),
 }
@@ -267,11 +308,21 @@ struct Reader<'a> {
     backend: Arc<dyn Backend>,
     limits: Limits,
     outbox: Arc<Outbox>,
-    /// Set to stop taking in requests (export deleted).
-    stop: &'a AtomicBool,
+    /// Tells the reader to stop taking in requests.
+    handle: &'a ClientHandle,
     /// The request being handled.
     stamp: Stamp,
     totals: Totals,
+    payload_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    /// When the last request header was read.
+    last_request: Instant,
+}
+
+enum Filled {
+    Full,
+    Eof,
+    Partial,
 }
 
 impl Reader<'_> {
@@ -280,10 +331,70 @@ impl Reader<'_> {
         self.outbox.ticket(cost, self.stamp)
     }
 
-    /// Reads and dispatches requests until DISC, EOF, a fatal error or `stop`.
-    fn run(&mut self, shutting: &AtomicBool) -> Result<(), ConnError> {
+    /// Fills `buf` from the socket. `frame_start`: when the frame this belongs to began
+    /// (`None` for a header at a request boundary, where the client may stay silent as long
+    /// as it likes, or up to the idle timeout). Tells a clean EOF before the first byte from
+    /// one in the middle.
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+        mut frame_start: Option<Instant>,
+    ) -> Result<Filled, ConnError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Ok(if got == 0 {
+                        Filled::Eof
+                    } else {
+                        Filled::Partial
+                    })
+                }
+                Ok(n) => {
+                    got += n;
+                    frame_start.get_or_insert_with(Instant::now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Ok(if got == 0 {
+                        Filled::Eof
+                    } else {
+                        Filled::Partial
+                    })
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if frame_start.is_none() {
+                        if let Some(idle) = self.idle_timeout {
+                            let quiet = self
+                                .outbox
+                                .last_sent()
+                                .map_or(self.last_request, |t| t.max(self.last_request));
+                            if self.outbox.outstanding() == 0 && quiet.elapsed() >= idle {
+                                return Err(ConnError::Idle(idle));
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(t) = frame_start {
+                if got < buf.len() && t.elapsed() >= self.payload_timeout {
+                    return Err(ConnError::Timeout(self.payload_timeout));
+                }
+            }
+        }
+        Ok(Filled::Full)
+    }
+
+    /// Reads and dispatches requests until DISC, EOF, a fatal error or a stop.
+    fn run(&mut self) -> Result<(), ConnError> {
         loop {
-            if self.stop.load(Ordering::SeqCst) {
+            if self.handle.stopped() {
                 return Ok(());
             }
             let mut hb = [0u8; wire::EXTENDED_REQUEST_LEN];
@@ -292,11 +403,12 @@ impl Reader<'_> {
             } else {
                 wire::REQUEST_LEN
             };
-            match read_full(&mut self.sock, &mut hb[..hlen])? {
+            match self.fill(&mut hb[..hlen], None)? {
                 Filled::Eof => return Ok(()),
                 Filled::Partial => return Err(ConnError::Fatal("truncated request header".into())),
                 Filled::Full => {}
             }
+            self.last_request = Instant::now();
             let h = if self.limits.extended {
                 RequestHeader::parse_extended(&hb)?
             } else {
@@ -314,19 +426,7 @@ impl Reader<'_> {
                 _ => h.len,
             };
             self.stamp = Stamp::now(op, bytes);
-            let validated = command::validate(&h, &self.limits);
-            if shutting.load(Ordering::SeqCst) {
-                match &validated {
-                    Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message.clone())),
-                    Err(rej) => self.drain(rej.drain)?,
-                    Ok(Command::Write { len, .. }) => self.drain(*len)?,
-                    Ok(_) => {}
-                }
-                let msg = "server is shutting down".to_string();
-                self.error(h.cookie, h.offset, wire::NBD_ESHUTDOWN, msg);
-                continue;
-            }
-            match validated {
+            match command::validate(&h, &self.limits) {
                 Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message)),
                 Err(rej) => {
                     self.drain(rej.drain)?;
@@ -343,9 +443,10 @@ impl Reader<'_> {
     fn drain(&mut self, n: u32) -> Result<(), ConnError> {
         let mut left = u64::from(n);
         let mut scratch = [0u8; 64 << 10];
+        let start = Some(self.last_request);
         while left > 0 {
             let k = left.min(scratch.len() as u64) as usize;
-            match read_full(&mut self.sock, &mut scratch[..k])? {
+            match self.fill(&mut scratch[..k], start)? {
                 Filled::Full => left -= k as u64,
                 _ => return Err(ConnError::Fatal("client vanished inside a payload".into())),
             }
@@ -384,7 +485,6 @@ impl Reader<'_> {
         }
         match cmd {
             Command::Read { offset, len, df } => {
-                let ticket = self.ticket(u64::from(len));
                 let holes: Vec<(u64, u64)> = if len == 0 {
                     Vec::new()
                 } else {
@@ -398,9 +498,13 @@ impl Reader<'_> {
                 let all_hole =
                     len == 0 || (holes.len() == 1 && holes[0] == (offset, u64::from(len)));
                 if all_hole {
+                    // No buffer: the reply's zeros come from a static page.
+                    let ticket = self.ticket(0);
                     self.answer(ticket, cookie, offset, Body::Zeros { offset, len, df });
                     return Ok(());
                 }
+                let ticket = self.ticket(u64::from(len));
+                let cmd_kind = wire::CMD_READ;
                 self.backend.submit(
                     self.core,
                     Request::Read { offset, len },
@@ -416,7 +520,8 @@ impl Reader<'_> {
                                 error: wire::NBD_EIO,
                                 message: "engine returned a short read".into(),
                             },
-                            Err(e) => engine_error(&e),
+                            Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
+                            Err(e) => engine_error(cmd_kind, false, &e),
                         };
                         ticket.send(Reply {
                             cookie,
@@ -429,10 +534,10 @@ impl Reader<'_> {
             Command::Write { offset, len, fua } => {
                 let cost = u64::from(len);
                 let ticket = self.ticket(cost);
-                // Not zeroed: holds stale bytes until `read_full` overwrites all of it. On a
-                // short or failed read it is dropped here, never submitted.
+                // Not zeroed: holds stale bytes until `fill` overwrites all of it. On a short
+                // or failed read it is dropped here, never submitted.
                 let mut data = self.backend.alloc_buf(len as usize);
-                match read_full(&mut self.sock, &mut data)? {
+                match self.fill(&mut data, Some(self.last_request))? {
                     Filled::Full => {}
                     // Dropping the ticket gives the budget back.
                     _ => {
@@ -440,25 +545,58 @@ impl Reader<'_> {
                     }
                 }
                 self.totals.bytes_written += cost;
-                self.submit(ticket, cookie, offset, Request::Write { offset, data, fua });
+                self.backend.submit(
+                    self.core,
+                    Request::Write { offset, data, fua },
+                    Box::new(move |r| {
+                        // The engine is done with the buffer: drop it and give its bytes back
+                        // now, not when the reply is sent (a client that does not read its
+                        // replies then holds no buffer memory).
+                        let body = match r {
+                            Ok(done) => {
+                                drop(done);
+                                Body::Ok
+                            }
+                            Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
+                            Err(e) => engine_error(wire::CMD_WRITE, false, &e),
+                        };
+                        let mut ticket = ticket;
+                        ticket.free_bytes();
+                        ticket.send(Reply {
+                            cookie,
+                            offset,
+                            body,
+                        });
+                    }),
+                );
             }
             Command::Flush => {
                 let ticket = self.ticket(0);
-                self.submit(ticket, cookie, req_offset, Request::Flush);
+                self.submit(
+                    ticket,
+                    cookie,
+                    req_offset,
+                    wire::CMD_FLUSH,
+                    false,
+                    Request::Flush,
+                );
             }
             Command::Trim { offset, len, fua } => {
                 let ticket = self.ticket(0);
-                self.submit(ticket, cookie, offset, Request::Trim { offset, len, fua });
+                let req = Request::Trim { offset, len, fua };
+                self.submit(ticket, cookie, offset, wire::CMD_TRIM, false, req);
             }
             Command::Cache { offset, len } => {
                 let ticket = self.ticket(0);
-                self.submit(ticket, cookie, offset, Request::Cache { offset, len });
+                let req = Request::Cache { offset, len };
+                self.submit(ticket, cookie, offset, wire::CMD_CACHE, false, req);
             }
             Command::WriteZeroes {
                 offset,
                 len,
                 punch,
                 fua,
+                fast,
             } => {
                 let ticket = self.ticket(0);
                 let req = Request::WriteZeroes {
@@ -467,16 +605,17 @@ impl Reader<'_> {
                     punch,
                     fua,
                 };
-                self.submit(ticket, cookie, offset, req);
+                self.submit(ticket, cookie, offset, wire::CMD_WRITE_ZEROES, fast, req);
             }
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
             } => {
-                let ticket = self.ticket(0);
-                let extents = self.backend.allocation(offset, len);
-                let contexts = block_status(&extents, self.limits.contexts, req_one, len);
+                let cost = status::reply_cost(len, req_one, self.limits.contexts);
+                let ticket = self.ticket(cost);
+                let contexts =
+                    status::answer(&*self.backend, offset, len, self.limits.contexts, req_one);
                 self.answer(ticket, cookie, offset, Body::BlockStatus { contexts });
             }
             Command::Disc => {}
@@ -484,15 +623,25 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Submits a request whose success is a plain OK.
-    fn submit(&mut self, ticket: Ticket, cookie: u64, offset: u64, req: Request) {
+    /// Submits a request whose success is a plain OK. `kind`, `fast_zero`: what it was, for
+    /// the error a failure is answered with.
+    fn submit(
+        &mut self,
+        ticket: Ticket,
+        cookie: u64,
+        offset: u64,
+        kind: u16,
+        fast_zero: bool,
+        req: Request,
+    ) {
         self.backend.submit(
             self.core,
             req,
             Box::new(move |r| {
                 let body = match r {
                     Ok(_) => Body::Ok,
-                    Err(e) => engine_error(&e),
+                    Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
+                    Err(e) => engine_error(kind, fast_zero, &e),
                 };
                 ticket.send(Reply {
                     cookie,
@@ -504,100 +653,21 @@ impl Reader<'_> {
     }
 }
 
-fn engine_error(e: &addcow_engine::RequestError) -> Body {
+/// The error reply for an engine failure of a `kind` command (see [`wire::reply_error`]).
+fn engine_error(kind: u16, fast_zero: bool, e: &addcow_engine::RequestError) -> Body {
     tracing::warn!(error = %e, "request failed in the engine");
     Body::Error {
-        error: wire::nbd_error_from_errno(e.errno),
+        error: wire::reply_error(kind, fast_zero, e.errno),
         message: e.to_string(),
     }
-}
-
-/// Block-status extents per selected context, from the disk's allocation.
-///
-/// `base:allocation`: raw-image and base runs are data (0); runs past the base read as zeros
-/// and are unallocated (`HOLE|ZERO`). `qemu:allocation-depth`: 1 = raw image, 2 = base,
-/// 0 = unallocated.
-pub fn block_status(
-    extents: &[Extent],
-    ctx: MetaContexts,
-    req_one: bool,
-    len: u64,
-) -> Vec<(u32, Vec<(u64, u32)>)> {
-    let mut out = Vec::new();
-    let mut one = |id: u32, status: fn(ExtentKind) -> u32| {
-        let mut v: Vec<(u64, u32)> = Vec::new();
-        for e in extents {
-            let flags = status(e.kind);
-            match v.last_mut() {
-                Some(last) if last.1 == flags => last.0 += e.len,
-                _ => v.push((e.len, flags)),
-            }
-        }
-        if v.is_empty() {
-            v.push((len, 0));
-        }
-        if req_one {
-            v.truncate(1);
-            if let Some(first) = v.first_mut() {
-                first.0 = first.0.min(len);
-            }
-        }
-        v.truncate(MAX_EXTENTS);
-        out.push((id, v));
-    };
-    if ctx.base_allocation {
-        one(handshake::CTX_BASE_ALLOCATION, |k| match k {
-            ExtentKind::Zero => wire::STATE_HOLE | wire::STATE_ZERO,
-            _ => 0,
-        });
-    }
-    if ctx.allocation_depth {
-        one(handshake::CTX_ALLOCATION_DEPTH, |k| match k {
-            ExtentKind::Image => 1,
-            ExtentKind::Base => 2,
-            ExtentKind::Zero => 0,
-        });
-    }
-    out
-}
-
-enum Filled {
-    Full,
-    Eof,
-    Partial,
-}
-
-/// Fills `buf`, telling a clean EOF before the first byte from one in the middle.
-fn read_full(sock: &mut impl Read, buf: &mut [u8]) -> io::Result<Filled> {
-    let mut got = 0;
-    while got < buf.len() {
-        match sock.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Ok(if got == 0 {
-                    Filled::Eof
-                } else {
-                    Filled::Partial
-                })
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Ok(if got == 0 {
-                    Filled::Eof
-                } else {
-                    Filled::Partial
-                })
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Filled::Full)
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    use addcow_engine::Extent;
 
     use super::super::export::memory::MemDisk;
     use super::super::export::Export;
@@ -663,13 +733,10 @@ mod tests {
     fn start_in(exports: &Arc<Exports>) -> (UnixStream, Conn) {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (a, b) = UnixStream::pair().unwrap();
-        let cfg = ConnConfig {
-            exports: exports.clone(),
-            handshake_timeout: Duration::from_secs(10),
-            shutting_down: Arc::new(AtomicBool::new(false)),
-        };
+        let cfg = ConnConfig::for_tests(exports.clone());
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg));
+        let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg, handle));
         (b, t)
     }
 
@@ -1063,6 +1130,57 @@ mod tests {
         );
     }
 
+    /// A backend that refuses every WRITE as a stopping engine does (ESHUTDOWN).
+    struct Stopping {
+        inner: Arc<MemDisk>,
+    }
+
+    impl Backend for Stopping {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            if matches!(req, Request::Write { .. }) {
+                done(Err(addcow_engine::RequestError {
+                    errno: libc::ESHUTDOWN,
+                    op: "engine shut down",
+                    offset: 0,
+                }))
+            } else {
+                self.inner.submit(core, req, done)
+            }
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// A request the engine refuses because it is stopping is never answered with an error:
+    /// the connection answers what else it has, stops and closes, so a reconnecting client
+    /// resends it.
+    #[test]
+    fn a_stopping_engine_leaves_the_request_unanswered_and_closes() {
+        let (mut c, t) = start_on(Arc::new(Stopping {
+            inner: MemDisk::new(1 << 20, false),
+        }));
+        handshake(&mut c);
+        req(&mut c, wire::CMD_READ, 0, 1, 0, 512);
+        let mut r = vec![0u8; 20 + 8 + 512];
+        c.read_exact(&mut r).unwrap();
+        req(&mut c, wire::CMD_WRITE, 0, 2, 0, 512);
+        c.write_all(&[1u8; 512]).unwrap();
+        let rest = read_until_closed(&mut c);
+        assert!(rest.is_empty(), "the refused write was answered: {rest:?}");
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.errors, 0);
+    }
+
     /// Invariant 6: no request stream makes the daemon panic. Random (mostly well-framed)
     /// requests with random kinds, flags, offsets and lengths, then EOF: the connection must
     /// answer or close and its thread must end normally.
@@ -1188,36 +1306,5 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
         w.join().unwrap();
         ended_cleanly(t);
-    }
-
-    #[test]
-    fn block_status_req_one_and_depth() {
-        let ex = [
-            Extent {
-                offset: 0,
-                len: 512,
-                kind: ExtentKind::Image,
-            },
-            Extent {
-                offset: 512,
-                len: 512,
-                kind: ExtentKind::Base,
-            },
-            Extent {
-                offset: 1024,
-                len: 512,
-                kind: ExtentKind::Zero,
-            },
-        ];
-        let both = MetaContexts {
-            base_allocation: true,
-            allocation_depth: true,
-        };
-        let s = block_status(&ex, both, false, 1536);
-        assert_eq!(s[0], (1, vec![(1024, 0), (512, 3)]));
-        assert_eq!(s[1], (2, vec![(512, 1), (512, 2), (512, 0)]));
-        let s = block_status(&ex, both, true, 1536);
-        assert_eq!(s[0], (1, vec![(1024, 0)]));
-        assert_eq!(s[1], (2, vec![(512, 1)]));
     }
 }

@@ -5,14 +5,13 @@
 //! [`Engine`] for buffers). Tests of the protocol layer use an in-memory backend.
 
 use std::collections::HashMap;
-use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
-use addcow_engine::{Completion, Disk, Engine, Extent, IoBuf, Request};
+use addcow_engine::{Completion, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
 
-use super::sock::Sock;
+use super::conns::ClientHandle;
+use super::probe::LayerFiles;
 use super::stats::ExportStats;
 use super::wire;
 
@@ -35,6 +34,18 @@ pub trait Backend: Send + Sync + 'static {
     fn disk(&self) -> Option<&Disk> {
         None
     }
+    /// Appends the ranges inside `[start, end)` that the file of `layer` (`Image`: the raw
+    /// image, `Base`: the base) is known to read as zeros without holding data (holes), in
+    /// order. Nothing appended means nothing is known.
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        let _ = (layer, start, end, out);
+    }
+    /// The alignment (bytes) a WRITE_ZEROES must have to be done by punching a hole alone, with
+    /// no zeros written; `None` when the raw image cannot punch holes at all (then every
+    /// FAST_ZERO fails fast).
+    fn fast_zero_unit(&self) -> Option<u64> {
+        Some(512)
+    }
 }
 
 /// An engine disk as a [`Backend`].
@@ -43,6 +54,9 @@ pub struct EngineDisk {
     pub engine: Engine,
     /// The disk.
     pub disk: Disk,
+    /// The raw image and base, opened read-only to ask the file system where their holes are
+    /// (`None` when they could not be opened: nothing is reported as zeros then).
+    pub files: Option<LayerFiles>,
 }
 
 impl Backend for EngineDisk {
@@ -66,34 +80,13 @@ impl Backend for EngineDisk {
     fn disk(&self) -> Option<&Disk> {
         Some(&self.disk)
     }
-}
-
-/// How a connection is told to stop: a flag its reader checks before each request, and a
-/// handle on its socket to wake a reader blocked in `read` (shutting down the read side makes
-/// that read return end-of-file; requests already taken in are still answered).
-#[derive(Debug)]
-pub struct ClientHandle {
-    sock: Sock,
-    stop: Arc<AtomicBool>,
-}
-
-impl ClientHandle {
-    /// A handle on `sock` (a clone of the connection's socket) and its reader's `stop` flag.
-    pub fn new(sock: Sock, stop: Arc<AtomicBool>) -> ClientHandle {
-        ClientHandle { sock, stop }
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        if let Some(f) = &self.files {
+            f.holes(layer, start, end, out);
+        }
     }
-
-    /// Stops the reader: no new request is read; in-flight ones are answered, then the
-    /// connection closes. No request gets an error because of this.
-    pub fn stop_reading(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.sock.shutdown(Shutdown::Read);
-    }
-
-    /// Closes the socket both ways (a client that does not read its replies).
-    pub fn close(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.sock.shutdown(Shutdown::Both);
+    fn fast_zero_unit(&self) -> Option<u64> {
+        self.files.as_ref().and_then(|f| f.fast_zero_unit)
     }
 }
 
@@ -108,7 +101,7 @@ enum State {
 #[derive(Debug)]
 struct Clients {
     state: State,
-    conns: HashMap<u64, ClientHandle>,
+    conns: HashMap<u64, Arc<ClientHandle>>,
 }
 
 /// Why an export could not start being deleted.
@@ -196,7 +189,7 @@ impl Export {
 
     /// Adds connection `id` to the client table, unless a delete has begun (then `None`: the
     /// connection must close without serving).
-    pub fn attach(self: &Arc<Self>, id: u64, handle: ClientHandle) -> Option<Attached> {
+    pub fn attach(self: &Arc<Self>, id: u64, handle: Arc<ClientHandle>) -> Option<Attached> {
         let mut c = self.lock_clients();
         if c.state != State::Serving {
             return None;
@@ -384,7 +377,7 @@ impl Exports {
 
 /// An in-memory backend for the protocol layer's tests: a byte vector whose second half is
 /// "unallocated past the base" (reads as zeros, reported as [`ExtentKind::Zero`]) until written.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod memory {
     use std::sync::Mutex;
 
@@ -395,7 +388,7 @@ pub mod memory {
     /// See the module docs.
     pub struct MemDisk {
         pub data: Mutex<Vec<u8>>,
-        /// Per 512-byte sector: 0 zero, 1 image, 2 base.
+        /// Per 512-byte sector: 0 zero, 1 image, 2 base, 3 image zeroed (a hole in the image).
         pub kinds: Mutex<Vec<u8>>,
         pub read_only: bool,
         pub flushes: std::sync::atomic::AtomicUsize,
@@ -418,12 +411,12 @@ pub mod memory {
             })
         }
 
-        fn mark(&self, offset: u64, len: u64) {
+        fn mark(&self, offset: u64, len: u64, kind: u8) {
             let mut k = self.kinds.lock().unwrap();
             let first = (offset / 512) as usize;
             let end = (offset + len).div_ceil(512) as usize;
             for s in first..end.min(k.len()) {
-                k[s] = 1;
+                k[s] = kind;
             }
         }
 
@@ -431,7 +424,13 @@ pub mod memory {
             let mut d = self.data.lock().unwrap();
             d[offset as usize..(offset + len) as usize].fill(0);
             drop(d);
-            self.mark(offset, len);
+            // Whole sectors become holes of the image; partial ones are written zeros.
+            let first = offset.div_ceil(512) * 512;
+            let end = (offset + len) / 512 * 512;
+            self.mark(offset, len, 1);
+            if end > first {
+                self.mark(first, end - first, 3);
+            }
         }
     }
 
@@ -462,7 +461,7 @@ pub mod memory {
                         let mut d = self.data.lock().unwrap();
                         d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
                         drop(d);
-                        self.mark(offset, data.len() as u64);
+                        self.mark(offset, data.len() as u64, 1);
                         Ok(Done::Written(data))
                     }
                 }
@@ -488,7 +487,7 @@ pub mod memory {
             while pos < end {
                 let kind = match k[(pos / 512) as usize] {
                     0 => ExtentKind::Zero,
-                    1 => ExtentKind::Image,
+                    1 | 3 => ExtentKind::Image,
                     _ => ExtentKind::Base,
                 };
                 let next = ((pos / 512 + 1) * 512).min(end);
@@ -506,6 +505,26 @@ pub mod memory {
         }
         fn alloc_buf(&self, len: usize) -> IoBuf {
             IoBuf::new_zeroed(len)
+        }
+        fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+            if layer != ExtentKind::Image {
+                return;
+            }
+            let k = self.kinds.lock().unwrap();
+            let mut s = start / 512;
+            while s * 512 < end && (s as usize) < k.len() {
+                if k[s as usize] == 3 {
+                    let a = (s * 512).max(start);
+                    let mut e = s;
+                    while (e as usize) < k.len() && k[e as usize] == 3 && e * 512 < end {
+                        e += 1;
+                    }
+                    out.push((a, (e * 512).min(end)));
+                    s = e;
+                } else {
+                    s += 1;
+                }
+            }
         }
     }
 }

@@ -3,8 +3,13 @@
 //!
 //! Supported options: `EXPORT_NAME` (with `NO_ZEROES`), `ABORT`, `LIST`, `INFO`, `GO`,
 //! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`. Every other
-//! option is answered
-//! `ERR_UNSUP` and haggling continues.
+//! option is answered `ERR_UNSUP` and haggling continues.
+//!
+//! Corners (NBD spec): `STRUCTURED_REPLY` after `EXTENDED_HEADERS` gets `ERR_EXT_HEADER_REQD`;
+//! either header option asked for a second time gets `ERR_INVALID`; an option whose payload is
+//! over 64 KiB is read and discarded (within the handshake time limit) and answered
+//! `ERR_TOO_BIG` (`EXPORT_NAME`, which has no error reply, drops the connection); every error
+//! message fits the protocol's 4096-byte string limit.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -12,8 +17,8 @@ use std::sync::Arc;
 use super::export::{Export, Exports};
 use super::wire::{self, Cursor};
 
-/// Largest option payload we read; longer ones close the connection (no legitimate option
-/// comes near this).
+/// Largest option payload we take in; longer ones are discarded and answered `ERR_TOO_BIG` (no
+/// legitimate option comes near this).
 const MAX_OPTION_LEN: u32 = 64 << 10;
 
 /// Meta-context id of `base:allocation` on every connection.
@@ -106,6 +111,8 @@ pub fn negotiate<S: Read + Write, G>(
 
     let mut structured = false;
     let mut extended = false;
+    // Whether STRUCTURED_REPLY itself was acked (extended headers imply structured replies too).
+    let mut structured_option = false;
     // Last SET_META_CONTEXT: the export name it named and what it selected.
     let mut selected: Option<(String, MetaContexts)> = None;
 
@@ -128,9 +135,25 @@ pub fn negotiate<S: Read + Write, G>(
             )));
         }
         if len > MAX_OPTION_LEN {
-            return Err(HandshakeError::Protocol(format!(
-                "option {option} payload of {len} bytes is too long"
-            )));
+            if option == wire::OPT_EXPORT_NAME {
+                return Err(HandshakeError::Protocol(format!(
+                    "EXPORT_NAME of {len} bytes is too long"
+                )));
+            }
+            let copied = io::copy(
+                &mut Read::by_ref(stream).take(u64::from(len)),
+                &mut io::sink(),
+            )?;
+            if copied < u64::from(len) {
+                return Err(HandshakeError::Ended);
+            }
+            reply_err(
+                stream,
+                option,
+                wire::REP_ERR_TOO_BIG,
+                &format!("option payload of {len} bytes is over the {MAX_OPTION_LEN}-byte limit"),
+            )?;
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data)?;
@@ -206,6 +229,24 @@ pub fn negotiate<S: Read + Write, G>(
                 stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
             }
             wire::OPT_STRUCTURED_REPLY => {
+                if extended {
+                    reply_err(
+                        stream,
+                        option,
+                        wire::REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    )?;
+                    continue;
+                }
+                if structured_option {
+                    reply_err(
+                        stream,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "structured replies are already negotiated",
+                    )?;
+                    continue;
+                }
                 if !data.is_empty() {
                     reply_err(
                         stream,
@@ -216,9 +257,19 @@ pub fn negotiate<S: Read + Write, G>(
                     continue;
                 }
                 structured = true;
+                structured_option = true;
                 stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
             }
             wire::OPT_EXTENDED_HEADERS => {
+                if extended {
+                    reply_err(
+                        stream,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "extended headers are already negotiated",
+                    )?;
+                    continue;
+                }
                 if !data.is_empty() {
                     reply_err(
                         stream,
@@ -242,7 +293,7 @@ pub fn negotiate<S: Read + Write, G>(
                         stream,
                         option,
                         wire::REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
+                        &format!("no export named {}", quoted(&name)),
                     )?;
                     continue;
                 };
@@ -252,7 +303,7 @@ pub fn negotiate<S: Read + Write, G>(
                             stream,
                             option,
                             wire::REP_ERR_UNKNOWN,
-                            &format!("export {name:?} is being deleted"),
+                            &format!("export {} is being deleted", quoted(&name)),
                         )?;
                         continue;
                     };
@@ -321,7 +372,7 @@ pub fn negotiate<S: Read + Write, G>(
                         stream,
                         option,
                         wire::REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
+                        &format!("no export named {}", quoted(&name)),
                     )?;
                     continue;
                 }
@@ -393,9 +444,22 @@ fn meta_reply<S: Write>(stream: &mut S, option: u32, id: u32, name: &str) -> io:
     stream.write_all(&wire::option_reply(option, wire::REP_META_CONTEXT, &p))
 }
 
+/// Sends an error reply; its message is cut to the protocol's 4096-byte string limit.
 fn reply_err<S: Write>(stream: &mut S, option: u32, err: u32, msg: &str) -> io::Result<()> {
+    let msg = wire::cut(msg, wire::MAX_STRING);
     stream.write_all(&wire::option_reply(option, err, msg.as_bytes()))?;
     stream.flush()
+}
+
+/// A client-supplied name, quoted and escaped for a message, at most about 200 bytes.
+fn quoted(name: &str) -> String {
+    const SHOWN: usize = 160;
+    let cut = wire::cut(name, SHOWN);
+    if cut.len() < name.len() {
+        format!("{cut:?}... ({} bytes)", name.len())
+    } else {
+        format!("{name:?}")
+    }
 }
 
 /// A length-prefixed string of at most [`wire::MAX_STRING`] bytes.
@@ -740,11 +804,26 @@ mod tests {
     }
 
     #[test]
-    fn oversized_or_garbage_options_close() {
+    fn oversized_options_are_drained_and_too_big_garbage_closes() {
+        // An option over 64 KiB is read whole, answered ERR_TOO_BIG, and haggling goes on.
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(99, &vec![7u8; (64 << 10) + 1]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let (r, out) = run(c);
+        assert!(r.is_ok(), "GO after an oversized option");
+        let reps = replies(&out);
+        assert_eq!(reps[0].0, 99);
+        assert_eq!(reps[0].1, wire::REP_ERR_TOO_BIG);
+        assert_eq!(reps.last().unwrap().1, wire::REP_ACK);
+        // One that announces more than it sends: the client vanished.
         let mut c = vec![0, 0, 0, 3];
         let mut o = opt(99, &[]);
         o[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
         c.extend(o);
+        assert!(matches!(run(c).0, Err(HandshakeError::Ended)));
+        // EXPORT_NAME cannot be answered with an error: dropped.
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXPORT_NAME, &vec![b'a'; (64 << 10) + 1]));
         assert!(matches!(run(c).0, Err(HandshakeError::Protocol(_))));
         let mut c = vec![0, 0, 0, 3];
         c.extend_from_slice(&[0xff; 16]);
@@ -755,6 +834,64 @@ mod tests {
         o.truncate(20);
         c.extend(o);
         assert!(run(c).0.is_err());
+    }
+
+    /// STRUCTURED_REPLY after EXTENDED_HEADERS: ERR_EXT_HEADER_REQD; either option a second
+    /// time: ERR_INVALID; extended headers after structured replies: fine.
+    #[test]
+    fn header_options_in_the_wrong_order_or_twice() {
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXTENDED_HEADERS, &[]));
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_EXTENDED_HEADERS, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let (r, out) = run(c);
+        assert!(r.unwrap().extended);
+        let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(
+            &types[..3],
+            [
+                wire::REP_ACK,
+                wire::REP_ERR_EXT_HEADER_REQD,
+                wire::REP_ERR_INVALID
+            ]
+        );
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_EXTENDED_HEADERS, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let (r, out) = run(c);
+        assert!(r.unwrap().extended);
+        let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(
+            &types[..3],
+            [wire::REP_ACK, wire::REP_ERR_INVALID, wire::REP_ACK]
+        );
+    }
+
+    /// Error messages stay within the 4096-byte string limit even for a 4096-byte export name
+    /// that escapes to six times its length.
+    #[test]
+    fn error_messages_fit_the_string_limit() {
+        let name: String = "\u{1}".repeat(4096);
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_GO, &go(&name, &[])));
+        c.extend(opt(wire::OPT_INFO, &go(&name, &[])));
+        c.extend(opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta(&name, &["base:allocation"]),
+        ));
+        c.extend(opt(wire::OPT_ABORT, &[]));
+        let (_, out) = run(c);
+        let reps = replies(&out);
+        assert_eq!(reps.len(), 5);
+        for r in &reps[1..4] {
+            assert_eq!(r.1, wire::REP_ERR_UNKNOWN);
+            assert!(r.2.len() <= wire::MAX_STRING, "{} bytes", r.2.len());
+            assert!(std::str::from_utf8(&r.2).is_ok());
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::allow::{AllowError, AllowedDirs};
 use super::events::{self, Events};
 use super::export::{DeleteRefused, EngineDisk, Export, Exports};
+use super::probe::LayerFiles;
 use super::signals::Stop;
 use super::stats::{Op, Percentiles};
 use super::wire;
@@ -274,11 +275,21 @@ impl Host {
             read_only = disk.read_only(),
             "export ready"
         );
+        // The files underneath, for hole queries and the hole-punching probe; without them
+        // nothing is reported as zeros and every FAST_ZERO fails fast.
+        let files = match LayerFiles::open(overlay, !disk.read_only()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
+                None
+            }
+        };
         let export = Export::new(
             claim.name(),
             Arc::new(EngineDisk {
                 engine: engine.clone(),
                 disk,
+                files,
             }),
             self.shards,
         );

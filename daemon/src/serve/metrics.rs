@@ -235,22 +235,22 @@ pub fn render(host: &Arc<Host>) -> String {
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     describe: String,
-    /// The Unix socket file we created.
-    path: Option<std::path::PathBuf>,
+    /// The Unix socket file we created (removed at stop, and on every way out).
+    file: std::sync::Mutex<Option<super::listener::SocketFile>>,
 }
 
 impl MetricsServer {
     /// Binds `addr` (a path with `/`: a Unix socket, mode 0600, same stale/live rules as the NBD
     /// socket; else a TCP address) and starts serving.
     pub fn start(addr: &str, host: Arc<Host>) -> Result<MetricsServer, String> {
-        let mut path = None;
+        let mut file = None;
         let (listener, describe): (tiny_http::Listener, String) = if addr.contains('/') {
             let l = Listener::bind_unix(std::path::Path::new(addr), 0o600)
                 .map_err(|e| format!("--metrics {addr}: {e}"))?;
-            let Listener::Unix { sock, .. } = l else {
+            let Some((sock, f)) = l.into_unix() else {
                 return Err(format!("--metrics {addr}: not a Unix socket"));
             };
-            path = Some(std::path::PathBuf::from(addr));
+            file = f;
             (sock.into(), addr.to_string())
         } else {
             let l = std::net::TcpListener::bind(addr)
@@ -271,10 +271,13 @@ impl MetricsServer {
             .name("metrics".into())
             .spawn(move || serve(&s, &host))
             .map_err(|e| format!("metrics thread: {e}"))?;
+        if let Some(f) = &mut file {
+            f.publish().map_err(|e| format!("--metrics {addr}: {e}"))?;
+        }
         Ok(MetricsServer {
             server,
             describe,
-            path,
+            file: std::sync::Mutex::new(file),
         })
     }
 
@@ -286,11 +289,7 @@ impl MetricsServer {
     /// Stops the serving thread and removes the Unix socket file, if any.
     pub fn stop(&self) {
         self.server.unblock();
-        if let Some(p) = &self.path {
-            if let Err(e) = std::fs::remove_file(p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove metrics socket");
-            }
-        }
+        drop(self.file.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 

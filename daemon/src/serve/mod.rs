@@ -11,51 +11,60 @@
 //! both; [`allow`] the folders `export-add` may open.
 //!
 //! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
-//! [`reply`] (framing and sending), [`budget`] (in-flight limit), [`outbox`] (reply queue and
-//! writer), [`connection`] (reader), [`sock`], [`listener`] (socket hygiene, systemd),
-//! [`signals`] (shutdown), [`export`] (exports and the engine seam), [`demo`].
+//! [`status`] (block status, bounded), [`reply`] (framing and sending), [`budget`] (in-flight
+//! limits and the daemon-wide buffer pool), [`outbox`] (reply queue and writer), [`connection`]
+//! (reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
+//! [`lockfile`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (exports and the
+//! engine seam), [`probe`] (holes and hole punching of the files underneath), [`demo`].
 
 pub mod allow;
 pub mod budget;
 pub mod command;
 pub mod connection;
+pub mod conns;
 pub mod control;
 pub mod demo;
 pub mod events;
 pub mod export;
 pub mod handshake;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
 pub mod host;
 pub mod listener;
+pub mod lockfile;
 pub mod metrics;
 pub mod outbox;
+pub mod probe;
 pub mod reply;
 pub mod signals;
 pub mod sock;
 pub mod stats;
+pub mod status;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use addcow_engine::{CacheMode, Engine, EngineConfig};
 
 use allow::{AllowedDirs, OverlayFiles};
+use budget::Pool;
 use connection::ConnConfig;
+use conns::{ClientHandle, Live};
 use export::Exports;
 use host::{Host, Origin};
 use listener::Listener;
-use sock::Sock;
+use lockfile::LockedFile;
 
 /// Arguments of `addcow serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo).
+    /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo). The path
+    /// appears once the daemon accepts connections; PATH.lock beside it is held meanwhile.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only.
@@ -78,24 +87,44 @@ pub struct ServeArgs {
     /// loopback, e.g. 127.0.0.1:9810) or a Unix socket path (anything with a '/').
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
-    /// Also listen on TCP (e.g. 127.0.0.1:10809). No TLS: keep it on loopback.
+    /// Also listen on TCP (e.g. 127.0.0.1:10809). NBD has no authentication and no encryption
+    /// here: anyone who reaches the port can read and write every export. Only loopback
+    /// addresses are accepted unless --allow-remote is given.
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<String>,
+    /// Let --tcp listen on a non-loopback address (no authentication: firewall it).
+    #[arg(long)]
+    pub allow_remote: bool,
     /// Permission bits of the socket file, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
-    /// Write the daemon's pid here (removed at exit).
+    /// Write the daemon's pid here. The file is locked while the daemon runs (a second daemon
+    /// with the same pid file is refused) and removed at exit.
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
     /// Most simultaneous connections; more are accepted and closed at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_connections: usize,
+    /// Most bytes of request buffers (WRITE payloads, READ data, block-status replies) held at
+    /// once by all connections together, shared fairly between them; a client over its share
+    /// is not read from until its replies go out. K/M/G/T suffixes (binary). Default: an eighth
+    /// of the machine's memory (at least 64M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub max_buffer_memory: Option<u64>,
     /// Seconds a client has to finish the handshake.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub handshake_timeout: u64,
-    /// Seconds to wait on SIGTERM/SIGINT/quit for clients to disconnect (their requests get
-    /// ESHUTDOWN meanwhile) before closing their connections; also how long export-del hard
-    /// waits for in-flight requests before closing the sockets.
+    /// Seconds a request frame (header and WRITE payload) may take to arrive once its first
+    /// byte came; a client that trickles or stalls inside a frame is disconnected.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub payload_timeout: u64,
+    /// Disconnect a client that sent no request and took no reply for this many seconds (with
+    /// nothing in flight), or that takes no reply byte for this long. Default: never.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// On SIGTERM/SIGINT/quit (and export-del hard): seconds to wait for the requests in flight
+    /// to be answered before the remaining connections are closed. New requests are never
+    /// failed by a stop: they are not read, and a reconnecting client resends them.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub shutdown_grace: u64,
     /// Engine core threads (default: one per CPU).
@@ -125,6 +154,14 @@ fn parse_cache(s: &str) -> Result<CacheMode, String> {
         "buffered" | "writeback" => Ok(CacheMode::Buffered),
         _ => Err(format!("{s:?}: expected direct or buffered")),
     }
+}
+
+/// A byte count with an optional binary suffix (`512M`, `2G`, `1GiB`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// One command-line export.
@@ -183,85 +220,39 @@ fn init_logging() {
         .try_init();
 }
 
-/// Connections alive now: their sockets (to close them at the end of a shutdown) and a
-/// condition signalled whenever one ends.
-#[derive(Default)]
-struct Live {
-    socks: Mutex<HashMap<u64, Sock>>,
-    ended: Condvar,
-}
-
-impl Live {
-    fn count(&self) -> usize {
-        self.socks.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Waits until no connection is left or `deadline` passes; returns whether none is left.
-    fn wait_empty(&self, deadline: Option<Instant>) -> bool {
-        let mut m = self.socks.lock().unwrap_or_else(|p| p.into_inner());
-        while !m.is_empty() {
-            match deadline {
-                None => m = self.ended.wait(m).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
-                    m = self
-                        .ended
-                        .wait_timeout(m, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        }
-        true
-    }
-}
-
-/// Removes a connection from [`Live`] when dropped (also when its thread unwinds).
-struct LiveSlot {
-    live: Arc<Live>,
-    id: u64,
-}
-
-impl Drop for LiveSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.live.socks.lock() {
-            m.remove(&self.id);
-        }
-        self.live.ended.notify_all();
-    }
-}
-
-/// Socket files and the pid file this process created: removed when dropped, on every way out.
+/// What this process created: the listeners (their socket files and locks go with them), the
+/// control socket's file and the pid file. Dropping it removes them, on every way out.
 #[derive(Default)]
 struct Created {
     listeners: Vec<Listener>,
-    control: Option<PathBuf>,
-    pid_file: Option<PathBuf>,
+    control: Option<listener::SocketFile>,
+    pid_file: Option<LockedFile>,
 }
 
 impl Created {
     fn remove_sockets(&mut self) {
-        for l in &self.listeners {
+        for l in &mut self.listeners {
             l.remove_file();
         }
         self.listeners.clear();
-        if let Some(c) = self.control.take() {
-            if let Err(e) = std::fs::remove_file(&c) {
-                tracing::warn!(path = %c.display(), error = %e, "cannot remove control socket");
-            }
-        }
+        drop(self.control.take());
     }
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
         self.remove_sockets();
-        if let Some(pf) = self.pid_file.take() {
-            let _ = std::fs::remove_file(pf);
-        }
+        drop(self.pid_file.take());
+    }
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) the daemon's state.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 
@@ -345,7 +336,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
 
-    // Bind, write the pid file, go non-blocking; `created` removes what was made on any way out.
+    // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;
+    // `created` removes what was made on any way out.
     let mut created = Created::default();
     let mut control_listener = None;
     if let Some(p) = &socket {
@@ -355,7 +347,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(addr) = &args.tcp {
         created
             .listeners
-            .push(Listener::bind_tcp(addr).map_err(|e| e.to_string())?);
+            .push(Listener::bind_tcp(addr, args.allow_remote).map_err(|e| e.to_string())?);
     }
     for l in &created.listeners {
         l.set_nonblocking()
@@ -363,15 +355,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     if let Some(c) = &args.control {
         let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
-        created.control = Some(c.clone());
-        if let Listener::Unix { sock, .. } = l {
+        if let Some((sock, file)) = l.into_unix() {
+            created.control = file;
             control_listener = Some(sock);
         }
     }
     if let Some(pf) = &args.pid_file {
-        std::fs::write(pf, format!("{}\n", std::process::id()))
+        let mut f = LockedFile::acquire(pf).map_err(|e| format!("--pid-file {e}"))?;
+        f.write(&format!("{}\n", std::process::id()))
             .map_err(|e| format!("{}: {e}", pf.display()))?;
-        created.pid_file = Some(pf.clone());
+        created.pid_file = Some(f);
     }
     let metrics = match &args.metrics {
         Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
@@ -384,12 +377,37 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ),
         None => None,
     };
+    let pool = Pool::new(args.max_buffer_memory.unwrap_or_else(Pool::default_cap));
+    let cfg = Arc::new(ConnConfig {
+        exports: host.exports.clone(),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        pool: pool.clone(),
+        payload_timeout: Duration::from_secs(args.payload_timeout.max(1)),
+        idle_timeout: args.idle_timeout.map(|s| Duration::from_secs(s.max(1))),
+    });
+    signals
+        .spawn_waiter(stop.clone())
+        .map_err(|e| format!("signal thread: {e}"))?;
+
+    // Ready: the sockets appear at their paths now, and systemd hears READY=1.
+    if let Some(c) = &mut created.control {
+        c.publish().map_err(|e| format!("--control: {e}"))?;
+    }
+    for l in &mut created.listeners {
+        l.publish().map_err(|e| e.to_string())?;
+    }
     if let (Some(c), Some(_)) = (&args.control, &control) {
         tracing::info!(control = %c.display(), allow_dirs = ?host.allowed.dirs(), "control socket ready");
     }
     if let Some(m) = &metrics {
         tracing::info!(metrics = %m.describe(), "serving metrics at /metrics");
     }
+    tracing::info!(
+        max_buffer_memory = pool.cap(),
+        payload_timeout_s = cfg.payload_timeout.as_secs(),
+        idle_timeout_s = cfg.idle_timeout.map(|d| d.as_secs()),
+        "limits"
+    );
     for l in &created.listeners {
         tracing::info!(listen = %l.describe(), "listening");
     }
@@ -403,15 +421,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = out.write_all(demo::banner(&overlay, &sock_abs).as_bytes());
         let _ = out.flush();
     }
+    notify(&[sd_notify::NotifyState::Ready]);
 
-    signals
-        .spawn_waiter(stop.clone())
-        .map_err(|e| format!("signal thread: {e}"))?;
-    let cfg = Arc::new(ConnConfig {
-        exports: host.exports.clone(),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        shutting_down: stop.flag().clone(),
-    });
     let live = Arc::new(Live::default());
     accept_loop(
         &created.listeners,
@@ -422,32 +433,28 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         args.max_connections,
     );
 
-    // Shutdown: stop accepting, let clients finish (their new requests get ESHUTDOWN), then
-    // close what is left; in-flight requests complete before a connection's threads end.
+    // Shutdown, as qemu-nbd does it: stop accepting, stop reading new requests (they are never
+    // failed: a reconnecting client resends what was not answered), answer the ones in flight,
+    // close the connections, commit every overlay.
+    notify(&[sd_notify::NotifyState::Stopping]);
     host.events.emit(
         events::SHUTDOWN,
         serde_json::json!({"connections": live.count()}),
     );
-    for l in &created.listeners {
-        l.remove_file();
-    }
-    created.listeners.clear();
+    created.remove_sockets();
     let n = live.count();
     tracing::info!(
         connections = n,
-        "shutting down: not accepting; waiting for clients"
+        "shutting down: not accepting; answering requests in flight, then closing connections"
     );
+    live.stop_reading_all();
     let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
     if !live.wait_empty(Some(grace)) {
-        if let Ok(m) = live.socks.lock() {
-            tracing::info!(
-                connections = m.len(),
-                "grace period over; closing connections"
-            );
-            for s in m.values() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
+        tracing::info!(
+            connections = live.count(),
+            "grace period over; closing connections"
+        );
+        live.close_all();
         live.wait_empty(None);
     }
     let result = engine
@@ -469,8 +476,26 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
+/// How long the accept loop stops accepting after the process ran out of file descriptors (or
+/// memory) for a new connection: doubled on each failure in a row, from the first value up to
+/// the second.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+
+/// Whether an `accept` error means the process (or system) is out of a resource: waiting helps,
+/// retrying at once only spins.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Accepts connections until the signal waiter wakes us; each connection gets a thread and the
 /// next engine core (round-robin).
+///
+/// Running out of file descriptors: the listeners are left alone for a back-off period (the
+/// pending connections wait in the backlog) while the stop pipe is still watched; one warning
+/// is logged per run of failures, with their count when accepting works again.
 fn accept_loop(
     listeners: &[Listener],
     waker: &signals::Waker,
@@ -482,17 +507,34 @@ fn accept_loop(
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let cores = cores.max(1);
     let mut next_id: u64 = 0;
+    // Back-off after running out of resources: until when, the next period, failures counted.
+    let mut resting: Option<Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut failures: u64 = 0;
     loop {
-        let mut fds: Vec<PollFd<'_>> = listeners
-            .iter()
-            .map(|l| {
-                // SAFETY: the listener outlives this loop iteration's PollFd.
-                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.as_raw_fd()) };
-                PollFd::new(fd, PollFlags::POLLIN)
-            })
-            .collect();
+        let now = Instant::now();
+        let rest_left = resting.map(|t| t.saturating_duration_since(now));
+        let listening = !matches!(rest_left, Some(d) if !d.is_zero());
+        let mut fds: Vec<PollFd<'_>> = if listening {
+            listeners
+                .iter()
+                .map(|l| {
+                    // SAFETY: the listener outlives this loop iteration's PollFd.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.as_raw_fd()) };
+                    PollFd::new(fd, PollFlags::POLLIN)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         fds.push(PollFd::new(waker.fd().as_fd(), PollFlags::POLLIN));
-        match poll(&mut fds, PollTimeout::NONE) {
+        let timeout = match rest_left {
+            Some(d) if !d.is_zero() => {
+                PollTimeout::try_from(d.as_millis().max(1) as i32).unwrap_or(PollTimeout::MAX)
+            }
+            _ => PollTimeout::NONE,
+        };
+        match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -507,10 +549,31 @@ fn accept_loop(
         if ready.last().copied().unwrap_or(false) {
             return;
         }
+        if !listening {
+            continue;
+        }
+        resting = None;
         for (l, _) in listeners.iter().zip(&ready).filter(|(_, r)| **r) {
             let sock = match l.accept() {
-                Ok(s) => s,
+                Ok(s) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "accepting connections again");
+                        failures = 0;
+                        backoff = ACCEPT_BACKOFF.0;
+                    }
+                    s
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if out_of_resources(&e) => {
+                    if failures == 0 {
+                        tracing::warn!(listen = %l.describe(), error = %e,
+                            "cannot accept: out of resources; pausing accepts (pending connections wait)");
+                    }
+                    failures += 1;
+                    resting = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(listen = %l.describe(), error = %e, "accept failed");
                     continue;
@@ -518,33 +581,42 @@ fn accept_loop(
             };
             if live.count() >= max_connections {
                 tracing::warn!(max_connections, "connection refused: too many connections");
-                let _ = sock.shutdown(Shutdown::Both);
+                let _ = sock.shutdown(std::net::Shutdown::Both);
                 continue;
             }
             let id = next_id;
             next_id += 1;
             let core = (id as usize) % cores;
-            if let Ok(clone) = sock.try_clone() {
-                if let Ok(mut m) = live.socks.lock() {
-                    m.insert(id, clone);
-                }
-            }
-            let (cfg, live2) = (cfg.clone(), live.clone());
             let peer = sock.peer();
+            // The connection is tracked (so a stop reaches it) before its thread starts; one
+            // that cannot be tracked is not served.
+            let handle = match sock.try_clone() {
+                Ok(s) => Arc::new(ClientHandle::new(s)),
+                Err(e) => {
+                    tracing::warn!(conn = id, %peer, error = %e, "connection refused: cannot set it up");
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                    if out_of_resources(&e) {
+                        resting = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let slot = live.insert(id, handle.clone());
+            let cfg = cfg.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    let slot = LiveSlot { live: live2, id };
-                    let ended = connection::serve(sock, id, core, &cfg);
+                    let ended = connection::serve(sock, id, core, &cfg, handle);
                     drop(slot);
                     // Logged after the slot is free, so "closed" in the log means it is.
                     ended.log(id, &peer);
                 });
             if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a connection thread");
-                if let Ok(mut m) = live.socks.lock() {
-                    m.remove(&id);
-                }
+                // The closure (socket and slot) was dropped: the connection is closed and gone
+                // from the table.
+                tracing::warn!(conn = id, error = %e, "connection refused: cannot start its thread");
             }
         }
     }
@@ -553,8 +625,6 @@ fn accept_loop(
 #[cfg(test)]
 mod tests {
     use std::process::Command;
-
-    use std::sync::atomic::AtomicBool;
 
     use super::export::memory::MemDisk;
     use super::export::Export;
@@ -574,17 +644,14 @@ mod tests {
         fn start() -> MemServer {
             let dir = tempfile::tempdir().unwrap();
             let sock = dir.path().join("s.sock");
-            let l = Listener::bind_unix(&sock, 0o600).unwrap();
+            let mut l = Listener::bind_unix(&sock, 0o600).unwrap();
+            l.publish().unwrap();
             l.set_nonblocking().unwrap();
             let (waker, wake) = signals::Waker::pipe().unwrap();
-            let cfg = Arc::new(ConnConfig {
-                exports: Exports::new(vec![
-                    Export::new("", MemDisk::new(8 << 20, false), 2),
-                    Export::new("ro", MemDisk::new(8 << 20, true), 2),
-                ]),
-                handshake_timeout: Duration::from_secs(10),
-                shutting_down: Arc::new(AtomicBool::new(false)),
-            });
+            let cfg = Arc::new(ConnConfig::for_tests(Exports::new(vec![
+                Export::new("", MemDisk::new(8 << 20, false), 2),
+                Export::new("ro", MemDisk::new(8 << 20, true), 2),
+            ])));
             let live = Arc::new(Live::default());
             let live2 = live.clone();
             let thread = std::thread::spawn(move || {

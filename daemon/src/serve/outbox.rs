@@ -8,8 +8,12 @@
 //! when it actually waits; one wake-up takes everything queued since.
 //!
 //! Each reply holds a share of the connection's [`Budget`], given back once it is sent (or
-//! dropped because the client is gone). The writer ends once the reader has closed the outbox
-//! and every ticket handed out has been sent or dropped.
+//! dropped because the client is gone; a WRITE's buffer bytes as soon as the engine is done
+//! with them, [`Ticket::free_bytes`]). The writer ends once the reader has closed the outbox
+//! and every ticket handed out has been sent or dropped. A request that must not be answered
+//! (the engine refused it because it is shutting down) gives its ticket up with
+//! [`Ticket::unanswered`], which also stops the connection's reader: a reconnecting client
+//! resends what was never answered.
 //!
 //! Each ticket also carries its request's [`Stamp`]: the writer records the request in the
 //! export's [`ExportStats`] (shard of the connection's core) once the reply is sent, with the
@@ -18,8 +22,10 @@
 use std::collections::VecDeque;
 use std::net::Shutdown;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use super::budget::Budget;
+use super::conns::ClientHandle;
 use super::reply::{self, Body, Framing, Reply};
 use super::sock::Sock;
 use super::stats::{ExportStats, Stamp};
@@ -47,6 +53,8 @@ struct State {
     bytes: u64,
     /// Error replies posted.
     errors: u64,
+    /// When the writer last handed replies to the kernel.
+    last_sent: Option<Instant>,
 }
 
 /// See the module docs.
@@ -56,6 +64,7 @@ pub struct Outbox {
     budget: Arc<Budget>,
     stats: Arc<ExportStats>,
     shard: usize,
+    handle: Arc<ClientHandle>,
     state: Mutex<State>,
     ready: Condvar,
 }
@@ -74,6 +83,21 @@ impl Ticket {
     pub fn send(mut self, reply: Reply) {
         self.used = true;
         self.outbox.post(reply, self.cost, self.stamp);
+    }
+
+    /// Gives the buffer bytes this ticket holds back to the budget now (the request stays in
+    /// flight until its reply is sent).
+    pub fn free_bytes(&mut self) {
+        self.outbox.budget.release_bytes(self.cost);
+        self.cost = 0;
+    }
+
+    /// Leaves the request unanswered and stops the connection's reader: the request was
+    /// refused because the engine is shutting down, and a reconnecting client resends it.
+    pub fn unanswered(self) {
+        tracing::debug!("request refused by a stopping engine; stopping the connection");
+        self.outbox.handle.stop_reading();
+        drop(self);
     }
 }
 
@@ -99,13 +123,14 @@ fn payload_bytes(reply: &Reply) -> u64 {
 
 impl Outbox {
     /// An outbox sending on `sock` (a clone of the connection's socket), recording requests in
-    /// `stats` shard `shard`.
+    /// `stats` shard `shard`; `handle` stops the connection's reader.
     pub fn new(
         sock: Sock,
         framing: Framing,
         budget: Arc<Budget>,
         stats: Arc<ExportStats>,
         shard: usize,
+        handle: Arc<ClientHandle>,
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
             sock,
@@ -113,9 +138,20 @@ impl Outbox {
             budget,
             stats,
             shard,
+            handle,
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
         })
+    }
+
+    /// Tickets handed out and not yet sent or dropped (requests in flight).
+    pub fn outstanding(&self) -> usize {
+        self.lock().outstanding
+    }
+
+    /// When replies were last handed to the kernel (`None` before the first).
+    pub fn last_sent(&self) -> Option<Instant> {
+        self.lock().last_sent
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -238,6 +274,7 @@ impl Outbox {
             };
             batch.clear();
             let sent_at = std::time::Instant::now();
+            let progressed = result.is_ok() && !broken;
             for (cost, stamp, error) in metas.drain(..) {
                 let latency = match (&result, broken) {
                     (Ok(()), false) => {
@@ -249,6 +286,9 @@ impl Outbox {
                 self.budget.release(cost);
             }
             st = self.lock();
+            if progressed {
+                st.last_sent = Some(sent_at);
+            }
             if let Err(e) = result {
                 self.break_socket(&mut st, &e);
             }
@@ -305,9 +345,17 @@ mod tests {
 
     fn setup() -> Setup {
         let (a, b) = UnixStream::pair().unwrap();
-        let budget = Arc::new(Budget::new(16, 64 << 20));
+        let budget = Arc::new(Budget::new(16, super::super::budget::Pool::new(64 << 20)));
         let stats = Arc::new(ExportStats::new(1));
-        let outbox = Outbox::new(Sock::Unix(a), Framing::Structured, budget.clone(), stats, 0);
+        let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
+        let outbox = Outbox::new(
+            Sock::Unix(a),
+            Framing::Structured,
+            budget.clone(),
+            stats,
+            0,
+            handle,
+        );
         let w = outbox.clone();
         let writer = std::thread::spawn(move || w.run_writer());
         (outbox, budget, b, writer)

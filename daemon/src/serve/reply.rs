@@ -162,7 +162,7 @@ fn frame(mode: Framing, reply: &Reply) -> Framed {
     match &reply.body {
         Body::Ok => fr.ok(),
         Body::Error { error, message } => {
-            let msg = truncate(message, 1024);
+            let msg = wire::cut(message, 1024);
             fr.chunk(true, wire::REPLY_TYPE_ERROR, 6 + msg.len() as u64);
             fr.f.head(&error.to_be_bytes());
             fr.f.head(&(msg.len() as u16).to_be_bytes());
@@ -244,18 +244,6 @@ fn frame(mode: Framing, reply: &Reply) -> Framed {
         }
     }
     fr.f
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The slices of a framed reply, in order.

@@ -33,8 +33,9 @@ impl Waker {
     }
 }
 
-/// The daemon's stop switch: once pulled, the shutting-down flag is set (new NBD requests get
-/// `ESHUTDOWN`, new options `ERR_SHUTDOWN`) and the accept loop wakes and begins the shutdown.
+/// The daemon's stop switch: once pulled, the shutting-down flag is set (`export-add` is
+/// refused) and the accept loop wakes and begins the shutdown, which stops every connection's
+/// reader (see `conns`): no request is ever answered with an error because of a stop.
 pub struct Stop {
     flag: Arc<AtomicBool>,
     write: OwnedFd,
@@ -67,7 +68,7 @@ impl Stop {
         self.flag.load(Ordering::SeqCst)
     }
 
-    /// The shutting-down flag connections consult.
+    /// The shutting-down flag.
     pub fn flag(&self) -> &Arc<AtomicBool> {
         &self.flag
     }

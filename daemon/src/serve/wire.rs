@@ -86,6 +86,10 @@ pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 /// Option reply type `NBD_REP_ERR_SHUTDOWN`.
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
+/// Option reply type `NBD_REP_ERR_TOO_BIG`.
+pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+/// Option reply type `NBD_REP_ERR_EXT_HEADER_REQD`.
+pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 
 /// Info types: `NBD_INFO_EXPORT`.
 pub const INFO_EXPORT: u16 = 0;
@@ -181,18 +185,36 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
 
-/// Maps a Linux errno (from the engine) to the NBD error the spec allows on the wire.
-pub fn nbd_error_from_errno(errno: i32) -> u32 {
+/// The NBD error a command of type `kind` (`fast_zero`: a WRITE_ZEROES with FAST_ZERO) is
+/// answered with when the engine fails it with the Linux `errno`.
+///
+/// The spec's rules: `ENOSPC` only where space is allocated (WRITE, WRITE_ZEROES, TRIM and the
+/// FLUSH that commits them); `ENOTSUP` only for FAST_ZERO; `EPERM` for writes refused by the
+/// file system; `ENOMEM` as is. Everything else is `EIO`: the daemon validated the request
+/// before the engine saw it, so an engine `EINVAL` (or `EOVERFLOW`) is the server's fault, not
+/// the client's. (`ESHUTDOWN` from a stopping engine is never answered: see
+/// `Ticket::unanswered`.)
+pub fn reply_error(kind: u16, fast_zero: bool, errno: i32) -> u32 {
+    let allocates = matches!(kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH);
     match errno {
         libc::EPERM | libc::EROFS | libc::EACCES => NBD_EPERM,
         libc::ENOMEM => NBD_ENOMEM,
-        libc::EINVAL => NBD_EINVAL,
-        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NBD_ENOSPC,
-        libc::EOVERFLOW => NBD_EOVERFLOW,
-        libc::ENOTSUP => NBD_ENOTSUP,
-        libc::ESHUTDOWN => NBD_ESHUTDOWN,
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG if allocates => NBD_ENOSPC,
+        libc::ENOTSUP if fast_zero && kind == CMD_WRITE_ZEROES => NBD_ENOTSUP,
         _ => NBD_EIO,
     }
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A decoded transmission request header (28-byte compact or 32-byte extended).
@@ -456,10 +478,22 @@ mod tests {
     }
 
     #[test]
-    fn errno_mapping_stays_in_the_spec_set() {
-        assert_eq!(nbd_error_from_errno(libc::EDQUOT), NBD_ENOSPC);
-        assert_eq!(nbd_error_from_errno(libc::EROFS), NBD_EPERM);
-        assert_eq!(nbd_error_from_errno(libc::EBADF), NBD_EIO);
-        assert_eq!(nbd_error_from_errno(libc::ESHUTDOWN), NBD_ESHUTDOWN);
+    fn errno_mapping_follows_the_command() {
+        assert_eq!(reply_error(CMD_WRITE, false, libc::EDQUOT), NBD_ENOSPC);
+        assert_eq!(reply_error(CMD_FLUSH, false, libc::ENOSPC), NBD_ENOSPC);
+        assert_eq!(reply_error(CMD_READ, false, libc::ENOSPC), NBD_EIO);
+        assert_eq!(reply_error(CMD_WRITE, false, libc::EROFS), NBD_EPERM);
+        assert_eq!(reply_error(CMD_READ, false, libc::EBADF), NBD_EIO);
+        // An engine EINVAL is not the client's fault.
+        assert_eq!(reply_error(CMD_READ, false, libc::EINVAL), NBD_EIO);
+        assert_eq!(reply_error(CMD_WRITE, false, libc::EOVERFLOW), NBD_EIO);
+        // ENOTSUP only for FAST_ZERO.
+        assert_eq!(
+            reply_error(CMD_WRITE_ZEROES, true, libc::ENOTSUP),
+            NBD_ENOTSUP
+        );
+        assert_eq!(reply_error(CMD_WRITE_ZEROES, false, libc::ENOTSUP), NBD_EIO);
+        assert_eq!(reply_error(CMD_TRIM, false, libc::ENOTSUP), NBD_EIO);
+        assert_eq!(reply_error(CMD_READ, false, libc::ENOMEM), NBD_ENOMEM);
     }
 }

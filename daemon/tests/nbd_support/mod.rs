@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 /// Bound on any single client command.
 pub const TOOL_TIMEOUT_SECS: u32 = 180;
 
+/// The `addcow` binary under test: the one cargo built, or `ADDCOW_TEST_BIN` (to run a test
+/// against another build, e.g. to show that it fails on an older daemon).
+pub fn addcow_bin() -> PathBuf {
+    std::env::var_os("ADDCOW_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_addcow")))
+}
+
 /// A temp dir with `base.raw` (first half of the disk, every byte 0xab) and `disk.add-cow` on it
 /// (virtual size `size`; the second half reads as zeros past the base).
 pub struct Fixture {
@@ -80,7 +88,7 @@ impl Daemon {
     /// Starts `addcow serve [--socket SOCK] ARGS...` in `cwd` (if given); `sock` is where it
     /// will listen (waited for).
     pub fn start_in(cwd: Option<&Path>, sock: Option<&Path>, args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_addcow"));
+        let mut cmd = Command::new(addcow_bin());
         cmd.arg("serve");
         if let Some(s) = sock {
             cmd.arg("--socket").arg(s);
@@ -93,16 +101,22 @@ impl Daemon {
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().expect("spawn addcow serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        pump(child.stderr.take().expect("stderr"), log.clone(), true);
-        pump(child.stdout.take().expect("stdout"), stdout.clone(), false);
+        let child = cmd.spawn().expect("spawn addcow serve");
         let sock = match (sock, cwd) {
             (Some(s), _) => s.to_path_buf(),
             (None, Some(d)) => d.join("addcow.sock"),
             (None, None) => PathBuf::from("addcow.sock"),
         };
+        Daemon::from_child(child, sock)
+    }
+
+    /// Takes over a started `addcow serve` (stdout and stderr piped) that will listen on `sock`,
+    /// and waits until it is ready.
+    pub fn from_child(mut child: Child, sock: PathBuf) -> Daemon {
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        pump(child.stderr.take().expect("stderr"), log.clone(), true);
+        pump(child.stdout.take().expect("stdout"), stdout.clone(), false);
         let mut d = Daemon {
             child: Some(child),
             sock,
@@ -380,7 +394,7 @@ impl Control {
 pub fn ctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new("timeout")
         .arg(TOOL_TIMEOUT_SECS.to_string())
-        .arg(env!("CARGO_BIN_EXE_addcow"))
+        .arg(addcow_bin())
         .arg("ctl")
         .args(args)
         .stdin(Stdio::null())
@@ -484,5 +498,117 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A minimal NBD client over a raw socket (fixed newstyle, no zeroes, GO to an export, simple
+/// replies): for tests that need exact control of what is sent and when.
+pub struct RawClient {
+    pub s: std::os::unix::net::UnixStream,
+    next: u64,
+}
+
+/// A simple reply's error (0 = success).
+pub type NbdError = u32;
+
+impl RawClient {
+    /// Connects to `sock` and enters transmission on export `name`.
+    pub fn connect(sock: &Path, name: &str) -> std::io::Result<RawClient> {
+        use std::io::Read;
+        let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g)?;
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        s.write_all(&[0, 0, 0, 3])?;
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&[0, 0]);
+        let mut o = b"IHAVEOPT".to_vec();
+        o.extend_from_slice(&7u32.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(&data);
+        s.write_all(&o)?;
+        // Replies until ACK (or an error).
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h)?;
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut p = vec![0u8; len];
+            s.read_exact(&mut p)?;
+            if kind == 1 {
+                break;
+            }
+            if kind & 0x8000_0000 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "GO refused: {kind:#x} {}",
+                    String::from_utf8_lossy(&p)
+                )));
+            }
+        }
+        Ok(RawClient { s, next: 1 })
+    }
+
+    fn header(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> (u64, Vec<u8>) {
+        let cookie = self.next;
+        self.next += 1;
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        (cookie, b)
+    }
+
+    fn reply(&mut self, cookie: u64, data: Option<&mut [u8]>) -> std::io::Result<NbdError> {
+        use std::io::Read;
+        let mut r = [0u8; 16];
+        self.s.read_exact(&mut r)?;
+        assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), cookie);
+        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
+        if err == 0 {
+            if let Some(d) = data {
+                self.s.read_exact(d)?;
+            }
+        }
+        Ok(err)
+    }
+
+    /// WRITE (FUA if `fua`); the reply's error.
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<NbdError> {
+        let (cookie, mut b) = self.header(1, u16::from(fua), offset, data.len() as u32);
+        b.extend_from_slice(data);
+        self.s.write_all(&b)?;
+        self.reply(cookie, None)
+    }
+
+    /// FLUSH; the reply's error.
+    pub fn flush(&mut self) -> std::io::Result<NbdError> {
+        let (cookie, b) = self.header(3, 0, 0, 0);
+        self.s.write_all(&b)?;
+        self.reply(cookie, None)
+    }
+
+    /// TRIM; the reply's error.
+    pub fn trim(&mut self, offset: u64, len: u32) -> std::io::Result<NbdError> {
+        let (cookie, b) = self.header(4, 0, offset, len);
+        self.s.write_all(&b)?;
+        self.reply(cookie, None)
+    }
+
+    /// READ into `buf`; the reply's error.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<NbdError> {
+        let (cookie, b) = self.header(0, 0, offset, buf.len() as u32);
+        self.s.write_all(&b)?;
+        self.reply(cookie, Some(buf))
+    }
+
+    /// DISC.
+    pub fn disconnect(mut self) {
+        let (_, b) = self.header(2, 0, 0, 0);
+        let _ = self.s.write_all(&b);
     }
 }

@@ -1,0 +1,5 @@
+//! The `addcow serve` daemon as a library: the NBD server, the control socket and what they are
+//! made of. The `addcow` binary runs it ([`serve::run`]); fuzz targets drive its parsers
+//! directly (feature `fuzzing`, which also builds the in-memory test backend).
+
+pub mod serve;

@@ -1,0 +1,177 @@
+//! What the files under an export tell about zeros: where the raw image and the base have holes
+//! (`SEEK_HOLE`/`SEEK_DATA`), and whether the raw image can punch holes at all (and at which
+//! alignment), which decides whether a FAST_ZERO can be done without writing zeros.
+//!
+//! The engine owns the files it serves; these are separate read-only descriptors (the raw image
+//! is opened for writing once, at export time, to probe hole punching beyond its end, which
+//! changes no byte).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use addcow_engine::ExtentKind;
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
+
+use super::allow::OverlayFiles;
+
+/// Most hole ranges collected for one request (more are treated as data: always a safe answer).
+const MAX_HOLES: usize = 1 << 17;
+
+/// The raw image and base of an export, opened read-only.
+#[derive(Debug)]
+pub struct LayerFiles {
+    image: File,
+    base: Option<File>,
+    /// See [`super::export::Backend::fast_zero_unit`].
+    pub fast_zero_unit: Option<u64>,
+}
+
+impl LayerFiles {
+    /// Opens the files of `overlay`. `writable`: the export takes writes (then hole punching
+    /// is probed).
+    pub fn open(overlay: &Path, writable: bool) -> Result<LayerFiles, String> {
+        let files = OverlayFiles::resolve(overlay)?;
+        let open = |p: &Path| File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+        let image = open(&files.image)?;
+        let base = files.base.as_deref().map(open).transpose()?;
+        let fast_zero_unit = if writable && can_punch(&files.image) {
+            Some(dio_unit(&image))
+        } else {
+            None
+        };
+        Ok(LayerFiles {
+            image,
+            base,
+            fast_zero_unit,
+        })
+    }
+
+    /// Appends the holes of `layer`'s file inside `[start, end)`, in order.
+    pub fn holes(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        let f = match layer {
+            ExtentKind::Image => &self.image,
+            ExtentKind::Base => match &self.base {
+                Some(b) => b,
+                None => return,
+            },
+            ExtentKind::Zero => return,
+        };
+        file_holes(f, start, end, out);
+    }
+}
+
+/// Appends the holes of `f` inside `[start, end)` (at most [`MAX_HOLES`] of them).
+pub fn file_holes(f: &File, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+    let fd = f.as_raw_fd();
+    let mut pos = start;
+    let mut n = 0;
+    while pos < end && n < MAX_HOLES {
+        let Ok(at) = i64::try_from(pos) else { return };
+        let hole = match lseek(fd, at, Whence::SeekHole) {
+            Ok(h) => h as u64,
+            // At or past the end of the file: nothing more to learn here.
+            Err(Errno::ENXIO) => return,
+            Err(_) => return,
+        };
+        if hole >= end {
+            return;
+        }
+        let data = match lseek(fd, hole as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            // No data after the hole: it runs to the end of the file.
+            Err(Errno::ENXIO) => end,
+            Err(_) => return,
+        };
+        let stop = data.min(end);
+        if stop > hole {
+            out.push((hole, stop));
+            n += 1;
+        }
+        if data <= pos {
+            return;
+        }
+        pos = data;
+    }
+}
+
+/// Whether the file system of `image` punches holes: a punch past its end (which changes no
+/// byte) is tried.
+fn can_punch(image: &Path) -> bool {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(image) else {
+        return false;
+    };
+    let Ok(meta) = f.metadata() else { return false };
+    let at = meta.len().div_ceil(4096) * 4096 + 4096;
+    let Ok(at) = i64::try_from(at) else {
+        return false;
+    };
+    fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        at,
+        4096,
+    )
+    .is_ok()
+}
+
+/// The unit the engine zeroes in: 512, or the raw image's direct-I/O alignment when larger
+/// (4096 when the file system does not report it).
+fn dio_unit(image: &File) -> u64 {
+    // SAFETY: statx fills the zeroed struct we own; the path is an empty C string used with
+    // AT_EMPTY_PATH on a descriptor we hold open.
+    let (rc, stx) = unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let rc = libc::statx(
+            image.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        );
+        (rc, stx)
+    };
+    let align =
+        if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 {
+            u64::from(stx.stx_dio_offset_align)
+        } else {
+            4096
+        };
+    align.max(512)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    #[test]
+    fn holes_of_a_sparse_file_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 64 << 10).unwrap();
+        f.write_all_at(&[1u8; 4096], 512 << 10).unwrap();
+        f.flush().unwrap();
+        let f = File::open(&p).unwrap();
+        let mut out = Vec::new();
+        file_holes(&f, 0, 1 << 20, &mut out);
+        // File systems allocate in blocks of at least 4 KiB: the data blocks are not holes,
+        // the rest is.
+        assert_eq!(out.first(), Some(&(0, 64 << 10)), "{out:?}");
+        assert!(out.contains(&((64 << 10) + 4096, 512 << 10)), "{out:?}");
+        assert_eq!(out.last(), Some(&((512 << 10) + 4096, 1 << 20)), "{out:?}");
+        // A window inside one hole, and one inside data.
+        let mut out = Vec::new();
+        file_holes(&f, 8192, 16384, &mut out);
+        assert_eq!(out, [(8192, 16384)]);
+        let mut out = Vec::new();
+        file_holes(&f, (64 << 10) + 100, (64 << 10) + 200, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+}
