@@ -26,10 +26,12 @@ const HEADER: u64 = 2560;
 const SECTORS: u64 = 4 * 32768 + 1000;
 
 /// Commits that must take marks while setters are running before the setters may stop.
-const MIN_CONCURRENT_COMMITS: usize = 50;
-/// How long setters keep going past their quota (at most 20 quotas) to see those commits; a
-/// run that has not seen them by then fails (the race was not exercised).
-const OVERLAP_DEADLINE: Duration = Duration::from_secs(20);
+const MIN_CONCURRENT_COMMITS: usize = 20;
+/// How long setters keep going past their quota (at most 100 quotas) to see those commits; a
+/// run that has not seen them by then fails (the race was not exercised). Past the quota the
+/// setters pause briefly between batches, so a committer starved by a loaded machine gets the
+/// CPU it needs to make those commits.
+const OVERLAP_DEADLINE: Duration = Duration::from_secs(60);
 
 fn seed() -> u64 {
     let seed = std::env::var("DIRTY_SEED")
@@ -223,12 +225,12 @@ fn run_protocol(
                 let deadline = Instant::now() + OVERLAP_DEADLINE;
                 let mut n = 0;
                 // The quota, then on until enough commits overlapped the setters (or the
-                // committer failed, or the deadline or 20 times the quota passed: the caller
+                // committer failed, or the deadline or 100 times the quota passed: the caller
                 // checks the count).
                 while n < ops_per_setter
                     || (concurrent.load(Ordering::SeqCst) < MIN_CONCURRENT_COMMITS
                         && !failed.load(Ordering::SeqCst)
-                        && n < 20 * ops_per_setter
+                        && n < 100 * ops_per_setter
                         && Instant::now() < deadline)
                 {
                     let (start, count) = random_range(&mut rng, sectors);
@@ -247,7 +249,11 @@ fn run_protocol(
                     let _ = tx.send((start, count));
                     n += 1;
                     if n % 32 == 0 {
-                        thread::yield_now();
+                        if n > ops_per_setter {
+                            thread::sleep(Duration::from_micros(200));
+                        } else {
+                            thread::yield_now();
+                        }
                     }
                 }
                 active.fetch_sub(1, Ordering::SeqCst);
