@@ -183,8 +183,8 @@ impl<T: RingOp> Ring<T> {
         if self.ops.len() + n > self.cap {
             return Err(chain);
         }
-        // One SQE stays free for the eventfd read while it is not in the SQ or in flight.
-        let reserve = usize::from(!self.wake_armed());
+        // One SQE always stays free for (re-)arming the eventfd read.
+        let reserve = usize::from(self.wake.fd >= 0);
         let mut sq = self.uring.submission();
         let free = sq.capacity() - sq.len();
         if free < n + reserve || n > self.sq_room {
@@ -243,9 +243,22 @@ impl<T: RingOp> Ring<T> {
 
     /// Submits what is in the SQ and collects completions, waiting as `wait` says. The eventfd
     /// read is (re-)armed first; if it could not be, a blocking wait is cut to 10 ms so a message
-    /// cannot be missed. Interruptions and timeouts are not errors.
+    /// cannot be missed. A backlog is moved in first, after submitting what takes its room, so
+    /// the ring never waits with chains queued and nothing in flight. Interruptions and timeouts
+    /// are not errors.
     pub(crate) fn enter(&mut self, wait: Wait) -> std::io::Result<()> {
         self.arm_wake();
+        if !self.backlog.is_empty() {
+            self.flush_backlog();
+            if !self.backlog.is_empty() && wait != Wait::Poll {
+                self.enter_raw(Wait::Poll)?;
+                self.flush_backlog();
+            }
+        }
+        self.enter_raw(wait)
+    }
+
+    fn enter_raw(&mut self, wait: Wait) -> std::io::Result<()> {
         let wait = match wait {
             Wait::Block | Wait::Until(_) if !self.wake_armed() => {
                 let soon = Instant::now() + Duration::from_millis(10);
@@ -521,6 +534,37 @@ mod tests {
         assert!(ring.is_idle());
     }
 
+    /// A read of a regular file (completes at once).
+    fn file_read(fd: RawFd, drops: &Arc<AtomicUsize>) -> PipeRead {
+        op(fd, drops)
+    }
+
+    #[test]
+    fn a_backlogged_chain_goes_in_before_the_ring_waits() {
+        let (wr, _ww) = pipe();
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(4096).expect("size");
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut ring: Ring<PipeRead> = Ring::new(8, wr.as_raw_fd()).expect("ring");
+        // The wake read sits in the SQ, so the longest chain does not fit now.
+        let chain: Vec<_> = (0..ring.max_chain())
+            .map(|_| file_read(f.as_raw_fd(), &drops))
+            .collect();
+        ring.push(chain);
+        assert!(!ring.is_idle());
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < 7 && Instant::now() < deadline {
+            ring.enter(Wait::Until(deadline)).expect("enter");
+            ring.reap(&mut out);
+        }
+        assert_eq!(
+            out.len(),
+            7,
+            "the chain was submitted, not left behind a blocking wait"
+        );
+    }
+
     #[test]
     fn teardown_cancels_in_flight_ops_and_drops_them_only_after_their_completion() {
         let (r, _w) = pipe();
@@ -557,37 +601,43 @@ mod tests {
     }
 
     #[test]
-    fn the_wake_read_is_always_armed_even_with_a_full_sq() {
+    fn the_wake_read_is_re_armed_even_when_ops_fill_the_sq() {
         let mut efd = [0; 2];
         // SAFETY: pipe writes two fds into the array.
         assert_eq!(unsafe { libc::pipe(efd.as_mut_ptr()) }, 0);
         // SAFETY: fresh fds we own.
         let (wr, ww) = unsafe { (OwnedFd::from_raw_fd(efd[0]), OwnedFd::from_raw_fd(efd[1])) };
-        let (r, w) = pipe();
+        let poke = || {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a valid array to our pipe.
+            let n = unsafe { libc::write(ww.as_raw_fd(), one.as_ptr().cast(), 8) };
+            assert_eq!(n, 8);
+        };
+        let (r, _w) = pipe();
         let drops = Arc::new(AtomicUsize::new(0));
         let mut ring: Ring<PipeRead> = Ring::new(8, wr.as_raw_fd()).expect("ring");
-        assert!(ring.wake_armed());
-        // Fill every SQE ops may use; the wake read still has its own.
-        let chain: Vec<_> = (0..7).map(|_| op(r.as_raw_fd(), &drops)).collect();
-        ring.try_push(chain)
-            .expect("7 SQEs fit next to the wake read");
-        assert!(ring.try_push(vec![op(r.as_raw_fd(), &drops)]).is_err());
-        ring.enter(Wait::Poll).expect("submit");
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a valid array to our pipe.
-        let n = unsafe { libc::write(ww.as_raw_fd(), one.as_ptr().cast(), 8) };
-        assert_eq!(n, 8);
+        ring.enter(Wait::Poll).expect("submit the wake read");
+        poke();
+        ring.enter(Wait::Poll).expect("its completion is posted");
+        // Before that completion is reaped, ops take every SQE they may have.
+        let mut pushed = 0;
+        while ring.try_push(vec![op(r.as_raw_fd(), &drops)]).is_ok() {
+            pushed += 1;
+        }
+        assert_eq!(pushed, 7, "one SQE is kept back");
         let mut out = Vec::new();
+        assert!(ring.reap(&mut out), "the wake read completed");
+        assert!(ring.wake_armed(), "and went back into the SQ at once");
+        // It really is pending: a second poke wakes a blocking wait.
+        poke();
         let mut woken = false;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !woken && Instant::now() < deadline {
-            ring.enter(Wait::Until(Instant::now() + Duration::from_millis(50)))
+            ring.enter(Wait::Until(Instant::now() + Duration::from_millis(100)))
                 .expect("enter");
             woken = ring.reap(&mut out);
         }
-        assert!(woken, "the wake read completed");
-        assert!(ring.wake_armed(), "and was re-armed at once");
-        drop(w);
+        assert!(woken, "a wakeup was lost");
         drop(ring);
     }
 }
