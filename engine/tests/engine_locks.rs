@@ -156,3 +156,49 @@ fn serving_holds_a_shared_lock_on_the_base() {
     d.close().expect("close");
     e.shutdown().expect("shutdown");
 }
+
+/// Runs a QEMU tool (qemu-utils must be installed: scripts/test.sh installs it).
+fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} (Debian: apt-get install qemu-utils): {e}"))
+}
+
+#[test]
+fn qemu_can_read_a_base_an_overlay_reads_through_but_not_write_it() {
+    // The base lock uses QEMU's lock bytes, so QEMU and addcow share one base for reading
+    // (say qcow2 overlays and add-cow overlays of one golden image on one host).
+    let f = fixture(1 << 20, 1 << 20);
+    let base = f.base.clone().expect("base");
+    let base_s = base.to_str().expect("utf-8 path");
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    let info = qemu("qemu-img", &["info", "-f", "raw", base_s]);
+    assert!(
+        info.status.success(),
+        "qemu-img info (which takes QEMU's locks) reads the base: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let read = qemu("qemu-io", &["-r", "-f", "raw", "-c", "read 0 512", base_s]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let write = qemu("qemu-io", &["-f", "raw", "-c", "write 0 512", base_s]);
+    assert!(
+        !write.status.success(),
+        "QEMU must not write a base being read through"
+    );
+    let msg = String::from_utf8_lossy(&write.stderr);
+    assert!(msg.contains("lock"), "refused for the lock: {msg}");
+    d.close().expect("close");
+    let write = qemu("qemu-io", &["-f", "raw", "-c", "write 0 512", base_s]);
+    assert!(
+        write.status.success(),
+        "once the overlay is closed the base is free: {}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    e.shutdown().expect("shutdown");
+}

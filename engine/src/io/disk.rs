@@ -54,7 +54,8 @@ use crate::error::{Error, Result};
 /// let back = disk.read_at(0, 512)?;
 /// assert_eq!(&back[7..107], &[0x5a; 100][..]);
 /// assert_eq!(back[0], 0, "no base: the rest of the sector reads as zeros");
-/// assert_eq!(disk.allocated_bytes(), 512, "one sector is now in the raw image");
+/// // The written sector (or the O_DIRECT unit around it) is now held by the raw image.
+/// assert!(disk.allocated_bytes() >= 512);
 /// disk.close()?;
 /// # engine.shutdown()?;
 /// # Ok(())
