@@ -433,3 +433,56 @@ fn a_core_that_panics_answers_every_request_once_and_the_disk_still_closes() {
         m
     });
 }
+
+#[test]
+fn a_core_that_panics_while_holding_the_range_lock_lets_every_other_write_finish() {
+    let f = fixture(1 << 20, 1 << 20);
+    let (e, plan) = faulty_engine(2, CacheMode::Direct);
+    let d = open(&e, &f.overlay);
+    // Sub-sector writes into the same few sectors from both cores: each reads its unit back, so
+    // they take the stripe exclusively in turns and most wait in the lock. The 20th raw-image
+    // write panics its core while it holds the stripe.
+    plan.add(rule(FaultFile::Image, FaultOp::Write, FaultAction::Panic).skip(20));
+    let (tx, rx) = mpsc::channel();
+    const N: u64 = 400;
+    for i in 0..N {
+        let mut buf = e.alloc_buf(100);
+        buf.copy_from_slice(&payload(i, 100));
+        let tx = tx.clone();
+        d.submit(
+            i as usize,
+            Request::Write {
+                offset: (i % 16) * 512 + 7,
+                data: buf,
+                fua: false,
+            },
+            Box::new(move |r| {
+                let _ = tx.send((i, r.is_ok()));
+            }),
+        );
+    }
+    let mut answers: HashMap<u64, u32> = HashMap::new();
+    while let Ok((i, _)) = rx.recv_timeout(Duration::from_secs(20)) {
+        *answers.entry(i).or_default() += 1;
+        if answers.len() as u64 == N {
+            break;
+        }
+    }
+    assert_eq!(plan.fired(), 1, "a core panicked");
+    assert_eq!(
+        answers.len() as u64,
+        N,
+        "every write was answered (none waits forever for the stripe the dead core held)"
+    );
+    assert!(answers.values().all(|&c| c == 1), "and only once");
+    let (ctx, crx) = mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        let r = d.close().map_err(|e| e.to_string());
+        let _ = e.shutdown();
+        let _ = ctx.send(r);
+    });
+    crx.recv_timeout(Duration::from_secs(30))
+        .expect("close returned")
+        .expect("close commits on the live core");
+    closer.join().expect("closer");
+}

@@ -217,9 +217,11 @@ impl Disk {
         self.state.bitmap.is_full()
     }
 
-    /// Submits `req` to core `core % engine.cores()`; `done` is called exactly once, on that
-    /// core, when it finishes. Requests that fail validation (read-only, out of range) or reach
-    /// a closed disk are answered at once.
+    /// Submits `req` to core `core % engine.cores()`; `done` is called exactly once, on a core
+    /// thread, when it finishes: on that core, except for a write that had to wait in the range
+    /// lock for another write of the same units, which finishes on the core that let it go on.
+    /// Requests that fail validation (read-only, out of range) or reach a closed disk are
+    /// answered at once, on the calling thread.
     pub fn submit(&self, core: usize, req: Request, done: Completion) {
         submit(&self.engine, &self.state, core, req, done);
     }

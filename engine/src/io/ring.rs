@@ -180,16 +180,34 @@ impl<T: RingOp> Ring<T> {
         if n == 0 {
             return Ok(());
         }
-        if self.ops.len() + n > self.cap {
+        if !self.has_room(n) {
             return Err(chain);
         }
-        // One SQE always stays free for (re-)arming the eventfd read.
+        self.push_unchecked(chain, n);
+        Ok(())
+    }
+
+    /// Like [`Ring::try_push`] for a single op (no chain to allocate).
+    pub(crate) fn try_push_one(&mut self, op: T) -> Result<(), T> {
+        if !self.has_room(1) {
+            return Err(op);
+        }
+        self.push_unchecked(std::iter::once(op), 1);
+        Ok(())
+    }
+
+    /// Whether `n` more ops fit under the in-flight cap and into the SQ (one SQE always stays
+    /// free for (re-)arming the eventfd read).
+    fn has_room(&mut self, n: usize) -> bool {
         let reserve = usize::from(self.wake.fd >= 0);
-        let mut sq = self.uring.submission();
+        let sq = self.uring.submission();
         let free = sq.capacity() - sq.len();
-        if free < n + reserve || n > self.sq_room {
-            return Err(chain);
-        }
+        self.ops.len() + n <= self.cap && n <= self.sq_room && free >= n + reserve
+    }
+
+    /// Pushes the `n` ops of `chain`, linked; room was checked.
+    fn push_unchecked(&mut self, chain: impl IntoIterator<Item = T>, n: usize) {
+        let mut sq = self.uring.submission();
         for (i, mut op) in chain.into_iter().enumerate() {
             let mut entry = op.entry();
             let key = self.ops.insert(op);
@@ -203,7 +221,6 @@ impl<T: RingOp> Ring<T> {
             let pushed = unsafe { sq.push(&entry) };
             debug_assert!(pushed.is_ok(), "SQ room was checked");
         }
-        Ok(())
     }
 
     /// Pushes `chain` now if nothing is waiting before it and it fits, else queues it behind the
@@ -215,6 +232,17 @@ impl<T: RingOp> Ring<T> {
         }
         if let Err(chain) = self.try_push(chain) {
             self.backlog.push_back(chain);
+        }
+    }
+
+    /// Pushes one op now if nothing is waiting before it and it fits, else queues it.
+    pub(crate) fn push_one(&mut self, op: T) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(vec![op]);
+            return;
+        }
+        if let Err(op) = self.try_push_one(op) {
+            self.backlog.push_back(vec![op]);
         }
     }
 

@@ -17,9 +17,9 @@
 //! holds the memory).
 
 use std::alloc::Layout;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -40,8 +40,6 @@ const MAX_SLOTS: usize = 16384;
 const BATCH: usize = 32;
 
 static NEXT_ARENA_ID: AtomicU64 = AtomicU64::new(1);
-/// Round-robin start for allocations on threads that own no pool.
-static NEXT_POOL: AtomicUsize = AtomicUsize::new(0);
 
 /// The arena's memory; freed when the arena and every buffer are gone.
 struct Memory {
@@ -102,6 +100,9 @@ impl Drop for Local {
 
 thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+    /// Where a thread that owns no pool starts looking (round robin, per thread: no shared
+    /// counter).
+    static NEXT_POOL: Cell<usize> = const { Cell::new(0) };
 }
 
 impl Pool {
@@ -350,7 +351,13 @@ impl Arena {
             return local;
         }
         let n = self.pools.len();
-        let start = NEXT_POOL.fetch_add(1, Ordering::Relaxed);
+        let start = NEXT_POOL
+            .try_with(|c| {
+                let v = c.get();
+                c.set(v.wrapping_add(1));
+                v
+            })
+            .unwrap_or(0);
         (0..n).find_map(|i| self.pools[(start + i) % n].alloc_shared(len, zero))
     }
 

@@ -23,9 +23,9 @@ fn classify(op: &CoreOp) -> (FaultFile, FaultOp, Option<usize>) {
 impl Core {
     /// Marks the ops of `chain` the plan picks; in a chain, the ops after one that fails, is
     /// cancelled or comes back short do not run and complete with `-ECANCELED`.
-    pub(super) fn inject(&self, mut chain: Vec<CoreOp>) -> Vec<CoreOp> {
+    pub(super) fn inject(&self, chain: &mut [CoreOp]) {
         let Some(plan) = &self.faults else {
-            return chain;
+            return;
         };
         let last = chain.len().saturating_sub(1);
         let mut broken = false;
@@ -49,6 +49,5 @@ impl Core {
             op.fault = Some(fault);
             broken = breaks && i < last;
         }
-        chain
     }
 }

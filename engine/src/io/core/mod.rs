@@ -295,16 +295,25 @@ impl Core {
             .flatten()
     }
 
-    /// Pushes one linked chain (a single op is a chain of one) to the ring.
-    fn push_chain(&mut self, chain: Vec<CoreOp>) {
+    /// Pushes one linked chain to the ring.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    fn push_chain(&mut self, mut chain: Vec<CoreOp>) {
         #[cfg(feature = "fault-injection")]
-        let chain = self.inject(chain);
+        self.inject(&mut chain);
         self.ring.push(chain);
+    }
+
+    /// Pushes one op to the ring.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    fn push_op(&mut self, mut op: CoreOp) {
+        #[cfg(feature = "fault-injection")]
+        self.inject(std::slice::from_mut(&mut op));
+        self.ring.push_one(op);
     }
 
     /// Issues one op for `task`; returns 1 (ops issued).
     fn issue(&mut self, task: usize, kind: OpKind) -> usize {
-        self.push_chain(vec![CoreOp::new(task, kind)]);
+        self.push_op(CoreOp::new(task, kind));
         1
     }
 

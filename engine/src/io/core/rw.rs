@@ -15,7 +15,7 @@ use super::super::responder::Responder;
 use super::super::split::{plan_read, Src};
 use super::ops::{op_name, CopyOut, CoreOp, FileRef, Mem, OpKind, Region, Target};
 use super::shared_buf::SharedBuf;
-use super::tasks::{Edge, Patch, ReadTask, Task, WriteTask};
+use super::tasks::{Edge, Held, Patch, ReadTask, Task, WriteTask};
 use super::{round_down, round_up, Core, SEG_MAX, ZERO_CHUNK};
 use crate::format::SECTOR_SIZE;
 
@@ -264,7 +264,7 @@ impl Core {
                 disk: Arc::clone(&disk),
                 offset: shape.offset,
                 sectors: shape.sectors(),
-                locked: ticket,
+                locked: Held::new(Arc::clone(&disk), ticket),
                 pending: 0,
                 filling: false,
                 err: None,
@@ -291,7 +291,7 @@ impl Core {
             disk: Arc::clone(&disk),
             offset: shape.offset,
             sectors: shape.sectors(),
-            locked: ticket,
+            locked: Held::new(Arc::clone(&disk), ticket),
             pending: 0,
             filling: true,
             err: None,
@@ -367,7 +367,7 @@ impl Core {
             disk: Arc::clone(&disk),
             offset,
             sectors: shape.sectors(),
-            locked: ticket,
+            locked: Held::new(Arc::clone(&disk), ticket),
             pending: 0,
             filling: !edges.is_empty(),
             err: None,
@@ -603,7 +603,7 @@ impl Core {
     fn reissue(&mut self, task: usize, kind: OpKind, stalls: u8) {
         let mut op = CoreOp::new(task, kind);
         op.stalls = stalls;
-        self.push_chain(vec![op]);
+        self.push_op(op);
         self.add_pending(task, 1);
     }
 
@@ -624,12 +624,12 @@ impl Core {
             self.fail(task, -res, op_name(file.role, false));
             return;
         }
-        let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
+        let Some(file_end) = self.tasks.get(task).map(|t| t.disk().file_len(file.role)) else {
             return;
         };
         let got = (res as usize).min(into.len());
         if got < into.len() {
-            if off + got as u64 >= disk.file_len(file.role) {
+            if off + got as u64 >= file_end {
                 // At the file's end (e.g. an O_DIRECT read of a base whose size is not a
                 // multiple of the alignment): the rest reads as zeros.
                 into.zero_from(got);
@@ -654,7 +654,9 @@ impl Core {
             }
         }
         if file.role == Role::Base {
-            disk.counters.base_read(got as u64);
+            if let Some(t) = self.tasks.get(task) {
+                t.disk().counters.base_read(got as u64);
+            }
         }
         if let Some(c) = copy_out {
             let copied = bounce_bytes(into.owned(), c.skip, c.len).and_then(|src| {
@@ -782,7 +784,7 @@ impl Core {
             self.arm_bg(&disk);
         }
         let mut resume = Vec::new();
-        disk.locks.release(&locked, &mut resume);
+        locked.release(&mut resume);
         for (ticket, parked) in resume {
             self.lock_and_start(Arc::clone(&disk), ticket, parked);
         }

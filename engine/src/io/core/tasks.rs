@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::super::disk_state::{DiskState, Waiter};
+use super::super::disk_state::{DiskState, Parked, Waiter};
 use super::super::range_lock::Ticket;
 use super::super::request::{req_err, RequestError};
 use super::super::responder::Responder;
@@ -41,7 +41,7 @@ pub(super) struct WriteTask {
     /// Sectors `[start, end)` the task writes whole; their bits are set when it succeeds.
     pub(super) sectors: (u64, u64),
     /// What the task holds of the disk's range lock.
-    pub(super) locked: Ticket,
+    pub(super) locked: Held,
     pub(super) pending: usize,
     /// Still reading old bytes into `edges` (read-modify-write); writes of edges come after.
     pub(super) filling: bool,
@@ -51,6 +51,38 @@ pub(super) struct WriteTask {
     pub(super) edges: Vec<Edge>,
     pub(super) fua: bool,
     pub(super) done: Responder,
+}
+
+/// What a write holds of its disk's range lock. Released by [`Held::release`] when the write
+/// finishes; a write dropped unfinished (its core panicked) releases it on drop, so no other
+/// write waits forever, and fails the requests that release would have let go on (they have no
+/// core to run on here; their responders answer).
+pub(super) struct Held {
+    disk: Arc<DiskState>,
+    ticket: Ticket,
+}
+
+impl Held {
+    pub(super) fn new(disk: Arc<DiskState>, ticket: Ticket) -> Held {
+        Held { disk, ticket }
+    }
+
+    /// Releases the hold; the requests it grants a stripe to go into `resume`.
+    pub(super) fn release(mut self, resume: &mut Vec<(Ticket, Parked)>) {
+        let ticket = std::mem::take(&mut self.ticket);
+        self.disk.locks.release(&ticket, resume);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut resume = Vec::new();
+        self.disk.locks.release(&self.ticket, &mut resume);
+        while let Some((granted, parked)) = resume.pop() {
+            self.disk.locks.release(&granted, &mut resume);
+            drop(parked);
+        }
+    }
 }
 
 pub(super) struct CommitTask {
