@@ -11,8 +11,8 @@ use super::core::{on_core_thread, Core};
 use super::disk::{close_disk, Disk};
 use super::disk_state::{DiskState, Role};
 use super::engine_shared::EngineShared;
-use super::lock;
 use super::mailbox::{CoreHandle, Msg};
+use super::mutex::lock;
 use crate::error::{Error, ErrorKind, Result};
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use super::buf::Arena;
 use super::config::EngineConfig;
 use super::file_slot::{FileSlot, SlotOwner};
-use super::lock;
 use super::mailbox::{CoreHandle, Msg};
+use super::mutex::lock;
 
 /// Disks that can have registered files at once (each takes 3 slots of every ring's table).
 pub(crate) const MAX_REGISTERED_DISKS: u32 = 256;

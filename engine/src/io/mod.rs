@@ -20,7 +20,8 @@
 //! * `commit_plan`: which metadata bytes a commit writes; `split`: read splitting by the bitmap;
 //!   `base`: the base behind a small trait; `range_lock`: the read-modify-write unit locks;
 //!   `buf`: [`IoBuf`] and the per-core arena pools; `align`: `STATX_DIOALIGN`; `stats`:
-//!   per-disk counters; `file_slot`: registered-file slots lent to a disk.
+//!   per-disk counters; `file_slot`: registered-file slots lent to a disk; `mutex`: locking a
+//!   mutex whose holder panicked.
 //! * Test-only: `recorder` (feature `crash-recorder`), `faults` (feature `fault-injection`),
 //!   `hooks` (where the engine calls the recorder).
 
@@ -39,6 +40,7 @@ pub mod faults;
 mod file_slot;
 mod hooks;
 mod mailbox;
+mod mutex;
 mod range_lock;
 #[cfg(feature = "crash-recorder")]
 pub mod recorder;
@@ -48,20 +50,9 @@ mod ring;
 mod split;
 mod stats;
 
-use std::sync::Mutex;
-
 pub use buf::{IoBuf, BUF_ALIGN};
 pub use config::{CacheMode, DiskOptions, EngineConfig};
 pub use disk::Disk;
 pub use engine::Engine;
 pub use request::{Completion, Done, Extent, ExtentKind, Request, RequestError, MAX_READ};
 pub use stats::DiskStats;
-
-/// Locks `m`, taking the data over from a thread that panicked while holding it (every value
-/// kept behind the engine's mutexes stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}

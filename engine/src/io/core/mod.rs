@@ -7,8 +7,9 @@
 //! points into and comes back from the ring with its result.
 //!
 //! # One loop turn
-//! 1. Handle the messages waiting in the channel, at most as many as were there when the turn
-//!    began (and at most [`MAX_MSGS_PER_TURN`]): a stream of new messages cannot hold the loop.
+//! 1. Handle the messages waiting in the channel, at most [`MAX_MSGS_PER_TURN`]: a stream of
+//!    new messages (say completions that submit the next request to the same core) cannot hold
+//!    the loop here.
 //! 2. Fire due background commits; move backlog chains into the SQ.
 //! 3. One `io_uring_enter`: when messages are waiting it does not block but still asks for
 //!    events (`GETEVENTS`: under `DEFER_TASKRUN` completions are posted only then); otherwise it
@@ -184,8 +185,7 @@ impl Core {
 
     /// One loop turn (see the module docs); false once the core may exit.
     fn turn(&mut self, rx: &Receiver<Msg>) -> bool {
-        let n = rx.len().min(MAX_MSGS_PER_TURN);
-        for _ in 0..n {
+        for _ in 0..MAX_MSGS_PER_TURN {
             let Ok(msg) = rx.try_recv() else { break };
             self.handle(msg);
         }
