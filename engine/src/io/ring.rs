@@ -56,8 +56,9 @@ pub(crate) unsafe trait RingOp {
 /// How [`Ring::enter`] may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
-    /// Submit and collect completions without waiting (`GETEVENTS`, `min_complete = 0`: under
-    /// `DEFER_TASKRUN` completions are only posted by an enter that asks for events).
+    /// Submit and collect completions without waiting. Under `DEFER_TASKRUN` completions are
+    /// only posted by an enter that asks for events (`GETEVENTS`); the ring is set up with
+    /// `TASKRUN_FLAG`, so the kernel flags when some are waiting and the enter asks exactly then.
     Poll,
     /// Block until at least one completion (or the eventfd) arrives.
     Block,
@@ -83,6 +84,9 @@ pub(crate) struct Ring<T: RingOp> {
     /// SQEs ops may use: SQ entries - 1 (one is kept for the eventfd read).
     sq_room: usize,
     wake: Wake,
+    /// A non-blocking enter must always ask for events (the kernel cannot flag waiting task
+    /// work: no TASKRUN_FLAG).
+    poll_events: bool,
 }
 
 /// Builds an io_uring, trying the cheapest task-run mode the kernel accepts first.
@@ -94,14 +98,20 @@ fn build(entries: u32) -> std::io::Result<(IoUring, &'static str)> {
     for mode in 0..4 {
         let mut b = IoUring::builder();
         b.setup_cqsize(entries * 2);
+        // TASKRUN_FLAG: the kernel flags the SQ ring when completions wait to be posted, so a
+        // non-blocking enter asks for events exactly when there are some (see Wait::Poll).
         let name = match mode {
             0 => {
-                b.setup_single_issuer().setup_defer_taskrun();
-                "SINGLE_ISSUER+DEFER_TASKRUN"
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
+                "SINGLE_ISSUER+DEFER_TASKRUN+TASKRUN_FLAG"
             }
             1 => {
-                b.setup_single_issuer().setup_coop_taskrun();
-                "SINGLE_ISSUER+COOP_TASKRUN"
+                b.setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag();
+                "SINGLE_ISSUER+COOP_TASKRUN+TASKRUN_FLAG"
             }
             2 => {
                 b.setup_coop_taskrun();
@@ -123,6 +133,7 @@ impl<T: RingOp> Ring<T> {
     pub(crate) fn new(entries: u32, wake_fd: RawFd) -> std::io::Result<Ring<T>> {
         let (uring, mode) = build(entries)?;
         let sq = uring.params().sq_entries() as usize;
+        let poll_events = !mode.contains("TASKRUN_FLAG");
         let cq = uring.params().cq_entries() as usize;
         let mut ring = Ring {
             uring,
@@ -136,6 +147,7 @@ impl<T: RingOp> Ring<T> {
                 buf: Box::new(0),
                 armed: false,
             },
+            poll_events,
         };
         ring.arm_wake();
         Ok(ring)
@@ -298,7 +310,9 @@ impl<T: RingOp> Ring<T> {
             w => w,
         };
         let res = match wait {
-            Wait::Poll => {
+            // `submit` adds GETEVENTS when the kernel flagged waiting task work (TASKRUN_FLAG);
+            // `poll_events` forces it where the flag is not available.
+            Wait::Poll if self.poll_events => {
                 let pending = self.uring.submission().len();
                 // SAFETY: no argument pointer is passed; GETEVENTS with min_complete 0 only runs
                 // deferred task work and posts completions.
@@ -311,6 +325,7 @@ impl<T: RingOp> Ring<T> {
                     )
                 }
             }
+            Wait::Poll => self.uring.submit(),
             Wait::Block => self.uring.submit_and_wait(1),
             Wait::Until(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());

@@ -12,7 +12,8 @@
 //!    the loop here.
 //! 2. Fire due background commits; move backlog chains into the SQ.
 //! 3. One `io_uring_enter`: when messages are waiting it does not block but still asks for
-//!    events (`GETEVENTS`: under `DEFER_TASKRUN` completions are posted only then); otherwise it
+//!    events when the kernel flags some waiting (`GETEVENTS`: under `DEFER_TASKRUN` completions
+//!    are posted only then; see `Wait::Poll`); otherwise it
 //!    blocks until a completion, the eventfd, or the next background commit is due. Before
 //!    blocking the core sets its `sleeping` flag and looks at the channel once more (see
 //!    `mailbox.rs`).
