@@ -4,22 +4,25 @@
 //!
 //! No lock is taken per buffer:
 //! * A core thread allocates from and frees into its own pool through a thread-local free list
-//!   (plain `Vec`s, no atomics).
-//! * Every class of every pool also has a lock-free queue of free slots (a bounded
+//!   (plain `Vec`s, no atomics), last freed first used.
+//! * Every class of every pool also has a lock-free queue of returned slots (a bounded
 //!   `crossbeam-channel`, one slot per message). A buffer dropped on any other thread goes back to
 //!   the queue of the pool it came from; its core takes such slots back into its local list in
 //!   batches, when that list runs dry. Other threads (say a connection reading a WRITE payload)
-//!   allocate from these queues, and a core keeps no more than half of a class in its local list,
-//!   so they find slots too.
+//!   allocate from these queues too, and a core keeps no more than half of a class in its local
+//!   list, so they find slots.
+//! * Slots never used yet are handed out last, from a cursor (one atomic add), so the slots in
+//!   use stay few and warm (in the CPU caches, and the kernel's records of the registered
+//!   buffers) instead of rotating through the whole arena.
 //!
-//! Invariants: a slot is in exactly one place at a time (a local list, a queue, or an `IoBuf`);
-//! the memory lives as long as the arena or any buffer (each holds an `Arc` of its pool, which
-//! holds the memory).
+//! Invariants: a slot is in exactly one place at a time (never used yet, a local list, a queue,
+//! or an `IoBuf`); the memory lives as long as the arena or any buffer (each holds an `Arc` of
+//! its pool, which holds the memory).
 
 use std::alloc::Layout;
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -69,9 +72,27 @@ struct Class {
     /// Byte offset of its first slot from the arena's base.
     offset: usize,
     count: u32,
-    /// Free slots any thread may take; a slot freed off its core comes back here.
+    /// Slots `first + fresh ..` were never handed out.
+    fresh: AtomicU32,
+    /// Returned slots any thread may take; a slot freed off its core comes back here.
     free_tx: Sender<u32>,
     free_rx: Receiver<u32>,
+}
+
+impl Class {
+    /// A slot never handed out before, if any is left.
+    fn take_fresh(&self) -> Option<u32> {
+        if self.fresh.load(Ordering::Relaxed) >= self.count {
+            return None;
+        }
+        let i = self.fresh.fetch_add(1, Ordering::Relaxed);
+        (i < self.count).then_some(self.first + i)
+    }
+
+    /// A returned slot, else a fresh one.
+    fn take_any(&self) -> Option<u32> {
+        self.free_rx.try_recv().ok().or_else(|| self.take_fresh())
+    }
 }
 
 /// One core's share of the arena.
@@ -146,7 +167,7 @@ impl Pool {
             if c.size < len || c.count == 0 {
                 continue;
             }
-            if let Ok(slot) = c.free_rx.try_recv() {
+            if let Some(slot) = c.take_any() {
                 return self.buf(i, slot, len, zero);
             }
         }
@@ -208,7 +229,7 @@ impl Local {
             if list.is_empty() {
                 list.extend(c.free_rx.try_iter().take(BATCH));
             }
-            if let Some(slot) = list.pop() {
+            if let Some(slot) = list.pop().or_else(|| c.take_fresh()) {
                 return self.pool.buf(class, slot, len, zero);
             }
         }
@@ -266,14 +287,12 @@ impl Arena {
             let mut classes = Vec::with_capacity(CLASSES.len());
             for (&n, &(size, _)) in counts.iter().zip(CLASSES.iter()) {
                 let (free_tx, free_rx) = crossbeam_channel::bounded(n.max(1));
-                for s in next_slot..next_slot + n as u32 {
-                    let _ = free_tx.try_send(s);
-                }
                 classes.push(Class {
                     size,
                     first: next_slot,
                     offset,
                     count: n as u32,
+                    fresh: AtomicU32::new(0),
                     free_tx,
                     free_rx,
                 });
@@ -368,7 +387,9 @@ impl Arena {
             .pools
             .iter()
             .flat_map(|p| p.classes.iter())
-            .map(|c| c.free_rx.len())
+            .map(|c| {
+                c.free_rx.len() + (c.count - c.fresh.load(Ordering::Relaxed).min(c.count)) as usize
+            })
             .sum();
         let local = LOCAL
             .try_with(|l| {

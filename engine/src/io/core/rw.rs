@@ -71,6 +71,35 @@ impl Shape {
     }
 }
 
+/// See [`Core::image_pieces`].
+struct ImagePieces {
+    main: FileRef,
+    /// Where the partial last unit starts, and the buffered fd for it.
+    tail: Option<(u64, FileRef)>,
+    at: u64,
+    end: u64,
+    max: u64,
+}
+
+impl Iterator for ImagePieces {
+    type Item = (FileRef, u64, u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.end {
+            return None;
+        }
+        let (file, limit) = match self.tail {
+            Some((start, tail)) if self.at >= start => (tail, self.end),
+            Some((start, _)) => (self.main, start.min(self.end)),
+            None => (self.main, self.end),
+        };
+        let n = (limit - self.at).min(self.max);
+        let piece = (file, self.at, n);
+        self.at += n;
+        Some(piece)
+    }
+}
+
 /// The byte range a write-like request covers (validated before it is parked).
 fn write_range(req: &Request) -> (u64, u64) {
     match req {
@@ -452,34 +481,24 @@ impl Core {
     /// `[off, off + len)` of the raw image as (file, offset, length) pieces of at most `max`
     /// bytes: the part before the partial last unit through the image's fd, the part in it
     /// through the buffered tail fd.
-    fn image_pieces(
-        &self,
-        disk: &DiskState,
-        off: u64,
-        len: u64,
-        max: u64,
-    ) -> Vec<(FileRef, u64, u64)> {
+    fn image_pieces(&self, disk: &DiskState, off: u64, len: u64, max: u64) -> ImagePieces {
         let end = off + len;
-        let split = disk.tail.as_ref().map_or(end, |t| t.start.clamp(off, end));
-        let mut out = Vec::new();
-        let mut cut = |file: FileRef, from: u64, to: u64| {
-            let mut o = from;
-            while o < to {
-                let n = (to - o).min(max);
-                out.push((file, o, n));
-                o += n;
-            }
-        };
-        cut(self.image_file(disk), off, split);
-        if let Some(t) = &disk.tail {
-            let file = FileRef {
-                target: Target::Fd(t.file.as_raw_fd()),
-                role: Role::Image,
-                align: DioAlign::NONE,
-            };
-            cut(file, split, end);
+        ImagePieces {
+            main: self.image_file(disk),
+            tail: disk.tail.as_ref().map(|t| {
+                (
+                    t.start,
+                    FileRef {
+                        target: Target::Fd(t.file.as_raw_fd()),
+                        role: Role::Image,
+                        align: DioAlign::NONE,
+                    },
+                )
+            }),
+            at: off,
+            end,
+            max: max.max(1),
         }
-        out
     }
 
     fn issue_image_read(
