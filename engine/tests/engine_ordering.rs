@@ -156,6 +156,38 @@ fn crash_order_bitmap_reaches_disk_only_after_the_data_sync() {
     );
 }
 
+#[test]
+#[cfg_attr(
+    feature = "unsafe-bits-before-sync",
+    should_panic(expected = "bit persisted before its data was durable")
+)]
+fn crash_order_holds_for_a_commit_longer_than_one_chain() {
+    // A 64 GiB overlay (sparse): every 3rd of its 4096 metadata blocks is dirtied, so one commit
+    // has about 1400 spans and runs as many chains, each pushed when the one before completed.
+    // The raw image is buffered and 64 MiB of it dirty, so its fdatasync takes a while: a bitmap
+    // write sent along before it ends would complete (and be logged) before it.
+    let f = fixture(64 << 30, 0);
+    let rec = Recorder::new();
+    let mut cfg = config(2);
+    cfg.recorder = Some(rec.clone());
+    cfg.image_cache = addcow_engine::CacheMode::Buffered;
+    let e = addcow_engine::Engine::start(cfg).expect("engine");
+    let d = open(&e, &f.overlay);
+    for i in 0..64u64 {
+        d.write_at((1 << 30) + (i << 20), &payload(i, 1 << 20), false)
+            .expect("write");
+    }
+    for b in (1..4096u64).step_by(3) {
+        let sector = (b * 4096 - HEADER + 8) * 8;
+        d.write_at(sector * 512, &payload(b, 512), false)
+            .expect("write");
+    }
+    d.flush().expect("flush");
+    d.close().expect("close");
+    let checked = check_bits_after_data_sync(&rec.snapshot());
+    assert!(checked >= 1365, "every dirtied bit was checked ({checked})");
+}
+
 /// For a FLUSH answered at log position `p` and a write answered (by the same thread, before
 /// it sent the FLUSH) at `w`: some image fdatasync began after `w` and ended before `p`, and the
 /// write's (fresh) bit was written to the metadata file by a write that a metadata fdatasync

@@ -20,7 +20,8 @@ const LOAD_BUF: usize = 256 * CHUNK_BYTES as usize;
 /// How to open an overlay's files.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Open the raw image and metadata read-only (no lock for writing is taken; a shared lock is).
+    /// Open the raw image and metadata read-only (no lock for writing is taken; shared locks
+    /// are).
     pub read_only: bool,
     /// Open the raw image with `O_DIRECT`.
     pub direct_image: bool,
@@ -35,8 +36,10 @@ pub struct OpenOptions {
 ///
 /// Invariants: `virtual_size` is the raw image's size and a multiple of 512; the metadata file
 /// holds at least `HEADER_SIZE + bitmap_len(virtual_size)` bytes; the base (if any) is open
-/// read-only; a writable overlay holds an exclusive OFD lock on its metadata file (a read-only
-/// one a shared lock, unless `no_lock`). The lock lives as long as `meta`.
+/// read-only. Unless `no_lock`, a writable overlay holds exclusive OFD locks on its metadata file
+/// and its raw image (a read-only one shared locks), and a shared lock on its base in QEMU's
+/// lock-byte layout (so QEMU can read the same base, but nobody can write it). The locks live as
+/// long as the files.
 #[derive(Debug)]
 pub struct Overlay {
     /// The `.add-cow` file as given to `open`.
@@ -95,6 +98,73 @@ pub(crate) fn ofd_lock(file: &File, exclusive: bool) -> Result<()> {
         }
         _ => Err(Error::io("lock", err)),
     }
+}
+
+/// QEMU's lock bytes (`block/file-posix.c`): a process holding permission `i` on an image
+/// share-locks byte `100 + i`; one that does not let others have permission `i` share-locks byte
+/// `200 + i`. Permission bits: 0 consistent read, 1 write, 2 write unchanged, 3 resize.
+const QEMU_PERM_BYTE: libc::off_t = 100;
+const QEMU_UNSHARED_BYTE: libc::off_t = 200;
+const QEMU_CONSISTENT_READ: libc::off_t = 0;
+const QEMU_WRITE: libc::off_t = 1;
+const QEMU_RESIZE: libc::off_t = 3;
+
+fn flock_at(kind: libc::c_int, start: libc::off_t, len: libc::off_t) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    fl
+}
+
+/// Share-locks the base the way QEMU locks a read-only backing file, so both can read one base
+/// at once: we hold "consistent read" (byte 100) and do not share "write" or "resize" (bytes
+/// 201, 203). Anyone who writes or resizes the base (a lock on byte 101 or 103, or a whole-file
+/// write lock) makes this fail with [`ErrorKind::Locked`]; while we hold it, they cannot take it
+/// (QEMU checks byte 201; a whole-file write lock conflicts with all three).
+pub(crate) fn share_lock_base(file: &File) -> Result<()> {
+    let fd = file.as_raw_fd();
+    let locked = || {
+        Error::new(ErrorKind::Locked).with_op("lock base for reading (someone may be writing it)")
+    };
+    for byte in [
+        QEMU_PERM_BYTE + QEMU_CONSISTENT_READ,
+        QEMU_UNSHARED_BYTE + QEMU_WRITE,
+        QEMU_UNSHARED_BYTE + QEMU_RESIZE,
+    ] {
+        let mut fl = flock_at(libc::F_RDLCK, byte, 1);
+        // SAFETY: the fd is open for the life of `file`; `fl` is a valid flock for the call.
+        if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) } != 0 {
+            let err = std::io::Error::last_os_error();
+            ofd_unlock(file);
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => Err(locked()),
+                _ => Err(Error::io("lock base", err)),
+            };
+        }
+    }
+    // Nobody may hold what we do not share (write, resize) nor refuse what we need (read).
+    for byte in [
+        QEMU_PERM_BYTE + QEMU_WRITE,
+        QEMU_PERM_BYTE + QEMU_RESIZE,
+        QEMU_UNSHARED_BYTE + QEMU_CONSISTENT_READ,
+    ] {
+        let mut fl = flock_at(libc::F_WRLCK, byte, 1);
+        // SAFETY: as above; F_OFD_GETLK only fills in `fl`.
+        let rc = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            ofd_unlock(file);
+            return Err(Error::io("test base lock", err));
+        }
+        if fl.l_type != libc::F_UNLCK as libc::c_short {
+            ofd_unlock(file);
+            return Err(locked());
+        }
+    }
+    Ok(())
 }
 
 /// Drops the OFD lock on the whole of `file` (a no-op when none is held).
@@ -289,8 +359,8 @@ pub(crate) fn soft_findings(
 
 impl Overlay {
     /// Opens and validates `path`. Every failure is a typed [`crate::Error`] with the path in it:
-    /// the metadata file missing or unreadable, locked by another process
-    /// ([`ErrorKind::Locked`]), shorter than the header, with a bad magic, version, path field,
+    /// the metadata file missing or unreadable, it, its raw image or its base locked by another
+    /// open (say a second overlay naming the same raw image; [`ErrorKind::Locked`]), shorter than the header, with a bad magic, version, path field,
     /// empty or protocol `image_file`; the raw image or base missing or unreadable; a raw image
     /// size that is not a multiple of 512; a bitmap shorter than the raw image needs.
     ///
@@ -390,6 +460,13 @@ impl Overlay {
         if let (Some(bf), Some(bp)) = (&base, &base_path) {
             refuse_same(("raw image", &image, &image_path), ("base", bf, bp))?;
             refuse_same(("overlay", &meta, path), ("base", bf, bp))?;
+        }
+        if !opts.no_lock {
+            // Two overlays naming one raw image must not both write it.
+            ofd_lock(&image, !opts.read_only).map_err(|e| e.with_path(&image_path))?;
+            if let (Some(bf), Some(bp)) = (&base, &base_path) {
+                share_lock_base(bf).map_err(|e| e.with_path(bp))?;
+            }
         }
 
         let need = bitmap_len(virtual_size);

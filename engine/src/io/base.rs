@@ -32,6 +32,8 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     fn map(&self, offset: u64, len: u64, out: &mut Vec<BaseRun>);
     /// The file descriptor of the base's main file, if it has one (registered with the rings).
     fn main_fd(&self) -> Option<RawFd>;
+    /// Drops the shared lock taken on the base's files when the overlay was opened.
+    fn unlock(&self);
 }
 
 /// A raw image file as base.
@@ -72,6 +74,10 @@ impl BaseSource for RawFileBase {
 
     fn main_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn unlock(&self) {
+        crate::format::overlay::ofd_unlock(&self.file);
     }
 }
 

@@ -1,259 +1,299 @@
-//! Per-disk shared state: the files, the bitmap, the dirty marks, the commit state and the range
-//! lock.
-//!
-//! This is all that the cores serving one disk share (DESIGN "shared per-disk state is small").
-//! Everything else (rings, in-flight operations, buffers in use) belongs to one core.
+//! [`Disk`]: an open overlay on an engine, where requests enter.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use crate::bitmap::{DirtyBlocks, SparseBitmap};
-use crate::error::{Error, ErrorKind, Result};
-use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
+use super::buf;
+use super::core::on_core_thread;
+use super::disk_state::{DiskState, Waiter};
+use super::engine_shared::EngineShared;
+use super::mailbox::Msg;
+use super::request::{req_err, Completion, Done, Extent, Request, RequestError};
+use super::responder::Responder;
+use super::split;
+use super::stats::DiskStats;
+use crate::error::{Error, Result};
 
-use super::align::{dio_align, DioAlign};
-use super::base::{BaseSource, RawFileBase};
-use super::commit::CommitState;
-use super::engine::EngineShared;
-use super::range_lock::RangeLock;
-use super::stats::DiskCounters;
-use super::{CacheMode, Completion, DiskOptions, Request};
-
-/// Block size of the metadata file for dirty marks and commit writes.
-pub(crate) const META_BLOCK: u64 = 4096;
-
-/// Which file of a disk an operation touches (the index of its registered-file slot, too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    Image = 0,
-    Meta = 1,
-    Base = 2,
-}
-
-/// Registered-file slots per disk: image, meta, base.
-pub(crate) const SLOTS_PER_DISK: u32 = 3;
-
-/// A request parked in the range lock, resubmitted to `core` when an overlapping range frees.
-pub(crate) struct Parked {
-    pub core: usize,
-    pub req: Request,
-    pub done: Completion,
-}
-
-/// The state one open disk shares between the cores that serve it.
+/// An open overlay on an engine. Cheap to clone; all clones share one state (so a FLUSH through
+/// any clone covers writes answered through every other: multi-conn safe).
 ///
-/// Invariants: bits in `bitmap` only go 0→1 and are set only after the data write that covers
-/// them completed (DESIGN invariant 2); a bit set since the last commit has its metadata block
-/// marked in `dirty` (set first, mark second); at most one commit is in flight (`commit`).
-pub(crate) struct DiskShared {
-    pub engine: Arc<EngineShared>,
-    pub meta_path: PathBuf,
-    pub size: u64,
-    pub read_only: bool,
-    pub image: File,
-    pub image_align: DioAlign,
-    /// Read-modify-write unit: the sector, or the raw image's O_DIRECT alignment if larger.
-    pub unit: u64,
-    pub meta: File,
-    pub base: Option<Box<dyn BaseSource>>,
-    pub bitmap: SparseBitmap,
-    pub dirty: DirtyBlocks,
-    /// The metadata file's first HEADER_SIZE bytes as read at open (rewritten unchanged when
-    /// block 0 is committed).
-    pub header: Vec<u8>,
-    /// HEADER_SIZE + bitmap length: commit writes never go past this.
-    pub meta_len: u64,
-    pub commit: Mutex<CommitState>,
-    pub locks: RangeLock<Parked>,
-    /// Index `k` of this disk's registered-file slots `3k..3k+3` on every core, if one was free.
-    pub slot_index: Option<u32>,
-    pub closed: AtomicBool,
-    /// An fdatasync of the raw image failed. The kernel may have dropped the unsynced data and
-    /// a later fdatasync could still succeed, so no later commit can vouch for it: every FLUSH
-    /// and FUA now fails with EIO and no bit is persisted any more (reopen to recover).
-    pub sync_failed: AtomicBool,
-    /// Requests submitted and not yet answered (close waits for it to reach zero).
-    pub active: Arc<AtomicUsize>,
-    pub bg_armed: AtomicBool,
-    pub next_core: AtomicUsize,
-    pub sync_ids: AtomicU64,
-    /// What the engine did for this disk (read by `Disk::stats`).
-    pub counters: DiskCounters,
-    #[cfg(feature = "crash-recorder")]
-    pub recorder: Option<Arc<super::recorder::Recorder>>,
+/// Requests go in with [`Disk::submit`] (asynchronous: the completion runs on a core thread) or
+/// the blocking helpers ([`Disk::read_at`], [`Disk::write_at`], [`Disk::flush`], ...):
+///
+/// ```
+/// use std::sync::mpsc;
+///
+/// use addcow_engine::format::{create, CreateOptions};
+/// use addcow_engine::{Done, DiskOptions, Engine, EngineConfig, Request};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let overlay = dir.path().join("vm.add-cow");
+/// create(&CreateOptions {
+///     overlay: overlay.clone(),
+///     size: Some(1 << 20),
+///     ..CreateOptions::default()
+/// })?;
+/// let engine = Engine::start(EngineConfig {
+///     cores: 1,
+///     ..EngineConfig::default()
+/// })?;
+/// let disk = engine.open(&overlay, DiskOptions::default())?;
+///
+/// // An unaligned write, submitted asynchronously with an engine buffer.
+/// let mut data = engine.alloc_buf(100);
+/// data.fill(0x5a);
+/// let (tx, rx) = mpsc::channel();
+/// disk.submit(0, Request::Write { offset: 7, data, fua: false }, Box::new(move |r| {
+///     let _ = tx.send(r);
+/// }));
+/// assert!(matches!(rx.recv()?, Ok(Done::Written(_))));
+///
+/// disk.flush()?;
+/// let back = disk.read_at(0, 512)?;
+/// assert_eq!(&back[7..107], &[0x5a; 100][..]);
+/// assert_eq!(back[0], 0, "no base: the rest of the sector reads as zeros");
+/// // The written sector (or the O_DIRECT unit around it) is now held by the raw image.
+/// assert!(disk.allocated_bytes() >= 512);
+/// disk.close()?;
+/// # engine.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Disk {
+    state: Arc<DiskState>,
+    engine: Arc<EngineShared>,
 }
 
-impl std::fmt::Debug for DiskShared {
+impl std::fmt::Debug for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiskShared")
-            .field("meta_path", &self.meta_path)
-            .field("size", &self.size)
-            .field("read_only", &self.read_only)
-            .finish_non_exhaustive()
+        self.state.fmt(f)
     }
 }
 
-fn open_overlay(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
-    match Overlay::open(path, opts) {
-        // A file system without O_DIRECT support refuses the open with EINVAL: serve buffered.
-        Err(e)
-            if (opts.direct_image || opts.direct_base)
-                && e.raw_os_error() == Some(libc::EINVAL) =>
-        {
-            tracing::warn!(path = %path.display(), "O_DIRECT refused; opening buffered");
-            let buffered = OpenOptions {
-                read_only: opts.read_only,
-                direct_image: false,
-                direct_base: false,
-                no_lock: opts.no_lock,
-            };
-            Overlay::open(path, &buffered)
-        }
-        other => other,
+fn shut(op: &'static str) -> RequestError {
+    req_err(libc::ESHUTDOWN, op, 0)
+}
+
+/// Accepts `req` for `disk` (unless it is closed) and sends it to `core`.
+fn submit(
+    engine: &EngineShared,
+    disk: &Arc<DiskState>,
+    core: usize,
+    req: Request,
+    done: Completion,
+) {
+    // Counted until answered, so close can wait for every accepted request (SeqCst pairs the
+    // increment with close's store of `closed`: one of the two sides sees the other).
+    disk.active.fetch_add(1, Ordering::SeqCst);
+    let done = Responder::new(done, Arc::clone(&disk.active));
+    if disk.closed.load(Ordering::SeqCst) {
+        done.answer(Err(shut("disk closed")));
+        return;
+    }
+    let msg = Msg::Submit {
+        disk: Arc::clone(disk),
+        req,
+        done,
+    };
+    if let Err(Msg::Submit { done, .. }) = engine.core(core).send(msg) {
+        done.answer(Err(shut("engine shut down")));
     }
 }
 
-fn is_direct(file: &File) -> bool {
-    // SAFETY: F_GETFL on an open fd has no memory effects.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_DIRECT != 0
+/// Submits `req` and waits for its answer (not on a core thread: that would deadlock).
+fn blocking<T: Send + 'static>(
+    engine: &EngineShared,
+    disk: &Arc<DiskState>,
+    req: Request,
+    map: impl FnOnce(Done) -> T + Send + 'static,
+) -> std::result::Result<T, RequestError> {
+    if on_core_thread() {
+        return Err(req_err(libc::EDEADLK, "blocking call on a core thread", 0));
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let core = disk.next_core.fetch_add(1, Ordering::Relaxed);
+    submit(
+        engine,
+        disk,
+        core,
+        req,
+        Box::new(move |r| {
+            let _ = tx.send(r.map(map));
+        }),
+    );
+    rx.recv().unwrap_or(Err(shut("engine shut down")))
 }
 
-impl DiskShared {
-    /// Opens and validates the overlay and builds its shared state (files not yet registered).
-    pub(crate) fn open(
-        engine: Arc<EngineShared>,
-        path: &Path,
-        opts: &DiskOptions,
-    ) -> Result<DiskShared> {
-        let open_opts = OpenOptions {
-            read_only: opts.read_only,
-            direct_image: engine.config.image_cache == CacheMode::Direct,
-            direct_base: engine.config.base_cache == CacheMode::Direct,
-            no_lock: false,
+/// Runs the final commit of a closing disk on some core (trying each until one answers).
+fn final_commit(
+    engine: &EngineShared,
+    disk: &Arc<DiskState>,
+) -> std::result::Result<(), RequestError> {
+    let first = disk.next_core.fetch_add(1, Ordering::Relaxed);
+    for i in 0..engine.cores.len() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let waiter = Waiter {
+            core: first + i,
+            answer: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
         };
-        let overlay = open_overlay(path, &open_opts)?;
-        let Overlay {
-            meta_path,
-            virtual_size,
-            base_size,
-            meta,
-            image,
-            base,
-            bitmap,
-            ..
-        } = overlay;
-        let mut header = vec![0u8; HEADER_SIZE];
-        std::os::unix::fs::FileExt::read_exact_at(&meta, &mut header, 0)
-            .map_err(|e| Error::io("read header", e).with_path(&meta_path))?;
-        if virtual_size % SECTOR_SIZE != 0 {
-            return Err(
-                Error::new(ErrorKind::UnalignedImageSize { size: virtual_size })
-                    .with_path(&meta_path),
-            );
+        let msg = Msg::Commit {
+            disk: Arc::clone(disk),
+            waiter,
+        };
+        if engine.core(first + i).send(msg).is_err() {
+            continue; // that core is gone
         }
-        let image_align = dio_align(&image, is_direct(&image));
-        let unit = image_align.offset.max(SECTOR_SIZE);
-        let base: Option<Box<dyn BaseSource>> = base.map(|f| {
-            let align = dio_align(&f, is_direct(&f));
-            let size = base_size.unwrap_or_else(|| f.metadata().map(|m| m.len()).unwrap_or(0));
-            Box::new(RawFileBase::new(f, size, align)) as Box<dyn BaseSource>
-        });
-        let blen = bitmap_len(virtual_size);
-        let slot_index = engine.take_disk_slot();
-        Ok(DiskShared {
-            #[cfg(feature = "crash-recorder")]
-            recorder: engine.config.recorder.clone(),
-            engine,
-            meta_path,
-            size: virtual_size,
-            read_only: opts.read_only,
-            image,
-            image_align,
-            unit,
-            meta,
-            base,
-            bitmap,
-            dirty: DirtyBlocks::new(blen, META_BLOCK),
-            header,
-            meta_len: HEADER_SIZE as u64 + blen,
-            commit: Mutex::new(CommitState::default()),
-            locks: RangeLock::default(),
-            slot_index,
-            closed: AtomicBool::new(false),
-            sync_failed: AtomicBool::new(false),
-            active: Arc::new(AtomicUsize::new(0)),
-            bg_armed: AtomicBool::new(false),
-            next_core: AtomicUsize::new(0),
-            sync_ids: AtomicU64::new(1),
-            counters: DiskCounters::default(),
-        })
-    }
-
-    /// The raw fd of `role`'s file (-1 when the disk has no base).
-    /// Bytes in the file behind `role` as known at open: the virtual size for the raw image,
-    /// the base's size for the base (0 if none), the bitmap's end for the metadata file. A read
-    /// that ends short before this is an I/O error, not end of file.
-    pub(crate) fn file_len(&self, role: Role) -> u64 {
-        match role {
-            Role::Image => self.size,
-            Role::Meta => self.meta_len,
-            Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+        if let Ok(r) = rx.recv() {
+            return r;
         }
     }
-
-    pub(crate) fn fd(&self, role: Role) -> RawFd {
-        match role {
-            Role::Image => self.image.as_raw_fd(),
-            Role::Meta => self.meta.as_raw_fd(),
-            Role::Base => self.base.as_ref().and_then(|b| b.main_fd()).unwrap_or(-1),
-        }
-    }
-
-    /// Sets the bits of sectors `[start, end)` after their data write completed, then marks
-    /// their metadata blocks dirty (in that order; see [`DirtyBlocks`]).
-    pub(crate) fn set_bits(&self, start: u64, end: u64) {
-        if end <= start {
-            return;
-        }
-        let (changed, newly) = self.bitmap.set_range_counted(start, end - start);
-        if let Some((first, last)) = changed {
-            self.dirty.mark_bitmap_bytes(first, last);
-        }
-        self.counters.bits_set(newly);
-    }
-
-    /// After close: waits until every accepted request was answered, then drops the overlay's
-    /// OFD lock so the overlay can be opened again (by this process or another) even while
-    /// clones of the closed `Disk` still hold its file descriptors.
-    pub(crate) fn release(&self) {
-        while self.active.load(Ordering::SeqCst) != 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        self.unlock();
-    }
-
-    /// Drops the OFD lock on the metadata file. The rings may still hold registered references
-    /// to the file for a moment; the lock must not wait for them.
-    fn unlock(&self) {
-        crate::format::overlay::ofd_unlock(&self.meta);
-    }
-
-    /// The next id for a recorded fdatasync.
-    pub(crate) fn next_sync_id(&self) -> u64 {
-        self.sync_ids.fetch_add(1, Ordering::Relaxed)
-    }
+    Err(shut("no core left to commit"))
 }
 
-impl Drop for DiskShared {
-    fn drop(&mut self) {
-        // Nothing can use the files any more (every task holds an Arc of this state).
-        self.unlock();
-        if let Some(k) = self.slot_index {
-            self.engine.release_disk_slot(k);
-        }
+/// Closes `disk` (once; later calls wait for the first and get its result): refuses new
+/// requests, waits until every accepted one was answered, commits (unless read-only; the commit
+/// runs after the last answer, so it covers every acknowledged write), and drops the overlay's
+/// locks.
+pub(crate) fn close_disk(
+    engine: &EngineShared,
+    disk: &Arc<DiskState>,
+) -> std::result::Result<(), RequestError> {
+    if on_core_thread() {
+        return Err(req_err(libc::EDEADLK, "close on a core thread", 0));
+    }
+    disk.close_result
+        .get_or_init(|| {
+            disk.closed.store(true, Ordering::SeqCst);
+            disk.wait_idle();
+            let res = if disk.read_only {
+                Ok(())
+            } else {
+                final_commit(engine, disk)
+            };
+            disk.release_locks();
+            res
+        })
+        .clone()
+}
+
+impl Disk {
+    pub(crate) fn new(state: Arc<DiskState>, engine: Arc<EngineShared>) -> Disk {
+        Disk { state, engine }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.state.size
+    }
+
+    /// Whether the disk was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.state.read_only
+    }
+
+    /// The `.add-cow` file this disk was opened from.
+    pub fn path(&self) -> &Path {
+        &self.state.meta_path
+    }
+
+    /// What the engine did for this disk since it was opened: commits and their batch size,
+    /// bits set, bytes read from the base. Lock-free; cheap enough to poll.
+    pub fn stats(&self) -> DiskStats {
+        self.state.counters.snapshot()
+    }
+
+    /// Bytes whose sectors are held by the raw image (bits set), from the in-memory bitmap.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.state.bitmap.count_set() * crate::format::SECTOR_SIZE
+    }
+
+    /// Whether every sector is held by the raw image (it is then a complete standalone disk).
+    pub fn is_complete(&self) -> bool {
+        self.state.bitmap.is_full()
+    }
+
+    /// Submits `req` to core `core % engine.cores()`; `done` is called exactly once, on a core
+    /// thread, when it finishes: on that core, except for a write that had to wait in the range
+    /// lock for another write of the same units, which finishes on the core that let it go on.
+    /// Requests that fail validation (read-only, out of range) or reach a closed disk are
+    /// answered at once, on the calling thread.
+    pub fn submit(&self, core: usize, req: Request, done: Completion) {
+        submit(&self.engine, &self.state, core, req, done);
+    }
+
+    /// Where the bytes of `[offset, offset+len)` come from, as consecutive extents (clipped to
+    /// the disk size). From the in-memory bitmap; no I/O.
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let d = &self.state;
+        let start = offset.min(d.size);
+        let end = offset.saturating_add(len).min(d.size);
+        let mut out = Vec::new();
+        split::extents(
+            &d.bitmap,
+            d.base.as_ref().map(|b| b.size()),
+            start,
+            end - start,
+            &mut out,
+        );
+        out
+    }
+
+    /// Blocking convenience: read `len` bytes at `offset`. Not from a completion callback.
+    pub fn read_at(&self, offset: u64, len: u32) -> std::result::Result<Vec<u8>, RequestError> {
+        blocking(
+            &self.engine,
+            &self.state,
+            Request::Read { offset, len },
+            |d| match d {
+                Done::Read(b) => b.to_vec(),
+                _ => Vec::new(),
+            },
+        )
+    }
+
+    /// Blocking convenience: write `data` at `offset`. Not from a completion callback.
+    pub fn write_at(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> std::result::Result<(), RequestError> {
+        let data = buf::alloc(self.engine.arena.as_ref(), data.len(), false).filled(data);
+        blocking(
+            &self.engine,
+            &self.state,
+            Request::Write { offset, data, fua },
+            |_| (),
+        )
+    }
+
+    /// Blocking convenience: any request, answered with its [`Done`]. Not from a completion
+    /// callback.
+    pub fn request(&self, req: Request) -> std::result::Result<Done, RequestError> {
+        blocking(&self.engine, &self.state, req, |d| d)
+    }
+
+    /// Blocking convenience: FLUSH. Not from a completion callback.
+    pub fn flush(&self) -> std::result::Result<(), RequestError> {
+        blocking(&self.engine, &self.state, Request::Flush, |_| ())
+    }
+
+    /// Closes this disk for every clone: new requests get `ESHUTDOWN`; then it waits until every
+    /// request accepted before was answered, commits (so every acknowledged write is durable),
+    /// and releases the overlay's locks. Closing again returns the first close's result. Not
+    /// from a completion callback.
+    pub fn close(&self) -> Result<()> {
+        close_disk(&self.engine, &self.state).map_err(|e| {
+            Error::io(
+                "commit on close",
+                std::io::Error::from_raw_os_error(e.errno),
+            )
+            .with_path(&self.state.meta_path)
+        })
     }
 }

@@ -1,135 +1,268 @@
-//! What the engine's threads share: the core handles (channel + eventfd), the buffer arena, the
-//! configuration and the registered-file slot allocator.
+//! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
+use super::buf::{self, Arena, IoBuf};
+use super::config::{DiskOptions, EngineConfig};
+use super::core::{on_core_thread, Core};
+use super::disk::{close_disk, Disk};
+use super::disk_state::{DiskState, Role};
+use super::engine_shared::EngineShared;
+use super::mailbox::{CoreHandle, Msg};
+use super::mutex::lock;
+use crate::error::{Error, ErrorKind, Result};
 
-use super::buf::Arena;
-use super::disk::DiskShared;
-use super::{Completion, EngineConfig, Request};
-
-/// Disks that can have registered files at once (each takes 3 slots of every ring's table).
-pub(crate) const MAX_REGISTERED_DISKS: u32 = 256;
-
-/// A message to a core thread.
-pub(crate) enum Msg {
-    /// Serve `req` for `disk`; call `done` when finished.
-    Submit {
-        disk: Arc<DiskShared>,
-        req: Request,
-        done: Completion,
-    },
-    /// Put `fds` into registered-file slots `3k..3k+3`; answer on `ack`.
-    Register {
-        index: u32,
-        fds: [i32; 3],
-        ack: Sender<()>,
-    },
-    /// Empty registered-file slots `3k..3k+3`.
-    Unregister { index: u32 },
-    /// Run a closure on the core (answers forwarded from another core).
-    Run(Box<dyn FnOnce() + Send>),
-    /// Finish in-flight work and exit.
-    Shutdown,
+/// A running engine: N core threads, each with its own io_uring. Cheap to clone.
+///
+/// ```
+/// use addcow_engine::format::{create, CreateOptions};
+/// use addcow_engine::{DiskOptions, Engine, EngineConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let overlay = dir.path().join("vm.add-cow");
+/// // A 1 MiB overlay with no base: its raw image is created next to it (vm.raw).
+/// create(&CreateOptions {
+///     overlay: overlay.clone(),
+///     size: Some(1 << 20),
+///     ..CreateOptions::default()
+/// })?;
+///
+/// let engine = Engine::start(EngineConfig {
+///     cores: 2,
+///     ..EngineConfig::default()
+/// })?;
+/// let disk = engine.open(&overlay, DiskOptions::default())?;
+/// disk.write_at(4096, b"hello, add-cow", false)?;
+/// disk.flush()?; // data, then bits: durable from here on
+/// assert_eq!(disk.read_at(4096, 14)?, b"hello, add-cow");
+/// disk.close()?;
+/// engine.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
 }
 
-/// How other threads reach one core: its channel plus the eventfd its ring always reads.
-pub(crate) struct CoreHandle {
-    pub tx: Sender<Msg>,
-    pub eventfd: OwnedFd,
-    /// True while the core is (about to be) blocked in `submit_and_wait` with an empty
-    /// channel. A sender that flips it back to false writes the eventfd; every other send costs
-    /// no syscall. Both sides use SeqCst, so either the core sees the message before it blocks
-    /// or the sender sees the flag and wakes it.
-    pub sleeping: AtomicBool,
+struct EngineInner {
+    shared: Arc<EngineShared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    disks: Mutex<Vec<Weak<DiskState>>>,
 }
 
-impl CoreHandle {
-    /// Creates the eventfd; the channel is passed in.
-    pub(crate) fn new(tx: Sender<Msg>) -> std::io::Result<CoreHandle> {
-        // SAFETY: eventfd has no memory effects; we check the result.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
+/// Closes every disk still open (a final commit each), stops the cores and joins them.
+fn stop_all(
+    shared: &EngineShared,
+    disks: Vec<Weak<DiskState>>,
+    threads: Vec<JoinHandle<()>>,
+) -> Result<()> {
+    let mut first_err = None;
+    for d in disks.into_iter().filter_map(|w| w.upgrade()) {
+        if let Err(e) = close_disk(shared, &d) {
+            first_err.get_or_insert(
+                Error::io(
+                    "commit at shutdown",
+                    std::io::Error::from_raw_os_error(e.errno),
+                )
+                .with_path(&d.meta_path),
+            );
         }
-        // SAFETY: fd is a fresh descriptor we own.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(CoreHandle {
-            tx,
-            eventfd,
-            sleeping: AtomicBool::new(false),
+    }
+    for c in &shared.cores {
+        let _ = c.send(Msg::Shutdown);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+impl EngineInner {
+    /// Stops the engine (once). On a core thread (the last handle dropped in a completion) the
+    /// work moves to a helper thread: a core cannot wait for the requests it must serve itself.
+    fn stop(&self) -> Result<()> {
+        if self.shared.stopped.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let disks = std::mem::take(&mut *lock(&self.disks));
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        if on_core_thread() {
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("addcow-stop".into())
+                .spawn(move || {
+                    if let Err(e) = stop_all(&shared, disks, threads) {
+                        tracing::error!(error = %e, "stopping the engine");
+                    }
+                });
+            if let Err(e) = spawned {
+                // No thread: at least tell the cores to finish; the disks' final commits are
+                // lost with the process anyway if it cannot start a thread.
+                tracing::error!(error = %e, "cannot start a thread to stop the engine");
+                for c in &self.shared.cores {
+                    let _ = c.send(Msg::Shutdown);
+                }
+            }
+            return Ok(());
+        }
+        stop_all(&self.shared, disks, threads)
+    }
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl Engine {
+    /// Starts the core threads. Each builds its ring on its own thread (`SINGLE_ISSUER` +
+    /// `DEFER_TASKRUN`, falling back to `COOP_TASKRUN` and then to no flags when the kernel
+    /// refuses), registers a sparse file table and the buffer arena (falling back to plain
+    /// fds / unregistered buffers, with a warning, when that fails).
+    pub fn start(config: EngineConfig) -> Result<Engine> {
+        let cores = config.cores.max(1);
+        if config.queue_depth == 0 {
+            return Err(Error::new(ErrorKind::InvalidArgument(
+                "queue_depth must be at least 1".into(),
+            )));
+        }
+        let mut handles = Vec::with_capacity(cores);
+        let mut receivers = Vec::with_capacity(cores);
+        for _ in 0..cores {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            handles.push(CoreHandle::new(tx).map_err(|e| Error::io("eventfd", e))?);
+            receivers.push(rx);
+        }
+        let arena = Arena::new(config.arena_bytes, cores);
+        let shared = Arc::new(EngineShared::new(
+            handles,
+            arena,
+            EngineConfig { cores, ..config },
+        ));
+        let inner = EngineInner {
+            shared: Arc::clone(&shared),
+            threads: Mutex::new(Vec::new()),
+            disks: Mutex::new(Vec::new()),
+        };
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        for (id, rx) in receivers.into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("addcow-core-{id}"))
+                .spawn(move || match Core::new(id, shared) {
+                    Ok(c) => {
+                        let _ = ready.send(Ok(()));
+                        // A panic unwinds through the core: its ring cancels and reaps (or
+                        // leaks) in-flight ops, and every request it held is answered.
+                        let run = std::panic::AssertUnwindSafe(move || c.run(rx));
+                        if std::panic::catch_unwind(run).is_err() {
+                            tracing::error!(
+                                core = id,
+                                "core thread panicked; its requests were \
+                                answered with errors and it serves no more"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                })
+                .map_err(|e| Error::io("spawn core thread", e))?;
+            lock(&inner.threads).push(spawned);
+        }
+        drop(ready_tx);
+        for _ in 0..cores {
+            let failed = match ready_rx.recv() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(std::io::Error::other("core thread exited")),
+            };
+            if let Some(e) = failed {
+                let _ = inner.stop();
+                return Err(Error::io("io_uring setup", e));
+            }
+        }
+        Ok(Engine {
+            inner: Arc::new(inner),
         })
     }
 
-    /// Sends `msg` and wakes the core if needed. Gives the message back if the core is gone.
-    pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
-        self.tx.send(msg).map_err(|e| e.0)?;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
-            self.wake();
+    /// Number of core threads.
+    pub fn cores(&self) -> usize {
+        self.inner.shared.cores.len()
+    }
+
+    /// Opens the overlay at `path` (an `.add-cow` file) on this engine. Its files are registered
+    /// with every core's ring; any core may serve it. Writable, it holds exclusive locks on the
+    /// overlay and its raw image and a shared lock on the base until it is closed.
+    pub fn open(&self, path: &Path, opts: DiskOptions) -> Result<Disk> {
+        let shared = &self.inner.shared;
+        if shared.stopped.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Shutdown).with_path(path));
         }
-        Ok(())
-    }
-
-    /// Writes the eventfd unconditionally.
-    pub(crate) fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        let _ = unsafe {
-            libc::write(
-                self.eventfd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-    }
-}
-
-/// State shared by every core thread and every handle of one engine.
-pub(crate) struct EngineShared {
-    pub cores: Vec<CoreHandle>,
-    pub arena: Option<Arc<Arena>>,
-    pub config: EngineConfig,
-    pub stopped: AtomicBool,
-    disk_slots: Mutex<Vec<u32>>,
-}
-
-impl EngineShared {
-    pub(crate) fn new(
-        cores: Vec<CoreHandle>,
-        arena: Option<Arc<Arena>>,
-        config: EngineConfig,
-    ) -> Self {
-        EngineShared {
-            cores,
-            arena,
-            config,
-            stopped: AtomicBool::new(false),
-            disk_slots: Mutex::new((0..MAX_REGISTERED_DISKS).rev().collect()),
+        let slot = shared.take_file_slot();
+        let disk = Arc::new(DiskState::open(path, &opts, &shared.config, slot)?);
+        if let Some(k) = disk.slot_index() {
+            let fds = [
+                disk.fd(Role::Image),
+                disk.fd(Role::Meta),
+                disk.fd(Role::Base),
+            ];
+            let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
+            let mut sent = 0;
+            for c in &shared.cores {
+                let msg = Msg::Register {
+                    index: k,
+                    fds,
+                    ack: ack_tx.clone(),
+                };
+                if c.send(msg).is_ok() {
+                    sent += 1;
+                }
+            }
+            for _ in 0..sent {
+                let _ = ack_rx.recv();
+            }
         }
+        let mut disks = lock(&self.inner.disks);
+        disks.retain(|w| w.strong_count() > 0);
+        disks.push(Arc::downgrade(&disk));
+        Ok(Disk::new(disk, Arc::clone(shared)))
     }
 
-    /// A free registered-file slot index, if any.
-    pub(crate) fn take_disk_slot(&self) -> Option<u32> {
-        self.disk_slots.lock().ok()?.pop()
+    /// An aligned, zeroed buffer of `len` bytes (a slot of the registered arena when one is
+    /// free, so reads and writes through it use `ReadFixed`/`WriteFixed`), e.g. to receive a
+    /// WRITE payload straight from a socket. It may be dropped on any thread.
+    pub fn alloc_buf(&self, len: usize) -> IoBuf {
+        buf::alloc(self.inner.shared.arena.as_ref(), len, true)
     }
 
-    /// Empties slot `k` on every core, then makes it reusable. Messages to a core are handled in
-    /// order, so a later `Register` of `k` cannot overtake this `Unregister`.
-    pub(crate) fn release_disk_slot(&self, k: u32) {
-        for core in &self.cores {
-            let _ = core.send(Msg::Unregister { index: k });
-        }
-        if let Ok(mut slots) = self.disk_slots.lock() {
-            slots.push(k);
-        }
+    /// Like [`Engine::alloc_buf`] but without zeroing an arena slot: for a buffer the caller
+    /// overwrites completely (e.g. a WRITE payload read straight from a socket).
+    ///
+    /// The contents are unspecified: an arena slot still holds whatever an earlier request left
+    /// in it (never uninitialised memory: the arena is zeroed when created, and the heap
+    /// fallback is zeroed). The caller must fill all `len` bytes before reading the buffer or
+    /// submitting it, and must drop it unsubmitted if it cannot (e.g. the socket read fails
+    /// midway), so no stale bytes reach a disk or a client.
+    pub fn alloc_buf_unzeroed(&self, len: usize) -> IoBuf {
+        buf::alloc(self.inner.shared.arena.as_ref(), len, false)
     }
 
-    /// The core handle for `core` (modulo the core count).
-    pub(crate) fn core(&self, core: usize) -> &CoreHandle {
-        &self.cores[core % self.cores.len()]
+    /// Closes every open disk (each waits for its accepted requests, then commits) and stops
+    /// the core threads. Requests submitted afterwards fail with `ESHUTDOWN`. Do not call it
+    /// from a completion callback.
+    pub fn shutdown(&self) -> Result<()> {
+        self.inner.stop()
     }
 }

@@ -8,9 +8,9 @@
 //!   starts only once the last bitmap write completed: at that write's CQE);
 //! * `rec_sync(.., true)`: at the CQE of every successful fdatasync.
 
-use super::disk::{DiskShared, Role};
+use super::disk_state::{DiskState, Role};
 
-impl DiskShared {
+impl DiskState {
     /// Records a completed write (crash-recorder feature; no-op otherwise).
     #[allow(unused_variables)]
     pub(crate) fn rec_write(&self, role: Role, offset: u64, data: &[u8]) {

@@ -7,7 +7,7 @@ use crate::format::SECTOR_SIZE;
 
 use super::align::DioAlign;
 use super::base::{BaseRun, BaseSource};
-use super::{Extent, ExtentKind};
+use super::request::{Extent, ExtentKind};
 
 /// Where one segment of a read comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,64 +1,66 @@
-//! One core thread: its io_uring, its in-flight operations and the request state machines.
+//! One core thread: its [`Ring`], the requests it serves and the loop that drives both.
 //!
-//!
-//! # The `user_data` contract
-//!
-//! Every SQE this core submits carries a `user_data` that says what its CQE completes:
-//!
-//! * [`EVENTFD_UD`] (`u64::MAX`): the 8-byte read of the core's eventfd that is always pending;
-//!   its completion means "messages may be waiting on the channel". It is re-armed at once.
-//! * [`CANCEL_UD`] (`u64::MAX - 1`): the cancel of that read at exit.
-//! * Anything else: the key of an [`Op`] in the core's `ops` slab. The op is removed when its CQE
-//!   arrives; it names its parent task (a key into the `tasks` slab) and holds everything needed
-//!   to finish or resubmit it (the buffer pointer stays valid because the task owns the buffer
-//!   and a task lives until its last op completed).
-//!
-//! Operations submitted to the ring (`in_flight`) never exceed `cap = CQ entries - 1` (one CQE is
-//! reserved for the eventfd read), so the completion queue cannot overflow; what does not fit
-//! waits in `backlog` (whole linked chains at a time) until completions make room.
+//! The ring plumbing (slab of in-flight ops keyed by `user_data`, in-flight cap, backlog, linked
+//! chains, the eventfd read) is all in [`Ring`]; this module and the request state machines
+//! (`rw.rs`: READ, WRITE, WRITE_ZEROES, TRIM; `commit.rs`: the group commit and its timers) only
+//! plan ops and react to their completions. An op ([`ops::CoreOp`]) owns the memory its SQE
+//! points into and comes back from the ring with its result.
 //!
 //! # One loop turn
+//! 1. Handle the messages waiting in the channel, at most [`MAX_MSGS_PER_TURN`]: a stream of
+//!    new messages (say completions that submit the next request to the same core) cannot hold
+//!    the loop here.
+//! 2. Fire due background commits; move backlog chains into the SQ.
+//! 3. One `io_uring_enter`: when messages are waiting it does not block but still asks for
+//!    events when the kernel flags some waiting (`GETEVENTS`: under `DEFER_TASKRUN` completions
+//!    are posted only then; see `Wait::Poll`); otherwise it
+//!    blocks until a completion, the eventfd, or the next background commit is due. Before
+//!    blocking the core sets its `sleeping` flag and looks at the channel once more (see
+//!    `mailbox.rs`).
+//! 4. Handle every completion that arrived.
 //!
-//! Drain the channel (starting requests, which push SQEs), fire due background commits, move
-//! backlog into the SQ, then one `submit_and_wait(1)` (with a timeout when a background commit
-//! is due), then handle every CQE that arrived. Before blocking the core sets its `sleeping`
-//! flag and checks the channel once more; only a sender that finds the flag set writes the
-//! eventfd, so a busy core is fed without any wakeup syscalls.
+//! # Exit and panics
+//! After `Shutdown` the loop ends once no task is left; messages still in the channel are
+//! answered (`ESHUTDOWN`), and any that arrive later are dropped by the channel, which answers
+//! them too ([`Responder`]). If the core panics, unwinding drops the ring first, which cancels
+//! and reaps in-flight ops or leaks them (never frees memory the kernel may write), then the
+//! tasks, whose responders answer with an error.
 
-mod group_commit;
+mod commit;
+mod commit_order;
+#[cfg(feature = "fault-injection")]
+mod inject;
 mod ops;
 mod rw;
+mod shared_buf;
 mod tasks;
 
 use std::cell::Cell;
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
-use super::buf::IoBuf;
-use super::disk::{DiskShared, Role, SLOTS_PER_DISK};
-use super::engine::{EngineShared, Msg, MAX_REGISTERED_DISKS};
+use super::buf::{self, IoBuf};
+use super::disk_state::{DiskState, Role, SLOTS_PER_DISK};
+use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
+use super::mailbox::Msg;
+use super::request::{req_err, Done};
+use super::ring::{Ring, Wait};
 use super::split::{Seg, SplitScratch};
-use super::Done;
-use ops::{build_entry, Op, OpKind, Target};
+use ops::{CoreOp, FileRef, OpKind, Target};
 use tasks::{ReadTask, Task};
 
-/// `user_data` of the eventfd read.
-pub(crate) const EVENTFD_UD: u64 = u64::MAX;
-/// `user_data` of the cancel of the eventfd read at exit.
-pub(crate) const CANCEL_UD: u64 = u64::MAX - 1;
 /// Largest single read/write SQE (the kernel caps one transfer a little under 2 GiB).
 const SEG_MAX: u64 = 1 << 30;
 /// Size of the core's shared zero buffer (WRITE_ZEROES without holes writes from it).
 const ZERO_CHUNK: u64 = 1 << 20;
-/// Most metadata write spans in one commit chain (a chain must fit one submission).
-const MAX_COMMIT_SPANS: usize = 32;
+/// Most messages handled in one loop turn.
+const MAX_MSGS_PER_TURN: usize = 256;
 
 thread_local! {
     static ON_CORE: Cell<bool> = const { Cell::new(false) };
@@ -78,166 +80,103 @@ fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
-/// A core thread's state. Field order matters for drop: the ring goes first, so the kernel
-/// releases registered buffers before the arena (held through `shared`) can be freed.
+/// A core thread's state. Field order matters for drop: the ring goes first (it waits for, or
+/// leaks, every in-flight op), so nothing the kernel may still touch (op buffers, the registered
+/// arena held through `shared`) is freed before it.
 pub(crate) struct Core {
-    ring: IoUring,
+    ring: Ring<CoreOp>,
     id: usize,
     shared: Arc<EngineShared>,
-    ops: Slab<Op>,
     tasks: Slab<Task>,
-    backlog: VecDeque<Vec<squeue::Entry>>,
-    in_flight: usize,
-    cap: usize,
-    sq_entries: usize,
     files_ok: bool,
     registered: Vec<bool>,
-    bufs_ok: bool,
-    zero: IoBuf,
-    timers: Vec<(Instant, Weak<DiskShared>)>,
-    evbuf: Box<u64>,
-    eventfd: RawFd,
-    eventfd_armed: bool,
+    /// The arena's id when its slots are registered on this ring.
+    fixed_arena: Option<u64>,
+    zero: Rc<IoBuf>,
+    timers: Vec<(Instant, Weak<DiskState>)>,
     stopping: bool,
-    cqes: Vec<(u64, i32)>,
+    reaped: Vec<(CoreOp, i32)>,
     segs: Vec<Seg>,
     scratch: SplitScratch,
-}
-
-/// Builds a ring, trying the cheapest task-run mode the kernel accepts first.
-fn build_ring(entries: u32) -> std::io::Result<(IoUring, &'static str)> {
-    // At least 8 entries: a commit chain (fdatasync, spans, fdatasync) must fit one submission.
-    let entries = entries.clamp(8, 32768).next_power_of_two();
-    let mut last = None;
-    for mode in 0..4 {
-        let mut b = IoUring::builder();
-        b.setup_cqsize(entries * 2);
-        let name = match mode {
-            0 => {
-                b.setup_single_issuer().setup_defer_taskrun();
-                "SINGLE_ISSUER+DEFER_TASKRUN"
-            }
-            1 => {
-                b.setup_single_issuer().setup_coop_taskrun();
-                "SINGLE_ISSUER+COOP_TASKRUN"
-            }
-            2 => {
-                b.setup_coop_taskrun();
-                "COOP_TASKRUN"
-            }
-            _ => "plain",
-        };
-        match b.build(entries) {
-            Ok(ring) => return Ok((ring, name)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL)))
+    #[cfg(feature = "fault-injection")]
+    faults: Option<Arc<super::faults::FaultPlan>>,
 }
 
 impl Core {
-    /// Builds the ring (on the core thread: SINGLE_ISSUER binds it to its creator) and
-    /// registers the sparse file table and the arena.
+    /// Builds the ring (on the core thread: `SINGLE_ISSUER` binds it to its creator), registers
+    /// the sparse file table and the arena, and makes this thread the owner of its arena pool.
     pub(crate) fn new(id: usize, shared: Arc<EngineShared>) -> std::io::Result<Core> {
-        let (ring, mode) = build_ring(shared.config.queue_depth)?;
-        let files_ok = ring
+        ON_CORE.with(|c| c.set(true));
+        let eventfd = shared.core(id).eventfd.as_raw_fd();
+        let ring: Ring<CoreOp> = Ring::new(shared.config.queue_depth, eventfd)?;
+        let files_ok = match ring
             .submitter()
             .register_files_sparse(MAX_REGISTERED_DISKS * SLOTS_PER_DISK)
-            .is_ok();
-        let bufs_ok = match &shared.arena {
-            Some(arena) => {
-                let iov = arena.iovecs();
-                // SAFETY: the iovecs describe the arena's memory, which lives in `shared` (an Arc
-                // this core holds) until after the ring is dropped (field order of Core).
-                unsafe { ring.submitter().register_buffers(&iov) }.is_ok()
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(core = id, error = %e,
+                    "registering a file table failed; using plain file descriptors");
+                false
             }
-            None => false,
         };
-        tracing::debug!(core = id, mode, files_ok, bufs_ok, "core ring ready");
-        let sq_entries = ring.params().sq_entries() as usize;
-        let cap = (ring.params().cq_entries() as usize)
-            .saturating_sub(1)
-            .max(1);
-        let eventfd = shared.core(id).eventfd.as_raw_fd();
+        let fixed_arena = match &shared.arena {
+            Some(arena) => {
+                buf::bind_core_pool(arena, id);
+                let iov = arena.iovecs();
+                // SAFETY: the iovecs describe the arena's memory, which lives (held through
+                // `shared`, an Arc this core keeps) until after the ring is dropped (field order
+                // of Core).
+                match unsafe { ring.submitter().register_buffers(&iov) } {
+                    Ok(()) => Some(arena.id()),
+                    Err(e) => {
+                        tracing::warn!(core = id, error = %e, buffers = iov.len(),
+                            "registering the buffer arena failed (RLIMIT_MEMLOCK?); reads and \
+                             writes use unregistered buffers");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        tracing::debug!(core = id, mode = ring.mode(), files_ok, "core ring ready");
         Ok(Core {
             ring,
             id,
+            #[cfg(feature = "fault-injection")]
+            faults: shared.config.faults.clone(),
             shared,
-            ops: Slab::with_capacity(cap),
             tasks: Slab::new(),
-            backlog: VecDeque::new(),
-            in_flight: 0,
-            cap,
-            sq_entries,
             files_ok,
             registered: vec![false; MAX_REGISTERED_DISKS as usize],
-            bufs_ok,
-            zero: IoBuf::new_zeroed(ZERO_CHUNK as usize),
+            fixed_arena,
+            zero: Rc::new(IoBuf::new_zeroed(ZERO_CHUNK as usize)),
             timers: Vec::new(),
-            evbuf: Box::new(0),
-            eventfd,
-            eventfd_armed: false,
             stopping: false,
-            cqes: Vec::new(),
+            reaped: Vec::new(),
             segs: Vec::new(),
             scratch: SplitScratch::default(),
         })
     }
 
-    /// Marks the calling thread as a core thread.
-    pub(crate) fn mark_thread() {
-        ON_CORE.with(|c| c.set(true));
-    }
-
     /// The loop: runs until a `Shutdown` message arrived and every task finished.
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
-        self.arm_eventfd();
-        loop {
-            while let Ok(msg) = rx.try_recv() {
-                self.handle(msg);
-            }
-            self.fire_timers();
-            self.flush_backlog();
-            if self.stopping && self.tasks.is_empty() && self.backlog.is_empty() {
-                break;
-            }
-            // Announce the sleep, then look at the channel once more (see CoreHandle::sleeping).
-            let handle = self.shared.core(self.id);
-            handle.sleeping.store(true, Ordering::SeqCst);
-            std::sync::atomic::fence(Ordering::SeqCst);
-            let idle = rx.is_empty();
-            let res = match self.next_deadline() {
-                _ if !idle => {
-                    handle.sleeping.store(false, Ordering::SeqCst);
-                    self.ring.submit()
+        while self.turn(&rx) {}
+        // What is still in the channel is answered (or run); what arrives after the channel is
+        // dropped below is dropped by it, and a dropped request answers itself.
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Submit { done, .. } => {
+                    done.answer(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
                 }
-                Some(deadline) => {
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    let ts = types::Timespec::new()
-                        .sec(wait.as_secs())
-                        .nsec(wait.subsec_nanos());
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
+                Msg::Run(f) => f(),
+                Msg::Register { ack, .. } => {
+                    let _ = ack.send(());
                 }
-                None => self.ring.submit_and_wait(1),
-            };
-            handle.sleeping.store(false, Ordering::SeqCst);
-            if let Err(e) = res {
-                match e.raw_os_error() {
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN)
-                    | Some(libc::EBUSY) => {}
-                    _ => tracing::error!(core = self.id, error = %e, "io_uring_enter failed"),
-                }
+                Msg::Commit { .. } | Msg::Unregister { .. } | Msg::Shutdown => {}
             }
-            let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(ud, res) in &cqes {
-                self.complete(ud, res);
-            }
-            cqes.clear();
-            self.cqes = cqes;
         }
-        self.cancel_eventfd();
+        drop(rx);
         // Drop the ring's file references now (ring teardown would do it later, in a kernel
         // worker), so a closed overlay's files are really closed when the engine has stopped.
         if self.files_ok {
@@ -245,9 +184,45 @@ impl Core {
         }
     }
 
+    /// One loop turn (see the module docs); false once the core may exit.
+    fn turn(&mut self, rx: &Receiver<Msg>) -> bool {
+        for _ in 0..MAX_MSGS_PER_TURN {
+            let Ok(msg) = rx.try_recv() else { break };
+            self.handle(msg);
+        }
+        self.fire_timers();
+        self.ring.flush_backlog();
+        if self.stopping && self.tasks.is_empty() && self.ring.is_idle() {
+            return false;
+        }
+        let handle = self.shared.core(self.id);
+        handle.sleeping.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let wait = if !rx.is_empty() {
+            handle.sleeping.store(false, Ordering::SeqCst);
+            Wait::Poll
+        } else if let Some(deadline) = self.next_deadline() {
+            Wait::Until(deadline)
+        } else {
+            Wait::Block
+        };
+        if let Err(e) = self.ring.enter(wait) {
+            tracing::error!(core = self.id, error = %e, "io_uring_enter failed");
+        }
+        handle.sleeping.store(false, Ordering::SeqCst);
+        let mut reaped = std::mem::take(&mut self.reaped);
+        self.ring.reap(&mut reaped);
+        for (op, res) in reaped.drain(..) {
+            self.complete(op, res);
+        }
+        self.reaped = reaped;
+        true
+    }
+
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Submit { disk, req, done } => self.submit(disk, req, done),
+            Msg::Commit { disk, waiter } => self.start_commit(&disk, vec![waiter]),
             Msg::Register { index, fds, ack } => {
                 if self.files_ok {
                     let ok = self
@@ -277,146 +252,114 @@ impl Core {
         }
     }
 
-    // ---- submission plumbing -------------------------------------------------------------
+    // ---- planning helpers ------------------------------------------------------------------
 
-    fn arm_eventfd(&mut self) {
-        let ptr: *mut u64 = &mut *self.evbuf;
-        let sqe = opcode::Read::new(types::Fd(self.eventfd), ptr.cast(), 8)
-            .build()
-            .user_data(EVENTFD_UD);
-        // SAFETY: evbuf is a Box owned by the core; it outlives the read (cancelled and reaped
-        // in cancel_eventfd before the core is dropped).
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            // SQ full: submit to make room, then push again (the SQ is empty after a submit).
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            let _ = unsafe { self.ring.submission().push(&sqe) };
-        }
-        self.eventfd_armed = true;
-    }
-
-    fn cancel_eventfd(&mut self) {
-        if !self.eventfd_armed {
-            return;
-        }
-        let sqe = opcode::AsyncCancel::new(EVENTFD_UD)
-            .build()
-            .user_data(CANCEL_UD);
-        // SAFETY: a cancel SQE references no memory.
-        let _ = unsafe { self.ring.submission().push(&sqe) };
-        for _ in 0..100 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+    /// How this ring names the file `fd` of `disk` in `role`: its registered slot when that
+    /// file is registered here.
+    fn target(&self, disk: &DiskState, role: Role, fd: std::os::fd::RawFd) -> Target {
+        match disk.slot_index() {
+            Some(k)
+                if self.registered.get(k as usize) == Some(&true)
+                    && fd >= 0
+                    && fd == disk.fd(role) =>
+            {
+                Target::Fixed(k * SLOTS_PER_DISK + role as u32)
             }
-            let seen = self.ring.completion().any(|c| c.user_data() == EVENTFD_UD);
-            if seen {
-                self.eventfd_armed = false;
-                return;
-            }
-        }
-        // The read could not be reaped: leak its buffer rather than free memory the kernel may
-        // still write into.
-        std::mem::forget(std::mem::replace(&mut self.evbuf, Box::new(0)));
-    }
-
-    /// Queues one linked chain (or single SQE): straight into the SQ when it fits under the
-    /// in-flight cap, else behind the backlog.
-    fn push_group(&mut self, group: Vec<squeue::Entry>) {
-        if self.backlog.is_empty() && self.try_push(&group) {
-            return;
-        }
-        self.backlog.push_back(group);
-    }
-
-    fn try_push(&mut self, group: &[squeue::Entry]) -> bool {
-        if self.in_flight + group.len() > self.cap {
-            return false;
-        }
-        let mut sq = self.ring.submission();
-        if sq.capacity() - sq.len() < group.len() {
-            return false;
-        }
-        for e in group {
-            // SAFETY: every SQE's buffers are owned by its task (or the core) and stay valid
-            // until its CQE is handled; space was checked above.
-            let _ = unsafe { sq.push(e) };
-        }
-        drop(sq);
-        self.in_flight += group.len();
-        true
-    }
-
-    fn flush_backlog(&mut self) {
-        while let Some(group) = self.backlog.pop_front() {
-            if !self.try_push(&group) {
-                self.backlog.push_front(group);
-                break;
-            }
+            _ => Target::Fd(fd),
         }
     }
 
-    fn add_op(&mut self, task: usize, kind: OpKind) -> squeue::Entry {
-        let entry = build_entry(&kind);
-        let key = self.ops.insert(Op { task, kind });
-        entry.user_data(key as u64)
-    }
-
-    fn issue(&mut self, task: usize, kind: OpKind) {
-        let e = self.add_op(task, kind);
-        if self.backlog.is_empty() && self.try_push(std::slice::from_ref(&e)) {
-            return;
+    /// The raw image (up to its partial last unit, if it has one).
+    fn image_file(&self, disk: &DiskState) -> FileRef {
+        FileRef {
+            target: self.target(disk, Role::Image, disk.fd(Role::Image)),
+            role: Role::Image,
+            align: disk.image_align,
         }
-        self.backlog.push_back(vec![e]);
     }
 
-    fn target(&self, disk: &DiskShared, role: Role, fd: RawFd) -> Target {
-        if let Some(k) = disk.slot_index {
-            if self.registered.get(k as usize) == Some(&true) && fd == disk.fd(role) && fd >= 0 {
-                return Target::Fixed(k * SLOTS_PER_DISK + role as u32);
-            }
+    /// The metadata file (never O_DIRECT).
+    fn meta_file(&self, disk: &DiskState) -> FileRef {
+        FileRef {
+            target: self.target(disk, Role::Meta, disk.fd(Role::Meta)),
+            role: Role::Meta,
+            align: super::align::DioAlign::NONE,
         }
-        Target::Fd(fd)
     }
 
-    /// The registered-buffer index of `buf`, when it is an arena slot registered on this ring.
-    fn fixed_index(&self, buf: &IoBuf) -> Option<u16> {
-        self.fixed_slot(buf.arena_slot())
-    }
-
-    /// [`Core::fixed_index`] from a buffer's `arena_slot()`.
+    /// The registered-buffer index of a buffer with this `arena_slot()`, when its arena is
+    /// registered on this ring.
     fn fixed_slot(&self, slot: Option<(u64, u32)>) -> Option<u16> {
         let (arena, slot) = slot?;
-        let ours = self.shared.arena.as_ref()?.id();
-        (self.bufs_ok && arena == ours)
+        (self.fixed_arena == Some(arena))
             .then(|| u16::try_from(slot).ok())
             .flatten()
     }
 
-    // ---- completions -----------------------------------------------------------------------
-
-    fn complete(&mut self, ud: u64, res: i32) {
-        if ud == EVENTFD_UD {
-            // The channel is drained at the top of the next turn.
-            self.arm_eventfd();
-            return;
-        }
-        if ud == CANCEL_UD {
-            return;
-        }
-        let Some(op) = self.ops.try_remove(ud as usize) else {
-            tracing::error!(core = self.id, ud, "completion for an unknown op");
-            return;
-        };
-        self.in_flight = self.in_flight.saturating_sub(1);
-        let task = op.task;
-        match op.kind {
-            OpKind::Read(x, bounce) => self.read_done(task, x, bounce, res),
-            OpKind::Write(x) => self.write_done(task, x, res),
-            OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
-            OpKind::Sync { role, id, .. } => self.sync_done(task, role, id, res),
-        }
+    /// Pushes one linked chain to the ring.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    fn push_chain(&mut self, mut chain: Vec<CoreOp>) {
+        #[cfg(feature = "fault-injection")]
+        self.inject(&mut chain);
+        self.ring.push(chain);
     }
 
+    /// Pushes one op to the ring.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    fn push_op(&mut self, mut op: CoreOp) {
+        #[cfg(feature = "fault-injection")]
+        self.inject(std::slice::from_mut(&mut op));
+        self.ring.push_one(op);
+    }
+
+    /// Issues one op for `task`; returns 1 (ops issued).
+    fn issue(&mut self, task: usize, kind: OpKind) -> usize {
+        self.push_op(CoreOp::new(task, kind));
+        1
+    }
+
+    // ---- completions -----------------------------------------------------------------------
+
+    fn complete(&mut self, op: CoreOp, res: i32) {
+        #[cfg(feature = "fault-injection")]
+        let res = super::faults::rewrite(op.fault.as_ref(), res);
+        let CoreOp {
+            task,
+            kind,
+            then_sync,
+            stalls,
+            ..
+        } = op;
+        // Whether the op did all it was asked (in a linked chain, only then does the next op
+        // start).
+        let whole = match &kind {
+            OpKind::Read { into, .. } => res >= 0 && res as usize >= into.len(),
+            OpKind::Write { from, .. } => res >= 0 && res as usize >= from.len(),
+            OpKind::Punch { .. } | OpKind::Sync { .. } => res >= 0,
+        };
+        match kind {
+            OpKind::Read {
+                file,
+                off,
+                into,
+                copy_out,
+            } => self.read_done(task, file, off, into, copy_out, stalls, res),
+            OpKind::Write { file, off, from } => {
+                self.write_done(task, file, off, from, stalls, res)
+            }
+            OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
+            OpKind::Sync { file, id } => self.sync_done(task, file.role, id, res),
+        }
+        if let (true, Some((role, id)), Some(t)) = (whole, then_sync, self.tasks.get(task)) {
+            // The linked fdatasync after this op starts now (logged after this op's own
+            // completion, which the reaction above logged).
+            t.disk().rec_sync(role, id, false);
+        }
+        self.step(task);
+    }
+
+    /// One op of `task` is done (its reaction may have issued more): when none is left, the
+    /// task moves on.
     fn step(&mut self, task: usize) {
         let Some(t) = self.tasks.get_mut(task) else {
             return;
@@ -428,33 +371,75 @@ impl Core {
         }
     }
 
+    /// `task` issued `n` more ops (moves on at once when it issued none).
+    fn add_pending(&mut self, task: usize, n: usize) {
+        if let Some(t) = self.tasks.get_mut(task) {
+            *t.pending_mut() += n;
+            if *t.pending_mut() == 0 {
+                self.advance(task);
+            }
+        }
+    }
+
     fn fail(&mut self, task: usize, errno: i32, op: &'static str) {
         if let Some(t) = self.tasks.get_mut(task) {
             t.fail(errno, op);
         }
     }
 
+    /// A logic error inside the engine: fails `task` with `EIO` (never answers stale bytes as
+    /// success) and logs it.
+    fn internal(&mut self, task: usize, what: &'static str) {
+        tracing::error!(
+            core = self.id,
+            what,
+            "internal error; failing the request with EIO"
+        );
+        self.fail(task, libc::EIO, what);
+    }
+
     /// A task's outstanding ops all completed: move it to its next stage or finish it.
     fn advance(&mut self, key: usize) {
-        let filling =
-            matches!(self.tasks.get(key), Some(Task::Write(w)) if w.filling && w.err.is_none());
-        if filling {
-            self.write_fills_done(key);
-            return;
+        match self.tasks.get(key) {
+            Some(Task::Write(w)) if w.filling && w.err.is_none() => {
+                self.write_fills_done(key);
+                return;
+            }
+            Some(Task::Commit(c)) if c.err.is_none() && !c.chains.is_empty() => {
+                self.push_commit_chain(key);
+                return;
+            }
+            _ => {}
         }
         let Some(task) = self.tasks.try_remove(key) else {
             return;
         };
         match task {
-            Task::Read(t) => {
-                let ReadTask { buf, err, done, .. } = t;
-                done(match err {
-                    Some(e) => Err(e),
-                    None => Ok(Done::Read(buf)),
-                });
-            }
+            Task::Read(t) => self.finish_read(t),
             Task::Write(t) => self.finish_write(t),
             Task::Commit(t) => self.finish_commit(t),
+        }
+    }
+
+    fn finish_read(&mut self, t: ReadTask) {
+        let ReadTask { buf, err, done, .. } = t;
+        if let Some(e) = err {
+            done.answer(Err(e));
+            return;
+        }
+        match buf.into_inner() {
+            Ok(buf) => done.answer(Ok(Done::Read(buf))),
+            Err(_) => {
+                tracing::error!(
+                    core = self.id,
+                    "a read finished while an op still held its buffer"
+                );
+                done.answer(Err(req_err(
+                    libc::EIO,
+                    "internal error: read buffer still shared",
+                    0,
+                )));
+            }
         }
     }
 }
@@ -464,18 +449,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ring_builds_with_some_taskrun_mode_and_cq_twice_sq() {
-        let (ring, mode) = build_ring(48).expect("io_uring available");
-        assert!(!mode.is_empty());
-        assert_eq!(ring.params().sq_entries(), 64, "rounded to a power of two");
-        assert_eq!(ring.params().cq_entries(), 128);
-    }
-
-    #[test]
     fn rounding_helpers() {
         assert_eq!(round_down(4097, 4096), 4096);
         assert_eq!(round_up(4097, 4096), 8192);
         assert_eq!(round_up(4096, 512), 4096);
-        assert_ne!(EVENTFD_UD, CANCEL_UD);
     }
 }

@@ -1,14 +1,19 @@
-//! What one SQE is: the op kinds kept in the core's slab and how their entries are built.
+//! What one SQE is: [`CoreOp`], the op a core keeps in its ring's slab, owning the memory its
+//! SQE points into, and how its entry is built.
 
 use std::os::fd::RawFd;
+use std::rc::Rc;
 
 use io_uring::{opcode, squeue, types};
 
+use super::super::align::DioAlign;
 use super::super::buf::IoBuf;
-use super::super::disk::Role;
+use super::super::disk_state::Role;
+use super::super::ring::RingOp;
+use super::shared_buf::SharedBuf;
 
 /// A file as an SQE names it: a plain fd or a registered-file slot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Target {
     Fd(RawFd),
     Fixed(u32),
@@ -29,37 +34,181 @@ macro_rules! with_target {
     };
 }
 
-/// One read/write transfer: enough to build (and rebuild, for a short transfer) its SQE.
+/// Which file an op touches, as what, and the alignment its transfers need.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Xfer {
+pub(super) struct FileRef {
     pub(super) target: Target,
     pub(super) role: Role,
-    pub(super) ptr: *mut u8,
-    pub(super) len: u32,
-    pub(super) off: u64,
-    /// Registered buffer index when `ptr..ptr+len` lies in an arena slot registered here.
-    pub(super) fixed: Option<u16>,
+    pub(super) align: DioAlign,
 }
 
-/// A read that landed in a bounce buffer because the destination was not aligned for O_DIRECT.
-pub(super) struct Bounce {
-    pub(super) buf: IoBuf,
+/// The memory an op reads into or writes from; the op keeps it alive.
+pub(super) enum Mem {
+    /// Part of a request's buffer (other ops may use other parts).
+    Shared(SharedBuf),
+    /// A buffer of this op alone (a bounce buffer, a commit span).
+    Owned(IoBuf),
+    /// The core's zero buffer (only ever read by the kernel).
+    Zero(Rc<IoBuf>),
+}
+
+impl Mem {
+    fn len(&self) -> usize {
+        match self {
+            Mem::Shared(b) => b.len(),
+            Mem::Owned(b) => b.len(),
+            Mem::Zero(b) => b.len(),
+        }
+    }
+
+    fn base_ptr(&self) -> *mut u8 {
+        match self {
+            Mem::Shared(b) => b.region_ptr(0, 0).unwrap_or(std::ptr::null_mut()),
+            Mem::Owned(b) => b.raw_ptr(),
+            Mem::Zero(b) => b.raw_ptr(),
+        }
+    }
+}
+
+/// `len` bytes at `at` of `mem` (`fixed`: the registered-buffer index of `mem` on this ring).
+///
+/// Invariant: `at + len <= mem.len()` and `len <= u32::MAX` (checked by [`Region::new`]).
+pub(super) struct Region {
+    mem: Mem,
+    at: usize,
+    len: usize,
+    fixed: Option<u16>,
+}
+
+impl Region {
+    /// `None` when `[at, at + len)` is not inside `mem` or is longer than one SQE can carry.
+    pub(super) fn new(mem: Mem, at: usize, len: usize, fixed: Option<u16>) -> Option<Region> {
+        let end = at.checked_add(len)?;
+        if end > mem.len() || u32::try_from(len).is_err() {
+            return None;
+        }
+        Some(Region {
+            mem,
+            at,
+            len,
+            fixed,
+        })
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The first byte of the region.
+    pub(super) fn ptr(&self) -> *mut u8 {
+        // SAFETY: at <= mem.len() (invariant), so the pointer stays inside the allocation.
+        unsafe { self.mem.base_ptr().add(self.at) }
+    }
+
+    /// The region's bytes (for the crash recorder, after the kernel finished with them).
+    pub(super) fn bytes(&self, n: usize) -> &[u8] {
+        // SAFETY: n is clamped to the region, which lies inside `mem` (invariant); the op owns
+        // the region and the kernel is done with it when this is called (after its CQE).
+        unsafe { std::slice::from_raw_parts(self.ptr(), n.min(self.len)) }
+    }
+
+    /// Zeroes the region from byte `from` to its end (the part past a file's end).
+    pub(super) fn zero_from(&mut self, from: usize) {
+        if from < self.len {
+            // SAFETY: [at + from, at + len) lies inside `mem` (invariant); after the op's CQE
+            // only the core touches the region.
+            unsafe { std::ptr::write_bytes(self.ptr().add(from), 0, self.len - from) };
+        }
+    }
+
+    /// The rest of the region after its first `n` bytes (for the rest of a short transfer).
+    pub(super) fn advance(self, n: usize) -> Region {
+        let n = n.min(self.len);
+        Region {
+            at: self.at + n,
+            len: self.len - n,
+            ..self
+        }
+    }
+
+    /// The owned buffer behind the region, if it is one (a bounce buffer).
+    pub(super) fn owned(&self) -> Option<&IoBuf> {
+        match &self.mem {
+            Mem::Owned(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// Where a bounce read's bytes go once the read is complete: `bounce[skip..skip + len]` to
+/// `dest[at..at + len]`.
+pub(super) struct CopyOut {
+    pub(super) dest: SharedBuf,
+    pub(super) at: usize,
     pub(super) skip: usize,
-    pub(super) dest: *mut u8,
     pub(super) len: usize,
 }
 
 pub(super) enum OpKind {
-    Read(Xfer, Option<Bounce>),
-    Write(Xfer),
-    Punch { target: Target, off: u64, len: u64 },
-    Sync { target: Target, role: Role, id: u64 },
+    Read {
+        file: FileRef,
+        off: u64,
+        into: Region,
+        copy_out: Option<CopyOut>,
+    },
+    Write {
+        file: FileRef,
+        off: u64,
+        from: Region,
+    },
+    Punch {
+        file: FileRef,
+        off: u64,
+        len: u64,
+    },
+    Sync {
+        file: FileRef,
+        id: u64,
+    },
 }
 
-/// One submitted SQE (key = its `user_data`).
-pub(super) struct Op {
+/// One op in the ring (key = its `user_data`).
+pub(super) struct CoreOp {
+    /// The task (key in the core's task slab) the op belongs to.
     pub(super) task: usize,
     pub(super) kind: OpKind,
+    /// In a commit chain: the next op is this fdatasync, which the kernel starts when this op
+    /// completes (the crash recorder logs its start then).
+    pub(super) then_sync: Option<(Role, u64)>,
+    /// Short transfers in a row that made no progress (the continuation could not advance).
+    pub(super) stalls: u8,
+    /// Test-only: what fault injection does to this op.
+    #[cfg(feature = "fault-injection")]
+    pub(super) fault: Option<super::super::faults::Injected>,
+}
+
+impl CoreOp {
+    pub(super) fn new(task: usize, kind: OpKind) -> CoreOp {
+        CoreOp {
+            task,
+            kind,
+            then_sync: None,
+            stalls: 0,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
+        }
+    }
+
+    /// The file the op touches.
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn file(&self) -> &FileRef {
+        match &self.kind {
+            OpKind::Read { file, .. }
+            | OpKind::Write { file, .. }
+            | OpKind::Punch { file, .. }
+            | OpKind::Sync { file, .. } => file,
+        }
+    }
 }
 
 pub(super) fn op_name(role: Role, write: bool) -> &'static str {
@@ -72,32 +221,53 @@ pub(super) fn op_name(role: Role, write: bool) -> &'static str {
     }
 }
 
-pub(super) fn build_entry(kind: &OpKind) -> squeue::Entry {
-    match kind {
-        OpKind::Read(x, _) => match x.fixed {
-            Some(i) => with_target!(x.target, |f| opcode::ReadFixed::new(f, x.ptr, x.len, i)
-                .offset(x.off)
-                .build()),
-            None => with_target!(x.target, |f| opcode::Read::new(f, x.ptr, x.len)
-                .offset(x.off)
-                .build()),
-        },
-        OpKind::Write(x) => match x.fixed {
-            Some(i) => with_target!(x.target, |f| opcode::WriteFixed::new(f, x.ptr, x.len, i)
-                .offset(x.off)
-                .build()),
-            None => with_target!(x.target, |f| opcode::Write::new(f, x.ptr, x.len)
-                .offset(x.off)
-                .build()),
-        },
-        OpKind::Punch { target, off, len } => {
-            with_target!(*target, |f| opcode::Fallocate::new(f, *len)
-                .offset(*off)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build())
+// SAFETY: every address in the entry is inside the op's `Region`, whose memory the op keeps
+// alive (an owned IoBuf, a clone of a shared one, or an Rc of the zero buffer): heap memory
+// that does not move with the op and lives at least as long as it.
+unsafe impl RingOp for CoreOp {
+    fn entry(&mut self) -> squeue::Entry {
+        #[cfg(feature = "fault-injection")]
+        if let Some(e) = super::super::faults::nop_entry(self.fault.as_ref()) {
+            return e;
         }
-        OpKind::Sync { target, .. } => with_target!(*target, |f| opcode::Fsync::new(f)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()),
+        match &self.kind {
+            OpKind::Read {
+                file, off, into, ..
+            } => {
+                let (ptr, len) = (into.ptr(), into.len() as u32);
+                match into.fixed {
+                    Some(i) => {
+                        with_target!(file.target, |f| opcode::ReadFixed::new(f, ptr, len, i)
+                            .offset(*off)
+                            .build())
+                    }
+                    None => with_target!(file.target, |f| opcode::Read::new(f, ptr, len)
+                        .offset(*off)
+                        .build()),
+                }
+            }
+            OpKind::Write { file, off, from } => {
+                let (ptr, len) = (from.ptr(), from.len() as u32);
+                match from.fixed {
+                    Some(i) => {
+                        with_target!(file.target, |f| opcode::WriteFixed::new(f, ptr, len, i)
+                            .offset(*off)
+                            .build())
+                    }
+                    None => with_target!(file.target, |f| opcode::Write::new(f, ptr, len)
+                        .offset(*off)
+                        .build()),
+                }
+            }
+            OpKind::Punch { file, off, len } => {
+                with_target!(file.target, |f| opcode::Fallocate::new(f, *len)
+                    .offset(*off)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build())
+            }
+            OpKind::Sync { file, .. } => with_target!(file.target, |f| opcode::Fsync::new(f)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()),
+        }
     }
 }

@@ -1,29 +1,162 @@
-//! Requests on a core: validation, READ (split into runs), WRITE (direct or read-modify-write),
-//! WRITE_ZEROES / TRIM (punch + edges), and their completions.
+//! Requests on a core: validation, READ (split into runs), WRITE (whole units, or
+//! read-modify-write of the partial head and tail units), WRITE_ZEROES / TRIM (punch + edges),
+//! and their reactions to completions. They plan ops and react; the ring does the rest.
 
-use std::sync::atomic::Ordering;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use super::super::align::DioAlign;
 use super::super::buf::{self, IoBuf};
-use super::super::commit::Waiter;
-use super::super::disk::{DiskShared, Parked, Role};
-use super::super::engine::Msg;
+use super::super::disk_state::{DiskState, Parked, Role, Waiter};
+use super::super::range_lock::{Acquire, Ticket};
+use super::super::request::{req_err, Done, Request, MAX_READ};
+use super::super::responder::Responder;
 use super::super::split::{plan_read, Src};
-use super::super::{Completion, Done, Request};
-use super::ops::{op_name, Bounce, OpKind, Target, Xfer};
-use super::tasks::{req_err, Edge, Patch, ReadTask, Task, WriteTask};
+use super::ops::{op_name, CopyOut, CoreOp, FileRef, Mem, OpKind, Region, Target};
+use super::shared_buf::SharedBuf;
+use super::tasks::{Edge, Held, Patch, ReadTask, Task, WriteTask};
 use super::{round_down, round_up, Core, SEG_MAX, ZERO_CHUNK};
 use crate::format::SECTOR_SIZE;
+
+/// Short transfers in a row that may make no progress before the request fails with EIO.
+const MAX_STALLS: u8 = 8;
+
+/// How a write-like request `[offset, end)` lies over the disk's read-modify-write units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Shape {
+    pub(super) offset: u64,
+    pub(super) end: u64,
+    /// The covering units: `[a_start, a_end)` (the last one may be partial at the disk's end).
+    pub(super) a_start: u64,
+    pub(super) a_end: u64,
+    pub(super) unit: u64,
+    /// Start of the partial head unit (read-modify-written), if the request starts inside one.
+    pub(super) head: Option<u64>,
+    /// Start of the partial tail unit, if the request ends inside one (may equal `head`).
+    pub(super) tail: Option<u64>,
+}
+
+impl Shape {
+    pub(super) fn of(size: u64, unit: u64, offset: u64, end: u64) -> Shape {
+        let a_start = round_down(offset, unit);
+        let a_end = round_up(end, unit).min(size);
+        Shape {
+            offset,
+            end,
+            a_start,
+            a_end,
+            unit,
+            head: (offset != a_start).then_some(a_start),
+            tail: (end != a_end).then(|| round_down(end, unit)),
+        }
+    }
+
+    /// Whether the request reads any unit back.
+    pub(super) fn is_rmw(&self) -> bool {
+        self.head.is_some() || self.tail.is_some()
+    }
+
+    /// What it takes of the range lock: the units it reads back exclusively, the rest shared.
+    pub(super) fn ticket(&self) -> Ticket {
+        let head = self.head.map(|h| (h, (h + self.unit).min(self.a_end)));
+        let tail = self.tail.map(|t| (t, self.a_end));
+        let rmw: Vec<(u64, u64)> = head.into_iter().chain(tail).collect();
+        Ticket::new(self.a_start, self.a_end, &rmw)
+    }
+
+    /// Sectors whose bits the request sets when it succeeds: every unit it writes whole.
+    fn sectors(&self) -> (u64, u64) {
+        (self.a_start / SECTOR_SIZE, self.a_end.div_ceil(SECTOR_SIZE))
+    }
+}
+
+/// See [`Core::image_pieces`].
+struct ImagePieces {
+    main: FileRef,
+    /// Where the partial last unit starts, and the buffered fd for it.
+    tail: Option<(u64, FileRef)>,
+    at: u64,
+    end: u64,
+    max: u64,
+}
+
+impl Iterator for ImagePieces {
+    type Item = (FileRef, u64, u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.end {
+            return None;
+        }
+        let (file, limit) = match self.tail {
+            Some((start, tail)) if self.at >= start => (tail, self.end),
+            Some((start, _)) => (self.main, start.min(self.end)),
+            None => (self.main, self.end),
+        };
+        let n = (limit - self.at).min(self.max);
+        let piece = (file, self.at, n);
+        self.at += n;
+        Some(piece)
+    }
+}
+
+/// The byte range a write-like request covers (validated before it is parked).
+fn write_range(req: &Request) -> (u64, u64) {
+    match req {
+        Request::Write { offset, data, .. } => (*offset, data.len() as u64),
+        Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
+            (*offset, *len)
+        }
+        _ => (0, 0),
+    }
+}
+
+/// Patches `payload` (for [`Patch::Data`]) or zeros into a read-modify-write buffer. Anything
+/// that does not fit is an error, never a silently skipped patch (that would write the old bytes
+/// back and answer success).
+pub(super) fn apply_patch(
+    buf: &mut [u8],
+    patch: Patch,
+    payload: Option<&[u8]>,
+) -> Result<(), &'static str> {
+    match patch {
+        Patch::Data { at } => {
+            let data = payload.ok_or("internal error: read-modify-write without its payload")?;
+            let end = at
+                .checked_add(data.len())
+                .ok_or("internal error: payload offset overflows")?;
+            buf.get_mut(at..end)
+                .ok_or("internal error: payload does not fit its read-modify-write buffer")?
+                .copy_from_slice(data);
+        }
+        Patch::Zero { from, to } => buf
+            .get_mut(from..to)
+            .ok_or("internal error: zeroed range does not fit its read-modify-write buffer")?
+            .fill(0),
+    }
+    Ok(())
+}
+
+/// The bytes of a completed bounce read that belong to the request: `bounce[skip..skip + len]`.
+/// Out of range is an error, never a silently skipped copy (that would answer whatever the
+/// destination held).
+pub(super) fn bounce_bytes(
+    bounce: Option<&IoBuf>,
+    skip: usize,
+    len: usize,
+) -> Result<&[u8], &'static str> {
+    let bounce = bounce.ok_or("internal error: bounce read without its bounce buffer")?;
+    skip.checked_add(len)
+        .and_then(|end| bounce.get(skip..end))
+        .ok_or("internal error: bounce copy out of range")
+}
 
 impl Core {
     // ---- requests --------------------------------------------------------------------------
 
-    pub(super) fn submit(&mut self, disk: Arc<DiskShared>, req: Request, done: Completion) {
-        if disk.closed.load(Ordering::Acquire) {
-            done(Err(req_err(libc::ESHUTDOWN, "disk closed", 0)));
-            return;
-        }
+    /// Validates and starts `req`. The disk accepted it already (`Disk::submit` checked that
+    /// it is open), so it is served even if the disk is closing now.
+    pub(super) fn submit(&mut self, disk: Arc<DiskState>, req: Request, done: Responder) {
         let size = disk.size;
         match req {
             Request::Read { offset, len } => {
@@ -31,109 +164,280 @@ impl Core {
                     .checked_add(u64::from(len))
                     .map_or(true, |e| e > size)
                 {
-                    done(Err(req_err(libc::EINVAL, "read past the end", offset)));
-                    return;
-                }
-                if len > super::super::MAX_READ {
-                    done(Err(req_err(
+                    done.answer(Err(req_err(libc::EINVAL, "read past the end", offset)));
+                } else if len > MAX_READ {
+                    done.answer(Err(req_err(
                         libc::EINVAL,
                         "read larger than MAX_READ",
                         offset,
                     )));
-                    return;
+                } else {
+                    self.start_read(disk, offset, len, done);
                 }
-                self.start_read(disk, offset, len, done);
             }
             Request::Flush => {
                 if disk.read_only {
-                    done(Ok(Done::Ok));
+                    done.answer(Ok(Done::Ok));
                     return;
                 }
                 let waiter = Waiter {
                     core: self.id,
-                    answer: Box::new(move |r| done(r.map(|()| Done::Ok))),
+                    answer: Box::new(move |r| done.answer(r.map(|()| Done::Ok))),
                 };
                 self.start_commit(&disk, vec![waiter]);
             }
             Request::Cache { offset, len } => {
                 if offset.checked_add(len).map_or(true, |e| e > size) {
-                    done(Err(req_err(libc::EINVAL, "cache past the end", offset)));
+                    done.answer(Err(req_err(libc::EINVAL, "cache past the end", offset)));
                 } else {
-                    done(Ok(Done::Ok));
+                    done.answer(Ok(Done::Ok));
                 }
             }
             req @ (Request::Write { .. } | Request::WriteZeroes { .. } | Request::Trim { .. }) => {
-                let (offset, len) = match &req {
-                    Request::Write { offset, data, .. } => (*offset, data.len() as u64),
-                    Request::WriteZeroes { offset, len, .. }
-                    | Request::Trim { offset, len, .. } => (*offset, *len),
-                    _ => (0, 0),
-                };
-                if disk.read_only {
-                    done(Err(req_err(
-                        libc::EPERM,
-                        "write to a read-only disk",
-                        offset,
-                    )));
-                    return;
-                }
-                let end = match offset.checked_add(len) {
-                    Some(end) if end <= size => end,
-                    _ => {
-                        done(Err(req_err(libc::ENOSPC, "write past the end", offset)));
-                        return;
-                    }
-                };
-                if len == 0 {
-                    let answer = match req {
-                        Request::Write { data, .. } => Done::Written(data),
-                        _ => Done::Ok,
-                    };
-                    done(Ok(answer));
-                    return;
-                }
-                let unit = disk.unit;
-                let a_start = round_down(offset, unit);
-                let a_end = round_up(end, unit).min(size);
-                let lock = (a_start / SECTOR_SIZE, a_end.div_ceil(SECTOR_SIZE));
-                let mut parked = Some(Parked {
-                    core: self.id,
-                    req,
-                    done,
-                });
-                if !disk.locks.lock_or_park(lock, &mut parked) {
-                    return; // resubmitted by the unlock of an overlapping write
-                }
-                let Some(Parked { req, done, .. }) = parked else {
-                    return;
-                };
-                match req {
-                    Request::Write { offset, data, fua } => {
-                        self.start_write(disk, lock, offset, data, fua, done)
-                    }
-                    Request::WriteZeroes {
-                        offset,
-                        len,
-                        punch,
-                        fua,
-                    } => self.start_zero(disk, lock, offset, len, punch, fua, done),
-                    Request::Trim { offset, len, fua } => {
-                        self.start_zero(disk, lock, offset, len, true, fua, done)
-                    }
-                    _ => {}
-                }
+                self.start_write_like(disk, req, done)
             }
         }
     }
 
-    /// Issues the reads that fill `[dest, dest+len)` with the disk's bytes at `offset`
+    fn start_write_like(&mut self, disk: Arc<DiskState>, req: Request, done: Responder) {
+        let (offset, len) = write_range(&req);
+        if disk.read_only {
+            done.answer(Err(req_err(
+                libc::EPERM,
+                "write to a read-only disk",
+                offset,
+            )));
+            return;
+        }
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= disk.size) else {
+            done.answer(Err(req_err(libc::ENOSPC, "write past the end", offset)));
+            return;
+        };
+        if len == 0 {
+            let answer = match req {
+                Request::Write { data, .. } => Done::Written(data),
+                _ => Done::Ok,
+            };
+            done.answer(Ok(answer));
+            return;
+        }
+        let ticket = Shape::of(disk.size, disk.unit, offset, end).ticket();
+        self.lock_and_start(disk, ticket, Parked { req, done });
+    }
+
+    /// Takes what `ticket` still lacks of the range lock and starts the request, or leaves it
+    /// parked in the lock; requests the lock hands back meanwhile go on here too.
+    pub(super) fn lock_and_start(&mut self, disk: Arc<DiskState>, ticket: Ticket, parked: Parked) {
+        let mut work = vec![(ticket, parked)];
+        let mut resume = Vec::new();
+        while let Some((ticket, parked)) = work.pop() {
+            if let Acquire::Got(ticket, Parked { req, done }) =
+                disk.locks.acquire(ticket, parked, &mut resume)
+            {
+                let (offset, len) = write_range(&req);
+                let shape = Shape::of(disk.size, disk.unit, offset, offset + len);
+                let disk = Arc::clone(&disk);
+                match req {
+                    Request::Write { data, fua, .. } => {
+                        self.start_write(disk, shape, ticket, data, fua, done)
+                    }
+                    Request::WriteZeroes { punch, fua, .. } => {
+                        self.start_zero(disk, shape, ticket, punch, fua, done)
+                    }
+                    Request::Trim { fua, .. } => {
+                        self.start_zero(disk, shape, ticket, true, fua, done)
+                    }
+                    // Only write-like requests are parked.
+                    _ => {
+                        disk.locks.release(&ticket, &mut resume);
+                        done.answer(Err(req_err(
+                            libc::EIO,
+                            "internal error: parked a non-write",
+                            0,
+                        )));
+                    }
+                }
+            }
+            work.append(&mut resume);
+        }
+    }
+
+    fn start_read(&mut self, disk: Arc<DiskState>, offset: u64, len: u32, done: Responder) {
+        let buf = SharedBuf::new(buf::alloc(self.shared.arena.as_ref(), len as usize, false));
+        let key = self.tasks.insert(Task::Read(ReadTask {
+            disk: Arc::clone(&disk),
+            buf: buf.clone(),
+            offset,
+            pending: 0,
+            err: None,
+            done,
+        }));
+        let n = self.issue_read(key, &disk, &buf, 0, offset, u64::from(len));
+        drop(buf);
+        self.add_pending(key, n);
+    }
+
+    fn start_write(
+        &mut self,
+        disk: Arc<DiskState>,
+        shape: Shape,
+        ticket: Ticket,
+        data: IoBuf,
+        fua: bool,
+        done: Responder,
+    ) {
+        let data = SharedBuf::new(data);
+        if !shape.is_rmw() {
+            // Whole units: straight from the caller's buffer to the raw image.
+            let key = self.tasks.insert(Task::Write(WriteTask {
+                disk: Arc::clone(&disk),
+                offset: shape.offset,
+                sectors: shape.sectors(),
+                locked: Held::new(Arc::clone(&disk), ticket),
+                pending: 0,
+                filling: false,
+                err: None,
+                data: Some(data.clone()),
+                edges: Vec::new(),
+                fua,
+                done,
+            }));
+            let len = shape.end - shape.offset;
+            let n = self.issue_image_writes(key, &disk, &data, 0, shape.offset, len);
+            drop(data);
+            self.add_pending(key, n);
+            return;
+        }
+        // Read-modify-write of whole units: fill the partial head and tail units with the
+        // current bytes (raw image, base or zeros by their bits), then patch and write.
+        let (a_start, a_end) = (shape.a_start, shape.a_end);
+        let bounce = SharedBuf::new(buf::alloc(
+            self.shared.arena.as_ref(),
+            (a_end - a_start) as usize,
+            false,
+        ));
+        let key = self.tasks.insert(Task::Write(WriteTask {
+            disk: Arc::clone(&disk),
+            offset: shape.offset,
+            sectors: shape.sectors(),
+            locked: Held::new(Arc::clone(&disk), ticket),
+            pending: 0,
+            filling: true,
+            err: None,
+            data: Some(data),
+            edges: vec![Edge {
+                buf: bounce.clone(),
+                file_off: a_start,
+                patch: Patch::Data {
+                    at: (shape.offset - a_start) as usize,
+                },
+            }],
+            fua,
+            done,
+        }));
+        let mut n = 0;
+        if let Some(h) = shape.head {
+            let h_end = (h + shape.unit).min(a_end);
+            n += self.issue_read(key, &disk, &bounce, 0, h, h_end - h);
+        }
+        if let Some(t) = shape.tail.filter(|&t| Some(t) != shape.head) {
+            n += self.issue_read(key, &disk, &bounce, (t - a_start) as usize, t, a_end - t);
+        }
+        drop(bounce);
+        self.add_pending(key, n);
+    }
+
+    fn start_zero(
+        &mut self,
+        disk: Arc<DiskState>,
+        shape: Shape,
+        ticket: Ticket,
+        punch: bool,
+        fua: bool,
+        done: Responder,
+    ) {
+        let Shape {
+            offset,
+            end,
+            a_end,
+            unit,
+            head,
+            tail,
+            ..
+        } = shape;
+        let arena = self.shared.arena.as_ref();
+        let mut edges = Vec::new();
+        if let Some(h) = head {
+            let e_end = (h + unit).min(a_end);
+            edges.push(Edge {
+                buf: SharedBuf::new(buf::alloc(arena, (e_end - h) as usize, false)),
+                file_off: h,
+                patch: Patch::Zero {
+                    from: (offset - h) as usize,
+                    to: (end.min(e_end) - h) as usize,
+                },
+            });
+        }
+        if let Some(t) = tail.filter(|&t| Some(t) != head) {
+            edges.push(Edge {
+                buf: SharedBuf::new(buf::alloc(arena, (a_end - t) as usize, false)),
+                file_off: t,
+                patch: Patch::Zero {
+                    from: (offset.max(t) - t) as usize,
+                    to: (end - t) as usize,
+                },
+            });
+        }
+        let inner_start = head.map_or(offset, |h| h + unit);
+        let inner_end = tail.unwrap_or(end);
+        let fills: Vec<(SharedBuf, u64)> =
+            edges.iter().map(|e| (e.buf.clone(), e.file_off)).collect();
+        let key = self.tasks.insert(Task::Write(WriteTask {
+            disk: Arc::clone(&disk),
+            offset,
+            sectors: shape.sectors(),
+            locked: Held::new(Arc::clone(&disk), ticket),
+            pending: 0,
+            filling: !edges.is_empty(),
+            err: None,
+            data: None,
+            edges,
+            fua,
+            done,
+        }));
+        let mut n = 0;
+        for (buf, off) in fills {
+            let len = buf.len() as u64;
+            n += self.issue_read(key, &disk, &buf, 0, off, len);
+        }
+        if inner_start < inner_end {
+            if punch {
+                let file = self.image_file(&disk);
+                n += self.issue(
+                    key,
+                    OpKind::Punch {
+                        file,
+                        off: inner_start,
+                        len: inner_end - inner_start,
+                    },
+                );
+            } else {
+                n += self.issue_zero_writes(key, &disk, inner_start, inner_end - inner_start);
+            }
+        }
+        self.add_pending(key, n);
+    }
+
+    // ---- planning --------------------------------------------------------------------------
+
+    /// Issues the reads that fill `dest[at..at + len]` with the disk's bytes at `offset`
     /// (zero-filling what needs no I/O). Returns how many ops were issued.
-    pub(super) fn issue_read(
+    fn issue_read(
         &mut self,
         task: usize,
-        disk: &Arc<DiskShared>,
-        dest: *mut u8,
-        dest_fixed: Option<u16>,
+        disk: &DiskState,
+        dest: &SharedBuf,
+        at: usize,
         offset: u64,
         len: u64,
     ) -> usize {
@@ -148,44 +452,25 @@ impl Core {
             &mut segs,
         );
         let mut issued = 0;
-        let base_fd = disk.fd(Role::Base);
         for seg in &segs {
-            // SAFETY: seg.dest + seg.len <= len, so the pointer stays inside the destination.
-            let p = unsafe { dest.add(seg.dest as usize) };
+            let at = at + seg.dest as usize;
             match seg.src {
-                Src::Zero => {
-                    // SAFETY: as above; the destination is owned by the task.
-                    unsafe { std::ptr::write_bytes(p, 0, seg.len as usize) };
-                }
+                Src::Zero => match dest.region_ptr(at, seg.len as usize) {
+                    // SAFETY: the region lies inside `dest` and no op covers it (the planned
+                    // segments are disjoint).
+                    Some(p) => unsafe { std::ptr::write_bytes(p, 0, seg.len as usize) },
+                    None => self.internal(task, "internal error: zero fill outside its buffer"),
+                },
                 Src::Image { offset } => {
-                    let t = self.target(disk, Role::Image, disk.fd(Role::Image));
-                    issued += self.issue_file_read(
-                        task,
-                        t,
-                        Role::Image,
-                        disk.image_align,
-                        p,
-                        dest_fixed,
-                        offset,
-                        seg.len,
-                    );
+                    issued += self.issue_image_read(task, disk, dest, at, offset, seg.len)
                 }
                 Src::File { fd, offset, align } => {
-                    let t = if fd == base_fd {
-                        self.target(disk, Role::Base, fd)
-                    } else {
-                        Target::Fd(fd)
-                    };
-                    issued += self.issue_file_read(
-                        task,
-                        t,
-                        Role::Base,
+                    let file = FileRef {
+                        target: self.target(disk, Role::Base, fd),
+                        role: Role::Base,
                         align,
-                        p,
-                        dest_fixed,
-                        offset,
-                        seg.len,
-                    );
+                    };
+                    issued += self.issue_file_read(task, file, dest, at, offset, seg.len);
                 }
             }
         }
@@ -193,15 +478,53 @@ impl Core {
         issued
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn issue_file_read(
+    /// `[off, off + len)` of the raw image as (file, offset, length) pieces of at most `max`
+    /// bytes: the part before the partial last unit through the image's fd, the part in it
+    /// through the buffered tail fd.
+    fn image_pieces(&self, disk: &DiskState, off: u64, len: u64, max: u64) -> ImagePieces {
+        let end = off + len;
+        ImagePieces {
+            main: self.image_file(disk),
+            tail: disk.tail.as_ref().map(|t| {
+                (
+                    t.start,
+                    FileRef {
+                        target: Target::Fd(t.file.as_raw_fd()),
+                        role: Role::Image,
+                        align: DioAlign::NONE,
+                    },
+                )
+            }),
+            at: off,
+            end,
+            max: max.max(1),
+        }
+    }
+
+    fn issue_image_read(
         &mut self,
         task: usize,
-        target: Target,
-        role: Role,
-        align: DioAlign,
-        dest: *mut u8,
-        dest_fixed: Option<u16>,
+        disk: &DiskState,
+        dest: &SharedBuf,
+        at: usize,
+        off: u64,
+        len: u64,
+    ) -> usize {
+        let mut issued = 0;
+        for (file, o, n) in self.image_pieces(disk, off, len, SEG_MAX) {
+            issued += self.issue_file_read(task, file, dest, at + (o - off) as usize, o, n);
+        }
+        issued
+    }
+
+    /// Reads `[off, off + len)` of `file` into `dest[at..]`: straight when aligned for the
+    /// file's O_DIRECT, else through an aligned bounce buffer copied out when it completes.
+    fn issue_file_read(
+        &mut self,
+        task: usize,
+        file: FileRef,
+        dest: &SharedBuf,
+        at: usize,
         off: u64,
         len: u64,
     ) -> usize {
@@ -209,401 +532,210 @@ impl Core {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(SEG_MAX);
-            // SAFETY: done < len: inside the destination.
-            let p = unsafe { dest.add(done as usize) };
-            let o = off + done;
-            let kind = if align.fits(p as usize, o, n) {
-                OpKind::Read(
-                    Xfer {
-                        target,
-                        role,
-                        ptr: p,
-                        len: n as u32,
+            let (o, a) = (off + done, at + done as usize);
+            done += n;
+            let Some(ptr) = dest.region_ptr(a, n as usize) else {
+                self.internal(task, "internal error: read outside its buffer");
+                break;
+            };
+            let kind = if file.align.fits(ptr as usize, o, n) {
+                let fixed = self.fixed_slot(dest.arena_slot());
+                Region::new(Mem::Shared(dest.clone()), a, n as usize, fixed).map(|into| {
+                    OpKind::Read {
+                        file,
                         off: o,
-                        fixed: dest_fixed,
-                    },
-                    None,
-                )
+                        into,
+                        copy_out: None,
+                    }
+                })
             } else {
-                let a_off = round_down(o, align.offset);
-                let a_end = round_up(o + n, align.offset);
-                let mut bounce =
+                let a_off = round_down(o, file.align.offset);
+                let a_end = round_up(o + n, file.align.offset);
+                let bounce =
                     buf::alloc(self.shared.arena.as_ref(), (a_end - a_off) as usize, false);
-                let fixed = self.fixed_index(&bounce);
-                let ptr = bounce.as_mut_ptr();
-                OpKind::Read(
-                    Xfer {
-                        target,
-                        role,
-                        ptr,
-                        len: (a_end - a_off) as u32,
-                        off: a_off,
-                        fixed,
-                    },
-                    Some(Bounce {
-                        buf: bounce,
+                let fixed = self.fixed_slot(bounce.arena_slot());
+                let blen = bounce.len();
+                Region::new(Mem::Owned(bounce), 0, blen, fixed).map(|into| OpKind::Read {
+                    file,
+                    off: a_off,
+                    into,
+                    copy_out: Some(CopyOut {
+                        dest: dest.clone(),
+                        at: a,
                         skip: (o - a_off) as usize,
-                        dest: p,
                         len: n as usize,
                     }),
-                )
+                })
             };
-            self.issue(task, kind);
-            issued += 1;
-            done += n;
+            match kind {
+                Some(kind) => issued += self.issue(task, kind),
+                None => {
+                    self.internal(task, "internal error: read region out of range");
+                    break;
+                }
+            }
         }
         issued
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn issue_write(
+    /// Writes `src[at..at + len]` to the raw image at `off`.
+    fn issue_image_writes(
         &mut self,
         task: usize,
-        target: Target,
-        role: Role,
-        ptr: *mut u8,
-        len: u64,
-        off: u64,
-        fixed: Option<u16>,
-    ) -> usize {
-        let first = Xfer {
-            target,
-            role,
-            ptr,
-            len: 0,
-            off,
-            fixed,
-        };
-        self.issue_write_pieces(task, first, len, SEG_MAX, true)
-    }
-
-    /// Real zeros over `[off, off+len)` of the raw image, from the core's zero buffer.
-    pub(super) fn issue_zero_writes(
-        &mut self,
-        task: usize,
-        disk: &DiskShared,
+        disk: &DiskState,
+        src: &SharedBuf,
+        at: usize,
         off: u64,
         len: u64,
-    ) -> usize {
-        let first = Xfer {
-            target: self.target(disk, Role::Image, disk.fd(Role::Image)),
-            role: Role::Image,
-            ptr: self.zero.as_ptr() as *mut u8, // only ever read by the kernel (writes from it)
-            len: 0,
-            off,
-            fixed: None,
-        };
-        self.issue_write_pieces(task, first, len, ZERO_CHUNK, false)
-    }
-
-    /// Issues writes of `total` bytes at `first.off` in pieces of at most `piece` bytes (the
-    /// `len` of `first` is ignored). With `advance` each piece writes from its own part of the
-    /// source at `first.ptr`; without it every piece writes the same `piece`-byte source (the
-    /// zero buffer). Returns how many ops were issued.
-    fn issue_write_pieces(
-        &mut self,
-        task: usize,
-        first: Xfer,
-        total: u64,
-        piece: u64,
-        advance: bool,
     ) -> usize {
         let mut issued = 0;
-        let mut done = 0;
-        while done < total {
-            let n = (total - done).min(piece);
-            let ptr = if advance {
-                // SAFETY: done < total: inside the source buffer.
-                unsafe { first.ptr.add(done as usize) }
-            } else {
-                first.ptr
-            };
-            let xfer = Xfer {
-                ptr,
-                len: n as u32,
-                off: first.off + done,
-                ..first
-            };
-            self.issue(task, OpKind::Write(xfer));
-            issued += 1;
-            done += n;
+        let fixed = self.fixed_slot(src.arena_slot());
+        for (file, o, n) in self.image_pieces(disk, off, len, SEG_MAX) {
+            let a = at + (o - off) as usize;
+            match Region::new(Mem::Shared(src.clone()), a, n as usize, fixed) {
+                Some(from) => issued += self.issue(task, OpKind::Write { file, off: o, from }),
+                None => {
+                    self.internal(task, "internal error: write region out of range");
+                    break;
+                }
+            }
         }
         issued
     }
 
-    pub(super) fn start_read(
-        &mut self,
-        disk: Arc<DiskShared>,
-        offset: u64,
-        len: u32,
-        done: Completion,
-    ) {
-        let mut buf = buf::alloc(self.shared.arena.as_ref(), len as usize, false);
-        let fixed = self.fixed_index(&buf);
-        let ptr = buf.as_mut_ptr();
-        let key = self.tasks.insert(Task::Read(ReadTask {
-            disk: Arc::clone(&disk),
-            buf,
-            offset,
-            pending: 0,
-            err: None,
-            done,
-        }));
-        let n = self.issue_read(key, &disk, ptr, fixed, offset, u64::from(len));
-        self.set_pending(key, n);
-    }
-
-    pub(super) fn set_pending(&mut self, key: usize, n: usize) {
-        if let Some(t) = self.tasks.get_mut(key) {
-            *t.pending_mut() += n;
-        }
-        if n == 0 {
-            self.advance(key);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start_write(
-        &mut self,
-        disk: Arc<DiskShared>,
-        lock: (u64, u64),
-        offset: u64,
-        mut data: IoBuf,
-        fua: bool,
-        done: Completion,
-    ) {
-        let len = data.len() as u64;
-        let end = offset + len;
-        let (a_start, a_end) = (lock.0 * SECTOR_SIZE, lock.1 * SECTOR_SIZE);
-        let unit = disk.unit;
-        if offset == a_start && end == a_end {
-            // Aligned: straight from the caller's buffer to the raw image.
-            let fixed = self.fixed_index(&data);
-            let ptr = data.as_mut_ptr();
-            let key = self.tasks.insert(Task::Write(WriteTask::new(
-                Arc::clone(&disk),
-                offset,
-                lock,
-                Some(data),
-                Vec::new(),
-                fua,
-                done,
-            )));
-            let target = self.target(&disk, Role::Image, disk.fd(Role::Image));
-            let n = self.issue_write(key, target, Role::Image, ptr, len, offset, fixed);
-            self.set_pending(key, n);
-            return;
-        }
-        // Read-modify-write of whole units: fill the partial head and tail units with the
-        // current bytes (raw image, base or zeros by their bits), then patch and write.
-        let mut bounce = buf::alloc(
-            self.shared.arena.as_ref(),
-            (a_end - a_start) as usize,
-            false,
-        );
-        let fixed = self.fixed_index(&bounce);
-        let ptr = bounce.as_mut_ptr();
-        let key = self.tasks.insert(Task::Write(WriteTask::new(
-            Arc::clone(&disk),
-            offset,
-            lock,
-            Some(data),
-            vec![Edge {
-                buf: bounce,
-                file_off: a_start,
-                patch: Patch::Data {
-                    at: (offset - a_start) as usize,
-                },
-            }],
-            fua,
-            done,
-        )));
-        let mut n = 0;
-        let head = offset != a_start;
-        if head {
-            let head_end = (a_start + unit).min(a_end);
-            n += self.issue_read(key, &disk, ptr, fixed, a_start, head_end - a_start);
-        }
-        if end != a_end {
-            let ts = round_down(end, unit);
-            if !(head && ts == a_start) {
-                // SAFETY: ts - a_start < a_end - a_start: inside the bounce buffer.
-                let p = unsafe { ptr.add((ts - a_start) as usize) };
-                n += self.issue_read(key, &disk, p, fixed, ts, a_end - ts);
-            }
-        }
-        self.set_pending(key, n);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start_zero(
-        &mut self,
-        disk: Arc<DiskShared>,
-        lock: (u64, u64),
-        offset: u64,
-        len: u64,
-        punch: bool,
-        fua: bool,
-        done: Completion,
-    ) {
-        let end = offset + len;
-        let (a_start, a_end) = (lock.0 * SECTOR_SIZE, lock.1 * SECTOR_SIZE);
-        let unit = disk.unit;
-        let mut edges = Vec::new();
-        let head = offset != a_start;
-        if head {
-            let e_end = (a_start + unit).min(a_end);
-            edges.push(Edge {
-                buf: buf::alloc(
-                    self.shared.arena.as_ref(),
-                    (e_end - a_start) as usize,
-                    false,
-                ),
-                file_off: a_start,
-                patch: Patch::Zero {
-                    from: (offset - a_start) as usize,
-                    to: (end.min(e_end) - a_start) as usize,
-                },
-            });
-        }
-        let mut inner_end = end;
-        if end != a_end {
-            let ts = round_down(end, unit);
-            inner_end = ts;
-            if !(head && ts == a_start) {
-                edges.push(Edge {
-                    buf: buf::alloc(self.shared.arena.as_ref(), (a_end - ts) as usize, false),
-                    file_off: ts,
-                    patch: Patch::Zero {
-                        from: (offset.max(ts) - ts) as usize,
-                        to: (end - ts) as usize,
-                    },
-                });
-            }
-        }
-        let inner_start = if head { a_start + unit } else { offset };
-        let mut fills = Vec::new();
-        for e in &mut edges {
-            let fixed = self.fixed_index(&e.buf);
-            fills.push((e.buf.as_mut_ptr(), fixed, e.file_off, e.buf.len() as u64));
-        }
-        let key = self.tasks.insert(Task::Write(WriteTask::new(
-            Arc::clone(&disk),
-            offset,
-            lock,
-            None,
-            edges,
-            fua,
-            done,
-        )));
-        let mut n = 0;
-        for (ptr, fixed, off, len) in fills {
-            n += self.issue_read(key, &disk, ptr, fixed, off, len);
-        }
-        if inner_start < inner_end {
-            if punch {
-                let target = self.target(&disk, Role::Image, disk.fd(Role::Image));
-                self.issue(
-                    key,
-                    OpKind::Punch {
-                        target,
-                        off: inner_start,
-                        len: inner_end - inner_start,
-                    },
-                );
-                n += 1;
-            } else {
-                n += self.issue_zero_writes(key, &disk, inner_start, inner_end - inner_start);
-            }
-        }
-        self.set_pending(key, n);
-    }
-
-    pub(super) fn read_done(&mut self, task: usize, x: Xfer, bounce: Option<Bounce>, res: i32) {
-        if res < 0 {
-            self.fail(task, -res, op_name(x.role, false));
-        } else if self.short_inside_file(task, &x, res as u64) {
-            // The file ended before the size it had at open (truncated behind our back):
-            // answering zeros would silently return bytes nobody wrote.
-            self.fail(task, libc::EIO, op_name(x.role, false));
-        } else {
-            let n = (res as usize).min(x.len as usize);
-            if x.role == Role::Base {
-                if let Some(t) = self.tasks.get(task) {
-                    t.disk().counters.base_read(n as u64);
-                }
-            }
-            // A short read at the file's end (e.g. an O_DIRECT read of a base whose size is
-            // not a multiple of the alignment): the rest reads as zeros.
-            // SAFETY: ptr..ptr+len is this op's buffer region, owned by the task or bounce.
-            unsafe { std::ptr::write_bytes(x.ptr.add(n), 0, x.len as usize - n) };
-            if let Some(b) = bounce {
-                if let Some(src) = b.buf.get(b.skip..b.skip + b.len) {
-                    // SAFETY: dest..dest+len lies in the task's destination; src is the bounce.
-                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.dest, b.len) };
+    /// Real zeros over `[off, off + len)` of the raw image, from the core's zero buffer.
+    fn issue_zero_writes(&mut self, task: usize, disk: &DiskState, off: u64, len: u64) -> usize {
+        let mut issued = 0;
+        for (file, o, n) in self.image_pieces(disk, off, len, ZERO_CHUNK) {
+            match Region::new(Mem::Zero(Rc::clone(&self.zero)), 0, n as usize, None) {
+                Some(from) => issued += self.issue(task, OpKind::Write { file, off: o, from }),
+                None => {
+                    self.internal(task, "internal error: zero write out of range");
+                    break;
                 }
             }
         }
-        self.step(task);
+        issued
     }
 
-    /// Whether a read of `x` that returned `got` bytes stopped before the end of its file as
-    /// known at open (only a read that reaches the file's end may come back short).
-    fn short_inside_file(&self, task: usize, x: &Xfer, got: u64) -> bool {
-        let Some(t) = self.tasks.get(task) else {
-            return false;
-        };
-        let want_end = x.off.saturating_add(u64::from(x.len));
-        let file_end = t.disk().file_len(x.role);
-        got < u64::from(x.len) && x.off.saturating_add(got) < want_end.min(file_end)
+    /// Re-issues the rest of a short transfer as a new op of the same task.
+    fn reissue(&mut self, task: usize, kind: OpKind, stalls: u8) {
+        let mut op = CoreOp::new(task, kind);
+        op.stalls = stalls;
+        self.push_op(op);
+        self.add_pending(task, 1);
     }
 
-    pub(super) fn write_done(&mut self, task: usize, x: Xfer, res: i32) {
-        let Some(t) = self.tasks.get(task) else {
-            return;
-        };
+    // ---- reactions -------------------------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read_done(
+        &mut self,
+        task: usize,
+        file: FileRef,
+        off: u64,
+        mut into: Region,
+        copy_out: Option<CopyOut>,
+        stalls: u8,
+        res: i32,
+    ) {
         if res < 0 {
-            self.fail(task, -res, op_name(x.role, true));
-            self.step(task);
+            self.fail(task, -res, op_name(file.role, false));
             return;
         }
-        let n = (res as u32).min(x.len);
-        if n > 0 {
-            // SAFETY: the kernel wrote n bytes from ptr; the region is owned by the task.
-            let data = unsafe { std::slice::from_raw_parts(x.ptr, n as usize) };
-            t.disk().rec_write(x.role, x.off, data);
-        }
-        let is_commit = matches!(t, Task::Commit(_));
-        if n < x.len {
-            if n == 0 || is_commit {
-                self.fail(
-                    task,
-                    if n == 0 { libc::ENOSPC } else { libc::EIO },
-                    op_name(x.role, true),
-                );
-                self.step(task);
+        let Some(file_end) = self.tasks.get(task).map(|t| t.disk().file_len(file.role)) else {
+            return;
+        };
+        let got = (res as usize).min(into.len());
+        if got < into.len() {
+            if off + got as u64 >= file_end {
+                // At the file's end (e.g. an O_DIRECT read of a base whose size is not a
+                // multiple of the alignment): the rest reads as zeros.
+                into.zero_from(got);
             } else {
-                // Short write: submit the rest as a new op of the same task.
-                let rest = Xfer {
-                    // SAFETY: n < len: still inside the buffer.
-                    ptr: unsafe { x.ptr.add(n as usize) },
-                    len: x.len - n,
-                    off: x.off + u64::from(n),
-                    fixed: x.fixed,
-                    ..x
+                // Short inside the file: read the rest, from an aligned point for O_DIRECT.
+                let step = round_down(got as u64, file.align.offset.max(file.align.mem)) as usize;
+                let stalls = if step == 0 { stalls + 1 } else { 0 };
+                if got == 0 || stalls > MAX_STALLS {
+                    // The file ended before the size it had at open (truncated behind our
+                    // back): answering zeros would return bytes nobody wrote.
+                    self.fail(task, libc::EIO, op_name(file.role, false));
+                    return;
+                }
+                let kind = OpKind::Read {
+                    file,
+                    off: off + step as u64,
+                    into: into.advance(step),
+                    copy_out,
                 };
-                self.issue(task, OpKind::Write(rest));
+                self.reissue(task, kind, stalls);
+                return;
             }
+        }
+        if file.role == Role::Base {
+            if let Some(t) = self.tasks.get(task) {
+                t.disk().counters.base_read(got as u64);
+            }
+        }
+        if let Some(c) = copy_out {
+            let copied = bounce_bytes(into.owned(), c.skip, c.len).and_then(|src| {
+                let dst = c
+                    .dest
+                    .region_ptr(c.at, c.len)
+                    .ok_or("internal error: bounce copy outside its destination")?;
+                // SAFETY: dst..dst+len lies inside the destination (checked) and no op in
+                // flight covers it (the planned segments are disjoint); src is this op's bounce.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, c.len) };
+                Ok(())
+            });
+            if let Err(what) = copied {
+                self.internal(task, what);
+            }
+        }
+    }
+
+    pub(super) fn write_done(
+        &mut self,
+        task: usize,
+        file: FileRef,
+        off: u64,
+        from: Region,
+        stalls: u8,
+        res: i32,
+    ) {
+        if res < 0 {
+            self.fail(task, -res, op_name(file.role, true));
             return;
         }
-        if let Some(Task::Commit(c)) = self.tasks.get_mut(task) {
-            c.writes_left = c.writes_left.saturating_sub(1);
-            if c.writes_left == 0 && c.err.is_none() {
-                // The linked fdatasync(meta) starts now that its last write completed.
-                c.disk.rec_sync(Role::Meta, c.meta_sync, false);
-            }
+        let Some(t) = self.tasks.get(task) else {
+            return;
+        };
+        let n = (res as usize).min(from.len());
+        if n > 0 {
+            t.disk().rec_write(file.role, off, from.bytes(n));
         }
-        self.step(task);
+        if n == from.len() {
+            return;
+        }
+        if matches!(t, Task::Commit(_)) || n == 0 {
+            // A short write breaks a commit's linked chain (the commit fails and the next one
+            // rewrites the blocks); no progress at all means no space.
+            let errno = if n == 0 { libc::ENOSPC } else { libc::EIO };
+            self.fail(task, errno, op_name(file.role, true));
+            return;
+        }
+        let step = round_down(n as u64, file.align.offset.max(file.align.mem)) as usize;
+        let stalls = if step == 0 { stalls + 1 } else { 0 };
+        if stalls > MAX_STALLS {
+            self.fail(task, libc::EIO, op_name(file.role, true));
+            return;
+        }
+        let kind = OpKind::Write {
+            file,
+            off: off + step as u64,
+            from: from.advance(step),
+        };
+        self.reissue(task, kind, stalls);
     }
 
     pub(super) fn punch_done(&mut self, task: usize, off: u64, len: u64, res: i32) {
@@ -613,58 +745,52 @@ impl Core {
         if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
             // No hole punching here: write real zeros instead.
             let n = self.issue_zero_writes(task, &disk, off, len);
-            if let Some(t) = self.tasks.get_mut(task) {
-                *t.pending_mut() += n;
-            }
+            self.add_pending(task, n);
         } else if res < 0 {
             self.fail(task, -res, "punch hole in raw image");
         } else {
             disk.rec_punch(Role::Image, off, len);
         }
-        self.step(task);
     }
 
     /// Read-modify-write: the old bytes are in; patch the new ones in and write the units.
     pub(super) fn write_fills_done(&mut self, key: usize) {
-        let mut writes = Vec::new();
-        let disk = match self.tasks.get_mut(key) {
-            Some(Task::Write(w)) => {
-                w.filling = false;
-                for e in &mut w.edges {
-                    match e.patch {
-                        Patch::Data { at } => {
-                            if let Some(data) = w.data.as_ref() {
-                                if let Some(dst) = e.buf.get_mut(at..at + data.len()) {
-                                    dst.copy_from_slice(data);
-                                }
-                            }
-                        }
-                        Patch::Zero { from, to } => {
-                            if let Some(dst) = e.buf.get_mut(from..to) {
-                                dst.fill(0);
-                            }
-                        }
-                    }
-                    let len = e.buf.len() as u64;
-                    writes.push((e.buf.as_mut_ptr(), len, e.file_off, e.buf.arena_slot()));
-                }
-                Arc::clone(&w.disk)
-            }
-            _ => return,
+        let Some(Task::Write(w)) = self.tasks.get_mut(key) else {
+            return;
         };
-        let target = self.target(&disk, Role::Image, disk.fd(Role::Image));
-        let mut n = 0;
-        for (ptr, len, off, slot) in writes {
-            let fixed = self.fixed_slot(slot);
-            n += self.issue_write(key, target, Role::Image, ptr, len, off, fixed);
+        w.filling = false;
+        let WriteTask {
+            disk, data, edges, ..
+        } = w;
+        let disk = Arc::clone(disk);
+        let payload = data.as_mut().and_then(|d| d.get_mut()).map(|b| &b[..]);
+        let mut patched = Ok(());
+        for e in edges.iter_mut() {
+            patched = patched.and_then(|()| match e.buf.get_mut() {
+                Some(buf) => apply_patch(buf, e.patch, payload),
+                None => Err("internal error: read-modify-write buffer still shared"),
+            });
         }
-        self.set_pending(key, n);
+        let writes: Vec<(SharedBuf, u64)> =
+            edges.iter().map(|e| (e.buf.clone(), e.file_off)).collect();
+        if let Err(what) = patched {
+            self.internal(key, what);
+            self.add_pending(key, 0);
+            return;
+        }
+        let mut n = 0;
+        for (buf, off) in writes {
+            let len = buf.len() as u64;
+            n += self.issue_image_writes(key, &disk, &buf, 0, off, len);
+        }
+        self.add_pending(key, n);
     }
 
     pub(super) fn finish_write(&mut self, t: WriteTask) {
         let WriteTask {
             disk,
-            lock,
+            sectors,
+            locked,
             err,
             data,
             fua,
@@ -673,36 +799,100 @@ impl Core {
         } = t;
         if err.is_none() {
             // DESIGN invariant 2: bits only after the data write completed.
-            disk.set_bits(lock.0, lock.1);
+            disk.set_bits(sectors.0, sectors.1);
             self.arm_bg(&disk);
         }
-        for p in disk.locks.unlock(lock) {
-            let Parked { core, req, done } = p;
-            let msg = Msg::Submit {
-                disk: Arc::clone(&disk),
-                req,
-                done,
-            };
-            if let Err(Msg::Submit { done, .. }) = self.shared.core(core).send(msg) {
-                done(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
-            }
+        let mut resume = Vec::new();
+        locked.release(&mut resume);
+        for (ticket, parked) in resume {
+            self.lock_and_start(Arc::clone(&disk), ticket, parked);
         }
         if let Some(e) = err {
-            done(Err(e));
+            done.answer(Err(e));
             return;
         }
-        let answer = match data {
-            Some(d) => Done::Written(d),
+        let answer = match data.map(SharedBuf::into_inner) {
             None => Done::Ok,
+            Some(Ok(buf)) => Done::Written(buf),
+            Some(Err(_)) => {
+                tracing::error!(
+                    core = self.id,
+                    "a write finished while an op still held its buffer"
+                );
+                done.answer(Err(req_err(
+                    libc::EIO,
+                    "internal error: write buffer still shared",
+                    0,
+                )));
+                return;
+            }
         };
         if fua {
             let waiter = Waiter {
                 core: self.id,
-                answer: Box::new(move |r| done(r.map(|()| answer))),
+                answer: Box::new(move |r| done.answer(r.map(|()| answer))),
             };
             self.start_commit(&disk, vec![waiter]);
         } else {
-            done(Ok(answer));
+            done.answer(Ok(answer));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_patch_that_does_not_fit_is_an_error_and_changes_nothing() {
+        let mut buf = vec![7u8; 512];
+        assert!(apply_patch(&mut buf, Patch::Data { at: 500 }, Some(&[1; 12])).is_ok());
+        assert_eq!(&buf[500..], &[1; 12]);
+        let mut buf = vec![7u8; 512];
+        let err = apply_patch(&mut buf, Patch::Data { at: 501 }, Some(&[1; 12])).unwrap_err();
+        assert!(err.contains("does not fit"), "{err}");
+        assert!(buf.iter().all(|&b| b == 7), "nothing half-written");
+        assert!(apply_patch(&mut buf, Patch::Data { at: 0 }, None).is_err());
+        assert!(apply_patch(&mut buf, Patch::Data { at: usize::MAX }, Some(&[1])).is_err());
+        assert!(apply_patch(&mut buf, Patch::Zero { from: 10, to: 513 }, None).is_err());
+        assert!(apply_patch(&mut buf, Patch::Zero { from: 10, to: 9 }, None).is_err());
+        assert!(buf.iter().all(|&b| b == 7));
+        assert!(apply_patch(&mut buf, Patch::Zero { from: 10, to: 20 }, None).is_ok());
+        assert_eq!(buf[9..21], [7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+    }
+
+    #[test]
+    fn a_bounce_copy_out_of_range_is_an_error() {
+        let b = IoBuf::from_slice(&[3u8; 4096]);
+        assert_eq!(bounce_bytes(Some(&b), 4000, 96).map(<[u8]>::len), Ok(96));
+        assert!(bounce_bytes(Some(&b), 4000, 97).is_err());
+        assert!(bounce_bytes(Some(&b), usize::MAX, 2).is_err());
+        assert!(bounce_bytes(None, 0, 1).is_err());
+    }
+
+    #[test]
+    fn shapes_read_back_only_partial_units() {
+        // Whole units: nothing read back, the lock is only shared.
+        let s = Shape::of(1 << 20, 4096, 8192, 16384);
+        assert!(!s.is_rmw() && !s.ticket().is_exclusive());
+        assert_eq!(s.sectors(), (16, 32));
+        // A sub-unit write inside one unit: that unit, exclusively.
+        let s = Shape::of(1 << 20, 4096, 8192 + 7, 8192 + 100);
+        assert_eq!((s.head, s.tail), (Some(8192), Some(8192)));
+        assert!(s.ticket().is_exclusive());
+        // Spanning units: head and tail are read back, the middle is not.
+        let s = Shape::of(1 << 20, 4096, 4096 + 1, 5 * 4096 - 1);
+        assert_eq!((s.head, s.tail), (Some(4096), Some(4 * 4096)));
+        // A sector-aligned write smaller than the O_DIRECT unit is a copy-up of its unit.
+        let s = Shape::of(1 << 20, 4096, 512, 1024);
+        assert_eq!((s.head, s.tail), (Some(0), Some(0)));
+        // The partial last unit of a disk whose size is not a multiple of the unit.
+        let size = 4096 * 4 + 512;
+        let s = Shape::of(size, 4096, size - 512, size);
+        assert!(!s.is_rmw(), "it is written whole");
+        assert_eq!((s.a_start, s.a_end), (size - 512, size));
+        let s = Shape::of(size, 4096, size - 500, size - 10);
+        assert_eq!((s.head, s.tail), (Some(size - 512), Some(size - 512)));
+        assert_eq!(s.a_end, size);
     }
 }

@@ -1,22 +1,26 @@
 //! The per-request state a core keeps in its `tasks` slab until the request is answered.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::super::buf::IoBuf;
-use super::super::commit::Waiter;
-use super::super::disk::DiskShared;
-use super::super::{Completion, RequestError};
+use super::super::disk_state::{DiskState, Parked, Waiter};
+use super::super::range_lock::Ticket;
+use super::super::request::{req_err, RequestError};
+use super::super::responder::Responder;
+use super::ops::CoreOp;
+use super::shared_buf::SharedBuf;
 
 pub(super) struct ReadTask {
-    pub(super) disk: Arc<DiskShared>,
-    pub(super) buf: IoBuf,
+    pub(super) disk: Arc<DiskState>,
+    pub(super) buf: SharedBuf,
     pub(super) offset: u64,
     pub(super) pending: usize,
     pub(super) err: Option<RequestError>,
-    pub(super) done: Completion,
+    pub(super) done: Responder,
 }
 
 /// The bytes a write-like task changes inside one read-modify-write buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Patch {
     /// Copy the whole client payload to this offset of the buffer.
     Data { at: usize },
@@ -26,62 +30,71 @@ pub(super) enum Patch {
 
 /// A read-modify-write buffer: whole units at `file_off`, filled from the disk, patched, written.
 pub(super) struct Edge {
-    pub(super) buf: IoBuf,
+    pub(super) buf: SharedBuf,
     pub(super) file_off: u64,
     pub(super) patch: Patch,
 }
 
 pub(super) struct WriteTask {
-    pub(super) disk: Arc<DiskShared>,
+    pub(super) disk: Arc<DiskState>,
     pub(super) offset: u64,
-    /// Locked sectors `[start, end)`; their bits are set when the task succeeds.
-    pub(super) lock: (u64, u64),
+    /// Sectors `[start, end)` the task writes whole; their bits are set when it succeeds.
+    pub(super) sectors: (u64, u64),
+    /// What the task holds of the disk's range lock.
+    pub(super) locked: Held,
     pub(super) pending: usize,
     /// Still reading old bytes into `edges` (read-modify-write); writes of edges come after.
     pub(super) filling: bool,
     pub(super) err: Option<RequestError>,
-    pub(super) data: Option<IoBuf>,
+    /// The client's payload (WRITE), handed back when answered.
+    pub(super) data: Option<SharedBuf>,
     pub(super) edges: Vec<Edge>,
     pub(super) fua: bool,
-    pub(super) done: Completion,
+    pub(super) done: Responder,
 }
 
-impl WriteTask {
-    /// A write-like task over the locked sectors `lock`, with nothing in flight yet. It starts
-    /// by filling its `edges` (read-modify-write) when it has any.
-    pub(super) fn new(
-        disk: Arc<DiskShared>,
-        offset: u64,
-        lock: (u64, u64),
-        data: Option<IoBuf>,
-        edges: Vec<Edge>,
-        fua: bool,
-        done: Completion,
-    ) -> WriteTask {
-        WriteTask {
-            disk,
-            offset,
-            lock,
-            pending: 0,
-            filling: !edges.is_empty(),
-            err: None,
-            data,
-            edges,
-            fua,
-            done,
+/// What a write holds of its disk's range lock. Released by [`Held::release`] when the write
+/// finishes; a write dropped unfinished (its core panicked) releases it on drop, so no other
+/// write waits forever, and fails the requests that release would have let go on (they have no
+/// core to run on here; their responders answer).
+pub(super) struct Held {
+    disk: Arc<DiskState>,
+    ticket: Ticket,
+}
+
+impl Held {
+    pub(super) fn new(disk: Arc<DiskState>, ticket: Ticket) -> Held {
+        Held { disk, ticket }
+    }
+
+    /// Releases the hold; the requests it grants a stripe to go into `resume`.
+    pub(super) fn release(mut self, resume: &mut Vec<(Ticket, Parked)>) {
+        let ticket = std::mem::take(&mut self.ticket);
+        self.disk.locks.release(&ticket, resume);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut resume = Vec::new();
+        self.disk.locks.release(&self.ticket, &mut resume);
+        while let Some((granted, parked)) = resume.pop() {
+            self.disk.locks.release(&granted, &mut resume);
+            drop(parked);
         }
     }
 }
 
 pub(super) struct CommitTask {
-    pub(super) disk: Arc<DiskShared>,
+    pub(super) disk: Arc<DiskState>,
     pub(super) waiters: Vec<Waiter>,
+    /// The dirty blocks this commit took (re-marked if it fails).
     pub(super) blocks: Vec<u64>,
-    pub(super) bufs: Vec<IoBuf>,
+    /// Linked chains not yet pushed: each goes in when the one before it completed.
+    pub(super) chains: VecDeque<Vec<CoreOp>>,
     pub(super) pending: usize,
-    pub(super) writes_left: usize,
-    pub(super) image_sync: u64,
-    pub(super) meta_sync: u64,
+    /// Bitmap bytes this commit writes.
+    pub(super) bytes: u64,
     pub(super) err: Option<RequestError>,
 }
 
@@ -92,7 +105,7 @@ pub(super) enum Task {
 }
 
 impl Task {
-    pub(super) fn disk(&self) -> &Arc<DiskShared> {
+    pub(super) fn disk(&self) -> &Arc<DiskState> {
         match self {
             Task::Read(t) => &t.disk,
             Task::Write(t) => &t.disk,
@@ -108,6 +121,7 @@ impl Task {
         }
     }
 
+    /// Records the task's first error (later ones are consequences of it).
     pub(super) fn fail(&mut self, errno: i32, op: &'static str) {
         let (err, offset) = match self {
             Task::Read(t) => (&mut t.err, t.offset),
@@ -115,11 +129,7 @@ impl Task {
             Task::Commit(t) => (&mut t.err, 0),
         };
         if err.is_none() {
-            *err = Some(RequestError { errno, op, offset });
+            *err = Some(req_err(errno, op, offset));
         }
     }
-}
-
-pub(super) fn req_err(errno: i32, op: &'static str, offset: u64) -> RequestError {
-    RequestError { errno, op, offset }
 }

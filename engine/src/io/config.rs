@@ -1,0 +1,64 @@
+//! How an engine and its disks are set up: [`EngineConfig`], [`CacheMode`], [`DiskOptions`].
+
+use std::time::Duration;
+
+/// Whether a file is opened with `O_DIRECT` (bypassing the page cache) or buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum CacheMode {
+    /// `O_DIRECT`: aligned buffers, no page cache.
+    #[default]
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Core threads, each with its own io_uring. Default: one per CPU.
+    pub cores: usize,
+    /// Submission queue entries per ring (the completion queue is twice that; in-flight
+    /// operations are capped so it never overflows).
+    pub queue_depth: u32,
+    /// Bytes of registered, aligned buffer arena per engine (split into one pool per core).
+    pub arena_bytes: usize,
+    /// Cache mode of raw images.
+    pub image_cache: CacheMode,
+    /// Cache mode of bases.
+    pub base_cache: CacheMode,
+    /// Delay after the first unflushed write before a background commit; `None` = only on
+    /// FLUSH/FUA/close.
+    pub commit_delay: Option<Duration>,
+    /// Test-only: where to log every write and sync issued (see [`super::recorder`]).
+    #[cfg(feature = "crash-recorder")]
+    pub recorder: Option<std::sync::Arc<super::recorder::Recorder>>,
+    /// Test-only: completion results to rewrite (see [`super::faults`]).
+    #[cfg(feature = "fault-injection")]
+    pub faults: Option<std::sync::Arc<super::faults::FaultPlan>>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            queue_depth: 256,
+            arena_bytes: 64 << 20,
+            image_cache: CacheMode::Direct,
+            base_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_secs(1)),
+            #[cfg(feature = "crash-recorder")]
+            recorder: None,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
+        }
+    }
+}
+
+/// How to open a disk on the engine.
+#[derive(Debug, Clone, Default)]
+pub struct DiskOptions {
+    /// Serve read-only: writes fail with `EPERM`, nothing is locked for writing.
+    pub read_only: bool,
+}

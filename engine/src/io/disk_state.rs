@@ -1,0 +1,331 @@
+//! The state one open disk shares between the cores that serve it: its files, the bitmap, the
+//! dirty marks, the commit state and the range lock.
+//!
+//! This is all that the cores serving one disk share (DESIGN "shared per-disk state is small").
+//! Everything else (rings, in-flight operations, buffers in use) belongs to one core. The module
+//! is a leaf of the engine: it knows nothing of cores, rings or the engine handle.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::bitmap::{DirtyBlocks, SparseBitmap};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::overlay::ofd_unlock;
+use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
+
+use super::align::{dio_align, DioAlign};
+use super::base::{BaseSource, RawFileBase};
+use super::config::{CacheMode, DiskOptions, EngineConfig};
+use super::file_slot::FileSlot;
+use super::range_lock::RangeLocks;
+use super::request::{Request, RequestError};
+use super::responder::Responder;
+use super::stats::DiskCounters;
+
+/// Block size of the metadata file for dirty marks and commit writes.
+pub(crate) const META_BLOCK: u64 = 4096;
+
+/// Which file of a disk an operation touches (the index of its registered-file slot, too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Image = 0,
+    Meta = 1,
+    Base = 2,
+}
+
+/// Registered-file slots per disk: image, meta, base.
+pub(crate) const SLOTS_PER_DISK: u32 = 3;
+
+/// A write-like request parked in the range lock until a release grants it what it waits for
+/// (the core that releases then goes on with it).
+pub(crate) struct Parked {
+    pub req: Request,
+    pub done: Responder,
+}
+
+/// A request waiting for a commit: answered on `core` with the commit's result. Dropping the
+/// answer unrun still answers the request (its [`Responder`] does).
+pub(crate) struct Waiter {
+    pub core: usize,
+    pub answer: Box<dyn FnOnce(std::result::Result<(), RequestError>) + Send>,
+}
+
+/// The per-disk commit state, behind the disk's mutex.
+#[derive(Default)]
+pub(crate) struct CommitState {
+    /// A commit is running (one at a time per disk).
+    pub in_flight: bool,
+    /// Waiters that arrived while a commit was in flight: they need the next commit.
+    pub next: Vec<Waiter>,
+}
+
+/// The partial last O_DIRECT unit of the raw image: when the disk's size is not a multiple of
+/// the raw image's O_DIRECT alignment, `O_DIRECT` can neither write the last `size - start`
+/// bytes (too short) nor a whole unit there (it would grow the file). Every transfer at or past
+/// `start` goes through `file`, a second, buffered open of the same raw image (it takes no lock
+/// of its own; the fdatasync of the first one flushes the file's pages, whichever fd dirtied
+/// them).
+#[derive(Debug)]
+pub(crate) struct Tail {
+    pub start: u64,
+    pub file: File,
+}
+
+/// See the module docs.
+///
+/// Invariants: bits in `bitmap` only go 0→1 and are set only after the data write that covers
+/// them completed (DESIGN invariant 2); a bit set since the last commit has its metadata block
+/// marked in `dirty` (set first, mark second); at most one commit is in flight (`commit`).
+pub(crate) struct DiskState {
+    pub meta_path: PathBuf,
+    pub size: u64,
+    pub read_only: bool,
+    pub image: File,
+    pub image_align: DioAlign,
+    /// Read-modify-write unit: the sector, or the raw image's O_DIRECT alignment if larger.
+    pub unit: u64,
+    /// The partial last O_DIRECT unit, if there is one.
+    pub tail: Option<Tail>,
+    pub meta: File,
+    pub base: Option<Box<dyn BaseSource>>,
+    pub bitmap: SparseBitmap,
+    pub dirty: DirtyBlocks,
+    /// The metadata file's first HEADER_SIZE bytes as read at open (rewritten unchanged when
+    /// block 0 is committed).
+    pub header: Vec<u8>,
+    /// HEADER_SIZE + bitmap length: commit writes never go past this.
+    pub meta_len: u64,
+    pub commit: Mutex<CommitState>,
+    /// Stripes being written: shared for whole units, exclusive for read-modify-write.
+    pub locks: RangeLocks<Parked>,
+    /// No new request is accepted.
+    pub closed: AtomicBool,
+    /// The result of closing, once closed (the first close does the work, later ones wait).
+    pub close_result: OnceLock<std::result::Result<(), RequestError>>,
+    /// An fdatasync of the raw image failed. The kernel may have dropped the unsynced data and
+    /// a later fdatasync could still succeed, so no later commit can vouch for it: every FLUSH
+    /// and FUA now fails with EIO and no bit is persisted any more (reopen to recover).
+    pub sync_failed: AtomicBool,
+    /// Requests accepted and not yet answered (close waits for it to reach zero).
+    pub active: Arc<AtomicUsize>,
+    pub bg_armed: AtomicBool,
+    pub next_core: AtomicUsize,
+    pub sync_ids: AtomicU64,
+    /// What the engine did for this disk (read by `Disk::stats`).
+    pub counters: DiskCounters,
+    #[cfg(feature = "crash-recorder")]
+    pub recorder: Option<Arc<super::recorder::Recorder>>,
+    /// This disk's registered-file slots; dropped last, when nothing can use them any more.
+    pub slot: Option<FileSlot>,
+}
+
+impl std::fmt::Debug for DiskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("meta_path", &self.meta_path)
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_overlay(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
+    match Overlay::open(path, opts) {
+        // A file system without O_DIRECT support refuses the open with EINVAL: serve buffered.
+        Err(e)
+            if (opts.direct_image || opts.direct_base)
+                && e.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            tracing::warn!(path = %path.display(), "O_DIRECT refused; opening buffered");
+            let buffered = OpenOptions {
+                read_only: opts.read_only,
+                direct_image: false,
+                direct_base: false,
+                no_lock: opts.no_lock,
+            };
+            Overlay::open(path, &buffered)
+        }
+        other => other,
+    }
+}
+
+fn is_direct(file: &File) -> bool {
+    // SAFETY: F_GETFL on an open fd has no memory effects.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
+
+/// Opens `path` (the raw image) a second time, buffered, and checks it is the file `image`.
+fn open_tail(image: &File, path: &Path, read_only: bool) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| Error::io("open raw image for its last partial unit", e).with_path(path))?;
+    let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
+    match (id(image), id(&file)) {
+        (Ok(a), Ok(b)) if a == b => Ok(file),
+        (Err(e), _) | (_, Err(e)) => Err(Error::io("stat raw image", e).with_path(path)),
+        _ => Err(Error::new(ErrorKind::InvalidArgument(
+            "the raw image was replaced while it was being opened".into(),
+        ))
+        .with_path(path)),
+    }
+}
+
+impl DiskState {
+    /// Opens and validates the overlay (taking its locks) and builds its shared state; `slot`
+    /// is its registered-file lease (the files are registered by the caller).
+    pub(crate) fn open(
+        path: &Path,
+        opts: &DiskOptions,
+        config: &EngineConfig,
+        slot: Option<FileSlot>,
+    ) -> Result<DiskState> {
+        let open_opts = OpenOptions {
+            read_only: opts.read_only,
+            direct_image: config.image_cache == CacheMode::Direct,
+            direct_base: config.base_cache == CacheMode::Direct,
+            no_lock: false,
+        };
+        let overlay = open_overlay(path, &open_opts)?;
+        let Overlay {
+            meta_path,
+            image_path,
+            virtual_size,
+            base_size,
+            meta,
+            image,
+            base,
+            bitmap,
+            ..
+        } = overlay;
+        let mut header = vec![0u8; HEADER_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&meta, &mut header, 0)
+            .map_err(|e| Error::io("read header", e).with_path(&meta_path))?;
+        if virtual_size % SECTOR_SIZE != 0 {
+            return Err(
+                Error::new(ErrorKind::UnalignedImageSize { size: virtual_size })
+                    .with_path(&meta_path),
+            );
+        }
+        let direct = is_direct(&image);
+        let image_align = dio_align(&image, direct);
+        let unit = image_align.offset.max(SECTOR_SIZE);
+        let tail = if direct && virtual_size % image_align.offset != 0 {
+            Some(Tail {
+                start: virtual_size - virtual_size % image_align.offset,
+                file: open_tail(&image, &image_path, opts.read_only)?,
+            })
+        } else {
+            None
+        };
+        let base: Option<Box<dyn BaseSource>> = base.map(|f| {
+            let align = dio_align(&f, is_direct(&f));
+            let size = base_size.unwrap_or_else(|| f.metadata().map(|m| m.len()).unwrap_or(0));
+            Box::new(RawFileBase::new(f, size, align)) as Box<dyn BaseSource>
+        });
+        let blen = bitmap_len(virtual_size);
+        Ok(DiskState {
+            #[cfg(feature = "crash-recorder")]
+            recorder: config.recorder.clone(),
+            meta_path,
+            size: virtual_size,
+            read_only: opts.read_only,
+            image,
+            image_align,
+            unit,
+            tail,
+            meta,
+            base,
+            bitmap,
+            dirty: DirtyBlocks::new(blen, META_BLOCK),
+            header,
+            meta_len: HEADER_SIZE as u64 + blen,
+            commit: Mutex::new(CommitState::default()),
+            locks: RangeLocks::default(),
+            closed: AtomicBool::new(false),
+            close_result: OnceLock::new(),
+            sync_failed: AtomicBool::new(false),
+            active: Arc::new(AtomicUsize::new(0)),
+            bg_armed: AtomicBool::new(false),
+            next_core: AtomicUsize::new(0),
+            sync_ids: AtomicU64::new(1),
+            counters: DiskCounters::default(),
+            slot,
+        })
+    }
+
+    /// Bytes in the file behind `role` as known at open: the virtual size for the raw image,
+    /// the base's size for the base (0 if none), the bitmap's end for the metadata file. A read
+    /// that ends short before this has not reached the end of the file.
+    pub(crate) fn file_len(&self, role: Role) -> u64 {
+        match role {
+            Role::Image => self.size,
+            Role::Meta => self.meta_len,
+            Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+        }
+    }
+
+    /// The raw fd of `role`'s file (-1 when the disk has no base).
+    pub(crate) fn fd(&self, role: Role) -> RawFd {
+        match role {
+            Role::Image => self.image.as_raw_fd(),
+            Role::Meta => self.meta.as_raw_fd(),
+            Role::Base => self.base.as_ref().and_then(|b| b.main_fd()).unwrap_or(-1),
+        }
+    }
+
+    /// This disk's registered-file slot index, if it has one.
+    pub(crate) fn slot_index(&self) -> Option<u32> {
+        self.slot.as_ref().map(FileSlot::index)
+    }
+
+    /// Sets the bits of sectors `[start, end)` after their data write completed, then marks
+    /// their metadata blocks dirty (in that order; see [`DirtyBlocks`]).
+    pub(crate) fn set_bits(&self, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let (changed, newly) = self.bitmap.set_range_counted(start, end - start);
+        if let Some((first, last)) = changed {
+            self.dirty.mark_bitmap_bytes(first, last);
+        }
+        self.counters.bits_set(newly);
+    }
+
+    /// Waits until every accepted request was answered (after `closed` was set, no new one is).
+    pub(crate) fn wait_idle(&self) {
+        while self.active.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Drops the OFD locks on the metadata file, the raw image and the base, so the overlay can
+    /// be opened again at once (by this process or another) even while clones of a closed
+    /// `Disk`, or the rings' registered-file tables, still hold the file descriptors.
+    pub(crate) fn release_locks(&self) {
+        ofd_unlock(&self.meta);
+        ofd_unlock(&self.image);
+        if let Some(b) = &self.base {
+            b.unlock();
+        }
+    }
+
+    /// The next id for a recorded fdatasync.
+    pub(crate) fn next_sync_id(&self) -> u64 {
+        self.sync_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Drop for DiskState {
+    fn drop(&mut self) {
+        // Nothing can use the files any more (every task holds an Arc of this state); the slot
+        // lease (a field) is given back after this.
+        self.release_locks();
+    }
+}

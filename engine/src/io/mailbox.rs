@@ -1,0 +1,95 @@
+//! How other threads reach a core: its channel, the eventfd its ring always reads, and the
+//! messages they carry.
+//!
+//! Wakeup protocol: before blocking in `io_uring_enter` the core sets its `sleeping` flag and
+//! looks at the channel once more; a sender that finds the flag set clears it and writes the
+//! eventfd, whose read completing wakes the core. Both sides use SeqCst, so a message is either
+//! seen by the core's last look or wakes it; a busy core is fed with no wakeup syscalls.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use super::disk_state::{DiskState, Waiter};
+use super::request::Request;
+use super::responder::Responder;
+
+/// A message to a core thread.
+pub(crate) enum Msg {
+    /// Serve `req` for `disk`; answer through `done`.
+    Submit {
+        disk: Arc<DiskState>,
+        req: Request,
+        done: Responder,
+    },
+    /// Run a commit of `disk` for `waiter` (the final commit of a close, which no longer takes
+    /// requests).
+    Commit {
+        disk: Arc<DiskState>,
+        waiter: Waiter,
+    },
+    /// Put `fds` into registered-file slots `3k..3k+3`; answer on `ack`.
+    Register {
+        index: u32,
+        fds: [i32; 3],
+        ack: Sender<()>,
+    },
+    /// Empty registered-file slots `3k..3k+3`.
+    Unregister { index: u32 },
+    /// Run a closure on the core (answers forwarded from another core).
+    Run(Box<dyn FnOnce() + Send>),
+    /// Finish in-flight work and exit.
+    Shutdown,
+}
+
+/// How other threads reach one core: its channel plus the eventfd its ring always reads.
+pub(crate) struct CoreHandle {
+    pub tx: Sender<Msg>,
+    pub eventfd: OwnedFd,
+    /// True while the core is (about to be) blocked in `io_uring_enter` with an empty channel
+    /// (see the module docs).
+    pub sleeping: AtomicBool,
+}
+
+impl CoreHandle {
+    /// Creates the eventfd; the channel is passed in.
+    pub(crate) fn new(tx: Sender<Msg>) -> std::io::Result<CoreHandle> {
+        // SAFETY: eventfd has no memory effects; we check the result.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(CoreHandle {
+            tx,
+            eventfd,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends `msg` and wakes the core if needed. Gives the message back if the core is gone.
+    pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
+        self.tx.send(msg).map_err(|e| e.0)?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Writes the eventfd unconditionally.
+    pub(crate) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let _ = unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}

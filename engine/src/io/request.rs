@@ -1,0 +1,87 @@
+//! What a caller says to a disk and what it hears back: [`Request`], [`Done`],
+//! [`RequestError`], [`Completion`], and the allocation map ([`Extent`]).
+
+use super::buf::IoBuf;
+
+/// Largest READ the engine serves (256 MiB); larger ones fail with `EINVAL` rather than
+/// allocate an unbounded buffer.
+pub const MAX_READ: u32 = 256 << 20;
+
+/// One request to a disk. Offsets and lengths are bytes; nothing needs to be aligned.
+#[derive(Debug)]
+pub enum Request {
+    /// Read `len` bytes (at most [`MAX_READ`]) at `offset`; the completion carries the filled
+    /// buffer.
+    Read { offset: u64, len: u32 },
+    /// Write `data` at `offset`; with `fua`, answered only once data and bits are durable.
+    Write { offset: u64, data: IoBuf, fua: bool },
+    /// Make every write answered before this request arrived durable (data, then bits).
+    Flush,
+    /// Make `[offset, offset+len)` read as zeros. `punch`: may deallocate (punch a hole);
+    /// otherwise real zeros are written.
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    },
+    /// Discard `[offset, offset+len)`; afterwards it reads as zeros (base data never re-exposed).
+    Trim { offset: u64, len: u64, fua: bool },
+    /// Prefetch hint: no semantic effect.
+    Cache { offset: u64, len: u64 },
+}
+
+/// A successful request's result.
+#[derive(Debug)]
+pub enum Done {
+    /// A read's data, exactly the requested length.
+    Read(IoBuf),
+    /// A write finished; its buffer is handed back for reuse.
+    Written(IoBuf),
+    /// FLUSH, WRITE_ZEROES, TRIM or CACHE finished.
+    Ok,
+}
+
+/// Why a request failed. `errno` is a Linux errno (EIO, ENOSPC, EINVAL, EPERM, ESHUTDOWN, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op} at offset {offset}: {}", std::io::Error::from_raw_os_error(*errno))]
+pub struct RequestError {
+    /// Linux errno.
+    pub errno: i32,
+    /// What the engine was doing ("read raw image", "fdatasync raw image", ...).
+    pub op: &'static str,
+    /// Byte offset of the request (0 for FLUSH).
+    pub offset: u64,
+}
+
+/// Called exactly once, on a core thread, when a request finishes (with `ESHUTDOWN` if the
+/// engine stops before it could be served). Keep it short (send to a channel), and never block
+/// on the engine from inside it (the blocking helpers would deadlock there).
+pub type Completion = Box<dyn FnOnce(std::result::Result<Done, RequestError>) + Send + 'static>;
+
+/// Where the bytes of a range come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ExtentKind {
+    /// Bits set: read from the raw image.
+    Image,
+    /// Bits clear, inside the base: read from the base.
+    Base,
+    /// Bits clear, past the base's end or no base: reads as zeros without touching a disk.
+    Zero,
+}
+
+/// A run of bytes with one [`ExtentKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Where they come from.
+    pub kind: ExtentKind,
+}
+
+/// A request error with `errno`, `op` and `offset`.
+pub(crate) fn req_err(errno: i32, op: &'static str, offset: u64) -> RequestError {
+    RequestError { errno, op, offset }
+}
