@@ -186,10 +186,11 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
         clear_bits_from(&top_meta, 0, bitmap_len(size))?;
         top_meta.sync("fdatasync overlay bitmap")?;
     }
-    for &(first, count) in &runs {
-        top_image.punch(first * SECTOR_SIZE, count * SECTOR_SIZE)?;
+    // Every bit is clear now: no byte of the raw image is referenced, free all of it.
+    if !runs.is_empty() {
+        top_image.punch(0, size)?;
+        top_image.sync("fdatasync raw image")?;
     }
-    top_image.sync("fdatasync raw image")?;
     Ok(Committed {
         base: base_path,
         bytes,

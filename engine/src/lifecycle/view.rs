@@ -62,7 +62,7 @@ impl Layer {
                 path.display()
             ))));
         }
-        let file = File::open(path).map_err(|e| Error::io("open image", e).with_path(path))?;
+        let file = File::open(path).map_err(|e| Error::io("open base", e).with_path(path))?;
         if is_add_cow(&file, path)? {
             let overlay = Overlay::open(
                 path,
