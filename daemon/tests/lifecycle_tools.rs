@@ -235,7 +235,7 @@ fn rebase_keeps_content_byte_for_byte() {
     let fx = Fixture::new(MIB);
     let ov = fx.overlay();
     write_some(&fx, &ov);
-    let before = dump(&fx, &ov, "before.img");
+    dump(&fx, &ov, "before.img");
     let root = fx.dir.path();
     // A new base that differs from the old one everywhere but in its first 64 KiB.
     let mut nb = vec![0xabu8; (768 * KIB) as usize];
