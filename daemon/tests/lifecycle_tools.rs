@@ -177,6 +177,10 @@ fn resize_shrink_needs_the_flag_and_a_regrow_does_not_resurrect_data() {
     let fx = Fixture::new(MIB);
     let ov = fx.overlay();
     write_some(&fx, &ov);
+    // Sectors 512..520 written: the shrink below ends inside their bitmap byte.
+    served(&fx, &ov, |uri| {
+        qemu_io(uri, &["write -P 0x66 256k 4k"]);
+    });
     let before = dump(&fx, &ov, "before.img");
     let root = fx.dir.path();
 
@@ -184,22 +188,34 @@ fn resize_shrink_needs_the_flag_and_a_regrow_does_not_resurrect_data() {
     assert!(e.contains("--shrink") && e.contains("discards"), "{e}");
     assert_eq!(open_ro(&ov).virtual_size, MIB, "nothing changed");
 
-    ok(root, &["resize", "--shrink", "disk.add-cow", "-768K"]);
+    // 515 sectors: bits 515..519 of the last bitmap byte are past the new end.
+    let small = 515 * 512;
+    ok(
+        root,
+        &[
+            "resize",
+            "--shrink",
+            "disk.add-cow",
+            "--",
+            &format!("-{}", MIB - small),
+        ],
+    );
     let o = open_ro(&ov);
-    assert_eq!(o.virtual_size, 256 * KIB);
+    assert_eq!(o.virtual_size, small);
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
     drop(o);
-    std::fs::write(fx.path("want.img"), &before[..(256 * KIB) as usize]).unwrap();
+    std::fs::write(fx.path("want.img"), &before[..small as usize]).unwrap();
     compare_served(&fx, &ov, &fx.path("want.img"));
 
-    // Grown again: 300k held 0x22 in the raw image before the shrink; now the base shows
-    // through (0xab up to 512k), then zeros.
+    // Grown again: what the raw image held past the new end is gone; the base shows through
+    // (0xab up to 512k), then zeros. Stale bits there would read the regrown raw image (zeros).
     ok(root, &["resize", "disk.add-cow", "1M"]);
     served(&fx, &ov, |uri| {
         qemu_io(
             uri,
             &[
-                "read -P 0xab 256k 256k",
+                "read -P 0x66 256k 1536",
+                &format!("read -P 0xab {small} {}", 512 * KIB - small),
                 "read -P 0 512k 512k",
                 "read -P 0x11 4k 8k",
             ],
