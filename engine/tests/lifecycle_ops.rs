@@ -235,3 +235,27 @@ fn resize_grow_clears_stray_bits_past_the_old_end() {
     let base = std::fs::read(d.join("base.img")).unwrap();
     assert_eq!(g[before.len()..], base[before.len()..]);
 }
+
+#[test]
+fn rebase_refuses_a_symlinked_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    std::os::unix::fs::symlink(&meta, d.join("link.add-cow")).unwrap();
+    let e = rebase(
+        &RebaseOptions {
+            overlay: d.join("link.add-cow"),
+            new_base: None,
+            unsafe_: false,
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(std::fs::symlink_metadata(d.join("link.add-cow"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!d.join(".link.add-cow.rebase-tmp").exists());
+}
