@@ -65,8 +65,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Rebases the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
 pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     let o = Overlay::open(&opts.overlay, &OpenOptions::default())?;
-    // Renaming over a symbolic link would replace the link, not the overlay it names (and relative paths are resolved from
-    // the link's folder): refused.
+    // Renaming over a symbolic link would replace the link, not the overlay it names (and
+    // relative paths are resolved from the link's folder): refused.
     if std::fs::symlink_metadata(&o.meta_path).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(Error::new(ErrorKind::InvalidArgument(format!(
             "{} is a symbolic link: rebase replaces the overlay file by renaming a new one over \
