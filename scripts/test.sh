@@ -36,6 +36,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
 cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 
 echo "== tests"
 if command -v cargo-nextest >/dev/null; then
@@ -60,6 +61,9 @@ fi
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync --no-fail-fast --test engine_faults data_fdatasync
+# The same for resize, rebase and commit: with each one's order broken, the lifecycle crash
+# checker must find crash states that do not open or read wrong (the tests assert violations).
+cargo test -p addcow-engine --features crash-recorder,unsafe-lifecycle-order --no-fail-fast --test lifecycle_crash
 cargo test --workspace --doc
 
 echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"

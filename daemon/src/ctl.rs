@@ -44,6 +44,7 @@ const METHODS_HELP: &str = "Methods:
   export-add name=NAME overlay=PATH [read_only=true]
                                                 open an overlay and export it
   export-del name=NAME [mode=safe|hard]         remove an export (hard: disconnect clients)
+  export-resize name=NAME size=SIZE            grow an export (clients reconnect to see it)
   query-exports                                 every export
   query-stats [name=NAME]                       requests, bytes, errors, latency per operation
   quit                                          shut the daemon down

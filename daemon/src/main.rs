@@ -1,7 +1,7 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
 //!
 //! Subcommands live in their own modules: `serve` in [`serve`], its control client `ctl` in
-//! [`ctl`], the image tools `create`/`info`/`check`/`map` in [`tools`].
+//! [`ctl`], the image tools `create`/`info`/`check`/`map`/`resize`/`rebase`/`commit` in [`tools`].
 
 use std::process::ExitCode;
 
@@ -34,6 +34,12 @@ enum Command {
     Check(tools::check::CheckArgs),
     /// Print the allocation as runs, in the shape of `qemu-img map`.
     Map(tools::map::MapArgs),
+    /// Grow (or, with --shrink, shrink) an overlay's virtual size.
+    Resize(tools::resize::ResizeArgs),
+    /// Point an overlay at another base (or none), keeping what it reads (as qemu-img rebase).
+    Rebase(tools::rebase::RebaseArgs),
+    /// Write an overlay's sectors into its base, then empty the overlay.
+    Commit(tools::commit::CommitArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,5 +58,8 @@ fn main() -> ExitCode {
         Command::Info(args) => tools::info::run(args),
         Command::Check(args) => tools::check::run(args),
         Command::Map(args) => tools::map::run(args),
+        Command::Resize(args) => tools::resize::run(args),
+        Command::Rebase(args) => tools::rebase::run(args),
+        Command::Commit(args) => tools::commit::run(args),
     }
 }

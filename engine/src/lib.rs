@@ -14,6 +14,7 @@ pub mod bitmap;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod lifecycle;
 
 pub use error::{Error, ErrorKind, Result};
 pub use io::{

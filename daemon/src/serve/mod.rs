@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod probe;
 pub mod reply;
+pub mod resize;
 pub mod signals;
 pub mod sock;
 pub mod stats;

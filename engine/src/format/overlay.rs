@@ -167,6 +167,28 @@ pub(crate) fn share_lock_base(file: &File) -> Result<()> {
     Ok(())
 }
 
+/// Allocates the blocks of `[offset, offset + len)` of `file` (`fallocate` mode 0: contents
+/// and, inside the file, size unchanged), so later writes there cannot fail with ENOSPC. A file
+/// system without `fallocate` (EOPNOTSUPP) is not an error: the range stays sparse.
+pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: fallocate on a descriptor that stays open for the call; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, l) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Drops the OFD lock on the whole of `file` (a no-op when none is held).
 pub(crate) fn ofd_unlock(file: &File) {
     // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
@@ -702,6 +724,8 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
         f.set_len(0)?;
         f.write_all(&hbytes)?;
         f.set_len(len)?;
+        // Blocks for the whole bitmap now, so a later commit cannot stall on ENOSPC.
+        preallocate(f, BITMAP_OFFSET, len - BITMAP_OFFSET)?;
         f.sync_all()
     };
     write(&mut f).map_err(|e| Error::io("write overlay", e).with_path(overlay))?;

@@ -5,14 +5,20 @@
 //!   section (header, LSB-first bitmap at byte 2560, base fallthrough, zeros past the base's end),
 //!   deliberately not using the library, so it can judge the library and the engine.
 //! * [`engine`]: blocking calls into a real engine and overlay fixtures written from the spec.
+//! * [`lifecycle`]: overlay fixtures for resize, rebase and commit.
 //! * [`pattern`]: recognizable byte patterns for bases, pre-allocated and stale sectors, and the
 //!   round-robin split of a disk between writer threads.
 //! * [`crash`]: the crash-state builder and checker over a recorder log (feature
+//!   `crash-recorder`).
+//! * [`fileops`]: crash states of the lifecycle tools' file-operation logs (feature
 //!   `crash-recorder`).
 #![allow(dead_code)]
 
 #[cfg(feature = "crash-recorder")]
 pub mod crash;
 pub mod engine;
+#[cfg(feature = "crash-recorder")]
+pub mod fileops;
+pub mod lifecycle;
 pub mod pattern;
 pub mod reference;

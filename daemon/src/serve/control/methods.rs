@@ -86,6 +86,13 @@ pub const METHODS: &[Method] = &[
         call: export_del,
     },
     Method {
+        name: "export-resize",
+        params: &[p("name", Kind::Str, true), p("size", Kind::Str, true)],
+        summary: "grow an export to size (bytes, or with K/M/G/T): its clients are disconnected \
+                  as in a restart and see the new size when they reconnect; shrinking is refused",
+        call: export_resize,
+    },
+    Method {
         name: "query-exports",
         params: &[],
         summary: "every export: overlay, size, read-only, clients, allocation",
@@ -197,6 +204,34 @@ fn export_del(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     Ok(serde_json::to_value(deleted).unwrap_or_default())
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportResize {
+    name: String,
+    /// Bytes as a number, or a string with an optional K/M/G/T suffix (binary).
+    size: Value,
+}
+
+fn export_resize(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
+    let r: ExportResize = params(p)?;
+    let size = match &r.size {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => parse_size::Config::new().with_binary().parse_size(s).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        RpcError::new(
+            INVALID_PARAMS,
+            format!(
+                "invalid params: size {} is not a byte count (e.g. 1073741824 or \"20G\")",
+                r.size
+            ),
+        )
+    })?;
+    let done = super::super::resize::resize_export(host, &r.name, size)?;
+    Ok(serde_json::to_value(done).unwrap_or_default())
+}
+
 fn query_exports(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let NoParams {} = params(p)?;
     Ok(serde_json::to_value(host.export_info()).unwrap_or_default())
@@ -248,6 +283,7 @@ mod tests {
                 "hello" | "query-exports" | "quit" => params::<NoParams>(all).map(|_| ()),
                 "export-add" => params::<ExportAdd>(all).map(|_| ()),
                 "export-del" => params::<ExportDel>(all).map(|_| ()),
+                "export-resize" => params::<ExportResize>(all).map(|_| ()),
                 "query-stats" => params::<QueryStats>(all).map(|_| ()),
                 other => panic!("method {other} has no parameter check here"),
             };
@@ -256,6 +292,7 @@ mod tests {
                 "hello" | "query-exports" | "quit" => params::<NoParams>(extra).map(|_| ()),
                 "export-add" => params::<ExportAdd>(extra).map(|_| ()),
                 "export-del" => params::<ExportDel>(extra).map(|_| ()),
+                "export-resize" => params::<ExportResize>(extra).map(|_| ()),
                 _ => params::<QueryStats>(extra).map(|_| ()),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);

@@ -1,0 +1,114 @@
+//! `export-resize` on the control socket of a running `addcow serve`: the export grows, a new
+//! NBD connection sees the new size (nbdinfo), data written past the old end reads back, the old
+//! content is unchanged (qemu-img compare), a client connected meanwhile is disconnected and
+//! must reconnect; shrinking and bad sizes are refused with clear errors.
+
+mod nbd_support;
+
+use nbd_support::*;
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn export_resize_grows_a_served_export() {
+    let f = Fixture::new(MIB);
+    let sock = f.path("nbd.sock");
+    let control = f.path("ctl.sock");
+    let d = Daemon::start(
+        &sock,
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--export",
+            &format!("disk={}", f.overlay().display()),
+        ],
+    );
+    let uri = d.uri_of("disk");
+    qemu_io(&uri, &["write -P 0x11 4k 8k", "write -P 0x44 900k 4k"]);
+    let before = f.path("before.img");
+    run("nbdcopy", &[&uri, before.to_str().unwrap()]);
+    assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), MIB.to_string());
+
+    // A client connected across the resize, reading all the time.
+    let holding = HoldingClient::start(&uri);
+    let mut c = Control::connect(&control);
+    assert!(c.ok("hello", json!({}))["features"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("export-resize")));
+    // Refusals first: nothing changes.
+    let e = c
+        .call("export-resize", json!({"name": "disk", "size": "512K"}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "shrink-refused", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("--shrink"), "{e}");
+    let e = c
+        .call("export-resize", json!({"name": "disk", "size": 1_000_000}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "invalid-size", "{e}");
+    let e = c
+        .call("export-resize", json!({"name": "disk", "size": "lots"}))
+        .unwrap_err();
+    assert!(
+        e["message"].as_str().unwrap().contains("not a byte count"),
+        "{e}"
+    );
+    let e = c
+        .call("export-resize", json!({"name": "nope", "size": "2M"}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "no-such-export", "{e}");
+    assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), MIB.to_string());
+
+    let r = c.ok("export-resize", json!({"name": "disk", "size": "2M"}));
+    assert_eq!(r["old_size"], MIB, "{r}");
+    assert_eq!(r["new_size"], 2 * MIB, "{r}");
+    // The connected client was disconnected (as in a restart: it reconnects to see 2 MiB).
+    holding.wait_for("ended:");
+    assert!(r["clients_disconnected"] == 1, "{r}");
+    // A new connection sees the new size; the old content is unchanged; past the old end is
+    // writable and reads back.
+    assert_eq!(
+        run("nbdinfo", &["--size", &uri]).trim(),
+        (2 * MIB).to_string()
+    );
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            before.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    qemu_io(&uri, &["write -P 0x5c 1536k 64k", "write -P 0x5d 1020k 8k"]);
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x5c 1536k 64k",
+            "read -P 0x5d 1020k 8k",
+            "read -P 0x11 4k 8k",
+            "read -P 0 1600k 448k",
+        ],
+    );
+    let exports = c.ok("query-exports", json!({}));
+    assert_eq!(exports[0]["size"], 2 * MIB, "{exports}");
+    d.stop();
+
+    // On disk: the overlay is 2 MiB and clean.
+    let o = addcow_engine::format::Overlay::open(
+        &f.overlay(),
+        &addcow_engine::format::OpenOptions {
+            read_only: true,
+            no_lock: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(o.virtual_size, 2 * MIB);
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+}

@@ -1,0 +1,251 @@
+//! `commit`: write every sector the overlay holds into its base, then empty the overlay.
+//!
+//! Order: (1) lock the base for writing (a whole-file exclusive OFD lock on a raw base; an
+//! add-cow base is opened for writing, which locks it the same way): serving share-locks its
+//! base, so a base that any running server or QEMU reads is refused, never changed under it;
+//! (2) grow the base to the overlay's size if it is smaller (as `qemu-img commit` does; a raw
+//! base is extended with zeros, an add-cow base is resized with clear bits); (3) copy every set
+//! sector into the base at the same offset (an add-cow base: into its raw image, setting its
+//! bits afterwards, data durable before bits as serving does); (4) fdatasync the base;
+//! (5) clear the overlay's bits; fdatasync its `.add-cow`; (6) punch the overlay's raw image
+//! where the bits were set; fdatasync it.
+//!
+//! Until (5) is durable the overlay still reads its own copy of every set sector, and the base
+//! changed only under set sectors (and past its old end, which read as zeros and still does),
+//! so the overlay reads the same. Once a bit is clear on disk, (4) made the base's copy of that
+//! sector durable, so it reads the same again. The punch in (6) frees space no bit refers to.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::bitmap::SparseBitmap;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::overlay::{file_len, ofd_lock};
+use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
+use crate::lifecycle::fileops::{OpFile, Ops};
+use crate::lifecycle::resize::grow;
+use crate::lifecycle::view::is_add_cow;
+use crate::lifecycle::{clear_bits_from, WINDOW};
+
+/// Bytes copied at a time.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// What to commit.
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// The `.add-cow` file whose sectors go into its base.
+    pub overlay: PathBuf,
+}
+
+/// What `commit` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The base written into.
+    pub base: PathBuf,
+    /// Bytes copied (set sectors × 512).
+    pub bytes: u64,
+    /// The base's size before, when it had to grow to the overlay's size.
+    pub base_grown_from: Option<u64>,
+}
+
+/// The base being written: a raw file, or an add-cow overlay (its raw image and bitmap).
+enum Target {
+    Raw(OpFile),
+    AddCow {
+        overlay: Box<Overlay>,
+        meta: OpFile,
+        image: OpFile,
+    },
+}
+
+fn base_locked(e: Error, path: &Path) -> Error {
+    if e.kind() == &ErrorKind::Locked {
+        Error::new(ErrorKind::Locked)
+            .with_path(path)
+            .with_op("lock base for writing: it is in use (a served overlay or QEMU reads it)")
+    } else {
+        e.with_path(path)
+    }
+}
+
+/// Commits the overlay at `opts.overlay` into its base. Refused: an overlay without a base, an
+/// overlay or base held by another process ([`ErrorKind::Locked`]).
+pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
+    // The overlay's own base lock (shared) would conflict with ours (exclusive): lock by hand.
+    let top = Overlay::open(
+        &opts.overlay,
+        &OpenOptions {
+            no_lock: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    ofd_lock(&top.meta, true).map_err(|e| e.with_path(&top.meta_path))?;
+    ofd_lock(&top.image, true).map_err(|e| e.with_path(&top.image_path))?;
+    let Some(base_path) = top.base_path.clone() else {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "{} has no base: there is nothing to commit into",
+            opts.overlay.display()
+        ))));
+    };
+    let size = top.virtual_size;
+
+    let probe =
+        File::open(&base_path).map_err(|e| Error::io("open base", e).with_path(&base_path))?;
+    let mut grown_from = None;
+    let target = if is_add_cow(&probe, &base_path)? {
+        drop(probe);
+        let bo = Overlay::open(&base_path, &OpenOptions::default())
+            .map_err(|e| base_locked(e, &base_path))?;
+        let meta = ops.open(&bo.meta, &bo.meta_path)?;
+        let image = ops.open(&bo.image, &bo.image_path)?;
+        if bo.virtual_size < size {
+            grown_from = Some(bo.virtual_size);
+            grow(&meta, &image, bo.virtual_size, size)?;
+        }
+        // Bits past the old end are clear after the grow: a fresh in-memory bitmap of the new
+        // size starting from the loaded one.
+        let overlay = if grown_from.is_some() {
+            let reopened = Overlay {
+                bitmap: grown_bitmap(&bo.bitmap, size / SECTOR_SIZE),
+                virtual_size: size,
+                ..bo
+            };
+            Box::new(reopened)
+        } else {
+            Box::new(bo)
+        };
+        Target::AddCow {
+            overlay,
+            meta,
+            image,
+        }
+    } else {
+        drop(probe);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&base_path)
+            .map_err(|e| Error::io("open base for writing", e).with_path(&base_path))?;
+        ofd_lock(&f, true).map_err(|e| base_locked(e, &base_path))?;
+        let raw = ops.open(&f, &base_path)?;
+        let len = file_len(&f, &base_path, "stat base")?;
+        if len < size {
+            grown_from = Some(len);
+            raw.set_len(size, "grow base")?;
+        }
+        Target::Raw(raw)
+    };
+
+    let top_meta = ops.open(&top.meta, &top.meta_path)?;
+    let top_image = ops.open(&top.image, &top.image_path)?;
+    let runs = set_runs(&top.bitmap);
+
+    // (3) copy.
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut bytes = 0u64;
+    for &(first, count) in &runs {
+        let mut at = first * SECTOR_SIZE;
+        let end = (first + count) * SECTOR_SIZE;
+        while at < end {
+            let n = (end - at).min(COPY_CHUNK) as usize;
+            top_image.read_at(&mut buf[..n], at, "read raw image")?;
+            match &target {
+                Target::Raw(f) => f.write_at(&buf[..n], at, "write base")?,
+                Target::AddCow { image, .. } => image.write_at(&buf[..n], at, "write base")?,
+            }
+            at += n as u64;
+            bytes += n as u64;
+        }
+    }
+
+    #[cfg(feature = "unsafe-lifecycle-order")]
+    {
+        // Deliberately broken for the crash checker: the overlay forgets its sectors before the
+        // base's copy of them is durable.
+        clear_bits_from(&top_meta, 0, bitmap_len(size))?;
+        top_meta.sync("fdatasync overlay bitmap")?;
+    }
+
+    // (4) the base durable: data, then (add-cow) its bits.
+    match &target {
+        Target::Raw(f) => f.sync("fdatasync base")?,
+        Target::AddCow {
+            overlay,
+            meta,
+            image,
+        } => {
+            image.sync("fdatasync base raw image")?;
+            set_bits(meta, &overlay.bitmap, &runs)?;
+            meta.sync("fdatasync base bitmap")?;
+        }
+    }
+
+    // (5) empty the overlay's bitmap, (6) free its raw image.
+    #[cfg(not(feature = "unsafe-lifecycle-order"))]
+    {
+        clear_bits_from(&top_meta, 0, bitmap_len(size))?;
+        top_meta.sync("fdatasync overlay bitmap")?;
+    }
+    // Every bit is clear now: no byte of the raw image is referenced, free all of it.
+    if !runs.is_empty() {
+        top_image.punch(0, size)?;
+        top_image.sync("fdatasync raw image")?;
+    }
+    Ok(Committed {
+        base: base_path,
+        bytes,
+        base_grown_from: grown_from,
+    })
+}
+
+/// The runs `(first sector, count)` of set bits.
+pub(crate) fn set_runs(bitmap: &SparseBitmap) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut s = 0;
+    while s < bitmap.sectors() {
+        let (set, n) = bitmap.run_from(s, u64::MAX);
+        if n == 0 {
+            break;
+        }
+        if set {
+            runs.push((s, n));
+        }
+        s += n;
+    }
+    runs
+}
+
+/// `old` resized to `sectors` bits (the new ones clear).
+fn grown_bitmap(old: &SparseBitmap, sectors: u64) -> SparseBitmap {
+    let new = SparseBitmap::new(sectors);
+    for (first, count) in set_runs(old) {
+        new.set_range(first, count);
+    }
+    new
+}
+
+/// Sets the bits of `runs` in `bitmap` and writes every bitmap window they changed to `meta`.
+pub(crate) fn set_bits(meta: &OpFile, bitmap: &SparseBitmap, runs: &[(u64, u64)]) -> Result<()> {
+    let mut windows: Vec<u64> = Vec::new();
+    for &(first, count) in runs {
+        if let Some((a, b)) = bitmap.set_range(first, count) {
+            let (wa, wb) = (a / WINDOW as u64, b / WINDOW as u64);
+            for w in wa..=wb {
+                if windows.last() != Some(&w) {
+                    windows.push(w);
+                }
+            }
+        }
+    }
+    windows.sort_unstable();
+    windows.dedup();
+    let total = bitmap_len(bitmap.sectors() * SECTOR_SIZE);
+    let mut buf = vec![0u8; WINDOW];
+    for w in windows {
+        let start = w * WINDOW as u64;
+        let n = ((total - start) as usize).min(WINDOW);
+        bitmap.copy_bytes(start, &mut buf[..n]);
+        meta.write_at(&buf[..n], BITMAP_OFFSET + start, "write bitmap")?;
+    }
+    Ok(())
+}

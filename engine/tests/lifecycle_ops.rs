@@ -1,0 +1,261 @@
+//! The lifecycle library calls (resize, rebase, commit) on real files, beyond what the crash
+//! checker covers: add-cow bases on either side of a rebase, `-u`, a base larger than the
+//! overlay, nothing to commit, stray bits past the end, and the locks.
+
+mod support;
+
+use std::path::Path;
+
+use addcow_engine::format::{OpenOptions, Overlay};
+use addcow_engine::lifecycle::{
+    commit, rebase, resize, CommitOptions, Ops, RebaseOptions, ResizeOptions,
+};
+use addcow_engine::ErrorKind;
+use support::lifecycle::{guest, overlay, raw_base};
+
+fn set(s: u64) -> bool {
+    s % 3 == 0 || (40..60).contains(&s)
+}
+
+fn open_ro(p: &Path) -> Overlay {
+    Overlay::open(
+        p,
+        &OpenOptions {
+            read_only: true,
+            no_lock: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// `mid.add-cow` (+ `mid.raw`) over `base.img`, every fourth sector written.
+fn mid_overlay(dir: &Path, sectors: u64) -> std::path::PathBuf {
+    let m = overlay(dir, Some("base.img"), sectors, |s| s % 4 == 1);
+    std::fs::rename(&m, dir.join("mid.add-cow")).unwrap();
+    std::fs::rename(dir.join("disk.raw"), dir.join("mid.raw")).unwrap();
+    let mid = dir.join("mid.add-cow");
+    let mut bytes = std::fs::read(&mid).unwrap();
+    bytes[1036..1036 + 8].copy_from_slice(b"mid.raw\0");
+    std::fs::write(&mid, bytes).unwrap();
+    mid
+}
+
+#[test]
+fn rebase_between_raw_and_add_cow_bases_keeps_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let mid = mid_overlay(d, 200);
+    let meta = overlay(d, Some("mid.add-cow"), 200, set);
+    let before = guest(&meta);
+    // Onto the raw base below the add-cow one: the middle layer's sectors are copied up.
+    let r = rebase(
+        &RebaseOptions {
+            overlay: meta.clone(),
+            new_base: Some(d.join("base.img")),
+            unsafe_: false,
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    assert!(r.copied > 0);
+    assert_eq!(guest(&meta), before);
+    assert_eq!(
+        open_ro(&meta).base_path.as_deref(),
+        Some(d.join("base.img").as_path())
+    );
+    // And back onto the add-cow one: the two bases differ only at the middle layer's own
+    // sectors, which the first rebase already set in the top: nothing to copy.
+    let r = rebase(
+        &RebaseOptions {
+            overlay: meta.clone(),
+            new_base: Some(mid.clone()),
+            unsafe_: false,
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        r.copied, 0,
+        "every sector where they differ is already in the top"
+    );
+    assert_eq!(guest(&meta), before);
+    assert!(open_ro(&meta).warnings.is_empty());
+}
+
+#[test]
+fn rebase_unsafe_changes_only_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    raw_base(d, "other.img", 60_000, 7);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let raw_before = std::fs::read(d.join("disk.raw")).unwrap();
+    let bitmap_before = std::fs::read(&meta).unwrap()[2560..].to_vec();
+    rebase(
+        &RebaseOptions {
+            overlay: meta.clone(),
+            new_base: Some(d.join("other.img")),
+            unsafe_: true,
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(d.join("disk.raw")).unwrap(), raw_before);
+    assert_eq!(std::fs::read(&meta).unwrap()[2560..], bitmap_before[..]);
+    let o = open_ro(&meta);
+    assert_eq!(o.base_path.as_deref(), Some(d.join("other.img").as_path()));
+    // Clear sectors now read the other base.
+    let g = guest(&meta);
+    let other = std::fs::read(d.join("other.img")).unwrap();
+    assert_eq!(g[512..1024], other[512..1024]);
+}
+
+#[test]
+fn commit_into_a_larger_base_keeps_its_size_and_other_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 300 * 512 + 100, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let before = guest(&meta);
+    let base_before = std::fs::read(d.join("base.img")).unwrap();
+    let c = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    assert_eq!(c.base_grown_from, None);
+    assert_eq!(c.bytes, (0..200).filter(|&s| set(s)).count() as u64 * 512);
+    let base = std::fs::read(d.join("base.img")).unwrap();
+    assert_eq!(base.len(), base_before.len());
+    assert_eq!(base[..before.len()], before[..]);
+    assert_eq!(base[before.len()..], base_before[before.len()..]);
+    assert_eq!(open_ro(&meta).bitmap.count_set(), 0);
+    assert_eq!(guest(&meta), before);
+    // Committing an empty overlay changes nothing.
+    let c = commit(&CommitOptions { overlay: meta }, &Ops::new()).unwrap();
+    assert_eq!(c.bytes, 0);
+    assert_eq!(std::fs::read(d.join("base.img")).unwrap(), base);
+}
+
+#[test]
+fn commit_into_an_add_cow_base_sets_its_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let mid = mid_overlay(d, 150);
+    let meta = overlay(d, Some("mid.add-cow"), 200, set);
+    let before = guest(&meta);
+    let c = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    assert_eq!(c.base_grown_from, Some(150 * 512));
+    let m = open_ro(&mid);
+    assert_eq!(m.virtual_size, 200 * 512);
+    assert!(m.warnings.is_empty());
+    for s in 0..200 {
+        assert_eq!(
+            m.bitmap.get(s),
+            set(s) || (s < 150 && s % 4 == 1),
+            "sector {s}"
+        );
+    }
+    drop(m);
+    assert_eq!(guest(&mid), before);
+    assert_eq!(guest(&meta), before);
+}
+
+#[test]
+fn commit_is_refused_while_the_base_is_share_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let base_before = std::fs::read(d.join("base.img")).unwrap();
+    // A second overlay on the same base, opened as serving opens it (locks on).
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = overlay(
+        other_dir.path(),
+        Some(d.join("base.img").to_str().unwrap()),
+        200,
+        |_| false,
+    );
+    let served = Overlay::open(&other, &OpenOptions::default()).unwrap();
+    let e = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Locked);
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert_eq!(std::fs::read(d.join("base.img")).unwrap(), base_before);
+    assert!(open_ro(&meta).bitmap.count_set() > 0);
+    drop(served);
+    commit(&CommitOptions { overlay: meta }, &Ops::new()).unwrap();
+}
+
+#[test]
+fn resize_grow_clears_stray_bits_past_the_old_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    // 101 sectors: byte 12 covers sectors 96..104; set 97 and (stray) 101..104.
+    let meta = overlay(d, Some("base.img"), 101, |s| s == 97);
+    let mut m = std::fs::read(&meta).unwrap();
+    m[2560 + 12] |= 0xe0;
+    m.extend_from_slice(&[0xff; 3]); // and stray bytes after the bitmap
+    std::fs::write(&meta, m).unwrap();
+    assert!(!open_ro(&meta).warnings.is_empty());
+    let before = guest(&meta);
+    resize(
+        &ResizeOptions {
+            overlay: meta.clone(),
+            size: 200 * 512,
+            shrink: false,
+        },
+        &Ops::new(),
+    )
+    .unwrap();
+    let o = open_ro(&meta);
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    assert_eq!(o.bitmap.count_set(), 1);
+    drop(o);
+    let g = guest(&meta);
+    assert_eq!(g[..before.len()], before[..]);
+    // The grown sectors read the base, not the (hole) raw image.
+    let base = std::fs::read(d.join("base.img")).unwrap();
+    assert_eq!(g[before.len()..], base[before.len()..]);
+}
+
+#[test]
+fn rebase_refuses_a_symlinked_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    std::os::unix::fs::symlink(&meta, d.join("link.add-cow")).unwrap();
+    let e = rebase(
+        &RebaseOptions {
+            overlay: d.join("link.add-cow"),
+            new_base: None,
+            unsafe_: false,
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(std::fs::symlink_metadata(d.join("link.add-cow"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!d.join(".link.add-cow.rebase-tmp").exists());
+}
