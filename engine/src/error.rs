@@ -52,6 +52,19 @@ pub enum ErrorKind {
     /// make serving write to a file that must not be written.
     #[error("the {a} and the {b} are the same file")]
     SameFile { a: &'static str, b: &'static str },
+    /// A file appears twice in a backing chain (by device and inode): `again` (the layer being
+    /// opened) is the same file as `first`, which is already in the chain as `role`.
+    #[error(
+        "backing chain loop: {again} is the same file as {first} (the {role} of an upper layer)"
+    )]
+    BackingLoop {
+        first: String,
+        again: String,
+        role: &'static str,
+    },
+    /// A backing chain has more layers below the top overlay than the engine opens.
+    #[error("backing chain too deep: more than {limit} layers below the top overlay (at {path})")]
+    ChainTooDeep { limit: usize, path: String },
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -17,6 +17,6 @@ pub mod io;
 
 pub use error::{Error, ErrorKind, Result};
 pub use io::{
-    CacheMode, Completion, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig, Extent,
-    ExtentKind, IoBuf, Request, RequestError,
+    CacheMode, Completion, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig,
+    Extent, ExtentKind, IoBuf, Request, RequestError,
 };

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
-use addcow_engine::{Completion, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
+use addcow_engine::{Completion, DepthExtent, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
 
 use super::conns::ClientHandle;
 use super::probe::LayerFiles;
@@ -26,6 +26,23 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, core: usize, req: Request, done: Completion);
     /// Where the bytes of `[offset, offset+len)` come from (no I/O).
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// Which layer supplies each part of `[offset, offset+len)`, numbered like
+    /// `qemu:allocation-depth` (no I/O). By default from [`Backend::allocation`]: `1` raw
+    /// image, `2` base, `0` zeros (exact for a disk with at most one base layer).
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.allocation(offset, len)
+            .into_iter()
+            .map(|e| DepthExtent {
+                offset: e.offset,
+                len: e.len,
+                depth: match e.kind {
+                    ExtentKind::Image => 1,
+                    ExtentKind::Base => 2,
+                    ExtentKind::Zero => 0,
+                },
+            })
+            .collect()
+    }
     /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
     /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
     /// unsubmitted.
@@ -71,6 +88,9 @@ impl Backend for EngineDisk {
     }
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
         self.disk.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.disk.allocation_depth(offset, len)
     }
     fn alloc_buf(&self, len: usize) -> IoBuf {
         // The reader overwrites the whole buffer with the payload (or drops it): zeroing it
