@@ -15,7 +15,7 @@ pub mod error;
 pub mod format;
 pub mod io;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
     CacheMode, Completion, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig,
     Extent, ExtentKind, IoBuf, Request, RequestError,

@@ -151,13 +151,7 @@ fn depth_three_chain_reads_as_the_reference_and_reports_depths() {
     let eng = engine(2);
     let top = &ch.layers[2].0;
     let d = eng
-        .open(
-            top,
-            DiskOptions {
-                read_only: true,
-                ..DiskOptions::default()
-            },
-        )
+        .open(top, DiskOptions { read_only: true })
         .expect("open top");
     assert_eq!(d.size(), 512 * K);
     // Whole disk in one read, then odd-sized reads at odd offsets (bounce buffers, short
@@ -199,13 +193,7 @@ fn depth_three_chain_reads_as_the_reference_and_reports_depths() {
     d.write_at(0, &[0xee; 4096], true).unwrap();
     d.close().unwrap();
     let a_only = eng
-        .open(
-            &ch.layers[0].0,
-            DiskOptions {
-                read_only: true,
-                ..DiskOptions::default()
-            },
-        )
+        .open(&ch.layers[0].0, DiskOptions { read_only: true })
         .unwrap();
     assert_eq!(a_only.read_at(0, 4096).unwrap(), va[..4096]);
     a_only.close().unwrap();
@@ -260,7 +248,8 @@ fn loops_are_refused_naming_the_files() {
     };
     let e = Overlay::open(&c, &ro).unwrap_err();
     match e.kind() {
-        ErrorKind::BackingLoop { first, again, .. } => {
+        ErrorKind::BackingLoop(l) => {
+            let (first, again) = (&l.first, &l.again);
             assert!(
                 first.ends_with("c.add-cow") && again.ends_with("c.add-cow"),
                 "{e}"
@@ -272,7 +261,7 @@ fn loops_are_refused_naming_the_files() {
     // Through the engine too (with locks): the same refusal, nothing left locked.
     let eng = engine(1);
     let e = eng.open(&b, DiskOptions::default()).unwrap_err();
-    assert!(matches!(e.kind(), ErrorKind::BackingLoop { .. }), "{e}");
+    assert!(matches!(e.kind(), ErrorKind::BackingLoop(_)), "{e}");
     eng.shutdown().unwrap();
 
     // A file named twice without a cycle through the overlays: the bottom raw image is also a
@@ -303,7 +292,8 @@ fn loops_are_refused_naming_the_files() {
     .unwrap();
     let e = Overlay::open(&x, &ro).unwrap_err();
     match e.kind() {
-        ErrorKind::BackingLoop { first, again, role } => {
+        ErrorKind::BackingLoop(l) => {
+            let (first, again, role) = (&l.first, &l.again, &l.role);
             assert!(first.ends_with("r.img") && again.ends_with("r.img"), "{e}");
             assert_eq!(*role, "raw image");
         }

@@ -17,7 +17,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::bitmap::SparseBitmap;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{BackingLoop, Error, ErrorKind, Result};
 use crate::format::header::{bitmap_len, HEADER_SIZE, MAGIC, SECTOR_SIZE};
 use crate::format::overlay::{file_len, load_bitmap, share_lock_base};
 use crate::format::paths::resolve;
@@ -130,11 +130,11 @@ impl Seen {
     fn check(seen: &[Seen], file: &File, path: &Path) -> Result<(u64, u64)> {
         let id = file_id(file, path)?;
         if let Some(s) = seen.iter().find(|s| s.id == id) {
-            return Err(Error::new(ErrorKind::BackingLoop {
+            return Err(Error::new(ErrorKind::BackingLoop(Box::new(BackingLoop {
                 first: s.path.display().to_string(),
                 again: path.display().to_string(),
                 role: s.role,
-            })
+            })))
             .with_op("open backing chain"));
         }
         Ok(id)

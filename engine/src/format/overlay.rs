@@ -470,8 +470,12 @@ impl Overlay {
             let chain = BaseChain::open(&bp, &upper, chain_opts).map_err(|e| {
                 // The direct base being one of the overlay's own files keeps its plain name.
                 match e.kind() {
-                    ErrorKind::BackingLoop { again, role, .. } if Path::new(again) == bp => {
-                        Error::new(ErrorKind::SameFile { a: role, b: "base" }).with_path(&bp)
+                    ErrorKind::BackingLoop(l) if Path::new(&l.again) == bp => {
+                        Error::new(ErrorKind::SameFile {
+                            a: l.role,
+                            b: "base",
+                        })
+                        .with_path(&bp)
                     }
                     _ => e,
                 }
