@@ -37,6 +37,7 @@ pub mod outbox;
 pub mod probe;
 pub mod reply;
 pub mod signals;
+pub mod snapshot;
 pub mod sock;
 pub mod stats;
 pub mod status;
