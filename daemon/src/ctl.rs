@@ -394,6 +394,12 @@ pub fn render(method: &str, result: &Value) -> String {
             s(&result["clients_disconnected"]),
             s(&result["overlay"]),
         ),
+        "export-snapshot" => format!(
+            "export {:?} now writes to {}; {} is its read-only base (the snapshot)\n",
+            s(&result["name"]),
+            s(&result["overlay"]),
+            s(&result["base"]),
+        ),
         "quit" => "daemon shutting down\n".into(),
         _ => match result {
             Value::Object(m) if !m.is_empty() => {

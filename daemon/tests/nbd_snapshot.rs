@@ -350,5 +350,28 @@ fn snapshots_are_refused_with_clear_errors() {
     // Nothing changed: the export still serves its overlay.
     let info = ctl.ok("query-exports", serde_json::json!({}));
     assert_eq!(info[0]["overlay"], serde_json::json!(s.overlay), "{info}");
+    // `addcow ctl` (a relative overlay= is made absolute by ctl, so use a name in the dir).
+    let snap = s.dir.path().join("vm-ctl.add-cow");
+    let (code, out, err) = nbd_support::ctl(&[
+        "--control",
+        s.control.to_str().unwrap(),
+        "export-snapshot",
+        "name=",
+        &format!("overlay={}", snap.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("now writes to") && out.contains("vm-ctl.add-cow"),
+        "{out}"
+    );
+    let (code, _, err) = nbd_support::ctl(&[
+        "--control",
+        s.control.to_str().unwrap(),
+        "export-snapshot",
+        "name=",
+        &format!("overlay={}", snap.display()),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
     d.stop();
 }
