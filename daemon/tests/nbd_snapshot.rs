@@ -264,6 +264,31 @@ fn a_client_stays_connected_across_a_live_snapshot() {
         vec![(2048, 1024), (99_840, 512), (3 * MIB + MIB / 2, 8192)],
         "the new overlay's own sectors: {runs:?}"
     );
+    // Served, the new overlay is a chain: its writes at depth 1, the old overlay's at 2, the
+    // base's at 3, zeros past the base at 0.
+    let d = Daemon::start(&s.sock, &["--read-only", snap.to_str().unwrap()]);
+    let out = run("nbdinfo", &["--map=qemu:allocation-depth", &d.uri()]);
+    let depth_at = |off: u64| -> u64 {
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .take(3)
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                (f.len() == 3).then(|| (f[0], f[1], f[2]))
+            })
+            .find(|&(o, l, _)| o <= off && off < o + l)
+            .map(|r| r.2)
+            .unwrap_or_else(|| panic!("no extent at {off}: {out}"))
+    };
+    assert_eq!(depth_at(2048), 1, "{out}");
+    assert_eq!(depth_at(0), 2, "{out}");
+    assert_eq!(depth_at(MIB), 3, "{out}");
+    assert_eq!(depth_at(3 * MIB + 1024), 2, "{out}");
+    assert_eq!(depth_at(3 * MIB + 100 * 1024), 0, "{out}");
+    assert_eq!(depth_at(SIZE - 512), 0, "{out}");
+    d.stop();
 }
 
 #[test]

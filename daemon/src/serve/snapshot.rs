@@ -147,6 +147,9 @@ pub fn snapshot_export(
         .backend
         .engine_disk()
         .ok_or_else(|| SnapshotError::Unsupported(name.to_string()))?;
+    if export.backend.read_only() {
+        return Err(SnapshotError::ReadOnly(name.to_string()));
+    }
     let image = check_target(host, overlay)?;
     let result = ed.switch(|cur| take(ed, cur, name, overlay, &image));
     if let Ok(s) = &result {
