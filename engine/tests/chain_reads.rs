@@ -200,6 +200,23 @@ fn depth_three_chain_reads_as_the_reference_and_reports_depths() {
     eng.shutdown().unwrap();
 }
 
+/// Whether another open file description could take a whole-file write lock on `p` (what a
+/// writer or a `commit` into it takes).
+fn lockable_for_writing(p: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the fd is open for the call; `fl` is a valid flock that outlives it.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) == 0 }
+}
+
 #[test]
 fn layers_in_use_are_share_locked_against_writers() {
     let ch = build_chain();
@@ -221,7 +238,18 @@ fn layers_in_use_are_share_locked_against_writers() {
         )
         .expect("read-only open of a base layer");
     }
+    // Each file of each lower layer, and the raw bottom, on its own.
+    let dir = ch.layers[0].0.parent().unwrap().to_path_buf();
+    for name in ["a.add-cow", "a.raw", "b.add-cow", "b.raw", "r.img"] {
+        assert!(
+            !lockable_for_writing(&dir.join(name)),
+            "{name} is not locked"
+        );
+    }
     top.close().unwrap();
+    for name in ["a.add-cow", "a.raw", "b.add-cow", "b.raw", "r.img"] {
+        assert!(lockable_for_writing(&dir.join(name)), "{name} still locked");
+    }
     // Closed: writable again.
     drop(Overlay::open(&ch.layers[0].0, &OpenOptions::default()).expect("unlocked"));
     eng.shutdown().unwrap();
