@@ -31,7 +31,8 @@ pub struct CtlArgs {
     /// Seconds to wait for the answer (export-del waits for clients and a commit).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
-    /// The method: hello, export-add, export-del, query-exports, query-stats, quit.
+    /// The method: hello, export-add, export-del, query-exports, query-stats, export-snapshot,
+    /// quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
     /// Parameters: key=value (typed by the method) or key:=JSON.
@@ -47,6 +48,8 @@ const METHODS_HELP: &str = "Methods:
   export-resize name=NAME size=SIZE            grow an export (clients reconnect to see it)
   query-exports                                 every export
   query-stats [name=NAME]                       requests, bytes, errors, latency per operation
+  export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
+                                                current overlay becomes its read-only base
   quit                                          shut the daemon down
 
 Examples:
@@ -394,6 +397,12 @@ pub fn render(method: &str, result: &Value) -> String {
             s(&result["name"]),
             s(&result["clients_disconnected"]),
             s(&result["overlay"]),
+        ),
+        "export-snapshot" => format!(
+            "export {:?} now writes to {}; {} is its read-only base (the snapshot)\n",
+            s(&result["name"]),
+            s(&result["overlay"]),
+            s(&result["base"]),
         ),
         "quit" => "daemon shutting down\n".into(),
         _ => match result {

@@ -52,6 +52,12 @@ pub enum ErrorKind {
     /// make serving write to a file that must not be written.
     #[error("the {a} and the {b} are the same file")]
     SameFile { a: &'static str, b: &'static str },
+    /// A file appears twice in a backing chain (by device and inode); see [`BackingLoop`].
+    #[error("{0}")]
+    BackingLoop(Box<BackingLoop>),
+    /// A backing chain has more layers below the top overlay than the engine opens.
+    #[error("backing chain too deep: more than {limit} layers below the top overlay (at {path})")]
+    ChainTooDeep { limit: usize, path: String },
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -61,6 +67,18 @@ pub enum ErrorKind {
     /// An operating-system error (the errno is in the source).
     #[error("I/O error")]
     Io,
+}
+
+/// The two names of one file found twice in a backing chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("backing chain loop: {again} is the same file as {first} (the {role} of an upper layer)")]
+pub struct BackingLoop {
+    /// The path under which the file is already in the chain.
+    pub first: String,
+    /// The path that names it again (the layer being opened).
+    pub again: String,
+    /// What the first one is: "overlay" or "raw image" (of the top or of a base layer).
+    pub role: &'static str,
 }
 
 /// An error with context: what kind, which file, where in it, doing what, and why.

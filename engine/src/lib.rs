@@ -16,8 +16,8 @@ pub mod format;
 pub mod io;
 pub mod lifecycle;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
-    CacheMode, Completion, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig, Extent,
-    ExtentKind, IoBuf, Request, RequestError,
+    CacheMode, Completion, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig,
+    Extent, ExtentKind, IoBuf, Request, RequestError,
 };

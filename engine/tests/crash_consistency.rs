@@ -8,6 +8,12 @@
 //! recorder. Then the crash checker (`support::crash`) builds crash states from the log and
 //! checks each with the independent reference reader.
 //!
+//! A variant runs over a backing chain: the overlay's base is itself an add-cow overlay (with
+//! its own set bits, stale garbage under its clear bits, a raw base of its own and a smaller
+//! virtual size than the top), so crash states are read through the chain; the checker's model
+//! of the base is that layer's virtual disk as the independent reference reader decodes it
+//! (lower layers are immutable while they are bases).
+//!
 //! Each thread owns a set of byte ranges whose boundaries are not sector-aligned, so threads
 //! share sectors (read-modify-write of one sector by two threads) but never bytes, which keeps
 //! the model exact.
@@ -71,6 +77,10 @@ struct Run {
     tracker: Arc<ClientTracker>,
     final_files: (Vec<u8>, Vec<u8>, Vec<u8>),
     expected_disk: Vec<u8>,
+    /// `(name, bytes)` of every file under the overlay (the base, or a chain's files).
+    lower_files: Vec<(&'static str, Vec<u8>)>,
+    dir: std::path::PathBuf,
+    _fixture: Fixture,
 }
 
 /// The shape of one workload run.
@@ -81,7 +91,13 @@ struct Shape {
     cores: usize,
     image_cache: CacheMode,
     commit_delay: Option<Duration>,
+    /// The base is an add-cow overlay (a backing chain) instead of a raw image.
+    chain: bool,
 }
+
+/// Sectors of the chain variant's lower add-cow layer (smaller than the top: past it, the top's
+/// clear sectors read zeros).
+const LOWER_SECTORS: u64 = 448;
 
 /// Runs the workload once and returns the log.
 fn run_workload(seed: u64, shape: &Shape) -> Run {
@@ -91,6 +107,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         cores,
         image_cache,
         commit_delay,
+        chain,
     } = *shape;
     let fx = Fixture::new(
         SECTORS,
@@ -99,10 +116,18 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         |s| s % 16 == 9,
     );
     let (meta0, image0, base0) = fx.files();
+    let (base_view, lower_files) = if chain {
+        let lower = support::engine::chain_under(&fx, LOWER_SECTORS, BASE_LEN, |s| {
+            s % 7 == 2 || (100..140).contains(&s)
+        });
+        (lower.view, lower.files)
+    } else {
+        (base0.clone(), vec![("base.img", base0)])
+    };
     let snapshot = Snapshot {
         meta: meta0,
         image: image0,
-        base: Some(base0),
+        base: Some(base_view),
     };
     let initial_disk = support::reference::RefView::decode(
         &snapshot.meta,
@@ -247,6 +272,9 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         tracker,
         final_files: fx.files(),
         expected_disk,
+        lower_files,
+        dir: fx.dir.path().to_path_buf(),
+        _fixture: fx,
     }
 }
 
@@ -276,11 +304,38 @@ fn crash_consistency_of_engine_workload() {
             cores: 2,
             image_cache: CacheMode::Direct,
             commit_delay: Some(Duration::from_millis(3)),
+            chain: false,
         },
     );
+    check_run(&run, seed, 10_000);
+}
 
+/// The workload and the checker over a backing chain (see the module docs).
+#[cfg(not(feature = "unsafe-bits-before-sync"))]
+#[test]
+fn crash_consistency_over_a_backing_chain() {
+    let seed = seed("CRASH_SEED");
+    let run = run_workload(
+        seed,
+        &Shape {
+            threads: 4,
+            ops_per_thread: 100,
+            cores: 2,
+            image_cache: CacheMode::Direct,
+            commit_delay: Some(Duration::from_millis(3)),
+            chain: true,
+        },
+    );
+    check_run(&run, seed, 4_000);
+}
+
+/// The log replays to the final files, nothing under the overlay was written, the final disk
+/// holds what the clients wrote, no crash state violates the model, and sampled crash states
+/// open and read with the real engine as the reference reader reads them.
+#[cfg(not(feature = "unsafe-bits-before-sync"))]
+fn check_run(run: &Run, seed: u64, min_states: usize) {
     // The log is complete: replaying it over the initial files gives the final files.
-    let (meta, image, base) = &run.final_files;
+    let (meta, image, _) = &run.final_files;
     let (replayed_meta, replayed_image) = support::crash::replay_all(&run.snapshot, &run.events);
     assert!(
         replayed_image == *image,
@@ -290,12 +345,12 @@ fn crash_consistency_of_engine_workload() {
         replayed_meta == *meta,
         "metadata differs from the replayed log (seed {seed})"
     );
-    assert!(
-        Some(base) == run.snapshot.base.as_ref(),
-        "the base was written"
-    );
+    for (name, bytes) in &run.lower_files {
+        let now = std::fs::read(run.dir.join(name)).expect("read lower file");
+        assert!(now == *bytes, "{name} under the overlay was written");
+    }
     // The final files hold exactly what the clients wrote.
-    let view = support::reference::RefView::decode(meta, image, Some(base))
+    let view = support::reference::RefView::decode(meta, image, run.snapshot.base.as_deref())
         .expect("final overlay decodes");
     let disk = view.read_all();
     if let Some(b) = (0..disk.len()).find(|&b| disk[b] != run.expected_disk[b]) {
@@ -305,11 +360,11 @@ fn crash_consistency_of_engine_workload() {
         );
     }
 
-    let report = check(&run, seed, 10_000);
-    assert!(report.states >= 10_000, "{report}");
+    let report = check(run, seed, min_states);
+    assert!(report.states >= min_states, "{report}");
     assert!(report.flushes > 0 && report.client_writes > 0, "{report}");
     assert_eq!(report.violating_states, 0, "{report}");
-    engine_reads_crash_states(&run, &report.samples, seed);
+    engine_reads_crash_states(run, &report.samples, seed);
 }
 
 /// Opens sampled crash states with the real engine (read-only) and checks that it accepts them
@@ -334,7 +389,9 @@ fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u6
     .expect("engine starts");
     for (k, (meta, image)) in samples.iter().enumerate() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("base.img"), base).expect("write base");
+        for (name, bytes) in &run.lower_files {
+            std::fs::write(dir.path().join(name), bytes).expect("write lower file");
+        }
         std::fs::write(dir.path().join("disk.raw"), image).expect("write image");
         std::fs::write(dir.path().join("disk.add-cow"), meta).expect("write meta");
         let disk = engine
@@ -379,6 +436,7 @@ fn crash_consistency_of_engine_workload_buffered() {
             cores: 1,
             image_cache: CacheMode::Buffered,
             commit_delay: None,
+            chain: false,
         },
     );
     let report = check(&run, seed, 2_000);
@@ -399,6 +457,7 @@ fn crash_checker_detects_bits_before_sync() {
             cores: 2,
             image_cache: CacheMode::Direct,
             commit_delay: Some(Duration::from_millis(3)),
+            chain: false,
         },
     );
     let report = check(&run, seed, 4_000);

@@ -5,7 +5,9 @@
 //! its `.add-cow` file, its raw image and its base all lie under one of the allowed folders
 //! (`--allow-dir`, or by default the folders holding the command-line overlays and their raw
 //! images and bases). The paths inside the header are resolved the way the engine resolves
-//! them: relative to the folder of the `.add-cow` path as given.
+//! them: relative to the folder of the `.add-cow` path as given. When the base is itself an
+//! add-cow overlay (a backing chain), every file of every layer under it must lie inside too;
+//! each layer is checked before it is opened to read the next one's name.
 //!
 //! The check runs twice: before the open (refusing what is outside; what cannot be read yet is
 //! left to the open, so its error is the engine's own) and after it (everything must now
@@ -97,6 +99,15 @@ impl OverlayFiles {
     }
 }
 
+/// Whether the file at `path` begins with the add-cow magic.
+fn is_add_cow(path: &Path) -> bool {
+    let mut m = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut m, 0))
+        .is_ok()
+        && m == addcow_engine::format::MAGIC
+}
+
 /// See the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct AllowedDirs {
@@ -156,11 +167,35 @@ impl AllowedDirs {
         }
     }
 
-    fn check_files(&self, f: &OverlayFiles) -> Result<(), AllowError> {
+    fn check_files(&self, f: &OverlayFiles, strict: bool) -> Result<(), AllowError> {
         self.inside("overlay", &f.overlay)?;
         self.inside("raw image", &f.image)?;
         if let Some(b) = &f.base {
             self.inside("base", b)?;
+            self.check_lower(b, strict)?;
+        }
+        Ok(())
+    }
+
+    /// Walks the layers under an add-cow `base` (already checked): each layer's raw image and
+    /// base must lie inside. `strict`: every file must resolve (after the open); otherwise what
+    /// cannot be read is left to the open. Stops after the engine's depth limit (the open
+    /// refuses deeper chains and loops itself).
+    fn check_lower(&self, base: &Path, strict: bool) -> Result<(), AllowError> {
+        let mut layer = base.to_path_buf();
+        for _ in 0..=addcow_engine::format::MAX_CHAIN_DEPTH {
+            match OverlayFiles::resolve(&layer) {
+                Ok(f) => {
+                    self.inside("raw image of a base layer", &f.image)?;
+                    let Some(next) = f.base else { return Ok(()) };
+                    self.inside("base of a base layer", &next)?;
+                    layer = next;
+                }
+                // A raw layer (no add-cow header): the chain ends here.
+                Err(_) if !is_add_cow(&layer) => return Ok(()),
+                Err(e) if strict => return Err(AllowError::Unresolved(e)),
+                Err(_) => return Ok(()),
+            }
         }
         Ok(())
     }
@@ -178,7 +213,7 @@ impl AllowedDirs {
             self.inside("overlay", &real)?;
         }
         match OverlayFiles::resolve(overlay) {
-            Ok(f) => self.check_files(&f),
+            Ok(f) => self.check_files(&f, false),
             Err(_) => Ok(()),
         }
     }
@@ -186,7 +221,7 @@ impl AllowedDirs {
     /// After a successful open: every file must resolve, and lie inside.
     pub fn check_after_open(&self, overlay: &Path) -> Result<(), AllowError> {
         let f = OverlayFiles::resolve(overlay).map_err(AllowError::Unresolved)?;
-        self.check_files(&f)
+        self.check_files(&f, true)
     }
 }
 
@@ -205,6 +240,57 @@ mod tests {
         })
         .unwrap();
         overlay
+    }
+
+    #[test]
+    fn every_layer_of_a_backing_chain_must_be_inside() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, other) = (t.path().join("vms"), t.path().join("x"));
+        std::fs::create_dir(&vms).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        // vms/top -> vms/mid -> x/bottom.raw: the top's base is inside, the layer under it not.
+        let bottom = other.join("bottom.raw");
+        std::fs::write(&bottom, vec![0u8; 1 << 20]).unwrap();
+        let mid = overlay_in(&vms, "mid", &bottom);
+        let top = overlay_in(&vms, "top", &mid);
+        let allow = AllowedDirs::new(std::slice::from_ref(&vms)).unwrap();
+        let e = allow.check_before_open(&top).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "base of a base layer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bottom.raw"), "{e}");
+        // A middle layer whose raw image is outside.
+        let mid2 = vms.join("mid2.add-cow");
+        addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+            overlay: mid2.clone(),
+            image: Some(other.join("mid2.raw")),
+            size: Some(1 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+        let top2 = overlay_in(&vms, "top2", &mid2);
+        let e = allow.check_after_open(&top2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "raw image of a base layer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // All inside: accepted.
+        let inside = AllowedDirs::new(&[vms.clone(), other.clone()]).unwrap();
+        inside.check_before_open(&top).unwrap();
+        inside.check_after_open(&top2).unwrap();
     }
 
     #[test]

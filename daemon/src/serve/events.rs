@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// An export finished being deleted (`export-del`): its overlay is committed and unlocked.
 pub const EXPORT_DELETED: &str = "export-deleted";
+/// A live snapshot (`export-snapshot`) switched an export to its new overlay.
+pub const EXPORT_SNAPSHOT: &str = "export-snapshot";
 /// The daemon began its shutdown (`quit`, SIGTERM or SIGINT).
 pub const SHUTDOWN: &str = "shutdown";
 /// Every event the daemon emits (announced by `hello`).
-pub const ALL: &[&str] = &[EXPORT_DELETED, SHUTDOWN];
+pub const ALL: &[&str] = &[EXPORT_DELETED, SHUTDOWN, EXPORT_SNAPSHOT];
 
 /// Where notifications go: a control connection's reply queue.
 pub trait Sink: Send + Sync {

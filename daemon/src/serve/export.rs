@@ -5,10 +5,11 @@
 //! [`Engine`] for buffers). Tests of the protocol layer use an in-memory backend.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use addcow_engine::{Completion, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
+use addcow_engine::{Completion, DepthExtent, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
 
 use super::conns::ClientHandle;
 use super::probe::LayerFiles;
@@ -26,12 +27,34 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, core: usize, req: Request, done: Completion);
     /// Where the bytes of `[offset, offset+len)` come from (no I/O).
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// Which layer supplies each part of `[offset, offset+len)`, numbered like
+    /// `qemu:allocation-depth` (no I/O). By default from [`Backend::allocation`]: `1` raw
+    /// image, `2` base, `0` zeros (exact for a disk with at most one base layer).
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.allocation(offset, len)
+            .into_iter()
+            .map(|e| DepthExtent {
+                offset: e.offset,
+                len: e.len,
+                depth: match e.kind {
+                    ExtentKind::Image => 1,
+                    ExtentKind::Base => 2,
+                    ExtentKind::Zero => 0,
+                },
+            })
+            .collect()
+    }
     /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
     /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
     /// unsubmitted.
     fn alloc_buf(&self, len: usize) -> IoBuf;
     /// The engine disk behind this backend, if it is one (for its path, counters and close).
-    fn disk(&self) -> Option<&Disk> {
+    /// After a live snapshot, the new one.
+    fn disk(&self) -> Option<Disk> {
+        None
+    }
+    /// The switchable engine disk behind this backend, if it is one (for a live snapshot).
+    fn engine_disk(&self) -> Option<&EngineDisk> {
         None
     }
     /// Appends the ranges inside `[start, end)` that the file of `layer` (`Image`: the raw
@@ -48,10 +71,8 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// An engine disk as a [`Backend`].
-pub struct EngineDisk {
-    /// The engine the disk is open on (for buffers).
-    pub engine: Engine,
+/// One generation of an [`EngineDisk`]: the open disk and its files for hole queries.
+pub struct Generation {
     /// The disk.
     pub disk: Disk,
     /// The raw image and base, opened read-only to ask the file system where their holes are
@@ -59,34 +80,130 @@ pub struct EngineDisk {
     pub files: Option<LayerFiles>,
 }
 
+/// Requests submitted to the current generation and not yet answered: an atomic count on the
+/// request path; the mutex and condvar are touched only when it drops to zero (to wake a
+/// switch waiting for it).
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn finish(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until the count is zero (new requests must be held back by the caller).
+    fn wait_idle(&self) {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.count.load(Ordering::SeqCst) > 0 {
+            g = self
+                .idle
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// An engine disk as a [`Backend`], whose disk can be switched under connected clients (a live
+/// snapshot: [`EngineDisk::switch`]).
+///
+/// Every request enters through a read lock on the current generation and is counted until it
+/// is answered. A switch takes the write lock, so requests arriving meanwhile wait (their
+/// connections' readers block) and then go to the new disk; it waits until every request
+/// already submitted was answered, and only then replaces the disk. No request is failed or
+/// lost by a switch, and no client is disconnected.
+pub struct EngineDisk {
+    /// The engine the disk is open on (for buffers).
+    pub engine: Engine,
+    current: RwLock<Arc<Generation>>,
+    in_flight: Arc<InFlight>,
+}
+
+impl EngineDisk {
+    /// `disk` (open on `engine`) with its layer files.
+    pub fn new(engine: Engine, disk: Disk, files: Option<LayerFiles>) -> EngineDisk {
+        EngineDisk {
+            engine,
+            current: RwLock::new(Arc::new(Generation { disk, files })),
+            in_flight: Arc::default(),
+        }
+    }
+
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds every new request back, waits until every submitted one was answered, then runs
+    /// `f` on the current generation: the generation `f` returns (if any) becomes current before
+    /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.
+    pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        self.in_flight.wait_idle();
+        let (next, out) = f(&cur);
+        if let Some(g) = next {
+            *cur = Arc::new(g);
+        }
+        out
+    }
+}
+
 impl Backend for EngineDisk {
     fn size(&self) -> u64 {
-        self.disk.size()
+        self.current().disk.size()
     }
     fn read_only(&self) -> bool {
-        self.disk.read_only()
+        self.current().disk.read_only()
     }
     fn submit(&self, core: usize, req: Request, done: Completion) {
-        self.disk.submit(core, req, done)
+        // The read lock is held while the request enters the engine, so a switch waits for it
+        // and it counts as in flight before the switch looks.
+        let cur = self.current();
+        self.in_flight.start();
+        let in_flight = Arc::clone(&self.in_flight);
+        cur.disk.submit(
+            core,
+            req,
+            Box::new(move |r| {
+                done(r);
+                in_flight.finish();
+            }),
+        );
     }
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.disk.allocation(offset, len)
+        self.current().disk.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.current().disk.allocation_depth(offset, len)
     }
     fn alloc_buf(&self, len: usize) -> IoBuf {
         // The reader overwrites the whole buffer with the payload (or drops it): zeroing it
         // first would be wasted memset.
         self.engine.alloc_buf_unzeroed(len)
     }
-    fn disk(&self) -> Option<&Disk> {
-        Some(&self.disk)
+    fn disk(&self) -> Option<Disk> {
+        Some(self.current().disk.clone())
+    }
+    fn engine_disk(&self) -> Option<&EngineDisk> {
+        Some(self)
     }
     fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        if let Some(f) = &self.files {
+        if let Some(f) = &self.current().files {
             f.holes(layer, start, end, out);
         }
     }
     fn fast_zero_unit(&self) -> Option<u64> {
-        self.files.as_ref().and_then(|f| f.fast_zero_unit)
+        self.current().files.as_ref().and_then(|f| f.fast_zero_unit)
     }
 }
 

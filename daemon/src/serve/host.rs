@@ -286,11 +286,7 @@ impl Host {
         };
         let export = Export::new(
             claim.name(),
-            Arc::new(EngineDisk {
-                engine: engine.clone(),
-                disk,
-                files,
-            }),
+            Arc::new(EngineDisk::new(engine.clone(), disk, files)),
             self.shards,
         );
         claim.publish(Arc::clone(&export));
@@ -325,6 +321,7 @@ impl Host {
             export.wait_clients_gone(None);
         }
         let disk = export.backend.disk();
+        let disk = disk.as_ref();
         let overlay = disk.map(|d| d.path().to_path_buf());
         let closed = disk.map(|d| d.close()).unwrap_or(Ok(()));
         self.exports.remove(&export);
@@ -365,6 +362,7 @@ impl Host {
             .iter()
             .map(|e| {
                 let disk = e.backend.disk();
+                let disk = disk.as_ref();
                 ExportInfo {
                     name: e.name.clone(),
                     overlay: disk.map(|d| d.path().to_path_buf()),

@@ -38,6 +38,7 @@ pub mod probe;
 pub mod reply;
 pub mod resize;
 pub mod signals;
+pub mod snapshot;
 pub mod sock;
 pub mod stats;
 pub mod status;

@@ -36,6 +36,12 @@ impl LayerFiles {
         let open = |p: &Path| File::open(p).map_err(|e| format!("{}: {e}", p.display()));
         let image = open(&files.image)?;
         let base = files.base.as_deref().map(open).transpose()?;
+        // An add-cow base (a backing chain) supplies its ranges from several files; holes of
+        // its metadata file say nothing about them, so nothing is reported as zeros there.
+        let base = match base {
+            Some(f) if starts_with_add_cow_magic(&f) => None,
+            other => other,
+        };
         let fast_zero_unit = if writable && can_punch(&files.image) {
             Some(dio_unit(&image))
         } else {
@@ -60,6 +66,13 @@ impl LayerFiles {
         };
         file_holes(f, start, end, out);
     }
+}
+
+/// Whether `f` begins with the add-cow magic (a base that is itself an overlay).
+fn starts_with_add_cow_magic(f: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut m = [0u8; 8];
+    f.read_exact_at(&mut m, 0).is_ok() && m == addcow_engine::format::MAGIC
 }
 
 /// Appends the holes of `f` inside `[start, end)` (at most [`MAX_HOLES`] of them).

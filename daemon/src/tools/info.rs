@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::format::{bitmap_len, Overlay, SECTOR_SIZE, VERSION};
+use addcow_engine::format::{bitmap_len, LayerFormat, Overlay, SECTOR_SIZE, VERSION};
 
 use super::{fail, human_size, print_json};
 
@@ -13,6 +13,10 @@ pub struct InfoArgs {
     /// Print JSON (exact byte counts) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Describe every layer of the backing chain, top first (as `qemu-img info
+    /// --backing-chain`); with `--json`, an array with one object per layer.
+    #[arg(long)]
+    pub backing_chain: bool,
     /// The `.add-cow` file to describe (opened read-only, without a lock, like `qemu-img info -U`).
     #[arg(value_name = "OVERLAY")]
     pub overlay: PathBuf,
@@ -49,6 +53,85 @@ pub struct Info {
     pub complete: bool,
     /// Non-fatal findings (see `addcow check`).
     pub warnings: Vec<String>,
+}
+
+/// One layer of `addcow info --backing-chain`.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ChainLayerInfo {
+    /// Position in the chain, numbered like `qemu:allocation-depth`: 1 = the top overlay.
+    pub depth: u32,
+    /// The file naming the layer (canonical when it resolves).
+    pub path: String,
+    /// "add-cow" or "raw".
+    pub format: LayerFormat,
+    /// Bytes the layer presents.
+    pub virtual_size: u64,
+    /// An add-cow layer's raw image (canonical); `null` for a raw layer.
+    pub image_file: Option<String>,
+    /// The layer's base (canonical); `null` at the bottom.
+    pub backing_file: Option<String>,
+    /// An add-cow layer's bytes held by its own raw image; a raw layer's size.
+    pub allocated_bytes: u64,
+}
+
+/// Every layer of the chain under (and including) the overlay `o`, top first.
+pub fn gather_chain(o: &Overlay) -> Vec<ChainLayerInfo> {
+    let layers = o.base.as_ref().map_or(&[][..], |c| &c.layers[..]);
+    let mut out = vec![ChainLayerInfo {
+        depth: 1,
+        path: absolute(&o.meta_path),
+        format: LayerFormat::AddCow,
+        virtual_size: o.virtual_size,
+        image_file: Some(absolute(&o.image_path)),
+        backing_file: layers.first().map(|l| absolute(&l.path)),
+        allocated_bytes: o.bitmap.count_set() * SECTOR_SIZE,
+    }];
+    for (i, l) in layers.iter().enumerate() {
+        out.push(ChainLayerInfo {
+            depth: i as u32 + 2,
+            path: absolute(&l.path),
+            format: l.format,
+            virtual_size: l.size,
+            image_file: l.bitmap.is_some().then(|| absolute(&l.data_path)),
+            backing_file: layers.get(i + 1).map(|n| absolute(&n.path)),
+            allocated_bytes: l
+                .bitmap
+                .as_ref()
+                .map_or(l.size, |b| b.count_set() * SECTOR_SIZE),
+        });
+    }
+    out
+}
+
+fn print_chain(chain: &[ChainLayerInfo]) {
+    for (i, l) in chain.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let fmt = match l.format {
+            LayerFormat::AddCow => "add-cow",
+            LayerFormat::Raw => "raw",
+        };
+        println!("layer {}:        {}", l.depth, l.path);
+        println!("format:         {fmt}");
+        println!(
+            "virtual size:   {} ({} bytes)",
+            human_size(l.virtual_size),
+            l.virtual_size
+        );
+        if let Some(img) = &l.image_file {
+            println!("raw image:      {img}");
+            println!(
+                "allocated:      {} ({} bytes)",
+                human_size(l.allocated_bytes),
+                l.allocated_bytes
+            );
+        }
+        match &l.backing_file {
+            Some(b) => println!("base:           {b}"),
+            None => println!("base:           none"),
+        }
+    }
 }
 
 /// `p` made absolute and free of `..` (canonical) when possible, else as it is.
@@ -92,6 +175,14 @@ pub fn run(args: InfoArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail("info", e),
     };
+    if args.backing_chain {
+        let chain = gather_chain(&o);
+        if args.json {
+            return print_json("info", &chain);
+        }
+        print_chain(&chain);
+        return ExitCode::SUCCESS;
+    }
     let info = gather(&args.overlay, &o);
     if args.json {
         return print_json("info", &info);

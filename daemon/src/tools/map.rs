@@ -12,7 +12,7 @@ use super::{fail, human_size};
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "JSON output has the shape of `qemu-img map --output=json`: one object per run with \
-start, length, depth (0 = raw image, 1 = base), present, zero, data, compressed and, where the \
+start, length, depth (0 = raw image, 1 = base, 2 = the base's base in a backing chain, ...), present, zero, data, compressed and, where the \
 bytes live in a file, offset. Runs past the base's end (or with no base) are present: false, \
 zero: true."
 )]
@@ -26,20 +26,20 @@ pub struct MapArgs {
 }
 
 fn source(r: &MapRun, o: &Overlay) -> String {
+    let layer = |depth: u32| {
+        o.base
+            .as_ref()
+            .and_then(|c| c.layers.get(depth.checked_sub(1)? as usize))
+            .map_or(String::new(), |l| l.path.display().to_string())
+    };
+    let name = |depth: u32| match depth {
+        1 => "base".to_string(),
+        d => format!("layer {}", d + 1),
+    };
     match (r.depth, r.present, r.data) {
         (0, true, _) => format!("raw image  {}", o.image_path.display()),
-        (_, true, true) => format!(
-            "base       {}",
-            o.base_path
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string())
-        ),
-        (_, true, false) => format!(
-            "base hole  {}",
-            o.base_path
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string())
-        ),
+        (d, true, true) => format!("{:<10} {}", name(d), layer(d)),
+        (d, true, false) => format!("{:<10} {}", format!("{} hole", name(d)), layer(d)),
         _ => "zeros".to_string(),
     }
 }

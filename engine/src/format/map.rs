@@ -4,7 +4,10 @@
 //! * bit set: the raw image holds the bytes: `depth 0, present, data, offset = start`;
 //! * bit clear, inside the base: the base holds them: `depth 1, present, offset = start`, with
 //!   `data`/`zero` from the base's own data and holes (`SEEK_DATA`/`SEEK_HOLE`);
-//! * bit clear, no base or past the base's end: reads as zeros:
+//! * when the base is itself an add-cow overlay (a backing chain), its clear sectors go on down:
+//!   the layer `k` levels below the top that holds a range reports `depth k` (its set bits are
+//!   data of its raw image; a raw bottom layer reports its data and holes as above);
+//! * bit clear in every layer, no base or past a layer's end: reads as zeros:
 //!   `depth 0, present false, zero, no offset` (what `qemu-img map` prints for a qcow2 overlay
 //!   past its backing file's end).
 //!
@@ -14,7 +17,7 @@ use std::fs::File;
 
 use crate::error::{Error, Result};
 use crate::format::overlay::{next_data, next_hole};
-use crate::format::{Overlay, SECTOR_SIZE};
+use crate::format::{Layer, Overlay, SECTOR_SIZE};
 
 /// One run of `qemu-img map --output=json` shape.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -23,7 +26,7 @@ pub struct MapRun {
     pub start: u64,
     /// Bytes in the run.
     pub length: u64,
-    /// 0 = raw image, 1 = base.
+    /// 0 = the top raw image, 1 = the base, 2 = the base's base, ...
     pub depth: u32,
     /// Whether some layer holds the data (false past the base's end).
     pub present: bool,
@@ -53,11 +56,16 @@ impl MapRun {
         }
     }
 
+    #[cfg(test)]
     fn base(start: u64, length: u64, data: bool) -> MapRun {
+        MapRun::layer(start, length, 1, data)
+    }
+
+    fn layer(start: u64, length: u64, depth: u32, data: bool) -> MapRun {
         MapRun {
             start,
             length,
-            depth: 1,
+            depth,
             present: true,
             zero: !data,
             data,
@@ -107,38 +115,33 @@ fn push(runs: &mut Vec<MapRun>, run: MapRun) {
     runs.push(run);
 }
 
-/// Pushes the runs of `[start, end)` read from the base (data or hole), clipped to `base_len`,
-/// and an absent run past the base's end.
-fn push_base(
+/// Pushes the runs of `[start, end)` of a raw file at `depth` (data or hole), clipped to `len`,
+/// and an absent run past its end.
+fn push_file(
     runs: &mut Vec<MapRun>,
-    base: Option<(&File, u64)>,
+    file: &File,
+    len: u64,
+    depth: u32,
     start: u64,
     end: u64,
 ) -> std::io::Result<()> {
-    let (file, base_len) = match base {
-        Some(b) => b,
-        None => {
-            push(runs, MapRun::absent(start, end - start));
-            return Ok(());
-        }
-    };
-    let limit = end.min(base_len);
+    let limit = end.min(len);
     let mut p = start;
     while p < limit {
         match next_data(file, p)? {
             None => {
-                push(runs, MapRun::base(p, limit - p, false));
+                push(runs, MapRun::layer(p, limit - p, depth, false));
                 p = limit;
             }
             Some(d) if d > p => {
                 let stop = d.min(limit);
-                push(runs, MapRun::base(p, stop - p, false));
+                push(runs, MapRun::layer(p, stop - p, depth, false));
                 p = stop;
             }
             Some(_) => {
-                let h = next_hole(file, p, base_len)?.max(p + 1);
+                let h = next_hole(file, p, len)?.max(p + 1);
                 let stop = h.min(limit);
-                push(runs, MapRun::base(p, stop - p, true));
+                push(runs, MapRun::layer(p, stop - p, depth, true));
                 p = stop;
             }
         }
@@ -149,13 +152,62 @@ fn push_base(
     Ok(())
 }
 
+/// Pushes the runs of `[start, end)` as layer `i` of `layers` supplies them (depth `i + 1`),
+/// walking down through each add-cow layer's clear sectors.
+fn push_layers(
+    runs: &mut Vec<MapRun>,
+    layers: &[Layer],
+    i: usize,
+    start: u64,
+    end: u64,
+) -> Result<()> {
+    let Some(l) = layers.get(i) else {
+        push(runs, MapRun::absent(start, end - start));
+        return Ok(());
+    };
+    let depth = i as u32 + 1;
+    let io =
+        |e: std::io::Error, at: u64| Error::io("map base", e).with_offset(at).with_path(&l.path);
+    let Some(bitmap) = &l.bitmap else {
+        return push_file(runs, &l.data, l.size, depth, start, end).map_err(|e| io(e, start));
+    };
+    let inside = end.min(l.size).max(start);
+    let mut pos = start;
+    while pos < inside {
+        let sector = pos / SECTOR_SIZE;
+        let max = (inside - 1) / SECTOR_SIZE - sector + 1;
+        let (set, n) = bitmap.run_from(sector, max);
+        if n == 0 {
+            break;
+        }
+        let run_end = ((sector + n) * SECTOR_SIZE).min(inside);
+        if set {
+            push(runs, MapRun::layer(pos, run_end - pos, depth, true));
+        } else {
+            let below = layers.get(i + 1).map_or(0, |n| n.size);
+            let split = run_end.min(below.max(pos));
+            if split > pos {
+                push_layers(runs, layers, i + 1, pos, split)?;
+            }
+            if run_end > split {
+                push(runs, MapRun::absent(split, run_end - split));
+            }
+        }
+        pos = run_end;
+    }
+    if end > pos {
+        push(runs, MapRun::absent(pos, end - pos));
+    }
+    Ok(())
+}
+
 /// The allocation of the whole overlay as runs, in the order and shape `qemu-img map
-/// --output=json` prints them. From the in-memory bitmap and, for clear sectors, the base's
-/// data/hole layout.
+/// --output=json` prints them. From the in-memory bitmaps and, for clear sectors, the layers
+/// below (a raw bottom layer's data/hole layout).
 pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
     let mut runs = Vec::new();
     let sectors = overlay.virtual_size / SECTOR_SIZE;
-    let base = overlay.base.as_ref().zip(overlay.base_size);
+    let layers: &[Layer] = overlay.base.as_ref().map_or(&[], |c| &c.layers);
     let mut s = 0u64;
     while s < sectors {
         let (set, n) = overlay.bitmap.run_from(s, u64::MAX);
@@ -166,13 +218,7 @@ pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
         if set {
             push(&mut runs, MapRun::raw(start, end - start));
         } else {
-            push_base(&mut runs, base, start, end).map_err(|e| {
-                let mut err = Error::io("map base", e).with_offset(start);
-                if let Some(p) = &overlay.base_path {
-                    err = err.with_path(p);
-                }
-                err
-            })?;
+            push_layers(&mut runs, layers, 0, start, end)?;
         }
         s += n;
     }

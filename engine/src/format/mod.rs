@@ -3,18 +3,21 @@
 //! * [`header`]: the 2560-byte header: parse and encode, byte for byte.
 //! * [`paths`]: path rules (relative to the overlay's directory, protocol prefixes refused).
 //! * [`overlay`]: [`Overlay::open`] validates everything and loads the bitmap; [`create`] makes one.
+//! * [`chain`]: backing chains: the layers under an overlay, opened read-only and share-locked.
 //! * [`check`]: the consistency report behind `addcow check`.
 //! * [`map`]: allocation runs in the shape of `qemu-img map --output=json`.
 //!
 //! The engine depends on the items re-exported here; their signatures are the contract between
 //! the format and the engine.
 
+pub mod chain;
 pub mod check;
 pub mod header;
 pub mod map;
 pub mod overlay;
 pub mod paths;
 
+pub use chain::{BaseChain, Layer, LayerFormat, MAX_CHAIN_DEPTH};
 pub use check::{check, CheckReport, Finding, Severity};
 pub use header::{
     bitmap_len, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, PATH_FIELD_LEN, SECTOR_SIZE, VERSION,

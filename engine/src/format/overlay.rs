@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bitmap::{SparseBitmap, CHUNK_BYTES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::chain::{base_virtual_size, BaseChain, ChainOpenOptions};
 use crate::format::header::{bitmap_len, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE};
 use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
 use crate::format::Header;
@@ -52,14 +53,16 @@ pub struct Overlay {
     pub base_path: Option<PathBuf>,
     /// Bytes the guest sees: the raw image's size.
     pub virtual_size: u64,
-    /// The base's size in bytes, if any (reads past it return zeros).
+    /// The base's size in bytes, if any (reads past it return zeros): a raw base's length, an
+    /// add-cow base's virtual size.
     pub base_size: Option<u64>,
     /// The `.add-cow` file (read-write unless read-only; never `O_DIRECT`).
     pub meta: File,
     /// The raw image.
     pub image: File,
-    /// The base image, always read-only.
-    pub base: Option<File>,
+    /// The backing chain (the base and, when the base is itself an add-cow overlay, the layers
+    /// under it), every file read-only; see [`BaseChain`].
+    pub base: Option<BaseChain>,
     /// The allocation bitmap, loaded from the file.
     pub bitmap: SparseBitmap,
     /// Non-fatal findings (non-zero reserved bytes, bits past the end).
@@ -468,28 +471,41 @@ impl Overlay {
             );
         }
 
-        let (base_path, base, base_size) = if header.backing_file.is_empty() {
-            (None, None, None)
-        } else {
-            let bp = resolve(path, "backing_file", &header.backing_file)
-                .map_err(|e| e.with_path(path).with_op("resolve backing_file"))?;
-            let bf = open_file(&bp, false, opts.direct_base, "open base")?;
-            let bs = file_len(&bf, &bp, "stat base")?;
-            (Some(bp), Some(bf), Some(bs))
-        };
-
         refuse_same(("overlay", &meta, path), ("raw image", &image, &image_path))?;
-        if let (Some(bf), Some(bp)) = (&base, &base_path) {
-            refuse_same(("raw image", &image, &image_path), ("base", bf, bp))?;
-            refuse_same(("overlay", &meta, path), ("base", bf, bp))?;
-        }
         if !opts.no_lock {
             // Two overlays naming one raw image must not both write it.
             ofd_lock(&image, !opts.read_only).map_err(|e| e.with_path(&image_path))?;
-            if let (Some(bf), Some(bp)) = (&base, &base_path) {
-                share_lock_base(bf).map_err(|e| e.with_path(bp))?;
-            }
         }
+        let base = if header.backing_file.is_empty() {
+            None
+        } else {
+            let bp = resolve(path, "backing_file", &header.backing_file)
+                .map_err(|e| e.with_path(path).with_op("resolve backing_file"))?;
+            let chain_opts = ChainOpenOptions {
+                direct: opts.direct_base,
+                no_lock: opts.no_lock,
+            };
+            let upper = [
+                (&meta, path, "overlay"),
+                (&image, image_path.as_path(), "raw image"),
+            ];
+            let chain = BaseChain::open(&bp, &upper, chain_opts).map_err(|e| {
+                // The direct base being one of the overlay's own files keeps its plain name.
+                match e.kind() {
+                    ErrorKind::BackingLoop(l) if Path::new(&l.again) == bp => {
+                        Error::new(ErrorKind::SameFile {
+                            a: l.role,
+                            b: "base",
+                        })
+                        .with_path(&bp)
+                    }
+                    _ => e,
+                }
+            })?;
+            Some(chain)
+        };
+        let base_path = base.as_ref().and_then(|c| c.path()).map(Path::to_path_buf);
+        let base_size = base.as_ref().map(BaseChain::size);
 
         let need = bitmap_len(virtual_size);
         let have = meta_len - HEADER_SIZE as u64;
@@ -637,9 +653,10 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
         None => None,
         Some(b) => Some(open_file(b, false, false, "open base")?),
     };
-    let base_size = match (&base_file, &opts.base) {
-        (Some(f), Some(b)) => Some(file_len(f, b, "stat base")?),
-        _ => None,
+    // An add-cow base presents its virtual size; a raw one its length.
+    let base_size = match &opts.base {
+        Some(b) => Some(base_virtual_size(b)?),
+        None => None,
     };
     // No two roles may share a file: overwriting the base (or the raw image) with an overlay
     // header, or serving writes into the base, would destroy data.

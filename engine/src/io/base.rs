@@ -1,24 +1,34 @@
 //! What sits under an overlay: the base image, behind a small trait.
 //!
 //! The engine asks a [`BaseSource`] to describe a byte range as runs that are either bytes of
-//! some file (which the engine reads through its ring) or zeros. A plain raw file is one run; a
-//! base that is itself an add-cow overlay can later implement the trait by splitting the range
-//! by its own bitmap into runs of its raw image and of its own base.
+//! some file (which the engine reads through its ring) or zeros. A plain raw file is one run
+//! ([`RawFileBase`]); a backing chain ([`ChainBase`]) splits the range by each add-cow layer's
+//! bitmap into runs of that layer's raw image and of the layers under it.
+//!
+//! Only the first layer's data file ([`BaseSource::main_fd`]) is registered with the rings; the
+//! files of deeper layers are read through their plain descriptors (`Target::Fd`), which the
+//! cores fall back to for any descriptor that is not the registered one.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::align::DioAlign;
+use crate::bitmap::SparseBitmap;
+use crate::format::chain::BaseChain;
+use crate::format::SECTOR_SIZE;
+
+use super::align::{dio_align, DioAlign};
 
 /// One run of a base range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BaseRun {
-    /// `len` bytes at `offset` of the open file `fd`, which needs `align` for I/O.
+    /// `len` bytes at `offset` of the open file `fd`, which needs `align` for I/O; `layer`:
+    /// which layer supplies them (0 = the overlay's direct base, 1 = its base, ...).
     File {
         fd: RawFd,
         offset: u64,
         len: u64,
         align: DioAlign,
+        layer: u32,
     },
     /// `len` bytes of zeros.
     Zero { len: u64 },
@@ -32,11 +42,16 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     fn map(&self, offset: u64, len: u64, out: &mut Vec<BaseRun>);
     /// The file descriptor of the base's main file, if it has one (registered with the rings).
     fn main_fd(&self) -> Option<RawFd>;
+    /// The length, as known at open, of the file behind `fd` (one that [`BaseSource::map`]
+    /// returned): a read that ends short before it has not reached the end of the file.
+    fn file_len(&self, fd: RawFd) -> u64;
     /// Drops the shared lock taken on the base's files when the overlay was opened.
     fn unlock(&self);
 }
 
-/// A raw image file as base.
+/// A raw image file as base (the engine serves every base as a [`ChainBase`]; this simplest
+/// form is what the read-splitting tests use).
+#[cfg(test)]
 #[derive(Debug)]
 pub(crate) struct RawFileBase {
     file: File,
@@ -44,6 +59,7 @@ pub(crate) struct RawFileBase {
     align: DioAlign,
 }
 
+#[cfg(test)]
 impl RawFileBase {
     /// Wraps an open (read-only) base file of `size` bytes needing `align`.
     pub(crate) fn new(file: File, size: u64, align: DioAlign) -> RawFileBase {
@@ -51,6 +67,7 @@ impl RawFileBase {
     }
 }
 
+#[cfg(test)]
 impl BaseSource for RawFileBase {
     fn size(&self) -> u64 {
         self.size
@@ -65,6 +82,7 @@ impl BaseSource for RawFileBase {
                 offset,
                 len: in_file,
                 align: self.align,
+                layer: 0,
             });
         }
         if in_file < len {
@@ -76,8 +94,175 @@ impl BaseSource for RawFileBase {
         Some(self.file.as_raw_fd())
     }
 
+    fn file_len(&self, _fd: RawFd) -> u64 {
+        self.size
+    }
+
     fn unlock(&self) {
         crate::format::overlay::ofd_unlock(&self.file);
+    }
+}
+
+/// One layer of a [`ChainBase`].
+#[derive(Debug)]
+struct ChainLayer {
+    /// The layer's bytes (a raw image, or an add-cow layer's raw image), read-only.
+    data: File,
+    /// The add-cow layer's metadata file (kept open: its shared lock lives with it).
+    meta: Option<File>,
+    /// Bytes the layer presents: its data file's length.
+    size: u64,
+    align: DioAlign,
+    /// `None`: a raw layer (every byte its own). `Some`: the add-cow layer's bitmap, loaded at
+    /// open. Invariant: a layer under an overlay is never written while it is a base (its
+    /// files are share-locked against writers), so the bitmap never changes and this copy
+    /// stays exact.
+    bitmap: Option<SparseBitmap>,
+}
+
+/// A backing chain as base: the overlay's direct base is `layers[0]`; a range is split by each
+/// add-cow layer's bitmap into runs of that layer's raw image and runs of the layers below,
+/// and zeros past each layer's end (as a qcow2 chain reads in QEMU).
+#[derive(Debug)]
+pub(crate) struct ChainBase {
+    layers: Vec<ChainLayer>,
+}
+
+impl ChainBase {
+    /// Takes over the files of an opened chain; each data file's `O_DIRECT` alignment is
+    /// asked of the file system.
+    pub(crate) fn new(chain: BaseChain) -> ChainBase {
+        let layers = chain
+            .layers
+            .into_iter()
+            .map(|l| {
+                let align = dio_align(&l.data, is_direct(&l.data));
+                ChainLayer {
+                    data: l.data,
+                    meta: l.meta,
+                    size: l.size,
+                    align,
+                    bitmap: l.bitmap,
+                }
+            })
+            .collect();
+        ChainBase { layers }
+    }
+
+    /// Appends the runs of `[offset, offset + len)` of layer `i`.
+    fn map_layer(&self, i: usize, offset: u64, len: u64, out: &mut Vec<BaseRun>) {
+        let Some(l) = self.layers.get(i) else {
+            push_run(out, BaseRun::Zero { len });
+            return;
+        };
+        let end = offset.saturating_add(len);
+        let inside = end.min(l.size).max(offset);
+        let file_run = |offset: u64, len: u64| BaseRun::File {
+            fd: l.data.as_raw_fd(),
+            offset,
+            len,
+            align: l.align,
+            layer: i as u32,
+        };
+        match &l.bitmap {
+            None => {
+                if inside > offset {
+                    push_run(out, file_run(offset, inside - offset));
+                }
+            }
+            Some(bitmap) => {
+                let below = self.layers.get(i + 1).map_or(0, |n| n.size);
+                let mut pos = offset;
+                while pos < inside {
+                    let sector = pos / SECTOR_SIZE;
+                    let max = (inside - 1) / SECTOR_SIZE - sector + 1;
+                    let (set, n) = bitmap.run_from(sector, max);
+                    if n == 0 {
+                        break;
+                    }
+                    let run_end = ((sector + n) * SECTOR_SIZE).min(inside);
+                    if set {
+                        push_run(out, file_run(pos, run_end - pos));
+                    } else {
+                        let split = run_end.min(below.max(pos));
+                        if split > pos {
+                            self.map_layer(i + 1, pos, split - pos, out);
+                        }
+                        if run_end > split {
+                            push_run(
+                                out,
+                                BaseRun::Zero {
+                                    len: run_end - split,
+                                },
+                            );
+                        }
+                    }
+                    pos = run_end;
+                }
+                if pos < inside {
+                    push_run(out, BaseRun::Zero { len: inside - pos });
+                }
+            }
+        }
+        if end > inside {
+            push_run(out, BaseRun::Zero { len: end - inside });
+        }
+    }
+}
+
+/// Appends `run`, merging it into the last run when they continue each other.
+fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
+    match (out.last_mut(), run) {
+        (_, BaseRun::Zero { len: 0 }) | (_, BaseRun::File { len: 0, .. }) => {}
+        (Some(BaseRun::Zero { len }), BaseRun::Zero { len: more }) => *len += more,
+        (
+            Some(BaseRun::File {
+                fd, offset, len, ..
+            }),
+            BaseRun::File {
+                fd: fd2,
+                offset: off2,
+                len: more,
+                ..
+            },
+        ) if *fd == fd2 && *offset + *len == off2 => *len += more,
+        _ => out.push(run),
+    }
+}
+
+fn is_direct(file: &File) -> bool {
+    // SAFETY: F_GETFL on an open fd has no memory effects.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
+
+impl BaseSource for ChainBase {
+    fn size(&self) -> u64 {
+        self.layers.first().map_or(0, |l| l.size)
+    }
+
+    fn map(&self, offset: u64, len: u64, out: &mut Vec<BaseRun>) {
+        self.map_layer(0, offset, len, out);
+    }
+
+    fn main_fd(&self) -> Option<RawFd> {
+        self.layers.first().map(|l| l.data.as_raw_fd())
+    }
+
+    fn file_len(&self, fd: RawFd) -> u64 {
+        self.layers
+            .iter()
+            .find(|l| l.data.as_raw_fd() == fd)
+            .map_or(0, |l| l.size)
+    }
+
+    fn unlock(&self) {
+        for l in &self.layers {
+            crate::format::overlay::ofd_unlock(&l.data);
+            if let Some(m) = &l.meta {
+                crate::format::overlay::ofd_unlock(m);
+            }
+        }
     }
 }
 
@@ -99,7 +284,8 @@ mod tests {
                     fd,
                     offset: 900,
                     len: 100,
-                    align: DioAlign::NONE
+                    align: DioAlign::NONE,
+                    layer: 0,
                 },
                 BaseRun::Zero { len: 200 }
             ]

@@ -9,7 +9,7 @@ use super::core::on_core_thread;
 use super::disk_state::{DiskState, Waiter};
 use super::engine_shared::EngineShared;
 use super::mailbox::Msg;
-use super::request::{req_err, Completion, Done, Extent, Request, RequestError};
+use super::request::{req_err, Completion, DepthExtent, Done, Extent, Request, RequestError};
 use super::responder::Responder;
 use super::split;
 use super::stats::DiskStats;
@@ -240,6 +240,19 @@ impl Disk {
             end - start,
             &mut out,
         );
+        out
+    }
+
+    /// Which layer of the backing chain supplies each part of `[offset, offset+len)` (clipped
+    /// to the disk size), as consecutive extents numbered like `qemu:allocation-depth` (see
+    /// [`DepthExtent`]). From the in-memory bitmaps of every layer; no I/O. At most one extent
+    /// per 512-byte sector of the range (plus one), like [`Disk::allocation`].
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        let d = &self.state;
+        let start = offset.min(d.size);
+        let end = offset.saturating_add(len).min(d.size);
+        let mut out = Vec::new();
+        split::depth_extents(&d.bitmap, d.base.as_deref(), start, end - start, &mut out);
         out
     }
 

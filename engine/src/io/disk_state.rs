@@ -17,7 +17,7 @@ use crate::format::overlay::ofd_unlock;
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 
 use super::align::{dio_align, DioAlign};
-use super::base::{BaseSource, RawFileBase};
+use super::base::{BaseSource, ChainBase};
 use super::config::{CacheMode, DiskOptions, EngineConfig};
 use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
@@ -197,7 +197,6 @@ impl DiskState {
             meta_path,
             image_path,
             virtual_size,
-            base_size,
             meta,
             image,
             base,
@@ -224,11 +223,8 @@ impl DiskState {
         } else {
             None
         };
-        let base: Option<Box<dyn BaseSource>> = base.map(|f| {
-            let align = dio_align(&f, is_direct(&f));
-            let size = base_size.unwrap_or_else(|| f.metadata().map(|m| m.len()).unwrap_or(0));
-            Box::new(RawFileBase::new(f, size, align)) as Box<dyn BaseSource>
-        });
+        let base: Option<Box<dyn BaseSource>> =
+            base.map(|chain| Box::new(ChainBase::new(chain)) as Box<dyn BaseSource>);
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]
@@ -268,6 +264,16 @@ impl DiskState {
             Role::Image => self.size,
             Role::Meta => self.meta_len,
             Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+        }
+    }
+
+    /// The length of the file behind an op's descriptor: [`DiskState::file_len`] of `role`, but
+    /// for a base read through a deeper layer's file (`fd` not the base's main one), that
+    /// file's length.
+    pub(crate) fn file_len_of(&self, role: Role, fd: Option<RawFd>) -> u64 {
+        match (role, fd, &self.base) {
+            (Role::Base, Some(fd), Some(b)) => b.file_len(fd),
+            _ => self.file_len(role),
         }
     }
 

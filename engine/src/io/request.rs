@@ -81,6 +81,19 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// A run of bytes supplied by one layer of the backing chain, in the numbering of QEMU's
+/// `qemu:allocation-depth`: `1` the top overlay's raw image, `2` its base, `3` the base's base,
+/// and so on; `0` no layer (zeros: clear in every layer, or past a layer's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DepthExtent {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// The supplying layer (see the type's docs).
+    pub depth: u32,
+}
+
 /// A request error with `errno`, `op` and `offset`.
 pub(crate) fn req_err(errno: i32, op: &'static str, offset: u64) -> RequestError {
     RequestError { errno, op, offset }

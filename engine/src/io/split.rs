@@ -7,7 +7,7 @@ use crate::format::SECTOR_SIZE;
 
 use super::align::DioAlign;
 use super::base::{BaseRun, BaseSource};
-use super::request::{Extent, ExtentKind};
+use super::request::{DepthExtent, Extent, ExtentKind};
 
 /// Where one segment of a read comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,51 @@ pub(crate) fn extents(
     }
 }
 
+/// Splits `[offset, offset+len)` by the layer that supplies each byte (see [`DepthExtent`]):
+/// the top bitmap first, then the base's runs for its clear sectors.
+pub(crate) fn depth_extents(
+    bitmap: &SparseBitmap,
+    base: Option<&dyn BaseSource>,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<DepthExtent>,
+) {
+    let mut ext = Vec::new();
+    extents(bitmap, base.map(|b| b.size()), offset, len, &mut ext);
+    let push = |out: &mut Vec<DepthExtent>, offset: u64, len: u64, depth: u32| {
+        if len == 0 {
+            return;
+        }
+        if let Some(last) = out.last_mut() {
+            if last.depth == depth && last.offset + last.len == offset {
+                last.len += len;
+                return;
+            }
+        }
+        out.push(DepthExtent { offset, len, depth });
+    };
+    let mut runs = Vec::new();
+    for e in ext {
+        match (e.kind, base) {
+            (ExtentKind::Image, _) => push(out, e.offset, e.len, 1),
+            (ExtentKind::Base, Some(b)) => {
+                runs.clear();
+                b.map(e.offset, e.len, &mut runs);
+                let mut at = e.offset;
+                for r in &runs {
+                    let (len, depth) = match *r {
+                        BaseRun::File { len, layer, .. } => (len, layer.saturating_add(2)),
+                        BaseRun::Zero { len } => (len, 0),
+                    };
+                    push(out, at, len, depth);
+                    at += len;
+                }
+            }
+            (ExtentKind::Base, None) | (ExtentKind::Zero, _) => push(out, e.offset, e.len, 0),
+        }
+    }
+}
+
 /// Reusable vectors for [`plan_read`] (so the read path does not allocate per request).
 #[derive(Debug, Default)]
 pub(crate) struct SplitScratch {
@@ -129,6 +174,7 @@ pub(crate) fn plan_read(
                             offset,
                             len,
                             align,
+                            ..
                         } => {
                             out.push(Seg {
                                 dest: d,

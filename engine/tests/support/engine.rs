@@ -152,3 +152,52 @@ pub fn submit_with(
     );
     rx
 }
+
+/// The files of an add-cow layer put under a [`Fixture`]'s overlay, making a backing chain:
+/// `base.img` is rewritten as an add-cow overlay (`mid.raw` its raw image, `bottom.img` its raw
+/// base), so the fixture's own header (which names `base.img`) now points at an overlay.
+pub struct LowerLayer {
+    /// `(file name, bytes)` of every file under the top overlay, to rewrite them elsewhere.
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    /// What the layer presents (its virtual disk, decoded by the reference reader): the bytes
+    /// the top overlay reads for its clear sectors.
+    pub view: Vec<u8>,
+}
+
+/// Turns `fx`'s base into a `sectors`-sector add-cow layer over a raw `bottom.img` of
+/// `bottom_len` bytes (`base_byte` pattern). Sectors with `set(s)` hold the layer's own bytes
+/// (`prealloc_byte` pattern of offset + 1); the rest of `mid.raw` holds `stale_byte` garbage
+/// under clear bits, which a read through the chain must never return.
+pub fn chain_under(
+    fx: &Fixture,
+    sectors: u64,
+    bottom_len: u64,
+    set: impl Fn(u64) -> bool,
+) -> LowerLayer {
+    use std::os::unix::fs::FileExt;
+    let dir = fx.dir.path();
+    let bottom = pattern::fill(0, bottom_len as usize, pattern::base_byte);
+    let meta = build_meta("bottom.img", "mid.raw", sectors, &set);
+    let mut raw = vec![0u8; (sectors * SECTOR as u64) as usize];
+    for s in 0..sectors {
+        let off = s * SECTOR as u64;
+        let bytes = if set(s) {
+            pattern::fill(off + 1, SECTOR, pattern::prealloc_byte)
+        } else {
+            pattern::fill(off, SECTOR, pattern::stale_byte)
+        };
+        raw[off as usize..off as usize + SECTOR].copy_from_slice(&bytes);
+    }
+    std::fs::write(dir.join("bottom.img"), &bottom).expect("write bottom");
+    let f = std::fs::File::create(dir.join("mid.raw")).expect("create mid.raw");
+    f.write_all_at(&raw, 0).expect("write mid.raw");
+    f.sync_all().expect("sync mid.raw");
+    std::fs::write(&fx.base, &meta).expect("write mid overlay");
+    let view = super::reference::RefView::decode(&meta, &raw, Some(&bottom))
+        .expect("lower layer decodes")
+        .read_all();
+    LowerLayer {
+        files: vec![("base.img", meta), ("mid.raw", raw), ("bottom.img", bottom)],
+        view,
+    }
+}

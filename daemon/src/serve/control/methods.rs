@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::events;
 use super::super::host::{DeleteMode, Host, HostError, Origin};
+use super::super::snapshot;
 use super::rpc::{RpcError, INVALID_PARAMS};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
@@ -104,6 +105,14 @@ pub const METHODS: &[Method] = &[
         summary: "per export and operation: requests, bytes, errors, latency p50/p99/p99.9; \
                   commits, batch size, base bytes read, bits set",
         call: query_stats,
+    },
+    Method {
+        name: "export-snapshot",
+        params: &[p("name", Kind::Str, true), p("overlay", Kind::Path, true)],
+        summary: "live snapshot: the export's overlay becomes the read-only base of a new \
+                  overlay at OVERLAY (raw image next to it), which takes the writes from now \
+                  on; clients stay connected; emits export-snapshot",
+        call: export_snapshot,
     },
     Method {
         name: "quit",
@@ -250,6 +259,20 @@ fn query_stats(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     Ok(serde_json::to_value(stats).unwrap_or_default())
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportSnapshot {
+    name: String,
+    overlay: PathBuf,
+}
+
+fn export_snapshot(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
+    let s: ExportSnapshot = params(p)?;
+    snapshot::snapshot_export(host, &s.name, &s.overlay)
+        .map(|done| serde_json::to_value(done).unwrap_or_default())
+        .map_err(|e| RpcError::server(e.class(), e.to_string()))
+}
+
 fn quit(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let NoParams {} = params(p)?;
     host.stop.request("quit on the control socket");
@@ -285,6 +308,7 @@ mod tests {
                 "export-del" => params::<ExportDel>(all).map(|_| ()),
                 "export-resize" => params::<ExportResize>(all).map(|_| ()),
                 "query-stats" => params::<QueryStats>(all).map(|_| ()),
+                "export-snapshot" => params::<ExportSnapshot>(all).map(|_| ()),
                 other => panic!("method {other} has no parameter check here"),
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
@@ -293,6 +317,7 @@ mod tests {
                 "export-add" => params::<ExportAdd>(extra).map(|_| ()),
                 "export-del" => params::<ExportDel>(extra).map(|_| ()),
                 "export-resize" => params::<ExportResize>(extra).map(|_| ()),
+                "export-snapshot" => params::<ExportSnapshot>(extra).map(|_| ()),
                 _ => params::<QueryStats>(extra).map(|_| ()),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);

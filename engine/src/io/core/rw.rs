@@ -643,7 +643,15 @@ impl Core {
             self.fail(task, -res, op_name(file.role, false));
             return;
         }
-        let Some(file_end) = self.tasks.get(task).map(|t| t.disk().file_len(file.role)) else {
+        let fd = match file.target {
+            Target::Fd(fd) => Some(fd),
+            Target::Fixed(_) => None,
+        };
+        let Some(file_end) = self
+            .tasks
+            .get(task)
+            .map(|t| t.disk().file_len_of(file.role, fd))
+        else {
             return;
         };
         let got = (res as usize).min(into.len());

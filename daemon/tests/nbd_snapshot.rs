@@ -1,0 +1,402 @@
+//! Live snapshots (`export-snapshot`) with a real client connected across them: a python3-libnbd
+//! client keeps reading (and checking) while the export switches to a new overlay, then writes
+//! on the same connection. The old overlay must equal, byte for byte (`qemu-img compare`), a copy
+//! of the export taken just before the snapshot, and the new writes must be only in the new
+//! overlay. A SIGKILL right after the snapshot reply, then a restart on the new overlay, must
+//! lose nothing. Refusals: an existing target, a folder outside `--allow-dir`, a read-only
+//! export, a relative path, an unknown export.
+
+mod nbd_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use nbd_support::{run, Control, Daemon};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 4 * MIB;
+
+/// A python3-libnbd client on one connection, driven line by line.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const CLIENT: &str = r#"
+import nbd, sys, threading
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+ref = b''
+stop = threading.Event()
+stats = {'reads': 0, 'bad': 0, 'errors': 0}
+def reader():
+    off = 0
+    while not stop.is_set():
+        n = 65536 + (off % 7) * 512
+        if off + n > len(ref):
+            off = 0
+        try:
+            got = h.pread(n, off)
+            if got != ref[off:off + n]:
+                stats['bad'] += 1
+        except Exception as e:
+            stats['errors'] += 1
+            print('read error', e, file=sys.stderr, flush=True)
+        stats['reads'] += 1
+        off += 12345
+t = None
+for line in sys.stdin:
+    w = line.split()
+    if w[0] == 'write':
+        off, n, b = int(w[1]), int(w[2]), int(w[3])
+        h.pwrite(bytes([b]) * n, off)
+        print('ok', flush=True)
+    elif w[0] == 'flush':
+        h.flush()
+        print('ok', flush=True)
+    elif w[0] == 'readloop':
+        ref = open(sys.argv[2], 'rb').read()
+        t = threading.Thread(target=reader)
+        t.start()
+        while stats['reads'] < 20:
+            pass
+        print('ok', flush=True)
+    elif w[0] == 'stop':
+        stop.set()
+        t.join()
+        print('reads', stats['reads'], 'bad', stats['bad'], 'errors', stats['errors'], flush=True)
+    elif w[0] == 'quit':
+        h.shutdown()
+        print('ok', flush=True)
+        break
+"#;
+
+impl Client {
+    fn start(uri: &str, reference: &Path) -> Client {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", CLIENT, uri, reference.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 with the nbd module (python3-libnbd; scripts/test.sh installs it)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Client {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).unwrap();
+        assert!(!out.is_empty(), "client died on {line:?}");
+        out.trim().to_string()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    overlay: PathBuf,
+    control: PathBuf,
+    sock: PathBuf,
+    /// What the disk reads as (kept by the test).
+    model: Vec<u8>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let base_bytes: Vec<u8> = (0..3 * MIB).map(|i| (i % 253) as u8 + 1).collect();
+    std::fs::write(&base, &base_bytes).unwrap();
+    let overlay = dir.path().join("vm.add-cow");
+    addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base),
+        size: Some(SIZE),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    model[..base_bytes.len()].copy_from_slice(&base_bytes);
+    Setup {
+        control: dir.path().join("ctl.sock"),
+        sock: dir.path().join("s.sock"),
+        dir,
+        overlay,
+        model,
+    }
+}
+
+fn start(s: &Setup, overlay: &Path) -> Daemon {
+    Daemon::start(
+        &s.sock,
+        &[
+            "--control",
+            s.control.to_str().unwrap(),
+            "--allow-dir",
+            s.dir.path().to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ],
+    )
+}
+
+fn write(c: &mut Client, model: &mut [u8], off: u64, len: u64, byte: u8) {
+    assert_eq!(c.cmd(&format!("write {off} {len} {byte}")), "ok");
+    model[off as usize..(off + len) as usize].fill(byte);
+}
+
+/// qemu-img compare of a raw file with an export; panics unless identical.
+fn same(raw: &Path, uri: &str) {
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            uri,
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+#[test]
+fn a_client_stays_connected_across_a_live_snapshot() {
+    let mut s = setup();
+    let d = start(&s, &s.overlay);
+    let uri = d.uri();
+    let mut c = Client::start(&uri, &s.dir.path().join("ref.raw"));
+    // Before: writes (partial sectors too) over the base and past its end, no flush.
+    let mut model = std::mem::take(&mut s.model);
+    // The reference file the reader checks is written before the client starts reading.
+    for (off, len, b) in [
+        (0, 4096, 0x11),
+        (100_000, 777, 0x22),
+        (3 * MIB + 5, 70_000, 0x33),
+    ] {
+        write(&mut c, &mut model, off, len, b);
+    }
+    std::fs::write(s.dir.path().join("ref.raw"), &model).unwrap();
+    // The copy the test takes of the content at snapshot time (a second client).
+    let at_snapshot = s.dir.path().join("at-snapshot.raw");
+    run("nbdcopy", &[&uri, at_snapshot.to_str().unwrap()]);
+    assert!(std::fs::read(&at_snapshot).unwrap() == model);
+
+    // Reads in flight on the connection while the export switches (checked against
+    // `ref.raw`, the disk's content).
+    assert_eq!(c.cmd("readloop"), "ok");
+    let mut ctl = Control::connect(&s.control);
+    let snap = s.dir.path().join("vm-1.add-cow");
+    let r = ctl.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    assert_eq!(r["overlay"], serde_json::json!(snap), "{r}");
+    assert_eq!(r["base"], serde_json::json!(s.overlay), "{r}");
+    let n = ctl.notification("export-snapshot");
+    assert_eq!(n["params"]["overlay"], serde_json::json!(snap), "{n}");
+    let stats = c.cmd("stop");
+    let f: Vec<&str> = stats.split_whitespace().collect();
+    assert_eq!(
+        (f[2], f[3], f[4], f[5]),
+        ("bad", "0", "errors", "0"),
+        "{stats}"
+    );
+    assert!(f[1].parse::<u64>().unwrap() >= 20, "{stats}");
+    // After: writes on the same connection go to the new overlay.
+    let before = model.clone();
+    for (off, len, b) in [
+        (2048, 1000, 0x44),
+        (100_000, 100, 0x55),
+        (3 * MIB + MIB / 2, 8192, 0x66),
+    ] {
+        write(&mut c, &mut model, off, len, b);
+    }
+    assert_eq!(c.cmd("flush"), "ok");
+    assert_eq!(c.cmd("quit"), "ok");
+    drop(c);
+    let info = ctl.ok("query-exports", serde_json::json!({}));
+    assert_eq!(info[0]["overlay"], serde_json::json!(snap), "{info}");
+    // The whole disk now: what was written before and after.
+    let now = s.dir.path().join("now.raw");
+    std::fs::write(&now, &model).unwrap();
+    same(&now, &uri);
+    // The old overlay is share-locked as the new one's base: it cannot be opened for writing.
+    let e = addcow_engine::format::Overlay::open(&s.overlay, &Default::default()).unwrap_err();
+    assert_eq!(e.kind(), &addcow_engine::ErrorKind::Locked, "{e}");
+    d.stop();
+
+    // The old overlay, alone (read-only), is the point-in-time image.
+    let d = Daemon::start(&s.sock, &["--read-only", s.overlay.to_str().unwrap()]);
+    same(&at_snapshot, &d.uri());
+    d.stop();
+    assert!(std::fs::read(&at_snapshot).unwrap() == before);
+    // The new overlay holds only what was written after (its own bits), over the old one.
+    let out = run("qemu-img", &["--version"]);
+    assert!(out.contains("qemu-img"));
+    let map = Command::new(nbd_support::addcow_bin())
+        .args(["map", "--json", snap.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let runs: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+    let own: Vec<(u64, u64)> = runs
+        .iter()
+        .filter(|r| r["depth"] == 0 && r["present"] == true)
+        .map(|r| (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        own,
+        vec![(2048, 1024), (99_840, 512), (3 * MIB + MIB / 2, 8192)],
+        "the new overlay's own sectors: {runs:?}"
+    );
+    // Served, the new overlay is a chain: its writes at depth 1, the old overlay's at 2, the
+    // base's at 3, zeros past the base at 0.
+    let d = Daemon::start(&s.sock, &["--read-only", snap.to_str().unwrap()]);
+    let out = run("nbdinfo", &["--map=qemu:allocation-depth", &d.uri()]);
+    let depth_at = |off: u64| -> u64 {
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .take(3)
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                (f.len() == 3).then(|| (f[0], f[1], f[2]))
+            })
+            .find(|&(o, l, _)| o <= off && off < o + l)
+            .map(|r| r.2)
+            .unwrap_or_else(|| panic!("no extent at {off}: {out}"))
+    };
+    assert_eq!(depth_at(2048), 1, "{out}");
+    assert_eq!(depth_at(0), 2, "{out}");
+    assert_eq!(depth_at(MIB), 3, "{out}");
+    assert_eq!(depth_at(3 * MIB + 1024), 2, "{out}");
+    assert_eq!(depth_at(3 * MIB + 100 * 1024), 0, "{out}");
+    assert_eq!(depth_at(SIZE - 512), 0, "{out}");
+    d.stop();
+}
+
+#[test]
+fn sigkill_right_after_the_snapshot_reply_loses_nothing() {
+    let mut s = setup();
+    let mut d = start(&s, &s.overlay);
+    let uri = d.uri();
+    let mut model = std::mem::take(&mut s.model);
+    let mut c = Client::start(&uri, &s.overlay);
+    // Acknowledged, never flushed by the client: the snapshot's commit makes them durable.
+    for (off, len, b) in [
+        (512, 3000, 0x71),
+        (MIB + 1, 65536, 0x72),
+        (3 * MIB + 100, 1, 0x73),
+    ] {
+        write(&mut c, &mut model, off, len, b);
+    }
+    let mut ctl = Control::connect(&s.control);
+    let snap = s.dir.path().join("vm-1.add-cow");
+    ctl.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    drop(c);
+    let d = start(&s, &snap);
+    let want = s.dir.path().join("want.raw");
+    std::fs::write(&want, &model).unwrap();
+    same(&want, &d.uri());
+    d.stop();
+}
+
+#[test]
+fn snapshots_are_refused_with_clear_errors() {
+    let s = setup();
+    let d = start(&s, &s.overlay);
+    let mut ctl = Control::connect(&s.control);
+    let call = |ctl: &mut Control, name: &str, overlay: &Path| {
+        ctl.call(
+            "export-snapshot",
+            serde_json::json!({"name": name, "overlay": overlay}),
+        )
+        .unwrap_err()
+    };
+    // The target exists (or its raw image does).
+    let taken = s.dir.path().join("taken.add-cow");
+    std::fs::write(&taken, b"x").unwrap();
+    let e = call(&mut ctl, "", &taken);
+    assert_eq!(e["data"]["class"], "exists", "{e}");
+    std::fs::write(s.dir.path().join("img.raw"), b"x").unwrap();
+    let e = call(&mut ctl, "", &s.dir.path().join("img.add-cow"));
+    assert_eq!(e["data"]["class"], "exists", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("img.raw"), "{e}");
+    // Outside the allowed folders; relative.
+    let other = tempfile::tempdir().unwrap();
+    let e = call(&mut ctl, "", &other.path().join("s.add-cow"));
+    assert_eq!(e["data"]["class"], "not-allowed", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("--allow-dir"),
+        "{e}"
+    );
+    assert!(!other.path().join("s.add-cow").exists());
+    let e = call(&mut ctl, "", Path::new("rel.add-cow"));
+    assert_eq!(e["data"]["class"], "not-allowed", "{e}");
+    // No such export.
+    let e = call(&mut ctl, "nope", &s.dir.path().join("n.add-cow"));
+    assert_eq!(e["data"]["class"], "no-such-export", "{e}");
+    // A read-only export.
+    let ro = s.dir.path().join("ro.add-cow");
+    addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+        overlay: ro.clone(),
+        size: Some(MIB),
+        ..Default::default()
+    })
+    .unwrap();
+    ctl.ok(
+        "export-add",
+        serde_json::json!({"name": "ro", "overlay": ro, "read_only": true}),
+    );
+    let e = call(&mut ctl, "ro", &s.dir.path().join("ro-1.add-cow"));
+    assert_eq!(e["data"]["class"], "read-only", "{e}");
+    assert!(!s.dir.path().join("ro-1.add-cow").exists());
+    // Nothing changed: the export still serves its overlay.
+    let info = ctl.ok("query-exports", serde_json::json!({}));
+    assert_eq!(info[0]["overlay"], serde_json::json!(s.overlay), "{info}");
+    // `addcow ctl` (a relative overlay= is made absolute by ctl, so use a name in the dir).
+    let snap = s.dir.path().join("vm-ctl.add-cow");
+    let (code, out, err) = nbd_support::ctl(&[
+        "--control",
+        s.control.to_str().unwrap(),
+        "export-snapshot",
+        "name=",
+        &format!("overlay={}", snap.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("now writes to") && out.contains("vm-ctl.add-cow"),
+        "{out}"
+    );
+    let (code, _, err) = nbd_support::ctl(&[
+        "--control",
+        s.control.to_str().unwrap(),
+        "export-snapshot",
+        "name=",
+        &format!("overlay={}", snap.display()),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    d.stop();
+}
