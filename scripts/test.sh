@@ -34,6 +34,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-populate-bits-first -- -D warnings
 cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 
@@ -58,6 +59,8 @@ fi
 # checker must find violations, the recorder-log ordering tests must fail and the failed-data-sync
 # fault tests must find a bit on disk (they are should_panic there).
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
+# Populate (stream) with its bits set before the copied data is written: the checker must find it.
+cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first --no-fail-fast --test crash_consistency crash_checker_detects_populate_bits_first
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync --no-fail-fast --test engine_faults data_fdatasync
 cargo test --workspace --doc

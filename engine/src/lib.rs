@@ -18,5 +18,5 @@ pub mod io;
 pub use error::{Error, ErrorKind, Result};
 pub use io::{
     CacheMode, Completion, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig, Extent,
-    ExtentKind, IoBuf, Request, RequestError,
+    ExtentKind, IoBuf, Request, RequestError, MAX_POPULATE,
 };

@@ -54,5 +54,7 @@ pub use buf::{IoBuf, BUF_ALIGN};
 pub use config::{CacheMode, DiskOptions, EngineConfig};
 pub use disk::Disk;
 pub use engine::Engine;
-pub use request::{Completion, Done, Extent, ExtentKind, Request, RequestError, MAX_READ};
+pub use request::{
+    Completion, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE, MAX_READ,
+};
 pub use stats::DiskStats;
