@@ -1,7 +1,7 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
 //!
 //! Subcommands live in their own modules: `serve` in [`serve`], its control client `ctl` in
-//! [`ctl`], the image tools `create`/`info`/`check`/`map` in [`tools`].
+//! [`ctl`], the image tools `create`/`info`/`check`/`map`/`stream` in [`tools`].
 
 use std::process::ExitCode;
 
@@ -34,6 +34,8 @@ enum Command {
     Check(tools::check::CheckArgs),
     /// Print the allocation as runs, in the shape of `qemu-img map`.
     Map(tools::map::MapArgs),
+    /// Copy every sector still read from the base into the raw image (resumable).
+    Stream(tools::stream::StreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,5 +54,6 @@ fn main() -> ExitCode {
         Command::Info(args) => tools::info::run(args),
         Command::Check(args) => tools::check::run(args),
         Command::Map(args) => tools::map::run(args),
+        Command::Stream(args) => tools::stream::run(args),
     }
 }

@@ -1,4 +1,4 @@
-//! Image tools: `create`, `info`, `check`, `map`.
+//! Image tools: `create`, `info`, `check`, `map`, `stream`.
 //!
 //! Shared here: size parsing (`--size 10G`), human-readable sizes for text output, and how an
 //! error is reported (one line on stderr, exit status 1).
@@ -9,6 +9,7 @@ pub mod check;
 pub mod create;
 pub mod info;
 pub mod map;
+pub mod stream;
 
 /// Parses a size such as `4096`, `512K`, `10M`, `20G`, `1T` (binary multiples; an optional `B`
 /// or `iB` after the suffix is accepted, so `10GiB` and `10GB` mean 10 × 2^30).
