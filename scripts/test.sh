@@ -67,9 +67,9 @@ cargo test --workspace --doc
 
 echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
-echo "   soak for ${ADDCOW_SOAK_SECS:-30}s)"
+echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
-  --test nbd_hygiene --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"

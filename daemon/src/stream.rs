@@ -18,6 +18,8 @@ use addcow_engine::{Disk, Done, Request, RequestError};
 pub const CHUNK: u64 = 1 << 20;
 /// Populate requests in flight at once.
 const WINDOW: usize = 4;
+/// Longest time between two counts of the bitmap for progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// What drives a stream from outside: pause, stop, rate, progress.
 pub trait StreamControl {
@@ -26,8 +28,15 @@ pub trait StreamControl {
     fn proceed(&self) -> bool;
     /// The rate limit in bytes per second, if any (asked before each chunk, so it may change).
     fn rate(&self) -> Option<u64>;
-    /// Progress: bytes of clear sectors handled so far, of `total`.
+    /// Progress: of the `total` bytes clear at the start, how many are no longer clear
+    /// (populated by the stream, or written by clients meanwhile). Never goes back.
     fn progress(&self, done: u64, total: u64);
+    /// Whether a pause (or stop) is coming: no new chunk is issued until the ones in flight
+    /// are answered, so that [`StreamControl::proceed`] blocks with nothing in flight and the
+    /// progress stands still while paused.
+    fn wants_pause(&self) -> bool {
+        false
+    }
 }
 
 /// What a stream did.
@@ -112,8 +121,12 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
     let (mut at, mut inflight, mut core) = (0u64, 0usize, 0usize);
     let mut walking = true;
     let mut first_err = None;
+    let (mut progress, mut last_count) = (0u64, Instant::now());
     loop {
         while walking && inflight < WINDOW && first_err.is_none() {
+            if inflight > 0 && ctl.wants_pause() {
+                break; // drain first
+            }
             if !ctl.proceed() {
                 stats.stopped = true;
                 walking = false;
@@ -153,7 +166,15 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
             Ok(Done::Populated { copied, zeroed }) => {
                 stats.copied += copied;
                 stats.zeroed += zeroed;
-                ctl.progress(stats.done(), stats.total);
+                // Writes of clients count too (they fill clear sectors); the bitmap is counted
+                // at most every PROGRESS_EVERY.
+                if last_count.elapsed() >= PROGRESS_EVERY {
+                    last_count = Instant::now();
+                    let clear = disk.size() - disk.allocated_bytes();
+                    progress = progress.max(stats.total.saturating_sub(clear));
+                }
+                progress = progress.max(stats.done()).min(stats.total);
+                ctl.progress(progress, stats.total);
             }
             Ok(_) => {}
             Err(e) => {
@@ -164,6 +185,8 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
     }
     // What was populated becomes durable (also when stopped or failed: it is all valid).
     let flushed = disk.flush();
+    let clear = disk.size() - disk.allocated_bytes();
+    ctl.progress(progress.max(stats.total.saturating_sub(clear)), stats.total);
     stats.elapsed = started.elapsed();
     if let Some(e) = first_err {
         return Err(fail(e));
