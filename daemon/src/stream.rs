@@ -80,6 +80,8 @@ struct Pacer {
 }
 
 impl Pacer {
+    /// Waits until `bytes` more may be issued; false (nothing counted) when a pause or stop
+    /// came meanwhile: the caller then drains and goes through [`StreamControl::proceed`].
     fn wait(&mut self, bytes: u64, rate: Option<u64>, ctl: &dyn StreamControl) -> bool {
         let Some(rate) = rate.filter(|&r| r > 0) else {
             self.next = Instant::now();
@@ -89,12 +91,15 @@ impl Pacer {
         if self.next + Duration::from_secs(1) < now {
             self.next = now;
         }
-        while Instant::now() < self.next {
-            let left = self.next - Instant::now();
-            std::thread::sleep(left.min(Duration::from_millis(50)));
-            if !ctl.proceed() {
+        loop {
+            let now = Instant::now();
+            if now >= self.next {
+                break;
+            }
+            if ctl.wants_pause() {
                 return false;
             }
+            std::thread::sleep((self.next - now).min(Duration::from_millis(20)));
         }
         self.next += Duration::from_secs_f64(bytes as f64 / rate as f64);
         true
@@ -123,9 +128,12 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
     let mut first_err = None;
     let (mut progress, mut last_count) = (0u64, Instant::now());
     loop {
+        // Set when a pause or stop is coming: issue nothing until what is in flight is back.
+        let mut draining = false;
         while walking && inflight < WINDOW && first_err.is_none() {
             if inflight > 0 && ctl.wants_pause() {
-                break; // drain first
+                draining = true;
+                break;
             }
             if !ctl.proceed() {
                 stats.stopped = true;
@@ -137,8 +145,7 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
                 break;
             };
             if !pacer.wait(len, ctl.rate(), ctl) {
-                stats.stopped = true;
-                walking = false;
+                draining = true;
                 break;
             }
             let tx = tx.clone();
@@ -154,6 +161,9 @@ pub fn stream(disk: &Disk, ctl: &dyn StreamControl) -> Result<StreamStats, Strea
             at = offset + len;
         }
         if inflight == 0 {
+            if draining && walking && first_err.is_none() {
+                continue; // on to proceed(): it blocks while paused, or says stop
+            }
             break;
         }
         let r = rx.recv().unwrap_or(Err(RequestError {

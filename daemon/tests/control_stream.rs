@@ -263,6 +263,9 @@ fn sigkill_during_online_stream_then_stream_again() {
         assert!(Instant::now() < deadline, "stream made no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A client's FLUSH makes what was streamed so far durable (the stream goes on meanwhile);
+    // then the daemon dies mid-stream.
+    qemu_io(&uri, &["flush"]);
     d.signal(nix::sys::signal::Signal::SIGKILL);
     d.wait_exit();
     drop(c);
@@ -289,7 +292,7 @@ fn sigkill_during_online_stream_then_stream_again() {
         .to_string();
     let j = wait_status(&mut c, &id, "concluded");
     assert!(
-        j["total-progress"].as_u64().unwrap() < size - 4 * MIB,
+        j["total-progress"].as_u64().unwrap() <= size - 16 * MIB,
         "the second stream continued from the bits: {j}"
     );
     assert!(export_complete(&mut c, "vm"));

@@ -65,6 +65,9 @@ impl StreamControl for Cli {
         self.bar.set_length(total);
         self.bar.set_position(done);
     }
+    fn wants_pause(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
 }
 
 /// Blocks SIGINT/SIGTERM in this thread (and every thread started after) and starts the thread
