@@ -1,4 +1,5 @@
-//! The control methods: one table of name, parameters and handler. Adding a method (say
+//! The control methods: one table of name, parameters and handler (the `job-*` handlers live in
+//! `job_methods.rs`). Adding a method (say
 //! `job-start`, `query-jobs`, `export-resize`) is one more entry here and its handler; `hello`
 //! announces every entry, and `addcow ctl` reads the parameter kinds from the same table to
 //! turn `key=value` words into JSON.
