@@ -1,8 +1,7 @@
 //! The control methods: one table of name, parameters and handler (the `job-*` handlers live in
-//! `job_methods.rs`). Adding a method (say
-//! `job-start`, `query-jobs`, `export-resize`) is one more entry here and its handler; `hello`
-//! announces every entry, and `addcow ctl` reads the parameter kinds from the same table to
-//! turn `key=value` words into JSON.
+//! `job_methods.rs`). Adding a method (say `export-resize`) is one more entry here and its
+//! handler; `hello` announces every entry, and `addcow ctl` reads the parameter kinds from the
+//! same table to turn `key=value` words into JSON.
 
 use std::path::PathBuf;
 
