@@ -455,7 +455,8 @@ fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u6
 #[test]
 fn crash_consistency_of_engine_workload_buffered() {
     let seed = seed("CRASH_SEED");
-    // Buffered raw image, one core for six clients, commits only on FLUSH / FUA / close.
+    // Buffered raw image (as `addcow stream` runs), one core for six clients and a streamer,
+    // commits only on FLUSH / FUA / close.
     let run = run_workload(
         seed,
         &Shape {
@@ -464,7 +465,7 @@ fn crash_consistency_of_engine_workload_buffered() {
             cores: 1,
             image_cache: CacheMode::Buffered,
             commit_delay: None,
-            stream: false,
+            stream: true,
         },
     );
     let report = check(&run, seed, 2_000);

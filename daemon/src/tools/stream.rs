@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use addcow_daemon::stream::{stream, StreamControl};
-use addcow_engine::{DiskOptions, Engine, EngineConfig};
+use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
@@ -99,9 +99,15 @@ pub fn run(args: StreamArgs) -> ExitCode {
     if let Err(e) = catch_signals(Arc::clone(&stop)) {
         return fail("stream", format!("cannot take SIGINT/SIGTERM: {e}"));
     }
+    // Buffered, both files: a stream is one long sequential copy, where the kernel's readahead
+    // and write-back merging beat O_DIRECT chunks (1 GiB of base data: 3.3-4.1 s buffered,
+    // 7.6-10.2 s O_DIRECT, `qemu-img rebase -b ''` of a qcow2 overlay 5.2-5.8 s, same machine).
+    // Durability is unchanged: the commit fdatasyncs the raw image before any bit is written.
     let engine = match Engine::start(EngineConfig {
         cores: 2,
         arena_bytes: 16 << 20,
+        image_cache: CacheMode::Buffered,
+        base_cache: CacheMode::Buffered,
         ..EngineConfig::default()
     }) {
         Ok(e) => e,
