@@ -100,8 +100,8 @@ pub fn run(args: StreamArgs) -> ExitCode {
         return fail("stream", format!("cannot take SIGINT/SIGTERM: {e}"));
     }
     // Buffered, both files: a stream is one long sequential copy, where the kernel's readahead
-    // and write-back merging beat O_DIRECT chunks (1 GiB of base data: 3.3-4.1 s buffered,
-    // 7.6-10.2 s O_DIRECT, `qemu-img rebase -b ''` of a qcow2 overlay 5.2-5.8 s, same machine).
+    // and write-back merging beat O_DIRECT chunks (1 GiB of base data: about twice as fast, and
+    // on par with `qemu-img rebase -b ''` of a qcow2 overlay; numbers in docs/STREAM.md).
     // Durability is unchanged: the commit fdatasyncs the raw image before any bit is written.
     let engine = match Engine::start(EngineConfig {
         cores: 2,
