@@ -395,6 +395,43 @@ pub fn render(method: &str, result: &Value) -> String {
             s(&result["overlay"]),
         ),
         "quit" => "daemon shutting down\n".into(),
+        "job-start" => format!("started job {}\n", s(&result["id"])),
+        "query-jobs" => {
+            let rows: Vec<Vec<String>> = result
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .map(|j| {
+                    let (cur, total) = (&j["current-progress"], &j["total-progress"]);
+                    let pct = match (cur.as_u64(), total.as_u64()) {
+                        (Some(c), Some(t)) if t > 0 => {
+                            format!("{:.1}%", c as f64 * 100.0 / t as f64)
+                        }
+                        _ => "-".into(),
+                    };
+                    vec![
+                        s(&j["id"]),
+                        s(&j["type"]),
+                        s(&j["export"]),
+                        s(&j["status"]),
+                        size(cur),
+                        size(total),
+                        pct,
+                        j.get("error").map(s).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no jobs\n".into();
+            }
+            table(
+                &[
+                    "ID", "TYPE", "EXPORT", "STATUS", ">DONE", ">TOTAL", ">%", "ERROR",
+                ],
+                &rows,
+            )
+        }
         _ => match result {
             Value::Object(m) if !m.is_empty() => {
                 let rows: Vec<Vec<String>> = m
@@ -454,6 +491,25 @@ mod tests {
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn jobs_render_as_a_table() {
+        let r = serde_json::json!([{"id": "stream-1", "type": "stream", "export": "vm1",
+            "status": "failed", "current-progress": 1 << 20, "total-progress": 4 << 20,
+            "error": "stream of /vms/vm1.add-cow: read base at offset 0: EIO"}]);
+        let t = render("query-jobs", &r);
+        assert!(t.starts_with("ID"), "{t}");
+        assert!(
+            t.contains("stream-1") && t.contains("failed") && t.contains("25.0%"),
+            "{t}"
+        );
+        assert!(t.contains("EIO"), "{t}");
+        assert_eq!(render("query-jobs", &serde_json::json!([])), "no jobs\n");
+        assert_eq!(
+            render("job-start", &serde_json::json!({"id": "stream-2"})),
+            "started job stream-2\n"
+        );
     }
 
     #[test]
