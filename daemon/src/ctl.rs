@@ -31,7 +31,8 @@ pub struct CtlArgs {
     /// Seconds to wait for the answer (export-del waits for clients and a commit).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
-    /// The method: hello, export-add, export-del, query-exports, query-stats, quit.
+    /// The method: hello, export-add, export-del, query-exports, query-stats, job-start,
+    /// query-jobs, job-pause, job-resume, job-cancel, job-dismiss, quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
     /// Parameters: key=value (typed by the method) or key:=JSON.
@@ -46,11 +47,16 @@ const METHODS_HELP: &str = "Methods:
   export-del name=NAME [mode=safe|hard]         remove an export (hard: disconnect clients)
   query-exports                                 every export
   query-stats [name=NAME]                       requests, bytes, errors, latency per operation
+  job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image
+  query-jobs                                    every job: status, progress, error
+  job-pause id=ID | job-resume id=ID            pause / resume a job
+  job-cancel id=ID | job-dismiss id=ID          cancel a job / remove an ended one
   quit                                          shut the daemon down
 
 Examples:
   addcow ctl --control /run/addcow.ctl export-add name=vm1 overlay=/vms/vm1.add-cow
   addcow ctl --control /run/addcow.ctl query-stats name=vm1
+  addcow ctl --control /run/addcow.ctl job-start type=stream export=vm1 rate=50M
   addcow ctl --control /run/addcow.ctl --json query-exports";
 
 /// Turns `key=value` / `key:=json` words into the request's params, typed by `method`'s table.
