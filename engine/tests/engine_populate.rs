@@ -206,8 +206,8 @@ fn populate_refuses_bad_ranges() {
     engine.shutdown().expect("shutdown");
 }
 
-/// Writers keep writing unique patterns to random sectors (aligned and unaligned) while a
-/// stream populates the disk in small chunks, over and over: every write must survive (a
+/// Writers keep writing unique patterns to random sectors (aligned and unaligned; over base
+/// data, base holes and past the base) while a stream populates the disk in small chunks: every write must survive (a
 /// populate that copied a range before the write landed must not write the old bytes over it).
 #[test]
 fn a_write_that_lands_during_populate_wins() {
@@ -215,13 +215,16 @@ fn a_write_that_lands_during_populate_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.img");
     let size = 4 * MIB;
-    sparse_base(&base, size, &[(0, size)]);
+    // Base data, base holes and (past 3 MiB) no base at all: writes race both the copy and the
+    // punch path of populate.
+    sparse_base(&base, 3 * MIB, &[(0, MIB), (2 * MIB, MIB / 2)]);
     let engine = engine(CacheMode::Direct);
     for round in 0..4u64 {
         let overlay = dir.path().join(format!("vm{round}.add-cow"));
         create(&CreateOptions {
             overlay: overlay.clone(),
             base: Some(base.clone()),
+            size: Some(size),
             ..CreateOptions::default()
         })
         .expect("create");

@@ -32,6 +32,7 @@ use super::ops::OpKind;
 use super::shared_buf::SharedBuf;
 use super::tasks::{Held, PopulateTask, Task};
 use super::{round_down, round_up, Core};
+use crate::bitmap::SparseBitmap;
 use crate::format::overlay::{next_data, next_hole};
 use crate::format::SECTOR_SIZE;
 
@@ -95,6 +96,69 @@ fn base_data(disk: &DiskState, offset: u64, len: u64, out: &mut Vec<(u64, u64)>)
             }
         }
     }
+}
+
+/// What a populate does, unit by unit: runs of units to copy or punch (neighbours with the same
+/// action merged), and the bytes of clear sectors in each kind.
+#[derive(Debug, PartialEq, Eq)]
+struct Plan {
+    runs: Vec<(Action, u64, u64)>,
+    copied: u64,
+    zeroed: u64,
+}
+
+/// Plans `[a_start, a_end)` (whole units of `unit` bytes, the last one possibly short) from the
+/// bitmap and `data`, the sorted byte ranges where the base holds data under clear sectors.
+/// A unit whose sectors are all set is skipped; a unit whose sectors are all clear and that
+/// holds no base data is punched; every other unit (some base data, or set and clear sectors
+/// mixed) is copied, so a punch never reaches a set sector.
+fn plan(bits: &SparseBitmap, unit: u64, a_start: u64, a_end: u64, data: &[(u64, u64)]) -> Plan {
+    let mut out = Plan {
+        runs: Vec::new(),
+        copied: 0,
+        zeroed: 0,
+    };
+    let mut di = 0;
+    let mut pos = a_start;
+    while pos < a_end {
+        let u_end = (pos + unit).min(a_end);
+        let (us, ue) = (pos / SECTOR_SIZE, u_end.div_ceil(SECTOR_SIZE));
+        let (first_set, n) = bits.run_from(us, ue - us);
+        let uniform = n >= ue - us;
+        if first_set && uniform {
+            pos = u_end;
+            continue;
+        }
+        let mut clear = 0;
+        let mut t = us;
+        while t < ue {
+            let (set, n) = bits.run_from(t, ue - t);
+            if n == 0 {
+                break;
+            }
+            if !set {
+                clear += n;
+            }
+            t += n;
+        }
+        while di < data.len() && data[di].0 + data[di].1 <= pos {
+            di += 1;
+        }
+        let has_data = di < data.len() && data[di].0 < u_end;
+        let action = if uniform && !has_data {
+            out.zeroed += clear * SECTOR_SIZE;
+            Action::Punch
+        } else {
+            out.copied += clear * SECTOR_SIZE;
+            Action::Copy
+        };
+        match out.runs.last_mut() {
+            Some((a, _, end)) if *a == action && *end == pos => *end = u_end,
+            _ => out.runs.push((action, pos, u_end)),
+        }
+        pos = u_end;
+    }
+    out
 }
 
 impl Core {
@@ -164,49 +228,11 @@ impl Core {
             }
             s += n;
         }
-        // Classify the units and merge neighbours with the same action.
-        let mut runs: Vec<(Action, u64, u64)> = Vec::new();
-        let (mut copied, mut zeroed) = (0u64, 0u64);
-        let mut di = 0;
-        let mut pos = a_start;
-        while pos < a_end {
-            let u_end = (pos + unit).min(a_end);
-            let (us, ue) = (pos / SECTOR_SIZE, u_end.div_ceil(SECTOR_SIZE));
-            let (first_set, n) = disk.bitmap.run_from(us, ue - us);
-            let uniform = n >= ue - us;
-            if first_set && uniform {
-                pos = u_end;
-                continue;
-            }
-            let mut clear = 0;
-            let mut t = us;
-            while t < ue {
-                let (set, n) = disk.bitmap.run_from(t, ue - t);
-                if n == 0 {
-                    break;
-                }
-                if !set {
-                    clear += n;
-                }
-                t += n;
-            }
-            while di < data.len() && data[di].0 + data[di].1 <= pos {
-                di += 1;
-            }
-            let has_data = di < data.len() && data[di].0 < u_end;
-            let action = if uniform && !has_data {
-                zeroed += clear * SECTOR_SIZE;
-                Action::Punch
-            } else {
-                copied += clear * SECTOR_SIZE;
-                Action::Copy
-            };
-            match runs.last_mut() {
-                Some((a, _, end)) if *a == action && *end == pos => *end = u_end,
-                _ => runs.push((action, pos, u_end)),
-            }
-            pos = u_end;
-        }
+        let Plan {
+            runs,
+            copied,
+            zeroed,
+        } = plan(&disk.bitmap, unit, a_start, a_end, &data);
         let copies: Vec<(SharedBuf, u64)> = runs
             .iter()
             .filter(|r| r.0 == Action::Copy)
@@ -304,6 +330,33 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_punch_never_reaches_a_set_sector() {
+        // 4 units of 4096 bytes (8 sectors each); base data only in unit 2.
+        let bits = SparseBitmap::new(32);
+        bits.set_range(3, 1); // unit 0: one set sector, no base data -> copied, not punched
+        bits.set_range(8, 8); // unit 1: all set -> skipped
+        let p = plan(&bits, 4096, 0, 4 * 4096, &[(2 * 4096 + 100, 10)]);
+        assert_eq!(
+            p.runs,
+            vec![
+                (Action::Copy, 0, 4096),
+                (Action::Copy, 2 * 4096, 3 * 4096),
+                (Action::Punch, 3 * 4096, 4 * 4096),
+            ]
+        );
+        assert_eq!(p.copied, (7 + 8) * 512, "clear sectors of copied units");
+        assert_eq!(p.zeroed, 8 * 512);
+        // Everything set: nothing to do.
+        let full = SparseBitmap::new(32);
+        full.set_range(0, 32);
+        assert!(plan(&full, 4096, 0, 4 * 4096, &[]).runs.is_empty());
+        // A short last unit, all clear, no base: punched whole.
+        let p = plan(&SparseBitmap::new(9), 4096, 4096, 4608, &[]);
+        assert_eq!(p.runs, vec![(Action::Punch, 4096, 4608)]);
+        assert_eq!(p.zeroed, 512);
+    }
 
     #[test]
     fn populate_widens_to_units_within_the_disk() {
