@@ -42,11 +42,11 @@ echo "== tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
-  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults)'
+  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults)'
 else
   cargo test --workspace --no-fail-fast
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
-  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults
+  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults
 fi
 # The last partial O_DIRECT unit on a real 4096-byte-sector device: a loop device with ext4 on it,
 # which needs root and the loop driver.
