@@ -34,6 +34,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-populate-bits-first -- -D warnings
 cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
@@ -42,11 +43,11 @@ echo "== tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
-  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults)'
+  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults)'
 else
   cargo test --workspace --no-fail-fast
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
-  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults
+  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults
 fi
 # The last partial O_DIRECT unit on a real 4096-byte-sector device: a loop device with ext4 on it,
 # which needs root and the loop driver.
@@ -59,6 +60,8 @@ fi
 # checker must find violations, the recorder-log ordering tests must fail and the failed-data-sync
 # fault tests must find a bit on disk (they are should_panic there).
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
+# Populate (stream) with its bits set before the copied data is written: the checker must find it.
+cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first --no-fail-fast --test crash_consistency crash_checker_detects_populate_bits_first
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync --no-fail-fast --test engine_faults data_fdatasync
 # The same for resize, rebase and commit: with each one's order broken, the lifecycle crash
@@ -68,9 +71,9 @@ cargo test --workspace --doc
 
 echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
-echo "   soak for ${ADDCOW_SOAK_SECS:-30}s)"
+echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
-  --test nbd_hygiene --test nbd_memory --test nbd_soak -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"

@@ -368,7 +368,7 @@ fn drive(
                     bytes += b.len() as u64;
                     spare.push(b);
                 }
-                Done::Ok => {}
+                Done::Ok | Done::Populated { .. } => {}
             }
         }
     }

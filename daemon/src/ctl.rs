@@ -31,8 +31,9 @@ pub struct CtlArgs {
     /// Seconds to wait for the answer (export-del waits for clients and a commit).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
-    /// The method: hello, export-add, export-del, query-exports, query-stats, export-snapshot,
-    /// quit.
+    /// The method: hello, export-add, export-del, export-resize, export-snapshot,
+    /// query-exports, query-stats, job-start, query-jobs, job-pause, job-resume, job-cancel,
+    /// job-dismiss, quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
     /// Parameters: key=value (typed by the method) or key:=JSON.
@@ -45,16 +46,21 @@ const METHODS_HELP: &str = "Methods:
   export-add name=NAME overlay=PATH [read_only=true]
                                                 open an overlay and export it
   export-del name=NAME [mode=safe|hard]         remove an export (hard: disconnect clients)
-  export-resize name=NAME size=SIZE            grow an export (clients reconnect to see it)
+  export-resize name=NAME size=SIZE            grow an export (new clients see the new size)
   query-exports                                 every export
   query-stats [name=NAME]                       requests, bytes, errors, latency per operation
   export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
                                                 current overlay becomes its read-only base
+  job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image
+  query-jobs                                    every job: status, progress, error
+  job-pause id=ID | job-resume id=ID            pause / resume a job
+  job-cancel id=ID | job-dismiss id=ID          cancel a job / remove an ended one
   quit                                          shut the daemon down
 
 Examples:
   addcow ctl --control /run/addcow.ctl export-add name=vm1 overlay=/vms/vm1.add-cow
   addcow ctl --control /run/addcow.ctl query-stats name=vm1
+  addcow ctl --control /run/addcow.ctl job-start type=stream export=vm1 rate=50M
   addcow ctl --control /run/addcow.ctl --json query-exports";
 
 /// Turns `key=value` / `key:=json` words into the request's params, typed by `method`'s table.
@@ -405,6 +411,43 @@ pub fn render(method: &str, result: &Value) -> String {
             s(&result["base"]),
         ),
         "quit" => "daemon shutting down\n".into(),
+        "job-start" => format!("started job {}\n", s(&result["id"])),
+        "query-jobs" => {
+            let rows: Vec<Vec<String>> = result
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .map(|j| {
+                    let (cur, total) = (&j["current-progress"], &j["total-progress"]);
+                    let pct = match (cur.as_u64(), total.as_u64()) {
+                        (Some(c), Some(t)) if t > 0 => {
+                            format!("{:.1}%", c as f64 * 100.0 / t as f64)
+                        }
+                        _ => "-".into(),
+                    };
+                    vec![
+                        s(&j["id"]),
+                        s(&j["type"]),
+                        s(&j["export"]),
+                        s(&j["status"]),
+                        size(cur),
+                        size(total),
+                        pct,
+                        j.get("error").map(s).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no jobs\n".into();
+            }
+            table(
+                &[
+                    "ID", "TYPE", "EXPORT", "STATUS", ">DONE", ">TOTAL", ">%", "ERROR",
+                ],
+                &rows,
+            )
+        }
         _ => match result {
             Value::Object(m) if !m.is_empty() => {
                 let rows: Vec<Vec<String>> = m
@@ -464,6 +507,25 @@ mod tests {
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn jobs_render_as_a_table() {
+        let r = serde_json::json!([{"id": "stream-1", "type": "stream", "export": "vm1",
+            "status": "failed", "current-progress": 1 << 20, "total-progress": 4 << 20,
+            "error": "stream of /vms/vm1.add-cow: read base at offset 0: EIO"}]);
+        let t = render("query-jobs", &r);
+        assert!(t.starts_with("ID"), "{t}");
+        assert!(
+            t.contains("stream-1") && t.contains("failed") && t.contains("25.0%"),
+            "{t}"
+        );
+        assert!(t.contains("EIO"), "{t}");
+        assert_eq!(render("query-jobs", &serde_json::json!([])), "no jobs\n");
+        assert_eq!(
+            render("job-start", &serde_json::json!({"id": "stream-2"})),
+            "started job stream-2\n"
+        );
     }
 
     #[test]

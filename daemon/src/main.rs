@@ -1,7 +1,8 @@
 //! `addcow`: NBD daemon and image tools for add-cow overlays.
 //!
 //! Subcommands live in their own modules: `serve` in [`serve`], its control client `ctl` in
-//! [`ctl`], the image tools `create`/`info`/`check`/`map`/`resize`/`rebase`/`commit` in [`tools`].
+//! [`ctl`], the image tools `create`/`info`/`check`/`map`/`resize`/`rebase`/`commit`/`stream` in
+//! [`tools`].
 
 use std::process::ExitCode;
 
@@ -40,6 +41,8 @@ enum Command {
     Rebase(tools::rebase::RebaseArgs),
     /// Write an overlay's sectors into its base, then empty the overlay.
     Commit(tools::commit::CommitArgs),
+    /// Copy every sector still read from the base into the raw image (resumable).
+    Stream(tools::stream::StreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,5 +64,6 @@ fn main() -> ExitCode {
         Command::Resize(args) => tools::resize::run(args),
         Command::Rebase(args) => tools::rebase::run(args),
         Command::Commit(args) => tools::commit::run(args),
+        Command::Stream(args) => tools::stream::run(args),
     }
 }

@@ -1,12 +1,34 @@
 //! `export-resize` on the control socket of a running `addcow serve`: the export grows, a new
 //! NBD connection sees the new size (nbdinfo), data written past the old end reads back, the old
-//! content is unchanged (qemu-img compare), a client connected meanwhile is disconnected and
-//! must reconnect; shrinking and bad sizes are refused with clear errors.
+//! content is unchanged (qemu-img compare), a client connected across the resize stays
+//! connected and every one of its reads (before, during and after the switch) returns the right
+//! bytes; shrinking and bad sizes are refused with clear errors.
 
 mod nbd_support;
 
 use nbd_support::*;
 use serde_json::json;
+
+/// Reads 8 KiB at 4 KiB on one connection until `stop` exists, checking every byte is 0x11;
+/// prints one line: `done reads=N size=S` or the first failure.
+const CHECKING_CLIENT_PY: &str = r#"
+import os, sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+n = 0
+try:
+    while not os.path.exists(sys.argv[2]):
+        if h.pread(8192, 4096) != b"\x11" * 8192:
+            print(f"bad bytes after {n} reads", flush=True)
+            sys.exit(1)
+        n += 1
+        time.sleep(0.002)
+    print(f"done reads={n} size={h.get_size()}", flush=True)
+except nbd.Error as e:
+    print(f"ended: errno={e.errno} after {n} reads: {e.string}", flush=True)
+    sys.exit(1)
+"#;
 
 const MIB: u64 = 1 << 20;
 
@@ -30,8 +52,9 @@ fn export_resize_grows_a_served_export() {
     run("nbdcopy", &[&uri, before.to_str().unwrap()]);
     assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), MIB.to_string());
 
-    // A client connected across the resize, reading all the time.
-    let holding = HoldingClient::start(&uri);
+    // A client connected across the resize, reading and checking all the time.
+    let stop = f.path("stop-reading");
+    let reader = HoldingClient::run(CHECKING_CLIENT_PY, &[&uri, stop.to_str().unwrap()]);
     let mut c = Control::connect(&control);
     assert!(c.ok("hello", json!({}))["features"]
         .as_array()
@@ -63,9 +86,7 @@ fn export_resize_grows_a_served_export() {
     let r = c.ok("export-resize", json!({"name": "disk", "size": "2M"}));
     assert_eq!(r["old_size"], MIB, "{r}");
     assert_eq!(r["new_size"], 2 * MIB, "{r}");
-    // The connected client was disconnected (as in a restart: it reconnects to see 2 MiB).
-    holding.wait_for("ended:");
-    assert!(r["clients_disconnected"] == 1, "{r}");
+    assert_eq!(r["clients_disconnected"], 0, "{r}");
     // A new connection sees the new size; the old content is unchanged; past the old end is
     // writable and reads back.
     assert_eq!(
@@ -97,6 +118,23 @@ fn export_resize_grows_a_served_export() {
     );
     let exports = c.ok("query-exports", json!({}));
     assert_eq!(exports[0]["size"], 2 * MIB, "{exports}");
+    // The client connected before the resize is still connected, read the right bytes all along
+    // and still sees the size it negotiated (NBD cannot tell it the new one).
+    std::fs::write(&stop, b"").unwrap();
+    reader.wait_for("reads=");
+    let text = reader.output();
+    assert!(
+        text.contains("done reads="),
+        "reading client failed across the resize: {text}"
+    );
+    let reads: u64 = text
+        .split("reads=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read count in {text:?}"));
+    assert!(reads >= 10, "the client read only {reads} times: {text}");
+    assert!(text.contains(&format!("size={MIB}")), "{text}");
     d.stop();
 
     // On disk: the overlay is 2 MiB and clean.

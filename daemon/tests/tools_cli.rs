@@ -41,7 +41,7 @@ fn help_on_every_command() {
     let top = addcow(&root, &["--help"]);
     assert!(top.status.success());
     let s = String::from_utf8_lossy(&top.stdout);
-    for cmd in ["create", "info", "check", "map", "serve"] {
+    for cmd in ["create", "info", "check", "map", "serve", "stream"] {
         assert!(s.contains(cmd), "{s}");
     }
     for (cmd, flags) in [
@@ -52,6 +52,7 @@ fn help_on_every_command() {
         ("info", &["--json", "OVERLAY"]),
         ("check", &["--json", "OVERLAY", "Exit status"]),
         ("map", &["--json", "OVERLAY"]),
+        ("stream", &["--rate", "OVERLAY"]),
     ] {
         let o = addcow(&root, &[cmd, "--help"]);
         assert!(o.status.success(), "{}", text(&o));

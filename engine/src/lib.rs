@@ -19,5 +19,5 @@ pub mod lifecycle;
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
     CacheMode, Completion, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig,
-    Extent, ExtentKind, IoBuf, Request, RequestError,
+    Extent, ExtentKind, IoBuf, Request, RequestError, MAX_POPULATE,
 };

@@ -14,8 +14,10 @@ pub const EXPORT_DELETED: &str = "export-deleted";
 pub const EXPORT_SNAPSHOT: &str = "export-snapshot";
 /// The daemon began its shutdown (`quit`, SIGTERM or SIGINT).
 pub const SHUTDOWN: &str = "shutdown";
+/// A job changed status (see `jobs`): `{id, type, export, status}`.
+pub const JOB_STATUS_CHANGE: &str = "job-status-change";
 /// Every event the daemon emits (announced by `hello`).
-pub const ALL: &[&str] = &[EXPORT_DELETED, SHUTDOWN, EXPORT_SNAPSHOT];
+pub const ALL: &[&str] = &[EXPORT_DELETED, SHUTDOWN, EXPORT_SNAPSHOT, JOB_STATUS_CHANGE];
 
 /// Where notifications go: a control connection's reply queue.
 pub trait Sink: Send + Sync {

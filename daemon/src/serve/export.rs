@@ -592,6 +592,10 @@ pub mod memory {
                     Ok(Done::Ok)
                 }
                 Request::Cache { .. } => Ok(Done::Ok),
+                Request::Populate { .. } => Ok(Done::Populated {
+                    copied: 0,
+                    zeroed: 0,
+                }),
             };
             done(r)
         }

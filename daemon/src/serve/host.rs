@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::allow::{AllowError, AllowedDirs};
 use super::events::{self, Events};
 use super::export::{DeleteRefused, EngineDisk, Export, Exports};
+use super::jobs::Jobs;
 use super::probe::LayerFiles;
 use super::signals::Stop;
 use super::stats::{Op, Percentiles};
@@ -195,7 +196,9 @@ pub struct Host {
     /// Folders `export-add` may open files in.
     pub allowed: AllowedDirs,
     /// Notifications to control clients.
-    pub events: Events,
+    pub events: Arc<Events>,
+    /// Background jobs (`job-start`, `query-jobs`, ...).
+    pub jobs: Jobs,
     /// The daemon's stop switch.
     pub stop: Arc<Stop>,
     /// How long an `export-del hard` waits for in-flight requests before closing sockets.
@@ -214,11 +217,13 @@ impl Host {
         grace: Duration,
     ) -> Host {
         let shards = engine.as_ref().map(Engine::cores).unwrap_or(1);
+        let events = Arc::new(Events::default());
         Host {
             engine,
             exports,
             allowed,
-            events: Events::default(),
+            jobs: Jobs::new(Arc::clone(&events)),
+            events,
             stop,
             grace,
             shards,
@@ -293,7 +298,9 @@ impl Host {
         Ok(export)
     }
 
-    /// Deletes export `name`. It disappears from LIST/GO at once. `Safe` refuses while clients
+    /// Deletes export `name`. A job running on it (a stream) is cancelled first, in either
+    /// mode, and waited for: what it did is kept and a later stream continues from there.
+    /// It disappears from LIST/GO at once. `Safe` refuses while clients
     /// are connected; `Hard` stops their readers (no new request is taken in, none is failed),
     /// waits for in-flight requests to be answered (up to the grace period, then closes the
     /// sockets) and lets the connections close. Then the overlay is committed and its lock
@@ -314,6 +321,7 @@ impl Host {
                 DeleteRefused::AlreadyDeleting => HostError::Deleting(name.to_string()),
             })?;
         tracing::info!(export = %name, ?mode, clients, "deleting export");
+        self.jobs.cancel_and_wait(Some(name));
         if !export.wait_clients_gone(Some(Instant::now() + self.grace)) {
             tracing::warn!(export = %name, clients = export.client_count(),
                 "clients still busy after the grace period; closing their sockets");

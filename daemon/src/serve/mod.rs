@@ -30,6 +30,7 @@ pub mod handshake;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 pub mod host;
+pub mod jobs;
 pub mod listener;
 pub mod lockfile;
 pub mod metrics;
@@ -459,6 +460,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         live.close_all();
         live.wait_empty(None);
     }
+    // Jobs (streams) stop at their next chunk; what they did is kept and flushed.
+    host.jobs.cancel_and_wait(None);
     let result = engine
         .shutdown()
         .map_err(|e| format!("committing overlays: {e}"));

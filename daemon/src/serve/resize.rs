@@ -1,22 +1,30 @@
-//! `export-resize`: grow a served overlay.
+//! `export-resize`: grow a served overlay without disconnecting its clients.
 //!
-//! The engine cannot change a disk's size while it is open (its bitmap, dirty marks and size are
-//! fixed for the life of the disk), so a served overlay is grown the way a restart works: the
-//! export is taken down hard (its clients' readers stop taking requests, what is in flight is
-//! answered, the overlay is committed and unlocked; the connections close), the overlay is grown
-//! with the offline `resize` (the crash-safe order of `docs/LIFECYCLE.md`), and it is opened and
-//! published again under the same name. NBD has no way to tell a connected client that the size
-//! changed, so clients see the new size when they reconnect (QEMU with `reconnect-delay` does so
-//! by itself). Shrinking a disk under a running guest is refused: stop serving it and use
-//! `addcow resize --shrink`.
+//! The engine fixes a disk's size, bitmap and dirty marks for as long as it is open, so a served
+//! overlay is grown under [`EngineDisk::switch`], the same hold-and-swap a live snapshot uses:
+//! new requests are held back (their connections wait, nobody is disconnected or answered with
+//! an error), every submitted request is answered, the overlay is closed (a final commit: every
+//! answered write is durable), grown with the offline `resize` (the crash-safe order of
+//! `docs/LIFECYCLE.md`), opened again, and the export switches to the reopened disk before the
+//! held requests flow. If the grow fails, the overlay (still at its old size: the order is
+//! crash-safe) is opened again and keeps serving.
+//!
+//! NBD has no way to tell a connected client that the size changed: connected clients keep the
+//! size they negotiated and see the new one when they reconnect. Shrinking a disk under a
+//! running guest is refused: stop serving it and use `addcow resize --shrink`. A resize is
+//! refused while the export runs a job (a stream holds the open disk); cancel or wait for the
+//! job first.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
+use addcow_engine::DiskOptions;
 use serde::Serialize;
 
 use super::control::rpc::RpcError;
-use super::host::{DeleteMode, Host, HostError, Origin};
+use super::export::{EngineDisk, Generation};
+use super::host::{Host, HostError};
+use super::probe::LayerFiles;
 
 /// What `export-resize` did.
 #[derive(Debug, Clone, Serialize)]
@@ -29,7 +37,7 @@ pub struct ExportResized {
     pub old_size: u64,
     /// The size now.
     pub new_size: u64,
-    /// Clients that were connected and had to reconnect.
+    /// Clients disconnected by the resize: always 0 (a resize keeps every connection).
     pub clients_disconnected: usize,
 }
 
@@ -37,52 +45,85 @@ fn refused(class: &str, message: String) -> RpcError {
     RpcError::server(class, message)
 }
 
-/// Grows export `name` to `size` bytes (see the module docs). Refused: no such export, a
-/// read-only one, a size that is not a multiple of 512, a smaller size.
+/// Grows export `name` to `size` bytes (see the module docs). Refused: no such export, one
+/// that is not an engine disk, a read-only one, one running a job, a size that is not a
+/// multiple of 512, a smaller size.
 pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized, RpcError> {
+    if host.stop.is_set() {
+        return Err(refused(
+            "shutting-down",
+            "the daemon is shutting down".to_string(),
+        ));
+    }
     let export = host
         .exports
         .get(name)
+        .filter(|e| !e.is_deleting())
         .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
-    let Some(disk) = export.backend.disk() else {
+    let Some(ed) = export.backend.engine_disk() else {
         return Err(refused(
             "not-resizable",
             format!("export {name:?} is not an overlay"),
         ));
     };
-    let (overlay, old_size, read_only) = (disk.path().to_path_buf(), disk.size(), disk.read_only());
-    drop(export);
-    if read_only {
+    if let Some((id, status)) = host.jobs.active_on(name) {
         return Err(refused(
-            "read-only",
-            format!("export {name:?} is read-only: it cannot be resized"),
-        ));
-    }
-    if size % 512 != 0 {
-        return Err(refused(
-            "invalid-size",
-            format!("new size {size} is not a multiple of 512"),
-        ));
-    }
-    if size < old_size {
-        return Err(refused(
-            "shrink-refused",
+            "job-running",
             format!(
-                "export {name:?} is {old_size} bytes: shrinking a served disk to {size} is refused \
-                 (stop serving it and run addcow resize --shrink)"
+                "export {name:?} runs job {id} ({status:?}): cancel it or wait until it ends \
+                 before resizing"
             ),
         ));
     }
-    if size == old_size {
-        return Ok(ExportResized {
-            name: name.to_string(),
-            overlay,
-            old_size,
-            new_size: size,
-            clients_disconnected: 0,
-        });
+    let result = ed.switch(|cur| grow(ed, cur, name, size));
+    if let Ok(r) = &result {
+        if r.new_size != r.old_size {
+            tracing::info!(export = %name, old_size = r.old_size, new_size = r.new_size,
+                "export resized; clients see the new size when they reconnect");
+        }
     }
-    let deleted = host.delete_export(name, DeleteMode::Hard)?;
+    result
+}
+
+/// Checks the request and grows the overlay, with new requests held and none in flight.
+fn grow(
+    ed: &EngineDisk,
+    cur: &Generation,
+    name: &str,
+    size: u64,
+) -> (Option<Generation>, Result<ExportResized, RpcError>) {
+    let disk = &cur.disk;
+    let (overlay, old_size) = (disk.path().to_path_buf(), disk.size());
+    let done = |new_size| ExportResized {
+        name: name.to_string(),
+        overlay: overlay.clone(),
+        old_size,
+        new_size,
+        clients_disconnected: 0,
+    };
+    if disk.read_only() {
+        let e = format!("export {name:?} is read-only: it cannot be resized");
+        return (None, Err(refused("read-only", e)));
+    }
+    if size % 512 != 0 {
+        let e = format!("new size {size} is not a multiple of 512");
+        return (None, Err(refused("invalid-size", e)));
+    }
+    if size < old_size {
+        let e = format!(
+            "export {name:?} is {old_size} bytes: shrinking a served disk to {size} is refused \
+             (stop serving it and run addcow resize --shrink)"
+        );
+        return (None, Err(refused("shrink-refused", e)));
+    }
+    if size == old_size {
+        return (None, Ok(done(size)));
+    }
+    if let Err(e) = disk.close() {
+        // The disk refuses requests now; serve the overlay again as it is on disk.
+        let e = format!("closing export {name:?} before the resize failed: {e}");
+        return reopen(ed, &overlay, name, Err(refused("resize-failed", e)));
+    }
     tracing::info!(export = %name, old_size, new_size = size, "resizing export");
     let grown = resize(
         &ResizeOptions {
@@ -92,26 +133,46 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
         },
         &Ops::new(),
     );
-    // Serve it again whatever happened: a failed grow leaves the old size (crash-safe order).
-    let readd = host.add_export(name, &overlay, false, Origin::CommandLine);
-    if let Err(e) = grown {
-        return Err(refused(
+    let outcome = match grown {
+        Ok(_) => Ok(done(size)),
+        Err(e) => Err(refused(
             "resize-failed",
-            format!(
-                "resizing export {name:?} failed: {e}{}",
-                match &readd {
-                    Ok(_) => " (served again at its old size)".to_string(),
-                    Err(r) => format!("; serving it again failed too: {r}"),
+            format!("resizing export {name:?} failed: {e} (it keeps its old size)"),
+        )),
+    };
+    reopen(ed, &overlay, name, outcome)
+}
+
+/// Opens `overlay` again as the export's disk and returns `outcome`, or the failure to reopen.
+fn reopen(
+    ed: &EngineDisk,
+    overlay: &Path,
+    name: &str,
+    outcome: Result<ExportResized, RpcError>,
+) -> (Option<Generation>, Result<ExportResized, RpcError>) {
+    match ed.engine.open(overlay, DiskOptions::default()) {
+        Ok(disk) => {
+            let files = match LayerFiles::open(overlay, true) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
+                    None
                 }
-            ),
-        ));
+            };
+            (Some(Generation { disk, files }), outcome)
+        }
+        Err(e) => {
+            tracing::error!(export = %name, error = %e, "cannot reopen the overlay after a resize; the export fails every request");
+            let before = match outcome {
+                Ok(_) => "the resize succeeded".to_string(),
+                Err(r) => r.message,
+            };
+            let msg = format!(
+                "{before}; reopening {} failed: {e}; the export fails every request until it \
+                 is deleted and added again",
+                overlay.display()
+            );
+            (None, Err(refused("resize-failed", msg)))
+        }
     }
-    readd?;
-    Ok(ExportResized {
-        name: name.to_string(),
-        overlay,
-        old_size,
-        new_size: size,
-        clients_disconnected: deleted.clients_disconnected,
-    })
 }

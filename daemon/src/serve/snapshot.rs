@@ -73,6 +73,14 @@ pub enum SnapshotError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The export runs a job (a stream holds the open disk).
+    #[error("export {name:?} runs job {id}: cancel it or wait until it ends before a snapshot")]
+    JobRunning {
+        /// The export.
+        name: String,
+        /// The job.
+        id: String,
+    },
     /// A step failed; `serving` says what the export serves now.
     #[error("snapshot of export {name:?} failed while {step}: {error}; the export serves {}", serving.display())]
     Failed {
@@ -97,6 +105,7 @@ impl SnapshotError {
             SnapshotError::Relative(_) | SnapshotError::NotAllowed { .. } => "not-allowed",
             SnapshotError::Exists(_) => "exists",
             SnapshotError::ShuttingDown => "shutting-down",
+            SnapshotError::JobRunning { .. } => "job-running",
             SnapshotError::Failed { .. } => "snapshot-failed",
         }
     }
@@ -149,6 +158,12 @@ pub fn snapshot_export(
         .ok_or_else(|| SnapshotError::Unsupported(name.to_string()))?;
     if export.backend.read_only() {
         return Err(SnapshotError::ReadOnly(name.to_string()));
+    }
+    if let Some((id, _)) = host.jobs.active_on(name) {
+        return Err(SnapshotError::JobRunning {
+            name: name.to_string(),
+            id,
+        });
     }
     let image = check_target(host, overlay)?;
     let result = ed.switch(|cur| take(ed, cur, name, overlay, &image));

@@ -1,5 +1,5 @@
-//! Image tools: `create`, `info`, `check`, `map`, and the offline lifecycle tools `resize`,
-//! `rebase`, `commit`.
+//! Image tools: `create`, `info`, `check`, `map`, and the lifecycle tools `resize`, `rebase`,
+//! `commit`, `stream`.
 //!
 //! Shared here: size parsing (`--size 10G`), human-readable sizes for text output, and how an
 //! error is reported (one line on stderr, exit status 1).
@@ -13,6 +13,7 @@ pub mod info;
 pub mod map;
 pub mod rebase;
 pub mod resize;
+pub mod stream;
 
 /// Parses a size such as `4096`, `512K`, `10M`, `20G`, `1T` (binary multiples; an optional `B`
 /// or `iB` after the suffix is accepted, so `10GiB` and `10GB` mean 10 × 2^30).

@@ -449,10 +449,16 @@ except nbd.Error as e:
 impl HoldingClient {
     /// Starts the client and waits (bounded) until it is connected.
     pub fn start(uri: &str) -> HoldingClient {
+        HoldingClient::run(HOLDING_CLIENT_PY, &[uri])
+    }
+
+    /// Starts the python3-libnbd `script` with `args` and waits (bounded) until it printed
+    /// `connected`.
+    pub fn run(script: &str, args: &[&str]) -> HoldingClient {
         let mut child = Command::new("/usr/bin/python3")
             .arg("-c")
-            .arg(HOLDING_CLIENT_PY)
-            .arg(uri)
+            .arg(script)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

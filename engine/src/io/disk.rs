@@ -291,6 +291,44 @@ impl Disk {
         blocking(&self.engine, &self.state, req, |d| d)
     }
 
+    /// Blocking convenience: POPULATE `[offset, offset+len)` (see [`Request::Populate`]);
+    /// returns (bytes copied from the base, bytes made to read as zeros). Not durable until the
+    /// next FLUSH. Not from a completion callback.
+    pub fn populate(&self, offset: u64, len: u64) -> std::result::Result<(u64, u64), RequestError> {
+        blocking(
+            &self.engine,
+            &self.state,
+            Request::Populate { offset, len },
+            |d| match d {
+                Done::Populated { copied, zeroed } => (copied, zeroed),
+                _ => (0, 0),
+            },
+        )
+    }
+
+    /// The first clear sector's byte range at or after `offset`: `(start, len)` of the run of
+    /// clear sectors there (at most `max` bytes), or `None` when every sector from `offset` on
+    /// is set. From the in-memory bitmap; no I/O. What a stream walks.
+    pub fn next_clear(&self, offset: u64, max: u64) -> Option<(u64, u64)> {
+        let bits = &self.state.bitmap;
+        let sectors = bits.sectors();
+        let mut s = offset / crate::format::SECTOR_SIZE;
+        while s < sectors {
+            let (set, n) = bits.run_from(s, u64::MAX);
+            if n == 0 {
+                return None;
+            }
+            if !set {
+                let max_sectors = (max / crate::format::SECTOR_SIZE).max(1);
+                let start = s * crate::format::SECTOR_SIZE;
+                let len = n.min(max_sectors) * crate::format::SECTOR_SIZE;
+                return Some((start, len.min(self.state.size - start)));
+            }
+            s += n;
+        }
+        None
+    }
+
     /// Blocking convenience: FLUSH. Not from a completion callback.
     pub fn flush(&self) -> std::result::Result<(), RequestError> {
         blocking(&self.engine, &self.state, Request::Flush, |_| ())

@@ -55,6 +55,7 @@ pub use config::{CacheMode, DiskOptions, EngineConfig};
 pub use disk::Disk;
 pub use engine::Engine;
 pub use request::{
-    Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_READ,
+    Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,
+    MAX_READ,
 };
 pub use stats::DiskStats;

@@ -29,7 +29,19 @@ pub enum Request {
     Trim { offset: u64, len: u64, fua: bool },
     /// Prefetch hint: no semantic effect.
     Cache { offset: u64, len: u64 },
+    /// Copy-up (stream): make the raw image hold `[offset, offset+len)` (widened to the disk's
+    /// read-modify-write units, at most [`MAX_POPULATE`] bytes) without changing what it reads.
+    /// Every clear sector gets the base's bytes written into the raw image (or, where the base
+    /// reads as zeros, the raw image range is punched) and then its bit set, through the same
+    /// ordering as a write (bits durable only after the data, by the group commit). Sectors
+    /// whose bits are set are never overwritten with other bytes: the range is held exclusively
+    /// in the range lock, so a write that lands meanwhile waits and wins. Not durable until the
+    /// next FLUSH (or background commit). Answered with [`Done::Populated`].
+    Populate { offset: u64, len: u64 },
 }
+
+/// Largest [`Request::Populate`] range (64 MiB): the engine buffers the bytes it copies.
+pub const MAX_POPULATE: u64 = 64 << 20;
 
 /// A successful request's result.
 #[derive(Debug)]
@@ -40,6 +52,9 @@ pub enum Done {
     Written(IoBuf),
     /// FLUSH, WRITE_ZEROES, TRIM or CACHE finished.
     Ok,
+    /// A populate finished: bytes of clear sectors it copied from the base, and bytes of clear
+    /// sectors it made read as zeros in the raw image (the base reads zeros there).
+    Populated { copied: u64, zeroed: u64 },
 }
 
 /// Why a request failed. `errno` is a Linux errno (EIO, ENOSPC, EINVAL, EPERM, ESHUTDOWN, ...).

@@ -1,7 +1,7 @@
-//! The control methods: one table of name, parameters and handler. Adding a method (say
-//! `job-start`, `query-jobs`, `export-resize`) is one more entry here and its handler; `hello`
-//! announces every entry, and `addcow ctl` reads the parameter kinds from the same table to
-//! turn `key=value` words into JSON.
+//! The control methods: one table of name, parameters and handler (the `job-*` handlers live in
+//! `job_methods.rs`). Adding a method (say `export-resize`) is one more entry here and its
+//! handler; `hello` announces every entry, and `addcow ctl` reads the parameter kinds from the
+//! same table to turn `key=value` words into JSON.
 
 use std::path::PathBuf;
 
@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::super::events;
 use super::super::host::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
+use super::job_methods;
 use super::rpc::{RpcError, INVALID_PARAMS};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
@@ -115,6 +116,47 @@ pub const METHODS: &[Method] = &[
         call: export_snapshot,
     },
     Method {
+        name: "job-start",
+        params: &[
+            p("type", Kind::Choice(&["stream"]), true),
+            p("export", Kind::Str, true),
+            p("rate", Kind::Str, false),
+        ],
+        summary: "start a job on an export (stream: copy every sector still read from the base \
+                  into the raw image; rate in bytes/s, e.g. 50M); returns its id",
+        call: job_methods::job_start,
+    },
+    Method {
+        name: "query-jobs",
+        params: &[],
+        summary: "every job: id, type, export, status, current and total progress, error",
+        call: job_methods::query_jobs,
+    },
+    Method {
+        name: "job-pause",
+        params: &[p("id", Kind::Str, true)],
+        summary: "pause a running job at its next pause point (status paused)",
+        call: job_methods::job_pause,
+    },
+    Method {
+        name: "job-resume",
+        params: &[p("id", Kind::Str, true)],
+        summary: "resume a paused job",
+        call: job_methods::job_resume,
+    },
+    Method {
+        name: "job-cancel",
+        params: &[p("id", Kind::Str, true)],
+        summary: "cancel a job: it finishes what is in flight, keeps what it did (cancelled)",
+        call: job_methods::job_cancel,
+    },
+    Method {
+        name: "job-dismiss",
+        params: &[p("id", Kind::Str, true)],
+        summary: "remove an ended job (concluded, failed or cancelled) from query-jobs",
+        call: job_methods::job_dismiss,
+    },
+    Method {
         name: "quit",
         params: &[],
         summary: "shut the daemon down cleanly (as SIGTERM)",
@@ -129,7 +171,7 @@ pub fn find(name: &str) -> Option<&'static Method> {
 
 /// Deserializes `params` into the method's parameter struct; unknown, missing or mistyped
 /// fields are `INVALID_PARAMS` errors that say which.
-fn params<T: DeserializeOwned>(p: Map<String, Value>) -> Result<T, RpcError> {
+pub(super) fn params<T: DeserializeOwned>(p: Map<String, Value>) -> Result<T, RpcError> {
     serde_json::from_value(Value::Object(p))
         .map_err(|e| RpcError::new(INVALID_PARAMS, format!("invalid params: {e}")))
 }
@@ -142,7 +184,7 @@ impl From<HostError> for RpcError {
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NoParams {}
+pub(super) struct NoParams {}
 
 fn hello(_: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let NoParams {} = params(p)?;
@@ -309,6 +351,11 @@ mod tests {
                 "export-resize" => params::<ExportResize>(all).map(|_| ()),
                 "query-stats" => params::<QueryStats>(all).map(|_| ()),
                 "export-snapshot" => params::<ExportSnapshot>(all).map(|_| ()),
+                "job-start" => params::<job_methods::JobStart>(all).map(|_| ()),
+                "query-jobs" => params::<NoParams>(all).map(|_| ()),
+                "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
+                    params::<job_methods::JobId>(all).map(|_| ())
+                }
                 other => panic!("method {other} has no parameter check here"),
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
@@ -318,6 +365,11 @@ mod tests {
                 "export-del" => params::<ExportDel>(extra).map(|_| ()),
                 "export-resize" => params::<ExportResize>(extra).map(|_| ()),
                 "export-snapshot" => params::<ExportSnapshot>(extra).map(|_| ()),
+                "job-start" => params::<job_methods::JobStart>(extra).map(|_| ()),
+                "query-jobs" => params::<NoParams>(extra).map(|_| ()),
+                "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
+                    params::<job_methods::JobId>(extra).map(|_| ())
+                }
                 _ => params::<QueryStats>(extra).map(|_| ()),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);

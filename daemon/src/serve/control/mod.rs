@@ -14,6 +14,7 @@
 //! A method runs on its connection's reader thread, so a slow one (`export-del` waiting for
 //! clients) holds up only that connection.
 
+mod job_methods;
 pub mod methods;
 pub mod rpc;
 

@@ -31,6 +31,7 @@ mod commit_order;
 #[cfg(feature = "fault-injection")]
 mod inject;
 mod ops;
+mod populate;
 mod rw;
 mod shared_buf;
 mod tasks;
@@ -409,6 +410,10 @@ impl Core {
                 self.push_commit_chain(key);
                 return;
             }
+            Some(Task::Populate(p)) if p.filling && p.err.is_none() => {
+                self.populate_fills_done(key);
+                return;
+            }
             _ => {}
         }
         let Some(task) = self.tasks.try_remove(key) else {
@@ -418,6 +423,7 @@ impl Core {
             Task::Read(t) => self.finish_read(t),
             Task::Write(t) => self.finish_write(t),
             Task::Commit(t) => self.finish_commit(t),
+            Task::Populate(t) => self.finish_populate(t),
         }
     }
 

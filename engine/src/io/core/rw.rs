@@ -104,9 +104,9 @@ impl Iterator for ImagePieces {
 fn write_range(req: &Request) -> (u64, u64) {
     match req {
         Request::Write { offset, data, .. } => (*offset, data.len() as u64),
-        Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
-            (*offset, *len)
-        }
+        Request::WriteZeroes { offset, len, .. }
+        | Request::Trim { offset, len, .. }
+        | Request::Populate { offset, len } => (*offset, *len),
         _ => (0, 0),
     }
 }
@@ -196,6 +196,7 @@ impl Core {
             req @ (Request::Write { .. } | Request::WriteZeroes { .. } | Request::Trim { .. }) => {
                 self.start_write_like(disk, req, done)
             }
+            Request::Populate { offset, len } => self.submit_populate(disk, offset, len, done),
         }
     }
 
@@ -246,6 +247,9 @@ impl Core {
                     }
                     Request::Trim { fua, .. } => {
                         self.start_zero(disk, shape, ticket, true, fua, done)
+                    }
+                    Request::Populate { offset, len } => {
+                        self.start_populate(disk, ticket, offset, len, done)
                     }
                     // Only write-like requests are parked.
                     _ => {
@@ -432,7 +436,7 @@ impl Core {
 
     /// Issues the reads that fill `dest[at..at + len]` with the disk's bytes at `offset`
     /// (zero-filling what needs no I/O). Returns how many ops were issued.
-    fn issue_read(
+    pub(super) fn issue_read(
         &mut self,
         task: usize,
         disk: &DiskState,
@@ -579,7 +583,7 @@ impl Core {
     }
 
     /// Writes `src[at..at + len]` to the raw image at `off`.
-    fn issue_image_writes(
+    pub(super) fn issue_image_writes(
         &mut self,
         task: usize,
         disk: &DiskState,

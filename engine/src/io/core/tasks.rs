@@ -98,10 +98,29 @@ pub(super) struct CommitTask {
     pub(super) err: Option<RequestError>,
 }
 
+/// A POPULATE holding its range exclusively (see `populate.rs`).
+pub(super) struct PopulateTask {
+    pub(super) disk: Arc<DiskState>,
+    pub(super) offset: u64,
+    pub(super) locked: Held,
+    pub(super) pending: usize,
+    /// Still reading the copied units' current bytes; their writes come after.
+    pub(super) filling: bool,
+    pub(super) err: Option<RequestError>,
+    /// Buffers of the copied units and where they go in the raw image.
+    pub(super) copies: Vec<(SharedBuf, u64)>,
+    /// Byte ranges (whole units) copied or punched: their bits are set when it succeeds.
+    pub(super) runs: Vec<(u64, u64)>,
+    pub(super) copied: u64,
+    pub(super) zeroed: u64,
+    pub(super) done: Responder,
+}
+
 pub(super) enum Task {
     Read(ReadTask),
     Write(WriteTask),
     Commit(CommitTask),
+    Populate(PopulateTask),
 }
 
 impl Task {
@@ -110,6 +129,7 @@ impl Task {
             Task::Read(t) => &t.disk,
             Task::Write(t) => &t.disk,
             Task::Commit(t) => &t.disk,
+            Task::Populate(t) => &t.disk,
         }
     }
 
@@ -118,6 +138,7 @@ impl Task {
             Task::Read(t) => &mut t.pending,
             Task::Write(t) => &mut t.pending,
             Task::Commit(t) => &mut t.pending,
+            Task::Populate(t) => &mut t.pending,
         }
     }
 
@@ -127,6 +148,7 @@ impl Task {
             Task::Read(t) => (&mut t.err, t.offset),
             Task::Write(t) => (&mut t.err, t.offset),
             Task::Commit(t) => (&mut t.err, 0),
+            Task::Populate(t) => (&mut t.err, t.offset),
         };
         if err.is_none() {
             *err = Some(req_err(errno, op, offset));
