@@ -15,9 +15,10 @@
 //!    and `export-snapshot` emitted.
 //!
 //! A crash before 2 completes leaves the old overlay in use and possibly a partial new file
-//! (never referenced); a crash after the reply finds the new overlay complete on disk, its base
-//! holding every write answered before the snapshot. If 3-4 fail, the old overlay is reopened
-//! and keeps serving, and the new files are removed.
+//! (never referenced). Held requests reach the new overlay at 5, a moment before the reply, so
+//! after a crash the rule is: if the new overlay exists and opens, serve it (it was durable
+//! before any request reached it, and may hold answered writes); otherwise serve the old one.
+//! If 3-4 fail, the old overlay is reopened and keeps serving, and the new files are removed.
 
 use std::path::{Path, PathBuf};
 
@@ -205,7 +206,8 @@ fn take(
         overlay: overlay.to_path_buf(),
         base: Some(old.clone()),
         image: None,
-        size: None,
+        // The export's size, whatever file may have appeared at the raw image's path.
+        size: Some(cur.disk.size()),
         force: false,
     };
     if let Err(e) = create(&opts) {
