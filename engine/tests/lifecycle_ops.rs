@@ -333,3 +333,44 @@ fn commit_into_a_smaller_add_cow_base_over_a_larger_base_is_refused() {
     assert_eq!(std::fs::read(&mid).unwrap(), mid_before);
     assert_eq!(guest(&meta), before);
 }
+
+#[test]
+fn rebase_keeps_the_overlay_files_owner_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    raw_base(d, "other.img", 60_000, 7);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    // As root (CI), the overlay belongs to another user first: the rebased file must too.
+    let (uid, gid) = if nix_is_root() { (65534, 65534) } else { own() };
+    std::os::unix::fs::chown(&meta, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&meta, std::fs::Permissions::from_mode(0o640)).unwrap();
+    for unsafe_ in [false, true] {
+        rebase(
+            &RebaseOptions {
+                overlay: meta.clone(),
+                new_base: Some(d.join(if unsafe_ { "base.img" } else { "other.img" })),
+                unsafe_,
+            },
+            &Ops::new(),
+        )
+        .unwrap();
+        let m = std::fs::metadata(&meta).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "-u {unsafe_}");
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640, "-u {unsafe_}");
+    }
+}
+
+/// Whether the tests run as root.
+fn nix_is_root() -> bool {
+    own().0 == 0
+}
+
+/// The uid and gid this process creates files with.
+fn own() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    let md = probe.as_file().metadata().unwrap();
+    (md.uid(), md.gid())
+}

@@ -75,7 +75,13 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
             ),
         ));
     }
-    let result = ed.switch(|cur| grow(ed, cur, name, size));
+    let result = ed.switch(|cur| {
+        // An export-del that began meanwhile wins: it closes whatever disk is current after us.
+        if export.is_deleting() {
+            return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
+        }
+        grow(ed, cur, name, size)
+    });
     if let Ok(r) = &result {
         if r.new_size != r.old_size {
             tracing::info!(export = %name, old_size = r.old_size, new_size = r.new_size,

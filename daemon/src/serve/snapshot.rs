@@ -167,7 +167,13 @@ pub fn snapshot_export(
         });
     }
     let image = check_target(host, overlay)?;
-    let result = ed.switch(|cur| take(ed, cur, name, overlay, &image));
+    let result = ed.switch(|cur| {
+        // An export-del that began meanwhile wins: it closes whatever disk is current after us.
+        if export.is_deleting() {
+            return (None, Err(SnapshotError::NoSuchExport(name.to_string())));
+        }
+        take(ed, cur, name, overlay, &image)
+    });
     if let Ok(s) = &result {
         tracing::info!(export = %name, overlay = %s.overlay.display(), base = %s.base.display(), "live snapshot");
         host.events.emit(

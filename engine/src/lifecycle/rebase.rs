@@ -196,7 +196,12 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     ops.remove_if_present(&tmp)?;
     let new_meta = ops.create(&tmp)?;
     ofd_lock(new_meta.file(), true).map_err(|e| e.with_path(&tmp))?;
+    // The new file takes the old one's owner, group and mode (a daemon running as another user
+    // must still open it after root rebased it). Owner first: a chown clears set-id bits.
     if let Ok(m) = o.meta.metadata() {
+        if let Err(e) = std::os::unix::fs::fchown(new_meta.file(), Some(m.uid()), Some(m.gid())) {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot give the rebased overlay its old owner");
+        }
         let _ = new_meta
             .file()
             .set_permissions(std::fs::Permissions::from_mode(m.permissions().mode()));
