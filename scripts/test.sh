@@ -19,8 +19,6 @@ command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v prlimit >/dev/null || need_pkgs+=(util-linux)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
-command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
-command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v blockdev >/dev/null || need_pkgs+=(util-linux)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing ${need_pkgs[*]}"
