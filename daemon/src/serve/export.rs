@@ -80,6 +80,19 @@ pub struct Generation {
     pub files: Option<LayerFiles>,
 }
 
+impl Generation {
+    /// Opens `overlay` writable on `engine` with its layer files: what a switch installs.
+    pub fn open(
+        engine: &Engine,
+        overlay: &std::path::Path,
+        name: &str,
+    ) -> addcow_engine::Result<Generation> {
+        let disk = engine.open(overlay, addcow_engine::DiskOptions::default())?;
+        let files = LayerFiles::open_or_warn(overlay, true, name);
+        Ok(Generation { disk, files })
+    }
+}
+
 /// Requests submitted to the current generation and not yet answered: an atomic count on the
 /// request path; the mutex and condvar are touched only when it drops to zero (to wake a
 /// switch waiting for it).

@@ -282,13 +282,7 @@ impl Host {
         );
         // The files underneath, for hole queries and the hole-punching probe; without them
         // nothing is reported as zeros and every FAST_ZERO fails fast.
-        let files = match LayerFiles::open(overlay, !disk.read_only()) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
-                None
-            }
-        };
+        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
         let export = Export::new(
             claim.name(),
             Arc::new(EngineDisk::new(engine.clone(), disk, files)),

@@ -29,6 +29,16 @@ pub struct LayerFiles {
 }
 
 impl LayerFiles {
+    /// [`LayerFiles::open`], or `None` with a warning naming export `name`: without the files
+    /// nothing is reported as zeros and every FAST_ZERO fails fast, but the export still serves.
+    pub fn open_or_warn(overlay: &Path, writable: bool, name: &str) -> Option<LayerFiles> {
+        LayerFiles::open(overlay, writable)
+            .map_err(|e| {
+                tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
+            })
+            .ok()
+    }
+
     /// Opens the files of `overlay`. `writable`: the export takes writes (then hole punching
     /// is probed).
     pub fn open(overlay: &Path, writable: bool) -> Result<LayerFiles, String> {

@@ -18,13 +18,11 @@
 use std::path::{Path, PathBuf};
 
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
-use addcow_engine::DiskOptions;
 use serde::Serialize;
 
 use super::control::rpc::RpcError;
 use super::export::{EngineDisk, Generation};
 use super::host::{Host, HostError};
-use super::probe::LayerFiles;
 
 /// What `export-resize` did.
 #[derive(Debug, Clone, Serialize)]
@@ -162,17 +160,8 @@ fn reopen(
     name: &str,
     outcome: Result<ExportResized, RpcError>,
 ) -> (Option<Generation>, Result<ExportResized, RpcError>) {
-    match ed.engine.open(overlay, DiskOptions::default()) {
-        Ok(disk) => {
-            let files = match LayerFiles::open(overlay, true) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
-                    None
-                }
-            };
-            (Some(Generation { disk, files }), outcome)
-        }
+    match Generation::open(&ed.engine, overlay, name) {
+        Ok(g) => (Some(g), outcome),
         Err(e) => {
             tracing::error!(export = %name, error = %e, "cannot reopen the overlay after a resize; the export fails every request");
             let before = match outcome {

@@ -24,13 +24,11 @@ use std::path::{Path, PathBuf};
 
 use addcow_engine::format::overlay::default_image_path;
 use addcow_engine::format::{create, CreateOptions};
-use addcow_engine::DiskOptions;
 use serde::Serialize;
 
 use super::events;
 use super::export::{EngineDisk, Generation};
 use super::host::Host;
-use super::probe::LayerFiles;
 
 /// What a snapshot did.
 #[derive(Debug, Clone, Serialize)]
@@ -229,14 +227,8 @@ fn take(
     };
     let reopen_old = |step: &'static str, error: String| {
         remove_new();
-        match ed.engine.open(&old, DiskOptions::default()) {
-            Ok(disk) => {
-                let files = LayerFiles::open(&old, true).ok();
-                (
-                    Some(Generation { disk, files }),
-                    Err(failed(step, error, &old)),
-                )
-            }
+        match Generation::open(&ed.engine, &old, name) {
+            Ok(g) => (Some(g), Err(failed(step, error, &old))),
             Err(again) => {
                 tracing::error!(export = %name, error = %again, "cannot reopen the overlay after a failed snapshot; the export fails every request");
                 (
@@ -253,16 +245,9 @@ fn take(
     if let Err(e) = cur.disk.close() {
         return reopen_old("closing the current overlay", e.to_string());
     }
-    let disk = match ed.engine.open(overlay, DiskOptions::default()) {
-        Ok(d) => d,
+    let next = match Generation::open(&ed.engine, overlay, name) {
+        Ok(g) => g,
         Err(e) => return reopen_old("opening the new overlay", e.to_string()),
-    };
-    let files = match LayerFiles::open(overlay, true) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
-            None
-        }
     };
     let done = Snapshotted {
         name: name.to_string(),
@@ -270,5 +255,5 @@ fn take(
         image: image.to_path_buf(),
         base: old,
     };
-    (Some(Generation { disk, files }), Ok(done))
+    (Some(next), Ok(done))
 }
