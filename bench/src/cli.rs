@@ -22,6 +22,9 @@ pub enum Command {
     Embedded(EmbeddedArgs),
     /// RSS cost of opening a fresh 1 TiB overlay (target: under 16 MiB).
     Memory(MemoryArgs),
+    /// Overlays on a base served over NBD (nbdkit, with a read delay): addcow against the same
+    /// base local and against qemu-nbd on a qcow2 overlay backed by the same URI.
+    Remote(RemoteArgs),
     /// Re-renders report.md and chart.svg of a compare run from its results.json.
     Render(RenderArgs),
     /// Internal: one isolated measurement for `memory` (prints JSON).
@@ -110,6 +113,27 @@ pub struct EmbeddedArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// Arguments of `remote`.
+#[derive(Args, Debug)]
+pub struct RemoteArgs {
+    /// Size, length, rounds and work folder (default 2G, 10 s, 3 rounds; quick 64M, 2 s, 1).
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Report folder. Default bench/results/remote-<UTC date>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Read profiles to run (comma separated ids). Default randread,seqread.
+    #[arg(long, value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// The image server's read delays (nbdkit's delay filter: whole seconds or NNms; 0 = no
+    /// filter). Default 0,1ms.
+    #[arg(long, value_delimiter = ',')]
+    pub delays: Vec<String>,
+    /// The `addcow` binary. Default: built next to this runner with cargo.
+    #[arg(long)]
+    pub addcow: Option<PathBuf>,
 }
 
 /// Arguments of `memory`.

@@ -290,7 +290,7 @@ fn progress(total_s: u64) -> ProgressBar {
     bar
 }
 
-fn tool_version(tool: &str, flag: &str) -> Option<String> {
+pub fn tool_version(tool: &str, flag: &str) -> Option<String> {
     let out = std::process::Command::new(tool).arg(flag).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().next().map(|l| l.trim().to_owned())

@@ -4,6 +4,7 @@
 //!   and runs fio's io_uring engine on the raw file as the disk's limit; every profile of
 //!   `fio-configs/` against every server, interleaved over rounds; writes a report, JSON and a chart.
 //! * `embedded`: the engine without a socket against fio on the raw file, same profiles, same run.
+//! * `remote`: overlays on a base served over NBD, against the same base local and qemu-nbd.
 //! * `memory`: RSS cost of opening a fresh 1 TiB overlay.
 
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ mod fio;
 mod memory;
 mod prepare;
 mod profiles;
+mod remote;
 mod report;
 mod servers;
 mod stats;
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         cli::Command::Compare(args) => compare::run(&args),
         cli::Command::Embedded(args) => embedded::run(&args),
         cli::Command::Memory(args) => memory::run(&args),
+        cli::Command::Remote(args) => remote::run(&args),
         cli::Command::Render(args) => report::render(&args.dir),
         cli::Command::MemoryChild(args) => memory::run_child(&args),
     };

@@ -115,7 +115,7 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 /// Writes `size` random bytes to `path` (from `rng`, 4 MiB at a time).
-fn write_random(path: &Path, size: u64, rng: &mut SmallRng) -> Result<()> {
+pub fn write_random(path: &Path, size: u64, rng: &mut SmallRng) -> Result<()> {
     let mut f = File::create(path).map_err(io_err("create", path))?;
     let mut buf = vec![0u8; 4 << 20];
     let mut left = size;

@@ -149,7 +149,7 @@ pub fn start(
     log: &Path,
 ) -> Result<Running> {
     let _ = std::fs::remove_file(socket);
-    let mut cmd = match server {
+    let cmd = match server {
         Server::Addcow => {
             let mut c = Command::new(addcow_bin);
             c.arg("serve")
@@ -194,6 +194,12 @@ pub fn start(
             ));
         }
     };
+    spawn(cmd, socket, log)
+}
+
+/// Starts `cmd` (a server that will listen on the NBD Unix socket `socket`) with its
+/// stdout/stderr in `log`; returns once the socket greets, or an error with the log's text.
+pub fn spawn(mut cmd: Command, socket: &Path, log: &Path) -> Result<Running> {
     let out = File::create(log).map_err(io_err("create", log))?;
     let err = out.try_clone().map_err(io_err("dup", log))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
