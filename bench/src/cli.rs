@@ -165,32 +165,13 @@ pub struct MemoryChildArgs {
     pub overlay: PathBuf,
 }
 
-/// Parses `4G`, `64M`, `512K`, `1T`, `4GiB` or plain bytes.
+/// Parses `4G`, `64M`, `512K`, `1T`, `4GiB` or plain bytes (binary multiples, the `parse-size`
+/// crate).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {s:?}")),
-            };
-            (t.get(..i).unwrap_or(""), shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("not a size: {s:?} (e.g. 4G, 64M)"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("size too large: {s:?}"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| format!("{s:?} is not a size: {e} (e.g. 4G, 64M)"))
 }
 
 #[cfg(test)]

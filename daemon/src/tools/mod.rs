@@ -15,39 +15,13 @@ pub mod rebase;
 pub mod resize;
 pub mod stream;
 
-/// Parses a size such as `4096`, `512K`, `10M`, `20G`, `1T` (binary multiples; an optional `B`
-/// or `iB` after the suffix is accepted, so `10GiB` and `10GB` mean 10 × 2^30).
+/// Parses a size such as `4096`, `512K`, `10M`, `20G`, `1T` (binary multiples; `10GiB` and `10GB`
+/// both mean 10 × 2^30), with the `parse-size` crate in binary mode.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!(
-            "{s:?} is not a size (examples: 4096, 512K, 10M, 20G, 1T)"
-        ));
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: number too large"))?;
-    let suffix = suffix.trim();
-    let unit = suffix
-        .strip_suffix("iB")
-        .or_else(|| suffix.strip_suffix("B"))
-        .unwrap_or(suffix);
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown size suffix {suffix:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{s:?}: size too large"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| format!("{s:?} is not a size: {e} (examples: 4096, 512K, 10M, 20G, 1T)"))
 }
 
 /// A size for a person: `512 B`, `64 KiB`, `1.5 GiB` (exact bytes are in `--json`).
