@@ -185,3 +185,67 @@ fn a_full_file_system_gives_enospc_and_loses_nothing() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+#[ignore = "needs root: loop-mounts a 64 MiB ext4 (run by scripts/test.sh)"]
+fn a_grow_that_runs_out_of_space_leaves_the_overlay_as_it_was() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (losetup, mount)"
+    );
+    let fs = SmallFs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0xab; MIB as usize]).unwrap();
+    let overlay = fs.mnt.join("vm.add-cow");
+    addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base),
+        image: Some(fs.mnt.join("vm.raw")),
+        size: Some(8 * MIB),
+        force: false,
+    })
+    .expect("create overlay");
+    let len_before = std::fs::metadata(&overlay).unwrap().len();
+
+    // 1 TiB needs a 256 MiB bitmap, allocated up front: more than the file system holds.
+    let out = nbd_support::run_raw(
+        addcow_bin().to_str().unwrap(),
+        &["resize", overlay.to_str().unwrap(), "1T"],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the grow must fail: {text}");
+    assert!(
+        text.contains("No space left on device") || text.contains("ENOSPC"),
+        "the error names the cause: {text}"
+    );
+    assert_eq!(
+        std::fs::metadata(&overlay).unwrap().len(),
+        len_before,
+        "the .add-cow file is trimmed back to its length before the failed grow"
+    );
+    let info = run(
+        addcow_bin().to_str().unwrap(),
+        &["info", overlay.to_str().unwrap()],
+    );
+    assert!(info.contains("8 MiB"), "the overlay keeps its size: {info}");
+    let check = nbd_support::run_raw(
+        addcow_bin().to_str().unwrap(),
+        &["check", overlay.to_str().unwrap()],
+    );
+    assert!(
+        check.status.success(),
+        "check is clean: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // And the space is really back: a grow that fits still works.
+    run(
+        addcow_bin().to_str().unwrap(),
+        &["resize", overlay.to_str().unwrap(), "1G"],
+    );
+    let info = run(
+        addcow_bin().to_str().unwrap(),
+        &["info", overlay.to_str().unwrap()],
+    );
+    assert!(info.contains("1 GiB"), "{info}");
+}

@@ -75,6 +75,9 @@ impl OpLog {
 #[derive(Debug, Clone, Default)]
 pub struct Ops {
     log: Option<Arc<OpLog>>,
+    /// Test-only: the index of the file change (write, set_len, allocate, punch, sync) that
+    /// fails with an injected ENOSPC instead of being issued, and the count of changes so far.
+    fail: Option<Arc<(usize, AtomicU64)>>,
 }
 
 impl Ops {
@@ -86,7 +89,40 @@ impl Ops {
     /// Operations that are issued and logged into `log` (test-only feature `crash-recorder`).
     #[cfg(feature = "crash-recorder")]
     pub fn recording(log: Arc<OpLog>) -> Ops {
-        Ops { log: Some(log) }
+        Ops {
+            log: Some(log),
+            fail: None,
+        }
+    }
+
+    /// Like [`Ops::recording`], but file change number `n` (counting from 0: writes, size
+    /// changes, allocations, punches and syncs of opened files) fails with ENOSPC without being
+    /// issued, and every change after it is issued normally: the error path of a tool, including
+    /// what it does to undo, is recorded like its success path.
+    #[cfg(feature = "crash-recorder")]
+    pub fn recording_failing_at(log: Arc<OpLog>, n: usize) -> Ops {
+        Ops {
+            log: Some(log),
+            fail: Some(Arc::new((n, AtomicU64::new(0)))),
+        }
+    }
+
+    /// Whether the injected failure happened (see [`Ops::recording_failing_at`]).
+    pub fn injected_failure_happened(&self) -> bool {
+        self.fail
+            .as_ref()
+            .is_some_and(|f| f.1.load(Ordering::Relaxed) > f.0 as u64)
+    }
+
+    /// Counts one file change; the injected ENOSPC when it is the chosen one.
+    fn inject(&self, op: &'static str, path: &Path) -> Result<()> {
+        if let Some(f) = &self.fail {
+            if f.1.fetch_add(1, Ordering::Relaxed) == f.0 as u64 {
+                let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                return Err(Error::io(op, e).with_path(path));
+            }
+        }
+        Ok(())
     }
 
     fn record(&self, op: impl FnOnce() -> FileOp) {
@@ -206,6 +242,7 @@ impl OpFile {
 
     /// Writes all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64, op: &'static str) -> Result<()> {
+        self.ops.inject(op, &self.path)?;
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(op, e).with_path(&self.path).with_offset(offset))?;
@@ -219,6 +256,7 @@ impl OpFile {
 
     /// Sets the file's size (ftruncate).
     pub fn set_len(&self, len: u64, op: &'static str) -> Result<()> {
+        self.ops.inject(op, &self.path)?;
         self.file
             .set_len(len)
             .map_err(|e| Error::io(op, e).with_path(&self.path).with_offset(len))?;
@@ -232,6 +270,7 @@ impl OpFile {
         if len == 0 {
             return Ok(());
         }
+        self.ops.inject("preallocate", &self.path)?;
         crate::format::overlay::preallocate(&self.file, offset, len).map_err(|e| {
             Error::io("preallocate", e)
                 .with_path(&self.path)
@@ -254,6 +293,7 @@ impl OpFile {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Ok(());
         };
+        self.ops.inject("punch hole", &self.path)?;
         // SAFETY: fallocate on a descriptor that stays open for the call; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
@@ -282,6 +322,7 @@ impl OpFile {
 
     /// fdatasync: every change above (including the size) is durable once this returns.
     pub fn sync(&self, op: &'static str) -> Result<()> {
+        self.ops.inject(op, &self.path)?;
         self.file
             .sync_data()
             .map_err(|e| Error::io(op, e).with_path(&self.path))?;

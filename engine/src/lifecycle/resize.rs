@@ -5,6 +5,9 @@
 //! (2) extend the raw image; fdatasync it. Until (2) is durable the disk has its old size and a
 //! bitmap longer than needed with zeros after it (accepted by `Overlay::open` without a
 //! warning); after, the new sectors are clear and read from the base, or as zeros past its end.
+//! A grow that fails (out of space for the bitmap's blocks, an I/O error) undoes itself in the
+//! same safe order: the raw image back to its old size (durably) first, then the bitmap back to
+//! its old length, so a failed grow leaves the overlay as it was, not a half-allocated bitmap.
 //!
 //! Shrink: (1) clear the bits of every sector past the new end; fdatasync the `.add-cow`;
 //! (2) shrink the raw image; fdatasync it; (3) truncate the bitmap to its new length; fdatasync.
@@ -87,14 +90,46 @@ pub(crate) fn grow(meta: &OpFile, image: &OpFile, old: u64, new: u64) -> Result<
     meta.set_len(old_end, "trim bitmap")?;
     clear_bits_from(meta, old / SECTOR_SIZE, old_end - BITMAP_OFFSET)?;
     meta.set_len(new_end, "extend bitmap")?;
-    meta.allocate(old_end, new_end - old_end)?;
-    meta.sync("fdatasync bitmap")?;
-    #[cfg(not(feature = "unsafe-lifecycle-order"))]
+    if let Err(e) = meta
+        .allocate(old_end, new_end - old_end)
+        .and_then(|()| meta.sync("fdatasync bitmap"))
     {
-        image.set_len(new, "grow raw image")?;
-        image.sync("fdatasync raw image")?;
+        // Out of space (or I/O error) before the raw image changed: give the space back.
+        trim_bitmap_back(meta, old_end);
+        return Err(e);
+    }
+    #[cfg(not(feature = "unsafe-lifecycle-order"))]
+    if let Err(e) = image
+        .set_len(new, "grow raw image")
+        .and_then(|()| image.sync("fdatasync raw image"))
+    {
+        // The raw image may have grown without being durable. Put it back to the old size
+        // durably first; only then may the bitmap shrink (a bitmap shorter than the raw image
+        // is a broken overlay, a longer one is not). If the raw image cannot be put back, the
+        // longer bitmap stays.
+        if image
+            .set_len(old, "restore raw image size")
+            .and_then(|()| image.sync("fdatasync raw image"))
+            .is_ok()
+        {
+            trim_bitmap_back(meta, old_end);
+        }
+        return Err(e);
     }
     Ok(())
+}
+
+/// After a failed grow: truncates the `.add-cow` file back to `old_end` (its length before the
+/// grow) and syncs it, so a grow that ran out of space leaves no extended, half-allocated bitmap
+/// behind. Best effort: the file is a valid overlay either way (a bitmap longer than the disk
+/// with zeros after it is accepted), so a failure here is only logged.
+fn trim_bitmap_back(meta: &OpFile, old_end: u64) {
+    if let Err(e) = meta
+        .set_len(old_end, "trim bitmap back")
+        .and_then(|()| meta.sync("fdatasync bitmap"))
+    {
+        tracing::warn!(error = %e, "cannot trim the bitmap back after a failed grow; the overlay stays valid with a longer bitmap");
+    }
 }
 
 /// Shrinks an overlay from `old` to `new` bytes, in the order the module documents.
