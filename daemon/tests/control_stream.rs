@@ -420,3 +420,94 @@ fn pause_resume_cancel_and_export_del_of_a_streaming_export() {
     assert_same(&f.path("vm.raw"), &reference);
     d.stop();
 }
+
+/// Waits (bounded) until job `id` has ended; returns it.
+fn wait_ended(c: &mut Control, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = job(c, id);
+        if ["concluded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job never ended: {j}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "races job-start against export-resize and export-snapshot; run by scripts/test.sh one at a time"]
+fn a_job_start_racing_a_resize_or_a_snapshot_never_streams_a_closed_disk() {
+    let f = Fixture::new(MIB);
+    let size = 64 * MIB;
+    let ov = overlay(f.dir.path(), "vm", size);
+    let control = f.path("ctl.sock");
+    let d = Daemon::start(
+        &f.path("nbd.sock"),
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--export",
+            &format!("vm={}", ov.display()),
+        ],
+    );
+    let mut c = Control::connect(&control);
+    let (mut jobs, mut switches) = (0, 0);
+    // Slow streams (1 MiB chunks at 8 MiB/s), so a job is still working when the switch it
+    // raced comes: a job left holding a switched-away (closed) disk fails at its next chunk.
+    let mut grown = size;
+    for i in 0..30u64 {
+        // Both calls leave at the same moment on two connections (two daemon threads).
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (g, path) = (gate.clone(), control.clone());
+        let starter = std::thread::spawn(move || {
+            let mut c = Control::connect(&path);
+            g.wait();
+            c.call(
+                "job-start",
+                json!({"type": "stream", "export": "vm", "rate": "8M"}),
+            )
+        });
+        let mut other = Control::connect(&control);
+        gate.wait();
+        let switched = if i % 2 == 0 {
+            other.call("export-resize", json!({"name": "vm", "size": grown + MIB}))
+        } else {
+            let snap = f.path(&format!("snap-{i}.add-cow"));
+            other.call(
+                "export-snapshot",
+                json!({"name": "vm", "overlay": snap.to_str().unwrap()}),
+            )
+        };
+        let started = starter.join().expect("job-start thread");
+        match &switched {
+            Ok(_) => {
+                switches += 1;
+                if i % 2 == 0 {
+                    grown += MIB;
+                }
+            }
+            Err(e) => assert_eq!(
+                e["data"]["class"], "job-running",
+                "refused for another reason: {e}"
+            ),
+        }
+        if let Ok(r) = started {
+            jobs += 1;
+            let id = r["id"].as_str().expect("job id").to_string();
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = c.call("job-cancel", json!({"id": id}));
+            let j = wait_ended(&mut c, &id);
+            assert_ne!(
+                j["status"], "failed",
+                "round {i}: the job streamed a disk that was switched away under it: {j}"
+            );
+            c.ok("job-dismiss", json!({"id": id}));
+        }
+    }
+    eprintln!("race rounds: {jobs} jobs started, {switches} switches");
+    assert!(
+        jobs > 0 && switches > 0,
+        "both sides won sometimes: {jobs} jobs, {switches} switches"
+    );
+    drop(d);
+}

@@ -157,6 +157,14 @@ impl EngineDisk {
         self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the current disk with no switch able to begin or end meanwhile (a switch
+    /// waits until `f` returned). What `f` decides on the disk it saw (a job that starts
+    /// streaming it) is visible to any switch that comes after, which can then refuse.
+    pub fn pinned<T>(&self, f: impl FnOnce(&Disk) -> T) -> T {
+        let cur = self.current();
+        f(&cur.disk)
+    }
+
     /// Holds every new request back, waits until every submitted one was answered, then runs
     /// `f` on the current generation: the generation `f` returns (if any) becomes current before
     /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.

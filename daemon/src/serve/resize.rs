@@ -43,6 +43,16 @@ fn refused(class: &str, message: String) -> RpcError {
     RpcError::server(class, message)
 }
 
+fn job_running(name: &str, id: &str, status: impl std::fmt::Debug) -> RpcError {
+    refused(
+        "job-running",
+        format!(
+            "export {name:?} runs job {id} ({status:?}): cancel it or wait until it ends \
+             before resizing"
+        ),
+    )
+}
+
 /// Grows export `name` to `size` bytes (see the module docs). Refused: no such export, one
 /// that is not an engine disk, a read-only one, one running a job, a size that is not a
 /// multiple of 512, a smaller size.
@@ -65,18 +75,17 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
         ));
     };
     if let Some((id, status)) = host.jobs.active_on(name) {
-        return Err(refused(
-            "job-running",
-            format!(
-                "export {name:?} runs job {id} ({status:?}): cancel it or wait until it ends \
-                 before resizing"
-            ),
-        ));
+        return Err(job_running(name, &id, status));
     }
     let result = ed.switch(|cur| {
         // An export-del that began meanwhile wins: it closes whatever disk is current after us.
         if export.is_deleting() {
             return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
+        }
+        // Again under the switch: a job-start pins the disk while it registers, so a job that
+        // started since the check above is seen here.
+        if let Some((id, status)) = host.jobs.active_on(name) {
+            return (None, Err(job_running(name, &id, status)));
         }
         grow(ed, cur, name, size)
     });

@@ -170,6 +170,15 @@ pub fn snapshot_export(
         if export.is_deleting() {
             return (None, Err(SnapshotError::NoSuchExport(name.to_string())));
         }
+        // Again under the switch: a job-start pins the disk while it registers, so a job that
+        // started since the check above is seen here.
+        if let Some((id, _)) = host.jobs.active_on(name) {
+            let e = SnapshotError::JobRunning {
+                name: name.to_string(),
+                id,
+            };
+            return (None, Err(e));
+        }
         take(ed, cur, name, overlay, &image)
     });
     if let Ok(s) = &result {

@@ -97,31 +97,37 @@ pub(super) fn job_start(host: &Host, p: Map<String, Value>) -> Result<Value, Rpc
         .ok_or_else(|| {
             RpcError::server("no-such-export", format!("no export named {:?}", a.export))
         })?;
-    let Some(disk) = export.backend.disk() else {
+    let Some(ed) = export.backend.engine_disk() else {
         return Err(RpcError::server(
             "not-an-overlay",
             format!("export {:?} is not backed by an overlay", a.export),
         ));
     };
-    if disk.read_only() {
-        return Err(RpcError::server(
-            "read-only",
-            format!(
-                "export {:?} is read-only: a stream writes its raw image",
-                a.export
-            ),
-        ));
-    }
-    let id = host.jobs.start("stream", &a.export, move |ctl| {
-        let c = JobStream { ctl, rate };
-        match stream(&disk, &c) {
-            Ok(s) => {
-                tracing::info!(overlay = %disk.path().display(), copied = s.copied,
-                    zeroed = s.zeroed, stopped = s.stopped, "stream ended");
-                Ok(!s.stopped)
-            }
-            Err(e) => Err(e.to_string()),
+    // Registered with the disk pinned: a snapshot or resize either finished before (the job
+    // streams the new disk) or sees this job when it looks and refuses; it never closes the
+    // disk under a job that started meanwhile.
+    let id = ed.pinned(|disk| {
+        if disk.read_only() {
+            return Err(RpcError::server(
+                "read-only",
+                format!(
+                    "export {:?} is read-only: a stream writes its raw image",
+                    a.export
+                ),
+            ));
         }
+        let disk = disk.clone();
+        Ok(host.jobs.start("stream", &a.export, move |ctl| {
+            let c = JobStream { ctl, rate };
+            match stream(&disk, &c) {
+                Ok(s) => {
+                    tracing::info!(overlay = %disk.path().display(), copied = s.copied,
+                        zeroed = s.zeroed, stopped = s.stopped, "stream ended");
+                    Ok(!s.stopped)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })?)
     })?;
     Ok(json!({ "id": id }))
 }
