@@ -136,6 +136,11 @@ pub struct ServeArgs {
     /// Cache mode of the raw images: direct (O_DIRECT) or buffered.
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
     pub cache: CacheMode,
+    /// Also serve the default export (OVERLAY) to one vhost-user-blk frontend at a time (QEMU's
+    /// vhost-user-blk-pci, libblkio's virtio-blk-vhost-user) on this Unix socket; a frontend
+    /// that disconnects can connect again. One request queue per engine core.
+    #[arg(long, value_name = "SOCKET")]
+    pub vhost_user_blk: Option<PathBuf>,
     /// The default export (empty name). With no overlay, no --export and no --control: the
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
@@ -297,7 +302,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         (None, true) if listeners.is_empty() => Some(PathBuf::from(demo::DEMO_SOCKET)),
         _ => None,
     };
-    if socket.is_none() && listeners.is_empty() && args.tcp.is_none() {
+    if socket.is_none()
+        && listeners.is_empty()
+        && args.tcp.is_none()
+        && args.vhost_user_blk.is_none()
+    {
         return Err(
             "nothing to listen on: give --socket PATH (or --tcp, or systemd sockets)".into(),
         );
@@ -338,6 +347,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     }
+
+    let vhost_server = match &args.vhost_user_blk {
+        Some(p) => Some(start_vhost(p, &host, &named, engine.cores())?),
+        None => None,
+    };
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;
     // `created` removes what was made on any way out.
@@ -474,11 +488,38 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         m.stop();
     }
     drop(created);
+    if let Some(v) = &vhost_server {
+        let _ = std::fs::remove_file(v.socket());
+    }
     match &result {
         Ok(()) => tracing::info!("all overlays committed; exiting"),
         Err(e) => tracing::error!(error = %e, "shutdown failed"),
     }
     result
+}
+
+/// Serves the default export over vhost-user-blk on `socket`, with one queue per engine core
+/// and the overlay's file name (at most 20 bytes) as its GET_ID serial.
+fn start_vhost(
+    socket: &Path,
+    host: &Host,
+    named: &[CliExport],
+    cores: usize,
+) -> Result<crate::vhost::VhostServer, String> {
+    let Some(export) = host.exports.get("") else {
+        return Err("--vhost-user-blk serves the default export: give OVERLAY".into());
+    };
+    let serial = named
+        .iter()
+        .find(|e| e.name.is_empty())
+        .and_then(|e| e.overlay.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let queues = u16::try_from(cores).unwrap_or(u16::MAX);
+    let server = crate::vhost::VhostServer::start(socket, export.backend.clone(), queues, serial)
+        .map_err(|e| format!("--vhost-user-blk {e}"))?;
+    tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
+    Ok(server)
 }
 
 /// How long the accept loop stops accepting after the process ran out of file descriptors (or

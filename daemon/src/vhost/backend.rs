@@ -1,0 +1,257 @@
+//! The `vhost-user-backend` device: negotiation answers and the per-queue request loop.
+//!
+//! First version of the request path: each queue has its own worker thread (the library's epoll
+//! loop), which wakes on the queue's kick eventfd, pops every available chain, submits their
+//! engine requests to the queue's core, **waits** for all of them, then writes data and status
+//! bytes, adds the used entries and signals the call eventfd once for the batch (as `EVENT_IDX`
+//! allows). The next step moves the kick eventfd into the core's io_uring so the core pops and
+//! completes chains itself (see `docs/VHOST_USER_BLK.md`).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
+
+use addcow_engine::{Done, RequestError};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::DeviceConfig;
+use super::request::{parse, Limits, Pending};
+use crate::serve::export::Backend;
+
+/// Guest memory as the frontend mapped it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// One frontend connection's device state. Cloned into each queue's worker thread.
+#[derive(Clone)]
+pub struct BlkDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    disk: Arc<dyn Backend>,
+    config: DeviceConfig,
+    mem: RwLock<Option<GuestMem>>,
+    event_idx: AtomicBool,
+    writeback: AtomicBool,
+}
+
+impl BlkDevice {
+    /// A device serving `disk` as described by `config`.
+    pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig) -> BlkDevice {
+        BlkDevice {
+            inner: Arc::new(Inner {
+                disk,
+                config,
+                mem: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                writeback: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// Pops every available chain of `vring`, serves them on core `core`, and publishes their
+    /// used entries. Returns whether any chain was served.
+    fn serve_available(&self, vring: &VringRwLock, core: usize) -> io::Result<bool> {
+        let Some(atomic) = self
+            .inner
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(false);
+        };
+        let mem = atomic.memory();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            let iter = state
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?;
+            iter.collect()
+        };
+        if chains.is_empty() {
+            return Ok(false);
+        }
+        let limits = Limits {
+            size: self.inner.config.size,
+            read_only: self.inner.config.read_only,
+            writeback: self.inner.writeback.load(Ordering::Relaxed),
+            serial: &self.inner.config.serial,
+        };
+        let disk = &self.inner.disk;
+        let alloc = |len: usize| disk.alloc_buf(len);
+        let (tx, rx) = mpsc::channel::<(usize, Result<Done, RequestError>)>();
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(chains.len());
+        let mut waiting = 0usize;
+        for chain in chains {
+            let head = chain.head_index();
+            let flags = chain.clone().map(|d| d.is_write_only()).collect::<Vec<_>>();
+            let reader = Reader::new(&*mem, chain.clone());
+            let writer = Writer::new(&*mem, chain);
+            let (p, reqs) = parse(head, flags.into_iter(), reader, writer, &limits, &alloc);
+            let idx = pending.len();
+            pending.push(p);
+            for req in reqs {
+                waiting += 1;
+                let tx = tx.clone();
+                disk.submit(
+                    core,
+                    req,
+                    Box::new(move |r| {
+                        let _ = tx.send((idx, r));
+                    }),
+                );
+            }
+        }
+        drop(tx);
+        for _ in 0..waiting {
+            match rx.recv() {
+                Ok((idx, r)) => {
+                    if let Some(p) = pending.get_mut(idx) {
+                        p.complete(r);
+                    }
+                }
+                // Every completion is called exactly once; a closed channel means all of them
+                // ran (or were dropped by a stopping engine): the rest stay IOERR-free only if
+                // they were answered, so mark what is left failed below.
+                Err(_) => break,
+            }
+        }
+        for p in pending {
+            let head = p.head;
+            let failed_unanswered = p.outstanding > 0;
+            let mut p = p;
+            if failed_unanswered {
+                p.complete(Err(RequestError {
+                    errno: libc::ESHUTDOWN,
+                    op: "engine stopped",
+                    offset: 0,
+                }));
+            }
+            let len = p.finish();
+            vring
+                .add_used(head, len)
+                .map_err(|e| io::Error::other(format!("used ring: {e}")))?;
+        }
+        let notify = if self.inner.event_idx.load(Ordering::Relaxed) {
+            vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(format!("event index: {e}")))?
+        } else {
+            true
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(true)
+    }
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIGURE_MEM_SLOTS: libblkio adds and removes its buffer regions one at a time.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self
+            .inner
+            .config
+            .config_space(self.inner.writeback.load(Ordering::Relaxed));
+        let start = (offset as usize).min(space.len());
+        let end = start.saturating_add(size as usize).min(space.len());
+        let mut out = space[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` (offset 32) is writable (CONFIG_WCE).
+        if offset == 32 && buf.len() == 1 {
+            self.inner.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("config write of {} bytes at {offset} refused", buf.len()),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
+        // One queue per worker thread: the thread index is the queue index, and queue q is
+        // served by engine core q (modulo the core count).
+        let core = thread_id;
+        if !self.inner.event_idx.load(Ordering::Relaxed) {
+            self.serve_available(vring, core)?;
+            return Ok(());
+        }
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
+            self.serve_available(vring, core)?;
+            let more = vring
+                .enable_notification()
+                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+}

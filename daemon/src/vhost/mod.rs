@@ -1,0 +1,113 @@
+//! `addcow serve --vhost-user-blk SOCKET`: the vhost-user-blk front end.
+//!
+//! A vhost-user frontend (QEMU's `vhost-user-blk-pci`, libblkio's `virtio-blk-vhost-user`)
+//! connects to a Unix socket, shares the guest's memory and hands over its virtqueues; requests
+//! are read from the rings in shared memory and answered by writing the used ring and the call
+//! eventfd. The protocol is the rust-vmm crates' (`vhost`, `vhost-user-backend`,
+//! `virtio-queue`, `vm-memory`); the device ([`backend`]) turns each chain ([`request`]) into
+//! engine requests on the disk behind an export. See `docs/VHOST_USER_BLK.md` for the design and
+//! what is still to come (core-ring polling of the kick eventfd, zero-copy).
+//!
+//! Modules: [`config`] (features and config space), [`request`] (one chain), [`backend`] (the
+//! device and its queue loop), and here the listener that serves one frontend at a time and
+//! waits for the next when it goes (reconnect).
+
+pub mod backend;
+pub mod config;
+pub mod request;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::serve::export::Backend;
+use backend::BlkDevice;
+use config::DeviceConfig;
+
+/// Default ring size offered to frontends.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The vhost-user-blk listener: one frontend at a time; when it disconnects the device is reset
+/// and the next one is accepted on the same socket.
+pub struct VhostServer {
+    socket: PathBuf,
+    _thread: JoinHandle<()>,
+}
+
+impl VhostServer {
+    /// Binds `socket` (replacing a stale socket file there) and serves `disk` on it from a
+    /// thread, with `num_queues` request queues (queue q is served by engine core q modulo the
+    /// core count) and `serial` as the GET_ID answer. The socket accepts connections when this
+    /// returns.
+    pub fn start(
+        socket: &Path,
+        disk: Arc<dyn Backend>,
+        num_queues: u16,
+        serial: String,
+    ) -> io::Result<VhostServer> {
+        let mut listener = Listener::new(socket, true)
+            .map_err(|e| io::Error::other(format!("{}: {e}", socket.display())))?;
+        let config = DeviceConfig {
+            size: disk.size(),
+            num_queues: num_queues.clamp(1, 64),
+            queue_size: QUEUE_SIZE,
+            read_only: disk.read_only(),
+            serial,
+        };
+        let path = socket.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("addcow-vhost".into())
+            .spawn(move || loop {
+                if let Err(e) = serve_one(&mut listener, &disk, &config) {
+                    tracing::warn!(socket = %path.display(), error = %e, "vhost-user-blk connection ended");
+                    // A listener that fails to accept would spin: slow down.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                } else {
+                    tracing::info!(socket = %path.display(), "vhost-user-blk frontend disconnected; waiting for the next");
+                }
+            })?;
+        Ok(VhostServer {
+            socket: socket.to_path_buf(),
+            _thread: thread,
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// Accepts one frontend and serves it until it disconnects; then stops the queue workers.
+fn serve_one(
+    listener: &mut Listener,
+    disk: &Arc<dyn Backend>,
+    config: &DeviceConfig,
+) -> Result<(), String> {
+    let device = BlkDevice::new(Arc::clone(disk), config.clone());
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("addcow-vhost-conn".into(), device, mem)
+        .map_err(|e| format!("vhost-user device: {e}"))?;
+    daemon
+        .start(listener)
+        .map_err(|e| format!("accepting a frontend: {e}"))?;
+    tracing::info!("vhost-user-blk frontend connected");
+    let result = daemon.wait();
+    // Each queue worker finishes the batch it is serving (its requests complete into the old
+    // frontend's memory, which stays mapped until then) and exits.
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    match result {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
