@@ -221,6 +221,10 @@ fn a_frontend_that_reconnects_finds_the_export_again() {
     let fx = Fixture::new(8 * MIB);
     let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
     let d = start(&nbd, &vsock, &fx.overlay(), "1");
+    // The socket gets the NBD socket's hygiene: mode 0600, removed at exit.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&vsock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "socket mode");
     let data = pattern(9, 65536);
     {
         let mut f = Frontend::connect(&vsock, 1).expect("first connect");
@@ -232,6 +236,7 @@ fn a_frontend_that_reconnects_finds_the_export_again() {
         assert_same("after reconnect", &f.read(0, MIB, data.len()), &data);
     }
     d.stop();
+    assert!(!vsock.exists(), "socket left behind");
 }
 
 #[test]

@@ -234,6 +234,7 @@ fn init_logging() {
 struct Created {
     listeners: Vec<Listener>,
     control: Option<listener::SocketFile>,
+    vhost: Option<listener::SocketFile>,
     pid_file: Option<LockedFile>,
 }
 
@@ -244,6 +245,8 @@ impl Created {
         }
         self.listeners.clear();
         drop(self.control.take());
+        drop(self.vhost.take());
+
     }
 }
 
@@ -348,11 +351,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
 
-    let vhost_server = match &args.vhost_user_blk {
-        Some(p) => Some(start_vhost(p, &host, &named, engine.cores())?),
-        None => None,
-    };
-
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;
     // `created` removes what was made on any way out.
     let mut created = Created::default();
@@ -369,6 +367,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     for l in &created.listeners {
         l.set_nonblocking()
             .map_err(|e| format!("{}: {e}", l.describe()))?;
+    }
+    // The vhost-user-blk listener thread runs until the process exits.
+    let mut vhost_server = None;
+    if let Some(p) = &args.vhost_user_blk {
+        let l = Listener::bind_unix(p, args.socket_mode)
+            .map_err(|e| format!("--vhost-user-blk: {e}"))?;
+        if let Some((sock, file)) = l.into_unix() {
+            created.vhost = file;
+            vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
+        }
     }
     if let Some(c) = &args.control {
         let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
@@ -409,6 +417,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // Ready: the sockets appear at their paths now, and systemd hears READY=1.
     if let Some(c) = &mut created.control {
         c.publish().map_err(|e| format!("--control: {e}"))?;
+    }
+    if let Some(v) = &mut created.vhost {
+        v.publish().map_err(|e| format!("--vhost-user-blk: {e}"))?;
     }
     for l in &mut created.listeners {
         l.publish().map_err(|e| e.to_string())?;
@@ -459,6 +470,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         serde_json::json!({"connections": live.count()}),
     );
     created.remove_sockets();
+    if let Some(v) = &vhost_server {
+        // Not drained yet: a vhost-user-blk request in flight when the engine stops is answered
+        // with an error (the next step stops its queues first).
+        tracing::info!(socket = %v.socket().display(), "vhost-user-blk socket removed");
+    }
     let n = live.count();
     tracing::info!(
         connections = n,
@@ -488,9 +504,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         m.stop();
     }
     drop(created);
-    if let Some(v) = &vhost_server {
-        let _ = std::fs::remove_file(v.socket());
-    }
     match &result {
         Ok(()) => tracing::info!("all overlays committed; exiting"),
         Err(e) => tracing::error!(error = %e, "shutdown failed"),
@@ -498,9 +511,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
-/// Serves the default export over vhost-user-blk on `socket`, with one queue per engine core
-/// and the overlay's file name (at most 20 bytes) as its GET_ID serial.
+/// Serves the default export over vhost-user-blk on `sock` (bound at `socket`, with the same
+/// hygiene as the NBD socket), with one queue per engine core and the overlay's file name (at
+/// most 20 bytes) as its GET_ID serial.
 fn start_vhost(
+    sock: std::os::unix::net::UnixListener,
     socket: &Path,
     host: &Host,
     named: &[CliExport],
@@ -516,8 +531,9 @@ fn start_vhost(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let queues = u16::try_from(cores).unwrap_or(u16::MAX);
-    let server = crate::vhost::VhostServer::start(socket, export.backend.clone(), queues, serial)
-        .map_err(|e| format!("--vhost-user-blk {e}"))?;
+    let server =
+        crate::vhost::VhostServer::start(sock, socket, export.backend.clone(), queues, serial)
+            .map_err(|e| format!("--vhost-user-blk {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
     Ok(server)
 }

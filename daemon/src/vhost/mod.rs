@@ -17,6 +17,7 @@ pub mod config;
 pub mod request;
 
 use std::io;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -40,18 +41,20 @@ pub struct VhostServer {
 }
 
 impl VhostServer {
-    /// Binds `socket` (replacing a stale socket file there) and serves `disk` on it from a
-    /// thread, with `num_queues` request queues (queue q is served by engine core q modulo the
-    /// core count) and `serial` as the GET_ID answer. The socket accepts connections when this
-    /// returns.
+    /// Serves `disk` on the bound socket `sock` (a blocking listener; `socket` is its path, for
+    /// logs) from a thread, with `num_queues` request queues (queue q is served by engine core
+    /// q modulo the core count) and `serial` as the GET_ID answer. The caller owns the socket
+    /// file (binding, publishing and removing it).
     pub fn start(
+        sock: UnixListener,
         socket: &Path,
         disk: Arc<dyn Backend>,
         num_queues: u16,
         serial: String,
     ) -> io::Result<VhostServer> {
-        let mut listener = Listener::new(socket, true)
-            .map_err(|e| io::Error::other(format!("{}: {e}", socket.display())))?;
+        // Accepting must block: the library's accept loop retries at once on EAGAIN.
+        sock.set_nonblocking(false)?;
+        let mut listener = Listener::from(sock);
         let config = DeviceConfig {
             size: disk.size(),
             num_queues: num_queues.clamp(1, 64),
