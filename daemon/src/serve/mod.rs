@@ -246,7 +246,6 @@ impl Created {
         self.listeners.clear();
         drop(self.control.take());
         drop(self.vhost.take());
-
     }
 }
 

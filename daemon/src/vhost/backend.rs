@@ -23,7 +23,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::DeviceConfig;
-use super::request::{parse, Limits, Pending};
+use super::request::{parse, status_slot, Limits, Pending};
 use crate::serve::export::Backend;
 
 /// Guest memory as the frontend mapped it.
@@ -95,9 +95,18 @@ impl BlkDevice {
         for chain in chains {
             let head = chain.head_index();
             let flags = chain.clone().map(|d| d.is_write_only()).collect::<Vec<_>>();
+            let status = status_slot(&mem, chain.clone().last());
             let reader = Reader::new(&*mem, chain.clone());
             let writer = Writer::new(&*mem, chain);
-            let (p, reqs) = parse(head, flags.into_iter(), reader, writer, &limits, &alloc);
+            let (p, reqs) = parse(
+                head,
+                status,
+                flags.into_iter(),
+                reader,
+                writer,
+                &limits,
+                &alloc,
+            );
             let idx = pending.len();
             pending.push(p);
             for req in reqs {

@@ -14,7 +14,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Reader, Writer};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::config::{ID_BYTES, MAX_ZERO_SECTORS, MAX_ZERO_SEGMENTS};
 
@@ -44,7 +46,7 @@ pub struct Pending<'m> {
     /// Where READ data goes (the chain's writable bytes before the status byte).
     data: Option<Writer<'m>>,
     /// The status byte (`None`: the chain has no writable byte to put it in).
-    status: Option<Writer<'m>>,
+    status: Option<VolatileSlice<'m, ()>>,
     /// Status so far (`VIRTIO_BLK_S_OK` until a part fails).
     code: u8,
     /// Bytes written into the chain's writable descriptors (data, not the status byte).
@@ -78,12 +80,12 @@ impl<'m> Pending<'m> {
     }
 
     /// Writes the status byte; returns the used length (bytes written into the chain).
-    pub fn finish(mut self) -> u32 {
+    pub fn finish(self) -> u32 {
         let code = self.code;
         let wrote_status = self
             .status
-            .as_mut()
-            .is_some_and(|w| w.write_all(&[code]).is_ok());
+            .as_ref()
+            .is_some_and(|s| s.write_slice(&[code], 0).is_ok());
         if wrote_status {
             self.written.saturating_add(1)
         } else {
@@ -91,7 +93,7 @@ impl<'m> Pending<'m> {
         }
     }
 
-    fn answered(head: u16, status: Option<Writer<'m>>, code: u32) -> Pending<'m> {
+    fn answered(head: u16, status: Option<VolatileSlice<'m, ()>>, code: u32) -> Pending<'m> {
         Pending {
             head,
             data: None,
@@ -134,11 +136,28 @@ fn byte_range(sector: u64, bytes: u64, size: u64) -> Option<u64> {
     (end <= size).then_some(offset)
 }
 
-/// Parses the request whose chain starts at `head`. Returns the pending request and the engine
+/// Where the status byte goes: the last byte of the chain's last descriptor, which must be
+/// device-writable and inside guest memory. Found on its own (not through the chain's
+/// [`Writer`]) so that a chain with a bad data descriptor still gets its `IOERR`.
+pub fn status_slot(
+    mem: &GuestMemoryMmap,
+    last: Option<Descriptor>,
+) -> Option<VolatileSlice<'_, ()>> {
+    let d = last?;
+    if !d.is_write_only() || d.len() == 0 {
+        return None;
+    }
+    let at = d.addr().checked_add(u64::from(d.len()) - 1)?;
+    mem.get_slice(at, 1).ok()
+}
+
+/// Parses the request whose chain starts at `head`, answering into `status` (from
+/// [`status_slot`]). Returns the pending request and the engine
 /// requests to submit for it (none: it is answered already, e.g. GET_ID or a malformed chain).
 /// `alloc` gives engine buffers for WRITE payloads.
 pub fn parse<'m>(
     head: u16,
+    status: Option<VolatileSlice<'m, ()>>,
     writable_flags: impl Iterator<Item = bool>,
     reader: Result<Reader<'m>, virtio_queue::Error>,
     writer: Result<Writer<'m>, virtio_queue::Error>,
@@ -151,16 +170,19 @@ pub fn parse<'m>(
             Vec::new(),
         )
     };
-    // The status byte: the last writable byte of the chain.
-    let (mut data, status) = match writer {
+    if status.is_none() {
+        return ioerr(None);
+    }
+    // The data: the writable bytes before the status byte (the last writable byte).
+    let mut data = match writer {
         Ok(mut w) if w.available_bytes() >= 1 => {
             let at = w.available_bytes() - 1;
             match w.split_at(at) {
-                Ok(s) => (w, Some(s)),
-                Err(_) => return ioerr(None),
+                Ok(_status_byte) => w,
+                Err(_) => return ioerr(status),
             }
         }
-        _ => return ioerr(None),
+        _ => return ioerr(status),
     };
     let mut reader = match reader {
         Ok(r) => r,
@@ -303,6 +325,217 @@ pub fn parse<'m>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// Guest memory: one 1 MiB region at 0; the ring at 0, buffers from 64 KiB.
+    const MEM: u64 = 1 << 20;
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x30000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    }
+
+    fn limits(read_only: bool) -> Limits<'static> {
+        Limits {
+            size: 1 << 20,
+            read_only,
+            writeback: true,
+            serial: "vm-disk-serial",
+        }
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Parses the chain of `descs` (addr, len, device-writable); returns the engine requests,
+    /// the used length, and the status byte at `STATUS` (0xee: not written).
+    fn run(
+        mem: &GuestMemoryMmap,
+        descs: &[(u64, u32, bool)],
+        limits: &Limits<'_>,
+    ) -> (Vec<Request>, u32, u8) {
+        mem.write_slice(&[0xee], GuestAddress(STATUS)).unwrap();
+        let q = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, l, w)| {
+                let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                RawDescriptor::from(SplitDescriptor::new(a, l, flags, 0))
+            })
+            .collect();
+        let chain = q.build_desc_chain(&raw).unwrap();
+        let flags: Vec<bool> = chain.clone().map(|d| d.is_write_only()).collect();
+        let status = status_slot(mem, chain.clone().last());
+        let reader = Reader::new(mem, chain.clone());
+        let writer = Writer::new(mem, chain);
+        let alloc = |n: usize| IoBuf::new_zeroed(n);
+        let (p, reqs) = parse(0, status, flags.into_iter(), reader, writer, limits, &alloc);
+        assert_eq!(p.outstanding, reqs.len());
+        let used = p.finish();
+        let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+        (reqs, used, status)
+    }
+
+    /// A descriptor: guest address, length, device-writable.
+    type Desc = (u64, u32, bool);
+
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+    #[test]
+    fn get_id_writes_the_serial_nul_padded() {
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
+        let (reqs, used, status) = run(
+            &mem,
+            &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)],
+            &limits(false),
+        );
+        assert!(reqs.is_empty());
+        assert_eq!((used, status), (21, OK));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..14], b"vm-disk-serial");
+        assert_eq!(&id[14..], &[0u8; 6]);
+    }
+
+    #[test]
+    fn read_and_write_become_engine_requests() {
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 3);
+        let (reqs, _, _) = run(
+            &mem,
+            &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+            &limits(false),
+        );
+        assert!(matches!(
+            reqs[..],
+            [Request::Read {
+                offset: 1536,
+                len: 1024
+            }]
+        ));
+        header(&mem, VIRTIO_BLK_T_OUT, 2);
+        mem.write_slice(&[7u8; 512], GuestAddress(DATA)).unwrap();
+        let (reqs, used, status) = run(
+            &mem,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+            &limits(false),
+        );
+        match &reqs[..] {
+            [Request::Write { offset, data, fua }] => {
+                assert_eq!((*offset, data.len(), *fua), (1024, 512, false));
+                assert!(data.iter().all(|&b| b == 7));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((used, status), (1, OK));
+    }
+
+    #[test]
+    fn malformed_chains_fail_with_ioerr_and_submit_nothing() {
+        let mem = memory();
+        let l = limits(false);
+        let cases: Vec<(&str, u32, u64, Vec<Desc>)> = vec![
+            (
+                "data outside guest memory",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(HDR, 16, false), (MEM - 256, 512, true), (STATUS, 1, true)],
+            ),
+            (
+                "write payload outside guest memory",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![
+                    (HDR, 16, false),
+                    (MEM + 4096, 512, false),
+                    (STATUS, 1, true),
+                ],
+            ),
+            (
+                "readable after writable",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![
+                    (HDR, 16, false),
+                    (DATA, 512, true),
+                    (DATA, 512, false),
+                    (STATUS, 1, true),
+                ],
+            ),
+            (
+                "short header",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(HDR, 8, false), (DATA, 512, true), (STATUS, 1, true)],
+            ),
+            (
+                "length not whole sectors",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(HDR, 16, false), (DATA, 500, true), (STATUS, 1, true)],
+            ),
+            (
+                "past the end",
+                VIRTIO_BLK_T_IN,
+                2047,
+                vec![(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+            ),
+            (
+                "sector overflows",
+                VIRTIO_BLK_T_OUT,
+                u64::MAX / 256,
+                vec![(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+            ),
+            (
+                "discard segment cut short",
+                VIRTIO_BLK_T_DISCARD,
+                0,
+                vec![(HDR, 16, false), (DATA, 12, false), (STATUS, 1, true)],
+            ),
+        ];
+        for (what, kind, sector, descs) in cases {
+            header(&mem, kind, sector);
+            let (reqs, used, status) = run(&mem, &descs, &l);
+            assert!(reqs.is_empty(), "{what}: submitted {reqs:?}");
+            assert_eq!(status, IOERR, "{what}: status");
+            assert_eq!(used, 1, "{what}: used length");
+        }
+        // No writable byte at all: nothing is written anywhere, used length 0.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let (reqs, used, status) = run(&mem, &[(HDR, 16, false)], &l);
+        assert!(reqs.is_empty());
+        assert_eq!((used, status), (0, 0xee));
+    }
+
+    #[test]
+    fn read_only_refuses_writes_and_unknown_types_are_unsupported() {
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let (reqs, _, status) = run(
+            &mem,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+            &limits(true),
+        );
+        assert!(reqs.is_empty());
+        assert_eq!(status, IOERR);
+        header(&mem, 0x7777, 0);
+        let (reqs, _, status) = run(&mem, &[(HDR, 16, false), (STATUS, 1, true)], &limits(false));
+        assert!(reqs.is_empty());
+        assert_eq!(status, VIRTIO_BLK_S_UNSUPP as u8);
+    }
 
     #[test]
     fn direction_order() {
