@@ -70,6 +70,18 @@ impl Frontend {
         c.ret
     }
 
+    /// Like [`Frontend::complete`], but `None` when nothing completes within `secs` (or the
+    /// connection is gone).
+    fn try_complete(&mut self, q: usize, secs: u64) -> Option<i32> {
+        let mut done = [MaybeUninit::uninit()];
+        let mut timeout = Duration::from_secs(secs);
+        match self.queues[q].do_io(&mut done, 1, Some(&mut timeout), None) {
+            // SAFETY: do_io initialised the first completion.
+            Ok(1) => Some(unsafe { done[0].assume_init_read() }.ret),
+            _ => None,
+        }
+    }
+
     fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
         self.buf()[..data.len()].copy_from_slice(data);
         let addr = self.region.addr as *const u8;
@@ -269,6 +281,57 @@ fn flushed_writes_survive_sigkill_and_restart() {
             s == &unflushed[i * 512..(i + 1) * 512] || s.iter().all(|&b| b == 0),
             "unflushed sector {i} holds bytes never written"
         );
+    }
+    drop(f);
+    d.stop();
+}
+
+#[test]
+fn sigterm_answers_requests_in_flight_and_fails_none() {
+    let fx = Fixture::new(64 * MIB);
+    let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
+    let ov = fx.overlay();
+    let mut d = start(&nbd, &vsock, &ov, "1");
+    let writer = {
+        let vsock = vsock.clone();
+        std::thread::spawn(move || {
+            let mut f = Frontend::connect(&vsock, 1).expect("connect");
+            let data = pattern(5, 64 << 10);
+            f.buf()[..data.len()].copy_from_slice(&data);
+            let addr = f.region.addr as *const u8;
+            // Writes back to back until the daemon stops answering; every answer must be OK.
+            let mut answers = Vec::new();
+            for i in 0u64.. {
+                let off = (i * (64 << 10)) % (64 * MIB);
+                f.queues[0].write(off, addr, data.len(), 0, ReqFlags::empty());
+                match f.try_complete(0, 3) {
+                    Some(ret) => answers.push((off, ret)),
+                    None => break,
+                }
+            }
+            answers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = d.wait_exit();
+    assert!(st.success(), "exit {st}:\n{}", d.log());
+    let answers = writer.join().expect("writer thread");
+    assert!(answers.len() > 10, "only {} writes answered", answers.len());
+    let failed: Vec<_> = answers.iter().filter(|a| a.1 != 0).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} writes failed during shutdown, e.g. {:?}",
+        failed.len(),
+        answers.len(),
+        failed.first()
+    );
+    // And they are all there.
+    let d = start(&nbd, &vsock, &ov, "1");
+    let mut f = Frontend::connect(&vsock, 1).expect("connect after restart");
+    let want = pattern(5, 64 << 10);
+    for &(off, _) in answers.iter().rev().take(16) {
+        assert_same("answered write", &f.read(0, off, want.len()), &want);
     }
     drop(f);
     d.stop();

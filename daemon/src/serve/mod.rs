@@ -470,9 +470,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     );
     created.remove_sockets();
     if let Some(v) = &vhost_server {
-        // Not drained yet: a vhost-user-blk request in flight when the engine stops is answered
-        // with an error (the next step stops its queues first).
-        tracing::info!(socket = %v.socket().display(), "vhost-user-blk socket removed");
+        // Like NBD: no new request is taken from the rings, the ones in flight are answered
+        // before the engine stops (a frontend that reconnects finds the rest still queued).
+        let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
+        if v.quiesce(grace) {
+            tracing::info!(socket = %v.socket().display(), "vhost-user-blk queues stopped");
+        } else {
+            tracing::warn!(socket = %v.socket().display(), "vhost-user-blk requests still in flight after the grace period");
+        }
     }
     let n = live.count();
     tracing::info!(

@@ -10,21 +10,26 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use addcow_engine::{Done, RequestError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::activity::Activity;
 use super::config::DeviceConfig;
 use super::request::{parse, status_slot, Limits, Pending};
 use crate::serve::export::Backend;
+
+/// How long a frontend's GET_VRING_BASE waits for the queue's batch in flight.
+const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
 
 /// Guest memory as the frontend mapped it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -37,6 +42,7 @@ pub struct BlkDevice {
 
 struct Inner {
     disk: Arc<dyn Backend>,
+    activity: Arc<Activity>,
     config: DeviceConfig,
     mem: RwLock<Option<GuestMem>>,
     event_idx: AtomicBool,
@@ -44,11 +50,13 @@ struct Inner {
 }
 
 impl BlkDevice {
-    /// A device serving `disk` as described by `config`.
-    pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig) -> BlkDevice {
+    /// A device serving `disk` as described by `config`; its queue batches are tracked in
+    /// `activity`.
+    pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig, activity: Arc<Activity>) -> BlkDevice {
         BlkDevice {
             inner: Arc::new(Inner {
                 disk,
+                activity,
                 config,
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
@@ -57,9 +65,17 @@ impl BlkDevice {
         }
     }
 
-    /// Pops every available chain of `vring`, serves them on core `core`, and publishes their
-    /// used entries. Returns whether any chain was served.
-    fn serve_available(&self, vring: &VringRwLock, core: usize) -> io::Result<bool> {
+    /// Pops every available chain of `vring` (queue `queue`), serves them on core `queue`
+    /// (modulo the core count), and publishes their used entries. Returns whether any chain was
+    /// served. Pops nothing once the daemon is stopping or the frontend stopped the queue.
+    fn serve_available(&self, vring: &VringRwLock, queue: usize) -> io::Result<bool> {
+        let Some(_batch) = self.inner.activity.begin(queue) else {
+            return Ok(false);
+        };
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(false);
+        }
+        let core = queue;
         let Some(atomic) = self
             .inner
             .mem
@@ -222,6 +238,25 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the library marked the queue not ready (no new batch pops from it);
+        // the batch in flight finishes, so its used entries land before the frontend reads
+        // where the ring stands.
+        let deadline = Instant::now() + STOP_VRING_WAIT;
+        if self
+            .inner
+            .activity
+            .wait_queue_idle(queue_index as usize, deadline)
+        {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("queue {queue_index}: requests still in flight after {STOP_VRING_WAIT:?}"),
+            ))
+        }
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues()).map(|q| 1u64 << q).collect()
     }
@@ -243,18 +278,19 @@ impl VhostUserBackend for BlkDevice {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
-        // One queue per worker thread: the thread index is the queue index, and queue q is
-        // served by engine core q (modulo the core count).
-        let core = thread_id;
+        // One queue per worker thread: the thread index is the queue index.
+        let queue = thread_id;
         if !self.inner.event_idx.load(Ordering::Relaxed) {
-            self.serve_available(vring, core)?;
+            self.serve_available(vring, queue)?;
             return Ok(());
         }
         loop {
             vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            self.serve_available(vring, core)?;
+            if !self.serve_available(vring, queue)? && self.inner.activity.stopping() {
+                return Ok(());
+            }
             let more = vring
                 .enable_notification()
                 .map_err(|e| io::Error::other(format!("event index: {e}")))?;

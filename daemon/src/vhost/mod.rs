@@ -8,10 +8,12 @@
 //! engine requests on the disk behind an export. See `docs/VHOST_USER_BLK.md` for the design and
 //! what is still to come (core-ring polling of the kick eventfd, zero-copy).
 //!
-//! Modules: [`config`] (features and config space), [`request`] (one chain), [`backend`] (the
+//! Modules: [`activity`] (which queues are mid-batch; stopping them), [`config`] (features
+//! and config space), [`request`] (one chain), [`backend`] (the
 //! device and its queue loop), and here the listener that serves one frontend at a time and
 //! waits for the next when it goes (reconnect).
 
+pub mod activity;
 pub mod backend;
 pub mod config;
 pub mod request;
@@ -21,12 +23,14 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::serve::export::Backend;
+use activity::Activity;
 use backend::BlkDevice;
 use config::DeviceConfig;
 
@@ -37,6 +41,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// and the next one is accepted on the same socket.
 pub struct VhostServer {
     socket: PathBuf,
+    activity: Arc<Activity>,
     _thread: JoinHandle<()>,
 }
 
@@ -63,10 +68,12 @@ impl VhostServer {
             serial,
         };
         let path = socket.to_path_buf();
+        let activity = Arc::new(Activity::new(usize::from(config.num_queues)));
+        let acts = Arc::clone(&activity);
         let thread = std::thread::Builder::new()
             .name("addcow-vhost".into())
             .spawn(move || loop {
-                if let Err(e) = serve_one(&mut listener, &disk, &config) {
+                if let Err(e) = serve_one(&mut listener, &disk, &config, &acts) {
                     tracing::warn!(socket = %path.display(), error = %e, "vhost-user-blk connection ended");
                     // A listener that fails to accept would spin: slow down.
                     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -76,8 +83,16 @@ impl VhostServer {
             })?;
         Ok(VhostServer {
             socket: socket.to_path_buf(),
+            activity,
             _thread: thread,
         })
+    }
+
+    /// Stops taking requests from the rings (what is not popped yet stays there, unanswered)
+    /// and waits until every batch in flight was answered, or `deadline`; false on timeout.
+    /// Called before the engine stops, so no request in flight is failed by a shutdown.
+    pub fn quiesce(&self, deadline: Instant) -> bool {
+        self.activity.stop(deadline)
     }
 
     /// The socket path.
@@ -91,8 +106,9 @@ fn serve_one(
     listener: &mut Listener,
     disk: &Arc<dyn Backend>,
     config: &DeviceConfig,
+    activity: &Arc<Activity>,
 ) -> Result<(), String> {
-    let device = BlkDevice::new(Arc::clone(disk), config.clone());
+    let device = BlkDevice::new(Arc::clone(disk), config.clone(), Arc::clone(activity));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("addcow-vhost-conn".into(), device, mem)
         .map_err(|e| format!("vhost-user device: {e}"))?;
