@@ -336,3 +336,104 @@ fn sigterm_answers_requests_in_flight_and_fails_none() {
     drop(f);
     d.stop();
 }
+
+/// `qemu-storage-daemon` exporting `image` (qcow2) as vhost-user-blk on `sock`; killed on drop.
+struct Qsd(std::process::Child);
+
+impl Qsd {
+    fn start(image: &Path, sock: &Path) -> Qsd {
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                sock.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (Debian qemu-utils; scripts/test.sh installs it)");
+        nbd_support::wait_until("qemu-storage-daemon's socket", || sock.exists());
+        Qsd(child)
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The same writes and write-zeroes on two queues, then the whole disk read back.
+fn exercise(f: &mut Frontend, size: u64) -> Vec<u8> {
+    for (i, &(q, off, len)) in [
+        (0usize, 512u64, 512usize),
+        (1, 8 * MIB - 4096, 12288),
+        (0, MIB + 1536, 700 << 10),
+        (1, 15 * MIB, MIB as usize),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            f.write(q, off, &pattern(i as u64 + 11, len)),
+            0,
+            "write at {off}"
+        );
+    }
+    assert_eq!(f.write_zeroes(0, 2 * MIB, MIB), 0, "write-zeroes");
+    assert_eq!(f.write_zeroes(1, 6 * MIB, 4096), 0, "write-zeroes");
+    assert_eq!(f.flush(1), 0, "flush");
+    (0..size / MIB)
+        .flat_map(|i| f.read((i % 2) as usize, i * MIB, MIB as usize))
+        .collect()
+}
+
+#[test]
+fn the_harness_sees_the_same_disk_through_qemu_storage_daemon() {
+    let fx = Fixture::new(16 * MIB);
+    let qcow = fx.path("disk.qcow2");
+    nbd_support::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            fx.path("base.raw").to_str().unwrap(),
+            qcow.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let qsock = fx.path("qsd.sock");
+    let qsd = Qsd::start(&qcow, &qsock);
+    let theirs = {
+        let mut f = Frontend::connect(&qsock, 2).expect("blkio to qemu-storage-daemon");
+        assert_eq!(f.capacity(), 16 * MIB);
+        exercise(&mut f, 16 * MIB)
+    };
+    drop(qsd);
+    let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
+    let d = start(&nbd, &vsock, &fx.overlay(), "2");
+    let ours = {
+        let mut f = Frontend::connect(&vsock, 2).expect("blkio to addcow");
+        exercise(&mut f, 16 * MIB)
+    };
+    d.stop();
+    assert_same("addcow vs qemu-storage-daemon", &ours, &theirs);
+    // Both differ from the fresh disk where written, and match it elsewhere.
+    let fresh = fx.reference();
+    assert_ne!(ours, fresh);
+    assert_same(
+        "untouched tail",
+        &ours[(12 << 20)..(15 << 20)],
+        &fresh[(12 << 20)..(15 << 20)],
+    );
+}
