@@ -47,6 +47,8 @@ struct Inner {
     mem: RwLock<Option<GuestMem>>,
     event_idx: AtomicBool,
     writeback: AtomicBool,
+    /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
+    ring_error_logged: AtomicBool,
 }
 
 impl BlkDevice {
@@ -61,7 +63,31 @@ impl BlkDevice {
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
+                ring_error_logged: AtomicBool::new(false),
             }),
+        }
+    }
+
+    /// Serves `vring` (queue `queue`) after a kick: with `EVENT_IDX`, notifications stay off
+    /// while chains are served and the ring is checked again after turning them back on.
+    fn serve_queue(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
+        if !self.inner.event_idx.load(Ordering::Relaxed) {
+            self.serve_available(vring, queue)?;
+            return Ok(());
+        }
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
+            if !self.serve_available(vring, queue)? && self.inner.activity.stopping() {
+                return Ok(());
+            }
+            let more = vring
+                .enable_notification()
+                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
+            if !more {
+                return Ok(());
+            }
         }
     }
 
@@ -273,30 +299,70 @@ impl VhostUserBackend for BlkDevice {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
-        // One queue per worker thread: the thread index is the queue index.
-        let queue = thread_id;
-        if !self.inner.event_idx.load(Ordering::Relaxed) {
-            self.serve_available(vring, queue)?;
+            tracing::debug!(?evset, "vhost-user-blk: unexpected event set ignored");
             return Ok(());
         }
-        loop {
-            vring
-                .disable_notification()
-                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            if !self.serve_available(vring, queue)? && self.inner.activity.stopping() {
-                return Ok(());
-            }
-            let more = vring
-                .enable_notification()
-                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            if !more {
-                return Ok(());
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        // One queue per worker thread: the thread index is the queue index. An error here is
+        // the frontend's (a ring outside its memory): reported, and the worker stays (returning
+        // it would end the worker thread silently and the queue with it).
+        if let Err(e) = self.serve_queue(vring, thread_id) {
+            if !self.inner.ring_error_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(queue = thread_id, error = %e, "vhost-user-blk: bad virtqueue; requests on it are not served");
+            } else {
+                tracing::debug!(queue = thread_id, error = %e, "vhost-user-blk: bad virtqueue");
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::export::memory::MemDisk;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_ring_outside_guest_memory_is_reported_not_fatal() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let config = DeviceConfig {
+            size: 1 << 20,
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+            serial: String::new(),
+        };
+        let dev = BlkDevice::new(
+            MemDisk::new(1 << 20, false),
+            config,
+            Arc::new(Activity::new(1)),
+        );
+        dev.update_memory(mem.clone()).unwrap();
+        let vring = VringRwLock::new(mem, 16).unwrap();
+        vring.set_queue_size(16);
+        // The available ring's index is inside memory (and says 5 chains wait); its entries and
+        // the descriptor table are not.
+        vring.set_queue_info(0x20000, 0xfffc, 0x30000).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        for event_idx in [false, true] {
+            dev.set_event_idx(event_idx);
+            assert!(dev
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                .is_ok());
+        }
+        assert!(
+            dev.inner.ring_error_logged.load(Ordering::Relaxed),
+            "reported"
+        );
+        // A wrong event set is ignored too.
+        assert!(dev
+            .handle_event(0, EventSet::OUT, std::slice::from_ref(&vring), 0)
+            .is_ok());
     }
 }
