@@ -29,8 +29,14 @@ struct Frontend {
 impl Frontend {
     /// Connects to `sock` and starts `queues` request queues.
     fn connect(sock: &Path, queues: i32) -> Result<Frontend, blkio::Error> {
+        Self::connect_with(sock, queues, false)
+    }
+
+    /// Like [`Frontend::connect`]; `read_only`: ask for a read-only device.
+    fn connect_with(sock: &Path, queues: i32, read_only: bool) -> Result<Frontend, blkio::Error> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
         blkio.set_str("path", sock.to_str().expect("utf-8 path"))?;
+        blkio.set_bool("read-only", read_only)?;
         blkio.connect()?;
         blkio.set_i32("num-queues", queues)?;
         let started = blkio.start()?;
@@ -436,4 +442,28 @@ fn the_harness_sees_the_same_disk_through_qemu_storage_daemon() {
         &ours[(12 << 20)..(15 << 20)],
         &fresh[(12 << 20)..(15 << 20)],
     );
+}
+
+#[test]
+fn a_read_only_export_is_offered_read_only() {
+    let fx = Fixture::new(8 * MIB);
+    let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
+    let d = Daemon::start(
+        &nbd,
+        &[
+            "--read-only",
+            "--vhost-user-blk",
+            vsock.to_str().unwrap(),
+            fx.overlay().to_str().unwrap(),
+        ],
+    );
+    // VIRTIO_BLK_F_RO is offered: libblkio refuses to start it writable.
+    let e = Frontend::connect_with(&vsock, 1, false)
+        .err()
+        .expect("a writable start of a read-only device must fail");
+    assert!(e.message().contains("read-only"), "{}", e.message());
+    let mut f = Frontend::connect_with(&vsock, 1, true).expect("read-only connect");
+    assert_same("read", &f.read(0, 0, 4096), &fx.reference()[..4096]);
+    drop(f);
+    d.stop();
 }
