@@ -31,6 +31,9 @@ use crate::serve::export::Backend;
 /// How long a frontend's GET_VRING_BASE waits for the queue's batch in flight.
 const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
 
+/// Data bytes of the chains one batch pops (the rest wait for the next batch).
+const BATCH_BYTES: u64 = 32 << 20;
+
 /// Guest memory as the frontend mapped it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -47,6 +50,8 @@ struct Inner {
     mem: RwLock<Option<GuestMem>>,
     event_idx: AtomicBool,
     writeback: AtomicBool,
+    /// Data bytes popped into one batch before it is served (at least one chain per batch).
+    batch_bytes: u64,
     /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
     ring_error_logged: AtomicBool,
 }
@@ -55,6 +60,15 @@ impl BlkDevice {
     /// A device serving `disk` as described by `config`; its queue batches are tracked in
     /// `activity`.
     pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig, activity: Arc<Activity>) -> BlkDevice {
+        Self::with_batch_bytes(disk, config, activity, BATCH_BYTES)
+    }
+
+    fn with_batch_bytes(
+        disk: Arc<dyn Backend>,
+        config: DeviceConfig,
+        activity: Arc<Activity>,
+        batch_bytes: u64,
+    ) -> BlkDevice {
         BlkDevice {
             inner: Arc::new(Inner {
                 disk,
@@ -64,6 +78,7 @@ impl BlkDevice {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 ring_error_logged: AtomicBool::new(false),
+                batch_bytes,
             }),
         }
     }
@@ -72,14 +87,25 @@ impl BlkDevice {
     /// while chains are served and the ring is checked again after turning them back on.
     fn serve_queue(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
         if !self.inner.event_idx.load(Ordering::Relaxed) {
-            self.serve_available(vring, queue)?;
+            while self.serve_available(vring, queue)? {}
             return Ok(());
         }
         loop {
             vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            if !self.serve_available(vring, queue)? && self.inner.activity.stopping() {
+            while self.serve_available(vring, queue)? {}
+            // Chains that cannot be served now (stopping, queue stopped, no memory table) stay
+            // in the ring; looping on them would spin.
+            let stuck = self.inner.activity.stopping()
+                || !vring.get_ref().get_queue().ready()
+                || self
+                    .inner
+                    .mem
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_none();
+            if stuck {
                 return Ok(());
             }
             let more = vring
@@ -112,13 +138,23 @@ impl BlkDevice {
             return Ok(false);
         };
         let mem = atomic.memory();
+        // Pop chains until their data adds up to the batch cap: every byte of a batch is
+        // bounced through engine buffers at once, so a guest cannot make the daemon allocate a
+        // whole ring of 256 MiB requests. The rest stay in the ring for the next batch.
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
-            let iter = state
+            let mut iter = state
                 .get_queue_mut()
                 .iter(mem.clone())
                 .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?;
-            iter.collect()
+            let mut chains = Vec::new();
+            let mut bytes = 0u64;
+            while bytes < self.inner.batch_bytes {
+                let Some(chain) = iter.next() else { break };
+                bytes += chain.clone().map(|d| u64::from(d.len())).sum::<u64>();
+                chains.push(chain);
+            }
+            chains
         };
         if chains.is_empty() {
             return Ok(false);
@@ -323,7 +359,92 @@ impl VhostUserBackend for BlkDevice {
 mod tests {
     use super::*;
     use crate::serve::export::memory::MemDisk;
-    use vm_memory::GuestAddress;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    fn config(size: u64) -> DeviceConfig {
+        DeviceConfig {
+            size,
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+            serial: String::new(),
+        }
+    }
+
+    #[test]
+    fn chains_past_the_batch_cap_are_served_by_the_next_batch() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+        // Three WRITE chains of one sector each: header, data, status.
+        let mut descs = Vec::new();
+        for k in 0..3u64 {
+            let (hdr, data, status) = (0x10000 + k * 0x100, 0x20000 + k * 0x1000, 0x30000 + k);
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+            h[8..16].copy_from_slice(&k.to_le_bytes());
+            guard.write_slice(&h, GuestAddress(hdr)).unwrap();
+            guard
+                .write_slice(&[k as u8 + 1; 512], GuestAddress(data))
+                .unwrap();
+            let i = 3 * k as u16;
+            let next = VRING_DESC_F_NEXT as u16;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr,
+                16,
+                next,
+                i + 1,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                data,
+                512,
+                next,
+                i + 2,
+            )));
+            let w = VRING_DESC_F_WRITE as u16;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(status, 1, w, 0)));
+        }
+        ring.add_desc_chains(&descs, 0).unwrap();
+        let disk = MemDisk::new(1 << 20, false);
+        // A cap one chain's data exceeds half of: batches of two chains, then one.
+        let dev = BlkDevice::with_batch_bytes(
+            disk.clone(),
+            config(1 << 20),
+            Arc::new(Activity::new(1)),
+            600,
+        );
+        dev.update_memory(mem.clone()).unwrap();
+        let vring = VringRwLock::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(
+                ring.desc_table_addr().0,
+                ring.avail_addr().0,
+                ring.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        dev.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        let used_idx: u16 = guard.read_obj(ring.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 3, "every chain answered after one kick");
+        let data = disk.data.lock().unwrap();
+        for k in 0..3usize {
+            assert!(data[k * 512..(k + 1) * 512]
+                .iter()
+                .all(|&b| b == k as u8 + 1));
+            let status: u8 = guard.read_obj(GuestAddress(0x30000 + k as u64)).unwrap();
+            assert_eq!(status, 0, "chain {k} status");
+        }
+    }
 
     #[test]
     fn a_ring_outside_guest_memory_is_reported_not_fatal() {
