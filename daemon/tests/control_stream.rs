@@ -59,18 +59,7 @@ fn snapshot(uri: &str, out: &Path) {
 }
 
 fn assert_same(a: &Path, b: &Path) {
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ],
-    );
+    assert_identical(a.to_str().unwrap(), b.to_str().unwrap());
 }
 
 fn job(c: &mut Control, id: &str) -> Value {

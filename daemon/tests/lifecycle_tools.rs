@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use addcow_engine::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET};
-use nbd_support::{addcow_bin, qemu_io, run, Daemon, Fixture};
+use nbd_support::{addcow_bin, assert_identical, qemu_io, run, Daemon, Fixture};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -67,19 +67,7 @@ fn compare_served(fx: &Fixture, overlay: &Path, file: &Path) {
     served(fx, overlay, |uri| {
         let len = std::fs::metadata(file).unwrap().len();
         assert_eq!(run("nbdinfo", &["--size", uri]).trim(), len.to_string());
-        let out = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                file.to_str().unwrap(),
-                uri,
-            ],
-        );
-        assert!(out.contains("Images are identical"), "{out}");
+        assert_identical(file.to_str().unwrap(), uri);
     });
 }
 

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{DiskOptions, Engine, EngineConfig};
-use nbd_support::{run, Daemon};
+use nbd_support::{assert_identical, run, Daemon};
 
 const K: u64 = 1024;
 
@@ -179,19 +179,7 @@ fn a_depth_three_chain_is_served_byte_for_byte_with_its_depths() {
         &[b.paths[0].to_str().unwrap()],
     );
     let uri = d.uri();
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            refp.to_str().unwrap(),
-            &uri,
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(refp.to_str().unwrap(), &uri);
     // The same by nbdcopy, whole, as a second client.
     let copy = b.dir.path().join("copy.raw");
     run("nbdcopy", &[&uri, copy.to_str().unwrap()]);

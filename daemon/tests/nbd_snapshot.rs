@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use nbd_support::{run, Control, Daemon};
+use nbd_support::{assert_identical, run, Control, Daemon};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
@@ -160,19 +160,7 @@ fn write(c: &mut Client, model: &mut [u8], off: u64, len: u64, byte: u8) {
 
 /// qemu-img compare of a raw file with an export; panics unless identical.
 fn same(raw: &Path, uri: &str) {
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            raw.to_str().unwrap(),
-            uri,
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(raw.to_str().unwrap(), uri);
 }
 
 #[test]

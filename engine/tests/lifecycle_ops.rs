@@ -259,3 +259,118 @@ fn rebase_refuses_a_symlinked_overlay() {
         .is_symlink());
     assert!(!d.join(".link.add-cow.rebase-tmp").exists());
 }
+
+#[test]
+fn rebase_unsafe_repairs_an_overlay_whose_base_vanished() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    // The base moved: the overlay no longer opens, and -u is how to point it at the new place.
+    std::fs::rename(d.join("base.img"), d.join("moved.img")).unwrap();
+    assert!(Overlay::open(&meta, &OpenOptions::default()).is_err());
+    rebase(
+        &RebaseOptions {
+            overlay: meta.clone(),
+            new_base: Some(d.join("moved.img")),
+            unsafe_: true,
+        },
+        &Ops::new(),
+    )
+    .expect("rebase -u needs no old base");
+    let o = open_ro(&meta);
+    assert_eq!(o.base_path.as_deref(), Some(d.join("moved.img").as_path()));
+}
+
+#[test]
+fn a_rebase_that_would_make_a_loop_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    // top over mid over base.img; rebasing mid onto top would loop.
+    let mid = mid_overlay(d, 150);
+    let top = overlay(d, Some("mid.add-cow"), 150, set);
+    let mid_before = std::fs::read(&mid).unwrap();
+    for unsafe_ in [true, false] {
+        let e = rebase(
+            &RebaseOptions {
+                overlay: mid.clone(),
+                new_base: Some(top.clone()),
+                unsafe_,
+            },
+            &Ops::new(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::BackingLoop(_)),
+            "-u {unsafe_}: {e}"
+        );
+        assert_eq!(std::fs::read(&mid).unwrap(), mid_before, "-u {unsafe_}");
+    }
+    // Still opens and reads.
+    let _ = guest(&top);
+}
+
+#[test]
+fn commit_into_a_smaller_add_cow_base_over_a_larger_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // base.img (300 sectors) under mid (150 sectors) under top (200 sectors): top's sectors
+    // 150..200 read zeros today; growing mid would show base.img's bytes there.
+    raw_base(d, "base.img", 300 * 512, 0);
+    let mid = mid_overlay(d, 150);
+    let meta = overlay(d, Some("mid.add-cow"), 200, set);
+    let before = guest(&meta);
+    let mid_before = std::fs::read(&mid).unwrap();
+    let e = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("commit refused"), "{e}");
+    assert_eq!(std::fs::read(&mid).unwrap(), mid_before);
+    assert_eq!(guest(&meta), before);
+}
+
+#[test]
+fn rebase_keeps_the_overlay_files_owner_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 60_000, 0);
+    raw_base(d, "other.img", 60_000, 7);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    // As root (CI), the overlay belongs to another user first: the rebased file must too.
+    let (uid, gid) = if nix_is_root() { (65534, 65534) } else { own() };
+    std::os::unix::fs::chown(&meta, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&meta, std::fs::Permissions::from_mode(0o640)).unwrap();
+    for unsafe_ in [false, true] {
+        rebase(
+            &RebaseOptions {
+                overlay: meta.clone(),
+                new_base: Some(d.join(if unsafe_ { "base.img" } else { "other.img" })),
+                unsafe_,
+            },
+            &Ops::new(),
+        )
+        .unwrap();
+        let m = std::fs::metadata(&meta).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "-u {unsafe_}");
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640, "-u {unsafe_}");
+    }
+}
+
+/// Whether the tests run as root.
+fn nix_is_root() -> bool {
+    own().0 == 0
+}
+
+/// The uid and gid this process creates files with.
+fn own() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    let md = probe.as_file().metadata().unwrap();
+    (md.uid(), md.gid())
+}

@@ -328,10 +328,22 @@ impl Host {
             export.close_clients();
             export.wait_clients_gone(None);
         }
-        let disk = export.backend.disk();
-        let disk = disk.as_ref();
-        let overlay = disk.map(|d| d.path().to_path_buf());
-        let closed = disk.map(|d| d.close()).unwrap_or(Ok(()));
+        // Through the switch when there is one: a snapshot or resize in progress finishes first
+        // and the disk it installed is the one closed.
+        let (overlay, closed) = match export.backend.engine_disk() {
+            Some(ed) => ed.switch(|cur| {
+                let d = &cur.disk;
+                (None, (Some(d.path().to_path_buf()), d.close()))
+            }),
+            None => {
+                let disk = export.backend.disk();
+                let disk = disk.as_ref();
+                (
+                    disk.map(|d| d.path().to_path_buf()),
+                    disk.map(|d| d.close()).unwrap_or(Ok(())),
+                )
+            }
+        };
         self.exports.remove(&export);
         let deleted = Deleted {
             name: name.to_string(),

@@ -3,8 +3,8 @@
 //! The engine fixes a disk's size, bitmap and dirty marks for as long as it is open, so a served
 //! overlay is grown under [`EngineDisk::switch`], the same hold-and-swap a live snapshot uses:
 //! new requests are held back (their connections wait, nobody is disconnected or answered with
-//! an error), every submitted request is answered, the overlay is closed (a final commit: every
-//! answered write is durable), grown with the offline `resize` (the crash-safe order of
+//! an error), every submitted request is answered, the overlay is flushed (every answered write
+//! durable; if that fails, nothing changes and the disk keeps serving) and closed, grown with the offline `resize` (the crash-safe order of
 //! `docs/LIFECYCLE.md`), opened again, and the export switches to the reopened disk before the
 //! held requests flow. If the grow fails, the overlay (still at its old size: the order is
 //! crash-safe) is opened again and keeps serving.
@@ -75,7 +75,13 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
             ),
         ));
     }
-    let result = ed.switch(|cur| grow(ed, cur, name, size));
+    let result = ed.switch(|cur| {
+        // An export-del that began meanwhile wins: it closes whatever disk is current after us.
+        if export.is_deleting() {
+            return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
+        }
+        grow(ed, cur, name, size)
+    });
     if let Ok(r) = &result {
         if r.new_size != r.old_size {
             tracing::info!(export = %name, old_size = r.old_size, new_size = r.new_size,
@@ -118,6 +124,12 @@ fn grow(
     }
     if size == old_size {
         return (None, Ok(done(size)));
+    }
+    // Every answered write durable first: if this fails, the disk keeps serving with its bits in
+    // memory (closing now would drop the acknowledged writes whose bits did not reach the disk).
+    if let Err(e) = disk.flush() {
+        let e = format!("flushing export {name:?} before the resize failed: {e}; nothing changed");
+        return (None, Err(refused("resize-failed", e)));
     }
     if let Err(e) = disk.close() {
         // The disk refuses requests now; serve the overlay again as it is on disk.

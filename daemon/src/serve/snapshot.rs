@@ -15,9 +15,10 @@
 //!    and `export-snapshot` emitted.
 //!
 //! A crash before 2 completes leaves the old overlay in use and possibly a partial new file
-//! (never referenced); a crash after the reply finds the new overlay complete on disk, its base
-//! holding every write answered before the snapshot. If 3-4 fail, the old overlay is reopened
-//! and keeps serving, and the new files are removed.
+//! (never referenced). Held requests reach the new overlay at 5, a moment before the reply, so
+//! after a crash the rule is: if the new overlay exists and opens, serve it (it was durable
+//! before any request reached it, and may hold answered writes); otherwise serve the old one.
+//! If 3-4 fail, the old overlay is reopened and keeps serving, and the new files are removed.
 
 use std::path::{Path, PathBuf};
 
@@ -166,7 +167,13 @@ pub fn snapshot_export(
         });
     }
     let image = check_target(host, overlay)?;
-    let result = ed.switch(|cur| take(ed, cur, name, overlay, &image));
+    let result = ed.switch(|cur| {
+        // An export-del that began meanwhile wins: it closes whatever disk is current after us.
+        if export.is_deleting() {
+            return (None, Err(SnapshotError::NoSuchExport(name.to_string())));
+        }
+        take(ed, cur, name, overlay, &image)
+    });
     if let Ok(s) = &result {
         tracing::info!(export = %name, overlay = %s.overlay.display(), base = %s.base.display(), "live snapshot");
         host.events.emit(
@@ -205,7 +212,8 @@ fn take(
         overlay: overlay.to_path_buf(),
         base: Some(old.clone()),
         image: None,
-        size: None,
+        // The export's size, whatever file may have appeared at the raw image's path.
+        size: Some(cur.disk.size()),
         force: false,
     };
     if let Err(e) = create(&opts) {

@@ -242,6 +242,13 @@ pub fn run_raw(prog: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {prog} (scripts/test.sh installs it): {e}"))
 }
 
+/// `qemu-img compare` of two raw images (files or NBD URIs): fails the test unless they are
+/// identical byte for byte.
+pub fn assert_identical(a: &str, b: &str) {
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]);
+    assert!(out.contains("Images are identical"), "{a} vs {b}: {out}");
+}
+
 /// Runs a client and asserts exit 0; returns stdout + stderr. A missing tool fails loudly.
 pub fn run(prog: &str, args: &[&str]) -> String {
     let out = run_raw(prog, args);

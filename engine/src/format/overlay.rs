@@ -31,6 +31,9 @@ pub struct OpenOptions {
     /// Take no lock at all (inspection tools, like `qemu-img -U`): the bitmap may be changing
     /// under a serving process. Only sensible together with `read_only`.
     pub no_lock: bool,
+    /// Do not open the base chain at all (`base_path`, `base` and `base_size` are `None`): for
+    /// `rebase -u`, which replaces a base that may have moved or vanished.
+    pub skip_base: bool,
 }
 
 /// An open, validated overlay: its three files, resolved paths, sizes and the loaded bitmap.
@@ -476,7 +479,7 @@ impl Overlay {
             // Two overlays naming one raw image must not both write it.
             ofd_lock(&image, !opts.read_only).map_err(|e| e.with_path(&image_path))?;
         }
-        let base = if header.backing_file.is_empty() {
+        let base = if header.backing_file.is_empty() || opts.skip_base {
             None
         } else {
             let bp = resolve(path, "backing_file", &header.backing_file)

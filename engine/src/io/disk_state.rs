@@ -144,7 +144,7 @@ fn open_overlay(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
                 read_only: opts.read_only,
                 direct_image: false,
                 direct_base: false,
-                no_lock: opts.no_lock,
+                ..opts.clone()
             };
             Overlay::open(path, &buffered)
         }
@@ -190,7 +190,7 @@ impl DiskState {
             read_only: opts.read_only,
             direct_image: config.image_cache == CacheMode::Direct,
             direct_base: config.base_cache == CacheMode::Direct,
-            no_lock: false,
+            ..OpenOptions::default()
         };
         let overlay = open_overlay(path, &open_opts)?;
         let Overlay {

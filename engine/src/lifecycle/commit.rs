@@ -98,6 +98,16 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
             .map_err(|e| base_locked(e, &base_path))?;
         let meta = ops.open(&bo.meta, &bo.meta_path)?;
         let image = ops.open(&bo.image, &bo.image_path)?;
+        if bo.virtual_size < size && bo.base_size.is_some_and(|b| b > bo.virtual_size) {
+            // Grown, the base's new clear sectors would read its own base's bytes where the
+            // overlay reads zeros today (past the base's end): the guest's disk would change.
+            return Err(Error::new(ErrorKind::InvalidArgument(format!(
+                "{} is {} bytes, smaller than the overlay ({size} bytes), and its own base is                  larger ({} bytes): growing it would show that base's bytes where the overlay                  reads zeros; commit refused (rebase the overlay or stream it instead)",
+                base_path.display(),
+                bo.virtual_size,
+                bo.base_size.unwrap_or(0),
+            ))));
+        }
         if bo.virtual_size < size {
             grown_from = Some(bo.virtual_size);
             grow(&meta, &image, bo.virtual_size, size)?;

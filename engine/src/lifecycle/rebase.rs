@@ -14,6 +14,11 @@
 //! rebase.
 //!
 //! Unsafe mode (`-u`): only (2) and (3), with the bitmap unchanged; the guest sees the new base.
+//! The old base is not opened at all, so `-u` repairs an overlay whose base moved or vanished.
+//!
+//! In both modes the new chain is checked before anything is written: a new base whose chain
+//! leads back to this overlay's files (a loop) is refused, so a rebase can never make an overlay
+//! that no longer opens.
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -21,6 +26,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::chain::{BaseChain, ChainOpenOptions};
 use crate::format::overlay::ofd_lock;
 use crate::format::paths::{check_storable, refuse_protocol, storage_path};
 use crate::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
@@ -64,7 +70,13 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Rebases the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
 pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
-    let o = Overlay::open(&opts.overlay, &OpenOptions::default())?;
+    let o = Overlay::open(
+        &opts.overlay,
+        &OpenOptions {
+            skip_base: opts.unsafe_,
+            ..OpenOptions::default()
+        },
+    )?;
     // Renaming over a symbolic link would replace the link, not the overlay it names (and
     // relative paths are resolved from the link's folder): refused.
     if std::fs::symlink_metadata(&o.meta_path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -74,6 +86,7 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
             o.meta_path.display()
         ))));
     }
+    let opts_overlay = opts.overlay.clone();
     let new_base = opts
         .new_base
         .as_deref()
@@ -96,7 +109,18 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
                 })
                 .with_path(b));
             }
-            let s = storage_path(&opts.overlay, b)?;
+            // The new chain must open below this overlay: no loop back to its files, not too
+            // deep. Unlocked: only its shape is checked here.
+            let upper = [
+                (&o.meta, o.meta_path.as_path(), "overlay"),
+                (&o.image, o.image_path.as_path(), "raw image"),
+            ];
+            let opts = ChainOpenOptions {
+                direct: false,
+                no_lock: true,
+            };
+            BaseChain::open(b, &upper, opts).map_err(|e| e.with_op("check the new base chain"))?;
+            let s = storage_path(&opts_overlay, b)?;
             check_storable("backing_file", s.as_os_str().as_bytes())?;
             s.as_os_str().as_bytes().to_vec()
         }
@@ -172,7 +196,12 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     ops.remove_if_present(&tmp)?;
     let new_meta = ops.create(&tmp)?;
     ofd_lock(new_meta.file(), true).map_err(|e| e.with_path(&tmp))?;
+    // The new file takes the old one's owner, group and mode (a daemon running as another user
+    // must still open it after root rebased it). Owner first: a chown clears set-id bits.
     if let Ok(m) = o.meta.metadata() {
+        if let Err(e) = std::os::unix::fs::fchown(new_meta.file(), Some(m.uid()), Some(m.gid())) {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot give the rebased overlay its old owner");
+        }
         let _ = new_meta
             .file()
             .set_permissions(std::fs::Permissions::from_mode(m.permissions().mode()));

@@ -90,8 +90,8 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "export-resize",
         params: &[p("name", Kind::Str, true), p("size", Kind::Str, true)],
-        summary: "grow an export to size (bytes, or with K/M/G/T): its clients are disconnected \
-                  as in a restart and see the new size when they reconnect; shrinking is refused",
+        summary: "grow an export to size (bytes, or with K/M/G/T) without disconnecting its \
+                  clients, who see the new size when they reconnect; shrinking is refused",
         call: export_resize,
     },
     Method {
