@@ -1,23 +1,20 @@
-//! The `vhost-user-backend` device: negotiation answers and the per-queue request loop.
+//! The `vhost-user-backend` device: negotiation answers, and the binding of each queue to the
+//! engine core that serves it.
 //!
-//! First version of the request path: each queue has its own worker thread (the library's epoll
-//! loop), which wakes on the queue's kick eventfd, pops every available chain, submits their
-//! engine requests to the queue's core, **waits** for all of them, then writes data and status
-//! bytes, adds the used entries and signals the call eventfd once for the batch (as `EVENT_IDX`
-//! allows). The next step moves the kick eventfd into the core's io_uring so the core pops and
-//! completes chains itself (see `docs/VHOST_USER_BLK.md`).
+//! No library worker thread serves a queue: [`BlkDevice::queues_per_thread`] names no queue, so
+//! the library never registers a kick eventfd in its epoll; each queue's vring is a
+//! [`CoreVring`] whose kick is polled by the queue's engine core, where [`Queue`] pops, submits
+//! and answers chains (see `queue.rs` and `docs/VHOST_USER_BLK.md`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Done, RequestError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -25,49 +22,59 @@ use vmm_sys_util::event::{
 
 use super::activity::Activity;
 use super::config::DeviceConfig;
-use super::request::{parse, status_slot, Limits, Pending};
+use super::queue::Queue;
+use super::vring::CoreVring;
 use crate::serve::export::Backend;
 
-/// How long a frontend's GET_VRING_BASE waits for the queue's batch in flight.
+/// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight.
 const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
 
-/// Data bytes of the chains one batch pops (the rest wait for the next batch).
-const BATCH_BYTES: u64 = 32 << 20;
+/// Bytes of daemon memory that one queue's chains in flight may bounce through; popping stops
+/// there (at least one chain is always popped) and resumes as they are answered, so a guest
+/// cannot make the daemon allocate a whole ring of 256 MiB requests. Direct (zero-copy) chains
+/// do not count.
+pub const BOUNCE_CAP: u64 = 32 << 20;
 
 /// Guest memory as the frontend mapped it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// One frontend connection's device state. Cloned into each queue's worker thread.
+/// One frontend connection's device state, shared with its queues.
 #[derive(Clone)]
 pub struct BlkDevice {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    disk: Arc<dyn Backend>,
-    activity: Arc<Activity>,
-    config: DeviceConfig,
-    mem: RwLock<Option<GuestMem>>,
-    event_idx: AtomicBool,
-    writeback: AtomicBool,
-    /// Data bytes popped into one batch before it is served (at least one chain per batch).
-    batch_bytes: u64,
+/// What a device's queues share.
+pub(super) struct Inner {
+    pub(super) disk: Arc<dyn Backend>,
+    pub(super) activity: Arc<Activity>,
+    pub(super) config: DeviceConfig,
+    pub(super) mem: RwLock<Option<GuestMem>>,
+    pub(super) event_idx: AtomicBool,
+    pub(super) writeback: AtomicBool,
+    /// See [`BOUNCE_CAP`].
+    pub(super) batch_bytes: u64,
+    /// Hand aligned guest buffers to the engine directly (else always bounce).
+    pub(super) direct: bool,
     /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
-    ring_error_logged: AtomicBool,
+    pub(super) ring_error_logged: AtomicBool,
+    /// The vrings bound to engine cores ([`BlkDevice::bind`]).
+    vrings: Mutex<Vec<CoreVring>>,
 }
 
 impl BlkDevice {
-    /// A device serving `disk` as described by `config`; its queue batches are tracked in
+    /// A device serving `disk` as described by `config`; its chains in flight are counted in
     /// `activity`.
     pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig, activity: Arc<Activity>) -> BlkDevice {
-        Self::with_batch_bytes(disk, config, activity, BATCH_BYTES)
+        Self::with_limits(disk, config, activity, BOUNCE_CAP, true)
     }
 
-    fn with_batch_bytes(
+    pub(super) fn with_limits(
         disk: Arc<dyn Backend>,
         config: DeviceConfig,
         activity: Arc<Activity>,
         batch_bytes: u64,
+        direct: bool,
     ) -> BlkDevice {
         BlkDevice {
             inner: Arc::new(Inner {
@@ -79,173 +86,53 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
                 ring_error_logged: AtomicBool::new(false),
                 batch_bytes,
+                direct,
+                vrings: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// Serves `vring` (queue `queue`) after a kick: with `EVENT_IDX`, notifications stay off
-    /// while chains are served and the ring is checked again after turning them back on.
-    fn serve_queue(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
-        if !self.inner.event_idx.load(Ordering::Relaxed) {
-            while self.serve_available(vring, queue)? {}
-            return Ok(());
-        }
-        loop {
-            vring
-                .disable_notification()
-                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            while self.serve_available(vring, queue)? {}
-            // Chains that cannot be served now (stopping, queue stopped, no memory table) stay
-            // in the ring; looping on them would spin.
-            let stuck = self.inner.activity.stopping()
-                || !vring.get_ref().get_queue().ready()
-                || self
-                    .inner
-                    .mem
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_none();
-            if stuck {
-                return Ok(());
-            }
-            let more = vring
-                .enable_notification()
-                .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            if !more {
-                return Ok(());
-            }
-        }
+    /// The queue for vring `index` of this device.
+    pub(super) fn queue(&self, index: usize, vring: &CoreVring) -> Arc<Queue> {
+        Arc::new(Queue::new(
+            index,
+            Arc::clone(&self.inner),
+            vring.inner().clone(),
+        ))
     }
 
-    /// Pops every available chain of `vring` (queue `queue`), serves them on core `queue`
-    /// (modulo the core count), and publishes their used entries. Returns whether any chain was
-    /// served. Pops nothing once the daemon is stopping or the frontend stopped the queue.
-    fn serve_available(&self, vring: &VringRwLock, queue: usize) -> io::Result<bool> {
-        let Some(_batch) = self.inner.activity.begin(queue) else {
-            return Ok(false);
-        };
-        if !vring.get_ref().get_queue().ready() {
-            return Ok(false);
-        }
-        let core = queue;
-        let Some(atomic) = self
+    /// Binds each of `vrings` (in queue order, as the library created them) to engine core
+    /// `index % cores`. Fails when the disk is not an engine disk (nothing could poll the
+    /// kicks).
+    pub fn bind(&self, vrings: Vec<CoreVring>) -> io::Result<()> {
+        let engine = self
             .inner
-            .mem
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
-            return Ok(false);
-        };
-        let mem = atomic.memory();
-        // Pop chains until their data adds up to the batch cap: every byte of a batch is
-        // bounced through engine buffers at once, so a guest cannot make the daemon allocate a
-        // whole ring of 256 MiB requests. The rest stay in the ring for the next batch.
-        let chains: Vec<_> = {
-            let mut state = vring.get_mut();
-            let mut iter = state
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?;
-            let mut chains = Vec::new();
-            let mut bytes = 0u64;
-            while bytes < self.inner.batch_bytes {
-                let Some(chain) = iter.next() else { break };
-                bytes += chain.clone().map(|d| u64::from(d.len())).sum::<u64>();
-                chains.push(chain);
-            }
-            chains
-        };
-        if chains.is_empty() {
-            return Ok(false);
+            .disk
+            .engine_disk()
+            .map(|d| d.engine.clone())
+            .ok_or_else(|| io::Error::other("vhost-user-blk needs an engine disk"))?;
+        let cores = engine.cores().max(1);
+        for (index, v) in vrings.iter().enumerate() {
+            v.bind(self.queue(index, v), engine.clone(), index % cores);
         }
-        let limits = Limits {
-            size: self.inner.config.size,
-            read_only: self.inner.config.read_only,
-            writeback: self.inner.writeback.load(Ordering::Relaxed),
-            serial: &self.inner.config.serial,
-        };
-        let disk = &self.inner.disk;
-        let alloc = |len: usize| disk.alloc_buf(len);
-        let (tx, rx) = mpsc::channel::<(usize, Result<Done, RequestError>)>();
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(chains.len());
-        let mut waiting = 0usize;
-        for chain in chains {
-            let head = chain.head_index();
-            let flags = chain.clone().map(|d| d.is_write_only()).collect::<Vec<_>>();
-            let status = status_slot(&mem, chain.clone().last());
-            let reader = Reader::new(&*mem, chain.clone());
-            let writer = Writer::new(&*mem, chain);
-            let (p, reqs) = parse(
-                head,
-                status,
-                flags.into_iter(),
-                reader,
-                writer,
-                &limits,
-                &alloc,
-            );
-            let idx = pending.len();
-            pending.push(p);
-            for req in reqs {
-                waiting += 1;
-                let tx = tx.clone();
-                disk.submit(
-                    core,
-                    req,
-                    Box::new(move |r| {
-                        let _ = tx.send((idx, r));
-                    }),
-                );
-            }
+        *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()) = vrings;
+        Ok(())
+    }
+
+    /// Stops polling every queue's kick (the frontend is gone). Chains in flight still
+    /// complete into the old frontend's memory, which they keep mapped.
+    pub fn unbind(&self) {
+        let vrings =
+            std::mem::take(&mut *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()));
+        for v in vrings {
+            v.unbind();
         }
-        drop(tx);
-        for _ in 0..waiting {
-            match rx.recv() {
-                Ok((idx, r)) => {
-                    if let Some(p) = pending.get_mut(idx) {
-                        p.complete(r);
-                    }
-                }
-                // Every completion is called exactly once; a closed channel means all of them
-                // ran (or were dropped by a stopping engine): the rest stay IOERR-free only if
-                // they were answered, so mark what is left failed below.
-                Err(_) => break,
-            }
-        }
-        for p in pending {
-            let head = p.head;
-            let failed_unanswered = p.outstanding > 0;
-            let mut p = p;
-            if failed_unanswered {
-                p.complete(Err(RequestError {
-                    errno: libc::ESHUTDOWN,
-                    op: "engine stopped",
-                    offset: 0,
-                }));
-            }
-            let len = p.finish();
-            vring
-                .add_used(head, len)
-                .map_err(|e| io::Error::other(format!("used ring: {e}")))?;
-        }
-        let notify = if self.inner.event_idx.load(Ordering::Relaxed) {
-            vring
-                .needs_notification()
-                .map_err(|e| io::Error::other(format!("event index: {e}")))?
-        } else {
-            true
-        };
-        if notify {
-            vring.signal_used_queue()?;
-        }
-        Ok(true)
     }
 }
 
 impl VhostUserBackend for BlkDevice {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = CoreVring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.inner.config.num_queues)
@@ -301,9 +188,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the library marked the queue not ready (no new batch pops from it);
-        // the batch in flight finishes, so its used entries land before the frontend reads
-        // where the ring stands.
+        // GET_VRING_BASE: the library marked the queue not ready (no chain is popped from it
+        // any more); every popped chain is answered first, so its used entry lands before the
+        // frontend reads where the ring stands.
         let deadline = Instant::now() + STOP_VRING_WAIT;
         if self
             .inner
@@ -320,7 +207,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+        // One library worker thread (it only waits for its exit event) and no queue in its
+        // mask: the kicks go to the engine cores (`CoreVring`).
+        vec![0]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -329,28 +218,12 @@ impl VhostUserBackend for BlkDevice {
 
     fn handle_event(
         &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
+        _device_event: u16,
+        _evset: EventSet,
+        _vrings: &[CoreVring],
+        _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            tracing::debug!(?evset, "vhost-user-blk: unexpected event set ignored");
-            return Ok(());
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Ok(());
-        };
-        // One queue per worker thread: the thread index is the queue index. An error here is
-        // the frontend's (a ring outside its memory): reported, and the worker stays (returning
-        // it would end the worker thread silently and the queue with it).
-        if let Err(e) = self.serve_queue(vring, thread_id) {
-            if !self.inner.ring_error_logged.swap(true, Ordering::Relaxed) {
-                tracing::warn!(queue = thread_id, error = %e, "vhost-user-blk: bad virtqueue; requests on it are not served");
-            } else {
-                tracing::debug!(queue = thread_id, error = %e, "vhost-user-blk: bad virtqueue");
-            }
-        }
+        // No queue is registered with the library's epoll.
         Ok(())
     }
 }
@@ -359,12 +232,16 @@ impl VhostUserBackend for BlkDevice {
 mod tests {
     use super::*;
     use crate::serve::export::memory::MemDisk;
-    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    use addcow_engine::{Completion, Request};
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
     fn config(size: u64) -> DeviceConfig {
         DeviceConfig {
@@ -376,66 +253,111 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chains_past_the_batch_cap_are_served_by_the_next_batch() {
-        let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
-        );
-        let guard = mem.memory();
-        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
-        // Three WRITE chains of one sector each: header, data, status.
+    fn vring(mem: &GuestMem, desc: u64, avail: u64, used: u64) -> CoreVring {
+        let vring = CoreVring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    fn eventfd() -> std::fs::File {
+        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, owned descriptor.
+        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// `n` chains on `ring` (descriptors 3k..3k+2): header, one data descriptor of `len` bytes
+    /// at `data(k)`, status at 0x30000 + k. `read`: VIRTIO_BLK_T_IN at sector 8k, else
+    /// VIRTIO_BLK_T_OUT at sector k with bytes k + 1.
+    fn chains(
+        mem: &GuestMemoryMmap,
+        ring: &MockSplitQueue<'_, GuestMemoryMmap>,
+        n: u64,
+        len: u32,
+        read: bool,
+        data: impl Fn(u64) -> u64,
+    ) {
         let mut descs = Vec::new();
-        for k in 0..3u64 {
-            let (hdr, data, status) = (0x10000 + k * 0x100, 0x20000 + k * 0x1000, 0x30000 + k);
+        for k in 0..n {
+            let (hdr, status) = (0x10000 + k * 0x100, 0x30000 + k);
             let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-            h[8..16].copy_from_slice(&k.to_le_bytes());
-            guard.write_slice(&h, GuestAddress(hdr)).unwrap();
-            guard
-                .write_slice(&[k as u8 + 1; 512], GuestAddress(data))
-                .unwrap();
+            let (kind, sector) = if read {
+                (VIRTIO_BLK_T_IN, 8 * k)
+            } else {
+                (VIRTIO_BLK_T_OUT, k)
+            };
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            if !read {
+                mem.write_slice(&vec![k as u8 + 1; len as usize], GuestAddress(data(k)))
+                    .unwrap();
+            }
             let i = 3 * k as u16;
             let next = VRING_DESC_F_NEXT as u16;
+            let w = VRING_DESC_F_WRITE as u16;
             descs.push(RawDescriptor::from(SplitDescriptor::new(
                 hdr,
                 16,
                 next,
                 i + 1,
             )));
+            let dflags = if read { next | w } else { next };
             descs.push(RawDescriptor::from(SplitDescriptor::new(
-                data,
-                512,
-                next,
+                data(k),
+                len,
+                dflags,
                 i + 2,
             )));
-            let w = VRING_DESC_F_WRITE as u16;
             descs.push(RawDescriptor::from(SplitDescriptor::new(status, 1, w, 0)));
         }
         ring.add_desc_chains(&descs, 0).unwrap();
+    }
+
+    #[test]
+    fn chains_past_the_bounce_cap_wait_for_answers_and_the_queue_is_woken() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+        chains(&guard, &ring, 3, 512, false, |k| 0x20000 + k * 0x1000);
         let disk = MemDisk::new(1 << 20, false);
-        // A cap one chain's data exceeds half of: batches of two chains, then one.
-        let dev = BlkDevice::with_batch_bytes(
+        // A cap one chain's data exceeds half of: two chains are popped, then the third waits.
+        let dev = BlkDevice::with_limits(
             disk.clone(),
             config(1 << 20),
             Arc::new(Activity::new(1)),
             600,
+            false,
         );
         dev.update_memory(mem.clone()).unwrap();
-        let vring = VringRwLock::new(mem.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(
-                ring.desc_table_addr().0,
-                ring.avail_addr().0,
-                ring.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        dev.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
-        let used_idx: u16 = guard.read_obj(ring.used_addr().unchecked_add(2)).unwrap();
-        assert_eq!(used_idx, 3, "every chain answered after one kick");
+        let v = vring(
+            &mem,
+            ring.desc_table_addr().0,
+            ring.avail_addr().0,
+            ring.used_addr().0,
+        );
+        let q = dev.queue(0, &v);
+        let mut wake = eventfd();
+        q.set_poke(Some(wake.try_clone().unwrap()));
+        let mut submit = |req: Request, done: Completion| disk.submit(0, req, done);
+        q.serve(&mut submit);
+        let used =
+            |g: &GuestMemoryMmap| -> u16 { g.read_obj(ring.used_addr().unchecked_add(2)).unwrap() };
+        assert_eq!(used(&guard), 2, "the cap held the third chain back");
+        let mut count = [0u8; 8];
+        assert_eq!(
+            wake.read(&mut count).unwrap(),
+            8,
+            "answers under the cap woke the queue"
+        );
+        q.serve(&mut submit);
+        assert_eq!(used(&guard), 3, "the wake-up served the rest");
         let data = disk.data.lock().unwrap();
         for k in 0..3usize {
             assert!(data[k * 512..(k + 1) * 512]
@@ -447,43 +369,84 @@ mod tests {
     }
 
     #[test]
+    fn aligned_buffers_go_direct_and_misaligned_ones_bounce_with_the_same_data() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let disk = MemDisk::new(1 << 20, false);
+        {
+            let mut d = disk.data.lock().unwrap();
+            for (i, b) in d.iter_mut().enumerate() {
+                *b = (i / 512) as u8 ^ (i as u8);
+            }
+        }
+        // Chain k's buffer: page-aligned for even k, 512 bytes off for odd k.
+        let at = |k: u64| 0x40000 + k * 0x4000 + (k % 2) * 512;
+        for direct in [true, false] {
+            let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+            chains(&guard, &ring, 4, 4096, true, at);
+            let dev = BlkDevice::with_limits(
+                disk.clone(),
+                config(1 << 20),
+                Arc::new(Activity::new(1)),
+                BOUNCE_CAP,
+                direct,
+            );
+            dev.update_memory(mem.clone()).unwrap();
+            let v = vring(
+                &mem,
+                ring.desc_table_addr().0,
+                ring.avail_addr().0,
+                ring.used_addr().0,
+            );
+            let q = dev.queue(0, &v);
+            let mut kinds = Vec::new();
+            let mut submit = |req: Request, done: Completion| {
+                kinds.push(match &req {
+                    Request::ReadInto { buf, .. } => buf.is_borrowed(),
+                    _ => false,
+                });
+                disk.submit(0, req, done)
+            };
+            q.serve(&mut submit);
+            let want_direct: Vec<bool> = (0..4).map(|k| direct && k % 2 == 0).collect();
+            assert_eq!(
+                kinds, want_direct,
+                "direct={direct}: which chains went direct"
+            );
+            let d = disk.data.lock().unwrap();
+            for k in 0..4u64 {
+                let mut got = vec![0u8; 4096];
+                guard.read_slice(&mut got, GuestAddress(at(k))).unwrap();
+                let off = (8 * k * 512) as usize;
+                assert!(got == d[off..off + 4096], "direct={direct}: chain {k} data");
+                let status: u8 = guard.read_obj(GuestAddress(0x30000 + k)).unwrap();
+                assert_eq!(status, 0, "chain {k} status");
+            }
+        }
+    }
+
+    #[test]
     fn a_ring_outside_guest_memory_is_reported_not_fatal() {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
         );
-        let config = DeviceConfig {
-            size: 1 << 20,
-            num_queues: 1,
-            queue_size: 16,
-            read_only: false,
-            serial: String::new(),
-        };
-        let dev = BlkDevice::new(
-            MemDisk::new(1 << 20, false),
-            config,
-            Arc::new(Activity::new(1)),
-        );
+        let disk = MemDisk::new(1 << 20, false);
+        let dev = BlkDevice::new(disk.clone(), config(1 << 20), Arc::new(Activity::new(1)));
         dev.update_memory(mem.clone()).unwrap();
-        let vring = VringRwLock::new(mem, 16).unwrap();
-        vring.set_queue_size(16);
         // The available ring's index is inside memory (and says 5 chains wait); its entries and
         // the descriptor table are not.
-        vring.set_queue_info(0x20000, 0xfffc, 0x30000).unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let v = vring(&mem, 0x20000, 0xfffc, 0x30000);
+        let q = dev.queue(0, &v);
+        let mut submit = |req: Request, done: Completion| disk.submit(0, req, done);
         for event_idx in [false, true] {
             dev.set_event_idx(event_idx);
-            assert!(dev
-                .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                .is_ok());
+            q.serve(&mut submit);
         }
         assert!(
             dev.inner.ring_error_logged.load(Ordering::Relaxed),
             "reported"
         );
-        // A wrong event set is ignored too.
-        assert!(dev
-            .handle_event(0, EventSet::OUT, std::slice::from_ref(&vring), 0)
-            .is_ok());
     }
 }

@@ -5,18 +5,22 @@
 //! are read from the rings in shared memory and answered by writing the used ring and the call
 //! eventfd. The protocol is the rust-vmm crates' (`vhost`, `vhost-user-backend`,
 //! `virtio-queue`, `vm-memory`); the device ([`backend`]) turns each chain ([`request`]) into
-//! engine requests on the disk behind an export. See `docs/VHOST_USER_BLK.md` for the design and
-//! what is still to come (core-ring polling of the kick eventfd, zero-copy).
+//! engine requests on the disk behind an export. Each queue's kick eventfd is polled by its
+//! engine core's io_uring, which pops, submits and answers chains itself; aligned guest buffers
+//! are handed to the engine directly. See `docs/VHOST_USER_BLK.md` for the design.
 //!
-//! Modules: [`activity`] (which queues are mid-batch; stopping them), [`config`] (features
-//! and config space), [`request`] (one chain), [`backend`] (the
-//! device and its queue loop), and here the listener that serves one frontend at a time and
-//! waits for the next when it goes (reconnect).
+//! Modules: [`activity`] (chains in flight per queue; stopping them), [`config`] (features
+//! and config space), [`request`] (one chain), [`queue`] (one queue on its core), [`vring`]
+//! (the library's vring with its kick handed to a core), [`backend`] (the device), and here the
+//! listener that serves one frontend at a time and waits for the next when it goes
+//! (reconnect).
 
 pub mod activity;
 pub mod backend;
 pub mod config;
+pub mod queue;
 pub mod request;
+pub mod vring;
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -110,18 +114,27 @@ fn serve_one(
 ) -> Result<(), String> {
     let device = BlkDevice::new(Arc::clone(disk), config.clone(), Arc::clone(activity));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("addcow-vhost-conn".into(), device, mem)
+    let (daemon, vrings) =
+        vring::collect(|| VhostUserDaemon::new("addcow-vhost-conn".into(), device.clone(), mem));
+    let mut daemon = daemon.map_err(|e| format!("vhost-user device: {e}"))?;
+    device
+        .bind(vrings)
         .map_err(|e| format!("vhost-user device: {e}"))?;
-    daemon
+    let result = daemon
         .start(listener)
-        .map_err(|e| format!("accepting a frontend: {e}"))?;
-    tracing::info!("vhost-user-blk frontend connected");
-    let result = daemon.wait();
-    // Each queue worker finishes the batch it is serving (its requests complete into the old
-    // frontend's memory, which stays mapped until then) and exits.
+        .map_err(|e| format!("accepting a frontend: {e}"))
+        .map(|()| {
+            tracing::info!("vhost-user-blk frontend connected");
+            daemon.wait()
+        });
+    // The cores stop polling this frontend's kicks; chains in flight still complete into its
+    // memory (each holds the mapping) and release their buffers. The library's worker thread
+    // exits.
+    device.unbind();
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
+    let result = result?;
     match result {
         Ok(()) => Ok(()),
         Err(vhost_user_backend::Error::HandleRequest(

@@ -4,10 +4,21 @@
 //! Every guest address goes through `virtio-queue`'s [`Reader`]/[`Writer`], which resolve it
 //! against the frontend's memory table: a descriptor outside the guest's regions fails the chain
 //! here, before any byte is touched.
+//!
+//! Data moves in one of two ways. **Direct**: a READ or WRITE whose data is one descriptor,
+//! contiguous in the daemon's mapping of guest memory and aligned to [`BUF_ALIGN`], is handed to
+//! the engine as a borrowed [`IoBuf`] pointing into guest memory (the engine reads into it or
+//! writes from it; no copy here). The buffer keeps the memory table's mapping (an `Arc`) alive
+//! until the request is answered, so a frontend that disconnects or replaces its memory table
+//! mid-request cannot unmap it under the I/O. **Bounce**: anything else is copied through an
+//! engine buffer (WRITE: out of the guest before submitting; READ: into the guest when
+//! answered).
 
 use std::io::{Read, Write};
+use std::ptr::NonNull;
+use std::sync::Arc;
 
-use addcow_engine::io::MAX_READ;
+use addcow_engine::io::{BUF_ALIGN, MAX_READ};
 use addcow_engine::{Done, IoBuf, Request, RequestError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -16,7 +27,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Reader, Writer};
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{ID_BYTES, MAX_ZERO_SECTORS, MAX_ZERO_SEGMENTS};
 
@@ -37,35 +48,47 @@ pub struct Limits<'s> {
     pub writeback: bool,
     /// GET_ID answer.
     pub serial: &'s str,
+    /// Hand aligned single-descriptor data to the engine directly (else always bounce).
+    pub direct: bool,
 }
 
-/// A parsed request on its way through the engine.
-pub struct Pending<'m> {
+/// A parsed request on its way through the engine. Owns what its answer needs: the memory
+/// table it was parsed against (kept mapped until it is dropped) and guest addresses, so it may
+/// be completed on any thread after the frontend is gone.
+pub struct Pending {
     /// Head descriptor index (what the used ring reports).
     pub head: u16,
-    /// Where READ data goes (the chain's writable bytes before the status byte).
-    data: Option<Writer<'m>>,
-    /// The status byte (`None`: the chain has no writable byte to put it in).
-    status: Option<VolatileSlice<'m, ()>>,
+    /// The memory table the chain was parsed against.
+    mem: Arc<GuestMemoryMmap>,
+    /// Where bounced READ data goes: the chain's writable bytes before the status byte, as
+    /// (guest address, length) pieces, each checked to lie inside `mem`.
+    data: Vec<(GuestAddress, usize)>,
+    /// The status byte, checked to lie inside `mem` (`None`: the chain has no writable byte
+    /// to put it in).
+    status: Option<GuestAddress>,
     /// Status so far (`VIRTIO_BLK_S_OK` until a part fails).
     code: u8,
     /// Bytes written into the chain's writable descriptors (data, not the status byte).
     written: u32,
     /// Engine requests not answered yet.
     pub outstanding: usize,
+    /// Bytes of daemon memory this request bounces through (0 when direct or dataless).
+    pub bounced: u64,
+    /// The data moves directly between the engine and guest memory.
+    pub direct: bool,
 }
 
-impl<'m> Pending<'m> {
+impl Pending {
     /// An engine request of this one finished.
     pub fn complete(&mut self, r: Result<Done, RequestError>) {
         self.outstanding = self.outstanding.saturating_sub(1);
         match r {
+            Ok(Done::Read(buf)) if buf.is_borrowed() => {
+                // Read straight into the guest's buffer.
+                self.written = self.written.saturating_add(buf.len() as u32);
+            }
             Ok(Done::Read(buf)) => {
-                let ok = match self.data.as_mut() {
-                    Some(w) if w.available_bytes() >= buf.len() => w.write_all(&buf).is_ok(),
-                    _ => false,
-                };
-                if ok {
+                if self.copy_out(&buf) {
                     self.written = self.written.saturating_add(buf.len() as u32);
                 } else {
                     self.code = VIRTIO_BLK_S_IOERR as u8;
@@ -79,13 +102,31 @@ impl<'m> Pending<'m> {
         }
     }
 
+    /// Copies bounced READ data into the chain's data pieces; false if it does not fit.
+    fn copy_out(&self, buf: &[u8]) -> bool {
+        let room: usize = self.data.iter().map(|&(_, n)| n).sum();
+        if room < buf.len() {
+            return false;
+        }
+        let mut at = 0;
+        for &(addr, n) in &self.data {
+            if at == buf.len() {
+                break;
+            }
+            let n = n.min(buf.len() - at);
+            if self.mem.write_slice(&buf[at..at + n], addr).is_err() {
+                return false;
+            }
+            at += n;
+        }
+        true
+    }
+
     /// Writes the status byte; returns the used length (bytes written into the chain).
     pub fn finish(self) -> u32 {
-        let code = self.code;
         let wrote_status = self
             .status
-            .as_ref()
-            .is_some_and(|s| s.write_slice(&[code], 0).is_ok());
+            .is_some_and(|at| self.mem.write_slice(&[self.code], at).is_ok());
         if wrote_status {
             self.written.saturating_add(1)
         } else {
@@ -93,16 +134,85 @@ impl<'m> Pending<'m> {
         }
     }
 
-    fn answered(head: u16, status: Option<VolatileSlice<'m, ()>>, code: u32) -> Pending<'m> {
+    /// The status this request is answered with so far.
+    pub fn code(&self) -> u8 {
+        self.code
+    }
+
+    fn answered(
+        head: u16,
+        mem: &Arc<GuestMemoryMmap>,
+        status: Option<GuestAddress>,
+        code: u32,
+    ) -> Pending {
         Pending {
             head,
-            data: None,
+            mem: Arc::clone(mem),
+            data: Vec::new(),
             status,
             code: code as u8,
             written: 0,
             outstanding: 0,
+            bounced: 0,
+            direct: false,
         }
     }
+}
+
+/// The (guest address, length) pieces of `descs` that are left after skipping `front` bytes
+/// from the start and `back` bytes from the end; zero-length pieces are left out.
+fn pieces(
+    descs: &[(GuestAddress, usize)],
+    front: usize,
+    back: usize,
+) -> Vec<(GuestAddress, usize)> {
+    let total: usize = descs.iter().map(|&(_, n)| n).sum();
+    let Some(keep) = total.checked_sub(front).and_then(|t| t.checked_sub(back)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut skip = front;
+    let mut left = keep;
+    for &(addr, n) in descs {
+        if left == 0 {
+            break;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(left);
+        if let Some(a) = addr.checked_add(skip as u64) {
+            out.push((a, take));
+        }
+        left -= take;
+        skip = 0;
+    }
+    out
+}
+
+/// A borrowed engine buffer over the single piece `data` of guest memory, when it is one
+/// contiguous range of the daemon's mapping aligned to [`BUF_ALIGN`]; `None` otherwise (then
+/// the request bounces).
+fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Option<IoBuf> {
+    let [(addr, len)] = *data else {
+        return None;
+    };
+    // One region holds the whole range (get_slice fails across a region boundary).
+    let slice = mem.get_slice(addr, len).ok()?;
+    let ptr = NonNull::new(slice.ptr_guard_mut().as_ptr())?;
+    if ptr.as_ptr() as usize % BUF_ALIGN != 0 {
+        return None;
+    }
+    let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
+    // SAFETY: `ptr` is aligned to BUF_ALIGN (checked above) and points to `len` bytes of one
+    // region of `mem` (get_slice checked the range), which is a MAP_SHARED mapping readable and
+    // writable by the daemon. `keep` holds the `GuestMemoryMmap` whose regions own that mapping,
+    // so it stays mapped until the buffer is dropped, whatever the frontend does meanwhile.
+    // Nothing in the daemon holds a Rust reference into guest memory (it is only accessed
+    // through volatile slices); the guest itself may write its buffer concurrently, which can
+    // only tear the data of its own request.
+    Some(unsafe { IoBuf::borrowed(ptr, len, keep) })
 }
 
 /// Checks the virtio rule that every device-readable descriptor precedes every device-writable
@@ -139,34 +249,32 @@ fn byte_range(sector: u64, bytes: u64, size: u64) -> Option<u64> {
 /// Where the status byte goes: the last byte of the chain's last descriptor, which must be
 /// device-writable and inside guest memory. Found on its own (not through the chain's
 /// [`Writer`]) so that a chain with a bad data descriptor still gets its `IOERR`.
-pub fn status_slot(
-    mem: &GuestMemoryMmap,
-    last: Option<Descriptor>,
-) -> Option<VolatileSlice<'_, ()>> {
+pub fn status_slot(mem: &GuestMemoryMmap, last: Option<&Descriptor>) -> Option<GuestAddress> {
     let d = last?;
     if !d.is_write_only() || d.len() == 0 {
         return None;
     }
     let at = d.addr().checked_add(u64::from(d.len()) - 1)?;
-    mem.get_slice(at, 1).ok()
+    mem.get_slice(at, 1).ok().map(|_| at)
 }
 
-/// Parses the request whose chain starts at `head`, answering into `status` (from
-/// [`status_slot`]). Returns the pending request and the engine
-/// requests to submit for it (none: it is answered already, e.g. GET_ID or a malformed chain).
-/// `alloc` gives engine buffers for WRITE payloads.
-pub fn parse<'m>(
+/// Parses the request whose chain (`descs`, with its `reader` and `writer` over `mem`) starts
+/// at `head`. Returns the pending request and the engine requests to submit for it (none: it is
+/// answered already, e.g. GET_ID or a malformed chain). `alloc` gives engine buffers for
+/// bounced WRITE payloads.
+pub fn parse(
     head: u16,
-    status: Option<VolatileSlice<'m, ()>>,
-    writable_flags: impl Iterator<Item = bool>,
-    reader: Result<Reader<'m>, virtio_queue::Error>,
-    writer: Result<Writer<'m>, virtio_queue::Error>,
+    mem: &Arc<GuestMemoryMmap>,
+    descs: &[Descriptor],
+    reader: Result<Reader<'_>, virtio_queue::Error>,
+    writer: Result<Writer<'_>, virtio_queue::Error>,
     limits: &Limits<'_>,
     alloc: &dyn Fn(usize) -> IoBuf,
-) -> (Pending<'m>, Vec<Request>) {
+) -> (Pending, Vec<Request>) {
+    let status = status_slot(mem, descs.last());
     let ioerr = |status| {
         (
-            Pending::answered(head, status, VIRTIO_BLK_S_IOERR),
+            Pending::answered(head, mem, status, VIRTIO_BLK_S_IOERR),
             Vec::new(),
         )
     };
@@ -188,7 +296,7 @@ pub fn parse<'m>(
         Ok(r) => r,
         Err(_) => return ioerr(status),
     };
-    if !directions_in_order(writable_flags) {
+    if !directions_in_order(descs.iter().map(|d| d.is_write_only())) {
         return ioerr(status);
     }
     let mut hdr = [0u8; HEADER_LEN];
@@ -205,13 +313,13 @@ pub fn parse<'m>(
         return ioerr(status);
     }
     let fua = !limits.writeback;
-    let mut pending = Pending {
-        head,
-        data: None,
-        status,
-        code: VIRTIO_BLK_S_OK as u8,
-        written: 0,
-        outstanding: 0,
+    let mut pending = Pending::answered(head, mem, status, VIRTIO_BLK_S_OK);
+    let side = |writable: bool| -> Vec<(GuestAddress, usize)> {
+        descs
+            .iter()
+            .filter(|d| d.is_write_only() == writable)
+            .map(|d| (d.addr(), d.len() as usize))
+            .collect()
     };
     let mut reqs = Vec::new();
     match kind {
@@ -224,12 +332,22 @@ pub fn parse<'m>(
                 return ioerr(pending.status);
             };
             if len > 0 {
-                reqs.push(Request::Read {
-                    offset,
-                    len: len as u32,
-                });
+                let pieces = pieces(&side(true), 0, 1);
+                match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
+                    Some(buf) => {
+                        pending.direct = true;
+                        reqs.push(Request::ReadInto { offset, buf });
+                    }
+                    None => {
+                        pending.bounced = len;
+                        pending.data = pieces;
+                        reqs.push(Request::Read {
+                            offset,
+                            len: len as u32,
+                        });
+                    }
+                }
             }
-            pending.data = Some(data);
         }
         VIRTIO_BLK_T_OUT => {
             let len = reader.available_bytes();
@@ -240,16 +358,23 @@ pub fn parse<'m>(
                 return ioerr(pending.status);
             };
             if len > 0 {
-                let mut buf = alloc(len);
-                if reader.read_exact(&mut buf[..len]).is_err() {
-                    // Dropped unsubmitted: its stale contents never reach the disk.
-                    return ioerr(pending.status);
-                }
-                reqs.push(Request::Write {
-                    offset,
-                    data: buf,
-                    fua,
-                });
+                let pieces = pieces(&side(false), HEADER_LEN, 0);
+                let data = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
+                    Some(buf) => {
+                        pending.direct = true;
+                        buf
+                    }
+                    None => {
+                        let mut buf = alloc(len);
+                        if reader.read_exact(&mut buf[..len]).is_err() {
+                            // Dropped unsubmitted: its stale contents never reach the disk.
+                            return ioerr(pending.status);
+                        }
+                        pending.bounced = len as u64;
+                        buf
+                    }
+                };
+                reqs.push(Request::Write { offset, data, fua });
             }
         }
         VIRTIO_BLK_T_FLUSH => reqs.push(Request::Flush),
@@ -288,7 +413,7 @@ pub fn parse<'m>(
                 };
                 if flags & !known != 0 || sectors > MAX_ZERO_SECTORS {
                     return (
-                        Pending::answered(head, pending.status, VIRTIO_BLK_S_UNSUPP),
+                        Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                         Vec::new(),
                     );
                 }
@@ -313,7 +438,7 @@ pub fn parse<'m>(
         }
         _ => {
             return (
-                Pending::answered(head, pending.status, VIRTIO_BLK_S_UNSUPP),
+                Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                 Vec::new(),
             )
         }
@@ -337,8 +462,8 @@ mod tests {
     const DATA: u64 = 0x20000;
     const STATUS: u64 = 0x30000;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    fn memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap())
     }
 
     fn limits(read_only: bool) -> Limits<'static> {
@@ -347,6 +472,7 @@ mod tests {
             read_only,
             writeback: true,
             serial: "vm-disk-serial",
+            direct: false,
         }
     }
 
@@ -360,12 +486,12 @@ mod tests {
     /// Parses the chain of `descs` (addr, len, device-writable); returns the engine requests,
     /// the used length, and the status byte at `STATUS` (0xee: not written).
     fn run(
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         descs: &[(u64, u32, bool)],
         limits: &Limits<'_>,
     ) -> (Vec<Request>, u32, u8) {
         mem.write_slice(&[0xee], GuestAddress(STATUS)).unwrap();
-        let q = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let q = MockSplitQueue::create(&**mem, GuestAddress(0), 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(a, l, w)| {
@@ -374,12 +500,11 @@ mod tests {
             })
             .collect();
         let chain = q.build_desc_chain(&raw).unwrap();
-        let flags: Vec<bool> = chain.clone().map(|d| d.is_write_only()).collect();
-        let status = status_slot(mem, chain.clone().last());
-        let reader = Reader::new(mem, chain.clone());
-        let writer = Writer::new(mem, chain);
+        let list: Vec<Descriptor> = chain.clone().collect();
+        let reader = Reader::new(&**mem, chain.clone());
+        let writer = Writer::new(&**mem, chain);
         let alloc = |n: usize| IoBuf::new_zeroed(n);
-        let (p, reqs) = parse(0, status, flags.into_iter(), reader, writer, limits, &alloc);
+        let (p, reqs) = parse(0, mem, &list, reader, writer, limits, &alloc);
         assert_eq!(p.outstanding, reqs.len());
         let used = p.finish();
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
