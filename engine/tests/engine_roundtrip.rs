@@ -382,7 +382,7 @@ fn borrowed_buffers_are_read_into_and_written_from_and_kept_until_answered() {
                 Done::Read(b) => b,
                 other => panic!("{other:?}"),
             };
-            assert!(buf.is_borrowed() && buf.as_ptr() == lent.ptr.as_ptr() as *const u8);
+            assert!(buf.is_borrowed() && std::ptr::eq(buf.as_ptr(), lent.ptr.as_ptr()));
             drop(buf);
             // SAFETY: the engine answered and dropped its handle; n bytes are in the allocation.
             let got = unsafe { std::slice::from_raw_parts(lent.ptr.as_ptr(), n) };
