@@ -5,3 +5,4 @@
 
 pub mod serve;
 pub mod stream;
+pub mod vhost;

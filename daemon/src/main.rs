@@ -23,8 +23,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve overlays over NBD on a Unix socket (with no overlay: a built-in demo).
-    Serve(serve::ServeArgs),
+    /// Serve overlays over NBD on a Unix socket (with no overlay: a built-in demo), and the
+    /// default export over vhost-user-blk with --vhost-user-blk.
+    Serve(Box<serve::ServeArgs>),
     /// Drive a running daemon through its control socket (add/remove exports, stats, quit).
     Ctl(ctl::CtlArgs),
     /// Create an overlay on a base image.
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Ctl(args) => ctl::run(args),
         Command::Create(args) => tools::create::run(args),
         Command::Info(args) => tools::info::run(args),

@@ -18,6 +18,7 @@ pub mod lifecycle;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
-    CacheMode, Completion, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine, EngineConfig,
-    Extent, ExtentKind, IoBuf, Request, RequestError, MAX_POPULATE,
+    CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
+    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SourceCtx, SourceId,
+    MAX_POPULATE,
 };

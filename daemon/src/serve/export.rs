@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Completion, DepthExtent, Disk, Engine, Extent, ExtentKind, IoBuf, Request};
+use addcow_engine::{
+    Completion, DepthExtent, Disk, Engine, Extent, ExtentKind, IoBuf, Request, SourceCtx,
+};
 
 use super::conns::ClientHandle;
 use super::probe::LayerFiles;
@@ -25,6 +27,20 @@ pub trait Backend: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Submits `req` on core `core`; `done` runs once, when it finishes.
     fn submit(&self, core: usize, req: Request, done: Completion);
+    /// Submits `req` from a source running on an engine core thread ([`SourceCtx`]): on that
+    /// core with no channel hop where the backend is an engine disk. Never blocks the core:
+    /// when the request would have to wait (a disk switch holds new requests back), it is
+    /// handed back untouched and the caller submits it from another thread with
+    /// [`Backend::submit`]. By default: [`Backend::submit`] to the context's core.
+    fn try_submit_local(
+        &self,
+        ctx: &mut SourceCtx<'_>,
+        req: Request,
+        done: Completion,
+    ) -> Option<(Request, Completion)> {
+        self.submit(ctx.core(), req, done);
+        None
+    }
     /// Where the bytes of `[offset, offset+len)` come from (no I/O).
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
     /// Which layer supplies each part of `[offset, offset+len)`, numbered like
@@ -200,6 +216,29 @@ impl Backend for EngineDisk {
                 in_flight.finish();
             }),
         );
+    }
+    fn try_submit_local(
+        &self,
+        ctx: &mut SourceCtx<'_>,
+        req: Request,
+        done: Completion,
+    ) -> Option<(Request, Completion)> {
+        // A switch holds the write lock while it waits for the requests in flight, some of
+        // which this very core must complete: waiting for the lock here would deadlock.
+        let Ok(cur) = self.current.try_read() else {
+            return Some((req, done));
+        };
+        self.in_flight.start();
+        let in_flight = Arc::clone(&self.in_flight);
+        ctx.submit(
+            &cur.disk,
+            req,
+            Box::new(move |r| {
+                done(r);
+                in_flight.finish();
+            }),
+        );
+        None
     }
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
         self.current().disk.allocation(offset, len)
@@ -591,6 +630,12 @@ pub mod memory {
                     let mut b = IoBuf::new_zeroed(len as usize);
                     b.copy_from_slice(&d[offset as usize..offset as usize + len as usize]);
                     Ok(Done::Read(b))
+                }
+                Request::ReadInto { offset, mut buf } => {
+                    let d = self.data.lock().unwrap();
+                    let n = buf.len();
+                    buf.copy_from_slice(&d[offset as usize..offset as usize + n]);
+                    Ok(Done::Read(buf))
                 }
                 Request::Write { offset, data, .. } => {
                     if self.read_only {

@@ -136,6 +136,11 @@ pub struct ServeArgs {
     /// Cache mode of the raw images: direct (O_DIRECT) or buffered.
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
     pub cache: CacheMode,
+    /// Also serve the default export (OVERLAY) to one vhost-user-blk frontend at a time (QEMU's
+    /// vhost-user-blk-pci, libblkio's virtio-blk-vhost-user) on this Unix socket; a frontend
+    /// that disconnects can connect again. One request queue per engine core.
+    #[arg(long, value_name = "SOCKET")]
+    pub vhost_user_blk: Option<PathBuf>,
     /// The default export (empty name). With no overlay, no --export and no --control: the
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
@@ -229,6 +234,7 @@ fn init_logging() {
 struct Created {
     listeners: Vec<Listener>,
     control: Option<listener::SocketFile>,
+    vhost: Option<listener::SocketFile>,
     pid_file: Option<LockedFile>,
 }
 
@@ -239,6 +245,7 @@ impl Created {
         }
         self.listeners.clear();
         drop(self.control.take());
+        drop(self.vhost.take());
     }
 }
 
@@ -297,7 +304,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         (None, true) if listeners.is_empty() => Some(PathBuf::from(demo::DEMO_SOCKET)),
         _ => None,
     };
-    if socket.is_none() && listeners.is_empty() && args.tcp.is_none() {
+    if socket.is_none()
+        && listeners.is_empty()
+        && args.tcp.is_none()
+        && args.vhost_user_blk.is_none()
+    {
         return Err(
             "nothing to listen on: give --socket PATH (or --tcp, or systemd sockets)".into(),
         );
@@ -356,6 +367,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         l.set_nonblocking()
             .map_err(|e| format!("{}: {e}", l.describe()))?;
     }
+    // The vhost-user-blk listener thread runs until the process exits.
+    let mut vhost_server = None;
+    if let Some(p) = &args.vhost_user_blk {
+        let l = Listener::bind_unix(p, args.socket_mode)
+            .map_err(|e| format!("--vhost-user-blk: {e}"))?;
+        if let Some((sock, file)) = l.into_unix() {
+            created.vhost = file;
+            vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
+        }
+    }
     if let Some(c) = &args.control {
         let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
         if let Some((sock, file)) = l.into_unix() {
@@ -395,6 +416,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // Ready: the sockets appear at their paths now, and systemd hears READY=1.
     if let Some(c) = &mut created.control {
         c.publish().map_err(|e| format!("--control: {e}"))?;
+    }
+    if let Some(v) = &mut created.vhost {
+        v.publish().map_err(|e| format!("--vhost-user-blk: {e}"))?;
     }
     for l in &mut created.listeners {
         l.publish().map_err(|e| e.to_string())?;
@@ -445,6 +469,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         serde_json::json!({"connections": live.count()}),
     );
     created.remove_sockets();
+    if let Some(v) = &vhost_server {
+        // Like NBD: no new request is taken from the rings, the ones in flight are answered
+        // before the engine stops (a frontend that reconnects finds the rest still queued).
+        let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
+        if v.quiesce(grace) {
+            tracing::info!(socket = %v.socket().display(), "vhost-user-blk queues stopped");
+        } else {
+            tracing::warn!(socket = %v.socket().display(), "vhost-user-blk requests still in flight after the grace period");
+        }
+    }
     let n = live.count();
     tracing::info!(
         connections = n,
@@ -479,6 +513,33 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Err(e) => tracing::error!(error = %e, "shutdown failed"),
     }
     result
+}
+
+/// Serves the default export over vhost-user-blk on `sock` (bound at `socket`, with the same
+/// hygiene as the NBD socket), with one queue per engine core and the overlay's file name (at
+/// most 20 bytes) as its GET_ID serial.
+fn start_vhost(
+    sock: std::os::unix::net::UnixListener,
+    socket: &Path,
+    host: &Host,
+    named: &[CliExport],
+    cores: usize,
+) -> Result<crate::vhost::VhostServer, String> {
+    let Some(export) = host.exports.get("") else {
+        return Err("--vhost-user-blk serves the default export: give OVERLAY".into());
+    };
+    let serial = named
+        .iter()
+        .find(|e| e.name.is_empty())
+        .and_then(|e| e.overlay.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let queues = u16::try_from(cores).unwrap_or(u16::MAX);
+    let server =
+        crate::vhost::VhostServer::start(sock, socket, export.backend.clone(), queues, serial)
+            .map_err(|e| format!("--vhost-user-blk {}: {e}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
+    Ok(server)
 }
 
 /// How long the accept loop stops accepting after the process ran out of file descriptors (or

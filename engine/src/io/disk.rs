@@ -11,6 +11,7 @@ use super::engine_shared::EngineShared;
 use super::mailbox::Msg;
 use super::request::{req_err, Completion, DepthExtent, Done, Extent, Request, RequestError};
 use super::responder::Responder;
+use super::source::SourceCtx;
 use super::split;
 use super::stats::DiskStats;
 use crate::error::{Error, Result};
@@ -85,14 +86,9 @@ fn submit(
     req: Request,
     done: Completion,
 ) {
-    // Counted until answered, so close can wait for every accepted request (SeqCst pairs the
-    // increment with close's store of `closed`: one of the two sides sees the other).
-    disk.active.fetch_add(1, Ordering::SeqCst);
-    let done = Responder::new(done, Arc::clone(&disk.active));
-    if disk.closed.load(Ordering::SeqCst) {
-        done.answer(Err(shut("disk closed")));
+    let Some(done) = accept(disk, done) else {
         return;
-    }
+    };
     let msg = Msg::Submit {
         disk: Arc::clone(disk),
         req,
@@ -100,6 +96,40 @@ fn submit(
     };
     if let Err(Msg::Submit { done, .. }) = engine.core(core).send(msg) {
         done.answer(Err(shut("engine shut down")));
+    }
+}
+
+/// Counts a request for `disk` until it is answered (so close can wait for every accepted
+/// request), or answers it at once when the disk is closed.
+fn accept(disk: &Arc<DiskState>, done: Completion) -> Option<Responder> {
+    // SeqCst pairs the increment with close's store of `closed`: one of the two sides sees the
+    // other.
+    disk.active.fetch_add(1, Ordering::SeqCst);
+    let done = Responder::new(done, Arc::clone(&disk.active));
+    if disk.closed.load(Ordering::SeqCst) {
+        done.answer(Err(shut("disk closed")));
+        return None;
+    }
+    Some(done)
+}
+
+impl SourceCtx<'_> {
+    /// Submits `req` for `disk` on this core, with no channel hop; `done` is called as for
+    /// [`Disk::submit`] (on this core). A disk of another engine goes through its channel.
+    pub fn submit(&mut self, disk: &Disk, req: Request, done: Completion) {
+        let core = self.local.core_id();
+        if !Arc::ptr_eq(&disk.engine, self.local.engine()) {
+            disk.submit(core, req, done);
+            return;
+        }
+        if let Some(done) = accept(&disk.state, done) {
+            self.local.submit_local(Arc::clone(&disk.state), req, done);
+        }
+    }
+
+    /// The core this source runs on.
+    pub fn core(&self) -> usize {
+        self.local.core_id()
     }
 }
 

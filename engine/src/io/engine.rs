@@ -1,5 +1,6 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -13,6 +14,7 @@ use super::disk_state::{DiskState, Role};
 use super::engine_shared::EngineShared;
 use super::mailbox::{CoreHandle, Msg};
 use super::mutex::lock;
+use super::source::{CoreSource, SourceId};
 use crate::error::{Error, ErrorKind, Result};
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.
@@ -257,6 +259,62 @@ impl Engine {
     /// midway), so no stale bytes reach a disk or a client.
     pub fn alloc_buf_unzeroed(&self, len: usize) -> IoBuf {
         buf::alloc(self.inner.shared.arena.as_ref(), len, false)
+    }
+
+    /// Has core `core` poll `fd` (an eventfd; made non-blocking) in its io_uring and call
+    /// `source` on that core when it is written: [`CoreSource::ready`] after the count was
+    /// consumed, [`CoreSource::idle`] before the core blocks. Returns once the poll is in the
+    /// core's ring (a write from then on, or one already pending, fires it). Not from a core
+    /// thread (it waits for the core).
+    pub fn attach_source(
+        &self,
+        core: usize,
+        fd: OwnedFd,
+        source: Box<dyn CoreSource>,
+    ) -> Result<SourceId> {
+        let shared = &self.inner.shared;
+        if core >= shared.cores.len() {
+            return Err(Error::new(ErrorKind::InvalidArgument(format!(
+                "attach_source: no core {core} (the engine has {})",
+                shared.cores.len()
+            ))));
+        }
+        if on_core_thread() {
+            return Err(Error::new(ErrorKind::InvalidArgument(
+                "attach_source called on a core thread".into(),
+            )));
+        }
+        let (ack, answer) = crossbeam_channel::bounded(1);
+        let msg = Msg::Attach { fd, source, ack };
+        if shared.cores[core].send(msg).is_err() {
+            return Err(Error::new(ErrorKind::Shutdown));
+        }
+        match answer.recv() {
+            Ok(Ok(id)) => Ok(SourceId { core, id }),
+            Ok(Err(e)) => Err(Error::io("attach a source to a core", e)),
+            Err(_) => Err(Error::new(ErrorKind::Shutdown)),
+        }
+    }
+
+    /// Stops polling `id`'s fd and drops the source (and its fd) on its core; when this returns,
+    /// `ready` and `idle` never run again. Requests the source submitted still complete (into
+    /// whatever their completions hold). A source of a stopped engine is already gone. Not from
+    /// a core thread (it waits for the core).
+    pub fn detach_source(&self, id: SourceId) -> Result<()> {
+        if on_core_thread() {
+            return Err(Error::new(ErrorKind::InvalidArgument(
+                "detach_source called on a core thread".into(),
+            )));
+        }
+        let Some(handle) = self.inner.shared.cores.get(id.core) else {
+            return Ok(());
+        };
+        let (ack, answer) = crossbeam_channel::bounded(1);
+        if handle.send(Msg::Detach { id: id.id, ack }).is_ok() {
+            // A core that exits answers (or drops) the message: either way the source is gone.
+            let _ = answer.recv();
+        }
+        Ok(())
     }
 
     /// Closes every open disk (each waits for its accepted requests, then commits) and stops

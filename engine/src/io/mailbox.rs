@@ -15,6 +15,7 @@ use crossbeam_channel::Sender;
 use super::disk_state::{DiskState, Waiter};
 use super::request::Request;
 use super::responder::Responder;
+use super::source::CoreSource;
 
 /// A message to a core thread.
 pub(crate) enum Msg {
@@ -38,6 +39,15 @@ pub(crate) enum Msg {
     },
     /// Empty registered-file slots `3k..3k+3`.
     Unregister { index: u32 },
+    /// Poll `fd` in the ring and call `source` when it is readable; answer the source's id on
+    /// `ack` once the poll is in the ring.
+    Attach {
+        fd: OwnedFd,
+        source: Box<dyn CoreSource>,
+        ack: Sender<std::io::Result<u64>>,
+    },
+    /// Stop polling source `id` and drop it; answer on `ack` after it was dropped.
+    Detach { id: u64, ack: Sender<()> },
     /// Run a closure on the core (answers forwarded from another core).
     Run(Box<dyn FnOnce() + Send>),
     /// Finish in-flight work and exit.

@@ -12,6 +12,8 @@
 //!   `config`: [`EngineConfig`], [`CacheMode`], [`DiskOptions`]; `responder`: a completion
 //!   called exactly once.
 //! * `mailbox`: how other threads reach a core (channel + eventfd + messages).
+//! * `source`: [`CoreSource`], work a core polls in its own ring (an eventfd) beside its
+//!   requests, and [`SourceCtx`], how it submits on that core.
 //! * `ring`: [`ring::Ring`], one core's io_uring with its slab of in-flight ops, in-flight cap,
 //!   backlog, linked chains and eventfd read; buffer lifetime is the ops' ownership.
 //! * `core`: one core thread: the loop, and the request state machines that plan ops and react
@@ -47,6 +49,7 @@ pub mod recorder;
 mod request;
 mod responder;
 mod ring;
+mod source;
 mod split;
 mod stats;
 
@@ -58,4 +61,5 @@ pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,
     MAX_READ,
 };
+pub use source::{CoreSource, SourceCtx, SourceId};
 pub use stats::DiskStats;

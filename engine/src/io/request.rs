@@ -13,6 +13,9 @@ pub enum Request {
     /// Read `len` bytes (at most [`MAX_READ`]) at `offset`; the completion carries the filled
     /// buffer.
     Read { offset: u64, len: u32 },
+    /// Read `buf.len()` bytes (at most [`MAX_READ`]) at `offset` into the caller's `buf` (e.g. a
+    /// borrowed one, [`IoBuf::borrowed`]); the completion carries `buf` back, filled.
+    ReadInto { offset: u64, buf: IoBuf },
     /// Write `data` at `offset`; with `fua`, answered only once data and bits are durable.
     Write { offset: u64, data: IoBuf, fua: bool },
     /// Make every write answered before this request arrived durable (data, then bits).

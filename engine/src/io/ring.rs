@@ -16,28 +16,39 @@
 //! * the *eventfd read* that is always pending, so another thread can wake a core blocked in
 //!   `io_uring_enter`. One SQE is kept free for it, so re-arming cannot fail for lack of room,
 //!   and it counts as armed only once it is really in the SQ.
+//! * *polls*: file descriptors (eventfds of other subsystems) the ring watches for readability
+//!   with a multishot `IORING_OP_POLL_ADD` (a re-armed single-shot poll where the kernel refuses
+//!   multishot), each under an id the caller picks; [`Ring::take_fired`] hands out the ids that
+//!   became readable. A poll references no memory. Removal (`IORING_OP_POLL_REMOVE`) is
+//!   asynchronous: the id stops firing at once and is forgotten when its last CQE arrives.
 //!
 //! # The `user_data` contract
 //! * [`WAKE_UD`] (`u64::MAX`): the 8-byte read of the eventfd; re-armed when reaped.
 //! * [`CANCEL_UD`] (`u64::MAX - 1`): the cancels issued at teardown.
-//! * anything else: the slab key of an op.
+//! * [`POLL_REMOVE_UD`] (`u64::MAX - 2`): poll removals.
+//! * [`POLL_TAG`] `| id`: the poll with that id (ids are below `POLL_TAG`).
+//! * anything else: the slab key of an op (always below `POLL_TAG`).
 //!
 //! # Teardown
 //! Dropping the ring (also while a panic unwinds) cancels every in-flight op and waits (boundedly)
 //! for their CQEs; ops whose CQE never comes are leaked, never freed, because the kernel may
 //! still write into their buffers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types, EnterFlags, IoUring, Submitter};
+use io_uring::{cqueue, opcode, squeue, types, EnterFlags, IoUring, Submitter};
 use slab::Slab;
 
 /// `user_data` of the eventfd read.
 pub(crate) const WAKE_UD: u64 = u64::MAX;
 /// `user_data` of the cancels issued at teardown.
 pub(crate) const CANCEL_UD: u64 = u64::MAX - 1;
+/// `user_data` of poll removals.
+pub(crate) const POLL_REMOVE_UD: u64 = u64::MAX - 2;
+/// Tag bit of a poll's `user_data`; the bits below it are the poll's id.
+pub(crate) const POLL_TAG: u64 = 1 << 62;
 /// How long teardown waits for cancelled ops before leaking them.
 const TEARDOWN_BUDGET: Duration = Duration::from_secs(10);
 
@@ -73,6 +84,17 @@ struct Wake {
     armed: bool,
 }
 
+/// One watched file descriptor (see the module docs).
+struct Poll {
+    fd: RawFd,
+    /// A POLL_ADD for it is in the SQ or in the kernel.
+    armed: bool,
+    /// It was removed: it never fires again and is forgotten once disarmed.
+    removing: bool,
+    /// The POLL_REMOVE for it is in the SQ or in the kernel.
+    remove_sent: bool,
+}
+
 /// See the module docs.
 pub(crate) struct Ring<T: RingOp> {
     uring: IoUring,
@@ -87,6 +109,12 @@ pub(crate) struct Ring<T: RingOp> {
     /// A non-blocking enter must always ask for events (the kernel cannot flag waiting task
     /// work: no TASKRUN_FLAG).
     poll_events: bool,
+    /// Watched fds by id.
+    polls: HashMap<u64, Poll>,
+    /// Ids whose fd became readable since the last [`Ring::take_fired`].
+    fired: Vec<u64>,
+    /// Whether polls are armed multishot (cleared when the kernel refuses it).
+    multishot: bool,
 }
 
 /// Builds an io_uring, trying the cheapest task-run mode the kernel accepts first.
@@ -148,6 +176,9 @@ impl<T: RingOp> Ring<T> {
                 armed: false,
             },
             poll_events,
+            polls: HashMap::new(),
+            fired: Vec::new(),
+            multishot: true,
         };
         ring.arm_wake();
         Ok(ring)
@@ -268,6 +299,121 @@ impl<T: RingOp> Ring<T> {
         }
     }
 
+    /// Watches `fd` for readability under `id` (below [`POLL_TAG`]; not in use). The poll is
+    /// armed now if an SQE is free, else at the next [`Ring::enter`] or [`Ring::reap`]; a fd that
+    /// is readable already fires once armed.
+    pub(crate) fn add_poll(&mut self, id: u64, fd: RawFd) {
+        debug_assert!(id < POLL_TAG && !self.polls.contains_key(&id));
+        self.polls.insert(
+            id,
+            Poll {
+                fd,
+                armed: false,
+                removing: false,
+                remove_sent: false,
+            },
+        );
+        self.arm_polls();
+    }
+
+    /// Stops watching `id`: it is never reported by [`Ring::take_fired`] again (also not for an
+    /// event already reaped and not yet taken), and is forgotten once the kernel let it go.
+    pub(crate) fn remove_poll(&mut self, id: u64) {
+        self.fired.retain(|&f| f != id);
+        let Some(p) = self.polls.get_mut(&id) else {
+            return;
+        };
+        if !p.armed {
+            self.polls.remove(&id);
+            return;
+        }
+        p.removing = true;
+        self.arm_polls();
+    }
+
+    /// Polls still known to the ring (armed, waiting to be armed, or being removed).
+    #[cfg(test)]
+    pub(crate) fn polls(&self) -> usize {
+        self.polls.len()
+    }
+
+    /// Moves the ids whose fd became readable into `out` (each at most once per call).
+    pub(crate) fn take_fired(&mut self, out: &mut Vec<u64>) {
+        self.fired.sort_unstable();
+        self.fired.dedup();
+        out.append(&mut self.fired);
+    }
+
+    /// Pushes the POLL_ADDs and POLL_REMOVEs that are due, while SQEs are free beyond the one
+    /// kept for the eventfd read.
+    fn arm_polls(&mut self) {
+        if self.polls.is_empty() {
+            return;
+        }
+        let reserve = usize::from(self.wake.fd >= 0 && !self.wake.armed);
+        let multishot = self.multishot;
+        let mut sq = self.uring.submission();
+        for (&id, p) in self.polls.iter_mut() {
+            let sqe = if p.removing && p.armed && !p.remove_sent {
+                opcode::PollRemove::new(POLL_TAG | id)
+                    .build()
+                    .user_data(POLL_REMOVE_UD)
+            } else if !p.removing && !p.armed {
+                opcode::PollAdd::new(types::Fd(p.fd), libc::POLLIN as u32)
+                    .multi(multishot)
+                    .build()
+                    .user_data(POLL_TAG | id)
+            } else {
+                continue;
+            };
+            if sq.capacity() - sq.len() <= reserve {
+                break;
+            }
+            // SAFETY: POLL_ADD and POLL_REMOVE reference no memory (an fd and an event mask, or
+            // a user_data to match); room beyond the reserved SQE was checked above.
+            if unsafe { sq.push(&sqe) }.is_err() {
+                break;
+            }
+            if p.removing {
+                p.remove_sent = true;
+            } else {
+                p.armed = true;
+            }
+        }
+    }
+
+    /// A CQE of poll `id`.
+    fn poll_cqe(&mut self, id: u64, res: i32, flags: u32) {
+        let Some(p) = self.polls.get_mut(&id) else {
+            return;
+        };
+        let more = cqueue::more(flags);
+        if !more {
+            p.armed = false;
+        }
+        if res > 0 {
+            if !p.removing {
+                self.fired.push(id);
+            }
+        } else if res == -libc::EINVAL && self.multishot && !p.removing {
+            // No multishot poll on this kernel: single-shot, re-armed after every event.
+            tracing::debug!("multishot poll refused; re-arming single-shot polls");
+            self.multishot = false;
+        } else if res < 0 && res != -libc::ECANCELED && !p.removing {
+            // Re-arming a poll the kernel refuses would spin: stop watching it.
+            tracing::error!(
+                id,
+                fd = p.fd,
+                errno = -res,
+                "polling a watched file descriptor failed; it is no longer watched"
+            );
+            p.removing = true;
+        }
+        if p.removing && !p.armed {
+            self.polls.remove(&id);
+        }
+    }
+
     fn arm_wake(&mut self) {
         if self.wake.armed || self.wake.fd < 0 {
             return;
@@ -288,6 +434,7 @@ impl<T: RingOp> Ring<T> {
     /// are not errors.
     pub(crate) fn enter(&mut self, wait: Wait) -> std::io::Result<()> {
         self.arm_wake();
+        self.arm_polls();
         if !self.backlog.is_empty() {
             self.flush_backlog();
             if !self.backlog.is_empty() && wait != Wait::Poll {
@@ -350,6 +497,7 @@ impl<T: RingOp> Ring<T> {
     /// read is re-armed).
     pub(crate) fn reap(&mut self, out: &mut Vec<(T, i32)>) -> bool {
         let mut woken = false;
+        let mut polled = Vec::new();
         let mut cq = self.uring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -358,7 +506,10 @@ impl<T: RingOp> Ring<T> {
                     self.wake.armed = false;
                     woken = true;
                 }
-                CANCEL_UD => {}
+                CANCEL_UD | POLL_REMOVE_UD => {}
+                key if key & POLL_TAG != 0 => {
+                    polled.push((key & !POLL_TAG, cqe.result(), cqe.flags()));
+                }
                 key => match self.ops.try_remove(key as usize) {
                     Some(op) => out.push((op, cqe.result())),
                     None => tracing::error!(key, "completion for an unknown op"),
@@ -366,7 +517,11 @@ impl<T: RingOp> Ring<T> {
             }
         }
         drop(cq);
+        for (id, res, flags) in polled {
+            self.poll_cqe(id, res, flags);
+        }
         self.arm_wake();
+        self.arm_polls();
         woken
     }
 
@@ -682,5 +837,43 @@ mod tests {
         }
         assert!(woken, "a wakeup was lost");
         drop(ring);
+    }
+
+    #[test]
+    fn a_poll_fires_when_readable_and_is_forgotten_once_its_removal_completes() {
+        let (r, w) = pipe();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut ring: Ring<PipeRead> = Ring::new(8, -1).expect("ring");
+        ring.add_poll(7, r.as_raw_fd());
+        let mut out = Vec::new();
+        let mut fired = Vec::new();
+        ring.enter(Wait::Poll).expect("submit");
+        ring.reap(&mut out);
+        ring.take_fired(&mut fired);
+        assert!(fired.is_empty(), "fired with nothing to read");
+        // SAFETY: writes one byte from a valid buffer to our pipe.
+        let n = unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(n, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fired.is_empty() && Instant::now() < deadline {
+            ring.enter(Wait::Until(Instant::now() + Duration::from_millis(50)))
+                .expect("enter");
+            ring.reap(&mut out);
+            ring.take_fired(&mut fired);
+        }
+        assert_eq!(fired, vec![7]);
+        ring.remove_poll(7);
+        assert_eq!(ring.polls(), 1, "kept until the kernel let go of it");
+        while ring.polls() > 0 && Instant::now() < deadline {
+            ring.enter(Wait::Until(Instant::now() + Duration::from_millis(50)))
+                .expect("enter");
+            ring.reap(&mut out);
+        }
+        assert_eq!(ring.polls(), 0, "the removal never completed");
+        fired.clear();
+        ring.take_fired(&mut fired);
+        assert!(fired.is_empty(), "fired after removal");
+        assert!(out.is_empty());
+        drop(drops);
     }
 }

@@ -17,7 +17,8 @@
 //!    blocks until a completion, the eventfd, or the next background commit is due. Before
 //!    blocking the core sets its `sleeping` flag and looks at the channel once more (see
 //!    `mailbox.rs`).
-//! 4. Handle every completion that arrived.
+//! 4. Handle every completion that arrived, then call `ready` on every attached source whose
+//!    eventfd fired (`sources.rs`); before blocking in step 3, every source's `idle` is called.
 //!
 //! # Exit and panics
 //! After `Shutdown` the loop ends once no task is left; messages still in the channel are
@@ -34,6 +35,7 @@ mod ops;
 mod populate;
 mod rw;
 mod shared_buf;
+mod sources;
 mod tasks;
 
 use std::cell::Cell;
@@ -99,6 +101,7 @@ pub(crate) struct Core {
     reaped: Vec<(CoreOp, i32)>,
     segs: Vec<Seg>,
     scratch: SplitScratch,
+    sources: sources::Sources,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<super::faults::FaultPlan>>,
 }
@@ -157,6 +160,7 @@ impl Core {
             reaped: Vec::new(),
             segs: Vec::new(),
             scratch: SplitScratch::default(),
+            sources: sources::Sources::default(),
         })
     }
 
@@ -171,8 +175,11 @@ impl Core {
                     done.answer(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
                 }
                 Msg::Run(f) => f(),
-                Msg::Register { ack, .. } => {
+                Msg::Register { ack, .. } | Msg::Detach { ack, .. } => {
                     let _ = ack.send(());
+                }
+                Msg::Attach { ack, .. } => {
+                    let _ = ack.send(Err(std::io::Error::from_raw_os_error(libc::ESHUTDOWN)));
                 }
                 Msg::Commit { .. } | Msg::Unregister { .. } | Msg::Shutdown => {}
             }
@@ -196,6 +203,9 @@ impl Core {
         if self.stopping && self.tasks.is_empty() && self.ring.is_idle() {
             return false;
         }
+        if rx.is_empty() {
+            self.idle_sources();
+        }
         let handle = self.shared.core(self.id);
         handle.sleeping.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -217,6 +227,7 @@ impl Core {
             self.complete(op, res);
         }
         self.reaped = reaped;
+        self.run_sources();
         true
     }
 
@@ -248,6 +259,8 @@ impl Core {
                     }
                 }
             }
+            Msg::Attach { fd, source, ack } => self.attach_source(fd, source, ack),
+            Msg::Detach { id, ack } => self.detach_source(id, ack),
             Msg::Run(f) => f(),
             Msg::Shutdown => self.stopping = true,
         }

@@ -10,7 +10,7 @@ use super::super::align::DioAlign;
 use super::super::buf::{self, IoBuf};
 use super::super::disk_state::{DiskState, Parked, Role, Waiter};
 use super::super::range_lock::{Acquire, Ticket};
-use super::super::request::{req_err, Done, Request, MAX_READ};
+use super::super::request::{req_err, Done, Request, RequestError, MAX_READ};
 use super::super::responder::Responder;
 use super::super::split::{plan_read, Src};
 use super::ops::{op_name, CopyOut, CoreOp, FileRef, Mem, OpKind, Region, Target};
@@ -111,6 +111,17 @@ fn write_range(req: &Request) -> (u64, u64) {
     }
 }
 
+/// Checks a read of `len` bytes at `offset` of a disk of `size` bytes.
+fn read_bounds(offset: u64, len: u64, size: u64) -> Result<(), RequestError> {
+    if offset.checked_add(len).map_or(true, |e| e > size) {
+        Err(req_err(libc::EINVAL, "read past the end", offset))
+    } else if len > u64::from(MAX_READ) {
+        Err(req_err(libc::EINVAL, "read larger than MAX_READ", offset))
+    } else {
+        Ok(())
+    }
+}
+
 /// Patches `payload` (for [`Patch::Data`]) or zeros into a read-modify-write buffer. Anything
 /// that does not fit is an error, never a silently skipped patch (that would write the old bytes
 /// back and answer success).
@@ -160,19 +171,18 @@ impl Core {
         let size = disk.size;
         match req {
             Request::Read { offset, len } => {
-                if offset
-                    .checked_add(u64::from(len))
-                    .map_or(true, |e| e > size)
-                {
-                    done.answer(Err(req_err(libc::EINVAL, "read past the end", offset)));
-                } else if len > MAX_READ {
-                    done.answer(Err(req_err(
-                        libc::EINVAL,
-                        "read larger than MAX_READ",
-                        offset,
-                    )));
+                if let Err(e) = read_bounds(offset, u64::from(len), size) {
+                    done.answer(Err(e));
                 } else {
-                    self.start_read(disk, offset, len, done);
+                    let buf = buf::alloc(self.shared.arena.as_ref(), len as usize, false);
+                    self.start_read(disk, offset, buf, done);
+                }
+            }
+            Request::ReadInto { offset, buf } => {
+                if let Err(e) = read_bounds(offset, buf.len() as u64, size) {
+                    done.answer(Err(e));
+                } else {
+                    self.start_read(disk, offset, buf, done);
                 }
             }
             Request::Flush => {
@@ -266,8 +276,10 @@ impl Core {
         }
     }
 
-    fn start_read(&mut self, disk: Arc<DiskState>, offset: u64, len: u32, done: Responder) {
-        let buf = SharedBuf::new(buf::alloc(self.shared.arena.as_ref(), len as usize, false));
+    /// Reads `buf.len()` bytes at `offset` into `buf` (bounds checked by the caller).
+    fn start_read(&mut self, disk: Arc<DiskState>, offset: u64, buf: IoBuf, done: Responder) {
+        let len = buf.len() as u64;
+        let buf = SharedBuf::new(buf);
         let key = self.tasks.insert(Task::Read(ReadTask {
             disk: Arc::clone(&disk),
             buf: buf.clone(),
@@ -276,7 +288,7 @@ impl Core {
             err: None,
             done,
         }));
-        let n = self.issue_read(key, &disk, &buf, 0, offset, u64::from(len));
+        let n = self.issue_read(key, &disk, &buf, 0, offset, len);
         drop(buf);
         self.add_pending(key, n);
     }

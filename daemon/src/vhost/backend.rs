@@ -1,0 +1,452 @@
+//! The `vhost-user-backend` device: negotiation answers, and the binding of each queue to the
+//! engine core that serves it.
+//!
+//! No library worker thread serves a queue: [`BlkDevice::queues_per_thread`] names no queue, so
+//! the library never registers a kick eventfd in its epoll; each queue's vring is a
+//! [`CoreVring`] whose kick is polled by the queue's engine core, where [`Queue`] pops, submits
+//! and answers chains (see `queue.rs` and `docs/VHOST_USER_BLK.md`).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::activity::Activity;
+use super::config::DeviceConfig;
+use super::queue::Queue;
+use super::vring::CoreVring;
+use crate::serve::export::Backend;
+
+/// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight.
+const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
+
+/// Bytes of daemon memory that one queue's chains in flight may bounce through; popping stops
+/// there (at least one chain is always popped) and resumes as they are answered, so a guest
+/// cannot make the daemon allocate a whole ring of 256 MiB requests. Direct (zero-copy) chains
+/// do not count.
+pub const BOUNCE_CAP: u64 = 32 << 20;
+
+/// Guest memory as the frontend mapped it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// One frontend connection's device state, shared with its queues.
+#[derive(Clone)]
+pub struct BlkDevice {
+    inner: Arc<Inner>,
+}
+
+/// What a device's queues share.
+pub(super) struct Inner {
+    pub(super) disk: Arc<dyn Backend>,
+    pub(super) activity: Arc<Activity>,
+    pub(super) config: DeviceConfig,
+    pub(super) mem: RwLock<Option<GuestMem>>,
+    pub(super) event_idx: AtomicBool,
+    pub(super) writeback: AtomicBool,
+    /// See [`BOUNCE_CAP`].
+    pub(super) batch_bytes: u64,
+    /// Hand aligned guest buffers to the engine directly (else always bounce).
+    pub(super) direct: bool,
+    /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
+    pub(super) ring_error_logged: AtomicBool,
+    /// The vrings bound to engine cores ([`BlkDevice::bind`]).
+    vrings: Mutex<Vec<CoreVring>>,
+}
+
+impl BlkDevice {
+    /// A device serving `disk` as described by `config`; its chains in flight are counted in
+    /// `activity`.
+    pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig, activity: Arc<Activity>) -> BlkDevice {
+        Self::with_limits(disk, config, activity, BOUNCE_CAP, true)
+    }
+
+    pub(super) fn with_limits(
+        disk: Arc<dyn Backend>,
+        config: DeviceConfig,
+        activity: Arc<Activity>,
+        batch_bytes: u64,
+        direct: bool,
+    ) -> BlkDevice {
+        BlkDevice {
+            inner: Arc::new(Inner {
+                disk,
+                activity,
+                config,
+                mem: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                writeback: AtomicBool::new(true),
+                ring_error_logged: AtomicBool::new(false),
+                batch_bytes,
+                direct,
+                vrings: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The queue for vring `index` of this device.
+    pub(super) fn queue(&self, index: usize, vring: &CoreVring) -> Arc<Queue> {
+        Arc::new(Queue::new(
+            index,
+            Arc::clone(&self.inner),
+            vring.inner().clone(),
+        ))
+    }
+
+    /// Binds each of `vrings` (in queue order, as the library created them) to engine core
+    /// `index % cores`. Fails when the disk is not an engine disk (nothing could poll the
+    /// kicks).
+    pub fn bind(&self, vrings: Vec<CoreVring>) -> io::Result<()> {
+        let engine = self
+            .inner
+            .disk
+            .engine_disk()
+            .map(|d| d.engine.clone())
+            .ok_or_else(|| io::Error::other("vhost-user-blk needs an engine disk"))?;
+        let cores = engine.cores().max(1);
+        for (index, v) in vrings.iter().enumerate() {
+            v.bind(self.queue(index, v), engine.clone(), index % cores);
+        }
+        *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()) = vrings;
+        Ok(())
+    }
+
+    /// Stops polling every queue's kick (the frontend is gone). Chains in flight still
+    /// complete into the old frontend's memory, which they keep mapped.
+    pub fn unbind(&self) {
+        let vrings =
+            std::mem::take(&mut *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()));
+        for v in vrings {
+            v.unbind();
+        }
+    }
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = CoreVring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIGURE_MEM_SLOTS: libblkio adds and removes its buffer regions one at a time.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self
+            .inner
+            .config
+            .config_space(self.inner.writeback.load(Ordering::Relaxed));
+        let start = (offset as usize).min(space.len());
+        let end = start.saturating_add(size as usize).min(space.len());
+        let mut out = space[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` (offset 32) is writable (CONFIG_WCE).
+        if offset == 32 && buf.len() == 1 {
+            self.inner.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("config write of {} bytes at {offset} refused", buf.len()),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the library marked the queue not ready (no chain is popped from it
+        // any more); every popped chain is answered first, so its used entry lands before the
+        // frontend reads where the ring stands.
+        let deadline = Instant::now() + STOP_VRING_WAIT;
+        if self
+            .inner
+            .activity
+            .wait_queue_idle(queue_index as usize, deadline)
+        {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("queue {queue_index}: requests still in flight after {STOP_VRING_WAIT:?}"),
+            ))
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One library worker thread (it only waits for its exit event) and no queue in its
+        // mask: the kicks go to the engine cores (`CoreVring`).
+        vec![0]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        _vrings: &[CoreVring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // No queue is registered with the library's epoll.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::export::memory::MemDisk;
+    use addcow_engine::{Completion, Request};
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+
+    fn config(size: u64) -> DeviceConfig {
+        DeviceConfig {
+            size,
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+            serial: String::new(),
+        }
+    }
+
+    fn vring(mem: &GuestMem, desc: u64, avail: u64, used: u64) -> CoreVring {
+        let vring = CoreVring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    fn eventfd() -> std::fs::File {
+        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, owned descriptor.
+        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// `n` chains on `ring` (descriptors 3k..3k+2): header, one data descriptor of `len` bytes
+    /// at `data(k)`, status at 0x30000 + k. `read`: VIRTIO_BLK_T_IN at sector 8k, else
+    /// VIRTIO_BLK_T_OUT at sector k with bytes k + 1.
+    fn chains(
+        mem: &GuestMemoryMmap,
+        ring: &MockSplitQueue<'_, GuestMemoryMmap>,
+        n: u64,
+        len: u32,
+        read: bool,
+        data: impl Fn(u64) -> u64,
+    ) {
+        let mut descs = Vec::new();
+        for k in 0..n {
+            let (hdr, status) = (0x10000 + k * 0x100, 0x30000 + k);
+            let mut h = [0u8; 16];
+            let (kind, sector) = if read {
+                (VIRTIO_BLK_T_IN, 8 * k)
+            } else {
+                (VIRTIO_BLK_T_OUT, k)
+            };
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            if !read {
+                mem.write_slice(&vec![k as u8 + 1; len as usize], GuestAddress(data(k)))
+                    .unwrap();
+            }
+            let i = 3 * k as u16;
+            let next = VRING_DESC_F_NEXT as u16;
+            let w = VRING_DESC_F_WRITE as u16;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr,
+                16,
+                next,
+                i + 1,
+            )));
+            let dflags = if read { next | w } else { next };
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                data(k),
+                len,
+                dflags,
+                i + 2,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(status, 1, w, 0)));
+        }
+        ring.add_desc_chains(&descs, 0).unwrap();
+    }
+
+    #[test]
+    fn chains_past_the_bounce_cap_wait_for_answers_and_the_queue_is_woken() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+        chains(&guard, &ring, 3, 512, false, |k| 0x20000 + k * 0x1000);
+        let disk = MemDisk::new(1 << 20, false);
+        // A cap one chain's data exceeds half of: two chains are popped, then the third waits.
+        let dev = BlkDevice::with_limits(
+            disk.clone(),
+            config(1 << 20),
+            Arc::new(Activity::new(1)),
+            600,
+            false,
+        );
+        dev.update_memory(mem.clone()).unwrap();
+        let v = vring(
+            &mem,
+            ring.desc_table_addr().0,
+            ring.avail_addr().0,
+            ring.used_addr().0,
+        );
+        let q = dev.queue(0, &v);
+        let mut wake = eventfd();
+        q.set_poke(Some(wake.try_clone().unwrap()));
+        let mut submit = |req: Request, done: Completion| disk.submit(0, req, done);
+        q.serve(&mut submit);
+        let used =
+            |g: &GuestMemoryMmap| -> u16 { g.read_obj(ring.used_addr().unchecked_add(2)).unwrap() };
+        assert_eq!(used(&guard), 2, "the cap held the third chain back");
+        let mut count = [0u8; 8];
+        assert_eq!(
+            wake.read(&mut count).unwrap(),
+            8,
+            "answers under the cap woke the queue"
+        );
+        q.serve(&mut submit);
+        assert_eq!(used(&guard), 3, "the wake-up served the rest");
+        let data = disk.data.lock().unwrap();
+        for k in 0..3usize {
+            assert!(data[k * 512..(k + 1) * 512]
+                .iter()
+                .all(|&b| b == k as u8 + 1));
+            let status: u8 = guard.read_obj(GuestAddress(0x30000 + k as u64)).unwrap();
+            assert_eq!(status, 0, "chain {k} status");
+        }
+    }
+
+    #[test]
+    fn aligned_buffers_go_direct_and_misaligned_ones_bounce_with_the_same_data() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let disk = MemDisk::new(1 << 20, false);
+        {
+            let mut d = disk.data.lock().unwrap();
+            for (i, b) in d.iter_mut().enumerate() {
+                *b = (i / 512) as u8 ^ (i as u8);
+            }
+        }
+        // Chain k's buffer: page-aligned for even k, 512 bytes off for odd k.
+        let at = |k: u64| 0x40000 + k * 0x4000 + (k % 2) * 512;
+        for direct in [true, false] {
+            let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+            chains(&guard, &ring, 4, 4096, true, at);
+            let dev = BlkDevice::with_limits(
+                disk.clone(),
+                config(1 << 20),
+                Arc::new(Activity::new(1)),
+                BOUNCE_CAP,
+                direct,
+            );
+            dev.update_memory(mem.clone()).unwrap();
+            let v = vring(
+                &mem,
+                ring.desc_table_addr().0,
+                ring.avail_addr().0,
+                ring.used_addr().0,
+            );
+            let q = dev.queue(0, &v);
+            let mut kinds = Vec::new();
+            let mut submit = |req: Request, done: Completion| {
+                kinds.push(match &req {
+                    Request::ReadInto { buf, .. } => buf.is_borrowed(),
+                    _ => false,
+                });
+                disk.submit(0, req, done)
+            };
+            q.serve(&mut submit);
+            let want_direct: Vec<bool> = (0..4).map(|k| direct && k % 2 == 0).collect();
+            assert_eq!(
+                kinds, want_direct,
+                "direct={direct}: which chains went direct"
+            );
+            let d = disk.data.lock().unwrap();
+            for k in 0..4u64 {
+                let mut got = vec![0u8; 4096];
+                guard.read_slice(&mut got, GuestAddress(at(k))).unwrap();
+                let off = (8 * k * 512) as usize;
+                assert!(got == d[off..off + 4096], "direct={direct}: chain {k} data");
+                let status: u8 = guard.read_obj(GuestAddress(0x30000 + k)).unwrap();
+                assert_eq!(status, 0, "chain {k} status");
+            }
+        }
+    }
+
+    #[test]
+    fn a_ring_outside_guest_memory_is_reported_not_fatal() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let disk = MemDisk::new(1 << 20, false);
+        let dev = BlkDevice::new(disk.clone(), config(1 << 20), Arc::new(Activity::new(1)));
+        dev.update_memory(mem.clone()).unwrap();
+        // The available ring's index is inside memory (and says 5 chains wait); its entries and
+        // the descriptor table are not.
+        let v = vring(&mem, 0x20000, 0xfffc, 0x30000);
+        let q = dev.queue(0, &v);
+        let mut submit = |req: Request, done: Completion| disk.submit(0, req, done);
+        for event_idx in [false, true] {
+            dev.set_event_idx(event_idx);
+            q.serve(&mut submit);
+        }
+        assert!(
+            dev.inner.ring_error_logged.load(Ordering::Relaxed),
+            "reported"
+        );
+    }
+}

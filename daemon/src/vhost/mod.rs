@@ -1,0 +1,145 @@
+//! `addcow serve --vhost-user-blk SOCKET`: the vhost-user-blk front end.
+//!
+//! A vhost-user frontend (QEMU's `vhost-user-blk-pci`, libblkio's `virtio-blk-vhost-user`)
+//! connects to a Unix socket, shares the guest's memory and hands over its virtqueues; requests
+//! are read from the rings in shared memory and answered by writing the used ring and the call
+//! eventfd. The protocol is the rust-vmm crates' (`vhost`, `vhost-user-backend`,
+//! `virtio-queue`, `vm-memory`); the device ([`backend`]) turns each chain ([`request`]) into
+//! engine requests on the disk behind an export. Each queue's kick eventfd is polled by its
+//! engine core's io_uring, which pops, submits and answers chains itself; aligned guest buffers
+//! are handed to the engine directly. See `docs/VHOST_USER_BLK.md` for the design.
+//!
+//! Modules: [`activity`] (chains in flight per queue; stopping them), [`config`] (features
+//! and config space), [`request`] (one chain), [`queue`] (one queue on its core), [`vring`]
+//! (the library's vring with its kick handed to a core), [`backend`] (the device), and here the
+//! listener that serves one frontend at a time and waits for the next when it goes
+//! (reconnect).
+
+pub mod activity;
+pub mod backend;
+pub mod config;
+pub mod queue;
+pub mod request;
+pub mod vring;
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::serve::export::Backend;
+use activity::Activity;
+use backend::BlkDevice;
+use config::DeviceConfig;
+
+/// Default ring size offered to frontends.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The vhost-user-blk listener: one frontend at a time; when it disconnects the device is reset
+/// and the next one is accepted on the same socket.
+pub struct VhostServer {
+    socket: PathBuf,
+    activity: Arc<Activity>,
+    _thread: JoinHandle<()>,
+}
+
+impl VhostServer {
+    /// Serves `disk` on the bound socket `sock` (a blocking listener; `socket` is its path, for
+    /// logs) from a thread, with `num_queues` request queues (queue q is served by engine core
+    /// q modulo the core count) and `serial` as the GET_ID answer. The caller owns the socket
+    /// file (binding, publishing and removing it).
+    pub fn start(
+        sock: UnixListener,
+        socket: &Path,
+        disk: Arc<dyn Backend>,
+        num_queues: u16,
+        serial: String,
+    ) -> io::Result<VhostServer> {
+        // Accepting must block: the library's accept loop retries at once on EAGAIN.
+        sock.set_nonblocking(false)?;
+        let mut listener = Listener::from(sock);
+        let config = DeviceConfig {
+            size: disk.size(),
+            num_queues: num_queues.clamp(1, 64),
+            queue_size: QUEUE_SIZE,
+            read_only: disk.read_only(),
+            serial,
+        };
+        let path = socket.to_path_buf();
+        let activity = Arc::new(Activity::new(usize::from(config.num_queues)));
+        let acts = Arc::clone(&activity);
+        let thread = std::thread::Builder::new()
+            .name("addcow-vhost".into())
+            .spawn(move || loop {
+                if let Err(e) = serve_one(&mut listener, &disk, &config, &acts) {
+                    tracing::warn!(socket = %path.display(), error = %e, "vhost-user-blk connection ended");
+                    // A listener that fails to accept would spin: slow down.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                } else {
+                    tracing::info!(socket = %path.display(), "vhost-user-blk frontend disconnected; waiting for the next");
+                }
+            })?;
+        Ok(VhostServer {
+            socket: socket.to_path_buf(),
+            activity,
+            _thread: thread,
+        })
+    }
+
+    /// Stops taking requests from the rings (what is not popped yet stays there, unanswered)
+    /// and waits until every batch in flight was answered, or `deadline`; false on timeout.
+    /// Called before the engine stops, so no request in flight is failed by a shutdown.
+    pub fn quiesce(&self, deadline: Instant) -> bool {
+        self.activity.stop(deadline)
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// Accepts one frontend and serves it until it disconnects; then stops the queue workers.
+fn serve_one(
+    listener: &mut Listener,
+    disk: &Arc<dyn Backend>,
+    config: &DeviceConfig,
+    activity: &Arc<Activity>,
+) -> Result<(), String> {
+    let device = BlkDevice::new(Arc::clone(disk), config.clone(), Arc::clone(activity));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let (daemon, vrings) =
+        vring::collect(|| VhostUserDaemon::new("addcow-vhost-conn".into(), device.clone(), mem));
+    let mut daemon = daemon.map_err(|e| format!("vhost-user device: {e}"))?;
+    device
+        .bind(vrings)
+        .map_err(|e| format!("vhost-user device: {e}"))?;
+    let result = daemon
+        .start(listener)
+        .map_err(|e| format!("accepting a frontend: {e}"))
+        .map(|()| {
+            tracing::info!("vhost-user-blk frontend connected");
+            daemon.wait()
+        });
+    // The cores stop polling this frontend's kicks; chains in flight still complete into its
+    // memory (each holds the mapping) and release their buffers. The library's worker thread
+    // exits.
+    device.unbind();
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    let result = result?;
+    match result {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
