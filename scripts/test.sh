@@ -22,11 +22,21 @@ command -v prlimit >/dev/null || need_pkgs+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v blockdev >/dev/null || need_pkgs+=(util-linux)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  echo "== installing ${need_pkgs[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# The vhost-user-blk TCG smoke test: QEMU's system emulator (without its recommends: no GUI,
+# no firmware beyond SeaBIOS) and a static busybox for the guest's initramfs.
+lean_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || lean_pkgs+=(qemu-system-x86)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || lean_pkgs+=(busybox-static)
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if [ ${#need_pkgs[@]} -gt 0 ] || [ ${#lean_pkgs[@]} -gt 0 ]; then
+  echo "== installing ${need_pkgs[*]} ${lean_pkgs[*]}"
   $SUDO apt-get update -qq
+fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if [ ${#lean_pkgs[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${lean_pkgs[@]}" >/dev/null
 fi
 
 echo "== cargo fmt --check"
@@ -75,6 +85,24 @@ echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify 
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
+
+echo "== vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
+# A kernel and its virtio modules: the host's /boot/vmlinuz-* or ADDCOW_TCG_KERNEL, else the
+# Debian kernel package's vmlinuz and virtio modules extracted (not installed) under target/.
+if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+  kdir="$PWD/target/tcg-kernel"
+  if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
+    kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    mkdir -p "$kdir"
+    (cd "$kdir" && apt-get download -qq "$kpkg" 2>/dev/null && \
+      dpkg-deb --fsys-tarfile "$kpkg"_*.deb | tar -x --wildcards './boot/vmlinuz-*' \
+        './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/drivers/block/virtio_blk.ko' && \
+      rm -f "$kpkg"_*.deb)
+  fi
+  ADDCOW_TCG_KERNEL=$(ls "$kdir"/boot/vmlinuz-* | head -n1)
+  export ADDCOW_TCG_KERNEL
+fi
+ADDCOW_TCG=1 cargo test -p addcow-daemon --test vhost_tcg -- --ignored --nocapture 2>&1 | grep -vE '^\[addcow\]'
 
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then
