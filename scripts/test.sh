@@ -116,3 +116,5 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-30}"
 
 echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
+echo "== vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
+cargo run -q -p addcow-bench -- vhost --quick

@@ -4,12 +4,15 @@
 //!   and runs fio's io_uring engine on the raw file as the disk's limit; every profile of
 //!   `fio-configs/` against every server, interleaved over rounds; writes a report, JSON and a chart.
 //! * `embedded`: the engine without a socket against fio on the raw file, same profiles, same run.
+//! * `vhost`: vhost-user-blk, addcow vs qemu-storage-daemon (qcow2 overlay) and addcow
+//!   vhost-user-blk vs addcow NBD, same run.
 //! * `memory`: RSS cost of opening a fresh 1 TiB overlay.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod blkio_load;
 mod chart;
 mod cli;
 mod compare;
@@ -24,12 +27,14 @@ mod report;
 mod servers;
 mod stats;
 mod sysinfo;
+mod vhost;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Compare(args) => compare::run(&args),
         cli::Command::Embedded(args) => embedded::run(&args),
+        cli::Command::Vhost(args) => vhost::run(&args),
         cli::Command::Memory(args) => memory::run(&args),
         cli::Command::Render(args) => report::render(&args.dir),
         cli::Command::MemoryChild(args) => memory::run_child(&args),
