@@ -20,11 +20,42 @@ command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v prlimit >/dev/null || need_pkgs+=(util-linux)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 command -v blockdev >/dev/null || need_pkgs+=(util-linux)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  echo "== installing ${need_pkgs[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# The vhost-user-blk TCG smoke test: a static busybox for the guest's initramfs, and QEMU's
+# system emulator (without its recommends: no GUI, no firmware beyond SeaBIOS) of exactly the
+# installed qemu-utils' version: another version would replace qemu-utils (apt removes it), so
+# a qemu-utils from bookworm-backports gets its emulator from there, and when that cannot be
+# installed without removing anything the TCG test is skipped with a message.
+lean_pkgs=()
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || lean_pkgs+=(busybox-static)
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+qemu_utils_version=""
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  qemu_utils_version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+  case "$qemu_utils_version" in
+    *bpo12*)
+      [ -n "$(grep -rls bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null)" ] ||
+        echo 'deb http://deb.debian.org/debian bookworm-backports main' |
+        $SUDO tee /etc/apt/sources.list.d/addcow-bookworm-backports.list >/dev/null ;;
+  esac
+fi
+if [ ${#need_pkgs[@]} -gt 0 ] || [ ${#lean_pkgs[@]} -gt 0 ] || ! command -v qemu-system-x86_64 >/dev/null; then
+  echo "== installing ${need_pkgs[*]} ${lean_pkgs[*]}"
   $SUDO apt-get update -qq
+fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if [ ${#lean_pkgs[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${lean_pkgs[@]}" >/dev/null
+fi
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  qemu_system="qemu-system-x86${qemu_utils_version:+=$qemu_utils_version}"
+  target_release=()
+  case "$qemu_utils_version" in *bpo12*) target_release=(-t bookworm-backports) ;; esac
+  echo "== installing $qemu_system (the TCG smoke test's emulator)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends --no-remove \
+    "${target_release[@]}" "$qemu_system" >/dev/null ||
+    echo "== $qemu_system cannot be installed without removing packages: the TCG smoke test will be skipped"
 fi
 
 echo "== cargo fmt --check"
@@ -74,6 +105,30 @@ cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
+echo "== vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
+# A kernel and its virtio modules: the host's /boot/vmlinuz-* or ADDCOW_TCG_KERNEL, else the
+# Debian kernel package's vmlinuz and virtio modules extracted (not installed) under target/.
+if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+  kdir="$PWD/target/tcg-kernel"
+  if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
+    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
+    mkdir -p "$kdir"
+    (cd "$kdir" && apt-get download -qq "$kpkg" 2>/dev/null && \
+      dpkg-deb --fsys-tarfile "$kpkg"_*.deb | tar -x --wildcards './boot/vmlinuz-*' \
+        './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/drivers/block/virtio_blk.ko' && \
+      rm -f "$kpkg"_*.deb) || echo "== could not download Debian's kernel package (${kpkg:-none found})"
+  fi
+  ADDCOW_TCG_KERNEL=$(ls "$kdir"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
+  export ADDCOW_TCG_KERNEL
+fi
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  echo "== SKIPPED vhost_tcg: qemu-system-x86_64 is not installed (see the install step above)"
+elif [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+  echo "== SKIPPED vhost_tcg: no guest kernel (no /boot/vmlinuz-*, and Debian's kernel package could not be downloaded)"
+else
+  ADDCOW_TCG=1 cargo test -p addcow-daemon --test vhost_tcg -- --ignored --nocapture 2>&1 | grep -vE '^\[addcow\]'
+fi
+
 echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the ENOSPC test needs root (losetup, mount); run the suite as root" >&2
@@ -86,3 +141,5 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-30}"
 
 echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
+echo "== vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
+cargo run -q -p addcow-bench -- vhost --quick

@@ -20,6 +20,9 @@ pub enum Command {
     Compare(CompareArgs),
     /// The engine without a socket vs fio io_uring on the raw file (same profiles, same run).
     Embedded(EmbeddedArgs),
+    /// vhost-user-blk: addcow vs qemu-storage-daemon (qcow2), and addcow vhost-user-blk vs
+    /// addcow NBD, same run (libblkio client; fio for NBD).
+    Vhost(VhostArgs),
     /// RSS cost of opening a fresh 1 TiB overlay (target: under 16 MiB).
     Memory(MemoryArgs),
     /// Overlays on a base served over NBD (nbdkit, with a read delay): addcow against the same
@@ -99,6 +102,21 @@ pub struct CompareArgs {
     /// little per syscall; CPU time per request is always measured).
     #[arg(long)]
     pub perf: bool,
+}
+
+/// Arguments of `vhost`.
+#[derive(Args, Debug)]
+pub struct VhostArgs {
+    /// Size (default 1G; quick 64M), seconds per run (default 10; quick 2), rounds (default
+    /// 3; quick 1) and work folder.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Report folder (vhost.md, vhost.json). Default bench/results/<UTC date>-vhost.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The `addcow` binary. Default: built next to this runner with cargo.
+    #[arg(long)]
+    pub addcow: Option<PathBuf>,
 }
 
 /// Arguments of `embedded`.

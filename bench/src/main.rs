@@ -5,12 +5,15 @@
 //!   `fio-configs/` against every server, interleaved over rounds; writes a report, JSON and a chart.
 //! * `embedded`: the engine without a socket against fio on the raw file, same profiles, same run.
 //! * `remote`: overlays on a base served over NBD, against the same base local and qemu-nbd.
+//! * `vhost`: vhost-user-blk, addcow vs qemu-storage-daemon (qcow2 overlay) and addcow
+//!   vhost-user-blk vs addcow NBD, same run.
 //! * `memory`: RSS cost of opening a fresh 1 TiB overlay.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod blkio_load;
 mod chart;
 mod cli;
 mod compare;
@@ -26,12 +29,14 @@ mod report;
 mod servers;
 mod stats;
 mod sysinfo;
+mod vhost;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Compare(args) => compare::run(&args),
         cli::Command::Embedded(args) => embedded::run(&args),
+        cli::Command::Vhost(args) => vhost::run(&args),
         cli::Command::Memory(args) => memory::run(&args),
         cli::Command::Remote(args) => remote::run(&args),
         cli::Command::Render(args) => report::render(&args.dir),

@@ -121,7 +121,7 @@ pub fn check_tools(wanted: &[Server]) -> Result<(Vec<Server>, Vec<String>)> {
 /// Whether a server on `socket` accepts a connection and sends the NBD greeting (`NBDMAGIC`).
 /// Reading the greeting (not just connecting) makes sure the server has taken the connection
 /// before the probe goes away.
-fn greets(socket: &Path) -> bool {
+pub fn greets(socket: &Path) -> bool {
     let Ok(mut s) = UnixStream::connect(socket) else {
         return false;
     };
@@ -199,7 +199,18 @@ pub fn start(
 
 /// Starts `cmd` (a server that will listen on the NBD Unix socket `socket`) with its
 /// stdout/stderr in `log`; returns once the socket greets, or an error with the log's text.
-pub fn spawn(mut cmd: Command, socket: &Path, log: &Path) -> Result<Running> {
+pub fn spawn(cmd: Command, socket: &Path, log: &Path) -> Result<Running> {
+    spawn_until_ready(cmd, socket, log, greets)
+}
+
+/// Starts `cmd` (stdout/stderr to `log`) and returns once `ready(socket)` holds (an error with
+/// the log if it exits first or is not ready within 20 s).
+pub fn spawn_until_ready(
+    mut cmd: Command,
+    socket: &Path,
+    log: &Path,
+    ready: fn(&Path) -> bool,
+) -> Result<Running> {
     let out = File::create(log).map_err(io_err("create", log))?;
     let err = out.try_clone().map_err(io_err("dup", log))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -213,7 +224,7 @@ pub fn spawn(mut cmd: Command, socket: &Path, log: &Path) -> Result<Running> {
         socket: socket.to_owned(),
         log: log.to_owned(),
     };
-    if let Err(message) = running.wait_ready(Duration::from_secs(20)) {
+    if let Err(message) = running.wait_ready(Duration::from_secs(20), ready) {
         running.stop();
         return Err(BenchError::Command {
             command: shown,
@@ -231,7 +242,11 @@ impl Running {
 
     /// Waits until the socket accepts a connection, the process exits (an error with its log), or
     /// `timeout` passes.
-    fn wait_ready(&mut self, timeout: Duration) -> std::result::Result<(), String> {
+    fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        ready: fn(&Path) -> bool,
+    ) -> std::result::Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -241,7 +256,7 @@ impl Running {
                     log.trim()
                 ));
             }
-            if greets(&self.socket) {
+            if ready(&self.socket) {
                 return Ok(());
             }
             if Instant::now() > deadline {

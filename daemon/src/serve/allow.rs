@@ -40,6 +40,9 @@ pub enum AllowError {
     /// The overlay path is relative (the daemon's working folder means nothing to a client).
     #[error("{}: the overlay path must be absolute", .0.display())]
     Relative(PathBuf),
+    /// A vhost-user-blk socket path is relative.
+    #[error("{}: the vhost-user-blk socket path must be absolute", .0.display())]
+    RelativeSocket(PathBuf),
     /// A file could not be resolved after the overlay was opened.
     #[error("{0}")]
     Unresolved(String),
@@ -216,6 +219,21 @@ impl AllowedDirs {
             Ok(f) => self.check_files(&f, false),
             Err(_) => Ok(()),
         }
+    }
+
+    /// A socket `export-add` is to create: its path must be absolute and its folder (which must
+    /// exist) must lie inside.
+    pub fn check_socket(&self, socket: &Path) -> Result<(), AllowError> {
+        if self.dirs.is_empty() {
+            return Err(AllowError::NoDirs);
+        }
+        if !socket.is_absolute() {
+            return Err(AllowError::RelativeSocket(socket.to_path_buf()));
+        }
+        let folder = socket.parent().unwrap_or(Path::new("/"));
+        let real = std::fs::canonicalize(folder)
+            .map_err(|e| AllowError::Unresolved(format!("{}: {e}", folder.display())))?;
+        self.inside("vhost-user-blk socket's folder", &real)
     }
 
     /// After a successful open: every file must resolve, and lie inside.

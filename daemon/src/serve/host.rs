@@ -4,8 +4,9 @@
 //! [`Host::export_stats`]). The command line, the control socket and the metrics endpoint all
 //! go through here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{DiskOptions, DiskStats, Engine};
@@ -18,6 +19,7 @@ use super::jobs::Jobs;
 use super::probe::LayerFiles;
 use super::signals::Stop;
 use super::stats::{Op, Percentiles};
+use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
 use super::wire;
 
 /// Who asks to add an export: the command line is trusted; the control socket is held to the
@@ -86,6 +88,15 @@ pub enum HostError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The vhost-user-blk side of an `export-add` could not be set up (bad `num-queues`, the
+    /// socket in use, ...); nothing was opened or is left behind.
+    #[error("export {name:?}: {error}")]
+    Vhost {
+        /// The export name.
+        name: String,
+        /// What failed.
+        error: VhostSetupError,
+    },
     /// The export is gone, but committing its overlay on the way out failed.
     #[error("export {name:?} was removed, but committing its overlay failed: {error}")]
     Close {
@@ -110,6 +121,11 @@ impl HostError {
             HostError::Deleting(_) => "deleting",
             HostError::ShuttingDown => "shutting-down",
             HostError::Close { .. } => "commit-failed",
+            HostError::Vhost {
+                error: VhostSetupError::Queues { .. },
+                ..
+            } => "invalid-queues",
+            HostError::Vhost { .. } => "socket-failed",
         }
     }
 }
@@ -119,13 +135,19 @@ impl HostError {
 pub struct ExportInfo {
     /// Export name.
     pub name: String,
+    /// How it was added: `nbd`, or `vhost-user-blk` (then also reachable over NBD by name).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The vhost-user-blk socket and queues (type `vhost-user-blk` only).
+    #[serde(rename = "vhost-user-blk", skip_serializing_if = "Option::is_none")]
+    pub vhost_user_blk: Option<VhostInfo>,
     /// The `.add-cow` file.
     pub overlay: Option<PathBuf>,
     /// Virtual size in bytes.
     pub size: u64,
     /// Writes refused.
     pub read_only: bool,
-    /// Connections in transmission.
+    /// NBD connections in transmission.
     pub clients: usize,
     /// Bytes held by the raw image (bits set).
     pub allocated_bytes: Option<u64>,
@@ -184,7 +206,7 @@ pub struct Deleted {
     pub overlay: Option<PathBuf>,
     /// The mode used.
     pub mode: DeleteMode,
-    /// Clients that were disconnected.
+    /// Clients that were disconnected (NBD connections, and a vhost-user-blk frontend).
     pub clients_disconnected: usize,
 }
 
@@ -204,6 +226,8 @@ pub struct Host {
     /// How long an `export-del hard` waits for in-flight requests before closing sockets.
     pub grace: Duration,
     shards: usize,
+    /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
+    vhost: Mutex<HashMap<String, VhostExport>>,
 }
 
 impl Host {
@@ -227,6 +251,49 @@ impl Host {
             stop,
             grace,
             shards,
+            vhost: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn vhost_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VhostExport>> {
+        self.vhost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Host::add_export`], then serves the export over vhost-user-blk on `params.socket`
+    /// too. The socket is bound (and `num-queues` checked) before the overlay is opened; if
+    /// serving fails after the open, the export is deleted again. From the control socket the
+    /// socket's folder must be an allowed folder.
+    pub fn add_vhost_export(
+        &self,
+        name: &str,
+        overlay: &Path,
+        read_only: bool,
+        origin: Origin,
+        params: VhostParams,
+    ) -> Result<Arc<Export>, HostError> {
+        if self.stop.is_set() {
+            return Err(HostError::ShuttingDown);
+        }
+        if origin == Origin::Control {
+            self.allowed.check_socket(&params.socket)?;
+        }
+        let vhost_err = |error| HostError::Vhost {
+            name: name.to_string(),
+            error,
+        };
+        let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
+        let export = self.add_export(name, overlay, read_only, origin)?;
+        match bound.serve(export.backend.clone(), overlay) {
+            Ok(v) => {
+                self.vhost_lock().insert(export.name.clone(), v);
+                Ok(export)
+            }
+            Err(e) => {
+                if let Err(d) = self.delete_export(&export.name, DeleteMode::Hard) {
+                    tracing::warn!(export = %name, error = %d, "removing the half-added export");
+                }
+                Err(vhost_err(e))
+            }
         }
     }
 
@@ -305,6 +372,16 @@ impl Host {
             .exports
             .get(name)
             .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
+        let frontend = self
+            .vhost_lock()
+            .get(name)
+            .is_some_and(VhostExport::frontend_connected);
+        if mode == DeleteMode::Safe && frontend {
+            return Err(HostError::Busy {
+                name: name.to_string(),
+                clients: export.client_count() + 1,
+            });
+        }
         let clients = export
             .begin_delete(mode == DeleteMode::Safe)
             .map_err(|r| match r {
@@ -315,6 +392,17 @@ impl Host {
                 DeleteRefused::AlreadyDeleting => HostError::Deleting(name.to_string()),
             })?;
         tracing::info!(export = %name, ?mode, clients, "deleting export");
+        // The vhost-user-blk side first: no new frontend or chain, what is in flight answered,
+        // the frontend disconnected, the socket file removed.
+        let vhost = self.vhost_lock().remove(name);
+        let mut frontend = false;
+        if let Some(v) = vhost {
+            frontend = v.frontend_connected();
+            if !v.stop(Instant::now() + self.grace) {
+                tracing::warn!(export = %name, "vhost-user-blk requests still in flight after the grace period");
+            }
+        }
+        let clients = clients + usize::from(frontend);
         self.jobs.cancel_and_wait(Some(name));
         if !export.wait_clients_gone(Some(Instant::now() + self.grace)) {
             tracing::warn!(export = %name, clients = export.client_count(),
@@ -358,6 +446,18 @@ impl Host {
         Ok(deleted)
     }
 
+    /// At shutdown: stops every vhost-user-blk export added at runtime (no new chain taken from
+    /// the rings, the batches in flight answered until `deadline`, the frontends disconnected,
+    /// the sockets removed); false if requests were still in flight at `deadline`.
+    pub fn stop_vhost_exports(&self, deadline: Instant) -> bool {
+        let all: Vec<VhostExport> = self.vhost_lock().drain().map(|(_, v)| v).collect();
+        let mut drained = true;
+        for v in all {
+            drained &= v.stop(deadline);
+        }
+        drained
+    }
+
     /// The export (if any) whose `.add-cow` file is the same file as `overlay`.
     fn serving_file(&self, overlay: &Path) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
@@ -371,14 +471,18 @@ impl Host {
 
     /// Every export (also those being deleted), as `query-exports` reports them.
     pub fn export_info(&self) -> Vec<ExportInfo> {
+        let vhost = self.vhost_lock();
         self.exports
             .all()
             .iter()
             .map(|e| {
                 let disk = e.backend.disk();
                 let disk = disk.as_ref();
+                let v = vhost.get(&e.name).map(VhostExport::info);
                 ExportInfo {
                     name: e.name.clone(),
+                    kind: if v.is_some() { "vhost-user-blk" } else { "nbd" },
+                    vhost_user_blk: v,
                     overlay: disk.map(|d| d.path().to_path_buf()),
                     size: e.backend.size(),
                     read_only: e.backend.read_only(),

@@ -43,6 +43,7 @@ pub mod snapshot;
 pub mod sock;
 pub mod stats;
 pub mod status;
+pub mod vhost_export;
 pub mod wire;
 
 use std::io::Write;
@@ -478,6 +479,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         } else {
             tracing::warn!(socket = %v.socket().display(), "vhost-user-blk requests still in flight after the grace period");
         }
+    }
+    if !host.stop_vhost_exports(Instant::now() + Duration::from_secs(args.shutdown_grace)) {
+        tracing::warn!("vhost-user-blk requests still in flight after the grace period");
     }
     let n = live.count();
     tracing::info!(

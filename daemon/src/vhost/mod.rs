@@ -23,14 +23,16 @@ pub mod request;
 pub mod vring;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::serve::export::Backend;
@@ -46,7 +48,53 @@ pub const QUEUE_SIZE: u16 = 256;
 pub struct VhostServer {
     socket: PathBuf,
     activity: Arc<Activity>,
-    _thread: JoinHandle<()>,
+    conn: Arc<Connection>,
+    /// The listening socket (the same one the thread accepts on), to wake that accept.
+    listener: UnixListener,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The current frontend connection, shared by the listener thread and [`VhostServer::stop`].
+#[derive(Default)]
+struct Connection {
+    /// Set by [`VhostServer::stop`]: accept no frontend any more, end the current one.
+    state: Mutex<ConnState>,
+    /// A frontend is connected now.
+    connected: AtomicBool,
+}
+
+#[derive(Default)]
+struct ConnState {
+    stopped: bool,
+    /// Ends the current frontend's connection (the socket is shut down).
+    current: Option<ShutdownHandle>,
+}
+
+impl Connection {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    /// Records the frontend just accepted; ends it at once when the server is stopping.
+    fn connected(&self, handle: Option<ShutdownHandle>) {
+        let mut s = self.lock();
+        self.connected.store(true, Ordering::Release);
+        if s.stopped {
+            if let Some(h) = &handle {
+                h.shutdown();
+            }
+        }
+        s.current = handle;
+    }
+
+    fn disconnected(&self) {
+        self.lock().current = None;
+        self.connected.store(false, Ordering::Release);
+    }
 }
 
 impl VhostServer {
@@ -63,6 +111,7 @@ impl VhostServer {
     ) -> io::Result<VhostServer> {
         // Accepting must block: the library's accept loop retries at once on EAGAIN.
         sock.set_nonblocking(false)?;
+        let accept_side = sock.try_clone()?;
         let mut listener = Listener::from(sock);
         let config = DeviceConfig {
             size: disk.size(),
@@ -74,10 +123,17 @@ impl VhostServer {
         let path = socket.to_path_buf();
         let activity = Arc::new(Activity::new(usize::from(config.num_queues)));
         let acts = Arc::clone(&activity);
+        let conn = Arc::new(Connection::default());
+        let thread_conn = Arc::clone(&conn);
         let thread = std::thread::Builder::new()
             .name("addcow-vhost".into())
             .spawn(move || loop {
-                if let Err(e) = serve_one(&mut listener, &disk, &config, &acts) {
+                let result = serve_one(&mut listener, &disk, &config, &acts, &thread_conn);
+                if thread_conn.stopped() {
+                    tracing::info!(socket = %path.display(), "vhost-user-blk listener stopped");
+                    return;
+                }
+                if let Err(e) = result {
                     tracing::warn!(socket = %path.display(), error = %e, "vhost-user-blk connection ended");
                     // A listener that fails to accept would spin: slow down.
                     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -88,8 +144,35 @@ impl VhostServer {
         Ok(VhostServer {
             socket: socket.to_path_buf(),
             activity,
-            _thread: thread,
+            conn,
+            listener: accept_side,
+            thread: Some(thread),
         })
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn frontend_connected(&self) -> bool {
+        self.conn.connected.load(Ordering::Acquire)
+    }
+
+    /// Stops serving for good: accepts no new frontend, takes no new chain from the rings,
+    /// waits until the batches in flight were answered (or `deadline`), then disconnects the
+    /// frontend and waits for the listener thread to end. False when requests were still in
+    /// flight at `deadline` (they complete into the old mapping, which stays valid until they
+    /// do, but the frontend may not see their answers). The socket file is the caller's.
+    pub fn stop(&mut self, deadline: Instant) -> bool {
+        self.conn.lock().stopped = true;
+        // Wakes the blocked accept (EINVAL) and makes every later one fail at once.
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let drained = self.activity.stop(deadline);
+        if let Some(h) = self.conn.lock().current.take() {
+            h.shutdown();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        drained
     }
 
     /// Stops taking requests from the rings (what is not popped yet stays there, unanswered)
@@ -111,6 +194,7 @@ fn serve_one(
     disk: &Arc<dyn Backend>,
     config: &DeviceConfig,
     activity: &Arc<Activity>,
+    conn: &Connection,
 ) -> Result<(), String> {
     let device = BlkDevice::new(Arc::clone(disk), config.clone(), Arc::clone(activity));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -125,7 +209,10 @@ fn serve_one(
         .map_err(|e| format!("accepting a frontend: {e}"))
         .map(|()| {
             tracing::info!("vhost-user-blk frontend connected");
-            daemon.wait()
+            conn.connected(daemon.shutdown_handle());
+            let r = daemon.wait();
+            conn.disconnected();
+            r
         });
     // The cores stop polling this frontend's kicks; chains in flight still complete into its
     // memory (each holds the mapping) and release their buffers. The library's worker thread

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::super::events;
 use super::super::host::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
+use super::super::vhost_export::VhostParams;
 use super::job_methods;
 use super::rpc::{RpcError, INVALID_PARAMS};
 
@@ -72,8 +73,16 @@ pub const METHODS: &[Method] = &[
             p("name", Kind::Str, true),
             p("overlay", Kind::Path, true),
             p("read_only", Kind::Bool, false),
+            p("type", Kind::Choice(&["nbd", "vhost-user-blk"]), false),
+            p("addr", Kind::Path, false),
+            p("num-queues", Kind::Str, false),
+            p("writable", Kind::Bool, false),
+            p("serial", Kind::Str, false),
         ],
-        summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once)",
+        summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
+                  type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
+                  on the Unix socket addr ({type: unix, path} or a path) with num-queues \
+                  queues (default and at most the daemon's cores) and serial as GET_ID",
         call: export_add,
     },
     Method {
@@ -223,11 +232,112 @@ struct ExportAdd {
     overlay: PathBuf,
     #[serde(default)]
     read_only: bool,
+    #[serde(default, rename = "type")]
+    kind: ExportType,
+    /// vhost-user-blk: `{"type": "unix", "path": P}` (qemu-storage-daemon's form) or `P`.
+    #[serde(default)]
+    addr: Option<Value>,
+    /// vhost-user-blk: a number (or a string holding one).
+    #[serde(default, rename = "num-queues")]
+    num_queues: Option<Value>,
+    /// qemu-storage-daemon's spelling of the opposite of `read_only`.
+    #[serde(default)]
+    writable: Option<bool>,
+    /// vhost-user-blk: the GET_ID answer (at most 20 bytes are sent).
+    #[serde(default)]
+    serial: Option<String>,
+}
+
+/// How `export-add` serves the export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ExportType {
+    /// Over NBD only.
+    #[default]
+    Nbd,
+    /// Over vhost-user-blk on its own socket, and over NBD.
+    VhostUserBlk,
+}
+
+fn invalid(msg: String) -> RpcError {
+    RpcError::new(INVALID_PARAMS, format!("invalid params: {msg}"))
+}
+
+/// The vhost-user-blk part of `export-add`, checked; `None` for type `nbd` (which refuses
+/// vhost-only parameters).
+fn vhost_params(a: &ExportAdd) -> Result<Option<VhostParams>, RpcError> {
+    if a.kind == ExportType::Nbd {
+        for (given, name) in [
+            (a.addr.is_some(), "addr"),
+            (a.num_queues.is_some(), "num-queues"),
+            (a.serial.is_some(), "serial"),
+        ] {
+            if given {
+                return Err(invalid(format!(
+                    "{name} is a vhost-user-blk parameter; add type: \"vhost-user-blk\""
+                )));
+            }
+        }
+        return Ok(None);
+    }
+    let socket = match &a.addr {
+        None => {
+            return Err(invalid(
+                "type vhost-user-blk needs addr (the socket path)".into(),
+            ))
+        }
+        Some(Value::String(p)) => PathBuf::from(p),
+        Some(Value::Object(o)) => match (o.get("type"), o.get("path"), o.len()) {
+            (Some(Value::String(t)), Some(Value::String(p)), 2) if t == "unix" => PathBuf::from(p),
+            (Some(Value::String(t)), _, _) if t != "unix" => {
+                return Err(invalid(format!(
+                "addr type {t:?}: vhost-user-blk is served on a Unix socket only (type \"unix\")"
+            )))
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "addr {}: expected {{\"type\": \"unix\", \"path\": PATH}}",
+                    Value::Object(o.clone())
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(invalid(format!(
+                "addr {other}: expected a socket path or {{\"type\": \"unix\", \"path\": PATH}}"
+            )))
+        }
+    };
+    let num_queues = match &a.num_queues {
+        None => None,
+        Some(v) => Some(
+            match v {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.trim().parse::<u64>().ok(),
+                _ => None,
+            }
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| invalid(format!("num-queues {v} is not a queue count")))?,
+        ),
+    };
+    Ok(Some(VhostParams {
+        socket,
+        num_queues,
+        serial: a.serial.clone(),
+    }))
 }
 
 fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: ExportAdd = params(p)?;
-    let export = host.add_export(&a.name, &a.overlay, a.read_only, Origin::Control)?;
+    if a.read_only && a.writable == Some(true) {
+        return Err(invalid(
+            "read_only and writable: true contradict each other".into(),
+        ));
+    }
+    let read_only = a.read_only || a.writable == Some(false);
+    let export = match vhost_params(&a)? {
+        None => host.add_export(&a.name, &a.overlay, read_only, Origin::Control)?,
+        Some(v) => host.add_vhost_export(&a.name, &a.overlay, read_only, Origin::Control, v)?,
+    };
     let info = host
         .export_info()
         .into_iter()
