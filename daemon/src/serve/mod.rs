@@ -43,7 +43,7 @@ pub mod snapshot;
 pub mod sock;
 pub mod stats;
 pub mod status;
-pub mod wire;
+pub use addcow_engine::nbd::wire;
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};

@@ -21,6 +21,7 @@ use super::base::{BaseSource, ChainBase};
 use super::config::{CacheMode, DiskOptions, EngineConfig};
 use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
+use super::remote::RemoteOptions;
 use super::request::{Request, RequestError};
 use super::responder::Responder;
 use super::stats::DiskCounters;
@@ -223,8 +224,16 @@ impl DiskState {
         } else {
             None
         };
-        let base: Option<Box<dyn BaseSource>> =
-            base.map(|chain| Box::new(ChainBase::new(chain)) as Box<dyn BaseSource>);
+        let remote = RemoteOptions {
+            timeout: config.base_timeout,
+            conns: config.cores,
+        };
+        let base: Option<Box<dyn BaseSource>> = match base {
+            Some(chain) => Some(Box::new(
+                ChainBase::new(chain, remote).map_err(|e| e.with_path(&meta_path))?,
+            )),
+            None => None,
+        };
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]

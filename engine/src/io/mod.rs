@@ -44,6 +44,7 @@ mod mutex;
 mod range_lock;
 #[cfg(feature = "crash-recorder")]
 pub mod recorder;
+mod remote;
 mod request;
 mod responder;
 mod ring;
@@ -54,6 +55,7 @@ pub use buf::{IoBuf, BUF_ALIGN};
 pub use config::{CacheMode, DiskOptions, EngineConfig};
 pub use disk::Disk;
 pub use engine::Engine;
+pub use remote::RemoteOptions;
 pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,
     MAX_READ,

@@ -32,6 +32,7 @@ mod commit_order;
 mod inject;
 mod ops;
 mod populate;
+mod remote_read;
 mod rw;
 mod shared_buf;
 mod tasks;
@@ -99,6 +100,8 @@ pub(crate) struct Core {
     reaped: Vec<(CoreOp, i32)>,
     segs: Vec<Seg>,
     scratch: SplitScratch,
+    /// Reads of a remote base in flight on its connection threads.
+    remote_ops: Slab<remote_read::RemoteOp>,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<super::faults::FaultPlan>>,
 }
@@ -157,6 +160,7 @@ impl Core {
             reaped: Vec::new(),
             segs: Vec::new(),
             scratch: SplitScratch::default(),
+            remote_ops: Slab::new(),
         })
     }
 
@@ -174,7 +178,10 @@ impl Core {
                 Msg::Register { ack, .. } => {
                     let _ = ack.send(());
                 }
-                Msg::Commit { .. } | Msg::Unregister { .. } | Msg::Shutdown => {}
+                Msg::Commit { .. }
+                | Msg::Unregister { .. }
+                | Msg::Shutdown
+                | Msg::RemoteDone { .. } => {}
             }
         }
         drop(rx);
@@ -249,6 +256,7 @@ impl Core {
                 }
             }
             Msg::Run(f) => f(),
+            Msg::RemoteDone { op, result } => self.remote_done(op, result),
             Msg::Shutdown => self.stopping = true,
         }
     }

@@ -476,6 +476,9 @@ impl Core {
                     };
                     issued += self.issue_file_read(task, file, dest, at, offset, seg.len);
                 }
+                Src::Remote { offset } => {
+                    issued += self.issue_remote_read(task, disk, dest, at, offset, seg.len);
+                }
             }
         }
         self.segs = segs;
