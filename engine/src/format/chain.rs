@@ -43,6 +43,8 @@ pub enum LayerFormat {
     Raw,
     /// An add-cow overlay: set bits are read from its raw image, clear ones from the next layer.
     AddCow,
+    /// A raw export of an NBD image server (the chain's bottom; named by a URI).
+    Nbd,
 }
 
 /// One opened layer of a backing chain.

@@ -52,8 +52,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often a waiting driver looks at deadlines.
 const TICK: Duration = Duration::from_millis(100);
-/// Most extents remembered from the block status at open (beyond: treated as data).
-const MAX_EXTENTS: usize = 1 << 20;
 /// Largest payload of an error chunk taken in.
 const MAX_ERROR_CHUNK: u32 = 64 << 10;
 
@@ -123,48 +121,11 @@ impl std::fmt::Debug for RemoteBase {
     }
 }
 
-/// The zero ranges of the whole export, asked on `sess` before it is used for reads.
-fn scan_zeros(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
-    let mut zeros: Vec<(u64, u64)> = Vec::new();
-    if sess.allocation_ctx.is_none() {
-        return zeros;
-    }
-    let step = (1u64 << 30) - (1u64 << 30) % u64::from(sess.min_block.max(1));
-    let (mut pos, mut extents) = (0u64, 0usize);
-    while pos < sess.size && extents < MAX_EXTENTS {
-        let len = (sess.size - pos).min(step) as u32;
-        let got = match client::block_status(sess, uri, pos, len) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(error = %e, "block status of the remote base failed; \
-                    every range of it is treated as data");
-                return Vec::new();
-            }
-        };
-        let before = pos;
-        for (l, flags) in got {
-            let end = (pos + u64::from(l)).min(sess.size);
-            if flags & wire::STATE_ZERO != 0 && end > pos {
-                match zeros.last_mut() {
-                    Some(last) if last.1 == pos => last.1 = end,
-                    _ => zeros.push((pos, end)),
-                }
-            }
-            pos = end;
-            extents += 1;
-        }
-        if pos == before {
-            break;
-        }
-    }
-    zeros
-}
-
 impl RemoteBase {
     /// Takes over `sess` (the connection made when the chain was opened): reads its holes,
     /// then starts its connections (`opts.conns` when the server allows multi-conn).
     pub(crate) fn start(uri: NbdUri, mut sess: Session, opts: RemoteOptions) -> Result<RemoteBase> {
-        let zeros = scan_zeros(&mut sess, &uri);
+        let zeros = client::zero_ranges(&mut sess, &uri);
         let n = if sess.multi_conn() {
             opts.conns.max(1)
         } else {
@@ -197,16 +158,6 @@ impl RemoteBase {
     /// The export's size.
     pub(crate) fn size(&self) -> u64 {
         self.size
-    }
-
-    /// The URI.
-    pub(crate) fn uri(&self) -> &NbdUri {
-        &self.uri
-    }
-
-    /// How many connections serve the base.
-    pub(crate) fn conn_count(&self) -> usize {
-        self.conns.len()
     }
 
     /// The largest read [`RemoteBase::read`] takes.

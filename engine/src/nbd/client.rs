@@ -23,6 +23,9 @@ const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// The largest read the client asks for when the server states no maximum.
 pub const DEFAULT_MAX_BLOCK: u32 = 32 << 20;
 
+/// Most extents [`zero_ranges`] takes in (beyond: treated as data).
+pub const MAX_EXTENTS: usize = 1 << 20;
+
 /// A connected socket (Unix or TCP).
 #[derive(Debug)]
 pub enum Stream {
@@ -502,4 +505,44 @@ pub fn block_status(
             return Ok(out);
         }
     }
+}
+
+/// The byte ranges of the whole export that read as zeros (`base:allocation` with
+/// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else. At
+/// most [`MAX_EXTENTS`] extents are looked at (the rest counts as data); without the context,
+/// or when the server fails the query, nothing is known to be zero (always correct).
+pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
+    if sess.allocation_ctx.is_none() {
+        return zeros;
+    }
+    let step = (1u64 << 30) - (1u64 << 30) % u64::from(sess.min_block.max(1));
+    let (mut pos, mut extents) = (0u64, 0usize);
+    while pos < sess.size && extents < MAX_EXTENTS {
+        let len = (sess.size - pos).min(step) as u32;
+        let got = match block_status(sess, uri, pos, len) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "block status of the remote base failed; \
+                    every range of it is treated as data");
+                return Vec::new();
+            }
+        };
+        let before = pos;
+        for (l, flags) in got {
+            let end = (pos + u64::from(l)).min(sess.size);
+            if flags & wire::STATE_ZERO != 0 && end > pos {
+                match zeros.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = end,
+                    _ => zeros.push((pos, end)),
+                }
+            }
+            pos = end;
+            extents += 1;
+        }
+        if pos == before {
+            break;
+        }
+    }
+    zeros
 }
