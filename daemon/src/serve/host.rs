@@ -203,6 +203,8 @@ pub struct Host {
     pub stop: Arc<Stop>,
     /// How long an `export-del hard` waits for in-flight requests before closing sockets.
     pub grace: Duration,
+    /// Whether `export-add` turns copy-on-read on when it is not asked (`--copy-on-read`).
+    pub copy_on_read: bool,
     shards: usize,
 }
 
@@ -226,17 +228,19 @@ impl Host {
             events,
             stop,
             grace,
+            copy_on_read: false,
             shards,
         }
     }
 
     /// Opens `overlay` on the engine and publishes it as export `name` (LIST and GO see it at
-    /// once). From the control socket, every file must lie in the allowed folders.
+    /// once). From the control socket, every file must lie in the allowed folders. `opts`:
+    /// read-only, copy-on-read.
     pub fn add_export(
         &self,
         name: &str,
         overlay: &Path,
-        read_only: bool,
+        opts: DiskOptions,
         origin: Origin,
     ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
@@ -262,7 +266,7 @@ impl Host {
             });
         }
         let disk = engine
-            .open(overlay, DiskOptions { read_only })
+            .open(overlay, opts.clone())
             .map_err(|error| HostError::Open {
                 name: name.to_string(),
                 error: Box::new(error),
@@ -278,6 +282,7 @@ impl Host {
             overlay = %overlay.display(),
             size = disk.size(),
             read_only = disk.read_only(),
+            copy_on_read = opts.copy_on_read && !disk.read_only(),
             "export ready"
         );
         // The files underneath, for hole queries and the hole-punching probe; without them

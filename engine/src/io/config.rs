@@ -65,4 +65,9 @@ impl Default for EngineConfig {
 pub struct DiskOptions {
     /// Serve read-only: writes fail with `EPERM`, nothing is locked for writing.
     pub read_only: bool,
+    /// Copy-on-read: every read served (partly) from the base also copies the units it covers
+    /// into the raw image and sets their bits (a populate, with its ordering: data durable
+    /// before bits, a guest write never clobbered), so a VM's working set moves to the local
+    /// disk once. Ignored for a read-only disk.
+    pub copy_on_read: bool,
 }

@@ -84,6 +84,9 @@ pub(crate) struct DiskState {
     pub meta_path: PathBuf,
     pub size: u64,
     pub read_only: bool,
+    /// Copy-on-read: a read served (partly) from the base is followed by a populate of its
+    /// range, so the bytes move into the raw image with the normal ordering.
+    pub copy_on_read: bool,
     pub image: File,
     pub image_align: DioAlign,
     /// Read-modify-write unit: the sector, or the raw image's O_DIRECT alignment if larger.
@@ -241,6 +244,7 @@ impl DiskState {
             meta_path,
             size: virtual_size,
             read_only: opts.read_only,
+            copy_on_read: opts.copy_on_read && !opts.read_only,
             image,
             image_align,
             unit,

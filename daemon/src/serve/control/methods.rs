@@ -72,8 +72,11 @@ pub const METHODS: &[Method] = &[
             p("name", Kind::Str, true),
             p("overlay", Kind::Path, true),
             p("read_only", Kind::Bool, false),
+            p("copy_on_read", Kind::Bool, false),
         ],
-        summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once)",
+        summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
+                  copy_on_read: base reads are also copied into the raw image (default: the \
+                  daemon's --copy-on-read)",
         call: export_add,
     },
     Method {
@@ -223,11 +226,17 @@ struct ExportAdd {
     overlay: PathBuf,
     #[serde(default)]
     read_only: bool,
+    #[serde(default, alias = "copy-on-read")]
+    copy_on_read: Option<bool>,
 }
 
 fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: ExportAdd = params(p)?;
-    let export = host.add_export(&a.name, &a.overlay, a.read_only, Origin::Control)?;
+    let opts = addcow_engine::DiskOptions {
+        read_only: a.read_only,
+        copy_on_read: a.copy_on_read.unwrap_or(host.copy_on_read),
+    };
+    let export = host.add_export(&a.name, &a.overlay, opts, Origin::Control)?;
     let info = host
         .export_info()
         .into_iter()

@@ -52,6 +52,7 @@ use super::disk_state::{DiskState, Role, SLOTS_PER_DISK};
 use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
 use super::mailbox::Msg;
 use super::request::{req_err, Done};
+use super::responder::Responder;
 use super::ring::{Ring, Wait};
 use super::split::{Seg, SplitScratch};
 use ops::{CoreOp, FileRef, OpKind, Target};
@@ -436,13 +437,44 @@ impl Core {
     }
 
     fn finish_read(&mut self, t: ReadTask) {
-        let ReadTask { buf, err, done, .. } = t;
+        let ReadTask {
+            buf,
+            err,
+            done,
+            disk,
+            offset,
+            copy_up,
+            ..
+        } = t;
         if let Some(e) = err {
             done.answer(Err(e));
             return;
         }
+        // Copy-on-read: counted as a request of the disk before the read is answered, so a
+        // close that waits for the disk's requests also waits for it.
+        let copy_up = copy_up
+            .filter(|_| !disk.closed.load(Ordering::SeqCst))
+            .map(|len| {
+                disk.active.fetch_add(1, Ordering::SeqCst);
+                let at = offset;
+                let answer = Responder::new(
+                    Box::new(move |r| {
+                        if let Err(e) = r {
+                            tracing::warn!(offset = at, len, error = %e,
+                                "copy-on-read failed (the read itself succeeded)");
+                        }
+                    }),
+                    Arc::clone(&disk.active),
+                );
+                (len, answer)
+            });
         match buf.into_inner() {
-            Ok(buf) => done.answer(Ok(Done::Read(buf))),
+            Ok(buf) => {
+                done.answer(Ok(Done::Read(buf)));
+                if let Some((len, answer)) = copy_up {
+                    self.submit_populate(disk, offset, len, answer);
+                }
+            }
             Err(_) => {
                 tracing::error!(
                     core = self.id,

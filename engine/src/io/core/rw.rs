@@ -272,11 +272,22 @@ impl Core {
             disk: Arc::clone(&disk),
             buf: buf.clone(),
             offset,
+            copy_up: None,
             pending: 0,
             err: None,
             done,
         }));
         let n = self.issue_read(key, &disk, &buf, 0, offset, u64::from(len));
+        if disk.copy_on_read
+            && self
+                .segs
+                .iter()
+                .any(|s| matches!(s.src, Src::File { .. } | Src::Remote { .. }))
+        {
+            if let Some(Task::Read(t)) = self.tasks.get_mut(key) {
+                t.copy_up = Some(u64::from(len));
+            }
+        }
         drop(buf);
         self.add_pending(key, n);
     }
