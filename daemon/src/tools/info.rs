@@ -179,7 +179,15 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
         version: VERSION,
         virtual_size: o.virtual_size,
         backing_file: (!o.header.backing_file.is_empty()).then(|| lossy(&o.header.backing_file)),
-        backing_file_resolved: o.base_path.as_deref().map(absolute),
+        backing_file_resolved: o.base_path.as_deref().map(absolute).or_else(|| {
+            // A remote base whose server did not answer: its URI, as stored.
+            addcow_engine::format::paths::nbd_uri(std::path::Path::new(&lossy(
+                &o.header.backing_file,
+            )))
+            .ok()
+            .flatten()
+            .map(|u| u.text)
+        }),
         backing_size: o.base_size,
         image_file: lossy(&o.header.image_file),
         image_file_resolved: absolute(&o.image_path),
@@ -195,6 +203,23 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
 pub fn run(args: InfoArgs) -> ExitCode {
     let o = match super::inspect(&args.overlay) {
         Ok(o) => o,
+        // An image server that is down does not hide the overlay: described without its base
+        // (size unknown), with a warning.
+        Err(e) if matches!(e.kind(), addcow_engine::ErrorKind::Remote { .. }) => {
+            let ro = addcow_engine::format::OpenOptions {
+                read_only: true,
+                no_lock: true,
+                skip_base: true,
+                ..Default::default()
+            };
+            match Overlay::open(&args.overlay, &ro) {
+                Ok(mut o) => {
+                    o.warnings.push(format!("remote base unreachable: {e}"));
+                    o
+                }
+                Err(e) => return fail("info", e),
+            }
+        }
         Err(e) => return fail("info", e),
     };
     if args.backing_chain {

@@ -35,6 +35,10 @@ pub(crate) enum BaseRun {
     /// `len` bytes at `offset` of the remote base (read through [`BaseSource::remote`]);
     /// `layer` as for `File`.
     Remote { offset: u64, len: u64, layer: u32 },
+    /// `len` bytes of layer `layer` that its server reported as reading zeros (a hole of a
+    /// remote base, known from `base:allocation`): read as zeros without I/O, but supplied by
+    /// that layer (allocation depth).
+    Hole { len: u64, layer: u32 },
     /// `len` bytes of zeros.
     Zero { len: u64 },
 }
@@ -259,7 +263,15 @@ fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
     match (out.last_mut(), run) {
         (_, BaseRun::Zero { len: 0 })
         | (_, BaseRun::File { len: 0, .. })
-        | (_, BaseRun::Remote { len: 0, .. }) => {}
+        | (_, BaseRun::Remote { len: 0, .. })
+        | (_, BaseRun::Hole { len: 0, .. }) => {}
+        (
+            Some(BaseRun::Hole { len, layer }),
+            BaseRun::Hole {
+                len: more,
+                layer: l2,
+            },
+        ) if *layer == l2 => *len += more,
         (
             Some(BaseRun::Remote { offset, len, .. }),
             BaseRun::Remote {

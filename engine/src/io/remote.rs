@@ -183,7 +183,10 @@ impl RemoteBase {
                         pos = zs;
                     }
                     let z_end = ze.min(end);
-                    out.push(BaseRun::Zero { len: z_end - pos });
+                    out.push(BaseRun::Hole {
+                        len: z_end - pos,
+                        layer,
+                    });
                     pos = z_end;
                     i += 1;
                 }

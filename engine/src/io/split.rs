@@ -112,9 +112,9 @@ pub(crate) fn depth_extents(
                 let mut at = e.offset;
                 for r in &runs {
                     let (len, depth) = match *r {
-                        BaseRun::File { len, layer, .. } | BaseRun::Remote { len, layer, .. } => {
-                            (len, layer.saturating_add(2))
-                        }
+                        BaseRun::File { len, layer, .. }
+                        | BaseRun::Remote { len, layer, .. }
+                        | BaseRun::Hole { len, layer } => (len, layer.saturating_add(2)),
                         BaseRun::Zero { len } => (len, 0),
                     };
                     push(out, at, len, depth);
@@ -195,7 +195,7 @@ pub(crate) fn plan_read(
                             });
                             d += len;
                         }
-                        BaseRun::Zero { len } => {
+                        BaseRun::Zero { len } | BaseRun::Hole { len, .. } => {
                             out.push(Seg {
                                 dest: d,
                                 len,
