@@ -465,3 +465,94 @@ fn a_remote_raw_base_under_a_chain_of_overlays() {
     );
     d.stop();
 }
+
+/// A hostile image server: a correct handshake (structured replies on), then a broken reply to
+/// every read, by `mode`: `badmagic` (garbage where a reply header belongs), `pastchunk` (a data
+/// chunk past the end of its read), `cookie` (a reply to a request never sent).
+const HOSTILE_PY: &str = r#"
+import socket, struct, sys, threading
+path, mode, size = sys.argv[1], sys.argv[2], 8 << 20
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(16)
+print("connected", flush=True)
+def recvn(c, n):
+    b = b""
+    while len(b) < n:
+        x = c.recv(n - len(b))
+        if not x:
+            raise EOFError
+        b += x
+    return b
+def opt_reply(c, opt, typ, data=b""):
+    c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, typ, len(data)) + data)
+def handle(c):
+    try:
+        c.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))
+        recvn(c, 4)
+        while True:
+            _, opt, ln = struct.unpack(">QII", recvn(c, 16))
+            recvn(c, ln)
+            if opt == 8:
+                opt_reply(c, opt, 1)
+            elif opt == 7:
+                opt_reply(c, opt, 3, struct.pack(">HQH", 0, size, 1 | 2))
+                opt_reply(c, opt, 1)
+                break
+            else:
+                opt_reply(c, opt, 0x80000001)
+        while True:
+            _, _, typ, cookie, off, ln = struct.unpack(">IHHQQI", recvn(c, 28))
+            if typ == 2:
+                return
+            if mode == "badmagic":
+                c.sendall(b"\xde\xad\xbe\xef" + bytes(16))
+            elif mode == "pastchunk":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + ln) + struct.pack(">Q", off + 512) + bytes(ln))
+            else:
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 0, cookie + 1000, 0))
+    except (EOFError, OSError):
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn hostile_image_servers_lose_their_connection_and_reads_fail_without_a_panic() {
+    for mode in ["badmagic", "pastchunk", "cookie"] {
+        let s = Setup::new();
+        let sock = s.path("img.sock");
+        let _server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), mode]);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let ov = s.create("vm", &uri);
+        let d = Daemon::start(
+            &s.path("a.sock"),
+            &["--base-timeout", "2", &ov.display().to_string()],
+        );
+        qemu_io(&d.uri(), &["write -P 0x66 0 4096"]);
+        let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 65536 4096", &d.uri()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Input/output error"),
+            "{mode}: EIO expected:\n{text}"
+        );
+        assert!(
+            d.log().contains("broke the protocol"),
+            "{mode}: the connection is dropped as broken:\n{}",
+            d.log()
+        );
+        // The overlay's own data still reads.
+        qemu_io(&d.uri(), &["read -P 0x66 0 4096"]);
+        let log = d.stop();
+        assert!(!log.contains("panicked"), "{mode}: {log}");
+        assert_eq!(
+            set_bitmap_bytes(&ov),
+            1,
+            "{mode}: only the written 4 KiB is set"
+        );
+    }
+}

@@ -50,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A connection that lived this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(5);
 /// How often a waiting driver looks at deadlines.
 const TICK: Duration = Duration::from_millis(100);
 /// Largest payload of an error chunk taken in.
@@ -442,8 +444,16 @@ impl ConnShared {
                 tracing::info!(uri = %self.uri, conn = self.index,
                     after_s = since.elapsed().as_secs_f64(), "image server reconnected");
             }
-            backoff = BACKOFF_MIN;
+            let began = Instant::now();
             self.serve(sess);
+            // A connection that failed at once (a server that breaks the protocol on every
+            // read, or dies right after the handshake) is not retried in a tight loop.
+            if began.elapsed() < STABLE {
+                self.pause(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
         }
         let mut st = lock(&self.state);
         self.fail_all(&mut st);
