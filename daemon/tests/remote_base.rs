@@ -555,3 +555,31 @@ fn hostile_image_servers_lose_their_connection_and_reads_fail_without_a_panic() 
         );
     }
 }
+
+/// A server that states block sizes (minimum 4096, maximum 64 KiB) and refuses anything else:
+/// reads are aligned to its minimum and split to its maximum, so a 1 MiB client read at an odd
+/// offset still succeeds.
+#[test]
+fn block_sizes_the_server_states_are_honoured() {
+    let s = Setup::new();
+    let _server = ImageServer::nbdkit(
+        &s.path("img.sock"),
+        &[
+            "--filter=blocksize-policy",
+            "file",
+            &s.p("base.raw"),
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let info = run("nbdinfo", &[&uri]);
+    assert!(info.contains("block_size_maximum: 65536"), "{info}");
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
+    qemu_io(&d.uri(), &["read 100 1048576", "read 5000 3"]);
+    assert_identical(&s.p("base.raw"), &d.uri());
+    d.stop();
+}
