@@ -726,3 +726,62 @@ impl ConnShared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_gives_the_servers_holes_as_holes_of_their_layer() {
+        let b = RemoteBase {
+            uri: NbdUri::parse("nbd+unix:///?socket=/x").expect("uri"),
+            size: 10_000,
+            zeros: vec![(1000, 2000), (5000, 6000)],
+            max_read: 1 << 20,
+            conns: Vec::new(),
+        };
+        let mut out = Vec::new();
+        b.map(500, 5000, 2, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                BaseRun::Remote {
+                    offset: 500,
+                    len: 500,
+                    layer: 2
+                },
+                BaseRun::Hole {
+                    len: 1000,
+                    layer: 2
+                },
+                BaseRun::Remote {
+                    offset: 2000,
+                    len: 3000,
+                    layer: 2
+                },
+                BaseRun::Hole { len: 500, layer: 2 },
+            ]
+        );
+        out.clear();
+        b.map(1500, 100, 0, &mut out);
+        assert_eq!(out, vec![BaseRun::Hole { len: 100, layer: 0 }]);
+        out.clear();
+        b.map(6000, 4000, 0, &mut out);
+        assert_eq!(
+            out,
+            vec![BaseRun::Remote {
+                offset: 6000,
+                len: 4000,
+                layer: 0
+            }]
+        );
+        // A base with no connection answers EIO, never panics or hangs.
+        let (tx, rx) = std::sync::mpsc::channel();
+        b.read(0, 0, 512, ReadDone::new(move |r| tx.send(r).expect("send")));
+        assert_eq!(rx.recv().expect("answered"), Err(libc::EIO));
+        // A dropped answer answers EIO.
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(ReadDone::new(move |r| tx.send(r).expect("send")));
+        assert_eq!(rx.recv().expect("answered"), Err(libc::EIO));
+    }
+}
