@@ -35,7 +35,14 @@ impl ImageServer {
 
     /// `qemu-nbd -f raw -r -t --shared=16 -k SOCK FILE` (read-only, so it allows multi-conn).
     fn qemu_nbd(sock: &Path, file: &Path) -> ImageServer {
+        ImageServer::qemu_nbd_named(sock, file, "")
+    }
+
+    /// [`ImageServer::qemu_nbd`] serving only the export `name`.
+    fn qemu_nbd_named(sock: &Path, file: &Path, name: &str) -> ImageServer {
         let a = [
+            "-x",
+            name,
             "-f",
             "raw",
             "-r",
@@ -582,4 +589,60 @@ fn block_sizes_the_server_states_are_honoured() {
     qemu_io(&d.uri(), &["read 100 1048576", "read 5000 3"]);
     assert_identical(&s.p("base.raw"), &d.uri());
     d.stop();
+}
+
+/// On reconnect, an export that vanished or whose size changed is a clear error and reads fail
+/// with EIO at once; when the export is back as it was, reads work again.
+#[test]
+fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
+    let s = Setup::new();
+    let sock = s.path("img.sock");
+    let base = s.path("base.raw");
+    let mut server = ImageServer::qemu_nbd_named(&sock, &base, "golden");
+    let uri = format!("nbd+unix:///golden?socket={}", sock.display());
+    let ov = s.create("vm", &uri);
+    // A long timeout: an unusable export fails reads at once, not by the timeout.
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--base-timeout", "100", &ov.display().to_string()],
+    );
+    qemu_io(&d.uri(), &["read 0 4096"]);
+    let eio = |what: &str| {
+        let t0 = Instant::now();
+        let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 4096 4096", &d.uri()]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(50),
+            "{what}: failed at once, not after the 100 s timeout"
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Input/output error"),
+            "{what}: EIO expected:\n{text}"
+        );
+    };
+    // The export is gone: the server now serves another name.
+    server.kill();
+    let mut other = ImageServer::qemu_nbd_named(&sock, &base, "other");
+    d.wait_log("not found on the server");
+    eio("vanished export");
+    other.kill();
+    // The export is back with another size.
+    let bigger = s.path("bigger.raw");
+    std::fs::copy(&base, &bigger).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bigger)
+        .and_then(|f| f.set_len(SIZE * 2))
+        .expect("grow");
+    let mut resized = ImageServer::qemu_nbd_named(&sock, &bigger, "golden");
+    d.wait_log("size changed");
+    eio("resized export");
+    resized.kill();
+    // Back as it was: reads work again.
+    server.restart();
+    d.wait_log("image server reconnected");
+    assert_identical(&s.p("base.raw"), &d.uri());
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -411,7 +411,7 @@ impl ConnShared {
                              fail with EIO",
                             self.size, s.size
                         );
-                        self.unusable(why, outage.is_none());
+                        self.unusable(why);
                         outage.get_or_insert_with(Instant::now);
                         let mut s = s;
                         client::disconnect(&mut s.stream);
@@ -424,10 +424,7 @@ impl ConnShared {
                         let gone = matches!(e.kind(), ErrorKind::Remote { why, .. }
                             if why.contains("not found"));
                         if gone {
-                            self.unusable(
-                                format!("{e}; reads of the base fail with EIO"),
-                                outage.is_none(),
-                            );
+                            self.unusable(format!("{e}; reads of the base fail with EIO"));
                         } else if outage.is_none() {
                             tracing::warn!(uri = %self.uri, conn = self.index, error = %e,
                                 "image server unreachable; reconnecting (reads wait up to the \
@@ -459,11 +456,13 @@ impl ConnShared {
         self.fail_all(&mut st);
     }
 
-    fn unusable(&self, why: String, log: bool) {
-        if log {
+    /// The export cannot be used (vanished, resized): reads fail at once until a reconnect
+    /// finds it as it was. Logged once per reason.
+    fn unusable(&self, why: String) {
+        let mut st = lock(&self.state);
+        if st.broken.as_deref() != Some(why.as_str()) {
             tracing::error!(uri = %self.uri, conn = self.index, "{why}");
         }
-        let mut st = lock(&self.state);
         st.broken = Some(why);
         self.fail_all(&mut st);
     }
