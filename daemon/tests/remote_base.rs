@@ -646,3 +646,134 @@ fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
     let log = d.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Reads `[off, off + len)` of the disk at `uri` and compares it with the same range of `ref`;
+/// prints `connected`, then `same` or `differs`.
+const COMPARE_PY: &str = r#"
+import sys, nbd
+uri, ref, off, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+print("connected", flush=True)
+want = open(ref, "rb").read()[off:off + n]
+print("same" if h.pread(n, off) == want else "differs", flush=True)
+"#;
+
+/// Copy-on-read: what a VM read from the remote base is in its raw image afterwards (bits set,
+/// committed), and reads the same with the image server gone; per export through export-add.
+#[test]
+fn copy_on_read_moves_what_was_read_to_the_local_disk() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let a = s.create("a", &server.uri());
+    let b = s.create("b", &server.uri());
+    let c = s.create("c", &server.uri());
+    let ctl = s.path("ctl.sock");
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--copy-on-read",
+            "--control",
+            &ctl.display().to_string(),
+            "--allow-dir",
+            &s.dir.path().display().to_string(),
+            "--export",
+            &format!("a={}", a.display()),
+        ],
+    );
+    let mut control = Control::connect(&ctl);
+    // The daemon's default (on), and an export that turns it off.
+    control.ok("export-add", serde_json::json!({"name": "b", "overlay": b}));
+    control.ok(
+        "export-add",
+        serde_json::json!({"name": "c", "overlay": c, "copy_on_read": false}),
+    );
+    for e in ["a", "b", "c"] {
+        qemu_io(&d.uri_of(e), &["read 0 1048576", "read 2097252 100"]);
+    }
+    // A guest write after the copy wins: it is what reads back.
+    qemu_io(&d.uri_of("a"), &["write -P 0x42 4096 4096"]);
+    // Copy-on-read runs after the read is answered: wait until it is done everywhere.
+    let allocated = |control: &mut Control, name: &str| {
+        let list = control.ok("query-exports", serde_json::json!({}));
+        list.as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == name))
+            .and_then(|e| e["allocated_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    // (1 MiB, and the small read's unit: a sector, or the raw image's O_DIRECT unit.)
+    wait_until("copy-on-read of a and b done", || {
+        allocated(&mut control, "a") > 1048576 && allocated(&mut control, "b") > 1048576
+    });
+    // The copied range serves with the image server gone.
+    server.kill();
+    let mut want = s.base.clone();
+    want[4096..8192].fill(0x42);
+    write_file(&s.path("want.raw"), &want);
+    let cmp = HoldingClient::run(
+        COMPARE_PY,
+        &[&d.uri_of("a"), &s.p("want.raw"), "0", "1048576"],
+    );
+    cmp.wait_for("same");
+    drop(cmp);
+    drop(control);
+    d.stop();
+    // 1 MiB = 256 bitmap bytes, all set; plus the unit around the small read (one byte).
+    for ov in [&a, &b] {
+        let bm = std::fs::read(ov).expect("read overlay");
+        assert!(
+            bm[2560..2560 + 256].iter().all(|&x| x == 0xff),
+            "{}",
+            ov.display()
+        );
+        assert_eq!(set_bitmap_bytes(ov), 257, "{}", ov.display());
+    }
+    assert_eq!(
+        set_bitmap_bytes(&c),
+        0,
+        "copy_on_read: false copies nothing"
+    );
+}
+
+/// `nbd://HOST:PORT/NAME` on loopback TCP works like a Unix socket.
+#[test]
+fn a_tcp_uri_base_on_loopback() {
+    let s = Setup::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // Killed on drop like the others; its socket path is unused.
+    let mut tcp = ImageServer {
+        prog: "nbdkit",
+        args: [
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "file",
+            &s.p("base.raw"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        sock: s.path("none"),
+        child: None,
+    };
+    tcp.child = Some(
+        Command::new("nbdkit")
+            .args(&tcp.args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nbdkit"),
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    wait_until("nbdkit listens on TCP", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
+    assert_identical(&s.p("base.raw"), &d.uri());
+    d.stop();
+}
