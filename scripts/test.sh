@@ -91,6 +91,9 @@ fi
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test crash_consistency crash_checker_detects_bits_before_sync
 # Populate (stream) with its bits set before the copied data is written: the checker must find it.
 cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first --no-fail-fast --test crash_consistency crash_checker_detects_populate_bits_first
+# Copy-on-read copies through populate: with that order broken, a workload whose only populates
+# are copy-on-read reads must show violating crash states too.
+cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first --no-fail-fast --test crash_consistency crash_checker_detects_copy_on_read_bits_first
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync --no-fail-fast --test engine_faults data_fdatasync
 # The same for resize, rebase and commit: with each one's order broken, the lifecycle crash

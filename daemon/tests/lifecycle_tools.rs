@@ -284,7 +284,7 @@ fn rebase_refuses_bad_input() {
     assert!(e.contains("nope.raw") && e.contains("not found"), "{e}");
     let e = refused(root, &["rebase", "-b", "disk.raw", "disk.add-cow"]);
     assert!(e.contains("same file"), "{e}");
-    let e = refused(root, &["rebase", "-b", "nbd://host/x", "disk.add-cow"]);
+    let e = refused(root, &["rebase", "-b", "http://host/x", "disk.add-cow"]);
     assert!(e.contains("unsupported protocol"), "{e}");
     let h = Header::parse(&std::fs::read(fx.overlay()).unwrap()).unwrap();
     assert_eq!(

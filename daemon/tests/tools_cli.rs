@@ -177,8 +177,21 @@ fn create_refusals() {
             "multiple of 512",
         ),
         (
-            vec!["create", "-b", "nbd://h/x", "m.add-cow"],
+            vec!["create", "-b", "http://h/x", "m.add-cow"],
             "unsupported protocol",
+        ),
+        (
+            vec!["create", "-b", "nbd+unix:///x", "m.add-cow"],
+            "missing ?socket=PATH",
+        ),
+        (
+            vec![
+                "create",
+                "-b",
+                "nbd+unix:///x?socket=/nonexistent/s.sock",
+                "m.add-cow",
+            ],
+            "image server nbd+unix:///x?socket=/nonexistent/s.sock",
         ),
         (
             vec!["create", "-b", long.as_str(), "m.add-cow"],

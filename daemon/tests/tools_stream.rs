@@ -104,7 +104,13 @@ fn read_overlay(overlay: &Path) -> Vec<u8> {
     // exited, until the kernel has torn the ring down.
     let deadline = Instant::now() + Duration::from_secs(30);
     let disk = loop {
-        match engine.open(overlay, DiskOptions { read_only: true }) {
+        match engine.open(
+            overlay,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        ) {
             Ok(d) => break d,
             Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
                 std::thread::sleep(Duration::from_millis(100));

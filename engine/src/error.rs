@@ -30,8 +30,12 @@ pub enum ErrorKind {
     /// `image_file` is empty.
     #[error("image_file is empty: an add-cow overlay needs a raw image")]
     EmptyImagePath,
-    /// A path names a protocol (`nbd:`, `http:`, ...) that is not supported yet.
-    #[error("unsupported protocol in {field} path {path:?}")]
+    /// A path names a protocol other than the NBD URIs (`nbd://`, `nbd+unix://`) the engine
+    /// opens.
+    #[error(
+        "unsupported protocol in {field} path {path:?} (a base over the network is named \
+         nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)"
+    )]
     UnsupportedProtocol { field: &'static str, path: String },
     /// The raw image size is not a multiple of 512.
     #[error("raw image size {size} is not a multiple of 512")]
@@ -61,6 +65,12 @@ pub enum ErrorKind {
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// An NBD URI is malformed.
+    #[error("bad NBD URI {uri:?}: {why}")]
+    BadUri { uri: String, why: String },
+    /// The image server of a remote base refused or broke the protocol, or changed under us.
+    #[error("image server {uri}: {why}")]
+    Remote { uri: String, why: String },
     /// The engine is shut down or shutting down.
     #[error("engine is shut down")]
     Shutdown,

@@ -15,6 +15,7 @@ pub mod error;
 pub mod format;
 pub mod io;
 pub mod lifecycle;
+pub mod nbd;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{

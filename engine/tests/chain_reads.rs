@@ -151,7 +151,13 @@ fn depth_three_chain_reads_as_the_reference_and_reports_depths() {
     let eng = engine(2);
     let top = &ch.layers[2].0;
     let d = eng
-        .open(top, DiskOptions { read_only: true })
+        .open(
+            top,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect("open top");
     assert_eq!(d.size(), 512 * K);
     // Whole disk in one read, then odd-sized reads at odd offsets (bounce buffers, short
@@ -193,7 +199,13 @@ fn depth_three_chain_reads_as_the_reference_and_reports_depths() {
     d.write_at(0, &[0xee; 4096], true).unwrap();
     d.close().unwrap();
     let a_only = eng
-        .open(&ch.layers[0].0, DiskOptions { read_only: true })
+        .open(
+            &ch.layers[0].0,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(a_only.read_at(0, 4096).unwrap(), va[..4096]);
     a_only.close().unwrap();

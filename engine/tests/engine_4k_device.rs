@@ -137,6 +137,7 @@ fn every_request_on_the_last_sector_of_a_partial_4096_byte_unit() {
         image_cache: CacheMode::Direct,
         base_cache: CacheMode::Direct,
         commit_delay: None,
+        base_timeout: std::time::Duration::from_secs(30),
         #[cfg(feature = "crash-recorder")]
         recorder: None,
         #[cfg(feature = "fault-injection")]

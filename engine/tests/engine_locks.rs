@@ -65,7 +65,13 @@ fn two_overlays_naming_one_raw_image_are_not_both_served_writable() {
         "the error names the raw image: {err}"
     );
     let err = e
-        .open(&other, DiskOptions { read_only: true })
+        .open(
+            &other,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect_err("not even read-only: the raw image is being written");
     assert_eq!(err.kind(), &ErrorKind::Locked, "{err}");
     let err = Overlay::open(
@@ -96,10 +102,22 @@ fn read_only_overlays_share_their_raw_image() {
     let other = second_overlay(&f);
     let e = engine(1);
     let a = e
-        .open(&f.overlay, DiskOptions { read_only: true })
+        .open(
+            &f.overlay,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect("read-only");
     let b = e
-        .open(&other, DiskOptions { read_only: true })
+        .open(
+            &other,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect("a second read-only overlay over the same raw image");
     assert!(
         !can_lock(&f.dir.path().join("disk.raw"), true),

@@ -199,7 +199,13 @@ fn populate_refuses_bad_ranges() {
     );
     disk.close().expect("close");
     let ro = engine
-        .open(&overlay, DiskOptions { read_only: true })
+        .open(
+            &overlay,
+            DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect("read-only open");
     assert_eq!(ro.populate(0, 512).unwrap_err().errno, libc::EPERM);
     ro.close().expect("close");

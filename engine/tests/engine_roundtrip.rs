@@ -165,7 +165,13 @@ fn read_only_disks_refuse_writes_with_eperm() {
     let f = fixture(1 << 20, 1 << 20);
     let e = engine(1);
     let d = e
-        .open(&f.overlay, addcow_engine::DiskOptions { read_only: true })
+        .open(
+            &f.overlay,
+            addcow_engine::DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
         .expect("open read-only");
     assert!(d.read_only());
     let err = d

@@ -90,7 +90,7 @@ fn create_sizes_and_refusals() {
     // Protocol base.
     let e = create(&CreateOptions {
         overlay: overlay.clone(),
-        base: Some("nbd://host/x".into()),
+        base: Some("http://host/x".into()),
         ..Default::default()
     })
     .unwrap_err();

@@ -301,7 +301,7 @@ fn empty_image_file() {
 fn protocol_paths_are_refused() {
     let d = Dir::new();
     d.sparse("i", 512);
-    let mut f = hand_header(b"nbd+unix:///?socket=/tmp/s", b"i");
+    let mut f = hand_header(b"nbd:localhost:10809", b"i");
     f.push(0);
     let e = open_err(&d.file("p.add-cow", &f));
     assert!(
@@ -315,6 +315,19 @@ fn protocol_paths_are_refused() {
         "{e}"
     );
     assert!(e.to_string().contains("unsupported protocol"), "{e}");
+    // An NBD URI is a remote base: malformed, it says why; with no server, it names the URI.
+    let mut f = hand_header(b"nbd+unix:///golden", b"i");
+    f.push(0);
+    let e = open_err(&d.file("p.add-cow", &f));
+    assert!(matches!(e.kind(), ErrorKind::BadUri { .. }), "{e}");
+    assert!(e.to_string().contains("missing ?socket=PATH"), "{e}");
+    let gone = d.root.join("no-server.sock");
+    let uri = format!("nbd+unix:///golden?socket={}", gone.display());
+    let mut f = hand_header(uri.as_bytes(), b"i");
+    f.push(0);
+    let e = open_err(&d.file("p.add-cow", &f));
+    assert!(matches!(e.kind(), ErrorKind::Remote { .. }), "{e}");
+    assert!(e.to_string().contains(&uri), "{e}");
     let mut f = hand_header(b"", b"http://example.invalid/x.raw");
     f.push(0);
     let e = open_err(&d.file("p.add-cow", &f));

@@ -81,7 +81,11 @@ impl OverlayFiles {
         } else {
             let b = paths::resolve(overlay, "backing_file", &header.backing_file)
                 .map_err(|e| format!("{}: {e}", overlay.display()))?;
-            Some(canon(&b, "base")?)
+            // A remote (NBD) base is no file here: the allowed folders do not apply to it.
+            match paths::nbd_uri(&b).map_err(|e| format!("{}: {e}", overlay.display()))? {
+                Some(_) => None,
+                None => Some(canon(&b, "base")?),
+            }
         };
         Ok(OverlayFiles {
             overlay: real,

@@ -97,13 +97,19 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Opens `overlay` writable on `engine` with its layer files: what a switch installs.
+    /// Opens `overlay` writable on `engine` with its layer files: what a switch installs
+    /// (`copy_on_read` kept from the disk it replaces).
     pub fn open(
         engine: &Engine,
         overlay: &std::path::Path,
         name: &str,
+        copy_on_read: bool,
     ) -> addcow_engine::Result<Generation> {
-        let disk = engine.open(overlay, addcow_engine::DiskOptions::default())?;
+        let opts = addcow_engine::DiskOptions {
+            copy_on_read,
+            ..Default::default()
+        };
+        let disk = engine.open(overlay, opts)?;
         let files = LayerFiles::open_or_warn(overlay, true, name);
         Ok(Generation { disk, files })
     }
@@ -155,6 +161,8 @@ impl InFlight {
 pub struct EngineDisk {
     /// The engine the disk is open on (for buffers).
     pub engine: Engine,
+    /// Copy-on-read, as the export was added (every generation is opened with it).
+    pub copy_on_read: bool,
     current: RwLock<Arc<Generation>>,
     in_flight: Arc<InFlight>,
 }
@@ -164,6 +172,7 @@ impl EngineDisk {
     pub fn new(engine: Engine, disk: Disk, files: Option<LayerFiles>) -> EngineDisk {
         EngineDisk {
             engine,
+            copy_on_read: disk.copy_on_read(),
             current: RwLock::new(Arc::new(Generation { disk, files })),
             in_flight: Arc::default(),
         }

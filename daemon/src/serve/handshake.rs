@@ -379,7 +379,7 @@ pub fn negotiate<S: Read + Write, G>(
                 let ctx = match_contexts(&queries, set);
                 if ctx.base_allocation {
                     let id = if set { CTX_BASE_ALLOCATION } else { 0 };
-                    meta_reply(stream, option, id, "base:allocation")?;
+                    meta_reply(stream, option, id, wire::CONTEXT_BASE_ALLOCATION)?;
                 }
                 if ctx.allocation_depth {
                     let id = if set { CTX_ALLOCATION_DEPTH } else { 0 };
@@ -427,7 +427,7 @@ fn match_contexts(queries: &[String], set: bool) -> MetaContexts {
     }
     for q in queries {
         match q.as_str() {
-            "base:allocation" => ctx.base_allocation = true,
+            wire::CONTEXT_BASE_ALLOCATION => ctx.base_allocation = true,
             "qemu:allocation-depth" => ctx.allocation_depth = true,
             "base:" if !set => ctx.base_allocation = true,
             "qemu:" if !set => ctx.allocation_depth = true,

@@ -225,6 +225,8 @@ pub struct Host {
     pub stop: Arc<Stop>,
     /// How long an `export-del hard` waits for in-flight requests before closing sockets.
     pub grace: Duration,
+    /// Whether `export-add` turns copy-on-read on when it is not asked (`--copy-on-read`).
+    pub copy_on_read: bool,
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
@@ -250,6 +252,7 @@ impl Host {
             events,
             stop,
             grace,
+            copy_on_read: false,
             shards,
             vhost: Mutex::new(HashMap::new()),
         }
@@ -267,7 +270,7 @@ impl Host {
         &self,
         name: &str,
         overlay: &Path,
-        read_only: bool,
+        opts: DiskOptions,
         origin: Origin,
         params: VhostParams,
     ) -> Result<Arc<Export>, HostError> {
@@ -282,7 +285,7 @@ impl Host {
             error,
         };
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
-        let export = self.add_export(name, overlay, read_only, origin)?;
+        let export = self.add_export(name, overlay, opts, origin)?;
         match bound.serve(export.backend.clone(), overlay) {
             Ok(v) => {
                 self.vhost_lock().insert(export.name.clone(), v);
@@ -298,12 +301,13 @@ impl Host {
     }
 
     /// Opens `overlay` on the engine and publishes it as export `name` (LIST and GO see it at
-    /// once). From the control socket, every file must lie in the allowed folders.
+    /// once). From the control socket, every file must lie in the allowed folders. `opts`:
+    /// read-only, copy-on-read.
     pub fn add_export(
         &self,
         name: &str,
         overlay: &Path,
-        read_only: bool,
+        opts: DiskOptions,
         origin: Origin,
     ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
@@ -329,7 +333,7 @@ impl Host {
             });
         }
         let disk = engine
-            .open(overlay, DiskOptions { read_only })
+            .open(overlay, opts.clone())
             .map_err(|error| HostError::Open {
                 name: name.to_string(),
                 error: Box::new(error),
@@ -345,6 +349,7 @@ impl Host {
             overlay = %overlay.display(),
             size = disk.size(),
             read_only = disk.read_only(),
+            copy_on_read = opts.copy_on_read && !disk.read_only(),
             "export ready"
         );
         // The files underneath, for hole queries and the hole-punching probe; without them

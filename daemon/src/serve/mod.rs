@@ -44,7 +44,7 @@ pub mod sock;
 pub mod stats;
 pub mod status;
 pub mod vhost_export;
-pub mod wire;
+pub use addcow_engine::nbd::wire;
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
@@ -134,6 +134,15 @@ pub struct ServeArgs {
     /// Engine core threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
+    /// Seconds a read of a remote (NBD) base may wait for its image server (reconnects
+    /// included) before it fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub base_timeout: u64,
+    /// Copy-on-read for every export (command line and, unless it says otherwise, export-add):
+    /// a read served from the base is also copied into the overlay's raw image (data durable
+    /// before bits, as for any write), so a VM's working set moves to the local disk once.
+    #[arg(long)]
+    pub copy_on_read: bool,
     /// Cache mode of the raw images: direct (O_DIRECT) or buffered.
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
     pub cache: CacheMode,
@@ -327,6 +336,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     let mut config = EngineConfig {
         image_cache: args.cache,
+        base_timeout: Duration::from_secs(args.base_timeout),
         ..EngineConfig::default()
     };
     if let Some(c) = args.cores {
@@ -334,21 +344,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let engine = Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?;
     let (stop, waker) = signals::Stop::new().map_err(|e| format!("stop pipe: {e}"))?;
-    let host = Arc::new(Host::new(
+    let mut host = Host::new(
         Some(engine.clone()),
         Exports::new(Vec::new()),
         allowed,
         stop.clone(),
         Duration::from_secs(args.shutdown_grace),
-    ));
+    );
+    host.copy_on_read = args.copy_on_read;
+    let host = Arc::new(host);
     for e in &named {
-        host.add_export(
-            &e.name,
-            &e.overlay,
-            args.read_only || e.read_only,
-            Origin::CommandLine,
-        )
-        .map_err(|e| e.to_string())?;
+        let opts = addcow_engine::DiskOptions {
+            read_only: args.read_only || e.read_only,
+            copy_on_read: args.copy_on_read,
+        };
+        host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
+            .map_err(|e| e.to_string())?;
     }
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;

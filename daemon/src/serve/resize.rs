@@ -169,7 +169,7 @@ fn reopen(
     name: &str,
     outcome: Result<ExportResized, RpcError>,
 ) -> (Option<Generation>, Result<ExportResized, RpcError>) {
-    match Generation::open(&ed.engine, overlay, name) {
+    match Generation::open(&ed.engine, overlay, name, ed.copy_on_read) {
         Ok(g) => (Some(g), outcome),
         Err(e) => {
             tracing::error!(export = %name, error = %e, "cannot reopen the overlay after a resize; the export fails every request");

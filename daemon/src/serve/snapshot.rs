@@ -236,7 +236,7 @@ fn take(
     };
     let reopen_old = |step: &'static str, error: String| {
         remove_new();
-        match Generation::open(&ed.engine, &old, name) {
+        match Generation::open(&ed.engine, &old, name, ed.copy_on_read) {
             Ok(g) => (Some(g), Err(failed(step, error, &old))),
             Err(again) => {
                 tracing::error!(export = %name, error = %again, "cannot reopen the overlay after a failed snapshot; the export fails every request");
@@ -254,7 +254,7 @@ fn take(
     if let Err(e) = cur.disk.close() {
         return reopen_old("closing the current overlay", e.to_string());
     }
-    let next = match Generation::open(&ed.engine, overlay, name) {
+    let next = match Generation::open(&ed.engine, overlay, name, ed.copy_on_read) {
         Ok(g) => g,
         Err(e) => return reopen_old("opening the new overlay", e.to_string()),
     };

@@ -77,13 +77,22 @@ pub struct ChainLayerInfo {
 /// Every layer of the chain under (and including) the overlay `o`, top first.
 pub fn gather_chain(o: &Overlay) -> Vec<ChainLayerInfo> {
     let layers = o.base.as_ref().map_or(&[][..], |c| &c.layers[..]);
+    let remote = o.base.as_ref().and_then(|c| c.remote.as_ref());
+    // The layer under layer `i` (0 = the top's base): a file layer, or the remote bottom.
+    let name_of = |i: usize| -> Option<String> {
+        match layers.get(i) {
+            Some(l) => Some(absolute(&l.path)),
+            None if i == layers.len() => remote.map(|r| r.uri.text.clone()),
+            None => None,
+        }
+    };
     let mut out = vec![ChainLayerInfo {
         depth: 1,
         path: absolute(&o.meta_path),
         format: LayerFormat::AddCow,
         virtual_size: o.virtual_size,
         image_file: Some(absolute(&o.image_path)),
-        backing_file: layers.first().map(|l| absolute(&l.path)),
+        backing_file: name_of(0),
         allocated_bytes: o.bitmap.count_set() * SECTOR_SIZE,
     }];
     for (i, l) in layers.iter().enumerate() {
@@ -93,11 +102,23 @@ pub fn gather_chain(o: &Overlay) -> Vec<ChainLayerInfo> {
             format: l.format,
             virtual_size: l.size,
             image_file: l.bitmap.is_some().then(|| absolute(&l.data_path)),
-            backing_file: layers.get(i + 1).map(|n| absolute(&n.path)),
+            backing_file: name_of(i + 1),
             allocated_bytes: l
                 .bitmap
                 .as_ref()
                 .map_or(l.size, |b| b.count_set() * SECTOR_SIZE),
+        });
+    }
+    if let Some(r) = remote {
+        // An NBD URI is shown as stored, never made into a path.
+        out.push(ChainLayerInfo {
+            depth: layers.len() as u32 + 2,
+            path: r.uri.text.clone(),
+            format: LayerFormat::Nbd,
+            virtual_size: r.size,
+            image_file: None,
+            backing_file: None,
+            allocated_bytes: r.size,
         });
     }
     out
@@ -111,6 +132,7 @@ fn print_chain(chain: &[ChainLayerInfo]) {
         let fmt = match l.format {
             LayerFormat::AddCow => "add-cow",
             LayerFormat::Raw => "raw",
+            LayerFormat::Nbd => "raw over NBD (remote)",
         };
         println!("layer {}:        {}", l.depth, l.path);
         println!("format:         {fmt}");
@@ -157,7 +179,15 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
         version: VERSION,
         virtual_size: o.virtual_size,
         backing_file: (!o.header.backing_file.is_empty()).then(|| lossy(&o.header.backing_file)),
-        backing_file_resolved: o.base_path.as_deref().map(absolute),
+        backing_file_resolved: o.base_path.as_deref().map(absolute).or_else(|| {
+            // A remote base whose server did not answer: its URI, as stored.
+            addcow_engine::format::paths::nbd_uri(std::path::Path::new(&lossy(
+                &o.header.backing_file,
+            )))
+            .ok()
+            .flatten()
+            .map(|u| u.text)
+        }),
         backing_size: o.base_size,
         image_file: lossy(&o.header.image_file),
         image_file_resolved: absolute(&o.image_path),
@@ -173,6 +203,23 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
 pub fn run(args: InfoArgs) -> ExitCode {
     let o = match super::inspect(&args.overlay) {
         Ok(o) => o,
+        // An image server that is down does not hide the overlay: described without its base
+        // (size unknown), with a warning.
+        Err(e) if matches!(e.kind(), addcow_engine::ErrorKind::Remote { .. }) => {
+            let ro = addcow_engine::format::OpenOptions {
+                read_only: true,
+                no_lock: true,
+                skip_base: true,
+                ..Default::default()
+            };
+            match Overlay::open(&args.overlay, &ro) {
+                Ok(mut o) => {
+                    o.warnings.push(format!("remote base unreachable: {e}"));
+                    o
+                }
+                Err(e) => return fail("info", e),
+            }
+        }
         Err(e) => return fail("info", e),
     };
     if args.backing_chain {

@@ -20,8 +20,13 @@ use crate::bitmap::SparseBitmap;
 use crate::error::{BackingLoop, Error, ErrorKind, Result};
 use crate::format::header::{bitmap_len, HEADER_SIZE, MAGIC, SECTOR_SIZE};
 use crate::format::overlay::{file_len, load_bitmap, share_lock_base};
-use crate::format::paths::resolve;
+use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
+use crate::nbd::client::{self, Session};
+use crate::nbd::uri::NbdUri;
+
+/// How long connecting to a remote base's image server may take when a chain is opened.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most layers below the top overlay. Every read of a sector clear in every layer walks each
 /// layer's bitmap and every layer holds two open files and its bitmap in memory, so the depth
@@ -38,6 +43,8 @@ pub enum LayerFormat {
     Raw,
     /// An add-cow overlay: set bits are read from its raw image, clear ones from the next layer.
     AddCow,
+    /// A raw export of an NBD image server (the chain's bottom; named by a URI).
+    Nbd,
 }
 
 /// One opened layer of a backing chain.
@@ -73,11 +80,28 @@ impl Layer {
     }
 }
 
+/// A base served by an NBD image server: the bottom of a chain whose last backing path is an
+/// NBD URI. Opening the chain connects once (the export's size is needed to read the layers
+/// above); the engine takes that connection over (`io/remote.rs`).
+#[derive(Debug)]
+pub struct RemoteLayer {
+    /// The URI, as stored.
+    pub uri: NbdUri,
+    /// The export's size.
+    pub size: u64,
+    /// The connection made at open (taken by the engine).
+    pub session: Option<Session>,
+}
+
 /// The layers under an overlay, `layers[0]` its direct base, each one the base of the one before.
 #[derive(Debug)]
 pub struct BaseChain {
-    /// At least one layer; the last one is raw or an add-cow overlay with no base.
+    /// The file layers; the last one is raw, an add-cow overlay with no base, or an add-cow
+    /// overlay whose base is `remote`. Empty only when the overlay's own base is remote.
     pub layers: Vec<Layer>,
+    /// The remote base under the last file layer (or under the overlay), if the chain ends in
+    /// an NBD URI.
+    pub remote: Option<RemoteLayer>,
 }
 
 /// Options for opening a chain.
@@ -162,8 +186,19 @@ impl BaseChain {
             });
         }
         let mut layers: Vec<Layer> = Vec::new();
+        let mut remote = None;
         let mut next = Some(base.to_path_buf());
         while let Some(path) = next.take() {
+            if let Some(uri) = nbd_uri(&path)? {
+                let session = client::connect(&uri, CONNECT_TIMEOUT)
+                    .map_err(|e| e.with_op("open remote base"))?;
+                remote = Some(RemoteLayer {
+                    size: session.size,
+                    uri,
+                    session: Some(session),
+                });
+                break;
+            }
             if layers.len() == MAX_CHAIN_DEPTH {
                 return Err(Error::new(ErrorKind::ChainTooDeep {
                     limit: MAX_CHAIN_DEPTH,
@@ -224,17 +259,25 @@ impl BaseChain {
             }
             layers.push(layer);
         }
-        Ok(BaseChain { layers })
+        Ok(BaseChain { layers, remote })
     }
 
     /// The direct base's size (what the overlay above reads before zeros).
     pub fn size(&self) -> u64 {
-        self.layers.first().map_or(0, |l| l.size)
+        match (self.layers.first(), &self.remote) {
+            (Some(l), _) => l.size,
+            (None, Some(r)) => r.size,
+            (None, None) => 0,
+        }
     }
 
-    /// The direct base's path.
+    /// The direct base's path (an NBD URI as stored, for a remote base).
     pub fn path(&self) -> Option<&Path> {
-        self.layers.first().map(|l| l.path.as_path())
+        match (self.layers.first(), &self.remote) {
+            (Some(l), _) => Some(l.path.as_path()),
+            (None, Some(r)) => Some(Path::new(r.uri.text.as_str())),
+            (None, None) => None,
+        }
     }
 }
 
@@ -296,6 +339,12 @@ fn open_add_cow_layer(
 /// The size a new overlay over `base` takes by default: a raw base's length, an add-cow base's
 /// virtual size (its raw image's length).
 pub fn base_virtual_size(base: &Path) -> Result<u64> {
+    if let Some(uri) = nbd_uri(base)? {
+        let mut s =
+            client::connect(&uri, CONNECT_TIMEOUT).map_err(|e| e.with_op("open remote base"))?;
+        client::disconnect(&mut s.stream);
+        return Ok(s.size);
+    }
     let f = open_ro(base, false, "open base")?;
     if !is_add_cow(&f, base)? {
         return file_len(&f, base, "stat base");

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{
@@ -16,8 +17,9 @@ use crate::format::header::{
     PATH_FIELD_LEN, RESERVED_OFFSET, SECTOR_SIZE, VERSION, VERSION_OFFSET,
 };
 use crate::format::overlay::{file_len, soft_findings};
-use crate::format::paths::resolve;
+use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
+use crate::nbd::client;
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -190,11 +192,20 @@ fn check_header_and_files(
     if !header.backing_file.is_empty() {
         match resolve(path, "backing_file", &header.backing_file) {
             Err(e) => r.corrupt(e.with_path(path).to_string()),
-            Ok(bp) => {
-                if let Err(e) = File::open(&bp) {
-                    r.corrupt(Error::io("open base", e).with_path(&bp).to_string());
+            Ok(bp) => match nbd_uri(&bp) {
+                // An image server that is down or lost the export is not corruption of the
+                // overlay: a warning.
+                Ok(Some(uri)) => match client::connect(&uri, Duration::from_secs(10)) {
+                    Ok(mut s) => client::disconnect(&mut s.stream),
+                    Err(e) => r.warn(format!("remote base: {e}")),
+                },
+                Ok(None) => {
+                    if let Err(e) = File::open(&bp) {
+                        r.corrupt(Error::io("open base", e).with_path(&bp).to_string());
+                    }
                 }
-            }
+                Err(e) => r.corrupt(e.with_path(path).to_string()),
+            },
         }
     }
     let Some(virtual_size) = virtual_size else {

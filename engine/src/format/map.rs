@@ -11,6 +11,9 @@
 //!   `depth 0, present false, zero, no offset` (what `qemu-img map` prints for a qcow2 overlay
 //!   past its backing file's end).
 //!
+//! * a remote (NBD) bottom layer reports data, and zeros where its server's `base:allocation`
+//!   says so (asked once, on a connection of its own);
+//!
 //! Adjacent runs with the same attributes and contiguous offsets are merged, as qemu does.
 
 use std::fs::File;
@@ -18,6 +21,7 @@ use std::fs::File;
 use crate::error::{Error, Result};
 use crate::format::overlay::{next_data, next_hole};
 use crate::format::{Layer, Overlay, SECTOR_SIZE};
+use crate::nbd::client;
 
 /// One run of `qemu-img map --output=json` shape.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -152,17 +156,58 @@ fn push_file(
     Ok(())
 }
 
+/// A remote bottom layer as the map sees it: its size and the ranges that read as zeros.
+struct RemoteMap {
+    size: u64,
+    zeros: Vec<(u64, u64)>,
+}
+
+impl RemoteMap {
+    /// Pushes `[start, end)` at `depth`: data, zeros where the server said so, absent past the
+    /// export's end.
+    fn push(&self, runs: &mut Vec<MapRun>, depth: u32, start: u64, end: u64) {
+        let limit = end.min(self.size).max(start);
+        let mut p = start;
+        let mut i = self.zeros.partition_point(|z| z.1 <= start);
+        while p < limit {
+            match self.zeros.get(i) {
+                Some(&(zs, ze)) if zs < limit => {
+                    if zs > p {
+                        push(runs, MapRun::layer(p, zs - p, depth, true));
+                        p = zs;
+                    }
+                    let stop = ze.min(limit);
+                    push(runs, MapRun::layer(p, stop - p, depth, false));
+                    p = stop;
+                    i += 1;
+                }
+                _ => {
+                    push(runs, MapRun::layer(p, limit - p, depth, true));
+                    p = limit;
+                }
+            }
+        }
+        if end > limit {
+            push(runs, MapRun::absent(limit, end - limit));
+        }
+    }
+}
+
 /// Pushes the runs of `[start, end)` as layer `i` of `layers` supplies them (depth `i + 1`),
 /// walking down through each add-cow layer's clear sectors.
 fn push_layers(
     runs: &mut Vec<MapRun>,
     layers: &[Layer],
+    remote: Option<&RemoteMap>,
     i: usize,
     start: u64,
     end: u64,
 ) -> Result<()> {
     let Some(l) = layers.get(i) else {
-        push(runs, MapRun::absent(start, end - start));
+        match remote {
+            Some(r) if i == layers.len() => r.push(runs, i as u32 + 1, start, end),
+            _ => push(runs, MapRun::absent(start, end - start)),
+        }
         return Ok(());
     };
     let depth = i as u32 + 1;
@@ -184,10 +229,15 @@ fn push_layers(
         if set {
             push(runs, MapRun::layer(pos, run_end - pos, depth, true));
         } else {
-            let below = layers.get(i + 1).map_or(0, |n| n.size);
+            let below = match layers.get(i + 1) {
+                Some(n) => n.size,
+                None => remote
+                    .filter(|_| i + 1 == layers.len())
+                    .map_or(0, |r| r.size),
+            };
             let split = run_end.min(below.max(pos));
             if split > pos {
-                push_layers(runs, layers, i + 1, pos, split)?;
+                push_layers(runs, layers, remote, i + 1, pos, split)?;
             }
             if run_end > split {
                 push(runs, MapRun::absent(split, run_end - split));
@@ -208,6 +258,20 @@ pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
     let mut runs = Vec::new();
     let sectors = overlay.virtual_size / SECTOR_SIZE;
     let layers: &[Layer] = overlay.base.as_ref().map_or(&[], |c| &c.layers);
+    let remote = match overlay.base.as_ref().and_then(|c| c.remote.as_ref()) {
+        Some(r) => {
+            let mut sess = client::connect(&r.uri, std::time::Duration::from_secs(10))
+                .map_err(|e| e.with_op("map remote base"))?;
+            let zeros = client::zero_ranges(&mut sess, &r.uri);
+            client::disconnect(&mut sess.stream);
+            Some(RemoteMap {
+                size: r.size,
+                zeros,
+            })
+        }
+        None => None,
+    };
+    let remote = remote.as_ref();
     let mut s = 0u64;
     while s < sectors {
         let (set, n) = overlay.bitmap.run_from(s, u64::MAX);
@@ -218,7 +282,7 @@ pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
         if set {
             push(&mut runs, MapRun::raw(start, end - start));
         } else {
-            push_layers(&mut runs, layers, 0, start, end)?;
+            push_layers(&mut runs, layers, remote, 0, start, end)?;
         }
         s += n;
     }

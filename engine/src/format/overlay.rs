@@ -652,12 +652,19 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
     };
     let hbytes = header.encode()?;
 
-    let base_file = match &opts.base {
-        None => None,
-        Some(b) => Some(open_file(b, false, false, "open base")?),
+    let remote_base = match &opts.base {
+        Some(b) => crate::format::paths::nbd_uri(b)?.is_some(),
+        None => false,
     };
-    // An add-cow base presents its virtual size; a raw one its length.
+    let base_file = match &opts.base {
+        Some(b) if !remote_base => Some(open_file(b, false, false, "open base")?),
+        _ => None,
+    };
+    // An add-cow base presents its virtual size; a raw one its length; a remote one the size
+    // its server states (asked only when no size is given: an overlay can be made while the
+    // image server is down).
     let base_size = match &opts.base {
+        Some(_) if remote_base && opts.size.is_some() => None,
         Some(b) => Some(base_virtual_size(b)?),
         None => None,
     };

@@ -1,12 +1,15 @@
-//! Path rules: stored paths are relative to the `.add-cow` file's directory; protocol prefixes
-//! are refused for now.
+//! Path rules: stored paths are relative to the `.add-cow` file's directory; a backing path may
+//! be an NBD URI, any other protocol prefix is refused.
 //!
 //! * A stored path that is absolute is used as is.
 //! * A stored relative path is relative to the directory holding the `.add-cow` file, not to the
 //!   process's working directory, so an overlay keeps working when its folder is moved.
-//! * A path that starts with a protocol prefix (`nbd:`, `nbd+unix://`, `http:`, ...; the rule is
-//!   qemu's: the text before the first `:` contains no `/`) is refused with
-//!   [`ErrorKind::UnsupportedProtocol`].
+//! * A `backing_file` that is an NBD URI (`nbd://HOST[:PORT]/NAME`,
+//!   `nbd+unix:///NAME?socket=PATH`; see [`crate::nbd::uri`]) is stored and returned unchanged:
+//!   it is never joined to a folder.
+//! * Any other path that starts with a protocol prefix (`nbd:`, `http:`, ...; the rule is
+//!   qemu's: the text before the first `:` contains no `/`), and a URI as `image_file`, is
+//!   refused with [`ErrorKind::UnsupportedProtocol`].
 //! * [`storage_path`] turns a path as a user typed it (relative to the working directory) into the
 //!   path to store (relative to the overlay's directory).
 
@@ -16,6 +19,17 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::PATH_FIELD_LEN;
+use crate::nbd::uri::{is_nbd_uri, NbdUri};
+
+/// The NBD URI `path` names, if it is one (a path that merely looks like one is an error).
+pub fn nbd_uri(path: &Path) -> Result<Option<NbdUri>> {
+    let b = path.as_os_str().as_bytes();
+    if !is_nbd_uri(b) {
+        return Ok(None);
+    }
+    refuse_protocol("backing_file", b)?;
+    Ok(Some(NbdUri::parse(&String::from_utf8_lossy(b))?))
+}
 
 /// Whether `path` starts with a protocol prefix such as `nbd:` or `http://`: some bytes, none of
 /// them `/`, then `:`. (The same test as qemu's `path_has_protocol`.)
@@ -26,8 +40,19 @@ pub fn has_protocol(path: &[u8]) -> bool {
     }
 }
 
-/// Refuses a path that names a protocol. `field` is `"backing_file"` or `"image_file"`.
+/// Refuses a path that names a protocol, except an NBD URI as `backing_file` (which must parse).
+/// `field` is `"backing_file"` or `"image_file"`.
 pub fn refuse_protocol(field: &'static str, path: &[u8]) -> Result<()> {
+    if field == "backing_file" && is_nbd_uri(path) {
+        let text = std::str::from_utf8(path).map_err(|_| {
+            Error::new(ErrorKind::BadUri {
+                uri: String::from_utf8_lossy(path).into_owned(),
+                why: "not UTF-8".into(),
+            })
+        })?;
+        NbdUri::parse(text)?;
+        return Ok(());
+    }
     if has_protocol(path) {
         return Err(Error::new(ErrorKind::UnsupportedProtocol {
             field,
@@ -38,10 +63,14 @@ pub fn refuse_protocol(field: &'static str, path: &[u8]) -> Result<()> {
 }
 
 /// Resolves a stored path against the overlay at `meta_path`: absolute paths as they are,
-/// relative ones joined to `meta_path`'s directory. Refuses protocol prefixes.
+/// relative ones joined to `meta_path`'s directory, an NBD URI (`backing_file` only) unchanged.
+/// Refuses other protocol prefixes.
 pub fn resolve(meta_path: &Path, field: &'static str, stored: &[u8]) -> Result<PathBuf> {
     refuse_protocol(field, stored)?;
     let stored = Path::new(OsStr::from_bytes(stored));
+    if is_nbd_uri(stored.as_os_str().as_bytes()) {
+        return Ok(stored.to_path_buf());
+    }
     if stored.is_absolute() {
         return Ok(stored.to_path_buf());
     }
@@ -73,7 +102,7 @@ pub fn check_storable(field: &'static str, path: &[u8]) -> Result<()> {
 /// directory: both directories are made canonical (they must exist) and the stored path climbs
 /// out of the overlay's directory with `..` as needed.
 pub fn storage_path(overlay: &Path, target: &Path) -> Result<PathBuf> {
-    if target.is_absolute() {
+    if target.is_absolute() || is_nbd_uri(target.as_os_str().as_bytes()) {
         return Ok(target.to_path_buf());
     }
     let overlay_dir = canonical_dir(overlay)?;
@@ -179,6 +208,19 @@ mod tests {
             Path::new("disk.raw")
         );
         assert!(resolve(meta, "image_file", b"http://x").is_err());
+        // An NBD URI is never joined to a folder; as image_file it is refused.
+        let uri = b"nbd+unix:///base?socket=rel/s.sock";
+        assert_eq!(
+            resolve(meta, "backing_file", uri).unwrap(),
+            Path::new("nbd+unix:///base?socket=rel/s.sock")
+        );
+        assert!(resolve(meta, "image_file", uri).is_err());
+        assert!(resolve(meta, "backing_file", b"nbd+unix:///base").is_err());
+        assert!(resolve(meta, "backing_file", b"nbd:localhost:10809").is_err());
+        assert_eq!(
+            storage_path(Path::new("x.add-cow"), Path::new("nbd://127.0.0.1/b")).unwrap(),
+            Path::new("nbd://127.0.0.1/b")
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ use crate::format::chain::BaseChain;
 use crate::format::SECTOR_SIZE;
 
 use super::align::{dio_align, DioAlign};
+use super::remote::{RemoteBase, RemoteOptions};
+use crate::error::Result;
 
 /// One run of a base range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,13 @@ pub(crate) enum BaseRun {
         align: DioAlign,
         layer: u32,
     },
+    /// `len` bytes at `offset` of the remote base (read through [`BaseSource::remote`]);
+    /// `layer` as for `File`.
+    Remote { offset: u64, len: u64, layer: u32 },
+    /// `len` bytes of layer `layer` that its server reported as reading zeros (a hole of a
+    /// remote base, known from `base:allocation`): read as zeros without I/O, but supplied by
+    /// that layer (allocation depth).
+    Hole { len: u64, layer: u32 },
     /// `len` bytes of zeros.
     Zero { len: u64 },
 }
@@ -47,6 +56,10 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     fn file_len(&self, fd: RawFd) -> u64;
     /// Drops the shared lock taken on the base's files when the overlay was opened.
     fn unlock(&self);
+    /// The remote base that serves [`BaseRun::Remote`] runs, if the chain ends in one.
+    fn remote(&self) -> Option<&RemoteBase> {
+        None
+    }
 }
 
 /// A raw image file as base (the engine serves every base as a [`ChainBase`]; this simplest
@@ -126,12 +139,26 @@ struct ChainLayer {
 #[derive(Debug)]
 pub(crate) struct ChainBase {
     layers: Vec<ChainLayer>,
+    /// The remote base under the last file layer, if the chain ends in an NBD URI.
+    remote: Option<RemoteBase>,
 }
 
 impl ChainBase {
     /// Takes over the files of an opened chain; each data file's `O_DIRECT` alignment is
-    /// asked of the file system.
-    pub(crate) fn new(chain: BaseChain) -> ChainBase {
+    /// asked of the file system. A remote bottom gets its connections (`remote`).
+    pub(crate) fn new(chain: BaseChain, remote: RemoteOptions) -> Result<ChainBase> {
+        let remote = match chain.remote {
+            Some(r) => {
+                let sess = match r.session {
+                    Some(s) => s,
+                    None => {
+                        crate::nbd::client::connect(&r.uri, std::time::Duration::from_secs(10))?
+                    }
+                };
+                Some(RemoteBase::start(r.uri, sess, remote)?)
+            }
+            None => None,
+        };
         let layers = chain
             .layers
             .into_iter()
@@ -146,13 +173,34 @@ impl ChainBase {
                 }
             })
             .collect();
-        ChainBase { layers }
+        Ok(ChainBase { layers, remote })
+    }
+
+    /// The size of layer `i` (the remote base after the file layers), 0 past the chain.
+    fn layer_size(&self, i: usize) -> u64 {
+        match self.layers.get(i) {
+            Some(l) => l.size,
+            None if i == self.layers.len() => self.remote.as_ref().map_or(0, |r| r.size()),
+            None => 0,
+        }
     }
 
     /// Appends the runs of `[offset, offset + len)` of layer `i`.
     fn map_layer(&self, i: usize, offset: u64, len: u64, out: &mut Vec<BaseRun>) {
         let Some(l) = self.layers.get(i) else {
-            push_run(out, BaseRun::Zero { len });
+            match &self.remote {
+                Some(r) if i == self.layers.len() => {
+                    let end = offset.saturating_add(len);
+                    let inside = end.min(r.size()).max(offset);
+                    let mut runs = Vec::new();
+                    r.map(offset, inside - offset, i as u32, &mut runs);
+                    for run in runs {
+                        push_run(out, run);
+                    }
+                    push_run(out, BaseRun::Zero { len: end - inside });
+                }
+                _ => push_run(out, BaseRun::Zero { len }),
+            }
             return;
         };
         let end = offset.saturating_add(len);
@@ -171,7 +219,7 @@ impl ChainBase {
                 }
             }
             Some(bitmap) => {
-                let below = self.layers.get(i + 1).map_or(0, |n| n.size);
+                let below = self.layer_size(i + 1);
                 let mut pos = offset;
                 while pos < inside {
                     let sector = pos / SECTOR_SIZE;
@@ -213,7 +261,25 @@ impl ChainBase {
 /// Appends `run`, merging it into the last run when they continue each other.
 fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
     match (out.last_mut(), run) {
-        (_, BaseRun::Zero { len: 0 }) | (_, BaseRun::File { len: 0, .. }) => {}
+        (_, BaseRun::Zero { len: 0 })
+        | (_, BaseRun::File { len: 0, .. })
+        | (_, BaseRun::Remote { len: 0, .. })
+        | (_, BaseRun::Hole { len: 0, .. }) => {}
+        (
+            Some(BaseRun::Hole { len, layer }),
+            BaseRun::Hole {
+                len: more,
+                layer: l2,
+            },
+        ) if *layer == l2 => *len += more,
+        (
+            Some(BaseRun::Remote { offset, len, .. }),
+            BaseRun::Remote {
+                offset: off2,
+                len: more,
+                ..
+            },
+        ) if *offset + *len == off2 => *len += more,
         (Some(BaseRun::Zero { len }), BaseRun::Zero { len: more }) => *len += more,
         (
             Some(BaseRun::File {
@@ -238,7 +304,11 @@ fn is_direct(file: &File) -> bool {
 
 impl BaseSource for ChainBase {
     fn size(&self) -> u64 {
-        self.layers.first().map_or(0, |l| l.size)
+        self.layer_size(0)
+    }
+
+    fn remote(&self) -> Option<&RemoteBase> {
+        self.remote.as_ref()
     }
 
     fn map(&self, offset: u64, len: u64, out: &mut Vec<BaseRun>) {

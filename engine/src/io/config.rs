@@ -29,6 +29,9 @@ pub struct EngineConfig {
     /// Delay after the first unflushed write before a background commit; `None` = only on
     /// FLUSH/FUA/close.
     pub commit_delay: Option<Duration>,
+    /// A read of a remote (NBD) base not answered within this fails with `EIO` (the image
+    /// server is reconnected meanwhile). Default 30 s.
+    pub base_timeout: Duration,
     /// Test-only: where to log every write and sync issued (see [`super::recorder`]).
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<std::sync::Arc<super::recorder::Recorder>>,
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             image_cache: CacheMode::Direct,
             base_cache: CacheMode::Direct,
             commit_delay: Some(Duration::from_secs(1)),
+            base_timeout: Duration::from_secs(30),
             #[cfg(feature = "crash-recorder")]
             recorder: None,
             #[cfg(feature = "fault-injection")]
@@ -61,4 +65,9 @@ impl Default for EngineConfig {
 pub struct DiskOptions {
     /// Serve read-only: writes fail with `EPERM`, nothing is locked for writing.
     pub read_only: bool,
+    /// Copy-on-read: every read served (partly) from the base also copies the units it covers
+    /// into the raw image and sets their bits (a populate, with its ordering: data durable
+    /// before bits, a guest write never clobbered), so a VM's working set moves to the local
+    /// disk once. Ignored for a read-only disk.
+    pub copy_on_read: bool,
 }

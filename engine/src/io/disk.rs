@@ -226,6 +226,11 @@ impl Disk {
         self.state.read_only
     }
 
+    /// Whether reads served from the base are copied into the raw image (copy-on-read).
+    pub fn copy_on_read(&self) -> bool {
+        self.state.copy_on_read
+    }
+
     /// The `.add-cow` file this disk was opened from.
     pub fn path(&self) -> &Path {
         &self.state.meta_path

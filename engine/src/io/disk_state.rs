@@ -21,6 +21,7 @@ use super::base::{BaseSource, ChainBase};
 use super::config::{CacheMode, DiskOptions, EngineConfig};
 use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
+use super::remote::RemoteOptions;
 use super::request::{Request, RequestError};
 use super::responder::Responder;
 use super::stats::DiskCounters;
@@ -83,6 +84,9 @@ pub(crate) struct DiskState {
     pub meta_path: PathBuf,
     pub size: u64,
     pub read_only: bool,
+    /// Copy-on-read: a read served (partly) from the base is followed by a populate of its
+    /// range, so the bytes move into the raw image with the normal ordering.
+    pub copy_on_read: bool,
     pub image: File,
     pub image_align: DioAlign,
     /// Read-modify-write unit: the sector, or the raw image's O_DIRECT alignment if larger.
@@ -223,8 +227,16 @@ impl DiskState {
         } else {
             None
         };
-        let base: Option<Box<dyn BaseSource>> =
-            base.map(|chain| Box::new(ChainBase::new(chain)) as Box<dyn BaseSource>);
+        let remote = RemoteOptions {
+            timeout: config.base_timeout,
+            conns: config.cores,
+        };
+        let base: Option<Box<dyn BaseSource>> = match base {
+            Some(chain) => Some(Box::new(
+                ChainBase::new(chain, remote).map_err(|e| e.with_path(&meta_path))?,
+            )),
+            None => None,
+        };
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]
@@ -232,6 +244,7 @@ impl DiskState {
             meta_path,
             size: virtual_size,
             read_only: opts.read_only,
+            copy_on_read: opts.copy_on_read && !opts.read_only,
             image,
             image_align,
             unit,

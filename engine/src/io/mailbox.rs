@@ -50,6 +50,12 @@ pub(crate) enum Msg {
     Detach { id: u64, ack: Sender<()> },
     /// Run a closure on the core (answers forwarded from another core).
     Run(Box<dyn FnOnce() + Send>),
+    /// A read of the remote base finished (from its connection thread): `op` is the core's
+    /// key of the waiting read.
+    RemoteDone {
+        op: usize,
+        result: super::remote::ReadResult,
+    },
     /// Finish in-flight work and exit.
     Shutdown,
 }

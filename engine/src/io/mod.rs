@@ -23,7 +23,8 @@
 //!   `base`: the base behind a small trait; `range_lock`: the read-modify-write unit locks;
 //!   `buf`: [`IoBuf`] and the per-core arena pools; `align`: `STATX_DIOALIGN`; `stats`:
 //!   per-disk counters; `file_slot`: registered-file slots lent to a disk; `mutex`: locking a
-//!   mutex whose holder panicked.
+//!   mutex whose holder panicked; `remote`: a base on an NBD image server (its connection
+//!   threads; `core/remote_read.rs` is the core's side).
 //! * Test-only: `recorder` (feature `crash-recorder`), `faults` (feature `fault-injection`),
 //!   `hooks` (where the engine calls the recorder).
 
@@ -46,6 +47,7 @@ mod mutex;
 mod range_lock;
 #[cfg(feature = "crash-recorder")]
 pub mod recorder;
+mod remote;
 mod request;
 mod responder;
 mod ring;

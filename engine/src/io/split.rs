@@ -20,6 +20,8 @@ pub(crate) enum Src {
         offset: u64,
         align: DioAlign,
     },
+    /// The remote base at this byte offset.
+    Remote { offset: u64 },
     /// Zeros (past the base's end, or no base).
     Zero,
 }
@@ -110,7 +112,9 @@ pub(crate) fn depth_extents(
                 let mut at = e.offset;
                 for r in &runs {
                     let (len, depth) = match *r {
-                        BaseRun::File { len, layer, .. } => (len, layer.saturating_add(2)),
+                        BaseRun::File { len, layer, .. }
+                        | BaseRun::Remote { len, layer, .. }
+                        | BaseRun::Hole { len, layer } => (len, layer.saturating_add(2)),
                         BaseRun::Zero { len } => (len, 0),
                     };
                     push(out, at, len, depth);
@@ -183,7 +187,15 @@ pub(crate) fn plan_read(
                             });
                             d += len;
                         }
-                        BaseRun::Zero { len } => {
+                        BaseRun::Remote { offset, len, .. } => {
+                            out.push(Seg {
+                                dest: d,
+                                len,
+                                src: Src::Remote { offset },
+                            });
+                            d += len;
+                        }
+                        BaseRun::Zero { len } | BaseRun::Hole { len, .. } => {
                             out.push(Seg {
                                 dest: d,
                                 len,

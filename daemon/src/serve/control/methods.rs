@@ -78,11 +78,14 @@ pub const METHODS: &[Method] = &[
             p("num-queues", Kind::Str, false),
             p("writable", Kind::Bool, false),
             p("serial", Kind::Str, false),
+            p("copy_on_read", Kind::Bool, false),
         ],
         summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
                   type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
                   on the Unix socket addr ({type: unix, path} or a path) with num-queues \
-                  queues (default and at most the daemon's cores) and serial as GET_ID",
+                  queues (default and at most the daemon's cores) and serial as GET_ID; \
+                  copy_on_read: base reads are also copied into the raw image (default: the \
+                  daemon's --copy-on-read)",
         call: export_add,
     },
     Method {
@@ -246,6 +249,8 @@ struct ExportAdd {
     /// vhost-user-blk: the GET_ID answer (at most 20 bytes are sent).
     #[serde(default)]
     serial: Option<String>,
+    #[serde(default, alias = "copy-on-read")]
+    copy_on_read: Option<bool>,
 }
 
 /// How `export-add` serves the export.
@@ -334,9 +339,13 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
         ));
     }
     let read_only = a.read_only || a.writable == Some(false);
+    let opts = addcow_engine::DiskOptions {
+        read_only,
+        copy_on_read: a.copy_on_read.unwrap_or(host.copy_on_read),
+    };
     let export = match vhost_params(&a)? {
-        None => host.add_export(&a.name, &a.overlay, read_only, Origin::Control)?,
-        Some(v) => host.add_vhost_export(&a.name, &a.overlay, read_only, Origin::Control, v)?,
+        None => host.add_export(&a.name, &a.overlay, opts, Origin::Control)?,
+        Some(v) => host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v)?,
     };
     let info = host
         .export_info()

@@ -33,6 +33,7 @@ mod commit_order;
 mod inject;
 mod ops;
 mod populate;
+mod remote_read;
 mod rw;
 mod shared_buf;
 mod sources;
@@ -53,6 +54,7 @@ use super::disk_state::{DiskState, Role, SLOTS_PER_DISK};
 use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
 use super::mailbox::Msg;
 use super::request::{req_err, Done};
+use super::responder::Responder;
 use super::ring::{Ring, Wait};
 use super::split::{Seg, SplitScratch};
 use ops::{CoreOp, FileRef, OpKind, Target};
@@ -102,6 +104,8 @@ pub(crate) struct Core {
     segs: Vec<Seg>,
     scratch: SplitScratch,
     sources: sources::Sources,
+    /// Reads of a remote base in flight on its connection threads.
+    remote_ops: Slab<remote_read::RemoteOp>,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<super::faults::FaultPlan>>,
 }
@@ -161,6 +165,7 @@ impl Core {
             segs: Vec::new(),
             scratch: SplitScratch::default(),
             sources: sources::Sources::default(),
+            remote_ops: Slab::new(),
         })
     }
 
@@ -181,7 +186,10 @@ impl Core {
                 Msg::Attach { ack, .. } => {
                     let _ = ack.send(Err(std::io::Error::from_raw_os_error(libc::ESHUTDOWN)));
                 }
-                Msg::Commit { .. } | Msg::Unregister { .. } | Msg::Shutdown => {}
+                Msg::Commit { .. }
+                | Msg::Unregister { .. }
+                | Msg::Shutdown
+                | Msg::RemoteDone { .. } => {}
             }
         }
         drop(rx);
@@ -262,6 +270,7 @@ impl Core {
             Msg::Attach { fd, source, ack } => self.attach_source(fd, source, ack),
             Msg::Detach { id, ack } => self.detach_source(id, ack),
             Msg::Run(f) => f(),
+            Msg::RemoteDone { op, result } => self.remote_done(op, result),
             Msg::Shutdown => self.stopping = true,
         }
     }
@@ -441,13 +450,44 @@ impl Core {
     }
 
     fn finish_read(&mut self, t: ReadTask) {
-        let ReadTask { buf, err, done, .. } = t;
+        let ReadTask {
+            buf,
+            err,
+            done,
+            disk,
+            offset,
+            copy_up,
+            ..
+        } = t;
         if let Some(e) = err {
             done.answer(Err(e));
             return;
         }
+        // Copy-on-read: counted as a request of the disk before the read is answered, so a
+        // close that waits for the disk's requests also waits for it.
+        let copy_up = copy_up
+            .filter(|_| !disk.closed.load(Ordering::SeqCst))
+            .map(|len| {
+                disk.active.fetch_add(1, Ordering::SeqCst);
+                let at = offset;
+                let answer = Responder::new(
+                    Box::new(move |r| {
+                        if let Err(e) = r {
+                            tracing::warn!(offset = at, len, error = %e,
+                                "copy-on-read failed (the read itself succeeded)");
+                        }
+                    }),
+                    Arc::clone(&disk.active),
+                );
+                (len, answer)
+            });
         match buf.into_inner() {
-            Ok(buf) => done.answer(Ok(Done::Read(buf))),
+            Ok(buf) => {
+                done.answer(Ok(Done::Read(buf)));
+                if let Some((len, answer)) = copy_up {
+                    self.submit_populate(disk, offset, len, answer);
+                }
+            }
             Err(_) => {
                 tracing::error!(
                     core = self.id,

@@ -65,7 +65,12 @@ fn base_data(disk: &DiskState, offset: u64, len: u64, out: &mut Vec<(u64, u64)>)
     let mut at = offset;
     for run in runs {
         match run {
-            BaseRun::Zero { len } => at += len,
+            BaseRun::Zero { len } | BaseRun::Hole { len, .. } => at += len,
+            BaseRun::Remote { len, .. } => {
+                // The remote base's holes are zero runs already (`base:allocation` at open).
+                out.push((at, len));
+                at += len;
+            }
             BaseRun::File {
                 fd,
                 offset: f_off,

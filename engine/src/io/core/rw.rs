@@ -284,11 +284,22 @@ impl Core {
             disk: Arc::clone(&disk),
             buf: buf.clone(),
             offset,
+            copy_up: None,
             pending: 0,
             err: None,
             done,
         }));
         let n = self.issue_read(key, &disk, &buf, 0, offset, len);
+        if disk.copy_on_read
+            && self
+                .segs
+                .iter()
+                .any(|s| matches!(s.src, Src::File { .. } | Src::Remote { .. }))
+        {
+            if let Some(Task::Read(t)) = self.tasks.get_mut(key) {
+                t.copy_up = Some(len);
+            }
+        }
         drop(buf);
         self.add_pending(key, n);
     }
@@ -487,6 +498,9 @@ impl Core {
                         align,
                     };
                     issued += self.issue_file_read(task, file, dest, at, offset, seg.len);
+                }
+                Src::Remote { offset } => {
+                    issued += self.issue_remote_read(task, disk, dest, at, offset, seg.len);
                 }
             }
         }

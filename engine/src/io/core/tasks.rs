@@ -14,6 +14,8 @@ pub(super) struct ReadTask {
     pub(super) disk: Arc<DiskState>,
     pub(super) buf: SharedBuf,
     pub(super) offset: u64,
+    /// Copy-on-read: the range to populate once the read succeeded (it read from the base).
+    pub(super) copy_up: Option<u64>,
     pub(super) pending: usize,
     pub(super) err: Option<RequestError>,
     pub(super) done: Responder,

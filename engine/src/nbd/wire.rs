@@ -184,6 +184,10 @@ pub const EXTENDED_REPLY_LEN: usize = 32;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// Size of the option reply header (magic, option, reply type, length).
+pub const OPTION_REPLY_LEN: usize = 20;
+/// The meta context that reports holes and zeros.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
 
 /// The NBD error a command of type `kind` (`fast_zero`: a WRITE_ZEROES with FAST_ZERO) is
 /// answered with when the engine fails it with the Linux `errno`.
@@ -271,8 +275,7 @@ impl RequestHeader {
         })
     }
 
-    /// Encodes the header (tests act as a client with it).
-    #[cfg(test)]
+    /// Encodes the header (the engine's remote-base client sends it; tests act as a client).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -335,19 +338,21 @@ pub fn option_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Big-endian u16 at `at` of a buffer known to be long enough.
-fn be16(b: &[u8], at: usize) -> u16 {
+pub fn be16(b: &[u8], at: usize) -> u16 {
     let mut x = [0u8; 2];
     x.copy_from_slice(&b[at..at + 2]);
     u16::from_be_bytes(x)
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian u32 at `at` of a buffer known to be long enough.
+pub fn be32(b: &[u8], at: usize) -> u32 {
     let mut x = [0u8; 4];
     x.copy_from_slice(&b[at..at + 4]);
     u32::from_be_bytes(x)
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+/// Big-endian u64 at `at` of a buffer known to be long enough.
+pub fn be64(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(x)

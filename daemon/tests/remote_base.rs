@@ -1,0 +1,779 @@
+//! Remote bases over NBD, end to end with real image servers: `nbdkit file` and `qemu-nbd`
+//! on a Unix socket as the base of an overlay served by `addcow serve`, read by real clients.
+//!
+//! Every tool is required (scripts/test.sh installs them); a missing one fails loudly.
+
+mod nbd_support;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbd_support::*;
+use rand::{RngCore, SeedableRng};
+
+const SIZE: u64 = 8 << 20;
+/// The base holds random data in its first 6 MiB; the rest is a hole.
+const DATA: u64 = 6 << 20;
+
+/// An image server (nbdkit or qemu-nbd) in the foreground on a Unix socket.
+struct ImageServer {
+    prog: &'static str,
+    args: Vec<String>,
+    sock: PathBuf,
+    child: Option<Child>,
+}
+
+impl ImageServer {
+    /// `nbdkit -f -U SOCK ARGS...` (plugin and filters in `args`).
+    fn nbdkit(sock: &Path, args: &[&str]) -> ImageServer {
+        let mut a: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        ImageServer::start("nbdkit", a, sock)
+    }
+
+    /// `qemu-nbd -f raw -r -t --shared=16 -k SOCK FILE` (read-only, so it allows multi-conn).
+    fn qemu_nbd(sock: &Path, file: &Path) -> ImageServer {
+        ImageServer::qemu_nbd_named(sock, file, "")
+    }
+
+    /// [`ImageServer::qemu_nbd`] serving only the export `name`.
+    fn qemu_nbd_named(sock: &Path, file: &Path, name: &str) -> ImageServer {
+        let a = [
+            "-x",
+            name,
+            "-f",
+            "raw",
+            "-r",
+            "-t",
+            "--shared=16",
+            "-k",
+            &sock.display().to_string(),
+            &file.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        ImageServer::start("qemu-nbd", a, sock)
+    }
+
+    fn start(prog: &'static str, args: Vec<String>, sock: &Path) -> ImageServer {
+        let mut s = ImageServer {
+            prog,
+            args,
+            sock: sock.to_path_buf(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// (Re)starts the server and waits until its socket sends the NBD greeting.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let _ = std::fs::remove_file(&self.sock);
+        let child = Command::new(self.prog)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} (scripts/test.sh installs it): {e}",
+                    self.prog
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&self.sock) {
+                use std::io::Read;
+                let mut m = [0u8; 8];
+                if s.read_exact(&mut m).is_ok() && &m == b"NBDMAGIC" {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{} never listened", self.prog);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the server vanishes mid-transfer.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+impl Drop for ImageServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A temp dir with `base.raw`: random bytes (seeded) then a hole.
+struct Setup {
+    dir: tempfile::TempDir,
+    base: Vec<u8>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut base = vec![0u8; SIZE as usize];
+        rand::rngs::StdRng::seed_from_u64(12).fill_bytes(&mut base[..DATA as usize]);
+        let f = std::fs::File::create(dir.path().join("base.raw")).expect("create base");
+        std::os::unix::fs::FileExt::write_all_at(&f, &base[..DATA as usize], 0).expect("write");
+        f.set_len(SIZE).expect("size base");
+        Setup { dir, base }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// `addcow create -b BASE NAME.add-cow` (size from the base).
+    fn create(&self, name: &str, base: &str) -> PathBuf {
+        let ov = self.path(&format!("{name}.add-cow"));
+        addcow(&["create", "-b", base, &ov.display().to_string()]);
+        ov
+    }
+}
+
+fn addcow(args: &[&str]) -> String {
+    run(&addcow_bin().display().to_string(), args)
+}
+
+fn addcow_raw(args: &[&str]) -> std::process::Output {
+    run_raw(&addcow_bin().display().to_string(), args)
+}
+
+/// Bytes of the overlay's bitmap that are not zero (no bit set anywhere when 0).
+fn set_bitmap_bytes(overlay: &Path) -> usize {
+    let b = std::fs::read(overlay).expect("read overlay");
+    b[2560..].iter().filter(|&&x| x != 0).count()
+}
+
+#[test]
+fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let ov = s.create("vm", &server.uri());
+    let ovs = ov.display().to_string();
+    // The URI is stored unchanged and shown by the tools.
+    let info = addcow(&["info", "--backing-chain", &ovs]);
+    assert!(info.contains(&server.uri()), "{info}");
+    assert!(info.contains("raw over NBD"), "{info}");
+    let check = addcow(&["check", &ovs]);
+    assert!(check.contains("No errors"), "{check}");
+    let map = addcow(&["map", "--json", &ovs]);
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&map).expect("map json");
+    assert_eq!(runs.len(), 2, "data then the base's hole: {map}");
+    assert_eq!(runs[0]["length"], DATA);
+    assert_eq!(runs[1]["zero"], true);
+
+    let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
+    assert_identical(&s.p("base.raw"), &d.uri());
+    // Unaligned writes read-modify-write from the remote base; one lands in its hole.
+    qemu_io(
+        &d.uri(),
+        &["write -P 0x5a 1048676 5000", "write -P 0x77 7340032 4096"],
+    );
+    let mut expected = s.base.clone();
+    expected[1048676..1048676 + 5000].fill(0x5a);
+    expected[7340032..7340032 + 4096].fill(0x77);
+    write_file(&s.path("expected.raw"), &expected);
+    assert_identical(&s.p("expected.raw"), &d.uri());
+    d.stop();
+
+    // Stream copies the rest; dropping the base then needs no server.
+    addcow(&["stream", &ovs]);
+    server.kill();
+    let info = addcow(&["info", &ovs]);
+    assert!(info.contains("complete:       yes"), "{info}");
+    addcow(&["rebase", "-u", "-b", "", &ovs]);
+    let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
+    assert_identical(&s.p("expected.raw"), &d.uri());
+    d.stop();
+}
+
+#[test]
+fn qemu_nbd_base_is_read_over_several_connections() {
+    let s = Setup::new();
+    let _server = ImageServer::qemu_nbd(&s.path("img.sock"), &s.path("base.raw"));
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--cores", "2", &ov.display().to_string()],
+    );
+    d.wait_log("remote base connected");
+    assert!(
+        d.log().contains("conns=2"),
+        "qemu-nbd -r advertises multi-conn: one connection per core:\n{}",
+        d.log()
+    );
+    assert_identical(&s.p("base.raw"), &d.uri());
+    // Two clients at once (two cores, two connections to the image server).
+    let a = std::thread::spawn({
+        let u = d.uri();
+        let b = s.p("base.raw");
+        move || assert_identical(&b, &u)
+    });
+    assert_identical(&s.p("base.raw"), &d.uri());
+    a.join().expect("second client");
+    d.stop();
+}
+
+/// Reads random 4 KiB blocks of the served disk for `secs` seconds and checks each against
+/// the expected file; prints `connected`, then `end: ok N` or `end: ` and the first failure.
+const READ_LOOP_PY: &str = r#"
+import sys, time, random, nbd
+uri, ref, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+want = open(ref, "rb").read()
+h = nbd.NBD()
+h.connect_uri(uri)
+print("connected", flush=True)
+end = time.time() + secs
+n = 0
+rnd = random.Random(5)
+while time.time() < end:
+    off = rnd.randrange(0, len(want) // 4096) * 4096
+    try:
+        got = h.pread(4096, off)
+    except nbd.Error as e:
+        print(f"end: error at {off}: {e.string} errno={e.errno}", flush=True)
+        sys.exit(1)
+    if got != want[off:off + 4096]:
+        print(f"end: mismatch at {off}", flush=True)
+        sys.exit(1)
+    n += 1
+print(f"end: ok {n}", flush=True)
+"#;
+
+#[test]
+fn image_server_restarted_during_reads_pauses_them_without_an_error() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let ov = s.create("vm", &server.uri());
+    let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
+    let client = HoldingClient::run(READ_LOOP_PY, &[&d.uri(), &s.p("base.raw"), "6"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    server.kill();
+    d.wait_log("reconnecting");
+    std::thread::sleep(Duration::from_millis(1500));
+    server.restart();
+    d.wait_log("image server reconnected");
+    client.wait_for("end: ");
+    let out = client.output();
+    assert!(out.contains("end: ok"), "{out}");
+    d.stop();
+}
+
+#[test]
+fn image_server_gone_past_the_timeout_gives_eio_and_other_exports_still_serve() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let ov = s.create("vm", &server.uri());
+    // A second export on a local base.
+    let local = s.create("local", &s.p("base.raw"));
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--base-timeout",
+            "2",
+            "--export",
+            &format!("vm={}", ov.display()),
+            "--export",
+            &format!("local={}", local.display()),
+        ],
+    );
+    // Some of the overlay's own data, written while the server is up.
+    qemu_io(&d.uri_of("vm"), &["write -P 0x33 0 65536"]);
+    server.kill();
+    let t0 = Instant::now();
+    let out = run_raw(
+        "qemu-io",
+        &["-f", "raw", "-c", "read 2097152 4096", &d.uri_of("vm")],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "EIO expected:\n{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the read failed by the timeout, not a hang"
+    );
+    // The overlay's own data and the other export are unaffected.
+    qemu_io(&d.uri_of("vm"), &["read -P 0x33 0 65536"]);
+    let mut local_want = s.base.clone();
+    local_want.truncate(SIZE as usize);
+    write_file(&s.path("local.want"), &local_want);
+    assert_identical(&s.p("local.want"), &d.uri_of("local"));
+    assert!(
+        d.log().contains("not answered within the timeout"),
+        "{}",
+        d.log()
+    );
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    // A failed base read set no bit beyond the write.
+    let b = std::fs::read(&ov).expect("read overlay");
+    assert!(
+        b[2560 + 16..].iter().all(|&x| x == 0),
+        "only the written 64 KiB is set"
+    );
+}
+
+#[test]
+fn base_read_errors_are_eio_and_set_no_bits() {
+    let s = Setup::new();
+    let _server = ImageServer::nbdkit(
+        &s.path("img.sock"),
+        &[
+            "--filter=error",
+            "file",
+            &s.p("base.raw"),
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let ov = s.create("vm", &uri);
+    let ovs = ov.display().to_string();
+    // Copy-on-read on: a failed base read must not set bits through it either.
+    let d = Daemon::start(&s.path("a.sock"), &["--copy-on-read", &ovs]);
+    for cmd in ["read 0 4096", "write -P 1 100 200", "read 1048576 1048576"] {
+        let out = run_raw("qemu-io", &["-f", "raw", "-c", cmd, &d.uri()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Input/output error"),
+            "{cmd}: EIO expected:\n{text}"
+        );
+    }
+    // The hole of the base needs no read: it still serves.
+    qemu_io(&d.uri(), &["read -P 0 7340032 4096"]);
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(set_bitmap_bytes(&ov), 0, "no bit set by a failed base read");
+    // Stream fails the same way and sets no bit either.
+    let out = addcow_raw(&["stream", &ovs]);
+    assert!(
+        !out.status.success(),
+        "stream over a failing base must fail"
+    );
+    assert_eq!(set_bitmap_bytes(&ov), 0, "no bit set by a failed stream");
+}
+
+/// A slow image server (2 s per read) never stalls the overlay's own data on the same core:
+/// with one core and one connection, a read of an allocated range issued after a base read
+/// completes while the base read is still pending.
+const ORDER_PY: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+done = []
+def cb(name):
+    def f(*args):
+        done.append(name)
+        return 1
+    return f
+b1 = nbd.Buffer(4096)
+b2 = nbd.Buffer(4096)
+h.aio_pread(b1, 1048576, completion=cb("base"))
+h.aio_pread(b2, 0, completion=cb("local"))
+while len(done) < 2:
+    h.poll(-1)
+print("order " + " ".join(done), flush=True)
+print("local ok" if b2.to_bytearray() == bytearray([0x44]) * 4096 else "local wrong", flush=True)
+"#;
+
+#[test]
+fn slow_image_server_never_stalls_reads_of_local_data() {
+    let s = Setup::new();
+    let _server = ImageServer::nbdkit(
+        &s.path("img.sock"),
+        &["--filter=delay", "file", &s.p("base.raw"), "rdelay=2"],
+    );
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--cores", "1", &ov.display().to_string()],
+    );
+    qemu_io(&d.uri(), &["write -P 0x44 0 4096"]);
+    let c = HoldingClient::run(ORDER_PY, &[&d.uri()]);
+    c.wait_for("local ");
+    // Ordering, not timing: the local read was answered while the base read (issued first,
+    // on the same connection and core) was still waiting for its 2 s server.
+    let out = c.output();
+    assert!(out.contains("order local base"), "{out}");
+    assert!(out.contains("local ok"), "{out}");
+    d.stop();
+}
+
+#[test]
+fn a_remote_raw_base_under_a_chain_of_overlays() {
+    let s = Setup::new();
+    let _server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let mid = s.create("mid", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &[&mid.display().to_string()]);
+    qemu_io(&d.uri(), &["write -P 0x11 65536 65536"]);
+    d.stop();
+    let top = s.create("top", &s.p("mid.add-cow"));
+    let info = addcow(&["info", "--backing-chain", &top.display().to_string()]);
+    assert!(info.contains("layer 3:") && info.contains(&uri), "{info}");
+    let d = Daemon::start(&s.path("b.sock"), &[&top.display().to_string()]);
+    qemu_io(&d.uri(), &["write -P 0x22 131072 4096"]);
+    let mut want = s.base.clone();
+    want[65536..131072].fill(0x11);
+    want[131072..135168].fill(0x22);
+    write_file(&s.path("want.raw"), &want);
+    assert_identical(&s.p("want.raw"), &d.uri());
+    // allocation depth: top (1), mid (2), the remote base (3).
+    let map = run("nbdinfo", &["--map=qemu:allocation-depth", &d.uri()]);
+    let rows: Vec<(u64, u64, u32)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    // The remote base's hole is still supplied by it (depth 3), as a local raw base's is.
+    assert_eq!(
+        rows,
+        vec![
+            (0, 65536, 3),
+            (65536, 65536, 2),
+            (131072, 4096, 1),
+            (135168, SIZE - 135168, 3)
+        ],
+        "{map}"
+    );
+    d.stop();
+}
+
+/// A hostile image server: a correct handshake (structured replies on), then a broken reply to
+/// every read, by `mode`: `badmagic` (garbage where a reply header belongs), `pastchunk` (a data
+/// chunk past the end of its read), `cookie` (a reply to a request never sent).
+const HOSTILE_PY: &str = r#"
+import socket, struct, sys, threading
+path, mode, size = sys.argv[1], sys.argv[2], 8 << 20
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(16)
+print("connected", flush=True)
+def recvn(c, n):
+    b = b""
+    while len(b) < n:
+        x = c.recv(n - len(b))
+        if not x:
+            raise EOFError
+        b += x
+    return b
+def opt_reply(c, opt, typ, data=b""):
+    c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, typ, len(data)) + data)
+def handle(c):
+    try:
+        c.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))
+        recvn(c, 4)
+        while True:
+            _, opt, ln = struct.unpack(">QII", recvn(c, 16))
+            recvn(c, ln)
+            if opt == 8:
+                opt_reply(c, opt, 1)
+            elif opt == 7:
+                opt_reply(c, opt, 3, struct.pack(">HQH", 0, size, 1 | 2))
+                opt_reply(c, opt, 1)
+                break
+            else:
+                opt_reply(c, opt, 0x80000001)
+        while True:
+            _, _, typ, cookie, off, ln = struct.unpack(">IHHQQI", recvn(c, 28))
+            if typ == 2:
+                return
+            if mode == "badmagic":
+                c.sendall(b"\xde\xad\xbe\xef" + bytes(16))
+            elif mode == "pastchunk":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + ln) + struct.pack(">Q", off + 512) + bytes(ln))
+            else:
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 0, cookie + 1000, 0))
+    except (EOFError, OSError):
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn hostile_image_servers_lose_their_connection_and_reads_fail_without_a_panic() {
+    for mode in ["badmagic", "pastchunk", "cookie"] {
+        let s = Setup::new();
+        let sock = s.path("img.sock");
+        let _server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), mode]);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let ov = s.create("vm", &uri);
+        let d = Daemon::start(
+            &s.path("a.sock"),
+            &["--base-timeout", "2", &ov.display().to_string()],
+        );
+        qemu_io(&d.uri(), &["write -P 0x66 0 4096"]);
+        let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 65536 4096", &d.uri()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Input/output error"),
+            "{mode}: EIO expected:\n{text}"
+        );
+        assert!(
+            d.log().contains("broke the protocol"),
+            "{mode}: the connection is dropped as broken:\n{}",
+            d.log()
+        );
+        // The overlay's own data still reads.
+        qemu_io(&d.uri(), &["read -P 0x66 0 4096"]);
+        let log = d.stop();
+        assert!(!log.contains("panicked"), "{mode}: {log}");
+        assert_eq!(
+            set_bitmap_bytes(&ov),
+            1,
+            "{mode}: only the written 4 KiB is set"
+        );
+    }
+}
+
+/// A server that states block sizes (minimum 4096, maximum 64 KiB) and refuses anything else:
+/// reads are aligned to its minimum and split to its maximum, so a 1 MiB client read at an odd
+/// offset still succeeds.
+#[test]
+fn block_sizes_the_server_states_are_honoured() {
+    let s = Setup::new();
+    let _server = ImageServer::nbdkit(
+        &s.path("img.sock"),
+        &[
+            "--filter=blocksize-policy",
+            "file",
+            &s.p("base.raw"),
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
+    let info = run("nbdinfo", &[&uri]);
+    assert!(info.contains("block_size_maximum: 65536"), "{info}");
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
+    qemu_io(&d.uri(), &["read 100 1048576", "read 5000 3"]);
+    assert_identical(&s.p("base.raw"), &d.uri());
+    d.stop();
+}
+
+/// On reconnect, an export that vanished or whose size changed is a clear error and reads fail
+/// with EIO at once; when the export is back as it was, reads work again.
+#[test]
+fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
+    let s = Setup::new();
+    let sock = s.path("img.sock");
+    let base = s.path("base.raw");
+    let mut server = ImageServer::qemu_nbd_named(&sock, &base, "golden");
+    let uri = format!("nbd+unix:///golden?socket={}", sock.display());
+    let ov = s.create("vm", &uri);
+    // A long timeout: an unusable export fails reads at once, not by the timeout.
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--base-timeout", "100", &ov.display().to_string()],
+    );
+    qemu_io(&d.uri(), &["read 0 4096"]);
+    let eio = |what: &str| {
+        let t0 = Instant::now();
+        let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 4096 4096", &d.uri()]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(50),
+            "{what}: failed at once, not after the 100 s timeout"
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Input/output error"),
+            "{what}: EIO expected:\n{text}"
+        );
+    };
+    // The export is gone: the server now serves another name.
+    server.kill();
+    let mut other = ImageServer::qemu_nbd_named(&sock, &base, "other");
+    d.wait_log("not found on the server");
+    eio("vanished export");
+    other.kill();
+    // The export is back with another size.
+    let bigger = s.path("bigger.raw");
+    std::fs::copy(&base, &bigger).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bigger)
+        .and_then(|f| f.set_len(SIZE * 2))
+        .expect("grow");
+    let mut resized = ImageServer::qemu_nbd_named(&sock, &bigger, "golden");
+    d.wait_log("size changed");
+    eio("resized export");
+    resized.kill();
+    // Back as it was: reads work again.
+    server.restart();
+    d.wait_log("image server reconnected");
+    assert_identical(&s.p("base.raw"), &d.uri());
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Reads `[off, off + len)` of the disk at `uri` and compares it with the same range of `ref`;
+/// prints `connected`, then `same` or `differs`.
+const COMPARE_PY: &str = r#"
+import sys, nbd
+uri, ref, off, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+print("connected", flush=True)
+want = open(ref, "rb").read()[off:off + n]
+print("same" if h.pread(n, off) == want else "differs", flush=True)
+"#;
+
+/// Copy-on-read: what a VM read from the remote base is in its raw image afterwards (bits set,
+/// committed), and reads the same with the image server gone; per export through export-add.
+#[test]
+fn copy_on_read_moves_what_was_read_to_the_local_disk() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let a = s.create("a", &server.uri());
+    let b = s.create("b", &server.uri());
+    let c = s.create("c", &server.uri());
+    let ctl = s.path("ctl.sock");
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--copy-on-read",
+            "--control",
+            &ctl.display().to_string(),
+            "--allow-dir",
+            &s.dir.path().display().to_string(),
+            "--export",
+            &format!("a={}", a.display()),
+        ],
+    );
+    let mut control = Control::connect(&ctl);
+    // The daemon's default (on), and an export that turns it off.
+    control.ok("export-add", serde_json::json!({"name": "b", "overlay": b}));
+    control.ok(
+        "export-add",
+        serde_json::json!({"name": "c", "overlay": c, "copy_on_read": false}),
+    );
+    for e in ["a", "b", "c"] {
+        qemu_io(&d.uri_of(e), &["read 0 1048576", "read 2097252 100"]);
+    }
+    // A guest write after the copy wins: it is what reads back.
+    qemu_io(&d.uri_of("a"), &["write -P 0x42 4096 4096"]);
+    // Copy-on-read runs after the read is answered: wait until it is done everywhere.
+    let allocated = |control: &mut Control, name: &str| {
+        let list = control.ok("query-exports", serde_json::json!({}));
+        list.as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == name))
+            .and_then(|e| e["allocated_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    // (1 MiB, and the small read's unit: a sector, or the raw image's O_DIRECT unit.)
+    wait_until("copy-on-read of a and b done", || {
+        allocated(&mut control, "a") > 1048576 && allocated(&mut control, "b") > 1048576
+    });
+    // The copied range serves with the image server gone.
+    server.kill();
+    let mut want = s.base.clone();
+    want[4096..8192].fill(0x42);
+    write_file(&s.path("want.raw"), &want);
+    let cmp = HoldingClient::run(
+        COMPARE_PY,
+        &[&d.uri_of("a"), &s.p("want.raw"), "0", "1048576"],
+    );
+    cmp.wait_for("same");
+    drop(cmp);
+    drop(control);
+    d.stop();
+    // 1 MiB = 256 bitmap bytes, all set; plus the unit around the small read (one byte).
+    for ov in [&a, &b] {
+        let bm = std::fs::read(ov).expect("read overlay");
+        assert!(
+            bm[2560..2560 + 256].iter().all(|&x| x == 0xff),
+            "{}",
+            ov.display()
+        );
+        assert_eq!(set_bitmap_bytes(ov), 257, "{}", ov.display());
+    }
+    assert_eq!(
+        set_bitmap_bytes(&c),
+        0,
+        "copy_on_read: false copies nothing"
+    );
+}
+
+/// `nbd://HOST:PORT/NAME` on loopback TCP works like a Unix socket.
+#[test]
+fn a_tcp_uri_base_on_loopback() {
+    let s = Setup::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // Killed on drop like the others; its socket path is unused.
+    let mut tcp = ImageServer {
+        prog: "nbdkit",
+        args: [
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "file",
+            &s.p("base.raw"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        sock: s.path("none"),
+        child: None,
+    };
+    tcp.child = Some(
+        Command::new("nbdkit")
+            .args(&tcp.args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nbdkit"),
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    wait_until("nbdkit listens on TCP", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
+    assert_identical(&s.p("base.raw"), &d.uri());
+    d.stop();
+}

@@ -1,0 +1,786 @@
+//! A base served by an NBD image server: [`RemoteBase`], the bottom layer of a chain whose
+//! backing path is an NBD URI.
+//!
+//! # Threads, and why a slow server never stalls a core
+//! The socket I/O never runs on a core thread. Each connection has a *driver* thread (connects,
+//! handshakes, sends requests, expires overdue reads, reconnects) and, while connected, a
+//! *reader* thread (takes in replies). A core hands a read to [`RemoteBase::read`], which only
+//! queues it under the connection's mutex and wakes the driver; the reply's bytes reach the core
+//! as a message on its channel (the way other cross-thread completions reach it), and the core
+//! copies them into the request's buffer. Meanwhile the core goes on serving everything else:
+//! a read of the overlay's own data on the same core completes while base reads wait.
+//!
+//! # Connections
+//! One per core when the server advertises `CAN_MULTI_CONN`, otherwise one shared by every core
+//! (a core's reads go to connection `core % n`).
+//!
+//! # Failures
+//! * The connection drops (server restarted, killed, network): the driver reconnects with
+//!   backoff (50 ms doubling to 2 s) and resends every read not yet answered (reads are
+//!   idempotent). Reads wait meanwhile, up to their deadline.
+//! * A read not answered within the timeout (default 30 s) fails with `EIO`: never a hang.
+//! * On reconnect, an export that vanished or whose size changed is logged as an error and
+//!   every read fails with `EIO` at once until a reconnect finds it as it was.
+//! * A server that breaks the protocol (bad magic, a chunk outside its request, a reply to no
+//!   request) loses its connection; what it had in flight is resent on the next one.
+//!
+//! Every read handed to [`RemoteBase::read`] is answered exactly once ([`ReadDone`]).
+//!
+//! # Holes
+//! At open the whole export is asked for `base:allocation` block status once (the base is
+//! read-only, so the answer stays true); ranges that read as zeros become zero runs of
+//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::base::BaseRun;
+use super::mutex::lock;
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::client::{self, ReplyError, ReplyHeader, Session, Stream};
+use crate::nbd::uri::NbdUri;
+use crate::nbd::wire;
+
+/// How long a handshake (and so a reconnect attempt) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest wait between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A connection that lived this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(5);
+/// How often a waiting driver looks at deadlines.
+const TICK: Duration = Duration::from_millis(100);
+/// Largest payload of an error chunk taken in.
+const MAX_ERROR_CHUNK: u32 = 64 << 10;
+
+/// What a remote read produces: exactly the bytes asked for, or an errno.
+pub(crate) type ReadResult = std::result::Result<Vec<u8>, i32>;
+
+/// The answer of one remote read: called exactly once; dropped uncalled it answers `EIO`.
+pub(crate) struct ReadDone(Option<Box<dyn FnOnce(ReadResult) + Send>>);
+
+impl ReadDone {
+    pub(crate) fn new(f: impl FnOnce(ReadResult) + Send + 'static) -> ReadDone {
+        ReadDone(Some(Box::new(f)))
+    }
+
+    fn answer(mut self, r: ReadResult) {
+        if let Some(f) = self.0.take() {
+            f(r);
+        }
+    }
+}
+
+impl Drop for ReadDone {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(libc::EIO));
+        }
+    }
+}
+
+/// Settings of a remote base.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteOptions {
+    /// A read not answered within this fails with `EIO`.
+    pub timeout: Duration,
+    /// Connections to open when the server allows several (one per core).
+    pub conns: usize,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            timeout: Duration::from_secs(30),
+            conns: 1,
+        }
+    }
+}
+
+/// A remote base: the export's size and holes, and its connections.
+pub(crate) struct RemoteBase {
+    uri: NbdUri,
+    size: u64,
+    /// Sorted, disjoint `[start, end)` byte ranges that read as zeros (`base:allocation`).
+    zeros: Vec<(u64, u64)>,
+    /// Largest read one request may carry (the server's maximum, less alignment slack).
+    max_read: u64,
+    conns: Vec<Conn>,
+}
+
+impl std::fmt::Debug for RemoteBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteBase")
+            .field("uri", &self.uri.text)
+            .field("size", &self.size)
+            .field("zero_ranges", &self.zeros.len())
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+impl RemoteBase {
+    /// Takes over `sess` (the connection made when the chain was opened): reads its holes,
+    /// then starts its connections (`opts.conns` when the server allows multi-conn).
+    pub(crate) fn start(uri: NbdUri, mut sess: Session, opts: RemoteOptions) -> Result<RemoteBase> {
+        let zeros = client::zero_ranges(&mut sess, &uri);
+        let n = if sess.multi_conn() {
+            opts.conns.max(1)
+        } else {
+            1
+        };
+        let min = u64::from(sess.min_block.max(1));
+        let max = u64::from(sess.max_block);
+        let max_read = if max >= 4 * min { max - 2 * min } else { max }.max(min);
+        let size = sess.size;
+        let mut conns = Vec::with_capacity(n);
+        let mut first = Some(sess);
+        for i in 0..n {
+            let sess = match first.take() {
+                Some(s) => s,
+                None => client::connect(&uri, HANDSHAKE_TIMEOUT)?,
+            };
+            conns.push(Conn::start(&uri, i, size, min, opts.timeout, sess)?);
+        }
+        tracing::info!(uri = %uri, size, conns = n, zero_ranges = zeros.len(),
+            "remote base connected");
+        Ok(RemoteBase {
+            uri,
+            size,
+            zeros,
+            max_read,
+            conns,
+        })
+    }
+
+    /// The export's size.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The largest read [`RemoteBase::read`] takes.
+    pub(crate) fn max_read(&self) -> u64 {
+        self.max_read
+    }
+
+    /// Appends runs covering `[offset, offset + len)` (inside the export): zeros where
+    /// `base:allocation` said so, remote bytes elsewhere.
+    pub(crate) fn map(&self, offset: u64, len: u64, layer: u32, out: &mut Vec<BaseRun>) {
+        let end = offset + len;
+        let mut pos = offset;
+        let mut i = self.zeros.partition_point(|z| z.1 <= offset);
+        while pos < end {
+            match self.zeros.get(i) {
+                Some(&(zs, ze)) if zs < end => {
+                    if zs > pos {
+                        out.push(BaseRun::Remote {
+                            offset: pos,
+                            len: zs - pos,
+                            layer,
+                        });
+                        pos = zs;
+                    }
+                    let z_end = ze.min(end);
+                    out.push(BaseRun::Hole {
+                        len: z_end - pos,
+                        layer,
+                    });
+                    pos = z_end;
+                    i += 1;
+                }
+                _ => {
+                    out.push(BaseRun::Remote {
+                        offset: pos,
+                        len: end - pos,
+                        layer,
+                    });
+                    pos = end;
+                }
+            }
+        }
+    }
+
+    /// Reads `[offset, offset + len)` (`len <= max_read()`, inside the export) for core
+    /// `core`; `done` is answered from another thread.
+    pub(crate) fn read(&self, core: usize, offset: u64, len: u64, done: ReadDone) {
+        match self.conns.get(core % self.conns.len().max(1)) {
+            Some(c) => c.read(offset, len, done),
+            None => done.answer(Err(libc::EIO)),
+        }
+    }
+}
+
+/// One connection: its shared state and driver thread.
+struct Conn {
+    shared: Arc<ConnShared>,
+    driver: Option<JoinHandle<()>>,
+}
+
+struct ConnShared {
+    uri: NbdUri,
+    index: usize,
+    size: u64,
+    min_block: u64,
+    timeout: Duration,
+    state: Mutex<State>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    next_cookie: u64,
+    /// Cookies waiting to be sent, oldest first.
+    queue: VecDeque<u64>,
+    inflight: HashMap<u64, Pending>,
+    /// The reader saw this connection fail.
+    dead: bool,
+    /// Why the export cannot be used now (vanished, size changed): reads fail at once.
+    broken: Option<String>,
+    /// A handle on the live socket, to wake the reader at stop.
+    sock: Option<Stream>,
+}
+
+struct Pending {
+    /// The request as sent: aligned to the server's minimum block.
+    offset: u64,
+    len: u32,
+    /// Where the asked bytes start in the reply, and how many.
+    skip: usize,
+    want: usize,
+    deadline: Instant,
+    /// `None` once answered (it timed out): its reply is still taken in and dropped.
+    done: Option<ReadDone>,
+    buf: Vec<u8>,
+    sent: bool,
+    covered: u64,
+    error: Option<String>,
+}
+
+impl Conn {
+    fn start(
+        uri: &NbdUri,
+        index: usize,
+        size: u64,
+        min_block: u64,
+        timeout: Duration,
+        sess: Session,
+    ) -> Result<Conn> {
+        let shared = Arc::new(ConnShared {
+            uri: uri.clone(),
+            index,
+            size,
+            min_block,
+            timeout,
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
+        let driver = std::thread::Builder::new()
+            .name(format!("addcow-nbd-{index}"))
+            .spawn(move || s.drive(Some(sess)))
+            .map_err(|e| Error::io("start remote base thread", e))?;
+        Ok(Conn {
+            shared,
+            driver: Some(driver),
+        })
+    }
+
+    fn read(&self, offset: u64, len: u64, done: ReadDone) {
+        let sh = &self.shared;
+        let a_off = offset - offset % sh.min_block;
+        let a_end = (offset + len).div_ceil(sh.min_block) * sh.min_block;
+        let a_end = a_end.min(sh.size.max(offset + len));
+        let Ok(a_len) = u32::try_from(a_end - a_off) else {
+            done.answer(Err(libc::EINVAL));
+            return;
+        };
+        let mut st = lock(&sh.state);
+        if let Some(why) = &st.broken {
+            tracing::debug!(uri = %sh.uri, why, "remote base unusable; read fails");
+            drop(st);
+            done.answer(Err(libc::EIO));
+            return;
+        }
+        st.next_cookie += 1;
+        let cookie = st.next_cookie;
+        st.inflight.insert(
+            cookie,
+            Pending {
+                offset: a_off,
+                len: a_len,
+                skip: (offset - a_off) as usize,
+                want: len as usize,
+                deadline: Instant::now() + sh.timeout,
+                done: Some(done),
+                buf: Vec::new(),
+                sent: false,
+                covered: 0,
+                error: None,
+            },
+        );
+        st.queue.push_back(cookie);
+        drop(st);
+        sh.cv.notify_all();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = &lock(&self.shared.state).sock {
+            s.shutdown();
+        }
+        self.shared.cv.notify_all();
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+impl ConnShared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Answers every read past its deadline with `EIO`; one not sent yet is forgotten, one
+    /// sent keeps its entry so that its reply is still taken in.
+    fn expire(&self, st: &mut State, now: Instant) {
+        let mut late = Vec::new();
+        st.inflight.retain(|_, p| {
+            if p.done.is_some() && p.deadline <= now {
+                late.push(p.done.take());
+                return p.sent;
+            }
+            true
+        });
+        if !late.is_empty() {
+            tracing::warn!(uri = %self.uri, conn = self.index, reads = late.len(),
+                timeout_s = self.timeout.as_secs_f64(),
+                "remote base reads not answered within the timeout fail with EIO");
+        }
+        for d in late.into_iter().flatten() {
+            d.answer(Err(libc::EIO));
+        }
+    }
+
+    /// Fails every read held (the export is unusable, or the base is closing).
+    fn fail_all(&self, st: &mut State) {
+        st.queue.clear();
+        for (_, p) in st.inflight.drain() {
+            if let Some(d) = p.done {
+                d.answer(Err(libc::EIO));
+            }
+        }
+    }
+
+    /// Waits up to `d` (or a wakeup), expiring reads meanwhile.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut st = lock(&self.state);
+        loop {
+            let now = Instant::now();
+            self.expire(&mut st, now);
+            if self.stopping() || now >= until {
+                return;
+            }
+            let wait = (until - now).min(TICK);
+            st = match self.cv.wait_timeout(st, wait) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// The driver thread: (re)connect, send, reconnect, until the base is closed.
+    fn drive(self: Arc<Self>, mut first: Option<Session>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut outage: Option<Instant> = None;
+        while !self.stopping() {
+            let sess = match first.take() {
+                Some(s) => s,
+                None => match client::connect(&self.uri, HANDSHAKE_TIMEOUT.min(self.timeout)) {
+                    Ok(s) if s.size != self.size => {
+                        let why = format!(
+                            "the export's size changed from {} to {} bytes; reads of the base \
+                             fail with EIO",
+                            self.size, s.size
+                        );
+                        self.unusable(why);
+                        outage.get_or_insert_with(Instant::now);
+                        let mut s = s;
+                        client::disconnect(&mut s.stream);
+                        self.pause(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                    Ok(s) => s,
+                    Err(e) => {
+                        let gone = matches!(e.kind(), ErrorKind::Remote { why, .. }
+                            if why.contains("not found"));
+                        if gone {
+                            self.unusable(format!("{e}; reads of the base fail with EIO"));
+                        } else if outage.is_none() {
+                            tracing::warn!(uri = %self.uri, conn = self.index, error = %e,
+                                "image server unreachable; reconnecting (reads wait up to the \
+                                 base timeout)");
+                        }
+                        outage.get_or_insert_with(Instant::now);
+                        self.pause(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                },
+            };
+            if let Some(since) = outage.take() {
+                tracing::info!(uri = %self.uri, conn = self.index,
+                    after_s = since.elapsed().as_secs_f64(), "image server reconnected");
+            }
+            let began = Instant::now();
+            self.serve(sess);
+            // A connection that failed at once (a server that breaks the protocol on every
+            // read, or dies right after the handshake) is not retried in a tight loop.
+            if began.elapsed() < STABLE {
+                self.pause(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
+        }
+        let mut st = lock(&self.state);
+        self.fail_all(&mut st);
+    }
+
+    /// The export cannot be used (vanished, resized): reads fail at once until a reconnect
+    /// finds it as it was. Logged once per reason.
+    fn unusable(&self, why: String) {
+        let mut st = lock(&self.state);
+        if st.broken.as_deref() != Some(why.as_str()) {
+            tracing::error!(uri = %self.uri, conn = self.index, "{why}");
+        }
+        st.broken = Some(why);
+        self.fail_all(&mut st);
+    }
+
+    /// Runs one connection until it fails or the base closes.
+    fn serve(self: &Arc<Self>, sess: Session) {
+        let structured = sess.structured;
+        let mut writer = sess.stream;
+        let (reader, waker) = match (writer.try_clone(), writer.try_clone()) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(uri = %self.uri, error = %e, "cloning the socket failed");
+                return;
+            }
+        };
+        {
+            let mut st = lock(&self.state);
+            st.broken = None;
+            st.dead = false;
+            st.sock = Some(waker);
+            // Resend what the last connection did not answer (reads are idempotent).
+            let mut again: Vec<u64> = Vec::new();
+            st.inflight.retain(|&c, p| {
+                if p.done.is_none() {
+                    return false;
+                }
+                if p.sent {
+                    p.sent = false;
+                    p.covered = 0;
+                    p.error = None;
+                    again.push(c);
+                }
+                true
+            });
+            again.sort_unstable();
+            for c in again.into_iter().rev() {
+                st.queue.push_front(c);
+            }
+        }
+        if self.stopping() {
+            writer.shutdown();
+            return;
+        }
+        let me = Arc::clone(self);
+        let rd = std::thread::Builder::new()
+            .name(format!("addcow-nbd-r{}", self.index))
+            .spawn(move || me.read_replies(reader, structured));
+        let rd = match rd {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "starting the reply thread failed");
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(64 * wire::REQUEST_LEN);
+        loop {
+            batch.clear();
+            {
+                let mut st = lock(&self.state);
+                loop {
+                    self.expire(&mut st, Instant::now());
+                    if self.stopping() || st.dead || !st.queue.is_empty() {
+                        break;
+                    }
+                    st = match self.cv.wait_timeout(st, TICK) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                if self.stopping() || st.dead {
+                    break;
+                }
+                while batch.len() < 64 * wire::REQUEST_LEN {
+                    let Some(c) = st.queue.pop_front() else { break };
+                    if let Some(p) = st.inflight.get_mut(&c) {
+                        if p.done.is_some() && !p.sent {
+                            p.sent = true;
+                            p.buf = vec![0u8; p.len as usize];
+                            let _ = client::send_request(
+                                &mut batch,
+                                wire::CMD_READ,
+                                c,
+                                p.offset,
+                                p.len,
+                            );
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                if let Err(e) = writer.write_all(&batch) {
+                    tracing::warn!(uri = %self.uri, conn = self.index, error = %e,
+                        "sending to the image server failed; reconnecting");
+                    lock(&self.state).dead = true;
+                    break;
+                }
+            }
+        }
+        if self.stopping() {
+            client::disconnect(&mut writer);
+        }
+        writer.shutdown();
+        let _ = rd.join();
+        let mut st = lock(&self.state);
+        st.sock = None;
+        st.dead = false;
+    }
+
+    /// The reply thread: takes in replies until the socket fails or the server breaks the
+    /// protocol; then marks the connection dead for the driver.
+    fn read_replies(self: Arc<Self>, mut s: Stream, structured: bool) {
+        let r = loop {
+            match self.one_reply(&mut s, structured) {
+                Ok(()) => {}
+                Err(e) => break e,
+            }
+        };
+        if !self.stopping() {
+            match &r {
+                ReplyError::Protocol(p) => tracing::error!(uri = %self.uri, conn = self.index,
+                    "image server broke the protocol ({p}); dropping the connection"),
+                ReplyError::Io(e) => tracing::warn!(uri = %self.uri, conn = self.index,
+                    error = %e, "connection to the image server lost; reconnecting"),
+            }
+        }
+        s.shutdown();
+        lock(&self.state).dead = true;
+        self.cv.notify_all();
+    }
+
+    /// Moves the buffer of `cookie` out (to read into it without the lock).
+    fn take_buf(&self, cookie: u64) -> std::result::Result<(u64, Vec<u8>), ReplyError> {
+        let mut st = lock(&self.state);
+        let p = st
+            .inflight
+            .get_mut(&cookie)
+            .filter(|p| p.sent)
+            .ok_or_else(|| ReplyError::Protocol(format!("reply to unknown cookie {cookie}")))?;
+        Ok((p.offset, std::mem::take(&mut p.buf)))
+    }
+
+    fn put_buf(&self, cookie: u64, buf: Vec<u8>, covered: u64) {
+        if let Some(p) = lock(&self.state).inflight.get_mut(&cookie) {
+            p.buf = buf;
+            p.covered += covered;
+        }
+    }
+
+    /// Removes `cookie` and answers it (`error` from the server, or its bytes).
+    fn finish(&self, cookie: u64, error: Option<String>) {
+        let p = lock(&self.state).inflight.remove(&cookie);
+        let Some(mut p) = p else { return };
+        let Some(done) = p.done.take() else { return };
+        let error = error.or(p.error.take()).or_else(|| {
+            (p.covered < u64::from(p.len))
+                .then(|| format!("the reply covered {} of {} bytes", p.covered, p.len))
+        });
+        if let Some(why) = error {
+            tracing::warn!(uri = %self.uri, offset = p.offset, len = p.len, why,
+                "remote base read failed; EIO");
+            done.answer(Err(libc::EIO));
+            return;
+        }
+        let mut buf = p.buf;
+        if p.skip > 0 {
+            buf.drain(..p.skip);
+        }
+        buf.truncate(p.want);
+        done.answer(Ok(buf));
+    }
+
+    fn one_reply(&self, s: &mut Stream, structured: bool) -> std::result::Result<(), ReplyError> {
+        match client::read_reply_header(s)? {
+            ReplyHeader::Simple { cookie, error } => {
+                let (_, mut buf) = self.take_buf(cookie)?;
+                if error != 0 {
+                    self.put_buf(cookie, buf, 0);
+                    self.finish(cookie, Some(format!("server error {error}")));
+                    return Ok(());
+                }
+                if structured {
+                    // Data in a simple reply after structured replies were agreed is not allowed.
+                    return Err(ReplyError::Protocol("simple reply with data".into()));
+                }
+                s.read_exact(&mut buf)?;
+                let n = buf.len() as u64;
+                self.put_buf(cookie, buf, n);
+                self.finish(cookie, None);
+                Ok(())
+            }
+            ReplyHeader::Chunk(c) => {
+                if !structured {
+                    return Err(ReplyError::Protocol(
+                        "structured reply not negotiated".into(),
+                    ));
+                }
+                let (start, mut buf) = self.take_buf(c.cookie)?;
+                let end = start + buf.len() as u64;
+                let mut covered = 0u64;
+                let mut error = None;
+                match c.kind {
+                    wire::REPLY_TYPE_NONE if c.len == 0 => {}
+                    wire::REPLY_TYPE_OFFSET_DATA if c.len >= 8 => {
+                        let mut o = [0u8; 8];
+                        s.read_exact(&mut o)?;
+                        let off = u64::from_be_bytes(o);
+                        let n = u64::from(c.len - 8);
+                        if off < start || off + n > end {
+                            return Err(ReplyError::Protocol(format!(
+                                "data chunk [{off}, +{n}) outside its read [{start}, {end})"
+                            )));
+                        }
+                        let at = (off - start) as usize;
+                        s.read_exact(&mut buf[at..at + n as usize])?;
+                        covered = n;
+                    }
+                    wire::REPLY_TYPE_OFFSET_HOLE if c.len == 12 => {
+                        let mut h = [0u8; 12];
+                        s.read_exact(&mut h)?;
+                        let off = wire::be64(&h, 0);
+                        let n = u64::from(wire::be32(&h, 8));
+                        if off < start || off + n > end {
+                            return Err(ReplyError::Protocol(format!(
+                                "hole chunk [{off}, +{n}) outside its read [{start}, {end})"
+                            )));
+                        }
+                        let at = (off - start) as usize;
+                        buf[at..at + n as usize].fill(0);
+                        covered = n;
+                    }
+                    k if k & 0x8000 != 0 && (6..=MAX_ERROR_CHUNK).contains(&c.len) => {
+                        let mut p = vec![0u8; c.len as usize];
+                        s.read_exact(&mut p)?;
+                        let code = wire::be32(&p, 0);
+                        let mlen = usize::from(wire::be16(&p, 4));
+                        let msg = p
+                            .get(6..6 + mlen)
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default();
+                        error = Some(format!("server error {code}: {msg}"));
+                    }
+                    k => {
+                        return Err(ReplyError::Protocol(format!(
+                            "unexpected chunk type {k} of {} bytes",
+                            c.len
+                        )))
+                    }
+                }
+                self.put_buf(c.cookie, buf, covered);
+                if let Some(e) = error {
+                    if let Some(p) = lock(&self.state).inflight.get_mut(&c.cookie) {
+                        p.error.get_or_insert(e);
+                    }
+                }
+                if c.flags & wire::REPLY_FLAG_DONE != 0 {
+                    self.finish(c.cookie, None);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_gives_the_servers_holes_as_holes_of_their_layer() {
+        let b = RemoteBase {
+            uri: NbdUri::parse("nbd+unix:///?socket=/x").expect("uri"),
+            size: 10_000,
+            zeros: vec![(1000, 2000), (5000, 6000)],
+            max_read: 1 << 20,
+            conns: Vec::new(),
+        };
+        let mut out = Vec::new();
+        b.map(500, 5000, 2, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                BaseRun::Remote {
+                    offset: 500,
+                    len: 500,
+                    layer: 2
+                },
+                BaseRun::Hole {
+                    len: 1000,
+                    layer: 2
+                },
+                BaseRun::Remote {
+                    offset: 2000,
+                    len: 3000,
+                    layer: 2
+                },
+                BaseRun::Hole { len: 500, layer: 2 },
+            ]
+        );
+        out.clear();
+        b.map(1500, 100, 0, &mut out);
+        assert_eq!(out, vec![BaseRun::Hole { len: 100, layer: 0 }]);
+        out.clear();
+        b.map(6000, 4000, 0, &mut out);
+        assert_eq!(
+            out,
+            vec![BaseRun::Remote {
+                offset: 6000,
+                len: 4000,
+                layer: 0
+            }]
+        );
+        // A base with no connection answers EIO, never panics or hangs.
+        let (tx, rx) = std::sync::mpsc::channel();
+        b.read(0, 0, 512, ReadDone::new(move |r| tx.send(r).expect("send")));
+        assert_eq!(rx.recv().expect("answered"), Err(libc::EIO));
+        // A dropped answer answers EIO.
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(ReadDone::new(move |r| tx.send(r).expect("send")));
+        assert_eq!(rx.recv().expect("answered"), Err(libc::EIO));
+    }
+}

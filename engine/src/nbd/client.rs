@@ -1,0 +1,548 @@
+//! The client half of the NBD protocol, blocking and without threads of its own: connecting
+//! and the fixed-newstyle handshake ([`connect`]), requests ([`send_request`]) and replies
+//! ([`read_reply_header`], [`Chunk`]). The engine's remote base (`io/remote.rs`) runs it on
+//! threads of its own, never on a core thread.
+//!
+//! What is negotiated: fixed newstyle (required), `NO_ZEROES` when offered, structured replies
+//! (holes come back as hole chunks, no bytes on the wire), the `base:allocation` meta context
+//! (holes of the base known without reading them), and `OPT_GO` asking for `INFO_BLOCK_SIZE`
+//! (reads are aligned to the minimum and split to the maximum the server gives). Every length a
+//! server sends is bounded before anything is allocated for it.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use super::uri::{NbdAddr, NbdUri};
+use super::wire::{self, be16, be32, be64, RequestHeader};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Longest option-reply payload taken from a server (an error message, an info block).
+const MAX_OPTION_REPLY: u32 = 64 << 10;
+/// The largest read the client asks for when the server states no maximum.
+pub const DEFAULT_MAX_BLOCK: u32 = 32 << 20;
+
+/// Most extents [`zero_ranges`] takes in (beyond: treated as data).
+pub const MAX_EXTENTS: usize = 1 << 20;
+
+/// A connected socket (Unix or TCP).
+#[derive(Debug)]
+pub enum Stream {
+    /// A Unix-domain socket.
+    Unix(UnixStream),
+    /// A TCP connection (`TCP_NODELAY` set).
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// A second handle to the same socket (one thread reads, another writes).
+    pub fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the socket down both ways (wakes a thread blocked reading it).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Sets the read and write timeouts (`None`: block).
+    pub fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An export after a successful `OPT_GO`: the socket in transmission phase and what was agreed.
+#[derive(Debug)]
+pub struct Session {
+    /// The socket.
+    pub stream: Stream,
+    /// The export's size in bytes.
+    pub size: u64,
+    /// Transmission flags (`FLAG_*`).
+    pub flags: u16,
+    /// Minimum, preferred and maximum block size (1, 4096, 32 MiB when not stated).
+    pub min_block: u32,
+    /// Preferred block size.
+    pub pref_block: u32,
+    /// Maximum block size.
+    pub max_block: u32,
+    /// Structured replies are on.
+    pub structured: bool,
+    /// The id of `base:allocation`, when the server agreed to it.
+    pub allocation_ctx: Option<u32>,
+}
+
+impl Session {
+    /// Whether the server allows several connections to the export (`CAN_MULTI_CONN`).
+    pub fn multi_conn(&self) -> bool {
+        self.flags & wire::FLAG_CAN_MULTI_CONN != 0
+    }
+}
+
+fn remote_err(uri: &NbdUri, why: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Remote {
+        uri: uri.text.clone(),
+        why: why.into(),
+    })
+}
+
+fn io_err(uri: &NbdUri, what: &str, e: std::io::Error) -> Error {
+    remote_err(uri, format!("{what}: {e}"))
+}
+
+/// Connects to the server `uri` names and negotiates its export, each socket operation of the
+/// handshake limited to `timeout`. The returned session's socket has no timeouts.
+pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Session> {
+    let stream = match &uri.addr {
+        NbdAddr::Unix(path) => {
+            Stream::Unix(UnixStream::connect(path).map_err(|e| io_err(uri, "connect", e))?)
+        }
+        NbdAddr::Tcp { host, port } => {
+            let addrs = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| io_err(uri, "resolve host", e))?;
+            let mut last = None;
+            let mut got = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        got = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let s = got.ok_or_else(|| {
+                io_err(
+                    uri,
+                    "connect",
+                    last.unwrap_or_else(|| std::io::Error::other("no address")),
+                )
+            })?;
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
+        }
+    };
+    stream
+        .set_timeouts(Some(timeout))
+        .map_err(|e| io_err(uri, "set socket timeout", e))?;
+    let session = handshake(stream, uri)?;
+    session
+        .stream
+        .set_timeouts(None)
+        .map_err(|e| io_err(uri, "set socket timeout", e))?;
+    Ok(session)
+}
+
+fn read_n<const N: usize>(s: &mut impl Read, uri: &NbdUri, what: &str) -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b).map_err(|e| io_err(uri, what, e))?;
+    Ok(b)
+}
+
+/// One option reply: its type and payload.
+fn option_reply(s: &mut Stream, uri: &NbdUri, option: u32) -> Result<(u32, Vec<u8>)> {
+    let h: [u8; wire::OPTION_REPLY_LEN] = read_n(s, uri, "read option reply")?;
+    if be64(&h, 0) != wire::OPTION_REPLY_MAGIC {
+        return Err(remote_err(uri, "bad option reply magic"));
+    }
+    if be32(&h, 8) != option {
+        return Err(remote_err(
+            uri,
+            format!("option reply for option {} to option {option}", be32(&h, 8)),
+        ));
+    }
+    let len = be32(&h, 16);
+    if len > MAX_OPTION_REPLY {
+        return Err(remote_err(uri, format!("option reply of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)
+        .map_err(|e| io_err(uri, "read option reply", e))?;
+    Ok((be32(&h, 12), payload))
+}
+
+fn send_option(s: &mut Stream, uri: &NbdUri, option: u32, payload: &[u8]) -> Result<()> {
+    let mut b = Vec::with_capacity(16 + payload.len());
+    b.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    s.write_all(&b).map_err(|e| io_err(uri, "send option", e))
+}
+
+fn is_error(reply: u32) -> bool {
+    reply & 0x8000_0000 != 0
+}
+
+fn error_text(reply: u32, payload: &[u8]) -> String {
+    let msg = String::from_utf8_lossy(payload);
+    let name = match reply {
+        wire::REP_ERR_UNSUP => "unsupported",
+        wire::REP_ERR_INVALID => "invalid",
+        wire::REP_ERR_UNKNOWN => "unknown export",
+        wire::REP_ERR_SHUTDOWN => "server shutting down",
+        wire::REP_ERR_TOO_BIG => "too big",
+        _ => "error",
+    };
+    if msg.is_empty() {
+        format!("{name} ({reply:#x})")
+    } else {
+        format!("{name} ({reply:#x}): {}", wire::cut(&msg, 200))
+    }
+}
+
+fn handshake(mut s: Stream, uri: &NbdUri) -> Result<Session> {
+    let g: [u8; 18] = read_n(&mut s, uri, "read greeting")?;
+    if be64(&g, 0) != wire::NBD_MAGIC || be64(&g, 8) != wire::IHAVEOPT {
+        return Err(remote_err(uri, "not a newstyle NBD server (bad greeting)"));
+    }
+    let hflags = be16(&g, 16);
+    if hflags & wire::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(remote_err(uri, "the server does not speak fixed newstyle"));
+    }
+    let mut cflags = wire::FLAG_C_FIXED_NEWSTYLE;
+    if hflags & wire::FLAG_NO_ZEROES != 0 {
+        cflags |= wire::FLAG_C_NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes())
+        .map_err(|e| io_err(uri, "send client flags", e))?;
+
+    send_option(&mut s, uri, wire::OPT_STRUCTURED_REPLY, &[])?;
+    let (rep, _) = option_reply(&mut s, uri, wire::OPT_STRUCTURED_REPLY)?;
+    let structured = rep == wire::REP_ACK;
+
+    let name = uri.export.as_bytes();
+    let mut allocation_ctx = None;
+    if structured {
+        let ctx = wire::CONTEXT_BASE_ALLOCATION.as_bytes();
+        let mut p = Vec::new();
+        p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        p.extend_from_slice(name);
+        p.extend_from_slice(&1u32.to_be_bytes());
+        p.extend_from_slice(&(ctx.len() as u32).to_be_bytes());
+        p.extend_from_slice(ctx);
+        send_option(&mut s, uri, wire::OPT_SET_META_CONTEXT, &p)?;
+        loop {
+            let (rep, payload) = option_reply(&mut s, uri, wire::OPT_SET_META_CONTEXT)?;
+            match rep {
+                wire::REP_META_CONTEXT if payload.len() >= 4 => {
+                    if &payload[4..] == ctx {
+                        allocation_ctx = Some(be32(&payload, 0));
+                    }
+                }
+                wire::REP_ACK => break,
+                r if is_error(r) => {
+                    if r == wire::REP_ERR_UNKNOWN {
+                        return Err(remote_err(
+                            uri,
+                            format!("export {:?} not found on the server", uri.export),
+                        ));
+                    }
+                    break;
+                }
+                _ => return Err(remote_err(uri, "unexpected meta context reply")),
+            }
+        }
+    }
+
+    let mut p = Vec::new();
+    p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    p.extend_from_slice(name);
+    p.extend_from_slice(&1u16.to_be_bytes());
+    p.extend_from_slice(&wire::INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(&mut s, uri, wire::OPT_GO, &p)?;
+    let mut export = None;
+    let (mut min_block, mut pref_block, mut max_block) = (1, 4096, DEFAULT_MAX_BLOCK);
+    loop {
+        let (rep, payload) = option_reply(&mut s, uri, wire::OPT_GO)?;
+        match rep {
+            wire::REP_ACK => break,
+            wire::REP_INFO if payload.len() >= 2 => match be16(&payload, 0) {
+                wire::INFO_EXPORT if payload.len() >= 12 => {
+                    export = Some((be64(&payload, 2), be16(&payload, 10)));
+                }
+                wire::INFO_BLOCK_SIZE if payload.len() >= 14 => {
+                    min_block = be32(&payload, 2);
+                    pref_block = be32(&payload, 6);
+                    max_block = be32(&payload, 10);
+                }
+                _ => {}
+            },
+            wire::REP_INFO => return Err(remote_err(uri, "short info reply")),
+            r if is_error(r) => {
+                let why = if r == wire::REP_ERR_UNKNOWN {
+                    format!("export {:?} not found on the server", uri.export)
+                } else {
+                    format!("OPT_GO refused: {}", error_text(r, &payload))
+                };
+                return Err(remote_err(uri, why));
+            }
+            r => {
+                return Err(remote_err(
+                    uri,
+                    format!("unexpected reply {r:#x} to OPT_GO"),
+                ))
+            }
+        }
+    }
+    let (size, flags) = export.ok_or_else(|| remote_err(uri, "OPT_GO without export info"))?;
+    if !min_block.is_power_of_two() || min_block > 65536 || max_block < min_block {
+        return Err(remote_err(
+            uri,
+            format!("nonsense block sizes: minimum {min_block}, maximum {max_block}"),
+        ));
+    }
+    let max_block = max_block.min(DEFAULT_MAX_BLOCK).max(min_block);
+    Ok(Session {
+        stream: s,
+        size,
+        flags,
+        min_block,
+        pref_block,
+        max_block,
+        structured,
+        allocation_ctx,
+    })
+}
+
+/// Sends one request (a READ or BLOCK_STATUS: no payload).
+pub fn send_request(
+    s: &mut impl Write,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) -> std::io::Result<()> {
+    let h = RequestHeader {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        len: u64::from(len),
+    };
+    s.write_all(&h.encode())
+}
+
+/// A reply header as read off the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// A simple reply: its error (0 = success; a READ's data follows).
+    Simple { cookie: u64, error: u32 },
+    /// A structured reply chunk: its payload of `len` bytes follows.
+    Chunk(Chunk),
+}
+
+/// A structured reply chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// `REPLY_FLAG_*`.
+    pub flags: u16,
+    /// `REPLY_TYPE_*`.
+    pub kind: u16,
+    /// The request's cookie.
+    pub cookie: u64,
+    /// Payload length.
+    pub len: u32,
+}
+
+/// Why a reply could not be taken in: the connection must be dropped.
+#[derive(Debug)]
+pub enum ReplyError {
+    /// The socket failed or closed.
+    Io(std::io::Error),
+    /// The server broke the protocol (bad magic, a chunk outside its request, ...).
+    Protocol(String),
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyError::Io(e) => write!(f, "{e}"),
+            ReplyError::Protocol(p) => write!(f, "protocol error: {p}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for ReplyError {
+    fn from(e: std::io::Error) -> Self {
+        ReplyError::Io(e)
+    }
+}
+
+/// Reads the next reply header (simple or structured chunk).
+pub fn read_reply_header(s: &mut impl Read) -> Result<ReplyHeader, ReplyError> {
+    let mut m = [0u8; 4];
+    s.read_exact(&mut m)?;
+    match u32::from_be_bytes(m) {
+        wire::SIMPLE_REPLY_MAGIC => {
+            let mut b = [0u8; 12];
+            s.read_exact(&mut b)?;
+            Ok(ReplyHeader::Simple {
+                error: be32(&b, 0),
+                cookie: be64(&b, 4),
+            })
+        }
+        wire::STRUCTURED_REPLY_MAGIC => {
+            let mut b = [0u8; 16];
+            s.read_exact(&mut b)?;
+            Ok(ReplyHeader::Chunk(Chunk {
+                flags: be16(&b, 0),
+                kind: be16(&b, 2),
+                cookie: be64(&b, 4),
+                len: be32(&b, 12),
+            }))
+        }
+        other => Err(ReplyError::Protocol(format!(
+            "bad reply magic {other:#010x}"
+        ))),
+    }
+}
+
+/// Reads and drops `n` bytes.
+pub fn skip(s: &mut impl Read, n: u64) -> std::io::Result<()> {
+    let got = std::io::copy(&mut s.take(n), &mut std::io::sink())?;
+    if got < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Sends `NBD_CMD_DISC` (best effort) before a socket is closed.
+pub fn disconnect(s: &mut impl Write) {
+    let _ = send_request(s, wire::CMD_DISC, 0, 0, 0);
+}
+
+/// The extents (length, `STATE_*` flags) of `[offset, offset + len)` under `base:allocation`,
+/// asked synchronously on a session nothing else uses (at open).
+pub fn block_status(
+    sess: &mut Session,
+    uri: &NbdUri,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<(u32, u32)>> {
+    let ctx = sess
+        .allocation_ctx
+        .ok_or_else(|| remote_err(uri, "base:allocation was not negotiated"))?;
+    send_request(&mut sess.stream, wire::CMD_BLOCK_STATUS, 1, offset, len)
+        .map_err(|e| io_err(uri, "send block status", e))?;
+    let mut out = Vec::new();
+    loop {
+        let h = read_reply_header(&mut sess.stream)
+            .map_err(|e| remote_err(uri, format!("block status reply: {e}")))?;
+        let c = match h {
+            ReplyHeader::Simple { error, .. } => {
+                if error != 0 {
+                    return Err(remote_err(
+                        uri,
+                        format!("block status failed: error {error}"),
+                    ));
+                }
+                return Err(remote_err(uri, "simple reply to block status"));
+            }
+            ReplyHeader::Chunk(c) => c,
+        };
+        if c.cookie != 1 || c.len > MAX_OPTION_REPLY * 16 {
+            return Err(remote_err(uri, "bad block status chunk"));
+        }
+        let mut payload = vec![0u8; c.len as usize];
+        sess.stream
+            .read_exact(&mut payload)
+            .map_err(|e| io_err(uri, "read block status", e))?;
+        match c.kind {
+            wire::REPLY_TYPE_BLOCK_STATUS if payload.len() >= 4 => {
+                if be32(&payload, 0) == ctx {
+                    for e in payload[4..].chunks_exact(8) {
+                        out.push((be32(e, 0), be32(e, 4)));
+                    }
+                }
+            }
+            wire::REPLY_TYPE_NONE => {}
+            k if k & 0x8000 != 0 => {
+                return Err(remote_err(uri, "block status answered with an error"));
+            }
+            _ => return Err(remote_err(uri, "unexpected chunk in block status")),
+        }
+        if c.flags & wire::REPLY_FLAG_DONE != 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// The byte ranges of the whole export that read as zeros (`base:allocation` with
+/// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else. At
+/// most [`MAX_EXTENTS`] extents are looked at (the rest counts as data); without the context,
+/// or when the server fails the query, nothing is known to be zero (always correct).
+pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
+    if sess.allocation_ctx.is_none() {
+        return zeros;
+    }
+    let step = (1u64 << 30) - (1u64 << 30) % u64::from(sess.min_block.max(1));
+    let (mut pos, mut extents) = (0u64, 0usize);
+    while pos < sess.size && extents < MAX_EXTENTS {
+        let len = (sess.size - pos).min(step) as u32;
+        let got = match block_status(sess, uri, pos, len) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "block status of the remote base failed; \
+                    every range of it is treated as data");
+                return Vec::new();
+            }
+        };
+        let before = pos;
+        for (l, flags) in got {
+            let end = (pos + u64::from(l)).min(sess.size);
+            if flags & wire::STATE_ZERO != 0 && end > pos {
+                match zeros.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = end,
+                    _ => zeros.push((pos, end)),
+                }
+            }
+            pos = end;
+            extents += 1;
+        }
+        if pos == before {
+            break;
+        }
+    }
+    zeros
+}
