@@ -365,3 +365,86 @@ fn a_detached_poll_lets_go_of_its_file() {
     }
     e.shutdown().expect("shutdown");
 }
+
+/// Counts `ready` and `idle` calls.
+struct IdleCounter {
+    ready: Arc<AtomicUsize>,
+    idle: Arc<AtomicUsize>,
+}
+
+impl CoreSource for IdleCounter {
+    fn ready(&mut self, _ctx: &mut SourceCtx<'_>) {
+        self.ready.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn idle(&mut self) {
+        self.idle.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One CACHE request on core 0 whose completion (on the core) submits the next, until `stop`:
+/// whenever the core looks at its channel a message is waiting.
+fn flood(disk: Disk, stop: Arc<AtomicBool>, answered: Arc<AtomicU64>) {
+    let next = disk.clone();
+    disk.submit(
+        0,
+        Request::Cache {
+            offset: 0,
+            len: 512,
+        },
+        Box::new(move |r| {
+            assert!(r.is_ok(), "cache hint failed: {r:?}");
+            answered.fetch_add(1, Ordering::SeqCst);
+            if !stop.load(Ordering::SeqCst) {
+                flood(next, stop, answered);
+            }
+        }),
+    );
+}
+
+#[test]
+fn a_source_ends_its_batch_while_its_core_is_flooded_with_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1);
+    let d = disk(&e, &dir, &[1; 512]);
+    let (fd, writer) = efd();
+    let (ready, idle) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let s = IdleCounter {
+        ready: Arc::clone(&ready),
+        idle: Arc::clone(&idle),
+    };
+    let id = e.attach_source(0, fd, Box::new(s)).expect("attach");
+    let (stop, answered) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    flood(d.clone(), Arc::clone(&stop), Arc::clone(&answered));
+    wait_until("the flood to get going", || {
+        answered.load(Ordering::SeqCst) > 1000
+    });
+    // While the channel never empties, each kick must still be followed by the end of a batch
+    // (for vhost-user-blk: the call eventfd that tells the guest its requests are answered).
+    for round in 0..20 {
+        let r0 = ready.load(Ordering::SeqCst);
+        poke(&writer);
+        wait_until("ready under the flood", || {
+            ready.load(Ordering::SeqCst) > r0
+        });
+        let i0 = idle.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while idle.load(Ordering::SeqCst) == i0 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: idle never called after ready while the core answered {} flood \
+                 requests",
+                answered.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(answered.load(Ordering::SeqCst) > 1000);
+    stop.store(true, Ordering::SeqCst);
+    e.detach_source(id).expect("detach");
+    drop(d);
+    e.shutdown().expect("shutdown");
+}

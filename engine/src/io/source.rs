@@ -20,8 +20,11 @@ pub trait CoreSource: Send + 'static {
     /// fires again). Runs on the core thread; requests submitted with `ctx` run on this core.
     fn ready(&mut self, ctx: &mut SourceCtx<'_>);
 
-    /// The core is about to block in `io_uring_enter`: the end of a batch (e.g. signal a call
-    /// eventfd once for every answer since the last call). Runs on the core thread.
+    /// The end of a core turn, just before the core enters `io_uring_enter` (to block, or to
+    /// poll when more messages wait): the end of a batch (e.g. signal a call eventfd once for
+    /// every answer since the last call). Called every turn, so a busy core never holds a
+    /// source's end-of-batch work back. Runs on the core thread; should be cheap when there is
+    /// nothing to do.
     fn idle(&mut self) {}
 }
 

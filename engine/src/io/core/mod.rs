@@ -211,9 +211,10 @@ impl Core {
         if self.stopping && self.tasks.is_empty() && self.ring.is_idle() {
             return false;
         }
-        if rx.is_empty() {
-            self.idle_sources();
-        }
+        // Every turn, not only when the core is about to block: under a steady stream of
+        // messages (NBD traffic on the same core) the channel never empties, and a source's
+        // end-of-batch work (a vhost queue's call eventfd) must not wait for it to.
+        self.idle_sources();
         let handle = self.shared.core(self.id);
         handle.sleeping.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);

@@ -105,7 +105,7 @@ impl Core {
         self.sources.fired = fired;
     }
 
-    /// Calls `idle` on every source (the core is about to block).
+    /// Calls `idle` on every source (the end of a turn: the core is about to enter the ring).
     pub(super) fn idle_sources(&mut self) {
         for e in self.sources.map.values_mut() {
             e.source.idle();
