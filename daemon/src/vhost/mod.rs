@@ -157,9 +157,10 @@ impl VhostServer {
 
     /// Stops serving for good: accepts no new frontend, takes no new chain from the rings,
     /// waits until the batches in flight were answered (or `deadline`), then disconnects the
-    /// frontend and waits for the listener thread to end. False when requests were still in
-    /// flight at `deadline` (they complete into the old mapping, which stays valid until they
-    /// do, but the frontend may not see their answers). The socket file is the caller's.
+    /// frontend and waits for the listener thread to end, which itself waits for the queue
+    /// workers to finish the batch they hold (without a bound: their requests are in the
+    /// engine, and the disk must not be closed under them). False when requests were still in
+    /// flight at `deadline`. The socket file is the caller's.
     pub fn stop(&mut self, deadline: Instant) -> bool {
         self.conn.lock().stopped = true;
         // Wakes the blocked accept (EINVAL) and makes every later one fail at once.
