@@ -199,11 +199,34 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     assert_identical(&s.p("expected.raw"), &d.uri());
     d.stop();
 
-    // Stream copies the rest; dropping the base then needs no server.
+    // With the image server down, an overlay that still reads its base cannot be served: a
+    // clear error naming the server, nothing served.
+    server.kill();
+    let out = addcow_raw(&["serve", "--socket", &s.p("down.sock"), &ovs]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "served with its base unreachable: {text}"
+    );
+    assert!(
+        text.contains("img.sock"),
+        "the error names the image server: {text}"
+    );
+    server.restart();
+
+    // Stream copies the rest. The complete overlay then serves with the server gone, as it is
+    // (it never reads its base), and dropping the base needs no server either.
     addcow(&["stream", &ovs]);
     server.kill();
     let info = addcow(&["info", &ovs]);
     assert!(info.contains("complete:       yes"), "{info}");
+    let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
+    assert_identical(&s.p("expected.raw"), &d.uri());
+    qemu_io(&d.uri(), &["write -P 0x31 4096 4096"]);
+    expected[4096..8192].fill(0x31);
+    write_file(&s.path("expected.raw"), &expected);
+    assert_identical(&s.p("expected.raw"), &d.uri());
+    d.stop();
     addcow(&["rebase", "-u", "-b", "", &ovs]);
     let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
     assert_identical(&s.p("expected.raw"), &d.uri());

@@ -156,6 +156,43 @@ fn open_overlay(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
     }
 }
 
+/// Builds the base the engine reads through from the chain `o` opened (connecting to a remote
+/// bottom layer's image server).
+fn base_source(o: &mut Overlay, remote: RemoteOptions) -> Result<Option<Box<dyn BaseSource>>> {
+    match o.base.take() {
+        Some(chain) => {
+            let base = ChainBase::new(chain, remote).map_err(|e| e.with_path(&o.meta_path))?;
+            Ok(Some(Box::new(base)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A complete overlay (every sector's bit set) never reads its base: when its base cannot be
+/// opened (an image server that is down or gone after a stream, a base file that was
+/// removed), it is opened without one instead of refused, with a warning. Anything else that
+/// failed (the overlay or its raw image, a bitmap with clear bits) returns `err`, the error of
+/// the ordinary open.
+fn complete_without_base(
+    path: &Path,
+    opts: &OpenOptions,
+    err: Error,
+) -> Result<(Overlay, Option<Box<dyn BaseSource>>)> {
+    let without = OpenOptions {
+        skip_base: true,
+        ..opts.clone()
+    };
+    match open_overlay(path, &without) {
+        Ok(o) if !o.header.backing_file.is_empty() && o.bitmap.is_full() => {
+            tracing::warn!(path = %path.display(), error = %err,
+                "the base cannot be opened; the overlay is complete (every sector is its own), \
+                 so it is opened without it");
+            Ok((o, None))
+        }
+        _ => Err(err),
+    }
+}
+
 fn is_direct(file: &File) -> bool {
     // SAFETY: F_GETFL on an open fd has no memory effects.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
@@ -196,14 +233,22 @@ impl DiskState {
             direct_base: config.base_cache == CacheMode::Direct,
             ..OpenOptions::default()
         };
-        let overlay = open_overlay(path, &open_opts)?;
+        let remote = RemoteOptions {
+            timeout: config.base_timeout,
+            conns: config.cores,
+        };
+        let (overlay, base) = match open_overlay(path, &open_opts)
+            .and_then(|mut o| base_source(&mut o, remote).map(|b| (o, b)))
+        {
+            Ok(opened) => opened,
+            Err(e) => complete_without_base(path, &open_opts, e)?,
+        };
         let Overlay {
             meta_path,
             image_path,
             virtual_size,
             meta,
             image,
-            base,
             bitmap,
             ..
         } = overlay;
@@ -226,16 +271,6 @@ impl DiskState {
             })
         } else {
             None
-        };
-        let remote = RemoteOptions {
-            timeout: config.base_timeout,
-            conns: config.cores,
-        };
-        let base: Option<Box<dyn BaseSource>> = match base {
-            Some(chain) => Some(Box::new(
-                ChainBase::new(chain, remote).map_err(|e| e.with_path(&meta_path))?,
-            )),
-            None => None,
         };
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
