@@ -212,7 +212,26 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
         text.contains("img.sock"),
         "the error names the image server: {text}"
     );
+    // With --size, creating an overlay on it needs no server.
+    let fresh = s.path("fresh.add-cow");
+    let uri = server.uri();
+    let out = addcow(&[
+        "create",
+        "--size",
+        "8M",
+        "-b",
+        &uri,
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(out.contains(&uri), "{out}");
     server.restart();
+    // The offline tools that read or write a base refuse a remote one, saying why.
+    for args in [vec!["rebase", "-b", "", &ovs], vec!["commit", &ovs]] {
+        let out = addcow_raw(&args);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("image server (NBD)"), "{args:?}: {text}");
+    }
 
     // Stream copies the rest. The complete overlay then serves with the server gone, as it is
     // (it never reads its base), and dropping the base needs no server either.

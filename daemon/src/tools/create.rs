@@ -50,7 +50,15 @@ pub fn run(args: CreateArgs) -> ExitCode {
         return fail("create", e);
     }
     // Report what was made, from the file itself.
-    match super::inspect(&args.overlay) {
+    // The base is not opened again (an image server may be down: with --size none is needed);
+    // it is named as stored.
+    let report = addcow_engine::format::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        skip_base: true,
+        ..Default::default()
+    };
+    match addcow_engine::format::Overlay::open(&args.overlay, &report) {
         Ok(o) => {
             println!(
                 "Created {}: virtual size {} ({} bytes), raw image {}, base {}",
@@ -58,9 +66,11 @@ pub fn run(args: CreateArgs) -> ExitCode {
                 human_size(o.virtual_size),
                 o.virtual_size,
                 o.image_path.display(),
-                o.base_path
-                    .as_ref()
-                    .map_or("none".to_string(), |p| p.display().to_string()),
+                if o.header.backing_file.is_empty() {
+                    "none".to_string()
+                } else {
+                    String::from_utf8_lossy(&o.header.backing_file).into_owned()
+                },
             );
             ExitCode::SUCCESS
         }

@@ -87,6 +87,13 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
             opts.overlay.display()
         ))));
     };
+    if crate::format::paths::nbd_uri(&base_path)?.is_some() {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "{}: the base is on an image server (NBD): commit writes its base, and image \
+             servers are read-only here",
+            base_path.display()
+        ))));
+    }
     let size = top.virtual_size;
 
     let probe =

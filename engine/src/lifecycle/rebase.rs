@@ -233,8 +233,11 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     }
     drop(new_meta);
     let _keep_old_locked_until_here: &File = &o.meta;
+    // Not opened (`-u`): the path as stored, so a URI or a missing file is still named.
+    let stored_old = (!o.header.backing_file.is_empty())
+        .then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&o.header.backing_file)));
     Ok(Rebased {
-        old_base: o.base_path.clone(),
+        old_base: o.base_path.clone().or(stored_old),
         stored,
         copied,
     })

@@ -62,6 +62,13 @@ impl Layer {
                 path.display()
             ))));
         }
+        if crate::format::paths::nbd_uri(path)?.is_some() {
+            return Err(Error::new(ErrorKind::InvalidArgument(format!(
+                "{}: a base on an image server (NBD) is not read by the offline tools; stream \
+                 the overlay first (then `rebase -u -b \"\"`), or use `rebase -u`",
+                path.display()
+            ))));
+        }
         let file = File::open(path).map_err(|e| Error::io("open base", e).with_path(path))?;
         if is_add_cow(&file, path)? {
             let overlay = Overlay::open(
