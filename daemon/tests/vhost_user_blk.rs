@@ -7,6 +7,7 @@
 //! model of what was written.
 
 mod nbd_support;
+mod vhost_support;
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -14,135 +15,9 @@ use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 use nbd_support::{Daemon, Fixture, RawClient};
+use vhost_support::{pattern, Frontend};
 
 const MIB: u64 = 1 << 20;
-/// The client's shared buffer (every request's data goes through it).
-const REGION: usize = 4 << 20;
-
-/// One libblkio `virtio-blk-vhost-user` connection with one mapped buffer region.
-struct Frontend {
-    blkio: Blkio,
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-}
-
-impl Frontend {
-    /// Connects to `sock` and starts `queues` request queues.
-    fn connect(sock: &Path, queues: i32) -> Result<Frontend, blkio::Error> {
-        Self::connect_with(sock, queues, false)
-    }
-
-    /// Like [`Frontend::connect`]; `read_only`: ask for a read-only device.
-    fn connect_with(sock: &Path, queues: i32, read_only: bool) -> Result<Frontend, blkio::Error> {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
-        blkio.set_str("path", sock.to_str().expect("utf-8 path"))?;
-        blkio.set_bool("read-only", read_only)?;
-        blkio.connect()?;
-        blkio.set_i32("num-queues", queues)?;
-        let started = blkio.start()?;
-        let align = blkio.get_u64("mem-region-alignment")? as usize;
-        let len = REGION.div_ceil(align) * align;
-        let region = blkio.alloc_mem_region(len)?;
-        blkio.map_mem_region(&region)?;
-        Ok(Frontend {
-            blkio,
-            queues: started.queues,
-            region,
-        })
-    }
-
-    fn capacity(&self) -> u64 {
-        self.blkio.get_u64("capacity").expect("capacity")
-    }
-
-    fn buf(&mut self) -> &mut [u8] {
-        // SAFETY: the region is a live shared mapping of `len` bytes owned by `self.blkio`
-        // (freed only when it is dropped), and no request is in flight when this is called
-        // (every request below is waited for before returning).
-        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
-    }
-
-    /// Waits (bounded) for the one request in flight on queue `q`; returns its `ret` (0 or
-    /// -errno).
-    fn complete(&mut self, q: usize) -> i32 {
-        let mut done = [MaybeUninit::uninit()];
-        let mut timeout = Duration::from_secs(60);
-        let n = self.queues[q]
-            .do_io(&mut done, 1, Some(&mut timeout), None)
-            .expect("do_io");
-        assert_eq!(n, 1, "no completion within 60 s");
-        // SAFETY: do_io initialised the first `n` completions.
-        let c = unsafe { done[0].assume_init_read() };
-        c.ret
-    }
-
-    /// Like [`Frontend::complete`], but `None` when nothing completes within `secs` (or the
-    /// connection is gone).
-    fn try_complete(&mut self, q: usize, secs: u64) -> Option<i32> {
-        let mut done = [MaybeUninit::uninit()];
-        let mut timeout = Duration::from_secs(secs);
-        match self.queues[q].do_io(&mut done, 1, Some(&mut timeout), None) {
-            // SAFETY: do_io initialised the first completion.
-            Ok(1) => Some(unsafe { done[0].assume_init_read() }.ret),
-            _ => None,
-        }
-    }
-
-    fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
-        self.buf()[..data.len()].copy_from_slice(data);
-        let addr = self.region.addr as *const u8;
-        self.queues[q].write(offset, addr, data.len(), 0, ReqFlags::empty());
-        self.complete(q)
-    }
-
-    fn read(&mut self, q: usize, offset: u64, len: usize) -> Vec<u8> {
-        self.buf()[..len].fill(0x5c);
-        let addr = self.region.addr as *mut u8;
-        self.queues[q].read(offset, addr, len, 0, ReqFlags::empty());
-        assert_eq!(self.complete(q), 0, "read {len} at {offset}");
-        self.buf()[..len].to_vec()
-    }
-
-    /// Writes `data` at `offset` from byte `at` of the shared region.
-    fn write_from(&mut self, q: usize, offset: u64, data: &[u8], at: usize) -> i32 {
-        self.buf()[at..at + data.len()].copy_from_slice(data);
-        // SAFETY: `at + len` lies inside the region (the slice copy above checked it).
-        let addr = unsafe { (self.region.addr as *const u8).add(at) };
-        self.queues[q].write(offset, addr, data.len(), 0, ReqFlags::empty());
-        self.complete(q)
-    }
-
-    /// Reads `len` bytes at `offset` into byte `at` of the shared region.
-    fn read_into(&mut self, q: usize, offset: u64, len: usize, at: usize) -> Vec<u8> {
-        self.buf()[at..at + len].fill(0x5c);
-        // SAFETY: `at + len` lies inside the region (the fill above checked it).
-        let addr = unsafe { (self.region.addr as *mut u8).add(at) };
-        self.queues[q].read(offset, addr, len, 0, ReqFlags::empty());
-        assert_eq!(self.complete(q), 0, "read {len} at {offset} into byte {at}");
-        self.buf()[at..at + len].to_vec()
-    }
-
-    fn flush(&mut self, q: usize) -> i32 {
-        self.queues[q].flush(0, ReqFlags::empty());
-        self.complete(q)
-    }
-
-    fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
-        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
-        self.complete(q)
-    }
-
-    fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> i32 {
-        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
-        self.complete(q)
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (seed as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 9) as u8))
-        .collect()
-}
 
 /// Starts `addcow serve` on `overlay` with NBD on `nbd` and vhost-user-blk on `vhost`.
 fn start(nbd: &Path, vhost: &Path, overlay: &Path, cores: &str) -> Daemon {

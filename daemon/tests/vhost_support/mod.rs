@@ -110,6 +110,39 @@ impl Frontend {
         self.queues[q].flush(0, ReqFlags::empty());
         self.complete(q)
     }
+
+    /// Like [`Frontend::complete`], but `None` when nothing completes within `secs` (or the
+    /// connection is gone).
+    pub fn try_complete(&mut self, q: usize, secs: u64) -> Option<i32> {
+        self.wait(q, 1, secs).first().map(|c| c.1)
+    }
+
+    /// Writes `data` at `offset` from byte `at` of the shared region.
+    pub fn write_from(&mut self, q: usize, offset: u64, data: &[u8], at: usize) -> i32 {
+        self.buf()[at..at + data.len()].copy_from_slice(data);
+        self.submit_write(q, offset, at, data.len(), 0);
+        self.complete(q)
+    }
+
+    /// Reads `len` bytes at `offset` into byte `at` of the shared region.
+    pub fn read_into(&mut self, q: usize, offset: u64, len: usize, at: usize) -> Vec<u8> {
+        self.buf()[at..at + len].fill(0x5c);
+        // SAFETY: `at + len` lies inside the region (the fill above checked it).
+        let addr = unsafe { (self.region.addr as *mut u8).add(at) };
+        self.queues[q].read(offset, addr, len, 0, ReqFlags::empty());
+        assert_eq!(self.complete(q), 0, "read {len} at {offset} into byte {at}");
+        self.buf()[at..at + len].to_vec()
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.complete(q)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.complete(q)
+    }
 }
 
 /// A recognisable pattern for `seed`.
