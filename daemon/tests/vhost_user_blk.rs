@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::Duration;
 
-use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use blkio::ReqFlags;
 use nbd_support::{Daemon, Fixture, RawClient};
 use vhost_support::{pattern, Frontend};
 
