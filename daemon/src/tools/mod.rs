@@ -21,7 +21,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
         .parse_size(s.trim())
-        .map_err(|e| format!("{s:?} is not a size: {e} (examples: 4096, 512K, 10M, 20G, 1T)"))
+        .map_err(|e| {
+            let why = match e {
+                parse_size::Error::InvalidDigit => "unknown size suffix or stray character",
+                parse_size::Error::Empty => "empty",
+                parse_size::Error::PosOverflow => "too large",
+                _ => "not a size",
+            };
+            format!("{s:?} is not a size: {why} (examples: 4096, 512K, 10M, 20G, 1T)")
+        })
 }
 
 /// A size for a person: `512 B`, `64 KiB`, `1.5 GiB` (exact bytes are in `--json`).
