@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -42,6 +42,11 @@ use config::DeviceConfig;
 
 /// Default ring size offered to frontends.
 pub const QUEUE_SIZE: u16 = 256;
+
+/// How long the listener waits for a gone frontend's chains before it says so in the log (it
+/// goes on waiting: the next frontend is never served while an older one's chains can still
+/// write into the guest's rings or its disk).
+const PREVIOUS_CHAINS_WAIT: Duration = Duration::from_secs(30);
 
 /// The vhost-user-blk listener: one frontend at a time; when it disconnects the device is reset
 /// and the next one is accepted on the same socket.
@@ -189,7 +194,32 @@ impl VhostServer {
     }
 }
 
-/// Accepts one frontend and serves it until it disconnects; then stops the queue workers.
+/// Waits until every chain of the frontend that just went is answered, before the next one is
+/// accepted. A frontend that vanished without GET_VRING_BASE leaves chains in flight that still
+/// add used entries through its vrings and still write the disk; a frontend that reconnects
+/// (QEMU with `reconnect=1`) resubmits what it saw unanswered, on the same rings: serving it
+/// while the old chains complete would give it duplicate used entries and let an old write land
+/// after a newer one to the same sectors. Past [`PREVIOUS_CHAINS_WAIT`] this logs an error and
+/// keeps waiting (two generations are never served at once), unless the server is stopping.
+fn wait_for_previous_chains(activity: &Activity, conn: &Connection) {
+    let started = Instant::now();
+    loop {
+        if activity.wait_idle(Instant::now() + PREVIOUS_CHAINS_WAIT) {
+            return;
+        }
+        if conn.stopped() {
+            return;
+        }
+        tracing::error!(
+            in_flight = activity.total_in_flight(),
+            waited_s = started.elapsed().as_secs(),
+            "vhost-user-blk: the previous frontend's requests are still in flight; the next frontend waits for them"
+        );
+    }
+}
+
+/// Accepts one frontend and serves it until it disconnects; then stops the queue workers and
+/// waits for its chains in flight.
 fn serve_one(
     listener: &mut Listener,
     disk: &Arc<dyn Backend>,
@@ -222,6 +252,7 @@ fn serve_one(
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
+    wait_for_previous_chains(activity, conn);
     let result = result?;
     match result {
         Ok(()) => Ok(()),
