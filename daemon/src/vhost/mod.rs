@@ -124,6 +124,7 @@ impl VhostServer {
             queue_size: QUEUE_SIZE,
             read_only: disk.read_only(),
             serial,
+            name: socket.display().to_string(),
         };
         let path = socket.to_path_buf();
         let activity = Arc::new(Activity::new(usize::from(config.num_queues)));

@@ -203,12 +203,25 @@ impl Queue {
         Ok(result)
     }
 
-    /// One engine request of a chain finished; the chain is answered with its last one.
+    /// One engine request of a chain finished; the chain is answered with its last one. A
+    /// failure (the guest sees `IOERR`) is logged with its context, rate-limited.
     fn complete(&self, chain: &Mutex<Option<Chain>>, r: Result<Done, RequestError>) {
         let done = {
             let mut slot = chain.lock().unwrap_or_else(|p| p.into_inner());
             let Some(c) = slot.as_mut() else { return };
-            c.pending.complete(r);
+            if let Some(e) = c.pending.complete(r) {
+                if let Some(suppressed) = self.dev.io_errors.admit() {
+                    tracing::warn!(
+                        socket = %self.dev.config.name,
+                        queue = self.index,
+                        sector = c.pending.sector,
+                        op = c.pending.op,
+                        error = %e,
+                        suppressed_since_last = suppressed,
+                        "vhost-user-blk: request failed; the guest sees an I/O error"
+                    );
+                }
+            }
             if c.pending.outstanding > 0 {
                 return;
             }
