@@ -648,7 +648,7 @@ mod hand {
         }
     }
 
-    /// One frontend connection with queue 0 running from avail index `base`.
+    /// One frontend connection with one queue running from avail index `base`.
     pub struct Conn {
         pub fe: Frontend,
         pub kick: EventFd,
@@ -656,8 +656,14 @@ mod hand {
     }
 
     impl Conn {
+        /// Queue 0 running from `base`.
         pub fn connect(sock: &Path, guest: &Guest, base: u16) -> Conn {
-            let mut fe = Frontend::connect(sock, 1).expect("vhost-user connect");
+            Self::connect_queue(sock, guest, base, 0)
+        }
+
+        /// Queue `q` (alone) running from `base`.
+        pub fn connect_queue(sock: &Path, guest: &Guest, base: u16, q: usize) -> Conn {
+            let mut fe = Frontend::connect(sock, q as u64 + 1).expect("vhost-user connect");
             fe.set_owner().expect("SET_OWNER");
             let offered = fe.get_features().expect("GET_FEATURES");
             // VIRTIO_F_VERSION_1 and VHOST_USER_F_PROTOCOL_FEATURES; no EVENT_IDX, so every
@@ -680,9 +686,9 @@ mod hand {
                 mmap_handle: guest.file.as_raw_fd(),
             }])
             .expect("SET_MEM_TABLE");
-            fe.set_vring_num(0, RING_SIZE).expect("SET_VRING_NUM");
+            fe.set_vring_num(q, RING_SIZE).expect("SET_VRING_NUM");
             fe.set_vring_addr(
-                0,
+                q,
                 &VringConfigData {
                     queue_max_size: RING_SIZE,
                     queue_size: RING_SIZE,
@@ -696,12 +702,12 @@ mod hand {
                 },
             )
             .expect("SET_VRING_ADDR");
-            fe.set_vring_base(0, base).expect("SET_VRING_BASE");
+            fe.set_vring_base(q, base).expect("SET_VRING_BASE");
             let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
             let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-            fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
-            fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-            fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+            fe.set_vring_call(q, &call).expect("SET_VRING_CALL");
+            fe.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
+            fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
             Conn {
                 fe,
                 kick,
@@ -937,7 +943,9 @@ fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() 
     // The last MiB is never written: the new frontend's first chain reads it.
     let fx = Fixture::new((CHAINS as u64 + 1) * LEN as u64);
     let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
-    let d = start(&nbd, &vsock, &fx.overlay(), "1");
+    // Two cores: the old frontend's queue 0 is served by core 0, the new one's queue 1 by
+    // core 1, so nothing but the wait keeps the new queue from being served at once.
+    let d = start(&nbd, &vsock, &fx.overlay(), "2");
     let model = fx.reference();
     let mem_len = hand::DATA_AT + (CHAINS as u64 + 2) * LEN as u64;
     let mut caught_in_flight = 0;
@@ -967,7 +975,7 @@ fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() 
         // served), a small read of a part nobody writes, then new data for the sectors the old
         // frontend was writing.
         let new = Guest::new(&fx.path(&format!("new{round}.mem")), mem_len);
-        let conn = Conn::connect(&vsock, &new, 0);
+        let conn = Conn::connect_queue(&vsock, &new, 0, 1);
         new.add_in(0, 8, 0, 20, LEN as u64); // VIRTIO_BLK_T_GET_ID: answered without the disk
         let last = u64::from(CHAINS) * (LEN as u64 / 512);
         new.add_read(1, last, 4096, LEN as u64);
