@@ -386,3 +386,142 @@ fn bad_vhost_user_blk_parameters_get_clear_errors_and_leave_nothing_behind() {
     drop(fe);
     d.stop();
 }
+
+/// Threads of process `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == name)
+        .count()
+}
+
+/// A live snapshot (`export-snapshot`) of a vhost-user-blk export under load: both queues keep
+/// 32 writes in flight while the disk switches to the new overlay. Every request is answered
+/// OK, requests that meet the switch wait on at most one thread per queue (not one each), and
+/// afterwards both front ends read what was written, from the new overlay.
+#[test]
+fn a_live_snapshot_under_vhost_io_answers_every_request_and_keeps_the_data() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const DEPTH: usize = 32;
+    const LEN: usize = 64 << 10;
+    let f = Fixture::new(16 * MIB);
+    let overlay = f.overlay();
+    let (d, control) = start(&f);
+    let pid = d.child.as_ref().expect("daemon running").id();
+    let vsock = f.path("vm.vhost");
+    let mut c = Control::connect(&control);
+    add_vhost(&mut c, "vm", &overlay, &vsock);
+    let mut fe = Frontend::connect(&vsock, 2).expect("blkio connects");
+    let mut model = f.reference();
+    let slots = (16 * MIB) as usize / LEN;
+
+    let snapshotting = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let most_waiters = Arc::new(AtomicUsize::new(0));
+    let snap = f.path("vm-1.add-cow");
+    let snapper = {
+        let (snapshotting, done, snap, control) = (
+            Arc::clone(&snapshotting),
+            Arc::clone(&done),
+            snap.clone(),
+            control.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut c = Control::connect(&control);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            snapshotting.store(true, Ordering::SeqCst);
+            let r = c.call("export-snapshot", json!({"name": "vm", "overlay": snap}));
+            snapshotting.store(false, Ordering::SeqCst);
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    let sampler = {
+        let (done, most) = (Arc::clone(&done), Arc::clone(&most_waiters));
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                most.fetch_max(threads_named(pid, "addcow-vhost-wa"), Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    // Each of the 2 x DEPTH tags has one write in flight at a time, from its own part of the
+    // buffer, to slots no other tag writes (slot = tag mod 2 x DEPTH); answered ones are
+    // resubmitted at once, so the queues never run dry while the disk switches.
+    let tags = 2 * DEPTH;
+    let mut count = vec![0u64; tags];
+    let submit = |fe: &mut Frontend, model: &mut [u8], count: &mut [u64], k: usize| {
+        let slot = (k + tags * count[k] as usize) % slots;
+        let data = pattern(count[k] * 1000 + k as u64, LEN);
+        fe.buf()[k * LEN..(k + 1) * LEN].copy_from_slice(&data);
+        model[slot * LEN..(slot + 1) * LEN].copy_from_slice(&data);
+        fe.submit_write(k / DEPTH, (slot * LEN) as u64, k * LEN, LEN, k);
+        count[k] += 1;
+    };
+    for k in 0..tags {
+        submit(&mut fe, &mut model, &mut count, k);
+    }
+    let (mut answered, mut during, mut after) = (0u64, 0u64, 0u64);
+    while after < 2000 {
+        for q in 0..2 {
+            for (tag, ret) in fe.wait(q, 0, 1) {
+                assert_eq!(ret, 0, "write {tag} (#{}) failed\n{}", count[tag], d.log());
+                answered += 1;
+                if snapshotting.load(Ordering::SeqCst) {
+                    during += 1;
+                }
+                if done.load(Ordering::SeqCst) {
+                    after += 1;
+                }
+                if after < 2000 {
+                    submit(&mut fe, &mut model, &mut count, tag);
+                }
+            }
+        }
+        assert!(answered < 10_000_000, "the snapshot never ended");
+    }
+    // Drain what is still in flight.
+    let mut left = count.iter().sum::<u64>() - answered;
+    while left > 0 {
+        for q in 0..2 {
+            for (tag, ret) in fe.wait(q, 0, 1) {
+                assert_eq!(ret, 0, "write {tag} failed\n{}", d.log());
+                left -= 1;
+            }
+        }
+    }
+    let r = snapper.join().unwrap().expect("export-snapshot");
+    assert_eq!(r["overlay"], json!(snap), "{r}");
+    sampler.join().unwrap();
+    let waiters = most_waiters.load(Ordering::SeqCst);
+    eprintln!(
+        "{answered} writes answered, {during} during the snapshot; at most {waiters} waiter threads"
+    );
+    assert!(
+        during > 0,
+        "no write was answered during the snapshot (timing): the test proved nothing"
+    );
+    assert!(
+        waiters <= 2,
+        "{waiters} addcow-vhost-wait threads at once for 2 queues"
+    );
+    assert_eq!(export_of(&mut c, "vm").unwrap()["overlay"], json!(snap));
+    for chunk in 0..16u64 {
+        let at = (chunk * MIB) as usize;
+        assert!(
+            fe.read(0, chunk * MIB, MIB as usize) == model[at..at + MIB as usize],
+            "vhost read of MiB {chunk} after the snapshot"
+        );
+        assert!(
+            nbd_read(&d.sock, "vm", chunk * MIB, MIB as usize) == model[at..at + MIB as usize],
+            "NBD read of MiB {chunk} after the snapshot"
+        );
+    }
+    drop(fe);
+    d.stop();
+}

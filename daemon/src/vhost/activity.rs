@@ -90,13 +90,24 @@ impl Activity {
         self.wait(deadline, |a| a.in_flight(queue) == 0)
     }
 
+    /// Waits until no queue has a chain popped and not answered (or `deadline`), without
+    /// stopping anything; false on timeout.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
+        self.wait(deadline, |a| {
+            a.busy.iter().all(|b| b.load(Ordering::SeqCst) == 0)
+        })
+    }
+
+    /// Chains popped and not answered, over every queue.
+    pub fn total_in_flight(&self) -> usize {
+        self.busy.iter().map(|b| b.load(Ordering::SeqCst)).sum()
+    }
+
     /// Lets no new chain be popped, then waits until every popped one was answered (or
     /// `deadline`); false on timeout.
     pub fn stop(&self, deadline: Instant) -> bool {
         self.stopping.store(true, Ordering::SeqCst);
-        self.wait(deadline, |a| {
-            a.busy.iter().all(|b| b.load(Ordering::SeqCst) == 0)
-        })
+        self.wait_idle(deadline)
     }
 
     fn wait(&self, deadline: Instant, done: impl Fn(&Activity) -> bool) -> bool {

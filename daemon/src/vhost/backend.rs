@@ -35,6 +35,44 @@ const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
 /// do not count.
 pub const BOUNCE_CAP: u64 = 32 << 20;
 
+/// At most one warning per this interval for requests that failed (per frontend connection);
+/// the next one says how many were left out.
+const IO_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A log rate limit: one message per interval, counting the ones left out.
+pub(super) struct LogLimit {
+    every: Duration,
+    /// When the last message was let through, and how many were left out since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    fn new(every: Duration) -> LogLimit {
+        LogLimit {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last one)` when a message may be logged now, else `None`
+    /// (and it is counted).
+    pub(super) fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let skipped = s.1;
+                *s = (Some(now), 0);
+                Some(skipped)
+            }
+        }
+    }
+}
+
 /// Guest memory as the frontend mapped it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -58,6 +96,8 @@ pub(super) struct Inner {
     pub(super) direct: bool,
     /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
     pub(super) ring_error_logged: AtomicBool,
+    /// Rate limit of the warnings for requests that failed.
+    pub(super) io_errors: LogLimit,
     /// The vrings bound to engine cores ([`BlkDevice::bind`]).
     vrings: Mutex<Vec<CoreVring>>,
 }
@@ -85,6 +125,7 @@ impl BlkDevice {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 ring_error_logged: AtomicBool::new(false),
+                io_errors: LogLimit::new(IO_ERROR_LOG_EVERY),
                 batch_bytes,
                 direct,
                 vrings: Mutex::new(Vec::new()),
@@ -231,6 +272,18 @@ impl VhostUserBackend for BlkDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let l = LogLimit::new(Duration::from_millis(200));
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), None);
+        assert_eq!(l.admit(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(l.admit(), Some(2), "two left out since the last one");
+        assert_eq!(l.admit(), None);
+    }
+
     use crate::serve::export::memory::MemDisk;
     use addcow_engine::{Completion, Request};
     use std::io::Read;
@@ -250,6 +303,7 @@ mod tests {
             queue_size: 16,
             read_only: false,
             serial: String::new(),
+            name: "test.sock".into(),
         }
     }
 

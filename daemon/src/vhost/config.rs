@@ -2,7 +2,8 @@
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -22,6 +23,23 @@ pub const MAX_ZERO_SECTORS: u32 = 64 << 11;
 /// Largest number of segments in one DISCARD / WRITE_ZEROES request.
 pub const MAX_ZERO_SEGMENTS: u32 = 1;
 
+/// Largest READ or WRITE data of one request, in bytes: what the guest is told
+/// ([`SEG_MAX`] segments of at most [`SIZE_MAX`] bytes), and what the device accepts: a chain
+/// with more data is answered `IOERR` before anything is allocated for it. It bounds the daemon
+/// memory one bounced chain takes (the bounce cap bounds a queue's, but always lets one chain
+/// through).
+pub const MAX_REQUEST_BYTES: u32 = 4 << 20;
+
+/// Largest number of data segments per request offered (`VIRTIO_BLK_F_SEG_MAX`), at most the
+/// ring size minus 2 (header and status). 128 scattered 4 KiB guest pages make 512 KiB requests.
+pub const SEG_MAX: u32 = 128;
+
+/// Largest data segment offered (`VIRTIO_BLK_F_SIZE_MAX`): [`SEG_MAX`] of them make
+/// [`MAX_REQUEST_BYTES`]. Linux builds no request beyond `seg_max * size_max`. Only the total is
+/// enforced: a frontend that sends fewer, larger descriptors (libblkio gives one descriptor per
+/// buffer) is served as long as the request stays within [`MAX_REQUEST_BYTES`].
+pub const SIZE_MAX: u32 = MAX_REQUEST_BYTES / SEG_MAX;
+
 /// Largest GET_ID answer (`VIRTIO_BLK_ID_BYTES`).
 pub const ID_BYTES: usize = 20;
 
@@ -38,6 +56,8 @@ pub struct DeviceConfig {
     pub read_only: bool,
     /// GET_ID answer (truncated to [`ID_BYTES`]).
     pub serial: String,
+    /// What the logs call this device (its socket path).
+    pub name: String,
 }
 
 impl DeviceConfig {
@@ -48,6 +68,7 @@ impl DeviceConfig {
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | (1u64 << VIRTIO_BLK_F_SIZE_MAX)
             | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
             | (1u64 << VIRTIO_BLK_F_FLUSH)
             | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
@@ -60,6 +81,11 @@ impl DeviceConfig {
         f
     }
 
+    /// Data segments per request offered: [`SEG_MAX`], or fewer for a small ring.
+    pub fn seg_max(&self) -> u32 {
+        SEG_MAX.min(u32::from(self.queue_size.saturating_sub(2).max(1)))
+    }
+
     /// `struct virtio_blk_config` (little endian), with `writeback` as given.
     pub fn config_space(&self, writeback: bool) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
@@ -67,9 +93,8 @@ impl DeviceConfig {
             c[at..at + bytes.len()].copy_from_slice(bytes)
         };
         put(&mut c, 0, &(self.size / 512).to_le_bytes()); // capacity (sectors)
-                                                          // size_max (8) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
-        let seg_max = u32::from(self.queue_size.saturating_sub(2).max(1));
-        put(&mut c, 12, &seg_max.to_le_bytes());
+        put(&mut c, 8, &SIZE_MAX.to_le_bytes());
+        put(&mut c, 12, &self.seg_max().to_le_bytes());
         put(&mut c, 20, &BLOCK_SIZE.to_le_bytes()); // blk_size
         c[32] = u8::from(writeback);
         put(&mut c, 34, &self.num_queues.to_le_bytes());
@@ -95,10 +120,15 @@ mod tests {
             queue_size: 256,
             read_only: true,
             serial: "x".into(),
+            name: "x.sock".into(),
         };
         let c = d.config_space(true);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
-        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        let size_max = u32::from_le_bytes(c[8..12].try_into().unwrap());
+        let seg_max = u32::from_le_bytes(c[12..16].try_into().unwrap());
+        assert_eq!((size_max, seg_max), (32 << 10, 128));
+        assert_eq!(u64::from(size_max) * u64::from(seg_max), 4 << 20);
+        assert_ne!(d.features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);

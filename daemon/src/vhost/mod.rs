@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -42,6 +42,15 @@ use config::DeviceConfig;
 
 /// Default ring size offered to frontends.
 pub const QUEUE_SIZE: u16 = 256;
+
+/// The least [`VhostServer::stop`] waits for the listener thread (a frontend's connection
+/// thread ends once its socket is shut down).
+const LISTENER_JOIN_MIN: Duration = Duration::from_secs(2);
+
+/// How long the listener waits for a gone frontend's chains before it says so in the log (it
+/// goes on waiting: the next frontend is never served while an older one's chains can still
+/// write into the guest's rings or its disk).
+const PREVIOUS_CHAINS_WAIT: Duration = Duration::from_secs(30);
 
 /// The vhost-user-blk listener: one frontend at a time; when it disconnects the device is reset
 /// and the next one is accepted on the same socket.
@@ -119,6 +128,7 @@ impl VhostServer {
             queue_size: QUEUE_SIZE,
             read_only: disk.read_only(),
             serial,
+            name: socket.display().to_string(),
         };
         let path = socket.to_path_buf();
         let activity = Arc::new(Activity::new(usize::from(config.num_queues)));
@@ -156,11 +166,11 @@ impl VhostServer {
     }
 
     /// Stops serving for good: accepts no new frontend, takes no new chain from the rings,
-    /// waits until the batches in flight were answered (or `deadline`), then disconnects the
-    /// frontend and waits for the listener thread to end, which itself waits for the queue
-    /// workers to finish the batch they hold (without a bound: their requests are in the
-    /// engine, and the disk must not be closed under them). False when requests were still in
-    /// flight at `deadline`. The socket file is the caller's.
+    /// waits until the chains in flight were answered (or `deadline`), then disconnects the
+    /// frontend and waits for the listener thread to end, until `deadline` but at least
+    /// [`LISTENER_JOIN_MIN`]; a listener still running then is logged and left to end on its
+    /// own. False when requests were still in flight at `deadline`. The socket file is the
+    /// caller's.
     pub fn stop(&mut self, deadline: Instant) -> bool {
         self.conn.lock().stopped = true;
         // Wakes the blocked accept (EINVAL) and makes every later one fail at once.
@@ -171,7 +181,15 @@ impl VhostServer {
             h.shutdown();
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let until = deadline.max(Instant::now() + LISTENER_JOIN_MIN);
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::error!(socket = %self.socket.display(), "vhost-user-blk: the listener thread did not end within the shutdown grace; left running");
+            }
         }
         drained
     }
@@ -189,7 +207,34 @@ impl VhostServer {
     }
 }
 
-/// Accepts one frontend and serves it until it disconnects; then stops the queue workers.
+/// Waits until every chain of the frontend that just went is answered, before the next one is
+/// accepted. A frontend that vanished without GET_VRING_BASE leaves chains in flight that still
+/// add used entries through its vrings and still write the disk; a frontend that reconnects
+/// (QEMU with `reconnect=1`) resubmits what it saw unanswered, on the same rings: serving it
+/// while the old chains complete would give it duplicate used entries and let an old write land
+/// after a newer one to the same sectors. Past [`PREVIOUS_CHAINS_WAIT`] this logs an error and
+/// keeps waiting (two generations are never served at once), unless the server is stopping.
+fn wait_for_previous_chains(activity: &Activity, conn: &Connection) {
+    let started = Instant::now();
+    let mut next_report = started + PREVIOUS_CHAINS_WAIT;
+    loop {
+        // Short waits, so that a stopping server is noticed.
+        if activity.wait_idle(Instant::now() + Duration::from_secs(1)) || conn.stopped() {
+            return;
+        }
+        if Instant::now() >= next_report {
+            next_report += PREVIOUS_CHAINS_WAIT;
+            tracing::error!(
+                in_flight = activity.total_in_flight(),
+                waited_s = started.elapsed().as_secs(),
+                "vhost-user-blk: the previous frontend's requests are still in flight; the next frontend waits for them"
+            );
+        }
+    }
+}
+
+/// Accepts one frontend and serves it until it disconnects; then stops the queue workers and
+/// waits for its chains in flight.
 fn serve_one(
     listener: &mut Listener,
     disk: &Arc<dyn Backend>,
@@ -222,6 +267,7 @@ fn serve_one(
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
+    wait_for_previous_chains(activity, conn);
     let result = result?;
     match result {
         Ok(()) => Ok(()),

@@ -10,6 +10,7 @@
 //! (as `EVENT_IDX` allows): one interrupt per batch, and no batch barrier: chains complete
 //! independently.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +42,17 @@ pub struct Queue {
     /// A duplicate of the kick eventfd, written to wake the queue's poll from here (after the
     /// cap, or when the frontend enables the queue).
     poke: Mutex<Option<File>>,
+    /// Requests that met a disk switch, in order, and whether a thread is submitting them.
+    deferred: Mutex<Deferred>,
+}
+
+/// Requests of one queue waiting for a disk switch to end: one thread per queue submits them
+/// in order (at most a ring's worth of requests wait, never a thread each).
+#[derive(Default)]
+struct Deferred {
+    waiting: VecDeque<(Request, Completion)>,
+    /// A `addcow-vhost-wait` thread is submitting `waiting`.
+    running: bool,
 }
 
 /// Why [`Queue::pump`] stopped.
@@ -70,6 +82,50 @@ impl Queue {
             bounced: AtomicU64::new(0),
             capped: AtomicBool::new(false),
             poke: Mutex::new(None),
+            deferred: Mutex::new(Deferred::default()),
+        }
+    }
+
+    /// Submits `req` to core `core` from this queue's waiter thread (started if none runs),
+    /// which may block until the disk switch ends; the answer still comes on the core. One
+    /// waiter per queue, submitting in order.
+    fn defer(self: &Arc<Self>, core: usize, req: Request, done: Completion) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        d.waiting.push_back((req, done));
+        if d.running {
+            return;
+        }
+        d.running = true;
+        drop(d);
+        let queue = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("addcow-vhost-wait".into())
+            .spawn(move || loop {
+                let next = {
+                    let mut d = queue.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                    let next = d.waiting.pop_front();
+                    if next.is_none() {
+                        d.running = false;
+                    }
+                    next
+                };
+                let Some((req, done)) = next else { return };
+                queue.dev.disk.submit(core, req, done);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(queue = self.index, error = %e, "vhost-user-blk: no thread to submit requests during a disk switch");
+            let failed = {
+                let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                d.running = false;
+                std::mem::take(&mut d.waiting)
+            };
+            for (_, done) in failed {
+                done(Err(RequestError {
+                    errno: libc::EAGAIN,
+                    op: "submit during a disk switch",
+                    offset: 0,
+                }));
+            }
         }
     }
 
@@ -203,12 +259,25 @@ impl Queue {
         Ok(result)
     }
 
-    /// One engine request of a chain finished; the chain is answered with its last one.
+    /// One engine request of a chain finished; the chain is answered with its last one. A
+    /// failure (the guest sees `IOERR`) is logged with its context, rate-limited.
     fn complete(&self, chain: &Mutex<Option<Chain>>, r: Result<Done, RequestError>) {
         let done = {
             let mut slot = chain.lock().unwrap_or_else(|p| p.into_inner());
             let Some(c) = slot.as_mut() else { return };
-            c.pending.complete(r);
+            if let Some(e) = c.pending.complete(r) {
+                if let Some(suppressed) = self.dev.io_errors.admit() {
+                    tracing::warn!(
+                        socket = %self.dev.config.name,
+                        queue = self.index,
+                        sector = c.pending.sector,
+                        op = c.pending.op,
+                        error = %e,
+                        suppressed_since_last = suppressed,
+                        "vhost-user-blk: request failed; the guest sees an I/O error"
+                    );
+                }
+            }
             if c.pending.outstanding > 0 {
                 return;
             }
@@ -269,33 +338,12 @@ impl CoreSource for QueueSource {
     fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
         let disk = Arc::clone(&self.queue.dev.disk);
         let core = ctx.core();
+        let queue = Arc::clone(&self.queue);
         self.queue.serve(&mut |req, done| {
             if let Some((req, done)) = disk.try_submit_local(ctx, req, done) {
                 // The disk is being switched (a live snapshot): its lock would block this core,
-                // which must go on completing the requests the switch waits for. Submit from a
-                // thread that may wait; the answer still comes on this core.
-                let disk = Arc::clone(&disk);
-                let slot = Arc::new(Mutex::new(Some((req, done))));
-                let held = Arc::clone(&slot);
-                let spawned = std::thread::Builder::new()
-                    .name("addcow-vhost-wait".into())
-                    .spawn(move || {
-                        let taken = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-                        if let Some((req, done)) = taken {
-                            disk.submit(core, req, done);
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "vhost-user-blk: no thread to submit a request during a disk switch");
-                    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    if let Some((_, done)) = taken {
-                        done(Err(RequestError {
-                            errno: libc::EAGAIN,
-                            op: "submit during a disk switch",
-                            offset: 0,
-                        }));
-                    }
-                }
+                // which must go on completing the requests the switch waits for.
+                queue.defer(core, req, done);
             }
         });
     }

@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use addcow_engine::io::{BUF_ALIGN, MAX_READ};
+use addcow_engine::io::BUF_ALIGN;
 use addcow_engine::{Done, IoBuf, Request, RequestError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -29,7 +29,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::config::{ID_BYTES, MAX_ZERO_SECTORS, MAX_ZERO_SEGMENTS};
+use super::config::{ID_BYTES, MAX_REQUEST_BYTES, MAX_ZERO_SECTORS, MAX_ZERO_SEGMENTS};
 
 /// Bytes of the request header (`struct virtio_blk_outhdr`: type, reserved, sector).
 const HEADER_LEN: usize = 16;
@@ -76,11 +76,16 @@ pub struct Pending {
     pub bounced: u64,
     /// The data moves directly between the engine and guest memory.
     pub direct: bool,
+    /// The request's operation ("read", "write", ...), for the log.
+    pub op: &'static str,
+    /// The request's first sector, for the log.
+    pub sector: u64,
 }
 
 impl Pending {
-    /// An engine request of this one finished.
-    pub fn complete(&mut self, r: Result<Done, RequestError>) {
+    /// An engine request of this one finished. Returns the engine's error, if it failed (the
+    /// guest sees `IOERR`; the caller logs it with the queue's context).
+    pub fn complete(&mut self, r: Result<Done, RequestError>) -> Option<RequestError> {
         self.outstanding = self.outstanding.saturating_sub(1);
         match r {
             Ok(Done::Read(buf)) if buf.is_borrowed() => {
@@ -92,14 +97,20 @@ impl Pending {
                     self.written = self.written.saturating_add(buf.len() as u32);
                 } else {
                     self.code = VIRTIO_BLK_S_IOERR as u8;
+                    return Some(RequestError {
+                        errno: libc::EFAULT,
+                        op: "copy read data into guest memory",
+                        offset: self.sector.saturating_mul(SECTOR),
+                    });
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!(error = %e, "vhost-user-blk request failed");
                 self.code = VIRTIO_BLK_S_IOERR as u8;
+                return Some(e);
             }
         }
+        None
     }
 
     /// Copies bounced READ data into the chain's data pieces; false if it does not fit.
@@ -155,6 +166,8 @@ impl Pending {
             outstanding: 0,
             bounced: 0,
             direct: false,
+            op: "",
+            sector: 0,
         }
     }
 }
@@ -314,6 +327,15 @@ pub fn parse(
     }
     let fua = !limits.writeback;
     let mut pending = Pending::answered(head, mem, status, VIRTIO_BLK_S_OK);
+    pending.sector = sector;
+    pending.op = match kind {
+        VIRTIO_BLK_T_IN => "read",
+        VIRTIO_BLK_T_OUT => "write",
+        VIRTIO_BLK_T_FLUSH => "flush",
+        VIRTIO_BLK_T_DISCARD => "discard",
+        VIRTIO_BLK_T_WRITE_ZEROES => "write-zeroes",
+        _ => "other",
+    };
     let side = |writable: bool| -> Vec<(GuestAddress, usize)> {
         descs
             .iter()
@@ -325,7 +347,7 @@ pub fn parse(
     match kind {
         VIRTIO_BLK_T_IN => {
             let len = data.available_bytes() as u64;
-            if len % SECTOR != 0 || len > u64::from(MAX_READ) {
+            if len % SECTOR != 0 || len > u64::from(MAX_REQUEST_BYTES) {
                 return ioerr(pending.status);
             }
             let Some(offset) = byte_range(sector, len, limits.size) else {
@@ -351,7 +373,7 @@ pub fn parse(
         }
         VIRTIO_BLK_T_OUT => {
             let len = reader.available_bytes();
-            if len as u64 % SECTOR != 0 || len as u64 > u64::from(MAX_READ) {
+            if len as u64 % SECTOR != 0 || len as u64 > u64::from(MAX_REQUEST_BYTES) {
                 return ioerr(pending.status);
             }
             let Some(offset) = byte_range(sector, len as u64, limits.size) else {
@@ -660,6 +682,36 @@ mod tests {
         let (reqs, _, status) = run(&mem, &[(HDR, 16, false), (STATUS, 1, true)], &limits(false));
         assert!(reqs.is_empty());
         assert_eq!(status, VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn requests_past_the_advertised_size_fail_before_anything_is_allocated() {
+        let mem = memory();
+        let l = Limits {
+            size: 64 << 20,
+            ..limits(false)
+        };
+        // Overlapping 1 MiB descriptors (the whole guest memory) make a 4 MiB chain.
+        let at_limit = MAX_REQUEST_BYTES as usize / MEM as usize;
+        for (kind, writable) in [(VIRTIO_BLK_T_IN, true), (VIRTIO_BLK_T_OUT, false)] {
+            for extra in [0u32, 512] {
+                let mut descs: Vec<Desc> = vec![(HDR, 16, false)];
+                descs.extend((0..at_limit).map(|_| (0, MEM as u32, writable)));
+                if extra > 0 {
+                    descs.push((DATA, extra, writable));
+                }
+                descs.push((STATUS, 1, true));
+                header(&mem, kind, 0);
+                let (reqs, _, status) = run(&mem, &descs, &l);
+                if extra == 0 {
+                    assert_eq!(reqs.len(), 1, "type {kind}: {MAX_REQUEST_BYTES} bytes");
+                    assert_eq!(status, OK);
+                } else {
+                    assert!(reqs.is_empty(), "type {kind}: past the limit: {reqs:?}");
+                    assert_eq!(status, IOERR, "type {kind}: past the limit");
+                }
+            }
+        }
     }
 
     #[test]
