@@ -535,6 +535,9 @@ def recvn(c, n):
 def opt_reply(c, opt, typ, data=b""):
     c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, typ, len(data)) + data)
 def handle(c):
+    if mode == "hang":
+        # Accepts and never says a word: a connect to it waits for its handshake timeout.
+        time.sleep(1e6)
     try:
         c.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))
         recvn(c, 4)
@@ -666,6 +669,53 @@ fn a_server_that_stops_answering_fails_reads_in_time_and_is_reconnected() {
     // The late reply of the stalled connection came after its read was answered: dropped.
     std::thread::sleep(Duration::from_secs(3));
     qemu_io(&d.uri(), &["read -P 0x5a 196608 4096"]);
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Closing a disk whose remote base's driver is inside a connect (the server accepts and never
+/// handshakes; a connect waits up to 10 s) does not wait for that connect: the close signals
+/// the driver and returns.
+#[test]
+fn closing_a_disk_does_not_wait_for_a_hanging_connect() {
+    let s = Setup::new();
+    let sock = s.path("img.sock");
+    let server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), "stall"]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let ov = s.create("vm", &uri);
+    let ctl = s.path("ctl.sock");
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--control",
+            &ctl.display().to_string(),
+            "--allow-dir",
+            &s.dir.path().display().to_string(),
+            "--base-timeout",
+            "30",
+            "--export",
+            &format!("vm={}", ov.display()),
+        ],
+    );
+    qemu_io(&d.uri_of("vm"), &["read -P 0x5a 0 4096"]);
+    // The server goes; one that never handshakes takes its place. The driver reconnects into
+    // it and waits in the handshake.
+    drop(server);
+    let _ = std::fs::remove_file(&sock);
+    let _hang = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), "hang"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut control = Control::connect(&ctl);
+    let t0 = Instant::now();
+    control.ok(
+        "export-del",
+        serde_json::json!({"name": "vm", "mode": "hard"}),
+    );
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "export-del took {took:?}: it waited for the driver's connect"
+    );
+    drop(control);
     let log = d.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
