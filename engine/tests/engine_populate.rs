@@ -314,7 +314,9 @@ fn copy_on_read_of_a_read_larger_than_max_populate_sets_every_bit() {
     assert!(got == expect, "the read returns the base's bytes");
     // Close waits for the copy-ups (they count as requests of the disk).
     disk.close().expect("close");
-    let disk = engine.open(&overlay, DiskOptions::default()).expect("reopen");
+    let disk = engine
+        .open(&overlay, DiskOptions::default())
+        .expect("reopen");
     let first_clear = disk.next_clear(4096, want).map(|(at, _)| at);
     assert_eq!(
         first_clear,

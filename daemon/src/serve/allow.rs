@@ -437,7 +437,10 @@ mod tests {
         let e = allow.check_before_open(&tcp).unwrap_err();
         assert!(matches!(e, AllowError::RemoteBase(_)), "{e}");
         assert!(e.to_string().contains("--allow-remote-bases"), "{e}");
-        assert!(e.to_string().contains("nbd://127.0.0.1:10809/golden"), "{e}");
+        assert!(
+            e.to_string().contains("nbd://127.0.0.1:10809/golden"),
+            "{e}"
+        );
         // With the flag, a TCP base passes; a socket outside still does not.
         let flagged = allow.clone().with_remote_bases(true);
         flagged.check_before_open(&tcp).unwrap();

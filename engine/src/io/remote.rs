@@ -634,9 +634,7 @@ impl ConnShared {
                     let mut st = lock(&self.state);
                     self.expire(&mut st, Instant::now());
                     if self.stopping() || st.dead {
-                        return Err(std::io::Error::other(
-                            "the server stopped taking requests",
-                        ));
+                        return Err(std::io::Error::other("the server stopped taking requests"));
                     }
                 }
                 Err(e) => return Err(e),

@@ -492,11 +492,7 @@ pub fn chunk_range(
     off: u64,
     n: u64,
 ) -> Result<std::ops::Range<usize>, String> {
-    let outside = || {
-        format!(
-            "chunk [{off}, +{n}) outside its read [{start}, +{len})",
-        )
-    };
+    let outside = || format!("chunk [{off}, +{n}) outside its read [{start}, +{len})",);
     let at = off.checked_sub(start).ok_or_else(outside)?;
     let end = at.checked_add(n).ok_or_else(outside)?;
     if end > len as u64 {
