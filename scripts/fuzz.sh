@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../fuzz"
 secs="${1:-600}"
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_transmission control_json)
+[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_transmission nbd_client_reply control_json)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo fuzz build -s none

@@ -540,3 +540,67 @@ fn control_socket_hygiene() {
     Control::connect(&control).ok("hello", json!({}));
     d.stop();
 }
+
+/// Remote bases through export-add: an `nbd+unix` base's socket must lie in an allowed folder,
+/// and a TCP base is refused unless the daemon runs with `--allow-remote-bases` (then the add
+/// gets as far as connecting).
+#[test]
+fn export_add_of_remote_bases_is_bounded_by_the_allowed_folders_and_a_flag() {
+    let f = Fixture::new(4 * MIB);
+    let outside = Fixture::new(4 * MIB);
+    let remote = |name: &str, uri: &str| {
+        let overlay = f.path(&format!("{name}.add-cow"));
+        addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+            overlay: overlay.clone(),
+            base: Some(uri.into()),
+            image: None,
+            size: Some(4 * MIB),
+            force: false,
+        })
+        .unwrap();
+        overlay
+    };
+    let unix_out = remote(
+        "unixout",
+        &format!("nbd+unix:///?socket={}", outside.path("img.sock").display()),
+    );
+    let tcp = remote("tcp", "nbd://127.0.0.1:1/golden");
+    let (d, control) = start_control(&f, &[]);
+    let mut c = Control::connect(&control);
+    let e = c
+        .call("export-add", json!({"name": "u", "overlay": unix_out}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "not-allowed", "{e}");
+    let m = e["message"].as_str().unwrap();
+    assert!(
+        m.contains("remote base's socket") && m.contains("img.sock"),
+        "{e}"
+    );
+    let e = c
+        .call("export-add", json!({"name": "t", "overlay": tcp}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "not-allowed", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-remote-bases"),
+        "{e}"
+    );
+    drop(c);
+    d.stop();
+
+    // With the flag the TCP base passes the check: the add fails only at connecting.
+    let (d, control) = start_control(&f, &["--allow-remote-bases"]);
+    let mut c = Control::connect(&control);
+    let e = c
+        .call("export-add", json!({"name": "t", "overlay": tcp}))
+        .unwrap_err();
+    assert_ne!(e["data"]["class"], "not-allowed", "{e}");
+    let e = c
+        .call("export-add", json!({"name": "u", "overlay": unix_out}))
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "not-allowed", "{e}");
+    drop(c);
+    d.stop();
+}

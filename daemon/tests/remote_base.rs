@@ -518,7 +518,7 @@ fn a_remote_raw_base_under_a_chain_of_overlays() {
 /// every read, by `mode`: `badmagic` (garbage where a reply header belongs), `pastchunk` (a data
 /// chunk past the end of its read), `cookie` (a reply to a request never sent).
 const HOSTILE_PY: &str = r#"
-import socket, struct, sys, threading
+import os, socket, struct, sys, threading, time
 path, mode, size = sys.argv[1], sys.argv[2], 8 << 20
 srv = socket.socket(socket.AF_UNIX)
 srv.bind(path)
@@ -535,6 +535,17 @@ def recvn(c, n):
 def opt_reply(c, opt, typ, data=b""):
     c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, typ, len(data)) + data)
 def handle(c):
+    if mode == "hang":
+        # Accepts and never says a word: a connect to it waits for its handshake timeout.
+        # Says when it accepted, and when the client gave up (closed its end).
+        print("accepted", flush=True)
+        try:
+            while c.recv(4096):
+                pass
+        except OSError:
+            pass
+        print("gone", flush=True)
+        time.sleep(1e6)
     try:
         c.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))
         recvn(c, 4)
@@ -553,7 +564,18 @@ def handle(c):
             _, _, typ, cookie, off, ln = struct.unpack(">IHHQQI", recvn(c, 28))
             if typ == 2:
                 return
-            if mode == "badmagic":
+            if mode == "stall" and os.path.exists(path + ".stall"):
+                # Stops reading; answers once, late, then never again.
+                time.sleep(4)
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + ln) + struct.pack(">Q", off) + b"\x5a" * ln)
+                time.sleep(1e6)
+            elif mode == "stall":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + ln) + struct.pack(">Q", off) + b"\x5a" * ln)
+            elif mode == "hugedata":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + 16) + struct.pack(">Q", 0xFFFFFFFFFFFFFFF8) + bytes(16))
+            elif mode == "hugehole":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 2, cookie, 12) + struct.pack(">QI", 0xFFFFFFFFFFFFFFF8, 16))
+            elif mode == "badmagic":
                 c.sendall(b"\xde\xad\xbe\xef" + bytes(16))
             elif mode == "pastchunk":
                 c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, cookie, 8 + ln) + struct.pack(">Q", off + 512) + bytes(ln))
@@ -570,7 +592,7 @@ while True:
 
 #[test]
 fn hostile_image_servers_lose_their_connection_and_reads_fail_without_a_panic() {
-    for mode in ["badmagic", "pastchunk", "cookie"] {
+    for mode in ["badmagic", "pastchunk", "cookie", "hugedata", "hugehole"] {
         let s = Setup::new();
         let sock = s.path("img.sock");
         let _server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), mode]);
@@ -603,6 +625,117 @@ fn hostile_image_servers_lose_their_connection_and_reads_fail_without_a_panic() 
             "{mode}: only the written 4 KiB is set"
         );
     }
+}
+
+/// A server that stops answering (and reading) on a live connection: reads fail with EIO
+/// within the base timeout, the connection is dropped (its late reply is dropped with it), and
+/// once the server answers again reads work without restarting anything.
+#[test]
+fn a_server_that_stops_answering_fails_reads_in_time_and_is_reconnected() {
+    let s = Setup::new();
+    let sock = s.path("img.sock");
+    let stall = PathBuf::from(format!("{}.stall", sock.display()));
+    let _server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), "stall"]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let ov = s.create("vm", &uri);
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--base-timeout", "2", &ov.display().to_string()],
+    );
+    qemu_io(&d.uri(), &["read -P 0x5a 0 4096"]);
+    std::fs::write(&stall, b"").expect("stall flag");
+    let t0 = Instant::now();
+    let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 65536 4096", &d.uri()]);
+    let took = t0.elapsed();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "EIO expected:\n{text}");
+    assert!(
+        took < Duration::from_secs(15),
+        "failed after {took:?}, not within the 2 s timeout plus slack"
+    );
+    std::fs::remove_file(&stall).expect("unstall");
+    // Back: reads work again on a new connection, without restarting the daemon.
+    let t0 = Instant::now();
+    loop {
+        let out = run_raw(
+            "qemu-io",
+            &["-f", "raw", "-c", "read -P 0x5a 131072 4096", &d.uri()],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && !text.contains("error") && !text.contains("fail") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "reads never worked again after the server came back:\n{text}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The late reply of the stalled connection came after its read was answered: dropped.
+    std::thread::sleep(Duration::from_secs(3));
+    qemu_io(&d.uri(), &["read -P 0x5a 196608 4096"]);
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Closing a disk whose remote base's driver is inside a connect (the server accepts and never
+/// handshakes; a connect waits up to 10 s) does not wait for that connect: the close signals
+/// the driver and returns, and the core that closed it goes on serving other disks at once.
+#[test]
+fn closing_a_disk_does_not_wait_for_a_hanging_connect() {
+    let s = Setup::new();
+    let sock = s.path("img.sock");
+    let server = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), "stall"]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let ov = s.create("vm", &uri);
+    let local = s.create("local", &s.p("base.raw"));
+    let ctl = s.path("ctl.sock");
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--cores",
+            "1",
+            "--export",
+            &format!("local={}", local.display()),
+            "--control",
+            &ctl.display().to_string(),
+            "--allow-dir",
+            &s.dir.path().display().to_string(),
+            "--base-timeout",
+            "30",
+            "--export",
+            &format!("vm={}", ov.display()),
+        ],
+    );
+    qemu_io(&d.uri_of("vm"), &["read -P 0x5a 0 4096"]);
+    // The server goes; one that never handshakes takes its place. The driver reconnects into
+    // it and waits in the handshake.
+    drop(server);
+    let _ = std::fs::remove_file(&sock);
+    let hang = HoldingClient::run(HOSTILE_PY, &[&sock.display().to_string(), "hang"]);
+    // The driver reconnected into it and waits in the handshake (up to 10 s from now).
+    hang.wait_for("accepted");
+    let mut control = Control::connect(&ctl);
+    control.ok(
+        "export-del",
+        serde_json::json!({"name": "vm", "mode": "hard"}),
+    );
+    // The one core closed the disk; it serves the other disk at once: while the driver is still
+    // inside that connect (the server has not seen it give up). A core that waited for the
+    // driver would serve this read only after the connect ended.
+    qemu_io(&d.uri_of("local"), &["read 0 4096"]);
+    assert!(
+        !hang.output().contains("gone"),
+        "the read of another disk was served only after the closed disk's driver gave up its \
+         connect: the core waited for it ({})",
+        hang.output()
+    );
+    drop(control);
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 /// A server that states block sizes (minimum 4096, maximum 64 KiB) and refuses anything else:

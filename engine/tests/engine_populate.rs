@@ -286,3 +286,44 @@ fn a_write_that_lands_during_populate_wins() {
     }
     engine.shutdown().expect("shutdown");
 }
+
+/// Copy-on-read of a read larger than one populate (`MAX_POPULATE`): the copy-up is split into
+/// populates of at most that size, so every sector of the read ends up set, none skipped.
+#[test]
+fn copy_on_read_of_a_read_larger_than_max_populate_sets_every_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let len = MAX_POPULATE + 2 * MIB;
+    sparse_base(&base, len, &[(0, len)]);
+    let overlay = dir.path().join("vm.add-cow");
+    create(&CreateOptions {
+        overlay: overlay.clone(),
+        base: Some(base.clone()),
+        ..CreateOptions::default()
+    })
+    .expect("create");
+    let engine = engine(CacheMode::Buffered);
+    let cor = DiskOptions {
+        copy_on_read: true,
+        ..Default::default()
+    };
+    let disk = engine.open(&overlay, cor).expect("open");
+    let want = MAX_POPULATE + MIB + 4096;
+    let got = disk.read_at(4096, want as u32).expect("read");
+    let expect: Vec<u8> = (4096..4096 + want).map(|b| (b % 251) as u8 | 1).collect();
+    assert!(got == expect, "the read returns the base's bytes");
+    // Close waits for the copy-ups (they count as requests of the disk).
+    disk.close().expect("close");
+    let disk = engine
+        .open(&overlay, DiskOptions::default())
+        .expect("reopen");
+    let first_clear = disk.next_clear(4096, want).map(|(at, _)| at);
+    assert_eq!(
+        first_clear,
+        Some(4096 + want),
+        "every sector of the {want}-byte read was copied up, and none past it"
+    );
+    assert_eq!(disk.next_clear(0, 4096), Some((0, 4096)), "nothing else");
+    disk.close().expect("close");
+    engine.shutdown().expect("shutdown");
+}

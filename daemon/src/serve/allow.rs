@@ -9,6 +9,11 @@
 //! add-cow overlay (a backing chain), every file of every layer under it must lie inside too;
 //! each layer is checked before it is opened to read the next one's name.
 //!
+//! A remote (NBD) base of any layer is no file, but it is still something the daemon connects
+//! to with its privileges: an `nbd+unix` base's socket must lie inside too (its folder resolved,
+//! the socket's name kept), and an `nbd://` (TCP) base is refused unless the daemon was started
+//! with `--allow-remote-bases`.
+//!
 //! The check runs twice: before the open (refusing what is outside; what cannot be read yet is
 //! left to the open, so its error is the engine's own) and after it (everything must now
 //! resolve, and be inside; otherwise the disk is closed again and the add refused). A file
@@ -20,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use addcow_engine::format::header::{Header, HEADER_SIZE};
 use addcow_engine::format::paths;
+use addcow_engine::nbd::uri::{NbdAddr, NbdUri};
 
 /// Why a path may not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,9 @@ pub enum AllowError {
     /// A vhost-user-blk socket path is relative.
     #[error("{}: the vhost-user-blk socket path must be absolute", .0.display())]
     RelativeSocket(PathBuf),
+    /// A TCP (`nbd://`) base, and the daemon was not started with `--allow-remote-bases`.
+    #[error("{0}: export-add may not use a TCP image server as a base unless the daemon runs with --allow-remote-bases")]
+    RemoteBase(String),
     /// A file could not be resolved after the overlay was opened.
     #[error("{0}")]
     Unresolved(String),
@@ -55,8 +64,10 @@ pub struct OverlayFiles {
     pub overlay: PathBuf,
     /// The raw image.
     pub image: PathBuf,
-    /// The base, if any.
+    /// The base, if any and a file.
     pub base: Option<PathBuf>,
+    /// The base, when it is an image server (NBD URI).
+    pub remote: Option<NbdUri>,
 }
 
 impl OverlayFiles {
@@ -76,14 +87,18 @@ impl OverlayFiles {
         let image = paths::resolve(overlay, "image_file", &header.image_file)
             .map_err(|e| format!("{}: {e}", overlay.display()))?;
         let image = canon(&image, "raw image")?;
+        let mut remote = None;
         let base = if header.backing_file.is_empty() {
             None
         } else {
             let b = paths::resolve(overlay, "backing_file", &header.backing_file)
                 .map_err(|e| format!("{}: {e}", overlay.display()))?;
-            // A remote (NBD) base is no file here: the allowed folders do not apply to it.
+            // A remote (NBD) base is no file here: checked as a server (see the module docs).
             match paths::nbd_uri(&b).map_err(|e| format!("{}: {e}", overlay.display()))? {
-                Some(_) => None,
+                Some(u) => {
+                    remote = Some(u);
+                    None
+                }
                 None => Some(canon(&b, "base")?),
             }
         };
@@ -91,16 +106,26 @@ impl OverlayFiles {
             overlay: real,
             image,
             base,
+            remote,
         })
     }
 
-    /// The folders holding the files.
+    /// The folders holding the files (and a remote base's Unix socket).
     pub fn folders(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = [Some(&self.overlay), Some(&self.image), self.base.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .collect();
+        let socket = match self.remote.as_ref().map(|u| &u.addr) {
+            Some(NbdAddr::Unix(p)) => std::fs::canonicalize(p).ok(),
+            _ => None,
+        };
+        let mut v: Vec<PathBuf> = [
+            Some(&self.overlay),
+            Some(&self.image),
+            self.base.as_ref(),
+            socket.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
         v.dedup();
         v
     }
@@ -119,6 +144,8 @@ fn is_add_cow(path: &Path) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct AllowedDirs {
     dirs: Vec<PathBuf>,
+    /// `--allow-remote-bases`: TCP image servers may be bases.
+    remote_bases: bool,
 }
 
 impl AllowedDirs {
@@ -135,7 +162,10 @@ impl AllowedDirs {
                 out.push(real);
             }
         }
-        Ok(AllowedDirs { dirs: out })
+        Ok(AllowedDirs {
+            dirs: out,
+            remote_bases: false,
+        })
     }
 
     /// The default: the folders of `files` (the command-line overlays' files).
@@ -146,7 +176,16 @@ impl AllowedDirs {
                 dirs.push(d);
             }
         }
-        AllowedDirs { dirs }
+        AllowedDirs {
+            dirs,
+            remote_bases: false,
+        }
+    }
+
+    /// Lets TCP image servers be bases (`--allow-remote-bases`).
+    pub fn with_remote_bases(mut self, allow: bool) -> AllowedDirs {
+        self.remote_bases = allow;
+        self
     }
 
     /// The allowed folders.
@@ -174,9 +213,44 @@ impl AllowedDirs {
         }
     }
 
+    /// A remote base: its Unix socket must lie inside (the socket's folder resolved, so a
+    /// socket not there yet is judged by where it would be); TCP needs `--allow-remote-bases`.
+    fn check_remote(&self, role: &'static str, uri: &NbdUri) -> Result<(), AllowError> {
+        match &uri.addr {
+            NbdAddr::Unix(sock) => {
+                if !sock.is_absolute() {
+                    return Err(AllowError::Outside {
+                        role,
+                        path: sock.clone(),
+                        dirs: self.describe(),
+                    });
+                }
+                let real = match std::fs::canonicalize(sock) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let folder = sock.parent().unwrap_or(Path::new("/"));
+                        let f = std::fs::canonicalize(folder).map_err(|e| {
+                            AllowError::Unresolved(format!("{}: {e}", folder.display()))
+                        })?;
+                        match sock.file_name() {
+                            Some(n) => f.join(n),
+                            None => f,
+                        }
+                    }
+                };
+                self.inside(role, &real)
+            }
+            NbdAddr::Tcp { .. } if self.remote_bases => Ok(()),
+            NbdAddr::Tcp { .. } => Err(AllowError::RemoteBase(uri.text.clone())),
+        }
+    }
+
     fn check_files(&self, f: &OverlayFiles, strict: bool) -> Result<(), AllowError> {
         self.inside("overlay", &f.overlay)?;
         self.inside("raw image", &f.image)?;
+        if let Some(u) = &f.remote {
+            self.check_remote("remote base's socket", u)?;
+        }
         if let Some(b) = &f.base {
             self.inside("base", b)?;
             self.check_lower(b, strict)?;
@@ -194,6 +268,9 @@ impl AllowedDirs {
             match OverlayFiles::resolve(&layer) {
                 Ok(f) => {
                     self.inside("raw image of a base layer", &f.image)?;
+                    if let Some(u) = &f.remote {
+                        self.check_remote("remote base's socket of a base layer", u)?;
+                    }
                     let Some(next) = f.base else { return Ok(()) };
                     self.inside("base of a base layer", &next)?;
                     layer = next;
@@ -313,6 +390,75 @@ mod tests {
         let inside = AllowedDirs::new(&[vms.clone(), other.clone()]).unwrap();
         inside.check_before_open(&top).unwrap();
         inside.check_after_open(&top2).unwrap();
+    }
+
+    #[test]
+    fn remote_bases_need_their_socket_inside_and_tcp_needs_the_flag() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, run) = (t.path().join("vms"), t.path().join("run"));
+        std::fs::create_dir(&vms).unwrap();
+        std::fs::create_dir(&run).unwrap();
+        let remote = |name: &str, uri: &str| {
+            let overlay = vms.join(format!("{name}.add-cow"));
+            addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+                overlay: overlay.clone(),
+                base: Some(PathBuf::from(uri)),
+                size: Some(1 << 20),
+                ..Default::default()
+            })
+            .unwrap();
+            overlay
+        };
+        let inside = remote(
+            "in",
+            &format!("nbd+unix:///golden?socket={}/img.sock", vms.display()),
+        );
+        let outside = remote(
+            "out",
+            &format!("nbd+unix:///golden?socket={}/img.sock", run.display()),
+        );
+        let tcp = remote("tcp", "nbd://127.0.0.1:10809/golden");
+        let allow = AllowedDirs::new(std::slice::from_ref(&vms)).unwrap();
+        // The socket need not exist yet: judged by where it would be.
+        allow.check_before_open(&inside).unwrap();
+        let e = allow.check_before_open(&outside).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "remote base's socket",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("img.sock"), "{e}");
+        assert!(allow.check_after_open(&outside).is_err());
+        let e = allow.check_before_open(&tcp).unwrap_err();
+        assert!(matches!(e, AllowError::RemoteBase(_)), "{e}");
+        assert!(e.to_string().contains("--allow-remote-bases"), "{e}");
+        assert!(
+            e.to_string().contains("nbd://127.0.0.1:10809/golden"),
+            "{e}"
+        );
+        // With the flag, a TCP base passes; a socket outside still does not.
+        let flagged = allow.clone().with_remote_bases(true);
+        flagged.check_before_open(&tcp).unwrap();
+        flagged.check_after_open(&tcp).unwrap();
+        assert!(flagged.check_before_open(&outside).is_err());
+        // A remote base under a local layer is checked too.
+        let top = overlay_in(&vms, "top", &outside);
+        let e = allow.check_before_open(&top).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllowError::Outside {
+                    role: "remote base's socket of a base layer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

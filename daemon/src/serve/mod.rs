@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// and bases; with neither, export-add is refused.
     #[arg(long = "allow-dir", value_name = "DIR")]
     pub allow_dirs: Vec<PathBuf>,
+    /// Let export-add open overlays whose base (of any layer) is a TCP image server
+    /// (`nbd://HOST:PORT/...`). Without it such an add is refused: the daemon would connect
+    /// anywhere a control client names. An `nbd+unix` base's socket must lie in an allowed
+    /// folder either way.
+    #[arg(long)]
+    pub allow_remote_bases: bool,
     /// Serve Prometheus metrics at GET /metrics over HTTP on ADDR: a TCP address (keep it on
     /// loopback, e.g. 127.0.0.1:9810) or a Unix socket path (anything with a '/').
     #[arg(long, value_name = "ADDR")]
@@ -332,7 +338,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         AllowedDirs::from_files(&files)
     } else {
         AllowedDirs::new(&args.allow_dirs)?
-    };
+    }
+    .with_remote_bases(args.allow_remote_bases);
 
     let mut config = EngineConfig {
         image_cache: args.cache,

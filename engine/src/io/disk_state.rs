@@ -115,6 +115,10 @@ pub(crate) struct DiskState {
     pub sync_failed: AtomicBool,
     /// Requests accepted and not yet answered (close waits for it to reach zero).
     pub active: Arc<AtomicUsize>,
+    /// Bytes of copy-on-read populates in flight (bounded by `MAX_COPY_UP_INFLIGHT`).
+    pub copy_up_inflight: Arc<AtomicU64>,
+    /// Copy-on-reads skipped because too many were in flight (logged once per disk).
+    pub copy_ups_skipped: AtomicU64,
     pub bg_armed: AtomicBool,
     pub next_core: AtomicUsize,
     pub sync_ids: AtomicU64,
@@ -280,6 +284,8 @@ impl DiskState {
             size: virtual_size,
             read_only: opts.read_only,
             copy_on_read: opts.copy_on_read && !opts.read_only,
+            copy_up_inflight: Arc::new(AtomicU64::new(0)),
+            copy_ups_skipped: AtomicU64::new(0),
             image,
             image_align,
             unit,

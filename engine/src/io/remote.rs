@@ -19,12 +19,24 @@
 //!   backoff (50 ms doubling to 2 s) and resends every read not yet answered (reads are
 //!   idempotent). Reads wait meanwhile, up to their deadline.
 //! * A read not answered within the timeout (default 30 s) fails with `EIO`: never a hang.
+//!   A read that was *sent* and not answered in time also drops the connection (a server
+//!   that stopped answering, a half-open TCP connection): the driver reconnects and resends
+//!   what is still waiting. Writes to the server are bounded the same way (a server that stops
+//!   reading cannot block the driver), and TCP connections carry keepalive and
+//!   `TCP_USER_TIMEOUT`. The reply buffer of a read that timed out is freed at once; a late
+//!   reply to it is read and dropped.
 //! * On reconnect, an export that vanished or whose size changed is logged as an error and
 //!   every read fails with `EIO` at once until a reconnect finds it as it was.
 //! * A server that breaks the protocol (bad magic, a chunk outside its request, a reply to no
 //!   request) loses its connection; what it had in flight is resent on the next one.
 //!
 //! Every read handed to [`RemoteBase::read`] is answered exactly once ([`ReadDone`]).
+//!
+//! # Closing
+//! Dropping a [`RemoteBase`] (on the core thread that closes its disk) only signals its
+//! threads to stop and wakes them; it never waits for them (a driver may be inside a connect
+//! for up to the handshake timeout). They answer what they hold with `EIO` and end on their
+//! own.
 //!
 //! # Holes
 //! At open the whole export is asked for `base:allocation` block status once (the base is
@@ -41,7 +53,7 @@ use std::time::{Duration, Instant};
 use super::base::BaseRun;
 use super::mutex::lock;
 use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::client::{self, ReplyError, ReplyHeader, Session, Stream};
+use crate::nbd::client::{self, ChunkPayload, ReplyError, ReplyHeader, Session, Stream};
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire;
 
@@ -54,8 +66,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const STABLE: Duration = Duration::from_secs(5);
 /// How often a waiting driver looks at deadlines.
 const TICK: Duration = Duration::from_millis(100);
-/// Largest payload of an error chunk taken in.
-const MAX_ERROR_CHUNK: u32 = 64 << 10;
 
 /// What a remote read produces: exactly the bytes asked for, or an errno.
 pub(crate) type ReadResult = std::result::Result<Vec<u8>, i32>;
@@ -214,10 +224,19 @@ impl RemoteBase {
     }
 }
 
-/// One connection: its shared state and driver thread.
+/// One connection: its shared state and driver thread (never joined: see *Closing*).
 struct Conn {
     shared: Arc<ConnShared>,
     driver: Option<JoinHandle<()>>,
+}
+
+/// What [`ConnShared::take_buf`] found for a reply's cookie.
+enum Taken {
+    /// A read still waiting: where its request starts, and its buffer (moved out).
+    Live(u64, Vec<u8>),
+    /// A read already answered (it timed out): its reply is read and dropped. The length of
+    /// its request bounds what a reply to it may carry.
+    Answered(u32),
 }
 
 struct ConnShared {
@@ -255,6 +274,7 @@ struct Pending {
     deadline: Instant,
     /// `None` once answered (it timed out): its reply is still taken in and dropped.
     done: Option<ReadDone>,
+    /// Allocated when sent, freed when answered.
     buf: Vec<u8>,
     sent: bool,
     covered: u64,
@@ -331,15 +351,18 @@ impl Conn {
 }
 
 impl Drop for Conn {
+    /// Signals the driver to stop and wakes it and its reader; does not wait for them. This
+    /// runs on the core thread that closes the disk, and a driver inside a connect may take up
+    /// to the handshake timeout to notice: the threads end on their own, answering what they
+    /// hold with `EIO`.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(s) = &lock(&self.shared.state).sock {
             s.shutdown();
         }
         self.shared.cv.notify_all();
-        if let Some(d) = self.driver.take() {
-            let _ = d.join();
-        }
+        // Detached, never joined (see above).
+        drop(self.driver.take());
     }
 }
 
@@ -349,12 +372,20 @@ impl ConnShared {
     }
 
     /// Answers every read past its deadline with `EIO`; one not sent yet is forgotten, one
-    /// sent keeps its entry so that its reply is still taken in.
+    /// sent keeps its entry (its buffer freed) so that a late reply is still read and dropped.
+    /// A sent read past its deadline means the server stopped answering (or the connection is
+    /// half-open): the connection is shut down, which wakes the reader, and the driver
+    /// reconnects.
     fn expire(&self, st: &mut State, now: Instant) {
         let mut late = Vec::new();
+        let mut sent_late = false;
         st.inflight.retain(|_, p| {
             if p.done.is_some() && p.deadline <= now {
                 late.push(p.done.take());
+                if p.sent {
+                    sent_late = true;
+                    p.buf = Vec::new();
+                }
                 return p.sent;
             }
             true
@@ -363,6 +394,14 @@ impl ConnShared {
             tracing::warn!(uri = %self.uri, conn = self.index, reads = late.len(),
                 timeout_s = self.timeout.as_secs_f64(),
                 "remote base reads not answered within the timeout fail with EIO");
+        }
+        if sent_late && !st.dead {
+            if let Some(s) = &st.sock {
+                tracing::warn!(uri = %self.uri, conn = self.index,
+                    "the image server did not answer a read in time; dropping the connection");
+                s.shutdown();
+                st.dead = true;
+            }
         }
         for d in late.into_iter().flatten() {
             d.answer(Err(libc::EIO));
@@ -471,6 +510,16 @@ impl ConnShared {
     fn serve(self: &Arc<Self>, sess: Session) {
         let structured = sess.structured;
         let mut writer = sess.stream;
+        // A write blocks at most a tick at a time (see `send`), so a server that stops reading
+        // cannot hold the driver past the reads' deadlines.
+        if let Err(e) = writer.set_write_timeout(Some(TICK)) {
+            tracing::warn!(uri = %self.uri, error = %e, "setting the socket's write timeout failed");
+            return;
+        }
+        if let Err(e) = writer.set_liveness(self.timeout) {
+            tracing::warn!(uri = %self.uri, error = %e,
+                "setting TCP keepalive on the image server's connection failed");
+        }
         let (reader, waker) = match (writer.try_clone(), writer.try_clone()) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
@@ -553,7 +602,7 @@ impl ConnShared {
                 }
             }
             if !batch.is_empty() {
-                if let Err(e) = writer.write_all(&batch) {
+                if let Err(e) = self.send(&mut writer, &batch) {
                     tracing::warn!(uri = %self.uri, conn = self.index, error = %e,
                         "sending to the image server failed; reconnecting");
                     lock(&self.state).dead = true;
@@ -571,9 +620,47 @@ impl ConnShared {
         st.dead = false;
     }
 
+    /// Writes all of `batch`, a tick at a time: between tries it expires overdue reads (an
+    /// overdue sent read drops the connection) and gives up when the connection is dead or
+    /// the base closes.
+    fn send(&self, w: &mut Stream, batch: &[u8]) -> std::io::Result<()> {
+        use std::io::ErrorKind as K;
+        let mut pos = 0;
+        while pos < batch.len() {
+            match w.write(&batch[pos..]) {
+                Ok(0) => return Err(K::WriteZero.into()),
+                Ok(n) => pos += n,
+                Err(e) if matches!(e.kind(), K::WouldBlock | K::TimedOut | K::Interrupted) => {
+                    let mut st = lock(&self.state);
+                    self.expire(&mut st, Instant::now());
+                    if self.stopping() || st.dead {
+                        return Err(std::io::Error::other("the server stopped taking requests"));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// The reply thread: takes in replies until the socket fails or the server breaks the
-    /// protocol; then marks the connection dead for the driver.
+    /// protocol; then marks the connection dead for the driver. However it ends (a panic
+    /// too), a guard marks the connection dead and wakes the driver, which reconnects.
     fn read_replies(self: Arc<Self>, mut s: Stream, structured: bool) {
+        /// Marks the connection dead and wakes the driver when dropped.
+        struct DeadOnExit<'a>(&'a ConnShared);
+        impl Drop for DeadOnExit<'_> {
+            fn drop(&mut self) {
+                let mut st = lock(&self.0.state);
+                st.dead = true;
+                if let Some(s) = &st.sock {
+                    s.shutdown();
+                }
+                drop(st);
+                self.0.cv.notify_all();
+            }
+        }
+        let _guard = DeadOnExit(&self);
         let r = loop {
             match self.one_reply(&mut s, structured) {
                 Ok(()) => {}
@@ -589,24 +676,34 @@ impl ConnShared {
             }
         }
         s.shutdown();
-        lock(&self.state).dead = true;
-        self.cv.notify_all();
     }
 
-    /// Moves the buffer of `cookie` out (to read into it without the lock).
-    fn take_buf(&self, cookie: u64) -> std::result::Result<(u64, Vec<u8>), ReplyError> {
+    /// Moves the buffer of `cookie` out (to read into it without the lock), or says it was
+    /// answered already.
+    fn take_buf(&self, cookie: u64) -> std::result::Result<Taken, ReplyError> {
         let mut st = lock(&self.state);
         let p = st
             .inflight
             .get_mut(&cookie)
             .filter(|p| p.sent)
             .ok_or_else(|| ReplyError::Protocol(format!("reply to unknown cookie {cookie}")))?;
-        Ok((p.offset, std::mem::take(&mut p.buf)))
+        if p.done.is_none() {
+            return Ok(Taken::Answered(p.len));
+        }
+        Ok(Taken::Live(p.offset, std::mem::take(&mut p.buf)))
+    }
+
+    /// Forgets an answered read whose (late) reply is over.
+    fn forget(&self, cookie: u64) {
+        lock(&self.state).inflight.remove(&cookie);
     }
 
     fn put_buf(&self, cookie: u64, buf: Vec<u8>, covered: u64) {
         if let Some(p) = lock(&self.state).inflight.get_mut(&cookie) {
-            p.buf = buf;
+            // A read that timed out meanwhile keeps no buffer.
+            if p.done.is_some() {
+                p.buf = buf;
+            }
             p.covered += covered;
         }
     }
@@ -637,15 +734,25 @@ impl ConnShared {
     fn one_reply(&self, s: &mut Stream, structured: bool) -> std::result::Result<(), ReplyError> {
         match client::read_reply_header(s)? {
             ReplyHeader::Simple { cookie, error } => {
-                let (_, mut buf) = self.take_buf(cookie)?;
+                if error == 0 && structured {
+                    // Data in a simple reply after structured replies were agreed is not allowed.
+                    return Err(ReplyError::Protocol("simple reply with data".into()));
+                }
+                let mut buf = match self.take_buf(cookie)? {
+                    Taken::Live(_, buf) => buf,
+                    Taken::Answered(len) => {
+                        // A late reply to a read that timed out: read and dropped.
+                        if error == 0 {
+                            client::skip(s, u64::from(len))?;
+                        }
+                        self.forget(cookie);
+                        return Ok(());
+                    }
+                };
                 if error != 0 {
                     self.put_buf(cookie, buf, 0);
                     self.finish(cookie, Some(format!("server error {error}")));
                     return Ok(());
-                }
-                if structured {
-                    // Data in a simple reply after structured replies were agreed is not allowed.
-                    return Err(ReplyError::Protocol("simple reply with data".into()));
                 }
                 s.read_exact(&mut buf)?;
                 let n = buf.len() as u64;
@@ -659,60 +766,32 @@ impl ConnShared {
                         "structured reply not negotiated".into(),
                     ));
                 }
-                let (start, mut buf) = self.take_buf(c.cookie)?;
-                let end = start + buf.len() as u64;
-                let mut covered = 0u64;
-                let mut error = None;
-                match c.kind {
-                    wire::REPLY_TYPE_NONE if c.len == 0 => {}
-                    wire::REPLY_TYPE_OFFSET_DATA if c.len >= 8 => {
-                        let mut o = [0u8; 8];
-                        s.read_exact(&mut o)?;
-                        let off = u64::from_be_bytes(o);
-                        let n = u64::from(c.len - 8);
-                        if off < start || off + n > end {
+                let (start, mut buf) = match self.take_buf(c.cookie)? {
+                    Taken::Live(start, buf) => (start, buf),
+                    Taken::Answered(len) => {
+                        // A late chunk of a read that timed out: read and dropped (its size
+                        // bounded by what the read could carry).
+                        let most = u64::from(len).max(u64::from(client::MAX_ERROR_CHUNK)) + 8;
+                        if u64::from(c.len) > most {
                             return Err(ReplyError::Protocol(format!(
-                                "data chunk [{off}, +{n}) outside its read [{start}, {end})"
+                                "chunk of {} bytes for a read of {len}",
+                                c.len
                             )));
                         }
-                        let at = (off - start) as usize;
-                        s.read_exact(&mut buf[at..at + n as usize])?;
-                        covered = n;
-                    }
-                    wire::REPLY_TYPE_OFFSET_HOLE if c.len == 12 => {
-                        let mut h = [0u8; 12];
-                        s.read_exact(&mut h)?;
-                        let off = wire::be64(&h, 0);
-                        let n = u64::from(wire::be32(&h, 8));
-                        if off < start || off + n > end {
-                            return Err(ReplyError::Protocol(format!(
-                                "hole chunk [{off}, +{n}) outside its read [{start}, {end})"
-                            )));
+                        client::skip(s, u64::from(c.len))?;
+                        if c.flags & wire::REPLY_FLAG_DONE != 0 {
+                            self.forget(c.cookie);
                         }
-                        let at = (off - start) as usize;
-                        buf[at..at + n as usize].fill(0);
-                        covered = n;
+                        return Ok(());
                     }
-                    k if k & 0x8000 != 0 && (6..=MAX_ERROR_CHUNK).contains(&c.len) => {
-                        let mut p = vec![0u8; c.len as usize];
-                        s.read_exact(&mut p)?;
-                        let code = wire::be32(&p, 0);
-                        let mlen = usize::from(wire::be16(&p, 4));
-                        let msg = p
-                            .get(6..6 + mlen)
-                            .map(String::from_utf8_lossy)
-                            .unwrap_or_default();
-                        error = Some(format!("server error {code}: {msg}"));
-                    }
-                    k => {
-                        return Err(ReplyError::Protocol(format!(
-                            "unexpected chunk type {k} of {} bytes",
-                            c.len
-                        )))
-                    }
-                }
+                };
+                let got = client::read_chunk_into(s, &c, start, &mut buf)?;
+                let covered = match &got {
+                    ChunkPayload::Covered(n) => *n,
+                    _ => 0,
+                };
                 self.put_buf(c.cookie, buf, covered);
-                if let Some(e) = error {
+                if let ChunkPayload::Error(e) = got {
                     if let Some(p) = lock(&self.state).inflight.get_mut(&c.cookie) {
                         p.error.get_or_insert(e);
                     }

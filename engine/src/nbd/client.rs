@@ -52,6 +52,49 @@ impl Stream {
         };
     }
 
+    /// Sets the write timeout alone (`None`: block). A socket's timeouts are shared by every
+    /// handle on it, so the reader's blocking reads are left as they are.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// For TCP: keepalive probes (after 10 s idle, every 5 s, 3 unanswered: dead) and
+    /// `TCP_USER_TIMEOUT` (sent data unacknowledged for `user_timeout`: dead), so a half-open
+    /// connection (peer host gone, network cut) fails instead of waiting forever. Unix sockets
+    /// need neither (the peer's death closes them).
+    pub fn set_liveness(&self, user_timeout: Duration) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let Stream::Tcp(s) = self else { return Ok(()) };
+        let fd = s.as_raw_fd();
+        let ms = libc::c_int::try_from(user_timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        for (level, name, value) in [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms.max(1)),
+        ] {
+            // SAFETY: `fd` is the open socket `s` owns for the whole call; the option value is
+            // a live `c_int` whose size is passed alongside it.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    std::ptr::addr_of!(value).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the read and write timeouts (`None`: block).
     pub fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
@@ -433,6 +476,89 @@ pub fn read_reply_header(s: &mut impl Read) -> Result<ReplyHeader, ReplyError> {
         }
         other => Err(ReplyError::Protocol(format!(
             "bad reply magic {other:#010x}"
+        ))),
+    }
+}
+
+/// Largest payload of an error chunk taken in.
+pub const MAX_ERROR_CHUNK: u32 = 64 << 10;
+
+/// Where the bytes `[off, off + n)` of a chunk land in the buffer of a read of
+/// `[start, start + len)`: an error when any part lies outside it. `off` and `n` come from the
+/// server, so nothing here can overflow or index out of bounds whatever they are.
+pub fn chunk_range(
+    start: u64,
+    len: usize,
+    off: u64,
+    n: u64,
+) -> Result<std::ops::Range<usize>, String> {
+    let outside = || format!("chunk [{off}, +{n}) outside its read [{start}, +{len})",);
+    let at = off.checked_sub(start).ok_or_else(outside)?;
+    let end = at.checked_add(n).ok_or_else(outside)?;
+    if end > len as u64 {
+        return Err(outside());
+    }
+    // Both fit: they are at most `len`, a `usize`.
+    Ok(at as usize..end as usize)
+}
+
+/// What one structured-reply chunk of a read brought.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkPayload {
+    /// Data or a hole: this many bytes of the read are now filled in.
+    Covered(u64),
+    /// The server's error for the read.
+    Error(String),
+    /// Nothing (`NONE`).
+    Nothing,
+}
+
+/// Takes in the payload of chunk `c` of a read of `[start, start + buf.len())` (its header
+/// already read from `s`), placing data and holes into `buf`. Every offset and length the
+/// server sends is checked against the read before use: a chunk outside it, of an unexpected
+/// type or of a bad length is a protocol error, never a panic.
+pub fn read_chunk_into(
+    s: &mut impl Read,
+    c: &Chunk,
+    start: u64,
+    buf: &mut [u8],
+) -> Result<ChunkPayload, ReplyError> {
+    match c.kind {
+        wire::REPLY_TYPE_NONE if c.len == 0 => Ok(ChunkPayload::Nothing),
+        wire::REPLY_TYPE_OFFSET_DATA if c.len >= 8 => {
+            let mut o = [0u8; 8];
+            s.read_exact(&mut o)?;
+            let off = u64::from_be_bytes(o);
+            let n = u64::from(c.len - 8);
+            let r = chunk_range(start, buf.len(), off, n)
+                .map_err(|e| ReplyError::Protocol(format!("data {e}")))?;
+            s.read_exact(&mut buf[r])?;
+            Ok(ChunkPayload::Covered(n))
+        }
+        wire::REPLY_TYPE_OFFSET_HOLE if c.len == 12 => {
+            let mut h = [0u8; 12];
+            s.read_exact(&mut h)?;
+            let off = be64(&h, 0);
+            let n = u64::from(be32(&h, 8));
+            let r = chunk_range(start, buf.len(), off, n)
+                .map_err(|e| ReplyError::Protocol(format!("hole {e}")))?;
+            buf[r].fill(0);
+            Ok(ChunkPayload::Covered(n))
+        }
+        k if k & 0x8000 != 0 && (6..=MAX_ERROR_CHUNK).contains(&c.len) => {
+            let mut p = vec![0u8; c.len as usize];
+            s.read_exact(&mut p)?;
+            let code = be32(&p, 0);
+            let mlen = usize::from(be16(&p, 4));
+            let msg = p
+                .get(6..6 + mlen)
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            Ok(ChunkPayload::Error(format!("server error {code}: {msg}")))
+        }
+        k => Err(ReplyError::Protocol(format!(
+            "unexpected chunk type {k} of {} bytes",
+            c.len
         ))),
     }
 }

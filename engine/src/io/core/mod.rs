@@ -53,11 +53,12 @@ use super::buf::{self, IoBuf};
 use super::disk_state::{DiskState, Role, SLOTS_PER_DISK};
 use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
 use super::mailbox::Msg;
-use super::request::{req_err, Done};
+use super::request::{req_err, Done, MAX_POPULATE};
 use super::responder::Responder;
 use super::ring::{Ring, Wait};
 use super::split::{Seg, SplitScratch};
 use ops::{CoreOp, FileRef, OpKind, Target};
+use shared_buf::SharedBuf;
 use tasks::{ReadTask, Task};
 
 /// Largest single read/write SQE (the kernel caps one transfer a little under 2 GiB).
@@ -106,6 +107,8 @@ pub(crate) struct Core {
     sources: sources::Sources,
     /// Reads of a remote base in flight on its connection threads.
     remote_ops: Slab<remote_read::RemoteOp>,
+    /// Reads finished while an op still held their buffer: answered once it lets go.
+    held: Vec<HeldRead>,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<super::faults::FaultPlan>>,
 }
@@ -166,6 +169,7 @@ impl Core {
             scratch: SplitScratch::default(),
             sources: sources::Sources::default(),
             remote_ops: Slab::new(),
+            held: Vec::new(),
         })
     }
 
@@ -414,8 +418,14 @@ impl Core {
     /// A logic error inside the engine: fails `task` with `EIO` (never answers stale bytes as
     /// success) and logs it.
     fn internal(&mut self, task: usize, what: &'static str) {
+        let (disk, offset) = match self.tasks.get(task) {
+            Some(t) => (t.disk().meta_path.display().to_string(), t.offset()),
+            None => (String::from("(request already gone)"), 0),
+        };
         tracing::error!(
             core = self.id,
+            disk,
+            offset,
             what,
             "internal error; failing the request with EIO"
         );
@@ -424,6 +434,9 @@ impl Core {
 
     /// A task's outstanding ops all completed: move it to its next stage or finish it.
     fn advance(&mut self, key: usize) {
+        if !self.held.is_empty() {
+            self.release_held();
+        }
         match self.tasks.get(key) {
             Some(Task::Write(w)) if w.filling && w.err.is_none() => {
                 self.write_fills_done(key);
@@ -464,44 +477,111 @@ impl Core {
             done.answer(Err(e));
             return;
         }
-        // Copy-on-read: counted as a request of the disk before the read is answered, so a
-        // close that waits for the disk's requests also waits for it.
-        let copy_up = copy_up
-            .filter(|_| !disk.closed.load(Ordering::SeqCst))
-            .map(|len| {
-                disk.active.fetch_add(1, Ordering::SeqCst);
-                let at = offset;
-                let answer = Responder::new(
-                    Box::new(move |r| {
-                        if let Err(e) = r {
-                            tracing::warn!(offset = at, len, error = %e,
-                                "copy-on-read failed (the read itself succeeded)");
-                        }
-                    }),
-                    Arc::clone(&disk.active),
-                );
-                (len, answer)
-            });
-        match buf.into_inner() {
-            Ok(buf) => {
-                done.answer(Ok(Done::Read(buf)));
-                if let Some((len, answer)) = copy_up {
-                    self.submit_populate(disk, offset, len, answer);
-                }
+        let buf = match buf.into_inner() {
+            Ok(buf) => buf,
+            Err(shared) => {
+                // Unreachable today: every op of a read holds a clone of its buffer only until
+                // its completion is handled, and the task finishes only after its last op's
+                // completion dropped that clone (`debug_assert` below keeps it so in tests).
+                // Were it reached, an op would still point into the buffer (with a borrowed
+                // guest buffer: guest memory). Answering now would hand that memory back while
+                // the kernel may still write it, so the answer is held until the last clone is
+                // gone (`release_held`).
+                debug_assert!(false, "a read finished while an op still held its buffer");
+                tracing::error!(core = self.id, disk = %disk.meta_path.display(), offset,
+                    "internal error: a read finished while an op still held its buffer; its \
+                     answer waits until the op lets go");
+                self.held.push(HeldRead {
+                    buf: shared,
+                    done,
+                    disk,
+                    offset,
+                });
+                return;
             }
-            Err(_) => {
-                tracing::error!(
-                    core = self.id,
-                    "a read finished while an op still held its buffer"
-                );
-                done.answer(Err(req_err(
-                    libc::EIO,
-                    "internal error: read buffer still shared",
-                    0,
-                )));
+        };
+        done.answer(Ok(Done::Read(buf)));
+        if let Some(len) = copy_up {
+            self.copy_up(disk, offset, len);
+        }
+    }
+
+    /// Answers the reads held by `finish_read` whose buffers no op holds any more.
+    fn release_held(&mut self) {
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].buf.is_unique() {
+                let h = self.held.swap_remove(i);
+                match h.buf.into_inner() {
+                    Ok(_) => {
+                        tracing::error!(core = self.id, disk = %h.disk.meta_path.display(),
+                            offset = h.offset, "a held read fails with EIO now that its buffer \
+                            is free");
+                        h.done.answer(Err(req_err(
+                            libc::EIO,
+                            "internal error: read buffer was still shared",
+                            h.offset,
+                        )));
+                    }
+                    Err(b) => self.held.push(HeldRead { buf: b, ..h }),
+                }
+            } else {
+                i += 1;
             }
         }
     }
+
+    /// Copy-on-read of `[offset, offset + len)` after its read was answered: populates of at
+    /// most [`MAX_POPULATE`] bytes each, counted as requests of the disk (a close waits for
+    /// them). Skipped (counted, logged once per disk) while `MAX_COPY_UP_INFLIGHT` bytes or
+    /// more of copy-up are in flight on the disk, so guest reads cannot queue unbounded work.
+    fn copy_up(&mut self, disk: Arc<DiskState>, offset: u64, len: u64) {
+        if disk.closed.load(Ordering::SeqCst) || len == 0 {
+            return;
+        }
+        if disk.copy_up_inflight.load(Ordering::SeqCst) >= MAX_COPY_UP_INFLIGHT {
+            if disk.copy_ups_skipped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(disk = %disk.meta_path.display(), offset, len,
+                    limit = MAX_COPY_UP_INFLIGHT,
+                    "copy-on-read skipped: too much copy-up in flight (logged once per disk; the \
+                     read itself succeeded and later reads copy up again)");
+            }
+            return;
+        }
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let piece = (end - at).min(MAX_POPULATE);
+            disk.active.fetch_add(1, Ordering::SeqCst);
+            disk.copy_up_inflight.fetch_add(piece, Ordering::SeqCst);
+            let inflight = Arc::clone(&disk.copy_up_inflight);
+            let path = disk.meta_path.clone();
+            let answer = Responder::new(
+                Box::new(move |r| {
+                    inflight.fetch_sub(piece, Ordering::SeqCst);
+                    if let Err(e) = r {
+                        tracing::warn!(disk = %path.display(), offset = at, len = piece,
+                            error = %e, "copy-on-read failed (the read itself succeeded)");
+                    }
+                }),
+                Arc::clone(&disk.active),
+            );
+            self.submit_populate(Arc::clone(&disk), at, piece, answer);
+            at += piece;
+        }
+    }
+}
+
+/// Most bytes of copy-on-read populates in flight per disk before further copy-ups are
+/// skipped.
+pub(crate) const MAX_COPY_UP_INFLIGHT: u64 = 64 << 20;
+
+/// A read whose answer waits until no op points into its buffer (see `finish_read`).
+struct HeldRead {
+    buf: SharedBuf,
+    done: Responder,
+    disk: Arc<DiskState>,
+    offset: u64,
 }
 
 #[cfg(test)]

@@ -63,6 +63,11 @@ impl SharedBuf {
         Rc::get_mut(&mut self.0).map(UnsafeCell::get_mut)
     }
 
+    /// No other handle exists (no op in flight points into the buffer).
+    pub(crate) fn is_unique(&self) -> bool {
+        Rc::strong_count(&self.0) == 1
+    }
+
     /// The buffer back, when this is the only handle.
     pub(crate) fn into_inner(self) -> Result<IoBuf, SharedBuf> {
         Rc::try_unwrap(self.0)

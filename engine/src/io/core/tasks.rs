@@ -135,6 +135,16 @@ impl Task {
         }
     }
 
+    /// The request's offset (0 for a commit, which has none).
+    pub(super) fn offset(&self) -> u64 {
+        match self {
+            Task::Read(t) => t.offset,
+            Task::Write(t) => t.offset,
+            Task::Commit(_) => 0,
+            Task::Populate(t) => t.offset,
+        }
+    }
+
     pub(super) fn pending_mut(&mut self) -> &mut usize {
         match self {
             Task::Read(t) => &mut t.pending,
