@@ -3,7 +3,7 @@
 # missing (apt-get, as root; cargo-fuzz with cargo), then formatting, lints, the whole test suite,
 # the root-only tests (loop-mounted file systems), a bounded fuzz run and the benchmark smoke run.
 #
-# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 30)
+# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 15)
 # per fuzz target; scripts/fuzz.sh alone for long fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,9 +139,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
 
-echo "== fuzzing, bounded (${ADDCOW_FUZZ_SECS:-30}s per target; scripts/fuzz.sh for long runs)"
+echo "== fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-30}"
+scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-15}"
 
 echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
 echo "== vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
