@@ -1,6 +1,8 @@
 //! [`CoreSource`]: an eventfd polled in a core's own io_uring. Real eventfds written from other
 //! threads, a real engine and disk.
 
+mod engine_common;
+
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -382,26 +384,6 @@ impl CoreSource for IdleCounter {
     }
 }
 
-/// One CACHE request on core 0 whose completion (on the core) submits the next, until `stop`:
-/// whenever the core looks at its channel a message is waiting.
-fn flood(disk: Disk, stop: Arc<AtomicBool>, answered: Arc<AtomicU64>) {
-    let next = disk.clone();
-    disk.submit(
-        0,
-        Request::Cache {
-            offset: 0,
-            len: 512,
-        },
-        Box::new(move |r| {
-            assert!(r.is_ok(), "cache hint failed: {r:?}");
-            answered.fetch_add(1, Ordering::SeqCst);
-            if !stop.load(Ordering::SeqCst) {
-                flood(next, stop, answered);
-            }
-        }),
-    );
-}
-
 #[test]
 fn a_source_ends_its_batch_while_its_core_is_flooded_with_messages() {
     let dir = tempfile::tempdir().unwrap();
@@ -418,7 +400,7 @@ fn a_source_ends_its_batch_while_its_core_is_flooded_with_messages() {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
-    flood(d.clone(), Arc::clone(&stop), Arc::clone(&answered));
+    engine_common::flood(d.clone(), Arc::clone(&stop), Arc::clone(&answered));
     wait_until("the flood to get going", || {
         answered.load(Ordering::SeqCst) > 1000
     });

@@ -13,27 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use addcow_engine::{Disk, Done, Request};
+use addcow_engine::{Done, Request};
 use engine_common::*;
-
-/// Submits one CACHE request to core 0 whose completion submits the next, until `stop`.
-fn flood(disk: Disk, stop: Arc<AtomicBool>, answered: Arc<AtomicU64>) {
-    let next = disk.clone();
-    disk.submit(
-        0,
-        Request::Cache {
-            offset: 0,
-            len: 512,
-        },
-        Box::new(move |r| {
-            assert!(r.is_ok(), "cache hint failed: {r:?}");
-            answered.fetch_add(1, Ordering::SeqCst);
-            if !stop.load(Ordering::SeqCst) {
-                flood(next, stop, answered);
-            }
-        }),
-    );
-}
 
 #[test]
 fn a_read_finishes_while_its_core_is_flooded_with_new_requests() {

@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use addcow_engine::format::{create, CreateOptions};
-use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig};
+use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig, Request};
 
 /// The base's byte at `offset`: never zero, and different for every offset within a sector.
 pub fn base_byte(offset: u64) -> u8 {
@@ -134,3 +136,23 @@ pub fn payload(n: u64, len: usize) -> Vec<u8> {
 }
 
 pub const NO_DELAY: Option<Duration> = None;
+
+/// Submits one CACHE request to core 0 whose completion (on the core) submits the next, until
+/// `stop`: whenever the core looks at its channel a message is waiting. `answered` counts them.
+pub fn flood(disk: Disk, stop: Arc<AtomicBool>, answered: Arc<AtomicU64>) {
+    let next = disk.clone();
+    disk.submit(
+        0,
+        Request::Cache {
+            offset: 0,
+            len: 512,
+        },
+        Box::new(move |r| {
+            assert!(r.is_ok(), "cache hint failed: {r:?}");
+            answered.fetch_add(1, Ordering::SeqCst);
+            if !stop.load(Ordering::SeqCst) {
+                flood(next, stop, answered);
+            }
+        }),
+    );
+}
