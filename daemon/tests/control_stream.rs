@@ -72,21 +72,28 @@ fn job(c: &mut Control, id: &str) -> Value {
         .unwrap_or_else(|| panic!("no job {id} in {jobs}"))
 }
 
-/// Waits (bounded) until job `id` has `status`.
-fn wait_status(c: &mut Control, id: &str, status: &str) -> Value {
+/// Waits (bounded) until `until` holds for job `id`; `what` names the wait in the failure.
+fn wait_job(c: &mut Control, id: &str, what: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let j = job(c, id);
-        if j["status"] == status {
+        if until(&j) {
             return j;
         }
+        assert!(Instant::now() < deadline, "job never {what}: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (bounded) until job `id` has `status`.
+fn wait_status(c: &mut Control, id: &str, status: &str) -> Value {
+    wait_job(c, id, &format!("became {status}"), |j| {
         assert!(
             !(j["status"] == "failed" && status != "failed"),
             "job failed: {j}"
         );
-        assert!(Instant::now() < deadline, "job never became {status}: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        j["status"] == status
+    })
 }
 
 /// The statuses announced for job `id` by `job-status-change`, in order (from notifications
@@ -423,15 +430,9 @@ fn pause_resume_cancel_and_export_del_of_a_streaming_export() {
 
 /// Waits (bounded) until job `id` has ended; returns it.
 fn wait_ended(c: &mut Control, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = job(c, id);
-        if ["concluded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")) {
-            return j;
-        }
-        assert!(Instant::now() < deadline, "job never ended: {j}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_job(c, id, "ended", |j| {
+        ["concluded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
+    })
 }
 
 #[test]
