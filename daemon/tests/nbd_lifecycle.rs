@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use nbd_support::{qemu_io, run, run_raw, Daemon, Fixture};
+use nbd_support::{addcow_bin, qemu_io, run, run_raw, Daemon, Fixture, RawClient};
 
 const MIB: u64 = 1 << 20;
 
@@ -553,6 +553,100 @@ fn systemd_socket_activation() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A daemon restarted right after its predecessor died can find the overlay still locked for a
+/// moment (the kernel tears a dead process's io_uring down asynchronously): it waits for the
+/// lock (`--lock-wait`), publishes its socket only once it has the overlay, and serves the data;
+/// with `--lock-wait 0` a locked overlay is refused at once, as before.
+#[test]
+fn a_daemon_started_while_its_overlay_is_locked_waits_for_the_lock_then_serves() {
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    let fx = Fixture::new(4 * MIB);
+    let ov = fx.overlay();
+    let a_sock = fx.path("a.sock");
+    let a = Daemon::start(&a_sock, &[ov.to_str().unwrap()]);
+    let mut c = RawClient::connect(&a_sock, "").unwrap();
+    assert_eq!(c.write(0, &[0x5a; 4096], false).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+
+    let b_sock = fx.path("b.sock");
+    let mut b = Command::new(addcow_bin())
+        .args(["serve", "--lock-wait", "120", "--socket"])
+        .arg(&b_sock)
+        .arg(&ov)
+        .env("ADDCOW_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = Arc::clone(&log);
+        let mut err = b.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let wait_log = |needle: &str, b: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !log.lock().unwrap().contains(needle) {
+            if let Ok(Some(st)) = b.try_wait() {
+                panic!("second daemon exited ({st}):\n{}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_log("waiting for the lock", &mut b);
+    assert!(!b_sock.exists(), "no socket while the overlay is not ours");
+
+    // Meanwhile a daemon that does not wait is refused at once.
+    let out = run_raw(
+        env!("CARGO_BIN_EXE_addcow"),
+        &[
+            "serve",
+            "--lock-wait",
+            "0",
+            "--socket",
+            fx.path("c.sock").to_str().unwrap(),
+            ov.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"));
+
+    a.stop();
+    wait_log(" listening", &mut b);
+    let mut c = RawClient::connect(&b_sock, "").unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(c.read(0, &mut buf).unwrap(), 0);
+    assert!(
+        buf.iter().all(|&x| x == 0x5a),
+        "the first daemon's flushed write"
+    );
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(b.wait().unwrap().success());
+}
+
 #[test]
 fn a_locked_overlay_or_a_bad_command_line_is_a_clear_error() {
     let fx = Fixture::new(4 * MIB);
@@ -568,7 +662,13 @@ fn a_locked_overlay_or_a_bad_command_line_is_a_clear_error() {
         )
     };
     let b = fx.path("b.sock");
-    let (code, err) = serve(&["--socket", b.to_str().unwrap(), ov.to_str().unwrap()]);
+    let (code, err) = serve(&[
+        "--lock-wait",
+        "1",
+        "--socket",
+        b.to_str().unwrap(),
+        ov.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("locked"), "{err}");
     assert!(!b.exists(), "no socket left behind by a failed start");

@@ -227,6 +227,8 @@ pub struct Host {
     pub grace: Duration,
     /// Whether `export-add` turns copy-on-read on when it is not asked (`--copy-on-read`).
     pub copy_on_read: bool,
+    /// How long opening an overlay locked by another process is retried (`--lock-wait`).
+    pub lock_wait: Duration,
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
@@ -252,6 +254,7 @@ impl Host {
             events,
             stop,
             grace,
+            lock_wait: Duration::ZERO,
             copy_on_read: false,
             shards,
             vhost: Mutex::new(HashMap::new()),
@@ -332,8 +335,8 @@ impl Host {
                 export,
             });
         }
-        let disk = engine
-            .open(overlay, opts.clone())
+        let disk = self
+            .open_waiting_for_lock(engine, overlay, &opts)
             .map_err(|error| HostError::Open {
                 name: name.to_string(),
                 error: Box::new(error),
@@ -362,6 +365,41 @@ impl Host {
         );
         claim.publish(Arc::clone(&export));
         Ok(export)
+    }
+
+    /// Opens `overlay` on `engine`; while it is locked by another process, retries (50 ms,
+    /// doubling to 1 s) until [`Host::lock_wait`] has passed or the daemon is stopping, with
+    /// one log line when the wait begins. Any other error is returned at once.
+    fn open_waiting_for_lock(
+        &self,
+        engine: &Engine,
+        overlay: &Path,
+        opts: &DiskOptions,
+    ) -> addcow_engine::Result<addcow_engine::Disk> {
+        let deadline = Instant::now() + self.lock_wait;
+        let mut pause = Duration::from_millis(50);
+        let mut logged = false;
+        loop {
+            match engine.open(overlay, opts.clone()) {
+                Err(e) if e.kind() == &addcow_engine::ErrorKind::Locked => {
+                    let now = Instant::now();
+                    if now >= deadline || self.stop.is_set() {
+                        return Err(e);
+                    }
+                    if !logged {
+                        tracing::warn!(
+                            overlay = %overlay.display(),
+                            wait_s = self.lock_wait.as_secs_f64(),
+                            "overlay is locked by another process; waiting for the lock"
+                        );
+                        logged = true;
+                    }
+                    std::thread::sleep(pause.min(deadline - now));
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Deletes export `name`. A job running on it (a stream) is cancelled first, in either

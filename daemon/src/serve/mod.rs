@@ -157,6 +157,12 @@ pub struct ServeArgs {
     /// that disconnects can connect again. One request queue per engine core.
     #[arg(long, value_name = "SOCKET")]
     pub vhost_user_blk: Option<PathBuf>,
+    /// Seconds to wait for an overlay locked by another process before refusing it (command
+    /// line and export-add). A daemon restarted right after a SIGKILL can find its overlay
+    /// still locked for a moment: the kernel releases a dead process's io_uring, and the files
+    /// it holds, asynchronously. 0 refuses at once.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub lock_wait: u64,
     /// The default export (empty name). With no overlay, no --export and no --control: the
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
@@ -359,6 +365,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Duration::from_secs(args.shutdown_grace),
     );
     host.copy_on_read = args.copy_on_read;
+    host.lock_wait = Duration::from_secs(args.lock_wait);
     let host = Arc::new(host);
     for e in &named {
         let opts = addcow_engine::DiskOptions {
