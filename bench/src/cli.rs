@@ -99,9 +99,22 @@ pub struct CompareArgs {
     #[arg(long)]
     pub addcow: Option<PathBuf>,
     /// Also count each server's system calls and context switches with `perf stat` (costs a
-    /// little per syscall; CPU time per request is always measured).
+    /// little per syscall; CPU time per request is always measured). Without a working `perf`
+    /// the run goes on and the report says those columns were not measured, and why.
     #[arg(long)]
     pub perf: bool,
+    /// Run every profile at each of these sizes (comma separated, K/M/G/T), one report with a
+    /// section per size. `--size S` is the same as `--sizes S`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, conflicts_with = "size")]
+    pub sizes: Vec<u64>,
+    /// Run addcow once per core count given (`--cores N`; comma separated, e.g. 1,2) in place
+    /// of the default addcow, as servers `addcow-cores-N`; the report shows the scaling.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..))]
+    pub cores_scan: Vec<u64>,
+    /// An extra argument for `addcow serve` (repeatable, e.g. `--addcow-arg=--base-cache
+    /// --addcow-arg=buffered`).
+    #[arg(long = "addcow-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub addcow_args: Vec<String>,
 }
 
 /// Arguments of `vhost`.
