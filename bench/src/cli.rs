@@ -144,6 +144,21 @@ pub struct EmbeddedArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the engine's requests are submitted from: `channel` (one load-generator thread,
+    /// requests cross to the cores through their channels) or `core` (a load generator on each
+    /// core as a `CoreSource`, submitting with no thread hop, as vhost-user-blk does).
+    #[arg(long, value_name = "FROM", default_value = "channel", value_parser = ["channel", "core"])]
+    pub submit: String,
+    /// Pin the load-generator thread (`--submit channel`) to the last CPU.
+    #[arg(long)]
+    pub pin_generator: bool,
+    /// The overlay's allocation: `half` (a seeded random half of the 64 KiB chunks written,
+    /// as `compare`) or `full` (every chunk written: every read is one run of the raw image).
+    #[arg(long, value_name = "LAYOUT", default_value = "half", value_parser = ["half", "full"])]
+    pub layout: String,
+    /// Cache mode of the base: `direct` (O_DIRECT) or `buffered`.
+    #[arg(long, value_name = "MODE", default_value = "direct", value_parser = ["direct", "buffered"])]
+    pub base_cache: String,
 }
 
 /// Arguments of `remote`.

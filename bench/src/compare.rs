@@ -274,8 +274,10 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             }
         }
         drop(prep);
-        // The next size needs the room (a 4 GiB section uses about 14 GiB).
-        let _ = std::fs::remove_dir_all(&data);
+        if st.sizes.last() != Some(&size) {
+            // The next size needs the room (a 4 GiB section uses about 14 GiB).
+            let _ = std::fs::remove_dir_all(&data);
+        }
         let meta = Meta {
             date: started.clone(),
             cpus: sysinfo::cpus(),
@@ -378,6 +380,7 @@ fn one_run(
             _ => {}
         }
     }
+    prep.evict_cache();
     let job = jobs_dir.join(p.job);
     let mut cost = Cost::default();
     let result = if s == Server::FioRaw {

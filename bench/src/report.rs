@@ -10,6 +10,7 @@ use crate::cost::Cost;
 use crate::error::{io_err, Result};
 use crate::fio::FioResult;
 use crate::profiles::{Metric, Profile};
+#[cfg(test)]
 use crate::servers::Server;
 use crate::stats::{median, ratio};
 
@@ -374,6 +375,9 @@ pub fn markdown_sections(sections: &[Results]) -> String {
         file and holes punched over the chunks that were unwritten), so every server starts each profile from \
         the same allocation state. `firstwrite` gets a freshly created overlay (add-cow, qcow2) or sparse file (raw) \
         per run; nbdkit's cow layer is empty at every start.");
+    let _ = writeln!(s, "- Before every run the page cache of every data file (base, raw copy, overlays) is dropped \
+        (`posix_fadvise(DONTNEED)` after an fdatasync; no root needed), so a server that reads through the page \
+        cache starts each run cold like the O_DIRECT ones.");
     let _ = writeln!(s, "- Latency is fio's completion latency (clat); for mixed profiles the worse of read and write.");
 
     s
