@@ -173,9 +173,7 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
         config.base_cache = CacheMode::Buffered;
     }
     let on_core = args.submit == "core";
-    if args.pin_generator {
-        pin_to_last_cpu();
-    }
+
     let cores = config.cores;
     let jobs = profiles::configs_dir();
     let list = emb_profiles();
@@ -199,7 +197,14 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
             let r = if on_core {
                 drive_on_cores(&engine, &disk, cores, p, size, runtime)
             } else {
-                drive(&engine, &disk, cores, p, size, runtime)
+                // Pinned only while it drives the engine: fio, started from this thread
+                // afterwards, must not inherit the pin.
+                let unpin = args.pin_generator.then(pin_to_last_cpu).flatten();
+                let r = drive(&engine, &disk, cores, p, size, runtime);
+                if let Some(mask) = unpin {
+                    set_affinity(&mask);
+                }
+                r
             };
             let closed = disk.close();
             drop(disk);
@@ -413,21 +418,33 @@ fn drive(
 }
 
 /// Pins the calling thread to the machine's last CPU (the engine's core threads are not
-/// pinned, so the scheduler keeps them off it when it can).
-fn pin_to_last_cpu() {
+/// pinned, so the scheduler keeps them off it when it can). Returns the mask it had, to put
+/// back with [`set_affinity`]; `None` (and a warning) when pinning failed.
+fn pin_to_last_cpu() -> Option<libc::cpu_set_t> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
-    // sched_setaffinity only reads it.
-    unsafe {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes inside `old`
+    // and CPU_SET inside `set`.
+    let (old, set, got) = unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        let got = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpus - 1, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "warning: pinning the generator failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        (old, set, got)
+    };
+    if got != 0 || !set_affinity(&set) {
+        eprintln!(
+            "warning: pinning the generator failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
     }
+    Some(old)
+}
+
+/// Sets the calling thread's CPU mask; whether it worked.
+fn set_affinity(mask: &libc::cpu_set_t) -> bool {
+    // SAFETY: sched_setaffinity only reads the mask.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0 }
 }
 
 /// What one core's generator collected.
@@ -652,6 +669,32 @@ mod tests {
         let m = med_numbers(&[n(1.0), n(3.0), n(2.0)]);
         assert_eq!((m.iops, m.bw_bytes), (2.0, 4.0));
         assert!(med_numbers(&[]).iops.is_nan());
+    }
+
+    /// The on-core generators keep requests in flight on every core and count what they got:
+    /// every read answered with its bytes, every write acknowledged, nothing left in flight.
+    #[test]
+    fn on_core_generators_drive_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 << 20;
+        let prep = prepare::prepare(&dir.path().join("d"), size, 7, false).unwrap();
+        let config = EngineConfig {
+            cores: 2,
+            arena_bytes: 16 << 20,
+            ..EngineConfig::default()
+        };
+        for p in emb_profiles() {
+            let engine = Engine::start(config.clone()).unwrap();
+            let disk = engine.open(&prep.addcow, DiskOptions::default()).unwrap();
+            let n = drive_on_cores(&engine, &disk, 2, &p, size, Duration::from_millis(300))
+                .unwrap_or_else(|e| panic!("{}: {e}", p.id));
+            assert!(n.iops > 0.0, "{}: nothing answered", p.id);
+            let per_op = n.bw_bytes / n.iops;
+            assert!((per_op - p.bs as f64).abs() < 1.0, "{}: {per_op}", p.id);
+            assert!(n.p50_ns > 0.0 && n.p99_ns >= n.p50_ns, "{}", p.id);
+            disk.close().unwrap();
+            engine.shutdown().unwrap();
+        }
     }
 
     #[test]
