@@ -447,6 +447,9 @@ fn set_affinity(mask: &libc::cpu_set_t) -> bool {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0 }
 }
 
+/// Answers a generator's completions queued on its core, for its next `ready`.
+type Answers = Arc<Mutex<Vec<(Instant, std::result::Result<Done, RequestError>)>>>;
+
 /// What one core's generator collected.
 struct GenTally {
     hist: Histogram<u64>,
@@ -476,7 +479,7 @@ struct CoreGen {
     mine: usize,
     rng: SmallRng,
     spare: Vec<IoBuf>,
-    done: Arc<Mutex<Vec<(Instant, std::result::Result<Done, RequestError>)>>>,
+    done: Answers,
     kick: Arc<OwnedFd>,
     tally: Arc<Mutex<GenTally>>,
 }

@@ -1,7 +1,8 @@
-//! The performance targets, judged on a compare run: every profile at every size
-//! >= 1.3x qemu-nbd qcow2 with p99 no worse (sync write >= 1.5x), sync write >= 0.5x fio with
-//! fsync on the raw file, 4 KiB random read QD32 >= 0.75x fio on the raw file. Each is met,
-//! missed, or missing (a server did not run, or fio reported no latency), never a silent pass.
+//! The performance targets, judged on a compare run: every profile at every size at
+//! least 1.3x qemu-nbd qcow2 with p99 no worse (sync write 1.5x), sync write at least 0.5x fio
+//! with fsync on the raw file, 4 KiB random read QD32 at least 0.75x fio on the raw file. Each
+//! is met, missed, or missing (a server did not run, or fio reported no latency), never a
+//! silent pass.
 
 use std::fmt::Write as _;
 
