@@ -99,9 +99,22 @@ pub struct CompareArgs {
     #[arg(long)]
     pub addcow: Option<PathBuf>,
     /// Also count each server's system calls and context switches with `perf stat` (costs a
-    /// little per syscall; CPU time per request is always measured).
+    /// little per syscall; CPU time per request is always measured). Without a working `perf`
+    /// the run goes on and the report says those columns were not measured, and why.
     #[arg(long)]
     pub perf: bool,
+    /// Run every profile at each of these sizes (comma separated, K/M/G/T), one report with a
+    /// section per size. `--size S` is the same as `--sizes S`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, conflicts_with = "size")]
+    pub sizes: Vec<u64>,
+    /// Run addcow once per core count given (`--cores N`; comma separated, e.g. 1,2) in place
+    /// of the default addcow, as servers `addcow-cores-N`; the report shows the scaling.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..))]
+    pub cores_scan: Vec<u64>,
+    /// An extra argument for `addcow serve` (repeatable, e.g. `--addcow-arg=--base-cache
+    /// --addcow-arg=buffered`).
+    #[arg(long = "addcow-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub addcow_args: Vec<String>,
 }
 
 /// Arguments of `vhost`.
@@ -131,6 +144,21 @@ pub struct EmbeddedArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the engine's requests are submitted from: `channel` (one load-generator thread,
+    /// requests cross to the cores through their channels) or `core` (a load generator on each
+    /// core as a `CoreSource`, submitting with no thread hop, as vhost-user-blk does).
+    #[arg(long, value_name = "FROM", default_value = "channel", value_parser = ["channel", "core"])]
+    pub submit: String,
+    /// Pin the load-generator thread (`--submit channel`) to the last CPU.
+    #[arg(long)]
+    pub pin_generator: bool,
+    /// The overlay's allocation: `half` (a seeded random half of the 64 KiB chunks written,
+    /// as `compare`) or `full` (every chunk written: every read is one run of the raw image).
+    #[arg(long, value_name = "LAYOUT", default_value = "half", value_parser = ["half", "full"])]
+    pub layout: String,
+    /// Cache mode of the base: `direct` (O_DIRECT) or `buffered`.
+    #[arg(long, value_name = "MODE", default_value = "direct", value_parser = ["direct", "buffered"])]
+    pub base_cache: String,
 }
 
 /// Arguments of `remote`.

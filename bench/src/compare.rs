@@ -26,7 +26,8 @@ use crate::sysinfo;
 /// Settings of one compare run after defaults are applied.
 #[derive(Debug, Clone)]
 struct Settings {
-    size: u64,
+    /// Disk sizes, each a section of the report, in the order given.
+    sizes: Vec<u64>,
     runtime_s: u64,
     rounds: u32,
     perf: bool,
@@ -45,11 +46,97 @@ fn settings(args: &CompareArgs) -> Settings {
             rounds: 1,
         },
     );
+    let mut sizes = Vec::new();
+    for &sz in &args.sizes {
+        if !sizes.contains(&sz) {
+            sizes.push(sz);
+        }
+    }
+    if sizes.is_empty() {
+        sizes.push(len.size);
+    }
     Settings {
-        size: len.size,
+        sizes,
         runtime_s: len.runtime_s,
         rounds: len.rounds,
         perf: args.perf,
+    }
+}
+
+/// One server as run: the server, its id in the report, and the extra `addcow serve`
+/// arguments (`addcow-cores-N` runs addcow with `--cores N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contender {
+    /// Which server.
+    pub server: Server,
+    /// Its id in the results (`addcow`, `addcow-cores-1`, `qemu-nbd-qcow2`, ...).
+    pub id: String,
+    /// Extra arguments of `addcow serve`.
+    pub args: Vec<String>,
+}
+
+/// The contenders of a run: each server once, addcow once per `cores_scan` entry instead when
+/// that is given; `extra` goes to every addcow.
+pub fn contenders(servers: &[Server], cores_scan: &[u64], extra: &[String]) -> Vec<Contender> {
+    let mut out = Vec::new();
+    for &s in servers {
+        if s == Server::Addcow && !cores_scan.is_empty() {
+            for &n in cores_scan {
+                let mut args = extra.to_vec();
+                args.extend(["--cores".to_owned(), n.to_string()]);
+                out.push(Contender {
+                    server: s,
+                    id: format!("addcow-cores-{n}"),
+                    args,
+                });
+            }
+        } else {
+            out.push(Contender {
+                server: s,
+                id: s.id().to_owned(),
+                args: if s == Server::Addcow {
+                    extra.to_vec()
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Whether `perf stat` can count this machine's syscalls and context switches: `None` when it
+/// can, else why not (for the report).
+fn perf_problem() -> Option<String> {
+    let out = std::process::Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output();
+    match out {
+        Err(e) => Some(format!(
+            "--perf: perf cannot run ({e}); syscalls and context switches per request were not \
+             measured (apt-get install linux-perf)"
+        )),
+        Ok(o) if !o.status.success() => {
+            let why = String::from_utf8_lossy(&o.stderr);
+            let why = why
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim();
+            Some(format!(
+                "--perf: perf stat failed ({why}); syscalls and context switches per request \
+                 were not measured (as root, or lower /proc/sys/kernel/perf_event_paranoid)"
+            ))
+        }
+        Ok(_) => None,
     }
 }
 
@@ -83,7 +170,7 @@ pub fn addcow_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 
 /// Runs the comparison and writes the report.
 pub fn run(args: &CompareArgs) -> Result<()> {
-    let st = settings(args);
+    let mut st = settings(args);
     let profiles = profiles::select(&args.profiles).map_err(BenchError::Usage)?;
     let wanted: Vec<Server> = if args.servers.is_empty() {
         Server::ALL.to_vec()
@@ -96,10 +183,23 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
-    let (servers, missing) = servers::check_tools(&wanted)?;
+    if !args.cores_scan.is_empty() && !wanted.contains(&Server::Addcow) {
+        return Err(BenchError::Usage(
+            "--cores-scan runs addcow: keep addcow in --servers".to_owned(),
+        ));
+    }
+    let (servers, mut missing) = servers::check_tools(&wanted)?;
     for m in &missing {
         eprintln!("warning: {m}");
     }
+    if st.perf {
+        if let Some(why) = perf_problem() {
+            eprintln!("warning: {why}");
+            missing.push(why);
+            st.perf = false;
+        }
+    }
+    let runners = contenders(&servers, &args.cores_scan, &args.addcow_args);
     let addcow_bin = if servers.contains(&Server::Addcow) {
         addcow_binary(args.addcow.as_deref())?
     } else {
@@ -113,51 +213,89 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     }
 
     let (work, _tmp) = crate::prepare::work_dir(args.run.work.as_deref(), "addcow-bench-")?;
-    eprintln!(
-        "preparing {} MiB of data in {} (base, raw copy, add-cow{} overlays)",
-        st.size >> 20,
-        work.display(),
-        if needs_qcow2 { " and qcow2" } else { "" }
-    );
-    let prep = prepare::prepare(&work.join("data"), st.size, 0xADDC0, needs_qcow2)?;
     let jobs_dir = profiles::configs_dir();
-
-    let total_runs = st.rounds as u64 * profiles.len() as u64 * servers.len() as u64;
+    let total_runs =
+        st.sizes.len() as u64 * st.rounds as u64 * profiles.len() as u64 * runners.len() as u64;
     let bar = progress(total_runs * st.runtime_s);
     let started = sysinfo::utc_stamp();
-    let mut state = DirtyState::default();
-    let mut records = Vec::new();
-    for round in 1..=st.rounds {
-        for p in &profiles {
-            for &s in &servers {
-                bar.set_message(format!(
-                    "round {round}/{} · {} · {}",
-                    st.rounds,
-                    p.id,
-                    s.id()
-                ));
-                if bar.is_hidden() {
-                    eprintln!("round {round}/{}: {} on {}", st.rounds, p.id, s.id());
+    let mut sections = Vec::new();
+    for &size in &st.sizes {
+        bar.suspend(|| {
+            eprintln!(
+                "preparing {} MiB of data in {} (base, raw copy, add-cow{} overlays)",
+                size >> 20,
+                work.display(),
+                if needs_qcow2 { " and qcow2" } else { "" }
+            )
+        });
+        let data = work.join(format!("data-{}M", size >> 20));
+        let prep = prepare::prepare(&data, size, 0xADDC0, needs_qcow2)?;
+        let mut state = DirtyState::default();
+        let mut records = Vec::new();
+        for round in 1..=st.rounds {
+            for p in &profiles {
+                for c in &runners {
+                    bar.set_message(format!(
+                        "{} MiB · round {round}/{} · {} · {}",
+                        size >> 20,
+                        st.rounds,
+                        p.id,
+                        c.id
+                    ));
+                    if bar.is_hidden() {
+                        eprintln!(
+                            "{} MiB, round {round}/{}: {} on {}",
+                            size >> 20,
+                            st.rounds,
+                            p.id,
+                            c.id
+                        );
+                    }
+                    let res = one_run(&prep, &mut state, p, c, &addcow_bin, &jobs_dir, &work, &st);
+                    if let Err(e) = &res {
+                        bar.suspend(|| {
+                            eprintln!("{} on {} (round {round}) failed: {e}", p.id, c.id)
+                        });
+                    }
+                    let (result, cost, error) = match res {
+                        Ok((r, c)) => (Some(r), c, None),
+                        Err(e) => (None, Cost::default(), Some(e.to_string())),
+                    };
+                    records.push(RunRecord {
+                        round,
+                        profile: p.id.to_owned(),
+                        server: c.id.clone(),
+                        result,
+                        cost,
+                        error,
+                    });
+                    bar.inc(st.runtime_s);
                 }
-                let res = one_run(&prep, &mut state, p, s, &addcow_bin, &jobs_dir, &work, &st);
-                if let Err(e) = &res {
-                    bar.suspend(|| eprintln!("{} on {} (round {round}) failed: {e}", p.id, s.id()));
-                }
-                let (result, cost, error) = match res {
-                    Ok((r, c)) => (Some(r), c, None),
-                    Err(e) => (None, Cost::default(), Some(e.to_string())),
-                };
-                records.push(RunRecord {
-                    round,
-                    profile: p.id.to_owned(),
-                    server: s.id().to_owned(),
-                    result,
-                    cost,
-                    error,
-                });
-                bar.inc(st.runtime_s);
             }
         }
+        drop(prep);
+        if st.sizes.last() != Some(&size) {
+            // The next size needs the room (a 4 GiB section uses about 14 GiB).
+            let _ = std::fs::remove_dir_all(&data);
+        }
+        let meta = Meta {
+            date: started.clone(),
+            cpus: sysinfo::cpus(),
+            kernel: sysinfo::kernel(),
+            size,
+            runtime_s: st.runtime_s,
+            rounds: st.rounds,
+            quick: args.run.quick,
+            fio_version: tool_version("fio", "--version"),
+            qemu_nbd_version: tool_version("qemu-nbd", "--version"),
+            nbdkit_version: tool_version("nbdkit", "--version"),
+            missing: missing.clone(),
+        };
+        let ids: Vec<(String, String)> = runners
+            .iter()
+            .map(|c| (c.id.clone(), describe(c)))
+            .collect();
+        sections.push(report::build_named(meta, &profiles, &ids, records));
     }
     bar.finish_and_clear();
 
@@ -166,31 +304,31 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             .join("results")
             .join(&started)
     });
-    let meta = Meta {
-        date: started,
-        cpus: sysinfo::cpus(),
-        kernel: sysinfo::kernel(),
-        size: st.size,
-        runtime_s: st.runtime_s,
-        rounds: st.rounds,
-        quick: args.run.quick,
-        fio_version: tool_version("fio", "--version"),
-        qemu_nbd_version: tool_version("qemu-nbd", "--version"),
-        nbdkit_version: tool_version("nbdkit", "--version"),
-        missing,
-    };
-    let results = report::build(meta, &profiles, &servers, records);
-    report::write(&out, &results)?;
-    print!("{}", report::summary_text(&results));
+    let results = report::Report { sections };
+    report::write_report(&out, &results)?;
+    for r in &results.sections {
+        println!("== {} MiB", r.meta.size >> 20);
+        print!("{}", report::summary_text(r));
+    }
     eprintln!("report: {}", out.join("report.md").display());
-    let failed = results.runs.iter().filter(|r| r.error.is_some()).count();
+    let runs: Vec<_> = results.sections.iter().flat_map(|r| &r.runs).collect();
+    let failed = runs.iter().filter(|r| r.error.is_some()).count();
     if failed > 0 {
         return Err(BenchError::Usage(format!(
             "{failed} of {} runs failed (listed in the report)",
-            results.runs.len()
+            runs.len()
         )));
     }
     Ok(())
+}
+
+/// What a contender is, for the report: the server's description and its extra arguments.
+fn describe(c: &Contender) -> String {
+    if c.args.is_empty() {
+        c.server.describe().to_owned()
+    } else {
+        format!("{} (with {})", c.server.describe(), c.args.join(" "))
+    }
 }
 
 /// Which prepared overlays were written since they were last restored.
@@ -205,12 +343,13 @@ fn one_run(
     prep: &Prepared,
     dirty: &mut DirtyState,
     p: &Profile,
-    s: Server,
+    c: &Contender,
     addcow_bin: &Path,
     jobs_dir: &Path,
     work: &Path,
     st: &Settings,
 ) -> Result<(fio::FioResult, Cost)> {
+    let s = c.server;
     let fresh = p.effect == Effect::FreshOverlay;
     let image: PathBuf = match (s, fresh) {
         (Server::Addcow, true) => prep.fresh_addcow()?,
@@ -241,6 +380,7 @@ fn one_run(
             _ => {}
         }
     }
+    prep.evict_cache();
     let job = jobs_dir.join(p.job);
     let mut cost = Cost::default();
     let result = if s == Server::FioRaw {
@@ -248,7 +388,7 @@ fn one_run(
     } else {
         let sock = work.join("nbd.sock");
         let log = work.join(format!("{}.log", s.id()));
-        let mut server = servers::start(s, addcow_bin, &image, &sock, &log)?;
+        let mut server = servers::start(s, addcow_bin, &c.args, &image, &sock, &log)?;
         let pid = server.pid();
         let perf = if st.perf {
             PerfStat::start(pid, &work.join("perf.csv"))
@@ -312,19 +452,46 @@ mod tests {
             servers: vec![],
             addcow: None,
             perf: false,
+            sizes: vec![],
+            cores_scan: vec![],
+            addcow_args: vec![],
         }
     }
 
     #[test]
     fn defaults_full_and_quick() {
         let s = settings(&args(false));
-        assert_eq!((s.size, s.runtime_s, s.rounds), (4 << 30, 20, 3));
+        assert_eq!(
+            (s.sizes.clone(), s.runtime_s, s.rounds),
+            (vec![4 << 30], 20, 3)
+        );
         let q = settings(&args(true));
-        assert_eq!((q.size, q.runtime_s, q.rounds), (64 << 20, 2, 1));
+        assert_eq!(
+            (q.sizes.clone(), q.runtime_s, q.rounds),
+            (vec![64 << 20], 2, 1)
+        );
+        let mut two = args(false);
+        two.sizes = vec![256 << 20, 4 << 30, 256 << 20];
+        assert_eq!(settings(&two).sizes, vec![256 << 20, 4 << 30]);
+        let mut one = args(false);
+        one.run.size = Some(1 << 30);
+        assert_eq!(settings(&one).sizes, vec![1 << 30]);
         let mut a = args(true);
         a.run.rounds = Some(3);
         a.run.runtime = Some(0);
         let s = settings(&a);
         assert_eq!((s.rounds, s.runtime_s), (3, 1));
+    }
+
+    #[test]
+    fn a_cores_scan_replaces_addcow_by_one_run_per_core_count() {
+        let extra = vec!["--base-cache".to_owned(), "buffered".to_owned()];
+        let c = contenders(&[Server::Addcow, Server::QemuNbdQcow2], &[1, 2], &extra);
+        let ids: Vec<_> = c.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["addcow-cores-1", "addcow-cores-2", "qemu-nbd-qcow2"]);
+        assert_eq!(c[0].args, ["--base-cache", "buffered", "--cores", "1"]);
+        assert!(c[2].args.is_empty());
+        let plain = contenders(&[Server::Addcow], &[], &extra);
+        assert_eq!((plain[0].id.as_str(), &plain[0].args), ("addcow", &extra));
     }
 }

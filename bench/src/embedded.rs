@@ -9,7 +9,14 @@
 
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Disk, DiskOptions, Done, Engine, EngineConfig, IoBuf, Request, RequestError};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use addcow_engine::{
+    CacheMode, CoreSource, Disk, DiskOptions, Done, Engine, EngineConfig, IoBuf, Request,
+    RequestError, SourceCtx,
+};
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -156,11 +163,17 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
     }
     let (work, _tmp) = crate::prepare::work_dir(args.run.work.as_deref(), "addcow-embedded-")?;
     eprintln!("preparing {} MiB in {}", size >> 20, work.display());
-    let prep = prepare::prepare(&work.join("data"), size, 0xe3bed, false)?;
+    let full = args.layout == "full";
+    let prep = prepare::prepare_layout(&work.join("data"), size, 0xe3bed, false, full)?;
     let mut config = EngineConfig::default();
     if let Some(c) = args.cores {
         config.cores = c.max(1);
     }
+    if args.base_cache == "buffered" {
+        config.base_cache = CacheMode::Buffered;
+    }
+    let on_core = args.submit == "core";
+
     let cores = config.cores;
     let jobs = profiles::configs_dir();
     let list = emb_profiles();
@@ -181,7 +194,18 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
             // lock), so the overlay can be restored and reopened for the next run.
             let engine = Engine::start(config.clone())?;
             let disk = engine.open(&prep.addcow, DiskOptions::default())?;
-            let r = drive(&engine, &disk, cores, p, size, runtime);
+            let r = if on_core {
+                drive_on_cores(&engine, &disk, cores, p, size, runtime)
+            } else {
+                // Pinned only while it drives the engine: fio, started from this thread
+                // afterwards, must not inherit the pin.
+                let unpin = args.pin_generator.then(pin_to_last_cpu).flatten();
+                let r = drive(&engine, &disk, cores, p, size, runtime);
+                if let Some(mask) = unpin {
+                    set_affinity(&mask);
+                }
+                r
+            };
             let closed = disk.close();
             drop(disk);
             let stopped = engine.shutdown();
@@ -224,6 +248,17 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
             met,
         });
     }
+    println!(
+        "setup: submit from {}, generator {}, layout {}, base {}",
+        args.submit,
+        if args.pin_generator {
+            "pinned to the last CPU"
+        } else {
+            "not pinned"
+        },
+        args.layout,
+        args.base_cache
+    );
     print!("{}", table(&out, size, runtime.as_secs(), rounds, cores));
     if let Some(j) = &args.json {
         let text = serde_json::to_string_pretty(&out).unwrap_or_default();
@@ -382,6 +417,245 @@ fn drive(
     })
 }
 
+/// Pins the calling thread to the machine's last CPU (the engine's core threads are not
+/// pinned, so the scheduler keeps them off it when it can). Returns the mask it had, to put
+/// back with [`set_affinity`]; `None` (and a warning) when pinning failed.
+fn pin_to_last_cpu() -> Option<libc::cpu_set_t> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes inside `old`
+    // and CPU_SET inside `set`.
+    let (old, set, got) = unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        let got = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus - 1, &mut set);
+        (old, set, got)
+    };
+    if got != 0 || !set_affinity(&set) {
+        eprintln!(
+            "warning: pinning the generator failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(old)
+}
+
+/// Sets the calling thread's CPU mask; whether it worked.
+fn set_affinity(mask: &libc::cpu_set_t) -> bool {
+    // SAFETY: sched_setaffinity only reads the mask.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0 }
+}
+
+/// Answers a generator's completions queued on its core, for its next `ready`.
+type Answers = Arc<Mutex<Vec<(Instant, std::result::Result<Done, RequestError>)>>>;
+
+/// What one core's generator collected.
+struct GenTally {
+    hist: Histogram<u64>,
+    ops: u64,
+    bytes: u64,
+    error: Option<RequestError>,
+}
+
+/// State shared by the generators of one run and the thread that waits for them.
+struct GenShared {
+    p: EmbProfile,
+    blocks: u64,
+    end: Instant,
+    /// Next block of the sequential pattern (shared, so the cores read one stream).
+    next_seq: AtomicU64,
+    /// Requests in flight over all cores.
+    inflight: AtomicUsize,
+}
+
+/// A load generator on one core: keeps its share of the queue depth in flight, submitting
+/// from the core itself ([`SourceCtx::submit`]); completions (on the same core) queue their
+/// result and kick the eventfd once per batch.
+struct CoreGen {
+    disk: Disk,
+    shared: Arc<GenShared>,
+    depth: usize,
+    mine: usize,
+    rng: SmallRng,
+    spare: Vec<IoBuf>,
+    done: Answers,
+    kick: Arc<OwnedFd>,
+    tally: Arc<Mutex<GenTally>>,
+}
+
+fn kick(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd this generator owns.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+}
+
+impl CoreSource for CoreGen {
+    fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
+        let done = std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Ok(mut t) = self.tally.lock() {
+            for (t0, r) in done {
+                self.mine -= 1;
+                self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
+                let lat = u64::try_from(t0.elapsed().as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let _ = t.hist.record(lat);
+                t.ops += 1;
+                match r {
+                    Ok(Done::Read(b)) => t.bytes += b.len() as u64,
+                    Ok(Done::Written(b)) => {
+                        t.bytes += b.len() as u64;
+                        self.spare.push(b);
+                    }
+                    Ok(_) => {}
+                    Err(e) => t.error = Some(e),
+                }
+            }
+        }
+        let p = &self.shared.p;
+        let blocks = self.shared.blocks;
+        while self.mine < self.depth && Instant::now() < self.shared.end {
+            let block = match p.pattern {
+                Pattern::SeqRead => self.shared.next_seq.fetch_add(1, Ordering::Relaxed) % blocks,
+                _ => self.rng.gen_range(0..blocks),
+            };
+            let offset = block * p.bs;
+            let req = match p.pattern {
+                Pattern::RandWrite => match self.spare.pop() {
+                    Some(data) => Request::Write {
+                        offset,
+                        data,
+                        fua: false,
+                    },
+                    None => break,
+                },
+                _ => Request::Read {
+                    offset,
+                    len: p.bs as u32,
+                },
+            };
+            let (q, k) = (Arc::clone(&self.done), Arc::clone(&self.kick));
+            let t0 = Instant::now();
+            self.mine += 1;
+            self.shared.inflight.fetch_add(1, Ordering::SeqCst);
+            ctx.submit(
+                &self.disk,
+                req,
+                Box::new(move |r| {
+                    let mut q = q.lock().unwrap_or_else(|e| e.into_inner());
+                    q.push((t0, r));
+                    if q.len() == 1 {
+                        kick(&k);
+                    }
+                }),
+            );
+        }
+    }
+}
+
+/// As [`drive`], with a generator on every core submitting from the core itself (no channel
+/// hop per request); the queue depth is split over the cores.
+fn drive_on_cores(
+    engine: &Engine,
+    disk: &Disk,
+    cores: usize,
+    p: &EmbProfile,
+    size: u64,
+    runtime: Duration,
+) -> Result<Numbers> {
+    let start = Instant::now();
+    let shared = Arc::new(GenShared {
+        p: p.clone(),
+        blocks: (size / p.bs).max(1),
+        end: start + runtime,
+        next_seq: AtomicU64::new(0),
+        inflight: AtomicUsize::new(0),
+    });
+    let mut ids = Vec::new();
+    let mut tallies = Vec::new();
+    for core in 0..cores {
+        let depth = p.qd / cores + usize::from(core < p.qd % cores);
+        if depth == 0 {
+            continue;
+        }
+        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io_err("eventfd", std::path::Path::new("eventfd"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: raw is a fresh descriptor owned by nobody else.
+        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let watch = fd
+            .try_clone()
+            .map_err(io_err("dup eventfd", std::path::Path::new("eventfd")))?;
+        let mut rng = SmallRng::seed_from_u64(0x5eed + core as u64);
+        let spare = if p.pattern == Pattern::RandWrite {
+            (0..depth)
+                .map(|_| {
+                    let mut b = engine.alloc_buf(p.bs as usize);
+                    rng.fill_bytes(&mut b);
+                    b
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let tally = Arc::new(Mutex::new(GenTally {
+            hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+                .map_err(|e| BenchError::Usage(format!("histogram: {e}")))?,
+            ops: 0,
+            bytes: 0,
+            error: None,
+        }));
+        let gen = CoreGen {
+            disk: disk.clone(),
+            shared: Arc::clone(&shared),
+            depth,
+            mine: 0,
+            rng,
+            spare,
+            done: Arc::new(Mutex::new(Vec::new())),
+            kick: Arc::clone(&fd),
+            tally: Arc::clone(&tally),
+        };
+        ids.push(engine.attach_source(core, watch, Box::new(gen))?);
+        kick(&fd);
+        tallies.push(tally);
+    }
+    // Wait for the run's end, then for the last answers.
+    std::thread::sleep(runtime);
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while shared.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    for id in ids {
+        engine.detach_source(id)?;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|e| BenchError::Usage(format!("histogram: {e}")))?;
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    for t in tallies {
+        let t = t.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &t.error {
+            return Err(BenchError::Usage(format!("engine request failed: {e}")));
+        }
+        let _ = hist.add(&t.hist);
+        ops += t.ops;
+        bytes += t.bytes;
+    }
+    Ok(Numbers {
+        iops: ops as f64 / secs,
+        bw_bytes: bytes as f64 / secs,
+        p50_ns: hist.value_at_quantile(0.5) as f64,
+        p99_ns: hist.value_at_quantile(0.99) as f64,
+        p999_ns: hist.value_at_quantile(0.999) as f64,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +672,32 @@ mod tests {
         let m = med_numbers(&[n(1.0), n(3.0), n(2.0)]);
         assert_eq!((m.iops, m.bw_bytes), (2.0, 4.0));
         assert!(med_numbers(&[]).iops.is_nan());
+    }
+
+    /// The on-core generators keep requests in flight on every core and count what they got:
+    /// every read answered with its bytes, every write acknowledged, nothing left in flight.
+    #[test]
+    fn on_core_generators_drive_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 << 20;
+        let prep = prepare::prepare(&dir.path().join("d"), size, 7, false).unwrap();
+        let config = EngineConfig {
+            cores: 2,
+            arena_bytes: 16 << 20,
+            ..EngineConfig::default()
+        };
+        for p in emb_profiles() {
+            let engine = Engine::start(config.clone()).unwrap();
+            let disk = engine.open(&prep.addcow, DiskOptions::default()).unwrap();
+            let n = drive_on_cores(&engine, &disk, 2, &p, size, Duration::from_millis(300))
+                .unwrap_or_else(|e| panic!("{}: {e}", p.id));
+            assert!(n.iops > 0.0, "{}: nothing answered", p.id);
+            let per_op = n.bw_bytes / n.iops;
+            assert!((per_op - p.bs as f64).abs() < 1.0, "{}: {per_op}", p.id);
+            assert!(n.p50_ns > 0.0 && n.p99_ns >= n.p50_ns, "{}", p.id);
+            disk.close().unwrap();
+            engine.shutdown().unwrap();
+        }
     }
 
     #[test]

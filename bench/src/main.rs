@@ -29,6 +29,7 @@ mod report;
 mod servers;
 mod stats;
 mod sysinfo;
+mod targets;
 mod vhost;
 
 fn main() -> ExitCode {

@@ -122,6 +122,14 @@ pub fn all() -> Vec<Profile> {
     ]
 }
 
+/// The metric profile `id` is judged by (IOPS for an unknown id).
+pub fn metric_of_id(id: &str) -> Metric {
+    all()
+        .into_iter()
+        .find(|p| p.id == id)
+        .map_or(Metric::Iops, |p| p.metric)
+}
+
 /// `fio-configs/` of this checkout (found from the crate's manifest directory at build time, or
 /// the current directory).
 pub fn configs_dir() -> PathBuf {

@@ -172,7 +172,7 @@ fn start_server(
         Setup::AddcowLocal | Setup::AddcowRemote => servers::Server::Addcow,
         Setup::QemuNbdQcow2Remote => servers::Server::QemuNbdQcow2,
     };
-    servers::start(server, addcow, image, sock, log)
+    servers::start(server, addcow, &[], image, sock, log)
 }
 
 /// Runs the benchmark and writes its report.

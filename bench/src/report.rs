@@ -10,6 +10,7 @@ use crate::cost::Cost;
 use crate::error::{io_err, Result};
 use crate::fio::FioResult;
 use crate::profiles::{Metric, Profile};
+#[cfg(test)]
 use crate::servers::Server;
 use crate::stats::{median, ratio};
 
@@ -90,6 +91,10 @@ pub struct Summary {
     pub syscalls_per_op: Option<f64>,
     /// Median server context switches per request (with `--perf`).
     pub cswitches_per_op: Option<f64>,
+    /// This server's median of the profile's metric over `fio-raw`'s (same profile, same size,
+    /// same rounds): the fraction of the disk's own limit it reaches.
+    #[serde(default)]
+    pub raw_fraction: Option<f64>,
 }
 
 /// addcow against one peer on one profile.
@@ -155,19 +160,36 @@ fn metric_of(s: &Summary, m: Metric) -> f64 {
     }
 }
 
-/// Medians and ratios from the runs.
+/// Medians and ratios from the runs (of the [`Server`]s, by their ids).
+#[cfg(test)]
 pub fn build(
     meta: Meta,
     profiles: &[Profile],
     servers: &[Server],
     runs: Vec<RunRecord>,
 ) -> Results {
+    let ids: Vec<(String, String)> = servers
+        .iter()
+        .map(|s| (s.id().to_owned(), s.describe().to_owned()))
+        .collect();
+    build_named(meta, profiles, &ids, runs)
+}
+
+/// Medians and ratios from the runs of the servers `(id, description)` (ids as in the runs,
+/// e.g. `addcow-cores-1`). addcow (id `addcow`) is compared with every server whose id does
+/// not start with `addcow`.
+pub fn build_named(
+    meta: Meta,
+    profiles: &[Profile],
+    servers: &[(String, String)],
+    runs: Vec<RunRecord>,
+) -> Results {
     let mut summary = Vec::new();
     for p in profiles {
-        for s in servers {
+        for (sid, _) in servers {
             let ok: Vec<(&FioResult, &Cost)> = runs
                 .iter()
-                .filter(|r| r.profile == p.id && r.server == s.id())
+                .filter(|r| r.profile == p.id && &r.server == sid)
                 .filter_map(|r| r.result.as_ref().map(|x| (x, &r.cost)))
                 .collect();
             if ok.is_empty() {
@@ -185,7 +207,7 @@ pub fn build(
             };
             summary.push(Summary {
                 profile: p.id.to_owned(),
-                server: s.id().to_owned(),
+                server: sid.clone(),
                 runs: ok.len(),
                 iops: med(&|r| r.iops),
                 bw_bytes: med(&|r| r.bw_bytes),
@@ -195,7 +217,15 @@ pub fn build(
                 cpu_us_per_op: per_op(&|c| c.cpu_s.map(|x| x * 1e6)),
                 syscalls_per_op: per_op(&|c| c.syscalls.map(|x| x as f64)),
                 cswitches_per_op: per_op(&|c| c.context_switches.map(|x| x as f64)),
+                raw_fraction: None,
             });
+        }
+        let raw = summary
+            .iter()
+            .find(|s| s.profile == p.id && s.server == "fio-raw")
+            .map(|s| metric_of(s, p.metric));
+        for x in summary.iter_mut().filter(|s| s.profile == p.id) {
+            x.raw_fraction = raw.and_then(|raw| ratio(metric_of(x, p.metric), raw));
         }
     }
     let mut comparisons = Vec::new();
@@ -208,7 +238,7 @@ pub fn build(
         };
         for peer in summary
             .iter()
-            .filter(|s| s.profile == p.id && s.server != "addcow")
+            .filter(|s| s.profile == p.id && !s.server.starts_with("addcow"))
         {
             let r = ratio(metric_of(a, p.metric), metric_of(peer, p.metric));
             let p99 = ratio(a.p99_ns, peer.p99_ns);
@@ -235,10 +265,7 @@ pub fn build(
     }
     Results {
         meta,
-        servers: servers
-            .iter()
-            .map(|s| (s.id().to_owned(), s.describe().to_owned()))
-            .collect(),
+        servers: servers.to_vec(),
         profiles: profiles
             .iter()
             .map(|p| (p.id.to_owned(), p.title.to_owned()))
@@ -271,18 +298,41 @@ fn fmt_met(m: Option<bool>) -> &'static str {
     }
 }
 
-/// The Markdown report.
+/// The Markdown report of a one-size run.
+#[cfg(test)]
 pub fn markdown(r: &Results) -> String {
-    let m = &r.meta;
+    markdown_sections(std::slice::from_ref(r))
+}
+
+/// The chart file of section `i` of `n`: `chart.svg` for a one-size report, else one per size.
+fn chart_name(r: &Results, n: usize) -> String {
+    if n == 1 {
+        "chart.svg".to_owned()
+    } else {
+        format!("chart-{}M.svg", r.meta.size >> 20)
+    }
+}
+
+/// The Markdown report: the header, the issue's targets over every size, then one section per
+/// size, the scaling over core counts when there was a `--cores-scan`, and the method.
+pub fn markdown_sections(sections: &[Results]) -> String {
     let mut s = String::new();
+    let Some(r) = sections.first() else {
+        return "# addcow benchmark: compare\n\nNo results.\n".to_owned();
+    };
+    let m = &r.meta;
+    let sizes: Vec<String> = sections
+        .iter()
+        .map(|r| format!("{} MiB", r.meta.size >> 20))
+        .collect();
     let _ = writeln!(s, "# addcow benchmark: compare ({})\n", m.date);
     let _ = writeln!(
         s,
-        "Machine: {} CPUs, kernel {}. Disk: {} MiB, 50% of its 64 KiB chunks written in the overlays. \
+        "Machine: {} CPUs, kernel {}. Disk: {}, 50% of its 64 KiB chunks written in the overlays. \
          {} s per run, {} round(s), servers interleaved within each round; numbers are medians over the rounds.{}\n",
         m.cpus,
         m.kernel,
-        m.size >> 20,
+        sizes.join(" and "),
         m.runtime_s,
         m.rounds,
         if m.quick { " **Quick smoke run: not a measurement.**" } else { "" }
@@ -294,10 +344,47 @@ pub fn markdown(r: &Results) -> String {
         m.qemu_nbd_version.as_deref().unwrap_or("qemu-nbd ?"),
         m.nbdkit_version.as_deref().unwrap_or("nbdkit ?")
     );
-    let _ = writeln!(s, "How to read it: the first table says, per profile, whether addcow met the issue's target against \
-        qemu-nbd serving the same data as a qcow2 overlay (throughput ratio ≥ target, and p99 latency no worse). \
-        The per-profile tables give every server's median IOPS, bandwidth and completion-latency percentiles; \
-        `fio-raw` is the disk itself (no server) and bounds what any server can reach.\n");
+    let _ = writeln!(s, "How to read it: the issue's targets first, each met, missed or missing (a server or a \
+        latency that did not run or was not reported), then per disk size: the per-profile ratios against \
+        qemu-nbd serving the same data as a qcow2 overlay, every server's median IOPS, bandwidth, latency \
+        percentiles and fraction of the raw limit (`fio-raw`: the disk itself, no server, same profile, size \
+        and rounds), and what each server spent per request.\n");
+    crate::targets::write_block(&mut s, sections);
+    let multi = sections.len() > 1;
+    for r in sections {
+        if multi {
+            let _ = writeln!(s, "# Disk {} MiB\n", r.meta.size >> 20);
+        }
+        section(&mut s, r, &chart_name(r, sections.len()));
+    }
+    scaling(&mut s, sections);
+    let _ = writeln!(s, "## Servers\n");
+    for (id, d) in &r.servers {
+        let _ = writeln!(s, "- `{id}`: {d}");
+    }
+    for miss in &m.missing {
+        let _ = writeln!(s, "- skipped or not measured: {miss}");
+    }
+    let _ = writeln!(s, "\n## Method\n");
+    let _ = writeln!(s, "- Data: a random base; the raw copy is the base with a seeded random half of its 64 KiB chunks \
+        replaced; the add-cow overlay holds those chunks in its raw image with their bits set; the qcow2 overlay \
+        (`qemu-img create -b disk.raw` then `qemu-img rebase -b base.raw`) holds exactly the clusters that differ. \
+        All servers see the same bytes.");
+    let _ = writeln!(s, "- Every run starts its server and stops it afterwards. After a run that wrote to an overlay, \
+        that overlay is restored before it is served again (qcow2: pristine copy; add-cow: pristine metadata \
+        file and holes punched over the chunks that were unwritten), so every server starts each profile from \
+        the same allocation state. `firstwrite` gets a freshly created overlay (add-cow, qcow2) or sparse file (raw) \
+        per run; nbdkit's cow layer is empty at every start.");
+    let _ = writeln!(s, "- Before every run the page cache of every data file (base, raw copy, overlays) is dropped \
+        (`posix_fadvise(DONTNEED)` after an fdatasync; no root needed), so a server that reads through the page \
+        cache starts each run cold like the O_DIRECT ones.");
+    let _ = writeln!(s, "- Latency is fio's completion latency (clat); for mixed profiles the worse of read and write.");
+
+    s
+}
+
+/// One size's tables: targets against qemu-nbd qcow2, every profile, cost per request, failed runs.
+fn section(s: &mut String, r: &Results, chart: &str) {
     let _ = writeln!(s, "## Targets (addcow vs {TARGET_PEER})\n");
     let _ = writeln!(s, "| profile | metric | addcow | qemu-nbd qcow2 | ratio | target | throughput | p99 ratio | p99 |");
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---:|---|");
@@ -333,18 +420,18 @@ pub fn markdown(r: &Results) -> String {
             }
         );
     }
-    let _ = writeln!(s, "\n![IOPS per profile per server](chart.svg)\n");
+    let _ = writeln!(s, "\n![IOPS per profile per server]({chart})\n");
     let _ = writeln!(s, "## Per profile\n");
     for (pid, title) in &r.profiles {
         let _ = writeln!(s, "### {pid}: {title}\n");
         let _ = writeln!(
             s,
-            "| server | runs | IOPS | MiB/s | p50 | p99 | p99.9 | addcow / this |"
+            "| server | runs | IOPS | MiB/s | p50 | p99 | p99.9 | addcow / this | fraction of raw limit |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (sid, _) in &r.servers {
             let Some(x) = r.get(pid, sid) else {
-                let _ = writeln!(s, "| {sid} | 0 | – | – | – | – | – | – |");
+                let _ = writeln!(s, "| {sid} | 0 | – | – | – | – | – | – | – |");
                 continue;
             };
             let ratio = r
@@ -354,53 +441,31 @@ pub fn markdown(r: &Results) -> String {
                 .and_then(|c| c.ratio);
             let _ = writeln!(
                 s,
-                "| {sid} | {} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                "| {sid} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
                 x.runs,
                 x.iops,
                 x.bw_bytes / 1048576.0,
                 fmt_ns(x.p50_ns),
                 fmt_ns(x.p99_ns),
                 fmt_ns(x.p999_ns),
-                if sid == "addcow" {
+                if sid.starts_with("addcow") {
                     "–".to_owned()
                 } else {
                     fmt_ratio(ratio)
+                },
+                match (sid.as_str(), x.raw_fraction) {
+                    ("fio-raw", _) => "(the limit)".to_owned(),
+                    (_, Some(f)) => format!("{f:.2}"),
+                    (_, None) => "–".to_owned(),
                 }
             );
         }
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "## Server cost per request\n");
-    let _ = writeln!(s, "CPU time of the server process per request (all threads; `/proc/PID/stat`), and with `--perf` \
-        system calls and context switches per request (`perf stat -p`). Where a target is missed, this is where the time goes.\n");
-    let _ = writeln!(
-        s,
-        "| profile | server | CPU µs/req | syscalls/req | context switches/req |"
-    );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|");
-    let opt = |x: Option<f64>, d: usize| x.map_or_else(|| "–".to_owned(), |v| format!("{v:.d$}"));
-    for x in r.summary.iter().filter(|x| x.server != "fio-raw") {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} |",
-            x.profile,
-            x.server,
-            opt(x.cpu_us_per_op, 1),
-            opt(x.syscalls_per_op, 2),
-            opt(x.cswitches_per_op, 2)
-        );
-    }
-    let _ = writeln!(s);
-    let _ = writeln!(s, "## Servers\n");
-    for (id, d) in &r.servers {
-        let _ = writeln!(s, "- `{id}`: {d}");
-    }
-    for miss in &m.missing {
-        let _ = writeln!(s, "- skipped: {miss}");
-    }
+    cost_tables(s, r);
     let failed: Vec<_> = r.runs.iter().filter(|x| x.error.is_some()).collect();
     if !failed.is_empty() {
-        let _ = writeln!(s, "\n## Failed runs\n");
+        let _ = writeln!(s, "## Failed runs ({} MiB)\n", r.meta.size >> 20);
         for f in failed {
             let _ = writeln!(
                 s,
@@ -411,19 +476,104 @@ pub fn markdown(r: &Results) -> String {
                 f.error.as_deref().unwrap_or("")
             );
         }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(s, "\n## Method\n");
-    let _ = writeln!(s, "- Data: a random base; the raw copy is the base with a seeded random half of its 64 KiB chunks \
-        replaced; the add-cow overlay holds those chunks in its raw image with their bits set; the qcow2 overlay \
-        (`qemu-img create -b disk.raw` then `qemu-img rebase -b base.raw`) holds exactly the clusters that differ. \
-        All servers see the same bytes.");
-    let _ = writeln!(s, "- Every run starts its server and stops it afterwards. After a run that wrote to an overlay, \
-        that overlay is restored before it is served again (qcow2: pristine copy; add-cow: pristine metadata \
-        file and holes punched over the chunks that were unwritten), so every server starts each profile from \
-        the same allocation state. `firstwrite` gets a freshly created overlay (add-cow, qcow2) or sparse file (raw) \
-        per run; nbdkit's cow layer is empty at every start.");
-    let _ = writeln!(s, "- Latency is fio's completion latency (clat); for mixed profiles the worse of read and write.");
-    s
+}
+
+/// CPU, syscalls and context switches per request, one table each, servers side by side.
+fn cost_tables(s: &mut String, r: &Results) {
+    let servers: Vec<&str> = r
+        .servers
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| *id != "fio-raw")
+        .collect();
+    let _ = writeln!(s, "## Server cost per request\n");
+    let _ = writeln!(s, "CPU time of the server process per request (all threads; `/proc/PID/stat`), and with `--perf` \
+        system calls and context switches per request (`perf stat -p`; `–`: not measured). Where a target is missed, \
+        this is where the time goes.\n");
+    type Pick = fn(&Summary) -> Option<f64>;
+    let tables: [(&str, Pick, usize); 3] = [
+        ("CPU µs/request", |x| x.cpu_us_per_op, 1),
+        ("syscalls/request", |x| x.syscalls_per_op, 2),
+        ("context switches/request", |x| x.cswitches_per_op, 2),
+    ];
+    for (what, pick, digits) in tables {
+        let _ = writeln!(s, "| {what} | {} |", servers.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(servers.len()));
+        for (pid, _) in &r.profiles {
+            let cells: Vec<String> = servers
+                .iter()
+                .map(|sid| {
+                    r.get(pid, sid)
+                        .and_then(pick)
+                        .map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+                })
+                .collect();
+            let _ = writeln!(s, "| {pid} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(s);
+    }
+}
+
+/// The `addcow-cores-N` servers of a `--cores-scan`, per size and profile: the metric at each
+/// core count and the ratio of the most cores to the fewest.
+fn scaling(s: &mut String, sections: &[Results]) {
+    let cores = |id: &str| {
+        id.strip_prefix("addcow-cores-")
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    if !sections
+        .iter()
+        .any(|r| r.servers.iter().any(|(id, _)| cores(id).is_some()))
+    {
+        return;
+    }
+    let _ = writeln!(s, "## Scaling over engine cores\n");
+    let _ = writeln!(s, "addcow with `--cores N`, same run, same clients. The ratio is the most cores over the \
+        fewest; on a machine with as many CPUs as the most cores, the clients (fio) share them with the server.\n");
+    let _ = writeln!(
+        s,
+        "| size | profile | cores | IOPS | MiB/s | p99 | scaling |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+    for r in sections {
+        for (pid, _) in &r.profiles {
+            let mut runs: Vec<(u64, &Summary)> = r
+                .summary
+                .iter()
+                .filter(|x| &x.profile == pid)
+                .filter_map(|x| cores(&x.server).map(|n| (n, x)))
+                .collect();
+            runs.sort_by_key(|(n, _)| *n);
+            let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+                continue;
+            };
+            let metric = r
+                .comparisons
+                .iter()
+                .find(|c| &c.profile == pid)
+                .map(|c| c.metric)
+                .unwrap_or_else(|| crate::profiles::metric_of_id(pid));
+            let scale = ratio(metric_of(last.1, metric), metric_of(first.1, metric));
+            for (i, (n, x)) in runs.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "| {} MiB | {pid} | {n} | {:.0} | {:.1} | {} | {} |",
+                    r.meta.size >> 20,
+                    x.iops,
+                    x.bw_bytes / 1048576.0,
+                    fmt_ns(x.p99_ns),
+                    if i + 1 == runs.len() && runs.len() > 1 {
+                        format!("{} ({} → {} cores)", fmt_ratio(scale), first.0, last.0)
+                    } else {
+                        "–".to_owned()
+                    }
+                );
+            }
+        }
+    }
+    let _ = writeln!(s);
 }
 
 /// A short plain-text table for the terminal.
@@ -464,27 +614,65 @@ pub fn summary_text(r: &Results) -> String {
     s
 }
 
-/// Rewrites `report.md` and `chart.svg` in `dir` from its `results.json`.
+/// A compare run: one [`Results`] per disk size, in the order run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// One per size.
+    pub sections: Vec<Results>,
+}
+
+/// What `results.json` may hold: a report, or (written before `--sizes`) one size's results.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Report(Report),
+    One(Box<Results>),
+}
+
+/// Rewrites `report.md` and the charts in `dir` from its `results.json`.
 pub fn render(dir: &Path) -> Result<()> {
     let jp = dir.join("results.json");
     let text = std::fs::read(&jp).map_err(io_err("read", &jp))?;
-    let r: Results = serde_json::from_slice(&text)
+    let stored: Stored = serde_json::from_slice(&text)
         .map_err(|e| crate::error::BenchError::Usage(format!("{}: {e}", jp.display())))?;
-    let mp = dir.join("report.md");
-    std::fs::write(&mp, markdown(&r)).map_err(io_err("write", &mp))?;
-    crate::chart::write_svg(&dir.join("chart.svg"), &r)
+    let sections = match stored {
+        Stored::Report(r) => r.sections,
+        Stored::One(r) => vec![*r],
+    };
+    write_files(dir, &sections, false)
 }
 
-/// Writes `report.md`, `results.json` and `chart.svg` into `dir`.
+/// Writes `report.md`, `results.json` and `chart.svg` of a one-size run into `dir`.
+#[cfg(test)]
 pub fn write(dir: &Path, r: &Results) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err("create folder", dir))?;
-    let json =
-        serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
-    let jp = dir.join("results.json");
-    std::fs::write(&jp, json).map_err(io_err("write", &jp))?;
+    write_files(dir, std::slice::from_ref(r), true)
+}
+
+/// Writes `report.md`, `results.json` and the charts (one per size) into `dir`.
+pub fn write_report(dir: &Path, r: &Report) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err("create folder", dir))?;
+    write_files(dir, &r.sections, true)
+}
+
+fn write_files(dir: &Path, sections: &[Results], json: bool) -> Result<()> {
+    if json {
+        let text = match sections {
+            [one] => serde_json::to_string_pretty(one),
+            _ => serde_json::to_string_pretty(&Report {
+                sections: sections.to_vec(),
+            }),
+        }
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        let jp = dir.join("results.json");
+        std::fs::write(&jp, text).map_err(io_err("write", &jp))?;
+    }
     let mp = dir.join("report.md");
-    std::fs::write(&mp, markdown(r)).map_err(io_err("write", &mp))?;
-    crate::chart::write_svg(&dir.join("chart.svg"), r)
+    std::fs::write(&mp, markdown_sections(sections)).map_err(io_err("write", &mp))?;
+    for r in sections {
+        crate::chart::write_svg(&dir.join(chart_name(r, sections.len())), r)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -633,7 +821,7 @@ mod tests {
             .unwrap();
         assert!(row.ends_with("| met | missing | **missing** |"), "{row}");
         assert!(
-            md.contains("| addcow | 2 | 200 | 0.8 | 0 µs | missing | 0 µs | – |"),
+            md.contains("| addcow | 2 | 200 | 0.8 | 0 µs | missing | 0 µs | – | – |"),
             "{md}"
         );
         let text = summary_text(&r);
@@ -674,5 +862,156 @@ mod tests {
         assert!(render(&dir.path().join("nope")).is_err());
         let svg = std::fs::read_to_string(dir.path().join("chart.svg")).unwrap();
         assert!(svg.contains("randread") && svg.contains("qemu-nbd-qcow2"));
+    }
+
+    fn rec_of(profile: &str, server: &str, iops: f64, p99: f64) -> RunRecord {
+        let mut r = rec(1, server, iops, p99);
+        r.profile = profile.into();
+        r
+    }
+
+    fn section_of(size: u64, runs: Vec<RunRecord>) -> Results {
+        let ps: Vec<_> = profiles::all()
+            .into_iter()
+            .filter(|p| ["randread", "syncwrite", "seqread"].contains(&p.id))
+            .collect();
+        let mut m = meta();
+        m.size = size;
+        build(
+            m,
+            &ps,
+            &[Server::Addcow, Server::QemuNbdQcow2, Server::FioRaw],
+            runs,
+        )
+    }
+
+    /// Two sizes: one section (heading, tables, chart) each; the targets block judges every
+    /// profile at both sizes against qemu-nbd and the raw-limit targets against fio-raw; the
+    /// fraction column is addcow over fio-raw of the same profile and size.
+    #[test]
+    fn two_sizes_targets_and_raw_fraction() {
+        let small = section_of(
+            256 << 20,
+            vec![
+                rec_of("randread", "addcow", 800.0, 10.0),
+                rec_of("randread", "qemu-nbd-qcow2", 500.0, 20.0),
+                rec_of("randread", "fio-raw", 1000.0, 5.0),
+                rec_of("syncwrite", "addcow", 140.0, 10.0),
+                rec_of("syncwrite", "qemu-nbd-qcow2", 100.0, 20.0),
+                rec_of("syncwrite", "fio-raw", 200.0, 5.0),
+                rec_of("seqread", "addcow", 200.0, 30.0),
+                rec_of("seqread", "qemu-nbd-qcow2", 100.0, 20.0),
+            ],
+        );
+        let big = section_of(
+            4 << 30,
+            vec![
+                rec_of("randread", "addcow", 700.0, 10.0),
+                rec_of("randread", "qemu-nbd-qcow2", 500.0, 20.0),
+                rec_of("randread", "fio-raw", 1000.0, 5.0),
+                rec_of("seqread", "addcow", 200.0, 10.0),
+                rec_of("seqread", "qemu-nbd-qcow2", 100.0, 20.0),
+                rec_of("seqread", "fio-raw", 400.0, 5.0),
+            ],
+        );
+        assert_eq!(
+            small.get("randread", "addcow").unwrap().raw_fraction,
+            Some(0.8)
+        );
+        assert_eq!(
+            small
+                .get("randread", "qemu-nbd-qcow2")
+                .unwrap()
+                .raw_fraction,
+            Some(0.5)
+        );
+        assert_eq!(small.get("seqread", "addcow").unwrap().raw_fraction, None);
+        assert_eq!(
+            big.get("seqread", "addcow").unwrap().raw_fraction,
+            Some(0.5)
+        );
+
+        let md = markdown_sections(&[small.clone(), big.clone()]);
+        for want in [
+            "# Disk 256 MiB",
+            "# Disk 4096 MiB",
+            "](chart-256M.svg)",
+            "](chart-4096M.svg)",
+            // The fraction column: addcow 800 of fio-raw 1000 at 256 MiB, 700 at 4 GiB.
+            "| addcow | 1 | 800 | 3.1 | 0 µs | 0 µs | 0 µs | – | 0.80 |",
+            "| addcow | 1 | 700 | 2.7 | 0 µs | 0 µs | 0 µs | – | 0.70 |",
+            "| fio-raw | 1 | 1000 | 3.9 | 0 µs | 0 µs | 0 µs | 0.80× | (the limit) |",
+            // Targets: met, missed on p99, missed on the ratio, missing a server.
+            "| 256 MiB | randread | IOPS vs qemu-nbd-qcow2 | ≥ 1.3×, p99 no worse | 1.60× | 0.50× | met |",
+            "| 256 MiB | randread | IOPS vs fio-raw (the disk's limit) | ≥ 0.75× | 0.80× | – | met |",
+            "| 4096 MiB | randread | IOPS vs fio-raw (the disk's limit) | ≥ 0.75× | 0.70× | – | **missed** |",
+            "| 256 MiB | syncwrite | IOPS vs qemu-nbd-qcow2 | ≥ 1.5×, p99 no worse | 1.40× | 0.50× | **missed** |",
+            "| 256 MiB | syncwrite | IOPS vs fio-raw (the disk's limit) | ≥ 0.5× | 0.70× | – | met |",
+            "| 256 MiB | seqread | bandwidth vs qemu-nbd-qcow2 | ≥ 1.3×, p99 no worse | 2.00× | 1.50× | **missed** |",
+            "| 4096 MiB | syncwrite | IOPS vs qemu-nbd-qcow2 | ≥ 1.5×, p99 no worse | – | – | **missing** (no addcow result) |",
+            "| 4096 MiB | syncwrite | IOPS vs fio-raw (the disk's limit) | ≥ 0.5× | – | – | **missing** (no addcow result) |",
+            "5 met, 3 missed, 2 missing of 10",
+        ] {
+            assert!(md.contains(want), "missing {want:?} in\n{md}");
+        }
+        // Costs side by side: one column per server (not fio-raw), a row per profile.
+        assert!(
+            md.contains("| CPU µs/request | addcow | qemu-nbd-qcow2 |"),
+            "{md}"
+        );
+        assert!(md.contains("| randread | 500.0 | 500.0 |"), "{md}");
+        assert!(
+            md.contains("| syscalls/request | addcow | qemu-nbd-qcow2 |"),
+            "{md}"
+        );
+        assert!(md.contains("| randread | – | – |"), "{md}");
+
+        // Written and re-rendered from results.json as the same report, one chart per size.
+        let dir = tempfile::tempdir().unwrap();
+        write_report(
+            dir.path(),
+            &Report {
+                sections: vec![small, big],
+            },
+        )
+        .unwrap();
+        for f in ["chart-256M.svg", "chart-4096M.svg", "results.json"] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+        let first = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        render(dir.path()).unwrap();
+        let again = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert_eq!(first, again);
+    }
+
+    /// A `--cores-scan` run: addcow-cores-N servers get a scaling table, are not peers of
+    /// addcow, and the targets say addcow itself is missing.
+    #[test]
+    fn cores_scan_scaling_table() {
+        let ps: Vec<_> = profiles::all()
+            .into_iter()
+            .filter(|p| p.id == "multiconn")
+            .collect();
+        let ids = vec![
+            ("addcow-cores-1".to_owned(), "one core".to_owned()),
+            ("addcow-cores-2".to_owned(), "two cores".to_owned()),
+        ];
+        let r = build_named(
+            meta(),
+            &ps,
+            &ids,
+            vec![
+                rec_of("multiconn", "addcow-cores-1", 100.0, 10.0),
+                rec_of("multiconn", "addcow-cores-2", 170.0, 10.0),
+            ],
+        );
+        assert!(r.comparisons.is_empty());
+        let md = markdown(&r);
+        assert!(md.contains("## Scaling over engine cores"), "{md}");
+        assert!(md.contains("| 64 MiB | multiconn | 1 | 100 |"), "{md}");
+        assert!(
+            md.contains("| 64 MiB | multiconn | 2 | 170 | 0.7 | 0 µs | 1.70× (1 → 2 cores) |"),
+            "{md}"
+        );
     }
 }

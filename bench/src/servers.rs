@@ -141,9 +141,12 @@ pub struct Running {
 
 /// Starts `server` on `socket` serving `image` (the overlay or raw file it should serve); its
 /// stdout/stderr go to `log`. Returns once the socket accepts connections.
+/// `addcow_args` are appended to `addcow serve` (e.g. `--cores 1`, `--base-cache buffered`;
+/// ignored for the other servers).
 pub fn start(
     server: Server,
     addcow_bin: &Path,
+    addcow_args: &[String],
     image: &Path,
     socket: &Path,
     log: &Path,
@@ -156,6 +159,7 @@ pub fn start(
                 .arg("--socket")
                 .arg(socket)
                 .args(["--cache", "direct"])
+                .args(addcow_args)
                 .arg(image);
             c
         }
@@ -330,6 +334,7 @@ mod tests {
         let mut r = start(
             Server::QemuNbdRaw,
             Path::new("addcow"),
+            &[],
             &img,
             &sock,
             &dir.path().join("log"),
@@ -348,6 +353,7 @@ mod tests {
         let err = start(
             Server::Addcow,
             Path::new("false"),
+            &[],
             &missing,
             &sock,
             &dir.path().join("log"),

@@ -167,6 +167,10 @@ pub struct ServeArgs {
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
     pub overlay: Option<PathBuf>,
+    /// Cache mode of the bases (every layer of a backing chain), for every export: direct
+    /// (O_DIRECT) or buffered (through the page cache, shared by every overlay on one base).
+    #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
+    pub base_cache: CacheMode,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -349,6 +353,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     let mut config = EngineConfig {
         image_cache: args.cache,
+        base_cache: args.base_cache,
         base_timeout: Duration::from_secs(args.base_timeout),
         ..EngineConfig::default()
     };
