@@ -486,3 +486,38 @@ fn a_core_that_panics_while_holding_the_range_lock_lets_every_other_write_finish
         .expect("close commits on the live core");
     closer.join().expect("closer");
 }
+
+#[test]
+fn a_failed_commit_does_not_advance_the_durable_point() {
+    let f = fixture(1 << 20, 0);
+    let mut model = Model::new(&f);
+    let (e, plan) = faulty_engine(2, CacheMode::Direct);
+    let d = open(&e, &f.overlay);
+    d.write_at(8192, &payload(1, 4096), false).expect("write");
+    d.flush().expect("flush");
+    // An overwrite of set bits: its commit is the data sync alone. Cancel it.
+    d.write_at(8192, &payload(2, 4096), false)
+        .expect("overwrite");
+    model.write(8192, &payload(2, 4096));
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    let err = d.flush().expect_err("cancelled");
+    assert_eq!(err.errno, libc::ECANCELED, "{err}");
+    // Nothing was written since, but the overwrite is not durable: the next FLUSH must sync
+    // again (the armed rule takes that sync too).
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    let err = d
+        .flush()
+        .expect_err("the FLUSH after a failed commit issued no data sync");
+    assert_eq!(err.errno, libc::ECANCELED, "{err}");
+    assert_eq!(plan.fired(), 2);
+    d.flush().expect("this one syncs");
+    // Now durable: a FLUSH issues no sync (an armed rule stays unfired).
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    d.flush().expect("nothing to sync");
+    assert_eq!(plan.fired(), 2, "a FLUSH with nothing written synced");
+    plan.clear();
+    assert_eq!(d.stats().commits_skipped, 1);
+    d.close().expect("close");
+    drop((d, e));
+    reopen_check(&f, &model);
+}

@@ -19,6 +19,9 @@ pub struct DiskStats {
     pub commit_waiters: u64,
     /// Bitmap bytes written to the metadata file by commits.
     pub commit_bytes: u64,
+    /// Commits that needed no sync at all (nothing written since the last durable point):
+    /// their FLUSH/FUA waiters were answered at once. Not counted in `commits`.
+    pub commits_skipped: u64,
     /// Sectors whose bit went from clear to set (bits set in memory, durable at the next commit).
     pub bits_set: u64,
     /// Bytes read from the base for clear sectors.
@@ -44,6 +47,7 @@ pub(crate) struct DiskCounters {
     commits_failed: AtomicU64,
     commit_waiters: AtomicU64,
     commit_bytes: AtomicU64,
+    commits_skipped: AtomicU64,
     bits_set: AtomicU64,
     base_bytes_read: AtomicU64,
 }
@@ -59,6 +63,11 @@ impl DiskCounters {
         }
         self.commit_waiters
             .fetch_add(waiters as u64, Ordering::Relaxed);
+    }
+
+    /// A commit was answered without a sync: nothing was written since the last durable point.
+    pub(crate) fn commit_skipped(&self) {
+        self.commits_skipped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` bits went from clear to set.
@@ -80,6 +89,7 @@ impl DiskCounters {
             commits_failed: self.commits_failed.load(Ordering::Relaxed),
             commit_waiters: self.commit_waiters.load(Ordering::Relaxed),
             commit_bytes: self.commit_bytes.load(Ordering::Relaxed),
+            commits_skipped: self.commits_skipped.load(Ordering::Relaxed),
             bits_set: self.bits_set.load(Ordering::Relaxed),
             base_bytes_read: self.base_bytes_read.load(Ordering::Relaxed),
         }

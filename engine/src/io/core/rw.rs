@@ -741,16 +741,24 @@ impl Core {
         stalls: u8,
         res: i32,
     ) {
-        if res < 0 {
-            self.fail(task, -res, op_name(file.role, true));
-            return;
-        }
         let Some(t) = self.tasks.get(task) else {
             return;
         };
-        let n = (res as usize).min(from.len());
+        let n = if res < 0 {
+            0
+        } else {
+            (res as usize).min(from.len())
+        };
         if n > 0 {
             t.disk().rec_write(file.role, off, from.bytes(n));
+        }
+        if file.role == Role::Image {
+            // Even a failed write may have changed bytes: the next commit must sync.
+            t.disk().note_written();
+        }
+        if res < 0 {
+            self.fail(task, -res, op_name(file.role, true));
+            return;
         }
         if n == from.len() {
             return;
@@ -780,14 +788,16 @@ impl Core {
         let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
             return;
         };
+        if res >= 0 {
+            disk.rec_punch(Role::Image, off, len);
+        }
+        disk.note_written();
         if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
             // No hole punching here: write real zeros instead.
             let n = self.issue_zero_writes(task, &disk, off, len);
             self.add_pending(task, n);
         } else if res < 0 {
             self.fail(task, -res, "punch hole in raw image");
-        } else {
-            disk.rec_punch(Role::Image, off, len);
         }
     }
 
