@@ -521,3 +521,53 @@ fn a_failed_commit_does_not_advance_the_durable_point() {
     drop((d, e));
     reopen_check(&f, &model);
 }
+
+#[test]
+fn a_failing_extent_ahead_fallocate_does_not_fail_the_write() {
+    let f = fixture(8 << 20, 1 << 20);
+    let mut model = Model::new(&f);
+    let (e, plan) = faulty_engine(2, CacheMode::Direct);
+    let d = open(&e, &f.overlay); // default: 1 MiB extent-ahead
+                                  // ENOSPC: the write goes on without it; the next extent is tried again.
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::ENOSPC),
+    ));
+    d.write_at(8192, &payload(1, 4096), false)
+        .expect("write despite a failed fallocate");
+    model.write(8192, &payload(1, 4096));
+    assert_eq!(
+        plan.fired(),
+        1,
+        "the first write into a clear extent allocates"
+    );
+    d.write_at(12288, &payload(2, 4096), false).expect("write");
+    model.write(12288, &payload(2, 4096));
+    assert_eq!(plan.fired(), 1, "an extent is asked for once");
+    // EOPNOTSUPP: no more extent-ahead on this disk.
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::EOPNOTSUPP),
+    ));
+    d.write_at((2 << 20) + 7, &payload(3, 5000), true)
+        .expect("FUA write despite a failed fallocate");
+    model.write((2 << 20) + 7, &payload(3, 5000));
+    assert_eq!(plan.fired(), 2);
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::EIO),
+    ));
+    d.write_at(5 << 20, &payload(4, 4096), false)
+        .expect("write");
+    model.write(5 << 20, &payload(4, 4096));
+    assert_eq!(plan.fired(), 2, "no fallocate after EOPNOTSUPP");
+    plan.clear();
+    model.check(&d);
+    d.flush().expect("flush");
+    d.close().expect("close");
+    drop((d, e));
+    reopen_check(&f, &model);
+}

@@ -191,6 +191,9 @@ pub struct ExportStatsReport {
     pub average_commit_batch: f64,
     /// Bitmap bytes written by commits.
     pub commit_bytes: u64,
+    /// FLUSH/FUA commits answered with no sync: nothing was written since the last durable
+    /// point.
+    pub commits_skipped: u64,
     /// Bytes read from the base.
     pub base_bytes_read: u64,
     /// Sectors whose bit went from clear to set.
@@ -227,6 +230,8 @@ pub struct Host {
     pub grace: Duration,
     /// Whether `export-add` turns copy-on-read on when it is not asked (`--copy-on-read`).
     pub copy_on_read: bool,
+    /// Extent-ahead allocation size for every export (`--extent-ahead`; 0 = off).
+    pub extent_ahead: u64,
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
@@ -253,6 +258,7 @@ impl Host {
             stop,
             grace,
             copy_on_read: false,
+            extent_ahead: addcow_engine::DEFAULT_EXTENT_AHEAD,
             shards,
             vhost: Mutex::new(HashMap::new()),
         }
@@ -548,6 +554,7 @@ fn stats_report(e: &Export) -> ExportStatsReport {
         commits_failed: d.commits_failed,
         average_commit_batch: d.average_commit_batch(),
         commit_bytes: d.commit_bytes,
+        commits_skipped: d.commits_skipped,
         base_bytes_read: d.base_bytes_read,
         bits_set: d.bits_set,
     }

@@ -157,6 +157,11 @@ pub struct ServeArgs {
     /// that disconnects can connect again. One request queue per engine core.
     #[arg(long, value_name = "SOCKET")]
     pub vhost_user_blk: Option<PathBuf>,
+    /// Extent-ahead allocation of sparse raw images: the first write into a clear region also
+    /// allocates (fallocate, no data written) the aligned extent of this size around it, once,
+    /// so later writes there do not allocate. A power of two of at least 4K; 0 turns it off.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_bytes)]
+    pub extent_ahead: u64,
     /// The default export (empty name). With no overlay, no --export and no --control: the
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
@@ -359,11 +364,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Duration::from_secs(args.shutdown_grace),
     );
     host.copy_on_read = args.copy_on_read;
+    host.extent_ahead = args.extent_ahead;
     let host = Arc::new(host);
     for e in &named {
         let opts = addcow_engine::DiskOptions {
             read_only: args.read_only || e.read_only,
             copy_on_read: args.copy_on_read,
+            extent_ahead: args.extent_ahead,
         };
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
             .map_err(|e| e.to_string())?;

@@ -19,6 +19,7 @@ use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 use super::align::{dio_align, DioAlign};
 use super::base::{BaseSource, ChainBase};
 use super::config::{CacheMode, DiskOptions, EngineConfig};
+use super::extent_ahead::ExtentAhead;
 use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
 use super::remote::RemoteOptions;
@@ -105,6 +106,8 @@ pub(crate) struct DiskState {
     pub unit: u64,
     /// The partial last O_DIRECT unit, if there is one.
     pub tail: Option<Tail>,
+    /// Extent-ahead allocation of the raw image (`None`: off, read-only, or no holes at open).
+    pub extent_ahead: Option<ExtentAhead>,
     pub meta: File,
     pub base: Option<Box<dyn BaseSource>>,
     pub bitmap: SparseBitmap,
@@ -239,6 +242,23 @@ fn open_tail(image: &File, path: &Path, read_only: bool) -> Result<File> {
     }
 }
 
+/// The extent-ahead state `opts` asks for: `None` when off, read-only, or when the raw image
+/// has no holes (every block allocated: nothing to gain).
+fn extent_ahead(opts: &DiskOptions, image: &File, size: u64) -> Result<Option<ExtentAhead>> {
+    use std::os::unix::fs::MetadataExt;
+    let ea = opts.extent_ahead;
+    if ea == 0 || opts.read_only {
+        return Ok(None);
+    }
+    if !ea.is_power_of_two() || ea < 4096 {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "extent-ahead size {ea} is not a power of two of at least 4096 (or 0 for off)"
+        ))));
+    }
+    let allocated = image.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    Ok((allocated < size).then(|| ExtentAhead::new(ea, size)))
+}
+
 impl DiskState {
     /// Opens and validates the overlay (taking its locks) and builds its shared state; `slot`
     /// is its registered-file lease (the files are registered by the caller).
@@ -293,6 +313,8 @@ impl DiskState {
         } else {
             None
         };
+        let extent_ahead =
+            extent_ahead(opts, &image, virtual_size).map_err(|e| e.with_path(&meta_path))?;
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]
@@ -307,6 +329,7 @@ impl DiskState {
             image_align,
             unit,
             tail,
+            extent_ahead,
             meta,
             base,
             bitmap,

@@ -26,6 +26,8 @@ pub struct DiskStats {
     pub bits_set: u64,
     /// Bytes read from the base for clear sectors.
     pub base_bytes_read: u64,
+    /// Extent-ahead fallocates of the raw image that succeeded.
+    pub extents_allocated: u64,
 }
 
 impl DiskStats {
@@ -50,6 +52,7 @@ pub(crate) struct DiskCounters {
     commits_skipped: AtomicU64,
     bits_set: AtomicU64,
     base_bytes_read: AtomicU64,
+    extents_allocated: AtomicU64,
 }
 
 impl DiskCounters {
@@ -77,6 +80,11 @@ impl DiskCounters {
         }
     }
 
+    /// An extent-ahead fallocate succeeded.
+    pub(crate) fn extent_allocated(&self) {
+        self.extents_allocated.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `n` bytes were read from the base.
     pub(crate) fn base_read(&self, n: u64) {
         self.base_bytes_read.fetch_add(n, Ordering::Relaxed);
@@ -92,6 +100,7 @@ impl DiskCounters {
             commits_skipped: self.commits_skipped.load(Ordering::Relaxed),
             bits_set: self.bits_set.load(Ordering::Relaxed),
             base_bytes_read: self.base_bytes_read.load(Ordering::Relaxed),
+            extents_allocated: self.extents_allocated.load(Ordering::Relaxed),
         }
     }
 }

@@ -314,6 +314,7 @@ impl Core {
         done: Responder,
     ) {
         let data = SharedBuf::new(data);
+        let ahead = self.plan_extent_ahead(&disk, shape.a_start, shape.a_end);
         if !shape.is_rmw() {
             // Whole units: straight from the caller's buffer to the raw image.
             let key = self.tasks.insert(Task::Write(WriteTask {
@@ -330,7 +331,8 @@ impl Core {
                 done,
             }));
             let len = shape.end - shape.offset;
-            let n = self.issue_image_writes(key, &disk, &data, 0, shape.offset, len);
+            let n = self.issue_allocations(key, &disk, ahead)
+                + self.issue_image_writes(key, &disk, &data, 0, shape.offset, len);
             drop(data);
             self.add_pending(key, n);
             return;
@@ -362,7 +364,7 @@ impl Core {
             fua,
             done,
         }));
-        let mut n = 0;
+        let mut n = self.issue_allocations(key, &disk, ahead);
         if let Some(h) = shape.head {
             let h_end = (h + shape.unit).min(a_end);
             n += self.issue_read(key, &disk, &bounce, 0, h, h_end - h);
@@ -646,6 +648,61 @@ impl Core {
             }
         }
         issued
+    }
+
+    /// The extents a WRITE of `[a_start, a_end)` should allocate ahead: when it lands on a clear
+    /// sector, every extent it touches that no earlier write claimed (claimed now).
+    fn plan_extent_ahead(&self, disk: &DiskState, a_start: u64, a_end: u64) -> Vec<(u64, u64)> {
+        let Some(ea) = &disk.extent_ahead else {
+            return Vec::new();
+        };
+        if disk.bitmap.get(a_start / SECTOR_SIZE) && disk.bitmap.get((a_end - 1) / SECTOR_SIZE) {
+            return Vec::new();
+        }
+        ea.extents(a_start, a_end, disk.size)
+            .filter(|&(i, _, _)| ea.claim(i))
+            .map(|(_, off, len)| (off, len))
+            .collect()
+    }
+
+    /// Issues the extent-ahead fallocates `extents` for `task` (alongside its first ops: the
+    /// write does not wait for them, and their failure does not fail it).
+    fn issue_allocations(
+        &mut self,
+        task: usize,
+        disk: &DiskState,
+        extents: Vec<(u64, u64)>,
+    ) -> usize {
+        let file = self.image_file(disk);
+        let mut n = 0;
+        for (off, len) in extents {
+            n += self.issue(task, OpKind::Allocate { file, off, len });
+        }
+        n
+    }
+
+    /// An extent-ahead fallocate completed. A failure (ENOSPC, EOPNOTSUPP, EIO…) is logged
+    /// once per disk and does not fail the write; a file system that cannot fallocate
+    /// (EOPNOTSUPP, EINVAL) gets no more of them.
+    pub(super) fn allocate_done(&mut self, task: usize, res: i32) {
+        let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
+            return;
+        };
+        if res >= 0 {
+            disk.counters.extent_allocated();
+            return;
+        }
+        let Some(ea) = &disk.extent_ahead else {
+            return;
+        };
+        if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
+            ea.disabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !ea.logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(path = %disk.meta_path.display(), errno = -res,
+                "extent-ahead fallocate of the raw image failed; the write goes on without it");
+        }
     }
 
     /// Re-issues the rest of a short transfer as a new op of the same task.
