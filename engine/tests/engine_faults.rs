@@ -527,8 +527,16 @@ fn a_failing_extent_ahead_fallocate_does_not_fail_the_write() {
     let f = fixture(8 << 20, 1 << 20);
     let mut model = Model::new(&f);
     let (e, plan) = faulty_engine(2, CacheMode::Direct);
-    let d = open(&e, &f.overlay); // default: 1 MiB extent-ahead
-                                  // ENOSPC: the write goes on without it; the next extent is tried again.
+    let d = e
+        .open(
+            &f.overlay,
+            addcow_engine::DiskOptions {
+                extent_ahead: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("open overlay");
+    // ENOSPC: the write goes on without it; the next extent is tried again.
     plan.add(rule(
         FaultFile::Image,
         FaultOp::Allocate,
