@@ -67,6 +67,7 @@ cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-pop
 cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
 
 echo "== tests"
 if command -v cargo-nextest >/dev/null; then
@@ -96,6 +97,10 @@ cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first
 cargo test -p addcow-engine --features crash-recorder,unsafe-populate-bits-first --no-fail-fast --test crash_consistency crash_checker_detects_copy_on_read_bits_first
 cargo test -p addcow-engine --features crash-recorder,unsafe-bits-before-sync --no-fail-fast --test engine_ordering
 cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync --no-fail-fast --test engine_faults data_fdatasync
+# A FLUSH answered without the data sync when no bit is new (overwrites of set sectors lost):
+# the crash checker must find it and the recorder-log FLUSH-cost test must fail (should_panic).
+cargo test -p addcow-engine --features crash-recorder,unsafe-flush-skips-data-sync --no-fail-fast --test crash_consistency crash_checker_detects_skipped_data_sync
+cargo test -p addcow-engine --features crash-recorder,unsafe-flush-skips-data-sync --no-fail-fast --test engine_flush_cost crash_flush_costs_only_what_was_written
 # The same for resize, rebase and commit: with each one's order broken, the lifecycle crash
 # checker must find crash states that do not open or read wrong (the tests assert violations).
 cargo test -p addcow-engine --features crash-recorder,unsafe-lifecycle-order --no-fail-fast --test lifecycle_crash

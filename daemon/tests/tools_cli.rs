@@ -47,7 +47,14 @@ fn help_on_every_command() {
     for (cmd, flags) in [
         (
             "create",
-            &["--base", "--image", "--size", "--force", "OVERLAY"][..],
+            &[
+                "--base",
+                "--image",
+                "--size",
+                "--force",
+                "--preallocation",
+                "OVERLAY",
+            ][..],
         ),
         ("info", &["--json", "OVERLAY"]),
         ("check", &["--json", "OVERLAY", "Exit status"]),
@@ -425,4 +432,117 @@ fn qemu_img_sees_the_raw_image() {
     assert_eq!(j["virtual-size"], 3u64 << 30);
     // Sparse: qemu sees (next to) no allocated bytes.
     assert!(j["actual-size"].as_u64().unwrap() < 1 << 20, "{j}");
+}
+
+/// `(allocated bytes, first data offset or None)` of `p`.
+fn allocation(p: &Path) -> (u64, Option<u64>) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(p).unwrap();
+    // SAFETY: lseek on an open descriptor; no memory is passed.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    (
+        f.metadata().unwrap().blocks() * 512,
+        u64::try_from(data).ok(),
+    )
+}
+
+#[test]
+fn create_preallocation_modes() {
+    let (_t, root) = tmp();
+    let size = 8u64 << 20;
+    for mode in ["off", "falloc", "full"] {
+        let overlay = format!("{mode}.add-cow");
+        let o = addcow(
+            &root,
+            &["create", "--size", "8M", "--preallocation", mode, &overlay],
+        );
+        assert!(o.status.success(), "{mode}: {}", text(&o));
+        let raw = root.join(format!("{mode}.raw"));
+        assert_eq!(std::fs::metadata(&raw).unwrap().len(), size, "{mode}");
+        let (allocated, data) = allocation(&raw);
+        match mode {
+            "off" => assert_eq!((allocated, data), (0, None), "sparse"),
+            // Unwritten extents: allocated, and no data for SEEK_DATA on ext4 / xfs.
+            "falloc" => assert!(allocated >= size, "falloc allocated {allocated}"),
+            _ => assert_eq!((allocated >= size, data), (true, Some(0)), "full"),
+        }
+        let bytes = std::fs::read(&raw).unwrap();
+        assert!(bytes.iter().all(|&b| b == 0), "{mode}: reads zeros");
+        // The overlay opens and reads as an all-clear disk of that size.
+        let ov = Overlay::open(&root.join(&overlay), &OpenOptions::default()).unwrap();
+        assert_eq!(
+            (ov.virtual_size, ov.bitmap.count_set()),
+            (size, 0),
+            "{mode}"
+        );
+        drop(ov);
+        let info = Command::new("qemu-img")
+            .args(["info", "-f", "raw", "--output=json"])
+            .arg(&raw)
+            .output()
+            .expect("qemu-img (qemu-utils) is needed");
+        assert!(info.status.success(), "{}", text(&info));
+        let j: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(j["virtual-size"], size, "{mode}: {j}");
+        assert_eq!(
+            j["actual-size"].as_u64().unwrap() >= size,
+            mode != "off",
+            "{mode}: {j}"
+        );
+    }
+    // All three raw images hold the same bytes.
+    for mode in ["falloc", "full"] {
+        let c = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", "off.raw"])
+            .arg(format!("{mode}.raw"))
+            .current_dir(&root)
+            .output()
+            .expect("qemu-img");
+        assert!(c.status.success(), "off vs {mode}: {}", text(&c));
+    }
+    // An existing raw image is used as it is: preallocating it is refused, untouched.
+    std::fs::write(root.join("busy.raw"), vec![7u8; 4096]).unwrap();
+    for mode in ["falloc", "full"] {
+        let o = addcow(
+            &root,
+            &[
+                "create",
+                "--preallocation",
+                mode,
+                "-i",
+                "busy.raw",
+                "b.add-cow",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("preallocation") && err.contains("busy.raw") && err.contains("exists"),
+            "{err}"
+        );
+        assert!(!root.join("b.add-cow").exists());
+    }
+    assert_eq!(
+        std::fs::read(root.join("busy.raw")).unwrap(),
+        vec![7u8; 4096]
+    );
+    let o = addcow(
+        &root,
+        &[
+            "create",
+            "--size",
+            "1M",
+            "--preallocation",
+            "metadata",
+            "x.add-cow",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("off, falloc or full"),
+        "{}",
+        text(&o)
+    );
+    assert!(!root.join("x.raw").exists());
 }

@@ -21,5 +21,5 @@ pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
     CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
     EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SourceCtx, SourceId,
-    MAX_POPULATE,
+    DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
 };

@@ -80,6 +80,9 @@ struct Run {
     /// `(name, bytes)` of every file under the overlay (the base, or a chain's files).
     lower_files: Vec<(&'static str, Vec<u8>)>,
     dir: std::path::PathBuf,
+    /// The disk's counters just before it was closed.
+    #[cfg_attr(feature = "unsafe-flush-skips-data-sync", allow(dead_code))]
+    stats: addcow_engine::DiskStats,
     _fixture: Fixture,
 }
 
@@ -99,6 +102,10 @@ struct Shape {
     /// The disk is opened with copy-on-read: reads of clear sectors also copy their units into
     /// the raw image (a populate); reads are a third of the requests then.
     copy_on_read: bool,
+    /// After many batches a thread sends two FLUSHes in a row: the second usually has nothing
+    /// new to make durable (and is answered with no sync), as often does the first (when the
+    /// batch only overwrote sectors whose bits were set: one data sync).
+    repeat_flushes: bool,
 }
 
 /// Populates the whole disk in chunks of up to `max` bytes from a random start, wrapping.
@@ -137,15 +144,18 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         chain,
         stream,
         copy_on_read,
+        repeat_flushes,
     } = *shape;
     // A deliberately broken populate shows unwritten bytes to readers too; the crash checker is
     // what must catch it, so reads are not checked on the fly then.
     let check_reads = !cfg!(feature = "unsafe-populate-bits-first");
+    // The last 16 KiB of every 64 KiB of the raw image are holes (extent-ahead allocates
+    // there, the disk's 16 KiB extents elsewhere are allocated already).
     let fx = Fixture::new(
         SECTORS,
         BASE_LEN,
-        |s| s % 16 == 3 || s % 16 == 4,
-        |s| s % 16 == 9,
+        |s| s % 128 < 96 && (s % 16 == 3 || s % 16 == 4),
+        |s| s % 128 < 96 && s % 16 == 9,
     );
     let (meta0, image0, base0) = fx.files();
     let (base_view, lower_files) = if chain {
@@ -186,6 +196,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
             &fx.meta,
             DiskOptions {
                 copy_on_read,
+                extent_ahead: 16 << 10,
                 ..DiskOptions::default()
             },
         )
@@ -288,6 +299,13 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
                     for (off, data) in written {
                         model[off as usize..off as usize + data.len()].copy_from_slice(&data);
                     }
+                    if repeat_flushes && rng.gen_bool(0.4) {
+                        for _ in 0..2 {
+                            let id = tracker.issue_flush();
+                            call(&disk, t, Request::Flush).expect("flush");
+                            tracker.answer_flush(id);
+                        }
+                    }
                 }
                 (ranges, model)
             })
@@ -319,6 +337,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
     let id = tracker.issue_flush();
     call(&disk, 0, Request::Flush).expect("final flush");
     tracker.answer_flush(id);
+    let stats = disk.stats();
     disk.close().expect("close");
     engine.shutdown().expect("shutdown");
     let events = recorder.snapshot();
@@ -330,6 +349,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         expected_disk,
         lower_files,
         dir: fx.dir.path().to_path_buf(),
+        stats,
         _fixture: fx,
     }
 }
@@ -363,6 +383,7 @@ fn crash_consistency_of_engine_workload() {
             chain: false,
             stream: false,
             copy_on_read: false,
+            repeat_flushes: false,
         },
     );
     check_run(&run, seed, 10_000);
@@ -384,6 +405,7 @@ fn crash_consistency_over_a_backing_chain() {
             chain: true,
             stream: false,
             copy_on_read: false,
+            repeat_flushes: false,
         },
     );
     check_run(&run, seed, 4_000);
@@ -410,6 +432,7 @@ fn crash_consistency_of_stream_under_writes() {
             chain: false,
             stream: true,
             copy_on_read: false,
+            repeat_flushes: false,
         },
     );
     check_run(&run, seed, 10_000);
@@ -541,6 +564,7 @@ fn crash_consistency_of_engine_workload_buffered() {
             chain: false,
             stream: true,
             copy_on_read: false,
+            repeat_flushes: false,
         },
     );
     let report = check(&run, seed, 2_000);
@@ -564,6 +588,7 @@ fn crash_checker_detects_bits_before_sync() {
             chain: false,
             stream: false,
             copy_on_read: false,
+            repeat_flushes: false,
         },
     );
     let report = check(&run, seed, 4_000);
@@ -594,6 +619,7 @@ fn crash_consistency_of_copy_on_read_under_writes() {
             chain: false,
             stream: false,
             copy_on_read: true,
+            repeat_flushes: false,
         },
     );
     // That copy-on-read really copies here is shown by `crash_checker_detects_copy_on_read_
@@ -621,6 +647,7 @@ fn crash_checker_detects_copy_on_read_bits_first() {
                 chain: false,
                 stream: false,
                 copy_on_read: true,
+                repeat_flushes: false,
             },
         );
         let report = check(&run, seed.wrapping_add(k), 4_000);
@@ -657,6 +684,7 @@ fn crash_checker_detects_populate_bits_first() {
                 chain: false,
                 stream: true,
                 copy_on_read: false,
+                repeat_flushes: false,
             },
         );
         let report = check(&run, seed.wrapping_add(k), 4_000);
@@ -670,4 +698,57 @@ fn crash_checker_detects_populate_bits_first() {
         reports.len(),
         reports.join("")
     );
+}
+
+/// The workload with repeated FLUSHes: many of them have nothing new (answered with no sync)
+/// or only overwrites of set sectors (one data sync); no crash state may lose a write that a
+/// FLUSH answered before it covered.
+#[cfg(not(any(
+    feature = "unsafe-bits-before-sync",
+    feature = "unsafe-flush-skips-data-sync"
+)))]
+#[test]
+fn crash_consistency_with_flushes_that_have_nothing_new() {
+    let seed = seed("CRASH_SEED");
+    let run = run_workload(seed, &flush_shape());
+    assert!(
+        run.stats.commits_skipped > 0 && run.stats.extents_allocated > 0,
+        "no FLUSH was free or no extent allocated ahead: the workload did not exercise the \
+         paths ({:?})",
+        run.stats
+    );
+    let report = check(&run, seed, 2_000);
+    assert_eq!(report.violating_states, 0, "{report}");
+}
+
+/// With a FLUSH deliberately answered without the data sync whenever no bit is new, the checker
+/// must find crash states that lose overwrites a FLUSH covered.
+#[cfg(feature = "unsafe-flush-skips-data-sync")]
+#[test]
+fn crash_checker_detects_skipped_data_sync() {
+    let seed = seed("CRASH_SEED");
+    let run = run_workload(seed, &flush_shape());
+    let report = check(&run, seed, 2_000);
+    assert!(
+        report.violating_states > 0,
+        "no violation found with the data sync skipped: {report}"
+    );
+}
+
+#[cfg(any(
+    feature = "unsafe-flush-skips-data-sync",
+    not(feature = "unsafe-bits-before-sync")
+))]
+fn flush_shape() -> Shape {
+    Shape {
+        threads: 4,
+        ops_per_thread: 120,
+        cores: 2,
+        image_cache: CacheMode::Direct,
+        commit_delay: None,
+        chain: false,
+        stream: false,
+        copy_on_read: false,
+        repeat_flushes: true,
+    }
 }

@@ -486,3 +486,96 @@ fn a_core_that_panics_while_holding_the_range_lock_lets_every_other_write_finish
         .expect("close commits on the live core");
     closer.join().expect("closer");
 }
+
+#[test]
+fn a_failed_commit_does_not_advance_the_durable_point() {
+    let f = fixture(1 << 20, 0);
+    let mut model = Model::new(&f);
+    let (e, plan) = faulty_engine(2, CacheMode::Direct);
+    let d = open(&e, &f.overlay);
+    d.write_at(8192, &payload(1, 4096), false).expect("write");
+    d.flush().expect("flush");
+    // An overwrite of set bits: its commit is the data sync alone. Cancel it.
+    d.write_at(8192, &payload(2, 4096), false)
+        .expect("overwrite");
+    model.write(8192, &payload(2, 4096));
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    let err = d.flush().expect_err("cancelled");
+    assert_eq!(err.errno, libc::ECANCELED, "{err}");
+    // Nothing was written since, but the overwrite is not durable: the next FLUSH must sync
+    // again (the armed rule takes that sync too).
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    let err = d
+        .flush()
+        .expect_err("the FLUSH after a failed commit issued no data sync");
+    assert_eq!(err.errno, libc::ECANCELED, "{err}");
+    assert_eq!(plan.fired(), 2);
+    d.flush().expect("this one syncs");
+    // Now durable: a FLUSH issues no sync (an armed rule stays unfired).
+    plan.add(rule(FaultFile::Image, FaultOp::Sync, FaultAction::Cancel));
+    d.flush().expect("nothing to sync");
+    assert_eq!(plan.fired(), 2, "a FLUSH with nothing written synced");
+    plan.clear();
+    assert_eq!(d.stats().commits_skipped, 1);
+    d.close().expect("close");
+    drop((d, e));
+    reopen_check(&f, &model);
+}
+
+#[test]
+fn a_failing_extent_ahead_fallocate_does_not_fail_the_write() {
+    let f = fixture(8 << 20, 1 << 20);
+    let mut model = Model::new(&f);
+    let (e, plan) = faulty_engine(2, CacheMode::Direct);
+    let d = e
+        .open(
+            &f.overlay,
+            addcow_engine::DiskOptions {
+                extent_ahead: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("open overlay");
+    // ENOSPC: the write goes on without it; the next extent is tried again.
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::ENOSPC),
+    ));
+    d.write_at(8192, &payload(1, 4096), false)
+        .expect("write despite a failed fallocate");
+    model.write(8192, &payload(1, 4096));
+    assert_eq!(
+        plan.fired(),
+        1,
+        "the first write into a clear extent allocates"
+    );
+    d.write_at(12288, &payload(2, 4096), false).expect("write");
+    model.write(12288, &payload(2, 4096));
+    assert_eq!(plan.fired(), 1, "an extent is asked for once");
+    // EOPNOTSUPP: no more extent-ahead on this disk.
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::EOPNOTSUPP),
+    ));
+    d.write_at((2 << 20) + 7, &payload(3, 5000), true)
+        .expect("FUA write despite a failed fallocate");
+    model.write((2 << 20) + 7, &payload(3, 5000));
+    assert_eq!(plan.fired(), 2);
+    plan.add(rule(
+        FaultFile::Image,
+        FaultOp::Allocate,
+        FaultAction::Fail(libc::EIO),
+    ));
+    d.write_at(5 << 20, &payload(4, 4096), false)
+        .expect("write");
+    model.write(5 << 20, &payload(4, 4096));
+    assert_eq!(plan.fired(), 2, "no fallocate after EOPNOTSUPP");
+    plan.clear();
+    model.check(&d);
+    d.flush().expect("flush");
+    d.close().expect("close");
+    drop((d, e));
+    reopen_check(&f, &model);
+}

@@ -189,7 +189,10 @@ fn crash_order_holds_for_a_commit_longer_than_one_chain() {
 }
 
 /// For a FLUSH answered at log position `p` and a write answered (by the same thread, before
-/// it sent the FLUSH) at `w`: some image fdatasync began after `w` and ended before `p`, and the
+/// it sent the FLUSH) whose data write completed at `w` (the last raw-image write of its first
+/// sector before its answer; a commit launched between that completion and the answer covers
+/// it, and a FLUSH may share that commit): some image fdatasync began after `w` and ended
+/// before `p`, and the
 /// write's (fresh) bit was written to the metadata file by a write that a metadata fdatasync
 /// (begun after that write, ended before `p`) made durable. (The bit's write may precede `w`: a
 /// concurrent commit can persist it between the bit being set and the answer being logged.)
@@ -200,8 +203,18 @@ fn check_flush_covers_earlier_writes(events: &[Event]) -> usize {
     let mut begins: HashMap<(bool, u64), usize> = HashMap::new();
     let mut syncs: Vec<(bool, usize, usize)> = Vec::new(); // (is_meta, begin, end)
     let mut meta_writes: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let mut last_data: HashMap<u64, usize> = HashMap::new();
     for (i, ev) in events.iter().enumerate() {
         match ev {
+            Event::Write {
+                file: FileRole::Image,
+                offset,
+                data,
+            } => {
+                for s in offset / 512..(offset + data.len() as u64).div_ceil(512) {
+                    last_data.insert(s, i);
+                }
+            }
             Event::SyncBegin { file, id } => {
                 begins.insert((*file == FileRole::Meta, *id), i);
             }
@@ -221,7 +234,11 @@ fn check_flush_covers_earlier_writes(events: &[Event]) -> usize {
                 meta_writes.push((i, *offset, data.clone()));
             }
             Event::Client(ClientEvent::WriteAnswered { offset, data, .. }) => {
-                answered.push((i, *offset, data.len()));
+                let w = last_data
+                    .get(&(offset / 512))
+                    .copied()
+                    .expect("a write answered before its data write was logged");
+                answered.push((w, *offset, data.len()));
             }
             Event::Client(ClientEvent::FlushAnswered { .. }) => {
                 for &(w, offset, len) in &answered {

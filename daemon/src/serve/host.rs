@@ -191,6 +191,9 @@ pub struct ExportStatsReport {
     pub average_commit_batch: f64,
     /// Bitmap bytes written by commits.
     pub commit_bytes: u64,
+    /// FLUSH/FUA commits answered with no sync: nothing was written since the last durable
+    /// point.
+    pub commits_skipped: u64,
     /// Bytes read from the base.
     pub base_bytes_read: u64,
     /// Sectors whose bit went from clear to set.
@@ -229,6 +232,8 @@ pub struct Host {
     pub copy_on_read: bool,
     /// How long opening an overlay locked by another process is retried (`--lock-wait`).
     pub lock_wait: Duration,
+    /// Extent-ahead allocation size for every export (`--extent-ahead`; 0 = off).
+    pub extent_ahead: u64,
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
@@ -256,6 +261,7 @@ impl Host {
             grace,
             lock_wait: Duration::ZERO,
             copy_on_read: false,
+            extent_ahead: addcow_engine::DEFAULT_EXTENT_AHEAD,
             shards,
             vhost: Mutex::new(HashMap::new()),
         }
@@ -586,6 +592,7 @@ fn stats_report(e: &Export) -> ExportStatsReport {
         commits_failed: d.commits_failed,
         average_commit_batch: d.average_commit_batch(),
         commit_bytes: d.commit_bytes,
+        commits_skipped: d.commits_skipped,
         base_bytes_read: d.base_bytes_read,
         bits_set: d.bits_set,
     }

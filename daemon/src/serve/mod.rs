@@ -163,6 +163,12 @@ pub struct ServeArgs {
     /// it holds, asynchronously. 0 refuses at once.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub lock_wait: u64,
+    /// Extent-ahead allocation of sparse raw images: the first write into a clear region also
+    /// allocates (fallocate, no data written) the aligned extent of this size around it, once,
+    /// so later writes there do not allocate. A power of two of at least 4K (1M is a sensible
+    /// size); 0, the default, turns it off (on ext4 it measured within noise of off).
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_bytes)]
+    pub extent_ahead: u64,
     /// The default export (empty name). With no overlay, no --export and no --control: the
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
@@ -371,11 +377,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     );
     host.copy_on_read = args.copy_on_read;
     host.lock_wait = Duration::from_secs(args.lock_wait);
+    host.extent_ahead = args.extent_ahead;
     let host = Arc::new(host);
     for e in &named {
         let opts = addcow_engine::DiskOptions {
             read_only: args.read_only || e.read_only,
             copy_on_read: args.copy_on_read,
+            extent_ahead: args.extent_ahead,
         };
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
             .map_err(|e| e.to_string())?;

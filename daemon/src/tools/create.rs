@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::format::{create, CreateOptions};
+use addcow_engine::format::{create_with, CreateOptions, Preallocation};
 
 use super::{fail, human_size, parse_size};
 
@@ -14,7 +14,7 @@ use super::{fail, human_size, parse_size};
 /// its folder is moved); absolute paths are stored as given.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  addcow create -b ubuntu.img vm1.add-cow          # vm1.raw, same size as ubuntu.img\n  addcow create -b ubuntu.img -i /data/vm1.raw --size 20G vm1.add-cow\n  addcow create --size 10G scratch.add-cow         # no base: unwritten sectors read as zeros"
+    after_help = "Examples:\n  addcow create -b ubuntu.img vm1.add-cow          # vm1.raw, same size as ubuntu.img\n  addcow create -b ubuntu.img -i /data/vm1.raw --size 20G vm1.add-cow\n  addcow create --size 10G scratch.add-cow         # no base: unwritten sectors read as zeros\n  addcow create -b ubuntu.img --preallocation falloc vm2.add-cow  # raw image allocated up front"
 )]
 pub struct CreateArgs {
     /// Base image the overlay reads unwritten sectors from (opened read-only, never written).
@@ -32,6 +32,11 @@ pub struct CreateArgs {
     /// Overwrite an existing overlay (still refused while another process has it open).
     #[arg(long)]
     pub force: bool,
+    /// How to allocate a new raw image (qemu-img's names): `off` sparse, `falloc` fallocate
+    /// it whole (no data written), `full` write zeros over it. Refused (other than `off`) when
+    /// the raw image exists. The bitmap is always allocated. Not recorded in the overlay.
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = |s: &str| s.parse::<Preallocation>())]
+    pub preallocation: Preallocation,
     /// The `.add-cow` metadata file to create.
     #[arg(value_name = "OVERLAY")]
     pub overlay: PathBuf,
@@ -46,7 +51,7 @@ pub fn run(args: CreateArgs) -> ExitCode {
         size: args.size,
         force: args.force,
     };
-    if let Err(e) = create(&opts) {
+    if let Err(e) = create_with(&opts, args.preallocation) {
         return fail("create", e);
     }
     // Report what was made, from the file itself.

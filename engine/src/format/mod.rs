@@ -23,4 +23,4 @@ pub use header::{
     bitmap_len, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, PATH_FIELD_LEN, SECTOR_SIZE, VERSION,
 };
 pub use map::{map_runs, MapRun};
-pub use overlay::{create, CreateOptions, OpenOptions, Overlay};
+pub use overlay::{create, create_with, CreateOptions, OpenOptions, Overlay, Preallocation};

@@ -19,6 +19,7 @@ use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 use super::align::{dio_align, DioAlign};
 use super::base::{BaseSource, ChainBase};
 use super::config::{CacheMode, DiskOptions, EngineConfig};
+use super::extent_ahead::ExtentAhead;
 use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
 use super::remote::RemoteOptions;
@@ -55,12 +56,24 @@ pub(crate) struct Waiter {
 }
 
 /// The per-disk commit state, behind the disk's mutex.
+///
+/// Durable point: `durable` is the value of [`DiskState::written`] that the last successful
+/// commit read before it submitted its raw-image fdatasync; every mutation that completed before
+/// that read is durable. A commit that fails leaves it where it was.
 #[derive(Default)]
 pub(crate) struct CommitState {
     /// A commit is running (one at a time per disk).
     pub in_flight: bool,
+    /// The [`DiskState::written`] value the running commit read at launch (before it pushed its
+    /// first sync); `None` while it is not launched yet, or answers without a sync.
+    pub in_flight_gen: Option<u64>,
     /// Waiters that arrived while a commit was in flight: they need the next commit.
     pub next: Vec<Waiter>,
+    /// Waiters that arrived while a commit was in flight with nothing written or marked since
+    /// its launch: the running commit covers them, and answers them with its own result.
+    pub riders: Vec<Waiter>,
+    /// See the type's docs (0 at open: the first commit always syncs).
+    pub durable: u64,
 }
 
 /// The partial last O_DIRECT unit of the raw image: when the disk's size is not a multiple of
@@ -93,6 +106,8 @@ pub(crate) struct DiskState {
     pub unit: u64,
     /// The partial last O_DIRECT unit, if there is one.
     pub tail: Option<Tail>,
+    /// Extent-ahead allocation of the raw image (`None`: off, read-only, or no holes at open).
+    pub extent_ahead: Option<ExtentAhead>,
     pub meta: File,
     pub base: Option<Box<dyn BaseSource>>,
     pub bitmap: SparseBitmap,
@@ -120,6 +135,11 @@ pub(crate) struct DiskState {
     /// Copy-on-reads skipped because too many were in flight (logged once per disk).
     pub copy_ups_skipped: AtomicU64,
     pub bg_armed: AtomicBool,
+    /// The write generation: bumped at the completion of every op that changed the raw image
+    /// (write, zero write, punch, copy-up write; through either fd), after the op is recorded
+    /// and before its request is answered. Starts at 1, so the first commit after open syncs
+    /// (an earlier process may have left unsynced pages of the raw image behind).
+    pub written: AtomicU64,
     pub next_core: AtomicUsize,
     pub sync_ids: AtomicU64,
     /// What the engine did for this disk (read by `Disk::stats`).
@@ -222,6 +242,23 @@ fn open_tail(image: &File, path: &Path, read_only: bool) -> Result<File> {
     }
 }
 
+/// The extent-ahead state `opts` asks for: `None` when off, read-only, or when the raw image
+/// has no holes (every block allocated: nothing to gain).
+fn extent_ahead(opts: &DiskOptions, image: &File, size: u64) -> Result<Option<ExtentAhead>> {
+    use std::os::unix::fs::MetadataExt;
+    let ea = opts.extent_ahead;
+    if ea == 0 || opts.read_only {
+        return Ok(None);
+    }
+    if !ea.is_power_of_two() || ea < 4096 {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "extent-ahead size {ea} is not a power of two of at least 4096 (or 0 for off)"
+        ))));
+    }
+    let allocated = image.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    Ok((allocated < size).then(|| ExtentAhead::new(ea, size)))
+}
+
 impl DiskState {
     /// Opens and validates the overlay (taking its locks) and builds its shared state; `slot`
     /// is its registered-file lease (the files are registered by the caller).
@@ -276,6 +313,8 @@ impl DiskState {
         } else {
             None
         };
+        let extent_ahead =
+            extent_ahead(opts, &image, virtual_size).map_err(|e| e.with_path(&meta_path))?;
         let blen = bitmap_len(virtual_size);
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]
@@ -290,6 +329,7 @@ impl DiskState {
             image_align,
             unit,
             tail,
+            extent_ahead,
             meta,
             base,
             bitmap,
@@ -303,6 +343,7 @@ impl DiskState {
             sync_failed: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             bg_armed: AtomicBool::new(false),
+            written: AtomicU64::new(1),
             next_core: AtomicUsize::new(0),
             sync_ids: AtomicU64::new(1),
             counters: DiskCounters::default(),
@@ -374,6 +415,24 @@ impl DiskState {
         if let Some(b) = &self.base {
             b.unlock();
         }
+    }
+
+    /// An op that may have changed the raw image completed (successfully or not): a commit
+    /// launched from now on must sync it. Call after recording the op, before answering.
+    pub(crate) fn note_written(&self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a commit launched now would have nothing to make durable: no mutation completed
+    /// since the durable point `durable` and no metadata block is marked.
+    ///
+    /// With the test-only feature `unsafe-flush-skips-data-sync` the generation is ignored
+    /// (deliberately wrong: an overwrite of set bits is never synced), so the crash checker
+    /// can prove it catches a skipped sync.
+    pub(crate) fn nothing_to_commit(&self, durable: u64) -> bool {
+        let gen_clean = cfg!(feature = "unsafe-flush-skips-data-sync")
+            || self.written.load(Ordering::SeqCst) == durable;
+        gen_clean && !self.dirty.any()
     }
 
     /// The next id for a recorded fdatasync.

@@ -38,6 +38,8 @@ pub enum FaultOp {
     Sync,
     /// Hole punch.
     Punch,
+    /// Extent-ahead fallocate.
+    Allocate,
 }
 
 /// What a firing rule does to its op (see the module docs).

@@ -38,6 +38,7 @@ mod disk;
 mod disk_state;
 mod engine;
 mod engine_shared;
+mod extent_ahead;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 mod file_slot;
@@ -56,7 +57,7 @@ mod split;
 mod stats;
 
 pub use buf::{IoBuf, BUF_ALIGN};
-pub use config::{CacheMode, DiskOptions, EngineConfig};
+pub use config::{CacheMode, DiskOptions, EngineConfig, DEFAULT_EXTENT_AHEAD};
 pub use disk::Disk;
 pub use engine::Engine;
 pub use request::{

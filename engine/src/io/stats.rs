@@ -19,10 +19,15 @@ pub struct DiskStats {
     pub commit_waiters: u64,
     /// Bitmap bytes written to the metadata file by commits.
     pub commit_bytes: u64,
+    /// Commits that needed no sync at all (nothing written since the last durable point):
+    /// their FLUSH/FUA waiters were answered at once. Not counted in `commits`.
+    pub commits_skipped: u64,
     /// Sectors whose bit went from clear to set (bits set in memory, durable at the next commit).
     pub bits_set: u64,
     /// Bytes read from the base for clear sectors.
     pub base_bytes_read: u64,
+    /// Extent-ahead fallocates of the raw image that succeeded.
+    pub extents_allocated: u64,
 }
 
 impl DiskStats {
@@ -44,8 +49,10 @@ pub(crate) struct DiskCounters {
     commits_failed: AtomicU64,
     commit_waiters: AtomicU64,
     commit_bytes: AtomicU64,
+    commits_skipped: AtomicU64,
     bits_set: AtomicU64,
     base_bytes_read: AtomicU64,
+    extents_allocated: AtomicU64,
 }
 
 impl DiskCounters {
@@ -61,11 +68,21 @@ impl DiskCounters {
             .fetch_add(waiters as u64, Ordering::Relaxed);
     }
 
+    /// A commit was answered without a sync: nothing was written since the last durable point.
+    pub(crate) fn commit_skipped(&self) {
+        self.commits_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `n` bits went from clear to set.
     pub(crate) fn bits_set(&self, n: u64) {
         if n > 0 {
             self.bits_set.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// An extent-ahead fallocate succeeded.
+    pub(crate) fn extent_allocated(&self) {
+        self.extents_allocated.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` bytes were read from the base.
@@ -80,8 +97,10 @@ impl DiskCounters {
             commits_failed: self.commits_failed.load(Ordering::Relaxed),
             commit_waiters: self.commit_waiters.load(Ordering::Relaxed),
             commit_bytes: self.commit_bytes.load(Ordering::Relaxed),
+            commits_skipped: self.commits_skipped.load(Ordering::Relaxed),
             bits_set: self.bits_set.load(Ordering::Relaxed),
             base_bytes_read: self.base_bytes_read.load(Ordering::Relaxed),
+            extents_allocated: self.extents_allocated.load(Ordering::Relaxed),
         }
     }
 }

@@ -342,6 +342,7 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let opts = addcow_engine::DiskOptions {
         read_only,
         copy_on_read: a.copy_on_read.unwrap_or(host.copy_on_read),
+        extent_ahead: host.extent_ahead,
     };
     let export = match vhost_params(&a)? {
         None => host.add_export(&a.name, &a.overlay, opts, Origin::Control)?,

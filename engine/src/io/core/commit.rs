@@ -10,7 +10,13 @@
 //!    chain is pushed), answer every waiter; a failed commit re-marks its blocks.
 //!
 //! One commit is in flight per disk (`CommitState::in_flight`); FLUSH/FUA requests arriving
-//! meanwhile wait in `CommitState::next` and share the next one.
+//! meanwhile wait in `CommitState::next` and share the next one, unless nothing was written or
+//! marked since the running one read the write generation: then the running one covers them
+//! (`CommitState::riders`).
+//!
+//! A commit with nothing to make durable (no op changed the raw image since the durable point
+//! and no metadata block is marked; see `DiskState::written`) answers its waiters at once
+//! with no sync at all. A commit with no new bits is one fdatasync of the raw image.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,19 +41,49 @@ impl Core {
         {
             let mut st = lock(&disk.commit);
             if st.in_flight {
-                st.next.extend(waiters);
+                match st.in_flight_gen {
+                    Some(g) if disk.nothing_to_commit(g) => st.riders.extend(waiters),
+                    _ => st.next.extend(waiters),
+                }
                 return;
             }
             st.in_flight = true;
+            st.in_flight_gen = None;
         }
         self.launch_commit(Arc::clone(disk), waiters);
     }
 
     /// Takes the dirty marks, copies the blocks, and pushes the first chain of the steps.
-    pub(super) fn launch_commit(&mut self, disk: Arc<DiskState>, waiters: Vec<Waiter>) {
-        if disk.sync_failed.load(Ordering::Acquire) {
-            self.refuse_commits(&disk, waiters);
-            return;
+    /// A commit with nothing to make durable answers its waiters at once (and then the ones
+    /// queued meanwhile, until some commit has work or none is queued).
+    pub(super) fn launch_commit(&mut self, disk: Arc<DiskState>, mut waiters: Vec<Waiter>) {
+        loop {
+            if disk.sync_failed.load(Ordering::Acquire) {
+                self.refuse_commits(&disk, waiters);
+                return;
+            }
+            // The generation is read before the dirty marks are taken and before any sync is
+            // pushed: every mutation that completed before this read is covered by the syncs.
+            let skip = {
+                let mut st = lock(&disk.commit);
+                let gen = disk.written.load(Ordering::SeqCst);
+                let skip = disk.nothing_to_commit(st.durable);
+                st.in_flight_gen = (!skip).then_some(gen);
+                skip
+            };
+            if !skip {
+                break;
+            }
+            disk.counters.commit_skipped();
+            for w in waiters {
+                self.answer_waiter(w, Ok(()));
+            }
+            let mut st = lock(&disk.commit);
+            if st.next.is_empty() {
+                st.in_flight = false;
+                return;
+            }
+            waiters = std::mem::take(&mut st.next);
         }
         let blocks = disk.dirty.take();
         let spans = commit_plan::spans(&blocks, META_BLOCK, disk.meta_len);
@@ -134,12 +170,20 @@ impl Core {
     pub(super) fn finish_commit(&mut self, t: CommitTask) {
         let CommitTask {
             disk,
-            waiters,
+            mut waiters,
             blocks,
             bytes,
             err,
             ..
         } = t;
+        {
+            let mut st = lock(&disk.commit);
+            waiters.append(&mut st.riders);
+            if let (None, Some(g)) = (&err, st.in_flight_gen) {
+                st.durable = st.durable.max(g);
+            }
+            st.in_flight_gen = None;
+        }
         disk.counters
             .commit_done(err.is_none(), waiters.len(), bytes);
         if let Some(e) = &err {
@@ -227,7 +271,9 @@ impl Core {
         {
             let mut st = lock(&disk.commit);
             waiters.append(&mut st.next);
+            waiters.append(&mut st.riders);
             st.in_flight = false;
+            st.in_flight_gen = None;
         }
         let err = RequestError {
             errno: libc::EIO,

@@ -16,6 +16,7 @@ fn classify(op: &CoreOp) -> (FaultFile, FaultOp, Option<usize>) {
         OpKind::Read { into, .. } => (file, FaultOp::Read, Some(into.len())),
         OpKind::Write { from, .. } => (file, FaultOp::Write, Some(from.len())),
         OpKind::Punch { .. } => (file, FaultOp::Punch, None),
+        OpKind::Allocate { .. } => (file, FaultOp::Allocate, None),
         OpKind::Sync { .. } => (file, FaultOp::Sync, None),
     }
 }

@@ -363,7 +363,7 @@ impl Core {
         let whole = match &kind {
             OpKind::Read { into, .. } => res >= 0 && res as usize >= into.len(),
             OpKind::Write { from, .. } => res >= 0 && res as usize >= from.len(),
-            OpKind::Punch { .. } | OpKind::Sync { .. } => res >= 0,
+            OpKind::Punch { .. } | OpKind::Allocate { .. } | OpKind::Sync { .. } => res >= 0,
         };
         match kind {
             OpKind::Read {
@@ -376,6 +376,7 @@ impl Core {
                 self.write_done(task, file, off, from, stalls, res)
             }
             OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
+            OpKind::Allocate { .. } => self.allocate_done(task, res),
             OpKind::Sync { file, id } => self.sync_done(task, file.role, id, res),
         }
         if let (true, Some((role, id)), Some(t)) = (whole, then_sync, self.tasks.get(task)) {

@@ -166,6 +166,13 @@ pub(super) enum OpKind {
         off: u64,
         len: u64,
     },
+    /// Extent-ahead: allocate `[off, off + len)` of the raw image (fallocate mode 0, KEEP_SIZE;
+    /// no byte changes). Its failure never fails its task.
+    Allocate {
+        file: FileRef,
+        off: u64,
+        len: u64,
+    },
     Sync {
         file: FileRef,
         id: u64,
@@ -206,6 +213,7 @@ impl CoreOp {
             OpKind::Read { file, .. }
             | OpKind::Write { file, .. }
             | OpKind::Punch { file, .. }
+            | OpKind::Allocate { file, .. }
             | OpKind::Sync { file, .. } => file,
         }
     }
@@ -263,6 +271,12 @@ unsafe impl RingOp for CoreOp {
                 with_target!(file.target, |f| opcode::Fallocate::new(f, *len)
                     .offset(*off)
                     .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build())
+            }
+            OpKind::Allocate { file, off, len } => {
+                with_target!(file.target, |f| opcode::Fallocate::new(f, *len)
+                    .offset(*off)
+                    .mode(libc::FALLOC_FL_KEEP_SIZE)
                     .build())
             }
             OpKind::Sync { file, .. } => with_target!(file.target, |f| opcode::Fsync::new(f)

@@ -314,6 +314,7 @@ impl Core {
         done: Responder,
     ) {
         let data = SharedBuf::new(data);
+        let ahead = self.plan_extent_ahead(&disk, shape.a_start, shape.a_end);
         if !shape.is_rmw() {
             // Whole units: straight from the caller's buffer to the raw image.
             let key = self.tasks.insert(Task::Write(WriteTask {
@@ -330,7 +331,8 @@ impl Core {
                 done,
             }));
             let len = shape.end - shape.offset;
-            let n = self.issue_image_writes(key, &disk, &data, 0, shape.offset, len);
+            let n = self.issue_allocations(key, &disk, ahead)
+                + self.issue_image_writes(key, &disk, &data, 0, shape.offset, len);
             drop(data);
             self.add_pending(key, n);
             return;
@@ -362,7 +364,7 @@ impl Core {
             fua,
             done,
         }));
-        let mut n = 0;
+        let mut n = self.issue_allocations(key, &disk, ahead);
         if let Some(h) = shape.head {
             let h_end = (h + shape.unit).min(a_end);
             n += self.issue_read(key, &disk, &bounce, 0, h, h_end - h);
@@ -648,6 +650,61 @@ impl Core {
         issued
     }
 
+    /// The extents a WRITE of `[a_start, a_end)` should allocate ahead: when it lands on a clear
+    /// sector, every extent it touches that no earlier write claimed (claimed now).
+    fn plan_extent_ahead(&self, disk: &DiskState, a_start: u64, a_end: u64) -> Vec<(u64, u64)> {
+        let Some(ea) = &disk.extent_ahead else {
+            return Vec::new();
+        };
+        if disk.bitmap.get(a_start / SECTOR_SIZE) && disk.bitmap.get((a_end - 1) / SECTOR_SIZE) {
+            return Vec::new();
+        }
+        ea.extents(a_start, a_end, disk.size)
+            .filter(|&(i, _, _)| ea.claim(i))
+            .map(|(_, off, len)| (off, len))
+            .collect()
+    }
+
+    /// Issues the extent-ahead fallocates `extents` for `task` (alongside its first ops: the
+    /// write does not wait for them, and their failure does not fail it).
+    fn issue_allocations(
+        &mut self,
+        task: usize,
+        disk: &DiskState,
+        extents: Vec<(u64, u64)>,
+    ) -> usize {
+        let file = self.image_file(disk);
+        let mut n = 0;
+        for (off, len) in extents {
+            n += self.issue(task, OpKind::Allocate { file, off, len });
+        }
+        n
+    }
+
+    /// An extent-ahead fallocate completed. A failure (ENOSPC, EOPNOTSUPP, EIO…) is logged
+    /// once per disk and does not fail the write; a file system that cannot fallocate
+    /// (EOPNOTSUPP, EINVAL) gets no more of them.
+    pub(super) fn allocate_done(&mut self, task: usize, res: i32) {
+        let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
+            return;
+        };
+        if res >= 0 {
+            disk.counters.extent_allocated();
+            return;
+        }
+        let Some(ea) = &disk.extent_ahead else {
+            return;
+        };
+        if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
+            ea.disabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !ea.logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(path = %disk.meta_path.display(), errno = -res,
+                "extent-ahead fallocate of the raw image failed; the write goes on without it");
+        }
+    }
+
     /// Re-issues the rest of a short transfer as a new op of the same task.
     fn reissue(&mut self, task: usize, kind: OpKind, stalls: u8) {
         let mut op = CoreOp::new(task, kind);
@@ -741,16 +798,24 @@ impl Core {
         stalls: u8,
         res: i32,
     ) {
-        if res < 0 {
-            self.fail(task, -res, op_name(file.role, true));
-            return;
-        }
         let Some(t) = self.tasks.get(task) else {
             return;
         };
-        let n = (res as usize).min(from.len());
+        let n = if res < 0 {
+            0
+        } else {
+            (res as usize).min(from.len())
+        };
         if n > 0 {
             t.disk().rec_write(file.role, off, from.bytes(n));
+        }
+        if file.role == Role::Image {
+            // Even a failed write may have changed bytes: the next commit must sync.
+            t.disk().note_written();
+        }
+        if res < 0 {
+            self.fail(task, -res, op_name(file.role, true));
+            return;
         }
         if n == from.len() {
             return;
@@ -780,14 +845,16 @@ impl Core {
         let Some(disk) = self.tasks.get(task).map(|t| Arc::clone(t.disk())) else {
             return;
         };
+        if res >= 0 {
+            disk.rec_punch(Role::Image, off, len);
+        }
+        disk.note_written();
         if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
             // No hole punching here: write real zeros instead.
             let n = self.issue_zero_writes(task, &disk, off, len);
             self.add_pending(task, n);
         } else if res < 0 {
             self.fail(task, -res, "punch hole in raw image");
-        } else {
-            disk.rec_punch(Role::Image, off, len);
         }
     }
 
