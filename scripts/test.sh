@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every step's banner carries the seconds since the start, so a slow CI run shows where it went.
+step() { echo "== [+${SECONDS}s] $*"; }
+
 need_pkgs=()
 command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v fio >/dev/null || need_pkgs+=(fio)
@@ -39,7 +42,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   esac
 fi
 if [ ${#need_pkgs[@]} -gt 0 ] || [ ${#lean_pkgs[@]} -gt 0 ] || ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "== installing ${need_pkgs[*]} ${lean_pkgs[*]}"
+  step "installing ${need_pkgs[*]} ${lean_pkgs[*]}"
   $SUDO apt-get update -qq
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -52,15 +55,15 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   qemu_system="qemu-system-x86${qemu_utils_version:+=$qemu_utils_version}"
   target_release=()
   case "$qemu_utils_version" in *bpo12*) target_release=(-t bookworm-backports) ;; esac
-  echo "== installing $qemu_system (the TCG smoke test's emulator)"
+  step "installing $qemu_system (the TCG smoke test's emulator)"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends --no-remove \
     "${target_release[@]}" "$qemu_system" >/dev/null ||
-    echo "== $qemu_system cannot be installed without removing packages: the TCG smoke test will be skipped"
+    step "$qemu_system cannot be installed without removing packages: the TCG smoke test will be skipped"
 fi
 
-echo "== cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-populate-bits-first -- -D warnings
@@ -69,7 +72,7 @@ cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D war
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
 
-echo "== tests"
+step "tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
@@ -84,7 +87,7 @@ fi
 if [ "$(id -u)" -eq 0 ] && losetup -f >/dev/null 2>&1; then
   cargo test -p addcow-engine --no-fail-fast --test engine_4k_device -- --ignored
 else
-  echo "== SKIPPED engine_4k_device: needs root and a free loop device (losetup -f failed or not root)"
+  step "SKIPPED engine_4k_device: needs root and a free loop device (losetup -f failed or not root)"
 fi
 # The ordering checks must be able to fail: with the commit order deliberately broken, the crash
 # checker must find violations, the recorder-log ordering tests must fail and the failed-data-sync
@@ -106,14 +109,14 @@ cargo test -p addcow-engine --features crash-recorder,unsafe-flush-skips-data-sy
 cargo test -p addcow-engine --features crash-recorder,unsafe-lifecycle-order --no-fail-fast --test lifecycle_crash
 cargo test --workspace --doc
 
-echo "== heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
+step "heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
-echo "== vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
+step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
 # A kernel and its virtio modules: the host's /boot/vmlinuz-* or ADDCOW_TCG_KERNEL, else the
 # Debian kernel package's vmlinuz and virtio modules extracted (not installed) under target/.
 if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
@@ -124,30 +127,31 @@ if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
     (cd "$kdir" && apt-get download -qq "$kpkg" 2>/dev/null && \
       dpkg-deb --fsys-tarfile "$kpkg"_*.deb | tar -x --wildcards './boot/vmlinuz-*' \
         './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/drivers/block/virtio_blk.ko' && \
-      rm -f "$kpkg"_*.deb) || echo "== could not download Debian's kernel package (${kpkg:-none found})"
+      rm -f "$kpkg"_*.deb) || step "could not download Debian's kernel package (${kpkg:-none found})"
   fi
   ADDCOW_TCG_KERNEL=$(ls "$kdir"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
   export ADDCOW_TCG_KERNEL
 fi
 if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "== SKIPPED vhost_tcg: qemu-system-x86_64 is not installed (see the install step above)"
+  step "SKIPPED vhost_tcg: qemu-system-x86_64 is not installed (see the install step above)"
 elif [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
-  echo "== SKIPPED vhost_tcg: no guest kernel (no /boot/vmlinuz-*, and Debian's kernel package could not be downloaded)"
+  step "SKIPPED vhost_tcg: no guest kernel (no /boot/vmlinuz-*, and Debian's kernel package could not be downloaded)"
 else
   ADDCOW_TCG=1 cargo test -p addcow-daemon --test vhost_tcg -- --ignored --nocapture 2>&1 | grep -vE '^\[addcow\]'
 fi
 
-echo "== root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
+step "root-only tests (a loop-mounted ext4 filled up: ENOSPC; FAST_ZERO on a ramfs)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the ENOSPC test needs root (losetup, mount); run the suite as root" >&2
   exit 1
 fi
 cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
 
-echo "== fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
+step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-15}"
 
-echo "== benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
-echo "== vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
+step "benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
+step "vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
 cargo run -q -p addcow-bench -- vhost --quick
+step "done"
