@@ -20,6 +20,6 @@ pub mod nbd;
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::{
     CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
-    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SourceCtx, SourceId,
-    MAX_POPULATE,
+    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SendList, SockDone, SockFd,
+    SourceCtx, SourceId, MAX_POPULATE,
 };
