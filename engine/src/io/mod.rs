@@ -65,6 +65,6 @@ pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,
     MAX_READ,
 };
-pub use sock::{SendList, SockDone, SockFd};
+pub use sock::{Held, SendList, SockDone, SockFd};
 pub use source::{CoreSource, SourceCtx, SourceId};
 pub use stats::DiskStats;

@@ -42,12 +42,14 @@ impl AsRawFd for SockFd {
 enum Piece {
     Head { at: usize, len: usize },
     Buf { index: usize, at: usize, len: usize },
+    Static(&'static [u8]),
 }
 
 impl Piece {
     fn len(&self) -> usize {
         match *self {
             Piece::Head { len, .. } | Piece::Buf { len, .. } => len,
+            Piece::Static(b) => b.len(),
         }
     }
 }
@@ -57,7 +59,8 @@ impl Piece {
 /// [`SendList::advance`] drops what went out and the rest can be sent again; when it is all
 /// out, [`SendList::clear`] hands the buffers back and keeps the allocations for reuse.
 ///
-/// Invariant: every piece lies inside its bytes (`head`, or `bufs[index]` up to its length),
+/// Invariant: every piece lies inside its bytes (`head`, `bufs[index]` up to its length, or
+/// its static slice),
 /// `first <= pieces.len()`, and `skip` is less than the length of `pieces[first]` (0 when
 /// `first == pieces.len()`).
 #[derive(Debug, Default)]
@@ -93,17 +96,65 @@ impl SendList {
         self.left += bytes.len();
     }
 
+    /// Appends bytes that live for ever (a static page of zeros), without copying them.
+    pub fn push_static(&mut self, bytes: &'static [u8]) {
+        if !bytes.is_empty() {
+            self.pieces.push(Piece::Static(bytes));
+            self.left += bytes.len();
+        }
+    }
+
     /// Appends `buf[at..at + len]` (clamped to the buffer's length), keeping `buf` alive until
     /// the list is cleared.
     pub fn push_buf(&mut self, buf: IoBuf, at: usize, len: usize) {
+        let held = self.hold(buf);
+        self.push_held(held, at, len);
+    }
+
+    /// Keeps `buf` alive until the list is cleared, sending nothing of it yet: ranges of it go in
+    /// with [`SendList::push_held`] (a READ's data between its chunk headers).
+    pub fn hold(&mut self, buf: IoBuf) -> Held {
+        self.bufs.push(buf);
+        Held(self.bufs.len() - 1)
+    }
+
+    /// Appends `held[at..at + len]` (clamped to the buffer's length; nothing when `held` is not
+    /// a buffer of this list).
+    pub fn push_held(&mut self, held: Held, at: usize, len: usize) {
+        let Some(buf) = self.bufs.get(held.0) else {
+            return;
+        };
         let at = at.min(buf.len());
         let len = len.min(buf.len() - at);
-        let index = self.bufs.len();
-        self.bufs.push(buf);
         if len > 0 {
-            self.pieces.push(Piece::Buf { index, at, len });
+            self.pieces.push(Piece::Buf {
+                index: held.0,
+                at,
+                len,
+            });
             self.left += len;
         }
+    }
+
+    /// A copy of the unsent bytes, in order (for tests and diagnostics; the ring never copies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut iov = Vec::new();
+        let mut out = Vec::with_capacity(self.left);
+        let mut first = self.first;
+        let mut skip = self.skip;
+        while first < self.pieces.len() {
+            self.iovecs_from(first, skip, &mut iov);
+            for v in &iov {
+                // SAFETY: the iovecs point into memory this list owns (or static bytes), alive
+                // and unchanged while `self` is borrowed.
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
+                });
+            }
+            first += iov.len();
+            skip = 0;
+        }
+        out
     }
 
     /// Bytes not sent yet.
@@ -145,12 +196,17 @@ impl SendList {
     /// The iovecs of the unsent bytes, at most [`MAX_IOV`] of them, into `out` (cleared first).
     /// They point into heap memory the list owns; moving the list does not move it.
     pub(crate) fn iovecs(&self, out: &mut Vec<libc::iovec>) {
+        self.iovecs_from(self.first, self.skip, out);
+    }
+
+    fn iovecs_from(&self, first: usize, skip0: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
-        for (i, p) in self.pieces[self.first..].iter().take(MAX_IOV).enumerate() {
-            let skip = if i == 0 { self.skip } else { 0 };
+        for (i, p) in self.pieces[first..].iter().take(MAX_IOV).enumerate() {
+            let skip = if i == 0 { skip0 } else { 0 };
             let (base, at, len) = match *p {
                 Piece::Head { at, len } => (self.head.as_ptr(), at, len),
                 Piece::Buf { index, at, len } => (self.bufs[index].raw_ptr().cast_const(), at, len),
+                Piece::Static(b) => (b.as_ptr(), 0, b.len()),
             };
             out.push(libc::iovec {
                 // `at + skip` is inside the bytes (invariant): wrapping_add computes the
@@ -161,6 +217,10 @@ impl SendList {
         }
     }
 }
+
+/// A buffer a [`SendList`] holds ([`SendList::hold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held(usize);
 
 /// A socket op's end, with what the op held handed back.
 #[derive(Debug)]
@@ -185,16 +245,7 @@ mod tests {
     use super::*;
 
     fn gathered(list: &SendList) -> Vec<u8> {
-        let mut iov = Vec::new();
-        list.iovecs(&mut iov);
-        let mut out = Vec::new();
-        for v in iov {
-            // SAFETY: the iovecs point into `list`, alive and unchanged for this borrow.
-            out.extend_from_slice(unsafe {
-                std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
-            });
-        }
-        out
+        list.to_vec()
     }
 
     #[test]
@@ -205,18 +256,25 @@ mod tests {
         l.push_buf(IoBuf::from_slice(b"0123456789"), 2, 5);
         l.push_bytes(b"XY");
         l.push_buf(IoBuf::from_slice(b"zz"), 0, 99);
-        assert_eq!(l.len(), 2 + 2 + 5 + 2 + 2);
-        assert_eq!(gathered(&l), b"abcd23456XYzz");
+        l.push_static(b"00");
+        let held = l.hold(IoBuf::from_slice(b"abcdef"));
+        l.push_held(held, 0, 1);
+        l.push_bytes(b"");
+        l.push_held(held, 4, 2);
+        assert_eq!(l.len(), 2 + 2 + 5 + 2 + 2 + 2 + 3);
+        assert_eq!(gathered(&l), b"abcd23456XYzz00aef");
         l.advance(3);
-        assert_eq!(gathered(&l), b"d23456XYzz");
+        assert_eq!(gathered(&l), b"d23456XYzz00aef");
         l.advance(1);
-        assert_eq!(gathered(&l), b"23456XYzz");
+        assert_eq!(gathered(&l), b"23456XYzz00aef");
         l.advance(6);
-        assert_eq!(gathered(&l), b"Yzz");
+        assert_eq!(gathered(&l), b"Yzz00aef");
+        l.advance(4);
+        assert_eq!(gathered(&l), b"0aef");
         l.advance(100);
         assert!(l.is_empty());
         assert!(gathered(&l).is_empty());
-        assert_eq!(l.clear().count(), 2, "both buffers come back");
+        assert_eq!(l.clear().count(), 3, "every buffer comes back");
         l.push_bytes(b"again");
         assert_eq!(gathered(&l), b"again");
     }
@@ -230,6 +288,11 @@ mod tests {
         let mut iov = Vec::new();
         l.iovecs(&mut iov);
         assert_eq!(iov.len(), MAX_IOV);
+        assert_eq!(
+            l.to_vec().len(),
+            MAX_IOV + 10,
+            "to_vec sees past one sendmsg's worth"
+        );
         l.advance(MAX_IOV);
         l.iovecs(&mut iov);
         assert_eq!(iov.len(), 10);
