@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod nbd;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
+pub use io::on_core_thread;
 pub use io::{
     CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
     EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SendList, SockDone, SockFd,

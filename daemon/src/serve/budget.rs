@@ -41,6 +41,27 @@ struct PoolState {
     serving: u64,
     /// Whether anyone waits (spares the release path a futex wake when nobody does).
     waiters: usize,
+    /// Non-blocking members ([`Share`]) waiting for room, first come first served: their ids
+    /// and how to wake them.
+    queued: std::collections::VecDeque<(u64, Waker)>,
+    /// Next [`Share`] id.
+    next_share: u64,
+}
+
+/// Wakes a non-blocking member of the pool (writes its eventfd) when bytes come back.
+#[derive(Clone)]
+pub struct Waker(pub Arc<dyn Fn() + Send + Sync>);
+
+impl Waker {
+    fn wake(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
 }
 
 impl Pool {
@@ -87,11 +108,13 @@ impl Pool {
         let mut s = self.lock();
         s.members = s.members.saturating_sub(1);
         let wake = s.waiters > 0;
+        let queued = Self::wakers(&s);
         drop(s);
         if wake {
             // A smaller membership raises everyone's share.
             self.freed.notify_all();
         }
+        queued.iter().for_each(Waker::wake);
     }
 
     fn release(&self, bytes: u64) {
@@ -101,10 +124,17 @@ impl Pool {
         let mut s = self.lock();
         s.used = s.used.saturating_sub(bytes);
         let wake = s.waiters > 0;
+        let queued = Self::wakers(&s);
         drop(s);
         if wake {
             self.freed.notify_all();
         }
+        queued.iter().for_each(Waker::wake);
+    }
+
+    /// The wakers of the queued non-blocking members (called outside the lock).
+    fn wakers(s: &PoolState) -> Vec<Waker> {
+        s.queued.iter().map(|(_, w)| w.clone()).collect()
     }
 }
 
@@ -207,6 +237,96 @@ impl Budget {
     #[cfg(test)]
     pub fn has_waiter(&self) -> bool {
         self.lock().2
+    }
+}
+
+/// A connection's holding of the [`Pool`] when it must never block (served on an engine core):
+/// [`Share::try_take`] either takes the bytes now or queues the connection, first come first
+/// served, and its [`Waker`] is called whenever bytes come back so it can try again. Same
+/// fairness rules as a blocking [`Budget`]. The connection is a member of the pool until the
+/// share is dropped, which gives back every byte it still holds.
+pub struct Share {
+    pool: Arc<Pool>,
+    id: u64,
+    held: u64,
+    wake: Waker,
+}
+
+impl Share {
+    /// Joins `pool`; `wake` is called (from any thread) when a queued try may succeed.
+    pub fn new(pool: Arc<Pool>, wake: Waker) -> Share {
+        pool.join();
+        let id = {
+            let mut s = pool.lock();
+            s.next_share += 1;
+            s.next_share
+        };
+        Share {
+            pool,
+            id,
+            held: 0,
+            wake,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Takes `bytes` if this connection's share and the pool allow it now and nobody queued
+    /// before it; otherwise queues it (once) and returns false.
+    pub fn try_take(&mut self, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let pool = &self.pool;
+        let mut s = pool.lock();
+        let share = pool.cap / s.members.max(1) as u64;
+        let within_share = self.held == 0 || self.held + bytes <= share;
+        let my_turn = s.queued.front().is_none_or(|(id, _)| *id == self.id);
+        // Blocking members waiting for their turn go first.
+        let no_blocked = s.serving == s.next;
+        if within_share && my_turn && no_blocked && s.used + bytes <= pool.cap {
+            if !s.queued.is_empty() {
+                s.queued.pop_front();
+            }
+            s.used += bytes;
+            s.peak = s.peak.max(s.used);
+            self.held += bytes;
+            let next = Self::first_waker(&s);
+            drop(s);
+            // The next in line may fit too.
+            if let Some(w) = next {
+                w.wake();
+            }
+            return true;
+        }
+        if !s.queued.iter().any(|(id, _)| *id == self.id) {
+            s.queued.push_back((self.id, self.wake.clone()));
+        }
+        false
+    }
+
+    fn first_waker(s: &PoolState) -> Option<Waker> {
+        s.queued.front().map(|(_, w)| w.clone())
+    }
+
+    /// Gives `bytes` back (clamped to what is held).
+    pub fn give_back(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.pool.release(bytes);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut s = self.pool.lock();
+        s.queued.retain(|(id, _)| *id != self.id);
+        drop(s);
+        self.pool.release(self.held);
+        self.pool.leave();
     }
 }
 

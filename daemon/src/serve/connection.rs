@@ -60,6 +60,9 @@ pub struct ConnConfig {
     /// Close a connection with nothing in flight that sent no request and took no reply for
     /// this long (also: a client that takes no reply byte for this long is dropped).
     pub idle_timeout: Option<Duration>,
+    /// Serve transmission on the connection's engine core ([`super::ring_conn`]) instead of a
+    /// reader and a writer thread (exports that are not engine disks always use threads).
+    pub ring: bool,
 }
 
 impl ConnConfig {
@@ -73,6 +76,7 @@ impl ConnConfig {
             pool: Pool::new(256 << 20),
             payload_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            ring: false,
         }
     }
 }
@@ -172,7 +176,15 @@ pub fn serve(
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let totals = transmission(sock, core, &neg, cfg, &handle);
+    let ring = if cfg.ring {
+        super::ring_conn::run(&sock, core, &neg, cfg, &handle)
+    } else {
+        None
+    };
+    let totals = match ring {
+        Some(t) => t,
+        None => transmission(sock, core, &neg, cfg, &handle),
+    };
     // Leave the export's client table only now: every request of this connection is answered.
     let Negotiated { export, guard, .. } = neg;
     drop(guard);

@@ -38,6 +38,7 @@ pub mod outbox;
 pub mod probe;
 pub mod reply;
 pub mod resize;
+pub mod ring_conn;
 pub mod signals;
 pub mod snapshot;
 pub mod sock;
@@ -161,6 +162,20 @@ pub struct ServeArgs {
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
     pub overlay: Option<PathBuf>,
+    /// How a connection is served once its handshake is done: `threads` (a reader and a writer
+    /// thread per connection) or `ring` (received, executed and answered on its engine core's
+    /// io_uring, no thread hop per request).
+    #[arg(long, value_enum, default_value_t = ConnMode::Threads)]
+    pub conn_mode: ConnMode,
+}
+
+/// How connections in transmission are served (`--conn-mode`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnMode {
+    /// A reader and a writer thread per connection.
+    Threads,
+    /// On the connection's engine core ([`ring_conn`]).
+    Ring,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -427,6 +442,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         pool: pool.clone(),
         payload_timeout: Duration::from_secs(args.payload_timeout.max(1)),
         idle_timeout: args.idle_timeout.map(|s| Duration::from_secs(s.max(1))),
+        ring: args.conn_mode == ConnMode::Ring,
     });
     signals
         .spawn_waiter(stop.clone())

@@ -59,6 +59,7 @@ mod stats;
 
 pub use buf::{IoBuf, BUF_ALIGN};
 pub use config::{CacheMode, DiskOptions, EngineConfig};
+pub use core::on_core_thread;
 pub use disk::Disk;
 pub use engine::Engine;
 pub use request::{

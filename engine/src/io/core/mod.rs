@@ -74,7 +74,7 @@ thread_local! {
 
 /// Whether the calling thread is one of the engine's core threads (blocking on the engine from
 /// one would deadlock).
-pub(crate) fn on_core_thread() -> bool {
+pub fn on_core_thread() -> bool {
     ON_CORE.with(|c| c.get())
 }
 
