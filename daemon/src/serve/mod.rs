@@ -442,7 +442,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         pool: pool.clone(),
         payload_timeout: Duration::from_secs(args.payload_timeout.max(1)),
         idle_timeout: args.idle_timeout.map(|s| Duration::from_secs(s.max(1))),
-        ring: args.conn_mode == ConnMode::Ring,
+        ring: (args.conn_mode == ConnMode::Ring).then(|| engine.clone()),
     });
     signals
         .spawn_waiter(stop.clone())

@@ -37,7 +37,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{
-    Completion, CoreSource, Done, ExtentKind, IoBuf, Request, SendList, SockDone, SockFd, SourceCtx,
+    Completion, CoreSource, Done, Engine, ExtentKind, IoBuf, Request, SendList, SockDone, SockFd,
+    SourceCtx,
 };
 
 use super::budget::{Share, Waker};
@@ -60,6 +61,9 @@ const TAG_RECV: u64 = 1;
 const TAG_PAYLOAD: u64 = 2;
 /// Tag of the reply `sendmsg`.
 const TAG_SEND: u64 = 3;
+
+/// Work for the connection's waiter thread.
+type Job = Box<dyn FnOnce() + Send>;
 
 /// How a request the engine ran came back (pushed by its completion, from any thread).
 enum Outcome {
@@ -199,7 +203,7 @@ pub struct RingConn {
     last_activity: Instant,
     payload_timeout: Duration,
     idle_timeout: Option<Duration>,
-    fallback: Option<mpsc::Sender<(Request, Completion)>>,
+    fallback: Option<mpsc::Sender<Job>>,
     done: Option<mpsc::Sender<Totals>>,
 }
 
@@ -220,18 +224,17 @@ fn owned(sock: Sock) -> OwnedFd {
     }
 }
 
-/// Runs the transmission phase of a negotiated connection on core `core` of the engine behind
-/// its export, blocking the calling (connection) thread until the source is gone. `None` when
-/// the export is not an engine disk or the source cannot be set up (the caller serves the
-/// connection on threads then; nothing was read from the socket).
+/// Runs the transmission phase of a negotiated connection on core `core` of `engine`, blocking
+/// the calling (connection) thread until the source is gone. `None` when the source cannot be
+/// set up (the caller serves the connection on threads then; nothing was read from the socket).
 pub fn run(
+    engine: &Engine,
     sock: &Sock,
     core: usize,
     neg: &Negotiated<Attached>,
     cfg: &ConnConfig,
     handle: &Arc<ClientHandle>,
 ) -> Option<Totals> {
-    let engine = neg.export.backend.engine_disk()?.engine.clone();
     let (conn, efd, rx) = match RingConn::new(sock, core, neg, cfg, handle) {
         Ok(x) => x,
         Err(e) => {
@@ -505,9 +508,12 @@ impl RingConn {
             Err(_) | Ok(Command::Disc) => 0,
             Ok(Command::Read { offset, len, .. }) => {
                 if *len > 0 {
+                    // Never wait for a disk switch on the core: without the map the read goes
+                    // to the engine whole (holes read as zeros, sent as data).
                     holes = self
                         .backend
-                        .allocation(*offset, u64::from(*len))
+                        .try_allocation(*offset, u64::from(*len))
+                        .unwrap_or_default()
                         .into_iter()
                         .filter(|e| e.kind == ExtentKind::Zero)
                         .map(|e| (e.offset, e.len))
@@ -625,7 +631,6 @@ impl RingConn {
                 );
             }
             Command::Write { offset, len, fua } => {
-                self.totals.bytes_written += u64::from(len);
                 // Not zeroed: every byte is overwritten by the payload before it is submitted.
                 let data = self.backend.alloc_buf(len as usize);
                 self.frame_start = Some(self.last_activity);
@@ -676,10 +681,20 @@ impl RingConn {
                 len,
                 req_one,
             } => {
-                drop(pend.disarm());
-                let contexts =
-                    status::answer(&*self.backend, offset, len, self.limits.contexts, req_one);
-                self.answer(cost, stamp, cookie, offset, Body::BlockStatus { contexts });
+                // The map may be held by a disk switch, which waits for requests this core
+                // completes: answered on the connection's waiter thread.
+                let backend = Arc::clone(&self.backend);
+                let meta = self.limits.contexts;
+                self.off_core(Box::new(move || {
+                    let contexts = status::answer(&*backend, offset, len, meta, req_one);
+                    let body = Body::BlockStatus { contexts };
+                    let reply = Reply {
+                        cookie,
+                        offset,
+                        body,
+                    };
+                    pend.finish(Some(reply), false);
+                }));
             }
             Command::Disc => drop(pend.disarm()),
         }
@@ -702,6 +717,7 @@ impl RingConn {
         let (Some(data), Some(pend)) = (data, pend) else {
             return;
         };
+        self.totals.bytes_written += data.len() as u64;
         self.submit(
             ctx,
             Request::Write { offset, data, fua },
@@ -765,29 +781,31 @@ impl RingConn {
         let Some((req, done)) = self.backend.try_submit_local(ctx, req, done) else {
             return;
         };
+        let backend = Arc::clone(&self.backend);
+        let core = self.core;
+        self.off_core(Box::new(move || backend.submit(core, req, done)));
+    }
+
+    /// Runs `job` on this connection's waiter thread (started on first use): work that may wait
+    /// for a disk switch, which the core must never do.
+    fn off_core(&mut self, job: Job) {
         if self.fallback.is_none() {
-            let (tx, rx) = mpsc::channel::<(Request, Completion)>();
-            let backend = Arc::clone(&self.backend);
-            let core = self.core;
+            let (tx, rx) = mpsc::channel::<Job>();
             let spawned = std::thread::Builder::new()
                 .name("nbd-ring-wait".into())
-                .spawn(move || {
-                    for (req, done) in rx {
-                        backend.submit(core, req, done);
-                    }
-                });
+                .spawn(move || rx.into_iter().for_each(|job| job()));
             match spawned {
                 Ok(_) => self.fallback = Some(tx),
                 Err(e) => {
-                    // The completion is dropped: its request is released unanswered.
+                    // The job is dropped: its request is released unanswered.
                     tracing::warn!(error = %e, "cannot start the connection's waiter thread");
-                    self.fatal("cannot submit while the disk is switched".into());
+                    self.fatal("cannot start the connection's waiter thread".into());
                     return;
                 }
             }
         }
         if let Some(tx) = &self.fallback {
-            let _ = tx.send((req, done));
+            let _ = tx.send(job);
         }
     }
 
@@ -886,13 +904,15 @@ impl RingConn {
         if self.closed {
             return;
         }
-        self.collect();
         self.pump(ctx);
+        if self.stopping && matches!(self.state, In::Payload { .. }) {
+            // A WRITE whose payload will never be complete: never submitted, its budget given
+            // back (its claim is dropped as abandoned, collected just below).
+            self.state = In::Header;
+        }
+        self.collect();
         self.flush(ctx);
         if self.stopping && self.in_flight == 0 && self.sending.is_empty() && self.outq.is_empty() {
-            if matches!(self.state, In::Payload { .. }) && !self.handle.stopped() {
-                tracing::warn!("client vanished inside a write");
-            }
             let _ = self.sock.shutdown(Shutdown::Both);
             self.closed = true;
             ctx.detach();
