@@ -502,4 +502,50 @@ mod tests {
         assert!(cap >= MIN_POOL);
         assert!(cap <= total_ram().unwrap() / 8 + MIN_POOL);
     }
+
+    fn counting_share(pool: &Arc<Pool>) -> (Share, Arc<std::sync::atomic::AtomicU64>) {
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let n2 = n.clone();
+        let wake = Waker(Arc::new(move || {
+            n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        (Share::new(pool.clone(), wake), n)
+    }
+
+    /// A non-blocking share never waits: a take that does not fit queues it, first come first
+    /// served (a small take that would fit does not overtake a queued one), and it is woken
+    /// when bytes come back; dropping a share gives back what it holds.
+    #[test]
+    fn shares_queue_first_come_first_served_and_are_woken() {
+        let pool = Pool::new(64 * MIB);
+        let (mut a, _) = counting_share(&pool);
+        let (mut b, b_woken) = counting_share(&pool);
+        let (mut c, c_woken) = counting_share(&pool);
+        assert!(a.try_take(40 * MIB));
+        assert!(!b.try_take(40 * MIB), "over the pool's room");
+        assert!(
+            !c.try_take(MIB),
+            "a small take overtook a connection queued before it"
+        );
+        assert_eq!(b_woken.load(std::sync::atomic::Ordering::SeqCst), 0);
+        a.give_back(40 * MIB);
+        assert!(
+            b_woken.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "b not woken"
+        );
+        assert!(
+            c_woken.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "c not woken"
+        );
+        assert!(b.try_take(40 * MIB));
+        assert!(c.try_take(MIB), "c is first in line now");
+        assert_eq!(pool.used(), 41 * MIB);
+        drop(b);
+        assert_eq!(pool.used(), MIB);
+        // Over its share (64 MiB / 2 members) a share waits even with room in the pool.
+        assert!(c.try_take(20 * MIB));
+        assert!(!c.try_take(20 * MIB), "past its share");
+        drop(c);
+        assert_eq!(pool.used(), 0);
+    }
 }

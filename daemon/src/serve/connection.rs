@@ -1,4 +1,6 @@
-//! One client connection: handshake, then a reader (this thread) and a writer thread.
+//! One client connection: handshake, then transmission on the connection's engine core
+//! ([`super::ring_conn`], `--conn-mode ring`, the default) or, as described here, with a reader
+//! (this thread) and a writer thread (`--conn-mode threads`).
 //!
 //! The reader parses request headers, reads WRITE payloads straight into engine buffers,
 //! validates ([`super::command`]), takes a [`Ticket`] (a share of the connection's request
@@ -801,6 +803,62 @@ mod tests {
     #[test]
     fn ring_a_switch_submits_from_the_waiter_thread_not_the_core() {
         on_the_ring(a_switch_submits_from_the_waiter_thread_not_the_core);
+    }
+
+    #[test]
+    fn ring_a_panic_in_the_source_ends_only_its_connection() {
+        on_the_ring(a_panic_in_the_source_ends_only_its_connection);
+    }
+
+    /// A backend whose allocation map panics for reads at 512 KiB.
+    struct PanicsAt {
+        inner: Arc<MemDisk>,
+    }
+
+    impl Backend for PanicsAt {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            self.inner.submit(core, req, done)
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            assert_ne!(offset, 512 << 10, "injected panic");
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// On the ring only (a reader thread's panic is not caught): a panic while serving one
+    /// connection closes it and is reported in its totals; the core and the other connection
+    /// on it go on.
+    fn a_panic_in_the_source_ends_only_its_connection() {
+        let exports = Exports::new(vec![Export::new(
+            "",
+            Arc::new(PanicsAt {
+                inner: MemDisk::new(1 << 20, false),
+            }),
+            1,
+        )]);
+        let (mut b, tb) = start_in(&exports);
+        handshake(&mut b);
+        roundtrip(&mut b, 10, 0x21);
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_READ, 0, 1, 512 << 10, 512);
+        assert!(read_until_closed(&mut a).is_empty(), "no reply expected");
+        match ta.join().expect("connection thread") {
+            Ended::Transmission { totals, .. } => assert!(totals.writer_panicked),
+            other => panic!("{other:?}"),
+        }
+        roundtrip(&mut b, 20, 0x22);
+        req(&mut b, wire::CMD_DISC, 0, 99, 0, 0);
+        ended_cleanly(tb);
     }
 
     /// A WRITE whose header and payload arrive in pieces, with pauses, then a pipelined READ

@@ -1,9 +1,11 @@
 //! `addcow serve`: the NBD daemon.
 //!
 //! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
-//! per connection runs the [`handshake`], then [`connection`]'s reader parses and validates
-//! ([`wire`], [`command`]) and submits to the engine on the connection's core; completions go to
-//! the connection's writer thread, which frames them ([`reply`]) and sends them.
+//! per connection runs the [`handshake`], then the connection runs on its engine core as a
+//! [`ring_conn::RingConn`]: received on the core's io_uring, parsed and validated ([`wire`],
+//! [`command`]), submitted on the core, answered with one `sendmsg` per core turn ([`reply`]).
+//! With `--conn-mode threads`, [`connection`]'s reader thread parses and submits and a writer
+//! thread sends the replies instead.
 //!
 //! Operating it: [`host`] holds the engine and the export table and adds/removes exports at
 //! runtime; [`control`] is the JSON-RPC control socket, [`events`] its notifications;
@@ -12,8 +14,8 @@
 //!
 //! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
 //! [`status`] (block status, bounded), [`reply`] (framing and sending), [`budget`] (in-flight
-//! limits and the daemon-wide buffer pool), [`outbox`] (reply queue and writer), [`connection`]
-//! (reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
+//! limits and the daemon-wide buffer pool), [`ring_conn`] (a connection on its core),
+//! [`outbox`] (reply queue and writer), [`connection`] (handshake, then the reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
 //! [`lockfile`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (exports and the
 //! engine seam), [`probe`] (holes and hole punching of the files underneath), [`demo`].
 
@@ -162,10 +164,10 @@ pub struct ServeArgs {
     /// built-in demo.
     #[arg(value_name = "OVERLAY")]
     pub overlay: Option<PathBuf>,
-    /// How a connection is served once its handshake is done: `threads` (a reader and a writer
-    /// thread per connection) or `ring` (received, executed and answered on its engine core's
-    /// io_uring, no thread hop per request).
-    #[arg(long, value_enum, default_value_t = ConnMode::Threads)]
+    /// How a connection is served once its handshake is done: `ring` (received, executed and
+    /// answered on its engine core's io_uring, no thread hop per request) or `threads` (a reader
+    /// and a writer thread per connection, the fallback).
+    #[arg(long, value_enum, default_value_t = ConnMode::Ring)]
     pub conn_mode: ConnMode,
 }
 

@@ -199,6 +199,8 @@ pub struct RingConn {
     broken: bool,
     /// The source asked to be detached.
     closed: bool,
+    /// A [`CoreSource`] callback is running (still set in `drop`: it panicked).
+    in_callback: bool,
     totals: Totals,
     last_activity: Instant,
     payload_timeout: Duration,
@@ -315,6 +317,7 @@ impl RingConn {
             stopping: false,
             broken: false,
             closed: false,
+            in_callback: false,
             totals: Totals::default(),
             last_activity: Instant::now(),
             payload_timeout: cfg.payload_timeout,
@@ -929,18 +932,8 @@ impl Pend {
     }
 }
 
-impl CoreSource for RingConn {
-    fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
-        self.turn(ctx);
-    }
-
-    fn end_of_batch(&mut self, ctx: &mut SourceCtx<'_>) {
-        if self.shared.any.load(Ordering::Acquire) || !self.outq.is_empty() {
-            self.turn(ctx);
-        }
-    }
-
-    fn io_done(&mut self, ctx: &mut SourceCtx<'_>, tag: u64, done: SockDone) {
+impl RingConn {
+    fn on_io_done(&mut self, ctx: &mut SourceCtx<'_>, tag: u64, done: SockDone) {
         match done {
             SockDone::Recv { buf, at, result } => {
                 self.recv_posted = false;
@@ -994,28 +987,7 @@ impl CoreSource for RingConn {
         self.turn(ctx);
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        if self.closed {
-            return None;
-        }
-        let mut d: Option<Instant> = None;
-        let mut at = |t: Instant| d = Some(d.map_or(t, |x| x.min(t)));
-        if !self.stopping {
-            if let Some(s) = self.frame_start {
-                at(s + self.payload_timeout);
-            }
-        }
-        if let Some(idle) = self.idle_timeout.filter(|_| !self.broken) {
-            if let Some(p) = self.send_progress {
-                at(p + idle);
-            } else if !self.stopping && self.in_flight == 0 && self.frame_start.is_none() {
-                at(self.last_activity + idle);
-            }
-        }
-        d
-    }
-
-    fn deadline(&mut self, ctx: &mut SourceCtx<'_>) {
+    fn on_deadline(&mut self, ctx: &mut SourceCtx<'_>) {
         let now = Instant::now();
         if !self.stopping {
             if let Some(s) = self.frame_start {
@@ -1046,14 +1018,65 @@ impl CoreSource for RingConn {
     }
 }
 
+impl CoreSource for RingConn {
+    fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
+        self.in_callback = true;
+        self.turn(ctx);
+        self.in_callback = false;
+    }
+
+    fn end_of_batch(&mut self, ctx: &mut SourceCtx<'_>) {
+        if self.shared.any.load(Ordering::Acquire) || !self.outq.is_empty() {
+            self.in_callback = true;
+            self.turn(ctx);
+            self.in_callback = false;
+        }
+    }
+
+    fn io_done(&mut self, ctx: &mut SourceCtx<'_>, tag: u64, done: SockDone) {
+        self.in_callback = true;
+        self.on_io_done(ctx, tag, done);
+        self.in_callback = false;
+    }
+
+    fn deadline(&mut self, ctx: &mut SourceCtx<'_>) {
+        self.in_callback = true;
+        self.on_deadline(ctx);
+        self.in_callback = false;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let mut d: Option<Instant> = None;
+        let mut at = |t: Instant| d = Some(d.map_or(t, |x| x.min(t)));
+        if !self.stopping {
+            if let Some(s) = self.frame_start {
+                at(s + self.payload_timeout);
+            }
+        }
+        if let Some(idle) = self.idle_timeout.filter(|_| !self.broken) {
+            if let Some(p) = self.send_progress {
+                at(p + idle);
+            } else if !self.stopping && self.in_flight == 0 && self.frame_start.is_none() {
+                at(self.last_activity + idle);
+            }
+        }
+        d
+    }
+}
+
 impl Drop for RingConn {
     fn drop(&mut self) {
-        if !self.closed {
-            // Dropped without ending itself: a panic in a callback (the core caught it) or the
-            // engine going away.
+        if self.in_callback {
+            // A callback panicked (the core caught it and drops the source).
             WRITER_PANICS.fetch_add(1, Ordering::Relaxed);
             self.totals.writer_panicked = true;
-            tracing::error!("connection source dropped before it ended; closing the connection");
+            tracing::error!("connection source panicked; closing the connection");
+        }
+        if !self.closed {
+            // Ended from outside (a panic, the engine stopping): the client sees the end.
             let _ = self.sock.shutdown(Shutdown::Both);
         }
         if let Some(tx) = self.done.take() {
