@@ -878,8 +878,11 @@ mod tests {
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
         c.write_all(&h[..10]).unwrap();
         std::thread::sleep(Duration::from_millis(30));
-        c.write_all(&h[10..]).unwrap();
-        c.write_all(&payload[..1000]).unwrap();
+        // The rest of the header with the payload's first bytes: one segment, received into the
+        // header buffer together, so those bytes are copied into the payload buffer.
+        let mut first = h[10..].to_vec();
+        first.extend_from_slice(&payload[..1000]);
+        c.write_all(&first).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         c.write_all(&payload[1000..70_000]).unwrap();
         std::thread::sleep(Duration::from_millis(30));
