@@ -284,7 +284,7 @@ impl Share {
         let mut s = pool.lock();
         let share = pool.cap / s.members.max(1) as u64;
         let within_share = self.held == 0 || self.held + bytes <= share;
-        let my_turn = s.queued.front().is_none_or(|(id, _)| *id == self.id);
+        let my_turn = s.queued.front().map_or(true, |(id, _)| *id == self.id);
         // Blocking members waiting for their turn go first.
         let no_blocked = s.serving == s.next;
         if within_share && my_turn && no_blocked && s.used + bytes <= pool.cap {
