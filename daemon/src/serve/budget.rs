@@ -53,7 +53,8 @@ struct PoolState {
 pub struct Waker(pub Arc<dyn Fn() + Send + Sync>);
 
 impl Waker {
-    fn wake(&self) {
+    /// Calls it.
+    pub fn wake(&self) {
         (self.0)()
     }
 }

@@ -861,6 +861,46 @@ mod tests {
         ended_cleanly(tb);
     }
 
+    #[test]
+    fn ring_a_stop_reaches_a_connection_waiting_for_the_pool() {
+        on_the_ring(a_stop_reaches_a_connection_waiting_for_the_pool);
+    }
+
+    /// A connection that waits for room in the pool (nothing in flight, no recv posted) still
+    /// sees a stop: it closes without answering the request it could not take in.
+    fn a_stop_reaches_a_connection_waiting_for_the_pool() {
+        let exports = Exports::new(vec![Export::new("", MemDisk::new(8 << 20, false), 1)]);
+        let (a, mut c) = UnixStream::pair().unwrap();
+        let mut cfg = ConnConfig::for_tests(exports);
+        cfg.pool = Pool::new(super::super::budget::MIN_POOL);
+        cfg.ring = RING.with(|r| r.borrow().clone());
+        // Another member holds the whole pool.
+        let mut hog = super::super::budget::Share::new(
+            cfg.pool.clone(),
+            super::super::budget::Waker(Arc::new(|| {})),
+        );
+        assert!(hog.try_take(super::super::budget::MIN_POOL));
+        let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
+        let h2 = handle.clone();
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), 0, 0, &cfg, h2));
+        handshake(&mut c);
+        // The header only: the connection cannot take its bytes, so it never reads the payload.
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 1 << 20);
+        std::thread::sleep(Duration::from_millis(200));
+        handle.stop_reading();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let end = c.read_to_end(&mut rest);
+        assert!(
+            end.is_ok(),
+            "the connection did not close after the stop: {end:?}"
+        );
+        assert!(rest.is_empty(), "the request not taken in was answered");
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.requests, 0);
+        drop(hog);
+    }
+
     /// A WRITE whose header and payload arrive in pieces, with pauses, then a pipelined READ
     /// in the same segment as the payload's tail: the data is whole and both are answered.
     #[test]

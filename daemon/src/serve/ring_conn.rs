@@ -19,9 +19,9 @@
 //! connection (its eventfd) when bytes come back, the connection's own sends free slots.
 //!
 //! Ending: DISC, EOF, a stop ([`ClientHandle::stop_reading`] shuts the socket's read side, so
-//! the posted recv ends), bad magic, an oversized WRITE, a frame not received within the
-//! payload timeout or an idle connection: no new request is taken in, the ones taken in are
-//! answered, then the socket is shut down and the source detaches. A send that fails drops the
+//! a posted recv ends, and writes the eventfd, for a connection with none posted), bad magic,
+//! an oversized WRITE, a frame not received within the payload timeout or an idle connection:
+//! no new request is taken in, the ones taken in are answered, then the socket is shut down and the source detaches. A send that fails drops the
 //! replies left; a send that makes no progress for the idle timeout shuts the socket down.
 //! A request the engine refuses because it is shutting down is left unanswered and stops the
 //! connection. When the source is dropped (also after a panic, caught by the core) its
@@ -283,6 +283,8 @@ impl RingConn {
         } else {
             Framing::Simple
         };
+        let stop_shared = Arc::clone(&shared);
+        handle.on_stop(Waker(Arc::new(move || stop_shared.poke())));
         let (tx, rx) = mpsc::channel();
         let conn = RingConn {
             fd: SockFd::new(owned(sock.try_clone()?)),
