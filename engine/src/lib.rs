@@ -18,8 +18,9 @@ pub mod lifecycle;
 pub mod nbd;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
+pub use io::on_core_thread;
 pub use io::{
     CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
-    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SourceCtx, SourceId,
-    DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
+    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SendList, SockDone, SockFd,
+    SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
 };

@@ -41,6 +41,28 @@ struct PoolState {
     serving: u64,
     /// Whether anyone waits (spares the release path a futex wake when nobody does).
     waiters: usize,
+    /// Non-blocking members ([`Share`]) waiting for room, first come first served: their ids
+    /// and how to wake them.
+    queued: std::collections::VecDeque<(u64, Waker)>,
+    /// Next [`Share`] id.
+    next_share: u64,
+}
+
+/// Wakes a non-blocking member of the pool (writes its eventfd) when bytes come back.
+#[derive(Clone)]
+pub struct Waker(pub Arc<dyn Fn() + Send + Sync>);
+
+impl Waker {
+    /// Calls it.
+    pub fn wake(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
 }
 
 impl Pool {
@@ -87,11 +109,13 @@ impl Pool {
         let mut s = self.lock();
         s.members = s.members.saturating_sub(1);
         let wake = s.waiters > 0;
+        let queued = Self::wakers(&s);
         drop(s);
         if wake {
             // A smaller membership raises everyone's share.
             self.freed.notify_all();
         }
+        queued.iter().for_each(Waker::wake);
     }
 
     fn release(&self, bytes: u64) {
@@ -101,10 +125,17 @@ impl Pool {
         let mut s = self.lock();
         s.used = s.used.saturating_sub(bytes);
         let wake = s.waiters > 0;
+        let queued = Self::wakers(&s);
         drop(s);
         if wake {
             self.freed.notify_all();
         }
+        queued.iter().for_each(Waker::wake);
+    }
+
+    /// The wakers of the queued non-blocking members (called outside the lock).
+    fn wakers(s: &PoolState) -> Vec<Waker> {
+        s.queued.iter().map(|(_, w)| w.clone()).collect()
     }
 }
 
@@ -207,6 +238,96 @@ impl Budget {
     #[cfg(test)]
     pub fn has_waiter(&self) -> bool {
         self.lock().2
+    }
+}
+
+/// A connection's holding of the [`Pool`] when it must never block (served on an engine core):
+/// [`Share::try_take`] either takes the bytes now or queues the connection, first come first
+/// served, and its [`Waker`] is called whenever bytes come back so it can try again. Same
+/// fairness rules as a blocking [`Budget`]. The connection is a member of the pool until the
+/// share is dropped, which gives back every byte it still holds.
+pub struct Share {
+    pool: Arc<Pool>,
+    id: u64,
+    held: u64,
+    wake: Waker,
+}
+
+impl Share {
+    /// Joins `pool`; `wake` is called (from any thread) when a queued try may succeed.
+    pub fn new(pool: Arc<Pool>, wake: Waker) -> Share {
+        pool.join();
+        let id = {
+            let mut s = pool.lock();
+            s.next_share += 1;
+            s.next_share
+        };
+        Share {
+            pool,
+            id,
+            held: 0,
+            wake,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Takes `bytes` if this connection's share and the pool allow it now and nobody queued
+    /// before it; otherwise queues it (once) and returns false.
+    pub fn try_take(&mut self, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let pool = &self.pool;
+        let mut s = pool.lock();
+        let share = pool.cap / s.members.max(1) as u64;
+        let within_share = self.held == 0 || self.held + bytes <= share;
+        let my_turn = s.queued.front().map_or(true, |(id, _)| *id == self.id);
+        // Blocking members waiting for their turn go first.
+        let no_blocked = s.serving == s.next;
+        if within_share && my_turn && no_blocked && s.used + bytes <= pool.cap {
+            if !s.queued.is_empty() {
+                s.queued.pop_front();
+            }
+            s.used += bytes;
+            s.peak = s.peak.max(s.used);
+            self.held += bytes;
+            let next = Self::first_waker(&s);
+            drop(s);
+            // The next in line may fit too.
+            if let Some(w) = next {
+                w.wake();
+            }
+            return true;
+        }
+        if !s.queued.iter().any(|(id, _)| *id == self.id) {
+            s.queued.push_back((self.id, self.wake.clone()));
+        }
+        false
+    }
+
+    fn first_waker(s: &PoolState) -> Option<Waker> {
+        s.queued.front().map(|(_, w)| w.clone())
+    }
+
+    /// Gives `bytes` back (clamped to what is held).
+    pub fn give_back(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.pool.release(bytes);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut s = self.pool.lock();
+        s.queued.retain(|(id, _)| *id != self.id);
+        drop(s);
+        self.pool.release(self.held);
+        self.pool.leave();
     }
 }
 
@@ -381,5 +502,51 @@ mod tests {
         let cap = Pool::default_cap();
         assert!(cap >= MIN_POOL);
         assert!(cap <= total_ram().unwrap() / 8 + MIN_POOL);
+    }
+
+    fn counting_share(pool: &Arc<Pool>) -> (Share, Arc<std::sync::atomic::AtomicU64>) {
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let n2 = n.clone();
+        let wake = Waker(Arc::new(move || {
+            n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        (Share::new(pool.clone(), wake), n)
+    }
+
+    /// A non-blocking share never waits: a take that does not fit queues it, first come first
+    /// served (a small take that would fit does not overtake a queued one), and it is woken
+    /// when bytes come back; dropping a share gives back what it holds.
+    #[test]
+    fn shares_queue_first_come_first_served_and_are_woken() {
+        let pool = Pool::new(64 * MIB);
+        let (mut a, _) = counting_share(&pool);
+        let (mut b, b_woken) = counting_share(&pool);
+        let (mut c, c_woken) = counting_share(&pool);
+        assert!(a.try_take(40 * MIB));
+        assert!(!b.try_take(40 * MIB), "over the pool's room");
+        assert!(
+            !c.try_take(MIB),
+            "a small take overtook a connection queued before it"
+        );
+        assert_eq!(b_woken.load(std::sync::atomic::Ordering::SeqCst), 0);
+        a.give_back(40 * MIB);
+        assert!(
+            b_woken.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "b not woken"
+        );
+        assert!(
+            c_woken.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "c not woken"
+        );
+        assert!(b.try_take(40 * MIB));
+        assert!(c.try_take(MIB), "c is first in line now");
+        assert_eq!(pool.used(), 41 * MIB);
+        drop(b);
+        assert_eq!(pool.used(), MIB);
+        // Over its share (64 MiB / 2 members) a share waits even with room in the pool.
+        assert!(c.try_take(20 * MIB));
+        assert!(!c.try_take(20 * MIB), "past its share");
+        drop(c);
+        assert_eq!(pool.used(), 0);
     }
 }

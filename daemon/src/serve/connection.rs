@@ -1,4 +1,6 @@
-//! One client connection: handshake, then a reader (this thread) and a writer thread.
+//! One client connection: handshake, then transmission on the connection's engine core
+//! ([`super::ring_conn`], `--conn-mode ring`, the default) or, as described here, with a reader
+//! (this thread) and a writer thread (`--conn-mode threads`).
 //!
 //! The reader parses request headers, reads WRITE payloads straight into engine buffers,
 //! validates ([`super::command`]), takes a [`Ticket`] (a share of the connection's request
@@ -60,6 +62,9 @@ pub struct ConnConfig {
     /// Close a connection with nothing in flight that sent no request and took no reply for
     /// this long (also: a client that takes no reply byte for this long is dropped).
     pub idle_timeout: Option<Duration>,
+    /// Serve transmission on the connection's core of this engine ([`super::ring_conn`])
+    /// instead of with a reader and a writer thread (`--conn-mode ring`).
+    pub ring: Option<addcow_engine::Engine>,
 }
 
 impl ConnConfig {
@@ -73,6 +78,7 @@ impl ConnConfig {
             pool: Pool::new(256 << 20),
             payload_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            ring: None,
         }
     }
 }
@@ -172,7 +178,14 @@ pub fn serve(
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let totals = transmission(sock, core, &neg, cfg, &handle);
+    let ring = match &cfg.ring {
+        Some(engine) => super::ring_conn::run(engine, &sock, core, &neg, cfg, &handle),
+        None => None,
+    };
+    let totals = match ring {
+        Some(t) => t,
+        None => transmission(sock, core, &neg, cfg, &handle),
+    };
     // Leave the export's client table only now: every request of this connection is answered.
     let Negotiated { export, guard, .. } = neg;
     drop(guard);
@@ -729,11 +742,284 @@ mod tests {
         start_in(&exports)
     }
 
+    thread_local! {
+        /// Set: connections started by this test thread are served on this engine's core 0
+        /// ([`super::super::ring_conn`]) instead of on reader and writer threads.
+        static RING: std::cell::RefCell<Option<addcow_engine::Engine>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs `body` with its connections served on a one-core engine's ring.
+    fn on_the_ring(body: fn()) {
+        let engine = addcow_engine::Engine::start(addcow_engine::EngineConfig {
+            cores: 1,
+            arena_bytes: 4 << 20,
+            ..Default::default()
+        })
+        .expect("engine starts");
+        RING.with(|r| *r.borrow_mut() = Some(engine.clone()));
+        body();
+        RING.with(|r| r.borrow_mut().take());
+        engine.shutdown().expect("engine stops");
+    }
+
+    // The tests above and below, with the connection served on an engine core's ring.
+    #[test]
+    fn ring_replies_go_out_in_completion_order() {
+        on_the_ring(replies_go_out_in_completion_order);
+    }
+    #[test]
+    fn ring_write_read_status_and_errors_over_a_socket() {
+        on_the_ring(write_read_status_and_errors_over_a_socket);
+    }
+    #[test]
+    fn ring_garbage_and_truncation_close_only_this_connection() {
+        on_the_ring(garbage_and_truncation_close_only_this_connection);
+    }
+    #[test]
+    fn ring_stops_receiving_when_the_budget_is_spent() {
+        on_the_ring(reader_stops_reading_when_the_budget_is_spent);
+    }
+    #[test]
+    fn ring_stopping_answers_in_flight_requests_then_closes() {
+        on_the_ring(stopping_the_reader_answers_in_flight_requests_then_closes);
+    }
+    #[test]
+    fn ring_a_stopping_engine_leaves_the_request_unanswered_and_closes() {
+        on_the_ring(a_stopping_engine_leaves_the_request_unanswered_and_closes);
+    }
+    #[test]
+    fn ring_random_request_streams_never_panic() {
+        on_the_ring(random_request_streams_never_panic);
+    }
+    #[test]
+    fn ring_many_pipelined_requests_all_answered() {
+        on_the_ring(many_pipelined_requests_all_answered);
+    }
+    #[test]
+    fn ring_a_write_payload_split_over_several_recvs() {
+        on_the_ring(a_write_payload_split_over_several_recvs);
+    }
+    #[test]
+    fn ring_a_switch_submits_from_the_waiter_thread_not_the_core() {
+        on_the_ring(a_switch_submits_from_the_waiter_thread_not_the_core);
+    }
+
+    #[test]
+    fn ring_a_panic_in_the_source_ends_only_its_connection() {
+        on_the_ring(a_panic_in_the_source_ends_only_its_connection);
+    }
+
+    /// A backend whose allocation map panics for reads at 512 KiB.
+    struct PanicsAt {
+        inner: Arc<MemDisk>,
+    }
+
+    impl Backend for PanicsAt {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            self.inner.submit(core, req, done)
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            assert_ne!(offset, 512 << 10, "injected panic");
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// On the ring only (a reader thread's panic is not caught): a panic while serving one
+    /// connection closes it and is reported in its totals; the core and the other connection
+    /// on it go on.
+    fn a_panic_in_the_source_ends_only_its_connection() {
+        let exports = Exports::new(vec![Export::new(
+            "",
+            Arc::new(PanicsAt {
+                inner: MemDisk::new(1 << 20, false),
+            }),
+            1,
+        )]);
+        let (mut b, tb) = start_in(&exports);
+        handshake(&mut b);
+        roundtrip(&mut b, 10, 0x21);
+        let (mut a, ta) = start_in(&exports);
+        handshake(&mut a);
+        req(&mut a, wire::CMD_READ, 0, 1, 512 << 10, 512);
+        assert!(read_until_closed(&mut a).is_empty(), "no reply expected");
+        match ta.join().expect("connection thread") {
+            Ended::Transmission { totals, .. } => assert!(totals.writer_panicked),
+            other => panic!("{other:?}"),
+        }
+        roundtrip(&mut b, 20, 0x22);
+        req(&mut b, wire::CMD_DISC, 0, 99, 0, 0);
+        ended_cleanly(tb);
+    }
+
+    #[test]
+    fn ring_a_stop_reaches_a_connection_waiting_for_the_pool() {
+        on_the_ring(a_stop_reaches_a_connection_waiting_for_the_pool);
+    }
+
+    /// A connection that waits for room in the pool (nothing in flight, no recv posted) still
+    /// sees a stop: it closes without answering the request it could not take in.
+    fn a_stop_reaches_a_connection_waiting_for_the_pool() {
+        let exports = Exports::new(vec![Export::new("", MemDisk::new(8 << 20, false), 1)]);
+        let (a, mut c) = UnixStream::pair().unwrap();
+        let mut cfg = ConnConfig::for_tests(exports);
+        cfg.pool = Pool::new(super::super::budget::MIN_POOL);
+        cfg.ring = RING.with(|r| r.borrow().clone());
+        // Another member holds the whole pool.
+        let mut hog = super::super::budget::Share::new(
+            cfg.pool.clone(),
+            super::super::budget::Waker(Arc::new(|| {})),
+        );
+        assert!(hog.try_take(super::super::budget::MIN_POOL));
+        let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
+        let h2 = handle.clone();
+        let t = std::thread::spawn(move || serve(Sock::Unix(a), 0, 0, &cfg, h2));
+        handshake(&mut c);
+        // The header only: the connection cannot take its bytes, so it never reads the payload.
+        req(&mut c, wire::CMD_WRITE, 0, 1, 0, 1 << 20);
+        std::thread::sleep(Duration::from_millis(200));
+        handle.stop_reading();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let end = c.read_to_end(&mut rest);
+        assert!(
+            end.is_ok(),
+            "the connection did not close after the stop: {end:?}"
+        );
+        assert!(rest.is_empty(), "the request not taken in was answered");
+        let totals = ended_cleanly(t);
+        assert_eq!(totals.requests, 0);
+        drop(hog);
+    }
+
+    /// A WRITE whose header and payload arrive in pieces, with pauses, then a pipelined READ
+    /// in the same segment as the payload's tail: the data is whole and both are answered.
+    #[test]
+    fn a_write_payload_split_over_several_recvs() {
+        let (mut c, t, disk) = start(1 << 20);
+        handshake(&mut c);
+        let h = RequestHeader {
+            flags: 0,
+            kind: wire::CMD_WRITE,
+            cookie: 1,
+            offset: 4096,
+            len: 100_000,
+        }
+        .encode();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        c.write_all(&h[..10]).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        // The rest of the header with the payload's first bytes: one segment, received into the
+        // header buffer together, so those bytes are copied into the payload buffer.
+        let mut first = h[10..].to_vec();
+        first.extend_from_slice(&payload[..1000]);
+        c.write_all(&first).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        c.write_all(&payload[1000..70_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let mut tail = payload[70_000..].to_vec();
+        let r = RequestHeader {
+            flags: 0,
+            kind: wire::CMD_READ,
+            cookie: 2,
+            offset: 4096 + 99_000,
+            len: 1000,
+        };
+        tail.extend_from_slice(&r.encode());
+        c.write_all(&tail).unwrap();
+        let mut ok = [0u8; 16];
+        c.read_exact(&mut ok).unwrap();
+        assert_eq!(ok, wire::simple_reply(0, 1));
+        // The read's structured chunk: 20-byte header, 8-byte offset, data.
+        let mut rd = vec![0u8; 20 + 8 + 1000];
+        c.read_exact(&mut rd).unwrap();
+        assert_eq!(&rd[8..16], &2u64.to_be_bytes());
+        assert_eq!(&rd[28..], &payload[99_000..]);
+        assert_eq!(
+            &disk.data.lock().unwrap()[4096..4096 + 100_000],
+            &payload[..]
+        );
+        req(&mut c, wire::CMD_DISC, 0, 3, 0, 0);
+        assert_eq!(ended_cleanly(t).bytes_written, 100_000);
+    }
+
+    /// A backend that refuses every local submit (as a disk switch does) and records whether
+    /// a submit ran on an engine core thread.
+    struct Switching {
+        inner: Arc<MemDisk>,
+        on_core: AtomicU64,
+        submits: AtomicU64,
+    }
+
+    impl Backend for Switching {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+            self.submits.fetch_add(1, Ordering::SeqCst);
+            if addcow_engine::on_core_thread() {
+                self.on_core.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.submit(core, req, done)
+        }
+        fn try_submit_local(
+            &self,
+            _ctx: &mut addcow_engine::SourceCtx<'_>,
+            req: Request,
+            done: addcow_engine::Completion,
+        ) -> Option<(Request, addcow_engine::Completion)> {
+            Some((req, done))
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+            self.inner.allocation(offset, len)
+        }
+        fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+            self.inner.alloc_buf(len)
+        }
+    }
+
+    /// While a switch holds local submits back, requests still complete, submitted from a
+    /// thread that is not the core (which must never wait on the switch).
+    #[test]
+    fn a_switch_submits_from_the_waiter_thread_not_the_core() {
+        let backend = Arc::new(Switching {
+            inner: MemDisk::new(1 << 20, false),
+            on_core: AtomicU64::new(0),
+            submits: AtomicU64::new(0),
+        });
+        let (mut c, t) = start_on(backend.clone());
+        handshake(&mut c);
+        for i in 0..20 {
+            roundtrip(&mut c, i, i as u8);
+        }
+        req(&mut c, wire::CMD_DISC, 0, 99, 0, 0);
+        ended_cleanly(t);
+        assert_eq!(backend.submits.load(Ordering::SeqCst), 40);
+        assert_eq!(
+            backend.on_core.load(Ordering::SeqCst),
+            0,
+            "a submit ran on an engine core thread"
+        );
+    }
+
     /// A connection to the exports `exports`, served on its own thread.
     fn start_in(exports: &Arc<Exports>) -> (UnixStream, Conn) {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (a, b) = UnixStream::pair().unwrap();
-        let cfg = ConnConfig::for_tests(exports.clone());
+        let mut cfg = ConnConfig::for_tests(exports.clone());
+        cfg.ring = RING.with(|r| r.borrow().clone());
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
         let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg, handle));

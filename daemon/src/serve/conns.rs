@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+use super::budget::Waker;
 use super::sock::Sock;
 
 /// How a connection is told to stop: a flag its reader checks before each request, and a
@@ -22,6 +23,9 @@ use super::sock::Sock;
 pub struct ClientHandle {
     sock: Sock,
     stop: AtomicBool,
+    /// Wakes a connection served on an engine core (its eventfd) when it is stopped: it may
+    /// have no recv posted for the socket shutdown to end.
+    wake: Mutex<Option<Waker>>,
 }
 
 impl ClientHandle {
@@ -30,6 +34,22 @@ impl ClientHandle {
         ClientHandle {
             sock,
             stop: AtomicBool::new(false),
+            wake: Mutex::new(None),
+        }
+    }
+
+    /// From now on a stop also calls `wake` (at once if already stopped).
+    pub fn on_stop(&self, wake: Waker) {
+        *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake.clone());
+        if self.stopped() {
+            wake.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let w = self.wake.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(w) = w {
+            w.wake();
         }
     }
 
@@ -38,6 +58,7 @@ impl ClientHandle {
     pub fn stop_reading(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.sock.shutdown(Shutdown::Read);
+        self.wake();
     }
 
     /// Whether the reader was told to stop.
@@ -49,6 +70,7 @@ impl ClientHandle {
     pub fn close(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.sock.shutdown(Shutdown::Both);
+        self.wake();
     }
 }
 

@@ -43,6 +43,11 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Where the bytes of `[offset, offset+len)` come from (no I/O).
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// [`Backend::allocation`] if it can be had without waiting (`None` while a disk switch
+    /// holds the disk): for callers on an engine core thread. By default always.
+    fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        Some(self.allocation(offset, len))
+    }
     /// Which layer supplies each part of `[offset, offset+len)`, numbered like
     /// `qemu:allocation-depth` (no I/O). By default from [`Backend::allocation`]: `1` raw
     /// image, `2` base, `0` zeros (exact for a disk with at most one base layer).
@@ -251,6 +256,11 @@ impl Backend for EngineDisk {
     }
     fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
         self.current().disk.allocation(offset, len)
+    }
+    fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        // A switch holds the write lock while it waits for requests a core must complete.
+        let cur = self.current.try_read().ok()?;
+        Some(cur.disk.allocation(offset, len))
     }
     fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
         self.current().disk.allocation_depth(offset, len)

@@ -1,9 +1,11 @@
 //! `addcow serve`: the NBD daemon.
 //!
 //! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
-//! per connection runs the [`handshake`], then [`connection`]'s reader parses and validates
-//! ([`wire`], [`command`]) and submits to the engine on the connection's core; completions go to
-//! the connection's writer thread, which frames them ([`reply`]) and sends them.
+//! per connection runs the [`handshake`], then the connection runs on its engine core as a
+//! [`ring_conn::RingConn`]: received on the core's io_uring, parsed and validated ([`wire`],
+//! [`command`]), submitted on the core, answered with one `sendmsg` per core turn ([`reply`]).
+//! With `--conn-mode threads`, [`connection`]'s reader thread parses and submits and a writer
+//! thread sends the replies instead.
 //!
 //! Operating it: [`host`] holds the engine and the export table and adds/removes exports at
 //! runtime; [`control`] is the JSON-RPC control socket, [`events`] its notifications;
@@ -12,8 +14,8 @@
 //!
 //! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
 //! [`status`] (block status, bounded), [`reply`] (framing and sending), [`budget`] (in-flight
-//! limits and the daemon-wide buffer pool), [`outbox`] (reply queue and writer), [`connection`]
-//! (reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
+//! limits and the daemon-wide buffer pool), [`ring_conn`] (a connection on its core),
+//! [`outbox`] (reply queue and writer), [`connection`] (handshake, then the reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
 //! [`lockfile`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (exports and the
 //! engine seam), [`probe`] (holes and hole punching of the files underneath), [`demo`].
 
@@ -38,6 +40,7 @@ pub mod outbox;
 pub mod probe;
 pub mod reply;
 pub mod resize;
+pub mod ring_conn;
 pub mod signals;
 pub mod snapshot;
 pub mod sock;
@@ -177,6 +180,20 @@ pub struct ServeArgs {
     /// (O_DIRECT) or buffered (through the page cache, shared by every overlay on one base).
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = parse_cache)]
     pub base_cache: CacheMode,
+    /// How a connection is served once its handshake is done: `ring` (received, executed and
+    /// answered on its engine core's io_uring, no thread hop per request) or `threads` (a reader
+    /// and a writer thread per connection, the fallback).
+    #[arg(long, value_enum, default_value_t = ConnMode::Ring)]
+    pub conn_mode: ConnMode,
+}
+
+/// How connections in transmission are served (`--conn-mode`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnMode {
+    /// A reader and a writer thread per connection.
+    Threads,
+    /// On the connection's engine core ([`ring_conn`]).
+    Ring,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -447,6 +464,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         pool: pool.clone(),
         payload_timeout: Duration::from_secs(args.payload_timeout.max(1)),
         idle_timeout: args.idle_timeout.map(|s| Duration::from_secs(s.max(1))),
+        ring: (args.conn_mode == ConnMode::Ring).then(|| engine.clone()),
     });
     signals
         .spawn_waiter(stop.clone())

@@ -263,7 +263,8 @@ impl Engine {
 
     /// Has core `core` poll `fd` (an eventfd; made non-blocking) in its io_uring and call
     /// `source` on that core when it is written: [`CoreSource::ready`] after the count was
-    /// consumed, [`CoreSource::idle`] before the core blocks. Returns once the poll is in the
+    /// consumed, [`CoreSource::end_of_batch`] at the end of every turn, and its socket ops'
+    /// completions and timer (see [`CoreSource`]). Returns once the poll is in the
     /// core's ring (a write from then on, or one already pending, fires it). Not from a core
     /// thread (it waits for the core).
     pub fn attach_source(
@@ -297,9 +298,11 @@ impl Engine {
     }
 
     /// Stops polling `id`'s fd and drops the source (and its fd) on its core; when this returns,
-    /// `ready` and `idle` never run again. Requests the source submitted still complete (into
+    /// none of its callbacks runs again. Its socket ops in flight are cancelled (their buffers
+    /// are freed at their completions); requests the source submitted still complete (into
     /// whatever their completions hold). A source of a stopped engine is already gone. Not from
-    /// a core thread (it waits for the core).
+    /// a core thread (it waits for the core; a source ends itself with
+    /// [`SourceCtx::detach`](super::SourceCtx::detach)).
     pub fn detach_source(&self, id: SourceId) -> Result<()> {
         if on_core_thread() {
             return Err(Error::new(ErrorKind::InvalidArgument(

@@ -13,7 +13,8 @@
 //!   called exactly once.
 //! * `mailbox`: how other threads reach a core (channel + eventfd + messages).
 //! * `source`: [`CoreSource`], work a core polls in its own ring (an eventfd) beside its
-//!   requests, and [`SourceCtx`], how it submits on that core.
+//!   requests, and [`SourceCtx`], how it submits on that core and runs socket I/O on its ring;
+//!   `sock`: the socket I/O's types ([`SockFd`], [`SendList`], [`SockDone`]).
 //! * `ring`: [`ring::Ring`], one core's io_uring with its slab of in-flight ops, in-flight cap,
 //!   backlog, linked chains and eventfd read; buffer lifetime is the ops' ownership.
 //! * `core`: one core thread: the loop, and the request state machines that plan ops and react
@@ -52,17 +53,20 @@ mod remote;
 mod request;
 mod responder;
 mod ring;
+mod sock;
 mod source;
 mod split;
 mod stats;
 
 pub use buf::{IoBuf, BUF_ALIGN};
 pub use config::{CacheMode, DiskOptions, EngineConfig, DEFAULT_EXTENT_AHEAD};
+pub use core::on_core_thread;
 pub use disk::Disk;
 pub use engine::Engine;
 pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,
     MAX_READ,
 };
+pub use sock::{Held, SendList, SockDone, SockFd};
 pub use source::{CoreSource, SourceCtx, SourceId};
 pub use stats::DiskStats;

@@ -289,6 +289,35 @@ impl<T: RingOp> Ring<T> {
         }
     }
 
+    /// Cancels the ops `pick` selects: backlogged chains holding one are dropped (never
+    /// submitted); each in-flight one gets an `IORING_OP_ASYNC_CANCEL` by its key and still comes
+    /// back through [`Ring::reap`] (with `-ECANCELED`, or its own result if it ended first), so
+    /// its memory is freed only after the kernel let go of it.
+    pub(crate) fn cancel_where(&mut self, mut pick: impl FnMut(&T) -> bool) {
+        self.backlog.retain(|chain| !chain.iter().any(&mut pick));
+        let keys: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| pick(op))
+            .map(|(k, _)| k as u64)
+            .collect();
+        for key in keys {
+            let sqe = opcode::AsyncCancel::new(key).build().user_data(CANCEL_UD);
+            // SAFETY: a cancel SQE references no memory.
+            while unsafe { self.uring.submission().push(&sqe) }.is_err() {
+                // The SQ is full: submit what is in it to make room.
+                if self.uring.submit().is_err() {
+                    tracing::error!(
+                        key,
+                        "cannot submit to make room for a cancel; the op \
+                        ends when its socket does"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
     /// Moves backlog chains into the SQ while they fit.
     pub(crate) fn flush_backlog(&mut self) {
         while let Some(chain) = self.backlog.pop_front() {

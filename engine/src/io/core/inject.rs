@@ -6,19 +6,20 @@ use super::super::faults::{FaultAction, FaultFile, FaultOp, Injected};
 use super::ops::{CoreOp, OpKind};
 use super::Core;
 
-fn classify(op: &CoreOp) -> (FaultFile, FaultOp, Option<usize>) {
-    let file = match op.file().role {
+fn classify(op: &CoreOp) -> Option<(FaultFile, FaultOp, Option<usize>)> {
+    let file = match op.file()?.role {
         Role::Image => FaultFile::Image,
         Role::Meta => FaultFile::Meta,
         Role::Base => FaultFile::Base,
     };
-    match &op.kind {
+    Some(match &op.kind {
         OpKind::Read { into, .. } => (file, FaultOp::Read, Some(into.len())),
         OpKind::Write { from, .. } => (file, FaultOp::Write, Some(from.len())),
         OpKind::Punch { .. } => (file, FaultOp::Punch, None),
         OpKind::Allocate { .. } => (file, FaultOp::Allocate, None),
         OpKind::Sync { .. } => (file, FaultOp::Sync, None),
-    }
+        OpKind::Sock { .. } => return None,
+    })
 }
 
 impl Core {
@@ -35,7 +36,9 @@ impl Core {
                 op.fault = Some(Injected::Result(-libc::ECANCELED));
                 continue;
             }
-            let (file, kind, len) = classify(op);
+            let Some((file, kind, len)) = classify(op) else {
+                continue;
+            };
             let Some(action) = plan.decide(file, kind) else {
                 continue;
             };

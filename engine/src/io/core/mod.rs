@@ -74,7 +74,7 @@ thread_local! {
 
 /// Whether the calling thread is one of the engine's core threads (blocking on the engine from
 /// one would deadlock).
-pub(crate) fn on_core_thread() -> bool {
+pub fn on_core_thread() -> bool {
     ON_CORE.with(|c| c.get())
 }
 
@@ -212,8 +212,13 @@ impl Core {
         }
         self.fire_timers();
         self.ring.flush_backlog();
-        if self.stopping && self.tasks.is_empty() && self.ring.is_idle() {
-            return false;
+        if self.stopping && self.tasks.is_empty() {
+            // Sources go first: their socket ops (a recv waiting for a client) would keep the
+            // ring busy for ever; removing them cancels those ops.
+            self.remove_all_sources();
+            if self.ring.is_idle() {
+                return false;
+            }
         }
         // Every turn, not only when the core is about to block: under a steady stream of
         // messages (NBD traffic on the same core) the channel never empties, and a source's
@@ -225,7 +230,10 @@ impl Core {
         let wait = if !rx.is_empty() {
             handle.sleeping.store(false, Ordering::SeqCst);
             Wait::Poll
-        } else if let Some(deadline) = self.next_deadline() {
+        } else if let Some(deadline) = match (self.next_deadline(), self.sources_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        } {
             Wait::Until(deadline)
         } else {
             Wait::Block
@@ -358,12 +366,22 @@ impl Core {
             stalls,
             ..
         } = op;
+        let kind = match kind {
+            OpKind::Sock { source, tag, io } => {
+                self.sock_done(source, tag, io, res);
+                return;
+            }
+            kind => kind,
+        };
         // Whether the op did all it was asked (in a linked chain, only then does the next op
         // start).
         let whole = match &kind {
             OpKind::Read { into, .. } => res >= 0 && res as usize >= into.len(),
             OpKind::Write { from, .. } => res >= 0 && res as usize >= from.len(),
-            OpKind::Punch { .. } | OpKind::Allocate { .. } | OpKind::Sync { .. } => res >= 0,
+            OpKind::Punch { .. }
+            | OpKind::Allocate { .. }
+            | OpKind::Sync { .. }
+            | OpKind::Sock { .. } => res >= 0,
         };
         match kind {
             OpKind::Read {
@@ -378,6 +396,7 @@ impl Core {
             OpKind::Punch { off, len, .. } => self.punch_done(task, off, len, res),
             OpKind::Allocate { .. } => self.allocate_done(task, res),
             OpKind::Sync { file, id } => self.sync_done(task, file.role, id, res),
+            OpKind::Sock { .. } => {}
         }
         if let (true, Some((role, id)), Some(t)) = (whole, then_sync, self.tasks.get(task)) {
             // The linked fdatasync after this op starts now (logged after this op's own

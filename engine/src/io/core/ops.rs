@@ -1,7 +1,7 @@
 //! What one SQE is: [`CoreOp`], the op a core keeps in its ring's slab, owning the memory its
 //! SQE points into, and how its entry is built.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
 use io_uring::{opcode, squeue, types};
@@ -10,6 +10,8 @@ use super::super::align::DioAlign;
 use super::super::buf::IoBuf;
 use super::super::disk_state::Role;
 use super::super::ring::RingOp;
+use super::super::sock::{SendList, SockDone, SockFd};
+use super::super::source::SockOp;
 use super::shared_buf::SharedBuf;
 
 /// A file as an SQE names it: a plain fd or a registered-file slot.
@@ -177,6 +179,78 @@ pub(super) enum OpKind {
         file: FileRef,
         id: u64,
     },
+    /// Socket I/O of an attached source (`source`, under the source's `tag`); not a task's op.
+    Sock {
+        source: u64,
+        tag: u64,
+        io: SockIo,
+    },
+}
+
+/// A socket op and the memory its SQE points into.
+pub(super) enum SockIo {
+    /// `recv` into `buf[at..]` (`at <= buf.len()`).
+    Recv { fd: SockFd, buf: IoBuf, at: usize },
+    /// `sendmsg` of `list`'s unsent bytes: `iov` and `hdr` are built by `entry` and point into
+    /// `list` (heap memory: the header bytes and the `IoBuf`s it owns) and into each other.
+    Send {
+        fd: SockFd,
+        list: SendList,
+        iov: Vec<libc::iovec>,
+        hdr: Box<libc::msghdr>,
+    },
+}
+
+impl SockIo {
+    pub(super) fn from_op(op: SockOp) -> SockIo {
+        match op {
+            SockOp::Recv { fd, buf, at } => {
+                let at = at.min(buf.len());
+                SockIo::Recv { fd, buf, at }
+            }
+            SockOp::Send { fd, list } => SockIo::Send {
+                fd,
+                list,
+                iov: Vec::new(),
+                // SAFETY: msghdr is plain data (pointers and integers) for which all-zero bytes
+                // are a valid value (no name, no iovecs, no control data).
+                hdr: Box::new(unsafe { std::mem::zeroed() }),
+            },
+        }
+    }
+
+    /// What the source gets back, with the op's result.
+    pub(super) fn done(self, res: i32) -> SockDone {
+        let result = if res < 0 {
+            Err(std::io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res as usize)
+        };
+        match self {
+            SockIo::Recv { buf, at, .. } => SockDone::Recv { buf, at, result },
+            SockIo::Send { list, .. } => SockDone::Send { list, result },
+        }
+    }
+
+    fn entry(&mut self) -> squeue::Entry {
+        match self {
+            SockIo::Recv { fd, buf, at } => {
+                let len = u32::try_from(buf.len() - *at).unwrap_or(u32::MAX);
+                // `at <= buf.len()` (invariant): the address stays inside the buffer.
+                let ptr = buf.raw_ptr().wrapping_add(*at);
+                opcode::Recv::new(types::Fd(fd.as_raw_fd()), ptr, len).build()
+            }
+            SockIo::Send { fd, list, iov, hdr } => {
+                list.iovecs(iov);
+                hdr.msg_iov = iov.as_mut_ptr();
+                hdr.msg_iovlen = iov.len() as _;
+                let hdr: *const libc::msghdr = &**hdr;
+                opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), hdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+            }
+        }
+    }
 }
 
 /// One op in the ring (key = its `user_data`).
@@ -206,15 +280,16 @@ impl CoreOp {
         }
     }
 
-    /// The file the op touches.
+    /// The file the op touches (none for socket I/O).
     #[cfg(feature = "fault-injection")]
-    pub(super) fn file(&self) -> &FileRef {
+    pub(super) fn file(&self) -> Option<&FileRef> {
         match &self.kind {
             OpKind::Read { file, .. }
             | OpKind::Write { file, .. }
             | OpKind::Punch { file, .. }
             | OpKind::Allocate { file, .. }
-            | OpKind::Sync { file, .. } => file,
+            | OpKind::Sync { file, .. } => Some(file),
+            OpKind::Sock { .. } => None,
         }
     }
 }
@@ -230,15 +305,18 @@ pub(super) fn op_name(role: Role, write: bool) -> &'static str {
 }
 
 // SAFETY: every address in the entry is inside the op's `Region`, whose memory the op keeps
-// alive (an owned IoBuf, a clone of a shared one, or an Rc of the zero buffer): heap memory
-// that does not move with the op and lives at least as long as it.
+// alive (an owned IoBuf, a clone of a shared one, or an Rc of the zero buffer), or inside its
+// `SockIo` (an owned IoBuf; a SendList's heap bytes and IoBufs, the iovec Vec and the boxed
+// msghdr pointing at them): heap memory that does not move with the op and lives at least as
+// long as it. A socket op also keeps its descriptor open (a SockFd clone), so the number in the
+// SQE cannot name another file before the op ends.
 unsafe impl RingOp for CoreOp {
     fn entry(&mut self) -> squeue::Entry {
         #[cfg(feature = "fault-injection")]
         if let Some(e) = super::super::faults::nop_entry(self.fault.as_ref()) {
             return e;
         }
-        match &self.kind {
+        match &mut self.kind {
             OpKind::Read {
                 file, off, into, ..
             } => {
@@ -282,6 +360,7 @@ unsafe impl RingOp for CoreOp {
             OpKind::Sync { file, .. } => with_target!(file.target, |f| opcode::Fsync::new(f)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
+            OpKind::Sock { io, .. } => io.entry(),
         }
     }
 }

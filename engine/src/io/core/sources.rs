@@ -1,11 +1,16 @@
 //! The sources attached to a core ([`CoreSource`]): their eventfds polled in the core's ring,
-//! `ready` when one fires, `idle` before the core blocks.
+//! `ready` when one fires, `end_of_batch` every turn, their socket ops' completions
+//! (`io_done`), their timers (`deadline`), and their removal (from outside, from within, after
+//! a panic, at shutdown). Every callback runs under `catch_unwind`: a source that panics is
+//! detached, the core goes on.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -14,7 +19,9 @@ use super::super::disk_state::DiskState;
 use super::super::engine_shared::EngineShared;
 use super::super::request::Request;
 use super::super::responder::Responder;
-use super::super::source::{CoreSource, LocalSubmit, SourceCtx};
+use super::super::sock::SockDone;
+use super::super::source::{CoreSource, LocalSubmit, SockOp, SourceCtx};
+use super::ops::{CoreOp, OpKind, SockIo};
 use super::Core;
 
 /// One attached source and the eventfd it is polled by (kept open while attached).
@@ -24,13 +31,18 @@ struct Entry {
 }
 
 /// A core's attached sources by id (ids are never reused, so a late CQE of a detached poll
-/// can never be taken for a newer source).
+/// or socket op can never be taken for a newer source).
 #[derive(Default)]
 pub(super) struct Sources {
     next: u64,
     map: HashMap<u64, Entry>,
     fired: Vec<u64>,
+    /// Scratch list of ids for the calls of one turn.
+    ids: Vec<u64>,
 }
+
+/// Not a task: the `task` of a socket op (its completion never reaches a task).
+const NO_TASK: usize = usize::MAX;
 
 impl Core {
     /// Attaches `source`, polled by `fd` (made non-blocking: the core reads it only after a
@@ -62,13 +74,63 @@ impl Core {
         let _ = ack.send(Ok(id));
     }
 
-    /// Detaches source `id`: its poll is removed from the ring (its last CQE is ignored when it
-    /// comes), and the source and its fd are dropped before `ack` is answered.
+    /// Detaches source `id` (asked from outside) and answers `ack` once it is dropped.
     pub(super) fn detach_source(&mut self, id: u64, ack: Sender<()>) {
+        self.remove_source(id);
+        let _ = ack.send(());
+    }
+
+    /// Removes source `id`: its poll is removed from the ring (its last CQE is ignored when it
+    /// comes), its socket ops are cancelled (their buffers are dropped when their CQEs come)
+    /// and the source and its fd are dropped.
+    fn remove_source(&mut self, id: u64) {
         self.ring.remove_poll(id);
+        self.ring
+            .cancel_where(|op| matches!(op.kind, OpKind::Sock { source, .. } if source == id));
         self.sources.fired.retain(|&f| f != id);
         drop(self.sources.map.remove(&id));
-        let _ = ack.send(());
+    }
+
+    /// Removes every source (the core is stopping: their socket ops must end before the ring
+    /// can be idle).
+    pub(super) fn remove_all_sources(&mut self) {
+        let ids: Vec<u64> = self.sources.map.keys().copied().collect();
+        for id in ids {
+            self.remove_source(id);
+        }
+    }
+
+    /// Runs `f` on source `id` with a context on this core, catching a panic. A source that
+    /// panicked or asked to be detached is removed. False when there is no such source.
+    fn call_source(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&mut dyn CoreSource, &mut SourceCtx<'_>),
+    ) -> bool {
+        let Some(mut e) = self.sources.map.remove(&id) else {
+            return false;
+        };
+        let mut ctx = SourceCtx {
+            local: self,
+            source: id,
+            detach: false,
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| f(&mut *e.source, &mut ctx)));
+        let detach = ctx.detach;
+        self.sources.map.insert(id, e);
+        if let Err(panic) = outcome {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(not a string)".into());
+            tracing::error!(core = self.id, source = id, panic = %what,
+                "a source panicked on its core; it is detached, the core goes on");
+            self.remove_source(id);
+        } else if detach {
+            self.remove_source(id);
+        }
+        true
     }
 
     /// Calls `ready` on every source whose eventfd fired, after consuming its count.
@@ -76,14 +138,13 @@ impl Core {
         let mut fired = std::mem::take(&mut self.sources.fired);
         self.ring.take_fired(&mut fired);
         for &id in &fired {
-            let Some(mut e) = self.sources.map.remove(&id) else {
+            let Some(e) = self.sources.map.get(&id) else {
                 continue;
             };
             let mut count = [0u8; 8];
             match (&e.fd).read(&mut count) {
                 Ok(n) if n > 0 => {
-                    let mut ctx = SourceCtx { local: self };
-                    e.source.ready(&mut ctx);
+                    self.call_source(id, |s, ctx| s.ready(ctx));
                 }
                 // Consumed by an earlier read whose `ready` covered it.
                 Err(err)
@@ -99,17 +160,78 @@ impl Core {
                     self.ring.remove_poll(id);
                 }
             }
-            self.sources.map.insert(id, e);
         }
         fired.clear();
         self.sources.fired = fired;
+        self.run_source_deadlines();
     }
 
-    /// Calls `idle` on every source (the end of a turn: the core is about to enter the ring).
+    /// Calls `end_of_batch` on every source (the end of a turn: the core is about to enter the
+    /// ring).
     pub(super) fn idle_sources(&mut self) {
-        for e in self.sources.map.values_mut() {
-            e.source.idle();
+        if self.sources.map.is_empty() {
+            return;
         }
+        let mut ids = std::mem::take(&mut self.sources.ids);
+        ids.extend(self.sources.map.keys().copied());
+        for &id in &ids {
+            self.call_source(id, |s, ctx| s.end_of_batch(ctx));
+        }
+        ids.clear();
+        self.sources.ids = ids;
+    }
+
+    /// The earliest deadline any source asked for.
+    pub(super) fn sources_deadline(&self) -> Option<Instant> {
+        self.sources
+            .map
+            .values()
+            .filter_map(|e| {
+                catch_unwind(AssertUnwindSafe(|| e.source.next_deadline()))
+                    .ok()
+                    .flatten()
+            })
+            .min()
+    }
+
+    /// Calls `deadline` on every source whose deadline has passed.
+    fn run_source_deadlines(&mut self) {
+        if self.sources.map.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut ids = std::mem::take(&mut self.sources.ids);
+        let mut panicked = Vec::new();
+        for (&id, e) in &self.sources.map {
+            match catch_unwind(AssertUnwindSafe(|| e.source.next_deadline())) {
+                Ok(Some(t)) if t <= now => ids.push(id),
+                Ok(_) => {}
+                Err(_) => panicked.push(id),
+            }
+        }
+        for id in panicked {
+            tracing::error!(
+                core = self.id,
+                source = id,
+                "a source panicked in next_deadline; it is detached, the core goes on"
+            );
+            self.remove_source(id);
+        }
+        for &id in &ids {
+            self.call_source(id, |s, ctx| s.deadline(ctx));
+        }
+        ids.clear();
+        self.sources.ids = ids;
+    }
+
+    /// A socket op of source `source` ended: hands its buffers back (dropped when the source is
+    /// gone).
+    pub(super) fn sock_done(&mut self, source: u64, tag: u64, io: SockIo, res: i32) {
+        let done: SockDone = io.done(res);
+        if !self.sources.map.contains_key(&source) {
+            return;
+        }
+        self.call_source(source, |s, ctx| s.io_done(ctx, tag, done));
     }
 }
 
@@ -124,5 +246,11 @@ impl LocalSubmit for Core {
 
     fn submit_local(&mut self, disk: Arc<DiskState>, req: Request, done: Responder) {
         self.submit(disk, req, done);
+    }
+
+    fn push_sock(&mut self, source: u64, tag: u64, op: SockOp) {
+        let io = SockIo::from_op(op);
+        self.ring
+            .push_one(CoreOp::new(NO_TASK, OpKind::Sock { source, tag, io }));
     }
 }
