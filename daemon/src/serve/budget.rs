@@ -244,7 +244,8 @@ impl Budget {
 /// A connection's holding of the [`Pool`] when it must never block (served on an engine core):
 /// [`Share::try_take`] either takes the bytes now or queues the connection, first come first
 /// served, and its [`Waker`] is called whenever bytes come back so it can try again. Same
-/// fairness rules as a blocking [`Budget`]. The connection is a member of the pool until the
+/// fairness rules as a blocking [`Budget`]: a connection over its own share waits for its own
+/// give-backs, outside the queue; only a want of room in the pool queues it. The connection is a member of the pool until the
 /// share is dropped, which gives back every byte it still holds.
 pub struct Share {
     pool: Arc<Pool>,
@@ -285,6 +286,19 @@ impl Share {
         let mut s = pool.lock();
         let share = pool.cap / s.members.max(1) as u64;
         let within_share = self.held == 0 || self.held + bytes <= share;
+        if !within_share {
+            // Over its own share it waits for its own replies to go out (every give-back makes
+            // its connection try again), outside the queue: queued, it would hold back every
+            // member within its share behind a client that may never read its replies.
+            let was_first = s.queued.front().is_some_and(|(id, _)| *id == self.id);
+            s.queued.retain(|(id, _)| *id != self.id);
+            let next = was_first.then(|| Self::first_waker(&s)).flatten();
+            drop(s);
+            if let Some(w) = next {
+                w.wake();
+            }
+            return false;
+        }
         let my_turn = s.queued.front().map_or(true, |(id, _)| *id == self.id);
         // Blocking members waiting for their turn go first.
         let no_blocked = s.serving == s.next;
@@ -548,5 +562,22 @@ mod tests {
         assert!(!c.try_take(20 * MIB), "past its share");
         drop(c);
         assert_eq!(pool.used(), 0);
+    }
+
+    /// A connection over its own share (its client does not read its replies) must not stand
+    /// in the queue: members within their share take bytes past it while the pool has room.
+    #[test]
+    fn a_share_over_its_own_share_does_not_hold_back_the_others() {
+        let pool = Pool::new(64 * MIB);
+        let (mut a, _) = counting_share(&pool);
+        let (mut b, _) = counting_share(&pool);
+        assert!(a.try_take(32 * MIB));
+        assert!(!a.try_take(MIB), "past its share of 32 MiB");
+        assert!(
+            b.try_take(MIB),
+            "b is within its share and the pool has room, but waits behind a"
+        );
+        a.give_back(32 * MIB);
+        assert!(a.try_take(MIB), "a takes again once its replies went out");
     }
 }

@@ -23,16 +23,16 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use addcow_engine::{Done, ExtentKind, Request};
 
-use super::budget::{Budget, Pool};
+use super::budget::Budget;
 use super::command::{self, Command, Limits};
 use super::conns::ClientHandle;
-use super::export::{Attached, Backend, Export, Exports};
+use super::export::{Attached, Backend, Export};
 use super::handshake::{self, HandshakeError, Negotiated};
 use super::outbox::{Outbox, Ticket};
 use super::reply::{Body, Framing, Reply};
@@ -41,92 +41,10 @@ use super::stats::{Op, Stamp};
 use super::status;
 use super::wire::{self, RequestHeader};
 
-/// Writer threads that panicked since the daemon started (each one ended its connection).
-pub static WRITER_PANICS: AtomicU64 = AtomicU64::new(0);
+pub use super::conn_config::{ConnConfig, Ended, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
 
-/// Requests in flight per connection.
-pub const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of the reader's socket buffer (request headers and small payloads).
 const READ_BUFFER: usize = 64 << 10;
-
-/// Settings and shared state every connection sees.
-pub struct ConnConfig {
-    /// The exports.
-    pub exports: Arc<Exports>,
-    /// Time allowed for the handshake.
-    pub handshake_timeout: Duration,
-    /// The daemon-wide buffer budget.
-    pub pool: Arc<Pool>,
-    /// Time allowed for a request frame (header and WRITE payload) once its first byte came.
-    pub payload_timeout: Duration,
-    /// Close a connection with nothing in flight that sent no request and took no reply for
-    /// this long (also: a client that takes no reply byte for this long is dropped).
-    pub idle_timeout: Option<Duration>,
-    /// Serve transmission on the connection's core of this engine ([`super::ring_conn`])
-    /// instead of with a reader and a writer thread (`--conn-mode ring`).
-    pub ring: Option<addcow_engine::Engine>,
-}
-
-impl ConnConfig {
-    /// Settings for tests: 10 s handshake, a 256 MiB pool, 30 s payload timeout, no idle
-    /// timeout.
-    #[cfg(any(test, feature = "fuzzing"))]
-    pub fn for_tests(exports: Arc<Exports>) -> ConnConfig {
-        ConnConfig {
-            exports,
-            handshake_timeout: Duration::from_secs(10),
-            pool: Pool::new(256 << 20),
-            payload_timeout: Duration::from_secs(30),
-            idle_timeout: None,
-            ring: None,
-        }
-    }
-}
-
-/// Totals of one connection, logged when it closes.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Totals {
-    /// Requests received (valid or not).
-    pub requests: u64,
-    /// Bytes written by the client.
-    pub bytes_written: u64,
-    /// Bytes sent back as READ data.
-    pub bytes_read: u64,
-    /// Error replies sent.
-    pub errors: u64,
-    /// The writer thread panicked (the connection was ended).
-    pub writer_panicked: bool,
-}
-
-/// How a connection ended, for the one log line written once its slot is free.
-#[derive(Debug)]
-pub enum Ended {
-    /// The client left (or was dropped) before transmission.
-    Handshake,
-    /// Transmission ran; its totals.
-    Transmission { export: String, totals: Totals },
-}
-
-impl Ended {
-    /// Writes the connection's closing log line.
-    pub fn log(&self, id: u64, peer: &str) {
-        match self {
-            Ended::Handshake => {
-                tracing::info!(conn = id, %peer, "connection closed during handshake")
-            }
-            Ended::Transmission { export, totals: t } => tracing::info!(
-                conn = id,
-                %peer,
-                export = %export,
-                requests = t.requests,
-                bytes_written = t.bytes_written,
-                bytes_read = t.bytes_read,
-                errors = t.errors,
-                "connection closed"
-            ),
-        }
-    }
-}
 
 /// Serves one accepted connection to the end. `core`: the engine core its requests run on;
 /// `handle`: how the daemon stops it (already in the daemon's table of live connections).
@@ -682,8 +600,11 @@ mod tests {
 
     use addcow_engine::Extent;
 
+    use std::sync::atomic::AtomicU64;
+
+    use super::super::budget::Pool;
     use super::super::export::memory::MemDisk;
-    use super::super::export::Export;
+    use super::super::export::{Export, Exports};
     use super::*;
 
     type Conn = std::thread::JoinHandle<Ended>;
@@ -775,6 +696,10 @@ mod tests {
     #[test]
     fn ring_garbage_and_truncation_close_only_this_connection() {
         on_the_ring(garbage_and_truncation_close_only_this_connection);
+    }
+    #[test]
+    fn ring_a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame() {
+        on_the_ring(a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame);
     }
     #[test]
     fn ring_stops_receiving_when_the_budget_is_spent() {
@@ -1016,10 +941,19 @@ mod tests {
 
     /// A connection to the exports `exports`, served on its own thread.
     fn start_in(exports: &Arc<Exports>) -> (UnixStream, Conn) {
+        start_with(exports, |_| {})
+    }
+
+    /// [`start_in`] with the settings changed by `tune`.
+    fn start_with(
+        exports: &Arc<Exports>,
+        tune: impl FnOnce(&mut ConnConfig),
+    ) -> (UnixStream, Conn) {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (a, b) = UnixStream::pair().unwrap();
         let mut cfg = ConnConfig::for_tests(exports.clone());
         cfg.ring = RING.with(|r| r.borrow().clone());
+        tune(&mut cfg);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ClientHandle::new(Sock::Unix(a.try_clone().unwrap())));
         let t = std::thread::spawn(move || serve(Sock::Unix(a), id, 0, &cfg, handle));
@@ -1358,6 +1292,52 @@ mod tests {
             backend.submitted.load(Ordering::SeqCst),
             MAX_IN_FLIGHT as u64 + 256
         );
+    }
+
+    /// A whole request waiting for its budget (every slot taken by requests the backend
+    /// holds) is backpressure, not a client stalling inside a frame: however long the wait, past
+    /// the payload timeout, it is taken in and answered once budget comes back.
+    #[test]
+    fn a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame() {
+        let backend = Arc::new(HeldReads {
+            inner: MemDisk::new(8 << 20, false),
+            submitted: AtomicU64::new(0),
+            held: Default::default(),
+        });
+        let exports = Exports::new(vec![Export::new("", backend.clone(), 1)]);
+        let (mut c, t) = start_with(&exports, |cfg| {
+            cfg.payload_timeout = Duration::from_millis(500)
+        });
+        handshake(&mut c);
+        let replies = {
+            let r = c.try_clone().unwrap();
+            std::thread::spawn(move || count_replies(r))
+        };
+        let n = MAX_IN_FLIGHT as u64 + 1;
+        for i in 0..n - 1 {
+            req(&mut c, wire::CMD_READ, 0, i, (i % 64) * 4096, 4096);
+        }
+        let wait_submitted = |k: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while backend.submitted.load(Ordering::SeqCst) < k {
+                assert!(
+                    Instant::now() < deadline,
+                    "the reads never reached the backend"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_submitted(MAX_IN_FLIGHT as u64);
+        // Every slot is taken: the last request arrives on its own, whole, and waits for a slot
+        // while four payload timeouts pass.
+        req(&mut c, wire::CMD_READ, 0, n - 1, 0, 4096);
+        std::thread::sleep(Duration::from_secs(2));
+        backend.release_all();
+        wait_submitted(n);
+        backend.release_all();
+        req(&mut c, wire::CMD_DISC, 0, 0, 0, 0);
+        ended_cleanly(t);
+        assert_eq!(replies.join().unwrap(), n, "every request answered");
     }
 
     /// `export-del hard` on a connection: the reader takes in no new request, the request in

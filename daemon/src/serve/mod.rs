@@ -22,6 +22,7 @@
 pub mod allow;
 pub mod budget;
 pub mod command;
+pub mod conn_config;
 pub mod connection;
 pub mod conns;
 pub mod control;
@@ -125,27 +126,27 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     pub max_buffer_memory: Option<u64>,
     /// Seconds a client has to finish the handshake.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = secs())]
     pub handshake_timeout: u64,
     /// Seconds a request frame (header and WRITE payload) may take to arrive once its first
     /// byte came; a client that trickles or stalls inside a frame is disconnected.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs())]
     pub payload_timeout: u64,
     /// Disconnect a client that sent no request and took no reply for this many seconds (with
     /// nothing in flight), or that takes no reply byte for this long. Default: never.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = secs())]
     pub idle_timeout: Option<u64>,
     /// On SIGTERM/SIGINT/quit (and export-del hard): seconds to wait for the requests in flight
     /// to be answered before the remaining connections are closed. New requests are never
     /// failed by a stop: they are not read, and a reconnecting client resends them.
-    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
     pub shutdown_grace: u64,
     /// Engine core threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
     /// Seconds a read of a remote (NBD) base may wait for its image server (reconnects
     /// included) before it fails with EIO.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub base_timeout: u64,
     /// Copy-on-read for every export (command line and, unless it says otherwise, export-add):
     /// a read served from the base is also copied into the overlay's raw image (data durable
@@ -164,7 +165,7 @@ pub struct ServeArgs {
     /// line and export-add). A daemon restarted right after a SIGKILL can find its overlay
     /// still locked for a moment: the kernel releases a dead process's io_uring, and the files
     /// it holds, asynchronously. 0 refuses at once.
-    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
     pub lock_wait: u64,
     /// Extent-ahead allocation of sparse raw images: the first write into a clear region also
     /// allocates (fallocate, no data written) the aligned extent of this size around it, once,
@@ -194,6 +195,15 @@ pub enum ConnMode {
     Threads,
     /// On the connection's engine core ([`ring_conn`]).
     Ring,
+}
+
+/// The longest time any `SECS` option takes (ten years): deadlines computed from it can never
+/// overflow an `Instant`.
+const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// A number of seconds up to [`MAX_SECS`].
+fn secs() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(..=MAX_SECS)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -43,7 +43,7 @@ use addcow_engine::{
 
 use super::budget::{Share, Waker};
 use super::command::{self, Command, Limits};
-use super::connection::{ConnConfig, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
+use super::conn_config::{ConnConfig, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
 use super::conns::ClientHandle;
 use super::export::{Attached, Backend};
 use super::handshake::Negotiated;
@@ -237,6 +237,14 @@ pub fn run(
     cfg: &ConnConfig,
     handle: &Arc<ClientHandle>,
 ) -> Option<Totals> {
+    let Some(_slot) = CoreSlot::take(core) else {
+        tracing::info!(
+            core,
+            "{MAX_RING_CONNS_PER_CORE} connections already served on this core's ring; \
+             serving this one with threads"
+        );
+        return None;
+    };
     let (conn, efd, rx) = match RingConn::new(sock, core, neg, cfg, handle) {
         Ok(x) => x,
         Err(e) => {
@@ -244,12 +252,54 @@ pub fn run(
             return None;
         }
     };
+    // The thread path's socket timeouts would make a recv punted to a blocking worker (a ring
+    // without fast poll) fail with EAGAIN; the ring path keeps its own deadlines.
+    let _ = sock.set_read_timeout(None);
+    let _ = sock.set_write_timeout(None);
     if let Err(e) = engine.attach_source(core, efd, Box::new(conn)) {
         tracing::warn!(error = %e, "cannot attach the connection to its core");
         let _ = sock.shutdown(Shutdown::Both);
     }
     // The source sends its totals when it is dropped (also after a panic or a failed attach).
     Some(rx.recv().unwrap_or_default())
+}
+
+/// Most connections served on one core's ring at once. Each keeps up to two socket ops in the
+/// core's ring (a recv that completes only when its client sends, and a send), and those count
+/// against the same in-flight cap as disk I/O: this bound keeps them to a quarter of it (the cap
+/// is 511 at the default queue depth of 256), so idle clients can never crowd out disk ops. More
+/// connections on a core are served with threads.
+pub const MAX_RING_CONNS_PER_CORE: usize = 64;
+
+/// A place among a core's ring connections, given back when dropped.
+struct CoreSlot(usize);
+
+impl CoreSlot {
+    fn counts() -> &'static Mutex<Vec<usize>> {
+        static COUNTS: std::sync::OnceLock<Mutex<Vec<usize>>> = std::sync::OnceLock::new();
+        COUNTS.get_or_init(|| Mutex::new(Vec::new()))
+    }
+
+    fn take(core: usize) -> Option<CoreSlot> {
+        let mut c = Self::counts().lock().unwrap_or_else(|p| p.into_inner());
+        if c.len() <= core {
+            c.resize(core + 1, 0);
+        }
+        if c[core] >= MAX_RING_CONNS_PER_CORE {
+            return None;
+        }
+        c[core] += 1;
+        Some(CoreSlot(core))
+    }
+}
+
+impl Drop for CoreSlot {
+    fn drop(&mut self) {
+        let mut c = Self::counts().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(self.0) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 impl RingConn {
@@ -541,6 +591,9 @@ impl RingConn {
         let fatal =
             matches!(&validated, Err(r) if r.fatal) || matches!(validated, Ok(Command::Disc));
         if !fatal && !self.take(cost) {
+            // The frame is whole: waiting for budget (a slot, or room in the pool) is
+            // backpressure, not a client stalling inside a frame, so the payload clock stops.
+            self.frame_start = None;
             return false;
         }
         self.start += hlen;
@@ -941,6 +994,21 @@ impl RingConn {
                 self.recv_posted = false;
                 let n = match result {
                     Ok(n) => n,
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) =>
+                    {
+                        // Nothing arrived (a recv run by a blocking worker can say so): the
+                        // buffer goes back untouched and the next turn receives again.
+                        if tag == TAG_PAYLOAD {
+                            if let In::Payload { data, .. } = &mut self.state {
+                                *data = Some(buf);
+                            }
+                        } else {
+                            self.rbuf = Some(buf);
+                        }
+                        self.turn(ctx);
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "recv failed; client gone");
                         0
@@ -1093,5 +1161,30 @@ fn engine_error(kind: u16, fast_zero: bool, e: &addcow_engine::RequestError) -> 
     Body::Error {
         error: wire::reply_error(kind, fast_zero, e.errno),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core serves at most [`MAX_RING_CONNS_PER_CORE`] connections on its ring; a place is
+    /// given back when its connection ends. (A core index no other test uses.)
+    #[test]
+    fn a_core_takes_a_bounded_number_of_ring_connections() {
+        let core = 4093;
+        let slots: Vec<_> = (0..MAX_RING_CONNS_PER_CORE)
+            .map(|_| CoreSlot::take(core).expect("a place on the ring"))
+            .collect();
+        assert!(
+            CoreSlot::take(core).is_none(),
+            "one connection past the bound was put on the ring"
+        );
+        assert!(
+            CoreSlot::take(core + 1).is_some(),
+            "other cores are not counted"
+        );
+        drop(slots);
+        assert!(CoreSlot::take(core).is_some(), "places come back");
     }
 }

@@ -24,7 +24,8 @@
 //!
 //! # The `user_data` contract
 //! * [`WAKE_UD`] (`u64::MAX`): the 8-byte read of the eventfd; re-armed when reaped.
-//! * [`CANCEL_UD`] (`u64::MAX - 1`): the cancels issued at teardown.
+//! * [`CANCEL_UD`] (`u64::MAX - 1`): the cancels issued at teardown and when a source's ops are
+//!   cancelled (`Ring::cancel_where`).
 //! * [`POLL_REMOVE_UD`] (`u64::MAX - 2`): poll removals.
 //! * [`POLL_TAG`] `| id`: the poll with that id (ids are below `POLL_TAG`).
 //! * anything else: the slab key of an op (always below `POLL_TAG`).

@@ -25,7 +25,9 @@ pub struct SockFd(Arc<OwnedFd>);
 impl SockFd {
     /// Takes ownership of `fd`. The ring waits for readiness itself (a recv with no data waits
     /// in the kernel rather than failing with `EAGAIN`), so the descriptor may be blocking or
-    /// not.
+    /// not; but a socket read or write timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO`) applies to an op
+    /// the kernel runs in a blocking worker (rings without fast poll), which then fails with
+    /// `EAGAIN`: clear them, or post again on `EAGAIN`.
     pub fn new(fd: OwnedFd) -> SockFd {
         SockFd(Arc::new(fd))
     }
