@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Done, ExtentKind, Request};
+use addcow_engine::{ExtentKind, Request};
 
 use super::budget::Budget;
 use super::command::{self, Command, Limits};
@@ -35,7 +35,7 @@ use super::conns::ClientHandle;
 use super::export::{Attached, Backend, Export};
 use super::handshake::{self, HandshakeError, Negotiated};
 use super::outbox::{Outbox, Ticket};
-use super::reply::{Body, Framing, Reply};
+use super::reply::{self, Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
 use super::stats::{Op, Stamp};
 use super::status;
@@ -435,24 +435,12 @@ impl Reader<'_> {
                     return Ok(());
                 }
                 let ticket = self.ticket(u64::from(len));
-                let cmd_kind = wire::CMD_READ;
                 self.backend.submit(
                     self.core,
                     Request::Read { offset, len },
                     Box::new(move |r| {
-                        let body = match r {
-                            Ok(Done::Read(data)) if data.len() == len as usize => Body::Read {
-                                offset,
-                                data,
-                                holes,
-                                df,
-                            },
-                            Ok(_) => Body::Error {
-                                error: wire::NBD_EIO,
-                                message: "engine returned a short read".into(),
-                            },
-                            Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
-                            Err(e) => engine_error(cmd_kind, false, &e),
+                        let Some(body) = reply::read_answer(r, offset, len, holes, df) else {
+                            return ticket.unanswered();
                         };
                         ticket.send(Reply {
                             cookie,
@@ -483,13 +471,8 @@ impl Reader<'_> {
                         // The engine is done with the buffer: drop it and give its bytes back
                         // now, not when the reply is sent (a client that does not read its
                         // replies then holds no buffer memory).
-                        let body = match r {
-                            Ok(done) => {
-                                drop(done);
-                                Body::Ok
-                            }
-                            Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
-                            Err(e) => engine_error(wire::CMD_WRITE, false, &e),
+                        let Some(body) = reply::done_answer(wire::CMD_WRITE, false, r) else {
+                            return ticket.unanswered();
                         };
                         let mut ticket = ticket;
                         ticket.free_bytes();
@@ -569,10 +552,8 @@ impl Reader<'_> {
             self.core,
             req,
             Box::new(move |r| {
-                let body = match r {
-                    Ok(_) => Body::Ok,
-                    Err(e) if e.errno == libc::ESHUTDOWN => return ticket.unanswered(),
-                    Err(e) => engine_error(kind, fast_zero, &e),
+                let Some(body) = reply::done_answer(kind, fast_zero, r) else {
+                    return ticket.unanswered();
                 };
                 ticket.send(Reply {
                     cookie,
@@ -584,21 +565,12 @@ impl Reader<'_> {
     }
 }
 
-/// The error reply for an engine failure of a `kind` command (see [`wire::reply_error`]).
-fn engine_error(kind: u16, fast_zero: bool, e: &addcow_engine::RequestError) -> Body {
-    tracing::warn!(error = %e, "request failed in the engine");
-    Body::Error {
-        error: wire::reply_error(kind, fast_zero, e.errno),
-        message: e.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 
-    use addcow_engine::Extent;
+    use addcow_engine::{Done, Extent};
 
     use std::sync::atomic::AtomicU64;
 

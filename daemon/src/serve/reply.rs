@@ -5,7 +5,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 
-use addcow_engine::{IoBuf, SendList};
+use addcow_engine::{Done, IoBuf, RequestError, SendList};
 
 use super::wire;
 
@@ -369,6 +369,55 @@ fn send_all(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the engine's answer to a READ of `len` bytes at `offset` becomes on the wire (`holes`
+/// and `df` as the request was planned). `None`: the engine is stopping (`ESHUTDOWN`), and such
+/// a request is never answered, so a reconnecting client resends it.
+pub fn read_answer(
+    r: Result<Done, RequestError>,
+    offset: u64,
+    len: u32,
+    holes: Vec<(u64, u64)>,
+    df: bool,
+) -> Option<Body> {
+    Some(match r {
+        Ok(Done::Read(data)) if data.len() == len as usize => Body::Read {
+            offset,
+            data,
+            holes,
+            df,
+        },
+        Ok(_) => Body::Error {
+            error: wire::NBD_EIO,
+            message: "engine returned a short read".into(),
+        },
+        Err(e) if e.errno == libc::ESHUTDOWN => return None,
+        Err(e) => engine_error(wire::CMD_READ, false, &e),
+    })
+}
+
+/// What the engine's answer to a `kind` request with no data to send back (WRITE, TRIM,
+/// WRITE_ZEROES, FLUSH, CACHE) becomes on the wire; the answer (a WRITE's buffer) is dropped
+/// here. `None` as for [`read_answer`].
+pub fn done_answer(kind: u16, fast_zero: bool, r: Result<Done, RequestError>) -> Option<Body> {
+    match r {
+        Ok(done) => {
+            drop(done);
+            Some(Body::Ok)
+        }
+        Err(e) if e.errno == libc::ESHUTDOWN => None,
+        Err(e) => Some(engine_error(kind, fast_zero, &e)),
+    }
+}
+
+/// The error reply for an engine failure of a `kind` command (see [`wire::reply_error`]).
+fn engine_error(kind: u16, fast_zero: bool, e: &RequestError) -> Body {
+    tracing::warn!(error = %e, "request failed in the engine");
+    Body::Error {
+        error: wire::reply_error(kind, fast_zero, e.errno),
+        message: e.to_string(),
+    }
 }
 
 #[cfg(test)]

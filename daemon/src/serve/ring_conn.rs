@@ -37,7 +37,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{
-    Completion, CoreSource, Done, Engine, ExtentKind, IoBuf, Request, SendList, SockDone, SockFd,
+    Completion, CoreSource, Engine, ExtentKind, IoBuf, Request, SendList, SockDone, SockFd,
     SourceCtx,
 };
 
@@ -661,21 +661,8 @@ impl RingConn {
                     ctx,
                     Request::Read { offset, len },
                     Box::new(move |r| {
-                        let body = match r {
-                            Ok(Done::Read(data)) if data.len() == len as usize => Body::Read {
-                                offset,
-                                data,
-                                holes,
-                                df,
-                            },
-                            Ok(_) => Body::Error {
-                                error: wire::NBD_EIO,
-                                message: "engine returned a short read".into(),
-                            },
-                            Err(e) if e.errno == libc::ESHUTDOWN => {
-                                return pend.finish(None, false)
-                            }
-                            Err(e) => engine_error(wire::CMD_READ, false, &e),
+                        let Some(body) = reply::read_answer(r, offset, len, holes, df) else {
+                            return pend.finish(None, false);
                         };
                         pend.finish(
                             Some(Reply {
@@ -780,13 +767,8 @@ impl RingConn {
             ctx,
             Request::Write { offset, data, fua },
             Box::new(move |r| {
-                let body = match r {
-                    Ok(done) => {
-                        drop(done);
-                        Body::Ok
-                    }
-                    Err(e) if e.errno == libc::ESHUTDOWN => return pend.finish(None, false),
-                    Err(e) => engine_error(wire::CMD_WRITE, false, &e),
+                let Some(body) = reply::done_answer(wire::CMD_WRITE, false, r) else {
+                    return pend.finish(None, false);
                 };
                 // The engine is done with the buffer: its bytes go back at once.
                 pend.finish(
@@ -816,10 +798,8 @@ impl RingConn {
             ctx,
             req,
             Box::new(move |r| {
-                let body = match r {
-                    Ok(_) => Body::Ok,
-                    Err(e) if e.errno == libc::ESHUTDOWN => return pend.finish(None, false),
-                    Err(e) => engine_error(kind, fast_zero, &e),
+                let Some(body) = reply::done_answer(kind, fast_zero, r) else {
+                    return pend.finish(None, false);
                 };
                 pend.finish(
                     Some(Reply {
@@ -1152,15 +1132,6 @@ impl Drop for RingConn {
         if let Some(tx) = self.done.take() {
             let _ = tx.send(self.totals);
         }
-    }
-}
-
-/// The error reply for an engine failure of a `kind` command (see [`wire::reply_error`]).
-fn engine_error(kind: u16, fast_zero: bool, e: &addcow_engine::RequestError) -> Body {
-    tracing::warn!(error = %e, "request failed in the engine");
-    Body::Error {
-        error: wire::reply_error(kind, fast_zero, e.errno),
-        message: e.to_string(),
     }
 }
 
