@@ -51,6 +51,20 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// A zero-length WRITE, TRIM, CACHE or WRITE_ZEROES: it changes nothing, so it is answered
+    /// OK without the engine (whichever way the connection is served).
+    pub fn changes_nothing(&self) -> bool {
+        match *self {
+            Command::Write { len, .. } => len == 0,
+            Command::Trim { len, .. }
+            | Command::Cache { len, .. }
+            | Command::WriteZeroes { len, .. } => len == 0,
+            _ => false,
+        }
+    }
+}
+
 /// A request that gets an error reply (or closes the connection when `fatal`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {

@@ -401,15 +401,7 @@ impl Reader<'_> {
     }
 
     fn dispatch(&mut self, cookie: u64, req_offset: u64, cmd: Command) -> Result<(), ConnError> {
-        // Zero-length writes, trims, zeroes and cache hints change nothing: answered here.
-        let empty = match cmd {
-            Command::Write { len, .. } => len == 0,
-            Command::Trim { len, .. }
-            | Command::Cache { len, .. }
-            | Command::WriteZeroes { len, .. } => len == 0,
-            _ => false,
-        };
-        if empty {
+        if cmd.changes_nothing() {
             let ticket = self.ticket(0);
             self.answer(ticket, cookie, req_offset, Body::Ok);
             return Ok(());

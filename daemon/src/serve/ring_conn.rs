@@ -113,6 +113,16 @@ struct Pend {
 }
 
 impl Pend {
+    /// [`Pend::finish`] with the reply to `cookie` built from `body` (`None`: unanswered).
+    fn answer(self, cookie: u64, offset: u64, body: Option<Body>, freed: bool) {
+        let reply = body.map(|body| Reply {
+            cookie,
+            offset,
+            body,
+        });
+        self.finish(reply, freed);
+    }
+
     fn finish(mut self, reply: Option<Reply>, freed: bool) {
         self.used = true;
         let (cost, stamp) = (self.cost, self.stamp);
@@ -638,14 +648,7 @@ impl RingConn {
         stamp: Stamp,
         holes: Vec<(u64, u64)>,
     ) {
-        let empty = match cmd {
-            Command::Write { len, .. } => len == 0,
-            Command::Trim { len, .. }
-            | Command::Cache { len, .. }
-            | Command::WriteZeroes { len, .. } => len == 0,
-            _ => false,
-        };
-        if empty {
+        if cmd.changes_nothing() {
             self.answer(cost, stamp, cookie, req_offset, Body::Ok);
             return;
         }
@@ -661,17 +664,8 @@ impl RingConn {
                     ctx,
                     Request::Read { offset, len },
                     Box::new(move |r| {
-                        let Some(body) = reply::read_answer(r, offset, len, holes, df) else {
-                            return pend.finish(None, false);
-                        };
-                        pend.finish(
-                            Some(Reply {
-                                cookie,
-                                offset,
-                                body,
-                            }),
-                            false,
-                        );
+                        let body = reply::read_answer(r, offset, len, holes, df);
+                        pend.answer(cookie, offset, body, false);
                     }),
                 );
             }
@@ -767,18 +761,9 @@ impl RingConn {
             ctx,
             Request::Write { offset, data, fua },
             Box::new(move |r| {
-                let Some(body) = reply::done_answer(wire::CMD_WRITE, false, r) else {
-                    return pend.finish(None, false);
-                };
                 // The engine is done with the buffer: its bytes go back at once.
-                pend.finish(
-                    Some(Reply {
-                        cookie,
-                        offset,
-                        body,
-                    }),
-                    true,
-                );
+                let body = reply::done_answer(wire::CMD_WRITE, false, r);
+                pend.answer(cookie, offset, body, true);
             }),
         );
     }
@@ -798,15 +783,10 @@ impl RingConn {
             ctx,
             req,
             Box::new(move |r| {
-                let Some(body) = reply::done_answer(kind, fast_zero, r) else {
-                    return pend.finish(None, false);
-                };
-                pend.finish(
-                    Some(Reply {
-                        cookie,
-                        offset,
-                        body,
-                    }),
+                pend.answer(
+                    cookie,
+                    offset,
+                    reply::done_answer(kind, fast_zero, r),
                     false,
                 );
             }),
