@@ -89,3 +89,62 @@ fn a_hundred_kill_cycles_lose_no_flushed_write() {
     );
     eprintln!("{check}");
 }
+
+/// The on-disk bitmap bytes covering `len` bytes of the disk at `offset` (both sector aligned
+/// to 8 sectors).
+fn bitmap_on_disk(overlay: &std::path::Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (len / 512 / 8) as usize];
+    std::fs::File::open(overlay)
+        .unwrap()
+        .read_exact_at(&mut buf, 2560 + offset / 512 / 8)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn the_commit_interval_decides_when_unflushed_bits_reach_the_disk() {
+    let fx = Fixture::new(32 * MIB);
+    let sock = fx.path("s.sock");
+    let ov = fx.overlay();
+    let ov_s = ov.to_str().unwrap();
+
+    // --commit-interval 1: an unflushed write's bits reach the disk without any FLUSH, and
+    // survive a SIGKILL.
+    let mut d = Daemon::start(&sock, &["--commit-interval", "1", ov_s]);
+    let mut c = RawClient::connect(&sock, "").unwrap();
+    assert_eq!(c.write(8 * MIB, &pattern(1, true), false).unwrap(), 0);
+    nbd_support::wait_until("a background commit persisted the bits", || {
+        bitmap_on_disk(&ov, 8 * MIB, BLOCK)
+            .iter()
+            .all(|&b| b == 0xff)
+    });
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    drop(c);
+
+    // --commit-interval 0: no background commit, even well past the default interval (5 s);
+    // the shutdown's commit persists them.
+    let d = Daemon::start(&sock, &["--commit-interval", "0", ov_s]);
+    let mut c = RawClient::connect(&sock, "").unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    assert_eq!(c.read(8 * MIB, &mut buf).unwrap(), 0);
+    assert!(
+        buf == pattern(1, true),
+        "the committed write survived SIGKILL"
+    );
+    assert_eq!(c.write(12 * MIB, &pattern(2, true), false).unwrap(), 0);
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        bitmap_on_disk(&ov, 12 * MIB, BLOCK).iter().all(|&b| b == 0),
+        "a background commit ran with --commit-interval 0"
+    );
+    c.disconnect();
+    d.stop();
+    assert!(
+        bitmap_on_disk(&ov, 12 * MIB, BLOCK)
+            .iter()
+            .all(|&b| b == 0xff),
+        "the shutdown commit persisted the bits"
+    );
+}

@@ -186,6 +186,13 @@ pub struct ServeArgs {
     /// and a writer thread per connection, the fallback).
     #[arg(long, value_enum, default_value_t = ConnMode::Ring)]
     pub conn_mode: ConnMode,
+    /// Seconds after a write that set new bits before a background commit persists them when
+    /// no FLUSH/FUA came (bounds what a crash without any FLUSH loses; a guest's FLUSH commits
+    /// at once either way). Each background commit costs a data sync of the raw image, which
+    /// stalls concurrent writes into new blocks on ext4 for as long as the device takes to
+    /// flush; 0 commits only on FLUSH/FUA, export-del and shutdown.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
+    pub commit_interval: u64,
 }
 
 /// How connections in transmission are served (`--conn-mode`).
@@ -388,6 +395,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         image_cache: args.cache,
         base_cache: args.base_cache,
         base_timeout: Duration::from_secs(args.base_timeout),
+        commit_delay: (args.commit_interval > 0).then(|| Duration::from_secs(args.commit_interval)),
         ..EngineConfig::default()
     };
     if let Some(c) = args.cores {

@@ -26,8 +26,11 @@ pub struct EngineConfig {
     pub image_cache: CacheMode,
     /// Cache mode of bases.
     pub base_cache: CacheMode,
-    /// Delay after the first unflushed write before a background commit; `None` = only on
-    /// FLUSH/FUA/close.
+    /// Delay after the first write that set new bits (with no commit since) before a background
+    /// commit persists them; `None` = only on FLUSH/FUA/close. Default 5 s: each background
+    /// commit begins with a data sync of the raw image, and on ext4 that holds back every
+    /// concurrent write into new blocks until the device has flushed (measured: stalls of up
+    /// to 2 s under 1 MiB sequential writes, every second at a 1 s delay).
     pub commit_delay: Option<Duration>,
     /// A read of a remote (NBD) base not answered within this fails with `EIO` (the image
     /// server is reconnected meanwhile). Default 30 s.
@@ -50,7 +53,7 @@ impl Default for EngineConfig {
             arena_bytes: 64 << 20,
             image_cache: CacheMode::Direct,
             base_cache: CacheMode::Direct,
-            commit_delay: Some(Duration::from_secs(1)),
+            commit_delay: Some(Duration::from_secs(5)),
             base_timeout: Duration::from_secs(30),
             #[cfg(feature = "crash-recorder")]
             recorder: None,
