@@ -26,11 +26,11 @@ pub struct EngineConfig {
     pub image_cache: CacheMode,
     /// Cache mode of bases.
     pub base_cache: CacheMode,
-    /// Delay after the first write that set new bits (with no commit since) before a background
-    /// commit persists them; `None` = only on FLUSH/FUA/close. Default 5 s: each background
-    /// commit begins with a data sync of the raw image, and on ext4 that holds back every
-    /// concurrent write into new blocks until the device has flushed (measured: stalls of up
-    /// to 2 s under 1 MiB sequential writes, every second at a 1 s delay).
+    /// Delay after the first write completed since the last commit before a background commit
+    /// makes it durable and persists its bits; `None` = only on FLUSH/FUA/close. Default 5 s:
+    /// each background commit begins with a data sync of the raw image, which holds back
+    /// concurrent writes until the device has flushed (measured: stalls of up to 2 s under
+    /// 1 MiB sequential writes, every second at a 1 s delay).
     pub commit_delay: Option<Duration>,
     /// A read of a remote (NBD) base not answered within this fails with `EIO` (the image
     /// server is reconnected meanwhile). Default 30 s.
