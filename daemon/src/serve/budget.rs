@@ -245,8 +245,8 @@ impl Budget {
 /// [`Share::try_take`] either takes the bytes now or queues the connection, first come first
 /// served, and its [`Waker`] is called whenever bytes come back so it can try again. Same
 /// fairness rules as a blocking [`Budget`]: a connection over its own share waits for its own
-/// give-backs, outside the queue; only a want of room in the pool queues it. The connection is a member of the pool until the
-/// share is dropped, which gives back every byte it still holds.
+/// give-backs, outside the queue; only a want of room in the pool queues it. The connection is
+/// a member of the pool until the share is dropped, which gives back every byte it still holds.
 pub struct Share {
     pool: Arc<Pool>,
     id: u64,

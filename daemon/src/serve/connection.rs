@@ -1130,6 +1130,27 @@ mod tests {
     }
 
     impl HeldReads {
+        /// A `size`-byte memory disk whose base-half reads are held until `release_all`.
+        fn new(size: usize) -> Arc<HeldReads> {
+            Arc::new(HeldReads {
+                inner: MemDisk::new(size, false),
+                submitted: AtomicU64::new(0),
+                held: Default::default(),
+            })
+        }
+
+        /// Waits (up to 10 s) until `k` requests reached the backend.
+        fn wait_submitted(&self, k: u64) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.submitted.load(Ordering::SeqCst) < k {
+                assert!(
+                    Instant::now() < deadline,
+                    "the reads never reached the backend"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
         fn release_all(&self) {
             let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
             for (req, done) in held {
@@ -1193,11 +1214,7 @@ mod tests {
     /// stops reading the socket and the client's writes block; releasing the requests resumes it.
     #[test]
     fn reader_stops_reading_when_the_budget_is_spent() {
-        let backend = Arc::new(HeldReads {
-            inner: MemDisk::new(8 << 20, false),
-            submitted: AtomicU64::new(0),
-            held: Default::default(),
-        });
+        let backend = HeldReads::new(8 << 20);
         let (mut c, t) = start_on(backend.clone());
         handshake(&mut c);
         let replies = {
@@ -1228,14 +1245,7 @@ mod tests {
             }
             req(&mut w, wire::CMD_DISC, 0, 0, 0, 0);
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while backend.submitted.load(Ordering::SeqCst) < MAX_IN_FLIGHT as u64 {
-            assert!(
-                Instant::now() < deadline,
-                "the reads never reached the backend"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        backend.wait_submitted(MAX_IN_FLIGHT as u64);
         // Give a reader that does not stop every chance to run ahead.
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
@@ -1263,11 +1273,7 @@ mod tests {
     /// the payload timeout, it is taken in and answered once budget comes back.
     #[test]
     fn a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame() {
-        let backend = Arc::new(HeldReads {
-            inner: MemDisk::new(8 << 20, false),
-            submitted: AtomicU64::new(0),
-            held: Default::default(),
-        });
+        let backend = HeldReads::new(8 << 20);
         let exports = Exports::new(vec![Export::new("", backend.clone(), 1)]);
         let (mut c, t) = start_with(&exports, |cfg| {
             cfg.payload_timeout = Duration::from_millis(500)
@@ -1281,23 +1287,13 @@ mod tests {
         for i in 0..n - 1 {
             req(&mut c, wire::CMD_READ, 0, i, (i % 64) * 4096, 4096);
         }
-        let wait_submitted = |k: u64| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while backend.submitted.load(Ordering::SeqCst) < k {
-                assert!(
-                    Instant::now() < deadline,
-                    "the reads never reached the backend"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        wait_submitted(MAX_IN_FLIGHT as u64);
+        backend.wait_submitted(MAX_IN_FLIGHT as u64);
         // Every slot is taken: the last request arrives on its own, whole, and waits for a slot
         // while four payload timeouts pass.
         req(&mut c, wire::CMD_READ, 0, n - 1, 0, 4096);
         std::thread::sleep(Duration::from_secs(2));
         backend.release_all();
-        wait_submitted(n);
+        backend.wait_submitted(n);
         backend.release_all();
         req(&mut c, wire::CMD_DISC, 0, 0, 0, 0);
         ended_cleanly(t);

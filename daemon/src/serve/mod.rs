@@ -187,9 +187,10 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = ConnMode::Ring)]
     pub conn_mode: ConnMode,
     /// Seconds after a write before a background commit makes it durable and persists its bits
-    /// when no FLUSH/FUA came (bounds what a crash without any FLUSH loses; a guest's FLUSH commits
-    /// at once either way). Each background commit costs a data sync of the raw image, which
-    /// stalls concurrent writes for as long as the device takes to flush; 0 commits only on FLUSH/FUA, export-del and shutdown.
+    /// when no FLUSH/FUA came (bounds what a crash without any FLUSH loses; a guest's FLUSH
+    /// commits at once either way). Each background commit costs a data sync of the raw image,
+    /// which stalls concurrent writes for as long as the device takes to flush; 0 commits only
+    /// on FLUSH/FUA, export-del and shutdown.
     #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
     pub commit_interval: u64,
 }
