@@ -76,12 +76,15 @@ step "tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
-  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults)'
+  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults) | binary(engine_publication)'
 else
   cargo test --workspace --no-fail-fast
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
-  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults
+  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults --test engine_publication
 fi
+# The dirty-marks protocol once more on one CPU: there a setter is preempted between setting its
+# bits and marking them (the window a FLUSH must not slip through), not only run beside others.
+taskset -c 0 cargo test -p addcow-engine --no-fail-fast --test dirty_protocol
 # The last partial O_DIRECT unit on a real 4096-byte-sector device: a loop device with ext4 on it,
 # which needs root and the loop driver.
 if [ "$(id -u)" -eq 0 ] && losetup -f >/dev/null 2>&1; then

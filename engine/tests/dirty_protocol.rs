@@ -1,14 +1,21 @@
 //! The bitmap snapshot / dirty-marks protocol of group commit (DESIGN.md invariant 3) under
-//! concurrent setters: setters do `SparseBitmap::set_range` then `DirtyBlocks::mark_bitmap_bytes`
-//! while a committer repeatedly `take()`s the marks and copies the marked blocks' bytes into
-//! its "on-disk" copy. No set bit may ever be lost: every commit that *starts* (takes the marks)
-//! after a setter finished marking must carry that setter's bits, and after a final commit the
-//! on-disk copy equals the in-memory bitmap equals the union of everything set.
+//! concurrent setters: setters publish ranges with `DirtyBlocks::publish` (set the bits, then
+//! mark their blocks) while a committer repeatedly `take()`s the marks and copies the marked
+//! blocks' bytes into its "on-disk" copy. No set bit may ever be lost: every commit that *starts*
+//! (takes the marks) after a setter's publication returned must carry that setter's bits, even
+//! those another setter set first and has not marked yet; after a final commit the on-disk copy
+//! equals the in-memory bitmap equals the union of everything set.
 //!
-//! Each run also proves it exercised the race: setters keep going past their quota until the
-//! committer has made [`MIN_CONCURRENT_COMMITS`] commits that took marks while setters were
-//! running, and a run that never gets there fails. The negative control runs the same
-//! concurrent setters and committer with the wrong order (mark, then set) and must be caught.
+//! The interleavings that matter are reached on purpose: a quarter of the ranges come from a
+//! small shared set of hot ranges, so setters often publish bits another setter already set, and
+//! a setter sometimes yields between setting and marking (as a preempted core would). Each run
+//! also proves it exercised the race: setters keep going past their quota until the committer
+//! has made [`MIN_CONCURRENT_COMMITS`] commits that took marks while setters were running, and a
+//! run that never gets there fails. The negative controls run the same concurrent setters and
+//! committer with a wrong protocol and must be caught: marking before setting, and marking only
+//! the bytes a setter changed (which loses the bits of a write whose bits another setter set
+//! first). `scripts/test.sh` runs this file pinned to one CPU as well, where preemption between
+//! the two steps is what happens.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
@@ -47,6 +54,30 @@ fn seed() -> u64 {
     seed
 }
 
+/// Hot ranges every setter of a run draws from (a quarter of its ranges).
+const HOT_RANGES: u64 = 16;
+
+/// A range for a setter, and whether it is hot: a quarter of the time one of the run's
+/// [`HOT_RANGES`] hot ranges (the same for every setter, so setters publish bits others set),
+/// else [`random_range`].
+fn setter_range(rng: &mut SmallRng, seed: u64, sectors: u64) -> ((u64, u64), bool) {
+    if rng.gen_range(0..4) == 0 {
+        let mut hot = SmallRng::seed_from_u64(seed ^ rng.gen_range(0..HOT_RANGES));
+        // Later setters re-draw the same small ranges; sometimes one grows past the first.
+        let (start, count) = {
+            let start = hot.gen_range(0..sectors);
+            (start, hot.gen_range(1..24u64).min(sectors - start))
+        };
+        let extra = if rng.gen_range(0..4) == 0 {
+            rng.gen_range(0..2_000)
+        } else {
+            0
+        };
+        return ((start, (count + extra).min(sectors - start)), true);
+    }
+    (random_range(rng, sectors), false)
+}
+
 /// A random range of a `sectors`-sector bitmap: mostly small, sometimes a whole chunk or more.
 fn random_range(rng: &mut SmallRng, sectors: u64) -> (u64, u64) {
     let start = rng.gen_range(0..sectors);
@@ -71,8 +102,14 @@ fn model_bytes(ranges: &[(u64, u64)], sectors: u64) -> Vec<u8> {
 /// The order in which a setter publishes a range.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Order {
-    /// The engine's: set the bits, then mark their blocks dirty.
-    SetThenMark,
+    /// The engine's: `DirtyBlocks::publish` (set the bits, then mark; a setter that sees another
+    /// publication in progress marks its whole range). It yields between the two steps for half
+    /// of the hot ranges and one other range in sixteen.
+    Publish,
+    /// Wrong: set, then mark only the bytes that changed. A setter whose bits another setter set
+    /// first (and has not marked yet) returns with nothing marked, and the commit that follows
+    /// misses its bits. It yields between the two steps as often as `Publish` does.
+    MarkChangedOnly,
     /// Wrong: mark first, then set. A commit that takes the mark before the bits are set copies
     /// them clear, and nothing marks the block again. Between the two steps the setter yields,
     /// as a preempted thread would, so that the committer gets to run in that window often
@@ -233,10 +270,21 @@ fn run_protocol(
                         && n < 100 * ops_per_setter
                         && Instant::now() < deadline)
                 {
-                    let (start, count) = random_range(&mut rng, sectors);
+                    let ((start, count), hot) = setter_range(&mut rng, seed, sectors);
+                    let preempted = rng.gen_range(0..if hot { 2 } else { 16 }) == 0;
+                    let between = || {
+                        if preempted {
+                            thread::yield_now();
+                        }
+                    };
                     match order {
-                        Order::SetThenMark => {
-                            if let Some((first, last)) = bitmap.set_range(start, count) {
+                        Order::Publish => {
+                            dirty.publish_with(&bitmap, start, count, between);
+                        }
+                        Order::MarkChangedOnly => {
+                            let changed = bitmap.set_range(start, count);
+                            between();
+                            if let Some((first, last)) = changed {
                                 dirty.mark_bitmap_bytes(first, last);
                             }
                         }
@@ -310,7 +358,7 @@ fn run_and_require_overlap(block_size: u64, setters: usize, ops_per_setter: usiz
         setters,
         ops_per_setter,
         seed,
-        Order::SetThenMark,
+        Order::Publish,
     )
     .unwrap_or_else(|e| panic!("{e} (seed {seed})"));
     assert!(
@@ -338,25 +386,27 @@ fn dirty_protocol_never_loses_bits_page_blocks() {
 
 #[test]
 fn dirty_protocol_check_catches_mark_before_set() {
-    // The negative control, run for real: the same concurrent setters and committer with the
-    // wrong order. Whether a commit takes a mark before its bits are set, and no other mark
-    // heals the block before the next commit, is up to the scheduler; so the bitmap is large
-    // (1 GiB disk, 517 blocks: a block is rarely marked twice between commits) and rounds
-    // repeat, each with enough overlapping commits, until the checks catch the lost bit.
+    require_caught(Order::MarkThenSet);
+}
+
+#[test]
+fn dirty_protocol_check_catches_marking_only_what_changed() {
+    require_caught(Order::MarkChangedOnly);
+}
+
+/// The negative control, run for real: the same concurrent setters and committer with the
+/// wrong `order`. Whether a commit takes its marks inside the window the wrong order opens, and
+/// no other mark heals the block before the next commit, is up to the scheduler; so the bitmap
+/// is large (1 GiB disk, 517 blocks: a block is rarely marked twice between commits) and rounds
+/// repeat, each with enough overlapping commits, until the checks catch the lost bit.
+fn require_caught(order: Order) {
     let seed = seed();
     let deadline = Instant::now() + Duration::from_secs(60);
     for round in 0u64.. {
-        let r = run_protocol(
-            64 * 32768,
-            512,
-            4,
-            10_000,
-            seed.wrapping_add(round),
-            Order::MarkThenSet,
-        );
+        let r = run_protocol(64 * 32768, 512, 4, 10_000, seed.wrapping_add(round), order);
         match r {
             Err(e) => {
-                eprintln!("wrong order caught in round {round}: {e}");
+                eprintln!("wrong order {order:?} caught in round {round}: {e}");
                 assert!(
                     e.contains("missing from commit") || e.contains("committed bitmap differs"),
                     "caught, but not as a lost bit: {e}"
@@ -365,7 +415,7 @@ fn dirty_protocol_check_catches_mark_before_set() {
             }
             Ok(out) => assert!(
                 Instant::now() < deadline,
-                "marking before setting went unnoticed for {} rounds (last: {out:?}, seed {seed})",
+                "{order:?} went unnoticed for {} rounds (last: {out:?}, seed {seed})",
                 round + 1
             ),
         }

@@ -1,16 +1,26 @@
-//! Dirty marks of metadata-file blocks.
+//! Dirty marks of metadata-file blocks, and the protocol that publishes bits through them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::format::BITMAP_OFFSET;
+
+use super::SparseBitmap;
 
 /// Which blocks of the `.add-cow` file (`block_size` bytes each, counted from file offset 0, so
 /// block 0 also holds the header) contain bits set since their last commit.
 ///
-/// Protocol (DESIGN.md invariant 3): a setter first sets the bit in [`super::SparseBitmap`], then
-/// calls [`DirtyBlocks::mark_bitmap_bytes`]; the committer calls [`DirtyBlocks::take`] (which
-/// clears the marks) *before* copying the blocks' bytes. A bit set after the copy re-marks its
-/// block for the next commit, so no set bit is ever lost.
+/// Protocol (DESIGN.md invariant 3): a setter publishes a range with [`DirtyBlocks::publish`]
+/// (set the bits in the [`SparseBitmap`], then mark their blocks); the committer calls
+/// [`DirtyBlocks::take`] (which clears the marks) *before* copying the blocks' bytes. A bit set
+/// after the copy re-marks its block for the next commit, so no set bit is ever lost.
+///
+/// Publication, not change, is what a commit must carry: a setter that finds its bits already
+/// set by another setter that has not marked them yet must not return before they are marked,
+/// or its caller answers a write whose bits the next commit does not copy (a FLUSH would then
+/// be answered with the bits of an acknowledged write not durable). So every publication counts
+/// itself in `publishing` for its duration; a setter that sees another one in progress after
+/// its own `set_range` marks its *whole* range itself (see [`DirtyBlocks::publish`] for why
+/// that suffices).
 ///
 /// The marks are one atomic bit per block: marking is a `fetch_or` (Release), taking a `swap(0)`
 /// (Acquire), so a committer that takes a mark also sees every bitmap bit set before it.
@@ -19,6 +29,8 @@ pub struct DirtyBlocks {
     block_size: u64,
     blocks: u64,
     words: Box<[AtomicU64]>,
+    /// Publications in progress (between their count-in and count-out).
+    publishing: AtomicUsize,
 }
 
 impl DirtyBlocks {
@@ -34,7 +46,55 @@ impl DirtyBlocks {
             block_size,
             blocks,
             words,
+            publishing: AtomicUsize::new(0),
         }
+    }
+
+    /// Publishes sectors `[start, start+count)` of `bitmap`: sets their bits, then marks every
+    /// block a commit must copy for them; returns how many bits went from 0 to 1. When it
+    /// returns, a commit that takes the marks from then on carries every one of these bits,
+    /// whoever set them first.
+    ///
+    /// Why: publications count themselves in (`publishing`, SeqCst) before `set_range` and out
+    /// after marking. If this setter finds a bit already set by setter A, A's `set_range` happened
+    /// before ours (the bitmap's RMWs are AcqRel), so A's count-in did too. Our load of the count
+    /// after our `set_range` then either includes A (count > 1: we mark our whole range
+    /// ourselves) or already sees A counted out, and A's count-out is after A's mark, which
+    /// therefore happened before we return. Otherwise only the bytes that changed need marks.
+    pub fn publish(&self, bitmap: &SparseBitmap, start: u64, count: u64) -> u64 {
+        self.publish_with(bitmap, start, count, || {})
+    }
+
+    /// [`DirtyBlocks::publish`], running `between` after the bits are set and before anything is
+    /// marked: what a setter preempted there would look like to everyone else. For tests that
+    /// must reach that window on purpose.
+    pub fn publish_with(
+        &self,
+        bitmap: &SparseBitmap,
+        start: u64,
+        count: u64,
+        between: impl FnOnce(),
+    ) -> u64 {
+        if count == 0 {
+            return 0;
+        }
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let (changed, newly) = bitmap.set_range_counted(start, count);
+        between();
+        let others = self.publishing.load(Ordering::SeqCst) > 1;
+        let marks = if others {
+            let last = start
+                .saturating_add(count - 1)
+                .min(bitmap.sectors().saturating_sub(1));
+            (start < bitmap.sectors()).then_some((start / 8, last / 8))
+        } else {
+            changed
+        };
+        if let Some((first, last)) = marks {
+            self.mark_bitmap_bytes(first, last);
+        }
+        self.publishing.fetch_sub(1, Ordering::SeqCst);
+        newly
     }
 
     /// Block size in bytes.

@@ -76,6 +76,16 @@ pub(crate) struct CommitState {
     pub durable: u64,
 }
 
+/// One count in a disk's requests in flight, given back when dropped (see
+/// [`DiskState::enter`]).
+pub(crate) struct Entered(Arc<AtomicUsize>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The partial last O_DIRECT unit of the raw image: when the disk's size is not a multiple of
 /// the raw image's O_DIRECT alignment, `O_DIRECT` can neither write the last `size - start`
 /// bytes (too short) nor a whole unit there (it would grow the file). Every transfer at or past
@@ -146,6 +156,9 @@ pub(crate) struct DiskState {
     pub counters: DiskCounters,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<super::recorder::Recorder>>,
+    /// Test-only: where publications may be parked (see [`super::faults`]).
+    #[cfg(feature = "fault-injection")]
+    pub faults: Option<Arc<super::faults::FaultPlan>>,
     /// This disk's registered-file slots; dropped last, when nothing can use them any more.
     pub slot: Option<FileSlot>,
 }
@@ -319,6 +332,8 @@ impl DiskState {
         Ok(DiskState {
             #[cfg(feature = "crash-recorder")]
             recorder: config.recorder.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: config.faults.clone(),
             meta_path,
             size: virtual_size,
             read_only: opts.read_only,
@@ -386,17 +401,33 @@ impl DiskState {
         self.slot.as_ref().map(FileSlot::index)
     }
 
-    /// Sets the bits of sectors `[start, end)` after their data write completed, then marks
-    /// their metadata blocks dirty (in that order; see [`DirtyBlocks`]).
+    /// Publishes the bits of sectors `[start, end)` after their data write completed: sets
+    /// them, then marks their metadata blocks dirty, so that a commit launched once this
+    /// returns carries them even if another core set them first ([`DirtyBlocks::publish`]).
     pub(crate) fn set_bits(&self, start: u64, end: u64) {
         if end <= start {
             return;
         }
-        let (changed, newly) = self.bitmap.set_range_counted(start, end - start);
-        if let Some((first, last)) = changed {
-            self.dirty.mark_bitmap_bytes(first, last);
-        }
+        #[cfg(feature = "fault-injection")]
+        let newly = self
+            .dirty
+            .publish_with(&self.bitmap, start, end - start, || {
+                if let Some(plan) = &self.faults {
+                    plan.park_at(super::faults::ParkPoint::Publication(start), end);
+                }
+            });
+        #[cfg(not(feature = "fault-injection"))]
+        let newly = self.dirty.publish(&self.bitmap, start, end - start);
         self.counters.bits_set(newly);
+    }
+
+    /// Counts work the engine starts on its own (a copy-on-read) as a request of the disk, unless
+    /// the disk is closed: `None` then. The count is taken before `closed` is read (both SeqCst,
+    /// as in `Disk::submit`), so either a close sees it and waits, or it sees the close.
+    pub(crate) fn enter(&self) -> Option<Entered> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let entered = Entered(Arc::clone(&self.active));
+        (!self.closed.load(Ordering::SeqCst)).then_some(entered)
     }
 
     /// Waits until every accepted request was answered (after `closed` was set, no new one is).

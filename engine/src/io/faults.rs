@@ -13,8 +13,15 @@
 //!
 //! In a linked chain, every op after one that failed, was cancelled or came back short is not
 //! run either and completes with `-ECANCELED`, as the kernel does.
+//!
+//! A plan can also park a core at one point, as a core preempted there would be: one publication
+//! of bits (`DiskState::set_bits`) between setting the bits and marking their blocks
+//! ([`FaultPlan::park_next_publication`]), or one copy-on-read after it was admitted and before
+//! it is submitted ([`FaultPlan::park_next_copy_up`]). The parked core waits until the test
+//! releases it ([`FaultPlan::release_parked`]) or [`PARK_LIMIT`] passed.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue};
 
@@ -97,10 +104,38 @@ struct RuleState {
     fired: u64,
 }
 
+/// The longest a parked publication waits for its release: a test that failed before releasing
+/// it does not leave its core blocked for good.
+pub const PARK_LIMIT: Duration = Duration::from_secs(30);
+
+/// Where a core can be parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParkPoint {
+    /// A publication of bits whose range covers this sector, between set and mark.
+    Publication(u64),
+    /// A copy-on-read, admitted and not yet submitted.
+    CopyUp,
+}
+
+/// Where the parking is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Park {
+    #[default]
+    Off,
+    /// The next core to reach this point parks.
+    Armed(ParkPoint),
+    /// A core is parked.
+    Parked,
+    /// Released (or timed out): nothing parks any more.
+    Released,
+}
+
 /// The rules of one engine (see the module docs).
 #[derive(Debug, Default)]
 pub struct FaultPlan {
     rules: Mutex<Vec<RuleState>>,
+    park: Mutex<Park>,
+    park_changed: Condvar,
 }
 
 impl FaultPlan {
@@ -133,6 +168,82 @@ impl FaultPlan {
             .lock()
             .map(|r| r.iter().map(|s| s.fired).sum())
             .unwrap_or(0)
+    }
+
+    /// The next publication of bits whose range covers `sector` stops after setting the bits and
+    /// before marking their blocks, blocking its core, until [`FaultPlan::release_publication`].
+    pub fn park_next_publication(&self, sector: u64) {
+        self.set_park(Park::Armed(ParkPoint::Publication(sector)));
+    }
+
+    /// The next copy-on-read stops after it was admitted (counted as a request of its disk)
+    /// and before its populate is submitted, blocking its core, until
+    /// [`FaultPlan::release_parked`].
+    pub fn park_next_copy_up(&self) {
+        self.set_park(Park::Armed(ParkPoint::CopyUp));
+    }
+
+    /// Waits until a core is parked (`false` if none was within `timeout`).
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut park) = self.park.lock() else {
+            return false;
+        };
+        while *park != Park::Parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            park = match self.park_changed.wait_timeout(park, left) {
+                Ok((p, _)) => p,
+                Err(_) => return false,
+            };
+        }
+        true
+    }
+
+    /// Lets the parked core (if any) go on; nothing parks after this.
+    pub fn release_parked(&self) {
+        self.set_park(Park::Released);
+    }
+
+    fn set_park(&self, to: Park) {
+        if let Ok(mut park) = self.park.lock() {
+            *park = to;
+            self.park_changed.notify_all();
+        }
+    }
+
+    /// Called by a core at `point` (for a publication: of sectors `[start, end)`, with the
+    /// point's sector `start`): parks it if that point is armed.
+    pub(crate) fn park_at(&self, point: ParkPoint, end: u64) {
+        let Ok(mut park) = self.park.lock() else {
+            return;
+        };
+        let armed = match (*park, point) {
+            (Park::Armed(ParkPoint::Publication(s)), ParkPoint::Publication(start)) => {
+                (start..end).contains(&s)
+            }
+            (Park::Armed(ParkPoint::CopyUp), ParkPoint::CopyUp) => true,
+            _ => false,
+        };
+        if !armed {
+            return;
+        }
+        *park = Park::Parked;
+        self.park_changed.notify_all();
+        let deadline = Instant::now() + PARK_LIMIT;
+        while *park == Park::Parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *park = Park::Released;
+                break;
+            }
+            park = match self.park_changed.wait_timeout(park, left) {
+                Ok((p, _)) => p,
+                Err(_) => return,
+            };
+        }
     }
 
     /// The action for the next op on `file` of kind `op`, if a rule fires on it.

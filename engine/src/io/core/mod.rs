@@ -50,7 +50,7 @@ use crossbeam_channel::Receiver;
 use slab::Slab;
 
 use super::buf::{self, IoBuf};
-use super::disk_state::{DiskState, Role, SLOTS_PER_DISK};
+use super::disk_state::{DiskState, Entered, Role, SLOTS_PER_DISK};
 use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
 use super::mailbox::Msg;
 use super::request::{req_err, Done, MAX_POPULATE};
@@ -520,9 +520,13 @@ impl Core {
                 return;
             }
         };
+        // A copy-on-read is admitted while the read itself still counts as a request of the
+        // disk, so no close (or switch) can complete between the read's answer and the copy-up:
+        // it either refuses the copy-up here or waits for it.
+        let copy_up = copy_up.and_then(|len| Some((len, disk.enter()?)));
         done.answer(Ok(Done::Read(buf)));
-        if let Some(len) = copy_up {
-            self.copy_up(disk, offset, len);
+        if let Some((len, admitted)) = copy_up {
+            self.copy_up(disk, offset, len, admitted);
         }
     }
 
@@ -553,10 +557,16 @@ impl Core {
 
     /// Copy-on-read of `[offset, offset + len)` after its read was answered: populates of at
     /// most [`MAX_POPULATE`] bytes each, counted as requests of the disk (a close waits for
-    /// them). Skipped (counted, logged once per disk) while `MAX_COPY_UP_INFLIGHT` bytes or
-    /// more of copy-up are in flight on the disk, so guest reads cannot queue unbounded work.
-    fn copy_up(&mut self, disk: Arc<DiskState>, offset: u64, len: u64) {
-        if disk.closed.load(Ordering::SeqCst) || len == 0 {
+    /// them). `admitted` counts the copy-up as a request until its populates are submitted (each
+    /// then counts itself). Skipped (counted, logged once per disk) while
+    /// `MAX_COPY_UP_INFLIGHT` bytes or more of copy-up are in flight on the disk, so guest
+    /// reads cannot queue unbounded work.
+    fn copy_up(&mut self, disk: Arc<DiskState>, offset: u64, len: u64, admitted: Entered) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(plan) = &self.faults {
+            plan.park_at(super::faults::ParkPoint::CopyUp, 0);
+        }
+        if len == 0 {
             return;
         }
         if disk.copy_up_inflight.load(Ordering::SeqCst) >= MAX_COPY_UP_INFLIGHT {
@@ -589,6 +599,7 @@ impl Core {
             self.submit_populate(Arc::clone(&disk), at, piece, answer);
             at += piece;
         }
+        drop(admitted);
     }
 }
 
