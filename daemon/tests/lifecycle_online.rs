@@ -138,3 +138,67 @@ fn export_resize_grows_a_served_export() {
     assert_eq!(o.virtual_size, 2 * MIB);
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
 }
+
+/// A daemon on `f`'s overlay (export `disk`) with a control socket and `extra` arguments.
+fn serve(f: &Fixture, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let control = f.path("ctl.sock");
+    let export = format!("disk={}", f.overlay().display());
+    let mut args = vec!["--control", control.to_str().unwrap(), "--export", &export];
+    args.extend_from_slice(extra);
+    (Daemon::start(&f.path("nbd.sock"), &args), control)
+}
+
+/// Sizes the daemon could not hold a bitmap for are refused before anything is touched, with a
+/// clear error; the export keeps serving at its size.
+#[test]
+fn export_resize_refuses_sizes_past_the_limit() {
+    let f = Fixture::new(MIB);
+    let (d, control) = serve(&f, &[]);
+    let uri = d.uri_of("disk");
+    qemu_io(&uri, &["write -P 0x21 0 4k"]);
+    let mut c = Control::connect(&control);
+    for size in [1u64 << 62, (1 << 53) + 512] {
+        let e = c
+            .call("export-resize", json!({"name": "disk", "size": size}))
+            .unwrap_err();
+        assert_eq!(e["data"]["class"], "invalid-size", "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("at most"),
+            "{e}"
+        );
+    }
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x21 0 4k",
+            "write -P 0x22 4k 4k",
+            "read -P 0x22 4k 4k",
+        ],
+    );
+    assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), MIB.to_string());
+    let r = c.ok("export-resize", json!({"name": "disk", "size": 2 * MIB}));
+    assert_eq!(r["new_size"], 2 * MIB, "{r}");
+    d.stop();
+}
+
+/// The reopened overlay keeps the export's `--extent-ahead`: the first write past the old end
+/// allocates a whole MiB of the raw image.
+#[test]
+fn export_resize_keeps_the_extent_ahead_setting() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fixture::new(MIB);
+    let (d, control) = serve(&f, &["--extent-ahead", "1M"]);
+    let uri = d.uri_of("disk");
+    let mut c = Control::connect(&control);
+    c.ok("export-resize", json!({"name": "disk", "size": 4 * MIB}));
+    qemu_io(&uri, &["write -P 0x31 2M 4k", "flush"]);
+    let got = std::fs::metadata(f.path("disk.raw")).unwrap().blocks() * 512;
+    assert!(
+        got >= MIB,
+        "4 KiB written, {got} bytes allocated: extent-ahead was dropped"
+    );
+    d.stop();
+}
