@@ -4,10 +4,14 @@
 //! overlay is grown under [`EngineDisk::switch`], the same hold-and-swap a live snapshot uses:
 //! new requests are held back (their connections wait, nobody is disconnected or answered with
 //! an error), every submitted request is answered, the overlay is flushed (every answered write
-//! durable; if that fails, nothing changes and the disk keeps serving) and closed, grown with the offline `resize` (the crash-safe order of
-//! `docs/LIFECYCLE.md`), opened again, and the export switches to the reopened disk before the
-//! held requests flow. If the grow fails, the overlay (still at its old size: the order is
-//! crash-safe) is opened again and keeps serving.
+//! durable; if that fails, nothing changes and the disk keeps serving), its disk lets go of its
+//! locks but stays open, the overlay is grown with the offline `resize` (the crash-safe order of
+//! `docs/LIFECYCLE.md`) and opened again, and the export switches to the reopened disk before the
+//! held requests flow; then the old disk is closed. If the grow or the reopen fails, the old disk
+//! takes its locks back and keeps serving at its old size (it writes nothing past its old end,
+//! and its header only as it was, which a grow leaves alone, so grown files are safe under it). The overlay is unlocked twice meanwhile (the
+//! grow and the reopen each take their own lock): see `docs/LIFECYCLE.md` for what a racing
+//! process can do. Sizes above [`MAX_EXPORT_SIZE`] are refused.
 //!
 //! NBD has no way to tell a connected client that the size changed: connected clients keep the
 //! size they negotiated and see the new one when they reconnect. Shrinking a disk under a
@@ -24,8 +28,8 @@ use super::control::rpc::RpcError;
 use super::export::{EngineDisk, Generation};
 
 /// The largest size an export can be resized to: 2^53 bytes (8 PiB). The engine keeps a disk's
-/// bitmap (one bit per 512-byte sector) in memory, 2 TiB of address space at this size; far
-/// larger sizes (qcow2 allows 2^61) could not be allocated and would abort the daemon.
+/// bitmap (one bit per 512-byte sector) in memory, up to 2 TiB of it at this size; far larger
+/// sizes (qcow2 allows 2^61) could not be allocated and would abort the daemon.
 pub const MAX_EXPORT_SIZE: u64 = 1 << 53;
 use super::host::{Host, HostError};
 
@@ -173,8 +177,9 @@ fn grow(
                 }
                 return (Some(next), Ok(done(size)));
             }
-            // The old disk never writes past its old end nor its header, so it serves the grown
-            // files as they are; a later export-resize to the same size opens them again.
+            // The old disk writes nothing past its old end, and its header only as it was (a
+            // grow leaves it alone), so it serves the grown files as they are; a later
+            // export-resize to the same size only opens them.
             Err(e) => format!(
                 "{} was grown to {size} bytes but opening it failed: {e}",
                 overlay.display()

@@ -5,20 +5,27 @@
 //! # Order (what makes it crash-safe)
 //! Under [`EngineDisk::switch`] (new requests held back, every submitted one answered):
 //! 1. FLUSH the current overlay: every write answered so far is durable in it (data, then bits).
-//! 2. Create the new overlay with the current one as its base (`format::create`): its header and
-//!    all-clear bitmap, and its sparse raw image next to it, each fsynced, then their directory
-//!    fsynced. The new overlay is durable before anything points at it or writes into it.
-//! 3. Close the current overlay (a final commit; its exclusive locks are released).
+//! 2. Create the new overlay's two files (`O_EXCL`, so a failure removes exactly what this
+//!    snapshot made), then write it with the current one as its base (`format::create`): its
+//!    header and all-clear bitmap and its sparse raw image, each fsynced, then their directory.
+//!    The new overlay is durable before anything points at it or writes into it.
+//! 3. The current disk lets go of its exclusive locks but stays open (nothing is submitted to
+//!    it, nothing is dirty).
 //! 4. Open the new overlay: its chain opens the old one read-only and share-locks it, so from now
-//!    on nobody can write it (it is the stable point-in-time image).
+//!    on nobody can write it (it is the stable point-in-time image). Then close the old disk
+//!    (nothing left to commit).
 //! 5. The new disk becomes the export's; held requests go to it. Only then is the reply sent
 //!    and `export-snapshot` emitted.
 //!
-//! A crash before 2 completes leaves the old overlay in use and possibly a partial new file
-//! (never referenced). Held requests reach the new overlay at 5, a moment before the reply, so
-//! after a crash the rule is: if the new overlay exists and opens, serve it (it was durable
-//! before any request reached it, and may hold answered writes); otherwise serve the old one.
-//! If 3-4 fail, the old overlay is reopened and keeps serving, and the new files are removed.
+//! The new overlay cannot be opened before requests are held: its chain loads the old overlay's
+//! bitmap, which must have taken its last write first. A crash before 2 completes leaves the old
+//! overlay in use and possibly a partial new file (never referenced). Held requests reach the new
+//! overlay at 5, a moment before the reply, so after a crash the rule is: if the new overlay
+//! exists and opens, serve it (it was durable before any request reached it, and may hold
+//! answered writes); otherwise serve the old one. If 4 fails (an image server under the chain is
+//! down, ...), the old disk takes its locks back and keeps serving unchanged (nothing is
+//! reopened), the new files are removed and the error says so; only if another process locked
+//! the old overlay in between is the old disk closed ([`SnapshotError::Lost`]).
 
 use std::path::{Path, PathBuf};
 
