@@ -138,3 +138,153 @@ fn export_resize_grows_a_served_export() {
     assert_eq!(o.virtual_size, 2 * MIB);
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
 }
+
+/// A daemon on `f`'s overlay (export `disk`) with a control socket and `extra` arguments.
+fn serve(f: &Fixture, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let control = f.path("ctl.sock");
+    let export = format!("disk={}", f.overlay().display());
+    let mut args = vec!["--control", control.to_str().unwrap(), "--export", &export];
+    args.extend_from_slice(extra);
+    (Daemon::start(&f.path("nbd.sock"), &args), control)
+}
+
+/// Sizes the daemon could not hold a bitmap for are refused before anything is touched, with a
+/// clear error; the export keeps serving at its size.
+#[test]
+fn export_resize_refuses_sizes_past_the_limit() {
+    let f = Fixture::new(MIB);
+    let (d, control) = serve(&f, &[]);
+    let uri = d.uri_of("disk");
+    qemu_io(&uri, &["write -P 0x21 0 4k"]);
+    let mut c = Control::connect(&control);
+    for size in [1u64 << 62, (1 << 53) + 512] {
+        let e = c
+            .call("export-resize", json!({"name": "disk", "size": size}))
+            .unwrap_err();
+        assert_eq!(e["data"]["class"], "invalid-size", "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("at most"),
+            "{e}"
+        );
+    }
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x21 0 4k",
+            "write -P 0x22 4k 4k",
+            "read -P 0x22 4k 4k",
+        ],
+    );
+    assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), MIB.to_string());
+    let r = c.ok("export-resize", json!({"name": "disk", "size": 2 * MIB}));
+    assert_eq!(r["new_size"], 2 * MIB, "{r}");
+    d.stop();
+}
+
+/// The reopened overlay keeps the export's `--extent-ahead`: the first write past the old end
+/// allocates a whole MiB of the raw image.
+#[test]
+fn export_resize_keeps_the_extent_ahead_setting() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fixture::new(MIB);
+    let (d, control) = serve(&f, &["--extent-ahead", "1M"]);
+    let uri = d.uri_of("disk");
+    let mut c = Control::connect(&control);
+    c.ok("export-resize", json!({"name": "disk", "size": 4 * MIB}));
+    qemu_io(&uri, &["write -P 0x31 2M 4k", "flush"]);
+    let got = std::fs::metadata(f.path("disk.raw")).unwrap().blocks() * 512;
+    assert!(
+        got >= MIB,
+        "4 KiB written, {got} bytes allocated: extent-ahead was dropped"
+    );
+    d.stop();
+}
+
+/// Holds an exclusive OFD lock on the file argv[1] (as another writer would) until stdin closes.
+const LOCKER_PY: &str = r#"
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    print("locked", flush=True)
+except OSError as e:
+    print("refused", e.errno, flush=True)
+sys.stdin.read()
+"#;
+
+/// What a process that locks the overlay while a resize has it unlocked (see docs/LIFECYCLE.md)
+/// can do: it gets the lock, the resize then fails, and the daemon, unable to lock the overlay
+/// again, stops writing it (every request fails) instead of writing an overlay another process
+/// holds; the reply says so. Outside the resize the lock is refused to it.
+#[test]
+fn a_process_that_locks_the_overlay_during_a_resize_gets_it_and_the_export_stops_writing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let f = Fixture::new(MIB);
+    let seams = f.path("seams");
+    std::fs::create_dir(&seams).unwrap();
+    let control = f.path("ctl.sock");
+    let export = format!("disk={}", f.overlay().display());
+    let d = Daemon::start_seamed(
+        &f.path("nbd.sock"),
+        &["--control", control.to_str().unwrap(), "--export", &export],
+        &seams,
+    );
+    let uri = d.uri_of("disk");
+    qemu_io(&uri, &["write -P 0x41 0 4k"]);
+    let lock = |overlay: &std::path::Path| {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", LOCKER_PY, overlay.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (child, line.trim().to_string())
+    };
+    let (mut held, got) = lock(&f.overlay());
+    assert!(
+        got.starts_with("refused"),
+        "the served overlay must be locked: {got}"
+    );
+    drop(held.stdin.take());
+    held.wait().unwrap();
+    std::fs::write(seams.join("resize-unlocked.pause"), b"").unwrap();
+    let resizer = std::thread::spawn(move || {
+        Control::connect(&control).call("export-resize", json!({"name": "disk", "size": 2 * MIB}))
+    });
+    wait_until("the resize paused with the overlay unlocked", || {
+        seams.join("resize-unlocked.reached").exists()
+    });
+    let (mut racer, got) = lock(&f.overlay());
+    assert_eq!(got, "locked", "the gap documented in docs/LIFECYCLE.md");
+    std::fs::write(seams.join("resize-unlocked.go"), b"").unwrap();
+    let e = resizer.join().unwrap().unwrap_err();
+    assert_eq!(e["data"]["class"], "resize-failed", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fails every request"),
+        "{e}"
+    );
+    let out = run_raw("qemu-io", &["-f", "raw", "-c", "write -P 0x42 0 4k", &uri]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a write after losing the lock must fail:\n{text}"
+    );
+    drop(racer.stdin.take());
+    racer.wait().unwrap();
+    // What was written before is in the overlay.
+    let raw = std::fs::read(f.path("disk.raw")).unwrap();
+    assert!(raw[..4096].iter().all(|&b| b == 0x41));
+    d.stop();
+}

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use nbd_support::{assert_identical, run, Control, Daemon};
+use nbd_support::{assert_identical, qemu_io, run, wait_until, Control, Daemon};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
@@ -67,6 +67,12 @@ for line in sys.stdin:
         stop.set()
         t.join()
         print('reads', stats['reads'], 'bad', stats['bad'], 'errors', stats['errors'], flush=True)
+    elif w[0] == 'fastzero':
+        try:
+            h.zero(int(w[2]), int(w[1]), nbd.CMD_FLAG_FAST_ZERO)
+            print('ok', flush=True)
+        except nbd.Error as e:
+            print('err', e.errno, flush=True)
     elif w[0] == 'quit':
         h.shutdown()
         print('ok', flush=True)
@@ -386,5 +392,250 @@ fn snapshots_are_refused_with_clear_errors() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
+    d.stop();
+}
+
+/// `addcow serve` on `overlay` with the control socket and `extra` arguments, its test seams
+/// armed from `seams`.
+fn start_seamed(s: &Setup, overlay: &Path, seams: &Path, extra: &[&str]) -> Daemon {
+    std::fs::create_dir_all(seams).unwrap();
+    let mut args = vec![
+        "--control",
+        s.control.to_str().unwrap(),
+        "--allow-dir",
+        s.dir.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.push(overlay.to_str().unwrap());
+    Daemon::start_seamed(&s.sock, &args, seams)
+}
+
+/// `(offset, length, type)` of each line of `nbdinfo --map` (base:allocation).
+fn map_lines(out: &str) -> Vec<(u64, u64, u32)> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                w.first()?.parse().ok()?,
+                w.get(1)?.parse().ok()?,
+                w.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A BLOCK_STATUS answered while a snapshot switches the export's disk describes one disk: here
+/// the daemon is paused (a test seam) after it walked the old overlay's bitmap and before it
+/// asked the file system where the raw image's holes are, a snapshot is started meanwhile, and
+/// the answer must still report the old overlay's data as data (not as holes of the new, empty
+/// raw image, which made copying clients skip it).
+#[test]
+fn block_status_during_a_snapshot_describes_one_disk() {
+    let s = setup();
+    let seams = s.dir.path().join("seams");
+    let d = start_seamed(&s, &s.overlay, &seams, &[]);
+    let uri = d.uri();
+    // The overlay's own data: its first MiB, in its raw image.
+    qemu_io(&uri, &["write -P 0x5a 0 1M", "flush"]);
+    std::fs::write(seams.join("status-walked.pause"), b"").unwrap();
+    let map = Command::new("timeout")
+        .args(["120", "nbdinfo", "--map", &uri])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nbdinfo");
+    wait_until("block status paused in the seam", || {
+        seams.join("status-walked.reached").exists()
+    });
+    let control = s.control.clone();
+    let snap = s.dir.path().join("vm-1.add-cow");
+    let snapper = std::thread::spawn(move || {
+        Control::connect(&control).call(
+            "export-snapshot",
+            serde_json::json!({"name": "", "overlay": snap}),
+        )
+    });
+    // Either the snapshot went through while the answer was half made, or it waits for it.
+    wait_until("the snapshot ran or waited for the block status", || {
+        snapper.is_finished() || seams.join("switch-blocked.reached").exists()
+    });
+    std::fs::write(seams.join("status-walked.go"), b"").unwrap();
+    let out = map.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    snapper.join().unwrap().expect("snapshot");
+    let lines = map_lines(&text);
+    let first = lines.first().copied().unwrap_or_default();
+    assert!(
+        first.0 == 0 && first.1 >= MIB && first.2 == 0,
+        "the overlay's first MiB is data, not a hole:\n{text}"
+    );
+    d.stop();
+}
+
+/// Copies of the export taken while snapshots keep switching its disk are byte for byte what the
+/// disk holds: a copying client that trusts BLOCK_STATUS (nbdcopy skips holes) loses nothing.
+#[test]
+fn copies_running_across_snapshots_are_exact() {
+    let mut s = setup();
+    let d = start(&s, &s.overlay);
+    let uri = d.uri();
+    let mut model = std::mem::take(&mut s.model);
+    // Data in the raw image, holes punched in it, and untouched base ranges.
+    let mut c = Client::start(&uri, &s.overlay);
+    for i in 0..16u64 {
+        write(
+            &mut c,
+            &mut model,
+            i * 256 * 1024,
+            128 * 1024,
+            0x20 + i as u8,
+        );
+    }
+    assert_eq!(c.cmd("flush"), "ok");
+    drop(c);
+    qemu_io(&uri, &["write -z -u 64k 64k", "flush"]);
+    model[64 * 1024..128 * 1024].fill(0);
+    let want = s.dir.path().join("want.raw");
+    std::fs::write(&want, &model).unwrap();
+    let control = s.control.clone();
+    let dir = s.dir.path().to_path_buf();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let snapper = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut ctl = Control::connect(&control);
+            for i in 1..=12 {
+                let snap = dir.join(format!("loop-{i}.add-cow"));
+                ctl.ok(
+                    "export-snapshot",
+                    serde_json::json!({"name": "", "overlay": snap}),
+                );
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let copy = s.dir.path().join("copy.raw");
+    let mut copies = 0;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) || copies < 3 {
+        let _ = std::fs::remove_file(&copy);
+        run("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+        let got = std::fs::read(&copy).unwrap();
+        assert!(got == model, "copy {copies} differs from the disk");
+        copies += 1;
+    }
+    snapper.join().unwrap();
+    same(&want, &uri);
+    d.stop();
+}
+
+/// A failed snapshot leaves no file behind (only what it created itself is removed), so the same
+/// snapshot can be retried at once and succeeds.
+#[test]
+fn a_failed_snapshot_leaves_nothing_and_a_retry_succeeds() {
+    let s = setup();
+    let seams = s.dir.path().join("seams");
+    let d = start_seamed(&s, &s.overlay, &seams, &[]);
+    let uri = d.uri();
+    qemu_io(&uri, &["write -P 0x61 0 64k"]);
+    let mut ctl = Control::connect(&s.control);
+    let snap = s.dir.path().join("vm-1.add-cow");
+    let image = s.dir.path().join("vm-1.raw");
+    std::fs::write(seams.join("snapshot-create.fail"), b"").unwrap();
+    let e = ctl
+        .call(
+            "export-snapshot",
+            serde_json::json!({"name": "", "overlay": snap}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "snapshot-failed", "{e}");
+    assert!(
+        !snap.exists(),
+        "the failed snapshot left {}",
+        snap.display()
+    );
+    assert!(
+        !image.exists(),
+        "the failed snapshot left {}",
+        image.display()
+    );
+    qemu_io(&uri, &["read -P 0x61 0 64k", "write -P 0x62 64k 64k"]);
+    let r = ctl.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    assert_eq!(r["overlay"], serde_json::json!(snap), "{r}");
+    qemu_io(&uri, &["read -P 0x61 0 64k", "read -P 0x62 64k 64k"]);
+    d.stop();
+}
+
+/// Allocated bytes of `path` (st_blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// The new overlay of a snapshot is opened with the export's options: `--extent-ahead 1M`
+/// allocates a whole MiB of its raw image on the first write into it.
+#[test]
+fn a_snapshot_keeps_the_extent_ahead_setting() {
+    let s = setup();
+    let seams = s.dir.path().join("seams");
+    let d = start_seamed(&s, &s.overlay, &seams, &["--extent-ahead", "1M"]);
+    let uri = d.uri();
+    let mut ctl = Control::connect(&s.control);
+    let snap = s.dir.path().join("vm-1.add-cow");
+    ctl.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    qemu_io(&uri, &["write -P 0x71 0 4k", "flush"]);
+    let got = allocated(&s.dir.path().join("vm-1.raw"));
+    assert!(
+        got >= MIB,
+        "4 KiB written, {got} bytes allocated: extent-ahead was dropped"
+    );
+    d.stop();
+}
+
+/// A connection that negotiated before a snapshot checks FAST_ZERO against the disk it writes to
+/// now: the new overlay's raw image on tmpfs zeroes in 4 KiB units (ext4 here: 512), so a
+/// 512-byte fast zero that the old disk could punch must fail fast on the new one.
+#[test]
+fn fast_zero_follows_the_disk_after_a_snapshot() {
+    let s = setup();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let d = Daemon::start(
+        &s.sock,
+        &[
+            "--control",
+            s.control.to_str().unwrap(),
+            "--allow-dir",
+            s.dir.path().to_str().unwrap(),
+            "--allow-dir",
+            shm.path().to_str().unwrap(),
+            s.overlay.to_str().unwrap(),
+        ],
+    );
+    let uri = d.uri();
+    let mut c = Client::start(&uri, &s.overlay);
+    // The old disk (on the test's folder) punches 512-byte units.
+    assert_eq!(
+        c.cmd("fastzero 512 512"),
+        "ok",
+        "the test needs a 512-byte unit first"
+    );
+    let mut ctl = Control::connect(&s.control);
+    let snap = shm.path().join("vm-1.add-cow");
+    ctl.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    let r = c.cmd("fastzero 1024 512");
+    assert!(
+        r.starts_with("err"),
+        "a 512-byte fast zero on tmpfs must fail fast: {r}"
+    );
+    assert_eq!(c.cmd("fastzero 8192 4096"), "ok");
+    assert_eq!(c.cmd("quit"), "ok");
     d.stop();
 }

@@ -952,3 +952,92 @@ fn a_tcp_uri_base_on_loopback() {
     assert_identical(&s.p("base.raw"), &d.uri());
     d.stop();
 }
+
+/// An image server that is down when `export-snapshot` or `export-resize` is called: the call
+/// fails (opening the new disk needs the server) with an error that says the export still
+/// serves its disk, and the export keeps serving its own data and taking writes, with nothing
+/// left behind; once the server is back, both calls succeed.
+#[test]
+fn an_image_server_outage_fails_a_snapshot_or_resize_and_the_export_keeps_serving() {
+    let s = Setup::new();
+    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let ov = s.create("vm", &server.uri());
+    let control = s.path("ctl.sock");
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &[
+            "--control",
+            &control.display().to_string(),
+            "--allow-dir",
+            &s.dir.path().display().to_string(),
+            &ov.display().to_string(),
+        ],
+    );
+    let uri = d.uri();
+    qemu_io(&uri, &["write -P 0x33 0 64k"]);
+    server.kill();
+    let mut c = Control::connect(&control);
+    let snap = s.path("vm-1.add-cow");
+    let e = c
+        .call(
+            "export-snapshot",
+            serde_json::json!({"name": "", "overlay": snap}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "snapshot-failed", "{e}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("still serves"), "{e}");
+    assert!(!snap.exists() && !s.path("vm-1.raw").exists(), "left files");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x33 0 64k",
+            "write -P 0x44 64k 64k",
+            "read -P 0x44 64k 64k",
+            "flush",
+        ],
+    );
+    let e = c
+        .call(
+            "export-resize",
+            serde_json::json!({"name": "", "size": 2 * SIZE}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["class"], "resize-failed", "{e}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("still serves"), "{e}");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x33 0 64k",
+            "read -P 0x44 64k 64k",
+            "write -P 0x55 128k 64k",
+            "flush",
+        ],
+    );
+    assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), SIZE.to_string());
+    // The server is back: both go through, and every byte written is there.
+    server.restart();
+    c.ok(
+        "export-snapshot",
+        serde_json::json!({"name": "", "overlay": snap}),
+    );
+    c.ok(
+        "export-resize",
+        serde_json::json!({"name": "", "size": 2 * SIZE}),
+    );
+    assert_eq!(
+        run("nbdinfo", &["--size", &uri]).trim(),
+        (2 * SIZE).to_string()
+    );
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x33 0 64k",
+            "read -P 0x44 64k 64k",
+            "read -P 0x55 128k 64k",
+        ],
+    );
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -357,6 +357,10 @@ impl Reader<'_> {
                 _ => h.len,
             };
             self.stamp = Stamp::now(op, bytes);
+            if h.kind == wire::CMD_WRITE_ZEROES {
+                // The disk's, not the one negotiated with: a switch may have changed it.
+                self.limits.fast_zero_unit = self.backend.fast_zero_unit();
+            }
             match command::validate(&h, &self.limits) {
                 Err(rej) if rej.fatal => return Err(ConnError::Fatal(rej.message)),
                 Err(rej) => {

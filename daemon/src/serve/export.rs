@@ -5,12 +5,13 @@
 //! [`Engine`] for buffers). Tests of the protocol layer use an in-memory backend.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{
-    Completion, DepthExtent, Disk, Engine, Extent, ExtentKind, IoBuf, Request, SourceCtx,
+    Completion, DepthExtent, Disk, DiskOptions, Engine, Extent, ExtentKind, IoBuf, Request,
+    SourceCtx,
 };
 
 use super::conns::ClientHandle;
@@ -65,6 +66,14 @@ pub trait Backend: Send + Sync + 'static {
             })
             .collect()
     }
+    /// The current disk's layout, held so that no disk switch can begin or end until the
+    /// returned view is dropped: every answer made from it (block status: extents, then the
+    /// holes of the files under them) describes one disk. `None` when the backend's disk never
+    /// changes (then [`Backend::allocation`] and [`Backend::zero_ranges`] already agree).
+    /// Never from an engine core thread (a switch waits for requests a core completes).
+    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+        None
+    }
     /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
     /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
     /// unsubmitted.
@@ -92,6 +101,37 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// What block status reads of one disk: its size, which layer supplies each range, and where
+/// the files under it have holes. See [`Backend::pin_layout`].
+pub trait Layout {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// See [`Backend::allocation`].
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// See [`Backend::allocation_depth`].
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent>;
+    /// See [`Backend::zero_ranges`].
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>);
+}
+
+/// A generation held by a read guard of its [`EngineDisk`]: a switch waits until it is dropped.
+impl Layout for std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.disk.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.disk.allocation_depth(offset, len)
+    }
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        if let Some(f) = &self.files {
+            f.holes(layer, start, end, out);
+        }
+    }
+}
+
 /// One generation of an [`EngineDisk`]: the open disk and its files for hole queries.
 pub struct Generation {
     /// The disk.
@@ -102,21 +142,25 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Opens `overlay` writable on `engine` with its layer files: what a switch installs
-    /// (`copy_on_read` kept from the disk it replaces).
+    /// Opens `overlay` on `engine` with the export's options (every switch opens its disk
+    /// with the options the export was added with) and its layer files.
     pub fn open(
         engine: &Engine,
         overlay: &std::path::Path,
         name: &str,
-        copy_on_read: bool,
+        opts: &DiskOptions,
     ) -> addcow_engine::Result<Generation> {
-        let opts = addcow_engine::DiskOptions {
-            copy_on_read,
-            ..Default::default()
-        };
-        let disk = engine.open(overlay, opts)?;
-        let files = LayerFiles::open_or_warn(overlay, true, name);
+        let disk = engine.open(overlay, opts.clone())?;
+        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
         Ok(Generation { disk, files })
+    }
+
+    /// The FAST_ZERO unit of this disk's raw image, as stored in [`EngineDisk`] (0: none).
+    fn fast_zero_code(&self) -> u64 {
+        self.files
+            .as_ref()
+            .and_then(|f| f.fast_zero_unit)
+            .unwrap_or(0)
     }
 }
 
@@ -166,21 +210,41 @@ impl InFlight {
 pub struct EngineDisk {
     /// The engine the disk is open on (for buffers).
     pub engine: Engine,
-    /// Copy-on-read, as the export was added (every generation is opened with it).
-    pub copy_on_read: bool,
+    /// The options the export was added with: every generation is opened with them.
+    pub opts: DiskOptions,
     current: RwLock<Arc<Generation>>,
+    /// The current generation's FAST_ZERO unit (0: it cannot punch holes), readable without
+    /// the lock (connections check it on engine core threads, which must not wait for a
+    /// switch). Updated when a generation is installed, before requests flow to it.
+    fast_zero: AtomicU64,
     in_flight: Arc<InFlight>,
 }
 
 impl EngineDisk {
-    /// `disk` (open on `engine`) with its layer files.
-    pub fn new(engine: Engine, disk: Disk, files: Option<LayerFiles>) -> EngineDisk {
+    /// `disk` (open on `engine` with `opts`) with its layer files.
+    pub fn new(
+        engine: Engine,
+        opts: DiskOptions,
+        disk: Disk,
+        files: Option<LayerFiles>,
+    ) -> EngineDisk {
+        let g = Generation { disk, files };
         EngineDisk {
             engine,
-            copy_on_read: disk.copy_on_read(),
-            current: RwLock::new(Arc::new(Generation { disk, files })),
+            opts,
+            fast_zero: AtomicU64::new(g.fast_zero_code()),
+            current: RwLock::new(Arc::new(g)),
             in_flight: Arc::default(),
         }
+    }
+
+    /// Opens `overlay` as the next generation of this export, with the export's options.
+    pub fn open_generation(
+        &self,
+        overlay: &std::path::Path,
+        name: &str,
+    ) -> addcow_engine::Result<Generation> {
+        Generation::open(&self.engine, overlay, name, &self.opts)
     }
 
     fn current(&self) -> std::sync::RwLockReadGuard<'_, Arc<Generation>> {
@@ -199,10 +263,17 @@ impl EngineDisk {
     /// `f` on the current generation: the generation `f` returns (if any) becomes current before
     /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.
     pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
-        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut cur = match self.current.try_write() {
+            Ok(g) => g,
+            Err(_) => {
+                super::seam::mark("switch-blocked");
+                self.current.write().unwrap_or_else(|p| p.into_inner())
+            }
+        };
         self.in_flight.wait_idle();
         let (next, out) = f(&cur);
         if let Some(g) = next {
+            self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
             *cur = Arc::new(g);
         }
         out
@@ -277,12 +348,16 @@ impl Backend for EngineDisk {
         Some(self)
     }
     fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        if let Some(f) = &self.current().files {
-            f.holes(layer, start, end, out);
-        }
+        self.current().zero_ranges(layer, start, end, out);
+    }
+    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+        Some(Box::new(self.current()))
     }
     fn fast_zero_unit(&self) -> Option<u64> {
-        self.current().files.as_ref().and_then(|f| f.fast_zero_unit)
+        match self.fast_zero.load(Ordering::SeqCst) {
+            0 => None,
+            u => Some(u),
+        }
     }
 }
 

@@ -267,6 +267,17 @@ impl Host {
         }
     }
 
+    /// The options an export's disk is opened with, at `export-add` and at every later switch
+    /// of its disk (a snapshot, a resize): the daemon's `--extent-ahead`, and `read_only` and
+    /// `copy_on_read` as asked (copy-on-read defaults to `--copy-on-read`).
+    pub fn disk_options(&self, read_only: bool, copy_on_read: Option<bool>) -> DiskOptions {
+        DiskOptions {
+            read_only,
+            copy_on_read: copy_on_read.unwrap_or(self.copy_on_read),
+            extent_ahead: self.extent_ahead,
+        }
+    }
+
     fn vhost_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VhostExport>> {
         self.vhost.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -366,7 +377,7 @@ impl Host {
         let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
         let export = Export::new(
             claim.name(),
-            Arc::new(EngineDisk::new(engine.clone(), disk, files)),
+            Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),
             self.shards,
         );
         claim.publish(Arc::clone(&export));

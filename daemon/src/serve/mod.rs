@@ -42,6 +42,7 @@ pub mod probe;
 pub mod reply;
 pub mod resize;
 pub mod ring_conn;
+pub mod seam;
 pub mod signals;
 pub mod snapshot;
 pub mod sock;
@@ -415,11 +416,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     host.extent_ahead = args.extent_ahead;
     let host = Arc::new(host);
     for e in &named {
-        let opts = addcow_engine::DiskOptions {
-            read_only: args.read_only || e.read_only,
-            copy_on_read: args.copy_on_read,
-            extent_ahead: args.extent_ahead,
-        };
+        let opts = host.disk_options(args.read_only || e.read_only, None);
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
             .map_err(|e| e.to_string())?;
     }

@@ -4,10 +4,14 @@
 //! overlay is grown under [`EngineDisk::switch`], the same hold-and-swap a live snapshot uses:
 //! new requests are held back (their connections wait, nobody is disconnected or answered with
 //! an error), every submitted request is answered, the overlay is flushed (every answered write
-//! durable; if that fails, nothing changes and the disk keeps serving) and closed, grown with the offline `resize` (the crash-safe order of
-//! `docs/LIFECYCLE.md`), opened again, and the export switches to the reopened disk before the
-//! held requests flow. If the grow fails, the overlay (still at its old size: the order is
-//! crash-safe) is opened again and keeps serving.
+//! durable; if that fails, nothing changes and the disk keeps serving), its disk lets go of its
+//! locks but stays open, the overlay is grown with the offline `resize` (the crash-safe order of
+//! `docs/LIFECYCLE.md`) and opened again, and the export switches to the reopened disk before the
+//! held requests flow; then the old disk is closed. If the grow or the reopen fails, the old disk
+//! takes its locks back and keeps serving at its old size (it writes nothing past its old end,
+//! and its header only as it was, which a grow leaves alone, so grown files are safe under it). The overlay is unlocked twice meanwhile (the
+//! grow and the reopen each take their own lock): see `docs/LIFECYCLE.md` for what a racing
+//! process can do. Sizes above [`MAX_EXPORT_SIZE`] are refused.
 //!
 //! NBD has no way to tell a connected client that the size changed: connected clients keep the
 //! size they negotiated and see the new one when they reconnect. Shrinking a disk under a
@@ -15,13 +19,18 @@
 //! refused while the export runs a job (a stream holds the open disk); cancel or wait for the
 //! job first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
 use serde::Serialize;
 
 use super::control::rpc::RpcError;
 use super::export::{EngineDisk, Generation};
+
+/// The largest size an export can be resized to: 2^53 bytes (8 PiB). The engine keeps a disk's
+/// bitmap (one bit per 512-byte sector) in memory, up to 2 TiB of it at this size; far larger
+/// sizes (qcow2 allows 2^61) could not be allocated and would abort the daemon.
+pub const MAX_EXPORT_SIZE: u64 = 1 << 53;
 use super::host::{Host, HostError};
 
 /// What `export-resize` did.
@@ -122,6 +131,12 @@ fn grow(
         let e = format!("new size {size} is not a multiple of 512");
         return (None, Err(refused("invalid-size", e)));
     }
+    if size > MAX_EXPORT_SIZE {
+        let e = format!(
+            "new size {size} is too large: an export can be at most {MAX_EXPORT_SIZE} bytes              (8 PiB)"
+        );
+        return (None, Err(refused("invalid-size", e)));
+    }
     if size < old_size {
         let e = format!(
             "export {name:?} is {old_size} bytes: shrinking a served disk to {size} is refused \
@@ -138,11 +153,12 @@ fn grow(
         let e = format!("flushing export {name:?} before the resize failed: {e}; nothing changed");
         return (None, Err(refused("resize-failed", e)));
     }
-    if let Err(e) = disk.close() {
-        // The disk refuses requests now; serve the overlay again as it is on disk.
-        let e = format!("closing export {name:?} before the resize failed: {e}");
-        return reopen(ed, &overlay, name, Err(refused("resize-failed", e)));
-    }
+    // The offline grow and the reopen lock the overlay themselves: let go of this disk's locks
+    // but keep it open (flushed, nothing submitted to it), so that if either fails (an image
+    // server under the chain is down, ...) the export goes on serving it without opening
+    // anything again.
+    disk.unlock_overlay();
+    super::seam::pause("resize-unlocked");
     tracing::info!(export = %name, old_size, new_size = size, "resizing export");
     let grown = resize(
         &ResizeOptions {
@@ -152,37 +168,38 @@ fn grow(
         },
         &Ops::new(),
     );
-    let outcome = match grown {
-        Ok(_) => Ok(done(size)),
-        Err(e) => Err(refused(
-            "resize-failed",
-            format!("resizing export {name:?} failed: {e} (it keeps its old size)"),
-        )),
-    };
-    reopen(ed, &overlay, name, outcome)
-}
-
-/// Opens `overlay` again as the export's disk and returns `outcome`, or the failure to reopen.
-fn reopen(
-    ed: &EngineDisk,
-    overlay: &Path,
-    name: &str,
-    outcome: Result<ExportResized, RpcError>,
-) -> (Option<Generation>, Result<ExportResized, RpcError>) {
-    match Generation::open(&ed.engine, overlay, name, ed.copy_on_read) {
-        Ok(g) => (Some(g), outcome),
-        Err(e) => {
-            tracing::error!(export = %name, error = %e, "cannot reopen the overlay after a resize; the export fails every request");
-            let before = match outcome {
-                Ok(_) => "the resize succeeded".to_string(),
-                Err(r) => r.message,
-            };
-            let msg = format!(
-                "{before}; reopening {} failed: {e}; the export fails every request until it \
-                 is deleted and added again",
+    let failure = match grown {
+        Ok(_) => match ed.open_generation(&overlay, name) {
+            Ok(next) => {
+                // Flushed and untouched since: the close commits nothing.
+                if let Err(e) = disk.close() {
+                    tracing::warn!(export = %name, error = %e, "closing the disk replaced by a resize");
+                }
+                return (Some(next), Ok(done(size)));
+            }
+            // The old disk writes nothing past its old end, and its header only as it was (a
+            // grow leaves it alone), so it serves the grown files as they are; a later
+            // export-resize to the same size only opens them.
+            Err(e) => format!(
+                "{} was grown to {size} bytes but opening it failed: {e}",
                 overlay.display()
-            );
-            (None, Err(refused("resize-failed", msg)))
-        }
+            ),
+        },
+        // A failed grow leaves the overlay as it was (the offline resize undoes itself).
+        Err(e) => format!("resizing export {name:?} failed: {e}"),
+    };
+    if let Err(again) = disk.relock_overlay() {
+        // Another process locked the overlay meanwhile: writing it now could corrupt what that
+        // process writes.
+        let _ = disk.close();
+        tracing::error!(export = %name, error = %again, "the overlay was locked by another process during a failed resize; the export fails every request");
+        let msg = format!(
+            "{failure}; locking {} again failed: {again}; the export fails every request until \
+             it is deleted and added again",
+            overlay.display()
+        );
+        return (None, Err(refused("resize-failed", msg)));
     }
+    let msg = format!("{failure}; the export still serves its disk at {old_size} bytes");
+    (None, Err(refused("resize-failed", msg)))
 }

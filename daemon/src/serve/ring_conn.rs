@@ -566,6 +566,11 @@ impl RingConn {
             Op::Flush | Op::Other => 0,
             _ => h.len,
         };
+        if h.kind == wire::CMD_WRITE_ZEROES {
+            // The disk's, not the one negotiated with: a switch may have changed it (read
+            // without waiting: an atomic the switch updates).
+            self.limits.fast_zero_unit = self.backend.fast_zero_unit();
+        }
         let validated = command::validate(&h, &self.limits);
         // Holes of a READ: an all-hole read is answered from a static page, with no budget.
         let mut holes = Vec::new();

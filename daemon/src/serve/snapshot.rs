@@ -5,20 +5,27 @@
 //! # Order (what makes it crash-safe)
 //! Under [`EngineDisk::switch`] (new requests held back, every submitted one answered):
 //! 1. FLUSH the current overlay: every write answered so far is durable in it (data, then bits).
-//! 2. Create the new overlay with the current one as its base (`format::create`): its header and
-//!    all-clear bitmap, and its sparse raw image next to it, each fsynced, then their directory
-//!    fsynced. The new overlay is durable before anything points at it or writes into it.
-//! 3. Close the current overlay (a final commit; its exclusive locks are released).
+//! 2. Create the new overlay's two files (`O_EXCL`, so a failure removes exactly what this
+//!    snapshot made), then write it with the current one as its base (`format::create`): its
+//!    header and all-clear bitmap and its sparse raw image, each fsynced, then their directory.
+//!    The new overlay is durable before anything points at it or writes into it.
+//! 3. The current disk lets go of its exclusive locks but stays open (nothing is submitted to
+//!    it, nothing is dirty).
 //! 4. Open the new overlay: its chain opens the old one read-only and share-locks it, so from now
-//!    on nobody can write it (it is the stable point-in-time image).
+//!    on nobody can write it (it is the stable point-in-time image). Then close the old disk
+//!    (nothing left to commit).
 //! 5. The new disk becomes the export's; held requests go to it. Only then is the reply sent
 //!    and `export-snapshot` emitted.
 //!
-//! A crash before 2 completes leaves the old overlay in use and possibly a partial new file
-//! (never referenced). Held requests reach the new overlay at 5, a moment before the reply, so
-//! after a crash the rule is: if the new overlay exists and opens, serve it (it was durable
-//! before any request reached it, and may hold answered writes); otherwise serve the old one.
-//! If 3-4 fail, the old overlay is reopened and keeps serving, and the new files are removed.
+//! The new overlay cannot be opened before requests are held: its chain loads the old overlay's
+//! bitmap, which must have taken its last write first. A crash before 2 completes leaves the old
+//! overlay in use and possibly a partial new file (never referenced). Held requests reach the new
+//! overlay at 5, a moment before the reply, so after a crash the rule is: if the new overlay
+//! exists and opens, serve it (it was durable before any request reached it, and may hold
+//! answered writes); otherwise serve the old one. If 4 fails (an image server under the chain is
+//! down, ...), the old disk takes its locks back and keeps serving unchanged (nothing is
+//! reopened), the new files are removed and the error says so; only if another process locked
+//! the old overlay in between is the old disk closed ([`SnapshotError::Lost`]).
 
 use std::path::{Path, PathBuf};
 
@@ -80,8 +87,8 @@ pub enum SnapshotError {
         /// The job.
         id: String,
     },
-    /// A step failed; `serving` says what the export serves now.
-    #[error("snapshot of export {name:?} failed while {step}: {error}; the export serves {}", serving.display())]
+    /// A step failed; the export still serves its disk as before (`serving`).
+    #[error("snapshot of export {name:?} failed while {step}: {error}; nothing changed: the export still serves {}", serving.display())]
     Failed {
         /// The export.
         name: String,
@@ -91,6 +98,15 @@ pub enum SnapshotError {
         error: String,
         /// The overlay the export serves after the failure.
         serving: PathBuf,
+    },
+    /// The snapshot failed and the export's overlay was locked by another process meanwhile:
+    /// the export no longer writes it and fails every request.
+    #[error("snapshot of export {name:?} failed: {error}; the export fails every request until it is deleted and added again")]
+    Lost {
+        /// The export.
+        name: String,
+        /// What failed.
+        error: String,
     },
 }
 
@@ -105,7 +121,7 @@ impl SnapshotError {
             SnapshotError::Exists(_) => "exists",
             SnapshotError::ShuttingDown => "shutting-down",
             SnapshotError::JobRunning { .. } => "job-running",
-            SnapshotError::Failed { .. } => "snapshot-failed",
+            SnapshotError::Failed { .. } | SnapshotError::Lost { .. } => "snapshot-failed",
         }
     }
 }
@@ -191,6 +207,69 @@ pub fn snapshot_export(
     result
 }
 
+/// The new overlay's two files, created by this snapshot itself (`O_EXCL`) before `create`
+/// writes them: on failure exactly these are removed, never a file someone else put at one of
+/// the paths (it would have made the exclusive create fail instead).
+struct Reserved {
+    /// Each path with the identity (device, inode) of the file created there.
+    files: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl Reserved {
+    /// Creates the raw image `image` (sparse, `size` bytes, fsynced) and an empty `overlay`,
+    /// each only if nothing is at its path.
+    fn create(overlay: &Path, image: &Path, size: u64) -> std::io::Result<Reserved> {
+        use std::os::unix::fs::MetadataExt;
+        let mut r = Reserved { files: Vec::new() };
+        for p in [image, overlay] {
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())));
+            let f = match made {
+                Ok(f) => f,
+                Err(e) => {
+                    r.remove();
+                    return Err(e);
+                }
+            };
+            let id = f.metadata().map(|m| (m.dev(), m.ino()));
+            if let Ok(id) = id {
+                r.files.push((p.to_path_buf(), id));
+            }
+            let sized = match (id, p == image) {
+                (Err(e), _) => Err(e),
+                (Ok(_), true) => f.set_len(size).and_then(|()| f.sync_all()),
+                (Ok(_), false) => Ok(()),
+            };
+            if let Err(e) = sized {
+                r.remove();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", p.display()),
+                ));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Removes the files this snapshot created (those still at their paths).
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        for (p, id) in &self.files {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if (m.dev(), m.ino()) == *id => {
+                    if let Err(e) = std::fs::remove_file(p) {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove a file of a failed snapshot");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Steps 1-5 of the module docs, with new requests held back and none in flight.
 fn take(
     ed: &EngineDisk,
@@ -200,11 +279,11 @@ fn take(
     image: &Path,
 ) -> (Option<Generation>, Result<Snapshotted, SnapshotError>) {
     let old = cur.disk.path().to_path_buf();
-    let failed = |step: &'static str, error: String, serving: &Path| SnapshotError::Failed {
+    let failed = |step: &'static str, error: String| SnapshotError::Failed {
         name: name.to_string(),
         step,
         error,
-        serving: serving.to_path_buf(),
+        serving: old.clone(),
     };
     if cur.disk.read_only() {
         return (None, Err(SnapshotError::ReadOnly(name.to_string())));
@@ -212,57 +291,76 @@ fn take(
     if let Err(e) = cur.disk.flush() {
         return (
             None,
-            Err(failed("flushing the current overlay", e.to_string(), &old)),
+            Err(failed("flushing the current overlay", e.to_string())),
         );
     }
+    let size = cur.disk.size();
+    let reserved = match Reserved::create(overlay, image, size) {
+        Ok(r) => r,
+        Err(e) => return (None, Err(failed("creating the new overlay", e.to_string()))),
+    };
     let opts = CreateOptions {
         overlay: overlay.to_path_buf(),
         base: Some(old.clone()),
         image: None,
-        // The export's size, whatever file may have appeared at the raw image's path.
-        size: Some(cur.disk.size()),
-        force: false,
+        // The export's size (the raw image reserved above has it).
+        size: Some(size),
+        // Both files are the empty ones reserved above, made by this snapshot.
+        force: true,
     };
-    if let Err(e) = create(&opts) {
-        // Nothing of ours to remove unless create made it (it refuses existing files).
-        return (
-            None,
-            Err(failed("creating the new overlay", e.to_string(), &old)),
-        );
+    let created = create(&opts).and_then(|()| {
+        if super::seam::fail("snapshot-create") {
+            Err(addcow_engine::Error::io(
+                "create (test seam)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = created {
+        reserved.remove();
+        return (None, Err(failed("creating the new overlay", e.to_string())));
     }
-    let remove_new = || {
-        let _ = std::fs::remove_file(overlay);
-        let _ = std::fs::remove_file(image);
-    };
-    let reopen_old = |step: &'static str, error: String| {
-        remove_new();
-        match Generation::open(&ed.engine, &old, name, ed.copy_on_read) {
-            Ok(g) => (Some(g), Err(failed(step, error, &old))),
-            Err(again) => {
-                tracing::error!(export = %name, error = %again, "cannot reopen the overlay after a failed snapshot; the export fails every request");
-                (
-                    None,
-                    Err(failed(
-                        step,
-                        format!("{error}; reopening {} failed too: {again}", old.display()),
-                        &old,
-                    )),
-                )
+    // The new overlay's chain share-locks the old one, which this disk holds exclusively: let
+    // go of that lock but keep the disk open (flushed, nothing submitted to it), so that if the
+    // new overlay cannot be opened (an image server under the chain is down, ...) the export
+    // goes on serving this disk as it is, without opening anything again.
+    cur.disk.unlock_overlay();
+    super::seam::pause("snapshot-unlocked");
+    match ed.open_generation(overlay, name) {
+        Ok(next) => {
+            // Flushed and untouched since: the close commits nothing; it only lets go of the
+            // files (the new disk holds the old overlay share-locked through its own).
+            if let Err(e) = cur.disk.close() {
+                tracing::warn!(export = %name, overlay = %old.display(), error = %e, "closing the snapshotted overlay");
+            }
+            let done = Snapshotted {
+                name: name.to_string(),
+                overlay: overlay.to_path_buf(),
+                image: image.to_path_buf(),
+                base: old,
+            };
+            (Some(next), Ok(done))
+        }
+        Err(e) => {
+            reserved.remove();
+            match cur.disk.relock_overlay() {
+                Ok(()) => (None, Err(failed("opening the new overlay", e.to_string()))),
+                Err(again) => {
+                    // Another process locked the overlay while it was unlocked: writing it now
+                    // could corrupt what that process writes.
+                    let _ = cur.disk.close();
+                    tracing::error!(export = %name, error = %again, "the overlay was locked by another process during a failed snapshot; the export fails every request");
+                    (
+                        None,
+                        Err(SnapshotError::Lost {
+                            name: name.to_string(),
+                            error: format!("opening the new overlay failed: {e}; locking {} again failed: {again}", old.display()),
+                        }),
+                    )
+                }
             }
         }
-    };
-    if let Err(e) = cur.disk.close() {
-        return reopen_old("closing the current overlay", e.to_string());
     }
-    let next = match Generation::open(&ed.engine, overlay, name, ed.copy_on_read) {
-        Ok(g) => g,
-        Err(e) => return reopen_old("opening the new overlay", e.to_string()),
-    };
-    let done = Snapshotted {
-        name: name.to_string(),
-        overlay: overlay.to_path_buf(),
-        image: image.to_path_buf(),
-        base: old,
-    };
-    (Some(next), Ok(done))
 }

@@ -17,7 +17,7 @@
 
 use addcow_engine::{DepthExtent, Extent, ExtentKind};
 
-use super::export::Backend;
+use super::export::{Backend, Layout};
 use super::handshake::{self, MetaContexts};
 use super::wire;
 
@@ -79,16 +79,28 @@ impl Span for DepthExtent {
     }
 }
 
+/// A backend whose disk never changes, read directly (see [`Backend::pin_layout`]).
+struct Direct<'a>(&'a dyn Backend);
+
+impl Layout for Direct<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.0.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.0.allocation_depth(offset, len)
+    }
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        self.0.zero_ranges(layer, start, end, out);
+    }
+}
+
 /// The raw allocation of `[offset, offset+len)`, walked until more than `max` extents are known
 /// (or the range ends). Returns the extents and the end of the part they describe exactly.
-pub fn walk(backend: &dyn Backend, offset: u64, len: u64, max: usize) -> (Vec<Extent>, u64) {
-    walk_with(
-        backend.size(),
-        |o, l| backend.allocation(o, l),
-        offset,
-        len,
-        max,
-    )
+pub fn walk(disk: &dyn Layout, offset: u64, len: u64, max: usize) -> (Vec<Extent>, u64) {
+    walk_with(disk.size(), |o, l| disk.allocation(o, l), offset, len, max)
 }
 
 /// [`walk`] over `fetch` (a window's extents, in order).
@@ -129,9 +141,26 @@ fn walk_with<T: Span>(
     (out, pos.max(offset.min(end)))
 }
 
-/// Block-status extents per selected context: `(context id, [(length, flags)])`.
+/// Block-status extents per selected context: `(context id, [(length, flags)])`. Every part of
+/// the answer comes from one disk: a disk switch (a live snapshot, a resize) waits until it is
+/// made (extents of the old overlay with the holes of the new one's empty raw image would report
+/// the old overlay's data as holes, which copying clients skip).
 pub fn answer(
     backend: &dyn Backend,
+    offset: u64,
+    len: u64,
+    ctx: MetaContexts,
+    req_one: bool,
+) -> Vec<(u32, Vec<(u64, u32)>)> {
+    match backend.pin_layout() {
+        Some(disk) => answer_on(&*disk, offset, len, ctx, req_one),
+        None => answer_on(&Direct(backend), offset, len, ctx, req_one),
+    }
+}
+
+/// [`answer`] from one disk's layout.
+fn answer_on(
+    backend: &dyn Layout,
     offset: u64,
     len: u64,
     ctx: MetaContexts,
@@ -141,6 +170,7 @@ pub fn answer(
     let mut out = Vec::new();
     if ctx.base_allocation {
         let (extents, exact) = walk(backend, offset, len, max);
+        super::seam::pause("status-walked");
         let runs = base_allocation_runs(backend, &extents, exact);
         let runs = finish(runs, exact, req_one, |a, b| a & b);
         out.push((handshake::CTX_BASE_ALLOCATION, lengths(runs, len)));
@@ -173,7 +203,7 @@ fn clip(e: &Extent, exact: u64) -> Option<(u64, u64, ExtentKind)> {
 }
 
 /// `base:allocation` runs: data, split where the layer's file has holes.
-fn base_allocation_runs(backend: &dyn Backend, extents: &[Extent], exact: u64) -> Vec<Run> {
+fn base_allocation_runs(backend: &dyn Layout, extents: &[Extent], exact: u64) -> Vec<Run> {
     const ZERO: u32 = wire::STATE_HOLE | wire::STATE_ZERO;
     let mut runs = Vec::with_capacity(extents.len());
     let mut holes = Vec::new();

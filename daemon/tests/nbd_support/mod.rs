@@ -88,7 +88,26 @@ impl Daemon {
     /// Starts `addcow serve [--socket SOCK] ARGS...` in `cwd` (if given); `sock` is where it
     /// will listen (waited for).
     pub fn start_in(cwd: Option<&Path>, sock: Option<&Path>, args: &[&str]) -> Daemon {
+        Self::start_env(cwd, sock, args, &[])
+    }
+
+    /// [`Daemon::start`] with the test seams of the daemon (`serve::seam`) armed from folder
+    /// `seams`: the test creates `POINT.pause` / `POINT.fail` there and waits for
+    /// `POINT.reached`.
+    pub fn start_seamed(sock: &Path, args: &[&str], seams: &Path) -> Daemon {
+        let seams = seams.to_str().expect("utf-8 path");
+        Self::start_env(None, Some(sock), args, &[("ADDCOW_TEST_SEAMS", seams)])
+    }
+
+    /// [`Daemon::start_in`] with extra environment variables.
+    pub fn start_env(
+        cwd: Option<&Path>,
+        sock: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut cmd = Command::new(addcow_bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("serve");
         if let Some(s) = sock {
             cmd.arg("--socket").arg(s);

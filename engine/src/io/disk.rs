@@ -369,6 +369,23 @@ impl Disk {
         blocking(&self.engine, &self.state, Request::Flush, |_| ())
     }
 
+    /// Lets another opener lock this overlay for writing while the disk stays open: drops the
+    /// exclusive locks on its metadata file and raw image (the base keeps its shared lock).
+    /// For a disk switch that must keep serving this disk if the next one cannot be opened:
+    /// the caller guarantees that nothing is submitted to this disk and nothing is dirty (every
+    /// request answered, then a FLUSH) until it either closes the disk or takes the locks back
+    /// with [`Disk::relock_overlay`]. While unlocked, any process can lock the overlay.
+    pub fn unlock_overlay(&self) {
+        self.state.unlock_overlay();
+    }
+
+    /// Takes back the locks [`Disk::unlock_overlay`] dropped. Fails with
+    /// [`ErrorKind::Locked`](crate::ErrorKind::Locked) when another opener holds the overlay
+    /// meanwhile: the disk must then not be written again (close it).
+    pub fn relock_overlay(&self) -> Result<()> {
+        self.state.relock_overlay()
+    }
+
     /// Closes this disk for every clone: new requests get `ESHUTDOWN`; then it waits until every
     /// request accepted before was answered, commits (so every acknowledged write is durable),
     /// and releases the overlay's locks. Closing again returns the first close's result. Not

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{DirtyBlocks, SparseBitmap};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::overlay::ofd_unlock;
+use crate::format::overlay::{ofd_lock, ofd_unlock};
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 
 use super::align::{dio_align, DioAlign};
@@ -446,6 +446,27 @@ impl DiskState {
         if let Some(b) = &self.base {
             b.unlock();
         }
+    }
+
+    /// Drops the exclusive locks on the metadata file and the raw image only (the base keeps
+    /// its shared lock): see [`crate::Disk::unlock_overlay`].
+    pub(crate) fn unlock_overlay(&self) {
+        ofd_unlock(&self.meta);
+        ofd_unlock(&self.image);
+    }
+
+    /// Takes the exclusive locks on the metadata file and the raw image again (a writable
+    /// disk; a read-only one holds none of its own): see [`crate::Disk::relock_overlay`].
+    pub(crate) fn relock_overlay(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        ofd_lock(&self.meta, true).map_err(|e| e.with_path(&self.meta_path))?;
+        if let Err(e) = ofd_lock(&self.image, true) {
+            ofd_unlock(&self.meta);
+            return Err(e.with_path(&self.meta_path));
+        }
+        Ok(())
     }
 
     /// An op that may have changed the raw image completed (successfully or not): a commit

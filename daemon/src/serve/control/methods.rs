@@ -339,11 +339,7 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
         ));
     }
     let read_only = a.read_only || a.writable == Some(false);
-    let opts = addcow_engine::DiskOptions {
-        read_only,
-        copy_on_read: a.copy_on_read.unwrap_or(host.copy_on_read),
-        extent_ahead: host.extent_ahead,
-    };
+    let opts = host.disk_options(read_only, a.copy_on_read);
     let export = match vhost_params(&a)? {
         None => host.add_export(&a.name, &a.overlay, opts, Origin::Control)?,
         Some(v) => host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v)?,
