@@ -71,6 +71,7 @@ cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
 
 step "tests"
 if command -v cargo-nextest >/dev/null; then
@@ -82,6 +83,9 @@ else
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
   cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults
 fi
+# A lifecycle tool acting on an overlay that a stopping server let go of just before the tool's
+# lock (the test acts as that server at that moment).
+cargo test -p addcow-engine --features lifecycle-hooks --no-fail-fast --test lifecycle_ops
 # The last partial O_DIRECT unit on a real 4096-byte-sector device: a loop device with ext4 on it,
 # which needs root and the loop driver.
 if [ "$(id -u)" -eq 0 ] && losetup -f >/dev/null 2>&1; then

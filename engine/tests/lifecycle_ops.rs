@@ -311,6 +311,102 @@ fn a_rebase_that_would_make_a_loop_is_refused_before_anything_is_written() {
     let _ = guest(&top);
 }
 
+/// A server that still has the overlay open when `commit` starts: commit is refused and changes
+/// nothing (the base, the bits and the raw image are as they were).
+#[test]
+fn commit_is_refused_while_the_overlay_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let files = |d: &Path| {
+        ["base.img", "disk.add-cow", "disk.raw"].map(|f| std::fs::read(d.join(f)).unwrap())
+    };
+    let before = files(d);
+    let served = Overlay::open(&meta, &OpenOptions::default()).unwrap();
+    let e = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Locked, "{e}");
+    assert!(files(d) == before, "a refused commit changed a file");
+    drop(served);
+}
+
+/// A server stopping while `commit` starts (`addcow serve` got SIGTERM, a script runs `addcow
+/// commit` at once): its last commit lands (data durable, then its bits) and it lets go of the
+/// overlay at the moment commit is about to lock it. Every sector of that last commit must
+/// reach the base, which holds only if commit reads the bitmap under its lock; read before it,
+/// those sectors had their bits cleared and their data punched without ever being copied.
+#[cfg(feature = "lifecycle-hooks")]
+#[test]
+fn commit_copies_what_a_stopping_server_committed_just_before_the_lock() {
+    use std::os::unix::fs::FileExt;
+
+    use addcow_engine::format::BITMAP_OFFSET;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    // The server's last commit: sectors it wrote that are not in the overlay yet.
+    let late: Vec<u64> = (100..160).filter(|&s| !set(s)).collect();
+    let mut want = guest(&meta);
+    for &s in &late {
+        want[(s * 512) as usize..((s + 1) * 512) as usize].fill(0xee);
+    }
+    let server = Overlay::open(&meta, &OpenOptions::default()).unwrap();
+    let last = late.clone();
+    let ops = Ops::new().before_lock(move || {
+        for &s in &last {
+            server.image.write_all_at(&[0xee; 512], s * 512).unwrap();
+        }
+        server.image.sync_data().unwrap();
+        for &s in &last {
+            let at = BITMAP_OFFSET + s / 8;
+            let mut b = [0u8; 1];
+            server.meta.read_exact_at(&mut b, at).unwrap();
+            b[0] |= 1 << (s % 8);
+            server.meta.write_all_at(&b, at).unwrap();
+        }
+        server.meta.sync_data().unwrap();
+        // It closes: its locks go.
+        drop(server);
+    });
+    let c = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &ops,
+    )
+    .unwrap();
+    let base = std::fs::read(d.join("base.img")).unwrap();
+    for &s in &late {
+        let r = (s * 512) as usize..((s + 1) * 512) as usize;
+        assert!(
+            base[r.clone()] == want[r],
+            "sector {s}: committed by the server just before the commit locked the overlay, \
+             but not copied into the base (it reads the old base now)"
+        );
+    }
+    assert!(
+        base == want,
+        "the base differs from what the overlay served"
+    );
+    assert_eq!(
+        c.bytes,
+        ((0..200).filter(|&s| set(s)).count() + late.len()) as u64 * 512
+    );
+    assert_eq!(open_ro(&meta).bitmap.count_set(), 0);
+    assert!(
+        guest(&meta) == want,
+        "the emptied overlay reads differently"
+    );
+}
+
 #[test]
 fn commit_into_a_smaller_add_cow_base_over_a_larger_base_is_refused() {
     let dir = tempfile::tempdir().unwrap();

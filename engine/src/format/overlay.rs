@@ -34,6 +34,9 @@ pub struct OpenOptions {
     /// Do not open the base chain at all (`base_path`, `base` and `base_size` are `None`): for
     /// `rebase -u`, which replaces a base that may have moved or vanished.
     pub skip_base: bool,
+    /// Lock the overlay's own files as usual but take no lock on its base chain: for `commit`,
+    /// which locks the base for writing itself (our own shared lock on it would conflict).
+    pub no_base_lock: bool,
 }
 
 /// An open, validated overlay: its three files, resolved paths, sizes and the loaded bitmap.
@@ -41,9 +44,12 @@ pub struct OpenOptions {
 /// Invariants: `virtual_size` is the raw image's size and a multiple of 512; the metadata file
 /// holds at least `HEADER_SIZE + bitmap_len(virtual_size)` bytes; the base (if any) is open
 /// read-only. Unless `no_lock`, a writable overlay holds exclusive OFD locks on its metadata file
-/// and its raw image (a read-only one shared locks), and a shared lock on its base in QEMU's
-/// lock-byte layout (so QEMU can read the same base, but nobody can write it). The locks live as
-/// long as the files.
+/// and its raw image (a read-only one shared locks), and (unless `no_base_lock`) a shared lock on
+/// its base in QEMU's lock-byte layout (so QEMU can read the same base, but nobody can write it).
+/// The locks live as long as the files. Both of the overlay's locks are taken before its header
+/// and bitmap are read: a writer changes them only while it holds its lock, so what is loaded is
+/// what the last writer left when it let go, and nobody changes it while we hold ours. (With
+/// `no_lock` the bitmap is a snapshot that may already be stale: only for inspection.)
 #[derive(Debug)]
 pub struct Overlay {
     /// The `.add-cow` file as given to `open`.
@@ -486,7 +492,7 @@ impl Overlay {
                 .map_err(|e| e.with_path(path).with_op("resolve backing_file"))?;
             let chain_opts = ChainOpenOptions {
                 direct: opts.direct_base,
-                no_lock: opts.no_lock,
+                no_lock: opts.no_lock || opts.no_base_lock,
             };
             let upper = [
                 (&meta, path, "overlay"),

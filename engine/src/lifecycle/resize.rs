@@ -52,6 +52,7 @@ pub fn resize(opts: &ResizeOptions, ops: &Ops) -> Result<Resized> {
             opts.size
         ))));
     }
+    ops.about_to_lock();
     let o = Overlay::open(&opts.overlay, &OpenOptions::default())?;
     let old_size = o.virtual_size;
     if opts.size < old_size && !opts.shrink {
