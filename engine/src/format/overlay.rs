@@ -651,7 +651,8 @@ pub fn default_image_path(overlay: &Path) -> PathBuf {
 ///   directory; absolute ones as given. Paths of 1024 bytes or more are refused.
 /// * An existing overlay is refused ([`ErrorKind::AlreadyExists`]) unless `force`; with `force`
 ///   an overlay locked by another process is still refused ([`ErrorKind::Locked`]).
-/// * The written files are fsynced, and so is the overlay's directory.
+/// * The written files are fsynced, and so is the folder of each file created (the overlay's,
+///   and a new raw image's when it is elsewhere, before the overlay is written).
 ///
 /// # Example
 ///
@@ -702,6 +703,40 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
 /// its data). If the allocation fails (ENOSPC; EOPNOTSUPP for falloc on a file system without
 /// `fallocate`), the new raw image is removed and nothing else was written.
 pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> {
+    create_files(opts, prealloc).map(|_synced_dirs| ())
+}
+
+/// The folder that holds `path` (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether the folders `a` and `b` are one (by device and inode; unknown counts as not).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
+/// fsyncs the folder `dir`, making the files created in it durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", e).with_path(dir))
+}
+
+/// [`create_with`]; returns the folders it fsynced, in order: the folder of every file it
+/// created, each once. A raw image created in another folder than the overlay's has its folder
+/// synced before the overlay is written (so a durable overlay never names a raw image whose
+/// directory entry could still be lost); the overlay's folder is synced last, and covers a raw
+/// image created next to it.
+fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<PathBuf>> {
+    let mut synced_dirs = Vec::new();
     let overlay = &opts.overlay;
     let image = opts
         .image
@@ -836,6 +871,15 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
                     f.sync_all()
                         .map_err(|e| Error::io("sync raw image", e).with_path(&image))
                 })
+                .and_then(|()| {
+                    // Its directory entry durable too, before an overlay names it.
+                    let dir = parent_dir(&image);
+                    if !same_dir(dir, parent_dir(overlay)) {
+                        sync_dir(dir)?;
+                        synced_dirs.push(dir.to_path_buf());
+                    }
+                    Ok(())
+                })
                 .inspect_err(|_| {
                     // Made here and unusable: leave nothing behind.
                     let _ = std::fs::remove_file(&image);
@@ -874,14 +918,10 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
         f.sync_all()
     };
     write(&mut f).map_err(|e| Error::io("write overlay", e).with_path(overlay))?;
-    let dir = match overlay.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", e).with_path(dir))?;
-    Ok(())
+    let dir = parent_dir(overlay);
+    sync_dir(dir)?;
+    synced_dirs.push(dir.to_path_buf());
+    Ok(synced_dirs)
 }
 
 #[cfg(test)]
@@ -895,6 +935,46 @@ mod tests {
             Path::new("/a/vm.raw")
         );
         assert_eq!(default_image_path(Path::new("vm")), Path::new("vm.raw"));
+    }
+
+    #[test]
+    fn create_syncs_the_folder_of_every_file_it_creates_once() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, images) = (t.path().join("vms"), t.path().join("images"));
+        std::fs::create_dir(&vms).unwrap();
+        std::fs::create_dir(&images).unwrap();
+        let opts = |overlay: &str, image: Option<PathBuf>| CreateOptions {
+            overlay: vms.join(overlay),
+            image,
+            size: Some(1 << 20),
+            ..CreateOptions::default()
+        };
+        // A raw image created in another folder: that folder first, then the overlay's.
+        let synced = create_files(
+            &opts("a.add-cow", Some(images.join("a.raw"))),
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, [images.clone(), vms.clone()]);
+        // Next to the overlay (spelled another way): one fsync covers both.
+        let synced = create_files(
+            &opts("b.add-cow", Some(t.path().join("images/../vms/b.raw"))),
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, [vms.clone()]);
+        let synced = create_files(&opts("c.add-cow", None), Preallocation::Off).unwrap();
+        assert_eq!(synced, [vms.clone()]);
+        // An existing raw image was not created: only the overlay's folder.
+        let synced = create_files(
+            &CreateOptions {
+                size: None,
+                ..opts("d.add-cow", Some(images.join("a.raw")))
+            },
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, [vms]);
     }
 
     #[test]
