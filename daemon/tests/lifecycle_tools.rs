@@ -221,6 +221,12 @@ fn resize_refuses_bad_input_with_clear_messages() {
     assert!(e.contains("unknown size suffix"), "{e}");
     let e = refused(root, &["resize", "disk.add-cow", "-2M"]);
     assert!(e.contains("cannot shrink"), "{e}");
+    // Over the format's size limit (64 TiB): refused before anything is touched.
+    let e = refused(root, &["resize", "disk.add-cow", "65T"]);
+    assert!(e.contains("disk.add-cow") && e.contains("64 TiB"), "{e}");
+    let e = refused(root, &["create", "--size", "65T", "huge.add-cow"]);
+    assert!(e.contains("huge.raw") && e.contains("64 TiB"), "{e}");
+    assert!(!fx.path("huge.add-cow").exists() && !fx.path("huge.raw").exists());
     let e = refused(root, &["resize", "missing.add-cow", "+1M"]);
     assert!(
         e.contains("missing.add-cow") && e.contains("not found"),

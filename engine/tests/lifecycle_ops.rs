@@ -237,6 +237,38 @@ fn resize_grow_clears_stray_bits_past_the_old_end() {
 }
 
 #[test]
+fn resize_over_the_size_limit_is_refused_and_changes_nothing() {
+    use addcow_engine::format::MAX_VIRTUAL_SIZE;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let read = || ["disk.add-cow", "disk.raw"].map(|f| std::fs::read(d.join(f)).unwrap());
+    let before = read();
+    for size in [u64::MAX / 512 * 512, MAX_VIRTUAL_SIZE + 512] {
+        let e = resize(
+            &ResizeOptions {
+                overlay: meta.clone(),
+                size,
+                shrink: false,
+            },
+            &Ops::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.kind(),
+            &ErrorKind::TooLarge {
+                size,
+                max: MAX_VIRTUAL_SIZE
+            }
+        );
+        assert!(e.to_string().contains("disk.add-cow"), "{e}");
+        assert!(read() == before, "a refused resize changed a file");
+    }
+}
+
+#[test]
 fn rebase_refuses_a_symlinked_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

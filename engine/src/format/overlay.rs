@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::{SparseBitmap, CHUNK_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::chain::{base_virtual_size, BaseChain, ChainOpenOptions};
-use crate::format::header::{bitmap_len, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE};
+use crate::format::header::{
+    bitmap_len, check_virtual_size, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE,
+};
 use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
 use crate::format::Header;
 
@@ -479,6 +481,8 @@ impl Overlay {
                     .with_op("open raw image"),
             );
         }
+        check_virtual_size(virtual_size)
+            .map_err(|e| e.with_path(&image_path).with_op("open raw image"))?;
 
         refuse_same(("overlay", &meta, path), ("raw image", &image, &image_path))?;
         if !opts.no_lock {
@@ -835,6 +839,7 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
                     .with_path(&image)
                     .with_op("create"));
             }
+            check_virtual_size(len).map_err(|e| e.with_path(&image).with_op("create"))?;
             len
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -848,6 +853,7 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
                     "size {size} is not a multiple of 512"
                 ))));
             }
+            check_virtual_size(size).map_err(|e| e.with_path(&image).with_op("create"))?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -18,7 +18,9 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
+use crate::format::{
+    bitmap_len, check_virtual_size, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE,
+};
 use crate::lifecycle::clear_bits_from;
 use crate::lifecycle::fileops::{OpFile, Ops};
 
@@ -44,7 +46,8 @@ pub struct Resized {
 
 /// Resizes the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
 ///
-/// Refused: a size that is not a multiple of 512, and a smaller size without `shrink`.
+/// Refused: a size that is not a multiple of 512, one over [`crate::format::MAX_VIRTUAL_SIZE`]
+/// ([`ErrorKind::TooLarge`]), and a smaller size without `shrink`. A refusal changes nothing.
 pub fn resize(opts: &ResizeOptions, ops: &Ops) -> Result<Resized> {
     if opts.size % SECTOR_SIZE != 0 {
         return Err(Error::new(ErrorKind::InvalidArgument(format!(
@@ -52,6 +55,7 @@ pub fn resize(opts: &ResizeOptions, ops: &Ops) -> Result<Resized> {
             opts.size
         ))));
     }
+    check_virtual_size(opts.size).map_err(|e| e.with_path(&opts.overlay).with_op("resize"))?;
     ops.about_to_lock();
     let o = Overlay::open(&opts.overlay, &OpenOptions::default())?;
     let old_size = o.virtual_size;
