@@ -968,9 +968,9 @@ mod tests {
             Preallocation::Off,
         )
         .unwrap();
-        assert_eq!(synced, [vms.clone()]);
+        assert_eq!(synced, std::slice::from_ref(&vms));
         let synced = create_files(&opts("c.add-cow", None), Preallocation::Off).unwrap();
-        assert_eq!(synced, [vms.clone()]);
+        assert_eq!(synced, std::slice::from_ref(&vms));
         // An existing raw image was not created: only the overlay's folder.
         let synced = create_files(
             &CreateOptions {
