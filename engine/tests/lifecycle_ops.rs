@@ -268,6 +268,46 @@ fn resize_over_the_size_limit_is_refused_and_changes_nothing() {
     }
 }
 
+/// `addcow resize --shrink OVERLAY -- -SIZE` while a server that grew the overlay
+/// (`export-resize`) is stopping: the relative size applies to the size under the lock.
+/// Applied to a size read before it, the shrink would cut into the grown disk's data.
+#[cfg(feature = "lifecycle-hooks")]
+#[test]
+fn a_relative_resize_applies_to_the_size_under_the_lock() {
+    use addcow_engine::lifecycle::resize_from;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let before = guest(&meta);
+    let m = meta.clone();
+    // The server grows the disk to 400 sectors, then lets go, just before the tool's lock.
+    let ops = Ops::new().before_lock(move || {
+        resize(
+            &ResizeOptions {
+                overlay: m,
+                size: 400 * 512,
+                shrink: false,
+            },
+            &Ops::new(),
+        )
+        .unwrap();
+    });
+    let r = resize_from(&meta, true, |old| Ok(old - 100 * 512), &ops).unwrap();
+    assert_eq!((r.old_size, r.new_size), (400 * 512, 300 * 512));
+    let g = guest(&meta);
+    assert_eq!(
+        g.len(),
+        300 * 512,
+        "shrunk from a size read before the lock"
+    );
+    assert!(
+        g[..before.len()] == before[..],
+        "the first 200 sectors changed"
+    );
+}
+
 #[test]
 fn rebase_refuses_a_symlinked_overlay() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ pub mod view;
 pub use commit::{commit, CommitOptions, Committed};
 pub use fileops::{FileOp, OpLog, Ops};
 pub use rebase::{rebase, RebaseOptions, Rebased};
-pub use resize::{resize, ResizeOptions, Resized};
+pub use resize::{resize, resize_from, ResizeOptions, Resized};
 pub use view::Layer;
 
 use crate::error::{Error, Result};
