@@ -71,6 +71,7 @@ cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
 
 step "tests"
 if command -v cargo-nextest >/dev/null; then
@@ -85,6 +86,9 @@ fi
 # The dirty-marks protocol once more on one CPU: there a setter is preempted between setting its
 # bits and marking them (the window a FLUSH must not slip through), not only run beside others.
 taskset -c 0 cargo test -p addcow-engine --no-fail-fast --test dirty_protocol
+# A lifecycle tool acting on an overlay that a stopping server let go of just before the tool's
+# lock (the test acts as that server at that moment).
+cargo test -p addcow-engine --features lifecycle-hooks --no-fail-fast --test lifecycle_ops
 # The last partial O_DIRECT unit on a real 4096-byte-sector device: a loop device with ext4 on it,
 # which needs root and the loop driver.
 if [ "$(id -u)" -eq 0 ] && losetup -f >/dev/null 2>&1; then

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use addcow_engine::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET};
-use nbd_support::{addcow_bin, assert_identical, qemu_io, run, Daemon, Fixture};
+use nbd_support::{addcow_bin, assert_identical, qemu_io, run, Daemon, Fixture, RawClient};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -221,6 +221,12 @@ fn resize_refuses_bad_input_with_clear_messages() {
     assert!(e.contains("unknown size suffix"), "{e}");
     let e = refused(root, &["resize", "disk.add-cow", "-2M"]);
     assert!(e.contains("cannot shrink"), "{e}");
+    // Over the format's size limit (64 TiB): refused before anything is touched.
+    let e = refused(root, &["resize", "disk.add-cow", "65T"]);
+    assert!(e.contains("disk.add-cow") && e.contains("64 TiB"), "{e}");
+    let e = refused(root, &["create", "--size", "65T", "huge.add-cow"]);
+    assert!(e.contains("huge.raw") && e.contains("64 TiB"), "{e}");
+    assert!(!fx.path("huge.add-cow").exists() && !fx.path("huge.raw").exists());
     let e = refused(root, &["resize", "missing.add-cow", "+1M"]);
     assert!(
         e.contains("missing.add-cow") && e.contains("not found"),
@@ -339,6 +345,95 @@ fn commit_is_refused_while_another_server_reads_the_base() {
 
     ok(root, &["commit", "disk.add-cow"]);
     assert_ne!(std::fs::read(fx.path("base.raw")).unwrap(), base_before);
+}
+
+/// The operator's script: `addcow serve --commit-interval 0`, 1 MiB written over NBD with no
+/// FLUSH (its bits only in the server's memory), SIGTERM and `addcow commit` at once. The
+/// server's shutdown commit races the tool: the tool must either be refused (the overlay or
+/// its base still locked by the stopping server; then it runs again once the server exited) or
+/// copy that 1 MiB. Either way the base ends up holding it. Before the tool read the bitmap
+/// under its lock, the 1 MiB was missing from the base in most cycles (its bits cleared and
+/// its data punched, never copied).
+#[test]
+fn commit_right_after_sigterm_keeps_the_servers_last_writes() {
+    use std::os::unix::fs::FileExt;
+
+    const CYCLES: u64 = 5;
+    // A large overlay whose bitmap is written (zeros) rather than preallocated, so reading it
+    // takes a while, as on a long-lived overlay: the window in which a read before the lock
+    // missed the server's last commit.
+    const SIZE: u64 = 128 << 30;
+    let fx = Fixture::new(MIB);
+    let root = fx.dir.path();
+    let base = fx.path("big-base.raw");
+    std::fs::File::create(&base).unwrap().set_len(SIZE).unwrap();
+    ok(root, &["create", "-b", "big-base.raw", "big.add-cow"]);
+    let ov = fx.path("big.add-cow");
+    let meta = std::fs::OpenOptions::new().write(true).open(&ov).unwrap();
+    let zeros = vec![0u8; MIB as usize];
+    let mut at = 0;
+    while at < bitmap_len(SIZE) {
+        let n = (bitmap_len(SIZE) - at).min(MIB) as usize;
+        meta.write_all_at(&zeros[..n], BITMAP_OFFSET + at).unwrap();
+        at += n as u64;
+    }
+    drop(meta);
+    let sock = fx.path("s.sock");
+    let mut refused_first = 0;
+    for cycle in 0..CYCLES {
+        let at = cycle * 2 * MIB + 4 * KIB;
+        let data = vec![0x30 + cycle as u8; MIB as usize];
+        let mut d = Daemon::start(&sock, &["--commit-interval", "0", ov.to_str().unwrap()]);
+        let mut c = RawClient::connect(&sock, "").unwrap();
+        assert_eq!(
+            c.write(at, &data, false).unwrap(),
+            0,
+            "cycle {cycle}: write"
+        );
+        d.signal(nix::sys::signal::Signal::SIGTERM);
+        let first = addcow(root, &["commit", "big.add-cow"]);
+        if !first.status.success() {
+            let e = String::from_utf8_lossy(&first.stderr);
+            assert!(
+                first.status.code() == Some(1) && (e.contains("locked") || e.contains("in use")),
+                "cycle {cycle}: commit failed other than on a lock: {}",
+                text(&first)
+            );
+            refused_first += 1;
+        }
+        drop(c);
+        let st = d.wait_exit();
+        assert!(
+            st.success(),
+            "cycle {cycle}: addcow serve exit {st}:\n{}",
+            d.log()
+        );
+        if !first.status.success() {
+            ok(root, &["commit", "big.add-cow"]);
+        }
+        let mut got = vec![0u8; MIB as usize];
+        std::fs::File::open(&base)
+            .unwrap()
+            .read_exact_at(&mut got, at)
+            .unwrap();
+        assert!(
+            got == data,
+            "cycle {cycle}: the 1 MiB written before SIGTERM at {at} is not in the base \
+             (commit {})",
+            if first.status.success() {
+                "ran at once"
+            } else {
+                "refused, then ran"
+            },
+        );
+        let o = open_ro(&ov);
+        assert_eq!(
+            o.bitmap.count_set(),
+            0,
+            "cycle {cycle}: overlay not emptied"
+        );
+    }
+    eprintln!("commit refused while the server stopped in {refused_first} of {CYCLES} cycles");
 }
 
 #[test]

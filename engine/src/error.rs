@@ -40,6 +40,12 @@ pub enum ErrorKind {
     /// The raw image size is not a multiple of 512.
     #[error("raw image size {size} is not a multiple of 512")]
     UnalignedImageSize { size: u64 },
+    /// A virtual size over [`crate::format::MAX_VIRTUAL_SIZE`] (asked for by create or
+    /// resize, or the size of a raw image being opened).
+    #[error(
+        "virtual size {size} bytes is over the largest an overlay may have, {max} bytes (64 TiB)"
+    )]
+    TooLarge { size: u64, max: u64 },
     /// The bitmap is shorter than the virtual size needs.
     #[error("bitmap truncated: need {need} bytes, file has {have}")]
     BitmapTruncated { need: u64, have: u64 },

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use addcow_engine::format::{
-    create, map_runs, CreateOptions, Header, OpenOptions, Overlay, BITMAP_OFFSET,
+    create, map_runs, CreateOptions, Header, OpenOptions, Overlay, BITMAP_OFFSET, MAX_VIRTUAL_SIZE,
 };
 use addcow_engine::ErrorKind;
 
@@ -266,4 +266,123 @@ fn create_refuses_to_overwrite_the_base() {
     .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::SameFile { .. }), "{e}");
     assert_eq!(std::fs::read(&base).unwrap(), vec![9u8; 8192]);
+}
+
+/// Every file under `dir` with its bytes, to see that a refusal changed nothing.
+fn files(dir: &std::path::Path) -> Vec<(PathBuf, u64, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let len = std::fs::metadata(&p).unwrap().len();
+            // Huge sparse files: their length and first bytes.
+            let mut head = vec![0u8; len.min(1 << 16) as usize];
+            std::fs::File::open(&p)
+                .unwrap()
+                .read_exact_at(&mut head, 0)
+                .unwrap();
+            (p, len, head)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn create_refuses_a_size_over_the_limit_and_writes_nothing() {
+    let (_t, root) = setup();
+    let opts = CreateOptions {
+        overlay: root.join("vm.add-cow"),
+        size: Some(MAX_VIRTUAL_SIZE + 512),
+        ..CreateOptions::default()
+    };
+    let e = create(&opts).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::TooLarge {
+            size: MAX_VIRTUAL_SIZE + 512,
+            max: MAX_VIRTUAL_SIZE
+        }
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("vm.raw") && msg.contains("64 TiB"), "{msg}");
+    assert!(
+        files(&root).is_empty(),
+        "a refused create left files behind"
+    );
+    // u64::MAX (rounded to sectors) too: no allocation is attempted.
+    let e = create(&CreateOptions {
+        size: Some(u64::MAX / 512 * 512),
+        ..opts
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::TooLarge { .. }), "{e}");
+    assert!(files(&root).is_empty());
+}
+
+/// A raw image over the limit (a sparse file on tmpfs: ext4 holds at most 16 TiB): `create`
+/// refuses it as an existing raw image, and opening an overlay whose raw image (or whose add-cow
+/// base's raw image) grew past it is refused before its bitmap is allocated.
+#[test]
+fn raw_images_over_the_limit_are_refused_by_create_and_open() {
+    let Ok(t) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("SKIPPED: no /dev/shm to hold a sparse file over 64 TiB");
+        return;
+    };
+    let root = t.path();
+    let big = root.join("big.raw");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_VIRTUAL_SIZE + 512)
+        .unwrap();
+    let before = files(root);
+    let e = create(&CreateOptions {
+        overlay: root.join("vm.add-cow"),
+        image: Some(big.clone()),
+        ..CreateOptions::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::TooLarge { .. }), "{e}");
+    assert!(e.to_string().contains("big.raw"), "{e}");
+    assert_eq!(files(root), before, "a refused create changed a file");
+
+    // An overlay made at 1 MiB whose raw image then grew past the limit.
+    let top = root.join("top.add-cow");
+    create(&CreateOptions {
+        overlay: top.clone(),
+        size: Some(1 << 20),
+        ..CreateOptions::default()
+    })
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("top.raw"))
+        .unwrap()
+        .set_len(MAX_VIRTUAL_SIZE + 512)
+        .unwrap();
+    let e = Overlay::open(&top, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::TooLarge { .. }), "{e}");
+    assert!(e.to_string().contains("top.raw"), "{e}");
+    // The same overlay as the add-cow base of another one: the chain refuses that layer.
+    let upper = root.join("upper.add-cow");
+    create(&CreateOptions {
+        overlay: upper.clone(),
+        base: Some(top.clone()),
+        size: Some(1 << 20),
+        ..CreateOptions::default()
+    })
+    .unwrap();
+    let e = Overlay::open(&upper, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::TooLarge { .. }), "{e}");
+    assert!(e.to_string().contains("top.raw"), "{e}");
+    // A raw base has no bitmap: any size is fine under a small overlay.
+    let over_raw = root.join("over-raw.add-cow");
+    create(&CreateOptions {
+        overlay: over_raw.clone(),
+        base: Some(big.clone()),
+        size: Some(1 << 20),
+        ..CreateOptions::default()
+    })
+    .unwrap();
+    Overlay::open(&over_raw, &OpenOptions::default()).unwrap();
 }

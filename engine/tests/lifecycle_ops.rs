@@ -237,6 +237,78 @@ fn resize_grow_clears_stray_bits_past_the_old_end() {
 }
 
 #[test]
+fn resize_over_the_size_limit_is_refused_and_changes_nothing() {
+    use addcow_engine::format::MAX_VIRTUAL_SIZE;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let read = || ["disk.add-cow", "disk.raw"].map(|f| std::fs::read(d.join(f)).unwrap());
+    let before = read();
+    for size in [u64::MAX / 512 * 512, MAX_VIRTUAL_SIZE + 512] {
+        let e = resize(
+            &ResizeOptions {
+                overlay: meta.clone(),
+                size,
+                shrink: false,
+            },
+            &Ops::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.kind(),
+            &ErrorKind::TooLarge {
+                size,
+                max: MAX_VIRTUAL_SIZE
+            }
+        );
+        assert!(e.to_string().contains("disk.add-cow"), "{e}");
+        assert!(read() == before, "a refused resize changed a file");
+    }
+}
+
+/// `addcow resize --shrink OVERLAY -- -SIZE` while a server that grew the overlay
+/// (`export-resize`) is stopping: the relative size applies to the size under the lock.
+/// Applied to a size read before it, the shrink would cut into the grown disk's data.
+#[cfg(feature = "lifecycle-hooks")]
+#[test]
+fn a_relative_resize_applies_to_the_size_under_the_lock() {
+    use addcow_engine::lifecycle::resize_from;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let before = guest(&meta);
+    let m = meta.clone();
+    // The server grows the disk to 400 sectors, then lets go, just before the tool's lock.
+    let ops = Ops::new().before_lock(move || {
+        resize(
+            &ResizeOptions {
+                overlay: m,
+                size: 400 * 512,
+                shrink: false,
+            },
+            &Ops::new(),
+        )
+        .unwrap();
+    });
+    let r = resize_from(&meta, true, |old| Ok(old - 100 * 512), &ops).unwrap();
+    assert_eq!((r.old_size, r.new_size), (400 * 512, 300 * 512));
+    let g = guest(&meta);
+    assert_eq!(
+        g.len(),
+        300 * 512,
+        "shrunk from a size read before the lock"
+    );
+    assert!(
+        g[..before.len()] == before[..],
+        "the first 200 sectors changed"
+    );
+}
+
+#[test]
 fn rebase_refuses_a_symlinked_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -309,6 +381,102 @@ fn a_rebase_that_would_make_a_loop_is_refused_before_anything_is_written() {
     }
     // Still opens and reads.
     let _ = guest(&top);
+}
+
+/// A server that still has the overlay open when `commit` starts: commit is refused and changes
+/// nothing (the base, the bits and the raw image are as they were).
+#[test]
+fn commit_is_refused_while_the_overlay_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    let files = |d: &Path| {
+        ["base.img", "disk.add-cow", "disk.raw"].map(|f| std::fs::read(d.join(f)).unwrap())
+    };
+    let before = files(d);
+    let served = Overlay::open(&meta, &OpenOptions::default()).unwrap();
+    let e = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &Ops::new(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Locked, "{e}");
+    assert!(files(d) == before, "a refused commit changed a file");
+    drop(served);
+}
+
+/// A server stopping while `commit` starts (`addcow serve` got SIGTERM, a script runs `addcow
+/// commit` at once): its last commit lands (data durable, then its bits) and it lets go of the
+/// overlay at the moment commit is about to lock it. Every sector of that last commit must
+/// reach the base, which holds only if commit reads the bitmap under its lock; read before it,
+/// those sectors had their bits cleared and their data punched without ever being copied.
+#[cfg(feature = "lifecycle-hooks")]
+#[test]
+fn commit_copies_what_a_stopping_server_committed_just_before_the_lock() {
+    use std::os::unix::fs::FileExt;
+
+    use addcow_engine::format::BITMAP_OFFSET;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_base(d, "base.img", 200 * 512, 0);
+    let meta = overlay(d, Some("base.img"), 200, set);
+    // The server's last commit: sectors it wrote that are not in the overlay yet.
+    let late: Vec<u64> = (100..160).filter(|&s| !set(s)).collect();
+    let mut want = guest(&meta);
+    for &s in &late {
+        want[(s * 512) as usize..((s + 1) * 512) as usize].fill(0xee);
+    }
+    let server = Overlay::open(&meta, &OpenOptions::default()).unwrap();
+    let last = late.clone();
+    let ops = Ops::new().before_lock(move || {
+        for &s in &last {
+            server.image.write_all_at(&[0xee; 512], s * 512).unwrap();
+        }
+        server.image.sync_data().unwrap();
+        for &s in &last {
+            let at = BITMAP_OFFSET + s / 8;
+            let mut b = [0u8; 1];
+            server.meta.read_exact_at(&mut b, at).unwrap();
+            b[0] |= 1 << (s % 8);
+            server.meta.write_all_at(&b, at).unwrap();
+        }
+        server.meta.sync_data().unwrap();
+        // It closes: its locks go.
+        drop(server);
+    });
+    let c = commit(
+        &CommitOptions {
+            overlay: meta.clone(),
+        },
+        &ops,
+    )
+    .unwrap();
+    let base = std::fs::read(d.join("base.img")).unwrap();
+    for &s in &late {
+        let r = (s * 512) as usize..((s + 1) * 512) as usize;
+        assert!(
+            base[r.clone()] == want[r],
+            "sector {s}: committed by the server just before the commit locked the overlay, \
+             but not copied into the base (it reads the old base now)"
+        );
+    }
+    assert!(
+        base == want,
+        "the base differs from what the overlay served"
+    );
+    assert_eq!(
+        c.bytes,
+        ((0..200).filter(|&s| set(s)).count() + late.len()) as u64 * 512
+    );
+    assert_eq!(open_ro(&meta).bitmap.count_set(), 0);
+    assert!(
+        guest(&meta) == want,
+        "the emptied overlay reads differently"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! takes its locks back and keeps serving at its old size (it writes nothing past its old end,
 //! and its header only as it was, which a grow leaves alone, so grown files are safe under it). The overlay is unlocked twice meanwhile (the
 //! grow and the reopen each take their own lock): see `docs/LIFECYCLE.md` for what a racing
-//! process can do. Sizes above [`MAX_EXPORT_SIZE`] are refused.
+//! process can do. Sizes above the engine's `MAX_VIRTUAL_SIZE` are refused.
 //!
 //! NBD has no way to tell a connected client that the size changed: connected clients keep the
 //! size they negotiated and see the new one when they reconnect. Shrinking a disk under a
@@ -21,16 +21,13 @@
 
 use std::path::PathBuf;
 
+use addcow_engine::format::MAX_VIRTUAL_SIZE;
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
 use serde::Serialize;
 
 use super::control::rpc::RpcError;
 use super::export::{EngineDisk, Generation};
 
-/// The largest size an export can be resized to: 2^53 bytes (8 PiB). The engine keeps a disk's
-/// bitmap (one bit per 512-byte sector) in memory, up to 2 TiB of it at this size; far larger
-/// sizes (qcow2 allows 2^61) could not be allocated and would abort the daemon.
-pub const MAX_EXPORT_SIZE: u64 = 1 << 53;
 use super::host::{Host, HostError};
 
 /// What `export-resize` did.
@@ -131,9 +128,10 @@ fn grow(
         let e = format!("new size {size} is not a multiple of 512");
         return (None, Err(refused("invalid-size", e)));
     }
-    if size > MAX_EXPORT_SIZE {
+    if size > MAX_VIRTUAL_SIZE {
         let e = format!(
-            "new size {size} is too large: an export can be at most {MAX_EXPORT_SIZE} bytes              (8 PiB)"
+            "new size {size} is too large: an export can be at most {MAX_VIRTUAL_SIZE} bytes \
+             (64 TiB)"
         );
         return (None, Err(refused("invalid-size", e)));
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
+use addcow_engine::lifecycle::{resize_from, Ops};
 
 use super::{fail, human_size, parse_size};
 
@@ -68,20 +68,14 @@ pub struct ResizeArgs {
 
 /// Runs `addcow resize`.
 pub fn run(args: ResizeArgs) -> ExitCode {
-    let old = match super::inspect(&args.overlay) {
-        Ok(o) => o.virtual_size,
-        Err(e) => return fail("resize", e),
+    // A relative size applies to the size read under the resize's lock, not to one read before
+    // it (a server may grow the overlay and stop in between).
+    let new_size = |old: u64| {
+        args.size
+            .apply(old)
+            .map_err(|e| addcow_engine::Error::new(addcow_engine::ErrorKind::InvalidArgument(e)))
     };
-    let size = match args.size.apply(old) {
-        Ok(s) => s,
-        Err(e) => return fail("resize", e),
-    };
-    let opts = ResizeOptions {
-        overlay: args.overlay.clone(),
-        size,
-        shrink: args.shrink,
-    };
-    match resize(&opts, &Ops::new()) {
+    match resize_from(&args.overlay, args.shrink, new_size, &Ops::new()) {
         Ok(r) => {
             println!(
                 "Resized {}: {} ({} bytes) -> {} ({} bytes)",

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bitmap::SparseBitmap;
 use crate::error::{BackingLoop, Error, ErrorKind, Result};
-use crate::format::header::{bitmap_len, HEADER_SIZE, MAGIC, SECTOR_SIZE};
+use crate::format::header::{bitmap_len, check_virtual_size, HEADER_SIZE, MAGIC, SECTOR_SIZE};
 use crate::format::overlay::{file_len, load_bitmap, share_lock_base};
 use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
@@ -316,6 +316,8 @@ fn open_add_cow_layer(
             .with_path(&data_path)
             .with_op("open base's raw image"));
     }
+    check_virtual_size(size)
+        .map_err(|e| e.with_path(&data_path).with_op("open base's raw image"))?;
     let need = bitmap_len(size);
     let have = meta_len - HEADER_SIZE as u64;
     if have < need {

@@ -29,6 +29,30 @@ pub const IMAGE_FILE_OFFSET: usize = BACKING_FILE_OFFSET + PATH_FIELD_LEN;
 /// Byte offset of the reserved bytes (up to [`HEADER_SIZE`]).
 pub const RESERVED_OFFSET: usize = IMAGE_FILE_OFFSET + PATH_FIELD_LEN;
 
+/// The largest virtual size (raw image size) an overlay may have: 64 TiB (2^46 bytes).
+///
+/// Why this value: it is the largest block device the clouds offer (EBS io2 Block Express,
+/// Persistent Disk) and VHDX's limit, four times ext4's largest file, and it keeps what a size
+/// costs bounded: opening an overlay allocates the bitmap's directory, one pointer per 16 MiB
+/// of disk (32 MiB of memory at this size), and `create` and `resize` allocate the on-disk
+/// bitmap (16 GiB at this size). Without a limit a size near 2^63 asked for terabytes of
+/// directory, and a failed allocation aborts the process (a daemon serving every other disk).
+/// Checked by `create`, `resize` (offline and the daemon's `export-resize`) and when an
+/// overlay, or an add-cow layer of a backing chain, is opened ([`check_virtual_size`]).
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 46;
+
+/// Refuses a virtual size over [`MAX_VIRTUAL_SIZE`] with [`ErrorKind::TooLarge`] (callers add
+/// the path and the operation).
+pub fn check_virtual_size(size: u64) -> Result<()> {
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Error::new(ErrorKind::TooLarge {
+            size,
+            max: MAX_VIRTUAL_SIZE,
+        }));
+    }
+    Ok(())
+}
+
 /// Bytes of bitmap needed for `virtual_size` bytes: `ceil(virtual_size / 512 / 8)`.
 pub fn bitmap_len(virtual_size: u64) -> u64 {
     (virtual_size / SECTOR_SIZE).div_ceil(8)

@@ -20,7 +20,8 @@ pub mod paths;
 pub use chain::{BaseChain, Layer, LayerFormat, MAX_CHAIN_DEPTH};
 pub use check::{check, CheckReport, Finding, Severity};
 pub use header::{
-    bitmap_len, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, PATH_FIELD_LEN, SECTOR_SIZE, VERSION,
+    bitmap_len, check_virtual_size, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, MAX_VIRTUAL_SIZE,
+    PATH_FIELD_LEN, SECTOR_SIZE, VERSION,
 };
 pub use map::{map_runs, MapRun};
 pub use overlay::{create, create_with, CreateOptions, OpenOptions, Overlay, Preallocation};

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::{SparseBitmap, CHUNK_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::chain::{base_virtual_size, BaseChain, ChainOpenOptions};
-use crate::format::header::{bitmap_len, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE};
+use crate::format::header::{
+    bitmap_len, check_virtual_size, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE,
+};
 use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
 use crate::format::Header;
 
@@ -34,6 +36,9 @@ pub struct OpenOptions {
     /// Do not open the base chain at all (`base_path`, `base` and `base_size` are `None`): for
     /// `rebase -u`, which replaces a base that may have moved or vanished.
     pub skip_base: bool,
+    /// Lock the overlay's own files as usual but take no lock on its base chain: for `commit`,
+    /// which locks the base for writing itself (our own shared lock on it would conflict).
+    pub no_base_lock: bool,
 }
 
 /// An open, validated overlay: its three files, resolved paths, sizes and the loaded bitmap.
@@ -41,9 +46,12 @@ pub struct OpenOptions {
 /// Invariants: `virtual_size` is the raw image's size and a multiple of 512; the metadata file
 /// holds at least `HEADER_SIZE + bitmap_len(virtual_size)` bytes; the base (if any) is open
 /// read-only. Unless `no_lock`, a writable overlay holds exclusive OFD locks on its metadata file
-/// and its raw image (a read-only one shared locks), and a shared lock on its base in QEMU's
-/// lock-byte layout (so QEMU can read the same base, but nobody can write it). The locks live as
-/// long as the files.
+/// and its raw image (a read-only one shared locks), and (unless `no_base_lock`) a shared lock on
+/// its base in QEMU's lock-byte layout (so QEMU can read the same base, but nobody can write it).
+/// The locks live as long as the files. Both of the overlay's locks are taken before its header
+/// and bitmap are read: a writer changes them only while it holds its lock, so what is loaded is
+/// what the last writer left when it let go, and nobody changes it while we hold ours. (With
+/// `no_lock` the bitmap is a snapshot that may already be stale: only for inspection.)
 #[derive(Debug)]
 pub struct Overlay {
     /// The `.add-cow` file as given to `open`.
@@ -473,6 +481,8 @@ impl Overlay {
                     .with_op("open raw image"),
             );
         }
+        check_virtual_size(virtual_size)
+            .map_err(|e| e.with_path(&image_path).with_op("open raw image"))?;
 
         refuse_same(("overlay", &meta, path), ("raw image", &image, &image_path))?;
         if !opts.no_lock {
@@ -486,7 +496,7 @@ impl Overlay {
                 .map_err(|e| e.with_path(path).with_op("resolve backing_file"))?;
             let chain_opts = ChainOpenOptions {
                 direct: opts.direct_base,
-                no_lock: opts.no_lock,
+                no_lock: opts.no_lock || opts.no_base_lock,
             };
             let upper = [
                 (&meta, path, "overlay"),
@@ -645,7 +655,8 @@ pub fn default_image_path(overlay: &Path) -> PathBuf {
 ///   directory; absolute ones as given. Paths of 1024 bytes or more are refused.
 /// * An existing overlay is refused ([`ErrorKind::AlreadyExists`]) unless `force`; with `force`
 ///   an overlay locked by another process is still refused ([`ErrorKind::Locked`]).
-/// * The written files are fsynced, and so is the overlay's directory.
+/// * The written files are fsynced, and so is the folder of each file created (the overlay's,
+///   and a new raw image's when it is elsewhere, before the overlay is written).
 ///
 /// # Example
 ///
@@ -696,6 +707,40 @@ pub fn create(opts: &CreateOptions) -> Result<()> {
 /// its data). If the allocation fails (ENOSPC; EOPNOTSUPP for falloc on a file system without
 /// `fallocate`), the new raw image is removed and nothing else was written.
 pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> {
+    create_files(opts, prealloc).map(|_synced_dirs| ())
+}
+
+/// The folder that holds `path` (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether the folders `a` and `b` are one (by device and inode; unknown counts as not).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
+/// fsyncs the folder `dir`, making the files created in it durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", e).with_path(dir))
+}
+
+/// [`create_with`]; returns the folders it fsynced, in order: the folder of every file it
+/// created, each once. A raw image created in another folder than the overlay's has its folder
+/// synced before the overlay is written (so a durable overlay never names a raw image whose
+/// directory entry could still be lost); the overlay's folder is synced last, and covers a raw
+/// image created next to it.
+fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<PathBuf>> {
+    let mut synced_dirs = Vec::new();
     let overlay = &opts.overlay;
     let image = opts
         .image
@@ -794,6 +839,7 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
                     .with_path(&image)
                     .with_op("create"));
             }
+            check_virtual_size(len).map_err(|e| e.with_path(&image).with_op("create"))?;
             len
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -807,6 +853,7 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
                     "size {size} is not a multiple of 512"
                 ))));
             }
+            check_virtual_size(size).map_err(|e| e.with_path(&image).with_op("create"))?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -829,6 +876,15 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
                 .and_then(|()| {
                     f.sync_all()
                         .map_err(|e| Error::io("sync raw image", e).with_path(&image))
+                })
+                .and_then(|()| {
+                    // Its directory entry durable too, before an overlay names it.
+                    let dir = parent_dir(&image);
+                    if !same_dir(dir, parent_dir(overlay)) {
+                        sync_dir(dir)?;
+                        synced_dirs.push(dir.to_path_buf());
+                    }
+                    Ok(())
                 })
                 .inspect_err(|_| {
                     // Made here and unusable: leave nothing behind.
@@ -868,14 +924,10 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
         f.sync_all()
     };
     write(&mut f).map_err(|e| Error::io("write overlay", e).with_path(overlay))?;
-    let dir = match overlay.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", e).with_path(dir))?;
-    Ok(())
+    let dir = parent_dir(overlay);
+    sync_dir(dir)?;
+    synced_dirs.push(dir.to_path_buf());
+    Ok(synced_dirs)
 }
 
 #[cfg(test)]
@@ -889,6 +941,46 @@ mod tests {
             Path::new("/a/vm.raw")
         );
         assert_eq!(default_image_path(Path::new("vm")), Path::new("vm.raw"));
+    }
+
+    #[test]
+    fn create_syncs_the_folder_of_every_file_it_creates_once() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, images) = (t.path().join("vms"), t.path().join("images"));
+        std::fs::create_dir(&vms).unwrap();
+        std::fs::create_dir(&images).unwrap();
+        let opts = |overlay: &str, image: Option<PathBuf>| CreateOptions {
+            overlay: vms.join(overlay),
+            image,
+            size: Some(1 << 20),
+            ..CreateOptions::default()
+        };
+        // A raw image created in another folder: that folder first, then the overlay's.
+        let synced = create_files(
+            &opts("a.add-cow", Some(images.join("a.raw"))),
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, [images.clone(), vms.clone()]);
+        // Next to the overlay (spelled another way): one fsync covers both.
+        let synced = create_files(
+            &opts("b.add-cow", Some(t.path().join("images/../vms/b.raw"))),
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, std::slice::from_ref(&vms));
+        let synced = create_files(&opts("c.add-cow", None), Preallocation::Off).unwrap();
+        assert_eq!(synced, std::slice::from_ref(&vms));
+        // An existing raw image was not created: only the overlay's folder.
+        let synced = create_files(
+            &CreateOptions {
+                size: None,
+                ..opts("d.add-cow", Some(images.join("a.raw")))
+            },
+            Preallocation::Off,
+        )
+        .unwrap();
+        assert_eq!(synced, [vms]);
     }
 
     #[test]

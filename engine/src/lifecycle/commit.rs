@@ -1,5 +1,11 @@
 //! `commit`: write every sector the overlay holds into its base, then empty the overlay.
 //!
+//! The overlay is locked for writing before its header and bitmap are read, and stays locked to
+//! the end: the bits copied are exactly the bits on disk, and the bits cleared and the sectors
+//! punched in (5) and (6) are exactly the ones copied. (Read before the lock, a server that
+//! was still stopping could commit more bits after the read; clearing every bit and punching
+//! the whole raw image then dropped sectors that were never copied.)
+//!
 //! Order: (1) lock the base for writing (a whole-file exclusive OFD lock on a raw base; an
 //! add-cow base is opened for writing, which locks it the same way): serving share-locks its
 //! base, so a base that any running server or QEMU reads is refused, never changed under it;
@@ -7,8 +13,8 @@
 //! base is extended with zeros, an add-cow base is resized with clear bits); (3) copy every set
 //! sector into the base at the same offset (an add-cow base: into its raw image, setting its
 //! bits afterwards, data durable before bits as serving does); (4) fdatasync the base;
-//! (5) clear the overlay's bits; fdatasync its `.add-cow`; (6) punch the overlay's raw image
-//! where the bits were set; fdatasync it.
+//! (5) clear the overlay's bits of the copied sectors; fdatasync its `.add-cow`; (6) punch the
+//! overlay's raw image under the copied sectors; fdatasync it.
 //!
 //! Until (5) is durable the overlay still reads its own copy of every set sector, and the base
 //! changed only under set sectors (and past its old end, which read as zeros and still does),
@@ -25,7 +31,7 @@ use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE
 use crate::lifecycle::fileops::{OpFile, Ops};
 use crate::lifecycle::resize::grow;
 use crate::lifecycle::view::is_add_cow;
-use crate::lifecycle::{clear_bits_from, WINDOW};
+use crate::lifecycle::{clear_runs, WINDOW};
 
 /// Bytes copied at a time.
 const COPY_CHUNK: u64 = 1 << 20;
@@ -71,16 +77,19 @@ fn base_locked(e: Error, path: &Path) -> Error {
 /// Commits the overlay at `opts.overlay` into its base. Refused: an overlay without a base, an
 /// overlay or base held by another process ([`ErrorKind::Locked`]).
 pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
-    // The overlay's own base lock (shared) would conflict with ours (exclusive): lock by hand.
+    // Locked before its header and bitmap are read (`Overlay::open` locks first), so the bits
+    // loaded are every bit on disk and nobody sets another until we let go: a server that was
+    // still stopping when we started either let go before (its last commit's bits are loaded
+    // and copied) or still holds the overlay (`Locked`, nothing changed). Its base is not
+    // share-locked: we lock it for writing below.
+    ops.about_to_lock();
     let top = Overlay::open(
         &opts.overlay,
         &OpenOptions {
-            no_lock: true,
+            no_base_lock: true,
             ..OpenOptions::default()
         },
     )?;
-    ofd_lock(&top.meta, true).map_err(|e| e.with_path(&top.meta_path))?;
-    ofd_lock(&top.image, true).map_err(|e| e.with_path(&top.image_path))?;
     let Some(base_path) = top.base_path.clone() else {
         return Err(Error::new(ErrorKind::InvalidArgument(format!(
             "{} has no base: there is nothing to commit into",
@@ -179,7 +188,7 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
     {
         // Deliberately broken for the crash checker: the overlay forgets its sectors before the
         // base's copy of them is durable.
-        clear_bits_from(&top_meta, 0, bitmap_len(size))?;
+        clear_runs(&top_meta, &runs, bitmap_len(size))?;
         top_meta.sync("fdatasync overlay bitmap")?;
     }
 
@@ -197,15 +206,18 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
         }
     }
 
-    // (5) empty the overlay's bitmap, (6) free its raw image.
+    // (5) clear the bits of what was copied, (6) free those sectors of the raw image. Only what
+    // was copied: a bit this commit did not copy (there is none while we hold the lock) keeps
+    // its bit and its data.
     #[cfg(not(feature = "unsafe-lifecycle-order"))]
     {
-        clear_bits_from(&top_meta, 0, bitmap_len(size))?;
+        clear_runs(&top_meta, &runs, bitmap_len(size))?;
         top_meta.sync("fdatasync overlay bitmap")?;
     }
-    // Every bit is clear now: no byte of the raw image is referenced, free all of it.
+    for &(first, count) in &runs {
+        top_image.punch(first * SECTOR_SIZE, count * SECTOR_SIZE)?;
+    }
     if !runs.is_empty() {
-        top_image.punch(0, size)?;
         top_image.sync("fdatasync raw image")?;
     }
     Ok(Committed {

@@ -72,12 +72,28 @@ impl OpLog {
 }
 
 /// Issues (and, when recording, logs) the lifecycle tools' file operations.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Ops {
     log: Option<Arc<OpLog>>,
     /// Test-only: the index of the file change (write, set_len, allocate, punch, sync) that
     /// fails with an injected ENOSPC instead of being issued, and the count of changes so far.
     fail: Option<Arc<(usize, AtomicU64)>>,
+    /// Test-only: run once just before the tool locks its overlay (see [`Ops::before_lock`]).
+    #[cfg(feature = "lifecycle-hooks")]
+    before_lock: Option<Arc<BeforeLock>>,
+}
+
+/// A closure run once, at the moment a tool is about to lock its overlay.
+#[cfg(feature = "lifecycle-hooks")]
+type BeforeLock = Mutex<Option<Box<dyn FnOnce() + Send>>>;
+
+impl std::fmt::Debug for Ops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ops")
+            .field("recording", &self.log.is_some())
+            .field("fail", &self.fail.as_ref().map(|f| f.0))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ops {
@@ -86,12 +102,36 @@ impl Ops {
         Ops::default()
     }
 
+    /// These operations, with `f` run once at the moment the tool is about to lock the overlay
+    /// it changes (test-only feature `lifecycle-hooks`): before that lock, another process (a
+    /// server stopping) may still hold it and change the overlay, and a test acts as that
+    /// process here, at exactly that point.
+    #[cfg(feature = "lifecycle-hooks")]
+    pub fn before_lock(mut self, f: impl FnOnce() + Send + 'static) -> Ops {
+        self.before_lock = Some(Arc::new(Mutex::new(Some(Box::new(f)))));
+        self
+    }
+
+    /// Called by a tool just before it locks the overlay (a no-op outside tests): runs the
+    /// closure given to [`Ops::before_lock`], once.
+    pub(crate) fn about_to_lock(&self) {
+        #[cfg(feature = "lifecycle-hooks")]
+        if let Some(hook) = &self.before_lock {
+            let f = hook.lock().ok().and_then(|mut f| f.take());
+            if let Some(f) = f {
+                f();
+            }
+        }
+    }
+
     /// Operations that are issued and logged into `log` (test-only feature `crash-recorder`).
     #[cfg(feature = "crash-recorder")]
     pub fn recording(log: Arc<OpLog>) -> Ops {
         Ops {
             log: Some(log),
             fail: None,
+            #[cfg(feature = "lifecycle-hooks")]
+            before_lock: None,
         }
     }
 
@@ -104,6 +144,8 @@ impl Ops {
         Ops {
             log: Some(log),
             fail: Some(Arc::new((n, AtomicU64::new(0)))),
+            #[cfg(feature = "lifecycle-hooks")]
+            before_lock: None,
         }
     }
 

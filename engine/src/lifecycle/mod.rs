@@ -14,7 +14,7 @@ pub mod view;
 pub use commit::{commit, CommitOptions, Committed};
 pub use fileops::{FileOp, OpLog, Ops};
 pub use rebase::{rebase, RebaseOptions, Rebased};
-pub use resize::{resize, ResizeOptions, Resized};
+pub use resize::{resize, resize_from, ResizeOptions, Resized};
 pub use view::Layer;
 
 use crate::error::{Error, Result};
@@ -65,4 +65,92 @@ pub(crate) fn clear_bits_from(meta: &OpFile, from_sector: u64, end_byte: u64) ->
         pos = start + n as u64;
     }
     Ok(())
+}
+
+/// Clears, on disk, the bits of `runs` (sorted, disjoint `(first sector, count)`, inside the
+/// first `end_byte` bytes of the bitmap) in the bitmap of `meta`, and no other bit: each bitmap
+/// window the runs touch is read, cleared under the runs and written back if it changed. No
+/// sync.
+pub(crate) fn clear_runs(meta: &OpFile, runs: &[(u64, u64)], end_byte: u64) -> Result<()> {
+    /// The window in `buf`: its first bitmap byte, its length, whether it changed.
+    struct Window {
+        start: u64,
+        len: usize,
+        changed: bool,
+    }
+    let flush = |buf: &[u8], w: &Window| -> Result<()> {
+        if w.changed {
+            meta.write_at(&buf[..w.len], BITMAP_OFFSET + w.start, "clear bitmap bits")?;
+        }
+        Ok(())
+    };
+    let mut buf = vec![0u8; WINDOW];
+    let mut cur: Option<Window> = None;
+    for &(first, count) in runs {
+        let end = (first + count).min(end_byte * 8);
+        let mut s = first;
+        while s < end {
+            let start = s / 8 / WINDOW as u64 * WINDOW as u64;
+            if cur.as_ref().map(|w| w.start) != Some(start) {
+                if let Some(w) = cur.take() {
+                    flush(&buf, &w)?;
+                }
+                let len = ((end_byte - start) as usize).min(WINDOW);
+                meta.read_at(&mut buf[..len], BITMAP_OFFSET + start, "read bitmap")?;
+                cur = Some(Window {
+                    start,
+                    len,
+                    changed: false,
+                });
+            }
+            let Some(w) = cur.as_mut() else { break };
+            let first_bit = w.start * 8;
+            let stop = end.min(first_bit + w.len as u64 * 8);
+            w.changed |= clear_bit_range(&mut buf[..w.len], s - first_bit, stop - first_bit);
+            s = stop;
+        }
+    }
+    if let Some(w) = cur {
+        flush(&buf, &w)?;
+    }
+    Ok(())
+}
+
+/// Clears bits `[from, to)` of `bytes` (LSB first); whether any was set.
+fn clear_bit_range(bytes: &mut [u8], from: u64, to: u64) -> bool {
+    let mut changed = false;
+    let mut b = from;
+    while b < to {
+        let byte = (b / 8) as usize;
+        let lo = b % 8;
+        let hi = (to - b / 8 * 8).min(8);
+        let mask = (((1u16 << hi) - 1) as u8) & !(((1u16 << lo) - 1) as u8);
+        if bytes[byte] & mask != 0 {
+            bytes[byte] &= !mask;
+            changed = true;
+        }
+        b = b / 8 * 8 + hi;
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clear_bit_range;
+
+    #[test]
+    fn clear_bit_range_clears_exactly_the_range() {
+        for (from, to) in [(0, 24), (3, 5), (7, 9), (1, 23), (8, 16), (5, 5)] {
+            let mut b = [0xffu8; 3];
+            assert_eq!(clear_bit_range(&mut b, from, to), from < to);
+            for bit in 0..24u64 {
+                let set = b[(bit / 8) as usize] & (1 << (bit % 8)) != 0;
+                assert_eq!(
+                    set,
+                    !(from..to).contains(&bit),
+                    "bit {bit} of [{from}, {to})"
+                );
+            }
+        }
+    }
 }

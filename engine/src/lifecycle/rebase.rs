@@ -70,6 +70,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Rebases the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
 pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
+    ops.about_to_lock();
     let o = Overlay::open(
         &opts.overlay,
         &OpenOptions {

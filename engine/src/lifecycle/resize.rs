@@ -15,10 +15,12 @@
 //! would report, and which a later grow would turn into reads of zeros from the shrunk raw
 //! image instead of the base). Inside the new size nothing changes at any step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
+use crate::format::{
+    bitmap_len, check_virtual_size, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE,
+};
 use crate::lifecycle::clear_bits_from;
 use crate::lifecycle::fileops::{OpFile, Ops};
 
@@ -44,33 +46,54 @@ pub struct Resized {
 
 /// Resizes the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
 ///
-/// Refused: a size that is not a multiple of 512, and a smaller size without `shrink`.
+/// Refused: a size that is not a multiple of 512, one over [`crate::format::MAX_VIRTUAL_SIZE`]
+/// ([`ErrorKind::TooLarge`]), and a smaller size without `shrink`. A refusal changes nothing.
 pub fn resize(opts: &ResizeOptions, ops: &Ops) -> Result<Resized> {
-    if opts.size % SECTOR_SIZE != 0 {
-        return Err(Error::new(ErrorKind::InvalidArgument(format!(
-            "new size {} is not a multiple of 512",
-            opts.size
-        ))));
-    }
-    let o = Overlay::open(&opts.overlay, &OpenOptions::default())?;
+    check_new_size(&opts.overlay, opts.size)?;
+    resize_from(&opts.overlay, opts.shrink, |_| Ok(opts.size), ops)
+}
+
+/// [`resize`] to `new_size(old size)`, where the old size is read under the lock: for a size
+/// relative to the current one (`+1G`, `-1G`). Computed from a size read before the lock, a
+/// server that grew the overlay (`export-resize`) and stopped in between would make `-1G`
+/// shrink past what was asked for.
+pub fn resize_from(
+    overlay: &Path,
+    shrink: bool,
+    new_size: impl FnOnce(u64) -> Result<u64>,
+    ops: &Ops,
+) -> Result<Resized> {
+    ops.about_to_lock();
+    let o = Overlay::open(overlay, &OpenOptions::default())?;
     let old_size = o.virtual_size;
-    if opts.size < old_size && !opts.shrink {
+    let size = new_size(old_size)?;
+    check_new_size(overlay, size)?;
+    if size < old_size && !shrink {
         return Err(Error::new(ErrorKind::InvalidArgument(format!(
-            "shrinking from {old_size} to {} bytes discards the data past the new end: use --shrink to do it anyway",
-            opts.size
+            "shrinking from {old_size} to {size} bytes discards the data past the new end: use --shrink to do it anyway",
         ))));
     }
     let meta = ops.open(&o.meta, &o.meta_path)?;
     let image = ops.open(&o.image, &o.image_path)?;
-    if opts.size > old_size {
-        grow(&meta, &image, old_size, opts.size)?;
-    } else if opts.size < old_size {
-        shrink(&meta, &image, old_size, opts.size)?;
+    if size > old_size {
+        grow(&meta, &image, old_size, size)?;
+    } else if size < old_size {
+        shrink_to(&meta, &image, old_size, size)?;
     }
     Ok(Resized {
         old_size,
-        new_size: opts.size,
+        new_size: size,
     })
+}
+
+/// Refuses a new size that is not a multiple of 512 or over the limit.
+fn check_new_size(overlay: &Path, size: u64) -> Result<()> {
+    if size % SECTOR_SIZE != 0 {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "new size {size} is not a multiple of 512"
+        ))));
+    }
+    check_virtual_size(size).map_err(|e| e.with_path(overlay).with_op("resize"))
 }
 
 /// Grows an overlay (its `.add-cow` file `meta` and raw image `image`) from `old` to `new`
@@ -133,7 +156,7 @@ fn trim_bitmap_back(meta: &OpFile, old_end: u64) {
 }
 
 /// Shrinks an overlay from `old` to `new` bytes, in the order the module documents.
-fn shrink(meta: &OpFile, image: &OpFile, old: u64, new: u64) -> Result<()> {
+fn shrink_to(meta: &OpFile, image: &OpFile, old: u64, new: u64) -> Result<()> {
     let old_end = BITMAP_OFFSET + bitmap_len(old);
     let new_end = BITMAP_OFFSET + bitmap_len(new);
     #[cfg(feature = "unsafe-lifecycle-order")]
