@@ -275,6 +275,37 @@ fn open_file(path: &Path, write: bool, direct: bool, op: &'static str) -> Result
     o.open(path).map_err(|e| Error::io(op, e).with_path(path))
 }
 
+/// How often [`open_locked`] opens a path again that was replaced while it took the lock.
+const RELOCK_TRIES: usize = 8;
+
+/// Opens the overlay at `path` and takes its OFD lock (exclusive when `write`), making sure the
+/// file locked is the one `path` names once the lock is held: a tool that replaces the overlay
+/// by renaming a new file over it (rebase) does so under the old file's lock, so a process that
+/// opened the old file before the rename and gets the lock after it would hold a file no one
+/// opens any more (its bits lost, or a commit emptying it while the new file's bits point into
+/// the shared raw image). Such a file is dropped and the path opened again. `between` runs after
+/// each open and before its lock (a test seam; a no-op otherwise).
+fn open_locked(path: &Path, write: bool, mut between: impl FnMut()) -> Result<File> {
+    for _ in 0..RELOCK_TRIES {
+        let file = open_file(path, write, false, "open overlay")?;
+        between();
+        ofd_lock(&file, write).map_err(|e| e.with_path(path))?;
+        let named =
+            std::fs::metadata(path).map_err(|e| Error::io("stat overlay", e).with_path(path));
+        if let Ok(m) = named {
+            use std::os::unix::fs::MetadataExt;
+            if file_id(&file, path)? == (m.dev(), m.ino()) {
+                return Ok(file);
+            }
+        }
+    }
+    Err(Error::new(ErrorKind::InvalidArgument(format!(
+        "the overlay was replaced {RELOCK_TRIES} times while it was being opened"
+    )))
+    .with_path(path)
+    .with_op("open overlay"))
+}
+
 /// The (device, inode) of an open file, to tell whether two paths name one file.
 fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -448,10 +479,11 @@ impl Overlay {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Overlay> {
-        let meta = open_file(path, !opts.read_only, false, "open overlay")?;
-        if !opts.no_lock {
-            ofd_lock(&meta, !opts.read_only).map_err(|e| e.with_path(path))?;
-        }
+        let meta = if opts.no_lock {
+            open_file(path, !opts.read_only, false, "open overlay")?
+        } else {
+            open_locked(path, !opts.read_only, || {})?
+        };
         let meta_len = file_len(&meta, path, "stat overlay")?;
         if meta_len < HEADER_SIZE as u64 {
             return Err(Error::new(ErrorKind::ShortHeader {
@@ -932,6 +964,32 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_overlay_replaced_before_its_lock_is_opened_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.add-cow");
+        std::fs::write(&path, b"old").unwrap();
+        let new = dir.path().join("vm.add-cow.new");
+        std::fs::write(&new, b"new").unwrap();
+        let new_ino = std::fs::metadata(&new).unwrap().ino();
+        let mut renamed = false;
+        let file = super::open_locked(&path, true, || {
+            // A rebase renames its new file over the overlay between our open and our lock.
+            if !renamed {
+                std::fs::rename(&new, &path).unwrap();
+                renamed = true;
+            }
+        })
+        .unwrap();
+        assert!(renamed);
+        assert_eq!(
+            file.metadata().unwrap().ino(),
+            new_ino,
+            "the lock is held on the replaced file, not on the one the path names"
+        );
+    }
+
     use super::*;
 
     #[test]
