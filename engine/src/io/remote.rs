@@ -28,7 +28,16 @@
 //! * On reconnect, an export that vanished or whose size changed is logged as an error and
 //!   every read fails with `EIO` at once until a reconnect finds it as it was.
 //! * A server that breaks the protocol (bad magic, a chunk outside its request, a reply to no
-//!   request) loses its connection; what it had in flight is resent on the next one.
+//!   request) loses its connection; what it had in flight is resent on the next one, but the
+//!   read the bad chunk was for fails with `EIO`.
+//! * A reply must cover every byte of its read exactly once ([`Coverage`]): overlapping chunks
+//!   or a gap fail the read with `EIO`, never answer it with stale or zero bytes.
+//! * A server going away (`ESHUTDOWN` on a read) is treated as a drop: the connection is
+//!   closed (after `NBD_CMD_DISC`) and the read resent on the next one. A connection with
+//!   nothing in flight for [`PROBE_IDLE`] sends a probe read, so that an idle connection to a
+//!   server that waits for its clients to leave (nbdkit after SIGTERM) is closed too.
+//! * Requests respect the server's block sizes: a read that does not fit one request once
+//!   aligned to the minimum is cut into several ([`Blocks`]), its bytes gathered.
 //!
 //! Every read handed to [`RemoteBase::read`] is answered exactly once ([`ReadDone`]).
 //!
@@ -41,7 +50,9 @@
 //! # Holes
 //! At open the whole export is asked for `base:allocation` block status once (the base is
 //! read-only, so the answer stays true); ranges that read as zeros become zero runs of
-//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them.
+//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them. The query is bounded by
+//! the base timeout and in the ranges it keeps; what it did not learn is read from the server.
+//! A connection whose query failed may hold unread replies: it is dropped, never used.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -854,8 +865,10 @@ impl ConnShared {
             }
         }
         let _guard = DeadOnExit(&self);
+        // The read a protocol error was about: failed once the error is logged.
+        let mut bad = None;
         let r = loop {
-            match self.one_reply(&mut s, structured) {
+            match self.one_reply(&mut s, structured, &mut bad) {
                 Ok(()) => {}
                 Err(e) => break e,
             }
@@ -875,6 +888,9 @@ impl ConnShared {
                     error = %e, "connection to the image server lost; reconnecting"),
                 ReplyError::ShuttingDown => {}
             }
+        }
+        if let Some((cookie, why)) = bad {
+            self.finish(cookie, Some(format!("protocol error: {why}")));
         }
         s.shutdown();
     }
@@ -945,7 +961,14 @@ impl ConnShared {
         done.answer(Ok(buf));
     }
 
-    fn one_reply(&self, s: &mut Stream, structured: bool) -> std::result::Result<(), ReplyError> {
+    /// Takes in one reply header and what follows it. A chunk that breaks the protocol for a
+    /// known read names that read in `bad` (the caller fails it).
+    fn one_reply(
+        &self,
+        s: &mut Stream,
+        structured: bool,
+        bad: &mut Option<(u64, String)>,
+    ) -> std::result::Result<(), ReplyError> {
         match client::read_reply_header(s)? {
             ReplyHeader::Simple { cookie, error } => {
                 if error == wire::NBD_ESHUTDOWN {
@@ -1009,7 +1032,7 @@ impl ConnShared {
                         // fails now (never answered with what the server sent), and the
                         // connection is dropped.
                         self.put_buf(c.cookie, buf, 0..0);
-                        self.finish(c.cookie, Some(format!("protocol error: {p}")));
+                        *bad = Some((c.cookie, p.clone()));
                         return Err(ReplyError::Protocol(p));
                     }
                     Err(e) => return Err(e),
