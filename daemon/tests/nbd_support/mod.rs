@@ -5,6 +5,8 @@
 //! installs them), it never passes silently.
 #![allow(dead_code)]
 
+pub mod scripted;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

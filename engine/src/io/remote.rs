@@ -28,7 +28,16 @@
 //! * On reconnect, an export that vanished or whose size changed is logged as an error and
 //!   every read fails with `EIO` at once until a reconnect finds it as it was.
 //! * A server that breaks the protocol (bad magic, a chunk outside its request, a reply to no
-//!   request) loses its connection; what it had in flight is resent on the next one.
+//!   request) loses its connection; what it had in flight is resent on the next one, but the
+//!   read the bad chunk was for fails with `EIO`.
+//! * A reply must cover every byte of its read exactly once ([`Coverage`]): overlapping chunks
+//!   or a gap fail the read with `EIO`, never answer it with stale or zero bytes.
+//! * A server going away (`ESHUTDOWN` on a read) is treated as a drop: the connection is
+//!   closed (after `NBD_CMD_DISC`) and the read resent on the next one. A connection with
+//!   nothing in flight for [`PROBE_IDLE`] sends a probe read, so that an idle connection to a
+//!   server that waits for its clients to leave (nbdkit after SIGTERM) is closed too.
+//! * Requests respect the server's block sizes: a read that does not fit one request once
+//!   aligned to the minimum is cut into several ([`Blocks`]), its bytes gathered.
 //!
 //! Every read handed to [`RemoteBase::read`] is answered exactly once ([`ReadDone`]).
 //!
@@ -41,7 +50,9 @@
 //! # Holes
 //! At open the whole export is asked for `base:allocation` block status once (the base is
 //! read-only, so the answer stays true); ranges that read as zeros become zero runs of
-//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them.
+//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them. The query is bounded by
+//! the base timeout and in the ranges it keeps; what it did not learn is read from the server.
+//! A connection whose query failed may hold unread replies: it is dropped, never used.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -53,7 +64,7 @@ use std::time::{Duration, Instant};
 use super::base::BaseRun;
 use super::mutex::lock;
 use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::client::{self, ChunkPayload, ReplyError, ReplyHeader, Session, Stream};
+use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, Session, Stream};
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire;
 
@@ -66,6 +77,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const STABLE: Duration = Duration::from_secs(5);
 /// How often a waiting driver looks at deadlines.
 const TICK: Duration = Duration::from_millis(100);
+/// A connection with nothing in flight for this long sends a probe (a read of one minimum
+/// block): a server that is going away answers it with `ESHUTDOWN` (nbdkit waits for its idle
+/// clients to leave before it exits), a dead one leaves it unanswered; either way the
+/// connection is closed.
+const PROBE_IDLE: Duration = Duration::from_secs(2);
 
 /// What a remote read produces: exactly the bytes asked for, or an errno.
 pub(crate) type ReadResult = std::result::Result<Vec<u8>, i32>;
@@ -136,25 +152,34 @@ impl std::fmt::Debug for RemoteBase {
 impl RemoteBase {
     /// Takes over `sess` (the connection made when the chain was opened): reads its holes,
     /// then starts its connections (`opts.conns` when the server allows multi-conn).
+    ///
+    /// The holes are asked within `opts.timeout`; when that query fails or times out the
+    /// session may hold unread replies, so it is dropped and the first connection's driver
+    /// connects afresh.
     pub(crate) fn start(uri: NbdUri, mut sess: Session, opts: RemoteOptions) -> Result<RemoteBase> {
-        let zeros = client::zero_ranges(&mut sess, &uri);
+        let (zeros, in_step) = client::zero_ranges_in_step(&mut sess, &uri, opts.timeout);
         let n = if sess.multi_conn() {
             opts.conns.max(1)
         } else {
             1
         };
-        let min = u64::from(sess.min_block.max(1));
-        let max = u64::from(sess.max_block);
-        let max_read = if max >= 4 * min { max - 2 * min } else { max }.max(min);
+        let blocks = Blocks::new(sess.min_block, sess.pref_block, sess.max_block);
+        let max_read = blocks.max_read();
         let size = sess.size;
         let mut conns = Vec::with_capacity(n);
-        let mut first = Some(sess);
+        let mut first = if in_step {
+            Some(sess)
+        } else {
+            sess.stream.shutdown();
+            None
+        };
         for i in 0..n {
-            let sess = match first.take() {
-                Some(s) => s,
-                None => client::connect(&uri, HANDSHAKE_TIMEOUT)?,
+            let sess = match (i, first.take()) {
+                (_, Some(s)) => Some(s),
+                (0, None) => None,
+                (_, None) => Some(client::connect(&uri, HANDSHAKE_TIMEOUT)?),
             };
-            conns.push(Conn::start(&uri, i, size, min, opts.timeout, sess)?);
+            conns.push(Conn::start(&uri, i, size, blocks, opts.timeout, sess)?);
         }
         tracing::info!(uri = %uri, size, conns = n, zero_ranges = zeros.len(),
             "remote base connected");
@@ -224,6 +249,102 @@ impl RemoteBase {
     }
 }
 
+/// The block sizes the server stated, and how a read is cut into requests that respect them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Blocks {
+    /// Every request starts and ends on a multiple of this (but at the export's end).
+    min: u64,
+    /// The largest request: a multiple of `min`, at most the server's maximum.
+    max: u64,
+    /// Where long reads are cut: a multiple of `min` (of the preferred size when that fits),
+    /// at most `max`.
+    step: u64,
+}
+
+impl Blocks {
+    /// From the sizes a session agreed (`min` a power of two, `min <= max`: checked at the
+    /// handshake; anything else is made safe here).
+    fn new(min: u32, pref: u32, max: u32) -> Blocks {
+        let min = u64::from(min.max(1));
+        let max = u64::from(max).max(min);
+        let max = max - max % min;
+        let pref = u64::from(pref);
+        let step = if pref >= min && pref % min == 0 && pref <= max {
+            max - max % pref
+        } else {
+            max
+        };
+        Blocks { min, max, step }
+    }
+
+    /// The largest read the cores hand over: one that fits a single request whatever its
+    /// alignment when the maximum leaves room for the slack, else the maximum (such a read
+    /// is cut into several requests, see [`Blocks::requests`]).
+    fn max_read(&self) -> u64 {
+        if self.max >= 4 * self.min {
+            self.max - 2 * self.min
+        } else {
+            self.max
+        }
+    }
+
+    /// The requests that read `[offset, offset + len)` of an export of `size` bytes: aligned to
+    /// the minimum (the last one may stop at the export's end), cut at multiples of `step`,
+    /// none longer than `max`.
+    fn requests(&self, offset: u64, len: u64, size: u64) -> Vec<(u64, u64)> {
+        let a_off = offset - offset % self.min;
+        let a_end = (offset + len).div_ceil(self.min) * self.min;
+        let a_end = a_end.min(size.max(offset + len));
+        let mut out = Vec::new();
+        let mut pos = a_off;
+        while pos < a_end {
+            let cut = (pos / self.step + 1) * self.step;
+            let end = cut.min(a_end);
+            out.push((pos, end - pos));
+            pos = end;
+        }
+        out
+    }
+}
+
+/// A read cut into several requests: their bytes gathered, answered once all came (or at the
+/// first failure).
+struct Join {
+    buf: Vec<u8>,
+    left: usize,
+    done: Option<ReadDone>,
+}
+
+impl Join {
+    /// One request's bytes, for `[at, at + bytes.len())` of the read, or its failure.
+    fn piece(join: &Mutex<Join>, at: usize, r: ReadResult) {
+        let mut j = lock(join);
+        if j.done.is_none() {
+            return;
+        }
+        let r = match r {
+            Ok(bytes) => match j.buf.get_mut(at..at + bytes.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(&bytes);
+                    j.left -= 1;
+                    if j.left > 0 {
+                        return;
+                    }
+                    Ok(std::mem::take(&mut j.buf))
+                }
+                None => Err(libc::EIO),
+            },
+            Err(e) => Err(e),
+        };
+        let done = j.done.take();
+        j.buf = Vec::new();
+        drop(j);
+        if let Some(d) = done {
+            d.answer(r);
+        }
+    }
+}
+
 /// One connection: its shared state and driver thread (never joined: see *Closing*).
 struct Conn {
     shared: Arc<ConnShared>,
@@ -243,7 +364,7 @@ struct ConnShared {
     uri: NbdUri,
     index: usize,
     size: u64,
-    min_block: u64,
+    blocks: Blocks,
     timeout: Duration,
     state: Mutex<State>,
     cv: Condvar,
@@ -262,6 +383,9 @@ struct State {
     broken: Option<String>,
     /// A handle on the live socket, to wake the reader at stop.
     sock: Option<Stream>,
+    /// The server said it is shutting down: the driver says goodbye (`NBD_CMD_DISC`) and
+    /// closes the connection.
+    going_away: bool,
 }
 
 struct Pending {
@@ -277,24 +401,29 @@ struct Pending {
     /// Allocated when sent, freed when answered.
     buf: Vec<u8>,
     sent: bool,
-    covered: u64,
+    /// The bytes of the reply taken in so far: each must come exactly once.
+    covered: Coverage,
     error: Option<String>,
+    /// A probe of an idle connection (see [`PROBE_IDLE`]): nobody waits for it, and it is not
+    /// sent again on the next connection.
+    probe: bool,
 }
 
 impl Conn {
+    /// Starts the connection's driver on `sess`, or (`None`) on a connection it makes itself.
     fn start(
         uri: &NbdUri,
         index: usize,
         size: u64,
-        min_block: u64,
+        blocks: Blocks,
         timeout: Duration,
-        sess: Session,
+        sess: Option<Session>,
     ) -> Result<Conn> {
         let shared = Arc::new(ConnShared {
             uri: uri.clone(),
             index,
             size,
-            min_block,
+            blocks,
             timeout,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
@@ -303,7 +432,7 @@ impl Conn {
         let s = Arc::clone(&shared);
         let driver = std::thread::Builder::new()
             .name(format!("addcow-nbd-{index}"))
-            .spawn(move || s.drive(Some(sess)))
+            .spawn(move || s.drive(sess))
             .map_err(|e| Error::io("start remote base thread", e))?;
         Ok(Conn {
             shared,
@@ -311,12 +440,16 @@ impl Conn {
         })
     }
 
+    /// Queues the requests that read `[offset, offset + len)`: one when it fits the server's
+    /// block sizes once aligned, else several whose bytes are gathered ([`Join`]).
     fn read(&self, offset: u64, len: u64, done: ReadDone) {
         let sh = &self.shared;
-        let a_off = offset - offset % sh.min_block;
-        let a_end = (offset + len).div_ceil(sh.min_block) * sh.min_block;
-        let a_end = a_end.min(sh.size.max(offset + len));
-        let Ok(a_len) = u32::try_from(a_end - a_off) else {
+        if len == 0 {
+            done.answer(Ok(Vec::new()));
+            return;
+        }
+        let reqs = sh.blocks.requests(offset, len, sh.size);
+        let Ok(want) = usize::try_from(len) else {
             done.answer(Err(libc::EINVAL));
             return;
         };
@@ -327,26 +460,78 @@ impl Conn {
             done.answer(Err(libc::EIO));
             return;
         }
-        st.next_cookie += 1;
-        let cookie = st.next_cookie;
-        st.inflight.insert(
+        let deadline = Instant::now() + sh.timeout;
+        if let [(r_off, r_len)] = reqs[..] {
+            let Ok(r_len) = u32::try_from(r_len) else {
+                drop(st);
+                done.answer(Err(libc::EINVAL));
+                return;
+            };
+            let skip = (offset - r_off) as usize;
+            st.queue_read(r_off, r_len, skip, want, deadline, done, false);
+        } else {
+            let join = Arc::new(Mutex::new(Join {
+                buf: vec![0u8; want],
+                left: reqs.len(),
+                done: Some(done),
+            }));
+            for (r_off, r_len) in reqs {
+                // Each request is at most the server's maximum (checked at the handshake to
+                // fit a u32), and holds some of the asked bytes.
+                let first = r_off.max(offset);
+                let last = (r_off + r_len).min(offset + len);
+                let at = (first - offset) as usize;
+                let j = Arc::clone(&join);
+                let piece = ReadDone::new(move |r| Join::piece(&j, at, r));
+                st.queue_read(
+                    r_off,
+                    r_len as u32,
+                    (first - r_off) as usize,
+                    (last - first) as usize,
+                    deadline,
+                    piece,
+                    false,
+                );
+            }
+        }
+        drop(st);
+        sh.cv.notify_all();
+    }
+}
+
+impl State {
+    /// Queues one request: `len` bytes at `offset` (as sent), of which `want` from `skip` on
+    /// are answered to `done`.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_read(
+        &mut self,
+        offset: u64,
+        len: u32,
+        skip: usize,
+        want: usize,
+        deadline: Instant,
+        done: ReadDone,
+        probe: bool,
+    ) {
+        self.next_cookie += 1;
+        let cookie = self.next_cookie;
+        self.inflight.insert(
             cookie,
             Pending {
-                offset: a_off,
-                len: a_len,
-                skip: (offset - a_off) as usize,
-                want: len as usize,
-                deadline: Instant::now() + sh.timeout,
+                offset,
+                len,
+                skip,
+                want,
+                deadline,
                 done: Some(done),
                 buf: Vec::new(),
                 sent: false,
-                covered: 0,
+                covered: Coverage::default(),
                 error: None,
+                probe,
             },
         );
-        st.queue.push_back(cookie);
-        drop(st);
-        sh.cv.notify_all();
+        self.queue.push_back(cookie);
     }
 }
 
@@ -379,8 +564,10 @@ impl ConnShared {
     fn expire(&self, st: &mut State, now: Instant) {
         let mut late = Vec::new();
         let mut sent_late = false;
+        let mut probes = 0;
         st.inflight.retain(|_, p| {
             if p.done.is_some() && p.deadline <= now {
+                probes += usize::from(p.probe);
                 late.push(p.done.take());
                 if p.sent {
                     sent_late = true;
@@ -390,8 +577,8 @@ impl ConnShared {
             }
             true
         });
-        if !late.is_empty() {
-            tracing::warn!(uri = %self.uri, conn = self.index, reads = late.len(),
+        if late.len() > probes {
+            tracing::warn!(uri = %self.uri, conn = self.index, reads = late.len() - probes,
                 timeout_s = self.timeout.as_secs_f64(),
                 "remote base reads not answered within the timeout fail with EIO");
         }
@@ -531,16 +718,18 @@ impl ConnShared {
             let mut st = lock(&self.state);
             st.broken = None;
             st.dead = false;
+            st.going_away = false;
             st.sock = Some(waker);
-            // Resend what the last connection did not answer (reads are idempotent).
+            // Resend what the last connection did not answer (reads are idempotent); a probe
+            // of the last connection is forgotten.
             let mut again: Vec<u64> = Vec::new();
             st.inflight.retain(|&c, p| {
-                if p.done.is_none() {
+                if p.done.is_none() || p.probe {
                     return false;
                 }
                 if p.sent {
                     p.sent = false;
-                    p.covered = 0;
+                    p.covered = Coverage::default();
                     p.error = None;
                     again.push(c);
                 }
@@ -567,13 +756,26 @@ impl ConnShared {
             }
         };
         let mut batch = Vec::with_capacity(64 * wire::REQUEST_LEN);
+        // Since when nothing was in flight (see `PROBE_IDLE`).
+        let mut idle_since: Option<Instant> = None;
+        let probe_len = self.blocks.min.min(self.size) as u32;
         loop {
             batch.clear();
             {
                 let mut st = lock(&self.state);
                 loop {
-                    self.expire(&mut st, Instant::now());
+                    let now = Instant::now();
+                    self.expire(&mut st, now);
                     if self.stopping() || st.dead || !st.queue.is_empty() {
+                        break;
+                    }
+                    if !st.inflight.is_empty() || probe_len == 0 {
+                        idle_since = None;
+                    } else if now.duration_since(*idle_since.get_or_insert(now)) >= PROBE_IDLE {
+                        idle_since = None;
+                        let nobody = ReadDone::new(|_| {});
+                        let deadline = now + self.timeout;
+                        st.queue_read(0, probe_len, 0, 0, deadline, nobody, true);
                         break;
                     }
                     st = match self.cv.wait_timeout(st, TICK) {
@@ -610,7 +812,7 @@ impl ConnShared {
                 }
             }
         }
-        if self.stopping() {
+        if self.stopping() || lock(&self.state).going_away {
             client::disconnect(&mut writer);
         }
         writer.shutdown();
@@ -618,6 +820,7 @@ impl ConnShared {
         let mut st = lock(&self.state);
         st.sock = None;
         st.dead = false;
+        st.going_away = false;
     }
 
     /// Writes all of `batch`, a tick at a time: between tries it expires overdue reads (an
@@ -647,13 +850,14 @@ impl ConnShared {
     /// protocol; then marks the connection dead for the driver. However it ends (a panic
     /// too), a guard marks the connection dead and wakes the driver, which reconnects.
     fn read_replies(self: Arc<Self>, mut s: Stream, structured: bool) {
-        /// Marks the connection dead and wakes the driver when dropped.
+        /// Marks the connection dead and wakes the driver when dropped (a connection whose
+        /// server is going away is left for the driver to say goodbye on and close).
         struct DeadOnExit<'a>(&'a ConnShared);
         impl Drop for DeadOnExit<'_> {
             fn drop(&mut self) {
                 let mut st = lock(&self.0.state);
                 st.dead = true;
-                if let Some(s) = &st.sock {
+                if let (Some(s), false) = (&st.sock, st.going_away) {
                     s.shutdown();
                 }
                 drop(st);
@@ -661,19 +865,32 @@ impl ConnShared {
             }
         }
         let _guard = DeadOnExit(&self);
+        // The read a protocol error was about: failed once the error is logged.
+        let mut bad = None;
         let r = loop {
-            match self.one_reply(&mut s, structured) {
+            match self.one_reply(&mut s, structured, &mut bad) {
                 Ok(()) => {}
                 Err(e) => break e,
             }
         };
+        if matches!(r, ReplyError::ShuttingDown) {
+            lock(&self.state).going_away = true;
+            tracing::info!(uri = %self.uri, conn = self.index,
+                "the image server is shutting down; closing the connection, reads wait for \
+                 the reconnect");
+            return;
+        }
         if !self.stopping() {
             match &r {
                 ReplyError::Protocol(p) => tracing::error!(uri = %self.uri, conn = self.index,
                     "image server broke the protocol ({p}); dropping the connection"),
                 ReplyError::Io(e) => tracing::warn!(uri = %self.uri, conn = self.index,
                     error = %e, "connection to the image server lost; reconnecting"),
+                ReplyError::ShuttingDown => {}
             }
+        }
+        if let Some((cookie, why)) = bad {
+            self.finish(cookie, Some(format!("protocol error: {why}")));
         }
         s.shutdown();
     }
@@ -698,13 +915,17 @@ impl ConnShared {
         lock(&self.state).inflight.remove(&cookie);
     }
 
-    fn put_buf(&self, cookie: u64, buf: Vec<u8>, covered: u64) {
+    /// Gives the buffer of `cookie` back, with the bytes of it a chunk just filled in: bytes
+    /// some chunk already covered fail the read (see [`Coverage`]).
+    fn put_buf(&self, cookie: u64, buf: Vec<u8>, covered: std::ops::Range<usize>) {
         if let Some(p) = lock(&self.state).inflight.get_mut(&cookie) {
             // A read that timed out meanwhile keeps no buffer.
             if p.done.is_some() {
                 p.buf = buf;
             }
-            p.covered += covered;
+            if let Err(e) = p.covered.add(covered) {
+                p.error.get_or_insert(format!("protocol error: {e}"));
+            }
         }
     }
 
@@ -714,12 +935,21 @@ impl ConnShared {
         let Some(mut p) = p else { return };
         let Some(done) = p.done.take() else { return };
         let error = error.or(p.error.take()).or_else(|| {
-            (p.covered < u64::from(p.len))
-                .then(|| format!("the reply covered {} of {} bytes", p.covered, p.len))
+            (!p.covered.is_complete(p.len as usize)).then(|| {
+                format!(
+                    "the reply covered {} of {} bytes",
+                    p.covered.covered(),
+                    p.len
+                )
+            })
         });
         if let Some(why) = error {
-            tracing::warn!(uri = %self.uri, offset = p.offset, len = p.len, why,
-                "remote base read failed; EIO");
+            if p.probe {
+                tracing::debug!(uri = %self.uri, why, "probe of an idle connection failed");
+            } else {
+                tracing::warn!(uri = %self.uri, offset = p.offset, len = p.len, why,
+                    "remote base read failed; EIO");
+            }
             done.answer(Err(libc::EIO));
             return;
         }
@@ -731,9 +961,19 @@ impl ConnShared {
         done.answer(Ok(buf));
     }
 
-    fn one_reply(&self, s: &mut Stream, structured: bool) -> std::result::Result<(), ReplyError> {
+    /// Takes in one reply header and what follows it. A chunk that breaks the protocol for a
+    /// known read names that read in `bad` (the caller fails it).
+    fn one_reply(
+        &self,
+        s: &mut Stream,
+        structured: bool,
+        bad: &mut Option<(u64, String)>,
+    ) -> std::result::Result<(), ReplyError> {
         match client::read_reply_header(s)? {
             ReplyHeader::Simple { cookie, error } => {
+                if error == wire::NBD_ESHUTDOWN {
+                    return Err(ReplyError::ShuttingDown);
+                }
                 if error == 0 && structured {
                     // Data in a simple reply after structured replies were agreed is not allowed.
                     return Err(ReplyError::Protocol("simple reply with data".into()));
@@ -750,13 +990,13 @@ impl ConnShared {
                     }
                 };
                 if error != 0 {
-                    self.put_buf(cookie, buf, 0);
+                    self.put_buf(cookie, buf, 0..0);
                     self.finish(cookie, Some(format!("server error {error}")));
                     return Ok(());
                 }
                 s.read_exact(&mut buf)?;
-                let n = buf.len() as u64;
-                self.put_buf(cookie, buf, n);
+                let n = buf.len();
+                self.put_buf(cookie, buf, 0..n);
                 self.finish(cookie, None);
                 Ok(())
             }
@@ -785,15 +1025,29 @@ impl ConnShared {
                         return Ok(());
                     }
                 };
-                let got = client::read_chunk_into(s, &c, start, &mut buf)?;
+                let got = match client::read_chunk_into(s, &c, start, &mut buf) {
+                    Ok(got) => got,
+                    Err(ReplyError::Protocol(p)) => {
+                        // A chunk outside its read, or of a type a read cannot have: the read
+                        // fails now (never answered with what the server sent), and the
+                        // connection is dropped.
+                        self.put_buf(c.cookie, buf, 0..0);
+                        *bad = Some((c.cookie, p.clone()));
+                        return Err(ReplyError::Protocol(p));
+                    }
+                    Err(e) => return Err(e),
+                };
                 let covered = match &got {
-                    ChunkPayload::Covered(n) => *n,
-                    _ => 0,
+                    ChunkPayload::Covered(r) => r.clone(),
+                    _ => 0..0,
                 };
                 self.put_buf(c.cookie, buf, covered);
-                if let ChunkPayload::Error(e) = got {
+                if let ChunkPayload::Error { code, msg } = got {
+                    if code == wire::NBD_ESHUTDOWN {
+                        return Err(ReplyError::ShuttingDown);
+                    }
                     if let Some(p) = lock(&self.state).inflight.get_mut(&c.cookie) {
-                        p.error.get_or_insert(e);
+                        p.error.get_or_insert(format!("server error {code}: {msg}"));
                     }
                 }
                 if c.flags & wire::REPLY_FLAG_DONE != 0 {
@@ -861,5 +1115,49 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         drop(ReadDone::new(move |r| tx.send(r).expect("send")));
         assert_eq!(rx.recv().expect("answered"), Err(libc::EIO));
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    /// Every read, at every alignment, is cut into requests that start and end on the
+    /// minimum block (but at the export's end), are at most the maximum, and cover the read.
+    #[test]
+    fn requests_respect_the_servers_block_sizes() {
+        let size = 1 << 20;
+        for (min, pref, max) in [
+            (4096, 4096, 8192),
+            (4096, 4096, 4096),
+            (512, 512, 1024),
+            (512, 4096, 65536),
+            (1, 4096, 32 << 20),
+            (4096, 65536, 65536 + 4096),
+        ] {
+            let b = Blocks::new(min, pref, max);
+            let (min, max) = (u64::from(min), u64::from(max));
+            for offset in [0u64, 1, 100, 511, 4095, 4096, 5000, 12345] {
+                for len in [1u64, 3, 512, 4096, 8192, b.max_read()] {
+                    if offset + len > size {
+                        continue;
+                    }
+                    let reqs = b.requests(offset, len, size);
+                    let what = format!("{min}/{pref}/{max}: read {offset}+{len}: {reqs:?}");
+                    assert!(!reqs.is_empty(), "{what}");
+                    assert!(reqs[0].0 <= offset, "{what}");
+                    let last = reqs[reqs.len() - 1];
+                    assert!(last.0 + last.1 >= offset + len, "{what}");
+                    for w in reqs.windows(2) {
+                        assert_eq!(w[0].0 + w[0].1, w[1].0, "{what}");
+                    }
+                    for &(o, l) in &reqs {
+                        assert!(l > 0 && l <= max, "{what}");
+                        assert_eq!(o % min, 0, "{what}");
+                        assert!(l % min == 0 || o + l == size, "{what}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -12,7 +12,8 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::uri::{NbdAddr, NbdUri};
 use super::wire::{self, be16, be32, be64, RequestHeader};
@@ -25,6 +26,13 @@ pub const DEFAULT_MAX_BLOCK: u32 = 32 << 20;
 
 /// Most extents [`zero_ranges`] takes in (beyond: treated as data).
 pub const MAX_EXTENTS: usize = 1 << 20;
+/// Most zero ranges [`zero_ranges`] keeps (beyond: the rest of the export is treated as data):
+/// 16 bytes each, so at most 1 MiB per remote base.
+pub const MAX_ZERO_RANGES: usize = 1 << 16;
+/// Longest block-status chunk taken in (128 Ki extents).
+const MAX_STATUS_CHUNK: u32 = 1 << 20;
+/// How long [`zero_ranges_in_step`] (through [`zero_ranges`]) may take when no timeout is given.
+pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connected socket (Unix or TCP).
 #[derive(Debug)]
@@ -50,6 +58,14 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
+    }
+
+    /// Sets the read timeout alone (`None`: block).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
     }
 
     /// Sets the write timeout alone (`None`: block). A socket's timeouts are shared by every
@@ -171,12 +187,58 @@ fn io_err(uri: &NbdUri, what: &str, e: std::io::Error) -> Error {
     remote_err(uri, format!("{what}: {e}"))
 }
 
-/// Connects to the server `uri` names and negotiates its export, each socket operation of the
-/// handshake limited to `timeout`. The returned session's socket has no timeouts.
+/// Connects a Unix-domain stream socket to `path`, giving up after `timeout`. A plain
+/// blocking `connect` waits without bound while the listener's backlog is full (a server that
+/// stopped accepting); here the socket is non-blocking during the connect, which then fails
+/// with `EAGAIN` instead of waiting, and is retried until the deadline.
+fn connect_unix(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let deadline = Instant::now() + timeout;
+    let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        use std::os::fd::AsRawFd;
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(Errno::EINTR) => {}
+            // The listener's backlog is full: try again until the deadline.
+            Err(Errno::EAGAIN) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the server did not accept within {:.1} s (its backlog is full)",
+                            timeout.as_secs_f64()
+                        ),
+                    ));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let s = UnixStream::from(fd);
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// Connects to the server `uri` names and negotiates its export: the connect and each socket
+/// operation of the handshake limited to `timeout`. The returned session's socket has no
+/// timeouts.
 pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Session> {
     let stream = match &uri.addr {
         NbdAddr::Unix(path) => {
-            Stream::Unix(UnixStream::connect(path).map_err(|e| io_err(uri, "connect", e))?)
+            Stream::Unix(connect_unix(path, timeout).map_err(|e| io_err(uri, "connect", e))?)
         }
         NbdAddr::Tcp { host, port } => {
             let addrs = (host.as_str(), *port)
@@ -434,6 +496,9 @@ pub enum ReplyError {
     Io(std::io::Error),
     /// The server broke the protocol (bad magic, a chunk outside its request, ...).
     Protocol(String),
+    /// The server answered `NBD_ESHUTDOWN`: it is going away. Nothing it answered with that is
+    /// an answer to the read; the connection is closed and the read is sent again on the next.
+    ShuttingDown,
 }
 
 impl std::fmt::Display for ReplyError {
@@ -441,6 +506,7 @@ impl std::fmt::Display for ReplyError {
         match self {
             ReplyError::Io(e) => write!(f, "{e}"),
             ReplyError::Protocol(p) => write!(f, "protocol error: {p}"),
+            ReplyError::ShuttingDown => write!(f, "the server is shutting down (ESHUTDOWN)"),
         }
     }
 }
@@ -505,18 +571,85 @@ pub fn chunk_range(
 /// What one structured-reply chunk of a read brought.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ChunkPayload {
-    /// Data or a hole: this many bytes of the read are now filled in.
-    Covered(u64),
-    /// The server's error for the read.
-    Error(String),
+    /// Data or a hole: these bytes of the read's buffer are now filled in.
+    Covered(std::ops::Range<usize>),
+    /// The server's error for the read: its NBD error value and message.
+    Error { code: u32, msg: String },
     /// Nothing (`NONE`).
     Nothing,
+}
+
+/// Most disjoint pieces a [`Coverage`] keeps apart: chunks sent in order merge into one, so
+/// only a server scattering its chunks reaches it (its read then fails).
+pub const MAX_COVERAGE_PIECES: usize = 4096;
+
+/// Which bytes of one read the chunks of its reply filled in, to require that every byte is
+/// covered exactly once: two chunks over the same byte, or a byte no chunk covered, make the
+/// read fail instead of answering with a stale or zero byte. Sorted, disjoint, merged
+/// `[start, end)` ranges, at most [`MAX_COVERAGE_PIECES`] of them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    pieces: Vec<(usize, usize)>,
+}
+
+impl Coverage {
+    /// Records `r` as filled in: an error when it overlaps what is already covered, or when
+    /// the reply is scattered over too many pieces. An empty range covers nothing.
+    pub fn add(&mut self, r: std::ops::Range<usize>) -> Result<(), String> {
+        if r.is_empty() {
+            return Ok(());
+        }
+        // The first piece ending after `r` starts: the only one that can overlap or follow.
+        let i = self.pieces.partition_point(|p| p.1 <= r.start);
+        if let Some(&(s, e)) = self.pieces.get(i) {
+            if s < r.end {
+                return Err(format!(
+                    "chunk [{}, {}) overlaps bytes [{s}, {e}) already covered",
+                    r.start, r.end
+                ));
+            }
+        }
+        let joins_prev = i > 0 && self.pieces[i - 1].1 == r.start;
+        let joins_next = self.pieces.get(i).is_some_and(|p| p.0 == r.end);
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.pieces[i - 1].1 = self.pieces[i].1;
+                self.pieces.remove(i);
+            }
+            (true, false) => self.pieces[i - 1].1 = r.end,
+            (false, true) => self.pieces[i].0 = r.start,
+            (false, false) => {
+                if self.pieces.len() >= MAX_COVERAGE_PIECES {
+                    return Err(format!(
+                        "reply scattered over more than {MAX_COVERAGE_PIECES} pieces"
+                    ));
+                }
+                self.pieces.insert(i, (r.start, r.end));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether exactly `[0, len)` is covered (every byte once: overlaps were refused).
+    pub fn is_complete(&self, len: usize) -> bool {
+        match self.pieces.as_slice() {
+            [] => len == 0,
+            [(0, e)] => *e == len,
+            _ => false,
+        }
+    }
+
+    /// Bytes covered.
+    pub fn covered(&self) -> usize {
+        self.pieces.iter().map(|p| p.1 - p.0).sum()
+    }
 }
 
 /// Takes in the payload of chunk `c` of a read of `[start, start + buf.len())` (its header
 /// already read from `s`), placing data and holes into `buf`. Every offset and length the
 /// server sends is checked against the read before use: a chunk outside it, of an unexpected
-/// type or of a bad length is a protocol error, never a panic.
+/// type or of a bad length is a protocol error, never a panic. (Whether chunks overlap is the
+/// caller's [`Coverage`]'s to check.)
 pub fn read_chunk_into(
     s: &mut impl Read,
     c: &Chunk,
@@ -532,8 +665,8 @@ pub fn read_chunk_into(
             let n = u64::from(c.len - 8);
             let r = chunk_range(start, buf.len(), off, n)
                 .map_err(|e| ReplyError::Protocol(format!("data {e}")))?;
-            s.read_exact(&mut buf[r])?;
-            Ok(ChunkPayload::Covered(n))
+            s.read_exact(&mut buf[r.clone()])?;
+            Ok(ChunkPayload::Covered(r))
         }
         wire::REPLY_TYPE_OFFSET_HOLE if c.len == 12 => {
             let mut h = [0u8; 12];
@@ -542,8 +675,8 @@ pub fn read_chunk_into(
             let n = u64::from(be32(&h, 8));
             let r = chunk_range(start, buf.len(), off, n)
                 .map_err(|e| ReplyError::Protocol(format!("hole {e}")))?;
-            buf[r].fill(0);
-            Ok(ChunkPayload::Covered(n))
+            buf[r.clone()].fill(0);
+            Ok(ChunkPayload::Covered(r))
         }
         k if k & 0x8000 != 0 && (6..=MAX_ERROR_CHUNK).contains(&c.len) => {
             let mut p = vec![0u8; c.len as usize];
@@ -553,8 +686,9 @@ pub fn read_chunk_into(
             let msg = p
                 .get(6..6 + mlen)
                 .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            Ok(ChunkPayload::Error(format!("server error {code}: {msg}")))
+                .unwrap_or_default()
+                .into_owned();
+            Ok(ChunkPayload::Error { code, msg })
         }
         k => Err(ReplyError::Protocol(format!(
             "unexpected chunk type {k} of {} bytes",
@@ -577,22 +711,62 @@ pub fn disconnect(s: &mut impl Write) {
     let _ = send_request(s, wire::CMD_DISC, 0, 0, 0);
 }
 
+/// Reads from a socket, each `read` limited to what is left until `until`: a server that
+/// trickles bytes cannot stretch a sequence of reads past the deadline.
+struct Deadline<'a> {
+    s: &'a mut Stream,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within the timeout",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
 /// The extents (length, `STATE_*` flags) of `[offset, offset + len)` under `base:allocation`,
-/// asked synchronously on a session nothing else uses (at open).
-pub fn block_status(
+/// asked synchronously on a session nothing else uses (at open), the whole exchange bounded by
+/// `until`. Each extent is non-empty and they stay inside the request (the last one is cut at
+/// its end); the server's single block-status chunk for the context is taken in, at most
+/// `MAX_STATUS_CHUNK` bytes. Any error may leave replies of this request unread in the socket:
+/// the caller must then drop the session.
+fn block_status(
     sess: &mut Session,
     uri: &NbdUri,
     offset: u64,
     len: u32,
+    until: Instant,
 ) -> Result<Vec<(u32, u32)>> {
     let ctx = sess
         .allocation_ctx
         .ok_or_else(|| remote_err(uri, "base:allocation was not negotiated"))?;
-    send_request(&mut sess.stream, wire::CMD_BLOCK_STATUS, 1, offset, len)
+    let mut r = Deadline {
+        s: &mut sess.stream,
+        until,
+    };
+    let left = r.left().map_err(|e| io_err(uri, "send block status", e))?;
+    r.s.set_write_timeout(Some(left))
+        .and_then(|()| send_request(r.s, wire::CMD_BLOCK_STATUS, 1, offset, len))
         .map_err(|e| io_err(uri, "send block status", e))?;
     let mut out = Vec::new();
+    let mut seen = false;
     loop {
-        let h = read_reply_header(&mut sess.stream)
+        let h = read_reply_header(&mut r)
             .map_err(|e| remote_err(uri, format!("block status reply: {e}")))?;
         let c = match h {
             ReplyHeader::Simple { error, .. } => {
@@ -606,18 +780,41 @@ pub fn block_status(
             }
             ReplyHeader::Chunk(c) => c,
         };
-        if c.cookie != 1 || c.len > MAX_OPTION_REPLY * 16 {
-            return Err(remote_err(uri, "bad block status chunk"));
+        if c.cookie != 1 || c.len > MAX_STATUS_CHUNK {
+            return Err(remote_err(
+                uri,
+                format!(
+                    "bad block status chunk (cookie {}, {} bytes)",
+                    c.cookie, c.len
+                ),
+            ));
         }
         let mut payload = vec![0u8; c.len as usize];
-        sess.stream
-            .read_exact(&mut payload)
+        r.read_exact(&mut payload)
             .map_err(|e| io_err(uri, "read block status", e))?;
         match c.kind {
             wire::REPLY_TYPE_BLOCK_STATUS if payload.len() >= 4 => {
                 if be32(&payload, 0) == ctx {
+                    if seen {
+                        return Err(remote_err(
+                            uri,
+                            "two block status chunks for one context in one reply",
+                        ));
+                    }
+                    seen = true;
+                    let mut left = u64::from(len);
                     for e in payload[4..].chunks_exact(8) {
-                        out.push((be32(e, 0), be32(e, 4)));
+                        let l = be32(e, 0);
+                        if l == 0 {
+                            return Err(remote_err(uri, "block status extent of length 0"));
+                        }
+                        if left == 0 {
+                            break;
+                        }
+                        let l = u64::from(l).min(left);
+                        left -= l;
+                        // `l` is at most `len`, a u32.
+                        out.push((l as u32, be32(e, 4)));
                     }
                 }
             }
@@ -634,28 +831,50 @@ pub fn block_status(
 }
 
 /// The byte ranges of the whole export that read as zeros (`base:allocation` with
-/// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else. At
-/// most [`MAX_EXTENTS`] extents are looked at (the rest counts as data); without the context,
-/// or when the server fails the query, nothing is known to be zero (always correct).
+/// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else, with
+/// [`DEFAULT_STATUS_TIMEOUT`]. See [`zero_ranges_in_step`]; for a session that is closed
+/// afterwards.
 pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
+    zero_ranges_in_step(sess, uri, DEFAULT_STATUS_TIMEOUT).0
+}
+
+/// The byte ranges of the whole export that read as zeros (`base:allocation` with
+/// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else; and
+/// whether the session is still in step (no reply left unread in it) and may be used on.
+///
+/// Bounded in time and memory whatever the server does: the whole query gives up at `timeout`
+/// (a server that never answers, or answers without end), at most [`MAX_EXTENTS`] extents are
+/// looked at and at most [`MAX_ZERO_RANGES`] ranges kept. What is not known to be zero is data
+/// (read from the server): always correct, never a hole that is not one. A request's extents
+/// count only once its reply completed without error; when the query fails (or times out),
+/// what earlier requests found is kept, and the session is out of step: it must be dropped.
+pub fn zero_ranges_in_step(
+    sess: &mut Session,
+    uri: &NbdUri,
+    timeout: Duration,
+) -> (Vec<(u64, u64)>, bool) {
     let mut zeros: Vec<(u64, u64)> = Vec::new();
     if sess.allocation_ctx.is_none() {
-        return zeros;
+        return (zeros, true);
     }
+    let until = Instant::now() + timeout;
     let step = (1u64 << 30) - (1u64 << 30) % u64::from(sess.min_block.max(1));
     let (mut pos, mut extents) = (0u64, 0usize);
-    while pos < sess.size && extents < MAX_EXTENTS {
+    while pos < sess.size && extents < MAX_EXTENTS && zeros.len() < MAX_ZERO_RANGES {
         let len = (sess.size - pos).min(step) as u32;
-        let got = match block_status(sess, uri, pos, len) {
+        let got = match block_status(sess, uri, pos, len, until) {
             Ok(g) => g,
             Err(e) => {
-                tracing::warn!(error = %e, "block status of the remote base failed; \
-                    every range of it is treated as data");
-                return Vec::new();
+                tracing::warn!(error = %e, known_up_to = pos, "block status of the remote base \
+                    failed; the rest of it is treated as data, and the connection is dropped");
+                return (zeros, false);
             }
         };
         let before = pos;
         for (l, flags) in got {
+            if zeros.len() >= MAX_ZERO_RANGES {
+                break;
+            }
             let end = (pos + u64::from(l)).min(sess.size);
             if flags & wire::STATE_ZERO != 0 && end > pos {
                 match zeros.last_mut() {
@@ -670,5 +889,86 @@ pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
             break;
         }
     }
-    zeros
+    let in_step = sess.stream.set_timeouts(None).is_ok();
+    (zeros, in_step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_takes_every_byte_exactly_once() {
+        let mut c = Coverage::default();
+        assert!(c.is_complete(0));
+        // Out of order, adjacent pieces merge.
+        c.add(1024..2048).expect("first");
+        c.add(0..512).expect("second");
+        assert!(!c.is_complete(2048), "a gap");
+        c.add(512..1024).expect("fills the gap");
+        assert!(c.is_complete(2048));
+        assert!(!c.is_complete(4096));
+        // Overlaps, however they lie, are refused (and change nothing).
+        for r in [0..1, 2047..2049, 100..200, 0..4096] {
+            assert!(c.add(r.clone()).is_err(), "{r:?}");
+        }
+        assert_eq!(c.covered(), 2048);
+        // Two chunks whose lengths add up to the read's, one over the other: not complete.
+        let mut c = Coverage::default();
+        c.add(0..2560).expect("first");
+        assert!(c.add(2048..4096 - 512).is_err());
+        assert!(!c.is_complete(4096));
+        // A reply scattered over too many pieces fails instead of growing without bound.
+        let mut c = Coverage::default();
+        let mut failed = false;
+        for i in 0..=MAX_COVERAGE_PIECES {
+            failed |= c.add(i * 2..i * 2 + 1).is_err();
+        }
+        assert!(failed);
+    }
+
+    /// A listener whose backlog is full (it never accepts): the connect gives up by its
+    /// timeout with an error naming the server, instead of waiting for the server for ever.
+    #[test]
+    fn a_unix_connect_to_a_full_backlog_times_out() {
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("full.sock");
+        let l = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&l),
+            &UnixAddr::new(&path).expect("addr"),
+        )
+        .expect("bind");
+        socket::listen(&l, Backlog::new(0).expect("backlog")).expect("listen");
+        // With a backlog of 0 one connection waits in the queue; the next one finds it full.
+        let mut filled = Vec::new();
+        loop {
+            match connect_unix(&path, Duration::from_millis(200)) {
+                Ok(s) => filled.push(s),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+                    break;
+                }
+            }
+            assert!(filled.len() < 16, "the backlog never filled up");
+        }
+        let uri = NbdUri::parse(&format!("nbd+unix:///?socket={}", path.display())).expect("uri");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(connect(&uri, Duration::from_secs(1)).map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("connect still waiting 60 s into a 1 s timeout");
+        let e = r.expect_err("a listener that never accepts");
+        assert!(e.to_string().contains("full.sock"), "{e}");
+        drop(filled);
+    }
 }
