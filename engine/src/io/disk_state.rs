@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{DirtyBlocks, SparseBitmap};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::overlay::{ofd_lock, ofd_unlock};
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
+use crate::sys::{ofd_lock, ofd_unlock, LockKind};
 
 use super::align::{dio_align, DioAlign};
 use super::base::{BaseSource, ChainBase};
@@ -230,12 +230,6 @@ fn complete_without_base(
     }
 }
 
-fn is_direct(file: &File) -> bool {
-    // SAFETY: F_GETFL on an open fd has no memory effects.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_DIRECT != 0
-}
-
 /// Opens `path` (the raw image) a second time, buffered, and checks it is the file `image`.
 fn open_tail(image: &File, path: &Path, read_only: bool) -> Result<File> {
     use std::os::unix::fs::MetadataExt;
@@ -315,7 +309,7 @@ impl DiskState {
                     .with_path(&meta_path),
             );
         }
-        let direct = is_direct(&image);
+        let direct = crate::sys::is_o_direct(&image);
         let image_align = dio_align(&image, direct);
         let unit = image_align.offset.max(SECTOR_SIZE);
         let tail = if direct && virtual_size % image_align.offset != 0 {
@@ -461,8 +455,8 @@ impl DiskState {
         if self.read_only {
             return Ok(());
         }
-        ofd_lock(&self.meta, true).map_err(|e| e.with_path(&self.meta_path))?;
-        if let Err(e) = ofd_lock(&self.image, true) {
+        ofd_lock(&self.meta, LockKind::Exclusive).map_err(|e| e.with_path(&self.meta_path))?;
+        if let Err(e) = ofd_lock(&self.image, LockKind::Exclusive) {
             ofd_unlock(&self.meta);
             return Err(e.with_path(&self.meta_path));
         }
