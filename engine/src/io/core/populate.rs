@@ -22,17 +22,17 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use super::super::base::BaseRun;
-use super::super::buf;
-use super::super::disk_state::{DiskState, Parked};
-use super::super::range_lock::Ticket;
 use super::super::request::{req_err, Done, MAX_POPULATE};
-use super::super::responder::Responder;
 use super::ops::OpKind;
 use super::shared_buf::SharedBuf;
 use super::tasks::{Held, PopulateTask, Task};
 use super::{round_down, round_up, Core};
 use crate::bitmap::SparseBitmap;
 use crate::format::SECTOR_SIZE;
+use crate::io::disk::range_lock::Ticket;
+use crate::io::disk::state::{DiskState, Parked};
+use crate::io::request::responder::Responder;
+use crate::io::uring::buf;
 use crate::sys::{next_data, next_hole};
 
 /// What populate does with one run of units.

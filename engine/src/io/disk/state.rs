@@ -16,16 +16,16 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 use crate::sys::{ofd_lock, ofd_unlock, LockKind};
 
-use super::align::{dio_align, DioAlign};
-use super::base::{BaseSource, ChainBase};
-use super::config::{CacheMode, DiskOptions, EngineConfig};
 use super::extent_ahead::ExtentAhead;
-use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
-use super::remote::RemoteOptions;
-use super::request::{Request, RequestError};
-use super::responder::Responder;
 use super::stats::DiskCounters;
+use crate::io::align::{dio_align, DioAlign};
+use crate::io::base::{BaseSource, ChainBase};
+use crate::io::config::{CacheMode, DiskOptions, EngineConfig};
+use crate::io::engine::file_slot::FileSlot;
+use crate::io::remote::RemoteOptions;
+use crate::io::request::responder::Responder;
+use crate::io::request::{Request, RequestError};
 
 /// Block size of the metadata file for dirty marks and commit writes.
 pub(crate) const META_BLOCK: u64 = 4096;
@@ -155,10 +155,10 @@ pub(crate) struct DiskState {
     /// What the engine did for this disk (read by `Disk::stats`).
     pub counters: DiskCounters,
     #[cfg(feature = "crash-recorder")]
-    pub recorder: Option<Arc<super::recorder::Recorder>>,
-    /// Test-only: where publications may be parked (see [`super::faults`]).
+    pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
+    /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
     #[cfg(feature = "fault-injection")]
-    pub faults: Option<Arc<super::faults::FaultPlan>>,
+    pub faults: Option<Arc<crate::io::testing::faults::FaultPlan>>,
     /// This disk's registered-file slots; dropped last, when nothing can use them any more.
     pub slot: Option<FileSlot>,
 }
@@ -407,7 +407,10 @@ impl DiskState {
             .dirty
             .publish_with(&self.bitmap, start, end - start, || {
                 if let Some(plan) = &self.faults {
-                    plan.park_at(super::faults::ParkPoint::Publication(start), end);
+                    plan.park_at(
+                        crate::io::testing::faults::ParkPoint::Publication(start),
+                        end,
+                    );
                 }
             });
         #[cfg(not(feature = "fault-injection"))]

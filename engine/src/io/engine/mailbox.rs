@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
-use super::disk_state::{DiskState, Waiter};
-use super::request::Request;
-use super::responder::Responder;
-use super::source::CoreSource;
+use crate::io::disk::state::{DiskState, Waiter};
+use crate::io::request::responder::Responder;
+use crate::io::request::Request;
+use crate::io::source::CoreSource;
 
 /// A message to a core thread.
 pub(crate) enum Msg {
@@ -54,7 +54,7 @@ pub(crate) enum Msg {
     /// key of the waiting read.
     RemoteDone {
         op: usize,
-        result: super::remote::ReadResult,
+        result: crate::io::remote::ReadResult,
     },
     /// Finish in-flight work and exit.
     Shutdown,
