@@ -8,7 +8,8 @@
 //! locks, whose "someone else holds it" is an answer rather than a failure, say so in their
 //! result ([`ofd_try_lock`]) or as [`ErrorKind::Locked`] ([`ofd_lock`]).
 //!
-//! `nix` makes the calls where it has them; `statx` (which it lacks) is the one `unsafe` here.
+//! `nix` makes the calls where it has them; `statx`, which it lacks, is the only call here that
+//! needs `unsafe`.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -195,8 +196,8 @@ fn seek(fd: impl AsFd, from: u64, whence: Whence) -> std::io::Result<Option<u64>
     let Ok(off) = libc::off_t::try_from(from) else {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     };
-    // The file position moves; nothing that shares it reads or writes through it (all of the
-    // engine's and the daemon's file I/O is positioned: pread/pwrite and ring ops).
+    // This moves the file position: callers must not rely on it (the engine's and the daemon's
+    // reads and writes of the files they walk are positioned: pread/pwrite and ring ops).
     match lseek(fd.as_fd().as_raw_fd(), off, whence) {
         Ok(at) => Ok(Some(at as u64)),
         Err(Errno::ENXIO) => Ok(None),
