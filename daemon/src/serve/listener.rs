@@ -14,7 +14,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -380,6 +380,15 @@ fn set_keepalive(s: &TcpStream) -> io::Result<()> {
     )?;
     setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
     Ok(())
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix { sock, .. } => sock.as_fd(),
+            Listener::Tcp(s) => s.as_fd(),
+        }
+    }
 }
 
 impl AsRawFd for Listener {

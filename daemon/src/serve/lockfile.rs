@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -117,20 +116,8 @@ impl Drop for LockedFile {
 
 /// Takes a write lock on the whole of `f`; false when another open file description holds one.
 fn try_lock(f: &File) -> io::Result<bool> {
-    // SAFETY: a zeroed flock is a valid value; the fields set are plain integers.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: fcntl with F_OFD_SETLK reads the flock we pass and holds no pointer to it.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
-        _ => Err(e),
-    }
+    use addcow_engine::sys::{ofd_try_lock, LockKind, LockRange};
+    ofd_try_lock(f, LockKind::Exclusive, LockRange::WHOLE)
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub mod vhost_export;
 pub use addcow_engine::nbd::wire;
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -659,11 +659,7 @@ fn accept_loop(
         let mut fds: Vec<PollFd<'_>> = if listening {
             listeners
                 .iter()
-                .map(|l| {
-                    // SAFETY: the listener outlives this loop iteration's PollFd.
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.as_raw_fd()) };
-                    PollFd::new(fd, PollFlags::POLLIN)
-                })
+                .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
                 .collect()
         } else {
             Vec::new()

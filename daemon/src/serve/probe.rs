@@ -7,12 +7,9 @@
 //! changes no byte).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use addcow_engine::ExtentKind;
-use nix::errno::Errno;
-use nix::unistd::{lseek, Whence};
 
 use super::allow::OverlayFiles;
 
@@ -87,24 +84,23 @@ fn starts_with_add_cow_magic(f: &File) -> bool {
 
 /// Appends the holes of `f` inside `[start, end)` (at most [`MAX_HOLES`] of them).
 pub fn file_holes(f: &File, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-    let fd = f.as_raw_fd();
+    use addcow_engine::sys::{seek_data, seek_hole};
     let mut pos = start;
     let mut n = 0;
     while pos < end && n < MAX_HOLES {
-        let Ok(at) = i64::try_from(pos) else { return };
-        let hole = match lseek(fd, at, Whence::SeekHole) {
-            Ok(h) => h as u64,
+        let hole = match seek_hole(f, pos) {
+            Ok(Some(h)) => h,
             // At or past the end of the file: nothing more to learn here.
-            Err(Errno::ENXIO) => return,
+            Ok(None) => return,
             Err(_) => return,
         };
         if hole >= end {
             return;
         }
-        let data = match lseek(fd, hole as i64, Whence::SeekData) {
-            Ok(d) => d as u64,
+        let data = match seek_data(f, hole) {
+            Ok(Some(d)) => d,
             // No data after the hole: it runs to the end of the file.
-            Err(Errno::ENXIO) => end,
+            Ok(None) => end,
             Err(_) => return,
         };
         let stop = data.min(end);
@@ -122,46 +118,21 @@ pub fn file_holes(f: &File, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
 /// Whether the file system of `image` punches holes: a punch past its end (which changes no
 /// byte) is tried.
 fn can_punch(image: &Path) -> bool {
-    use nix::fcntl::{fallocate, FallocateFlags};
     let Ok(f) = std::fs::OpenOptions::new().write(true).open(image) else {
         return false;
     };
     let Ok(meta) = f.metadata() else { return false };
     let at = meta.len().div_ceil(4096) * 4096 + 4096;
-    let Ok(at) = i64::try_from(at) else {
-        return false;
-    };
-    fallocate(
-        f.as_raw_fd(),
-        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        at,
-        4096,
-    )
-    .is_ok()
+    addcow_engine::sys::punch_hole(&f, at, 4096).is_ok()
 }
 
 /// The unit the engine zeroes in: 512, or the raw image's direct-I/O alignment when larger
 /// (4096 when the file system does not report it).
 fn dio_unit(image: &File) -> u64 {
-    // SAFETY: statx fills the zeroed struct we own; the path is an empty C string used with
-    // AT_EMPTY_PATH on a descriptor we hold open.
-    let (rc, stx) = unsafe {
-        let mut stx: libc::statx = std::mem::zeroed();
-        let rc = libc::statx(
-            image.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        );
-        (rc, stx)
+    let align = match addcow_engine::sys::dio_alignment(image) {
+        Some(a) if a.offset > 0 => u64::from(a.offset),
+        _ => 4096,
     };
-    let align =
-        if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 {
-            u64::from(stx.stx_dio_offset_align)
-        } else {
-            4096
-        };
     align.max(512)
 }
 

@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::Shutdown;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -220,13 +220,7 @@ pub struct RingConn {
 }
 
 fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    addcow_engine::sys::eventfd(addcow_engine::sys::EventFdMode::NonBlocking)
 }
 
 fn owned(sock: Sock) -> OwnedFd {

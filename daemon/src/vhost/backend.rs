@@ -287,7 +287,6 @@ mod tests {
     use crate::serve::export::memory::MemDisk;
     use addcow_engine::{Completion, Request};
     use std::io::Read;
-    use std::os::fd::{FromRawFd, OwnedFd};
     use vhost_user_backend::VringT;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -317,11 +316,8 @@ mod tests {
     }
 
     fn eventfd() -> std::fs::File {
-        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh, owned descriptor.
-        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = addcow_engine::sys::eventfd(addcow_engine::sys::EventFdMode::NonBlocking);
+        std::fs::File::from(fd.expect("eventfd"))
     }
 
     /// `n` chains on `ring` (descriptors 3k..3k+2): header, one data descriptor of `len` bytes

@@ -26,12 +26,13 @@ use std::path::{Path, PathBuf};
 
 use crate::bitmap::SparseBitmap;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::overlay::{file_len, ofd_lock};
+use crate::format::overlay::file_len;
 use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::{OpFile, Ops};
 use crate::lifecycle::resize::grow;
 use crate::lifecycle::view::is_add_cow;
 use crate::lifecycle::{clear_runs, WINDOW};
+use crate::sys::{ofd_lock, LockKind};
 
 /// Bytes copied at a time.
 const COPY_CHUNK: u64 = 1 << 20;
@@ -152,7 +153,7 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
             .write(true)
             .open(&base_path)
             .map_err(|e| Error::io("open base for writing", e).with_path(&base_path))?;
-        ofd_lock(&f, true).map_err(|e| base_locked(e, &base_path))?;
+        ofd_lock(&f, LockKind::Exclusive).map_err(|e| base_locked(e, &base_path))?;
         let raw = ops.open(&f, &base_path)?;
         let len = file_len(&f, &base_path, "stat base")?;
         if len < size {

@@ -1,7 +1,7 @@
-//! Socket I/O a [`CoreSource`](super::CoreSource) runs on its core's ring: the types a source
+//! Socket I/O a [`CoreSource`](crate::io::CoreSource) runs on its core's ring: the types a source
 //! hands in and gets back ([`SockFd`], [`SendList`], [`SockDone`]). The ops themselves are
-//! pushed with [`SourceCtx::recv`](super::SourceCtx::recv) and
-//! [`SourceCtx::send`](super::SourceCtx::send); nothing here knows what the bytes mean.
+//! pushed with [`SourceCtx::recv`](crate::io::SourceCtx::recv) and
+//! [`SourceCtx::send`](crate::io::SourceCtx::send); nothing here knows what the bytes mean.
 //!
 //! Ownership is the contract: a recv takes its [`IoBuf`] by value and a send its whole
 //! [`SendList`] (header bytes and the `IoBuf`s it sends from); the op keeps them, and a clone of
@@ -12,7 +12,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use super::buf::IoBuf;
+use crate::io::uring::buf::IoBuf;
 
 /// Most iovecs one `sendmsg` carries (`IOV_MAX`); a longer list is sent in several SQEs (the
 /// first completion reports a short send, the source sends the rest).

@@ -1,5 +1,5 @@
 //! Work a core polls in its own ring beside its requests: [`CoreSource`], attached to a core
-//! with [`Engine::attach_source`](super::Engine::attach_source) and an eventfd. The core arms a
+//! with [`Engine::attach_source`](crate::io::Engine::attach_source) and an eventfd. The core arms a
 //! poll of the eventfd in its io_uring; when it fires, the core consumes the eventfd's count and
 //! calls [`CoreSource::ready`] on its own thread, where the source may submit requests with no
 //! channel hop ([`SourceCtx::submit`]). At the end of every core turn it calls
@@ -16,15 +16,17 @@
 //!
 //! Nothing here knows what a source serves (a virtqueue, a socket, a timer).
 
+pub(super) mod sock;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::buf::IoBuf;
-use super::disk_state::DiskState;
-use super::engine_shared::EngineShared;
-use super::request::Request;
-use super::responder::Responder;
-use super::sock::{SendList, SockDone, SockFd};
+use crate::io::disk::state::DiskState;
+use crate::io::engine::shared::EngineShared;
+use crate::io::request::responder::Responder;
+use crate::io::request::Request;
+use crate::io::uring::buf::IoBuf;
+use sock::{SendList, SockDone, SockFd};
 
 /// Work a core polls in its own ring, beside its requests.
 pub trait CoreSource: Send + 'static {

@@ -3,7 +3,7 @@
 //! Counters are relaxed atomics bumped where the work completes; [`Disk::stats`] reads a
 //! consistent-enough snapshot (each counter on its own; no lock on the request path).
 //!
-//! [`Disk::stats`]: super::Disk::stats
+//! [`Disk::stats`]: crate::io::Disk::stats
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -13,19 +13,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{DirtyBlocks, SparseBitmap};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::overlay::{ofd_lock, ofd_unlock};
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
+use crate::sys::{ofd_lock, ofd_unlock, LockKind};
 
-use super::align::{dio_align, DioAlign};
-use super::base::{BaseSource, ChainBase};
-use super::config::{CacheMode, DiskOptions, EngineConfig};
 use super::extent_ahead::ExtentAhead;
-use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
-use super::remote::RemoteOptions;
-use super::request::{Request, RequestError};
-use super::responder::Responder;
 use super::stats::DiskCounters;
+use crate::io::align::{dio_align, DioAlign};
+use crate::io::base::{BaseSource, ChainBase};
+use crate::io::config::{CacheMode, DiskOptions, EngineConfig};
+use crate::io::engine::file_slot::FileSlot;
+use crate::io::remote::RemoteOptions;
+use crate::io::request::responder::Responder;
+use crate::io::request::{Request, RequestError};
 
 /// Block size of the metadata file for dirty marks and commit writes.
 pub(crate) const META_BLOCK: u64 = 4096;
@@ -155,10 +155,10 @@ pub(crate) struct DiskState {
     /// What the engine did for this disk (read by `Disk::stats`).
     pub counters: DiskCounters,
     #[cfg(feature = "crash-recorder")]
-    pub recorder: Option<Arc<super::recorder::Recorder>>,
-    /// Test-only: where publications may be parked (see [`super::faults`]).
+    pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
+    /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
     #[cfg(feature = "fault-injection")]
-    pub faults: Option<Arc<super::faults::FaultPlan>>,
+    pub faults: Option<Arc<crate::io::testing::faults::FaultPlan>>,
     /// This disk's registered-file slots; dropped last, when nothing can use them any more.
     pub slot: Option<FileSlot>,
 }
@@ -228,12 +228,6 @@ fn complete_without_base(
         }
         _ => Err(err),
     }
-}
-
-fn is_direct(file: &File) -> bool {
-    // SAFETY: F_GETFL on an open fd has no memory effects.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_DIRECT != 0
 }
 
 /// Opens `path` (the raw image) a second time, buffered, and checks it is the file `image`.
@@ -315,7 +309,7 @@ impl DiskState {
                     .with_path(&meta_path),
             );
         }
-        let direct = is_direct(&image);
+        let direct = crate::sys::is_o_direct(&image);
         let image_align = dio_align(&image, direct);
         let unit = image_align.offset.max(SECTOR_SIZE);
         let tail = if direct && virtual_size % image_align.offset != 0 {
@@ -413,7 +407,10 @@ impl DiskState {
             .dirty
             .publish_with(&self.bitmap, start, end - start, || {
                 if let Some(plan) = &self.faults {
-                    plan.park_at(super::faults::ParkPoint::Publication(start), end);
+                    plan.park_at(
+                        crate::io::testing::faults::ParkPoint::Publication(start),
+                        end,
+                    );
                 }
             });
         #[cfg(not(feature = "fault-injection"))]
@@ -461,8 +458,8 @@ impl DiskState {
         if self.read_only {
             return Ok(());
         }
-        ofd_lock(&self.meta, true).map_err(|e| e.with_path(&self.meta_path))?;
-        if let Err(e) = ofd_lock(&self.image, true) {
+        ofd_lock(&self.meta, LockKind::Exclusive).map_err(|e| e.with_path(&self.meta_path))?;
+        if let Err(e) = ofd_lock(&self.image, LockKind::Exclusive) {
             ofd_unlock(&self.meta);
             return Err(e.with_path(&self.meta_path));
         }

@@ -1,7 +1,9 @@
 //! What a caller says to a disk and what it hears back: [`Request`], [`Done`],
 //! [`RequestError`], [`Completion`], and the allocation map ([`Extent`]).
 
-use super::buf::IoBuf;
+pub(super) mod responder;
+
+use crate::io::uring::buf::IoBuf;
 
 /// Largest READ the engine serves (256 MiB); larger ones fail with `EINVAL` rather than
 /// allocate an unbounded buffer.

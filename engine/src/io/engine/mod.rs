@@ -1,21 +1,25 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
+pub(super) mod file_slot;
+pub(super) mod mailbox;
+pub(super) mod shared;
+
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use super::buf::{self, Arena, IoBuf};
-use super::config::{DiskOptions, EngineConfig};
-use super::core::{on_core_thread, Core};
-use super::disk::{close_disk, Disk};
-use super::disk_state::{DiskState, Role};
-use super::engine_shared::EngineShared;
-use super::mailbox::{CoreHandle, Msg};
-use super::mutex::lock;
-use super::source::{CoreSource, SourceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::config::{DiskOptions, EngineConfig};
+use crate::io::core::{on_core_thread, Core};
+use crate::io::disk::state::{DiskState, Role};
+use crate::io::disk::{close_disk, Disk};
+use crate::io::mutex::lock;
+use crate::io::source::{CoreSource, SourceId};
+use crate::io::uring::buf::{self, Arena, IoBuf};
+use mailbox::{CoreHandle, Msg};
+use shared::EngineShared;
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.
 ///
@@ -302,7 +306,7 @@ impl Engine {
     /// are freed at their completions); requests the source submitted still complete (into
     /// whatever their completions hold). A source of a stopped engine is already gone. Not from
     /// a core thread (it waits for the core; a source ends itself with
-    /// [`SourceCtx::detach`](super::SourceCtx::detach)).
+    /// [`SourceCtx::detach`](crate::io::SourceCtx::detach)).
     pub fn detach_source(&self, id: SourceId) -> Result<()> {
         if on_core_thread() {
             return Err(Error::new(ErrorKind::InvalidArgument(

@@ -4,11 +4,11 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use super::buf::Arena;
-use super::config::EngineConfig;
 use super::file_slot::{FileSlot, SlotOwner};
 use super::mailbox::{CoreHandle, Msg};
-use super::mutex::lock;
+use crate::io::config::EngineConfig;
+use crate::io::mutex::lock;
+use crate::io::uring::buf::Arena;
 
 /// Disks that can have registered files at once (each takes 3 slots of every ring's table).
 pub(crate) const MAX_REGISTERED_DISKS: u32 = 256;

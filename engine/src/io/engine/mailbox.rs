@@ -6,16 +6,16 @@
 //! eventfd, whose read completing wakes the core. Both sides use SeqCst, so a message is either
 //! seen by the core's last look or wakes it; a busy core is fed with no wakeup syscalls.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
-use super::disk_state::{DiskState, Waiter};
-use super::request::Request;
-use super::responder::Responder;
-use super::source::CoreSource;
+use crate::io::disk::state::{DiskState, Waiter};
+use crate::io::request::responder::Responder;
+use crate::io::request::Request;
+use crate::io::source::CoreSource;
 
 /// A message to a core thread.
 pub(crate) enum Msg {
@@ -54,7 +54,7 @@ pub(crate) enum Msg {
     /// key of the waiting read.
     RemoteDone {
         op: usize,
-        result: super::remote::ReadResult,
+        result: crate::io::remote::ReadResult,
     },
     /// Finish in-flight work and exit.
     Shutdown,
@@ -72,13 +72,7 @@ pub(crate) struct CoreHandle {
 impl CoreHandle {
     /// Creates the eventfd; the channel is passed in.
     pub(crate) fn new(tx: Sender<Msg>) -> std::io::Result<CoreHandle> {
-        // SAFETY: eventfd has no memory effects; we check the result.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = crate::sys::eventfd(crate::sys::EventFdMode::Blocking)?;
         Ok(CoreHandle {
             tx,
             eventfd,
@@ -98,14 +92,6 @@ impl CoreHandle {
 
     /// Writes the eventfd unconditionally.
     pub(crate) fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        let _ = unsafe {
-            libc::write(
-                self.eventfd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        crate::sys::eventfd_signal(&self.eventfd);
     }
 }

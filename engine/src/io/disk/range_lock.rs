@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Mutex;
 
-use super::mutex::lock;
+use crate::io::mutex::lock;
 
 /// Independently locked shards.
 pub(crate) const SHARDS: usize = 64;

@@ -8,7 +8,7 @@
 //!   starts only once the last bitmap write completed: at that write's CQE);
 //! * `rec_sync(.., true)`: at the CQE of every successful fdatasync.
 
-use super::disk_state::{DiskState, Role};
+use crate::io::disk::state::{DiskState, Role};
 
 impl DiskState {
     /// Records a completed write (crash-recorder feature; no-op otherwise).

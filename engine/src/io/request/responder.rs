@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::request::{Completion, Done, RequestError};
+use super::{Completion, Done, RequestError};
 
 /// See the module docs.
 pub(crate) struct Responder {

@@ -1,20 +1,26 @@
 //! [`Disk`]: an open overlay on an engine, where requests enter.
 
+pub(super) mod commit_plan;
+pub(super) mod extent_ahead;
+pub(super) mod range_lock;
+pub(super) mod state;
+pub(super) mod stats;
+
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::buf;
-use super::core::on_core_thread;
-use super::disk_state::{DiskState, Waiter};
-use super::engine_shared::EngineShared;
-use super::mailbox::Msg;
-use super::request::{req_err, Completion, DepthExtent, Done, Extent, Request, RequestError};
-use super::responder::Responder;
-use super::source::SourceCtx;
-use super::split;
-use super::stats::DiskStats;
 use crate::error::{Error, Result};
+use crate::io::core::on_core_thread;
+use crate::io::engine::mailbox::Msg;
+use crate::io::engine::shared::EngineShared;
+use crate::io::request::responder::Responder;
+use crate::io::request::{req_err, Completion, DepthExtent, Done, Extent, Request, RequestError};
+use crate::io::source::SourceCtx;
+use crate::io::split;
+use crate::io::uring::buf;
+use state::{DiskState, Waiter};
+use stats::DiskStats;
 
 /// An open overlay on an engine. Cheap to clone; all clones share one state (so a FLUSH through
 /// any clone covers writes answered through every other: multi-conn safe).
