@@ -24,7 +24,7 @@ use super::activity::Activity;
 use super::config::DeviceConfig;
 use super::queue::Queue;
 use super::vring::CoreVring;
-use crate::serve::export::Backend;
+use crate::nbd::export::Backend;
 
 /// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight.
 const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(l.admit(), None);
     }
 
-    use crate::serve::export::memory::MemDisk;
+    use crate::nbd::export::memory::MemDisk;
     use addcow_engine::{Completion, Request};
     use std::io::Read;
     use std::os::fd::{FromRawFd, OwnedFd};

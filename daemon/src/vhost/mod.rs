@@ -35,7 +35,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::serve::export::Backend;
+use crate::nbd::export::Backend;
 use activity::Activity;
 use backend::BlkDevice;
 use config::DeviceConfig;

@@ -14,10 +14,10 @@ use addcow_engine::{
     SourceCtx,
 };
 
-use super::conns::ClientHandle;
-use super::probe::LayerFiles;
 use super::stats::ExportStats;
 use super::wire;
+use crate::backend::probe::LayerFiles;
+use crate::conn::conns::ClientHandle;
 
 /// What the protocol needs from a disk. Implementations are shared by every connection
 /// (so a FLUSH on one connection covers writes answered on any other: multi-conn safe).
@@ -266,7 +266,7 @@ impl EngineDisk {
         let mut cur = match self.current.try_write() {
             Ok(g) => g,
             Err(_) => {
-                super::seam::mark("switch-blocked");
+                crate::process::seam::mark("switch-blocked");
                 self.current.write().unwrap_or_else(|p| p.into_inner())
             }
         };

@@ -4,8 +4,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::super::host::Host;
 use super::super::jobs::{JobCtl, JobError};
+use super::super::runtime::Host;
 use super::methods::params;
 use super::rpc::{RpcError, INVALID_PARAMS};
 use crate::stream::{stream, StreamControl};

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use super::super::events;
-use super::super::host::{DeleteMode, Host, HostError, Origin};
+use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;

@@ -170,7 +170,7 @@ fn answer_on(
     let mut out = Vec::new();
     if ctx.base_allocation {
         let (extents, exact) = walk(backend, offset, len, max);
-        super::seam::pause("status-walked");
+        crate::process::seam::pause("status-walked");
         let runs = base_allocation_runs(backend, &extents, exact);
         let runs = finish(runs, exact, req_one, |a, b| a & b);
         out.push((handshake::CTX_BASE_ALLOCATION, lengths(runs, len)));
