@@ -14,7 +14,7 @@ use addcow_engine::ExtentKind;
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 
-use crate::host::allow::OverlayFiles;
+use super::files::OverlayFiles;
 
 /// Most hole ranges collected for one request (more are treated as data: always a safe answer).
 const MAX_HOLES: usize = 1 << 17;
@@ -24,7 +24,7 @@ const MAX_HOLES: usize = 1 << 17;
 pub struct LayerFiles {
     image: File,
     base: Option<File>,
-    /// See [`crate::nbd::export::Backend::fast_zero_unit`].
+    /// See [`crate::backend::disk::Backend::fast_zero_unit`].
     pub fast_zero_unit: Option<u64>,
 }
 

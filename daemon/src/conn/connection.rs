@@ -33,8 +33,9 @@ use super::budget::Budget;
 use super::conns::ClientHandle;
 use super::outbox::{Outbox, Ticket};
 use super::sock::{Deadline, Sock};
+use crate::backend::disk::Backend;
 use crate::nbd::command::{self, Command, Limits};
-use crate::nbd::export::{Attached, Backend, Export};
+use crate::nbd::export::{Attached, Export};
 use crate::nbd::handshake::{self, HandshakeError, Negotiated};
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{Op, Stamp};
@@ -572,7 +573,7 @@ mod tests {
 
     use super::super::budget::Pool;
     use super::*;
-    use crate::nbd::export::memory::MemDisk;
+    use crate::backend::memory::MemDisk;
     use crate::nbd::export::{Export, Exports};
 
     type Conn = std::thread::JoinHandle<Ended>;

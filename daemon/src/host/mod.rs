@@ -3,8 +3,9 @@
 //!
 //! [`runtime::Host`] holds the engine, the export table, the allowed folders, the event
 //! broadcaster and the stop switch, and adds/removes exports; [`control`] is the JSON-RPC
-//! control socket, [`events`] its notifications; [`jobs`] the background jobs (stream);
-//! [`snapshot`] and [`resize`] change an export's disk under its clients; [`allow`] the folders
+//! control socket (with `export-resize`, [`control::resize`]), [`events`] its notifications;
+//! [`jobs`] the background jobs (stream); [`snapshot`] and `export-resize` change an export's
+//! disk under its clients; [`allow`] the folders
 //! `export-add` may open; [`vhost_export`] the vhost-user-blk exports the control socket added.
 //!
 //! May import: [`crate::conn`] (listening sockets), [`crate::nbd`], [`crate::vhost`],
@@ -15,7 +16,6 @@ pub mod allow;
 pub mod control;
 pub mod events;
 pub mod jobs;
-pub mod resize;
 pub mod runtime;
 pub mod snapshot;
 pub mod vhost_export;

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use super::events;
 use super::runtime::Host;
-use crate::nbd::export::{EngineDisk, Generation};
+use crate::backend::disk::{EngineDisk, Generation};
 
 /// What a snapshot did.
 #[derive(Debug, Clone, Serialize)]

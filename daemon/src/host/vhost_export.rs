@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::disk::Backend;
 use crate::conn::listener::{ListenError, Listener, SocketFile};
-use crate::nbd::export::Backend;
 use crate::vhost::VhostServer;
 
 /// What `export-add` asks of a vhost-user-blk export.

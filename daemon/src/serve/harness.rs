@@ -8,13 +8,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::backend::memory::MemDisk;
 use crate::conn::connection::{self, ConnConfig};
 use crate::conn::conns::ClientHandle;
 use crate::conn::sock::Sock;
 use crate::host::allow::AllowedDirs;
 use crate::host::runtime::Host;
 use crate::nbd::command::{self, Limits};
-use crate::nbd::export::memory::MemDisk;
 use crate::nbd::export::{Export, Exports};
 use crate::nbd::handshake::{self, MetaContexts};
 use crate::nbd::wire::{self, RequestHeader};

@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use addcow_engine::{CacheMode, Engine, EngineConfig};
 
+use crate::backend::files::OverlayFiles;
 use crate::conn::budget::Pool;
 use crate::conn::connection::{self, ConnConfig};
 use crate::conn::conns::{ClientHandle, Live};
 use crate::conn::listener::{self, Listener};
-use crate::host::allow::{AllowedDirs, OverlayFiles};
+use crate::host::allow::AllowedDirs;
 use crate::host::control;
 use crate::host::events;
 use crate::host::runtime::{Host, Origin};
@@ -732,7 +733,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::nbd::export::memory::MemDisk;
+    use crate::backend::memory::MemDisk;
     use crate::nbd::export::Export;
 
     /// A server on in-memory disks ("" and read-only "ro", 8 MiB, base half 0xab) on a temp

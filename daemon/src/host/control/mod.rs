@@ -16,6 +16,7 @@
 
 mod job_methods;
 pub mod methods;
+pub mod resize;
 pub mod rpc;
 
 use std::collections::VecDeque;

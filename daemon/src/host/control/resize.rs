@@ -25,10 +25,10 @@ use addcow_engine::format::MAX_VIRTUAL_SIZE;
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
 use serde::Serialize;
 
-use super::control::rpc::RpcError;
-use crate::nbd::export::{EngineDisk, Generation};
+use super::rpc::RpcError;
+use crate::backend::disk::{EngineDisk, Generation};
 
-use super::runtime::{Host, HostError};
+use super::super::runtime::{Host, HostError};
 
 /// What `export-resize` did.
 #[derive(Debug, Clone, Serialize)]
