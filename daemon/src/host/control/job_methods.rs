@@ -1,6 +1,6 @@
 //! The control socket's job methods: `job-start`, `query-jobs`, `job-pause`, `job-resume`,
 //! `job-cancel`, `job-dismiss` (the table entries are in `methods.rs`; the job table and its
-//! state machine in `serve/jobs.rs`; the stream loop in `crate::stream`).
+//! state machine in `host/jobs.rs`; the stream loop in `crate::stream`).
 
 use serde_json::{json, Map, Value};
 
