@@ -4,7 +4,7 @@
 //!
 //! The protocol layers (NBD and vhost-user-blk) talk to a `dyn Backend`; in the daemon that is
 //! an engine [`Disk`] (plus its [`Engine`] for buffers). Tests of the protocol layers use an
-//! in-memory backend ([`super::memory`]).
+//! in-memory backend (`super::memory`, in test and fuzzing builds).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};

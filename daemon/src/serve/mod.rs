@@ -166,7 +166,7 @@ pub struct ServeArgs {
 pub enum ConnMode {
     /// A reader and a writer thread per connection.
     Threads,
-    /// On the connection's engine core ([`ring_conn`]).
+    /// On the connection's engine core ([`crate::conn::ring_conn`]).
     Ring,
 }
 
