@@ -42,16 +42,17 @@ use addcow_engine::{
 };
 
 use super::budget::{Share, Waker};
-use super::command::{self, Command, Limits};
 use super::conn_config::{ConnConfig, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
 use super::conns::ClientHandle;
-use super::export::{Attached, Backend};
-use super::handshake::Negotiated;
-use super::reply::{self, Body, Framing, Reply};
 use super::sock::Sock;
-use super::stats::{ExportStats, Op, Stamp};
-use super::status;
-use super::wire::{self, RequestHeader};
+use crate::backend::disk::Backend;
+use crate::nbd::command::{self, Command, Limits};
+use crate::nbd::export::Attached;
+use crate::nbd::handshake::Negotiated;
+use crate::nbd::reply::{self, Body, Framing, Reply};
+use crate::nbd::stats::{ExportStats, Op, Stamp};
+use crate::nbd::status;
+use crate::nbd::wire::{self, RequestHeader};
 
 /// Bytes of the receive buffer (request headers and what follows them).
 const RECV_BUFFER: usize = 64 << 10;

@@ -14,13 +14,14 @@ use serde::Serialize;
 
 use super::allow::{AllowError, AllowedDirs};
 use super::events::{self, Events};
-use super::export::{DeleteRefused, EngineDisk, Export, Exports};
 use super::jobs::Jobs;
-use super::probe::LayerFiles;
-use super::signals::Stop;
-use super::stats::{Op, Percentiles};
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
-use super::wire;
+use crate::backend::disk::EngineDisk;
+use crate::backend::probe::LayerFiles;
+use crate::nbd::export::{DeleteRefused, Export, Exports};
+use crate::nbd::stats::{Op, Percentiles};
+use crate::nbd::wire;
+use crate::process::signals::Stop;
 
 /// Who asks to add an export: the command line is trusted; the control socket is held to the
 /// allowed folders.

@@ -17,9 +17,9 @@
 
 use addcow_engine::{DepthExtent, Extent, ExtentKind};
 
-use super::export::{Backend, Layout};
 use super::handshake::{self, MetaContexts};
 use super::wire;
+use crate::backend::disk::{Backend, Layout};
 
 /// Most extents in one block-status chunk (QEMU's server uses the same bound; the spec allows
 /// up to 2^20).
@@ -170,7 +170,7 @@ fn answer_on(
     let mut out = Vec::new();
     if ctx.base_allocation {
         let (extents, exact) = walk(backend, offset, len, max);
-        super::seam::pause("status-walked");
+        crate::process::seam::pause("status-walked");
         let runs = base_allocation_runs(backend, &extents, exact);
         let runs = finish(runs, exact, req_one, |a, b| a & b);
         out.push((handshake::CTX_BASE_ALLOCATION, lengths(runs, len)));
@@ -287,8 +287,8 @@ mod tests {
 
     use addcow_engine::{Completion, IoBuf, Request};
 
-    use super::super::export::memory::MemDisk;
     use super::*;
+    use crate::backend::memory::MemDisk;
 
     const BOTH: MetaContexts = MetaContexts {
         base_allocation: true,

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::export::Backend;
-use super::listener::{ListenError, Listener, SocketFile};
+use crate::backend::disk::Backend;
+use crate::conn::listener::{ListenError, Listener, SocketFile};
 use crate::vhost::VhostServer;
 
 /// What `export-add` asks of a vhost-user-blk export.

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::budget::Waker;
 use super::sock::Sock;
+use crate::nbd::export::Client;
 
 /// How a connection is told to stop: a flag its reader checks before each request, and a
 /// handle on its socket to wake a reader blocked in `read` (shutting down the read side makes
@@ -71,6 +72,16 @@ impl ClientHandle {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.sock.shutdown(Shutdown::Both);
         self.wake();
+    }
+}
+
+impl Client for ClientHandle {
+    fn stop_reading(&self) {
+        ClientHandle::stop_reading(self);
+    }
+
+    fn close(&self) {
+        ClientHandle::close(self);
     }
 }
 

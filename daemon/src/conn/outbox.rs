@@ -26,9 +26,9 @@ use std::time::Instant;
 
 use super::budget::Budget;
 use super::conns::ClientHandle;
-use super::reply::{self, Body, Framing, Reply};
 use super::sock::Sock;
-use super::stats::{ExportStats, Stamp};
+use crate::nbd::reply::{self, Body, Framing, Reply};
+use crate::nbd::stats::{ExportStats, Stamp};
 
 /// Most replies the writer sends with one `sendmsg` batch.
 const WRITER_BATCH: usize = 64;
@@ -303,9 +303,9 @@ mod tests {
 
     use addcow_engine::IoBuf;
 
-    use super::super::reply::encode;
-    use super::super::stats::Op;
     use super::*;
+    use crate::nbd::reply::encode;
+    use crate::nbd::stats::Op;
 
     fn stamp() -> Stamp {
         Stamp::now(Op::Read, 0)

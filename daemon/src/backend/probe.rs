@@ -11,7 +11,7 @@ use std::path::Path;
 
 use addcow_engine::ExtentKind;
 
-use super::allow::OverlayFiles;
+use super::files::OverlayFiles;
 
 /// Most hole ranges collected for one request (more are treated as data: always a safe answer).
 const MAX_HOLES: usize = 1 << 17;
@@ -21,7 +21,7 @@ const MAX_HOLES: usize = 1 << 17;
 pub struct LayerFiles {
     image: File,
     base: Option<File>,
-    /// See [`super::export::Backend::fast_zero_unit`].
+    /// See [`crate::backend::disk::Backend::fast_zero_unit`].
     pub fast_zero_unit: Option<u64>,
 }
 

@@ -499,8 +499,8 @@ fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
 mod tests {
     use std::io::Cursor as IoCursor;
 
-    use super::super::export::memory::MemDisk;
     use super::*;
+    use crate::backend::memory::MemDisk;
 
     /// A scripted client: reads come from `input`, writes go to `output`.
     struct Script {

@@ -25,10 +25,10 @@ use addcow_engine::format::MAX_VIRTUAL_SIZE;
 use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
 use serde::Serialize;
 
-use super::control::rpc::RpcError;
-use super::export::{EngineDisk, Generation};
+use super::rpc::RpcError;
+use crate::backend::disk::{EngineDisk, Generation};
 
-use super::host::{Host, HostError};
+use super::super::runtime::{Host, HostError};
 
 /// What `export-resize` did.
 #[derive(Debug, Clone, Serialize)]
@@ -156,7 +156,7 @@ fn grow(
     // server under the chain is down, ...) the export goes on serving it without opening
     // anything again.
     disk.unlock_overlay();
-    super::seam::pause("resize-unlocked");
+    crate::process::seam::pause("resize-unlocked");
     tracing::info!(export = %name, old_size, new_size = size, "resizing export");
     let grown = resize(
         &ResizeOptions {

@@ -20,8 +20,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::lockfile::{LockError, LockedFile};
 use super::sock::Sock;
+use crate::process::lockfile::{LockError, LockedFile};
 
 /// First file descriptor systemd passes.
 const SD_LISTEN_FDS_START: RawFd = 3;

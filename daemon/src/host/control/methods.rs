@@ -5,15 +5,14 @@
 
 use std::path::PathBuf;
 
-use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use super::super::events;
-use super::super::host::{DeleteMode, Host, HostError, Origin};
+use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;
-use super::rpc::{RpcError, INVALID_PARAMS};
+use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,22 +180,11 @@ pub fn find(name: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.name == name)
 }
 
-/// Deserializes `params` into the method's parameter struct; unknown, missing or mistyped
-/// fields are `INVALID_PARAMS` errors that say which.
-pub(super) fn params<T: DeserializeOwned>(p: Map<String, Value>) -> Result<T, RpcError> {
-    serde_json::from_value(Value::Object(p))
-        .map_err(|e| RpcError::new(INVALID_PARAMS, format!("invalid params: {e}")))
-}
-
 impl From<HostError> for RpcError {
     fn from(e: HostError) -> RpcError {
         RpcError::server(e.class(), e.to_string())
     }
 }
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NoParams {}
 
 fn hello(_: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let NoParams {} = params(p)?;
@@ -395,7 +383,7 @@ fn export_resize(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> 
             ),
         )
     })?;
-    let done = super::super::resize::resize_export(host, &r.name, size)?;
+    let done = super::resize::resize_export(host, &r.name, size)?;
     Ok(serde_json::to_value(done).unwrap_or_default())
 }
 

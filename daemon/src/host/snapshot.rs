@@ -34,8 +34,8 @@ use addcow_engine::format::{create, CreateOptions};
 use serde::Serialize;
 
 use super::events;
-use super::export::{EngineDisk, Generation};
-use super::host::Host;
+use super::runtime::Host;
+use crate::backend::disk::{EngineDisk, Generation};
 
 /// What a snapshot did.
 #[derive(Debug, Clone, Serialize)]
@@ -309,7 +309,7 @@ fn take(
         force: true,
     };
     let created = create(&opts).and_then(|()| {
-        if super::seam::fail("snapshot-create") {
+        if crate::process::seam::fail("snapshot-create") {
             Err(addcow_engine::Error::io(
                 "create (test seam)",
                 std::io::Error::from_raw_os_error(libc::EIO),
@@ -327,7 +327,7 @@ fn take(
     // new overlay cannot be opened (an image server under the chain is down, ...) the export
     // goes on serving this disk as it is, without opening anything again.
     cur.disk.unlock_overlay();
-    super::seam::pause("snapshot-unlocked");
+    crate::process::seam::pause("snapshot-unlocked");
     match ed.open_generation(overlay, name) {
         Ok(next) => {
             // Flushed and untouched since: the close commits nothing; it only lets go of the

@@ -4,6 +4,7 @@
 //! absent; `id` a string, a number or null. A request without `id` is a notification: it is
 //! carried out and not answered. Batches (arrays) are refused with one error.
 
+use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 /// Invalid JSON.
@@ -16,6 +17,18 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 /// A method failed: the message is the daemon's error; `data.class` names its kind.
 pub const SERVER_ERROR: i64 = -32000;
+
+/// Deserializes `params` into the method's parameter struct; unknown, missing or mistyped
+/// fields are `INVALID_PARAMS` errors that say which.
+pub(super) fn params<T: DeserializeOwned>(p: Map<String, Value>) -> Result<T, RpcError> {
+    serde_json::from_value(Value::Object(p))
+        .map_err(|e| RpcError::new(INVALID_PARAMS, format!("invalid params: {e}")))
+}
+
+/// The parameters of a method that takes none (any given is an `INVALID_PARAMS` error).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NoParams {}
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]

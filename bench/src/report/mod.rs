@@ -1,5 +1,9 @@
 //! Results of a compare run: medians per (profile, server), ratios of addcow to each peer, the
-//! targets, and the files `report.md`, `results.json` and `chart.svg`.
+//! targets, and the files `report.md`, `results.json` and `chart.svg`. [`targets`] judges the
+//! issue's targets, [`chart`] draws the chart.
+
+mod chart;
+mod targets;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -349,7 +353,7 @@ pub fn markdown_sections(sections: &[Results]) -> String {
         qemu-nbd serving the same data as a qcow2 overlay, every server's median IOPS, bandwidth, latency \
         percentiles and fraction of the raw limit (`fio-raw`: the disk itself, no server, same profile, size \
         and rounds), and what each server spent per request.\n");
-    crate::targets::write_block(&mut s, sections);
+    targets::write_block(&mut s, sections);
     let multi = sections.len() > 1;
     for r in sections {
         if multi {
@@ -670,7 +674,7 @@ fn write_files(dir: &Path, sections: &[Results], json: bool) -> Result<()> {
     let mp = dir.join("report.md");
     std::fs::write(&mp, markdown_sections(sections)).map_err(io_err("write", &mp))?;
     for r in sections {
-        crate::chart::write_svg(&dir.join(chart_name(r, sections.len())), r)?;
+        chart::write_svg(&dir.join(chart_name(r, sections.len())), r)?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@
 
 mod job_methods;
 pub mod methods;
+pub mod resize;
 pub mod rpc;
 
 use std::collections::VecDeque;
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::events::Sink;
-use super::host::Host;
+use super::runtime::Host;
 use rpc::{RpcError, INVALID_REQUEST, METHOD_NOT_FOUND};
 
 /// Longest request line read (1 MiB).

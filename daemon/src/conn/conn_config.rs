@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::budget::Pool;
-use super::export::Exports;
+use crate::nbd::export::Exports;
 
 /// Writer threads that panicked since the daemon started (each one ended its connection).
 pub static WRITER_PANICS: AtomicU64 = AtomicU64::new(0);

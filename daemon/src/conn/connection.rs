@@ -3,7 +3,7 @@
 //! (this thread) and a writer thread (`--conn-mode threads`).
 //!
 //! The reader parses request headers, reads WRITE payloads straight into engine buffers,
-//! validates ([`super::command`]), takes a [`Ticket`] (a share of the connection's request
+//! validates ([`crate::nbd::command`]), takes a [`Ticket`] (a share of the connection's request
 //! budget and of the daemon's buffer [`Pool`]) and submits to the engine on the connection's
 //! core. Each completion (on a core thread) sends its [`Reply`] through the connection's
 //! [`Outbox`] to the writer thread. Replies go out in completion order.
@@ -30,16 +30,17 @@ use std::time::{Duration, Instant};
 use addcow_engine::{ExtentKind, Request};
 
 use super::budget::Budget;
-use super::command::{self, Command, Limits};
 use super::conns::ClientHandle;
-use super::export::{Attached, Backend, Export};
-use super::handshake::{self, HandshakeError, Negotiated};
 use super::outbox::{Outbox, Ticket};
-use super::reply::{self, Body, Framing, Reply};
 use super::sock::{Deadline, Sock};
-use super::stats::{Op, Stamp};
-use super::status;
-use super::wire::{self, RequestHeader};
+use crate::backend::disk::Backend;
+use crate::nbd::command::{self, Command, Limits};
+use crate::nbd::export::{Attached, Export};
+use crate::nbd::handshake::{self, HandshakeError, Negotiated};
+use crate::nbd::reply::{self, Body, Framing, Reply};
+use crate::nbd::stats::{Op, Stamp};
+use crate::nbd::status;
+use crate::nbd::wire::{self, RequestHeader};
 
 pub use super::conn_config::{ConnConfig, Ended, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
 
@@ -571,9 +572,9 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::super::budget::Pool;
-    use super::super::export::memory::MemDisk;
-    use super::super::export::{Export, Exports};
     use super::*;
+    use crate::backend::memory::MemDisk;
+    use crate::nbd::export::{Export, Exports};
 
     type Conn = std::thread::JoinHandle<Ended>;
 
@@ -1356,7 +1357,7 @@ mod tests {
         assert_eq!(totals.errors, 0);
         assert_eq!(
             export.begin_delete(false),
-            Err(super::super::export::DeleteRefused::AlreadyDeleting)
+            Err(crate::nbd::export::DeleteRefused::AlreadyDeleting)
         );
     }
 

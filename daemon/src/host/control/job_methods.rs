@@ -1,13 +1,12 @@
 //! The control socket's job methods: `job-start`, `query-jobs`, `job-pause`, `job-resume`,
 //! `job-cancel`, `job-dismiss` (the table entries are in `methods.rs`; the job table and its
-//! state machine in `serve/jobs.rs`; the stream loop in `crate::stream`).
+//! state machine in `host/jobs.rs`; the stream loop in `crate::stream`).
 
 use serde_json::{json, Map, Value};
 
-use super::super::host::Host;
 use super::super::jobs::{JobCtl, JobError};
-use super::methods::params;
-use super::rpc::{RpcError, INVALID_PARAMS};
+use super::super::runtime::Host;
+use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS};
 use crate::stream::{stream, StreamControl};
 
 impl From<JobError> for RpcError {
@@ -133,7 +132,7 @@ pub(super) fn job_start(host: &Host, p: Map<String, Value>) -> Result<Value, Rpc
 }
 
 pub(super) fn query_jobs(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
-    let super::methods::NoParams {} = params(p)?;
+    let NoParams {} = params(p)?;
     Ok(serde_json::to_value(host.jobs.query()).unwrap_or_default())
 }
 
