@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{
@@ -66,12 +66,13 @@ pub trait Backend: Send + Sync + 'static {
             })
             .collect()
     }
-    /// The current disk's layout, held so that no disk switch can begin or end until the
-    /// returned view is dropped: every answer made from it (block status: extents, then the
-    /// holes of the files under them) describes one disk. `None` when the backend's disk never
-    /// changes (then [`Backend::allocation`] and [`Backend::zero_ranges`] already agree).
-    /// Never from an engine core thread (a switch waits for requests a core completes).
-    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+    /// Holds the current disk until the returned guard is dropped: no disk switch can begin or
+    /// end meanwhile, so every answer made from this backend's [`Backend::size`],
+    /// [`Backend::allocation`], [`Backend::allocation_depth`] and [`Backend::zero_ranges`]
+    /// while it is held (block status: extents, then the holes of the files under them)
+    /// describes one disk. `None` when the backend's disk never changes. Never from an engine
+    /// core thread (a switch waits for requests a core completes).
+    fn pin_layout(&self) -> Option<RwLockReadGuard<'_, ()>> {
         None
     }
     /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
@@ -98,37 +99,6 @@ pub trait Backend: Send + Sync + 'static {
     /// FAST_ZERO fails fast).
     fn fast_zero_unit(&self) -> Option<u64> {
         Some(512)
-    }
-}
-
-/// What block status reads of one disk: its size, which layer supplies each range, and where
-/// the files under it have holes. See [`Backend::pin_layout`].
-pub trait Layout {
-    /// Virtual size in bytes.
-    fn size(&self) -> u64;
-    /// See [`Backend::allocation`].
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
-    /// See [`Backend::allocation_depth`].
-    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent>;
-    /// See [`Backend::zero_ranges`].
-    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>);
-}
-
-/// A generation held by a read guard of its [`EngineDisk`]: a switch waits until it is dropped.
-impl Layout for std::sync::RwLockReadGuard<'_, Arc<Generation>> {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.disk.allocation(offset, len)
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
-        self.disk.allocation_depth(offset, len)
-    }
-    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        if let Some(f) = &self.files {
-            f.holes(layer, start, end, out);
-        }
     }
 }
 
@@ -213,6 +183,9 @@ pub struct EngineDisk {
     /// The options the export was added with: every generation is opened with them.
     pub opts: DiskOptions,
     current: RwLock<Arc<Generation>>,
+    /// Held shared by [`Backend::pin_layout`] and exclusively by a switch (taken before
+    /// `current`, so a pinned reader that takes `current` shared never waits for a switch).
+    layout: RwLock<()>,
     /// The current generation's FAST_ZERO unit (0: it cannot punch holes), readable without
     /// the lock (connections check it on engine core threads, which must not wait for a
     /// switch). Updated when a generation is installed, before requests flow to it.
@@ -234,6 +207,7 @@ impl EngineDisk {
             opts,
             fast_zero: AtomicU64::new(g.fast_zero_code()),
             current: RwLock::new(Arc::new(g)),
+            layout: RwLock::new(()),
             in_flight: Arc::default(),
         }
     }
@@ -247,7 +221,7 @@ impl EngineDisk {
         Generation::open(&self.engine, overlay, name, &self.opts)
     }
 
-    fn current(&self) -> std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+    fn current(&self) -> RwLockReadGuard<'_, Arc<Generation>> {
         self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -259,22 +233,33 @@ impl EngineDisk {
         f(&cur.disk)
     }
 
-    /// Holds every new request back, waits until every submitted one was answered, then runs
-    /// `f` on the current generation: the generation `f` returns (if any) becomes current before
-    /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.
+    /// Holds every new request back, waits until every submitted one was answered and the disk
+    /// is quiesced (no copy-on-read the engine admitted for an answered read is left, and none
+    /// starts: see [`Disk::quiesce`]), then runs `f` on the current generation: the generation
+    /// `f` returns (if any) becomes current before requests flow again (`f` closes the old
+    /// one); if none, the current disk takes copy-on-reads again. Requests that arrive during
+    /// `f` wait, then go to the current disk. A switch waits for pinned layouts
+    /// ([`Backend::pin_layout`]) to be dropped.
     pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
-        let mut cur = match self.current.try_write() {
+        let _layout = match self.layout.try_write() {
             Ok(g) => g,
             Err(_) => {
                 super::seam::mark("switch-blocked");
-                self.current.write().unwrap_or_else(|p| p.into_inner())
+                self.layout.write().unwrap_or_else(|p| p.into_inner())
             }
         };
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         self.in_flight.wait_idle();
+        // A copy-up sets bits after its read was answered: none may once `f` flushes, lets go
+        // of the overlay's locks or closes the disk.
+        cur.disk.quiesce();
         let (next, out) = f(&cur);
-        if let Some(g) = next {
-            self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
-            *cur = Arc::new(g);
+        match next {
+            Some(g) => {
+                self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
+                *cur = Arc::new(g);
+            }
+            None => cur.disk.resume(),
         }
         out
     }
@@ -348,10 +333,12 @@ impl Backend for EngineDisk {
         Some(self)
     }
     fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        self.current().zero_ranges(layer, start, end, out);
+        if let Some(f) = &self.current().files {
+            f.holes(layer, start, end, out);
+        }
     }
-    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
-        Some(Box::new(self.current()))
+    fn pin_layout(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        Some(self.layout.read().unwrap_or_else(|p| p.into_inner()))
     }
     fn fast_zero_unit(&self) -> Option<u64> {
         match self.fast_zero.load(Ordering::SeqCst) {
