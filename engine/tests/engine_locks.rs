@@ -373,3 +373,28 @@ fn relocking_after_an_offline_grow_accepts_what_the_grow_left_and_nothing_else()
     d.abandon().expect("abandon");
     drop(e);
 }
+
+/// A relock refused because another writer holds the raw image names the raw image (not the
+/// `.add-cow`), and leaves the `.add-cow` unlocked again.
+#[test]
+fn a_relock_refused_on_the_raw_image_names_the_raw_image() {
+    let e = engine(1);
+    let f = fixture(1 << 20, 0);
+    let image = f.overlay.with_extension("raw");
+    let d = open(&e, &f.overlay);
+    d.flush().expect("flush");
+    d.unlock_overlay();
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    assert!(try_lock(&holder, true), "the raw image was let go");
+    let err = d.relock_overlay(None).expect_err("the raw image is held");
+    assert_eq!(err.kind(), &ErrorKind::Locked, "{err}");
+    assert_eq!(err.path(), Some(image.as_path()), "{err}");
+    assert!(can_lock(&f.overlay, true), "the .add-cow stays unlocked");
+    d.abandon().expect("abandon");
+    drop(holder);
+    drop(e);
+}

@@ -816,4 +816,39 @@ mod tests {
         assert!(t.find("ro").is_some());
         assert!(t.find("x").is_none());
     }
+
+    /// A switch runs its step on a quiesced disk (no copy-on-read can set bits after the
+    /// step's flush, unlock or close) and resumes the disk when it stays current.
+    #[test]
+    fn a_switch_quiesces_the_disk_and_resumes_it_when_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = dir.path().join("vm.add-cow");
+        addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+            overlay: overlay.clone(),
+            size: Some(1 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+        let engine = Engine::start(addcow_engine::EngineConfig {
+            cores: 1,
+            arena_bytes: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let opts = DiskOptions {
+            copy_on_read: true,
+            ..Default::default()
+        };
+        let disk = engine.open(&overlay, opts.clone()).unwrap();
+        let ed = EngineDisk::new(engine.clone(), opts, disk, None);
+        assert!(!ed.disk().unwrap().is_quiesced());
+        let during = ed.switch(|cur| (None, cur.disk.is_quiesced()));
+        assert!(during, "the switch ran its step on a disk that could still copy up");
+        assert!(
+            !ed.disk().unwrap().is_quiesced(),
+            "the disk that stays current was not resumed"
+        );
+        ed.disk().unwrap().close().unwrap();
+        engine.shutdown().unwrap();
+    }
 }
