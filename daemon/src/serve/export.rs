@@ -843,7 +843,10 @@ mod tests {
         let ed = EngineDisk::new(engine.clone(), opts, disk, None);
         assert!(!ed.disk().unwrap().is_quiesced());
         let during = ed.switch(|cur| (None, cur.disk.is_quiesced()));
-        assert!(during, "the switch ran its step on a disk that could still copy up");
+        assert!(
+            during,
+            "the switch ran its step on a disk that could still copy up"
+        );
         assert!(
             !ed.disk().unwrap().is_quiesced(),
             "the disk that stays current was not resumed"
