@@ -70,6 +70,12 @@ fn export_resize_grows_a_served_export() {
         .call("export-resize", json!({"name": "disk", "size": 1_000_000}))
         .unwrap_err();
     assert_eq!(e["data"]["class"], "invalid-size", "{e}");
+    // The error names the export and its overlay.
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"disk\"") && msg.contains(&f.overlay().display().to_string()),
+        "{e}"
+    );
     let e = c
         .call("export-resize", json!({"name": "disk", "size": "lots"}))
         .unwrap_err();
@@ -287,4 +293,80 @@ fn a_process_that_locks_the_overlay_during_a_resize_gets_it_and_the_export_stops
     let raw = std::fs::read(f.path("disk.raw")).unwrap();
     assert!(raw[..4096].iter().all(|&b| b == 0x41));
     d.stop();
+}
+
+/// A resize whose grow fails (test seam `resize-grow`) while another process wrote the overlay
+/// in place in the moment it was unlocked (a `serve` that came and went, `addcow resize
+/// --shrink`): the old disk must not take it back, or its stale bitmap blocks would overwrite
+/// what that process wrote. The reply says the overlay is lost, writes fail, and what the other
+/// process wrote stays.
+#[test]
+fn a_failed_resize_does_not_take_back_an_overlay_written_meanwhile() {
+    use std::os::unix::fs::FileExt;
+    let f = Fixture::new(MIB);
+    let seams = f.path("seams");
+    std::fs::create_dir(&seams).unwrap();
+    let control = f.path("ctl.sock");
+    let export = format!("disk={}", f.overlay().display());
+    let d = Daemon::start_seamed(
+        &f.path("nbd.sock"),
+        &["--control", control.to_str().unwrap(), "--export", &export],
+        &seams,
+    );
+    let uri = d.uri_of("disk");
+    qemu_io(&uri, &["write -P 0x41 0 4k", "flush"]);
+    std::fs::write(seams.join("resize-unlocked.pause"), b"").unwrap();
+    std::fs::write(seams.join("resize-grow.fail"), b"").unwrap();
+    let resizer = std::thread::spawn(move || {
+        Control::connect(&control).call("export-resize", json!({"name": "disk", "size": 2 * MIB}))
+    });
+    wait_until("the resize paused with the overlay unlocked", || {
+        seams.join("resize-unlocked.reached").exists()
+    });
+    // The other writer: data for sectors 8..15, then their bits (bitmap byte 1).
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.path("disk.raw"))
+        .unwrap();
+    raw.write_all_at(&[0x43; 4096], 4096).unwrap();
+    raw.sync_all().unwrap();
+    let meta = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.overlay())
+        .unwrap();
+    meta.write_all_at(&[0xff], 2560 + 1).unwrap();
+    meta.sync_all().unwrap();
+    drop((raw, meta));
+    std::fs::write(seams.join("resize-unlocked.go"), b"").unwrap();
+    let e = resizer.join().unwrap().unwrap_err();
+    assert_eq!(e["data"]["class"], "resize-failed", "{e}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("lost") && msg.contains("fails every request"),
+        "the export took back an overlay written meanwhile: {e}"
+    );
+    let out = run_raw(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x42 0 4k", "-c", "flush", &uri],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a write to a lost overlay must fail:\n{text}"
+    );
+    d.stop();
+    let meta = std::fs::read(f.overlay()).unwrap();
+    assert_eq!(
+        meta[2560 + 1],
+        0xff,
+        "the other writer's bits were overwritten"
+    );
+    assert_eq!(
+        meta[2560], 0xff,
+        "the export's own bits before the resize are there"
+    );
+    let raw = std::fs::read(f.path("disk.raw")).unwrap();
+    assert!(raw[..4096].iter().all(|&b| b == 0x41));
+    assert!(raw[4096..8192].iter().all(|&b| b == 0x43));
 }

@@ -639,3 +639,65 @@ fn fast_zero_follows_the_disk_after_a_snapshot() {
     assert_eq!(c.cmd("quit"), "ok");
     d.stop();
 }
+
+/// A snapshot whose new overlay does not open (an image server under the chain stalls, then
+/// fails: test seam `snapshot-open`) while `addcow rebase` renames a new `.add-cow` over the
+/// export's overlay in the moment it is unlocked: the export must not take the orphaned file
+/// back (every write's bits would go to a file nobody opens again). The reply says the overlay is
+/// lost, writes fail, and the file at the path stays exactly as the rebase put it.
+#[test]
+fn a_failed_snapshot_does_not_take_back_an_overlay_replaced_meanwhile() {
+    let s = setup();
+    let seams = s.dir.path().join("seams");
+    let d = start_seamed(&s, &s.overlay, &seams, &[]);
+    let uri = d.uri();
+    qemu_io(&uri, &["write -P 0x61 0 64k", "flush"]);
+    let snap = s.dir.path().join("vm-1.add-cow");
+    std::fs::write(seams.join("snapshot-unlocked.pause"), b"").unwrap();
+    std::fs::write(seams.join("snapshot-open.fail"), b"").unwrap();
+    let snapper = {
+        let (control, snap) = (s.control.clone(), snap.clone());
+        std::thread::spawn(move || {
+            Control::connect(&control).call(
+                "export-snapshot",
+                serde_json::json!({"name": "", "overlay": snap}),
+            )
+        })
+    };
+    wait_until("the snapshot paused with the overlay unlocked", || {
+        seams.join("snapshot-unlocked.reached").exists()
+    });
+    let renamed = s.dir.path().join("vm.add-cow.rebase");
+    std::fs::copy(&s.overlay, &renamed).unwrap();
+    std::fs::rename(&renamed, &s.overlay).unwrap();
+    let put = std::fs::read(&s.overlay).unwrap();
+    std::fs::write(seams.join("snapshot-unlocked.go"), b"").unwrap();
+    let e = snapper.join().unwrap().unwrap_err();
+    assert_eq!(e["data"]["class"], "snapshot-failed", "{e}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("lost") && msg.contains("fails every request"),
+        "the export took back an overlay replaced at its path: {e}"
+    );
+    let out = nbd_support::run_raw(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x62 64k 4k", &uri],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a write to a lost overlay must fail:\n{text}"
+    );
+    assert_eq!(
+        std::fs::read(&s.overlay).unwrap(),
+        put,
+        "the export wrote the file put at its overlay's path"
+    );
+    assert!(
+        !snap.exists(),
+        "the failed snapshot left {}",
+        snap.display()
+    );
+    d.stop();
+}

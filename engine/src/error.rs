@@ -68,6 +68,11 @@ pub enum ErrorKind {
     /// A backing chain has more layers below the top overlay than the engine opens.
     #[error("backing chain too deep: more than {limit} layers below the top overlay (at {path})")]
     ChainTooDeep { limit: usize, path: String },
+    /// A file of an open overlay changed, or its path names another file now, while the disk
+    /// had let go of its locks (see [`crate::Disk::relock_overlay`]): someone else may have
+    /// written it, so this disk must not write it any more.
+    #[error("changed while its lock was let go: {0}")]
+    ChangedWhileUnlocked(String),
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -220,3 +220,181 @@ fn qemu_can_read_a_base_an_overlay_reads_through_but_not_write_it() {
     );
     e.shutdown().expect("shutdown");
 }
+
+/// Waits (polling, bounded) until a file changed now in `dir` gets a later modification time
+/// than `path` has: on kernels without fine-grained timestamps a change within the same clock
+/// tick as the last one would leave the times as they were.
+fn let_the_clock_tick(path: &Path) {
+    let probe = path.with_extension("tick");
+    let before = std::fs::metadata(path)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        std::fs::write(&probe, b"tick").expect("write probe");
+        let now = std::fs::metadata(&probe)
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        if now > before || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let _ = std::fs::remove_file(&probe);
+}
+
+/// A served overlay whose locks were let go (`unlock_overlay`, as a disk switch does) is taken
+/// back only if it is still what the disk let go of: untouched, the locks come back and it is
+/// written again; written in place (`.add-cow` or raw image) or replaced at its path (a rebase
+/// renames a new file over it) meanwhile, the relock fails with `ChangedWhileUnlocked`, leaves
+/// no lock of the overlay's own held, and `abandon` closes the disk without writing anything.
+#[test]
+fn relocking_refuses_an_overlay_written_or_replaced_while_it_was_unlocked() {
+    use std::os::unix::fs::FileExt;
+    let e = engine(1);
+    let image_of = |f: &Fixture| f.overlay.with_extension("raw");
+    let unlocked = |f: &Fixture| {
+        let d = open(&e, &f.overlay);
+        d.write_at(0, &[0x5a; 4096], false).expect("write");
+        d.flush().expect("flush");
+        d.unlock_overlay();
+        assert!(can_lock(&f.overlay, true), "the overlay was let go");
+        let_the_clock_tick(&f.overlay);
+        d
+    };
+    let refused = |f: &Fixture, d: addcow_engine::Disk, what: &str| {
+        let err = d.relock_overlay(None).expect_err(what);
+        assert!(
+            matches!(err.kind(), ErrorKind::ChangedWhileUnlocked(_)),
+            "{what}: {err}"
+        );
+        assert!(
+            can_lock(&image_of(f), true),
+            "{what}: the raw image stays unlocked"
+        );
+        let meta = std::fs::read(&f.overlay).expect("read overlay");
+        d.abandon().expect("abandon");
+        assert_eq!(
+            std::fs::read(&f.overlay).expect("read overlay"),
+            meta,
+            "{what}: abandoning the disk wrote the overlay"
+        );
+    };
+
+    // Untouched: taken back, written again.
+    let f = fixture(1 << 20, 0);
+    let d = unlocked(&f);
+    d.relock_overlay(None).expect("relock an untouched overlay");
+    assert!(!can_lock(&f.overlay, true) && !can_lock(&image_of(&f), true));
+    d.write_at(4096, &[0x5b; 4096], true)
+        .expect("write after the relock");
+    d.close().expect("close");
+
+    // The bitmap written in place by another writer (a `serve` that came and went).
+    let f = fixture(1 << 20, 0);
+    let d = unlocked(&f);
+    let meta = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.overlay)
+        .unwrap();
+    meta.write_all_at(&[0xff], 2560 + 100).unwrap();
+    drop(meta);
+    refused(&f, d, "bitmap written in place");
+
+    // The raw image written in place.
+    let f = fixture(1 << 20, 0);
+    let d = unlocked(&f);
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image_of(&f))
+        .unwrap();
+    raw.write_all_at(&[0x77; 512], 8192).unwrap();
+    drop(raw);
+    refused(&f, d, "raw image written in place");
+
+    // A new `.add-cow` renamed over the path, as `addcow rebase` does: the old disk holds an
+    // inode nobody opens any more.
+    let f = fixture(1 << 20, 0);
+    let d = unlocked(&f);
+    let new = f.overlay.with_extension("new");
+    std::fs::copy(&f.overlay, &new).unwrap();
+    std::fs::rename(&new, &f.overlay).unwrap();
+    refused(&f, d, "overlay replaced at its path");
+    drop(e);
+}
+
+/// A caller that changed the overlay itself while it was unlocked (an offline grow) hands the
+/// stamp its tool left (`Resized::left`): the relock accepts exactly that state, and refuses it
+/// once anything changed after the tool let go.
+#[test]
+fn relocking_after_an_offline_grow_accepts_what_the_grow_left_and_nothing_else() {
+    use addcow_engine::lifecycle::{resize, Ops, ResizeOptions};
+    use std::os::unix::fs::FileExt;
+    let e = engine(1);
+    let grow = |f: &Fixture| {
+        let d = open(&e, &f.overlay);
+        d.write_at(0, &[0x5a; 4096], true).expect("write");
+        d.flush().expect("flush");
+        d.unlock_overlay();
+        let opts = ResizeOptions {
+            overlay: f.overlay.clone(),
+            size: 2 << 20,
+            shrink: false,
+        };
+        let grown = resize(&opts, &Ops::new()).expect("grow");
+        (d, grown.left)
+    };
+    let f = fixture(1 << 20, 0);
+    let (d, left) = grow(&f);
+    d.relock_overlay(Some(&left))
+        .expect("the grow's own change is accepted");
+    d.write_at(4096, &[0x5b; 4096], true)
+        .expect("write after the relock");
+    d.close().expect("close");
+
+    let f = fixture(1 << 20, 0);
+    let (d, left) = grow(&f);
+    let_the_clock_tick(&f.overlay);
+    let meta = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.overlay)
+        .unwrap();
+    meta.write_all_at(&[0xff], 2560 + 300).unwrap();
+    drop(meta);
+    let err = d
+        .relock_overlay(Some(&left))
+        .expect_err("written after the grow");
+    assert!(
+        matches!(err.kind(), ErrorKind::ChangedWhileUnlocked(_)),
+        "{err}"
+    );
+    d.abandon().expect("abandon");
+    drop(e);
+}
+
+/// A relock refused because another writer holds the raw image names the raw image (not the
+/// `.add-cow`), and leaves the `.add-cow` unlocked again.
+#[test]
+fn a_relock_refused_on_the_raw_image_names_the_raw_image() {
+    let e = engine(1);
+    let f = fixture(1 << 20, 0);
+    let image = f.overlay.with_extension("raw");
+    let d = open(&e, &f.overlay);
+    d.flush().expect("flush");
+    d.unlock_overlay();
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    assert!(try_lock(&holder, true), "the raw image was let go");
+    let err = d.relock_overlay(None).expect_err("the raw image is held");
+    assert_eq!(err.kind(), &ErrorKind::Locked, "{err}");
+    assert_eq!(err.path(), Some(image.as_path()), "{err}");
+    assert!(can_lock(&f.overlay, true), "the .add-cow stays unlocked");
+    d.abandon().expect("abandon");
+    drop(holder);
+    drop(e);
+}

@@ -162,3 +162,86 @@ fn a_close_waits_for_a_copy_on_read_admitted_before_it() {
         );
     }
 }
+
+/// A disk switch quiesces the old disk before its last flush: `quiesce` waits for a
+/// copy-on-read admitted before it (which would otherwise set bits after the flush, and have the
+/// close commit them into an overlay that is now a read-only base or another process's) and
+/// refuses new ones (reads are still answered), until `resume`.
+#[test]
+fn quiesce_waits_for_an_admitted_copy_on_read_and_refuses_new_ones() {
+    let f = fixture(1 << 20, 1 << 20);
+    // Two cores: A's copy-up parks one, B is read on the other.
+    let (e, plan) = parking_engine(2);
+    let d = e
+        .open(
+            &f.overlay,
+            DiskOptions {
+                copy_on_read: true,
+                ..DiskOptions::default()
+            },
+        )
+        .expect("open with copy-on-read");
+    let len = 64 << 10;
+    let (a, b, c) = (128 << 10, 384 << 10, 640 << 10);
+    let copied = move |d: &Disk, offset: u64| {
+        d.allocation(offset, u64::from(len))
+            .iter()
+            .all(|x| x.kind == addcow_engine::ExtentKind::Image)
+    };
+    plan.park_next_copy_up();
+    let read_on = |core: usize, offset: u64| {
+        submit(&d, core, Request::Read { offset, len })
+            .recv_timeout(WAIT)
+            .expect("answered")
+    };
+    read_on(0, a).expect("read A of the base");
+    assert!(
+        plan.wait_parked(WAIT),
+        "the copy-on-read of A never started"
+    );
+
+    // A's copy-up is admitted and parked on the core.
+    let (tx, quiesced) = mpsc::channel();
+    {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            d.quiesce();
+            let _ = tx.send(copied(&d, a));
+        });
+    }
+    wait_until(|| d.is_quiesced());
+    // A read while quiesced is answered, and its copy-up is refused.
+    read_on(1, b).expect("read B while quiesced");
+    assert!(
+        quiesced.try_recv().is_err(),
+        "quiesce returned while an admitted copy-on-read was still to set its bits"
+    );
+    plan.release_parked();
+    let a_copied = quiesced.recv_timeout(WAIT).expect("quiesce returns");
+    assert!(
+        a_copied,
+        "quiesce returned before the admitted copy-on-read of A set its bits"
+    );
+    assert!(
+        !copied(&d, b),
+        "a copy-on-read started while the disk was quiesced"
+    );
+    d.flush().expect("flush while quiesced");
+    d.resume();
+    assert!(!d.is_quiesced());
+    read_on(1, c).expect("read C after resume");
+    wait_until(|| copied(&d, c));
+    d.close().expect("close");
+}
+
+/// Polls `cond` until it holds (panics after [`WAIT`]).
+fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -386,3 +386,75 @@ fn raw_images_over_the_limit_are_refused_by_create_and_open() {
     .unwrap();
     Overlay::open(&over_raw, &OpenOptions::default()).unwrap();
 }
+
+/// `create_exclusive` (a live snapshot's create) makes both files itself: anything already at
+/// either path (a file, an empty file swapped in, a symlink to a file) is refused with
+/// `AlreadyExists` and left exactly as it was, with nothing else created; a create that fails
+/// after it made the raw image removes it; on success it reports both files, and `remove`
+/// removes them, but not a file someone put at one of the paths since.
+#[test]
+fn create_exclusive_never_uses_an_existing_file_and_removes_only_what_it_made() {
+    use addcow_engine::format::create_exclusive;
+    let (_t, root) = setup();
+    let base = root.join("base.img");
+    std::fs::write(&base, vec![3u8; 1 << 16]).unwrap();
+    let opts = |name: &str| CreateOptions {
+        overlay: root.join(format!("{name}.add-cow")),
+        base: Some(base.clone()),
+        size: Some(1 << 16),
+        // Ignored in exclusive mode.
+        force: true,
+        ..Default::default()
+    };
+
+    // An (empty) file at the overlay's path, as a racer could swap in: refused, not written.
+    std::fs::write(root.join("a.add-cow"), b"").unwrap();
+    let before = files(&root);
+    let e = create_exclusive(&opts("a")).unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(
+        files(&root),
+        before,
+        "an exclusive create changed something"
+    );
+
+    // A file at the raw image's path: refused (never used as the new raw image).
+    std::fs::write(root.join("b.raw"), vec![7u8; 1 << 16]).unwrap();
+    let before = files(&root);
+    let e = create_exclusive(&opts("b")).unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(files(&root), before);
+
+    // A symlink at the raw image's path, to an existing file: not followed.
+    let other = root.join("other.img");
+    std::fs::write(&other, vec![5u8; 1 << 16]).unwrap();
+    std::os::unix::fs::symlink(&other, root.join("c.raw")).unwrap();
+    let e = create_exclusive(&opts("c")).unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(std::fs::read(&other).unwrap(), vec![5u8; 1 << 16]);
+    assert!(!root.join("c.add-cow").exists());
+
+    // The raw image is made, then the overlay cannot be: the raw image is removed again.
+    let elsewhere = CreateOptions {
+        overlay: root.join("missing-dir/d.add-cow"),
+        image: Some(root.join("d.raw")),
+        ..opts("d")
+    };
+    create_exclusive(&elsewhere).unwrap_err();
+    assert!(
+        !root.join("d.raw").exists(),
+        "a failed create left its raw image"
+    );
+
+    // Success: both files reported; remove takes exactly those.
+    let made = create_exclusive(&opts("e")).unwrap();
+    let paths: Vec<PathBuf> = made.paths().map(PathBuf::from).collect();
+    assert_eq!(paths, [root.join("e.raw"), root.join("e.add-cow")]);
+    assert!(Overlay::open(&root.join("e.add-cow"), &OpenOptions::default()).is_ok());
+    // Someone replaced the raw image meanwhile: theirs stays.
+    std::fs::remove_file(root.join("e.raw")).unwrap();
+    std::fs::write(root.join("e.raw"), b"theirs").unwrap();
+    made.remove().unwrap();
+    assert!(!root.join("e.add-cow").exists());
+    assert_eq!(std::fs::read(root.join("e.raw")).unwrap(), b"theirs");
+}

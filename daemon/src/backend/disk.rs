@@ -7,7 +7,7 @@
 //! in-memory backend (`super::memory`, in test and fuzzing builds).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use addcow_engine::{
@@ -64,12 +64,13 @@ pub trait Backend: Send + Sync + 'static {
             })
             .collect()
     }
-    /// The current disk's layout, held so that no disk switch can begin or end until the
-    /// returned view is dropped: every answer made from it (block status: extents, then the
-    /// holes of the files under them) describes one disk. `None` when the backend's disk never
-    /// changes (then [`Backend::allocation`] and [`Backend::zero_ranges`] already agree).
-    /// Never from an engine core thread (a switch waits for requests a core completes).
-    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+    /// Holds the current disk until the returned guard is dropped: no disk switch can begin or
+    /// end meanwhile, so every answer made from this backend's [`Backend::size`],
+    /// [`Backend::allocation`], [`Backend::allocation_depth`] and [`Backend::zero_ranges`]
+    /// while it is held (block status: extents, then the holes of the files under them)
+    /// describes one disk. `None` when the backend's disk never changes. Never from an engine
+    /// core thread (a switch waits for requests a core completes).
+    fn pin_layout(&self) -> Option<RwLockReadGuard<'_, ()>> {
         None
     }
     /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
@@ -96,37 +97,6 @@ pub trait Backend: Send + Sync + 'static {
     /// FAST_ZERO fails fast).
     fn fast_zero_unit(&self) -> Option<u64> {
         Some(512)
-    }
-}
-
-/// What block status reads of one disk: its size, which layer supplies each range, and where
-/// the files under it have holes. See [`Backend::pin_layout`].
-pub trait Layout {
-    /// Virtual size in bytes.
-    fn size(&self) -> u64;
-    /// See [`Backend::allocation`].
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
-    /// See [`Backend::allocation_depth`].
-    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent>;
-    /// See [`Backend::zero_ranges`].
-    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>);
-}
-
-/// A generation held by a read guard of its [`EngineDisk`]: a switch waits until it is dropped.
-impl Layout for std::sync::RwLockReadGuard<'_, Arc<Generation>> {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.disk.allocation(offset, len)
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
-        self.disk.allocation_depth(offset, len)
-    }
-    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        if let Some(f) = &self.files {
-            f.holes(layer, start, end, out);
-        }
     }
 }
 
@@ -211,6 +181,9 @@ pub struct EngineDisk {
     /// The options the export was added with: every generation is opened with them.
     pub opts: DiskOptions,
     current: RwLock<Arc<Generation>>,
+    /// Held shared by [`Backend::pin_layout`] and exclusively by a switch (taken before
+    /// `current`, so a pinned reader that takes `current` shared never waits for a switch).
+    layout: RwLock<()>,
     /// The current generation's FAST_ZERO unit (0: it cannot punch holes), readable without
     /// the lock (connections check it on engine core threads, which must not wait for a
     /// switch). Updated when a generation is installed, before requests flow to it.
@@ -232,6 +205,7 @@ impl EngineDisk {
             opts,
             fast_zero: AtomicU64::new(g.fast_zero_code()),
             current: RwLock::new(Arc::new(g)),
+            layout: RwLock::new(()),
             in_flight: Arc::default(),
         }
     }
@@ -245,7 +219,7 @@ impl EngineDisk {
         Generation::open(&self.engine, overlay, name, &self.opts)
     }
 
-    fn current(&self) -> std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+    fn current(&self) -> RwLockReadGuard<'_, Arc<Generation>> {
         self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -257,22 +231,33 @@ impl EngineDisk {
         f(&cur.disk)
     }
 
-    /// Holds every new request back, waits until every submitted one was answered, then runs
-    /// `f` on the current generation: the generation `f` returns (if any) becomes current before
-    /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.
+    /// Holds every new request back, waits until every submitted one was answered and the disk
+    /// is quiesced (no copy-on-read the engine admitted for an answered read is left, and none
+    /// starts: see [`Disk::quiesce`]), then runs `f` on the current generation: the generation
+    /// `f` returns (if any) becomes current before requests flow again (`f` closes the old
+    /// one); if none, the current disk takes copy-on-reads again. Requests that arrive during
+    /// `f` wait, then go to the current disk. A switch waits for pinned layouts
+    /// ([`Backend::pin_layout`]) to be dropped.
     pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
-        let mut cur = match self.current.try_write() {
+        let _layout = match self.layout.try_write() {
             Ok(g) => g,
             Err(_) => {
                 crate::process::seam::mark("switch-blocked");
-                self.current.write().unwrap_or_else(|p| p.into_inner())
+                self.layout.write().unwrap_or_else(|p| p.into_inner())
             }
         };
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         self.in_flight.wait_idle();
+        // A copy-up sets bits after its read was answered: none may once `f` flushes, lets go
+        // of the overlay's locks or closes the disk.
+        cur.disk.quiesce();
         let (next, out) = f(&cur);
-        if let Some(g) = next {
-            self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
-            *cur = Arc::new(g);
+        match next {
+            Some(g) => {
+                self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
+                *cur = Arc::new(g);
+            }
+            None => cur.disk.resume(),
         }
         out
     }
@@ -346,15 +331,60 @@ impl Backend for EngineDisk {
         Some(self)
     }
     fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        self.current().zero_ranges(layer, start, end, out);
+        if let Some(f) = &self.current().files {
+            f.holes(layer, start, end, out);
+        }
     }
-    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
-        Some(Box::new(self.current()))
+    fn pin_layout(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        Some(self.layout.read().unwrap_or_else(|p| p.into_inner()))
     }
     fn fast_zero_unit(&self) -> Option<u64> {
         match self.fast_zero.load(Ordering::SeqCst) {
             0 => None,
             u => Some(u),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A switch runs its step on a quiesced disk (no copy-on-read can set bits after the
+    /// step's flush, unlock or close) and resumes the disk when it stays current.
+    #[test]
+    fn a_switch_quiesces_the_disk_and_resumes_it_when_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = dir.path().join("vm.add-cow");
+        addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+            overlay: overlay.clone(),
+            size: Some(1 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+        let engine = Engine::start(addcow_engine::EngineConfig {
+            cores: 1,
+            arena_bytes: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let opts = DiskOptions {
+            copy_on_read: true,
+            ..Default::default()
+        };
+        let disk = engine.open(&overlay, opts.clone()).unwrap();
+        let ed = EngineDisk::new(engine.clone(), opts, disk, None);
+        assert!(!ed.disk().unwrap().is_quiesced());
+        let during = ed.switch(|cur| (None, cur.disk.is_quiesced()));
+        assert!(
+            during,
+            "the switch ran its step on a disk that could still copy up"
+        );
+        assert!(
+            !ed.disk().unwrap().is_quiesced(),
+            "the disk that stays current was not resumed"
+        );
+        ed.disk().unwrap().close().unwrap();
+        engine.shutdown().unwrap();
     }
 }

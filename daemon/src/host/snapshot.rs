@@ -3,12 +3,13 @@
 //! disconnecting anyone.
 //!
 //! # Order (what makes it crash-safe)
-//! Under [`EngineDisk::switch`] (new requests held back, every submitted one answered):
+//! Under [`EngineDisk::switch`] (new requests held back, every submitted one answered, the disk
+//! quiesced: no copy-on-read sets bits any more):
 //! 1. FLUSH the current overlay: every write answered so far is durable in it (data, then bits).
-//! 2. Create the new overlay's two files (`O_EXCL`, so a failure removes exactly what this
-//!    snapshot made), then write it with the current one as its base (`format::create`): its
-//!    header and all-clear bitmap and its sparse raw image, each fsynced, then their directory.
-//!    The new overlay is durable before anything points at it or writes into it.
+//! 2. Create the new overlay with the current one as its base (`format::create_exclusive`:
+//!    both files `O_EXCL`, so a failure removes exactly what this snapshot made): its header
+//!    and all-clear bitmap and its sparse raw image, each fsynced, then their directory. The
+//!    new overlay is durable before anything points at it or writes into it.
 //! 3. The current disk lets go of its exclusive locks but stays open (nothing is submitted to
 //!    it, nothing is dirty).
 //! 4. Open the new overlay: its chain opens the old one read-only and share-locks it, so from now
@@ -24,13 +25,16 @@
 //! exists and opens, serve it (it was durable before any request reached it, and may hold
 //! answered writes); otherwise serve the old one. If 4 fails (an image server under the chain is
 //! down, ...), the old disk takes its locks back and keeps serving unchanged (nothing is
-//! reopened), the new files are removed and the error says so; only if another process locked
-//! the old overlay in between is the old disk closed ([`SnapshotError::Lost`]).
+//! reopened), the new files are removed and the error says so. Taking the locks back checks that
+//! the old overlay's files are as they were let go (identity, size, times) and that their paths
+//! still name them: if another process locked, wrote or replaced them in between, the old disk
+//! is closed without a final commit ([`addcow_engine::Disk::abandon`]) and the export fails
+//! every request ([`SnapshotError::Lost`]).
 
 use std::path::{Path, PathBuf};
 
 use addcow_engine::format::overlay::default_image_path;
-use addcow_engine::format::{create, CreateOptions};
+use addcow_engine::format::{create_exclusive, CreateOptions};
 use serde::Serialize;
 
 use super::events;
@@ -99,9 +103,10 @@ pub enum SnapshotError {
         /// The overlay the export serves after the failure.
         serving: PathBuf,
     },
-    /// The snapshot failed and the export's overlay was locked by another process meanwhile:
-    /// the export no longer writes it and fails every request.
-    #[error("snapshot of export {name:?} failed: {error}; the export fails every request until it is deleted and added again")]
+    /// The snapshot failed and the export's overlay was locked, written or replaced by another
+    /// process meanwhile: the export no longer writes it (not even a final commit) and fails
+    /// every request.
+    #[error("snapshot of export {name:?} failed: {error}; the overlay is lost to this export: it is not written any more and the export fails every request until it is deleted and added again")]
     Lost {
         /// The export.
         name: String,
@@ -207,69 +212,6 @@ pub fn snapshot_export(
     result
 }
 
-/// The new overlay's two files, created by this snapshot itself (`O_EXCL`) before `create`
-/// writes them: on failure exactly these are removed, never a file someone else put at one of
-/// the paths (it would have made the exclusive create fail instead).
-struct Reserved {
-    /// Each path with the identity (device, inode) of the file created there.
-    files: Vec<(PathBuf, (u64, u64))>,
-}
-
-impl Reserved {
-    /// Creates the raw image `image` (sparse, `size` bytes, fsynced) and an empty `overlay`,
-    /// each only if nothing is at its path.
-    fn create(overlay: &Path, image: &Path, size: u64) -> std::io::Result<Reserved> {
-        use std::os::unix::fs::MetadataExt;
-        let mut r = Reserved { files: Vec::new() };
-        for p in [image, overlay] {
-            let made = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(p)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())));
-            let f = match made {
-                Ok(f) => f,
-                Err(e) => {
-                    r.remove();
-                    return Err(e);
-                }
-            };
-            let id = f.metadata().map(|m| (m.dev(), m.ino()));
-            if let Ok(id) = id {
-                r.files.push((p.to_path_buf(), id));
-            }
-            let sized = match (id, p == image) {
-                (Err(e), _) => Err(e),
-                (Ok(_), true) => f.set_len(size).and_then(|()| f.sync_all()),
-                (Ok(_), false) => Ok(()),
-            };
-            if let Err(e) = sized {
-                r.remove();
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", p.display()),
-                ));
-            }
-        }
-        Ok(r)
-    }
-
-    /// Removes the files this snapshot created (those still at their paths).
-    fn remove(&self) {
-        use std::os::unix::fs::MetadataExt;
-        for (p, id) in &self.files {
-            match std::fs::symlink_metadata(p) {
-                Ok(m) if (m.dev(), m.ino()) == *id => {
-                    if let Err(e) = std::fs::remove_file(p) {
-                        tracing::warn!(path = %p.display(), error = %e, "cannot remove a file of a failed snapshot");
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
 /// Steps 1-5 of the module docs, with new requests held back and none in flight.
 fn take(
     ed: &EngineDisk,
@@ -294,44 +236,52 @@ fn take(
             Err(failed("flushing the current overlay", e.to_string())),
         );
     }
-    let size = cur.disk.size();
-    let reserved = match Reserved::create(overlay, image, size) {
-        Ok(r) => r,
-        Err(e) => return (None, Err(failed("creating the new overlay", e.to_string()))),
-    };
     let opts = CreateOptions {
         overlay: overlay.to_path_buf(),
         base: Some(old.clone()),
         image: None,
-        // The export's size (the raw image reserved above has it).
-        size: Some(size),
-        // Both files are the empty ones reserved above, made by this snapshot.
-        force: true,
+        // The export's size.
+        size: Some(cur.disk.size()),
+        force: false,
     };
-    let created = create(&opts).and_then(|()| {
-        if crate::process::seam::fail("snapshot-create") {
-            Err(addcow_engine::Error::io(
-                "create (test seam)",
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ))
-        } else {
-            Ok(())
+    // Both files are made here (`O_EXCL`): on failure exactly these are removed, never a file
+    // someone else put at one of the paths.
+    let made = match create_exclusive(&opts) {
+        Ok(made) => made,
+        Err(e) => return (None, Err(failed("creating the new overlay", e.to_string()))),
+    };
+    debug_assert!(made.paths().eq([image, overlay]));
+    let remove_new = || {
+        if let Err(e) = made.remove() {
+            tracing::warn!(export = %name, error = %e, "cannot remove a file of a failed snapshot");
         }
-    });
-    if let Err(e) = created {
-        reserved.remove();
+    };
+    if crate::process::seam::fail("snapshot-create") {
+        remove_new();
+        let e = addcow_engine::Error::io(
+            "create (test seam)",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
         return (None, Err(failed("creating the new overlay", e.to_string())));
     }
     // The new overlay's chain share-locks the old one, which this disk holds exclusively: let
-    // go of that lock but keep the disk open (flushed, nothing submitted to it), so that if the
-    // new overlay cannot be opened (an image server under the chain is down, ...) the export
-    // goes on serving this disk as it is, without opening anything again.
+    // go of that lock but keep the disk open (quiesced, flushed, nothing submitted to it), so
+    // that if the new overlay cannot be opened (an image server under the chain is down, ...)
+    // the export goes on serving this disk as it is, without opening anything again.
     cur.disk.unlock_overlay();
     crate::process::seam::pause("snapshot-unlocked");
-    match ed.open_generation(overlay, name) {
+    let opened = if crate::process::seam::fail("snapshot-open") {
+        Err(addcow_engine::Error::io(
+            "open (test seam)",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ))
+    } else {
+        ed.open_generation(overlay, name)
+    };
+    match opened {
         Ok(next) => {
-            // Flushed and untouched since: the close commits nothing; it only lets go of the
-            // files (the new disk holds the old overlay share-locked through its own).
+            // Quiesced, flushed and untouched since: the close commits nothing; it only lets go
+            // of the files (the new disk holds the old overlay share-locked through its own).
             if let Err(e) = cur.disk.close() {
                 tracing::warn!(export = %name, overlay = %old.display(), error = %e, "closing the snapshotted overlay");
             }
@@ -344,19 +294,26 @@ fn take(
             (Some(next), Ok(done))
         }
         Err(e) => {
-            reserved.remove();
-            match cur.disk.relock_overlay() {
+            remove_new();
+            match cur.disk.relock_overlay(None) {
                 Ok(()) => (None, Err(failed("opening the new overlay", e.to_string()))),
                 Err(again) => {
-                    // Another process locked the overlay while it was unlocked: writing it now
-                    // could corrupt what that process writes.
-                    let _ = cur.disk.close();
-                    tracing::error!(export = %name, error = %again, "the overlay was locked by another process during a failed snapshot; the export fails every request");
+                    // Another process locked, wrote or replaced the overlay while it was
+                    // unlocked: this disk's bitmap is stale or its files are not the overlay any
+                    // more, so it must not write them again, not even a final commit.
+                    if let Err(c) = cur.disk.abandon() {
+                        tracing::error!(export = %name, overlay = %old.display(), error = %c, "closing the disk of a lost overlay");
+                    }
+                    tracing::error!(export = %name, overlay = %old.display(), error = %again, "the overlay was locked, written or replaced by another process during a failed snapshot; the export no longer writes it and fails every request");
                     (
                         None,
                         Err(SnapshotError::Lost {
                             name: name.to_string(),
-                            error: format!("opening the new overlay failed: {e}; locking {} again failed: {again}", old.display()),
+                            error: format!(
+                                "opening the new overlay failed: {e}; taking {} back failed: \
+                                 {again}",
+                                old.display()
+                            ),
                         }),
                     )
                 }

@@ -19,7 +19,7 @@ use addcow_engine::{DepthExtent, Extent, ExtentKind};
 
 use super::handshake::{self, MetaContexts};
 use super::wire;
-use crate::backend::disk::{Backend, Layout};
+use crate::backend::disk::Backend;
 
 /// Most extents in one block-status chunk (QEMU's server uses the same bound; the spec allows
 /// up to 2^20).
@@ -79,27 +79,9 @@ impl Span for DepthExtent {
     }
 }
 
-/// A backend whose disk never changes, read directly (see [`Backend::pin_layout`]).
-struct Direct<'a>(&'a dyn Backend);
-
-impl Layout for Direct<'_> {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.0.allocation(offset, len)
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
-        self.0.allocation_depth(offset, len)
-    }
-    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-        self.0.zero_ranges(layer, start, end, out);
-    }
-}
-
 /// The raw allocation of `[offset, offset+len)`, walked until more than `max` extents are known
 /// (or the range ends). Returns the extents and the end of the part they describe exactly.
-pub fn walk(disk: &dyn Layout, offset: u64, len: u64, max: usize) -> (Vec<Extent>, u64) {
+pub fn walk(disk: &dyn Backend, offset: u64, len: u64, max: usize) -> (Vec<Extent>, u64) {
     walk_with(disk.size(), |o, l| disk.allocation(o, l), offset, len, max)
 }
 
@@ -152,20 +134,7 @@ pub fn answer(
     ctx: MetaContexts,
     req_one: bool,
 ) -> Vec<(u32, Vec<(u64, u32)>)> {
-    match backend.pin_layout() {
-        Some(disk) => answer_on(&*disk, offset, len, ctx, req_one),
-        None => answer_on(&Direct(backend), offset, len, ctx, req_one),
-    }
-}
-
-/// [`answer`] from one disk's layout.
-fn answer_on(
-    backend: &dyn Layout,
-    offset: u64,
-    len: u64,
-    ctx: MetaContexts,
-    req_one: bool,
-) -> Vec<(u32, Vec<(u64, u32)>)> {
+    let _pinned = backend.pin_layout();
     let max = if req_one { 1 } else { MAX_EXTENTS };
     let mut out = Vec::new();
     if ctx.base_allocation {
@@ -203,7 +172,7 @@ fn clip(e: &Extent, exact: u64) -> Option<(u64, u64, ExtentKind)> {
 }
 
 /// `base:allocation` runs: data, split where the layer's file has holes.
-fn base_allocation_runs(backend: &dyn Layout, extents: &[Extent], exact: u64) -> Vec<Run> {
+fn base_allocation_runs(backend: &dyn Backend, extents: &[Extent], exact: u64) -> Vec<Run> {
     const ZERO: u32 = wire::STATE_HOLE | wire::STATE_ZERO;
     let mut runs = Vec::with_capacity(extents.len());
     let mut holes = Vec::new();

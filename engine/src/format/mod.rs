@@ -24,4 +24,7 @@ pub use header::{
     PATH_FIELD_LEN, SECTOR_SIZE, VERSION,
 };
 pub use map::{map_runs, MapRun};
-pub use overlay::{create, create_with, CreateOptions, OpenOptions, Overlay, Preallocation};
+pub use overlay::{
+    create, create_exclusive, create_with, CreateOptions, Created, OpenOptions, Overlay,
+    Preallocation,
+};

@@ -211,6 +211,69 @@ fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
         .map_err(|e| Error::io("stat", e).with_path(path))
 }
 
+/// What a file is and when it last changed, from `fstat`/`stat`: its identity (device, inode),
+/// its size, and its modification and status-change times (seconds, nanoseconds). Two stamps of
+/// one file differ once anything wrote it, resized it, renamed it or changed its attributes in
+/// between (to the file system's timestamp granularity); a stamp of a path names the file the
+/// path leads to at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes (`st_size`).
+    pub size: u64,
+    /// Last modification (`st_mtime`).
+    pub mtime: (i64, i64),
+    /// Last status change (`st_ctime`).
+    pub ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of what `m` describes.
+    pub fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of the open file `file` (`fstat`).
+    pub fn of_file(file: &File) -> std::io::Result<FileStamp> {
+        file.metadata().map(|m| FileStamp::of(&m))
+    }
+
+    /// Whether `self` and `other` are one file (device and inode).
+    pub fn same_file(&self, other: &FileStamp) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// The stamps of an overlay's two files (see [`FileStamp`]): what a writer that let go of its
+/// locks compares against before it takes them back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayStamp {
+    /// The `.add-cow` file.
+    pub meta: FileStamp,
+    /// The raw image.
+    pub image: FileStamp,
+}
+
+impl OverlayStamp {
+    /// The stamps of the open files `meta` and `image` (`fstat` of each).
+    pub fn of_files(meta: &File, image: &File) -> std::io::Result<OverlayStamp> {
+        Ok(OverlayStamp {
+            meta: FileStamp::of_file(meta)?,
+            image: FileStamp::of_file(image)?,
+        })
+    }
+}
+
 /// Refuses `a` and `b` being one file.
 fn refuse_same(a: (&'static str, &File, &Path), b: (&'static str, &File, &Path)) -> Result<()> {
     if file_id(a.1, a.2)? == file_id(b.1, b.2)? {
@@ -633,6 +696,73 @@ pub fn create_with(opts: &CreateOptions, prealloc: Preallocation) -> Result<()> 
     create_files(opts, prealloc).map(|_synced_dirs| ())
 }
 
+/// The files a [`create_exclusive`] made, each kept open (a descriptor of the open file it was
+/// created with, holding no lock): exactly what may be removed again, never a file someone else
+/// put at one of the paths since (while it is open, its inode cannot be freed and reused).
+#[derive(Debug, Default)]
+pub struct Created {
+    files: Vec<(PathBuf, File)>,
+}
+
+impl Created {
+    /// The paths of the files made (the raw image first, then the overlay).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// Records `file`, just created at `path`. If it cannot be kept, it is removed by its path
+    /// (created with `O_EXCL` a moment ago, it is ours) and the error returned.
+    fn record(&mut self, path: &Path, file: &File, op: &'static str) -> Result<()> {
+        match file.try_clone() {
+            Ok(kept) => {
+                self.files.push((path.to_path_buf(), kept));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(Error::io(op, e).with_path(path))
+            }
+        }
+    }
+
+    /// Removes the files made that are still at their paths (same device and inode); the
+    /// first error, if any (every file is tried).
+    pub fn remove(&self) -> Result<()> {
+        let mut first = None;
+        for (p, kept) in &self.files {
+            let ours = match (kept.metadata(), std::fs::symlink_metadata(p)) {
+                (Ok(k), Ok(m)) => FileStamp::of(&k).same_file(&FileStamp::of(&m)),
+                _ => false,
+            };
+            if ours {
+                if let Err(e) = std::fs::remove_file(p) {
+                    first.get_or_insert(Error::io("remove a created file", e).with_path(p));
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// [`create`] in exclusive mode: both the overlay and its raw image are created here, each with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so nothing at either path (a file, a symlink, one swapped in
+/// meanwhile) is ever written or used: that is [`ErrorKind::AlreadyExists`]. `force` is
+/// ignored. Returns the files it made; if it fails, it removes what it made (only those) and
+/// nothing is left behind. For a caller that must be able to remove exactly what it created
+/// (a live snapshot whose next step fails).
+pub fn create_exclusive(opts: &CreateOptions) -> Result<Created> {
+    let mut made = Created::default();
+    match create_inner(opts, Preallocation::Off, true, &mut made) {
+        Ok(_synced_dirs) => Ok(made),
+        Err(e) => {
+            if let Err(again) = made.remove() {
+                tracing::warn!(error = %again, "cannot remove a file of a failed create");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// The folder that holds `path` (`.` for a bare name).
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -650,6 +780,17 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// An error creating `path`: [`ErrorKind::AlreadyExists`] for `EEXIST`, else the I/O error.
+fn exists_or_io(e: std::io::Error, path: &Path, op: &'static str) -> Error {
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        Error::new(ErrorKind::AlreadyExists)
+            .with_path(path)
+            .with_op(op)
+    } else {
+        Error::io(op, e).with_path(path)
+    }
+}
+
 /// fsyncs the folder `dir`, making the files created in it durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -663,6 +804,17 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// directory entry could still be lost); the overlay's folder is synced last, and covers a raw
 /// image created next to it.
 fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<PathBuf>> {
+    create_inner(opts, prealloc, false, &mut Created::default())
+}
+
+/// [`create_files`]; with `exclusive` (see [`create_exclusive`]) both files must be new and
+/// each file created is recorded in `made` as soon as it exists.
+fn create_inner(
+    opts: &CreateOptions,
+    prealloc: Preallocation,
+    exclusive: bool,
+    made: &mut Created,
+) -> Result<Vec<PathBuf>> {
     let mut synced_dirs = Vec::new();
     let overlay = &opts.overlay;
     let image = opts
@@ -675,7 +827,7 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
             image.display()
         ))));
     }
-    if !opts.force && overlay.symlink_metadata().is_ok() {
+    if (exclusive || !opts.force) && overlay.symlink_metadata().is_ok() {
         return Err(Error::new(ErrorKind::AlreadyExists)
             .with_path(overlay)
             .with_op("create overlay (use --force to overwrite)"));
@@ -738,7 +890,18 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
     }
 
     // The raw image: use it if it exists, else create it (sparse unless `prealloc`).
-    let virtual_size = match std::fs::metadata(&image) {
+    // In exclusive mode a symlink at the path counts as a file there (it is never followed).
+    let found = if exclusive {
+        std::fs::symlink_metadata(&image)
+    } else {
+        std::fs::metadata(&image)
+    };
+    let virtual_size = match found {
+        Ok(_) if exclusive => {
+            return Err(Error::new(ErrorKind::AlreadyExists)
+                .with_path(&image)
+                .with_op("create raw image"));
+        }
         Ok(_) if prealloc != Preallocation::Off => {
             return Err(Error::new(ErrorKind::InvalidArgument(format!(
                 "preallocation {prealloc} applies to a new raw image, and {} exists",
@@ -780,8 +943,10 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&image)
-                .map_err(|e| Error::io("create raw image", e).with_path(&image))?;
+                .map_err(|e| exists_or_io(e, &image, "create raw image"))?;
+            made.record(&image, &f, "keep new raw image")?;
             f.set_len(size)
                 .map_err(|e| Error::io("size raw image", e).with_path(&image))
                 .and_then(|()| {
@@ -821,21 +986,17 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
     // The overlay: header + all-clear (sparse) bitmap.
     let mut o = std::fs::OpenOptions::new();
     o.read(true).write(true);
-    if opts.force {
+    if opts.force && !exclusive {
         o.create(true);
     } else {
-        o.create_new(true);
+        o.create_new(true).custom_flags(libc::O_NOFOLLOW);
     }
-    let mut f = o.open(overlay).map_err(|e| {
-        let err = Error::io("create overlay", e).with_path(overlay);
-        if err.raw_os_error() == Some(libc::EEXIST) {
-            Error::new(ErrorKind::AlreadyExists)
-                .with_path(overlay)
-                .with_op("create overlay (use --force to overwrite)")
-        } else {
-            err
-        }
-    })?;
+    let mut f = o
+        .open(overlay)
+        .map_err(|e| exists_or_io(e, overlay, "create overlay (use --force to overwrite)"))?;
+    if exclusive {
+        made.record(overlay, &f, "keep new overlay")?;
+    }
     sys::ofd_lock(&f, LockKind::Exclusive).map_err(|e| e.with_path(overlay))?;
     let len = BITMAP_OFFSET + bitmap_len(virtual_size);
     let write = |f: &mut File| -> std::io::Result<()> {
@@ -847,6 +1008,8 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
         f.sync_all()
     };
     write(&mut f).map_err(|e| Error::io("write overlay", e).with_path(overlay))?;
+    // The copy `made` keeps shares this open file, and so its lock: let go of it now.
+    sys::ofd_unlock(&f);
     let dir = parent_dir(overlay);
     sync_dir(dir)?;
     synced_dirs.push(dir.to_path_buf());

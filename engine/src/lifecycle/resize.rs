@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::overlay::OverlayStamp;
 use crate::format::{
     bitmap_len, check_virtual_size, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE,
 };
@@ -42,6 +43,10 @@ pub struct Resized {
     pub old_size: u64,
     /// The virtual size now.
     pub new_size: u64,
+    /// The overlay's two files as the resize left them, stamped while it still held their
+    /// lock: what a served disk that let go of its locks for the resize expects to find when it
+    /// takes them back (`Disk::relock_overlay`).
+    pub left: OverlayStamp,
 }
 
 /// Resizes the overlay at `opts.overlay` (locked for writing meanwhile, so not while served).
@@ -80,9 +85,12 @@ pub fn resize_from(
     } else if size < old_size {
         shrink_to(&meta, &image, old_size, size)?;
     }
+    let left = OverlayStamp::of_files(&o.meta, &o.image)
+        .map_err(|e| Error::io("stat after resize", e).with_path(&o.meta_path))?;
     Ok(Resized {
         old_size,
         new_size: size,
+        left,
     })
 }
 

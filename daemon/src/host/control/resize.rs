@@ -9,9 +9,11 @@
 //! `docs/LIFECYCLE.md`) and opened again, and the export switches to the reopened disk before the
 //! held requests flow; then the old disk is closed. If the grow or the reopen fails, the old disk
 //! takes its locks back and keeps serving at its old size (it writes nothing past its old end,
-//! and its header only as it was, which a grow leaves alone, so grown files are safe under it). The overlay is unlocked twice meanwhile (the
-//! grow and the reopen each take their own lock): see `docs/LIFECYCLE.md` for what a racing
-//! process can do. Sizes above the engine's `MAX_VIRTUAL_SIZE` are refused.
+//! and its header only as it was, which a grow leaves alone, so grown files are safe under it),
+//! once it checked that its files are as it let go of them (or as the grow left them) and that
+//! their paths still name them; if not, it is closed without a final commit and the export
+//! fails every request. The overlay is unlocked twice meanwhile (the grow and the reopen each
+//! take their own lock): see `docs/LIFECYCLE.md` for what a racing process can do. Sizes above the engine's `MAX_VIRTUAL_SIZE` are refused.
 //!
 //! NBD has no way to tell a connected client that the size changed: connected clients keep the
 //! size they negotiated and see the new one when they reconnect. Shrinking a disk under a
@@ -125,7 +127,10 @@ fn grow(
         return (None, Err(refused("read-only", e)));
     }
     if size % 512 != 0 {
-        let e = format!("new size {size} is not a multiple of 512");
+        let e = format!(
+            "export {name:?} ({}): new size {size} is not a multiple of 512",
+            overlay.display()
+        );
         return (None, Err(refused("invalid-size", e)));
     }
     if size > MAX_VIRTUAL_SIZE {
@@ -158,18 +163,27 @@ fn grow(
     disk.unlock_overlay();
     crate::process::seam::pause("resize-unlocked");
     tracing::info!(export = %name, old_size, new_size = size, "resizing export");
-    let grown = resize(
-        &ResizeOptions {
-            overlay: overlay.clone(),
-            size,
-            shrink: false,
-        },
-        &Ops::new(),
-    );
-    let failure = match grown {
-        Ok(_) => match ed.open_generation(&overlay, name) {
+    let grown = if crate::process::seam::fail("resize-grow") {
+        Err(addcow_engine::Error::io(
+            "resize (test seam)",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ))
+    } else {
+        resize(
+            &ResizeOptions {
+                overlay: overlay.clone(),
+                size,
+                shrink: false,
+            },
+            &Ops::new(),
+        )
+    };
+    // What the old disk must find when it takes its locks back: the files as it let go of
+    // them, or as the grow left them.
+    let (failure, left) = match grown {
+        Ok(r) => match ed.open_generation(&overlay, name) {
             Ok(next) => {
-                // Flushed and untouched since: the close commits nothing.
+                // Quiesced, flushed and untouched since: the close commits nothing.
                 if let Err(e) = disk.close() {
                     tracing::warn!(export = %name, error = %e, "closing the disk replaced by a resize");
                 }
@@ -178,22 +192,29 @@ fn grow(
             // The old disk writes nothing past its old end, and its header only as it was (a
             // grow leaves it alone), so it serves the grown files as they are; a later
             // export-resize to the same size only opens them.
-            Err(e) => format!(
-                "{} was grown to {size} bytes but opening it failed: {e}",
-                overlay.display()
+            Err(e) => (
+                format!(
+                    "{} was grown to {size} bytes but opening it failed: {e}",
+                    overlay.display()
+                ),
+                Some(r.left),
             ),
         },
         // A failed grow leaves the overlay as it was (the offline resize undoes itself).
-        Err(e) => format!("resizing export {name:?} failed: {e}"),
+        Err(e) => (format!("resizing export {name:?} failed: {e}"), None),
     };
-    if let Err(again) = disk.relock_overlay() {
-        // Another process locked the overlay meanwhile: writing it now could corrupt what that
-        // process writes.
-        let _ = disk.close();
-        tracing::error!(export = %name, error = %again, "the overlay was locked by another process during a failed resize; the export fails every request");
+    if let Err(again) = disk.relock_overlay(left.as_ref()) {
+        // Another process locked, wrote or replaced the overlay meanwhile: this disk's bitmap
+        // is stale or its files are not the overlay any more, so it must not write them again,
+        // not even a final commit.
+        if let Err(c) = disk.abandon() {
+            tracing::error!(export = %name, overlay = %overlay.display(), error = %c, "closing the disk of a lost overlay");
+        }
+        tracing::error!(export = %name, overlay = %overlay.display(), error = %again, "the overlay was locked, written or replaced by another process during a failed resize; the export no longer writes it and fails every request");
         let msg = format!(
-            "{failure}; locking {} again failed: {again}; the export fails every request until \
-             it is deleted and added again",
+            "{failure}; taking {} back failed: {again}; the overlay is lost to this export: it is \
+             not written any more and the export fails every request until it is deleted and \
+             added again",
             overlay.display()
         );
         return (None, Err(refused("resize-failed", msg)));

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::format::overlay::OverlayStamp;
 use crate::io::core::on_core_thread;
 use crate::io::engine::mailbox::Msg;
 use crate::io::engine::shared::EngineShared;
@@ -192,12 +193,13 @@ fn final_commit(
 }
 
 /// Closes `disk` (once; later calls wait for the first and get its result): refuses new
-/// requests, waits until every accepted one was answered, commits (unless read-only; the commit
-/// runs after the last answer, so it covers every acknowledged write), and drops the overlay's
-/// locks.
+/// requests, waits until every accepted one was answered, commits if `commit` (and the disk is
+/// writable; the commit runs after the last answer, so it covers every acknowledged write), and
+/// drops the overlay's locks.
 pub(crate) fn close_disk(
     engine: &EngineShared,
     disk: &Arc<DiskState>,
+    commit: bool,
 ) -> std::result::Result<(), RequestError> {
     if on_core_thread() {
         return Err(req_err(libc::EDEADLK, "close on a core thread", 0));
@@ -206,7 +208,7 @@ pub(crate) fn close_disk(
         .get_or_init(|| {
             disk.closed.store(true, Ordering::SeqCst);
             disk.wait_idle();
-            let res = if disk.read_only {
+            let res = if disk.read_only || !commit {
                 Ok(())
             } else {
                 final_commit(engine, disk)
@@ -375,21 +377,66 @@ impl Disk {
         blocking(&self.engine, &self.state, Request::Flush, |_| ())
     }
 
-    /// Lets another opener lock this overlay for writing while the disk stays open: drops the
-    /// exclusive locks on its metadata file and raw image (the base keeps its shared lock).
-    /// For a disk switch that must keep serving this disk if the next one cannot be opened:
-    /// the caller guarantees that nothing is submitted to this disk and nothing is dirty (every
-    /// request answered, then a FLUSH) until it either closes the disk or takes the locks back
-    /// with [`Disk::relock_overlay`]. While unlocked, any process can lock the overlay.
+    /// Lets another opener lock this overlay for writing while the disk stays open: records
+    /// what its metadata file and raw image are ([`OverlayStamp`]: identity, size, times), then
+    /// drops their exclusive locks (the base keeps its shared lock). For a disk switch that
+    /// must keep serving this disk if the next one cannot be opened: the caller guarantees that
+    /// nothing is submitted to this disk and nothing is dirty (every request answered, the disk
+    /// quiesced with [`Disk::quiesce`], then a FLUSH) until it either closes the disk or takes
+    /// the locks back with [`Disk::relock_overlay`]. While unlocked, any process can lock the
+    /// overlay, write it, or rename another file over its path.
     pub fn unlock_overlay(&self) {
         self.state.unlock_overlay();
     }
 
-    /// Takes back the locks [`Disk::unlock_overlay`] dropped. Fails with
-    /// [`ErrorKind::Locked`](crate::ErrorKind::Locked) when another opener holds the overlay
-    /// meanwhile: the disk must then not be written again (close it).
-    pub fn relock_overlay(&self) -> Result<()> {
-        self.state.relock_overlay()
+    /// Takes back the locks [`Disk::unlock_overlay`] dropped, then checks that nobody touched the
+    /// overlay meanwhile: each file's stamp (`fstat` of this disk's descriptors) equals the one
+    /// recorded at the unlock, or `changed_to` when the caller changed the files itself in
+    /// between (an offline grow: the stamp its tool took before letting go of its own lock), and
+    /// each path still names the file this disk has open. Fails with
+    /// [`ErrorKind::Locked`](crate::ErrorKind::Locked) when another opener holds the overlay, and
+    /// with [`ErrorKind::ChangedWhileUnlocked`](crate::ErrorKind::ChangedWhileUnlocked) when a
+    /// file was written, resized or replaced: the disk must then not be written again (its
+    /// bitmap is stale, or its files are ones nobody opens any more): [`Disk::abandon`] it. On
+    /// failure the disk holds none of the overlay's locks.
+    pub fn relock_overlay(&self, changed_to: Option<&OverlayStamp>) -> Result<()> {
+        self.state.relock_overlay(changed_to)
+    }
+
+    /// Stops the work the engine starts on its own for this disk and waits until none is left:
+    /// from now on copy-on-reads are refused (they are optional: the read was answered, a later
+    /// read copies up again), then it waits until every accepted request, and every copy-up
+    /// admitted before, was answered. Requests submitted meanwhile or later are still served
+    /// (a FLUSH after this covers every bit that will ever be set until [`Disk::resume`]). For
+    /// a disk switch that holds new requests back: nothing changes the overlay any more once it
+    /// is flushed. Not from a completion callback (it waits for cores).
+    pub fn quiesce(&self) {
+        self.state.quiesced.store(true, Ordering::SeqCst);
+        self.state.wait_idle();
+    }
+
+    /// Lets the engine start copy-on-reads again after [`Disk::quiesce`].
+    pub fn resume(&self) {
+        self.state.quiesced.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether [`Disk::quiesce`] was called and [`Disk::resume`] not since.
+    pub fn is_quiesced(&self) -> bool {
+        self.state.quiesced.load(Ordering::SeqCst)
+    }
+
+    /// Closes this disk for every clone WITHOUT a final commit: for a disk whose overlay it must
+    /// not write any more ([`Disk::relock_overlay`] failed: another process may hold or have
+    /// replaced it). New requests get `ESHUTDOWN`; it waits until every accepted request was
+    /// answered, writes nothing, and releases the locks it holds. Bits set since the last
+    /// commit are not written (call it on a flushed, quiesced disk, where there are none).
+    /// Closing again (or [`Disk::close`] after this) returns `Ok` and does nothing. Not from a
+    /// completion callback.
+    pub fn abandon(&self) -> Result<()> {
+        close_disk(&self.engine, &self.state, false).map_err(|e| {
+            Error::io("abandon", std::io::Error::from_raw_os_error(e.errno))
+                .with_path(&self.state.meta_path)
+        })
     }
 
     /// Closes this disk for every clone: new requests get `ESHUTDOWN`; then it waits until every
@@ -397,7 +444,7 @@ impl Disk {
     /// and releases the overlay's locks. Closing again returns the first close's result. Not
     /// from a completion callback.
     pub fn close(&self) -> Result<()> {
-        close_disk(&self.engine, &self.state).map_err(|e| {
+        close_disk(&self.engine, &self.state, true).map_err(|e| {
             Error::io(
                 "commit on close",
                 std::io::Error::from_raw_os_error(e.errno),

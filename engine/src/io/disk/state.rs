@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{DirtyBlocks, SparseBitmap};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::overlay::{FileStamp, OverlayStamp};
 use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 use crate::sys::{ofd_lock, ofd_unlock, LockKind};
 
@@ -105,6 +106,8 @@ pub(crate) struct Tail {
 /// marked in `dirty` (set first, mark second); at most one commit is in flight (`commit`).
 pub(crate) struct DiskState {
     pub meta_path: PathBuf,
+    /// The raw image's resolved path.
+    pub image_path: PathBuf,
     pub size: u64,
     pub read_only: bool,
     /// Copy-on-read: a read served (partly) from the base is followed by a populate of its
@@ -132,6 +135,11 @@ pub(crate) struct DiskState {
     pub locks: RangeLocks<Parked>,
     /// No new request is accepted.
     pub closed: AtomicBool,
+    /// Work the engine starts on its own (copy-on-read) is refused (see `Disk::quiesce`).
+    pub quiesced: AtomicBool,
+    /// What the overlay's files were when `Disk::unlock_overlay` let go of their locks (or why
+    /// they could not be stamped); taken by `Disk::relock_overlay`.
+    pub unlocked: Mutex<Option<std::result::Result<OverlayStamp, String>>>,
     /// The result of closing, once closed (the first close does the work, later ones wait).
     pub close_result: OnceLock<std::result::Result<(), RequestError>>,
     /// An fdatasync of the raw image failed. The kernel may have dropped the unsynced data and
@@ -227,6 +235,46 @@ fn complete_without_base(
             Ok((o, None))
         }
         _ => Err(err),
+    }
+}
+
+/// A [`ErrorKind::ChangedWhileUnlocked`] error for `path`.
+fn changed(path: &Path, what: String) -> Error {
+    Error::new(ErrorKind::ChangedWhileUnlocked(what))
+        .with_path(path)
+        .with_op("lock again")
+}
+
+/// Checks that the open `file` (the overlay's `role` file at `path`) is as `want` stamped it, and
+/// that `path` still names it.
+fn check_stamp(role: &str, file: &File, path: &Path, want: &FileStamp) -> Result<()> {
+    let now = FileStamp::of_file(file).map_err(|e| Error::io("stat", e).with_path(path))?;
+    if !now.same_file(want) {
+        return Err(changed(
+            path,
+            format!("the {role} open is not the file that was let go"),
+        ));
+    }
+    if now != *want {
+        return Err(changed(
+            path,
+            format!(
+                "the {role} was written, resized or renamed meanwhile (size {} -> {}, \
+                 modified {:?} -> {:?}, changed {:?} -> {:?})",
+                want.size, now.size, want.mtime, now.mtime, want.ctime, now.ctime
+            ),
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if FileStamp::of(&m).same_file(&now) => Ok(()),
+        Ok(_) => Err(changed(
+            path,
+            format!("another file was put at the {role}'s path meanwhile"),
+        )),
+        Err(e) => Err(changed(
+            path,
+            format!("the {role}'s path names no file any more: {e}"),
+        )),
     }
 }
 
@@ -329,6 +377,7 @@ impl DiskState {
             #[cfg(feature = "fault-injection")]
             faults: config.faults.clone(),
             meta_path,
+            image_path,
             size: virtual_size,
             read_only: opts.read_only,
             copy_on_read: opts.copy_on_read && !opts.read_only,
@@ -348,6 +397,8 @@ impl DiskState {
             commit: Mutex::new(CommitState::default()),
             locks: RangeLocks::default(),
             closed: AtomicBool::new(false),
+            quiesced: AtomicBool::new(false),
+            unlocked: Mutex::new(None),
             close_result: OnceLock::new(),
             sync_failed: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
@@ -419,12 +470,14 @@ impl DiskState {
     }
 
     /// Counts work the engine starts on its own (a copy-on-read) as a request of the disk, unless
-    /// the disk is closed: `None` then. The count is taken before `closed` is read (both SeqCst,
-    /// as in `Disk::submit`), so either a close sees it and waits, or it sees the close.
+    /// the disk is closed or quiesced: `None` then. The count is taken before `closed` and
+    /// `quiesced` are read (all SeqCst, as in `Disk::submit`), so either a close (or quiesce)
+    /// sees it and waits, or it sees the close (or quiesce).
     pub(crate) fn enter(&self) -> Option<Entered> {
         self.active.fetch_add(1, Ordering::SeqCst);
         let entered = Entered(Arc::clone(&self.active));
-        (!self.closed.load(Ordering::SeqCst)).then_some(entered)
+        let refused = self.closed.load(Ordering::SeqCst) || self.quiesced.load(Ordering::SeqCst);
+        (!refused).then_some(entered)
     }
 
     /// Waits until every accepted request was answered (after `closed` was set, no new one is).
@@ -445,23 +498,55 @@ impl DiskState {
         }
     }
 
-    /// Drops the exclusive locks on the metadata file and the raw image only (the base keeps
-    /// its shared lock): see [`crate::Disk::unlock_overlay`].
+    /// Stamps the metadata file and the raw image (while still locked), then drops their
+    /// exclusive locks (the base keeps its shared lock): see [`crate::Disk::unlock_overlay`].
     pub(crate) fn unlock_overlay(&self) {
+        let stamp = OverlayStamp::of_files(&self.meta, &self.image).map_err(|e| e.to_string());
+        *self.unlocked.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
         ofd_unlock(&self.meta);
         ofd_unlock(&self.image);
     }
 
     /// Takes the exclusive locks on the metadata file and the raw image again (a writable
-    /// disk; a read-only one holds none of its own): see [`crate::Disk::relock_overlay`].
-    pub(crate) fn relock_overlay(&self) -> Result<()> {
+    /// disk; a read-only one holds none of its own), then checks that both files are as they
+    /// were let go (or as `changed_to` says the caller left them) and that their paths still
+    /// name them: see [`crate::Disk::relock_overlay`]. On any failure no lock of the overlay's
+    /// own is held.
+    pub(crate) fn relock_overlay(&self, changed_to: Option<&OverlayStamp>) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        let recorded = self
+            .unlocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         ofd_lock(&self.meta, LockKind::Exclusive).map_err(|e| e.with_path(&self.meta_path))?;
         if let Err(e) = ofd_lock(&self.image, LockKind::Exclusive) {
             ofd_unlock(&self.meta);
-            return Err(e.with_path(&self.meta_path));
+            return Err(e.with_path(&self.image_path));
+        }
+        let want = match (changed_to, recorded) {
+            (Some(s), _) => Ok(*s),
+            (None, Some(r)) => r.map_err(|e| {
+                changed(
+                    &self.meta_path,
+                    format!("its files could not be stamped: {e}"),
+                )
+            }),
+            (None, None) => Err(changed(
+                &self.meta_path,
+                "it was not let go with unlock_overlay".into(),
+            )),
+        };
+        let checked = want.and_then(|w| {
+            check_stamp("overlay", &self.meta, &self.meta_path, &w.meta)?;
+            check_stamp("raw image", &self.image, &self.image_path, &w.image)
+        });
+        if let Err(e) = checked {
+            ofd_unlock(&self.meta);
+            ofd_unlock(&self.image);
+            return Err(e);
         }
         Ok(())
     }

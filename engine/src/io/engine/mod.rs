@@ -69,7 +69,7 @@ fn stop_all(
 ) -> Result<()> {
     let mut first_err = None;
     for d in disks.into_iter().filter_map(|w| w.upgrade()) {
-        if let Err(e) = close_disk(shared, &d) {
+        if let Err(e) = close_disk(shared, &d, true) {
             first_err.get_or_insert(
                 Error::io(
                     "commit at shutdown",
