@@ -1269,6 +1269,19 @@ mod tests {
 mod block_tests {
     use super::*;
 
+    /// Probe intervals are spread over a quarter either way of the setting, and do vary (a
+    /// fleet's connections do not probe in step).
+    #[test]
+    fn probe_intervals_are_jittered_within_a_quarter() {
+        let d = Duration::from_secs(4);
+        let got: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        for g in &got {
+            assert!(*g >= d.mul_f64(0.75) && *g <= d.mul_f64(1.25), "{g:?}");
+        }
+        let (lo, hi) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+        assert!(*hi - *lo > Duration::from_millis(500), "{lo:?}..{hi:?}");
+    }
+
     /// Every read, at every alignment, is cut into requests that start and end on the
     /// minimum block (but at the export's end), are at most the maximum, and cover the read.
     #[test]
