@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nbd_support::scripted::{self, Reply, Request, Script, ScriptedServer};
+use nbd_support::scripted::{self, Handshake, Reply, Request, Script, ScriptedServer};
 use nbd_support::*;
 use rand::{RngCore, SeedableRng};
 
@@ -323,9 +323,13 @@ fn qemu_nbd_base_is_read_over_several_connections() {
 
 /// Reads random 4 KiB blocks of the served disk for `secs` seconds and checks each against
 /// the expected file; prints `connected`, then `end: ok N` or `end: ` and the first failure.
+/// Reads random 4 KiB blocks of `uri` and checks them against the file `ref`, for `secs`
+/// seconds or (with a 4th argument) until that file exists; prints `reads N` every 10 reads,
+/// then `end: ok N`, or `end: ...` naming the first error or mismatch.
 const READ_LOOP_PY: &str = r#"
-import sys, time, random, nbd
+import os, sys, time, random, nbd
 uri, ref, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+stop = sys.argv[4] if len(sys.argv) > 4 else None
 want = open(ref, "rb").read()
 h = nbd.NBD()
 h.connect_uri(uri)
@@ -333,7 +337,7 @@ print("connected", flush=True)
 end = time.time() + secs
 n = 0
 rnd = random.Random(5)
-while time.time() < end:
+while time.time() < end and not (stop and os.path.exists(stop)):
     off = rnd.randrange(0, len(want) // 4096) * 4096
     try:
         got = h.pread(4096, off)
@@ -344,8 +348,58 @@ while time.time() < end:
         print(f"end: mismatch at {off}", flush=True)
         sys.exit(1)
     n += 1
+    if n % 10 == 0:
+        print(f"reads {n}", flush=True)
 print(f"end: ok {n}", flush=True)
 "#;
+
+/// How many reads a [`READ_LOOP_PY`] client reported so far.
+fn reads_done(c: &HoldingClient) -> u64 {
+    c.output()
+        .lines()
+        .filter_map(|l| l.strip_prefix("reads ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits (polling, generous deadline: the machine may be loaded) until a [`READ_LOOP_PY`]
+/// client has done `n` reads; returns how many it has done.
+fn wait_reads(c: &HoldingClient, n: u64, d: &Daemon) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = reads_done(c);
+        if done >= n {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client did only {done} of {n} reads in 180 s:
+{}
+{}",
+            c.output(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines of `log` that contain `needle`.
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits (bounded) until the daemon's log holds more than `n` lines containing `needle`.
+fn wait_log_more(d: &Daemon, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(&d.log(), needle) <= n {
+        assert!(
+            Instant::now() < deadline,
+            "log never showed another {needle:?}:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 #[test]
 fn image_server_restarted_during_reads_pauses_them_without_an_error() {
@@ -354,7 +408,7 @@ fn image_server_restarted_during_reads_pauses_them_without_an_error() {
     let ov = s.create("vm", &server.uri());
     let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
     let client = HoldingClient::run(READ_LOOP_PY, &[&d.uri(), &s.p("base.raw"), "6"]);
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_reads(&client, 10, &d);
     server.kill();
     d.wait_log("reconnecting");
     std::thread::sleep(Duration::from_millis(1500));
@@ -1266,10 +1320,14 @@ fn unaligned_reads_respect_a_small_maximum_block() {
 }
 
 /// A planned restart of the image server, as an operator does it: reads of clear sectors run
-/// while the server gets SIGTERM, is started again a second later, and the reads go on. Every
-/// read succeeds with the right bytes (the guest sees a pause), and the server exits promptly
-/// on SIGTERM: addcow lets a server that is going away go (on `ESHUTDOWN`, and its idle
-/// connections too: with two cores, one connection to the server sits idle).
+/// while the server gets SIGTERM, exits, is started again, and the reads go on. Every read
+/// succeeds with the right bytes (the guest sees a pause), and the server exits on SIGTERM:
+/// addcow lets a server that is going away go (on `ESHUTDOWN` on a busy connection, and on an
+/// idle one through its probe: with two cores, one connection to the server sits idle).
+///
+/// Synchronised on what happened, never on sleeps: reads went through before SIGTERM and
+/// after the restart (counted), the daemon saw the server gone and back (its log), and for
+/// nbdkit, which answers `ESHUTDOWN`, every connection took the shutting-down path.
 fn restart_during_reads(kind: &str, cores: &str) {
     let s = Setup::new();
     let sock = s.path("img.sock");
@@ -1292,21 +1350,49 @@ fn restart_during_reads(kind: &str, cores: &str) {
         "{kind}: {}",
         d.log()
     );
-    let client = HoldingClient::run(READ_LOOP_PY, &[&d.uri(), &s.p("base.raw"), "8"]);
-    std::thread::sleep(Duration::from_millis(1000));
-    let exited = server.terminate(Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(1000));
+    let stop = s.p("reads.stop");
+    let client = HoldingClient::run(READ_LOOP_PY, &[&d.uri(), &s.p("base.raw"), "900", &stop]);
+    // Reads of the base go through the server before it is told to go.
+    let before = wait_reads(&client, 20, &d);
+    let unreachable = count(&d.log(), "image server unreachable");
+    let reconnected = count(&d.log(), "image server reconnected");
+    let exited = server.terminate(Duration::from_secs(60));
+    assert!(
+        exited,
+        "{kind} did not exit within 60 s of SIGTERM: addcow held its connections open\n{}",
+        d.log()
+    );
+    // The daemon found the server gone (a connect failed while it was down).
+    wait_log_more(&d, "image server unreachable", unreachable);
+    let log = d.log();
+    if kind == "nbdkit" {
+        // nbdkit answers ESHUTDOWN: each connection, the busy one and the idle one alike,
+        // was closed on the shutting-down path (not as a lost connection, not by a timeout).
+        for conn in 0..cores.parse::<usize>().expect("cores") {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("the image server is shutting down")
+                        && l.contains(&format!("conn={conn}"))),
+                "{kind}: connection {conn} never took the ESHUTDOWN path:\n{log}"
+            );
+        }
+    }
+    let during = reads_done(&client);
     server.restart();
+    wait_log_more(&d, "image server reconnected", reconnected);
+    // Reads go on through the restarted server.
+    let after = wait_reads(&client, during + 20, &d);
+    std::fs::write(&stop, b"").expect("stop the reads");
     client.wait_for("end: ");
     let out = client.output();
     assert!(out.contains("end: ok"), "{kind}: {out}\n{}", d.log());
-    assert!(
-        exited,
-        "{kind} did not exit within 20 s of SIGTERM: addcow held its connections open\n{}",
-        d.log()
-    );
+    assert!(before >= 20 && after >= during + 20, "{kind}: {out}");
     let log = d.stop();
     assert!(!log.contains("remote base read failed"), "{kind}: {log}");
+    assert!(
+        !log.contains("did not answer a read in time"),
+        "{kind}: {log}"
+    );
     assert!(!log.contains("panicked"), "{kind}: {log}");
 }
 
@@ -1333,4 +1419,203 @@ fn planned_restart_of_qemu_nbd_during_reads() {
 #[ignore = "heavy: restarts a real image server under reads (scripts/test.sh runs it)"]
 fn planned_restart_of_qemu_storage_daemon_during_reads() {
     restart_during_reads("qsd", "2");
+}
+
+/// A server that trickles its handshake a byte at a time (each byte well within the connect
+/// timeout of the one before, the whole handshake minutes long) is given up on once the whole
+/// handshake passes the 10 s connect timeout: `create` (which asks the server the export's
+/// size) fails with an error naming the server, never waits for the handshake to end.
+#[test]
+fn a_handshake_trickled_a_byte_at_a_time_is_bounded_by_the_connect_timeout() {
+    let s = Setup::new();
+    let mut script = Script::honest(s.base.clone());
+    script.handshake = Box::new(|_| Handshake::Trickle(Duration::from_millis(500)));
+    let server = ScriptedServer::start(&s.path("img.sock"), script);
+    let ov = s.path("vm.add-cow");
+    let t0 = Instant::now();
+    let out = addcow_raw(&["create", "-b", &server.uri(), &ov.display().to_string()]);
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "create went through a {took:?} handshake"
+    );
+    assert!(
+        err.contains("img.sock"),
+        "the error names the server: {err}"
+    );
+    // A bound (4 times the connect timeout), not a speed claim: the handshake takes ~75 s.
+    assert!(
+        took < Duration::from_secs(40),
+        "gave up after {took:?}, not by the 10 s connect timeout: {err}"
+    );
+}
+
+/// Reads of clear sectors wait for the image server no longer than the base timeout while the
+/// connection's driver sits in a connect to a server that never completes its handshake
+/// (silent, or trickling it): they fail with EIO by about `--base-timeout` (here 2 s), not once
+/// the connect gives up (10 s), and the overlay's own data still reads.
+#[test]
+fn reads_fail_by_the_base_timeout_while_the_server_never_handshakes() {
+    for how in [
+        Handshake::Silent,
+        Handshake::Trickle(Duration::from_millis(500)),
+    ] {
+        let s = Setup::new();
+        let sock = s.path("img.sock");
+        let server = ScriptedServer::start(&sock, Script::honest(s.base.clone()));
+        let ov = s.path("vm.add-cow");
+        let ovs = ov.display().to_string();
+        addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+        let d = Daemon::start(
+            &s.path("a.sock"),
+            &["--cores", "1", "--base-timeout", "2", &ovs],
+        );
+        qemu_io(&d.uri(), &["write -P 0x66 0 4096", "read 65536 4096"]);
+        // The server goes (its connections closed); one that never handshakes takes its place,
+        // and the driver reconnects into it.
+        drop(server);
+        let mut script = Script::honest(s.base.clone());
+        script.handshake = Box::new(move |_| how);
+        let hang = ScriptedServer::start(&sock, script);
+        wait_until("the driver connects to the new server", || {
+            hang.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1
+        });
+        let t0 = Instant::now();
+        let (text, eio) = qemu_io_eio(&d.uri(), "read 1048576 4096");
+        let took = t0.elapsed();
+        assert!(eio, "{how:?}: EIO expected:\n{text}\n{}", d.log());
+        // A bound (4 times the base timeout), not a speed claim.
+        assert!(
+            took < Duration::from_secs(8),
+            "{how:?}: the read failed after {took:?}, not by the 2 s base timeout\n{}",
+            d.log()
+        );
+        qemu_io(&d.uri(), &["read -P 0x66 0 4096"]);
+        let log = d.stop();
+        assert!(!log.contains("panicked"), "{how:?}: {log}");
+    }
+}
+
+/// Opening a disk on a remote base is bounded by one 10 s deadline, whatever the server does:
+/// here it never answers the holes query, and the second connection (the server allows one per
+/// core) never handshakes. The open neither waits the base timeout (30 s) for the query nor
+/// waits for (or fails on) the second connection: that one connects in its own driver, and
+/// every byte reads right once it has.
+#[test]
+fn opening_a_remote_base_is_bounded_by_one_deadline() {
+    let s = Setup::new();
+    let mut script = Script::honest(s.base.clone());
+    script.multi_conn = true;
+    // The open's query goes unanswered (the probes of idle connections, one extent each, are
+    // answered).
+    script.on_block_status = Box::new(|r: &mut Reply<'_>, q: Request| {
+        if q.flags & scripted::REQ_ONE != 0 {
+            scripted::honest_status(r, q)
+        } else {
+            Ok(())
+        }
+    });
+    script.handshake = Box::new(|n| {
+        if n == 1 {
+            Handshake::Silent
+        } else {
+            Handshake::Honest
+        }
+    });
+    let server = ScriptedServer::start(&s.path("img.sock"), script);
+    let ov = s.path("vm.add-cow");
+    let ovs = ov.display().to_string();
+    addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+    let before = server.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    let d = Daemon::start(
+        &s.path("a.sock"),
+        &["--cores", "2", "--base-timeout", "30", &ovs],
+    );
+    let took = t0.elapsed();
+    assert!(before <= 1, "create made {before} connections");
+    let log = d.log();
+    assert!(log.contains("conns=2"), "{log}");
+    assert!(
+        log.contains("block status of the remote base failed"),
+        "{log}"
+    );
+    // A bound (2.5 times the deadline), not a speed claim: the query alone used to wait 30 s.
+    assert!(
+        took < Duration::from_secs(25),
+        "the open took {took:?}, not bounded by its 10 s deadline:\n{log}"
+    );
+    assert_identical(&s.p("base.raw"), &d.uri());
+    let log = d.stop();
+    assert!(!log.contains("remote base read failed"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// An idle connection is probed (so that a server going away can be let go) with a
+/// block-status query of one extent when `base:allocation` was agreed, never a read of data
+/// (which a server in front of object storage turns into a GET); without `base:allocation`,
+/// with a small read. The probe's answer is taken in without dropping the connection.
+#[test]
+fn idle_connections_are_probed_with_one_extent_of_block_status() {
+    for allocation in [true, false] {
+        let s = Setup::new();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(u16, Request)>>> = Default::default();
+        let mut script = Script::honest(s.base.clone());
+        script.allocation = allocation;
+        let log = seen.clone();
+        script.on_read = Box::new(move |r: &mut Reply<'_>, q: Request| {
+            log.lock().unwrap().push((0, q));
+            scripted::honest_read(r, q)
+        });
+        let log = seen.clone();
+        script.on_block_status = Box::new(move |r: &mut Reply<'_>, q: Request| {
+            log.lock().unwrap().push((7, q));
+            scripted::honest_status(r, q)
+        });
+        let server = ScriptedServer::start(&s.path("img.sock"), script);
+        let ov = s.path("vm.add-cow");
+        let ovs = ov.display().to_string();
+        addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+        let d = Daemon::start(&s.path("a.sock"), &["--cores", "1", &ovs]);
+        d.wait_log("remote base connected");
+        let conns = server.connections.load(std::sync::atomic::Ordering::SeqCst);
+        // Two probes, nothing else asked by anyone.
+        let probes = |want: usize| {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(kind, q)| {
+                    if allocation {
+                        *kind == 7 && q.flags & scripted::REQ_ONE != 0
+                    } else {
+                        *kind == 0
+                    }
+                })
+                .count()
+                >= want
+        };
+        wait_until("two probes of the idle connection", || probes(2));
+        let got = seen.lock().unwrap().clone();
+        for (kind, q) in &got {
+            if *kind == 7 && q.flags & scripted::REQ_ONE == 0 {
+                // The open's holes query.
+                continue;
+            }
+            assert!(q.offset == 0 && q.len <= 4096, "{allocation}: {got:?}");
+            if allocation {
+                assert_eq!(*kind, 7, "{allocation}: a probe read data: {got:?}");
+            }
+        }
+        // Both probes came on the connection the open made: none of them dropped it.
+        assert_eq!(
+            server.connections.load(std::sync::atomic::Ordering::SeqCst),
+            conns,
+            "{allocation}: {}",
+            d.log()
+        );
+        let log = d.stop();
+        assert!(!log.contains("broke the protocol"), "{allocation}: {log}");
+        assert!(!log.contains("panicked"), "{allocation}: {log}");
+    }
 }

@@ -3,13 +3,15 @@
 //! replies, `base:allocation` as context 1, `NBD_INFO_BLOCK_SIZE` when given) and answers each
 //! READ and BLOCK_STATUS through the test's own closures, which write whatever chunks they like
 //! with [`Reply`]. By default reads are answered correctly from the export's bytes and block
-//! status says "all data".
+//! status says "all data". The handshake of each connection can be honest, silent or trickled
+//! ([`Handshake`]).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
 /// Chunk types.
@@ -28,9 +30,25 @@ pub const ALLOCATION_CTX: u32 = 1;
 pub struct Request {
     /// Which connection it came on (0 for the first accepted).
     pub conn: usize,
+    /// Command flags (`NBD_CMD_FLAG_*`).
+    pub flags: u16,
     pub cookie: u64,
     pub offset: u64,
     pub len: u32,
+}
+
+/// `NBD_CMD_FLAG_REQ_ONE`.
+pub const REQ_ONE: u16 = 1 << 3;
+
+/// How the server goes through the handshake of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// As the protocol says.
+    Honest,
+    /// Accepts and never says a word (reads what the client sends, answers nothing).
+    Silent,
+    /// Honest, but every byte it sends comes alone, this long after the one before.
+    Trickle(Duration),
 }
 
 /// Writes replies on one connection.
@@ -120,6 +138,12 @@ pub struct Script {
     pub block_sizes: Option<(u32, u32, u32)>,
     pub on_read: Box<Handler>,
     pub on_block_status: Box<Handler>,
+    /// The handshake of connection `n` (0 for the first accepted).
+    pub handshake: Box<dyn Fn(usize) -> Handshake + Send + Sync>,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`.
+    pub multi_conn: bool,
+    /// Agree to `base:allocation` when asked.
+    pub allocation: bool,
 }
 
 impl Script {
@@ -130,16 +154,21 @@ impl Script {
             block_sizes: None,
             on_read: Box::new(honest_read),
             on_block_status: Box::new(honest_status),
+            handshake: Box::new(|_| Handshake::Honest),
+            multi_conn: false,
+            allocation: true,
         }
     }
 }
 
-/// The server: listening on its socket until dropped.
+/// The server: listening on its socket until dropped (its connections are closed then too).
 pub struct ScriptedServer {
     pub sock: PathBuf,
     stop: Arc<AtomicBool>,
     /// Connections accepted so far.
     pub connections: Arc<AtomicUsize>,
+    /// A handle on every connection accepted, to close them when dropped.
+    live: Arc<Mutex<Vec<UnixStream>>>,
 }
 
 impl ScriptedServer {
@@ -149,16 +178,21 @@ impl ScriptedServer {
         let l = UnixListener::bind(sock).expect("bind the scripted server's socket");
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
+        let live: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         let script = Arc::new(script);
         {
             let stop = stop.clone();
             let connections = connections.clone();
+            let live = live.clone();
             std::thread::spawn(move || {
                 for c in l.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(c) = c else { continue };
+                    if let Ok(h) = c.try_clone() {
+                        live.lock().expect("live").push(h);
+                    }
                     let conn = connections.fetch_add(1, Ordering::SeqCst);
                     let script = script.clone();
                     std::thread::spawn(move || {
@@ -171,6 +205,7 @@ impl ScriptedServer {
             sock: sock.to_path_buf(),
             stop,
             connections,
+            live,
         }
     }
 
@@ -186,6 +221,11 @@ impl Drop for ScriptedServer {
         // Wakes the accept loop, which then ends.
         let _ = UnixStream::connect(&self.sock);
         let _ = std::fs::remove_file(&self.sock);
+        if let Ok(live) = self.live.lock() {
+            for c in live.iter() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 
@@ -199,18 +239,44 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn option_reply(s: &mut UnixStream, opt: u32, kind: u32, payload: &[u8]) -> std::io::Result<()> {
+/// Writes the handshake's bytes: at once, or one at a time (`Handshake::Trickle`).
+fn hs_write(s: &mut UnixStream, how: Handshake, b: &[u8]) -> std::io::Result<()> {
+    match how {
+        Handshake::Trickle(pause) => {
+            for x in b {
+                std::thread::sleep(pause);
+                s.write_all(std::slice::from_ref(x))?;
+            }
+            Ok(())
+        }
+        _ => s.write_all(b),
+    }
+}
+
+fn option_reply(
+    s: &mut UnixStream,
+    how: Handshake,
+    opt: u32,
+    kind: u32,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let mut b = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
     b.extend_from_slice(&opt.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     b.extend_from_slice(payload);
-    s.write_all(&b)
+    hs_write(s, how, &b)
 }
 
 fn serve(mut s: UnixStream, conn: usize, script: &Script) -> std::io::Result<()> {
-    s.write_all(b"NBDMAGICIHAVEOPT")?;
-    s.write_all(&3u16.to_be_bytes())?;
+    let how = (script.handshake)(conn);
+    if how == Handshake::Silent {
+        // Takes in whatever comes until the client gives up.
+        let mut b = [0u8; 4096];
+        while s.read(&mut b)? > 0 {}
+        return Ok(());
+    }
+    hs_write(&mut s, how, b"NBDMAGICIHAVEOPT\0\x03")?;
     read_n(&mut s, 4)?;
     loop {
         let h = read_n(&mut s, 16)?;
@@ -218,35 +284,36 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script) -> std::io::Result<()>
         let payload = read_n(&mut s, be32(&h, 12) as usize)?;
         match opt {
             // STRUCTURED_REPLY
-            8 => option_reply(&mut s, opt, 1, &[])?,
+            8 => option_reply(&mut s, how, opt, 1, &[])?,
             // SET_META_CONTEXT: base:allocation, if asked for, is context 1.
             10 => {
-                if payload.windows(15).any(|w| w == b"base:allocation") {
+                if script.allocation && payload.windows(15).any(|w| w == b"base:allocation") {
                     let mut p = ALLOCATION_CTX.to_be_bytes().to_vec();
                     p.extend_from_slice(b"base:allocation");
-                    option_reply(&mut s, opt, 4, &p)?;
+                    option_reply(&mut s, how, opt, 4, &p)?;
                 }
-                option_reply(&mut s, opt, 1, &[])?;
+                option_reply(&mut s, how, opt, 1, &[])?;
             }
             // GO
             7 => {
                 let mut info = 0u16.to_be_bytes().to_vec();
                 info.extend_from_slice(&(script.data.len() as u64).to_be_bytes());
-                // HAS_FLAGS | READ_ONLY | SEND_DF (structured reads)
-                info.extend_from_slice(&(1u16 | 2 | 0x80).to_be_bytes());
-                option_reply(&mut s, opt, 3, &info)?;
+                // HAS_FLAGS | READ_ONLY | SEND_DF (structured reads) [| CAN_MULTI_CONN]
+                let multi = if script.multi_conn { 0x100 } else { 0 };
+                info.extend_from_slice(&(1u16 | 2 | 0x80 | multi).to_be_bytes());
+                option_reply(&mut s, how, opt, 3, &info)?;
                 if let Some((min, pref, max)) = script.block_sizes {
                     let mut b = 3u16.to_be_bytes().to_vec();
                     for x in [min, pref, max] {
                         b.extend_from_slice(&x.to_be_bytes());
                     }
-                    option_reply(&mut s, opt, 3, &b)?;
+                    option_reply(&mut s, how, opt, 3, &b)?;
                 }
-                option_reply(&mut s, opt, 1, &[])?;
+                option_reply(&mut s, how, opt, 1, &[])?;
                 break;
             }
             // Anything else: unsupported.
-            _ => option_reply(&mut s, opt, 0x8000_0001, &[])?,
+            _ => option_reply(&mut s, how, opt, 0x8000_0001, &[])?,
         }
     }
     loop {
@@ -254,6 +321,7 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script) -> std::io::Result<()>
         let kind = u16::from_be_bytes([h[6], h[7]]);
         let q = Request {
             conn,
+            flags: u16::from_be_bytes([h[4], h[5]]),
             cookie: u64::from_be_bytes(h[8..16].try_into().expect("8 bytes")),
             offset: u64::from_be_bytes(h[16..24].try_into().expect("8 bytes")),
             len: be32(&h, 24),

@@ -10,6 +10,10 @@
 //! copies them into the request's buffer. Meanwhile the core goes on serving everything else:
 //! a read of the overlay's own data on the same core completes while base reads wait.
 //!
+//! One more thread per base, the *expiry* thread, fails overdue reads every 100 ms whatever
+//! the drivers do: a driver inside a connect (up to 10 s for the connect and its whole
+//! handshake) holds no read past its deadline.
+//!
 //! # Connections
 //! One per core when the server advertises `CAN_MULTI_CONN`, otherwise one shared by every core
 //! (a core's reads go to connection `core % n`).
@@ -17,7 +21,9 @@
 //! # Failures
 //! * The connection drops (server restarted, killed, network): the driver reconnects with
 //!   backoff (50 ms doubling to 2 s) and resends every read not yet answered (reads are
-//!   idempotent). Reads wait meanwhile, up to their deadline.
+//!   idempotent). Reads wait meanwhile, up to their deadline. Each connect, handshake
+//!   included, gives up after 10 s in all (a server that trickles its handshake cannot stretch
+//!   it).
 //! * A read not answered within the timeout (default 30 s) fails with `EIO`: never a hang.
 //!   A read that was *sent* and not answered in time also drops the connection (a server
 //!   that stopped answering, a half-open TCP connection): the driver reconnects and resends
@@ -34,8 +40,10 @@
 //!   or a gap fail the read with `EIO`, never answer it with stale or zero bytes.
 //! * A server going away (`ESHUTDOWN` on a read) is treated as a drop: the connection is
 //!   closed (after `NBD_CMD_DISC`) and the read resent on the next one. A connection with
-//!   nothing in flight for [`PROBE_IDLE`] sends a probe read, so that an idle connection to a
-//!   server that waits for its clients to leave (nbdkit after SIGTERM) is closed too.
+//!   nothing in flight for about [`RemoteOptions::probe_interval`] (default 5 s, jittered)
+//!   sends a probe (a one-extent block-status query when `base:allocation` was agreed, else a
+//!   small read), so that an idle connection to a server that waits for its clients to leave
+//!   (nbdkit after SIGTERM) is closed too.
 //! * Requests respect the server's block sizes: a read that does not fit one request once
 //!   aligned to the minimum is cut into several ([`Blocks`]), its bytes gathered.
 //!
@@ -50,9 +58,11 @@
 //! # Holes
 //! At open the whole export is asked for `base:allocation` block status once (the base is
 //! read-only, so the answer stays true); ranges that read as zeros become zero runs of
-//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them. The query is bounded by
-//! the base timeout and in the ranges it keeps; what it did not learn is read from the server.
-//! A connection whose query failed may hold unread replies: it is dropped, never used.
+//! [`RemoteBase::map`]: neither reads nor populate (stream) fetch them. The query is bounded
+//! (with the connect and handshake before it, one deadline: [`OPEN_TIMEOUT`] from when the
+//! connect began; and by the base timeout) and in the ranges it keeps; what it did not learn is
+//! read from the server. A connection whose query failed may hold unread replies: it is
+//! dropped, never used. The open makes no other connection: those connect in their drivers.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -68,20 +78,22 @@ use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, 
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire;
 
-/// How long a handshake (and so a reconnect attempt) may take.
+/// How long a connect and its whole handshake (and so a reconnect attempt) may take. Reads do
+/// not wait for it: they expire on their own deadline meanwhile (see [`expiry`]).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The whole open of a remote base, from the moment its first connect began: connect,
+/// handshake and the holes query ([`RemoteBase::start`]). The open's other connections connect
+/// in their own drivers afterwards, never inside the open.
+pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A connection that lived this long resets the reconnect backoff.
 const STABLE: Duration = Duration::from_secs(5);
-/// How often a waiting driver looks at deadlines.
+/// How often a waiting driver, and the expiry thread, look at deadlines.
 const TICK: Duration = Duration::from_millis(100);
-/// A connection with nothing in flight for this long sends a probe (a read of one minimum
-/// block): a server that is going away answers it with `ESHUTDOWN` (nbdkit waits for its idle
-/// clients to leave before it exits), a dead one leaves it unanswered; either way the
-/// connection is closed.
-const PROBE_IDLE: Duration = Duration::from_secs(2);
+/// The default of [`RemoteOptions::probe_interval`].
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a remote read produces: exactly the bytes asked for, or an errno.
 pub(crate) type ReadResult = std::result::Result<Vec<u8>, i32>;
@@ -116,6 +128,14 @@ pub struct RemoteOptions {
     pub timeout: Duration,
     /// Connections to open when the server allows several (one per core).
     pub conns: usize,
+    /// A connection with nothing in flight for about this long (give or take a quarter, at
+    /// random, so that a fleet's probes spread out) sends a probe: a block-status query of one
+    /// block when `base:allocation` was agreed (answered from metadata, no data read on the
+    /// server), else a read of one minimum block. A server that is going away answers it with
+    /// `ESHUTDOWN` (nbdkit waits for its idle clients to leave before it exits), a dead one
+    /// leaves it unanswered; either way the connection is closed. Default
+    /// [`DEFAULT_PROBE_INTERVAL`].
+    pub probe_interval: Duration,
 }
 
 impl Default for RemoteOptions {
@@ -123,6 +143,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             timeout: Duration::from_secs(30),
             conns: 1,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
         }
     }
 }
@@ -153,11 +174,14 @@ impl RemoteBase {
     /// Takes over `sess` (the connection made when the chain was opened): reads its holes,
     /// then starts its connections (`opts.conns` when the server allows multi-conn).
     ///
-    /// The holes are asked within `opts.timeout`; when that query fails or times out the
-    /// session may hold unread replies, so it is dropped and the first connection's driver
-    /// connects afresh.
+    /// Bounded: the holes are asked until [`OPEN_TIMEOUT`] after `sess`'s connect began (and
+    /// within `opts.timeout`); when that query fails or times out the session may hold unread
+    /// replies, so it is dropped and the first connection's driver connects afresh. The other
+    /// connections are made by their own drivers, after the open: the open never waits for
+    /// them (their reads wait, up to their deadline, like reads during a reconnect).
     pub(crate) fn start(uri: NbdUri, mut sess: Session, opts: RemoteOptions) -> Result<RemoteBase> {
-        let (zeros, in_step) = client::zero_ranges_in_step(&mut sess, &uri, opts.timeout);
+        let until = (sess.began + OPEN_TIMEOUT).min(Instant::now() + opts.timeout);
+        let (zeros, in_step) = client::zero_ranges_in_step(&mut sess, &uri, until);
         let n = if sess.multi_conn() {
             opts.conns.max(1)
         } else {
@@ -174,13 +198,9 @@ impl RemoteBase {
             None
         };
         for i in 0..n {
-            let sess = match (i, first.take()) {
-                (_, Some(s)) => Some(s),
-                (0, None) => None,
-                (_, None) => Some(client::connect(&uri, HANDSHAKE_TIMEOUT)?),
-            };
-            conns.push(Conn::start(&uri, i, size, blocks, opts.timeout, sess)?);
+            conns.push(Conn::start(&uri, i, size, blocks, &opts, first.take())?);
         }
+        expiry(&conns)?;
         tracing::info!(uri = %uri, size, conns = n, zero_ranges = zeros.len(),
             "remote base connected");
         Ok(RemoteBase {
@@ -307,6 +327,42 @@ impl Blocks {
     }
 }
 
+/// Starts the thread that expires the reads of `conns` every [`TICK`], whatever their drivers
+/// are doing (a driver inside a connect or handshake does not look at deadlines for up to
+/// [`HANDSHAKE_TIMEOUT`]). It holds the connections weakly and ends once all of them stop.
+fn expiry(conns: &[Conn]) -> Result<()> {
+    let weak: Vec<std::sync::Weak<ConnShared>> =
+        conns.iter().map(|c| Arc::downgrade(&c.shared)).collect();
+    std::thread::Builder::new()
+        .name("addcow-nbd-expiry".into())
+        .spawn(move || loop {
+            std::thread::sleep(TICK);
+            let mut live = false;
+            for c in weak.iter().filter_map(std::sync::Weak::upgrade) {
+                if c.stopping() {
+                    continue;
+                }
+                live = true;
+                let mut st = lock(&c.state);
+                c.expire(&mut st, Instant::now());
+            }
+            if !live {
+                return;
+            }
+        })
+        .map_err(|e| Error::io("start remote base thread", e))?;
+    Ok(())
+}
+
+/// `d` give or take a quarter, at random (spreads the probes of many connections out).
+fn jittered(d: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    // A random 64-bit value from the standard library's per-process random hash keys.
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    let frac = (r >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.75 + 0.5 * frac)
+}
+
 /// A read cut into several requests: their bytes gathered, answered once all came (or at the
 /// first failure).
 struct Join {
@@ -355,6 +411,8 @@ struct Conn {
 enum Taken {
     /// A read still waiting: where its request starts, and its buffer (moved out).
     Live(u64, Vec<u8>),
+    /// A block-status probe still waiting (nothing of its reply is kept).
+    Status,
     /// A read already answered (it timed out): its reply is read and dropped. The length of
     /// its request bounds what a reply to it may carry.
     Answered(u32),
@@ -366,6 +424,7 @@ struct ConnShared {
     size: u64,
     blocks: Blocks,
     timeout: Duration,
+    probe_interval: Duration,
     state: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
@@ -389,6 +448,8 @@ struct State {
 }
 
 struct Pending {
+    /// `CMD_READ`, or `CMD_BLOCK_STATUS` for a probe.
+    kind: u16,
     /// The request as sent: aligned to the server's minimum block.
     offset: u64,
     len: u32,
@@ -404,8 +465,8 @@ struct Pending {
     /// The bytes of the reply taken in so far: each must come exactly once.
     covered: Coverage,
     error: Option<String>,
-    /// A probe of an idle connection (see [`PROBE_IDLE`]): nobody waits for it, and it is not
-    /// sent again on the next connection.
+    /// A probe of an idle connection (see [`RemoteOptions::probe_interval`]): nobody waits for
+    /// it, and it is not sent again on the next connection.
     probe: bool,
 }
 
@@ -416,7 +477,7 @@ impl Conn {
         index: usize,
         size: u64,
         blocks: Blocks,
-        timeout: Duration,
+        opts: &RemoteOptions,
         sess: Option<Session>,
     ) -> Result<Conn> {
         let shared = Arc::new(ConnShared {
@@ -424,7 +485,8 @@ impl Conn {
             index,
             size,
             blocks,
-            timeout,
+            timeout: opts.timeout,
+            probe_interval: opts.probe_interval,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -468,7 +530,7 @@ impl Conn {
                 return;
             };
             let skip = (offset - r_off) as usize;
-            st.queue_read(r_off, r_len, skip, want, deadline, done, false);
+            st.queue_read(r_off, r_len, skip, want, deadline, done);
         } else {
             let join = Arc::new(Mutex::new(Join {
                 buf: vec![0u8; want],
@@ -490,7 +552,6 @@ impl Conn {
                     (last - first) as usize,
                     deadline,
                     piece,
-                    false,
                 );
             }
         }
@@ -500,11 +561,40 @@ impl Conn {
 }
 
 impl State {
-    /// Queues one request: `len` bytes at `offset` (as sent), of which `want` from `skip` on
+    /// Queues one read: `len` bytes at `offset` (as sent), of which `want` from `skip` on
     /// are answered to `done`.
-    #[allow(clippy::too_many_arguments)]
     fn queue_read(
         &mut self,
+        offset: u64,
+        len: u32,
+        skip: usize,
+        want: usize,
+        deadline: Instant,
+        done: ReadDone,
+    ) {
+        self.queue(
+            wire::CMD_READ,
+            offset,
+            len,
+            skip,
+            want,
+            deadline,
+            done,
+            false,
+        );
+    }
+
+    /// Queues a probe of an idle connection: `kind` (`CMD_BLOCK_STATUS` or `CMD_READ`) of `len`
+    /// bytes at offset 0, answered to nobody.
+    fn queue_probe(&mut self, kind: u16, len: u32, deadline: Instant) {
+        let nobody = ReadDone::new(|_| {});
+        self.queue(kind, 0, len, 0, 0, deadline, nobody, true);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &mut self,
+        kind: u16,
         offset: u64,
         len: u32,
         skip: usize,
@@ -518,6 +608,7 @@ impl State {
         self.inflight.insert(
             cookie,
             Pending {
+                kind,
                 offset,
                 len,
                 skip,
@@ -539,7 +630,7 @@ impl Drop for Conn {
     /// Signals the driver to stop and wakes it and its reader; does not wait for them. This
     /// runs on the core thread that closes the disk, and a driver inside a connect may take up
     /// to the handshake timeout to notice: the threads end on their own, answering what they
-    /// hold with `EIO`.
+    /// hold with `EIO` (the expiry thread stops looking at this connection at once).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(s) = &lock(&self.shared.state).sock {
@@ -630,7 +721,7 @@ impl ConnShared {
         while !self.stopping() {
             let sess = match first.take() {
                 Some(s) => s,
-                None => match client::connect(&self.uri, HANDSHAKE_TIMEOUT.min(self.timeout)) {
+                None => match client::connect(&self.uri, HANDSHAKE_TIMEOUT) {
                     Ok(s) if s.size != self.size => {
                         let why = format!(
                             "the export's size changed from {} to {} bytes; reads of the base \
@@ -696,6 +787,12 @@ impl ConnShared {
     /// Runs one connection until it fails or the base closes.
     fn serve(self: &Arc<Self>, sess: Session) {
         let structured = sess.structured;
+        // A probe asks block status when it can (no data read on the server), else reads.
+        let probe_kind = if sess.allocation_ctx.is_some() {
+            wire::CMD_BLOCK_STATUS
+        } else {
+            wire::CMD_READ
+        };
         let mut writer = sess.stream;
         // A write blocks at most a tick at a time (see `send`), so a server that stops reading
         // cannot hold the driver past the reads' deadlines.
@@ -756,8 +853,10 @@ impl ConnShared {
             }
         };
         let mut batch = Vec::with_capacity(64 * wire::REQUEST_LEN);
-        // Since when nothing was in flight (see `PROBE_IDLE`).
+        // Since when nothing was in flight, and how long that may last before a probe (see
+        // `RemoteOptions::probe_interval`).
         let mut idle_since: Option<Instant> = None;
+        let mut idle_for = jittered(self.probe_interval);
         let probe_len = self.blocks.min.min(self.size) as u32;
         loop {
             batch.clear();
@@ -771,11 +870,10 @@ impl ConnShared {
                     }
                     if !st.inflight.is_empty() || probe_len == 0 {
                         idle_since = None;
-                    } else if now.duration_since(*idle_since.get_or_insert(now)) >= PROBE_IDLE {
+                    } else if now.duration_since(*idle_since.get_or_insert(now)) >= idle_for {
                         idle_since = None;
-                        let nobody = ReadDone::new(|_| {});
-                        let deadline = now + self.timeout;
-                        st.queue_read(0, probe_len, 0, 0, deadline, nobody, true);
+                        idle_for = jittered(self.probe_interval);
+                        st.queue_probe(probe_kind, probe_len, now + self.timeout);
                         break;
                     }
                     st = match self.cv.wait_timeout(st, TICK) {
@@ -791,13 +889,15 @@ impl ConnShared {
                     if let Some(p) = st.inflight.get_mut(&c) {
                         if p.done.is_some() && !p.sent {
                             p.sent = true;
-                            p.buf = vec![0u8; p.len as usize];
-                            let _ = client::send_request(
-                                &mut batch,
-                                wire::CMD_READ,
-                                c,
-                                p.offset,
-                                p.len,
+                            // A block-status probe asks for one extent and keeps nothing.
+                            let flags = if p.kind == wire::CMD_BLOCK_STATUS {
+                                wire::CMD_FLAG_REQ_ONE
+                            } else {
+                                p.buf = vec![0u8; p.len as usize];
+                                0
+                            };
+                            let _ = client::send_request_flagged(
+                                &mut batch, flags, p.kind, c, p.offset, p.len,
                             );
                         }
                     }
@@ -907,6 +1007,9 @@ impl ConnShared {
         if p.done.is_none() {
             return Ok(Taken::Answered(p.len));
         }
+        if p.kind == wire::CMD_BLOCK_STATUS {
+            return Ok(Taken::Status);
+        }
         Ok(Taken::Live(p.offset, std::mem::take(&mut p.buf)))
     }
 
@@ -934,8 +1037,10 @@ impl ConnShared {
         let p = lock(&self.state).inflight.remove(&cookie);
         let Some(mut p) = p else { return };
         let Some(done) = p.done.take() else { return };
+        // A block-status probe's reply carries no bytes of the read to cover.
+        let status = p.kind == wire::CMD_BLOCK_STATUS;
         let error = error.or(p.error.take()).or_else(|| {
-            (!p.covered.is_complete(p.len as usize)).then(|| {
+            (!status && !p.covered.is_complete(p.len as usize)).then(|| {
                 format!(
                     "the reply covered {} of {} bytes",
                     p.covered.covered(),
@@ -961,6 +1066,46 @@ impl ConnShared {
         done.answer(Ok(buf));
     }
 
+    /// Takes in a chunk of the reply to a block-status probe: its extents are read and dropped
+    /// (bounded), an error chunk fails the probe (`ESHUTDOWN`: the server is going away), any
+    /// other chunk breaks the protocol.
+    fn status_chunk(
+        &self,
+        s: &mut Stream,
+        c: &client::Chunk,
+    ) -> std::result::Result<(), ReplyError> {
+        match c.kind {
+            wire::REPLY_TYPE_BLOCK_STATUS | wire::REPLY_TYPE_NONE => {
+                if c.len > client::MAX_ERROR_CHUNK {
+                    return Err(ReplyError::Protocol(format!(
+                        "block status chunk of {} bytes for a one-extent probe",
+                        c.len
+                    )));
+                }
+                client::skip(s, u64::from(c.len))?;
+            }
+            _ => match client::read_chunk_into(s, c, 0, &mut [])? {
+                ChunkPayload::Error { code, msg } => {
+                    if code == wire::NBD_ESHUTDOWN {
+                        return Err(ReplyError::ShuttingDown);
+                    }
+                    if let Some(p) = lock(&self.state).inflight.get_mut(&c.cookie) {
+                        p.error.get_or_insert(format!("server error {code}: {msg}"));
+                    }
+                }
+                ChunkPayload::Covered(r) if r.is_empty() => {}
+                ChunkPayload::Nothing => {}
+                ChunkPayload::Covered(_) => {
+                    return Err(ReplyError::Protocol("data in a block status reply".into()))
+                }
+            },
+        }
+        if c.flags & wire::REPLY_FLAG_DONE != 0 {
+            self.finish(c.cookie, None);
+        }
+        Ok(())
+    }
+
     /// Takes in one reply header and what follows it. A chunk that breaks the protocol for a
     /// known read names that read in `bad` (the caller fails it).
     fn one_reply(
@@ -980,6 +1125,7 @@ impl ConnShared {
                 }
                 let mut buf = match self.take_buf(cookie)? {
                     Taken::Live(_, buf) => buf,
+                    Taken::Status => Vec::new(),
                     Taken::Answered(len) => {
                         // A late reply to a read that timed out: read and dropped.
                         if error == 0 {
@@ -1008,6 +1154,7 @@ impl ConnShared {
                 }
                 let (start, mut buf) = match self.take_buf(c.cookie)? {
                     Taken::Live(start, buf) => (start, buf),
+                    Taken::Status => return self.status_chunk(s, &c),
                     Taken::Answered(len) => {
                         // A late chunk of a read that timed out: read and dropped (its size
                         // bounded by what the read could carry).
@@ -1121,6 +1268,19 @@ mod tests {
 #[cfg(test)]
 mod block_tests {
     use super::*;
+
+    /// Probe intervals are spread over a quarter either way of the setting, and do vary (a
+    /// fleet's connections do not probe in step).
+    #[test]
+    fn probe_intervals_are_jittered_within_a_quarter() {
+        let d = Duration::from_secs(4);
+        let got: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        for g in &got {
+            assert!(*g >= d.mul_f64(0.75) && *g <= d.mul_f64(1.25), "{g:?}");
+        }
+        let (lo, hi) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+        assert!(*hi - *lo > Duration::from_millis(500), "{lo:?}..{hi:?}");
+    }
 
     /// Every read, at every alignment, is cut into requests that start and end on the
     /// minimum block (but at the export's end), are at most the maximum, and cover the read.

@@ -31,7 +31,7 @@ pub const MAX_EXTENTS: usize = 1 << 20;
 pub const MAX_ZERO_RANGES: usize = 1 << 16;
 /// Longest block-status chunk taken in (128 Ki extents).
 const MAX_STATUS_CHUNK: u32 = 1 << 20;
-/// How long [`zero_ranges_in_step`] (through [`zero_ranges`]) may take when no timeout is given.
+/// How long [`zero_ranges`] may take.
 pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connected socket (Unix or TCP).
@@ -150,6 +150,9 @@ pub struct Session {
     pub structured: bool,
     /// The id of `base:allocation`, when the server agreed to it.
     pub allocation_ctx: Option<u32>,
+    /// When [`connect`] began: a caller that bounds a whole open (connect, handshake, what it
+    /// asks next) counts its deadline from here.
+    pub began: Instant,
 }
 
 impl Session {
@@ -215,10 +218,12 @@ fn connect_unix(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     Ok(s)
 }
 
-/// Connects to the server `uri` names and negotiates its export: the connect and each socket
-/// operation of the handshake limited to `timeout`. The returned session's socket has no
-/// timeouts.
+/// Connects to the server `uri` names and negotiates its export, all of it (the connect and the
+/// whole handshake) within `timeout`: a server that trickles its handshake a byte at a time
+/// cannot stretch it past the deadline. The returned session's socket has no timeouts.
 pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Session> {
+    let began = Instant::now();
+    let until = began + timeout;
     let stream = match &uri.addr {
         NbdAddr::Unix(path) => {
             Stream::Unix(connect_unix(path, timeout).map_err(|e| io_err(uri, "connect", e))?)
@@ -230,7 +235,15 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Session> {
             let mut last = None;
             let mut got = None;
             for a in addrs {
-                match TcpStream::connect_timeout(&a, timeout) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no connection within the timeout",
+                    ));
+                    break;
+                }
+                match TcpStream::connect_timeout(&a, left) {
                     Ok(s) => {
                         got = Some(s);
                         break;
@@ -249,10 +262,8 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Session> {
             Stream::Tcp(s)
         }
     };
-    stream
-        .set_timeouts(Some(timeout))
-        .map_err(|e| io_err(uri, "set socket timeout", e))?;
-    let session = handshake(stream, uri)?;
+    let mut session = handshake(stream, uri, until)?;
+    session.began = began;
     session
         .stream
         .set_timeouts(None)
@@ -267,7 +278,7 @@ fn read_n<const N: usize>(s: &mut impl Read, uri: &NbdUri, what: &str) -> Result
 }
 
 /// One option reply: its type and payload.
-fn option_reply(s: &mut Stream, uri: &NbdUri, option: u32) -> Result<(u32, Vec<u8>)> {
+fn option_reply(s: &mut impl Read, uri: &NbdUri, option: u32) -> Result<(u32, Vec<u8>)> {
     let h: [u8; wire::OPTION_REPLY_LEN] = read_n(s, uri, "read option reply")?;
     if be64(&h, 0) != wire::OPTION_REPLY_MAGIC {
         return Err(remote_err(uri, "bad option reply magic"));
@@ -288,7 +299,7 @@ fn option_reply(s: &mut Stream, uri: &NbdUri, option: u32) -> Result<(u32, Vec<u
     Ok((be32(&h, 12), payload))
 }
 
-fn send_option(s: &mut Stream, uri: &NbdUri, option: u32, payload: &[u8]) -> Result<()> {
+fn send_option(s: &mut impl Write, uri: &NbdUri, option: u32, payload: &[u8]) -> Result<()> {
     let mut b = Vec::with_capacity(16 + payload.len());
     b.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -318,7 +329,13 @@ fn error_text(reply: u32, payload: &[u8]) -> String {
     }
 }
 
-fn handshake(mut s: Stream, uri: &NbdUri) -> Result<Session> {
+/// The fixed-newstyle handshake on `stream`, every read and write of it limited to what is left
+/// until `until` (see [`Deadline`]).
+fn handshake(mut stream: Stream, uri: &NbdUri, until: Instant) -> Result<Session> {
+    let mut s = Deadline {
+        s: &mut stream,
+        until,
+    };
     let g: [u8; 18] = read_n(&mut s, uri, "read greeting")?;
     if be64(&g, 0) != wire::NBD_MAGIC || be64(&g, 8) != wire::IHAVEOPT {
         return Err(remote_err(uri, "not a newstyle NBD server (bad greeting)"));
@@ -421,7 +438,7 @@ fn handshake(mut s: Stream, uri: &NbdUri) -> Result<Session> {
     }
     let max_block = max_block.min(DEFAULT_MAX_BLOCK).max(min_block);
     Ok(Session {
-        stream: s,
+        stream,
         size,
         flags,
         min_block,
@@ -429,6 +446,7 @@ fn handshake(mut s: Stream, uri: &NbdUri) -> Result<Session> {
         max_block,
         structured,
         allocation_ctx,
+        began: Instant::now(),
     })
 }
 
@@ -440,8 +458,20 @@ pub fn send_request(
     offset: u64,
     len: u32,
 ) -> std::io::Result<()> {
+    send_request_flagged(s, 0, kind, cookie, offset, len)
+}
+
+/// [`send_request`] with command flags (`CMD_FLAG_*`).
+pub fn send_request_flagged(
+    s: &mut impl Write,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) -> std::io::Result<()> {
     let h = RequestHeader {
-        flags: 0,
+        flags,
         kind,
         cookie,
         offset,
@@ -694,8 +724,9 @@ pub fn disconnect(s: &mut impl Write) {
     let _ = send_request(s, wire::CMD_DISC, 0, 0, 0);
 }
 
-/// Reads from a socket, each `read` limited to what is left until `until`: a server that
-/// trickles bytes cannot stretch a sequence of reads past the deadline.
+/// Reads from and writes to a socket, each `read` and `write` limited to what is left until
+/// `until`: a server that trickles bytes (or takes them slowly) cannot stretch a sequence of
+/// them past the deadline.
 struct Deadline<'a> {
     s: &'a mut Stream,
     until: Instant,
@@ -719,6 +750,18 @@ impl Read for Deadline<'_> {
         let left = self.left()?;
         self.s.set_read_timeout(Some(left))?;
         self.s.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_write_timeout(Some(left))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -818,14 +861,14 @@ fn block_status(
 /// [`DEFAULT_STATUS_TIMEOUT`]. See [`zero_ranges_in_step`]; for a session that is closed
 /// afterwards.
 pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
-    zero_ranges_in_step(sess, uri, DEFAULT_STATUS_TIMEOUT).0
+    zero_ranges_in_step(sess, uri, Instant::now() + DEFAULT_STATUS_TIMEOUT).0
 }
 
 /// The byte ranges of the whole export that read as zeros (`base:allocation` with
 /// `STATE_ZERO`), sorted and merged, asked on `sess` before it is used for anything else; and
 /// whether the session is still in step (no reply left unread in it) and may be used on.
 ///
-/// Bounded in time and memory whatever the server does: the whole query gives up at `timeout`
+/// Bounded in time and memory whatever the server does: the whole query gives up at `until`
 /// (a server that never answers, or answers without end), at most [`MAX_EXTENTS`] extents are
 /// looked at and at most [`MAX_ZERO_RANGES`] ranges kept. What is not known to be zero is data
 /// (read from the server): always correct, never a hole that is not one. A request's extents
@@ -834,13 +877,12 @@ pub fn zero_ranges(sess: &mut Session, uri: &NbdUri) -> Vec<(u64, u64)> {
 pub fn zero_ranges_in_step(
     sess: &mut Session,
     uri: &NbdUri,
-    timeout: Duration,
+    until: Instant,
 ) -> (Vec<(u64, u64)>, bool) {
     let mut zeros: Vec<(u64, u64)> = Vec::new();
     if sess.allocation_ctx.is_none() {
         return (zeros, true);
     }
-    let until = Instant::now() + timeout;
     let step = (1u64 << 30) - (1u64 << 30) % u64::from(sess.min_block.max(1));
     let (mut pos, mut extents) = (0u64, 0usize);
     while pos < sess.size && extents < MAX_EXTENTS && zeros.len() < MAX_ZERO_RANGES {

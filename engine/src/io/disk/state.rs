@@ -332,6 +332,7 @@ impl DiskState {
         let remote = RemoteOptions {
             timeout: config.base_timeout,
             conns: config.cores,
+            ..RemoteOptions::default()
         };
         let (overlay, base) = match open_overlay(path, &open_opts)
             .and_then(|mut o| base_source(&mut o, remote).map(|b| (o, b)))
