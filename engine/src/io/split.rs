@@ -3,7 +3,7 @@
 //! Pure functions over the bitmap and the base, so they are easy to test and to benchmark.
 
 use crate::bitmap::SparseBitmap;
-use crate::format::SECTOR_SIZE;
+use crate::format::chain::{Opaque, Over, RunSrc, Runs};
 
 use super::align::DioAlign;
 use super::base::{BaseRun, BaseSource};
@@ -35,7 +35,8 @@ pub(crate) struct Seg {
 }
 
 /// Splits `[offset, offset+len)` into extents by the bitmap (sector granularity, byte offsets
-/// exact at the ends). The range must lie within the bitmap's sectors.
+/// exact at the ends): the chain's walk over the top and its base (as one opaque layer of
+/// `base_size` bytes). The range must lie within the bitmap's sectors.
 pub(crate) fn extents(
     bitmap: &SparseBitmap,
     base_size: Option<u64>,
@@ -43,40 +44,21 @@ pub(crate) fn extents(
     len: u64,
     out: &mut Vec<Extent>,
 ) {
-    let end = offset.saturating_add(len);
-    let base_end = base_size.unwrap_or(0);
-    let push = |out: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKind| {
-        if len == 0 {
-            return;
-        }
-        if let Some(last) = out.last_mut() {
-            if last.kind == kind && last.offset + last.len == offset {
-                last.len += len;
-                return;
-            }
-        }
-        out.push(Extent { offset, len, kind });
+    let base = Opaque(base_size);
+    let stack = Over {
+        top: bitmap,
+        size: u64::MAX,
+        lower: &base,
     };
-    let mut pos = offset;
-    while pos < end {
-        let sector = pos / SECTOR_SIZE;
-        let max = (end - 1) / SECTOR_SIZE - sector + 1;
-        let (set, n) = bitmap.run_from(sector, max);
-        if n == 0 {
-            // Past the bitmap's end: nothing is allocated there.
-            push(out, pos, end - pos, ExtentKind::Zero);
-            break;
-        }
-        let run_end = ((sector + n) * SECTOR_SIZE).min(end);
-        if set {
-            push(out, pos, run_end - pos, ExtentKind::Image);
-        } else {
-            let split = run_end.min(base_end.max(pos));
-            push(out, pos, split - pos, ExtentKind::Base);
-            push(out, split, run_end - split, ExtentKind::Zero);
-        }
-        pos = run_end;
-    }
+    out.extend(Runs::new(&stack, offset, len).map(|r| Extent {
+        offset: r.offset,
+        len: r.len,
+        kind: match r.src {
+            RunSrc::Layer(0) => ExtentKind::Image,
+            RunSrc::Layer(_) => ExtentKind::Base,
+            RunSrc::Zero => ExtentKind::Zero,
+        },
+    }));
 }
 
 /// Splits `[offset, offset+len)` by the layer that supplies each byte (see [`DepthExtent`]):
@@ -244,6 +226,7 @@ pub(crate) fn plan_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::SECTOR_SIZE;
     use crate::io::base::RawFileBase;
     use std::fs::File;
     use std::os::fd::{AsRawFd, RawFd};
