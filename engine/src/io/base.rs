@@ -179,6 +179,7 @@ impl ChainBase {
 
 /// The file layers, then the remote bottom: the chain's one walk ([`Runs`]) runs over these.
 impl Stack for ChainBase {
+    #[inline]
     fn count(&self) -> usize {
         self.layers.len() + usize::from(self.remote.is_some())
     }

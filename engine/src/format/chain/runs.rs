@@ -76,6 +76,7 @@ pub struct Runs<'a, S: Stack + ?Sized> {
 
 impl<'a, S: Stack + ?Sized> Runs<'a, S> {
     /// Walks `[offset, offset + len)` (saturating at `u64::MAX`).
+    #[inline]
     pub fn new(stack: &'a S, offset: u64, len: u64) -> Runs<'a, S> {
         Runs {
             stack,
@@ -87,6 +88,7 @@ impl<'a, S: Stack + ?Sized> Runs<'a, S> {
     }
 
     /// The next run as the layers give it (not merged with its neighbours).
+    #[inline]
     fn step(&mut self) -> Option<Run> {
         let pos = self.pos;
         if pos >= self.end {
@@ -141,6 +143,7 @@ impl<'a, S: Stack + ?Sized> Runs<'a, S> {
 impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
     type Item = Run;
 
+    #[inline]
     fn next(&mut self) -> Option<Run> {
         let mut run = match self.ahead.take() {
             Some(r) => r,
@@ -164,10 +167,12 @@ impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
 pub struct Opaque(pub Option<u64>);
 
 impl Stack for Opaque {
+    #[inline]
     fn count(&self) -> usize {
         usize::from(self.0.is_some())
     }
 
+    #[inline]
     fn shape(&self, _depth: usize) -> LayerShape<'_> {
         LayerShape {
             size: self.0.unwrap_or(0),
@@ -189,6 +194,7 @@ pub struct Over<'a, S: Stack + ?Sized> {
 }
 
 impl<S: Stack + ?Sized> Stack for Over<'_, S> {
+    #[inline]
     fn count(&self) -> usize {
         1 + self.lower.count()
     }
