@@ -699,3 +699,213 @@ pub fn base_virtual_size(base: &Path) -> Result<u64> {
     let (first, _) = open_layers(base, 0, Vec::new(), opts, Depth::Names(1))?;
     Ok(first.size())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{create, CreateOptions, BITMAP_OFFSET};
+    use std::os::unix::fs::FileExt;
+
+    /// One add-cow layer of the model: its size in sectors and which sectors are set.
+    struct Model {
+        sectors: u64,
+        set: Vec<bool>,
+    }
+
+    /// The byte layer `depth` holds at `at` (distinct per layer and per position).
+    fn byte(depth: usize, at: u64) -> u8 {
+        (at / 7 % 251) as u8 ^ (0x40 * (depth as u8 + 1))
+    }
+
+    /// Makes `name.add-cow` over `base` with the model's bits set and its raw image filled.
+    fn layer(dir: &Path, name: &str, base: &Path, depth: usize, m: &Model) -> PathBuf {
+        let overlay = dir.join(format!("{name}.add-cow"));
+        create(&CreateOptions {
+            overlay: overlay.clone(),
+            base: Some(base.to_path_buf()),
+            size: Some(m.sectors * SECTOR_SIZE),
+            ..CreateOptions::default()
+        })
+        .unwrap();
+        let mut bits = vec![0u8; m.sectors.div_ceil(8) as usize];
+        for (s, set) in m.set.iter().enumerate() {
+            if *set {
+                bits[s / 8] |= 1 << (s % 8);
+            }
+        }
+        let meta = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&overlay)
+            .unwrap();
+        meta.write_all_at(&bits, BITMAP_OFFSET).unwrap();
+        let data: Vec<u8> = (0..m.sectors * SECTOR_SIZE)
+            .map(|a| byte(depth, a))
+            .collect();
+        std::fs::write(dir.join(format!("{name}.raw")), data).unwrap();
+        overlay
+    }
+
+    /// Who supplies byte `at`, sector by sector from the top: the model, not the chain.
+    fn brute(layers: &[Model], base_len: u64, at: u64) -> RunSrc {
+        for (d, m) in layers.iter().enumerate() {
+            if at >= m.sectors * SECTOR_SIZE {
+                return RunSrc::Zero;
+            }
+            if m.set[(at / SECTOR_SIZE) as usize] {
+                return RunSrc::Layer(d);
+            }
+        }
+        if at < base_len {
+            RunSrc::Layer(layers.len())
+        } else {
+            RunSrc::Zero
+        }
+    }
+
+    /// Builds the chain `top -> mid -> base.raw` (`base_len` bytes) on real files, opens it
+    /// with [`Chain::open`] and checks its runs and its bytes against the per-sector model.
+    fn check_chain(layers: &[Model; 2], base_len: u64, ranges: &[(u64, u64)]) {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let data: Vec<u8> = (0..base_len).map(|a| byte(2, a)).collect();
+        std::fs::write(&base, data).unwrap();
+        let mid = layer(dir.path(), "mid", &base, 1, &layers[1]);
+        let top = layer(dir.path(), "top", &mid, 0, &layers[0]);
+        let chain = Chain::open(
+            &top,
+            ChainOpenOptions {
+                no_lock: true,
+                ..ChainOpenOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(chain.count(), 3);
+        for &(offset, len) in ranges {
+            let runs: Vec<Run> = chain.runs(offset, len).collect();
+            let mut at = offset;
+            for r in &runs {
+                assert_eq!(r.offset, at, "{runs:?}");
+                for b in r.offset..r.offset + r.len {
+                    assert_eq!(brute(layers, base_len, b), r.src, "byte {b} of {runs:?}");
+                }
+                at += r.len;
+            }
+            assert_eq!(at, offset + len);
+            for w in runs.windows(2) {
+                assert_ne!(w[0].src, w[1].src, "not merged: {runs:?}");
+            }
+            let mut got = vec![0xeeu8; len as usize];
+            chain.read_at(&mut got, offset).unwrap();
+            for (i, g) in got.iter().enumerate() {
+                let b = offset + i as u64;
+                let want = match brute(layers, base_len, b) {
+                    RunSrc::Layer(d) => byte(d, b),
+                    RunSrc::Zero => 0,
+                };
+                assert_eq!(*g, want, "byte {b}");
+            }
+        }
+    }
+
+    fn model(sectors: u64, set: &[(u64, u64)]) -> Model {
+        let mut v = vec![false; sectors as usize];
+        for &(s, n) in set {
+            for x in s..(s + n).min(sectors) {
+                v[x as usize] = true;
+            }
+        }
+        Model { sectors, set: v }
+    }
+
+    #[test]
+    fn three_layers_on_files_read_as_the_per_sector_model() {
+        // Top 64 sectors, mid 48 with holes (clear runs) falling through, a base that ends
+        // inside sector 20.
+        let layers = [
+            model(64, &[(0, 2), (10, 5), (40, 1), (63, 1)]),
+            model(48, &[(1, 3), (12, 20)]),
+        ];
+        check_chain(
+            &layers,
+            20 * 512 + 100,
+            &[
+                (0, 64 * 512),
+                (100, 5000),
+                (20 * 512, 30 * 512),
+                (20 * 512 + 99, 2),
+                (0, 1),
+                (60 * 512, 8 * 512),
+            ],
+        );
+    }
+
+    #[test]
+    fn files_name_every_layer_with_its_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![1u8; 4096]).unwrap();
+        let mid = layer(dir.path(), "mid", &base, 1, &model(8, &[]));
+        let top = layer(dir.path(), "top", &mid, 0, &model(8, &[]));
+        let chain = Chain::open(&top, ChainOpenOptions::default()).unwrap();
+        let roles: Vec<_> = chain
+            .files()
+            .into_iter()
+            .map(|f| (f.depth, f.role, f.path, f.format))
+            .collect();
+        let d = dir.path();
+        let add_cow = Some(LayerFormat::AddCow);
+        assert_eq!(
+            roles,
+            vec![
+                (0, FileRole::Named, top.clone(), add_cow),
+                (0, FileRole::Data, d.join("top.raw"), add_cow),
+                (1, FileRole::Named, mid.clone(), add_cow),
+                (1, FileRole::Data, d.join("mid.raw"), add_cow),
+                (2, FileRole::Named, base.clone(), Some(LayerFormat::Raw)),
+            ]
+        );
+        drop(chain);
+        // Names only, each shown to the gate first; stopping after the top names its base.
+        let shown = std::cell::RefCell::new(Vec::new());
+        let gate = |f: &ChainFile| {
+            shown.borrow_mut().push((f.depth, f.role.clone()));
+            Ok(())
+        };
+        let files = Chain::files_of(&top, 0, Some(&gate)).unwrap();
+        assert_eq!(files.len(), 3, "{files:?}");
+        assert_eq!((files[2].depth, &files[2].path), (1, &mid));
+        assert_eq!(
+            shown.into_inner(),
+            vec![
+                (0, FileRole::Named),
+                (0, FileRole::Data),
+                (1, FileRole::Named)
+            ]
+        );
+        // A gate's error stops the walk before the file is opened.
+        let refuse = |f: &ChainFile| {
+            if f.depth == 2 {
+                Err(Error::new(ErrorKind::InvalidArgument("no".into())))
+            } else {
+                Ok(())
+            }
+        };
+        let e = Chain::files_of(&top, MAX_CHAIN_DEPTH, Some(&refuse)).unwrap_err();
+        assert!(e.to_string().contains("no"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn runs_on_files_match_the_per_sector_model(
+            top in proptest::collection::vec(proptest::bool::ANY, 1..40),
+            mid in proptest::collection::vec(proptest::bool::ANY, 1..40),
+            base_len in 0u64..(45 * 512),
+            offset in 0u64..(40 * 512),
+            len in 1u64..(40 * 512),
+        ) {
+            let m = |set: Vec<bool>| Model { sectors: set.len() as u64, set };
+            check_chain(&[m(top), m(mid)], base_len, &[(offset, len), (0, 40 * 512)]);
+        }
+    }
+}
