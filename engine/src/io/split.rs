@@ -50,15 +50,23 @@ pub(crate) fn extents(
         size: u64::MAX,
         lower: &base,
     };
-    out.extend(Runs::new(&stack, offset, len).map(|r| Extent {
-        offset: r.offset,
-        len: r.len,
-        kind: match r.src {
+    for r in Runs::new(&stack, offset, len) {
+        let kind = match r.src {
             RunSrc::Layer(0) => ExtentKind::Image,
             RunSrc::Layer(_) => ExtentKind::Base,
             RunSrc::Zero => ExtentKind::Zero,
-        },
-    }));
+        };
+        match out.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.len == r.offset => {
+                last.len += r.len;
+            }
+            _ => out.push(Extent {
+                offset: r.offset,
+                len: r.len,
+                kind,
+            }),
+        }
+    }
 }
 
 /// Splits `[offset, offset+len)` by the layer that supplies each byte (see [`DepthExtent`]):

@@ -60,7 +60,9 @@ pub struct Run {
 }
 
 /// The runs of `[offset, offset + len)` down `stack`, in order, covering the range exactly.
-/// Invariant: no two neighbouring runs have the same source (they are merged).
+/// Neighbouring runs may have the same source (a bitmap lookup may stop early, at a word or
+/// chunk edge, or where a layer above changes): every consumer appends runs to a list that
+/// merges a run continuing the last one anyway, so the walk does not look ahead to merge.
 #[derive(Debug)]
 pub struct Runs<'a, S: Stack + ?Sized> {
     stack: &'a S,
@@ -70,8 +72,6 @@ pub struct Runs<'a, S: Stack + ?Sized> {
     /// from an earlier bitmap lookup; so the layers above a deep run are asked once per run of
     /// their own, not once per run below them.
     clear_to: [u64; MEMO],
-    /// A run already walked but not yet handed out (it did not continue the one before).
-    ahead: Option<Run>,
 }
 
 impl<'a, S: Stack + ?Sized> Runs<'a, S> {
@@ -83,13 +83,15 @@ impl<'a, S: Stack + ?Sized> Runs<'a, S> {
             pos: offset,
             end: offset.saturating_add(len),
             clear_to: [0; MEMO],
-            ahead: None,
         }
     }
+}
 
-    /// The next run as the layers give it (not merged with its neighbours).
+impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
+    type Item = Run;
+
     #[inline]
-    fn step(&mut self) -> Option<Run> {
+    fn next(&mut self) -> Option<Run> {
         let pos = self.pos;
         if pos >= self.end {
             return None;
@@ -137,27 +139,6 @@ impl<'a, S: Stack + ?Sized> Runs<'a, S> {
             len: limit - pos,
             src,
         })
-    }
-}
-
-impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
-    type Item = Run;
-
-    #[inline]
-    fn next(&mut self) -> Option<Run> {
-        let mut run = match self.ahead.take() {
-            Some(r) => r,
-            None => self.step()?,
-        };
-        while let Some(more) = self.step() {
-            if more.src == run.src {
-                run.len += more.len;
-            } else {
-                self.ahead = Some(more);
-                break;
-            }
-        }
-        Some(run)
     }
 }
 
@@ -212,7 +193,7 @@ impl<S: Stack + ?Sized> Stack for Over<'_, S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Layers in memory: `(size, Some(bits))` or `(size, None)`.
@@ -246,11 +227,8 @@ mod tests {
     }
 
     fn check(m: &Mem, offset: u64, len: u64) {
-        let runs: Vec<Run> = Runs::new(m, offset, len).collect();
+        let runs = merged(Runs::new(m, offset, len));
         let mut at = offset;
-        for w in runs.windows(2) {
-            assert_ne!(w[0].src, w[1].src, "not merged: {runs:?}");
-        }
         for r in &runs {
             assert_eq!(r.offset, at, "{runs:?}");
             assert!(r.len > 0);
@@ -264,6 +242,21 @@ mod tests {
             at += r.len;
         }
         assert_eq!(at, offset + len, "{runs:?}");
+    }
+
+    /// The runs with neighbours of one source merged, as every consumer merges them.
+    pub(crate) fn merged(runs: impl Iterator<Item = Run>) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        for r in runs {
+            match out.last_mut() {
+                Some(last) if last.src == r.src => {
+                    assert_eq!(last.offset + last.len, r.offset);
+                    last.len += r.len;
+                }
+                _ => out.push(r),
+            }
+        }
+        out
     }
 
     fn bits(sectors: u64, set: &[(u64, u64)]) -> Option<SparseBitmap> {
@@ -284,7 +277,8 @@ mod tests {
         for (o, l) in [(0, 64 * 512), (100, 5000), (20 * 512, 30 * 512), (0, 1)] {
             check(&m, o, l);
         }
-        let runs: Vec<_> = Runs::new(&m, 0, 64 * 512)
+        let runs: Vec<_> = merged(Runs::new(&m, 0, 64 * 512))
+            .into_iter()
             .map(|r| (r.offset, r.src))
             .collect();
         assert_eq!(
@@ -312,7 +306,7 @@ mod tests {
             size: 8 * 512,
             lower: &base,
         };
-        let runs: Vec<_> = Runs::new(&s, 0, 8 * 512).collect();
+        let runs = merged(Runs::new(&s, 0, 8 * 512));
         assert_eq!(
             runs.iter().map(|r| (r.offset, r.src)).collect::<Vec<_>>(),
             vec![
@@ -328,7 +322,7 @@ mod tests {
             size: 8 * 512,
             lower: &none,
         };
-        assert_eq!(Runs::new(&s, 0, 4096).count(), 3);
+        assert_eq!(merged(Runs::new(&s, 0, 4096)).len(), 3);
     }
 
     proptest::proptest! {
