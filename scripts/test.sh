@@ -73,6 +73,10 @@ cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lif
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
 
+step "module structure (no import cycle between modules, at most 16 modules per folder)"
+python3 scripts/check_modules.py --self-test
+python3 scripts/check_modules.py
+
 step "tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -485,9 +485,7 @@ struct CoreGen {
 }
 
 fn kick(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to an eventfd this generator owns.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    addcow_engine::sys::eventfd_signal(fd);
 }
 
 impl CoreSource for CoreGen {
@@ -579,15 +577,9 @@ fn drive_on_cores(
         if depth == 0 {
             continue;
         }
-        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io_err("eventfd", std::path::Path::new("eventfd"))(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: raw is a fresh descriptor owned by nobody else.
-        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let fd = addcow_engine::sys::eventfd(addcow_engine::sys::EventFdMode::NonBlocking)
+            .map(Arc::new)
+            .map_err(io_err("eventfd", std::path::Path::new("eventfd")))?;
         let watch = fd
             .try_clone()
             .map_err(io_err("dup eventfd", std::path::Path::new("eventfd")))?;

@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod blkio_load;
-mod chart;
 mod cli;
 mod compare;
 mod cost;
@@ -29,7 +28,6 @@ mod report;
 mod servers;
 mod stats;
 mod sysinfo;
-mod targets;
 mod vhost;
 
 fn main() -> ExitCode {

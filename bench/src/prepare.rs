@@ -350,23 +350,7 @@ pub fn work_dir(
 
 /// Deallocates `[off, off+len)` of `file` keeping its size.
 fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    // SAFETY: fallocate only reads its integer arguments; the fd is open for the call's duration.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            o,
-            l,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    addcow_engine::sys::punch_hole(file, off, len)
 }
 
 #[cfg(test)]

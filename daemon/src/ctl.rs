@@ -2,7 +2,7 @@
 //!
 //! `addcow ctl --control PATH METHOD [key=value ...]` sends one JSON-RPC request and prints the
 //! result as a table (or the raw JSON result with `--json`). `key=value` words are typed by the
-//! method's parameter table (the daemon's own, [`crate::serve::control::methods::METHODS`]):
+//! method's parameter table (the daemon's own, [`addcow_daemon::host::control::methods::METHODS`]):
 //! booleans become `true`/`false`, paths are made absolute against the caller's folder, the rest
 //! are strings; `key:=JSON` passes any JSON value as is. A JSON-RPC error prints its message on
 //! stderr and exits 1.
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::serve::control::methods::{self, Kind};
 use crate::tools::human_size;
+use addcow_daemon::host::control::methods::{self, Kind};
 
 /// Arguments of `addcow ctl`.
 #[derive(clap::Args, Debug)]

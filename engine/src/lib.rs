@@ -7,6 +7,8 @@
 //! * [`bitmap`]: the in-memory allocation bitmap (atomic, sparse) and the dirty marks of the
 //!   bitmap blocks used by group commit.
 //! * [`io`]: the engine: core threads, io_uring rings, aligned buffers, requests and completions.
+//! * [`sys`]: the OS calls made outside the ring (OFD locks, `fallocate`, `SEEK_DATA`/`SEEK_HOLE`,
+//!   direct-I/O alignment, eventfds), shared with the daemon.
 //!
 //! Errors are one type, [`Error`]: a matchable [`ErrorKind`] plus context (path, offset, operation).
 
@@ -16,6 +18,7 @@ pub mod format;
 pub mod io;
 pub mod lifecycle;
 pub mod nbd;
+pub mod sys;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::on_core_thread;

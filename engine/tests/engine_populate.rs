@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -239,7 +239,7 @@ fn a_write_that_lands_during_populate_wins() {
         let stop = Arc::new(AtomicBool::new(false));
         // Writes answered so far: the stream waits for a new one before each populate, so the
         // writes race the stream however the machine schedules the threads.
-        let written = Arc::new(AtomicU64::new(0));
+        let written = Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
         let writers: Vec<_> = (0..3u64)
             .map(|t| {
                 let (disk, expected, stop) = (disk.clone(), expected.clone(), stop.clone());
@@ -260,7 +260,9 @@ fn a_write_that_lands_during_populate_wins() {
                         disk.write_at(off, &data, false).expect("write");
                         expected.lock().unwrap()[off as usize..(off + len) as usize]
                             .copy_from_slice(&data);
-                        written.fetch_add(1, Ordering::SeqCst);
+                        let (count, changed) = &*written;
+                        *count.lock().unwrap() += 1;
+                        changed.notify_all();
                     }
                     n
                 })
@@ -271,12 +273,16 @@ fn a_write_that_lands_during_populate_wins() {
         while !disk.is_complete() {
             let mut at = rng.gen_range(0..size / 512) * 512;
             while let Some((off, len)) = disk.next_clear(at, rng.gen_range(1..=64) * 4096) {
-                let seen = written.load(Ordering::SeqCst);
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while written.load(Ordering::SeqCst) == seen && std::time::Instant::now() < deadline
-                {
-                    thread::yield_now();
-                }
+                let (count, changed) = &*written;
+                let seen = *count.lock().unwrap();
+                // At most 10 s, so a writer that died fails the test at its join, not here.
+                let _ = changed
+                    .wait_timeout_while(
+                        count.lock().unwrap(),
+                        std::time::Duration::from_secs(10),
+                        |n| *n == seen,
+                    )
+                    .unwrap();
                 call(&disk, core, Request::Populate { offset: off, len }).expect("populate");
                 core += 1;
                 at = off + len;

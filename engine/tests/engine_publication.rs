@@ -112,7 +112,9 @@ fn a_flush_carries_bits_of_a_partly_overlapping_write() {
 #[test]
 fn a_close_waits_for_a_copy_on_read_admitted_before_it() {
     let f = fixture(1 << 20, 1 << 20);
-    let (e, plan) = parking_engine(1);
+    // Two cores: the final commit of the close can run on the core that is not parked, so a
+    // close that does not wait for the copy-up completes while it is parked.
+    let (e, plan) = parking_engine(2);
     let d = e
         .open(
             &f.overlay,

@@ -8,17 +8,17 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::allow::AllowedDirs;
-use super::command::{self, Limits};
-use super::connection::{self, ConnConfig};
-use super::conns::ClientHandle;
-use super::export::memory::MemDisk;
-use super::export::{Export, Exports};
-use super::handshake::{self, MetaContexts};
-use super::host::Host;
-use super::signals::Stop;
-use super::sock::Sock;
-use super::wire::{self, RequestHeader};
+use crate::backend::memory::MemDisk;
+use crate::conn::connection::{self, ConnConfig};
+use crate::conn::conns::ClientHandle;
+use crate::conn::sock::Sock;
+use crate::host::allow::AllowedDirs;
+use crate::host::runtime::Host;
+use crate::nbd::command::{self, Limits};
+use crate::nbd::export::{Export, Exports};
+use crate::nbd::handshake::{self, MetaContexts};
+use crate::nbd::wire::{self, RequestHeader};
+use crate::process::signals::Stop;
 
 /// Bytes a scripted client sends (`input`) and the server's answers (`output`).
 struct Script<'a> {
@@ -163,7 +163,7 @@ pub fn control_line(line: &[u8]) {
             Duration::from_millis(10),
         )
     });
-    let _ = super::control::handle_line(host, line);
+    let _ = crate::host::control::handle_line(host, line);
 }
 
 /// Inputs the fuzzer reported (crashes, hangs): each must run to its end, quickly, every time.

@@ -3,8 +3,8 @@
 //!
 //! HTTP is `tiny_http` (a small synchronous server with its own threads); the exposition format
 //! is `prometheus-client`'s encoder. Nothing is recorded into `prometheus-client` metrics: at
-//! each scrape a [`Collector`] reads the daemon's own lock-free counters ([`super::stats`]) and
-//! the engine's per-disk counters, so the request path never touches the metrics code.
+//! each scrape a [`Collector`] reads the daemon's own lock-free counters ([`crate::nbd::stats`])
+//! and the engine's per-disk counters, so the request path never touches the metrics code.
 //!
 //! Series (labels `export`, and `op` = read, write, flush, trim, zeroes, block-status, cache,
 //! other): `addcow_requests_total`, `addcow_request_bytes_total`, `addcow_request_errors_total`,
@@ -22,11 +22,11 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::connection::WRITER_PANICS;
-use super::export::Export;
-use super::host::{engine_stats, Host};
-use super::listener::Listener;
-use super::stats::{Op, StatsSnapshot};
+use crate::conn::connection::WRITER_PANICS;
+use crate::conn::listener::Listener;
+use crate::host::runtime::{engine_stats, Host};
+use crate::nbd::export::Export;
+use crate::nbd::stats::{Op, StatsSnapshot};
 
 /// Reads the daemon's counters at each scrape.
 struct DaemonCollector {
@@ -77,7 +77,7 @@ fn per_op(
     name: &str,
     help: &str,
     rows: &[Row],
-    value: impl Fn(&super::stats::OpSnapshot) -> u64,
+    value: impl Fn(&crate::nbd::stats::OpSnapshot) -> u64,
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for r in rows {
@@ -236,7 +236,7 @@ pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     describe: String,
     /// The Unix socket file we created (removed at stop, and on every way out).
-    file: std::sync::Mutex<Option<super::listener::SocketFile>>,
+    file: std::sync::Mutex<Option<crate::conn::listener::SocketFile>>,
 }
 
 impl MetricsServer {

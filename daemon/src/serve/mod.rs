@@ -1,58 +1,18 @@
-//! `addcow serve`: the NBD daemon.
+//! `addcow serve`: the process's top, which wires the layers together (see the crate docs):
+//! the command line ([`ServeArgs`]), [`run`] (engine, exports, listeners, control socket,
+//! signals, then the accept loop that hands each connection to [`crate::conn`]), the
+//! Prometheus endpoint ([`metrics`]), the built-in [`demo`] and the fuzz entry points
+//! (`harness`, feature `fuzzing`).
 //!
-//! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
-//! per connection runs the [`handshake`], then the connection runs on its engine core as a
-//! [`ring_conn::RingConn`]: received on the core's io_uring, parsed and validated ([`wire`],
-//! [`command`]), submitted on the core, answered with one `sendmsg` per core turn ([`reply`]).
-//! With `--conn-mode threads`, [`connection`]'s reader thread parses and submits and a writer
-//! thread sends the replies instead.
-//!
-//! Operating it: [`host`] holds the engine and the export table and adds/removes exports at
-//! runtime; [`control`] is the JSON-RPC control socket, [`events`] its notifications;
-//! [`metrics`] the Prometheus endpoint; [`stats`] the lock-free per-export counters behind
-//! both; [`allow`] the folders `export-add` may open.
-//!
-//! Modules: [`wire`] (constants, frames), [`handshake`] (options), [`command`] (validation),
-//! [`status`] (block status, bounded), [`reply`] (framing and sending), [`budget`] (in-flight
-//! limits and the daemon-wide buffer pool), [`ring_conn`] (a connection on its core),
-//! [`outbox`] (reply queue and writer), [`connection`] (handshake, then the reader), [`conns`] (live connections and how they are stopped), [`sock`], [`listener`],
-//! [`lockfile`] (socket hygiene, systemd), [`signals`] (shutdown), [`export`] (exports and the
-//! engine seam), [`probe`] (holes and hole punching of the files underneath), [`demo`].
+//! May import every layer; no layer imports this one.
 
-pub mod allow;
-pub mod budget;
-pub mod command;
-pub mod conn_config;
-pub mod connection;
-pub mod conns;
-pub mod control;
 pub mod demo;
-pub mod events;
-pub mod export;
-pub mod handshake;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
-pub mod host;
-pub mod jobs;
-pub mod listener;
-pub mod lockfile;
 pub mod metrics;
-pub mod outbox;
-pub mod probe;
-pub mod reply;
-pub mod resize;
-pub mod ring_conn;
-pub mod seam;
-pub mod signals;
-pub mod snapshot;
-pub mod sock;
-pub mod stats;
-pub mod status;
-pub mod vhost_export;
-pub use addcow_engine::nbd::wire;
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -60,14 +20,19 @@ use std::time::{Duration, Instant};
 
 use addcow_engine::{CacheMode, Engine, EngineConfig};
 
-use allow::{AllowedDirs, OverlayFiles};
-use budget::Pool;
-use connection::ConnConfig;
-use conns::{ClientHandle, Live};
-use export::Exports;
-use host::{Host, Origin};
-use listener::Listener;
-use lockfile::LockedFile;
+use crate::backend::files::OverlayFiles;
+use crate::conn::budget::Pool;
+use crate::conn::connection::{self, ConnConfig};
+use crate::conn::conns::{ClientHandle, Live};
+use crate::conn::listener::{self, Listener};
+use crate::host::allow::AllowedDirs;
+use crate::host::control;
+use crate::host::events;
+use crate::host::runtime::{Host, Origin};
+use crate::nbd::export::Exports;
+use crate::nbd::wire;
+use crate::process::lockfile::LockedFile;
+use crate::process::signals;
 
 /// Arguments of `addcow serve`.
 #[derive(clap::Args, Debug)]
@@ -201,7 +166,7 @@ pub struct ServeArgs {
 pub enum ConnMode {
     /// A reader and a writer thread per connection.
     Threads,
-    /// On the connection's engine core ([`ring_conn`]).
+    /// On the connection's engine core ([`crate::conn::ring_conn`]).
     Ring,
 }
 
@@ -659,11 +624,7 @@ fn accept_loop(
         let mut fds: Vec<PollFd<'_>> = if listening {
             listeners
                 .iter()
-                .map(|l| {
-                    // SAFETY: the listener outlives this loop iteration's PollFd.
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.as_raw_fd()) };
-                    PollFd::new(fd, PollFlags::POLLIN)
-                })
+                .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
                 .collect()
         } else {
             Vec::new()
@@ -767,9 +728,9 @@ fn accept_loop(
 mod tests {
     use std::process::Command;
 
-    use super::export::memory::MemDisk;
-    use super::export::Export;
     use super::*;
+    use crate::backend::memory::MemDisk;
+    use crate::nbd::export::Export;
 
     /// A server on in-memory disks ("" and read-only "ro", 8 MiB, base half 0xab) on a temp
     /// socket, served by the real accept loop and connection code.

@@ -10,8 +10,6 @@ use super::fail;
 
 /// Exit status: no findings.
 pub const EXIT_CLEAN: u8 = 0;
-/// Exit status: usage error, or the overlay file could not be opened or read.
-pub const EXIT_ERROR: u8 = 1;
 /// Exit status: corruption found (the overlay cannot be served as it is).
 pub const EXIT_CORRUPT: u8 = 2;
 /// Exit status: warnings only (servable, but something is off).

@@ -15,6 +15,10 @@ pub mod rebase;
 pub mod resize;
 pub mod stream;
 
+/// Exit status of every tool on a usage error or a file that could not be opened or read
+/// (`addcow check` reports its findings with 0, 2 and 3: [`check::EXIT_CORRUPT`]).
+pub const EXIT_ERROR: u8 = 1;
+
 /// Parses a size such as `4096`, `512K`, `10M`, `20G`, `1T` (binary multiples; `10GiB` and `10GB`
 /// both mean 10 × 2^30), with the `parse-size` crate in binary mode.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -66,7 +70,7 @@ pub fn inspect(path: &std::path::Path) -> addcow_engine::Result<addcow_engine::f
 /// Prints `addcow <tool>: <error>` on stderr and returns exit status 1.
 pub fn fail(tool: &str, err: impl std::fmt::Display) -> ExitCode {
     eprintln!("addcow {tool}: {err}");
-    ExitCode::from(check::EXIT_ERROR)
+    ExitCode::from(EXIT_ERROR)
 }
 
 /// Prints `value` as pretty JSON on stdout.

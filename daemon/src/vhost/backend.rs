@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost_user_backend::VhostUserBackend;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -22,9 +21,10 @@ use vmm_sys_util::event::{
 
 use super::activity::Activity;
 use super::config::DeviceConfig;
+use super::device::{GuestMem, Inner, LogLimit};
 use super::queue::Queue;
 use super::vring::CoreVring;
-use crate::serve::export::Backend;
+use crate::backend::disk::Backend;
 
 /// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight.
 const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
@@ -39,67 +39,12 @@ pub const BOUNCE_CAP: u64 = 32 << 20;
 /// the next one says how many were left out.
 const IO_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// A log rate limit: one message per interval, counting the ones left out.
-pub(super) struct LogLimit {
-    every: Duration,
-    /// When the last message was let through, and how many were left out since.
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl LogLimit {
-    fn new(every: Duration) -> LogLimit {
-        LogLimit {
-            every,
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(left out since the last one)` when a message may be logged now, else `None`
-    /// (and it is counted).
-    pub(super) fn admit(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match s.0 {
-            Some(last) if now.duration_since(last) < self.every => {
-                s.1 += 1;
-                None
-            }
-            _ => {
-                let skipped = s.1;
-                *s = (Some(now), 0);
-                Some(skipped)
-            }
-        }
-    }
-}
-
-/// Guest memory as the frontend mapped it.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
-
 /// One frontend connection's device state, shared with its queues.
 #[derive(Clone)]
 pub struct BlkDevice {
     inner: Arc<Inner>,
-}
-
-/// What a device's queues share.
-pub(super) struct Inner {
-    pub(super) disk: Arc<dyn Backend>,
-    pub(super) activity: Arc<Activity>,
-    pub(super) config: DeviceConfig,
-    pub(super) mem: RwLock<Option<GuestMem>>,
-    pub(super) event_idx: AtomicBool,
-    pub(super) writeback: AtomicBool,
-    /// See [`BOUNCE_CAP`].
-    pub(super) batch_bytes: u64,
-    /// Hand aligned guest buffers to the engine directly (else always bounce).
-    pub(super) direct: bool,
-    /// A bad ring was reported once (later ones go to debug, so a guest cannot flood the log).
-    pub(super) ring_error_logged: AtomicBool,
-    /// Rate limit of the warnings for requests that failed.
-    pub(super) io_errors: LogLimit,
-    /// The vrings bound to engine cores ([`BlkDevice::bind`]).
-    vrings: Mutex<Vec<CoreVring>>,
+    /// The vrings bound to engine cores ([`BlkDevice::bind`]), shared by every clone.
+    vrings: Arc<Mutex<Vec<CoreVring>>>,
 }
 
 impl BlkDevice {
@@ -128,8 +73,8 @@ impl BlkDevice {
                 io_errors: LogLimit::new(IO_ERROR_LOG_EVERY),
                 batch_bytes,
                 direct,
-                vrings: Mutex::new(Vec::new()),
             }),
+            vrings: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -156,15 +101,14 @@ impl BlkDevice {
         for (index, v) in vrings.iter().enumerate() {
             v.bind(self.queue(index, v), engine.clone(), index % cores);
         }
-        *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()) = vrings;
+        *self.vrings.lock().unwrap_or_else(|p| p.into_inner()) = vrings;
         Ok(())
     }
 
     /// Stops polling every queue's kick (the frontend is gone). Chains in flight still
     /// complete into the old frontend's memory, which they keep mapped.
     pub fn unbind(&self) {
-        let vrings =
-            std::mem::take(&mut *self.inner.vrings.lock().unwrap_or_else(|p| p.into_inner()));
+        let vrings = std::mem::take(&mut *self.vrings.lock().unwrap_or_else(|p| p.into_inner()));
         for v in vrings {
             v.unbind();
         }
@@ -273,28 +217,18 @@ impl VhostUserBackend for BlkDevice {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_log_limit_lets_one_through_per_interval_and_counts_the_rest() {
-        let l = LogLimit::new(Duration::from_millis(200));
-        assert_eq!(l.admit(), Some(0));
-        assert_eq!(l.admit(), None);
-        assert_eq!(l.admit(), None);
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(l.admit(), Some(2), "two left out since the last one");
-        assert_eq!(l.admit(), None);
-    }
-
-    use crate::serve::export::memory::MemDisk;
+    use crate::backend::memory::MemDisk;
     use addcow_engine::{Completion, Request};
     use std::io::Read;
-    use std::os::fd::{FromRawFd, OwnedFd};
     use vhost_user_backend::VringT;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+    use vm_memory::{
+        Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    };
 
     fn config(size: u64) -> DeviceConfig {
         DeviceConfig {
@@ -317,11 +251,8 @@ mod tests {
     }
 
     fn eventfd() -> std::fs::File {
-        // SAFETY: eventfd returns a new descriptor (checked) that nothing else owns.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh, owned descriptor.
-        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = addcow_engine::sys::eventfd(addcow_engine::sys::EventFdMode::NonBlocking);
+        std::fs::File::from(fd.expect("eventfd"))
     }
 
     /// `n` chains on `ring` (descriptors 3k..3k+2): header, one data descriptor of `len` bytes

@@ -18,6 +18,7 @@
 pub mod activity;
 pub mod backend;
 pub mod config;
+pub mod device;
 pub mod queue;
 pub mod request;
 pub mod vring;
@@ -35,7 +36,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::serve::export::Backend;
+use crate::backend::disk::Backend;
 use activity::Activity;
 use backend::BlkDevice;
 use config::DeviceConfig;

@@ -23,7 +23,7 @@ use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestAddressSpace;
 
 use super::activity::Ticket;
-use super::backend::Inner;
+use super::device::Inner;
 use super::request::{parse, Limits, Pending};
 
 /// One virtqueue of one frontend connection, served by engine core `index % cores`.

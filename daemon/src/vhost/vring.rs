@@ -23,7 +23,7 @@ use addcow_engine::{Engine, SourceId};
 use vhost_user_backend::{VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
 
-use super::backend::GuestMem;
+use super::device::GuestMem;
 use super::queue::{Queue, QueueSource};
 
 thread_local! {

@@ -93,7 +93,7 @@ impl Daemon {
         Self::start_env(cwd, sock, args, &[])
     }
 
-    /// [`Daemon::start`] with the test seams of the daemon (`serve::seam`) armed from folder
+    /// [`Daemon::start`] with the test seams of the daemon (`process::seam`) armed from folder
     /// `seams`: the test creates `POINT.pause` / `POINT.fail` there and waits for
     /// `POINT.reached`.
     pub fn start_seamed(sock: &Path, args: &[&str], seams: &Path) -> Daemon {

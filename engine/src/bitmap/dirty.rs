@@ -56,8 +56,10 @@ impl DirtyBlocks {
     /// whoever set them first.
     ///
     /// Why: publications count themselves in (`publishing`, SeqCst) before `set_range` and out
-    /// after marking. If this setter finds a bit already set by setter A, A's `set_range` happened
-    /// before ours (the bitmap's RMWs are AcqRel), so A's count-in did too. Our load of the count
+    /// after marking. If this setter finds a bit already set by setter A, it read it with an
+    /// acquire of A's release (the word's `fetch_or`, the chunk slot's failed CAS, or the load
+    /// that sees the slot `FULL`), so A's `set_range`, and A's count-in before it, happened
+    /// before ours. Our load of the count
     /// after our `set_range` then either includes A (count > 1: we mark our whole range
     /// ourselves) or already sees A counted out, and A's count-out is after A's mark, which
     /// therefore happened before we return. Otherwise only the bytes that changed need marks.
@@ -68,6 +70,7 @@ impl DirtyBlocks {
     /// [`DirtyBlocks::publish`], running `between` after the bits are set and before anything is
     /// marked: what a setter preempted there would look like to everyone else. For tests that
     /// must reach that window on purpose.
+    #[doc(hidden)]
     pub fn publish_with(
         &self,
         bitmap: &SparseBitmap,

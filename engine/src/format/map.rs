@@ -20,9 +20,9 @@ use std::fs::File;
 
 use crate::error::{Error, Result};
 use crate::format::chain::{Over, RunSrc, Runs};
-use crate::format::overlay::{next_data, next_hole};
 use crate::format::{BaseChain, Overlay};
 use crate::nbd::client;
+use crate::sys::{next_data, next_hole};
 
 /// One run of `qemu-img map --output=json` shape.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -15,6 +14,7 @@ use crate::format::header::{
 };
 use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
 use crate::format::Header;
+use crate::sys::{self, LockKind, LockRange};
 
 /// Bytes read at a time while loading the bitmap (a multiple of the bitmap's chunk size, so
 /// all-clear and all-set chunks are recognised and cost no memory).
@@ -80,40 +80,6 @@ pub struct Overlay {
     pub warnings: Vec<String>,
 }
 
-/// Takes an OFD lock on the whole of `file`: exclusive (write) or shared (read), without
-/// waiting. A lock held by someone else gives [`ErrorKind::Locked`].
-pub(crate) fn ofd_lock(file: &File, exclusive: bool) -> Result<()> {
-    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive {
-        libc::F_WRLCK as libc::c_short
-    } else {
-        libc::F_RDLCK as libc::c_short
-    };
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // whole file
-                  // l_pid must be 0 for OFD locks.
-    fl.l_pid = 0;
-    // SAFETY: the fd is open for the life of `file`; `fl` is a valid, initialised flock that
-    // outlives the call.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => {
-            Err(Error::new(ErrorKind::Locked).with_op(if exclusive {
-                "lock for writing"
-            } else {
-                "lock for reading"
-            }))
-        }
-        _ => Err(Error::io("lock", err)),
-    }
-}
-
 /// QEMU's lock bytes (`block/file-posix.c`): a process holding permission `i` on an image
 /// share-locks byte `100 + i`; one that does not let others have permission `i` share-locks byte
 /// `200 + i`. Permission bits: 0 consistent read, 1 write, 2 write unchanged, 3 resize.
@@ -123,23 +89,12 @@ const QEMU_CONSISTENT_READ: libc::off_t = 0;
 const QEMU_WRITE: libc::off_t = 1;
 const QEMU_RESIZE: libc::off_t = 3;
 
-fn flock_at(kind: libc::c_int, start: libc::off_t, len: libc::off_t) -> libc::flock {
-    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start;
-    fl.l_len = len;
-    fl
-}
-
 /// Share-locks the base the way QEMU locks a read-only backing file, so both can read one base
 /// at once: we hold "consistent read" (byte 100) and do not share "write" or "resize" (bytes
 /// 201, 203). Anyone who writes or resizes the base (a lock on byte 101 or 103, or a whole-file
 /// write lock) makes this fail with [`ErrorKind::Locked`]; while we hold it, they cannot take it
 /// (QEMU checks byte 201; a whole-file write lock conflicts with all three).
 pub(crate) fn share_lock_base(file: &File) -> Result<()> {
-    let fd = file.as_raw_fd();
     let locked = || {
         Error::new(ErrorKind::Locked).with_op("lock base for reading (someone may be writing it)")
     };
@@ -148,34 +103,35 @@ pub(crate) fn share_lock_base(file: &File) -> Result<()> {
         QEMU_UNSHARED_BYTE + QEMU_WRITE,
         QEMU_UNSHARED_BYTE + QEMU_RESIZE,
     ] {
-        let mut fl = flock_at(libc::F_RDLCK, byte, 1);
-        // SAFETY: the fd is open for the life of `file`; `fl` is a valid flock for the call.
-        if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) } != 0 {
-            let err = std::io::Error::last_os_error();
-            ofd_unlock(file);
-            return match err.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) => Err(locked()),
-                _ => Err(Error::io("lock base", err)),
-            };
+        match sys::ofd_try_lock(file, LockKind::Shared, LockRange::byte(byte)) {
+            Ok(true) => {}
+            Ok(false) => {
+                sys::ofd_unlock(file);
+                return Err(locked());
+            }
+            Err(e) => {
+                sys::ofd_unlock(file);
+                return Err(Error::io("lock base", e));
+            }
         }
     }
-    // Nobody may hold what we do not share (write, resize) nor refuse what we need (read).
+    // Nobody may hold what we do not share (write, resize) nor refuse what we need (read): a
+    // write lock's test finds a lock of either kind.
     for byte in [
         QEMU_PERM_BYTE + QEMU_WRITE,
         QEMU_PERM_BYTE + QEMU_RESIZE,
         QEMU_UNSHARED_BYTE + QEMU_CONSISTENT_READ,
     ] {
-        let mut fl = flock_at(libc::F_WRLCK, byte, 1);
-        // SAFETY: as above; F_OFD_GETLK only fills in `fl`.
-        let rc = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            ofd_unlock(file);
-            return Err(Error::io("test base lock", err));
-        }
-        if fl.l_type != libc::F_UNLCK as libc::c_short {
-            ofd_unlock(file);
-            return Err(locked());
+        match sys::ofd_conflicts(file, LockKind::Exclusive, LockRange::byte(byte)) {
+            Ok(false) => {}
+            Ok(true) => {
+                sys::ofd_unlock(file);
+                return Err(locked());
+            }
+            Err(e) => {
+                sys::ofd_unlock(file);
+                return Err(Error::io("test base lock", e));
+            }
         }
     }
     Ok(())
@@ -188,68 +144,9 @@ pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> std::io::Result
     if len == 0 {
         return Ok(());
     }
-    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
-    };
-    // SAFETY: fallocate on a descriptor that stays open for the call; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, l) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Drops the OFD lock on the whole of `file` (a no-op when none is held).
-pub(crate) fn ofd_unlock(file: &File) {
-    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_UNLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: the fd is open for the life of `file`; `fl` is a valid flock that outlives the call.
-    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-}
-
-/// `lseek(file, off, whence)`: the offset it lands on, or the OS error.
-fn seek(file: &File, off: libc::off_t, whence: libc::c_int) -> std::io::Result<u64> {
-    // SAFETY: lseek on an fd that stays open for the call; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r as u64)
-}
-
-/// The next offset at or after `from` that holds data (`SEEK_DATA`), or `None` if only a hole
-/// follows. File systems without `SEEK_DATA` report everything as data.
-pub(crate) fn next_data(file: &File, from: u64) -> std::io::Result<Option<u64>> {
-    let Ok(off) = libc::off_t::try_from(from) else {
-        return Ok(None);
-    };
-    match seek(file, off, libc::SEEK_DATA) {
-        Ok(at) => Ok(Some(at)),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(from)),
-            _ => Err(e),
-        },
-    }
-}
-
-/// The next hole at or after `from` (`SEEK_HOLE`); the end of the file when there is none.
-pub(crate) fn next_hole(file: &File, from: u64, file_len: u64) -> std::io::Result<u64> {
-    let Ok(off) = libc::off_t::try_from(from) else {
-        return Ok(file_len);
-    };
-    match seek(file, off, libc::SEEK_HOLE) {
-        Ok(at) => Ok(at),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::ENXIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(file_len),
-            _ => Err(e),
-        },
+    match sys::allocate(file, offset, len) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        other => other,
     }
 }
 
@@ -289,7 +186,7 @@ fn open_locked(path: &Path, write: bool, mut between: impl FnMut()) -> Result<Fi
     for _ in 0..RELOCK_TRIES {
         let file = open_file(path, write, false, "open overlay")?;
         between();
-        ofd_lock(&file, write).map_err(|e| e.with_path(path))?;
+        sys::ofd_lock(&file, LockKind::for_write(write)).map_err(|e| e.with_path(path))?;
         let named =
             std::fs::metadata(path).map_err(|e| Error::io("stat overlay", e).with_path(path));
         if let Ok(m) = named {
@@ -347,7 +244,7 @@ pub(crate) fn load_bitmap(meta: &File, meta_path: &Path, sectors: u64) -> Result
     let mut buf = vec![0u8; LOAD_BUF.min(total as usize)];
     let mut pos = 0u64; // bitmap byte offset
     while pos < total {
-        let data = next_data(meta, BITMAP_OFFSET + pos)
+        let data = sys::next_data(meta, BITMAP_OFFSET + pos)
             .map_err(|e| Error::io("seek data in bitmap", e).with_path(meta_path))?;
         let Some(data) = data else { break };
         // Start at the chunk holding the data, so whole chunks are loaded at once.
@@ -400,7 +297,7 @@ pub(crate) fn soft_findings(
     let mut pos = BITMAP_OFFSET + need;
     let mut buf = vec![0u8; 64 * 1024];
     while pos < meta_len {
-        let Some(data) = next_data(meta, pos)
+        let Some(data) = sys::next_data(meta, pos)
             .map_err(|e| Error::io("seek data after bitmap", e).with_path(meta_path))?
         else {
             break;
@@ -519,7 +416,8 @@ impl Overlay {
         refuse_same(("overlay", &meta, path), ("raw image", &image, &image_path))?;
         if !opts.no_lock {
             // Two overlays naming one raw image must not both write it.
-            ofd_lock(&image, !opts.read_only).map_err(|e| e.with_path(&image_path))?;
+            sys::ofd_lock(&image, LockKind::for_write(!opts.read_only))
+                .map_err(|e| e.with_path(&image_path))?;
         }
         let base = if header.backing_file.is_empty() || opts.skip_base {
             None
@@ -649,17 +547,10 @@ fn preallocate_image(f: &File, size: u64, mode: Preallocation) -> std::io::Resul
     match mode {
         Preallocation::Off => Ok(()),
         Preallocation::Falloc => {
-            let Ok(l) = libc::off_t::try_from(size) else {
-                return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
-            };
-            if l == 0 {
+            if size == 0 {
                 return Ok(());
             }
-            // SAFETY: fallocate on a descriptor that stays open for the call; no memory is passed.
-            if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, l) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            sys::allocate(f, 0, size)
         }
         Preallocation::Full => {
             const CHUNK: u64 = 1 << 20;
@@ -946,7 +837,7 @@ fn create_files(opts: &CreateOptions, prealloc: Preallocation) -> Result<Vec<Pat
             err
         }
     })?;
-    ofd_lock(&f, true).map_err(|e| e.with_path(overlay))?;
+    sys::ofd_lock(&f, LockKind::Exclusive).map_err(|e| e.with_path(overlay))?;
     let len = BITMAP_OFFSET + bitmap_len(virtual_size);
     let write = |f: &mut File| -> std::io::Result<()> {
         f.set_len(0)?;
@@ -1040,23 +931,5 @@ mod tests {
         )
         .unwrap();
         assert_eq!(synced, [vms]);
-    }
-
-    #[test]
-    fn ofd_locks_conflict_between_open_file_descriptions() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("f");
-        std::fs::write(&p, b"x").unwrap();
-        let a = File::open(&p).unwrap();
-        let b = File::open(&p).unwrap();
-        ofd_lock(&a, false).unwrap();
-        ofd_lock(&b, false).unwrap();
-        let c = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        assert_eq!(ofd_lock(&c, true).unwrap_err().kind(), &ErrorKind::Locked);
-        drop(a);
-        drop(b);
-        ofd_lock(&c, true).unwrap();
-        let d = File::open(&p).unwrap();
-        assert_eq!(ofd_lock(&d, false).unwrap_err().kind(), &ErrorKind::Locked);
     }
 }

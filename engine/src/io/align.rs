@@ -1,6 +1,8 @@
 //! `O_DIRECT` alignment of an open file, from `statx(STATX_DIOALIGN)`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+
+use crate::sys;
 
 /// Fallback alignment when the kernel does not report one.
 pub(crate) const FALLBACK_ALIGN: u64 = 4096;
@@ -26,38 +28,19 @@ impl DioAlign {
 }
 
 /// The alignment `O_DIRECT` needs on `file` (opened with `O_DIRECT` when `direct`).
-pub(crate) fn dio_align(file: &impl AsRawFd, direct: bool) -> DioAlign {
+pub(crate) fn dio_align(file: impl AsFd, direct: bool) -> DioAlign {
     if !direct {
         return DioAlign::NONE;
     }
-    // SAFETY: statx is plain old data; all-zero is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let empty = c"";
-    // SAFETY: the fd is open for the duration of the call; `empty` is a valid C string and
-    // AT_EMPTY_PATH makes statx describe the fd itself; stx is a valid out pointer.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if rc == 0
-        && stx.stx_mask & libc::STATX_DIOALIGN != 0
-        && stx.stx_dio_offset_align != 0
-        && stx.stx_dio_mem_align != 0
-    {
-        DioAlign {
-            mem: u64::from(stx.stx_dio_mem_align).next_power_of_two(),
-            offset: u64::from(stx.stx_dio_offset_align).next_power_of_two(),
-        }
-    } else {
-        DioAlign {
+    match sys::dio_alignment(file) {
+        Some(a) if a.offset != 0 && a.mem != 0 => DioAlign {
+            mem: u64::from(a.mem).next_power_of_two(),
+            offset: u64::from(a.offset).next_power_of_two(),
+        },
+        _ => DioAlign {
             mem: FALLBACK_ALIGN,
             offset: FALLBACK_ALIGN,
-        }
+        },
     }
 }
 

@@ -112,7 +112,7 @@ impl BaseSource for RawFileBase {
     }
 
     fn unlock(&self) {
-        crate::format::overlay::ofd_unlock(&self.file);
+        crate::sys::ofd_unlock(&self.file);
     }
 }
 
@@ -163,7 +163,7 @@ impl ChainBase {
             .layers
             .into_iter()
             .map(|l| {
-                let align = dio_align(&l.data, is_direct(&l.data));
+                let align = dio_align(&l.data, crate::sys::is_o_direct(&l.data));
                 ChainLayer {
                     data: l.data,
                     meta: l.meta,
@@ -237,12 +237,6 @@ pub(crate) fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
     }
 }
 
-fn is_direct(file: &File) -> bool {
-    // SAFETY: F_GETFL on an open fd has no memory effects.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_DIRECT != 0
-}
-
 impl BaseSource for ChainBase {
     fn size(&self) -> u64 {
         self.shape(0).size
@@ -291,9 +285,9 @@ impl BaseSource for ChainBase {
 
     fn unlock(&self) {
         for l in &self.layers {
-            crate::format::overlay::ofd_unlock(&l.data);
+            crate::sys::ofd_unlock(&l.data);
             if let Some(m) = &l.meta {
-                crate::format::overlay::ofd_unlock(m);
+                crate::sys::ofd_unlock(m);
             }
         }
     }

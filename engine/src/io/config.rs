@@ -35,12 +35,12 @@ pub struct EngineConfig {
     /// A read of a remote (NBD) base not answered within this fails with `EIO` (the image
     /// server is reconnected meanwhile). Default 30 s.
     pub base_timeout: Duration,
-    /// Test-only: where to log every write and sync issued (see [`super::recorder`]).
+    /// Test-only: where to log every write and sync issued (see [`crate::io::testing::recorder`]).
     #[cfg(feature = "crash-recorder")]
-    pub recorder: Option<std::sync::Arc<super::recorder::Recorder>>,
-    /// Test-only: completion results to rewrite (see [`super::faults`]).
+    pub recorder: Option<std::sync::Arc<crate::io::testing::recorder::Recorder>>,
+    /// Test-only: completion results to rewrite (see [`crate::io::testing::faults`]).
     #[cfg(feature = "fault-injection")]
-    pub faults: Option<std::sync::Arc<super::faults::FaultPlan>>,
+    pub faults: Option<std::sync::Arc<crate::io::testing::faults::FaultPlan>>,
 }
 
 impl Default for EngineConfig {

@@ -27,11 +27,12 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::SparseBitmap;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::is_add_cow;
-use crate::format::overlay::{file_len, ofd_lock};
+use crate::format::overlay::file_len;
 use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::{OpFile, Ops};
 use crate::lifecycle::resize::grow;
 use crate::lifecycle::{clear_runs, WINDOW};
+use crate::sys::{ofd_lock, LockKind};
 
 /// Bytes copied at a time.
 const COPY_CHUNK: u64 = 1 << 20;
@@ -152,7 +153,7 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
             .write(true)
             .open(&base_path)
             .map_err(|e| Error::io("open base for writing", e).with_path(&base_path))?;
-        ofd_lock(&f, true).map_err(|e| base_locked(e, &base_path))?;
+        ofd_lock(&f, LockKind::Exclusive).map_err(|e| base_locked(e, &base_path))?;
         let raw = ops.open(&f, &base_path)?;
         let len = file_len(&f, &base_path, "stat base")?;
         if len < size {
@@ -214,8 +215,8 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
         clear_runs(&top_meta, &runs, bitmap_len(size))?;
         top_meta.sync("fdatasync overlay bitmap")?;
     }
-    for &(first, count) in &runs {
-        top_image.punch(first * SECTOR_SIZE, count * SECTOR_SIZE)?;
+    for (offset, len) in punch_ranges(&runs, size) {
+        top_image.punch(offset, len)?;
     }
     if !runs.is_empty() {
         top_image.sync("fdatasync raw image")?;
@@ -226,6 +227,32 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
         base_grown_from: grown_from,
     })
 }
+
+/// What (6) punches of a raw image of `size` bytes: each copied run rounded out to
+/// [`PUNCH_GRANULE`] (clipped to the size), touching ranges merged, as `(offset, len)`. Rounding
+/// out only adds sectors whose bits were clear under the lock (their bytes are read from the
+/// base, never from the raw image), and it frees whole file-system blocks around short runs
+/// (punching part of a block frees nothing) with one call per granule-sized region rather than
+/// one per run of a fragmented overlay.
+fn punch_ranges(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(first, count) in runs {
+        let start = (first * SECTOR_SIZE) / PUNCH_GRANULE * PUNCH_GRANULE;
+        let end = ((first + count) * SECTOR_SIZE)
+            .div_ceil(PUNCH_GRANULE)
+            .saturating_mul(PUNCH_GRANULE)
+            .min(size);
+        match out.last_mut() {
+            Some((o, l)) if *o + *l >= start => *l = end.max(*o + *l) - *o,
+            _ if end > start => out.push((start, end - start)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The alignment (6) rounds punched runs out to (see [`punch_ranges`]).
+const PUNCH_GRANULE: u64 = 1 << 20;
 
 /// The runs `(first sector, count)` of set bits.
 pub(crate) fn set_runs(bitmap: &SparseBitmap) -> Vec<(u64, u64)> {
@@ -277,4 +304,23 @@ pub(crate) fn set_bits(meta: &OpFile, bitmap: &SparseBitmap, runs: &[(u64, u64)]
         meta.write_at(&buf[..n], BITMAP_OFFSET + start, "write bitmap")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn punch_ranges_round_out_to_the_granule_and_merge() {
+        let g = super::PUNCH_GRANULE;
+        // A sector, two runs in one granule, a run across a boundary, the clipped end.
+        let runs = [(1, 1), (2048, 4), (2050 + 2048, 1), (3 * 2048 + 2047, 2)];
+        assert_eq!(
+            super::punch_ranges(&runs, 3 * g + 4096),
+            vec![(0, 3 * g + 4096)]
+        );
+        assert_eq!(
+            super::punch_ranges(&[(0, 1), (10 * 2048, 1)], 20 * g),
+            vec![(0, g), (10 * g, g)]
+        );
+        assert_eq!(super::punch_ranges(&[], g), vec![]);
+    }
 }

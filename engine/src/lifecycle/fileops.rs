@@ -13,7 +13,6 @@
 //! or may not have reached the disk.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -332,27 +331,18 @@ impl OpFile {
         if len == 0 {
             return Ok(());
         }
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        if libc::off_t::try_from(offset).is_err() || libc::off_t::try_from(len).is_err() {
             return Ok(());
-        };
+        }
         self.ops.inject("punch hole", &self.path)?;
-        // SAFETY: fallocate on a descriptor that stays open for the call; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(());
+        match crate::sys::punch_hole(&self.file, offset, len) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            Err(e) => {
+                return Err(Error::io("punch hole", e)
+                    .with_path(&self.path)
+                    .with_offset(offset))
             }
-            return Err(Error::io("punch hole", e)
-                .with_path(&self.path)
-                .with_offset(offset));
         }
         self.ops.record(|| FileOp::Punch {
             id: self.id,

@@ -18,8 +18,8 @@ pub use resize::{resize, resize_from, ResizeOptions, Resized};
 pub use view::View;
 
 use crate::error::{Error, Result};
-use crate::format::overlay::next_data;
 use crate::format::BITMAP_OFFSET;
+use crate::sys::next_data;
 use fileops::OpFile;
 
 /// Bytes of bitmap read and rewritten at a time.

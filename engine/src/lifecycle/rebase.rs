@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::chain::{BaseChain, ChainOpenOptions};
-use crate::format::overlay::ofd_lock;
 use crate::format::paths::{check_storable, refuse_protocol, storage_path};
 use crate::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::Ops;
 use crate::lifecycle::view::View;
 use crate::lifecycle::WINDOW;
+use crate::sys::{ofd_lock, LockKind};
 
 /// Bytes compared at a time.
 const CHUNK: u64 = 1 << 20;
@@ -197,7 +197,7 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     let tmp = dir.join(tmp_name);
     ops.remove_if_present(&tmp)?;
     let new_meta = ops.create(&tmp)?;
-    ofd_lock(new_meta.file(), true).map_err(|e| e.with_path(&tmp))?;
+    ofd_lock(new_meta.file(), LockKind::Exclusive).map_err(|e| e.with_path(&tmp))?;
     // The new file takes the old one's owner, group and mode (a daemon running as another user
     // must still open it after root rebased it). Owner first: a chown clears set-id bits.
     if let Ok(m) = o.meta.metadata() {

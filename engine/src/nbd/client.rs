@@ -82,32 +82,15 @@ impl Stream {
     /// connection (peer host gone, network cut) fails instead of waiting forever. Unix sockets
     /// need neither (the peer's death closes them).
     pub fn set_liveness(&self, user_timeout: Duration) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
+        use nix::sys::socket::{setsockopt, sockopt};
         let Stream::Tcp(s) = self else { return Ok(()) };
-        let fd = s.as_raw_fd();
-        let ms = libc::c_int::try_from(user_timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        for (level, name, value) in [
-            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10),
-            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
-            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
-            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms.max(1)),
-        ] {
-            // SAFETY: `fd` is the open socket `s` owns for the whole call; the option value is
-            // a live `c_int` whose size is passed alongside it.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    level,
-                    name,
-                    std::ptr::addr_of!(value).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        // Clamped to what the kernel's `int` holds.
+        let ms = u32::try_from(user_timeout.as_millis().min(i32::MAX as u128)).unwrap_or(1);
+        setsockopt(s, sockopt::KeepAlive, &true)?;
+        setsockopt(s, sockopt::TcpKeepIdle, &10)?;
+        setsockopt(s, sockopt::TcpKeepInterval, &5)?;
+        setsockopt(s, sockopt::TcpKeepCount, &3)?;
+        setsockopt(s, sockopt::TcpUserTimeout, &ms.max(1))?;
         Ok(())
     }
 

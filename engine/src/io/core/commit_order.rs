@@ -5,8 +5,8 @@
 //! `unsafe-bits-before-sync` swaps in a deliberately wrong order here, so the ordering tests can
 //! prove they catch it; nothing else in the engine knows about that feature.
 
-use super::super::buf::IoBuf;
-use super::super::disk_state::Role;
+use crate::io::disk::state::Role;
+use crate::io::uring::buf::IoBuf;
 
 /// One step of a commit.
 pub(super) enum Step {

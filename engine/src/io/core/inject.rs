@@ -1,10 +1,10 @@
-//! Test-only: applies the engine's [`FaultPlan`](super::super::faults::FaultPlan) to a chain
+//! Test-only: applies the engine's [`FaultPlan`](crate::io::testing::faults::FaultPlan) to a chain
 //! about to be pushed (feature `fault-injection`).
 
-use super::super::disk_state::Role;
-use super::super::faults::{FaultAction, FaultFile, FaultOp, Injected};
 use super::ops::{CoreOp, OpKind};
 use super::Core;
+use crate::io::disk::state::Role;
+use crate::io::testing::faults::{FaultAction, FaultFile, FaultOp, Injected};
 
 fn classify(op: &CoreOp) -> Option<(FaultFile, FaultOp, Option<usize>)> {
     let file = match op.file()?.role {

@@ -16,7 +16,7 @@
 //!    are posted only then; see `Wait::Poll`); otherwise it
 //!    blocks until a completion, the eventfd, or the next background commit is due. Before
 //!    blocking the core sets its `sleeping` flag and looks at the channel once more (see
-//!    `mailbox.rs`).
+//!    `engine/mailbox.rs`).
 //! 4. Handle every completion that arrived, then call `ready` on every attached source whose
 //!    eventfd fired (`sources.rs`); before blocking in step 3, every source's `idle` is called.
 //!
@@ -49,14 +49,14 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use slab::Slab;
 
-use super::buf::{self, IoBuf};
-use super::disk_state::{DiskState, Entered, Role, SLOTS_PER_DISK};
-use super::engine_shared::{EngineShared, MAX_REGISTERED_DISKS};
-use super::mailbox::Msg;
 use super::request::{req_err, Done, MAX_POPULATE};
-use super::responder::Responder;
-use super::ring::{Ring, Wait};
 use super::split::{Seg, SplitScratch};
+use crate::io::disk::state::{DiskState, Entered, Role, SLOTS_PER_DISK};
+use crate::io::engine::mailbox::Msg;
+use crate::io::engine::shared::{EngineShared, MAX_REGISTERED_DISKS};
+use crate::io::request::responder::Responder;
+use crate::io::uring::buf::{self, IoBuf};
+use crate::io::uring::ring::{Ring, Wait};
 use ops::{CoreOp, FileRef, OpKind, Target};
 use shared_buf::SharedBuf;
 use tasks::{ReadTask, Task};
@@ -110,7 +110,7 @@ pub(crate) struct Core {
     /// Reads finished while an op still held their buffer: answered once it lets go.
     held: Vec<HeldRead>,
     #[cfg(feature = "fault-injection")]
-    faults: Option<Arc<super::faults::FaultPlan>>,
+    faults: Option<Arc<crate::io::testing::faults::FaultPlan>>,
 }
 
 impl Core {
@@ -358,7 +358,7 @@ impl Core {
 
     fn complete(&mut self, op: CoreOp, res: i32) {
         #[cfg(feature = "fault-injection")]
-        let res = super::faults::rewrite(op.fault.as_ref(), res);
+        let res = crate::io::testing::faults::rewrite(op.fault.as_ref(), res);
         let CoreOp {
             task,
             kind,
@@ -564,7 +564,7 @@ impl Core {
     fn copy_up(&mut self, disk: Arc<DiskState>, offset: u64, len: u64, admitted: Entered) {
         #[cfg(feature = "fault-injection")]
         if let Some(plan) = &self.faults {
-            plan.park_at(super::faults::ParkPoint::CopyUp, 0);
+            plan.park_at(crate::io::testing::faults::ParkPoint::CopyUp, 0);
         }
         if len == 0 {
             return;

@@ -7,12 +7,12 @@ use std::rc::Rc;
 use io_uring::{opcode, squeue, types};
 
 use super::super::align::DioAlign;
-use super::super::buf::IoBuf;
-use super::super::disk_state::Role;
-use super::super::ring::RingOp;
-use super::super::sock::{SendList, SockDone, SockFd};
 use super::super::source::SockOp;
 use super::shared_buf::SharedBuf;
+use crate::io::disk::state::Role;
+use crate::io::source::sock::{SendList, SockDone, SockFd};
+use crate::io::uring::buf::IoBuf;
+use crate::io::uring::ring::RingOp;
 
 /// A file as an SQE names it: a plain fd or a registered-file slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,7 +265,7 @@ pub(super) struct CoreOp {
     pub(super) stalls: u8,
     /// Test-only: what fault injection does to this op.
     #[cfg(feature = "fault-injection")]
-    pub(super) fault: Option<super::super::faults::Injected>,
+    pub(super) fault: Option<crate::io::testing::faults::Injected>,
 }
 
 impl CoreOp {
@@ -313,7 +313,7 @@ pub(super) fn op_name(role: Role, write: bool) -> &'static str {
 unsafe impl RingOp for CoreOp {
     fn entry(&mut self) -> squeue::Entry {
         #[cfg(feature = "fault-injection")]
-        if let Some(e) = super::super::faults::nop_entry(self.fault.as_ref()) {
+        if let Some(e) = crate::io::testing::faults::nop_entry(self.fault.as_ref()) {
             return e;
         }
         match &mut self.kind {

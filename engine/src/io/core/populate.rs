@@ -18,23 +18,22 @@
 //!    fdatasync of the raw image. Before that commit a crash leaves clear bits over raw-image
 //!    bytes nobody reads; after it, the bits cover durable bytes equal to what the base served.
 
-use std::mem::ManuallyDrop;
-use std::os::fd::FromRawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use super::super::base::BaseRun;
-use super::super::buf;
-use super::super::disk_state::{DiskState, Parked};
-use super::super::range_lock::Ticket;
 use super::super::request::{req_err, Done, MAX_POPULATE};
-use super::super::responder::Responder;
 use super::ops::OpKind;
 use super::shared_buf::SharedBuf;
 use super::tasks::{Held, PopulateTask, Task};
 use super::{round_down, round_up, Core};
 use crate::bitmap::SparseBitmap;
-use crate::format::overlay::{next_data, next_hole};
 use crate::format::SECTOR_SIZE;
+use crate::io::disk::range_lock::Ticket;
+use crate::io::disk::state::{DiskState, Parked};
+use crate::io::request::responder::Responder;
+use crate::io::uring::buf;
+use crate::sys::{next_data, next_hole};
 
 /// What populate does with one run of units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,14 +76,14 @@ fn base_data(disk: &DiskState, offset: u64, len: u64, out: &mut Vec<(u64, u64)>)
                 len,
                 ..
             } => {
-                // SAFETY: `fd` is the base's open file, which the disk keeps open for as long as
-                // `disk` lives; ManuallyDrop never closes it. SEEK_DATA/SEEK_HOLE only return
-                // an offset (the file position they move is not used by the engine's I/O).
-                let file = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+                // SAFETY: `fd` is the base layer's open file, which the disk keeps open for as
+                // long as `disk` lives (the borrow ends with this arm). SEEK_DATA/SEEK_HOLE only
+                // return an offset (the file position they move is not used by the engine's I/O).
+                let file = unsafe { BorrowedFd::borrow_raw(fd) };
                 let f_end = f_off + len;
                 let mut pos = f_off;
                 while pos < f_end {
-                    let d = match next_data(&file, pos) {
+                    let d = match next_data(file, pos) {
                         Ok(Some(d)) => d,
                         Ok(None) => break, // only a hole follows
                         Err(_) => pos,
@@ -92,7 +91,7 @@ fn base_data(disk: &DiskState, offset: u64, len: u64, out: &mut Vec<(u64, u64)>)
                     if d >= f_end {
                         break;
                     }
-                    let h = next_hole(&file, d, f_end).unwrap_or(f_end).min(f_end);
+                    let h = next_hole(file, d, f_end).unwrap_or(f_end).min(f_end);
                     let h = h.max(d + 1);
                     out.push((at + (d - f_off), h - d));
                     pos = h;

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use super::super::disk_state::DiskState;
-use super::super::mailbox::Msg;
 use super::super::remote::{ReadDone, ReadResult};
 use super::shared_buf::SharedBuf;
 use super::Core;
+use crate::io::disk::state::DiskState;
+use crate::io::engine::mailbox::Msg;
 
 /// A remote read in flight: where its bytes go.
 pub(super) struct RemoteOp {

@@ -7,17 +7,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::super::align::DioAlign;
-use super::super::buf::{self, IoBuf};
-use super::super::disk_state::{DiskState, Parked, Role, Waiter};
-use super::super::range_lock::{Acquire, Ticket};
 use super::super::request::{req_err, Done, Request, RequestError, MAX_READ};
-use super::super::responder::Responder;
 use super::super::split::{plan_read, Src};
 use super::ops::{op_name, CopyOut, CoreOp, FileRef, Mem, OpKind, Region, Target};
 use super::shared_buf::SharedBuf;
 use super::tasks::{Edge, Held, Patch, ReadTask, Task, WriteTask};
 use super::{round_down, round_up, Core, SEG_MAX, ZERO_CHUNK};
 use crate::format::SECTOR_SIZE;
+use crate::io::disk::range_lock::{Acquire, Ticket};
+use crate::io::disk::state::{DiskState, Parked, Role, Waiter};
+use crate::io::request::responder::Responder;
+use crate::io::uring::buf::{self, IoBuf};
 
 /// Short transfers in a row that may make no progress before the request fails with EIO.
 const MAX_STALLS: u8 = 8;

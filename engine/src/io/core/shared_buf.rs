@@ -4,7 +4,7 @@
 use std::cell::UnsafeCell;
 use std::rc::Rc;
 
-use super::super::buf::IoBuf;
+use crate::io::uring::buf::IoBuf;
 
 /// A buffer several in-flight ops point into (a read split into runs, a write split into
 /// pieces). Each op holds a clone, so the memory outlives every SQE that points into it; the

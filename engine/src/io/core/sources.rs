@@ -15,14 +15,14 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
-use super::super::disk_state::DiskState;
-use super::super::engine_shared::EngineShared;
 use super::super::request::Request;
-use super::super::responder::Responder;
-use super::super::sock::SockDone;
 use super::super::source::{CoreSource, LocalSubmit, SockOp, SourceCtx};
 use super::ops::{CoreOp, OpKind, SockIo};
 use super::Core;
+use crate::io::disk::state::DiskState;
+use crate::io::engine::shared::EngineShared;
+use crate::io::request::responder::Responder;
+use crate::io::source::sock::SockDone;
 
 /// One attached source and the eventfd it is polled by (kept open while attached).
 struct Entry {

@@ -3,12 +3,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::super::disk_state::{DiskState, Parked, Waiter};
-use super::super::range_lock::Ticket;
 use super::super::request::{req_err, RequestError};
-use super::super::responder::Responder;
 use super::ops::CoreOp;
 use super::shared_buf::SharedBuf;
+use crate::io::disk::range_lock::Ticket;
+use crate::io::disk::state::{DiskState, Parked, Waiter};
+use crate::io::request::responder::Responder;
 
 pub(super) struct ReadTask {
     pub(super) disk: Arc<DiskState>,

@@ -1,0 +1,360 @@
+//! The [`Backend`] seam between the protocols and the engine, and its engine implementation,
+//! [`EngineDisk`] (an engine [`Disk`] whose disk a live snapshot or resize can switch under
+//! connected clients).
+//!
+//! The protocol layers (NBD and vhost-user-blk) talk to a `dyn Backend`; in the daemon that is
+//! an engine [`Disk`] (plus its [`Engine`] for buffers). Tests of the protocol layers use an
+//! in-memory backend (`super::memory`, in test and fuzzing builds).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use addcow_engine::{
+    Completion, DepthExtent, Disk, DiskOptions, Engine, Extent, ExtentKind, IoBuf, Request,
+    SourceCtx,
+};
+
+use super::probe::LayerFiles;
+
+/// What the protocol needs from a disk. Implementations are shared by every connection
+/// (so a FLUSH on one connection covers writes answered on any other: multi-conn safe).
+pub trait Backend: Send + Sync + 'static {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Submits `req` on core `core`; `done` runs once, when it finishes.
+    fn submit(&self, core: usize, req: Request, done: Completion);
+    /// Submits `req` from a source running on an engine core thread ([`SourceCtx`]): on that
+    /// core with no channel hop where the backend is an engine disk. Never blocks the core:
+    /// when the request would have to wait (a disk switch holds new requests back), it is
+    /// handed back untouched and the caller submits it from another thread with
+    /// [`Backend::submit`]. By default: [`Backend::submit`] to the context's core.
+    fn try_submit_local(
+        &self,
+        ctx: &mut SourceCtx<'_>,
+        req: Request,
+        done: Completion,
+    ) -> Option<(Request, Completion)> {
+        self.submit(ctx.core(), req, done);
+        None
+    }
+    /// Where the bytes of `[offset, offset+len)` come from (no I/O).
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// [`Backend::allocation`] if it can be had without waiting (`None` while a disk switch
+    /// holds the disk): for callers on an engine core thread. By default always.
+    fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        Some(self.allocation(offset, len))
+    }
+    /// Which layer supplies each part of `[offset, offset+len)`, numbered like
+    /// `qemu:allocation-depth` (no I/O). By default from [`Backend::allocation`]: `1` raw
+    /// image, `2` base, `0` zeros (exact for a disk with at most one base layer).
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.allocation(offset, len)
+            .into_iter()
+            .map(|e| DepthExtent {
+                offset: e.offset,
+                len: e.len,
+                depth: match e.kind {
+                    ExtentKind::Image => 1,
+                    ExtentKind::Base => 2,
+                    ExtentKind::Zero => 0,
+                },
+            })
+            .collect()
+    }
+    /// The current disk's layout, held so that no disk switch can begin or end until the
+    /// returned view is dropped: every answer made from it (block status: extents, then the
+    /// holes of the files under them) describes one disk. `None` when the backend's disk never
+    /// changes (then [`Backend::allocation`] and [`Backend::zero_ranges`] already agree).
+    /// Never from an engine core thread (a switch waits for requests a core completes).
+    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+        None
+    }
+    /// A buffer of `len` bytes to receive a WRITE payload into. Its contents are unspecified
+    /// (stale bytes of an earlier request, not zeroed): the caller fills all of it, or drops it
+    /// unsubmitted.
+    fn alloc_buf(&self, len: usize) -> IoBuf;
+    /// The engine disk behind this backend, if it is one (for its path, counters and close).
+    /// After a live snapshot, the new one.
+    fn disk(&self) -> Option<Disk> {
+        None
+    }
+    /// The switchable engine disk behind this backend, if it is one (for a live snapshot).
+    fn engine_disk(&self) -> Option<&EngineDisk> {
+        None
+    }
+    /// Appends the ranges inside `[start, end)` that the file of `layer` (`Image`: the raw
+    /// image, `Base`: the base) is known to read as zeros without holding data (holes), in
+    /// order. Nothing appended means nothing is known.
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        let _ = (layer, start, end, out);
+    }
+    /// The alignment (bytes) a WRITE_ZEROES must have to be done by punching a hole alone, with
+    /// no zeros written; `None` when the raw image cannot punch holes at all (then every
+    /// FAST_ZERO fails fast).
+    fn fast_zero_unit(&self) -> Option<u64> {
+        Some(512)
+    }
+}
+
+/// What block status reads of one disk: its size, which layer supplies each range, and where
+/// the files under it have holes. See [`Backend::pin_layout`].
+pub trait Layout {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// See [`Backend::allocation`].
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent>;
+    /// See [`Backend::allocation_depth`].
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent>;
+    /// See [`Backend::zero_ranges`].
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>);
+}
+
+/// A generation held by a read guard of its [`EngineDisk`]: a switch waits until it is dropped.
+impl Layout for std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.disk.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.disk.allocation_depth(offset, len)
+    }
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        if let Some(f) = &self.files {
+            f.holes(layer, start, end, out);
+        }
+    }
+}
+
+/// One generation of an [`EngineDisk`]: the open disk and its files for hole queries.
+pub struct Generation {
+    /// The disk.
+    pub disk: Disk,
+    /// The raw image and base, opened read-only to ask the file system where their holes are
+    /// (`None` when they could not be opened: nothing is reported as zeros then).
+    pub files: Option<LayerFiles>,
+}
+
+impl Generation {
+    /// Opens `overlay` on `engine` with the export's options (every switch opens its disk
+    /// with the options the export was added with) and its layer files.
+    pub fn open(
+        engine: &Engine,
+        overlay: &std::path::Path,
+        name: &str,
+        opts: &DiskOptions,
+    ) -> addcow_engine::Result<Generation> {
+        let disk = engine.open(overlay, opts.clone())?;
+        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
+        Ok(Generation { disk, files })
+    }
+
+    /// The FAST_ZERO unit of this disk's raw image, as stored in [`EngineDisk`] (0: none).
+    fn fast_zero_code(&self) -> u64 {
+        self.files
+            .as_ref()
+            .and_then(|f| f.fast_zero_unit)
+            .unwrap_or(0)
+    }
+}
+
+/// Requests submitted to the current generation and not yet answered: an atomic count on the
+/// request path; the mutex and condvar are touched only when it drops to zero (to wake a
+/// switch waiting for it).
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn finish(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until the count is zero (new requests must be held back by the caller).
+    fn wait_idle(&self) {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.count.load(Ordering::SeqCst) > 0 {
+            g = self
+                .idle
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// An engine disk as a [`Backend`], whose disk can be switched under connected clients (a live
+/// snapshot: [`EngineDisk::switch`]).
+///
+/// Every request enters through a read lock on the current generation and is counted until it
+/// is answered. A switch takes the write lock, so requests arriving meanwhile wait (their
+/// connections' readers block) and then go to the new disk; it waits until every request
+/// already submitted was answered, and only then replaces the disk. No request is failed or
+/// lost by a switch, and no client is disconnected.
+pub struct EngineDisk {
+    /// The engine the disk is open on (for buffers).
+    pub engine: Engine,
+    /// The options the export was added with: every generation is opened with them.
+    pub opts: DiskOptions,
+    current: RwLock<Arc<Generation>>,
+    /// The current generation's FAST_ZERO unit (0: it cannot punch holes), readable without
+    /// the lock (connections check it on engine core threads, which must not wait for a
+    /// switch). Updated when a generation is installed, before requests flow to it.
+    fast_zero: AtomicU64,
+    in_flight: Arc<InFlight>,
+}
+
+impl EngineDisk {
+    /// `disk` (open on `engine` with `opts`) with its layer files.
+    pub fn new(
+        engine: Engine,
+        opts: DiskOptions,
+        disk: Disk,
+        files: Option<LayerFiles>,
+    ) -> EngineDisk {
+        let g = Generation { disk, files };
+        EngineDisk {
+            engine,
+            opts,
+            fast_zero: AtomicU64::new(g.fast_zero_code()),
+            current: RwLock::new(Arc::new(g)),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Opens `overlay` as the next generation of this export, with the export's options.
+    pub fn open_generation(
+        &self,
+        overlay: &std::path::Path,
+        name: &str,
+    ) -> addcow_engine::Result<Generation> {
+        Generation::open(&self.engine, overlay, name, &self.opts)
+    }
+
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Arc<Generation>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the current disk with no switch able to begin or end meanwhile (a switch
+    /// waits until `f` returned). What `f` decides on the disk it saw (a job that starts
+    /// streaming it) is visible to any switch that comes after, which can then refuse.
+    pub fn pinned<T>(&self, f: impl FnOnce(&Disk) -> T) -> T {
+        let cur = self.current();
+        f(&cur.disk)
+    }
+
+    /// Holds every new request back, waits until every submitted one was answered, then runs
+    /// `f` on the current generation: the generation `f` returns (if any) becomes current before
+    /// requests flow again. Requests that arrive during `f` wait, then go to the new disk.
+    pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
+        let mut cur = match self.current.try_write() {
+            Ok(g) => g,
+            Err(_) => {
+                crate::process::seam::mark("switch-blocked");
+                self.current.write().unwrap_or_else(|p| p.into_inner())
+            }
+        };
+        self.in_flight.wait_idle();
+        let (next, out) = f(&cur);
+        if let Some(g) = next {
+            self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
+            *cur = Arc::new(g);
+        }
+        out
+    }
+}
+
+impl Backend for EngineDisk {
+    fn size(&self) -> u64 {
+        self.current().disk.size()
+    }
+    fn read_only(&self) -> bool {
+        self.current().disk.read_only()
+    }
+    fn submit(&self, core: usize, req: Request, done: Completion) {
+        // The read lock is held while the request enters the engine, so a switch waits for it
+        // and it counts as in flight before the switch looks.
+        let cur = self.current();
+        self.in_flight.start();
+        let in_flight = Arc::clone(&self.in_flight);
+        cur.disk.submit(
+            core,
+            req,
+            Box::new(move |r| {
+                done(r);
+                in_flight.finish();
+            }),
+        );
+    }
+    fn try_submit_local(
+        &self,
+        ctx: &mut SourceCtx<'_>,
+        req: Request,
+        done: Completion,
+    ) -> Option<(Request, Completion)> {
+        // A switch holds the write lock while it waits for the requests in flight, some of
+        // which this very core must complete: waiting for the lock here would deadlock.
+        let Ok(cur) = self.current.try_read() else {
+            return Some((req, done));
+        };
+        self.in_flight.start();
+        let in_flight = Arc::clone(&self.in_flight);
+        ctx.submit(
+            &cur.disk,
+            req,
+            Box::new(move |r| {
+                done(r);
+                in_flight.finish();
+            }),
+        );
+        None
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.current().disk.allocation(offset, len)
+    }
+    fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        // A switch holds the write lock while it waits for requests a core must complete.
+        let cur = self.current.try_read().ok()?;
+        Some(cur.disk.allocation(offset, len))
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
+        self.current().disk.allocation_depth(offset, len)
+    }
+    fn alloc_buf(&self, len: usize) -> IoBuf {
+        // The reader overwrites the whole buffer with the payload (or drops it): zeroing it
+        // first would be wasted memset.
+        self.engine.alloc_buf_unzeroed(len)
+    }
+    fn disk(&self) -> Option<Disk> {
+        Some(self.current().disk.clone())
+    }
+    fn engine_disk(&self) -> Option<&EngineDisk> {
+        Some(self)
+    }
+    fn zero_ranges(&self, layer: ExtentKind, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        self.current().zero_ranges(layer, start, end, out);
+    }
+    fn pin_layout(&self) -> Option<Box<dyn Layout + '_>> {
+        Some(Box::new(self.current()))
+    }
+    fn fast_zero_unit(&self) -> Option<u64> {
+        match self.fast_zero.load(Ordering::SeqCst) {
+            0 => None,
+            u => Some(u),
+        }
+    }
+}

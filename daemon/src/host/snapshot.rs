@@ -1,0 +1,366 @@
+//! Live snapshots (`export-snapshot`): the export's current overlay becomes a read-only,
+//! point-in-time base, and a new, empty overlay on top of it takes the export's writes, without
+//! disconnecting anyone.
+//!
+//! # Order (what makes it crash-safe)
+//! Under [`EngineDisk::switch`] (new requests held back, every submitted one answered):
+//! 1. FLUSH the current overlay: every write answered so far is durable in it (data, then bits).
+//! 2. Create the new overlay's two files (`O_EXCL`, so a failure removes exactly what this
+//!    snapshot made), then write it with the current one as its base (`format::create`): its
+//!    header and all-clear bitmap and its sparse raw image, each fsynced, then their directory.
+//!    The new overlay is durable before anything points at it or writes into it.
+//! 3. The current disk lets go of its exclusive locks but stays open (nothing is submitted to
+//!    it, nothing is dirty).
+//! 4. Open the new overlay: its chain opens the old one read-only and share-locks it, so from now
+//!    on nobody can write it (it is the stable point-in-time image). Then close the old disk
+//!    (nothing left to commit).
+//! 5. The new disk becomes the export's; held requests go to it. Only then is the reply sent
+//!    and `export-snapshot` emitted.
+//!
+//! The new overlay cannot be opened before requests are held: its chain loads the old overlay's
+//! bitmap, which must have taken its last write first. A crash before 2 completes leaves the old
+//! overlay in use and possibly a partial new file (never referenced). Held requests reach the new
+//! overlay at 5, a moment before the reply, so after a crash the rule is: if the new overlay
+//! exists and opens, serve it (it was durable before any request reached it, and may hold
+//! answered writes); otherwise serve the old one. If 4 fails (an image server under the chain is
+//! down, ...), the old disk takes its locks back and keeps serving unchanged (nothing is
+//! reopened), the new files are removed and the error says so; only if another process locked
+//! the old overlay in between is the old disk closed ([`SnapshotError::Lost`]).
+
+use std::path::{Path, PathBuf};
+
+use addcow_engine::format::overlay::default_image_path;
+use addcow_engine::format::{create, CreateOptions};
+use serde::Serialize;
+
+use super::events;
+use super::runtime::Host;
+use crate::backend::disk::{EngineDisk, Generation};
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshotted {
+    /// The export.
+    pub name: String,
+    /// The new overlay the export now writes to.
+    pub overlay: PathBuf,
+    /// Its raw image.
+    pub image: PathBuf,
+    /// The previous overlay: now the new one's read-only base, a stable point-in-time image.
+    pub base: PathBuf,
+}
+
+/// Why a snapshot was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No export has this name.
+    #[error("no export named {0:?}")]
+    NoSuchExport(String),
+    /// The export is read-only: nothing is written, there is nothing to snapshot into.
+    #[error("export {0:?} is read-only: a snapshot needs a writable export")]
+    ReadOnly(String),
+    /// The export is not backed by an engine disk.
+    #[error("export {0:?} cannot be snapshotted (not an engine disk)")]
+    Unsupported(String),
+    /// The target path is relative.
+    #[error("{}: the new overlay's path must be absolute", .0.display())]
+    Relative(PathBuf),
+    /// The new overlay or its raw image exists.
+    #[error("{}: already exists (a snapshot never overwrites a file)", .0.display())]
+    Exists(PathBuf),
+    /// The target's folder is not one export-add may open files in.
+    #[error("{}: the new overlay's folder is not one the control socket may create files in ({dirs}; see --allow-dir)", path.display())]
+    NotAllowed {
+        /// The new overlay.
+        path: PathBuf,
+        /// The allowed folders.
+        dirs: String,
+    },
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// The export runs a job (a stream holds the open disk).
+    #[error("export {name:?} runs job {id}: cancel it or wait until it ends before a snapshot")]
+    JobRunning {
+        /// The export.
+        name: String,
+        /// The job.
+        id: String,
+    },
+    /// A step failed; the export still serves its disk as before (`serving`).
+    #[error("snapshot of export {name:?} failed while {step}: {error}; nothing changed: the export still serves {}", serving.display())]
+    Failed {
+        /// The export.
+        name: String,
+        /// The step.
+        step: &'static str,
+        /// The cause.
+        error: String,
+        /// The overlay the export serves after the failure.
+        serving: PathBuf,
+    },
+    /// The snapshot failed and the export's overlay was locked by another process meanwhile:
+    /// the export no longer writes it and fails every request.
+    #[error("snapshot of export {name:?} failed: {error}; the export fails every request until it is deleted and added again")]
+    Lost {
+        /// The export.
+        name: String,
+        /// What failed.
+        error: String,
+    },
+}
+
+impl SnapshotError {
+    /// The error class reported in the JSON-RPC error's `data`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            SnapshotError::NoSuchExport(_) => "no-such-export",
+            SnapshotError::ReadOnly(_) => "read-only",
+            SnapshotError::Unsupported(_) => "unsupported",
+            SnapshotError::Relative(_) | SnapshotError::NotAllowed { .. } => "not-allowed",
+            SnapshotError::Exists(_) => "exists",
+            SnapshotError::ShuttingDown => "shutting-down",
+            SnapshotError::JobRunning { .. } => "job-running",
+            SnapshotError::Failed { .. } | SnapshotError::Lost { .. } => "snapshot-failed",
+        }
+    }
+}
+
+/// Checks the target: absolute, new (overlay and raw image), in an allowed folder.
+fn check_target(host: &Host, overlay: &Path) -> Result<PathBuf, SnapshotError> {
+    if !overlay.is_absolute() {
+        return Err(SnapshotError::Relative(overlay.to_path_buf()));
+    }
+    let image = default_image_path(overlay);
+    for p in [overlay, image.as_path()] {
+        if p.symlink_metadata().is_ok() {
+            return Err(SnapshotError::Exists(p.to_path_buf()));
+        }
+    }
+    let dirs = host.allowed.dirs();
+    let describe = || {
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let parent = overlay.parent().and_then(|p| std::fs::canonicalize(p).ok());
+    match parent {
+        Some(real) if dirs.iter().any(|d| real.starts_with(d)) => Ok(image),
+        _ => Err(SnapshotError::NotAllowed {
+            path: overlay.to_path_buf(),
+            dirs: describe(),
+        }),
+    }
+}
+
+/// Takes a live snapshot of export `name` into the new overlay `overlay` (see the module docs).
+pub fn snapshot_export(
+    host: &Host,
+    name: &str,
+    overlay: &Path,
+) -> Result<Snapshotted, SnapshotError> {
+    if host.stop.is_set() {
+        return Err(SnapshotError::ShuttingDown);
+    }
+    let export = host
+        .exports
+        .find(name)
+        .ok_or_else(|| SnapshotError::NoSuchExport(name.to_string()))?;
+    let ed = export
+        .backend
+        .engine_disk()
+        .ok_or_else(|| SnapshotError::Unsupported(name.to_string()))?;
+    if export.backend.read_only() {
+        return Err(SnapshotError::ReadOnly(name.to_string()));
+    }
+    if let Some((id, _)) = host.jobs.active_on(name) {
+        return Err(SnapshotError::JobRunning {
+            name: name.to_string(),
+            id,
+        });
+    }
+    let image = check_target(host, overlay)?;
+    let result = ed.switch(|cur| {
+        // An export-del that began meanwhile wins: it closes whatever disk is current after us.
+        if export.is_deleting() {
+            return (None, Err(SnapshotError::NoSuchExport(name.to_string())));
+        }
+        // Again under the switch: a job-start pins the disk while it registers, so a job that
+        // started since the check above is seen here.
+        if let Some((id, _)) = host.jobs.active_on(name) {
+            let e = SnapshotError::JobRunning {
+                name: name.to_string(),
+                id,
+            };
+            return (None, Err(e));
+        }
+        take(ed, cur, name, overlay, &image)
+    });
+    if let Ok(s) = &result {
+        tracing::info!(export = %name, overlay = %s.overlay.display(), base = %s.base.display(), "live snapshot");
+        host.events.emit(
+            events::EXPORT_SNAPSHOT,
+            serde_json::to_value(s).unwrap_or_default(),
+        );
+    }
+    result
+}
+
+/// The new overlay's two files, created by this snapshot itself (`O_EXCL`) before `create`
+/// writes them: on failure exactly these are removed, never a file someone else put at one of
+/// the paths (it would have made the exclusive create fail instead).
+struct Reserved {
+    /// Each path with the identity (device, inode) of the file created there.
+    files: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl Reserved {
+    /// Creates the raw image `image` (sparse, `size` bytes, fsynced) and an empty `overlay`,
+    /// each only if nothing is at its path.
+    fn create(overlay: &Path, image: &Path, size: u64) -> std::io::Result<Reserved> {
+        use std::os::unix::fs::MetadataExt;
+        let mut r = Reserved { files: Vec::new() };
+        for p in [image, overlay] {
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())));
+            let f = match made {
+                Ok(f) => f,
+                Err(e) => {
+                    r.remove();
+                    return Err(e);
+                }
+            };
+            let id = f.metadata().map(|m| (m.dev(), m.ino()));
+            if let Ok(id) = id {
+                r.files.push((p.to_path_buf(), id));
+            }
+            let sized = match (id, p == image) {
+                (Err(e), _) => Err(e),
+                (Ok(_), true) => f.set_len(size).and_then(|()| f.sync_all()),
+                (Ok(_), false) => Ok(()),
+            };
+            if let Err(e) = sized {
+                r.remove();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", p.display()),
+                ));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Removes the files this snapshot created (those still at their paths).
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        for (p, id) in &self.files {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if (m.dev(), m.ino()) == *id => {
+                    if let Err(e) = std::fs::remove_file(p) {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove a file of a failed snapshot");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Steps 1-5 of the module docs, with new requests held back and none in flight.
+fn take(
+    ed: &EngineDisk,
+    cur: &Generation,
+    name: &str,
+    overlay: &Path,
+    image: &Path,
+) -> (Option<Generation>, Result<Snapshotted, SnapshotError>) {
+    let old = cur.disk.path().to_path_buf();
+    let failed = |step: &'static str, error: String| SnapshotError::Failed {
+        name: name.to_string(),
+        step,
+        error,
+        serving: old.clone(),
+    };
+    if cur.disk.read_only() {
+        return (None, Err(SnapshotError::ReadOnly(name.to_string())));
+    }
+    if let Err(e) = cur.disk.flush() {
+        return (
+            None,
+            Err(failed("flushing the current overlay", e.to_string())),
+        );
+    }
+    let size = cur.disk.size();
+    let reserved = match Reserved::create(overlay, image, size) {
+        Ok(r) => r,
+        Err(e) => return (None, Err(failed("creating the new overlay", e.to_string()))),
+    };
+    let opts = CreateOptions {
+        overlay: overlay.to_path_buf(),
+        base: Some(old.clone()),
+        image: None,
+        // The export's size (the raw image reserved above has it).
+        size: Some(size),
+        // Both files are the empty ones reserved above, made by this snapshot.
+        force: true,
+    };
+    let created = create(&opts).and_then(|()| {
+        if crate::process::seam::fail("snapshot-create") {
+            Err(addcow_engine::Error::io(
+                "create (test seam)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = created {
+        reserved.remove();
+        return (None, Err(failed("creating the new overlay", e.to_string())));
+    }
+    // The new overlay's chain share-locks the old one, which this disk holds exclusively: let
+    // go of that lock but keep the disk open (flushed, nothing submitted to it), so that if the
+    // new overlay cannot be opened (an image server under the chain is down, ...) the export
+    // goes on serving this disk as it is, without opening anything again.
+    cur.disk.unlock_overlay();
+    crate::process::seam::pause("snapshot-unlocked");
+    match ed.open_generation(overlay, name) {
+        Ok(next) => {
+            // Flushed and untouched since: the close commits nothing; it only lets go of the
+            // files (the new disk holds the old overlay share-locked through its own).
+            if let Err(e) = cur.disk.close() {
+                tracing::warn!(export = %name, overlay = %old.display(), error = %e, "closing the snapshotted overlay");
+            }
+            let done = Snapshotted {
+                name: name.to_string(),
+                overlay: overlay.to_path_buf(),
+                image: image.to_path_buf(),
+                base: old,
+            };
+            (Some(next), Ok(done))
+        }
+        Err(e) => {
+            reserved.remove();
+            match cur.disk.relock_overlay() {
+                Ok(()) => (None, Err(failed("opening the new overlay", e.to_string()))),
+                Err(again) => {
+                    // Another process locked the overlay while it was unlocked: writing it now
+                    // could corrupt what that process writes.
+                    let _ = cur.disk.close();
+                    tracing::error!(export = %name, error = %again, "the overlay was locked by another process during a failed snapshot; the export fails every request");
+                    (
+                        None,
+                        Err(SnapshotError::Lost {
+                            name: name.to_string(),
+                            error: format!("opening the new overlay failed: {e}; locking {} again failed: {again}", old.display()),
+                        }),
+                    )
+                }
+            }
+        }
+    }
+}
