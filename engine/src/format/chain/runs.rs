@@ -98,8 +98,9 @@ impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
         }
         let mut limit = self.end;
         let mut d = 0;
+        let count = self.stack.count();
         let src = loop {
-            if d >= self.stack.count() {
+            if d >= count {
                 break RunSrc::Zero;
             }
             let shape = self.stack.shape(d);
