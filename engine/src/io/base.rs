@@ -14,6 +14,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::bitmap::SparseBitmap;
+#[cfg(test)]
+use crate::format::chain::Opaque;
 use crate::format::chain::{BaseChain, LayerShape, RunSrc, Runs, Stack};
 
 use super::align::{dio_align, DioAlign};
@@ -60,6 +62,9 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     fn remote(&self) -> Option<&RemoteBase> {
         None
     }
+    /// The base's layers (its direct base at depth 0), for the chain's walk when only which
+    /// layer supplies a range matters (allocation depths).
+    fn layers(&self) -> &dyn Stack;
 }
 
 /// A raw image file as base (the engine serves every base as a [`ChainBase`]; this simplest
@@ -70,13 +75,19 @@ pub(crate) struct RawFileBase {
     file: File,
     size: u64,
     align: DioAlign,
+    shape: Opaque,
 }
 
 #[cfg(test)]
 impl RawFileBase {
     /// Wraps an open (read-only) base file of `size` bytes needing `align`.
     pub(crate) fn new(file: File, size: u64, align: DioAlign) -> RawFileBase {
-        RawFileBase { file, size, align }
+        RawFileBase {
+            file,
+            size,
+            align,
+            shape: Opaque(Some(size)),
+        }
     }
 }
 
@@ -113,6 +124,10 @@ impl BaseSource for RawFileBase {
 
     fn unlock(&self) {
         crate::sys::ofd_unlock(&self.file);
+    }
+
+    fn layers(&self) -> &dyn Stack {
+        &self.shape
     }
 }
 
@@ -290,6 +305,10 @@ impl BaseSource for ChainBase {
                 crate::sys::ofd_unlock(m);
             }
         }
+    }
+
+    fn layers(&self) -> &dyn Stack {
+        self
     }
 }
 

@@ -3,7 +3,7 @@
 //! Pure functions over the bitmap and the base, so they are easy to test and to benchmark.
 
 use crate::bitmap::SparseBitmap;
-use crate::format::chain::{Opaque, Over, RunSrc, Runs};
+use crate::format::chain::{Opaque, Over, RunSrc, Runs, Stack};
 
 use super::align::DioAlign;
 use super::base::{BaseRun, BaseSource};
@@ -70,7 +70,7 @@ pub(crate) fn extents(
 }
 
 /// Splits `[offset, offset+len)` by the layer that supplies each byte (see [`DepthExtent`]):
-/// the top bitmap first, then the base's runs for its clear sectors.
+/// one walk down the top and the base's layers.
 pub(crate) fn depth_extents(
     bitmap: &SparseBitmap,
     base: Option<&dyn BaseSource>,
@@ -78,40 +78,29 @@ pub(crate) fn depth_extents(
     len: u64,
     out: &mut Vec<DepthExtent>,
 ) {
-    let mut ext = Vec::new();
-    extents(bitmap, base.map(|b| b.size()), offset, len, &mut ext);
-    let push = |out: &mut Vec<DepthExtent>, offset: u64, len: u64, depth: u32| {
-        if len == 0 {
-            return;
-        }
-        if let Some(last) = out.last_mut() {
-            if last.depth == depth && last.offset + last.len == offset {
-                last.len += len;
-                return;
-            }
-        }
-        out.push(DepthExtent { offset, len, depth });
+    let none = Opaque(None);
+    let lower: &dyn Stack = base.map_or(&none, |b| b.layers());
+    let stack = Over {
+        top: bitmap,
+        size: u64::MAX,
+        lower,
     };
-    let mut runs = Vec::new();
-    for e in ext {
-        match (e.kind, base) {
-            (ExtentKind::Image, _) => push(out, e.offset, e.len, 1),
-            (ExtentKind::Base, Some(b)) => {
-                runs.clear();
-                b.map(e.offset, e.len, &mut runs);
-                let mut at = e.offset;
-                for r in &runs {
-                    let (len, depth) = match *r {
-                        BaseRun::File { len, layer, .. }
-                        | BaseRun::Remote { len, layer, .. }
-                        | BaseRun::Hole { len, layer } => (len, layer.saturating_add(2)),
-                        BaseRun::Zero { len } => (len, 0),
-                    };
-                    push(out, at, len, depth);
-                    at += len;
-                }
+    for r in Runs::new(&stack, offset, len) {
+        // Depth 0 of the walk is the top (1 in `qemu:allocation-depth`), layer `d` of the
+        // base is `d + 1` of the walk (`d + 2` there); zeros are 0.
+        let depth = match r.src {
+            RunSrc::Layer(d) => u32::try_from(d).map_or(u32::MAX, |d| d.saturating_add(1)),
+            RunSrc::Zero => 0,
+        };
+        match out.last_mut() {
+            Some(last) if last.depth == depth && last.offset + last.len == r.offset => {
+                last.len += r.len;
             }
-            (ExtentKind::Base, None) | (ExtentKind::Zero, _) => push(out, e.offset, e.len, 0),
+            _ => out.push(DepthExtent {
+                offset: r.offset,
+                len: r.len,
+                depth,
+            }),
         }
     }
 }
@@ -456,6 +445,10 @@ mod tests {
             1 << 20
         }
         fn unlock(&self) {}
+        fn layers(&self) -> &dyn Stack {
+            static SHAPE: Opaque = Opaque(Some(2 << 20));
+            &SHAPE
+        }
     }
 
     #[test]
