@@ -69,8 +69,8 @@ pub struct Runs<'a, S: Stack + ?Sized> {
     pos: u64,
     end: u64,
     /// `clear_to[d] > pos`: layer `d` is known clear (falls through) on `[pos, clear_to[d])`,
-    /// from an earlier bitmap lookup; so the layers above a deep run are asked once per run of
-    /// their own, not once per run below them.
+    /// from an earlier bitmap lookup (kept when an add-cow layer lies under it); so the layers
+    /// above a deep run are asked once per run of their own, not once per run below them.
     clear_to: [u64; MEMO],
 }
 
@@ -99,6 +99,8 @@ impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
         let mut limit = self.end;
         let mut d = 0;
         let count = self.stack.count();
+        // Whether layer `d - 1` was just found clear up to `limit` by a bitmap lookup.
+        let mut fresh = false;
         let src = loop {
             if d >= count {
                 break RunSrc::Zero;
@@ -107,14 +109,24 @@ impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
             if pos >= shape.size {
                 break RunSrc::Zero;
             }
-            limit = limit.min(shape.size);
             let Some(bitmap) = shape.bitmap else {
+                limit = limit.min(shape.size);
                 break RunSrc::Layer(d);
             };
+            // A run of this add-cow layer may end before the clear run above does: remember
+            // that run, so the next step does not ask the layer above again. (Under a layer
+            // without a bitmap the run above is handed out whole: nothing to remember.)
+            if fresh {
+                if let Some(to) = self.clear_to.get_mut(d - 1) {
+                    *to = limit;
+                }
+            }
+            limit = limit.min(shape.size);
             if let Some(&to) = self.clear_to.get(d) {
                 if to > pos {
                     limit = limit.min(to);
                     d += 1;
+                    fresh = false;
                     continue;
                 }
             }
@@ -129,10 +141,8 @@ impl<S: Stack + ?Sized> Iterator for Runs<'_, S> {
             if set {
                 break RunSrc::Layer(d);
             }
-            if let Some(to) = self.clear_to.get_mut(d) {
-                *to = limit;
-            }
             d += 1;
+            fresh = true;
         };
         self.pos = limit;
         Some(Run {
