@@ -1,7 +1,8 @@
 //! Criterion: request splitting through the engine, `Disk::allocation` (the extents a request is
 //! split into: raw image / base / zero), on a 1 GiB overlay whose bitmap is mixed (a random half
 //! of the 64 KiB chunks set) or fine-grained (every other 4 KiB set), for 4 KiB, 128 KiB and
-//! 1 MiB requests at random offsets.
+//! 1 MiB requests at random offsets; and `Disk::allocation_depth` (the walk serving does down a
+//! backing chain for every read of clear sectors) on a three-layer chain of such overlays.
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
@@ -21,6 +22,15 @@ fn make_overlay(dir: &Path, name: &str, bitmap: &[u8]) -> std::path::PathBuf {
         let f = std::fs::File::create(&base).expect("create base");
         f.set_len(SIZE).expect("size base");
     }
+    make_overlay_over(dir, name, bitmap, base)
+}
+
+fn make_overlay_over(
+    dir: &Path,
+    name: &str,
+    bitmap: &[u8],
+    base: std::path::PathBuf,
+) -> std::path::PathBuf {
     let ov = dir.join(format!("{name}.add-cow"));
     format::create(&CreateOptions {
         overlay: ov.clone(),
@@ -72,6 +82,28 @@ fn allocation(c: &mut Criterion) {
         }
         let _ = disk.close();
     }
+    group.finish();
+    // A chain: top (every fourth 4 KiB set) over mid (fine) over low (mixed) over the raw base.
+    let mut group = c.benchmark_group("chain_allocation_depth");
+    let low = make_overlay(dir.path(), "low", &mixed);
+    let mid = make_overlay_over(dir.path(), "mid", &fine, low);
+    let sparse: Vec<u8> = (0..bytes)
+        .map(|i| if i % 4 == 1 { 0xff } else { 0 })
+        .collect();
+    let top = make_overlay_over(dir.path(), "top", &sparse, mid);
+    let disk = engine
+        .open(&top, DiskOptions::default())
+        .expect("open chain");
+    for len in [4096u64, 128 << 10, 1 << 20] {
+        group.bench_with_input(BenchmarkId::new("3-layer", len), &len, |b, &len| {
+            let mut rng = SmallRng::seed_from_u64(2);
+            b.iter(|| {
+                let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+                black_box(disk.allocation_depth(off, len).len())
+            })
+        });
+    }
+    let _ = disk.close();
     group.finish();
     let _ = engine.shutdown();
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use addcow_engine::format::{OpenOptions, Overlay};
 use addcow_engine::lifecycle::{
-    commit, rebase, resize, CommitOptions, Layer, OpLog, Ops, RebaseOptions, ResizeOptions,
+    commit, rebase, resize, CommitOptions, OpLog, Ops, RebaseOptions, ResizeOptions, View,
 };
 use support::fileops::{crash_states, materialize, snapshot_dir, Files};
 use support::lifecycle::{guest, overlay, raw_base};
@@ -108,22 +108,16 @@ fn check_state(
         return Err(format!("opens with warnings: {:?}", o.warnings));
     }
     drop(o);
-    let layer = Layer::open(Some(&meta), false).map_err(|e| format!("does not open: {e}"))?;
+    let layer = View::open(Some(&meta), false).map_err(|e| format!("does not open: {e}"))?;
     // Every add-cow layer below (a base that is itself an overlay) must be clean too.
-    let mut below = &layer;
-    while let Layer::Overlay {
-        overlay,
-        below: next,
-    } = below
-    {
-        if !overlay.warnings.is_empty() {
+    for l in layer.chain().into_iter().flat_map(|c| c.layers()) {
+        if !l.warnings.is_empty() {
             return Err(format!(
                 "{} opens with warnings: {:?}",
-                overlay.meta_path.display(),
-                overlay.warnings
+                l.path.display(),
+                l.warnings
             ));
         }
-        below = next;
     }
     let got = layer
         .read_all()

@@ -1,11 +1,9 @@
 //! The files an overlay's header names, resolved to real paths: what `export-add`'s folder check
 //! ([`crate::host::allow`]) compares and what the hole probe ([`super::probe`]) opens.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use addcow_engine::format::header::{Header, HEADER_SIZE};
-use addcow_engine::format::paths;
+use addcow_engine::format::{Chain, FileRole, LayerFormat};
 use addcow_engine::nbd::uri::{NbdAddr, NbdUri};
 
 /// The resolved real paths of an overlay's files.
@@ -22,37 +20,32 @@ pub struct OverlayFiles {
 }
 
 impl OverlayFiles {
-    /// Resolves `overlay`'s files: reads its header, resolves `image_file` and `backing_file`
-    /// relative to `overlay`'s folder (as the engine does) and follows every symlink.
+    /// Resolves `overlay`'s files: the engine's chain walk reads its header and resolves
+    /// `image_file` and `backing_file` relative to `overlay`'s folder; every symlink is then
+    /// followed.
     pub fn resolve(overlay: &Path) -> Result<OverlayFiles, String> {
         let canon = |p: &Path, role: &str| {
             std::fs::canonicalize(p).map_err(|e| format!("{}: {role}: {e}", p.display()))
         };
         let real = canon(overlay, "overlay")?;
-        let f = std::fs::File::open(overlay)
-            .map_err(|e| format!("{}: open overlay: {e}", overlay.display()))?;
-        let mut buf = vec![0u8; HEADER_SIZE];
-        f.read_exact_at(&mut buf, 0)
-            .map_err(|e| format!("{}: read header: {e}", overlay.display()))?;
-        let header = Header::parse(&buf).map_err(|e| format!("{}: {e}", overlay.display()))?;
-        let image = paths::resolve(overlay, "image_file", &header.image_file)
-            .map_err(|e| format!("{}: {e}", overlay.display()))?;
-        let image = canon(&image, "raw image")?;
+        let files = Chain::files_of(overlay, 0, None).map_err(|e| e.to_string())?;
+        let mut image = None;
+        let mut base = None;
         let mut remote = None;
-        let base = if header.backing_file.is_empty() {
-            None
-        } else {
-            let b = paths::resolve(overlay, "backing_file", &header.backing_file)
-                .map_err(|e| format!("{}: {e}", overlay.display()))?;
-            // A remote (NBD) base is no file here: checked as a server (see the module docs).
-            match paths::nbd_uri(&b).map_err(|e| format!("{}: {e}", overlay.display()))? {
-                Some(u) => {
-                    remote = Some(u);
-                    None
+        for f in files {
+            match (f.depth, f.role) {
+                (0, FileRole::Named) if f.format != Some(LayerFormat::AddCow) => {
+                    return Err(format!("{}: not an add-cow overlay", overlay.display()));
                 }
-                None => Some(canon(&b, "base")?),
+                (0, FileRole::Data) => image = Some(canon(&f.path, "raw image")?),
+                // A remote (NBD) base is no file here: checked as a server (see the module
+                // docs of `crate::host::allow`).
+                (1, FileRole::Remote(u)) => remote = Some(u),
+                (1, FileRole::Named) => base = Some(canon(&f.path, "base")?),
+                _ => {}
             }
-        };
+        }
+        let image = image.ok_or_else(|| format!("{}: no raw image", overlay.display()))?;
         Ok(OverlayFiles {
             overlay: real,
             image,

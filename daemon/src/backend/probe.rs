@@ -9,9 +9,8 @@
 use std::fs::File;
 use std::path::Path;
 
+use addcow_engine::format::{Chain, FileRole, LayerFormat};
 use addcow_engine::ExtentKind;
-
-use super::files::OverlayFiles;
 
 /// Most hole ranges collected for one request (more are treated as data: always a safe answer).
 const MAX_HOLES: usize = 1 << 17;
@@ -39,17 +38,27 @@ impl LayerFiles {
     /// Opens the files of `overlay`. `writable`: the export takes writes (then hole punching
     /// is probed).
     pub fn open(overlay: &Path, writable: bool) -> Result<LayerFiles, String> {
-        let files = OverlayFiles::resolve(overlay)?;
-        let open = |p: &Path| File::open(p).map_err(|e| format!("{}: {e}", p.display()));
-        let image = open(&files.image)?;
-        let base = files.base.as_deref().map(open).transpose()?;
-        // An add-cow base (a backing chain) supplies its ranges from several files; holes of
-        // its metadata file say nothing about them, so nothing is reported as zeros there.
-        let base = match base {
-            Some(f) if starts_with_add_cow_magic(&f) => None,
-            other => other,
+        // The engine's chain walk names the files (the top and its direct base's layer).
+        let files = Chain::files_of(overlay, 1, None).map_err(|e| e.to_string())?;
+        let named = |depth, role: FileRole| {
+            files
+                .iter()
+                .find(|f| f.depth == depth && f.role == role)
+                .map(|f| (f.path.as_path(), f.format))
         };
-        let fast_zero_unit = if writable && can_punch(&files.image) {
+        let Some((image_path, _)) = named(0, FileRole::Data) else {
+            return Err(format!("{}: not an add-cow overlay", overlay.display()));
+        };
+        let open = |p: &Path| File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+        let image = open(image_path)?;
+        // An add-cow base (a backing chain) supplies its ranges from several files; holes of
+        // its metadata file say nothing about them, so nothing is reported as zeros there (nor
+        // for a remote base, which is no file).
+        let base = match named(1, FileRole::Named) {
+            Some((p, Some(LayerFormat::Raw))) => Some(open(p)?),
+            _ => None,
+        };
+        let fast_zero_unit = if writable && can_punch(image_path) {
             Some(dio_unit(&image))
         } else {
             None
@@ -73,13 +82,6 @@ impl LayerFiles {
         };
         file_holes(f, start, end, out);
     }
-}
-
-/// Whether `f` begins with the add-cow magic (a base that is itself an overlay).
-fn starts_with_add_cow_magic(f: &File) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut m = [0u8; 8];
-    f.read_exact_at(&mut m, 0).is_ok() && m == addcow_engine::format::MAGIC
 }
 
 /// Appends the holes of `f` inside `[start, end)` (at most [`MAX_HOLES`] of them).

@@ -20,9 +20,9 @@
 //! swapped between the two checks and back is not caught: that needs write access inside an
 //! allowed folder.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use addcow_engine::format::{Chain, ChainFile, FileRole, MAX_CHAIN_DEPTH};
 use addcow_engine::nbd::uri::{NbdAddr, NbdUri};
 
 use crate::backend::files::OverlayFiles;
@@ -55,15 +55,6 @@ pub enum AllowError {
     /// A file could not be resolved after the overlay was opened.
     #[error("{0}")]
     Unresolved(String),
-}
-
-/// Whether the file at `path` begins with the add-cow magic.
-fn is_add_cow(path: &Path) -> bool {
-    let mut m = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut m, 0))
-        .is_ok()
-        && m == addcow_engine::format::MAGIC
 }
 
 /// See the module docs.
@@ -171,43 +162,55 @@ impl AllowedDirs {
         }
     }
 
-    fn check_files(&self, f: &OverlayFiles, strict: bool) -> Result<(), AllowError> {
-        self.inside("overlay", &f.overlay)?;
-        self.inside("raw image", &f.image)?;
-        if let Some(u) = &f.remote {
-            self.check_remote("remote base's socket", u)?;
+    /// One file of the chain, as the engine's walk names it: it must lie inside (a remote
+    /// layer: see [`AllowedDirs::check_remote`]). `strict`: it must resolve; otherwise a file
+    /// that cannot be resolved yet passes (the open reports it).
+    fn check_file(&self, f: &ChainFile, strict: bool) -> Result<(), AllowError> {
+        let role = match (&f.role, f.depth) {
+            (FileRole::Remote(u), 0 | 1) => return self.check_remote("remote base's socket", u),
+            (FileRole::Remote(u), _) => {
+                return self.check_remote("remote base's socket of a base layer", u)
+            }
+            (FileRole::Named, 0) => "overlay",
+            (FileRole::Data, 0) => "raw image",
+            (FileRole::Named, 1) => "base",
+            (FileRole::Named, _) => "base of a base layer",
+            (FileRole::Data, _) => "raw image of a base layer",
+        };
+        match std::fs::canonicalize(&f.path) {
+            Ok(real) => self.inside(role, &real),
+            Err(e) if strict => Err(AllowError::Unresolved(format!(
+                "{}: {role}: {e}",
+                f.path.display()
+            ))),
+            Err(_) => Ok(()),
         }
-        if let Some(b) = &f.base {
-            self.inside("base", b)?;
-            self.check_lower(b, strict)?;
-        }
-        Ok(())
     }
 
-    /// Walks the layers under an add-cow `base` (already checked): each layer's raw image and
-    /// base must lie inside. `strict`: every file must resolve (after the open); otherwise what
-    /// cannot be read is left to the open. Stops after the engine's depth limit (the open
-    /// refuses deeper chains and loops itself).
-    fn check_lower(&self, base: &Path, strict: bool) -> Result<(), AllowError> {
-        let mut layer = base.to_path_buf();
-        for _ in 0..=addcow_engine::format::MAX_CHAIN_DEPTH {
-            match OverlayFiles::resolve(&layer) {
-                Ok(f) => {
-                    self.inside("raw image of a base layer", &f.image)?;
-                    if let Some(u) = &f.remote {
-                        self.check_remote("remote base's socket of a base layer", u)?;
-                    }
-                    let Some(next) = f.base else { return Ok(()) };
-                    self.inside("base of a base layer", &next)?;
-                    layer = next;
-                }
-                // A raw layer (no add-cow header): the chain ends here.
-                Err(_) if !is_add_cow(&layer) => return Ok(()),
-                Err(e) if strict => return Err(AllowError::Unresolved(e)),
-                Err(_) => return Ok(()),
+    /// Walks the chain under `overlay` with the engine's opener (names only: no bitmap, lock
+    /// or connection), each file checked before it is opened to read the next one's name.
+    /// `strict`: the walk must succeed; otherwise what cannot be read is left to the open.
+    /// Stops after the engine's depth limit (the open refuses deeper chains and loops itself).
+    fn check_chain(&self, overlay: &Path, strict: bool) -> Result<(), AllowError> {
+        let refused = std::cell::RefCell::new(None);
+        let gate = |f: &ChainFile| match self.check_file(f, strict) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                *refused.borrow_mut() = Some(e);
+                Err(addcow_engine::Error::new(
+                    addcow_engine::ErrorKind::InvalidArgument("outside the allowed folders".into()),
+                ))
             }
+        };
+        let walked = Chain::files_of(overlay, MAX_CHAIN_DEPTH, Some(&gate));
+        if let Some(e) = refused.into_inner() {
+            return Err(e);
         }
-        Ok(())
+        match walked {
+            Ok(_) => Ok(()),
+            Err(e) if strict => Err(AllowError::Unresolved(e.to_string())),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Before the open: refuses a relative path, no allowed folder at all, and any file that
@@ -219,13 +222,7 @@ impl AllowedDirs {
         if !overlay.is_absolute() {
             return Err(AllowError::Relative(overlay.to_path_buf()));
         }
-        if let Ok(real) = std::fs::canonicalize(overlay) {
-            self.inside("overlay", &real)?;
-        }
-        match OverlayFiles::resolve(overlay) {
-            Ok(f) => self.check_files(&f, false),
-            Err(_) => Ok(()),
-        }
+        self.check_chain(overlay, false)
     }
 
     /// A socket `export-add` is to create: its path must be absolute and its folder (which must
@@ -245,8 +242,7 @@ impl AllowedDirs {
 
     /// After a successful open: every file must resolve, and lie inside.
     pub fn check_after_open(&self, overlay: &Path) -> Result<(), AllowError> {
-        let f = OverlayFiles::resolve(overlay).map_err(AllowError::Unresolved)?;
-        self.check_files(&f, true)
+        self.check_chain(overlay, true)
     }
 }
 

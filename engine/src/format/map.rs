@@ -19,7 +19,8 @@
 use std::fs::File;
 
 use crate::error::{Error, Result};
-use crate::format::{Layer, Overlay, SECTOR_SIZE};
+use crate::format::chain::{Over, RunSrc, Runs};
+use crate::format::{BaseChain, Overlay};
 use crate::nbd::client;
 use crate::sys::{next_data, next_hole};
 
@@ -193,72 +194,17 @@ impl RemoteMap {
     }
 }
 
-/// Pushes the runs of `[start, end)` as layer `i` of `layers` supplies them (depth `i + 1`),
-/// walking down through each add-cow layer's clear sectors.
-fn push_layers(
-    runs: &mut Vec<MapRun>,
-    layers: &[Layer],
-    remote: Option<&RemoteMap>,
-    i: usize,
-    start: u64,
-    end: u64,
-) -> Result<()> {
-    let Some(l) = layers.get(i) else {
-        match remote {
-            Some(r) if i == layers.len() => r.push(runs, i as u32 + 1, start, end),
-            _ => push(runs, MapRun::absent(start, end - start)),
-        }
-        return Ok(());
-    };
-    let depth = i as u32 + 1;
-    let io =
-        |e: std::io::Error, at: u64| Error::io("map base", e).with_offset(at).with_path(&l.path);
-    let Some(bitmap) = &l.bitmap else {
-        return push_file(runs, &l.data, l.size, depth, start, end).map_err(|e| io(e, start));
-    };
-    let inside = end.min(l.size).max(start);
-    let mut pos = start;
-    while pos < inside {
-        let sector = pos / SECTOR_SIZE;
-        let max = (inside - 1) / SECTOR_SIZE - sector + 1;
-        let (set, n) = bitmap.run_from(sector, max);
-        if n == 0 {
-            break;
-        }
-        let run_end = ((sector + n) * SECTOR_SIZE).min(inside);
-        if set {
-            push(runs, MapRun::layer(pos, run_end - pos, depth, true));
-        } else {
-            let below = match layers.get(i + 1) {
-                Some(n) => n.size,
-                None => remote
-                    .filter(|_| i + 1 == layers.len())
-                    .map_or(0, |r| r.size),
-            };
-            let split = run_end.min(below.max(pos));
-            if split > pos {
-                push_layers(runs, layers, remote, i + 1, pos, split)?;
-            }
-            if run_end > split {
-                push(runs, MapRun::absent(split, run_end - split));
-            }
-        }
-        pos = run_end;
-    }
-    if end > pos {
-        push(runs, MapRun::absent(pos, end - pos));
-    }
-    Ok(())
-}
-
 /// The allocation of the whole overlay as runs, in the order and shape `qemu-img map
-/// --output=json` prints them. From the in-memory bitmaps and, for clear sectors, the layers
-/// below (a raw bottom layer's data/hole layout).
+/// --output=json` prints them: the chain's runs (from the in-memory bitmaps), each described by
+/// the layer that supplies it (a raw bottom layer's data/hole layout, a remote one's zeros).
 pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
     let mut runs = Vec::new();
-    let sectors = overlay.virtual_size / SECTOR_SIZE;
-    let layers: &[Layer] = overlay.base.as_ref().map_or(&[], |c| &c.layers);
-    let remote = match overlay.base.as_ref().and_then(|c| c.remote.as_ref()) {
+    let empty = BaseChain {
+        layers: Vec::new(),
+        remote: None,
+    };
+    let chain = overlay.base.as_ref().unwrap_or(&empty);
+    let remote = match &chain.remote {
         Some(r) => {
             let mut sess = client::connect(&r.uri, std::time::Duration::from_secs(10))
                 .map_err(|e| e.with_op("map remote base"))?;
@@ -271,20 +217,38 @@ pub fn map_runs(overlay: &Overlay) -> Result<Vec<MapRun>> {
         }
         None => None,
     };
-    let remote = remote.as_ref();
-    let mut s = 0u64;
-    while s < sectors {
-        let (set, n) = overlay.bitmap.run_from(s, u64::MAX);
-        if n == 0 {
-            break;
+    let stack = Over {
+        top: &overlay.bitmap,
+        size: overlay.virtual_size,
+        lower: chain,
+    };
+    for run in Runs::new(&stack, 0, overlay.virtual_size) {
+        let (start, end) = (run.offset, run.offset + run.len);
+        let depth = match run.src {
+            RunSrc::Zero => {
+                push(&mut runs, MapRun::absent(start, run.len));
+                continue;
+            }
+            RunSrc::Layer(0) => {
+                push(&mut runs, MapRun::raw(start, run.len));
+                continue;
+            }
+            RunSrc::Layer(d) => d,
+        };
+        // Depth `d` is layer `d - 1` of the base chain (or the remote bottom after them).
+        match (chain.layers.get(depth - 1), &remote) {
+            (Some(l), _) if l.bitmap.is_some() => {
+                push(&mut runs, MapRun::layer(start, run.len, depth as u32, true));
+            }
+            (Some(l), _) => push_file(&mut runs, &l.data, l.size, depth as u32, start, end)
+                .map_err(|e| {
+                    Error::io("map base", e)
+                        .with_offset(start)
+                        .with_path(&l.path)
+                })?,
+            (None, Some(r)) => r.push(&mut runs, depth as u32, start, end),
+            (None, None) => push(&mut runs, MapRun::absent(start, run.len)),
         }
-        let (start, end) = (s * SECTOR_SIZE, (s + n) * SECTOR_SIZE);
-        if set {
-            push(&mut runs, MapRun::raw(start, end - start));
-        } else {
-            push_layers(&mut runs, layers, remote, 0, start, end)?;
-        }
-        s += n;
     }
     Ok(runs)
 }

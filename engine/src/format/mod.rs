@@ -17,7 +17,10 @@ pub mod map;
 pub mod overlay;
 pub mod paths;
 
-pub use chain::{BaseChain, Layer, LayerFormat, MAX_CHAIN_DEPTH};
+pub use chain::{
+    is_add_cow, BaseChain, Chain, ChainFile, ChainOpenOptions, FileRole, Layer, LayerFormat,
+    MAX_CHAIN_DEPTH,
+};
 pub use check::{check, CheckReport, Finding, Severity};
 pub use header::{
     bitmap_len, check_virtual_size, Header, BITMAP_OFFSET, HEADER_SIZE, MAGIC, MAX_VIRTUAL_SIZE,

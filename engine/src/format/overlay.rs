@@ -490,6 +490,7 @@ impl Overlay {
             let chain_opts = ChainOpenOptions {
                 direct: opts.direct_base,
                 no_lock: opts.no_lock || opts.no_base_lock,
+                ..ChainOpenOptions::default()
             };
             let upper = [
                 (&meta, path, "overlay"),

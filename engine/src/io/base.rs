@@ -3,7 +3,8 @@
 //! The engine asks a [`BaseSource`] to describe a byte range as runs that are either bytes of
 //! some file (which the engine reads through its ring) or zeros. A plain raw file is one run
 //! ([`RawFileBase`]); a backing chain ([`ChainBase`]) splits the range by each add-cow layer's
-//! bitmap into runs of that layer's raw image and of the layers under it.
+//! bitmap into runs of that layer's raw image and of the layers under it, through the chain's
+//! one walk (`format::chain::Runs`), which allocates nothing.
 //!
 //! Only the first layer's data file ([`BaseSource::main_fd`]) is registered with the rings; the
 //! files of deeper layers are read through their plain descriptors (`Target::Fd`), which the
@@ -13,8 +14,9 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::bitmap::SparseBitmap;
-use crate::format::chain::BaseChain;
-use crate::format::SECTOR_SIZE;
+#[cfg(test)]
+use crate::format::chain::Opaque;
+use crate::format::chain::{BaseChain, LayerShape, RunSrc, Runs, Stack};
 
 use super::align::{dio_align, DioAlign};
 use super::remote::{RemoteBase, RemoteOptions};
@@ -60,6 +62,9 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     fn remote(&self) -> Option<&RemoteBase> {
         None
     }
+    /// The base's layers (its direct base at depth 0), for the chain's walk when only which
+    /// layer supplies a range matters (allocation depths).
+    fn layers(&self) -> &dyn Stack;
 }
 
 /// A raw image file as base (the engine serves every base as a [`ChainBase`]; this simplest
@@ -70,13 +75,19 @@ pub(crate) struct RawFileBase {
     file: File,
     size: u64,
     align: DioAlign,
+    shape: Opaque,
 }
 
 #[cfg(test)]
 impl RawFileBase {
     /// Wraps an open (read-only) base file of `size` bytes needing `align`.
     pub(crate) fn new(file: File, size: u64, align: DioAlign) -> RawFileBase {
-        RawFileBase { file, size, align }
+        RawFileBase {
+            file,
+            size,
+            align,
+            shape: Opaque(Some(size)),
+        }
     }
 }
 
@@ -113,6 +124,10 @@ impl BaseSource for RawFileBase {
 
     fn unlock(&self) {
         crate::sys::ofd_unlock(&self.file);
+    }
+
+    fn layers(&self) -> &dyn Stack {
+        &self.shape
     }
 }
 
@@ -175,91 +190,32 @@ impl ChainBase {
             .collect();
         Ok(ChainBase { layers, remote })
     }
+}
 
-    /// The size of layer `i` (the remote base after the file layers), 0 past the chain.
-    fn layer_size(&self, i: usize) -> u64 {
-        match self.layers.get(i) {
-            Some(l) => l.size,
-            None if i == self.layers.len() => self.remote.as_ref().map_or(0, |r| r.size()),
-            None => 0,
-        }
+/// The file layers, then the remote bottom: the chain's one walk ([`Runs`]) runs over these.
+impl Stack for ChainBase {
+    #[inline]
+    fn count(&self) -> usize {
+        self.layers.len() + usize::from(self.remote.is_some())
     }
 
-    /// Appends the runs of `[offset, offset + len)` of layer `i`.
-    fn map_layer(&self, i: usize, offset: u64, len: u64, out: &mut Vec<BaseRun>) {
-        let Some(l) = self.layers.get(i) else {
-            match &self.remote {
-                Some(r) if i == self.layers.len() => {
-                    let end = offset.saturating_add(len);
-                    let inside = end.min(r.size()).max(offset);
-                    let mut runs = Vec::new();
-                    r.map(offset, inside - offset, i as u32, &mut runs);
-                    for run in runs {
-                        push_run(out, run);
-                    }
-                    push_run(out, BaseRun::Zero { len: end - inside });
-                }
-                _ => push_run(out, BaseRun::Zero { len }),
-            }
-            return;
-        };
-        let end = offset.saturating_add(len);
-        let inside = end.min(l.size).max(offset);
-        let file_run = |offset: u64, len: u64| BaseRun::File {
-            fd: l.data.as_raw_fd(),
-            offset,
-            len,
-            align: l.align,
-            layer: i as u32,
-        };
-        match &l.bitmap {
-            None => {
-                if inside > offset {
-                    push_run(out, file_run(offset, inside - offset));
-                }
-            }
-            Some(bitmap) => {
-                let below = self.layer_size(i + 1);
-                let mut pos = offset;
-                while pos < inside {
-                    let sector = pos / SECTOR_SIZE;
-                    let max = (inside - 1) / SECTOR_SIZE - sector + 1;
-                    let (set, n) = bitmap.run_from(sector, max);
-                    if n == 0 {
-                        break;
-                    }
-                    let run_end = ((sector + n) * SECTOR_SIZE).min(inside);
-                    if set {
-                        push_run(out, file_run(pos, run_end - pos));
-                    } else {
-                        let split = run_end.min(below.max(pos));
-                        if split > pos {
-                            self.map_layer(i + 1, pos, split - pos, out);
-                        }
-                        if run_end > split {
-                            push_run(
-                                out,
-                                BaseRun::Zero {
-                                    len: run_end - split,
-                                },
-                            );
-                        }
-                    }
-                    pos = run_end;
-                }
-                if pos < inside {
-                    push_run(out, BaseRun::Zero { len: inside - pos });
-                }
-            }
-        }
-        if end > inside {
-            push_run(out, BaseRun::Zero { len: end - inside });
+    #[inline]
+    fn shape(&self, depth: usize) -> LayerShape<'_> {
+        match self.layers.get(depth) {
+            Some(l) => LayerShape {
+                size: l.size,
+                bitmap: l.bitmap.as_ref(),
+            },
+            None => LayerShape {
+                size: self.remote.as_ref().map_or(0, |r| r.size()),
+                bitmap: None,
+            },
         }
     }
 }
 
 /// Appends `run`, merging it into the last run when they continue each other.
-fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
+pub(crate) fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
     match (out.last_mut(), run) {
         (_, BaseRun::Zero { len: 0 })
         | (_, BaseRun::File { len: 0, .. })
@@ -298,7 +254,7 @@ fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
 
 impl BaseSource for ChainBase {
     fn size(&self) -> u64 {
-        self.layer_size(0)
+        self.shape(0).size
     }
 
     fn remote(&self) -> Option<&RemoteBase> {
@@ -306,7 +262,29 @@ impl BaseSource for ChainBase {
     }
 
     fn map(&self, offset: u64, len: u64, out: &mut Vec<BaseRun>) {
-        self.map_layer(0, offset, len, out);
+        for run in Runs::new(self, offset, len) {
+            let layer = match run.src {
+                RunSrc::Zero => {
+                    push_run(out, BaseRun::Zero { len: run.len });
+                    continue;
+                }
+                RunSrc::Layer(d) => d,
+            };
+            match (self.layers.get(layer), &self.remote) {
+                (Some(l), _) => push_run(
+                    out,
+                    BaseRun::File {
+                        fd: l.data.as_raw_fd(),
+                        offset: run.offset,
+                        len: run.len,
+                        align: l.align,
+                        layer: layer as u32,
+                    },
+                ),
+                (None, Some(r)) => r.map(run.offset, run.len, layer as u32, out),
+                (None, None) => push_run(out, BaseRun::Zero { len: run.len }),
+            }
+        }
     }
 
     fn main_fd(&self) -> Option<RawFd> {
@@ -327,6 +305,10 @@ impl BaseSource for ChainBase {
                 crate::sys::ofd_unlock(m);
             }
         }
+    }
+
+    fn layers(&self) -> &dyn Stack {
+        self
     }
 }
 

@@ -71,7 +71,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::base::BaseRun;
+use super::base::{push_run, BaseRun};
 use super::mutex::lock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, Session, Stream};
@@ -223,7 +223,8 @@ impl RemoteBase {
     }
 
     /// Appends runs covering `[offset, offset + len)` (inside the export): zeros where
-    /// `base:allocation` said so, remote bytes elsewhere.
+    /// `base:allocation` said so, remote bytes elsewhere (merged into `out`'s last run when
+    /// they continue it).
     pub(crate) fn map(&self, offset: u64, len: u64, layer: u32, out: &mut Vec<BaseRun>) {
         let end = offset + len;
         let mut pos = offset;
@@ -232,27 +233,36 @@ impl RemoteBase {
             match self.zeros.get(i) {
                 Some(&(zs, ze)) if zs < end => {
                     if zs > pos {
-                        out.push(BaseRun::Remote {
-                            offset: pos,
-                            len: zs - pos,
-                            layer,
-                        });
+                        push_run(
+                            out,
+                            BaseRun::Remote {
+                                offset: pos,
+                                len: zs - pos,
+                                layer,
+                            },
+                        );
                         pos = zs;
                     }
                     let z_end = ze.min(end);
-                    out.push(BaseRun::Hole {
-                        len: z_end - pos,
-                        layer,
-                    });
+                    push_run(
+                        out,
+                        BaseRun::Hole {
+                            len: z_end - pos,
+                            layer,
+                        },
+                    );
                     pos = z_end;
                     i += 1;
                 }
                 _ => {
-                    out.push(BaseRun::Remote {
-                        offset: pos,
-                        len: end - pos,
-                        layer,
-                    });
+                    push_run(
+                        out,
+                        BaseRun::Remote {
+                            offset: pos,
+                            len: end - pos,
+                            layer,
+                        },
+                    );
                     pos = end;
                 }
             }

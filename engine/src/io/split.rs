@@ -3,7 +3,7 @@
 //! Pure functions over the bitmap and the base, so they are easy to test and to benchmark.
 
 use crate::bitmap::SparseBitmap;
-use crate::format::SECTOR_SIZE;
+use crate::format::chain::{Opaque, Over, RunSrc, Runs, Stack};
 
 use super::align::DioAlign;
 use super::base::{BaseRun, BaseSource};
@@ -35,7 +35,8 @@ pub(crate) struct Seg {
 }
 
 /// Splits `[offset, offset+len)` into extents by the bitmap (sector granularity, byte offsets
-/// exact at the ends). The range must lie within the bitmap's sectors.
+/// exact at the ends): the chain's walk over the top and its base (as one opaque layer of
+/// `base_size` bytes). The range must lie within the bitmap's sectors.
 pub(crate) fn extents(
     bitmap: &SparseBitmap,
     base_size: Option<u64>,
@@ -43,44 +44,33 @@ pub(crate) fn extents(
     len: u64,
     out: &mut Vec<Extent>,
 ) {
-    let end = offset.saturating_add(len);
-    let base_end = base_size.unwrap_or(0);
-    let push = |out: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKind| {
-        if len == 0 {
-            return;
-        }
-        if let Some(last) = out.last_mut() {
-            if last.kind == kind && last.offset + last.len == offset {
-                last.len += len;
-                return;
-            }
-        }
-        out.push(Extent { offset, len, kind });
+    let base = Opaque(base_size);
+    let stack = Over {
+        top: bitmap,
+        size: u64::MAX,
+        lower: &base,
     };
-    let mut pos = offset;
-    while pos < end {
-        let sector = pos / SECTOR_SIZE;
-        let max = (end - 1) / SECTOR_SIZE - sector + 1;
-        let (set, n) = bitmap.run_from(sector, max);
-        if n == 0 {
-            // Past the bitmap's end: nothing is allocated there.
-            push(out, pos, end - pos, ExtentKind::Zero);
-            break;
+    for r in Runs::new(&stack, offset, len) {
+        let kind = match r.src {
+            RunSrc::Layer(0) => ExtentKind::Image,
+            RunSrc::Layer(_) => ExtentKind::Base,
+            RunSrc::Zero => ExtentKind::Zero,
+        };
+        match out.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.len == r.offset => {
+                last.len += r.len;
+            }
+            _ => out.push(Extent {
+                offset: r.offset,
+                len: r.len,
+                kind,
+            }),
         }
-        let run_end = ((sector + n) * SECTOR_SIZE).min(end);
-        if set {
-            push(out, pos, run_end - pos, ExtentKind::Image);
-        } else {
-            let split = run_end.min(base_end.max(pos));
-            push(out, pos, split - pos, ExtentKind::Base);
-            push(out, split, run_end - split, ExtentKind::Zero);
-        }
-        pos = run_end;
     }
 }
 
 /// Splits `[offset, offset+len)` by the layer that supplies each byte (see [`DepthExtent`]):
-/// the top bitmap first, then the base's runs for its clear sectors.
+/// one walk down the top and the base's layers.
 pub(crate) fn depth_extents(
     bitmap: &SparseBitmap,
     base: Option<&dyn BaseSource>,
@@ -88,40 +78,29 @@ pub(crate) fn depth_extents(
     len: u64,
     out: &mut Vec<DepthExtent>,
 ) {
-    let mut ext = Vec::new();
-    extents(bitmap, base.map(|b| b.size()), offset, len, &mut ext);
-    let push = |out: &mut Vec<DepthExtent>, offset: u64, len: u64, depth: u32| {
-        if len == 0 {
-            return;
-        }
-        if let Some(last) = out.last_mut() {
-            if last.depth == depth && last.offset + last.len == offset {
-                last.len += len;
-                return;
-            }
-        }
-        out.push(DepthExtent { offset, len, depth });
+    let none = Opaque(None);
+    let lower: &dyn Stack = base.map_or(&none, |b| b.layers());
+    let stack = Over {
+        top: bitmap,
+        size: u64::MAX,
+        lower,
     };
-    let mut runs = Vec::new();
-    for e in ext {
-        match (e.kind, base) {
-            (ExtentKind::Image, _) => push(out, e.offset, e.len, 1),
-            (ExtentKind::Base, Some(b)) => {
-                runs.clear();
-                b.map(e.offset, e.len, &mut runs);
-                let mut at = e.offset;
-                for r in &runs {
-                    let (len, depth) = match *r {
-                        BaseRun::File { len, layer, .. }
-                        | BaseRun::Remote { len, layer, .. }
-                        | BaseRun::Hole { len, layer } => (len, layer.saturating_add(2)),
-                        BaseRun::Zero { len } => (len, 0),
-                    };
-                    push(out, at, len, depth);
-                    at += len;
-                }
+    for r in Runs::new(&stack, offset, len) {
+        // Depth 0 of the walk is the top (1 in `qemu:allocation-depth`), layer `d` of the
+        // base is `d + 1` of the walk (`d + 2` there); zeros are 0.
+        let depth = match r.src {
+            RunSrc::Layer(d) => u32::try_from(d).map_or(u32::MAX, |d| d.saturating_add(1)),
+            RunSrc::Zero => 0,
+        };
+        match out.last_mut() {
+            Some(last) if last.depth == depth && last.offset + last.len == r.offset => {
+                last.len += r.len;
             }
-            (ExtentKind::Base, None) | (ExtentKind::Zero, _) => push(out, e.offset, e.len, 0),
+            _ => out.push(DepthExtent {
+                offset: r.offset,
+                len: r.len,
+                depth,
+            }),
         }
     }
 }
@@ -244,6 +223,7 @@ pub(crate) fn plan_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::SECTOR_SIZE;
     use crate::io::base::RawFileBase;
     use std::fs::File;
     use std::os::fd::{AsRawFd, RawFd};
@@ -465,6 +445,10 @@ mod tests {
             1 << 20
         }
         fn unlock(&self) {}
+        fn layers(&self) -> &dyn Stack {
+            static SHAPE: Opaque = Opaque(Some(2 << 20));
+            &SHAPE
+        }
     }
 
     #[test]

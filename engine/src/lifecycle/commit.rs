@@ -26,11 +26,11 @@ use std::path::{Path, PathBuf};
 
 use crate::bitmap::SparseBitmap;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::is_add_cow;
 use crate::format::overlay::file_len;
 use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::{OpFile, Ops};
 use crate::lifecycle::resize::grow;
-use crate::lifecycle::view::is_add_cow;
 use crate::lifecycle::{clear_runs, WINDOW};
 use crate::sys::{ofd_lock, LockKind};
 

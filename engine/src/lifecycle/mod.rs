@@ -15,7 +15,7 @@ pub use commit::{commit, CommitOptions, Committed};
 pub use fileops::{FileOp, OpLog, Ops};
 pub use rebase::{rebase, RebaseOptions, Rebased};
 pub use resize::{resize, resize_from, ResizeOptions, Resized};
-pub use view::Layer;
+pub use view::View;
 
 use crate::error::{Error, Result};
 use crate::format::BITMAP_OFFSET;

@@ -30,7 +30,7 @@ use crate::format::chain::{BaseChain, ChainOpenOptions};
 use crate::format::paths::{check_storable, refuse_protocol, storage_path};
 use crate::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::Ops;
-use crate::lifecycle::view::Layer;
+use crate::lifecycle::view::View;
 use crate::lifecycle::WINDOW;
 use crate::sys::{ofd_lock, LockKind};
 
@@ -119,6 +119,7 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
             let opts = ChainOpenOptions {
                 direct: false,
                 no_lock: true,
+                ..ChainOpenOptions::default()
             };
             BaseChain::open(b, &upper, opts).map_err(|e| e.with_op("check the new base chain"))?;
             let s = storage_path(&opts_overlay, b)?;
@@ -136,8 +137,8 @@ pub fn rebase(opts: &RebaseOptions, ops: &Ops) -> Result<Rebased> {
     let image = ops.open(&o.image, &o.image_path)?;
     let mut copied = 0u64;
     if !opts.unsafe_ {
-        let old = Layer::open(o.base_path.as_deref(), true)?;
-        let new = Layer::open(new_base, true)?;
+        let old = View::open(o.base_path.as_deref(), true)?;
+        let new = View::open(new_base, true)?;
         let mut a = vec![0u8; CHUNK as usize];
         let mut b = vec![0u8; CHUNK as usize];
         let sectors = o.sectors();

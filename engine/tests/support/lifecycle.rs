@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use addcow_engine::lifecycle::Layer;
+use addcow_engine::lifecycle::View;
 
 use super::pattern;
 use super::reference::{build_meta, SECTOR};
@@ -47,7 +47,7 @@ pub fn raw_base(dir: &Path, name: &str, len: usize, salt: u8) -> PathBuf {
 
 /// Every byte the guest sees through the image at `path`.
 pub fn guest(path: &Path) -> Vec<u8> {
-    Layer::open(Some(path), false)
+    View::open(Some(path), false)
         .and_then(|l| l.read_all())
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
