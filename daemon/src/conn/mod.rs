@@ -1,6 +1,6 @@
 //! The transports: NBD connections from accept to close, over a Unix socket or TCP.
 //!
-//! Request path (see `docs/ARCHITECTURE.md`, "From the socket"): [`listener`] accepts, a thread
+//! Request path (see `docs/ARCHITECTURE.md`, "A request's way"): [`listener`] accepts, a thread
 //! per connection runs the [`crate::nbd::handshake`], then the connection runs on its engine
 //! core as a [`ring_conn::RingConn`]: received on the core's io_uring, parsed and validated
 //! ([`crate::nbd::command`]), submitted on the core, answered with one `sendmsg` per core turn

@@ -63,7 +63,7 @@ impl Default for EngineConfig {
     }
 }
 
-/// The default of [`DiskOptions::extent_ahead`]: off. Measured on ext4 (docs/ARCHITECTURE.md
+/// The default of [`DiskOptions::extent_ahead`]: off. Measured on ext4 (docs/PERFORMANCE.md
 /// "Writes into holes"), 1 MiB extents ahead made no difference beyond the run-to-run noise:
 /// `fallocate` leaves unwritten extents, and each first write still converts its blocks.
 pub const DEFAULT_EXTENT_AHEAD: u64 = 0;
