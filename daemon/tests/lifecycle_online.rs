@@ -32,6 +32,21 @@ except nbd.Error as e:
 
 const MIB: u64 = 1 << 20;
 
+/// A daemon serving the fixture's overlay as export `disk`, with a control socket and test seams:
+/// the daemon, its seams folder and its control socket.
+fn seamed_daemon(f: &Fixture) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    let seams = f.path("seams");
+    std::fs::create_dir(&seams).unwrap();
+    let control = f.path("ctl.sock");
+    let export = format!("disk={}", f.overlay().display());
+    let d = Daemon::start_seamed(
+        &f.path("nbd.sock"),
+        &["--control", control.to_str().unwrap(), "--export", &export],
+        &seams,
+    );
+    (d, seams, control)
+}
+
 #[test]
 fn export_resize_grows_a_served_export() {
     let f = Fixture::new(MIB);
@@ -230,15 +245,7 @@ fn a_process_that_locks_the_overlay_during_a_resize_gets_it_and_the_export_stops
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let f = Fixture::new(MIB);
-    let seams = f.path("seams");
-    std::fs::create_dir(&seams).unwrap();
-    let control = f.path("ctl.sock");
-    let export = format!("disk={}", f.overlay().display());
-    let d = Daemon::start_seamed(
-        &f.path("nbd.sock"),
-        &["--control", control.to_str().unwrap(), "--export", &export],
-        &seams,
-    );
+    let (d, seams, control) = seamed_daemon(&f);
     let uri = d.uri_of("disk");
     qemu_io(&uri, &["write -P 0x41 0 4k"]);
     let lock = |overlay: &std::path::Path| {
@@ -304,15 +311,7 @@ fn a_process_that_locks_the_overlay_during_a_resize_gets_it_and_the_export_stops
 fn a_failed_resize_does_not_take_back_an_overlay_written_meanwhile() {
     use std::os::unix::fs::FileExt;
     let f = Fixture::new(MIB);
-    let seams = f.path("seams");
-    std::fs::create_dir(&seams).unwrap();
-    let control = f.path("ctl.sock");
-    let export = format!("disk={}", f.overlay().display());
-    let d = Daemon::start_seamed(
-        &f.path("nbd.sock"),
-        &["--control", control.to_str().unwrap(), "--export", &export],
-        &seams,
-    );
+    let (d, seams, control) = seamed_daemon(&f);
     let uri = d.uri_of("disk");
     qemu_io(&uri, &["write -P 0x41 0 4k", "flush"]);
     std::fs::write(seams.join("resize-unlocked.pause"), b"").unwrap();

@@ -28,6 +28,18 @@ fn parking_engine(cores: usize) -> (Engine, std::sync::Arc<FaultPlan>) {
     (Engine::start(cfg).expect("engine"), plan)
 }
 
+/// The fixture's overlay opened with copy-on-read.
+fn open_copy_on_read(e: &Engine, f: &Fixture) -> Disk {
+    e.open(
+        &f.overlay,
+        DiskOptions {
+            copy_on_read: true,
+            ..DiskOptions::default()
+        },
+    )
+    .expect("open with copy-on-read")
+}
+
 /// Whether the bit of `sector` is set in the metadata file on disk.
 fn bit_on_disk(overlay: &Path, sector: u64) -> bool {
     let meta = std::fs::read(overlay).expect("read metadata");
@@ -115,15 +127,7 @@ fn a_close_waits_for_a_copy_on_read_admitted_before_it() {
     // Two cores: the final commit of the close can run on the core that is not parked, so a
     // close that does not wait for the copy-up completes while it is parked.
     let (e, plan) = parking_engine(2);
-    let d = e
-        .open(
-            &f.overlay,
-            DiskOptions {
-                copy_on_read: true,
-                ..DiskOptions::default()
-            },
-        )
-        .expect("open with copy-on-read");
+    let d = open_copy_on_read(&e, &f);
     plan.park_next_copy_up();
     let (offset, len) = (128 << 10, 64 << 10);
     let read = d.read_at(offset, len).expect("read of the base");
@@ -172,15 +176,7 @@ fn quiesce_waits_for_an_admitted_copy_on_read_and_refuses_new_ones() {
     let f = fixture(1 << 20, 1 << 20);
     // Two cores: A's copy-up parks one, B is read on the other.
     let (e, plan) = parking_engine(2);
-    let d = e
-        .open(
-            &f.overlay,
-            DiskOptions {
-                copy_on_read: true,
-                ..DiskOptions::default()
-            },
-        )
-        .expect("open with copy-on-read");
+    let d = open_copy_on_read(&e, &f);
     let len = 64 << 10;
     let (a, b, c) = (128 << 10, 384 << 10, 640 << 10);
     let copied = move |d: &Disk, offset: u64| {
