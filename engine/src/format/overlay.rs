@@ -150,6 +150,30 @@ pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> std::io::Result
     }
 }
 
+/// Reads and parses the header of the `.add-cow` file `meta` (at `path`), returning it with the
+/// file's length: a file shorter than a header is [`ErrorKind::ShortHeader`]; errors carry the
+/// path and `stat_op` or `read_op`.
+pub(crate) fn read_header(
+    meta: &File,
+    path: &Path,
+    stat_op: &'static str,
+    read_op: &'static str,
+) -> Result<(Header, u64)> {
+    let meta_len = file_len(meta, path, stat_op)?;
+    if meta_len < HEADER_SIZE as u64 {
+        return Err(Error::new(ErrorKind::ShortHeader {
+            need: HEADER_SIZE as u64,
+            have: meta_len,
+        })
+        .with_path(path)
+        .with_op(read_op));
+    }
+    let mut hbuf = vec![0u8; HEADER_SIZE];
+    read_exact_at(meta, &mut hbuf, 0, path, read_op)?;
+    let header = Header::parse(&hbuf).map_err(|e| e.with_path(path).with_op(read_op))?;
+    Ok((header, meta_len))
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`, with the path/offset/op in the error.
 fn read_exact_at(
     file: &File,
@@ -444,18 +468,7 @@ impl Overlay {
         } else {
             open_locked(path, !opts.read_only, || {})?
         };
-        let meta_len = file_len(&meta, path, "stat overlay")?;
-        if meta_len < HEADER_SIZE as u64 {
-            return Err(Error::new(ErrorKind::ShortHeader {
-                need: HEADER_SIZE as u64,
-                have: meta_len,
-            })
-            .with_path(path)
-            .with_op("read header"));
-        }
-        let mut hbuf = vec![0u8; HEADER_SIZE];
-        read_exact_at(&meta, &mut hbuf, 0, path, "read header")?;
-        let header = Header::parse(&hbuf).map_err(|e| e.with_path(path).with_op("read header"))?;
+        let (header, meta_len) = read_header(&meta, path, "stat overlay", "read header")?;
 
         let image_path = resolve(path, "image_file", &header.image_file)
             .map_err(|e| e.with_path(path).with_op("resolve image_file"))?;

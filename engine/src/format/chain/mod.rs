@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::SparseBitmap;
 use crate::error::{BackingLoop, Error, ErrorKind, Result};
 use crate::format::header::{bitmap_len, check_virtual_size, HEADER_SIZE, MAGIC, SECTOR_SIZE};
-use crate::format::overlay::{file_len, load_bitmap, share_lock_base, soft_findings};
+use crate::format::overlay::{file_len, load_bitmap, read_header, share_lock_base, soft_findings};
 use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
 use crate::nbd::client::{self, Session};
@@ -488,19 +488,7 @@ fn open_add_cow_layer(
     depth: usize,
     names_only: bool,
 ) -> Result<Layer> {
-    let meta_len = file_len(&meta, path, "stat base overlay")?;
-    if meta_len < HEADER_SIZE as u64 {
-        return Err(Error::new(ErrorKind::ShortHeader {
-            need: HEADER_SIZE as u64,
-            have: meta_len,
-        })
-        .with_path(path)
-        .with_op("read base header"));
-    }
-    let mut hbuf = vec![0u8; HEADER_SIZE];
-    meta.read_exact_at(&mut hbuf, 0)
-        .map_err(|e| Error::io("read base header", e).with_path(path))?;
-    let header = Header::parse(&hbuf).map_err(|e| e.with_path(path).with_op("read base header"))?;
+    let (header, meta_len) = read_header(&meta, path, "stat base overlay", "read base header")?;
     let data_path = resolve(path, "image_file", &header.image_file)
         .map_err(|e| e.with_path(path).with_op("resolve image_file"))?;
     gate(opts, depth, FileRole::Data, &data_path)?;
