@@ -23,9 +23,11 @@
 //! ```
 //!
 //! [`vhost`] depends only on [`backend`] (and [`process`]); [`stream`] only on the engine.
+//! [`error`], the top level's error type, depends on nothing of the crate.
 
 pub mod backend;
 pub mod conn;
+pub mod error;
 pub mod host;
 pub mod nbd;
 pub mod process;

@@ -66,14 +66,20 @@ pub struct AllowedDirs {
 }
 
 impl AllowedDirs {
-    /// The folders `dirs`, resolved to real paths (each must exist and be a folder).
-    pub fn new(dirs: &[PathBuf]) -> Result<AllowedDirs, String> {
+    /// The folders `dirs` (`--allow-dir`), resolved to real paths (each must exist and be a
+    /// folder).
+    pub fn new(dirs: &[PathBuf]) -> crate::error::Result<AllowedDirs> {
+        use crate::error::Error;
         let mut out: Vec<PathBuf> = Vec::new();
         for d in dirs {
-            let real = std::fs::canonicalize(d)
-                .map_err(|e| format!("--allow-dir {}: {e}", d.display()))?;
+            let bad = || {
+                Error::new(crate::error::ErrorKind::InvalidArgument)
+                    .with_flag("--allow-dir")
+                    .with_value(d.display().to_string())
+            };
+            let real = std::fs::canonicalize(d).map_err(|e| bad().with_source(e))?;
             if !real.is_dir() {
-                return Err(format!("--allow-dir {}: not a folder", d.display()));
+                return Err(bad().with_context("not a folder"));
             }
             if !out.contains(&real) {
                 out.push(real);

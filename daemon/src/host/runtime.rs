@@ -214,6 +214,35 @@ pub struct Deleted {
     pub clients_disconnected: usize,
 }
 
+/// How a [`Host`] treats exports: the part of the daemon's configuration it takes whole at
+/// construction (built from `addcow serve`'s options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// `--shutdown-grace`: how long an `export-del hard` (and a shutdown) waits for requests in
+    /// flight before closing the connections.
+    pub shutdown_grace: Duration,
+    /// `--copy-on-read`: whether an export turns copy-on-read on when it is not asked.
+    pub copy_on_read: bool,
+    /// `--lock-wait`: how long opening an overlay locked by another process is retried (zero:
+    /// refused at once).
+    pub lock_wait: Duration,
+    /// `--extent-ahead`: extent-ahead allocation size for every export, in bytes (a power of
+    /// two of at least 4 KiB; 0 = off).
+    pub extent_ahead: u64,
+}
+
+impl Default for HostConfig {
+    /// No grace, no copy-on-read, no lock wait, the engine's default extent-ahead.
+    fn default() -> Self {
+        HostConfig {
+            shutdown_grace: Duration::ZERO,
+            copy_on_read: false,
+            lock_wait: Duration::ZERO,
+            extent_ahead: addcow_engine::DEFAULT_EXTENT_AHEAD,
+        }
+    }
+}
+
 /// See the module docs.
 pub struct Host {
     engine: Option<Engine>,
@@ -227,14 +256,8 @@ pub struct Host {
     pub jobs: Jobs,
     /// The daemon's stop switch.
     pub stop: Arc<Stop>,
-    /// How long an `export-del hard` waits for in-flight requests before closing sockets.
-    pub grace: Duration,
-    /// Whether `export-add` turns copy-on-read on when it is not asked (`--copy-on-read`).
-    pub copy_on_read: bool,
-    /// How long opening an overlay locked by another process is retried (`--lock-wait`).
-    pub lock_wait: Duration,
-    /// Extent-ahead allocation size for every export (`--extent-ahead`; 0 = off).
-    pub extent_ahead: u64,
+    /// Fixed at construction.
+    config: HostConfig,
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
@@ -242,13 +265,13 @@ pub struct Host {
 
 impl Host {
     /// A host over `engine` (`None`: the exports are given, none can be added) whose counters
-    /// have one shard per engine core.
+    /// have one shard per engine core, treating exports as `config` says.
     pub fn new(
         engine: Option<Engine>,
         exports: Arc<Exports>,
         allowed: AllowedDirs,
         stop: Arc<Stop>,
-        grace: Duration,
+        config: HostConfig,
     ) -> Host {
         let shards = engine.as_ref().map(Engine::cores).unwrap_or(1);
         let events = Arc::new(Events::default());
@@ -259,13 +282,15 @@ impl Host {
             jobs: Jobs::new(Arc::clone(&events)),
             events,
             stop,
-            grace,
-            lock_wait: Duration::ZERO,
-            copy_on_read: false,
-            extent_ahead: addcow_engine::DEFAULT_EXTENT_AHEAD,
+            config,
             shards,
             vhost: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What the host was built with.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
     }
 
     /// The options an export's disk is opened with, at `export-add` and at every later switch
@@ -274,8 +299,8 @@ impl Host {
     pub fn disk_options(&self, read_only: bool, copy_on_read: Option<bool>) -> DiskOptions {
         DiskOptions {
             read_only,
-            copy_on_read: copy_on_read.unwrap_or(self.copy_on_read),
-            extent_ahead: self.extent_ahead,
+            copy_on_read: copy_on_read.unwrap_or(self.config.copy_on_read),
+            extent_ahead: self.config.extent_ahead,
         }
     }
 
@@ -386,7 +411,7 @@ impl Host {
     }
 
     /// Opens `overlay` on `engine`; while it is locked by another process, retries (50 ms,
-    /// doubling to 1 s) until [`Host::lock_wait`] has passed or the daemon is stopping, with
+    /// doubling to 1 s) until [`HostConfig::lock_wait`] has passed or the daemon is stopping, with
     /// one log line when the wait begins. Any other error is returned at once.
     fn open_waiting_for_lock(
         &self,
@@ -394,7 +419,7 @@ impl Host {
         overlay: &Path,
         opts: &DiskOptions,
     ) -> addcow_engine::Result<addcow_engine::Disk> {
-        let deadline = Instant::now() + self.lock_wait;
+        let deadline = Instant::now() + self.config.lock_wait;
         let mut pause = Duration::from_millis(50);
         let mut logged = false;
         loop {
@@ -407,7 +432,7 @@ impl Host {
                     if !logged {
                         tracing::warn!(
                             overlay = %overlay.display(),
-                            wait_s = self.lock_wait.as_secs_f64(),
+                            wait_s = self.config.lock_wait.as_secs_f64(),
                             "overlay is locked by another process; waiting for the lock"
                         );
                         logged = true;
@@ -459,13 +484,13 @@ impl Host {
         let mut frontend = false;
         if let Some(v) = vhost {
             frontend = v.frontend_connected();
-            if !v.stop(Instant::now() + self.grace) {
+            if !v.stop(Instant::now() + self.config.shutdown_grace) {
                 tracing::warn!(export = %name, "vhost-user-blk requests still in flight after the grace period");
             }
         }
         let clients = clients + usize::from(frontend);
         self.jobs.cancel_and_wait(Some(name));
-        if !export.wait_clients_gone(Some(Instant::now() + self.grace)) {
+        if !export.wait_clients_gone(Some(Instant::now() + self.config.shutdown_grace)) {
             tracing::warn!(export = %name, clients = export.client_count(),
                 "clients still busy after the grace period; closing their sockets");
             export.close_clients();

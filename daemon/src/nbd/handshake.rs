@@ -2,8 +2,10 @@
 //! `EXPORT_NAME`. Works on any `Read + Write` stream, so it is tested against byte fixtures.
 //!
 //! Supported options: `EXPORT_NAME` (with `NO_ZEROES`), `ABORT`, `LIST`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`. Every other
-//! option is answered `ERR_UNSUP` and haggling continues.
+//! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`, each handled
+//! by its own function that [`negotiate`]'s loop dispatches to. `STARTTLS` is refused
+//! (`ERR_UNSUP`: no TLS here) in its own function; every other option is answered `ERR_UNSUP`
+//! and haggling continues.
 //!
 //! Corners (NBD spec): `STRUCTURED_REPLY` after `EXTENDED_HEADERS` gets `ERR_EXT_HEADER_REQD`;
 //! either header option asked for a second time gets `ERR_INVALID`; an option whose payload is
@@ -12,6 +14,7 @@
 //! message fits the protocol's 4096-byte string limit.
 
 use std::io::{self, Read, Write};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use super::export::{Export, Exports};
@@ -73,6 +76,9 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
 }
 
+/// Option `NBD_OPT_STARTTLS` (not in [`wire`]: this server offers no TLS yet).
+const OPT_STARTTLS: u32 = 5;
+
 /// Runs the server side of the handshake on `stream`.
 ///
 /// `shutting_down` is consulted before each option: once it returns true, options other than
@@ -82,12 +88,62 @@ pub enum HandshakeError {
 /// export's client table, so from the client's first sight of success it counts as connected.
 /// `None` (the export began to be deleted) answers `GO` with `ERR_UNKNOWN` and haggling goes on
 /// (`EXPORT_NAME`, which has no error reply, drops the connection).
+///
+/// The loop reads one option at a time and hands it to the function for that option; each
+/// answers it and says whether haggling goes on or transmission begins.
 pub fn negotiate<S: Read + Write, G>(
     stream: &mut S,
     exports: &Exports,
     shutting_down: &dyn Fn() -> bool,
     attach: &dyn Fn(&Arc<Export>) -> Option<G>,
 ) -> Result<Negotiated<G>, HandshakeError> {
+    let no_zeroes = greet(stream)?;
+    let mut h = Haggle {
+        exports,
+        attach,
+        no_zeroes,
+        structured: false,
+        extended: false,
+        structured_option: false,
+        selected: None,
+    };
+    loop {
+        // An option over the size limit has been read, discarded and answered.
+        let Some((option, data)) = read_option(stream)? else {
+            continue;
+        };
+        if option == wire::OPT_ABORT {
+            return Err(abort(stream));
+        }
+        if shutting_down() {
+            refuse_shutting_down(stream, option)?;
+            continue;
+        }
+        let next = match option {
+            wire::OPT_EXPORT_NAME => h.export_name(stream, data)?,
+            wire::OPT_INFO | wire::OPT_GO => h.info_go(stream, option, &data)?,
+            wire::OPT_LIST => h.list(stream, &data)?,
+            wire::OPT_STRUCTURED_REPLY => h.structured_reply(stream, &data)?,
+            wire::OPT_EXTENDED_HEADERS => h.extended_headers(stream, &data)?,
+            wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
+                h.meta_context(stream, option, &data)?
+            }
+            OPT_STARTTLS => starttls(stream)?,
+            _ => unsupported(stream, option)?,
+        };
+        if let ControlFlow::Break(negotiated) = next {
+            return Ok(negotiated);
+        }
+        stream.flush()?;
+    }
+}
+
+/// What an option's function tells the loop: haggle on, or enter transmission.
+type Next<G> = ControlFlow<Negotiated<G>>;
+
+/// Sends the greeting and reads the client's flags; returns whether the client asked for
+/// `NO_ZEROES`.
+fn greet<S: Read + Write>(stream: &mut S) -> Result<bool, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&wire::NBD_MAGIC.to_be_bytes());
     greeting.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
@@ -96,310 +152,357 @@ pub fn negotiate<S: Read + Write, G>(
     stream.flush()?;
 
     let mut cf = [0u8; 4];
-    match stream.read_exact(&mut cf) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(HandshakeError::Ended),
-        Err(e) => return Err(e.into()),
-    }
+    read_or_ended(stream, &mut cf)?;
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & wire::FLAG_C_NO_ZEROES != 0)
+}
 
-    let mut structured = false;
-    let mut extended = false;
-    // Whether STRUCTURED_REPLY itself was acked (extended headers imply structured replies too).
-    let mut structured_option = false;
-    // Last SET_META_CONTEXT: the export name it named and what it selected.
-    let mut selected: Option<(String, MetaContexts)> = None;
+/// Fills `buf`; the client hanging up first ends the handshake.
+fn read_or_ended<S: Read>(stream: &mut S, buf: &mut [u8]) -> Result<(), HandshakeError> {
+    match stream.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(HandshakeError::Ended),
+        Err(e) => Err(e.into()),
+    }
+}
 
-    loop {
-        let mut head = [0u8; 16];
-        match stream.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(HandshakeError::Ended)
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let mut c = Cursor::new(&head);
-        let magic = u64::from(c.u32().unwrap_or(0)) << 32 | u64::from(c.u32().unwrap_or(0));
-        let option = c.u32().unwrap_or(0);
-        let len = c.u32().unwrap_or(0);
-        if magic != wire::IHAVEOPT {
+/// Reads the next option: its code and payload. A payload over [`MAX_OPTION_LEN`] is read and
+/// discarded and answered `ERR_TOO_BIG` (`None`); an `EXPORT_NAME` that long drops the
+/// connection (it has no error reply).
+fn read_option<S: Read + Write>(stream: &mut S) -> Result<Option<(u32, Vec<u8>)>, HandshakeError> {
+    let mut head = [0u8; 16];
+    read_or_ended(stream, &mut head)?;
+    let mut c = Cursor::new(&head);
+    let magic = u64::from(c.u32().unwrap_or(0)) << 32 | u64::from(c.u32().unwrap_or(0));
+    let option = c.u32().unwrap_or(0);
+    let len = c.u32().unwrap_or(0);
+    if magic != wire::IHAVEOPT {
+        return Err(HandshakeError::Protocol(format!(
+            "bad option magic {magic:#x}"
+        )));
+    }
+    if len > MAX_OPTION_LEN {
+        if option == wire::OPT_EXPORT_NAME {
             return Err(HandshakeError::Protocol(format!(
-                "bad option magic {magic:#x}"
+                "EXPORT_NAME of {len} bytes is too long"
             )));
         }
-        if len > MAX_OPTION_LEN {
-            if option == wire::OPT_EXPORT_NAME {
-                return Err(HandshakeError::Protocol(format!(
-                    "EXPORT_NAME of {len} bytes is too long"
-                )));
-            }
-            let copied = io::copy(
-                &mut Read::by_ref(stream).take(u64::from(len)),
-                &mut io::sink(),
-            )?;
-            if copied < u64::from(len) {
-                return Err(HandshakeError::Ended);
-            }
-            reply_err(
-                stream,
-                option,
-                wire::REP_ERR_TOO_BIG,
-                &format!("option payload of {len} bytes is over the {MAX_OPTION_LEN}-byte limit"),
-            )?;
-            continue;
-        }
-        let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data)?;
-
-        if option == wire::OPT_ABORT {
-            // The client may already have closed; a failed ACK is not an error.
-            let _ = stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]));
-            let _ = stream.flush();
+        let copied = io::copy(
+            &mut Read::by_ref(stream).take(u64::from(len)),
+            &mut io::sink(),
+        )?;
+        if copied < u64::from(len) {
             return Err(HandshakeError::Ended);
         }
-        if shutting_down() {
-            if option == wire::OPT_EXPORT_NAME {
-                return Err(HandshakeError::Protocol("server is shutting down".into()));
-            }
+        reply_err(
+            stream,
+            option,
+            wire::REP_ERR_TOO_BIG,
+            &format!("option payload of {len} bytes is over the {MAX_OPTION_LEN}-byte limit"),
+        )?;
+        return Ok(None);
+    }
+    let mut data = vec![0u8; len as usize];
+    stream.read_exact(&mut data)?;
+    Ok(Some((option, data)))
+}
+
+/// `ABORT`: acknowledged (the client may already have closed; a failed ACK is not an error),
+/// and the handshake ends.
+fn abort<S: Write>(stream: &mut S) -> HandshakeError {
+    let _ = stream.write_all(&wire::option_reply(wire::OPT_ABORT, wire::REP_ACK, &[]));
+    let _ = stream.flush();
+    HandshakeError::Ended
+}
+
+/// Any option but `ABORT` once the server is shutting down: `ERR_SHUTDOWN` (`EXPORT_NAME`,
+/// which has no error reply, drops the connection).
+fn refuse_shutting_down<S: Write>(stream: &mut S, option: u32) -> Result<(), HandshakeError> {
+    if option == wire::OPT_EXPORT_NAME {
+        return Err(HandshakeError::Protocol("server is shutting down".into()));
+    }
+    reply_err(
+        stream,
+        option,
+        wire::REP_ERR_SHUTDOWN,
+        "server is shutting down",
+    )?;
+    Ok(())
+}
+
+/// `STARTTLS`: this server offers no TLS, so `ERR_UNSUP` and haggling goes on in the clear
+/// (the client decides whether that is acceptable). Offering TLS replaces this: ACK, then the
+/// handshake continues over the upgraded stream with the state agreed so far forgotten.
+fn starttls<S: Write, G>(stream: &mut S) -> Result<Next<G>, HandshakeError> {
+    reply_err(
+        stream,
+        OPT_STARTTLS,
+        wire::REP_ERR_UNSUP,
+        "STARTTLS: this server does not offer TLS",
+    )?;
+    Ok(ControlFlow::Continue(()))
+}
+
+/// Any option this server does not know: `ERR_UNSUP`, and haggling goes on.
+fn unsupported<S: Write, G>(stream: &mut S, option: u32) -> Result<Next<G>, HandshakeError> {
+    reply_err(
+        stream,
+        option,
+        wire::REP_ERR_UNSUP,
+        &format!("option {option} is not supported"),
+    )?;
+    Ok(ControlFlow::Continue(()))
+}
+
+/// `ERR_INVALID` with `msg`, and haggling goes on.
+fn invalid<S: Write, G>(stream: &mut S, option: u32, msg: &str) -> Result<Next<G>, HandshakeError> {
+    reply_err(stream, option, wire::REP_ERR_INVALID, msg)?;
+    Ok(ControlFlow::Continue(()))
+}
+
+/// The ACK that ends a successful option.
+fn ack<S: Write, G>(stream: &mut S, option: u32) -> Result<Next<G>, HandshakeError> {
+    stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
+    Ok(ControlFlow::Continue(()))
+}
+
+/// What the haggling agreed on so far, and what the options' functions need.
+struct Haggle<'a, G> {
+    exports: &'a Exports,
+    attach: &'a dyn Fn(&Arc<Export>) -> Option<G>,
+    /// The client asked for `NO_ZEROES` (no 124 zero bytes after `EXPORT_NAME`'s answer).
+    no_zeroes: bool,
+    /// Structured replies (asked for, or implied by extended headers).
+    structured: bool,
+    /// Extended headers.
+    extended: bool,
+    /// `STRUCTURED_REPLY` itself was acked.
+    structured_option: bool,
+    /// The last `SET_META_CONTEXT`: the export name it named and what it selected.
+    selected: Option<(String, MetaContexts)>,
+}
+
+impl<G> Haggle<'_, G> {
+    /// What transmission on `export` (named `name`) begins with.
+    fn negotiated(&self, export: Arc<Export>, name: &str, flags: u16, guard: G) -> Negotiated<G> {
+        Negotiated {
+            export,
+            structured: self.structured,
+            extended: self.extended,
+            contexts: contexts_for(&self.selected, name, self.structured),
+            flags,
+            guard,
+        }
+    }
+
+    /// `EXPORT_NAME`: the old way into transmission. It has no error reply, so anything wrong
+    /// (extended headers negotiated, a name not UTF-8, no such export, one being deleted)
+    /// drops the connection.
+    fn export_name<S: Write>(
+        &mut self,
+        stream: &mut S,
+        data: Vec<u8>,
+    ) -> Result<Next<G>, HandshakeError> {
+        if self.extended {
+            return Err(HandshakeError::Protocol(
+                "EXPORT_NAME after extended headers".into(),
+            ));
+        }
+        let name = String::from_utf8(data)
+            .map_err(|_| HandshakeError::Protocol("export name is not UTF-8".into()))?;
+        let Some(export) = self.exports.find(&name) else {
+            return Err(HandshakeError::Protocol(format!(
+                "EXPORT_NAME for unknown export {name:?}"
+            )));
+        };
+        let Some(guard) = (self.attach)(&export) else {
+            return Err(HandshakeError::Protocol(format!(
+                "EXPORT_NAME for export {name:?}, which is being deleted"
+            )));
+        };
+        let flags = export.transmission_flags(self.structured);
+        let mut b = Vec::with_capacity(134);
+        b.extend_from_slice(&export.backend.size().to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        if !self.no_zeroes {
+            b.extend_from_slice(&[0u8; 124]);
+        }
+        stream.write_all(&b)?;
+        stream.flush()?;
+        Ok(ControlFlow::Break(
+            self.negotiated(export, &name, flags, guard),
+        ))
+    }
+
+    /// `INFO` and `GO`: the export's size and flags, its name if asked, its block sizes. `GO`
+    /// then enters transmission (after `attach`: an export being deleted is `ERR_UNKNOWN`).
+    fn info_go<S: Write>(
+        &mut self,
+        stream: &mut S,
+        option: u32,
+        data: &[u8],
+    ) -> Result<Next<G>, HandshakeError> {
+        let Some((name, requests)) = parse_info(data) else {
+            return invalid(stream, option, "malformed INFO/GO");
+        };
+        let Some(export) = self.exports.find(&name) else {
             reply_err(
                 stream,
                 option,
-                wire::REP_ERR_SHUTDOWN,
-                "server is shutting down",
+                wire::REP_ERR_UNKNOWN,
+                &format!("no export named {}", quoted(&name)),
             )?;
-            continue;
-        }
-
-        match option {
-            wire::OPT_EXPORT_NAME => {
-                if extended {
-                    return Err(HandshakeError::Protocol(
-                        "EXPORT_NAME after extended headers".into(),
-                    ));
-                }
-                let name = String::from_utf8(data)
-                    .map_err(|_| HandshakeError::Protocol("export name is not UTF-8".into()))?;
-                let Some(export) = exports.find(&name) else {
-                    return Err(HandshakeError::Protocol(format!(
-                        "EXPORT_NAME for unknown export {name:?}"
-                    )));
-                };
-                let Some(guard) = attach(&export) else {
-                    return Err(HandshakeError::Protocol(format!(
-                        "EXPORT_NAME for export {name:?}, which is being deleted"
-                    )));
-                };
-                let flags = export.transmission_flags(structured);
-                let mut b = Vec::with_capacity(134);
-                b.extend_from_slice(&export.backend.size().to_be_bytes());
-                b.extend_from_slice(&flags.to_be_bytes());
-                if !no_zeroes {
-                    b.extend_from_slice(&[0u8; 124]);
-                }
-                stream.write_all(&b)?;
-                stream.flush()?;
-                let contexts = contexts_for(&selected, &name, structured);
-                return Ok(Negotiated {
-                    export,
-                    structured,
-                    extended,
-                    contexts,
-                    flags,
-                    guard,
-                });
-            }
-            wire::OPT_LIST => {
-                if !data.is_empty() {
-                    reply_err(stream, option, wire::REP_ERR_INVALID, "LIST takes no data")?;
-                    continue;
-                }
-                for e in exports.serving() {
-                    let mut p = Vec::with_capacity(4 + e.name.len());
-                    p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
-                    p.extend_from_slice(e.name.as_bytes());
-                    stream.write_all(&wire::option_reply(option, wire::REP_SERVER, &p))?;
-                }
-                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-            }
-            wire::OPT_STRUCTURED_REPLY => {
-                if extended {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_EXT_HEADER_REQD,
-                        "extended headers are already negotiated",
-                    )?;
-                    continue;
-                }
-                if structured_option {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "structured replies are already negotiated",
-                    )?;
-                    continue;
-                }
-                if !data.is_empty() {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "STRUCTURED_REPLY takes no data",
-                    )?;
-                    continue;
-                }
-                structured = true;
-                structured_option = true;
-                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-            }
-            wire::OPT_EXTENDED_HEADERS => {
-                if extended {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "extended headers are already negotiated",
-                    )?;
-                    continue;
-                }
-                if !data.is_empty() {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "EXTENDED_HEADERS takes no data",
-                    )?;
-                    continue;
-                }
-                extended = true;
-                structured = true;
-                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-            }
-            wire::OPT_INFO | wire::OPT_GO => {
-                let Some((name, requests)) = parse_info(&data) else {
-                    reply_err(stream, option, wire::REP_ERR_INVALID, "malformed INFO/GO")?;
-                    continue;
-                };
-                let Some(export) = exports.find(&name) else {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_UNKNOWN,
-                        &format!("no export named {}", quoted(&name)),
-                    )?;
-                    continue;
-                };
-                let guard = if option == wire::OPT_GO {
-                    let Some(g) = attach(&export) else {
-                        reply_err(
-                            stream,
-                            option,
-                            wire::REP_ERR_UNKNOWN,
-                            &format!("export {} is being deleted", quoted(&name)),
-                        )?;
-                        continue;
-                    };
-                    Some(g)
-                } else {
-                    None
-                };
-                let flags = export.transmission_flags(structured);
-                let mut p = Vec::with_capacity(12);
-                p.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
-                p.extend_from_slice(&export.backend.size().to_be_bytes());
-                p.extend_from_slice(&flags.to_be_bytes());
-                stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
-                if requests.contains(&wire::INFO_NAME) {
-                    let mut p = Vec::with_capacity(2 + name.len());
-                    p.extend_from_slice(&wire::INFO_NAME.to_be_bytes());
-                    p.extend_from_slice(name.as_bytes());
-                    stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
-                }
-                let mut p = Vec::with_capacity(14);
-                p.extend_from_slice(&wire::INFO_BLOCK_SIZE.to_be_bytes());
-                p.extend_from_slice(&wire::MIN_BLOCK.to_be_bytes());
-                p.extend_from_slice(&wire::PREFERRED_BLOCK.to_be_bytes());
-                p.extend_from_slice(&wire::MAX_PAYLOAD.to_be_bytes());
-                stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
-                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-                if let Some(guard) = guard {
-                    stream.flush()?;
-                    let contexts = contexts_for(&selected, &name, structured);
-                    return Ok(Negotiated {
-                        export,
-                        structured,
-                        extended,
-                        contexts,
-                        flags,
-                        guard,
-                    });
-                }
-            }
-            wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
-                let set = option == wire::OPT_SET_META_CONTEXT;
-                if set {
-                    // A SET replaces the previous selection, even when it fails.
-                    selected = None;
-                }
-                if !structured {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "meta contexts need structured replies",
-                    )?;
-                    continue;
-                }
-                let Some((name, queries)) = parse_meta(&data) else {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_INVALID,
-                        "malformed meta request",
-                    )?;
-                    continue;
-                };
-                if exports.find(&name).is_none() {
-                    reply_err(
-                        stream,
-                        option,
-                        wire::REP_ERR_UNKNOWN,
-                        &format!("no export named {}", quoted(&name)),
-                    )?;
-                    continue;
-                }
-                let ctx = match_contexts(&queries, set);
-                if ctx.base_allocation {
-                    let id = if set { CTX_BASE_ALLOCATION } else { 0 };
-                    meta_reply(stream, option, id, wire::CONTEXT_BASE_ALLOCATION)?;
-                }
-                if ctx.allocation_depth {
-                    let id = if set { CTX_ALLOCATION_DEPTH } else { 0 };
-                    meta_reply(stream, option, id, "qemu:allocation-depth")?;
-                }
-                if set {
-                    selected = Some((name, ctx));
-                }
-                stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
-            }
-            _ => {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let guard = if option == wire::OPT_GO {
+            let Some(g) = (self.attach)(&export) else {
                 reply_err(
                     stream,
                     option,
-                    wire::REP_ERR_UNSUP,
-                    &format!("option {option} is not supported"),
+                    wire::REP_ERR_UNKNOWN,
+                    &format!("export {} is being deleted", quoted(&name)),
                 )?;
-            }
+                return Ok(ControlFlow::Continue(()));
+            };
+            Some(g)
+        } else {
+            None
+        };
+        let flags = export.transmission_flags(self.structured);
+        let mut p = Vec::with_capacity(12);
+        p.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
+        p.extend_from_slice(&export.backend.size().to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+        stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
+        if requests.contains(&wire::INFO_NAME) {
+            let mut p = Vec::with_capacity(2 + name.len());
+            p.extend_from_slice(&wire::INFO_NAME.to_be_bytes());
+            p.extend_from_slice(name.as_bytes());
+            stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
         }
-        stream.flush()?;
+        let mut p = Vec::with_capacity(14);
+        p.extend_from_slice(&wire::INFO_BLOCK_SIZE.to_be_bytes());
+        p.extend_from_slice(&wire::MIN_BLOCK.to_be_bytes());
+        p.extend_from_slice(&wire::PREFERRED_BLOCK.to_be_bytes());
+        p.extend_from_slice(&wire::MAX_PAYLOAD.to_be_bytes());
+        stream.write_all(&wire::option_reply(option, wire::REP_INFO, &p))?;
+        stream.write_all(&wire::option_reply(option, wire::REP_ACK, &[]))?;
+        match guard {
+            Some(guard) => {
+                stream.flush()?;
+                Ok(ControlFlow::Break(
+                    self.negotiated(export, &name, flags, guard),
+                ))
+            }
+            None => Ok(ControlFlow::Continue(())),
+        }
+    }
+
+    /// `LIST`: one `SERVER` reply per export being served.
+    fn list<S: Write>(&mut self, stream: &mut S, data: &[u8]) -> Result<Next<G>, HandshakeError> {
+        if !data.is_empty() {
+            return invalid(stream, wire::OPT_LIST, "LIST takes no data");
+        }
+        for e in self.exports.serving() {
+            let mut p = Vec::with_capacity(4 + e.name.len());
+            p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+            p.extend_from_slice(e.name.as_bytes());
+            stream.write_all(&wire::option_reply(wire::OPT_LIST, wire::REP_SERVER, &p))?;
+        }
+        ack(stream, wire::OPT_LIST)
+    }
+
+    /// `STRUCTURED_REPLY`: once, not after extended headers (`ERR_EXT_HEADER_REQD`).
+    fn structured_reply<S: Write>(
+        &mut self,
+        stream: &mut S,
+        data: &[u8],
+    ) -> Result<Next<G>, HandshakeError> {
+        let option = wire::OPT_STRUCTURED_REPLY;
+        if self.extended {
+            reply_err(
+                stream,
+                option,
+                wire::REP_ERR_EXT_HEADER_REQD,
+                "extended headers are already negotiated",
+            )?;
+            return Ok(ControlFlow::Continue(()));
+        }
+        if self.structured_option {
+            return invalid(stream, option, "structured replies are already negotiated");
+        }
+        if !data.is_empty() {
+            return invalid(stream, option, "STRUCTURED_REPLY takes no data");
+        }
+        self.structured = true;
+        self.structured_option = true;
+        ack(stream, option)
+    }
+
+    /// `EXTENDED_HEADERS`: once; implies structured replies.
+    fn extended_headers<S: Write>(
+        &mut self,
+        stream: &mut S,
+        data: &[u8],
+    ) -> Result<Next<G>, HandshakeError> {
+        let option = wire::OPT_EXTENDED_HEADERS;
+        if self.extended {
+            return invalid(stream, option, "extended headers are already negotiated");
+        }
+        if !data.is_empty() {
+            return invalid(stream, option, "EXTENDED_HEADERS takes no data");
+        }
+        self.extended = true;
+        self.structured = true;
+        ack(stream, option)
+    }
+
+    /// `LIST_META_CONTEXT` and `SET_META_CONTEXT` (needs structured replies): the contexts
+    /// the queries name, with their ids for `SET`. A `SET` replaces the previous selection,
+    /// even when it fails.
+    fn meta_context<S: Write>(
+        &mut self,
+        stream: &mut S,
+        option: u32,
+        data: &[u8],
+    ) -> Result<Next<G>, HandshakeError> {
+        let set = option == wire::OPT_SET_META_CONTEXT;
+        if set {
+            self.selected = None;
+        }
+        if !self.structured {
+            return invalid(stream, option, "meta contexts need structured replies");
+        }
+        let Some((name, queries)) = parse_meta(data) else {
+            return invalid(stream, option, "malformed meta request");
+        };
+        if self.exports.find(&name).is_none() {
+            reply_err(
+                stream,
+                option,
+                wire::REP_ERR_UNKNOWN,
+                &format!("no export named {}", quoted(&name)),
+            )?;
+            return Ok(ControlFlow::Continue(()));
+        }
+        let ctx = match_contexts(&queries, set);
+        if ctx.base_allocation {
+            let id = if set { CTX_BASE_ALLOCATION } else { 0 };
+            meta_reply(stream, option, id, wire::CONTEXT_BASE_ALLOCATION)?;
+        }
+        if ctx.allocation_depth {
+            let id = if set { CTX_ALLOCATION_DEPTH } else { 0 };
+            meta_reply(stream, option, id, "qemu:allocation-depth")?;
+        }
+        if set {
+            self.selected = Some((name, ctx));
+        }
+        ack(stream, option)
     }
 }
 
@@ -892,6 +995,20 @@ mod tests {
             assert!(r.2.len() <= wire::MAX_STRING, "{} bytes", r.2.len());
             assert!(std::str::from_utf8(&r.2).is_ok());
         }
+    }
+
+    /// STARTTLS is refused (no TLS here) and haggling goes on in the clear.
+    #[test]
+    fn starttls_is_unsupported_and_haggling_goes_on() {
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(OPT_STARTTLS, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let (r, out) = run(c);
+        assert_eq!(r.unwrap().export.name, "");
+        let reps = replies(&out);
+        assert_eq!((reps[0].0, reps[0].1), (OPT_STARTTLS, wire::REP_ERR_UNSUP));
+        assert!(std::str::from_utf8(&reps[0].2).unwrap().contains("TLS"));
+        assert_eq!(reps.last().unwrap().1, wire::REP_ACK);
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use addcow_engine::format::{create, CreateOptions};
 
+use crate::error::{Error, ErrorKind, Result, Source};
+
 /// The demo directory, relative to the working directory.
 pub const DEMO_DIR: &str = "addcow-demo";
 /// The demo socket, relative to the working directory.
@@ -20,12 +22,17 @@ pub const DISK_SIZE: u64 = 64 << 20;
 
 /// Creates `dir/base.raw` and `dir/disk.add-cow` (+ `disk.raw`) unless the overlay exists;
 /// returns the overlay's path.
-pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
+pub fn prepare(dir: &Path) -> Result<PathBuf> {
+    let failed = |path: &Path, e: Source| {
+        Error::new(ErrorKind::Demo)
+            .with_context(path.display().to_string())
+            .with_source(e)
+    };
     let overlay = dir.join("disk.add-cow");
     if overlay.exists() {
         return Ok(overlay);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| failed(dir, e.into()))?;
     let base = dir.join("base.raw");
     let write_base = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&base)?;
@@ -35,7 +42,7 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
         }
         f.sync_all()
     };
-    write_base().map_err(|e| format!("{}: {e}", base.display()))?;
+    write_base().map_err(|e| failed(&base, e.into()))?;
     create(&CreateOptions {
         overlay: overlay.clone(),
         base: Some(base),
@@ -43,7 +50,7 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
         size: Some(DISK_SIZE),
         force: false,
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Error::new(ErrorKind::Demo).with_source(e))?;
     Ok(overlay)
 }
 

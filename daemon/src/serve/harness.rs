@@ -13,7 +13,7 @@ use crate::conn::connection::{self, ConnConfig};
 use crate::conn::conns::ClientHandle;
 use crate::conn::sock::Sock;
 use crate::host::allow::AllowedDirs;
-use crate::host::runtime::Host;
+use crate::host::runtime::{Host, HostConfig};
 use crate::nbd::command::{self, Limits};
 use crate::nbd::export::{Export, Exports};
 use crate::nbd::handshake::{self, MetaContexts};
@@ -160,7 +160,10 @@ pub fn control_line(line: &[u8]) {
             exports(),
             AllowedDirs::from_files(&[]),
             stop,
-            Duration::from_millis(10),
+            HostConfig {
+                shutdown_grace: Duration::from_millis(10),
+                ..HostConfig::default()
+            },
         )
     });
     let _ = crate::host::control::handle_line(host, line);

@@ -1,11 +1,12 @@
 //! `addcow serve`: the process's top, which wires the layers together (see the crate docs):
-//! the command line ([`ServeArgs`]), [`run`] (engine, exports, listeners, control socket,
-//! signals, then the accept loop that hands each connection to [`crate::conn`]), the
-//! Prometheus endpoint ([`metrics`]), the built-in [`demo`] and the fuzz entry points
-//! (`harness`, feature `fuzzing`).
+//! the command line ([`ServeArgs`]) and what it means once checked ([`config::DaemonConfig`]),
+//! [`run`] (engine, exports, listeners, control socket, signals, then the accept loop that
+//! hands each connection to [`crate::conn`]), the Prometheus endpoint ([`metrics`]), the
+//! built-in [`demo`] and the fuzz entry points (`harness`, feature `fuzzing`).
 //!
 //! May import every layer; no layer imports this one.
 
+pub mod config;
 pub mod demo;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
@@ -18,23 +19,28 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use addcow_engine::{CacheMode, Engine, EngineConfig};
+use addcow_engine::{CacheMode, Engine};
+
+use self::config::{
+    parse_bytes, parse_cache, parse_mode, secs_parser, DaemonConfig, ExportSpec, MAX_SECS,
+};
 
 use crate::backend::files::OverlayFiles;
 use crate::conn::budget::Pool;
 use crate::conn::connection::{self, ConnConfig};
 use crate::conn::conns::{ClientHandle, Live};
 use crate::conn::listener::{self, Listener};
+use crate::error::{Error, ErrorKind, Result};
 use crate::host::allow::AllowedDirs;
 use crate::host::control;
 use crate::host::events;
 use crate::host::runtime::{Host, Origin};
 use crate::nbd::export::Exports;
-use crate::nbd::wire;
 use crate::process::lockfile::LockedFile;
 use crate::process::signals;
 
-/// Arguments of `addcow serve`.
+/// Arguments of `addcow serve`, as clap reads them; [`DaemonConfig`]'s `TryFrom` checks and
+/// converts them (a new option goes here and into [`DaemonConfig`]).
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo). The path
@@ -92,20 +98,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     pub max_buffer_memory: Option<u64>,
     /// Seconds a client has to finish the handshake.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = secs_parser())]
     pub handshake_timeout: u64,
     /// Seconds a request frame (header and WRITE payload) may take to arrive once its first
     /// byte came; a client that trickles or stalls inside a frame is disconnected.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs_parser())]
     pub payload_timeout: u64,
     /// Disconnect a client that sent no request and took no reply for this many seconds (with
     /// nothing in flight), or that takes no reply byte for this long. Default: never.
-    #[arg(long, value_name = "SECS", value_parser = secs())]
+    #[arg(long, value_name = "SECS", value_parser = secs_parser())]
     pub idle_timeout: Option<u64>,
     /// On SIGTERM/SIGINT/quit (and export-del hard): seconds to wait for the requests in flight
     /// to be answered before the remaining connections are closed. New requests are never
     /// failed by a stop: they are not read, and a reconnecting client resends them.
-    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs_parser())]
     pub shutdown_grace: u64,
     /// Engine core threads (default: one per CPU).
     #[arg(long, value_name = "N")]
@@ -131,7 +137,7 @@ pub struct ServeArgs {
     /// line and export-add). A daemon restarted right after a SIGKILL can find its overlay
     /// still locked for a moment: the kernel releases a dead process's io_uring, and the files
     /// it holds, asynchronously. 0 refuses at once.
-    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs_parser())]
     pub lock_wait: u64,
     /// Extent-ahead allocation of sparse raw images: the first write into a clear region also
     /// allocates (fallocate, no data written) the aligned extent of this size around it, once,
@@ -157,7 +163,7 @@ pub struct ServeArgs {
     /// commits at once either way). Each background commit costs a data sync of the raw image,
     /// which stalls concurrent writes for as long as the device takes to flush; 0 commits only
     /// on FLUSH/FUA, export-del and shutdown.
-    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = secs_parser())]
     pub commit_interval: u64,
 }
 
@@ -170,77 +176,10 @@ pub enum ConnMode {
     Ring,
 }
 
-/// The longest time any `SECS` option takes (ten years): deadlines computed from it can never
-/// overflow an `Instant`.
-const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
-
-/// A number of seconds up to [`MAX_SECS`].
-fn secs() -> clap::builder::RangedU64ValueParser {
-    clap::value_parser!(u64).range(..=MAX_SECS)
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("{s:?} is not an octal mode"))?;
-    if m > 0o777 {
-        return Err(format!("{s:?}: mode has bits above 0777"));
-    }
-    Ok(m)
-}
-
-fn parse_cache(s: &str) -> Result<CacheMode, String> {
-    match s {
-        "direct" | "none" => Ok(CacheMode::Direct),
-        "buffered" | "writeback" => Ok(CacheMode::Buffered),
-        _ => Err(format!("{s:?}: expected direct or buffered")),
-    }
-}
-
-/// A byte count with an optional binary suffix (`512M`, `2G`, `1GiB`).
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    parse_size::Config::new()
-        .with_binary()
-        .parse_size(s)
-        .map_err(|e| format!("{s:?}: {e}"))
-}
-
-/// One command-line export.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CliExport {
-    name: String,
-    overlay: PathBuf,
-    read_only: bool,
-}
-
-/// Splits `NAME=OVERLAY`, `NAME=OVERLAY:ro` or `NAME=OVERLAY:rw`.
-fn parse_export(s: &str) -> Result<CliExport, String> {
-    let (name, path) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--export {s:?}: expected NAME=OVERLAY[:ro]"))?;
-    if name.len() > wire::MAX_STRING || name.contains('\0') {
-        return Err(format!("--export {s:?}: bad export name"));
-    }
-    let (path, read_only) = if let Some(p) = path.strip_suffix(":ro") {
-        (p, true)
-    } else if let Some(p) = path.strip_suffix(":rw") {
-        (p, false)
-    } else {
-        (path, false)
-    };
-    if path.is_empty() {
-        return Err(format!("--export {s:?}: empty overlay path"));
-    }
-    Ok(CliExport {
-        name: name.to_string(),
-        overlay: PathBuf::from(path),
-        read_only,
-    })
-}
-
 /// Runs the daemon until SIGTERM/SIGINT or `quit`.
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging();
-    match serve(args) {
+    match DaemonConfig::try_from(args).and_then(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -298,169 +237,142 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+fn serve(cfg: DaemonConfig) -> Result<()> {
     // Block the shutdown signals before any thread exists so every thread inherits the mask;
     // one thread then waits for them synchronously.
-    let signals = signals::Signals::block().map_err(|e| format!("blocking signals: {e}"))?;
+    let signals = signals::Signals::block().map_err(|e| setup("blocking signals", e))?;
 
-    let demo = args.overlay.is_none() && args.exports.is_empty() && args.control.is_none();
-    let mut named: Vec<CliExport> = Vec::new();
-    if demo {
+    let mut named: Vec<ExportSpec> = cfg.exports.clone();
+    if cfg.demo {
         let overlay = demo::prepare(Path::new(demo::DEMO_DIR))?;
-        named.push(CliExport {
+        named.push(ExportSpec {
             name: String::new(),
             overlay,
             read_only: false,
         });
-    } else {
-        if let Some(o) = &args.overlay {
-            named.push(CliExport {
-                name: String::new(),
-                overlay: o.clone(),
-                read_only: false,
-            });
-        }
-        for e in &args.exports {
-            named.push(parse_export(e)?);
-        }
-    }
-    for (i, e) in named.iter().enumerate() {
-        if named[..i].iter().any(|m| m.name == e.name) {
-            return Err(format!("export name {:?} given twice", e.name));
-        }
     }
 
     let mut listeners = Listener::from_systemd().unwrap_or_default();
-    let socket = match (&args.socket, demo) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) if listeners.is_empty() => Some(PathBuf::from(demo::DEMO_SOCKET)),
-        _ => None,
-    };
-    if socket.is_none()
-        && listeners.is_empty()
-        && args.tcp.is_none()
-        && args.vhost_user_blk.is_none()
-    {
-        return Err(
-            "nothing to listen on: give --socket PATH (or --tcp, or systemd sockets)".into(),
-        );
-    }
+    let socket = cfg.listen.unix_socket(cfg.demo, !listeners.is_empty())?;
 
-    let allowed = if args.allow_dirs.is_empty() {
+    let allowed = if cfg.allow_dirs.is_empty() {
         let files: Vec<OverlayFiles> = named
             .iter()
             .filter_map(|e| OverlayFiles::resolve(&e.overlay).ok())
             .collect();
         AllowedDirs::from_files(&files)
     } else {
-        AllowedDirs::new(&args.allow_dirs)?
+        AllowedDirs::new(&cfg.allow_dirs)?
     }
-    .with_remote_bases(args.allow_remote_bases);
+    .with_remote_bases(cfg.allow_remote_bases);
 
-    let mut config = EngineConfig {
-        image_cache: args.cache,
-        base_cache: args.base_cache,
-        base_timeout: Duration::from_secs(args.base_timeout),
-        commit_delay: (args.commit_interval > 0).then(|| Duration::from_secs(args.commit_interval)),
-        ..EngineConfig::default()
-    };
-    if let Some(c) = args.cores {
-        config.cores = c.max(1);
-    }
-    let engine = Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?;
-    let (stop, waker) = signals::Stop::new().map_err(|e| format!("stop pipe: {e}"))?;
-    let mut host = Host::new(
+    let engine = Engine::start(cfg.engine.engine_config()).map_err(|e| {
+        Error::new(ErrorKind::Engine)
+            .with_context("starting the engine")
+            .with_source(e)
+    })?;
+    let (stop, waker) = signals::Stop::new().map_err(|e| setup("stop pipe", e))?;
+    let host = Arc::new(Host::new(
         Some(engine.clone()),
         Exports::new(Vec::new()),
         allowed,
         stop.clone(),
-        Duration::from_secs(args.shutdown_grace),
-    );
-    host.copy_on_read = args.copy_on_read;
-    host.lock_wait = Duration::from_secs(args.lock_wait);
-    host.extent_ahead = args.extent_ahead;
-    let host = Arc::new(host);
+        cfg.host.clone(),
+    ));
     for e in &named {
-        let opts = host.disk_options(args.read_only || e.read_only, None);
+        let opts = host.disk_options(e.read_only, None);
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
     }
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;
     // `created` removes what was made on any way out.
+    let listen = &cfg.listen;
     let mut created = Created::default();
     let mut control_listener = None;
     if let Some(p) = &socket {
-        listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
+        listeners.push(Listener::bind_unix(p, listen.socket_mode).map_err(listen_err("--socket"))?);
     }
     created.listeners = listeners;
-    if let Some(addr) = &args.tcp {
+    if let Some(addr) = &listen.tcp {
         created
             .listeners
-            .push(Listener::bind_tcp(addr, args.allow_remote).map_err(|e| e.to_string())?);
+            .push(Listener::bind_tcp(addr, listen.allow_remote).map_err(listen_err("--tcp"))?);
     }
     for l in &created.listeners {
-        l.set_nonblocking()
-            .map_err(|e| format!("{}: {e}", l.describe()))?;
+        l.set_nonblocking().map_err(|e| {
+            Error::new(ErrorKind::Listen)
+                .with_context(l.describe())
+                .with_source(e)
+        })?;
     }
     // The vhost-user-blk listener thread runs until the process exits.
     let mut vhost_server = None;
-    if let Some(p) = &args.vhost_user_blk {
-        let l = Listener::bind_unix(p, args.socket_mode)
-            .map_err(|e| format!("--vhost-user-blk: {e}"))?;
+    if let Some(p) = &listen.vhost_user_blk {
+        let l =
+            Listener::bind_unix(p, listen.socket_mode).map_err(listen_err("--vhost-user-blk"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.vhost = file;
             vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
         }
     }
-    if let Some(c) = &args.control {
-        let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
+    if let Some(c) = &cfg.control {
+        let l = Listener::bind_unix(c, 0o600).map_err(listen_err("--control"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.control = file;
             control_listener = Some(sock);
         }
     }
-    if let Some(pf) = &args.pid_file {
-        let mut f = LockedFile::acquire(pf).map_err(|e| format!("--pid-file {e}"))?;
-        f.write(&format!("{}\n", std::process::id()))
-            .map_err(|e| format!("{}: {e}", pf.display()))?;
+    if let Some(pf) = &cfg.pid_file {
+        let pid_err = || Error::new(ErrorKind::PidFile).with_flag("--pid-file");
+        let mut f = LockedFile::acquire(pf).map_err(|e| pid_err().with_source(e))?;
+        f.write(&format!("{}\n", std::process::id())).map_err(|e| {
+            pid_err()
+                .with_value(pf.display().to_string())
+                .with_source(e)
+        })?;
         created.pid_file = Some(f);
     }
-    let metrics = match &args.metrics {
-        Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
+    let metrics = match &cfg.metrics {
+        // The message names --metrics and the address.
+        Some(addr) => Some(
+            metrics::MetricsServer::start(addr, host.clone())
+                .map_err(|e| Error::new(ErrorKind::Listen).with_source(e))?,
+        ),
         None => None,
     };
     let control = match control_listener {
         Some(l) => Some(
             control::ControlServer::start(l, host.clone())
-                .map_err(|e| format!("control thread: {e}"))?,
+                .map_err(|e| setup("control thread", e))?,
         ),
         None => None,
     };
-    let pool = Pool::new(args.max_buffer_memory.unwrap_or_else(Pool::default_cap));
-    let cfg = Arc::new(ConnConfig {
+    let pool = Pool::new(cfg.conn.max_buffer_memory.unwrap_or_else(Pool::default_cap));
+    let conn_cfg = Arc::new(ConnConfig {
         exports: host.exports.clone(),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        handshake_timeout: cfg.conn.handshake_timeout,
         pool: pool.clone(),
-        payload_timeout: Duration::from_secs(args.payload_timeout.max(1)),
-        idle_timeout: args.idle_timeout.map(|s| Duration::from_secs(s.max(1))),
-        ring: (args.conn_mode == ConnMode::Ring).then(|| engine.clone()),
+        payload_timeout: cfg.conn.payload_timeout,
+        idle_timeout: cfg.conn.idle_timeout,
+        ring: (cfg.conn.mode == ConnMode::Ring).then(|| engine.clone()),
     });
     signals
         .spawn_waiter(stop.clone())
-        .map_err(|e| format!("signal thread: {e}"))?;
+        .map_err(|e| setup("signal thread", e))?;
 
     // Ready: the sockets appear at their paths now, and systemd hears READY=1.
     if let Some(c) = &mut created.control {
-        c.publish().map_err(|e| format!("--control: {e}"))?;
+        c.publish().map_err(listen_err("--control"))?;
     }
     if let Some(v) = &mut created.vhost {
-        v.publish().map_err(|e| format!("--vhost-user-blk: {e}"))?;
+        v.publish().map_err(listen_err("--vhost-user-blk"))?;
     }
     for l in &mut created.listeners {
-        l.publish().map_err(|e| e.to_string())?;
+        l.publish()
+            .map_err(|e| Error::new(ErrorKind::Listen).with_source(e))?;
     }
-    if let (Some(c), Some(_)) = (&args.control, &control) {
+    if let (Some(c), Some(_)) = (&cfg.control, &control) {
         tracing::info!(control = %c.display(), allow_dirs = ?host.allowed.dirs(), "control socket ready");
     }
     if let Some(m) = &metrics {
@@ -468,14 +380,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     tracing::info!(
         max_buffer_memory = pool.cap(),
-        payload_timeout_s = cfg.payload_timeout.as_secs(),
-        idle_timeout_s = cfg.idle_timeout.map(|d| d.as_secs()),
+        payload_timeout_s = conn_cfg.payload_timeout.as_secs(),
+        idle_timeout_s = conn_cfg.idle_timeout.map(|d| d.as_secs()),
         "limits"
     );
     for l in &created.listeners {
         tracing::info!(listen = %l.describe(), "listening");
     }
-    if demo {
+    if cfg.demo {
         let sock_abs = socket
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
@@ -492,9 +404,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         &created.listeners,
         &waker,
         engine.cores(),
-        &cfg,
+        &conn_cfg,
         &live,
-        args.max_connections,
+        cfg.conn.max_connections,
     );
 
     // Shutdown, as qemu-nbd does it: stop accepting, stop reading new requests (they are never
@@ -506,17 +418,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         serde_json::json!({"connections": live.count()}),
     );
     created.remove_sockets();
+    let grace = cfg.host.shutdown_grace;
     if let Some(v) = &vhost_server {
         // Like NBD: no new request is taken from the rings, the ones in flight are answered
         // before the engine stops (a frontend that reconnects finds the rest still queued).
-        let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
-        if v.quiesce(grace) {
+        if v.quiesce(Instant::now() + grace) {
             tracing::info!(socket = %v.socket().display(), "vhost-user-blk queues stopped");
         } else {
             tracing::warn!(socket = %v.socket().display(), "vhost-user-blk requests still in flight after the grace period");
         }
     }
-    if !host.stop_vhost_exports(Instant::now() + Duration::from_secs(args.shutdown_grace)) {
+    if !host.stop_vhost_exports(Instant::now() + grace) {
         tracing::warn!("vhost-user-blk requests still in flight after the grace period");
     }
     let n = live.count();
@@ -525,8 +437,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         "shutting down: not accepting; answering requests in flight, then closing connections"
     );
     live.stop_reading_all();
-    let grace = Instant::now() + Duration::from_secs(args.shutdown_grace);
-    if !live.wait_empty(Some(grace)) {
+    if !live.wait_empty(Some(Instant::now() + grace)) {
         tracing::info!(
             connections = live.count(),
             "grace period over; closing connections"
@@ -536,9 +447,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     // Jobs (streams) stop at their next chunk; what they did is kept and flushed.
     host.jobs.cancel_and_wait(None);
-    let result = engine
-        .shutdown()
-        .map_err(|e| format!("committing overlays: {e}"));
+    let result = engine.shutdown().map_err(|e| {
+        Error::new(ErrorKind::Engine)
+            .with_context("committing overlays")
+            .with_source(e)
+    });
     if let Some(c) = &control {
         c.stop_accepting();
         // Let a `quit` (and the shutdown event) reach their clients before the process exits.
@@ -555,18 +468,37 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
+/// An [`ErrorKind::Setup`] error: `what` could not be set up.
+fn setup(what: &str, source: impl Into<crate::error::Source>) -> Error {
+    Error::new(ErrorKind::Setup)
+        .with_context(what)
+        .with_source(source)
+}
+
+/// Maps a listener error of the socket given with `flag` to an [`ErrorKind::Listen`] error
+/// (the listener's message names the path).
+fn listen_err(flag: &'static str) -> impl Fn(listener::ListenError) -> Error {
+    move |e| Error::new(ErrorKind::Listen).with_flag(flag).with_source(e)
+}
+
 /// Serves the default export over vhost-user-blk on `sock` (bound at `socket`, with the same
 /// hygiene as the NBD socket), with one queue per engine core and the overlay's file name (at
-/// most 20 bytes) as its GET_ID serial.
+/// most 20 bytes) as its GET_ID serial. The configuration guarantees a default export.
 fn start_vhost(
     sock: std::os::unix::net::UnixListener,
     socket: &Path,
     host: &Host,
-    named: &[CliExport],
+    named: &[ExportSpec],
     cores: usize,
-) -> Result<crate::vhost::VhostServer, String> {
+) -> Result<crate::vhost::VhostServer> {
+    let vhost_err = |kind| {
+        Error::new(kind)
+            .with_flag("--vhost-user-blk")
+            .with_value(socket.display().to_string())
+    };
     let Some(export) = host.exports.get("") else {
-        return Err("--vhost-user-blk serves the default export: give OVERLAY".into());
+        return Err(vhost_err(ErrorKind::InvalidArgument)
+            .with_context("serves the default export: give OVERLAY"));
     };
     let serial = named
         .iter()
@@ -577,7 +509,7 @@ fn start_vhost(
     let queues = u16::try_from(cores).unwrap_or(u16::MAX);
     let server =
         crate::vhost::VhostServer::start(sock, socket, export.backend.clone(), queues, serial)
-            .map_err(|e| format!("--vhost-user-blk {}: {e}", socket.display()))?;
+            .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
     tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
     Ok(server)
 }
@@ -893,30 +825,5 @@ mod tests {
         ]));
         assert!(!ro.contains("failed"), "{ro}");
         eprintln!("{list}\n{l}\n{io}\n{map}");
-    }
-
-    #[test]
-    fn cli_values_parse() {
-        assert_eq!(parse_mode("0660"), Ok(0o660));
-        assert_eq!(parse_mode("600"), Ok(0o600));
-        assert!(parse_mode("0999").is_err());
-        assert!(parse_mode("1777").is_err());
-        assert_eq!(parse_cache("buffered"), Ok(CacheMode::Buffered));
-        assert!(parse_cache("x").is_err());
-        let e = |name: &str, p: &str, ro| CliExport {
-            name: name.into(),
-            overlay: PathBuf::from(p),
-            read_only: ro,
-        };
-        assert_eq!(
-            parse_export("vm1=/a/b.add-cow"),
-            Ok(e("vm1", "/a/b.add-cow", false))
-        );
-        assert_eq!(parse_export("=x"), Ok(e("", "x", false)));
-        assert_eq!(parse_export("v=/a/b:ro"), Ok(e("v", "/a/b", true)));
-        assert_eq!(parse_export("v=/a/b:rw"), Ok(e("v", "/a/b", false)));
-        assert!(parse_export("v=:ro").is_err());
-        assert!(parse_export("novalue").is_err());
-        assert!(parse_export("a=").is_err());
     }
 }

@@ -1,0 +1,680 @@
+//! What `addcow serve` runs with: [`DaemonConfig`], built once from the command line by
+//! `TryFrom<ServeArgs>` ([`super::ServeArgs`]). Every value is checked and converted here
+//! (seconds to [`Duration`]s, `0` to "off", the export specs split, the options that need one
+//! another matched), so the rest of the daemon takes plain, valid values and nothing is parsed
+//! twice. The conversion is pure: it reads no file and binds nothing, and its errors name the
+//! option and the value.
+//!
+//! A configuration file (a `[serve]` table whose keys are the long option names) is meant to
+//! fill the same raw values as the command line and go through the same conversion; the fields
+//! here are plain data (paths, numbers, durations, small enums) for that reason.
+//!
+//! The clap `value_parser` functions below ([`parse_mode`], [`parse_cache`], [`parse_bytes`])
+//! return `String`, clap's convention: clap prints their message with the option's name.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use addcow_engine::{CacheMode, EngineConfig};
+
+use super::{demo, ConnMode, ServeArgs};
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::runtime::HostConfig;
+use crate::nbd::wire;
+
+/// The longest time any `SECS` option takes (ten years): deadlines computed from it can never
+/// overflow an `Instant`.
+pub const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// The daemon's whole configuration, validated and in its final units. See the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// The exports given on the command line, in order: the positional `OVERLAY` (the default
+    /// export, empty name) first, then each `--export`. Names are unique; `--read-only` is
+    /// already folded into each. Empty in demo mode (the demo's overlay is made at start).
+    pub exports: Vec<ExportSpec>,
+    /// The built-in demo: no `OVERLAY`, no `--export` and no `--control` were given.
+    pub demo: bool,
+    /// The sockets to serve NBD (and vhost-user-blk) on.
+    pub listen: ListenConfig,
+    /// `--control`: the control socket (JSON-RPC, mode 0600). Default: none.
+    pub control: Option<PathBuf>,
+    /// `--allow-dir`: the folders `export-add` may open files in, as given (resolved at start).
+    /// Empty: the folders of the command-line overlays' files.
+    pub allow_dirs: Vec<PathBuf>,
+    /// `--allow-remote-bases`: `export-add` may open overlays over TCP image servers. Default
+    /// false.
+    pub allow_remote_bases: bool,
+    /// `--metrics`: where to serve Prometheus metrics, a TCP address or (with a `/`) a Unix
+    /// socket path. Default: none.
+    pub metrics: Option<String>,
+    /// `--pid-file`: the pid file, locked while the daemon runs. Default: none.
+    pub pid_file: Option<PathBuf>,
+    /// How the engine runs.
+    pub engine: EngineSettings,
+    /// Connections: how many, how much memory, how long they may take.
+    pub conn: ConnSettings,
+    /// What [`crate::host::runtime::Host::new`] takes: grace period, copy-on-read, lock wait,
+    /// extent-ahead.
+    pub host: HostConfig,
+}
+
+/// One command-line export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// The export name (empty: the default export).
+    pub name: String,
+    /// The `.add-cow` file.
+    pub overlay: PathBuf,
+    /// Served read-only (`:ro`, or `--read-only` for every command-line export).
+    pub read_only: bool,
+}
+
+/// The sockets the daemon serves on (besides systemd's, found at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// `--socket`: the NBD Unix socket. Default: none (in demo mode without systemd sockets,
+    /// `./addcow.sock`; see [`ListenConfig::unix_socket`]).
+    pub socket: Option<PathBuf>,
+    /// `--socket-mode`: permission bits of the NBD and vhost-user-blk socket files. Default
+    /// 0600.
+    pub socket_mode: u32,
+    /// `--tcp`: also listen on this TCP address. Default: none.
+    pub tcp: Option<String>,
+    /// `--allow-remote`: `--tcp` may be off loopback. Default false.
+    pub allow_remote: bool,
+    /// `--vhost-user-blk`: serve the default export to a vhost-user-blk frontend on this Unix
+    /// socket. Default: none. Only with a default export (checked).
+    pub vhost_user_blk: Option<PathBuf>,
+}
+
+/// Engine settings of the daemon ([`EngineSettings::engine_config`] makes the engine's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// `--cores`: engine core threads (at least 1). Default: one per CPU.
+    pub cores: Option<usize>,
+    /// `--cache`: cache mode of the raw images. Default direct.
+    pub image_cache: CacheMode,
+    /// `--base-cache`: cache mode of every base layer. Default direct.
+    pub base_cache: CacheMode,
+    /// `--base-timeout`: how long a read of a remote base may wait for its image server (at
+    /// least 1 s). Default 30 s.
+    pub base_timeout: Duration,
+    /// `--commit-interval`: delay before a background commit after a write; `None` (given 0):
+    /// commits only on FLUSH/FUA, export-del and shutdown. Default 5 s.
+    pub commit_delay: Option<Duration>,
+}
+
+impl EngineSettings {
+    /// The engine's configuration: these settings over the engine's defaults.
+    pub fn engine_config(&self) -> EngineConfig {
+        let mut config = EngineConfig {
+            image_cache: self.image_cache,
+            base_cache: self.base_cache,
+            base_timeout: self.base_timeout,
+            commit_delay: self.commit_delay,
+            ..EngineConfig::default()
+        };
+        if let Some(c) = self.cores {
+            config.cores = c;
+        }
+        config
+    }
+}
+
+/// Connection limits and how connections are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// `--max-connections`: most simultaneous connections. Default 64.
+    pub max_connections: usize,
+    /// `--max-buffer-memory`: bytes of request buffers all connections may hold. Default
+    /// (`None`): an eighth of the machine's memory, at least 64 MiB (decided at start).
+    pub max_buffer_memory: Option<u64>,
+    /// `--handshake-timeout`: time a client has to finish the handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// `--payload-timeout`: time a request frame may take once its first byte came (at least
+    /// 1 s). Default 30 s.
+    pub payload_timeout: Duration,
+    /// `--idle-timeout`: disconnect a client idle this long (at least 1 s). Default: never.
+    pub idle_timeout: Option<Duration>,
+    /// `--conn-mode`: on the engine core's ring, or a thread pair per connection. Default ring.
+    pub mode: ConnMode,
+}
+
+impl ListenConfig {
+    /// The NBD Unix socket to bind: `--socket`, or in demo mode `./addcow.sock` unless systemd
+    /// passed sockets (`systemd`). Refused when there is nothing at all to listen on.
+    pub fn unix_socket(&self, demo: bool, systemd: bool) -> Result<Option<PathBuf>> {
+        let socket = match (&self.socket, demo) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) if !systemd => Some(PathBuf::from(demo::DEMO_SOCKET)),
+            _ => None,
+        };
+        if socket.is_none() && !systemd && self.tcp.is_none() && self.vhost_user_blk.is_none() {
+            return Err(ErrorKind::NothingToListenOn.into());
+        }
+        Ok(socket)
+    }
+}
+
+impl TryFrom<ServeArgs> for DaemonConfig {
+    type Error = Error;
+
+    fn try_from(args: ServeArgs) -> Result<DaemonConfig> {
+        let demo = args.overlay.is_none() && args.exports.is_empty() && args.control.is_none();
+        let mut exports: Vec<ExportSpec> = Vec::new();
+        if let Some(o) = &args.overlay {
+            exports.push(ExportSpec {
+                name: String::new(),
+                overlay: o.clone(),
+                read_only: false,
+            });
+        }
+        for s in &args.exports {
+            let e = parse_export(s)?;
+            if exports.iter().any(|m| m.name == e.name) {
+                return Err(Error::invalid(
+                    "--export",
+                    s.as_str(),
+                    format!("export name {:?} given twice", e.name),
+                ));
+            }
+            exports.push(e);
+        }
+        for e in &mut exports {
+            e.read_only |= args.read_only;
+        }
+        if let Some(v) = &args.vhost_user_blk {
+            if !demo && !exports.iter().any(|e| e.name.is_empty()) {
+                return Err(Error::invalid(
+                    "--vhost-user-blk",
+                    v.display().to_string(),
+                    "serves the default export: give OVERLAY (or --export =OVERLAY)",
+                ));
+            }
+        }
+        let ea = args.extent_ahead;
+        if ea != 0 && (!ea.is_power_of_two() || ea < 4096) {
+            return Err(Error::invalid(
+                "--extent-ahead",
+                ea.to_string(),
+                "not a power of two of at least 4K (or 0 for off)",
+            ));
+        }
+        Ok(DaemonConfig {
+            exports,
+            demo,
+            listen: ListenConfig {
+                socket: args.socket,
+                socket_mode: mode("--socket-mode", args.socket_mode)?,
+                tcp: args.tcp,
+                allow_remote: args.allow_remote,
+                vhost_user_blk: args.vhost_user_blk,
+            },
+            control: args.control,
+            allow_dirs: args.allow_dirs,
+            allow_remote_bases: args.allow_remote_bases,
+            metrics: args.metrics,
+            pid_file: args.pid_file,
+            engine: EngineSettings {
+                cores: args.cores.map(|c| c.max(1)),
+                image_cache: args.cache,
+                base_cache: args.base_cache,
+                base_timeout: positive_secs("--base-timeout", args.base_timeout)?,
+                commit_delay: nonzero(secs("--commit-interval", args.commit_interval)?),
+            },
+            conn: ConnSettings {
+                max_connections: args.max_connections,
+                max_buffer_memory: args.max_buffer_memory,
+                handshake_timeout: secs("--handshake-timeout", args.handshake_timeout)?,
+                payload_timeout: secs("--payload-timeout", args.payload_timeout)?.max(SECOND),
+                idle_timeout: args
+                    .idle_timeout
+                    .map(|s| secs("--idle-timeout", s).map(|d| d.max(SECOND)))
+                    .transpose()?,
+                mode: args.conn_mode,
+            },
+            host: HostConfig {
+                shutdown_grace: secs("--shutdown-grace", args.shutdown_grace)?,
+                copy_on_read: args.copy_on_read,
+                lock_wait: secs("--lock-wait", args.lock_wait)?,
+                extent_ahead: ea,
+            },
+        })
+    }
+}
+
+impl DaemonConfig {
+    /// The overlay of the default export given on the command line, if any.
+    pub fn default_overlay(&self) -> Option<&Path> {
+        self.exports
+            .iter()
+            .find(|e| e.name.is_empty())
+            .map(|e| e.overlay.as_path())
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// `value` seconds of option `flag`, at most [`MAX_SECS`] (clap checks the command line's;
+/// this holds for values from anywhere else).
+fn secs(flag: &'static str, value: u64) -> Result<Duration> {
+    if value > MAX_SECS {
+        return Err(Error::invalid(
+            flag,
+            value.to_string(),
+            format!("more than {MAX_SECS} seconds (ten years)"),
+        ));
+    }
+    Ok(Duration::from_secs(value))
+}
+
+/// Like [`secs`], and at least 1.
+fn positive_secs(flag: &'static str, value: u64) -> Result<Duration> {
+    if value == 0 {
+        return Err(Error::invalid(flag, "0", "must be at least 1 second"));
+    }
+    secs(flag, value)
+}
+
+/// Zero means "off".
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// Permission bits of option `flag`: at most 0777.
+fn mode(flag: &'static str, value: u32) -> Result<u32> {
+    if value > 0o777 {
+        return Err(Error::invalid(
+            flag,
+            format!("{value:o}"),
+            "mode has bits above 0777",
+        ));
+    }
+    Ok(value)
+}
+
+/// The clap parser of a `SECS` option: a number of seconds up to [`MAX_SECS`].
+pub fn secs_parser() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(..=MAX_SECS)
+}
+
+/// The clap parser of `--socket-mode`: octal permission bits, at most 0777.
+pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: mode has bits above 0777"));
+    }
+    Ok(m)
+}
+
+/// The clap parser of `--cache` and `--base-cache`.
+pub fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
+    match s {
+        "direct" | "none" => Ok(CacheMode::Direct),
+        "buffered" | "writeback" => Ok(CacheMode::Buffered),
+        _ => Err(format!("{s:?}: expected direct or buffered")),
+    }
+}
+
+/// The clap parser of a byte count with an optional binary suffix (`512M`, `2G`, `1GiB`).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Splits `NAME=OVERLAY`, `NAME=OVERLAY:ro` or `NAME=OVERLAY:rw` (an `--export`).
+fn parse_export(s: &str) -> Result<ExportSpec> {
+    let bad = |why: &str| Error::invalid("--export", s, why);
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=OVERLAY[:ro]"))?;
+    if name.len() > wire::MAX_STRING || name.contains('\0') {
+        return Err(bad("bad export name (at most 4096 bytes, no NUL)"));
+    }
+    let (path, read_only) = if let Some(p) = path.strip_suffix(":ro") {
+        (p, true)
+    } else if let Some(p) = path.strip_suffix(":rw") {
+        (p, false)
+    } else {
+        (path, false)
+    };
+    if path.is_empty() {
+        return Err(bad("empty overlay path"));
+    }
+    Ok(ExportSpec {
+        name: name.to_string(),
+        overlay: PathBuf::from(path),
+        read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// `addcow serve ARGS` as clap reads it.
+    fn args(line: &[&str]) -> ServeArgs {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(line);
+        Cli::try_parse_from(all).expect("clap accepts it").serve
+    }
+
+    fn config(line: &[&str]) -> Result<DaemonConfig> {
+        DaemonConfig::try_from(args(line))
+    }
+
+    fn spec(name: &str, p: &str, read_only: bool) -> ExportSpec {
+        ExportSpec {
+            name: name.into(),
+            overlay: PathBuf::from(p),
+            read_only,
+        }
+    }
+
+    /// The refusal's kind, option and value, and its message.
+    fn refused(line: &[&str]) -> (ErrorKind, Option<&'static str>, Option<String>, String) {
+        let e = config(line).expect_err("refused");
+        (
+            e.kind(),
+            e.flag(),
+            e.value().map(str::to_string),
+            e.to_string(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = config(&["--socket", "/s", "/a.add-cow"]).unwrap();
+        assert!(!c.demo);
+        assert_eq!(c.exports, [spec("", "/a.add-cow", false)]);
+        assert_eq!(
+            c.listen,
+            ListenConfig {
+                socket: Some("/s".into()),
+                socket_mode: 0o600,
+                tcp: None,
+                allow_remote: false,
+                vhost_user_blk: None,
+            }
+        );
+        assert_eq!(
+            c.engine,
+            EngineSettings {
+                cores: None,
+                image_cache: CacheMode::Direct,
+                base_cache: CacheMode::Direct,
+                base_timeout: Duration::from_secs(30),
+                commit_delay: Some(Duration::from_secs(5)),
+            }
+        );
+        assert_eq!(
+            c.conn,
+            ConnSettings {
+                max_connections: 64,
+                max_buffer_memory: None,
+                handshake_timeout: Duration::from_secs(10),
+                payload_timeout: Duration::from_secs(30),
+                idle_timeout: None,
+                mode: ConnMode::Ring,
+            }
+        );
+        assert_eq!(
+            c.host,
+            HostConfig {
+                shutdown_grace: Duration::from_secs(5),
+                copy_on_read: false,
+                lock_wait: Duration::from_secs(5),
+                extent_ahead: 0,
+            }
+        );
+        assert_eq!((c.control, c.metrics, c.pid_file), (None, None, None));
+        assert!(c.allow_dirs.is_empty() && !c.allow_remote_bases);
+    }
+
+    #[test]
+    fn values_are_converted_once() {
+        let c = config(&[
+            "--socket-mode",
+            "0660",
+            "--cache",
+            "buffered",
+            "--base-cache",
+            "writeback",
+            "--cores",
+            "0",
+            "--commit-interval",
+            "0",
+            "--payload-timeout",
+            "0",
+            "--idle-timeout",
+            "0",
+            "--handshake-timeout",
+            "0",
+            "--shutdown-grace",
+            "7",
+            "--lock-wait",
+            "0",
+            "--extent-ahead",
+            "1M",
+            "--max-buffer-memory",
+            "512M",
+            "--conn-mode",
+            "threads",
+            "--copy-on-read",
+            "--tcp",
+            "127.0.0.1:10809",
+            "/a.add-cow",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.socket_mode, 0o660);
+        assert_eq!(c.listen.tcp.as_deref(), Some("127.0.0.1:10809"));
+        assert_eq!(c.engine.image_cache, CacheMode::Buffered);
+        assert_eq!(c.engine.base_cache, CacheMode::Buffered);
+        assert_eq!(c.engine.cores, Some(1), "at least one core");
+        assert_eq!(c.engine.commit_delay, None, "0: only on FLUSH");
+        assert_eq!(
+            c.conn.payload_timeout,
+            Duration::from_secs(1),
+            "at least 1 s"
+        );
+        assert_eq!(c.conn.idle_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(c.conn.handshake_timeout, Duration::ZERO);
+        assert_eq!(c.conn.max_buffer_memory, Some(512 << 20));
+        assert_eq!(c.conn.mode, ConnMode::Threads);
+        assert_eq!(c.host.shutdown_grace, Duration::from_secs(7));
+        assert_eq!(c.host.lock_wait, Duration::ZERO);
+        assert_eq!(c.host.extent_ahead, 1 << 20);
+        assert!(c.host.copy_on_read);
+        let e = c.engine.engine_config();
+        assert_eq!((e.cores, e.commit_delay), (1, None));
+        assert_eq!(e.image_cache, CacheMode::Buffered);
+    }
+
+    #[test]
+    fn exports_are_split_named_once_and_read_only_folded_in() {
+        let c = config(&[
+            "--export",
+            "vm1=/a/b.add-cow",
+            "--export",
+            "v=/a/c:ro",
+            "--export",
+            "w=/a/d:rw",
+            "/a/default.add-cow",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.exports,
+            [
+                spec("", "/a/default.add-cow", false),
+                spec("vm1", "/a/b.add-cow", false),
+                spec("v", "/a/c", true),
+                spec("w", "/a/d", false),
+            ]
+        );
+        assert_eq!(c.default_overlay(), Some(Path::new("/a/default.add-cow")));
+        let c = config(&["--read-only", "--export", "=x", "--export", "y=z:rw"]).unwrap();
+        assert_eq!(c.exports, [spec("", "x", true), spec("y", "z", true)]);
+        assert_eq!(c.default_overlay(), Some(Path::new("x")));
+        assert!(!c.demo);
+    }
+
+    #[test]
+    fn bad_exports_name_the_option_and_the_value() {
+        for (value, why) in [
+            ("novalue", "expected NAME=OVERLAY[:ro]"),
+            ("a=", "empty overlay path"),
+            ("v=:ro", "empty overlay path"),
+            ("a\0b=x", "bad export name"),
+        ] {
+            let (kind, flag, v, msg) = refused(&["--export", value]);
+            assert_eq!(kind, ErrorKind::InvalidArgument);
+            assert_eq!((flag, v.as_deref()), (Some("--export"), Some(value)));
+            assert!(msg.starts_with(&format!("--export {value:?}: ")), "{msg}");
+            assert!(msg.contains(why), "{msg}");
+        }
+        let long = format!("{}=x", "n".repeat(wire::MAX_STRING + 1));
+        assert!(refused(&["--export", &long]).3.contains("bad export name"));
+        // The positional overlay is the default export: "=x" names it a second time.
+        let (_, flag, v, msg) = refused(&["--export", "=x", "/d.add-cow"]);
+        assert_eq!((flag, v.as_deref()), (Some("--export"), Some("=x")));
+        assert!(msg.contains("export name \"\" given twice"), "{msg}");
+        let (_, _, v, msg) = refused(&["--export", "a=1", "--export", "a=2"]);
+        assert_eq!(v.as_deref(), Some("a=2"));
+        assert!(msg.contains("given twice"), "{msg}");
+    }
+
+    #[test]
+    fn demo_is_what_no_export_and_no_control_means() {
+        let c = config(&[]).unwrap();
+        assert!(c.demo && c.exports.is_empty());
+        assert!(!config(&["--control", "/c"]).unwrap().demo);
+        assert!(!config(&["--export", "a=b"]).unwrap().demo);
+        // The demo has a default export, so vhost-user-blk may serve it.
+        assert!(config(&["--vhost-user-blk", "/v"]).unwrap().demo);
+    }
+
+    #[test]
+    fn vhost_needs_a_default_export() {
+        let (kind, flag, v, msg) = refused(&["--vhost-user-blk", "/v.sock", "--export", "a=b"]);
+        assert_eq!(kind, ErrorKind::InvalidArgument);
+        assert_eq!(
+            (flag, v.as_deref()),
+            (Some("--vhost-user-blk"), Some("/v.sock"))
+        );
+        assert!(msg.contains("default export"), "{msg}");
+        assert!(config(&["--vhost-user-blk", "/v.sock", "--export", "=b"]).is_ok());
+        assert!(config(&["--vhost-user-blk", "/v.sock", "/o.add-cow"]).is_ok());
+    }
+
+    #[test]
+    fn extent_ahead_is_a_power_of_two_of_at_least_4k_or_off() {
+        for ok in ["0", "4K", "1M"] {
+            assert!(config(&["--extent-ahead", ok, "/o"]).is_ok(), "{ok}");
+        }
+        for bad in ["3000", "2K", "12K"] {
+            let (kind, flag, _, msg) = refused(&["--extent-ahead", bad, "/o"]);
+            assert_eq!(
+                (kind, flag),
+                (ErrorKind::InvalidArgument, Some("--extent-ahead"))
+            );
+            assert!(msg.contains("power of two"), "{msg}");
+        }
+    }
+
+    /// Values that reach the conversion without clap's checks (as a configuration file's
+    /// would) are refused there too.
+    #[test]
+    fn out_of_range_values_are_refused_without_clap() {
+        let mut a = args(&["/o"]);
+        a.lock_wait = MAX_SECS + 1;
+        let e = DaemonConfig::try_from(a).unwrap_err();
+        assert_eq!(e.flag(), Some("--lock-wait"));
+        assert_eq!(e.value(), Some((MAX_SECS + 1).to_string().as_str()));
+        let mut a = args(&["/o"]);
+        a.socket_mode = 0o1777;
+        let e = DaemonConfig::try_from(a).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--socket-mode \"1777\": mode has bits above 0777"
+        );
+        let mut a = args(&["/o"]);
+        a.idle_timeout = Some(u64::MAX);
+        assert_eq!(
+            DaemonConfig::try_from(a).unwrap_err().flag(),
+            Some("--idle-timeout")
+        );
+        let mut a = args(&["/o"]);
+        a.base_timeout = 0;
+        assert_eq!(
+            DaemonConfig::try_from(a).unwrap_err().to_string(),
+            "--base-timeout \"0\": must be at least 1 second"
+        );
+        // clap's own range checks on the command line.
+        for line in [
+            &["--handshake-timeout", "315360001"][..],
+            &["--base-timeout", "0"],
+            &["--socket-mode", "1777"],
+            &["--socket-mode", "0999"],
+            &["--cache", "x"],
+        ] {
+            let mut all = vec!["serve"];
+            all.extend_from_slice(line);
+            assert!(Cli::try_parse_from(all).is_err(), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn the_unix_socket_and_nothing_to_listen_on() {
+        let l = |line: &[&str]| config(line).unwrap();
+        // Demo: ./addcow.sock unless systemd passed sockets.
+        let c = l(&[]);
+        assert_eq!(
+            c.listen.unix_socket(c.demo, false).unwrap(),
+            Some(PathBuf::from(demo::DEMO_SOCKET))
+        );
+        assert_eq!(c.listen.unix_socket(c.demo, true).unwrap(), None);
+        let c = l(&["--socket", "/s", "/o"]);
+        assert_eq!(
+            c.listen.unix_socket(c.demo, true).unwrap(),
+            Some(PathBuf::from("/s"))
+        );
+        let c = l(&["/o"]);
+        assert_eq!(c.listen.unix_socket(c.demo, true).unwrap(), None);
+        let e = c.listen.unix_socket(c.demo, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NothingToListenOn);
+        assert!(e.to_string().contains("give --socket PATH"), "{e}");
+        for other in [
+            &["--tcp", "127.0.0.1:1", "/o"][..],
+            &["--vhost-user-blk", "/v", "/o"],
+        ] {
+            let c = l(other);
+            assert_eq!(c.listen.unix_socket(c.demo, false).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn clap_value_parsers() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0o640"), Ok(0o640));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("1777").is_err());
+        assert_eq!(parse_cache("buffered"), Ok(CacheMode::Buffered));
+        assert_eq!(parse_cache("none"), Ok(CacheMode::Direct));
+        assert!(parse_cache("x").is_err());
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert!(parse_bytes("lots").is_err());
+    }
+}
