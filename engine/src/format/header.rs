@@ -6,15 +6,12 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::paths::check_storable;
+pub use crate::layout::{BITMAP_OFFSET, HEADER_SIZE};
 
 /// `ADD_COW\xff`.
 pub const MAGIC: [u8; 8] = *b"ADD_COW\xff";
 /// The only version this crate reads and writes.
 pub const VERSION: u32 = 1;
-/// Bytes in the header; the bitmap starts right after it.
-pub const HEADER_SIZE: usize = 2560;
-/// Byte offset of the bitmap in the `.add-cow` file.
-pub const BITMAP_OFFSET: u64 = HEADER_SIZE as u64;
 /// Bytes in each of the two NUL-padded path fields.
 pub const PATH_FIELD_LEN: usize = 1024;
 /// One bit of the bitmap covers this many bytes.
