@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::{SparseBitmap, CHUNK_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::chain::{base_virtual_size, BaseChain, ChainOpenOptions};
+use crate::format::header::check_storable;
 use crate::format::header::{
     bitmap_len, check_virtual_size, BITMAP_OFFSET, HEADER_SIZE, SECTOR_SIZE,
 };
-use crate::format::paths::{check_storable, refuse_protocol, resolve, storage_path};
+use crate::format::paths::{refuse_protocol, resolve, storage_path};
 use crate::format::Header;
 use crate::sys::{self, LockKind, LockRange};
 
