@@ -23,7 +23,8 @@
 //! * `core/`: one core thread: the loop, and the request state machines that plan ops and react
 //!   (`core/rw.rs` READ/WRITE/zeroes, `core/commit.rs` the group commit, `core/commit_order.rs`
 //!   the order of its steps).
-//! * The base: `base`, the base behind a small trait; `split`: read splitting by the bitmap;
+//! * The base: `base`, the base behind a small trait; `run`: the runs a base range is made
+//!   of (shared by `base` and `remote`); `split`: read splitting by the bitmap;
 //!   `remote`: a base on an NBD image server (its connection threads; `core/remote_read.rs` is
 //!   the core's side).
 //! * `align`: `STATX_DIOALIGN` alignment; `mutex`: locking a mutex whose holder panicked.
@@ -39,6 +40,7 @@ mod engine;
 mod mutex;
 mod remote;
 mod request;
+mod run;
 mod source;
 mod split;
 mod testing;
