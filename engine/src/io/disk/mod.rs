@@ -2,6 +2,8 @@
 
 pub(super) mod commit_plan;
 pub(super) mod extent_ahead;
+pub(super) mod file_slot;
+mod hooks;
 pub(super) mod range_lock;
 pub(super) mod state;
 pub(super) mod stats;

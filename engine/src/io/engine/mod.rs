@@ -1,6 +1,5 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
-pub(super) mod file_slot;
 pub(super) mod mailbox;
 pub(super) mod shared;
 
