@@ -127,7 +127,7 @@ impl SourceCtx<'_> {
     /// [`Disk::submit`] (on this core). A disk of another engine goes through its channel.
     pub fn submit(&mut self, disk: &Disk, req: Request, done: Completion) {
         let core = self.local.core_id();
-        if !Arc::ptr_eq(&disk.engine, self.local.engine()) {
+        if Arc::as_ptr(&disk.engine).cast::<()>() != self.local.engine_id() {
             disk.submit(core, req, done);
             return;
         }
