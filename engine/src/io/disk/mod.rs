@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::overlay::OverlayStamp;
+use crate::io::core::mailbox::Msg;
 use crate::io::core::on_core_thread;
-use crate::io::engine::mailbox::Msg;
-use crate::io::engine::shared::EngineShared;
+use crate::io::core::shared::EngineShared;
 use crate::io::request::responder::Responder;
 use crate::io::request::{req_err, Completion, DepthExtent, Done, Extent, Request, RequestError};
 use crate::io::source::SourceCtx;

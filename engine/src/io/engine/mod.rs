@@ -1,8 +1,5 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
-pub(super) mod mailbox;
-pub(super) mod shared;
-
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -11,14 +8,14 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::config::{DiskOptions, EngineConfig};
+use crate::io::core::mailbox::{CoreHandle, Msg};
+use crate::io::core::shared::EngineShared;
 use crate::io::core::{on_core_thread, Core};
 use crate::io::disk::state::{DiskState, Role};
 use crate::io::disk::{close_disk, Disk};
 use crate::io::mutex::lock;
 use crate::io::source::{CoreSource, SourceId};
 use crate::io::uring::buf::{self, Arena, IoBuf};
-use mailbox::{CoreHandle, Msg};
-use shared::EngineShared;
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.
 ///
