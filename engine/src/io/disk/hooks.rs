@@ -1,6 +1,6 @@
 //! Crash-recorder hooks (feature `crash-recorder`; no-ops otherwise).
 //!
-//! Where the engine calls them (the contract is in [`crate::io::testing::recorder`]):
+//! Where the engine calls them (the contract is in `crate::io::testing::recorder`):
 //! * `rec_write`: at the CQE of every successful write to the raw image or the metadata file,
 //!   with the bytes written, *before* the bits of that write are set;
 //! * `rec_punch`: at the CQE of every hole punch of the raw image;
