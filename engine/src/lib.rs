@@ -16,6 +16,7 @@ pub mod bitmap;
 pub mod error;
 pub mod format;
 pub mod io;
+mod layout;
 pub mod lifecycle;
 pub mod nbd;
 pub mod sys;

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::format::BITMAP_OFFSET;
+use crate::layout::BITMAP_OFFSET;
 
 use super::SparseBitmap;
 

@@ -16,7 +16,7 @@ use crate::format::header::{
     bitmap_len, split_path_field, BACKING_FILE_OFFSET, HEADER_SIZE, IMAGE_FILE_OFFSET, MAGIC,
     PATH_FIELD_LEN, RESERVED_OFFSET, SECTOR_SIZE, VERSION, VERSION_OFFSET,
 };
-use crate::format::overlay::{file_len, soft_findings};
+use crate::format::open::{file_len, soft_findings};
 use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
 use crate::nbd::client;

@@ -5,16 +5,12 @@
 //! (so at most 1023 bytes of path); 2060-2559 reserved, zero. The bitmap follows at byte 2560.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::paths::check_storable;
+pub use crate::layout::{BITMAP_OFFSET, HEADER_SIZE};
 
 /// `ADD_COW\xff`.
 pub const MAGIC: [u8; 8] = *b"ADD_COW\xff";
 /// The only version this crate reads and writes.
 pub const VERSION: u32 = 1;
-/// Bytes in the header; the bitmap starts right after it.
-pub const HEADER_SIZE: usize = 2560;
-/// Byte offset of the bitmap in the `.add-cow` file.
-pub const BITMAP_OFFSET: u64 = HEADER_SIZE as u64;
 /// Bytes in each of the two NUL-padded path fields.
 pub const PATH_FIELD_LEN: usize = 1024;
 /// One bit of the bitmap covers this many bytes.
@@ -56,6 +52,23 @@ pub fn check_virtual_size(size: u64) -> Result<()> {
 /// Bytes of bitmap needed for `virtual_size` bytes: `ceil(virtual_size / 512 / 8)`.
 pub fn bitmap_len(virtual_size: u64) -> u64 {
     (virtual_size / SECTOR_SIZE).div_ceil(8)
+}
+
+/// Refuses a path that does not fit a 1024-byte NUL-padded field (1024 bytes or more), or that
+/// holds a NUL byte.
+pub fn check_storable(field: &'static str, path: &[u8]) -> Result<()> {
+    if path.len() >= PATH_FIELD_LEN {
+        return Err(Error::new(ErrorKind::PathTooLong {
+            field,
+            len: path.len(),
+        }));
+    }
+    if path.contains(&0) {
+        return Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "{field} path contains a NUL byte"
+        ))));
+    }
+    Ok(())
 }
 
 /// A parsed header. Paths are the raw bytes as stored (not resolved; see [`super::paths`]).
@@ -294,5 +307,19 @@ mod tests {
         assert_eq!(bitmap_len(8 * 512), 1);
         assert_eq!(bitmap_len(9 * 512), 2);
         assert_eq!(bitmap_len(1 << 40), (1 << 40) / 4096);
+    }
+
+    #[test]
+    fn storable_limits() {
+        assert!(check_storable("image_file", &[b'a'; 1023]).is_ok());
+        let e = check_storable("image_file", &[b'a'; 1024]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            &ErrorKind::PathTooLong {
+                field: "image_file",
+                len: 1024
+            }
+        );
+        assert!(check_storable("image_file", b"a\0b").is_err());
     }
 }

@@ -3,6 +3,8 @@
 //! * [`header`]: the 2560-byte header: parse and encode, byte for byte.
 //! * [`paths`]: path rules (relative to the overlay's directory, protocol prefixes refused).
 //! * [`overlay`]: [`Overlay::open`] validates everything and loads the bitmap; [`create`] makes one.
+//! * `open`: the steps of reading an `.add-cow` file both openers share (length, header,
+//!   bitmap, soft findings, QEMU's share lock on a base).
 //! * [`chain`]: backing chains: the layers under an overlay, opened read-only and share-locked.
 //! * [`check`]: the consistency report behind `addcow check`.
 //! * [`map`]: allocation runs in the shape of `qemu-img map --output=json`.
@@ -14,6 +16,7 @@ pub mod chain;
 pub mod check;
 pub mod header;
 pub mod map;
+pub(crate) mod open;
 pub mod overlay;
 pub mod paths;
 

@@ -18,7 +18,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::header::PATH_FIELD_LEN;
 use crate::nbd::uri::{is_nbd_uri, NbdUri};
 
 /// The NBD URI `path` names, if it is one (a path that merely looks like one is an error).
@@ -76,23 +75,6 @@ pub fn resolve(meta_path: &Path, field: &'static str, stored: &[u8]) -> Result<P
     }
     let dir = meta_path.parent().unwrap_or(Path::new(""));
     Ok(dir.join(stored))
-}
-
-/// Refuses a path that does not fit a 1024-byte NUL-padded field (1024 bytes or more), or that
-/// holds a NUL byte.
-pub fn check_storable(field: &'static str, path: &[u8]) -> Result<()> {
-    if path.len() >= PATH_FIELD_LEN {
-        return Err(Error::new(ErrorKind::PathTooLong {
-            field,
-            len: path.len(),
-        }));
-    }
-    if path.contains(&0) {
-        return Err(Error::new(ErrorKind::InvalidArgument(format!(
-            "{field} path contains a NUL byte"
-        ))));
-    }
-    Ok(())
 }
 
 /// The path to store in the header for `target`, a path as the user gave it (relative to the
@@ -221,20 +203,6 @@ mod tests {
             storage_path(Path::new("x.add-cow"), Path::new("nbd://127.0.0.1/b")).unwrap(),
             Path::new("nbd://127.0.0.1/b")
         );
-    }
-
-    #[test]
-    fn storable_limits() {
-        assert!(check_storable("image_file", &[b'a'; 1023]).is_ok());
-        let e = check_storable("image_file", &[b'a'; 1024]).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            &ErrorKind::PathTooLong {
-                field: "image_file",
-                len: 1024
-            }
-        );
-        assert!(check_storable("image_file", b"a\0b").is_err());
     }
 
     #[test]

@@ -20,30 +20,8 @@ use crate::format::chain::{BaseChain, LayerShape, RunSrc, Runs, Stack};
 
 use super::align::{dio_align, DioAlign};
 use super::remote::{RemoteBase, RemoteOptions};
+use super::run::{push_run, BaseRun};
 use crate::error::Result;
-
-/// One run of a base range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BaseRun {
-    /// `len` bytes at `offset` of the open file `fd`, which needs `align` for I/O; `layer`:
-    /// which layer supplies them (0 = the overlay's direct base, 1 = its base, ...).
-    File {
-        fd: RawFd,
-        offset: u64,
-        len: u64,
-        align: DioAlign,
-        layer: u32,
-    },
-    /// `len` bytes at `offset` of the remote base (read through [`BaseSource::remote`]);
-    /// `layer` as for `File`.
-    Remote { offset: u64, len: u64, layer: u32 },
-    /// `len` bytes of layer `layer` that its server reported as reading zeros (a hole of a
-    /// remote base, known from `base:allocation`): read as zeros without I/O, but supplied by
-    /// that layer (allocation depth).
-    Hole { len: u64, layer: u32 },
-    /// `len` bytes of zeros.
-    Zero { len: u64 },
-}
 
 /// A read-only source of base bytes. Invariant: never written through (DESIGN invariant 5).
 pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
@@ -211,44 +189,6 @@ impl Stack for ChainBase {
                 bitmap: None,
             },
         }
-    }
-}
-
-/// Appends `run`, merging it into the last run when they continue each other.
-pub(crate) fn push_run(out: &mut Vec<BaseRun>, run: BaseRun) {
-    match (out.last_mut(), run) {
-        (_, BaseRun::Zero { len: 0 })
-        | (_, BaseRun::File { len: 0, .. })
-        | (_, BaseRun::Remote { len: 0, .. })
-        | (_, BaseRun::Hole { len: 0, .. }) => {}
-        (
-            Some(BaseRun::Hole { len, layer }),
-            BaseRun::Hole {
-                len: more,
-                layer: l2,
-            },
-        ) if *layer == l2 => *len += more,
-        (
-            Some(BaseRun::Remote { offset, len, .. }),
-            BaseRun::Remote {
-                offset: off2,
-                len: more,
-                ..
-            },
-        ) if *offset + *len == off2 => *len += more,
-        (Some(BaseRun::Zero { len }), BaseRun::Zero { len: more }) => *len += more,
-        (
-            Some(BaseRun::File {
-                fd, offset, len, ..
-            }),
-            BaseRun::File {
-                fd: fd2,
-                offset: off2,
-                len: more,
-                ..
-            },
-        ) if *fd == fd2 && *offset + *len == off2 => *len += more,
-        _ => out.push(run),
     }
 }
 

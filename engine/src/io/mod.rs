@@ -3,32 +3,38 @@
 //! The public types are re-exported here; each lives in the module named after it. See
 //! `docs/ARCHITECTURE.md` for how a request travels and where durability is decided.
 //!
-//! * `engine/`: [`Engine`]: core threads started and stopped, disks opened; `shared`: what those
-//!   threads share (core handles, arena, config); `file_slot`: registered-file slots lent to a
-//!   disk; `mailbox`: how other threads reach a core (channel + eventfd + messages).
-//! * `disk/`: [`Disk`]: where a request enters (submit, blocking helpers, close); `state`: what
-//!   the cores serving one disk share (files, bitmap, dirty marks, commit state, unit locks; a
-//!   leaf: it knows nothing of cores or the engine); `range_lock`: the read-modify-write unit
-//!   locks; `commit_plan`: which metadata bytes a commit writes; `extent_ahead`: which raw-image
-//!   extents to allocate ahead of writes; `stats`: per-disk counters.
+//! The folders import one way: `engine/` uses `core/`, which uses `source/`, which uses
+//! `disk/`, which uses the config, the base, `request/`, `uring/` and `testing/`.
+//!
+//! * `engine/`: [`Engine`]: core threads started and stopped, disks opened; `disk`: [`Disk`],
+//!   where a request enters (submit, blocking helpers, close).
+//! * `core/`: one core thread: the loop, and the request state machines that plan ops and react
+//!   (`core/rw.rs` READ/WRITE/zeroes, `core/commit.rs` the group commit, `core/commit_order.rs`
+//!   the order of its steps); `mailbox`: how other threads reach a core (channel + eventfd +
+//!   messages); `shared`: what the threads of one engine share (core handles, arena, config).
+//! * `disk/`: what the cores serving one disk share (a leaf: it knows nothing of cores or the
+//!   engine): `state` (files, bitmap, dirty marks, commit state, unit locks); `range_lock`: the
+//!   read-modify-write unit locks; `commit_plan`: which metadata bytes a commit writes;
+//!   `extent_ahead`: which raw-image extents to allocate ahead of writes; `stats`: per-disk
+//!   counters; `file_slot`: registered-file slots lent to the disk; `hooks`: where the disk
+//!   state calls the crash recorder.
 //! * `request/`: [`Request`], [`Done`], [`RequestError`], [`Completion`], [`Extent`];
 //!   `responder`: a completion called exactly once. `config`: [`EngineConfig`], [`CacheMode`],
 //!   [`DiskOptions`].
 //! * `source/`: [`CoreSource`], work a core polls in its own ring (an eventfd) beside its
-//!   requests, and [`SourceCtx`], how it submits on that core and runs socket I/O on its ring;
+//!   requests, and [`SourceCtx`], how it submits on that core (through the `LocalSubmit` trait
+//!   the core implements) and runs socket I/O on its ring;
 //!   `sock`: the socket I/O's types ([`SockFd`], [`SendList`], [`SockDone`]).
 //! * `uring/`: `ring`, one core's io_uring with its slab of in-flight ops, in-flight cap,
 //!   backlog, linked chains and eventfd read (buffer lifetime is the ops' ownership); `buf`:
 //!   [`IoBuf`] and the per-core arena pools.
-//! * `core/`: one core thread: the loop, and the request state machines that plan ops and react
-//!   (`core/rw.rs` READ/WRITE/zeroes, `core/commit.rs` the group commit, `core/commit_order.rs`
-//!   the order of its steps).
-//! * The base: `base`, the base behind a small trait; `split`: read splitting by the bitmap;
+//! * The base: `base`, the base behind a small trait; `run`: the runs a base range is made
+//!   of (shared by `base` and `remote`); `split`: read splitting by the bitmap;
 //!   `remote`: a base on an NBD image server (its connection threads; `core/remote_read.rs` is
 //!   the core's side).
 //! * `align`: `STATX_DIOALIGN` alignment; `mutex`: locking a mutex whose holder panicked.
 //! * `testing/` (test-only): `recorder` (feature `crash-recorder`), `faults` (feature
-//!   `fault-injection`), `hooks` (where the engine calls the recorder).
+//!   `fault-injection`).
 
 mod align;
 mod base;
@@ -39,6 +45,7 @@ mod engine;
 mod mutex;
 mod remote;
 mod request;
+mod run;
 mod source;
 mod split;
 mod testing;
@@ -47,7 +54,7 @@ mod uring;
 pub use config::{CacheMode, DiskOptions, EngineConfig, DEFAULT_EXTENT_AHEAD};
 pub use core::on_core_thread;
 pub use disk::stats::DiskStats;
-pub use disk::Disk;
+pub use engine::disk::Disk;
 pub use engine::Engine;
 pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,

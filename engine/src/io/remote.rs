@@ -71,8 +71,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::base::{push_run, BaseRun};
 use super::mutex::lock;
+use super::run::{push_run, BaseRun};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, Session, Stream};
 use crate::nbd::uri::NbdUri;

@@ -6,8 +6,9 @@ use crate::bitmap::SparseBitmap;
 use crate::format::chain::{Opaque, Over, RunSrc, Runs, Stack};
 
 use super::align::DioAlign;
-use super::base::{BaseRun, BaseSource};
+use super::base::BaseSource;
 use super::request::{DepthExtent, Extent, ExtentKind};
+use super::run::BaseRun;
 
 /// Where one segment of a read comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

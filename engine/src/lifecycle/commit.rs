@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::SparseBitmap;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::is_add_cow;
-use crate::format::overlay::file_len;
+use crate::format::open::file_len;
 use crate::format::{bitmap_len, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::{OpFile, Ops};
 use crate::lifecycle::resize::grow;

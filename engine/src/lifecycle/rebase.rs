@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::chain::{BaseChain, ChainOpenOptions};
-use crate::format::paths::{check_storable, refuse_protocol, storage_path};
+use crate::format::header::check_storable;
+use crate::format::paths::{refuse_protocol, storage_path};
 use crate::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET, SECTOR_SIZE};
 use crate::lifecycle::fileops::Ops;
 use crate::lifecycle::view::View;

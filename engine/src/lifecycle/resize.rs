@@ -188,5 +188,5 @@ fn shrink_to(meta: &OpFile, image: &OpFile, old: u64, new: u64) -> Result<()> {
 }
 
 fn file_size(f: &OpFile) -> Result<u64> {
-    crate::format::overlay::file_len(f.file(), f.path(), "stat")
+    crate::format::open::file_len(f.file(), f.path(), "stat")
 }

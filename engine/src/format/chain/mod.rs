@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::SparseBitmap;
 use crate::error::{BackingLoop, Error, ErrorKind, Result};
 use crate::format::header::{bitmap_len, check_virtual_size, HEADER_SIZE, MAGIC, SECTOR_SIZE};
-use crate::format::overlay::{file_len, load_bitmap, read_header, share_lock_base, soft_findings};
+use crate::format::open::{file_len, load_bitmap, read_header, share_lock_base, soft_findings};
 use crate::format::paths::{nbd_uri, resolve};
 use crate::format::Header;
 use crate::nbd::client::{self, Session};
@@ -691,8 +691,7 @@ pub fn base_virtual_size(base: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{create, CreateOptions, BITMAP_OFFSET};
-    use std::os::unix::fs::FileExt;
+    use crate::format::header::BITMAP_OFFSET;
 
     /// One add-cow layer of the model: its size in sectors and which sectors are set.
     struct Model {
@@ -705,27 +704,24 @@ mod tests {
         (at / 7 % 251) as u8 ^ (0x40 * (depth as u8 + 1))
     }
 
-    /// Makes `name.add-cow` over `base` with the model's bits set and its raw image filled.
+    /// Makes `name.add-cow` over `base` with the model's bits set and its raw image filled,
+    /// written byte for byte (the header, then the bitmap; paths stored relative, as `create`
+    /// stores them beside the overlay).
     fn layer(dir: &Path, name: &str, base: &Path, depth: usize, m: &Model) -> PathBuf {
         let overlay = dir.join(format!("{name}.add-cow"));
-        create(&CreateOptions {
-            overlay: overlay.clone(),
-            base: Some(base.to_path_buf()),
-            size: Some(m.sectors * SECTOR_SIZE),
-            ..CreateOptions::default()
-        })
-        .unwrap();
-        let mut bits = vec![0u8; m.sectors.div_ceil(8) as usize];
+        let header = Header {
+            backing_file: base.file_name().unwrap().as_encoded_bytes().to_vec(),
+            image_file: format!("{name}.raw").into_bytes(),
+            reserved_nonzero: false,
+        };
+        let mut meta = header.encode().unwrap().to_vec();
+        meta.resize(BITMAP_OFFSET as usize + m.sectors.div_ceil(8) as usize, 0);
         for (s, set) in m.set.iter().enumerate() {
             if *set {
-                bits[s / 8] |= 1 << (s % 8);
+                meta[BITMAP_OFFSET as usize + s / 8] |= 1 << (s % 8);
             }
         }
-        let meta = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&overlay)
-            .unwrap();
-        meta.write_all_at(&bits, BITMAP_OFFSET).unwrap();
+        std::fs::write(&overlay, meta).unwrap();
         let data: Vec<u8> = (0..m.sectors * SECTOR_SIZE)
             .map(|a| byte(depth, a))
             .collect();

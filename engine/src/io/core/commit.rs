@@ -25,12 +25,12 @@ use std::time::Instant;
 use super::super::mutex::lock;
 use super::super::request::RequestError;
 use super::commit_order::{self, Step};
+use super::mailbox::Msg;
 use super::ops::{CoreOp, Mem, OpKind, Region};
 use super::tasks::{CommitTask, Task};
 use super::Core;
 use crate::io::disk::commit_plan;
 use crate::io::disk::state::{DiskState, Role, Waiter, META_BLOCK};
-use crate::io::engine::mailbox::Msg;
 use crate::io::uring::buf::IoBuf;
 
 /// Most ops in one linked chain of a commit.

@@ -16,7 +16,7 @@
 //!    are posted only then; see `Wait::Poll`); otherwise it
 //!    blocks until a completion, the eventfd, or the next background commit is due. Before
 //!    blocking the core sets its `sleeping` flag and looks at the channel once more (see
-//!    `engine/mailbox.rs`).
+//!    `mailbox.rs`).
 //! 4. Handle every completion that arrived, then call `ready` on every attached source whose
 //!    eventfd fired (`sources.rs`); before blocking in step 3, every source's `idle` is called.
 //!
@@ -31,10 +31,12 @@ mod commit;
 mod commit_order;
 #[cfg(feature = "fault-injection")]
 mod inject;
+pub(super) mod mailbox;
 mod ops;
 mod populate;
 mod remote_read;
 mod rw;
+pub(super) mod shared;
 mod shared_buf;
 mod sources;
 mod tasks;
@@ -52,12 +54,12 @@ use slab::Slab;
 use super::request::{req_err, Done, MAX_POPULATE};
 use super::split::{Seg, SplitScratch};
 use crate::io::disk::state::{DiskState, Entered, Role, SLOTS_PER_DISK};
-use crate::io::engine::mailbox::Msg;
-use crate::io::engine::shared::{EngineShared, MAX_REGISTERED_DISKS};
 use crate::io::request::responder::Responder;
 use crate::io::uring::buf::{self, IoBuf};
 use crate::io::uring::ring::{Ring, Wait};
+use mailbox::Msg;
 use ops::{CoreOp, FileRef, OpKind, Target};
+use shared::{EngineShared, MAX_REGISTERED_DISKS};
 use shared_buf::SharedBuf;
 use tasks::{ReadTask, Task};
 

@@ -21,8 +21,8 @@
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use super::super::base::BaseRun;
 use super::super::request::{req_err, Done, MAX_POPULATE};
+use super::super::run::BaseRun;
 use super::ops::OpKind;
 use super::shared_buf::SharedBuf;
 use super::tasks::{Held, PopulateTask, Task};

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use super::super::remote::{ReadDone, ReadResult};
+use super::mailbox::Msg;
 use super::shared_buf::SharedBuf;
 use super::Core;
 use crate::io::disk::state::DiskState;
-use crate::io::engine::mailbox::Msg;
 
 /// A remote read in flight: where its bytes go.
 pub(super) struct RemoteOp {

@@ -20,7 +20,6 @@ use super::super::source::{CoreSource, LocalSubmit, SockOp, SourceCtx};
 use super::ops::{CoreOp, OpKind, SockIo};
 use super::Core;
 use crate::io::disk::state::DiskState;
-use crate::io::engine::shared::EngineShared;
 use crate::io::request::responder::Responder;
 use crate::io::source::sock::SockDone;
 
@@ -236,8 +235,8 @@ impl Core {
 }
 
 impl LocalSubmit for Core {
-    fn engine(&self) -> &Arc<EngineShared> {
-        &self.shared
+    fn engine_id(&self) -> *const () {
+        Arc::as_ptr(&self.shared).cast()
     }
 
     fn core_id(&self) -> usize {

@@ -18,12 +18,12 @@ use crate::format::{bitmap_len, OpenOptions, Overlay, HEADER_SIZE, SECTOR_SIZE};
 use crate::sys::{ofd_lock, ofd_unlock, LockKind};
 
 use super::extent_ahead::ExtentAhead;
+use super::file_slot::FileSlot;
 use super::range_lock::RangeLocks;
 use super::stats::DiskCounters;
 use crate::io::align::{dio_align, DioAlign};
 use crate::io::base::{BaseSource, ChainBase};
 use crate::io::config::{CacheMode, DiskOptions, EngineConfig};
-use crate::io::engine::file_slot::FileSlot;
 use crate::io::remote::RemoteOptions;
 use crate::io::request::responder::Responder;
 use crate::io::request::{Request, RequestError};

@@ -1,8 +1,6 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
-pub(super) mod file_slot;
-pub(super) mod mailbox;
-pub(super) mod shared;
+pub(super) mod disk;
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -12,14 +10,14 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::config::{DiskOptions, EngineConfig};
+use crate::io::core::mailbox::{CoreHandle, Msg};
+use crate::io::core::shared::EngineShared;
 use crate::io::core::{on_core_thread, Core};
 use crate::io::disk::state::{DiskState, Role};
-use crate::io::disk::{close_disk, Disk};
 use crate::io::mutex::lock;
 use crate::io::source::{CoreSource, SourceId};
 use crate::io::uring::buf::{self, Arena, IoBuf};
-use mailbox::{CoreHandle, Msg};
-use shared::EngineShared;
+use disk::{close_disk, Disk};
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.
 ///

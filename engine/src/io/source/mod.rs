@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::io::disk::state::DiskState;
-use crate::io::engine::shared::EngineShared;
 use crate::io::request::responder::Responder;
 use crate::io::request::Request;
 use crate::io::uring::buf::IoBuf;
@@ -143,8 +142,10 @@ pub(crate) enum SockOp {
 
 /// A core as a [`SourceCtx`] sees it.
 pub(crate) trait LocalSubmit {
-    /// The engine this core belongs to.
-    fn engine(&self) -> &Arc<EngineShared>;
+    /// The engine this core belongs to, as an identity: the address of the state its threads
+    /// share (a source submitting to a disk of another engine goes through that disk's channel).
+    /// An address, not the type, so that sources sit below the engine's types.
+    fn engine_id(&self) -> *const ();
     /// This core's index.
     fn core_id(&self) -> usize;
     /// Starts an accepted request on this core.

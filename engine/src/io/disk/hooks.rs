@@ -1,6 +1,6 @@
 //! Crash-recorder hooks (feature `crash-recorder`; no-ops otherwise).
 //!
-//! Where the engine calls them (the contract is in [`super::recorder`]):
+//! Where the engine calls them (the contract is in `crate::io::testing::recorder`):
 //! * `rec_write`: at the CQE of every successful write to the raw image or the metadata file,
 //!   with the bytes written, *before* the bits of that write are set;
 //! * `rec_punch`: at the CQE of every hole punch of the raw image;
@@ -8,7 +8,7 @@
 //!   starts only once the last bitmap write completed: at that write's CQE);
 //! * `rec_sync(.., true)`: at the CQE of every successful fdatasync.
 
-use crate::io::disk::state::{DiskState, Role};
+use super::state::{DiskState, Role};
 
 impl DiskState {
     /// Records a completed write (crash-recorder feature; no-op otherwise).
@@ -16,7 +16,7 @@ impl DiskState {
     pub(crate) fn rec_write(&self, role: Role, offset: u64, data: &[u8]) {
         #[cfg(feature = "crash-recorder")]
         if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
-            r.push(super::recorder::Event::Write {
+            r.push(crate::io::testing::recorder::Event::Write {
                 file,
                 offset,
                 data: data.to_vec(),
@@ -29,7 +29,7 @@ impl DiskState {
     pub(crate) fn rec_punch(&self, role: Role, offset: u64, len: u64) {
         #[cfg(feature = "crash-recorder")]
         if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
-            r.push(super::recorder::Event::Punch { file, offset, len });
+            r.push(crate::io::testing::recorder::Event::Punch { file, offset, len });
         }
     }
 
@@ -39,19 +39,19 @@ impl DiskState {
         #[cfg(feature = "crash-recorder")]
         if let (Some(r), Some(file)) = (&self.recorder, file_role(role)) {
             r.push(if end {
-                super::recorder::Event::SyncEnd { file, id }
+                crate::io::testing::recorder::Event::SyncEnd { file, id }
             } else {
-                super::recorder::Event::SyncBegin { file, id }
+                crate::io::testing::recorder::Event::SyncBegin { file, id }
             });
         }
     }
 }
 
 #[cfg(feature = "crash-recorder")]
-fn file_role(role: Role) -> Option<super::recorder::FileRole> {
+fn file_role(role: Role) -> Option<crate::io::testing::recorder::FileRole> {
     match role {
-        Role::Image => Some(super::recorder::FileRole::Image),
-        Role::Meta => Some(super::recorder::FileRole::Meta),
+        Role::Image => Some(crate::io::testing::recorder::FileRole::Image),
+        Role::Meta => Some(crate::io::testing::recorder::FileRole::Meta),
         Role::Base => None,
     }
 }

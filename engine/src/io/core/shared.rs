@@ -4,9 +4,9 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use super::file_slot::{FileSlot, SlotOwner};
 use super::mailbox::{CoreHandle, Msg};
 use crate::io::config::EngineConfig;
+use crate::io::disk::file_slot::{FileSlot, SlotOwner};
 use crate::io::mutex::lock;
 use crate::io::uring::buf::Arena;
 
