@@ -393,10 +393,9 @@ impl AllowedDirs {
         let Some((i, rel)) = beneath(&self.dirs, &real) else {
             return Err(self.outside(role, &real));
         };
-        let again = open_beneath(self.handles[i].as_fd(), rel)
-            .and_then(|h| file_id(h.as_fd()).map_err(Into::into));
+        let again = open_beneath(self.handles[i].as_fd(), rel).and_then(|h| file_id(h.as_fd()));
         match again {
-            Ok(id) if Ok(id) == file_id(fd).map_err(|_| ()) => Ok(()),
+            Ok(id) if file_id(fd).ok() == Some(id) => Ok(()),
             // Reached through a symlink, out of the folder, or another file by now: whichever,
             // the open file is not one beneath the folder.
             _ => Err(self.outside(role, &real)),

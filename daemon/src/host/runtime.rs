@@ -397,7 +397,7 @@ impl Host {
         );
         // The files underneath, for hole queries and the hole-punching probe; without them
         // nothing is reported as zeros and every FAST_ZERO fails fast.
-        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
+        let files = LayerFiles::open_or_warn(&disk, name);
         let export = Export::new(
             claim.name(),
             Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),
