@@ -119,7 +119,7 @@ impl Generation {
         opts: &DiskOptions,
     ) -> addcow_engine::Result<Generation> {
         let disk = engine.open(overlay, opts.clone())?;
-        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
+        let files = LayerFiles::open_or_warn(&disk, name);
         Ok(Generation { disk, files })
     }
 

@@ -2,15 +2,15 @@
 //! (`SEEK_HOLE`/`SEEK_DATA`), and whether the raw image can punch holes at all (and at which
 //! alignment), which decides whether a FAST_ZERO can be done without writing zeros.
 //!
-//! The engine owns the files it serves; these are separate read-only descriptors (the raw image
-//! is opened for writing once, at export time, to probe hole punching beyond its end, which
-//! changes no byte).
+//! The engine owns the files it serves; these are separate read-only descriptors of the same
+//! files, opened through the engine's own descriptors (the raw image is opened for writing once,
+//! at export time, to probe hole punching beyond its end, which changes no byte).
 
 use std::fs::File;
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
-use addcow_engine::format::{Chain, FileRole, LayerFormat};
-use addcow_engine::ExtentKind;
+use addcow_engine::format::{FileRole, LayerFormat, OpenedFile};
+use addcow_engine::{Disk, ExtentKind};
 
 /// Most hole ranges collected for one request (more are treated as data: always a safe answer).
 const MAX_HOLES: usize = 1 << 17;
@@ -25,43 +25,53 @@ pub struct LayerFiles {
 }
 
 impl LayerFiles {
-    /// [`LayerFiles::open`], or `None` with a warning naming export `name`: without the files
-    /// nothing is reported as zeros and every FAST_ZERO fails fast, but the export still serves.
-    pub fn open_or_warn(overlay: &Path, writable: bool, name: &str) -> Option<LayerFiles> {
-        LayerFiles::open(overlay, writable)
+    /// [`LayerFiles::of_disk`], or `None` with a warning naming export `name`: without the
+    /// files nothing is reported as zeros and every FAST_ZERO fails fast, but the export still
+    /// serves.
+    pub fn open_or_warn(disk: &Disk, name: &str) -> Option<LayerFiles> {
+        LayerFiles::of_disk(disk)
             .map_err(|e| {
                 tracing::warn!(export = %name, error = %e, "cannot open the layer files; block status reports no zeros");
             })
             .ok()
     }
 
-    /// Opens the files of `overlay`. `writable`: the export takes writes (then hole punching
-    /// is probed).
-    pub fn open(overlay: &Path, writable: bool) -> Result<LayerFiles, String> {
-        // The engine's chain walk names the files (the top and its direct base's layer).
-        let files = Chain::files_of(overlay, 1, None).map_err(|e| e.to_string())?;
+    /// Opens again the files `disk` serves (the raw image, and a raw direct base): through the
+    /// kernel's link to each open descriptor (`/proc/self/fd/N`), so these are the very files
+    /// the engine opened (and the allowed-folder check judged), whatever their paths name by
+    /// now. A writable disk's raw image is probed for hole punching.
+    pub fn of_disk(disk: &Disk) -> Result<LayerFiles, String> {
+        let files = disk.opened_files();
         let named = |depth, role: FileRole| {
             files
                 .iter()
-                .find(|f| f.depth == depth && f.role == role)
-                .map(|f| (f.path.as_path(), f.format))
+                .find(|f| f.file.depth == depth && f.file.role == role)
+                .and_then(|f| f.fd.map(|fd| (f, fd)))
         };
-        let Some((image_path, _)) = named(0, FileRole::Data) else {
-            return Err(format!("{}: not an add-cow overlay", overlay.display()));
+        let reopen = |(f, fd): (&OpenedFile<'_>, BorrowedFd<'_>), write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| format!("{}: reopen: {e}", f.file.path.display()))
         };
-        let open = |p: &Path| File::open(p).map_err(|e| format!("{}: {e}", p.display()));
-        let image = open(image_path)?;
+        let Some(image) = named(0, FileRole::Data) else {
+            return Err(format!("{}: no raw image", disk.path().display()));
+        };
+        let probe = (!disk.read_only())
+            .then(|| reopen(image, true).ok())
+            .flatten();
+        let image = reopen(image, false)?;
         // An add-cow base (a backing chain) supplies its ranges from several files; holes of
         // its metadata file say nothing about them, so nothing is reported as zeros there (nor
         // for a remote base, which is no file).
         let base = match named(1, FileRole::Named) {
-            Some((p, Some(LayerFormat::Raw))) => Some(open(p)?),
+            Some(b) if b.0.file.format == Some(LayerFormat::Raw) => Some(reopen(b, false)?),
             _ => None,
         };
-        let fast_zero_unit = if writable && can_punch(image_path) {
-            Some(dio_unit(&image))
-        } else {
-            None
+        let fast_zero_unit = match probe {
+            Some(f) if can_punch(&f) => Some(dio_unit(&image)),
+            _ => None,
         };
         Ok(LayerFiles {
             image,
@@ -119,13 +129,10 @@ pub fn file_holes(f: &File, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
 
 /// Whether the file system of `image` punches holes: a punch past its end (which changes no
 /// byte) is tried.
-fn can_punch(image: &Path) -> bool {
-    let Ok(f) = std::fs::OpenOptions::new().write(true).open(image) else {
-        return false;
-    };
+fn can_punch(f: &File) -> bool {
     let Ok(meta) = f.metadata() else { return false };
     let at = meta.len().div_ceil(4096) * 4096 + 4096;
-    addcow_engine::sys::punch_hole(&f, at, 4096).is_ok()
+    addcow_engine::sys::punch_hole(f, at, 4096).is_ok()
 }
 
 /// The unit the engine zeroes in: 512, or the raw image's direct-I/O alignment when larger

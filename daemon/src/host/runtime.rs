@@ -323,16 +323,35 @@ impl Host {
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
         }
-        if origin == Origin::Control {
-            self.allowed.check_socket(&params.socket)?;
-        }
+        // From the control socket: bound at the folder's real path, checked and held (see
+        // `allow::SocketDir`), then looked up again once it is there.
+        let mut params = params;
+        let socket_dir = match origin {
+            Origin::Control => {
+                let d = self.allowed.check_socket(&params.socket)?;
+                params.socket = d.path().to_path_buf();
+                Some(d)
+            }
+            _ => None,
+        };
+        crate::process::seam::pause("vhost-socket-checked");
         let vhost_err = |error| HostError::Vhost {
             name: name.to_string(),
             error,
         };
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
         let export = self.add_export(name, overlay, opts, origin)?;
-        match bound.serve(export.backend.clone(), overlay) {
+        let served = bound
+            .serve(export.backend.clone(), overlay)
+            .map_err(vhost_err)
+            .and_then(|v| match socket_dir.as_ref().map(|d| d.verify_bound()) {
+                Some(Err(e)) => {
+                    v.stop(Instant::now());
+                    Err(e.into())
+                }
+                _ => Ok(v),
+            });
+        match served {
             Ok(v) => {
                 self.vhost_lock().insert(export.name.clone(), v);
                 Ok(export)
@@ -341,7 +360,7 @@ impl Host {
                 if let Err(d) = self.delete_export(&export.name, DeleteMode::Hard) {
                     tracing::warn!(export = %name, error = %d, "removing the half-added export");
                 }
-                Err(vhost_err(e))
+                Err(e)
             }
         }
     }
@@ -372,6 +391,7 @@ impl Host {
         if origin == Origin::Control {
             self.allowed.check_before_open(overlay)?;
         }
+        crate::process::seam::pause("export-add-checked");
         if let Some(export) = self.serving_file(overlay) {
             return Err(HostError::AlreadyServed {
                 overlay: overlay.to_path_buf(),
@@ -384,8 +404,10 @@ impl Host {
                 name: name.to_string(),
                 error: Box::new(error),
             })?;
+        crate::process::seam::pause("export-add-opened");
+        // The files the engine opened decide, not what their paths name now (see `allow`).
         if origin == Origin::Control {
-            if let Err(e) = self.allowed.check_after_open(overlay) {
+            if let Err(e) = self.allowed.check_opened(&disk.opened_files()) {
                 let _ = disk.close();
                 return Err(e.into());
             }
@@ -400,7 +422,7 @@ impl Host {
         );
         // The files underneath, for hole queries and the hole-punching probe; without them
         // nothing is reported as zeros and every FAST_ZERO fails fast.
-        let files = LayerFiles::open_or_warn(overlay, !disk.read_only(), name);
+        let files = LayerFiles::open_or_warn(&disk, name);
         let export = Export::new(
             claim.name(),
             Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),

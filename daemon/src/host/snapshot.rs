@@ -31,12 +31,15 @@
 //! is closed without a final commit ([`addcow_engine::Disk::abandon`]) and the export fails
 //! every request ([`SnapshotError::Lost`]).
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use addcow_engine::format::overlay::default_image_path;
-use addcow_engine::format::{create_exclusive, CreateOptions};
+use addcow_engine::format::{create_exclusive, CreateOptions, Created};
+use addcow_engine::Disk;
 use serde::Serialize;
 
+use super::allow::{AllowError, AllowedDirs};
 use super::events;
 use super::runtime::Host;
 use crate::backend::disk::{EngineDisk, Generation};
@@ -80,6 +83,10 @@ pub enum SnapshotError {
         /// The allowed folders.
         dirs: String,
     },
+    /// A file the snapshot created is not in an allowed folder (a folder on its path was
+    /// swapped after the check); it was removed again.
+    #[error("{0}")]
+    Outside(AllowError),
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -122,7 +129,9 @@ impl SnapshotError {
             SnapshotError::NoSuchExport(_) => "no-such-export",
             SnapshotError::ReadOnly(_) => "read-only",
             SnapshotError::Unsupported(_) => "unsupported",
-            SnapshotError::Relative(_) | SnapshotError::NotAllowed { .. } => "not-allowed",
+            SnapshotError::Relative(_)
+            | SnapshotError::NotAllowed { .. }
+            | SnapshotError::Outside(_) => "not-allowed",
             SnapshotError::Exists(_) => "exists",
             SnapshotError::ShuttingDown => "shutting-down",
             SnapshotError::JobRunning { .. } => "job-running",
@@ -157,6 +166,39 @@ fn check_target(host: &Host, overlay: &Path) -> Result<PathBuf, SnapshotError> {
             dirs: describe(),
         }),
     }
+}
+
+/// Whether the new disk `next` opened the snapshot's files: at depth 0 the files `made`
+/// created (by device and inode), below them only files the current disk `cur` holds (its
+/// overlay, raw image and chain). What the paths name by now does not count.
+fn same_files(next: &Disk, made: &Created, cur: &Disk) -> Result<(), String> {
+    let id = |fd: std::os::fd::BorrowedFd<'_>| {
+        nix::sys::stat::fstat(fd.as_raw_fd())
+            .map(|st| (st.st_dev, st.st_ino))
+            .ok()
+    };
+    let made: Vec<_> = made.files().filter_map(|(_, f)| id(f.as_fd())).collect();
+    let held: Vec<_> = cur
+        .opened_files()
+        .iter()
+        .filter_map(|f| f.fd.and_then(id))
+        .collect();
+    for f in next.opened_files() {
+        let Some(fd) = f.fd else { continue };
+        let want = if f.file.depth == 0 { &made } else { &held };
+        if !id(fd).is_some_and(|i| want.contains(&i)) {
+            return Err(format!(
+                "{}: the file opened is not the one the snapshot {} (a path was swapped meanwhile)",
+                f.file.path.display(),
+                if f.file.depth == 0 {
+                    "created"
+                } else {
+                    "stands on"
+                }
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Takes a live snapshot of export `name` into the new overlay `overlay` (see the module docs).
@@ -200,7 +242,7 @@ pub fn snapshot_export(
             };
             return (None, Err(e));
         }
-        take(ed, cur, name, overlay, &image)
+        take(ed, cur, name, overlay, &image, &host.allowed)
     });
     if let Ok(s) = &result {
         tracing::info!(export = %name, overlay = %s.overlay.display(), base = %s.base.display(), "live snapshot");
@@ -219,6 +261,7 @@ fn take(
     name: &str,
     overlay: &Path,
     image: &Path,
+    allowed: &AllowedDirs,
 ) -> (Option<Generation>, Result<Snapshotted, SnapshotError>) {
     let old = cur.disk.path().to_path_buf();
     let failed = |step: &'static str, error: String| SnapshotError::Failed {
@@ -256,6 +299,17 @@ fn take(
             tracing::warn!(export = %name, error = %e, "cannot remove a file of a failed snapshot");
         }
     };
+    // The files made, not their paths: a folder swapped since `check_target` put them
+    // elsewhere (see `allow`).
+    let roles = ["new overlay's raw image", "new overlay"];
+    let outside = made
+        .files()
+        .zip(roles)
+        .find_map(|((p, f), role)| allowed.check_fd(role, p, f.as_fd()).err());
+    if let Some(e) = outside {
+        remove_new();
+        return (None, Err(SnapshotError::Outside(e)));
+    }
     if crate::process::seam::fail("snapshot-create") {
         remove_new();
         let e = addcow_engine::Error::io(
@@ -278,6 +332,17 @@ fn take(
     } else {
         ed.open_generation(overlay, name)
     };
+    let opened = opened.map_err(|e| e.to_string()).and_then(|next| {
+        match same_files(&next.disk, &made, &cur.disk) {
+            Ok(()) => Ok(next),
+            Err(e) => {
+                if let Err(c) = next.disk.close() {
+                    tracing::warn!(export = %name, error = %c, "closing a refused snapshot's disk");
+                }
+                Err(e)
+            }
+        }
+    });
     match opened {
         Ok(next) => {
             // Quiesced, flushed and untouched since: the close commits nothing; it only lets go
@@ -296,7 +361,7 @@ fn take(
         Err(e) => {
             remove_new();
             match cur.disk.relock_overlay(None) {
-                Ok(()) => (None, Err(failed("opening the new overlay", e.to_string()))),
+                Ok(()) => (None, Err(failed("opening the new overlay", e))),
                 Err(again) => {
                     // Another process locked, wrote or replaced the overlay while it was
                     // unlocked: this disk's bitmap is stale or its files are not the overlay any

@@ -22,7 +22,7 @@ pub mod paths;
 
 pub use chain::{
     is_add_cow, BaseChain, Chain, ChainFile, ChainOpenOptions, FileRole, Layer, LayerFormat,
-    MAX_CHAIN_DEPTH,
+    OpenedFile, MAX_CHAIN_DEPTH,
 };
 pub use check::{check, CheckReport, Finding, Severity};
 pub use header::{

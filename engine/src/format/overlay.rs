@@ -527,6 +527,13 @@ impl Created {
         self.files.iter().map(|(p, _)| p.as_path())
     }
 
+    /// The files made, each with its path and the descriptor it was created with (the raw
+    /// image first, then the overlay): a caller checks what was created, not what its path
+    /// names now.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, &File)> {
+        self.files.iter().map(|(p, f)| (p.as_path(), f))
+    }
+
     /// Records `file`, just created at `path`. If it cannot be kept, it is removed by its path
     /// (created with `O_EXCL` a moment ago, it is ours) and the error returned.
     fn record(&mut self, path: &Path, file: &File, op: &'static str) -> Result<()> {

@@ -11,12 +11,15 @@
 //! cores fall back to for any descriptor that is not the registered one.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
 
 use crate::bitmap::SparseBitmap;
 #[cfg(test)]
 use crate::format::chain::Opaque;
-use crate::format::chain::{BaseChain, LayerShape, RunSrc, Runs, Stack};
+use crate::format::chain::{
+    BaseChain, ChainFile, FileRole, LayerFormat, LayerShape, OpenedFile, RunSrc, Runs, Stack,
+};
 
 use super::align::{dio_align, DioAlign};
 use super::remote::{RemoteBase, RemoteOptions};
@@ -43,6 +46,11 @@ pub(crate) trait BaseSource: Send + Sync + std::fmt::Debug {
     /// The base's layers (its direct base at depth 0), for the chain's walk when only which
     /// layer supplies a range matters (allocation depths).
     fn layers(&self) -> &dyn Stack;
+    /// Appends the files the base holds open, its direct base at depth `first` (see
+    /// [`crate::Disk::opened_files`]).
+    fn opened_files<'a>(&'a self, first: usize, out: &mut Vec<OpenedFile<'a>>) {
+        let _ = (first, out);
+    }
 }
 
 /// A raw image file as base (the engine serves every base as a [`ChainBase`]; this simplest
@@ -112,6 +120,11 @@ impl BaseSource for RawFileBase {
 /// One layer of a [`ChainBase`].
 #[derive(Debug)]
 struct ChainLayer {
+    /// The file that names the layer (as the chain's opener resolved it) and its format.
+    path: PathBuf,
+    format: LayerFormat,
+    /// The path `data` was opened by.
+    data_path: PathBuf,
     /// The layer's bytes (a raw image, or an add-cow layer's raw image), read-only.
     data: File,
     /// The add-cow layer's metadata file (kept open: its shared lock lives with it).
@@ -158,6 +171,9 @@ impl ChainBase {
             .map(|l| {
                 let align = dio_align(&l.data, crate::sys::is_o_direct(&l.data));
                 ChainLayer {
+                    path: l.path,
+                    format: l.format,
+                    data_path: l.data_path,
                     data: l.data,
                     meta: l.meta,
                     size: l.size,
@@ -249,6 +265,44 @@ impl BaseSource for ChainBase {
 
     fn layers(&self) -> &dyn Stack {
         self
+    }
+
+    fn opened_files<'a>(&'a self, first: usize, out: &mut Vec<OpenedFile<'a>>) {
+        for (i, l) in self.layers.iter().enumerate() {
+            let file = |role, path: &PathBuf| ChainFile {
+                depth: first + i,
+                role,
+                path: path.clone(),
+                format: Some(l.format),
+            };
+            match &l.meta {
+                Some(meta) => {
+                    out.push(OpenedFile {
+                        file: file(FileRole::Named, &l.path),
+                        fd: Some(meta.as_fd()),
+                    });
+                    out.push(OpenedFile {
+                        file: file(FileRole::Data, &l.data_path),
+                        fd: Some(l.data.as_fd()),
+                    });
+                }
+                None => out.push(OpenedFile {
+                    file: file(FileRole::Named, &l.path),
+                    fd: Some(l.data.as_fd()),
+                }),
+            }
+        }
+        if let Some(r) = &self.remote {
+            out.push(OpenedFile {
+                file: ChainFile {
+                    depth: first + self.layers.len(),
+                    role: FileRole::Remote(r.uri().clone()),
+                    path: PathBuf::from(&r.uri().text),
+                    format: Some(LayerFormat::Nbd),
+                },
+                fd: None,
+            });
+        }
     }
 }
 

@@ -212,6 +212,11 @@ impl RemoteBase {
         })
     }
 
+    /// The URI it was opened by, as stored.
+    pub(crate) fn uri(&self) -> &NbdUri {
+        &self.uri
+    }
+
     /// The export's size.
     pub(crate) fn size(&self) -> u64 {
         self.size

@@ -146,6 +146,18 @@ pub struct ChainFile {
     pub format: Option<LayerFormat>,
 }
 
+/// One file an open disk holds, as [`crate::Disk::opened_files`] lists it: what the engine
+/// actually opened (the descriptor), not a path to open again. A caller that must know which
+/// files a disk reads and writes (the daemon's allowed folders) checks these: nothing swapped at
+/// a path after the open can change which file a descriptor refers to.
+#[derive(Debug)]
+pub struct OpenedFile<'a> {
+    /// Its depth and role, and the path it was opened by (the layer's format is known).
+    pub file: ChainFile,
+    /// The open file; `None` for a remote layer (an image server, no file).
+    pub fd: Option<std::os::fd::BorrowedFd<'a>>,
+}
+
 /// A base served by an NBD image server: the bottom of a chain whose last backing path is an
 /// NBD URI. Opening the chain connects once (the export's size is needed to read the layers
 /// above); the engine takes that connection over (`io/remote.rs`).

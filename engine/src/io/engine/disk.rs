@@ -240,6 +240,38 @@ impl Disk {
         &self.state.meta_path
     }
 
+    /// Every file this disk holds open, top first: the `.add-cow` file and the raw image (depth
+    /// 0, what requests write), then each layer of its base (depth 1 is the direct base), and a
+    /// remote bottom layer (no descriptor). The descriptors are the ones the engine reads and
+    /// writes through (the raw image's second, buffered descriptor for its partial last unit
+    /// is checked at open to be the same file), so a caller that checks these checks exactly
+    /// what will be served, whatever the paths name by now.
+    pub fn opened_files(&self) -> Vec<crate::format::OpenedFile<'_>> {
+        use crate::format::{ChainFile, FileRole, LayerFormat, OpenedFile};
+        use std::os::fd::AsFd;
+        let s = &self.state;
+        let top = |role, path: &Path| ChainFile {
+            depth: 0,
+            role,
+            path: path.to_path_buf(),
+            format: Some(LayerFormat::AddCow),
+        };
+        let mut out = vec![
+            OpenedFile {
+                file: top(FileRole::Named, &s.meta_path),
+                fd: Some(s.meta.as_fd()),
+            },
+            OpenedFile {
+                file: top(FileRole::Data, &s.image_path),
+                fd: Some(s.image.as_fd()),
+            },
+        ];
+        if let Some(base) = &s.base {
+            base.opened_files(1, &mut out);
+        }
+        out
+    }
+
     /// What the engine did for this disk since it was opened: commits and their batch size,
     /// bits set, bytes read from the base. Lock-free; cheap enough to poll.
     pub fn stats(&self) -> DiskStats {
