@@ -817,8 +817,14 @@ mod tests {
         for _ in 0..20_000 {
             let mut data = vec![0u8; rng.gen_range(0..40)];
             rng.fill(&mut data[..]);
-            // Mostly small offsets and lengths, so that some requests are in range.
-            if rng.gen_bool(0.7) && data.len() >= 19 {
+            if rng.gen_bool(0.8) && data.len() >= 19 {
+                // Mostly known kinds, few flags, small offsets and lengths: valid requests.
+                data[1] = rng.gen_range(0..9);
+                data[2] = match rng.gen_range(0..3) {
+                    0 => 0,
+                    1 => 1 << rng.gen_range(0..6),
+                    _ => data[2] & 0x3f,
+                };
                 data[3..9].fill(0);
                 data[11..17].fill(0);
             }
