@@ -8,7 +8,8 @@
 //! submits and [`outbox`]'s writer thread sends the replies instead.
 //!
 //! Modules: [`connection`] (handshake, then the reader), [`ring_conn`] (a connection on its
-//! core), [`conn_config`] (what both share), [`outbox`] (reply queue and writer), [`budget`]
+//! core), [`plan`] (what both do with a request: one planner they execute), [`conn_config`]
+//! (what both share), [`outbox`] (reply queue and writer), [`budget`]
 //! (in-flight limits and the daemon-wide buffer pool), [`conns`] (live connections and the one
 //! way they are stopped), [`sock`] (a client socket), [`listener`] (listening sockets, their
 //! hygiene, systemd).
@@ -23,5 +24,8 @@ pub mod connection;
 pub mod conns;
 pub mod listener;
 pub mod outbox;
+pub mod plan;
 pub mod ring_conn;
 pub mod sock;
+#[cfg(test)]
+mod transport_tests;

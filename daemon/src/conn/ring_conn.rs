@@ -3,10 +3,10 @@
 //! reader or writer thread.
 //!
 //! The way of a request: a `recv` on the core's ring fills a 64 KiB buffer (one recv takes in
-//! every request the client pipelined); the parser ([`RingConn::pump`]) validates each header
-//! ([`command::validate`]), takes its budget (a request slot, counted here, and bytes of the
-//! daemon's [`Pool`] through a non-blocking [`Share`]) and submits it with
-//! [`Backend::try_submit_local`]. A WRITE's payload goes into an engine buffer: what the
+//! every request the client pipelined); the parser ([`RingConn::pump`]) plans each header
+//! ([`super::plan`]: validation, the hole shortcut, the cost), takes its budget (a request
+//! slot, counted here, and bytes of the daemon's [`Pool`] through a non-blocking [`Share`])
+//! and submits it with [`Backend::try_submit_local`]. A WRITE's payload goes into an engine buffer: what the
 //! header recv already brought is copied, the rest is received straight into it. A disk switch
 //! that holds new requests back hands the request to this connection's one waiter thread,
 //! which submits it with [`Backend::submit`]; the core never blocks. Completions (on the core)
@@ -37,21 +37,20 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use addcow_engine::{
-    Completion, CoreSource, Engine, ExtentKind, IoBuf, Request, SendList, SockDone, SockFd,
-    SourceCtx,
+    Completion, CoreSource, Engine, IoBuf, Request, SendList, SockDone, SockFd, SourceCtx,
 };
 
 use super::budget::{Share, Waker};
 use super::conn_config::{ConnConfig, Totals, MAX_IN_FLIGHT, WRITER_PANICS};
 use super::conns::ClientHandle;
+use super::plan::{self, Plan, Then};
 use super::sock::Sock;
 use crate::backend::disk::Backend;
-use crate::nbd::command::{self, Command, Limits};
+use crate::nbd::command::Limits;
 use crate::nbd::export::Attached;
 use crate::nbd::handshake::Negotiated;
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{ExportStats, Op, Stamp};
-use crate::nbd::status;
 use crate::nbd::wire::{self, RequestHeader};
 
 /// Bytes of the receive buffer (request headers and what follows them).
@@ -550,12 +549,6 @@ impl RingConn {
                 return true;
             }
         };
-        if h.kind == wire::CMD_DISC {
-            self.start += hlen;
-            self.totals.requests += 1;
-            self.stopping = true;
-            return true;
-        }
         let op = Op::from_kind(h.kind);
         let bytes = match op {
             Op::Flush | Op::Other => 0,
@@ -566,110 +559,72 @@ impl RingConn {
             // without waiting: an atomic the switch updates).
             self.limits.fast_zero_unit = self.backend.fast_zero_unit();
         }
-        let validated = command::validate(&h, &self.limits);
-        // Holes of a READ: an all-hole read is answered from a static page, with no budget.
-        let mut holes = Vec::new();
-        let cost = match &validated {
-            Err(_) | Ok(Command::Disc) => 0,
-            Ok(Command::Read { offset, len, .. }) => {
-                if *len > 0 {
-                    // Never wait for a disk switch on the core: without the map the read goes
-                    // to the engine whole (holes read as zeros, sent as data).
-                    holes = self
-                        .backend
-                        .try_allocation(*offset, u64::from(*len))
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|e| e.kind == ExtentKind::Zero)
-                        .map(|e| (e.offset, e.len))
-                        .collect();
-                }
-                let all_hole =
-                    *len == 0 || (holes.len() == 1 && holes[0] == (*offset, u64::from(*len)));
-                if all_hole {
-                    0
-                } else {
-                    u64::from(*len)
-                }
+        // Never wait for a disk switch on the core: without the map a READ goes to the engine
+        // whole (holes read as zeros, sent as data).
+        let backend = &self.backend;
+        let plan = plan::plan(&h, &self.limits, |o, l| {
+            backend.try_allocation(o, l).unwrap_or_default()
+        });
+        let cost = plan.cost();
+        if let Some(cost) = cost {
+            if !self.take(cost) {
+                // The frame is whole: waiting for budget (a slot, or room in the pool) is
+                // backpressure, not a client stalling inside a frame, so the payload clock
+                // stops.
+                self.frame_start = None;
+                return false;
             }
-            Ok(Command::Write { len, .. }) => u64::from(*len),
-            Ok(Command::BlockStatus { len, req_one, .. }) => {
-                status::reply_cost(*len, *req_one, self.limits.contexts)
-            }
-            Ok(_) => 0,
-        };
-        let fatal =
-            matches!(&validated, Err(r) if r.fatal) || matches!(validated, Ok(Command::Disc));
-        if !fatal && !self.take(cost) {
-            // The frame is whole: waiting for budget (a slot, or room in the pool) is
-            // backpressure, not a client stalling inside a frame, so the payload clock stops.
-            self.frame_start = None;
-            return false;
         }
         self.start += hlen;
         self.totals.requests += 1;
         self.last_activity = Instant::now();
         self.frame_start = None;
         let stamp = Stamp::now(op, bytes);
-        match validated {
-            Err(rej) if rej.fatal => self.fatal(rej.message),
-            Ok(Command::Disc) => self.stopping = true,
-            Err(rej) => {
-                self.stats.started(self.core, op);
-                tracing::debug!(cookie = h.cookie, error = rej.error, msg = %rej.message, "request refused");
-                let body = Body::Error {
-                    error: rej.error,
-                    message: rej.message,
-                };
-                self.answer(0, stamp, h.cookie, h.offset, body);
-                if rej.drain > 0 {
-                    self.frame_start = Some(self.last_activity);
-                    self.state = In::Drain {
-                        left: u64::from(rej.drain),
-                    };
-                }
-            }
-            Ok(cmd) => {
-                self.stats.started(self.core, op);
-                self.dispatch(ctx, h.cookie, h.offset, cmd, cost, stamp, holes);
-            }
-        }
+        self.execute(ctx, &h, plan, cost.unwrap_or(0), stamp);
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn dispatch(
+    /// Carries out `plan` for the request `h`, which took `cost` bytes of budget (and a slot,
+    /// unless the plan closes the connection).
+    fn execute(
         &mut self,
         ctx: &mut SourceCtx<'_>,
-        cookie: u64,
-        req_offset: u64,
-        cmd: Command,
+        h: &RequestHeader,
+        plan: Plan,
         cost: u64,
         stamp: Stamp,
-        holes: Vec<(u64, u64)>,
     ) {
-        if cmd.changes_nothing() {
-            self.answer(cost, stamp, cookie, req_offset, Body::Ok);
-            return;
+        let (cookie, offset) = (h.cookie, h.offset);
+        if !matches!(plan, Plan::Close(_) | Plan::Disconnect) {
+            self.stats.started(self.core, stamp.op);
         }
-        let pend = self.pend(cost, stamp);
-        match cmd {
-            Command::Read { offset, len, df } => {
-                if cost == 0 {
-                    drop(pend.disarm());
-                    self.answer(0, stamp, cookie, offset, Body::Zeros { offset, len, df });
-                    return;
+        match plan {
+            Plan::Close(why) => self.fatal(why),
+            Plan::Disconnect => self.stopping = true,
+            Plan::Refuse {
+                error,
+                message,
+                drain,
+            } => {
+                tracing::debug!(cookie, error, msg = %message, "request refused");
+                self.answer(cost, stamp, cookie, offset, Body::Error { error, message });
+                if drain > 0 {
+                    self.frame_start = Some(self.last_activity);
+                    self.state = In::Drain {
+                        left: u64::from(drain),
+                    };
                 }
+            }
+            Plan::Answer(body) => self.answer(cost, stamp, cookie, offset, body),
+            Plan::Submit { req, then } => {
+                let pend = self.pend(cost, stamp);
                 self.submit(
                     ctx,
-                    Request::Read { offset, len },
-                    Box::new(move |r| {
-                        let body = reply::read_answer(r, offset, len, holes, df);
-                        pend.answer(cookie, offset, body, false);
-                    }),
+                    req,
+                    Box::new(move |r| pend.answer(cookie, offset, then.answer(r), false)),
                 );
             }
-            Command::Write { offset, len, fua } => {
+            Plan::Write { offset, len, fua } => {
                 // Not zeroed: every byte is overwritten by the payload before it is submitted.
                 let data = self.backend.alloc_buf(len as usize);
                 self.frame_start = Some(self.last_activity);
@@ -680,62 +635,23 @@ impl RingConn {
                     data: Some(data),
                     got: 0,
                     len: len as usize,
-                    pend: Some(pend),
+                    pend: Some(self.pend(cost, stamp)),
                 };
             }
-            Command::Flush => self.submit_ok(
-                ctx,
-                pend,
-                cookie,
-                req_offset,
-                wire::CMD_FLUSH,
-                false,
-                Request::Flush,
-            ),
-            Command::Trim { offset, len, fua } => {
-                let req = Request::Trim { offset, len, fua };
-                self.submit_ok(ctx, pend, cookie, offset, wire::CMD_TRIM, false, req);
-            }
-            Command::Cache { offset, len } => {
-                let req = Request::Cache { offset, len };
-                self.submit_ok(ctx, pend, cookie, offset, wire::CMD_CACHE, false, req);
-            }
-            Command::WriteZeroes {
-                offset,
-                len,
-                punch,
-                fua,
-                fast,
-            } => {
-                let req = Request::WriteZeroes {
-                    offset,
-                    len,
-                    punch,
-                    fua,
-                };
-                self.submit_ok(ctx, pend, cookie, offset, wire::CMD_WRITE_ZEROES, fast, req);
-            }
-            Command::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => {
+            Plan::BlockStatus(status) => {
                 // The map may be held by a disk switch, which waits for requests this core
                 // completes: answered on the connection's waiter thread.
+                let pend = self.pend(cost, stamp);
                 let backend = Arc::clone(&self.backend);
-                let meta = self.limits.contexts;
                 self.off_core(Box::new(move || {
-                    let contexts = status::answer(&*backend, offset, len, meta, req_one);
-                    let body = Body::BlockStatus { contexts };
                     let reply = Reply {
                         cookie,
                         offset,
-                        body,
+                        body: status.answer(&*backend),
                     };
                     pend.finish(Some(reply), false);
                 }));
             }
-            Command::Disc => drop(pend.disarm()),
         }
     }
 
@@ -762,33 +678,7 @@ impl RingConn {
             Request::Write { offset, data, fua },
             Box::new(move |r| {
                 // The engine is done with the buffer: its bytes go back at once.
-                let body = reply::done_answer(wire::CMD_WRITE, false, r);
-                pend.answer(cookie, offset, body, true);
-            }),
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn submit_ok(
-        &mut self,
-        ctx: &mut SourceCtx<'_>,
-        pend: Pend,
-        cookie: u64,
-        offset: u64,
-        kind: u16,
-        fast_zero: bool,
-        req: Request,
-    ) {
-        self.submit(
-            ctx,
-            req,
-            Box::new(move |r| {
-                pend.answer(
-                    cookie,
-                    offset,
-                    reply::done_answer(kind, fast_zero, r),
-                    false,
-                );
+                pend.answer(cookie, offset, Then::WRITE.answer(r), true);
             }),
         );
     }
@@ -935,15 +825,6 @@ impl RingConn {
             self.closed = true;
             ctx.detach();
         }
-    }
-}
-
-impl Pend {
-    /// A claim that will not be answered through the engine (answered directly): dropped
-    /// without pushing anything.
-    fn disarm(mut self) -> Pend {
-        self.used = true;
-        self
     }
 }
 
