@@ -65,7 +65,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy -p addcow-engine --all-targets --features crash-recorder -- -D warnings
+cargo clippy -p addcow-engine -p addcow-engine-testkit --all-targets --features crash-recorder -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-populate-bits-first -- -D warnings
 cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings

@@ -3,13 +3,11 @@
 //! JSON-RPC error or a closed connection, while the daemon, its other control clients and its
 //! NBD clients carry on.
 
-mod nbd_support;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

@@ -3,11 +3,9 @@
 //! and a flat RSS. Every cycle writes and reads through the added export with qemu-io; every
 //! fifth one deletes it `hard` under a connected client, the others `safe`.
 
-mod nbd_support;
-
 use std::time::{Duration, Instant};
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;

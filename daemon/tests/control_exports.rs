@@ -4,11 +4,9 @@
 //! and unlocked so a second daemon can serve it); the allowed folders; errors that read like the
 //! command line's; per-export read-only; `quit`.
 
-mod nbd_support;
-
 use std::path::Path;
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -148,7 +146,7 @@ fn runtime_exports_stats_and_delete_end_to_end() {
     );
 
     // While a is served here, no other process can open it for writing.
-    let other = std::process::Command::new(env!("CARGO_BIN_EXE_addcow"))
+    let other = std::process::Command::new(addcow_bin())
         .args(["serve", "--socket"])
         .arg(f.path("other.sock"))
         .arg(&a)
@@ -303,7 +301,7 @@ fn export_add_refusals_read_like_the_command_line() {
 
     // Errors of the engine carry the same text the command line prints.
     let cli_error = |overlay: &Path| -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_addcow"))
+        let out = std::process::Command::new(addcow_bin())
             .args(["serve", "--socket"])
             .arg(f.path("cli.sock"))
             .arg("--export")
@@ -520,7 +518,7 @@ fn control_socket_hygiene() {
     let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // A live control socket is refused to a second daemon.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_addcow"))
+    let out = std::process::Command::new(addcow_bin())
         .args(["serve", "--socket"])
         .arg(f.path("x.sock"))
         .arg("--control")

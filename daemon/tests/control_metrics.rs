@@ -3,11 +3,9 @@
 //! is a HELP/TYPE comment or a well-formed sample of a declared family, no series twice,
 //! histograms cumulative with `+Inf` equal to `_count`. The values follow what clients did.
 
-mod nbd_support;
-
 use std::collections::{BTreeMap, HashMap};
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;

@@ -6,14 +6,12 @@
 //! Heavy and timing-sensitive (fio, rate-limited streams): `#[ignore]`, run one at a time by
 //! scripts/test.sh.
 
-mod nbd_support;
-
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

@@ -5,15 +5,12 @@
 //! in flight, disconnects the frontend and removes the socket, after which the same socket can
 //! be added again; bad parameters get errors that say what is wrong and leave nothing behind.
 
-mod nbd_support;
-mod vhost_support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use nbd_support::*;
+use addcow_daemon_testkit::vhost::{pattern, Frontend};
+use addcow_daemon_testkit::*;
 use serde_json::{json, Value};
-use vhost_support::{pattern, Frontend};
 
 const MIB: u64 = 1 << 20;
 

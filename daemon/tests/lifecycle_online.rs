@@ -4,9 +4,7 @@
 //! connected and every one of its reads (before, during and after the switch) returns the right
 //! bytes; shrinking and bad sizes are refused with clear errors.
 
-mod nbd_support;
-
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::json;
 
 /// Reads 8 KiB at 4 KiB on one connection until `stop` exists, checking every byte is 0x11;

@@ -2,46 +2,22 @@
 //! compared byte for byte with what `addcow serve` served before (qemu-img compare, nbdcopy,
 //! nbdinfo, qemu-io as clients), and their refusals.
 
-mod nbd_support;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Output};
 
+use addcow_daemon_testkit::{
+    addcow, addcow_ok, assert_identical, qemu_io, run, text, Daemon, Fixture, RawClient,
+};
 use addcow_engine::format::{bitmap_len, Header, OpenOptions, Overlay, BITMAP_OFFSET};
-use nbd_support::{addcow_bin, assert_identical, qemu_io, run, Daemon, Fixture, RawClient};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn addcow(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(addcow_bin())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run addcow")
-}
-
-fn ok(cwd: &Path, args: &[&str]) -> String {
-    let o = addcow(cwd, args);
-    assert!(o.status.success(), "addcow {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Runs a command that must fail with exit status 1; returns its stderr.
 fn refused(cwd: &Path, args: &[&str]) -> String {
     let o = addcow(cwd, args);
     assert_eq!(o.status.code(), Some(1), "addcow {args:?}: {}", text(&o));
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Serves `overlay`, runs `f` with the URI, stops the server.
@@ -125,7 +101,7 @@ fn resize_grow_keeps_content_and_serves_the_new_size() {
     let before = dump(&fx, &ov, "before.img");
     let root = fx.dir.path();
 
-    let out = ok(root, &["resize", "disk.add-cow", "+1M"]);
+    let out = addcow_ok(root, &["resize", "disk.add-cow", "+1M"]);
     assert!(
         out.contains("1 MiB (1048576 bytes) -> 2 MiB (2097152 bytes)"),
         "{out}"
@@ -156,7 +132,7 @@ fn resize_grow_keeps_content_and_serves_the_new_size() {
         );
     });
     // An absolute size works too.
-    ok(root, &["resize", "disk.add-cow", "3M"]);
+    addcow_ok(root, &["resize", "disk.add-cow", "3M"]);
     assert_eq!(open_ro(&ov).virtual_size, 3 * MIB);
 }
 
@@ -178,7 +154,7 @@ fn resize_shrink_needs_the_flag_and_a_regrow_does_not_resurrect_data() {
 
     // 515 sectors: bits 515..519 of the last bitmap byte are past the new end.
     let small = 515 * 512;
-    ok(
+    addcow_ok(
         root,
         &[
             "resize",
@@ -197,7 +173,7 @@ fn resize_shrink_needs_the_flag_and_a_regrow_does_not_resurrect_data() {
 
     // Grown again: what the raw image held past the new end is gone; the base shows through
     // (0xab up to 512k), then zeros. Stale bits there would read the regrown raw image (zeros).
-    ok(root, &["resize", "disk.add-cow", "1M"]);
+    addcow_ok(root, &["resize", "disk.add-cow", "1M"]);
     served(&fx, &ov, |uri| {
         qemu_io(
             uri,
@@ -252,7 +228,7 @@ fn rebase_keeps_content_byte_for_byte() {
     nb[(64 * KIB) as usize..].fill(0xcd);
     std::fs::write(fx.path("new.raw"), &nb).unwrap();
 
-    let out = ok(root, &["rebase", "-b", "new.raw", "disk.add-cow"]);
+    let out = addcow_ok(root, &["rebase", "-b", "new.raw", "disk.add-cow"]);
     assert!(out.contains("-> new.raw"), "{out}");
     let h = Header::parse(&std::fs::read(&ov).unwrap()).unwrap();
     assert_eq!(h.backing_file, b"new.raw");
@@ -261,7 +237,7 @@ fn rebase_keeps_content_byte_for_byte() {
     compare_served(&fx, &ov, &fx.path("before.img"));
 
     // Standalone: no base at all.
-    ok(root, &["rebase", "-b", "", "disk.add-cow"]);
+    addcow_ok(root, &["rebase", "-b", "", "disk.add-cow"]);
     let o = open_ro(&ov);
     assert!(o.base_path.is_none());
     assert!(o.header.backing_file.is_empty());
@@ -275,7 +251,7 @@ fn rebase_unsafe_only_rewrites_the_path() {
     let root = fx.dir.path();
     std::fs::write(fx.path("other.raw"), vec![0x77u8; MIB as usize]).unwrap();
     let raw_before = std::fs::read(fx.path("disk.raw")).unwrap();
-    ok(root, &["rebase", "-u", "-b", "other.raw", "disk.add-cow"]);
+    addcow_ok(root, &["rebase", "-u", "-b", "other.raw", "disk.add-cow"]);
     assert_eq!(std::fs::read(fx.path("disk.raw")).unwrap(), raw_before);
     served(&fx, &fx.overlay(), |uri| {
         qemu_io(uri, &["read -P 0x77 0 1M"]);
@@ -306,7 +282,7 @@ fn commit_writes_into_the_base_and_empties_the_overlay() {
     write_some(&fx, &ov);
     let before = dump(&fx, &ov, "before.img");
     let root = fx.dir.path();
-    let out = ok(root, &["commit", "disk.add-cow"]);
+    let out = addcow_ok(root, &["commit", "disk.add-cow"]);
     assert!(out.contains("base grown from 524288 bytes"), "{out}");
     // qemu-img commit grows a smaller base to the overlay's size: the base alone is the disk.
     assert_eq!(std::fs::read(fx.path("base.raw")).unwrap(), before);
@@ -343,7 +319,7 @@ fn commit_is_refused_while_another_server_reads_the_base() {
     qemu_io(&d.uri(), &["read -P 0xab 0 512k"]);
     d.stop();
 
-    ok(root, &["commit", "disk.add-cow"]);
+    addcow_ok(root, &["commit", "disk.add-cow"]);
     assert_ne!(std::fs::read(fx.path("base.raw")).unwrap(), base_before);
 }
 
@@ -367,7 +343,7 @@ fn commit_right_after_sigterm_keeps_the_servers_last_writes() {
     let root = fx.dir.path();
     let base = fx.path("big-base.raw");
     std::fs::File::create(&base).unwrap().set_len(SIZE).unwrap();
-    ok(root, &["create", "-b", "big-base.raw", "big.add-cow"]);
+    addcow_ok(root, &["create", "-b", "big-base.raw", "big.add-cow"]);
     let ov = fx.path("big.add-cow");
     let meta = std::fs::OpenOptions::new().write(true).open(&ov).unwrap();
     let zeros = vec![0u8; MIB as usize];
@@ -409,7 +385,7 @@ fn commit_right_after_sigterm_keeps_the_servers_last_writes() {
             d.log()
         );
         if !first.status.success() {
-            ok(root, &["commit", "big.add-cow"]);
+            addcow_ok(root, &["commit", "big.add-cow"]);
         }
         let mut got = vec![0u8; MIB as usize];
         std::fs::File::open(&base)
@@ -445,7 +421,7 @@ fn commit_refuses_bad_input() {
         e.contains("missing.add-cow") && e.contains("not found"),
         "{e}"
     );
-    ok(root, &["create", "--size", "1M", "solo.add-cow"]);
+    addcow_ok(root, &["create", "--size", "1M", "solo.add-cow"]);
     let e = refused(root, &["commit", "solo.add-cow"]);
     assert!(e.contains("no base"), "{e}");
     // The overlay itself served: locked.

@@ -2,11 +2,9 @@
 //! through the page cache (`buffered`), independently of the raw image's `--cache`, and reads
 //! through the base return its bytes either way.
 
-mod nbd_support;
-
 use std::path::Path;
 
-use nbd_support::{qemu_io, Daemon, Fixture};
+use addcow_daemon_testkit::{qemu_io, Daemon, Fixture};
 
 const MIB: u64 = 1 << 20;
 

@@ -3,12 +3,10 @@
 //! 512-aligned when the base's size is not; and `qemu-img map` of a fragmented overlay stays
 //! linear (each `REQ_ONE` request walks only what it reports).
 
-mod nbd_support;
-
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use nbd_support::{run, Control, Daemon};
+use addcow_daemon_testkit::{run, Control, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -64,7 +62,7 @@ fn zero_ranges_are_reported_and_copies_skip_them() {
         ],
     );
     // Written data over [6M, 7M), then [6.5M, 7M) trimmed.
-    nbd_support::qemu_io(
+    addcow_daemon_testkit::qemu_io(
         &d.uri(),
         &["write -P 0x11 6M 1M", "discard 6656k 512k", "flush"],
     );

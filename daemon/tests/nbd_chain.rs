@@ -4,14 +4,12 @@
 //! itself; `nbdinfo --map=qemu:allocation-depth` reports depths 1 to 4 and 0 where nothing is
 //! allocated; `addcow info --backing-chain`, `addcow map` and `addcow create -b` on a chain.
 
-mod nbd_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use addcow_daemon_testkit::{addcow, addcow_ok, assert_identical, run, text, Daemon};
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{DiskOptions, Engine, EngineConfig};
-use nbd_support::{assert_identical, run, Daemon};
 
 const K: u64 = 1024;
 
@@ -58,18 +56,6 @@ fn sector_depth(s: u64, top_first: &[&LayerModel], raw_len: u64) -> u32 {
     } else {
         0
     }
-}
-
-fn addcow(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(nbd_support::addcow_bin())
-        .args(args)
-        .output()
-        .expect("run addcow");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn layer_on(dir: &Path, name: &str, base: &Path, size: u64) -> PathBuf {
@@ -213,8 +199,7 @@ fn a_depth_three_chain_is_served_byte_for_byte_with_its_depths() {
     d.stop();
 
     // `addcow map --json`: qemu-img's numbering (0 = top raw image), the same layers.
-    let (ok, out, err) = addcow(&["map", "--json", b.paths[0].to_str().unwrap()]);
-    assert!(ok, "{err}");
+    let out = addcow_ok(".", &["map", "--json", b.paths[0].to_str().unwrap()]);
     let runs: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let mut covered = 0;
     for r in &runs {
@@ -233,8 +218,7 @@ fn a_depth_three_chain_is_served_byte_for_byte_with_its_depths() {
         covered += len;
     }
     assert_eq!(covered, size);
-    let (ok, table, err) = addcow(&["map", b.paths[0].to_str().unwrap()]);
-    assert!(ok, "{err}");
+    let table = addcow_ok(".", &["map", b.paths[0].to_str().unwrap()]);
     assert!(
         table.contains("layer 3") && table.contains("layer 4"),
         "{table}"
@@ -245,8 +229,7 @@ fn a_depth_three_chain_is_served_byte_for_byte_with_its_depths() {
 fn info_lists_the_backing_chain() {
     let b = build();
     let top = b.paths[0].to_str().unwrap();
-    let (ok, out, err) = addcow(&["info", "--backing-chain", "--json", top]);
-    assert!(ok, "{err}");
+    let out = addcow_ok(".", &["info", "--backing-chain", "--json", top]);
     let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(v.len(), 4, "{out}");
     let names: Vec<&str> = v.iter().map(|l| l["path"].as_str().unwrap()).collect();
@@ -269,18 +252,18 @@ fn info_lists_the_backing_chain() {
         assert_eq!(l["depth"].as_u64(), Some(i as u64 + 1));
         assert_eq!(l["backing_file"].as_str(), names.get(i + 1).copied());
     }
-    let (ok, text, err) = addcow(&["info", "--backing-chain", top]);
-    assert!(ok, "{err}");
+    let text = addcow_ok(".", &["info", "--backing-chain", top]);
     assert_eq!(text.matches("layer ").count(), 4, "{text}");
     assert!(text.contains("format:         raw"), "{text}");
 
     // create -b over the top of the chain takes its virtual size.
     let d = b.dir.path().join("d.add-cow");
-    let (ok, out, err) = addcow(&["create", "-b", top, d.to_str().unwrap()]);
-    assert!(ok, "{err}");
+    let out = addcow_ok(".", &["create", "-b", top, d.to_str().unwrap()]);
     assert!(out.contains(&format!("({} bytes)", 1536 * K)), "{out}");
-    let (ok, out, _) = addcow(&["info", "--backing-chain", "--json", d.to_str().unwrap()]);
-    assert!(ok);
+    let out = addcow_ok(
+        ".",
+        &["info", "--backing-chain", "--json", d.to_str().unwrap()],
+    );
     let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(v.len(), 5);
 }
@@ -294,13 +277,14 @@ fn serving_refuses_a_loop_with_a_clear_error() {
     meta[12..1036].fill(0);
     meta[12..21].copy_from_slice(b"c.add-cow");
     std::fs::write(a, &meta).unwrap();
-    let (ok, _, err) = addcow(&["info", b.paths[0].to_str().unwrap()]);
-    assert!(!ok);
+    let o = addcow(".", &["info", b.paths[0].to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("backing chain loop") && err.contains("c.add-cow"),
         "{err}"
     );
-    let out = Command::new(nbd_support::addcow_bin())
+    let out = Command::new(addcow_daemon_testkit::addcow_bin())
         .args(["serve", "--socket"])
         .arg(b.dir.path().join("s.sock"))
         .arg(&b.paths[0])

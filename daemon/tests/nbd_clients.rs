@@ -1,9 +1,9 @@
 //! `addcow serve` with real NBD clients: qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh (libnbd
 //! Python) and fio, each against the built binary on a temp socket, over real overlays.
 
-mod nbd_support;
-
-use nbd_support::{assert_identical, qemu_io, run, run_raw, write_file, Daemon, Fixture};
+use addcow_daemon_testkit::{
+    addcow_ok, assert_identical, qemu_io, run, run_raw, write_file, Daemon, Fixture,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -62,10 +62,7 @@ fn qemu_img_info_map_compare_and_convert() {
         vec![(0, 4 * MIB, true, false), (4 * MIB, 4 * MIB, false, true)],
         "{map}"
     );
-    let ours = run(
-        env!("CARGO_BIN_EXE_addcow"),
-        &["map", "--json", fx.overlay().to_str().unwrap()],
-    );
+    let ours = addcow_ok(".", &["map", "--json", fx.overlay().to_str().unwrap()]);
     assert_eq!(
         json_runs(&ours),
         got,

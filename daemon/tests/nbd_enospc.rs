@@ -5,12 +5,10 @@
 //!
 //! Needs root (losetup, mkfs.ext4, mount): `#[ignore]`d, run by `scripts/test.sh`.
 
-mod nbd_support;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use nbd_support::{addcow_bin, run, Daemon, RawClient};
+use addcow_daemon_testkit::{addcow_bin, run, Daemon, RawClient};
 
 const MIB: u64 = 1 << 20;
 
@@ -209,7 +207,7 @@ fn a_grow_that_runs_out_of_space_leaves_the_overlay_as_it_was() {
     let len_before = std::fs::metadata(&overlay).unwrap().len();
 
     // 1 TiB needs a 256 MiB bitmap, allocated up front: more than the file system holds.
-    let out = nbd_support::run_raw(
+    let out = addcow_daemon_testkit::run_raw(
         addcow_bin().to_str().unwrap(),
         &["resize", overlay.to_str().unwrap(), "1T"],
     );
@@ -229,7 +227,7 @@ fn a_grow_that_runs_out_of_space_leaves_the_overlay_as_it_was() {
         &["info", overlay.to_str().unwrap()],
     );
     assert!(info.contains("8 MiB"), "the overlay keeps its size: {info}");
-    let check = nbd_support::run_raw(
+    let check = addcow_daemon_testkit::run_raw(
         addcow_bin().to_str().unwrap(),
         &["check", overlay.to_str().unwrap()],
     );

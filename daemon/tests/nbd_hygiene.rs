@@ -3,8 +3,6 @@
 //! after a failed start, TCP keepalive, the payload and idle timeouts, and running out of file
 //! descriptors.
 
-mod nbd_support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
@@ -12,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nbd_support::{addcow_bin, qemu_io, run, run_raw, Daemon, Fixture};
+use addcow_daemon_testkit::{addcow, addcow_bin, qemu_io, raw, run, Daemon, Fixture};
 
 const MIB: u64 = 1 << 20;
 
@@ -20,37 +18,11 @@ const MIB: u64 = 1 << 20;
 fn serve_fails(args: &[&str]) -> (Option<i32>, String) {
     let mut all = vec!["serve"];
     all.extend_from_slice(args);
-    let out = run_raw(addcow_bin().to_str().unwrap(), &all);
+    let out = addcow(".", &all);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
-}
-
-/// Client half of a good handshake (fixed newstyle, no zeroes, GO to the default export).
-fn handshake(s: &mut (impl Read + Write)) {
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).unwrap();
-    assert_eq!(&g[..8], b"NBDMAGIC");
-    s.write_all(&[0, 0, 0, 3]).unwrap();
-    let mut o = b"IHAVEOPT".to_vec();
-    o.extend_from_slice(&7u32.to_be_bytes());
-    o.extend_from_slice(&6u32.to_be_bytes());
-    o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    s.write_all(&o).unwrap();
-    let mut r = [0u8; 86];
-    s.read_exact(&mut r).unwrap();
-    assert_eq!(&r[78..82], &1u32.to_be_bytes(), "GO acked");
-}
-
-fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
 }
 
 /// Waits (bounded by `limit`) until the daemon closes `s`; returns how long that took.
@@ -284,9 +256,7 @@ fn sd_notify_ready_comes_when_the_socket_works() {
     // At READY the socket is there and served.
     let mut c = UnixStream::connect(&sock).expect("socket path missing at READY=1");
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut g = [0u8; 8];
-    c.read_exact(&mut g).unwrap();
-    assert_eq!(&g, b"NBDMAGIC");
+    raw::greeting(&mut c).unwrap();
     drop(c);
     let d = Daemon::from_child(child, sock);
     d.stop();
@@ -360,7 +330,7 @@ fn tcp_connections_have_keepalive() {
         ],
     );
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    handshake(&mut c);
+    raw::handshake(&mut c, "", &[]).unwrap();
     let client_port = c.local_addr().unwrap().port();
     // The daemon's side: local port `port`, remote port `client_port`.
     let want_local = format!(":{port:04X}");
@@ -413,21 +383,21 @@ fn stalled_payloads_and_idle_clients_are_dropped() {
     );
     // Stalled inside a payload.
     let mut a = UnixStream::connect(&d.sock).unwrap();
-    handshake(&mut a);
-    a.write_all(&request(1, 1, 0, 4096)).unwrap();
+    raw::handshake(&mut a, "", &[]).unwrap();
+    a.write_all(&raw::request(1, 0, 1, 0, 4096)).unwrap();
     a.write_all(&[7u8; 100]).unwrap();
     // Silent after the handshake.
     let mut b = UnixStream::connect(&d.sock).unwrap();
-    handshake(&mut b);
+    raw::handshake(&mut b, "", &[]).unwrap();
     // Busy: a read every 300 ms for 6 s.
     let busy_sock = d.sock.clone();
     let busy = std::thread::spawn(move || {
         let mut c = UnixStream::connect(&busy_sock).unwrap();
-        handshake(&mut c);
+        raw::handshake(&mut c, "", &[]).unwrap();
         let start = Instant::now();
         let mut i = 0;
         while start.elapsed() < Duration::from_secs(6) {
-            c.write_all(&request(0, i, 0, 512)).unwrap();
+            c.write_all(&raw::request(0, 0, i, 0, 512)).unwrap();
             let mut r = vec![0u8; 16 + 512];
             c.read_exact(&mut r).expect("the busy client was dropped");
             assert_eq!(&r[4..8], &[0, 0, 0, 0]);
@@ -512,14 +482,11 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     set_nofile(pid, 4096);
     for mut p in pending {
         p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut g = [0u8; 8];
-        p.read_exact(&mut g)
-            .expect("a pending connection was never served");
-        assert_eq!(&g, b"NBDMAGIC");
+        raw::greeting(&mut p).expect("a pending connection was never served");
     }
     d.wait_log("accepting connections again");
     // Let those three connections end, so their descriptors are free again.
-    nbd_support::wait_until("the pending connections closed", || {
+    addcow_daemon_testkit::wait_until("the pending connections closed", || {
         d.log()
             .matches("connection closed during handshake")
             .count()

@@ -3,11 +3,9 @@
 //! there afterwards, and an unflushed one either whole or not at all (never torn, never stale
 //! bytes: the bitmap never points at data that was not written).
 
-mod nbd_support;
-
 use std::time::Duration;
 
-use nbd_support::{Daemon, Fixture, RawClient};
+use addcow_daemon_testkit::{Daemon, Fixture, RawClient};
 
 const MIB: u64 = 1 << 20;
 const CYCLES: u64 = 100;
@@ -83,8 +81,8 @@ fn a_hundred_kill_cycles_lose_no_flushed_write() {
     );
     drop(c);
     d.stop();
-    let check = nbd_support::run(
-        nbd_support::addcow_bin().to_str().unwrap(),
+    let check = addcow_daemon_testkit::run(
+        addcow_daemon_testkit::addcow_bin().to_str().unwrap(),
         &["check", ov_s],
     );
     eprintln!("{check}");
@@ -114,7 +112,7 @@ fn the_commit_interval_decides_when_unflushed_bits_reach_the_disk() {
     let mut d = Daemon::start(&sock, &["--commit-interval", "1", ov_s]);
     let mut c = RawClient::connect(&sock, "").unwrap();
     assert_eq!(c.write(8 * MIB, &pattern(1, true), false).unwrap(), 0);
-    nbd_support::wait_until("a background commit persisted the bits", || {
+    addcow_daemon_testkit::wait_until("a background commit persisted the bits", || {
         bitmap_on_disk(&ov, 8 * MIB, BLOCK)
             .iter()
             .all(|&b| b == 0xff)

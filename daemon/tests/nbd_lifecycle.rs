@@ -1,15 +1,15 @@
 //! `addcow serve` as a process: hostile clients, SIGKILL + restart, SIGTERM shutdown, the demo,
 //! socket hygiene (mode, stale socket, pid file), `--max-connections`, TCP and systemd sockets.
 
-mod nbd_support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use nbd_support::{addcow_bin, qemu_io, run, run_raw, Daemon, Fixture, RawClient};
+use addcow_daemon_testkit::{
+    addcow, addcow_bin, qemu_io, raw, run, run_raw, Daemon, Fixture, RawClient,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -31,33 +31,6 @@ impl Conn for TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
     }
-}
-
-/// Client half of a good handshake (fixed newstyle, no zeroes, GO to the default export).
-fn handshake(s: &mut impl Conn) {
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).unwrap();
-    assert_eq!(&g[..8], b"NBDMAGIC");
-    s.write_all(&[0, 0, 0, 3]).unwrap();
-    let mut o = b"IHAVEOPT".to_vec();
-    o.extend_from_slice(&7u32.to_be_bytes());
-    o.extend_from_slice(&6u32.to_be_bytes());
-    o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    s.write_all(&o).unwrap();
-    // INFO_EXPORT (20+12), BLOCK_SIZE (20+14), ACK (20).
-    let mut r = [0u8; 86];
-    s.read_exact(&mut r).unwrap();
-    assert_eq!(&r[78..82], &1u32.to_be_bytes(), "GO acked");
-}
-
-fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
 }
 
 /// Reads until the daemon closes the connection (EOF, or a reset when it closed with bytes of
@@ -108,9 +81,7 @@ impl Tcp {
     }
 
     fn greeting(&mut self) {
-        let mut g = [0u8; 18];
-        self.s.read_exact(&mut g).unwrap();
-        assert_eq!(&g[..8], b"NBDMAGIC");
+        raw::greeting(&mut self.s).unwrap();
     }
 
     /// The daemon closes this connection (see [`read_to_close`]) and logs `message` for it.
@@ -185,8 +156,8 @@ fn hostile_clients_do_not_disturb_a_good_one() {
     // 2. Option with a huge length.
     let mut c = connect();
     c.greeting();
-    let mut o = vec![0, 0, 0, 3];
-    o.extend_from_slice(b"IHAVEOPT");
+    let mut o = raw::CLIENT_FLAGS.to_be_bytes().to_vec();
+    o.extend_from_slice(raw::IHAVEOPT);
     o.extend_from_slice(&7u32.to_be_bytes());
     o.extend_from_slice(&u32::MAX.to_be_bytes());
     c.s.write_all(&o).unwrap();
@@ -200,9 +171,9 @@ fn hostile_clients_do_not_disturb_a_good_one() {
     wait_conn_log(&d, &peer, IN_HANDSHAKE);
     // 4. After a good handshake: unknown command gets EINVAL and the connection goes on.
     let mut c = connect();
-    handshake(&mut c.s);
+    raw::handshake(&mut c.s, "", &[]).unwrap();
     let s = &mut c.s;
-    s.write_all(&request(99, 0, 1, 0, 0)).unwrap();
+    s.write_all(&raw::request(99, 0, 1, 0, 0)).unwrap();
     let mut r = [0u8; 16];
     s.read_exact(&mut r).unwrap();
     assert_eq!(
@@ -211,11 +182,11 @@ fn hostile_clients_do_not_disturb_a_good_one() {
         "EINVAL for an unknown command"
     );
     // Write past the end: ENOSPC, payload drained, next request fine.
-    s.write_all(&request(1, 0, 2, 8 * MIB, 512)).unwrap();
+    s.write_all(&raw::request(1, 0, 2, 8 * MIB, 512)).unwrap();
     s.write_all(&[7u8; 512]).unwrap();
     s.read_exact(&mut r).unwrap();
     assert_eq!(&r[4..8], &28u32.to_be_bytes(), "ENOSPC past the end");
-    s.write_all(&request(0, 0, 3, 0, 16)).unwrap();
+    s.write_all(&raw::request(0, 0, 3, 0, 16)).unwrap();
     let mut rr = [0u8; 32];
     s.read_exact(&mut rr).unwrap();
     assert_eq!(&rr[4..8], &[0, 0, 0, 0]);
@@ -225,26 +196,26 @@ fn hostile_clients_do_not_disturb_a_good_one() {
     c.expect_closed(&d, IN_TRANSMISSION);
     // 5. Oversized write length: closed, not allocated.
     let mut c = connect();
-    handshake(&mut c.s);
-    c.s.write_all(&request(1, 0, 4, 0, u32::MAX)).unwrap();
+    raw::handshake(&mut c.s, "", &[]).unwrap();
+    c.s.write_all(&raw::request(1, 0, 4, 0, u32::MAX)).unwrap();
     c.expect_closed(&d, IN_TRANSMISSION);
     // 6. Truncated header, then vanish; and vanish in the middle of a write payload.
     let mut c = connect();
-    handshake(&mut c.s);
-    c.s.write_all(&request(0, 0, 5, 0, 512)[..10]).unwrap();
+    raw::handshake(&mut c.s, "", &[]).unwrap();
+    c.s.write_all(&raw::request(0, 0, 5, 0, 512)[..10]).unwrap();
     let peer6a = c.peer.clone();
     drop(c);
     let mut c = connect();
-    handshake(&mut c.s);
-    c.s.write_all(&request(1, 0, 6, 0, 65536)).unwrap();
+    raw::handshake(&mut c.s, "", &[]).unwrap();
+    c.s.write_all(&raw::request(1, 0, 6, 0, 65536)).unwrap();
     c.s.write_all(&[1u8; 1000]).unwrap();
     let peer6b = c.peer.clone();
     drop(c);
     // 7. Many requests, then vanish without reading replies.
     let mut c = connect();
-    handshake(&mut c.s);
+    raw::handshake(&mut c.s, "", &[]).unwrap();
     for i in 0..300 {
-        c.s.write_all(&request(0, 0, i, 0, 65536)).unwrap();
+        c.s.write_all(&raw::request(0, 0, i, 0, 65536)).unwrap();
     }
     let peer7 = c.peer.clone();
     drop(c);
@@ -312,7 +283,11 @@ fn read_ok_replies(mut s: UnixStream) -> Vec<u64> {
             }
             Err(e) => panic!("no close within 60 s: {e}"),
         }
-        assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        assert_eq!(
+            &r[..4],
+            &raw::SIMPLE_REPLY_MAGIC.to_be_bytes(),
+            "simple reply magic"
+        );
         let error = u32::from_be_bytes(r[4..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
         assert_eq!(
@@ -352,14 +327,14 @@ fn sigterm_fails_no_request_answers_in_flight_commits_and_cleans_up() {
     qemu_io(&d.uri(), &["write -P 0x3c 1M 64k"]);
     const N: u64 = 1000;
     let mut c = UnixStream::connect(&sock).unwrap();
-    handshake(&mut c);
+    raw::handshake(&mut c, "", &[]).unwrap();
     let replies = {
         let r = c.try_clone().unwrap();
         std::thread::spawn(move || read_ok_replies(r))
     };
     let writer = std::thread::spawn(move || {
         for i in 0..N {
-            let mut frame = request(1, 0, i, 2 * MIB + i * 4096, 4096);
+            let mut frame = raw::request(1, 0, i, 2 * MIB + i * 4096, 4096);
             frame.extend_from_slice(&[(i % 250) as u8 + 1; 4096]);
             if c.write_all(&frame).is_err() {
                 return i;
@@ -523,7 +498,7 @@ fn systemd_socket_activation() {
     cmd.args([
         "-c",
         "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$1\"",
-        env!("CARGO_BIN_EXE_addcow"),
+        addcow_bin().to_str().unwrap(),
         fx.overlay().to_str().unwrap(),
     ]);
     // SAFETY: dup2 is async-signal-safe; the child gets the listener as fd 3 (without
@@ -615,8 +590,8 @@ fn a_daemon_started_while_its_overlay_is_locked_waits_for_the_lock_then_serves()
     assert!(!b_sock.exists(), "no socket while the overlay is not ours");
 
     // Meanwhile a daemon that does not wait is refused at once.
-    let out = run_raw(
-        env!("CARGO_BIN_EXE_addcow"),
+    let out = addcow(
+        ".",
         &[
             "serve",
             "--lock-wait",
@@ -655,7 +630,7 @@ fn a_locked_overlay_or_a_bad_command_line_is_a_clear_error() {
     let serve = |args: &[&str]| {
         let mut all = vec!["serve"];
         all.extend_from_slice(args);
-        let out = run_raw(env!("CARGO_BIN_EXE_addcow"), &all);
+        let out = addcow(".", &all);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).to_string(),

@@ -2,44 +2,18 @@
 //! and never reading a reply cannot push the daemon's RSS past the budget, and a new client is
 //! still served meanwhile. RSS is sampled throughout and the figures printed.
 
-mod nbd_support;
-
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_support::{qemu_io, rss_kib, Daemon, Fixture};
+use addcow_daemon_testkit::{qemu_io, raw, rss_kib, Daemon, Fixture};
 
 const MIB: u64 = 1 << 20;
 const BUDGET_MIB: u64 = 128;
 const CLIENTS: usize = 16;
 const WRITE: u32 = 32 << 20;
-
-fn handshake(s: &mut UnixStream) {
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).unwrap();
-    s.write_all(&[0, 0, 0, 3]).unwrap();
-    let mut o = b"IHAVEOPT".to_vec();
-    o.extend_from_slice(&7u32.to_be_bytes());
-    o.extend_from_slice(&6u32.to_be_bytes());
-    o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    s.write_all(&o).unwrap();
-    let mut r = [0u8; 86];
-    s.read_exact(&mut r).unwrap();
-    assert_eq!(&r[78..82], &1u32.to_be_bytes(), "GO acked");
-}
-
-fn write_header(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&1u16.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
 
 #[test]
 #[ignore = "heavy (it loads both cores): run alone by scripts/test.sh"]
@@ -72,13 +46,15 @@ fn pipelined_big_writes_that_are_never_acknowledged_stay_within_the_budget() {
                 (d.sock.clone(), stop.clone(), sent.clone(), payload.clone());
             std::thread::spawn(move || {
                 let mut s = UnixStream::connect(&sock).unwrap();
-                handshake(&mut s);
+                raw::handshake(&mut s, "", &[]).unwrap();
                 s.set_write_timeout(Some(Duration::from_millis(500)))
                     .unwrap();
                 let mut cookie = 0u64;
                 // Pipeline 32 MiB writes and never read a reply.
                 while !stop.load(Ordering::Relaxed) {
-                    if s.write_all(&write_header(cookie, 0, WRITE)).is_err() {
+                    if s.write_all(&raw::request(raw::CMD_WRITE, 0, cookie, 0, WRITE))
+                        .is_err()
+                    {
                         break;
                     }
                     let mut done = 0;

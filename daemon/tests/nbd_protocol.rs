@@ -2,18 +2,15 @@
 //! out of order or twice, error strings within the 4096-byte limit, and FAST_ZERO where the
 //! raw image cannot punch holes (root: a ramfs).
 
-mod nbd_support;
-
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use nbd_support::{run, Daemon, Fixture};
+use addcow_daemon_testkit::{raw, run, Daemon, Fixture, RawClient};
 
 const MIB: u64 = 1 << 20;
 
-const REP_ACK: u32 = 1;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
@@ -28,51 +25,16 @@ impl Opts {
     fn connect(d: &Daemon) -> Opts {
         let mut s = UnixStream::connect(&d.sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g).unwrap();
-        s.write_all(&[0, 0, 0, 3]).unwrap();
+        raw::greeting(&mut s).unwrap();
+        s.write_all(&raw::CLIENT_FLAGS.to_be_bytes()).unwrap();
         Opts { s }
     }
 
-    fn send(&mut self, option: u32, data: &[u8]) {
-        let mut o = b"IHAVEOPT".to_vec();
-        o.extend_from_slice(&option.to_be_bytes());
-        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        o.extend_from_slice(data);
-        self.s.write_all(&o).unwrap();
-    }
-
-    /// Option replies up to the final one: (type, payload) of each.
-    fn replies(&mut self) -> Vec<(u32, Vec<u8>)> {
-        let mut v = Vec::new();
-        loop {
-            let mut h = [0u8; 20];
-            self.s
-                .read_exact(&mut h)
-                .expect("the daemon closed the connection instead of answering");
-            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut p = vec![0u8; len];
-            self.s.read_exact(&mut p).unwrap();
-            let last = kind == REP_ACK || kind & 0x8000_0000 != 0;
-            v.push((kind, p));
-            if last {
-                return v;
-            }
-        }
-    }
-
+    /// Sends `option` with `data`; returns (type, payload) of each reply up to the final one.
     fn ask(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        self.send(option, data);
-        self.replies()
+        self.s.write_all(&raw::option(option, data)).unwrap();
+        raw::option_replies(&mut self.s).expect("option replies up to the final one")
     }
-}
-
-fn go_data(name: &[u8]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name);
-    d.extend_from_slice(&[0, 0]);
-    d
 }
 
 #[test]
@@ -84,24 +46,28 @@ fn option_corners_against_the_daemon() {
     let mut c = Opts::connect(&d);
     let r = c.ask(99, &vec![0u8; 100_000]);
     assert_eq!(r.last().unwrap().0, REP_ERR_TOO_BIG);
-    let r = c.ask(7, &go_data(b""));
-    assert_eq!(r.last().unwrap().0, REP_ACK, "GO after an oversized option");
+    let r = c.ask(7, &raw::go_data(b""));
+    assert_eq!(
+        r.last().unwrap().0,
+        raw::REP_ACK,
+        "GO after an oversized option"
+    );
 
     // STRUCTURED_REPLY after EXTENDED_HEADERS, and either one twice.
     let mut c = Opts::connect(&d);
-    assert_eq!(c.ask(11, &[]).last().unwrap().0, REP_ACK);
+    assert_eq!(c.ask(11, &[]).last().unwrap().0, raw::REP_ACK);
     assert_eq!(c.ask(8, &[]).last().unwrap().0, REP_ERR_EXT_HEADER_REQD);
     assert_eq!(c.ask(11, &[]).last().unwrap().0, REP_ERR_INVALID);
     let mut c = Opts::connect(&d);
-    assert_eq!(c.ask(8, &[]).last().unwrap().0, REP_ACK);
+    assert_eq!(c.ask(8, &[]).last().unwrap().0, raw::REP_ACK);
     assert_eq!(c.ask(8, &[]).last().unwrap().0, REP_ERR_INVALID);
-    assert_eq!(c.ask(7, &go_data(b"")).last().unwrap().0, REP_ACK);
+    assert_eq!(c.ask(7, &raw::go_data(b"")).last().unwrap().0, raw::REP_ACK);
 
     // Error strings stay within 4096 bytes, whatever the name.
     let mut c = Opts::connect(&d);
     let name = vec![1u8; 4096];
     for option in [6u32, 7] {
-        let r = c.ask(option, &go_data(&name));
+        let r = c.ask(option, &raw::go_data(&name));
         let (kind, msg) = r.last().unwrap();
         assert_eq!(*kind, REP_ERR_UNKNOWN);
         assert!(msg.len() <= 4096, "a {}-byte error string", msg.len());
@@ -112,17 +78,8 @@ fn option_corners_against_the_daemon() {
 
 /// Sends WRITE_ZEROES (flags) over a raw connection and returns the reply's error.
 fn write_zeroes(sock: &std::path::Path, flags: u16, offset: u64, len: u32) -> u32 {
-    let mut c = nbd_support::RawClient::connect(sock, "").unwrap();
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&6u16.to_be_bytes());
-    b.extend_from_slice(&77u64.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    c.s.write_all(&b).unwrap();
-    let mut r = [0u8; 16];
-    c.s.read_exact(&mut r).unwrap();
-    u32::from_be_bytes(r[4..8].try_into().unwrap())
+    let mut c = RawClient::connect(sock, "").unwrap();
+    c.write_zeroes(flags, offset, len).unwrap()
 }
 
 /// FAST_ZERO must fail fast (ENOTSUP, nothing changed) when the engine would write zeros: here
@@ -159,10 +116,13 @@ fn fast_zero_fails_fast_where_holes_cannot_be_punched() {
     // ramfs has no O_DIRECT either.
     let sock = dir.path().join("s.sock");
     let d = Daemon::start(&sock, &["--cache", "buffered", overlay.to_str().unwrap()]);
-    const FAST_ZERO: u16 = 1 << 4;
-    assert_eq!(write_zeroes(&sock, FAST_ZERO, 0, 64 << 10), 95, "ENOTSUP");
-    nbd_support::qemu_io(&d.uri(), &["read -P 0xab 0 64k"]);
+    assert_eq!(
+        write_zeroes(&sock, raw::FLAG_FAST_ZERO, 0, 64 << 10),
+        95,
+        "ENOTSUP"
+    );
+    addcow_daemon_testkit::qemu_io(&d.uri(), &["read -P 0xab 0 64k"]);
     assert_eq!(write_zeroes(&sock, 0, 0, 64 << 10), 0);
-    nbd_support::qemu_io(&d.uri(), &["read -P 0 0 64k", "read -P 0xab 64k 4k"]);
+    addcow_daemon_testkit::qemu_io(&d.uri(), &["read -P 0 0 64k", "read -P 0xab 64k 4k"]);
     d.stop();
 }

@@ -11,8 +11,6 @@
 //! fio as an I/O error (QEMU passes a server's error reply through; it only retries on a broken
 //! connection), and a lost write would fail fio's verification.
 
-mod nbd_support;
-
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nbd_support::{addcow_bin, Daemon, Fixture};
+use addcow_daemon_testkit::{addcow_bin, Daemon, Fixture};
 
 const MIB: u64 = 1 << 20;
 
@@ -218,7 +216,7 @@ fn stop_daemon(mut d: Daemon, how: StopBy, control: &Path) -> String {
     match how {
         StopBy::Sigterm => d.signal(nix::sys::signal::Signal::SIGTERM),
         StopBy::Quit => {
-            let mut c = nbd_support::Control::connect(control);
+            let mut c = addcow_daemon_testkit::Control::connect(control);
             c.ok("quit", serde_json::json!({}));
         }
     }

@@ -6,13 +6,11 @@
 //! lose nothing. Refusals: an existing target, a folder outside `--allow-dir`, a read-only
 //! export, a relative path, an unknown export.
 
-mod nbd_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use nbd_support::{assert_identical, qemu_io, run, wait_until, Control, Daemon};
+use addcow_daemon_testkit::{assert_identical, qemu_io, run, wait_until, Control, Daemon};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
@@ -243,7 +241,7 @@ fn a_client_stays_connected_across_a_live_snapshot() {
     // The new overlay holds only what was written after (its own bits), over the old one.
     let out = run("qemu-img", &["--version"]);
     assert!(out.contains("qemu-img"));
-    let map = Command::new(nbd_support::addcow_bin())
+    let map = Command::new(addcow_daemon_testkit::addcow_bin())
         .args(["map", "--json", snap.to_str().unwrap()])
         .output()
         .unwrap();
@@ -371,7 +369,7 @@ fn snapshots_are_refused_with_clear_errors() {
     assert_eq!(info[0]["overlay"], serde_json::json!(s.overlay), "{info}");
     // `addcow ctl` (a relative overlay= is made absolute by ctl, so use a name in the dir).
     let snap = s.dir.path().join("vm-ctl.add-cow");
-    let (code, out, err) = nbd_support::ctl(&[
+    let (code, out, err) = addcow_daemon_testkit::ctl(&[
         "--control",
         s.control.to_str().unwrap(),
         "export-snapshot",
@@ -383,7 +381,7 @@ fn snapshots_are_refused_with_clear_errors() {
         out.contains("now writes to") && out.contains("vm-ctl.add-cow"),
         "{out}"
     );
-    let (code, _, err) = nbd_support::ctl(&[
+    let (code, _, err) = addcow_daemon_testkit::ctl(&[
         "--control",
         s.control.to_str().unwrap(),
         "export-snapshot",
@@ -679,7 +677,7 @@ fn a_failed_snapshot_does_not_take_back_an_overlay_replaced_meanwhile() {
         msg.contains("lost") && msg.contains("fails every request"),
         "the export took back an overlay replaced at its path: {e}"
     );
-    let out = nbd_support::run_raw(
+    let out = addcow_daemon_testkit::run_raw(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x62 64k 4k", &uri],
     );

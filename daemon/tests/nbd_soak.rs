@@ -9,8 +9,6 @@
 //! long soak (e.g. `ADDCOW_SOAK_SECS=1800 scripts/test.sh`, or this test alone with
 //! `cargo test -p addcow-daemon --test nbd_soak -- --ignored --nocapture`).
 
-mod nbd_support;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -20,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nbd_support::{fd_count, qemu_io, rss_kib, Daemon, Fixture, RawClient};
+use addcow_daemon_testkit::{fd_count, qemu_io, raw, rss_kib, Daemon, Fixture, RawClient};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
@@ -97,12 +95,7 @@ fn chaos_client(sock: &Path, rng: &mut impl Rng, acked: &Acked) {
         match rng.gen_range(0..10) {
             0 => {
                 // Vanish inside a payload: never acknowledged, must not land.
-                let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
-                h.extend_from_slice(&0u16.to_be_bytes());
-                h.extend_from_slice(&1u16.to_be_bytes());
-                h.extend_from_slice(&999u64.to_be_bytes());
-                h.extend_from_slice(&off.to_be_bytes());
-                h.extend_from_slice(&4096u32.to_be_bytes());
+                let h = raw::request(raw::CMD_WRITE, 0, 999, off, 4096);
                 let _ = c.s.write_all(&h);
                 let _ = c.s.write_all(&[0xee; 1000]);
                 return;
@@ -110,12 +103,7 @@ fn chaos_client(sock: &Path, rng: &mut impl Rng, acked: &Acked) {
             1 => {
                 // Pipeline reads and leave without reading the replies.
                 for i in 0..32u64 {
-                    let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
-                    h.extend_from_slice(&0u16.to_be_bytes());
-                    h.extend_from_slice(&0u16.to_be_bytes());
-                    h.extend_from_slice(&(5000 + i).to_be_bytes());
-                    h.extend_from_slice(&(i * 65536).to_be_bytes());
-                    h.extend_from_slice(&65536u32.to_be_bytes());
+                    let h = raw::request(raw::CMD_READ, 0, 5000 + i, i * 65536, 65536);
                     let _ = c.s.write_all(&h);
                 }
                 return;
@@ -151,8 +139,7 @@ fn hostile_client(sock: &Path, rng: &mut impl Rng) {
         return;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut g = [0u8; 18];
-    if s.read_exact(&mut g).is_err() {
+    if raw::greeting(&mut s).is_err() {
         return;
     }
     match rng.gen_range(0..4) {
@@ -161,11 +148,8 @@ fn hostile_client(sock: &Path, rng: &mut impl Rng) {
             let _ = s.write_all(&junk);
         }
         1 => {
-            let mut o = vec![0, 0, 0, 3];
-            o.extend_from_slice(b"IHAVEOPT");
-            o.extend_from_slice(&7u32.to_be_bytes());
-            o.extend_from_slice(&(200_000u32).to_be_bytes());
-            o.extend_from_slice(&vec![0u8; 200_000]);
+            let mut o = raw::CLIENT_FLAGS.to_be_bytes().to_vec();
+            o.extend_from_slice(&raw::option(raw::OPT_GO, &vec![0u8; 200_000]));
             let _ = s.write_all(&o);
             let mut r = [0u8; 20];
             let _ = s.read_exact(&mut r);

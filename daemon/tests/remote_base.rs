@@ -3,15 +3,13 @@
 //!
 //! Every tool is required (scripts/test.sh installs them); a missing one fails loudly.
 
-mod nbd_support;
-
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nbd_support::scripted::{self, Handshake, Reply, Request, Script, ScriptedServer};
-use nbd_support::*;
+use addcow_daemon_testkit::scripted::{self, Handshake, Reply, Request, Script, ScriptedServer};
+use addcow_daemon_testkit::*;
 use rand::{RngCore, SeedableRng};
 
 const SIZE: u64 = 8 << 20;
@@ -94,9 +92,7 @@ impl ImageServer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut s) = UnixStream::connect(&self.sock) {
-                use std::io::Read;
-                let mut m = [0u8; 8];
-                if s.read_exact(&mut m).is_ok() && &m == b"NBDMAGIC" {
+                if raw::greeting(&mut s).is_ok() {
                     return;
                 }
             }
@@ -189,17 +185,9 @@ impl Setup {
     /// `addcow create -b BASE NAME.add-cow` (size from the base).
     fn create(&self, name: &str, base: &str) -> PathBuf {
         let ov = self.path(&format!("{name}.add-cow"));
-        addcow(&["create", "-b", base, &ov.display().to_string()]);
+        addcow_ok(".", &["create", "-b", base, &ov.display().to_string()]);
         ov
     }
-}
-
-fn addcow(args: &[&str]) -> String {
-    run(&addcow_bin().display().to_string(), args)
-}
-
-fn addcow_raw(args: &[&str]) -> std::process::Output {
-    run_raw(&addcow_bin().display().to_string(), args)
 }
 
 /// Bytes of the overlay's bitmap that are not zero (no bit set anywhere when 0).
@@ -215,12 +203,12 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     let ov = s.create("vm", &server.uri());
     let ovs = ov.display().to_string();
     // The URI is stored unchanged and shown by the tools.
-    let info = addcow(&["info", "--backing-chain", &ovs]);
+    let info = addcow_ok(".", &["info", "--backing-chain", &ovs]);
     assert!(info.contains(&server.uri()), "{info}");
     assert!(info.contains("raw over NBD"), "{info}");
-    let check = addcow(&["check", &ovs]);
+    let check = addcow_ok(".", &["check", &ovs]);
     assert!(check.contains("No errors"), "{check}");
-    let map = addcow(&["map", "--json", &ovs]);
+    let map = addcow_ok(".", &["map", "--json", &ovs]);
     let runs: Vec<serde_json::Value> = serde_json::from_str(&map).expect("map json");
     assert_eq!(runs.len(), 2, "data then the base's hole: {map}");
     assert_eq!(runs[0]["length"], DATA);
@@ -243,7 +231,7 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     // With the image server down, an overlay that still reads its base cannot be served: a
     // clear error naming the server, nothing served.
     server.kill();
-    let out = addcow_raw(&["serve", "--socket", &s.p("down.sock"), &ovs]);
+    let out = addcow(".", &["serve", "--socket", &s.p("down.sock"), &ovs]);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -256,19 +244,22 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     // With --size, creating an overlay on it needs no server.
     let fresh = s.path("fresh.add-cow");
     let uri = server.uri();
-    let out = addcow(&[
-        "create",
-        "--size",
-        "8M",
-        "-b",
-        &uri,
-        fresh.to_str().unwrap(),
-    ]);
+    let out = addcow_ok(
+        ".",
+        &[
+            "create",
+            "--size",
+            "8M",
+            "-b",
+            &uri,
+            fresh.to_str().unwrap(),
+        ],
+    );
     assert!(out.contains(&uri), "{out}");
     server.restart();
     // The offline tools that read or write a base refuse a remote one, saying why.
     for args in [vec!["rebase", "-b", "", &ovs], vec!["commit", &ovs]] {
-        let out = addcow_raw(&args);
+        let out = addcow(".", &args);
         let text = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {text}");
         assert!(text.contains("image server (NBD)"), "{args:?}: {text}");
@@ -276,9 +267,9 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
 
     // Stream copies the rest. The complete overlay then serves with the server gone, as it is
     // (it never reads its base), and dropping the base needs no server either.
-    addcow(&["stream", &ovs]);
+    addcow_ok(".", &["stream", &ovs]);
     server.kill();
-    let info = addcow(&["info", &ovs]);
+    let info = addcow_ok(".", &["info", &ovs]);
     assert!(info.contains("complete:       yes"), "{info}");
     let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
     assert_identical(&s.p("expected.raw"), &d.uri());
@@ -287,7 +278,7 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     write_file(&s.path("expected.raw"), &expected);
     assert_identical(&s.p("expected.raw"), &d.uri());
     d.stop();
-    addcow(&["rebase", "-u", "-b", "", &ovs]);
+    addcow_ok(".", &["rebase", "-u", "-b", "", &ovs]);
     let d = Daemon::start(&s.path("a.sock"), &[&ovs]);
     assert_identical(&s.p("expected.raw"), &d.uri());
     d.stop();
@@ -507,7 +498,7 @@ fn base_read_errors_are_eio_and_set_no_bits() {
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(set_bitmap_bytes(&ov), 0, "no bit set by a failed base read");
     // Stream fails the same way and sets no bit either.
-    let out = addcow_raw(&["stream", &ovs]);
+    let out = addcow(".", &["stream", &ovs]);
     assert!(
         !out.status.success(),
         "stream over a failing base must fail"
@@ -573,7 +564,10 @@ fn a_remote_raw_base_under_a_chain_of_overlays() {
     qemu_io(&d.uri(), &["write -P 0x11 65536 65536"]);
     d.stop();
     let top = s.create("top", &s.p("mid.add-cow"));
-    let info = addcow(&["info", "--backing-chain", &top.display().to_string()]);
+    let info = addcow_ok(
+        ".",
+        &["info", "--backing-chain", &top.display().to_string()],
+    );
     assert!(info.contains("layer 3:") && info.contains(&uri), "{info}");
     let d = Daemon::start(&s.path("b.sock"), &[&top.display().to_string()]);
     qemu_io(&d.uri(), &["write -P 0x22 131072 4096"]);
@@ -1163,14 +1157,17 @@ fn reply_chunks_that_overlap_fail_the_read_and_copy_nothing_up() {
     });
     let server = ScriptedServer::start(&s.path("img.sock"), script);
     let ov = s.path("vm.add-cow");
-    addcow(&[
-        "create",
-        "--size",
-        "8M",
-        "-b",
-        &server.uri(),
-        &ov.display().to_string(),
-    ]);
+    addcow_ok(
+        ".",
+        &[
+            "create",
+            "--size",
+            "8M",
+            "-b",
+            &server.uri(),
+            &ov.display().to_string(),
+        ],
+    );
     let d = Daemon::start(
         &s.path("a.sock"),
         &["--copy-on-read", &ov.display().to_string()],
@@ -1221,7 +1218,7 @@ fn block_status_that_never_ends_or_never_comes_is_bounded_at_open() {
         let server = ScriptedServer::start(&s.path("img.sock"), script);
         let ov = s.path("vm.add-cow");
         let ovs = ov.display().to_string();
-        addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+        addcow_ok(".", &["create", "--size", "8M", "-b", &server.uri(), &ovs]);
         let d = Daemon::start(&s.path("a.sock"), &["--base-timeout", "3", &ovs]);
         assert_eq!(
             d.log().contains("block status of the remote base failed"),
@@ -1271,7 +1268,7 @@ fn a_failed_block_status_query_does_not_leave_its_connection_in_use() {
     let server = ScriptedServer::start(&s.path("img.sock"), script);
     let ov = s.path("vm.add-cow");
     let ovs = ov.display().to_string();
-    addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+    addcow_ok(".", &["create", "--size", "8M", "-b", &server.uri(), &ovs]);
     let d = Daemon::start(&s.path("a.sock"), &["--base-timeout", "5", &ovs]);
     assert_identical(&s.p("base.raw"), &d.uri());
     let log = d.stop();
@@ -1433,7 +1430,10 @@ fn a_handshake_trickled_a_byte_at_a_time_is_bounded_by_the_connect_timeout() {
     let server = ScriptedServer::start(&s.path("img.sock"), script);
     let ov = s.path("vm.add-cow");
     let t0 = Instant::now();
-    let out = addcow_raw(&["create", "-b", &server.uri(), &ov.display().to_string()]);
+    let out = addcow(
+        ".",
+        &["create", "-b", &server.uri(), &ov.display().to_string()],
+    );
     let took = t0.elapsed();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -1466,7 +1466,7 @@ fn reads_fail_by_the_base_timeout_while_the_server_never_handshakes() {
         let server = ScriptedServer::start(&sock, Script::honest(s.base.clone()));
         let ov = s.path("vm.add-cow");
         let ovs = ov.display().to_string();
-        addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+        addcow_ok(".", &["create", "--size", "8M", "-b", &server.uri(), &ovs]);
         let d = Daemon::start(
             &s.path("a.sock"),
             &["--cores", "1", "--base-timeout", "2", &ovs],
@@ -1526,7 +1526,7 @@ fn opening_a_remote_base_is_bounded_by_one_deadline() {
     let server = ScriptedServer::start(&s.path("img.sock"), script);
     let ov = s.path("vm.add-cow");
     let ovs = ov.display().to_string();
-    addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+    addcow_ok(".", &["create", "--size", "8M", "-b", &server.uri(), &ovs]);
     let before = server.connections.load(std::sync::atomic::Ordering::SeqCst);
     let t0 = Instant::now();
     let d = Daemon::start(
@@ -1576,7 +1576,7 @@ fn idle_connections_are_probed_with_one_extent_of_block_status() {
         let server = ScriptedServer::start(&s.path("img.sock"), script);
         let ov = s.path("vm.add-cow");
         let ovs = ov.display().to_string();
-        addcow(&["create", "--size", "8M", "-b", &server.uri(), &ovs]);
+        addcow_ok(".", &["create", "--size", "8M", "-b", &server.uri(), &ovs]);
         let d = Daemon::start(&s.path("a.sock"), &["--cores", "1", &ovs]);
         d.wait_log("remote base connected");
         let conns = server.connections.load(std::sync::atomic::Ordering::SeqCst);

@@ -4,26 +4,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
+use addcow_daemon_testkit::addcow_ok;
 use addcow_engine::format::{map_runs, MapRun, OpenOptions, Overlay, BITMAP_OFFSET};
 use rand::{Rng, SeedableRng};
-
-const BIN: &str = env!("CARGO_BIN_EXE_addcow");
-
-fn addcow(cwd: &Path, args: &[&str]) -> Output {
-    let o = Command::new(BIN)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run addcow");
-    assert!(
-        o.status.success(),
-        "addcow {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 fn tmp() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
@@ -41,8 +26,7 @@ fn set_and_persist(o: &Overlay, start: u64, count: u64) {
 }
 
 fn map_json(root: &Path, overlay: &str) -> (String, Vec<MapRun>) {
-    let o = addcow(root, &["map", "--json", overlay]);
-    let s = String::from_utf8(o.stdout).unwrap();
+    let s = addcow_ok(root, &["map", "--json", overlay]);
     let runs = serde_json::from_str(&s).unwrap();
     (s, runs)
 }
@@ -50,7 +34,7 @@ fn map_json(root: &Path, overlay: &str) -> (String, Vec<MapRun>) {
 #[test]
 fn round_trip_against_a_model() {
     let (_t, root) = tmp();
-    addcow(&root, &["create", "--size", "1M", "rt.add-cow"]);
+    addcow_ok(&root, &["create", "--size", "1M", "rt.add-cow"]);
     let (_, fresh) = map_json(&root, "rt.add-cow");
     assert_eq!(
         fresh,
@@ -111,8 +95,7 @@ fn round_trip_against_a_model() {
     assert_eq!(addcow_engine::format::map::map_json(&lib), text);
 
     // Text mode shows human-readable lengths.
-    let t = addcow(&root, &["map", "rt.add-cow"]);
-    let t = String::from_utf8_lossy(&t.stdout);
+    let t = addcow_ok(&root, &["map", "rt.add-cow"]);
     assert!(t.starts_with("Start"), "{t}");
     assert!(t.contains("raw image") && t.contains("zeros"), "{t}");
 }
@@ -173,7 +156,7 @@ fn same_map_as_qemu_img_on_the_equivalent_qcow2() {
         (5 << 20, 64 << 10),
     ];
 
-    addcow(
+    addcow_ok(
         &root,
         &["create", "-b", "base.raw", "--size", "6M", "ov.add-cow"],
     );

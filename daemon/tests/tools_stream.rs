@@ -4,37 +4,18 @@
 //! the part past its end must stay holes. Interrupted (SIGINT) or killed (SIGKILL) streams leave
 //! a clean overlay that a second run completes.
 
-mod nbd_support;
-
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use addcow_daemon_testkit::{addcow, addcow_bin, run_raw, text};
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig};
-use nbd_support::{addcow_bin, run_raw};
 
 const MIB: u64 = 1 << 20;
-
-fn addcow(args: &[&str]) -> Output {
-    Command::new(addcow_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run addcow")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A sparse base of `len` bytes with data in `data` ranges (a pattern), holes elsewhere.
 fn sparse_base(path: &Path, len: u64, data: &[(u64, u64)]) {
@@ -129,13 +110,13 @@ fn read_overlay(overlay: &Path) -> Vec<u8> {
 }
 
 fn info(overlay: &Path) -> serde_json::Value {
-    let o = addcow(&["info", "--json", overlay.to_str().unwrap()]);
+    let o = addcow(".", &["info", "--json", overlay.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     serde_json::from_slice(&o.stdout).expect("info JSON")
 }
 
 fn assert_clean(overlay: &Path) {
-    let o = addcow(&["check", overlay.to_str().unwrap()]);
+    let o = addcow(".", &["check", overlay.to_str().unwrap()]);
     assert!(
         o.status.success(),
         "check after an interrupted stream: {}",
@@ -186,7 +167,10 @@ fn stream_makes_the_raw_image_the_disk() {
     assert_eq!(info(&overlay)["complete"], false);
     // 4 MiB/s over about 20 MiB of clear sectors: not less than a few seconds.
     let started = Instant::now();
-    let o = addcow(&["stream", "--rate", "8M/s", overlay.to_str().unwrap()]);
+    let o = addcow(
+        ".",
+        &["stream", "--rate", "8M/s", overlay.to_str().unwrap()],
+    );
     let took = started.elapsed();
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -209,7 +193,7 @@ fn stream_makes_the_raw_image_the_disk() {
         "past the base"
     );
     // Again: nothing left to do, still identical.
-    let o = addcow(&["stream", overlay.to_str().unwrap()]);
+    let o = addcow(".", &["stream", overlay.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("copied 0 B"),
@@ -265,7 +249,7 @@ fn an_interrupted_or_killed_stream_continues_where_it_stopped() {
         allocated > 8 * MIB,
         "the interrupted runs streamed something: {allocated}"
     );
-    let o = addcow(&["stream", path]);
+    let o = addcow(".", &["stream", path]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(info(&overlay)["complete"], true);
     assert_same(&dir.join("vm.raw"), &reference);

@@ -13,15 +13,13 @@
 //! beside the kernel's folder) or the newest `/boot/vmlinuz-*`. Without QEMU, busybox or a
 //! kernel it prints why and returns, unless `ADDCOW_TCG=1` asks for it to run (then it fails).
 
-mod nbd_support;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nbd_support::{run, Daemon, Fixture, RawClient};
+use addcow_daemon_testkit::{run, Daemon, Fixture, RawClient};
 
 const MIB: u64 = 1 << 20;
 /// The guest writes its pattern here (bytes), 64 KiB of it.

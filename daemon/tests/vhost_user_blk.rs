@@ -6,16 +6,13 @@
 //! the vhost-user-blk frontend reads, and what an NBD client reads of the same disk, against a
 //! model of what was written.
 
-mod nbd_support;
-mod vhost_support;
-
 use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::Duration;
 
+use addcow_daemon_testkit::vhost::{pattern, Frontend};
+use addcow_daemon_testkit::{Daemon, Fixture, RawClient};
 use blkio::ReqFlags;
-use nbd_support::{Daemon, Fixture, RawClient};
-use vhost_support::{pattern, Frontend};
 
 const MIB: u64 = 1 << 20;
 
@@ -299,7 +296,7 @@ impl Qsd {
             .stdin(std::process::Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon (Debian qemu-utils; scripts/test.sh installs it)");
-        nbd_support::wait_until("qemu-storage-daemon's socket", || sock.exists());
+        addcow_daemon_testkit::wait_until("qemu-storage-daemon's socket", || sock.exists());
         Qsd(child)
     }
 }
@@ -340,7 +337,7 @@ fn exercise(f: &mut Frontend, size: u64) -> Vec<u8> {
 fn the_harness_sees_the_same_disk_through_qemu_storage_daemon() {
     let fx = Fixture::new(16 * MIB);
     let qcow = fx.path("disk.qcow2");
-    nbd_support::run(
+    addcow_daemon_testkit::run(
         "qemu-img",
         &[
             "create",

@@ -5,13 +5,11 @@
 //! layer each byte must come from; loops, a too-deep chain and a write open of a layer in use
 //! refused.
 
-mod engine_common;
-
 use std::path::{Path, PathBuf};
 
 use addcow_engine::format::{create, CreateOptions, OpenOptions, Overlay, MAX_CHAIN_DEPTH};
 use addcow_engine::{DiskOptions, ErrorKind};
-use engine_common::{base_byte, engine};
+use addcow_engine_testkit::harness::{base_byte, engine};
 
 /// One layer as the test built it: its size and the writes made to it, in order.
 struct LayerModel {

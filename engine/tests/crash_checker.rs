@@ -3,12 +3,12 @@
 //! before their data, a FLUSH answered without a commit, stale bits, zeros nobody wrote).
 #![cfg(feature = "crash-recorder")]
 
-mod support;
-
 use addcow_engine::io::recorder::{ClientEvent, Event, FileRole};
-use support::crash::{replay_all, CheckConfig, Checker, IssueLog, Report, Snapshot, WriteIssue};
-use support::pattern;
-use support::reference::{build_meta, set_bits, RefView, HEADER_SIZE};
+use addcow_engine_testkit::crash::{
+    replay_all, CheckConfig, Checker, IssueLog, Report, Snapshot, WriteIssue,
+};
+use addcow_engine_testkit::pattern;
+use addcow_engine_testkit::reference::{build_meta, set_bits, RefView, HEADER_SIZE};
 
 const SECTORS: u64 = 16;
 

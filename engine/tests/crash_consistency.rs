@@ -5,7 +5,7 @@
 //! requests in flight on both cores, on a real engine with the
 //! crash recorder on, over a small overlay with a patterned base, pre-allocated sectors and stale
 //! garbage under clear bits. The harness logs what each client was answered into the same
-//! recorder. Then the crash checker (`support::crash`) builds crash states from the log and
+//! recorder. Then the crash checker (`addcow_engine_testkit::crash`) builds crash states from the log and
 //! checks each with the independent reference reader.
 //!
 //! A variant runs over a backing chain: the overlay's base is itself an add-cow overlay (with
@@ -19,8 +19,6 @@
 //! the model exact.
 #![cfg(feature = "crash-recorder")]
 
-mod support;
-
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread;
@@ -28,11 +26,11 @@ use std::time::Duration;
 
 use addcow_engine::io::recorder::{Event, Recorder};
 use addcow_engine::{CacheMode, DiskOptions, Done, Engine, EngineConfig, Request, RequestError};
+use addcow_engine_testkit::crash::{CheckConfig, Checker, ClientTracker, Report, Snapshot};
+use addcow_engine_testkit::engine::{call, seed, submit_with, Fixture};
+use addcow_engine_testkit::pattern;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use support::crash::{CheckConfig, Checker, ClientTracker, Report, Snapshot};
-use support::engine::{call, seed, submit_with, Fixture};
-use support::pattern;
 
 const SECTORS: u64 = 512; // 256 KiB
 /// The base ends 300 bytes into sector 383: past it, clear sectors read zeros.
@@ -159,7 +157,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
     );
     let (meta0, image0, base0) = fx.files();
     let (base_view, lower_files) = if chain {
-        let lower = support::engine::chain_under(&fx, LOWER_SECTORS, BASE_LEN, |s| {
+        let lower = addcow_engine_testkit::engine::chain_under(&fx, LOWER_SECTORS, BASE_LEN, |s| {
             s % 7 == 2 || (100..140).contains(&s)
         });
         (lower.view, lower.files)
@@ -171,7 +169,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         image: image0,
         base: Some(base_view),
     };
-    let initial_disk = support::reference::RefView::decode(
+    let initial_disk = addcow_engine_testkit::reference::RefView::decode(
         &snapshot.meta,
         &snapshot.image,
         snapshot.base.as_deref(),
@@ -437,7 +435,8 @@ fn crash_consistency_of_stream_under_writes() {
     );
     check_run(&run, seed, 10_000);
     let (meta, image, base) = &run.final_files;
-    let view = support::reference::RefView::decode(meta, image, Some(base)).expect("decodes");
+    let view = addcow_engine_testkit::reference::RefView::decode(meta, image, Some(base))
+        .expect("decodes");
     assert!(
         (0..view.sectors()).all(|s| view.bit(s)),
         "every bit is set after the stream"
@@ -456,7 +455,8 @@ fn crash_consistency_of_stream_under_writes() {
 fn check_run(run: &Run, seed: u64, min_states: usize) {
     // The log is complete: replaying it over the initial files gives the final files.
     let (meta, image, _) = &run.final_files;
-    let (replayed_meta, replayed_image) = support::crash::replay_all(&run.snapshot, &run.events);
+    let (replayed_meta, replayed_image) =
+        addcow_engine_testkit::crash::replay_all(&run.snapshot, &run.events);
     assert!(
         replayed_image == *image,
         "raw image differs from the replayed log (seed {seed})"
@@ -470,8 +470,12 @@ fn check_run(run: &Run, seed: u64, min_states: usize) {
         assert!(now == *bytes, "{name} under the overlay was written");
     }
     // The final files hold exactly what the clients wrote.
-    let view = support::reference::RefView::decode(meta, image, run.snapshot.base.as_deref())
-        .expect("final overlay decodes");
+    let view = addcow_engine_testkit::reference::RefView::decode(
+        meta,
+        image,
+        run.snapshot.base.as_deref(),
+    )
+    .expect("final overlay decodes");
     let disk = view.read_all();
     if let Some(b) = (0..disk.len()).find(|&b| disk[b] != run.expected_disk[b]) {
         panic!(
@@ -528,12 +532,12 @@ fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u6
         let size = disk.size();
         while (got.len() as u64) < size {
             let n = (size - got.len() as u64).min(64 << 10);
-            let chunk = support::engine::read(&disk, 0, got.len() as u64, n as u32)
+            let chunk = addcow_engine_testkit::engine::read(&disk, 0, got.len() as u64, n as u32)
                 .unwrap_or_else(|e| panic!("crash state {k}: read: {e}"));
             got.extend(chunk);
         }
         disk.close().expect("close");
-        let want = support::reference::RefView::decode(meta, image, Some(base))
+        let want = addcow_engine_testkit::reference::RefView::decode(meta, image, Some(base))
             .expect("crash state decodes")
             .read_all();
         if let Some(b) = (0..want.len()).find(|&b| got.get(b) != want.get(b)) {

@@ -16,8 +16,6 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 32 per property).
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -26,11 +24,11 @@ use std::time::Duration;
 use addcow_engine::{
     CacheMode, Disk, DiskOptions, Done, Engine, EngineConfig, ExtentKind, Request,
 };
+use addcow_engine_testkit::engine::{read, submit_with, write, Fixture};
+use addcow_engine_testkit::pattern;
+use addcow_engine_testkit::reference::RefView;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use support::engine::{read, submit_with, write, Fixture};
-use support::pattern;
-use support::reference::RefView;
 
 const SECTORS: u64 = 256; // 128 KiB
 /// Ends 300 bytes into sector 199 (a base need not be a whole number of sectors).
@@ -746,7 +744,7 @@ fn differential_across_bitmap_chunks() {
                     len,
                     fua: false,
                 };
-                support::engine::call(&disk, i, req).expect("trim");
+                addcow_engine_testkit::engine::call(&disk, i, req).expect("trim");
             }
         }
         model[off as usize..(off + len) as usize].copy_from_slice(&data);

@@ -40,18 +40,9 @@ const MIN_CONCURRENT_COMMITS: usize = 20;
 /// CPU it needs to make those commits.
 const OVERLAP_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The run's seed (`DIRTY_SEED` to replay).
 fn seed() -> u64 {
-    let seed = std::env::var("DIRTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("dirty protocol seed {seed} (set DIRTY_SEED to replay)");
-    seed
+    addcow_engine_testkit::engine::seed("DIRTY_SEED")
 }
 
 /// Hot ranges every setter of a run draws from (a quarter of its ranges).

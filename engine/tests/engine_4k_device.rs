@@ -7,15 +7,13 @@
 //! ext4 on it. That needs root and the loop driver, so the test is `#[ignore]`d and
 //! `scripts/test.sh` runs it explicitly when it can (and says so when it cannot).
 
-mod engine_common;
-
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{CacheMode, DiskOptions, Engine, EngineConfig, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 /// A loop device with 4096-byte sectors over a file, formatted ext4 and mounted; torn down on
 /// drop.

@@ -7,15 +7,13 @@
 //! * the last `Engine` handle dropped inside a completion (on a core thread) while a client keeps
 //!   submitting: every request is answered exactly once, and `Disk::close` returns.
 
-mod engine_common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use addcow_engine::{Disk, Engine, Request, RequestError};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const WRITES: u64 = 1500;
 const LEN: usize = 4096;

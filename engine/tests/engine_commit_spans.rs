@@ -7,9 +7,7 @@
 //! blocks, where a span from the first to the last dirty block would not fit in a `u32`. Each
 //! pattern dirties blocks by writing one sector whose bit lives in that block.
 
-mod engine_common;
-
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const SIZE: u64 = 64 << 30;
 const HEADER: u64 = 2560;

@@ -2,12 +2,10 @@
 //! outside their overlap (DESIGN invariant 4), and a FLUSH through one clone of a disk covers
 //! writes answered through another clone on another core (multi-conn).
 
-mod engine_common;
-
 use std::sync::mpsc;
 
 use addcow_engine::{Done, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 #[test]
 fn overlapping_subsector_writes_keep_every_writers_bytes() {

@@ -6,12 +6,10 @@
 //! keep working; (2) a commit whose bitmap write lands past the limit fails the FLUSH with EFBIG,
 //! re-marks its blocks, and the next FLUSH (limit lifted) persists the bits.
 
-mod engine_common;
-
 use std::process::Command;
 
 use addcow_engine::ExtentKind;
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const CHILD_ENV: &str = "ADDCOW_ENGINE_EFBIG_CHILD";
 

@@ -2,13 +2,11 @@
 //! image allocates its aligned extent (no bytes change, never past the disk's size), once; off
 //! when asked; a bad size is refused at open with a clear error.
 
-mod engine_common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use addcow_engine::{DiskOptions, ErrorKind};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 fn allocated(raw: &Path) -> u64 {
     std::fs::metadata(raw).expect("stat raw image").blocks() * 512

@@ -9,8 +9,6 @@
 //! the failed-data-sync test must find the bit on disk, and it is `should_panic` then.
 #![cfg(feature = "fault-injection")]
 
-mod engine_common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -18,7 +16,7 @@ use std::time::Duration;
 
 use addcow_engine::io::faults::{FaultAction, FaultFile, FaultOp, FaultPlan, FaultRule};
 use addcow_engine::{CacheMode, Disk, Engine, ExtentKind, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const HEADER: u64 = 2560;
 

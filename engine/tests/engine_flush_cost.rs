@@ -5,11 +5,9 @@
 //! bitmap writes, metadata sync). FUA writes follow the same rules.
 #![cfg(feature = "crash-recorder")]
 
-mod engine_common;
-
 use addcow_engine::io::recorder::{Event, FileRole, Recorder};
 use addcow_engine::{Disk, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 /// The engine's own I/O logged since `from`, as short names (sync ends are left out).
 fn io_since(rec: &Recorder, from: usize) -> Vec<&'static str> {

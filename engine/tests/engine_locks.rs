@@ -3,15 +3,13 @@
 //! (two overlays naming one raw image cannot both be served writable), and the base shared (so
 //! nobody can take it for writing, e.g. to commit into it, while an overlay reads through it).
 
-mod engine_common;
-
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use addcow_engine::format::{create, CreateOptions, OpenOptions, Overlay};
 use addcow_engine::{DiskOptions, ErrorKind};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 /// Tries an OFD lock on `path` (exclusive or shared) from a fresh open file description.
 fn can_lock(path: &Path, exclusive: bool) -> bool {

@@ -12,13 +12,11 @@
 //! data sync) this test must fail, and it is marked `should_panic` then.
 #![cfg(feature = "crash-recorder")]
 
-mod engine_common;
-
 use std::collections::HashMap;
 
 use addcow_engine::io::recorder::{ClientEvent, Event, FileRole, Recorder};
 use addcow_engine::Request;
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const HEADER: u64 = 2560;
 

@@ -3,8 +3,6 @@
 //! base's end as holes of the raw image, never overwrites written sectors, and loses no write
 //! that lands while it copies.
 
-mod support;
-
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -15,9 +13,9 @@ use std::thread;
 
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig, Request, MAX_POPULATE};
+use addcow_engine_testkit::engine::{call, seed};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use support::engine::{call, seed};
 
 const MIB: u64 = 1 << 20;
 

@@ -4,11 +4,9 @@
 //! populate of the same range completes it.
 #![cfg(feature = "fault-injection")]
 
-mod engine_common;
-
 use addcow_engine::io::faults::{FaultAction, FaultFile, FaultOp, FaultPlan, FaultRule};
 use addcow_engine::{CacheMode, Engine};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 #[test]
 fn a_failed_populate_sets_no_bit_and_the_next_one_completes() {

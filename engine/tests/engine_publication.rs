@@ -8,15 +8,13 @@
 //!   to the old disk) must wait for it, or it writes the disk after its final commit.
 #![cfg(feature = "fault-injection")]
 
-mod engine_common;
-
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use addcow_engine::io::faults::FaultPlan;
 use addcow_engine::{Disk, DiskOptions, Engine, IoBuf, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const HEADER: u64 = 2560;
 const WAIT: Duration = Duration::from_secs(20);

@@ -2,10 +2,8 @@
 //! (aligned and not), reopen after close, base fallthrough, zeros past the base's end,
 //! write-zeroes and trim, read-only and out-of-range errors, background commit.
 
-mod engine_common;
-
 use addcow_engine::{Done, ExtentKind, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 #[test]
 fn aligned_write_flush_reopen_shows_data_and_bits() {

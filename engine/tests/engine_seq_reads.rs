@@ -1,10 +1,8 @@
 //! Large reads across many runs (the benchmark's half-allocated layout and finer patterns):
 //! every byte matches a model, with the base read through O_DIRECT and through the page cache.
 
-mod engine_common;
-
 use addcow_engine::{CacheMode, Engine, EngineConfig};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 const CHUNK: u64 = 64 << 10;
 

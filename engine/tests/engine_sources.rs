@@ -1,8 +1,6 @@
 //! [`CoreSource`]: an eventfd polled in a core's own io_uring. Real eventfds written from other
 //! threads, a real engine and disk.
 
-mod engine_common;
-
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -400,7 +398,7 @@ fn a_source_ends_its_batch_while_its_core_is_flooded_with_messages() {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
-    engine_common::flood(d.clone(), Arc::clone(&stop), Arc::clone(&answered));
+    addcow_engine_testkit::harness::flood(d.clone(), Arc::clone(&stop), Arc::clone(&answered));
     wait_until("the flood to get going", || {
         answered.load(Ordering::SeqCst) > 1000
     });

@@ -7,14 +7,12 @@
 //! channel until it is empty never leaves the drain at all. Either way the read below would
 //! never finish while the flood runs.
 
-mod engine_common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use addcow_engine::{Done, Request};
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 #[test]
 fn a_read_finishes_while_its_core_is_flooded_with_new_requests() {

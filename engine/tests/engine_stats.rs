@@ -1,9 +1,7 @@
 //! `Disk::stats`, `Disk::allocated_bytes` and `Disk::is_complete` on real files: every counter
 //! moves with the work it names and no other.
 
-mod engine_common;
-
-use engine_common::*;
+use addcow_engine_testkit::harness::*;
 
 #[test]
 fn counters_follow_base_reads_bits_and_commits() {

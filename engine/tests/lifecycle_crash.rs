@@ -2,13 +2,11 @@
 //! base and to none; unsafe) and commit (into a raw base and into an add-cow base).
 //!
 //! Each tool runs on real files with its file operations recorded (`Ops::recording`); every
-//! crash state the log allows (see `support::fileops`) is written to a directory, opened with
+//! crash state the log allows (see `addcow_engine_testkit::fileops`) is written to a directory, opened with
 //! `Overlay::open` (no error, no warning) and read back: it must read as an allowed state.
 //! With the feature `unsafe-lifecycle-order` each tool runs in a deliberately broken order and
 //! the checker must find violating states.
 #![cfg(feature = "crash-recorder")]
-
-mod support;
 
 use std::path::Path;
 
@@ -16,8 +14,8 @@ use addcow_engine::format::{OpenOptions, Overlay};
 use addcow_engine::lifecycle::{
     commit, rebase, resize, CommitOptions, OpLog, Ops, RebaseOptions, ResizeOptions, View,
 };
-use support::fileops::{crash_states, materialize, snapshot_dir, Files};
-use support::lifecycle::{guest, overlay, raw_base};
+use addcow_engine_testkit::fileops::{crash_states, materialize, snapshot_dir, Files};
+use addcow_engine_testkit::lifecycle::{guest, overlay, raw_base};
 
 const SECTORS: u64 = 300;
 const PER_POINT: usize = 32;
@@ -57,7 +55,7 @@ fn check_with(
     op(&ops(log.clone()));
     let ops = log.snapshot();
     assert!(!ops.is_empty(), "nothing recorded");
-    let seed = support::engine::seed("LIFECYCLE_SEED");
+    let seed = addcow_engine_testkit::engine::seed("LIFECYCLE_SEED");
     // Every crash point; more states per point for short logs, at least 6 for long ones.
     let per_point = (MAX_STATES / (ops.len() + 1)).clamp(6, PER_POINT);
     let states = crash_states(&initial, &ops, seed, per_point);

@@ -2,8 +2,6 @@
 //! checker covers: add-cow bases on either side of a rebase, `-u`, a base larger than the
 //! overlay, nothing to commit, stray bits past the end, and the locks.
 
-mod support;
-
 use std::path::Path;
 
 use addcow_engine::format::{OpenOptions, Overlay};
@@ -11,7 +9,7 @@ use addcow_engine::lifecycle::{
     commit, rebase, resize, CommitOptions, Ops, RebaseOptions, ResizeOptions,
 };
 use addcow_engine::ErrorKind;
-use support::lifecycle::{guest, overlay, raw_base};
+use addcow_engine_testkit::lifecycle::{guest, overlay, raw_base};
 
 fn set(s: u64) -> bool {
     s % 3 == 0 || (40..60).contains(&s)

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use addcow_engine::lifecycle::View;
 
-use super::pattern;
-use super::reference::{build_meta, SECTOR};
+use crate::pattern;
+use crate::reference::{build_meta, SECTOR};
 
 /// `disk.add-cow` over `disk.raw` in `dir`, over the base file `base` (stored by file name;
 /// `None`: no base) of `sectors` sectors: sectors with `set(s)` hold `prealloc_byte` data, every

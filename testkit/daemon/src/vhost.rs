@@ -1,7 +1,6 @@
 //! A vhost-user-blk frontend for the end-to-end tests: libblkio's Rust implementation (the
 //! `blkio` crate, driver `virtio-blk-vhost-user`), which maps its own memory into the daemon
 //! over the socket and drives real split virtqueues with EVENT_IDX.
-#![allow(dead_code)]
 
 use std::mem::MaybeUninit;
 use std::path::Path;

@@ -1,11 +1,23 @@
-//! Shared helpers of the `nbd_*` end-to-end tests: a fixture overlay on disk, the built
-//! `addcow serve` on a temp socket, and real clients run with a time bound.
+//! Test support of the daemon's end-to-end tests (`daemon/tests/*.rs`), one crate every test file
+//! takes as a dev-dependency (`use addcow_daemon_testkit::...`):
+//!
+//! * here: the built `addcow` binary ([`addcow_bin`]), its tool commands ([`addcow`]), a
+//!   fixture overlay on disk ([`Fixture`]), `addcow serve` on a temp socket ([`Daemon`]), real
+//!   clients run with a time bound ([`run`], [`qemu_io`], [`HoldingClient`]), the control
+//!   socket ([`Control`], [`ctl`]) and process probes ([`fd_count`], [`rss_kib`]).
+//! * [`raw`]: a raw NBD client (handshake pieces, requests, simple / structured / extended
+//!   replies, [`raw::RawClient`]) for tests that need exact control of the bytes.
+//! * [`scripted`]: a scripted NBD image server that misbehaves in exactly one way.
+//! * [`vhost`]: a vhost-user-blk frontend (libblkio).
 //!
 //! Every external tool is required: a missing one fails the test loudly (scripts/test.sh
 //! installs them), it never passes silently.
-#![allow(dead_code)]
 
+pub mod raw;
 pub mod scripted;
+pub mod vhost;
+
+pub use raw::RawClient;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -16,12 +28,59 @@ use std::time::{Duration, Instant};
 /// Bound on any single client command.
 pub const TOOL_TIMEOUT_SECS: u32 = 180;
 
-/// The `addcow` binary under test: the one cargo built, or `ADDCOW_TEST_BIN` (to run a test
-/// against another build, e.g. to show that it fails on an older daemon).
+/// The `addcow` binary under test: `ADDCOW_TEST_BIN` (to run a test against another build,
+/// e.g. to show that it fails on an older daemon), else the one cargo built for the running
+/// integration test. Cargo builds a package's binaries before its integration tests and puts
+/// them in `target/PROFILE`, the tests in `target/PROFILE/deps` (the place
+/// `CARGO_BIN_EXE_addcow` names in addcow-daemon's own test crates).
 pub fn addcow_bin() -> PathBuf {
-    std::env::var_os("ADDCOW_TEST_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_addcow")))
+    if let Some(p) = std::env::var_os("ADDCOW_TEST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("addcow"))
+        .unwrap_or_else(|| panic!("{} is not in target/PROFILE/deps", exe.display()));
+    assert!(
+        bin.is_file(),
+        "{} missing: run the test with cargo test -p addcow-daemon (which builds it) or set \
+         ADDCOW_TEST_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `addcow ARGS...` to its end in `cwd` (`"."`: the test's own directory), stdin
+/// closed, bounded by [`TOOL_TIMEOUT_SECS`]; returns its output, unchecked.
+pub fn addcow(cwd: impl AsRef<Path>, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(TOOL_TIMEOUT_SECS.to_string())
+        .arg(addcow_bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run addcow under timeout")
+}
+
+/// [`addcow`] that must succeed (else the test fails with [`text`]); returns its stdout (which
+/// must be UTF-8).
+pub fn addcow_ok(cwd: impl AsRef<Path>, args: &[&str]) -> String {
+    let o = addcow(cwd, args);
+    assert!(o.status.success(), "addcow {args:?}: {}", text(&o));
+    String::from_utf8(o.stdout).expect("addcow's stdout is UTF-8")
+}
+
+/// A command's exit status, stdout and stderr, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// A temp dir with `base.raw` (first half of the disk, every byte 0xab) and `disk.add-cow` on it
@@ -420,14 +479,9 @@ impl Control {
 
 /// Runs `addcow ctl ARGS...` (bounded); returns (exit code, stdout, stderr).
 pub fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("timeout")
-        .arg(TOOL_TIMEOUT_SECS.to_string())
-        .arg(addcow_bin())
-        .arg("ctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run addcow ctl");
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    let out = addcow(".", &all);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -532,117 +586,5 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A minimal NBD client over a raw socket (fixed newstyle, no zeroes, GO to an export, simple
-/// replies): for tests that need exact control of what is sent and when.
-pub struct RawClient {
-    pub s: std::os::unix::net::UnixStream,
-    next: u64,
-}
-
-/// A simple reply's error (0 = success).
-pub type NbdError = u32;
-
-impl RawClient {
-    /// Connects to `sock` and enters transmission on export `name`.
-    pub fn connect(sock: &Path, name: &str) -> std::io::Result<RawClient> {
-        use std::io::Read;
-        let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g)?;
-        assert_eq!(&g[..8], b"NBDMAGIC");
-        s.write_all(&[0, 0, 0, 3])?;
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(name.as_bytes());
-        data.extend_from_slice(&[0, 0]);
-        let mut o = b"IHAVEOPT".to_vec();
-        o.extend_from_slice(&7u32.to_be_bytes());
-        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        o.extend_from_slice(&data);
-        s.write_all(&o)?;
-        // Replies until ACK (or an error).
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut p = vec![0u8; len];
-            s.read_exact(&mut p)?;
-            if kind == 1 {
-                break;
-            }
-            if kind & 0x8000_0000 != 0 {
-                return Err(std::io::Error::other(format!(
-                    "GO refused: {kind:#x} {}",
-                    String::from_utf8_lossy(&p)
-                )));
-            }
-        }
-        Ok(RawClient { s, next: 1 })
-    }
-
-    fn header(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> (u64, Vec<u8>) {
-        let cookie = self.next;
-        self.next += 1;
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        (cookie, b)
-    }
-
-    fn reply(&mut self, cookie: u64, data: Option<&mut [u8]>) -> std::io::Result<NbdError> {
-        use std::io::Read;
-        let mut r = [0u8; 16];
-        self.s.read_exact(&mut r)?;
-        assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
-        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), cookie);
-        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
-        if err == 0 {
-            if let Some(d) = data {
-                self.s.read_exact(d)?;
-            }
-        }
-        Ok(err)
-    }
-
-    /// WRITE (FUA if `fua`); the reply's error.
-    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<NbdError> {
-        let (cookie, mut b) = self.header(1, u16::from(fua), offset, data.len() as u32);
-        b.extend_from_slice(data);
-        self.s.write_all(&b)?;
-        self.reply(cookie, None)
-    }
-
-    /// FLUSH; the reply's error.
-    pub fn flush(&mut self) -> std::io::Result<NbdError> {
-        let (cookie, b) = self.header(3, 0, 0, 0);
-        self.s.write_all(&b)?;
-        self.reply(cookie, None)
-    }
-
-    /// TRIM; the reply's error.
-    pub fn trim(&mut self, offset: u64, len: u32) -> std::io::Result<NbdError> {
-        let (cookie, b) = self.header(4, 0, offset, len);
-        self.s.write_all(&b)?;
-        self.reply(cookie, None)
-    }
-
-    /// READ into `buf`; the reply's error.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<NbdError> {
-        let (cookie, b) = self.header(0, 0, offset, buf.len() as u32);
-        self.s.write_all(&b)?;
-        self.reply(cookie, Some(buf))
-    }
-
-    /// DISC.
-    pub fn disconnect(mut self) {
-        let (_, b) = self.header(2, 0, 0, 0);
-        let _ = self.s.write_all(&b);
     }
 }

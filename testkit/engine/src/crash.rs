@@ -44,7 +44,7 @@ use addcow_engine::io::recorder::{ClientEvent, Event, FileRole, Recorder};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::reference::{RefView, SECTOR};
+use crate::reference::{RefView, SECTOR};
 
 /// The overlay's files before the run.
 #[derive(Debug, Clone)]

@@ -1,6 +1,5 @@
-//! Helpers shared by the engine's end-to-end tests (`engine_*.rs`): overlays on real files in a
-//! temporary directory, recognizable base bytes, and engines with small arenas.
-#![allow(dead_code)]
+//! Overlays created with the library on real files in a temporary directory (their base holds
+//! [`base_byte`]), engines with small arenas, and a model of what the disk must read as.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,10 +9,7 @@ use std::time::Duration;
 use addcow_engine::format::{create, CreateOptions};
 use addcow_engine::{CacheMode, Disk, DiskOptions, Engine, EngineConfig, Request};
 
-/// The base's byte at `offset`: never zero, and different for every offset within a sector.
-pub fn base_byte(offset: u64) -> u8 {
-    ((offset * 7 + offset / 512 * 13) % 251) as u8 + 1
-}
+pub use crate::pattern::base_byte;
 
 /// An overlay in a temporary directory.
 pub struct Fixture {
@@ -70,6 +66,7 @@ pub fn config(cores: usize) -> EngineConfig {
     }
 }
 
+/// Opens the overlay at `path` with default options; panics on failure.
 pub fn open(engine: &Engine, path: &Path) -> Disk {
     engine
         .open(path, DiskOptions::default())
@@ -135,6 +132,7 @@ pub fn payload(n: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// No background-commit delay.
 pub const NO_DELAY: Option<Duration> = None;
 
 /// Submits one CACHE request to core 0 whose completion (on the core) submits the next, until

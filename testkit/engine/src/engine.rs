@@ -6,8 +6,8 @@ use std::sync::mpsc;
 
 use addcow_engine::{Disk, Done, Engine, Request, RequestError};
 
-use super::pattern;
-use super::reference::{build_meta, SECTOR};
+use crate::pattern;
+use crate::reference::{build_meta, SECTOR};
 
 /// Submits `req` to `core` and waits for its completion.
 pub fn call(disk: &Disk, core: usize, req: Request) -> Result<Done, RequestError> {
@@ -193,7 +193,7 @@ pub fn chain_under(
     f.write_all_at(&raw, 0).expect("write mid.raw");
     f.sync_all().expect("sync mid.raw");
     std::fs::write(&fx.base, &meta).expect("write mid overlay");
-    let view = super::reference::RefView::decode(&meta, &raw, Some(&bottom))
+    let view = crate::reference::RefView::decode(&meta, &raw, Some(&bottom))
         .expect("lower layer decodes")
         .read_all();
     LowerLayer {

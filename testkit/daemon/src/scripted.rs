@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+use crate::raw::{
+    IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+};
+
 /// Chunk types.
 pub const NONE: u16 = 0;
 pub const OFFSET_DATA: u16 = 1;
@@ -68,7 +71,7 @@ impl Reply<'_> {
         payload: &[u8],
     ) -> std::io::Result<()> {
         let mut b = Vec::with_capacity(20 + payload.len());
-        b.extend_from_slice(&STRUCTURED_MAGIC.to_be_bytes());
+        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&kind.to_be_bytes());
         b.extend_from_slice(&cookie.to_be_bytes());
@@ -93,7 +96,7 @@ impl Reply<'_> {
 
     /// A simple reply (`error`, no data).
     pub fn simple_error(&mut self, cookie: u64, error: u32) -> std::io::Result<()> {
-        let mut b = 0x6744_6698u32.to_be_bytes().to_vec();
+        let mut b = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
         b.extend_from_slice(&error.to_be_bytes());
         b.extend_from_slice(&cookie.to_be_bytes());
         self.s.write_all(&b)
@@ -260,7 +263,7 @@ fn option_reply(
     kind: u32,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let mut b = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    let mut b = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
     b.extend_from_slice(&opt.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -276,7 +279,9 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script) -> std::io::Result<()>
         while s.read(&mut b)? > 0 {}
         return Ok(());
     }
-    hs_write(&mut s, how, b"NBDMAGICIHAVEOPT\0\x03")?;
+    // Handshake flags: FIXED_NEWSTYLE | NO_ZEROES.
+    let greeting = [&NBDMAGIC[..], &IHAVEOPT[..], &[0, 3]].concat();
+    hs_write(&mut s, how, &greeting)?;
     read_n(&mut s, 4)?;
     loop {
         let h = read_n(&mut s, 16)?;
