@@ -5,13 +5,11 @@
 //! different sizes, so the size an add answers with tells which one was opened. Also: a device
 //! node as raw image, and a vhost-user-blk socket path through a swapped folder symlink.
 
-mod nbd_support;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nbd_support::*;
+use addcow_daemon_testkit::*;
 use serde_json::{json, Value};
 
 const INSIDE_SIZE: u64 = 1 << 20;
