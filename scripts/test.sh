@@ -23,6 +23,8 @@ command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v prlimit >/dev/null || need_pkgs+=(util-linux)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 command -v blockdev >/dev/null || need_pkgs+=(util-linux)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+pkg-config --exists openssl 2>/dev/null || need_pkgs+=(libssl-dev pkg-config)
 # The vhost-user-blk TCG smoke test: a static busybox for the guest's initramfs, and QEMU's
 # system emulator (without its recommends: no GUI, no firmware beyond SeaBIOS) of exactly the
 # installed qemu-utils' version: another version would replace qemu-utils (apt removes it), so

@@ -15,6 +15,7 @@
 
 pub mod raw;
 pub mod scripted;
+pub mod tls;
 pub mod vhost;
 
 pub use raw::RawClient;
