@@ -20,6 +20,7 @@ mod layout;
 pub mod lifecycle;
 pub mod nbd;
 pub mod sys;
+pub mod tls;
 
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::on_core_thread;
