@@ -16,6 +16,7 @@ use addcow_engine::{
 };
 
 use super::probe::LayerFiles;
+use addcow_engine::sync::{lock, read, wait_timeout, write};
 
 /// What the protocol needs from a disk. Implementations are shared by every connection
 /// (so a FLUSH on one connection covers writes answered on any other: multi-conn safe).
@@ -149,20 +150,16 @@ impl InFlight {
 
     fn finish(&self) {
         if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = lock(&self.lock);
             self.idle.notify_all();
         }
     }
 
     /// Waits until the count is zero (new requests must be held back by the caller).
     fn wait_idle(&self) {
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.lock);
         while self.count.load(Ordering::SeqCst) > 0 {
-            g = self
-                .idle
-                .wait_timeout(g, Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = wait_timeout(&self.idle, g, Duration::from_millis(50)).0;
         }
     }
 }
@@ -220,7 +217,7 @@ impl EngineDisk {
     }
 
     fn current(&self) -> RwLockReadGuard<'_, Arc<Generation>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.current)
     }
 
     /// Runs `f` on the current disk with no switch able to begin or end meanwhile (a switch
@@ -243,10 +240,10 @@ impl EngineDisk {
             Ok(g) => g,
             Err(_) => {
                 crate::process::seam::mark("switch-blocked");
-                self.layout.write().unwrap_or_else(|p| p.into_inner())
+                write(&self.layout)
             }
         };
-        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut cur = write(&self.current);
         self.in_flight.wait_idle();
         // A copy-up sets bits after its read was answered: none may once `f` flushes, lets go
         // of the overlay's locks or closes the disk.
@@ -336,7 +333,7 @@ impl Backend for EngineDisk {
         }
     }
     fn pin_layout(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        Some(self.layout.read().unwrap_or_else(|p| p.into_inner()))
+        Some(read(&self.layout))
     }
     fn fast_zero_unit(&self) -> Option<u64> {
         match self.fast_zero.load(Ordering::SeqCst) {

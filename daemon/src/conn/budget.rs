@@ -14,6 +14,7 @@
 //! order they asked (first come, first served), so a new client waits behind at most one request
 //! of each other connection, never behind a client that keeps pipelining.
 
+use addcow_engine::sync::{lock, wait};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Smallest daemon-wide buffer budget: two requests of the largest size pass at once.
@@ -87,7 +88,7 @@ impl Pool {
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Bytes held now.
@@ -178,7 +179,7 @@ impl Budget {
     }
 
     fn lock(&self) -> MutexGuard<'_, (usize, u64, bool)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Blocks until one more request of `bytes` fits, then takes it.
@@ -186,7 +187,7 @@ impl Budget {
         let mut s = self.lock();
         while s.0 >= self.max_requests {
             s.2 = true;
-            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = wait(&self.freed, s);
         }
         s.0 += 1;
         drop(s);
@@ -362,14 +363,14 @@ impl Pool {
                 break;
             }
             s.waiters += 1;
-            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = wait(&self.freed, s);
             s.waiters -= 1;
         }
         let me = s.next;
         s.next += 1;
         while s.serving != me || s.used + bytes > self.cap {
             s.waiters += 1;
-            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = wait(&self.freed, s);
             s.waiters -= 1;
         }
         s.serving += 1;

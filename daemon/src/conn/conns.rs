@@ -16,6 +16,7 @@ use std::time::Instant;
 use super::budget::Waker;
 use super::sock::Sock;
 use crate::nbd::export::Client;
+use addcow_engine::sync::{lock, wait, wait_timeout};
 
 /// How a connection is told to stop: a flag its reader checks before each request, and a
 /// handle on its socket to wake a reader blocked in `read` (shutting down the read side makes
@@ -41,14 +42,14 @@ impl ClientHandle {
 
     /// From now on a stop also calls `wake` (at once if already stopped).
     pub fn on_stop(&self, wake: Waker) {
-        *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake.clone());
+        *lock(&self.wake) = Some(wake.clone());
         if self.stopped() {
             wake.wake();
         }
     }
 
     fn wake(&self) {
-        let w = self.wake.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let w = lock(&self.wake).clone();
         if let Some(w) = w {
             w.wake();
         }
@@ -95,7 +96,7 @@ pub struct Live {
 
 impl Live {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<ClientHandle>>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conns)
     }
 
     /// Connections alive now.
@@ -131,17 +132,13 @@ impl Live {
         let mut m = self.lock();
         while !m.is_empty() {
             match deadline {
-                None => m = self.ended.wait(m).unwrap_or_else(|p| p.into_inner()),
+                None => m = wait(&self.ended, m),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return false;
                     }
-                    m = self
-                        .ended
-                        .wait_timeout(m, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    m = wait_timeout(&self.ended, m, left).0;
                 }
             }
         }

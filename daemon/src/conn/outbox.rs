@@ -29,6 +29,7 @@ use super::conns::ClientHandle;
 use super::sock::Sock;
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{ExportStats, Stamp};
+use addcow_engine::sync::{lock, wait};
 
 /// Most replies the writer sends with one `sendmsg` batch.
 const WRITER_BATCH: usize = 64;
@@ -155,7 +156,7 @@ impl Outbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Takes `cost` of the budget (blocking while it is spent: backpressure on the reader) and
@@ -253,7 +254,7 @@ impl Outbox {
                     return (st.bytes, st.errors);
                 }
                 st.writer_waiting = true;
-                st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = wait(&self.ready, st);
                 st.writer_waiting = false;
             }
             let mut batch_bytes = 0u64;

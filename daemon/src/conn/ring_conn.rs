@@ -52,6 +52,7 @@ use crate::nbd::handshake::Negotiated;
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{ExportStats, Op, Stamp};
 use crate::nbd::wire::{self, RequestHeader};
+use addcow_engine::sync::lock;
 
 /// Bytes of the receive buffer (request headers and what follows them).
 const RECV_BUFFER: usize = 64 << 10;
@@ -90,7 +91,7 @@ pub struct Shared {
 
 impl Shared {
     fn push(&self, o: Outcome) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(o);
+        lock(&self.queue).push(o);
         self.any.store(true, Ordering::Release);
         // On a core thread the core calls `end_of_batch` before it waits again; elsewhere it
         // must be woken.
@@ -285,7 +286,7 @@ impl CoreSlot {
     }
 
     fn take(core: usize) -> Option<CoreSlot> {
-        let mut c = Self::counts().lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(Self::counts());
         if c.len() <= core {
             c.resize(core + 1, 0);
         }
@@ -299,7 +300,7 @@ impl CoreSlot {
 
 impl Drop for CoreSlot {
     fn drop(&mut self) {
-        let mut c = Self::counts().lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(Self::counts());
         if let Some(n) = c.get_mut(self.0) {
             *n = n.saturating_sub(1);
         }
@@ -722,8 +723,7 @@ impl RingConn {
         if !self.shared.any.swap(false, Ordering::Acquire) {
             return;
         }
-        let outcomes =
-            std::mem::take(&mut *self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let outcomes = std::mem::take(&mut *lock(&self.shared.queue));
         for o in outcomes {
             match o {
                 Outcome::Reply {

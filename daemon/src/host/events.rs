@@ -6,6 +6,7 @@
 //! up is disconnected by its own rules (see `control`). New events are a new name in [`ALL`] and
 //! an [`Events::emit`] where they happen.
 
+use addcow_engine::sync::lock;
 use std::sync::{Arc, Mutex, Weak};
 
 /// An export finished being deleted (`export-del`): its overlay is committed and unlocked.
@@ -35,7 +36,7 @@ pub struct Events {
 impl Events {
     /// Adds a subscriber; it stays until it is dropped or refuses a delivery.
     pub fn subscribe(&self, sink: Weak<dyn Sink>) {
-        let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut subs = lock(&self.subs);
         subs.retain(|s| s.strong_count() > 0);
         subs.push(sink);
     }
@@ -43,7 +44,7 @@ impl Events {
     /// Live subscribers.
     #[cfg(test)]
     pub fn subscribers(&self) -> usize {
-        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        let subs = lock(&self.subs);
         subs.iter().filter(|s| s.strong_count() > 0).count()
     }
 
@@ -54,7 +55,7 @@ impl Events {
         line.push(b'\n');
         let line: Arc<[u8]> = line.into();
         let subs: Vec<Arc<dyn Sink>> = {
-            let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut subs = lock(&self.subs);
             subs.retain(|s| s.strong_count() > 0);
             subs.iter().filter_map(Weak::upgrade).collect()
         };
@@ -66,7 +67,7 @@ impl Events {
             }
         }
         if !gone.is_empty() {
-            let mut all = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all = lock(&self.subs);
             all.retain(|w| !gone.contains(&(w.as_ptr() as *const u8)));
         }
     }

@@ -31,6 +31,7 @@ use std::thread::JoinHandle;
 use serde::Serialize;
 
 use super::events::{self, Events};
+use addcow_engine::sync::{lock, wait};
 
 /// A job's status (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -150,7 +151,7 @@ pub struct JobInfo {
 
 impl Job {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.st)
     }
 
     /// Sets the status and emits `job-status-change` (when it changed).
@@ -188,7 +189,7 @@ impl Job {
 
     /// Waits until the job's thread ended.
     fn join(&self) {
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = lock(&self.thread).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -215,7 +216,7 @@ impl JobCtl {
                 return true;
             }
             job.set_status(&mut st, JobStatus::Paused);
-            st = job.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = wait(&job.cv, st);
         }
     }
 
@@ -254,7 +255,7 @@ impl Jobs {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Job>>> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.table)
     }
 
     /// Starts a job of type `kind` on `export`, running `body` on a thread of its own; returns
@@ -319,7 +320,7 @@ impl Jobs {
                 };
                 job.set_status(&mut st, status);
             })?;
-        *job.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *lock(&job.thread) = Some(handle);
         tracing::info!(job = %id, kind, export, "job started");
         table.insert(id.clone(), job);
         Ok(id)

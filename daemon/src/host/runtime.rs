@@ -22,6 +22,7 @@ use crate::nbd::export::{DeleteRefused, Export, Exports};
 use crate::nbd::stats::{Op, Percentiles};
 use crate::nbd::wire;
 use crate::process::signals::Stop;
+use addcow_engine::sync::lock;
 
 /// Who asks to add an export: the command line is trusted; the control socket is held to the
 /// allowed folders.
@@ -305,7 +306,7 @@ impl Host {
     }
 
     fn vhost_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VhostExport>> {
-        self.vhost.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.vhost)
     }
 
     /// [`Host::add_export`], then serves the export over vhost-user-blk on `params.socket`

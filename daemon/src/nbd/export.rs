@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::stats::ExportStats;
 use super::wire;
 use crate::backend::disk::Backend;
+use addcow_engine::sync::{lock, read, wait, wait_timeout, write};
 
 /// A connection in an export's client table, as the table needs it: stopped by an
 /// `export-del`. The transport's per-connection handle implements it (so the protocol layer
@@ -94,7 +95,7 @@ impl Export {
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, Clients> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.clients)
     }
 
     /// Transmission flags for this export. `structured`: whether structured replies were
@@ -165,17 +166,13 @@ impl Export {
         let mut c = self.lock_clients();
         while !c.conns.is_empty() {
             match deadline {
-                None => c = self.left.wait(c).unwrap_or_else(|p| p.into_inner()),
+                None => c = wait(&self.left, c),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return false;
                     }
-                    c = self
-                        .left
-                        .wait_timeout(c, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    c = wait_timeout(&self.left, c, left).0;
                 }
             }
         }
@@ -248,11 +245,11 @@ impl Exports {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
-        self.table.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.table)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.table.write().unwrap_or_else(|p| p.into_inner())
+        write(&self.table)
     }
 
     /// The export called `name` that clients may use (not being deleted).

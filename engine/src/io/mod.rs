@@ -32,7 +32,7 @@
 //!   of (shared by `base` and `remote`); `split`: read splitting by the bitmap;
 //!   `remote`: a base on an NBD image server (its connection threads; `core/remote_read.rs` is
 //!   the core's side).
-//! * `align`: `STATX_DIOALIGN` alignment; `mutex`: locking a mutex whose holder panicked.
+//! * `align`: `STATX_DIOALIGN` alignment.
 //! * `testing/` (test-only): `recorder` (feature `crash-recorder`), `faults` (feature
 //!   `fault-injection`).
 
@@ -42,7 +42,6 @@ mod config;
 mod core;
 mod disk;
 mod engine;
-mod mutex;
 mod remote;
 mod request;
 mod run;

@@ -71,12 +71,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::mutex::lock;
 use super::run::{push_run, BaseRun};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, Session, Stream};
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire;
+use crate::sync::lock;
 
 /// How long a connect and its whole handshake (and so a reconnect attempt) may take. Reads do
 /// not wait for it: they expire on their own deadline meanwhile (see [`expiry`]).

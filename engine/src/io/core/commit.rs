@@ -22,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::super::mutex::lock;
 use super::super::request::RequestError;
 use super::commit_order::{self, Step};
 use super::mailbox::Msg;
@@ -32,6 +31,7 @@ use super::Core;
 use crate::io::disk::commit_plan;
 use crate::io::disk::state::{DiskState, Role, Waiter, META_BLOCK};
 use crate::io::uring::buf::IoBuf;
+use crate::sync::lock;
 
 /// Most ops in one linked chain of a commit.
 const MAX_CHAIN: usize = 64;

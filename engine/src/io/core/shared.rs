@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use super::mailbox::{CoreHandle, Msg};
 use crate::io::config::EngineConfig;
 use crate::io::disk::file_slot::{FileSlot, SlotOwner};
-use crate::io::mutex::lock;
 use crate::io::uring::buf::Arena;
+use crate::sync::lock;
 
 /// Disks that can have registered files at once (each takes 3 slots of every ring's table).
 pub(crate) const MAX_REGISTERED_DISKS: u32 = 256;

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Mutex;
 
-use crate::io::mutex::lock;
+use crate::sync::lock;
 
 /// Independently locked shards.
 pub(crate) const SHARDS: usize = 64;

@@ -27,6 +27,7 @@ use crate::io::config::{CacheMode, DiskOptions, EngineConfig};
 use crate::io::remote::RemoteOptions;
 use crate::io::request::responder::Responder;
 use crate::io::request::{Request, RequestError};
+use crate::sync::lock;
 
 /// Block size of the metadata file for dirty marks and commit writes.
 pub(crate) const META_BLOCK: u64 = 4096;
@@ -503,7 +504,7 @@ impl DiskState {
     /// exclusive locks (the base keeps its shared lock): see [`crate::Disk::unlock_overlay`].
     pub(crate) fn unlock_overlay(&self) {
         let stamp = OverlayStamp::of_files(&self.meta, &self.image).map_err(|e| e.to_string());
-        *self.unlocked.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
+        *lock(&self.unlocked) = Some(stamp);
         ofd_unlock(&self.meta);
         ofd_unlock(&self.image);
     }
@@ -517,11 +518,7 @@ impl DiskState {
         if self.read_only {
             return Ok(());
         }
-        let recorded = self
-            .unlocked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let recorded = lock(&self.unlocked).take();
         ofd_lock(&self.meta, LockKind::Exclusive).map_err(|e| e.with_path(&self.meta_path))?;
         if let Err(e) = ofd_lock(&self.image, LockKind::Exclusive) {
             ofd_unlock(&self.meta);

@@ -14,9 +14,9 @@ use crate::io::core::mailbox::{CoreHandle, Msg};
 use crate::io::core::shared::EngineShared;
 use crate::io::core::{on_core_thread, Core};
 use crate::io::disk::state::{DiskState, Role};
-use crate::io::mutex::lock;
 use crate::io::source::{CoreSource, SourceId};
 use crate::io::uring::buf::{self, Arena, IoBuf};
+use crate::sync::lock;
 use disk::{close_disk, Disk};
 
 /// A running engine: N core threads, each with its own io_uring. Cheap to clone.
