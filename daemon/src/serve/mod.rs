@@ -75,9 +75,54 @@ pub struct ServeArgs {
     /// Let --tcp listen on a non-loopback address (no authentication: firewall it).
     #[arg(long)]
     pub allow_remote: bool,
-    /// Permission bits of the socket file, in octal.
+    /// Permission bits of the NBD socket file (--socket), in octal. The vhost-user-blk and
+    /// control sockets have their own (--vhost-socket-mode, --control-mode).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Group of the NBD socket file (a name or a number; the daemon must be a member), so that
+    /// a mode like 0660 lets that group's users in.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+    /// Let only these users connect to the NBD Unix socket(s), checked on each connection with
+    /// SO_PEERCRED (names or numbers, comma-separated or repeated; with --socket-allow-gid a
+    /// peer matching either gets in; the daemon's own user is not implied). Refused
+    /// connections are logged and counted (addcow_refused_connections_total, query-sockets).
+    /// Not for --tcp (no peer credentials there).
+    #[arg(long, value_name = "USER", value_delimiter = ',', value_parser = parse_user)]
+    pub socket_allow_uid: Vec<u32>,
+    /// Let only members of these groups (primary or supplementary) connect to the NBD Unix
+    /// socket(s); see --socket-allow-uid.
+    #[arg(long, value_name = "GROUP", value_delimiter = ',', value_parser = parse_group)]
+    pub socket_allow_gid: Vec<u32>,
+    /// Permission bits of the --vhost-user-blk socket file, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub vhost_socket_mode: u32,
+    /// Group of the --vhost-user-blk socket file (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub vhost_socket_group: Option<u32>,
+    /// Permission bits of the control socket file, in octal. Whoever connects can add and
+    /// remove exports and open files in the allowed folders: keep it narrow.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub control_mode: u32,
+    /// Group of the control socket file (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
+    /// Let only these users connect to the control socket (SO_PEERCRED; names or numbers,
+    /// comma-separated or repeated; see --socket-allow-uid).
+    #[arg(long, value_name = "USER", value_delimiter = ',', value_parser = parse_user)]
+    pub control_allow_uid: Vec<u32>,
+    /// Let only members of these groups connect to the control socket (see
+    /// --control-allow-uid).
+    #[arg(long, value_name = "GROUP", value_delimiter = ',', value_parser = parse_group)]
+    pub control_allow_gid: Vec<u32>,
+    /// Close a control connection that sent no request for this many seconds (0: never). A
+    /// client that only listens for notifications sends `hello` now and then.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = secs())]
+    pub control_idle_timeout: u64,
+    /// Let --metrics listen on a non-loopback TCP address (anyone who reaches it reads the
+    /// export names and counters).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
     /// Write the daemon's pid here. The file is locked while the daemon runs (a second daemon
     /// with the same pid file is refused) and removed at exit.
     #[arg(long, value_name = "FILE")]
@@ -188,6 +233,30 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(m)
 }
 
+/// A group: a number, or a name looked up in the group database.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("{s:?}: no such group")),
+        Err(e) => Err(format!("{s:?}: looking the group up: {e}")),
+    }
+}
+
+/// A user: a number, or a name looked up in the user database.
+fn parse_user(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("{s:?}: no such user")),
+        Err(e) => Err(format!("{s:?}: looking the user up: {e}")),
+    }
+}
+
 fn parse_cache(s: &str) -> Result<CacheMode, String> {
     match s {
         "direct" | "none" => Ok(CacheMode::Direct),
@@ -255,7 +324,7 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::process::logline::OneLine(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
@@ -331,6 +400,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
 
     let mut listeners = Listener::from_systemd().unwrap_or_default();
+    for l in &listeners {
+        l.check_remote(args.allow_remote)
+            .map_err(|e| e.to_string())?;
+    }
     let socket = match (&args.socket, demo) {
         (Some(p), _) => Some(p.clone()),
         (None, true) if listeners.is_empty() => Some(PathBuf::from(demo::DEMO_SOCKET)),
@@ -391,9 +464,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let mut created = Created::default();
     let mut control_listener = None;
     if let Some(p) = &socket {
-        listeners.push(Listener::bind_unix(p, args.socket_mode).map_err(|e| e.to_string())?);
+        listeners.push(
+            Listener::bind_unix_as(p, args.socket_mode, args.socket_group)
+                .map_err(|e| e.to_string())?,
+        );
     }
-    created.listeners = listeners;
+    let nbd_policy = Arc::new(listener::PeerPolicy::new(
+        listener::SocketKind::Nbd,
+        &args.socket_allow_uid,
+        &args.socket_allow_gid,
+    ));
+    created.listeners = listeners
+        .into_iter()
+        .map(|l| l.with_policy(Some(nbd_policy.clone())))
+        .collect();
     if let Some(addr) = &args.tcp {
         created
             .listeners
@@ -406,7 +490,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // The vhost-user-blk listener thread runs until the process exits.
     let mut vhost_server = None;
     if let Some(p) = &args.vhost_user_blk {
-        let l = Listener::bind_unix(p, args.socket_mode)
+        let l = Listener::bind_unix_as(p, args.vhost_socket_mode, args.vhost_socket_group)
             .map_err(|e| format!("--vhost-user-blk: {e}"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.vhost = file;
@@ -414,7 +498,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     if let Some(c) = &args.control {
-        let l = Listener::bind_unix(c, 0o600).map_err(|e| format!("--control: {e}"))?;
+        let l = Listener::bind_unix_as(c, args.control_mode, args.control_group)
+            .map_err(|e| format!("--control: {e}"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.control = file;
             control_listener = Some(sock);
@@ -427,13 +512,29 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         created.pid_file = Some(f);
     }
     let metrics = match &args.metrics {
-        Some(addr) => Some(metrics::MetricsServer::start(addr, host.clone())?),
+        Some(addr) => Some(metrics::MetricsServer::start(
+            addr,
+            host.clone(),
+            args.metrics_allow_remote,
+        )?),
         None => None,
     };
     let control = match control_listener {
         Some(l) => Some(
-            control::ControlServer::start(l, host.clone())
-                .map_err(|e| format!("control thread: {e}"))?,
+            control::ControlServer::start(
+                l,
+                host.clone(),
+                control::ControlLimits {
+                    policy: listener::PeerPolicy::new(
+                        listener::SocketKind::Control,
+                        &args.control_allow_uid,
+                        &args.control_allow_gid,
+                    ),
+                    idle_timeout: (args.control_idle_timeout > 0)
+                        .then(|| Duration::from_secs(args.control_idle_timeout)),
+                },
+            )
+            .map_err(|e| format!("control thread: {e}"))?,
         ),
         None => None,
     };
@@ -666,6 +767,8 @@ fn accept_loop(
                     s
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                // Refused by the peer policy (logged and counted there).
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => continue,
                 Err(e) if out_of_resources(&e) => {
                     if failures == 0 {
                         tracing::warn!(listen = %l.describe(), error = %e,
