@@ -27,7 +27,7 @@ fn metrics_addr(d: &Daemon) -> String {
 fn scrape(addr: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to metrics");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read the answer");
@@ -111,7 +111,7 @@ fn idle_connections_do_not_lock_a_scrape_out() {
 #[test]
 fn remote_metrics_need_allowing() {
     let f = Fixture::new(4 * MIB);
-    let out = std::process::Command::new(addcow_bin())
+    let mut child = std::process::Command::new(addcow_bin())
         .args([
             "serve",
             "--socket",
@@ -122,10 +122,30 @@ fn remote_metrics_need_allowing() {
         ])
         .env("ADDCOW_LOG", "info")
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with remote metrics:\n{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon served metrics on 0.0.0.0 without --metrics-allow-remote");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "started with remote metrics:\n{err}");
     assert!(err.contains("--metrics-allow-remote"), "{err}");
     let d = Daemon::start(
         &f.path("b.sock"),

@@ -51,6 +51,9 @@ const STAGED_NAME: &str = "sock";
 /// What a staging folder's name carries after `.NAME.` (then `mkdtemp`'s six characters).
 const STAGE_MARK: &str = "addcow-";
 
+/// A file's (device, inode).
+type FileId = (u64, u64);
+
 /// A private staging folder (0700, ours) holding a freshly bound socket until it is published.
 #[derive(Debug)]
 struct Stage {
@@ -652,7 +655,7 @@ impl Stage {
         &self,
         mode: u32,
         group: Option<u32>,
-    ) -> Result<(UnixListener, (u64, u64)), (&'static str, io::Error)> {
+    ) -> Result<(UnixListener, FileId), (&'static str, io::Error)> {
         use nix::fcntl::AtFlags;
         use nix::sys::stat::{fchmodat, fstatat, FchmodatFlags, Mode};
         let fd = self.fd.as_raw_fd();
@@ -921,10 +924,8 @@ mod tests {
             };
             // SAFETY: plain prctl; no_new_privs applies to this thread only (and lets an
             // unprivileged thread install a filter).
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(r, 0);
             // SAFETY: `prog` points at `filter`, both alive for the call; the filter applies to
             // this thread only (no TSYNC) and ends with it.
             let fd = unsafe {

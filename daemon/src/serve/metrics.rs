@@ -228,7 +228,6 @@ impl Collector for DaemonCollector {
             MetricType::Counter,
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&WRITER_PANICS.load(Ordering::Relaxed), None)?;
-        drop(m);
         let mut m = e.encode_descriptor(
             "addcow_refused_connections",
             "Connections refused because their peer is not in the socket's allow-list.",
