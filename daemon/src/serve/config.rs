@@ -48,6 +48,11 @@ pub struct DaemonConfig {
     /// `--metrics`: where to serve Prometheus metrics, a TCP address or (with a `/`) a Unix
     /// socket path. Default: none.
     pub metrics: Option<String>,
+    /// `--metrics-allow-remote`: `metrics` may be a non-loopback TCP address. Default false.
+    pub metrics_allow_remote: bool,
+    /// `--control-idle-timeout`: close a control connection that sent no request this long;
+    /// `None` (given 0): never. Default 300 s.
+    pub control_idle_timeout: Option<Duration>,
     /// `--pid-file`: the pid file, locked while the daemon runs. Default: none.
     pub pid_file: Option<PathBuf>,
     /// How the engine runs.
@@ -76,9 +81,31 @@ pub struct ListenConfig {
     /// `--socket`: the NBD Unix socket. Default: none (in demo mode without systemd sockets,
     /// `./addcow.sock`; see [`ListenConfig::unix_socket`]).
     pub socket: Option<PathBuf>,
-    /// `--socket-mode`: permission bits of the NBD and vhost-user-blk socket files. Default
-    /// 0600.
+    /// `--socket-mode`: permission bits of the NBD socket file. Default 0600.
     pub socket_mode: u32,
+    /// `--socket-group`: group of the NBD socket file. Default: the daemon's.
+    pub socket_group: Option<u32>,
+    /// `--socket-allow-uid`: the only users that may connect to the NBD Unix sockets (with
+    /// `socket_allow_gid`: a peer matching either). Both empty (default): whoever can open the
+    /// socket file.
+    pub socket_allow_uid: Vec<u32>,
+    /// `--socket-allow-gid`: the only groups whose members may connect to the NBD Unix
+    /// sockets; see `socket_allow_uid`.
+    pub socket_allow_gid: Vec<u32>,
+    /// `--vhost-socket-mode`: permission bits of the vhost-user-blk socket file. Default 0600.
+    pub vhost_socket_mode: u32,
+    /// `--vhost-socket-group`: group of the vhost-user-blk socket file. Default: the daemon's.
+    pub vhost_socket_group: Option<u32>,
+    /// `--control-mode`: permission bits of the control socket file. Default 0600.
+    pub control_mode: u32,
+    /// `--control-group`: group of the control socket file. Default: the daemon's.
+    pub control_group: Option<u32>,
+    /// `--control-allow-uid`: the only users that may connect to the control socket (see
+    /// `socket_allow_uid`). Default: whoever can open the socket file.
+    pub control_allow_uid: Vec<u32>,
+    /// `--control-allow-gid`: the only groups whose members may connect to the control
+    /// socket.
+    pub control_allow_gid: Vec<u32>,
     /// `--tcp`: also listen on this TCP address. Default: none.
     pub tcp: Option<String>,
     /// `--allow-remote`: `--tcp` may be off loopback. Default false.
@@ -207,6 +234,15 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             listen: ListenConfig {
                 socket: args.socket,
                 socket_mode: mode("--socket-mode", args.socket_mode)?,
+                socket_group: args.socket_group,
+                socket_allow_uid: args.socket_allow_uid,
+                socket_allow_gid: args.socket_allow_gid,
+                vhost_socket_mode: mode("--vhost-socket-mode", args.vhost_socket_mode)?,
+                vhost_socket_group: args.vhost_socket_group,
+                control_mode: mode("--control-mode", args.control_mode)?,
+                control_group: args.control_group,
+                control_allow_uid: args.control_allow_uid,
+                control_allow_gid: args.control_allow_gid,
                 tcp: args.tcp,
                 allow_remote: args.allow_remote,
                 vhost_user_blk: args.vhost_user_blk,
@@ -215,6 +251,11 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             allow_dirs: args.allow_dirs,
             allow_remote_bases: args.allow_remote_bases,
             metrics: args.metrics,
+            metrics_allow_remote: args.metrics_allow_remote,
+            control_idle_timeout: nonzero(secs(
+                "--control-idle-timeout",
+                args.control_idle_timeout,
+            )?),
             pid_file: args.pid_file,
             engine: EngineSettings {
                 cores: args.cores.map(|c| c.max(1)),
@@ -299,7 +340,7 @@ pub fn secs_parser() -> clap::builder::RangedU64ValueParser {
     clap::value_parser!(u64).range(..=MAX_SECS)
 }
 
-/// The clap parser of `--socket-mode`: octal permission bits, at most 0777.
+/// The clap parser of the `--*-mode` options: octal permission bits, at most 0777.
 pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
     let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|_| format!("{s:?} is not an octal mode"))?;
@@ -307,6 +348,30 @@ pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
         return Err(format!("{s:?}: mode has bits above 0777"));
     }
     Ok(m)
+}
+
+/// The clap parser of a group option: a number, or a name looked up in the group database.
+pub fn parse_group(s: &str) -> std::result::Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("{s:?}: no such group")),
+        Err(e) => Err(format!("{s:?}: looking the group up: {e}")),
+    }
+}
+
+/// The clap parser of a user option: a number, or a name looked up in the user database.
+pub fn parse_user(s: &str) -> std::result::Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("{s:?}: no such user")),
+        Err(e) => Err(format!("{s:?}: looking the user up: {e}")),
+    }
 }
 
 /// The clap parser of `--cache` and `--base-cache`.
@@ -404,11 +469,22 @@ mod tests {
             ListenConfig {
                 socket: Some("/s".into()),
                 socket_mode: 0o600,
+                socket_group: None,
+                socket_allow_uid: vec![],
+                socket_allow_gid: vec![],
+                vhost_socket_mode: 0o600,
+                vhost_socket_group: None,
+                control_mode: 0o600,
+                control_group: None,
+                control_allow_uid: vec![],
+                control_allow_gid: vec![],
                 tcp: None,
                 allow_remote: false,
                 vhost_user_blk: None,
             }
         );
+        assert!(!c.metrics_allow_remote);
+        assert_eq!(c.control_idle_timeout, Some(Duration::from_secs(300)));
         assert_eq!(
             c.engine,
             EngineSettings {
@@ -500,6 +576,64 @@ mod tests {
         let e = c.engine.engine_config();
         assert_eq!((e.cores, e.commit_delay), (1, None));
         assert_eq!(e.image_cache, CacheMode::Buffered);
+    }
+
+    #[test]
+    fn socket_permissions_and_peer_lists_are_per_socket() {
+        let c = config(&[
+            "--socket",
+            "/s",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "0",
+            "--socket-allow-uid",
+            "0,1",
+            "--socket-allow-gid",
+            "2",
+            "--vhost-socket-mode",
+            "0640",
+            "--vhost-socket-group",
+            "3",
+            "--control",
+            "/c",
+            "--control-mode",
+            "0700",
+            "--control-group",
+            "4",
+            "--control-allow-uid",
+            "5",
+            "--control-allow-uid",
+            "6",
+            "--control-allow-gid",
+            "7",
+            "--control-idle-timeout",
+            "0",
+            "--metrics-allow-remote",
+            "/a.add-cow",
+        ])
+        .unwrap();
+        let l = &c.listen;
+        assert_eq!((l.socket_mode, l.socket_group), (0o660, Some(0)));
+        assert_eq!(
+            (&l.socket_allow_uid[..], &l.socket_allow_gid[..]),
+            (&[0, 1][..], &[2][..])
+        );
+        assert_eq!(
+            (l.vhost_socket_mode, l.vhost_socket_group),
+            (0o640, Some(3))
+        );
+        assert_eq!((l.control_mode, l.control_group), (0o700, Some(4)));
+        assert_eq!(
+            (&l.control_allow_uid[..], &l.control_allow_gid[..]),
+            (&[5, 6][..], &[7][..])
+        );
+        assert_eq!(c.control_idle_timeout, None, "0 means never");
+        assert!(c.metrics_allow_remote);
+        let mut args = args(&["/a.add-cow"]);
+        args.control_mode = 0o1777;
+        let e = DaemonConfig::try_from(args).unwrap_err();
+        assert_eq!(e.flag(), Some("--control-mode"), "{e}");
     }
 
     #[test]

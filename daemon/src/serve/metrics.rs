@@ -1,8 +1,14 @@
 //! `addcow serve --metrics ADDR`: Prometheus text exposition (format 0.0.4) at `GET /metrics`,
-//! over HTTP on a TCP address (keep it on loopback) or a Unix socket path (any ADDR with a `/`).
+//! over HTTP on a TCP address (loopback unless `--metrics-allow-remote`) or a Unix socket path
+//! (any ADDR with a `/`, mode 0600).
 //!
-//! HTTP is `tiny_http` (a small synchronous server with its own threads); the exposition format
-//! is `prometheus-client`'s encoder. Nothing is recorded into `prometheus-client` metrics: at
+//! HTTP is the least a scraper needs, read by a small bounded reader ([`serve_one`]): one
+//! request per connection (`Connection: close`), a request head of at most
+//! [`MAX_REQUEST_HEAD`] bytes (longer: 431 and the connection is closed, nothing more is
+//! read), the whole exchange within [`REQUEST_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once
+//! (one more closes the one that has waited longest: idle connections cannot lock a scraper
+//! out). Nothing a client sends grows the daemon by more than those bounds. The exposition
+//! format is `prometheus-client`'s encoder. Nothing is recorded into `prometheus-client` metrics: at
 //! each scrape a [`Collector`] reads the daemon's own lock-free counters ([`crate::nbd::stats`])
 //! and the engine's per-disk counters, so the request path never touches the metrics code.
 //!
@@ -11,11 +17,17 @@
 //! `addcow_request_duration_seconds` (histogram), `addcow_requests_in_flight`, `addcow_clients`,
 //! `addcow_allocated_bytes`, `addcow_virtual_bytes`, `addcow_commits_total`,
 //! `addcow_commits_failed_total`, `addcow_commit_waiters_total`, `addcow_base_read_bytes_total`,
-//! `addcow_bits_set_total`; daemon-wide `addcow_exports` and `addcow_writer_panics_total`.
+//! `addcow_bits_set_total`; daemon-wide `addcow_exports`, `addcow_writer_panics_total` and
+//! `addcow_refused_connections_total` (label `socket`: connections refused by a socket's
+//! allow-list).
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
@@ -23,7 +35,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::conn::connection::WRITER_PANICS;
-use crate::conn::listener::Listener;
+use crate::conn::listener::{self, Listener, SocketKind};
+use crate::conn::sock::{Deadline, Sock};
 use crate::host::runtime::{engine_stats, Host};
 use crate::nbd::export::Export;
 use crate::nbd::stats::{Op, StatsSnapshot};
@@ -215,6 +228,16 @@ impl Collector for DaemonCollector {
             MetricType::Counter,
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&WRITER_PANICS.load(Ordering::Relaxed), None)?;
+        let mut m = e.encode_descriptor(
+            "addcow_refused_connections",
+            "Connections refused because their peer is not in the socket's allow-list.",
+            None,
+            MetricType::Counter,
+        )?;
+        for k in SocketKind::ALL {
+            m.encode_family(&[("socket", k.name())])?
+                .encode_counter::<NoLabelSet, _, u64>(&listener::refused(k), None)?;
+        }
         Ok(())
     }
 }
@@ -231,27 +254,44 @@ pub fn render(host: &Arc<Host>) -> String {
     out
 }
 
+/// Longest request head (request line and headers) read from a client.
+pub const MAX_REQUEST_HEAD: usize = 8 << 10;
+/// Time a client has, from its accept, to send its request head and take the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once; one more closes the one that has waited longest.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// The connections being served: (id, accepted at, a handle to close it).
+type Conns = Mutex<Vec<(u64, Instant, Sock)>>;
+
 /// The running metrics endpoint.
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
+    listener: Arc<Listener>,
+    stopping: Arc<AtomicBool>,
     describe: String,
     /// The Unix socket file we created (removed at stop, and on every way out).
-    file: std::sync::Mutex<Option<crate::conn::listener::SocketFile>>,
+    file: Mutex<Option<listener::SocketFile>>,
 }
 
 impl MetricsServer {
     /// Binds `addr` (a path with `/`: a Unix socket, mode 0600, same stale/live rules as the NBD
-    /// socket; else a TCP address) and starts serving.
-    pub fn start(addr: &str, host: Arc<Host>) -> Result<MetricsServer, String> {
+    /// socket; else a TCP address, refused off loopback unless `allow_remote`) and starts
+    /// serving.
+    pub fn start(addr: &str, host: Arc<Host>, allow_remote: bool) -> Result<MetricsServer, String> {
         let mut file = None;
-        let (listener, describe): (tiny_http::Listener, String) = if addr.contains('/') {
+        let (listener, describe) = if addr.contains('/') {
             let l = Listener::bind_unix(std::path::Path::new(addr), 0o600)
                 .map_err(|e| format!("--metrics {addr}: {e}"))?;
             let Some((sock, f)) = l.into_unix() else {
                 return Err(format!("--metrics {addr}: not a Unix socket"));
             };
             file = f;
-            (sock.into(), addr.to_string())
+            let l = Listener::Unix {
+                sock,
+                file: None,
+                policy: None,
+            };
+            (l, addr.to_string())
         } else {
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("--metrics {addr}: bind: {e}"))?;
@@ -259,25 +299,28 @@ impl MetricsServer {
                 .local_addr()
                 .map_err(|e| format!("--metrics {addr}: {e}"))?;
             if !local.ip().is_loopback() {
+                if !allow_remote {
+                    return Err(format!("--metrics {addr}: not a loopback address; anyone who reaches it reads the export names and counters (add --metrics-allow-remote to mean it)"));
+                }
                 tracing::warn!(%addr, "metrics endpoint is not on loopback");
             }
-            (l.into(), local.to_string())
+            (Listener::Tcp(l), local.to_string())
         };
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| format!("--metrics {addr}: {e}"))?;
-        let server = Arc::new(server);
-        let s = server.clone();
+        let listener = Arc::new(listener);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (l, st) = (listener.clone(), stopping.clone());
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || serve(&s, &host))
+            .spawn(move || accept_loop(&l, &st, &host))
             .map_err(|e| format!("metrics thread: {e}"))?;
         if let Some(f) = &mut file {
             f.publish().map_err(|e| format!("--metrics {addr}: {e}"))?;
         }
         Ok(MetricsServer {
-            server,
+            listener,
+            stopping,
             describe,
-            file: std::sync::Mutex::new(file),
+            file: Mutex::new(file),
         })
     }
 
@@ -288,34 +331,181 @@ impl MetricsServer {
 
     /// Stops the serving thread and removes the Unix socket file, if any.
     pub fn stop(&self) {
-        self.server.unblock();
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept (it fails from now on).
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         drop(self.file.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
-fn serve(server: &tiny_http::Server, host: &Arc<Host>) {
-    use tiny_http::{Header, Method, Response};
-    for req in server.incoming_requests() {
-        let path = req.url().split('?').next().unwrap_or("");
-        let resp = match (req.method(), path) {
-            (Method::Get | Method::Head, "/metrics") => {
-                let body = render(host);
-                let ct = Header::from_bytes(
-                    &b"Content-Type"[..],
-                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE.as_bytes(),
-                )
-                .ok();
-                let mut r = Response::from_string(body);
-                if let Some(ct) = ct {
-                    r = r.with_header(ct);
-                }
-                r
+/// Accepts until stopped; each connection is served on its own thread, at most
+/// [`MAX_CONNECTIONS`] at once (one more closes the oldest).
+fn accept_loop(listener: &Listener, stopping: &AtomicBool, host: &Arc<Host>) {
+    let conns: Arc<Conns> = Arc::default();
+    let mut next_id = 0u64;
+    loop {
+        let sock = match listener.accept() {
+            Ok(s) => s,
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            (_, "/metrics") => Response::from_string("only GET\n").with_status_code(405),
-            _ => Response::from_string("not found; try /metrics\n").with_status_code(404),
         };
-        if let Err(e) = req.respond(resp) {
-            tracing::debug!(error = %e, "metrics client gone");
+        if stopping.load(Ordering::SeqCst) {
+            return;
         }
+        let id = next_id;
+        next_id += 1;
+        let Ok(handle) = sock.try_clone() else {
+            continue;
+        };
+        {
+            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+            if c.len() >= MAX_CONNECTIONS {
+                // The one accepted first has waited longest: it goes.
+                if let Some(i) = (0..c.len()).min_by_key(|&i| c[i].1) {
+                    let (old, _, s) = c.swap_remove(i);
+                    let _ = s.shutdown(Shutdown::Both);
+                    tracing::debug!(conn = old, "metrics connection closed to make room");
+                }
+            }
+            c.push((id, Instant::now(), handle));
+        }
+        let (host, conns2) = (host.clone(), conns.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("metrics-{id}"))
+            .spawn(move || {
+                if let Err(e) = serve_one(sock, &host) {
+                    tracing::debug!(error = %e, "metrics client");
+                }
+                conns2
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _, _)| *i != id);
+            });
+        if spawned.is_err() {
+            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = c.iter().position(|(i, _, _)| *i == id) {
+                let (_, _, s) = c.swap_remove(i);
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Where the request head ends (after its blank line), if it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Serves one request on `sock`: reads the head (bounded in size and time), answers, closes.
+fn serve_one(mut sock: Sock, host: &Arc<Host>) -> io::Result<()> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut head: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let end = loop {
+        let n = Deadline::new(&mut sock, deadline).read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head_end(&head) {
+            break end;
+        }
+        if head.len() > MAX_REQUEST_HEAD {
+            let body = format!("request head longer than {MAX_REQUEST_HEAD} bytes\n");
+            let _ = respond(
+                &mut sock,
+                deadline,
+                431,
+                "Request Header Fields Too Large",
+                "text/plain",
+                &body,
+                true,
+            );
+            let _ = sock.shutdown(Shutdown::Both);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too long",
+            ));
+        }
+    };
+    let line = head[..end].split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_ascii_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let r = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => respond(
+            &mut sock,
+            deadline,
+            200,
+            "OK",
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            &render(host),
+            method == "GET",
+        ),
+        (_, "/metrics") => respond(
+            &mut sock,
+            deadline,
+            405,
+            "Method Not Allowed",
+            "text/plain",
+            "only GET\n",
+            true,
+        ),
+        _ => respond(
+            &mut sock,
+            deadline,
+            404,
+            "Not Found",
+            "text/plain",
+            "not found; try /metrics\n",
+            true,
+        ),
+    };
+    let _ = sock.shutdown(Shutdown::Both);
+    r
+}
+
+/// Writes one response (`Connection: close`) before `deadline`.
+fn respond(
+    sock: &mut Sock,
+    deadline: Instant,
+    code: u16,
+    reason: &str,
+    content_type: &str,
+    body: &str,
+    with_body: bool,
+) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if with_body {
+        out.extend_from_slice(body.as_bytes());
+    }
+    Deadline::new(sock, deadline).write_all(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads_end_at_the_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nX: AAAA"), None);
     }
 }

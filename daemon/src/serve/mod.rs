@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use addcow_engine::{CacheMode, Engine};
 
 use self::config::{
-    parse_bytes, parse_cache, parse_mode, secs_parser, DaemonConfig, ExportSpec, MAX_SECS,
+    parse_bytes, parse_cache, parse_group, parse_mode, parse_user, secs_parser, DaemonConfig,
+    ExportSpec, MAX_SECS,
 };
 
 use crate::backend::files::OverlayFiles;
@@ -81,9 +82,54 @@ pub struct ServeArgs {
     /// Let --tcp listen on a non-loopback address (no authentication: firewall it).
     #[arg(long)]
     pub allow_remote: bool,
-    /// Permission bits of the socket file, in octal.
+    /// Permission bits of the NBD socket file (--socket), in octal. The vhost-user-blk and
+    /// control sockets have their own (--vhost-socket-mode, --control-mode).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Group of the NBD socket file (a name or a number; the daemon must be a member), so that
+    /// a mode like 0660 lets that group's users in.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+    /// Let only these users connect to the NBD Unix socket(s), checked on each connection with
+    /// SO_PEERCRED (names or numbers, comma-separated or repeated; with --socket-allow-gid a
+    /// peer matching either gets in; the daemon's own user is not implied). Refused
+    /// connections are logged and counted (addcow_refused_connections_total, query-sockets).
+    /// Not for --tcp (no peer credentials there).
+    #[arg(long, value_name = "USER", value_delimiter = ',', value_parser = parse_user)]
+    pub socket_allow_uid: Vec<u32>,
+    /// Let only members of these groups (primary or supplementary) connect to the NBD Unix
+    /// socket(s); see --socket-allow-uid.
+    #[arg(long, value_name = "GROUP", value_delimiter = ',', value_parser = parse_group)]
+    pub socket_allow_gid: Vec<u32>,
+    /// Permission bits of the --vhost-user-blk socket file, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub vhost_socket_mode: u32,
+    /// Group of the --vhost-user-blk socket file (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub vhost_socket_group: Option<u32>,
+    /// Permission bits of the control socket file, in octal. Whoever connects can add and
+    /// remove exports and open files in the allowed folders: keep it narrow.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub control_mode: u32,
+    /// Group of the control socket file (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
+    /// Let only these users connect to the control socket (SO_PEERCRED; names or numbers,
+    /// comma-separated or repeated; see --socket-allow-uid).
+    #[arg(long, value_name = "USER", value_delimiter = ',', value_parser = parse_user)]
+    pub control_allow_uid: Vec<u32>,
+    /// Let only members of these groups connect to the control socket (see
+    /// --control-allow-uid).
+    #[arg(long, value_name = "GROUP", value_delimiter = ',', value_parser = parse_group)]
+    pub control_allow_gid: Vec<u32>,
+    /// Close a control connection that sent no request for this many seconds (0: never). A
+    /// client that only listens for notifications sends `hello` now and then.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = secs_parser())]
+    pub control_idle_timeout: u64,
+    /// Let --metrics listen on a non-loopback TCP address (anyone who reaches it reads the
+    /// export names and counters).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
     /// Write the daemon's pid here. The file is locked while the daemon runs (a second daemon
     /// with the same pid file is refused) and removed at exit.
     #[arg(long, value_name = "FILE")]
@@ -194,7 +240,7 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::process::logline::OneLine(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
@@ -253,6 +299,10 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     }
 
     let mut listeners = Listener::from_systemd().unwrap_or_default();
+    for l in &listeners {
+        l.check_remote(cfg.listen.allow_remote)
+            .map_err(listen_err("LISTEN_FDS"))?;
+    }
     let socket = cfg.listen.unix_socket(cfg.demo, !listeners.is_empty())?;
 
     let allowed = if cfg.allow_dirs.is_empty() {
@@ -291,9 +341,20 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     let mut created = Created::default();
     let mut control_listener = None;
     if let Some(p) = &socket {
-        listeners.push(Listener::bind_unix(p, listen.socket_mode).map_err(listen_err("--socket"))?);
+        listeners.push(
+            Listener::bind_unix_as(p, listen.socket_mode, listen.socket_group)
+                .map_err(listen_err("--socket"))?,
+        );
     }
-    created.listeners = listeners;
+    let nbd_policy = Arc::new(listener::PeerPolicy::new(
+        listener::SocketKind::Nbd,
+        &listen.socket_allow_uid,
+        &listen.socket_allow_gid,
+    ));
+    created.listeners = listeners
+        .into_iter()
+        .map(|l| l.with_policy(Some(nbd_policy.clone())))
+        .collect();
     if let Some(addr) = &listen.tcp {
         created
             .listeners
@@ -309,15 +370,16 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     // The vhost-user-blk listener thread runs until the process exits.
     let mut vhost_server = None;
     if let Some(p) = &listen.vhost_user_blk {
-        let l =
-            Listener::bind_unix(p, listen.socket_mode).map_err(listen_err("--vhost-user-blk"))?;
+        let l = Listener::bind_unix_as(p, listen.vhost_socket_mode, listen.vhost_socket_group)
+            .map_err(listen_err("--vhost-user-blk"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.vhost = file;
             vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
         }
     }
     if let Some(c) = &cfg.control {
-        let l = Listener::bind_unix(c, 0o600).map_err(listen_err("--control"))?;
+        let l = Listener::bind_unix_as(c, listen.control_mode, listen.control_group)
+            .map_err(listen_err("--control"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.control = file;
             control_listener = Some(sock);
@@ -336,15 +398,26 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     let metrics = match &cfg.metrics {
         // The message names --metrics and the address.
         Some(addr) => Some(
-            metrics::MetricsServer::start(addr, host.clone())
+            metrics::MetricsServer::start(addr, host.clone(), cfg.metrics_allow_remote)
                 .map_err(|e| Error::new(ErrorKind::Listen).with_source(e))?,
         ),
         None => None,
     };
     let control = match control_listener {
         Some(l) => Some(
-            control::ControlServer::start(l, host.clone())
-                .map_err(|e| setup("control thread", e))?,
+            control::ControlServer::start(
+                l,
+                host.clone(),
+                control::ControlLimits {
+                    policy: listener::PeerPolicy::new(
+                        listener::SocketKind::Control,
+                        &listen.control_allow_uid,
+                        &listen.control_allow_gid,
+                    ),
+                    idle_timeout: cfg.control_idle_timeout,
+                },
+            )
+            .map_err(|e| setup("control thread", e))?,
         ),
         None => None,
     };
@@ -598,6 +671,8 @@ fn accept_loop(
                     s
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                // Refused by the peer policy (logged and counted there).
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => continue,
                 Err(e) if out_of_resources(&e) => {
                     if failures == 0 {
                         tracing::warn!(listen = %l.describe(), error = %e,

@@ -120,7 +120,7 @@ pub(super) fn job_start(host: &Host, p: Map<String, Value>) -> Result<Value, Rpc
             let c = JobStream { ctl, rate };
             match stream(&disk, &c) {
                 Ok(s) => {
-                    tracing::info!(overlay = %disk.path().display(), copied = s.copied,
+                    tracing::info!(overlay = ?disk.path(), copied = s.copied,
                         zeroed = s.zeroed, stopped = s.stopped, "stream ended");
                     Ok(!s.stopped)
                 }

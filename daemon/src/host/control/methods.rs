@@ -168,6 +168,13 @@ pub const METHODS: &[Method] = &[
         call: job_methods::job_dismiss,
     },
     Method {
+        name: "query-sockets",
+        params: &[],
+        summary: "per socket (nbd, vhost-user-blk, control): connections refused because their \
+                  peer is not in the socket's allow-list",
+        call: query_sockets,
+    },
+    Method {
         name: "quit",
         params: &[],
         summary: "shut the daemon down cleanly (as SIGTERM)",
@@ -419,6 +426,19 @@ fn export_snapshot(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError
         .map_err(|e| RpcError::server(e.class(), e.to_string()))
 }
 
+fn query_sockets(_host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
+    use crate::conn::listener::{refused, SocketKind};
+    let NoParams {} = params(p)?;
+    let mut out = Map::new();
+    for k in SocketKind::ALL {
+        out.insert(
+            k.name().into(),
+            json!({ "refused_connections": refused(k) }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
 fn quit(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let NoParams {} = params(p)?;
     host.stop.request("quit on the control socket");
@@ -449,7 +469,9 @@ mod tests {
             extra.insert("no_such_param".into(), json!(1));
             // Parse-only check through each handler's own struct.
             let ok = match m.name {
-                "hello" | "query-exports" | "quit" => params::<NoParams>(all).map(|_| ()),
+                "hello" | "query-exports" | "query-sockets" | "quit" => {
+                    params::<NoParams>(all).map(|_| ())
+                }
                 "export-add" => params::<ExportAdd>(all).map(|_| ()),
                 "export-del" => params::<ExportDel>(all).map(|_| ()),
                 "export-resize" => params::<ExportResize>(all).map(|_| ()),
@@ -464,7 +486,9 @@ mod tests {
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
             let bad = match m.name {
-                "hello" | "query-exports" | "quit" => params::<NoParams>(extra).map(|_| ()),
+                "hello" | "query-exports" | "query-sockets" | "quit" => {
+                    params::<NoParams>(extra).map(|_| ())
+                }
                 "export-add" => params::<ExportAdd>(extra).map(|_| ()),
                 "export-del" => params::<ExportDel>(extra).map(|_| ()),
                 "export-resize" => params::<ExportResize>(extra).map(|_| ()),

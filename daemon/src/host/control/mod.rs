@@ -9,10 +9,20 @@
 //!   (the rest of the line cannot be framed);
 //! * a client that does not read: its queue is capped at [`MAX_QUEUED`] bytes and each write
 //!   at [`WRITE_TIMEOUT`]; past either the connection is closed;
-//! * at most [`MAX_CONNECTIONS`] connections; more are closed at once.
+//! * who may connect: the socket file's mode and group, and an optional allow-list of uids
+//!   and gids checked with `SO_PEERCRED` ([`ControlLimits::policy`]; refusals are logged and
+//!   counted);
+//! * a connection that sends no request for [`ControlLimits::idle_timeout`] is closed;
+//! * slots per uid ([`Slots`]): one uid holds at most [`MAX_PER_UID`] connections, and a new
+//!   one past that replaces the same uid's longest-idle connection (so a uid never locks
+//!   itself out); uids other than root and the daemon's own share [`MAX_CONNECTIONS`] slots,
+//!   and when those are full a newcomer takes the longest-idle slot of the uid holding the
+//!   most (so no uid can take them all); root and the daemon's own uid, the operators, are
+//!   outside that pool and never locked out by others.
 //!
 //! A method runs on its connection's reader thread, so a slow one (`export-del` waiting for
-//! clients) holds up only that connection.
+//! clients) holds up only that connection. Names a client chose are logged with `Debug`
+//! formatting (quoted, escaped).
 
 mod job_methods;
 pub mod methods;
@@ -23,7 +33,7 @@ use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,6 +41,7 @@ use serde_json::Value;
 
 use super::events::Sink;
 use super::runtime::Host;
+use crate::conn::listener::{PeerCred, PeerPolicy};
 use rpc::{RpcError, INVALID_REQUEST, METHOD_NOT_FOUND};
 
 /// Longest request line read (1 MiB).
@@ -39,8 +50,124 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const MAX_QUEUED: usize = 8 << 20;
 /// Longest a single write to a client may block.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most simultaneous control connections.
+/// Most simultaneous control connections of uids other than root and the daemon's own.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Most simultaneous control connections of one uid.
+pub const MAX_PER_UID: usize = 8;
+
+/// What limits who connects to the control socket and for how long.
+#[derive(Debug, Clone)]
+pub struct ControlLimits {
+    /// The allow-list (empty: whoever can open the socket file).
+    pub policy: PeerPolicy,
+    /// Close a connection that sent no request for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// One connection's place in [`Slots`].
+struct Slot {
+    id: u64,
+    uid: u32,
+    /// Root or the daemon's own uid: outside the shared pool.
+    operator: bool,
+    /// A method is running (the connection is not idle: never evicted).
+    busy: bool,
+    /// When its last request ended (or it connected).
+    last_active: Instant,
+    /// To close it when evicted.
+    sock: UnixStream,
+}
+
+/// The control connections, by uid (see the module docs for the rules).
+#[derive(Default)]
+pub struct Slots {
+    slots: Vec<Slot>,
+}
+
+/// What [`Slots::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Room: take a slot.
+    Yes,
+    /// Take the slot of connection `id` (idle the longest), which is closed.
+    Evict(u64),
+    /// No slot: close the new connection.
+    No,
+}
+
+impl Slots {
+    /// Where a new connection of `uid` goes.
+    pub fn admit(&self, uid: u32, operator: bool) -> Admit {
+        let idlest = |of: u32| {
+            self.slots
+                .iter()
+                .filter(|s| s.uid == of && !s.busy)
+                .min_by_key(|s| s.last_active)
+                .map(|s| s.id)
+        };
+        let mine = self.slots.iter().filter(|s| s.uid == uid).count();
+        if mine >= MAX_PER_UID {
+            return idlest(uid).map_or(Admit::No, Admit::Evict);
+        }
+        if operator {
+            return Admit::Yes;
+        }
+        let shared = self.slots.iter().filter(|s| !s.operator).count();
+        if shared < MAX_CONNECTIONS {
+            return Admit::Yes;
+        }
+        // Full: the uid holding the most gives up its idlest slot, if it holds more than the
+        // newcomer would.
+        let mut counts: Vec<(u32, usize)> = Vec::new();
+        for s in self.slots.iter().filter(|s| !s.operator) {
+            match counts.iter_mut().find(|(u, _)| *u == s.uid) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((s.uid, 1)),
+            }
+        }
+        match counts.iter().max_by_key(|(_, n)| *n) {
+            Some(&(top, n)) if n > mine + 1 => idlest(top).map_or(Admit::No, Admit::Evict),
+            _ => Admit::No,
+        }
+    }
+
+    fn insert(&mut self, id: u64, uid: u32, operator: bool, sock: UnixStream) {
+        self.slots.push(Slot {
+            id,
+            uid,
+            operator,
+            busy: false,
+            last_active: Instant::now(),
+            sock,
+        });
+    }
+
+    /// Takes slot `id` away and closes its connection.
+    fn evict(&mut self, id: u64) {
+        if let Some(i) = self.slots.iter().position(|s| s.id == id) {
+            let s = self.slots.swap_remove(i);
+            let _ = s.sock.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.slots.retain(|s| s.id != id);
+    }
+
+    fn set_busy(&mut self, id: u64, busy: bool) {
+        if let Some(s) = self.slots.iter_mut().find(|s| s.id == id) {
+            s.busy = busy;
+            s.last_active = Instant::now();
+        }
+    }
+}
+
+/// The slot table shared by the accept thread and the connections.
+type SharedSlots = Arc<Mutex<Slots>>;
+
+fn lock_slots(s: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The outgoing side of one connection: a queue of lines and the writer thread's wake-up.
 struct Out {
@@ -155,15 +282,19 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Starts accepting on `listener` (already bound, mode set) for `host`.
-    pub fn start(listener: UnixListener, host: Arc<Host>) -> io::Result<ControlServer> {
+    /// Starts accepting on `listener` (already bound, mode set) for `host`, within `limits`.
+    pub fn start(
+        listener: UnixListener,
+        host: Arc<Host>,
+        limits: ControlLimits,
+    ) -> io::Result<ControlServer> {
         let listener = Arc::new(listener);
         let stopping = Arc::new(AtomicBool::new(false));
         let outs: Arc<Mutex<Vec<Weak<Out>>>> = Arc::default();
         let (l, s, o) = (listener.clone(), stopping.clone(), outs.clone());
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || accept_loop(&l, &s, &host, &o))?;
+            .spawn(move || accept_loop(&l, &s, &host, &o, &limits))?;
         Ok(ControlServer {
             listener,
             stopping,
@@ -205,8 +336,10 @@ fn accept_loop(
     stopping: &AtomicBool,
     host: &Arc<Host>,
     outs: &Arc<Mutex<Vec<Weak<Out>>>>,
+    limits: &ControlLimits,
 ) {
-    let live = Arc::new(AtomicUsize::new(0));
+    let slots: SharedSlots = Arc::default();
+    let me = nix::unistd::geteuid().as_raw();
     let mut next_id = 0u64;
     loop {
         let sock = match listener.accept() {
@@ -221,28 +354,97 @@ fn accept_loop(
         if stopping.load(Ordering::SeqCst) {
             return;
         }
-        if live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            tracing::warn!(
-                max = MAX_CONNECTIONS,
-                "control connection refused: too many connections"
-            );
+        if limits.policy.admit(&sock).is_err() {
             let _ = sock.shutdown(Shutdown::Both);
             continue;
         }
+        let uid = match PeerCred::of(&sock) {
+            Ok(c) => c.uid,
+            Err(e) => {
+                tracing::warn!(error = %e, "control connection refused: cannot read its peer's credentials");
+                continue;
+            }
+        };
+        let operator = uid == 0 || uid == me;
         let id = next_id;
         next_id += 1;
-        live.fetch_add(1, Ordering::SeqCst);
-        let (host, live2, outs) = (host.clone(), live.clone(), outs.clone());
+        let Ok(handle) = sock.try_clone() else {
+            tracing::warn!("control connection refused: cannot set it up");
+            continue;
+        };
+        {
+            let mut t = lock_slots(&slots);
+            match t.admit(uid, operator) {
+                Admit::Yes => {}
+                Admit::Evict(old) => {
+                    tracing::info!(
+                        conn = old,
+                        uid,
+                        "control connection closed: its slot went to a new connection"
+                    );
+                    t.evict(old);
+                }
+                Admit::No => {
+                    drop(t);
+                    tracing::warn!(
+                        uid,
+                        max = MAX_CONNECTIONS,
+                        max_per_uid = MAX_PER_UID,
+                        "control connection refused: no free slot"
+                    );
+                    let _ = sock.shutdown(Shutdown::Both);
+                    continue;
+                }
+            }
+            t.insert(id, uid, operator, handle);
+        }
+        let (host, slots2, outs, idle) = (
+            host.clone(),
+            slots.clone(),
+            outs.clone(),
+            limits.idle_timeout,
+        );
         let spawned = std::thread::Builder::new()
             .name(format!("control-{id}"))
             .spawn(move || {
-                serve_connection(sock, id, &host, &outs);
-                live2.fetch_sub(1, Ordering::SeqCst);
+                serve_connection(sock, id, &host, &outs, &slots2, idle);
+                lock_slots(&slots2).remove(id);
             });
         if let Err(e) = spawned {
-            live.fetch_sub(1, Ordering::SeqCst);
+            lock_slots(&slots).remove(id);
             tracing::warn!(error = %e, "cannot start a control connection thread");
         }
+    }
+}
+
+/// A control connection's reading side: every read waits at most until `deadline` (a request
+/// line must be complete by then; it moves on after each request).
+struct IdleReader {
+    sock: UnixStream,
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
+impl IdleReader {
+    fn restart(&mut self) {
+        self.deadline = self.idle.map(|d| Instant::now() + d);
+    }
+}
+
+impl Read for IdleReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = match self.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        self.sock.set_read_timeout(left)?;
+        self.sock.read(buf)
     }
 }
 
@@ -278,7 +480,7 @@ pub fn handle_line(host: &Host, line: &[u8]) -> Option<Vec<u8>> {
     let call = match rpc::parse(line) {
         Ok(c) => c,
         Err((id, e)) => {
-            tracing::debug!(error = %e.message, "bad control request");
+            tracing::debug!(error = ?e.message, "bad control request");
             return id.map(|id| rpc::response(&id, Err(e)));
         }
     };
@@ -293,12 +495,19 @@ pub fn handle_line(host: &Host, line: &[u8]) -> Option<Vec<u8>> {
         )),
     };
     if let Err(e) = &result {
-        tracing::info!(method = %call.method, error = %e.message, "control request failed");
+        tracing::info!(method = ?call.method, error = ?e.message, "control request failed");
     }
     call.id.map(|id| rpc::response(&id, result))
 }
 
-fn serve_connection(sock: UnixStream, id: u64, host: &Host, outs: &Mutex<Vec<Weak<Out>>>) {
+fn serve_connection(
+    sock: UnixStream,
+    id: u64,
+    host: &Host,
+    outs: &Mutex<Vec<Weak<Out>>>,
+    slots: &Mutex<Slots>,
+    idle: Option<Duration>,
+) {
     let (rsock, wsock) = match (sock.try_clone(), sock.try_clone()) {
         (Ok(r), Ok(w)) => (r, w),
         _ => return,
@@ -330,12 +539,32 @@ fn serve_connection(sock: UnixStream, id: u64, host: &Host, outs: &Mutex<Vec<Wea
         }
     };
     tracing::info!(conn = id, "control connection open");
-    let mut reader = BufReader::with_capacity(64 << 10, rsock);
+    let mut idle_reader = IdleReader {
+        sock: rsock,
+        idle,
+        deadline: None,
+    };
+    idle_reader.restart();
+    let mut reader = BufReader::with_capacity(64 << 10, idle_reader);
     let mut buf = Vec::new();
     let mut requests = 0u64;
     loop {
         match read_line(&mut reader, &mut buf) {
-            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::Eof) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                tracing::info!(
+                    conn = id,
+                    idle_timeout_s = idle.map(|d| d.as_secs()),
+                    "control connection idle; closing"
+                );
+                break;
+            }
+            Err(_) => break,
             Ok(Line::TooLong) => {
                 let e = RpcError::new(
                     INVALID_REQUEST,
@@ -350,7 +579,11 @@ fn serve_connection(sock: UnixStream, id: u64, host: &Host, outs: &Mutex<Vec<Wea
                     continue;
                 }
                 requests += 1;
-                if let Some(resp) = handle_line(host, &line) {
+                lock_slots(slots).set_busy(id, true);
+                let resp = handle_line(host, &line);
+                lock_slots(slots).set_busy(id, false);
+                reader.get_mut().restart();
+                if let Some(resp) = resp {
                     if !out.push(resp.into()) {
                         break;
                     }
@@ -392,6 +625,58 @@ mod tests {
             matches!(read_line(&mut r, &mut buf).unwrap(), Line::Full(l) if l.len() == MAX_LINE)
         );
         assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Eof));
+    }
+
+    /// One uid cannot take every slot: past its own cap it only replaces its own idle
+    /// connections; when the shared pool is full a newcomer takes an idle slot of the uid
+    /// holding the most; operators are outside the pool; busy connections are never evicted.
+    #[test]
+    fn slots_are_per_uid_and_no_uid_takes_them_all() {
+        let mut t = Slots::default();
+        let mut next = 0u64;
+        let mut add = |t: &mut Slots, uid: u32, op: bool| -> Admit {
+            let a = t.admit(uid, op);
+            match a {
+                Admit::Yes => {}
+                Admit::Evict(old) => t.evict(old),
+                Admit::No => return a,
+            }
+            let (s, _peer) = UnixStream::pair().unwrap();
+            t.insert(next, uid, op, s);
+            next += 1;
+            a
+        };
+        // A hostile uid 1000 opens many: it keeps at most MAX_PER_UID, replacing its own.
+        for _ in 0..MAX_PER_UID {
+            assert_eq!(add(&mut t, 1000, false), Admit::Yes);
+        }
+        assert_eq!(add(&mut t, 1000, false), Admit::Evict(0));
+        assert_eq!(
+            t.slots.iter().filter(|s| s.uid == 1000).count(),
+            MAX_PER_UID
+        );
+        // A second one fills the rest of the pool.
+        for _ in 0..MAX_CONNECTIONS - MAX_PER_UID {
+            assert_eq!(add(&mut t, 1001, false), Admit::Yes);
+        }
+        // A third uid still gets in: the longest-idle slot of a uid holding the most goes.
+        assert!(matches!(add(&mut t, 1002, false), Admit::Evict(_)));
+        assert_eq!(t.slots.iter().filter(|s| s.uid == 1002).count(), 1);
+        // The operator is outside the pool.
+        assert_eq!(add(&mut t, 0, true), Admit::Yes);
+        // Busy connections are never taken.
+        for s in t.slots.iter_mut() {
+            s.busy = true;
+        }
+        assert_eq!(add(&mut t, 1003, false), Admit::No);
+        for _ in 0..MAX_PER_UID - 1 {
+            assert_eq!(add(&mut t, 0, true), Admit::Yes);
+        }
+        assert!(matches!(add(&mut t, 0, true), Admit::Evict(_)));
+        for s in t.slots.iter_mut() {
+            s.busy = true;
+        }
+        assert_eq!(add(&mut t, 0, true), Admit::No, "all of its own are busy");
     }
 
     #[test]

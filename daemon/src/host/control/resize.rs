@@ -99,7 +99,7 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
     });
     if let Ok(r) = &result {
         if r.new_size != r.old_size {
-            tracing::info!(export = %name, old_size = r.old_size, new_size = r.new_size,
+            tracing::info!(export = ?name, old_size = r.old_size, new_size = r.new_size,
                 "export resized; clients see the new size when they reconnect");
         }
     }
@@ -162,7 +162,7 @@ fn grow(
     // anything again.
     disk.unlock_overlay();
     crate::process::seam::pause("resize-unlocked");
-    tracing::info!(export = %name, old_size, new_size = size, "resizing export");
+    tracing::info!(export = ?name, old_size, new_size = size, "resizing export");
     let grown = if crate::process::seam::fail("resize-grow") {
         Err(addcow_engine::Error::io(
             "resize (test seam)",
@@ -185,7 +185,7 @@ fn grow(
             Ok(next) => {
                 // Quiesced, flushed and untouched since: the close commits nothing.
                 if let Err(e) = disk.close() {
-                    tracing::warn!(export = %name, error = %e, "closing the disk replaced by a resize");
+                    tracing::warn!(export = ?name, error = %e, "closing the disk replaced by a resize");
                 }
                 return (Some(next), Ok(done(size)));
             }
@@ -208,9 +208,9 @@ fn grow(
         // is stale or its files are not the overlay any more, so it must not write them again,
         // not even a final commit.
         if let Err(c) = disk.abandon() {
-            tracing::error!(export = %name, overlay = %overlay.display(), error = %c, "closing the disk of a lost overlay");
+            tracing::error!(export = ?name, overlay = ?overlay, error = %c, "closing the disk of a lost overlay");
         }
-        tracing::error!(export = %name, overlay = %overlay.display(), error = %again, "the overlay was locked, written or replaced by another process during a failed resize; the export no longer writes it and fails every request");
+        tracing::error!(export = ?name, overlay = ?overlay, error = %again, "the overlay was locked, written or replaced by another process during a failed resize; the export no longer writes it and fails every request");
         let msg = format!(
             "{failure}; taking {} back failed: {again}; the overlay is lost to this export: it is \
              not written any more and the export fails every request until it is deleted and \
