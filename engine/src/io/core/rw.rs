@@ -366,7 +366,8 @@ impl Core {
         let inner_start = head.map_or(offset, |h| (h + unit).min(end));
         let inner_end = tail.unwrap_or(end).max(inner_start);
         // (range in the file, patch) of each read-modify-write buffer; the middle, if any.
-        let (edges, middle): (Vec<((u64, u64), Patch)>, Option<(u64, u64)>) =
+        type Span = (u64, u64);
+        let (edges, middle): (Vec<(Span, Patch)>, Option<Span>) =
             if (inner_start - offset) % disk.image_align.mem.max(1) != 0 {
                 // The whole units start at a payload byte O_DIRECT cannot write from (a payload
                 // at a byte offset that is not a multiple of the memory alignment: NBD allows
