@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes addcow's parsers with cargo-fuzz (libFuzzer): the add-cow header and bitmap, the NBD
-# handshake, NBD request decoding and whole connections, and the control socket's JSON-RPC.
+# handshake, NBD request decoding and whole connections, the control socket's JSON-RPC and
+# virtio-blk requests (descriptor chains over guest memory).
 # Each target runs SECONDS (default 600) from its corpus (fuzz/corpus/TARGET, seeded from
 # fuzz/seeds/TARGET); the executions and any crash are reported at the end, and the script exits
 # non-zero if a target crashed (the input is kept in fuzz/artifacts/TARGET: turn it into a
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/../fuzz"
 secs="${1:-600}"
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_transmission nbd_client_reply control_json)
+[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_transmission nbd_client_reply control_json virtio_blk_request)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo fuzz build -s none
