@@ -2,9 +2,11 @@
 //! [`QueueSource`], the [`CoreSource`] that runs it in the core's own loop.
 //!
 //! The queue's kick eventfd is polled by the core's io_uring. When it fires, the core calls
-//! [`QueueSource::ready`], which pops every available chain (each counted in [`Activity`]
-//! before it is popped), parses it and submits its engine requests on the same core with no
-//! channel hop. Each chain is answered on its own when its requests complete (on that core):
+//! [`QueueSource::ready`], which pops the available chains (each counted in [`Activity`]
+//! before it is popped), parses them and submits their engine requests on the same core with no
+//! channel hop. What a guest can make it do is bounded: at most the queue size of chains in
+//! flight, at most [`READY_BUDGET`] chains per turn (then a pause, see there), at most
+//! `BOUNCE_CAP` bytes bounced, and a head in flight is never served twice. Each chain is answered on its own when its requests complete (on that core):
 //! data and status byte into guest memory, then its used entry. Just before the core blocks,
 //! [`QueueSource::idle`] signals the call eventfd once for every answer since the last signal
 //! (as `EVENT_IDX` allows): one interrupt per batch, and no batch barrier: chains complete
