@@ -522,3 +522,29 @@ fn a_live_snapshot_under_vhost_io_answers_every_request_and_keeps_the_data() {
     drop(fe);
     d.stop();
 }
+
+/// `export-del` safe closes the vhost-user-blk socket to new frontends in the same step as it
+/// checks that none is connected (a frontend that connects after the check is the one refused,
+/// not one being served); when the delete is then refused for another reason (an NBD client),
+/// the socket is open again: a frontend connects and is served.
+#[test]
+fn a_safe_delete_refused_by_an_nbd_client_leaves_the_vhost_socket_open() {
+    let f = Fixture::new(16 * MIB);
+    let overlay = f.overlay();
+    let (d, control) = start(&f);
+    let vsock = f.path("vm.vhost");
+    let mut c = Control::connect(&control);
+    add_vhost(&mut c, "vm", &overlay, &vsock);
+    let nbd = RawClient::connect(&d.sock, "vm").expect("nbd connect");
+    let e = c
+        .call("export-del", json!({"name": "vm"}))
+        .expect_err("safe delete with an NBD client connected");
+    assert_eq!(e["data"]["class"], "busy", "{e}");
+    let mut fe = Frontend::connect(&vsock, 1).expect("a frontend after the refused delete");
+    let data = pattern(3, 4096);
+    assert_eq!(fe.write(0, 0, &data), 0, "served after the refused delete");
+    assert!(fe.read(0, 0, 4096) == data);
+    drop(fe);
+    nbd.disconnect();
+    d.stop();
+}

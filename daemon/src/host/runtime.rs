@@ -481,10 +481,12 @@ impl Host {
             .exports
             .get(name)
             .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
-        let frontend = self
-            .vhost_lock()
-            .get(name)
-            .is_some_and(VhostExport::frontend_connected);
+        // Safe: the check and the closing to new frontends are one step (one that connects
+        // after the check is refused, never one that is served disconnected).
+        let frontend = self.vhost_lock().get(name).is_some_and(|v| match mode {
+            DeleteMode::Safe => !v.close_if_idle(),
+            _ => v.frontend_connected(),
+        });
         if mode == DeleteMode::Safe && frontend {
             return Err(HostError::Busy {
                 name: name.to_string(),
@@ -493,6 +495,11 @@ impl Host {
         }
         let clients = export
             .begin_delete(mode == DeleteMode::Safe)
+            .inspect_err(|_| {
+                if let Some(v) = self.vhost_lock().get(name) {
+                    v.reopen();
+                }
+            })
             .map_err(|r| match r {
                 DeleteRefused::Busy(clients) => HostError::Busy {
                     name: name.to_string(),

@@ -150,6 +150,16 @@ impl VhostExport {
         self.server.frontend_connected()
     }
 
+    /// See [`VhostServer::close_if_idle`].
+    pub fn close_if_idle(&self) -> bool {
+        self.server.close_if_idle()
+    }
+
+    /// See [`VhostServer::reopen`].
+    pub fn reopen(&self) {
+        self.server.reopen()
+    }
+
     /// Its parameters and state.
     pub fn info(&self) -> VhostInfo {
         VhostInfo {

@@ -26,8 +26,12 @@ use super::queue::Queue;
 use super::vring::CoreVring;
 use crate::backend::disk::Backend;
 
-/// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight.
-const STOP_VRING_WAIT: Duration = Duration::from_secs(30);
+/// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight. Its own
+/// value, well past the engine's default remote base timeout (`--base-timeout`, 30 s), so that
+/// chains waiting on an image server that stopped answering fail and are answered before the
+/// frontend is told where the ring stands. If it still fires, the queue is fenced: the chains
+/// still in flight add no used entry to the ring any more ([`Queue::fence`]).
+pub const STOP_VRING_WAIT: Duration = Duration::from_secs(75);
 
 /// Bytes of daemon memory that one queue's chains in flight may bounce through; popping stops
 /// there (at least one chain is always popped) and resumes as they are answered, so a guest
@@ -184,6 +188,10 @@ impl VhostUserBackend for BlkDevice {
         {
             Ok(())
         } else {
+            let vrings = self.vrings.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = vrings.get(queue_index as usize) {
+                v.fence();
+            }
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("queue {queue_index}: requests still in flight after {STOP_VRING_WAIT:?}"),

@@ -76,6 +76,9 @@ struct Connection {
 #[derive(Default)]
 struct ConnState {
     stopped: bool,
+    /// [`VhostServer::close_if_idle`]: a frontend accepted now is disconnected at once (the
+    /// export is being deleted); [`VhostServer::reopen`] clears it.
+    closed: bool,
     /// Ends the current frontend's connection (the socket is shut down).
     current: Option<ShutdownHandle>,
 }
@@ -89,15 +92,20 @@ impl Connection {
         self.lock().stopped
     }
 
-    /// Records the frontend just accepted; ends it at once when the server is stopping.
+    /// Records the frontend just accepted; ends it at once when the server is stopping or
+    /// closed.
     fn connected(&self, handle: Option<ShutdownHandle>) {
         let mut s = self.lock();
-        self.connected.store(true, Ordering::Release);
-        if s.stopped {
+        if s.stopped || s.closed {
             if let Some(h) = &handle {
                 h.shutdown();
             }
+            if s.closed && !s.stopped {
+                tracing::info!("vhost-user-blk: a frontend connected while its export is being deleted; disconnected");
+            }
+            return;
         }
+        self.connected.store(true, Ordering::Release);
         s.current = handle;
     }
 
@@ -164,6 +172,25 @@ impl VhostServer {
     /// Whether a frontend is connected now.
     pub fn frontend_connected(&self) -> bool {
         self.conn.connected.load(Ordering::Acquire)
+    }
+
+    /// For a delete that must not disconnect a frontend (`export-del` safe): when no frontend
+    /// is connected, closes the server to new ones (a frontend accepted from now on is
+    /// disconnected before it is recorded) and returns true; false (nothing changed) when one
+    /// is connected. The check and the closing are one step under the connection's lock, so a
+    /// frontend that connects after the check is the one refused, never one already served.
+    pub fn close_if_idle(&self) -> bool {
+        let mut s = self.conn.lock();
+        if s.current.is_some() || self.conn.connected.load(Ordering::Acquire) {
+            return false;
+        }
+        s.closed = true;
+        true
+    }
+
+    /// Undoes [`VhostServer::close_if_idle`] (the delete was refused for another reason).
+    pub fn reopen(&self) {
+        self.conn.lock().closed = false;
     }
 
     /// Stops serving for good: accepts no new frontend, takes no new chain from the rings,

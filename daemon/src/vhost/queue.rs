@@ -2,9 +2,11 @@
 //! [`QueueSource`], the [`CoreSource`] that runs it in the core's own loop.
 //!
 //! The queue's kick eventfd is polled by the core's io_uring. When it fires, the core calls
-//! [`QueueSource::ready`], which pops every available chain (each counted in [`Activity`]
-//! before it is popped), parses it and submits its engine requests on the same core with no
-//! channel hop. Each chain is answered on its own when its requests complete (on that core):
+//! [`QueueSource::ready`], which pops the available chains (each counted in [`Activity`]
+//! before it is popped), parses them and submits their engine requests on the same core with no
+//! channel hop. What a guest can make it do is bounded: at most the queue size of chains in
+//! flight, at most [`READY_BUDGET`] chains per turn (then a pause, see there), at most
+//! `BOUNCE_CAP` bytes bounced, and a head in flight is never served twice. Each chain is answered on its own when its requests complete (on that core):
 //! data and status byte into guest memory, then its used entry. Just before the core blocks,
 //! [`QueueSource::idle`] signals the call eventfd once for every answer since the last signal
 //! (as `EVENT_IDX` allows): one interrupt per batch, and no batch barrier: chains complete
@@ -13,18 +15,20 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use addcow_engine::{Completion, CoreSource, Done, Request, RequestError, SourceCtx};
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 
 use super::activity::Ticket;
 use super::device::Inner;
-use super::request::{parse, Limits, Pending};
+use super::request::{parse, status_slot, Limits, Pending};
 
 /// One virtqueue of one frontend connection, served by engine core `index % cores`.
 pub struct Queue {
@@ -44,10 +48,38 @@ pub struct Queue {
     poke: Mutex<Option<File>>,
     /// Requests that met a disk switch, in order, and whether a thread is submitting them.
     deferred: Mutex<Deferred>,
+    /// Per head descriptor index: a chain with that head is popped and not answered. A head
+    /// posted again while it is in flight is refused (answered `IOERR` at once, nothing of it
+    /// parsed), so no descriptor is ever used by two chains of the daemon at once.
+    heads: Vec<AtomicBool>,
+    /// Chains popped and not answered (direct, bounced and dataless alike). Popping stops at
+    /// the queue size: a driver that re-posts heads without waiting for used entries cannot
+    /// make the daemon hold more than a ring's worth.
+    in_flight: AtomicUsize,
+    /// Bumped (under the vring's lock) when a GET_VRING_BASE gave up waiting for this queue's
+    /// chains: a chain popped under an older generation adds no used entry any more (the
+    /// frontend was told where the ring stands and may reuse it).
+    generation: AtomicU64,
 }
 
+/// Chains one [`QueueSource::ready`] pops at most, over every pass of its loop, before it
+/// yields the core: one ring's worth (a driver that waits for its answers never posts more at
+/// once). A queue that spent its budget is served again only after [`YIELD_FACTOR`] times the
+/// time it just took, so a guest that keeps posting chains answered at once (GET_ID, refused
+/// heads) gets at most a fifth of its core's time, and everything else on the core keeps at
+/// least four fifths of it.
+pub const READY_BUDGET: usize = super::QUEUE_SIZE as usize;
+
+/// See [`READY_BUDGET`].
+const YIELD_FACTOR: u32 = 4;
+
+/// The longest pause after a spent budget (a core stalled by something else for a while must
+/// not keep the queue waiting for twice that long).
+const MAX_YIELD: Duration = Duration::from_millis(20);
+
 /// Requests of one queue waiting for a disk switch to end: one thread per queue submits them
-/// in order (at most a ring's worth of requests wait, never a thread each).
+/// in order, never a thread each. Bounded: each belongs to a chain in flight, which are at
+/// most the queue size, each of at most `MAX_ZERO_SEGMENTS` requests.
 #[derive(Default)]
 struct Deferred {
     waiting: VecDeque<(Request, Completion)>,
@@ -61,14 +93,20 @@ enum Pumped {
     /// The available ring is empty.
     Drained,
     /// Chains may be left that cannot be popped now (stopping, queue stopped or disabled, no
-    /// memory table, bounce cap): they wait for a later wake-up.
+    /// memory table, bounce cap, queue size in flight): they wait for a later wake-up.
     Held,
+    /// This turn's [`READY_BUDGET`] is spent: the queue wakes itself for a later turn.
+    Yield,
 }
 
 /// One chain being answered: its request state, its activity ticket, its bounced bytes.
 struct Chain {
     pending: Pending,
     ticket: Ticket,
+    /// Its head is marked in [`Queue::heads`] (not a refused duplicate).
+    tracked: bool,
+    /// [`Queue::generation`] when it was popped.
+    generation: u64,
 }
 
 impl Queue {
@@ -76,14 +114,27 @@ impl Queue {
     pub(super) fn new(index: usize, dev: Arc<Inner>, vring: VringRwLock) -> Queue {
         Queue {
             index,
-            dev,
             vring,
             answered: AtomicBool::new(false),
             bounced: AtomicU64::new(0),
             capped: AtomicBool::new(false),
             poke: Mutex::new(None),
             deferred: Mutex::new(Deferred::default()),
+            heads: (0..usize::from(dev.config.queue_size).max(1))
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            in_flight: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            dev,
         }
+    }
+
+    /// GET_VRING_BASE gave up waiting for this queue's chains: from now on, none of the chains
+    /// popped so far adds a used entry to the ring (they still complete and release their
+    /// buffers). Takes the vring's lock, which every used entry is added under.
+    pub(super) fn fence(&self) {
+        let _state = self.vring.get_mut();
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Submits `req` to core `core` from this queue's waiter thread (started if none runs),
@@ -147,46 +198,80 @@ impl Queue {
     /// Serves the ring after a kick: pops and submits every available chain through `submit`.
     /// With `EVENT_IDX`, driver notifications stay off while chains are popped and the ring is
     /// checked again after turning them back on. A bad ring (the frontend's fault) is reported
-    /// once per connection and the queue stays.
-    pub fn serve(self: &Arc<Self>, submit: &mut dyn FnMut(Request, Completion)) {
-        if let Err(e) = self.serve_inner(submit) {
-            if !self.dev.ring_error_logged.swap(true, Ordering::Relaxed) {
-                tracing::warn!(queue = self.index, error = %e, "vhost-user-blk: bad virtqueue; requests on it are not served");
-            } else {
-                tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: bad virtqueue");
+    /// once per connection and the queue stays. True when it stopped at [`READY_BUDGET`]
+    /// with chains possibly left (the caller serves it again later, without a kick).
+    pub fn serve(self: &Arc<Self>, submit: &mut dyn FnMut(Request, Completion)) -> bool {
+        match self.serve_inner(submit) {
+            Ok(yielded) => yielded,
+            Err(e) => {
+                self.report(&e);
+                false
             }
+        }
+    }
+
+    fn report(&self, e: &io::Error) {
+        if !self.dev.ring_error_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(queue = self.index, error = %e, "vhost-user-blk: bad virtqueue; requests on it are not served");
+        } else {
+            tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: bad virtqueue");
         }
     }
 
     fn serve_inner(
         self: &Arc<Self>,
         submit: &mut dyn FnMut(Request, Completion),
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let event_idx = self.dev.event_idx.load(Ordering::Relaxed);
+        let mut budget = READY_BUDGET;
         if !event_idx {
-            self.pump(submit)?;
-            return Ok(());
+            return Ok(self.pump(submit, &mut budget)? == Pumped::Yield);
         }
         loop {
             self.vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(format!("event index: {e}")))?;
-            if self.pump(submit)? == Pumped::Held {
-                return Ok(());
+            match self.pump(submit, &mut budget)? {
+                Pumped::Held => return Ok(false),
+                // Notifications stay off: the caller comes back without a kick.
+                Pumped::Yield => return Ok(true),
+                Pumped::Drained => {}
             }
             let more = self
                 .vring
                 .enable_notification()
                 .map_err(|e| io::Error::other(format!("event index: {e}")))?;
             if !more {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
 
-    /// Pops available chains until the ring is empty or the bounce cap is reached, and submits
-    /// their engine requests (outside the vring's lock: a completion may run inline).
-    fn pump(self: &Arc<Self>, submit: &mut dyn FnMut(Request, Completion)) -> io::Result<Pumped> {
+    /// Whether popping must stop at a cap (`count >= cap`); sets `capped` so that the answer
+    /// that brings the count under it wakes the queue.
+    fn at_cap(&self, count: &dyn Fn() -> bool) -> bool {
+        if !count() {
+            return false;
+        }
+        self.capped.store(true, Ordering::SeqCst);
+        // An answer may have brought the count under the cap between the two lines above
+        // without seeing `capped`: look again.
+        if count() {
+            return true;
+        }
+        self.capped.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// Pops available chains until the ring is empty, a cap is reached (bounce bytes, chains
+    /// in flight) or `budget` chains were popped, and submits their engine requests (outside
+    /// the vring's lock: a completion may run inline). Each chain's descriptors are walked
+    /// once, here; the parser sees only that list.
+    fn pump(
+        self: &Arc<Self>,
+        submit: &mut dyn FnMut(Request, Completion),
+        budget: &mut usize,
+    ) -> io::Result<Pumped> {
         let Some(atomic) = self
             .dev
             .mem
@@ -219,15 +304,16 @@ impl Queue {
                 .get_queue_mut()
                 .iter(mem.clone())
                 .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?;
+            let in_flight_cap = self.heads.len();
+            let generation = self.generation.load(Ordering::SeqCst);
             loop {
-                if self.bounced.load(Ordering::SeqCst) >= self.dev.batch_bytes {
-                    self.capped.store(true, Ordering::SeqCst);
-                    // An answer may have brought the count under the cap between the two
-                    // lines above without seeing `capped`: look again.
-                    if self.bounced.load(Ordering::SeqCst) >= self.dev.batch_bytes {
-                        break Pumped::Held;
-                    }
-                    self.capped.store(false, Ordering::SeqCst);
+                if *budget == 0 {
+                    break Pumped::Yield;
+                }
+                if self.at_cap(&|| self.bounced.load(Ordering::SeqCst) >= self.dev.batch_bytes)
+                    || self.at_cap(&|| self.in_flight.load(Ordering::SeqCst) >= in_flight_cap)
+                {
+                    break Pumped::Held;
                 }
                 let Some(ticket) = self.dev.activity.begin(self.index) else {
                     break Pumped::Held;
@@ -235,13 +321,48 @@ impl Queue {
                 let Some(chain) = iter.next() else {
                     break Pumped::Drained;
                 };
+                *budget -= 1;
                 let head = chain.head_index();
-                let descs: Vec<Descriptor> = chain.clone().collect();
-                let reader = Reader::new(&*mem, chain.clone());
-                let writer = Writer::new(&*mem, chain);
-                let (pending, reqs) = parse(head, &mem, &descs, reader, writer, &limits, &alloc);
-                self.bounced.fetch_add(pending.bounced, Ordering::SeqCst);
-                popped.push((Chain { pending, ticket }, reqs));
+                // The one walk of the descriptor table (bounded by the queue size; indirect
+                // tables by their length).
+                let descs: Vec<Descriptor> = chain.collect();
+                let fresh = self
+                    .heads
+                    .get(usize::from(head))
+                    .is_some_and(|h| !h.swap(true, Ordering::SeqCst));
+                let pending = if fresh || self.heads.get(usize::from(head)).is_none() {
+                    let (pending, reqs) = parse(head, &mem, &descs, &limits, &alloc);
+                    self.bounced.fetch_add(pending.bounced, Ordering::SeqCst);
+                    Some((pending, reqs))
+                } else {
+                    None
+                };
+                let chain = match pending {
+                    Some((pending, reqs)) => {
+                        self.in_flight.fetch_add(1, Ordering::SeqCst);
+                        let c = Chain {
+                            pending,
+                            ticket,
+                            tracked: fresh,
+                            generation,
+                        };
+                        (c, reqs)
+                    }
+                    None => {
+                        // A head already in flight: refused, nothing of it parsed.
+                        let status = status_slot(&mem, descs.last());
+                        let pending = Pending::answered(head, &mem, status, VIRTIO_BLK_S_IOERR);
+                        let c = Chain {
+                            pending,
+                            ticket,
+                            tracked: false,
+                            generation,
+                        };
+                        self.in_flight.fetch_add(1, Ordering::SeqCst);
+                        (c, Vec::new())
+                    }
+                };
+                popped.push(chain);
             }
         };
         for (chain, reqs) in popped {
@@ -291,21 +412,37 @@ impl Queue {
     /// Writes the chain's status byte, adds its used entry, then lets its ticket go (so a
     /// GET_VRING_BASE waiting for the queue sees the entry).
     fn answer(&self, chain: Chain) {
-        let Chain { pending, ticket } = chain;
+        let Chain {
+            pending,
+            ticket,
+            tracked,
+            generation,
+        } = chain;
         let head = pending.head;
         let bounced = pending.bounced;
         let len = pending.finish();
-        if let Err(e) = self.vring.add_used(head, len) {
-            tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: used ring");
+        if tracked {
+            // Before the used entry: the driver may post this head again once it sees it.
+            if let Some(h) = self.heads.get(usize::from(head)) {
+                h.store(false, Ordering::SeqCst);
+            }
+        }
+        {
+            let mut state = self.vring.get_mut();
+            if self.generation.load(Ordering::SeqCst) == generation {
+                if let Err(e) = state.add_used(head, len) {
+                    tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: used ring");
+                }
+            }
         }
         self.answered.store(true, Ordering::SeqCst);
         drop(ticket);
-        if bounced > 0 {
-            let before = self.bounced.fetch_sub(bounced, Ordering::SeqCst);
-            let cap = self.dev.batch_bytes;
-            if before - bounced < cap && self.capped.swap(false, Ordering::SeqCst) {
-                self.poke();
-            }
+        let cap = self.dev.batch_bytes;
+        let before = self.bounced.fetch_sub(bounced, Ordering::SeqCst);
+        let chains = self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let under = before - bounced < cap && chains - 1 < self.heads.len();
+        if under && self.capped.swap(false, Ordering::SeqCst) {
+            self.poke();
         }
     }
 
@@ -332,23 +469,59 @@ impl Queue {
 pub struct QueueSource {
     /// The queue.
     pub queue: Arc<Queue>,
+    /// The queue spent its [`READY_BUDGET`]: it is served again at this instant (by
+    /// [`CoreSource::deadline`]), not before, whatever kicks come meanwhile.
+    resume: Option<Instant>,
 }
 
-impl CoreSource for QueueSource {
-    fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
+impl QueueSource {
+    /// The source serving `queue`.
+    pub fn new(queue: Arc<Queue>) -> QueueSource {
+        QueueSource {
+            queue,
+            resume: None,
+        }
+    }
+
+    fn run(&mut self, ctx: &mut SourceCtx<'_>) {
         let disk = Arc::clone(&self.queue.dev.disk);
         let core = ctx.core();
         let queue = Arc::clone(&self.queue);
-        self.queue.serve(&mut |req, done| {
+        let started = Instant::now();
+        let yielded = self.queue.serve(&mut |req, done| {
             if let Some((req, done)) = disk.try_submit_local(ctx, req, done) {
                 // The disk is being switched (a live snapshot): its lock would block this core,
                 // which must go on completing the requests the switch waits for.
                 queue.defer(core, req, done);
             }
         });
+        if yielded {
+            let pause = (started.elapsed() * YIELD_FACTOR).min(MAX_YIELD);
+            self.resume = Some(Instant::now() + pause);
+        }
+    }
+}
+
+impl CoreSource for QueueSource {
+    fn ready(&mut self, ctx: &mut SourceCtx<'_>) {
+        if self.resume.is_some() {
+            // Paused after a spent budget: the deadline serves what this kick announced.
+            return;
+        }
+        self.run(ctx);
     }
 
     fn idle(&mut self) {
         self.queue.notify();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.resume
+    }
+
+    fn deadline(&mut self, ctx: &mut SourceCtx<'_>) {
+        if self.resume.take().is_some() {
+            self.run(ctx);
+        }
     }
 }

@@ -1,9 +1,12 @@
 //! One virtio-blk request: parsing a descriptor chain into engine requests, and writing the
 //! answer (data and status byte) back into guest memory.
 //!
-//! Every guest address goes through `virtio-queue`'s [`Reader`]/[`Writer`], which resolve it
-//! against the frontend's memory table: a descriptor outside the guest's regions fails the chain
-//! here, before any byte is touched.
+//! The descriptor chain is walked once (by the caller, into a list of [`Descriptor`]s); every
+//! length check, every copy and every borrowed buffer is made from that one list, so a guest
+//! that changes its descriptor table while the chain is parsed cannot pass a check with one
+//! length and be served with another. Every descriptor is checked against the frontend's
+//! memory table first: one outside the guest's regions fails the chain here, before any byte
+//! is touched.
 //!
 //! Data moves in one of two ways. **Direct**: a READ or WRITE whose data is one descriptor,
 //! contiguous in the daemon's mapping of guest memory and aligned to [`BUF_ALIGN`], is handed to
@@ -14,7 +17,6 @@
 //! engine buffer (WRITE: out of the guest before submitting; READ: into the guest when
 //! answered).
 
-use std::io::{Read, Write};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -26,7 +28,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{ID_BYTES, MAX_REQUEST_BYTES, MAX_ZERO_SECTORS, MAX_ZERO_SEGMENTS};
@@ -150,7 +151,8 @@ impl Pending {
         self.code
     }
 
-    fn answered(
+    /// A request answered at once with `code` (nothing submitted), its status byte at `status`.
+    pub fn answered(
         head: u16,
         mem: &Arc<GuestMemoryMmap>,
         status: Option<GuestAddress>,
@@ -260,8 +262,8 @@ fn byte_range(sector: u64, bytes: u64, size: u64) -> Option<u64> {
 }
 
 /// Where the status byte goes: the last byte of the chain's last descriptor, which must be
-/// device-writable and inside guest memory. Found on its own (not through the chain's
-/// [`Writer`]) so that a chain with a bad data descriptor still gets its `IOERR`.
+/// device-writable and inside guest memory. Found on its own (before the other descriptors are
+/// checked) so that a chain with a bad data descriptor still gets its `IOERR`.
 pub fn status_slot(mem: &GuestMemoryMmap, last: Option<&Descriptor>) -> Option<GuestAddress> {
     let d = last?;
     if !d.is_write_only() || d.len() == 0 {
@@ -271,16 +273,54 @@ pub fn status_slot(mem: &GuestMemoryMmap, last: Option<&Descriptor>) -> Option<G
     mem.get_slice(at, 1).ok().map(|_| at)
 }
 
-/// Parses the request whose chain (`descs`, with its `reader` and `writer` over `mem`) starts
-/// at `head`. Returns the pending request and the engine requests to submit for it (none: it is
-/// answered already, e.g. GET_ID or a malformed chain). `alloc` gives engine buffers for
-/// bounced WRITE payloads.
+/// Copies `dst.len()` bytes of the guest pieces `from`, starting `skip` bytes in, into `dst`;
+/// false when the pieces hold fewer or guest memory refuses the copy.
+fn gather(
+    mem: &GuestMemoryMmap,
+    from: &[(GuestAddress, usize)],
+    skip: usize,
+    dst: &mut [u8],
+) -> bool {
+    let src = pieces(from, skip, 0);
+    let mut at = 0;
+    for (addr, n) in src {
+        if at == dst.len() {
+            break;
+        }
+        let n = n.min(dst.len() - at);
+        if mem.read_slice(&mut dst[at..at + n], addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    at == dst.len()
+}
+
+/// Copies `src` into the guest pieces `to`; false when they are too short or guest memory
+/// refuses the copy.
+fn scatter(mem: &GuestMemoryMmap, to: &[(GuestAddress, usize)], src: &[u8]) -> bool {
+    let mut at = 0;
+    for &(addr, n) in to {
+        if at == src.len() {
+            break;
+        }
+        let n = n.min(src.len() - at);
+        if mem.write_slice(&src[at..at + n], addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    at == src.len()
+}
+
+/// Parses the request whose chain (`descs`: the chain walked once, in order) starts at `head`,
+/// over guest memory `mem`. Returns the pending request and the engine requests to submit for
+/// it (none: it is answered already, e.g. GET_ID or a malformed chain). `alloc` gives engine
+/// buffers for bounced WRITE payloads.
 pub fn parse(
     head: u16,
     mem: &Arc<GuestMemoryMmap>,
     descs: &[Descriptor],
-    reader: Result<Reader<'_>, virtio_queue::Error>,
-    writer: Result<Writer<'_>, virtio_queue::Error>,
     limits: &Limits<'_>,
     alloc: &dyn Fn(usize) -> IoBuf,
 ) -> (Pending, Vec<Request>) {
@@ -294,28 +334,34 @@ pub fn parse(
     if status.is_none() {
         return ioerr(None);
     }
-    // The data: the writable bytes before the status byte (the last writable byte).
-    let mut data = match writer {
-        Ok(mut w) if w.available_bytes() >= 1 => {
-            let at = w.available_bytes() - 1;
-            match w.split_at(at) {
-                Ok(_status_byte) => w,
-                Err(_) => return ioerr(status),
-            }
-        }
-        _ => return ioerr(status),
-    };
-    let mut reader = match reader {
-        Ok(r) => r,
-        Err(_) => return ioerr(status),
-    };
     if !directions_in_order(descs.iter().map(|d| d.is_write_only())) {
         return ioerr(status);
     }
-    let mut hdr = [0u8; HEADER_LEN];
-    if reader.read_exact(&mut hdr).is_err() {
+    // Every descriptor inside guest memory, before anything is read or written.
+    if !descs
+        .iter()
+        .all(|d| GuestMemoryBackend::check_range(&**mem, d.addr(), d.len() as usize))
+    {
         return ioerr(status);
     }
+    let side = |writable: bool| -> Vec<(GuestAddress, usize)> {
+        descs
+            .iter()
+            .filter(|d| d.is_write_only() == writable)
+            .map(|d| (d.addr(), d.len() as usize))
+            .collect()
+    };
+    let (readable, writable) = (side(false), side(true));
+    let total = |p: &[(GuestAddress, usize)]| p.iter().map(|&(_, n)| n as u64).sum::<u64>();
+    // The data: the writable bytes before the status byte (the last writable byte).
+    let data_len = total(&writable) - 1;
+    let data_out = pieces(&writable, 0, 1);
+    let mut hdr = [0u8; HEADER_LEN];
+    if !gather(mem, &readable, 0, &mut hdr) {
+        return ioerr(status);
+    }
+    // The device-readable bytes after the header.
+    let payload_len = total(&readable) - HEADER_LEN as u64;
     let kind = le_u32(&hdr[0..4]);
     let sector = le_u64(&hdr[8..16]);
     let writes = matches!(
@@ -336,17 +382,10 @@ pub fn parse(
         VIRTIO_BLK_T_WRITE_ZEROES => "write-zeroes",
         _ => "other",
     };
-    let side = |writable: bool| -> Vec<(GuestAddress, usize)> {
-        descs
-            .iter()
-            .filter(|d| d.is_write_only() == writable)
-            .map(|d| (d.addr(), d.len() as usize))
-            .collect()
-    };
     let mut reqs = Vec::new();
     match kind {
         VIRTIO_BLK_T_IN => {
-            let len = data.available_bytes() as u64;
+            let len = data_len;
             if len % SECTOR != 0 || len > u64::from(MAX_REQUEST_BYTES) {
                 return ioerr(pending.status);
             }
@@ -354,15 +393,14 @@ pub fn parse(
                 return ioerr(pending.status);
             };
             if len > 0 {
-                let pieces = pieces(&side(true), 0, 1);
-                match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
+                match limits.direct.then(|| direct_buf(mem, &data_out)).flatten() {
                     Some(buf) => {
                         pending.direct = true;
                         reqs.push(Request::ReadInto { offset, buf });
                     }
                     None => {
                         pending.bounced = len;
-                        pending.data = pieces;
+                        pending.data = data_out;
                         reqs.push(Request::Read {
                             offset,
                             len: len as u32,
@@ -372,15 +410,15 @@ pub fn parse(
             }
         }
         VIRTIO_BLK_T_OUT => {
-            let len = reader.available_bytes();
-            if len as u64 % SECTOR != 0 || len as u64 > u64::from(MAX_REQUEST_BYTES) {
+            if payload_len % SECTOR != 0 || payload_len > u64::from(MAX_REQUEST_BYTES) {
                 return ioerr(pending.status);
             }
+            let len = payload_len as usize;
             let Some(offset) = byte_range(sector, len as u64, limits.size) else {
                 return ioerr(pending.status);
             };
             if len > 0 {
-                let pieces = pieces(&side(false), HEADER_LEN, 0);
+                let pieces = pieces(&readable, HEADER_LEN, 0);
                 let data = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
                     Some(buf) => {
                         pending.direct = true;
@@ -388,7 +426,7 @@ pub fn parse(
                     }
                     None => {
                         let mut buf = alloc(len);
-                        if reader.read_exact(&mut buf[..len]).is_err() {
+                        if !gather(mem, &readable, HEADER_LEN, &mut buf[..len]) {
                             // Dropped unsubmitted: its stale contents never reach the disk.
                             return ioerr(pending.status);
                         }
@@ -405,23 +443,24 @@ pub fn parse(
             let s = limits.serial.as_bytes();
             let n = s.len().min(ID_BYTES);
             id[..n].copy_from_slice(&s[..n]);
-            let n = data.available_bytes().min(ID_BYTES);
-            if data.write_all(&id[..n]).is_err() {
+            let n = (data_len as usize).min(ID_BYTES);
+            if !scatter(mem, &data_out, &id[..n]) {
                 return ioerr(pending.status);
             }
             pending.written = n as u32;
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            let segs = reader.available_bytes();
-            if segs == 0
+            let segs = payload_len as usize;
+            if payload_len > u64::from(MAX_ZERO_SEGMENTS) * SEGMENT_LEN as u64
+                || segs == 0
                 || segs % SEGMENT_LEN != 0
                 || segs / SEGMENT_LEN > MAX_ZERO_SEGMENTS as usize
             {
                 return ioerr(pending.status);
             }
-            for _ in 0..segs / SEGMENT_LEN {
+            for i in 0..segs / SEGMENT_LEN {
                 let mut seg = [0u8; SEGMENT_LEN];
-                if reader.read_exact(&mut seg).is_err() {
+                if !gather(mem, &readable, HEADER_LEN + i * SEGMENT_LEN, &mut seg) {
                     return ioerr(pending.status);
                 }
                 let start = le_u64(&seg[0..8]);
@@ -467,6 +506,93 @@ pub fn parse(
     }
     pending.outstanding = reqs.len();
     (pending, reqs)
+}
+
+/// The fuzz target's entry (`fuzz/fuzz_targets/virtio_blk_request.rs`): `data` is a descriptor
+/// chain and the guest memory it points into. Byte 0: the number of descriptors (1..=16) and, in
+/// its top bits, the limits (read-only, writeback, direct); then 9 bytes per descriptor (guest
+/// address u32 LE, length u32 LE, flags: bit 0 device-writable); the rest fills 64 KiB of guest
+/// memory. Checks what the parser promises: every engine request lies inside the disk and the
+/// request limit, a borrowed buffer is no wider than the range checked, and the chain is answered.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_parse(data: &[u8]) {
+    const MEM: usize = 64 << 10;
+    const SIZE: u64 = 1 << 20;
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(first & 0x0f) + 1;
+    let Some(table) = rest.get(..n * 9) else {
+        return;
+    };
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]) else {
+        return;
+    };
+    let mem = Arc::new(mem);
+    let contents = &rest[n * 9..];
+    let _ = mem.write_slice(&contents[..contents.len().min(MEM)], GuestAddress(0));
+    let descs: Vec<Descriptor> = table
+        .chunks_exact(9)
+        .map(|d| {
+            let addr = u64::from(le_u32(&d[0..4]));
+            let len = le_u32(&d[4..8]);
+            let flags = if d[8] & 1 != 0 {
+                virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            Descriptor::new(addr, len, flags, 0)
+        })
+        .collect();
+    let limits = Limits {
+        size: SIZE,
+        read_only: first & 0x10 != 0,
+        writeback: first & 0x20 != 0,
+        serial: "fuzz",
+        direct: first & 0x40 != 0,
+    };
+    let alloc = |len: usize| IoBuf::new_zeroed(len);
+    let (mut pending, reqs) = parse(0, &mem, &descs, &limits, &alloc);
+    assert_eq!(pending.outstanding, reqs.len());
+    let within = |offset: u64, len: u64| {
+        assert!(
+            len <= u64::from(MAX_REQUEST_BYTES),
+            "request of {len} bytes"
+        );
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= SIZE),
+            "past the disk"
+        );
+    };
+    for req in reqs {
+        match req {
+            Request::Read { offset, len } => {
+                within(offset, u64::from(len));
+                let buf = IoBuf::new_zeroed(len as usize);
+                let _ = pending.complete(Ok(Done::Read(buf)));
+            }
+            Request::ReadInto { offset, buf } => {
+                within(offset, buf.len() as u64);
+                let _ = pending.complete(Ok(Done::Read(buf)));
+            }
+            Request::Write { offset, data, .. } => {
+                within(offset, data.len() as u64);
+                let _ = pending.complete(Ok(Done::Written(data)));
+            }
+            Request::Trim { offset, len, .. } | Request::WriteZeroes { offset, len, .. } => {
+                assert!(
+                    offset.checked_add(len).is_some_and(|e| e <= SIZE),
+                    "past the disk"
+                );
+                let _ = pending.complete(Ok(Done::Ok));
+            }
+            _ => {
+                let _ = pending.complete(Ok(Done::Ok));
+            }
+        }
+    }
+    assert_eq!(pending.outstanding, 0);
+    let _ = pending.finish();
 }
 
 #[cfg(test)]
@@ -522,11 +648,9 @@ mod tests {
             })
             .collect();
         let chain = q.build_desc_chain(&raw).unwrap();
-        let list: Vec<Descriptor> = chain.clone().collect();
-        let reader = Reader::new(&**mem, chain.clone());
-        let writer = Writer::new(&**mem, chain);
+        let list: Vec<Descriptor> = chain.collect();
         let alloc = |n: usize| IoBuf::new_zeroed(n);
-        let (p, reqs) = parse(0, mem, &list, reader, writer, limits, &alloc);
+        let (p, reqs) = parse(0, mem, &list, limits, &alloc);
         assert_eq!(p.outstanding, reqs.len());
         let used = p.finish();
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();

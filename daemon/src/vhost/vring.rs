@@ -16,7 +16,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use addcow_engine::{Engine, SourceId};
@@ -38,6 +38,17 @@ pub fn collect<T>(f: impl FnOnce() -> T) -> (T, Vec<CoreVring>) {
     let out = f();
     let created = CREATED.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
     (out, created.unwrap_or_default())
+}
+
+/// Whether `f` is an eventfd (its `/proc/self/fd` link names the eventfd anonymous inode).
+///
+/// Only eventfds are accepted as a queue's call and kick: a write to an eventfd blocks only
+/// when its counter would pass `u64::MAX - 1`, which the daemon's writes of 1 cannot reach in
+/// practice, so the blocking `write` of the call fd on an engine core never blocks (a pipe that
+/// is never read would block the core once full); and reading an eventfd consumes it whole.
+pub fn is_eventfd(f: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]")
 }
 
 /// Where a bound vring's kick goes.
@@ -111,9 +122,7 @@ impl CoreVring {
         };
         let polled = OwnedFd::from(kick.try_clone()?);
         queue.set_poke(Some(kick.try_clone()?));
-        let source = Box::new(QueueSource {
-            queue: Arc::clone(&queue),
-        });
+        let source = Box::new(QueueSource::new(Arc::clone(&queue)));
         let id = engine
             .attach_source(core, polled, source)
             .map_err(|e| io::Error::other(format!("polling queue {}'s kick: {e}", queue.index)))?;
@@ -121,6 +130,14 @@ impl CoreVring {
         // Chains the driver added before the poll was armed: look once.
         queue.poke();
         Ok(())
+    }
+
+    /// See [`Queue::fence`] (nothing when unbound).
+    pub fn fence(&self) {
+        let q = self.lock().binding.as_ref().map(|b| Arc::clone(&b.queue));
+        if let Some(q) = q {
+            q.fence();
+        }
     }
 
     fn poke(&self) {
@@ -232,6 +249,13 @@ impl VringT<GuestMem> for CoreVring {
     fn set_kick(&self, file: Option<File>) {
         // The old eventfd's poll goes first: two polls must never serve one queue.
         self.detach();
+        let file = file.filter(|f| {
+            let ok = is_eventfd(f);
+            if !ok {
+                tracing::error!("vhost-user-blk: the frontend's kick fd is not an eventfd; refused (the queue is not served)");
+            }
+            ok
+        });
         let attach = file.as_ref().map(|f| self.attach(f));
         if let Some(Err(e)) = attach {
             tracing::error!(error = %e, "vhost-user-blk: the queue's kick cannot be polled; it is not served");
@@ -244,6 +268,14 @@ impl VringT<GuestMem> for CoreVring {
     }
 
     fn set_call(&self, file: Option<File>) {
+        // Written with a blocking write on the engine core: only an eventfd cannot block it.
+        let file = file.filter(|f| {
+            let ok = is_eventfd(f);
+            if !ok {
+                tracing::error!("vhost-user-blk: the frontend's call fd is not an eventfd; refused (the queue's answers are not signalled)");
+            }
+            ok
+        });
         self.inner.set_call(file)
     }
 

@@ -8,7 +8,8 @@
 //! * [`raw`]: a raw NBD client (handshake pieces, requests, simple / structured / extended
 //!   replies, [`raw::RawClient`]) for tests that need exact control of the bytes.
 //! * [`scripted`]: a scripted NBD image server that misbehaves in exactly one way.
-//! * [`vhost`]: a vhost-user-blk frontend (libblkio).
+//! * [`vhost`]: a vhost-user-blk frontend (libblkio); [`vhost::hostile`]: one written by hand that
+//!   misbehaves (re-posted heads, flipped lengths, a pipe as call fd).
 //!
 //! Every external tool is required: a missing one fails the test loudly (scripts/test.sh
 //! installs them), it never passes silently.

@@ -150,3 +150,6 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .map(|i| (seed as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 9) as u8))
         .collect()
 }
+
+/// A misbehaving frontend written by hand (re-posted heads, flipped lengths, a pipe as call fd).
+pub mod hostile;

@@ -122,23 +122,34 @@ fn read_bounds(offset: u64, len: u64, size: u64) -> Result<(), RequestError> {
     }
 }
 
-/// Patches `payload` (for [`Patch::Data`]) or zeros into a read-modify-write buffer. Anything
-/// that does not fit is an error, never a silently skipped patch (that would write the old bytes
-/// back and answer success).
+/// Patches bytes of `payload` (for [`Patch::Data`]) or zeros into a read-modify-write buffer.
+/// Anything that does not fit is an error, never a silently skipped patch (that would write the
+/// old bytes back and answer success).
+///
+/// The payload is copied with `ptr::copy` from [`SharedBuf::region_ptr`], never through a
+/// `&[u8]`: it may be memory a guest lent ([`IoBuf::borrowed`]) and may change under the copy,
+/// and other ops in flight (the write of the whole units in the middle) point into it.
 pub(super) fn apply_patch(
     buf: &mut [u8],
     patch: Patch,
-    payload: Option<&[u8]>,
+    payload: Option<&SharedBuf>,
 ) -> Result<(), &'static str> {
     match patch {
-        Patch::Data { at } => {
+        Patch::Data { at, from, len } => {
             let data = payload.ok_or("internal error: read-modify-write without its payload")?;
+            let src = data
+                .region_ptr(from, len)
+                .ok_or("internal error: patch range outside the payload")?;
             let end = at
-                .checked_add(data.len())
+                .checked_add(len)
                 .ok_or("internal error: payload offset overflows")?;
-            buf.get_mut(at..end)
-                .ok_or("internal error: payload does not fit its read-modify-write buffer")?
-                .copy_from_slice(data);
+            let dst = buf
+                .get_mut(at..end)
+                .ok_or("internal error: payload does not fit its read-modify-write buffer")?;
+            // SAFETY: `src` points to `len` readable bytes of the payload (region_ptr checked the
+            // range); `dst` is `len` bytes of a buffer this task owns exclusively, which cannot
+            // overlap the payload (a separate allocation). Ops in flight only read the payload.
+            unsafe { std::ptr::copy(src, dst.as_mut_ptr(), len) };
         }
         Patch::Zero { from, to } => buf
             .get_mut(from..to)
@@ -337,42 +348,100 @@ impl Core {
             self.add_pending(key, n);
             return;
         }
-        // Read-modify-write of whole units: fill the partial head and tail units with the
-        // current bytes (raw image, base or zeros by their bits), then patch and write.
-        let (a_start, a_end) = (shape.a_start, shape.a_end);
-        let bounce = SharedBuf::new(buf::alloc(
-            self.shared.arena.as_ref(),
-            (a_end - a_start) as usize,
-            false,
-        ));
+        // Read-modify-write of the partial head and tail units only: each gets a buffer of one
+        // unit, filled with the current bytes (raw image, base or zeros by their bits), then
+        // patched with its part of the payload and written. The whole units between them are
+        // written straight from the caller's buffer, like an aligned write: the daemon memory
+        // a write bounces through is at most two units, whatever its length.
+        let Shape {
+            offset,
+            end,
+            a_start,
+            a_end,
+            unit,
+            head,
+            tail,
+        } = shape;
+        let arena = self.shared.arena.as_ref();
+        let inner_start = head.map_or(offset, |h| (h + unit).min(end));
+        let inner_end = tail.unwrap_or(end).max(inner_start);
+        // (range in the file, patch) of each read-modify-write buffer; the middle, if any.
+        type Span = (u64, u64);
+        let (edges, middle): (Vec<(Span, Patch)>, Option<Span>) =
+            if (inner_start - offset) % disk.image_align.mem.max(1) != 0 {
+                // The whole units start at a payload byte O_DIRECT cannot write from (a payload
+                // at a byte offset that is not a multiple of the memory alignment: NBD allows
+                // any, virtio-blk sends whole sectors): the covering units bounce through one
+                // buffer, whose head and tail units are filled.
+                let patch = Patch::Data {
+                    at: (offset - a_start) as usize,
+                    from: 0,
+                    len: (end - offset) as usize,
+                };
+                (vec![((a_start, a_end), patch)], None)
+            } else {
+                let mut edges = Vec::new();
+                if let Some(h) = head {
+                    let e_end = (h + unit).min(a_end);
+                    let patch = Patch::Data {
+                        at: (offset - h) as usize,
+                        from: 0,
+                        len: (end.min(e_end) - offset) as usize,
+                    };
+                    edges.push(((h, e_end), patch));
+                }
+                if let Some(t) = tail.filter(|&t| Some(t) != head) {
+                    let patch = Patch::Data {
+                        at: 0,
+                        from: (t - offset) as usize,
+                        len: (end - t) as usize,
+                    };
+                    edges.push(((t, a_end), patch));
+                }
+                let middle = (inner_start < inner_end).then_some((inner_start, inner_end));
+                (edges, middle)
+            };
+        let edges: Vec<Edge> = edges
+            .into_iter()
+            .map(|((from, to), patch)| Edge {
+                buf: SharedBuf::new(buf::alloc(arena, (to - from) as usize, false)),
+                file_off: from,
+                patch,
+            })
+            .collect();
+        // The units read back: the partial head and tail units, wherever their buffer is.
+        let mut fills: Vec<(SharedBuf, usize, u64, u64)> = Vec::new();
+        for e in &edges {
+            let (lo, hi) = (e.file_off, e.file_off + e.buf.len() as u64);
+            if let Some(h) = head.filter(|&h| h >= lo && h < hi) {
+                let h_end = (h + unit).min(a_end);
+                fills.push((e.buf.clone(), (h - lo) as usize, h, h_end - h));
+            }
+            if let Some(t) = tail.filter(|&t| t >= lo && t < hi && Some(t) != head) {
+                fills.push((e.buf.clone(), (t - lo) as usize, t, a_end - t));
+            }
+        }
         let key = self.tasks.insert(Task::Write(WriteTask {
             disk: Arc::clone(&disk),
-            offset: shape.offset,
+            offset,
             sectors: shape.sectors(),
             locked: Held::new(Arc::clone(&disk), ticket),
             pending: 0,
             filling: true,
             err: None,
-            data: Some(data),
-            edges: vec![Edge {
-                buf: bounce.clone(),
-                file_off: a_start,
-                patch: Patch::Data {
-                    at: (shape.offset - a_start) as usize,
-                },
-            }],
+            data: Some(data.clone()),
+            edges,
             fua,
             done,
         }));
         let mut n = self.issue_allocations(key, &disk, ahead);
-        if let Some(h) = shape.head {
-            let h_end = (h + shape.unit).min(a_end);
-            n += self.issue_read(key, &disk, &bounce, 0, h, h_end - h);
+        for (buf, at, off, len) in fills {
+            n += self.issue_read(key, &disk, &buf, at, off, len);
         }
-        if let Some(t) = shape.tail.filter(|&t| Some(t) != shape.head) {
-            n += self.issue_read(key, &disk, &bounce, (t - a_start) as usize, t, a_end - t);
+        if let Some((lo, hi)) = middle {
+            n += self.issue_image_writes(key, &disk, &data, (lo - offset) as usize, lo, hi - lo);
         }
-        drop(bounce);
+        drop(data);
         self.add_pending(key, n);
     }
 
@@ -806,7 +875,9 @@ impl Core {
         } else {
             (res as usize).min(from.len())
         };
-        if n > 0 {
+        // Only a crash-recorder build looks at the bytes written: elsewhere no slice is made
+        // of them (they may be memory a guest lent, which it may be changing).
+        if cfg!(feature = "crash-recorder") && n > 0 {
             t.disk().rec_write(file.role, off, from.bytes(n));
         }
         if file.role == Role::Image {
@@ -868,7 +939,7 @@ impl Core {
             disk, data, edges, ..
         } = w;
         let disk = Arc::clone(disk);
-        let payload = data.as_mut().and_then(|d| d.get_mut()).map(|b| &b[..]);
+        let payload = data.as_ref();
         let mut patched = Ok(());
         for e in edges.iter_mut() {
             patched = patched.and_then(|()| match e.buf.get_mut() {
@@ -950,15 +1021,23 @@ mod tests {
 
     #[test]
     fn a_patch_that_does_not_fit_is_an_error_and_changes_nothing() {
+        let ones = SharedBuf::new(IoBuf::from_slice(&[1; 12]));
+        let data = |at, from, len| Patch::Data { at, from, len };
         let mut buf = vec![7u8; 512];
-        assert!(apply_patch(&mut buf, Patch::Data { at: 500 }, Some(&[1; 12])).is_ok());
+        assert!(apply_patch(&mut buf, data(500, 0, 12), Some(&ones)).is_ok());
         assert_eq!(&buf[500..], &[1; 12]);
         let mut buf = vec![7u8; 512];
-        let err = apply_patch(&mut buf, Patch::Data { at: 501 }, Some(&[1; 12])).unwrap_err();
+        assert!(apply_patch(&mut buf, data(0, 10, 2), Some(&ones)).is_ok());
+        assert_eq!(&buf[..3], &[1, 1, 7], "a part of the payload");
+        let mut buf = vec![7u8; 512];
+        let err = apply_patch(&mut buf, data(501, 0, 12), Some(&ones)).unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
         assert!(buf.iter().all(|&b| b == 7), "nothing half-written");
-        assert!(apply_patch(&mut buf, Patch::Data { at: 0 }, None).is_err());
-        assert!(apply_patch(&mut buf, Patch::Data { at: usize::MAX }, Some(&[1])).is_err());
+        let err = apply_patch(&mut buf, data(0, 4, 12), Some(&ones)).unwrap_err();
+        assert!(err.contains("outside the payload"), "{err}");
+        assert!(apply_patch(&mut buf, data(0, 0, 1), None).is_err());
+        assert!(apply_patch(&mut buf, data(usize::MAX, 0, 1), Some(&ones)).is_err());
+        assert!(apply_patch(&mut buf, data(0, usize::MAX, 2), Some(&ones)).is_err());
         assert!(apply_patch(&mut buf, Patch::Zero { from: 10, to: 513 }, None).is_err());
         assert!(apply_patch(&mut buf, Patch::Zero { from: 10, to: 9 }, None).is_err());
         assert!(buf.iter().all(|&b| b == 7));

@@ -40,6 +40,30 @@ pub(super) struct Sources {
     ids: Vec<u64>,
 }
 
+/// Reads `buf` from `fd` without ever blocking the core: `preadv2` with `RWF_NOWAIT`, which
+/// fails with `EAGAIN` instead of waiting whatever the file description's flags say. The
+/// `O_NONBLOCK` set at attach is on a description the fd's other holders share (a vhost-user
+/// frontend's kick eventfd), who can clear it; and a poll event does not promise a count (the
+/// other holder may read it first). Where the file does not support `RWF_NOWAIT`, a plain
+/// read (non-blocking by the flag set at attach).
+fn read_nowait(fd: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, valid for writes of its length during the call; offset -1
+    // reads at the file position (an eventfd has none to move).
+    let n = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return (&*fd).read(buf);
+    }
+    Err(err)
+}
+
 /// Not a task: the `task` of a socket op (its completion never reaches a task).
 const NO_TASK: usize = usize::MAX;
 
@@ -141,7 +165,7 @@ impl Core {
                 continue;
             };
             let mut count = [0u8; 8];
-            match (&e.fd).read(&mut count) {
+            match read_nowait(&e.fd, &mut count) {
                 Ok(n) if n > 0 => {
                     self.call_source(id, |s, ctx| s.ready(ctx));
                 }

@@ -24,8 +24,8 @@ pub(super) struct ReadTask {
 /// The bytes a write-like task changes inside one read-modify-write buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Patch {
-    /// Copy the whole client payload to this offset of the buffer.
-    Data { at: usize },
+    /// Copy `len` bytes of the client payload, from its byte `from`, to byte `at` of the buffer.
+    Data { at: usize, from: usize, len: usize },
     /// Zero `[from, to)` of the buffer.
     Zero { from: usize, to: usize },
 }

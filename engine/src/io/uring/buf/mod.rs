@@ -11,6 +11,7 @@ mod arena;
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub(crate) use arena::Arena;
@@ -68,6 +69,11 @@ impl std::fmt::Debug for IoBuf {
     }
 }
 
+/// Bytes of heap buffers ([`IoBuf::new_zeroed`], and arena allocations that fell back to the
+/// heap) allocated since the process started, and those alive now.
+static HEAP_ALLOCATED: AtomicU64 = AtomicU64::new(0);
+static HEAP_LIVE: AtomicU64 = AtomicU64::new(0);
+
 fn heap_layout(cap: usize) -> Layout {
     // `cap` is non-zero and rounded to BUF_ALIGN by the callers; a layout error would mean a
     // size near usize::MAX, which the allocator could not give anyway.
@@ -80,6 +86,18 @@ fn heap_layout(cap: usize) -> Layout {
 }
 
 impl IoBuf {
+    /// Heap buffer bytes allocated since the process started (a monotonic count; arena slots
+    /// and borrowed memory are not counted): what an arena too small for the load costs in
+    /// allocations, and what a test measures around one request to bound its buffer memory.
+    pub fn heap_bytes_allocated() -> u64 {
+        HEAP_ALLOCATED.load(Ordering::Relaxed)
+    }
+
+    /// Heap buffer bytes alive now.
+    pub fn heap_bytes_live() -> u64 {
+        HEAP_LIVE.load(Ordering::Relaxed)
+    }
+
     /// A zeroed, 4096-aligned heap buffer of `len` bytes.
     pub fn new_zeroed(len: usize) -> IoBuf {
         let cap = len.max(1).next_multiple_of(BUF_ALIGN);
@@ -89,6 +107,8 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
+        HEAP_ALLOCATED.fetch_add(cap as u64, Ordering::Relaxed);
+        HEAP_LIVE.fetch_add(cap as u64, Ordering::Relaxed);
         IoBuf {
             ptr,
             len,
@@ -203,6 +223,7 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         match &self.origin {
             Origin::Heap => {
+                HEAP_LIVE.fetch_sub(self.cap as u64, Ordering::Relaxed);
                 // SAFETY: ptr was allocated with exactly this layout in new_zeroed.
                 unsafe { std::alloc::dealloc(self.ptr.as_ptr(), heap_layout(self.cap)) }
             }
