@@ -40,6 +40,7 @@ use crate::conn::sock::{Deadline, Sock};
 use crate::host::runtime::{engine_stats, Host};
 use crate::nbd::export::Export;
 use crate::nbd::stats::{Op, StatsSnapshot};
+use addcow_engine::sync::lock;
 
 /// Reads the daemon's counters at each scrape.
 struct DaemonCollector {
@@ -335,7 +336,7 @@ impl MetricsServer {
         // Wakes the blocked accept (it fails from now on).
         let _ =
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        drop(self.file.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(lock(&self.file).take());
     }
 }
 
@@ -364,7 +365,7 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, host: &Arc<Host>) {
             continue;
         };
         {
-            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&conns);
             if c.len() >= MAX_CONNECTIONS {
                 // The one accepted first has waited longest: it goes.
                 if let Some(i) = (0..c.len()).min_by_key(|&i| c[i].1) {
@@ -382,13 +383,10 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, host: &Arc<Host>) {
                 if let Err(e) = serve_one(sock, &host) {
                     tracing::debug!(error = %e, "metrics client");
                 }
-                conns2
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|(i, _, _)| *i != id);
+                lock(&conns2).retain(|(i, _, _)| *i != id);
             });
         if spawned.is_err() {
-            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&conns);
             if let Some(i) = c.iter().position(|(i, _, _)| *i == id) {
                 let (_, _, s) = c.swap_remove(i);
                 let _ = s.shutdown(Shutdown::Both);

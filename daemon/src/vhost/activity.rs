@@ -6,6 +6,7 @@
 //! used entry was added. The counts are atomics on the request path; the mutex and condvar are
 //! touched only when a count drops to zero (to wake a waiter).
 
+use addcow_engine::sync::{lock, wait_timeout};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -69,7 +70,7 @@ impl Activity {
         };
         if busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             // Taking the lock orders this wake-up after a waiter's check (made under the lock).
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = lock(&self.lock);
             self.changed.notify_all();
         }
     }
@@ -111,7 +112,7 @@ impl Activity {
     }
 
     fn wait(&self, deadline: Instant, done: impl Fn(&Activity) -> bool) -> bool {
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.lock);
         loop {
             if done(self) {
                 return true;
@@ -120,11 +121,7 @@ impl Activity {
             if now >= deadline {
                 return false;
             }
-            g = self
-                .changed
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = wait_timeout(&self.changed, g, deadline - now).0;
         }
     }
 }

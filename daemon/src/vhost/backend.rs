@@ -25,6 +25,7 @@ use super::device::{GuestMem, Inner, LogLimit};
 use super::queue::Queue;
 use super::vring::CoreVring;
 use crate::backend::disk::Backend;
+use addcow_engine::sync::{lock, write};
 
 /// How long a frontend's GET_VRING_BASE waits for the queue's chains in flight. Its own
 /// value, well past the engine's default remote base timeout (`--base-timeout`, 30 s), so that
@@ -105,14 +106,14 @@ impl BlkDevice {
         for (index, v) in vrings.iter().enumerate() {
             v.bind(self.queue(index, v), engine.clone(), index % cores);
         }
-        *self.vrings.lock().unwrap_or_else(|p| p.into_inner()) = vrings;
+        *lock(&self.vrings) = vrings;
         Ok(())
     }
 
     /// Stops polling every queue's kick (the frontend is gone). Chains in flight still
     /// complete into the old frontend's memory, which they keep mapped.
     pub fn unbind(&self) {
-        let vrings = std::mem::take(&mut *self.vrings.lock().unwrap_or_else(|p| p.into_inner()));
+        let vrings = std::mem::take(&mut *lock(&self.vrings));
         for v in vrings {
             v.unbind();
         }
@@ -172,7 +173,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        *write(&self.inner.mem) = Some(mem);
         Ok(())
     }
 
@@ -188,7 +189,7 @@ impl VhostUserBackend for BlkDevice {
         {
             Ok(())
         } else {
-            let vrings = self.vrings.lock().unwrap_or_else(|p| p.into_inner());
+            let vrings = lock(&self.vrings);
             if let Some(v) = vrings.get(queue_index as usize) {
                 v.fence();
             }

@@ -11,6 +11,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use super::activity::Activity;
 use super::config::DeviceConfig;
 use crate::backend::disk::Backend;
+use addcow_engine::sync::lock;
 
 /// A log rate limit: one message per interval, counting the ones left out.
 pub(super) struct LogLimit {
@@ -30,7 +31,7 @@ impl LogLimit {
     /// `Some(left out since the last one)` when a message may be logged now, else `None`
     /// (and it is counted).
     pub(super) fn admit(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         let now = Instant::now();
         match s.0 {
             Some(last) if now.duration_since(last) < self.every => {

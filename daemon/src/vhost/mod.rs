@@ -38,6 +38,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::disk::Backend;
 use activity::Activity;
+use addcow_engine::sync::lock;
 use backend::BlkDevice;
 use config::DeviceConfig;
 
@@ -85,7 +86,7 @@ struct ConnState {
 
 impl Connection {
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn stopped(&self) -> bool {

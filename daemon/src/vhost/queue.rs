@@ -29,6 +29,7 @@ use vm_memory::GuestAddressSpace;
 use super::activity::Ticket;
 use super::device::Inner;
 use super::request::{parse, status_slot, Limits, Pending};
+use addcow_engine::sync::{lock, read};
 
 /// One virtqueue of one frontend connection, served by engine core `index % cores`.
 pub struct Queue {
@@ -141,7 +142,7 @@ impl Queue {
     /// which may block until the disk switch ends; the answer still comes on the core. One
     /// waiter per queue, submitting in order.
     fn defer(self: &Arc<Self>, core: usize, req: Request, done: Completion) {
-        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = lock(&self.deferred);
         d.waiting.push_back((req, done));
         if d.running {
             return;
@@ -153,7 +154,7 @@ impl Queue {
             .name("addcow-vhost-wait".into())
             .spawn(move || loop {
                 let next = {
-                    let mut d = queue.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut d = lock(&queue.deferred);
                     let next = d.waiting.pop_front();
                     if next.is_none() {
                         d.running = false;
@@ -166,7 +167,7 @@ impl Queue {
         if let Err(e) = spawned {
             tracing::error!(queue = self.index, error = %e, "vhost-user-blk: no thread to submit requests during a disk switch");
             let failed = {
-                let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                let mut d = lock(&self.deferred);
                 d.running = false;
                 std::mem::take(&mut d.waiting)
             };
@@ -182,12 +183,12 @@ impl Queue {
 
     /// Sets (or clears) the duplicate of the kick eventfd used to wake the queue.
     pub(super) fn set_poke(&self, fd: Option<File>) {
-        *self.poke.lock().unwrap_or_else(|p| p.into_inner()) = fd;
+        *lock(&self.poke) = fd;
     }
 
     /// Wakes the queue's poll as a kick would.
     pub(super) fn poke(&self) {
-        if let Some(f) = &*self.poke.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(f) = &*lock(&self.poke) {
             let mut f: &File = f;
             if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
                 tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: waking a queue failed");
@@ -272,13 +273,7 @@ impl Queue {
         submit: &mut dyn FnMut(Request, Completion),
         budget: &mut usize,
     ) -> io::Result<Pumped> {
-        let Some(atomic) = self
-            .dev
-            .mem
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(atomic) = read(&self.dev.mem).clone() else {
             return Ok(Pumped::Held);
         };
         let mem = atomic.memory().into_inner();
@@ -384,7 +379,7 @@ impl Queue {
     /// failure (the guest sees `IOERR`) is logged with its context, rate-limited.
     fn complete(&self, chain: &Mutex<Option<Chain>>, r: Result<Done, RequestError>) {
         let done = {
-            let mut slot = chain.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(chain);
             let Some(c) = slot.as_mut() else { return };
             if let Some(e) = c.pending.complete(r) {
                 if let Some(suppressed) = self.dev.io_errors.admit() {

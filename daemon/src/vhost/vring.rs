@@ -25,6 +25,7 @@ use virtio_queue::Error as VirtQueError;
 
 use super::device::GuestMem;
 use super::queue::{Queue, QueueSource};
+use addcow_engine::sync::lock;
 
 thread_local! {
     /// Vrings created on this thread while [`collect`] runs.
@@ -98,7 +99,7 @@ impl CoreVring {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Hook> {
-        self.hook.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.hook)
     }
 
     fn detach(&self) {

@@ -76,7 +76,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::client::{self, ChunkPayload, Coverage, ReplyError, ReplyHeader, Session, Stream};
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire;
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 
 /// How long a connect and its whole handshake (and so a reconnect attempt) may take. Reads do
 /// not wait for it: they expire on their own deadline meanwhile (see [`expiry`]).
@@ -722,10 +722,7 @@ impl ConnShared {
                 return;
             }
             let wait = (until - now).min(TICK);
-            st = match self.cv.wait_timeout(st, wait) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            st = wait_timeout(&self.cv, st, wait).0;
         }
     }
 
@@ -891,10 +888,7 @@ impl ConnShared {
                         st.queue_probe(probe_kind, probe_len, now + self.timeout);
                         break;
                     }
-                    st = match self.cv.wait_timeout(st, TICK) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
+                    st = wait_timeout(&self.cv, st, TICK).0;
                 }
                 if self.stopping() || st.dead {
                     break;

@@ -42,6 +42,7 @@ use serde_json::Value;
 use super::events::Sink;
 use super::runtime::Host;
 use crate::conn::listener::{PeerCred, PeerPolicy};
+use addcow_engine::sync::{lock, wait};
 use rpc::{RpcError, INVALID_REQUEST, METHOD_NOT_FOUND};
 
 /// Longest request line read (1 MiB).
@@ -166,7 +167,7 @@ impl Slots {
 type SharedSlots = Arc<Mutex<Slots>>;
 
 fn lock_slots(s: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
+    lock(s)
 }
 
 /// The outgoing side of one connection: a queue of lines and the writer thread's wake-up.
@@ -188,7 +189,7 @@ struct OutState {
 
 impl Out {
     fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.st)
     }
 
     /// Queues `line`; false when the connection is (now) closed.
@@ -243,7 +244,7 @@ impl Out {
                     if st.finishing {
                         return;
                     }
-                    st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = wait(&self.cv, st);
                 }
             };
             if let Err(e) = sock.write_all(&line) {
@@ -306,13 +307,7 @@ impl ControlServer {
     /// `quit` is answered before the process exits.
     pub fn flush(&self, deadline: Instant) {
         loop {
-            let outs: Vec<Arc<Out>> = self
-                .outs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter_map(Weak::upgrade)
-                .collect();
+            let outs: Vec<Arc<Out>> = lock(&self.outs).iter().filter_map(Weak::upgrade).collect();
             if outs.iter().all(|o| o.drained()) || Instant::now() >= deadline {
                 return;
             }
@@ -521,7 +516,7 @@ fn serve_connection(
         cv: Condvar::new(),
     });
     {
-        let mut o = outs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut o = lock(outs);
         o.retain(|w| w.strong_count() > 0);
         o.push(Arc::downgrade(&out));
     }
