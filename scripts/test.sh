@@ -125,11 +125,12 @@ cargo test --workspace --doc
 step "heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
 echo "   planned restarts of nbdkit, qemu-nbd and qemu-storage-daemon as image servers under reads,"
+echo "   a TLS image server killed and restarted under a served nbds:// base,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL,"
 echo "   export-add against a folder symlink switched in a loop)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream --test remote_base \
-  --test control_allow -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test remote_base_tls --test control_allow -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
