@@ -468,3 +468,52 @@ fn an_nbds_base_reconnects_over_tls_after_the_server_restarts() {
     assert!(!log.contains("remote base read failed"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A TLS image server that stops answering reads (nbdkit's delay filter, 30 s a read) under a
+/// 2 s base timeout: the read fails with EIO in time and the connection is dropped (the TLS
+/// session's reader is woken, not left waiting for the server), and the daemon stops cleanly.
+#[test]
+fn a_tls_server_that_stops_answering_fails_reads_in_time() {
+    let s = Setup::new();
+    let port = free_port();
+    let args: Vec<String> = [
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--tls=require",
+        &format!("--tls-certificates={}", s.creds.server_dir.display()),
+        "--filter=delay",
+        "file",
+        &s.p("base.raw"),
+        "rdelay=30",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let _server = ImageServer::start("nbdkit", args, Listen::Tcp(port));
+    let uri = format!(
+        "nbds://localhost:{port}/?tls-certificates={}",
+        s.creds.client_dir.display()
+    );
+    let ov = s.create_ok("vm", &uri);
+    let d = Daemon::start(&s.path("a.sock"), &["--base-timeout", "2", &ov]);
+    d.wait_log("remote base connected");
+    let t0 = Instant::now();
+    let out = run_raw("qemu-io", &["-f", "raw", "-c", "read 0 4096", &d.uri()]);
+    let took = t0.elapsed();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t.contains("Input/output error"), "EIO expected:\n{t}");
+    assert!(
+        took < Duration::from_secs(20),
+        "failed after {took:?}: not by the 2 s timeout, but by the server's 30 s delay"
+    );
+    d.wait_log("did not answer a read in time; dropping the connection");
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
