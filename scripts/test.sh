@@ -74,6 +74,8 @@ cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D war
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
+# The engine without TLS (an embedder that drops OpenSSL).
+cargo clippy -p addcow-engine --all-targets --no-default-features -- -D warnings
 
 step "module structure (no import cycle between modules, at most 16 modules per folder)"
 python3 scripts/check_modules.py --self-test
