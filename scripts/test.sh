@@ -74,6 +74,8 @@ cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D war
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
+# The engine without TLS (an embedder that drops OpenSSL).
+cargo clippy -p addcow-engine --all-targets --no-default-features -- -D warnings
 
 step "module structure (no import cycle between modules, at most 16 modules per folder)"
 python3 scripts/check_modules.py --self-test
@@ -125,12 +127,13 @@ cargo test --workspace --doc
 step "heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU, 100 kill cycles,"
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
 echo "   planned restarts of nbdkit, qemu-nbd and qemu-storage-daemon as image servers under reads,"
+echo "   a TLS image server killed and restarted under a served nbds:// base,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL,"
 echo "   export-add against a folder symlink switched in a loop, QD1 reads beside a hostile"
 echo "   vhost-user-blk frontend on the same core)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream --test remote_base \
-  --test control_allow --test vhost_hostile -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test remote_base_tls --test control_allow --test vhost_hostile -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"

@@ -30,11 +30,12 @@ pub enum ErrorKind {
     /// `image_file` is empty.
     #[error("image_file is empty: an add-cow overlay needs a raw image")]
     EmptyImagePath,
-    /// A path names a protocol other than the NBD URIs (`nbd://`, `nbd+unix://`) the engine
-    /// opens.
+    /// A path names a protocol other than the NBD URIs (`nbd://`, `nbd+unix://`, and with TLS
+    /// `nbds://`, `nbds+unix://`) the engine opens.
     #[error(
         "unsupported protocol in {field} path {path:?} (a base over the network is named \
-         nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)"
+         nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH, or with TLS nbds://... or \
+         nbds+unix://...)"
     )]
     UnsupportedProtocol { field: &'static str, path: String },
     /// The raw image size is not a multiple of 512.

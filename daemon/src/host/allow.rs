@@ -42,8 +42,8 @@
 //!
 //! A remote (NBD) base of any layer is no file, but it is still something the daemon connects
 //! to with its privileges: an `nbd+unix` base's socket must lie inside too (its folder resolved,
-//! the socket's name kept), and an `nbd://` (TCP) base is refused unless the daemon was started
-//! with `--allow-remote-bases`. The engine connects by the socket's path, so this one is a path
+//! the socket's name kept), and an `nbd://` or `nbds://` (TCP) base is refused unless the daemon
+//! was started with `--allow-remote-bases` (`nbds+unix://`: a socket, like `nbd+unix://`). The engine connects by the socket's path, so this one is a path
 //! check (before the open and again after it).
 //!
 //! # Sockets `export-add` creates
@@ -101,7 +101,7 @@ pub enum AllowError {
     /// A vhost-user-blk socket path is relative.
     #[error("{}: the vhost-user-blk socket path must be absolute", .0.display())]
     RelativeSocket(PathBuf),
-    /// A TCP (`nbd://`) base, and the daemon was not started with `--allow-remote-bases`.
+    /// A TCP (`nbd://`, `nbds://`) base, and the daemon was not started with `--allow-remote-bases`.
     #[error("{0}: export-add may not use a TCP image server as a base unless the daemon runs with --allow-remote-bases")]
     RemoteBase(String),
     /// A file could not be resolved after the overlay was opened.
@@ -687,6 +687,12 @@ mod tests {
             &format!("nbd+unix:///golden?socket={}/img.sock", run.display()),
         );
         let tcp = remote("tcp", "nbd://127.0.0.1:10809/golden");
+        // TLS changes nothing here: nbds:// is TCP, nbds+unix:// a socket.
+        let tls = remote("tls", "nbds://127.0.0.1:10809/golden?tls-certificates=/pki");
+        let tls_out = remote(
+            "tls-out",
+            &format!("nbds+unix:///golden?socket={}/img.sock", run.display()),
+        );
         let allow = AllowedDirs::new(std::slice::from_ref(&vms)).unwrap();
         // The socket need not exist yet: judged by where it would be.
         allow.check_before_open(&inside).unwrap();
@@ -703,6 +709,9 @@ mod tests {
         );
         assert!(e.to_string().contains("img.sock"), "{e}");
         assert!(check_after_open(&allow, &outside).is_err());
+        assert!(allow.check_before_open(&tls_out).is_err());
+        let e = allow.check_before_open(&tls).unwrap_err();
+        assert!(matches!(e, AllowError::RemoteBase(_)), "{e}");
         let e = allow.check_before_open(&tcp).unwrap_err();
         assert!(matches!(e, AllowError::RemoteBase(_)), "{e}");
         assert!(e.to_string().contains("--allow-remote-bases"), "{e}");
@@ -714,6 +723,7 @@ mod tests {
         let flagged = allow.clone().with_remote_bases(true);
         flagged.check_before_open(&tcp).unwrap();
         check_after_open(&flagged, &tcp).unwrap();
+        flagged.check_before_open(&tls).unwrap();
         assert!(flagged.check_before_open(&outside).is_err());
         // A remote base under a local layer is checked too.
         let top = overlay_in(&vms, "top", &outside);

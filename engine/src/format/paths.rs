@@ -5,7 +5,8 @@
 //! * A stored relative path is relative to the directory holding the `.add-cow` file, not to the
 //!   process's working directory, so an overlay keeps working when its folder is moved.
 //! * A `backing_file` that is an NBD URI (`nbd://HOST[:PORT]/NAME`,
-//!   `nbd+unix:///NAME?socket=PATH`; see [`crate::nbd::uri`]) is stored and returned unchanged:
+//!   `nbd+unix:///NAME?socket=PATH`, their TLS forms `nbds://`, `nbds+unix://`; see
+//!   [`crate::nbd::uri`]) is stored and returned unchanged:
 //!   it is never joined to a folder.
 //! * Any other path that starts with a protocol prefix (`nbd:`, `http:`, ...; the rule is
 //!   qemu's: the text before the first `:` contains no `/`), and a URI as `image_file`, is
@@ -203,6 +204,21 @@ mod tests {
             storage_path(Path::new("x.add-cow"), Path::new("nbd://127.0.0.1/b")).unwrap(),
             Path::new("nbd://127.0.0.1/b")
         );
+        // The TLS forms too, their relative credential paths kept as written.
+        for uri in [
+            "nbds://img:10809/b?tls-certificates=pki",
+            "nbds+unix:///b?socket=/s&tls-psk-file=k.psk",
+        ] {
+            assert_eq!(
+                resolve(meta, "backing_file", uri.as_bytes()).unwrap(),
+                Path::new(uri)
+            );
+            assert_eq!(
+                storage_path(Path::new("x.add-cow"), Path::new(uri)).unwrap(),
+                Path::new(uri)
+            );
+        }
+        assert!(resolve(meta, "backing_file", b"nbds://img/b?tls-certificates=").is_err());
     }
 
     #[test]

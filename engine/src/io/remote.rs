@@ -18,6 +18,11 @@
 //! One per core when the server advertises `CAN_MULTI_CONN`, otherwise one shared by every core
 //! (a core's reads go to connection `core % n`).
 //!
+//! A TLS URI (`nbds://`, `nbds+unix://`) changes nothing here: `client::connect` (every connect
+//! and reconnect) does STARTTLS and the handshake, and the [`Stream`] it returns keeps the same
+//! contract (one handle reads while another writes; timeouts as set; `shutdown` wakes a blocked
+//! reader; see `crate::tls::client`).
+//!
 //! # Failures
 //! * The connection drops (server restarted, killed, network): the driver reconnects with
 //!   backoff (50 ms doubling to 2 s) and resends every read not yet answered (reads are

@@ -3,7 +3,10 @@
 //! ([`read_reply_header`], [`Chunk`]). The engine's remote base (`io/remote.rs`) runs it on
 //! threads of its own, never on a core thread.
 //!
-//! What is negotiated: fixed newstyle (required), `NO_ZEROES` when offered, structured replies
+//! What is negotiated: fixed newstyle (required), `NO_ZEROES` when offered, TLS first when the
+//! URI asks for it (`NBD_OPT_STARTTLS` before any other option, then the TLS handshake: see
+//! [`crate::tls::client`]; a server that refuses it is an error, never a plain session),
+//! structured replies
 //! (holes come back as hole chunks, no bytes on the wire), the `base:allocation` meta context
 //! (holes of the base known without reading them), and `OPT_GO` asking for `INFO_BLOCK_SIZE`
 //! (reads are aligned to the minimum and split to the maximum the server gives). Every length a
@@ -11,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,13 +38,28 @@ const MAX_STATUS_CHUNK: u32 = 1 << 20;
 /// How long [`zero_ranges`] may take.
 pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A connected socket (Unix or TCP).
+/// A connected socket (Unix or TCP), or a TLS session over one.
 #[derive(Debug)]
 pub enum Stream {
     /// A Unix-domain socket.
     Unix(UnixStream),
     /// A TCP connection (`TCP_NODELAY` set).
     Tcp(TcpStream),
+    /// TLS over one of the others (its socket non-blocking; reads and writes keep the
+    /// timeouts set here, as a plain socket's do).
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::client::TlsStream),
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().as_fd(),
+        }
+    }
 }
 
 impl Stream {
@@ -49,6 +68,8 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Stream::Tls(s.try_clone()),
         })
     }
 
@@ -57,7 +78,22 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
+    }
+
+    /// Makes the socket non-blocking (or blocking again).
+    pub fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().set_nonblocking(on),
+        }
     }
 
     /// Sets the read timeout alone (`None`: block).
@@ -65,6 +101,11 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.set_read_timeout(t);
+                Ok(())
+            }
         }
     }
 
@@ -74,6 +115,11 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_write_timeout(t),
             Stream::Tcp(s) => s.set_write_timeout(t),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.set_write_timeout(t);
+                Ok(())
+            }
         }
     }
 
@@ -83,6 +129,10 @@ impl Stream {
     /// need neither (the peer's death closes them).
     pub fn set_liveness(&self, user_timeout: Duration) -> std::io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
+        #[cfg(feature = "tls")]
+        if let Stream::Tls(s) = self {
+            return s.socket().set_liveness(user_timeout);
+        }
         let Stream::Tcp(s) = self else { return Ok(()) };
         // Clamped to what the kernel's `int` holds.
         let ms = u32::try_from(user_timeout.as_millis().min(i32::MAX as u128)).unwrap_or(1);
@@ -105,6 +155,11 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.set_timeouts(t);
+                Ok(())
+            }
         }
     }
 }
@@ -114,6 +169,8 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -123,6 +180,8 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -320,6 +379,8 @@ fn error_text(reply: u32, payload: &[u8]) -> String {
         wire::REP_ERR_UNKNOWN => "unknown export",
         wire::REP_ERR_SHUTDOWN => "server shutting down",
         wire::REP_ERR_TOO_BIG => "too big",
+        wire::REP_ERR_POLICY => "refused by policy",
+        wire::REP_ERR_TLS_REQD => "TLS required",
         _ => "error",
     };
     if msg.is_empty() {
@@ -327,6 +388,31 @@ fn error_text(reply: u32, payload: &[u8]) -> String {
     } else {
         format!("{name} ({reply:#x}): {}", wire::cut(&msg, 200))
     }
+}
+
+/// TLS on `stream` after the server accepted `NBD_OPT_STARTTLS` (see [`crate::tls::client`]).
+#[cfg(feature = "tls")]
+fn start_tls(
+    stream: Stream,
+    uri: &NbdUri,
+    tls: &super::uri::TlsParams,
+    until: Instant,
+) -> Result<Stream> {
+    crate::tls::client::start(stream, uri, tls, until)
+}
+
+/// Without the `tls` feature a TLS URI cannot be served.
+#[cfg(not(feature = "tls"))]
+fn start_tls(
+    _stream: Stream,
+    uri: &NbdUri,
+    _tls: &super::uri::TlsParams,
+    _until: Instant,
+) -> Result<Stream> {
+    Err(remote_err(
+        uri,
+        "this build has no TLS support (the engine's `tls` feature is off)",
+    ))
 }
 
 /// The fixed-newstyle handshake on `stream`, every read and write of it limited to what is left
@@ -350,9 +436,44 @@ fn handshake(mut stream: Stream, uri: &NbdUri, until: Instant) -> Result<Session
     }
     s.write_all(&cflags.to_be_bytes())
         .map_err(|e| io_err(uri, "send client flags", e))?;
+    if let Some(tls) = &uri.tls {
+        // TLS before any other option; a server that refuses it gets no other (the URI asked
+        // for TLS: nothing goes in plain).
+        send_option(&mut s, uri, wire::OPT_STARTTLS, &[])?;
+        let (rep, payload) = option_reply(&mut s, uri, wire::OPT_STARTTLS)?;
+        if rep != wire::REP_ACK {
+            return Err(remote_err(
+                uri,
+                format!(
+                    "the server refused STARTTLS ({}); the URI asks for TLS, so nothing is \
+                     read in plain",
+                    error_text(rep, &payload)
+                ),
+            ));
+        }
+        stream = start_tls(stream, uri, tls, until)?;
+    }
+    let mut s = Deadline {
+        s: &mut stream,
+        until,
+    };
 
     send_option(&mut s, uri, wire::OPT_STRUCTURED_REPLY, &[])?;
-    let (rep, _) = option_reply(&mut s, uri, wire::OPT_STRUCTURED_REPLY)?;
+    let (rep, _) = option_reply(&mut s, uri, wire::OPT_STRUCTURED_REPLY).map_err(|e| {
+        // Under TLS 1.3 the server judges the client's certificate after the client's side of
+        // the handshake is over: its refusal shows as the connection closing here.
+        match (e.kind(), &uri.tls) {
+            (ErrorKind::Remote { why, .. }, Some(_)) => remote_err(
+                uri,
+                format!(
+                    "{why} (right after the TLS handshake: the server may have refused this \
+                     client, or want a client certificate: client-cert.pem and client-key.pem \
+                     in the tls-certificates folder)"
+                ),
+            ),
+            _ => e,
+        }
+    })?;
     let structured = rep == wire::REP_ACK;
 
     let name = uri.export.as_bytes();
@@ -416,6 +537,12 @@ fn handshake(mut stream: Stream, uri: &NbdUri, until: Instant) -> Result<Session
             r if is_error(r) => {
                 let why = if r == wire::REP_ERR_UNKNOWN {
                     format!("export {:?} not found on the server", uri.export)
+                } else if r == wire::REP_ERR_TLS_REQD {
+                    format!(
+                        "the server requires TLS: name it nbds:// (or nbds+unix://) with its \
+                         credentials ({})",
+                        error_text(r, &payload)
+                    )
                 } else {
                     format!("OPT_GO refused: {}", error_text(r, &payload))
                 };

@@ -1,5 +1,14 @@
 //! NBD URIs as a backing path: `nbd+unix:///NAME?socket=PATH` and `nbd://HOST[:PORT]/NAME`
-//! (the forms qemu and libnbd accept, without TLS or authentication).
+//! (the forms qemu and libnbd accept), and their TLS forms `nbds+unix://` and `nbds://`.
+//!
+//! A TLS URI takes libnbd's query parameters for its credentials ([`TlsParams`]):
+//! `tls-certificates=DIR` (x509: `DIR/ca-cert.pem` is the only CA trusted, `client-cert.pem` /
+//! `client-key.pem` are presented when both are there, `ca-crl.pem` is checked when there) or
+//! `tls-psk-file=FILE` (TLS-PSK, the `identity:hexkey` file), `tls-username=NAME` (the PSK
+//! identity; libnbd's `nbds://NAME@HOST/` user part is taken too) and `tls-hostname=NAME` (the
+//! name the server's certificate must carry, instead of the URI's host). Neither credential
+//! given: x509 against the system's trusted CAs. A `tls-*` parameter on a plain `nbd://` URI is
+//! refused (it would be silently unencrypted).
 //!
 //! A URI is stored in the overlay's header unchanged and is never resolved against a folder:
 //! [`NbdUri::text`] is exactly what was parsed.
@@ -21,6 +30,24 @@ pub enum NbdAddr {
     Tcp { host: String, port: u16 },
 }
 
+/// What a TLS URI (`nbds://`, `nbds+unix://`) asks for: the session is TLS or nothing (a
+/// server that refuses `NBD_OPT_STARTTLS` is an error, never a plain connection).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsParams {
+    /// `tls-certificates=DIR`: x509 credentials in GnuTLS's (QEMU's, libnbd's) layout. `None`
+    /// (and no `psk_file`): the server's certificate is checked against the system's CAs.
+    pub certificates: Option<PathBuf>,
+    /// `tls-psk-file=FILE`: TLS-PSK with a key of this file (no certificates then).
+    pub psk_file: Option<PathBuf>,
+    /// `tls-username=NAME` (or the URI's user part): the PSK identity. `None`: the file's
+    /// first identity.
+    pub username: Option<String>,
+    /// `tls-hostname=NAME`: the name the server's certificate must carry. `None`: the URI's
+    /// host for TCP; for a Unix socket, no name is checked (the certificate must still be
+    /// signed by the trusted CA).
+    pub hostname: Option<String>,
+}
+
 /// A parsed NBD URI: the server's address and the export's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
@@ -28,6 +55,8 @@ pub struct NbdUri {
     pub addr: NbdAddr,
     /// The export name (may be empty: the server's default export).
     pub export: String,
+    /// TLS (`nbds` schemes) and its credentials; `None`: plain NBD.
+    pub tls: Option<TlsParams>,
     /// The URI as given (what is stored and shown).
     pub text: String,
 }
@@ -40,9 +69,16 @@ impl fmt::Display for NbdUri {
 
 /// Whether `path` is written as an NBD URI (it may still be malformed: [`NbdUri::parse`]).
 pub fn is_nbd_uri(path: &[u8]) -> bool {
-    path.starts_with(b"nbd://")
-        || path.starts_with(b"nbd+unix://")
-        || path.starts_with(b"nbd+tcp://")
+    [
+        &b"nbd://"[..],
+        b"nbd+unix://",
+        b"nbd+tcp://",
+        b"nbds://",
+        b"nbds+unix://",
+        b"nbds+tcp://",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
 }
 
 fn bad(uri: &str, why: impl Into<String>) -> Error {
@@ -75,9 +111,9 @@ fn unescape(uri: &str, s: &str) -> Result<String> {
 }
 
 impl NbdUri {
-    /// Parses an NBD URI. Anything that is not one of the two forms (another scheme, TLS
-    /// `nbds://`, a Unix URI without `socket=`, a TCP URI without a host, unknown query
-    /// parameters) is an error that names the problem.
+    /// Parses an NBD URI. Anything that is not one of the forms (another scheme, a Unix URI
+    /// without `socket=`, a TCP URI without a host, unknown query parameters, TLS parameters
+    /// on a plain URI, both x509 and PSK credentials) is an error that names the problem.
     pub fn parse(text: &str) -> Result<NbdUri> {
         let (scheme, rest) = text
             .split_once("://")
@@ -95,18 +131,71 @@ impl NbdUri {
         };
         let export = unescape(text, path.strip_prefix('/').unwrap_or(path))?;
         let mut socket = None;
+        let mut tls = TlsParams::default();
+        let mut tls_given = None;
         for kv in query
             .into_iter()
             .flat_map(|q| q.split('&'))
             .filter(|s| !s.is_empty())
         {
-            match kv.split_once('=') {
-                Some(("socket", v)) if !v.is_empty() => socket = Some(unescape(text, v)?),
+            let slot = match kv.split_once('=') {
+                Some((k, v)) if !v.is_empty() => match k {
+                    "socket" => {
+                        socket = Some(unescape(text, v)?);
+                        continue;
+                    }
+                    "tls-certificates" => {
+                        tls.certificates = Some(PathBuf::from(unescape(text, v)?));
+                        k
+                    }
+                    "tls-psk-file" => {
+                        tls.psk_file = Some(PathBuf::from(unescape(text, v)?));
+                        k
+                    }
+                    "tls-username" => {
+                        tls.username = Some(unescape(text, v)?);
+                        k
+                    }
+                    "tls-hostname" => {
+                        tls.hostname = Some(unescape(text, v)?);
+                        k
+                    }
+                    _ => return Err(bad(text, format!("unsupported query parameter {kv:?}"))),
+                },
                 _ => return Err(bad(text, format!("unsupported query parameter {kv:?}"))),
-            }
+            };
+            tls_given.get_or_insert(slot);
         }
+        let is_tls = matches!(scheme, "nbds" | "nbds+unix" | "nbds+tcp");
+        if let (false, Some(k)) = (is_tls, tls_given) {
+            return Err(bad(
+                text,
+                format!("{k}= belongs to TLS URIs (nbds:// or nbds+unix://)"),
+            ));
+        }
+        if tls.certificates.is_some() && tls.psk_file.is_some() {
+            return Err(bad(
+                text,
+                "tls-certificates= and tls-psk-file= exclude each other",
+            ));
+        }
+        // libnbd's form of the PSK identity: `nbds://alice@host/`, `nbds+unix://alice@/`.
+        let authority = match authority.rsplit_once('@') {
+            Some((user, host)) if is_tls && !user.is_empty() => {
+                let user = unescape(text, user)?;
+                if tls.username.as_ref().is_some_and(|u| *u != user) {
+                    return Err(bad(
+                        text,
+                        "the user part and tls-username= name different identities",
+                    ));
+                }
+                tls.username = Some(user);
+                host
+            }
+            _ => authority,
+        };
         let addr = match scheme {
-            "nbd+unix" => {
+            "nbd+unix" | "nbds+unix" => {
                 if !authority.is_empty() {
                     return Err(bad(
                         text,
@@ -116,15 +205,15 @@ impl NbdUri {
                 let socket = socket.ok_or_else(|| bad(text, "missing ?socket=PATH"))?;
                 NbdAddr::Unix(PathBuf::from(socket))
             }
-            "nbd" | "nbd+tcp" => {
+            "nbd" | "nbd+tcp" | "nbds" | "nbds+tcp" => {
                 if socket.is_some() {
-                    return Err(bad(text, "socket= belongs to nbd+unix:// URIs"));
+                    return Err(bad(
+                        text,
+                        "socket= belongs to nbd+unix:// and nbds+unix:// URIs",
+                    ));
                 }
                 let (host, port) = split_host_port(text, authority)?;
                 NbdAddr::Tcp { host, port }
-            }
-            "nbds" | "nbds+unix" | "nbds+tcp" => {
-                return Err(bad(text, "TLS (nbds) is not supported"));
             }
             _ => {
                 return Err(Error::new(ErrorKind::UnsupportedProtocol {
@@ -136,6 +225,7 @@ impl NbdUri {
         Ok(NbdUri {
             addr,
             export,
+            tls: is_tls.then_some(tls),
             text: text.to_string(),
         })
     }
@@ -173,6 +263,7 @@ fn split_host_port(uri: &str, authority: &str) -> Result<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn unix_and_tcp_forms_parse() {
@@ -200,6 +291,53 @@ mod tests {
             }
         );
         assert_eq!(u.to_string(), "nbd://[::1]/x");
+        assert_eq!(u.tls, None);
+    }
+
+    #[test]
+    fn tls_forms_parse_with_libnbds_parameters() {
+        let u = NbdUri::parse("nbds://img.example:10810/golden?tls-certificates=/etc/pki/x%20y")
+            .unwrap();
+        assert_eq!(
+            u.addr,
+            NbdAddr::Tcp {
+                host: "img.example".into(),
+                port: 10810
+            }
+        );
+        assert_eq!(u.export, "golden");
+        assert_eq!(
+            u.tls,
+            Some(TlsParams {
+                certificates: Some("/etc/pki/x y".into()),
+                ..TlsParams::default()
+            })
+        );
+        // No credentials: TLS against the system's CAs.
+        let u = NbdUri::parse("nbds://h/").unwrap();
+        assert_eq!(u.tls, Some(TlsParams::default()));
+        let u =
+            NbdUri::parse("nbds+unix:///b?socket=/run/s.sock&tls-psk-file=/k.psk&tls-username=vm1")
+                .unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/run/s.sock".into()));
+        let t = u.tls.unwrap();
+        assert_eq!(t.psk_file.as_deref(), Some(Path::new("/k.psk")));
+        assert_eq!(t.username.as_deref(), Some("vm1"));
+        // libnbd's user part names the PSK identity.
+        let u = NbdUri::parse("nbds+unix://alice@/?socket=/s&tls-psk-file=/k").unwrap();
+        assert_eq!(u.tls.unwrap().username.as_deref(), Some("alice"));
+        let u = NbdUri::parse("nbds://bob@[::1]:99/x?tls-hostname=img").unwrap();
+        assert_eq!(
+            u.addr,
+            NbdAddr::Tcp {
+                host: "::1".into(),
+                port: 99
+            }
+        );
+        let t = u.tls.unwrap();
+        assert_eq!(t.username.as_deref(), Some("bob"));
+        assert_eq!(t.hostname.as_deref(), Some("img"));
+        assert!(is_nbd_uri(b"nbds://h/x") && is_nbd_uri(b"nbds+unix:///?socket=/s"));
     }
 
     #[test]
@@ -211,7 +349,20 @@ mod tests {
             ("nbd://h:99999/x", "bad port"),
             ("nbd://h/x?socket=/s", "belongs to nbd+unix"),
             ("nbd+unix:///x?socket=/s&tls=on", "unsupported query"),
-            ("nbds://h/x", "TLS"),
+            ("nbd://h/x?tls-certificates=/c", "belongs to TLS URIs"),
+            (
+                "nbd+unix:///x?socket=/s&tls-psk-file=/k",
+                "belongs to TLS URIs",
+            ),
+            (
+                "nbds://h/x?tls-certificates=/c&tls-psk-file=/k",
+                "exclude each other",
+            ),
+            ("nbds://h/x?tls-certificates=", "unsupported query"),
+            ("nbds://h/x?socket=/s", "belongs to nbd+unix"),
+            ("nbds+unix:///x", "missing ?socket"),
+            ("nbds://a@h/x?tls-username=b", "different identities"),
+            ("nbd://alice@h/x", "user information"),
             ("nbd://h/%zz", "hex digits"),
         ] {
             let e = NbdUri::parse(uri).unwrap_err();

@@ -69,6 +69,8 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 /// Option `NBD_OPT_EXTENDED_HEADERS`.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
+/// Option `NBD_OPT_STARTTLS`.
+pub const OPT_STARTTLS: u32 = 5;
 
 /// Option reply types: `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
@@ -90,6 +92,10 @@ pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 /// Option reply type `NBD_REP_ERR_EXT_HEADER_REQD`.
 pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
+/// Option reply type `NBD_REP_ERR_POLICY`.
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+/// Option reply type `NBD_REP_ERR_TLS_REQD`.
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 
 /// Info types: `NBD_INFO_EXPORT`.
 pub const INFO_EXPORT: u16 = 0;

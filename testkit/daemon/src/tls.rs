@@ -53,6 +53,24 @@ fn write(path: &Path, text: &str) {
 /// `dir` (folders `ca/`, `server/`, `client/`, created). Two calls with different `dir`s give
 /// two unrelated CAs (a client of one is not trusted by a server of the other).
 pub fn x509(dir: &Path, ca_name: &str, client_cn: &str) -> X509Creds {
+    x509_for(dir, ca_name, client_cn, &["localhost", "127.0.0.1"])
+}
+
+/// [`x509`] with a server certificate naming `server_names` instead (each a DNS name or an IP
+/// address; the first is also its CN): a certificate for another host, to test that a client
+/// checks the name.
+pub fn x509_for(dir: &Path, ca_name: &str, client_cn: &str, server_names: &[&str]) -> X509Creds {
+    assert!(
+        !server_names.is_empty(),
+        "a server certificate needs a name"
+    );
+    let san: Vec<String> = server_names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{n}"),
+            Err(_) => format!("DNS:{n}"),
+        })
+        .collect();
     let ca_dir = dir.join("ca");
     let server_dir = dir.join("server");
     let client_dir = dir.join("client");
@@ -66,8 +84,11 @@ pub fn x509(dir: &Path, ca_name: &str, client_cn: &str) -> X509Creds {
     );
     write(
         &ca_dir.join("server.ext"),
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        &format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName={}\n",
+            san.join(",")
+        ),
     );
     write(
         &ca_dir.join("client.ext"),
@@ -138,7 +159,11 @@ pub fn x509(dir: &Path, ca_name: &str, client_cn: &str) -> X509Creds {
             ],
         );
     };
-    leaf("server", "/O=addcow-tests/CN=localhost", "server.ext");
+    leaf(
+        "server",
+        &format!("/O=addcow-tests/CN={}", server_names[0]),
+        "server.ext",
+    );
     leaf(
         "client",
         &format!("/O=addcow-tests/CN={client_cn}"),
