@@ -21,7 +21,7 @@
 //! A TLS URI (`nbds://`, `nbds+unix://`) changes nothing here: `client::connect` (every connect
 //! and reconnect) does STARTTLS and the handshake, and the [`Stream`] it returns keeps the same
 //! contract (one handle reads while another writes; timeouts as set; `shutdown` wakes a blocked
-//! reader; see `crate::tls::client`).
+//! reader; see `crate::nbd::tls`).
 //!
 //! # Failures
 //! * The connection drops (server restarted, killed, network): the driver reconnects with

@@ -5,7 +5,7 @@
 //!
 //! What is negotiated: fixed newstyle (required), `NO_ZEROES` when offered, TLS first when the
 //! URI asks for it (`NBD_OPT_STARTTLS` before any other option, then the TLS handshake: see
-//! [`crate::tls::client`]; a server that refuses it is an error, never a plain session),
+//! [`crate::nbd::tls`]; a server that refuses it is an error, never a plain session),
 //! structured replies
 //! (holes come back as hole chunks, no bytes on the wire), the `base:allocation` meta context
 //! (holes of the base known without reading them), and `OPT_GO` asking for `INFO_BLOCK_SIZE`
@@ -48,7 +48,7 @@ pub enum Stream {
     /// TLS over one of the others (its socket non-blocking; reads and writes keep the
     /// timeouts set here, as a plain socket's do).
     #[cfg(feature = "tls")]
-    Tls(crate::tls::client::TlsStream),
+    Tls(crate::nbd::tls::TlsStream<Stream>),
 }
 
 impl AsFd for Stream {
@@ -161,6 +161,21 @@ impl Stream {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(feature = "tls")]
+impl crate::nbd::tls::Socket for Stream {
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Stream::try_clone(self)
+    }
+
+    fn shutdown(&self) {
+        Stream::shutdown(self)
+    }
+
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        Stream::set_nonblocking(self, on)
     }
 }
 
@@ -390,7 +405,7 @@ fn error_text(reply: u32, payload: &[u8]) -> String {
     }
 }
 
-/// TLS on `stream` after the server accepted `NBD_OPT_STARTTLS` (see [`crate::tls::client`]).
+/// TLS on `stream` after the server accepted `NBD_OPT_STARTTLS` (see [`crate::nbd::tls`]).
 #[cfg(feature = "tls")]
 fn start_tls(
     stream: Stream,
@@ -398,7 +413,7 @@ fn start_tls(
     tls: &super::uri::TlsParams,
     until: Instant,
 ) -> Result<Stream> {
-    crate::tls::client::start(stream, uri, tls, until)
+    crate::nbd::tls::start(stream, uri, tls, until).map(Stream::Tls)
 }
 
 /// Without the `tls` feature a TLS URI cannot be served.

@@ -1,9 +1,7 @@
 //! TLS credentials the NBD server (the daemon) and the NBD client (a remote base) share: the
 //! PSK keys file. Setting up a TLS session itself lives with each side: the client's (a remote
-//! base over `nbds://`) is [`client`], present with the `tls` feature (on by default).
+//! base over `nbds://`) is `nbd::tls`, present with the `tls` feature (on by default).
 
-#[cfg(feature = "tls")]
-pub mod client;
 pub mod psk;
 
 pub use psk::{PskError, PskKeys};

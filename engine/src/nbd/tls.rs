@@ -41,10 +41,9 @@ use openssl::x509::store::{X509Lookup, X509StoreBuilder};
 use openssl::x509::verify::X509VerifyFlags;
 use openssl::x509::{X509VerifyResult, X509};
 
-use super::PskKeys;
+use super::uri::{NbdAddr, NbdUri, TlsParams};
 use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::client::Stream;
-use crate::nbd::uri::{NbdAddr, NbdUri, TlsParams};
+use crate::tls::PskKeys;
 
 /// Longest single wait for the socket: a waiting thread looks again at least this often.
 pub const MAX_POLL: Duration = Duration::from_secs(1);
@@ -72,7 +71,7 @@ enum Want {
 
 /// Waits until `sock` is ready for `want`, at most until `until` (then `WouldBlock`, what a
 /// plain socket's timeout gives) and at most [`MAX_POLL`].
-fn wait(sock: &Stream, want: Want, until: Option<Instant>) -> io::Result<()> {
+fn wait<S: AsFd>(sock: &S, want: Want, until: Option<Instant>) -> io::Result<()> {
     let mut slice = MAX_POLL;
     if let Some(u) = until {
         let left = u.saturating_duration_since(Instant::now());
@@ -119,18 +118,30 @@ fn retry_or_fail(e: openssl::ssl::Error, again: Want) -> io::Result<Want> {
     }
 }
 
-struct Shared {
+/// What a TLS session needs of the socket under it: bytes both ways, a descriptor to wait on,
+/// a second handle, and a way to shut it down and make it non-blocking. The NBD client's
+/// `Stream` is one.
+pub trait Socket: Read + Write + AsFd + std::fmt::Debug + Send + Sync + Sized + 'static {
+    /// A second handle on the same socket.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Shuts the socket down both ways (wakes a thread waiting on it).
+    fn shutdown(&self);
+    /// Makes the socket non-blocking (or blocking again).
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+}
+
+struct Shared<S: Socket> {
     /// The session, used by one non-blocking call at a time.
-    ssl: Mutex<SslStream<Stream>>,
+    ssl: Mutex<SslStream<S>>,
     /// Another handle on the same (non-blocking) socket: to wait on it, shut it down, set its
     /// options, without the session's mutex.
-    sock: Stream,
+    sock: S,
     /// Read and write timeouts (`None`: wait without end), shared by every handle as a plain
     /// socket's are.
     timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
 }
 
-impl Drop for Shared {
+impl<S: Socket> Drop for Shared<S> {
     /// The last handle is gone: a best-effort `close_notify` (the socket is non-blocking, so
     /// this never waits), so that the server sees a clean end rather than a cut session.
     fn drop(&mut self) {
@@ -142,10 +153,15 @@ impl Drop for Shared {
 
 /// A TLS session over a socket, shared by the handles [`TlsStream::try_clone`] makes (one
 /// thread reads, another writes). See the module docs.
-#[derive(Clone)]
-pub struct TlsStream(Arc<Shared>);
+pub struct TlsStream<S: Socket>(Arc<Shared<S>>);
 
-impl std::fmt::Debug for TlsStream {
+impl<S: Socket> Clone for TlsStream<S> {
+    fn clone(&self) -> Self {
+        TlsStream(Arc::clone(&self.0))
+    }
+}
+
+impl<S: Socket> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
             .field("sock", &self.0.sock)
@@ -153,14 +169,14 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-impl TlsStream {
+impl<S: Socket> TlsStream<S> {
     /// A second handle on the same session.
-    pub fn try_clone(&self) -> TlsStream {
+    pub fn try_clone(&self) -> TlsStream<S> {
         self.clone()
     }
 
     /// The socket under the session.
-    pub fn socket(&self) -> &Stream {
+    pub fn socket(&self) -> &S {
         &self.0.sock
     }
 
@@ -190,7 +206,7 @@ impl TlsStream {
     }
 }
 
-impl Read for TlsStream {
+impl<S: Socket> Read for TlsStream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let until = lock(&self.0.timeouts).0.map(|t| Instant::now() + t);
         loop {
@@ -208,7 +224,7 @@ impl Read for TlsStream {
     }
 }
 
-impl Write for TlsStream {
+impl<S: Socket> Write for TlsStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let until = lock(&self.0.timeouts).1.map(|t| Instant::now() + t);
         loop {
@@ -318,7 +334,12 @@ fn connector(tls: &TlsParams) -> std::result::Result<SslConnector, String> {
 /// done by `until`, the server's certificate (or key) checked as `tls` asks. The returned
 /// stream carries the rest of the NBD handshake and the transmission phase; it has no
 /// timeouts of its own.
-pub fn start(sock: Stream, uri: &NbdUri, tls: &TlsParams, until: Instant) -> Result<Stream> {
+pub fn start<S: Socket>(
+    sock: S,
+    uri: &NbdUri,
+    tls: &TlsParams,
+    until: Instant,
+) -> Result<TlsStream<S>> {
     let conn = connector(tls).map_err(|why| remote_err(uri, format!("TLS credentials: {why}")))?;
     let mut cfg = conn
         .configure()
@@ -380,9 +401,9 @@ pub fn start(sock: Stream, uri: &NbdUri, tls: &TlsParams, until: Instant) -> Res
         wait(&other, want, Some(until))
             .map_err(|e| io("TLS handshake: no answer within the timeout", e))?;
     }
-    Ok(Stream::Tls(TlsStream(Arc::new(Shared {
+    Ok(TlsStream(Arc::new(Shared {
         ssl: Mutex::new(s),
         sock: other,
         timeouts: Mutex::new((None, None)),
-    }))))
+    })))
 }
