@@ -27,6 +27,7 @@ use std::time::Instant;
 use super::budget::Budget;
 use super::conns::ClientHandle;
 use super::sock::Sock;
+use super::tls::TlsConn;
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{ExportStats, Stamp};
 
@@ -60,6 +61,8 @@ struct State {
 /// See the module docs.
 pub struct Outbox {
     sock: Sock,
+    /// Replies go through this TLS session (with its write timeout) instead of `sendmsg`.
+    tls: Option<(TlsConn, Option<std::time::Duration>)>,
     framing: Framing,
     budget: Arc<Budget>,
     stats: Arc<ExportStats>,
@@ -132,8 +135,38 @@ impl Outbox {
         shard: usize,
         handle: Arc<ClientHandle>,
     ) -> Arc<Outbox> {
+        Self::build(sock, None, framing, budget, stats, shard, handle)
+    }
+
+    /// [`Outbox::new`] for a connection in TLS: replies are written through `tls`, giving up
+    /// when the client takes no byte for `write_timeout`; `sock` is its socket (shut down when
+    /// the client is gone).
+    pub fn over_tls(
+        sock: Sock,
+        tls: TlsConn,
+        write_timeout: Option<std::time::Duration>,
+        framing: Framing,
+        budget: Arc<Budget>,
+        stats: Arc<ExportStats>,
+        shard: usize,
+        handle: Arc<ClientHandle>,
+    ) -> Arc<Outbox> {
+        let tls = Some((tls, write_timeout));
+        Self::build(sock, tls, framing, budget, stats, shard, handle)
+    }
+
+    fn build(
+        sock: Sock,
+        tls: Option<(TlsConn, Option<std::time::Duration>)>,
+        framing: Framing,
+        budget: Arc<Budget>,
+        stats: Arc<ExportStats>,
+        shard: usize,
+        handle: Arc<ClientHandle>,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             sock,
+            tls,
             framing,
             budget,
             stats,
@@ -270,7 +303,14 @@ impl Outbox {
             let result = if broken {
                 Ok(())
             } else {
-                reply::send_many(&self.sock, self.framing, &batch)
+                match &self.tls {
+                    Some((t, timeout)) => reply::write_many(
+                        &mut |b| t.write_all(b, *timeout),
+                        self.framing,
+                        &batch,
+                    ),
+                    None => reply::send_many(&self.sock, self.framing, &batch),
+                }
             };
             batch.clear();
             let sent_at = std::time::Instant::now();
