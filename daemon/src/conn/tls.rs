@@ -248,10 +248,11 @@ fn build(settings: &TlsSettings) -> Result<SslContext, TlsError> {
     }
     if let Some(path) = &settings.psk {
         let keys = Arc::new(PskKeys::load(path)?);
-        b.set_psk_server_callback(move |_ssl, identity, out| {
-            let Some(key) = identity
+        let index = psk_index()?;
+        b.set_psk_server_callback(move |ssl, identity, out| {
+            let Some((id, key)) = identity
                 .and_then(|i| std::str::from_utf8(i).ok())
-                .and_then(|i| keys.get(i))
+                .and_then(|i| Some((i, keys.get(i)?)))
             else {
                 // Unknown identity: no key, the handshake fails.
                 return Ok(0);
@@ -260,14 +261,30 @@ fn build(settings: &TlsSettings) -> Result<SslContext, TlsError> {
                 return Ok(0);
             }
             out[..key.len()].copy_from_slice(key);
+            // OpenSSL does not keep the identity for TLS 1.3 sessions: kept here.
+            ssl.set_ex_data(index, id.to_string());
             Ok(key.len())
         });
     }
     Ok(b.build())
 }
 
+/// Where the PSK callback keeps the identity whose key it gave.
+fn psk_index() -> Result<openssl::ex_data::Index<Ssl, String>, ErrorStack> {
+    static INDEX: std::sync::OnceLock<openssl::ex_data::Index<Ssl, String>> =
+        std::sync::OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = Ssl::new_ex_index::<String>()?;
+    Ok(*INDEX.get_or_init(|| i))
+}
+
 /// The client's identity: its PSK identity, else its certificate's subject DN (RFC 4514).
 fn identity(ssl: &openssl::ssl::SslRef) -> Option<String> {
+    if let Some(id) = psk_index().ok().and_then(|i| ssl.ex_data(i)) {
+        return Some(id.clone());
+    }
     if let Some(id) = ssl.psk_identity() {
         return Some(String::from_utf8_lossy(id).into_owned());
     }

@@ -74,8 +74,8 @@ pub struct ServeArgs {
     /// loopback, e.g. 127.0.0.1:9810) or a Unix socket path (anything with a '/').
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
-    /// Also listen on TCP (e.g. 127.0.0.1:10809). Without TLS, anyone who reaches the port can
-    /// read and write every export. Only loopback addresses are accepted unless --allow-remote
+    /// Also listen on TCP (e.g. 127.0.0.1:10809). NBD has no authentication without TLS: anyone
+    /// who reaches the port can read and write every export. Only loopback addresses are accepted unless --allow-remote
     /// is given, and then only with --tls require (or --allow-insecure-remote).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<String>,
