@@ -126,10 +126,11 @@ step "heavy or timing-sensitive daemon tests, one at a time (restarts under QEMU
 echo "   qemu-img map of a fragmented overlay, EMFILE, buffer budget under a 32 MiB-write flood,"
 echo "   planned restarts of nbdkit, qemu-nbd and qemu-storage-daemon as image servers under reads,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL,"
-echo "   export-add against a folder symlink switched in a loop)"
+echo "   export-add against a folder symlink switched in a loop, NBD over TLS with qemu-io, nbdinfo,"
+echo "   nbdcopy and libnbd: x509, PSK, verify-peer, authz, reloads, hostile handshakes)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream --test remote_base \
-  --test control_allow -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test control_allow --test nbd_tls -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"

@@ -132,9 +132,7 @@ fn tls_client(sock: TcpStream, creds: &X509Creds) -> openssl::ssl::SslStream<Tcp
         .unwrap();
     b.set_private_key_file(creds.client_dir.join("client-key.pem"), SslFiletype::PEM)
         .unwrap();
-    b.build()
-        .connect("localhost", sock)
-        .expect("TLS handshake")
+    b.build().connect("localhost", sock).expect("TLS handshake")
 }
 
 /// SET_META_CONTEXT data: export "", query base:allocation.
@@ -174,7 +172,11 @@ fn x509_clients_work_and_plain_clients_are_refused() {
     let (ok, out) = qemu_io_x509(
         &creds.client_dir,
         port,
-        &["write -P 0x5a 64k 128k", "read -P 0x5a 64k 128k", "read -P 0xab 0 64k"],
+        &[
+            "write -P 0x5a 64k 128k",
+            "read -P 0x5a 64k 128k",
+            "read -P 0xab 0 64k",
+        ],
     );
     assert!(ok, "{out}");
     let (ok, out) = nbdinfo(&x509_uri(port, &creds));
@@ -189,7 +191,16 @@ fn x509_clients_work_and_plain_clients_are_refused() {
 
     // A plain client: qemu-io without TLS gets an error, nothing is served.
     let opened = d.log().matches("connection open").count();
-    let o = run_raw("qemu-io", &["-f", "raw", "-c", "read 0 4k", &format!("nbd://127.0.0.1:{port}/")]);
+    let o = run_raw(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4k",
+            &format!("nbd://127.0.0.1:{port}/"),
+        ],
+    );
     let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success(), "plain qemu-io was served: {text}");
     assert!(text.to_lowercase().contains("tls"), "{text}");
@@ -199,7 +210,8 @@ fn x509_clients_work_and_plain_clients_are_refused() {
     let r = raw::option_replies(&mut c).unwrap();
     assert_eq!(r.len(), 1, "an export list leaked: {r:?}");
     assert_eq!(r[0].0, REP_ERR_TLS_REQD);
-    c.write_all(&raw::option(OPT_GO, &raw::go_data(b""))).unwrap();
+    c.write_all(&raw::option(OPT_GO, &raw::go_data(b"")))
+        .unwrap();
     assert_eq!(raw::option_replies(&mut c).unwrap()[0].0, REP_ERR_TLS_REQD);
     c.write_all(&raw::option(1, b"")).unwrap();
     assert!(closed(&mut c), "EXPORT_NAME before TLS was not dropped");
@@ -220,7 +232,11 @@ fn tls_on_offers_and_starttls_twice_is_invalid() {
     let fx = Fixture::new(4 * MIB);
     let creds = x509(&fx.path("pki"), "ca-a", "alice");
     let port = free_port();
-    let d = serve_tcp(&fx, port, &["--tls", "on", "--tls-creds", s(&creds.server_dir)]);
+    let d = serve_tcp(
+        &fx,
+        port,
+        &["--tls", "on", "--tls-creds", s(&creds.server_dir)],
+    );
     qemu_io(&format!("nbd://127.0.0.1:{port}/"), &["read -P 0xab 0 4k"]);
     let (ok, out) = qemu_io_x509(&creds.client_dir, port, &["read -P 0xab 0 4k"]);
     assert!(ok, "{out}");
@@ -229,7 +245,8 @@ fn tls_on_offers_and_starttls_twice_is_invalid() {
     // are forgotten (SET_META_CONTEXT needs them: ERR_INVALID), STARTTLS again is ERR_INVALID,
     // and GO enters transmission.
     let mut r = raw_start(port);
-    r.write_all(&raw::option(OPT_STRUCTURED_REPLY, &[])).unwrap();
+    r.write_all(&raw::option(OPT_STRUCTURED_REPLY, &[]))
+        .unwrap();
     assert_eq!(raw::option_replies(&mut r).unwrap()[0].0, REP_ACK);
     r.write_all(&raw::option(OPT_STARTTLS, b"x")).unwrap();
     assert_eq!(raw::option_replies(&mut r).unwrap()[0].0, REP_ERR_INVALID);
@@ -241,7 +258,8 @@ fn tls_on_offers_and_starttls_twice_is_invalid() {
     assert_eq!(raw::option_replies(&mut t).unwrap()[0].0, REP_ERR_INVALID);
     t.write_all(&raw::option(OPT_STARTTLS, &[])).unwrap();
     assert_eq!(raw::option_replies(&mut t).unwrap()[0].0, REP_ERR_INVALID);
-    t.write_all(&raw::option(OPT_GO, &raw::go_data(b""))).unwrap();
+    t.write_all(&raw::option(OPT_GO, &raw::go_data(b"")))
+        .unwrap();
     let reps = raw::option_replies(&mut t).unwrap();
     assert_eq!(reps.last().unwrap().0, REP_ACK, "{reps:?}");
     drop(t);
@@ -257,17 +275,33 @@ fn psk_clients_work_and_wrong_keys_are_refused() {
     let fx = Fixture::new(4 * MIB);
     let server = psk(
         &fx.path("psk-server"),
-        &[("alice", "0123456789abcdef0123456789abcdef"), ("bob", "aa55aa55aa55aa55")],
+        &[
+            ("alice", "0123456789abcdef0123456789abcdef"),
+            ("bob", "aa55aa55aa55aa55"),
+        ],
     );
-    let alice = psk(&fx.path("psk-alice"), &[("alice", "0123456789abcdef0123456789abcdef")]);
-    let wrong = psk(&fx.path("psk-wrong"), &[("alice", "00000000000000000000000000000000")]);
+    let alice = psk(
+        &fx.path("psk-alice"),
+        &[("alice", "0123456789abcdef0123456789abcdef")],
+    );
+    let wrong = psk(
+        &fx.path("psk-wrong"),
+        &[("alice", "00000000000000000000000000000000")],
+    );
     let bob = psk(&fx.path("psk-bob"), &[("bob", "aa55aa55aa55aa55")]);
     let port = free_port();
     let maddr = format!("127.0.0.1:{}", free_port());
     let d = serve_tcp(
         &fx,
         port,
-        &["--tls-psk", s(&server), "--tls-authz", "alice", "--metrics", &maddr],
+        &[
+            "--tls-psk",
+            s(&server),
+            "--tls-authz",
+            "alice",
+            "--metrics",
+            &maddr,
+        ],
     );
     let object = format!(
         "tls-creds-psk,id=tls0,dir={},username=alice,endpoint=client",
@@ -329,14 +363,24 @@ fn verify_peer_and_authorization_lists() {
     assert!(ok, "{out}");
     // Mallory's certificate is from CA b, which the server does not trust. Her folder holds
     // CA a's certificate so that she trusts the server (only her own certificate is wrong).
-    std::fs::copy(a.client_dir.join("ca-cert.pem"), b.client_dir.join("ca-cert.pem")).unwrap();
+    std::fs::copy(
+        a.client_dir.join("ca-cert.pem"),
+        b.client_dir.join("ca-cert.pem"),
+    )
+    .unwrap();
     let (ok, out) = qemu_io_x509(&b.client_dir, port, &["read 0 4k"]);
-    assert!(!ok, "a client certificate of another CA was accepted: {out}");
+    assert!(
+        !ok,
+        "a client certificate of another CA was accepted: {out}"
+    );
     // No client certificate at all: a folder with only the CA.
     let bare = fx.path("bare");
     std::fs::create_dir(&bare).unwrap();
     std::fs::copy(a.client_dir.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
-    let (ok, out) = nbdinfo(&format!("nbds://127.0.0.1:{port}/?tls-certificates={}", s(&bare)));
+    let (ok, out) = nbdinfo(&format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        s(&bare)
+    ));
     assert!(!ok, "a client without a certificate was accepted: {out}");
     assert_eq!(metric(&maddr, "addcow_tls_authz_denied_total"), 0);
 
@@ -356,7 +400,10 @@ fn verify_peer_and_authorization_lists() {
     assert!(!ok, "alice used carol's export: {out}");
     let o = run_raw("nbdinfo", &["--list", &x509_uri(port, &a)]);
     let list = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(!list.contains("carols"), "LIST showed an export alice may not use:\n{list}");
+    assert!(
+        !list.contains("carols"),
+        "LIST showed an export alice may not use:\n{list}"
+    );
     // Each refused option counts (nbdinfo may ask GO, then INFO).
     wait_until("the export refusal is counted", || {
         metric(&maddr, "addcow_tls_authz_denied_total") >= 1
@@ -474,7 +521,12 @@ fn hostile_tls_clients_are_closed_and_leak_nothing() {
     let d = serve_tcp(
         &fx,
         port,
-        &["--tls-creds", s(&creds.server_dir), "--handshake-timeout", "2"],
+        &[
+            "--tls-creds",
+            s(&creds.server_dir),
+            "--handshake-timeout",
+            "2",
+        ],
     );
     let starttls = |c: &mut TcpStream| {
         c.write_all(&raw::option(OPT_STARTTLS, &[])).unwrap();
@@ -489,7 +541,10 @@ fn hostile_tls_clients_are_closed_and_leak_nothing() {
     starttls(&mut c);
     let t = std::time::Instant::now();
     assert!(closed(&mut c), "a silent client was not closed");
-    assert!(t.elapsed() >= Duration::from_secs(1), "closed before the time limit");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "closed before the time limit"
+    );
 
     let before = fd_count(d.pid());
     for i in 0..300 {
@@ -517,11 +572,22 @@ fn non_loopback_tcp_needs_tls_or_allow_insecure_remote() {
     let any = format!("0.0.0.0:{port}");
     let o = addcow(
         fx.dir.path(),
-        &["serve", "--socket", s(&fx.path("s.sock")), "--tcp", &any, "--allow-remote", s(&fx.overlay())],
+        &[
+            "serve",
+            "--socket",
+            s(&fx.path("s.sock")),
+            "--tcp",
+            &any,
+            "--allow-remote",
+            s(&fx.overlay()),
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("--allow-insecure-remote") && err.contains("TLS"), "{err}");
+    assert!(
+        err.contains("--allow-insecure-remote") && err.contains("TLS"),
+        "{err}"
+    );
     let d = Daemon::start(
         &fx.path("s.sock"),
         &["--tcp", &any, "--allow-insecure-remote", s(&fx.overlay())],

@@ -104,7 +104,10 @@ pub fn serve(
         Ok(Haggled::Go(n)) => (n, None),
         Ok(Haggled::StartTls) => {
             let Some(server) = cfg.tls.as_ref() else {
-                return failed(HandshakeError::Protocol("STARTTLS without TLS".into()), &sock);
+                return failed(
+                    HandshakeError::Protocol("STARTTLS without TLS".into()),
+                    &sock,
+                );
             };
             let tcp = match sock.try_clone() {
                 Ok(s) => s,

@@ -304,11 +304,9 @@ impl Outbox {
                 Ok(())
             } else {
                 match &self.tls {
-                    Some((t, timeout)) => reply::write_many(
-                        &mut |b| t.write_all(b, *timeout),
-                        self.framing,
-                        &batch,
-                    ),
+                    Some((t, timeout)) => {
+                        reply::write_many(&mut |b| t.write_all(b, *timeout), self.framing, &batch)
+                    }
                     None => reply::send_many(&self.sock, self.framing, &batch),
                 }
             };

@@ -183,7 +183,11 @@ impl TlsServer {
         let identity = identity(stream.ssl());
         TLS_HANDSHAKES.fetch_add(1, Ordering::Relaxed);
         if !self.settings.authz.is_empty()
-            && !self.settings.authz.iter().any(|a| Some(a) == identity.as_ref())
+            && !self
+                .settings
+                .authz
+                .iter()
+                .any(|a| Some(a) == identity.as_ref())
         {
             TLS_AUTHZ_DENIED.fetch_add(1, Ordering::Relaxed);
             let _ = stream.get_ref().sock.shutdown(std::net::Shutdown::Both);
@@ -229,13 +233,13 @@ fn build(settings: &TlsSettings) -> Result<SslContext, TlsError> {
             .map_err(creds(ca.clone(), "reading the CA certificate"))?;
         if settings.verify_peer {
             b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-            let names = openssl::x509::X509::stack_from_pem(
-                &std::fs::read(&ca).map_err(|_| TlsError::Creds {
+            let names = openssl::x509::X509::stack_from_pem(&std::fs::read(&ca).map_err(|_| {
+                TlsError::Creds {
                     path: ca.clone(),
                     what: "reading the CA certificate",
                     source: ErrorStack::get(),
-                })?,
-            )
+                }
+            })?)
             .map_err(creds(ca.clone(), "reading the CA certificate"))?;
             let mut list = openssl::stack::Stack::new()?;
             for c in names {
@@ -302,10 +306,7 @@ pub fn rfc4514(name: &X509NameRef) -> String {
                 Nid::UNDEF => e.object().to_string(),
                 n => n.short_name().map(str::to_string).unwrap_or_default(),
             };
-            let value = e
-                .data()
-                .to_string()
-                .unwrap_or_default();
+            let value = e.data().to_string().unwrap_or_default();
             format!("{key}={}", escape_dn_value(&value))
         })
         .collect();
@@ -599,8 +600,6 @@ impl Read for TlsReader {
         self.conn.read(buf, self.timeout)
     }
 }
-
-
 
 #[cfg(test)]
 mod tests {

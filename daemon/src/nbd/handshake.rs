@@ -139,14 +139,7 @@ pub fn negotiate<S: Read + Write, G>(
     shutting_down: &dyn Fn() -> bool,
     attach: &dyn Fn(&Arc<Export>) -> Option<G>,
 ) -> Result<Negotiated<G>, HandshakeError> {
-    match negotiate_tls(
-        stream,
-        exports,
-        shutting_down,
-        attach,
-        Tls::default(),
-        true,
-    )? {
+    match negotiate_tls(stream, exports, shutting_down, attach, Tls::default(), true)? {
         Haggled::Go(n) => Ok(n),
         // Without an offer STARTTLS is refused, never acknowledged.
         Haggled::StartTls => Err(HandshakeError::Protocol(
@@ -1177,5 +1170,115 @@ mod tests {
         let r = negotiate(&mut s, &exports(), &|| true, &|_| Some(()));
         assert!(matches!(r, Err(HandshakeError::Ended)));
         assert_eq!(replies(&s.output)[0].1, wire::REP_ERR_SHUTDOWN);
+    }
+
+    fn run_tls(
+        client: Vec<u8>,
+        exports: &Exports,
+        tls: Tls<'_>,
+        greet: bool,
+    ) -> (Result<Haggled<()>, HandshakeError>, Vec<u8>) {
+        let mut s = Script {
+            input: IoCursor::new(client),
+            output: Vec::new(),
+        };
+        let r = negotiate_tls(&mut s, exports, &|| false, &|_| Some(()), tls, greet);
+        (r, s.output)
+    }
+
+    /// Required and not on: every option but STARTTLS/ABORT is ERR_TLS_REQD (no export list),
+    /// STARTTLS is ACKed and ends the run; EXPORT_NAME drops the connection.
+    #[test]
+    fn tls_required_refuses_everything_but_starttls() {
+        let tls = Tls {
+            offer: true,
+            require: true,
+            ..Tls::default()
+        };
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_LIST, &[]));
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        c.extend(opt(OPT_STARTTLS, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[]))); // never read: the caller upgrades first
+        let (r, out) = run_tls(c, &exports(), tls, true);
+        assert!(matches!(r, Ok(Haggled::StartTls)));
+        let types: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            types,
+            [
+                (wire::OPT_LIST, REP_ERR_TLS_REQD),
+                (wire::OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (wire::OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, wire::REP_ACK),
+            ]
+        );
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXPORT_NAME, b""));
+        assert!(matches!(
+            run_tls(c, &exports(), tls, true).0,
+            Err(HandshakeError::Protocol(_))
+        ));
+    }
+
+    /// Over TLS (no greeting): STARTTLS again is ERR_INVALID; an export's authorization list
+    /// lets its identities in, refuses others with ERR_POLICY (counted) and hides the export
+    /// from their LIST; without TLS such an export is ERR_TLS_REQD.
+    #[test]
+    fn over_tls_starttls_is_invalid_and_export_authz_applies() {
+        let exports = Exports::new(vec![
+            Export::new("", MemDisk::new(1 << 20, false), 1),
+            Export::new("carol", MemDisk::new(4096, true), 1),
+        ]);
+        exports
+            .find("carol")
+            .unwrap()
+            .set_tls_authz(vec!["CN=carol".into()]);
+        let tls = |identity| Tls {
+            offer: true,
+            require: true,
+            active: true,
+            identity,
+        };
+        let mut c = opt(OPT_STARTTLS, &[]);
+        c.extend(opt(wire::OPT_LIST, &[]));
+        c.extend(opt(wire::OPT_GO, &go("carol", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let before = TLS_AUTHZ_DENIED.load(Ordering::Relaxed);
+        let (r, out) = run_tls(c.clone(), &exports, tls(Some("CN=alice")), false);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name.is_empty()));
+        assert!(TLS_AUTHZ_DENIED.load(Ordering::Relaxed) > before);
+        // No greeting over TLS: the first bytes are an option reply.
+        assert_eq!(&out[..8], &wire::OPTION_REPLY_MAGIC.to_be_bytes());
+        let mut framed = vec![0u8; 18];
+        framed.extend_from_slice(&out);
+        let reps = replies(&framed);
+        assert_eq!(
+            (reps[0].0, reps[0].1),
+            (OPT_STARTTLS, wire::REP_ERR_INVALID)
+        );
+        // LIST: only the default export ("" = four zero bytes), then ACK.
+        assert_eq!(
+            reps[1],
+            (wire::OPT_LIST, wire::REP_SERVER, vec![0, 0, 0, 0])
+        );
+        assert_eq!(reps[2], (wire::OPT_LIST, wire::REP_ACK, vec![]));
+        assert_eq!((reps[3].0, reps[3].1), (wire::OPT_GO, REP_ERR_POLICY));
+        // carol gets in.
+        let mut c = opt(wire::OPT_GO, &go("carol", &[]));
+        c.extend(opt(wire::OPT_ABORT, &[]));
+        let (r, _) = run_tls(c, &exports, tls(Some("CN=carol")), false);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name == "carol"));
+        // Without TLS (offered, not required): ERR_TLS_REQD for that export only.
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_GO, &go("carol", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let plain = Tls {
+            offer: true,
+            ..Tls::default()
+        };
+        let (r, out) = run_tls(c, &exports, plain, true);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name.is_empty()));
+        assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
     }
 }

@@ -300,7 +300,11 @@ fn tls_settings(args: &ServeArgs) -> Result<TlsSettings> {
         ));
     }
     if let Some(bad) = args.tls_authz.iter().find(|a| a.is_empty()) {
-        return Err(Error::invalid("--tls-authz", bad.as_str(), "empty identity"));
+        return Err(Error::invalid(
+            "--tls-authz",
+            bad.as_str(),
+            "empty identity",
+        ));
     }
     if let Some(first) = args.tls_authz.first() {
         if mode != TlsMode::Require {
@@ -777,7 +781,10 @@ mod tests {
             "/a.add-cow",
         ])
         .unwrap();
-        assert_eq!((c.tls.mode, c.tls.psk), (TlsMode::On, Some("/k.psk".into())));
+        assert_eq!(
+            (c.tls.mode, c.tls.psk),
+            (TlsMode::On, Some("/k.psk".into()))
+        );
         let c = config(&[
             "--socket",
             "/s",
@@ -807,15 +814,31 @@ mod tests {
         let cases: &[(&[&str], &str, &str)] = &[
             (&["--tls", "on"], "--tls", "needs credentials"),
             (&["--tls", "require"], "--tls", "needs credentials"),
-            (&["--tls", "off", "--tls-creds", "/p"], "--tls", "contradicts"),
-            (&["--tls-verify-peer", "--tls-psk", "/k"], "--tls-verify-peer", "--tls-creds"),
-            (&["--tls-creds", "/p", "--tls-authz", "CN=a"], "--tls-authz", "--tls-verify-peer"),
+            (
+                &["--tls", "off", "--tls-creds", "/p"],
+                "--tls",
+                "contradicts",
+            ),
+            (
+                &["--tls-verify-peer", "--tls-psk", "/k"],
+                "--tls-verify-peer",
+                "--tls-creds",
+            ),
+            (
+                &["--tls-creds", "/p", "--tls-authz", "CN=a"],
+                "--tls-authz",
+                "--tls-verify-peer",
+            ),
             (
                 &["--tls", "on", "--tls-psk", "/k", "--tls-authz", "a"],
                 "--tls-authz",
                 "--tls require",
             ),
-            (&["--tls-psk", "/k", "--tls-authz", ""], "--tls-authz", "empty"),
+            (
+                &["--tls-psk", "/k", "--tls-authz", ""],
+                "--tls-authz",
+                "empty",
+            ),
         ];
         for (line, flag, why) in cases {
             let mut l = line.to_vec();

@@ -181,9 +181,7 @@ mod tests {
             assert!(msg.contains(&format!("keys.psk:{line}:")), "{msg}");
             assert!(msg.contains(want), "{text:?}: {msg}");
         }
-        let e = parse("alice:00\nalice:c0ffee11\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("alice:00\nalice:c0ffee11\n").unwrap_err().to_string();
         assert!(
             e.contains("keys.psk:2: identity \"alice\" appears twice"),
             "{e}"

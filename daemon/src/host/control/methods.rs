@@ -286,8 +286,7 @@ fn tls_reload(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
             "tls-reload: TLS is off (start the daemon with --tls-creds or --tls-psk)",
         ));
     };
-    tls.reload()
-        .map_err(|e| {
+    tls.reload().map_err(|e| {
         RpcError::new(
             SERVER_ERROR,
             format!("tls-reload: {e}; the old credentials stay in use"),
