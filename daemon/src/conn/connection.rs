@@ -260,8 +260,7 @@ fn transmit<R: Read>(
         ),
         Some(t) => Outbox::over_tls(
             wsock,
-            t,
-            cfg.idle_timeout,
+            (t, cfg.idle_timeout),
             framing,
             budget,
             neg.export.stats.clone(),

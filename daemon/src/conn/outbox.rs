@@ -138,21 +138,19 @@ impl Outbox {
         Self::build(sock, None, framing, budget, stats, shard, handle)
     }
 
-    /// [`Outbox::new`] for a connection in TLS: replies are written through `tls`, giving up
-    /// when the client takes no byte for `write_timeout`; `sock` is its socket (shut down when
-    /// the client is gone).
+    /// [`Outbox::new`] for a connection in TLS: replies are written through `tls.0`, giving up
+    /// when the client takes no byte for `tls.1` (the write timeout); `sock` is its socket
+    /// (shut down when the client is gone).
     pub fn over_tls(
         sock: Sock,
-        tls: TlsConn,
-        write_timeout: Option<std::time::Duration>,
+        tls: (TlsConn, Option<std::time::Duration>),
         framing: Framing,
         budget: Arc<Budget>,
         stats: Arc<ExportStats>,
         shard: usize,
         handle: Arc<ClientHandle>,
     ) -> Arc<Outbox> {
-        let tls = Some((tls, write_timeout));
-        Self::build(sock, tls, framing, budget, stats, shard, handle)
+        Self::build(sock, Some(tls), framing, budget, stats, shard, handle)
     }
 
     fn build(

@@ -215,7 +215,6 @@ impl Collector for DaemonCollector {
             MetricType::Counter,
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&WRITER_PANICS.load(Ordering::Relaxed), None)?;
-        drop(m);
         for (name, help, v) in [
             (
                 "addcow_tls_handshakes",
