@@ -130,10 +130,12 @@ echo "   planned restarts of nbdkit, qemu-nbd and qemu-storage-daemon as image s
 echo "   a TLS image server killed and restarted under a served nbds:// base,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL,"
 echo "   export-add against a folder symlink switched in a loop, QD1 reads beside a hostile"
-echo "   vhost-user-blk frontend on the same core)"
+echo "   vhost-user-blk frontend on the same core, NBD over TLS with qemu-io, nbdinfo, nbdcopy and"
+echo "   libnbd: x509, PSK, verify-peer, authz, reloads, hostile handshakes)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream --test remote_base \
-  --test remote_base_tls --test control_allow --test vhost_hostile -- --ignored --test-threads=1 --nocapture 2>&1 \
+  --test remote_base_tls --test control_allow --test vhost_hostile --test nbd_tls \
+  -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
 step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"

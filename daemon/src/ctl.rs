@@ -32,7 +32,7 @@ pub struct CtlArgs {
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
     /// The method: hello, export-add, export-del, export-resize, export-snapshot,
-    /// query-exports, query-stats, query-sockets, job-start, query-jobs, job-pause, job-resume, job-cancel,
+    /// query-exports, query-stats, query-sockets, tls-reload, job-start, query-jobs, job-pause, job-resume, job-cancel,
     /// job-dismiss, quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
@@ -50,6 +50,7 @@ const METHODS_HELP: &str = "Methods:
   query-exports                                 every export
   query-stats [name=NAME]                       requests, bytes, errors, latency per operation
   query-sockets                                 connections refused per socket (peer allow-lists)
+  tls-reload                                    reload the TLS credentials (as SIGHUP)
   export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
                                                 current overlay becomes its read-only base
   job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image

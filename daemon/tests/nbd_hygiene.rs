@@ -216,12 +216,14 @@ fn tcp_off_loopback_needs_allow_remote() {
     let help = run(addcow_bin().to_str().unwrap(), &["serve", "--help"]);
     assert!(help.contains("no authentication"), "{help}");
     assert!(help.contains("--allow-remote"), "{help}");
+    // --allow-remote alone is not enough without TLS required (see nbd_tls.rs); serving in
+    // the clear off loopback takes --allow-insecure-remote.
     let d = Daemon::start(
         &sock,
         &[
             "--tcp",
             &any,
-            "--allow-remote",
+            "--allow-insecure-remote",
             fx.overlay().to_str().unwrap(),
         ],
     );

@@ -237,10 +237,17 @@ fn systemd_tcp_sockets_off_loopback_need_allow_remote() {
         "{err}"
     );
 
-    // With --allow-remote it serves (reached over loopback here).
+    // --allow-remote alone is not enough without TLS required; with --allow-insecure-remote
+    // (which implies --allow-remote) it serves (reached over loopback here).
+    let out = spawn_activated(&any, &["--allow-remote", ov])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--allow-insecure-remote"), "{err}");
     let port = any.local_addr().unwrap().port();
     let d = Daemon::from_child(
-        spawn_activated(&any, &["--allow-remote", ov]),
+        spawn_activated(&any, &["--allow-insecure-remote", ov]),
         Default::default(),
     );
     let out = run("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{port}")]);

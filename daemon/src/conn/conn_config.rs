@@ -31,6 +31,9 @@ pub struct ConnConfig {
     /// Serve transmission on the connection's core of this engine ([`super::ring_conn`])
     /// instead of with a reader and a writer thread (`--conn-mode ring`).
     pub ring: Option<addcow_engine::Engine>,
+    /// TLS credentials and mode (`None`: `--tls off`). A connection that negotiates TLS is
+    /// served on threads ([`super::connection`]), never on a core's ring.
+    pub tls: Option<Arc<super::tls::TlsServer>>,
 }
 
 impl ConnConfig {
@@ -45,6 +48,7 @@ impl ConnConfig {
             payload_timeout: Duration::from_secs(30),
             idle_timeout: None,
             ring: None,
+            tls: None,
         }
     }
 }

@@ -18,6 +18,12 @@
 //! is failed because of the stop. A request the engine refuses because it is shutting down is
 //! not answered either: the connection stops, and a reconnecting client resends it.
 //!
+//! TLS (`STARTTLS`, see [`super::tls`]): the TLS handshake runs here, on the connection's
+//! thread, within the handshake time limit, then the option haggling again over TLS; such a
+//! connection is always served with the reader and the writer thread (its socket carries
+//! records, not NBD frames, so a core's ring cannot serve it), both going through the one TLS
+//! session.
+//!
 //! A panic in the writer thread is caught: it is logged, counted in [`WRITER_PANICS`] and
 //! reported in the connection's [`Totals`]; the connection then ends as if the client had gone.
 
@@ -34,10 +40,11 @@ use super::conns::ClientHandle;
 use super::outbox::{Outbox, Ticket};
 use super::plan::{self, Plan, Then};
 use super::sock::{Deadline, Sock};
+use super::tls::{TlsConn, TlsSession};
 use crate::backend::disk::Backend;
 use crate::nbd::command::Limits;
 use crate::nbd::export::{Attached, Export};
-use crate::nbd::handshake::{self, HandshakeError, Negotiated};
+use crate::nbd::handshake::{self, Haggled, HandshakeError, Negotiated, Tls};
 use crate::nbd::reply::{Body, Framing, Reply};
 use crate::nbd::stats::{Op, Stamp};
 use crate::nbd::wire::{self, RequestHeader};
@@ -60,22 +67,86 @@ pub fn serve(
     let deadline = Instant::now() + cfg.handshake_timeout;
     // From GO on the connection is also in its export's client table (export-del hard).
     let attach = |e: &Arc<Export>| e.attach(id, handle.clone());
-    let neg = {
-        let mut d = Deadline::new(&mut sock, deadline);
-        handshake::negotiate(&mut d, &cfg.exports, &|| handle.stopped(), &attach)
+    let (offer, require) = cfg
+        .tls
+        .as_ref()
+        .map_or((false, false), |t| t.policy(matches!(sock, Sock::Tcp(_))));
+    let failed = |e: HandshakeError, sock: &Sock| {
+        match e {
+            HandshakeError::Ended => {}
+            e if handle.stopped() => {
+                tracing::debug!(conn = id, %peer, error = %e, "handshake ended by a stop")
+            }
+            e => {
+                tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+        }
+        Ended::Handshake
     };
-    let neg = match neg {
-        Ok(n) => n,
-        Err(HandshakeError::Ended) => return Ended::Handshake,
-        Err(e) if handle.stopped() => {
-            tracing::debug!(conn = id, %peer, error = %e, "handshake ended by a stop");
-            return Ended::Handshake;
+    let first = {
+        let mut d = Deadline::new(&mut sock, deadline);
+        let tls = Tls {
+            offer,
+            require,
+            ..Tls::default()
+        };
+        handshake::negotiate_tls(
+            &mut d,
+            &cfg.exports,
+            &|| handle.stopped(),
+            &attach,
+            tls,
+            true,
+        )
+    };
+    let (neg, session) = match first {
+        Ok(Haggled::Go(n)) => (n, None),
+        Ok(Haggled::StartTls) => {
+            let Some(server) = cfg.tls.as_ref() else {
+                return failed(
+                    HandshakeError::Protocol("STARTTLS without TLS".into()),
+                    &sock,
+                );
+            };
+            let tcp = match sock.try_clone() {
+                Ok(s) => s,
+                Err(e) => return failed(e.into(), &sock),
+            };
+            let mut session: TlsSession = match server.accept(tcp, deadline) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(conn = id, %peer, error = %e, "TLS refused; connection dropped");
+                    let _ = sock.shutdown(Shutdown::Both);
+                    return Ended::Handshake;
+                }
+            };
+            let identity = session.identity().map(str::to_owned);
+            tracing::debug!(conn = id, %peer, identity = ?identity, "TLS handshake done");
+            let tls = Tls {
+                offer,
+                require,
+                active: true,
+                identity: identity.as_deref(),
+            };
+            let r = handshake::negotiate_tls(
+                &mut session,
+                &cfg.exports,
+                &|| handle.stopped(),
+                &attach,
+                tls,
+                false,
+            );
+            match r {
+                Ok(Haggled::Go(n)) => (n, Some(session)),
+                Ok(Haggled::StartTls) => {
+                    let e = HandshakeError::Protocol("STARTTLS acknowledged twice".into());
+                    return failed(e, &sock);
+                }
+                Err(e) => return failed(e, &sock),
+            }
         }
-        Err(e) => {
-            tracing::warn!(conn = id, %peer, error = %e, "handshake failed; connection dropped");
-            let _ = sock.shutdown(Shutdown::Both);
-            return Ended::Handshake;
-        }
+        Err(e) => return failed(e, &sock),
     };
     // Reads wake up at least this often to check the frame and idle deadlines; a client that
     // takes no reply byte for the idle time is dropped.
@@ -83,8 +154,17 @@ pub fn serve(
         .idle_timeout
         .map_or(cfg.payload_timeout, |i| i.min(cfg.payload_timeout))
         .max(Duration::from_millis(100));
-    if sock.set_read_timeout(Some(tick)).is_err()
-        || sock.set_write_timeout(cfg.idle_timeout).is_err()
+    let tls = match session.map(TlsSession::into_conn).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(conn = id, %peer, error = %e, "cannot set up the TLS session");
+            let _ = sock.shutdown(Shutdown::Both);
+            return Ended::Handshake;
+        }
+    };
+    if tls.is_none()
+        && (sock.set_read_timeout(Some(tick)).is_err()
+            || sock.set_write_timeout(cfg.idle_timeout).is_err())
     {
         return Ended::Handshake;
     }
@@ -94,16 +174,17 @@ pub fn serve(
         export = %neg.export.name,
         core,
         structured = neg.structured,
+        tls = tls.is_some(),
         flags = format_args!("{:#06x}", neg.flags),
         "connection open"
     );
-    let ring = match &cfg.ring {
-        Some(engine) => super::ring_conn::run(engine, &sock, core, &neg, cfg, &handle),
-        None => None,
+    let ring = match (&cfg.ring, &tls) {
+        (Some(engine), None) => super::ring_conn::run(engine, &sock, core, &neg, cfg, &handle),
+        _ => None,
     };
     let totals = match ring {
         Some(t) => t,
-        None => transmission(sock, core, &neg, cfg, &handle),
+        None => transmission(sock, core, &neg, cfg, &handle, tls.map(|t| (t, tick))),
     };
     // Leave the export's client table only now: every request of this connection is answered.
     let Negotiated { export, guard, .. } = neg;
@@ -115,9 +196,37 @@ pub fn serve(
 }
 
 /// The transmission phase: runs the reader here and the writer on its own thread; returns when
-/// both are done (every submitted request answered or dropped with the socket).
+/// both are done (every submitted request answered or dropped with the socket). `tls`: the
+/// connection's TLS session and how long a read of it waits before the reader checks its
+/// deadlines (plain sockets have that as their read timeout).
 fn transmission(
     sock: Sock,
+    core: usize,
+    neg: &Negotiated<Attached>,
+    cfg: &ConnConfig,
+    handle: &Arc<ClientHandle>,
+    tls: Option<(TlsConn, Duration)>,
+) -> Totals {
+    match tls {
+        None => match sock.try_clone() {
+            Ok(rsock) => transmit(rsock, sock, None, core, neg, cfg, handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clone socket");
+                Totals::default()
+            }
+        },
+        Some((t, tick)) => {
+            let reader = t.reader(Some(tick));
+            transmit(reader, sock, Some(t), core, neg, cfg, handle)
+        }
+    }
+}
+
+/// [`transmission`] with requests read from `input` (the socket, or its TLS session).
+fn transmit<R: Read>(
+    input: R,
+    sock: Sock,
+    tls: Option<TlsConn>,
     core: usize,
     neg: &Negotiated<Attached>,
     cfg: &ConnConfig,
@@ -139,14 +248,26 @@ fn transmission(
     } else {
         Framing::Simple
     };
-    let outbox = Outbox::new(
-        wsock,
-        framing,
-        budget,
-        neg.export.stats.clone(),
-        core,
-        handle.clone(),
-    );
+    let closer = tls.clone();
+    let outbox = match tls {
+        None => Outbox::new(
+            wsock,
+            framing,
+            budget,
+            neg.export.stats.clone(),
+            core,
+            handle.clone(),
+        ),
+        Some(t) => Outbox::over_tls(
+            wsock,
+            (t, cfg.idle_timeout),
+            framing,
+            budget,
+            neg.export.stats.clone(),
+            core,
+            handle.clone(),
+        ),
+    };
     let woutbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
@@ -170,7 +291,7 @@ fn transmission(
     };
     let backend = neg.export.backend.clone();
     let mut reader = Reader {
-        sock: std::io::BufReader::with_capacity(READ_BUFFER, sock),
+        sock: std::io::BufReader::with_capacity(READ_BUFFER, input),
         core,
         limits: Limits {
             size: backend.size(),
@@ -203,7 +324,7 @@ fn transmission(
         Ok(()) => {}
     }
     let mut totals = reader.totals;
-    let sock = reader.sock.into_inner();
+    drop(reader.sock);
     reader.outbox.close();
     // The writer ends once every in-flight completion has been answered. It catches its own
     // panics, so a failed join is one more panic (in the catch itself).
@@ -214,6 +335,9 @@ fn transmission(
     totals.bytes_read = bytes_read;
     totals.errors += errors;
     totals.writer_panicked = panicked;
+    if let Some(t) = closer {
+        t.close_notify();
+    }
     let _ = sock.shutdown(Shutdown::Both);
     totals
 }
@@ -233,9 +357,10 @@ enum ConnError {
     Io(#[from] io::Error),
 }
 
-struct Reader<'a> {
-    /// The socket, buffered: one `read` takes in every request the client has pipelined.
-    sock: std::io::BufReader<Sock>,
+struct Reader<'a, R> {
+    /// The socket (or its TLS session), buffered: one `read` takes in every request the
+    /// client has pipelined.
+    sock: std::io::BufReader<R>,
     core: usize,
     backend: Arc<dyn Backend>,
     limits: Limits,
@@ -257,7 +382,7 @@ enum Filled {
     Partial,
 }
 
-impl Reader<'_> {
+impl<R: Read> Reader<'_, R> {
     /// Takes a ticket of `cost` for the request being handled.
     fn ticket(&self, cost: u64) -> Ticket {
         self.outbox.ticket(cost, self.stamp)

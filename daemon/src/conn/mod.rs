@@ -12,7 +12,7 @@
 //! (what both share), [`outbox`] (reply queue and writer), [`budget`]
 //! (in-flight limits and the daemon-wide buffer pool), [`conns`] (live connections and the one
 //! way they are stopped), [`sock`] (a client socket), [`listener`] (listening sockets, their
-//! hygiene, systemd).
+//! hygiene, systemd), [`tls`] (STARTTLS: credentials, the TLS handshake, transmission over TLS).
 //!
 //! May import: [`crate::nbd`], [`crate::backend`], [`crate::process`]. Never the host or the
 //! process's top ([`crate::serve`]): the host reaches connections through the export table's
@@ -27,5 +27,6 @@ pub mod outbox;
 pub mod plan;
 pub mod ring_conn;
 pub mod sock;
+pub mod tls;
 #[cfg(test)]
 mod transport_tests;

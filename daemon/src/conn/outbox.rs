@@ -27,6 +27,7 @@ use std::time::Instant;
 use super::budget::Budget;
 use super::conns::ClientHandle;
 use super::sock::Sock;
+use super::tls::TlsConn;
 use crate::nbd::reply::{self, Body, Framing, Reply};
 use crate::nbd::stats::{ExportStats, Stamp};
 use addcow_engine::sync::{lock, wait};
@@ -61,6 +62,8 @@ struct State {
 /// See the module docs.
 pub struct Outbox {
     sock: Sock,
+    /// Replies go through this TLS session (with its write timeout) instead of `sendmsg`.
+    tls: Option<(TlsConn, Option<std::time::Duration>)>,
     framing: Framing,
     budget: Arc<Budget>,
     stats: Arc<ExportStats>,
@@ -133,8 +136,36 @@ impl Outbox {
         shard: usize,
         handle: Arc<ClientHandle>,
     ) -> Arc<Outbox> {
+        Self::build(sock, None, framing, budget, stats, shard, handle)
+    }
+
+    /// [`Outbox::new`] for a connection in TLS: replies are written through `tls.0`, giving up
+    /// when the client takes no byte for `tls.1` (the write timeout); `sock` is its socket
+    /// (shut down when the client is gone).
+    pub fn over_tls(
+        sock: Sock,
+        tls: (TlsConn, Option<std::time::Duration>),
+        framing: Framing,
+        budget: Arc<Budget>,
+        stats: Arc<ExportStats>,
+        shard: usize,
+        handle: Arc<ClientHandle>,
+    ) -> Arc<Outbox> {
+        Self::build(sock, Some(tls), framing, budget, stats, shard, handle)
+    }
+
+    fn build(
+        sock: Sock,
+        tls: Option<(TlsConn, Option<std::time::Duration>)>,
+        framing: Framing,
+        budget: Arc<Budget>,
+        stats: Arc<ExportStats>,
+        shard: usize,
+        handle: Arc<ClientHandle>,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             sock,
+            tls,
             framing,
             budget,
             stats,
@@ -271,7 +302,12 @@ impl Outbox {
             let result = if broken {
                 Ok(())
             } else {
-                reply::send_many(&self.sock, self.framing, &batch)
+                match &self.tls {
+                    Some((t, timeout)) => {
+                        reply::write_many(&mut |b| t.write_all(b, *timeout), self.framing, &batch)
+                    }
+                    None => reply::send_many(&self.sock, self.framing, &batch),
+                }
             };
             batch.clear();
             let sent_at = std::time::Instant::now();

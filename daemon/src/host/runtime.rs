@@ -262,6 +262,9 @@ pub struct Host {
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
+    /// The NBD listeners' TLS credentials (set once at start when `--tls` is not off), for
+    /// `tls-reload`.
+    pub tls: std::sync::OnceLock<Arc<crate::conn::tls::TlsServer>>,
 }
 
 impl Host {
@@ -286,6 +289,7 @@ impl Host {
             config,
             shards,
             vhost: Mutex::new(HashMap::new()),
+            tls: std::sync::OnceLock::new(),
         }
     }
 
@@ -376,6 +380,19 @@ impl Host {
         opts: DiskOptions,
         origin: Origin,
     ) -> Result<Arc<Export>, HostError> {
+        self.add_export_authz(name, overlay, opts, origin, None)
+    }
+
+    /// [`Host::add_export`] for an export only the TLS clients with one of the `tls_authz`
+    /// identities may use (set before it is published: no client ever sees it without).
+    pub fn add_export_authz(
+        &self,
+        name: &str,
+        overlay: &Path,
+        opts: DiskOptions,
+        origin: Origin,
+        tls_authz: Option<Vec<String>>,
+    ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
         }
@@ -429,6 +446,9 @@ impl Host {
             Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),
             self.shards,
         );
+        if let Some(ids) = tls_authz {
+            export.set_tls_authz(ids);
+        }
         claim.publish(Arc::clone(&export));
         Ok(export)
     }

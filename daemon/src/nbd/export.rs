@@ -55,6 +55,9 @@ pub struct Export {
     pub stats: Arc<ExportStats>,
     clients: Mutex<Clients>,
     left: Condvar,
+    /// The TLS identities (client certificate DNs, PSK identities) allowed to use this export;
+    /// unset: everyone the daemon lets in. Set at most once, before the export is published.
+    tls_authz: std::sync::OnceLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -91,7 +94,21 @@ impl Export {
                 conns: HashMap::new(),
             }),
             left: Condvar::new(),
+            tls_authz: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Restricts the export to TLS clients with one of these identities (see
+    /// [`Export::tls_authz`]). Call before the export is published; a second call is ignored
+    /// (and returns false).
+    pub fn set_tls_authz(&self, identities: Vec<String>) -> bool {
+        self.tls_authz.set(identities).is_ok()
+    }
+
+    /// The export's authorization list, if it has one: only TLS clients whose identity is on
+    /// it may use the export.
+    pub fn tls_authz(&self) -> Option<&[String]> {
+        self.tls_authz.get().map(Vec::as_slice)
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, Clients> {

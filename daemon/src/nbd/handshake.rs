@@ -3,9 +3,19 @@
 //!
 //! Supported options: `EXPORT_NAME` (with `NO_ZEROES`), `ABORT`, `LIST`, `INFO`, `GO`,
 //! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`, each handled
-//! by its own function that [`negotiate`]'s loop dispatches to. `STARTTLS` is refused
-//! (`ERR_UNSUP`: no TLS here) in its own function; every other option is answered `ERR_UNSUP`
-//! and haggling continues.
+//! by its own function that [`negotiate`]'s loop dispatches to; every other option is answered
+//! `ERR_UNSUP` and haggling continues.
+//!
+//! TLS ([`negotiate_tls`], with a [`Tls`] policy): `STARTTLS` is answered `ERR_UNSUP` when the
+//! connection offers no TLS, `ACK` when it does, after which haggling stops
+//! ([`Haggled::StartTls`]) so that the caller runs the TLS handshake and calls
+//! [`negotiate_tls`] again over the encrypted stream, without a new greeting and with everything
+//! agreed before forgotten (NBD spec). With TLS required and not yet on, every option but
+//! `STARTTLS` and `ABORT` is answered `ERR_TLS_REQD` (`EXPORT_NAME`, which has no error reply,
+//! drops the connection): no export list, no data, no downgrade. Once TLS is on, a second
+//! `STARTTLS` is `ERR_INVALID`. An export with an authorization list ([`Export::tls_authz`])
+//! is `ERR_TLS_REQD` to a client without TLS, `ERR_POLICY` to a TLS client whose identity is
+//! not on it (logged, counted in [`TLS_AUTHZ_DENIED`]) and left out of its `LIST`.
 //!
 //! Corners (NBD spec): `STRUCTURED_REPLY` after `EXTENDED_HEADERS` gets `ERR_EXT_HEADER_REQD`;
 //! either header option asked for a second time gets `ERR_INVALID`; an option whose payload is
@@ -15,6 +25,7 @@
 
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::export::{Export, Exports};
@@ -76,8 +87,39 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
 }
 
-/// Option `NBD_OPT_STARTTLS` (not in [`wire`]: this server offers no TLS yet).
-const OPT_STARTTLS: u32 = 5;
+/// Option `NBD_OPT_STARTTLS`.
+pub const OPT_STARTTLS: u32 = 5;
+/// Reply `NBD_REP_ERR_POLICY`: forbidden by the server's policy.
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+/// Reply `NBD_REP_ERR_TLS_REQD`: TLS must be negotiated first.
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+
+/// Clients refused by an authorization list since the daemon started: the daemon's (after the
+/// TLS handshake) and an export's (its `GO`/`INFO`/`EXPORT_NAME`).
+pub static TLS_AUTHZ_DENIED: AtomicU64 = AtomicU64::new(0);
+
+/// How TLS figures in one run of the option haggling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tls<'a> {
+    /// `STARTTLS` is answered `ACK` (credentials are loaded and this listener may use them).
+    pub offer: bool,
+    /// Every option but `STARTTLS`/`ABORT` is refused until TLS is on.
+    pub require: bool,
+    /// TLS is on: this run is over the encrypted stream (no greeting is sent).
+    pub active: bool,
+    /// The client's identity once TLS is on: its certificate's subject DN (RFC 4514) or its
+    /// PSK identity; what authorization lists are compared with.
+    pub identity: Option<&'a str>,
+}
+
+/// How a run of the haggling ended well: transmission, or `STARTTLS` was acknowledged and the
+/// caller now runs the TLS handshake, then the haggling again over TLS.
+pub enum Haggled<G> {
+    /// The client entered transmission.
+    Go(Negotiated<G>),
+    /// `STARTTLS` was acknowledged.
+    StartTls,
+}
 
 /// Runs the server side of the handshake on `stream`.
 ///
@@ -97,7 +139,29 @@ pub fn negotiate<S: Read + Write, G>(
     shutting_down: &dyn Fn() -> bool,
     attach: &dyn Fn(&Arc<Export>) -> Option<G>,
 ) -> Result<Negotiated<G>, HandshakeError> {
-    let no_zeroes = greet(stream)?;
+    match negotiate_tls(stream, exports, shutting_down, attach, Tls::default(), true)? {
+        Haggled::Go(n) => Ok(n),
+        // Without an offer STARTTLS is refused, never acknowledged.
+        Haggled::StartTls => Err(HandshakeError::Protocol(
+            "STARTTLS acknowledged without TLS".into(),
+        )),
+    }
+}
+
+/// [`negotiate`] with a TLS policy: sends the greeting (and reads the client's flags) when
+/// `greet` (the first run), not after `STARTTLS`, when the client's `NO_ZEROES` stands
+/// as it was given; see the module docs for what TLS changes.
+pub fn negotiate_tls<S: Read + Write, G>(
+    stream: &mut S,
+    exports: &Exports,
+    shutting_down: &dyn Fn() -> bool,
+    attach: &dyn Fn(&Arc<Export>) -> Option<G>,
+    tls: Tls<'_>,
+    greet_first: bool,
+) -> Result<Haggled<G>, HandshakeError> {
+    // After STARTTLS the flags read at the greeting still hold; every client that speaks TLS
+    // asks for NO_ZEROES, and EXPORT_NAME without it is the only place they matter.
+    let no_zeroes = if greet_first { greet(stream)? } else { true };
     let mut h = Haggle {
         exports,
         attach,
@@ -106,6 +170,7 @@ pub fn negotiate<S: Read + Write, G>(
         extended: false,
         structured_option: false,
         selected: None,
+        tls,
     };
     loop {
         // An option over the size limit has been read, discarded and answered.
@@ -119,6 +184,11 @@ pub fn negotiate<S: Read + Write, G>(
             refuse_shutting_down(stream, option)?;
             continue;
         }
+        if tls.require && !tls.active && option != OPT_STARTTLS {
+            refuse_tls_required(stream, option)?;
+            stream.flush()?;
+            continue;
+        }
         let next = match option {
             wire::OPT_EXPORT_NAME => h.export_name(stream, data)?,
             wire::OPT_INFO | wire::OPT_GO => h.info_go(stream, option, &data)?,
@@ -128,11 +198,17 @@ pub fn negotiate<S: Read + Write, G>(
             wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
                 h.meta_context(stream, option, &data)?
             }
-            OPT_STARTTLS => starttls(stream)?,
+            OPT_STARTTLS => {
+                if starttls(stream, &tls, &data)? {
+                    stream.flush()?;
+                    return Ok(Haggled::StartTls);
+                }
+                ControlFlow::Continue(())
+            }
             _ => unsupported(stream, option)?,
         };
         if let ControlFlow::Break(negotiated) = next {
-            return Ok(negotiated);
+            return Ok(Haggled::Go(negotiated));
         }
         stream.flush()?;
     }
@@ -235,17 +311,50 @@ fn refuse_shutting_down<S: Write>(stream: &mut S, option: u32) -> Result<(), Han
     Ok(())
 }
 
-/// `STARTTLS`: this server offers no TLS, so `ERR_UNSUP` and haggling goes on in the clear
-/// (the client decides whether that is acceptable). Offering TLS replaces this: ACK, then the
-/// handshake continues over the upgraded stream with the state agreed so far forgotten.
-fn starttls<S: Write, G>(stream: &mut S) -> Result<Next<G>, HandshakeError> {
+/// `STARTTLS`: `ERR_UNSUP` when this connection offers no TLS (haggling goes on in the clear;
+/// the client decides whether that is acceptable), `ERR_INVALID` when TLS is already on or the
+/// option carries data; otherwise `ACK` and true: the caller upgrades the stream and haggles
+/// again over it, with the state agreed so far forgotten.
+fn starttls<S: Write>(stream: &mut S, tls: &Tls<'_>, data: &[u8]) -> Result<bool, HandshakeError> {
+    let refusal = if tls.active {
+        Some((wire::REP_ERR_INVALID, "STARTTLS: TLS is already on"))
+    } else if !tls.offer {
+        Some((
+            wire::REP_ERR_UNSUP,
+            "STARTTLS: this server does not offer TLS here",
+        ))
+    } else if !data.is_empty() {
+        Some((wire::REP_ERR_INVALID, "STARTTLS takes no data"))
+    } else {
+        None
+    };
+    match refusal {
+        Some((err, msg)) => {
+            reply_err(stream, OPT_STARTTLS, err, msg)?;
+            Ok(false)
+        }
+        None => {
+            stream.write_all(&wire::option_reply(OPT_STARTTLS, wire::REP_ACK, &[]))?;
+            Ok(true)
+        }
+    }
+}
+
+/// Any option but `STARTTLS`/`ABORT` while TLS is required and not on: `ERR_TLS_REQD`
+/// (`EXPORT_NAME`, which has no error reply, drops the connection).
+fn refuse_tls_required<S: Write>(stream: &mut S, option: u32) -> Result<(), HandshakeError> {
+    if option == wire::OPT_EXPORT_NAME {
+        return Err(HandshakeError::Protocol(
+            "EXPORT_NAME before STARTTLS on a server that requires TLS".into(),
+        ));
+    }
     reply_err(
         stream,
-        OPT_STARTTLS,
-        wire::REP_ERR_UNSUP,
-        "STARTTLS: this server does not offer TLS",
+        option,
+        REP_ERR_TLS_REQD,
+        "TLS is required: send STARTTLS first",
     )?;
-    Ok(ControlFlow::Continue(()))
+    Ok(())
 }
 
 /// Any option this server does not know: `ERR_UNSUP`, and haggling goes on.
@@ -285,9 +394,33 @@ struct Haggle<'a, G> {
     structured_option: bool,
     /// The last `SET_META_CONTEXT`: the export name it named and what it selected.
     selected: Option<(String, MetaContexts)>,
+    /// TLS state and the client's identity.
+    tls: Tls<'a>,
 }
 
 impl<G> Haggle<'_, G> {
+    /// Whether this client may use `export` under its authorization list: `None` if so, else
+    /// the error reply and its message (a refused TLS client is logged and counted).
+    fn refusal(&self, export: &Export) -> Option<(u32, String)> {
+        let list = export.tls_authz()?;
+        if !self.tls.active {
+            return Some((
+                REP_ERR_TLS_REQD,
+                format!("export {} requires TLS", quoted(&export.name)),
+            ));
+        }
+        let id = self.tls.identity.unwrap_or("");
+        if list.iter().any(|a| a == id) {
+            return None;
+        }
+        TLS_AUTHZ_DENIED.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(export = ?export.name, identity = ?id, "TLS client not on the export's authorization list; refused");
+        Some((
+            REP_ERR_POLICY,
+            format!("export {}: not authorized", quoted(&export.name)),
+        ))
+    }
+
     /// What transmission on `export` (named `name`) begins with.
     fn negotiated(&self, export: Arc<Export>, name: &str, flags: u16, guard: G) -> Negotiated<G> {
         Negotiated {
@@ -320,6 +453,9 @@ impl<G> Haggle<'_, G> {
                 "EXPORT_NAME for unknown export {name:?}"
             )));
         };
+        if let Some((_, why)) = self.refusal(&export) {
+            return Err(HandshakeError::Protocol(format!("EXPORT_NAME: {why}")));
+        }
         let Some(guard) = (self.attach)(&export) else {
             return Err(HandshakeError::Protocol(format!(
                 "EXPORT_NAME for export {name:?}, which is being deleted"
@@ -359,6 +495,10 @@ impl<G> Haggle<'_, G> {
             )?;
             return Ok(ControlFlow::Continue(()));
         };
+        if let Some((err, why)) = self.refusal(&export) {
+            reply_err(stream, option, err, &why)?;
+            return Ok(ControlFlow::Continue(()));
+        }
         let guard = if option == wire::OPT_GO {
             let Some(g) = (self.attach)(&export) else {
                 reply_err(
@@ -409,6 +549,12 @@ impl<G> Haggle<'_, G> {
             return invalid(stream, wire::OPT_LIST, "LIST takes no data");
         }
         for e in self.exports.serving() {
+            // Quietly: a listing is no attempt to use the export.
+            if e.tls_authz().is_some_and(|list| {
+                !self.tls.active || !list.iter().any(|a| Some(a.as_str()) == self.tls.identity)
+            }) {
+                continue;
+            }
             let mut p = Vec::with_capacity(4 + e.name.len());
             p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
             p.extend_from_slice(e.name.as_bytes());
@@ -1024,5 +1170,115 @@ mod tests {
         let r = negotiate(&mut s, &exports(), &|| true, &|_| Some(()));
         assert!(matches!(r, Err(HandshakeError::Ended)));
         assert_eq!(replies(&s.output)[0].1, wire::REP_ERR_SHUTDOWN);
+    }
+
+    fn run_tls(
+        client: Vec<u8>,
+        exports: &Exports,
+        tls: Tls<'_>,
+        greet: bool,
+    ) -> (Result<Haggled<()>, HandshakeError>, Vec<u8>) {
+        let mut s = Script {
+            input: IoCursor::new(client),
+            output: Vec::new(),
+        };
+        let r = negotiate_tls(&mut s, exports, &|| false, &|_| Some(()), tls, greet);
+        (r, s.output)
+    }
+
+    /// Required and not on: every option but STARTTLS/ABORT is ERR_TLS_REQD (no export list),
+    /// STARTTLS is ACKed and ends the run; EXPORT_NAME drops the connection.
+    #[test]
+    fn tls_required_refuses_everything_but_starttls() {
+        let tls = Tls {
+            offer: true,
+            require: true,
+            ..Tls::default()
+        };
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_LIST, &[]));
+        c.extend(opt(wire::OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        c.extend(opt(OPT_STARTTLS, &[]));
+        c.extend(opt(wire::OPT_GO, &go("", &[]))); // never read: the caller upgrades first
+        let (r, out) = run_tls(c, &exports(), tls, true);
+        assert!(matches!(r, Ok(Haggled::StartTls)));
+        let types: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            types,
+            [
+                (wire::OPT_LIST, REP_ERR_TLS_REQD),
+                (wire::OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (wire::OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, wire::REP_ACK),
+            ]
+        );
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_EXPORT_NAME, b""));
+        assert!(matches!(
+            run_tls(c, &exports(), tls, true).0,
+            Err(HandshakeError::Protocol(_))
+        ));
+    }
+
+    /// Over TLS (no greeting): STARTTLS again is ERR_INVALID; an export's authorization list
+    /// lets its identities in, refuses others with ERR_POLICY (counted) and hides the export
+    /// from their LIST; without TLS such an export is ERR_TLS_REQD.
+    #[test]
+    fn over_tls_starttls_is_invalid_and_export_authz_applies() {
+        let exports = Exports::new(vec![
+            Export::new("", MemDisk::new(1 << 20, false), 1),
+            Export::new("carol", MemDisk::new(4096, true), 1),
+        ]);
+        exports
+            .find("carol")
+            .unwrap()
+            .set_tls_authz(vec!["CN=carol".into()]);
+        let tls = |identity| Tls {
+            offer: true,
+            require: true,
+            active: true,
+            identity,
+        };
+        let mut c = opt(OPT_STARTTLS, &[]);
+        c.extend(opt(wire::OPT_LIST, &[]));
+        c.extend(opt(wire::OPT_GO, &go("carol", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let before = TLS_AUTHZ_DENIED.load(Ordering::Relaxed);
+        let (r, out) = run_tls(c.clone(), &exports, tls(Some("CN=alice")), false);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name.is_empty()));
+        assert!(TLS_AUTHZ_DENIED.load(Ordering::Relaxed) > before);
+        // No greeting over TLS: the first bytes are an option reply.
+        assert_eq!(&out[..8], &wire::OPTION_REPLY_MAGIC.to_be_bytes());
+        let mut framed = vec![0u8; 18];
+        framed.extend_from_slice(&out);
+        let reps = replies(&framed);
+        assert_eq!(
+            (reps[0].0, reps[0].1),
+            (OPT_STARTTLS, wire::REP_ERR_INVALID)
+        );
+        // LIST: only the default export ("" = four zero bytes), then ACK.
+        assert_eq!(
+            reps[1],
+            (wire::OPT_LIST, wire::REP_SERVER, vec![0, 0, 0, 0])
+        );
+        assert_eq!(reps[2], (wire::OPT_LIST, wire::REP_ACK, vec![]));
+        assert_eq!((reps[3].0, reps[3].1), (wire::OPT_GO, REP_ERR_POLICY));
+        // carol gets in.
+        let mut c = opt(wire::OPT_GO, &go("carol", &[]));
+        c.extend(opt(wire::OPT_ABORT, &[]));
+        let (r, _) = run_tls(c, &exports, tls(Some("CN=carol")), false);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name == "carol"));
+        // Without TLS (offered, not required): ERR_TLS_REQD for that export only.
+        let mut c = vec![0, 0, 0, 3];
+        c.extend(opt(wire::OPT_GO, &go("carol", &[])));
+        c.extend(opt(wire::OPT_GO, &go("", &[])));
+        let plain = Tls {
+            offer: true,
+            ..Tls::default()
+        };
+        let (r, out) = run_tls(c, &exports, plain, true);
+        assert!(matches!(r, Ok(Haggled::Go(ref n)) if n.export.name.is_empty()));
+        assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
     }
 }

@@ -326,6 +326,43 @@ pub fn send_many(sock: &impl AsRawFd, mode: Framing, replies: &[Reply]) -> io::R
     send_all(sock.as_raw_fd(), &all)
 }
 
+/// Sends several replies back to back through `write` (a TLS session, which encrypts each
+/// call into records): header-sized pieces are gathered into one buffer of up to
+/// [`COALESCE`] bytes so that they do not each become a record; large data slices go as they
+/// are. The same bytes as [`send_many`] sends.
+pub fn write_many(
+    write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    mode: Framing,
+    replies: &[Reply],
+) -> io::Result<()> {
+    let mut pending: Vec<u8> = Vec::with_capacity(COALESCE);
+    for r in replies {
+        let f = frame(mode, r);
+        for s in slices(&f, reply_data(r)) {
+            if pending.len() + s.len() <= COALESCE {
+                pending.extend_from_slice(&s);
+                continue;
+            }
+            if !pending.is_empty() {
+                write(&pending)?;
+                pending.clear();
+            }
+            if s.len() <= COALESCE {
+                pending.extend_from_slice(&s);
+            } else {
+                write(&s)?;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        write(&pending)?;
+    }
+    Ok(())
+}
+
+/// Bytes [`write_many`] gathers before writing: one TLS record's worth.
+pub const COALESCE: usize = 16 << 10;
+
 /// Writes every byte of `parts` to `fd`, resuming after partial writes.
 fn send_all(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<()> {
     let mut idx = 0; // first slice not fully sent

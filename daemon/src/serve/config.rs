@@ -18,6 +18,7 @@ use std::time::Duration;
 use addcow_engine::{CacheMode, EngineConfig};
 
 use super::{demo, ConnMode, ServeArgs};
+use crate::conn::tls::{TlsMode, TlsSettings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::runtime::HostConfig;
 use crate::nbd::wire;
@@ -37,6 +38,8 @@ pub struct DaemonConfig {
     pub demo: bool,
     /// The sockets to serve NBD (and vhost-user-blk) on.
     pub listen: ListenConfig,
+    /// TLS on NBD connections: mode, credentials, peer verification, authorization list.
+    pub tls: TlsSettings,
     /// `--control`: the control socket (JSON-RPC, mode 0600). Default: none.
     pub control: Option<PathBuf>,
     /// `--allow-dir`: the folders `export-add` may open files in, as given (resolved at start).
@@ -108,8 +111,12 @@ pub struct ListenConfig {
     pub control_allow_gid: Vec<u32>,
     /// `--tcp`: also listen on this TCP address. Default: none.
     pub tcp: Option<String>,
-    /// `--allow-remote`: `--tcp` may be off loopback. Default false.
+    /// `--allow-remote` (or `--allow-insecure-remote`): `--tcp` may be off loopback. Default
+    /// false.
     pub allow_remote: bool,
+    /// `--allow-insecure-remote`: a non-loopback TCP listener may serve without TLS required.
+    /// Default false.
+    pub allow_insecure_remote: bool,
     /// `--vhost-user-blk`: serve the default export to a vhost-user-blk frontend on this Unix
     /// socket. Default: none. Only with a default export (checked).
     pub vhost_user_blk: Option<PathBuf>,
@@ -228,9 +235,11 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 "not a power of two of at least 4K (or 0 for off)",
             ));
         }
+        let tls = tls_settings(&args)?;
         Ok(DaemonConfig {
             exports,
             demo,
+            tls,
             listen: ListenConfig {
                 socket: args.socket,
                 socket_mode: mode("--socket-mode", args.socket_mode)?,
@@ -244,7 +253,8 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 control_allow_uid: args.control_allow_uid,
                 control_allow_gid: args.control_allow_gid,
                 tcp: args.tcp,
-                allow_remote: args.allow_remote,
+                allow_remote: args.allow_remote || args.allow_insecure_remote,
+                allow_insecure_remote: args.allow_insecure_remote,
                 vhost_user_blk: args.vhost_user_blk,
             },
             control: args.control,
@@ -296,6 +306,72 @@ impl DaemonConfig {
 }
 
 const SECOND: Duration = Duration::from_secs(1);
+
+/// The TLS options, matched: a mode other than off needs credentials; credentials without
+/// `--tls` mean `require` (as qemu-nbd's `--tls-creds`), with `--tls off` they contradict it;
+/// `--tls-verify-peer` needs the CA of `--tls-creds`; `--tls-authz` needs `require` (with `on`
+/// clients in the clear would pass unchecked) and an identity to compare: a verified client
+/// certificate or a PSK.
+fn tls_settings(args: &ServeArgs) -> Result<TlsSettings> {
+    let creds = args.tls_creds.is_some() || args.tls_psk.is_some();
+    let mode = match (args.tls, creds) {
+        (None, false) => TlsMode::Off,
+        (None, true) => TlsMode::Require,
+        (Some(TlsMode::Off), true) => {
+            return Err(Error::invalid(
+                "--tls",
+                "off",
+                "contradicts --tls-creds/--tls-psk (drop one)",
+            ))
+        }
+        (Some(m @ (TlsMode::On | TlsMode::Require)), false) => {
+            return Err(Error::invalid(
+                "--tls",
+                format!("{m:?}").to_lowercase(),
+                "needs credentials: --tls-creds DIR or --tls-psk FILE",
+            ))
+        }
+        (Some(m), _) => m,
+    };
+    if args.tls_verify_peer && args.tls_creds.is_none() {
+        return Err(Error::invalid(
+            "--tls-verify-peer",
+            "",
+            "needs --tls-creds (its ca-cert.pem verifies the clients)",
+        ));
+    }
+    if let Some(bad) = args.tls_authz.iter().find(|a| a.is_empty()) {
+        return Err(Error::invalid(
+            "--tls-authz",
+            bad.as_str(),
+            "empty identity",
+        ));
+    }
+    if let Some(first) = args.tls_authz.first() {
+        if mode != TlsMode::Require {
+            return Err(Error::invalid(
+                "--tls-authz",
+                first.as_str(),
+                "needs --tls require (with --tls on, clients in the clear are not checked)",
+            ));
+        }
+        if args.tls_psk.is_none() && !args.tls_verify_peer {
+            return Err(Error::invalid(
+                "--tls-authz",
+                first.as_str(),
+                "needs --tls-verify-peer (or --tls-psk): without a verified client certificate \
+                 there is no identity to check",
+            ));
+        }
+    }
+    Ok(TlsSettings {
+        mode,
+        creds: args.tls_creds.clone(),
+        psk: args.tls_psk.clone(),
+        verify_peer: args.tls_verify_peer,
+        authz: args.tls_authz.clone(),
+    })
+}
 
 /// `value` seconds of option `flag`, at most [`MAX_SECS`] (clap checks the command line's;
 /// this holds for values from anywhere else).
@@ -480,11 +556,14 @@ mod tests {
                 control_allow_gid: vec![],
                 tcp: None,
                 allow_remote: false,
+                allow_insecure_remote: false,
                 vhost_user_blk: None,
             }
         );
         assert!(!c.metrics_allow_remote);
         assert_eq!(c.control_idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.tls, TlsSettings::default());
+        assert_eq!(c.tls.mode, TlsMode::Off);
         assert_eq!(
             c.engine,
             EngineSettings {
@@ -810,5 +889,98 @@ mod tests {
         assert!(parse_cache("x").is_err());
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
         assert!(parse_bytes("lots").is_err());
+    }
+
+    /// The TLS options: credentials alone mean require; every flag lands in its field.
+    #[test]
+    fn tls_options_are_matched_and_converted() {
+        let c = config(&["--socket", "/s", "--tls-creds", "/pki", "/a.add-cow"]).unwrap();
+        assert_eq!(
+            c.tls,
+            TlsSettings {
+                mode: TlsMode::Require,
+                creds: Some("/pki".into()),
+                psk: None,
+                verify_peer: false,
+                authz: vec![],
+            }
+        );
+        let c = config(&[
+            "--socket",
+            "/s",
+            "--tls",
+            "on",
+            "--tls-psk",
+            "/k.psk",
+            "/a.add-cow",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.tls.mode, c.tls.psk),
+            (TlsMode::On, Some("/k.psk".into()))
+        );
+        let c = config(&[
+            "--socket",
+            "/s",
+            "--tls-creds",
+            "/pki",
+            "--tls-verify-peer",
+            "--tls-authz",
+            "CN=alice,O=x",
+            "--tls-authz",
+            "CN=bob",
+            "--tcp",
+            "0.0.0.0:10809",
+            "--allow-insecure-remote",
+            "/a.add-cow",
+        ])
+        .unwrap();
+        assert!(c.tls.verify_peer);
+        assert_eq!(c.tls.authz, ["CN=alice,O=x", "CN=bob"]);
+        assert!(c.listen.allow_remote && c.listen.allow_insecure_remote);
+        // PSK identities need no certificate.
+        let c = config(&["--tls-psk", "/k", "--tls-authz", "alice", "/a.add-cow"]).unwrap();
+        assert_eq!(c.tls.authz, ["alice"]);
+    }
+
+    #[test]
+    fn tls_contradictions_are_refused_naming_the_option() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--tls", "on"], "--tls", "needs credentials"),
+            (&["--tls", "require"], "--tls", "needs credentials"),
+            (
+                &["--tls", "off", "--tls-creds", "/p"],
+                "--tls",
+                "contradicts",
+            ),
+            (
+                &["--tls-verify-peer", "--tls-psk", "/k"],
+                "--tls-verify-peer",
+                "--tls-creds",
+            ),
+            (
+                &["--tls-creds", "/p", "--tls-authz", "CN=a"],
+                "--tls-authz",
+                "--tls-verify-peer",
+            ),
+            (
+                &["--tls", "on", "--tls-psk", "/k", "--tls-authz", "a"],
+                "--tls-authz",
+                "--tls require",
+            ),
+            (
+                &["--tls-psk", "/k", "--tls-authz", ""],
+                "--tls-authz",
+                "empty",
+            ),
+        ];
+        for (line, flag, why) in cases {
+            let mut l = line.to_vec();
+            l.push("/a.add-cow");
+            let (kind, f, _, msg) = refused(&l);
+            assert_eq!(kind, ErrorKind::InvalidArgument, "{line:?}");
+            assert_eq!(f, Some(*flag), "{line:?}: {msg}");
+            assert!(msg.contains(why), "{line:?}: {msg}");
+        }
     }
 }

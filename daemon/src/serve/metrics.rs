@@ -239,6 +239,26 @@ impl Collector for DaemonCollector {
             m.encode_family(&[("socket", k.name())])?
                 .encode_counter::<NoLabelSet, _, u64>(&listener::refused(k), None)?;
         }
+        for (name, help, v) in [
+            (
+                "addcow_tls_handshakes",
+                "TLS handshakes that succeeded.",
+                &crate::conn::tls::TLS_HANDSHAKES,
+            ),
+            (
+                "addcow_tls_handshake_failures",
+                "TLS handshakes that failed (credentials, garbage, time limit, client gone).",
+                &crate::conn::tls::TLS_HANDSHAKE_FAILURES,
+            ),
+            (
+                "addcow_tls_authz_denied",
+                "TLS clients refused by the daemon's or an export's authorization list.",
+                &crate::nbd::handshake::TLS_AUTHZ_DENIED,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            m.encode_counter::<NoLabelSet, _, u64>(&v.load(Ordering::Relaxed), None)?;
+        }
         Ok(())
     }
 }

@@ -31,6 +31,7 @@ use crate::conn::budget::Pool;
 use crate::conn::connection::{self, ConnConfig};
 use crate::conn::conns::{ClientHandle, Live};
 use crate::conn::listener::{self, Listener};
+use crate::conn::tls::{TlsMode, TlsServer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::allow::AllowedDirs;
 use crate::host::control;
@@ -74,14 +75,41 @@ pub struct ServeArgs {
     /// loopback, e.g. 127.0.0.1:9810) or a Unix socket path (anything with a '/').
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
-    /// Also listen on TCP (e.g. 127.0.0.1:10809). NBD has no authentication and no encryption
-    /// here: anyone who reaches the port can read and write every export. Only loopback
-    /// addresses are accepted unless --allow-remote is given.
+    /// Also listen on TCP (e.g. 127.0.0.1:10809). NBD has no authentication without TLS: anyone
+    /// who reaches the port can read and write every export. Only loopback addresses are accepted unless --allow-remote
+    /// is given, and then only with --tls require (or --allow-insecure-remote).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<String>,
-    /// Let --tcp listen on a non-loopback address (no authentication: firewall it).
+    /// Let --tcp listen on a non-loopback address; with TLS required (--tls require, the
+    /// default once --tls-creds or --tls-psk is given) unless --allow-insecure-remote.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Let a non-loopback TCP listener (--tcp, or a systemd socket) serve without TLS required:
+    /// anyone who reaches it reads and writes every export (implies --allow-remote).
+    #[arg(long)]
+    pub allow_insecure_remote: bool,
+    /// TLS on NBD connections (STARTTLS): off, on (offered; clients may stay in the clear) or
+    /// require (on TCP every option but STARTTLS is refused before TLS: no downgrade). Default:
+    /// require when --tls-creds or --tls-psk is given, else off. On a Unix socket TLS is offered
+    /// but never required.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub tls: Option<crate::conn::tls::TlsMode>,
+    /// x509 credentials folder: ca-cert.pem, server-cert.pem, server-key.pem (QEMU's
+    /// tls-creds-x509 layout). Reloaded on SIGHUP and control tls-reload.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Pre-shared keys file: IDENTITY:HEXKEY lines (as qemu's tls-creds-psk keys.psk and
+    /// nbdkit's --tls-psk). Reloaded on SIGHUP and control tls-reload.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// Require a client certificate signed by the CA of --tls-creds.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// A TLS identity allowed to connect: a client certificate's subject DN in RFC 4514 form
+    /// (CN=alice,O=example) or a PSK identity. Repeatable; others are disconnected right after
+    /// the TLS handshake. Needs --tls require.
+    #[arg(long = "tls-authz", value_name = "DN-OR-IDENTITY")]
+    pub tls_authz: Vec<String>,
     /// Permission bits of the NBD socket file (--socket), in octal. The vhost-user-blk and
     /// control sockets have their own (--vhost-socket-mode, --control-mode).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
@@ -287,6 +315,22 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     // Block the shutdown signals before any thread exists so every thread inherits the mask;
     // one thread then waits for them synchronously.
     let signals = signals::Signals::block().map_err(|e| setup("blocking signals", e))?;
+    // SIGHUP reloads the TLS credentials (blocked likewise, taken by its own thread).
+    let hangup = if cfg.tls.enabled() {
+        Some(block_hangup().map_err(|e| setup("blocking SIGHUP", e))?)
+    } else {
+        None
+    };
+    let tls = if cfg.tls.enabled() {
+        let server = TlsServer::load(cfg.tls.clone()).map_err(|e| {
+            Error::new(ErrorKind::InvalidArgument)
+                .with_context("loading the TLS credentials")
+                .with_source(e)
+        })?;
+        Some(Arc::new(server))
+    } else {
+        None
+    };
 
     let mut named: Vec<ExportSpec> = cfg.exports.clone();
     if cfg.demo {
@@ -329,6 +373,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         stop.clone(),
         cfg.host.clone(),
     ));
+    if let Some(t) = &tls {
+        let _ = host.tls.set(t.clone());
+    }
     for e in &named {
         let opts = host.disk_options(e.read_only, None);
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
@@ -360,6 +407,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .listeners
             .push(Listener::bind_tcp(addr, listen.allow_remote).map_err(listen_err("--tcp"))?);
     }
+    insecure_remote_check(&created.listeners, &cfg)?;
     for l in &created.listeners {
         l.set_nonblocking().map_err(|e| {
             Error::new(ErrorKind::Listen)
@@ -429,7 +477,11 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         payload_timeout: cfg.conn.payload_timeout,
         idle_timeout: cfg.conn.idle_timeout,
         ring: (cfg.conn.mode == ConnMode::Ring).then(|| engine.clone()),
+        tls: tls.clone(),
     });
+    if let (Some(set), Some(t)) = (hangup, &tls) {
+        spawn_reloader(set, t.clone()).map_err(|e| setup("SIGHUP thread", e))?;
+    }
     signals
         .spawn_waiter(stop.clone())
         .map_err(|e| setup("signal thread", e))?;
@@ -539,6 +591,59 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         Err(e) => tracing::error!(error = %e, "shutdown failed"),
     }
     result
+}
+
+/// Blocks SIGHUP in the calling thread (before any thread starts, so every thread inherits
+/// the mask); [`spawn_reloader`] then takes it.
+fn block_hangup() -> nix::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGHUP);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    Ok(set)
+}
+
+/// The thread that reloads the TLS credentials on each SIGHUP (a failed reload is logged and
+/// the old credentials stay).
+fn spawn_reloader(set: nix::sys::signal::SigSet, tls: Arc<TlsServer>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(_) => {
+                    if let Err(e) = tls.reload() {
+                        tracing::error!(error = %e, "SIGHUP: TLS credentials not reloaded; the old ones stay in use");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sigwait(SIGHUP) failed");
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A TCP listener off loopback (`--tcp` with `--allow-remote`, or one systemd passed) serves
+/// only with TLS required, unless `--allow-insecure-remote` says otherwise.
+fn insecure_remote_check(listeners: &[Listener], cfg: &DaemonConfig) -> Result<()> {
+    if cfg.tls.mode == TlsMode::Require || cfg.listen.allow_insecure_remote {
+        return Ok(());
+    }
+    for l in listeners {
+        let Listener::Tcp(t) = l else { continue };
+        if t.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+            continue;
+        }
+        return Err(Error::invalid(
+            "--tcp",
+            l.describe(),
+            "not a loopback address and TLS is not required: anyone who reaches it could read \
+             and write every export; give --tls-creds DIR or --tls-psk FILE (TLS required), or \
+             --allow-insecure-remote to mean it",
+        ));
+    }
+    Ok(())
 }
 
 /// An [`ErrorKind::Setup`] error: `what` could not be set up.

@@ -12,7 +12,7 @@ use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;
-use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS};
+use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,14 +78,24 @@ pub const METHODS: &[Method] = &[
             p("writable", Kind::Bool, false),
             p("serial", Kind::Str, false),
             p("copy_on_read", Kind::Bool, false),
+            p("tls-authz", Kind::Str, false),
         ],
         summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
                   type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
                   on the Unix socket addr ({type: unix, path} or a path) with num-queues \
                   queues (default and at most the daemon's cores) and serial as GET_ID; \
                   copy_on_read: base reads are also copied into the raw image (default: the \
-                  daemon's --copy-on-read)",
+                  daemon's --copy-on-read); tls-authz: the TLS identities (client \
+                  certificate DNs, PSK identities; a list or one string) allowed to use the \
+                  export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD)",
         call: export_add,
+    },
+    Method {
+        name: "tls-reload",
+        params: &[],
+        summary: "read the TLS credentials (--tls-creds, --tls-psk) again, as SIGHUP does: new \
+                  connections use them, connections already up keep theirs",
+        call: tls_reload,
     },
     Method {
         name: "export-del",
@@ -246,6 +256,50 @@ struct ExportAdd {
     serial: Option<String>,
     #[serde(default, alias = "copy-on-read")]
     copy_on_read: Option<bool>,
+    /// The TLS identities allowed to use the export: a list of strings, or one string.
+    #[serde(default, rename = "tls-authz", alias = "tls_authz")]
+    tls_authz: Option<Value>,
+}
+
+/// `tls-authz`: a non-empty list of non-empty strings (or one string).
+fn tls_authz(v: &Option<Value>) -> Result<Option<Vec<String>>, RpcError> {
+    let list = match v {
+        None => return Ok(None),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid(format!("tls-authz {v:?}: expected a list of strings")))?,
+        Some(other) => {
+            return Err(invalid(format!(
+                "tls-authz {other}: expected a list of strings"
+            )))
+        }
+    };
+    if list.is_empty() || list.iter().any(String::is_empty) {
+        return Err(invalid(
+            "tls-authz: give at least one identity, none empty".into(),
+        ));
+    }
+    Ok(Some(list))
+}
+
+fn tls_reload(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
+    let NoParams {} = params(p)?;
+    let Some(tls) = host.tls.get() else {
+        return Err(RpcError::new(
+            INVALID_PARAMS,
+            "tls-reload: TLS is off (start the daemon with --tls-creds or --tls-psk)",
+        ));
+    };
+    tls.reload().map_err(|e| {
+        RpcError::new(
+            SERVER_ERROR,
+            format!("tls-reload: {e}; the old credentials stay in use"),
+        )
+    })?;
+    Ok(json!({}))
 }
 
 /// How `export-add` serves the export.
@@ -335,8 +389,14 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     }
     let read_only = a.read_only || a.writable == Some(false);
     let opts = host.disk_options(read_only, a.copy_on_read);
+    let authz = tls_authz(&a.tls_authz)?;
     let export = match vhost_params(&a)? {
-        None => host.add_export(&a.name, &a.overlay, opts, Origin::Control)?,
+        None => host.add_export_authz(&a.name, &a.overlay, opts, Origin::Control, authz)?,
+        Some(_) if authz.is_some() => {
+            return Err(invalid(
+                "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),
+            ))
+        }
         Some(v) => host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v)?,
     };
     let info = host
@@ -469,7 +529,7 @@ mod tests {
             extra.insert("no_such_param".into(), json!(1));
             // Parse-only check through each handler's own struct.
             let ok = match m.name {
-                "hello" | "query-exports" | "query-sockets" | "quit" => {
+                "hello" | "query-exports" | "query-sockets" | "quit" | "tls-reload" => {
                     params::<NoParams>(all).map(|_| ())
                 }
                 "export-add" => params::<ExportAdd>(all).map(|_| ()),
@@ -486,7 +546,7 @@ mod tests {
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
             let bad = match m.name {
-                "hello" | "query-exports" | "query-sockets" | "quit" => {
+                "hello" | "query-exports" | "query-sockets" | "quit" | "tls-reload" => {
                     params::<NoParams>(extra).map(|_| ())
                 }
                 "export-add" => params::<ExportAdd>(extra).map(|_| ()),
