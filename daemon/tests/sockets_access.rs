@@ -31,27 +31,6 @@ fn closed_at_once(path: &std::path::Path) -> bool {
     }
 }
 
-/// One sample of `addcow_refused_connections_total{socket="KIND"}` from the metrics socket.
-fn refused_metric(metrics: &std::path::Path, kind: &str) -> u64 {
-    let out = run(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--unix-socket",
-            metrics.to_str().unwrap(),
-            "http://x/metrics",
-        ],
-    );
-    let want = format!("addcow_refused_connections_total{{socket=\"{kind}\"}} ");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .unwrap_or_else(|| panic!("no {want:?} in the metrics:\n{out}"))
-        .trim()
-        .parse()
-        .expect("a count")
-}
-
 /// The NBD socket's allow-list: our uid listed lets nbdinfo in; a list without it (and
 /// without our groups) closes the connection at once, logs it and counts it.
 #[test]
@@ -97,7 +76,7 @@ fn nbd_allow_list_lets_in_listed_uids_only_and_counts_refusals() {
         c.ok("query-sockets", json!({}))["control"]["refused_connections"],
         json!(0)
     );
-    assert_eq!(refused_metric(&metrics, "nbd"), 2);
+    assert_eq!(refused_connections_metric(&metrics, "nbd"), 2);
     b.stop();
 }
 
@@ -142,9 +121,9 @@ fn control_allow_list_and_modes_are_per_socket() {
     );
     d.wait_log("connection refused: peer not in the allow-list");
     wait_until("the control refusal counted", || {
-        refused_metric(&metrics, "control") == 1
+        refused_connections_metric(&metrics, "control") == 1
     });
-    assert_eq!(refused_metric(&metrics, "nbd"), 0);
+    assert_eq!(refused_connections_metric(&metrics, "nbd"), 0);
     d.stop();
 }
 

@@ -46,8 +46,16 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// TCP keepalive: unanswered probes before the connection is dropped.
 pub const KEEPALIVE_PROBES: u32 = 3;
 
-/// The socket's name inside its staging folder.
+/// The socket's name inside its staging folder: this, then `.N` with a number no other
+/// staging folder of the process had. The address a socket is bound at (what `getsockname`
+/// answers, on the listener and on every connection accepted from it) is
+/// `/proc/self/fd/FD/sock.N`, so no two listeners of the process ever share one, even when
+/// their folders' descriptors had the same number: a connection's address tells which listener
+/// it came from (vhost-user-blk finds the connection the library accepted by it).
 const STAGED_NAME: &str = "sock";
+
+/// The number of the next staging folder (see [`STAGED_NAME`]).
+static NEXT_STAGE: AtomicU64 = AtomicU64::new(0);
 /// What a staging folder's name carries after `.NAME.` (then `mkdtemp`'s six characters).
 const STAGE_MARK: &str = "addcow-";
 
@@ -61,6 +69,8 @@ struct Stage {
     dir: PathBuf,
     /// The folder, opened without following symlinks: the socket is reached through it.
     fd: OwnedFd,
+    /// The socket's name in it (see [`STAGED_NAME`]).
+    name: String,
 }
 
 /// A Unix socket file this daemon created.
@@ -235,6 +245,17 @@ impl PeerPolicy {
                 })
             }
         }
+    }
+}
+
+impl PeerPolicy {
+    /// Counts and logs a connection refused because its peer could not be told (`why`), for
+    /// a socket whose connections are accepted by code that cannot check them on accept (the
+    /// vhost-user-blk library's).
+    pub fn refuse_unidentified(&self, why: &str) {
+        REFUSED[self.kind as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(socket = self.kind.name(), why = ?why,
+            "connection refused: cannot tell who the peer is");
     }
 }
 
@@ -568,14 +589,15 @@ impl SocketFile {
         let from = Some(stage.fd.as_raw_fd());
         let r = match renameat2(
             from,
-            STAGED_NAME,
+            stage.name.as_str(),
             None,
             &self.path,
             RenameFlags::RENAME_NOREPLACE,
         ) {
             // File systems without RENAME_NOREPLACE: a plain rename (we hold the path's lock).
             Err(nix::errno::Errno::EINVAL) => {
-                nix::fcntl::renameat(from, STAGED_NAME, None, &self.path).map_err(io::Error::from)
+                nix::fcntl::renameat(from, stage.name.as_str(), None, &self.path)
+                    .map_err(io::Error::from)
             }
             other => other.map_err(io::Error::from),
         };
@@ -641,7 +663,14 @@ impl Stage {
             Ok(fd)
         };
         match stage(&dir) {
-            Ok(fd) => Ok(Stage { dir, fd }),
+            Ok(fd) => Ok(Stage {
+                dir,
+                fd,
+                name: format!(
+                    "{STAGED_NAME}.{}",
+                    NEXT_STAGE.fetch_add(1, Ordering::Relaxed)
+                ),
+            }),
             Err(e) => {
                 let _ = std::fs::remove_dir(&dir);
                 Err(e)
@@ -661,10 +690,11 @@ impl Stage {
         let fd = self.fd.as_raw_fd();
         // Through the folder's descriptor: the socket lands in this very folder whatever
         // happens to the path meanwhile. Without /proc, the folder's path (private to us).
-        let via_fd = PathBuf::from(format!("/proc/self/fd/{fd}/{STAGED_NAME}"));
+        let name = self.name.as_str();
+        let via_fd = PathBuf::from(format!("/proc/self/fd/{fd}/{name}"));
         let sock = match UnixListener::bind(&via_fd) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let direct = self.dir.join(STAGED_NAME);
+                let direct = self.dir.join(name);
                 if direct.as_os_str().len() > MAX_SOCKET_PATH {
                     return Err(("bind (no /proc, and the staging path is too long)", e));
                 }
@@ -675,7 +705,7 @@ impl Stage {
         .map_err(|e| ("bind", e))?;
         fchmodat(
             Some(fd),
-            STAGED_NAME,
+            name,
             Mode::from_bits_truncate(mode),
             FchmodatFlags::FollowSymlink,
         )
@@ -683,14 +713,14 @@ impl Stage {
         if let Some(gid) = group {
             nix::unistd::fchownat(
                 Some(fd),
-                STAGED_NAME,
+                name,
                 None,
                 Some(nix::unistd::Gid::from_raw(gid)),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
             )
             .map_err(|e| ("chgrp", e.into()))?;
         }
-        let st = fstatat(Some(fd), STAGED_NAME, AtFlags::AT_SYMLINK_NOFOLLOW)
+        let st = fstatat(Some(fd), name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| ("stat", e.into()))?;
         Ok((sock, (st.st_dev, st.st_ino)))
     }
@@ -699,7 +729,7 @@ impl Stage {
     fn remove(self) {
         let _ = nix::unistd::unlinkat(
             Some(self.fd.as_raw_fd()),
-            STAGED_NAME,
+            self.name.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
         if let Err(e) = std::fs::remove_dir(&self.dir) {
@@ -737,9 +767,15 @@ fn remove_stale_stages(path: &Path) {
             Ok(m) if m.is_dir() && m.uid() == me => {}
             _ => continue,
         }
-        let sock = dir.join(STAGED_NAME);
-        if std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(&sock);
+        // Its socket: `sock.N` (or `sock`, as older daemons named it).
+        for sock in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let n = sock.file_name();
+            let ours = n.as_bytes() == STAGED_NAME.as_bytes()
+                || n.as_bytes()
+                    .starts_with(format!("{STAGED_NAME}.").as_bytes());
+            if ours && sock.file_type().is_ok_and(|t| t.is_socket()) {
+                let _ = std::fs::remove_file(sock.path());
+            }
         }
         // Fails (and leaves it) when it holds anything else.
         if std::fs::remove_dir(&dir).is_ok() {
@@ -1079,6 +1115,22 @@ mod tests {
         assert!(l.accept().is_ok());
         let peer = PeerCred::of(&UnixStream::pair().unwrap().0).unwrap();
         assert_eq!((peer.uid, peer.gid), (me, gid));
+    }
+
+    /// Listeners bound one after the other (each staging folder's descriptor closed before
+    /// the next is made, so they get the same number) still have addresses of their own.
+    #[test]
+    fn no_two_listeners_share_an_address() {
+        use nix::sys::socket::{getsockname, UnixAddr};
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let mut l = Listener::bind_unix(&dir.path().join(format!("{i}.sock")), 0o600).unwrap();
+            l.publish().unwrap();
+            let a: UnixAddr = getsockname(l.as_raw_fd()).unwrap();
+            assert!(!seen.contains(&a), "{a} bound twice");
+            seen.push(a);
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::jobs::Jobs;
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
 use crate::backend::disk::EngineDisk;
 use crate::backend::probe::LayerFiles;
+use crate::conn::listener::PeerPolicy;
 use crate::nbd::export::{DeleteRefused, Export, Exports};
 use crate::nbd::stats::{Op, Percentiles};
 use crate::nbd::wire;
@@ -265,6 +266,8 @@ pub struct Host {
     /// The NBD listeners' TLS credentials (set once at start when `--tls` is not off), for
     /// `tls-reload`.
     pub tls: std::sync::OnceLock<Arc<crate::conn::tls::TlsServer>>,
+    /// Who may connect to the sockets of those exports (`--vhost-socket-allow-uid/gid`).
+    vhost_policy: Option<Arc<PeerPolicy>>,
 }
 
 impl Host {
@@ -290,7 +293,14 @@ impl Host {
             shards,
             vhost: Mutex::new(HashMap::new()),
             tls: std::sync::OnceLock::new(),
+            vhost_policy: None,
         }
+    }
+
+    /// The host, whose vhost-user-blk exports let in only the frontends `policy` allows.
+    pub fn with_vhost_policy(mut self, policy: Arc<PeerPolicy>) -> Host {
+        self.vhost_policy = Some(policy);
+        self
     }
 
     /// What the host was built with.
@@ -347,7 +357,7 @@ impl Host {
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
         let export = self.add_export(name, overlay, opts, origin)?;
         let served = bound
-            .serve(export.backend.clone(), overlay)
+            .serve(export.backend.clone(), overlay, self.vhost_policy.clone())
             .map_err(vhost_err)
             .and_then(|v| match socket_dir.as_ref().map(|d| d.verify_bound()) {
                 Some(Err(e)) => {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::disk::Backend;
-use crate::conn::listener::{ListenError, Listener, SocketFile};
+use crate::conn::listener::{ListenError, Listener, PeerPolicy, SocketFile};
 use crate::vhost::VhostServer;
 
 /// What `export-add` asks of a vhost-user-blk export.
@@ -99,12 +99,14 @@ pub struct VhostExport {
 }
 
 impl BoundSocket {
-    /// Starts serving `disk` (whose overlay is `overlay`, for the default serial) and makes
-    /// the socket appear at its path.
+    /// Starts serving `disk` (whose overlay is `overlay`, for the default serial) to the
+    /// frontends `policy` lets in (the daemon's `--vhost-socket-allow-uid/gid`), and makes the
+    /// socket appear at its path.
     pub fn serve(
         self,
         disk: Arc<dyn Backend>,
         overlay: &Path,
+        policy: Option<Arc<PeerPolicy>>,
     ) -> Result<VhostExport, VhostSetupError> {
         let path = self.params.socket.clone();
         let serial = self.params.serial.clone().unwrap_or_else(|| {
@@ -121,8 +123,9 @@ impl BoundSocket {
             .listener
             .into_unix()
             .ok_or_else(|| start(std::io::Error::other("not a Unix socket listener")))?;
-        let mut server = VhostServer::start(sock, &path, disk, self.num_queues, serial.clone())
-            .map_err(start)?;
+        let mut server =
+            VhostServer::start(sock, &path, disk, self.num_queues, serial.clone(), policy)
+                .map_err(start)?;
         let mut file = file;
         if let Some(f) = &mut file {
             if let Err(e) = f.publish() {

@@ -11,6 +11,8 @@
 //! * [`mark`]: `POINT.reached` is created every time the point is passed (nothing to arm).
 //! * [`fail`]: `POINT.fail` exists → it is removed and `true` is returned once (the caller fails
 //!   the step as if it had failed for real).
+//! * [`duration`]: `NAME.ms` holds a number of milliseconds → the caller waits that long in
+//!   place of its own timeout (a test that cannot wait for the real one).
 
 use std::path::PathBuf;
 #[cfg(debug_assertions)]
@@ -56,4 +58,11 @@ pub fn mark(point: &str) {
 /// Whether a test asked the step at `point` to fail (once; see the module docs).
 pub fn fail(point: &str) -> bool {
     dir().is_some_and(|d| std::fs::remove_file(d.join(format!("{point}.fail"))).is_ok())
+}
+
+/// A duration a test set in place of the timeout `name` (see the module docs), read each time.
+pub fn duration(name: &str) -> Option<Duration> {
+    let d = dir()?;
+    let text = std::fs::read_to_string(d.join(format!("{name}.ms"))).ok()?;
+    text.trim().parse().ok().map(Duration::from_millis)
 }

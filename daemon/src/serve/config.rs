@@ -99,6 +99,13 @@ pub struct ListenConfig {
     pub vhost_socket_mode: u32,
     /// `--vhost-socket-group`: group of the vhost-user-blk socket file. Default: the daemon's.
     pub vhost_socket_group: Option<u32>,
+    /// `--vhost-socket-allow-uid`: the only users whose frontends are served on the
+    /// vhost-user-blk sockets (the command line's and export-add's; see `socket_allow_uid`).
+    /// Default: whoever can open the socket file.
+    pub vhost_socket_allow_uid: Vec<u32>,
+    /// `--vhost-socket-allow-gid`: the only groups whose members' frontends are served on the
+    /// vhost-user-blk sockets.
+    pub vhost_socket_allow_gid: Vec<u32>,
     /// `--control-mode`: permission bits of the control socket file. Default 0600.
     pub control_mode: u32,
     /// `--control-group`: group of the control socket file. Default: the daemon's.
@@ -248,6 +255,8 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 socket_allow_gid: args.socket_allow_gid,
                 vhost_socket_mode: mode("--vhost-socket-mode", args.vhost_socket_mode)?,
                 vhost_socket_group: args.vhost_socket_group,
+                vhost_socket_allow_uid: args.vhost_socket_allow_uid,
+                vhost_socket_allow_gid: args.vhost_socket_allow_gid,
                 control_mode: mode("--control-mode", args.control_mode)?,
                 control_group: args.control_group,
                 control_allow_uid: args.control_allow_uid,
@@ -550,6 +559,8 @@ mod tests {
                 socket_allow_gid: vec![],
                 vhost_socket_mode: 0o600,
                 vhost_socket_group: None,
+                vhost_socket_allow_uid: vec![],
+                vhost_socket_allow_gid: vec![],
                 control_mode: 0o600,
                 control_group: None,
                 control_allow_uid: vec![],
@@ -674,6 +685,10 @@ mod tests {
             "0640",
             "--vhost-socket-group",
             "3",
+            "--vhost-socket-allow-uid",
+            "8,9",
+            "--vhost-socket-allow-gid",
+            "10",
             "--control",
             "/c",
             "--control-mode",
@@ -701,6 +716,10 @@ mod tests {
         assert_eq!(
             (l.vhost_socket_mode, l.vhost_socket_group),
             (0o640, Some(3))
+        );
+        assert_eq!(
+            (&l.vhost_socket_allow_uid[..], &l.vhost_socket_allow_gid[..]),
+            (&[8, 9][..], &[10][..])
         );
         assert_eq!((l.control_mode, l.control_group), (0o700, Some(4)));
         assert_eq!(

@@ -135,6 +135,18 @@ pub struct ServeArgs {
     /// Group of the --vhost-user-blk socket file (a name or a number).
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub vhost_socket_group: Option<u32>,
+    /// Let only these users' frontends be served on the vhost-user-blk sockets (--vhost-user-blk
+    /// and export-add's), checked on each connection with SO_PEERCRED (names or numbers,
+    /// comma-separated or repeated; with --vhost-socket-allow-gid a peer matching either gets
+    /// in; the daemon's own user is not implied). A refused frontend is disconnected before
+    /// any request of it is served, logged and counted (addcow_refused_connections_total,
+    /// query-sockets).
+    #[arg(long, value_name = "USER", value_delimiter = ',', value_parser = parse_user)]
+    pub vhost_socket_allow_uid: Vec<u32>,
+    /// Let only members of these groups (primary or supplementary) be served on the
+    /// vhost-user-blk sockets; see --vhost-socket-allow-uid.
+    #[arg(long, value_name = "GROUP", value_delimiter = ',', value_parser = parse_group)]
+    pub vhost_socket_allow_gid: Vec<u32>,
     /// Permission bits of the control socket file, in octal. Whoever connects can add and
     /// remove exports and open files in the allowed folders: keep it narrow.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
@@ -366,13 +378,21 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .with_source(e)
     })?;
     let (stop, waker) = signals::Stop::new().map_err(|e| setup("stop pipe", e))?;
-    let host = Arc::new(Host::new(
-        Some(engine.clone()),
-        Exports::new(Vec::new()),
-        allowed,
-        stop.clone(),
-        cfg.host.clone(),
+    let vhost_policy = Arc::new(listener::PeerPolicy::new(
+        listener::SocketKind::Vhost,
+        &cfg.listen.vhost_socket_allow_uid,
+        &cfg.listen.vhost_socket_allow_gid,
     ));
+    let host = Arc::new(
+        Host::new(
+            Some(engine.clone()),
+            Exports::new(Vec::new()),
+            allowed,
+            stop.clone(),
+            cfg.host.clone(),
+        )
+        .with_vhost_policy(vhost_policy.clone()),
+    );
     if let Some(t) = &tls {
         let _ = host.tls.set(t.clone());
     }
@@ -422,7 +442,14 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .map_err(listen_err("--vhost-user-blk"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.vhost = file;
-            vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
+            vhost_server = Some(start_vhost(
+                sock,
+                p,
+                &host,
+                &named,
+                engine.cores(),
+                vhost_policy.clone(),
+            )?);
         }
     }
     if let Some(c) = &cfg.control {
@@ -661,13 +688,15 @@ fn listen_err(flag: &'static str) -> impl Fn(listener::ListenError) -> Error {
 
 /// Serves the default export over vhost-user-blk on `sock` (bound at `socket`, with the same
 /// hygiene as the NBD socket), with one queue per engine core and the overlay's file name (at
-/// most 20 bytes) as its GET_ID serial. The configuration guarantees a default export.
+/// most 20 bytes) as its GET_ID serial, to the frontends `policy` lets in. The configuration
+/// guarantees a default export.
 fn start_vhost(
     sock: std::os::unix::net::UnixListener,
     socket: &Path,
     host: &Host,
     named: &[ExportSpec],
     cores: usize,
+    policy: Arc<listener::PeerPolicy>,
 ) -> Result<crate::vhost::VhostServer> {
     let vhost_err = |kind| {
         Error::new(kind)
@@ -685,9 +714,15 @@ fn start_vhost(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let queues = u16::try_from(cores).unwrap_or(u16::MAX);
-    let server =
-        crate::vhost::VhostServer::start(sock, socket, export.backend.clone(), queues, serial)
-            .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
+    let server = crate::vhost::VhostServer::start(
+        sock,
+        socket,
+        export.backend.clone(),
+        queues,
+        serial,
+        Some(policy),
+    )
+    .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
     tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
     Ok(server)
 }

@@ -31,7 +31,8 @@ use addcow_engine::sync::{lock, write};
 /// value, well past the engine's default remote base timeout (`--base-timeout`, 30 s), so that
 /// chains waiting on an image server that stopped answering fail and are answered before the
 /// frontend is told where the ring stands. If it still fires, the queue is fenced: the chains
-/// still in flight add no used entry to the ring any more ([`Queue::fence`]).
+/// still in flight add no used entry to the ring any more ([`Queue::fence`]). A test sets a
+/// shorter one with the `stop-vring-wait` test seam (debug builds only).
 pub const STOP_VRING_WAIT: Duration = Duration::from_secs(75);
 
 /// Bytes of daemon memory that one queue's chains in flight may bounce through; popping stops
@@ -54,7 +55,7 @@ pub struct BlkDevice {
 
 impl BlkDevice {
     /// A device serving `disk` as described by `config`; its chains in flight are counted in
-    /// `activity`.
+    /// `activity`. It serves nothing until [`BlkDevice::authorize`]d.
     pub fn new(disk: Arc<dyn Backend>, config: DeviceConfig, activity: Arc<Activity>) -> BlkDevice {
         Self::with_limits(disk, config, activity, BOUNCE_CAP, true)
     }
@@ -76,6 +77,7 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
                 ring_error_logged: AtomicBool::new(false),
                 io_errors: LogLimit::new(IO_ERROR_LOG_EVERY),
+                authorized: AtomicBool::new(false),
                 batch_bytes,
                 direct,
             }),
@@ -108,6 +110,16 @@ impl BlkDevice {
         }
         *lock(&self.vrings) = vrings;
         Ok(())
+    }
+
+    /// Lets the frontend be served (its peer passed the socket's allow-list, or there is
+    /// none): from now on its queues pop chains, and each bound queue looks at its ring once
+    /// (chains it posted while it waited are served without another kick).
+    pub fn authorize(&self) {
+        self.inner.authorized.store(true, Ordering::SeqCst);
+        for v in lock(&self.vrings).iter() {
+            v.poke();
+        }
     }
 
     /// Stops polling every queue's kick (the frontend is gone). Chains in flight still
@@ -181,7 +193,8 @@ impl VhostUserBackend for BlkDevice {
         // GET_VRING_BASE: the library marked the queue not ready (no chain is popped from it
         // any more); every popped chain is answered first, so its used entry lands before the
         // frontend reads where the ring stands.
-        let deadline = Instant::now() + STOP_VRING_WAIT;
+        let wait = crate::process::seam::duration("stop-vring-wait").unwrap_or(STOP_VRING_WAIT);
+        let deadline = Instant::now() + wait;
         if self
             .inner
             .activity
@@ -195,7 +208,7 @@ impl VhostUserBackend for BlkDevice {
             }
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("queue {queue_index}: requests still in flight after {STOP_VRING_WAIT:?}"),
+                format!("queue {queue_index}: requests still in flight after {wait:?}"),
             ))
         }
     }
@@ -330,6 +343,7 @@ mod tests {
             false,
         );
         dev.update_memory(mem.clone()).unwrap();
+        dev.authorize();
         let v = vring(
             &mem,
             ring.desc_table_addr().0,
@@ -388,6 +402,7 @@ mod tests {
                 direct,
             );
             dev.update_memory(mem.clone()).unwrap();
+            dev.authorize();
             let v = vring(
                 &mem,
                 ring.desc_table_addr().0,
@@ -421,6 +436,53 @@ mod tests {
         }
     }
 
+    /// A device not authorized pops nothing however often its queue is served (kicks,
+    /// pokes); once authorized, the same queue serves what was posted meanwhile.
+    #[test]
+    fn a_device_serves_nothing_until_authorized() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+        chains(&guard, &ring, 2, 512, false, |k| 0x20000 + k * 0x1000);
+        let disk = MemDisk::new(1 << 20, false);
+        let dev = BlkDevice::new(disk.clone(), config(1 << 20), Arc::new(Activity::new(1)));
+        dev.update_memory(mem.clone()).unwrap();
+        let v = vring(
+            &mem,
+            ring.desc_table_addr().0,
+            ring.avail_addr().0,
+            ring.used_addr().0,
+        );
+        let q = dev.queue(0, &v);
+        let submitted = std::cell::Cell::new(0);
+        let mut submit = |req: Request, done: Completion| {
+            submitted.set(submitted.get() + 1);
+            disk.submit(0, req, done)
+        };
+        let used =
+            |g: &GuestMemoryMmap| -> u16 { g.read_obj(ring.used_addr().unchecked_add(2)).unwrap() };
+        for _ in 0..3 {
+            q.serve(&mut submit);
+        }
+        assert_eq!(used(&guard), 0, "a chain was answered before authorization");
+        assert_eq!(
+            submitted.get(),
+            0,
+            "a request was submitted before authorization"
+        );
+        assert!(
+            disk.data.lock().unwrap()[..1024].iter().all(|&b| b == 0xab),
+            "a write landed before authorization"
+        );
+        dev.authorize();
+        q.serve(&mut submit);
+        assert_eq!(used(&guard), 2, "both chains served once authorized");
+        assert_eq!(submitted.get(), 2);
+        assert!(disk.data.lock().unwrap()[..512].iter().all(|&b| b == 1));
+    }
+
     #[test]
     fn a_ring_outside_guest_memory_is_reported_not_fatal() {
         let mem = GuestMemoryAtomic::new(
@@ -429,6 +491,7 @@ mod tests {
         let disk = MemDisk::new(1 << 20, false);
         let dev = BlkDevice::new(disk.clone(), config(1 << 20), Arc::new(Activity::new(1)));
         dev.update_memory(mem.clone()).unwrap();
+        dev.authorize();
         // The available ring's index is inside memory (and says 5 chains wait); its entries and
         // the descriptor table are not.
         let v = vring(&mem, 0x20000, 0xfffc, 0x30000);

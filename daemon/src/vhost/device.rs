@@ -66,6 +66,9 @@ pub(super) struct Inner {
     pub(super) ring_error_logged: AtomicBool,
     /// Rate limit of the warnings for requests that failed.
     pub(super) io_errors: LogLimit,
+    /// The frontend may be served: no chain is popped from any queue before this is set (its
+    /// peer is checked against the socket's allow-list first), and never when it stays unset.
+    pub(super) authorized: AtomicBool,
 }
 
 #[cfg(test)]

@@ -11,14 +11,17 @@
 //!
 //! Modules: [`activity`] (chains in flight per queue; stopping them), [`config`] (features
 //! and config space), [`request`] (one chain), [`queue`] (one queue on its core), [`vring`]
-//! (the library's vring with its kick handed to a core), [`backend`] (the device), and here the
-//! listener that serves one frontend at a time and waits for the next when it goes
-//! (reconnect).
+//! (the library's vring with its kick handed to a core), [`backend`] (the device), [`peer`]
+//! (who the frontend is), and here the listener that serves one frontend at a time and waits
+//! for the next when it goes (reconnect). With an allow-list (`--vhost-socket-allow-uid`,
+//! `--vhost-socket-allow-gid`), a frontend's queues serve nothing until its peer credentials
+//! passed it; a frontend refused is disconnected, logged and counted.
 
 pub mod activity;
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod peer;
 pub mod queue;
 pub mod request;
 pub mod vring;
@@ -37,6 +40,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::disk::Backend;
+use crate::conn::listener::PeerPolicy;
 use activity::Activity;
 use addcow_engine::sync::lock;
 use backend::BlkDevice;
@@ -119,18 +123,26 @@ impl Connection {
 impl VhostServer {
     /// Serves `disk` on the bound socket `sock` (a blocking listener; `socket` is its path, for
     /// logs) from a thread, with `num_queues` request queues (queue q is served by engine core
-    /// q modulo the core count) and `serial` as the GET_ID answer. The caller owns the socket
-    /// file (binding, publishing and removing it).
+    /// q modulo the core count) and `serial` as the GET_ID answer, to frontends `policy` lets
+    /// in (`None` or an empty policy: whoever can open the socket file). The caller owns the
+    /// socket file (binding, publishing and removing it).
     pub fn start(
         sock: UnixListener,
         socket: &Path,
         disk: Arc<dyn Backend>,
         num_queues: u16,
         serial: String,
+        policy: Option<Arc<PeerPolicy>>,
     ) -> io::Result<VhostServer> {
         // Accepting must block: the library's accept loop retries at once on EAGAIN.
         sock.set_nonblocking(false)?;
         let accept_side = sock.try_clone()?;
+        let policy = policy.filter(|p| p.restricts());
+        // Kept to find each accepted connection by the listener's address (see `peer`).
+        let checked_side = match policy {
+            Some(_) => Some(sock.try_clone()?),
+            None => None,
+        };
         let mut listener = Listener::from(sock);
         let config = DeviceConfig {
             size: disk.size(),
@@ -148,7 +160,11 @@ impl VhostServer {
         let thread = std::thread::Builder::new()
             .name("addcow-vhost".into())
             .spawn(move || loop {
-                let result = serve_one(&mut listener, &disk, &config, &acts, &thread_conn);
+                let gate = policy
+                    .as_ref()
+                    .zip(checked_side.as_ref())
+                    .map(|(p, l)| (p.as_ref(), l));
+                let result = serve_one(&mut listener, &disk, &config, &acts, &thread_conn, gate);
                 if thread_conn.stopped() {
                     tracing::info!(socket = %path.display(), "vhost-user-blk listener stopped");
                     return;
@@ -263,15 +279,31 @@ fn wait_for_previous_chains(activity: &Activity, conn: &Connection) {
 }
 
 /// Accepts one frontend and serves it until it disconnects; then stops the queue workers and
-/// waits for its chains in flight.
+/// waits for its chains in flight. With `gate` (the allow-list, and the listening socket to
+/// find the accepted connection by), the frontend is served only once its peer passed the
+/// list; one refused (or whose connection cannot be told) is disconnected at once, before any
+/// chain of it was popped.
 fn serve_one(
     listener: &mut Listener,
     disk: &Arc<dyn Backend>,
     config: &DeviceConfig,
     activity: &Arc<Activity>,
     conn: &Connection,
+    gate: Option<(&PeerPolicy, &UnixListener)>,
 ) -> Result<(), String> {
     let device = BlkDevice::new(Arc::clone(disk), config.clone(), Arc::clone(activity));
+    // The connections open before the accept, to tell the new one apart.
+    let gate = match gate {
+        Some((policy, sock)) => Some((
+            policy,
+            peer::Snapshot::take(sock)
+                .map_err(|e| format!("listing the connections of the socket: {e}"))?,
+        )),
+        None => {
+            device.authorize();
+            None
+        }
+    };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let (daemon, vrings) =
         vring::collect(|| VhostUserDaemon::new("addcow-vhost-conn".into(), device.clone(), mem));
@@ -283,6 +315,17 @@ fn serve_one(
         .start(listener)
         .map_err(|e| format!("accepting a frontend: {e}"))
         .map(|()| {
+            if let Some((policy, snapshot)) = &gate {
+                if !snapshot.admit(policy) {
+                    // Nothing was popped: the device is not authorized. The library's thread
+                    // ends once its socket is shut down.
+                    if let Some(h) = daemon.shutdown_handle() {
+                        h.shutdown();
+                    }
+                    return daemon.wait();
+                }
+                device.authorize();
+            }
             tracing::info!("vhost-user-blk frontend connected");
             conn.connected(daemon.shutdown_handle());
             let r = daemon.wait();

@@ -273,6 +273,11 @@ impl Queue {
         submit: &mut dyn FnMut(Request, Completion),
         budget: &mut usize,
     ) -> io::Result<Pumped> {
+        // A frontend not authorized (yet) is not served: `BlkDevice::authorize` wakes the
+        // queue when it is.
+        if !self.dev.authorized.load(Ordering::SeqCst) {
+            return Ok(Pumped::Held);
+        }
         let Some(atomic) = read(&self.dev.mem).clone() else {
             return Ok(Pumped::Held);
         };

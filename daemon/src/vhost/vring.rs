@@ -141,7 +141,8 @@ impl CoreVring {
         }
     }
 
-    fn poke(&self) {
+    /// Wakes the bound queue's poll as a kick would (nothing when unbound).
+    pub(super) fn poke(&self) {
         let q = self.lock().binding.as_ref().map(|b| Arc::clone(&b.queue));
         if let Some(q) = q {
             q.poke();

@@ -581,6 +581,27 @@ impl Drop for HoldingClient {
     }
 }
 
+/// One sample (over a Unix metrics socket, with curl) of `addcow_refused_connections_total{socket="KIND"}` from the metrics socket.
+pub fn refused_connections_metric(metrics: &std::path::Path, kind: &str) -> u64 {
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--unix-socket",
+            metrics.to_str().unwrap(),
+            "http://x/metrics",
+        ],
+    );
+    let want = format!("addcow_refused_connections_total{{socket=\"{kind}\"}} ");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .unwrap_or_else(|| panic!("no {want:?} in the metrics:\n{out}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
 /// Polls `cond` every 10 ms until it holds; fails after 30 s naming `what` (counters of a
 /// connection that just ended settle a moment after the client saw its last reply).
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -177,6 +177,11 @@ impl Memory {
     }
 }
 
+/// Turns a failed step's error into a message naming the step.
+fn step<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
 /// One frontend connection with queue 0 running.
 pub struct Hostile {
     pub fe: Frontend,
@@ -189,15 +194,30 @@ impl Hostile {
     /// Connects to `sock`, maps `mem`, starts queue 0 of [`RING`] entries at avail index
     /// `base`, with `call` as its call fd and, if `event_idx`, VIRTIO_RING_F_EVENT_IDX.
     pub fn connect(sock: &Path, mem: &Memory, call: Call, event_idx: bool) -> Hostile {
-        let mut fe = Frontend::connect(sock, 1).expect("vhost-user connect");
-        fe.set_owner().expect("SET_OWNER");
-        let offered = fe.get_features().expect("GET_FEATURES");
+        Self::try_connect(sock, mem, call, event_idx).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Hostile::connect`], with the step that failed (the daemon refused or closed the
+    /// connection) as an error in place of a panic.
+    pub fn try_connect(
+        sock: &Path,
+        mem: &Memory,
+        call: Call,
+        event_idx: bool,
+    ) -> Result<Hostile, String> {
+        let mut fe = Frontend::connect(sock, 1).map_err(step("vhost-user connect"))?;
+        fe.set_owner().map_err(step("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(step("GET_FEATURES"))?;
         let want = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
-        assert_eq!(offered & want, want, "features offered: {offered:#x}");
-        fe.set_features(want).expect("SET_FEATURES");
-        let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        if offered & want != want {
+            return Err(format!("features offered: {offered:#x}"));
+        }
+        fe.set_features(want).map_err(step("SET_FEATURES"))?;
+        let pf = fe
+            .get_protocol_features()
+            .map_err(step("GET_PROTOCOL_FEATURES"))?;
         fe.set_protocol_features(pf & VhostUserProtocolFeatures::MQ)
-            .expect("SET_PROTOCOL_FEATURES");
+            .map_err(step("SET_PROTOCOL_FEATURES"))?;
         let host = mem
             .mem
             .get_host_address(GuestAddress(0))
@@ -209,8 +229,8 @@ impl Hostile {
             mmap_offset: 0,
             mmap_handle: mem.file.as_raw_fd(),
         }])
-        .expect("SET_MEM_TABLE");
-        fe.set_vring_num(0, RING).expect("SET_VRING_NUM");
+        .map_err(step("SET_MEM_TABLE"))?;
+        fe.set_vring_num(0, RING).map_err(step("SET_VRING_NUM"))?;
         fe.set_vring_addr(
             0,
             &VringConfigData {
@@ -223,9 +243,9 @@ impl Hostile {
                 log_addr: None,
             },
         )
-        .expect("SET_VRING_ADDR");
+        .map_err(step("SET_VRING_ADDR"))?;
         fe.set_vring_base(0, mem.avail_idx())
-            .expect("SET_VRING_BASE");
+            .map_err(step("SET_VRING_BASE"))?;
         let (call_fd, keep): (OwnedFd, Option<OwnedFd>) = match call {
             Call::EventFd => {
                 let e = EventFd::new(EFD_NONBLOCK).expect("eventfd");
@@ -245,16 +265,19 @@ impl Hostile {
         // The vhost crate takes an EventFd; any fd goes over the socket as it is.
         // SAFETY: a dup of `call_fd` owned by the temporary EventFd, closed when it drops.
         let as_eventfd = unsafe { EventFd::from_raw_fd(libc::dup(call_fd.as_raw_fd())) };
-        fe.set_vring_call(0, &as_eventfd).expect("SET_VRING_CALL");
+        fe.set_vring_call(0, &as_eventfd)
+            .map_err(step("SET_VRING_CALL"))?;
         drop(as_eventfd);
         let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-        fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
-        Hostile {
+        fe.set_vring_kick(0, &kick)
+            .map_err(step("SET_VRING_KICK"))?;
+        fe.set_vring_enable(0, true)
+            .map_err(step("SET_VRING_ENABLE"))?;
+        Ok(Hostile {
             fe,
             kick,
             _call: (call_fd, keep),
-        }
+        })
     }
 
     pub fn kick(&self) {
