@@ -2,7 +2,7 @@
 //! answer (data and status byte) back into guest memory.
 //!
 //! The descriptor chain is walked once (by the caller, into a list of [`Descriptor`]s); every
-//! length check, every copy and every borrowed buffer is made from that one list, so a guest
+//! length check, every copy and every lent buffer is made from that one list, so a guest
 //! that changes its descriptor table while the chain is parsed cannot pass a check with one
 //! length and be served with another. Every descriptor is checked against the frontend's
 //! memory table first: one outside the guest's regions fails the chain here, before any byte
@@ -10,8 +10,9 @@
 //!
 //! Data moves in one of two ways. **Direct**: a READ or WRITE whose data is one descriptor,
 //! contiguous in the daemon's mapping of guest memory and aligned to [`BUF_ALIGN`], is handed to
-//! the engine as a borrowed [`IoBuf`] pointing into guest memory (the engine reads into it or
-//! writes from it; no copy here). The buffer keeps the memory table's mapping (an `Arc`) alive
+//! the engine as a [`LentBuf`] pointing into guest memory (the engine reads into it or writes
+//! from it; no copy here; it gives no reference to the guest's bytes, which the guest may be
+//! changing). The buffer keeps the memory table's mapping (an `Arc`) alive
 //! until the request is answered, so a frontend that disconnects or replaces its memory table
 //! mid-request cannot unmap it under the I/O. **Bounce**: anything else is copied through an
 //! engine buffer (WRITE: out of the guest before submitting; READ: into the guest when
@@ -21,7 +22,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use addcow_engine::io::BUF_ALIGN;
-use addcow_engine::{Done, IoBuf, Request, RequestError};
+use addcow_engine::{DataBuf, Done, IoBuf, LentBuf, Request, RequestError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -89,11 +90,11 @@ impl Pending {
     pub fn complete(&mut self, r: Result<Done, RequestError>) -> Option<RequestError> {
         self.outstanding = self.outstanding.saturating_sub(1);
         match r {
-            Ok(Done::Read(buf)) if buf.is_borrowed() => {
+            Ok(Done::Filled(DataBuf::Lent(buf))) => {
                 // Read straight into the guest's buffer.
                 self.written = self.written.saturating_add(buf.len() as u32);
             }
-            Ok(Done::Read(buf)) => {
+            Ok(Done::Read(buf) | Done::Filled(DataBuf::Owned(buf))) => {
                 if self.copy_out(&buf) {
                     self.written = self.written.saturating_add(buf.len() as u32);
                 } else {
@@ -206,10 +207,10 @@ fn pieces(
     out
 }
 
-/// A borrowed engine buffer over the single piece `data` of guest memory, when it is one
+/// A lent engine buffer over the single piece `data` of guest memory, when it is one
 /// contiguous range of the daemon's mapping aligned to [`BUF_ALIGN`]; `None` otherwise (then
 /// the request bounces).
-fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Option<IoBuf> {
+fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Option<LentBuf> {
     let [(addr, len)] = *data else {
         return None;
     };
@@ -224,10 +225,9 @@ fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Opt
     // region of `mem` (get_slice checked the range), which is a MAP_SHARED mapping readable and
     // writable by the daemon. `keep` holds the `GuestMemoryMmap` whose regions own that mapping,
     // so it stays mapped until the buffer is dropped, whatever the frontend does meanwhile.
-    // Nothing in the daemon holds a Rust reference into guest memory (it is only accessed
-    // through volatile slices); the guest itself may write its buffer concurrently, which can
-    // only tear the data of its own request.
-    Some(unsafe { IoBuf::borrowed(ptr, len, keep) })
+    // The guest may write its buffer concurrently: a LentBuf makes no reference into it (raw
+    // pointers and copies only), and a torn copy only tears the data of its own request.
+    Some(unsafe { LentBuf::new(ptr, len, keep) })
 }
 
 /// Checks the virtio rule that every device-readable descriptor precedes every device-writable
@@ -396,7 +396,10 @@ pub fn parse(
                 match limits.direct.then(|| direct_buf(mem, &data_out)).flatten() {
                     Some(buf) => {
                         pending.direct = true;
-                        reqs.push(Request::ReadInto { offset, buf });
+                        reqs.push(Request::ReadInto {
+                            offset,
+                            buf: buf.into(),
+                        });
                     }
                     None => {
                         pending.bounced = len;
@@ -419,10 +422,11 @@ pub fn parse(
             };
             if len > 0 {
                 let pieces = pieces(&readable, HEADER_LEN, 0);
-                let data = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
+                let data: DataBuf = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten()
+                {
                     Some(buf) => {
                         pending.direct = true;
-                        buf
+                        buf.into()
                     }
                     None => {
                         let mut buf = alloc(len);
@@ -431,7 +435,7 @@ pub fn parse(
                             return ioerr(pending.status);
                         }
                         pending.bounced = len as u64;
-                        buf
+                        buf.into()
                     }
                 };
                 reqs.push(Request::Write { offset, data, fua });
@@ -513,7 +517,7 @@ pub fn parse(
 /// its top bits, the limits (read-only, writeback, direct); then 9 bytes per descriptor (guest
 /// address u32 LE, length u32 LE, flags: bit 0 device-writable); the rest fills 64 KiB of guest
 /// memory. Checks what the parser promises: every engine request lies inside the disk and the
-/// request limit, a borrowed buffer is no wider than the range checked, and the chain is answered.
+/// request limit, a lent buffer is no wider than the range checked, and the chain is answered.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_parse(data: &[u8]) {
     const MEM: usize = 64 << 10;
@@ -573,7 +577,7 @@ pub fn fuzz_parse(data: &[u8]) {
             }
             Request::ReadInto { offset, buf } => {
                 within(offset, buf.len() as u64);
-                let _ = pending.complete(Ok(Done::Read(buf)));
+                let _ = pending.complete(Ok(Done::Filled(buf)));
             }
             Request::Write { offset, data, .. } => {
                 within(offset, data.len() as u64);
@@ -707,7 +711,9 @@ mod tests {
         match &reqs[..] {
             [Request::Write { offset, data, fua }] => {
                 assert_eq!((*offset, data.len(), *fua), (1024, 512, false));
-                assert!(data.iter().all(|&b| b == 7));
+                let mut got = [0u8; 512];
+                assert!(data.copy_to(0, &mut got));
+                assert!(got.iter().all(|&b| b == 7));
             }
             other => panic!("{other:?}"),
         }
