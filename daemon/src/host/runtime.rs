@@ -18,6 +18,7 @@ use super::jobs::Jobs;
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
 use crate::backend::disk::EngineDisk;
 use crate::backend::probe::LayerFiles;
+use crate::conn::budget::Pool;
 use crate::nbd::export::{DeleteRefused, Export, Exports};
 use crate::nbd::stats::{Op, Percentiles};
 use crate::nbd::wire;
@@ -262,6 +263,9 @@ pub struct Host {
     shards: usize,
     /// Exports served over vhost-user-blk (added with `type: "vhost-user-blk"`), by name.
     vhost: Mutex<HashMap<String, VhostExport>>,
+    /// The daemon's buffer pool, which the vhost-user-blk exports added here bounce through
+    /// (`None`: only their per-queue cap).
+    buffer_pool: Option<Arc<Pool>>,
 }
 
 impl Host {
@@ -286,7 +290,15 @@ impl Host {
             config,
             shards,
             vhost: Mutex::new(HashMap::new()),
+            buffer_pool: None,
         }
+    }
+
+    /// The host with `pool` as the buffer budget of the vhost-user-blk exports it adds (the one
+    /// the NBD connections draw from: `--max-buffer-memory`).
+    pub fn with_buffer_pool(mut self, pool: Arc<Pool>) -> Host {
+        self.buffer_pool = Some(pool);
+        self
     }
 
     /// What the host was built with.
@@ -343,7 +355,7 @@ impl Host {
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
         let export = self.add_export(name, overlay, opts, origin)?;
         let served = bound
-            .serve(export.backend.clone(), overlay)
+            .serve(export.backend.clone(), overlay, self.buffer_pool.clone())
             .map_err(vhost_err)
             .and_then(|v| match socket_dir.as_ref().map(|d| d.verify_bound()) {
                 Some(Err(e)) => {

@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::disk::Backend;
+use crate::conn::budget::Pool;
 use crate::conn::listener::{ListenError, Listener, SocketFile};
 use crate::vhost::VhostServer;
 
@@ -99,12 +100,13 @@ pub struct VhostExport {
 }
 
 impl BoundSocket {
-    /// Starts serving `disk` (whose overlay is `overlay`, for the default serial) and makes
-    /// the socket appear at its path.
+    /// Starts serving `disk` (whose overlay is `overlay`, for the default serial), its bounce
+    /// buffers taken from `pool`, and makes the socket appear at its path.
     pub fn serve(
         self,
         disk: Arc<dyn Backend>,
         overlay: &Path,
+        pool: Option<Arc<Pool>>,
     ) -> Result<VhostExport, VhostSetupError> {
         let path = self.params.socket.clone();
         let serial = self.params.serial.clone().unwrap_or_else(|| {
@@ -121,8 +123,9 @@ impl BoundSocket {
             .listener
             .into_unix()
             .ok_or_else(|| start(std::io::Error::other("not a Unix socket listener")))?;
-        let mut server = VhostServer::start(sock, &path, disk, self.num_queues, serial.clone())
-            .map_err(start)?;
+        let mut server =
+            VhostServer::start(sock, &path, disk, self.num_queues, serial.clone(), pool)
+                .map_err(start)?;
         let mut file = file;
         if let Some(f) = &mut file {
             if let Err(e) = f.publish() {

@@ -322,13 +322,19 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .with_source(e)
     })?;
     let (stop, waker) = signals::Stop::new().map_err(|e| setup("stop pipe", e))?;
-    let host = Arc::new(Host::new(
-        Some(engine.clone()),
-        Exports::new(Vec::new()),
-        allowed,
-        stop.clone(),
-        cfg.host.clone(),
-    ));
+    // The buffer budget of the NBD connections and of the vhost-user-blk queues' bounce
+    // buffers: made before any export is served.
+    let pool = Pool::new(cfg.conn.max_buffer_memory.unwrap_or_else(Pool::default_cap));
+    let host = Arc::new(
+        Host::new(
+            Some(engine.clone()),
+            Exports::new(Vec::new()),
+            allowed,
+            stop.clone(),
+            cfg.host.clone(),
+        )
+        .with_buffer_pool(pool.clone()),
+    );
     for e in &named {
         let opts = host.disk_options(e.read_only, None);
         host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
@@ -374,7 +380,14 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .map_err(listen_err("--vhost-user-blk"))?;
         if let Some((sock, file)) = l.into_unix() {
             created.vhost = file;
-            vhost_server = Some(start_vhost(sock, p, &host, &named, engine.cores())?);
+            vhost_server = Some(start_vhost(
+                sock,
+                p,
+                &host,
+                &named,
+                engine.cores(),
+                pool.clone(),
+            )?);
         }
     }
     if let Some(c) = &cfg.control {
@@ -421,7 +434,6 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         ),
         None => None,
     };
-    let pool = Pool::new(cfg.conn.max_buffer_memory.unwrap_or_else(Pool::default_cap));
     let conn_cfg = Arc::new(ConnConfig {
         exports: host.exports.clone(),
         handshake_timeout: cfg.conn.handshake_timeout,
@@ -563,6 +575,7 @@ fn start_vhost(
     host: &Host,
     named: &[ExportSpec],
     cores: usize,
+    pool: Arc<Pool>,
 ) -> Result<crate::vhost::VhostServer> {
     let vhost_err = |kind| {
         Error::new(kind)
@@ -580,9 +593,15 @@ fn start_vhost(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let queues = u16::try_from(cores).unwrap_or(u16::MAX);
-    let server =
-        crate::vhost::VhostServer::start(sock, socket, export.backend.clone(), queues, serial)
-            .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
+    let server = crate::vhost::VhostServer::start(
+        sock,
+        socket,
+        export.backend.clone(),
+        queues,
+        serial,
+        Some(pool),
+    )
+    .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
     tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");
     Ok(server)
 }

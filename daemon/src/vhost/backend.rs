@@ -247,6 +247,7 @@ mod tests {
             read_only: false,
             serial: String::new(),
             name: "test.sock".into(),
+            pool: None,
         }
     }
 

@@ -313,23 +313,32 @@ fn scatter(mem: &GuestMemoryMmap, to: &[(GuestAddress, usize)], src: &[u8]) -> b
     at == src.len()
 }
 
+/// The daemon's buffer pool has no room for a chain's bounce buffer now: nothing of the chain
+/// was done (nothing allocated, nothing written into guest memory); it is to be parsed again
+/// once memory is given back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NoBounceMemory;
+
 /// Parses the request whose chain (`descs`: the chain walked once, in order) starts at `head`,
 /// over guest memory `mem`. Returns the pending request and the engine requests to submit for
-/// it (none: it is answered already, e.g. GET_ID or a malformed chain). `alloc` gives engine
-/// buffers for bounced WRITE payloads.
+/// it (none: it is answered already, e.g. GET_ID or a malformed chain). A chain that bounces
+/// first takes its bytes with `take` (which must not block: `false` when they cannot be had
+/// now), before anything is allocated; the bytes taken are [`Pending::bounced`], to be given
+/// back when the chain is answered. `alloc` gives engine buffers for bounced WRITE payloads.
 pub fn parse(
     head: u16,
     mem: &Arc<GuestMemoryMmap>,
     descs: &[Descriptor],
     limits: &Limits<'_>,
     alloc: &dyn Fn(usize) -> IoBuf,
-) -> (Pending, Vec<Request>) {
+    take: &mut dyn FnMut(u64) -> bool,
+) -> Result<(Pending, Vec<Request>), NoBounceMemory> {
     let status = status_slot(mem, descs.last());
     let ioerr = |status| {
-        (
+        Ok((
             Pending::answered(head, mem, status, VIRTIO_BLK_S_IOERR),
             Vec::new(),
-        )
+        ))
     };
     if status.is_none() {
         return ioerr(None);
@@ -402,6 +411,9 @@ pub fn parse(
                         });
                     }
                     None => {
+                        if !take(len) {
+                            return Err(NoBounceMemory);
+                        }
                         pending.bounced = len;
                         pending.data = data_out;
                         reqs.push(Request::Read {
@@ -429,12 +441,19 @@ pub fn parse(
                         buf.into()
                     }
                     None => {
-                        let mut buf = alloc(len);
-                        if !gather(mem, &readable, HEADER_LEN, &mut buf[..len]) {
-                            // Dropped unsubmitted: its stale contents never reach the disk.
-                            return ioerr(pending.status);
+                        if !take(len as u64) {
+                            return Err(NoBounceMemory);
                         }
                         pending.bounced = len as u64;
+                        let mut buf = alloc(len);
+                        if !gather(mem, &readable, HEADER_LEN, &mut buf[..len]) {
+                            // Dropped unsubmitted: its stale contents never reach the disk. The
+                            // bytes taken are given back when the IOERR is answered.
+                            let mut failed =
+                                Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_IOERR);
+                            failed.bounced = pending.bounced;
+                            return Ok((failed, Vec::new()));
+                        }
                         buf.into()
                     }
                 };
@@ -477,10 +496,10 @@ pub fn parse(
                     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                 };
                 if flags & !known != 0 || sectors > MAX_ZERO_SECTORS {
-                    return (
+                    return Ok((
                         Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                         Vec::new(),
-                    );
+                    ));
                 }
                 let len = u64::from(sectors) * SECTOR;
                 let Some(offset) = byte_range(start, len, limits.size) else {
@@ -502,14 +521,14 @@ pub fn parse(
             }
         }
         _ => {
-            return (
+            return Ok((
                 Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                 Vec::new(),
-            )
+            ))
         }
     }
     pending.outstanding = reqs.len();
-    (pending, reqs)
+    Ok((pending, reqs))
 }
 
 /// The fuzz target's entry (`fuzz/fuzz_targets/virtio_blk_request.rs`): `data` is a descriptor
@@ -556,7 +575,8 @@ pub fn fuzz_parse(data: &[u8]) {
         direct: first & 0x40 != 0,
     };
     let alloc = |len: usize| IoBuf::new_zeroed(len);
-    let (mut pending, reqs) = parse(0, &mem, &descs, &limits, &alloc);
+    let (mut pending, reqs) =
+        parse(0, &mem, &descs, &limits, &alloc, &mut |_| true).expect("every take succeeds");
     assert_eq!(pending.outstanding, reqs.len());
     let within = |offset: u64, len: u64| {
         assert!(
@@ -654,7 +674,7 @@ mod tests {
         let chain = q.build_desc_chain(&raw).unwrap();
         let list: Vec<Descriptor> = chain.collect();
         let alloc = |n: usize| IoBuf::new_zeroed(n);
-        let (p, reqs) = parse(0, mem, &list, limits, &alloc);
+        let (p, reqs) = parse(0, mem, &list, limits, &alloc, &mut |_| true).expect("memory");
         assert_eq!(p.outstanding, reqs.len());
         let used = p.finish();
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
@@ -842,6 +862,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A chain that bounces takes its bytes before anything is allocated or written; refused,
+    /// it is left as it was (nothing allocated, no status byte). A direct chain takes nothing.
+    #[test]
+    fn a_bounced_chain_without_pool_memory_is_left_untouched() {
+        let mem = memory();
+        let allocs = std::cell::Cell::new(0usize);
+        let alloc = |n: usize| {
+            allocs.set(allocs.get() + 1);
+            IoBuf::new_zeroed(n)
+        };
+        let q = MockSplitQueue::create(&*mem, GuestAddress(0), 16);
+        let chain = |descs: &[(u64, u32, bool)]| -> Vec<Descriptor> {
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|&(a, l, w)| {
+                    let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                    RawDescriptor::from(SplitDescriptor::new(a, l, flags, 0))
+                })
+                .collect();
+            q.build_desc_chain(&raw).unwrap().collect()
+        };
+        let mut asked = Vec::new();
+        for (kind, writable) in [(VIRTIO_BLK_T_OUT, false), (VIRTIO_BLK_T_IN, true)] {
+            header(&mem, kind, 0);
+            mem.write_slice(&[0xee], GuestAddress(STATUS)).unwrap();
+            // Unaligned data: it bounces.
+            let list = chain(&[
+                (HDR, 16, false),
+                (DATA + 512, 4096, writable),
+                (STATUS, 1, true),
+            ]);
+            let mut refuse = |n: u64| {
+                asked.push(n);
+                false
+            };
+            let r = parse(0, &mem, &list, &limits(false), &alloc, &mut refuse);
+            assert_eq!(r.err(), Some(NoBounceMemory), "type {kind}");
+            let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+            assert_eq!(status, 0xee, "type {kind}: nothing written into the guest");
+            // Given the memory, the same chain is served and says what it took.
+            let (p, reqs) =
+                parse(0, &mem, &list, &limits(false), &alloc, &mut |_| true).expect("memory");
+            assert_eq!((p.bounced, reqs.len()), (4096, 1), "type {kind}");
+        }
+        assert_eq!(asked, [4096, 4096]);
+        assert_eq!(
+            allocs.get(),
+            1,
+            "only the WRITE that got its memory allocated"
+        );
+        // Direct (aligned, one piece): nothing to take.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let list = chain(&[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)]);
+        let direct = Limits {
+            direct: true,
+            ..limits(false)
+        };
+        let (p, _) = parse(0, &mem, &list, &direct, &alloc, &mut |_| false).expect("no take");
+        assert!(p.direct && p.bounced == 0);
     }
 
     #[test]
