@@ -361,7 +361,7 @@ fn drive(
                         .unwrap_or_else(|| engine.alloc_buf(p.bs as usize));
                     Request::Write {
                         offset,
-                        data,
+                        data: data.into(),
                         fua: false,
                     }
                 }
@@ -399,9 +399,10 @@ fn drive(
             ops += 1;
             match r? {
                 Done::Read(b) => bytes += b.len() as u64,
+                Done::Filled(b) => bytes += b.len() as u64,
                 Done::Written(b) => {
                     bytes += b.len() as u64;
-                    spare.push(b);
+                    spare.extend(b.into_owned());
                 }
                 Done::Ok | Done::Populated { .. } => {}
             }
@@ -504,7 +505,7 @@ impl CoreSource for CoreGen {
                     Ok(Done::Read(b)) => t.bytes += b.len() as u64,
                     Ok(Done::Written(b)) => {
                         t.bytes += b.len() as u64;
-                        self.spare.push(b);
+                        self.spare.extend(b.into_owned());
                     }
                     Ok(_) => {}
                     Err(e) => t.error = Some(e),
@@ -523,7 +524,7 @@ impl CoreSource for CoreGen {
                 Pattern::RandWrite => match self.spare.pop() {
                     Some(data) => Request::Write {
                         offset,
-                        data,
+                        data: data.into(),
                         fua: false,
                     },
                     None => break,

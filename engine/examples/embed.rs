@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         0,
         Request::Write {
             offset: 8192,
-            data: buf,
+            data: buf.into(),
             fua: false,
         },
         Box::new(move |r| {

@@ -26,7 +26,7 @@ pub mod tls;
 pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::on_core_thread;
 pub use io::{
-    CacheMode, Completion, CoreSource, DepthExtent, Disk, DiskOptions, DiskStats, Done, Engine,
-    EngineConfig, Extent, ExtentKind, IoBuf, Request, RequestError, SendList, SockDone, SockFd,
-    SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
+    CacheMode, Completion, CoreSource, DataBuf, DepthExtent, Disk, DiskOptions, DiskStats, Done,
+    Engine, EngineConfig, Extent, ExtentKind, IoBuf, LentBuf, Request, RequestError, SendList,
+    SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
 };

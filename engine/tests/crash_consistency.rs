@@ -252,7 +252,7 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
                             let data = pattern::write_data(id, off, len as usize);
                             let mut buf = engine.alloc_buf(data.len());
                             buf.copy_from_slice(&data);
-                            (Request::Write { offset: off, data: buf, fua }, data)
+                            (Request::Write { offset: off, data: buf.into(), fua }, data)
                         } else {
                             let req = match kind {
                                 80..=86 => Request::WriteZeroes { offset: off, len, punch: true, fua },

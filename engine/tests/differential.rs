@@ -238,7 +238,7 @@ fn planned(engine: &Engine, ranges: &[(u64, u64)], op: &Op, id: u64) -> Planned 
             buf.copy_from_slice(&data);
             let req = Request::Write {
                 offset,
-                data: buf,
+                data: buf.into(),
                 fua,
             };
             (req, (offset, len), Some(data))

@@ -30,7 +30,7 @@ fn submit_writes(engine: &Engine, disk: &Disk) -> mpsc::Receiver<(u64, Result<()
             i as usize,
             Request::Write {
                 offset: i * LEN as u64,
-                data: buf,
+                data: buf.into(),
                 fua: false,
             },
             Box::new(move |r| {

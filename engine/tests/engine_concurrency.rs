@@ -33,7 +33,7 @@ fn overlapping_subsector_writes_keep_every_writers_bytes() {
                         (t + i) as usize,
                         Request::Write {
                             offset: s * 512 + t * 70,
-                            data: buf,
+                            data: buf.into(),
                             fua: false,
                         },
                         Box::new(move |r| {
@@ -83,7 +83,7 @@ fn overlapping_writes_of_different_shapes_are_serialized_per_range() {
                 core,
                 Request::Write {
                     offset: off,
-                    data: buf,
+                    data: buf.into(),
                     fua: false,
                 },
                 Box::new(move |r| {
@@ -134,7 +134,7 @@ fn flush_through_one_clone_covers_writes_answered_through_another() {
             0,
             Request::Write {
                 offset: i * 65536,
-                data: buf,
+                data: buf.into(),
                 fua: false,
             },
             Box::new(move |r| {
@@ -198,7 +198,7 @@ fn a_tiny_ring_queues_what_does_not_fit_and_never_overflows() {
             model.write(offset, &data);
             Request::Write {
                 offset,
-                data: buf,
+                data: buf.into(),
                 fua: i % 10 == 1,
             }
         };

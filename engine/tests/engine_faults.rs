@@ -451,7 +451,7 @@ fn a_core_that_panics_while_holding_the_range_lock_lets_every_other_write_finish
             i as usize,
             Request::Write {
                 offset: (i % 16) * 512 + 7,
-                data: buf,
+                data: buf.into(),
                 fua: false,
             },
             Box::new(move |r| {

@@ -60,7 +60,7 @@ fn submit(d: &Disk, core: usize, req: Request) -> mpsc::Receiver<Result<(), Stri
 fn write(offset: u64, data: &[u8]) -> Request {
     Request::Write {
         offset,
-        data: IoBuf::from_slice(data),
+        data: IoBuf::from_slice(data).into(),
         fua: false,
     }
 }

@@ -15,7 +15,7 @@ fn write(d: &addcow_engine::Disk, offset: u64, data: IoBuf) {
         0,
         Request::Write {
             offset,
-            data,
+            data: data.into(),
             fua: false,
         },
         Box::new(move |r| {

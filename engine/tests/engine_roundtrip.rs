@@ -312,11 +312,11 @@ fn lend(len: usize) -> std::sync::Arc<Lent> {
     std::sync::Arc::new(Lent { ptr, layout })
 }
 
-fn borrowed(lent: &std::sync::Arc<Lent>, len: usize) -> addcow_engine::IoBuf {
+fn borrowed(lent: &std::sync::Arc<Lent>, len: usize) -> addcow_engine::DataBuf {
     assert!(len <= lent.layout.size());
     // SAFETY: `lent` is 4096-aligned, valid for `len` bytes while the keeper (a clone of the
     // Arc) lives, and the test touches it only after the engine handed the buffer back.
-    unsafe { addcow_engine::IoBuf::borrowed(lent.ptr, len, lent.clone()) }
+    unsafe { addcow_engine::LentBuf::new(lent.ptr, len, lent.clone()) }.into()
 }
 
 fn submit_wait(d: &addcow_engine::Disk, req: Request) -> Done {
@@ -383,10 +383,13 @@ fn borrowed_buffers_are_read_into_and_written_from_and_kept_until_answered() {
                     buf: borrowed(&lent, n),
                 },
             ) {
-                Done::Read(b) => b,
+                Done::Filled(b) => b,
                 other => panic!("{other:?}"),
             };
-            assert!(buf.is_borrowed() && std::ptr::eq(buf.as_ptr(), lent.ptr.as_ptr()));
+            let addcow_engine::DataBuf::Lent(buf) = buf else {
+                panic!("a lent buffer came back owned");
+            };
+            assert!(std::ptr::eq(buf.as_ptr(), lent.ptr.as_ptr()));
             drop(buf);
             // SAFETY: the engine answered and dropped its handle; n bytes are in the allocation.
             let got = unsafe { std::slice::from_raw_parts(lent.ptr.as_ptr(), n) };

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use addcow_engine::{Completion, Done, Extent, ExtentKind, IoBuf, Request, RequestError};
+use addcow_engine::{Completion, DataBuf, Done, Extent, ExtentKind, IoBuf, Request, RequestError};
 
 use super::disk::Backend;
 
@@ -76,18 +76,28 @@ impl Backend for MemDisk {
                 b.copy_from_slice(&d[offset as usize..offset as usize + len as usize]);
                 Ok(Done::Read(b))
             }
-            Request::ReadInto { offset, mut buf } => {
+            Request::ReadInto { offset, buf } => {
                 let d = self.data.lock().unwrap();
                 let n = buf.len();
-                buf.copy_from_slice(&d[offset as usize..offset as usize + n]);
-                Ok(Done::Read(buf))
+                let src = &d[offset as usize..offset as usize + n];
+                let buf = match buf {
+                    DataBuf::Owned(mut b) => {
+                        b.copy_from_slice(src);
+                        DataBuf::Owned(b)
+                    }
+                    DataBuf::Lent(mut b) => {
+                        b.copy_from(0, src);
+                        DataBuf::Lent(b)
+                    }
+                };
+                Ok(Done::Filled(buf))
             }
             Request::Write { offset, data, .. } => {
                 if self.read_only {
                     Err(err(offset))
                 } else {
                     let mut d = self.data.lock().unwrap();
-                    d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    data.copy_to(0, &mut d[offset as usize..offset as usize + data.len()]);
                     drop(d);
                     self.mark(offset, data.len() as u64, 1);
                     Ok(Done::Written(data))

@@ -547,7 +547,11 @@ impl<R: Read> Reader<'_, R> {
                 self.totals.bytes_written += u64::from(len);
                 self.backend.submit(
                     self.core,
-                    Request::Write { offset, data, fua },
+                    Request::Write {
+                        offset,
+                        data: data.into(),
+                        fua,
+                    },
                     Box::new(move |r| {
                         // The engine is done with the buffer: drop it and give its bytes back
                         // now, not when the reply is sent (a client that does not read its

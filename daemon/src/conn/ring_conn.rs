@@ -676,7 +676,11 @@ impl RingConn {
         self.totals.bytes_written += data.len() as u64;
         self.submit(
             ctx,
-            Request::Write { offset, data, fua },
+            Request::Write {
+                offset,
+                data: data.into(),
+                fua,
+            },
             Box::new(move |r| {
                 // The engine is done with the buffer: its bytes go back at once.
                 pend.answer(cookie, offset, Then::WRITE.answer(r), true);

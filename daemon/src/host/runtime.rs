@@ -18,6 +18,7 @@ use super::jobs::Jobs;
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
 use crate::backend::disk::EngineDisk;
 use crate::backend::probe::LayerFiles;
+use crate::conn::budget::Pool;
 use crate::conn::listener::PeerPolicy;
 use crate::nbd::export::{DeleteRefused, Export, Exports};
 use crate::nbd::stats::{Op, Percentiles};
@@ -268,6 +269,9 @@ pub struct Host {
     pub tls: std::sync::OnceLock<Arc<crate::conn::tls::TlsServer>>,
     /// Who may connect to the sockets of those exports (`--vhost-socket-allow-uid/gid`).
     vhost_policy: Option<Arc<PeerPolicy>>,
+    /// The daemon's buffer pool, which the vhost-user-blk exports added here bounce through
+    /// (`None`: only their per-queue cap).
+    buffer_pool: Option<Arc<Pool>>,
 }
 
 impl Host {
@@ -294,12 +298,20 @@ impl Host {
             vhost: Mutex::new(HashMap::new()),
             tls: std::sync::OnceLock::new(),
             vhost_policy: None,
+            buffer_pool: None,
         }
     }
 
     /// The host, whose vhost-user-blk exports let in only the frontends `policy` allows.
     pub fn with_vhost_policy(mut self, policy: Arc<PeerPolicy>) -> Host {
         self.vhost_policy = Some(policy);
+        self
+    }
+
+    /// The host with `pool` as the buffer budget of the vhost-user-blk exports it adds (the one
+    /// the NBD connections draw from: `--max-buffer-memory`).
+    pub fn with_buffer_pool(mut self, pool: Arc<Pool>) -> Host {
+        self.buffer_pool = Some(pool);
         self
     }
 
@@ -357,7 +369,12 @@ impl Host {
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
         let export = self.add_export(name, overlay, opts, origin)?;
         let served = bound
-            .serve(export.backend.clone(), overlay, self.vhost_policy.clone())
+            .serve(
+                export.backend.clone(),
+                overlay,
+                self.vhost_policy.clone(),
+                self.buffer_pool.clone(),
+            )
             .map_err(vhost_err)
             .and_then(|v| match socket_dir.as_ref().map(|d| d.verify_bound()) {
                 Some(Err(e)) => {

@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::disk::Backend;
+use crate::conn::budget::Pool;
 use crate::conn::listener::{ListenError, Listener, PeerPolicy, SocketFile};
 use crate::vhost::VhostServer;
 
@@ -100,13 +101,14 @@ pub struct VhostExport {
 
 impl BoundSocket {
     /// Starts serving `disk` (whose overlay is `overlay`, for the default serial) to the
-    /// frontends `policy` lets in (the daemon's `--vhost-socket-allow-uid/gid`), and makes the
-    /// socket appear at its path.
+    /// frontends `policy` lets in (the daemon's `--vhost-socket-allow-uid/gid`), its bounce
+    /// buffers taken from `pool`, and makes the socket appear at its path.
     pub fn serve(
         self,
         disk: Arc<dyn Backend>,
         overlay: &Path,
         policy: Option<Arc<PeerPolicy>>,
+        pool: Option<Arc<Pool>>,
     ) -> Result<VhostExport, VhostSetupError> {
         let path = self.params.socket.clone();
         let serial = self.params.serial.clone().unwrap_or_else(|| {
@@ -123,9 +125,16 @@ impl BoundSocket {
             .listener
             .into_unix()
             .ok_or_else(|| start(std::io::Error::other("not a Unix socket listener")))?;
-        let mut server =
-            VhostServer::start(sock, &path, disk, self.num_queues, serial.clone(), policy)
-                .map_err(start)?;
+        let mut server = VhostServer::start(
+            sock,
+            &path,
+            disk,
+            self.num_queues,
+            serial.clone(),
+            policy,
+            pool,
+        )
+        .map_err(start)?;
         let mut file = file;
         if let Some(f) = &mut file {
             if let Err(e) = f.publish() {

@@ -383,6 +383,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         &cfg.listen.vhost_socket_allow_uid,
         &cfg.listen.vhost_socket_allow_gid,
     ));
+    // The buffer budget of the NBD connections and of the vhost-user-blk queues' bounce
+    // buffers: made before any export is served.
+    let pool = Pool::new(cfg.conn.max_buffer_memory.unwrap_or_else(Pool::default_cap));
     let host = Arc::new(
         Host::new(
             Some(engine.clone()),
@@ -391,7 +394,8 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             stop.clone(),
             cfg.host.clone(),
         )
-        .with_vhost_policy(vhost_policy.clone()),
+        .with_vhost_policy(vhost_policy.clone())
+        .with_buffer_pool(pool.clone()),
     );
     if let Some(t) = &tls {
         let _ = host.tls.set(t.clone());
@@ -449,6 +453,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
                 &named,
                 engine.cores(),
                 vhost_policy.clone(),
+                pool.clone(),
             )?);
         }
     }
@@ -496,7 +501,6 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         ),
         None => None,
     };
-    let pool = Pool::new(cfg.conn.max_buffer_memory.unwrap_or_else(Pool::default_cap));
     let conn_cfg = Arc::new(ConnConfig {
         exports: host.exports.clone(),
         handshake_timeout: cfg.conn.handshake_timeout,
@@ -697,6 +701,7 @@ fn start_vhost(
     named: &[ExportSpec],
     cores: usize,
     policy: Arc<listener::PeerPolicy>,
+    pool: Arc<Pool>,
 ) -> Result<crate::vhost::VhostServer> {
     let vhost_err = |kind| {
         Error::new(kind)
@@ -721,6 +726,7 @@ fn start_vhost(
         queues,
         serial,
         Some(policy),
+        Some(pool),
     )
     .map_err(|e| vhost_err(ErrorKind::Listen).with_source(e))?;
     tracing::info!(socket = %socket.display(), queues, "serving vhost-user-blk");

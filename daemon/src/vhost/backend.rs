@@ -260,6 +260,7 @@ mod tests {
             read_only: false,
             serial: String::new(),
             name: "test.sock".into(),
+            pool: None,
         }
     }
 
@@ -373,6 +374,71 @@ mod tests {
                 .all(|&b| b == k as u8 + 1));
             let status: u8 = guard.read_obj(GuestAddress(0x30000 + k as u64)).unwrap();
             assert_eq!(status, 0, "chain {k} status");
+        }
+    }
+
+    /// A queue whose bounce bytes the daemon's pool cannot give now pops nothing (the chains
+    /// stay in the ring, nothing answered), and is woken when another member gives bytes back.
+    #[test]
+    fn chains_wait_in_the_ring_for_pool_memory_and_the_pool_wakes_the_queue() {
+        use crate::conn::budget::{Pool, Share, Waker, MIN_POOL};
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let ring = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+        // Unaligned data: every chain bounces.
+        chains(&guard, &ring, 3, 512, false, |k| 0x20200 + k * 0x1000);
+        let disk = MemDisk::new(1 << 20, false);
+        guard
+            .write_slice(&[0xee; 3], GuestAddress(0x30000))
+            .unwrap();
+        let pool = Pool::new(MIN_POOL);
+        let mut hog = Share::new(pool.clone(), Waker(Arc::new(|| {})));
+        assert!(hog.try_take(MIN_POOL));
+        let dev = BlkDevice::new(
+            disk.clone(),
+            DeviceConfig {
+                pool: Some(pool.clone()),
+                ..config(1 << 20)
+            },
+            Arc::new(Activity::new(1)),
+        );
+        dev.update_memory(mem.clone()).unwrap();
+        dev.authorize();
+        let v = vring(
+            &mem,
+            ring.desc_table_addr().0,
+            ring.avail_addr().0,
+            ring.used_addr().0,
+        );
+        let q = dev.queue(0, &v);
+        let mut wake = eventfd();
+        q.set_poke(Some(wake.try_clone().unwrap()));
+        let mut submit = |req: Request, done: Completion| disk.submit(0, req, done);
+        q.serve(&mut submit);
+        let used =
+            |g: &GuestMemoryMmap| -> u16 { g.read_obj(ring.used_addr().unchecked_add(2)).unwrap() };
+        assert_eq!(used(&guard), 0, "no chain served without pool memory");
+        let status: u8 = guard.read_obj(GuestAddress(0x30000)).unwrap();
+        assert_eq!(status, 0xee, "the first chain was not answered");
+        hog.give_back(MIN_POOL);
+        let mut count = [0u8; 8];
+        assert_eq!(
+            wake.read(&mut count).unwrap(),
+            8,
+            "bytes given back woke the queue"
+        );
+        q.serve(&mut submit);
+        // Had the chains been consumed when refused, they would be lost: all three are served.
+        assert_eq!(used(&guard), 3, "the wake-up served every chain");
+        assert_eq!(pool.used(), 0, "the queue gave its bytes back");
+        assert_eq!(pool.peak(), MIN_POOL, "never past the pool");
+        let data = disk.data.lock().unwrap();
+        for k in 0..3usize {
+            assert!(data[k * 512..(k + 1) * 512]
+                .iter()
+                .all(|&b| b == k as u8 + 1));
         }
     }
 

@@ -1,5 +1,7 @@
 //! The virtio-blk device description a frontend negotiates: feature bits and the config space.
 
+use std::sync::Arc;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -7,6 +9,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::conn::budget::Pool;
 
 /// Logical block size advertised with `VIRTIO_BLK_F_BLK_SIZE` (the engine serves any byte
 /// range; 512 matches the overlay's sector, so no read-modify-write is forced on the guest).
@@ -58,6 +62,10 @@ pub struct DeviceConfig {
     pub serial: String,
     /// What the logs call this device (its socket path).
     pub name: String,
+    /// The daemon's buffer pool (`--max-buffer-memory`, shared with the NBD connections):
+    /// every queue takes the bytes its chains bounce through from it, without blocking, and
+    /// stops popping chains while it has no room. `None`: only the per-queue bounce cap.
+    pub pool: Option<Arc<Pool>>,
 }
 
 impl DeviceConfig {
@@ -121,6 +129,7 @@ mod tests {
             read_only: true,
             serial: "x".into(),
             name: "x.sock".into(),
+            pool: None,
         };
         let c = d.config_space(true);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);

@@ -124,8 +124,9 @@ impl VhostServer {
     /// Serves `disk` on the bound socket `sock` (a blocking listener; `socket` is its path, for
     /// logs) from a thread, with `num_queues` request queues (queue q is served by engine core
     /// q modulo the core count) and `serial` as the GET_ID answer, to frontends `policy` lets
-    /// in (`None` or an empty policy: whoever can open the socket file). The caller owns the
-    /// socket file (binding, publishing and removing it).
+    /// in (`None` or an empty policy: whoever can open the socket file). Bounce buffers come out
+    /// of `pool` (the daemon's `--max-buffer-memory`; `None`: only the per-queue cap). The
+    /// caller owns the socket file (binding, publishing and removing it).
     pub fn start(
         sock: UnixListener,
         socket: &Path,
@@ -133,6 +134,7 @@ impl VhostServer {
         num_queues: u16,
         serial: String,
         policy: Option<Arc<PeerPolicy>>,
+        pool: Option<Arc<crate::conn::budget::Pool>>,
     ) -> io::Result<VhostServer> {
         // Accepting must block: the library's accept loop retries at once on EAGAIN.
         sock.set_nonblocking(false)?;
@@ -151,6 +153,7 @@ impl VhostServer {
             read_only: disk.read_only(),
             serial,
             name: socket.display().to_string(),
+            pool,
         };
         let path = socket.to_path_buf();
         let activity = Arc::new(Activity::new(usize::from(config.num_queues)));

@@ -6,7 +6,12 @@
 //! before it is popped), parses them and submits their engine requests on the same core with no
 //! channel hop. What a guest can make it do is bounded: at most the queue size of chains in
 //! flight, at most [`READY_BUDGET`] chains per turn (then a pause, see there), at most
-//! `BOUNCE_CAP` bytes bounced, and a head in flight is never served twice. Each chain is answered on its own when its requests complete (on that core):
+//! `BOUNCE_CAP` bytes bounced, and a head in flight is never served twice. The bytes a chain
+//! bounces through are also taken from the daemon's buffer pool (`--max-buffer-memory`, shared
+//! with the NBD connections) through a non-blocking [`Share`]: when the pool has no room the
+//! chain is put back in the ring (nothing of it done) and the queue stops popping until bytes
+//! come back (its own answers, or the pool's [`Waker`] when another member gives some back, both
+//! wake it through its kick eventfd): never a wait on the core, never a busy loop. Each chain is answered on its own when its requests complete (on that core):
 //! data and status byte into guest memory, then its used entry. Just before the core blocks,
 //! [`QueueSource::idle`] signals the call eventfd once for every answer since the last signal
 //! (as `EVENT_IDX` allows): one interrupt per batch, and no batch barrier: chains complete
@@ -29,6 +34,7 @@ use vm_memory::GuestAddressSpace;
 use super::activity::Ticket;
 use super::device::Inner;
 use super::request::{parse, status_slot, Limits, Pending};
+use crate::conn::budget::{Share, Waker};
 use addcow_engine::sync::{lock, read};
 
 /// One virtqueue of one frontend connection, served by engine core `index % cores`.
@@ -41,12 +47,15 @@ pub struct Queue {
     answered: AtomicBool,
     /// Bytes of daemon memory that chains popped and not answered bounce through.
     bounced: AtomicU64,
-    /// Popping stopped at the bounce cap; the answer that brings `bounced` under it wakes the
-    /// queue again.
+    /// Popping stopped at the bounce cap, the queue size in flight or a want of pool memory;
+    /// the answer that brings the queue under its caps (and gives its bytes back) wakes it again.
     capped: AtomicBool,
     /// A duplicate of the kick eventfd, written to wake the queue's poll from here (after the
-    /// cap, or when the frontend enables the queue).
-    poke: Mutex<Option<File>>,
+    /// cap, when the frontend enables the queue, or when the pool has room again).
+    poke: Arc<Mutex<Option<File>>>,
+    /// This queue's holding of the daemon's buffer pool (`None`: no pool, only the cap):
+    /// exactly the `bounced` bytes of its chains in flight.
+    share: Option<Mutex<Share>>,
     /// Requests that met a disk switch, in order, and whether a thread is submitting them.
     deferred: Mutex<Deferred>,
     /// Per head descriptor index: a chain with that head is popped and not answered. A head
@@ -94,7 +103,8 @@ enum Pumped {
     /// The available ring is empty.
     Drained,
     /// Chains may be left that cannot be popped now (stopping, queue stopped or disabled, no
-    /// memory table, bounce cap, queue size in flight): they wait for a later wake-up.
+    /// memory table, bounce cap, queue size in flight, no room in the buffer pool): they wait
+    /// for a later wake-up.
     Held,
     /// This turn's [`READY_BUDGET`] is spent: the queue wakes itself for a later turn.
     Yield,
@@ -113,13 +123,21 @@ struct Chain {
 impl Queue {
     /// Queue `index` of the device `dev`, on `vring`.
     pub(super) fn new(index: usize, dev: Arc<Inner>, vring: VringRwLock) -> Queue {
+        let poke = Arc::new(Mutex::new(None));
+        let share = dev.config.pool.clone().map(|pool| {
+            let poke = Arc::clone(&poke);
+            // Called from whichever thread gave bytes back; writing an eventfd never blocks.
+            let wake = Waker(Arc::new(move || poke_fd(&poke, index)));
+            Mutex::new(Share::new(pool, wake))
+        });
         Queue {
             index,
             vring,
             answered: AtomicBool::new(false),
             bounced: AtomicU64::new(0),
             capped: AtomicBool::new(false),
-            poke: Mutex::new(None),
+            poke,
+            share,
             deferred: Mutex::new(Deferred::default()),
             heads: (0..usize::from(dev.config.queue_size).max(1))
                 .map(|_| AtomicBool::new(false))
@@ -188,12 +206,28 @@ impl Queue {
 
     /// Wakes the queue's poll as a kick would.
     pub(super) fn poke(&self) {
-        if let Some(f) = &*lock(&self.poke) {
-            let mut f: &File = f;
-            if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
-                tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: waking a queue failed");
-            }
+        poke_fd(&self.poke, self.index);
+    }
+
+    /// Takes `bytes` of bounce memory from the pool without waiting; false when the pool (or
+    /// this queue's fair share of it) has no room now. Then `capped` is set, so that the answer
+    /// giving this queue's bytes back wakes it; a give-back by another member of the pool
+    /// wakes it through the share's waker.
+    fn take_bounce(&self, bytes: u64) -> bool {
+        let Some(share) = &self.share else {
+            return true;
+        };
+        if lock(share).try_take(bytes) {
+            return true;
         }
+        self.capped.store(true, Ordering::SeqCst);
+        // One of this queue's answers may have given bytes back between the two lines above
+        // without seeing `capped`: try again.
+        if lock(share).try_take(bytes) {
+            self.capped.store(false, Ordering::SeqCst);
+            return true;
+        }
+        false
     }
 
     /// Serves the ring after a kick: pops and submits every available chain through `submit`.
@@ -291,6 +325,7 @@ impl Queue {
         };
         let disk = &self.dev.disk;
         let alloc = |len: usize| disk.alloc_buf(len);
+        let mut take = |bytes: u64| self.take_bounce(bytes);
         let mut popped: Vec<(Chain, Vec<Request>)> = Vec::new();
         let result = {
             // The checks, the pops and the tickets happen under the vring's lock, which
@@ -331,9 +366,26 @@ impl Queue {
                     .get(usize::from(head))
                     .is_some_and(|h| !h.swap(true, Ordering::SeqCst));
                 let pending = if fresh || self.heads.get(usize::from(head)).is_none() {
-                    let (pending, reqs) = parse(head, &mem, &descs, &limits, &alloc);
-                    self.bounced.fetch_add(pending.bounced, Ordering::SeqCst);
-                    Some((pending, reqs))
+                    match parse(head, &mem, &descs, &limits, &alloc, &mut take) {
+                        Ok((pending, reqs)) => {
+                            self.bounced.fetch_add(pending.bounced, Ordering::SeqCst);
+                            Some((pending, reqs))
+                        }
+                        Err(_) => {
+                            // No bounce memory in the pool now: the chain goes back to the
+                            // ring as it was (nothing of it was done) and is popped again when
+                            // memory comes back (`take_bounce` arranged the wake-up).
+                            if fresh {
+                                if let Some(h) = self.heads.get(usize::from(head)) {
+                                    h.store(false, Ordering::SeqCst);
+                                }
+                            }
+                            iter.go_to_previous_position();
+                            *budget += 1;
+                            drop(ticket);
+                            break Pumped::Held;
+                        }
+                    }
                 } else {
                     None
                 };
@@ -437,6 +489,9 @@ impl Queue {
         }
         self.answered.store(true, Ordering::SeqCst);
         drop(ticket);
+        if let Some(share) = &self.share {
+            lock(share).give_back(bounced);
+        }
         let cap = self.dev.batch_bytes;
         let before = self.bounced.fetch_sub(bounced, Ordering::SeqCst);
         let chains = self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -461,6 +516,16 @@ impl Queue {
             if let Err(e) = self.vring.signal_used_queue() {
                 tracing::debug!(queue = self.index, error = %e, "vhost-user-blk: call eventfd");
             }
+        }
+    }
+}
+
+/// Writes the kick eventfd duplicate in `poke` (if set), which wakes queue `index`'s poll.
+fn poke_fd(poke: &Mutex<Option<File>>, index: usize) {
+    if let Some(f) = &*lock(poke) {
+        let mut f: &File = f;
+        if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
+            tracing::debug!(queue = index, error = %e, "vhost-user-blk: waking a queue failed");
         }
     }
 }

@@ -2,7 +2,7 @@
 //! answer (data and status byte) back into guest memory.
 //!
 //! The descriptor chain is walked once (by the caller, into a list of [`Descriptor`]s); every
-//! length check, every copy and every borrowed buffer is made from that one list, so a guest
+//! length check, every copy and every lent buffer is made from that one list, so a guest
 //! that changes its descriptor table while the chain is parsed cannot pass a check with one
 //! length and be served with another. Every descriptor is checked against the frontend's
 //! memory table first: one outside the guest's regions fails the chain here, before any byte
@@ -10,8 +10,9 @@
 //!
 //! Data moves in one of two ways. **Direct**: a READ or WRITE whose data is one descriptor,
 //! contiguous in the daemon's mapping of guest memory and aligned to [`BUF_ALIGN`], is handed to
-//! the engine as a borrowed [`IoBuf`] pointing into guest memory (the engine reads into it or
-//! writes from it; no copy here). The buffer keeps the memory table's mapping (an `Arc`) alive
+//! the engine as a [`LentBuf`] pointing into guest memory (the engine reads into it or writes
+//! from it; no copy here; it gives no reference to the guest's bytes, which the guest may be
+//! changing). The buffer keeps the memory table's mapping (an `Arc`) alive
 //! until the request is answered, so a frontend that disconnects or replaces its memory table
 //! mid-request cannot unmap it under the I/O. **Bounce**: anything else is copied through an
 //! engine buffer (WRITE: out of the guest before submitting; READ: into the guest when
@@ -21,7 +22,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use addcow_engine::io::BUF_ALIGN;
-use addcow_engine::{Done, IoBuf, Request, RequestError};
+use addcow_engine::{DataBuf, Done, IoBuf, LentBuf, Request, RequestError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -89,11 +90,11 @@ impl Pending {
     pub fn complete(&mut self, r: Result<Done, RequestError>) -> Option<RequestError> {
         self.outstanding = self.outstanding.saturating_sub(1);
         match r {
-            Ok(Done::Read(buf)) if buf.is_borrowed() => {
+            Ok(Done::Filled(DataBuf::Lent(buf))) => {
                 // Read straight into the guest's buffer.
                 self.written = self.written.saturating_add(buf.len() as u32);
             }
-            Ok(Done::Read(buf)) => {
+            Ok(Done::Read(buf) | Done::Filled(DataBuf::Owned(buf))) => {
                 if self.copy_out(&buf) {
                     self.written = self.written.saturating_add(buf.len() as u32);
                 } else {
@@ -206,10 +207,10 @@ fn pieces(
     out
 }
 
-/// A borrowed engine buffer over the single piece `data` of guest memory, when it is one
+/// A lent engine buffer over the single piece `data` of guest memory, when it is one
 /// contiguous range of the daemon's mapping aligned to [`BUF_ALIGN`]; `None` otherwise (then
 /// the request bounces).
-fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Option<IoBuf> {
+fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Option<LentBuf> {
     let [(addr, len)] = *data else {
         return None;
     };
@@ -224,10 +225,9 @@ fn direct_buf(mem: &Arc<GuestMemoryMmap>, data: &[(GuestAddress, usize)]) -> Opt
     // region of `mem` (get_slice checked the range), which is a MAP_SHARED mapping readable and
     // writable by the daemon. `keep` holds the `GuestMemoryMmap` whose regions own that mapping,
     // so it stays mapped until the buffer is dropped, whatever the frontend does meanwhile.
-    // Nothing in the daemon holds a Rust reference into guest memory (it is only accessed
-    // through volatile slices); the guest itself may write its buffer concurrently, which can
-    // only tear the data of its own request.
-    Some(unsafe { IoBuf::borrowed(ptr, len, keep) })
+    // The guest may write its buffer concurrently: a LentBuf makes no reference into it (raw
+    // pointers and copies only), and a torn copy only tears the data of its own request.
+    Some(unsafe { LentBuf::new(ptr, len, keep) })
 }
 
 /// Checks the virtio rule that every device-readable descriptor precedes every device-writable
@@ -313,23 +313,32 @@ fn scatter(mem: &GuestMemoryMmap, to: &[(GuestAddress, usize)], src: &[u8]) -> b
     at == src.len()
 }
 
+/// The daemon's buffer pool has no room for a chain's bounce buffer now: nothing of the chain
+/// was done (nothing allocated, nothing written into guest memory); it is to be parsed again
+/// once memory is given back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NoBounceMemory;
+
 /// Parses the request whose chain (`descs`: the chain walked once, in order) starts at `head`,
 /// over guest memory `mem`. Returns the pending request and the engine requests to submit for
-/// it (none: it is answered already, e.g. GET_ID or a malformed chain). `alloc` gives engine
-/// buffers for bounced WRITE payloads.
+/// it (none: it is answered already, e.g. GET_ID or a malformed chain). A chain that bounces
+/// first takes its bytes with `take` (which must not block: `false` when they cannot be had
+/// now), before anything is allocated; the bytes taken are [`Pending::bounced`], to be given
+/// back when the chain is answered. `alloc` gives engine buffers for bounced WRITE payloads.
 pub fn parse(
     head: u16,
     mem: &Arc<GuestMemoryMmap>,
     descs: &[Descriptor],
     limits: &Limits<'_>,
     alloc: &dyn Fn(usize) -> IoBuf,
-) -> (Pending, Vec<Request>) {
+    take: &mut dyn FnMut(u64) -> bool,
+) -> Result<(Pending, Vec<Request>), NoBounceMemory> {
     let status = status_slot(mem, descs.last());
     let ioerr = |status| {
-        (
+        Ok((
             Pending::answered(head, mem, status, VIRTIO_BLK_S_IOERR),
             Vec::new(),
-        )
+        ))
     };
     if status.is_none() {
         return ioerr(None);
@@ -396,9 +405,15 @@ pub fn parse(
                 match limits.direct.then(|| direct_buf(mem, &data_out)).flatten() {
                     Some(buf) => {
                         pending.direct = true;
-                        reqs.push(Request::ReadInto { offset, buf });
+                        reqs.push(Request::ReadInto {
+                            offset,
+                            buf: buf.into(),
+                        });
                     }
                     None => {
+                        if !take(len) {
+                            return Err(NoBounceMemory);
+                        }
                         pending.bounced = len;
                         pending.data = data_out;
                         reqs.push(Request::Read {
@@ -419,19 +434,27 @@ pub fn parse(
             };
             if len > 0 {
                 let pieces = pieces(&readable, HEADER_LEN, 0);
-                let data = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten() {
+                let data: DataBuf = match limits.direct.then(|| direct_buf(mem, &pieces)).flatten()
+                {
                     Some(buf) => {
                         pending.direct = true;
-                        buf
+                        buf.into()
                     }
                     None => {
-                        let mut buf = alloc(len);
-                        if !gather(mem, &readable, HEADER_LEN, &mut buf[..len]) {
-                            // Dropped unsubmitted: its stale contents never reach the disk.
-                            return ioerr(pending.status);
+                        if !take(len as u64) {
+                            return Err(NoBounceMemory);
                         }
                         pending.bounced = len as u64;
-                        buf
+                        let mut buf = alloc(len);
+                        if !gather(mem, &readable, HEADER_LEN, &mut buf[..len]) {
+                            // Dropped unsubmitted: its stale contents never reach the disk. The
+                            // bytes taken are given back when the IOERR is answered.
+                            let mut failed =
+                                Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_IOERR);
+                            failed.bounced = pending.bounced;
+                            return Ok((failed, Vec::new()));
+                        }
+                        buf.into()
                     }
                 };
                 reqs.push(Request::Write { offset, data, fua });
@@ -473,10 +496,10 @@ pub fn parse(
                     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                 };
                 if flags & !known != 0 || sectors > MAX_ZERO_SECTORS {
-                    return (
+                    return Ok((
                         Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                         Vec::new(),
-                    );
+                    ));
                 }
                 let len = u64::from(sectors) * SECTOR;
                 let Some(offset) = byte_range(start, len, limits.size) else {
@@ -498,14 +521,14 @@ pub fn parse(
             }
         }
         _ => {
-            return (
+            return Ok((
                 Pending::answered(head, mem, pending.status, VIRTIO_BLK_S_UNSUPP),
                 Vec::new(),
-            )
+            ))
         }
     }
     pending.outstanding = reqs.len();
-    (pending, reqs)
+    Ok((pending, reqs))
 }
 
 /// The fuzz target's entry (`fuzz/fuzz_targets/virtio_blk_request.rs`): `data` is a descriptor
@@ -513,7 +536,7 @@ pub fn parse(
 /// its top bits, the limits (read-only, writeback, direct); then 9 bytes per descriptor (guest
 /// address u32 LE, length u32 LE, flags: bit 0 device-writable); the rest fills 64 KiB of guest
 /// memory. Checks what the parser promises: every engine request lies inside the disk and the
-/// request limit, a borrowed buffer is no wider than the range checked, and the chain is answered.
+/// request limit, a lent buffer is no wider than the range checked, and the chain is answered.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_parse(data: &[u8]) {
     const MEM: usize = 64 << 10;
@@ -552,7 +575,8 @@ pub fn fuzz_parse(data: &[u8]) {
         direct: first & 0x40 != 0,
     };
     let alloc = |len: usize| IoBuf::new_zeroed(len);
-    let (mut pending, reqs) = parse(0, &mem, &descs, &limits, &alloc);
+    let (mut pending, reqs) =
+        parse(0, &mem, &descs, &limits, &alloc, &mut |_| true).expect("every take succeeds");
     assert_eq!(pending.outstanding, reqs.len());
     let within = |offset: u64, len: u64| {
         assert!(
@@ -573,7 +597,7 @@ pub fn fuzz_parse(data: &[u8]) {
             }
             Request::ReadInto { offset, buf } => {
                 within(offset, buf.len() as u64);
-                let _ = pending.complete(Ok(Done::Read(buf)));
+                let _ = pending.complete(Ok(Done::Filled(buf)));
             }
             Request::Write { offset, data, .. } => {
                 within(offset, data.len() as u64);
@@ -650,7 +674,7 @@ mod tests {
         let chain = q.build_desc_chain(&raw).unwrap();
         let list: Vec<Descriptor> = chain.collect();
         let alloc = |n: usize| IoBuf::new_zeroed(n);
-        let (p, reqs) = parse(0, mem, &list, limits, &alloc);
+        let (p, reqs) = parse(0, mem, &list, limits, &alloc, &mut |_| true).expect("memory");
         assert_eq!(p.outstanding, reqs.len());
         let used = p.finish();
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
@@ -707,7 +731,9 @@ mod tests {
         match &reqs[..] {
             [Request::Write { offset, data, fua }] => {
                 assert_eq!((*offset, data.len(), *fua), (1024, 512, false));
-                assert!(data.iter().all(|&b| b == 7));
+                let mut got = [0u8; 512];
+                assert!(data.copy_to(0, &mut got));
+                assert!(got.iter().all(|&b| b == 7));
             }
             other => panic!("{other:?}"),
         }
@@ -836,6 +862,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A chain that bounces takes its bytes before anything is allocated or written; refused,
+    /// it is left as it was (nothing allocated, no status byte). A direct chain takes nothing.
+    #[test]
+    fn a_bounced_chain_without_pool_memory_is_left_untouched() {
+        let mem = memory();
+        let allocs = std::cell::Cell::new(0usize);
+        let alloc = |n: usize| {
+            allocs.set(allocs.get() + 1);
+            IoBuf::new_zeroed(n)
+        };
+        let q = MockSplitQueue::create(&*mem, GuestAddress(0), 16);
+        let chain = |descs: &[(u64, u32, bool)]| -> Vec<Descriptor> {
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|&(a, l, w)| {
+                    let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                    RawDescriptor::from(SplitDescriptor::new(a, l, flags, 0))
+                })
+                .collect();
+            q.build_desc_chain(&raw).unwrap().collect()
+        };
+        let mut asked = Vec::new();
+        for (kind, writable) in [(VIRTIO_BLK_T_OUT, false), (VIRTIO_BLK_T_IN, true)] {
+            header(&mem, kind, 0);
+            mem.write_slice(&[0xee], GuestAddress(STATUS)).unwrap();
+            // Unaligned data: it bounces.
+            let list = chain(&[
+                (HDR, 16, false),
+                (DATA + 512, 4096, writable),
+                (STATUS, 1, true),
+            ]);
+            let mut refuse = |n: u64| {
+                asked.push(n);
+                false
+            };
+            let r = parse(0, &mem, &list, &limits(false), &alloc, &mut refuse);
+            assert_eq!(r.err(), Some(NoBounceMemory), "type {kind}");
+            let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+            assert_eq!(status, 0xee, "type {kind}: nothing written into the guest");
+            // Given the memory, the same chain is served and says what it took.
+            let (p, reqs) =
+                parse(0, &mem, &list, &limits(false), &alloc, &mut |_| true).expect("memory");
+            assert_eq!((p.bounced, reqs.len()), (4096, 1), "type {kind}");
+        }
+        assert_eq!(asked, [4096, 4096]);
+        assert_eq!(
+            allocs.get(),
+            1,
+            "only the WRITE that got its memory allocated"
+        );
+        // Direct (aligned, one piece): nothing to take.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let list = chain(&[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)]);
+        let direct = Limits {
+            direct: true,
+            ..limits(false)
+        };
+        let (p, _) = parse(0, &mem, &list, &direct, &alloc, &mut |_| false).expect("no take");
+        assert!(p.direct && p.bounced == 0);
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //!   `sock`: the socket I/O's types ([`SockFd`], [`SendList`], [`SockDone`]).
 //! * `uring/`: `ring`, one core's io_uring with its slab of in-flight ops, in-flight cap,
 //!   backlog, linked chains and eventfd read (buffer lifetime is the ops' ownership); `buf`:
-//!   [`IoBuf`] and the per-core arena pools.
+//!   [`IoBuf`] and the per-core arena pools, [`LentBuf`] (memory a guest lends; never a
+//!   reference) and [`DataBuf`] (a request's buffer: either).
 //! * The base: `base`, the base behind a small trait; `run`: the runs a base range is made
 //!   of (shared by `base` and `remote`); `split`: read splitting by the bitmap;
 //!   `remote`: a base on an NBD image server (its connection threads; `core/remote_read.rs` is
@@ -65,4 +66,4 @@ pub use source::{CoreSource, SourceCtx, SourceId};
 pub use testing::faults;
 #[cfg(feature = "crash-recorder")]
 pub use testing::recorder;
-pub use uring::buf::{IoBuf, BUF_ALIGN};
+pub use uring::buf::{DataBuf, IoBuf, LentBuf, BUF_ALIGN};

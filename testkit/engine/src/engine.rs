@@ -39,7 +39,7 @@ pub fn write(
         core,
         Request::Write {
             offset,
-            data: buf,
+            data: buf.into(),
             fua,
         },
     )

@@ -55,7 +55,7 @@ use super::request::{req_err, Done, MAX_POPULATE};
 use super::split::{Seg, SplitScratch};
 use crate::io::disk::state::{DiskState, Entered, Role, SLOTS_PER_DISK};
 use crate::io::request::responder::Responder;
-use crate::io::uring::buf::{self, IoBuf};
+use crate::io::uring::buf::{self, DataBuf, IoBuf};
 use crate::io::uring::ring::{Ring, Wait};
 use mailbox::Msg;
 use ops::{CoreOp, FileRef, OpKind, Target};
@@ -488,6 +488,7 @@ impl Core {
     fn finish_read(&mut self, t: ReadTask) {
         let ReadTask {
             buf,
+            into,
             err,
             done,
             disk,
@@ -505,8 +506,8 @@ impl Core {
                 // Unreachable today: every op of a read holds a clone of its buffer only until
                 // its completion is handled, and the task finishes only after its last op's
                 // completion dropped that clone (`debug_assert` below keeps it so in tests).
-                // Were it reached, an op would still point into the buffer (with a borrowed
-                // guest buffer: guest memory). Answering now would hand that memory back while
+                // Were it reached, an op would still point into the buffer (with a lent guest
+                // buffer: guest memory). Answering now would hand that memory back while
                 // the kernel may still write it, so the answer is held until the last clone is
                 // gone (`release_held`).
                 debug_assert!(false, "a read finished while an op still held its buffer");
@@ -526,7 +527,12 @@ impl Core {
         // disk, so no close (or switch) can complete between the read's answer and the copy-up:
         // it either refuses the copy-up here or waits for it.
         let copy_up = copy_up.and_then(|len| Some((len, disk.enter()?)));
-        done.answer(Ok(Done::Read(buf)));
+        let answer = match (into, buf) {
+            (false, DataBuf::Owned(b)) => Done::Read(b),
+            // A `ReadInto`'s buffer (a `Read`'s is always the engine's own).
+            (_, b) => Done::Filled(b),
+        };
+        done.answer(Ok(answer));
         if let Some((len, admitted)) = copy_up {
             self.copy_up(disk, offset, len, admitted);
         }

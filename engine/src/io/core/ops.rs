@@ -107,11 +107,16 @@ impl Region {
         unsafe { self.mem.base_ptr().add(self.at) }
     }
 
-    /// The region's bytes (for the crash recorder, after the kernel finished with them).
-    pub(super) fn bytes(&self, n: usize) -> &[u8] {
-        // SAFETY: n is clamped to the region, which lies inside `mem` (invariant); the op owns
-        // the region and the kernel is done with it when this is called (after its CQE).
-        unsafe { std::slice::from_raw_parts(self.ptr(), n.min(self.len)) }
+    /// A copy of the region's first `n` bytes (for the crash recorder, after the kernel finished
+    /// with them). Copied through a raw pointer, never viewed as a slice: the region may be
+    /// memory a guest lent, which it may be writing.
+    pub(super) fn copy_bytes(&self, n: usize) -> Vec<u8> {
+        let n = n.min(self.len);
+        let mut out = vec![0u8; n];
+        // SAFETY: [at, at + n) lies inside `mem` (invariant; n clamped to the region), which the
+        // op keeps alive; `out` is a fresh allocation, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(), out.as_mut_ptr(), n) };
+        out
     }
 
     /// Zeroes the region from byte `from` to its end (the part past a file's end).

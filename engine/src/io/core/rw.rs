@@ -17,7 +17,7 @@ use crate::format::SECTOR_SIZE;
 use crate::io::disk::range_lock::{Acquire, Ticket};
 use crate::io::disk::state::{DiskState, Parked, Role, Waiter};
 use crate::io::request::responder::Responder;
-use crate::io::uring::buf::{self, IoBuf};
+use crate::io::uring::buf::{self, DataBuf, IoBuf};
 
 /// Short transfers in a row that may make no progress before the request fails with EIO.
 const MAX_STALLS: u8 = 8;
@@ -127,7 +127,7 @@ fn read_bounds(offset: u64, len: u64, size: u64) -> Result<(), RequestError> {
 /// old bytes back and answer success).
 ///
 /// The payload is copied with `ptr::copy` from [`SharedBuf::region_ptr`], never through a
-/// `&[u8]`: it may be memory a guest lent ([`IoBuf::borrowed`]) and may change under the copy,
+/// `&[u8]`: it may be memory a guest lent ([`crate::LentBuf`]) and may change under the copy,
 /// and other ops in flight (the write of the whole units in the middle) point into it.
 pub(super) fn apply_patch(
     buf: &mut [u8],
@@ -186,14 +186,14 @@ impl Core {
                     done.answer(Err(e));
                 } else {
                     let buf = buf::alloc(self.shared.arena.as_ref(), len as usize, false);
-                    self.start_read(disk, offset, buf, done);
+                    self.start_read(disk, offset, buf.into(), false, done);
                 }
             }
             Request::ReadInto { offset, buf } => {
                 if let Err(e) = read_bounds(offset, buf.len() as u64, size) {
                     done.answer(Err(e));
                 } else {
-                    self.start_read(disk, offset, buf, done);
+                    self.start_read(disk, offset, buf, true, done);
                 }
             }
             Request::Flush => {
@@ -287,13 +287,22 @@ impl Core {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` into `buf` (bounds checked by the caller).
-    fn start_read(&mut self, disk: Arc<DiskState>, offset: u64, buf: IoBuf, done: Responder) {
+    /// Reads `buf.len()` bytes at `offset` into `buf` (bounds checked by the caller); `into`:
+    /// the caller's buffer (a `ReadInto`, answered [`Done::Filled`]).
+    fn start_read(
+        &mut self,
+        disk: Arc<DiskState>,
+        offset: u64,
+        buf: DataBuf,
+        into: bool,
+        done: Responder,
+    ) {
         let len = buf.len() as u64;
         let buf = SharedBuf::new(buf);
         let key = self.tasks.insert(Task::Read(ReadTask {
             disk: Arc::clone(&disk),
             buf: buf.clone(),
+            into,
             offset,
             copy_up: None,
             pending: 0,
@@ -320,7 +329,7 @@ impl Core {
         disk: Arc<DiskState>,
         shape: Shape,
         ticket: Ticket,
-        data: IoBuf,
+        data: DataBuf,
         fua: bool,
         done: Responder,
     ) {
@@ -875,10 +884,10 @@ impl Core {
         } else {
             (res as usize).min(from.len())
         };
-        // Only a crash-recorder build looks at the bytes written: elsewhere no slice is made
-        // of them (they may be memory a guest lent, which it may be changing).
+        // Only a crash-recorder build looks at the bytes written, through a copy (they may be
+        // memory a guest lent, which it may be changing: no slice is made of them).
         if cfg!(feature = "crash-recorder") && n > 0 {
-            t.disk().rec_write(file.role, off, from.bytes(n));
+            t.disk().rec_write(file.role, off, &from.copy_bytes(n));
         }
         if file.role == Role::Image {
             // Even a failed write may have changed bytes: the next commit must sync.

@@ -4,10 +4,12 @@
 use std::cell::UnsafeCell;
 use std::rc::Rc;
 
-use crate::io::uring::buf::IoBuf;
+use crate::io::uring::buf::{DataBuf, IoBuf};
 
 /// A buffer several in-flight ops point into (a read split into runs, a write split into
-/// pieces). Each op holds a clone, so the memory outlives every SQE that points into it; the
+/// pieces): the engine's own ([`IoBuf`]) or lent memory ([`crate::LentBuf`]); its bytes are
+/// reached through raw pointers only ([`SharedBuf::region_ptr`]), and a `&mut` to an owned
+/// one ([`SharedBuf::get_mut`]) exists only for a unique handle. Each op holds a clone, so the memory outlives every SQE that points into it; the
 /// task gets the buffer back ([`SharedBuf::into_inner`]) once its last op completed.
 ///
 /// Invariants: while clones are held by ops in flight, each op's region is touched only by the
@@ -15,7 +17,7 @@ use crate::io::uring::buf::IoBuf;
 /// flight covers); `&mut` access to the whole buffer exists only through [`SharedBuf::get_mut`],
 /// which requires this handle to be the only one. Core-local (`Rc`): never crosses threads.
 #[derive(Clone)]
-pub(crate) struct SharedBuf(Rc<UnsafeCell<IoBuf>>);
+pub(crate) struct SharedBuf(Rc<UnsafeCell<DataBuf>>);
 
 impl std::fmt::Debug for SharedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -27,14 +29,15 @@ impl std::fmt::Debug for SharedBuf {
 }
 
 impl SharedBuf {
-    pub(crate) fn new(buf: IoBuf) -> SharedBuf {
-        SharedBuf(Rc::new(UnsafeCell::new(buf)))
+    pub(crate) fn new(buf: impl Into<DataBuf>) -> SharedBuf {
+        SharedBuf(Rc::new(UnsafeCell::new(buf.into())))
     }
 
-    fn header(&self) -> &IoBuf {
-        // SAFETY: only the IoBuf header (pointer, lengths, origin) is read; it is never changed
-        // while clones exist (get_mut needs a unique handle), and the kernel writes only the
-        // heap bytes it points to, never the header.
+    fn header(&self) -> &DataBuf {
+        // SAFETY: only the buffer's header (pointer, lengths, origin) is read through this
+        // reference; it is never changed while clones exist (get_mut needs a unique handle),
+        // and the kernel (or a lender) writes only the bytes it points to, never the header.
+        // No reference to those bytes is made from it: DataBuf gives none.
         unsafe { &*self.0.get() }
     }
 
@@ -58,9 +61,13 @@ impl SharedBuf {
         Some(unsafe { self.header().raw_ptr().add(at) })
     }
 
-    /// The buffer, when this is the only handle (no op in flight points into it).
+    /// The buffer, when this is the only handle (no op in flight points into it) and it is the
+    /// engine's own (lent memory is never handed out as a reference).
     pub(crate) fn get_mut(&mut self) -> Option<&mut IoBuf> {
-        Rc::get_mut(&mut self.0).map(UnsafeCell::get_mut)
+        match Rc::get_mut(&mut self.0).map(UnsafeCell::get_mut)? {
+            DataBuf::Owned(b) => Some(b),
+            DataBuf::Lent(_) => None,
+        }
     }
 
     /// No other handle exists (no op in flight points into the buffer).
@@ -69,7 +76,7 @@ impl SharedBuf {
     }
 
     /// The buffer back, when this is the only handle.
-    pub(crate) fn into_inner(self) -> Result<IoBuf, SharedBuf> {
+    pub(crate) fn into_inner(self) -> Result<DataBuf, SharedBuf> {
         Rc::try_unwrap(self.0)
             .map(UnsafeCell::into_inner)
             .map_err(SharedBuf)
@@ -91,6 +98,7 @@ mod tests {
         let b = b.into_inner().expect_err("still shared");
         drop(b);
         a.get_mut().expect("unique")[0] = 1;
-        assert_eq!(a.into_inner().expect("unique")[0], 1);
+        let back = a.into_inner().expect("unique").into_owned().expect("owned");
+        assert_eq!(back[0], 1);
     }
 }

@@ -13,6 +13,8 @@ use crate::io::request::responder::Responder;
 pub(super) struct ReadTask {
     pub(super) disk: Arc<DiskState>,
     pub(super) buf: SharedBuf,
+    /// The caller's buffer (`ReadInto`, answered `Done::Filled`), else the engine's (`Read`).
+    pub(super) into: bool,
     pub(super) offset: u64,
     /// Copy-on-read: the range to populate once the read succeeded (it read from the base).
     pub(super) copy_up: Option<u64>,

@@ -351,7 +351,11 @@ impl Disk {
         blocking(
             &self.engine,
             &self.state,
-            Request::Write { offset, data, fua },
+            Request::Write {
+                offset,
+                data: data.into(),
+                fua,
+            },
             |_| (),
         )
     }

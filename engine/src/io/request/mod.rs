@@ -3,7 +3,7 @@
 
 pub(super) mod responder;
 
-use crate::io::uring::buf::IoBuf;
+use crate::io::uring::buf::{DataBuf, IoBuf};
 
 /// Largest READ the engine serves (256 MiB); larger ones fail with `EINVAL` rather than
 /// allocate an unbounded buffer.
@@ -15,11 +15,18 @@ pub enum Request {
     /// Read `len` bytes (at most [`MAX_READ`]) at `offset`; the completion carries the filled
     /// buffer.
     Read { offset: u64, len: u32 },
-    /// Read `buf.len()` bytes (at most [`MAX_READ`]) at `offset` into the caller's `buf` (e.g. a
-    /// borrowed one, [`IoBuf::borrowed`]); the completion carries `buf` back, filled.
-    ReadInto { offset: u64, buf: IoBuf },
+    /// Read `buf.len()` bytes (at most [`MAX_READ`]) at `offset` into the caller's `buf` (owned,
+    /// or memory a guest lent: [`crate::LentBuf`]); answered with [`Done::Filled`], which
+    /// carries `buf` back, filled.
+    ReadInto { offset: u64, buf: DataBuf },
     /// Write `data` at `offset`; with `fua`, answered only once data and bits are durable.
-    Write { offset: u64, data: IoBuf, fua: bool },
+    /// Lent memory ([`crate::LentBuf`]) is written from in place; where the engine needs the
+    /// bytes themselves (the partial units of a read-modify-write), it copies them.
+    Write {
+        offset: u64,
+        data: DataBuf,
+        fua: bool,
+    },
     /// Make every write answered before this request arrived durable (data, then bits).
     Flush,
     /// Make `[offset, offset+len)` read as zeros. `punch`: may deallocate (punch a hole);
@@ -51,10 +58,12 @@ pub const MAX_POPULATE: u64 = 64 << 20;
 /// A successful request's result.
 #[derive(Debug)]
 pub enum Done {
-    /// A read's data, exactly the requested length.
+    /// A [`Request::Read`]'s data, exactly the requested length.
     Read(IoBuf),
+    /// A [`Request::ReadInto`] finished: the caller's buffer back, filled.
+    Filled(DataBuf),
     /// A write finished; its buffer is handed back for reuse.
-    Written(IoBuf),
+    Written(DataBuf),
     /// FLUSH, WRITE_ZEROES, TRIM or CACHE finished.
     Ok,
     /// A populate finished: bytes of clear sectors it copied from the base, and bytes of clear

@@ -3,11 +3,15 @@
 //! An [`IoBuf`] is 4096-byte aligned memory that is either a slot of the engine's registered
 //! [`Arena`] (so reads and writes through it use `ReadFixed`/`WriteFixed`) or a heap allocation.
 //! It is `Send`: a buffer taken on one thread may be filled, sent and dropped on any other.
+//! Memory lent by another party (a guest) is not an `IoBuf`: it is a [`LentBuf`], which gives
+//! no reference to its bytes.
 //!
 //! * `arena`: the registered memory, cut into per-core pools of size classes (4 KiB .. 1 MiB),
 //!   and the lock-free way a slot finds its way back to its core.
+//! * `lent`: [`LentBuf`] and [`DataBuf`] (a request's buffer: owned or lent).
 
 mod arena;
+mod lent;
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -16,17 +20,18 @@ use std::sync::Arc;
 
 pub(crate) use arena::Arena;
 use arena::Pool;
+pub use lent::{DataBuf, LentBuf};
 
 /// Alignment of every [`IoBuf`]: enough for `O_DIRECT` on any device we know of.
 pub const BUF_ALIGN: usize = 4096;
 
-/// An aligned buffer: a slot of the engine's registered arena, a heap allocation, or memory
-/// borrowed from the caller ([`IoBuf::borrowed`], e.g. a guest's buffer in shared memory).
-/// Derefs to `[u8]` of its current length (at most its capacity).
+/// An aligned buffer the engine owns: a slot of the engine's registered arena or a heap
+/// allocation. Derefs to `[u8]` of its current length (at most its capacity). Memory another
+/// party lends is a [`LentBuf`] instead, which never derefs.
 ///
-/// Invariant: `ptr` points to `cap` bytes aligned to [`BUF_ALIGN`], owned by this value (heap),
-/// reserved for it in the arena, or kept mapped by its keeper (borrowed) until it is dropped;
-/// `len <= cap`. The bytes never move while
+/// Invariant: `ptr` points to `cap` bytes aligned to [`BUF_ALIGN`], owned by this value (heap)
+/// or reserved for it in the arena, that nothing outside this process writes; `len <= cap`.
+/// The bytes never move while
 /// the buffer lives (moving the `IoBuf` moves only this header), which is what lets an in-flight
 /// SQE point into a buffer owned by the op that carries it.
 pub struct IoBuf {
@@ -38,9 +43,6 @@ pub struct IoBuf {
 
 enum Origin {
     Heap,
-    /// Memory the caller lent ([`IoBuf::borrowed`]); `keep` holds it mapped and is dropped with
-    /// the buffer.
-    Borrowed(#[allow(dead_code)] Arc<dyn std::any::Any + Send + Sync>),
     /// Slot `slot` (global index = registered-buffer index) of size class `class` of `pool`.
     Pool {
         pool: Arc<Pool>,
@@ -49,10 +51,8 @@ enum Origin {
     },
 }
 
-// SAFETY: an IoBuf exclusively owns its memory (heap) or its reserved arena slot, or was lent
-// memory nothing else in the process references (`borrowed`'s contract) kept alive by a
-// `Send + Sync` keeper; nothing else aliases it while the IoBuf lives, so moving it to another
-// thread is sound. Returning a slot
+// SAFETY: an IoBuf exclusively owns its memory (heap) or its reserved arena slot; nothing else
+// aliases it while the IoBuf lives, so moving it to another thread is sound. Returning a slot
 // from any thread goes through the pool's lock-free queue (or the owning core's thread-local
 // list when dropped on that core).
 unsafe impl Send for IoBuf {}
@@ -87,7 +87,7 @@ fn heap_layout(cap: usize) -> Layout {
 
 impl IoBuf {
     /// Heap buffer bytes allocated since the process started (a monotonic count; arena slots
-    /// and borrowed memory are not counted): what an arena too small for the load costs in
+    /// are not counted): what an arena too small for the load costs in
     /// allocations, and what a test measures around one request to bound its buffer memory.
     pub fn heap_bytes_allocated() -> u64 {
         HEAP_ALLOCATED.load(Ordering::Relaxed)
@@ -115,43 +115,6 @@ impl IoBuf {
             cap,
             origin: Origin::Heap,
         }
-    }
-
-    /// A buffer over `len` bytes at `ptr` that the caller lends to the engine: reads land there
-    /// and writes are taken from there, with no copy. `keep` is whatever keeps that memory mapped
-    /// (e.g. an `Arc` of a guest memory mapping); it is dropped when the buffer is, which is
-    /// after the request that carries it was answered (the engine drops a request's buffer only
-    /// once no operation points into it), so the memory outlives every I/O into it.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` must be aligned to [`BUF_ALIGN`] and valid for reads and writes of `len` bytes
-    /// for as long as `keep` lives, and nothing else in this process may hold a Rust reference
-    /// to those bytes meanwhile. Another party writing them concurrently (a guest changing its
-    /// own in-flight buffer, as hardware DMA allows) may tear the bytes the engine reads or
-    /// writes, never the engine's own state: the engine never decides anything from a data
-    /// buffer's contents.
-    pub unsafe fn borrowed(
-        ptr: NonNull<u8>,
-        len: usize,
-        keep: Arc<dyn std::any::Any + Send + Sync>,
-    ) -> IoBuf {
-        debug_assert_eq!(
-            ptr.as_ptr() as usize % BUF_ALIGN,
-            0,
-            "borrowed buffer alignment"
-        );
-        IoBuf {
-            ptr,
-            len,
-            cap: len,
-            origin: Origin::Borrowed(keep),
-        }
-    }
-
-    /// Whether this buffer is borrowed memory ([`IoBuf::borrowed`]).
-    pub fn is_borrowed(&self) -> bool {
-        matches!(self.origin, Origin::Borrowed(_))
     }
 
     /// A buffer holding a copy of `data`.
@@ -197,7 +160,7 @@ impl IoBuf {
     /// arena slot.
     pub(crate) fn arena_slot(&self) -> Option<(u64, u32)> {
         match &self.origin {
-            Origin::Heap | Origin::Borrowed(_) => None,
+            Origin::Heap => None,
             Origin::Pool { pool, slot, .. } => Some((pool.arena_id(), *slot)),
         }
     }
@@ -228,8 +191,6 @@ impl Drop for IoBuf {
                 unsafe { std::alloc::dealloc(self.ptr.as_ptr(), heap_layout(self.cap)) }
             }
             Origin::Pool { pool, class, slot } => pool.release(*class, *slot),
-            // The lender's memory: dropping `keep` (with the rest of this value) is all.
-            Origin::Borrowed(_) => {}
         }
     }
 }
