@@ -109,7 +109,7 @@ fn idle_connections_do_not_lock_a_scrape_out() {
 #[test]
 fn remote_metrics_need_allowing() {
     let f = Fixture::new(4 * MIB);
-    let mut child = std::process::Command::new(addcow_bin())
+    let child = std::process::Command::new(addcow_bin())
         .args([
             "serve",
             "--socket",
@@ -124,25 +124,10 @@ fn remote_metrics_need_allowing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the daemon served metrics on 0.0.0.0 without --metrics-allow-remote");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = exit_of(
+        child,
+        "the daemon served metrics on 0.0.0.0 without --metrics-allow-remote",
+    );
     assert!(!status.success(), "started with remote metrics:\n{err}");
     assert!(err.contains("--metrics-allow-remote"), "{err}");
     let d = Daemon::start(
