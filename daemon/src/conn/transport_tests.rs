@@ -443,15 +443,9 @@ fn handshake(c: &mut UnixStream) {
     assert_eq!(&r[r.len() - 8..r.len() - 4], &wire::REP_ACK.to_be_bytes());
 }
 
+/// Sends one compact request header.
 fn req(c: &mut UnixStream, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-    let h = RequestHeader {
-        flags,
-        kind,
-        cookie,
-        offset,
-        len: u64::from(len),
-    };
-    c.write_all(&h.encode()).unwrap();
+    addcow_engine::nbd::client::send_request_flagged(c, flags, kind, cookie, offset, len).unwrap();
 }
 
 #[test]
