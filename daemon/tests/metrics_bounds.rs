@@ -21,6 +21,16 @@ fn metrics_addr(d: &Daemon) -> String {
         .to_string()
 }
 
+/// A daemon serving the fixture's overlay and metrics on a loopback port; its metrics address.
+fn start_with_metrics(f: &Fixture) -> (Daemon, String) {
+    let d = Daemon::start(
+        &f.path("nbd.sock"),
+        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
+    );
+    let addr = metrics_addr(&d);
+    (d, addr)
+}
+
 /// One GET /metrics over a fresh connection: the status line and the body.
 fn scrape(addr: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to metrics");
@@ -42,11 +52,7 @@ fn scrape(addr: &str) -> (String, String) {
 #[test]
 fn an_endless_header_line_is_cut_off_without_growing_the_daemon() {
     let f = Fixture::new(4 * MIB);
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
-    );
-    let addr = metrics_addr(&d);
+    let (d, addr) = start_with_metrics(&f);
     assert!(scrape(&addr).0.contains(" 200 "));
     let before = rss_kib(d.pid());
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -83,11 +89,7 @@ fn an_endless_header_line_is_cut_off_without_growing_the_daemon() {
 #[test]
 fn idle_connections_do_not_lock_a_scrape_out() {
     let f = Fixture::new(4 * MIB);
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
-    );
-    let addr = metrics_addr(&d);
+    let (d, addr) = start_with_metrics(&f);
     let mut idle = Vec::new();
     for i in 0..64 {
         let mut s = TcpStream::connect(&addr).unwrap();

@@ -18,6 +18,17 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+impl Listen {
+    /// The server's arguments for it: `UNIX SOCK`, or `HOST 127.0.0.1 PORT N` (each server
+    /// names these options its own way).
+    fn args(&self, unix: &str, host: &str, port: &str) -> Vec<String> {
+        match self {
+            Listen::Tcp(n) => vec![host.into(), "127.0.0.1".into(), port.into(), n.to_string()],
+            Listen::Unix(p) => vec![unix.into(), p.display().to_string()],
+        }
+    }
+}
+
 /// A TCP port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -52,15 +63,7 @@ impl ImageServer {
     /// being `-U SOCK` or `-i 127.0.0.1 -p PORT`.
     pub fn nbdkit(listen: Listen, args: &[&str]) -> ImageServer {
         let mut a: Vec<String> = vec!["-f".into()];
-        match &listen {
-            Listen::Tcp(port) => a.extend([
-                "-i".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ]),
-            Listen::Unix(p) => a.extend(["-U".into(), p.display().to_string()]),
-        }
+        a.extend(listen.args("-U", "-i", "-p"));
         a.extend(args.iter().map(|s| s.to_string()));
         ImageServer::start("nbdkit", a, listen)
     }
@@ -72,15 +75,7 @@ impl ImageServer {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        match &listen {
-            Listen::Tcp(port) => a.extend([
-                "-b".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ]),
-            Listen::Unix(p) => a.extend(["-k".into(), p.display().to_string()]),
-        }
+        a.extend(listen.args("-k", "-b", "-p"));
         a.extend(extra.iter().map(|s| s.to_string()));
         a.push(file.display().to_string());
         ImageServer::start("qemu-nbd", a, listen)

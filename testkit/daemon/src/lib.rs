@@ -297,15 +297,7 @@ impl Daemon {
 
     /// Waits (bounded) until the log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "log never showed {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_text(&self.log, needle, "log never showed");
     }
 }
 
@@ -315,6 +307,17 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Waits (bounded, 60 s) until the text `pump` collects in `out` contains `needle`; else fails
+/// the test with `never` and the text.
+fn wait_text(out: &Mutex<String>, needle: &str, never: &str) {
+    let text = || out.lock().map(|s| s.clone()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !text().contains(needle) {
+        assert!(Instant::now() < deadline, "{never} {needle:?}:\n{}", text());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -638,15 +641,7 @@ impl HoldingClient {
 
     /// Waits (bounded) until the output contains `needle`.
     pub fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.output().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "client never printed {needle:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_text(&self.out, needle, "client never printed");
     }
 }
 
