@@ -54,15 +54,7 @@ fn error_code(v: &Value) -> i64 {
 #[test]
 fn bad_control_input_gets_errors_or_a_closed_connection_and_nothing_else_suffers() {
     let f = Fixture::new(16 * MIB);
-    let control = f.path("ctl.sock");
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &[
-            "--control",
-            control.to_str().unwrap(),
-            f.overlay().to_str().unwrap(),
-        ],
-    );
+    let (d, control) = Daemon::start_with_control(&f, &[f.overlay().to_str().unwrap()]);
     // An NBD client reading all along; it must still be connected at the end.
     let nbd_client = HoldingClient::start(&d.uri());
 

@@ -11,21 +11,13 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
+/// A daemon with a control socket (`--allow-dir` the fixture's folder, `--shutdown-grace 5`)
+/// and `extra` arguments; returns it and the control socket's path.
 fn start_control(f: &Fixture, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
-    let sock = f.path("nbd.sock");
-    let control = f.path("ctl.sock");
-    let mut args = vec![
-        "--control".to_string(),
-        control.display().to_string(),
-        "--allow-dir".to_string(),
-        f.dir.path().display().to_string(),
-        "--shutdown-grace".to_string(),
-        "5".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = Daemon::start(&sock, &args);
-    (d, control)
+    let dir = f.dir.path().display().to_string();
+    let mut args = vec!["--allow-dir", &dir, "--shutdown-grace", "5"];
+    args.extend_from_slice(extra);
+    Daemon::start_with_control(f, &args)
 }
 
 fn export_names(c: &mut Control) -> Vec<String> {
@@ -418,15 +410,9 @@ fn without_allow_dir_or_command_line_overlays_export_add_is_refused() {
 fn read_only_exports_from_the_command_line_and_export_add() {
     let f = Fixture::new(4 * MIB);
     let b = f.make_overlay("b");
-    let control = f.path("ctl.sock");
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &[
-            "--control",
-            control.to_str().unwrap(),
-            "--export",
-            &format!("ro={}:ro", f.overlay().display()),
-        ],
+    let (d, control) = Daemon::start_with_control(
+        &f,
+        &["--export", &format!("ro={}:ro", f.overlay().display())],
     );
     let mut c = Control::connect(&control);
     c.ok(

@@ -34,16 +34,9 @@ fn closed_within(s: &mut UnixStream, limit: Duration) -> bool {
 #[test]
 fn idle_control_connections_are_closed_after_the_timeout() {
     let f = Fixture::new(4 * MIB);
-    let ctl = f.path("ctl.sock");
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &[
-            "--control",
-            ctl.to_str().unwrap(),
-            "--control-idle-timeout",
-            "1",
-            f.overlay().to_str().unwrap(),
-        ],
+    let (d, ctl) = Daemon::start_with_control(
+        &f,
+        &["--control-idle-timeout", "1", f.overlay().to_str().unwrap()],
     );
     let mut idle = UnixStream::connect(&ctl).unwrap();
     assert!(
@@ -59,15 +52,7 @@ fn idle_control_connections_are_closed_after_the_timeout() {
 #[test]
 fn idle_connections_do_not_lock_an_operator_out() {
     let f = Fixture::new(4 * MIB);
-    let ctl = f.path("ctl.sock");
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &[
-            "--control",
-            ctl.to_str().unwrap(),
-            f.overlay().to_str().unwrap(),
-        ],
-    );
+    let (d, ctl) = Daemon::start_with_control(&f, &[f.overlay().to_str().unwrap()]);
     let mut idle: Vec<UnixStream> = Vec::new();
     for _ in 0..16 {
         idle.push(UnixStream::connect(&ctl).unwrap());
@@ -96,15 +81,7 @@ fn idle_connections_do_not_lock_an_operator_out() {
 #[test]
 fn names_with_line_breaks_cannot_forge_log_lines() {
     let f = Fixture::new(4 * MIB);
-    let ctl = f.path("ctl.sock");
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &[
-            "--control",
-            ctl.to_str().unwrap(),
-            f.overlay().to_str().unwrap(),
-        ],
-    );
+    let (d, ctl) = Daemon::start_with_control(&f, &[f.overlay().to_str().unwrap()]);
     let mut c = Control::connect(&ctl);
     let forged = "FORGED INFO addcow: export deleted";
     let e = c

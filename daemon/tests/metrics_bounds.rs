@@ -21,6 +21,16 @@ fn metrics_addr(d: &Daemon) -> String {
         .to_string()
 }
 
+/// A daemon serving the fixture's overlay and metrics on a loopback port; its metrics address.
+fn start_with_metrics(f: &Fixture) -> (Daemon, String) {
+    let d = Daemon::start(
+        &f.path("nbd.sock"),
+        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
+    );
+    let addr = metrics_addr(&d);
+    (d, addr)
+}
+
 /// One GET /metrics over a fresh connection: the status line and the body.
 fn scrape(addr: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to metrics");
@@ -42,11 +52,7 @@ fn scrape(addr: &str) -> (String, String) {
 #[test]
 fn an_endless_header_line_is_cut_off_without_growing_the_daemon() {
     let f = Fixture::new(4 * MIB);
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
-    );
-    let addr = metrics_addr(&d);
+    let (d, addr) = start_with_metrics(&f);
     assert!(scrape(&addr).0.contains(" 200 "));
     let before = rss_kib(d.pid());
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -83,11 +89,7 @@ fn an_endless_header_line_is_cut_off_without_growing_the_daemon() {
 #[test]
 fn idle_connections_do_not_lock_a_scrape_out() {
     let f = Fixture::new(4 * MIB);
-    let d = Daemon::start(
-        &f.path("nbd.sock"),
-        &["--metrics", "127.0.0.1:0", f.overlay().to_str().unwrap()],
-    );
-    let addr = metrics_addr(&d);
+    let (d, addr) = start_with_metrics(&f);
     let mut idle = Vec::new();
     for i in 0..64 {
         let mut s = TcpStream::connect(&addr).unwrap();
@@ -109,7 +111,7 @@ fn idle_connections_do_not_lock_a_scrape_out() {
 #[test]
 fn remote_metrics_need_allowing() {
     let f = Fixture::new(4 * MIB);
-    let mut child = std::process::Command::new(addcow_bin())
+    let child = std::process::Command::new(addcow_bin())
         .args([
             "serve",
             "--socket",
@@ -124,25 +126,10 @@ fn remote_metrics_need_allowing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the daemon served metrics on 0.0.0.0 without --metrics-allow-remote");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = exit_of(
+        child,
+        "the daemon served metrics on 0.0.0.0 without --metrics-allow-remote",
+    );
     assert!(!status.success(), "started with remote metrics:\n{err}");
     assert!(err.contains("--metrics-allow-remote"), "{err}");
     let d = Daemon::start(

@@ -488,44 +488,14 @@ fn handshake_time_limit_drops_silent_clients() {
 
 #[test]
 fn systemd_socket_activation() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let fx = Fixture::new(4 * MIB);
     let sock = fx.path("sd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let fd = listener.as_raw_fd();
-    let mut cmd = std::process::Command::new("sh");
-    cmd.args([
-        "-c",
-        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$1\"",
-        addcow_bin().to_str().unwrap(),
-        fx.overlay().to_str().unwrap(),
-    ]);
-    // SAFETY: dup2 is async-signal-safe; the child gets the listener as fd 3 (without
-    // close-on-exec) and nothing else changes.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn");
+    let d = Daemon::start_activated(&listener, sock, &[fx.overlay().to_str().unwrap()]);
     drop(listener);
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let out = run("nbdinfo", &["--size", &uri]);
+    let out = run("nbdinfo", &["--size", &d.uri()]);
     assert_eq!(out.trim(), (4 * MIB).to_string());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    d.stop();
 }
 
 /// A daemon restarted right after its predecessor died can find the overlay still locked for a

@@ -12,50 +12,15 @@
 //! connection), and a lost write would fail fio's verification.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use addcow_daemon_testkit::{addcow_bin, Daemon, Fixture};
+use addcow_daemon_testkit::{Daemon, Fixture};
 
 const MIB: u64 = 1 << 20;
-
-/// An `addcow serve` started with an inherited listening socket as fd 3 (`LISTEN_PID`,
-/// `LISTEN_FDS=1`), as systemd starts a socket-activated service.
-fn start_activated(listener: &UnixListener, args: &[String]) -> Daemon {
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$@\"")
-        .arg(addcow_bin())
-        .args(args)
-        .env("ADDCOW_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: dup2/fcntl are async-signal-safe; the child gets the listener as fd 3 (without
-    // close-on-exec) and nothing else changes.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Daemon::from_child(
-        cmd.spawn().expect("spawn addcow serve"),
-        std::path::PathBuf::new(),
-    )
-}
 
 /// qemu-storage-daemon: an NBD blockdev on `upstream` with `reconnect-delay=30`, exported as
 /// `disk` on the NBD socket `export` (writable).
@@ -163,23 +128,16 @@ fn fio_args(uri: &str, verify_only: bool) -> Vec<String> {
 }
 
 /// Runs fio to the end; returns (exit status success, output).
-fn fio_wait(mut child: Child) -> (bool, String) {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let st = child.wait().unwrap();
-    (st.success(), format!("{out}\n{err}"))
+fn fio_wait(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn fio_spawn(uri: &str, verify_only: bool) -> Child {
@@ -300,9 +258,8 @@ fn restarts_with_a_socket_handed_over_are_invisible_to_a_qemu_client() {
     let listener = UnixListener::bind(&sock).unwrap();
     let args = daemon_args(&fx);
     let start = || {
-        let mut d = start_activated(&listener, &args);
-        d.sock = sock.clone();
-        d
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_activated(&listener, sock.clone(), &a)
     };
     restarts_under_load(&fx, &start);
 }

@@ -3,11 +3,10 @@
 //!
 //! Every tool is required (scripts/test.sh installs them); a missing one fails loudly.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use addcow_daemon_testkit::image_server::{free_port, ImageServer, Listen};
 use addcow_daemon_testkit::scripted::{self, Handshake, Reply, Request, Script, ScriptedServer};
 use addcow_daemon_testkit::*;
 use rand::{RngCore, SeedableRng};
@@ -16,145 +15,35 @@ const SIZE: u64 = 8 << 20;
 /// The base holds random data in its first 6 MiB; the rest is a hole.
 const DATA: u64 = 6 << 20;
 
-/// An image server (nbdkit or qemu-nbd) in the foreground on a Unix socket.
-struct ImageServer {
-    prog: &'static str,
-    args: Vec<String>,
-    sock: PathBuf,
-    child: Option<Child>,
+/// `nbdkit -f -U SOCK ARGS...` (plugin and filters in `args`).
+fn nbdkit(sock: &Path, args: &[&str]) -> ImageServer {
+    ImageServer::nbdkit(Listen::Unix(sock.to_path_buf()), args)
 }
 
-impl ImageServer {
-    /// `nbdkit -f -U SOCK ARGS...` (plugin and filters in `args`).
-    fn nbdkit(sock: &Path, args: &[&str]) -> ImageServer {
-        let mut a: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
-        a.extend(args.iter().map(|s| s.to_string()));
-        ImageServer::start("nbdkit", a, sock)
-    }
-
-    /// `qemu-nbd -f raw -r -t --shared=16 -k SOCK FILE` (read-only, so it allows multi-conn).
-    fn qemu_nbd(sock: &Path, file: &Path) -> ImageServer {
-        ImageServer::qemu_nbd_named(sock, file, "")
-    }
-
-    /// [`ImageServer::qemu_nbd`] serving only the export `name`.
-    fn qemu_nbd_named(sock: &Path, file: &Path, name: &str) -> ImageServer {
-        let a = [
-            "-x",
-            name,
-            "-f",
-            "raw",
-            "-r",
-            "-t",
-            "--shared=16",
-            "-k",
-            &sock.display().to_string(),
-            &file.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        ImageServer::start("qemu-nbd", a, sock)
-    }
-
-    fn start(prog: &'static str, args: Vec<String>, sock: &Path) -> ImageServer {
-        let mut s = ImageServer {
-            prog,
-            args,
-            sock: sock.to_path_buf(),
-            child: None,
-        };
-        s.restart();
-        s
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
-    }
-
-    /// (Re)starts the server and waits until its socket sends the NBD greeting.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "server already running");
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new(self.prog)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} (scripts/test.sh installs it): {e}",
-                    self.prog
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut s) = UnixStream::connect(&self.sock) {
-                if raw::greeting(&mut s).is_ok() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "{} never listened", self.prog);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `qemu-storage-daemon` exporting `file` read-only as `name` on a Unix socket.
-    fn qsd(sock: &Path, file: &Path, name: &str) -> ImageServer {
-        let a = vec![
-            "--blockdev".to_string(),
-            format!(
-                "driver=file,node-name=f,filename={},read-only=on",
-                file.display()
-            ),
-            "--nbd-server".to_string(),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-            "--export".to_string(),
-            format!("type=nbd,id=e,node-name=f,name={name},writable=off"),
-        ];
-        ImageServer::start("qemu-storage-daemon", a, sock)
-    }
-
-    /// SIGTERM, as an operator stops the server for a planned restart; then waits (bounded)
-    /// for it to exit. Whether it exited within `within`.
-    fn terminate(&mut self, within: Duration) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return true;
-        };
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + within;
-        let exited = loop {
-            if let Ok(Some(_)) = c.try_wait() {
-                break true;
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let _ = c.kill();
-        let _ = c.wait();
-        let _ = std::fs::remove_file(&self.sock);
-        exited
-    }
-
-    /// SIGKILL: the server vanishes mid-transfer.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.sock);
-    }
+/// `qemu-nbd -f raw -r -t --shared=16 -k SOCK FILE` (read-only, so it allows multi-conn).
+fn qemu_nbd(sock: &Path, file: &Path) -> ImageServer {
+    qemu_nbd_named(sock, file, "")
 }
 
-impl Drop for ImageServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// [`qemu_nbd`] serving only the export `name`.
+fn qemu_nbd_named(sock: &Path, file: &Path, name: &str) -> ImageServer {
+    ImageServer::qemu_nbd(Listen::Unix(sock.to_path_buf()), file, &["-x", name])
+}
+
+/// `qemu-storage-daemon` exporting `file` read-only as `name` on a Unix socket.
+fn qsd(sock: &Path, file: &Path, name: &str) -> ImageServer {
+    let a = vec![
+        "--blockdev".to_string(),
+        format!(
+            "driver=file,node-name=f,filename={},read-only=on",
+            file.display()
+        ),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".to_string(),
+        format!("type=nbd,id=e,node-name=f,name={name},writable=off"),
+    ];
+    ImageServer::start("qemu-storage-daemon", a, Listen::Unix(sock.to_path_buf()))
 }
 
 /// A temp dir with `base.raw`: random bytes (seeded) then a hole.
@@ -199,7 +88,7 @@ fn set_bitmap_bytes(overlay: &Path) -> usize {
 #[test]
 fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
     let s = Setup::new();
-    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let mut server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let ov = s.create("vm", &server.uri());
     let ovs = ov.display().to_string();
     // The URI is stored unchanged and shown by the tools.
@@ -287,7 +176,7 @@ fn nbdkit_file_base_serves_writes_and_streams_free_of_the_server() {
 #[test]
 fn qemu_nbd_base_is_read_over_several_connections() {
     let s = Setup::new();
-    let _server = ImageServer::qemu_nbd(&s.path("img.sock"), &s.path("base.raw"));
+    let _server = qemu_nbd(&s.path("img.sock"), &s.path("base.raw"));
     let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
     let ov = s.create("vm", &uri);
     let d = Daemon::start(
@@ -395,7 +284,7 @@ fn wait_log_more(d: &Daemon, needle: &str, n: usize) {
 #[test]
 fn image_server_restarted_during_reads_pauses_them_without_an_error() {
     let s = Setup::new();
-    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let mut server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let ov = s.create("vm", &server.uri());
     let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
     let client = HoldingClient::run(READ_LOOP_PY, &[&d.uri(), &s.p("base.raw"), "6"]);
@@ -414,7 +303,7 @@ fn image_server_restarted_during_reads_pauses_them_without_an_error() {
 #[test]
 fn image_server_gone_past_the_timeout_gives_eio_and_other_exports_still_serve() {
     let s = Setup::new();
-    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let mut server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let ov = s.create("vm", &server.uri());
     // A second export on a local base.
     let local = s.create("local", &s.p("base.raw"));
@@ -468,7 +357,7 @@ fn image_server_gone_past_the_timeout_gives_eio_and_other_exports_still_serve() 
 #[test]
 fn base_read_errors_are_eio_and_set_no_bits() {
     let s = Setup::new();
-    let _server = ImageServer::nbdkit(
+    let _server = nbdkit(
         &s.path("img.sock"),
         &[
             "--filter=error",
@@ -533,7 +422,7 @@ print("local ok" if b2.to_bytearray() == bytearray([0x44]) * 4096 else "local wr
 #[test]
 fn slow_image_server_never_stalls_reads_of_local_data() {
     let s = Setup::new();
-    let _server = ImageServer::nbdkit(
+    let _server = nbdkit(
         &s.path("img.sock"),
         &["--filter=delay", "file", &s.p("base.raw"), "rdelay=2"],
     );
@@ -557,7 +446,7 @@ fn slow_image_server_never_stalls_reads_of_local_data() {
 #[test]
 fn a_remote_raw_base_under_a_chain_of_overlays() {
     let s = Setup::new();
-    let _server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let _server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let uri = format!("nbd+unix:///?socket={}", s.p("img.sock"));
     let mid = s.create("mid", &uri);
     let d = Daemon::start(&s.path("a.sock"), &[&mid.display().to_string()]);
@@ -830,7 +719,7 @@ fn closing_a_disk_does_not_wait_for_a_hanging_connect() {
 #[test]
 fn block_sizes_the_server_states_are_honoured() {
     let s = Setup::new();
-    let _server = ImageServer::nbdkit(
+    let _server = nbdkit(
         &s.path("img.sock"),
         &[
             "--filter=blocksize-policy",
@@ -859,7 +748,7 @@ fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
     let s = Setup::new();
     let sock = s.path("img.sock");
     let base = s.path("base.raw");
-    let mut server = ImageServer::qemu_nbd_named(&sock, &base, "golden");
+    let mut server = qemu_nbd_named(&sock, &base, "golden");
     let uri = format!("nbd+unix:///golden?socket={}", sock.display());
     let ov = s.create("vm", &uri);
     // A long timeout: an unusable export fails reads at once, not by the timeout.
@@ -884,7 +773,7 @@ fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
     };
     // The export is gone: the server now serves another name.
     server.kill();
-    let mut other = ImageServer::qemu_nbd_named(&sock, &base, "other");
+    let mut other = qemu_nbd_named(&sock, &base, "other");
     d.wait_log("not found on the server");
     eio("vanished export");
     other.kill();
@@ -896,7 +785,7 @@ fn a_vanished_or_resized_export_fails_reads_until_it_is_back() {
         .open(&bigger)
         .and_then(|f| f.set_len(SIZE * 2))
         .expect("grow");
-    let mut resized = ImageServer::qemu_nbd_named(&sock, &bigger, "golden");
+    let mut resized = qemu_nbd_named(&sock, &bigger, "golden");
     d.wait_log("size changed");
     eio("resized export");
     resized.kill();
@@ -925,7 +814,7 @@ print("same" if h.pread(n, off) == want else "differs", flush=True)
 #[test]
 fn copy_on_read_moves_what_was_read_to_the_local_disk() {
     let s = Setup::new();
-    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let mut server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let a = s.create("a", &server.uri());
     let b = s.create("b", &server.uri());
     let c = s.create("c", &server.uri());
@@ -1000,39 +889,9 @@ fn copy_on_read_moves_what_was_read_to_the_local_disk() {
 #[test]
 fn a_tcp_uri_base_on_loopback() {
     let s = Setup::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    // Killed on drop like the others; its socket path is unused.
-    let mut tcp = ImageServer {
-        prog: "nbdkit",
-        args: [
-            "-f",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "file",
-            &s.p("base.raw"),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect(),
-        sock: s.path("none"),
-        child: None,
-    };
-    tcp.child = Some(
-        Command::new("nbdkit")
-            .args(&tcp.args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nbdkit"),
-    );
+    let port = free_port();
+    let _tcp = ImageServer::nbdkit(Listen::Tcp(port), &["file", &s.p("base.raw")]);
     let uri = format!("nbd://127.0.0.1:{port}/");
-    wait_until("nbdkit listens on TCP", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
     let ov = s.create("vm", &uri);
     let d = Daemon::start(&s.path("a.sock"), &[&ov.display().to_string()]);
     assert_identical(&s.p("base.raw"), &d.uri());
@@ -1046,7 +905,7 @@ fn a_tcp_uri_base_on_loopback() {
 #[test]
 fn an_image_server_outage_fails_a_snapshot_or_resize_and_the_export_keeps_serving() {
     let s = Setup::new();
-    let mut server = ImageServer::nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
+    let mut server = nbdkit(&s.path("img.sock"), &["file", &s.p("base.raw")]);
     let ov = s.create("vm", &server.uri());
     let control = s.path("ctl.sock");
     let d = Daemon::start(
@@ -1283,7 +1142,7 @@ fn a_failed_block_status_query_does_not_leave_its_connection_in_use() {
 fn unaligned_reads_respect_a_small_maximum_block() {
     for (min, max) in [("4096", "8192"), ("4096", "4096"), ("512", "1024")] {
         let s = Setup::new();
-        let _server = ImageServer::nbdkit(
+        let _server = nbdkit(
             &s.path("img.sock"),
             &[
                 "--filter=blocksize-policy",
@@ -1330,9 +1189,9 @@ fn restart_during_reads(kind: &str, cores: &str) {
     let sock = s.path("img.sock");
     let base = s.path("base.raw");
     let start = || match kind {
-        "nbdkit" => ImageServer::nbdkit(&sock, &["file", &s.p("base.raw")]),
-        "qemu-nbd" => ImageServer::qemu_nbd_named(&sock, &base, "base"),
-        _ => ImageServer::qsd(&sock, &base, "base"),
+        "nbdkit" => nbdkit(&sock, &["file", &s.p("base.raw")]),
+        "qemu-nbd" => qemu_nbd_named(&sock, &base, "base"),
+        _ => qsd(&sock, &base, "base"),
     };
     let mut server = start();
     let uri = format!("nbd+unix:///base?socket={}", sock.display());

@@ -7,144 +7,32 @@
 //! server without TLS, a wrong key), and a control case beside it shows the same setup
 //! succeeding, so that the refusal is the check's doing.
 
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use addcow_daemon_testkit::image_server::{free_port, ImageServer, Listen};
 use addcow_daemon_testkit::tls::{self, X509Creds};
 use addcow_daemon_testkit::*;
 use rand::{RngCore, SeedableRng};
 
 const SIZE: u64 = 4 << 20;
 
-/// Where an image server listens.
-enum Listen {
-    Tcp(u16),
-    Unix(PathBuf),
+/// `nbdkit -f LISTEN TLS... file FILE` (`tls`: `--tls=require` and the credentials, or
+/// nothing for a server without TLS).
+fn nbdkit(listen: Listen, tls: &[String], file: &Path) -> ImageServer {
+    let file = file.display().to_string();
+    let mut args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    args.extend(["file", &file]);
+    ImageServer::nbdkit(listen, &args)
 }
 
-/// An image server in the foreground, killed on drop.
-struct ImageServer {
-    prog: &'static str,
-    args: Vec<String>,
-    listen: Listen,
-    child: Option<Child>,
-}
-
-/// A TCP port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-impl ImageServer {
-    /// `nbdkit -f --tls=require TLS... file FILE` on `listen`.
-    fn nbdkit(listen: Listen, tls: &[String], file: &Path) -> ImageServer {
-        let mut args: Vec<String> = vec!["-f".into()];
-        match &listen {
-            Listen::Tcp(port) => args.extend([
-                "-i".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ]),
-            Listen::Unix(p) => args.extend(["-U".into(), p.display().to_string()]),
-        }
-        args.extend(tls.iter().cloned());
-        args.extend(["file".into(), file.display().to_string()]);
-        ImageServer::start("nbdkit", args, listen)
-    }
-
-    /// `qemu-nbd -r -t` on TCP with `--object OBJECT --tls-creds tls0` (OBJECT's id `tls0`).
-    fn qemu_nbd(port: u16, object: &str, file: &Path) -> ImageServer {
-        let args = [
-            "-f",
-            "raw",
-            "-r",
-            "-t",
-            "--shared=16",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--object",
-            object,
-            "--tls-creds",
-            "tls0",
-            &file.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        ImageServer::start("qemu-nbd", args, Listen::Tcp(port))
-    }
-
-    fn start(prog: &'static str, args: Vec<String>, listen: Listen) -> ImageServer {
-        let mut s = ImageServer {
-            prog,
-            args,
-            listen,
-            child: None,
-        };
-        s.restart();
-        s
-    }
-
-    /// (Re)starts the server and waits until it sends the NBD greeting (in plain, before any
-    /// TLS).
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "server already running");
-        if let Listen::Unix(p) = &self.listen {
-            let _ = std::fs::remove_file(p);
-        }
-        let child = Command::new(self.prog)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} (scripts/test.sh installs it): {e}",
-                    self.prog
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let greeted = match &self.listen {
-                Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port))
-                    .map(|mut s| raw::greeting(&mut s).is_ok())
-                    .unwrap_or(false),
-                Listen::Unix(p) => UnixStream::connect(p)
-                    .map(|mut s| raw::greeting(&mut s).is_ok())
-                    .unwrap_or(false),
-            };
-            if greeted {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} never listened", self.prog);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: the server vanishes.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ImageServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `qemu-nbd -r -t` on TCP with `--object OBJECT --tls-creds tls0` (OBJECT's id `tls0`).
+fn qemu_nbd(port: u16, object: &str, file: &Path) -> ImageServer {
+    ImageServer::qemu_nbd(
+        Listen::Tcp(port),
+        file,
+        &["--object", object, "--tls-creds", "tls0"],
+    )
 }
 
 /// A temp dir with `base.raw` (random bytes, seeded), x509 credentials (`creds`: a CA, a
@@ -188,7 +76,7 @@ impl Setup {
             format!("--tls-certificates={}", self.creds.server_dir.display()),
         ];
         (
-            ImageServer::nbdkit(Listen::Tcp(port), &tls, &self.path("base.raw")),
+            nbdkit(Listen::Tcp(port), &tls, &self.path("base.raw")),
             port,
         )
     }
@@ -260,7 +148,7 @@ fn an_nbds_base_on_qemu_nbd_presents_the_client_certificate() {
         "tls-creds-x509,id=tls0,endpoint=server,dir={}",
         s.creds.server_dir.display()
     );
-    let _server = ImageServer::qemu_nbd(port, &object, &s.path("base.raw"));
+    let _server = qemu_nbd(port, &object, &s.path("base.raw"));
     let uri = format!(
         "nbds://127.0.0.1:{port}/?tls-certificates={}",
         s.creds.client_dir.display()
@@ -295,7 +183,7 @@ fn an_nbds_base_with_a_psk() {
         "--tls=require".to_string(),
         format!("--tls-psk={}", s.psk.display()),
     ];
-    let _nbdkit = ImageServer::nbdkit(Listen::Tcp(port), &tls, &s.path("base.raw"));
+    let _nbdkit = nbdkit(Listen::Tcp(port), &tls, &s.path("base.raw"));
     let psk = s.psk.display().to_string();
     s.create_ok(
         "first",
@@ -327,7 +215,7 @@ fn an_nbds_base_with_a_psk() {
         "tls-creds-psk,id=tls0,endpoint=server,dir={}",
         s.psk.parent().expect("psk folder").display()
     );
-    let _qemu = ImageServer::qemu_nbd(qport, &object, &s.path("base.raw"));
+    let _qemu = qemu_nbd(qport, &object, &s.path("base.raw"));
     let ov = s.create_ok(
         "qemu",
         &format!("nbds://127.0.0.1:{qport}/?tls-psk-file={psk}&tls-username=alice"),
@@ -363,7 +251,7 @@ fn a_server_certificate_of_another_ca_or_host_is_refused() {
         "--tls=require".to_string(),
         format!("--tls-certificates={}", far.server_dir.display()),
     ];
-    let _far = ImageServer::nbdkit(Listen::Tcp(port2), &tls, &s.path("base.raw"));
+    let _far = nbdkit(Listen::Tcp(port2), &tls, &s.path("base.raw"));
     let cd = far.client_dir.display();
     s.create_refused(
         "byname",
@@ -387,7 +275,7 @@ fn a_server_certificate_of_another_ca_or_host_is_refused() {
 fn no_plain_fallback_either_way() {
     let s = Setup::new();
     let port = free_port();
-    let _plain = ImageServer::nbdkit(Listen::Tcp(port), &[], &s.path("base.raw"));
+    let _plain = nbdkit(Listen::Tcp(port), &[], &s.path("base.raw"));
     s.create_refused(
         "plain",
         &format!(
@@ -415,7 +303,7 @@ fn an_nbds_unix_base_checks_the_chain_and_a_named_host_only() {
         "--tls=require".to_string(),
         format!("--tls-certificates={}", far.server_dir.display()),
     ];
-    let _server = ImageServer::nbdkit(Listen::Unix(sock.clone()), &tls, &s.path("base.raw"));
+    let _server = nbdkit(Listen::Unix(sock.clone()), &tls, &s.path("base.raw"));
     let uri = |dir: &Path, extra: &str| {
         format!(
             "nbds+unix:///?socket={}&tls-certificates={}{extra}",
@@ -476,23 +364,17 @@ fn an_nbds_base_reconnects_over_tls_after_the_server_restarts() {
 fn a_tls_server_that_stops_answering_fails_reads_in_time() {
     let s = Setup::new();
     let port = free_port();
-    let args: Vec<String> = [
-        "-f",
-        "-i",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--tls=require",
-        &format!("--tls-certificates={}", s.creds.server_dir.display()),
-        "--filter=delay",
-        "file",
-        &s.p("base.raw"),
-        "rdelay=30",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let _server = ImageServer::start("nbdkit", args, Listen::Tcp(port));
+    let _server = ImageServer::nbdkit(
+        Listen::Tcp(port),
+        &[
+            "--tls=require",
+            &format!("--tls-certificates={}", s.creds.server_dir.display()),
+            "--filter=delay",
+            "file",
+            &s.p("base.raw"),
+            "rdelay=30",
+        ],
+    );
     let uri = format!(
         "nbds://localhost:{port}/?tls-certificates={}",
         s.creds.client_dir.display()

@@ -3,12 +3,9 @@
 //! the metrics), and TCP sockets systemd passes held to the same loopback rule as `--tcp`.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use addcow_daemon_testkit::*;
 use serde_json::json;
@@ -153,36 +150,6 @@ fn vhost_socket_has_its_own_mode() {
     d.stop();
 }
 
-/// `addcow serve ARGS...` with `listener` as systemd's fd 3 (`LISTEN_PID`, `LISTEN_FDS=1`);
-/// stdout and stderr piped.
-fn spawn_activated(listener: &impl AsRawFd, args: &[&str]) -> std::process::Child {
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$@\"")
-        .arg(addcow_bin())
-        .args(args)
-        .env("ADDCOW_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: dup2/fcntl are async-signal-safe; the child gets the listener as fd 3 (without
-    // close-on-exec) and nothing else changes.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("spawn addcow serve")
-}
-
 /// A TCP socket systemd passes is held to the rule of `--tcp`: off loopback the daemon refuses
 /// to start unless `--allow-remote`; on loopback it serves.
 #[test]
@@ -191,25 +158,10 @@ fn systemd_tcp_sockets_off_loopback_need_allow_remote() {
     let ov = f.overlay();
     let ov = ov.to_str().unwrap();
     let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let mut child = spawn_activated(&any, &[ov]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the daemon kept serving a non-loopback systemd socket without --allow-remote");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = exit_of(
+        spawn_activated(&any, &[ov]),
+        "the daemon kept serving a non-loopback systemd socket without --allow-remote",
+    );
     assert!(!status.success(), "{err}");
     assert!(
         err.contains("not a loopback address") && err.contains("--allow-remote"),
@@ -225,10 +177,7 @@ fn systemd_tcp_sockets_off_loopback_need_allow_remote() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--allow-insecure-remote"), "{err}");
     let port = any.local_addr().unwrap().port();
-    let d = Daemon::from_child(
-        spawn_activated(&any, &["--allow-insecure-remote", ov]),
-        Default::default(),
-    );
+    let d = Daemon::start_activated(&any, Default::default(), &["--allow-insecure-remote", ov]);
     let out = run("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{port}")]);
     assert_eq!(out.trim(), (4 * MIB).to_string());
     d.stop();
@@ -236,7 +185,7 @@ fn systemd_tcp_sockets_off_loopback_need_allow_remote() {
     // A loopback one needs nothing.
     let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = lo.local_addr().unwrap().port();
-    let d = Daemon::from_child(spawn_activated(&lo, &[ov]), Default::default());
+    let d = Daemon::start_activated(&lo, Default::default(), &[ov]);
     let out = run("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{port}")]);
     assert_eq!(out.trim(), (4 * MIB).to_string());
     d.stop();

@@ -492,225 +492,37 @@ fn two_queues_with_32_requests_in_flight_each_match_the_model() {
     d.stop();
 }
 
-/// A hand-driven vhost-user frontend (the `vhost` crate's `Frontend`): libblkio cannot stop a
-/// queue while requests are in flight, this can. One queue of [`RING_SIZE`] in a shared file
-/// that is the whole guest memory: descriptor table at 0, avail ring at 0x1000, used ring at
-/// 0x2000, request headers at 0x10000, status bytes at 0x20000, data from [`DATA_AT`].
+/// Requests of the hand-written frontend ([`hostile`]: unlike libblkio it can stop a queue
+/// while requests are in flight) as these tests lay them out: chain `k` is descriptors
+/// `3k..3k + 2` (head `3k`), its data at `DATA + k * stride`; each is appended to the avail
+/// ring as it is made.
 mod hand {
-    use std::fs::File;
-    use std::os::fd::AsRawFd;
-    use std::path::Path;
+    use addcow_daemon_testkit::vhost::hostile::{Memory, DATA, T_IN, T_OUT};
+    use vm_memory::{Bytes, GuestAddress};
 
-    use vhost::vhost_user::message::VhostUserProtocolFeatures;
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    pub const RING_SIZE: u16 = 256;
-    pub const DESC: u64 = 0;
-    pub const AVAIL: u64 = 0x1000;
-    pub const USED: u64 = 0x2000;
-    pub const HDRS: u64 = 0x10000;
-    pub const STATUS: u64 = 0x20000;
-    pub const DATA_AT: u64 = 1 << 20;
-
-    /// The guest memory: a file both sides map shared.
-    pub struct Guest {
-        pub mem: GuestMemoryMmap,
-        file: File,
-        size: u64,
+    /// The head descriptor of chain `k`.
+    pub fn head(k: u16) -> u16 {
+        3 * k
     }
 
-    impl Guest {
-        pub fn new(path: &Path, size: u64) -> Guest {
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .expect("guest memory file");
-            file.set_len(size).expect("size guest memory");
-            let fo = FileOffset::new(file.try_clone().expect("dup"), 0);
-            let mem = GuestMemoryMmap::from_ranges_with_files([(
-                GuestAddress(0),
-                size as usize,
-                Some(fo),
-            )])
-            .expect("map guest memory");
-            Guest { mem, file, size }
-        }
-
-        pub fn u16_at(&self, addr: u64) -> u16 {
-            u16::from_le(self.mem.read_obj(GuestAddress(addr)).expect("read u16"))
-        }
-
-        pub fn avail_idx(&self) -> u16 {
-            self.u16_at(AVAIL + 2)
-        }
-
-        pub fn used_idx(&self) -> u16 {
-            self.u16_at(USED + 2)
-        }
-
-        /// The head descriptor index of used entry `n` (ring position `n` mod size).
-        pub fn used_id(&self, n: u16) -> u16 {
-            let at = USED + 4 + 8 * u64::from(n % RING_SIZE);
-            u32::from_le(self.mem.read_obj(GuestAddress(at)).expect("used id")) as u16
-        }
-
-        pub fn status(&self, chain: u16) -> u8 {
-            self.mem
-                .read_obj(GuestAddress(STATUS + u64::from(chain)))
-                .expect("status")
-        }
-
-        /// Makes chain `k` (descriptors 3k..3k+2) a WRITE of `data` (whole sectors, at
-        /// `DATA_AT + k * stride`) to `sector`, status 0xff, and appends it to the avail ring.
-        pub fn add_write(&self, k: u16, sector: u64, data: &[u8], stride: u64) {
-            let m = &self.mem;
-            let (hdr, buf, st) = (
-                HDRS + 16 * u64::from(k),
-                DATA_AT + u64::from(k) * stride,
-                STATUS + u64::from(k),
-            );
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            m.write_slice(&h, GuestAddress(hdr)).unwrap();
-            m.write_slice(data, GuestAddress(buf)).unwrap();
-            m.write_obj(0xffu8, GuestAddress(st)).unwrap();
-            let d = 3 * k;
-            let desc = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
-                let at = GuestAddress(DESC + 16 * u64::from(i));
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&len.to_le_bytes());
-                raw[12..14].copy_from_slice(&flags.to_le_bytes());
-                raw[14..16].copy_from_slice(&next.to_le_bytes());
-                m.write_slice(&raw, at).unwrap();
-            };
-            desc(d, hdr, 16, 1, d + 1); // NEXT
-            desc(d + 1, buf, data.len() as u32, 1, d + 2); // NEXT, device-readable
-            desc(d + 2, st, 1, 2, 0); // WRITE
-            let idx = self.avail_idx();
-            let slot = AVAIL + 4 + 2 * u64::from(idx % RING_SIZE);
-            m.write_obj(d.to_le(), GuestAddress(slot)).unwrap();
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            m.write_obj(idx.wrapping_add(1).to_le(), GuestAddress(AVAIL + 2))
-                .unwrap();
-        }
+    /// Chain `k`: a WRITE of `data` (whole sectors) to `sector`.
+    pub fn add_write(g: &Memory, k: u16, sector: u64, data: &[u8], stride: u64) {
+        let buf = DATA + u64::from(k) * stride;
+        g.mem.write_slice(data, GuestAddress(buf)).unwrap();
+        g.data_chain(head(k), T_OUT, sector, buf, data.len() as u32);
+        g.post(&[head(k)]);
     }
 
-    impl Guest {
-        /// Makes chain `k` (descriptors 3k..3k+2) a READ of `len` bytes (whole sectors, into
-        /// `DATA_AT + k * stride`) at `sector`, status 0xff, and appends it to the avail ring.
-        pub fn add_read(&self, k: u16, sector: u64, len: u32, stride: u64) {
-            self.add_in(k, 0, sector, len, stride) // VIRTIO_BLK_T_IN
-        }
-
-        /// Like [`Guest::add_read`] with request type `kind` (a device-writable data
-        /// descriptor: VIRTIO_BLK_T_IN or VIRTIO_BLK_T_GET_ID).
-        pub fn add_in(&self, k: u16, kind: u32, sector: u64, len: u32, stride: u64) {
-            let m = &self.mem;
-            let (hdr, buf, st) = (
-                HDRS + 16 * u64::from(k),
-                DATA_AT + u64::from(k) * stride,
-                STATUS + u64::from(k),
-            );
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            m.write_slice(&h, GuestAddress(hdr)).unwrap();
-            m.write_obj(0xffu8, GuestAddress(st)).unwrap();
-            let d = 3 * k;
-            let desc = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
-                let at = GuestAddress(DESC + 16 * u64::from(i));
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&len.to_le_bytes());
-                raw[12..14].copy_from_slice(&flags.to_le_bytes());
-                raw[14..16].copy_from_slice(&next.to_le_bytes());
-                m.write_slice(&raw, at).unwrap();
-            };
-            desc(d, hdr, 16, 1, d + 1); // NEXT
-            desc(d + 1, buf, len, 3, d + 2); // NEXT | WRITE
-            desc(d + 2, st, 1, 2, 0); // WRITE
-            let idx = self.avail_idx();
-            let slot = AVAIL + 4 + 2 * u64::from(idx % RING_SIZE);
-            m.write_obj(d.to_le(), GuestAddress(slot)).unwrap();
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            m.write_obj(idx.wrapping_add(1).to_le(), GuestAddress(AVAIL + 2))
-                .unwrap();
-        }
+    /// Chain `k`: a request of type `kind` with a device-writable data descriptor of `len`
+    /// bytes (T_IN, T_GET_ID) at `sector`.
+    pub fn add_in(g: &Memory, k: u16, kind: u32, sector: u64, len: u32, stride: u64) {
+        g.data_chain(head(k), kind, sector, DATA + u64::from(k) * stride, len);
+        g.post(&[head(k)]);
     }
 
-    /// One frontend connection with one queue running from avail index `base`.
-    pub struct Conn {
-        pub fe: Frontend,
-        pub kick: EventFd,
-        _call: EventFd,
-    }
-
-    impl Conn {
-        /// Queue 0 running from `base`.
-        pub fn connect(sock: &Path, guest: &Guest, base: u16) -> Conn {
-            Self::connect_queue(sock, guest, base, 0)
-        }
-
-        /// Queue `q` (alone) running from `base`.
-        pub fn connect_queue(sock: &Path, guest: &Guest, base: u16, q: usize) -> Conn {
-            let mut fe = Frontend::connect(sock, q as u64 + 1).expect("vhost-user connect");
-            fe.set_owner().expect("SET_OWNER");
-            let offered = fe.get_features().expect("GET_FEATURES");
-            // VIRTIO_F_VERSION_1 and VHOST_USER_F_PROTOCOL_FEATURES; no EVENT_IDX, so every
-            // batch signals.
-            let want = (1u64 << 32) | (1u64 << 30);
-            assert_eq!(offered & want, want, "features offered: {offered:#x}");
-            fe.set_features(want).expect("SET_FEATURES");
-            let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-            fe.set_protocol_features(pf & VhostUserProtocolFeatures::MQ)
-                .expect("SET_PROTOCOL_FEATURES");
-            let host = guest
-                .mem
-                .get_host_address(GuestAddress(0))
-                .expect("host address");
-            fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-                guest_phys_addr: 0,
-                memory_size: guest.size,
-                userspace_addr: host as u64,
-                mmap_offset: 0,
-                mmap_handle: guest.file.as_raw_fd(),
-            }])
-            .expect("SET_MEM_TABLE");
-            fe.set_vring_num(q, RING_SIZE).expect("SET_VRING_NUM");
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: RING_SIZE,
-                    queue_size: RING_SIZE,
-                    flags: 0,
-                    // Ring addresses are the frontend's virtual addresses (vhost-user
-                    // translates them through the memory table's `userspace_addr`).
-                    desc_table_addr: host as u64 + DESC,
-                    used_ring_addr: host as u64 + USED,
-                    avail_ring_addr: host as u64 + AVAIL,
-                    log_addr: None,
-                },
-            )
-            .expect("SET_VRING_ADDR");
-            fe.set_vring_base(q, base).expect("SET_VRING_BASE");
-            let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-            let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-            fe.set_vring_call(q, &call).expect("SET_VRING_CALL");
-            fe.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
-            fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
-            Conn {
-                fe,
-                kick,
-                _call: call,
-            }
-        }
+    /// Chain `k`: a READ of `len` bytes (whole sectors) at `sector`.
+    pub fn add_read(g: &Memory, k: u16, sector: u64, len: u32, stride: u64) {
+        add_in(g, k, T_IN, sector, len, stride)
     }
 }
 
@@ -719,7 +531,7 @@ mod hand {
 /// index, and a frontend that reconnects at that base gets the rest served; nothing is lost.
 #[test]
 fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest() {
-    use hand::{Conn, Guest};
+    use addcow_daemon_testkit::vhost::hostile::{Call, Hostile, Memory, DATA};
     use vhost::VhostBackend;
 
     const CHAINS: u16 = 64;
@@ -727,24 +539,27 @@ fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest
     let fx = Fixture::new(CHAINS as u64 * LEN as u64);
     let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
     let d = start(&nbd, &vsock, &fx.overlay(), "1");
-    let guest = Guest::new(
-        &fx.path("guest.mem"),
-        hand::DATA_AT + CHAINS as u64 * LEN as u64,
-    );
+    let guest = Memory::new(DATA + CHAINS as u64 * LEN as u64);
     let mut base = 0u16;
     let mut caught_in_flight = 0;
     let mut last_seed = 0;
     for round in 0..6u64 {
-        let conn = Conn::connect(&vsock, &guest, base);
+        let conn = Hostile::connect_queue(&vsock, &guest, Call::EventFd, false, 0, base);
         if guest.avail_idx() == guest.used_idx() {
             // Everything answered: a fresh set of writes over the whole disk.
             last_seed = 100 + round;
             for k in 0..CHAINS {
                 let data = pattern(last_seed + u64::from(k), LEN);
-                guest.add_write(k, u64::from(k) * (LEN as u64 / 512), &data, LEN as u64);
+                hand::add_write(
+                    &guest,
+                    k,
+                    u64::from(k) * (LEN as u64 / 512),
+                    &data,
+                    LEN as u64,
+                );
             }
         }
-        conn.kick.write(1).expect("kick");
+        conn.kick();
         // Let the daemon pop a batch and start writing it.
         std::thread::sleep(Duration::from_millis(20));
         let used_before = guest.used_idx();
@@ -759,10 +574,10 @@ fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest
             "round {round}: GET_VRING_BASE returned {got} with {used_after} chains answered"
         );
         for n in base..got {
-            let id = guest.used_id(n);
+            let id = guest.used(n).0;
             assert_eq!(id % 3, 0, "used entry {n}: head {id}");
             assert_eq!(
-                guest.status(id / 3),
+                guest.status(id),
                 0,
                 "round {round}: chain {} status",
                 id / 3
@@ -780,8 +595,8 @@ fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest
         "no round stopped the queue with a batch in flight (timing): the test proved nothing"
     );
     // A last frontend drains what is left.
-    let conn = Conn::connect(&vsock, &guest, base);
-    conn.kick.write(1).expect("kick");
+    let conn = Hostile::connect_queue(&vsock, &guest, Call::EventFd, false, 0, base);
+    conn.kick();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while guest.used_idx() != guest.avail_idx() {
         assert!(
@@ -793,11 +608,7 @@ fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest
         std::thread::sleep(Duration::from_millis(5));
     }
     for n in base..guest.used_idx() {
-        assert_eq!(
-            guest.status(guest.used_id(n) / 3),
-            0,
-            "drain: used entry {n}"
-        );
+        assert_eq!(guest.status(guest.used(n).0), 0, "drain: used entry {n}");
     }
     let end = conn.fe.get_vring_base(0).expect("GET_VRING_BASE") as u16;
     assert_eq!(end, guest.avail_idx(), "final base");
@@ -817,7 +628,7 @@ fn get_vring_base_mid_io_answers_what_was_popped_and_a_reconnect_serves_the_rest
 /// status OK and the reads the right bytes, and the next frontend is served.
 #[test]
 fn a_frontend_vanishing_mid_io_with_direct_buffers_leaves_the_daemon_serving() {
-    use hand::{Conn, Guest};
+    use addcow_daemon_testkit::vhost::hostile::{Call, Hostile, Memory, DATA};
 
     const CHAINS: u16 = 64;
     const LEN: usize = 1 << 20;
@@ -827,21 +638,18 @@ fn a_frontend_vanishing_mid_io_with_direct_buffers_leaves_the_daemon_serving() {
     let model = fx.reference();
     let mut caught_in_flight = 0;
     for round in 0..4u64 {
-        let guest = Guest::new(
-            &fx.path(&format!("guest{round}.mem")),
-            hand::DATA_AT + CHAINS as u64 * LEN as u64,
-        );
-        let conn = Conn::connect(&vsock, &guest, 0);
+        let guest = Memory::new(DATA + CHAINS as u64 * LEN as u64);
+        let conn = Hostile::connect_queue(&vsock, &guest, Call::EventFd, false, 0, 0);
         for k in 0..CHAINS {
             let sector = u64::from(k) * (LEN as u64 / 512);
             if k % 2 == 0 {
-                guest.add_read(k, sector, LEN as u32, LEN as u64);
+                hand::add_read(&guest, k, sector, LEN as u32, LEN as u64);
             } else {
                 let data = pattern(round * 1000 + u64::from(k), LEN);
-                guest.add_write(k, sector, &data, LEN as u64);
+                hand::add_write(&guest, k, sector, &data, LEN as u64);
             }
         }
-        conn.kick.write(1).expect("kick");
+        conn.kick();
         // The core pops every available chain before it submits any: once one is answered,
         // all 64 were popped. Vanish right then, with most of them in flight.
         let popped_by = std::time::Instant::now() + Duration::from_secs(30);
@@ -878,9 +686,9 @@ fn a_frontend_vanishing_mid_io_with_direct_buffers_leaves_the_daemon_serving() {
             "round {round}: {used_at_drop} answered at the disconnect, {answered} in the end"
         );
         for n in 0..answered {
-            let id = guest.used_id(n);
+            let id = guest.used(n).0;
             let k = id / 3;
-            assert_eq!(guest.status(k), 0, "round {round}: chain {k} status");
+            assert_eq!(guest.status(id), 0, "round {round}: chain {k} status");
             if k % 2 == 0 {
                 // Reads cover regions no write touches: the fixture's bytes.
                 let at = k as usize * LEN;
@@ -888,7 +696,7 @@ fn a_frontend_vanishing_mid_io_with_direct_buffers_leaves_the_daemon_serving() {
                 vm_memory::Bytes::read_slice(
                     &guest.mem,
                     &mut got,
-                    vm_memory::GuestAddress(hand::DATA_AT + at as u64),
+                    vm_memory::GuestAddress(DATA + at as u64),
                 )
                 .unwrap();
                 assert_same(
@@ -933,7 +741,7 @@ fn a_frontend_vanishing_mid_io_with_direct_buffers_leaves_the_daemon_serving() {
 /// ones win, and its used ring holds exactly the chains it submitted.
 #[test]
 fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() {
-    use hand::{Conn, Guest};
+    use addcow_daemon_testkit::vhost::hostile::{Call, Hostile, Memory, DATA, T_GET_ID};
 
     const CHAINS: u16 = 64;
     const LEN: usize = 1 << 20;
@@ -944,16 +752,22 @@ fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() 
     // core 1, so nothing but the wait keeps the new queue from being served at once.
     let d = start(&nbd, &vsock, &fx.overlay(), "2");
     let model = fx.reference();
-    let mem_len = hand::DATA_AT + (CHAINS as u64 + 2) * LEN as u64;
+    let mem_len = DATA + (CHAINS as u64 + 2) * LEN as u64;
     let mut caught_in_flight = 0;
     for round in 0..3u64 {
-        let old = Guest::new(&fx.path(&format!("old{round}.mem")), mem_len);
-        let conn = Conn::connect(&vsock, &old, 0);
+        let old = Memory::new(mem_len);
+        let conn = Hostile::connect_queue(&vsock, &old, Call::EventFd, false, 0, 0);
         for k in 0..CHAINS {
             let data = pattern(round * 1000 + u64::from(k), LEN);
-            old.add_write(k, u64::from(k) * (LEN as u64 / 512), &data, LEN as u64);
+            hand::add_write(
+                &old,
+                k,
+                u64::from(k) * (LEN as u64 / 512),
+                &data,
+                LEN as u64,
+            );
         }
-        conn.kick.write(1).expect("kick");
+        conn.kick();
         // Once one chain is answered all 64 were popped: vanish then.
         let popped_by = std::time::Instant::now() + Duration::from_secs(30);
         while old.used_idx() == 0 {
@@ -971,16 +785,22 @@ fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() 
         // Reconnect at once: a GET_ID (answered without the disk, so at once if the queue is
         // served), a small read of a part nobody writes, then new data for the sectors the old
         // frontend was writing.
-        let new = Guest::new(&fx.path(&format!("new{round}.mem")), mem_len);
-        let conn = Conn::connect_queue(&vsock, &new, 0, 1);
-        new.add_in(0, 8, 0, 20, LEN as u64); // VIRTIO_BLK_T_GET_ID: answered without the disk
+        let new = Memory::new(mem_len);
+        let conn = Hostile::connect_queue(&vsock, &new, Call::EventFd, false, 1, 0);
+        hand::add_in(&new, 0, T_GET_ID, 0, 20, LEN as u64); // answered without the disk
         let last = u64::from(CHAINS) * (LEN as u64 / 512);
-        new.add_read(1, last, 4096, LEN as u64);
+        hand::add_read(&new, 1, last, 4096, LEN as u64);
         for k in 2..CHAINS + 2 {
             let data = pattern(round * 1000 + 500 + u64::from(k), LEN);
-            new.add_write(k, u64::from(k - 2) * (LEN as u64 / 512), &data, LEN as u64);
+            hand::add_write(
+                &new,
+                k,
+                u64::from(k - 2) * (LEN as u64 / 512),
+                &data,
+                LEN as u64,
+            );
         }
-        conn.kick.write(1).expect("kick");
+        conn.kick();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while new.used_idx() == 0 {
             assert!(
@@ -1009,19 +829,23 @@ fn a_frontend_reconnecting_mid_io_is_served_after_the_old_chains_are_answered() 
         std::thread::sleep(Duration::from_millis(200));
         for (name, g, n) in [("old", &old, CHAINS), ("new", &new, CHAINS + 2)] {
             assert_eq!(g.used_idx(), n, "round {round}: {name} used index");
-            let mut heads: Vec<u16> = (0..n).map(|i| g.used_id(i)).collect();
+            let mut heads: Vec<u16> = (0..n).map(|i| g.used(i).0).collect();
             heads.sort_unstable();
-            let want: Vec<u16> = (0..n).map(|k| 3 * k).collect();
+            let want: Vec<u16> = (0..n).map(hand::head).collect();
             assert_eq!(heads, want, "round {round}: {name} used entries");
             for k in 0..n {
-                assert_eq!(g.status(k), 0, "round {round}: {name} chain {k} status");
+                assert_eq!(
+                    g.status(hand::head(k)),
+                    0,
+                    "round {round}: {name} chain {k} status"
+                );
             }
         }
         let mut read = vec![0u8; 4096];
         vm_memory::Bytes::read_slice(
             &new.mem,
             &mut read,
-            vm_memory::GuestAddress(hand::DATA_AT + LEN as u64),
+            vm_memory::GuestAddress(DATA + LEN as u64),
         )
         .unwrap();
         let at = CHAINS as usize * LEN;

@@ -433,31 +433,8 @@ fn check(h: &RequestHeader, limits: &Limits, map: &[Extent], asked: u32, p: &Pla
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::command::testing::{h, lim};
     use wire::*;
-
-    fn lim() -> Limits {
-        Limits {
-            size: 1 << 20,
-            read_only: false,
-            structured: true,
-            contexts: MetaContexts {
-                base_allocation: true,
-                allocation_depth: false,
-            },
-            extended: false,
-            fast_zero_unit: Some(512),
-        }
-    }
-
-    fn h(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
-        RequestHeader {
-            flags,
-            kind,
-            cookie: 1,
-            offset,
-            len,
-        }
-    }
 
     fn ext(offset: u64, len: u64, kind: ExtentKind) -> Extent {
         Extent { offset, len, kind }

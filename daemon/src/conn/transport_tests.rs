@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use addcow_engine::{Done, Extent, Request};
+use addcow_engine::{Completion, Done, Extent, Request};
 
 use super::budget::Pool;
 use super::connection::{serve, ConnConfig, Ended, Totals, MAX_IN_FLIGHT};
@@ -43,35 +43,91 @@ fn ended_cleanly(t: Conn) -> Totals {
     }
 }
 
-/// A backend whose WRITE completions wait until the test opens the gate.
-struct GatedWrites {
+/// A test backend: a memory disk with one behaviour injected by `I` (holds, failures, a
+/// panic); what `I` leaves alone is the memory disk's, and the rest keeps the trait's defaults.
+/// Derefs to `I`, for the test to reach the state it keeps.
+struct Injected<I> {
     inner: Arc<MemDisk>,
-    held: std::sync::Mutex<Vec<addcow_engine::Completion>>,
+    inject: I,
 }
 
-impl Backend for GatedWrites {
+/// What an [`Injected`] backend changes of its memory disk; by default nothing.
+trait Inject: Send + Sync + 'static {
+    fn submit(&self, inner: &MemDisk, core: usize, req: Request, done: Completion) {
+        inner.submit(core, req, done)
+    }
+    fn allocation(&self, inner: &MemDisk, offset: u64, len: u64) -> Vec<Extent> {
+        inner.allocation(offset, len)
+    }
+    /// Whether every local submit is handed back, as while a disk switch holds them.
+    fn refuses_local(&self) -> bool {
+        false
+    }
+}
+
+impl<I: Inject> Injected<I> {
+    /// A `size`-byte memory disk (writable) with `inject`.
+    fn new(size: usize, inject: I) -> Arc<Injected<I>> {
+        Arc::new(Injected {
+            inner: MemDisk::new(size, false),
+            inject,
+        })
+    }
+}
+
+impl<I> std::ops::Deref for Injected<I> {
+    type Target = I;
+    fn deref(&self) -> &I {
+        &self.inject
+    }
+}
+
+impl<I: Inject> Backend for Injected<I> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
     fn read_only(&self) -> bool {
         false
     }
-    fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+    fn submit(&self, core: usize, req: Request, done: Completion) {
+        self.inject.submit(&self.inner, core, req, done)
+    }
+    fn try_submit_local(
+        &self,
+        ctx: &mut addcow_engine::SourceCtx<'_>,
+        req: Request,
+        done: Completion,
+    ) -> Option<(Request, Completion)> {
+        if self.inject.refuses_local() {
+            return Some((req, done));
+        }
+        self.submit(ctx.core(), req, done);
+        None
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.inject.allocation(&self.inner, offset, len)
+    }
+    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
+        self.inner.alloc_buf(len)
+    }
+}
+
+/// WRITE completions wait until the test opens the gate (takes them from `held`).
+#[derive(Default)]
+struct GatedWrites {
+    held: std::sync::Mutex<Vec<Completion>>,
+}
+
+impl Inject for GatedWrites {
+    fn submit(&self, inner: &MemDisk, core: usize, req: Request, done: Completion) {
         if matches!(req, Request::Write { .. }) {
-            let inner = self.inner.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             inner.submit(core, req, Box::new(move |r| tx.send(r).unwrap()));
             let r = rx.recv().unwrap();
             self.held.lock().unwrap().push(Box::new(move |_| done(r)));
         } else {
-            self.inner.submit(core, req, done)
+            inner.submit(core, req, done)
         }
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.inner.allocation(offset, len)
-    }
-    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
-        self.inner.alloc_buf(len)
     }
 }
 
@@ -152,27 +208,13 @@ fn ring_a_panic_in_the_source_ends_only_its_connection() {
     on_the_ring(a_panic_in_the_source_ends_only_its_connection);
 }
 
-/// A backend whose allocation map panics for reads at 512 KiB.
-struct PanicsAt {
-    inner: Arc<MemDisk>,
-}
+/// The allocation map panics for reads at 512 KiB.
+struct PanicsAt;
 
-impl Backend for PanicsAt {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
-        self.inner.submit(core, req, done)
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+impl Inject for PanicsAt {
+    fn allocation(&self, inner: &MemDisk, offset: u64, len: u64) -> Vec<Extent> {
         assert_ne!(offset, 512 << 10, "injected panic");
-        self.inner.allocation(offset, len)
-    }
-    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
-        self.inner.alloc_buf(len)
+        inner.allocation(offset, len)
     }
 }
 
@@ -180,13 +222,7 @@ impl Backend for PanicsAt {
 /// connection closes it and is reported in its totals; the core and the other connection
 /// on it go on.
 fn a_panic_in_the_source_ends_only_its_connection() {
-    let exports = Exports::new(vec![Export::new(
-        "",
-        Arc::new(PanicsAt {
-            inner: MemDisk::new(1 << 20, false),
-        }),
-        1,
-    )]);
+    let exports = Exports::new(vec![Export::new("", Injected::new(1 << 20, PanicsAt), 1)]);
     let (mut b, tb) = start_in(&exports);
     handshake(&mut b);
     roundtrip(&mut b, 10, 0x21);
@@ -292,41 +328,24 @@ fn a_write_payload_split_over_several_recvs() {
     assert_eq!(ended_cleanly(t).bytes_written, 100_000);
 }
 
-/// A backend that refuses every local submit (as a disk switch does) and records whether
-/// a submit ran on an engine core thread.
+/// Every local submit is refused (as a disk switch does); counts submits, and those that ran
+/// on an engine core thread.
+#[derive(Default)]
 struct Switching {
-    inner: Arc<MemDisk>,
     on_core: AtomicU64,
     submits: AtomicU64,
 }
 
-impl Backend for Switching {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+impl Inject for Switching {
+    fn submit(&self, inner: &MemDisk, core: usize, req: Request, done: Completion) {
         self.submits.fetch_add(1, Ordering::SeqCst);
         if addcow_engine::on_core_thread() {
             self.on_core.fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.submit(core, req, done)
+        inner.submit(core, req, done)
     }
-    fn try_submit_local(
-        &self,
-        _ctx: &mut addcow_engine::SourceCtx<'_>,
-        req: Request,
-        done: addcow_engine::Completion,
-    ) -> Option<(Request, addcow_engine::Completion)> {
-        Some((req, done))
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.inner.allocation(offset, len)
-    }
-    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
-        self.inner.alloc_buf(len)
+    fn refuses_local(&self) -> bool {
+        true
     }
 }
 
@@ -334,11 +353,7 @@ impl Backend for Switching {
 /// thread that is not the core (which must never wait on the switch).
 #[test]
 fn a_switch_submits_from_the_waiter_thread_not_the_core() {
-    let backend = Arc::new(Switching {
-        inner: MemDisk::new(1 << 20, false),
-        on_core: AtomicU64::new(0),
-        submits: AtomicU64::new(0),
-    });
+    let backend = Injected::new(1 << 20, Switching::default());
     let (mut c, t) = start_on(backend.clone());
     handshake(&mut c);
     for i in 0..20 {
@@ -374,10 +389,7 @@ fn start_with(exports: &Arc<Exports>, tune: impl FnOnce(&mut ConnConfig)) -> (Un
 
 #[test]
 fn replies_go_out_in_completion_order() {
-    let gated = Arc::new(GatedWrites {
-        inner: MemDisk::new(1 << 20, false),
-        held: Default::default(),
-    });
+    let gated = Injected::new(1 << 20, GatedWrites::default());
     let (mut c, t) = start_on(gated.clone());
     handshake(&mut c);
     // A write whose completion is held, then a read: the read is answered first.
@@ -431,15 +443,9 @@ fn handshake(c: &mut UnixStream) {
     assert_eq!(&r[r.len() - 8..r.len() - 4], &wire::REP_ACK.to_be_bytes());
 }
 
+/// Sends one compact request header.
 fn req(c: &mut UnixStream, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-    let h = RequestHeader {
-        flags,
-        kind,
-        cookie,
-        offset,
-        len: u64::from(len),
-    };
-    c.write_all(&h.encode()).unwrap();
+    addcow_engine::nbd::client::send_request_flagged(c, flags, kind, cookie, offset, len).unwrap();
 }
 
 #[test]
@@ -569,24 +575,14 @@ fn garbage_and_truncation_close_only_this_connection() {
     );
 }
 
-/// A backend whose READ completions are all held until the test releases them; it counts
-/// submissions.
+/// READ completions are all held until the test releases them; counts submissions.
+#[derive(Default)]
 struct HeldReads {
-    inner: Arc<MemDisk>,
     submitted: AtomicU64,
-    held: std::sync::Mutex<Vec<(Request, addcow_engine::Completion)>>,
+    held: std::sync::Mutex<Vec<(Request, Completion)>>,
 }
 
 impl HeldReads {
-    /// A `size`-byte memory disk whose base-half reads are held until `release_all`.
-    fn new(size: usize) -> Arc<HeldReads> {
-        Arc::new(HeldReads {
-            inner: MemDisk::new(size, false),
-            submitted: AtomicU64::new(0),
-            held: Default::default(),
-        })
-    }
-
     /// Waits (up to 10 s) until `k` requests reached the backend.
     fn wait_submitted(&self, k: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -598,7 +594,10 @@ impl HeldReads {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
 
+impl Injected<HeldReads> {
+    /// Submits the held reads to the memory disk.
     fn release_all(&self) {
         let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
         for (req, done) in held {
@@ -607,26 +606,14 @@ impl HeldReads {
     }
 }
 
-impl Backend for HeldReads {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+impl Inject for HeldReads {
+    fn submit(&self, inner: &MemDisk, core: usize, req: Request, done: Completion) {
         self.submitted.fetch_add(1, Ordering::SeqCst);
         if matches!(req, Request::Read { .. }) {
             self.held.lock().unwrap().push((req, done));
         } else {
-            self.inner.submit(core, req, done)
+            inner.submit(core, req, done)
         }
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.inner.allocation(offset, len)
-    }
-    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
-        self.inner.alloc_buf(len)
     }
 }
 
@@ -661,7 +648,7 @@ fn count_replies(mut c: UnixStream) -> u64 {
 /// stops reading the socket and the client's writes block; releasing the requests resumes it.
 #[test]
 fn reader_stops_reading_when_the_budget_is_spent() {
-    let backend = HeldReads::new(8 << 20);
+    let backend = Injected::new(8 << 20, HeldReads::default());
     let (mut c, t) = start_on(backend.clone());
     handshake(&mut c);
     let replies = {
@@ -720,7 +707,7 @@ fn reader_stops_reading_when_the_budget_is_spent() {
 /// the payload timeout, it is taken in and answered once budget comes back.
 #[test]
 fn a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame() {
-    let backend = HeldReads::new(8 << 20);
+    let backend = Injected::new(8 << 20, HeldReads::default());
     let exports = Exports::new(vec![Export::new("", backend.clone(), 1)]);
     let (mut c, t) = start_with(&exports, |cfg| {
         cfg.payload_timeout = Duration::from_millis(500)
@@ -751,10 +738,7 @@ fn a_request_waiting_for_budget_is_not_timed_as_a_stalled_frame() {
 /// flight is answered, then the connection closes; no request is answered with an error.
 #[test]
 fn stopping_the_reader_answers_in_flight_requests_then_closes() {
-    let gated = Arc::new(GatedWrites {
-        inner: MemDisk::new(1 << 20, false),
-        held: Default::default(),
-    });
+    let gated = Injected::new(1 << 20, GatedWrites::default());
     let export = Export::new("", gated.clone(), 1);
     let exports = Exports::new(vec![export.clone()]);
     let (mut c, t) = start_in(&exports);
@@ -803,19 +787,11 @@ fn stopping_the_reader_answers_in_flight_requests_then_closes() {
     );
 }
 
-/// A backend that refuses every WRITE as a stopping engine does (ESHUTDOWN).
-struct Stopping {
-    inner: Arc<MemDisk>,
-}
+/// Every WRITE is refused as a stopping engine does (ESHUTDOWN).
+struct Stopping;
 
-impl Backend for Stopping {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn submit(&self, core: usize, req: Request, done: addcow_engine::Completion) {
+impl Inject for Stopping {
+    fn submit(&self, inner: &MemDisk, core: usize, req: Request, done: Completion) {
         if matches!(req, Request::Write { .. }) {
             done(Err(addcow_engine::RequestError {
                 errno: libc::ESHUTDOWN,
@@ -823,14 +799,8 @@ impl Backend for Stopping {
                 offset: 0,
             }))
         } else {
-            self.inner.submit(core, req, done)
+            inner.submit(core, req, done)
         }
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.inner.allocation(offset, len)
-    }
-    fn alloc_buf(&self, len: usize) -> addcow_engine::IoBuf {
-        self.inner.alloc_buf(len)
     }
 }
 
@@ -839,9 +809,7 @@ impl Backend for Stopping {
 /// resends it.
 #[test]
 fn a_stopping_engine_leaves_the_request_unanswered_and_closes() {
-    let (mut c, t) = start_on(Arc::new(Stopping {
-        inner: MemDisk::new(1 << 20, false),
-    }));
+    let (mut c, t) = start_on(Injected::new(1 << 20, Stopping));
     handshake(&mut c);
     req(&mut c, wire::CMD_READ, 0, 1, 0, 512);
     let mut r = vec![0u8; 20 + 8 + 512];

@@ -247,12 +247,14 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
     })
 }
 
+/// Limits and request headers for the tests of the checks here and of the plans made from
+/// them (`conn::plan`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use wire::*;
 
-    fn lim() -> Limits {
+    /// A writable 1 MiB export with structured replies and `base:allocation`.
+    pub(crate) fn lim() -> Limits {
         Limits {
             size: 1 << 20,
             read_only: false,
@@ -266,7 +268,8 @@ mod tests {
         }
     }
 
-    fn h(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
+    /// A request header (cookie 1).
+    pub(crate) fn h(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
         RequestHeader {
             flags,
             kind,
@@ -275,6 +278,13 @@ mod tests {
             len,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{h, lim};
+    use super::*;
+    use wire::*;
 
     #[test]
     fn good_requests_pass() {

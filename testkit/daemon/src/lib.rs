@@ -8,12 +8,14 @@
 //! * [`raw`]: a raw NBD client (handshake pieces, requests, simple / structured / extended
 //!   replies, [`raw::RawClient`]) for tests that need exact control of the bytes.
 //! * [`scripted`]: a scripted NBD image server that misbehaves in exactly one way.
+//! * [`image_server`]: real image servers (nbdkit, qemu-nbd) as remote bases.
 //! * [`vhost`]: a vhost-user-blk frontend (libblkio); [`vhost::hostile`]: one written by hand that
 //!   misbehaves (re-posted heads, flipped lengths, a pipe as call fd).
 //!
 //! Every external tool is required: a missing one fails the test loudly (scripts/test.sh
 //! installs them), it never passes silently.
 
+pub mod image_server;
 pub mod raw;
 pub mod scripted;
 pub mod tls;
@@ -21,9 +23,11 @@ pub mod vhost;
 
 pub use raw::RawClient;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -192,6 +196,21 @@ impl Daemon {
         Daemon::from_child(child, sock)
     }
 
+    /// `addcow serve --socket DIR/nbd.sock --control DIR/ctl.sock ARGS...` in the fixture's
+    /// folder `DIR`; returns the daemon and the control socket's path.
+    pub fn start_with_control(f: &Fixture, args: &[&str]) -> (Daemon, PathBuf) {
+        let control = f.path("ctl.sock");
+        let mut all = vec!["--control", control.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        (Daemon::start(&f.path("nbd.sock"), &all), control)
+    }
+
+    /// [`spawn_activated`] taken over and waited for until ready; `sock` is the listener's
+    /// path (where clients connect), or empty for a TCP listener.
+    pub fn start_activated(listener: &impl AsRawFd, sock: PathBuf, args: &[&str]) -> Daemon {
+        Daemon::from_child(spawn_activated(listener, args), sock)
+    }
+
     /// Takes over a started `addcow serve` (stdout and stderr piped) that will listen on `sock`,
     /// and waits until it is ready.
     pub fn from_child(mut child: Child, sock: PathBuf) -> Daemon {
@@ -278,15 +297,7 @@ impl Daemon {
 
     /// Waits (bounded) until the log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "log never showed {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_text(&self.log, needle, "log never showed");
     }
 }
 
@@ -296,6 +307,17 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Waits (bounded, 60 s) until the text `pump` collects in `out` contains `needle`; else fails
+/// the test with `never` and the text.
+fn wait_text(out: &Mutex<String>, needle: &str, never: &str) {
+    let text = || out.lock().map(|s| s.clone()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !text().contains(needle) {
+        assert!(Instant::now() < deadline, "{never} {needle:?}:\n{}", text());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -311,6 +333,63 @@ fn pump(r: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>, echo: 
             }
         }
     });
+}
+
+/// `addcow serve ARGS...` started as systemd starts a socket-activated service: `listener` as
+/// fd 3, `LISTEN_PID` its pid, `LISTEN_FDS=1`; stdin closed, stdout and stderr piped (for
+/// [`Daemon::from_child`] or [`exit_of`]). Not waited for.
+pub fn spawn_activated(listener: &impl AsRawFd, args: &[&str]) -> Child {
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$@\"")
+        .arg(addcow_bin())
+        .args(args)
+        .env("ADDCOW_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2/fcntl are async-signal-safe; the child gets the listener as fd 3 (without
+    // close-on-exec) and nothing else changes.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn addcow serve")
+}
+
+/// Waits (bounded, 60 s) for `child` to exit by itself, as a daemon that refuses to start
+/// does; returns its status and its stderr (which must be piped). A child still running at
+/// the deadline is killed and fails the test with `if_running`.
+pub fn exit_of(mut child: Child, if_running: &str) -> (ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{if_running}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr piped")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    (status, err)
 }
 
 /// Runs `prog args...` under `timeout`, returns its output (not checked).
@@ -562,15 +641,7 @@ impl HoldingClient {
 
     /// Waits (bounded) until the output contains `needle`.
     pub fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.output().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "client never printed {needle:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_text(&self.out, needle, "client never printed");
     }
 }
 

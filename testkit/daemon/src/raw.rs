@@ -177,23 +177,36 @@ pub fn handshake(
 
 /// A compact request header (28 bytes; a WRITE's payload follows it).
 pub fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
+    header(
+        REQUEST_MAGIC,
+        kind,
+        flags,
+        cookie,
+        offset,
+        &len.to_be_bytes(),
+    )
 }
 
 /// An extended request header (32 bytes; needs `NBD_OPT_EXTENDED_HEADERS`).
 pub fn extended_request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut b = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+    header(
+        EXTENDED_REQUEST_MAGIC,
+        kind,
+        flags,
+        cookie,
+        offset,
+        &len.to_be_bytes(),
+    )
+}
+
+/// A request header: the fields in order, big-endian; `len` already encoded (4 or 8 bytes).
+fn header(magic: u32, kind: u16, flags: u16, cookie: u64, offset: u64, len: &[u8]) -> Vec<u8> {
+    let mut b = magic.to_be_bytes().to_vec();
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&cookie.to_be_bytes());
     b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(len);
     b
 }
 

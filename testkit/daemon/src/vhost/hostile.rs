@@ -149,10 +149,11 @@ impl Memory {
     }
 
     /// A chain of three descriptors at `head..head + 3`: header (`kind` at `sector`), `len`
-    /// bytes of data at `data` (device-writable for T_IN), status.
+    /// bytes of data at `data` (device-readable for T_OUT, device-writable for the others:
+    /// T_IN, T_GET_ID), status (set to 0xff until answered).
     pub fn data_chain(&self, head: u16, kind: u32, sector: u64, data: u64, len: u32) {
         let hdr = self.header(head, kind, sector);
-        let dflags = if kind == T_IN { NEXT | WRITE } else { NEXT };
+        let dflags = if kind == T_OUT { NEXT } else { NEXT | WRITE };
         self.mem
             .write_obj(0xffu8, GuestAddress(STATUS + u64::from(head)))
             .unwrap();
@@ -191,10 +192,25 @@ pub struct Hostile {
 }
 
 impl Hostile {
-    /// Connects to `sock`, maps `mem`, starts queue 0 of [`RING`] entries at avail index
-    /// `base`, with `call` as its call fd and, if `event_idx`, VIRTIO_RING_F_EVENT_IDX.
+    /// Connects to `sock`, maps `mem`, starts queue 0 of [`RING`] entries at the avail index
+    /// `mem` holds now, with `call` as its call fd and, if `event_idx`,
+    /// VIRTIO_RING_F_EVENT_IDX.
     pub fn connect(sock: &Path, mem: &Memory, call: Call, event_idx: bool) -> Hostile {
-        Self::try_connect(sock, mem, call, event_idx).unwrap_or_else(|e| panic!("{e}"))
+        Self::connect_queue(sock, mem, call, event_idx, 0, mem.avail_idx())
+    }
+
+    /// [`Hostile::connect`] asking for `q + 1` queues and starting only queue `q`, at avail
+    /// index `base` (where a frontend that reconnects after GET_VRING_BASE resumes).
+    pub fn connect_queue(
+        sock: &Path,
+        mem: &Memory,
+        call: Call,
+        event_idx: bool,
+        q: usize,
+        base: u16,
+    ) -> Hostile {
+        Self::try_connect_queue(sock, mem, call, event_idx, q, base)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Hostile::connect`], with the step that failed (the daemon refused or closed the
@@ -205,7 +221,19 @@ impl Hostile {
         call: Call,
         event_idx: bool,
     ) -> Result<Hostile, String> {
-        let mut fe = Frontend::connect(sock, 1).map_err(step("vhost-user connect"))?;
+        Self::try_connect_queue(sock, mem, call, event_idx, 0, mem.avail_idx())
+    }
+
+    /// [`Hostile::connect_queue`], failing with the step that failed.
+    pub fn try_connect_queue(
+        sock: &Path,
+        mem: &Memory,
+        call: Call,
+        event_idx: bool,
+        q: usize,
+        base: u16,
+    ) -> Result<Hostile, String> {
+        let mut fe = Frontend::connect(sock, q as u64 + 1).map_err(step("vhost-user connect"))?;
         fe.set_owner().map_err(step("SET_OWNER"))?;
         let offered = fe.get_features().map_err(step("GET_FEATURES"))?;
         let want = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
@@ -230,9 +258,9 @@ impl Hostile {
             mmap_handle: mem.file.as_raw_fd(),
         }])
         .map_err(step("SET_MEM_TABLE"))?;
-        fe.set_vring_num(0, RING).map_err(step("SET_VRING_NUM"))?;
+        fe.set_vring_num(q, RING).map_err(step("SET_VRING_NUM"))?;
         fe.set_vring_addr(
-            0,
+            q,
             &VringConfigData {
                 queue_max_size: RING,
                 queue_size: RING,
@@ -244,8 +272,7 @@ impl Hostile {
             },
         )
         .map_err(step("SET_VRING_ADDR"))?;
-        fe.set_vring_base(0, mem.avail_idx())
-            .map_err(step("SET_VRING_BASE"))?;
+        fe.set_vring_base(q, base).map_err(step("SET_VRING_BASE"))?;
         let (call_fd, keep): (OwnedFd, Option<OwnedFd>) = match call {
             Call::EventFd => {
                 let e = EventFd::new(EFD_NONBLOCK).expect("eventfd");
@@ -265,13 +292,13 @@ impl Hostile {
         // The vhost crate takes an EventFd; any fd goes over the socket as it is.
         // SAFETY: a dup of `call_fd` owned by the temporary EventFd, closed when it drops.
         let as_eventfd = unsafe { EventFd::from_raw_fd(libc::dup(call_fd.as_raw_fd())) };
-        fe.set_vring_call(0, &as_eventfd)
+        fe.set_vring_call(q, &as_eventfd)
             .map_err(step("SET_VRING_CALL"))?;
         drop(as_eventfd);
         let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        fe.set_vring_kick(0, &kick)
+        fe.set_vring_kick(q, &kick)
             .map_err(step("SET_VRING_KICK"))?;
-        fe.set_vring_enable(0, true)
+        fe.set_vring_enable(q, true)
             .map_err(step("SET_VRING_ENABLE"))?;
         Ok(Hostile {
             fe,
