@@ -49,7 +49,7 @@ use crate::io::uring::buf;
 /// let mut data = engine.alloc_buf(100);
 /// data.fill(0x5a);
 /// let (tx, rx) = mpsc::channel();
-/// disk.submit(0, Request::Write { offset: 7, data, fua: false }, Box::new(move |r| {
+/// disk.submit(0, Request::Write { offset: 7, data: data.into(), fua: false }, Box::new(move |r| {
 ///     let _ = tx.send(r);
 /// }));
 /// assert!(matches!(rx.recv()?, Ok(Done::Written(_))));
