@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes addcow's parsers with cargo-fuzz (libFuzzer): the add-cow header and bitmap, the NBD
-# handshake, NBD request decoding, the request planner and whole connections, the control socket's
+# handshake (also under each TLS policy, through STARTTLS), NBD request decoding, the request planner and whole connections, the control socket's
 # JSON-RPC, the control path's open checks (allowed folders) on real files, and virtio-blk
 # requests (descriptor chains over guest memory).
 # Each target runs SECONDS (default 600) from its corpus (fuzz/corpus/TARGET, seeded from
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../fuzz"
 secs="${1:-600}"
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_transmission nbd_plan nbd_client_reply control_json control_open_checks virtio_blk_request)
+[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_handshake_tls nbd_transmission nbd_plan nbd_client_reply control_json control_open_checks virtio_blk_request)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo fuzz build -s none

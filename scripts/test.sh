@@ -176,4 +176,6 @@ scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-15}"
 step "benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
 step "vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
 cargo run -q -p addcow-bench -- vhost --quick
+step "TLS benchmark smoke run (tls --quick: addcow TCP, addcow TLS, qemu-nbd TLS, once)"
+cargo run -q -p addcow-bench -- tls --quick
 step "done"

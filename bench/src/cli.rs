@@ -28,6 +28,10 @@ pub enum Command {
     /// Overlays on a base served over NBD (nbdkit, with a read delay): addcow against the same
     /// base local and against qemu-nbd on a qcow2 overlay backed by the same URI.
     Remote(RemoteArgs),
+    /// What TLS costs: 4 KiB random read QD32 and 1 MiB sequential read over TCP against addcow
+    /// in the clear, addcow with TLS and qemu-nbd with TLS (qcow2 overlay), same run; prints
+    /// the medians and the ratios.
+    Tls(TlsArgs),
     /// Re-renders report.md and chart.svg of a compare run from its results.json.
     Render(RenderArgs),
     /// Internal: one isolated measurement for `memory` (prints JSON).
@@ -127,6 +131,18 @@ pub struct VhostArgs {
     /// Report folder (vhost.md, vhost.json). Default bench/results/<UTC date>-vhost.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The `addcow` binary. Default: built next to this runner with cargo.
+    #[arg(long)]
+    pub addcow: Option<PathBuf>,
+}
+
+/// Arguments of `tls`.
+#[derive(Args, Debug)]
+pub struct TlsArgs {
+    /// Size (default 1G; quick 64M), seconds per run (default 10; quick 2), rounds (default
+    /// 3; quick 1) and work folder.
+    #[command(flatten)]
+    pub run: RunArgs,
     /// The `addcow` binary. Default: built next to this runner with cargo.
     #[arg(long)]
     pub addcow: Option<PathBuf>,

@@ -7,6 +7,7 @@
 //! * `remote`: overlays on a base served over NBD, against the same base local and qemu-nbd.
 //! * `vhost`: vhost-user-blk, addcow vs qemu-storage-daemon (qcow2 overlay) and addcow
 //!   vhost-user-blk vs addcow NBD, same run.
+//! * `tls`: NBD over TCP with and without TLS (addcow), and qemu-nbd with TLS, same run.
 //! * `memory`: RSS cost of opening a fresh 1 TiB overlay.
 
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ mod report;
 mod servers;
 mod stats;
 mod sysinfo;
+mod tls;
 mod vhost;
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         cli::Command::Vhost(args) => vhost::run(&args),
         cli::Command::Memory(args) => memory::run(&args),
         cli::Command::Remote(args) => remote::run(&args),
+        cli::Command::Tls(args) => tls::run(&args),
         cli::Command::Render(args) => report::render(&args.dir),
         cli::Command::MemoryChild(args) => memory::run_child(&args),
     };

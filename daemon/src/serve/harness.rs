@@ -62,6 +62,77 @@ pub fn handshake(data: &[u8]) {
     let _ = handshake::negotiate(&mut s, &exports, &|| false, &|_| Some(()));
 }
 
+/// The handshake under a TLS policy, up to and past the `STARTTLS` acknowledgement, without a
+/// TLS session: `data[0] % 3` picks the policy (0 off: nothing offered; 1 `--tls on`: offered;
+/// 2 `--tls require`: offered and required), the rest is the client (flags, then options).
+/// When the first run acknowledges `STARTTLS`, the rest of the input is haggled again as if
+/// over TLS (no greeting, state from before forgotten, a client identity set).
+///
+/// Panics (what the fuzzer reports) if `STARTTLS` is acknowledged without an offer or over
+/// TLS, or if under `require` any option but `STARTTLS`/`ABORT` got an answer other than
+/// `ERR_TLS_REQD` (or `ERR_TOO_BIG` for an oversized payload, read and discarded before any
+/// policy applies) before TLS: nothing, not even an export list, leaks in the clear.
+pub fn handshake_tls(data: &[u8]) {
+    let Some((&policy, client)) = data.split_first() else {
+        return;
+    };
+    let (offer, require) = match policy % 3 {
+        0 => (false, false),
+        1 => (true, false),
+        _ => (true, true),
+    };
+    let mut s = Script {
+        input: client,
+        output: Vec::new(),
+    };
+    let exports = exports();
+    let tls = handshake::Tls {
+        offer,
+        require,
+        active: false,
+        identity: None,
+    };
+    let first = handshake::negotiate_tls(&mut s, &exports, &|| false, &|_| Some(()), tls, true);
+    if require {
+        check_only_tls_required(&s.output);
+    }
+    if let Ok(handshake::Haggled::StartTls) = first {
+        assert!(offer, "STARTTLS acknowledged without an offer");
+        s.output.clear();
+        let tls = handshake::Tls {
+            active: true,
+            identity: Some("CN=fuzz,O=addcow-fuzz"),
+            ..tls
+        };
+        let again =
+            handshake::negotiate_tls(&mut s, &exports, &|| false, &|_| Some(()), tls, false);
+        assert!(
+            !matches!(again, Ok(handshake::Haggled::StartTls)),
+            "STARTTLS acknowledged over TLS"
+        );
+    }
+}
+
+/// Checks the server's side of a handshake run in the clear under `--tls require` (`out`: the
+/// greeting, then option replies): see [`handshake_tls`].
+fn check_only_tls_required(out: &[u8]) {
+    let mut rest = out.get(18..).unwrap_or_default();
+    while rest.len() >= 20 {
+        let magic = u64::from_be_bytes(rest[..8].try_into().unwrap_or_default());
+        let option = u32::from_be_bytes(rest[8..12].try_into().unwrap_or_default());
+        let kind = u32::from_be_bytes(rest[12..16].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(rest[16..20].try_into().unwrap_or_default()) as usize;
+        assert_eq!(magic, wire::OPTION_REPLY_MAGIC, "option reply out of step");
+        if option != handshake::OPT_STARTTLS && option != wire::OPT_ABORT {
+            assert!(
+                kind == handshake::REP_ERR_TLS_REQD || kind == wire::REP_ERR_TOO_BIG,
+                "option {option} answered {kind:#x} before TLS under require"
+            );
+        }
+        rest = rest.get(20 + len..).unwrap_or_default();
+    }
+}
+
 /// Request headers and their validation, then a whole connection: `data[0]` picks what the
 /// client negotiates (bit 0 extended headers, bit 1 structured replies, bit 2 base:allocation,
 /// bit 3 qemu:allocation-depth, bit 4 the read-only export), the rest is the request stream.
@@ -192,6 +263,22 @@ mod regressions {
             std::thread::sleep(Duration::from_millis(10));
         }
         t.join().unwrap_or_else(|_| panic!("{name}: panicked"));
+    }
+
+    /// The seeds of `nbd_handshake_tls` (STARTTLS after other options, under each policy).
+    #[test]
+    fn handshake_tls_seeds() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/seeds/nbd_handshake_tls"
+        );
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).expect("seed folder") {
+            let input: &'static [u8] = std::fs::read(e.unwrap().path()).unwrap().leak();
+            bounded("nbd_handshake_tls seed", super::handshake_tls, input);
+            n += 1;
+        }
+        assert!(n >= 4, "only {n} seeds");
     }
 
     #[test]

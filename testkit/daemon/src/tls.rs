@@ -192,6 +192,75 @@ pub fn x509_for(dir: &Path, ca_name: &str, client_cn: &str, server_names: &[&str
     }
 }
 
+/// Expired twins of `valid`'s leaf certificates: its server and client certificate requests
+/// signed again by the same CA, valid only in January 2020, in the endpoint folders
+/// `dir/server` and `dir/client` (created; same file names, same CA certificate, same keys).
+/// Pairing one expired endpoint with a valid one of `valid` tests that the other side checks
+/// the dates (nothing else differs). `openssl x509 -req` cannot back-date (3.0 refuses
+/// `-days` below -1 and has no `-not_before`), so this signs with `openssl ca`, which takes
+/// `-startdate`/`-enddate`, from a throwaway database under `dir/ca`.
+pub fn x509_expired(valid: &X509Creds, dir: &Path) -> X509Creds {
+    let ca_dir = dir.join("ca");
+    let server_dir = dir.join("server");
+    let client_dir = dir.join("client");
+    for d in [&ca_dir, &server_dir, &client_dir] {
+        std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    }
+    write(&ca_dir.join("index.txt"), "");
+    write(&ca_dir.join("serial"), "1000\n");
+    write(
+        &ca_dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = expired\n[expired]\ndatabase = index.txt\nserial = serial\n\
+         new_certs_dir = .\ndefault_md = sha256\npolicy = any\nunique_subject = no\n\
+         [any]\norganizationName = optional\ncommonName = supplied\n",
+    );
+    let from = |f: &str| {
+        valid
+            .ca_dir
+            .join(f)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
+    };
+    for (d, role) in [(&server_dir, "server"), (&client_dir, "client")] {
+        let cert = d.join(format!("{role}-cert.pem"));
+        openssl(
+            &ca_dir,
+            &[
+                "ca",
+                "-config",
+                "ca.cnf",
+                "-batch",
+                "-notext",
+                "-cert",
+                &from("ca-cert.pem"),
+                "-keyfile",
+                &from("ca-key.pem"),
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20200201000000Z",
+                "-extfile",
+                &from(&format!("{role}.ext")),
+                "-in",
+                &from(&format!("{role}.csr")),
+                "-out",
+                cert.to_str().expect("utf-8 path"),
+            ],
+        );
+        for f in ["ca-cert.pem".to_string(), format!("{role}-key.pem")] {
+            std::fs::copy(valid.ca_dir.join(&f), d.join(&f))
+                .unwrap_or_else(|e| panic!("copying {f} to {}: {e}", d.display()));
+        }
+    }
+    X509Creds {
+        ca_dir,
+        server_dir,
+        client_dir,
+        client_dn: valid.client_dn.clone(),
+    }
+}
+
 /// Writes a PSK file `dir/keys.psk` (the name QEMU's `tls-creds-psk` reads in its folder)
 /// holding `identity:key` for each pair (`key` given as hex), and returns its path.
 pub fn psk(dir: &Path, keys: &[(&str, &str)]) -> PathBuf {
@@ -244,6 +313,32 @@ mod tests {
             .unwrap();
         let subject = String::from_utf8_lossy(&subject.stdout);
         assert_eq!(subject.trim(), format!("subject={}", a.client_dn));
+        // The expired twins: same CA, same subject, dates in the past.
+        let x = x509_expired(&a, &dir.path().join("a-expired"));
+        let check = |ca: &Path, cert: &Path| {
+            let o = Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(ca)
+                .arg(cert)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+        };
+        for (dir, role) in [(&x.server_dir, "server"), (&x.client_dir, "client")] {
+            let out = check(
+                &a.ca_dir.join("ca-cert.pem"),
+                &dir.join(format!("{role}-cert.pem")),
+            );
+            assert!(out.contains("certificate has expired"), "{role}: {out}");
+        }
+        let subject = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+            .arg(x.client_dir.join("client-cert.pem"))
+            .output()
+            .unwrap();
+        let subject = String::from_utf8_lossy(&subject.stdout);
+        assert_eq!(subject.trim(), format!("subject={}", x.client_dn));
         let p = psk(&dir.path().join("psk"), &[("alice", "0123456789abcdef")]);
         assert_eq!(
             std::fs::read_to_string(p).unwrap(),
