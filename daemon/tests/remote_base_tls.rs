@@ -223,6 +223,38 @@ fn an_nbds_base_with_a_psk() {
     s.serve_identical(&ov);
 }
 
+/// A PSK URI authenticates the server by the key alone: a server that answers with a
+/// certificate handshake instead (TLS 1.3 lets a server ignore the offered key), here one
+/// holding only x509 credentials, proves nothing about itself and is refused, however its
+/// certificate looks.
+#[test]
+fn a_psk_base_refuses_a_server_that_answers_with_a_certificate() {
+    let s = Setup::new();
+    let (_server, port) = s.nbdkit_x509();
+    let psk = s.psk.display().to_string();
+    s.create_refused(
+        "impostor",
+        &format!("nbds://localhost:{port}/?tls-psk-file={psk}"),
+        "TLS handshake",
+    );
+    assert!(
+        !s.path("impostor.add-cow").exists(),
+        "an overlay was made over an unauthenticated base"
+    );
+}
+
+/// nbds+unix with neither a CA of the operator's own, nor a host name, nor a key would trust
+/// any certificate a public CA signed: refused before connecting.
+#[test]
+fn an_nbds_unix_base_needs_a_ca_a_name_or_a_key() {
+    let s = Setup::new();
+    s.create_refused(
+        "bare",
+        &format!("nbds+unix:///?socket={}", s.p("nowhere.sock")),
+        "an nbds+unix URI needs tls-certificates=DIR",
+    );
+}
+
 /// The server's certificate is checked: signed by another CA (or, without
 /// `tls-certificates`, by no CA the system trusts) it is refused, and so is a certificate for
 /// another host, which `tls-hostname=` naming that host accepts (so the name was the reason).

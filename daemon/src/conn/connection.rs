@@ -97,12 +97,12 @@ pub fn serve(
             &|| handle.stopped(),
             &attach,
             tls,
-            true,
+            None,
         )
     };
     let (neg, session) = match first {
         Ok(Haggled::Go(n)) => (n, None),
-        Ok(Haggled::StartTls) => {
+        Ok(Haggled::StartTls { no_zeroes }) => {
             let Some(server) = cfg.tls.as_ref() else {
                 return failed(
                     HandshakeError::Protocol("STARTTLS without TLS".into()),
@@ -135,11 +135,11 @@ pub fn serve(
                 &|| handle.stopped(),
                 &attach,
                 tls,
-                false,
+                Some(no_zeroes),
             );
             match r {
                 Ok(Haggled::Go(n)) => (n, Some(session)),
-                Ok(Haggled::StartTls) => {
+                Ok(Haggled::StartTls { .. }) => {
                     let e = HandshakeError::Protocol("STARTTLS acknowledged twice".into());
                     return failed(e, &sock);
                 }

@@ -117,8 +117,12 @@ pub struct Tls<'a> {
 pub enum Haggled<G> {
     /// The client entered transmission.
     Go(Negotiated<G>),
-    /// `STARTTLS` was acknowledged.
-    StartTls,
+    /// `STARTTLS` was acknowledged. `no_zeroes`: the client's `NO_ZEROES` from the greeting,
+    /// for the run over TLS (which sends no new greeting).
+    StartTls {
+        /// The client asked for `NO_ZEROES` in its greeting flags.
+        no_zeroes: bool,
+    },
 }
 
 /// Runs the server side of the handshake on `stream`.
@@ -139,29 +143,32 @@ pub fn negotiate<S: Read + Write, G>(
     shutting_down: &dyn Fn() -> bool,
     attach: &dyn Fn(&Arc<Export>) -> Option<G>,
 ) -> Result<Negotiated<G>, HandshakeError> {
-    match negotiate_tls(stream, exports, shutting_down, attach, Tls::default(), true)? {
+    match negotiate_tls(stream, exports, shutting_down, attach, Tls::default(), None)? {
         Haggled::Go(n) => Ok(n),
         // Without an offer STARTTLS is refused, never acknowledged.
-        Haggled::StartTls => Err(HandshakeError::Protocol(
+        Haggled::StartTls { .. } => Err(HandshakeError::Protocol(
             "STARTTLS acknowledged without TLS".into(),
         )),
     }
 }
 
 /// [`negotiate`] with a TLS policy: sends the greeting (and reads the client's flags) when
-/// `greet` (the first run), not after `STARTTLS`, when the client's `NO_ZEROES` stands
-/// as it was given; see the module docs for what TLS changes.
+/// `greeted` is `None` (the first run); after `STARTTLS` no greeting is sent and `greeted`
+/// carries the client's `NO_ZEROES` from the first one ([`Haggled::StartTls`] hands it back).
+/// See the module docs for what TLS changes.
 pub fn negotiate_tls<S: Read + Write, G>(
     stream: &mut S,
     exports: &Exports,
     shutting_down: &dyn Fn() -> bool,
     attach: &dyn Fn(&Arc<Export>) -> Option<G>,
     tls: Tls<'_>,
-    greet_first: bool,
+    greeted: Option<bool>,
 ) -> Result<Haggled<G>, HandshakeError> {
-    // After STARTTLS the flags read at the greeting still hold; every client that speaks TLS
-    // asks for NO_ZEROES, and EXPORT_NAME without it is the only place they matter.
-    let no_zeroes = if greet_first { greet(stream)? } else { true };
+    // After STARTTLS the flags read at the greeting still hold.
+    let no_zeroes = match greeted {
+        None => greet(stream)?,
+        Some(no_zeroes) => no_zeroes,
+    };
     let mut h = Haggle {
         exports,
         attach,
@@ -201,7 +208,9 @@ pub fn negotiate_tls<S: Read + Write, G>(
             OPT_STARTTLS => {
                 if starttls(stream, &tls, &data)? {
                     stream.flush()?;
-                    return Ok(Haggled::StartTls);
+                    return Ok(Haggled::StartTls {
+                        no_zeroes: h.no_zeroes,
+                    });
                 }
                 ControlFlow::Continue(())
             }
@@ -977,6 +986,37 @@ mod tests {
         assert!(matches!(run(c).0, Err(HandshakeError::Protocol(_))));
     }
 
+    /// After STARTTLS there is no new greeting: the client's NO_ZEROES from the first one
+    /// still decides whether EXPORT_NAME's reply carries the 124 zero bytes.
+    #[test]
+    fn export_name_over_tls_keeps_the_greetings_no_zeroes() {
+        let tls = Tls {
+            offer: true,
+            active: true,
+            ..Tls::default()
+        };
+        for (no_zeroes, len) in [(true, 10usize), (false, 134)] {
+            let mut s = Script {
+                input: IoCursor::new(opt(wire::OPT_EXPORT_NAME, b"")),
+                output: Vec::new(),
+            };
+            let r = negotiate_tls(
+                &mut s,
+                &exports(),
+                &|| false,
+                &|_| Some(()),
+                tls,
+                Some(no_zeroes),
+            );
+            assert!(matches!(r, Ok(Haggled::Go(_))), "NO_ZEROES {no_zeroes}");
+            assert_eq!(
+                s.output.len(),
+                len,
+                "NO_ZEROES {no_zeroes}: no greeting, only the reply"
+            );
+        }
+    }
+
     #[test]
     fn meta_contexts_list_set_and_apply() {
         let mut c = vec![0, 0, 0, 3];
@@ -1182,7 +1222,8 @@ mod tests {
             input: IoCursor::new(client),
             output: Vec::new(),
         };
-        let r = negotiate_tls(&mut s, exports, &|| false, &|_| Some(()), tls, greet);
+        let greeted = if greet { None } else { Some(true) };
+        let r = negotiate_tls(&mut s, exports, &|| false, &|_| Some(()), tls, greeted);
         (r, s.output)
     }
 
@@ -1202,7 +1243,7 @@ mod tests {
         c.extend(opt(OPT_STARTTLS, &[]));
         c.extend(opt(wire::OPT_GO, &go("", &[]))); // never read: the caller upgrades first
         let (r, out) = run_tls(c, &exports(), tls, true);
-        assert!(matches!(r, Ok(Haggled::StartTls)));
+        assert!(matches!(r, Ok(Haggled::StartTls { .. })));
         let types: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
         assert_eq!(
             types,

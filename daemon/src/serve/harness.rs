@@ -92,11 +92,11 @@ pub fn handshake_tls(data: &[u8]) {
         active: false,
         identity: None,
     };
-    let first = handshake::negotiate_tls(&mut s, &exports, &|| false, &|_| Some(()), tls, true);
+    let first = handshake::negotiate_tls(&mut s, &exports, &|| false, &|_| Some(()), tls, None);
     if require {
         check_only_tls_required(&s.output);
     }
-    if let Ok(handshake::Haggled::StartTls) = first {
+    if let Ok(handshake::Haggled::StartTls { no_zeroes }) = first {
         assert!(offer, "STARTTLS acknowledged without an offer");
         s.output.clear();
         let tls = handshake::Tls {
@@ -104,10 +104,16 @@ pub fn handshake_tls(data: &[u8]) {
             identity: Some("CN=fuzz,O=addcow-fuzz"),
             ..tls
         };
-        let again =
-            handshake::negotiate_tls(&mut s, &exports, &|| false, &|_| Some(()), tls, false);
+        let again = handshake::negotiate_tls(
+            &mut s,
+            &exports,
+            &|| false,
+            &|_| Some(()),
+            tls,
+            Some(no_zeroes),
+        );
         assert!(
-            !matches!(again, Ok(handshake::Haggled::StartTls)),
+            !matches!(again, Ok(handshake::Haggled::StartTls { .. })),
             "STARTTLS acknowledged over TLS"
         );
     }

@@ -271,7 +271,9 @@ fn connector(tls: &TlsParams) -> std::result::Result<SslConnector, String> {
         };
         b.set_cipher_list(PSK_CIPHERS)
             .map_err(|e| ssl_err("choosing the PSK cipher suites", e))?;
-        // The key authenticates the server: there is no certificate to check.
+        // No certificate to check: the key is the server's proof. A server may still answer
+        // with a certificate handshake that ignores the key (TLS 1.3 lets it); `start` refuses
+        // such a session after the handshake, so only a server holding the key gets through.
         b.set_verify(SslVerifyMode::NONE);
         b.set_psk_client_callback(move |_ssl, _hint, id_buf, key_buf| {
             // The identity goes out NUL-terminated.
@@ -400,6 +402,13 @@ pub fn start<S: Socket>(
         };
         wait(&other, want, Some(until))
             .map_err(|e| io("TLS handshake: no answer within the timeout", e))?;
+    }
+    if tls.psk_file.is_some() && s.ssl().peer_certificate().is_some() {
+        return Err(remote_err(
+            uri,
+            "TLS handshake: the server answered with a certificate instead of the pre-shared \
+             key, which proves nothing about it: refused",
+        ));
     }
     Ok(TlsStream(Arc::new(Shared {
         ssl: Mutex::new(s),

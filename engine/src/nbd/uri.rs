@@ -179,6 +179,21 @@ impl NbdUri {
                 "tls-certificates= and tls-psk-file= exclude each other",
             ));
         }
+        // A Unix socket has no host name: with neither a CA of the operator's own, a name to
+        // check nor a key, any certificate a public CA signed would do, which authenticates
+        // nothing.
+        if scheme == "nbds+unix"
+            && tls.certificates.is_none()
+            && tls.hostname.is_none()
+            && tls.psk_file.is_none()
+        {
+            return Err(bad(
+                text,
+                "an nbds+unix URI needs tls-certificates=DIR (the CA to trust), \
+                 tls-hostname=NAME (the name the server's certificate must carry) or \
+                 tls-psk-file=FILE",
+            ));
+        }
         // libnbd's form of the PSK identity: `nbds://alice@host/`, `nbds+unix://alice@/`.
         let authority = match authority.rsplit_once('@') {
             Some((user, host)) if is_tls && !user.is_empty() => {
@@ -360,7 +375,11 @@ mod tests {
             ),
             ("nbds://h/x?tls-certificates=", "unsupported query"),
             ("nbds://h/x?socket=/s", "belongs to nbd+unix"),
-            ("nbds+unix:///x", "missing ?socket"),
+            ("nbds+unix:///x?tls-hostname=h", "missing ?socket"),
+            (
+                "nbds+unix:///x?socket=/s",
+                "an nbds+unix URI needs tls-certificates=DIR",
+            ),
             ("nbds://a@h/x?tls-username=b", "different identities"),
             ("nbd://alice@h/x", "user information"),
             ("nbd://h/%zz", "hex digits"),
