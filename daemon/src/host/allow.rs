@@ -691,7 +691,10 @@ mod tests {
         let tls = remote("tls", "nbds://127.0.0.1:10809/golden?tls-certificates=/pki");
         let tls_out = remote(
             "tls-out",
-            &format!("nbds+unix:///golden?socket={}/img.sock", run.display()),
+            &format!(
+                "nbds+unix:///golden?socket={}/img.sock&tls-hostname=img",
+                run.display()
+            ),
         );
         let allow = AllowedDirs::new(std::slice::from_ref(&vms)).unwrap();
         // The socket need not exist yet: judged by where it would be.
