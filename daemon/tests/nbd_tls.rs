@@ -583,23 +583,6 @@ fn verify_peer_and_authorization_lists() {
     d.stop();
 }
 
-/// testkit's holding client, allowed to read the certificates a URI names.
-const HOLDING_TLS_PY: &str = r#"
-import sys, time, nbd
-h = nbd.NBD()
-h.set_uri_allow_local_file(True)
-h.connect_uri(sys.argv[1])
-print("connected", flush=True)
-n = 0
-try:
-    while True:
-        h.pread(4096, 0)
-        n += 1
-        time.sleep(0.01)
-except nbd.Error as e:
-    print(f"ended: errno={e.errno} after {n} reads: {e.string}", flush=True)
-"#;
-
 /// Copies CA `from`'s server credentials into `dir` (replacing what is there).
 fn install_server_creds(from: &X509Creds, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
@@ -628,7 +611,7 @@ fn reload_swaps_credentials_without_dropping_connections() {
         port,
         &["--tls-creds", s(&live), "--control", s(&control)],
     );
-    let held = HoldingClient::run(HOLDING_TLS_PY, &[&x509_uri(port, &a)]);
+    let held = HoldingClient::start(&x509_uri(port, &a));
 
     install_server_creds(&b, &live);
     d.signal(nix::sys::signal::Signal::SIGHUP);

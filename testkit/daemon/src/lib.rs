@@ -589,6 +589,7 @@ pub fn rss_kib(pid: i32) -> u64 {
 
 /// A libnbd client (python3-libnbd) that connects to `uri`, prints "connected", then reads
 /// 4 KiB every 10 ms until the connection fails; it then prints "ended: ERRNO MESSAGE" and exits.
+/// The URI may name local files (`tls-certificates=`, `tls-psk-file=`): tests choose their URIs.
 pub struct HoldingClient {
     pub child: Child,
     pub out: Arc<Mutex<String>>,
@@ -597,6 +598,7 @@ pub struct HoldingClient {
 const HOLDING_CLIENT_PY: &str = r#"
 import sys, time, nbd
 h = nbd.NBD()
+h.set_uri_allow_local_file(True)
 h.connect_uri(sys.argv[1])
 print("connected", flush=True)
 n = 0
