@@ -19,6 +19,7 @@ pub mod io;
 mod layout;
 pub mod lifecycle;
 pub mod nbd;
+pub mod qos;
 pub mod sync;
 pub mod sys;
 pub mod tls;

