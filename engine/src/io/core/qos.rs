@@ -75,6 +75,9 @@ pub(super) struct Gate {
     queues: Vec<DiskQueue>,
     /// Where the next pump starts.
     cursor: usize,
+    /// The last pump stopped inside the visit of the disk at `cursor` (no room): the next one
+    /// goes on with that visit, without giving it another quantum.
+    resuming: bool,
     /// Requests waiting in `queues`.
     queued: usize,
     /// The earliest time a throttled request may go.
@@ -96,6 +99,7 @@ impl Gate {
             cap_bytes,
             queues: Vec::new(),
             cursor: 0,
+            resuming: false,
             queued: 0,
             deadline: None,
             ready: Vec::new(),
@@ -282,6 +286,7 @@ impl Gate {
         let mut deadline: Option<u64> = None;
         let mut full = false;
         let mut last_served = None;
+        let mut resuming = std::mem::take(&mut self.resuming);
         'rounds: loop {
             let mut progress = false;
             let n = self.queues.len();
@@ -290,7 +295,8 @@ impl Gate {
                 let disk = Arc::clone(&self.queues[i].disk);
                 let drain = draining(&disk);
                 let group = if drain { None } else { limited_group(&disk) };
-                if group.is_none() && !drain {
+                let resumed = std::mem::take(&mut resuming);
+                if group.is_none() && !drain && !resumed {
                     self.queues[i].deficit += QUANTUM;
                 }
                 let mut let_go = 0usize;
@@ -311,6 +317,7 @@ impl Gate {
                         }
                         if !self.room_or_block(cost) {
                             self.cursor = i;
+                            self.resuming = true;
                             full = true;
                             break;
                         }
