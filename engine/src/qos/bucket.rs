@@ -282,7 +282,7 @@ mod tests {
             .map(|i| t[i])
             .unwrap();
         assert!(
-            end_of_burst >= 5 * SEC && end_of_burst <= 5600 * SEC / 1000,
+            (5 * SEC..=5600 * SEC / 1000).contains(&end_of_burst),
             "{end_of_burst}"
         );
         for s in 7..20 {

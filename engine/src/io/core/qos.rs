@@ -300,14 +300,11 @@ impl Gate {
                     self.queues[i].deficit += QUANTUM;
                 }
                 let mut let_go = 0usize;
-                loop {
-                    let Some((cost, dir, bytes)) = self.queues[i]
-                        .waiting
-                        .front()
-                        .map(|h| (h.cost(), h.dir, h.bytes))
-                    else {
-                        break;
-                    };
+                while let Some((cost, dir, bytes)) = self.queues[i]
+                    .waiting
+                    .front()
+                    .map(|h| (h.cost(), h.dir, h.bytes))
+                {
                     if !drain {
                         if group.is_some() && let_go > 0 {
                             break; // one per visit: members of a group alternate
