@@ -50,6 +50,20 @@ impl StatsCounters {
     }
 }
 
+/// Bumped whenever any group's limits or any disk's group change: a core that put a throttled
+/// disk aside until a known time looks at it again at once when this moved.
+static LIMITS_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// See [`LIMITS_EPOCH`].
+pub(crate) fn limits_epoch() -> u64 {
+    LIMITS_EPOCH.load(Ordering::SeqCst)
+}
+
+/// Records a change of limits or of a disk's group (before the cores are woken).
+pub(crate) fn bump_limits_epoch() {
+    LIMITS_EPOCH.fetch_add(1, Ordering::SeqCst);
+}
+
 /// Called when a group's limits change, so the cores holding its waiting requests look at them
 /// again; returns false once what it wakes is gone (it is then forgotten).
 pub type Waker = Box<dyn Fn() -> bool + Send + Sync>;
@@ -121,6 +135,7 @@ impl ThrottleGroup {
                 .limited
                 .store(!limits.is_empty(), Ordering::SeqCst);
         }
+        bump_limits_epoch();
         self.wake();
         Ok(())
     }

@@ -12,7 +12,7 @@ mod limits;
 mod share;
 
 pub use bucket::{instant_of, now_ns, Direction, Meter};
-pub(crate) use group::StatsCounters;
+pub(crate) use group::{bump_limits_epoch, limits_epoch, StatsCounters};
 pub use group::{ThrottleGroup, ThrottleStats};
 pub use limits::{LimitsError, ThrottleLimits, VALUE_MAX};
 pub(crate) use share::{Charge, CoreLoad};

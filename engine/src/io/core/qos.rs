@@ -32,7 +32,7 @@ use super::Core;
 use crate::io::disk::state::DiskState;
 use crate::io::request::responder::Responder;
 use crate::io::request::{req_err, Request};
-use crate::qos::{instant_of, now_ns, CoreLoad, Direction, ThrottleGroup};
+use crate::qos::{instant_of, limits_epoch, now_ns, CoreLoad, Direction, ThrottleGroup};
 
 /// Bytes a disk without limits may let go per round-robin visit (deficit round robin).
 const QUANTUM: u64 = 128 << 10;
@@ -64,6 +64,9 @@ struct DiskQueue {
     disk: Arc<DiskState>,
     waiting: VecDeque<Waiting>,
     deficit: u64,
+    /// Its head waits for its group's budget until then ([`now_ns`]); not asked again before,
+    /// unless limits changed meanwhile (see `Gate::epoch`).
+    not_before: u64,
 }
 
 /// A core's throttle and fair-share state (see the module docs).
@@ -82,6 +85,8 @@ pub(super) struct Gate {
     queued: usize,
     /// The earliest time a throttled request may go.
     deadline: Option<u64>,
+    /// [`limits_epoch`] when the last pump ran.
+    epoch: u64,
     /// Requests the pump let go, started by the core after it (kept for its capacity).
     ready: Vec<(Arc<DiskState>, Request, Responder)>,
 }
@@ -102,6 +107,7 @@ impl Gate {
             resuming: false,
             queued: 0,
             deadline: None,
+            epoch: limits_epoch(),
             ready: Vec::new(),
         }
     }
@@ -231,6 +237,7 @@ impl Core {
                 disk,
                 waiting: VecDeque::from([w]),
                 deficit: 0,
+                not_before: 0,
             }),
         }
     }
@@ -287,6 +294,8 @@ impl Gate {
         let mut full = false;
         let mut last_served = None;
         let mut resuming = std::mem::take(&mut self.resuming);
+        let epoch = limits_epoch();
+        let limits_changed = std::mem::replace(&mut self.epoch, epoch) != epoch;
         'rounds: loop {
             let mut progress = false;
             let n = self.queues.len();
@@ -296,6 +305,12 @@ impl Gate {
                 let drain = draining(&disk);
                 let group = if drain { None } else { limited_group(&disk) };
                 let resumed = std::mem::take(&mut resuming);
+                let not_before = self.queues[i].not_before;
+                if group.is_some() && !limits_changed && now < not_before {
+                    // Its budget is known not to admit it before then: no lock taken.
+                    deadline = Some(deadline.map_or(not_before, |d| d.min(not_before)));
+                    continue;
+                }
                 if group.is_none() && !drain && !resumed {
                     self.queues[i].deficit += QUANTUM;
                 }
@@ -321,6 +336,7 @@ impl Gate {
                         if let Some(g) = &group {
                             if let Err(wait) = g.try_admit(now, dir, bytes) {
                                 let at = now.saturating_add(wait);
+                                self.queues[i].not_before = at;
                                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
                                 break;
                             }

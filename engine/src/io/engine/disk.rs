@@ -316,6 +316,7 @@ impl Disk {
             *t = group;
         }
         // Requests waiting for the old group's budget are looked at again.
+        crate::qos::bump_limits_epoch();
         self.engine.wake_all();
     }
 
