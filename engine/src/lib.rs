@@ -29,5 +29,6 @@ pub use io::on_core_thread;
 pub use io::{
     CacheMode, Completion, CoreSource, DataBuf, DepthExtent, Disk, DiskOptions, DiskStats, Done,
     Engine, EngineConfig, Extent, ExtentKind, IoBuf, LentBuf, Request, RequestError, SendList,
-    SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
+    SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, DEFAULT_FAIR_SHARE_BYTES,
+    DEFAULT_FAIR_SHARE_REQUESTS, MAX_POPULATE,
 };

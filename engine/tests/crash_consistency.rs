@@ -186,6 +186,8 @@ fn run_workload(seed: u64, shape: &Shape) -> Run {
         base_cache: CacheMode::Buffered,
         commit_delay,
         base_timeout: Duration::from_secs(30),
+        fair_share_requests: addcow_engine::DEFAULT_FAIR_SHARE_REQUESTS,
+        fair_share_bytes: addcow_engine::DEFAULT_FAIR_SHARE_BYTES,
         recorder: Some(recorder.clone()),
     })
     .expect("engine starts");
@@ -509,6 +511,8 @@ fn engine_reads_crash_states(run: &Run, samples: &[(Vec<u8>, Vec<u8>)], seed: u6
         base_cache: CacheMode::Buffered,
         commit_delay: None,
         base_timeout: std::time::Duration::from_secs(30),
+        fair_share_requests: addcow_engine::DEFAULT_FAIR_SHARE_REQUESTS,
+        fair_share_bytes: addcow_engine::DEFAULT_FAIR_SHARE_BYTES,
         recorder: None,
     })
     .expect("engine starts");

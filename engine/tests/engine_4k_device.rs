@@ -136,6 +136,8 @@ fn every_request_on_the_last_sector_of_a_partial_4096_byte_unit() {
         base_cache: CacheMode::Direct,
         commit_delay: None,
         base_timeout: std::time::Duration::from_secs(30),
+        fair_share_requests: addcow_engine::DEFAULT_FAIR_SHARE_REQUESTS,
+        fair_share_bytes: addcow_engine::DEFAULT_FAIR_SHARE_BYTES,
         #[cfg(feature = "crash-recorder")]
         recorder: None,
         #[cfg(feature = "fault-injection")]

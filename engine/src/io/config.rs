@@ -35,6 +35,16 @@ pub struct EngineConfig {
     /// A read of a remote (NBD) base not answered within this fails with `EIO` (the image
     /// server is reconnected meanwhile). Default 30 s.
     pub base_timeout: Duration,
+    /// Fair share between the disks a core serves: the most requests the core keeps submitted
+    /// and unanswered (`0`: no fair share, every request is submitted at once). Below it a
+    /// request is submitted at once; at it, requests wait in a queue per disk and are let go
+    /// round-robin by bytes (deficit round robin) as answers free room, so a disk with a deep
+    /// queue cannot hold the others' requests behind all of its own. Default
+    /// [`DEFAULT_FAIR_SHARE_REQUESTS`].
+    pub fair_share_requests: usize,
+    /// Fair share: the most bytes of data a core keeps submitted and unanswered (a request
+    /// larger than this still goes alone). Default [`DEFAULT_FAIR_SHARE_BYTES`].
+    pub fair_share_bytes: u64,
     /// Test-only: where to log every write and sync issued (see [`crate::io::testing::recorder`]).
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<std::sync::Arc<crate::io::testing::recorder::Recorder>>,
@@ -55,6 +65,8 @@ impl Default for EngineConfig {
             base_cache: CacheMode::Direct,
             commit_delay: Some(Duration::from_secs(5)),
             base_timeout: Duration::from_secs(30),
+            fair_share_requests: DEFAULT_FAIR_SHARE_REQUESTS,
+            fair_share_bytes: DEFAULT_FAIR_SHARE_BYTES,
             #[cfg(feature = "crash-recorder")]
             recorder: None,
             #[cfg(feature = "fault-injection")]
@@ -62,6 +74,15 @@ impl Default for EngineConfig {
         }
     }
 }
+
+/// The default of [`EngineConfig::fair_share_requests`]: 64 per core. Above what the embedded
+/// benchmark's deepest profile keeps in flight per core (QD32 over the cores), so one busy disk
+/// alone loses nothing; a QD1 request of another disk waits behind at most this many.
+pub const DEFAULT_FAIR_SHARE_REQUESTS: usize = 64;
+
+/// The default of [`EngineConfig::fair_share_bytes`]: 32 MiB per core (32 requests of 1 MiB,
+/// what a sequential QD32 stream of 1 MiB keeps in flight).
+pub const DEFAULT_FAIR_SHARE_BYTES: u64 = 32 << 20;
 
 /// The default of [`DiskOptions::extent_ahead`]: off. Measured on ext4 (docs/PERFORMANCE.md
 /// "Writes into holes"), 1 MiB extents ahead made no difference beyond the run-to-run noise:

@@ -51,7 +51,10 @@ mod split;
 mod testing;
 mod uring;
 
-pub use config::{CacheMode, DiskOptions, EngineConfig, DEFAULT_EXTENT_AHEAD};
+pub use config::{
+    CacheMode, DiskOptions, EngineConfig, DEFAULT_EXTENT_AHEAD, DEFAULT_FAIR_SHARE_BYTES,
+    DEFAULT_FAIR_SHARE_REQUESTS,
+};
 pub use core::on_core_thread;
 pub use disk::stats::DiskStats;
 pub use engine::disk::Disk;

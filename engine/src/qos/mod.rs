@@ -6,8 +6,13 @@
 //! nothing of cores, rings or disks. Where a throttled request waits, and how a core's timer
 //! wakes it, is the core's business (`io/core/`).
 
+mod bucket;
 mod group;
 mod limits;
+mod share;
 
+pub use bucket::{instant_of, now_ns, Direction, Meter};
+pub(crate) use group::{bump_limits_epoch, limits_epoch, StatsCounters};
 pub use group::{ThrottleGroup, ThrottleStats};
 pub use limits::{LimitsError, ThrottleLimits, VALUE_MAX};
+pub(crate) use share::{Charge, CoreLoad};

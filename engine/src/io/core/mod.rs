@@ -34,6 +34,7 @@ mod inject;
 pub(super) mod mailbox;
 mod ops;
 mod populate;
+mod qos;
 mod remote_read;
 mod rw;
 pub(super) mod shared;
@@ -111,6 +112,8 @@ pub(crate) struct Core {
     remote_ops: Slab<remote_read::RemoteOp>,
     /// Reads finished while an op still held their buffer: answered once it lets go.
     held: Vec<HeldRead>,
+    /// Throttle and fair share: requests waiting for their budget or their turn.
+    gate: qos::Gate,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<crate::io::testing::faults::FaultPlan>>,
 }
@@ -153,7 +156,20 @@ impl Core {
             None => None,
         };
         tracing::debug!(core = id, mode = ring.mode(), files_ok, "core ring ready");
+        let gate = {
+            let engine = Arc::downgrade(&shared);
+            qos::Gate::new(
+                shared.config.fair_share_requests,
+                shared.config.fair_share_bytes,
+                Box::new(move || {
+                    if let Some(e) = engine.upgrade() {
+                        e.core(id).wake();
+                    }
+                }),
+            )
+        };
         Ok(Core {
+            gate,
             ring,
             id,
             #[cfg(feature = "fault-injection")]
@@ -213,6 +229,11 @@ impl Core {
             self.handle(msg);
         }
         self.fire_timers();
+        if self.stopping {
+            self.qos_shutdown();
+        } else {
+            self.pump_qos();
+        }
         self.ring.flush_backlog();
         if self.stopping && self.tasks.is_empty() {
             // Sources go first: their socket ops (a recv waiting for a client) would keep the
@@ -232,10 +253,15 @@ impl Core {
         let wait = if !rx.is_empty() {
             handle.sleeping.store(false, Ordering::SeqCst);
             Wait::Poll
-        } else if let Some(deadline) = match (self.next_deadline(), self.sources_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        } {
+        } else if let Some(deadline) = [
+            self.next_deadline(),
+            self.sources_deadline(),
+            self.qos_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        {
             Wait::Until(deadline)
         } else {
             Wait::Block
@@ -250,6 +276,8 @@ impl Core {
             self.complete(op, res);
         }
         self.reaped = reaped;
+        // Answers freed fair-share room.
+        self.pump_qos();
         self.run_sources();
         true
     }

@@ -176,9 +176,17 @@ pub(super) fn bounce_bytes(
 impl Core {
     // ---- requests --------------------------------------------------------------------------
 
-    /// Validates and starts `req`. The disk accepted it already (`Disk::submit` checked that
-    /// it is open), so it is served even if the disk is closing now.
+    /// Starts `req` once its throttle group and the core's fair share let it go (at once, or
+    /// later from the core's queue: `qos.rs`). The disk accepted it already (`Disk::submit`
+    /// checked that it is open), so it is served even if the disk is closing now.
     pub(super) fn submit(&mut self, disk: Arc<DiskState>, req: Request, done: Responder) {
+        if let Some((disk, req, done)) = self.gate(disk, req, done) {
+            self.start_request(disk, req, done);
+        }
+    }
+
+    /// Validates and starts `req` (let go by the gate).
+    pub(super) fn start_request(&mut self, disk: Arc<DiskState>, req: Request, done: Responder) {
         let size = disk.size;
         match req {
             Request::Read { offset, len } => {

@@ -39,6 +39,14 @@ impl EngineShared {
         Some(FileSlot::new(index, Arc::clone(self) as Arc<dyn SlotOwner>))
     }
 
+    /// Wakes every core (each looks at its waiting requests again: throttle limits changed, a
+    /// disk is closing).
+    pub(crate) fn wake_all(&self) {
+        for core in &self.cores {
+            core.wake();
+        }
+    }
+
     /// The core handle for `core` (modulo the core count).
     pub(crate) fn core(&self, core: usize) -> &CoreHandle {
         &self.cores[core % self.cores.len()]

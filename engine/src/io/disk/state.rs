@@ -165,6 +165,10 @@ pub(crate) struct DiskState {
     pub counters: DiskCounters,
     /// The throttle group this disk draws its budget from (`Disk::set_throttle`).
     pub throttle: std::sync::RwLock<Option<crate::qos::ThrottleGroup>>,
+    /// Whether `throttle` holds a group (read without the lock on every request).
+    pub throttle_on: AtomicBool,
+    /// What this disk's requests waited for their group's budget (`Disk::throttle_stats`).
+    pub throttle_stats: crate::qos::StatsCounters,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
     /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
@@ -412,6 +416,8 @@ impl DiskState {
             sync_ids: AtomicU64::new(1),
             counters: DiskCounters::default(),
             throttle: std::sync::RwLock::new(None),
+            throttle_on: AtomicBool::new(false),
+            throttle_stats: crate::qos::StatsCounters::default(),
             slot,
         })
     }

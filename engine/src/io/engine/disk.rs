@@ -203,6 +203,8 @@ pub(crate) fn close_disk(
     disk.close_result
         .get_or_init(|| {
             disk.closed.store(true, Ordering::SeqCst);
+            // Requests waiting for throttle budget or fair share are let go at once.
+            engine.wake_all();
             disk.wait_idle();
             let res = if disk.read_only || !commit {
                 Ok(())
@@ -292,7 +294,30 @@ impl Disk {
     /// the other disks on its cores). Takes effect for the next request; requests already
     /// waiting for the old group's budget are re-timed against the new one.
     pub fn set_throttle(&self, group: Option<crate::qos::ThrottleGroup>) {
-        *crate::sync::write(&self.state.throttle) = group;
+        if let Some(g) = &group {
+            // The group wakes this engine's cores when its limits change (once per engine).
+            let engine = Arc::downgrade(&self.engine);
+            g.add_waker(
+                Arc::as_ptr(&self.engine) as usize,
+                Box::new(move || match engine.upgrade() {
+                    Some(e) => {
+                        e.wake_all();
+                        true
+                    }
+                    None => false,
+                }),
+            );
+        }
+        {
+            let mut t = crate::sync::write(&self.state.throttle);
+            self.state
+                .throttle_on
+                .store(group.is_some(), Ordering::SeqCst);
+            *t = group;
+        }
+        // Requests waiting for the old group's budget are looked at again.
+        crate::qos::bump_limits_epoch();
+        self.engine.wake_all();
     }
 
     /// The throttle group this disk is in, if any.
@@ -301,8 +326,9 @@ impl Disk {
     }
 
     /// What this disk's requests have been held back by its throttle group since it was opened.
+    /// Lock-free.
     pub fn throttle_stats(&self) -> crate::qos::ThrottleStats {
-        crate::qos::ThrottleStats::default()
+        self.state.throttle_stats.snapshot()
     }
 
     /// Submits `req` to core `core % engine.cores()`; `done` is called exactly once, on a core
@@ -461,6 +487,8 @@ impl Disk {
     /// is flushed. Not from a completion callback (it waits for cores).
     pub fn quiesce(&self) {
         self.state.quiesced.store(true, Ordering::SeqCst);
+        // Requests waiting for throttle budget or fair share are let go at once.
+        self.engine.wake_all();
         self.state.wait_idle();
     }
 

@@ -16,6 +16,8 @@ pub(crate) struct Responder {
     done: Option<Completion>,
     /// The disk's count of requests accepted and not yet answered.
     active: Arc<AtomicUsize>,
+    /// The request's share of its core's fair-share load, given back once it is answered.
+    charge: Option<crate::qos::Charge>,
 }
 
 impl Responder {
@@ -24,7 +26,13 @@ impl Responder {
         Responder {
             done: Some(done),
             active,
+            charge: None,
         }
+    }
+
+    /// Holds `charge` until the request is answered.
+    pub(crate) fn set_charge(&mut self, charge: crate::qos::Charge) {
+        self.charge = Some(charge);
     }
 
     /// Calls the completion with `result` (a panic in it is caught and logged: it must not take
@@ -40,6 +48,7 @@ impl Responder {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result))).is_err() {
             tracing::error!("a request's completion callback panicked");
         }
+        self.charge = None;
         self.active.fetch_sub(1, Ordering::SeqCst);
     }
 }

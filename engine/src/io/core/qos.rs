@@ -1,0 +1,396 @@
+//! Where a request meets the throttle and fair share, on its core, before it is submitted
+//! ([`Core::submit`] calls [`Core::gate`] first; every front end reaches `Core::submit`).
+//!
+//! A request is let go at once (the fast path: no queue, no allocation) when nothing waits on
+//! this core, the core has room under its fair-share cap ([`EngineConfig::fair_share_requests`]
+//! and `fair_share_bytes`) and its disk's throttle group (if it has limits) admits it now.
+//! Otherwise it waits in its disk's queue on this core, and [`Core::pump_qos`] lets queued
+//! requests go: it visits the disks with waiting requests round-robin; a disk in a throttle
+//! group with limits gets one request per visit once its group's budget admits it (so members
+//! alternate); a disk without limits gets a deficit-round-robin quantum of bytes per visit.
+//! Requests of one disk go in the order they arrived. The pump runs when a request is queued,
+//! after the core's completions (answers free room), and on every loop turn while anything
+//! waits; the loop's wait ends at the earliest time a throttled request may go
+//! ([`Core::qos_deadline`]), and a change of limits, of a disk's group, a close or a quiesce
+//! wakes every core (eventfd), so a waiting request is re-timed at once.
+//!
+//! Never gated: FLUSH (never throttled, as in QEMU), CACHE (no I/O), POPULATE (the engine's own
+//! copy-up work and stream jobs), commits (not requests), and any request of a disk that is
+//! closing or quiesced: its queue is let go at once, so a close or a disk switch never waits
+//! for budget. Waiting requests hold their [`Responder`] (they count as in flight for close, and
+//! are answered `ESHUTDOWN` if the core stops). What waits is bounded by what the front ends
+//! bound (their slots per connection, vhost's in-flight bound): the queue holds the requests
+//! themselves, nothing more per request.
+//!
+//! [`EngineConfig::fair_share_requests`]: crate::EngineConfig::fair_share_requests
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Core;
+use crate::io::disk::state::DiskState;
+use crate::io::request::responder::Responder;
+use crate::io::request::{req_err, Request};
+use crate::qos::{instant_of, limits_epoch, now_ns, CoreLoad, Direction, ThrottleGroup};
+
+/// Bytes a disk without limits may let go per round-robin visit (deficit round robin).
+const QUANTUM: u64 = 128 << 10;
+/// What one request costs at least, and at most, in fair-share bytes (a TRIM of a gigabyte
+/// moves no data; a 512-byte read still takes a slot of the device).
+const MIN_COST: u64 = 4096;
+const MAX_COST: u64 = 1 << 20;
+
+/// A request waiting on this core.
+struct Waiting {
+    req: Request,
+    done: Responder,
+    dir: Direction,
+    /// Bytes, for the throttle.
+    bytes: u64,
+    /// When it started to wait for its group's budget ([`now_ns`]), and the group whose
+    /// counters count it (the disk's own count it too); `None`: it waits for fair share only.
+    throttled: Option<(u64, ThrottleGroup)>,
+}
+
+impl Waiting {
+    fn cost(&self) -> u64 {
+        self.bytes.clamp(MIN_COST, MAX_COST)
+    }
+}
+
+/// One disk's waiting requests on this core.
+struct DiskQueue {
+    disk: Arc<DiskState>,
+    waiting: VecDeque<Waiting>,
+    deficit: u64,
+    /// Its head waits for its group's budget until then ([`now_ns`]); not asked again before,
+    /// unless limits changed meanwhile (see `Gate::epoch`).
+    not_before: u64,
+}
+
+/// A core's throttle and fair-share state (see the module docs).
+pub(super) struct Gate {
+    load: Arc<CoreLoad>,
+    cap_requests: usize,
+    cap_bytes: u64,
+    /// Disks with waiting requests, in round-robin order.
+    queues: Vec<DiskQueue>,
+    /// Where the next pump starts.
+    cursor: usize,
+    /// The last pump stopped inside the visit of the disk at `cursor` (no room): the next one
+    /// goes on with that visit, without giving it another quantum.
+    resuming: bool,
+    /// Requests waiting in `queues`.
+    queued: usize,
+    /// The earliest time a throttled request may go.
+    deadline: Option<u64>,
+    /// [`limits_epoch`] when the last pump ran.
+    epoch: u64,
+    /// Requests the pump let go, started by the core after it (kept for its capacity).
+    ready: Vec<(Arc<DiskState>, Request, Responder)>,
+}
+
+impl Gate {
+    /// The gate of the core running on the calling thread; `wake` wakes it.
+    pub(super) fn new(
+        cap_requests: usize,
+        cap_bytes: u64,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Gate {
+        Gate {
+            load: Arc::new(CoreLoad::new(wake)),
+            cap_requests,
+            cap_bytes,
+            queues: Vec::new(),
+            cursor: 0,
+            resuming: false,
+            queued: 0,
+            deadline: None,
+            epoch: limits_epoch(),
+            ready: Vec::new(),
+        }
+    }
+
+    fn fair_share(&self) -> bool {
+        self.cap_requests > 0
+    }
+
+    /// Whether a request of `cost` fits under the cap now (one always fits on an idle core).
+    fn room(&self, cost: u64) -> bool {
+        if !self.fair_share() {
+            return true;
+        }
+        let (n, bytes) = self.load.get();
+        n == 0 || (n < self.cap_requests && bytes + cost <= self.cap_bytes)
+    }
+
+    /// [`Gate::room`], or marks the core blocked (so an answer on another core wakes it) and
+    /// looks once more.
+    fn room_or_block(&self, cost: u64) -> bool {
+        if self.room(cost) {
+            return true;
+        }
+        self.load.set_blocked(true);
+        if self.room(cost) {
+            self.load.set_blocked(false);
+            return true;
+        }
+        false
+    }
+
+    /// Charges `done` to the core's load (when fair share is on).
+    fn charge(&self, done: &mut Responder, cost: u64) {
+        if self.fair_share() {
+            done.set_charge(self.load.charge(cost));
+        }
+    }
+}
+
+/// What the gate weighs of `req`: its direction and bytes; `None` for requests never gated.
+fn gated(req: &Request) -> Option<(Direction, u64)> {
+    match req {
+        Request::Read { len, .. } => Some((Direction::Read, u64::from(*len))),
+        Request::ReadInto { buf, .. } => Some((Direction::Read, buf.len() as u64)),
+        Request::Write { data, .. } => Some((Direction::Write, data.len() as u64)),
+        Request::WriteZeroes { len, .. } | Request::Trim { len, .. } => {
+            Some((Direction::Write, *len))
+        }
+        Request::Flush | Request::Cache { .. } | Request::Populate { .. } => None,
+    }
+}
+
+/// The disk's throttle group, when it has limits (no lock unless it is in a group).
+fn limited_group(disk: &DiskState) -> Option<ThrottleGroup> {
+    if !disk.throttle_on.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    crate::sync::read(&disk.throttle)
+        .as_ref()
+        .filter(|g| g.is_limited())
+        .cloned()
+}
+
+/// Whether the disk's queue must be let go whatever the budget (a close or a switch waits).
+fn draining(disk: &DiskState) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    disk.closed.load(SeqCst) || disk.quiesced.load(SeqCst)
+}
+
+impl Core {
+    /// The throttle and fair share's hook (see the module docs): gives the request back when it
+    /// may start now, or keeps it waiting.
+    pub(super) fn gate(
+        &mut self,
+        disk: Arc<DiskState>,
+        req: Request,
+        done: Responder,
+    ) -> Option<(Arc<DiskState>, Request, Responder)> {
+        let Some((dir, bytes)) = gated(&req) else {
+            return Some((disk, req, done));
+        };
+        let group = limited_group(&disk);
+        if group.is_none() && !self.gate.fair_share() {
+            return Some((disk, req, done));
+        }
+        let w = Waiting {
+            req,
+            done,
+            dir,
+            bytes,
+            throttled: None,
+        };
+        let cost = w.cost();
+        if draining(&disk) {
+            let Waiting { req, mut done, .. } = w;
+            self.gate.charge(&mut done, cost);
+            return Some((disk, req, done));
+        }
+        if self.gate.queued == 0 && self.gate.room(cost) {
+            let admitted = match &group {
+                Some(g) => g.try_admit(now_ns(), dir, bytes).is_ok(),
+                None => true,
+            };
+            if admitted {
+                let Waiting { req, mut done, .. } = w;
+                self.gate.charge(&mut done, cost);
+                return Some((disk, req, done));
+            }
+        }
+        self.enqueue(disk, w, group);
+        self.pump_qos();
+        None
+    }
+
+    /// Puts `w` at the end of its disk's queue.
+    fn enqueue(&mut self, disk: Arc<DiskState>, mut w: Waiting, group: Option<ThrottleGroup>) {
+        if let Some(g) = group {
+            g.counters().queued();
+            disk.throttle_stats.queued();
+            w.throttled = Some((now_ns(), g));
+        }
+        let gate = &mut self.gate;
+        gate.queued += 1;
+        match gate.queues.iter_mut().find(|q| Arc::ptr_eq(&q.disk, &disk)) {
+            Some(q) => q.waiting.push_back(w),
+            None => gate.queues.push(DiskQueue {
+                disk,
+                waiting: VecDeque::from([w]),
+                deficit: 0,
+                not_before: 0,
+            }),
+        }
+    }
+
+    /// Lets go what may go now (see the module docs) and starts it; sets the deadline of what
+    /// still waits for budget.
+    pub(super) fn pump_qos(&mut self) {
+        if self.gate.queued == 0 {
+            self.gate.deadline = None;
+            return;
+        }
+        let mut ready = std::mem::take(&mut self.gate.ready);
+        self.gate.pick(&mut ready);
+        for (disk, req, done) in ready.drain(..) {
+            self.start_request(disk, req, done);
+        }
+        self.gate.ready = ready;
+    }
+
+    /// When the earliest throttled request may go, if one waits.
+    pub(super) fn qos_deadline(&self) -> Option<Instant> {
+        self.gate.deadline.map(instant_of)
+    }
+
+    /// The core stops: every waiting request is answered `ESHUTDOWN`.
+    pub(super) fn qos_shutdown(&mut self) {
+        let now = now_ns();
+        for q in self.gate.queues.drain(..) {
+            for w in q.waiting {
+                uncount(&q.disk, &w, now);
+                w.done
+                    .answer(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
+            }
+        }
+        self.gate.queued = 0;
+        self.gate.deadline = None;
+    }
+}
+
+/// A throttled request stops waiting at `now`: its group's and disk's counters.
+fn uncount(disk: &DiskState, w: &Waiting, now: u64) {
+    if let Some((since, g)) = &w.throttled {
+        let waited = now.saturating_sub(*since);
+        g.counters().dequeued(waited);
+        disk.throttle_stats.dequeued(waited);
+    }
+}
+
+impl Gate {
+    /// Moves what may go now from the queues to `ready`, round-robin (see the module docs).
+    fn pick(&mut self, ready: &mut Vec<(Arc<DiskState>, Request, Responder)>) {
+        let now = now_ns();
+        let mut deadline: Option<u64> = None;
+        let mut full = false;
+        let mut last_served = None;
+        let mut resuming = std::mem::take(&mut self.resuming);
+        let epoch = limits_epoch();
+        let limits_changed = std::mem::replace(&mut self.epoch, epoch) != epoch;
+        'rounds: loop {
+            let mut progress = false;
+            let n = self.queues.len();
+            for step in 0..n {
+                let i = (self.cursor + step) % n;
+                let disk = Arc::clone(&self.queues[i].disk);
+                let drain = draining(&disk);
+                let group = if drain { None } else { limited_group(&disk) };
+                let resumed = std::mem::take(&mut resuming);
+                let not_before = self.queues[i].not_before;
+                if group.is_some() && !limits_changed && now < not_before {
+                    // Its budget is known not to admit it before then: no lock taken.
+                    deadline = Some(deadline.map_or(not_before, |d| d.min(not_before)));
+                    continue;
+                }
+                if group.is_none() && !drain && !resumed {
+                    self.queues[i].deficit += QUANTUM;
+                }
+                let mut let_go = 0usize;
+                while let Some((cost, dir, bytes)) = self.queues[i]
+                    .waiting
+                    .front()
+                    .map(|h| (h.cost(), h.dir, h.bytes))
+                {
+                    if !drain {
+                        if group.is_some() && let_go > 0 {
+                            break; // one per visit: members of a group alternate
+                        }
+                        if group.is_none() && cost > self.queues[i].deficit {
+                            break;
+                        }
+                        if !self.room_or_block(cost) {
+                            self.cursor = i;
+                            self.resuming = true;
+                            full = true;
+                            break;
+                        }
+                        if let Some(g) = &group {
+                            if let Err(wait) = g.try_admit(now, dir, bytes) {
+                                let at = now.saturating_add(wait);
+                                self.queues[i].not_before = at;
+                                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                                break;
+                            }
+                        }
+                    }
+                    let q = &mut self.queues[i];
+                    let Some(w) = q.waiting.pop_front() else {
+                        break;
+                    };
+                    q.deficit = q.deficit.saturating_sub(cost);
+                    self.queued -= 1;
+                    uncount(&disk, &w, now);
+                    let Waiting { req, mut done, .. } = w;
+                    self.charge(&mut done, cost);
+                    ready.push((Arc::clone(&disk), req, done));
+                    let_go += 1;
+                    progress = true;
+                    last_served = Some(i);
+                }
+                if self.queues[i].waiting.is_empty() || group.is_some() {
+                    self.queues[i].deficit = 0;
+                }
+                if full {
+                    break 'rounds;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        // The next pump starts after the last disk served (or at the one that found no room).
+        let n = self.queues.len();
+        if !full && n > 0 {
+            if let Some(i) = last_served {
+                self.cursor = (i + 1) % n;
+            }
+        }
+        if !full {
+            self.load.set_blocked(false);
+        }
+        // Forget the disks with nothing waiting (their place in the round goes with them).
+        if self.queues.iter().any(|q| q.waiting.is_empty()) {
+            // The cursor moves to the first disk kept at or after it.
+            let kept_before = self.queues[..self.cursor.min(n)]
+                .iter()
+                .filter(|q| !q.waiting.is_empty())
+                .count();
+            self.queues.retain(|q| !q.waiting.is_empty());
+            self.cursor = if self.queues.is_empty() {
+                0
+            } else {
+                kept_before % self.queues.len()
+            };
+        }
+        self.deadline = if self.queued == 0 { None } else { deadline };
+    }
+}
