@@ -424,6 +424,24 @@ fn command_line_exports_take_limits_and_groups() {
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("--export") && t.contains("iops-totl"), "{t}");
+    // Both helps show the throttle options and verbs.
+    let help = addcow_ok(f.dir.path(), &["serve", "--help"]);
+    assert!(
+        help.contains("--throttle-group") && help.contains("iops-total="),
+        "{help}"
+    );
+    let help = addcow_ok(f.dir.path(), &["ctl", "--help"]);
+    for verb in [
+        "export-set-throttle",
+        "throttle-group-set",
+        "throttle-group-del",
+        "query-throttle-groups",
+    ] {
+        assert!(
+            help.contains(verb),
+            "{verb} missing from ctl --help:\n{help}"
+        );
+    }
 }
 
 /// QEMU's rules on limits (a burst below its rate, a burst length without a burst, values
@@ -485,6 +503,17 @@ fn iops_limit_is_enforced() {
     );
     let text = metrics(&msock);
     assert!(metric(&text, "addcow_throttled_requests_total{export=\"a\"}") > 0.0);
+    // A live snapshot opens a new disk: the export's counters carry on, never go back.
+    let before = t["throttled_requests"].as_u64().unwrap();
+    c.ok(
+        "export-snapshot",
+        json!({"name": "a", "overlay": f.path("a-1.add-cow")}),
+    );
+    let s = c.ok("query-stats", json!({"name": "a"}));
+    assert!(
+        s[0]["throttle"]["throttled_requests"].as_u64().unwrap() >= before,
+        "{s}"
+    );
 }
 
 /// A vhost-user-blk export takes its group at `export-add` and new limits while its libblkio

@@ -155,7 +155,8 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "query-exports",
         params: &[],
-        summary: "every export: overlay, size, read-only, clients, allocation",
+        summary: "every export: overlay, size, read-only, clients, allocation, throttle limits \
+                  and group",
         call: query_exports,
     },
     Method {
