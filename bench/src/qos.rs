@@ -247,7 +247,8 @@ fn per_second(prefix: &Path, kind: &str) -> Vec<f64> {
         ) else {
             continue;
         };
-        let i = (t.saturating_sub(1) / 1000) as usize;
+        // Each entry closes a one-second window at about `t` (a few ms late under load).
+        let i = ((t + 500) / 1000).saturating_sub(1) as usize;
         if secs.len() <= i {
             secs.resize(i + 1, 0.0);
         }
@@ -487,7 +488,7 @@ pub fn run(args: &QosArgs) -> Result<()> {
 
         // Bursts: a fresh limit (a full bucket), logged per second.
         let t0 = d.throttled("b");
-        let burst_run = burst + r.max(2);
+        let burst_run = burst + r.max(3);
         for (kind, limits, bs, fig, after, limit) in [
             (
                 "iops",
@@ -850,7 +851,7 @@ fn markdown(r: &QosResults) -> String {
         r.cores,
         r.size >> 20,
         r.runtime_s,
-        r.burst_length_s + r.runtime_s.max(2),
+        r.burst_length_s + r.runtime_s.max(3),
         r.rounds,
         r.iops_limit,
         r.bps_limit,
@@ -901,7 +902,7 @@ mod tests {
         let p = dir.path().join("x");
         std::fs::write(
             dir.path().join("x_iops.1.log"),
-            "1000, 5000, 0, 4096, 0\n2000, 4000, 0, 4096, 0\n2000, 1000, 1, 4096, 0\nbad\n",
+            "1003, 5000, 0, 4096, 0\n2000, 4000, 0, 4096, 0\n1998, 1000, 1, 4096, 0\nbad\n",
         )
         .unwrap();
         assert_eq!(per_second(&p, "iops"), vec![5000.0, 5000.0]);
