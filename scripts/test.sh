@@ -178,4 +178,6 @@ step "vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-
 cargo run -q -p addcow-bench -- vhost --quick
 step "TLS benchmark smoke run (tls --quick: addcow TCP, addcow TLS, qemu-nbd TLS, once)"
 cargo run -q -p addcow-bench -- tls --quick
+step "QoS benchmark smoke run (qos --quick: throttle accuracy, isolation, cost, over NBD and vhost-user-blk, once)"
+cargo run -q -p addcow-bench -- qos --quick
 step "done"

@@ -25,6 +25,8 @@ pub enum Pattern {
     RandWrite,
     /// Reads in order, wrapping at the end of the span.
     SeqRead,
+    /// Writes random bytes in order, wrapping at the end of the span.
+    SeqWrite,
 }
 
 /// One run's parameters.
@@ -103,7 +105,7 @@ pub fn run(sock: &Path, load: Load) -> Result<LoadResult> {
         .map_err(blkio_err("map_mem_region"))?;
     let base = region.addr as *mut u8;
     let mut rng = SmallRng::seed_from_u64(0x5EED);
-    if load.pattern == Pattern::RandWrite {
+    if matches!(load.pattern, Pattern::RandWrite | Pattern::SeqWrite) {
         // SAFETY: the region is a live mapping of at least `want` bytes owned by `b` (freed
         // when `b` drops, after this function), and no request is in flight yet.
         let buf = unsafe { std::slice::from_raw_parts_mut(base, want) };
@@ -112,7 +114,7 @@ pub fn run(sock: &Path, load: Load) -> Result<LoadResult> {
     let blocks = span / load.bs as u64;
     let mut next_seq = 0u64;
     let mut offset = |rng: &mut SmallRng| match load.pattern {
-        Pattern::SeqRead => {
+        Pattern::SeqRead | Pattern::SeqWrite => {
             let o = next_seq * load.bs as u64;
             next_seq = (next_seq + 1) % blocks;
             o
@@ -123,7 +125,9 @@ pub fn run(sock: &Path, load: Load) -> Result<LoadResult> {
         // SAFETY: slot < depth, so the slot's part lies inside the region.
         let buf = unsafe { base.add(slot * load.bs) };
         match load.pattern {
-            Pattern::RandWrite => q.write(off, buf, load.bs, slot, ReqFlags::empty()),
+            Pattern::RandWrite | Pattern::SeqWrite => {
+                q.write(off, buf, load.bs, slot, ReqFlags::empty())
+            }
             _ => q.read(off, buf, load.bs, slot, ReqFlags::empty()),
         }
     };

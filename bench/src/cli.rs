@@ -32,6 +32,10 @@ pub enum Command {
     /// in the clear, addcow with TLS and qemu-nbd with TLS (qcow2 overlay), same run; prints
     /// the medians and the ratios.
     Tls(TlsArgs),
+    /// Per-export QoS (throttling), measured: accuracy of iops/bps limits, bursts and groups;
+    /// isolation of a QD1 reader from a noisy neighbour; cost against a baseline binary; the
+    /// same over vhost-user-blk. Writes qos.md and qos.json.
+    Qos(QosArgs),
     /// Re-renders report.md and chart.svg of a compare run from its results.json.
     Render(RenderArgs),
     /// Internal: one isolated measurement for `memory` (prints JSON).
@@ -134,6 +138,41 @@ pub struct VhostArgs {
     /// The `addcow` binary. Default: built next to this runner with cargo.
     #[arg(long)]
     pub addcow: Option<PathBuf>,
+}
+
+/// Arguments of `qos`.
+#[derive(Args, Debug)]
+pub struct QosArgs {
+    /// Size (default 1G; quick 64M), seconds per run (default 10; quick 1), rounds (default
+    /// 1) and work folder. `--quick` is the smoke run of scripts/test.sh.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Report folder (qos.md, qos.json). Default bench/results/<UTC date>-qos.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The `addcow` binary. Default: built next to this runner with cargo.
+    #[arg(long)]
+    pub addcow: Option<PathBuf>,
+    /// Another `addcow` binary (today's main) run with no limits in the same run, for the cost
+    /// ratios. Without it the cost ratios are against this binary with no limits.
+    #[arg(long, value_name = "BIN")]
+    pub baseline_addcow: Option<PathBuf>,
+    /// `addcow serve --cores N` (1: every export on one core, as the isolation check wants).
+    #[arg(long, default_value_t = 1)]
+    pub cores: usize,
+    /// The IOPS limit of the accuracy runs.
+    #[arg(long, default_value_t = 5000)]
+    pub iops_limit: u64,
+    /// The bandwidth limit of the accuracy runs (bytes/s; K/M/G suffixes, binary).
+    #[arg(long, value_parser = parse_size, default_value = "50M")]
+    pub bps_limit: u64,
+    /// `*-max-length` of the burst runs, in seconds (the burst is twice the limit). Default 2
+    /// (quick: 1).
+    #[arg(long)]
+    pub burst_length: Option<u64>,
+    /// Leave out the vhost-user-blk part.
+    #[arg(long)]
+    pub skip_vhost: bool,
 }
 
 /// Arguments of `tls`.

@@ -8,6 +8,7 @@
 //! * `vhost`: vhost-user-blk, addcow vs qemu-storage-daemon (qcow2 overlay) and addcow
 //!   vhost-user-blk vs addcow NBD, same run.
 //! * `tls`: NBD over TCP with and without TLS (addcow), and qemu-nbd with TLS, same run.
+//! * `qos`: per-export throttling: accuracy, isolation, cost (NBD and vhost-user-blk).
 //! * `memory`: RSS cost of opening a fresh 1 TiB overlay.
 
 use std::process::ExitCode;
@@ -24,6 +25,7 @@ mod fio;
 mod memory;
 mod prepare;
 mod profiles;
+mod qos;
 mod remote;
 mod report;
 mod servers;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         cli::Command::Memory(args) => memory::run(&args),
         cli::Command::Remote(args) => remote::run(&args),
         cli::Command::Tls(args) => tls::run(&args),
+        cli::Command::Qos(args) => qos::run(&args),
         cli::Command::Render(args) => report::render(&args.dir),
         cli::Command::MemoryChild(args) => memory::run_child(&args),
     };

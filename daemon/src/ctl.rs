@@ -33,7 +33,8 @@ pub struct CtlArgs {
     pub timeout: u64,
     /// The method: hello, export-add, export-del, export-resize, export-snapshot,
     /// query-exports, query-stats, query-sockets, tls-reload, job-start, query-jobs, job-pause, job-resume, job-cancel,
-    /// job-dismiss, quit.
+    /// job-dismiss, export-set-throttle, throttle-group-set, throttle-group-del,
+    /// query-throttle-groups, quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
     /// Parameters: key=value (typed by the method) or key:=JSON.
@@ -57,12 +58,26 @@ const METHODS_HELP: &str = "Methods:
   query-jobs                                    every job: status, progress, error
   job-pause id=ID | job-resume id=ID            pause / resume a job
   job-cancel id=ID | job-dismiss id=ID          cancel a job / remove an ended one
+  export-add ... throttle=iops-total=N,bps-write=50M | throttle-group=G
+                                                an export with limits of its own / in a group
+  export-set-throttle name=NAME limits=iops-total=5000,bps-total=50M
+                                                change its limits live (limits= removes them)
+  export-set-throttle name=NAME throttle-group=G
+                                                move it into named group G
+  throttle-group-set name=G limits=iops-total=N,...
+                                                create group G or change its limits live
+  throttle-group-del name=G                     delete group G (refused while in use)
+  query-throttle-groups                         every group: limits, members, throttled
+                                                (limits keys: QEMU's iops-total, iops-read,
+                                                iops-write, bps-*, each -max, -max-length;
+                                                iops-size; limits:={\"iops-total\":5000} too)
   quit                                          shut the daemon down
 
 Examples:
   addcow ctl --control /run/addcow.ctl export-add name=vm1 overlay=/vms/vm1.add-cow
   addcow ctl --control /run/addcow.ctl query-stats name=vm1
   addcow ctl --control /run/addcow.ctl job-start type=stream export=vm1 rate=50M
+  addcow ctl --control /run/addcow.ctl export-set-throttle name=vm1 limits=iops-total=2000
   addcow ctl --control /run/addcow.ctl --json query-exports";
 
 /// Turns `key=value` / `key:=json` words into the request's params, typed by `method`'s table.
@@ -368,6 +383,17 @@ pub fn render(method: &str, result: &Value) -> String {
                     size(&e["base_bytes_read"]),
                     s(&e["bits_set"]),
                 ));
+                let t = &e["throttle"];
+                if t["throttled_requests"].as_u64().unwrap_or(0) > 0
+                    || t["queued"].as_u64().unwrap_or(0) > 0
+                {
+                    out.push_str(&format!(
+                        "throttled: {} request(s), {:.3} s waiting, {} queued now\n",
+                        s(&t["throttled_requests"]),
+                        t["throttled_seconds"].as_f64().unwrap_or(0.0),
+                        s(&t["queued"]),
+                    ));
+                }
             }
             if out.is_empty() {
                 out.push_str("no exports\n");

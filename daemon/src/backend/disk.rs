@@ -186,6 +186,9 @@ pub struct EngineDisk {
     /// switch). Updated when a generation is installed, before requests flow to it.
     fast_zero: AtomicU64,
     in_flight: Arc<InFlight>,
+    /// The throttle counters of the generations switched away from (added to the current
+    /// disk's, so an export's counters never go back at a snapshot or resize).
+    retired_throttle: Mutex<addcow_engine::qos::ThrottleStats>,
 }
 
 impl EngineDisk {
@@ -204,6 +207,7 @@ impl EngineDisk {
             current: RwLock::new(Arc::new(g)),
             layout: RwLock::new(()),
             in_flight: Arc::default(),
+            retired_throttle: Mutex::default(),
         }
     }
 
@@ -214,6 +218,15 @@ impl EngineDisk {
         name: &str,
     ) -> addcow_engine::Result<Generation> {
         Generation::open(&self.engine, overlay, name, &self.opts)
+    }
+
+    /// What the export's requests were held back by its throttle group, over every generation.
+    pub fn throttle_stats(&self) -> addcow_engine::qos::ThrottleStats {
+        let mut s = self.current().disk.throttle_stats();
+        let r = lock(&self.retired_throttle);
+        s.throttled_requests += r.throttled_requests;
+        s.throttled_ns += r.throttled_ns;
+        s
     }
 
     fn current(&self) -> RwLockReadGuard<'_, Arc<Generation>> {
@@ -234,7 +247,8 @@ impl EngineDisk {
     /// `f` returns (if any) becomes current before requests flow again (`f` closes the old
     /// one); if none, the current disk takes copy-on-reads again. Requests that arrive during
     /// `f` wait, then go to the current disk. A switch waits for pinned layouts
-    /// ([`Backend::pin_layout`]) to be dropped.
+    /// ([`Backend::pin_layout`]) to be dropped. The new disk is put in the old one's throttle
+    /// group before any request reaches it (a switch never lifts a limit).
     pub fn switch<T>(&self, f: impl FnOnce(&Generation) -> (Option<Generation>, T)) -> T {
         let _layout = match self.layout.try_write() {
             Ok(g) => g,
@@ -248,9 +262,16 @@ impl EngineDisk {
         // A copy-up sets bits after its read was answered: none may once `f` flushes, lets go
         // of the overlay's locks or closes the disk.
         cur.disk.quiesce();
+        // Nothing is in flight: the old disk's throttle counters are final.
+        let (group, throttled) = (cur.disk.throttle(), cur.disk.throttle_stats());
         let (next, out) = f(&cur);
         match next {
             Some(g) => {
+                g.disk.set_throttle(group);
+                let mut r = lock(&self.retired_throttle);
+                r.throttled_requests += throttled.throttled_requests;
+                r.throttled_ns += throttled.throttled_ns;
+                drop(r);
                 self.fast_zero.store(g.fast_zero_code(), Ordering::SeqCst);
                 *cur = Arc::new(g);
             }

@@ -13,6 +13,7 @@ use addcow_engine::{DiskOptions, DiskStats, Engine};
 use serde::Serialize;
 
 use super::allow::{AllowError, AllowedDirs};
+use super::control::throttle::{ExportThrottle, ThrottleError, ThrottleGroups};
 use super::events::{self, Events};
 use super::jobs::Jobs;
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
@@ -159,6 +160,12 @@ pub struct ExportInfo {
     pub complete: Option<bool>,
     /// An `export-del` is under way.
     pub shutting_down: bool,
+    /// The throttle limits in force (its own, or its group's); absent: not throttled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<addcow_engine::qos::ThrottleLimits>,
+    /// The named throttle group it is in; absent: none (limits of its own, or none).
+    #[serde(rename = "throttle-group", skip_serializing_if = "Option::is_none")]
+    pub throttle_group: Option<String>,
 }
 
 /// One operation's figures in `query-stats`.
@@ -202,6 +209,8 @@ pub struct ExportStatsReport {
     pub base_bytes_read: u64,
     /// Sectors whose bit went from clear to set.
     pub bits_set: u64,
+    /// What its throttle group held its requests back (zeros when never throttled).
+    pub throttle: super::control::throttle::StatsReport,
 }
 
 /// What an `export-del` did.
@@ -259,6 +268,8 @@ pub struct Host {
     pub jobs: Jobs,
     /// The daemon's stop switch.
     pub stop: Arc<Stop>,
+    /// The named throttle groups (`throttle-group-set`, `--throttle-group`).
+    pub throttle_groups: ThrottleGroups,
     /// Fixed at construction.
     config: HostConfig,
     shards: usize,
@@ -293,6 +304,7 @@ impl Host {
             jobs: Jobs::new(Arc::clone(&events)),
             events,
             stop,
+            throttle_groups: ThrottleGroups::default(),
             config,
             shards,
             vhost: Mutex::new(HashMap::new()),
@@ -338,7 +350,8 @@ impl Host {
     /// [`Host::add_export`], then serves the export over vhost-user-blk on `params.socket`
     /// too. The socket is bound (and `num-queues` checked) before the overlay is opened; if
     /// serving fails after the open, the export is deleted again. From the control socket the
-    /// socket's folder must be an allowed folder.
+    /// socket's folder must be an allowed folder. In throttle group `group` from its first
+    /// request (see [`ThrottleGroups::join`]).
     pub fn add_vhost_export(
         &self,
         name: &str,
@@ -346,6 +359,7 @@ impl Host {
         opts: DiskOptions,
         origin: Origin,
         params: VhostParams,
+        group: Option<addcow_engine::qos::ThrottleGroup>,
     ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
@@ -367,7 +381,7 @@ impl Host {
             error,
         };
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
-        let export = self.add_export(name, overlay, opts, origin)?;
+        let export = self.add_export_in_group(name, overlay, opts, origin, None, group)?;
         let served = bound
             .serve(
                 export.backend.clone(),
@@ -419,6 +433,45 @@ impl Host {
         opts: DiskOptions,
         origin: Origin,
         tls_authz: Option<Vec<String>>,
+    ) -> Result<Arc<Export>, HostError> {
+        self.add_export_in_group(name, overlay, opts, origin, tls_authz, None)
+    }
+
+    /// [`Host::add_export_authz`] for an export throttled as `throttle` says (its own limits, a
+    /// named group, or none) from its first request: the disk is put in its group before the
+    /// export is published. A named group that does not exist is refused before anything is
+    /// opened.
+    pub fn add_export_throttled(
+        &self,
+        name: &str,
+        overlay: &Path,
+        opts: DiskOptions,
+        origin: Origin,
+        tls_authz: Option<Vec<String>>,
+        throttle: &ExportThrottle,
+    ) -> Result<Arc<Export>, ThrottleError> {
+        let joining = self.throttle_groups.join(name, throttle)?;
+        let export = self.add_export_in_group(
+            name,
+            overlay,
+            opts,
+            origin,
+            tls_authz,
+            joining.group.clone(),
+        )?;
+        // Published in its group: a throttle-group-del from now on sees it as a member.
+        drop(joining);
+        Ok(export)
+    }
+
+    fn add_export_in_group(
+        &self,
+        name: &str,
+        overlay: &Path,
+        opts: DiskOptions,
+        origin: Origin,
+        tls_authz: Option<Vec<String>>,
+        group: Option<addcow_engine::qos::ThrottleGroup>,
     ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
@@ -475,6 +528,12 @@ impl Host {
         );
         if let Some(ids) = tls_authz {
             export.set_tls_authz(ids);
+        }
+        if let Some(g) = &group {
+            tracing::info!(export = %name, group = %g.name(), limits = ?g.limits(), "export throttled");
+        }
+        if let Some(d) = export.backend.disk() {
+            d.set_throttle(group);
         }
         claim.publish(Arc::clone(&export));
         Ok(export)
@@ -642,6 +701,7 @@ impl Host {
                 let disk = e.backend.disk();
                 let disk = disk.as_ref();
                 let v = vhost.get(&e.name).map(VhostExport::info);
+                let throttle = super::control::throttle::describe(self, e);
                 ExportInfo {
                     name: e.name.clone(),
                     kind: if v.is_some() { "vhost-user-blk" } else { "nbd" },
@@ -653,6 +713,8 @@ impl Host {
                     allocated_bytes: disk.map(|d| d.allocated_bytes()),
                     complete: disk.map(|d| d.is_complete()),
                     shutting_down: e.is_deleting(),
+                    throttle: throttle.0,
+                    throttle_group: throttle.1,
                 }
             })
             .collect()
@@ -709,5 +771,6 @@ fn stats_report(e: &Export) -> ExportStatsReport {
         commits_skipped: d.commits_skipped,
         base_bytes_read: d.base_bytes_read,
         bits_set: d.bits_set,
+        throttle: super::control::throttle::export_stats(e).into(),
     }
 }

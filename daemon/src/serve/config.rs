@@ -20,8 +20,10 @@ use addcow_engine::{CacheMode, EngineConfig};
 use super::{demo, ConnMode, ServeArgs};
 use crate::conn::tls::{TlsMode, TlsSettings};
 use crate::error::{Error, ErrorKind, Result};
+use crate::host::control::throttle::{self, ExportThrottle};
 use crate::host::runtime::HostConfig;
 use crate::nbd::wire;
+use addcow_engine::qos::ThrottleLimits;
 
 /// The longest time any `SECS` option takes (ten years): deadlines computed from it can never
 /// overflow an `Instant`.
@@ -33,7 +35,10 @@ pub struct DaemonConfig {
     /// The exports given on the command line, in order: the positional `OVERLAY` (the default
     /// export, empty name) first, then each `--export`. Names are unique; `--read-only` is
     /// already folded into each. Empty in demo mode (the demo's overlay is made at start).
+    /// Every `throttle-group` an export names is one of `throttle_groups`.
     pub exports: Vec<ExportSpec>,
+    /// `--throttle-group`: named throttle groups made at start (names unique, limits valid).
+    pub throttle_groups: Vec<(String, ThrottleLimits)>,
     /// The built-in demo: no `OVERLAY`, no `--export` and no `--control` were given.
     pub demo: bool,
     /// The sockets to serve NBD (and vhost-user-blk) on.
@@ -76,6 +81,8 @@ pub struct ExportSpec {
     pub overlay: PathBuf,
     /// Served read-only (`:ro`, or `--read-only` for every command-line export).
     pub read_only: bool,
+    /// Its throttling (`,iops-total=N,...` or `,throttle-group=G`); default none.
+    pub throttle: ExportThrottle,
 }
 
 /// The sockets the daemon serves on (besides systemd's, found at start).
@@ -209,10 +216,21 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 name: String::new(),
                 overlay: o.clone(),
                 read_only: false,
+                throttle: ExportThrottle::default(),
             });
         }
+        let throttle_groups = throttle_groups(&args.throttle_groups)?;
         for s in &args.exports {
             let e = parse_export(s)?;
+            if let Some(g) = &e.throttle.group {
+                if !throttle_groups.iter().any(|(n, _)| n == g) {
+                    return Err(Error::invalid(
+                        "--export",
+                        s.as_str(),
+                        format!("no --throttle-group {g:?}"),
+                    ));
+                }
+            }
             if exports.iter().any(|m| m.name == e.name) {
                 return Err(Error::invalid(
                     "--export",
@@ -225,6 +243,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         for e in &mut exports {
             e.read_only |= args.read_only;
         }
+
         if let Some(v) = &args.vhost_user_blk {
             if !demo && !exports.iter().any(|e| e.name.is_empty()) {
                 return Err(Error::invalid(
@@ -245,6 +264,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         let tls = tls_settings(&args)?;
         Ok(DaemonConfig {
             exports,
+            throttle_groups,
             demo,
             tls,
             listen: ListenConfig {
@@ -476,12 +496,66 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         .map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// Splits `NAME=OVERLAY`, `NAME=OVERLAY:ro` or `NAME=OVERLAY:rw` (an `--export`).
+/// Every `--throttle-group`, checked; a name given twice is refused.
+fn throttle_groups(args: &[String]) -> Result<Vec<(String, ThrottleLimits)>> {
+    let mut out: Vec<(String, ThrottleLimits)> = Vec::new();
+    for s in args {
+        let g = parse_throttle_group(s)?;
+        if out.iter().any(|(n, _)| *n == g.0) {
+            return Err(Error::invalid(
+                "--throttle-group",
+                s.as_str(),
+                format!("throttle group {:?} given twice", g.0),
+            ));
+        }
+        out.push(g);
+    }
+    Ok(out)
+}
+
+/// Splits `GROUP:key=value,...` (a `--throttle-group`): the name and its checked limits.
+fn parse_throttle_group(s: &str) -> Result<(String, ThrottleLimits)> {
+    let bad = |why: String| Error::invalid("--throttle-group", s, why);
+    let (name, rest) = s
+        .split_once(':')
+        .ok_or_else(|| bad("expected GROUP:key=value,...".into()))?;
+    throttle::check_group_name(name).map_err(|e| bad(e.to_string()))?;
+    let limits = throttle::parse_limits(&serde_json::Value::String(rest.to_string()))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((name.to_string(), limits))
+}
+
+/// Splits `NAME=OVERLAY`, `NAME=OVERLAY:ro` or `NAME=OVERLAY:rw` (an `--export`), with
+/// throttling options after it: `,key=value,...` (QEMU's limit names, or `throttle-group`).
+/// A comma in the path is kept unless what follows is a list of `key=value`.
 fn parse_export(s: &str) -> Result<ExportSpec> {
     let bad = |why: &str| Error::invalid("--export", s, why);
     let (name, path) = s
         .split_once('=')
         .ok_or_else(|| bad("expected NAME=OVERLAY[:ro]"))?;
+    let (path, opts) = match path.split_once(',') {
+        Some((p, o)) if o.split(',').all(|w| w.contains('=')) => (p, Some(o)),
+        _ => (path, None),
+    };
+    let mut throttle = ExportThrottle::default();
+    if let Some(o) = opts {
+        let mut pairs = Vec::new();
+        let mut group = None;
+        for kv in o.split(',').filter_map(|w| w.split_once('=')) {
+            match kv {
+                ("throttle-group", g) => group = Some(g.to_string()),
+                kv => pairs.push(kv),
+            }
+        }
+        throttle.limits = throttle::limits_from_pairs(pairs).map_err(|e| bad(&e.to_string()))?;
+        if let Some(g) = &group {
+            throttle::check_group_name(g).map_err(|e| bad(&e.to_string()))?;
+            if !throttle.limits.is_empty() {
+                return Err(bad(&throttle::ThrottleError::Both.to_string()));
+            }
+        }
+        throttle.group = group;
+    }
     if name.len() > wire::MAX_STRING || name.contains('\0') {
         return Err(bad("bad export name (at most 4096 bytes, no NUL)"));
     }
@@ -499,6 +573,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         name: name.to_string(),
         overlay: PathBuf::from(path),
         read_only,
+        throttle,
     })
 }
 
@@ -530,6 +605,7 @@ mod tests {
             name: name.into(),
             overlay: PathBuf::from(p),
             read_only,
+            throttle: ExportThrottle::default(),
         }
     }
 
@@ -760,6 +836,102 @@ mod tests {
         assert_eq!(c.exports, [spec("", "x", true), spec("y", "z", true)]);
         assert_eq!(c.default_overlay(), Some(Path::new("x")));
         assert!(!c.demo);
+    }
+
+    /// `--export ...,key=value` carries throttle limits (byte values with suffixes) or a
+    /// group made by `--throttle-group`; bad keys, unknown groups and both forms at once are
+    /// refused naming the option, the value and the key.
+    #[test]
+    fn throttle_options_parse_and_bad_ones_name_the_key() {
+        let c = config(&[
+            "--throttle-group",
+            "gold:iops-total=3000,bps-total=100M",
+            "--export",
+            "a=/x/a.add-cow:ro,iops-total=5000,bps-write=50M,iops-total-max=6000",
+            "--export",
+            "b=/x/b.add-cow,throttle-group=gold",
+            "--export",
+            "c=/x/c,d.add-cow",
+        ])
+        .unwrap();
+        assert_eq!(c.throttle_groups.len(), 1);
+        let (name, g) = &c.throttle_groups[0];
+        assert_eq!(name, "gold");
+        assert_eq!((g.iops_total, g.bps_total), (Some(3000), Some(100 << 20)));
+        let a = &c.exports[0];
+        assert_eq!(
+            (a.name.as_str(), a.overlay.as_path(), a.read_only),
+            ("a", Path::new("/x/a.add-cow"), true)
+        );
+        assert_eq!(a.throttle.limits.iops_total, Some(5000));
+        assert_eq!(a.throttle.limits.iops_total_max, Some(6000));
+        assert_eq!(a.throttle.limits.bps_write, Some(50 << 20));
+        assert_eq!(a.throttle.group, None);
+        assert_eq!(c.exports[1].throttle.group.as_deref(), Some("gold"));
+        assert!(c.exports[1].throttle.limits.is_empty());
+        // A comma not followed by key=value stays in the path.
+        assert_eq!(c.exports[2].overlay, Path::new("/x/c,d.add-cow"));
+        assert_eq!(c.exports[2].throttle, ExportThrottle::default());
+
+        for (line, flag, needle) in [
+            (
+                vec!["--export", "a=/x,iops-totl=5"],
+                "--export",
+                "iops-totl",
+            ),
+            (
+                vec!["--export", "a=/x,iops-total=5k"],
+                "--export",
+                "iops-total",
+            ),
+            (
+                vec!["--export", "a=/x,throttle-group=nope"],
+                "--export",
+                "no --throttle-group \"nope\"",
+            ),
+            (
+                vec![
+                    "--throttle-group",
+                    "g:iops-total=1",
+                    "--export",
+                    "a=/x,throttle-group=g,iops-total=2",
+                ],
+                "--export",
+                "not both",
+            ),
+            (
+                vec!["--throttle-group", "g", "--export", "a=/x"],
+                "--throttle-group",
+                "GROUP:key=value",
+            ),
+            (
+                vec!["--throttle-group", "g h:iops-total=1", "--export", "a=/x"],
+                "--throttle-group",
+                "invalid throttle group name",
+            ),
+            (
+                vec!["--throttle-group", "g:bps-reed=1", "--export", "a=/x"],
+                "--throttle-group",
+                "bps-reed",
+            ),
+            (
+                vec![
+                    "--throttle-group",
+                    "g:iops-total=1",
+                    "--throttle-group",
+                    "g:iops-total=2",
+                    "--export",
+                    "a=/x",
+                ],
+                "--throttle-group",
+                "given twice",
+            ),
+        ] {
+            let (kind, f, _, msg) = refused(&line);
+            assert_eq!(kind, ErrorKind::InvalidArgument, "{line:?}");
+            assert_eq!(f, Some(flag), "{line:?}");
+            assert!(msg.contains(needle), "{line:?}: {msg}");
+        }
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! `addcow_request_duration_seconds` (histogram), `addcow_requests_in_flight`, `addcow_clients`,
 //! `addcow_allocated_bytes`, `addcow_virtual_bytes`, `addcow_commits_total`,
 //! `addcow_commits_failed_total`, `addcow_commit_waiters_total`, `addcow_base_read_bytes_total`,
-//! `addcow_bits_set_total`; daemon-wide `addcow_exports`, `addcow_writer_panics_total` and
+//! `addcow_bits_set_total`, `addcow_throttled_requests_total`, `addcow_throttled_seconds_total`,
+//! `addcow_throttle_queued`; daemon-wide `addcow_exports`, `addcow_writer_panics_total` and
 //! `addcow_refused_connections_total` (label `socket`: connections refused by a socket's
 //! allow-list).
 
@@ -37,6 +38,7 @@ use prometheus_client::registry::Registry;
 use crate::conn::connection::WRITER_PANICS;
 use crate::conn::listener::{self, Listener, SocketKind};
 use crate::conn::sock::{Deadline, Sock};
+use crate::host::control::throttle::export_stats as export_throttle_stats;
 use crate::host::runtime::{engine_stats, Host};
 use crate::nbd::export::Export;
 use crate::nbd::stats::{Op, StatsSnapshot};
@@ -100,6 +102,46 @@ fn per_op(
             m.encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(&value(r.1.op(op)), None)?;
         }
+    }
+    Ok(())
+}
+
+/// `addcow_throttled_requests_total`, `addcow_throttled_seconds_total` and
+/// `addcow_throttle_queued`, per export (over every disk the export had).
+fn throttle_series(enc: &mut DescriptorEncoder, rows: &[Row]) -> Result<(), std::fmt::Error> {
+    let stats: Vec<_> = rows
+        .iter()
+        .map(|r| (r.0.name.as_str(), export_throttle_stats(r.0)))
+        .collect();
+    let mut m = enc.encode_descriptor(
+        "addcow_throttled_requests",
+        "Requests that waited for their throttle group's budget before submission.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (name, s) in &stats {
+        m.encode_family(&[("export", *name)])?
+            .encode_counter::<NoLabelSet, _, u64>(&s.throttled_requests, None)?;
+    }
+    let mut m = enc.encode_descriptor(
+        "addcow_throttled_seconds",
+        "Time requests spent waiting for their throttle group's budget.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (name, s) in &stats {
+        m.encode_family(&[("export", *name)])?
+            .encode_counter::<NoLabelSet, _, f64>(&(s.throttled_ns as f64 / 1e9), None)?;
+    }
+    let mut m = enc.encode_descriptor(
+        "addcow_throttle_queued",
+        "Requests waiting for their throttle group's budget now.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (name, s) in &stats {
+        m.encode_family(&[("export", *name)])?
+            .encode_gauge(&s.queued)?;
     }
     Ok(())
 }
@@ -216,6 +258,7 @@ impl Collector for DaemonCollector {
             &rows,
             |r| r.2.bits_set,
         )?;
+        throttle_series(e, &rows)?;
         {
             let m =
                 e.encode_descriptor("addcow_exports", "Exports served.", None, MetricType::Gauge)?;

@@ -50,9 +50,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only.
-    /// Repeatable; all share one engine.
-    #[arg(long = "export", value_name = "NAME=OVERLAY[:ro]")]
+    /// Repeatable; all share one engine. Throttling follows as ,key=value: QEMU's limits
+    /// (iops-total, iops-read, iops-write, bps-total, bps-read, bps-write, each with -max and
+    /// -max-length; iops-size; byte values take K/M/G: bps-write=50M), or
+    /// throttle-group=GROUP to share a --throttle-group's budget.
+    #[arg(
+        long = "export",
+        value_name = "NAME=OVERLAY[:ro][,iops-total=N,bps-write=N,...|,throttle-group=G]"
+    )]
     pub exports: Vec<String>,
+    /// A named throttle group: GROUP:key=value,... with QEMU's limit names (as in --export);
+    /// exports given throttle-group=GROUP share its one budget. Repeatable. More groups can be
+    /// made and changed live on the control socket (throttle-group-set).
+    #[arg(long = "throttle-group", value_name = "GROUP:iops-total=N,...")]
+    pub throttle_groups: Vec<String>,
     /// Serve every command-line export read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -351,6 +362,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             name: String::new(),
             overlay,
             read_only: false,
+            throttle: Default::default(),
         });
     }
 
@@ -400,10 +412,22 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     if let Some(t) = &tls {
         let _ = host.tls.set(t.clone());
     }
+    for (name, limits) in &cfg.throttle_groups {
+        host.throttle_groups
+            .set(name, *limits)
+            .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
+    }
     for e in &named {
         let opts = host.disk_options(e.read_only, None);
-        host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
-            .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
+        host.add_export_throttled(
+            &e.name,
+            &e.overlay,
+            opts,
+            Origin::CommandLine,
+            None,
+            &e.throttle,
+        )
+        .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
     }
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;

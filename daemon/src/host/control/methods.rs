@@ -13,6 +13,7 @@ use super::super::snapshot;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
+use super::throttle::{self, ExportThrottle};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,8 @@ pub const METHODS: &[Method] = &[
             p("serial", Kind::Str, false),
             p("copy_on_read", Kind::Bool, false),
             p("tls-authz", Kind::Str, false),
+            p("throttle", Kind::Str, false),
+            p("throttle-group", Kind::Str, false),
         ],
         summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
                   type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
@@ -87,8 +90,42 @@ pub const METHODS: &[Method] = &[
                   copy_on_read: base reads are also copied into the raw image (default: the \
                   daemon's --copy-on-read); tls-authz: the TLS identities (client \
                   certificate DNs, PSK identities; a list or one string) allowed to use the \
-                  export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD)",
+                  export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD); \
+                  throttle: limits of its own (QEMU's keys: {\"iops-total\": 5000, ...} or \
+                  \"iops-total=5000,bps-write=50M\"), or throttle-group: join a named group",
         call: export_add,
+    },
+    Method {
+        name: "export-set-throttle",
+        params: &[
+            p("name", Kind::Str, true),
+            p("limits", Kind::Str, false),
+            p("throttle-group", Kind::Str, false),
+        ],
+        summary: "change an export's throttling live (clients stay connected): limits of its \
+                  own (an empty object removes them), or throttle-group: move it into a named \
+                  group",
+        call: throttle::export_set_throttle,
+    },
+    Method {
+        name: "throttle-group-set",
+        params: &[p("name", Kind::Str, true), p("limits", Kind::Str, true)],
+        summary: "create a named throttle group, or change its limits live; exports join it \
+                  with throttle-group and share its one budget",
+        call: throttle::throttle_group_set,
+    },
+    Method {
+        name: "throttle-group-del",
+        params: &[p("name", Kind::Str, true)],
+        summary: "delete a named throttle group (refused while an export is in it)",
+        call: throttle::throttle_group_del,
+    },
+    Method {
+        name: "query-throttle-groups",
+        params: &[],
+        summary: "every named throttle group: limits, member exports, throttled requests and \
+                  time",
+        call: throttle::query_throttle_groups,
     },
     Method {
         name: "tls-reload",
@@ -118,7 +155,8 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "query-exports",
         params: &[],
-        summary: "every export: overlay, size, read-only, clients, allocation",
+        summary: "every export: overlay, size, read-only, clients, allocation, throttle limits \
+                  and group",
         call: query_exports,
     },
     Method {
@@ -259,6 +297,12 @@ struct ExportAdd {
     /// The TLS identities allowed to use the export: a list of strings, or one string.
     #[serde(default, rename = "tls-authz", alias = "tls_authz")]
     tls_authz: Option<Value>,
+    /// Limits of its own: an object of QEMU's keys, or `key=value,...`.
+    #[serde(default)]
+    throttle: Option<Value>,
+    /// A named throttle group to join.
+    #[serde(default, rename = "throttle-group")]
+    throttle_group: Option<String>,
 }
 
 /// `tls-authz`: a non-empty list of non-empty strings (or one string).
@@ -390,14 +434,19 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let read_only = a.read_only || a.writable == Some(false);
     let opts = host.disk_options(read_only, a.copy_on_read);
     let authz = tls_authz(&a.tls_authz)?;
+    let t = ExportThrottle::from_params(a.throttle.as_ref(), a.throttle_group.as_deref())?;
     let export = match vhost_params(&a)? {
-        None => host.add_export_authz(&a.name, &a.overlay, opts, Origin::Control, authz)?,
+        None => host.add_export_throttled(&a.name, &a.overlay, opts, Origin::Control, authz, &t)?,
         Some(_) if authz.is_some() => {
             return Err(invalid(
                 "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),
             ))
         }
-        Some(v) => host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v)?,
+        Some(v) => {
+            let joining = host.throttle_groups.join(&a.name, &t)?;
+            let group = joining.group.clone();
+            host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v, group)?
+        }
     };
     let info = host
         .export_info()
@@ -542,6 +591,10 @@ mod tests {
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
                     params::<job_methods::JobId>(all).map(|_| ())
                 }
+                "export-set-throttle" => params::<throttle::ExportSetThrottle>(all).map(|_| ()),
+                "throttle-group-set" => params::<throttle::GroupSet>(all).map(|_| ()),
+                "throttle-group-del" => params::<throttle::GroupName>(all).map(|_| ()),
+                "query-throttle-groups" => params::<NoParams>(all).map(|_| ()),
                 other => panic!("method {other} has no parameter check here"),
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
@@ -558,6 +611,10 @@ mod tests {
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
                     params::<job_methods::JobId>(extra).map(|_| ())
                 }
+                "export-set-throttle" => params::<throttle::ExportSetThrottle>(extra).map(|_| ()),
+                "throttle-group-set" => params::<throttle::GroupSet>(extra).map(|_| ()),
+                "throttle-group-del" => params::<throttle::GroupName>(extra).map(|_| ()),
+                "query-throttle-groups" => params::<NoParams>(extra).map(|_| ()),
                 _ => params::<QueryStats>(extra).map(|_| ()),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);

@@ -28,6 +28,7 @@ mod job_methods;
 pub mod methods;
 pub mod resize;
 pub mod rpc;
+pub mod throttle;
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
