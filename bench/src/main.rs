@@ -15,7 +15,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod blkio_load;
 mod cli;
 mod compare;
 mod cost;

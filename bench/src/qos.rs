@@ -2,7 +2,7 @@
 //! report). One `addcow serve --control` with `--cores N` (default 1: every export on one core)
 //! and its exports added and throttled through the control socket (`export-add`,
 //! `export-set-throttle`, `throttle-group-set`), driven by fio's nbd engine and, for the
-//! vhost-user-blk part, by the libblkio load generator (`blkio_load.rs`).
+//! vhost-user-blk part, by the libblkio load generator (`vhost/blkio_load.rs`).
 //!
 //! * **Accuracy** (NBD, fio QD32): 4 KiB random reads against `iops-total=L`, 64 KiB random reads
 //!   against `bps-total=B`, each as a ratio to its limit (steady state: the run's average);
@@ -32,7 +32,6 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::blkio_load::{self, Load, Pattern};
 use crate::cli::{QosArgs, RunLength};
 use crate::error::{io_err, BenchError, Result};
 use crate::fio::{self, FioResult};
@@ -40,6 +39,7 @@ use crate::prepare;
 use crate::servers::{self, Running};
 use crate::stats;
 use crate::sysinfo;
+use crate::vhost::blkio_load::{self, Load, Pattern};
 
 /// One fio load on one export.
 #[derive(Debug, Clone)]

@@ -6,7 +6,8 @@
 //! control socket (with `export-resize`, [`control::resize`]), [`events`] its notifications;
 //! [`jobs`] the background jobs (stream); [`snapshot`] and `export-resize` change an export's
 //! disk under its clients; [`allow`] the folders
-//! `export-add` may open; [`vhost_export`] the vhost-user-blk exports the control socket added.
+//! `export-add` may open; [`vhost_export`] the vhost-user-blk exports the control socket added;
+//! [`throttle`] the named throttle groups and the limits an export is given.
 //!
 //! May import: [`crate::conn`] (listening sockets), [`crate::nbd`], [`crate::vhost`],
 //! [`crate::backend`], [`crate::process`], [`crate::stream`]. Never the process's top
@@ -18,4 +19,5 @@ pub mod events;
 pub mod jobs;
 pub mod runtime;
 pub mod snapshot;
+pub mod throttle;
 pub mod vhost_export;

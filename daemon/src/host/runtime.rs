@@ -13,9 +13,9 @@ use addcow_engine::{DiskOptions, DiskStats, Engine};
 use serde::Serialize;
 
 use super::allow::{AllowError, AllowedDirs};
-use super::control::throttle::{ExportThrottle, ThrottleError, ThrottleGroups};
 use super::events::{self, Events};
 use super::jobs::Jobs;
+use super::throttle::{ExportThrottle, ThrottleError, ThrottleGroups};
 use super::vhost_export::{self, VhostExport, VhostInfo, VhostParams, VhostSetupError};
 use crate::backend::disk::EngineDisk;
 use crate::backend::probe::LayerFiles;
@@ -68,6 +68,9 @@ pub enum HostError {
     /// No export has this name.
     #[error("no export named {0:?}")]
     NoSuchExport(String),
+    /// The export's throttling was refused (bad limits, no such group).
+    #[error("{0}")]
+    Throttle(#[from] ThrottleError),
     /// The allowed-folders rule refused a file.
     #[error("{0}")]
     NotAllowed(#[from] AllowError),
@@ -120,6 +123,7 @@ impl HostError {
             HostError::NameTaken(_) => "name-taken",
             HostError::AlreadyServed { .. } => "already-served",
             HostError::NoSuchExport(_) => "no-such-export",
+            HostError::Throttle(t) => t.class(),
             HostError::NotAllowed(_) => "not-allowed",
             HostError::Open { .. } => "open-failed",
             HostError::Busy { .. } => "busy",
@@ -210,7 +214,7 @@ pub struct ExportStatsReport {
     /// Sectors whose bit went from clear to set.
     pub bits_set: u64,
     /// What its throttle group held its requests back (zeros when never throttled).
-    pub throttle: super::control::throttle::StatsReport,
+    pub throttle: super::throttle::StatsReport,
 }
 
 /// What an `export-del` did.
@@ -449,7 +453,7 @@ impl Host {
         origin: Origin,
         tls_authz: Option<Vec<String>>,
         throttle: &ExportThrottle,
-    ) -> Result<Arc<Export>, ThrottleError> {
+    ) -> Result<Arc<Export>, HostError> {
         let joining = self.throttle_groups.join(name, throttle)?;
         let export = self.add_export_in_group(
             name,
@@ -701,7 +705,7 @@ impl Host {
                 let disk = e.backend.disk();
                 let disk = disk.as_ref();
                 let v = vhost.get(&e.name).map(VhostExport::info);
-                let throttle = super::control::throttle::describe(self, e);
+                let throttle = super::throttle::describe(&self.throttle_groups, e);
                 ExportInfo {
                     name: e.name.clone(),
                     kind: if v.is_some() { "vhost-user-blk" } else { "nbd" },
@@ -771,6 +775,6 @@ fn stats_report(e: &Export) -> ExportStatsReport {
         commits_skipped: d.commits_skipped,
         base_bytes_read: d.base_bytes_read,
         bits_set: d.bits_set,
-        throttle: super::control::throttle::export_stats(e).into(),
+        throttle: super::throttle::export_stats(e).into(),
     }
 }

@@ -20,8 +20,8 @@ use addcow_engine::{CacheMode, EngineConfig};
 use super::{demo, ConnMode, ServeArgs};
 use crate::conn::tls::{TlsMode, TlsSettings};
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::control::throttle::{self, ExportThrottle};
 use crate::host::runtime::HostConfig;
+use crate::host::throttle::{self, ExportThrottle};
 use crate::nbd::wire;
 use addcow_engine::qos::ThrottleLimits;
 

@@ -10,10 +10,11 @@ use serde_json::{json, Map, Value};
 use super::super::events;
 use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
+use super::super::throttle::ExportThrottle;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
-use super::throttle::{self, ExportThrottle};
+use super::throttle;
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +238,10 @@ pub fn find(name: &str) -> Option<&'static Method> {
 
 impl From<HostError> for RpcError {
     fn from(e: HostError) -> RpcError {
-        RpcError::server(e.class(), e.to_string())
+        match e {
+            HostError::Throttle(t) => RpcError::from(t),
+            e => RpcError::server(e.class(), e.to_string()),
+        }
     }
 }
 

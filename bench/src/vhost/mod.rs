@@ -3,7 +3,7 @@
 //! * addcow `serve --vhost-user-blk` vs qemu-storage-daemon's `--export type=vhost-user-blk`
 //!   serving a qcow2 overlay of the same data (`cache.direct=on`, `aio=io_uring` on the overlay
 //!   and on its base: both sides bypass the page cache), both driven by the same libblkio load
-//!   generator ([`crate::blkio_load`]);
+//!   generator ([`blkio_load`]);
 //! * addcow vhost-user-blk vs addcow NBD: the same daemon command, NBD driven by fio's nbd
 //!   engine with the same profile's job file (`fio-configs/`), as `compare` does.
 //!
@@ -11,6 +11,8 @@
 //! queue depths of `compare`'s job files), one queue. Order per round: for each profile, each
 //! side (A B C A B C …); a side that wrote gets its overlay restored before the next run.
 //! Reported: medians over rounds and the ratios per round and of the medians.
+
+pub mod blkio_load;
 
 use std::fmt::Write as _;
 use std::os::unix::net::UnixStream;
@@ -20,7 +22,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::blkio_load::{self, Load, Pattern};
 use crate::cli::{RunLength, VhostArgs};
 use crate::cost;
 use crate::error::{io_err, BenchError, Result};
@@ -30,6 +31,7 @@ use crate::profiles;
 use crate::servers;
 use crate::stats::{median, ratio};
 use crate::sysinfo;
+use blkio_load::{Load, Pattern};
 
 /// One profile of the pair.
 #[derive(Debug, Clone, Copy, Serialize)]
