@@ -392,7 +392,7 @@ fn command_line_exports_take_limits_and_groups() {
             "--export",
             &format!("a={},throttle-group=gold", f.overlay().display()),
             "--export",
-            &format!("b={},bps-write=50M,iops-size=4K", b.display()),
+            &format!("b={},bps-write=50M,iops-write=800,iops-size=4K", b.display()),
         ],
     );
     let mut c = Control::connect(&control);
@@ -406,7 +406,7 @@ fn command_line_exports_take_limits_and_groups() {
     let bx = export(&mut c, "b");
     assert_eq!(
         bx["throttle"],
-        json!({"bps-write": 50 * MIB, "iops-size": 4096}),
+        json!({"bps-write": 50 * MIB, "iops-write": 800, "iops-size": 4096}),
         "{bx}"
     );
     qemu_io(&d.uri_of("b"), &["write -P 1 0 64k", "read -P 1 0 64k"]);
