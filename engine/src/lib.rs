@@ -28,6 +28,7 @@ pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::on_core_thread;
 pub use io::{
     CacheMode, Completion, CoreSource, DataBuf, DepthExtent, Disk, DiskOptions, DiskStats, Done,
-    Engine, EngineConfig, Extent, ExtentKind, IoBuf, LentBuf, Request, RequestError, SendList,
-    SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, MAX_POPULATE,
+    Engine, EngineConfig, Extent, ExtentKind, FleeceStats, FleeceView, IoBuf, LentBuf, Request,
+    RequestError, SendList, SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD,
+    FLEECE_CHUNK, MAX_POPULATE,
 };

@@ -38,6 +38,8 @@ pub(crate) enum Role {
     Image = 0,
     Meta = 1,
     Base = 2,
+    /// The scratch file of a point-in-time view (never a registered slot: always a plain fd).
+    Scratch = 3,
 }
 
 /// Registered-file slots per disk: image, meta, base.
@@ -165,6 +167,8 @@ pub(crate) struct DiskState {
     pub counters: DiskCounters,
     /// The throttle group this disk draws its budget from (`Disk::set_throttle`).
     pub throttle: std::sync::RwLock<Option<crate::qos::ThrottleGroup>>,
+    /// The point-in-time view being served, if any (copy-before-write; `core/fleece.rs`).
+    pub fleece: super::fleece::FleeceSlot,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
     /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
@@ -412,6 +416,7 @@ impl DiskState {
             sync_ids: AtomicU64::new(1),
             counters: DiskCounters::default(),
             throttle: std::sync::RwLock::new(None),
+            fleece: super::fleece::FleeceSlot::default(),
             slot,
         })
     }
@@ -424,6 +429,7 @@ impl DiskState {
             Role::Image => self.size,
             Role::Meta => self.meta_len,
             Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+            Role::Scratch => self.size,
         }
     }
 
@@ -443,6 +449,7 @@ impl DiskState {
             Role::Image => self.image.as_raw_fd(),
             Role::Meta => self.meta.as_raw_fd(),
             Role::Base => self.base.as_ref().and_then(|b| b.main_fd()).unwrap_or(-1),
+            Role::Scratch => -1,
         }
     }
 

@@ -34,6 +34,8 @@ pub enum FaultFile {
     Meta,
     /// The base.
     Base,
+    /// The scratch file of a point-in-time view (copy-before-write).
+    Scratch,
 }
 
 /// What kind of op.
