@@ -235,6 +235,18 @@ fn bad_calls_are_refused() {
     assert_eq!(rx.recv().expect("answer").unwrap_err().errno, libc::EPERM);
     let err = view.read_at(MIB - 512, 1024).unwrap_err();
     assert_eq!(err.errno, libc::EINVAL);
+    // Never a file of the disk itself, nor something other than a regular file.
+    view.end().expect("end");
+    let image = d.opened_files()[1].file.path.clone();
+    let before = std::fs::metadata(&image).expect("raw image").len();
+    for p in [f.overlay.clone(), image.clone(), f.dir.path().to_path_buf()] {
+        let err = d.begin_fleece(&p).unwrap_err();
+        assert!(err.to_string().contains("not replaced"), "{err}");
+    }
+    assert_eq!(std::fs::metadata(&image).expect("raw image").len(), before);
+    assert!(!d.fleece_active());
+    let view = d.begin_fleece(&scratch).expect("begin");
+    assert!(d.fleece_active());
     // A scratch in a missing directory: a clear error naming it, nothing installed.
     view.end().expect("end");
     let bad = f.dir.path().join("no/such/dir/s");

@@ -86,6 +86,7 @@ impl Disk {
             return Err(Error::new(ErrorKind::Shutdown).with_path(&state.meta_path));
         }
         let fleece = state.fleece.install_with(|| {
+            refuse_to_replace(self, scratch)?;
             match std::fs::remove_file(scratch) {
                 Ok(()) => {
                     tracing::info!(scratch = %scratch.display(), "replaced a stale backup scratch")
@@ -130,6 +131,60 @@ impl Disk {
     }
 }
 
+/// Refuses a scratch path that names something other than a stale scratch: not a regular
+/// file (a symlink, a device, a folder), or one of the files the disk itself holds open (its
+/// overlay, raw image or a base layer). Replacing one of those would destroy data.
+fn refuse_to_replace(disk: &Disk, scratch: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(scratch) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("look at backup scratch", e).with_path(scratch)),
+    };
+    let refuse = |why: &str| {
+        Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "the backup scratch path exists and {why}: not replaced"
+        )))
+        .with_path(scratch))
+    };
+    if !meta.file_type().is_file() {
+        return refuse("is not a regular file");
+    }
+    let id = (meta.dev(), meta.ino());
+    for f in disk.opened_files() {
+        let same =
+            f.fd.and_then(|fd| nix_fstat(fd))
+                .is_some_and(|other| other == id);
+        if same {
+            return refuse("is a file of the disk itself");
+        }
+    }
+    Ok(())
+}
+
+/// Device and inode of an open file.
+fn nix_fstat(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `struct stat` into `st` (valid, writable memory of its size) for
+    // an open descriptor the borrow keeps open; `st` is read only when it succeeded.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
+impl Disk {
+    /// Whether a point-in-time view of this disk is active (a live snapshot or a resize would
+    /// leave it behind: the daemon refuses them meanwhile).
+    pub fn fleece_active(&self) -> bool {
+        self.parts().0.fleece.get().is_some()
+    }
+}
+
 /// Checks a read of `len` bytes at `offset` of a view of `size` bytes.
 fn read_bounds(offset: u64, len: u64, size: u64) -> std::result::Result<(), RequestError> {
     if offset.checked_add(len).map_or(true, |e| e > size) {
@@ -150,6 +205,12 @@ impl FleeceView {
     /// The scratch file.
     pub fn scratch(&self) -> &Path {
         &self.fleece.path
+    }
+
+    /// The open scratch file (to check where it really is).
+    pub fn scratch_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fleece.file.as_fd()
     }
 
     /// What the view has cost so far.
