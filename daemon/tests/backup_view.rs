@@ -65,7 +65,15 @@ fn scratch_of(s: &Setup) -> PathBuf {
 fn convert(uri: &str, to: &Path) {
     run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", uri, to.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            to.to_str().unwrap(),
+        ],
     );
 }
 
@@ -175,9 +183,21 @@ fn the_backup_export_is_the_instant_while_the_guest_writes() {
     );
     let out = addcow_daemon_testkit::run_raw(
         "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", before.to_str().unwrap(), &live],
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            before.to_str().unwrap(),
+            &live,
+        ],
     );
-    assert_eq!(out.status.code(), Some(1), "the live export changed: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the live export changed: {out:?}"
+    );
     // Block status of the backup export: nbdinfo maps it (the view's base:allocation).
     let map = run("nbdinfo", &["--map", &backup]);
     assert!(map.contains("data"), "{map}");
@@ -270,7 +290,11 @@ fn bad_input_gets_clear_errors() {
     let class = |e: &serde_json::Value| e["data"]["class"].as_str().unwrap_or("").to_string();
     let mut err = |method: &str, p: serde_json::Value| {
         let e = ctl.call(method, p.clone()).unwrap_err();
-        (class(&e), e["message"].as_str().unwrap_or("").to_string(), e)
+        (
+            class(&e),
+            e["message"].as_str().unwrap_or("").to_string(),
+            e,
+        )
     };
     let (c, m, _) = err("backup-begin", json!({"export": "nope", "checkpoint": "c"}));
     assert_eq!(c, "no-such-export", "{m}");
@@ -336,8 +360,8 @@ fn bad_input_gets_clear_errors() {
         "qemu-io",
         &["-f", "raw", "-c", "write 0 512", &d.uri_of("bk")],
     );
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() || text.contains("failed"),
         "a write to the backup export: {text}"

@@ -118,10 +118,9 @@ impl FleeceSlot {
         if v.is_some() {
             return None;
         }
-        Some(make().map(|f| {
-            *v = Some(Arc::clone(&f));
+        Some(make().inspect(|f| {
+            *v = Some(Arc::clone(f));
             self.on.store(true, SeqCst);
-            f
         }))
     }
 
