@@ -45,6 +45,7 @@ ctl() { "$ADDCOW" ctl --control "$DIR/ctl.sock" "$@" >/dev/null; }
 
 # fio over NBD on export $1: $2 = randwrite|write, $3 = block size, $4 = depth; prints MiB/s.
 run_fio() {
+    sync # each run starts with no dirty pages of an earlier one being written back
     fio --name=guest --ioengine=nbd --uri="nbd+unix:///$1?socket=$DIR/nbd.sock" \
         --rw="$2" --bs="$3" --iodepth="$4" --size="$SIZE" --randrepeat=0 \
         --output-format=json 2>/dev/null |
