@@ -308,3 +308,70 @@ fn a_failed_copy_fails_the_write_and_changes_nothing() {
     view.end().expect("end");
     d.close().expect("close");
 }
+
+/// The interleaving a view read must survive: it finds a chunk uncopied, then (its core parked
+/// there) a write copies the chunk and overwrites it on another core, then the view's live read
+/// runs and sees the new bytes. Its re-check after the read must notice the copy and answer the
+/// scratch's bytes, the instant's.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_view_read_overtaken_by_a_copy_and_a_write_answers_the_instant() {
+    use addcow_engine::io::faults::FaultPlan;
+    let size = MIB;
+    let f = fixture(size, 0);
+    let plan = FaultPlan::new();
+    let mut cfg = config(2);
+    cfg.faults = Some(plan.clone());
+    let e = addcow_engine::Engine::start(cfg).expect("engine");
+    let d = open(&e, &f.overlay);
+    d.write_at(0, &[0x11; 8192], false).expect("write before");
+    let view = Arc::new(d.begin_fleece(&f.dir.path().join("s")).expect("begin"));
+    plan.park_next_view_read();
+    let reader = {
+        let view = Arc::clone(&view);
+        thread::spawn(move || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            view.submit(
+                0,
+                Request::Read {
+                    offset: 0,
+                    len: 8192,
+                },
+                Box::new(move |r| tx.send(r).expect("send")),
+            );
+            rx.recv().expect("answer")
+        })
+    };
+    assert!(
+        plan.wait_parked(std::time::Duration::from_secs(20)),
+        "the view read parked"
+    );
+    // Core 0 is parked: the write goes to core 1, copies chunk 0 and overwrites it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    d.submit(
+        1,
+        Request::Write {
+            offset: 0,
+            data: addcow_engine::IoBuf::from_slice(&[0x22; 8192]).into(),
+            fua: false,
+        },
+        Box::new(move |r| tx.send(r).expect("send")),
+    );
+    rx.recv().expect("answer").expect("write");
+    assert_eq!(view.stats().chunks_copied, 1);
+    plan.release_parked();
+    let got = match reader.join().expect("reader").expect("view read") {
+        addcow_engine::Done::Read(b) => b.to_vec(),
+        other => panic!("unexpected answer {other:?}"),
+    };
+    assert!(
+        got.iter().all(|&b| b == 0x11),
+        "the view read answered bytes written after its instant"
+    );
+    assert_eq!(d.read_at(0, 8192).expect("read"), vec![0x22; 8192]);
+    Arc::into_inner(view)
+        .expect("one owner")
+        .end()
+        .expect("end");
+    d.close().expect("close");
+}

@@ -362,6 +362,10 @@ impl Core {
             if fleece.is_copied(c) {
                 n += self.fleece_scratch_read(key, &fleece, &buf, dst, at, len);
             } else {
+                #[cfg(feature = "fault-injection")]
+                if let Some(plan) = &self.faults {
+                    plan.park_at(crate::io::testing::faults::ParkPoint::ViewRead, 0);
+                }
                 n += self.issue_read(key, &disk, &buf, dst, at, len);
                 live.push((c, dst, at, len));
             }
