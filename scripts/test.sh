@@ -85,11 +85,11 @@ step "tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   cargo nextest run -p addcow-engine --features crash-recorder --no-fail-fast -E 'test(crash)'
-  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults) | binary(engine_publication)'
+  cargo nextest run -p addcow-engine --features fault-injection --no-fail-fast -E 'binary(engine_faults) | binary(engine_populate_faults) | binary(engine_publication) | binary(engine_fleece)'
 else
   cargo test --workspace --no-fail-fast
   cargo test -p addcow-engine --features crash-recorder --no-fail-fast crash
-  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults --test engine_publication
+  cargo test -p addcow-engine --features fault-injection --no-fail-fast --test engine_faults --test engine_populate_faults --test engine_publication --test engine_fleece
 fi
 # The dirty-marks protocol once more on one CPU: there a setter is preempted between setting its
 # bits and marking them (the window a FLUSH must not slip through), not only run beside others.

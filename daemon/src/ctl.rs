@@ -54,6 +54,9 @@ const METHODS_HELP: &str = "Methods:
   tls-reload                                    reload the TLS credentials (as SIGHUP)
   export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
                                                 current overlay becomes its read-only base
+  backup-begin export=NAME checkpoint=C [target=T] [scratch=PATH]
+                                                serve the export frozen now as T (read-only)
+  backup-end export=NAME                        end the backup (T removed, scratch deleted)
   job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image
   query-jobs                                    every job: status, progress, error
   job-pause id=ID | job-resume id=ID            pause / resume a job

@@ -392,7 +392,10 @@ fn command_line_exports_take_limits_and_groups() {
             "--export",
             &format!("a={},throttle-group=gold", f.overlay().display()),
             "--export",
-            &format!("b={},bps-write=50M,iops-write=800,iops-size=4K", b.display()),
+            &format!(
+                "b={},bps-write=50M,iops-write=800,iops-size=4K",
+                b.display()
+            ),
         ],
     );
     let mut c = Control::connect(&control);

@@ -28,7 +28,7 @@ pub use error::{BackingLoop, Error, ErrorKind, Result};
 pub use io::on_core_thread;
 pub use io::{
     CacheMode, Completion, CoreSource, DataBuf, DepthExtent, Disk, DiskOptions, DiskStats, Done,
-    Engine, EngineConfig, Extent, ExtentKind, IoBuf, LentBuf, Request, RequestError, SendList,
-    SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD, DEFAULT_FAIR_SHARE_BYTES,
-    DEFAULT_FAIR_SHARE_REQUESTS, MAX_POPULATE,
+    Engine, EngineConfig, Extent, ExtentKind, FleeceStats, FleeceView, IoBuf, LentBuf, Request,
+    RequestError, SendList, SockDone, SockFd, SourceCtx, SourceId, DEFAULT_EXTENT_AHEAD,
+    DEFAULT_FAIR_SHARE_BYTES, DEFAULT_FAIR_SHARE_REQUESTS, FLEECE_CHUNK, MAX_POPULATE,
 };

@@ -105,6 +105,9 @@ pub enum HostError {
         /// What failed.
         error: VhostSetupError,
     },
+    /// A backup runs on the export, or the export is a backup's point-in-time view.
+    #[error("{0}")]
+    BackupRunning(String),
     /// The export is gone, but committing its overlay on the way out failed.
     #[error("export {name:?} was removed, but committing its overlay failed: {error}")]
     Close {
@@ -130,6 +133,7 @@ impl HostError {
             HostError::Deleting(_) => "deleting",
             HostError::ShuttingDown => "shutting-down",
             HostError::Close { .. } => "commit-failed",
+            HostError::BackupRunning(_) => "backup-running",
             HostError::Vhost {
                 error: VhostSetupError::Queues { .. },
                 ..
@@ -170,6 +174,10 @@ pub struct ExportInfo {
     /// The named throttle group it is in; absent: none (limits of its own, or none).
     #[serde(rename = "throttle-group", skip_serializing_if = "Option::is_none")]
     pub throttle_group: Option<String>,
+    /// The backup running on this export, or the one whose point-in-time view it serves
+    /// (with what its copy-before-write has cost so far).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<serde_json::Value>,
 }
 
 /// One operation's figures in `query-stats`.
@@ -270,6 +278,8 @@ pub struct Host {
     pub events: Arc<Events>,
     /// Background jobs (`job-start`, `query-jobs`, ...).
     pub jobs: Jobs,
+    /// Backups running (`backup-begin` / `backup-end`).
+    pub backups: crate::backend::fleece::Backups,
     /// The daemon's stop switch.
     pub stop: Arc<Stop>,
     /// The named throttle groups (`throttle-group-set`, `--throttle-group`).
@@ -306,6 +316,7 @@ impl Host {
             exports,
             allowed,
             jobs: Jobs::new(Arc::clone(&events)),
+            backups: Default::default(),
             events,
             stop,
             throttle_groups: ThrottleGroups::default(),
@@ -591,6 +602,9 @@ impl Host {
             .exports
             .get(name)
             .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
+        if let Some(why) = self.backup_refusal(name) {
+            return Err(HostError::BackupRunning(why));
+        }
         // Safe: the check and the closing to new frontends are one step (one that connects
         // after the check is refused, never one that is served disconnected).
         let frontend = self.vhost_lock().get(name).is_some_and(|v| match mode {
@@ -672,6 +686,41 @@ impl Host {
         Ok(deleted)
     }
 
+    /// Why export `name` may not be deleted, snapshotted or resized now: a backup runs on it,
+    /// or it is a backup's point-in-time view (both end with `backup-end`).
+    pub fn backup_refusal(&self, name: &str) -> Option<String> {
+        if let Some(b) = self.backups.of(name) {
+            return Some(format!(
+                "export {name:?} has a backup running (checkpoint {:?}, served as {:?}): end it \
+                 with backup-end first",
+                b.info.checkpoint, b.info.target
+            ));
+        }
+        self.backups.serving(name).map(|b| {
+            format!(
+                "export {name:?} is the point-in-time view of a backup of {:?}: end it with \
+                 backup-end",
+                b.info.export
+            )
+        })
+    }
+
+    /// `query-exports`' `backup` of export `name`: its role (`source`: the live export;
+    /// `view`: the point-in-time export), what the backup is, and what it has copied.
+    fn backup_info(&self, name: &str) -> Option<serde_json::Value> {
+        let (role, b) = match self.backups.of(name) {
+            Some(b) => ("source", b),
+            None => ("view", self.backups.serving(name)?),
+        };
+        let mut v = serde_json::to_value(&b.info).unwrap_or_default();
+        v["role"] = role.into();
+        if let Some(s) = b.stats() {
+            v["bytes_copied"] = s.bytes_copied.into();
+            v["copy_failures"] = s.copy_failures.into();
+        }
+        Some(v)
+    }
+
     /// At shutdown: stops every vhost-user-blk export added at runtime (no new chain taken from
     /// the rings, the batches in flight answered until `deadline`, the frontends disconnected,
     /// the sockets removed); false if requests were still in flight at `deadline`.
@@ -719,6 +768,7 @@ impl Host {
                     shutting_down: e.is_deleting(),
                     throttle: throttle.0,
                     throttle_group: throttle.1,
+                    backup: self.backup_info(&e.name),
                 }
             })
             .collect()

@@ -98,6 +98,9 @@ pub enum SnapshotError {
         /// The job.
         id: String,
     },
+    /// A backup runs on the export (or it is a backup's point-in-time view).
+    #[error("{0}")]
+    BackupRunning(String),
     /// A step failed; the export still serves its disk as before (`serving`).
     #[error("snapshot of export {name:?} failed while {step}: {error}; nothing changed: the export still serves {}", serving.display())]
     Failed {
@@ -135,6 +138,7 @@ impl SnapshotError {
             SnapshotError::Exists(_) => "exists",
             SnapshotError::ShuttingDown => "shutting-down",
             SnapshotError::JobRunning { .. } => "job-running",
+            SnapshotError::BackupRunning(_) => "backup-running",
             SnapshotError::Failed { .. } | SnapshotError::Lost { .. } => "snapshot-failed",
         }
     }
@@ -227,8 +231,19 @@ pub fn snapshot_export(
             id,
         });
     }
+    if let Some(why) = host.backup_refusal(name) {
+        return Err(SnapshotError::BackupRunning(why));
+    }
     let image = check_target(host, overlay)?;
     let result = ed.switch(|cur| {
+        // Again under the switch (a backup-begin freezes the disk under it): the view would be
+        // left on the old disk while the writes go to the new one.
+        if cur.disk.fleece_active() {
+            let why = host.backup_refusal(name).unwrap_or_else(|| {
+                format!("export {name:?} has a backup starting: end it with backup-end first")
+            });
+            return (None, Err(SnapshotError::BackupRunning(why)));
+        }
         // An export-del that began meanwhile wins: it closes whatever disk is current after us.
         if export.is_deleting() {
             return (None, Err(SnapshotError::NoSuchExport(name.to_string())));

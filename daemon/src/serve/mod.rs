@@ -627,6 +627,8 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     }
     // Jobs (streams) stop at their next chunk; what they did is kept and flushed.
     host.jobs.cancel_and_wait(None);
+    // Backups end with the daemon: their views go, their scratch files are removed.
+    host.backups.end_all();
     let result = engine.shutdown().map_err(|e| {
         Error::new(ErrorKind::Engine)
             .with_context("committing overlays")

@@ -58,6 +58,7 @@ pub use config::{
 pub use core::on_core_thread;
 pub use disk::stats::DiskStats;
 pub use engine::disk::Disk;
+pub use engine::fleece::{FleeceStats, FleeceView, FLEECE_CHUNK};
 pub use engine::Engine;
 pub use request::{
     Completion, DepthExtent, Done, Extent, ExtentKind, Request, RequestError, MAX_POPULATE,

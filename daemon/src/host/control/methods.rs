@@ -12,6 +12,7 @@ use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
 use super::super::throttle::ExportThrottle;
 use super::super::vhost_export::VhostParams;
+use super::backup;
 use super::job_methods;
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
 use super::throttle;
@@ -215,6 +216,27 @@ pub const METHODS: &[Method] = &[
         params: &[p("id", Kind::Str, true)],
         summary: "remove an ended job (concluded, failed or cancelled) from query-jobs",
         call: job_methods::job_dismiss,
+    },
+    Method {
+        name: "backup-begin",
+        params: &[
+            p("export", Kind::Str, true),
+            p("checkpoint", Kind::Str, true),
+            p("incremental", Kind::Str, false),
+            p("target", Kind::Str, false),
+            p("scratch", Kind::Path, false),
+        ],
+        summary: "pull-mode backup: freeze the export at this instant and serve that frozen \
+                  view as the read-only export target (default EXPORT-backup) while the guest \
+                  keeps writing (copy-before-write into scratch, default OVERLAY.backup-scratch)",
+        call: backup::backup_begin,
+    },
+    Method {
+        name: "backup-end",
+        params: &[p("export", Kind::Str, true)],
+        summary: "end the export's backup: its point-in-time export goes (clients disconnected \
+                  after their requests are answered), the scratch is removed",
+        call: backup::backup_end,
     },
     Method {
         name: "query-sockets",
@@ -590,6 +612,8 @@ mod tests {
                 "export-resize" => params::<ExportResize>(all).map(|_| ()),
                 "query-stats" => params::<QueryStats>(all).map(|_| ()),
                 "export-snapshot" => params::<ExportSnapshot>(all).map(|_| ()),
+                "backup-begin" => params::<backup::BackupBegin>(all).map(|_| ()),
+                "backup-end" => params::<backup::BackupEnd>(all).map(|_| ()),
                 "job-start" => params::<job_methods::JobStart>(all).map(|_| ()),
                 "query-jobs" => params::<NoParams>(all).map(|_| ()),
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
@@ -610,6 +634,8 @@ mod tests {
                 "export-del" => params::<ExportDel>(extra).map(|_| ()),
                 "export-resize" => params::<ExportResize>(extra).map(|_| ()),
                 "export-snapshot" => params::<ExportSnapshot>(extra).map(|_| ()),
+                "backup-begin" => params::<backup::BackupBegin>(extra).map(|_| ()),
+                "backup-end" => params::<backup::BackupEnd>(extra).map(|_| ()),
                 "job-start" => params::<job_methods::JobStart>(extra).map(|_| ()),
                 "query-jobs" => params::<NoParams>(extra).map(|_| ()),
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {

@@ -85,7 +85,17 @@ pub fn resize_export(host: &Host, name: &str, size: u64) -> Result<ExportResized
     if let Some((id, status)) = host.jobs.active_on(name) {
         return Err(job_running(name, &id, status));
     }
+    if let Some(why) = host.backup_refusal(name) {
+        return Err(refused("backup-running", why));
+    }
     let result = ed.switch(|cur| {
+        // Again under the switch (a backup-begin freezes the disk under it).
+        if cur.disk.fleece_active() {
+            let why = host.backup_refusal(name).unwrap_or_else(|| {
+                format!("export {name:?} has a backup starting: end it with backup-end first")
+            });
+            return (None, Err(refused("backup-running", why)));
+        }
         // An export-del that began meanwhile wins: it closes whatever disk is current after us.
         if export.is_deleting() {
             return (None, Err(HostError::NoSuchExport(name.to_string()).into()));

@@ -11,6 +11,7 @@ fn classify(op: &CoreOp) -> Option<(FaultFile, FaultOp, Option<usize>)> {
         Role::Image => FaultFile::Image,
         Role::Meta => FaultFile::Meta,
         Role::Base => FaultFile::Base,
+        Role::Scratch => FaultFile::Scratch,
     };
     Some(match &op.kind {
         OpKind::Read { into, .. } => (file, FaultOp::Read, Some(into.len())),

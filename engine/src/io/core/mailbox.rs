@@ -17,6 +17,17 @@ use crate::io::request::responder::Responder;
 use crate::io::request::Request;
 use crate::io::source::CoreSource;
 
+/// A read of a disk's point-in-time view: `buf.len()` bytes at `offset` (bounds checked by
+/// the sender); `into`: the caller's buffer (answered `Done::Filled`), else `Done::Read`.
+pub(crate) struct FleeceRead {
+    pub disk: Arc<DiskState>,
+    pub fleece: Arc<crate::io::disk::fleece::Fleece>,
+    pub offset: u64,
+    pub buf: crate::io::uring::buf::DataBuf,
+    pub into: bool,
+    pub done: Responder,
+}
+
 /// A message to a core thread.
 pub(crate) enum Msg {
     /// Serve `req` for `disk`; answer through `done`.
@@ -56,6 +67,8 @@ pub(crate) enum Msg {
         op: usize,
         result: crate::io::remote::ReadResult,
     },
+    /// Read the point-in-time view of a disk (`fleece.rs`).
+    FleeceRead(FleeceRead),
     /// Finish in-flight work and exit.
     Shutdown,
 }

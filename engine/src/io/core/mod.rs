@@ -29,6 +29,7 @@
 
 mod commit;
 mod commit_order;
+mod fleece;
 #[cfg(feature = "fault-injection")]
 mod inject;
 pub(super) mod mailbox;
@@ -212,6 +213,8 @@ impl Core {
                 | Msg::Unregister { .. }
                 | Msg::Shutdown
                 | Msg::RemoteDone { .. } => {}
+                // Dropped: its responder answers ESHUTDOWN.
+                Msg::FleeceRead(_) => {}
             }
         }
         drop(rx);
@@ -314,6 +317,7 @@ impl Core {
             Msg::Detach { id, ack } => self.detach_source(id, ack),
             Msg::Run(f) => f(),
             Msg::RemoteDone { op, result } => self.remote_done(op, result),
+            Msg::FleeceRead(r) => self.fleece_read(r),
             Msg::Shutdown => self.stopping = true,
         }
     }
@@ -500,6 +504,10 @@ impl Core {
                 self.populate_fills_done(key);
                 return;
             }
+            Some(Task::Fleece(_)) => {
+                self.fleece_advance(key);
+                return;
+            }
             _ => {}
         }
         let Some(task) = self.tasks.try_remove(key) else {
@@ -510,6 +518,7 @@ impl Core {
             Task::Write(t) => self.finish_write(t),
             Task::Commit(t) => self.finish_commit(t),
             Task::Populate(t) => self.finish_populate(t),
+            Task::Fleece(t) => self.fleece_finish(t),
         }
     }
 

@@ -306,6 +306,8 @@ pub(super) fn op_name(role: Role, write: bool) -> &'static str {
         (Role::Meta, false) => "read metadata",
         (Role::Meta, true) => "write bitmap",
         (Role::Base, _) => "read base",
+        (Role::Scratch, false) => "read backup scratch",
+        (Role::Scratch, true) => "copy before write to backup scratch",
     }
 }
 

@@ -261,9 +261,13 @@ impl Core {
         let mut work = vec![(ticket, parked)];
         let mut resume = Vec::new();
         while let Some((ticket, parked)) = work.pop() {
-            if let Acquire::Got(ticket, Parked { req, done }) =
-                disk.locks.acquire(ticket, parked, &mut resume)
-            {
+            if let Acquire::Got(ticket, parked) = disk.locks.acquire(ticket, parked, &mut resume) {
+                let Some((ticket, Parked { req, done })) =
+                    self.fleece_gate(&disk, ticket, parked, &mut resume)
+                else {
+                    work.append(&mut resume);
+                    continue;
+                };
                 let (offset, len) = write_range(&req);
                 let shape = Shape::of(disk.size, disk.unit, offset, offset + len);
                 let disk = Arc::clone(&disk);

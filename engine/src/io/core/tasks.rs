@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::super::request::{req_err, RequestError};
 use super::ops::CoreOp;
 use super::shared_buf::SharedBuf;
+use crate::io::disk::fleece::Fleece;
 use crate::io::disk::range_lock::Ticket;
 use crate::io::disk::state::{DiskState, Parked, Waiter};
 use crate::io::request::responder::Responder;
@@ -76,6 +77,11 @@ impl Held {
         let ticket = std::mem::take(&mut self.ticket);
         self.disk.locks.release(&ticket, resume);
     }
+
+    /// The ticket, still held, handed on to whoever goes on with the request (no release).
+    pub(super) fn into_ticket(mut self) -> Ticket {
+        std::mem::take(&mut self.ticket)
+    }
 }
 
 impl Drop for Held {
@@ -120,11 +126,48 @@ pub(super) struct PopulateTask {
     pub(super) done: Responder,
 }
 
+/// Work of a disk's point-in-time view (see `fleece.rs`).
+pub(super) struct FleeceTask {
+    pub(super) disk: Arc<DiskState>,
+    pub(super) fleece: Arc<Fleece>,
+    pub(super) offset: u64,
+    pub(super) pending: usize,
+    pub(super) err: Option<RequestError>,
+    pub(super) job: FleeceJob,
+}
+
+pub(super) enum FleeceJob {
+    /// Copy-before-write of the chunks a write is about to change, holding them exclusively.
+    Copy {
+        /// The chunks' range lock (handed to the write when the copies are done).
+        locked: Option<Held>,
+        /// The write waiting for the copies.
+        parked: Option<Parked>,
+        /// Chunks still to look at (copied a batch at a time).
+        todo: std::ops::Range<u64>,
+        /// The batch being copied: its buffers and chunks.
+        batch: Vec<(SharedBuf, u64)>,
+        /// The batch's reads are done; its scratch writes are in flight.
+        writing: bool,
+    },
+    /// A read of the frozen view.
+    Read {
+        buf: SharedBuf,
+        into: bool,
+        /// Pieces read from the live disk, (chunk, at in buf, offset, len): re-read from the
+        /// scratch if their chunk was copied meanwhile.
+        live: Vec<(u64, usize, u64, u64)>,
+        checked: bool,
+        done: Responder,
+    },
+}
+
 pub(super) enum Task {
     Read(ReadTask),
     Write(WriteTask),
     Commit(CommitTask),
     Populate(PopulateTask),
+    Fleece(FleeceTask),
 }
 
 impl Task {
@@ -134,6 +177,7 @@ impl Task {
             Task::Write(t) => &t.disk,
             Task::Commit(t) => &t.disk,
             Task::Populate(t) => &t.disk,
+            Task::Fleece(t) => &t.disk,
         }
     }
 
@@ -144,6 +188,7 @@ impl Task {
             Task::Write(t) => t.offset,
             Task::Commit(_) => 0,
             Task::Populate(t) => t.offset,
+            Task::Fleece(t) => t.offset,
         }
     }
 
@@ -153,6 +198,7 @@ impl Task {
             Task::Write(t) => &mut t.pending,
             Task::Commit(t) => &mut t.pending,
             Task::Populate(t) => &mut t.pending,
+            Task::Fleece(t) => &mut t.pending,
         }
     }
 
@@ -163,6 +209,7 @@ impl Task {
             Task::Write(t) => (&mut t.err, t.offset),
             Task::Commit(t) => (&mut t.err, 0),
             Task::Populate(t) => (&mut t.err, t.offset),
+            Task::Fleece(t) => (&mut t.err, t.offset),
         };
         if err.is_none() {
             *err = Some(req_err(errno, op, offset));

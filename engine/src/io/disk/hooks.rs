@@ -52,6 +52,6 @@ fn file_role(role: Role) -> Option<crate::io::testing::recorder::FileRole> {
     match role {
         Role::Image => Some(crate::io::testing::recorder::FileRole::Image),
         Role::Meta => Some(crate::io::testing::recorder::FileRole::Meta),
-        Role::Base => None,
+        Role::Base | Role::Scratch => None,
     }
 }

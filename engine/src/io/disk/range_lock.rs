@@ -71,6 +71,11 @@ impl Ticket {
         }
     }
 
+    /// Whether this ticket (acquired) holds every shard `want` wants exclusively, exclusively.
+    pub(crate) fn holds_exclusive(&self, want: &Ticket) -> bool {
+        self.excl & self.held & want.excl == want.excl
+    }
+
     /// Whether the request wants anything exclusively (it reads units back).
     #[cfg(test)]
     pub(crate) fn is_exclusive(&self) -> bool {

@@ -38,6 +38,8 @@ pub(crate) enum Role {
     Image = 0,
     Meta = 1,
     Base = 2,
+    /// The scratch file of a point-in-time view (never a registered slot: always a plain fd).
+    Scratch = 3,
 }
 
 /// Registered-file slots per disk: image, meta, base.
@@ -169,6 +171,8 @@ pub(crate) struct DiskState {
     pub throttle_on: AtomicBool,
     /// What this disk's requests waited for their group's budget (`Disk::throttle_stats`).
     pub throttle_stats: crate::qos::StatsCounters,
+    /// The point-in-time view being served, if any (copy-before-write; `core/fleece.rs`).
+    pub fleece: super::fleece::FleeceSlot,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
     /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
@@ -418,6 +422,7 @@ impl DiskState {
             throttle: std::sync::RwLock::new(None),
             throttle_on: AtomicBool::new(false),
             throttle_stats: crate::qos::StatsCounters::default(),
+            fleece: super::fleece::FleeceSlot::default(),
             slot,
         })
     }
@@ -430,6 +435,7 @@ impl DiskState {
             Role::Image => self.size,
             Role::Meta => self.meta_len,
             Role::Base => self.base.as_ref().map_or(0, |b| b.size()),
+            Role::Scratch => self.size,
         }
     }
 
@@ -449,6 +455,7 @@ impl DiskState {
             Role::Image => self.image.as_raw_fd(),
             Role::Meta => self.meta.as_raw_fd(),
             Role::Base => self.base.as_ref().and_then(|b| b.main_fd()).unwrap_or(-1),
+            Role::Scratch => -1,
         }
     }
 

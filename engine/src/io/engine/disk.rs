@@ -104,7 +104,7 @@ fn submit(
 
 /// Counts a request for `disk` until it is answered (so close can wait for every accepted
 /// request), or answers it at once when the disk is closed.
-fn accept(disk: &Arc<DiskState>, done: Completion) -> Option<Responder> {
+pub(super) fn accept(disk: &Arc<DiskState>, done: Completion) -> Option<Responder> {
     // SeqCst pairs the increment with close's store of `closed`: one of the two sides sees the
     // other.
     disk.active.fetch_add(1, Ordering::SeqCst);
@@ -220,6 +220,11 @@ pub(crate) fn close_disk(
 impl Disk {
     pub(crate) fn new(state: Arc<DiskState>, engine: Arc<EngineShared>) -> Disk {
         Disk { state, engine }
+    }
+
+    /// The shared state and the engine (for the point-in-time view, `fleece.rs`).
+    pub(super) fn parts(&self) -> (&Arc<DiskState>, &Arc<EngineShared>) {
+        (&self.state, &self.engine)
     }
 
     /// Virtual size in bytes.

@@ -1,6 +1,7 @@
 //! [`Engine`]: starting and stopping the core threads, and opening disks on them.
 
 pub(super) mod disk;
+pub(super) mod fleece;
 
 use std::os::fd::OwnedFd;
 use std::path::Path;

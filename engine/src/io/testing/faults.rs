@@ -34,6 +34,8 @@ pub enum FaultFile {
     Meta,
     /// The base.
     Base,
+    /// The scratch file of a point-in-time view (copy-before-write).
+    Scratch,
 }
 
 /// What kind of op.
@@ -115,6 +117,8 @@ pub(crate) enum ParkPoint {
     Publication(u64),
     /// A copy-on-read, admitted and not yet submitted.
     CopyUp,
+    /// A read of a point-in-time view about to read an uncopied chunk from the live disk.
+    ViewRead,
 }
 
 /// Where the parking is.
@@ -183,6 +187,13 @@ impl FaultPlan {
         self.set_park(Park::Armed(ParkPoint::CopyUp));
     }
 
+    /// The next read of a point-in-time view stops when it found a chunk uncopied and before
+    /// it reads that chunk from the live disk, blocking its core, until
+    /// [`FaultPlan::release_parked`].
+    pub fn park_next_view_read(&self) {
+        self.set_park(Park::Armed(ParkPoint::ViewRead));
+    }
+
     /// Waits until a core is parked (`false` if none was within `timeout`).
     pub fn wait_parked(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -225,6 +236,7 @@ impl FaultPlan {
                 (start..end).contains(&s)
             }
             (Park::Armed(ParkPoint::CopyUp), ParkPoint::CopyUp) => true,
+            (Park::Armed(ParkPoint::ViewRead), ParkPoint::ViewRead) => true,
             _ => false,
         };
         if !armed {
