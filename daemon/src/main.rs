@@ -56,7 +56,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => serve::run(*args),
+        Command::Serve(args) => {
+            // The words after `serve` (no option comes before the subcommand): which options
+            // the command line gave, so that they override --config's.
+            let words: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+            serve::run(*args, &words)
+        }
         Command::Ctl(args) => ctl::run(args),
         Command::Create(args) => tools::create::run(args),
         Command::Info(args) => tools::info::run(args),

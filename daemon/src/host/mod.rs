@@ -18,4 +18,5 @@ pub mod events;
 pub mod jobs;
 pub mod runtime;
 pub mod snapshot;
+pub mod state;
 pub mod vhost_export;

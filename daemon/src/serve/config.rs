@@ -42,6 +42,9 @@ pub struct DaemonConfig {
     pub tls: TlsSettings,
     /// `--control`: the control socket (JSON-RPC, mode 0600). Default: none.
     pub control: Option<PathBuf>,
+    /// `--state`: the state file (see [`crate::host::state`]). Default: none (runtime changes
+    /// are not recorded).
+    pub state: Option<PathBuf>,
     /// `--allow-dir`: the folders `export-add` may open files in, as given (resolved at start).
     /// Empty: the folders of the command-line overlays' files.
     pub allow_dirs: Vec<PathBuf>,
@@ -76,6 +79,21 @@ pub struct ExportSpec {
     pub overlay: PathBuf,
     /// Served read-only (`:ro`, or `--read-only` for every command-line export).
     pub read_only: bool,
+    /// export-add's other parameters (`type`, `addr`, `copy_on_read`, `tls-authz`, ...): from
+    /// a `--config` file's `[[export]]` table; empty for `OVERLAY` and `--export`.
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ExportSpec {
+    /// The export as export-add's parameters (what the daemon adds it with, and what the state
+    /// file records).
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut p = self.options.clone();
+        p.insert("name".into(), self.name.clone().into());
+        p.insert("overlay".into(), self.overlay.display().to_string().into());
+        p.insert("read_only".into(), self.read_only.into());
+        p
+    }
 }
 
 /// The sockets the daemon serves on (besides systemd's, found at start).
@@ -202,13 +220,17 @@ impl TryFrom<ServeArgs> for DaemonConfig {
     type Error = Error;
 
     fn try_from(args: ServeArgs) -> Result<DaemonConfig> {
-        let demo = args.overlay.is_none() && args.exports.is_empty() && args.control.is_none();
+        let demo = args.overlay.is_none()
+            && args.exports.is_empty()
+            && args.file_exports.is_empty()
+            && args.control.is_none();
         let mut exports: Vec<ExportSpec> = Vec::new();
         if let Some(o) = &args.overlay {
             exports.push(ExportSpec {
                 name: String::new(),
                 overlay: o.clone(),
                 read_only: false,
+                options: Default::default(),
             });
         }
         for s in &args.exports {
@@ -221,6 +243,32 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 ));
             }
             exports.push(e);
+        }
+        // The configuration file's exports (checked there), after those of the command line,
+        // which replace one of the same name.
+        for p in &args.file_exports {
+            let mut options = p.clone();
+            let name = options.remove("name");
+            let overlay = options.remove("overlay");
+            let read_only = options.remove("read_only");
+            let (Some(serde_json::Value::String(name)), Some(serde_json::Value::String(overlay))) =
+                (name, overlay)
+            else {
+                return Err(Error::invalid(
+                    "--config",
+                    serde_json::Value::Object(p.clone()).to_string(),
+                    "an export needs a name and an overlay (strings)",
+                ));
+            };
+            if exports.iter().any(|e| e.name == name) {
+                continue;
+            }
+            exports.push(ExportSpec {
+                name,
+                overlay: PathBuf::from(overlay),
+                read_only: read_only.and_then(|v| v.as_bool()).unwrap_or(false),
+                options,
+            });
         }
         for e in &mut exports {
             e.read_only |= args.read_only;
@@ -267,6 +315,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 vhost_user_blk: args.vhost_user_blk,
             },
             control: args.control,
+            state: args.state,
             allow_dirs: args.allow_dirs,
             allow_remote_bases: args.allow_remote_bases,
             metrics: args.metrics,
@@ -499,6 +548,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         name: name.to_string(),
         overlay: PathBuf::from(path),
         read_only,
+        options: Default::default(),
     })
 }
 
@@ -530,6 +580,7 @@ mod tests {
             name: name.into(),
             overlay: PathBuf::from(p),
             read_only,
+            options: Default::default(),
         }
     }
 
