@@ -430,7 +430,16 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
         });
     }
 
-    let mut listeners = Listener::from_systemd().unwrap_or_default();
+    // systemd's sockets: the one named `control` (FileDescriptorName=control) or bound at the
+    // --control path is the control socket (not bound again), every other one serves NBD.
+    let mut listeners = Vec::new();
+    let mut systemd_control = None;
+    for (name, l) in Listener::from_systemd_named().unwrap_or_default() {
+        match l.into_control(&name, cfg.control.as_deref()) {
+            Ok(sock) => systemd_control = Some(sock),
+            Err(l) => listeners.push(l),
+        }
+    }
     for l in &listeners {
         l.check_remote(cfg.listen.allow_remote)
             .map_err(listen_err("LISTEN_FDS"))?;
@@ -559,7 +568,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             )?);
         }
     }
-    if let Some(c) = &cfg.control {
+    if let Some(sock) = systemd_control {
+        control_listener = Some(sock);
+    } else if let Some(c) = &cfg.control {
         let l = Listener::bind_unix_as(c, listen.control_mode, listen.control_group)
             .map_err(listen_err("--control"))?;
         if let Some((sock, file)) = l.into_unix() {
