@@ -169,6 +169,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
 
+step "the Debian package (debug binary; about a minute): build, dpkg -i, serve an overlay of"
+echo "   the config through the unit's ExecStart (systemctl where systemd is PID 1), addcow ctl"
+echo "   export-add, restart, both served; then purged"
+scripts/test-deb.sh
+
 step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-15}"
