@@ -173,6 +173,8 @@ step "the Debian package (debug binary; about a minute): build, dpkg -i, serve a
 echo "   the config through the unit's ExecStart (systemctl where systemd is PID 1), addcow ctl"
 echo "   export-add, restart, both served; then purged"
 scripts/test-deb.sh
+step "docs/INTEGRATION.md: its libvirt domains checked with virt-xml-validate"
+scripts/test-integration.sh
 
 step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
