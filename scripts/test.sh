@@ -138,7 +138,7 @@ cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_
   -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
-step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
+step "vhost-user-blk and NBD under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci, then with the NBD client (docs/INTEGRATION.md's command lines)"
 # A kernel and its virtio modules: the host's /boot/vmlinuz-* or ADDCOW_TCG_KERNEL, else the
 # Debian kernel package's vmlinuz and virtio modules extracted (not installed) under target/.
 if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
