@@ -568,28 +568,22 @@ impl Listener {
         }
     }
 
-    /// A systemd socket as the control socket: a Unix listener named `control`
-    /// (`FileDescriptorName=control`) or bound at `control` (the `--control` path); else the
-    /// listener back (an NBD one).
-    pub fn into_control(
-        self,
-        name: &str,
-        control: Option<&Path>,
-    ) -> std::result::Result<UnixListener, Listener> {
+    /// Whether this systemd socket is the control socket: a Unix listener named `control`
+    /// (`FileDescriptorName=control`) or bound at `control` (the `--control` path); every
+    /// other one serves NBD.
+    pub fn is_control(&self, name: &str, control: Option<&Path>) -> bool {
         match self {
-            Listener::Unix { sock, .. }
-                if name == "control"
+            Listener::Unix { sock, .. } => {
+                name == "control"
                     || control.is_some_and(|c| {
                         sock.local_addr()
                             .ok()
                             .as_ref()
                             .and_then(|a| a.as_pathname())
                             == Some(c)
-                    }) =>
-            {
-                Ok(sock)
+                    })
             }
-            other => Err(other),
+            Listener::Tcp(_) => false,
         }
     }
 

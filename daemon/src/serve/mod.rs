@@ -435,9 +435,10 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     let mut listeners = Vec::new();
     let mut systemd_control = None;
     for (name, l) in Listener::from_systemd_named().unwrap_or_default() {
-        match l.into_control(&name, cfg.control.as_deref()) {
-            Ok(sock) => systemd_control = Some(sock),
-            Err(l) => listeners.push(l),
+        if l.is_control(&name, cfg.control.as_deref()) {
+            systemd_control = l.into_unix().map(|(sock, _)| sock);
+        } else {
+            listeners.push(l);
         }
     }
     for l in &listeners {
