@@ -55,9 +55,6 @@ dpkg-query -W -f='${Conffiles}\n' addcow | grep -q /etc/addcow/addcow.toml ||
   { echo "test-deb: /etc/addcow/addcow.toml is not a conffile" >&2; exit 1; }
 grep -q '^Type=notify' "$UNITS/addcow.service"
 grep -q '^FileDescriptorName=control' "$UNITS/addcow-control.socket"
-# The packaged default configuration is valid for the installed binary.
-addcow serve --config /etc/addcow/addcow.toml --help >/dev/null
-
 # An overlay in the image folder, and a configuration that serves it.
 rm -rf "$IMG" /var/lib/addcow/state.json
 mkdir -p "$IMG"
@@ -65,7 +62,8 @@ qemu-img create -q -f raw "$IMG/base.raw" 4M
 qemu-io -f raw -c 'write -P 0xab 0 4M' "$IMG/base.raw" >/dev/null
 addcow create --base "$IMG/base.raw" "$IMG/vm1.add-cow" >/dev/null
 addcow create --base "$IMG/base.raw" "$IMG/vm2.add-cow" >/dev/null
-cat >/etc/addcow/addcow.toml <<EOF
+write_config() {
+  cat >/etc/addcow/addcow.toml <<EOF
 [serve]
 control = "/run/addcow/control.sock"
 state = "/var/lib/addcow/state.json"
@@ -75,6 +73,7 @@ allow-dir = ["$IMG"]
 name = "vm1"
 overlay = "$IMG/vm1.add-cow"
 EOF
+}
 
 NBD=$(sed -n 's/^ListenStream=//p' "$UNITS/addcow.socket")
 CONTROL=$(sed -n 's/^ListenStream=//p' "$UNITS/addcow-control.socket")
@@ -120,6 +119,15 @@ else
   command -v systemd-socket-activate >/dev/null ||
     { echo "test-deb: systemd-socket-activate (package systemd) is missing" >&2; exit 1; }
 fi
+echo "== the packaged configuration: the service starts with no export"
+start
+addcow ctl --control "$CONTROL" --json query-exports | python3 -c 'import json,sys; assert json.load(sys.stdin)==[]'
+stop
+[ "$systemd" = 1 ] && systemctl stop addcow.service
+rm -f /var/lib/addcow/state.json
+
+echo "== a configuration naming an overlay"
+write_config
 start
 echo "== reading vm1 (from the configuration)"
 qemu-img info "$(uri vm1)" | grep -q 'virtual size: 4 MiB'
