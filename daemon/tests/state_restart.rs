@@ -244,3 +244,33 @@ fn a_restart_serves_what_was_served_and_the_command_line_wins_a_new_overlay() {
         serde_json::from_slice(&std::fs::read(f.path("state.json")).unwrap()).unwrap();
     assert!(recorded["exports"].get("a").is_none(), "{recorded}");
 }
+
+/// A vhost-user-blk export added at runtime comes back as one, on its socket, after a SIGKILL
+/// (its socket file left behind by the killed daemon is no obstacle).
+#[test]
+fn a_vhost_user_blk_export_comes_back_after_sigkill() {
+    let f = Fixture::new(1 << 20);
+    let b = f.make_overlay("b");
+    let vsock = f.path("b.vhost");
+    let (mut d, control) = start(&f, None);
+    let mut c = Control::connect(&control);
+    c.ok(
+        "export-add",
+        json!({"name": "b", "overlay": b, "type": "vhost-user-blk", "addr": vsock, "num-queues": 1}),
+    );
+    drop(c);
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    let (d, control) = start(&f, None);
+    let mut c = Control::connect(&control);
+    let list = c.ok("query-exports", json!({}));
+    let b = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "b")
+        .unwrap_or_else(|| panic!("b is not served: {list}\n{}", d.log()));
+    assert_eq!(b["type"], "vhost-user-blk", "{b}");
+    assert!(vsock.exists());
+    d.stop();
+}

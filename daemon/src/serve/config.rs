@@ -5,9 +5,10 @@
 //! twice. The conversion is pure: it reads no file and binds nothing, and its errors name the
 //! option and the value.
 //!
-//! A configuration file (a `[serve]` table whose keys are the long option names) is meant to
-//! fill the same raw values as the command line and go through the same conversion; the fields
-//! here are plain data (paths, numbers, durations, small enums) for that reason.
+//! The configuration file (`--config`, [`super::config_file`]) is merged into the same raw
+//! values as the command line before this conversion: its `[[export]]` tables arrive as
+//! export-add parameters (`ServeArgs::file_exports`) and become [`ExportSpec`]s here. The
+//! fields are plain data (paths, numbers, durations, small enums) for that reason.
 //!
 //! The clap `value_parser` functions below ([`parse_mode`], [`parse_cache`], [`parse_bytes`])
 //! return `String`, clap's convention: clap prints their message with the option's name.
