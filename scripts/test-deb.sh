@@ -35,7 +35,7 @@ cleanup() {
   set +e
   [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
   if [ "${systemd:-0}" = 1 ]; then
-    systemctl stop addcow.service addcow.socket addcow-control.socket 2>/dev/null
+    systemctl stop addcow.service addcow-nbd.socket addcow-control.socket 2>/dev/null
   fi
   dpkg --purge addcow >/dev/null 2>&1
   rm -rf "$IMG" /var/lib/addcow/state.json /run/addcow
@@ -44,7 +44,7 @@ trap cleanup EXIT
 
 dpkg -i "$deb"
 echo "== installed: checking the files"
-for f in /usr/bin/addcow /etc/addcow/addcow.toml "$UNITS/addcow.service" "$UNITS/addcow.socket" \
+for f in /usr/bin/addcow /etc/addcow/addcow.toml "$UNITS/addcow.service" "$UNITS/addcow-nbd.socket" \
   "$UNITS/addcow-control.socket" "$UNITS/addcow@.service" \
   /usr/share/man/man1/addcow.1.gz /usr/share/man/man1/addcow-serve.1.gz \
   /usr/share/man/man1/addcow-ctl.1.gz /usr/share/bash-completion/completions/addcow \
@@ -54,6 +54,16 @@ done
 dpkg-query -W -f='${Conffiles}\n' addcow | grep -q /etc/addcow/addcow.toml ||
   { echo "test-deb: /etc/addcow/addcow.toml is not a conffile" >&2; exit 1; }
 grep -q '^Type=notify' "$UNITS/addcow.service"
+# An upgrade restarts the service only: restarting the socket units would close the sockets
+# the clients are queued on.
+ctl_dir=$(mktemp -d)
+dpkg-deb -e "$deb" "$ctl_dir"
+grep -q 'deb-systemd-invoke $_dh_action addcow.service >' "$ctl_dir/postinst" ||
+  { echo "test-deb: postinst does not restart addcow.service after an upgrade" >&2; exit 1; }
+if grep 'deb-systemd-invoke $_dh_action' "$ctl_dir/postinst" | grep -q socket; then
+  echo "test-deb: postinst restarts a socket unit on upgrade" >&2; exit 1
+fi
+rm -rf "$ctl_dir"
 grep -q '^FileDescriptorName=control' "$UNITS/addcow-control.socket"
 # An overlay in the image folder, and a configuration that serves it.
 rm -rf "$IMG" /var/lib/addcow/state.json
@@ -75,7 +85,7 @@ overlay = "$IMG/vm1.add-cow"
 EOF
 }
 
-NBD=$(sed -n 's/^ListenStream=//p' "$UNITS/addcow.socket")
+NBD=$(sed -n 's/^ListenStream=//p' "$UNITS/addcow-nbd.socket")
 CONTROL=$(sed -n 's/^ListenStream=//p' "$UNITS/addcow-control.socket")
 uri() { echo "nbd+unix:///$1?socket=$NBD"; }
 
@@ -84,14 +94,14 @@ systemd=0
 start() {
   if [ "$systemd" = 1 ]; then
     systemctl daemon-reload
-    systemctl start addcow.socket addcow-control.socket addcow.service
+    systemctl start addcow-nbd.socket addcow-control.socket addcow.service
     return
   fi
   # As systemd would: the sockets of the socket units, named by their FileDescriptorName=,
   # then the unit's ExecStart= line.
   local exec names
   exec=$(sed -n 's/^ExecStart=//p' "$UNITS/addcow.service")
-  names="$(sed -n 's/^FileDescriptorName=//p' "$UNITS/addcow.socket"):$(sed -n 's/^FileDescriptorName=//p' "$UNITS/addcow-control.socket")"
+  names="$(sed -n 's/^FileDescriptorName=//p' "$UNITS/addcow-nbd.socket"):$(sed -n 's/^FileDescriptorName=//p' "$UNITS/addcow-control.socket")"
   mkdir -p /run/addcow
   rm -f "$NBD" "$CONTROL"
   # shellcheck disable=SC2086 # ExecStart= is a command line.
