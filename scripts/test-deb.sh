@@ -63,6 +63,14 @@ grep -q 'deb-systemd-invoke $_dh_action addcow.service >' "$ctl_dir/postinst" ||
 if grep 'deb-systemd-invoke $_dh_action' "$ctl_dir/postinst" | grep -q socket; then
   echo "test-deb: postinst restarts a socket unit on upgrade" >&2; exit 1
 fi
+# The units as systemd reads them (works without systemd running); the template as an instance.
+if command -v systemd-analyze >/dev/null; then
+  cp "$UNITS/addcow@.service" "$ctl_dir/addcow@test.service"
+  systemd-analyze verify "$UNITS/addcow.service" "$UNITS/addcow-nbd.socket" \
+    "$UNITS/addcow-control.socket" "$ctl_dir/addcow@test.service"
+else
+  banner "systemd-analyze is missing: the units are not verified"
+fi
 rm -rf "$ctl_dir"
 grep -q '^FileDescriptorName=control' "$UNITS/addcow-control.socket"
 # An overlay in the image folder, and a configuration that serves it.
