@@ -274,3 +274,23 @@ fn a_vhost_user_blk_export_comes_back_after_sigkill() {
     assert!(vsock.exists());
     d.stop();
 }
+
+/// `export-resize` needs no record: the size lives in the overlay's header, durable before the
+/// reply, so a runtime export grown and then killed comes back at its new size.
+#[test]
+fn a_resized_export_comes_back_at_its_new_size_after_sigkill() {
+    let f = Fixture::new(1 << 20);
+    let b = f.make_overlay("b");
+    let (mut d, control) = start(&f, None);
+    let mut c = Control::connect(&control);
+    c.ok("export-add", json!({"name": "b", "overlay": b}));
+    c.ok("export-resize", json!({"name": "b", "size": "4M"}));
+    drop(c);
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    let (d, control) = start(&f, None);
+    let list = Control::connect(&control).ok("query-exports", json!({}));
+    let b = list.as_array().unwrap().iter().find(|e| e["name"] == "b");
+    assert_eq!(b.map(|e| e["size"].clone()), Some(json!(4 << 20)), "{list}");
+    d.stop();
+}
