@@ -294,3 +294,34 @@ fn a_resized_export_comes_back_at_its_new_size_after_sigkill() {
     assert_eq!(b.map(|e| e["size"].clone()), Some(json!(4 << 20)), "{list}");
     d.stop();
 }
+
+/// A command-line overlay outside the allowed folders, snapshotted into one: after a SIGKILL
+/// the export comes back on the snapshot, whose base (the command line's overlay) lies outside
+/// the allowed folders, as it did before the restart.
+#[test]
+fn a_snapshotted_command_line_export_outside_the_allowed_folders_comes_back() {
+    let f = Fixture::new(1 << 20);
+    let allowed = f.path("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let control = f.path("ctl.sock");
+    let state = f.path("state.json");
+    let export = format!("a={}", f.overlay().display());
+    let args = [
+        "--control",
+        control.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--export",
+        &export,
+        "--allow-dir",
+        allowed.to_str().unwrap(),
+    ];
+    let mut d = Daemon::start(&f.path("nbd.sock"), &args);
+    let snap = allowed.join("a2.add-cow");
+    Control::connect(&control).ok("export-snapshot", json!({"name": "a", "overlay": snap}));
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    let d = Daemon::start(&f.path("nbd.sock"), &args);
+    assert_eq!(served(&control), set(&[("a", "a2.add-cow")]), "{}", d.log());
+    d.stop();
+}

@@ -113,9 +113,14 @@ pub struct ConfigExport {
 pub struct Planned {
     /// Its export-add parameters.
     pub params: Map<String, Value>,
-    /// Whether it is the configuration's, unchanged (served with the command line's trust);
-    /// else it comes from the state (held to the allowed folders, as export-add).
+    /// Whether it is the configuration's, unchanged.
     pub from_config: bool,
+    /// Whether it is served with the command line's trust (not held to the allowed folders):
+    /// the configuration's exports, and the recorded changes of configuration exports (a
+    /// snapshot of a command-line overlay outside the allowed folders stacks its new overlay,
+    /// which is inside, on that one; its target was checked when it was taken). The other
+    /// recorded exports are held to the allowed folders again, as export-add.
+    pub trusted: bool,
     /// The overlay to serve if `params`'s does not open (an interrupted snapshot's old one).
     pub fallback: Option<PathBuf>,
 }
@@ -191,6 +196,7 @@ impl State {
                         plan.push(Planned {
                             params: p.clone(),
                             from_config: false,
+                            trusted: true,
                             fallback: e.fallback.clone(),
                         });
                     }
@@ -206,6 +212,7 @@ impl State {
             plan.push(Planned {
                 params: c.params.clone(),
                 from_config: true,
+                trusted: true,
                 fallback: None,
             });
         }
@@ -225,6 +232,7 @@ impl State {
                     plan.push(Planned {
                         params: p.clone(),
                         from_config: false,
+                        trusted: false,
                         fallback: e.fallback.clone(),
                     });
                     true

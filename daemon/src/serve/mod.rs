@@ -340,8 +340,9 @@ impl Drop for Created {
 }
 
 /// Adds one export at start: the configuration's (a failure stops the daemon, as a bad command
-/// line does) or the state file's (held to the allowed folders; if it does not open, its
-/// fallback is tried, and else it is logged and kept in the state for the next start).
+/// line does) or the state file's (held to the allowed folders unless it changed a
+/// configuration export, see [`Planned::trusted`]; if it does not open, its fallback is
+/// tried, and else it is logged and kept in the state for the next start).
 fn serve_planned(host: &Host, p: Planned) -> Result<()> {
     let name = p
         .params
@@ -361,7 +362,12 @@ fn serve_planned(host: &Host, p: Planned) -> Result<()> {
             }
         }
     };
-    let first = match add_export_params(host, p.params.clone(), Origin::Control) {
+    let origin = if p.trusted {
+        Origin::CommandLine
+    } else {
+        Origin::Control
+    };
+    let first = match add_export_params(host, p.params.clone(), origin) {
         Ok(_) => {
             if p.fallback.is_some() {
                 record(&|_| {});
@@ -375,7 +381,7 @@ fn serve_planned(host: &Host, p: Planned) -> Result<()> {
         params.insert("overlay".into(), fb.display().to_string().into());
         tracing::warn!(export = %name, error = %first.message,
             fallback = %fb.display(), "the interrupted snapshot's overlay does not open: serving the one before");
-        if add_export_params(host, params, Origin::Control).is_ok() {
+        if add_export_params(host, params, origin).is_ok() {
             let overlay = fb.display().to_string();
             record(&|p| {
                 p.insert("overlay".into(), overlay.clone().into());
@@ -493,6 +499,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .map(|e| Planned {
                 params: e.params(),
                 from_config: true,
+                trusted: true,
                 fallback: None,
             })
             .collect(),
