@@ -29,7 +29,8 @@
 //!
 //! # Durability and ordering
 //! A change is written to `FILE.tmp` (beside it, `.`-prefixed), fsynced, renamed over `FILE`,
-//! and the folder fsynced; only then does the control call reply ([`recorded`]). The calls
+//! and the folder fsynced; only then does the control call reply
+//! (`control::record::recorded`). The calls
 //! that change the served set and record it run one at a time under the state's lock, so the
 //! order of the records is the order of the changes. A crash at any point leaves the file
 //! either before or after the change.
@@ -45,11 +46,11 @@
 //! resize before its reply.
 //!
 //! # For new control verbs that change an export (throttle, bitmaps, ...)
-//! Wrap the verb's effect in [`recorded`] and update the export's parameters in its record
-//! closure, e.g. after the limits took effect:
+//! Wrap the verb's effect in `control::record::recorded` and update the export's parameters in
+//! its record closure, e.g. after the limits took effect:
 //!
 //! ```ignore
-//! recorded(host, || apply_limits(host, &name, &limits), |r, _| {
+//! super::record::recorded(host, || apply_limits(host, &name, &limits), |r, _| {
 //!     r.update_export(&name, |p| { p.insert("throttle".into(), limits_json.clone()); })
 //! })
 //! ```
@@ -66,8 +67,6 @@ use std::sync::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::control::rpc::RpcError;
-use super::runtime::Host;
 use crate::process::seam;
 
 /// The version written in the file; a file of another version is refused.
@@ -250,7 +249,8 @@ impl State {
         ))
     }
 
-    /// Takes the state's lock: the served-set changes and their records happen one at a time.
+    /// Takes the state's lock: the served-set changes and their records happen one at a time
+    /// (`control::record::recorded` holds it across a control call's change and its record).
     pub fn lock(&self) -> Recorder<'_> {
         Recorder {
             path: &self.path,
@@ -394,36 +394,6 @@ impl Recorder<'_> {
         self.inner.entries = next;
         Ok(())
     }
-}
-
-/// Runs a control call's `change` of the served set and, if it succeeded, `record`s it, both
-/// under the state's lock, and returns `change`'s result once the record is durable. Without
-/// `--state`, just `change`. A record that fails is the call's error (the change stands; the
-/// message says so).
-pub fn recorded<T>(
-    host: &Host,
-    change: impl FnOnce() -> Result<T, RpcError>,
-    record: impl FnOnce(&mut Recorder<'_>, &T) -> io::Result<()>,
-) -> Result<T, RpcError> {
-    let Some(state) = host.state.get() else {
-        return change();
-    };
-    let mut r = state.lock();
-    let done = change()?;
-    record(&mut r, &done).map_err(|e| not_recorded(&state.path, e))?;
-    Ok(done)
-}
-
-/// The error of a change made but not recorded.
-pub fn not_recorded(path: &Path, e: io::Error) -> RpcError {
-    RpcError::new(
-        super::control::rpc::SERVER_ERROR,
-        format!(
-            "done, but not recorded in the state file {} ({e}): a restarted daemon will not \
-             serve this change",
-            path.display()
-        ),
-    )
 }
 
 impl State {

@@ -10,9 +10,9 @@ use serde_json::{json, Map, Value};
 use super::super::events;
 use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
-use super::super::state;
 use super::super::vhost_export::VhostParams;
 use super::job_methods;
+use super::record::{not_recorded, recorded};
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
 
 /// What kind of value a parameter takes (for `addcow ctl`'s `key=value`).
@@ -382,7 +382,7 @@ fn vhost_params(a: &ExportAdd) -> Result<Option<VhostParams>, RpcError> {
 }
 
 fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
-    let export = state::recorded(
+    let export = recorded(
         host,
         || add_export_params(host, p.clone(), Origin::Control),
         |r, _| r.added(&p),
@@ -452,7 +452,7 @@ fn safe() -> DeleteMode {
 
 fn export_del(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let d: ExportDel = params(p)?;
-    let deleted = state::recorded(
+    let deleted = recorded(
         host,
         || Ok(host.delete_export(&d.name, d.mode)?),
         |r, _| r.deleted(&d.name),
@@ -531,14 +531,14 @@ fn export_snapshot(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError
     }
     let before = r
         .snapshot_begin(&s.name, &s.overlay)
-        .map_err(|e| state::not_recorded(st.path(), e))?;
+        .map_err(|e| not_recorded(st.path(), e))?;
     match snap() {
         Ok(done) => {
             let overlay = done["overlay"].clone();
             r.update_export(&s.name, |p| {
                 p.insert("overlay".into(), overlay);
             })
-            .map_err(|e| state::not_recorded(st.path(), e))?;
+            .map_err(|e| not_recorded(st.path(), e))?;
             Ok(done)
         }
         Err(e) => {

@@ -26,6 +26,7 @@
 
 mod job_methods;
 pub mod methods;
+pub mod record;
 pub mod resize;
 pub mod rpc;
 
