@@ -138,7 +138,7 @@ cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_
   -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 
-step "vhost-user-blk under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci"
+step "vhost-user-blk and NBD under a real guest: QEMU TCG boots a kernel with vhost-user-blk-pci, then with the NBD client (docs/INTEGRATION.md's command lines)"
 # A kernel and its virtio modules: the host's /boot/vmlinuz-* or ADDCOW_TCG_KERNEL, else the
 # Debian kernel package's vmlinuz and virtio modules extracted (not installed) under target/.
 if [ -z "${ADDCOW_TCG_KERNEL:-}" ] && ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
@@ -168,6 +168,13 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 cargo test -p addcow-daemon --test nbd_enospc --test nbd_protocol -- --ignored
+
+step "the Debian package (debug binary; about a minute): build, dpkg -i, serve an overlay of"
+echo "   the config through the unit's ExecStart (systemctl where systemd is PID 1), addcow ctl"
+echo "   export-add, restart, both served; then purged"
+scripts/test-deb.sh
+step "docs/INTEGRATION.md: its libvirt domains checked with virt-xml-validate"
+scripts/test-integration.sh
 
 step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

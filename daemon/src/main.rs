@@ -44,6 +44,38 @@ enum Command {
     Commit(tools::commit::CommitArgs),
     /// Copy every sector still read from the base into the raw image (resumable).
     Stream(tools::stream::StreamArgs),
+    /// Write the man pages (DIR/man/*.1) and shell completions (DIR/completions/: bash, zsh,
+    /// fish) of this binary, from its own command-line definitions (for packaging).
+    #[command(hide = true)]
+    GenDocs {
+        /// The folder to write into (made if missing).
+        dir: std::path::PathBuf,
+    },
+}
+
+/// `addcow gen-docs DIR`: man pages (one per visible subcommand, `addcow-serve.1`, ...) and
+/// completions, generated from the clap definitions so they never drift from `--help`.
+fn gen_docs(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    // `addcow help SUBCOMMAND` is clap's; its pages only repeat the others.
+    for e in std::fs::read_dir(&man)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with("addcow-help") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd, "addcow", &completions)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -56,7 +88,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => serve::run(*args),
+        Command::Serve(args) => {
+            // The words after `serve` (no option comes before the subcommand): which options
+            // the command line gave, so that they override --config's.
+            let words: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+            serve::run(*args, &words)
+        }
         Command::Ctl(args) => ctl::run(args),
         Command::Create(args) => tools::create::run(args),
         Command::Info(args) => tools::info::run(args),
@@ -66,5 +103,12 @@ fn main() -> ExitCode {
         Command::Rebase(args) => tools::rebase::run(args),
         Command::Commit(args) => tools::commit::run(args),
         Command::Stream(args) => tools::stream::run(args),
+        Command::GenDocs { dir } => match gen_docs(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("addcow gen-docs {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        },
     }
 }

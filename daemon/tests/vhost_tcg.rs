@@ -5,7 +5,10 @@
 //! disk (`md5sum /dev/vda`), its serial (GET_ID) and size, writes a pattern with `dd
 //! conv=fsync` (a FLUSH), prints markers to the serial console and powers off. The test compares
 //! the checksum with the overlay's content read over NBD by `qemu-img`, and afterwards reads the
-//! pattern over NBD and again from a restarted daemon.
+//! pattern over NBD and again from a restarted daemon. The same guest boots a second time on
+//! the NBD export through QEMU's NBD client and virtio-blk-pci. The QEMU disk arguments of both
+//! are read from docs/INTEGRATION.md (its `(tcg: ...)` blocks), so the page's command lines are
+//! the ones booted here.
 //!
 //! `#[ignore]`: run by `scripts/test.sh` (which installs `qemu-system-x86` and `busybox-static`,
 //! fetches a Debian kernel when the host has none, and sets `ADDCOW_TCG=1`). The kernel is
@@ -179,18 +182,71 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
-/// Reads `len` bytes at `offset` of the default export over NBD.
-fn nbd_read(sock: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut c = RawClient::connect(sock, "").expect("nbd connect");
+/// Reads `len` bytes at `offset` of export `name` over NBD.
+fn nbd_read(sock: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut c = RawClient::connect(sock, name).expect("nbd connect");
     let mut out = vec![0u8; len];
     assert_eq!(c.read(offset, &mut out).unwrap(), 0, "nbd read");
     c.disconnect();
     out
 }
 
+/// How the guest reaches the disk: the QEMU arguments of a `(tcg: TAG)` block of
+/// docs/INTEGRATION.md, with the page's paths, export name, sizes and queue count replaced by
+/// the test's.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    VhostUserBlk,
+    Nbd,
+}
+
+/// The `-object`/`-numa`/`-chardev`/`-blockdev`/`-device` arguments of the command line under
+/// `(tcg: TAG)` in docs/INTEGRATION.md (`-machine` and `-m` are the test's own).
+fn documented_args(tag: &str) -> Vec<String> {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/INTEGRATION.md");
+    let text = std::fs::read_to_string(&page).expect("docs/INTEGRATION.md");
+    let marker = format!("(tcg: {tag}):");
+    let at = text
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {marker} in {}", page.display()));
+    let block = text[at..]
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block after the marker");
+    let flat = block.replace("\\\n", " ");
+    let words: Vec<&str> = flat.split_whitespace().collect();
+    let mut out = Vec::new();
+    for pair in words.windows(2) {
+        if matches!(
+            pair[0],
+            "-object" | "-numa" | "-chardev" | "-blockdev" | "-device"
+        ) {
+            out.push(pair[0].to_string());
+            out.push(pair[1].to_string());
+        }
+    }
+    assert!(
+        out.len() >= 4,
+        "{tag}: no QEMU disk arguments found: {block}"
+    );
+    out
+}
+
 #[test]
 #[ignore = "boots a guest under QEMU TCG; run by scripts/test.sh (ADDCOW_TCG=1)"]
 fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
+    guest_reads_and_writes(Via::VhostUserBlk);
+}
+
+/// The same guest on the NBD export, through QEMU's NBD client and virtio-blk-pci.
+#[test]
+#[ignore = "boots a guest under QEMU TCG; run by scripts/test.sh (ADDCOW_TCG=1)"]
+fn a_tcg_guest_reads_and_writes_the_disk_over_nbd() {
+    guest_reads_and_writes(Via::Nbd);
+}
+
+fn guest_reads_and_writes(via: Via) {
     let required = std::env::var("ADDCOW_TCG").is_ok_and(|v| v == "1");
     let (qemu, busybox, kernel, modules) = match prerequisites() {
         Ok(p) => p,
@@ -203,18 +259,22 @@ fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
     let fx = Fixture::new(16 * MIB);
     let (nbd, vsock) = (fx.path("nbd.sock"), fx.path("vhost.sock"));
     let overlay = fx.overlay();
-    let d = Daemon::start(
-        &nbd,
-        &[
+    // The page's export is vm1 over NBD; over vhost-user-blk the default export.
+    let name = if via == Via::Nbd { "vm1" } else { "" };
+    let vm1 = format!("vm1={}", overlay.display());
+    let args: Vec<&str> = match via {
+        Via::VhostUserBlk => vec![
             "--cores",
             "1",
             "--vhost-user-blk",
             vsock.to_str().unwrap(),
             overlay.to_str().unwrap(),
         ],
-    );
+        Via::Nbd => vec!["--cores", "1", "--export", &vm1],
+    };
+    let d = Daemon::start(&nbd, &args);
     // Something of the overlay's own in the second half (the first half reads the base).
-    let mut c = RawClient::connect(&nbd, "").expect("nbd connect");
+    let mut c = RawClient::connect(&nbd, name).expect("nbd connect");
     let own: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
     assert_eq!(c.write(11 * MIB, &own, false).unwrap(), 0);
     assert_eq!(c.flush().unwrap(), 0);
@@ -229,7 +289,7 @@ fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
             "raw",
             "-O",
             "raw",
-            &d.uri(),
+            &d.uri_of(name),
             before.to_str().unwrap(),
         ],
     );
@@ -245,15 +305,19 @@ fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
     let mut guest = Command::new(&qemu)
         .args(["-accel", "tcg", "-m", "256M", "-smp", "1", "-no-reboot"])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c,path={}", vsock.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c,num-queues=1"])
+        .args(
+            documented_args(match via {
+                Via::VhostUserBlk => "vhost-user-blk",
+                Via::Nbd => "nbd",
+            })
+            .iter()
+            .map(|a| {
+                a.replace("/run/addcow/nbd.sock", nbd.to_str().unwrap())
+                    .replace("/run/addcow/vm2.vhost", vsock.to_str().unwrap())
+                    .replace("size=1G", "size=256M")
+                    .replace("num-queues=2", "num-queues=1")
+            }),
+        )
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
@@ -328,8 +392,8 @@ fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
     );
     assert_eq!(
         marker("ADDCOW-SERIAL"),
-        "disk",
-        "GET_ID: the overlay's stem"
+        if via == Via::Nbd { "vm1" } else { "disk" },
+        "the serial: -device serial= over NBD, GET_ID (the overlay's stem) over vhost-user-blk"
     );
     let md5 = marker("ADDCOW-MD5");
     assert_eq!(
@@ -341,18 +405,18 @@ fn a_tcg_guest_reads_and_writes_the_disk_through_vhost_user_blk_pci() {
 
     // The guest's write, over NBD, and after a restart (it was flushed by conv=fsync).
     assert!(
-        nbd_read(&nbd, PATTERN_AT, PATTERN_LEN) == pattern(),
+        nbd_read(&nbd, name, PATTERN_AT, PATTERN_LEN) == pattern(),
         "the guest's write over NBD"
     );
     assert!(
-        nbd_read(&nbd, 11 * MIB, MIB as usize) == own,
+        nbd_read(&nbd, name, 11 * MIB, MIB as usize) == own,
         "the rest is untouched"
     );
     d.signal(nix::sys::signal::Signal::SIGKILL);
     drop(d);
     let again = Daemon::start(&fx.path("nbd2.sock"), &[overlay.to_str().unwrap()]);
     assert!(
-        nbd_read(&again.sock, PATTERN_AT, PATTERN_LEN) == pattern(),
+        nbd_read(&again.sock, "", PATTERN_AT, PATTERN_LEN) == pattern(),
         "the guest's flushed write after SIGKILL and restart"
     );
     again.stop();

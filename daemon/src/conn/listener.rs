@@ -472,11 +472,21 @@ impl Listener {
     /// The listeners systemd passed us, if `LISTEN_PID` names this process. Clears the
     /// variables so children do not inherit them.
     pub fn from_systemd() -> Option<Vec<Listener>> {
+        Self::from_systemd_named().map(|v| v.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// [`Listener::from_systemd`] with each listener's name from `LISTEN_FDNAMES` (the socket
+    /// unit's `FileDescriptorName=`; systemd's default is the unit's name, `unknown` when the
+    /// variable is missing or short).
+    pub fn from_systemd_named() -> Option<Vec<(String, Listener)>> {
         let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
         if pid != std::process::id() {
             return None;
         }
         let n: RawFd = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
         std::env::remove_var("LISTEN_PID");
         std::env::remove_var("LISTEN_FDS");
         std::env::remove_var("LISTEN_FDNAMES");
@@ -506,7 +516,9 @@ impl Listener {
                     _ => Listener::Tcp(TcpListener::from_raw_fd(fd)),
                 }
             };
-            out.push(l);
+            let i = usize::try_from(fd - SD_LISTEN_FDS_START).unwrap_or(usize::MAX);
+            let name = names.get(i).cloned().unwrap_or_else(|| "unknown".into());
+            out.push((name, l));
         }
         Some(out)
     }
@@ -553,6 +565,25 @@ impl Listener {
         match self {
             Listener::Unix { sock, file, .. } => Some((sock, file)),
             Listener::Tcp(_) => None,
+        }
+    }
+
+    /// Whether this systemd socket is the control socket: a Unix listener named `control`
+    /// (`FileDescriptorName=control`) or bound at `control` (the `--control` path); every
+    /// other one serves NBD.
+    pub fn is_control(&self, name: &str, control: Option<&Path>) -> bool {
+        match self {
+            Listener::Unix { sock, .. } => {
+                name == "control"
+                    || control.is_some_and(|c| {
+                        sock.local_addr()
+                            .ok()
+                            .as_ref()
+                            .and_then(|a| a.as_pathname())
+                            == Some(c)
+                    })
+            }
+            Listener::Tcp(_) => false,
         }
     }
 

@@ -19,5 +19,6 @@ pub mod events;
 pub mod jobs;
 pub mod runtime;
 pub mod snapshot;
+pub mod state;
 pub mod throttle;
 pub mod vhost_export;

@@ -292,6 +292,9 @@ pub struct Host {
     /// The NBD listeners' TLS credentials (set once at start when `--tls` is not off), for
     /// `tls-reload`.
     pub tls: std::sync::OnceLock<Arc<crate::conn::tls::TlsServer>>,
+    /// The state file (`--state`, set once at start), where the control calls that change the
+    /// served set record it before replying (see [`super::state`]).
+    pub state: std::sync::OnceLock<Arc<super::state::State>>,
     /// Who may connect to the sockets of those exports (`--vhost-socket-allow-uid/gid`).
     vhost_policy: Option<Arc<PeerPolicy>>,
     /// The daemon's buffer pool, which the vhost-user-blk exports added here bounce through
@@ -324,6 +327,7 @@ impl Host {
             shards,
             vhost: Mutex::new(HashMap::new()),
             tls: std::sync::OnceLock::new(),
+            state: std::sync::OnceLock::new(),
             vhost_policy: None,
             buffer_pool: None,
         }

@@ -5,9 +5,10 @@
 //! twice. The conversion is pure: it reads no file and binds nothing, and its errors name the
 //! option and the value.
 //!
-//! A configuration file (a `[serve]` table whose keys are the long option names) is meant to
-//! fill the same raw values as the command line and go through the same conversion; the fields
-//! here are plain data (paths, numbers, durations, small enums) for that reason.
+//! The configuration file (`--config`, [`super::config_file`]) is merged into the same raw
+//! values as the command line before this conversion: its `[[export]]` tables arrive as
+//! export-add parameters (`ServeArgs::file_exports`) and become [`ExportSpec`]s here. The
+//! fields are plain data (paths, numbers, durations, small enums) for that reason.
 //!
 //! The clap `value_parser` functions below ([`parse_mode`], [`parse_cache`], [`parse_bytes`])
 //! return `String`, clap's convention: clap prints their message with the option's name.
@@ -47,6 +48,9 @@ pub struct DaemonConfig {
     pub tls: TlsSettings,
     /// `--control`: the control socket (JSON-RPC, mode 0600). Default: none.
     pub control: Option<PathBuf>,
+    /// `--state`: the state file (see [`crate::host::state`]). Default: none (runtime changes
+    /// are not recorded).
+    pub state: Option<PathBuf>,
     /// `--allow-dir`: the folders `export-add` may open files in, as given (resolved at start).
     /// Empty: the folders of the command-line overlays' files.
     pub allow_dirs: Vec<PathBuf>,
@@ -83,6 +87,29 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// Its throttling (`,iops-total=N,...` or `,throttle-group=G`); default none.
     pub throttle: ExportThrottle,
+    /// export-add's other parameters (`type`, `addr`, `copy_on_read`, `tls-authz`, ...): from
+    /// a `--config` file's `[[export]]` table; empty for `OVERLAY` and `--export`.
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ExportSpec {
+    /// The export as export-add's parameters (what the daemon adds it with, and what the state
+    /// file records).
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut p = self.options.clone();
+        p.insert("name".into(), self.name.clone().into());
+        p.insert("overlay".into(), self.overlay.display().to_string().into());
+        p.insert("read_only".into(), self.read_only.into());
+        if !self.throttle.limits.is_empty() {
+            if let Ok(v) = serde_json::to_value(self.throttle.limits) {
+                p.insert("throttle".into(), v);
+            }
+        }
+        if let Some(g) = &self.throttle.group {
+            p.insert("throttle-group".into(), g.clone().into());
+        }
+        p
+    }
 }
 
 /// The sockets the daemon serves on (besides systemd's, found at start).
@@ -209,7 +236,10 @@ impl TryFrom<ServeArgs> for DaemonConfig {
     type Error = Error;
 
     fn try_from(args: ServeArgs) -> Result<DaemonConfig> {
-        let demo = args.overlay.is_none() && args.exports.is_empty() && args.control.is_none();
+        let demo = args.overlay.is_none()
+            && args.exports.is_empty()
+            && args.file_exports.is_empty()
+            && args.control.is_none();
         let mut exports: Vec<ExportSpec> = Vec::new();
         if let Some(o) = &args.overlay {
             exports.push(ExportSpec {
@@ -217,6 +247,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 overlay: o.clone(),
                 read_only: false,
                 throttle: ExportThrottle::default(),
+                options: Default::default(),
             });
         }
         let throttle_groups = throttle_groups(&args.throttle_groups)?;
@@ -239,6 +270,34 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 ));
             }
             exports.push(e);
+        }
+        // The configuration file's exports (checked there), after those of the command line,
+        // which replace one of the same name.
+        for p in &args.file_exports {
+            let mut options = p.clone();
+            let name = options.remove("name");
+            let overlay = options.remove("overlay");
+            let read_only = options.remove("read_only");
+            let (Some(serde_json::Value::String(name)), Some(serde_json::Value::String(overlay))) =
+                (name, overlay)
+            else {
+                return Err(Error::invalid(
+                    "--config",
+                    serde_json::Value::Object(p.clone()).to_string(),
+                    "an export needs a name and an overlay (strings)",
+                ));
+            };
+            if exports.iter().any(|e| e.name == name) {
+                continue;
+            }
+            exports.push(ExportSpec {
+                name,
+                overlay: PathBuf::from(overlay),
+                read_only: read_only.and_then(|v| v.as_bool()).unwrap_or(false),
+                // A table's `throttle` / `throttle-group` stay in `options` (export-add's own).
+                throttle: ExportThrottle::default(),
+                options,
+            });
         }
         for e in &mut exports {
             e.read_only |= args.read_only;
@@ -287,6 +346,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 vhost_user_blk: args.vhost_user_blk,
             },
             control: args.control,
+            state: args.state,
             allow_dirs: args.allow_dirs,
             allow_remote_bases: args.allow_remote_bases,
             metrics: args.metrics,
@@ -574,6 +634,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         overlay: PathBuf::from(path),
         read_only,
         throttle,
+        options: Default::default(),
     })
 }
 
@@ -606,6 +667,7 @@ mod tests {
             overlay: PathBuf::from(p),
             read_only,
             throttle: ExportThrottle::default(),
+            options: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! May import every layer; no layer imports this one.
 
 pub mod config;
+pub mod config_file;
 pub mod demo;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
@@ -35,8 +36,10 @@ use crate::conn::tls::{TlsMode, TlsServer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::allow::AllowedDirs;
 use crate::host::control;
+use crate::host::control::methods::add_export_params;
 use crate::host::events;
 use crate::host::runtime::{Host, Origin};
+use crate::host::state::{ConfigExport, Planned, State};
 use crate::nbd::export::Exports;
 use crate::process::lockfile::LockedFile;
 use crate::process::signals;
@@ -45,6 +48,20 @@ use crate::process::signals;
 /// converts them (a new option goes here and into [`DaemonConfig`]).
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Read options and exports from this TOML file: a [serve] table whose keys are these
+    /// long option names (a repeatable option takes a list), and [[export]] tables with
+    /// export-add's parameters (name, overlay, read-only, type, ...). The command line
+    /// overrides the file option by option. No file is read unless this is given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Record the exports the control socket adds, deletes and snapshots in this file (JSON,
+    /// replaced atomically, durable before each reply) and serve them again at start.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// The `[[export]]` tables of --config, as export-add parameters (filled by
+    /// [`config_file::merge`], not by clap).
+    #[arg(skip)]
+    pub file_exports: Vec<serde_json::Map<String, serde_json::Value>>,
     /// Unix socket to listen on (default with no overlay: ./addcow.sock, the demo). The path
     /// appears once the daemon accepts connections; PATH.lock beside it is held meanwhile.
     #[arg(long, value_name = "PATH")]
@@ -273,9 +290,18 @@ pub enum ConnMode {
     Ring,
 }
 
-/// Runs the daemon until SIGTERM/SIGINT or `quit`.
-pub fn run(args: ServeArgs) -> ExitCode {
+/// Runs the daemon until SIGTERM/SIGINT or `quit`. `cli`: the command-line words after
+/// `serve` (which options the command line gave, so they override `--config`'s).
+pub fn run(args: ServeArgs, cli: &[std::ffi::OsString]) -> ExitCode {
     init_logging();
+    let args = match config_file::merge(args, cli) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("addcow serve: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match DaemonConfig::try_from(args).and_then(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -324,6 +350,61 @@ impl Drop for Created {
     }
 }
 
+/// Adds one export at start: the configuration's (a failure stops the daemon, as a bad command
+/// line does) or the state file's (held to the allowed folders unless it changed a
+/// configuration export, see [`Planned::trusted`]; if it does not open, its fallback is
+/// tried, and else it is logged and kept in the state for the next start).
+fn serve_planned(host: &Host, p: Planned) -> Result<()> {
+    let name = p
+        .params
+        .get("name")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    if p.from_config {
+        return add_export_params(host, p.params, Origin::CommandLine)
+            .map(drop)
+            .map_err(|e| Error::new(ErrorKind::Export).with_context(e.message));
+    }
+    let record = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        if let Some(s) = host.state.get() {
+            if let Err(e) = s.lock().update_export(&name, f) {
+                tracing::error!(export = %name, error = %e, "state: recording the export served");
+            }
+        }
+    };
+    let origin = if p.trusted {
+        Origin::CommandLine
+    } else {
+        Origin::Control
+    };
+    let first = match add_export_params(host, p.params.clone(), origin) {
+        Ok(_) => {
+            if p.fallback.is_some() {
+                record(&|_| {});
+            }
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    if let Some(fb) = &p.fallback {
+        let mut params = p.params.clone();
+        params.insert("overlay".into(), fb.display().to_string().into());
+        tracing::warn!(export = %name, error = %first.message,
+            fallback = %fb.display(), "the interrupted snapshot's overlay does not open: serving the one before");
+        if add_export_params(host, params, origin).is_ok() {
+            let overlay = fb.display().to_string();
+            record(&|p| {
+                p.insert("overlay".into(), overlay.clone().into());
+            });
+            return Ok(());
+        }
+    }
+    tracing::error!(export = %name, error = %first.message,
+        "an export of the state file cannot be served; it stays recorded");
+    Ok(())
+}
+
 /// Tells systemd (when `NOTIFY_SOCKET` is set) the daemon's state.
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -363,10 +444,21 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             overlay,
             read_only: false,
             throttle: Default::default(),
+            options: Default::default(),
         });
     }
 
-    let mut listeners = Listener::from_systemd().unwrap_or_default();
+    // systemd's sockets: the one named `control` (FileDescriptorName=control) or bound at the
+    // --control path is the control socket (not bound again), every other one serves NBD.
+    let mut listeners = Vec::new();
+    let mut systemd_control = None;
+    for (name, l) in Listener::from_systemd_named().unwrap_or_default() {
+        if l.is_control(&name, cfg.control.as_deref()) {
+            systemd_control = l.into_unix().map(|(sock, _)| sock);
+        } else {
+            listeners.push(l);
+        }
+    }
     for l in &listeners {
         l.check_remote(cfg.listen.allow_remote)
             .map_err(listen_err("LISTEN_FDS"))?;
@@ -417,17 +509,37 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             .set(name, *limits)
             .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
     }
-    for e in &named {
-        let opts = host.disk_options(e.read_only, None);
-        host.add_export_throttled(
-            &e.name,
-            &e.overlay,
-            opts,
-            Origin::CommandLine,
-            None,
-            &e.throttle,
-        )
-        .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
+    // The configuration's exports, changed by what the state file records (see `host::state`).
+    let plan = match &cfg.state {
+        None => named
+            .iter()
+            .map(|e| Planned {
+                params: e.params(),
+                from_config: true,
+                trusted: true,
+                fallback: None,
+            })
+            .collect(),
+        Some(path) => {
+            let config: Vec<ConfigExport> = named
+                .iter()
+                .map(|e| ConfigExport {
+                    name: e.name.clone(),
+                    overlay: e.overlay.clone(),
+                    params: e.params(),
+                })
+                .collect();
+            let (state, plan) = State::open(path, &config).map_err(|e| {
+                Error::new(ErrorKind::InvalidArgument)
+                    .with_flag("--state")
+                    .with_source(e)
+            })?;
+            let _ = host.state.set(Arc::new(state));
+            plan
+        }
+    };
+    for p in plan {
+        serve_planned(&host, p)?;
     }
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;
@@ -481,7 +593,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             )?);
         }
     }
-    if let Some(c) = &cfg.control {
+    if let Some(sock) = systemd_control {
+        control_listener = Some(sock);
+    } else if let Some(c) = &cfg.control {
         let l = Listener::bind_unix_as(c, listen.control_mode, listen.control_group)
             .map_err(listen_err("--control"))?;
         if let Some((sock, file)) = l.into_unix() {

@@ -14,6 +14,7 @@ use super::super::throttle::ExportThrottle;
 use super::super::vhost_export::VhostParams;
 use super::backup;
 use super::job_methods;
+use super::record::{not_recorded, recorded};
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
 use super::throttle;
 
@@ -451,6 +452,44 @@ fn vhost_params(a: &ExportAdd) -> Result<Option<VhostParams>, RpcError> {
 }
 
 fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
+    let export = recorded(
+        host,
+        || add_export_params(host, p.clone(), Origin::Control),
+        |r, _| r.added(&p),
+    )?;
+    let info = host
+        .export_info()
+        .into_iter()
+        .find(|i| i.name == export.name)
+        .map(|i| serde_json::to_value(i).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(info)
+}
+
+/// Whether `p` are parameters export-add accepts (names and types; not whether the files
+/// exist): for the configuration file's `[[export]]` tables.
+pub fn check_export_params(p: &Map<String, Value>) -> Result<(), String> {
+    let a: ExportAdd = params(p.clone()).map_err(|e| e.message)?;
+    let vhost = vhost_params(&a).map_err(|e| e.message)?;
+    if tls_authz(&a.tls_authz).map_err(|e| e.message)?.is_some() && vhost.is_some() {
+        return Err("tls-authz applies to NBD exports; not with type vhost-user-blk".into());
+    }
+    if a.read_only && a.writable == Some(true) {
+        return Err("read_only and writable: true contradict each other".into());
+    }
+    ExportThrottle::from_params(a.throttle.as_ref(), a.throttle_group.as_deref())
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Adds the export `p` (export-add's parameters) describes, as asked by `origin`: what
+/// export-add does, and what the daemon does at start for the configuration's exports and the
+/// state's.
+pub fn add_export_params(
+    host: &Host,
+    p: Map<String, Value>,
+    origin: Origin,
+) -> Result<std::sync::Arc<crate::nbd::export::Export>, RpcError> {
     let a: ExportAdd = params(p)?;
     if a.read_only && a.writable == Some(true) {
         return Err(invalid(
@@ -461,8 +500,8 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let opts = host.disk_options(read_only, a.copy_on_read);
     let authz = tls_authz(&a.tls_authz)?;
     let t = ExportThrottle::from_params(a.throttle.as_ref(), a.throttle_group.as_deref())?;
-    let export = match vhost_params(&a)? {
-        None => host.add_export_throttled(&a.name, &a.overlay, opts, Origin::Control, authz, &t)?,
+    Ok(match vhost_params(&a)? {
+        None => host.add_export_throttled(&a.name, &a.overlay, opts, origin, authz, &t)?,
         Some(_) if authz.is_some() => {
             return Err(invalid(
                 "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),
@@ -471,16 +510,9 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
         Some(v) => {
             let joining = host.throttle_groups.join(&a.name, &t)?;
             let group = joining.group.clone();
-            host.add_vhost_export(&a.name, &a.overlay, opts, Origin::Control, v, group)?
+            host.add_vhost_export(&a.name, &a.overlay, opts, origin, v, group)?
         }
-    };
-    let info = host
-        .export_info()
-        .into_iter()
-        .find(|i| i.name == export.name)
-        .map(|i| serde_json::to_value(i).unwrap_or_default())
-        .unwrap_or_default();
-    Ok(info)
+    })
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -497,7 +529,11 @@ fn safe() -> DeleteMode {
 
 fn export_del(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let d: ExportDel = params(p)?;
-    let deleted = host.delete_export(&d.name, d.mode)?;
+    let deleted = recorded(
+        host,
+        || Ok(host.delete_export(&d.name, d.mode)?),
+        |r, _| r.deleted(&d.name),
+    )?;
     Ok(serde_json::to_value(deleted).unwrap_or_default())
 }
 
@@ -556,9 +592,39 @@ struct ExportSnapshot {
 
 fn export_snapshot(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let s: ExportSnapshot = params(p)?;
-    snapshot::snapshot_export(host, &s.name, &s.overlay)
-        .map(|done| serde_json::to_value(done).unwrap_or_default())
-        .map_err(|e| RpcError::server(e.class(), e.to_string()))
+    let snap = || {
+        snapshot::snapshot_export(host, &s.name, &s.overlay)
+            .map(|done| serde_json::to_value(done).unwrap_or_default())
+            .map_err(|e| RpcError::server(e.class(), e.to_string()))
+    };
+    let Some(st) = host.state.get() else {
+        return snap();
+    };
+    // Recorded on the new overlay before any write can reach it (see `state`); a target that
+    // exists already is refused by the snapshot, and must not be what a restart serves.
+    let mut r = st.lock();
+    if std::fs::symlink_metadata(&s.overlay).is_ok() {
+        return snap();
+    }
+    let before = r
+        .snapshot_begin(&s.name, &s.overlay)
+        .map_err(|e| not_recorded(st.path(), e))?;
+    match snap() {
+        Ok(done) => {
+            let overlay = done["overlay"].clone();
+            r.update_export(&s.name, |p| {
+                p.insert("overlay".into(), overlay);
+            })
+            .map_err(|e| not_recorded(st.path(), e))?;
+            Ok(done)
+        }
+        Err(e) => {
+            if let Err(w) = r.restore(&s.name, before) {
+                tracing::error!(export = %s.name, error = %w, "state: undoing the failed snapshot's record");
+            }
+            Err(e)
+        }
+    }
 }
 
 fn query_sockets(_host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {

@@ -27,6 +27,7 @@
 pub mod backup;
 mod job_methods;
 pub mod methods;
+pub mod record;
 pub mod resize;
 pub mod rpc;
 pub mod throttle;

@@ -1,0 +1,574 @@
+//! The state file (`addcow serve --state FILE`): what the control calls changed in the served
+//! set, recorded durably before each call's reply, so that a restarted daemon serves exactly
+//! what was served before.
+//!
+//! # What is recorded
+//! Each export is kept as the `export-add` parameters it is served with (a JSON object), so a
+//! parameter export-add learns is persisted with no code here. The file holds only what the
+//! control socket changed; the configuration (command line, `--config` file) is not copied:
+//!
+//! * an export added at runtime: its parameters;
+//! * a configuration export changed at runtime (snapshotted, deleted, deleted and added again,
+//!   or updated with [`Recorder::update_export`]): its new parameters (`null`: deleted),
+//!   together with the overlay the configuration named for it then (`replaces`).
+//!
+//! # The rule between the configuration and the state (at start, [`State::open`])
+//! * A configuration export whose recorded change `replaces` the overlay the configuration
+//!   still names: the recorded change wins (a snapshotted export comes back on its new
+//!   overlay, a deleted one stays deleted).
+//! * A configuration export whose name the state records otherwise (added at runtime under a
+//!   name the configuration took since, or changed at runtime while the configuration named
+//!   another overlay): **the configuration wins**, the state's entry is dropped (logged). An
+//!   operator who edits the configuration gets what it says.
+//! * A recorded change of a configuration export the configuration no longer names: dropped
+//!   (logged).
+//! * Every other recorded export is served as recorded.
+//!
+//! An export that cannot be opened at start (a file gone, a folder no longer allowed) is
+//! logged and kept in the state: it comes back once it can be opened again.
+//!
+//! # Durability and ordering
+//! A change is written to `FILE.tmp` (beside it, `.`-prefixed), fsynced, renamed over `FILE`,
+//! and the folder fsynced; only then does the control call reply
+//! (`control::record::recorded`). The calls
+//! that change the served set and record it run one at a time under the state's lock, so the
+//! order of the records is the order of the changes. A crash at any point leaves the file
+//! either before or after the change.
+//!
+//! A snapshot is recorded twice: before it starts (the new overlay, with the old one as
+//! `fallback`), so that writes answered on the new overlay are never lost to a restart on the
+//! old one, and after it ends (the fallback dropped; on failure the old entry back). At start
+//! an export with a fallback is served on its new overlay if that opens, else on the fallback
+//! (the rule of [`super::snapshot`]: the new overlay is durable before any request reaches
+//! it).
+//!
+//! `export-resize` records nothing: the size is in the overlay's header, made durable by the
+//! resize before its reply.
+//!
+//! # For new control verbs that change an export (throttle, bitmaps, ...)
+//! Wrap the verb's effect in `control::record::recorded` and update the export's parameters in
+//! its record closure, e.g. after the limits took effect:
+//!
+//! ```ignore
+//! super::record::recorded(host, || apply_limits(host, &name, &limits), |r, _| {
+//!     r.update_export(&name, |p| { p.insert("throttle".into(), limits_json.clone()); })
+//! })
+//! ```
+//!
+//! so a restarted daemon's export-add (from these parameters) sets them again.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::process::seam;
+
+/// The version written in the file; a file of another version is refused.
+pub const VERSION: u32 = 1;
+
+/// Why the state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing it failed.
+    #[error("state file {path}: {op}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// It is not a state file this daemon can read. The daemon refuses to start rather than
+    /// forget the exports it records.
+    #[error("state file {path}: {why} (move it away to start without the exports it records)")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// One configuration export (command line or `--config`), as [`State::open`] matches it.
+#[derive(Debug, Clone)]
+pub struct ConfigExport {
+    /// Its name.
+    pub name: String,
+    /// Its overlay, as the configuration names it.
+    pub overlay: PathBuf,
+    /// Its export-add parameters.
+    pub params: Map<String, Value>,
+}
+
+/// One export to serve at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// Its export-add parameters.
+    pub params: Map<String, Value>,
+    /// Whether it is the configuration's, unchanged.
+    pub from_config: bool,
+    /// Whether it is served with the command line's trust (not held to the allowed folders):
+    /// the configuration's exports, and the recorded changes of configuration exports (a
+    /// snapshot of a command-line overlay outside the allowed folders stacks its new overlay,
+    /// which is inside, on that one; its target was checked when it was taken). The other
+    /// recorded exports are held to the allowed folders again, as export-add.
+    pub trusted: bool,
+    /// The overlay to serve if `params`'s does not open (an interrupted snapshot's old one).
+    pub fallback: Option<PathBuf>,
+}
+
+/// One recorded export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    /// Its export-add parameters; `None`: a configuration export deleted at runtime.
+    params: Option<Map<String, Value>>,
+    /// The overlay the configuration named for this export when it was changed at runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaces: Option<PathBuf>,
+    /// A snapshot in progress: the overlay to serve if `params`'s does not open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fallback: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDisk {
+    version: u32,
+    exports: BTreeMap<String, Entry>,
+}
+
+struct Inner {
+    /// The configuration's exports, by name.
+    config: BTreeMap<String, ConfigExport>,
+    /// What is recorded, as on disk.
+    entries: BTreeMap<String, Entry>,
+}
+
+/// The state file of a running daemon. See the module docs.
+pub struct State {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl State {
+    /// Reads `path` (absent: nothing recorded), matches it with the configuration's exports
+    /// (the rule in the module docs), writes back what it keeps (which also proves the folder
+    /// writable before anything is served), and returns what to serve, configuration first.
+    pub fn open(path: &Path, config: &[ConfigExport]) -> Result<(State, Vec<Planned>), StateError> {
+        let mut entries = match std::fs::read(path) {
+            Ok(bytes) => {
+                let disk: OnDisk =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Invalid {
+                        path: path.to_path_buf(),
+                        why: e.to_string(),
+                    })?;
+                if disk.version != VERSION {
+                    return Err(StateError::Invalid {
+                        path: path.to_path_buf(),
+                        why: format!("version {} (this daemon reads {VERSION})", disk.version),
+                    });
+                }
+                disk.exports
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.to_path_buf(),
+                    op: "reading",
+                    source,
+                })
+            }
+        };
+        let mut plan = Vec::new();
+        for c in config {
+            match entries.get(&c.name) {
+                Some(e) if e.replaces.as_deref() == Some(c.overlay.as_path()) => {
+                    if let Some(p) = &e.params {
+                        plan.push(Planned {
+                            params: p.clone(),
+                            from_config: false,
+                            trusted: true,
+                            fallback: e.fallback.clone(),
+                        });
+                    }
+                    continue;
+                }
+                Some(_) => {
+                    tracing::warn!(export = %c.name, state = %path.display(),
+                        "the configuration names this export anew: its recorded state is dropped");
+                    entries.remove(&c.name);
+                }
+                None => {}
+            }
+            plan.push(Planned {
+                params: c.params.clone(),
+                from_config: true,
+                trusted: true,
+                fallback: None,
+            });
+        }
+        let config: BTreeMap<String, ConfigExport> =
+            config.iter().map(|c| (c.name.clone(), c.clone())).collect();
+        entries.retain(|name, e| {
+            if config.contains_key(name) {
+                return true;
+            }
+            if e.replaces.is_some() {
+                tracing::warn!(export = %name, state = %path.display(),
+                    "the configuration no longer names this export: its recorded change is dropped");
+                return false;
+            }
+            match &e.params {
+                Some(p) => {
+                    plan.push(Planned {
+                        params: p.clone(),
+                        from_config: false,
+                        trusted: false,
+                        fallback: e.fallback.clone(),
+                    });
+                    true
+                }
+                None => false,
+            }
+        });
+        save(path, &entries)?;
+        Ok((
+            State {
+                path: path.to_path_buf(),
+                inner: Mutex::new(Inner { config, entries }),
+            },
+            plan,
+        ))
+    }
+
+    /// Takes the state's lock: the served-set changes and their records happen one at a time
+    /// (`control::record::recorded` holds it across a control call's change and its record).
+    pub fn lock(&self) -> Recorder<'_> {
+        Recorder {
+            path: &self.path,
+            inner: self.inner.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// The recorded export-add parameters of every export, by name (the configuration's
+    /// exports included, as changed at runtime).
+    pub fn exports(&self) -> BTreeMap<String, Map<String, Value>> {
+        let r = self.lock();
+        let mut out: BTreeMap<String, Map<String, Value>> = r
+            .inner
+            .config
+            .iter()
+            .map(|(n, c)| (n.clone(), c.params.clone()))
+            .collect();
+        for (n, e) in &r.inner.entries {
+            match &e.params {
+                Some(p) => out.insert(n.clone(), p.clone()),
+                None => out.remove(n),
+            };
+        }
+        out
+    }
+}
+
+/// What an export's record was before [`Recorder::snapshot_begin`] changed it.
+pub struct Before(Option<Entry>);
+
+/// The state under its lock, to record changes with (each call durable when it returns).
+pub struct Recorder<'a> {
+    path: &'a Path,
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Recorder<'_> {
+    /// An export was added (export-add) with `params`.
+    pub fn added(&mut self, params: &Map<String, Value>) -> io::Result<()> {
+        let name = params
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let replaces = self.inner.config.get(&name).map(|c| c.overlay.clone());
+        self.put(
+            &name,
+            Some(Entry {
+                params: Some(params.clone()),
+                replaces,
+                fallback: None,
+            }),
+        )
+    }
+
+    /// Export `name` was deleted.
+    pub fn deleted(&mut self, name: &str) -> io::Result<()> {
+        let entry = self.inner.config.get(name).map(|c| Entry {
+            params: None,
+            replaces: Some(c.overlay.clone()),
+            fallback: None,
+        });
+        self.put(name, entry)
+    }
+
+    /// Changes the recorded parameters of export `name` with `f` (they are what a restarted
+    /// daemon's export-add gets). An export the state does not know (none such) is left alone.
+    pub fn update_export(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Map<String, Value>),
+    ) -> io::Result<()> {
+        let Some(mut params) = self.current(name) else {
+            tracing::warn!(export = %name, "no such export in the state: nothing recorded");
+            return Ok(());
+        };
+        f(&mut params);
+        let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
+        self.put(
+            name,
+            Some(Entry {
+                params: Some(params),
+                replaces,
+                fallback: None,
+            }),
+        )
+    }
+
+    /// A snapshot of export `name` onto `overlay` is about to start: recorded on `overlay`
+    /// with its present overlay as the fallback. Returns what to put back if it fails
+    /// ([`Recorder::restore`]).
+    pub fn snapshot_begin(&mut self, name: &str, overlay: &Path) -> io::Result<Before> {
+        let Some(mut params) = self.current(name) else {
+            return Ok(Before(self.inner.entries.get(name).cloned()));
+        };
+        let before = self.inner.entries.get(name).cloned();
+        let fallback = params
+            .get("overlay")
+            .and_then(Value::as_str)
+            .map(PathBuf::from);
+        params.insert(
+            "overlay".into(),
+            Value::String(overlay.display().to_string()),
+        );
+        let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
+        self.put(
+            name,
+            Some(Entry {
+                params: Some(params),
+                replaces,
+                fallback,
+            }),
+        )?;
+        Ok(Before(before))
+    }
+
+    /// Puts back what [`Recorder::snapshot_begin`] returned (the snapshot failed).
+    pub fn restore(&mut self, name: &str, before: Before) -> io::Result<()> {
+        self.put(name, before.0)
+    }
+
+    /// The export-add parameters export `name` is served with.
+    fn current(&self, name: &str) -> Option<Map<String, Value>> {
+        match self.inner.entries.get(name) {
+            Some(e) => e.params.clone(),
+            None => self.inner.config.get(name).map(|c| c.params.clone()),
+        }
+    }
+
+    /// Records `entry` for `name` (`None`: nothing recorded), durably, then in memory.
+    fn put(&mut self, name: &str, entry: Option<Entry>) -> io::Result<()> {
+        let mut next = self.inner.entries.clone();
+        match entry {
+            Some(e) => next.insert(name.to_string(), e),
+            None => next.remove(name),
+        };
+        save(self.path, &next).map_err(|e| match e {
+            StateError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        })?;
+        self.inner.entries = next;
+        Ok(())
+    }
+}
+
+impl State {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes `entries` to `path` durably: a temporary file beside it, fsynced, renamed over it,
+/// the folder fsynced.
+fn save(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), StateError> {
+    let io = |op: &'static str| {
+        move |source: io::Error| StateError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let mut bytes = serde_json::to_vec_pretty(&OnDisk {
+        version: VERSION,
+        exports: entries.clone(),
+    })
+    .map_err(|e| io("encoding")(io::Error::other(e)))?;
+    bytes.push(b'\n');
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    seam::pause("state-write");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("creating its temporary file"))?;
+    f.write_all(&bytes).map_err(io("writing"))?;
+    f.sync_all().map_err(io("fsync"))?;
+    drop(f);
+    seam::pause("state-synced");
+    std::fs::rename(&tmp, path).map_err(io("renaming its temporary file over it"))?;
+    seam::pause("state-renamed");
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync of its folder"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn params(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn cfg(name: &str, overlay: &str) -> ConfigExport {
+        ConfigExport {
+            name: name.into(),
+            overlay: overlay.into(),
+            params: params(json!({"name": name, "overlay": overlay})),
+        }
+    }
+
+    fn names(plan: &[Planned]) -> Vec<(String, String, bool)> {
+        plan.iter()
+            .map(|p| {
+                (
+                    p.params["name"].as_str().unwrap().to_string(),
+                    p.params["overlay"].as_str().unwrap().to_string(),
+                    p.from_config,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runtime_changes_come_back_and_the_configuration_wins_a_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow"), cfg("b", "/b.add-cow")];
+        {
+            let (s, plan) = State::open(&path, &config).unwrap();
+            assert_eq!(plan.len(), 2);
+            let mut r = s.lock();
+            r.added(&params(
+                json!({"name": "c", "overlay": "/c.add-cow", "read_only": true}),
+            ))
+            .unwrap();
+            r.added(&params(json!({"name": "d", "overlay": "/d.add-cow"})))
+                .unwrap();
+            r.deleted("b").unwrap();
+            r.snapshot_begin("a", Path::new("/a2.add-cow")).unwrap();
+            r.update_export("a", |_| {}).unwrap();
+            r.deleted("d").unwrap();
+            r.update_export("c", |p| {
+                p.insert("throttle".into(), json!({"iops-total": 100}));
+            })
+            .unwrap();
+        }
+        let (s, plan) = State::open(&path, &config).unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                ("a".into(), "/a2.add-cow".into(), false),
+                ("c".into(), "/c.add-cow".into(), false),
+            ]
+        );
+        assert_eq!(plan[1].params["throttle"], json!({"iops-total": 100}));
+        assert_eq!(s.exports().len(), 2);
+        drop(s);
+
+        // The configuration now names a new overlay for a, and takes the name c: it wins both;
+        // b is deleted no more once the configuration names it anew.
+        let config = [
+            cfg("a", "/new-a.add-cow"),
+            cfg("b", "/other-b.add-cow"),
+            cfg("c", "/config-c.add-cow"),
+        ];
+        let (_, plan) = State::open(&path, &config).unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                ("a".into(), "/new-a.add-cow".into(), true),
+                ("b".into(), "/other-b.add-cow".into(), true),
+                ("c".into(), "/config-c.add-cow".into(), true),
+            ]
+        );
+        // Dropped entries are gone from the file too.
+        let (_, plan) = State::open(&path, &[]).unwrap();
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn an_interrupted_snapshot_keeps_its_fallback_and_a_failed_one_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow")];
+        let (s, _) = State::open(&path, &config).unwrap();
+        let before = s
+            .lock()
+            .snapshot_begin("a", Path::new("/a2.add-cow"))
+            .unwrap();
+        let (_, plan) = State::open(&path, &config).unwrap();
+        assert_eq!(plan[0].fallback.as_deref(), Some(Path::new("/a.add-cow")));
+        assert_eq!(plan[0].params["overlay"], "/a2.add-cow");
+        s.lock().restore("a", before).unwrap();
+        let (_, plan) = State::open(&path, &config).unwrap();
+        assert_eq!(names(&plan), [("a".into(), "/a.add-cow".into(), true)]);
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_and_nothing_is_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let e = State::open(&path, &[]).err().unwrap();
+        assert!(e.to_string().contains("state.json"), "{e}");
+        std::fs::write(&path, r#"{"version": 9, "exports": {}}"#).unwrap();
+        assert!(State::open(&path, &[])
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("version 9"));
+        std::fs::remove_file(&path).unwrap();
+        State::open(&path, &[]).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("state.json")]);
+    }
+}
