@@ -504,12 +504,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     if let Some(t) = &tls {
         let _ = host.tls.set(t.clone());
     }
-    for (name, limits) in &cfg.throttle_groups {
-        host.throttle_groups
-            .set(name, *limits)
-            .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
-    }
-    // The configuration's exports, changed by what the state file records (see `host::state`).
+    // The configuration's throttle groups and exports, changed by what the state file records
+    // (see `host::state`); the groups first, so that the exports joining them find them.
+    let mut groups: Vec<(String, addcow_engine::qos::ThrottleLimits)> = cfg.throttle_groups.clone();
     let plan = match &cfg.state {
         None => named
             .iter()
@@ -529,15 +526,21 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
                     params: e.params(),
                 })
                 .collect();
-            let (state, plan) = State::open(path, &config).map_err(|e| {
+            let (state, plan) = State::open(path, &config, &groups).map_err(|e| {
                 Error::new(ErrorKind::InvalidArgument)
                     .with_flag("--state")
                     .with_source(e)
             })?;
+            groups = state.groups().into_iter().collect();
             let _ = host.state.set(Arc::new(state));
             plan
         }
     };
+    for (name, limits) in &groups {
+        host.throttle_groups
+            .set(name, *limits)
+            .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
+    }
     for p in plan {
         serve_planned(&host, p)?;
     }
