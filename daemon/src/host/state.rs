@@ -686,6 +686,92 @@ mod tests {
         assert_eq!(names(&plan), [("a".into(), "/a.add-cow".into(), true)]);
     }
 
+    fn limits(iops: u64) -> ThrottleLimits {
+        ThrottleLimits {
+            iops_total: Some(iops),
+            ..ThrottleLimits::default()
+        }
+    }
+
+    #[test]
+    fn throttle_groups_come_back_and_the_configuration_wins_new_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let groups = [
+            ("cfg".to_string(), limits(100)),
+            ("gone".to_string(), limits(10)),
+            ("kept".to_string(), limits(7)),
+        ];
+        {
+            let (s, _) = State::open(&path, &[], &groups).unwrap();
+            let mut r = s.lock();
+            r.group_set("gold", limits(1000)).unwrap();
+            r.group_set("gold", limits(2000)).unwrap();
+            r.group_set("tmp", limits(5)).unwrap();
+            r.group_deleted("tmp").unwrap();
+            r.group_set("cfg", limits(300)).unwrap();
+            r.group_deleted("gone").unwrap();
+        }
+        let (s, _) = State::open(&path, &[], &groups).unwrap();
+        let want: BTreeMap<String, ThrottleLimits> = [
+            ("cfg".to_string(), limits(300)),
+            ("gold".to_string(), limits(2000)),
+            ("kept".to_string(), limits(7)),
+        ]
+        .into();
+        assert_eq!(s.groups(), want);
+        drop(s);
+
+        // The configuration gives cfg new limits and gone is joined by one of its exports:
+        // the configuration wins both.
+        let groups = [
+            ("cfg".to_string(), limits(400)),
+            ("gone".to_string(), limits(10)),
+        ];
+        let mut joins = cfg("a", "/a.add-cow");
+        joins.params.insert("throttle-group".into(), json!("gone"));
+        let (s, _) = State::open(&path, &[joins], &groups).unwrap();
+        let want: BTreeMap<String, ThrottleLimits> = [
+            ("cfg".to_string(), limits(400)),
+            ("gold".to_string(), limits(2000)),
+            ("gone".to_string(), limits(10)),
+        ]
+        .into();
+        assert_eq!(s.groups(), want);
+    }
+
+    #[test]
+    fn a_file_without_throttle_groups_loads_and_bad_groups_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {"b": {"params": {"name": "b", "overlay": "/b.add-cow"}}}}"#,
+        )
+        .unwrap();
+        let (s, plan) = State::open(&path, &[], &[("g".into(), limits(1))]).unwrap();
+        assert_eq!(names(&plan), [("b".into(), "/b.add-cow".into(), false)]);
+        assert_eq!(s.groups().len(), 1);
+        drop(s);
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {}, "throttle-groups": {"g": {"limits": {"iops-total-max": 5}}}}"#,
+        )
+        .unwrap();
+        let e = State::open(&path, &[], &[]).err().unwrap().to_string();
+        assert!(
+            e.contains("throttle group \"g\"") && e.contains("iops-total-max"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {}, "throttle-groups": {"a b": {"limits": {}}}}"#,
+        )
+        .unwrap();
+        let e = State::open(&path, &[], &[]).err().unwrap().to_string();
+        assert!(e.contains("a b"), "{e}");
+    }
+
     #[test]
     fn a_bad_file_is_refused_and_nothing_is_left_behind() {
         let dir = tempfile::tempdir().unwrap();
