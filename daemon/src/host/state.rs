@@ -12,6 +12,19 @@
 //!   or updated with [`Recorder::update_export`]): its new parameters (`null`: deleted),
 //!   together with the overlay the configuration named for it then (`replaces`).
 //!
+//! Throttling: an export's limits (`export-set-throttle`) are its `throttle` / `throttle-group`
+//! parameters (removing the limits removes both keys). Named throttle groups are kept under
+//! `throttle-groups`, name -> `{limits}`, the same way as exports:
+//!
+//! * a group made or changed at runtime (`throttle-group-set`): its limits;
+//! * a configuration group (`--throttle-group`, `throttle-group` in `[serve]`) changed or
+//!   deleted at runtime: its new limits (`null`: deleted), together with the limits the
+//!   configuration gave it then (`replaces`).
+//!
+//! A file without `throttle-groups` (written before groups were recorded) is read as recording
+//! none; the key is written only when a group is recorded, so the version stays 1 (an older
+//! daemon refuses a file that has it, naming the key, rather than forget the groups).
+//!
 //! # The rule between the configuration and the state (at start, [`State::open`])
 //! * A configuration export whose recorded change `replaces` the overlay the configuration
 //!   still names: the recorded change wins (a snapshotted export comes back on its new
@@ -23,6 +36,14 @@
 //! * A recorded change of a configuration export the configuration no longer names: dropped
 //!   (logged).
 //! * Every other recorded export is served as recorded.
+//!
+//! Named throttle groups follow the same rule, the configuration's limits in place of its
+//! overlay: a recorded change of a configuration group wins while the configuration still gives
+//! it the limits it `replaces`; once the configuration gives it other limits, or no longer names
+//! it, **the configuration wins** and the entry is dropped (logged). A configuration group
+//! recorded as deleted that a configuration export served at start joins is made again
+//! (logged: the configuration wins). The groups ([`State::groups`]) are made before any export
+//! is added, so a recorded export with a `throttle-group` finds its group.
 //!
 //! An export that cannot be opened at start (a file gone, a folder no longer allowed) is
 //! logged and kept in the state: it comes back once it can be opened again.
@@ -45,9 +66,9 @@
 //! `export-resize` records nothing: the size is in the overlay's header, made durable by the
 //! resize before its reply.
 //!
-//! # For new control verbs that change an export (throttle, bitmaps, ...)
+//! # For new control verbs that change an export (bitmaps, ...)
 //! Wrap the verb's effect in `control::record::recorded` and update the export's parameters in
-//! its record closure, e.g. after the limits took effect:
+//! its record closure, as `export-set-throttle` does (`control/throttle.rs`):
 //!
 //! ```ignore
 //! super::record::recorded(host, || apply_limits(host, &name, &limits), |r, _| {

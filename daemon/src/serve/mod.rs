@@ -54,8 +54,9 @@ pub struct ServeArgs {
     /// overrides the file option by option. No file is read unless this is given.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Record the exports the control socket adds, deletes and snapshots in this file (JSON,
-    /// replaced atomically, durable before each reply) and serve them again at start.
+    /// Record the exports the control socket adds, deletes, snapshots and throttles, and the
+    /// throttle groups it sets and deletes, in this file (JSON, replaced atomically, durable
+    /// before each reply) and serve them again at start.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// The `[[export]]` tables of --config, as export-add parameters (filled by
