@@ -12,6 +12,19 @@
 //!   or updated with [`Recorder::update_export`]): its new parameters (`null`: deleted),
 //!   together with the overlay the configuration named for it then (`replaces`).
 //!
+//! Throttling: an export's limits (`export-set-throttle`) are its `throttle` / `throttle-group`
+//! parameters (removing the limits removes both keys). Named throttle groups are kept under
+//! `throttle-groups`, name -> `{limits}`, the same way as exports:
+//!
+//! * a group made or changed at runtime (`throttle-group-set`): its limits;
+//! * a configuration group (`--throttle-group`, `throttle-group` in `[serve]`) changed or
+//!   deleted at runtime: its new limits (`null`: deleted), together with the limits the
+//!   configuration gave it then (`replaces`).
+//!
+//! A file without `throttle-groups` (written before groups were recorded) is read as recording
+//! none; the key is written only when a group is recorded, so the version stays 1 (an older
+//! daemon refuses a file that has it, naming the key, rather than forget the groups).
+//!
 //! # The rule between the configuration and the state (at start, [`State::open`])
 //! * A configuration export whose recorded change `replaces` the overlay the configuration
 //!   still names: the recorded change wins (a snapshotted export comes back on its new
@@ -23,6 +36,14 @@
 //! * A recorded change of a configuration export the configuration no longer names: dropped
 //!   (logged).
 //! * Every other recorded export is served as recorded.
+//!
+//! Named throttle groups follow the same rule, the configuration's limits in place of its
+//! overlay: a recorded change of a configuration group wins while the configuration still gives
+//! it the limits it `replaces`; once the configuration gives it other limits, or no longer names
+//! it, **the configuration wins** and the entry is dropped (logged). A configuration group
+//! recorded as deleted that a configuration export served at start joins is made again
+//! (logged: the configuration wins). The groups ([`State::groups`]) are made before any export
+//! is added, so a recorded export with a `throttle-group` finds its group.
 //!
 //! An export that cannot be opened at start (a file gone, a folder no longer allowed) is
 //! logged and kept in the state: it comes back once it can be opened again.
@@ -45,9 +66,9 @@
 //! `export-resize` records nothing: the size is in the overlay's header, made durable by the
 //! resize before its reply.
 //!
-//! # For new control verbs that change an export (throttle, bitmaps, ...)
+//! # For new control verbs that change an export (bitmaps, ...)
 //! Wrap the verb's effect in `control::record::recorded` and update the export's parameters in
-//! its record closure, e.g. after the limits took effect:
+//! its record closure, as `export-set-throttle` does (`control/throttle.rs`):
 //!
 //! ```ignore
 //! super::record::recorded(host, || apply_limits(host, &name, &limits), |r, _| {
@@ -64,6 +85,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use addcow_engine::qos::ThrottleLimits;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -138,18 +160,40 @@ struct Entry {
     fallback: Option<PathBuf>,
 }
 
+/// One recorded named throttle group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupEntry {
+    /// Its limits; `None`: a configuration group deleted at runtime.
+    limits: Option<ThrottleLimits>,
+    /// The limits the configuration gave this group when it was changed at runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaces: Option<ThrottleLimits>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
     version: u32,
     exports: BTreeMap<String, Entry>,
+    /// Absent in a file written before groups were recorded: none.
+    #[serde(
+        default,
+        rename = "throttle-groups",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    throttle_groups: BTreeMap<String, GroupEntry>,
 }
 
 struct Inner {
     /// The configuration's exports, by name.
     config: BTreeMap<String, ConfigExport>,
+    /// The configuration's named throttle groups, by name.
+    config_groups: BTreeMap<String, ThrottleLimits>,
     /// What is recorded, as on disk.
     entries: BTreeMap<String, Entry>,
+    /// The recorded throttle groups, as on disk.
+    groups: BTreeMap<String, GroupEntry>,
 }
 
 /// The state file of a running daemon. See the module docs.
@@ -160,10 +204,20 @@ pub struct State {
 
 impl State {
     /// Reads `path` (absent: nothing recorded), matches it with the configuration's exports
-    /// (the rule in the module docs), writes back what it keeps (which also proves the folder
-    /// writable before anything is served), and returns what to serve, configuration first.
-    pub fn open(path: &Path, config: &[ConfigExport]) -> Result<(State, Vec<Planned>), StateError> {
-        let mut entries = match std::fs::read(path) {
+    /// and named throttle groups (`config_groups`; the rule in the module docs), writes back
+    /// what it keeps (which also proves the folder writable before anything is served), and
+    /// returns what to serve, configuration first. The throttle groups to make before serving
+    /// it are [`State::groups`].
+    pub fn open(
+        path: &Path,
+        config: &[ConfigExport],
+        config_groups: &[(String, ThrottleLimits)],
+    ) -> Result<(State, Vec<Planned>), StateError> {
+        let invalid = |why: String| StateError::Invalid {
+            path: path.to_path_buf(),
+            why,
+        };
+        let (mut entries, mut groups) = match std::fs::read(path) {
             Ok(bytes) => {
                 let disk: OnDisk =
                     serde_json::from_slice(&bytes).map_err(|e| StateError::Invalid {
@@ -176,9 +230,20 @@ impl State {
                         why: format!("version {} (this daemon reads {VERSION})", disk.version),
                     });
                 }
-                disk.exports
+                for (name, g) in &disk.throttle_groups {
+                    super::throttle::check_group_name(name).map_err(|e| invalid(e.to_string()))?;
+                    if let Some(l) = &g.limits {
+                        l.validate().map_err(|e| {
+                            invalid(format!(
+                                "throttle group {name:?}: limit `{}`: {}",
+                                e.key, e.reason
+                            ))
+                        })?;
+                    }
+                }
+                (disk.exports, disk.throttle_groups)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), BTreeMap::new()),
             Err(source) => {
                 return Err(StateError::Io {
                     path: path.to_path_buf(),
@@ -239,14 +304,63 @@ impl State {
                 None => false,
             }
         });
-        save(path, &entries)?;
+        // Throttle groups: the same rule, the configuration's limits in place of its overlay.
+        let config_groups: BTreeMap<String, ThrottleLimits> =
+            config_groups.iter().cloned().collect();
+        groups.retain(|name, g| match config_groups.get(name) {
+            Some(c) if g.replaces.as_ref() == Some(c) => true,
+            Some(_) => {
+                tracing::warn!(group = %name, state = %path.display(),
+                    "the configuration gives this throttle group new limits: its recorded state is dropped");
+                false
+            }
+            None if g.replaces.is_some() => {
+                tracing::warn!(group = %name, state = %path.display(),
+                    "the configuration no longer names this throttle group: its recorded change is dropped");
+                false
+            }
+            None => g.limits.is_some(),
+        });
+        // A configuration group deleted at runtime that an export served now joins (the
+        // configuration's, its recorded change dropped above): the configuration wins.
+        groups.retain(|name, g| {
+            let joined = plan
+                .iter()
+                .any(|p| p.params.get("throttle-group").and_then(Value::as_str) == Some(name));
+            if g.limits.is_none() && joined {
+                tracing::warn!(group = %name, state = %path.display(),
+                    "an export of the configuration joins this throttle group: it is no longer deleted");
+                return false;
+            }
+            true
+        });
+        save(path, &entries, &groups)?;
         Ok((
             State {
                 path: path.to_path_buf(),
-                inner: Mutex::new(Inner { config, entries }),
+                inner: Mutex::new(Inner {
+                    config,
+                    config_groups,
+                    entries,
+                    groups,
+                }),
             },
             plan,
         ))
+    }
+
+    /// The named throttle groups to serve, by name: the configuration's as changed at runtime,
+    /// and those made at runtime. Made before the exports that join them are added.
+    pub fn groups(&self) -> BTreeMap<String, ThrottleLimits> {
+        let r = self.lock();
+        let mut out = r.inner.config_groups.clone();
+        for (n, g) in &r.inner.groups {
+            match g.limits {
+                Some(l) => out.insert(n.clone(), l),
+                None => out.remove(n),
+            };
+        }
+        out
     }
 
     /// Takes the state's lock: the served-set changes and their records happen one at a time
@@ -380,6 +494,27 @@ impl Recorder<'_> {
         }
     }
 
+    /// Named throttle group `name` was made or given new `limits` (`throttle-group-set`).
+    pub fn group_set(&mut self, name: &str, limits: ThrottleLimits) -> io::Result<()> {
+        let replaces = self.inner.config_groups.get(name).copied();
+        self.put_group(
+            name,
+            Some(GroupEntry {
+                limits: Some(limits),
+                replaces,
+            }),
+        )
+    }
+
+    /// Named throttle group `name` was deleted (`throttle-group-del`).
+    pub fn group_deleted(&mut self, name: &str) -> io::Result<()> {
+        let entry = self.inner.config_groups.get(name).map(|c| GroupEntry {
+            limits: None,
+            replaces: Some(*c),
+        });
+        self.put_group(name, entry)
+    }
+
     /// Records `entry` for `name` (`None`: nothing recorded), durably, then in memory.
     fn put(&mut self, name: &str, entry: Option<Entry>) -> io::Result<()> {
         let mut next = self.inner.entries.clone();
@@ -387,12 +522,29 @@ impl Recorder<'_> {
             Some(e) => next.insert(name.to_string(), e),
             None => next.remove(name),
         };
-        save(self.path, &next).map_err(|e| match e {
-            StateError::Io { source, .. } => source,
-            other => io::Error::other(other.to_string()),
-        })?;
+        save(self.path, &next, &self.inner.groups).map_err(into_io)?;
         self.inner.entries = next;
         Ok(())
+    }
+
+    /// Records throttle group `entry` for `name` (`None`: nothing recorded), durably, then in
+    /// memory.
+    fn put_group(&mut self, name: &str, entry: Option<GroupEntry>) -> io::Result<()> {
+        let mut next = self.inner.groups.clone();
+        match entry {
+            Some(e) => next.insert(name.to_string(), e),
+            None => next.remove(name),
+        };
+        save(self.path, &self.inner.entries, &next).map_err(into_io)?;
+        self.inner.groups = next;
+        Ok(())
+    }
+}
+
+fn into_io(e: StateError) -> io::Error {
+    match e {
+        StateError::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
     }
 }
 
@@ -403,9 +555,13 @@ impl State {
     }
 }
 
-/// Writes `entries` to `path` durably: a temporary file beside it, fsynced, renamed over it,
-/// the folder fsynced.
-fn save(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), StateError> {
+/// Writes `entries` and `groups` to `path` durably: a temporary file beside it, fsynced,
+/// renamed over it, the folder fsynced.
+fn save(
+    path: &Path,
+    entries: &BTreeMap<String, Entry>,
+    groups: &BTreeMap<String, GroupEntry>,
+) -> Result<(), StateError> {
     let io = |op: &'static str| {
         move |source: io::Error| StateError::Io {
             path: path.to_path_buf(),
@@ -416,6 +572,7 @@ fn save(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), StateError
     let mut bytes = serde_json::to_vec_pretty(&OnDisk {
         version: VERSION,
         exports: entries.clone(),
+        throttle_groups: groups.clone(),
     })
     .map_err(|e| io("encoding")(io::Error::other(e)))?;
     bytes.push(b'\n');
@@ -481,7 +638,7 @@ mod tests {
         let path = dir.path().join("state.json");
         let config = [cfg("a", "/a.add-cow"), cfg("b", "/b.add-cow")];
         {
-            let (s, plan) = State::open(&path, &config).unwrap();
+            let (s, plan) = State::open(&path, &config, &[]).unwrap();
             assert_eq!(plan.len(), 2);
             let mut r = s.lock();
             r.added(&params(
@@ -499,7 +656,7 @@ mod tests {
             })
             .unwrap();
         }
-        let (s, plan) = State::open(&path, &config).unwrap();
+        let (s, plan) = State::open(&path, &config, &[]).unwrap();
         assert_eq!(
             names(&plan),
             [
@@ -518,7 +675,7 @@ mod tests {
             cfg("b", "/other-b.add-cow"),
             cfg("c", "/config-c.add-cow"),
         ];
-        let (_, plan) = State::open(&path, &config).unwrap();
+        let (_, plan) = State::open(&path, &config, &[]).unwrap();
         assert_eq!(
             names(&plan),
             [
@@ -528,7 +685,7 @@ mod tests {
             ]
         );
         // Dropped entries are gone from the file too.
-        let (_, plan) = State::open(&path, &[]).unwrap();
+        let (_, plan) = State::open(&path, &[], &[]).unwrap();
         assert!(plan.is_empty(), "{plan:?}");
     }
 
@@ -537,17 +694,103 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         let config = [cfg("a", "/a.add-cow")];
-        let (s, _) = State::open(&path, &config).unwrap();
+        let (s, _) = State::open(&path, &config, &[]).unwrap();
         let before = s
             .lock()
             .snapshot_begin("a", Path::new("/a2.add-cow"))
             .unwrap();
-        let (_, plan) = State::open(&path, &config).unwrap();
+        let (_, plan) = State::open(&path, &config, &[]).unwrap();
         assert_eq!(plan[0].fallback.as_deref(), Some(Path::new("/a.add-cow")));
         assert_eq!(plan[0].params["overlay"], "/a2.add-cow");
         s.lock().restore("a", before).unwrap();
-        let (_, plan) = State::open(&path, &config).unwrap();
+        let (_, plan) = State::open(&path, &config, &[]).unwrap();
         assert_eq!(names(&plan), [("a".into(), "/a.add-cow".into(), true)]);
+    }
+
+    fn limits(iops: u64) -> ThrottleLimits {
+        ThrottleLimits {
+            iops_total: Some(iops),
+            ..ThrottleLimits::default()
+        }
+    }
+
+    #[test]
+    fn throttle_groups_come_back_and_the_configuration_wins_new_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let groups = [
+            ("cfg".to_string(), limits(100)),
+            ("gone".to_string(), limits(10)),
+            ("kept".to_string(), limits(7)),
+        ];
+        {
+            let (s, _) = State::open(&path, &[], &groups).unwrap();
+            let mut r = s.lock();
+            r.group_set("gold", limits(1000)).unwrap();
+            r.group_set("gold", limits(2000)).unwrap();
+            r.group_set("tmp", limits(5)).unwrap();
+            r.group_deleted("tmp").unwrap();
+            r.group_set("cfg", limits(300)).unwrap();
+            r.group_deleted("gone").unwrap();
+        }
+        let (s, _) = State::open(&path, &[], &groups).unwrap();
+        let want: BTreeMap<String, ThrottleLimits> = [
+            ("cfg".to_string(), limits(300)),
+            ("gold".to_string(), limits(2000)),
+            ("kept".to_string(), limits(7)),
+        ]
+        .into();
+        assert_eq!(s.groups(), want);
+        drop(s);
+
+        // The configuration gives cfg new limits and gone is joined by one of its exports:
+        // the configuration wins both.
+        let groups = [
+            ("cfg".to_string(), limits(400)),
+            ("gone".to_string(), limits(10)),
+        ];
+        let mut joins = cfg("a", "/a.add-cow");
+        joins.params.insert("throttle-group".into(), json!("gone"));
+        let (s, _) = State::open(&path, &[joins], &groups).unwrap();
+        let want: BTreeMap<String, ThrottleLimits> = [
+            ("cfg".to_string(), limits(400)),
+            ("gold".to_string(), limits(2000)),
+            ("gone".to_string(), limits(10)),
+        ]
+        .into();
+        assert_eq!(s.groups(), want);
+    }
+
+    #[test]
+    fn a_file_without_throttle_groups_loads_and_bad_groups_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {"b": {"params": {"name": "b", "overlay": "/b.add-cow"}}}}"#,
+        )
+        .unwrap();
+        let (s, plan) = State::open(&path, &[], &[("g".into(), limits(1))]).unwrap();
+        assert_eq!(names(&plan), [("b".into(), "/b.add-cow".into(), false)]);
+        assert_eq!(s.groups().len(), 1);
+        drop(s);
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {}, "throttle-groups": {"g": {"limits": {"iops-total-max": 5}}}}"#,
+        )
+        .unwrap();
+        let e = State::open(&path, &[], &[]).err().unwrap().to_string();
+        assert!(
+            e.contains("throttle group \"g\"") && e.contains("iops-total-max"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "exports": {}, "throttle-groups": {"a b": {"limits": {}}}}"#,
+        )
+        .unwrap();
+        let e = State::open(&path, &[], &[]).err().unwrap().to_string();
+        assert!(e.contains("a b"), "{e}");
     }
 
     #[test]
@@ -555,16 +798,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         std::fs::write(&path, "{not json").unwrap();
-        let e = State::open(&path, &[]).err().unwrap();
+        let e = State::open(&path, &[], &[]).err().unwrap();
         assert!(e.to_string().contains("state.json"), "{e}");
         std::fs::write(&path, r#"{"version": 9, "exports": {}}"#).unwrap();
-        assert!(State::open(&path, &[])
+        assert!(State::open(&path, &[], &[])
             .err()
             .unwrap()
             .to_string()
             .contains("version 9"));
         std::fs::remove_file(&path).unwrap();
-        State::open(&path, &[]).unwrap();
+        State::open(&path, &[], &[]).unwrap();
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

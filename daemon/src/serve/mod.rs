@@ -54,8 +54,9 @@ pub struct ServeArgs {
     /// overrides the file option by option. No file is read unless this is given.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Record the exports the control socket adds, deletes and snapshots in this file (JSON,
-    /// replaced atomically, durable before each reply) and serve them again at start.
+    /// Record the exports the control socket adds, deletes, snapshots and throttles, and the
+    /// throttle groups it sets and deletes, in this file (JSON, replaced atomically, durable
+    /// before each reply) and serve them again at start.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// The `[[export]]` tables of --config, as export-add parameters (filled by
@@ -504,12 +505,9 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     if let Some(t) = &tls {
         let _ = host.tls.set(t.clone());
     }
-    for (name, limits) in &cfg.throttle_groups {
-        host.throttle_groups
-            .set(name, *limits)
-            .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
-    }
-    // The configuration's exports, changed by what the state file records (see `host::state`).
+    // The configuration's throttle groups and exports, changed by what the state file records
+    // (see `host::state`); the groups first, so that the exports joining them find them.
+    let mut groups: Vec<(String, addcow_engine::qos::ThrottleLimits)> = cfg.throttle_groups.clone();
     let plan = match &cfg.state {
         None => named
             .iter()
@@ -529,15 +527,21 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
                     params: e.params(),
                 })
                 .collect();
-            let (state, plan) = State::open(path, &config).map_err(|e| {
+            let (state, plan) = State::open(path, &config, &groups).map_err(|e| {
                 Error::new(ErrorKind::InvalidArgument)
                     .with_flag("--state")
                     .with_source(e)
             })?;
+            groups = state.groups().into_iter().collect();
             let _ = host.state.set(Arc::new(state));
             plan
         }
     };
+    for (name, limits) in &groups {
+        host.throttle_groups
+            .set(name, *limits)
+            .map_err(|e| Error::invalid("--throttle-group", name.as_str(), e.to_string()))?;
+    }
     for p in plan {
         serve_planned(&host, p)?;
     }

@@ -8,6 +8,7 @@ use super::super::runtime::{Host, HostError};
 use super::super::throttle::{
     describe, group_of, parse_limits, set_export_group, ExportThrottle, StatsReport, ThrottleError,
 };
+use super::record::recorded;
 use super::rpc::{params, RpcError, INVALID_PARAMS};
 use crate::nbd::export::Export;
 use addcow_engine::qos::ThrottleGroup;
@@ -60,23 +61,38 @@ pub(super) fn export_set_throttle(host: &Host, p: Map<String, Value>) -> Result<
         ));
     }
     let t = ExportThrottle::from_params(s.limits.as_ref(), s.throttle_group.as_deref())?;
-    let e = host
-        .exports
-        .get(&s.name)
-        .ok_or_else(|| HostError::NoSuchExport(s.name.clone()))?;
-    let current = group_of(&e);
-    match (&t.group, current) {
-        // Its own group already: change the budget in place (requests waiting are re-timed).
-        (None, Some(g)) if !t.limits.is_empty() && !host.throttle_groups.is_named(&g) => {
-            g.set_limits(t.limits).map_err(ThrottleError::from)?;
+    let change = || {
+        let e = host
+            .exports
+            .get(&s.name)
+            .ok_or_else(|| HostError::NoSuchExport(s.name.clone()))?;
+        let current = group_of(&e);
+        match (&t.group, current) {
+            // Its own group already: change the budget in place (requests waiting are re-timed).
+            (None, Some(g)) if !t.limits.is_empty() && !host.throttle_groups.is_named(&g) => {
+                g.set_limits(t.limits).map_err(ThrottleError::from)?;
+            }
+            _ => {
+                let joining = host.throttle_groups.join(&e.name, &t)?;
+                set_export_group(&e, joining.group.clone())?;
+            }
         }
-        _ => {
-            let joining = host.throttle_groups.join(&e.name, &t)?;
-            set_export_group(&e, joining.group.clone())?;
-        }
-    }
-    tracing::info!(export = ?e.name, group = ?t.group, limits = ?t.limits, "export throttle set");
-    Ok(export_throttle_value(host, &e))
+        tracing::info!(export = ?e.name, group = ?t.group, limits = ?t.limits, "export throttle set");
+        Ok(export_throttle_value(host, &e))
+    };
+    // A restarted daemon's export-add sets the same: `throttle-group`, or `throttle`, or
+    // neither (the limits removed).
+    recorded(host, change, |r, _| {
+        r.update_export(&s.name, |p| {
+            p.remove("throttle");
+            p.remove("throttle-group");
+            if let Some(g) = &t.group {
+                p.insert("throttle-group".into(), json!(g));
+            } else if !t.limits.is_empty() {
+                p.insert("throttle".into(), json!(t.limits));
+            }
+        })
+    })
 }
 
 fn export_throttle_value(host: &Host, e: &Export) -> Value {
@@ -99,15 +115,18 @@ pub(super) struct GroupSet {
 pub(super) fn throttle_group_set(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let s: GroupSet = params(p)?;
     let limits = parse_limits(&s.limits)?;
-    let created = host.throttle_groups.set(&s.name, limits)?;
-    tracing::info!(group = ?s.name, ?limits, created, "throttle group set");
-    let g = host
-        .throttle_groups
-        .get(&s.name)
-        .ok_or_else(|| ThrottleError::NoSuchGroup(s.name.clone()))?;
-    let mut v = group_value(host, &g);
-    v["created"] = json!(created);
-    Ok(v)
+    let change = || {
+        let created = host.throttle_groups.set(&s.name, limits)?;
+        tracing::info!(group = ?s.name, ?limits, created, "throttle group set");
+        let g = host
+            .throttle_groups
+            .get(&s.name)
+            .ok_or_else(|| ThrottleError::NoSuchGroup(s.name.clone()))?;
+        let mut v = group_value(host, &g);
+        v["created"] = json!(created);
+        Ok(v)
+    };
+    recorded(host, change, |r, _| r.group_set(&s.name, limits))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -119,10 +138,13 @@ pub(super) struct GroupName {
 /// `throttle-group-del {name}`: deletes a named group no export is in.
 pub(super) fn throttle_group_del(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let s: GroupName = params(p)?;
-    host.throttle_groups
-        .remove_unused(&s.name, |g| members(host, g))?;
-    tracing::info!(group = ?s.name, "throttle group deleted");
-    Ok(json!({}))
+    let change = || {
+        host.throttle_groups
+            .remove_unused(&s.name, |g| members(host, g))?;
+        tracing::info!(group = ?s.name, "throttle group deleted");
+        Ok(json!({}))
+    };
+    recorded(host, change, |r, _| r.group_deleted(&s.name))
 }
 
 fn group_value(host: &Host, g: &ThrottleGroup) -> Value {
