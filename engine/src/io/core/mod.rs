@@ -29,6 +29,7 @@
 
 mod commit;
 mod commit_order;
+mod dirty_gate;
 #[cfg(feature = "fault-injection")]
 mod inject;
 pub(super) mod mailbox;
