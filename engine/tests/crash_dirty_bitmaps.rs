@@ -182,7 +182,10 @@ fn reopened_bitmap_covers_the_writes() {
     let disk = engine
         .open(&fx.meta, DiskOptions::default())
         .expect("reopen");
-    let ext = disk.bitmaps().extents("b", 0, 64 * 512).expect("extents");
+    let ext = disk
+        .bitmaps()
+        .extents("b", 0, 64 * 512, usize::MAX)
+        .expect("extents");
     let dirty: Vec<(u64, u64)> = ext
         .iter()
         .filter(|e| e.dirty)

@@ -99,6 +99,24 @@ pub trait Backend: Send + Sync + 'static {
     fn fast_zero_unit(&self) -> Option<u64> {
         Some(512)
     }
+    /// The dirty bitmaps this export serves as `qemu:dirty-bitmap:NAME`, in context-id order
+    /// (at most [`crate::nbd::handshake::MAX_EXPORTED_BITMAPS`]).
+    fn exported_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Dirty and clean runs of exported bitmap `name` over `[offset, offset+len)`, at most
+    /// `max`; `None` if it is gone. A live bitmap of the disk, or a frozen one a backup view
+    /// serves (both are [`addcow_engine::dirty::DirtySource`]s).
+    fn dirty_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<addcow_engine::dirty::DirtyExtent>> {
+        let _ = (name, offset, len, max);
+        None
+    }
 }
 
 /// One generation of an [`EngineDisk`]: the open disk and its files for hole queries.
@@ -186,6 +204,8 @@ pub struct EngineDisk {
     /// switch). Updated when a generation is installed, before requests flow to it.
     fast_zero: AtomicU64,
     in_flight: Arc<InFlight>,
+    /// The bitmaps served as `qemu:dirty-bitmap:NAME` (set once, before the export is published).
+    exported_bitmaps: std::sync::OnceLock<Vec<String>>,
 }
 
 impl EngineDisk {
@@ -204,7 +224,31 @@ impl EngineDisk {
             current: RwLock::new(Arc::new(g)),
             layout: RwLock::new(()),
             in_flight: Arc::default(),
+            exported_bitmaps: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves `names` (bitmaps of the disk) as `qemu:dirty-bitmap:NAME`; call before the
+    /// export is published. Fails if one is missing or there are too many.
+    pub fn export_bitmaps(&self, names: Vec<String>) -> Result<(), String> {
+        if names.len() > crate::nbd::handshake::MAX_EXPORTED_BITMAPS {
+            return Err(format!(
+                "at most {} bitmaps per export",
+                crate::nbd::handshake::MAX_EXPORTED_BITMAPS
+            ));
+        }
+        let disk = self.current().disk.clone();
+        for (i, n) in names.iter().enumerate() {
+            if !disk.bitmaps().contains(n) {
+                return Err(format!("the disk has no bitmap named {n:?}"));
+            }
+            if names[..i].contains(n) {
+                return Err(format!("bitmap {n:?} named twice"));
+            }
+        }
+        self.exported_bitmaps
+            .set(names)
+            .map_err(|_| "the export's bitmaps are set already".to_string())
     }
 
     /// Opens `overlay` as the next generation of this export, with the export's options.
@@ -323,6 +367,22 @@ impl Backend for EngineDisk {
     }
     fn disk(&self) -> Option<Disk> {
         Some(self.current().disk.clone())
+    }
+    fn exported_bitmaps(&self) -> Vec<String> {
+        self.exported_bitmaps.get().cloned().unwrap_or_default()
+    }
+    fn dirty_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<addcow_engine::dirty::DirtyExtent>> {
+        self.current()
+            .disk
+            .bitmaps()
+            .extents(name, offset, len, max)
+            .ok()
     }
     fn engine_disk(&self) -> Option<&EngineDisk> {
         Some(self)

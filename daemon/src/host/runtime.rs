@@ -420,6 +420,21 @@ impl Host {
         origin: Origin,
         tls_authz: Option<Vec<String>>,
     ) -> Result<Arc<Export>, HostError> {
+        self.add_export_bitmaps(name, overlay, opts, origin, tls_authz, Vec::new())
+    }
+
+    /// [`Host::add_export_authz`] for an export that also serves the disk's dirty bitmaps
+    /// `bitmaps` as `qemu:dirty-bitmap:NAME` (each must exist on the disk; checked before
+    /// the export is published).
+    pub fn add_export_bitmaps(
+        &self,
+        name: &str,
+        overlay: &Path,
+        opts: DiskOptions,
+        origin: Origin,
+        tls_authz: Option<Vec<String>>,
+        bitmaps: Vec<String>,
+    ) -> Result<Arc<Export>, HostError> {
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
         }
@@ -468,11 +483,19 @@ impl Host {
         // The files underneath, for hole queries and the hole-punching probe; without them
         // nothing is reported as zeros and every FAST_ZERO fails fast.
         let files = LayerFiles::open_or_warn(&disk, name);
-        let export = Export::new(
-            claim.name(),
-            Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),
-            self.shards,
-        );
+        let backend = EngineDisk::new(engine.clone(), opts, disk.clone(), files);
+        if !bitmaps.is_empty() {
+            if let Err(why) = backend.export_bitmaps(bitmaps) {
+                let _ = disk.close();
+                return Err(HostError::Open {
+                    name: name.to_string(),
+                    error: Box::new(addcow_engine::Error::new(
+                        addcow_engine::ErrorKind::InvalidArgument(why),
+                    )),
+                });
+            }
+        }
+        let export = Export::new(claim.name(), Arc::new(backend), self.shards);
         if let Some(ids) = tls_authz {
             export.set_tls_authz(ids);
         }

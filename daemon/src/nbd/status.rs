@@ -12,6 +12,8 @@
 //! clients skip them. `qemu:allocation-depth`: the layer that supplies each range, `1` the raw
 //! image, `2` the base, `3` the base's base (a backing chain), ..., `0` unallocated in every
 //! layer (zeros).
+//! `qemu:dirty-bitmap:NAME` (the export's bitmaps): `1` dirty, `0` clean, in runs of whole
+//! granules (the first and last clipped to the request).
 //! Extents stay 512-aligned inside the request: the one sector a base of unaligned size ends
 //! in is reported with the status its two parts share (data, depth 2).
 
@@ -38,7 +40,7 @@ pub fn reply_cost(len: u64, req_one: bool, contexts: MetaContexts) -> u64 {
         (len / SECTOR + 2).min(MAX_EXTENTS as u64)
     };
     let per_ctx = 16 * n + 64;
-    per_ctx * (u64::from(contexts.base_allocation) + u64::from(contexts.allocation_depth))
+    per_ctx * contexts.count()
 }
 
 /// A run of an allocation answer: extents of one kind (or depth) merge when they touch.
@@ -160,7 +162,34 @@ pub fn answer(
         });
         out.push((handshake::CTX_ALLOCATION_DEPTH, lengths(runs, len)));
     }
+    if ctx.dirty != 0 {
+        let names = backend.exported_bitmaps();
+        for (i, name) in names.iter().enumerate() {
+            if ctx.dirty & (1 << i) != 0 {
+                let runs = dirty_runs(backend, name, offset, len, max);
+                out.push((handshake::CTX_DIRTY_BITMAP + i as u32, lengths(runs, len)));
+            }
+        }
+    }
     out
+}
+
+/// `qemu:dirty-bitmap:NAME` runs, as QEMU's server reports them: flag 1 (dirty) or 0, the first
+/// run from `offset` to its granule's run end, the last clipped to the request (or the disk);
+/// a bitmap that is gone reads as all clean.
+fn dirty_runs(backend: &dyn Backend, name: &str, offset: u64, len: u64, max: usize) -> Vec<Run> {
+    let Some(extents) = backend.dirty_extents(name, offset, len, max) else {
+        let end = offset.saturating_add(len).min(backend.size());
+        return if end > offset {
+            vec![(offset, end, 0)]
+        } else {
+            Vec::new()
+        };
+    };
+    extents
+        .iter()
+        .map(|e| (e.offset, e.offset + e.len, u32::from(e.dirty)))
+        .collect()
 }
 
 /// `(start, end, flags)`.
@@ -262,6 +291,7 @@ mod tests {
     const BOTH: MetaContexts = MetaContexts {
         base_allocation: true,
         allocation_depth: true,
+        dirty: 0,
     };
 
     /// A disk of `sectors` whose allocation is given per sector (0 zero, 1 image, 2 base,

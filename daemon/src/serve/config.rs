@@ -76,6 +76,8 @@ pub struct ExportSpec {
     pub overlay: PathBuf,
     /// Served read-only (`:ro`, or `--read-only` for every command-line export).
     pub read_only: bool,
+    /// Dirty bitmaps of the disk served as `qemu:dirty-bitmap:NAME` (`,bitmap=NAME`, repeatable).
+    pub bitmaps: Vec<String>,
 }
 
 /// The sockets the daemon serves on (besides systemd's, found at start).
@@ -209,6 +211,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 name: String::new(),
                 overlay: o.clone(),
                 read_only: false,
+                bitmaps: Vec::new(),
             });
         }
         for s in &args.exports {
@@ -482,6 +485,20 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
     let (name, path) = s
         .split_once('=')
         .ok_or_else(|| bad("expected NAME=OVERLAY[:ro]"))?;
+    // `,bitmap=B` options after the overlay (repeatable).
+    let mut bitmaps = Vec::new();
+    let path = match path.split_once(",bitmap=") {
+        None => path,
+        Some((p, opts)) => {
+            for b in format!("bitmap={opts}").split(',') {
+                match b.strip_prefix("bitmap=") {
+                    Some(n) if !n.is_empty() => bitmaps.push(n.to_string()),
+                    _ => return Err(bad("expected ,bitmap=NAME options after the overlay")),
+                }
+            }
+            p
+        }
+    };
     if name.len() > wire::MAX_STRING || name.contains('\0') {
         return Err(bad("bad export name (at most 4096 bytes, no NUL)"));
     }
@@ -499,6 +516,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         name: name.to_string(),
         overlay: PathBuf::from(path),
         read_only,
+        bitmaps,
     })
 }
 
@@ -530,6 +548,7 @@ mod tests {
             name: name.into(),
             overlay: PathBuf::from(p),
             read_only,
+            bitmaps: Vec::new(),
         }
     }
 

@@ -49,9 +49,10 @@ pub struct ServeArgs {
     /// appears once the daemon accepts connections; PATH.lock beside it is held meanwhile.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only.
+    /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only;
+    /// `,bitmap=B` (repeatable) also serves the disk's dirty bitmap B as qemu:dirty-bitmap:B.
     /// Repeatable; all share one engine.
-    #[arg(long = "export", value_name = "NAME=OVERLAY[:ro]")]
+    #[arg(long = "export", value_name = "NAME=OVERLAY[:ro][,bitmap=B]")]
     pub exports: Vec<String>,
     /// Serve every command-line export read-only.
     #[arg(long)]
@@ -351,6 +352,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             name: String::new(),
             overlay,
             read_only: false,
+            bitmaps: Vec::new(),
         });
     }
 
@@ -402,8 +404,15 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
     }
     for e in &named {
         let opts = host.disk_options(e.read_only, None);
-        host.add_export(&e.name, &e.overlay, opts, Origin::CommandLine)
-            .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
+        host.add_export_bitmaps(
+            &e.name,
+            &e.overlay,
+            opts,
+            Origin::CommandLine,
+            None,
+            e.bitmaps.clone(),
+        )
+        .map_err(|e| Error::new(ErrorKind::Export).with_source(e))?;
     }
 
     // Bind (staged: the paths appear at publish), take the pid file, go non-blocking;

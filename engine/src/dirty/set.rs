@@ -109,7 +109,8 @@ pub trait DirtySource: Send + Sync {
     /// The granules overlapping `[offset, offset+len)` as runs, the first starting at the
     /// granule that holds `offset` clipped to `offset`, the last clipped to the disk's end;
     /// `None` if the bitmap is gone.
-    fn dirty_extents(&self, offset: u64, len: u64) -> Option<Vec<DirtyExtent>>;
+    /// At most `max` runs (the last one then ends where the walk stopped).
+    fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Option<Vec<DirtyExtent>>;
 }
 
 /// A guard for a write in flight (see the module docs); dropped when the write is answered.
@@ -706,12 +707,19 @@ impl DirtySet {
         lock(&self.inner).bms.iter().any(|b| b.name == name)
     }
 
-    /// Dirty and clean runs of bitmap `name` over `[offset, offset+len)` (see [`DirtySource`]).
-    pub fn extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<DirtyExtent>> {
+    /// Dirty and clean runs of bitmap `name` over `[offset, offset+len)`, at most `max` (see
+    /// [`DirtySource`]).
+    pub fn extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<DirtyExtent>> {
         let g = lock(&self.inner);
         let i = Self::index(&g, name)?;
         let b = &g.bms[i];
-        Ok(runs(&b.bits, b.gran_log2, g.size, offset, len))
+        Ok(runs(&b.bits, b.gran_log2, g.size, offset, len, max))
     }
 
     /// A [`DirtySource`] for bitmap `name` of this set (live: it follows the bitmap).
@@ -965,30 +973,68 @@ fn flusher(weak: Weak<DirtySet>) {
 
 /// Byte ranges `[o, e)` of the dirty granules of `bm` over `[offset, end)`, merged.
 fn collect_dirty(bm: &Bm, size: u64, offset: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-    for r in runs(&bm.bits, bm.gran_log2, size, offset, end - offset) {
+    for r in runs(
+        &bm.bits,
+        bm.gran_log2,
+        size,
+        offset,
+        end - offset,
+        usize::MAX,
+    ) {
         if r.dirty {
             out.push((r.offset, r.offset + r.len));
         }
     }
 }
 
-/// Dirty/clean runs over `[offset, offset+len)` clipped to `size`.
-fn runs(bits: &[u64], gran_log2: u8, size: u64, offset: u64, len: u64) -> Vec<DirtyExtent> {
+/// Dirty/clean runs over `[offset, offset+len)` clipped to `size`, at most `max` of them (the
+/// last one then ends where the walk stopped). Work is bounded by the runs reported plus one
+/// word's worth of granules per run: whole clean or dirty words are skipped at once.
+fn runs(
+    bits: &[u64],
+    gran_log2: u8,
+    size: u64,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> Vec<DirtyExtent> {
     let end = offset.saturating_add(len).min(size);
     let mut out: Vec<DirtyExtent> = Vec::new();
-    let gsize = 1u64 << gran_log2;
     let mut at = offset;
     while at < end {
         let g = at >> gran_log2;
-        let next = ((g + 1) * gsize).min(end);
         let dirty = words::get(bits, g);
+        // How far this run goes: granule by granule to a word boundary, then whole words.
+        let mut next_g = g + 1;
+        loop {
+            if next_g % 64 == 0 {
+                let w = bits.get((next_g / 64) as usize).copied().unwrap_or(0);
+                if (dirty && w == u64::MAX) || (!dirty && w == 0) {
+                    next_g += 64;
+                    if next_g << gran_log2 >= end {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if (next_g << gran_log2) >= end || words::get(bits, next_g) != dirty {
+                break;
+            }
+            next_g += 1;
+        }
+        let next = (next_g << gran_log2).min(end);
         match out.last_mut() {
             Some(last) if last.dirty == dirty => last.len += next - at,
-            _ => out.push(DirtyExtent {
-                offset: at,
-                len: next - at,
-                dirty,
-            }),
+            _ => {
+                if out.len() == max {
+                    break;
+                }
+                out.push(DirtyExtent {
+                    offset: at,
+                    len: next - at,
+                    dirty,
+                })
+            }
         }
         at = next;
     }
@@ -1001,8 +1047,8 @@ struct Live {
 }
 
 impl DirtySource for Live {
-    fn dirty_extents(&self, offset: u64, len: u64) -> Option<Vec<DirtyExtent>> {
-        self.set.extents(&self.name, offset, len).ok()
+    fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Option<Vec<DirtyExtent>> {
+        self.set.extents(&self.name, offset, len, max).ok()
     }
 }
 
@@ -1015,6 +1061,7 @@ impl FrozenBitmap {
             self.size,
             0,
             self.size,
+            usize::MAX,
         )
         .iter()
         .filter(|r| r.dirty)
@@ -1024,13 +1071,71 @@ impl FrozenBitmap {
 }
 
 impl DirtySource for FrozenBitmap {
-    fn dirty_extents(&self, offset: u64, len: u64) -> Option<Vec<DirtyExtent>> {
+    fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Option<Vec<DirtyExtent>> {
         Some(runs(
             &self.words,
             self.granularity.trailing_zeros() as u8,
             self.size,
             offset,
             len,
+            max,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_skip_words_and_stop_at_max() {
+        let mut bits = vec![0u64; 8];
+        words::set_range(&mut bits, 3, 200);
+        let r = runs(&bits, 9, 512 * 512, 0, 512 * 512, usize::MAX);
+        assert_eq!(
+            r,
+            vec![
+                DirtyExtent {
+                    offset: 0,
+                    len: 3 * 512,
+                    dirty: false
+                },
+                DirtyExtent {
+                    offset: 3 * 512,
+                    len: 197 * 512,
+                    dirty: true
+                },
+                DirtyExtent {
+                    offset: 200 * 512,
+                    len: 312 * 512,
+                    dirty: false
+                },
+            ]
+        );
+        // Starting inside a granule, ending inside one, and the size clips.
+        let r = runs(
+            &bits,
+            12,
+            100 * 4096 + 512,
+            3 * 4096 + 100,
+            8000,
+            usize::MAX,
+        );
+        assert_eq!(
+            r,
+            vec![DirtyExtent {
+                offset: 3 * 4096 + 100,
+                len: 8000,
+                dirty: true
+            }]
+        );
+        let r = runs(&bits, 9, 512 * 512, 0, 512 * 512, 2);
+        assert_eq!(r.len(), 2);
+        // Alternating granules: one run each.
+        let mut alt = vec![0x5555_5555_5555_5555u64; 2];
+        alt[1] = 0;
+        let r = runs(&alt, 9, 128 * 512, 0, 128 * 512, usize::MAX);
+        assert_eq!(r.len(), 64, "granule 63 joins the clean word after it");
+        assert_eq!(r.iter().map(|e| e.len).sum::<u64>(), 128 * 512);
     }
 }

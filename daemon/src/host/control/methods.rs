@@ -11,6 +11,7 @@ use super::super::events;
 use super::super::runtime::{DeleteMode, Host, HostError, Origin};
 use super::super::snapshot;
 use super::super::vhost_export::VhostParams;
+use super::bitmaps;
 use super::job_methods;
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
 
@@ -79,6 +80,7 @@ pub const METHODS: &[Method] = &[
             p("serial", Kind::Str, false),
             p("copy_on_read", Kind::Bool, false),
             p("tls-authz", Kind::Str, false),
+            p("bitmaps", Kind::Str, false),
         ],
         summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
                   type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
@@ -87,8 +89,64 @@ pub const METHODS: &[Method] = &[
                   copy_on_read: base reads are also copied into the raw image (default: the \
                   daemon's --copy-on-read); tls-authz: the TLS identities (client \
                   certificate DNs, PSK identities; a list or one string) allowed to use the \
-                  export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD)",
+                  export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD); \
+                  bitmaps: dirty bitmaps of the disk served as qemu:dirty-bitmap:NAME",
         call: export_add,
+    },
+    Method {
+        name: "bitmap-add",
+        params: &[
+            p("export", Kind::Str, true),
+            p("name", Kind::Str, true),
+            p("granularity", Kind::Str, false),
+            p("persistent", Kind::Bool, false),
+            p("disabled", Kind::Bool, false),
+        ],
+        summary: "add a dirty bitmap (changed-block tracking) to an export's disk: granularity \
+                  bytes per bit (a power of two, 512 to 64M; default 64K), persistent (default \
+                  true: kept in the overlay's .bitmaps sidecar, crash-safe), disabled (default \
+                  false: records writes from now on)",
+        call: bitmaps::bitmap_add,
+    },
+    Method {
+        name: "bitmap-remove",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "remove a dirty bitmap (refused while the export serves it over NBD)",
+        call: bitmaps::bitmap_remove,
+    },
+    Method {
+        name: "bitmap-clear",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "clear a dirty bitmap (writes still in flight stay dirty)",
+        call: bitmaps::bitmap_clear,
+    },
+    Method {
+        name: "bitmap-enable",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "make a dirty bitmap record writes",
+        call: bitmaps::bitmap_enable,
+    },
+    Method {
+        name: "bitmap-disable",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "stop a dirty bitmap recording writes (its bits stay)",
+        call: bitmaps::bitmap_disable,
+    },
+    Method {
+        name: "bitmap-merge",
+        params: &[
+            p("export", Kind::Str, true),
+            p("target", Kind::Str, true),
+            p("sources", Kind::Str, true),
+        ],
+        summary: "make target dirty wherever any of sources (a list, or comma-separated) is",
+        call: bitmaps::bitmap_merge,
+    },
+    Method {
+        name: "query-bitmaps",
+        params: &[p("export", Kind::Str, true)],
+        summary: "an export's dirty bitmaps: name, granularity, enabled, persistent, dirty bytes",
+        call: bitmaps::query_bitmaps,
     },
     Method {
         name: "tls-reload",
@@ -259,6 +317,9 @@ struct ExportAdd {
     /// The TLS identities allowed to use the export: a list of strings, or one string.
     #[serde(default, rename = "tls-authz", alias = "tls_authz")]
     tls_authz: Option<Value>,
+    /// Dirty bitmaps of the disk to serve as `qemu:dirty-bitmap:NAME` (a list, or one string).
+    #[serde(default)]
+    bitmaps: Option<Value>,
 }
 
 /// `tls-authz`: a non-empty list of non-empty strings (or one string).
@@ -390,8 +451,30 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let read_only = a.read_only || a.writable == Some(false);
     let opts = host.disk_options(read_only, a.copy_on_read);
     let authz = tls_authz(&a.tls_authz)?;
+    let bitmaps = match &a.bitmaps {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid("bitmaps: expected a list of bitmap names".into()))?,
+        Some(other) => return Err(invalid(format!("bitmaps {other}: expected a list"))),
+    };
     let export = match vhost_params(&a)? {
-        None => host.add_export_authz(&a.name, &a.overlay, opts, Origin::Control, authz)?,
+        Some(_) if !bitmaps.is_empty() => {
+            return Err(invalid(
+                "bitmaps are served over NBD; not with type vhost-user-blk".into(),
+            ))
+        }
+        None => host.add_export_bitmaps(
+            &a.name,
+            &a.overlay,
+            opts,
+            Origin::Control,
+            authz,
+            bitmaps,
+        )?,
         Some(_) if authz.is_some() => {
             return Err(invalid(
                 "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),

@@ -24,6 +24,7 @@
 //! clients) holds up only that connection. Names a client chose are logged with `Debug`
 //! formatting (quoted, escaped).
 
+mod bitmaps;
 mod job_methods;
 pub mod methods;
 pub mod resize;
