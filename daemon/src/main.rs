@@ -44,6 +44,8 @@ enum Command {
     Commit(tools::commit::CommitArgs),
     /// Copy every sector still read from the base into the raw image (resumable).
     Stream(tools::stream::StreamArgs),
+    /// Add, remove, clear, enable, disable, merge or list an overlay's dirty bitmaps.
+    Bitmap(tools::bitmap::BitmapArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,5 +68,6 @@ fn main() -> ExitCode {
         Command::Rebase(args) => tools::rebase::run(args),
         Command::Commit(args) => tools::commit::run(args),
         Command::Stream(args) => tools::stream::run(args),
+        Command::Bitmap(args) => tools::bitmap::run(args),
     }
 }

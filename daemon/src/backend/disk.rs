@@ -18,6 +18,10 @@ use addcow_engine::{
 use super::probe::LayerFiles;
 use addcow_engine::sync::{lock, read, wait_timeout, write};
 
+/// Most bitmaps one export exposes (one bit each in NBD's meta-context selection); bounded so that a
+/// block-status reply with every context selected stays within one payload's budget.
+pub const MAX_EXPORTED_BITMAPS: usize = 8;
+
 /// What the protocol needs from a disk. Implementations are shared by every connection
 /// (so a FLUSH on one connection covers writes answered on any other: multi-conn safe).
 pub trait Backend: Send + Sync + 'static {
@@ -100,7 +104,7 @@ pub trait Backend: Send + Sync + 'static {
         Some(512)
     }
     /// The dirty bitmaps this export serves as `qemu:dirty-bitmap:NAME`, in context-id order
-    /// (at most [`crate::nbd::handshake::MAX_EXPORTED_BITMAPS`]).
+    /// (at most [`MAX_EXPORTED_BITMAPS`]).
     fn exported_bitmaps(&self) -> Vec<String> {
         Vec::new()
     }
@@ -231,10 +235,10 @@ impl EngineDisk {
     /// Serves `names` (bitmaps of the disk) as `qemu:dirty-bitmap:NAME`; call before the
     /// export is published. Fails if one is missing or there are too many.
     pub fn export_bitmaps(&self, names: Vec<String>) -> Result<(), String> {
-        if names.len() > crate::nbd::handshake::MAX_EXPORTED_BITMAPS {
+        if names.len() > MAX_EXPORTED_BITMAPS {
             return Err(format!(
                 "at most {} bitmaps per export",
-                crate::nbd::handshake::MAX_EXPORTED_BITMAPS
+                MAX_EXPORTED_BITMAPS
             ));
         }
         let disk = self.current().disk.clone();

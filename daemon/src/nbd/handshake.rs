@@ -45,9 +45,7 @@ pub const CTX_ALLOCATION_DEPTH: u32 = 2;
 pub const CTX_DIRTY_BITMAP: u32 = 3;
 /// Prefix of the dirty-bitmap meta contexts (QEMU's: flag 1 = dirty).
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
-/// Most bitmaps one export exposes (one bit each in [`MetaContexts::dirty`]); bounded so that a
-/// block-status reply with every context selected stays within one payload's budget.
-pub const MAX_EXPORTED_BITMAPS: usize = 8;
+pub use crate::backend::disk::MAX_EXPORTED_BITMAPS;
 
 /// The meta contexts a client selected for block status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

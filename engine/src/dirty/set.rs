@@ -76,7 +76,7 @@ pub enum LogEvent<'a> {
 pub type Log = Arc<dyn Fn(LogEvent<'_>) + Send + Sync>;
 
 /// One bitmap as listed by [`DirtySet::list`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BitmapInfo {
     pub name: String,
     pub granularity: u64,
@@ -243,6 +243,7 @@ impl DirtySet {
         let path = sidecar_path(meta);
         let mut bms = Vec::new();
         let mut file = None;
+        let mut covered = size;
         match std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -261,15 +262,7 @@ impl DirtySet {
                 let mut head = vec![0u8; h as usize];
                 let got = read_some(&f, &mut head, 0).map_err(|e| e.with_path(&path))?;
                 let header = sidecar::parse(&head[..got], len).map_err(|e| bad(&path, e))?;
-                if header.size != size {
-                    return Err(bad(
-                        &path,
-                        format!(
-                            "the bitmaps cover {} bytes but the overlay has {size}",
-                            header.size
-                        ),
-                    ));
-                }
+                covered = header.size;
                 for e in header.entries {
                     let mut bytes = vec![0u8; e.bits_len as usize];
                     f.read_exact_at(&mut bytes, e.bits_offset).map_err(|err| {
@@ -296,11 +289,11 @@ impl DirtySet {
             let _ = std::fs::remove_file(tmp_path(&path));
         }
         let tracking = bms.iter().any(|b| b.enabled);
-        Ok(Arc::new(DirtySet {
+        let set = Arc::new(DirtySet {
             path,
             read_only,
             inner: Mutex::new(Inner {
-                size,
+                size: covered,
                 bms,
                 inflight: slab::Slab::new(),
                 queue: Vec::new(),
@@ -317,7 +310,19 @@ impl DirtySet {
             done: Condvar::new(),
             tracking: AtomicBool::new(tracking),
             log,
-        }))
+        });
+        if covered != size {
+            // A resize of the overlay that did not get to its sidecar (a crash in between, or
+            // an offline tool): the same change as `resize`, durable unless read-only.
+            tracing::warn!(path = %set.path.display(), from = covered, to = size, "the dirty bitmaps cover another size than the overlay; resizing them (a grown area is dirty)");
+            let mut g = lock(&set.inner);
+            let any = Self::resize_locked(&mut g, size);
+            set.changed(&mut g, any);
+            if !read_only && any {
+                set.persist(g)?;
+            }
+        }
+        Ok(set)
     }
 
     /// The sidecar's path (it may not exist: no persistent bitmap).
@@ -617,6 +622,17 @@ impl DirtySet {
     pub fn resize(self: &Arc<Self>, size: u64) -> Result<()> {
         let mut g = lock(&self.inner);
         self.writable(&g)?;
+        let any = Self::resize_locked(&mut g, size);
+        self.changed(&mut g, any);
+        if any {
+            self.persist(g)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The in-memory part of [`DirtySet::resize`]; returns whether a persistent bitmap changed.
+    fn resize_locked(g: &mut Inner, size: u64) -> bool {
         let old = g.size;
         g.size = size;
         let mut any = false;
@@ -636,12 +652,7 @@ impl DirtySet {
             bm.offset = None;
             any |= bm.persistent;
         }
-        self.changed(&mut g, any);
-        if any {
-            self.persist(g)
-        } else {
-            Ok(())
-        }
+        any
     }
 
     /// For a point-in-time backup: adds enabled persistent bitmap `new` (granularity bytes per

@@ -133,7 +133,8 @@ pub fn bitmap_remove(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErr
 pub fn bitmap_clear(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: Named = params(p)?;
     on_export(host, &a.export, |_, set, _| {
-        set.clear(&a.name).map_err(|e| engine_err("bitmap-clear", e))
+        set.clear(&a.name)
+            .map_err(|e| engine_err("bitmap-clear", e))
     })?;
     Ok(json!({}))
 }
@@ -177,7 +178,11 @@ pub fn bitmap_merge(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
             .map(|x| x.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| invalid("sources: expected a list of bitmap names".into()))?,
-        other => return Err(invalid(format!("sources {other}: expected a list of names"))),
+        other => {
+            return Err(invalid(format!(
+                "sources {other}: expected a list of names"
+            )))
+        }
     };
     if sources.is_empty() || sources.iter().any(String::is_empty) {
         return Err(invalid("sources: name at least one bitmap".into()));

@@ -467,14 +467,9 @@ fn export_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
                 "bitmaps are served over NBD; not with type vhost-user-blk".into(),
             ))
         }
-        None => host.add_export_bitmaps(
-            &a.name,
-            &a.overlay,
-            opts,
-            Origin::Control,
-            authz,
-            bitmaps,
-        )?,
+        None => {
+            host.add_export_bitmaps(&a.name, &a.overlay, opts, Origin::Control, authz, bitmaps)?
+        }
         Some(_) if authz.is_some() => {
             return Err(invalid(
                 "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),
