@@ -616,6 +616,27 @@ impl DirtySet {
         }
     }
 
+    /// [`DirtySet::mark`] for several ranges `(offset, len)` at once (one sidecar sync).
+    pub fn mark_ranges(self: &Arc<Self>, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut g = lock(&self.inner);
+        self.writable(&g)?;
+        let size = g.size;
+        let mut any = false;
+        for bm in g.bms.iter_mut().filter(|b| b.enabled) {
+            for &(offset, len) in ranges {
+                let end = offset.saturating_add(len).min(size);
+                let (g0, g1) = bm.granules(offset, end);
+                bm.set_marking(g0, g1);
+            }
+            any |= bm.persistent;
+        }
+        if any {
+            self.persist(g)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Changes the size the bitmaps cover to `size`: grown granules are dirty in enabled
     /// bitmaps (clean in disabled ones), a shrink drops what lies past the new end. Durable when
     /// it returns.
