@@ -231,3 +231,33 @@ fn dirty_bitmaps_over_nbd_survive_a_kill_and_validate() {
     let text = addcow_daemon_testkit::text(&o);
     assert!(!o.status.success() && text.contains("checksum"), "{text}");
 }
+
+/// A live snapshot moves the export to a new overlay: its bitmaps go with it (the writes before
+/// and after the switch are both dirty, over NBD and after a restart on the new overlay), and
+/// an export-resize grows them dirty.
+#[test]
+fn bitmaps_follow_a_live_snapshot_and_a_resize() {
+    let f = Fixture::new(8 * MIB);
+    let ov = f.overlay();
+    let ov = ov.to_str().unwrap();
+    addcow_ok(f.dir.path(), &["bitmap", "add", ov, "b0"]);
+    let (d, control) = start(&f, &[&format!("a={ov},bitmap=b0")]);
+    let mut c = Control::connect(&control);
+    qemu_io(&d.uri_of("a"), &["write -P 0x11 1M 4k", "flush"]);
+    let snap = f.path("snap.add-cow");
+    c.ok("export-snapshot", json!({"name": "a", "overlay": snap}));
+    qemu_io(&d.uri_of("a"), &["write -P 0x22 3M 4k", "flush"]);
+    let want = vec![(MIB, K64), (3 * MIB, K64)];
+    assert_eq!(dirty(&map(&d.uri_of("a"), "qemu:dirty-bitmap:b0")), want);
+    c.ok("export-resize", json!({"name": "a", "size": 9 * MIB}));
+    let q = c.ok("query-bitmaps", json!({"export": "a"}));
+    assert_eq!(q[0]["dirty-bytes"], 2 * K64 + MIB, "the grown MiB is dirty");
+    drop(c);
+    d.stop();
+    // The new overlay's sidecar holds the bitmap, with both writes and the grown area.
+    let sp = snap.to_str().unwrap();
+    let out = addcow_ok(f.dir.path(), &["bitmap", "list", "--json", sp]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["name"], "b0");
+    assert_eq!(v[0]["dirty_bytes"], 2 * K64 + MIB);
+}

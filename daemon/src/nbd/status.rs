@@ -176,12 +176,12 @@ pub fn answer(
 
 /// `qemu:dirty-bitmap:NAME` runs, as QEMU's server reports them: flag 1 (dirty) or 0, the first
 /// run from `offset` to its granule's run end, the last clipped to the request (or the disk);
-/// a bitmap that is gone reads as all clean.
+/// a bitmap that is gone reads as all dirty (a backup then copies too much, never too little).
 fn dirty_runs(backend: &dyn Backend, name: &str, offset: u64, len: u64, max: usize) -> Vec<Run> {
     let Some(extents) = backend.dirty_extents(name, offset, len, max) else {
         let end = offset.saturating_add(len).min(backend.size());
         return if end > offset {
-            vec![(offset, end, 0)]
+            vec![(offset, end, 1)]
         } else {
             Vec::new()
         };
