@@ -543,6 +543,17 @@ mod tests {
         DaemonConfig::try_from(args(line))
     }
 
+    #[test]
+    fn export_bitmaps_parse() {
+        let e = parse_export("a=/x.add-cow:ro,bitmap=b0,bitmap=b1").unwrap();
+        assert_eq!(e.bitmaps, vec!["b0".to_string(), "b1".to_string()]);
+        assert!(e.read_only);
+        assert_eq!(e.overlay, PathBuf::from("/x.add-cow"));
+        assert!(parse_export("a=/x,bitmap=").is_err());
+        assert!(parse_export("a=/x,bitmap=b,foo=1").is_err());
+        assert!(parse_export("a=/x").unwrap().bitmaps.is_empty());
+    }
+
     fn spec(name: &str, p: &str, read_only: bool) -> ExportSpec {
         ExportSpec {
             name: name.into(),

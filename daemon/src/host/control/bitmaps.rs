@@ -225,3 +225,18 @@ pub fn query_bitmaps(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErr
         ))
     })
 }
+
+/// Parses `p` with the parameter struct of bitmap method `method` (for the method table's test
+/// that the declared parameters match the handlers); `None` for another method.
+#[cfg(test)]
+pub fn check_params(method: &str, p: Map<String, Value>) -> Option<Result<(), RpcError>> {
+    Some(match method {
+        "bitmap-add" => params::<Add>(p).map(|_| ()),
+        "bitmap-remove" | "bitmap-clear" | "bitmap-enable" | "bitmap-disable" => {
+            params::<Named>(p).map(|_| ())
+        }
+        "bitmap-merge" => params::<Merge>(p).map(|_| ()),
+        "query-bitmaps" => params::<Query>(p).map(|_| ()),
+        _ => return None,
+    })
+}

@@ -620,7 +620,8 @@ mod tests {
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
                     params::<job_methods::JobId>(all).map(|_| ())
                 }
-                other => panic!("method {other} has no parameter check here"),
+                other => bitmaps::check_params(other, all)
+                    .unwrap_or_else(|| panic!("method {other} has no parameter check here")),
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
             let bad = match m.name {
@@ -636,7 +637,8 @@ mod tests {
                 "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" => {
                     params::<job_methods::JobId>(extra).map(|_| ())
                 }
-                _ => params::<QueryStats>(extra).map(|_| ()),
+                other => bitmaps::check_params(other, extra.clone())
+                    .unwrap_or_else(|| params::<QueryStats>(extra).map(|_| ())),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);
         }
