@@ -453,4 +453,55 @@ mod tests {
         let r = answer(&*m, 0, 8192, BOTH, false);
         assert_eq!(r[0].1, vec![(1024, 0), (2048, 3), (1024, 0), (4096, 3)]);
     }
+
+    /// A frozen bitmap served by a wrapped backend answers block status as QEMU's server does.
+    #[test]
+    fn a_frozen_bitmap_is_served_as_a_dirty_bitmap_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = addcow_engine::dirty::DirtySet::open(
+            &dir.path().join("x.add-cow"),
+            1 << 20,
+            false,
+            None,
+        )
+        .unwrap();
+        set.add("c1", 65536, false, true).unwrap();
+        set.mark(70_000, 10).unwrap();
+        let frozen: Arc<dyn addcow_engine::dirty::DirtySource> =
+            Arc::new(set.freeze("c1").unwrap());
+        let b = crate::backend::dirty::WithBitmaps::new(
+            MemDisk::new(1 << 20, true),
+            vec![("c1".into(), frozen)],
+        )
+        .unwrap();
+        assert_eq!(b.exported_bitmaps(), vec!["c1".to_string()]);
+        let ctx = MetaContexts {
+            dirty: 1,
+            ..MetaContexts::default()
+        };
+        let r = answer(&b, 1000, 1 << 20, ctx, false);
+        assert_eq!(r[0].0, handshake::CTX_DIRTY_BITMAP);
+        assert_eq!(
+            r[0].1,
+            vec![(65536 - 1000, 0), (65536, 1), ((1 << 20) - 2 * 65536, 0)]
+        );
+        let r = answer(&b, 65536 + 5, 100, ctx, true);
+        assert_eq!(r[0].1, vec![(100, 1)]);
+        assert!(crate::backend::dirty::WithBitmaps::new(
+            MemDisk::new(4096, true),
+            vec![
+                (
+                    "a".into(),
+                    Arc::new(set.freeze("c1").unwrap())
+                        as Arc<dyn addcow_engine::dirty::DirtySource>
+                ),
+                (
+                    "a".into(),
+                    Arc::new(set.freeze("c1").unwrap())
+                        as Arc<dyn addcow_engine::dirty::DirtySource>
+                )
+            ]
+        )
+        .is_err());
+    }
 }
