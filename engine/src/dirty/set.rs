@@ -1119,6 +1119,84 @@ impl DirtySource for FrozenBitmap {
 mod tests {
     use super::*;
 
+    fn dirty_of(set: &DirtySet, name: &str) -> Vec<(u64, u64)> {
+        set.extents(name, 0, u64::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dirty)
+            .map(|e| (e.offset, e.len))
+            .collect()
+    }
+
+    /// A clear keeps the granules of writes in flight (passed the gate, not answered), and only
+    /// those; a write told to wait is let go once its bits are durable, and then passes.
+    #[test]
+    fn clear_keeps_writes_in_flight_and_waiters_pass_after_their_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("b", 4096, true, true).unwrap();
+        // Not durable yet: wait, then the round lets it go.
+        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+        let (tx, rx) = std::sync::mpsc::channel();
+        set.enqueue(8192, 100, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap().unwrap();
+        let Gate::Pass(Some(inflight)) = set.admit(8192, 100) else {
+            panic!("durable granule must pass");
+        };
+        set.clear("b").unwrap();
+        assert_eq!(
+            dirty_of(&set, "b"),
+            vec![(8192, 4096)],
+            "in flight at the clear"
+        );
+        // Durable on disk too: a reopen (a crash now) sees it.
+        let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
+        assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)]);
+        drop(inflight);
+        set.clear("b").unwrap();
+        assert_eq!(dirty_of(&set, "b"), vec![]);
+        // The clear emptied the durable marks: the next write waits again.
+        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+    }
+
+    /// One flusher round serves every waiter queued before it started: one sidecar sync for
+    /// 200 writes (queued under one hold of the lock, so the round cannot start in between).
+    #[test]
+    fn waiters_share_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 64 << 20, false, None).unwrap();
+        set.add("b", 512, true, true).unwrap();
+        for i in 0..200u64 {
+            assert!(matches!(set.admit(i * 4096, 512), Gate::Wait));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let before = {
+            let mut g = lock(&set.inner);
+            let before = g.sync_ids;
+            for i in 0..200u64 {
+                let tx = tx.clone();
+                let epoch = g.epoch;
+                g.queue.push(Waiter {
+                    offset: i * 4096,
+                    end: i * 4096 + 512,
+                    epoch,
+                    resume: Box::new(move |r| tx.send(r).unwrap()),
+                });
+            }
+            set.kick(&mut g);
+            before
+        };
+        for _ in 0..200 {
+            rx.recv().unwrap().unwrap();
+        }
+        assert_eq!(lock(&set.inner).sync_ids - before, 1, "one round, one sync");
+        for i in 0..200u64 {
+            assert!(matches!(set.admit(i * 4096, 512), Gate::Pass(Some(_))));
+        }
+    }
+
     #[test]
     fn runs_merge_skip_words_and_stop_at_max() {
         let mut bits = vec![0u64; 8];
