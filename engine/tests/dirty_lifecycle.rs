@@ -169,3 +169,26 @@ fn checkpoint_freezes_and_disables_the_previous_bitmap() {
     assert!(err.to_string().contains("magic"), "{err}");
     e.shutdown().unwrap();
 }
+
+/// An overlay created over an old one (`--force`) does not inherit the old one's bitmaps.
+#[test]
+fn a_new_overlay_at_a_path_drops_stale_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = overlay(dir.path(), "d", None, MIB);
+    {
+        let off = open_offline(&o, false).unwrap();
+        off.set.add("old", K64, true, true).unwrap();
+    }
+    assert!(addcow_engine::dirty::sidecar_path(&o).exists());
+    std::fs::remove_file(dir.path().join("d.raw")).unwrap();
+    create(&CreateOptions {
+        overlay: o.clone(),
+        base: None,
+        image: Some(dir.path().join("d.raw")),
+        size: Some(MIB),
+        force: true,
+    })
+    .unwrap();
+    assert!(!addcow_engine::dirty::sidecar_path(&o).exists());
+    assert!(open_offline(&o, true).unwrap().set.list().is_empty());
+}
