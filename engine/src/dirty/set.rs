@@ -363,7 +363,8 @@ impl DirtySet {
                 epoch,
                 resume: Box::new(|_| {}),
             });
-            self.kick(&mut g);
+            // Test-only path: a flusher that cannot start fails the set (sticky) anyway.
+            drop(self.kick(&mut g));
         }
         let key = g.inflight.insert((offset, end));
         Gate::Pass(Some(Inflight {
@@ -389,11 +390,17 @@ impl DirtySet {
             epoch,
             resume,
         });
-        self.kick(&mut g);
+        let failed = self.kick(&mut g);
+        drop(g);
+        for w in failed {
+            (w.resume)(Err("bitmaps flusher not running".into()));
+        }
     }
 
-    /// Wakes the flusher, starting it if none runs.
-    fn kick(self: &Arc<Self>, g: &mut Inner) {
+    /// Wakes the flusher, starting it if none runs. If it cannot be started, the set fails
+    /// (sticky) and the waiters queued are returned, to be failed once the lock is let go.
+    #[must_use]
+    fn kick(self: &Arc<Self>, g: &mut Inner) -> Vec<Waiter> {
         if !g.running {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
@@ -403,23 +410,28 @@ impl DirtySet {
                 Ok(_) => g.running = true,
                 Err(e) => {
                     g.error = Some(format!("cannot start the bitmaps flusher: {e}"));
-                    for w in std::mem::take(&mut g.queue) {
-                        (w.resume)(Err("bitmaps flusher not running".into()));
-                    }
                     self.done.notify_all();
-                    return;
+                    return std::mem::take(&mut g.queue);
                 }
             }
         }
         self.work.notify_one();
+        Vec::new()
     }
 
     /// After a change under `g`: asks for a round and waits for it (the change is durable when
     /// this returns Ok).
-    fn persist(self: &Arc<Self>, mut g: std::sync::MutexGuard<'_, Inner>) -> Result<()> {
+    fn persist<'a>(self: &'a Arc<Self>, mut g: std::sync::MutexGuard<'a, Inner>) -> Result<()> {
         g.requested += 1;
         let target = g.requested;
-        self.kick(&mut g);
+        let failed = self.kick(&mut g);
+        if !failed.is_empty() {
+            drop(g);
+            for w in failed {
+                (w.resume)(Err("bitmaps flusher not running".into()));
+            }
+            g = lock(&self.inner);
+        }
         loop {
             if let Some(e) = &g.error {
                 return Err(bad(&self.path, e.clone()));
@@ -994,8 +1006,9 @@ fn flusher(weak: Weak<DirtySet>) {
         }
         let g = lock(&set.inner);
         if g.queue.is_empty() && g.requested == g.completed {
+            // Idle for a while (or the set is only ours): stop; the next `kick` starts another.
             let (mut g, _) = wait_timeout(&set.work, g, Duration::from_millis(500));
-            if g.queue.is_empty() && g.requested == g.completed && Arc::strong_count(&set) == 1 {
+            if g.queue.is_empty() && g.requested == g.completed {
                 g.running = false;
                 return;
             }
@@ -1185,7 +1198,7 @@ mod tests {
                     resume: Box::new(move |r| tx.send(r).unwrap()),
                 });
             }
-            set.kick(&mut g);
+            assert!(set.kick(&mut g).is_empty());
             before
         };
         for _ in 0..200 {
