@@ -47,6 +47,25 @@ use crate::sync::{lock, wait, wait_timeout};
 /// Default granularity: 64 KiB.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 
+/// Most bytes of bits one bitmap may hold in memory (twice: its bits and its durable marks):
+/// the default 64 KiB granularity fits the largest disk (64 TiB); a finer one is refused where
+/// it would need more.
+pub const MAX_BITS_BYTES: u64 = 128 << 20;
+
+/// Refuses a bitmap of granularity `1 << gran_log2` over `size` bytes that needs more than
+/// [`MAX_BITS_BYTES`].
+fn check_budget(name: &str, size: u64, gran_log2: u8) -> std::result::Result<(), String> {
+    let need = sidecar::bits_len(size, gran_log2);
+    if need > MAX_BITS_BYTES {
+        return Err(format!(
+            "bitmap {name:?} at granularity {} over {size} bytes needs {need} bytes of bits, \
+             more than {MAX_BITS_BYTES}: use a larger granularity",
+            1u64 << gran_log2
+        ));
+    }
+    Ok(())
+}
+
 /// Words of bits in one sidecar block.
 const BLOCK_WORDS: usize = (BLOCK / 8) as usize;
 
@@ -263,6 +282,10 @@ impl DirtySet {
                 let got = read_some(&f, &mut head, 0).map_err(|e| e.with_path(&path))?;
                 let header = sidecar::parse(&head[..got], len).map_err(|e| bad(&path, e))?;
                 covered = header.size;
+                for e in &header.entries {
+                    check_budget(&e.name, size.max(covered), e.gran_log2)
+                        .map_err(|why| bad(&path, why))?;
+                }
                 for e in header.entries {
                     let mut bytes = vec![0u8; e.bits_len as usize];
                     f.read_exact_at(&mut bytes, e.bits_offset).map_err(|err| {
@@ -494,6 +517,7 @@ impl DirtySet {
     ) -> Result<()> {
         sidecar::check_name(name).map_err(invalid)?;
         let gran_log2 = sidecar::gran_log2(granularity).map_err(invalid)?;
+        check_budget(name, g.size, gran_log2).map_err(invalid)?;
         if g.bms.iter().any(|b| b.name == name) {
             return Err(invalid(format!("a bitmap named {name:?} exists already")));
         }
@@ -655,6 +679,9 @@ impl DirtySet {
     pub fn resize(self: &Arc<Self>, size: u64) -> Result<()> {
         let mut g = lock(&self.inner);
         self.writable(&g)?;
+        for b in &g.bms {
+            check_budget(&b.name, size, b.gran_log2).map_err(invalid)?;
+        }
         let any = Self::resize_locked(&mut g, size);
         self.changed(&mut g, any);
         if any {
@@ -1171,6 +1198,26 @@ mod tests {
         assert_eq!(dirty_of(&set, "b"), vec![]);
         // The clear emptied the durable marks: the next write waits again.
         assert!(matches!(set.admit(8192, 100), Gate::Wait));
+    }
+
+    /// A bitmap whose bits would take more than `MAX_BITS_BYTES` is refused with a clear error.
+    #[test]
+    fn bitmap_memory_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), 1 << 40, false, None).unwrap();
+        let e = set.add("fine", 512, false, true).unwrap_err();
+        assert!(e.to_string().contains("larger granularity"), "{e}");
+        set.add("ok", DEFAULT_GRANULARITY, false, true).unwrap();
+        set.add("k4", 4096, false, true).unwrap();
+        assert!(set.resize(2 << 40).is_ok());
+        assert!(
+            check_budget("x", 64 << 40, 16).is_ok(),
+            "64 KiB fits the largest disk"
+        );
+        assert!(
+            set.resize(64 << 40).is_err(),
+            "a 4 KiB bitmap over 64 TiB is refused"
+        );
     }
 
     /// One flusher round serves every waiter queued before it started: one sidecar sync for
