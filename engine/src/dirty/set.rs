@@ -787,10 +787,58 @@ impl DirtySet {
         len: u64,
         max: usize,
     ) -> Result<Vec<DirtyExtent>> {
-        let g = lock(&self.inner);
-        let i = Self::index(&g, name)?;
-        let b = &g.bms[i];
-        Ok(runs(&b.bits, b.gran_log2, g.size, offset, len, max))
+        // Walked in windows of words copied under the lock, so the lock (which every gated
+        // write takes) is held for one small copy at a time, however large the range.
+        const WINDOW_WORDS: u64 = 4096;
+        let mut out: Vec<DirtyExtent> = Vec::new();
+        let mut at = offset;
+        loop {
+            let (words, gran_log2, size) = {
+                let g = lock(&self.inner);
+                let i = Self::index(&g, name)?;
+                let b = &g.bms[i];
+                let w0 = ((at >> b.gran_log2) / 64).min(b.bits.len() as u64);
+                let w1 = (w0 + WINDOW_WORDS).min(b.bits.len() as u64);
+                (
+                    (w0, b.bits[w0 as usize..w1 as usize].to_vec()),
+                    b.gran_log2,
+                    g.size,
+                )
+            };
+            let end = offset.saturating_add(len).min(size);
+            if at >= end {
+                break;
+            }
+            let (w0, bits) = words;
+            let base = (w0 * 64) << gran_log2;
+            let window_end = (((w0 + bits.len() as u64) * 64) << gran_log2).min(end);
+            if window_end <= at {
+                break;
+            }
+            let part = runs(
+                &bits,
+                gran_log2,
+                size - base,
+                at - base,
+                window_end - at,
+                max.saturating_sub(out.len()).saturating_add(1),
+            );
+            for mut e in part {
+                e.offset += base;
+                match out.last_mut() {
+                    Some(last) if last.dirty == e.dirty && last.offset + last.len == e.offset => {
+                        last.len += e.len
+                    }
+                    _ => out.push(e),
+                }
+            }
+            if out.len() > max {
+                out.truncate(max);
+                break;
+            }
+            at = window_end;
+        }
+        Ok(out)
     }
 
     /// A [`DirtySource`] for bitmap `name` of this set (live: it follows the bitmap).
@@ -1198,6 +1246,31 @@ mod tests {
         assert_eq!(dirty_of(&set, "b"), vec![]);
         // The clear emptied the durable marks: the next write waits again.
         assert!(matches!(set.admit(8192, 100), Gate::Wait));
+    }
+
+    /// Extents walked window by window are the runs of one walk (merged across windows, cut
+    /// at `max`).
+    #[test]
+    fn windowed_extents_equal_one_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8u64 << 30;
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), size, false, None).unwrap();
+        set.add("b", 512, false, true).unwrap();
+        // Dirty across window boundaries (4096 words = 128 MiB at 512 B), and scattered bits.
+        set.mark((128 << 20) - 4096, 8192).unwrap();
+        set.mark((256 << 20) - 512, (128 << 20) + 1024).unwrap();
+        for k in 0..50u64 {
+            set.mark(k * 37 * 1000 * 512, 512).unwrap();
+        }
+        let whole = {
+            let g = lock(&set.inner);
+            runs(&g.bms[0].bits, 9, size, 0, size, usize::MAX)
+        };
+        assert_eq!(set.extents("b", 0, size, usize::MAX).unwrap(), whole);
+        assert_eq!(set.extents("b", 0, size, 7).unwrap(), whole[..7].to_vec());
+        let mid = set.extents("b", 100 << 20, 300 << 20, usize::MAX).unwrap();
+        assert_eq!(mid[0].offset, 100 << 20);
+        assert_eq!(mid.iter().map(|e| e.len).sum::<u64>(), 300 << 20);
     }
 
     /// A bitmap whose bits would take more than `MAX_BITS_BYTES` is refused with a clear error.
