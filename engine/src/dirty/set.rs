@@ -759,16 +759,12 @@ impl DirtySet {
         let g = lock(&self.inner);
         g.bms
             .iter()
-            .map(|b| {
-                let mut r = Vec::new();
-                collect_dirty(b, g.size, 0, g.size, &mut r);
-                BitmapInfo {
-                    name: b.name.clone(),
-                    granularity: 1 << b.gran_log2,
-                    enabled: b.enabled,
-                    persistent: b.persistent,
-                    dirty_bytes: r.iter().map(|(o, e)| e - o).sum(),
-                }
+            .map(|b| BitmapInfo {
+                name: b.name.clone(),
+                granularity: 1 << b.gran_log2,
+                enabled: b.enabled,
+                persistent: b.persistent,
+                dirty_bytes: dirty_bytes(&b.bits, b.gran_log2, g.size),
             })
             .collect()
     }
@@ -1091,6 +1087,17 @@ fn flusher(weak: Weak<DirtySet>) {
     }
 }
 
+/// Bytes covered by the set granules of `bits` (a popcount; the last granule clipped to `size`).
+fn dirty_bytes(bits: &[u64], gran_log2: u8, size: u64) -> u64 {
+    let ones: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+    let mut bytes = ones << gran_log2;
+    if size > 0 && words::get(bits, (size - 1) >> gran_log2) {
+        let granules = size.div_ceil(1u64 << gran_log2);
+        bytes -= (granules << gran_log2) - size;
+    }
+    bytes
+}
+
 /// Byte ranges `[o, e)` of the dirty granules of `bm` over `[offset, end)`, merged.
 fn collect_dirty(bm: &Bm, size: u64, offset: u64, end: u64, out: &mut Vec<(u64, u64)>) {
     for r in runs(
@@ -1175,18 +1182,11 @@ impl DirtySource for Live {
 impl FrozenBitmap {
     /// Bytes covered by dirty granules.
     pub fn dirty_bytes(&self) -> u64 {
-        runs(
+        dirty_bytes(
             &self.words,
             self.granularity.trailing_zeros() as u8,
             self.size,
-            0,
-            self.size,
-            usize::MAX,
         )
-        .iter()
-        .filter(|r| r.dirty)
-        .map(|r| r.len)
-        .sum()
     }
 }
 
