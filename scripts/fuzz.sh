@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../fuzz"
 secs="${1:-600}"
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(overlay_header nbd_handshake nbd_handshake_tls nbd_transmission nbd_plan nbd_client_reply control_json control_open_checks virtio_blk_request)
+[ ${#targets[@]} -gt 0 ] || targets=(overlay_header bitmaps_sidecar nbd_handshake nbd_handshake_tls nbd_transmission nbd_plan nbd_client_reply control_json control_open_checks virtio_blk_request)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo fuzz build -s none

@@ -73,6 +73,7 @@ cargo clippy -p addcow-daemon --all-targets --features fuzzing -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features fault-injection -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-lifecycle-order -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-flush-skips-data-sync -- -D warnings
+cargo clippy -p addcow-engine --all-targets --features crash-recorder,unsafe-dirty-bits-after-data -- -D warnings
 cargo clippy -p addcow-engine --all-targets --features lifecycle-hooks -- -D warnings
 # The engine without TLS (an embedder that drops OpenSSL).
 cargo clippy -p addcow-engine --all-targets --no-default-features -- -D warnings
@@ -119,6 +120,11 @@ cargo test -p addcow-engine --features fault-injection,unsafe-bits-before-sync -
 # the crash checker must find it and the recorder-log FLUSH-cost test must fail (should_panic).
 cargo test -p addcow-engine --features crash-recorder,unsafe-flush-skips-data-sync --no-fail-fast --test crash_consistency crash_checker_detects_skipped_data_sync
 cargo test -p addcow-engine --features crash-recorder,unsafe-flush-skips-data-sync --no-fail-fast --test engine_flush_cost crash_flush_costs_only_what_was_written
+# Changed-block tracking: with an enabled persistent dirty bitmap, every crash state has every
+# sector that may differ dirty in the sidecar; with the data let go before its dirty bits are
+# durable, the checker must find crash states where a changed sector is clean.
+cargo test -p addcow-engine --features crash-recorder --no-fail-fast --test crash_dirty_bitmaps
+cargo test -p addcow-engine --features crash-recorder,unsafe-dirty-bits-after-data --no-fail-fast --test crash_dirty_bitmaps crash_checker_detects_dirty_bits_after_data
 # The same for resize, rebase and commit: with each one's order broken, the lifecycle crash
 # checker must find crash states that do not open or read wrong (the tests assert violations).
 cargo test -p addcow-engine --features crash-recorder,unsafe-lifecycle-order --no-fail-fast --test lifecycle_crash

@@ -207,6 +207,11 @@ pub struct EmbeddedArgs {
     /// Pin the load-generator thread (`--submit channel`) to the last CPU.
     #[arg(long)]
     pub pin_generator: bool,
+    /// Instead of the profiles against fio: randwrite and seqwrite on the engine with one
+    /// enabled persistent dirty bitmap vs none, in the same run (what changed-block tracking
+    /// costs the writes).
+    #[arg(long)]
+    pub dirty_bitmap: bool,
     /// The overlay's allocation: `half` (a seeded random half of the 64 KiB chunks written,
     /// as `compare`) or `full` (every chunk written: every read is one run of the raw image).
     #[arg(long, value_name = "LAYOUT", default_value = "half", value_parser = ["half", "full"])]

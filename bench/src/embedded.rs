@@ -35,6 +35,7 @@ enum Pattern {
     RandRead,
     SeqRead,
     RandWrite,
+    SeqWrite,
 }
 
 /// One embedded profile and its fio twin.
@@ -137,6 +138,104 @@ fn med_numbers(v: &[Numbers]) -> Numbers {
     }
 }
 
+/// `--dirty-bitmap`: randwrite (4 KiB QD32) and seqwrite (1 MiB QD8) on the engine with no
+/// dirty bitmap and with one enabled persistent bitmap (64 KiB granularity, clean at the start
+/// of each run, so every granule's first write pays the sidecar sync), alternating in the same
+/// run; prints the medians and the ratio bitmap / none.
+fn dirty_cost(args: &EmbeddedArgs, size: u64, runtime: Duration, rounds: u32) -> Result<()> {
+    let (work, _tmp) = crate::prepare::work_dir(args.run.work.as_deref(), "addcow-dirty-")?;
+    eprintln!("preparing {} MiB in {}", size >> 20, work.display());
+    let prep = prepare::prepare_layout(&work.join("data"), size, 0xe3bed, false, false)?;
+    let mut config = EngineConfig::default();
+    if let Some(c) = args.cores {
+        config.cores = c.max(1);
+    }
+    let cores = config.cores;
+    let profiles = [
+        EmbProfile {
+            id: "randwrite",
+            job: "randwrite-4k-qd32.fio",
+            pattern: Pattern::RandWrite,
+            bs: 4096,
+            qd: 32,
+            target: None,
+        },
+        EmbProfile {
+            id: "seqwrite",
+            job: "seqwrite-1m-qd8.fio",
+            pattern: Pattern::SeqWrite,
+            bs: 1 << 20,
+            qd: 8,
+            target: None,
+        },
+    ];
+    let sidecar = addcow_engine::dirty::sidecar_path(&prep.addcow);
+    // [profile][with bitmap]
+    let mut runs: Vec<[Vec<Numbers>; 2]> = vec![[Vec::new(), Vec::new()]; profiles.len()];
+    for round in 1..=rounds {
+        for (i, p) in profiles.iter().enumerate() {
+            for with in [false, true] {
+                prep.restore_addcow()?;
+                let _ = std::fs::remove_file(&sidecar);
+                eprintln!(
+                    "round {round}/{rounds}: {} {}",
+                    p.id,
+                    if with { "with a bitmap" } else { "no bitmap" }
+                );
+                let engine = Engine::start(config.clone())?;
+                let disk = engine.open(&prep.addcow, DiskOptions::default())?;
+                if with {
+                    disk.bitmaps().add("bench", 64 << 10, true, true)?;
+                }
+                let r = drive(&engine, &disk, cores, p, size, runtime);
+                let closed = disk.close();
+                drop(disk);
+                let stopped = engine.shutdown();
+                let n = r?;
+                closed?;
+                stopped?;
+                runs[i][usize::from(with)].push(n);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&sidecar);
+    println!(
+        "dirty-bitmap cost: engine ({cores} cores), {} MiB, {} s x {rounds} rounds, medians; one enabled persistent 64 KiB bitmap vs none",
+        size >> 20,
+        runtime.as_secs()
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>7} {:>11} {:>11} {:>7}  {:>16}  {:>16}",
+        "profile",
+        "IOPS none",
+        "IOPS bitmap",
+        "ratio",
+        "MiB/s none",
+        "MiB/s bmp",
+        "ratio",
+        "p99 us none",
+        "p99 us bitmap"
+    );
+    for (i, p) in profiles.iter().enumerate() {
+        let none = med_numbers(&runs[i][0]);
+        let with = med_numbers(&runs[i][1]);
+        let rat = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}x"));
+        println!(
+            "{:<10} {:>12.0} {:>12.0} {:>7} {:>11.1} {:>11.1} {:>7}  {:>16.0}  {:>16.0}",
+            p.id,
+            none.iops,
+            with.iops,
+            rat(ratio(with.iops, none.iops)),
+            none.bw_bytes / (1 << 20) as f64,
+            with.bw_bytes / (1 << 20) as f64,
+            rat(ratio(with.bw_bytes, none.bw_bytes)),
+            none.p99_ns / 1e3,
+            with.p99_ns / 1e3
+        );
+    }
+    Ok(())
+}
+
 /// Runs the embedded benchmark.
 pub fn run(args: &EmbeddedArgs) -> Result<()> {
     let RunLength {
@@ -156,6 +255,9 @@ pub fn run(args: &EmbeddedArgs) -> Result<()> {
         },
     );
     let runtime = Duration::from_secs(runtime_s);
+    if args.dirty_bitmap {
+        return dirty_cost(args, size, runtime, rounds);
+    }
     if !crate::servers::on_path("fio") {
         return Err(BenchError::Missing(
             "fio (Debian: apt-get install fio)".to_owned(),
@@ -332,7 +434,7 @@ fn drive(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| BenchError::Usage(format!("histogram: {e}")))?;
     let mut spare: Vec<IoBuf> = Vec::new();
-    if p.pattern == Pattern::RandWrite {
+    if matches!(p.pattern, Pattern::RandWrite | Pattern::SeqWrite) {
         for _ in 0..p.qd {
             let mut b = engine.alloc_buf(p.bs as usize);
             rng.fill_bytes(&mut b);
@@ -346,7 +448,7 @@ fn drive(
     loop {
         while inflight < p.qd && Instant::now() < end {
             let block = match p.pattern {
-                Pattern::SeqRead => {
+                Pattern::SeqRead | Pattern::SeqWrite => {
                     let b = next_seq;
                     next_seq = (next_seq + 1) % blocks;
                     b
@@ -355,7 +457,7 @@ fn drive(
             };
             let offset = block * p.bs;
             let req = match p.pattern {
-                Pattern::RandWrite => {
+                Pattern::RandWrite | Pattern::SeqWrite => {
                     let data = spare
                         .pop()
                         .unwrap_or_else(|| engine.alloc_buf(p.bs as usize));

@@ -44,6 +44,8 @@ enum Command {
     Commit(tools::commit::CommitArgs),
     /// Copy every sector still read from the base into the raw image (resumable).
     Stream(tools::stream::StreamArgs),
+    /// Add, remove, clear, enable, disable, merge or list an overlay's dirty bitmaps.
+    Bitmap(tools::bitmap::BitmapArgs),
     /// Write the man pages (DIR/man/*.1) and shell completions (DIR/completions/: bash, zsh,
     /// fish) of this binary, from its own command-line definitions (for packaging).
     #[command(hide = true)]
@@ -110,5 +112,6 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Bitmap(args) => tools::bitmap::run(args),
     }
 }

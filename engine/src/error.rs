@@ -74,6 +74,9 @@ pub enum ErrorKind {
     /// written it, so this disk must not write it any more.
     #[error("changed while its lock was let go: {0}")]
     ChangedWhileUnlocked(String),
+    /// The dirty bitmaps sidecar (`X.add-cow.bitmaps`) is corrupt or failed.
+    #[error("bad dirty bitmaps file: {0}")]
+    BadBitmaps(String),
     /// An argument is out of range or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -6,6 +6,8 @@
 //! * [`format`]: the on-disk format: header, path rules, validation on open, `create`, `check`, `map`.
 //! * [`bitmap`]: the in-memory allocation bitmap (atomic, sparse) and the dirty marks of the
 //!   bitmap blocks used by group commit.
+//! * [`dirty`]: changed-block tracking: named dirty bitmaps in a sidecar file, and the
+//!   crash rule that keeps them (a dirty bit is durable before its data may be).
 //! * [`io`]: the engine: core threads, io_uring rings, aligned buffers, requests and completions.
 //! * [`sys`]: the OS calls made outside the ring (OFD locks, `fallocate`, `SEEK_DATA`/`SEEK_HOLE`,
 //!   direct-I/O alignment, eventfds), shared with the daemon.
@@ -13,6 +15,7 @@
 //! Errors are one type, [`Error`]: a matchable [`ErrorKind`] plus context (path, offset, operation).
 
 pub mod bitmap;
+pub mod dirty;
 pub mod error;
 pub mod format;
 pub mod io;

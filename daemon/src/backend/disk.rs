@@ -18,6 +18,10 @@ use addcow_engine::{
 use super::probe::LayerFiles;
 use addcow_engine::sync::{lock, read, wait_timeout, write};
 
+/// Most bitmaps one export exposes (one bit each in NBD's meta-context selection); bounded so that a
+/// block-status reply with every context selected stays within one payload's budget.
+pub const MAX_EXPORTED_BITMAPS: usize = 8;
+
 /// What the protocol needs from a disk. Implementations are shared by every connection
 /// (so a FLUSH on one connection covers writes answered on any other: multi-conn safe).
 pub trait Backend: Send + Sync + 'static {
@@ -98,6 +102,24 @@ pub trait Backend: Send + Sync + 'static {
     /// FAST_ZERO fails fast).
     fn fast_zero_unit(&self) -> Option<u64> {
         Some(512)
+    }
+    /// The dirty bitmaps this export serves as `qemu:dirty-bitmap:NAME`, in context-id order
+    /// (at most [`MAX_EXPORTED_BITMAPS`]).
+    fn exported_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Dirty and clean runs of exported bitmap `name` over `[offset, offset+len)`, at most
+    /// `max`; `None` if it is gone. A live bitmap of the disk, or a frozen one a backup view
+    /// serves (both are [`addcow_engine::dirty::DirtySource`]s).
+    fn dirty_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<addcow_engine::dirty::DirtyExtent>> {
+        let _ = (name, offset, len, max);
+        None
     }
 }
 
@@ -189,6 +211,8 @@ pub struct EngineDisk {
     /// The throttle counters of the generations switched away from (added to the current
     /// disk's, so an export's counters never go back at a snapshot or resize).
     retired_throttle: Mutex<addcow_engine::qos::ThrottleStats>,
+    /// The bitmaps served as `qemu:dirty-bitmap:NAME` (set once, before the export is published).
+    exported_bitmaps: std::sync::OnceLock<Vec<String>>,
 }
 
 impl EngineDisk {
@@ -208,7 +232,31 @@ impl EngineDisk {
             layout: RwLock::new(()),
             in_flight: Arc::default(),
             retired_throttle: Mutex::default(),
+            exported_bitmaps: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves `names` (bitmaps of the disk) as `qemu:dirty-bitmap:NAME`; call before the
+    /// export is published. Fails if one is missing or there are too many.
+    pub fn export_bitmaps(&self, names: Vec<String>) -> Result<(), String> {
+        if names.len() > MAX_EXPORTED_BITMAPS {
+            return Err(format!(
+                "at most {} bitmaps per export",
+                MAX_EXPORTED_BITMAPS
+            ));
+        }
+        let disk = self.current().disk.clone();
+        for (i, n) in names.iter().enumerate() {
+            if !disk.bitmaps().contains(n) {
+                return Err(format!("the disk has no bitmap named {n:?}"));
+            }
+            if names[..i].contains(n) {
+                return Err(format!("bitmap {n:?} named twice"));
+            }
+        }
+        self.exported_bitmaps
+            .set(names)
+            .map_err(|_| "the export's bitmaps are set already".to_string())
     }
 
     /// Opens `overlay` as the next generation of this export, with the export's options.
@@ -344,6 +392,22 @@ impl Backend for EngineDisk {
     }
     fn disk(&self) -> Option<Disk> {
         Some(self.current().disk.clone())
+    }
+    fn exported_bitmaps(&self) -> Vec<String> {
+        self.exported_bitmaps.get().cloned().unwrap_or_default()
+    }
+    fn dirty_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<addcow_engine::dirty::DirtyExtent>> {
+        self.current()
+            .disk
+            .bitmaps()
+            .extents(name, offset, len, max)
+            .ok()
     }
     fn engine_disk(&self) -> Option<&EngineDisk> {
         Some(self)

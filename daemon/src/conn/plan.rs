@@ -271,6 +271,7 @@ pub fn fuzz_one(data: &[u8]) {
         contexts: MetaContexts {
             base_allocation: mode & 4 != 0,
             allocation_depth: mode & 8 != 0,
+            dirty: 0,
         },
         extended,
         fast_zero_unit: if mode & 32 != 0 { None } else { Some(4096) },
@@ -782,6 +783,7 @@ mod tests {
         let both = MetaContexts {
             base_allocation: true,
             allocation_depth: true,
+            dirty: (1 << crate::nbd::handshake::MAX_EXPORTED_BITMAPS) - 1,
         };
         assert!(status::reply_cost(u64::MAX, false, both) <= MAX_COST);
     }

@@ -143,6 +143,17 @@ impl HostError {
     }
 }
 
+/// What an NBD export serves beyond its disk: who may use it and which dirty bitmaps (both
+/// set before it is published, so no client ever sees it without them).
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    /// The TLS identities allowed to use it (`None`: every client the listener admits).
+    pub tls_authz: Option<Vec<String>>,
+    /// The disk's dirty bitmaps served as `qemu:dirty-bitmap:NAME` (each must exist on the
+    /// disk; checked before the export is published).
+    pub bitmaps: Vec<String>,
+}
+
 /// One export as `query-exports` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportInfo {
@@ -400,7 +411,8 @@ impl Host {
             error,
         };
         let bound = vhost_export::bind(params, self.shards).map_err(vhost_err)?;
-        let export = self.add_export_in_group(name, overlay, opts, origin, None, group)?;
+        let export =
+            self.add_export_in_group(name, overlay, opts, origin, group, Served::default())?;
         let served = bound
             .serve(
                 export.backend.clone(),
@@ -453,31 +465,29 @@ impl Host {
         origin: Origin,
         tls_authz: Option<Vec<String>>,
     ) -> Result<Arc<Export>, HostError> {
-        self.add_export_in_group(name, overlay, opts, origin, tls_authz, None)
+        let served = Served {
+            tls_authz,
+            ..Served::default()
+        };
+        self.add_export_in_group(name, overlay, opts, origin, None, served)
     }
 
     /// [`Host::add_export_authz`] for an export throttled as `throttle` says (its own limits, a
     /// named group, or none) from its first request: the disk is put in its group before the
     /// export is published. A named group that does not exist is refused before anything is
-    /// opened.
+    /// opened. `served`: its TLS identities and the dirty bitmaps it serves.
     pub fn add_export_throttled(
         &self,
         name: &str,
         overlay: &Path,
         opts: DiskOptions,
         origin: Origin,
-        tls_authz: Option<Vec<String>>,
         throttle: &ExportThrottle,
+        served: Served,
     ) -> Result<Arc<Export>, HostError> {
         let joining = self.throttle_groups.join(name, throttle)?;
-        let export = self.add_export_in_group(
-            name,
-            overlay,
-            opts,
-            origin,
-            tls_authz,
-            joining.group.clone(),
-        )?;
+        let export =
+            self.add_export_in_group(name, overlay, opts, origin, joining.group.clone(), served)?;
         // Published in its group: a throttle-group-del from now on sees it as a member.
         drop(joining);
         Ok(export)
@@ -489,9 +499,10 @@ impl Host {
         overlay: &Path,
         opts: DiskOptions,
         origin: Origin,
-        tls_authz: Option<Vec<String>>,
         group: Option<addcow_engine::qos::ThrottleGroup>,
+        served: Served,
     ) -> Result<Arc<Export>, HostError> {
+        let Served { tls_authz, bitmaps } = served;
         if self.stop.is_set() {
             return Err(HostError::ShuttingDown);
         }
@@ -540,11 +551,19 @@ impl Host {
         // The files underneath, for hole queries and the hole-punching probe; without them
         // nothing is reported as zeros and every FAST_ZERO fails fast.
         let files = LayerFiles::open_or_warn(&disk, name);
-        let export = Export::new(
-            claim.name(),
-            Arc::new(EngineDisk::new(engine.clone(), opts, disk, files)),
-            self.shards,
-        );
+        let backend = EngineDisk::new(engine.clone(), opts, disk.clone(), files);
+        if !bitmaps.is_empty() {
+            if let Err(why) = backend.export_bitmaps(bitmaps) {
+                let _ = disk.close();
+                return Err(HostError::Open {
+                    name: name.to_string(),
+                    error: Box::new(addcow_engine::Error::new(
+                        addcow_engine::ErrorKind::InvalidArgument(why),
+                    )),
+                });
+            }
+        }
+        let export = Export::new(claim.name(), Arc::new(backend), self.shards);
         if let Some(ids) = tls_authz {
             export.set_tls_authz(ids);
         }

@@ -269,6 +269,18 @@ pub fn snapshot_export(
     result
 }
 
+/// Copies every dirty bitmap of `cur` into the new overlay `next` (durably, before any write
+/// reaches `next`): the export's bitmaps go on tracking the export's writes after the switch.
+/// The old overlay's sidecar keeps its copy as it was at the snapshot.
+fn copy_bitmaps(cur: &Disk, next: &Disk) -> Result<(), String> {
+    for b in cur.bitmaps().list() {
+        cur.bitmaps()
+            .copy_to(&b.name, next.bitmaps())
+            .map_err(|e| format!("copying dirty bitmap {:?} to the new overlay: {e}", b.name))?;
+    }
+    Ok(())
+}
+
 /// Steps 1-5 of the module docs, with new requests held back and none in flight.
 fn take(
     ed: &EngineDisk,
@@ -348,12 +360,16 @@ fn take(
         ed.open_generation(overlay, name)
     };
     let opened = opened.map_err(|e| e.to_string()).and_then(|next| {
-        match same_files(&next.disk, &made, &cur.disk) {
+        match same_files(&next.disk, &made, &cur.disk)
+            .and_then(|()| copy_bitmaps(&cur.disk, &next.disk))
+        {
             Ok(()) => Ok(next),
             Err(e) => {
                 if let Err(c) = next.disk.close() {
                     tracing::warn!(export = %name, error = %c, "closing a refused snapshot's disk");
                 }
+                // Bitmaps copied before the refusal: not left for a later overlay at this path.
+                let _ = std::fs::remove_file(next.disk.bitmaps().path());
                 Err(e)
             }
         }

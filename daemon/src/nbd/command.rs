@@ -262,6 +262,7 @@ pub(crate) mod testing {
             contexts: MetaContexts {
                 base_allocation: true,
                 allocation_depth: false,
+                dirty: 0,
             },
             extended: false,
             fast_zero_unit: Some(512),

@@ -40,6 +40,13 @@ pub const CTX_BASE_ALLOCATION: u32 = 1;
 /// Meta-context id of `qemu:allocation-depth` on every connection.
 pub const CTX_ALLOCATION_DEPTH: u32 = 2;
 
+/// Meta-context id of `qemu:dirty-bitmap:NAME` for the export's `i`-th exported bitmap
+/// ([`crate::backend::disk::Backend::exported_bitmaps`]): `CTX_DIRTY_BITMAP + i`.
+pub const CTX_DIRTY_BITMAP: u32 = 3;
+/// Prefix of the dirty-bitmap meta contexts (QEMU's: flag 1 = dirty).
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+pub use crate::backend::disk::MAX_EXPORTED_BITMAPS;
+
 /// The meta contexts a client selected for block status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MetaContexts {
@@ -47,12 +54,21 @@ pub struct MetaContexts {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` selected.
     pub allocation_depth: bool,
+    /// `qemu:dirty-bitmap:NAME` selected: bit `i` for the export's `i`-th exported bitmap.
+    pub dirty: u64,
 }
 
 impl MetaContexts {
     /// Whether any context is selected.
     pub fn any(&self) -> bool {
-        self.base_allocation || self.allocation_depth
+        self.base_allocation || self.allocation_depth || self.dirty != 0
+    }
+
+    /// How many contexts are selected.
+    pub fn count(&self) -> u64 {
+        u64::from(self.base_allocation)
+            + u64::from(self.allocation_depth)
+            + u64::from(self.dirty.count_ones())
     }
 }
 
@@ -636,7 +652,7 @@ impl<G> Haggle<'_, G> {
         let Some((name, queries)) = parse_meta(data) else {
             return invalid(stream, option, "malformed meta request");
         };
-        if self.exports.find(&name).is_none() {
+        let Some(export) = self.exports.find(&name) else {
             reply_err(
                 stream,
                 option,
@@ -644,8 +660,9 @@ impl<G> Haggle<'_, G> {
                 &format!("no export named {}", quoted(&name)),
             )?;
             return Ok(ControlFlow::Continue(()));
-        }
-        let ctx = match_contexts(&queries, set);
+        };
+        let bitmaps = export.backend.exported_bitmaps();
+        let ctx = match_contexts(&queries, set, &bitmaps);
         if ctx.base_allocation {
             let id = if set { CTX_BASE_ALLOCATION } else { 0 };
             meta_reply(stream, option, id, wire::CONTEXT_BASE_ALLOCATION)?;
@@ -653,6 +670,12 @@ impl<G> Haggle<'_, G> {
         if ctx.allocation_depth {
             let id = if set { CTX_ALLOCATION_DEPTH } else { 0 };
             meta_reply(stream, option, id, "qemu:allocation-depth")?;
+        }
+        for (i, b) in bitmaps.iter().enumerate() {
+            if ctx.dirty & (1 << i) != 0 {
+                let id = if set { CTX_DIRTY_BITMAP + i as u32 } else { 0 };
+                meta_reply(stream, option, id, &format!("{DIRTY_BITMAP_PREFIX}{b}"))?;
+            }
         }
         if set {
             self.selected = Some((name, ctx));
@@ -675,12 +698,20 @@ fn contexts_for(
 
 /// Which contexts the queries name. LIST with no queries lists everything; `base:` and
 /// `qemu:` are wildcards in LIST only. Unknown names are ignored.
-fn match_contexts(queries: &[String], set: bool) -> MetaContexts {
+/// `bitmaps`: the export's exported dirty bitmaps (`qemu:dirty-bitmap:NAME`, QEMU's
+/// `qemu:dirty-bitmap:` wildcard in LIST).
+fn match_contexts(queries: &[String], set: bool, bitmaps: &[String]) -> MetaContexts {
+    let all_dirty = if bitmaps.len() >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bitmaps.len()) - 1
+    };
     let mut ctx = MetaContexts::default();
     if queries.is_empty() && !set {
         return MetaContexts {
             base_allocation: true,
             allocation_depth: true,
+            dirty: all_dirty,
         };
     }
     for q in queries {
@@ -688,8 +719,18 @@ fn match_contexts(queries: &[String], set: bool) -> MetaContexts {
             wire::CONTEXT_BASE_ALLOCATION => ctx.base_allocation = true,
             "qemu:allocation-depth" => ctx.allocation_depth = true,
             "base:" if !set => ctx.base_allocation = true,
-            "qemu:" if !set => ctx.allocation_depth = true,
-            _ => {}
+            "qemu:" if !set => {
+                ctx.allocation_depth = true;
+                ctx.dirty = all_dirty;
+            }
+            DIRTY_BITMAP_PREFIX if !set => ctx.dirty = all_dirty,
+            q => {
+                if let Some(name) = q.strip_prefix(DIRTY_BITMAP_PREFIX) {
+                    if let Some(i) = bitmaps.iter().position(|b| b == name) {
+                        ctx.dirty |= 1 << i;
+                    }
+                }
+            }
         }
     }
     ctx

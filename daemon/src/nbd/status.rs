@@ -12,6 +12,8 @@
 //! clients skip them. `qemu:allocation-depth`: the layer that supplies each range, `1` the raw
 //! image, `2` the base, `3` the base's base (a backing chain), ..., `0` unallocated in every
 //! layer (zeros).
+//! `qemu:dirty-bitmap:NAME` (the export's bitmaps): `1` dirty, `0` clean, in runs of whole
+//! granules (the first and last clipped to the request).
 //! Extents stay 512-aligned inside the request: the one sector a base of unaligned size ends
 //! in is reported with the status its two parts share (data, depth 2).
 
@@ -38,7 +40,7 @@ pub fn reply_cost(len: u64, req_one: bool, contexts: MetaContexts) -> u64 {
         (len / SECTOR + 2).min(MAX_EXTENTS as u64)
     };
     let per_ctx = 16 * n + 64;
-    per_ctx * (u64::from(contexts.base_allocation) + u64::from(contexts.allocation_depth))
+    per_ctx * contexts.count()
 }
 
 /// A run of an allocation answer: extents of one kind (or depth) merge when they touch.
@@ -160,7 +162,34 @@ pub fn answer(
         });
         out.push((handshake::CTX_ALLOCATION_DEPTH, lengths(runs, len)));
     }
+    if ctx.dirty != 0 {
+        let names = backend.exported_bitmaps();
+        for (i, name) in names.iter().enumerate() {
+            if ctx.dirty & (1 << i) != 0 {
+                let runs = dirty_runs(backend, name, offset, len, max);
+                out.push((handshake::CTX_DIRTY_BITMAP + i as u32, lengths(runs, len)));
+            }
+        }
+    }
     out
+}
+
+/// `qemu:dirty-bitmap:NAME` runs, as QEMU's server reports them: flag 1 (dirty) or 0, the first
+/// run from `offset` to its granule's run end, the last clipped to the request (or the disk);
+/// a bitmap that is gone reads as all dirty (a backup then copies too much, never too little).
+fn dirty_runs(backend: &dyn Backend, name: &str, offset: u64, len: u64, max: usize) -> Vec<Run> {
+    let Some(extents) = backend.dirty_extents(name, offset, len, max) else {
+        let end = offset.saturating_add(len).min(backend.size());
+        return if end > offset {
+            vec![(offset, end, 1)]
+        } else {
+            Vec::new()
+        };
+    };
+    extents
+        .iter()
+        .map(|e| (e.offset, e.offset + e.len, u32::from(e.dirty)))
+        .collect()
 }
 
 /// `(start, end, flags)`.
@@ -262,6 +291,7 @@ mod tests {
     const BOTH: MetaContexts = MetaContexts {
         base_allocation: true,
         allocation_depth: true,
+        dirty: 0,
     };
 
     /// A disk of `sectors` whose allocation is given per sector (0 zero, 1 image, 2 base,
@@ -422,5 +452,56 @@ mod tests {
         assert!(rx.recv().unwrap());
         let r = answer(&*m, 0, 8192, BOTH, false);
         assert_eq!(r[0].1, vec![(1024, 0), (2048, 3), (1024, 0), (4096, 3)]);
+    }
+
+    /// A frozen bitmap served by a wrapped backend answers block status as QEMU's server does.
+    #[test]
+    fn a_frozen_bitmap_is_served_as_a_dirty_bitmap_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = addcow_engine::dirty::DirtySet::open(
+            &dir.path().join("x.add-cow"),
+            1 << 20,
+            false,
+            None,
+        )
+        .unwrap();
+        set.add("c1", 65536, false, true).unwrap();
+        set.mark(70_000, 10).unwrap();
+        let frozen: Arc<dyn addcow_engine::dirty::DirtySource> =
+            Arc::new(set.freeze("c1").unwrap());
+        let b = crate::backend::dirty::WithBitmaps::new(
+            MemDisk::new(1 << 20, true),
+            vec![("c1".into(), frozen)],
+        )
+        .unwrap();
+        assert_eq!(b.exported_bitmaps(), vec!["c1".to_string()]);
+        let ctx = MetaContexts {
+            dirty: 1,
+            ..MetaContexts::default()
+        };
+        let r = answer(&b, 1000, 1 << 20, ctx, false);
+        assert_eq!(r[0].0, handshake::CTX_DIRTY_BITMAP);
+        assert_eq!(
+            r[0].1,
+            vec![(65536 - 1000, 0), (65536, 1), ((1 << 20) - 2 * 65536, 0)]
+        );
+        let r = answer(&b, 65536 + 5, 100, ctx, true);
+        assert_eq!(r[0].1, vec![(100, 1)]);
+        assert!(crate::backend::dirty::WithBitmaps::new(
+            MemDisk::new(4096, true),
+            vec![
+                (
+                    "a".into(),
+                    Arc::new(set.freeze("c1").unwrap())
+                        as Arc<dyn addcow_engine::dirty::DirtySource>
+                ),
+                (
+                    "a".into(),
+                    Arc::new(set.freeze("c1").unwrap())
+                        as Arc<dyn addcow_engine::dirty::DirtySource>
+                )
+            ]
+        )
+        .is_err());
     }
 }

@@ -90,6 +90,8 @@ pub struct ExportSpec {
     /// export-add's other parameters (`type`, `addr`, `copy_on_read`, `tls-authz`, ...): from
     /// a `--config` file's `[[export]]` table; empty for `OVERLAY` and `--export`.
     pub options: serde_json::Map<String, serde_json::Value>,
+    /// Dirty bitmaps of the disk served as `qemu:dirty-bitmap:NAME` (`,bitmap=NAME`, repeatable).
+    pub bitmaps: Vec<String>,
 }
 
 impl ExportSpec {
@@ -107,6 +109,9 @@ impl ExportSpec {
         }
         if let Some(g) = &self.throttle.group {
             p.insert("throttle-group".into(), g.clone().into());
+        }
+        if !self.bitmaps.is_empty() {
+            p.insert("bitmaps".into(), self.bitmaps.clone().into());
         }
         p
     }
@@ -248,6 +253,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 read_only: false,
                 throttle: ExportThrottle::default(),
                 options: Default::default(),
+                bitmaps: Vec::new(),
             });
         }
         let throttle_groups = throttle_groups(&args.throttle_groups)?;
@@ -294,8 +300,10 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 name,
                 overlay: PathBuf::from(overlay),
                 read_only: read_only.and_then(|v| v.as_bool()).unwrap_or(false),
-                // A table's `throttle` / `throttle-group` stay in `options` (export-add's own).
+                // A table's `throttle`, `throttle-group` and `bitmaps` stay in `options` (export-add's
+                // own).
                 throttle: ExportThrottle::default(),
+                bitmaps: Vec::new(),
                 options,
             });
         }
@@ -598,12 +606,16 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         _ => (path, None),
     };
     let mut throttle = ExportThrottle::default();
+    // `,bitmap=B` (repeatable): dirty bitmaps served as qemu:dirty-bitmap:B.
+    let mut bitmaps = Vec::new();
     if let Some(o) = opts {
         let mut pairs = Vec::new();
         let mut group = None;
         for kv in o.split(',').filter_map(|w| w.split_once('=')) {
             match kv {
                 ("throttle-group", g) => group = Some(g.to_string()),
+                ("bitmap", b) if !b.is_empty() => bitmaps.push(b.to_string()),
+                ("bitmap", _) => return Err(bad("expected ,bitmap=NAME (a bitmap name)")),
                 kv => pairs.push(kv),
             }
         }
@@ -635,6 +647,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         read_only,
         throttle,
         options: Default::default(),
+        bitmaps,
     })
 }
 
@@ -661,6 +674,17 @@ mod tests {
         DaemonConfig::try_from(args(line))
     }
 
+    #[test]
+    fn export_bitmaps_parse() {
+        let e = parse_export("a=/x.add-cow:ro,bitmap=b0,bitmap=b1").unwrap();
+        assert_eq!(e.bitmaps, vec!["b0".to_string(), "b1".to_string()]);
+        assert!(e.read_only);
+        assert_eq!(e.overlay, PathBuf::from("/x.add-cow"));
+        assert!(parse_export("a=/x,bitmap=").is_err());
+        assert!(parse_export("a=/x,bitmap=b,foo=1").is_err());
+        assert!(parse_export("a=/x").unwrap().bitmaps.is_empty());
+    }
+
     fn spec(name: &str, p: &str, read_only: bool) -> ExportSpec {
         ExportSpec {
             name: name.into(),
@@ -668,6 +692,7 @@ mod tests {
             read_only,
             throttle: ExportThrottle::default(),
             options: Default::default(),
+            bitmaps: Vec::new(),
         }
     }
 

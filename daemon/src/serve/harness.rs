@@ -155,6 +155,7 @@ pub fn transmission(data: &[u8]) {
         contexts: MetaContexts {
             base_allocation: mode & 4 != 0,
             allocation_depth: mode & 8 != 0,
+            dirty: 0,
         },
         extended,
         fast_zero_unit: if mode & 32 != 0 { None } else { Some(512) },

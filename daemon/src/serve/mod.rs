@@ -68,13 +68,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// An export: NAME=OVERLAY (the .add-cow file); NAME=OVERLAY:ro serves it read-only.
-    /// Repeatable; all share one engine. Throttling follows as ,key=value: QEMU's limits
-    /// (iops-total, iops-read, iops-write, bps-total, bps-read, bps-write, each with -max and
-    /// -max-length; iops-size; byte values take K/M/G: bps-write=50M), or
+    /// Repeatable; all share one engine. Options follow as ,key=value: bitmap=B (repeatable)
+    /// also serves the disk's dirty bitmap B as qemu:dirty-bitmap:B; throttling takes QEMU's
+    /// limits (iops-total, iops-read, iops-write, bps-total, bps-read, bps-write, each with -max
+    /// and -max-length; iops-size; byte values take K/M/G: bps-write=50M), or
     /// throttle-group=GROUP to share a --throttle-group's budget.
     #[arg(
         long = "export",
-        value_name = "NAME=OVERLAY[:ro][,iops-total=N,bps-write=N,...|,throttle-group=G]"
+        value_name = "NAME=OVERLAY[:ro][,bitmap=B][,iops-total=N,...|,throttle-group=G]"
     )]
     pub exports: Vec<String>,
     /// A named throttle group: GROUP:key=value,... with QEMU's limit names (as in --export);
@@ -446,6 +447,7 @@ fn serve(cfg: DaemonConfig) -> Result<()> {
             read_only: false,
             throttle: Default::default(),
             options: Default::default(),
+            bitmaps: Vec::new(),
         });
     }
 

@@ -53,6 +53,9 @@ pub struct Info {
     pub complete: bool,
     /// Non-fatal findings (see `addcow check`).
     pub warnings: Vec<String>,
+    /// The dirty bitmaps in the overlay's `.bitmaps` sidecar.
+    #[serde(default)]
+    pub dirty_bitmaps: Vec<addcow_engine::dirty::BitmapInfo>,
 }
 
 /// One layer of `addcow info --backing-chain`.
@@ -196,6 +199,15 @@ pub fn gather(overlay: &std::path::Path, o: &Overlay) -> Info {
         allocated_percent: percent,
         complete: o.bitmap.is_full(),
         warnings: o.warnings.clone(),
+        dirty_bitmaps: Vec::new(),
+    }
+}
+
+/// Adds the overlay's dirty bitmaps to `info` (a sidecar that cannot be read is a warning).
+fn add_bitmaps(info: &mut Info, o: &Overlay) {
+    match addcow_engine::dirty::DirtySet::open(&o.meta_path, o.virtual_size, true, None) {
+        Ok(set) => info.dirty_bitmaps = set.list(),
+        Err(e) => info.warnings.push(format!("dirty bitmaps: {e}")),
     }
 }
 
@@ -230,7 +242,8 @@ pub fn run(args: InfoArgs) -> ExitCode {
         print_chain(&chain);
         return ExitCode::SUCCESS;
     }
-    let info = gather(&args.overlay, &o);
+    let mut info = gather(&args.overlay, &o);
+    add_bitmaps(&mut info, &o);
     if args.json {
         return print_json("info", &info);
     }
@@ -273,6 +286,15 @@ pub fn run(args: InfoArgs) -> ExitCode {
             "no"
         }
     );
+    for b in &info.dirty_bitmaps {
+        println!(
+            "dirty bitmap:   {} (granularity {}, {}, {} dirty)",
+            b.name,
+            human_size(b.granularity),
+            if b.enabled { "enabled" } else { "disabled" },
+            human_size(b.dirty_bytes)
+        );
+    }
     for w in &info.warnings {
         println!("warning:        {w}");
     }

@@ -1,11 +1,12 @@
 //! Image tools: `create`, `info`, `check`, `map`, and the lifecycle tools `resize`, `rebase`,
-//! `commit`, `stream`.
+//! `commit`, `stream`, and `bitmap` (dirty bitmaps).
 //!
 //! Shared here: size parsing (`--size 10G`), human-readable sizes for text output, and how an
 //! error is reported (one line on stderr, exit status 1).
 
 use std::process::ExitCode;
 
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod create;

@@ -822,6 +822,21 @@ fn create_inner(
         made.record(overlay, &f, "keep new overlay")?;
     }
     sys::ofd_lock(&f, LockKind::Exclusive).map_err(|e| e.with_path(overlay))?;
+    // Dirty bitmaps left by an earlier overlay at this path (`X.add-cow.bitmaps`, see
+    // `crate::dirty`) describe another disk: gone before the new header is written.
+    for suffix in [".bitmaps", ".bitmaps.tmp"] {
+        let mut side = overlay.as_os_str().to_os_string();
+        side.push(suffix);
+        match std::fs::remove_file(&side) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    Error::io("remove stale dirty bitmaps", e).with_path(PathBuf::from(side))
+                )
+            }
+        }
+    }
     let len = BITMAP_OFFSET + bitmap_len(virtual_size);
     let write = |f: &mut File| -> std::io::Result<()> {
         f.set_len(0)?;

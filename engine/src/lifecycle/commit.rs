@@ -10,7 +10,8 @@
 //! add-cow base is opened for writing, which locks it the same way): serving share-locks its
 //! base, so a base that any running server or QEMU reads is refused, never changed under it;
 //! (2) grow the base to the overlay's size if it is smaller (as `qemu-img commit` does; a raw
-//! base is extended with zeros, an add-cow base is resized with clear bits); (3) copy every set
+//! base is extended with zeros, an add-cow base is resized with clear bits); (2b) an add-cow
+//! base's enabled dirty bitmaps get the sectors to be copied dirty, durably; (3) copy every set
 //! sector into the base at the same offset (an add-cow base: into its raw image, setting its
 //! bits afterwards, data durable before bits as serving does); (4) fdatasync the base;
 //! (5) clear the overlay's bits of the copied sectors; fdatasync its `.add-cow`; (6) punch the
@@ -166,6 +167,17 @@ pub fn commit(opts: &CommitOptions, ops: &Ops) -> Result<Committed> {
     let top_meta = ops.open(&top.meta, &top.meta_path)?;
     let top_image = ops.open(&top.image, &top.image_path)?;
     let runs = set_runs(&top.bitmap);
+
+    // An add-cow base's own dirty bitmaps: the sectors about to change in it are dirty, durably,
+    // before any of them is written (the crash rule of changed-block tracking).
+    if let Target::AddCow { overlay, .. } = &target {
+        let set = crate::dirty::DirtySet::open(&overlay.meta_path, size, false, None)?;
+        let bytes: Vec<(u64, u64)> = runs
+            .iter()
+            .map(|&(first, count)| (first * SECTOR_SIZE, count * SECTOR_SIZE))
+            .collect();
+        set.mark_ranges(&bytes)?;
+    }
 
     // (3) copy.
     let mut buf = vec![0u8; COPY_CHUNK as usize];

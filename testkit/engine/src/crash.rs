@@ -326,6 +326,25 @@ fn split_files(events: &[Event]) -> (FileLog<'_>, FileLog<'_>) {
     let mut begins: HashMap<(bool, u64), usize> = HashMap::new();
     for (pos, ev) in events.iter().enumerate() {
         let pick = |f: &FileRole| matches!(f, FileRole::Image);
+        // The dirty-bitmap sidecar has its own checker (`crash_dirty`).
+        if matches!(
+            ev,
+            Event::Write {
+                file: FileRole::Bitmaps,
+                ..
+            } | Event::Punch {
+                file: FileRole::Bitmaps,
+                ..
+            } | Event::SyncBegin {
+                file: FileRole::Bitmaps,
+                ..
+            } | Event::SyncEnd {
+                file: FileRole::Bitmaps,
+                ..
+            }
+        ) {
+            continue;
+        }
         match ev {
             Event::Write { file, offset, data } => {
                 let log = if pick(file) { &mut image } else { &mut meta };

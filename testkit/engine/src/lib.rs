@@ -13,6 +13,8 @@
 //!   [`pattern::base_byte`].
 //! * [`crash`]: the crash-state builder and checker over a recorder log (feature
 //!   `crash-recorder`, which addcow-engine's own `crash-recorder` feature turns on).
+//! * [`crash_dirty`]: crash states of the dirty-bitmap sidecar against the raw image's writes
+//!   (feature `crash-recorder`).
 //! * [`fileops`]: crash states of the lifecycle tools' file-operation logs (feature
 //!   `crash-recorder`).
 //!
@@ -21,6 +23,8 @@
 
 #[cfg(feature = "crash-recorder")]
 pub mod crash;
+#[cfg(feature = "crash-recorder")]
+pub mod crash_dirty;
 pub mod engine;
 #[cfg(feature = "crash-recorder")]
 pub mod fileops;

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use serde_json::{json, Map, Value};
 
 use super::super::events;
-use super::super::runtime::{DeleteMode, Host, HostError, Origin};
+use super::super::runtime::{DeleteMode, Host, HostError, Origin, Served};
 use super::super::snapshot;
 use super::super::throttle::ExportThrottle;
 use super::super::vhost_export::VhostParams;
 use super::backup;
+use super::bitmaps;
 use super::job_methods;
 use super::record::{not_recorded, recorded};
 use super::rpc::{params, NoParams, RpcError, INVALID_PARAMS, SERVER_ERROR};
@@ -85,6 +86,7 @@ pub const METHODS: &[Method] = &[
             p("tls-authz", Kind::Str, false),
             p("throttle", Kind::Str, false),
             p("throttle-group", Kind::Str, false),
+            p("bitmaps", Kind::Str, false),
         ],
         summary: "open an overlay and export it under a name (visible to NBD LIST/GO at once); \
                   type vhost-user-blk also serves it to one vhost-user-blk frontend at a time \
@@ -95,7 +97,8 @@ pub const METHODS: &[Method] = &[
                   certificate DNs, PSK identities; a list or one string) allowed to use the \
                   export over NBD (others get ERR_POLICY, clients without TLS ERR_TLS_REQD); \
                   throttle: limits of its own (QEMU's keys: {\"iops-total\": 5000, ...} or \
-                  \"iops-total=5000,bps-write=50M\"), or throttle-group: join a named group",
+                  \"iops-total=5000,bps-write=50M\"), or throttle-group: join a named group; \
+                  bitmaps: dirty bitmaps of the disk served as qemu:dirty-bitmap:NAME",
         call: export_add,
     },
     Method {
@@ -129,6 +132,61 @@ pub const METHODS: &[Method] = &[
         summary: "every named throttle group: limits, member exports, throttled requests and \
                   time",
         call: throttle::query_throttle_groups,
+    },
+    Method {
+        name: "bitmap-add",
+        params: &[
+            p("export", Kind::Str, true),
+            p("name", Kind::Str, true),
+            p("granularity", Kind::Str, false),
+            p("persistent", Kind::Bool, false),
+            p("disabled", Kind::Bool, false),
+        ],
+        summary: "add a dirty bitmap (changed-block tracking) to an export's disk: granularity \
+                  bytes per bit (a power of two, 512 to 64M; default 64K), persistent (default \
+                  true: kept in the overlay's .bitmaps sidecar, crash-safe), disabled (default \
+                  false: records writes from now on)",
+        call: bitmaps::bitmap_add,
+    },
+    Method {
+        name: "bitmap-remove",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "remove a dirty bitmap (refused while the export serves it over NBD)",
+        call: bitmaps::bitmap_remove,
+    },
+    Method {
+        name: "bitmap-clear",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "clear a dirty bitmap (writes still in flight stay dirty)",
+        call: bitmaps::bitmap_clear,
+    },
+    Method {
+        name: "bitmap-enable",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "make a dirty bitmap record writes",
+        call: bitmaps::bitmap_enable,
+    },
+    Method {
+        name: "bitmap-disable",
+        params: &[p("export", Kind::Str, true), p("name", Kind::Str, true)],
+        summary: "stop a dirty bitmap recording writes (its bits stay)",
+        call: bitmaps::bitmap_disable,
+    },
+    Method {
+        name: "bitmap-merge",
+        params: &[
+            p("export", Kind::Str, true),
+            p("target", Kind::Str, true),
+            p("sources", Kind::Str, true),
+        ],
+        summary: "make target dirty wherever any of sources (a list, or comma-separated) is",
+        call: bitmaps::bitmap_merge,
+    },
+    Method {
+        name: "query-bitmaps",
+        params: &[p("export", Kind::Str, true)],
+        summary: "an export's dirty bitmaps: name, granularity, enabled, persistent, dirty bytes",
+        call: bitmaps::query_bitmaps,
     },
     Method {
         name: "tls-reload",
@@ -330,6 +388,9 @@ struct ExportAdd {
     /// A named throttle group to join.
     #[serde(default, rename = "throttle-group")]
     throttle_group: Option<String>,
+    /// Dirty bitmaps of the disk to serve as `qemu:dirty-bitmap:NAME` (a list, or one string).
+    #[serde(default)]
+    bitmaps: Option<Value>,
 }
 
 /// `tls-authz`: a non-empty list of non-empty strings (or one string).
@@ -500,8 +561,29 @@ pub fn add_export_params(
     let opts = host.disk_options(read_only, a.copy_on_read);
     let authz = tls_authz(&a.tls_authz)?;
     let t = ExportThrottle::from_params(a.throttle.as_ref(), a.throttle_group.as_deref())?;
+    let bitmaps = match &a.bitmaps {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid("bitmaps: expected a list of bitmap names".into()))?,
+        Some(other) => return Err(invalid(format!("bitmaps {other}: expected a list"))),
+    };
     Ok(match vhost_params(&a)? {
-        None => host.add_export_throttled(&a.name, &a.overlay, opts, origin, authz, &t)?,
+        Some(_) if !bitmaps.is_empty() => {
+            return Err(invalid(
+                "bitmaps are served over NBD; not with type vhost-user-blk".into(),
+            ))
+        }
+        None => {
+            let served = Served {
+                tls_authz: authz,
+                bitmaps,
+            };
+            host.add_export_throttled(&a.name, &a.overlay, opts, origin, &t, served)?
+        }
         Some(_) if authz.is_some() => {
             return Err(invalid(
                 "tls-authz applies to NBD exports; not with type vhost-user-blk".into(),
@@ -689,7 +771,8 @@ mod tests {
                 "throttle-group-set" => params::<throttle::GroupSet>(all).map(|_| ()),
                 "throttle-group-del" => params::<throttle::GroupName>(all).map(|_| ()),
                 "query-throttle-groups" => params::<NoParams>(all).map(|_| ()),
-                other => panic!("method {other} has no parameter check here"),
+                other => bitmaps::check_params(other, all)
+                    .unwrap_or_else(|| panic!("method {other} has no parameter check here")),
             };
             assert!(ok.is_ok(), "{}: {ok:?}", m.name);
             let bad = match m.name {
@@ -711,7 +794,8 @@ mod tests {
                 "throttle-group-set" => params::<throttle::GroupSet>(extra).map(|_| ()),
                 "throttle-group-del" => params::<throttle::GroupName>(extra).map(|_| ()),
                 "query-throttle-groups" => params::<NoParams>(extra).map(|_| ()),
-                _ => params::<QueryStats>(extra).map(|_| ()),
+                other => bitmaps::check_params(other, extra.clone())
+                    .unwrap_or_else(|| params::<QueryStats>(extra).map(|_| ())),
             };
             assert_eq!(bad.unwrap_err().code, INVALID_PARAMS, "{}", m.name);
         }

@@ -25,6 +25,7 @@
 //! formatting (quoted, escaped).
 
 pub mod backup;
+mod bitmaps;
 mod job_methods;
 pub mod methods;
 pub mod record;

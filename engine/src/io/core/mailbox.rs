@@ -36,6 +36,14 @@ pub(crate) enum Msg {
         req: Request,
         done: Responder,
     },
+    /// Start `req`, which the core's gate (throttle and fair share) already let through and
+    /// which waited since for something else (its dirty bits made durable): it is not charged
+    /// to the budget a second time.
+    Admitted {
+        disk: Arc<DiskState>,
+        req: Request,
+        done: Responder,
+    },
     /// Run a commit of `disk` for `waiter` (the final commit of a close, which no longer takes
     /// requests).
     Commit {

@@ -29,6 +29,7 @@
 
 mod commit;
 mod commit_order;
+mod dirty_gate;
 mod fleece;
 #[cfg(feature = "fault-injection")]
 mod inject;
@@ -199,7 +200,7 @@ impl Core {
         // dropped below is dropped by it, and a dropped request answers itself.
         while let Ok(msg) = rx.try_recv() {
             match msg {
-                Msg::Submit { done, .. } => {
+                Msg::Submit { done, .. } | Msg::Admitted { done, .. } => {
                     done.answer(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
                 }
                 Msg::Run(f) => f(),
@@ -288,6 +289,7 @@ impl Core {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Submit { disk, req, done } => self.submit(disk, req, done),
+            Msg::Admitted { disk, req, done } => self.start_request(disk, req, done),
             Msg::Commit { disk, waiter } => self.start_commit(&disk, vec![waiter]),
             Msg::Register { index, fds, ack } => {
                 if self.files_ok {

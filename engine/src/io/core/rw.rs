@@ -251,6 +251,9 @@ impl Core {
             done.answer(Ok(answer));
             return;
         }
+        let Some((req, done)) = self.dirty_gate(&disk, offset, len, req, done) else {
+            return;
+        };
         let ticket = Shape::of(disk.size, disk.unit, offset, end).ticket();
         self.lock_and_start(disk, ticket, Parked { req, done });
     }

@@ -173,6 +173,8 @@ pub(crate) struct DiskState {
     pub throttle_stats: crate::qos::StatsCounters,
     /// The point-in-time view being served, if any (copy-before-write; `core/fleece.rs`).
     pub fleece: super::fleece::FleeceSlot,
+    /// The overlay's dirty bitmaps (changed-block tracking); writes pass its gate.
+    pub bitmaps: Arc<crate::dirty::DirtySet>,
     #[cfg(feature = "crash-recorder")]
     pub recorder: Option<Arc<crate::io::testing::recorder::Recorder>>,
     /// Test-only: where publications may be parked (see [`crate::io::testing::faults`]).
@@ -383,7 +385,14 @@ impl DiskState {
         let extent_ahead =
             extent_ahead(opts, &image, virtual_size).map_err(|e| e.with_path(&meta_path))?;
         let blen = bitmap_len(virtual_size);
+        let bitmaps = crate::dirty::DirtySet::open(
+            &meta_path,
+            virtual_size,
+            opts.read_only,
+            bitmaps_log(config),
+        )?;
         Ok(DiskState {
+            bitmaps,
             #[cfg(feature = "crash-recorder")]
             recorder: config.recorder.clone(),
             #[cfg(feature = "fault-injection")]
@@ -595,4 +604,36 @@ impl Drop for DiskState {
         // lease (a field) is given back after this.
         self.release_locks();
     }
+}
+
+/// What the bitmaps sidecar's flusher logs: its writes and syncs as [`FileRole::Bitmaps`]
+/// events (crash-recorder feature; `None` otherwise).
+///
+/// [`FileRole::Bitmaps`]: crate::io::testing::recorder::FileRole::Bitmaps
+#[allow(unused_variables)]
+fn bitmaps_log(config: &EngineConfig) -> Option<crate::dirty::Log> {
+    #[cfg(feature = "crash-recorder")]
+    if let Some(r) = &config.recorder {
+        use crate::dirty::LogEvent;
+        use crate::io::testing::recorder::{Event, FileRole};
+        let r = Arc::clone(r);
+        return Some(Arc::new(move |ev: LogEvent<'_>| {
+            r.push(match ev {
+                LogEvent::Write { offset, data } => Event::Write {
+                    file: FileRole::Bitmaps,
+                    offset,
+                    data: data.to_vec(),
+                },
+                LogEvent::Sync { id, end: false } => Event::SyncBegin {
+                    file: FileRole::Bitmaps,
+                    id,
+                },
+                LogEvent::Sync { id, end: true } => Event::SyncEnd {
+                    file: FileRole::Bitmaps,
+                    id,
+                },
+            })
+        }));
+    }
+    None
 }

@@ -295,6 +295,29 @@ impl Disk {
         self.state.bitmap.is_full()
     }
 
+    /// This disk's dirty bitmaps (changed-block tracking): add, remove, clear, enable,
+    /// disable, merge, list and read them (see [`crate::dirty::DirtySet`]). Writes answered
+    /// after a change returns are tracked by it.
+    pub fn bitmaps(&self) -> &Arc<crate::dirty::DirtySet> {
+        &self.state.bitmaps
+    }
+
+    /// For a point-in-time backup: creates the enabled persistent bitmap `new` and, with
+    /// `incremental`, returns a frozen copy of that bitmap (what changed since that checkpoint)
+    /// and disables it, durably, in one step (see [`crate::dirty::DirtySet::checkpoint`]).
+    ///
+    /// Precondition: the caller holds this disk's writes (none in flight, none admitted until
+    /// this returns: the export's new requests are held and every accepted one was answered),
+    /// so the new bitmap and the frozen one split the writes at one instant.
+    pub fn checkpoint(
+        &self,
+        new: &str,
+        granularity: u64,
+        incremental: Option<&str>,
+    ) -> Result<Option<crate::dirty::FrozenBitmap>> {
+        self.state.bitmaps.checkpoint(new, granularity, incremental)
+    }
+
     /// Puts this disk in throttle group `group` (`None`: no limits, served by fair share with
     /// the other disks on its cores). Takes effect for the next request; requests already
     /// waiting for the old group's budget are re-timed against the new one.

@@ -17,6 +17,8 @@ pub enum FileRole {
     Image,
     /// The `.add-cow` metadata file.
     Meta,
+    /// The dirty bitmaps sidecar (`X.add-cow.bitmaps`).
+    Bitmaps,
 }
 
 /// One recorded event.
