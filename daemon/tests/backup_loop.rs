@@ -6,6 +6,8 @@
 //! while fio writes (flushed and unflushed writes), another SIGKILLs it during a backup and
 //! retries from the same previous checkpoint: the next incrementals are still exact and still
 //! incremental (bytes read per cycle are printed and bounded well below the disk's size).
+//! The same with qemu-storage-daemon and a persistent qcow2 bitmap: after a SIGKILL its bitmap
+//! is lost or inconsistent, and only a full backup is left.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -247,4 +249,224 @@ fn incrementals_restore_exactly_across_sigkills() {
     }
     drop(ctl);
     d.stop();
+}
+
+/// A QMP connection to qemu-storage-daemon (capabilities negotiated).
+struct Qmp(std::io::BufReader<std::os::unix::net::UnixStream>);
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let s = std::os::unix::net::UnixStream::connect(path).expect("QMP socket");
+        let mut q = Qmp(std::io::BufReader::new(s));
+        q.line();
+        q.call("qmp_capabilities", json!({}))
+            .expect("qmp_capabilities");
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.0.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP {l:?}: {e}"))
+    }
+
+    /// The command's `return`, or its `error`.
+    fn call(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use std::io::Write;
+        let msg = json!({"execute": cmd, "arguments": args}).to_string() + "\n";
+        self.0
+            .get_mut()
+            .write_all(msg.as_bytes())
+            .expect("QMP write");
+        loop {
+            let v = self.line();
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(e.clone());
+            }
+        }
+    }
+
+    /// The dirty bitmaps of node `node` as query-named-block-nodes reports them.
+    fn bitmaps(&mut self, node: &str) -> serde_json::Value {
+        let nodes = self
+            .call("query-named-block-nodes", json!({"flat": true}))
+            .expect("query-named-block-nodes");
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == node)
+            .map(|n| n["dirty-bitmaps"].clone())
+            .unwrap_or_else(|| panic!("no node {node}: {nodes}"))
+    }
+}
+
+/// qemu-storage-daemon with the qcow2 image `image` as node `disk`, an NBD server on `nbd` and
+/// QMP on `qmp` (waited for).
+fn qsd(image: &Path, nbd: &Path, qmp: &Path) -> (Child, Qmp) {
+    let _ = std::fs::remove_file(qmp);
+    let _ = std::fs::remove_file(nbd);
+    let child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=file,filename={}", image.display()),
+            "--blockdev",
+            "driver=qcow2,node-name=disk,file=file",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", nbd.display()),
+            "--chardev",
+            &format!("socket,id=m,path={},server=on,wait=off", qmp.display()),
+            "--monitor",
+            "chardev=m",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-storage-daemon (scripts/test.sh installs it)");
+    wait_until("qemu-storage-daemon's QMP socket", || qmp.exists());
+    (child, Qmp::connect(qmp))
+}
+
+/// The same changed-block tracking with qemu-storage-daemon and a persistent qcow2 bitmap:
+/// incremental while the daemon lives, but a SIGKILL loses a bitmap added since the image was
+/// opened, and marks one that was stored before `inconsistent` (the qcow2 header still says
+/// `in-use`): it records nothing, cannot be exported or cleared, and the next backup must read
+/// the whole disk. (addcow's loop above stays incremental.)
+#[test]
+fn qemu_storage_daemon_needs_a_full_backup_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let base = p("base.raw");
+    std::fs::write(&base, vec![7u8; (64 * MIB) as usize]).unwrap();
+    let image = p("vm.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            "256M",
+        ],
+    );
+    let (nbd, qmp_path) = (p("nbd.sock"), p("qmp.sock"));
+    let uri = format!("nbd+unix:///vm?socket={}", nbd.display());
+    let export = |q: &mut Qmp, bitmaps: &[&str]| {
+        q.call(
+            "block-export-add",
+            json!({"type": "nbd", "id": "vm", "node-name": "disk", "name": "vm",
+                   "writable": true, "bitmaps": bitmaps}),
+        )
+    };
+    let (mut child, mut q) = qsd(&image, &nbd, &qmp_path);
+    q.call(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "c0", "persistent": true, "granularity": 65536}),
+    )
+    .expect("block-dirty-bitmap-add");
+    export(&mut q, &[]).expect("export");
+    wait_ok(fio(&uri, 1, Some("8M")), "fio");
+    let b = q.bitmaps("disk");
+    eprintln!("qemu-storage-daemon, before the SIGKILL: {b}");
+    assert_eq!(b[0]["recording"], true, "{b}");
+    assert!(b[0]["count"].as_u64().unwrap() > 0, "{b}");
+    // The incremental a live qsd serves: only the dirty extents.
+    q.call("block-export-del", json!({"id": "vm"}))
+        .expect("del");
+    wait_until("the export is gone", || {
+        q.call("query-block-exports", json!({}))
+            .map(|r| r.as_array().is_some_and(|a| a.is_empty()))
+            .unwrap_or(false)
+    });
+    export(&mut q, &["c0"]).expect("export with c0");
+    let out = p("restore.img");
+    std::fs::File::create(&out).unwrap();
+    let inc = backup_client(&uri, "qemu:dirty-bitmap:c0", &out);
+    eprintln!(
+        "qemu-storage-daemon incremental from c0 while it runs: bytes_read {}",
+        inc.bytes_read
+    );
+    assert!(inc.bytes_read > 0 && inc.bytes_read < SIZE / 4, "{inc:?}");
+    // Writes (flushed every 8), then a SIGKILL: a bitmap added since the image was opened is
+    // not in the qcow2 file at all (QEMU stores persistent bitmaps when it closes the image).
+    wait_ok(fio(&uri, 2, Some("8M")), "fio");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(q);
+    let qcow_bitmaps = || {
+        let info = run(
+            "qemu-img",
+            &["info", "--output=json", image.to_str().unwrap()],
+        );
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        info["format-specific"]["data"]["bitmaps"].clone()
+    };
+    let lost = qcow_bitmaps();
+    eprintln!("qemu-img info after a SIGKILL, bitmap added while running: bitmaps {lost}");
+    assert!(lost.as_array().is_none_or(|a| a.is_empty()), "{lost}");
+    // Added again and stored by a clean stop; then the image is opened (the bitmap marked
+    // in-use in its header), written, and the daemon killed.
+    let (mut child, mut q) = qsd(&image, &nbd, &qmp_path);
+    q.call(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "c0", "persistent": true, "granularity": 65536}),
+    )
+    .expect("block-dirty-bitmap-add");
+    q.call("quit", json!({})).expect("quit");
+    child.wait().unwrap();
+    drop(q);
+    let (mut child, mut q) = qsd(&image, &nbd, &qmp_path);
+    export(&mut q, &["c0"]).expect("export with c0");
+    wait_ok(fio(&uri, 3, Some("8M")), "fio");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(q);
+    let flags = qcow_bitmaps()[0]["flags"].clone();
+    eprintln!("qemu-img info after the SIGKILL: bitmap c0 flags {flags}");
+    assert!(
+        flags
+            .as_array()
+            .is_some_and(|f| f.contains(&json!("in-use"))),
+        "{flags}"
+    );
+
+    let (mut child, mut q) = qsd(&image, &nbd, &qmp_path);
+    let b = q.bitmaps("disk");
+    eprintln!("qemu-storage-daemon, restarted: {b}");
+    assert_eq!(b[0]["inconsistent"], true, "{b}");
+    assert_eq!(b[0]["recording"], false, "{b}");
+    let e = export(&mut q, &["c0"]).unwrap_err();
+    eprintln!("block-export-add with bitmaps [c0]: {e}");
+    assert!(e["desc"].as_str().unwrap().contains("inconsistent"), "{e}");
+    let e = q
+        .call(
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk", "name": "c0"}),
+        )
+        .unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("inconsistent"), "{e}");
+    // What is left: a full backup (and a new bitmap from there).
+    export(&mut q, &[]).expect("export");
+    let full = backup_client(&uri, "full", &out);
+    eprintln!(
+        "qemu-storage-daemon after the SIGKILL: a full backup, bytes_read {} of {SIZE}",
+        full.bytes_read
+    );
+    assert_eq!(full.bytes_read, SIZE);
+    drop(q);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
