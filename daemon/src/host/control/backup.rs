@@ -56,9 +56,9 @@ pub struct BackupBegin {
     /// The scratch file (default: `<overlay>.backup-scratch`).
     #[serde(default)]
     scratch: Option<PathBuf>,
-    /// Bytes per bit of the checkpoint's bitmap (default 64 KiB).
+    /// Bytes per bit of the checkpoint's bitmap (default 64 KiB; a number or `64K`, `1M`).
     #[serde(default)]
-    granularity: Option<u64>,
+    granularity: Option<Value>,
 }
 
 /// `backup-end`'s parameters.
@@ -252,9 +252,7 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
         ));
     }
     ed.pinned(|d| check_checkpoints(d, &b))?;
-    let granularity = b
-        .granularity
-        .unwrap_or(addcow_engine::dirty::DEFAULT_GRANULARITY);
+    let granularity = super::bitmaps::granularity(&b.granularity)?;
     let overlay = ed.pinned(|d| d.path().to_path_buf());
     let scratch = b
         .scratch

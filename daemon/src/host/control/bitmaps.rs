@@ -46,7 +46,7 @@ fn on_export<T>(
 }
 
 /// A granularity: a number, or a string with an optional K/M suffix (binary).
-fn granularity(v: &Option<Value>) -> Result<u64, RpcError> {
+pub(super) fn granularity(v: &Option<Value>) -> Result<u64, RpcError> {
     let bad = || invalid(format!("granularity {v:?}: a power of two from 512 to 64M"));
     match v {
         None => Ok(DEFAULT_GRANULARITY),
