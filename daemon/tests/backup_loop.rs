@@ -63,7 +63,7 @@ fn start(s: &Setup) -> Daemon {
 }
 
 /// fio writing random 64 KiB blocks of fresh random data over the whole live export, a FLUSH
-/// after every 8 writes, at offsets that differ from run to run: `amount` bytes (`None`: until
+/// after every 8 writes, at offsets that differ from seed to seed: `amount` bytes (`None`: until
 /// killed).
 fn fio(uri: &str, seed: u64, amount: Option<&str>) -> Child {
     let mut args = vec![
