@@ -137,10 +137,11 @@ echo "   a TLS image server killed and restarted under a served nbds:// base,"
 echo "   soak for ${ADDCOW_SOAK_SECS:-30}s, online stream jobs under fio verify and SIGKILL,"
 echo "   export-add against a folder symlink switched in a loop, QD1 reads beside a hostile"
 echo "   vhost-user-blk frontend on the same core, NBD over TLS with qemu-io, nbdinfo, nbdcopy and"
-echo "   libnbd: x509, PSK, verify-peer, authz, reloads, hostile handshakes)"
+echo "   libnbd: x509, PSK, verify-peer, authz, reloads, hostile handshakes, a full + 6 incremental"
+echo "   backups restored under fio with SIGKILLs)"
 cargo test -p addcow-daemon --test nbd_restart --test nbd_kill --test nbd_block_status \
   --test nbd_hygiene --test nbd_memory --test nbd_soak --test control_stream --test remote_base \
-  --test remote_base_tls --test control_allow --test vhost_hostile --test nbd_tls \
+  --test remote_base_tls --test control_allow --test vhost_hostile --test nbd_tls --test backup_loop \
   -- --ignored --test-threads=1 --nocapture 2>&1 \
   | grep -vE '^\[(addcow|qsd)\]'
 

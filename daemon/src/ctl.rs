@@ -54,8 +54,10 @@ const METHODS_HELP: &str = "Methods:
   tls-reload                                    reload the TLS credentials (as SIGHUP)
   export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
                                                 current overlay becomes its read-only base
-  backup-begin export=NAME checkpoint=C [target=T] [scratch=PATH]
-                                                serve the export frozen now as T (read-only)
+  backup-begin export=NAME checkpoint=C [incremental=P] [target=T] [scratch=PATH]
+                                                serve the export frozen now as T (read-only);
+                                                C records from now; with P, T also serves
+                                                qemu:dirty-bitmap:P (what changed since P)
   backup-end export=NAME                        end the backup (T removed, scratch deleted)
   job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image
   query-jobs                                    every job: status, progress, error

@@ -307,8 +307,8 @@ fn bad_input_gets_clear_errors() {
         "backup-begin",
         json!({"export": "vm", "checkpoint": "c2", "incremental": "c1"}),
     );
-    assert_eq!(c, "not-supported", "{m}");
-    assert!(m.contains("not supported yet"), "{m}");
+    assert_eq!(c, "no-such-checkpoint", "{m}");
+    assert!(m.contains("\"c1\""), "{m}");
     let (_, m, e) = err("backup-begin", json!({"export": "vm", "checkpoint": ""}));
     assert_eq!(e["code"], -32602, "{m}");
     let (c, m, _) = err(

@@ -158,6 +158,17 @@ fn checkpoint_freezes_and_disables_the_previous_bitmap() {
         2,
         "a refused checkpoint adds nothing"
     );
+    // A retry from c1 (disabled since c2 began): c1 and the later c2 together, so the
+    // write after c2's instant is not missed.
+    let retry = disk.checkpoint("c3", K64, Some("c1")).unwrap().unwrap();
+    let ext = retry.dirty_extents(0, 4 * MIB, usize::MAX).unwrap();
+    let got: Vec<(u64, u64)> = ext
+        .iter()
+        .filter(|x| x.dirty)
+        .map(|x| (x.offset, x.len))
+        .collect();
+    assert_eq!(got, vec![(0, K64), (MIB, K64)], "c1 merged with c2");
+    assert!(!disk.bitmaps().list()[0].enabled);
     disk.close().unwrap();
     // A corrupt sidecar: the disk does not open, with an error that says why.
     let side = addcow_engine::dirty::sidecar_path(&o);

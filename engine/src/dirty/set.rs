@@ -719,6 +719,12 @@ impl DirtySet {
     /// bit) and, with `incremental`, returns a frozen copy of that bitmap (what changed since
     /// that checkpoint) and disables it, all in one step, durable when it returns.
     ///
+    /// A disabled `incremental` (a backup from it began before, so a later checkpoint took
+    /// over at that backup's instant) is frozen together with every bitmap added after it
+    /// (OR): the chain of later checkpoints covers everything written since its own instant,
+    /// so a retried or repeated backup from an older checkpoint still misses no change (a
+    /// later bitmap that is not a checkpoint only adds false positives).
+    ///
     /// Precondition: the disk's writes are held (no write in flight and none admitted until
     /// this returns), so that the new bitmap and the frozen one split the writes at one instant.
     pub fn checkpoint(
@@ -738,7 +744,18 @@ impl DirtySet {
         };
         self.add_locked(&mut g, new, granularity, true, true)?;
         let frozen = frozen.map(|i| {
-            let f = g.bms[i].frozen(g.size);
+            let mut f = g.bms[i].frozen(g.size);
+            if !g.bms[i].enabled {
+                let mut ranges = Vec::new();
+                // The new bitmap (last) is empty: it adds nothing.
+                for later in &g.bms[i + 1..] {
+                    collect_dirty(later, g.size, 0, g.size, &mut ranges);
+                }
+                for (o, e) in ranges {
+                    let (g0, g1) = g.bms[i].granules(o, e);
+                    words::set_range(&mut f.words, g0, g1);
+                }
+            }
             g.bms[i].enabled = false;
             f
         });

@@ -684,3 +684,43 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// What [`backup_client`] read.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupRead {
+    pub bytes_read: u64,
+    pub extents: u64,
+    pub size: u64,
+}
+
+/// Runs the pull-mode backup client (`backup_client.py`, python3 + libnbd, in the style of
+/// virtnbdbackup) against `uri`: `context` `"full"` copies the whole export, a
+/// `"qemu:dirty-bitmap:NAME"` only the extents that bitmap marks dirty, each written into the
+/// existing file `out` at its offset (a restore: a full backup, then each incremental in order).
+pub fn backup_client(uri: &str, context: &str, out: &Path) -> BackupRead {
+    const SCRIPT: &str = include_str!("backup_client.py");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("backup_client.py");
+    std::fs::write(&script, SCRIPT).expect("write backup_client.py");
+    let text = run(
+        "/usr/bin/python3",
+        &[
+            script.to_str().unwrap(),
+            uri,
+            context,
+            out.to_str().expect("utf-8 path"),
+        ],
+    );
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("backup_client.py printed no result:\n{text}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("backup_client.py's JSON");
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {line}"));
+    BackupRead {
+        bytes_read: n("bytes_read"),
+        extents: n("extents"),
+        size: n("size"),
+    }
+}

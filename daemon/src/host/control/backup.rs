@@ -15,8 +15,14 @@
 //! any more. While a backup runs, `export-del`, `export-snapshot` and `export-resize` of either
 //! export are refused (`backup-running`).
 //!
-//! `incremental` (the bitmap of what changed since a previous checkpoint) is parsed and checked
-//! here and refused by [`incremental_view`] until the persistent dirty bitmaps serve it.
+//! Checkpoints: at the same held instant the view begins, `Disk::checkpoint` adds the enabled
+//! persistent bitmap `checkpoint` (it records every write after the instant) and, with
+//! `incremental: P`, freezes what bitmap P recorded up to the instant (P together with every
+//! later bitmap if P was disabled by an earlier backup) and disables P; the view's export then
+//! also serves that frozen copy as `qemu:dirty-bitmap:P`. `backup-end` changes no bitmap,
+//! whether or not the client copied everything: a failed backup is retried from P (or from any
+//! older checkpoint) and still misses nothing. The rules are in docs/BACKUP.md ("Checkpoints
+//! and incremental backups").
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,9 +32,12 @@ use serde_json::{json, Map, Value};
 
 use super::super::runtime::Host;
 use super::rpc::{params, RpcError, INVALID_PARAMS};
+use crate::backend::dirty::WithBitmaps;
+use crate::backend::disk::Backend;
 use crate::backend::fleece::{BackupInfo, FleeceBackend};
 use crate::nbd::export::Export;
 use crate::nbd::wire;
+use addcow_engine::dirty::DirtySource;
 
 /// `backup-begin`'s parameters.
 #[derive(Debug, serde::Deserialize)]
@@ -47,6 +56,9 @@ pub struct BackupBegin {
     /// The scratch file (default: `<overlay>.backup-scratch`).
     #[serde(default)]
     scratch: Option<PathBuf>,
+    /// Bytes per bit of the checkpoint's bitmap (default 64 KiB; a number or `64K`, `1M`).
+    #[serde(default)]
+    granularity: Option<Value>,
 }
 
 /// `backup-end`'s parameters.
@@ -155,17 +167,34 @@ fn check_scratch(host: &Host, scratch: &Path) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// The incremental part of a backup: what changed since checkpoint `previous`. Until the
-/// persistent dirty bitmaps serve it, every incremental backup is refused here (and nothing
-/// has been started when it is).
-fn incremental_view(export: &str, previous: &str) -> Result<(), RpcError> {
-    Err(refused(
-        "not-supported",
-        format!(
-            "backup-begin of {export:?}: incremental backups (incremental: {previous:?}) are not \
-             supported yet; take a full backup (leave out incremental)"
-        ),
-    ))
+/// Checks, before anything starts, that checkpoint `b.checkpoint` can be added to `disk`'s
+/// bitmaps and that `b.incremental` names one of them (the checkpoint itself re-checks under
+/// the held writes).
+fn check_checkpoints(disk: &addcow_engine::Disk, b: &BackupBegin) -> Result<(), RpcError> {
+    let set = disk.bitmaps();
+    if set.contains(&b.checkpoint) {
+        return Err(refused(
+            "checkpoint-exists",
+            format!(
+                "backup-begin of {:?}: a bitmap named {:?} exists already (each checkpoint takes \
+                 a new name; a retry of a failed backup takes a new one too)",
+                b.export, b.checkpoint
+            ),
+        ));
+    }
+    if let Some(prev) = &b.incremental {
+        if !set.contains(prev) {
+            return Err(refused(
+                "no-such-checkpoint",
+                format!(
+                    "backup-begin of {:?}: incremental {prev:?}: no bitmap of that name (take a \
+                     full backup: leave out incremental)",
+                    b.export
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `backup-begin` (see the module docs).
@@ -222,9 +251,8 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
             ),
         ));
     }
-    if let Some(prev) = &b.incremental {
-        incremental_view(name, prev)?;
-    }
+    ed.pinned(|d| check_checkpoints(d, &b))?;
+    let granularity = super::bitmaps::granularity(&b.granularity)?;
     let overlay = ed.pinned(|d| d.path().to_path_buf());
     let scratch = b
         .scratch
@@ -242,12 +270,20 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
         if export.is_deleting() {
             return (None, Err(format!("export {name:?} is being deleted")));
         }
-        (
-            None,
-            cur.disk.begin_fleece(&scratch).map_err(|e| e.to_string()),
-        )
+        let view = match cur.disk.begin_fleece(&scratch) {
+            Ok(v) => v,
+            Err(e) => return (None, Err(e.to_string())),
+        };
+        // The same instant: no write in flight, none admitted until this returns.
+        match cur
+            .disk
+            .checkpoint(&b.checkpoint, granularity, b.incremental.as_deref())
+        {
+            Ok(frozen) => (None, Ok((view, frozen))),
+            Err(e) => (None, Err(format!("checkpoint {:?}: {e}", b.checkpoint))),
+        }
     });
-    let view =
+    let (view, frozen) =
         view.map_err(|e| refused("backup-failed", format!("backup-begin of {name:?}: {e}")))?;
     // The file made, not its path: a folder swapped since the check put it elsewhere.
     if let Err(e) = host
@@ -273,7 +309,25 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
         ));
     }
     let shards = ed.engine.cores();
-    let export = Export::new(claim.name(), backend, shards);
+    let served: Arc<dyn Backend> = match frozen {
+        Some(f) => {
+            let src: Arc<dyn DirtySource> = Arc::new(f);
+            let prev = b.incremental.clone().unwrap_or_default();
+            match WithBitmaps::new(backend.clone(), vec![(prev, src)]) {
+                Ok(w) => Arc::new(w),
+                Err(e) => {
+                    host.backups.remove(name);
+                    backend.end();
+                    return Err(refused(
+                        "backup-failed",
+                        format!("backup-begin of {name:?}: {e}"),
+                    ));
+                }
+            }
+        }
+        None => backend,
+    };
+    let export = Export::new(claim.name(), served, shards);
     claim.publish(export);
     tracing::info!(export = %name, target = %target, checkpoint = %b.checkpoint,
         scratch = %scratch.display(), "backup begun: point-in-time view exported");
@@ -338,11 +392,10 @@ mod tests {
             incremental: None,
             target: target.map(str::to_string),
             scratch: None,
+            granularity: None,
         };
         assert_eq!(target_name(&b(None)).unwrap(), "vm-backup");
         assert_eq!(target_name(&b(Some("t"))).unwrap(), "t");
         assert!(target_name(&b(Some(""))).is_err());
-        let e = incremental_view("vm", "c0").unwrap_err();
-        assert!(e.message.contains("not supported yet"), "{}", e.message);
     }
 }

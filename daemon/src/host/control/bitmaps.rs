@@ -46,7 +46,7 @@ fn on_export<T>(
 }
 
 /// A granularity: a number, or a string with an optional K/M suffix (binary).
-fn granularity(v: &Option<Value>) -> Result<u64, RpcError> {
+pub(super) fn granularity(v: &Option<Value>) -> Result<u64, RpcError> {
     let bad = || invalid(format!("granularity {v:?}: a power of two from 512 to 64M"));
     match v {
         None => Ok(DEFAULT_GRANULARITY),
@@ -202,15 +202,29 @@ struct Query {
 }
 
 /// `query-bitmaps {export}`: every bitmap of the export's disk with its dirty byte count
-/// (`count`, as QMP names it) and whether the export serves it over NBD.
+/// (`count`, as QMP names it), whether the export serves it over NBD, and its part in a
+/// running backup (`backup`: `"checkpoint"` for the bitmap that began recording at the
+/// backup's instant, `"incremental"` for the one whose frozen copy the point-in-time export
+/// serves; absent otherwise).
 pub fn query_bitmaps(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: Query = params(p)?;
+    let running = host.backups.of(&a.export).map(|b| b.info.clone());
+    let role = |name: &str| -> Option<&'static str> {
+        let b = running.as_ref()?;
+        if b.checkpoint == name {
+            Some("checkpoint")
+        } else if b.incremental.as_deref() == Some(name) {
+            Some("incremental")
+        } else {
+            None
+        }
+    };
     on_export(host, &a.export, |_, set, exported| {
         Ok(Value::Array(
             set.list()
                 .into_iter()
                 .map(|b| {
-                    json!({
+                    let mut v = json!({
                         "name": b.name,
                         "granularity": b.granularity,
                         "enabled": b.enabled,
@@ -219,7 +233,11 @@ pub fn query_bitmaps(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErr
                         "dirty-bytes": b.dirty_bytes,
                         "count": b.dirty_bytes,
                         "exported": exported.contains(&b.name),
-                    })
+                    });
+                    if let Some(r) = role(&b.name) {
+                        v["backup"] = json!(r);
+                    }
+                    v
                 })
                 .collect(),
         ))

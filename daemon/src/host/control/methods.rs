@@ -284,10 +284,13 @@ pub const METHODS: &[Method] = &[
             p("incremental", Kind::Str, false),
             p("target", Kind::Str, false),
             p("scratch", Kind::Path, false),
+            p("granularity", Kind::Str, false),
         ],
         summary: "pull-mode backup: freeze the export at this instant and serve that frozen \
                   view as the read-only export target (default EXPORT-backup) while the guest \
-                  keeps writing (copy-before-write into scratch, default OVERLAY.backup-scratch)",
+                  keeps writing (copy-before-write into scratch, default OVERLAY.backup-scratch); \
+                  checkpoint becomes a bitmap recording from this instant; with incremental, \
+                  the view also serves qemu:dirty-bitmap:INCREMENTAL",
         call: backup::backup_begin,
     },
     Method {
