@@ -34,7 +34,8 @@ pub struct CtlArgs {
     /// The method: hello, export-add, export-del, export-resize, export-snapshot,
     /// query-exports, query-stats, query-sockets, tls-reload, job-start, query-jobs, job-pause, job-resume, job-cancel,
     /// job-dismiss, export-set-throttle, throttle-group-set, throttle-group-del,
-    /// query-throttle-groups, quit.
+    /// query-throttle-groups, bitmap-add, bitmap-remove, bitmap-clear, bitmap-enable,
+    /// bitmap-disable, bitmap-merge, query-bitmaps, backup-begin, backup-end, quit.
     #[arg(value_name = "METHOD")]
     pub method: String,
     /// Parameters: key=value (typed by the method) or key:=JSON.
@@ -54,11 +55,19 @@ const METHODS_HELP: &str = "Methods:
   tls-reload                                    reload the TLS credentials (as SIGHUP)
   export-snapshot name=NAME overlay=PATH        live snapshot: PATH (new) takes the writes, the
                                                 current overlay becomes its read-only base
-  backup-begin export=NAME checkpoint=C [incremental=P] [target=T] [scratch=PATH]
+  backup-begin export=NAME checkpoint=C [incremental=P] [granularity=64K]
+                  [target=T] [scratch=PATH]
                                                 serve the export frozen now as T (read-only);
                                                 C records from now; with P, T also serves
                                                 qemu:dirty-bitmap:P (what changed since P)
   backup-end export=NAME                        end the backup (T removed, scratch deleted)
+  bitmap-add export=NAME name=B [granularity=64K] [persistent=false] [disabled=true]
+                                                a dirty bitmap (changed-block tracking)
+  bitmap-remove | bitmap-clear | bitmap-enable | bitmap-disable export=NAME name=B
+                                                remove / clear / start / stop recording
+  bitmap-merge export=NAME target=B sources=B1,B2
+                                                B dirty wherever any source is
+  query-bitmaps export=NAME                     the export's bitmaps and their dirty bytes
   job-start type=stream export=NAME [rate=50M]  stream the export's base into its raw image
   query-jobs                                    every job: status, progress, error
   job-pause id=ID | job-resume id=ID            pause / resume a job
