@@ -282,48 +282,101 @@ fn flush_never_waits_for_the_budget() {
     e.shutdown().unwrap();
 }
 
+/// Submits, on its core, a flood of writes of `a` at the first `ready`, then at each `ready` one
+/// read of `b`; each read's answer reports how many of `a`'s writes were answered since the core
+/// took the read in.
+struct FloodThenReads {
+    a: Disk,
+    b: Disk,
+    flood: Vec<Request>,
+    done_a: Arc<AtomicUsize>,
+    next_read: u64,
+    between: std::sync::mpsc::Sender<(bool, usize)>,
+}
+
+impl addcow_engine::CoreSource for FloodThenReads {
+    fn ready(&mut self, ctx: &mut addcow_engine::SourceCtx<'_>) {
+        for req in self.flood.drain(..) {
+            let n = Arc::clone(&self.done_a);
+            ctx.submit(
+                &self.a,
+                req,
+                Box::new(move |r| {
+                    assert!(r.is_ok(), "{r:?}");
+                    n.fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        let n = Arc::clone(&self.done_a);
+        let tx = self.between.clone();
+        // Counted here, on the core, as the read goes to the gate: what happened before the
+        // core had the read is not the queue's doing.
+        let before = n.load(Ordering::SeqCst);
+        ctx.submit(
+            &self.b,
+            read(self.next_read * 4096),
+            Box::new(move |r| {
+                let _ = tx.send((r.is_ok(), n.load(Ordering::SeqCst) - before));
+            }),
+        );
+        self.next_read += 1;
+    }
+}
+
 #[test]
 fn a_flooded_disk_does_not_hold_a_qd1_disk_behind_its_queue() {
+    use std::os::fd::OwnedFd;
     let fa = fixture(64 << 20, 0);
     let fb = fixture(1 << 20, 1 << 20);
+    // B's reads come from its base through the page cache (A has no base): they stay ring ops,
+    // waiting behind whatever the core let go before them, but once submitted they complete at
+    // once. With O_DIRECT the device (shared with A's writes and, under a test runner, with
+    // other tests) serves them when it likes: the first read of a file, in an io-wq worker,
+    // could outlast dozens of A's writes whatever the queue did.
     let e = Engine::start(EngineConfig {
         fair_share_requests: 8,
+        base_cache: addcow_engine::CacheMode::Buffered,
         ..config(1)
     })
     .unwrap();
     let a = open(&e, &fa.overlay);
     let b = open(&e, &fb.overlay);
     let done_a = Arc::new(AtomicUsize::new(0));
-    // A floods its core: 600 writes of 64 KiB, all at once.
+    // A floods the core: 600 writes of 64 KiB, all at once, submitted on the core as the NBD
+    // ring mode and vhost-user-blk do (not through the core's channel, where B's read would
+    // wait behind them before the core even saw it).
     const FLOOD: usize = 600;
-    for i in 0..FLOOD as u64 {
-        let n = Arc::clone(&done_a);
-        a.submit(
+    let flood = (0..FLOOD as u64)
+        .map(|i| write(&e, i * (64 << 10), 64 << 10))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let efd = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+        .expect("eventfd");
+    let fd = OwnedFd::from(efd);
+    let poke = fd.try_clone().unwrap();
+    let source = e
+        .attach_source(
             0,
-            write(&e, i * (64 << 10), 64 << 10),
-            Box::new(move |r| {
-                assert!(r.is_ok(), "{r:?}");
-                n.fetch_add(1, Ordering::SeqCst);
+            fd,
+            Box::new(FloodThenReads {
+                a: a.clone(),
+                b: b.clone(),
+                flood,
+                done_a: Arc::clone(&done_a),
+                next_read: 0,
+                between: tx,
             }),
-        );
-    }
-    // B reads at QD1 meanwhile: each read is served within a round of the flood, not after it.
-    // Counted on the core: A's answers between a read's submission and its answer.
+        )
+        .expect("attach");
+    // B reads at QD1 meanwhile (the first read right behind the whole flood): each read is
+    // served within a round of the flood, not after it. Counted on the core: A's answers
+    // between the core taking a read in and its answer.
     let mut between = Vec::new();
-    for i in 0..5u64 {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let n = Arc::clone(&done_a);
-        let before = done_a.load(Ordering::SeqCst);
-        b.submit(
-            0,
-            read(i * 4096),
-            Box::new(move |r| {
-                let _ = tx.send((r.is_ok(), n.load(Ordering::SeqCst)));
-            }),
-        );
-        let (ok, at) = rx.recv_timeout(Duration::from_secs(60)).expect("B's read");
+    for _ in 0..5 {
+        nix::unistd::write(&poke, &1u64.to_ne_bytes()).expect("poke");
+        let (ok, n) = rx.recv_timeout(Duration::from_secs(60)).expect("B's read");
         assert!(ok);
-        between.push(at - before);
+        between.push(n);
     }
     wait_for(120, "the flood", || done_a.load(Ordering::SeqCst) == FLOOD);
     // Served in turn (8 in flight, two 64 KiB writes of A per round), each of B's reads waits for
@@ -333,6 +386,7 @@ fn a_flooded_disk_does_not_hold_a_qd1_disk_behind_its_queue() {
         between.iter().all(|&n| n <= 64),
         "A's writes answered while each of B's reads waited: {between:?}"
     );
+    e.detach_source(source).expect("detach");
     a.close().unwrap();
     b.close().unwrap();
     e.shutdown().unwrap();
