@@ -298,6 +298,10 @@ impl Gate {
         let limits_changed = std::mem::replace(&mut self.epoch, epoch) != epoch;
         'rounds: loop {
             let mut progress = false;
+            // A disk whose head waits only for its deficit to grow: another round gives it a
+            // quantum more (so the pump never stops while room exists and a request could go:
+            // nothing else would wake the core for it once nothing is in flight).
+            let mut short_of_quantum = false;
             let n = self.queues.len();
             for step in 0..n {
                 let i = (self.cursor + step) % n;
@@ -325,6 +329,7 @@ impl Gate {
                             break; // one per visit: members of a group alternate
                         }
                         if group.is_none() && cost > self.queues[i].deficit {
+                            short_of_quantum = true;
                             break;
                         }
                         if !self.room_or_block(cost) {
@@ -363,7 +368,9 @@ impl Gate {
                     break 'rounds;
                 }
             }
-            if !progress {
+            // Each round adds a quantum to every disk short of one, so this ends within
+            // `MAX_COST / QUANTUM` rounds of the last request let go (or at a full core).
+            if !progress && !short_of_quantum {
                 break;
             }
         }
