@@ -8,6 +8,10 @@
 //! requests go: it visits the disks with waiting requests round-robin; a disk in a throttle
 //! group with limits gets one request per visit once its group's budget admits it (so members
 //! alternate); a disk without limits gets a deficit-round-robin quantum of bytes per visit.
+//! One pump goes on round after round while a request was let go, or a disk's head waits only
+//! for its deficit (it is bigger than a quantum): it stops only when nothing may go now, so a
+//! core with room never blocks with a request that could go (once nothing is in flight, no
+//! completion would run the pump again).
 //! Requests of one disk go in the order they arrived. The pump runs when a request is queued,
 //! after the core's completions (answers free room), and on every loop turn while anything
 //! waits; the loop's wait ends at the earliest time a throttled request may go
