@@ -62,3 +62,54 @@ fn a_write_that_waited_for_its_dirty_bits_is_not_gated_again() {
     d.close().unwrap();
     e.shutdown().unwrap();
 }
+
+/// Requests of 1 MiB wait in the fair-share queue (eight times the deficit round robin's
+/// quantum): once nothing is in flight any more, nothing but the pump itself can let them go,
+/// so one pump must give the disk the quanta it needs instead of one per loop turn (the core
+/// would block with room and requests waiting, until some unrelated wake-up).
+#[test]
+fn requests_larger_than_a_quantum_all_go_when_the_core_has_room() {
+    const N: u64 = 16;
+    const LEN: u32 = 1 << 20;
+    // Over a base: every read is real I/O, answered from a completion.
+    let f = fixture(N * u64::from(LEN), N * u64::from(LEN));
+    // One request in flight per core: every other one waits in the queue.
+    let e = addcow_engine::Engine::start(EngineConfig {
+        fair_share_requests: 1,
+        ..config(1)
+    })
+    .unwrap();
+    let d = open(&e, &f.overlay);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..N {
+        let tx = tx.clone();
+        d.submit(
+            0,
+            Request::Read {
+                offset: i * u64::from(LEN),
+                len: LEN,
+            },
+            Box::new(move |r| {
+                let _ = tx.send((i, r.map(|_| ()).map_err(|e| e.errno)));
+            }),
+        );
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut answered = 0;
+    while answered < N {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, r)) => {
+                assert_eq!(r, Ok(()), "read {i}");
+                answered += 1;
+            }
+            Err(_) => panic!(
+                "{answered} of {N} reads answered after 30 s: the rest wait in the fair-share \
+                 queue of an idle core"
+            ),
+        }
+    }
+    d.close().unwrap();
+    e.shutdown().unwrap();
+}

@@ -8,6 +8,10 @@
 //! requests go: it visits the disks with waiting requests round-robin; a disk in a throttle
 //! group with limits gets one request per visit once its group's budget admits it (so members
 //! alternate); a disk without limits gets a deficit-round-robin quantum of bytes per visit.
+//! One pump goes on round after round while a request was let go, or a disk's head waits only
+//! for its deficit (it is bigger than a quantum): it stops only when nothing may go now, so a
+//! core with room never blocks with a request that could go (once nothing is in flight, no
+//! completion would run the pump again).
 //! Requests of one disk go in the order they arrived. The pump runs when a request is queued,
 //! after the core's completions (answers free room), and on every loop turn while anything
 //! waits; the loop's wait ends at the earliest time a throttled request may go
@@ -298,6 +302,10 @@ impl Gate {
         let limits_changed = std::mem::replace(&mut self.epoch, epoch) != epoch;
         'rounds: loop {
             let mut progress = false;
+            // A disk whose head waits only for its deficit to grow: another round gives it a
+            // quantum more (so the pump never stops while room exists and a request could go:
+            // nothing else would wake the core for it once nothing is in flight).
+            let mut short_of_quantum = false;
             let n = self.queues.len();
             for step in 0..n {
                 let i = (self.cursor + step) % n;
@@ -325,6 +333,7 @@ impl Gate {
                             break; // one per visit: members of a group alternate
                         }
                         if group.is_none() && cost > self.queues[i].deficit {
+                            short_of_quantum = true;
                             break;
                         }
                         if !self.room_or_block(cost) {
@@ -363,7 +372,9 @@ impl Gate {
                     break 'rounds;
                 }
             }
-            if !progress {
+            // Each round adds a quantum to every disk short of one, so this ends within
+            // `MAX_COST / QUANTUM` rounds of the last request let go (or at a full core).
+            if !progress && !short_of_quantum {
                 break;
             }
         }
