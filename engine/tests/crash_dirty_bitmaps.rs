@@ -39,6 +39,7 @@ fn run(seed: u64, granularity: u64, threads: usize, ops: usize) -> (DirtyReport,
         commit_delay: None,
         base_timeout: Duration::from_secs(30),
         recorder: Some(recorder.clone()),
+        ..EngineConfig::default()
     })
     .expect("engine starts");
     let disk = engine
