@@ -248,15 +248,27 @@ impl Core {
 
     /// Lets go what may go now (see the module docs) and starts it; sets the deadline of what
     /// still waits for budget.
+    ///
+    /// Picks again after starting what it let go, until a pick lets nothing go: some requests
+    /// are answered as they start, on this thread (a read of an unallocated area without a
+    /// base, a zero-length write, an error), and give their room back without waking the core
+    /// (an answer on the core's own thread does not). Without another pick the core could block
+    /// with requests queued, room free and nothing in flight to wake it. This ends: every pick
+    /// that lets something go takes it out of the queue.
     pub(super) fn pump_qos(&mut self) {
-        if self.gate.queued == 0 {
-            self.gate.deadline = None;
-            return;
-        }
         let mut ready = std::mem::take(&mut self.gate.ready);
-        self.gate.pick(&mut ready);
-        for (disk, req, done) in ready.drain(..) {
-            self.start_request(disk, req, done);
+        loop {
+            if self.gate.queued == 0 {
+                self.gate.deadline = None;
+                break;
+            }
+            self.gate.pick(&mut ready);
+            if ready.is_empty() {
+                break;
+            }
+            for (disk, req, done) in ready.drain(..) {
+                self.start_request(disk, req, done);
+            }
         }
         self.gate.ready = ready;
     }
