@@ -131,7 +131,7 @@ fn requests_answered_at_once_do_not_leave_the_rest_waiting_on_an_idle_core() {
     let a = open(&e, &fa.overlay);
     let b = open(&e, &fb.overlay);
     let (tx, rx) = mpsc::channel();
-    let mut submit = |d: &addcow_engine::Disk, tag: (char, u64), req: Request| {
+    let submit = |d: &addcow_engine::Disk, tag: (char, u64), req: Request| {
         let tx = tx.clone();
         d.submit(
             0,
