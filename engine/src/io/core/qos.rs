@@ -334,6 +334,11 @@ impl Core {
     }
 
     /// The core stops: every waiting request is answered `ESHUTDOWN`.
+    ///
+    /// A fallback: `Engine::shutdown` (and dropping the last handle) closes every open disk
+    /// before it stops the cores, and a closing disk's requests never wait (see [`draining`]),
+    /// so nothing waits here then. It is reached only when the cores are stopped without the
+    /// disks closed: a stop from a core thread that cannot start its helper thread.
     pub(super) fn qos_shutdown(&mut self) {
         let now = now_ns();
         for q in self.gate.queues.drain(..) {
