@@ -593,6 +593,19 @@ fn trim_is_not_metered_by_the_throttle() {
     );
     assert_eq!(d.throttle_stats().throttled_requests, 0);
     assert_eq!(g.stats().throttled_requests, 0);
+    // WRITE_ZEROES is metered as a write of its length (as in QEMU): the second of two 2 MiB
+    // ones waits for the first to leak.
+    for i in 0..2u64 {
+        let req = Request::WriteZeroes {
+            offset: 200 * MIB + i * 2 * MIB,
+            len: 2 * MIB,
+            punch: false,
+            fua: false,
+        };
+        submit(&d, 0, req, 10 + i, &log);
+    }
+    wait_for(30, "the WRITE_ZEROES answers", || len(&log) == 6);
+    assert_eq!(d.throttle_stats().throttled_requests, 1);
     d.close().unwrap();
     e.shutdown().unwrap();
 }
