@@ -113,3 +113,66 @@ fn requests_larger_than_a_quantum_all_go_when_the_core_has_room() {
     d.close().unwrap();
     e.shutdown().unwrap();
 }
+
+#[test]
+fn requests_answered_at_once_do_not_leave_the_rest_waiting_on_an_idle_core() {
+    const REAL: u64 = 2;
+    const AT_ONCE: u64 = 50;
+    const LEN: u32 = 1 << 20;
+    // A reads its base (ring ops, answered from completions); B has no base and nothing
+    // allocated, so its reads are answered on the core, with no I/O, when they start.
+    let fa = fixture(REAL * u64::from(LEN), REAL * u64::from(LEN));
+    let fb = fixture(AT_ONCE * 4096, 0);
+    let e = addcow_engine::Engine::start(EngineConfig {
+        fair_share_requests: 1,
+        ..config(1)
+    })
+    .unwrap();
+    let a = open(&e, &fa.overlay);
+    let b = open(&e, &fb.overlay);
+    let (tx, rx) = mpsc::channel();
+    let submit = |d: &addcow_engine::Disk, tag: (char, u64), req: Request| {
+        let tx = tx.clone();
+        d.submit(
+            0,
+            req,
+            Box::new(move |r| {
+                let _ = tx.send((tag, r.map(|_| ()).map_err(|e| e.errno)));
+            }),
+        );
+    };
+    for i in 0..REAL {
+        let req = Request::Read {
+            offset: i * u64::from(LEN),
+            len: LEN,
+        };
+        submit(&a, ('a', i), req);
+    }
+    for i in 0..AT_ONCE {
+        let req = Request::Read {
+            offset: i * 4096,
+            len: 4096,
+        };
+        submit(&b, ('b', i), req);
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let total = REAL + AT_ONCE;
+    let mut answered = 0;
+    while answered < total {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((tag, r)) => {
+                assert_eq!(r, Ok(()), "read {tag:?}");
+                answered += 1;
+            }
+            Err(_) => panic!(
+                "{answered} of {total} reads answered after 30 s: the rest wait in the \
+                 fair-share queue of a core with room and nothing in flight"
+            ),
+        }
+    }
+    a.close().unwrap();
+    b.close().unwrap();
+    e.shutdown().unwrap();
+}

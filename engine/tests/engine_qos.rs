@@ -210,10 +210,15 @@ fn shutdown_answers_waiting_requests_once() {
         );
     }
     wait_for(10, "requests waiting", || d.throttle_stats().queued >= 18);
-    // Shutdown closes the disk first (which lets the queue go), then stops the cores.
+    // Shutdown closes every open disk before it stops the cores, and a closing disk's queue
+    // goes at once (without budget): the waiting reads are served, not failed. (The cores'
+    // own `ESHUTDOWN` answer for what still waits when they stop is a fallback no public
+    // path reaches: see `Core::qos_shutdown`.)
     e.shutdown().unwrap();
     assert_eq!(answers.load(Ordering::SeqCst), 20);
-    assert_eq!(len(&log), 20);
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 20);
+    assert!(log.iter().all(|(_, r)| r.is_ok()), "{log:?}");
 }
 
 #[test]
@@ -490,6 +495,182 @@ fn requests_submitted_on_the_core_by_a_source_are_throttled_too() {
     g.set_limits(ThrottleLimits::default()).unwrap();
     wait_for(10, "every answer", || answered.load(Ordering::SeqCst) == 10);
     assert!(d.throttle_stats().throttled_requests >= 7);
+    d.close().unwrap();
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn reads_do_not_wait_behind_writes_that_wait_for_their_budget() {
+    const MIB: u64 = 1 << 20;
+    // No base: the reads (of areas nothing wrote) are answered as they start, so the log's
+    // order is the order the core let them go.
+    let f = fixture(16 * MIB, 0);
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    let g = ThrottleGroup::new(
+        "w",
+        ThrottleLimits {
+            bps_write: Some(MIB),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    d.set_throttle(Some(g));
+    let log: Log<String> = Arc::default();
+    // The first 4 MiB write goes at once and overfills the write bucket: the second waits for
+    // it to leak (about 4 s at 1 MiB/s), the third about 4 s more.
+    for i in 0..3u64 {
+        submit(
+            &d,
+            0,
+            write(&e, i * 4 * MIB, 4 << 20),
+            format!("w{i}"),
+            &log,
+        );
+    }
+    wait_for(10, "the writes waiting", || d.throttle_stats().queued == 2);
+    // Reads have no limit: they go now, not after the writes queued before them.
+    for i in 0..8u64 {
+        submit(&d, 0, read(12 * MIB + i * 4096), format!("r{i}"), &log);
+    }
+    wait_for(30, "every answer", || len(&log) == 11);
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|(_, r)| r.is_ok()), "{log:?}");
+    let order: Vec<&str> = log.iter().map(|(t, _)| t.as_str()).collect();
+    let pos = |t: &str| order.iter().position(|o| *o == t).unwrap();
+    assert!(
+        (0..8).all(|i| pos(&format!("r{i}")) < pos("w1")),
+        "reads answered after a write that waited for its budget: {order:?}"
+    );
+    // Each direction keeps its order.
+    assert!(pos("w0") < pos("w1") && pos("w1") < pos("w2"), "{order:?}");
+    let reads: Vec<&str> = order
+        .iter()
+        .copied()
+        .filter(|t| t.starts_with('r'))
+        .collect();
+    let want: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+    assert_eq!(reads, want, "reads in arrival order");
+    drop(log);
+    d.close().unwrap();
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn trim_is_not_metered_by_the_throttle() {
+    const MIB: u64 = 1 << 20;
+    let f = fixture(256 * MIB, 0);
+    let e = engine(1);
+    let d = open(&e, &f.overlay);
+    let g = ThrottleGroup::new(
+        "t",
+        ThrottleLimits {
+            bps_write: Some(MIB),
+            iops_write: Some(100),
+            iops_size: Some(4096),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    d.set_throttle(Some(g.clone()));
+    let log: Log<u64> = Arc::default();
+    // Counted, each TRIM would hold the next request back for about 64 s (its bytes) or
+    // 160 s (its 16384 operations).
+    for i in 0..3u64 {
+        let req = Request::Trim {
+            offset: i * 64 * MIB,
+            len: 64 * MIB,
+            fua: false,
+        };
+        submit(&d, 0, req, i, &log);
+    }
+    submit(&d, 0, write(&e, 200 * MIB, 4096), 3, &log);
+    wait_for(30, "every answer", || len(&log) == 4);
+    assert!(
+        log.lock().unwrap().iter().all(|(_, r)| r.is_ok()),
+        "{:?}",
+        log.lock().unwrap()
+    );
+    assert_eq!(d.throttle_stats().throttled_requests, 0);
+    assert_eq!(g.stats().throttled_requests, 0);
+    // WRITE_ZEROES is metered as a write of its length (as in QEMU): the second of two 2 MiB
+    // ones waits for the first to leak.
+    for i in 0..2u64 {
+        let req = Request::WriteZeroes {
+            offset: 200 * MIB + i * 2 * MIB,
+            len: 2 * MIB,
+            punch: false,
+            fua: false,
+        };
+        submit(&d, 0, req, 10 + i, &log);
+    }
+    wait_for(30, "the WRITE_ZEROES answers", || len(&log) == 6);
+    assert_eq!(d.throttle_stats().throttled_requests, 1);
+    d.close().unwrap();
+    e.shutdown().unwrap();
+}
+
+/// Queues reads of its disk behind nothing but order: when poked, removes the group's limits
+/// and submits one more read on the core, at once, before the core's pump runs.
+struct LiftThenRead {
+    d: Disk,
+    g: ThrottleGroup,
+    log: Log<u64>,
+}
+
+impl addcow_engine::CoreSource for LiftThenRead {
+    fn ready(&mut self, ctx: &mut addcow_engine::SourceCtx<'_>) {
+        self.g.set_limits(ThrottleLimits::default()).unwrap();
+        let log = Arc::clone(&self.log);
+        ctx.submit(
+            &self.d,
+            read(100 * 4096),
+            Box::new(move |r| {
+                log.lock()
+                    .unwrap()
+                    .push((100, r.map(|_| ()).map_err(|e| e.errno)));
+            }),
+        );
+    }
+}
+
+#[test]
+fn without_fair_share_a_request_does_not_pass_its_disks_waiting_ones() {
+    use std::os::fd::OwnedFd;
+    // No base, nothing allocated: every read is answered as it starts, so the log's order is
+    // the order the core let them go.
+    let f = fixture(1 << 20, 0);
+    let e = Engine::start(EngineConfig {
+        fair_share_requests: 0,
+        ..config(1)
+    })
+    .unwrap();
+    let d = open(&e, &f.overlay);
+    let (g, log) = queue_behind_one_iops(&d, 10);
+    let efd = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+        .expect("eventfd");
+    let fd = OwnedFd::from(efd);
+    let poke = fd.try_clone().unwrap();
+    let source = e
+        .attach_source(
+            0,
+            fd,
+            Box::new(LiftThenRead {
+                d: d.clone(),
+                g,
+                log: Arc::clone(&log),
+            }),
+        )
+        .expect("attach");
+    nix::unistd::write(&poke, &1u64.to_ne_bytes()).expect("poke");
+    wait_for(10, "every answer", || len(&log) == 11);
+    let order: Vec<u64> = log.lock().unwrap().iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        order.last(),
+        Some(&100),
+        "the read submitted last passed the disk's waiting ones: {order:?}"
+    );
+    e.detach_source(source).expect("detach");
     d.close().unwrap();
     e.shutdown().unwrap();
 }

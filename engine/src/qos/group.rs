@@ -101,6 +101,7 @@ impl ThrottleGroup {
     /// A group named `name` with `limits` (validated).
     pub fn new(name: &str, limits: ThrottleLimits) -> Result<ThrottleGroup, LimitsError> {
         limits.validate()?;
+        let limits = limits.normalized();
         Ok(ThrottleGroup {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -127,6 +128,7 @@ impl ThrottleGroup {
     /// are re-timed against the new limits.
     pub fn set_limits(&self, limits: ThrottleLimits) -> Result<(), LimitsError> {
         limits.validate()?;
+        let limits = limits.normalized();
         {
             let mut l = crate::sync::write(&self.inner.limits);
             crate::sync::lock(&self.inner.meter).set_limits(&limits, now_ns());
@@ -181,5 +183,49 @@ impl ThrottleGroup {
     /// Whether `self` and `other` are handles to the same group.
     pub fn same_group(&self, other: &ThrottleGroup) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_limits_are_no_limits() {
+        let zeros: ThrottleLimits =
+            serde_json::from_str(r#"{"iops-total": 0, "bps-read": 0, "bps-write-max": 0}"#)
+                .unwrap();
+        let g = ThrottleGroup::new("z", zeros).unwrap();
+        assert!(
+            !g.is_limited(),
+            "a group of zeros takes no lock per request"
+        );
+        assert_eq!(g.limits(), ThrottleLimits::default());
+        assert_eq!(serde_json::to_string(&g.limits()).unwrap(), "{}");
+        g.set_limits(ThrottleLimits {
+            iops_total: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(g.is_limited());
+        g.set_limits(zeros).unwrap();
+        assert!(!g.is_limited());
+        assert_eq!(g.limits(), ThrottleLimits::default());
+        // A zero next to a real limit is dropped; the limit stays.
+        let mixed = ThrottleLimits {
+            bps_total: Some(0),
+            iops_read: Some(5),
+            iops_size: Some(0),
+            ..Default::default()
+        };
+        g.set_limits(mixed).unwrap();
+        assert!(g.is_limited());
+        assert_eq!(
+            g.limits(),
+            ThrottleLimits {
+                iops_read: Some(5),
+                ..Default::default()
+            }
+        );
     }
 }

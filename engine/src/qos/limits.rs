@@ -67,9 +67,59 @@ pub struct LimitsError {
 }
 
 impl ThrottleLimits {
-    /// Whether no limit is set (a group with these limits admits everything at once).
+    /// Whether no limit is set (a group with these limits admits everything at once). A value of
+    /// 0 is no limit (see [`ThrottleLimits::normalized`]).
     pub fn is_empty(&self) -> bool {
-        *self == ThrottleLimits::default()
+        self.normalized() == ThrottleLimits::default()
+    }
+
+    /// The same limits with every "no limit" spelled `None`: a rate, burst or `iops-size` of 0
+    /// becomes `None`, and so does a burst length whose burst is unset (it has no effect;
+    /// [`ThrottleLimits::validate`] only lets 1 through there). What a group keeps and shows.
+    pub fn normalized(&self) -> ThrottleLimits {
+        fn some(v: Option<u64>) -> Option<u64> {
+            v.filter(|&v| v != 0)
+        }
+        fn burst(avg: &mut Option<u64>, max: &mut Option<u64>, len: &mut Option<u64>) {
+            *avg = some(*avg);
+            *max = some(*max);
+            if max.is_none() {
+                *len = None;
+            }
+        }
+        let mut l = *self;
+        burst(
+            &mut l.iops_total,
+            &mut l.iops_total_max,
+            &mut l.iops_total_max_length,
+        );
+        burst(
+            &mut l.iops_read,
+            &mut l.iops_read_max,
+            &mut l.iops_read_max_length,
+        );
+        burst(
+            &mut l.iops_write,
+            &mut l.iops_write_max,
+            &mut l.iops_write_max_length,
+        );
+        burst(
+            &mut l.bps_total,
+            &mut l.bps_total_max,
+            &mut l.bps_total_max_length,
+        );
+        burst(
+            &mut l.bps_read,
+            &mut l.bps_read_max,
+            &mut l.bps_read_max_length,
+        );
+        burst(
+            &mut l.bps_write,
+            &mut l.bps_write_max,
+            &mut l.bps_write_max_length,
+        );
+        l.iops_size = some(l.iops_size);
+        l
     }
 
     /// The six buckets (`iops-total`, ..., `bps-write`) in a fixed order (see [`Bucket`]):

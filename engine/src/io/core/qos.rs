@@ -12,7 +12,12 @@
 //! for its deficit (it is bigger than a quantum): it stops only when nothing may go now, so a
 //! core with room never blocks with a request that could go (once nothing is in flight, no
 //! completion would run the pump again).
-//! Requests of one disk go in the order they arrived. The pump runs when a request is queued,
+//! Requests of one disk go in the order they arrived, in two queues per disk as in QEMU
+//! (`throttled_reqs[2]`): reads and writes (TRIM and WRITE_ZEROES with the writes). A direction
+//! whose head waits for its group's budget does not hold the other one; otherwise the older
+//! head goes first. A disk with requests waiting here sends a new one behind them even when
+//! nothing would hold it (its limits just went away, fair share off). TRIM is not metered by
+//! the throttle (QEMU does not throttle discard) but counts for fair share. The pump runs when a request is queued,
 //! after the core's completions (answers free room), and on every loop turn while anything
 //! waits; the loop's wait ends at the earliest time a throttled request may go
 //! ([`Core::qos_deadline`]), and a change of limits, of a disk's group, a close or a quiesce
@@ -50,8 +55,13 @@ struct Waiting {
     req: Request,
     done: Responder,
     dir: Direction,
-    /// Bytes, for the throttle.
+    /// Bytes, for the throttle (and, capped, for fair share).
     bytes: u64,
+    /// Whether the throttle meters it (not a TRIM: see [`gated`]).
+    metered: bool,
+    /// Its place in the order requests arrived on this core (the pump lets a disk's requests
+    /// go in this order, except where a direction waits for its budget).
+    seq: u64,
     /// When it started to wait for its group's budget ([`now_ns`]), and the group whose
     /// counters count it (the disk's own count it too); `None`: it waits for fair share only.
     throttled: Option<(u64, ThrottleGroup)>,
@@ -63,14 +73,39 @@ impl Waiting {
     }
 }
 
-/// One disk's waiting requests on this core.
+/// One disk's waiting requests on this core: one queue per direction (reads, then writes),
+/// as QEMU keeps them (`throttled_reqs[2]`), so a read whose budget is free does not wait
+/// behind a write that waits for its own.
 struct DiskQueue {
     disk: Arc<DiskState>,
-    waiting: VecDeque<Waiting>,
+    waiting: [VecDeque<Waiting>; 2],
     deficit: u64,
-    /// Its head waits for its group's budget until then ([`now_ns`]); not asked again before,
-    /// unless limits changed meanwhile (see `Gate::epoch`).
-    not_before: u64,
+    /// The head of a direction waits for its group's budget until then ([`now_ns`]); not asked
+    /// again before, unless limits changed meanwhile (see `Gate::epoch`).
+    not_before: [u64; 2],
+}
+
+/// The index of `dir`'s queue in [`DiskQueue`].
+fn slot(dir: Direction) -> usize {
+    match dir {
+        Direction::Read => 0,
+        Direction::Write => 1,
+    }
+}
+
+impl DiskQueue {
+    fn is_empty(&self) -> bool {
+        self.waiting.iter().all(VecDeque::is_empty)
+    }
+
+    /// The direction whose head arrived first, among those not `held`.
+    fn next(&self, held: [bool; 2]) -> Option<usize> {
+        (0..2)
+            .filter(|&d| !held[d])
+            .filter_map(|d| self.waiting[d].front().map(|h| (h.seq, d)))
+            .min()
+            .map(|(_, d)| d)
+    }
 }
 
 /// A core's throttle and fair-share state (see the module docs).
@@ -87,6 +122,8 @@ pub(super) struct Gate {
     resuming: bool,
     /// Requests waiting in `queues`.
     queued: usize,
+    /// The next request's [`Waiting::seq`].
+    seq: u64,
     /// The earliest time a throttled request may go.
     deadline: Option<u64>,
     /// [`limits_epoch`] when the last pump ran.
@@ -110,6 +147,7 @@ impl Gate {
             cursor: 0,
             resuming: false,
             queued: 0,
+            seq: 0,
             deadline: None,
             epoch: limits_epoch(),
             ready: Vec::new(),
@@ -143,6 +181,11 @@ impl Gate {
         false
     }
 
+    /// Whether requests of `disk` wait here.
+    fn holds(&self, disk: &Arc<DiskState>) -> bool {
+        self.queued != 0 && self.queues.iter().any(|q| Arc::ptr_eq(&q.disk, disk))
+    }
+
     /// Charges `done` to the core's load (when fair share is on).
     fn charge(&self, done: &mut Responder, cost: u64) {
         if self.fair_share() {
@@ -151,15 +194,17 @@ impl Gate {
     }
 }
 
-/// What the gate weighs of `req`: its direction and bytes; `None` for requests never gated.
-fn gated(req: &Request) -> Option<(Direction, u64)> {
+/// What the gate weighs of `req`: its direction, its bytes and whether the throttle meters it;
+/// `None` for requests never gated. A TRIM is not metered (QEMU's block-backend throttling
+/// does not throttle discard) but is a request for fair share (its cost capped, as any); a
+/// WRITE_ZEROES is metered as a write of its length, as in QEMU.
+fn gated(req: &Request) -> Option<(Direction, u64, bool)> {
     match req {
-        Request::Read { len, .. } => Some((Direction::Read, u64::from(*len))),
-        Request::ReadInto { buf, .. } => Some((Direction::Read, buf.len() as u64)),
-        Request::Write { data, .. } => Some((Direction::Write, data.len() as u64)),
-        Request::WriteZeroes { len, .. } | Request::Trim { len, .. } => {
-            Some((Direction::Write, *len))
-        }
+        Request::Read { len, .. } => Some((Direction::Read, u64::from(*len), true)),
+        Request::ReadInto { buf, .. } => Some((Direction::Read, buf.len() as u64, true)),
+        Request::Write { data, .. } => Some((Direction::Write, data.len() as u64, true)),
+        Request::WriteZeroes { len, .. } => Some((Direction::Write, *len, true)),
+        Request::Trim { len, .. } => Some((Direction::Write, *len, false)),
         Request::Flush | Request::Cache { .. } | Request::Populate { .. } => None,
     }
 }
@@ -190,18 +235,23 @@ impl Core {
         req: Request,
         done: Responder,
     ) -> Option<(Arc<DiskState>, Request, Responder)> {
-        let Some((dir, bytes)) = gated(&req) else {
+        let Some((dir, bytes, metered)) = gated(&req) else {
             return Some((disk, req, done));
         };
-        let group = limited_group(&disk);
-        if group.is_none() && !self.gate.fair_share() {
+        let group = if metered { limited_group(&disk) } else { None };
+        // A disk with requests waiting here sends new ones behind them (in arrival order), even
+        // when nothing would hold the new one back (its limits were just removed).
+        if group.is_none() && !self.gate.fair_share() && !self.gate.holds(&disk) {
             return Some((disk, req, done));
         }
+        self.gate.seq += 1;
         let w = Waiting {
             req,
             done,
             dir,
             bytes,
+            metered,
+            seq: self.gate.seq,
             throttled: None,
         };
         let cost = w.cost();
@@ -235,28 +285,45 @@ impl Core {
         }
         let gate = &mut self.gate;
         gate.queued += 1;
+        let d = slot(w.dir);
         match gate.queues.iter_mut().find(|q| Arc::ptr_eq(&q.disk, &disk)) {
-            Some(q) => q.waiting.push_back(w),
-            None => gate.queues.push(DiskQueue {
-                disk,
-                waiting: VecDeque::from([w]),
-                deficit: 0,
-                not_before: 0,
-            }),
+            Some(q) => q.waiting[d].push_back(w),
+            None => {
+                let mut q = DiskQueue {
+                    disk,
+                    waiting: [VecDeque::new(), VecDeque::new()],
+                    deficit: 0,
+                    not_before: [0; 2],
+                };
+                q.waiting[d].push_back(w);
+                gate.queues.push(q);
+            }
         }
     }
 
     /// Lets go what may go now (see the module docs) and starts it; sets the deadline of what
     /// still waits for budget.
+    ///
+    /// Picks again after starting what it let go, until a pick lets nothing go: some requests
+    /// are answered as they start, on this thread (a read of an unallocated area without a
+    /// base, a zero-length write, an error), and give their room back without waking the core
+    /// (an answer on the core's own thread does not). Without another pick the core could block
+    /// with requests queued, room free and nothing in flight to wake it. This ends: every pick
+    /// that lets something go takes it out of the queue.
     pub(super) fn pump_qos(&mut self) {
-        if self.gate.queued == 0 {
-            self.gate.deadline = None;
-            return;
-        }
         let mut ready = std::mem::take(&mut self.gate.ready);
-        self.gate.pick(&mut ready);
-        for (disk, req, done) in ready.drain(..) {
-            self.start_request(disk, req, done);
+        loop {
+            if self.gate.queued == 0 {
+                self.gate.deadline = None;
+                break;
+            }
+            self.gate.pick(&mut ready);
+            if ready.is_empty() {
+                break;
+            }
+            for (disk, req, done) in ready.drain(..) {
+                self.start_request(disk, req, done);
+            }
         }
         self.gate.ready = ready;
     }
@@ -267,10 +334,15 @@ impl Core {
     }
 
     /// The core stops: every waiting request is answered `ESHUTDOWN`.
+    ///
+    /// A fallback: `Engine::shutdown` (and dropping the last handle) closes every open disk
+    /// before it stops the cores, and a closing disk's requests never wait (see [`draining`]),
+    /// so nothing waits here then. It is reached only when the cores are stopped without the
+    /// disks closed: a stop from a core thread that cannot start its helper thread.
     pub(super) fn qos_shutdown(&mut self) {
         let now = now_ns();
         for q in self.gate.queues.drain(..) {
-            for w in q.waiting {
+            for w in q.waiting.into_iter().flatten() {
                 uncount(&q.disk, &w, now);
                 w.done
                     .answer(Err(req_err(libc::ESHUTDOWN, "engine shut down", 0)));
@@ -313,21 +385,30 @@ impl Gate {
                 let drain = draining(&disk);
                 let group = if drain { None } else { limited_group(&disk) };
                 let resumed = std::mem::take(&mut resuming);
-                let not_before = self.queues[i].not_before;
-                if group.is_some() && !limits_changed && now < not_before {
-                    // Its budget is known not to admit it before then: no lock taken.
-                    deadline = Some(deadline.map_or(not_before, |d| d.min(not_before)));
+                // A direction whose head waits for its group's budget: the other one may go.
+                let mut held = [false; 2];
+                if group.is_some() && !limits_changed {
+                    for (d, h) in held.iter_mut().enumerate() {
+                        let not_before = self.queues[i].not_before[d];
+                        if !self.queues[i].waiting[d].is_empty() && now < not_before {
+                            // Its budget is known not to admit it before then: no lock taken.
+                            *h = true;
+                            deadline = Some(deadline.map_or(not_before, |t| t.min(not_before)));
+                        }
+                    }
+                }
+                if self.queues[i].next(held).is_none() {
                     continue;
                 }
                 if group.is_none() && !drain && !resumed {
                     self.queues[i].deficit += QUANTUM;
                 }
                 let mut let_go = 0usize;
-                while let Some((cost, dir, bytes)) = self.queues[i]
-                    .waiting
-                    .front()
-                    .map(|h| (h.cost(), h.dir, h.bytes))
-                {
+                while let Some(d) = self.queues[i].next(held) {
+                    let (cost, dir, bytes, metered) = self.queues[i].waiting[d]
+                        .front()
+                        .map(|h| (h.cost(), h.dir, h.bytes, h.metered))
+                        .expect("next() names a direction with a head");
                     if !drain {
                         if group.is_some() && let_go > 0 {
                             break; // one per visit: members of a group alternate
@@ -342,17 +423,18 @@ impl Gate {
                             full = true;
                             break;
                         }
-                        if let Some(g) = &group {
+                        if let (Some(g), true) = (&group, metered) {
                             if let Err(wait) = g.try_admit(now, dir, bytes) {
                                 let at = now.saturating_add(wait);
-                                self.queues[i].not_before = at;
-                                deadline = Some(deadline.map_or(at, |d| d.min(at)));
-                                break;
+                                self.queues[i].not_before[d] = at;
+                                deadline = Some(deadline.map_or(at, |t| t.min(at)));
+                                held[d] = true;
+                                continue;
                             }
                         }
                     }
                     let q = &mut self.queues[i];
-                    let Some(w) = q.waiting.pop_front() else {
+                    let Some(w) = q.waiting[d].pop_front() else {
                         break;
                     };
                     q.deficit = q.deficit.saturating_sub(cost);
@@ -365,7 +447,7 @@ impl Gate {
                     progress = true;
                     last_served = Some(i);
                 }
-                if self.queues[i].waiting.is_empty() || group.is_some() {
+                if self.queues[i].is_empty() || group.is_some() {
                     self.queues[i].deficit = 0;
                 }
                 if full {
@@ -389,13 +471,13 @@ impl Gate {
             self.load.set_blocked(false);
         }
         // Forget the disks with nothing waiting (their place in the round goes with them).
-        if self.queues.iter().any(|q| q.waiting.is_empty()) {
+        if self.queues.iter().any(DiskQueue::is_empty) {
             // The cursor moves to the first disk kept at or after it.
             let kept_before = self.queues[..self.cursor.min(n)]
                 .iter()
-                .filter(|q| !q.waiting.is_empty())
+                .filter(|q| !q.is_empty())
                 .count();
-            self.queues.retain(|q| !q.waiting.is_empty());
+            self.queues.retain(|q| !q.is_empty());
             self.cursor = if self.queues.is_empty() {
                 0
             } else {
