@@ -10,7 +10,13 @@
 //! * an export added at runtime: its parameters;
 //! * a configuration export changed at runtime (snapshotted, deleted, deleted and added again,
 //!   or updated with [`Recorder::update_export`]): its new parameters (`null`: deleted),
-//!   together with the overlay the configuration named for it then (`replaces`).
+//!   together with the overlay the configuration named for it then (`replaces`), and the keys
+//!   the runtime changed (`changed`: at start they are laid over the configuration's present
+//!   parameters, so a later edit of another key such as `read-only` or `tls-authz` is
+//!   followed). An export added (export-add) under a configuration export's name is marked
+//!   `added`: a control client chose its overlay, so at start it is held to the allowed
+//!   folders like any runtime export (only the configuration's own export and its snapshots
+//!   keep the configuration's trust), and its parameters are served whole.
 //!
 //! Throttling: an export's limits (`export-set-throttle`) are its `throttle` / `throttle-group`
 //! parameters (removing the limits removes both keys). Named throttle groups are kept under
@@ -140,7 +146,8 @@ pub struct Planned {
     /// the configuration's exports, and the recorded changes of configuration exports (a
     /// snapshot of a command-line overlay outside the allowed folders stacks its new overlay,
     /// which is inside, on that one; its target was checked when it was taken). The other
-    /// recorded exports are held to the allowed folders again, as export-add.
+    /// recorded exports, an export-add under a configuration export's name included, are held
+    /// to the allowed folders again, as export-add.
     pub trusted: bool,
     /// The overlay to serve if `params`'s does not open (an interrupted snapshot's old one).
     pub fallback: Option<PathBuf>,
@@ -158,6 +165,18 @@ struct Entry {
     /// A snapshot in progress: the overlay to serve if `params`'s does not open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fallback: Option<PathBuf>,
+    /// Added by `export-add` under a configuration export's name (after an `export-del`): a
+    /// control client chose its overlay, so it is held to the allowed folders at start like
+    /// any export added at runtime, never trusted like the configuration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    added: bool,
+    /// The parameters the runtime changed (`overlay` after a snapshot, `throttle`,
+    /// `throttle-group`, ...) of a configuration export: at start they are laid over the
+    /// configuration's present parameters, so a later edit of any other key (`read-only`,
+    /// `tls-authz`, ...) is not hidden by the record. Empty in a file written before it was
+    /// kept: `params` is then served as recorded.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    changed: std::collections::BTreeSet<String>,
 }
 
 /// One recorded named throttle group.
@@ -256,11 +275,15 @@ impl State {
         for c in config {
             match entries.get(&c.name) {
                 Some(e) if e.replaces.as_deref() == Some(c.overlay.as_path()) => {
-                    if let Some(p) = &e.params {
+                    let e = entries.get_mut(&c.name).expect("matched above");
+                    if let Some(p) = &mut e.params {
+                        if !e.added && !e.changed.is_empty() {
+                            *p = merge_changed(&c.params, p, &e.changed);
+                        }
                         plan.push(Planned {
                             params: p.clone(),
                             from_config: false,
-                            trusted: true,
+                            trusted: !e.added,
                             fallback: e.fallback.clone(),
                         });
                     }
@@ -410,12 +433,15 @@ impl Recorder<'_> {
             .unwrap_or_default()
             .to_string();
         let replaces = self.inner.config.get(&name).map(|c| c.overlay.clone());
+        let added = replaces.is_some();
         self.put(
             &name,
             Some(Entry {
                 params: Some(params.clone()),
                 replaces,
                 fallback: None,
+                added,
+                changed: Default::default(),
             }),
         )
     }
@@ -426,6 +452,8 @@ impl Recorder<'_> {
             params: None,
             replaces: Some(c.overlay.clone()),
             fallback: None,
+            added: false,
+            changed: Default::default(),
         });
         self.put(name, entry)
     }
@@ -441,7 +469,9 @@ impl Recorder<'_> {
             tracing::warn!(export = %name, "no such export in the state: nothing recorded");
             return Ok(());
         };
+        let before = params.clone();
         f(&mut params);
+        let (added, changed) = self.changes(name, &before, &params);
         let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
         self.put(
             name,
@@ -449,6 +479,8 @@ impl Recorder<'_> {
                 params: Some(params),
                 replaces,
                 fallback: None,
+                added,
+                changed,
             }),
         )
     }
@@ -465,10 +497,12 @@ impl Recorder<'_> {
             .get("overlay")
             .and_then(Value::as_str)
             .map(PathBuf::from);
+        let old = params.clone();
         params.insert(
             "overlay".into(),
             Value::String(overlay.display().to_string()),
         );
+        let (added, changed) = self.changes(name, &old, &params);
         let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
         self.put(
             name,
@@ -476,6 +510,8 @@ impl Recorder<'_> {
                 params: Some(params),
                 replaces,
                 fallback,
+                added,
+                changed,
             }),
         )?;
         Ok(Before(before))
@@ -484,6 +520,31 @@ impl Recorder<'_> {
     /// Puts back what [`Recorder::snapshot_begin`] returned (the snapshot failed).
     pub fn restore(&mut self, name: &str, before: Before) -> io::Result<()> {
         self.put(name, before.0)
+    }
+
+    /// Whether export `name`'s record is an `export-add` under a configuration name (kept
+    /// across its later changes), and the keys changed at runtime once `before` becomes
+    /// `after`: those recorded already, and each key whose value differs.
+    fn changes(
+        &self,
+        name: &str,
+        before: &Map<String, Value>,
+        after: &Map<String, Value>,
+    ) -> (bool, std::collections::BTreeSet<String>) {
+        let (added, mut changed) = match self.inner.entries.get(name) {
+            Some(e) if e.params.is_some() => (e.added, e.changed.clone()),
+            _ => (false, Default::default()),
+        };
+        if added || !self.inner.config.contains_key(name) {
+            // Served from its recorded parameters whole: nothing to lay over.
+            return (added, Default::default());
+        }
+        for k in before.keys().chain(after.keys()) {
+            if before.get(k) != after.get(k) {
+                changed.insert(k.clone());
+            }
+        }
+        (added, changed)
     }
 
     /// The export-add parameters export `name` is served with.
@@ -539,6 +600,23 @@ impl Recorder<'_> {
         self.inner.groups = next;
         Ok(())
     }
+}
+
+/// A configuration export's parameters at start: the configuration's present `config`, with
+/// each key in `changed` as the runtime left it in `recorded` (absent there: removed).
+fn merge_changed(
+    config: &Map<String, Value>,
+    recorded: &Map<String, Value>,
+    changed: &std::collections::BTreeSet<String>,
+) -> Map<String, Value> {
+    let mut out = config.clone();
+    for k in changed {
+        match recorded.get(k) {
+            Some(v) => out.insert(k.clone(), v.clone()),
+            None => out.remove(k),
+        };
+    }
+    out
 }
 
 fn into_io(e: StateError) -> io::Error {
@@ -630,6 +708,63 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// An export-add under a configuration export's name (after its export-del) is a control
+    /// client's overlay: held to the allowed folders at start, through its later snapshots and
+    /// updates; a snapshot of the configuration's own export stays trusted.
+    #[test]
+    fn an_export_added_under_a_configuration_name_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow"), cfg("b", "/b.add-cow")];
+        {
+            let (s, _) = State::open(&path, &config, &[]).unwrap();
+            let mut r = s.lock();
+            r.deleted("a").unwrap();
+            r.added(&params(json!({"name": "a", "overlay": "/evil.add-cow"})))
+                .unwrap();
+            r.snapshot_begin("a", Path::new("/evil2.add-cow")).unwrap();
+            r.update_export("a", |_| {}).unwrap();
+            r.snapshot_begin("b", Path::new("/b2.add-cow")).unwrap();
+            r.update_export("b", |_| {}).unwrap();
+        }
+        let (_s, plan) = State::open(&path, &config, &[]).unwrap();
+        let trust: Vec<_> = plan
+            .iter()
+            .map(|p| (p.params["overlay"].as_str().unwrap(), p.trusted))
+            .collect();
+        assert_eq!(trust, [("/evil2.add-cow", false), ("/b2.add-cow", true)]);
+    }
+
+    /// A configuration export changed at runtime keeps what the runtime changed (its overlay
+    /// after a snapshot, its limits) and takes every other key from the configuration as it is
+    /// now: an edit of `read-only` or `tls-authz` after the change is not ignored.
+    #[test]
+    fn a_configuration_edit_reaches_an_export_changed_at_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow")];
+        {
+            let (s, _) = State::open(&path, &config, &[]).unwrap();
+            let mut r = s.lock();
+            r.snapshot_begin("a", Path::new("/a2.add-cow")).unwrap();
+            r.update_export("a", |_| {}).unwrap();
+            r.update_export("a", |p| {
+                p.insert("throttle".into(), json!({"iops-total": 100}));
+            })
+            .unwrap();
+        }
+        let mut edited = cfg("a", "/a.add-cow");
+        edited.params.insert("read-only".into(), json!(true));
+        edited.params.insert("tls-authz".into(), json!("/authz"));
+        let (_s, plan) = State::open(&path, &[edited], &[]).unwrap();
+        assert_eq!(
+            Value::Object(plan[0].params.clone()),
+            json!({"name": "a", "overlay": "/a2.add-cow", "read-only": true,
+                   "tls-authz": "/authz", "throttle": {"iops-total": 100}})
+        );
+        assert!(plan[0].trusted);
     }
 
     #[test]
