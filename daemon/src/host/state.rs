@@ -51,6 +51,10 @@
 //! (logged: the configuration wins). The groups ([`State::groups`]) are made before any export
 //! is added, so a recorded export with a `throttle-group` finds its group.
 //!
+//! A recorded export whose `throttle-group` neither the configuration nor the state makes any
+//! more (the configuration dropped it) is served without limits, with a loud warning, rather
+//! than not at all; its record keeps the group.
+//!
 //! An export that cannot be opened at start (a file gone, a folder no longer allowed) is
 //! logged and kept in the state: it comes back once it can be opened again.
 //!
@@ -357,6 +361,24 @@ impl State {
             }
             true
         });
+        // A recorded export that joins a named group nobody makes any more (the configuration
+        // dropped it): served without limits, loudly, rather than not at all. Its record keeps
+        // the group, so it joins it again once the configuration names it again.
+        let made = |name: &str| match groups.get(name) {
+            Some(g) => g.limits.is_some(),
+            None => config_groups.contains_key(name),
+        };
+        for p in plan.iter_mut().filter(|p| !p.from_config) {
+            let Some(group) = p.params.get("throttle-group").and_then(Value::as_str) else {
+                continue;
+            };
+            if !made(group) {
+                let export = p.params.get("name").and_then(Value::as_str);
+                tracing::warn!(export = %export.unwrap_or_default(), group = %group, state = %path.display(),
+                    "THIS EXPORT IS SERVED WITHOUT LIMITS: the throttle group it joins is no longer in the configuration (name it again, or throttle-group-set it, then export-set-throttle)");
+                p.params.remove("throttle-group");
+            }
+        }
         save(path, &entries, &groups)?;
         Ok((
             State {
@@ -765,6 +787,29 @@ mod tests {
                    "tls-authz": "/authz", "throttle": {"iops-total": 100}})
         );
         assert!(plan[0].trusted);
+    }
+
+    /// A runtime export in a configuration group the configuration drops since: served
+    /// without the group (not refused), its record keeping it.
+    #[test]
+    fn an_export_in_a_group_the_configuration_dropped_is_served_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let gold = [("gold".to_string(), limits(100))];
+        {
+            let (s, _) = State::open(&path, &[], &gold).unwrap();
+            s.lock()
+                .added(&params(
+                    json!({"name": "b", "overlay": "/b.add-cow", "throttle-group": "gold"}),
+                ))
+                .unwrap();
+        }
+        let (_, plan) = State::open(&path, &[], &gold).unwrap();
+        assert_eq!(plan[0].params["throttle-group"], "gold");
+        let (s, plan) = State::open(&path, &[], &[]).unwrap();
+        assert_eq!(names(&plan), [("b".into(), "/b.add-cow".into(), false)]);
+        assert!(plan[0].params.get("throttle-group").is_none(), "{plan:?}");
+        assert_eq!(s.exports()["b"]["throttle-group"], "gold");
     }
 
     #[test]
