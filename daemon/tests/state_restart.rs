@@ -384,3 +384,30 @@ fn an_export_added_under_a_command_line_name_is_held_to_the_allowed_folders() {
         "{log}"
     );
 }
+
+/// Two daemons given one state file would each record over the other's exports: the second
+/// is refused at start, naming the file, while the first serves on.
+#[test]
+fn a_second_daemon_on_the_same_state_file_is_refused() {
+    let f = Fixture::new(1 << 20);
+    let (d, control) = start(&f, None);
+    let state = f.path("state.json");
+    let out = addcow_daemon_testkit::addcow(
+        f.dir.path(),
+        &[
+            "serve",
+            "--socket",
+            f.path("other.sock").to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+    );
+    let t = addcow_daemon_testkit::text(&out);
+    assert!(!out.status.success(), "the second daemon started: {t}");
+    assert!(
+        t.contains("state.json") && t.contains("another running daemon"),
+        "{t}"
+    );
+    assert_eq!(served(&control), set(&[("a", "disk.add-cow")]));
+    d.stop();
+}

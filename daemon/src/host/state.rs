@@ -59,7 +59,11 @@
 //! logged and kept in the state: it comes back once it can be opened again.
 //!
 //! # Durability and ordering
-//! A change is written to `FILE.tmp` (beside it, `.`-prefixed), fsynced, renamed over `FILE`,
+//! One daemon uses a state file at a time: it holds an OFD lock on `FILE.lock` beside it for
+//! its lifetime, and a second daemon given the same file is refused at start.
+//!
+//! A change is written to `FILE.tmp` (beside it, `.`-prefixed, created afresh with `O_EXCL`
+//! and `O_NOFOLLOW`), fsynced, renamed over `FILE`,
 //! and the folder fsynced; only then does the control call reply
 //! (`control::record::recorded`). The calls
 //! that change the served set and record it run one at a time under the state's lock, so the
@@ -116,6 +120,15 @@ pub enum StateError {
         op: &'static str,
         /// The error.
         source: io::Error,
+    },
+    /// Another running daemon uses it (its lock file, `FILE.lock`, is held): two daemons
+    /// recording into one file would each forget the other's exports.
+    #[error("state file {path}: used by another running daemon ({source}); give each daemon its own --state")]
+    InUse {
+        /// The file.
+        path: PathBuf,
+        /// The lock that could not be taken.
+        source: crate::process::lockfile::LockError,
     },
     /// It is not a state file this daemon can read. The daemon refuses to start rather than
     /// forget the exports it records.
@@ -223,6 +236,8 @@ struct Inner {
 pub struct State {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// `FILE.lock`, locked (OFD) for as long as this daemon uses the file.
+    _lock: crate::process::lockfile::LockedFile,
 }
 
 impl State {
@@ -240,6 +255,15 @@ impl State {
             path: path.to_path_buf(),
             why,
         };
+        // The file itself is replaced by each save: the lock lives beside it.
+        let mut lock_path = path.as_os_str().to_os_string();
+        lock_path.push(".lock");
+        let lock = crate::process::lockfile::LockedFile::acquire(Path::new(&lock_path)).map_err(
+            |source| StateError::InUse {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         let (mut entries, mut groups) = match std::fs::read(path) {
             Ok(bytes) => {
                 let disk: OnDisk =
@@ -389,6 +413,7 @@ impl State {
                     entries,
                     groups,
                 }),
+                _lock: lock,
             },
             plan,
         ))
@@ -683,11 +708,19 @@ fn save(
     let file_name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{file_name}.tmp"));
     seam::pause("state-write");
+    // Only this daemon writes here (it holds `FILE.lock`): a temporary file left is a stale
+    // one (a crash), removed; the new one is created afresh, never through a symlink.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io("removing a stale temporary file")(e))
+        }
+        _ => {}
+    }
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
         .map_err(io("creating its temporary file"))?;
     f.write_all(&bytes).map_err(io("writing"))?;
@@ -812,6 +845,22 @@ mod tests {
         assert_eq!(s.exports()["b"]["throttle-group"], "gold");
     }
 
+    /// A second user of one state file is refused while the first holds it, naming the file.
+    #[test]
+    fn a_state_file_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (first, _) = State::open(&path, &[], &[]).unwrap();
+        let e = State::open(&path, &[], &[]).err().expect("refused");
+        let msg = e.to_string();
+        assert!(
+            matches!(e, StateError::InUse { .. }) && msg.contains("state.json"),
+            "{msg}"
+        );
+        drop(first);
+        State::open(&path, &[], &[]).unwrap();
+    }
+
     #[test]
     fn runtime_changes_come_back_and_the_configuration_wins_a_new_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -879,11 +928,17 @@ mod tests {
             .lock()
             .snapshot_begin("a", Path::new("/a2.add-cow"))
             .unwrap();
-        let (_, plan) = State::open(&path, &config, &[]).unwrap();
+        // What a restart would read, from a copy (the running one holds the file).
+        let restart = || {
+            let copy = dir.path().join("copy.json");
+            std::fs::copy(&path, &copy).unwrap();
+            State::open(&copy, &config, &[]).unwrap().1
+        };
+        let plan = restart();
         assert_eq!(plan[0].fallback.as_deref(), Some(Path::new("/a.add-cow")));
         assert_eq!(plan[0].params["overlay"], "/a2.add-cow");
         s.lock().restore("a", before).unwrap();
-        let (_, plan) = State::open(&path, &config, &[]).unwrap();
+        let plan = restart();
         assert_eq!(names(&plan), [("a".into(), "/a.add-cow".into(), true)]);
     }
 
