@@ -6,9 +6,9 @@
 # units, as systemd would), reads the disk with qemu-io, adds a second export with `addcow ctl`,
 # restarts, and checks both are served. Purges the package at the end.
 #
-# Needs root and dpkg (CI: a throwaway machine); skipped with a banner otherwise. It replaces
-# /usr/bin/addcow and /etc/addcow/ while it runs: do not run it on a machine whose addcow
-# package you care about.
+# Needs root and dpkg (CI: a throwaway machine); skipped with a banner otherwise, and skipped
+# (loudly) when an addcow package (or its config files, or /var/lib/addcow/state.json) is
+# already on the machine: its cleanup purges the package it installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,16 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 if ! command -v dpkg >/dev/null; then
   banner "SKIPPED: the .deb install test needs dpkg; not run"
+  exit 0
+fi
+# The cleanup purges the package and removes its state file: never on a machine where addcow was
+# there before this test (an install, or config files left by a removed one, or a state file).
+if status=$(dpkg-query -W -f='${Status}' addcow 2>/dev/null) && [ "${status##* }" != not-installed ]; then
+  banner "SKIPPED: an addcow package is already here ($status): this test would purge it; not run"
+  exit 0
+fi
+if [ -e /var/lib/addcow/state.json ]; then
+  banner "SKIPPED: /var/lib/addcow/state.json exists: this test would remove it; not run"
   exit 0
 fi
 for tool in qemu-io qemu-img python3; do

@@ -586,3 +586,53 @@ fn vhost_iops_limit_is_enforced() {
         "{s}"
     );
 }
+
+/// A client keeps many reads waiting for a tiny budget (`iops-total=1`: served at that rate
+/// they would take minutes): a live snapshot and an online resize let them go at once instead
+/// of waiting for the budget while holding the export (and the daemon's state). The bound is
+/// generous; the throttled rate would take far longer. Needs the engine's enforcement.
+#[test]
+fn snapshot_of_a_throttled_export_does_not_wait_for_budget_is_enforced() {
+    const QUEUE: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+bufs = [nbd.Buffer(4096) for _ in range(128)]
+for i, b in enumerate(bufs):
+    h.aio_pread(b, (i % 64) * 4096)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print("drained", flush=True)
+"#;
+    let f = Fixture::new(4 * MIB);
+    let (d, control) = start_control(&f, &[]);
+    let mut c = Control::connect(&control);
+    c.ok(
+        "export-add",
+        json!({"name": "a", "overlay": f.overlay(), "throttle": {"iops-total": 1}}),
+    );
+    let client = HoldingClient::run(QUEUE, &[&d.uri_of("a")]);
+    let queued = |c: &mut Control| -> u64 {
+        c.ok("query-stats", json!({"name": "a"}))[0]["throttle"]["queued"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until("reads wait for the export's budget", || {
+        queued(&mut c) >= 60 || client.output().contains("Error")
+    });
+    assert!(!client.output().contains("Error"), "{}", client.output());
+    let t = std::time::Instant::now();
+    c.ok(
+        "export-snapshot",
+        json!({"name": "a", "overlay": f.path("a-1.add-cow")}),
+    );
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "export-snapshot waited {took:?} for the throttle budget"
+    );
+    // The limit still holds on the new disk.
+    assert_eq!(export(&mut c, "a")["throttle"], json!({"iops-total": 1}));
+    drop(client);
+}

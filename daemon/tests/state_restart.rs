@@ -325,3 +325,89 @@ fn a_snapshotted_command_line_export_outside_the_allowed_folders_comes_back() {
     assert_eq!(served(&control), set(&[("a", "a2.add-cow")]), "{}", d.log());
     d.stop();
 }
+
+/// Creates (or, with `force`, recreates) the overlay `overlay` on `base` (its raw image beside
+/// it): what a control client can do to a file it owns between two daemon starts.
+fn overlay_on(overlay: &Path, base: &Path, force: bool) {
+    addcow_engine::format::create(&addcow_engine::format::CreateOptions {
+        overlay: overlay.to_path_buf(),
+        base: Some(base.to_path_buf()),
+        image: Some(overlay.with_extension("raw")),
+        size: Some(1 << 20),
+        force,
+    })
+    .expect("create overlay");
+}
+
+/// A control client deletes a command-line export and adds one under its name on an overlay
+/// it controls (inside the allowed folders then), then points that overlay's base outside them.
+/// A restart holds the recorded export to the allowed folders as any export-add (not the
+/// command line's trust): it is refused with a log naming it, and the rest is served.
+#[test]
+fn an_export_added_under_a_command_line_name_is_held_to_the_allowed_folders() {
+    let f = Fixture::new(1 << 20);
+    let allowed = f.path("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let inside = allowed.join("base.raw");
+    std::fs::write(&inside, vec![0u8; 1 << 20]).unwrap();
+    let (b, evil) = (allowed.join("b.add-cow"), allowed.join("evil.add-cow"));
+    overlay_on(&b, &inside, false);
+    overlay_on(&evil, &inside, false);
+    let control = f.path("ctl.sock");
+    let state = f.path("state.json");
+    let export = format!("a={}", f.overlay().display());
+    let args = [
+        "--control",
+        control.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--export",
+        &export,
+        "--allow-dir",
+        allowed.to_str().unwrap(),
+    ];
+    let d = Daemon::start(&f.path("nbd.sock"), &args);
+    let mut c = Control::connect(&control);
+    c.ok("export-add", json!({"name": "b", "overlay": b}));
+    c.ok("export-del", json!({"name": "a"}));
+    c.ok("export-add", json!({"name": "a", "overlay": evil}));
+    drop(c);
+    d.stop();
+    // Its base now lies outside the allowed folders.
+    overlay_on(&evil, &f.path("base.raw"), true);
+    let d = Daemon::start(&f.path("nbd.sock"), &args);
+    assert_eq!(served(&control), set(&[("b", "b.add-cow")]), "{}", d.log());
+    let log = d.stop();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot be served") && l.contains("export=a")),
+        "{log}"
+    );
+}
+
+/// Two daemons given one state file would each record over the other's exports: the second
+/// is refused at start, naming the file, while the first serves on.
+#[test]
+fn a_second_daemon_on_the_same_state_file_is_refused() {
+    let f = Fixture::new(1 << 20);
+    let (d, control) = start(&f, None);
+    let state = f.path("state.json");
+    let out = addcow_daemon_testkit::addcow(
+        f.dir.path(),
+        &[
+            "serve",
+            "--socket",
+            f.path("other.sock").to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+    );
+    let t = addcow_daemon_testkit::text(&out);
+    assert!(!out.status.success(), "the second daemon started: {t}");
+    assert!(
+        t.contains("state.json") && t.contains("another running daemon"),
+        "{t}"
+    );
+    assert_eq!(served(&control), set(&[("a", "disk.add-cow")]));
+    d.stop();
+}

@@ -306,10 +306,15 @@ impl EngineDisk {
             }
         };
         let mut cur = write(&self.current);
-        self.in_flight.wait_idle();
-        // A copy-up sets bits after its read was answered: none may once `f` flushes, lets go
-        // of the overlay's locks or closes the disk.
+        // Quiesce first: a quiesced disk's throttle queue is let go at once, so the wait below
+        // never runs at the throttled rate (with `current` and the caller's locks held). Copy-ups
+        // are refused from here on and those admitted before are waited for: a copy-up sets
+        // bits after its read was answered, and none may once `f` flushes, lets go of the
+        // overlay's locks or closes the disk. No new request reaches the disk meanwhile (the
+        // write lock holds `submit` back).
         cur.disk.quiesce();
+        // Every request that entered the disk was answered, its completion run.
+        self.in_flight.wait_idle();
         // Nothing is in flight: the old disk's throttle counters are final.
         let (group, throttled) = (cur.disk.throttle(), cur.disk.throttle_stats());
         let (next, out) = f(&cur);

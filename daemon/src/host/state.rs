@@ -10,7 +10,13 @@
 //! * an export added at runtime: its parameters;
 //! * a configuration export changed at runtime (snapshotted, deleted, deleted and added again,
 //!   or updated with [`Recorder::update_export`]): its new parameters (`null`: deleted),
-//!   together with the overlay the configuration named for it then (`replaces`).
+//!   together with the overlay the configuration named for it then (`replaces`), and the keys
+//!   the runtime changed (`changed`: at start they are laid over the configuration's present
+//!   parameters, so a later edit of another key such as `read-only` or `tls-authz` is
+//!   followed). An export added (export-add) under a configuration export's name is marked
+//!   `added`: a control client chose its overlay, so at start it is held to the allowed
+//!   folders like any runtime export (only the configuration's own export and its snapshots
+//!   keep the configuration's trust), and its parameters are served whole.
 //!
 //! Throttling: an export's limits (`export-set-throttle`) are its `throttle` / `throttle-group`
 //! parameters (removing the limits removes both keys). Named throttle groups are kept under
@@ -45,11 +51,19 @@
 //! (logged: the configuration wins). The groups ([`State::groups`]) are made before any export
 //! is added, so a recorded export with a `throttle-group` finds its group.
 //!
+//! A recorded export whose `throttle-group` neither the configuration nor the state makes any
+//! more (the configuration dropped it) is served without limits, with a loud warning, rather
+//! than not at all; its record keeps the group.
+//!
 //! An export that cannot be opened at start (a file gone, a folder no longer allowed) is
 //! logged and kept in the state: it comes back once it can be opened again.
 //!
 //! # Durability and ordering
-//! A change is written to `FILE.tmp` (beside it, `.`-prefixed), fsynced, renamed over `FILE`,
+//! One daemon uses a state file at a time: it holds an OFD lock on `FILE.lock` beside it for
+//! its lifetime, and a second daemon given the same file is refused at start.
+//!
+//! A change is written to `FILE.tmp` (beside it, `.`-prefixed, created afresh with `O_EXCL`
+//! and `O_NOFOLLOW`), fsynced, renamed over `FILE`,
 //! and the folder fsynced; only then does the control call reply
 //! (`control::record::recorded`). The calls
 //! that change the served set and record it run one at a time under the state's lock, so the
@@ -107,6 +121,15 @@ pub enum StateError {
         /// The error.
         source: io::Error,
     },
+    /// Another running daemon uses it (its lock file, `FILE.lock`, is held): two daemons
+    /// recording into one file would each forget the other's exports.
+    #[error("state file {path}: used by another running daemon ({source}); give each daemon its own --state")]
+    InUse {
+        /// The file.
+        path: PathBuf,
+        /// The lock that could not be taken.
+        source: crate::process::lockfile::LockError,
+    },
     /// It is not a state file this daemon can read. The daemon refuses to start rather than
     /// forget the exports it records.
     #[error("state file {path}: {why} (move it away to start without the exports it records)")]
@@ -140,7 +163,8 @@ pub struct Planned {
     /// the configuration's exports, and the recorded changes of configuration exports (a
     /// snapshot of a command-line overlay outside the allowed folders stacks its new overlay,
     /// which is inside, on that one; its target was checked when it was taken). The other
-    /// recorded exports are held to the allowed folders again, as export-add.
+    /// recorded exports, an export-add under a configuration export's name included, are held
+    /// to the allowed folders again, as export-add.
     pub trusted: bool,
     /// The overlay to serve if `params`'s does not open (an interrupted snapshot's old one).
     pub fallback: Option<PathBuf>,
@@ -158,6 +182,18 @@ struct Entry {
     /// A snapshot in progress: the overlay to serve if `params`'s does not open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fallback: Option<PathBuf>,
+    /// Added by `export-add` under a configuration export's name (after an `export-del`): a
+    /// control client chose its overlay, so it is held to the allowed folders at start like
+    /// any export added at runtime, never trusted like the configuration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    added: bool,
+    /// The parameters the runtime changed (`overlay` after a snapshot, `throttle`,
+    /// `throttle-group`, ...) of a configuration export: at start they are laid over the
+    /// configuration's present parameters, so a later edit of any other key (`read-only`,
+    /// `tls-authz`, ...) is not hidden by the record. Empty in a file written before it was
+    /// kept: `params` is then served as recorded.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    changed: std::collections::BTreeSet<String>,
 }
 
 /// One recorded named throttle group.
@@ -200,6 +236,8 @@ struct Inner {
 pub struct State {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// `FILE.lock`, locked (OFD) for as long as this daemon uses the file.
+    _lock: crate::process::lockfile::LockedFile,
 }
 
 impl State {
@@ -217,6 +255,15 @@ impl State {
             path: path.to_path_buf(),
             why,
         };
+        // The file itself is replaced by each save: the lock lives beside it.
+        let mut lock_path = path.as_os_str().to_os_string();
+        lock_path.push(".lock");
+        let lock = crate::process::lockfile::LockedFile::acquire(Path::new(&lock_path)).map_err(
+            |source| StateError::InUse {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         let (mut entries, mut groups) = match std::fs::read(path) {
             Ok(bytes) => {
                 let disk: OnDisk =
@@ -256,11 +303,15 @@ impl State {
         for c in config {
             match entries.get(&c.name) {
                 Some(e) if e.replaces.as_deref() == Some(c.overlay.as_path()) => {
-                    if let Some(p) = &e.params {
+                    let e = entries.get_mut(&c.name).expect("matched above");
+                    if let Some(p) = &mut e.params {
+                        if !e.added && !e.changed.is_empty() {
+                            *p = merge_changed(&c.params, p, &e.changed);
+                        }
                         plan.push(Planned {
                             params: p.clone(),
                             from_config: false,
-                            trusted: true,
+                            trusted: !e.added,
                             fallback: e.fallback.clone(),
                         });
                     }
@@ -334,6 +385,24 @@ impl State {
             }
             true
         });
+        // A recorded export that joins a named group nobody makes any more (the configuration
+        // dropped it): served without limits, loudly, rather than not at all. Its record keeps
+        // the group, so it joins it again once the configuration names it again.
+        let made = |name: &str| match groups.get(name) {
+            Some(g) => g.limits.is_some(),
+            None => config_groups.contains_key(name),
+        };
+        for p in plan.iter_mut().filter(|p| !p.from_config) {
+            let Some(group) = p.params.get("throttle-group").and_then(Value::as_str) else {
+                continue;
+            };
+            if !made(group) {
+                let export = p.params.get("name").and_then(Value::as_str);
+                tracing::warn!(export = %export.unwrap_or_default(), group = %group, state = %path.display(),
+                    "THIS EXPORT IS SERVED WITHOUT LIMITS: the throttle group it joins is no longer in the configuration (name it again, or throttle-group-set it, then export-set-throttle)");
+                p.params.remove("throttle-group");
+            }
+        }
         save(path, &entries, &groups)?;
         Ok((
             State {
@@ -344,6 +413,7 @@ impl State {
                     entries,
                     groups,
                 }),
+                _lock: lock,
             },
             plan,
         ))
@@ -410,12 +480,15 @@ impl Recorder<'_> {
             .unwrap_or_default()
             .to_string();
         let replaces = self.inner.config.get(&name).map(|c| c.overlay.clone());
+        let added = replaces.is_some();
         self.put(
             &name,
             Some(Entry {
                 params: Some(params.clone()),
                 replaces,
                 fallback: None,
+                added,
+                changed: Default::default(),
             }),
         )
     }
@@ -426,6 +499,8 @@ impl Recorder<'_> {
             params: None,
             replaces: Some(c.overlay.clone()),
             fallback: None,
+            added: false,
+            changed: Default::default(),
         });
         self.put(name, entry)
     }
@@ -441,7 +516,9 @@ impl Recorder<'_> {
             tracing::warn!(export = %name, "no such export in the state: nothing recorded");
             return Ok(());
         };
+        let before = params.clone();
         f(&mut params);
+        let (added, changed) = self.changes(name, &before, &params);
         let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
         self.put(
             name,
@@ -449,6 +526,8 @@ impl Recorder<'_> {
                 params: Some(params),
                 replaces,
                 fallback: None,
+                added,
+                changed,
             }),
         )
     }
@@ -465,10 +544,12 @@ impl Recorder<'_> {
             .get("overlay")
             .and_then(Value::as_str)
             .map(PathBuf::from);
+        let old = params.clone();
         params.insert(
             "overlay".into(),
             Value::String(overlay.display().to_string()),
         );
+        let (added, changed) = self.changes(name, &old, &params);
         let replaces = self.inner.config.get(name).map(|c| c.overlay.clone());
         self.put(
             name,
@@ -476,6 +557,8 @@ impl Recorder<'_> {
                 params: Some(params),
                 replaces,
                 fallback,
+                added,
+                changed,
             }),
         )?;
         Ok(Before(before))
@@ -484,6 +567,31 @@ impl Recorder<'_> {
     /// Puts back what [`Recorder::snapshot_begin`] returned (the snapshot failed).
     pub fn restore(&mut self, name: &str, before: Before) -> io::Result<()> {
         self.put(name, before.0)
+    }
+
+    /// Whether export `name`'s record is an `export-add` under a configuration name (kept
+    /// across its later changes), and the keys changed at runtime once `before` becomes
+    /// `after`: those recorded already, and each key whose value differs.
+    fn changes(
+        &self,
+        name: &str,
+        before: &Map<String, Value>,
+        after: &Map<String, Value>,
+    ) -> (bool, std::collections::BTreeSet<String>) {
+        let (added, mut changed) = match self.inner.entries.get(name) {
+            Some(e) if e.params.is_some() => (e.added, e.changed.clone()),
+            _ => (false, Default::default()),
+        };
+        if added || !self.inner.config.contains_key(name) {
+            // Served from its recorded parameters whole: nothing to lay over.
+            return (added, Default::default());
+        }
+        for k in before.keys().chain(after.keys()) {
+            if before.get(k) != after.get(k) {
+                changed.insert(k.clone());
+            }
+        }
+        (added, changed)
     }
 
     /// The export-add parameters export `name` is served with.
@@ -541,6 +649,23 @@ impl Recorder<'_> {
     }
 }
 
+/// A configuration export's parameters at start: the configuration's present `config`, with
+/// each key in `changed` as the runtime left it in `recorded` (absent there: removed).
+fn merge_changed(
+    config: &Map<String, Value>,
+    recorded: &Map<String, Value>,
+    changed: &std::collections::BTreeSet<String>,
+) -> Map<String, Value> {
+    let mut out = config.clone();
+    for k in changed {
+        match recorded.get(k) {
+            Some(v) => out.insert(k.clone(), v.clone()),
+            None => out.remove(k),
+        };
+    }
+    out
+}
+
 fn into_io(e: StateError) -> io::Error {
     match e {
         StateError::Io { source, .. } => source,
@@ -583,11 +708,19 @@ fn save(
     let file_name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{file_name}.tmp"));
     seam::pause("state-write");
+    // Only this daemon writes here (it holds `FILE.lock`): a temporary file left is a stale
+    // one (a crash), removed; the new one is created afresh, never through a symlink.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io("removing a stale temporary file")(e))
+        }
+        _ => {}
+    }
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
         .map_err(io("creating its temporary file"))?;
     f.write_all(&bytes).map_err(io("writing"))?;
@@ -630,6 +763,102 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// An export-add under a configuration export's name (after its export-del) is a control
+    /// client's overlay: held to the allowed folders at start, through its later snapshots and
+    /// updates; a snapshot of the configuration's own export stays trusted.
+    #[test]
+    fn an_export_added_under_a_configuration_name_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow"), cfg("b", "/b.add-cow")];
+        {
+            let (s, _) = State::open(&path, &config, &[]).unwrap();
+            let mut r = s.lock();
+            r.deleted("a").unwrap();
+            r.added(&params(json!({"name": "a", "overlay": "/evil.add-cow"})))
+                .unwrap();
+            r.snapshot_begin("a", Path::new("/evil2.add-cow")).unwrap();
+            r.update_export("a", |_| {}).unwrap();
+            r.snapshot_begin("b", Path::new("/b2.add-cow")).unwrap();
+            r.update_export("b", |_| {}).unwrap();
+        }
+        let (_s, plan) = State::open(&path, &config, &[]).unwrap();
+        let trust: Vec<_> = plan
+            .iter()
+            .map(|p| (p.params["overlay"].as_str().unwrap(), p.trusted))
+            .collect();
+        assert_eq!(trust, [("/evil2.add-cow", false), ("/b2.add-cow", true)]);
+    }
+
+    /// A configuration export changed at runtime keeps what the runtime changed (its overlay
+    /// after a snapshot, its limits) and takes every other key from the configuration as it is
+    /// now: an edit of `read-only` or `tls-authz` after the change is not ignored.
+    #[test]
+    fn a_configuration_edit_reaches_an_export_changed_at_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let config = [cfg("a", "/a.add-cow")];
+        {
+            let (s, _) = State::open(&path, &config, &[]).unwrap();
+            let mut r = s.lock();
+            r.snapshot_begin("a", Path::new("/a2.add-cow")).unwrap();
+            r.update_export("a", |_| {}).unwrap();
+            r.update_export("a", |p| {
+                p.insert("throttle".into(), json!({"iops-total": 100}));
+            })
+            .unwrap();
+        }
+        let mut edited = cfg("a", "/a.add-cow");
+        edited.params.insert("read-only".into(), json!(true));
+        edited.params.insert("tls-authz".into(), json!("/authz"));
+        let (_s, plan) = State::open(&path, &[edited], &[]).unwrap();
+        assert_eq!(
+            Value::Object(plan[0].params.clone()),
+            json!({"name": "a", "overlay": "/a2.add-cow", "read-only": true,
+                   "tls-authz": "/authz", "throttle": {"iops-total": 100}})
+        );
+        assert!(plan[0].trusted);
+    }
+
+    /// A runtime export in a configuration group the configuration drops since: served
+    /// without the group (not refused), its record keeping it.
+    #[test]
+    fn an_export_in_a_group_the_configuration_dropped_is_served_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let gold = [("gold".to_string(), limits(100))];
+        {
+            let (s, _) = State::open(&path, &[], &gold).unwrap();
+            s.lock()
+                .added(&params(
+                    json!({"name": "b", "overlay": "/b.add-cow", "throttle-group": "gold"}),
+                ))
+                .unwrap();
+        }
+        let (_, plan) = State::open(&path, &[], &gold).unwrap();
+        assert_eq!(plan[0].params["throttle-group"], "gold");
+        let (s, plan) = State::open(&path, &[], &[]).unwrap();
+        assert_eq!(names(&plan), [("b".into(), "/b.add-cow".into(), false)]);
+        assert!(plan[0].params.get("throttle-group").is_none(), "{plan:?}");
+        assert_eq!(s.exports()["b"]["throttle-group"], "gold");
+    }
+
+    /// A second user of one state file is refused while the first holds it, naming the file.
+    #[test]
+    fn a_state_file_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (first, _) = State::open(&path, &[], &[]).unwrap();
+        let e = State::open(&path, &[], &[]).err().expect("refused");
+        let msg = e.to_string();
+        assert!(
+            matches!(e, StateError::InUse { .. }) && msg.contains("state.json"),
+            "{msg}"
+        );
+        drop(first);
+        State::open(&path, &[], &[]).unwrap();
     }
 
     #[test]
@@ -699,11 +928,17 @@ mod tests {
             .lock()
             .snapshot_begin("a", Path::new("/a2.add-cow"))
             .unwrap();
-        let (_, plan) = State::open(&path, &config, &[]).unwrap();
+        // What a restart would read, from a copy (the running one holds the file).
+        let restart = || {
+            let copy = dir.path().join("copy.json");
+            std::fs::copy(&path, &copy).unwrap();
+            State::open(&copy, &config, &[]).unwrap().1
+        };
+        let plan = restart();
         assert_eq!(plan[0].fallback.as_deref(), Some(Path::new("/a.add-cow")));
         assert_eq!(plan[0].params["overlay"], "/a2.add-cow");
         s.lock().restore("a", before).unwrap();
-        let (_, plan) = State::open(&path, &config, &[]).unwrap();
+        let plan = restart();
         assert_eq!(names(&plan), [("a".into(), "/a.add-cow".into(), true)]);
     }
 

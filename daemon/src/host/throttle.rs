@@ -166,7 +166,7 @@ pub fn limits_from_pairs<'a>(
 /// Throttle limits from a control parameter: an object of QEMU's keys (numbers, or strings
 /// like `"50M"` for byte rates), or a string `key=value,key=value`. Unknown keys are refused
 /// by name; the result is validated ([`ThrottleLimits::validate`]). An empty object is no
-/// limits.
+/// limits, and a key given 0 is no limit (left out, as libvirt does).
 pub fn parse_limits(v: &Value) -> Result<ThrottleLimits, ThrottleError> {
     let obj = match v {
         Value::Object(o) => o,
@@ -197,7 +197,12 @@ pub fn parse_limits(v: &Value) -> Result<ThrottleLimits, ThrottleError> {
                 reason: format!("unknown limit (known: {})", LIMIT_KEYS.join(", ")),
             });
         };
-        norm.insert((*key).to_string(), json!(limit_value(key, val)?));
+        // 0 means no limit (libvirt's `<iotune>` and QEMU's options say so): the key is left
+        // out, so limits of only zeros are no limits (no limited group is made).
+        let n = limit_value(key, val)?;
+        if n != 0 {
+            norm.insert((*key).to_string(), json!(n));
+        }
     }
     let limits: ThrottleLimits =
         serde_json::from_value(Value::Object(norm)).map_err(|e| ThrottleError::Invalid {
@@ -442,5 +447,28 @@ pub fn describe(groups: &ThrottleGroups, e: &Export) -> (Option<ThrottleLimits>,
             let named = groups.is_named(&g).then(|| g.name().to_string());
             (Some(g.limits()), named)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0 is "no limit": `{"iops-total": 0}` is no limits at all, and a 0 beside a real limit
+    /// is left out (so a burst length of 0 takes the default, not an invalid 0).
+    #[test]
+    fn a_zero_limit_is_no_limit() {
+        assert!(parse_limits(&json!({"iops-total": 0})).unwrap().is_empty());
+        assert!(parse_limits(&json!("bps-total=0,iops-read=0"))
+            .unwrap()
+            .is_empty());
+        let l = parse_limits(&json!({"iops-total": 100, "bps-write": "0",
+                                     "iops-total-max-length": 0}))
+        .unwrap();
+        assert_eq!(l.iops_total, Some(100));
+        assert_eq!(l.bps_write, None);
+        assert_eq!(l.iops_total_max_length, None);
+        let e = ExportThrottle::from_params(Some(&json!({"iops-total": 0})), None).unwrap();
+        assert!(e.limits.is_empty() && e.group.is_none());
     }
 }
