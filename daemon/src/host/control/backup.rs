@@ -270,6 +270,12 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
         if export.is_deleting() {
             return (None, Err(format!("export {name:?} is being deleted")));
         }
+        // Writes answered before this instant may have their overlay bits only in memory: a
+        // crash would give those sectors back their older bytes, which the new checkpoint
+        // (clean there) would then never report. One commit makes the instant durable first.
+        if let Err(e) = cur.disk.flush() {
+            return (None, Err(format!("flushing the overlay: {e}")));
+        }
         let view = match cur.disk.begin_fleece(&scratch) {
             Ok(v) => v,
             Err(e) => return (None, Err(e.to_string())),
