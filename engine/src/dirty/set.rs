@@ -73,10 +73,18 @@ const BLOCK_WORDS: usize = (BLOCK / 8) as usize;
 pub enum Gate {
     /// Issue the data now; keep the guard until the write is answered.
     Pass(Option<Inflight>),
-    /// Its bits are not durable yet: hand it to [`DirtySet::enqueue`].
-    Wait,
+    /// Its bits are not durable yet: hand it to [`DirtySet::enqueue`] with this ticket.
+    Wait(Ticket),
     /// The sidecar failed earlier; the write must fail (EIO).
     Fail,
+}
+
+/// What [`DirtySet::admit`] saw when it set a waiting write's bits: the structure epoch of that
+/// moment. A round marks the write's granules durable only if no clear or change of structure
+/// came between (the bits it set are then in the round's copy).
+#[derive(Debug)]
+pub struct Ticket {
+    epoch: u64,
 }
 
 /// Called once by the flusher when a waiting write may go on (`Ok`) or must fail (`Err`).
@@ -375,7 +383,9 @@ impl DirtySet {
             bm.set_marking(g0, g1);
         }
         if !ready && !cfg!(feature = "unsafe-dirty-bits-after-data") {
-            return Gate::Wait;
+            // The epoch under the same lock as the bits: a clear before the enqueue must not
+            // let the round count this write's granules as written.
+            return Gate::Wait(Ticket { epoch: g.epoch });
         }
         if !ready {
             // Test-only broken order: the bits are persisted by a later round, the data goes now.
@@ -398,19 +408,18 @@ impl DirtySet {
 
     /// Queues a write [`DirtySet::admit`] told to wait; `resume` is called (on the flusher
     /// thread) once its bits are durable, or with the error if the sidecar failed. The write must
-    /// then go through the gate again.
-    pub fn enqueue(self: &Arc<Self>, offset: u64, len: u64, resume: Resume) {
+    /// then go through the gate again. `ticket` is the one `admit` returned.
+    pub fn enqueue(self: &Arc<Self>, offset: u64, len: u64, ticket: Ticket, resume: Resume) {
         let mut g = lock(&self.inner);
         if let Some(e) = g.error.clone() {
             drop(g);
             resume(Err(e));
             return;
         }
-        let epoch = g.epoch;
         g.queue.push(Waiter {
             offset,
             end: offset.saturating_add(len),
-            epoch,
+            epoch: ticket.epoch,
             resume,
         });
         let failed = self.kick(&mut g);
@@ -935,7 +944,11 @@ impl DirtySet {
                 for w in waiters.iter().filter(|w| w.epoch == epoch) {
                     for bm in g.bms.iter_mut().filter(|b| b.enabled && b.persistent) {
                         let (g0, g1) = bm.granules(w.offset, w.end);
-                        words::set_range(&mut bm.durable, g0, g1);
+                        // Only granules set in memory (so in this round's copy: no clear came
+                        // since, the epoch says); a granule not set stays not durable.
+                        if words::all_set(&bm.bits, g0, g1) {
+                            words::set_range(&mut bm.durable, g0, g1);
+                        }
                     }
                 }
                 Ok(())
@@ -1242,9 +1255,11 @@ mod tests {
         let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
         set.add("b", 4096, true, true).unwrap();
         // Not durable yet: wait, then the round lets it go.
-        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+        let Gate::Wait(ticket) = set.admit(8192, 100) else {
+            panic!("not durable yet: must wait");
+        };
         let (tx, rx) = std::sync::mpsc::channel();
-        set.enqueue(8192, 100, Box::new(move |r| tx.send(r).unwrap()));
+        set.enqueue(8192, 100, ticket, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap().unwrap();
         let Gate::Pass(Some(inflight)) = set.admit(8192, 100) else {
             panic!("durable granule must pass");
@@ -1262,7 +1277,31 @@ mod tests {
         set.clear("b").unwrap();
         assert_eq!(dirty_of(&set, "b"), vec![]);
         // The clear emptied the durable marks: the next write waits again.
-        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+        assert!(matches!(set.admit(8192, 100), Gate::Wait(_)));
+    }
+
+    /// A clear between a write's admit (told to wait) and its enqueue: the round after must not
+    /// mark the write's granules durable in the cleared bitmap (their bits are not in it), so
+    /// the write, let go, goes through the gate again and waits for its bits to be written.
+    #[test]
+    fn a_clear_between_admit_and_enqueue_does_not_mark_the_write_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("b", 4096, true, true).unwrap();
+        let Gate::Wait(ticket) = set.admit(8192, 100) else {
+            panic!("not durable yet: must wait");
+        };
+        set.clear("b").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        set.enqueue(8192, 100, ticket, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap().unwrap();
+        let again = set.admit(8192, 100);
+        let on_disk = dirty_of(&DirtySet::open(&meta, 1 << 20, true, None).unwrap(), "b");
+        assert!(
+            matches!(again, Gate::Wait(_)) || on_disk == vec![(8192, 4096)],
+            "the write would pass with its granule clean in the sidecar: {on_disk:?}"
+        );
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
@@ -1319,7 +1358,7 @@ mod tests {
         let set = DirtySet::open(&meta, 64 << 20, false, None).unwrap();
         set.add("b", 512, true, true).unwrap();
         for i in 0..200u64 {
-            assert!(matches!(set.admit(i * 4096, 512), Gate::Wait));
+            assert!(matches!(set.admit(i * 4096, 512), Gate::Wait(_)));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let before = {

@@ -51,13 +51,14 @@ impl Core {
                 )));
                 None
             }
-            Gate::Wait => {
+            Gate::Wait(ticket) => {
                 let shared = Arc::clone(&self.shared);
                 let core = self.id;
                 let d = Arc::clone(disk);
                 set.enqueue(
                     offset,
                     len,
+                    ticket,
                     Box::new(move |r| match r {
                         Ok(()) => {
                             // Admitted by the throttle gate already: not charged again.
