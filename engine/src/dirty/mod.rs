@@ -13,7 +13,7 @@ mod words;
 
 pub use set::{
     sidecar_path, BitmapInfo, DirtyExtent, DirtySet, DirtySource, FrozenBitmap, Gate, Inflight,
-    Log, LogEvent, Resume, Ticket, DEFAULT_GRANULARITY,
+    Log, LogEvent, Resume, Ticket, Untracked, DEFAULT_GRANULARITY,
 };
 
 /// The bitmaps of an overlay that no process serves, for the offline tools: holds the

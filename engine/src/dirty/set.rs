@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -157,6 +157,16 @@ impl Drop for Inflight {
     }
 }
 
+/// A write in flight that took the gate's fast path ([`DirtySet::untracked`]); dropped when the
+/// write is answered.
+pub struct Untracked(Arc<AtomicUsize>);
+
+impl Drop for Untracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Bm {
     name: String,
     gran_log2: u8,
@@ -215,6 +225,8 @@ struct Inner {
     completed: u64,
     /// A flusher thread is running.
     running: bool,
+    /// Adds and enables that turned `tracking` on before their bitmap is enabled.
+    arming: usize,
     error: Option<String>,
     /// Bumped by every change of structure or clear (see the module docs).
     epoch: u64,
@@ -229,8 +241,13 @@ pub struct DirtySet {
     inner: Mutex<Inner>,
     work: Condvar,
     done: Condvar,
-    /// Some bitmap is enabled (the gate's lock-free fast path when none is).
+    /// Some bitmap is enabled, or one is being added or enabled (the gate's lock-free fast path
+    /// when neither).
     tracking: AtomicBool,
+    /// Writes that took the fast path (not registered in flight) and are not answered yet: an
+    /// add or enable turns `tracking` on, then waits for these to drain, so every write in
+    /// flight when the bitmap starts tracking is registered and goes into it.
+    untracked: Arc<AtomicUsize>,
     log: Option<Log>,
 }
 
@@ -332,6 +349,7 @@ impl DirtySet {
                 requested: 0,
                 completed: 0,
                 running: false,
+                arming: 0,
                 error: None,
                 epoch: 0,
                 file,
@@ -340,6 +358,7 @@ impl DirtySet {
             work: Condvar::new(),
             done: Condvar::new(),
             tracking: AtomicBool::new(tracking),
+            untracked: Arc::new(AtomicUsize::new(0)),
             log,
         });
         if covered != size {
@@ -364,6 +383,60 @@ impl DirtySet {
     /// Whether some bitmap is enabled (writes must go through [`DirtySet::admit`]).
     pub fn tracking(&self) -> bool {
         self.tracking.load(Ordering::SeqCst)
+    }
+
+    /// The gate's fast path: `Some` (keep the guard until the write is answered) when no bitmap
+    /// tracks writes, so the write may be issued without [`DirtySet::admit`]; `None`: go
+    /// through `admit`. Lock-free. An add or enable waits for every such guard to be dropped
+    /// after it turned tracking on (the counter is raised before `tracking` is read, both
+    /// SeqCst: either the add sees this write, or this write sees tracking on).
+    pub fn untracked(&self) -> Option<Untracked> {
+        self.untracked.fetch_add(1, Ordering::SeqCst);
+        if self.tracking.load(Ordering::SeqCst) {
+            self.untracked.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Untracked(Arc::clone(&self.untracked)))
+    }
+
+    /// Turns tracking on ahead of an add or enable and waits until no write that took the fast
+    /// path is left in flight; from then on every write is registered in flight. The caller
+    /// then takes the lock, calls `disarm` under it, and [`DirtySet::retrack`]s (by `changed`
+    /// or directly) before letting go of it.
+    fn arm(&self) {
+        {
+            let mut g = lock(&self.inner);
+            g.arming += 1;
+            self.tracking.store(true, Ordering::SeqCst);
+        }
+        // Writes are answered by the engine's cores without this set's lock: polled.
+        while self.untracked.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Ends an [`DirtySet::arm`] (under the lock). `tracking` stays on until the caller's
+    /// `retrack` (after its bitmap is enabled: no write may take the fast path in between).
+    fn disarm(&self, g: &mut Inner) {
+        g.arming -= 1;
+    }
+
+    fn retrack(&self, g: &Inner) {
+        self.tracking.store(
+            g.arming > 0 || g.bms.iter().any(|b| b.enabled),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Sets bitmap `i`'s bits for every write in flight: it was added or enabled while they
+    /// run, and their data may land after.
+    fn or_inflight(g: &mut Inner, i: usize) {
+        let ranges: Vec<(u64, u64)> = g.inflight.iter().map(|(_, r)| *r).collect();
+        let bm = &mut g.bms[i];
+        for (o, e) in ranges {
+            let (g0, g1) = bm.granules(o, e);
+            bm.set_marking(g0, g1);
+        }
     }
 
     /// The gate for a write of `[offset, offset+len)` (see the module docs): sets its bits in
@@ -492,8 +565,7 @@ impl DirtySet {
         if structure {
             g.rewrite = true;
         }
-        self.tracking
-            .store(g.bms.iter().any(|b| b.enabled), Ordering::SeqCst);
+        self.retrack(g);
     }
 
     /// Adds bitmap `name` with `granularity` bytes per bit (a power of two, 512 B..64 MiB);
@@ -505,9 +577,24 @@ impl DirtySet {
         persistent: bool,
         enabled: bool,
     ) -> Result<()> {
+        if enabled {
+            self.arm();
+        }
         let mut g = lock(&self.inner);
-        self.writable(&g)?;
-        self.add_locked(&mut g, name, granularity, persistent, enabled)?;
+        if enabled {
+            self.disarm(&mut g);
+        }
+        if let Err(e) = self
+            .writable(&g)
+            .and_then(|()| self.add_locked(&mut g, name, granularity, persistent, enabled))
+        {
+            self.retrack(&g);
+            return Err(e);
+        }
+        if enabled {
+            let last = g.bms.len() - 1;
+            Self::or_inflight(&mut g, last);
+        }
         self.changed(&mut g, persistent);
         if persistent {
             self.persist(g)
@@ -600,13 +687,28 @@ impl DirtySet {
 
     /// Enables (`true`) or disables bitmap `name`.
     pub fn set_enabled(self: &Arc<Self>, name: &str, enabled: bool) -> Result<()> {
+        if enabled {
+            self.arm();
+        }
         let mut g = lock(&self.inner);
-        self.writable(&g)?;
-        let i = Self::index(&g, name)?;
+        if enabled {
+            self.disarm(&mut g);
+        }
+        let i = match self.writable(&g).and_then(|()| Self::index(&g, name)) {
+            Ok(i) => i,
+            Err(e) => {
+                self.retrack(&g);
+                return Err(e);
+            }
+        };
         if g.bms[i].enabled == enabled {
+            self.retrack(&g);
             return Ok(());
         }
         g.bms[i].enabled = enabled;
+        if enabled {
+            Self::or_inflight(&mut g, i);
+        }
         let persistent = g.bms[i].persistent;
         self.changed(&mut g, persistent);
         if persistent {
@@ -1302,6 +1404,52 @@ mod tests {
             matches!(again, Gate::Wait(_)) || on_disk == vec![(8192, 4096)],
             "the write would pass with its granule clean in the sidecar: {on_disk:?}"
         );
+    }
+
+    /// A bitmap added or enabled while a write is in flight records that write (its data may
+    /// land after the bitmap started tracking), as QEMU records it at completion.
+    #[test]
+    fn add_and_enable_record_writes_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("a", 4096, false, true).unwrap();
+        set.add("c", 4096, true, false).unwrap();
+        let Gate::Pass(Some(inflight)) = set.admit(8192, 100) else {
+            panic!("a non-persistent bitmap lets writes pass");
+        };
+        set.add("b", 4096, true, true).unwrap();
+        set.set_enabled("c", true).unwrap();
+        assert_eq!(dirty_of(&set, "b"), vec![(8192, 4096)], "added");
+        assert_eq!(dirty_of(&set, "c"), vec![(8192, 4096)], "enabled");
+        let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
+        assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)], "durably");
+        drop(inflight);
+    }
+
+    /// A write that took the fast path (no bitmap enabled) holds an add back until it is
+    /// answered; meanwhile new writes go through the gate (registered in flight).
+    #[test]
+    fn add_waits_for_writes_that_took_the_fast_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), 1 << 20, false, None).unwrap();
+        let fast = set.untracked().expect("no bitmap: the fast path");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = Arc::clone(&set);
+        let t = std::thread::spawn(move || tx.send(s2.add("b", 4096, false, true)).unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while set.untracked().is_some() {
+            assert!(std::time::Instant::now() < deadline, "add never armed");
+            std::thread::yield_now();
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "add returned with a fast-path write in flight"
+        );
+        drop(fast);
+        rx.recv().unwrap().unwrap();
+        t.join().unwrap();
+        assert!(set.untracked().is_none(), "b tracks");
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
