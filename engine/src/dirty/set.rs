@@ -1008,6 +1008,17 @@ impl DirtySet {
         }
         let waiters = std::mem::take(&mut g.queue);
         let target = g.requested;
+        if let Some(e) = g.error.clone() {
+            // The sidecar's state is unknown (a failed write, sync or rewrite): no more I/O to
+            // it; what waits fails.
+            g.completed = target;
+            drop(g);
+            self.done.notify_all();
+            for w in waiters {
+                (w.resume)(Err(e.clone()));
+            }
+            return true;
+        }
         let plan = if g.rewrite {
             g.rewrite = false;
             Plan::Rewrite(self.rewrite_plan(&mut g))
@@ -1030,8 +1041,12 @@ impl DirtySet {
         g.sync_ids += 1;
         drop(g);
 
+        let mut new_offsets = None;
         let res = match plan {
-            Plan::Rewrite(p) => self.do_rewrite(p),
+            Plan::Rewrite(mut p) => {
+                new_offsets = Some(std::mem::take(&mut p.names));
+                self.do_rewrite(p)
+            }
             Plan::Blocks(blocks) if blocks.is_empty() => Ok(None),
             Plan::Blocks(blocks) => self.do_blocks(file, &blocks, sync_id).map(|()| None),
         };
@@ -1041,6 +1056,13 @@ impl DirtySet {
             Ok(new_file) => {
                 if let Some(f) = new_file {
                     g.file = f;
+                }
+                if let Some(names) = new_offsets {
+                    // The new layout is on disk: blocks go to its offsets from now on. A bitmap
+                    // added meanwhile has none until the rewrite its change asked for.
+                    for bm in g.bms.iter_mut().filter(|b| b.persistent) {
+                        bm.offset = names.iter().find(|(n, _)| *n == bm.name).map(|(_, o)| *o);
+                    }
                 }
                 let epoch = g.epoch;
                 for w in waiters.iter().filter(|w| w.epoch == epoch) {
@@ -1084,20 +1106,27 @@ impl DirtySet {
             return Rewrite {
                 head: Vec::new(),
                 regions: Vec::new(),
+                names: Vec::new(),
             };
         }
         let (head, offsets, _) = sidecar::layout(g.size, &list);
         let mut regions = Vec::new();
+        let mut names = Vec::new();
         let mut k = 0;
         for bm in g.bms.iter_mut() {
             bm.marked.clear();
             if bm.persistent {
-                bm.offset = Some(offsets[k]);
+                // `bm.offset` changes once the rewrite is done (see `round`).
+                names.push((bm.name.clone(), offsets[k]));
                 regions.push((offsets[k], words::to_bytes(&bm.bits)));
                 k += 1;
             }
         }
-        Rewrite { head, regions }
+        Rewrite {
+            head,
+            regions,
+            names,
+        }
     }
 
     fn do_blocks(
@@ -1173,6 +1202,8 @@ struct Rewrite {
     /// Empty: no persistent bitmap is left, remove the sidecar.
     head: Vec<u8>,
     regions: Vec<(u64, Vec<u8>)>,
+    /// Where each persistent bitmap's region is in the new layout.
+    names: Vec<(String, u64)>,
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -1450,6 +1481,44 @@ mod tests {
         rx.recv().unwrap().unwrap();
         t.join().unwrap();
         assert!(set.untracked().is_none(), "b tracks");
+    }
+
+    /// A failed rewrite leaves the old sidecar with the old layout: no later round writes into
+    /// it (at the new layout's offsets or any other), and it still reads as before.
+    #[test]
+    fn a_failed_rewrite_stops_every_later_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("a", 4096, true, false).unwrap();
+        set.add("b", 4096, true, true).unwrap();
+        set.mark(8192, 100).unwrap();
+        let path = sidecar_path(&meta);
+        let before = std::fs::read(&path).unwrap();
+        // The temporary file cannot be created: the rewrite of the remove fails.
+        std::fs::create_dir(tmp_path(&path)).unwrap();
+        set.remove("a").unwrap_err();
+        // A round asked for by a change that passed its check before the failure.
+        {
+            let mut g = lock(&set.inner);
+            for bm in g.bms.iter_mut() {
+                bm.marked.insert(0);
+            }
+            g.requested += 1;
+            let target = g.requested;
+            assert!(set.kick(&mut g).is_empty());
+            while g.completed < target {
+                g = wait(&set.done, g);
+            }
+        }
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the old sidecar was written after the failed rewrite"
+        );
+        std::fs::remove_dir(tmp_path(&path)).unwrap();
+        let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
+        assert_eq!(dirty_of(&again, "a"), vec![]);
+        assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)]);
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
