@@ -434,3 +434,39 @@ fn a_checkpoint_after_unflushed_writes_survives_a_sigkill() {
     assert_identical(at_clear_path.to_str().unwrap(), &d.uri_of("vm"));
     d.stop();
 }
+
+/// A scratch path that is the overlay's dirty-bitmaps sidecar (by name, or by a link with
+/// another name) is refused with a clear error, and the sidecar and its bitmaps are intact.
+#[test]
+fn a_scratch_on_the_bitmaps_sidecar_is_refused() {
+    let s = setup();
+    let mut d = start(&s, &[]);
+    let mut ctl = Control::connect(&s.control);
+    ctl.ok("bitmap-add", json!({"export": "vm", "name": "b"}));
+    qemu_io(&d.uri_of("vm"), &["write -P 0x51 0 64k", "flush"]);
+    let sidecar = addcow_engine::dirty::sidecar_path(&s.overlay);
+    let before = std::fs::read(&sidecar).unwrap();
+    let link = s.dir.path().join("innocent.scratch");
+    std::fs::hard_link(&sidecar, &link).unwrap();
+    let mut tmp = sidecar.clone().into_os_string();
+    tmp.push(".tmp");
+    for scratch in [sidecar.clone(), link.clone(), PathBuf::from(tmp)] {
+        let e = ctl
+            .call(
+                "backup-begin",
+                json!({"export": "vm", "checkpoint": "c1", "scratch": scratch}),
+            )
+            .unwrap_err();
+        let m = e["message"].as_str().unwrap_or("");
+        assert_eq!(e["data"]["class"], "not-allowed", "{scratch:?}: {e}");
+        assert!(m.contains("sidecar"), "{scratch:?}: {m}");
+        assert_eq!(std::fs::read(&sidecar).unwrap(), before, "{scratch:?}");
+    }
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    drop(ctl);
+    let d = start(&s, &[]);
+    let mut ctl = Control::connect(&s.control);
+    assert_eq!(dirty_bytes(&mut ctl, "b"), 64 << 10);
+    d.stop();
+}
