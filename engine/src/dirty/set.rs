@@ -724,15 +724,16 @@ impl DirtySet {
         let mut g = lock(&self.inner);
         self.writable(&g)?;
         let t = Self::index(&g, target)?;
-        let mut ranges = Vec::new();
+        // Each source once; the target into itself changes nothing.
+        let mut from = BTreeSet::new();
         for s in sources {
-            let i = Self::index(&g, s)?;
-            collect_dirty(&g.bms[i], g.size, 0, g.size, &mut ranges);
+            from.insert(Self::index(&g, s)?);
         }
-        let bm = &mut g.bms[t];
-        for (o, e) in ranges {
-            let (g0, g1) = bm.granules(o, e);
-            words::set_range(&mut bm.bits, g0, g1);
+        from.remove(&t);
+        let size = g.size;
+        for i in from {
+            let (dst, src) = pair(&mut g.bms, t, i);
+            or_from(&mut dst.bits, dst.gran_log2, src, size);
         }
         let persistent = g.bms[t].persistent;
         self.changed(&mut g, persistent);
@@ -857,14 +858,9 @@ impl DirtySet {
         let frozen = frozen.map(|i| {
             let mut f = g.bms[i].frozen(g.size);
             if !g.bms[i].enabled {
-                let mut ranges = Vec::new();
                 // The new bitmap (last) is empty: it adds nothing.
                 for later in &g.bms[i + 1..] {
-                    collect_dirty(later, g.size, 0, g.size, &mut ranges);
-                }
-                for (o, e) in ranges {
-                    let (g0, g1) = g.bms[i].granules(o, e);
-                    words::set_range(&mut f.words, g0, g1);
+                    or_from(&mut f.words, g.bms[i].gran_log2, later, g.size);
                 }
             }
             g.bms[i].enabled = false;
@@ -1262,18 +1258,42 @@ fn dirty_bytes(bits: &[u64], gran_log2: u8, size: u64) -> u64 {
 }
 
 /// Byte ranges `[o, e)` of the dirty granules of `bm` over `[offset, end)`, merged.
-fn collect_dirty(bm: &Bm, size: u64, offset: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-    for r in runs(
-        &bm.bits,
-        bm.gran_log2,
-        size,
-        offset,
-        end - offset,
-        usize::MAX,
-    ) {
-        if r.dirty {
-            out.push((r.offset, r.offset + r.len));
+/// `bms[t]` to change and `bms[s]` to read (`t != s`).
+fn pair(bms: &mut [Bm], t: usize, s: usize) -> (&mut Bm, &Bm) {
+    assert_ne!(t, s, "a bitmap paired with itself");
+    if t < s {
+        let (a, b) = bms.split_at_mut(s);
+        (&mut a[t], &b[0])
+    } else {
+        let (a, b) = bms.split_at_mut(t);
+        (&mut b[0], &a[s])
+    }
+}
+
+/// Sets in `dst` (bits at granularity `1 << dst_log2` over `size` bytes) every granule that
+/// overlaps a dirty granule of `src`: word by word when the granularities are equal, else by
+/// walking `src`'s runs a window at a time (no list of every run in memory).
+fn or_from(dst: &mut [u64], dst_log2: u8, src: &Bm, size: u64) {
+    if src.gran_log2 == dst_log2 {
+        for (d, s) in dst.iter_mut().zip(&src.bits) {
+            *d |= *s;
         }
+        return;
+    }
+    let mut at = 0;
+    while at < size {
+        let window = runs(&src.bits, src.gran_log2, size, at, size - at, 4096);
+        let Some(last) = window.last() else { break };
+        let next = last.offset + last.len;
+        for r in window.iter().filter(|r| r.dirty) {
+            let g0 = r.offset >> dst_log2;
+            let g1 = (r.offset + r.len).div_ceil(1u64 << dst_log2);
+            words::set_range(dst, g0, g1);
+        }
+        if next <= at {
+            break;
+        }
+        at = next;
     }
 }
 
@@ -1519,6 +1539,30 @@ mod tests {
         let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
         assert_eq!(dirty_of(&again, "a"), vec![]);
         assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)]);
+    }
+
+    /// Merge ORs each source once, word by word at equal granularity and run by run across
+    /// granularities (a source granule dirties every target granule it overlaps).
+    #[test]
+    fn merge_dedupes_sources_and_mixes_granularities() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8u64 << 20;
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), size, false, None).unwrap();
+        set.add("fine", 4096, false, true).unwrap();
+        set.add("same", 65536, false, true).unwrap();
+        set.mark(100, 10).unwrap();
+        set.mark((5 << 20) + 70000, 1).unwrap();
+        set.set_enabled("fine", false).unwrap();
+        set.set_enabled("same", false).unwrap();
+        set.add("t", 65536, false, false).unwrap();
+        set.add("t2", 512, false, false).unwrap();
+        set.merge("t", &["fine", "fine", "same", "t"]).unwrap();
+        assert_eq!(
+            dirty_of(&set, "t"),
+            vec![(0, 65536), ((5 << 20) + 65536, 65536)]
+        );
+        set.merge("t2", &["same", "same"]).unwrap();
+        assert_eq!(dirty_of(&set, "t2"), dirty_of(&set, "same"));
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
