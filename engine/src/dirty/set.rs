@@ -66,6 +66,25 @@ fn check_budget(name: &str, size: u64, gran_log2: u8) -> std::result::Result<(),
     Ok(())
 }
 
+/// Most bytes of bits all the bitmaps of one disk may hold in memory together (twice: bits and
+/// durable marks): four bitmaps at the largest size [`MAX_BITS_BYTES`] allows. Checked when a
+/// bitmap is added, when the disk is resized, and when a sidecar is opened (a crafted one may
+/// not make the process allocate more).
+pub const MAX_TOTAL_BITS_BYTES: u64 = 4 * MAX_BITS_BYTES;
+
+/// Refuses bitmaps of granularities `1 << gran_log2` (each) over `size` bytes that together need
+/// more than [`MAX_TOTAL_BITS_BYTES`].
+fn check_total(size: u64, grans: impl Iterator<Item = u8>) -> std::result::Result<(), String> {
+    let need: u64 = grans.map(|l| sidecar::bits_len(size, l)).sum();
+    if need > MAX_TOTAL_BITS_BYTES {
+        return Err(format!(
+            "the bitmaps of this disk would need {need} bytes of bits over {size} bytes, more \
+             than {MAX_TOTAL_BITS_BYTES}: remove a bitmap or use larger granularities"
+        ));
+    }
+    Ok(())
+}
+
 /// Words of bits in one sidecar block.
 const BLOCK_WORDS: usize = (BLOCK / 8) as usize;
 
@@ -311,6 +330,11 @@ impl DirtySet {
                     check_budget(&e.name, size.max(covered), e.gran_log2)
                         .map_err(|why| bad(&path, why))?;
                 }
+                check_total(
+                    size.max(covered),
+                    header.entries.iter().map(|e| e.gran_log2),
+                )
+                .map_err(|why| bad(&path, why))?;
                 for e in header.entries {
                     let mut bytes = vec![0u8; e.bits_len as usize];
                     f.read_exact_at(&mut bytes, e.bits_offset).map_err(|err| {
@@ -614,6 +638,8 @@ impl DirtySet {
         sidecar::check_name(name).map_err(invalid)?;
         let gran_log2 = sidecar::gran_log2(granularity).map_err(invalid)?;
         check_budget(name, g.size, gran_log2).map_err(invalid)?;
+        check_total(g.size, g.bms.iter().map(|b| b.gran_log2).chain([gran_log2]))
+            .map_err(invalid)?;
         if g.bms.iter().any(|b| b.name == name) {
             return Err(invalid(format!("a bitmap named {name:?} exists already")));
         }
@@ -794,6 +820,7 @@ impl DirtySet {
         for b in &g.bms {
             check_budget(&b.name, size, b.gran_log2).map_err(invalid)?;
         }
+        check_total(size, g.bms.iter().map(|b| b.gran_log2)).map_err(invalid)?;
         let any = Self::resize_locked(&mut g, size);
         self.changed(&mut g, any);
         if any {
@@ -1563,6 +1590,23 @@ mod tests {
         );
         set.merge("t2", &["same", "same"]).unwrap();
         assert_eq!(dirty_of(&set, "t2"), dirty_of(&set, "same"));
+    }
+
+    /// Bitmaps that would together need more than the per-disk budget are refused with a clear
+    /// error (each one alone fits).
+    #[test]
+    fn the_bitmaps_of_a_disk_share_one_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1 TiB at 512 B granules: 256 MiB of bits, over the per-bitmap budget; at 1 KiB
+        // granules 128 MiB each: four fit, the fifth does not. Nothing is allocated for a
+        // refused one.
+        let size = 1u64 << 40;
+        assert!(check_budget("x", size, 10).is_ok());
+        assert!(check_total(size, [10u8; 4].into_iter()).is_ok());
+        let err = check_total(size, [10u8; 5].into_iter()).unwrap_err();
+        assert!(err.contains("remove a bitmap"), "{err}");
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), 64 << 20, false, None).unwrap();
+        set.add("a", 512, false, true).unwrap();
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
