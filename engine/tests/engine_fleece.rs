@@ -244,6 +244,22 @@ fn bad_calls_are_refused() {
         assert!(err.to_string().contains("not replaced"), "{err}");
     }
     assert_eq!(std::fs::metadata(&image).expect("raw image").len(), before);
+    // Nor the disk's dirty-bitmaps sidecar: by name, or by a link with another name.
+    d.bitmaps().add("b", 65536, true, true).expect("bitmap");
+    let sidecar = d.bitmaps().path().to_path_buf();
+    let side_before = std::fs::read(&sidecar).expect("sidecar");
+    let link = f.dir.path().join("link.scratch");
+    std::fs::hard_link(&sidecar, &link).expect("link");
+    for p in [
+        sidecar.clone(),
+        link.clone(),
+        f.dir.path().join("x.bitmaps.tmp"),
+    ] {
+        let err = d.begin_fleece(&p).unwrap_err();
+        assert!(err.to_string().contains("sidecar"), "{err}");
+    }
+    assert_eq!(std::fs::read(&sidecar).expect("sidecar"), side_before);
+    std::fs::remove_file(&link).expect("unlink");
     assert!(!d.fleece_active());
     let view = d.begin_fleece(&scratch).expect("begin");
     assert!(d.fleece_active());

@@ -1,11 +1,11 @@
 //! `addcow bitmap`: the dirty bitmaps (changed-block tracking) of an overlay no daemon serves:
-//! `add`, `remove`, `clear`, `enable`, `disable`, `merge`, `list`. Each takes the overlay's lock
+//! `add`, `remove`, `clear`, `enable`, `disable`, `merge`, `list`, `drop`. Each takes the overlay's lock
 //! (exclusive; `list` shared) and changes its `.bitmaps` sidecar durably before it returns.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use addcow_engine::dirty::{open_offline, DEFAULT_GRANULARITY};
+use addcow_engine::dirty::{drop_offline, open_offline, DEFAULT_GRANULARITY};
 
 use super::{fail, human_size, parse_size, print_json};
 
@@ -50,6 +50,9 @@ pub enum Op {
         #[arg(required = true)]
         sources: Vec<String>,
     },
+    /// Delete the overlay's bitmaps sidecar and every bitmap in it: for a sidecar that cannot
+    /// be opened (corrupt). The next backup of the disk must be a full one.
+    Drop { overlay: PathBuf },
     /// List the bitmaps with their dirty bytes.
     List {
         overlay: PathBuf,
@@ -61,8 +64,21 @@ pub enum Op {
 
 /// Runs `addcow bitmap`.
 pub fn run(args: BitmapArgs) -> ExitCode {
+    if let Op::Drop { overlay } = &args.op {
+        return match drop_offline(overlay) {
+            Ok(was) => {
+                if was {
+                    println!("dropped the bitmaps of {}", overlay.display());
+                } else {
+                    println!("{} has no bitmaps sidecar", overlay.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail("bitmap drop", e),
+        };
+    }
     let (overlay, read_only) = match &args.op {
-        Op::List { overlay, .. } => (overlay, true),
+        Op::List { overlay, .. } | Op::Drop { overlay } => (overlay, true),
         Op::Add { overlay, .. }
         | Op::Remove { overlay, .. }
         | Op::Clear { overlay, .. }
@@ -91,6 +107,7 @@ pub fn run(args: BitmapArgs) -> ExitCode {
         Op::Clear { name, .. } => set.clear(name),
         Op::Enable { name, .. } => set.set_enabled(name, true),
         Op::Disable { name, .. } => set.set_enabled(name, false),
+        Op::Drop { .. } => Ok(()),
         Op::Merge {
             target, sources, ..
         } => {

@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -66,6 +66,25 @@ fn check_budget(name: &str, size: u64, gran_log2: u8) -> std::result::Result<(),
     Ok(())
 }
 
+/// Most bytes of bits all the bitmaps of one disk may hold in memory together (twice: bits and
+/// durable marks): four bitmaps at the largest size [`MAX_BITS_BYTES`] allows. Checked when a
+/// bitmap is added, when the disk is resized, and when a sidecar is opened (a crafted one may
+/// not make the process allocate more).
+pub const MAX_TOTAL_BITS_BYTES: u64 = 4 * MAX_BITS_BYTES;
+
+/// Refuses bitmaps of granularities `1 << gran_log2` (each) over `size` bytes that together need
+/// more than [`MAX_TOTAL_BITS_BYTES`].
+fn check_total(size: u64, grans: impl Iterator<Item = u8>) -> std::result::Result<(), String> {
+    let need: u64 = grans.map(|l| sidecar::bits_len(size, l)).sum();
+    if need > MAX_TOTAL_BITS_BYTES {
+        return Err(format!(
+            "the bitmaps of this disk would need {need} bytes of bits over {size} bytes, more \
+             than {MAX_TOTAL_BITS_BYTES}: remove a bitmap or use larger granularities"
+        ));
+    }
+    Ok(())
+}
+
 /// Words of bits in one sidecar block.
 const BLOCK_WORDS: usize = (BLOCK / 8) as usize;
 
@@ -73,10 +92,18 @@ const BLOCK_WORDS: usize = (BLOCK / 8) as usize;
 pub enum Gate {
     /// Issue the data now; keep the guard until the write is answered.
     Pass(Option<Inflight>),
-    /// Its bits are not durable yet: hand it to [`DirtySet::enqueue`].
-    Wait,
+    /// Its bits are not durable yet: hand it to [`DirtySet::enqueue`] with this ticket.
+    Wait(Ticket),
     /// The sidecar failed earlier; the write must fail (EIO).
     Fail,
+}
+
+/// What [`DirtySet::admit`] saw when it set a waiting write's bits: the structure epoch of that
+/// moment. A round marks the write's granules durable only if no clear or change of structure
+/// came between (the bits it set are then in the round's copy).
+#[derive(Debug)]
+pub struct Ticket {
+    epoch: u64,
 }
 
 /// Called once by the flusher when a waiting write may go on (`Ok`) or must fail (`Err`).
@@ -149,6 +176,16 @@ impl Drop for Inflight {
     }
 }
 
+/// A write in flight that took the gate's fast path ([`DirtySet::untracked`]); dropped when the
+/// write is answered.
+pub struct Untracked(Arc<AtomicUsize>);
+
+impl Drop for Untracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Bm {
     name: String,
     gran_log2: u8,
@@ -207,6 +244,8 @@ struct Inner {
     completed: u64,
     /// A flusher thread is running.
     running: bool,
+    /// Adds and enables that turned `tracking` on before their bitmap is enabled.
+    arming: usize,
     error: Option<String>,
     /// Bumped by every change of structure or clear (see the module docs).
     epoch: u64,
@@ -221,8 +260,13 @@ pub struct DirtySet {
     inner: Mutex<Inner>,
     work: Condvar,
     done: Condvar,
-    /// Some bitmap is enabled (the gate's lock-free fast path when none is).
+    /// Some bitmap is enabled, or one is being added or enabled (the gate's lock-free fast path
+    /// when neither).
     tracking: AtomicBool,
+    /// Writes that took the fast path (not registered in flight) and are not answered yet: an
+    /// add or enable turns `tracking` on, then waits for these to drain, so every write in
+    /// flight when the bitmap starts tracking is registered and goes into it.
+    untracked: Arc<AtomicUsize>,
     log: Option<Log>,
 }
 
@@ -286,6 +330,11 @@ impl DirtySet {
                     check_budget(&e.name, size.max(covered), e.gran_log2)
                         .map_err(|why| bad(&path, why))?;
                 }
+                check_total(
+                    size.max(covered),
+                    header.entries.iter().map(|e| e.gran_log2),
+                )
+                .map_err(|why| bad(&path, why))?;
                 for e in header.entries {
                     let mut bytes = vec![0u8; e.bits_len as usize];
                     f.read_exact_at(&mut bytes, e.bits_offset).map_err(|err| {
@@ -324,6 +373,7 @@ impl DirtySet {
                 requested: 0,
                 completed: 0,
                 running: false,
+                arming: 0,
                 error: None,
                 epoch: 0,
                 file,
@@ -332,6 +382,7 @@ impl DirtySet {
             work: Condvar::new(),
             done: Condvar::new(),
             tracking: AtomicBool::new(tracking),
+            untracked: Arc::new(AtomicUsize::new(0)),
             log,
         });
         if covered != size {
@@ -358,6 +409,60 @@ impl DirtySet {
         self.tracking.load(Ordering::SeqCst)
     }
 
+    /// The gate's fast path: `Some` (keep the guard until the write is answered) when no bitmap
+    /// tracks writes, so the write may be issued without [`DirtySet::admit`]; `None`: go
+    /// through `admit`. Lock-free. An add or enable waits for every such guard to be dropped
+    /// after it turned tracking on (the counter is raised before `tracking` is read, both
+    /// SeqCst: either the add sees this write, or this write sees tracking on).
+    pub fn untracked(&self) -> Option<Untracked> {
+        self.untracked.fetch_add(1, Ordering::SeqCst);
+        if self.tracking.load(Ordering::SeqCst) {
+            self.untracked.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Untracked(Arc::clone(&self.untracked)))
+    }
+
+    /// Turns tracking on ahead of an add or enable and waits until no write that took the fast
+    /// path is left in flight; from then on every write is registered in flight. The caller
+    /// then takes the lock, calls `disarm` under it, and [`DirtySet::retrack`]s (by `changed`
+    /// or directly) before letting go of it.
+    fn arm(&self) {
+        {
+            let mut g = lock(&self.inner);
+            g.arming += 1;
+            self.tracking.store(true, Ordering::SeqCst);
+        }
+        // Writes are answered by the engine's cores without this set's lock: polled.
+        while self.untracked.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Ends an [`DirtySet::arm`] (under the lock). `tracking` stays on until the caller's
+    /// `retrack` (after its bitmap is enabled: no write may take the fast path in between).
+    fn disarm(&self, g: &mut Inner) {
+        g.arming -= 1;
+    }
+
+    fn retrack(&self, g: &Inner) {
+        self.tracking.store(
+            g.arming > 0 || g.bms.iter().any(|b| b.enabled),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Sets bitmap `i`'s bits for every write in flight: it was added or enabled while they
+    /// run, and their data may land after.
+    fn or_inflight(g: &mut Inner, i: usize) {
+        let ranges: Vec<(u64, u64)> = g.inflight.iter().map(|(_, r)| *r).collect();
+        let bm = &mut g.bms[i];
+        for (o, e) in ranges {
+            let (g0, g1) = bm.granules(o, e);
+            bm.set_marking(g0, g1);
+        }
+    }
+
     /// The gate for a write of `[offset, offset+len)` (see the module docs): sets its bits in
     /// every enabled bitmap and says whether its data may be issued now.
     pub fn admit(self: &Arc<Self>, offset: u64, len: u64) -> Gate {
@@ -375,7 +480,9 @@ impl DirtySet {
             bm.set_marking(g0, g1);
         }
         if !ready && !cfg!(feature = "unsafe-dirty-bits-after-data") {
-            return Gate::Wait;
+            // The epoch under the same lock as the bits: a clear before the enqueue must not
+            // let the round count this write's granules as written.
+            return Gate::Wait(Ticket { epoch: g.epoch });
         }
         if !ready {
             // Test-only broken order: the bits are persisted by a later round, the data goes now.
@@ -398,19 +505,18 @@ impl DirtySet {
 
     /// Queues a write [`DirtySet::admit`] told to wait; `resume` is called (on the flusher
     /// thread) once its bits are durable, or with the error if the sidecar failed. The write must
-    /// then go through the gate again.
-    pub fn enqueue(self: &Arc<Self>, offset: u64, len: u64, resume: Resume) {
+    /// then go through the gate again. `ticket` is the one `admit` returned.
+    pub fn enqueue(self: &Arc<Self>, offset: u64, len: u64, ticket: Ticket, resume: Resume) {
         let mut g = lock(&self.inner);
         if let Some(e) = g.error.clone() {
             drop(g);
             resume(Err(e));
             return;
         }
-        let epoch = g.epoch;
         g.queue.push(Waiter {
             offset,
             end: offset.saturating_add(len),
-            epoch,
+            epoch: ticket.epoch,
             resume,
         });
         let failed = self.kick(&mut g);
@@ -483,8 +589,7 @@ impl DirtySet {
         if structure {
             g.rewrite = true;
         }
-        self.tracking
-            .store(g.bms.iter().any(|b| b.enabled), Ordering::SeqCst);
+        self.retrack(g);
     }
 
     /// Adds bitmap `name` with `granularity` bytes per bit (a power of two, 512 B..64 MiB);
@@ -496,9 +601,24 @@ impl DirtySet {
         persistent: bool,
         enabled: bool,
     ) -> Result<()> {
+        if enabled {
+            self.arm();
+        }
         let mut g = lock(&self.inner);
-        self.writable(&g)?;
-        self.add_locked(&mut g, name, granularity, persistent, enabled)?;
+        if enabled {
+            self.disarm(&mut g);
+        }
+        if let Err(e) = self
+            .writable(&g)
+            .and_then(|()| self.add_locked(&mut g, name, granularity, persistent, enabled))
+        {
+            self.retrack(&g);
+            return Err(e);
+        }
+        if enabled {
+            let last = g.bms.len() - 1;
+            Self::or_inflight(&mut g, last);
+        }
         self.changed(&mut g, persistent);
         if persistent {
             self.persist(g)
@@ -518,6 +638,8 @@ impl DirtySet {
         sidecar::check_name(name).map_err(invalid)?;
         let gran_log2 = sidecar::gran_log2(granularity).map_err(invalid)?;
         check_budget(name, g.size, gran_log2).map_err(invalid)?;
+        check_total(g.size, g.bms.iter().map(|b| b.gran_log2).chain([gran_log2]))
+            .map_err(invalid)?;
         if g.bms.iter().any(|b| b.name == name) {
             return Err(invalid(format!("a bitmap named {name:?} exists already")));
         }
@@ -591,13 +713,28 @@ impl DirtySet {
 
     /// Enables (`true`) or disables bitmap `name`.
     pub fn set_enabled(self: &Arc<Self>, name: &str, enabled: bool) -> Result<()> {
+        if enabled {
+            self.arm();
+        }
         let mut g = lock(&self.inner);
-        self.writable(&g)?;
-        let i = Self::index(&g, name)?;
+        if enabled {
+            self.disarm(&mut g);
+        }
+        let i = match self.writable(&g).and_then(|()| Self::index(&g, name)) {
+            Ok(i) => i,
+            Err(e) => {
+                self.retrack(&g);
+                return Err(e);
+            }
+        };
         if g.bms[i].enabled == enabled {
+            self.retrack(&g);
             return Ok(());
         }
         g.bms[i].enabled = enabled;
+        if enabled {
+            Self::or_inflight(&mut g, i);
+        }
         let persistent = g.bms[i].persistent;
         self.changed(&mut g, persistent);
         if persistent {
@@ -613,15 +750,16 @@ impl DirtySet {
         let mut g = lock(&self.inner);
         self.writable(&g)?;
         let t = Self::index(&g, target)?;
-        let mut ranges = Vec::new();
+        // Each source once; the target into itself changes nothing.
+        let mut from = BTreeSet::new();
         for s in sources {
-            let i = Self::index(&g, s)?;
-            collect_dirty(&g.bms[i], g.size, 0, g.size, &mut ranges);
+            from.insert(Self::index(&g, s)?);
         }
-        let bm = &mut g.bms[t];
-        for (o, e) in ranges {
-            let (g0, g1) = bm.granules(o, e);
-            words::set_range(&mut bm.bits, g0, g1);
+        from.remove(&t);
+        let size = g.size;
+        for i in from {
+            let (dst, src) = pair(&mut g.bms, t, i);
+            or_from(&mut dst.bits, dst.gran_log2, src, size);
         }
         let persistent = g.bms[t].persistent;
         self.changed(&mut g, persistent);
@@ -682,6 +820,7 @@ impl DirtySet {
         for b in &g.bms {
             check_budget(&b.name, size, b.gran_log2).map_err(invalid)?;
         }
+        check_total(size, g.bms.iter().map(|b| b.gran_log2)).map_err(invalid)?;
         let any = Self::resize_locked(&mut g, size);
         self.changed(&mut g, any);
         if any {
@@ -746,14 +885,9 @@ impl DirtySet {
         let frozen = frozen.map(|i| {
             let mut f = g.bms[i].frozen(g.size);
             if !g.bms[i].enabled {
-                let mut ranges = Vec::new();
                 // The new bitmap (last) is empty: it adds nothing.
                 for later in &g.bms[i + 1..] {
-                    collect_dirty(later, g.size, 0, g.size, &mut ranges);
-                }
-                for (o, e) in ranges {
-                    let (g0, g1) = g.bms[i].granules(o, e);
-                    words::set_range(&mut f.words, g0, g1);
+                    or_from(&mut f.words, g.bms[i].gran_log2, later, g.size);
                 }
             }
             g.bms[i].enabled = false;
@@ -897,6 +1031,17 @@ impl DirtySet {
         }
         let waiters = std::mem::take(&mut g.queue);
         let target = g.requested;
+        if let Some(e) = g.error.clone() {
+            // The sidecar's state is unknown (a failed write, sync or rewrite): no more I/O to
+            // it; what waits fails.
+            g.completed = target;
+            drop(g);
+            self.done.notify_all();
+            for w in waiters {
+                (w.resume)(Err(e.clone()));
+            }
+            return true;
+        }
         let plan = if g.rewrite {
             g.rewrite = false;
             Plan::Rewrite(self.rewrite_plan(&mut g))
@@ -919,8 +1064,12 @@ impl DirtySet {
         g.sync_ids += 1;
         drop(g);
 
+        let mut new_offsets = None;
         let res = match plan {
-            Plan::Rewrite(p) => self.do_rewrite(p),
+            Plan::Rewrite(mut p) => {
+                new_offsets = Some(std::mem::take(&mut p.names));
+                self.do_rewrite(p)
+            }
             Plan::Blocks(blocks) if blocks.is_empty() => Ok(None),
             Plan::Blocks(blocks) => self.do_blocks(file, &blocks, sync_id).map(|()| None),
         };
@@ -931,11 +1080,22 @@ impl DirtySet {
                 if let Some(f) = new_file {
                     g.file = f;
                 }
+                if let Some(names) = new_offsets {
+                    // The new layout is on disk: blocks go to its offsets from now on. A bitmap
+                    // added meanwhile has none until the rewrite its change asked for.
+                    for bm in g.bms.iter_mut().filter(|b| b.persistent) {
+                        bm.offset = names.iter().find(|(n, _)| *n == bm.name).map(|(_, o)| *o);
+                    }
+                }
                 let epoch = g.epoch;
                 for w in waiters.iter().filter(|w| w.epoch == epoch) {
                     for bm in g.bms.iter_mut().filter(|b| b.enabled && b.persistent) {
                         let (g0, g1) = bm.granules(w.offset, w.end);
-                        words::set_range(&mut bm.durable, g0, g1);
+                        // Only granules set in memory (so in this round's copy: no clear came
+                        // since, the epoch says); a granule not set stays not durable.
+                        if words::all_set(&bm.bits, g0, g1) {
+                            words::set_range(&mut bm.durable, g0, g1);
+                        }
                     }
                 }
                 Ok(())
@@ -969,20 +1129,27 @@ impl DirtySet {
             return Rewrite {
                 head: Vec::new(),
                 regions: Vec::new(),
+                names: Vec::new(),
             };
         }
         let (head, offsets, _) = sidecar::layout(g.size, &list);
         let mut regions = Vec::new();
+        let mut names = Vec::new();
         let mut k = 0;
         for bm in g.bms.iter_mut() {
             bm.marked.clear();
             if bm.persistent {
-                bm.offset = Some(offsets[k]);
+                // `bm.offset` changes once the rewrite is done (see `round`).
+                names.push((bm.name.clone(), offsets[k]));
                 regions.push((offsets[k], words::to_bytes(&bm.bits)));
                 k += 1;
             }
         }
-        Rewrite { head, regions }
+        Rewrite {
+            head,
+            regions,
+            names,
+        }
     }
 
     fn do_blocks(
@@ -1058,6 +1225,8 @@ struct Rewrite {
     /// Empty: no persistent bitmap is left, remove the sidecar.
     head: Vec<u8>,
     regions: Vec<(u64, Vec<u8>)>,
+    /// Where each persistent bitmap's region is in the new layout.
+    names: Vec<(String, u64)>,
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -1116,18 +1285,42 @@ fn dirty_bytes(bits: &[u64], gran_log2: u8, size: u64) -> u64 {
 }
 
 /// Byte ranges `[o, e)` of the dirty granules of `bm` over `[offset, end)`, merged.
-fn collect_dirty(bm: &Bm, size: u64, offset: u64, end: u64, out: &mut Vec<(u64, u64)>) {
-    for r in runs(
-        &bm.bits,
-        bm.gran_log2,
-        size,
-        offset,
-        end - offset,
-        usize::MAX,
-    ) {
-        if r.dirty {
-            out.push((r.offset, r.offset + r.len));
+/// `bms[t]` to change and `bms[s]` to read (`t != s`).
+fn pair(bms: &mut [Bm], t: usize, s: usize) -> (&mut Bm, &Bm) {
+    assert_ne!(t, s, "a bitmap paired with itself");
+    if t < s {
+        let (a, b) = bms.split_at_mut(s);
+        (&mut a[t], &b[0])
+    } else {
+        let (a, b) = bms.split_at_mut(t);
+        (&mut b[0], &a[s])
+    }
+}
+
+/// Sets in `dst` (bits at granularity `1 << dst_log2` over `size` bytes) every granule that
+/// overlaps a dirty granule of `src`: word by word when the granularities are equal, else by
+/// walking `src`'s runs a window at a time (no list of every run in memory).
+fn or_from(dst: &mut [u64], dst_log2: u8, src: &Bm, size: u64) {
+    if src.gran_log2 == dst_log2 {
+        for (d, s) in dst.iter_mut().zip(&src.bits) {
+            *d |= *s;
         }
+        return;
+    }
+    let mut at = 0;
+    while at < size {
+        let window = runs(&src.bits, src.gran_log2, size, at, size - at, 4096);
+        let Some(last) = window.last() else { break };
+        let next = last.offset + last.len;
+        for r in window.iter().filter(|r| r.dirty) {
+            let g0 = r.offset >> dst_log2;
+            let g1 = (r.offset + r.len).div_ceil(1u64 << dst_log2);
+            words::set_range(dst, g0, g1);
+        }
+        if next <= at {
+            break;
+        }
+        at = next;
     }
 }
 
@@ -1242,9 +1435,11 @@ mod tests {
         let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
         set.add("b", 4096, true, true).unwrap();
         // Not durable yet: wait, then the round lets it go.
-        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+        let Gate::Wait(ticket) = set.admit(8192, 100) else {
+            panic!("not durable yet: must wait");
+        };
         let (tx, rx) = std::sync::mpsc::channel();
-        set.enqueue(8192, 100, Box::new(move |r| tx.send(r).unwrap()));
+        set.enqueue(8192, 100, ticket, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap().unwrap();
         let Gate::Pass(Some(inflight)) = set.admit(8192, 100) else {
             panic!("durable granule must pass");
@@ -1262,7 +1457,156 @@ mod tests {
         set.clear("b").unwrap();
         assert_eq!(dirty_of(&set, "b"), vec![]);
         // The clear emptied the durable marks: the next write waits again.
-        assert!(matches!(set.admit(8192, 100), Gate::Wait));
+        assert!(matches!(set.admit(8192, 100), Gate::Wait(_)));
+    }
+
+    /// A clear between a write's admit (told to wait) and its enqueue: the round after must not
+    /// mark the write's granules durable in the cleared bitmap (their bits are not in it), so
+    /// the write, let go, goes through the gate again and waits for its bits to be written.
+    #[test]
+    fn a_clear_between_admit_and_enqueue_does_not_mark_the_write_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("b", 4096, true, true).unwrap();
+        let Gate::Wait(ticket) = set.admit(8192, 100) else {
+            panic!("not durable yet: must wait");
+        };
+        set.clear("b").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        set.enqueue(8192, 100, ticket, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap().unwrap();
+        let again = set.admit(8192, 100);
+        let on_disk = dirty_of(&DirtySet::open(&meta, 1 << 20, true, None).unwrap(), "b");
+        assert!(
+            matches!(again, Gate::Wait(_)) || on_disk == vec![(8192, 4096)],
+            "the write would pass with its granule clean in the sidecar: {on_disk:?}"
+        );
+    }
+
+    /// A bitmap added or enabled while a write is in flight records that write (its data may
+    /// land after the bitmap started tracking), as QEMU records it at completion.
+    #[test]
+    fn add_and_enable_record_writes_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("a", 4096, false, true).unwrap();
+        set.add("c", 4096, true, false).unwrap();
+        let Gate::Pass(Some(inflight)) = set.admit(8192, 100) else {
+            panic!("a non-persistent bitmap lets writes pass");
+        };
+        set.add("b", 4096, true, true).unwrap();
+        set.set_enabled("c", true).unwrap();
+        assert_eq!(dirty_of(&set, "b"), vec![(8192, 4096)], "added");
+        assert_eq!(dirty_of(&set, "c"), vec![(8192, 4096)], "enabled");
+        let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
+        assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)], "durably");
+        drop(inflight);
+    }
+
+    /// A write that took the fast path (no bitmap enabled) holds an add back until it is
+    /// answered; meanwhile new writes go through the gate (registered in flight).
+    #[test]
+    fn add_waits_for_writes_that_took_the_fast_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), 1 << 20, false, None).unwrap();
+        let fast = set.untracked().expect("no bitmap: the fast path");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = Arc::clone(&set);
+        let t = std::thread::spawn(move || tx.send(s2.add("b", 4096, false, true)).unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while set.untracked().is_some() {
+            assert!(std::time::Instant::now() < deadline, "add never armed");
+            std::thread::yield_now();
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "add returned with a fast-path write in flight"
+        );
+        drop(fast);
+        rx.recv().unwrap().unwrap();
+        t.join().unwrap();
+        assert!(set.untracked().is_none(), "b tracks");
+    }
+
+    /// A failed rewrite leaves the old sidecar with the old layout: no later round writes into
+    /// it (at the new layout's offsets or any other), and it still reads as before.
+    #[test]
+    fn a_failed_rewrite_stops_every_later_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("x.add-cow");
+        let set = DirtySet::open(&meta, 1 << 20, false, None).unwrap();
+        set.add("a", 4096, true, false).unwrap();
+        set.add("b", 4096, true, true).unwrap();
+        set.mark(8192, 100).unwrap();
+        let path = sidecar_path(&meta);
+        let before = std::fs::read(&path).unwrap();
+        // The temporary file cannot be created: the rewrite of the remove fails.
+        std::fs::create_dir(tmp_path(&path)).unwrap();
+        set.remove("a").unwrap_err();
+        // A round asked for by a change that passed its check before the failure.
+        {
+            let mut g = lock(&set.inner);
+            for bm in g.bms.iter_mut() {
+                bm.marked.insert(0);
+            }
+            g.requested += 1;
+            let target = g.requested;
+            assert!(set.kick(&mut g).is_empty());
+            while g.completed < target {
+                g = wait(&set.done, g);
+            }
+        }
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the old sidecar was written after the failed rewrite"
+        );
+        std::fs::remove_dir(tmp_path(&path)).unwrap();
+        let again = DirtySet::open(&meta, 1 << 20, true, None).unwrap();
+        assert_eq!(dirty_of(&again, "a"), vec![]);
+        assert_eq!(dirty_of(&again, "b"), vec![(8192, 4096)]);
+    }
+
+    /// Merge ORs each source once, word by word at equal granularity and run by run across
+    /// granularities (a source granule dirties every target granule it overlaps).
+    #[test]
+    fn merge_dedupes_sources_and_mixes_granularities() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8u64 << 20;
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), size, false, None).unwrap();
+        set.add("fine", 4096, false, true).unwrap();
+        set.add("same", 65536, false, true).unwrap();
+        set.mark(100, 10).unwrap();
+        set.mark((5 << 20) + 70000, 1).unwrap();
+        set.set_enabled("fine", false).unwrap();
+        set.set_enabled("same", false).unwrap();
+        set.add("t", 65536, false, false).unwrap();
+        set.add("t2", 512, false, false).unwrap();
+        set.merge("t", &["fine", "fine", "same", "t"]).unwrap();
+        assert_eq!(
+            dirty_of(&set, "t"),
+            vec![(0, 65536), ((5 << 20) + 65536, 65536)]
+        );
+        set.merge("t2", &["same", "same"]).unwrap();
+        assert_eq!(dirty_of(&set, "t2"), dirty_of(&set, "same"));
+    }
+
+    /// Bitmaps that would together need more than the per-disk budget are refused with a clear
+    /// error (each one alone fits).
+    #[test]
+    fn the_bitmaps_of_a_disk_share_one_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1 TiB at 512 B granules: 256 MiB of bits, over the per-bitmap budget; at 1 KiB
+        // granules 128 MiB each: four fit, the fifth does not. Nothing is allocated for a
+        // refused one.
+        let size = 1u64 << 40;
+        assert!(check_budget("x", size, 10).is_ok());
+        assert!(check_total(size, [10u8; 4].into_iter()).is_ok());
+        let err = check_total(size, [10u8; 5].into_iter()).unwrap_err();
+        assert!(err.contains("remove a bitmap"), "{err}");
+        let set = DirtySet::open(&dir.path().join("x.add-cow"), 64 << 20, false, None).unwrap();
+        set.add("a", 512, false, true).unwrap();
     }
 
     /// Extents walked window by window are the runs of one walk (merged across windows, cut
@@ -1319,7 +1663,7 @@ mod tests {
         let set = DirtySet::open(&meta, 64 << 20, false, None).unwrap();
         set.add("b", 512, true, true).unwrap();
         for i in 0..200u64 {
-            assert!(matches!(set.admit(i * 4096, 512), Gate::Wait));
+            assert!(matches!(set.admit(i * 4096, 512), Gate::Wait(_)));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let before = {

@@ -133,8 +133,46 @@ fn check_scratch(host: &Host, scratch: &Path) -> Result<(), RpcError> {
             ),
         ));
     }
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let name = scratch
+            .file_name()
+            .map(|n| n.as_bytes())
+            .unwrap_or_default();
+        if name.ends_with(b".bitmaps") || name.ends_with(b".bitmaps.tmp") {
+            return Err(refused(
+                "not-allowed",
+                format!(
+                    "{}: is named like an overlay's dirty-bitmaps sidecar (*.bitmaps, \
+                     *.bitmaps.tmp), not a scratch",
+                    scratch.display()
+                ),
+            ));
+        }
+    }
     if let Ok(meta) = scratch.symlink_metadata() {
         use std::os::unix::fs::MetadataExt;
+        // Another backup's scratch (in use) or an export's sidecar.
+        for e in host.exports.all() {
+            let mut theirs = Vec::new();
+            if let Some(b) = host.backups.of(&e.name) {
+                theirs.push(("the scratch of the backup of", b.info.scratch.clone()));
+            }
+            if let Some(ed) = e.backend.engine_disk() {
+                let side = ed.pinned(|d| d.bitmaps().path().to_path_buf());
+                theirs.push(("the dirty-bitmaps sidecar of", side));
+            }
+            for (what, p) in theirs {
+                if std::fs::metadata(&p)
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+                {
+                    return Err(refused(
+                        "not-allowed",
+                        format!("{}: is {what} export {:?}", scratch.display(), e.name),
+                    ));
+                }
+            }
+        }
         if !meta.file_type().is_file() {
             return Err(refused(
                 "not-allowed",
@@ -269,6 +307,12 @@ pub fn backup_begin(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
         // An export-del that began meanwhile wins.
         if export.is_deleting() {
             return (None, Err(format!("export {name:?} is being deleted")));
+        }
+        // Writes answered before this instant may have their overlay bits only in memory: a
+        // crash would give those sectors back their older bytes, which the new checkpoint
+        // (clean there) would then never report. One commit makes the instant durable first.
+        if let Err(e) = cur.disk.flush() {
+            return (None, Err(format!("flushing the overlay: {e}")));
         }
         let view = match cur.disk.begin_fleece(&scratch) {
             Ok(v) => v,

@@ -2,7 +2,9 @@
 //! `bitmap-add`, `bitmap-remove`, `bitmap-clear`, `bitmap-enable`, `bitmap-disable`,
 //! `bitmap-merge` and `query-bitmaps`, on an export's disk. Each change is durable in the
 //! overlay's sidecar when the call returns (persistent bitmaps); it runs with the export's disk
-//! pinned, so a live snapshot or resize cannot switch the disk under it.
+//! pinned, so a live snapshot or resize cannot switch the disk under it. `bitmap-clear`,
+//! `bitmap-enable` and an enabled `bitmap-add` hold the export's writes and flush first, so the
+//! bitmap's reference point is durable (see `on_export_held`).
 
 use addcow_engine::dirty::{DirtySet, DEFAULT_GRANULARITY};
 use addcow_engine::Disk;
@@ -43,6 +45,49 @@ fn on_export<T>(
     };
     let exported = export.backend.exported_bitmaps();
     ed.pinned(|disk| f(disk, disk.bitmaps(), &exported))
+}
+
+/// Like [`on_export`], with the export's writes held and the disk flushed before `f`: for a
+/// change that makes a bitmap's reference point "now" (clear, add or enable). A write answered
+/// before it may have its overlay bits only in memory; after a crash its sectors would read
+/// older bytes again while the bitmap, clean there, says they did not change. The flush makes
+/// every write answered before the reference point durable first, and none is answered
+/// between the flush and `f`.
+fn on_export_held<T>(
+    host: &Host,
+    name: &str,
+    verb: &str,
+    f: impl FnOnce(&Disk, &Arc<DirtySet>, &[String]) -> Result<T, RpcError>,
+) -> Result<T, RpcError> {
+    let export = host
+        .exports
+        .get(name)
+        .filter(|e| !e.is_deleting())
+        .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
+    let Some(ed) = export.backend.engine_disk() else {
+        return Err(RpcError::server(
+            "no-bitmaps",
+            format!("export {name:?} is not an overlay: it has no bitmaps"),
+        ));
+    };
+    let exported = export.backend.exported_bitmaps();
+    ed.switch(|cur| {
+        if export.is_deleting() {
+            return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
+        }
+        if !cur.disk.read_only() {
+            if let Err(e) = cur.disk.flush() {
+                return (
+                    None,
+                    Err(RpcError::server(
+                        "bitmap-failed",
+                        format!("{verb}: flushing export {name:?}: {e}"),
+                    )),
+                );
+            }
+        }
+        (None, f(&cur.disk, cur.disk.bitmaps(), &exported))
+    })
 }
 
 /// A granularity: a number, or a string with an optional K/M suffix (binary).
@@ -96,10 +141,15 @@ pub fn bitmap_add(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError>
     let gran = granularity(&a.granularity)?;
     let persistent = flag(&a.persistent, "persistent", true)?;
     let disabled = flag(&a.disabled, "disabled", false)?;
-    on_export(host, &a.export, |_, set, _| {
+    let add = |_: &Disk, set: &Arc<DirtySet>, _: &[String]| {
         set.add(&a.name, gran, persistent, !disabled)
             .map_err(|e| engine_err("bitmap-add", e))
-    })?;
+    };
+    if disabled {
+        on_export(host, &a.export, add)?;
+    } else {
+        on_export_held(host, &a.export, "bitmap-add", add)?;
+    }
     Ok(json!({}))
 }
 
@@ -132,7 +182,7 @@ pub fn bitmap_remove(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErr
 /// `bitmap-clear {export, name}`: afterwards only the granules of writes in flight are dirty.
 pub fn bitmap_clear(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: Named = params(p)?;
-    on_export(host, &a.export, |_, set, _| {
+    on_export_held(host, &a.export, "bitmap-clear", |_, set, _| {
         set.clear(&a.name)
             .map_err(|e| engine_err("bitmap-clear", e))
     })?;
@@ -142,7 +192,7 @@ pub fn bitmap_clear(host: &Host, p: Map<String, Value>) -> Result<Value, RpcErro
 /// `bitmap-enable {export, name}`.
 pub fn bitmap_enable(host: &Host, p: Map<String, Value>) -> Result<Value, RpcError> {
     let a: Named = params(p)?;
-    on_export(host, &a.export, |_, set, _| {
+    on_export_held(host, &a.export, "bitmap-enable", |_, set, _| {
         set.set_enabled(&a.name, true)
             .map_err(|e| engine_err("bitmap-enable", e))
     })?;

@@ -26,23 +26,13 @@ impl Core {
         done: Responder,
     ) -> Option<(Request, Responder)> {
         let set = &disk.bitmaps;
-        if !set.tracking() {
-            return Some((req, done));
+        // No bitmap tracks writes: counted, so an add or enable waits for it to be answered.
+        if let Some(untracked) = set.untracked() {
+            return Some((req, guarded(disk, untracked, done)));
         }
         match set.admit(offset, len) {
             Gate::Pass(None) => Some((req, done)),
-            Gate::Pass(Some(inflight)) => {
-                disk.active
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let wrapped = Responder::new(
-                    Box::new(move |r| {
-                        drop(inflight);
-                        done.answer(r);
-                    }),
-                    Arc::clone(&disk.active),
-                );
-                Some((req, wrapped))
-            }
+            Gate::Pass(Some(inflight)) => Some((req, guarded(disk, inflight, done))),
             Gate::Fail => {
                 done.answer(Err(req_err(
                     libc::EIO,
@@ -51,13 +41,14 @@ impl Core {
                 )));
                 None
             }
-            Gate::Wait => {
+            Gate::Wait(ticket) => {
                 let shared = Arc::clone(&self.shared);
                 let core = self.id;
                 let d = Arc::clone(disk);
                 set.enqueue(
                     offset,
                     len,
+                    ticket,
                     Box::new(move |r| match r {
                         Ok(()) => {
                             // Admitted by the throttle gate already: not charged again.
@@ -81,4 +72,17 @@ impl Core {
             }
         }
     }
+}
+
+/// `done`, keeping `guard` until the request is answered.
+fn guarded<G: Send + 'static>(disk: &Arc<DiskState>, guard: G, done: Responder) -> Responder {
+    disk.active
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Responder::new(
+        Box::new(move |r| {
+            drop(guard);
+            done.answer(r);
+        }),
+        Arc::clone(&disk.active),
+    )
 }

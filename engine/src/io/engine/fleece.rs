@@ -132,10 +132,27 @@ impl Disk {
 }
 
 /// Refuses a scratch path that names something other than a stale scratch: not a regular
-/// file (a symlink, a device, a folder), or one of the files the disk itself holds open (its
-/// overlay, raw image or a base layer). Replacing one of those would destroy data.
+/// file (a symlink, a device, a folder), one of the files the disk itself holds open (its
+/// overlay, raw image or a base layer), its dirty-bitmaps sidecar (or that sidecar's
+/// temporary file), or any name of a bitmaps sidecar (`*.bitmaps`, `*.bitmaps.tmp`: an
+/// overlay's sidecar, existing or to be). Replacing one of those would destroy data.
 fn refuse_to_replace(disk: &Disk, scratch: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
+    let refuse_name = |why: &str| {
+        Err(Error::new(ErrorKind::InvalidArgument(format!(
+            "the backup scratch path {why}: refused"
+        )))
+        .with_path(scratch))
+    };
+    if is_sidecar_name(scratch) {
+        return refuse_name("is named like a dirty-bitmaps sidecar (*.bitmaps, *.bitmaps.tmp)");
+    }
+    let sidecar = disk.bitmaps().path().to_path_buf();
+    let sidecar_tmp = {
+        let mut s = sidecar.as_os_str().to_os_string();
+        s.push(".tmp");
+        std::path::PathBuf::from(s)
+    };
     let meta = match std::fs::symlink_metadata(scratch) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -151,6 +168,11 @@ fn refuse_to_replace(disk: &Disk, scratch: &Path) -> Result<()> {
         return refuse("is not a regular file");
     }
     let id = (meta.dev(), meta.ino());
+    for side in [&sidecar, &sidecar_tmp] {
+        if std::fs::metadata(side).is_ok_and(|m| (m.dev(), m.ino()) == id) {
+            return refuse("is the disk's dirty-bitmaps sidecar");
+        }
+    }
     for f in disk.opened_files() {
         let same =
             f.fd.and_then(|fd| nix_fstat(fd))
@@ -160,6 +182,15 @@ fn refuse_to_replace(disk: &Disk, scratch: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `path`'s file name is one a dirty-bitmaps sidecar has (`*.bitmaps`, or its
+/// temporary `*.bitmaps.tmp`).
+fn is_sidecar_name(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.file_name()
+        .map(|n| n.as_bytes())
+        .is_some_and(|n| n.ends_with(b".bitmaps") || n.ends_with(b".bitmaps.tmp"))
 }
 
 /// Device and inode of an open file.
