@@ -3,7 +3,7 @@
 # missing (apt-get, as root; cargo-fuzz with cargo), then formatting, lints, the whole test suite,
 # the root-only tests (loop-mounted file systems), a bounded fuzz run and the benchmark smoke run.
 #
-# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 15)
+# Longer runs: ADDCOW_SOAK_SECS (default 30) for the soak test, ADDCOW_FUZZ_SECS (default 10)
 # per fuzz target; scripts/fuzz.sh alone for long fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -183,9 +183,9 @@ scripts/test-deb.sh
 step "docs/INTEGRATION.md: its libvirt domains checked with virt-xml-validate"
 scripts/test-integration.sh
 
-step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-15}s per target; scripts/fuzz.sh for long runs)"
+step "fuzzing, bounded (${ADDCOW_FUZZ_SECS:-10}s per target; scripts/fuzz.sh for long runs)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-15}"
+scripts/fuzz.sh "${ADDCOW_FUZZ_SECS:-10}"
 
 step "benchmark smoke run (compare --quick: every profile x every server once, no thresholds)" && cargo run -q -p addcow-bench -- compare --quick
 step "vhost-user-blk benchmark smoke run (vhost --quick: addcow vs qemu-storage-daemon vs addcow NBD, once)"
