@@ -519,6 +519,33 @@ fn iops_limit_is_enforced() {
     );
 }
 
+/// A READ of an area that reads as zeros (past the base's end, nothing written) is answered by
+/// the NBD planner without the engine when the export is not throttled; a throttled export's
+/// are metered like any other read (QEMU meters every read), on both connection modes.
+#[test]
+fn reads_of_holes_are_metered_too() {
+    for mode in ["ring", "threads"] {
+        let f = Fixture::new(4 * MIB);
+        let (d, control) = start_control(&f, &["--conn-mode", mode]);
+        let mut c = Control::connect(&control);
+        c.ok(
+            "export-add",
+            json!({"name": "a", "overlay": f.overlay(), "throttle": {"iops-total": 20}}),
+        );
+        // The fixture's base covers the first half: the second half is holes.
+        let cmds: Vec<String> = (0..50)
+            .map(|i| format!("read {}k 4k", 2048 + i * 4))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&d.uri_of("a"), &cmds);
+        let s = c.ok("query-stats", json!({"name": "a"}));
+        assert!(
+            s[0]["throttle"]["throttled_requests"].as_u64().unwrap() > 0,
+            "{mode}: reads of holes went past the limit: {s}"
+        );
+    }
+}
+
 /// A vhost-user-blk export takes its group at `export-add` and new limits while its libblkio
 /// frontend stays connected and keeps reading and writing.
 #[test]

@@ -59,6 +59,9 @@ impl Backend for WithBitmaps {
     fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
         self.inner.try_allocation(offset, len)
     }
+    fn metered(&self) -> bool {
+        self.inner.metered()
+    }
     fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
         self.inner.allocation_depth(offset, len)
     }

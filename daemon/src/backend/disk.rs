@@ -52,6 +52,12 @@ pub trait Backend: Send + Sync + 'static {
     fn try_allocation(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
         Some(self.allocation(offset, len))
     }
+    /// Whether the disk's requests are held to throttle limits: a READ then goes to the engine
+    /// even where the map says it reads as zeros, so it is metered like any other read (QEMU
+    /// meters every read). Lock-free; never waits for a disk switch. By default no.
+    fn metered(&self) -> bool {
+        false
+    }
     /// Which layer supplies each part of `[offset, offset+len)`, numbered like
     /// `qemu:allocation-depth` (no I/O). By default from [`Backend::allocation`]: `1` raw
     /// image, `2` base, `0` zeros (exact for a disk with at most one base layer).
@@ -386,6 +392,13 @@ impl Backend for EngineDisk {
         // A switch holds the write lock while it waits for requests a core must complete.
         let cur = self.current.try_read().ok()?;
         Some(cur.disk.allocation(offset, len))
+    }
+    fn metered(&self) -> bool {
+        // During a switch (the lock held): metered, so a READ goes to the engine whole, which
+        // is always right.
+        self.current
+            .try_read()
+            .map_or(true, |cur| cur.disk.is_throttled())
     }
     fn allocation_depth(&self, offset: u64, len: u64) -> Vec<DepthExtent> {
         self.current().disk.allocation_depth(offset, len)

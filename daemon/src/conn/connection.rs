@@ -485,7 +485,14 @@ impl<R: Read> Reader<'_, R> {
                 self.limits.fast_zero_unit = self.backend.fast_zero_unit();
             }
             let backend = &self.backend;
-            let plan = plan::plan(&h, &self.limits, |o, l| backend.allocation(o, l));
+            // A throttled disk's READs all go to the engine, which meters them.
+            let plan = plan::plan(&h, &self.limits, |o, l| {
+                if backend.metered() {
+                    Vec::new()
+                } else {
+                    backend.allocation(o, l)
+                }
+            });
             if !self.execute(h.cookie, h.offset, plan)? {
                 return Ok(());
             }

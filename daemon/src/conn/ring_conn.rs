@@ -561,9 +561,13 @@ impl RingConn {
             self.limits.fast_zero_unit = self.backend.fast_zero_unit();
         }
         // Never wait for a disk switch on the core: without the map a READ goes to the engine
-        // whole (holes read as zeros, sent as data).
+        // whole (holes read as zeros, sent as data). So does every READ of a throttled disk:
+        // the engine meters it.
         let backend = &self.backend;
         let plan = plan::plan(&h, &self.limits, |o, l| {
+            if backend.metered() {
+                return Vec::new();
+            }
             backend.try_allocation(o, l).unwrap_or_default()
         });
         let cost = plan.cost();

@@ -348,6 +348,13 @@ impl Disk {
         self.engine.wake_all();
     }
 
+    /// Whether this disk is in a throttle group (lock-free: one atomic load). A front end that
+    /// answers some requests without the engine (an NBD READ of holes) must not do so for a
+    /// throttled disk: every request is metered.
+    pub fn is_throttled(&self) -> bool {
+        self.state.throttle_on.load(Ordering::SeqCst)
+    }
+
     /// The throttle group this disk is in, if any.
     pub fn throttle(&self) -> Option<crate::qos::ThrottleGroup> {
         crate::sync::read(&self.state.throttle).clone()
