@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use super::super::runtime::{Host, HostError};
 use super::rpc::{params, RpcError, INVALID_PARAMS};
+use crate::backend::disk::EngineDisk;
+use crate::nbd::export::Export;
 
 fn invalid(msg: String) -> RpcError {
     RpcError::new(INVALID_PARAMS, format!("invalid params: {msg}"))
@@ -25,12 +27,12 @@ fn engine_err(verb: &str, e: addcow_engine::Error) -> RpcError {
     }
 }
 
-/// Runs `f` on export `name`'s disk and bitmaps, with the disk pinned; also hands `f` the
-/// bitmaps the export serves over NBD.
-fn on_export<T>(
+/// Runs `f` on export `name` and its engine disk, if it is served from an overlay (the only
+/// kind with bitmaps).
+fn with_overlay<T>(
     host: &Host,
     name: &str,
-    f: impl FnOnce(&Disk, &Arc<DirtySet>, &[String]) -> Result<T, RpcError>,
+    f: impl FnOnce(&Export, &EngineDisk) -> Result<T, RpcError>,
 ) -> Result<T, RpcError> {
     let export = host
         .exports
@@ -43,8 +45,20 @@ fn on_export<T>(
             format!("export {name:?} is not an overlay: it has no bitmaps"),
         ));
     };
-    let exported = export.backend.exported_bitmaps();
-    ed.pinned(|disk| f(disk, disk.bitmaps(), &exported))
+    f(&export, ed)
+}
+
+/// Runs `f` on export `name`'s disk and bitmaps, with the disk pinned; also hands `f` the
+/// bitmaps the export serves over NBD.
+fn on_export<T>(
+    host: &Host,
+    name: &str,
+    f: impl FnOnce(&Disk, &Arc<DirtySet>, &[String]) -> Result<T, RpcError>,
+) -> Result<T, RpcError> {
+    with_overlay(host, name, |export, ed| {
+        let exported = export.backend.exported_bitmaps();
+        ed.pinned(|disk| f(disk, disk.bitmaps(), &exported))
+    })
 }
 
 /// Like [`on_export`], with the export's writes held and the disk flushed before `f`: for a
@@ -59,34 +73,25 @@ fn on_export_held<T>(
     verb: &str,
     f: impl FnOnce(&Disk, &Arc<DirtySet>, &[String]) -> Result<T, RpcError>,
 ) -> Result<T, RpcError> {
-    let export = host
-        .exports
-        .get(name)
-        .filter(|e| !e.is_deleting())
-        .ok_or_else(|| HostError::NoSuchExport(name.to_string()))?;
-    let Some(ed) = export.backend.engine_disk() else {
-        return Err(RpcError::server(
-            "no-bitmaps",
-            format!("export {name:?} is not an overlay: it has no bitmaps"),
-        ));
-    };
-    let exported = export.backend.exported_bitmaps();
-    ed.switch(|cur| {
-        if export.is_deleting() {
-            return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
-        }
-        if !cur.disk.read_only() {
-            if let Err(e) = cur.disk.flush() {
-                return (
-                    None,
-                    Err(RpcError::server(
-                        "bitmap-failed",
-                        format!("{verb}: flushing export {name:?}: {e}"),
-                    )),
-                );
+    with_overlay(host, name, |export, ed| {
+        let exported = export.backend.exported_bitmaps();
+        ed.switch(|cur| {
+            if export.is_deleting() {
+                return (None, Err(HostError::NoSuchExport(name.to_string()).into()));
             }
-        }
-        (None, f(&cur.disk, cur.disk.bitmaps(), &exported))
+            if !cur.disk.read_only() {
+                if let Err(e) = cur.disk.flush() {
+                    return (
+                        None,
+                        Err(RpcError::server(
+                            "bitmap-failed",
+                            format!("{verb}: flushing export {name:?}: {e}"),
+                        )),
+                    );
+                }
+            }
+            (None, f(&cur.disk, cur.disk.bitmaps(), &exported))
+        })
     })
 }
 
@@ -96,18 +101,10 @@ pub(super) fn granularity(v: &Option<Value>) -> Result<u64, RpcError> {
     match v {
         None => Ok(DEFAULT_GRANULARITY),
         Some(Value::Number(n)) => n.as_u64().ok_or_else(bad),
-        Some(Value::String(s)) => {
-            let s = s.trim();
-            let (num, mult) = match s.chars().last() {
-                Some('k' | 'K') => (&s[..s.len() - 1], 1 << 10),
-                Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
-                _ => (s, 1),
-            };
-            num.parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(mult))
-                .ok_or_else(bad)
-        }
+        Some(Value::String(s)) => parse_size::Config::new()
+            .with_binary()
+            .parse_size(s.trim())
+            .map_err(|_| bad()),
         Some(_) => Err(bad()),
     }
 }
